@@ -1,0 +1,5 @@
+import sys
+
+from nextstep.cli import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""Build a `nextstep.model.NextStep` from a `nextstep.model_config.ModelConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nextstep.config import ComponentSpec
+from nextstep.model import NextStep
+from nextstep.model_config import ModelConfig
+from nextstep.registry import component_class, model_preset
+
+
+def build_component(spec: ComponentSpec, *, base_dir: Path | None = None):
+    """Instantiate the registered class of ``spec`` with its config.
+
+    Text tokenizers also receive ``base_dir`` (where their files may live).
+    """
+    cls = component_class(spec.kind, spec.type)
+    if spec.kind == "text_tokenizer":
+        return cls(spec.config, base_dir=base_dir)
+    return cls(spec.config)
+
+
+def build_model(
+    config: ModelConfig | str,
+    *,
+    base_dir: Path | None = None,
+    with_text_tokenizer: bool = True,
+    seed: int | None = None,
+) -> NextStep:
+    """Build a model from a config or a preset name.
+
+    Construct inside ``with torch.device("meta"):`` to get shapes without memory.
+
+    Args:
+        config: a `ModelConfig` or a registered preset name (``"tiny"``).
+        base_dir: where relative tokenizer paths are resolved.
+        with_text_tokenizer: set False to skip loading tokenizer files (inspection).
+        seed: seed the initialisation, for reproducible random models.
+    """
+    if isinstance(config, str):
+        config = model_preset(config)()
+    if seed is not None:
+        torch.manual_seed(seed)
+    text_tokenizer = build_component(config.text_tokenizer, base_dir=base_dir) if with_text_tokenizer else None
+    return NextStep(
+        image_tokenizer=build_component(config.image_tokenizer),
+        text_tokenizer=text_tokenizer,
+        backbone=build_component(config.backbone),
+        image_head=build_component(config.image_head),
+        sampler=build_component(config.sampler),
+        config=config,
+    )
+
+
+def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+               seed: int = 0) -> NextStep:
+    """A saved model directory, or a preset name built with random weights under ``seed``."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return NextStep.from_pretrained(path, device=device, dtype=dtype)
+    if any(sep in name_or_path for sep in ("/", "\\")) or path.suffix:
+        raise FileNotFoundError(f"expected a model directory at {name_or_path!r}, found nothing")
+    model = build_model(name_or_path, seed=seed)
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

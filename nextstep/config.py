@@ -1,0 +1,180 @@
+"""Configuration dataclasses that round-trip through JSON.
+
+Every component has one dataclass describing it. Configs are plain data: they
+validate themselves on construction, serialise to ``dict``/JSON, and refuse keys
+they do not know so that a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+C = TypeVar("C", bound="Config")
+
+
+class Config:
+    """Mixin for dataclass configs: validation, ``to_dict``/``from_dict``, JSON I/O.
+
+    Subclasses are ``@dataclass`` classes and may override `validate`, which
+    raises ``ValueError`` naming the offending field and value.
+    """
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            if isinstance(value, list):
+                setattr(self, field.name, tuple(value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if a field holds an invalid value."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data view: nested configs become dicts, tuples become lists."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            out[field.name] = _to_plain(getattr(self, field.name))
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build from plain data; unknown keys raise ``ValueError`` naming them."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__} expects a mapping, found {type(data).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__} got unknown key(s) {unknown}; known keys are {sorted(known)}"
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for name, value in data.items():
+            kwargs[name] = _from_plain(hints.get(name), value)
+        return cls(**kwargs)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as JSON atomically."""
+        from nextstep.io import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json() + "\n")
+
+    @classmethod
+    def load(cls: type[C], path: str | os.PathLike) -> C:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"expected a config file at {path}, found nothing")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+        return cls.from_dict(data)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Config):
+        return value.to_dict()
+    if isinstance(value, ComponentSpec):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _from_plain(hint: Any, value: Any) -> Any:
+    if hint is None:
+        return value
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        for arg in args:
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            return _from_plain(arg, value)
+    if isinstance(hint, type) and issubclass(hint, ComponentSpec):
+        return value if isinstance(value, ComponentSpec) else ComponentSpec.from_dict(value)
+    if isinstance(hint, type) and issubclass(hint, Config) and isinstance(value, dict):
+        return hint.from_dict(value)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def require(condition: bool, field: str, value: Any, expected: str) -> None:
+    """Raise ``ValueError(f"{field} must be {expected}, found {value!r}")`` unless ``condition``."""
+    if not condition:
+        raise ValueError(f"{field} must be {expected}, found {value!r}")
+
+
+class ComponentSpec:
+    """A component named by its registry ``type`` plus that component's config.
+
+    Serialises as ``{"kind": kind, "type": name, **config_fields}``.
+
+    Args:
+        kind: registry section, e.g. ``"backbone"``.
+        type: registered name, e.g. ``"qwen2"``.
+        config: the component's config dataclass instance.
+    """
+
+    kinds: ClassVar[tuple[str, ...]] = (
+        "image_tokenizer",
+        "text_tokenizer",
+        "backbone",
+        "image_head",
+        "sampler",
+    )
+
+    def __init__(self, kind: str, type: str, config: Config):
+        if kind not in self.kinds:
+            raise ValueError(f"component kind must be one of {list(self.kinds)}, found {kind!r}")
+        self.kind = kind
+        self.type = type
+        self.config = config
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "type": self.type, **self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ComponentSpec":
+        from nextstep.registry import component_class
+
+        if not isinstance(data, dict) or "kind" not in data or "type" not in data:
+            raise ValueError(
+                "a component spec must be a mapping with 'kind' and 'type' keys, "
+                f"found {data!r}"
+            )
+        data = dict(data)
+        kind, name = data.pop("kind"), data.pop("type")
+        component = component_class(kind, name)
+        return cls(kind, name, component.config_class.from_dict(data))
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, ComponentSpec)
+            and (self.kind, self.type) == (other.kind, other.type)
+            and self.config == other.config
+        )
+
+    def __repr__(self) -> str:
+        return f"ComponentSpec({self.kind!r}, {self.type!r}, {self.config!r})"

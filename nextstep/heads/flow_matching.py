@@ -1,0 +1,149 @@
+"""The per-token MLP flow-matching head with AdaLN conditioning.
+
+Parameter names follow the NextStep-1 release (``net.input_proj``,
+``net.res_blocks.{i}.adaLN_modulation.1`` ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nextstep.config import Config, require
+from nextstep.heads.base import ImageHead
+from nextstep.heads.time_sampling import TIME_SAMPLINGS, sample_times
+from nextstep.layers import AdaLNFinalLayer, AdaLNResBlock, TimestepEmbedder
+from nextstep.registry import register_component
+
+
+@dataclass
+class FlowMatchingHeadConfig(Config):
+    """Shape and training loss settings of `FlowMatchingHead`.
+
+    Args:
+        token_dim: D, width of an image token (64 for f8 x 16 channels x 2x2 patches).
+        condition_dim: C, width of the backbone condition.
+        width: MLP width.
+        depth: number of AdaLN residual blocks.
+        mlp_ratio: hidden width of each block's MLP relative to ``width``.
+        frequency_dim: size of the sinusoidal time code.
+        batch_mul: repeats of each target with fresh (t, noise) in the loss.
+        time_sampling: ``logit_normal`` or ``uniform``.
+        time_mean: mean of the normal inside the logit-normal.
+        time_std: standard deviation of the normal inside the logit-normal.
+    """
+
+    token_dim: int = 64
+    condition_dim: int = 5120
+    width: int = 1536
+    depth: int = 12
+    mlp_ratio: float = 1.0
+    frequency_dim: int = 256
+    batch_mul: int = 4
+    time_sampling: str = "logit_normal"
+    time_mean: float = 0.0
+    time_std: float = 1.0
+
+    def validate(self) -> None:
+        for name in ("token_dim", "condition_dim", "width", "depth", "frequency_dim", "batch_mul"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        require(self.mlp_ratio > 0, "mlp_ratio", self.mlp_ratio, "positive")
+        require(self.time_sampling in TIME_SAMPLINGS, "time_sampling", self.time_sampling,
+                f"one of {list(TIME_SAMPLINGS)}")
+        require(self.time_std > 0, "time_std", self.time_std, "positive")
+
+
+class FlowMatchingMLP(nn.Module):
+    """``(x_t, t, c) -> v``: input projection, AdaLN residual MLP blocks, AdaLN output layer."""
+
+    def __init__(self, config: FlowMatchingHeadConfig):
+        super().__init__()
+        self.input_proj = nn.Linear(config.token_dim, config.width)
+        self.time_embed = TimestepEmbedder(config.width, config.frequency_dim)
+        self.cond_embed = nn.Linear(config.condition_dim, config.width)
+        self.res_blocks = nn.ModuleList(
+            AdaLNResBlock(config.width, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.final_layer = AdaLNFinalLayer(config.width, config.token_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier Linears, N(0, 0.02) time MLP, zero AdaLN outputs and output layer."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for layer in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for block in self.res_blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """x_t (N, D), t (N,), condition (N, C) -> (N, D)."""
+        x = self.input_proj(x_t)
+        y = self.time_embed(t) + self.cond_embed(condition)
+        for block in self.res_blocks:
+            x = block(x, y)
+        return self.final_layer(x, y)
+
+
+@register_component("image_head", "flow_matching")
+class FlowMatchingHead(ImageHead):
+    """MLP flow-matching head: predicts ``x1 - x0`` for one token at a time."""
+
+    config_class = FlowMatchingHeadConfig
+
+    def __init__(self, config: FlowMatchingHeadConfig | None = None):
+        super().__init__()
+        self.config = config or FlowMatchingHeadConfig()
+        self.net = FlowMatchingMLP(self.config)
+
+    @property
+    def token_dim(self) -> int:
+        return self.config.token_dim
+
+    @property
+    def condition_dim(self) -> int:
+        return self.config.condition_dim
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """x_t (N, D), t (N,), condition (N, C) -> velocity (N, D)."""
+        return self.net(x_t, t, condition)
+
+    def loss(
+        self, target: torch.Tensor, condition: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """target (N, D), condition (N, C) -> per-token loss (N,), float32.
+
+        Each token is repeated ``batch_mul`` times with independent (t, noise);
+        the squared error is averaged over features and repeats.
+        """
+        if target.ndim != 2 or target.shape[-1] != self.token_dim:
+            raise ValueError(f"target must have shape (N, {self.token_dim}), found {tuple(target.shape)}")
+        if condition.shape[:-1] != target.shape[:-1] or condition.shape[-1] != self.condition_dim:
+            raise ValueError(
+                f"condition must have shape ({target.shape[0]}, {self.condition_dim}), "
+                f"found {tuple(condition.shape)}"
+            )
+        repeats = self.config.batch_mul
+        count = target.shape[0]
+        x1 = target.float().repeat(repeats, 1)
+        condition = condition.repeat(repeats, 1)
+        t = sample_times(
+            x1.shape[0], self.config.time_sampling, mean=self.config.time_mean,
+            std=self.config.time_std, generator=generator, device=x1.device,
+        )
+        x0 = torch.randn(x1.shape, generator=generator, device=x1.device)
+        x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
+        dtype = condition.dtype
+        prediction = self.velocity(x_t.to(dtype), t.to(dtype), condition).float()
+        per_token = (prediction - (x1 - x0)).pow(2).mean(-1)  # (repeats * N,)
+        return per_token.view(repeats, count).mean(0)

@@ -1,0 +1,41 @@
+"""Conversions between PIL images and (B, 3, H, W) tensors in [-1, 1]."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> list of RGB PIL images (values clamped)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W), found {tuple(images.shape)}")
+    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = array.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, mode="RGB") for a in array]
+
+
+def from_pil(images: list[Image.Image]) -> torch.Tensor:
+    """RGB PIL images of one size -> (B, 3, H, W) float32 in [-1, 1]."""
+    if not images:
+        raise ValueError("expected at least one image, found none")
+    sizes = {image.size for image in images}
+    if len(sizes) != 1:
+        raise ValueError(f"images must share one size, found {sorted(sizes)}")
+    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) for image in images]
+    tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return tensor / 127.5 - 1.0
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Tile equally sized images into one grid image, row-major."""
+    if not images:
+        raise ValueError("expected at least one image, found none")
+    columns = columns or int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / columns))
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid

@@ -1,0 +1,270 @@
+"""The NextStep model: injected components, projectors, sequence format and losses.
+
+Legend: B batch, L sequence length, H hidden size, D token dim, V vocabulary,
+N image tokens that are targets in the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextstep.backbones.base import Backbone, positions_from_mask
+from nextstep.config import ComponentSpec
+from nextstep.heads.base import ImageHead
+from nextstep.heads.lm_head import LMHead
+from nextstep.model_config import ModelConfig
+from nextstep.samplers.base import Sampler
+from nextstep.sequence import SequenceBatch, SequenceBuilder
+from nextstep.tokenizers.base import ImageTokenizer, TextTokenizer
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass
+class LossOutput:
+    """Losses of one batch (scalars).
+
+    Attributes:
+        total: ``text_loss_weight * text + image_loss_weight * image``.
+        text: mean cross-entropy over text targets (0 if there are none).
+        image: mean flow-matching loss over image targets (0 if there are none).
+        num_text_tokens / num_image_tokens: how many targets each mean covers.
+    """
+
+    total: torch.Tensor
+    text: torch.Tensor
+    image: torch.Tensor
+    num_text_tokens: int
+    num_image_tokens: int
+
+
+class NextStep(nn.Module):
+    """Autoregressive text-to-image model over continuous image tokens.
+
+    Args:
+        image_tokenizer: images <-> tokens (D = ``token_dim``).
+        text_tokenizer: text <-> ids with NextStep's special tokens (may be None
+            for a model used only for inspection or training on prepared batches).
+        backbone: causal transformer of width H.
+        image_head: velocity model; its ``token_dim`` must equal the tokenizer's
+            and its ``condition_dim`` the backbone's hidden size.
+        sampler: default solver for `generate`.
+        config: model-level settings. ``current_config()`` (used by
+            ``save_pretrained``) reads the component specs from the live components.
+        lm_head: optional; by default a new (or tied) `LMHead`.
+
+    The image tokenizer's parameters are frozen (``requires_grad=False``):
+    NextStep trains on latents of a fixed tokenizer.
+    """
+
+    def __init__(
+        self,
+        image_tokenizer: ImageTokenizer,
+        text_tokenizer: TextTokenizer | None,
+        backbone: Backbone,
+        image_head: ImageHead,
+        sampler: Sampler,
+        config: ModelConfig,
+        lm_head: LMHead | None = None,
+    ):
+        super().__init__()
+        if image_head.token_dim != image_tokenizer.token_dim:
+            raise ValueError(
+                f"image head token_dim {image_head.token_dim} differs from the image tokenizer's "
+                f"token_dim {image_tokenizer.token_dim}; build the head with "
+                f"token_dim={image_tokenizer.token_dim}"
+            )
+        if image_head.condition_dim != backbone.hidden_size:
+            raise ValueError(
+                f"image head condition_dim {image_head.condition_dim} differs from the backbone's "
+                f"hidden_size {backbone.hidden_size}"
+            )
+        if text_tokenizer is not None and text_tokenizer.vocab_size > backbone.vocab_size:
+            raise ValueError(
+                f"text tokenizer has {text_tokenizer.vocab_size} ids but the backbone's embedding "
+                f"table has only {backbone.vocab_size} rows"
+            )
+        self.config = config
+        # The tokenizer is trained on its own; the transformer sees its frozen latents.
+        image_tokenizer.requires_grad_(False)
+        self.image_tokenizer = image_tokenizer
+        self.text_tokenizer = text_tokenizer
+        self.backbone = backbone
+        self.image_head = image_head
+        self.sampler = sampler
+        hidden = backbone.hidden_size
+        self.image_in_projector = nn.Linear(image_tokenizer.token_dim, hidden)
+        self.image_out_projector = nn.Linear(hidden, hidden)
+        if lm_head is None:
+            tied = backbone.input_embeddings() if config.tie_word_embeddings else None
+            lm_head = LMHead(hidden, backbone.vocab_size, tied_embedding=tied)
+        self.lm_head = lm_head
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def token_dim(self) -> int:
+        return self.image_tokenizer.token_dim
+
+    @property
+    def sequences(self) -> SequenceBuilder:
+        """The sequence builder for this model's text tokenizer."""
+        return SequenceBuilder(self.require_text_tokenizer(), self.token_dim)
+
+    def require_text_tokenizer(self) -> TextTokenizer:
+        if self.text_tokenizer is None:
+            raise ValueError("this model was built without a text tokenizer; pass one to NextStep")
+        return self.text_tokenizer
+
+    # ----------------------------------------------------------------- training
+    def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, L, H): text embeddings, image projections at image positions."""
+        text = self.backbone.embed(input_ids)
+        image = self.image_in_projector(image_tokens.to(text.dtype))
+        return torch.where(image_mask[..., None], image, text)
+
+    def forward(self, batch: SequenceBatch, generator: torch.Generator | None = None) -> LossOutput:
+        """Teacher-forced losses of a batch.
+
+        The hidden state at position i (after ``image_out_projector``) conditions
+        the head that predicts the image token at i + 1; the LM head at i predicts
+        the text token at i + 1.
+        """
+        embeds = self.embed(batch.input_ids, batch.image_mask, batch.image_tokens)
+        positions = positions_from_mask(batch.attention_mask)
+        hidden = self.backbone(embeds, positions, batch.attention_mask)  # (B, L, H)
+        previous = hidden[:, :-1]
+
+        text_mask = batch.text_target_mask[:, 1:]
+        num_text = int(text_mask.sum())
+        if num_text:
+            logits = self.lm_head(previous[text_mask]).float()  # (M, V)
+            text_loss = F.cross_entropy(logits, batch.input_ids[:, 1:][text_mask])
+        else:
+            text_loss = hidden.new_zeros((), dtype=torch.float32)
+
+        image_mask = batch.image_target_mask[:, 1:]
+        num_image = int(image_mask.sum())
+        if num_image:
+            conditions = self.image_out_projector(previous[image_mask])  # (N, H)
+            targets = batch.image_tokens[:, 1:][image_mask]  # (N, D)
+            image_loss = self.image_head.loss(targets, conditions, generator=generator).mean()
+        else:
+            image_loss = hidden.new_zeros((), dtype=torch.float32)
+
+        total = self.config.text_loss_weight * text_loss + self.config.image_loss_weight * image_loss
+        if not (num_text or num_image):
+            total = total + 0.0 * hidden.sum()
+        return LossOutput(total, text_loss, image_loss, num_text, num_image)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Images (B, 3, H, W) in [-1, 1] -> tokens (B, h*w, D) and the grid (h, w)."""
+        self.image_tokenizer.grid_size(int(images.shape[-2]), int(images.shape[-1]))
+        latents = self.image_tokenizer.encode(images)
+        tokens = self.image_tokenizer.patchify(latents)
+        return tokens, latents.shape[-2] // self.image_tokenizer.patch_size, \
+            latents.shape[-1] // self.image_tokenizer.patch_size
+
+    def prepare_batch(
+        self,
+        images: torch.Tensor,
+        captions: list[str],
+        *,
+        generator: torch.Generator | None = None,
+        image_first: list[bool] | None = None,
+    ) -> SequenceBatch:
+        """Encode images and build a training batch.
+
+        Args:
+            images: (B, 3, H, W) in [-1, 1].
+            captions: B strings.
+            generator: draws the image-first (text dropout) decisions with
+                probability ``config.image_first_probability``.
+            image_first: explicit per-example ordering; overrides the draw.
+        """
+        if len(captions) != images.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images but {len(captions)} captions")
+        tokens, grid_h, grid_w = self.encode_images(images)
+        if image_first is None:
+            draws = torch.rand(len(captions), generator=generator)
+            image_first = (draws < self.config.image_first_probability).tolist()
+        builder = self.sequences
+        examples = [
+            builder.example(caption, tokens[i].cpu(), grid_h, grid_w, image_first=first)
+            for i, (caption, first) in enumerate(zip(captions, image_first))
+        ]
+        return builder.collate(examples).to(images.device)
+
+    # --------------------------------------------------------------- generation
+    def generate(self, prompts: list[str] | str, **kwargs) -> list["Image.Image"]:
+        """Text-to-image; see `nextstep.generation.generate` for the arguments."""
+        from nextstep.generation import generate
+
+        return generate(self, prompts, **kwargs)
+
+    # ------------------------------------------------------------ persistence
+    def current_config(self) -> ModelConfig:
+        """The model config with every component spec taken from the live components."""
+        specs = {}
+        for kind, component in (
+            ("image_tokenizer", self.image_tokenizer),
+            ("text_tokenizer", self.text_tokenizer),
+            ("backbone", self.backbone),
+            ("image_head", self.image_head),
+            ("sampler", self.sampler),
+        ):
+            if component is None:
+                specs[kind] = getattr(self.config, kind)
+                continue
+            name = getattr(type(component), "registry_name", None)
+            if name is None or not hasattr(component, "config"):
+                raise ValueError(
+                    f"{kind} {type(component).__name__} is not registered; decorate it with "
+                    f"@register_component({kind!r}, NAME) and give it a config_class to save it"
+                )
+            specs[kind] = ComponentSpec(kind, name, component.config)
+        return self.config.replace(**specs)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json``, ``model.safetensors`` and tokenizer files atomically."""
+        from nextstep.serialization import save_pretrained
+
+        save_pretrained(self, Path(directory))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> "NextStep":
+        """Load a directory written by `save_pretrained`."""
+        from nextstep.serialization import load_pretrained
+
+        return load_pretrained(Path(directory), device=device, dtype=dtype)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per component (shared tensors counted once, under the first owner)."""
+        seen: set[int] = set()
+        counts: dict[str, int] = {}
+        for name, module in (
+            ("image_tokenizer", self.image_tokenizer),
+            ("backbone", self.backbone),
+            ("lm_head", self.lm_head),
+            ("projectors", nn.ModuleList([self.image_in_projector, self.image_out_projector])),
+            ("image_head", self.image_head),
+        ):
+            total = 0
+            for parameter in module.parameters():
+                if id(parameter) not in seen:
+                    seen.add(id(parameter))
+                    total += parameter.numel()
+            counts[name] = total
+        counts["total"] = sum(counts.values())
+        return counts

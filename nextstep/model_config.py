@@ -1,0 +1,47 @@
+"""The configuration of a whole NextStep model: nested component specs plus model-level numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nextstep.config import ComponentSpec, Config, require
+
+
+@dataclass
+class ModelConfig(Config):
+    """Everything needed to rebuild a `nextstep.model.NextStep`.
+
+    Args:
+        image_tokenizer: component spec (registry name + that component's config).
+        text_tokenizer: component spec of the text tokenizer.
+        backbone: component spec of the backbone.
+        image_head: component spec of the image head.
+        sampler: component spec of the default sampler.
+        tie_word_embeddings: the LM head reuses the token embedding table.
+        text_loss_weight: weight of the text cross-entropy (0.01 in NextStep-1).
+        image_loss_weight: weight of the flow-matching loss (1.0).
+        image_first_probability: chance that a training pair is ordered image-first
+            (text dropout for classifier-free guidance; 0.3 in the release).
+        use_norm: LayerNorm each sampled token before it is fed back and decoded.
+    """
+
+    image_tokenizer: ComponentSpec
+    text_tokenizer: ComponentSpec
+    backbone: ComponentSpec
+    image_head: ComponentSpec
+    sampler: ComponentSpec
+    tie_word_embeddings: bool = False
+    text_loss_weight: float = 0.01
+    image_loss_weight: float = 1.0
+    image_first_probability: float = 0.3
+    use_norm: bool = False
+
+    def validate(self) -> None:
+        for kind in ComponentSpec.kinds:
+            spec = getattr(self, kind)
+            require(isinstance(spec, ComponentSpec) and spec.kind == kind, kind, spec,
+                    f"a ComponentSpec of kind {kind!r}")
+        require(self.text_loss_weight >= 0, "text_loss_weight", self.text_loss_weight, ">= 0")
+        require(self.image_loss_weight >= 0, "image_loss_weight", self.image_loss_weight, ">= 0")
+        require(0 <= self.image_first_probability <= 1, "image_first_probability",
+                self.image_first_probability, "in [0, 1]")

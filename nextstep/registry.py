@@ -1,0 +1,101 @@
+"""Name -> class and name -> preset tables, used for discovery only.
+
+The CLI, JSON configs and the test suite look components and model presets up
+here. Nothing requires registration: a model accepts any component instance that
+implements its interface. Registering a class only makes it reachable by name
+(for example from ``config.json`` or ``nextstep generate --model``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+T = TypeVar("T", bound=type)
+
+_COMPONENTS: dict[str, dict[str, type]] = {
+    "image_tokenizer": {},
+    "text_tokenizer": {},
+    "backbone": {},
+    "image_head": {},
+    "sampler": {},
+}
+_MODELS: dict[str, Callable] = {}
+
+
+def register_component(kind: str, name: str) -> Callable[[T], T]:
+    """Class decorator: make ``cls`` reachable as ``(kind, name)``.
+
+    The class must have a ``config_class`` attribute (its config dataclass) and
+    accept that config as its only constructor argument.
+    """
+    if kind not in _COMPONENTS:
+        raise ValueError(f"kind must be one of {sorted(_COMPONENTS)}, found {kind!r}")
+
+    def decorator(cls: T) -> T:
+        if not hasattr(cls, "config_class"):
+            raise TypeError(f"{cls.__name__} needs a 'config_class' attribute to be registered")
+        existing = _COMPONENTS[kind].get(name)
+        if existing is not None and existing is not cls:
+            raise ValueError(f"{kind} {name!r} is already registered to {existing.__name__}")
+        _COMPONENTS[kind][name] = cls
+        cls.registry_name = name
+        return cls
+
+    return decorator
+
+
+def component_class(kind: str, name: str) -> type:
+    """The class registered as ``(kind, name)``; ``ValueError`` lists the known names."""
+    _ensure_builtins()
+    if kind not in _COMPONENTS:
+        raise ValueError(f"kind must be one of {sorted(_COMPONENTS)}, found {kind!r}")
+    try:
+        return _COMPONENTS[kind][name]
+    except KeyError:
+        raise ValueError(
+            f"unknown {kind} {name!r}; known: {sorted(_COMPONENTS[kind])}"
+        ) from None
+
+
+def component_names(kind: str) -> list[str]:
+    """Registered names of one kind, sorted."""
+    _ensure_builtins()
+    return sorted(_COMPONENTS[kind])
+
+
+def registered_components(kind: str) -> dict[str, type]:
+    """A copy of the ``name -> class`` table of one kind."""
+    _ensure_builtins()
+    return dict(_COMPONENTS[kind])
+
+
+def register_model(name: str) -> Callable[[Callable], Callable]:
+    """Decorator for a model preset: a function returning a ``ModelConfig``."""
+
+    def decorator(fn: Callable) -> Callable:
+        _MODELS[name] = fn
+        return fn
+
+    return decorator
+
+
+def model_preset(name: str) -> Callable:
+    """The preset function registered as ``name``; ``ValueError`` lists the known ones."""
+    _ensure_builtins()
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(_MODELS)}") from None
+
+
+def model_names() -> list[str]:
+    _ensure_builtins()
+    return sorted(_MODELS)
+
+
+def _ensure_builtins() -> None:
+    import nextstep.backbones  # noqa: F401
+    import nextstep.heads  # noqa: F401
+    import nextstep.presets  # noqa: F401
+    import nextstep.samplers  # noqa: F401
+    import nextstep.tokenizers  # noqa: F401

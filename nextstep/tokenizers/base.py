@@ -1,0 +1,180 @@
+"""Interfaces of the image tokenizer and the text tokenizer.
+
+Conventions:
+    images: (B, 3, H, W), float, values in [-1, 1].
+    latents: (B, C, H / f, W / f) where f is `ImageTokenizer.downsample`.
+    tokens: (B, N, D) in raster order over the token grid, with
+        ``D = C * p * p`` features ordered (c, p, q) and ``p`` the patch size.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from nextstep.tokenizers.special_tokens import (
+    BEGIN_OF_IMAGE,
+    END_OF_IMAGE,
+    END_OF_TEXT,
+    IMAGE_AREA,
+    IMAGE_PLACEHOLDER,
+    PAD,
+)
+
+
+class ImageTokenizer(nn.Module, ABC):
+    """Turns images into continuous latents and back.
+
+    Implement `encode`, `decode` and the two size properties; the
+    2x2 space-to-depth (`patchify`) and token-grid arithmetic come for free.
+
+    Attributes:
+        patch_size: side of the space-to-depth patch (2 in NextStep-1).
+    """
+
+    patch_size: int = 2
+
+    @property
+    @abstractmethod
+    def latent_channels(self) -> int:
+        """C, the number of latent channels."""
+
+    @property
+    @abstractmethod
+    def downsample(self) -> int:
+        """f, the spatial reduction factor from pixels to latents."""
+
+    @abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f)."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, h, w) -> images (B, 3, h*f, w*f), roughly in [-1, 1]."""
+
+    @property
+    def token_dim(self) -> int:
+        """D = C * patch_size**2, the width of one image token."""
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def pixels_per_token(self) -> int:
+        """Side in pixels of the square one token covers (f * patch_size)."""
+        return self.downsample * self.patch_size
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) of an image of ``height`` x ``width`` pixels.
+
+        Raises:
+            ValueError: if a side is not a positive multiple of `pixels_per_token`.
+        """
+        step = self.pixels_per_token
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % step:
+                raise ValueError(
+                    f"image {name} must be a positive multiple of {step} "
+                    f"(VAE factor {self.downsample} x patch {self.patch_size}), found {value!r}"
+                )
+        return height // step, width // step
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """Space-to-depth: (B, C, H, W) -> (B, H/p * W/p, C*p*p), features (c, p, q)."""
+        if latents.ndim != 4:
+            raise ValueError(f"latents must have shape (B, C, H, W), found {tuple(latents.shape)}")
+        _, _, height, width = latents.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"latent height and width must be multiples of the patch size {p}, "
+                f"found {height}x{width}"
+            )
+        return rearrange(latents, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
+
+    def unpatchify(self, tokens: torch.Tensor, grid_height: int, grid_width: int) -> torch.Tensor:
+        """Depth-to-space: (B, h*w, C*p*p) -> (B, C, h*p, w*p); the inverse of `patchify`."""
+        if tokens.ndim != 3 or tokens.shape[1] != grid_height * grid_width:
+            raise ValueError(
+                f"tokens must have shape (B, {grid_height * grid_width}, D) for a "
+                f"{grid_height}x{grid_width} grid, found {tuple(tokens.shape)}"
+            )
+        p = self.patch_size
+        return rearrange(
+            tokens, "b (h w) (c p q) -> b c (h p) (w q)", h=grid_height, w=grid_width, p=p, q=p
+        )
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``images`` is (B, 3, H, W) in [-1, 1] with H, W multiples of f."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape (B, 3, H, W), found {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        if height % self.downsample or width % self.downsample:
+            raise ValueError(
+                f"image height and width must be multiples of {self.downsample}, "
+                f"found {height}x{width}"
+            )
+        if images.numel() and images.device.type != "meta":
+            low, high = float(images.min()), float(images.max())
+            if low < -1.0 - 1e-3 or high > 1.0 + 1e-3:
+                raise ValueError(
+                    f"image values must lie in [-1, 1], found range [{low:.3f}, {high:.3f}]"
+                )
+
+
+class TextTokenizer(ABC):
+    """Text <-> integer ids, with NextStep's special tokens in the vocabulary.
+
+    `encode` treats its input as plain text: a special token's string in
+    user text never becomes a special id. Special ids come from
+    `special_token_id`. Constructors take ``(config, base_dir=None)``;
+    ``base_dir`` is the model directory that relative file paths refer to.
+    """
+
+    config_class: type
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids (no special tokens added)."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Ids -> text; special ids are rendered as their strings."""
+
+    @abstractmethod
+    def special_token_id(self, token: str) -> int:
+        """Id of a special token string such as ``"<|begin_of_image|>"``."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (an embedding table needs at least this)."""
+
+    def save(self, directory: Path) -> None:
+        """Write whatever files the tokenizer needs into ``directory`` (default: none)."""
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_token_id(PAD)
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_token_id(END_OF_TEXT)
+
+    @property
+    def image_area_id(self) -> int:
+        return self.special_token_id(IMAGE_AREA)
+
+    @property
+    def begin_of_image_id(self) -> int:
+        return self.special_token_id(BEGIN_OF_IMAGE)
+
+    @property
+    def end_of_image_id(self) -> int:
+        return self.special_token_id(END_OF_IMAGE)
+
+    @property
+    def image_placeholder_id(self) -> int:
+        return self.special_token_id(IMAGE_PLACEHOLDER)

@@ -1,0 +1,65 @@
+"""A byte-level text tokenizer that needs no files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nextstep.config import Config
+from nextstep.registry import register_component
+from nextstep.tokenizers.base import TextTokenizer
+from nextstep.tokenizers.special_tokens import END_OF_TEXT, NEXTSTEP_SPECIAL_TOKENS
+
+
+@dataclass
+class ByteTextTokenizerConfig(Config):
+    """The byte tokenizer has nothing to configure."""
+
+
+@register_component("text_tokenizer", "byte")
+class ByteTextTokenizer(TextTokenizer):
+    """UTF-8 bytes as ids 0-255, then ``<|endoftext|>`` and NextStep's special tokens.
+
+    ``decode(encode(text)) == text`` for every string.
+    """
+
+    config_class = ByteTextTokenizerConfig
+    specials: tuple[str, ...] = (END_OF_TEXT, *NEXTSTEP_SPECIAL_TOKENS)
+
+    def __init__(self, config: ByteTextTokenizerConfig | None = None, base_dir=None):
+        self.config = config or ByteTextTokenizerConfig()
+        self._special_ids = {token: 256 + i for i, token in enumerate(self.specials)}
+        self._special_strings = {i: token for token, i in self._special_ids.items()}
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, found {type(text).__name__}")
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        pieces: list[str] = []
+        buffer = bytearray()
+        for token in ids:
+            token = int(token)
+            if token < 256:
+                buffer.append(token)
+                continue
+            pieces.append(buffer.decode("utf-8", errors="replace"))
+            buffer.clear()
+            try:
+                pieces.append(self._special_strings[token])
+            except KeyError:
+                raise ValueError(
+                    f"id {token} is outside the byte tokenizer's vocabulary of {self.vocab_size}"
+                ) from None
+        pieces.append(buffer.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def special_token_id(self, token: str) -> int:
+        try:
+            return self._special_ids[token]
+        except KeyError:
+            raise ValueError(f"unknown special token {token!r}; known: {list(self.specials)}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(self.specials)

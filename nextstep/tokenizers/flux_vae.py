@@ -1,0 +1,286 @@
+"""The FLUX.1 autoencoder (f8) with NextStep's latent normalisation.
+
+Module names follow the BFL ``ae.safetensors`` layout (``encoder.down.{i}.block.{j}``,
+``encoder.mid.attn_1.q`` ...), so those weights load without renaming.
+
+Legend: B batch, C latent channels, H/W pixel sides, h/w latent sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from nextstep.config import Config, require
+from nextstep.registry import register_component
+from nextstep.tokenizers.base import ImageTokenizer
+from nextstep.tokenizers.latent_normalization import (
+    NORMALIZATIONS,
+    denormalize_latents,
+    normalize_latents,
+)
+
+
+@dataclass
+class FluxVAEConfig(Config):
+    """Shape and latent handling of `FluxVAE`.
+
+    Args:
+        in_channels: image channels of the encoder input.
+        out_channels: image channels of the decoder output.
+        ch: base width; level ``i`` has ``ch * ch_mult[i]`` channels.
+        ch_mult: width multipliers; ``len(ch_mult) - 1`` downsamplings (f = 2**that).
+        num_res_blocks: residual blocks per encoder level (decoder uses one more).
+        z_channels: latent channels C.
+        norm_groups: GroupNorm groups (32 in FLUX.1); every width must divide by it.
+        normalization: one of ``layer_norm`` (NextStep), ``scale_shift`` (FLUX), ``none``.
+        normalization_patch_size: block side of the ``layer_norm`` standardisation (``psz``).
+        scaling_factor: scale used by ``scale_shift``.
+        shift_factor: shift used by ``scale_shift``.
+        deterministic: encode to the posterior mean (True) or sample it.
+        patch_size: space-to-depth side for tokens.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    norm_groups: int = 32
+    normalization: str = "layer_norm"
+    normalization_patch_size: int = 1
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    deterministic: bool = True
+    patch_size: int = 2
+
+    def validate(self) -> None:
+        require(self.ch > 0, "ch", self.ch, "positive")
+        require(len(self.ch_mult) >= 1 and all(m > 0 for m in self.ch_mult), "ch_mult",
+                self.ch_mult, "a non-empty sequence of positive integers")
+        require(self.num_res_blocks >= 1, "num_res_blocks", self.num_res_blocks, ">= 1")
+        require(self.z_channels > 0, "z_channels", self.z_channels, "positive")
+        widths = {self.ch * m for m in self.ch_mult}
+        require(all(w % self.norm_groups == 0 for w in widths), "norm_groups", self.norm_groups,
+                f"a divisor of every level width {sorted(widths)}")
+        require(self.normalization in NORMALIZATIONS, "normalization", self.normalization,
+                f"one of {list(NORMALIZATIONS)}")
+        require(self.normalization_patch_size >= 1, "normalization_patch_size",
+                self.normalization_patch_size, ">= 1")
+        require(self.scaling_factor != 0, "scaling_factor", self.scaling_factor, "non-zero")
+        require(self.patch_size >= 1, "patch_size", self.patch_size, ">= 1")
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """Two GroupNorm-SiLU-Conv3x3 stages with a (1x1 conv when widths differ) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = _group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return shortcut + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with 1x1-conv projections."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _group_norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, height, width = x.shape
+        h = self.norm(x)
+        q, k, v = (rearrange(proj(h), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = rearrange(h, "b 1 (h w) c -> b c h w", h=height, w=width)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with (0, 1, 0, 1) padding."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    """Images (B, 3, H, W) -> posterior moments (B, 2C, H/f, W/f) as [mean | logvar]."""
+
+    def __init__(self, config: FluxVAEConfig):
+        super().__init__()
+        groups = config.norm_groups
+        self.conv_in = nn.Conv2d(config.in_channels, config.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        width = config.ch
+        for level, mult in enumerate(config.ch_mult):
+            stage = nn.Module()
+            out_width = config.ch * mult
+            stage.block = nn.ModuleList(
+                ResnetBlock(width if j == 0 else out_width, out_width, groups)
+                for j in range(config.num_res_blocks)
+            )
+            width = out_width
+            if level != len(config.ch_mult) - 1:
+                stage.downsample = Downsample(width)
+            self.down.append(stage)
+        self.mid = _MidBlock(width, groups)
+        self.norm_out = _group_norm(width, groups)
+        self.conv_out = nn.Conv2d(width, 2 * config.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for stage in self.down:
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latents (B, C, h, w) -> images (B, 3, h*f, w*f)."""
+
+    def __init__(self, config: FluxVAEConfig):
+        super().__init__()
+        groups = config.norm_groups
+        width = config.ch * config.ch_mult[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
+        self.mid = _MidBlock(width, groups)
+        stages = []
+        for level in reversed(range(len(config.ch_mult))):
+            stage = nn.Module()
+            out_width = config.ch * config.ch_mult[level]
+            stage.block = nn.ModuleList(
+                ResnetBlock(width if j == 0 else out_width, out_width, groups)
+                for j in range(config.num_res_blocks + 1)
+            )
+            width = out_width
+            if level != 0:
+                stage.upsample = Upsample(width)
+            stages.insert(0, stage)
+        # Indexed by level, so up.0 is the full-resolution stage (the BFL layout).
+        self.up = nn.ModuleList(stages)
+        self.norm_out = _group_norm(width, groups)
+        self.conv_out = nn.Conv2d(width, config.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for stage in reversed(self.up):
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+@register_component("image_tokenizer", "flux_vae")
+class FluxVAE(ImageTokenizer):
+    """FLUX.1-shaped VAE whose encoder output is normalised for the transformer.
+
+    ``encode`` returns normalised latents (per-position standardised in NextStep's
+    default); ``decode`` accepts them. Use `encode_moments` for the raw
+    posterior (mean, logvar).
+    """
+
+    config_class = FluxVAEConfig
+
+    def __init__(self, config: FluxVAEConfig | None = None):
+        super().__init__()
+        self.config = config or FluxVAEConfig()
+        self.patch_size = self.config.patch_size
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.z_channels
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.config.ch_mult) - 1)
+
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, H, W) -> posterior mean and log-variance, each (B, C, H/f, W/f)."""
+        self.check_images(images)
+        moments = self.encoder(images)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f)."""
+        mean, logvar = self.encode_moments(images)
+        latents = mean
+        if not self.config.deterministic:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            latents = mean + torch.exp(0.5 * logvar) * noise
+        return normalize_latents(
+            latents,
+            self.config.normalization,
+            patch_size=self.config.normalization_patch_size,
+            scale=self.config.scaling_factor,
+            shift=self.config.shift_factor,
+        )
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, h, w) -> images (B, 3, h*f, w*f)."""
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"latents must have shape (B, {self.latent_channels}, h, w), "
+                f"found {tuple(latents.shape)}"
+            )
+        latents = denormalize_latents(
+            latents, self.config.normalization,
+            scale=self.config.scaling_factor, shift=self.config.shift_factor,
+        )
+        return self.decoder(latents)

@@ -1,0 +1,84 @@
+"""Adapter over a Hugging Face tokenizer directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from nextstep.config import Config, require
+from nextstep.registry import register_component
+from nextstep.tokenizers.base import TextTokenizer
+from nextstep.tokenizers.special_tokens import END_OF_TEXT, NEXTSTEP_SPECIAL_TOKENS, PAD
+
+
+@dataclass
+class HFTextTokenizerConfig(Config):
+    """Where `HFTextTokenizer` finds its files.
+
+    Args:
+        path: a local tokenizer directory (``tokenizer.json`` / ``tokenizer_config.json``).
+            A relative path is resolved against the model directory when loading a
+            saved model.
+    """
+
+    path: str = ""
+
+    def validate(self) -> None:
+        require(isinstance(self.path, str), "path", self.path, "a string")
+
+
+@register_component("text_tokenizer", "huggingface")
+class HFTextTokenizer(TextTokenizer):
+    """Any ``transformers`` tokenizer, with NextStep's special tokens added when missing.
+
+    Tokens already present keep their ids (so a NextStep-1 release tokenizer keeps
+    ``<|begin_of_image|>`` = 151667); missing ones are appended in the release's order.
+    Loading never touches the network.
+    """
+
+    config_class = HFTextTokenizerConfig
+
+    def __init__(self, config: HFTextTokenizerConfig, base_dir: Path | None = None):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        if not config.path:
+            raise ValueError("HFTextTokenizerConfig.path must name a local tokenizer directory, found ''")
+        path = Path(config.path)
+        if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+            path = base_dir / path
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"expected a Hugging Face tokenizer directory at {str(path)!r}, found nothing"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        vocab = self.tokenizer.get_vocab()
+        missing = [t for t in (END_OF_TEXT, *NEXTSTEP_SPECIAL_TOKENS) if t not in vocab]
+        if missing:
+            self.tokenizer.add_tokens(missing, special_tokens=True)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = PAD
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, found {type(text).__name__}")
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+
+    def special_token_id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"special token {token!r} is not in the tokenizer's vocabulary")
+        return int(token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def save(self, directory: Path) -> None:
+        """Write the tokenizer files into ``directory / "tokenizer"``."""
+        self.tokenizer.save_pretrained(str(Path(directory) / "tokenizer"))
+        self.config = HFTextTokenizerConfig(path="tokenizer")

@@ -1,0 +1,56 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "default", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("thorough", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_model():
+    """The ``tiny`` preset with a fixed random initialisation."""
+    from nextstep import build_model
+
+    return build_model("tiny", seed=0)
+
+
+@pytest.fixture
+def trained_like_model():
+    """The tiny preset with non-zero head outputs (zero-initialised layers re-drawn)."""
+    from nextstep import build_model
+
+    model = build_model("tiny", seed=0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.image_head.named_parameters():
+            if parameter.abs().sum() == 0 and parameter.ndim == 2:
+                parameter.normal_(std=0.05)
+    return model
+
+
+@pytest.fixture
+def hf_tokenizer_dir(tmp_path):
+    """A tiny byte-level BPE tokenizer saved in the Hugging Face directory layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = ["a red circle to the left of a blue square", "16*16", "grinning face", "0123456789*"]
+    tokenizer.train_from_iterator(corpus * 10, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+    directory = tmp_path / "hf_tokenizer"
+    fast.save_pretrained(str(directory))
+    return directory

@@ -1,0 +1,42 @@
+import re
+import subprocess
+import sys
+
+from PIL import Image
+
+from nextstep.cli import main
+
+
+def test_generate_writes_png_files(tmp_path, capsys):
+    code = main(["generate", "a red circle", "blue square", "--steps", "2", "--height", "32",
+                 "--width", "48", "--output", str(tmp_path), "--grid", "--quiet", "--num-images", "2"])
+    assert code == 0
+    written = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert written == ["000-a-red-circle-0.png", "000-a-red-circle-1.png",
+                       "001-blue-square-0.png", "001-blue-square-1.png", "grid.png"]
+    assert Image.open(tmp_path / "000-a-red-circle-0.png").size == (48, 32)
+    assert Image.open(tmp_path / "grid.png").size == (96, 64)
+    assert str(tmp_path / "grid.png") in capsys.readouterr().out
+
+
+def test_generate_reports_bad_sizes(tmp_path, capsys):
+    code = main(["generate", "x", "--height", "40", "--output", str(tmp_path), "--quiet"])
+    assert code == 2
+    assert "multiple of 16" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_info_counts_the_published_shapes():
+    result = subprocess.run([sys.executable, "-m", "nextstep", "info", "nextstep_1_large"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    counts = {m.group(1).strip(): int(m.group(2).replace(",", ""))
+              for m in re.finditer(r"^\s+(\S.*?)\s{2,}.*?([\d,]{5,}) \(", result.stdout, re.M)}
+    assert abs(counts["backbone + lm_head"] / 14.77e9 - 1) < 0.005
+    assert abs(counts["image_head"] / 157.2e6 - 1) < 0.005
+
+
+def test_info_of_a_saved_model(tmp_path, tiny_model, capsys):
+    tiny_model.save_pretrained(tmp_path / "m")
+    assert main(["info", str(tmp_path / "m"), "--config"]) == 0
+    out = capsys.readouterr().out
+    assert "flow_matching" in out and '"tie_word_embeddings": false' in out

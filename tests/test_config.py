@@ -1,0 +1,84 @@
+import json
+
+import pytest
+
+from nextstep import ModelConfig, model_names, model_preset
+from nextstep.backbones import Qwen2BackboneConfig
+from nextstep.config import ComponentSpec
+from nextstep.heads import FlowMatchingHeadConfig
+from nextstep.registry import component_class, component_names
+from nextstep.tokenizers import FluxVAEConfig
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_presets_round_trip_through_json(name):
+    config = model_preset(name)()
+    text = config.to_json()
+    again = ModelConfig.from_json(text)
+    assert again == config
+    assert json.loads(again.to_json()) == json.loads(text)
+
+
+def test_unknown_key_is_an_error_naming_it():
+    data = model_preset("tiny")().to_dict()
+    data["backbone"]["num_layerz"] = 3
+    with pytest.raises(ValueError, match="num_layerz"):
+        ModelConfig.from_dict(data)
+    data = model_preset("tiny")().to_dict()
+    data["lambda_txt"] = 1.0
+    with pytest.raises(ValueError, match="lambda_txt"):
+        ModelConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "factory, field, value",
+    [
+        (Qwen2BackboneConfig, "num_kv_heads", 3),
+        (Qwen2BackboneConfig, "attention_backend", "flash9"),
+        (Qwen2BackboneConfig, "hidden_size", 0),
+        (FlowMatchingHeadConfig, "depth", 0),
+        (FlowMatchingHeadConfig, "time_sampling", "cosine"),
+        (FluxVAEConfig, "normalization", "batch_norm"),
+        (FluxVAEConfig, "norm_groups", 7),
+    ],
+)
+def test_invalid_values_raise_value_error_naming_the_field(factory, field, value):
+    with pytest.raises(ValueError, match=field):
+        factory(**{field: value})
+
+
+def test_model_config_validates_loss_weights_and_dropout():
+    config = model_preset("tiny")()
+    with pytest.raises(ValueError, match="image_first_probability"):
+        config.replace(image_first_probability=1.5)
+    with pytest.raises(ValueError, match="text_loss_weight"):
+        config.replace(text_loss_weight=-1.0)
+
+
+def test_unknown_component_type_lists_known_names():
+    with pytest.raises(ValueError, match="known"):
+        ComponentSpec.from_dict({"kind": "sampler", "type": "no-such-solver"})
+    with pytest.raises(ValueError, match="euler"):
+        component_class("sampler", "no-such-solver")
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ValueError, match="tiny"):
+        model_preset("huge-model")
+
+
+def test_every_kind_has_a_registered_implementation():
+    for kind in ComponentSpec.kinds:
+        assert component_names(kind), kind
+
+
+def test_config_save_and_load(tmp_path):
+    config = model_preset("tiny")()
+    path = tmp_path / "sub" / "config.json"
+    config.save(path)
+    assert ModelConfig.load(path) == config
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        ModelConfig.load(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        ModelConfig.load(tmp_path / "missing.json")

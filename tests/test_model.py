@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+from nextstep import FlowMatchingHead, FlowMatchingHeadConfig, NextStep, build_model, model_preset
+from nextstep.backbones import positions_from_mask
+from nextstep.builders import build_component
+
+
+def images(count, size=32, seed=0):
+    return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_forward_returns_weighted_losses(tiny_model):
+    batch = tiny_model.prepare_batch(images(2), ["a cat", "a dog"], image_first=[False, True])
+    out = tiny_model(batch, generator=torch.Generator().manual_seed(0))
+    config = tiny_model.config
+    expected = config.text_loss_weight * out.text + config.image_loss_weight * out.image
+    torch.testing.assert_close(out.total, expected)
+    assert out.num_image_tokens == 2 * 4  # every image token is a target, in either order
+    assert torch.isfinite(out.total)
+
+
+def test_teacher_forcing_alignment(trained_like_model):
+    model = trained_like_model
+    captured = {}
+    original = model.image_head.loss
+
+    def recording_loss(target, condition, generator=None):
+        captured["target"], captured["condition"] = target, condition
+        return original(target, condition, generator)
+
+    model.image_head.loss = recording_loss
+    pixels = images(2, size=32)
+    batch = model.prepare_batch(pixels, ["first caption", "x"], image_first=[False, False])
+    model(batch)
+    tokens, _, _ = model.encode_images(pixels)  # (2, 4, D)
+    # Targets: every image token of every example, in raster order.
+    torch.testing.assert_close(captured["target"], tokens.flatten(0, 1))
+    # Conditions: the projected hidden state one position before each image token.
+    with torch.no_grad():
+        embeds = model.embed(batch.input_ids, batch.image_mask, batch.image_tokens)
+        hidden = model.backbone(embeds, positions_from_mask(batch.attention_mask), batch.attention_mask)
+        rows, cols = torch.nonzero(batch.image_mask, as_tuple=True)
+        expected = model.image_out_projector(hidden[rows, cols - 1])
+    torch.testing.assert_close(captured["condition"], expected)
+    # The first image token is predicted from <|begin_of_image|>.
+    first = batch.image_mask.float().argmax(1)
+    assert (batch.input_ids[torch.arange(2), first - 1] == model.text_tokenizer.begin_of_image_id).all()
+
+
+def test_batch_mul_repeats_each_target():
+    config = FlowMatchingHeadConfig(token_dim=4, condition_dim=8, width=16, depth=1, batch_mul=3)
+    head = FlowMatchingHead(config)
+    seen = {}
+    original = head.velocity
+
+    def recording(x_t, t, condition):
+        seen["t"], seen["condition"] = t, condition
+        return original(x_t, t, condition)
+
+    head.velocity = recording
+    condition = torch.randn(5, 8)
+    head.loss(torch.randn(5, 4), condition)
+    assert seen["t"].shape == (15,)
+    torch.testing.assert_close(seen["condition"], condition.repeat(3, 1))
+    assert seen["t"].unique().numel() == 15  # fresh time per repeat
+
+
+def test_a_few_optimisation_steps_lower_the_loss():
+    model = build_model("tiny", seed=0)
+    batch = model.prepare_batch(images(4, size=32), ["red", "green", "blue", "cyan"],
+                                image_first=[False] * 4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+
+    def evaluate():
+        with torch.no_grad():
+            return model(batch, generator=torch.Generator().manual_seed(123)).total.item()
+
+    before = evaluate()
+    for step in range(30):
+        loss = model(batch, generator=torch.Generator().manual_seed(step)).total
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert evaluate() < 0.7 * before
+
+
+def test_tokenizer_is_frozen_and_other_parameters_train(tiny_model):
+    assert not any(p.requires_grad for p in tiny_model.image_tokenizer.parameters())
+    batch = tiny_model.prepare_batch(images(2), ["a", "b"], image_first=[False, False])
+    tiny_model(batch).total.backward()
+    for name, parameter in tiny_model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None, name
+
+
+def test_head_token_dim_must_match_tokenizer():
+    config = model_preset("tiny")()
+    parts = {kind: build_component(getattr(config, kind)) for kind in
+             ("image_tokenizer", "text_tokenizer", "backbone", "sampler")}
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=32, condition_dim=64, width=16, depth=1))
+    with pytest.raises(ValueError, match="token_dim 32.*token_dim 64"):
+        NextStep(image_head=head, config=config, **parts)
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=64, condition_dim=48, width=16, depth=1))
+    with pytest.raises(ValueError, match="condition_dim 48"):
+        NextStep(image_head=head, config=config, **parts)
+
+
+def test_tied_lm_head_shares_the_embedding():
+    config = model_preset("tiny")().replace(tie_word_embeddings=True)
+    model = build_model(config, seed=0)
+    assert model.lm_head.output_weight() is model.backbone.embed_tokens.weight
+    assert "lm_head.weight" not in model.state_dict()
+
+
+def test_prepare_batch_rejects_bad_sizes(tiny_model):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tiny_model.prepare_batch(torch.zeros(1, 3, 40, 32), ["x"])
+    with pytest.raises(ValueError, match="captions"):
+        tiny_model.prepare_batch(torch.zeros(2, 3, 32, 32), ["x"])
+
+
+def test_meta_build_of_the_published_shape_allocates_nothing():
+    with torch.device("meta"):
+        model = build_model("nextstep_1_large", with_text_tokenizer=False)
+    counts = model.parameter_counts()
+    assert abs(counts["backbone"] + counts["lm_head"] - 14.77e9) / 14.77e9 < 0.005
+    assert abs(counts["image_head"] - 157.2e6) / 157.2e6 < 0.005
+    assert all(p.is_meta for p in model.parameters())

@@ -1,0 +1,53 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nextstep.tokenizers import FluxVAE, FluxVAEConfig, standardize_channels
+
+tokenizer = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4, z_channels=3))
+
+
+@given(batch=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_patchify_unpatchify_inverse_on_any_grid(batch, h, w, seed):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, 3, 2 * h, 2 * w, generator=generator)
+    tokens = tokenizer.patchify(latents)
+    assert tokens.shape == (batch, h * w, 12)
+    assert torch.equal(tokenizer.unpatchify(tokens, h, w), latents)
+    back = torch.randn(batch, h * w, 12, generator=generator)
+    assert torch.equal(tokenizer.patchify(tokenizer.unpatchify(back, h, w)), back)
+
+
+def test_patchify_feature_order_is_channel_then_row_then_column():
+    latents = torch.arange(3 * 4 * 6, dtype=torch.float32).view(1, 3, 4, 6)
+    tokens = tokenizer.patchify(latents)
+    # token (row 1, col 2) covers latent rows 2-3, columns 4-5
+    token = tokens[0, 1 * 3 + 2]
+    expected = torch.stack([latents[0, c, 2 + p, 4 + q] for c in range(3) for p in range(2) for q in range(2)])
+    assert torch.equal(token, expected)
+
+
+def test_patchify_rejects_odd_sizes():
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        tokenizer.patchify(torch.zeros(1, 3, 3, 4))
+    with pytest.raises(ValueError, match="grid"):
+        tokenizer.unpatchify(torch.zeros(1, 5, 12), 2, 3)
+
+
+@given(h=st.integers(1, 6), w=st.integers(1, 6), psz=st.sampled_from([1, 2]),
+       constant=st.booleans(), seed=st.integers(0, 2**16))
+def test_standardized_latents_have_zero_mean_unit_variance(h, w, psz, constant, seed):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 16, psz * h, psz * w, generator=generator) * 5 + 3
+    if constant:
+        latents = torch.full_like(latents, 0.7)
+    out = standardize_channels(latents, psz)
+    blocks = out.unfold(2, psz, psz).unfold(3, psz, psz)  # (B, C, h, w, p, q)
+    blocks = blocks.permute(0, 2, 3, 1, 4, 5).flatten(3)
+    torch.testing.assert_close(blocks.mean(-1), torch.zeros_like(blocks.mean(-1)), atol=1e-5, rtol=0)
+    variance = blocks.var(-1, unbiased=False)
+    if constant:  # eps keeps a constant vector at zero instead of dividing by zero
+        assert torch.isfinite(out).all() and out.abs().max() < 1e-3
+    else:
+        torch.testing.assert_close(variance, torch.ones_like(variance), atol=1e-3, rtol=0)

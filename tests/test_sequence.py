@@ -1,0 +1,79 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nextstep import ByteTextTokenizer, SequenceBuilder
+
+TOKEN_DIM = 4
+builder = SequenceBuilder(ByteTextTokenizer(), TOKEN_DIM)
+tok = builder.text_tokenizer
+grids = st.integers(1, 40)
+
+
+@given(text=st.text(max_size=40), h=grids, w=grids)
+def test_prompt_parse_round_trip(text, h, w):
+    ids = builder.prompt(text, h, w)
+    assert builder.parse(ids) == (text, h, w)
+    assert ids[-1] == tok.begin_of_image_id
+    assert tok.decode(ids) == f"{text}<|image_area|>{h}*{w}<|begin_of_image|>"
+
+
+@given(text=st.text(max_size=30), h=st.integers(1, 6), w=st.integers(1, 6), image_first=st.booleans())
+def test_example_layout(text, h, w, image_first):
+    tokens = torch.randn(h * w, TOKEN_DIM)
+    example = builder.example(text, tokens, h, w, image_first=image_first)
+    ids = example.input_ids
+    span = ids[example.image_start: example.image_start + h * w]
+    assert span == [tok.image_placeholder_id] * (h * w)
+    assert ids[example.image_start - 1] == tok.begin_of_image_id
+    assert ids[example.image_start + h * w] == tok.end_of_image_id
+    assert ids[-1] == tok.eos_id
+    expected = (
+        f"<|image_area|>{h}*{w}<|begin_of_image|>" + "<|image_placeholder|>" * (h * w)
+        + f"<|end_of_image|>{text}<|endoftext|>"
+        if image_first else
+        f"{text}<|image_area|>{h}*{w}<|begin_of_image|>" + "<|image_placeholder|>" * (h * w)
+        + "<|end_of_image|><|endoftext|>"
+    )
+    assert tok.decode(ids) == expected
+    if not image_first:
+        assert builder.parse(ids) == (text, h, w)
+
+
+@given(sizes=st.lists(st.tuples(st.text(max_size=12), st.integers(1, 3), st.integers(1, 3)),
+                      min_size=1, max_size=4))
+def test_collate_masks(sizes):
+    examples = [builder.example(t, torch.randn(h * w, TOKEN_DIM), h, w) for t, h, w in sizes]
+    batch = builder.collate(examples)
+    length = max(len(e.input_ids) for e in examples)
+    assert batch.input_ids.shape == (len(examples), length)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        assert batch.attention_mask[row].sum() == n
+        assert batch.input_ids[row, :n].tolist() == example.input_ids
+        assert (batch.input_ids[row, n:] == tok.pad_id).all()
+        count = example.image_tokens.shape[0]
+        assert batch.image_mask[row].sum() == count
+        torch.testing.assert_close(batch.image_tokens[row][batch.image_mask[row]], example.image_tokens)
+        # Text targets: every real non-image token except the first.
+        assert not batch.text_target_mask[row, 0]
+        assert batch.text_target_mask[row].sum() == n - count - 1
+        assert not (batch.text_target_mask[row] & batch.image_mask[row]).any()
+
+
+def test_left_pad():
+    ids, mask = builder.left_pad([[1, 2, 3], [4]])
+    assert ids.tolist() == [[1, 2, 3], [tok.pad_id, tok.pad_id, 4]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="shape"):
+        builder.example("x", torch.randn(3, TOKEN_DIM), 2, 2)
+    with pytest.raises(ValueError, match="grid height"):
+        builder.prompt("x", 0, 2)
+    with pytest.raises(ValueError, match="image prefix"):
+        builder.parse(tok.encode("no image here"))
+    with pytest.raises(ValueError, match="empty"):
+        builder.collate([])

@@ -1,0 +1,120 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nextstep import ComponentSpec, NextStep, build_model, generate_tokens, model_preset
+from nextstep.tokenizers.hf_text import HFTextTokenizer, HFTextTokenizerConfig
+
+ARGS = dict(height=32, width=32, num_steps=2, cfg=2.0, seed=4)
+
+
+def test_save_load_gives_identical_outputs(trained_like_model, tmp_path):
+    model = trained_like_model
+    model.save_pretrained(tmp_path / "model")
+    assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "model.safetensors"]
+    loaded = NextStep.from_pretrained(tmp_path / "model")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    before, _, _ = generate_tokens(model, ["a cat"], **ARGS)
+    after, _, _ = generate_tokens(loaded, ["a cat"], **ARGS)
+    assert torch.equal(before, after)
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    batch = model.prepare_batch(pixels, ["x"], image_first=[False])
+    torch.testing.assert_close(model(batch, generator=torch.Generator().manual_seed(0)).total,
+                               loaded(batch, generator=torch.Generator().manual_seed(0)).total,
+                               rtol=0, atol=0)
+
+
+def test_load_in_bfloat16(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    loaded = NextStep.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    images = loaded.generate(["x"], height=32, width=32, num_steps=1)
+    assert images[0].size == (32, 32)
+
+
+def test_hf_tokenizer_files_travel_with_the_model(hf_tokenizer_dir, tmp_path):
+    config = model_preset("tiny")()
+    config.backbone.config = config.backbone.config.replace(vocab_size=320)
+    config.text_tokenizer = ComponentSpec("text_tokenizer", "huggingface",
+                                          HFTextTokenizerConfig(path=str(hf_tokenizer_dir)))
+    model = build_model(config, seed=0)
+    assert isinstance(model.text_tokenizer, HFTextTokenizer)
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["text_tokenizer"] == {"kind": "text_tokenizer", "type": "huggingface", "path": "tokenizer"}
+    os.chdir(tmp_path)  # the relative path resolves against the model directory, not the cwd
+    loaded = NextStep.from_pretrained(tmp_path / "m")
+    assert loaded.text_tokenizer.encode("a red circle") == model.text_tokenizer.encode("a red circle")
+    assert loaded.text_tokenizer.begin_of_image_id == model.text_tokenizer.begin_of_image_id
+
+
+def _rewrite_weights(directory, change):
+    path = directory / "model.safetensors"
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path))
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+
+    def damage(state):
+        del state["image_in_projector.bias"]
+        state["extra.weight"] = torch.zeros(2)
+        state["image_out_projector.weight"] = torch.zeros(3, 3)
+
+    _rewrite_weights(tmp_path / "m", damage)
+    with pytest.raises(ValueError) as error:
+        NextStep.from_pretrained(tmp_path / "m")
+    message = str(error.value)
+    assert "image_in_projector.bias" in message
+    assert "extra.weight" in message
+    assert "image_out_projector.weight: expected (64, 64), found (3, 3)" in message
+
+
+def test_corrupt_weights_name_the_file(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        NextStep.from_pretrained(tmp_path / "m")
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        NextStep.from_pretrained(tmp_path / "nowhere")
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tiny_model, tmp_path, monkeypatch):
+    target = tmp_path / "m"
+    tiny_model.save_pretrained(target)
+    before = (target / "model.safetensors").read_bytes()
+
+    import nextstep.serialization as serialization
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(serialization, "save_file", crash)
+    with torch.no_grad():
+        tiny_model.image_in_projector.bias.add_(1.0)
+    with pytest.raises(RuntimeError, match="disk full"):
+        tiny_model.save_pretrained(target)
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging leftovers
+    NextStep.from_pretrained(target)
+
+
+def test_unregistered_component_cannot_be_saved_silently(tiny_model, tmp_path):
+    from nextstep.samplers import EulerSampler
+
+    class MySampler(EulerSampler):
+        registry_name = None
+
+    tiny_model.sampler = MySampler()
+    with pytest.raises(ValueError, match="register_component"):
+        tiny_model.save_pretrained(tmp_path / "m")
