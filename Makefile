@@ -27,7 +27,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) site outputs .pytest_cache .hypothesis
