@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all docs clean
+.PHONY: install data demo test test-all docs clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -14,6 +14,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Debian packages of the built-in training datasets (emoji font, Unicode emoji list, Fashion-MNIST).
+# Installs only what is missing; needs root for that.
+DATA_PACKAGES := fonts-noto-color-emoji unicode-data dataset-fashion-mnist
+
+data:
+	@missing=$$(for p in $(DATA_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -z "$$missing" ]; then echo "data packages present: $(DATA_PACKAGES)"; exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "run as root: apt-get install -y $$missing"; exit 1; fi; \
+	echo "installing $$missing"; \
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing
 
 demo: $(STAMP)
 	$(PY) -m nextstep generate "a red circle to the left of a blue square" "grinning face with smiling eyes" \

@@ -4,7 +4,7 @@ Components plug into four small interfaces: `ImageTokenizer`,
 `Backbone`, `ImageHead` and `Sampler`.
 """
 
-from nextstep.backbones import Backbone, KVCache, Qwen2Backbone, Qwen2BackboneConfig
+from nextstep.backbones import Backbone, HFBackbone, HFBackboneConfig, KVCache, Qwen2Backbone, Qwen2BackboneConfig
 from nextstep.builders import build_component, build_model, load_model
 from nextstep.config import ComponentSpec, Config
 from nextstep.generation import generate, generate_tokens
@@ -21,8 +21,11 @@ from nextstep.registry import (
 )
 from nextstep.samplers import (
     ClassifierFreeGuidance,
+    EulerMaruyamaSampler,
     EulerSampler,
     HeunSampler,
+    ImageEditingGuidance,
+    MidpointSampler,
     Sampler,
     guidance_for_scale,
     time_grid,
@@ -45,18 +48,23 @@ __all__ = [
     "ClassifierFreeGuidance",
     "ComponentSpec",
     "Config",
+    "EulerMaruyamaSampler",
     "EulerSampler",
     "FlowMatchingHead",
     "FlowMatchingHeadConfig",
     "FluxVAE",
     "FluxVAEConfig",
+    "HFBackbone",
+    "HFBackboneConfig",
     "HFTextTokenizer",
     "HeunSampler",
+    "ImageEditingGuidance",
     "ImageHead",
     "ImageTokenizer",
     "KVCache",
     "LMHead",
     "LossOutput",
+    "MidpointSampler",
     "ModelConfig",
     "NextStep",
     "Qwen2Backbone",

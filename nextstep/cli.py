@@ -33,7 +33,16 @@ def command_generate(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, device=args.device, seed=args.seed)
     out_dir = Path(args.output)
-    grid_h, grid_w = model.image_tokenizer.grid_size(args.height, args.width)
+    source = None
+    if args.image is not None:
+        from PIL import Image
+
+        if not Path(args.image).is_file():
+            raise FileNotFoundError(f"expected an input image at {args.image}, found nothing")
+        source = Image.open(args.image).convert("RGB")
+    height = args.height or (source.height if source is not None else 64)
+    width = args.width or (source.width if source is not None else 64)
+    grid_h, grid_w = model.image_tokenizer.grid_size(height, width)
     written = []
     all_images = []
     for index, prompt in enumerate(args.prompts):
@@ -44,10 +53,11 @@ def command_generate(args: argparse.Namespace) -> int:
             bar.update(1)
 
         tokens, grid_h, grid_w = generate_tokens(
-            model, [prompt], height=args.height, width=args.width, cfg=args.cfg,
+            model, [prompt], height=height, width=width, cfg=args.cfg,
             num_steps=args.steps, shift=args.shift, seed=args.seed + index * args.num_images,
             negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-            progress=progress,
+            progress=progress, sampler=args.sampler, cfg_schedule=args.cfg_schedule,
+            temperature=args.temperature, images=None if source is None else [source], cfg_img=args.cfg_img,
         )
         bar.close()
         images = to_pil(decode_tokens(model, tokens, grid_h, grid_w))
@@ -99,6 +109,74 @@ def command_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_training(args: argparse.Namespace, load, run, command: str) -> int:
+    import logging
+
+    from nextstep.training.data.base import DataQualityError
+    from nextstep.training.recipe import find_recipe
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    overrides = list(args.set or [])
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    recipe = load(args.recipe, overrides)
+    output = Path(args.output) if args.output else Path("outputs") / command / find_recipe(args.recipe).stem
+    try:
+        trainer = run(recipe, output, resume=not args.no_resume, show_progress=not args.quiet)
+    except DataQualityError as error:
+        print(f"nextstep {command}: error: {error}", file=sys.stderr)
+        return 2
+    if trainer.context.is_main:
+        print(f"log: {output / 'train_log.csv'}")
+        latest = trainer.checkpoints.latest()
+        if latest is not None:
+            print(f"checkpoint: {latest}")
+    return 0
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from nextstep.training.recipe import load_recipe, run_recipe
+
+    return _run_training(args, load_recipe, run_recipe, "train")
+
+
+def command_train_tokenizer(args: argparse.Namespace) -> int:
+    from nextstep.training.tokenizer_recipe import load_tokenizer_recipe, run_tokenizer_recipe
+
+    return _run_training(args, load_tokenizer_recipe, run_tokenizer_recipe, "train-tokenizer")
+
+
+def command_eval_tokenizer(args: argparse.Namespace) -> int:
+    from nextstep.evaluation.tokenizer_report import run_tokenizer_evaluation
+    from nextstep.presets import flux_vae_config
+    from nextstep.tokenizers import FluxVAE
+    from nextstep.tokenizers.vae_checkpoints import load_flux_vae
+
+    path = Path(args.tokenizer)
+    if path.exists():
+        tokenizer = load_flux_vae(path)
+    else:
+        torch.manual_seed(args.seed)
+        tokenizer = FluxVAE(flux_vae_config(args.tokenizer))
+    report = run_tokenizer_evaluation(tokenizer, Path(args.output), count=args.count, size=args.size,
+                                      seed=args.seed)
+    print(report.to_markdown())
+    print(f"wrote {args.output}/report.json, report.md, reconstructions.png")
+    return 0
+
+
+def command_convert(args: argparse.Namespace) -> int:
+    from nextstep.interop.convert import DTYPES, convert_checkpoint, parse_size
+
+    result = convert_checkpoint(args.source, args.output, to=args.to,
+                                dtype=DTYPES[args.dtype] if args.dtype else None,
+                                max_shard_size=parse_size(args.max_shard_size), vae=args.vae,
+                                head=args.head, seed=args.seed)
+    print(f"wrote {args.output} ({result.source_layout} -> {result.target_layout}, "
+          f"{_human(result.parameters)} parameters)")
+    return 0
+
+
 def _human(count: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= size:
@@ -117,13 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="tiny",
                      help=f"a saved model directory or a preset name {model_names()}")
     gen.add_argument("--output", "-o", default="outputs", help="directory for the PNG files")
-    gen.add_argument("--height", type=_positive_int, default=64)
-    gen.add_argument("--width", type=_positive_int, default=64)
+    gen.add_argument("--height", type=_positive_int, default=None, help="pixels (default 64, or the --image's)")
+    gen.add_argument("--width", type=_positive_int, default=None, help="pixels (default 64, or the --image's)")
     gen.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--cfg-schedule", default="constant",
+                     help="constant, linear_increasing or linear_decreasing (the release's 'linear')")
     gen.add_argument("--steps", type=_positive_int, default=50, help="head steps per token")
-    gen.add_argument("--shift", type=float, default=1.0, help="time shift of the sampling grid")
+    gen.add_argument("--sampler", default=None, help="a registered sampler name (default: the model's)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
+    gen.add_argument("--shift", type=float, default=None,
+                     help="time shift of the sampling grid (default 1.0, or 3.2 with --image)")
+    gen.add_argument("--image", default=None, help="edit this image: the prompts are instructions")
+    gen.add_argument("--cfg-img", type=float, default=None, help="image guidance scale for --image (2.0)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--negative-prompt", default=None,
+                     help="unconditional text (default '', or 'Copy original image.' with --image)")
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--grid", action="store_true", help="also write grid.png with every image")
@@ -134,6 +220,43 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="a preset name or a saved model directory")
     info.add_argument("--config", action="store_true", help="also print the config as JSON")
     info.set_defaults(handler=command_info)
+
+    for name, handler, what in (("train", command_train, "a model"),
+                                ("train-tokenizer", command_train_tokenizer, "an image tokenizer")):
+        train = commands.add_parser(name, help=f"train {what} from a recipe (resumes an existing run)")
+        train.add_argument("recipe", help="a recipe JSON file or the name of one in recipes/")
+        train.add_argument("--output", "-o", default=None, help=f"run folder (default outputs/{name}/<recipe name>)")
+        train.add_argument("--max-steps", type=_positive_int, default=None, help="override train.max_steps")
+        train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                           help="override a recipe field, e.g. --set train.learning_rate=3e-4 (repeatable)")
+        train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the run folder")
+        train.add_argument("--quiet", action="store_true", help="no progress bar or info messages")
+        train.set_defaults(handler=handler)
+
+    evaluate = commands.add_parser(
+        "eval-tokenizer", help="PSNR/SSIM on held-out photo crops, baselines, robustness, dispersion")
+    evaluate.add_argument("tokenizer", help="a VAE checkpoint (file or directory, any layout) "
+                                            "or a preset ('tiny', 'flux') with random weights")
+    evaluate.add_argument("--output", "-o", default="outputs/eval-tokenizer")
+    evaluate.add_argument("--count", type=_positive_int, default=256, help="number of crops")
+    evaluate.add_argument("--size", type=_positive_int, default=64, help="crop side in pixels")
+    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.set_defaults(handler=command_eval_tokenizer)
+
+    convert = commands.add_parser(
+        "convert", help="convert between this library's layout and the NextStep-1 release layout, "
+                        "or build a model from a Qwen2.5 checkpoint")
+    convert.add_argument("source", help="a model directory: native, NextStep-1 release, or plain Qwen2")
+    convert.add_argument("output", help="the directory to write (replaced atomically)")
+    convert.add_argument("--to", choices=["native", "release"], default=None,
+                         help="target layout (default: release -> native, native -> release, Qwen2 -> native)")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                         help="parameter dtype of the written model (default: the source's)")
+    convert.add_argument("--max-shard-size", default="5GB", help="largest shard of the release layout, e.g. 2GB")
+    convert.add_argument("--vae", default=None, help="image tokenizer directory, for a Qwen2 source")
+    convert.add_argument("--head", default="base", help="flow-head size for a Qwen2 source (tiny/small/base/large)")
+    convert.add_argument("--seed", type=int, default=0, help="initialisation seed for a Qwen2 source")
+    convert.set_defaults(handler=command_convert)
     return parser
 
 

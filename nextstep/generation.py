@@ -1,29 +1,41 @@
-"""Text-to-image generation: prefill, cached decoding, one head sampling per image token.
+"""Text-to-image generation and image editing: prefill, cached decoding, one head sampling per token.
 
 Legend: R images (prompts x images per prompt), G guidance branches,
-P prompt length, N image tokens (h*w), D token dim, H hidden size.
+P prompt length, N image tokens (h*w), D token dim, H hidden size, S solver steps.
+
+Rows of the backbone batch are branch-major: ``[branch 0 rows; branch 1 rows; ...]``
+with R rows each. Text-to-image branches are ``[prompt; negative prompt]``;
+editing branches are ``[image + instruction; image + negative prompt; negative prompt]``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+import functools
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from nextstep.backbones.base import positions_from_mask
-from nextstep.images import to_pil
+from nextstep.images import from_pil, to_pil
 from nextstep.samplers.base import Sampler
-from nextstep.samplers.guidance import GuidedVelocity, guidance_for_scale
-from nextstep.samplers.time_grid import time_grid
+from nextstep.samplers.guidance import Guidance, GuidedVelocity, guidance_for_scale
+from nextstep.samplers.guidance_schedule import token_progress
+from nextstep.samplers.step_schedule import StepSchedule, as_step_schedule
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from nextstep.model import NextStep
 
+#: Release defaults for editing, used when the caller leaves them unset.
+EDITING_NEGATIVE_PROMPT = "Copy original image."
+EDITING_IMAGE_SCALE = 2.0
+EDITING_SHIFT = 3.2
+TEXT_TO_IMAGE_SIZE = 256
 
-def _check_arguments(prompts, height, width, cfg, num_steps, num_images_per_prompt) -> list[str]:
+
+def _check_prompts(prompts) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -32,107 +44,311 @@ def _check_arguments(prompts, height, width, cfg, num_steps, num_images_per_prom
     for prompt in prompts:
         if not isinstance(prompt, str):
             raise ValueError(f"every prompt must be a str, found {type(prompt).__name__}")
-    if not (isinstance(cfg, (int, float)) and cfg >= 0):
-        raise ValueError(f"cfg must be a number >= 0, found {cfg!r}")
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, found {num_steps!r}")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be an integer >= 1, found {num_images_per_prompt!r}")
     return prompts
 
 
-@torch.no_grad()
+def _check_number(name: str, value, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+        raise ValueError(f"{name} must be a number >= {low:g}, found {value!r}")
+    return float(value)
+
+
+def _resolve_sampler(model: "NextStep", sampler: Sampler | str | None) -> Sampler:
+    if sampler is None:
+        return model.sampler
+    if isinstance(sampler, str):
+        from nextstep.registry import component_class
+
+        return component_class("sampler", sampler)()
+    if not isinstance(sampler, Sampler):
+        raise ValueError(f"sampler must be a Sampler or a registered name, found {type(sampler).__name__}")
+    return sampler
+
+
+def _source_images(images, num_prompts: int) -> list[torch.Tensor]:
+    """Input images -> one (1, 3, H, W) tensor in [-1, 1] per prompt."""
+    from PIL import Image
+
+    if isinstance(images, (Image.Image, torch.Tensor)):
+        images = [images]
+    expected = "images must be PIL images or a (B, 3, H, W) tensor in [-1, 1]"
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+        raise ValueError(f"{expected}, found {type(images).__name__}")
+    tensors = []
+    for image in images:
+        if isinstance(image, Image.Image):
+            tensors.append(from_pil([image]))
+        elif isinstance(image, torch.Tensor):
+            batch = image[None] if image.ndim == 3 else image
+            if batch.ndim != 4 or batch.shape[1] != 3:
+                raise ValueError(f"image tensors must have shape (B, 3, H, W), found {tuple(image.shape)}")
+            tensors.extend(batch.split(1))
+        else:
+            raise ValueError(f"{expected}, found a {type(image).__name__} among them")
+    if len(tensors) != num_prompts:
+        raise ValueError(
+            f"editing needs one input image per prompt: got {num_prompts} prompt(s) and "
+            f"{len(tensors)} image(s)"
+        )
+    return tensors
+
+
+def _editing_sources(model: "NextStep", images: list[torch.Tensor]) -> list[tuple[torch.Tensor, int, int]]:
+    """Encode each input image: (tokens (h*w, D) float32, h, w) per prompt."""
+    reference = next(model.image_tokenizer.parameters(), None)
+    sources = []
+    for image in images:
+        if reference is not None:
+            image = image.to(reference.device, reference.dtype)
+        tokens, grid_h, grid_w = model.encode_images(image)
+        sources.append((tokens[0].float(), grid_h, grid_w))
+    return sources
+
+
+def _output_grid(model: "NextStep", height: int | None, width: int | None,
+                 sources: list[tuple[torch.Tensor, int, int]]) -> tuple[int, int]:
+    """The token grid of the output: the given size, else the input images' (editing) or 256x256."""
+    if height is None or width is None:
+        if sources:
+            sizes = {(h, w) for _, h, w in sources}
+            if len(sizes) != 1:
+                raise ValueError("input images differ in size; pass height and width for the output")
+            pixels = model.image_tokenizer.pixels_per_token
+            grid_h, grid_w = sizes.pop()
+            height = grid_h * pixels if height is None else height
+            width = grid_w * pixels if width is None else width
+        else:
+            height = TEXT_TO_IMAGE_SIZE if height is None else height
+            width = TEXT_TO_IMAGE_SIZE if width is None else width
+    return model.image_tokenizer.grid_size(height, width)
+
+
+def _branch_rows(builder, conditional: list[str], negative: str, sources, grid: tuple[int, int],
+                 branches: int, per_prompt: int) -> list[tuple[list[int], list[tuple[int, torch.Tensor]]]]:
+    """Prompt ids and image spans of every row, branch-major: G x (prompts x per_prompt) rows.
+
+    Text-to-image: ``[prompt; negative]``. Editing (``sources`` given):
+    ``[image + prompt; image + negative; negative]``, the first ``branches`` of them.
+    """
+    rows = []
+    for branch in range(branches):
+        for number, prompt in enumerate(conditional):
+            text = prompt if branch == 0 else negative
+            if sources and branch < 2:
+                tokens, source_h, source_w = sources[number]
+                ids, start = builder.editing_prompt(text, (source_h, source_w), *grid)
+                row = (ids, [(start, tokens)])
+            else:
+                row = (builder.prompt(text, *grid), [])
+            rows.extend([row] * per_prompt)
+    return rows
+
+
+def _context(model, rows: list[tuple[list[int], list[tuple[int, torch.Tensor]]]], device, dtype):
+    """Prompt rows (ids, image spans) -> left-padded embeddings (G*R, P, H) and attention mask (G*R, P).
+
+    Image spans ``(start, tokens (n, D))`` replace the placeholders at ``start`` with
+    the projected image tokens.
+    """
+    builder = model.sequences
+    input_ids, attention_mask = builder.left_pad([ids for ids, _ in rows])
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    if not any(spans for _, spans in rows):
+        return model.backbone.embed(input_ids), attention_mask
+    length = input_ids.shape[1]
+    image_mask = torch.zeros(input_ids.shape, dtype=torch.bool)
+    image_tokens = torch.zeros(*input_ids.shape, model.token_dim)
+    for row, (ids, spans) in enumerate(rows):
+        offset = length - len(ids)
+        for start, tokens in spans:
+            span = slice(offset + start, offset + start + tokens.shape[0])
+            image_mask[row, span] = True
+            image_tokens[row, span] = tokens.cpu()
+    embeds = model.embed(input_ids, image_mask.to(device), image_tokens.to(device, dtype))
+    return embeds, attention_mask
+
+
+def _draw_noise(num_rows, seed, num_tokens, token_dim, max_steps, stochastic, temperature, device):
+    """Per-image noise from generators seeded ``seed + r``: starting points (R, N, D),
+    and for stochastic samplers step noise (N, S, R, D); both scaled by ``temperature``."""
+    generators = [torch.Generator().manual_seed(seed + r) for r in range(num_rows)]
+    noise = torch.stack([torch.randn(num_tokens, token_dim, generator=g) for g in generators])
+    step_noise = None
+    if stochastic:
+        step_noise = torch.stack(
+            [torch.randn(num_tokens, max_steps, token_dim, generator=g) for g in generators], dim=2
+        )
+        step_noise = (step_noise * temperature).to(device)
+    return (noise * temperature).to(device), step_noise
+
+
+def _in_inference_mode(fn: Callable) -> Callable:
+    """Run a sampling function under ``torch.inference_mode`` (less per-op overhead than
+    ``no_grad``) and return its tokens as an ordinary tensor."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode():
+            tokens, grid_h, grid_w = fn(*args, **kwargs)
+        return tokens.clone(), grid_h, grid_w
+
+    return wrapper
+
+
+@_in_inference_mode
 def generate_tokens(
     model: "NextStep",
     prompts: list[str] | str,
     *,
-    height: int = 256,
-    width: int = 256,
-    cfg: float = 7.5,
-    num_steps: int = 50,
-    shift: float = 1.0,
+    images: "Image.Image | torch.Tensor | Sequence[Image.Image | torch.Tensor] | None" = None,
+    height: int | None = None,
+    width: int | None = None,
+    cfg: float | Guidance = 7.5,
+    cfg_img: float | None = None,
+    cfg_schedule: str = "constant",
+    num_steps: int | StepSchedule = 50,
+    shift: float | None = None,
     seed: int = 0,
-    negative_prompt: str = "",
+    negative_prompt: str | None = None,
+    positive_prompt: str = "",
     num_images_per_prompt: int = 1,
-    sampler: Sampler | None = None,
+    sampler: Sampler | str | None = None,
+    temperature: float = 1.0,
     use_norm: bool | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: bool | Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, int, int]:
-    """Sample image tokens for prompts.
+    """Sample image tokens for prompts (text-to-image) or instructions (editing, with ``images``).
 
     Image ``r`` (prompt ``r // num_images_per_prompt``) draws all its noise from
     its own generator seeded with ``seed + r``, so a batch gives the images that
     the same prompts give one at a time.
 
     Args:
-        prompts: one prompt or a list.
-        height: pixels, a positive multiple of the tokenizer's pixels per token (16).
-        width: pixels, a positive multiple of the tokenizer's pixels per token (16).
-        cfg: classifier-free guidance scale (1 disables the unconditional branch).
-        num_steps: head integration steps per token.
-        shift: time shift of the sampling grid.
+        prompts: one prompt or a list (editing: the instructions).
+        images: editing input images, one per prompt: PIL images or a
+            (B, 3, H, W) tensor in [-1, 1]. They are encoded into the context
+            before the instruction. None for text-to-image.
+        height: output pixels, a positive multiple of the tokenizer's pixels per
+            token (16); defaults to the input images' height when editing, else 256.
+        width: output pixels, like ``height``.
+        cfg: text guidance scale (1 disables the unconditional branch), or any
+            `nextstep.samplers.guidance.Guidance` object.
+        cfg_img: image guidance scale for editing (default 2.0; 1 drops the
+            third branch). An error without ``images``.
+        cfg_schedule: how the scales change over the tokens of an image:
+            ``constant``, ``linear_increasing``, ``linear_decreasing``
+            (``linear`` is the release's name for ``linear_decreasing``).
+        num_steps: head integration steps per token, or a
+            `nextstep.samplers.step_schedule.StepSchedule` (fewer steps for later tokens).
+        shift: time shift of the sampling grid (default 1.0, or 3.2 when editing).
         seed: base seed.
-        negative_prompt: text of the unconditional branch.
+        negative_prompt: text of the unconditional branches (default ``""``, or
+            ``"Copy original image."`` when editing).
+        positive_prompt: appended to every prompt after a space (e.g. quality words).
         num_images_per_prompt: images per prompt.
-        sampler: overrides the model's sampler.
+        sampler: a `nextstep.samplers.base.Sampler` or a registered sampler name;
+            defaults to the model's.
+        temperature: scale of every noise draw (the starting noise and the
+            per-step noise of stochastic samplers); 1 samples the model's
+            distribution, smaller is more conservative.
         use_norm: LayerNorm each sampled token; defaults to ``model.config.use_norm``.
-        progress: called as ``progress(done, total)`` after each token.
+        progress: True for a progress bar, or a callable ``progress(done, total)``
+            called after each token.
 
     Returns:
         tokens (R, N, D) float32, grid height h, grid width w.
     """
-    prompts = _check_arguments(prompts, height, width, cfg, num_steps, num_images_per_prompt)
-    grid_h, grid_w = model.image_tokenizer.grid_size(height, width)
-    sampler = sampler or model.sampler
+    prompts = _check_prompts(prompts)
+    editing = images is not None
+    if cfg_img is not None and not editing:
+        raise ValueError("cfg_img is the image guidance of editing; it needs input images, found images=None")
+    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
+            or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be an integer >= 1, found {num_images_per_prompt!r}")
+    schedule = as_step_schedule(num_steps)
+    temperature = _check_number("temperature", temperature)
+    if shift is None:
+        shift = EDITING_SHIFT if editing else 1.0
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+        raise ValueError(f"shift must be a positive number, found {shift!r}")
+    if isinstance(cfg, Guidance):
+        if cfg_img is not None:
+            raise ValueError("pass cfg_img inside the guidance object when cfg is a Guidance")
+        guidance = cfg
+    else:
+        _check_number("cfg", cfg)
+        guidance = guidance_for_scale(
+            cfg, image_scale=(EDITING_IMAGE_SCALE if cfg_img is None else cfg_img) if editing else None,
+            schedule=cfg_schedule,
+        )
+    branches = guidance.num_branches
+    if editing and not 1 <= branches <= 3:
+        raise ValueError(f"editing supports guidance with 1 to 3 branches, found {branches}")
+    if not editing and branches == 3:
+        raise ValueError("three-branch (editing) guidance needs input images; text-to-image "
+                         "supports guidance with 1 or 2 branches")
+    if not editing and not 1 <= branches <= 2:
+        raise ValueError(f"text-to-image supports guidance with 1 or 2 branches, found {branches}")
+    sampler = _resolve_sampler(model, sampler)
     use_norm = model.config.use_norm if use_norm is None else use_norm
-    guidance = guidance_for_scale(float(cfg))
-    builder = model.sequences
+    if negative_prompt is None:
+        negative_prompt = EDITING_NEGATIVE_PROMPT if editing else ""
+
+    sources = _editing_sources(model, _source_images(images, len(prompts))) if editing else []
+    grid_h, grid_w = _output_grid(model, height, width, sources)
+    conditional = [p + " " + positive_prompt if positive_prompt else p for p in prompts]
+    rows = _branch_rows(model.sequences, conditional, negative_prompt, sources, (grid_h, grid_w), branches,
+                        num_images_per_prompt)
+
     backbone, head = model.backbone, model.image_head
     device = next(model.parameters()).device
-    dtype = next(model.backbone.parameters()).dtype
+    dtype = next(backbone.parameters()).dtype
+    num_rows, num_tokens, token_dim = len(prompts) * num_images_per_prompt, grid_h * grid_w, model.token_dim
 
-    rows = [prompt for prompt in prompts for _ in range(num_images_per_prompt)]
-    num_rows, num_tokens, token_dim = len(rows), grid_h * grid_w, model.token_dim
-    branches = guidance.num_branches
-    texts = rows + [negative_prompt] * num_rows * (branches - 1)
-    input_ids, attention_mask = builder.left_pad([builder.prompt(t, grid_h, grid_w) for t in texts])
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # (G*R, P)
+    noise, step_noise = _draw_noise(num_rows, seed, num_tokens, token_dim, schedule.max_steps(num_tokens),
+                                    sampler.stochastic, temperature, device)
+    grids: dict[int, tuple[torch.Tensor, Any]] = {}  # steps -> (grid, the head's prepared times)
 
-    generators = [torch.Generator().manual_seed(seed + r) for r in range(num_rows)]
-    noise = torch.stack([torch.randn(num_tokens, token_dim, generator=g) for g in generators])
-    step_noise = None
-    if getattr(sampler, "stochastic", False):
-        steps = num_steps
-        step_noise = torch.stack(
-            [torch.randn(num_tokens, steps, token_dim, generator=g) for g in generators]
-        ).to(device)  # (R, N, S, D)
-    noise = noise.to(device)
-    grid = time_grid(num_steps, shift, device=device)
-
-    cache = backbone.new_cache(branches * num_rows, input_ids.shape[1] + num_tokens, dtype=dtype)
+    embeds, attention_mask = _context(model, rows, device, dtype)  # (G*R, P, H)
+    cache = backbone.new_cache(branches * num_rows, embeds.shape[1] + num_tokens, dtype=dtype)
     positions = positions_from_mask(attention_mask)
-    embeds = backbone.embed(input_ids)
     hidden = backbone(embeds, positions, attention_mask, cache)[:, -1]  # (G*R, H)
     next_positions = positions[:, -1:] + 1  # (G*R, 1)
     step_mask = torch.ones(branches * num_rows, 1, dtype=torch.bool, device=device)
 
-    tokens = []
+    bar = None
+    if progress is True:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_tokens, unit="tok")
+    tokens = torch.empty(num_rows, num_tokens, token_dim, device=device)
     for index in range(num_tokens):
+        steps = schedule.steps_for(index, num_tokens)
+        if steps not in grids:
+            grid = sampler.make_time_grid(steps, shift, device=device)
+            times = sampler.evaluation_times(grid)
+            grids[steps] = (grid, None if times is None else head.prepare_times(times))
+        grid, times = grids[steps]
         conditions = model.image_out_projector(hidden).view(branches, num_rows, -1)
-        velocity = GuidedVelocity(head, conditions, guidance)
-        token_noise = None if step_noise is None else step_noise[:, index].transpose(0, 1)
+        velocity = GuidedVelocity(head, conditions, guidance, times=times,
+                                  progress=token_progress(index, num_tokens))
+        token_noise = None if step_noise is None else step_noise[index, :steps]  # (S, R, D)
         token = sampler.sample(velocity, noise[:, index], grid, token_noise)  # (R, D)
         if use_norm:
             token = F.layer_norm(token, token.shape[-1:], eps=1e-6)
-        tokens.append(token.float())
-        if progress is not None:
+        tokens[:, index] = token
+        if bar is not None:
+            bar.update(1)
+        elif callable(progress):
             progress(index + 1, num_tokens)
         if index == num_tokens - 1:
             break
-        embeds = model.image_in_projector(token.to(dtype)).repeat(branches, 1)[:, None]
+        embeds = torch.cat([model.image_in_projector(token.to(dtype))] * branches)[:, None]  # (G*R, 1, H)
         hidden = backbone(embeds, next_positions, step_mask, cache)[:, 0]
         next_positions = next_positions + 1
-    return torch.stack(tokens, dim=1), grid_h, grid_w
+    if bar is not None:
+        bar.close()
+    return tokens, grid_h, grid_w
 
 
 @torch.no_grad()
@@ -147,12 +363,15 @@ def decode_tokens(model: "NextStep", tokens: torch.Tensor, grid_height: int, gri
 
 
 def generate(
-    model: "NextStep", prompts: list[str] | str, *, return_tokens: bool = False, **kwargs
+    model: "NextStep", prompts: list[str] | str, *, return_tokens: bool = False, **kwargs: Any
 ) -> list["Image.Image"] | tuple[list["Image.Image"], torch.Tensor]:
     """Generate PIL images; keyword arguments are those of `generate_tokens`.
 
     Args:
+        model: the model.
+        prompts: one prompt or a list (editing: the instructions, with ``images=``).
         return_tokens: also return the sampled tokens (R, N, D).
+        **kwargs: see `generate_tokens`.
     """
     tokens, grid_h, grid_w = generate_tokens(model, prompts, **kwargs)
     images = to_pil(decode_tokens(model, tokens, grid_h, grid_w))

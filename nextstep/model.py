@@ -194,7 +194,8 @@ class NextStep(nn.Module):
             raise ValueError(f"got {images.shape[0]} images but {len(captions)} captions")
         tokens, grid_h, grid_w = self.encode_images(images)
         if image_first is None:
-            draws = torch.rand(len(captions), generator=generator)
+            device = generator.device if generator is not None else "cpu"
+            draws = torch.rand(len(captions), generator=generator, device=device)
             image_first = (draws < self.config.image_first_probability).tolist()
         builder = self.sequences
         examples = [
@@ -244,10 +245,13 @@ class NextStep(nn.Module):
         cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
     ) -> "NextStep":
-        """Load a directory written by `save_pretrained`."""
-        from nextstep.serialization import load_pretrained
+        """Load a directory written by `save_pretrained`, or a published NextStep-1 release directory.
 
-        return load_pretrained(Path(directory), device=device, dtype=dtype)
+        The layout is detected from ``config.json`` (see `nextstep.interop.layout`).
+        """
+        from nextstep.interop.layout import load_model_directory
+
+        return load_model_directory(Path(directory), device=device, dtype=dtype)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per component (shared tensors counted once, under the first owner)."""

@@ -8,6 +8,13 @@ and an image-first one (text dropout: the image is modelled unconditionally) as:
 
     <|image_area|>{h}*{w}<|begin_of_image|>{h*w image tokens}<|end_of_image|>{caption}<|endoftext|>
 
+An editing example puts the source image first, then the instruction, then the
+edited image; only the edited image is a flow-matching target::
+
+    {source image block}{instruction}{target image block}<|endoftext|>
+
+where an image block is ``<|image_area|>{h}*{w}<|begin_of_image|>{tokens}<|end_of_image|>``.
+
 Image positions hold ``<|image_placeholder|>`` in ``input_ids``; their embeddings
 come from the image tokens. ``h`` and ``w`` are token-grid sides (pixels / 16).
 
@@ -25,6 +32,21 @@ from nextstep.tokenizers.base import TextTokenizer
 
 
 @dataclass
+class ImageSpan:
+    """One image inside a sequence.
+
+    Attributes:
+        start: index in ``input_ids`` of the image's first token.
+        tokens: (h*w, D) image tokens in raster order.
+        loss: whether these tokens are targets of the flow-matching loss.
+    """
+
+    start: int
+    tokens: torch.Tensor
+    loss: bool = False
+
+
+@dataclass
 class Example:
     """One sequence before batching.
 
@@ -33,12 +55,22 @@ class Example:
         image_tokens: (h*w, D) image tokens in raster order, or None for text only.
         image_start: index in ``input_ids`` of the first image token.
         image_loss: whether the image tokens are targets of the flow-matching loss.
+        extra_images: further images of the sequence (an editing source image),
+            each with its own position and loss flag.
     """
 
     input_ids: list[int]
     image_tokens: torch.Tensor | None = None
     image_start: int = 0
     image_loss: bool = True
+    extra_images: list[ImageSpan] = field(default_factory=list)
+
+    def image_spans(self) -> list[ImageSpan]:
+        """Every image of the sequence: the main one (if any) and the extra ones."""
+        spans = list(self.extra_images)
+        if self.image_tokens is not None:
+            spans.append(ImageSpan(self.image_start, self.image_tokens, self.image_loss))
+        return spans
 
 
 @dataclass
@@ -140,6 +172,71 @@ class SequenceBuilder:
             start = len(text) + len(self.image_prefix(grid_height, grid_width))
         return Example(ids, image_tokens, start)
 
+    def image_block(self, grid_height: int, grid_width: int) -> list[int]:
+        """Ids of a whole image: prefix, ``h*w`` placeholders, ``<|end_of_image|>``."""
+        tok = self.text_tokenizer
+        return [*self.image_prefix(grid_height, grid_width),
+                *[tok.image_placeholder_id] * (grid_height * grid_width), tok.end_of_image_id]
+
+    def editing_prompt(
+        self,
+        text: str,
+        source_grid: tuple[int, int],
+        grid_height: int,
+        grid_width: int,
+    ) -> tuple[list[int], int]:
+        """Editing generation prompt: ``{source image block}{text}<|image_area|>{h}*{w}<|begin_of_image|>``.
+
+        Args:
+            text: the instruction (or the negative prompt, for a guidance branch).
+            source_grid: (h, w) token grid of the source image.
+            grid_height: token-grid height of the image to generate.
+            grid_width: token-grid width of the image to generate.
+
+        Returns:
+            the ids (placeholders at the source image) and the index of the source
+            image's first token.
+        """
+        source_height, source_width = source_grid
+        block = self.image_block(source_height, source_width)
+        start = len(self.image_prefix(source_height, source_width))
+        return block + self.text_tokenizer.encode(text) + self.image_prefix(grid_height, grid_width), start
+
+    def editing_example(
+        self,
+        instruction: str,
+        source_tokens: torch.Tensor,
+        source_grid: tuple[int, int],
+        target_tokens: torch.Tensor,
+        target_grid: tuple[int, int],
+    ) -> Example:
+        """A training example for one edit: source image, instruction, edited image.
+
+        Only the edited image is a flow-matching target (``image_tokens``); the
+        source image is an input (``extra_images``, no loss).
+
+        Args:
+            instruction: the editing text.
+            source_tokens: (h_s*w_s, D) tokens of the source image.
+            source_grid: (h_s, w_s).
+            target_tokens: (h*w, D) tokens of the edited image.
+            target_grid: (h, w).
+        """
+        for name, tokens, (height, width) in (("source_tokens", source_tokens, source_grid),
+                                              ("target_tokens", target_tokens, target_grid)):
+            count = height * width
+            if tokens.ndim != 2 or tokens.shape != (count, self.token_dim):
+                raise ValueError(
+                    f"{name} must have shape ({count}, {self.token_dim}) for a {height}x{width} "
+                    f"grid, found {tuple(tokens.shape)}"
+                )
+        ids, source_start = self.editing_prompt(instruction, source_grid, *target_grid)
+        target_start = len(ids)
+        tok = self.text_tokenizer
+        ids = ids + [tok.image_placeholder_id] * target_tokens.shape[0] + [tok.end_of_image_id, tok.eos_id]
+        return Example(ids, target_tokens, target_start, image_loss=True,
+                       extra_images=[ImageSpan(source_start, source_tokens, loss=False)])
+
     def parse(self, input_ids: list[int]) -> tuple[str, int, int]:
         """Inverse of `prompt` / caption-first `example`: ids -> (text, h, w)."""
         tok = self.text_tokenizer
@@ -165,7 +262,7 @@ class SequenceBuilder:
         tok = self.text_tokenizer
         length = max(len(e.input_ids) for e in examples)
         batch = len(examples)
-        dtype = next((e.image_tokens.dtype for e in examples if e.image_tokens is not None), torch.float32)
+        dtype = next((span.tokens.dtype for e in examples for span in e.image_spans()), torch.float32)
         input_ids = torch.full((batch, length), tok.pad_id, dtype=torch.long)
         attention_mask = torch.zeros(batch, length, dtype=torch.bool)
         image_mask = torch.zeros(batch, length, dtype=torch.bool)
@@ -175,11 +272,11 @@ class SequenceBuilder:
             n = len(example.input_ids)
             input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
             attention_mask[row, :n] = True
-            if example.image_tokens is not None:
-                span = slice(example.image_start, example.image_start + example.image_tokens.shape[0])
+            for image in example.image_spans():
+                span = slice(image.start, image.start + image.tokens.shape[0])
                 image_mask[row, span] = True
-                image_target_mask[row, span] = example.image_loss
-                image_tokens[row, span] = example.image_tokens.to(dtype)
+                image_target_mask[row, span] = image.loss
+                image_tokens[row, span] = image.tokens.to(dtype)
         text_target_mask = attention_mask & ~image_mask
         text_target_mask[:, 0] = False  # the first token has no prediction
         return SequenceBatch(input_ids, attention_mask, image_mask, image_target_mask,

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from nextstep.backbones import Qwen2BackboneConfig, positions_from_mask
+from nextstep.backbones import HFBackboneConfig, Qwen2BackboneConfig, positions_from_mask
 from nextstep.heads import FlowMatchingHeadConfig
 from nextstep.registry import component_class, component_names
 from nextstep.samplers import time_grid
@@ -22,6 +22,9 @@ IMAGE_TOKENIZERS = {
 BACKBONES = {
     "qwen2": Qwen2BackboneConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2,
                                  num_heads=4, num_kv_heads=2),
+    "huggingface": HFBackboneConfig(model_config={
+        "model_type": "qwen2", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}),
 }
 IMAGE_HEADS = {
     "flow_matching": FlowMatchingHeadConfig(token_dim=16, condition_dim=32, width=32, depth=2),

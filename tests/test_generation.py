@@ -94,3 +94,129 @@ def test_progress_callback_counts_tokens(tiny_model):
     generate_tokens(tiny_model, "x", height=32, width=32, num_steps=1,
                     progress=lambda done, total: seen.append((done, total)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+# ------------------------------------------------------------- options of the pipeline
+def test_a_guidance_object_can_replace_the_cfg_number(trained_like_model):
+    from nextstep.samplers import ClassifierFreeGuidance
+
+    number, _, _ = generate_tokens(trained_like_model, ["a cat"], seed=1, **ARGS)
+    args = dict(ARGS, cfg=ClassifierFreeGuidance(3.0))
+    guided, _, _ = generate_tokens(trained_like_model, ["a cat"], seed=1, **args)
+    torch.testing.assert_close(number, guided)
+    scheduled, _, _ = generate_tokens(trained_like_model, ["a cat"], seed=1,
+                                      **dict(args, cfg=ClassifierFreeGuidance(3.0, schedule="linear")))
+    by_name, _, _ = generate_tokens(trained_like_model, ["a cat"], seed=1, cfg_schedule="linear_decreasing",
+                                    **{k: v for k, v in ARGS.items()})
+    torch.testing.assert_close(scheduled, by_name)
+    assert not torch.allclose(scheduled, number)
+
+
+def test_increasing_schedule_starts_unguided(trained_like_model):
+    """A one-token image sits at progress 0, where ``linear_increasing`` has scale 1."""
+    args = dict(ARGS, height=16, width=16)
+    increasing, _, _ = generate_tokens(trained_like_model, ["a cat"], seed=2,
+                                       cfg_schedule="linear_increasing", **args)
+    unguided, _, _ = generate_tokens(trained_like_model, ["a cat"], seed=2, **dict(args, cfg=1.0))
+    torch.testing.assert_close(increasing, unguided, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "midpoint", "euler_maruyama", "flow_sde", "cps"])
+def test_every_sampler_generates_and_batches_like_one_at_a_time(trained_like_model, sampler):
+    args = dict(ARGS, sampler=sampler)
+    batched, _, _ = generate_tokens(trained_like_model, ["a", "b c d"], seed=3, **args)
+    serial = torch.cat([generate_tokens(trained_like_model, [p], seed=3 + i, **args)[0]
+                        for i, p in enumerate(["a", "b c d"])])
+    torch.testing.assert_close(batched, serial, atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(batched).all()
+
+
+def test_unknown_sampler_and_schedule_names_list_the_known_ones(tiny_model):
+    with pytest.raises(ValueError, match=r"unknown sampler 'rk4'; known: \[.*'euler'"):
+        tiny_model.generate("x", height=16, width=16, num_steps=1, sampler="rk4")
+    with pytest.raises(ValueError, match=r"unknown guidance schedule 'cosine'; known: \['constant'"):
+        tiny_model.generate("x", height=16, width=16, num_steps=1, cfg_schedule="cosine")
+
+
+def test_temperature_scales_every_noise_draw(trained_like_model):
+    cold = [generate_tokens(trained_like_model, ["a cat"], seed=seed, temperature=0.0, **ARGS)[0]
+            for seed in (1, 2)]
+    torch.testing.assert_close(cold[0], cold[1])
+    warm, _, _ = generate_tokens(trained_like_model, ["a cat"], seed=1, temperature=1.0, **ARGS)
+    assert not torch.allclose(warm, cold[0])
+    with pytest.raises(ValueError, match="temperature"):
+        generate_tokens(trained_like_model, ["a"], temperature=-1.0, **ARGS)
+
+
+def test_per_position_step_schedules(trained_like_model):
+    from nextstep.samplers import LinearSteps
+
+    constant, _, _ = generate_tokens(trained_like_model, ["a cat"], seed=1, **ARGS)
+    same, _, _ = generate_tokens(trained_like_model, ["a cat"], seed=1,
+                                 **dict(ARGS, num_steps=LinearSteps(3, 3)))
+    torch.testing.assert_close(constant, same)
+    seen = []
+    sampler = model_sampler_recording_steps(seen)
+    generate_tokens(trained_like_model, ["a cat"], seed=1, sampler=sampler,
+                    **dict(ARGS, num_steps=LinearSteps(6, 2)))
+    assert seen[0] == 6 and seen[-1] == 2 and seen == sorted(seen, reverse=True) and len(seen) == 6
+    stochastic = generate_tokens(trained_like_model, ["a", "b"], seed=1, sampler="flow_sde",
+                                 **dict(ARGS, num_steps=LinearSteps(4, 1)))[0]
+    alone = generate_tokens(trained_like_model, ["b"], seed=2, sampler="flow_sde",
+                            **dict(ARGS, num_steps=LinearSteps(4, 1)))[0]
+    torch.testing.assert_close(stochastic[1:], alone, atol=1e-4, rtol=1e-4)
+
+
+def model_sampler_recording_steps(seen):
+    from nextstep.samplers import EulerSampler
+
+    class Recording(EulerSampler):
+        def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+            seen.append(time_grid.shape[0] - 1)
+            return super().sample(velocity_fn, noise, time_grid, step_noise)
+
+    return Recording()
+
+
+def test_positive_prompt_is_appended_to_the_conditional_prompts(trained_like_model):
+    suffixed, _, _ = generate_tokens(trained_like_model, ["a cat"], seed=1, positive_prompt="best quality",
+                                     **ARGS)
+    written, _, _ = generate_tokens(trained_like_model, ["a cat best quality"], seed=1, **ARGS)
+    torch.testing.assert_close(suffixed, written)
+
+
+def test_third_party_samplers_without_evaluation_times_still_work(trained_like_model):
+    from nextstep.samplers import Sampler
+
+    class Ralston(Sampler):
+        """A second-order Runge-Kutta method that declares no evaluation times."""
+
+        order, evaluations_per_step = 2, 2
+
+        def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+            x = noise
+            for t0, t1 in zip(time_grid[:-1], time_grid[1:]):
+                dt = t1 - t0
+                k1 = velocity_fn(x, t0.expand(x.shape[0]))
+                k2 = velocity_fn(x + 2 / 3 * dt * k1, (t0 + 2 / 3 * dt).expand(x.shape[0]))
+                x = x + dt * (k1 / 4 + 3 * k2 / 4)
+            return x
+
+    tokens, _, _ = generate_tokens(trained_like_model, ["a cat"], seed=1, sampler=Ralston(), **ARGS)
+    assert torch.isfinite(tokens).all()
+
+
+def test_progress_bar_and_returned_tokens(tiny_model, capsys):
+    images, tokens = tiny_model.generate("x", height=16, width=32, num_steps=1, progress=True,
+                                         return_tokens=True)
+    assert tokens.shape == (1, 2, 64) and images[0].size == (32, 16)
+    assert not tokens.is_inference()  # an ordinary tensor, usable with autograd and in place
+    tokens += 1
+    assert "2/2" in capsys.readouterr().err
+
+
+def test_guidance_object_with_three_branches_needs_images(tiny_model):
+    from nextstep.samplers import ImageEditingGuidance
+
+    with pytest.raises(ValueError, match="needs input images"):
+        tiny_model.generate("x", height=16, width=16, num_steps=1, cfg=ImageEditingGuidance(2.0, 2.0))

@@ -1,7 +1,7 @@
-"""The backbone interface and its static key/value cache.
+"""The backbone interface, its cache interface, the static key/value cache and the attention-kernel interface.
 
-Legend: B batch, L new positions, T cache capacity, H hidden size,
-K key/value heads, E head dim.
+Legend: B batch, L new positions, S key positions, T cache capacity, H hidden size,
+N query heads, K key/value heads, E head dim.
 
 Positions are explicit integers (B, L), so left-padded batches and CFG branches
 of different prompt lengths share one code path. ``attention_mask`` (B, L) marks
@@ -11,13 +11,51 @@ real tokens (True) versus padding (False); padding is never attended to.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import nn
 
 
-class KVCache:
-    """Preallocated keys and values for every layer.
+class BackboneCache(ABC):
+    """What generation needs from a backbone's decoding state, whatever its storage.
+
+    A cache has a fixed capacity (`max_length` slots per row) and a fill level
+    (`length`). A backbone's ``forward`` appends to it; `crop` and `select_rows`
+    let a caller reuse a prompt prefix or fan one prompt out to several rows
+    (for example the branches of classifier-free guidance).
+    """
+
+    @property
+    @abstractmethod
+    def length(self) -> int:
+        """Slots filled so far; the next token goes to slot ``length``."""
+
+    @property
+    @abstractmethod
+    def max_length(self) -> int:
+        """Capacity T in slots."""
+
+    @property
+    @abstractmethod
+    def batch_size(self) -> int:
+        """Rows B."""
+
+    @abstractmethod
+    def crop(self, length: int) -> None:
+        """Forget everything after the first ``length`` slots."""
+
+    @abstractmethod
+    def select_rows(self, rows: torch.Tensor) -> "BackboneCache":
+        """A new cache holding ``rows`` (int64 indices into the batch; repeats allowed)."""
+
+
+class KVCache(BackboneCache):
+    """Preallocated keys and values for every layer (the static cache).
+
+    Memory is allocated once for (B, T); a forward call claims the next ``L``
+    slots with `reserve`, each layer writes its keys and values into them, and
+    `commit` advances the fill level. Nothing is reallocated while decoding.
 
     Args:
         num_layers: layers to hold.
@@ -25,11 +63,13 @@ class KVCache:
         max_length: capacity (T) in positions.
         num_kv_heads: key/value heads per layer (K).
         head_dim: size of one head (E).
+        device: where the tensors live.
+        dtype: dtype of keys and values; must match the hidden states.
 
     Attributes:
-        keys, values: (layers, B, K, T, E).
+        keys: (layers, B, K, T, E).
+        values: (layers, B, K, T, E).
         key_mask: (B, T) bool, True where a slot holds a real (non-padding) token.
-        length: slots filled so far; the next write goes to ``length``.
     """
 
     def __init__(
@@ -43,13 +83,42 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, found {max_length}")
+        for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
+                            ("max_length", max_length), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, found {value!r}")
         shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.key_mask = torch.zeros(batch_size, max_length, device=device, dtype=torch.bool)
-        self.length = 0
+        # Plain tensors even when created under torch.inference_mode, so that the
+        # cache can be cropped or copied outside it.
+        with torch.inference_mode(False):
+            keys = torch.zeros(shape, device=device, dtype=dtype)
+            values = torch.zeros(shape, device=device, dtype=dtype)
+            key_mask = torch.zeros(batch_size, max_length, device=device, dtype=torch.bool)
+        self._set_storage(keys, values, key_mask, 0)
+
+    def _set_storage(self, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, length: int) -> None:
+        self.keys, self.values, self.key_mask = keys, values, key_mask
+        self._length = length
+        # Per-layer views, built once: indexing ``keys[layer]`` on every step costs time.
+        # (``select`` rather than ``unbind``: autograd forbids in-place writes into
+        # the outputs of a multi-output view.)
+        self.layers: tuple[tuple[torch.Tensor, torch.Tensor], ...] = tuple(
+            (keys[index], values[index]) for index in range(keys.shape[0])
+        )
+        if keys.device.type == "cuda":
+            # CUDA graphs (torch.compile's reduce-overhead mode) may then write into
+            # these tensors in place; guard=False keeps one compiled graph for every cache.
+            for tensor in (key_mask, *(view for pair in self.layers for view in pair)):
+                torch._dynamo.mark_static_address(tensor, guard=False)
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self._length = value
 
     @property
     def max_length(self) -> int:
@@ -59,51 +128,120 @@ class KVCache:
     def batch_size(self) -> int:
         return self.keys.shape[1]
 
-    def reserve(self, attention_mask: torch.Tensor) -> tuple[int, int]:
-        """Claim the next ``L`` slots for new tokens whose validity is ``attention_mask`` (B, L).
+    @property
+    def num_layers(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    def reserve(self, attention_mask: torch.Tensor | None, length: int | None = None) -> tuple[int, int]:
+        """Claim the next ``L`` slots for new tokens and record which of them are real.
+
+        Args:
+            attention_mask: (B, L) bool, False at padding; None means all real
+                (then ``length`` gives L).
+            length: L when ``attention_mask`` is None.
 
         Returns:
-            (start, end) slot range. Raises ``ValueError`` when the cache would overflow.
+            (start, end) slot range. Raises ``ValueError`` when the tokens would
+            overflow the cache or the batch size differs.
         """
-        start, end = self.length, self.length + attention_mask.shape[1]
+        if attention_mask is not None:
+            if attention_mask.ndim != 2:
+                raise ValueError(
+                    f"attention_mask must have shape (B, L), found {tuple(attention_mask.shape)}"
+                )
+            rows, length = attention_mask.shape
+            if rows != self.batch_size:
+                raise ValueError(
+                    f"batch of {rows} rows does not match the cache's {self.batch_size} rows"
+                )
+        elif length is None:
+            raise ValueError("reserve needs an attention_mask or a length")
+        start, end = self._length, self._length + length
         if end > self.max_length:
             raise ValueError(
-                f"sequence of {end} positions does not fit the cache of {self.max_length}; "
-                "create the cache with a larger max_length"
+                f"sequence of {end} positions does not fit the cache of {self.max_length} "
+                f"({start} already filled, {length} new); create the cache with a larger max_length"
             )
-        if attention_mask.shape[0] != self.batch_size:
-            raise ValueError(
-                f"batch of {attention_mask.shape[0]} rows does not match the cache's {self.batch_size}"
-            )
-        self.key_mask[:, start:end] = attention_mask
+        if attention_mask is None:
+            self.key_mask[:, start:end] = True
+        else:
+            self.key_mask[:, start:end] = attention_mask
         return start, end
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, K, L, E) keys/values at ``start`` and return all up to ``start + L``."""
+        """Store one layer's keys/values at ``start`` and return everything up to ``start + L``.
+
+        Args:
+            layer: layer index.
+            start: first slot, from `reserve`.
+            keys: shape (B, K, L, E).
+            values: shape (B, K, L, E).
+
+        Returns:
+            keys and values of slots ``[0, start + L)``, each (B, K, start + L, E).
+        """
         end = start + keys.shape[2]
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        layer_keys, layer_values = self.layers[layer]
+        layer_keys[:, :, start:end] = keys
+        layer_values[:, :, start:end] = values
+        return layer_keys[:, :, :end], layer_values[:, :, :end]
 
     def commit(self, end: int) -> None:
         """Mark slots up to ``end`` as filled (called once all layers have written)."""
-        self.length = end
+        self._length = end
 
     def crop(self, length: int) -> None:
-        """Forget everything after the first ``length`` slots (to reuse a prompt prefix)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"can crop to 0..{self.length} slots, found {length}")
-        self.key_mask[:, length:] = False
-        self.length = length
+        """Forget everything after the first ``length`` slots, to reuse a prompt prefix.
 
-    def select_rows(self, rows: torch.Tensor) -> "KVCache":
-        """A new cache holding only ``rows`` (indices into the batch), same length."""
+        The next forward call writes from slot ``length`` on. Stale keys past it
+        are masked out and overwritten, never attended to.
+        """
+        if not isinstance(length, int) or not 0 <= length <= self._length:
+            raise ValueError(f"can crop to 0..{self._length} slots, found {length!r}")
+        self.key_mask[:, length:] = False
+        self._length = length
+
+    def reset(self) -> None:
+        """Empty the cache (keeps its memory)."""
+        self.crop(0)
+
+    def select_rows(self, rows: torch.Tensor | list[int]) -> "KVCache":
+        """A new cache holding ``rows`` of this one (copied), with the same length and capacity.
+
+        Repeated indices fan one prefilled prompt out to several rows, for
+        example ``cache.select_rows([0, 0])`` for a conditional and an
+        unconditional branch that share their prefix.
+
+        Args:
+            rows: int64 indices into the batch, shape (R,).
+        """
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.keys.device)
+        if rows.ndim != 1 or rows.numel() == 0:
+            raise ValueError(f"rows must be a non-empty 1-D index, found shape {tuple(rows.shape)}")
+        if int(rows.min()) < 0 or int(rows.max()) >= self.batch_size:
+            raise ValueError(f"rows must lie in 0..{self.batch_size - 1}, found {rows.tolist()}")
         new = KVCache.__new__(KVCache)
-        new.keys = self.keys[:, rows].clone()
-        new.values = self.values[:, rows].clone()
-        new.key_mask = self.key_mask[rows].clone()
-        new.length = self.length
+        with torch.inference_mode(False):
+            new._set_storage(self.keys[:, rows].clone(), self.values[:, rows].clone(),
+                             self.key_mask[rows].clone(), self._length)
         return new
+
+    def clone(self) -> "KVCache":
+        """An independent copy (for example to branch off a shared prompt)."""
+        return self.select_rows(torch.arange(self.batch_size))
+
+    def __repr__(self) -> str:
+        layers, batch, heads, capacity, head_dim = self.keys.shape
+        return (f"KVCache(layers={layers}, batch={batch}, kv_heads={heads}, head_dim={head_dim}, "
+                f"length={self._length}/{capacity}, dtype={self.keys.dtype}, device={self.keys.device})")
 
 
 class Backbone(nn.Module, ABC):
@@ -135,7 +273,7 @@ class Backbone(nn.Module, ABC):
         embeds: torch.Tensor,
         positions: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: BackboneCache | None = None,
     ) -> torch.Tensor:
         """Run the transformer.
 
@@ -153,12 +291,47 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def new_cache(
         self, batch_size: int, max_length: int, *, device=None, dtype: torch.dtype | None = None
-    ) -> KVCache:
-        """An empty `KVCache` sized for this backbone."""
+    ) -> BackboneCache:
+        """An empty cache sized for this backbone (a `KVCache` for native backbones)."""
 
     def input_embeddings(self) -> nn.Embedding:
         """The token embedding module (used to tie an LM head)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its embedding table")
+
+
+class AttentionBackend(ABC):
+    """One attention kernel: scaled dot-product attention with grouped key/value heads.
+
+    A backbone calls `prepare_mask` once per forward call and reuses the result
+    in every layer, so that mask conversion is not paid per layer.
+    """
+
+    #: name used in configs (``attention_backend``).
+    name: str = ""
+
+    @abstractmethod
+    def prepare_mask(self, allowed: torch.Tensor | None, dtype: torch.dtype) -> Any:
+        """Turn a boolean visibility mask into what `__call__` takes.
+
+        Args:
+            allowed: (B, L, S) bool, True where query ``l`` may attend to key
+                ``s``; None means plain causal attention with S == L.
+            dtype: dtype of the queries.
+        """
+
+    @abstractmethod
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any) -> torch.Tensor:
+        """Attend.
+
+        Args:
+            query: shape (B, N, L, E).
+            key: shape (B, K, S, E), K dividing N.
+            value: shape (B, K, S, E).
+            mask: the result of `prepare_mask`.
+
+        Returns:
+            the attended values, shape (B, N, L, E).
+        """
 
 
 def positions_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:

@@ -1,28 +1,48 @@
 """A Qwen2 / Qwen2.5 decoder, weight-compatible with Hugging Face Qwen2 checkpoints.
 
 Parameter names match ``transformers.Qwen2Model`` without the ``model.`` prefix
-(``embed_tokens``, ``layers.{i}.self_attn.q_proj`` ..., ``norm``).
+(``embed_tokens``, ``layers.{i}.self_attn.q_proj`` ..., ``norm``), so a Hugging
+Face checkpoint loads with `Qwen2Backbone.from_pretrained`.
 
-Legend: B batch, L query positions, S key positions, H hidden size,
-N query heads, K key/value heads, E head dim, F MLP width.
+Legend: B batch, L query positions, S visible key positions, T cache capacity,
+M = B * L tokens, H hidden size, N query heads, K key/value heads, E head dim,
+F MLP width.
+
+Inside the stack hidden states are flattened to (M, H): linear layers on 2-D
+inputs skip a reshape per call, which is a large share of a one-token decode
+step for small models.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nextstep.backbones.base import Backbone, KVCache
+from nextstep.backbones.attention import ATTENTION_BACKENDS, attention_backend
+from nextstep.backbones.base import AttentionBackend, Backbone, KVCache
+from nextstep.backbones.masks import attention_mask_for, decode_visible_keys, visible_keys
 from nextstep.config import Config, require
-from nextstep.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from nextstep.layers.rms_norm import RMSNorm
+from nextstep.layers.rotary import RotaryEmbedding, rotate
 from nextstep.registry import register_component
 
-ATTENTION_BACKENDS = ("sdpa", "eager")
+__all__ = [
+    "Qwen2Attention",
+    "Qwen2Backbone",
+    "Qwen2BackboneConfig",
+    "Qwen2DecoderLayer",
+    "Qwen2MLP",
+    "attention_mask_for",
+]
+
+LayerCache = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -41,7 +61,8 @@ class Qwen2BackboneConfig(Config):
         rms_norm_eps: RMSNorm epsilon.
         attention_bias: bias on q/k/v projections (True in Qwen2).
         output_attention_bias: bias on the output projection (False in Qwen2).
-        attention_backend: ``sdpa`` (PyTorch fused attention) or ``eager`` (reference).
+        attention_backend: ``sdpa`` (PyTorch fused attention), ``eager``
+            (reference) or ``xformers`` (needs the ``gpu`` extra).
         gradient_checkpointing: recompute layer activations in the backward pass.
     """
 
@@ -62,51 +83,65 @@ class Qwen2BackboneConfig(Config):
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads"):
-            require(getattr(self, name) > 0, name, getattr(self, name), "positive")
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0, name, value, "a positive integer")
         require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
                 f"a divisor of num_heads={self.num_heads}")
         if self.head_dim is None:
             require(self.hidden_size % self.num_heads == 0, "hidden_size", self.hidden_size,
                     f"a multiple of num_heads={self.num_heads} when head_dim is not set")
+            require(self.hidden_size // self.num_heads % 2 == 0, "hidden_size", self.hidden_size,
+                    f"such that hidden_size / num_heads is even (rotary embedding), with num_heads={self.num_heads}")
         else:
-            require(self.head_dim > 0 and self.head_dim % 2 == 0, "head_dim", self.head_dim,
-                    "a positive even number")
+            require(isinstance(self.head_dim, int) and self.head_dim > 0 and self.head_dim % 2 == 0,
+                    "head_dim", self.head_dim, "a positive even integer")
         require(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
-                self.attention_backend, f"one of {list(ATTENTION_BACKENDS)}")
+                self.attention_backend, f"one of {sorted(ATTENTION_BACKENDS)}")
         require(self.rope_theta > 0, "rope_theta", self.rope_theta, "positive")
+        require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "positive")
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any], **overrides: Any) -> "Qwen2BackboneConfig":
+        """Read a Hugging Face ``config.json`` (``model_type`` ``qwen2``, or ``nextstep``).
 
-def attention_mask_for(
-    key_mask: torch.Tensor, query_start: int, num_queries: int
-) -> torch.Tensor:
-    """Boolean attention mask (B, 1, L, S): causal, padding keys hidden.
+        Args:
+            hf_config: the parsed JSON.
+            **overrides: fields of this config to set as well (for example
+                ``attention_backend``).
 
-    Each query also sees its own slot, so a padding query never has an empty row
-    (its output is unused but must stay finite: it is cached as a key/value).
-    """
-    num_keys = key_mask.shape[1]
-    device = key_mask.device
-    query_index = torch.arange(query_start, query_start + num_queries, device=device)[:, None]
-    key_index = torch.arange(num_keys, device=device)[None, :]
-    causal = key_index <= query_index  # (L, S)
-    allowed = causal[None] & key_mask[:, None, :]
-    allowed = allowed | (key_index == query_index)[None]
-    return allowed[:, None]
+        Raises:
+            ValueError: for a feature this decoder does not implement (another
+                activation, rope scaling, sliding-window attention), naming it.
+        """
+        from nextstep.backbones.qwen2_checkpoint import qwen2_config_from_hf
+
+        return qwen2_config_from_hf(hf_config, **overrides)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The equivalent Hugging Face ``Qwen2Config`` fields (``model_type`` ``qwen2``)."""
+        from nextstep.backbones.qwen2_checkpoint import hf_config_from_qwen2
+
+        return hf_config_from_qwen2(self)
 
 
 class Qwen2Attention(nn.Module):
-    """Grouped-query self-attention with rotary positions."""
+    """Grouped-query self-attention with rotary positions, writing into a static cache.
 
-    def __init__(self, config: Qwen2BackboneConfig):
+    Args:
+        config: the decoder shape.
+        backend: the attention kernel.
+    """
+
+    def __init__(self, config: Qwen2BackboneConfig, backend: AttentionBackend):
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.resolved_head_dim
-        self.backend = config.attention_backend
+        self.backend = backend
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.attention_bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
@@ -117,41 +152,53 @@ class Qwen2Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        batch: int,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: KVCache | None,
-        layer_index: int,
-        cache_start: int,
+        mask: Any,
+        layer_cache: LayerCache | None,
+        slots: torch.Tensor | None,
+        visible: int,
     ) -> torch.Tensor:
-        """x: (B, L, H); cos/sin: (B, L, E); mask: (B, 1, L, S) bool or None (pure causal)."""
-        q = rearrange(self.q_proj(x), "b l (n e) -> b n l e", e=self.head_dim)
-        k = rearrange(self.k_proj(x), "b l (k e) -> b k l e", e=self.head_dim)
-        v = rearrange(self.v_proj(x), "b l (k e) -> b k l e", e=self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(layer_index, cache_start, k, v)  # (B, K, S, E)
-        out = self._attend(q, k, v, mask)  # (B, N, L, E)
-        return self.o_proj(rearrange(out, "b n l e -> b l (n e)"))
+        """Attend over the cached keys plus this call's tokens.
 
-    def _attend(self, q, k, v, mask):
-        groups = self.num_heads // self.num_kv_heads
-        if self.backend == "sdpa":
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=groups > 1
-            )
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-        scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5  # (B, N, L, S)
-        if mask is None:
-            length = q.shape[2]
-            mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~mask, float("-inf"))
-        return (scores.softmax(-1) @ v.float()).to(q.dtype)
+        Args:
+            x: normalised hidden states, shape (M, H).
+            batch: B (M = B * L).
+            cos: rotary table, shape (B, L, 1, E).
+            sin: signed rotary table, shape (B, L, 1, E).
+            mask: the backend's prepared mask.
+            layer_cache: this layer's (keys, values), each (B, K, T, E), or None.
+            slots: cache slots of this call's tokens, shape (L,) int64.
+            visible: S, the number of leading cache slots to attend over.
+
+        Returns:
+            attention output, shape (M, H).
+        """
+        length = x.shape[0] // batch
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        # Queries and keys rotated in one pass: fewer kernel calls per decode step.
+        rotated = rotate(torch.cat((q, k), dim=2), cos, sin)  # (B, L, N + K, E)
+        q = rotated[:, :, :self.num_heads].transpose(1, 2)  # (B, N, L, E)
+        k = rotated[:, :, self.num_heads:].transpose(1, 2)  # (B, K, L, E)
+        v = v.transpose(1, 2)  # (B, K, L, E)
+        if layer_cache is not None:
+            keys, values = layer_cache
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+            k, v = keys.narrow(2, 0, visible), values.narrow(2, 0, visible)  # (B, K, S, E)
+        out = self.backend(q, k, v, mask)  # (B, N, L, E)
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], self.num_heads * self.head_dim))
 
 
 class Qwen2MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``.
+
+    Args:
+        config: the decoder shape.
+    """
 
     def __init__(self, config: Qwen2BackboneConfig):
         super().__init__()
@@ -160,27 +207,44 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (M, H) -> (M, H)."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Qwen2DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
 
-    def __init__(self, config: Qwen2BackboneConfig):
+    Args:
+        config: the decoder shape.
+        backend: the attention kernel.
+    """
+
+    def __init__(self, config: Qwen2BackboneConfig, backend: AttentionBackend):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Qwen2Attention(config)
+        self.self_attn = Qwen2Attention(config, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = Qwen2MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache, layer_index, cache_start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_index, cache_start)
+    def forward(self, x, batch, cos, sin, mask, layer_cache, slots, visible):
+        """x: (M, H) -> (M, H); the other arguments are those of `Qwen2Attention.forward`."""
+        x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin, mask, layer_cache, slots, visible)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 @register_component("backbone", "qwen2")
 class Qwen2Backbone(Backbone):
-    """Qwen2 / Qwen2.5 decoder stack with explicit positions and a static cache."""
+    """Qwen2 / Qwen2.5 decoder stack with explicit positions and a static cache.
+
+    A one-token step with a cache (the decode loop of generation) takes a lean
+    path: masks and rotary tables are built once per call, cache writes are
+    ``index_copy_`` into preallocated memory, and with gradients disabled the
+    step runs under ``torch.inference_mode``. `compile_decode` additionally
+    compiles that step with ``torch.compile``.
+
+    Args:
+        config: the decoder shape and options.
+    """
 
     config_class = Qwen2BackboneConfig
 
@@ -188,11 +252,18 @@ class Qwen2Backbone(Backbone):
         super().__init__()
         self.config = config or Qwen2BackboneConfig()
         c = self.config
+        # One backend object per user (no sharing): torch.compile guards on shared
+        # objects with slower Python checks.
+        self.attention = attention_backend(c.attention_backend)
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(c) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(
+            Qwen2DecoderLayer(c, attention_backend(c.attention_backend)) for _ in range(c.num_layers)
+        )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary = RotaryEmbedding(c.resolved_head_dim, c.rope_theta)
+        self._compiled_decode = None
 
+    # ------------------------------------------------------------------ interface
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
@@ -209,6 +280,7 @@ class Qwen2Backbone(Backbone):
         return self.embed_tokens(input_ids)
 
     def new_cache(self, batch_size: int, max_length: int, *, device=None, dtype=None) -> KVCache:
+        """A `KVCache` for ``batch_size`` rows of ``max_length`` slots, on the embedding's device and dtype by default."""
         reference = self.embed_tokens.weight
         return KVCache(
             self.config.num_layers,
@@ -227,33 +299,178 @@ class Qwen2Backbone(Backbone):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """embeds (B, L, H), positions (B, L) -> hidden states (B, L, H)."""
-        if embeds.ndim != 3 or embeds.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"embeds must have shape (B, L, {self.hidden_size}), found {tuple(embeds.shape)}"
-            )
-        if positions.shape != embeds.shape[:2]:
-            raise ValueError(
-                f"positions must have shape {tuple(embeds.shape[:2])}, found {tuple(positions.shape)}"
-            )
-        batch, length = embeds.shape[:2]
-        if attention_mask is None and cache is not None:
-            attention_mask = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
-        cache_start = 0
-        if cache is not None:
-            cache_start, cache_end = cache.reserve(attention_mask)
-            mask = attention_mask_for(cache.key_mask[:, :cache_end], cache_start, length)
-        elif attention_mask is not None:
-            mask = attention_mask_for(attention_mask.bool(), 0, length)
+        """Run the decoder.
+
+        Args:
+            embeds: input embeddings, shape (B, L, H).
+            positions: rotary positions, shape (B, L) int64.
+            attention_mask: shape (B, L) bool, False at padding; None means all real.
+            cache: a `KVCache` from `new_cache`; this call's keys and values are
+                appended to it and attention covers everything cached before.
+
+        Returns:
+            hidden states after the final norm, shape (B, L, H).
+        """
+        batch, length = self._check_inputs(embeds, positions, attention_mask, cache)
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.bool()
+        step = self._run
+        if cache is None:
+            slots = None if attention_mask is None else torch.arange(length, device=embeds.device)
+            key_mask, layer_caches, visible = attention_mask, None, length
         else:
-            mask = None
-        cos, sin = self.rotary(positions, embeds.dtype)
-        x = embeds
-        for index, layer in enumerate(self.layers):
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, index, cache_start, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache, index, cache_start)
+            start, end = cache.reserve(attention_mask, length)
+            slots = torch.arange(start, end, device=embeds.device)
+            key_mask, layer_caches, visible = cache.key_mask, cache.layers, end
+            if length == 1 and self._compiled_decode is not None:
+                # Fixed shapes (all T slots, future ones masked) so one graph serves every step.
+                step, visible = self._compiled_decode, cache.max_length
+        fast = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        with torch.inference_mode() if fast else contextlib.nullcontext():
+            hidden = step(embeds, positions, key_mask, slots, layer_caches, visible)
         if cache is not None:
-            cache.commit(cache_end)
-        return self.norm(x)
+            cache.commit(end)
+        # Hand back an ordinary tensor: inference tensors refuse later in-place updates.
+        return hidden.clone() if fast else hidden
+
+    # -------------------------------------------------------------- the stack
+    def _run(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        slots: torch.Tensor | None,
+        layer_caches: tuple[LayerCache, ...] | None,
+        visible: int,
+    ) -> torch.Tensor:
+        """The decoder proper, a function of tensors only (what `compile_decode` compiles).
+
+        Args:
+            embeds: shape (B, L, H).
+            positions: shape (B, L).
+            key_mask: shape (B, >= S) bool, real key slots; None with no cache
+                and no padding (plain causal attention).
+            slots: slots of the L queries, shape (L,) int64 (None when ``key_mask`` is).
+            layer_caches: per-layer (keys, values), each (B, K, T, E), or None.
+            visible: S, the key slots attended over.
+
+        Returns:
+            shape (B, L, H).
+        """
+        batch, length, hidden_size = embeds.shape
+        dtype = embeds.dtype
+        if key_mask is None:
+            allowed = None
+        elif length == 1 and layer_caches is not None:
+            allowed = decode_visible_keys(key_mask[:, :visible], slots)
+        else:
+            allowed = visible_keys(key_mask[:, :visible], slots)
+        mask = self.attention.prepare_mask(allowed, dtype)
+        cos, sin = self.rotary.signed_tables(positions, dtype)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, L, 1, E): broadcast over heads
+        x = embeds.reshape(batch * length, hidden_size)
+        recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for index, layer in enumerate(self.layers):
+            layer_cache = None if layer_caches is None else layer_caches[index]
+            if recompute:
+                x = checkpoint(layer, x, batch, cos, sin, mask, layer_cache, slots, visible,
+                               use_reentrant=False)
+            else:
+                x = layer(x, batch, cos, sin, mask, layer_cache, slots, visible)
+        return self.norm(x).view(batch, length, hidden_size)
+
+    def _check_inputs(self, embeds, positions, attention_mask, cache) -> tuple[int, int]:
+        if embeds.ndim != 3 or embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"embeds must have shape (B, L, {self.config.hidden_size}), found {tuple(embeds.shape)}"
+            )
+        batch, length = embeds.shape[0], embeds.shape[1]
+        if positions.shape != (batch, length):
+            raise ValueError(
+                f"positions must have shape {(batch, length)}, found {tuple(positions.shape)}"
+            )
+        if attention_mask is not None and attention_mask.shape != (batch, length):
+            raise ValueError(
+                f"attention_mask must have shape {(batch, length)}, found {tuple(attention_mask.shape)}"
+            )
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(
+                    f"Qwen2Backbone needs a KVCache from new_cache(), found {type(cache).__name__}"
+                )
+            if cache.batch_size != batch:
+                raise ValueError(f"batch of {batch} rows does not match the cache's {cache.batch_size} rows")
+            if cache.dtype != embeds.dtype:
+                raise ValueError(
+                    f"cache dtype {cache.dtype} differs from the embeddings' {embeds.dtype}; "
+                    "create the cache with new_cache(..., dtype=embeds.dtype)"
+                )
+            if cache.num_layers != self.config.num_layers or cache.keys.shape[2] != self.config.num_kv_heads:
+                raise ValueError(
+                    f"cache holds {cache.num_layers} layers x {cache.keys.shape[2]} heads, "
+                    f"this backbone needs {self.config.num_layers} x {self.config.num_kv_heads}"
+                )
+        return batch, length
+
+    # ------------------------------------------------------------------ options
+    def set_attention_backend(self, name: str) -> None:
+        """Switch every layer to another attention kernel (same weights).
+
+        Args:
+            name: one of ``sdpa``, ``eager``, ``xformers``.
+        """
+        self.attention = attention_backend(name)
+        self.config = self.config.replace(attention_backend=name)
+        for layer in self.layers:
+            layer.self_attn.backend = attention_backend(name)
+        self._compiled_decode = None
+
+    def compile_decode(self, **compile_options: Any) -> None:
+        """Compile the one-token cached step with ``torch.compile(fullgraph=True)``.
+
+        Later one-token calls with a cache attend over all ``T`` cache slots
+        (future ones masked), so shapes stay fixed and one graph serves the whole
+        decode loop; prefill and uncached calls stay eager. The first call
+        compiles (seconds to minutes); a cache of another size compiles again.
+
+        Unless ``mode``, ``options`` or another ``backend`` is given, a model on
+        the CPU compiles with inductor's C++ wrapper (less Python per step) and
+        one on a GPU with ``mode="reduce-overhead"`` (CUDA graphs; the cache's
+        tensors are marked as static addresses for that).
+
+        Args:
+            **compile_options: passed to ``torch.compile`` (for example
+                ``dynamic=False``, or ``backend="eager"`` to check tracing only).
+        """
+        options = dict(compile_options)
+        if not {"mode", "options", "backend"} & set(options):
+            on_gpu = self.embed_tokens.weight.device.type == "cuda"
+            options.update({"mode": "reduce-overhead"} if on_gpu else {"options": {"cpp_wrapper": True}})
+        self._compiled_decode = torch.compile(self._run, fullgraph=True, **options)
+
+    def disable_compiled_decode(self) -> None:
+        """Go back to the eager decode step."""
+        self._compiled_decode = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        **config_overrides: Any,
+    ) -> "Qwen2Backbone":
+        """Load a Hugging Face Qwen2 / Qwen2.5 checkpoint directory (see `load_qwen2_backbone`).
+
+        Args:
+            path: directory with ``config.json`` and safetensors weights
+                (one file, or shards with ``model.safetensors.index.json``).
+            dtype: parameter dtype; None keeps float32.
+            device: where the parameters are allocated.
+            **config_overrides: fields of `Qwen2BackboneConfig` to override
+                (for example ``attention_backend="eager"``).
+        """
+        from nextstep.backbones.qwen2_checkpoint import load_qwen2_backbone
+
+        return load_qwen2_backbone(path, dtype=dtype, device=device, **config_overrides)

@@ -1,7 +1,8 @@
 """The image head interface: a per-token velocity model and its training loss.
 
 Legend: N tokens (flattened over batch and positions), D token dim,
-C condition dim (the backbone hidden size after ``image_out_projector``).
+C condition dim (the backbone hidden size after ``image_out_projector``),
+E evaluation times.
 
 Time convention everywhere: t=0 is noise, t=1 is data,
 ``x_t = t * x1 + (1 - t) * x0`` and the velocity is ``x1 - x0``.
@@ -10,6 +11,7 @@ Time convention everywhere: t=0 is noise, t=1 is data,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -18,7 +20,9 @@ from torch import nn
 class ImageHead(nn.Module, ABC):
     """Predicts the velocity of one image token given the transformer's condition.
 
-    Implement `velocity` and `loss` and the two size properties.
+    Implement `velocity` and `loss` and the two size properties. Override
+    `prepare` (and `prepare_times`) to speed up sampling, where one condition
+    is integrated over many solver steps.
     """
 
     @property
@@ -53,7 +57,52 @@ class ImageHead(nn.Module, ABC):
         Args:
             target: (N, D) clean tokens x1.
             condition: (N, C).
+            generator: source of every random draw (times, noise).
 
         Returns:
             (N,) float32 loss per token (averaged over feature dims and repeats).
         """
+
+    def prepare_times(self, times: torch.Tensor) -> Any:
+        """Work that depends only on the evaluation times, shared by every token of a generation.
+
+        Whatever this returns is what `prepare` receives as ``times``. The
+        default returns ``times`` unchanged. The result is valid while the
+        head's parameters stay unchanged.
+
+        Args:
+            times: (E,) increasing times (see
+                `nextstep.samplers.base.Sampler.evaluation_times`).
+        """
+        return times
+
+    def prepare(
+        self, condition: torch.Tensor, times: Any = None
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The velocity function of one fixed condition, for a sampler to call many times.
+
+        The default binds ``condition`` to `velocity`. A head may instead
+        precompute everything that depends only on the condition and, when
+        ``times`` is given, on those times.
+
+        Args:
+            condition: (N, C) condition of every row.
+            times: None, or (E,) increasing times or their `prepare_times`; when
+                given, the returned function is only ever called with ``t``
+                values taken from them.
+
+        Returns:
+            ``fn(x_t (N, D), t (N,)) -> (N, D)`` equal to ``velocity(x_t, t, condition)``.
+        """
+        return _BoundVelocity(self, condition)
+
+
+class _BoundVelocity:
+    """``velocity(x_t, t, condition)`` with the condition fixed."""
+
+    def __init__(self, head: ImageHead, condition: torch.Tensor):
+        self.head = head
+        self.condition = condition
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.head.velocity(x_t, t, self.condition)

@@ -2,6 +2,8 @@
 
 Parameter names follow the NextStep-1 release (``net.input_proj``,
 ``net.res_blocks.{i}.adaLN_modulation.1`` ...).
+
+Legend: N tokens, D token dim, C condition dim, W width, E evaluation times.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from nextstep.config import Config, require
 from nextstep.heads.base import ImageHead
+from nextstep.heads.prepared_flow_matching import FlowMatchingTimes, PreparedFlowMatchingVelocity
 from nextstep.heads.time_sampling import TIME_SAMPLINGS, sample_times
 from nextstep.layers import AdaLNFinalLayer, AdaLNResBlock, TimestepEmbedder
 from nextstep.registry import register_component
@@ -33,6 +36,7 @@ class FlowMatchingHeadConfig(Config):
         time_sampling: ``logit_normal`` or ``uniform``.
         time_mean: mean of the normal inside the logit-normal.
         time_std: standard deviation of the normal inside the logit-normal.
+        time_shift: shift applied to the training times (1: none, as in NextStep-1).
     """
 
     token_dim: int = 64
@@ -45,6 +49,7 @@ class FlowMatchingHeadConfig(Config):
     time_sampling: str = "logit_normal"
     time_mean: float = 0.0
     time_std: float = 1.0
+    time_shift: float = 1.0
 
     def validate(self) -> None:
         for name in ("token_dim", "condition_dim", "width", "depth", "frequency_dim", "batch_mul"):
@@ -53,6 +58,7 @@ class FlowMatchingHeadConfig(Config):
         require(self.time_sampling in TIME_SAMPLINGS, "time_sampling", self.time_sampling,
                 f"one of {list(TIME_SAMPLINGS)}")
         require(self.time_std > 0, "time_std", self.time_std, "positive")
+        require(self.time_shift > 0, "time_shift", self.time_shift, "positive")
 
 
 class FlowMatchingMLP(nn.Module):
@@ -87,7 +93,7 @@ class FlowMatchingMLP(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """x_t (N, D), t (N,), condition (N, C) -> (N, D)."""
+        """x_t (N, D), t (N,), condition (N, C) -> velocity (N, D)."""
         x = self.input_proj(x_t)
         y = self.time_embed(t) + self.cond_embed(condition)
         for block in self.res_blocks:
@@ -118,6 +124,28 @@ class FlowMatchingHead(ImageHead):
         """x_t (N, D), t (N,), condition (N, C) -> velocity (N, D)."""
         return self.net(x_t, t, condition)
 
+    def prepare_times(self, times: torch.Tensor) -> FlowMatchingTimes:
+        """Time embeddings of ``times`` (E,) and the folded modulation weights, shared by all tokens."""
+        return FlowMatchingTimes.build(self.net, times)
+
+    def prepare(
+        self, condition: torch.Tensor, times: torch.Tensor | FlowMatchingTimes | None = None
+    ) -> PreparedFlowMatchingVelocity:
+        """A fast velocity function for one condition (N, C); see `PreparedFlowMatchingVelocity`.
+
+        Args:
+            condition: (N, C).
+            times: (E,) the only times the function will be called at (or their
+                `prepare_times`), or None.
+        """
+        if condition.ndim != 2 or condition.shape[-1] != self.condition_dim:
+            raise ValueError(
+                f"condition must have shape (N, {self.condition_dim}), found {tuple(condition.shape)}"
+            )
+        if isinstance(times, torch.Tensor):
+            times = self.prepare_times(times)
+        return PreparedFlowMatchingVelocity(self.net, condition, times)
+
     def loss(
         self, target: torch.Tensor, condition: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -139,7 +167,8 @@ class FlowMatchingHead(ImageHead):
         condition = condition.repeat(repeats, 1)
         t = sample_times(
             x1.shape[0], self.config.time_sampling, mean=self.config.time_mean,
-            std=self.config.time_std, generator=generator, device=x1.device,
+            std=self.config.time_std, shift=self.config.time_shift, generator=generator,
+            device=x1.device,
         )
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device)
         x_t = t[:, None] * x1 + (1 - t[:, None]) * x0

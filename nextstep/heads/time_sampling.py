@@ -1,4 +1,4 @@
-"""Distributions of training times t in [0, 1]."""
+"""Distributions of training times t in [0, 1] (t=0 noise, t=1 data)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,38 @@ def sample_times(
     *,
     mean: float = 0.0,
     std: float = 1.0,
+    shift: float = 1.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Draw ``count`` training times, float32 (count,).
+    """Draw ``count`` training times.
 
     ``logit_normal``: ``sigmoid(N(mean, std))`` (NextStep-1 uses mean 0, std 1);
-    ``uniform``: ``U(0, 1)``.
+    ``uniform``: ``U(0, 1)``. A ``shift`` other than 1 then moves the times toward
+    noise with the sampling grid's formula ``t / (shift - (shift - 1) t)``
+    (NextStep-1 trains without a shift).
+
+    Args:
+        count: how many times.
+        method: one of `TIME_SAMPLINGS`.
+        mean: mean of the normal inside the logit-normal.
+        std: standard deviation of the normal inside the logit-normal.
+        shift: time shift (> 0).
+        generator: source of randomness.
+        device: where to draw.
+
+    Returns:
+        (count,) float32 times in (0, 1).
     """
     if method == "logit_normal":
         normal = torch.randn(count, generator=generator, device=device) * std + mean
-        return torch.sigmoid(normal)
-    if method == "uniform":
-        return torch.rand(count, generator=generator, device=device)
-    raise ValueError(f"unknown time sampling {method!r}; known: {list(TIME_SAMPLINGS)}")
+        t = torch.sigmoid(normal)
+    elif method == "uniform":
+        t = torch.rand(count, generator=generator, device=device)
+    else:
+        raise ValueError(f"unknown time sampling {method!r}; known: {list(TIME_SAMPLINGS)}")
+    if shift != 1.0:
+        from nextstep.samplers.time_grid import shift_time
+
+        t = shift_time(t, shift)
+    return t

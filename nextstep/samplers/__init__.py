@@ -1,7 +1,14 @@
-"""Samplers (ODE/SDE solvers over a velocity field), time grids and guidance."""
+"""Samplers (ODE/SDE solvers over a velocity field), time grids, step schedules and guidance."""
 
 from nextstep.samplers.base import Sampler, VelocityFn
+from nextstep.samplers.coefficient_preserving import (
+    CoefficientPreservingSampler,
+    CoefficientPreservingSamplerConfig,
+)
+from nextstep.samplers.editing_guidance import ImageEditingGuidance
 from nextstep.samplers.euler import EulerSampler, EulerSamplerConfig
+from nextstep.samplers.euler_maruyama import EulerMaruyamaSampler, EulerMaruyamaSamplerConfig
+from nextstep.samplers.flow_sde import FlowSDESampler, FlowSDESamplerConfig
 from nextstep.samplers.guidance import (
     ClassifierFreeGuidance,
     Guidance,
@@ -9,21 +16,39 @@ from nextstep.samplers.guidance import (
     NoGuidance,
     guidance_for_scale,
 )
+from nextstep.samplers.guidance_schedule import GUIDANCE_SCHEDULES, scheduled_scale
 from nextstep.samplers.heun import HeunSampler, HeunSamplerConfig
-from nextstep.samplers.time_grid import shift_time, time_grid
+from nextstep.samplers.midpoint import MidpointSampler, MidpointSamplerConfig
+from nextstep.samplers.step_schedule import ConstantSteps, LinearSteps, StepSchedule
+from nextstep.samplers.time_grid import shift_time, time_grid, truncated_time_grid
 
 __all__ = [
+    "GUIDANCE_SCHEDULES",
     "ClassifierFreeGuidance",
+    "CoefficientPreservingSampler",
+    "CoefficientPreservingSamplerConfig",
+    "ConstantSteps",
+    "EulerMaruyamaSampler",
+    "EulerMaruyamaSamplerConfig",
     "EulerSampler",
     "EulerSamplerConfig",
+    "FlowSDESampler",
+    "FlowSDESamplerConfig",
     "Guidance",
     "GuidedVelocity",
     "HeunSampler",
     "HeunSamplerConfig",
+    "ImageEditingGuidance",
+    "LinearSteps",
+    "MidpointSampler",
+    "MidpointSamplerConfig",
     "NoGuidance",
     "Sampler",
+    "StepSchedule",
     "VelocityFn",
     "guidance_for_scale",
+    "scheduled_scale",
     "shift_time",
     "time_grid",
+    "truncated_time_grid",
 ]

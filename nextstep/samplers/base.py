@@ -1,9 +1,11 @@
 """The sampler interface: integrate a velocity field from noise (t=0) to data (t=1).
 
-Legend: N tokens sampled together, D token dim, S steps.
+Legend: N tokens sampled together, D token dim, S intervals of the time grid,
+E distinct evaluation times.
 
 A sampler is stateless: everything it needs comes in as arguments, so one
-instance serves any batch, any step count and any guidance.
+instance serves any batch, any step count and any guidance. It works on all N
+tokens at once; times are tensors, so nothing inside the loop waits on the device.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from abc import ABC, abstractmethod
 from typing import Protocol
 
 import torch
+
+from nextstep.samplers.time_grid import time_grid
 
 
 class VelocityFn(Protocol):
@@ -23,6 +27,10 @@ class VelocityFn(Protocol):
 class Sampler(ABC):
     """Integrates ``dx/dt = v(x, t)`` over a time grid.
 
+    Implement `sample`. Override `make_time_grid` when the solver needs a grid
+    of its own, and `evaluation_times` to let the image head precompute its
+    time-dependent work.
+
     Attributes:
         order: the solver's order of convergence on smooth ODEs (1 for Euler).
         evaluations_per_step: velocity calls per interval of the grid.
@@ -33,6 +41,44 @@ class Sampler(ABC):
     order: int = 1
     evaluations_per_step: int = 1
     stochastic: bool = False
+
+    def make_time_grid(
+        self,
+        num_steps: int,
+        shift: float = 1.0,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """The grid this sampler runs on for ``num_steps`` intervals.
+
+        Args:
+            num_steps: S.
+            shift: time shift (see `nextstep.samplers.time_grid.shift_time`).
+            device: where to put the grid.
+            dtype: dtype of the grid.
+
+        Returns:
+            (S + 1,) increasing times; by default the shifted uniform grid from 0 to 1.
+        """
+        return time_grid(num_steps, shift, device=device, dtype=dtype)
+
+    def evaluation_times(self, time_grid: torch.Tensor) -> torch.Tensor | None:
+        """Every time at which `sample` will call the velocity function on this grid.
+
+        A sampler that returns a tensor here promises that each ``t`` it passes to
+        ``velocity_fn`` is bitwise one of these values; the image head may then
+        precompute its time-dependent work once per token (see
+        `nextstep.heads.base.ImageHead.prepare`). Returning None (the default)
+        makes no promise and is always correct.
+
+        Args:
+            time_grid: (S + 1,) the grid that will be passed to `sample`.
+
+        Returns:
+            (E,) increasing distinct times in the grid's dtype, or None.
+        """
+        return None
 
     @abstractmethod
     def sample(
@@ -54,3 +100,20 @@ class Sampler(ABC):
         Returns:
             (N, D) samples at the last time.
         """
+
+
+def check_step_noise(sampler: Sampler, step_noise: torch.Tensor | None, noise: torch.Tensor,
+                     num_steps: int) -> torch.Tensor:
+    """Return ``step_noise`` after checking that it is (at least S, N, D); raise otherwise."""
+    name = type(sampler).__name__
+    if step_noise is None:
+        raise ValueError(
+            f"{name} is stochastic and needs step_noise of shape ({num_steps}, "
+            f"{noise.shape[0]}, {noise.shape[1]}), found None"
+        )
+    if step_noise.ndim != 3 or step_noise.shape[0] < num_steps or step_noise.shape[1:] != noise.shape:
+        raise ValueError(
+            f"{name} needs step_noise of shape ({num_steps}, {noise.shape[0]}, {noise.shape[1]}), "
+            f"found {tuple(step_noise.shape)}"
+        )
+    return step_noise

@@ -18,18 +18,32 @@ class EulerSamplerConfig(Config):
 
 @register_component("sampler", "euler")
 class EulerSampler(Sampler):
-    """``x <- x + (t_{k+1} - t_k) * v(x, t_k)``; first order."""
+    """``x <- x + (t_{k+1} - t_k) * v(x, t_k)``; first order, one evaluation per step.
+
+    This is the later NextStep-1 release's ``ode`` mode.
+    """
 
     config_class = EulerSamplerConfig
     order = 1
+    evaluations_per_step = 1
 
     def __init__(self, config: EulerSamplerConfig | None = None):
         self.config = config or EulerSamplerConfig()
 
-    def sample(self, velocity_fn: VelocityFn, noise, time_grid, step_noise=None) -> torch.Tensor:
+    def evaluation_times(self, time_grid: torch.Tensor) -> torch.Tensor:
+        return time_grid[:-1]
+
+    def sample(
+        self,
+        velocity_fn: VelocityFn,
+        noise: torch.Tensor,
+        time_grid: torch.Tensor,
+        step_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """noise (N, D), time_grid (S + 1,) -> samples (N, D) at ``time_grid[-1]``."""
+        times = time_grid[:-1, None].expand(-1, noise.shape[0]).contiguous().unbind(0)  # S x (N,)
+        steps = time_grid.diff().to(noise.dtype).unbind(0)  # S x ()
         x = noise
-        for index in range(time_grid.shape[0] - 1):
-            t = time_grid[index].expand(x.shape[0]).to(x.dtype)
-            dt = (time_grid[index + 1] - time_grid[index]).to(x.dtype)
-            x = x + dt * velocity_fn(x, t)
+        for t, dt in zip(times, steps):
+            x = x.addcmul(velocity_fn(x, t), dt)
         return x

@@ -1,15 +1,24 @@
-"""Classifier-free guidance as objects, and the guided velocity of a head.
+"""Guidance as objects: the interface, text classifier-free guidance, and the guided velocity.
 
-Branches are stacked along the batch: ``[cond; uncond]`` for two-way CFG.
+Legend: G guidance branches, N tokens, D token dim, C condition dim, E evaluation times.
+
+Branches are stacked along a leading axis: ``[cond; uncond]`` for two-way CFG,
+``[cond; uncond_1; uncond_2]`` for editing (see
+`nextstep.samplers.editing_guidance.ImageEditingGuidance`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
 
 import torch
+from einops import rearrange
 
-from nextstep.heads.base import ImageHead
+from nextstep.samplers.guidance_schedule import resolve_guidance_schedule, scheduled_scale
+
+if TYPE_CHECKING:
+    from nextstep.heads.base import ImageHead
 
 
 class Guidance(ABC):
@@ -22,8 +31,20 @@ class Guidance(ABC):
     num_branches: int = 1
 
     @abstractmethod
-    def combine(self, predictions: torch.Tensor) -> torch.Tensor:
-        """predictions (branches, N, D) -> guided velocity (N, D)."""
+    def combine(
+        self, predictions: torch.Tensor, t: torch.Tensor | None = None, progress: float = 0.0
+    ) -> torch.Tensor:
+        """Guided velocity of one solver evaluation.
+
+        Args:
+            predictions: (G, N, D) velocity per branch; branch 0 is the conditional one.
+            t: (N,) flow time of each token at this evaluation, or None when unknown.
+            progress: position of the token in its image, ``index / (count - 1)``
+                (0 first token, 1 last); see `nextstep.samplers.guidance_schedule`.
+
+        Returns:
+            (N, D) guided velocity.
+        """
 
 
 class NoGuidance(Guidance):
@@ -31,34 +52,142 @@ class NoGuidance(Guidance):
 
     num_branches = 1
 
-    def combine(self, predictions: torch.Tensor) -> torch.Tensor:
+    def combine(self, predictions, t=None, progress=0.0) -> torch.Tensor:
         return predictions[0]
 
 
-class ClassifierFreeGuidance(Guidance):
-    """Two-way CFG: ``v_u + scale * (v_c - v_u)``; branch 0 conditional, 1 unconditional.
+def check_scale(name: str, value: float) -> float:
+    """``float(value)`` after checking that it is a number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, found {value!r}")
+    return float(value)
+
+
+def check_interval(interval: tuple[float, float]) -> tuple[float, float]:
+    """``(low, high)`` with ``0 <= low <= high <= 1``, as floats; raise otherwise."""
+    try:
+        low, high = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance interval must be a pair (low, high), found {interval!r}") from None
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"guidance interval must satisfy 0 <= low <= high <= 1, found {interval!r}")
+    return low, high
+
+
+def check_renorm(renorm: float | None) -> float | None:
+    """None, or a positive float; raise otherwise."""
+    if renorm is None:
+        return None
+    if isinstance(renorm, bool) or not isinstance(renorm, (int, float)) or not renorm > 0:
+        raise ValueError(f"renorm must be None or a number > 0, found {renorm!r}")
+    return float(renorm)
+
+
+def limit_guidance(
+    guided: torch.Tensor,
+    conditional: torch.Tensor,
+    t: torch.Tensor | None,
+    interval: tuple[float, float],
+    renorm: float | None,
+) -> torch.Tensor:
+    """Apply the optional norm cap and time interval to a guided velocity.
 
     Args:
-        scale: guidance scale (>= 0). 1 returns the conditional prediction.
+        guided: (N, D) guided velocity.
+        conditional: (N, D) conditional velocity.
+        t: (N,) times, or None (the interval is then not applied).
+        interval: guidance acts only for ``low <= t <= high``; elsewhere the
+            conditional velocity is used.
+        renorm: if set, each token's guided velocity is scaled down so its norm
+            is at most ``renorm`` times the conditional velocity's norm.
+
+    Returns:
+        (N, D) velocity.
+    """
+    if renorm is not None:
+        limit = conditional.norm(dim=-1, keepdim=True) * renorm
+        norm = guided.norm(dim=-1, keepdim=True)
+        guided = guided * torch.where(norm > limit, limit / norm.clamp_min(1e-12), 1.0)
+    if t is not None and interval != (0.0, 1.0):
+        low, high = interval
+        inside = (t >= low) & (t <= high)
+        guided = torch.where(inside[:, None], guided, conditional)
+    return guided
+
+
+class ClassifierFreeGuidance(Guidance):
+    """Two-way CFG: ``v_u + s * (v_c - v_u)``; branch 0 conditional, 1 unconditional.
+
+    Args:
+        scale: guidance scale s (>= 0). 1 returns the conditional prediction.
+        schedule: how s changes over an image's tokens: ``constant``,
+            ``linear_increasing``, ``linear_decreasing`` (alias ``linear``, the release's).
+        interval: guide only for flow times ``low <= t <= high`` (conditional elsewhere).
+        renorm: cap each guided token velocity's norm at ``renorm`` times the
+            conditional one's (None: no cap).
     """
 
     num_branches = 2
 
-    def __init__(self, scale: float):
-        if not scale >= 0:
-            raise ValueError(f"cfg scale must be >= 0, found {scale}")
-        self.scale = float(scale)
+    def __init__(
+        self,
+        scale: float,
+        *,
+        schedule: str = "constant",
+        interval: tuple[float, float] = (0.0, 1.0),
+        renorm: float | None = None,
+    ):
+        self.scale = check_scale("cfg scale", scale)
+        self.schedule = resolve_guidance_schedule(schedule)
+        self.interval = check_interval(interval)
+        self.renorm = check_renorm(renorm)
 
-    def combine(self, predictions: torch.Tensor) -> torch.Tensor:
+    def combine(self, predictions, t=None, progress=0.0) -> torch.Tensor:
         conditional, unconditional = predictions[0], predictions[1]
-        return unconditional + self.scale * (conditional - unconditional)
+        scale = scheduled_scale(self.scale, self.schedule, progress)
+        guided = torch.lerp(unconditional, conditional, scale)
+        return limit_guidance(guided, conditional, t, self.interval, self.renorm)
+
+    def __repr__(self) -> str:
+        return (f"ClassifierFreeGuidance({self.scale}, schedule={self.schedule!r}, "
+                f"interval={self.interval}, renorm={self.renorm})")
 
 
-def guidance_for_scale(scale: float) -> Guidance:
-    """CFG at ``scale``, or `NoGuidance` when the scale is exactly 1 (half the work)."""
-    if not scale >= 0:
-        raise ValueError(f"cfg scale must be >= 0, found {scale}")
-    return NoGuidance() if scale == 1.0 else ClassifierFreeGuidance(scale)
+def guidance_for_scale(
+    scale: float,
+    *,
+    image_scale: float | None = None,
+    schedule: str = "constant",
+    interval: tuple[float, float] = (0.0, 1.0),
+    renorm: float | None = None,
+) -> Guidance:
+    """The cheapest guidance object that computes the requested combination.
+
+    Text-to-image (``image_scale`` None): `NoGuidance` at ``scale == 1`` (half the
+    work), else `ClassifierFreeGuidance`. Editing: `NoGuidance` when both scales
+    are 1; two-way CFG against ``image + negative prompt`` when ``image_scale == 1``
+    (the three-way formula reduces to it); else
+    `nextstep.samplers.editing_guidance.ImageEditingGuidance`.
+
+    Args:
+        scale: text guidance scale (>= 0).
+        image_scale: image guidance scale for editing (>= 0), or None.
+        schedule: see `ClassifierFreeGuidance`.
+        interval: see `ClassifierFreeGuidance`.
+        renorm: see `ClassifierFreeGuidance`.
+    """
+    scale = check_scale("cfg", scale)
+    resolve_guidance_schedule(schedule)
+    options = dict(schedule=schedule, interval=interval, renorm=renorm)
+    if image_scale is not None and check_scale("cfg_img", image_scale) != 1.0:
+        from nextstep.samplers.editing_guidance import ImageEditingGuidance
+
+        return ImageEditingGuidance(scale, image_scale, **options)
+    if scale == 1.0:
+        check_interval(interval)
+        check_renorm(renorm)
+        return NoGuidance()
+    return ClassifierFreeGuidance(scale, **options)
 
 
 class GuidedVelocity:
@@ -66,25 +195,41 @@ class GuidedVelocity:
 
     Args:
         head: the image head.
-        conditions: (branches, N, C) condition per branch.
+        conditions: (G, N, C) condition per branch.
         guidance: how to combine the branches.
+        times: the sampler's evaluation times (see
+            `nextstep.samplers.base.Sampler.evaluation_times`) or the head's
+            `nextstep.heads.base.ImageHead.prepare_times` of them, passed to
+            `nextstep.heads.base.ImageHead.prepare`; None if unknown.
+        progress: position of this token in its image, for guidance schedules.
     """
 
-    def __init__(self, head: ImageHead, conditions: torch.Tensor, guidance: Guidance):
-        if conditions.shape[0] != guidance.num_branches:
+    def __init__(
+        self,
+        head: "ImageHead",
+        conditions: torch.Tensor,
+        guidance: Guidance,
+        *,
+        times: Any = None,
+        progress: float = 0.0,
+    ):
+        if conditions.ndim != 3 or conditions.shape[0] != guidance.num_branches:
             raise ValueError(
-                f"guidance needs {guidance.num_branches} condition branches, "
-                f"found {conditions.shape[0]}"
+                f"guidance needs conditions of shape ({guidance.num_branches}, N, C), "
+                f"found {tuple(conditions.shape)}"
             )
-        self.head = head
         self.guidance = guidance
+        self.progress = float(progress)
         self.branches = conditions.shape[0]
-        self.conditions = conditions.flatten(0, 1)  # (branches * N, C)
+        self.dtype = conditions.dtype
+        self.velocity = head.prepare(rearrange(conditions, "g n c -> (g n) c"), times)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t (N, D), t (N,) -> guided velocity (N, D)."""
-        x = x_t.repeat(self.branches, 1).to(self.conditions.dtype)
-        times = t.repeat(self.branches).to(self.conditions.dtype)
-        velocity = self.head.velocity(x, times, self.conditions)
-        velocity = velocity.view(self.branches, *x_t.shape).to(x_t.dtype)
-        return self.guidance.combine(velocity)
+        x, times = x_t.to(self.dtype), t
+        if self.branches > 1:
+            x = torch.cat([x] * self.branches)  # (G * N, D), branch-major like the conditions
+            times = torch.cat([t] * self.branches)
+        # (G, N, D); a plain view rather than einops, since this runs at every solver step
+        velocity = self.velocity(x, times).to(x_t.dtype).view(self.branches, *x_t.shape)
+        return self.guidance.combine(velocity, t, self.progress)

@@ -18,7 +18,12 @@ class HeunSamplerConfig(Config):
 
 @register_component("sampler", "heun")
 class HeunSampler(Sampler):
-    """Predict with Euler, correct with the average of both slopes; second order."""
+    """Predict with Euler, correct with the average of both slopes; second order.
+
+    ``x' = x + dt * v(x, t_k)``, then ``x <- x + dt/2 * (v(x, t_k) + v(x', t_{k+1}))``.
+    The last correction evaluates the velocity at ``t_{k+1}``, so at t=1 on the
+    usual grid.
+    """
 
     config_class = HeunSamplerConfig
     order = 2
@@ -27,14 +32,25 @@ class HeunSampler(Sampler):
     def __init__(self, config: HeunSamplerConfig | None = None):
         self.config = config or HeunSamplerConfig()
 
-    def sample(self, velocity_fn: VelocityFn, noise, time_grid, step_noise=None) -> torch.Tensor:
+    def evaluation_times(self, time_grid: torch.Tensor) -> torch.Tensor:
+        return time_grid
+
+    def sample(
+        self,
+        velocity_fn: VelocityFn,
+        noise: torch.Tensor,
+        time_grid: torch.Tensor,
+        step_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """noise (N, D), time_grid (S + 1,) -> samples (N, D) at ``time_grid[-1]``."""
+        times = time_grid[:, None].expand(-1, noise.shape[0]).contiguous().unbind(0)  # (S + 1) x (N,)
+        steps = time_grid.diff().to(noise.dtype)
+        half_steps = (0.5 * steps).unbind(0)
+        steps = steps.unbind(0)
         x = noise
-        for index in range(time_grid.shape[0] - 1):
-            t0 = time_grid[index].expand(x.shape[0]).to(x.dtype)
-            t1 = time_grid[index + 1].expand(x.shape[0]).to(x.dtype)
-            dt = (time_grid[index + 1] - time_grid[index]).to(x.dtype)
-            v0 = velocity_fn(x, t0)
-            predicted = x + dt * v0
-            v1 = velocity_fn(predicted, t1)
-            x = x + dt * 0.5 * (v0 + v1)
+        for index, (dt, half) in enumerate(zip(steps, half_steps)):
+            v_start = velocity_fn(x, times[index])
+            predicted = x.addcmul(v_start, dt)
+            v_end = velocity_fn(predicted, times[index + 1])
+            x = x.addcmul(v_start + v_end, half)
         return x

@@ -22,6 +22,7 @@ from nextstep.tokenizers.latent_normalization import (
     NORMALIZATIONS,
     denormalize_latents,
     normalize_latents,
+    perturb_latents,
 )
 
 
@@ -271,6 +272,16 @@ class FluxVAE(ImageTokenizer):
             scale=self.config.scaling_factor,
             shift=self.config.shift_factor,
         )
+
+    def forward(self, images: torch.Tensor, noise_gamma: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reconstruct images (B, 3, H, W): ``decode(perturb(encode(images), noise_gamma))``.
+
+        With ``noise_gamma > 0`` the normalised latents get NextStep-1's training
+        noise (`perturb_latents`); 0 gives the plain reconstruction.
+        """
+        latents = perturb_latents(self.encode(images), noise_gamma, generator)
+        return self.decode(latents)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, h, w) -> images (B, 3, h*f, w*f)."""

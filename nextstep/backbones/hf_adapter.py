@@ -1,0 +1,278 @@
+"""Any ``transformers`` decoder behind the `Backbone` interface.
+
+`HFBackbone` wraps the base model of a Hugging Face causal LM (``AutoModel``:
+hidden states, no LM head), built from a config or loaded from a local
+directory. It is the way to use transformers' own features (its attention
+implementations, quantisation, architectures this library does not implement);
+`Qwen2Backbone` is the faster native choice for Qwen2-shaped models.
+
+Legend: B batch, L new positions, T cache capacity, H hidden size.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nextstep.backbones.base import Backbone, BackboneCache
+from nextstep.config import Config, require
+from nextstep.registry import register_component
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class HFBackboneConfig(Config):
+    """Which transformers model to wrap.
+
+    Give exactly one of ``path`` and ``model_config``.
+
+    Args:
+        path: a local directory with ``config.json`` and weights (a causal-LM
+            checkpoint loads too: its LM head is dropped). Nothing is downloaded.
+        model_config: the fields of a transformers config, including
+            ``model_type`` (for example ``{"model_type": "qwen2", "hidden_size": 64, ...}``);
+            the model is built with random weights.
+        dtype: ``float32``, ``bfloat16``, ``float16``, or ``auto`` (the checkpoint's).
+        attn_implementation: transformers' attention implementation (``sdpa``, ``eager``, ...).
+        gradient_checkpointing: enable transformers' gradient checkpointing.
+    """
+
+    path: str = ""
+    model_config: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        require(bool(self.path) != bool(self.model_config), "path", self.path,
+                "set when model_config is empty, and empty when model_config is set")
+        if self.model_config:
+            require(isinstance(self.model_config, dict) and "model_type" in self.model_config,
+                    "model_config", self.model_config, "a mapping with a 'model_type' key")
+        require(self.dtype in (*DTYPES, "auto"), "dtype", self.dtype, f"one of {[*DTYPES, 'auto']}")
+
+
+class HFCache(BackboneCache):
+    """A transformers cache plus the bookkeeping of the `BackboneCache` interface.
+
+    Keys and values live in the transformers cache object (by default its
+    ``DynamicCache``); this wrapper adds the fixed capacity, the (B, T) mask of
+    real slots, cropping and row selection.
+
+    Args:
+        hf_cache: the transformers cache object.
+        batch_size: rows B.
+        max_length: capacity T.
+        device: where the slot mask lives.
+    """
+
+    def __init__(self, hf_cache: Any, batch_size: int, max_length: int, device: torch.device | str | None = None):
+        if max_length < 1 or batch_size < 1:
+            raise ValueError(f"batch_size and max_length must be >= 1, found {batch_size} and {max_length}")
+        self.hf_cache = hf_cache
+        self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def max_length(self) -> int:
+        return self.key_mask.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_mask.shape[0]
+
+    def reserve(self, attention_mask: torch.Tensor | None, length: int) -> tuple[int, int]:
+        """Claim ``length`` slots; see `nextstep.backbones.base.KVCache.reserve`."""
+        start, end = self._length, self._length + length
+        if end > self.max_length:
+            raise ValueError(
+                f"sequence of {end} positions does not fit the cache of {self.max_length} "
+                f"({start} already filled, {length} new); create the cache with a larger max_length"
+            )
+        if attention_mask is not None and attention_mask.shape[0] != self.batch_size:
+            raise ValueError(
+                f"batch of {attention_mask.shape[0]} rows does not match the cache's {self.batch_size} rows"
+            )
+        self.key_mask[:, start:end] = True if attention_mask is None else attention_mask
+        return start, end
+
+    def commit(self, end: int) -> None:
+        """Mark slots up to ``end`` as filled."""
+        self._length = end
+
+    def crop(self, length: int) -> None:
+        """Forget everything after the first ``length`` slots."""
+        if not isinstance(length, int) or not 0 <= length <= self._length:
+            raise ValueError(f"can crop to 0..{self._length} slots, found {length!r}")
+        if length < self._length:
+            # A negative argument removes that many tokens in every transformers version.
+            self.hf_cache.crop(length - self._length)
+        self.key_mask[:, length:] = False
+        self._length = length
+
+    def select_rows(self, rows: torch.Tensor | list[int]) -> "HFCache":
+        """A new cache holding ``rows`` (copied; repeats allowed)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if rows.ndim != 1 or rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= self.batch_size:
+            raise ValueError(f"rows must be a non-empty 1-D index into 0..{self.batch_size - 1}, found {rows.tolist()}")
+        hf_cache = copy.deepcopy(self.hf_cache)
+        if self._length > 0:
+            hf_cache.batch_select_indices(rows.to(self.key_mask.device))
+        new = HFCache(hf_cache, rows.numel(), self.max_length, self.key_mask.device)
+        new.key_mask = self.key_mask[rows.to(self.key_mask.device)].clone()
+        new._length = self._length
+        return new
+
+
+def _dtype_argument() -> str:
+    """transformers renamed ``torch_dtype`` to ``dtype`` in 4.56."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+@register_component("backbone", "huggingface")
+class HFBackbone(Backbone):
+    """A transformers base model (``AutoModel``) as a `Backbone`.
+
+    Args:
+        config: what to load or build.
+        model: an already built transformers model to wrap instead (a causal
+            LM is reduced to its base model); ``config`` then only records options.
+    """
+
+    config_class = HFBackboneConfig
+
+    def __init__(self, config: HFBackboneConfig | None = None, *, model: nn.Module | None = None):
+        super().__init__()
+        if model is None:
+            if config is None:
+                raise ValueError("HFBackbone needs an HFBackboneConfig or a model")
+            model = self._build(config)
+        else:
+            model = getattr(model, "base_model", model)
+            if config is None:
+                config = HFBackboneConfig(model_config=model.config.to_dict())
+        self.config = config
+        self.model = model
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        parameters = inspect.signature(self.model.forward).parameters
+        # transformers renamed ``past_key_values`` to ``cache`` (5.x).
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    @staticmethod
+    def _build(config: HFBackboneConfig) -> nn.Module:
+        from transformers import AutoConfig, AutoModel
+
+        dtype = DTYPES.get(config.dtype, config.dtype)
+        if config.path:
+            return AutoModel.from_pretrained(config.path, local_files_only=True,
+                                             attn_implementation=config.attn_implementation,
+                                             **{_dtype_argument(): dtype})
+        fields = dict(config.model_config)
+        hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        model = AutoModel.from_config(hf_config, attn_implementation=config.attn_implementation)
+        return model if dtype == "auto" else model.to(dtype)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "HFBackbone":
+        """Wrap an existing transformers model (a causal LM is reduced to its base model)."""
+        return cls(model=model)
+
+    def reset_buffers(self) -> None:
+        """Rebuild buffers left on the meta device (rotary tables) after meta-device construction.
+
+        ``NextStep.from_pretrained`` builds the model on the meta device and
+        assigns the saved tensors; buffers that checkpoints do not hold stay
+        empty. Each parameter-free transformers submodule holding such buffers is
+        rebuilt from the model config on the embeddings' device.
+        """
+        device = self.model.get_input_embeddings().weight.device
+        for name, module in self.model.named_modules():
+            if not any(buffer.is_meta for buffer in module.buffers(recurse=False)):
+                continue
+            if next(module.parameters(recurse=False), None) is not None:
+                raise ValueError(f"cannot rebuild the meta buffers of {name!r}: it also holds parameters")
+            try:
+                with torch.device(device):
+                    fresh = type(module)(config=self.model.config)
+            except TypeError as error:
+                raise ValueError(f"cannot rebuild the meta buffers of {name!r} ({type(module).__name__}) "
+                                 f"from the model config: {error}") from error
+            for buffer_name, buffer in fresh.named_buffers(recurse=False):
+                persistent = buffer_name not in module._non_persistent_buffers_set
+                module.register_buffer(buffer_name, buffer, persistent=persistent)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().num_embeddings
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, L) -> (B, L, H)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def new_cache(self, batch_size: int, max_length: int, *, device=None, dtype=None) -> HFCache:
+        """An `HFCache` around a transformers ``DynamicCache`` (``dtype`` follows the hidden states)."""
+        from transformers import DynamicCache
+
+        try:
+            hf_cache = DynamicCache(config=self.model.config)
+        except TypeError:  # transformers versions whose DynamicCache takes no config
+            hf_cache = DynamicCache()
+        reference = self.model.get_input_embeddings().weight
+        return HFCache(hf_cache, batch_size, max_length, device if device is not None else reference.device)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: HFCache | None = None,
+    ) -> torch.Tensor:
+        """embeds (B, L, H), positions (B, L), attention_mask (B, L) -> hidden states (B, L, H)."""
+        if embeds.ndim != 3 or embeds.shape[-1] != self.hidden_size:
+            raise ValueError(f"embeds must have shape (B, L, {self.hidden_size}), found {tuple(embeds.shape)}")
+        batch, length = embeds.shape[:2]
+        if positions.shape != (batch, length):
+            raise ValueError(f"positions must have shape {(batch, length)}, found {tuple(positions.shape)}")
+        if attention_mask is not None and attention_mask.shape != (batch, length):
+            raise ValueError(
+                f"attention_mask must have shape {(batch, length)}, found {tuple(attention_mask.shape)}"
+            )
+        if cache is None:
+            mask = None if attention_mask is None else attention_mask.long()
+            output = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+            return output.last_hidden_state
+        if not isinstance(cache, HFCache):
+            raise TypeError(f"HFBackbone needs an HFCache from new_cache(), found {type(cache).__name__}")
+        if cache.batch_size != batch:
+            raise ValueError(f"batch of {batch} rows does not match the cache's {cache.batch_size} rows")
+        start, end = cache.reserve(attention_mask, length)
+        output = self.model(
+            inputs_embeds=embeds,
+            attention_mask=cache.key_mask[:, :end].long(),  # (B, T_filled + L): past and new slots
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_argument: cache.hf_cache},
+        )
+        cache.commit(end)
+        return output.last_hidden_state

@@ -1,0 +1,1 @@
+"""Evaluation: image metrics, the offline photo bank and tokenizer reconstruction."""

@@ -1,0 +1,37 @@
+"""The ``nextstep eval-tokenizer`` job: evaluate on held-out photo crops, write JSON, Markdown and a PNG grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from nextstep.evaluation.photo_bank import load_photos, random_crops, split_photos
+from nextstep.evaluation.tokenizer_eval import ReconstructionReport, evaluate_tokenizer, reconstruct
+from nextstep.images import image_grid, to_pil
+from nextstep.io import atomic_path, atomic_write_text
+from nextstep.tokenizers.base import ImageTokenizer
+
+
+def held_out_crops(count: int = 256, size: int = 64, seed: int = 1234) -> torch.Tensor:
+    """Fixed-seed crops (count, 3, size, size) from the held-out photos of the photo bank."""
+    _, held = split_photos(load_photos())
+    return random_crops(held, count, size, seed=seed)
+
+
+def run_tokenizer_evaluation(tokenizer: ImageTokenizer, output: Path, *, count: int = 256, size: int = 64,
+                             seed: int = 1234) -> ReconstructionReport:
+    """Evaluate ``tokenizer`` and write ``report.json``, ``report.md`` and ``reconstructions.png`` into ``output``."""
+    tokenizer = tokenizer.eval()
+    images = held_out_crops(count, size, seed)
+    report = evaluate_tokenizer(tokenizer, images)
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write_text(output / "report.md", report.to_markdown() + "\n")
+    shown = images[:8]
+    reconstructions, _ = reconstruct(tokenizer, shown)
+    grid = image_grid(to_pil(torch.cat([shown, reconstructions])), columns=8)
+    with atomic_path(output / "reconstructions.png") as tmp:
+        grid.save(tmp, format="PNG")
+    return report

@@ -1,0 +1,307 @@
+"""The published NextStep-1 ``config.json`` <-> `nextstep.model_config.ModelConfig`, field by field.
+
+The release describes a model with one Llama-style Hugging Face config
+(``model_type`` ``"nextstep"``) plus NextStep fields, and its tokenizer with a
+separate ``vae/config.json``. `RELEASE_FIELDS` lists where every release field
+goes; `model_config_from_release` and `release_config_from_model` apply it in
+each direction.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from nextstep.backbones.qwen2 import Qwen2BackboneConfig
+from nextstep.backbones.qwen2_checkpoint import qwen2_config_from_hf
+from nextstep.config import ComponentSpec, Config
+from nextstep.heads.flow_matching import FlowMatchingHeadConfig
+from nextstep.model_config import ModelConfig
+from nextstep.samplers.euler_maruyama import EulerMaruyamaSamplerConfig
+from nextstep.tokenizers.base import TextTokenizer
+from nextstep.tokenizers.flux_vae import FluxVAEConfig
+from nextstep.tokenizers.hf_text import HFTextTokenizerConfig
+from nextstep.tokenizers.special_tokens import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER, PAD
+
+CONFIG_NAME = "config.json"
+RELEASE_MODEL_TYPE = "nextstep"
+
+#: Release ``config.json`` field -> where its value lives in a `ModelConfig`
+#: (``component.field``), or how it is used when it has no place there.
+RELEASE_FIELDS: dict[str, str] = {
+    "vocab_size": "backbone.vocab_size",
+    "hidden_size": "backbone.hidden_size (and image_head.condition_dim)",
+    "intermediate_size": "backbone.intermediate_size",
+    "num_hidden_layers": "backbone.num_layers",
+    "num_attention_heads": "backbone.num_heads",
+    "num_key_value_heads": "backbone.num_kv_heads",
+    "head_dim": "backbone.head_dim (None when hidden_size / num_attention_heads)",
+    "rope_theta": "backbone.rope_theta",
+    "rms_norm_eps": "backbone.rms_norm_eps",
+    "attention_bias": "backbone.attention_bias (q/k/v projections)",
+    "o_attention_bias": "backbone.output_attention_bias (follows attention_bias when absent)",
+    "hidden_act": "checked: must be silu",
+    "mlp_bias": "checked: must be false",
+    "rope_scaling": "checked: must be null (or default rope)",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "latent_channels": "image_tokenizer.z_channels (checked against vae/config.json)",
+    "latent_patch_size": "image_tokenizer.patch_size",
+    "fm_head_dim": "image_head.width",
+    "fm_head_layers": "image_head.depth",
+    "fm_head_batch_mul": "image_head.batch_mul",
+    "lm_loss_weight": "text_loss_weight",
+    "im_loss_weight": "image_loss_weight",
+    "boi": f"checked: id of {BEGIN_OF_IMAGE} in the tokenizer",
+    "eoi": f"checked: id of {END_OF_IMAGE} in the tokenizer",
+    "image_placeholder_id": f"checked: id of {IMAGE_PLACEHOLDER} in the tokenizer",
+    "pad_token_id_added": f"checked: id of {PAD} in the tokenizer",
+    "use_gen_pos_embed": "checked: must be false (the 2-D position table is unused in the release)",
+    "vae_name_or_path": "where the image tokenizer is looked for when there is no vae/ folder",
+    "latent_size": "informational (32); written back as 32",
+    "model_type": "checked: must be nextstep",
+}
+
+#: Hugging Face bookkeeping fields that do not change the computation.
+IGNORED_FIELDS: tuple[str, ...] = (
+    "_name_or_path", "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version",
+    "use_cache", "initializer_range", "max_position_embeddings", "pretraining_tp", "attention_dropout",
+    "bos_token_id", "eos_token_id", "pad_token_id", "max_window_layers", "use_sliding_window",
+    "sliding_window", "layer_types", "rope_parameters",
+)
+
+#: Default values of the NextStep fields (those of the release's config class).
+RELEASE_DEFAULTS: dict[str, Any] = {
+    "latent_size": 32, "latent_patch_size": 2, "latent_channels": 16, "lm_loss_weight": 0.01,
+    "im_loss_weight": 1.0, "fm_head_dim": 1536, "fm_head_layers": 12, "fm_head_batch_mul": 4,
+    "use_gen_pos_embed": False,
+}
+
+#: The flow head's MLP ratio and time-code size, fixed in the release.
+RELEASE_HEAD_MLP_RATIO = 1.0
+RELEASE_HEAD_FREQUENCY_DIM = 256
+#: GroupNorm groups of the release's VAE (not stored in its config).
+RELEASE_VAE_NORM_GROUPS = 32
+
+
+def read_release_config(path: str | Path) -> dict[str, Any]:
+    """The parsed release ``config.json`` of a model directory, checked to be a NextStep one.
+
+    Args:
+        path: the model directory (or its ``config.json``).
+
+    Raises:
+        FileNotFoundError: when there is no ``config.json``.
+        ValueError: for invalid JSON or a ``model_type`` other than ``nextstep``.
+    """
+    path = Path(path)
+    config_path = path / CONFIG_NAME if path.is_dir() else path
+    if not config_path.is_file():
+        raise FileNotFoundError(f"expected a NextStep release {CONFIG_NAME} at {config_path}, found nothing")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, found {type(data).__name__}")
+    if data.get("model_type") != RELEASE_MODEL_TYPE:
+        raise ValueError(
+            f"{config_path} has model_type {data.get('model_type')!r}; a NextStep release config has "
+            f"model_type {RELEASE_MODEL_TYPE!r}"
+        )
+    return data
+
+
+def release_field(release: dict[str, Any], name: str) -> Any:
+    """A NextStep field of the release config, or the release's default for it."""
+    return release.get(name, RELEASE_DEFAULTS.get(name))
+
+
+def check_release_config(release: dict[str, Any]) -> None:
+    """Refuse release settings this library does not implement; warn about unknown fields.
+
+    Raises:
+        ValueError: naming the field and its value.
+    """
+    if release_field(release, "use_gen_pos_embed"):
+        raise ValueError(
+            "use_gen_pos_embed must be false, found true: the release's additive 2-D position table "
+            "for image tokens is not implemented"
+        )
+    if release.get("mlp_bias"):
+        raise ValueError("mlp_bias must be false (Qwen2 MLPs have no bias), found true")
+    unknown = sorted(set(release) - set(RELEASE_FIELDS) - set(IGNORED_FIELDS))
+    if unknown:
+        warnings.warn(f"NextStep release config has fields this library does not know and ignores: {unknown}",
+                      stacklevel=3)
+
+
+def backbone_config_from_release(release: dict[str, Any], **overrides: Any) -> Qwen2BackboneConfig:
+    """`Qwen2BackboneConfig` from the Llama-style fields (biases from ``attention_bias`` / ``o_attention_bias``)."""
+    return qwen2_config_from_hf(release, **overrides)
+
+
+def head_config_from_release(release: dict[str, Any]) -> FlowMatchingHeadConfig:
+    """`FlowMatchingHeadConfig` from ``fm_head_*``, ``latent_*`` and ``hidden_size``."""
+    channels = int(release_field(release, "latent_channels"))
+    patch = int(release_field(release, "latent_patch_size"))
+    return FlowMatchingHeadConfig(
+        token_dim=channels * patch * patch,
+        condition_dim=int(release["hidden_size"]),
+        width=int(release_field(release, "fm_head_dim")),
+        depth=int(release_field(release, "fm_head_layers")),
+        mlp_ratio=RELEASE_HEAD_MLP_RATIO,
+        frequency_dim=RELEASE_HEAD_FREQUENCY_DIM,
+        batch_mul=int(release_field(release, "fm_head_batch_mul")),
+    )
+
+
+def image_tokenizer_config_for_release(release: dict[str, Any], vae: FluxVAEConfig) -> FluxVAEConfig:
+    """The VAE config with the release's patch size, after checking its channel count.
+
+    Raises:
+        ValueError: when ``latent_channels`` differs from the VAE's ``z_channels``.
+    """
+    channels = int(release_field(release, "latent_channels"))
+    if channels != vae.z_channels:
+        raise ValueError(
+            f"latent_channels in the model config is {channels} but the VAE config has "
+            f"z_channels={vae.z_channels}; the model and its vae/ folder do not belong together"
+        )
+    return vae.replace(patch_size=int(release_field(release, "latent_patch_size")))
+
+
+def check_special_token_ids(release: dict[str, Any], text_tokenizer: TextTokenizer) -> None:
+    """Check ``boi``, ``eoi``, ``image_placeholder_id`` and ``pad_token_id_added`` against the tokenizer.
+
+    Raises:
+        ValueError: naming the field, the config's id and the tokenizer's id.
+    """
+    for field, token in (("boi", BEGIN_OF_IMAGE), ("eoi", END_OF_IMAGE),
+                         ("image_placeholder_id", IMAGE_PLACEHOLDER), ("pad_token_id_added", PAD)):
+        expected = release.get(field)
+        if expected is None:
+            continue
+        found = text_tokenizer.special_token_id(token)
+        if int(expected) != found:
+            raise ValueError(
+                f"{field} is {expected} in the model config but the tokenizer gives {token} the id {found}; "
+                "the tokenizer files do not belong to these weights"
+            )
+
+
+def model_config_from_release(
+    release: dict[str, Any],
+    vae: FluxVAEConfig,
+    tokenizer_path: str,
+    *,
+    sampler: ComponentSpec | None = None,
+    use_norm: bool = True,
+    **backbone_overrides: Any,
+) -> ModelConfig:
+    """A `ModelConfig` describing the same model as a release config.
+
+    Args:
+        release: the parsed release ``config.json``.
+        vae: the image tokenizer's config (from ``vae/config.json``).
+        tokenizer_path: directory of the Hugging Face tokenizer files.
+        sampler: default sampler; None selects the first release's
+            Euler-Maruyama sampler.
+        use_norm: LayerNorm each sampled token (the release examples pass
+            ``use_norm=True``).
+        **backbone_overrides: `Qwen2BackboneConfig` fields to set (for example
+            ``attention_backend``).
+
+    Raises:
+        ValueError: for a release setting that is not implemented, naming it.
+    """
+    check_release_config(release)
+    backbone = backbone_config_from_release(release, **backbone_overrides)
+    if sampler is None:
+        sampler = ComponentSpec("sampler", "euler_maruyama", EulerMaruyamaSamplerConfig())
+    return ModelConfig(
+        image_tokenizer=ComponentSpec("image_tokenizer", "flux_vae", image_tokenizer_config_for_release(release, vae)),
+        text_tokenizer=ComponentSpec("text_tokenizer", "huggingface", HFTextTokenizerConfig(path=tokenizer_path)),
+        backbone=ComponentSpec("backbone", "qwen2", backbone),
+        image_head=ComponentSpec("image_head", "flow_matching", head_config_from_release(release)),
+        sampler=sampler,
+        tie_word_embeddings=bool(release.get("tie_word_embeddings", False)),
+        text_loss_weight=float(release_field(release, "lm_loss_weight")),
+        image_loss_weight=float(release_field(release, "im_loss_weight")),
+        use_norm=use_norm,
+    )
+
+
+def _component_config(spec: ComponentSpec, expected_type: str, cls: type[Config]) -> Config:
+    if spec.type != expected_type or not isinstance(spec.config, cls):
+        raise ValueError(
+            f"the release layout stores a {expected_type!r} {spec.kind}, found {spec.type!r}; "
+            "save this model with save_pretrained instead"
+        )
+    return spec.config
+
+
+def release_config_from_model(
+    config: ModelConfig, text_tokenizer: TextTokenizer, *, torch_dtype: str = "bfloat16"
+) -> dict[str, Any]:
+    """The release ``config.json`` for a model (the inverse of `model_config_from_release`).
+
+    Args:
+        config: the model's config (from ``NextStep.current_config()``).
+        text_tokenizer: supplies the special-token ids and the end-of-text id.
+        torch_dtype: the ``torch_dtype`` entry (the dtype of the written weights).
+
+    Raises:
+        ValueError: naming the first setting the release format cannot express.
+    """
+    backbone = _component_config(config.backbone, "qwen2", Qwen2BackboneConfig)
+    head = _component_config(config.image_head, "flow_matching", FlowMatchingHeadConfig)
+    vae = _component_config(config.image_tokenizer, "flux_vae", FluxVAEConfig)
+    if head.mlp_ratio != RELEASE_HEAD_MLP_RATIO:
+        raise ValueError(f"image_head.mlp_ratio must be {RELEASE_HEAD_MLP_RATIO} for the release layout, "
+                         f"found {head.mlp_ratio}")
+    if head.frequency_dim != RELEASE_HEAD_FREQUENCY_DIM:
+        raise ValueError(f"image_head.frequency_dim must be {RELEASE_HEAD_FREQUENCY_DIM} for the release layout, "
+                         f"found {head.frequency_dim}")
+    if vae.norm_groups != RELEASE_VAE_NORM_GROUPS:
+        raise ValueError(f"image_tokenizer.norm_groups must be {RELEASE_VAE_NORM_GROUPS} for the release layout "
+                         f"(its VAE config has no such field), found {vae.norm_groups}")
+    if head.token_dim != vae.z_channels * vae.patch_size**2:
+        raise ValueError(f"image_head.token_dim {head.token_dim} differs from z_channels * patch_size**2 = "
+                         f"{vae.z_channels * vae.patch_size**2}")
+    return {
+        "architectures": ["NextStep"],
+        "model_type": RELEASE_MODEL_TYPE,
+        "vocab_size": backbone.vocab_size,
+        "hidden_size": backbone.hidden_size,
+        "intermediate_size": backbone.intermediate_size,
+        "num_hidden_layers": backbone.num_layers,
+        "num_attention_heads": backbone.num_heads,
+        "num_key_value_heads": backbone.num_kv_heads,
+        "head_dim": backbone.resolved_head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": backbone.rms_norm_eps,
+        "rope_theta": backbone.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": backbone.attention_bias,
+        "o_attention_bias": backbone.output_attention_bias,
+        "mlp_bias": False,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "torch_dtype": torch_dtype,
+        "eos_token_id": text_tokenizer.eos_id,
+        "vae_name_or_path": "vae",
+        "latent_size": RELEASE_DEFAULTS["latent_size"],
+        "latent_patch_size": vae.patch_size,
+        "latent_channels": vae.z_channels,
+        "boi": text_tokenizer.begin_of_image_id,
+        "eoi": text_tokenizer.end_of_image_id,
+        "image_placeholder_id": text_tokenizer.image_placeholder_id,
+        "pad_token_id_added": text_tokenizer.pad_id,
+        "lm_loss_weight": config.text_loss_weight,
+        "im_loss_weight": config.image_loss_weight,
+        "fm_head_dim": head.width,
+        "fm_head_layers": head.depth,
+        "fm_head_batch_mul": head.batch_mul,
+        "use_gen_pos_embed": False,
+    }

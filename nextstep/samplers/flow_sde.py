@@ -1,0 +1,87 @@
+"""The Flow-GRPO-style SDE sampler: the later NextStep-1 release's ``sde`` mode.
+
+Legend: N tokens, D token dim, S intervals of the grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nextstep.config import Config, require
+from nextstep.registry import register_component
+from nextstep.samplers.base import Sampler, VelocityFn, check_step_noise
+
+
+@dataclass
+class FlowSDESamplerConfig(Config):
+    """Settings of `FlowSDESampler`.
+
+    Args:
+        noise_level: a, the scale of the diffusion (0.8 in the release; 0 is Euler).
+    """
+
+    noise_level: float = 0.8
+
+    def validate(self) -> None:
+        require(self.noise_level >= 0, "noise_level", self.noise_level, ">= 0")
+
+
+@register_component("sampler", "flow_sde")
+class FlowSDESampler(Sampler):
+    """Euler-Maruyama on ``dx = (v + g²/2 * score) dt + g dW`` with ``g = a * sqrt((1 - t) / t)``.
+
+    One step from ``t`` to ``t'`` (``h = t' - t``, score ``(t v - x) / (1 - t)``)::
+
+        g    = a * sqrt((1 - t) / t)          (t = 0 uses the grid's second time instead)
+        mean = x + h * (v + g² / (2 (1 - t)) * (t * v - x))
+        x    = mean + g * sqrt(h) * eps
+
+    Under ``sigma = 1 - t`` and the diffusers velocity ``u = -v`` this is the
+    Flow-GRPO step ``x (1 + g² dt / (2 sigma)) + u (1 + g² (1 - sigma) / (2 sigma)) dt``
+    with ``dt = sigma' - sigma``. Every step, the last one included, adds noise.
+    Without ``step_noise`` (or with ``a = 0``) it is the Euler solver.
+    """
+
+    config_class = FlowSDESamplerConfig
+    order = 1
+    evaluations_per_step = 1
+    stochastic = True
+
+    def __init__(self, config: FlowSDESamplerConfig | None = None):
+        self.config = config or FlowSDESamplerConfig()
+
+    def evaluation_times(self, time_grid: torch.Tensor) -> torch.Tensor:
+        return time_grid[:-1]
+
+    def sample(
+        self,
+        velocity_fn: VelocityFn,
+        noise: torch.Tensor,
+        time_grid: torch.Tensor,
+        step_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """noise (N, D), time_grid (S + 1,), step_noise (S, N, D) -> samples (N, D)."""
+        num_steps = time_grid.shape[0] - 1
+        times = time_grid[:-1, None].expand(-1, noise.shape[0]).contiguous().unbind(0)  # S x (N,)
+        dtype = noise.dtype
+        steps = time_grid.diff().to(dtype)
+        x = noise
+        if step_noise is None or self.config.noise_level == 0:
+            for t, dt in zip(times, steps.unbind(0)):
+                x = x.addcmul(velocity_fn(x, t), dt)
+            return x
+        check_step_noise(self, step_noise, noise, num_steps)
+        start = time_grid[:-1].to(dtype)
+        # At t = 0 the ratio (1 - t) / t is infinite; the release uses the next grid time there.
+        safe = torch.where(start == 0, time_grid[1].to(dtype), start)
+        variance = self.config.noise_level**2 * (1 - start) / safe  # g², (S,)
+        drift_weight = (variance / (2 * (1 - start))).unbind(0)
+        noise_scale = (torch.sqrt(variance) * torch.sqrt(steps)).unbind(0)
+        start = start.unbind(0)
+        for index, dt in enumerate(steps.unbind(0)):
+            v = velocity_fn(x, times[index])
+            drift = v + drift_weight[index] * (start[index] * v - x)
+            x = x + dt * drift + noise_scale[index] * step_noise[index]
+        return x

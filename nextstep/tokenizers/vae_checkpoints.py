@@ -1,0 +1,406 @@
+"""Read and write FLUX-shaped VAE weights in the layouts found in the wild.
+
+Three layouts are understood, plus the library's own:
+
+* ``bfl``: the single ``ae.safetensors`` of FLUX.1, LDM names
+  (``encoder.down.{i}.block.{j}``, ``encoder.mid.attn_1.q`` as 1x1 convs,
+  ``decoder.up.{i}`` indexed by resolution level). `FluxVAE` uses these names.
+* ``diffusers``: an ``AutoencoderKL`` directory (``config.json`` +
+  ``diffusion_pytorch_model.safetensors``), names ``encoder.down_blocks.{i}.resnets.{j}``,
+  attention as Linear ``to_q``/``to_k``/``to_v``/``to_out.0``, decoder ``up_blocks``
+  in reverse level order.
+* ``nextstep``: NextStep-1's ``vae/`` directory (``checkpoint.pt`` with LDM names +
+  ``config.json`` with ``ch, ch_mult, num_res_blocks, z_channels, encoder_norm, psz`` ...).
+  The pickle is read with ``torch.load(weights_only=True)`` only.
+* ``native``: ``config.json`` (a `FluxVAEConfig`) + ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from nextstep.io import atomic_directory
+from nextstep.tokenizers.flux_vae import FluxVAE, FluxVAEConfig
+
+LAYOUTS = ("bfl", "diffusers", "nextstep", "native")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+NATIVE_WEIGHTS = "model.safetensors"
+
+_RESNET_RENAMES = {"conv_shortcut": "nin_shortcut"}
+_ATTENTION_RENAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+# ----------------------------------------------------------------- key mapping
+def _diffusers_key_to_bfl(key: str, num_levels: int) -> str:
+    match = re.match(r"(encoder|decoder)\.(.*)", key)
+    if match is None:
+        raise ValueError(f"unexpected key {key!r} in a diffusers AutoencoderKL checkpoint")
+    part, rest = match.groups()
+    for old, new in (("conv_norm_out", "norm_out"),):
+        if rest.startswith(old):
+            return f"{part}.{new}{rest[len(old):]}"
+    if m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(.*)", rest):
+        level, block, layer, tail = m.groups()
+        return f"{part}.down.{level}.block.{block}.{_RESNET_RENAMES.get(layer, layer)}.{tail}"
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", rest):
+        return f"{part}.down.{m.group(1)}.downsample.conv.{m.group(2)}"
+    if m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(.*)", rest):
+        index, block, layer, tail = m.groups()
+        level = num_levels - 1 - int(index)
+        return f"{part}.up.{level}.block.{block}.{_RESNET_RENAMES.get(layer, layer)}.{tail}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", rest):
+        level = num_levels - 1 - int(m.group(1))
+        return f"{part}.up.{level}.upsample.conv.{m.group(2)}"
+    if m := re.match(r"mid_block\.resnets\.(\d)\.(\w+)\.(.*)", rest):
+        index, layer, tail = m.groups()
+        return f"{part}.mid.block_{int(index) + 1}.{_RESNET_RENAMES.get(layer, layer)}.{tail}"
+    if m := re.match(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.*)", rest):
+        return f"{part}.mid.attn_1.{_ATTENTION_RENAMES[m.group(1)]}.{m.group(2)}"
+    if rest.startswith(("conv_in.", "conv_out.")):
+        return key
+    raise ValueError(f"unexpected key {key!r} in a diffusers AutoencoderKL checkpoint")
+
+
+def _bfl_key_to_diffusers(key: str, num_levels: int) -> str:
+    part, rest = key.split(".", 1)
+    inverse_resnet = {v: k for k, v in _RESNET_RENAMES.items()}
+    inverse_attention = {v: k for k, v in _ATTENTION_RENAMES.items()}
+    if rest.startswith("norm_out."):
+        return f"{part}.conv_norm_out.{rest[len('norm_out.'):]}"
+    if m := re.match(r"down\.(\d+)\.block\.(\d+)\.(\w+)\.(.*)", rest):
+        level, block, layer, tail = m.groups()
+        return f"{part}.down_blocks.{level}.resnets.{block}.{inverse_resnet.get(layer, layer)}.{tail}"
+    if m := re.match(r"down\.(\d+)\.downsample\.conv\.(.*)", rest):
+        return f"{part}.down_blocks.{m.group(1)}.downsamplers.0.conv.{m.group(2)}"
+    if m := re.match(r"up\.(\d+)\.block\.(\d+)\.(\w+)\.(.*)", rest):
+        level, block, layer, tail = m.groups()
+        index = num_levels - 1 - int(level)
+        return f"{part}.up_blocks.{index}.resnets.{block}.{inverse_resnet.get(layer, layer)}.{tail}"
+    if m := re.match(r"up\.(\d+)\.upsample\.conv\.(.*)", rest):
+        index = num_levels - 1 - int(m.group(1))
+        return f"{part}.up_blocks.{index}.upsamplers.0.conv.{m.group(2)}"
+    if m := re.match(r"mid\.block_(\d)\.(\w+)\.(.*)", rest):
+        index, layer, tail = m.groups()
+        return f"{part}.mid_block.resnets.{int(index) - 1}.{inverse_resnet.get(layer, layer)}.{tail}"
+    if m := re.match(r"mid\.attn_1\.(norm|q|k|v|proj_out)\.(.*)", rest):
+        return f"{part}.mid_block.attentions.0.{inverse_attention[m.group(1)]}.{m.group(2)}"
+    if rest.startswith(("conv_in.", "conv_out.")):
+        return key
+    raise ValueError(f"unexpected key {key!r} in a FLUX (BFL) autoencoder state dict")
+
+
+def _is_attention_projection(key: str) -> bool:
+    return bool(re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", key))
+
+
+def diffusers_to_bfl(state: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """Rename a diffusers ``AutoencoderKL`` state dict to BFL names; Linear attention -> 1x1 conv.
+
+    Args:
+        state: diffusers keys -> tensors.
+        num_levels: ``len(block_out_channels)`` (the decoder's block order is reversed).
+    """
+    refused = sorted(k for k in state if "quant_conv" in k)
+    if refused:
+        raise ValueError(
+            f"checkpoint has {refused}: VAEs with quant_conv/post_quant_conv are not FLUX-shaped "
+            "and are not supported"
+        )
+    out = {}
+    for key, tensor in state.items():
+        new = _diffusers_key_to_bfl(key, num_levels)
+        if _is_attention_projection(new) and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]
+        out[new] = tensor
+    return out
+
+
+def bfl_to_diffusers(state: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """Inverse of `diffusers_to_bfl`: BFL names -> diffusers names, 1x1 conv -> Linear."""
+    out = {}
+    for key, tensor in state.items():
+        if _is_attention_projection(key) and tensor.ndim == 4:
+            tensor = tensor[:, :, 0, 0]
+        out[_bfl_key_to_diffusers(key, num_levels)] = tensor
+    return out
+
+
+# ------------------------------------------------------------------- configs
+def config_from_diffusers(data: dict) -> FluxVAEConfig:
+    """`FluxVAEConfig` from a diffusers ``AutoencoderKL`` ``config.json``."""
+    channels = list(data["block_out_channels"])
+    base = channels[0]
+    if any(c % base for c in channels):
+        raise ValueError(f"block_out_channels {channels} are not multiples of the first width")
+    if data.get("use_quant_conv", True) or data.get("use_post_quant_conv", True):
+        raise ValueError(
+            "diffusers config enables quant_conv/post_quant_conv; only FLUX-shaped VAEs "
+            "(use_quant_conv=false, use_post_quant_conv=false) are supported"
+        )
+    scale = data.get("scaling_factor")
+    shift = data.get("shift_factor")
+    return FluxVAEConfig(
+        in_channels=data.get("in_channels", 3), out_channels=data.get("out_channels", 3), ch=base,
+        ch_mult=tuple(c // base for c in channels), num_res_blocks=data.get("layers_per_block", 2),
+        z_channels=data.get("latent_channels", 16), norm_groups=data.get("norm_num_groups", 32),
+        normalization="scale_shift" if scale is not None else "none",
+        scaling_factor=float(scale if scale is not None else 1.0),
+        shift_factor=float(shift if shift is not None else 0.0),
+    )
+
+
+def config_to_diffusers(config: FluxVAEConfig) -> dict:
+    """A diffusers ``AutoencoderKL`` ``config.json`` for a `FluxVAEConfig`."""
+    levels = len(config.ch_mult)
+    data = {
+        "_class_name": "AutoencoderKL",
+        "in_channels": config.in_channels, "out_channels": config.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": [config.ch * m for m in config.ch_mult],
+        "layers_per_block": config.num_res_blocks, "act_fn": "silu",
+        "latent_channels": config.z_channels, "norm_num_groups": config.norm_groups,
+        "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True,
+    }
+    if config.normalization == "scale_shift":
+        data["scaling_factor"] = config.scaling_factor
+        data["shift_factor"] = config.shift_factor
+    return data
+
+
+#: The fields of NextStep-1's ``vae/config.json``.
+NEXTSTEP_CONFIG_FIELDS = ("resolution", "in_channels", "ch", "out_ch", "ch_mult", "num_res_blocks",
+                          "z_channels", "scaling_factor", "shift_factor", "deterministic",
+                          "encoder_norm", "psz")
+
+
+def config_from_nextstep(data: dict) -> FluxVAEConfig:
+    """`FluxVAEConfig` from NextStep-1's ``vae/config.json``.
+
+    ``encoder_norm`` true selects the per-``psz`` channel standardisation; the
+    release's ``scaling_factor`` / ``shift_factor`` are then applied on top by its
+    pipeline, and are kept here as given (1 and 0 in the release).
+    """
+    unknown = sorted(set(data) - set(NEXTSTEP_CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(f"unexpected field(s) {unknown} in a NextStep VAE config; "
+                         f"known: {list(NEXTSTEP_CONFIG_FIELDS)}")
+    scale = float(data.get("scaling_factor", 1.0) or 1.0)
+    shift = float(data.get("shift_factor", 0.0) or 0.0)
+    if data.get("encoder_norm", True):
+        normalization = "layer_norm"
+        if (scale, shift) != (1.0, 0.0):
+            raise ValueError(
+                f"NextStep VAE config combines encoder_norm with scaling_factor={scale}, "
+                f"shift_factor={shift}; only 1 and 0 are supported with encoder_norm"
+            )
+    else:
+        normalization = "scale_shift" if (scale, shift) != (1.0, 0.0) else "none"
+    return FluxVAEConfig(
+        in_channels=data.get("in_channels", 3), out_channels=data.get("out_ch", 3),
+        ch=data.get("ch", 128), ch_mult=tuple(data.get("ch_mult", (1, 2, 4, 4))),
+        num_res_blocks=data.get("num_res_blocks", 2), z_channels=data.get("z_channels", 16),
+        normalization=normalization, normalization_patch_size=int(data.get("psz") or 1),
+        scaling_factor=scale, shift_factor=shift, deterministic=bool(data.get("deterministic", True)),
+    )
+
+
+def config_to_nextstep(config: FluxVAEConfig, resolution: int = 256) -> dict:
+    """NextStep-1's ``vae/config.json`` fields for a `FluxVAEConfig`."""
+    if config.normalization == "layer_norm":
+        scale, shift, encoder_norm = 1.0, 0.0, True
+    else:
+        scale, shift = (config.scaling_factor, config.shift_factor) if config.normalization == "scale_shift" else (1.0, 0.0)
+        encoder_norm = False
+    return {
+        "resolution": resolution, "in_channels": config.in_channels, "ch": config.ch,
+        "out_ch": config.out_channels, "ch_mult": list(config.ch_mult),
+        "num_res_blocks": config.num_res_blocks, "z_channels": config.z_channels,
+        "scaling_factor": scale, "shift_factor": shift, "deterministic": config.deterministic,
+        "encoder_norm": encoder_norm, "psz": config.normalization_patch_size,
+    }
+
+
+def config_from_bfl_state(state: dict[str, torch.Tensor], norm_groups: int = 32) -> FluxVAEConfig:
+    """Infer the architecture from BFL-named weights (GroupNorm groups cannot be inferred)."""
+    try:
+        ch = state["encoder.conv_in.weight"].shape[0]
+        levels = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
+        blocks = 1 + max(int(m.group(1)) for k in state
+                         if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
+        widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
+        z_channels = state["encoder.conv_out.weight"].shape[0] // 2
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"weights do not look like a FLUX autoencoder (missing {error})") from None
+    return FluxVAEConfig(
+        in_channels=state["encoder.conv_in.weight"].shape[1],
+        out_channels=state["decoder.conv_out.weight"].shape[0], ch=ch,
+        ch_mult=tuple(w // ch for w in widths), num_res_blocks=blocks, z_channels=z_channels,
+        norm_groups=norm_groups, normalization="none",
+    )
+
+
+# ---------------------------------------------------------------------- files
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a corrupt file raises ``ValueError`` naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"expected weights at {path}, found nothing")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name).clone() for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
+
+
+def read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict read with ``weights_only=True``; refuses pickles that need code."""
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a checkpoint at {path}, found nothing")
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} needs arbitrary code execution to unpickle, which is refused "
+            f"(torch.load weights_only=True): {error}. Convert it to safetensors in a trusted "
+            "environment first."
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({error})") from error
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(data, dict) and wrapper in data and isinstance(data[wrapper], dict):
+            data = data[wrapper]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return dict(data)
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("vae.", "first_stage_model.", "ae.", "module."):
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def detect_layout(path: str | Path) -> str:
+    """Which of `LAYOUTS` the file or directory at ``path`` holds."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return "bfl"
+        if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+            return "nextstep"
+    if path.is_dir():
+        if (path / DIFFUSERS_WEIGHTS).exists() or (path / "vae" / DIFFUSERS_WEIGHTS).exists():
+            return "diffusers"
+        if (path / "checkpoint.pt").exists() or (path / "vae" / "checkpoint.pt").exists():
+            return "nextstep"
+        if (path / NATIVE_WEIGHTS).exists() and (path / "config.json").exists():
+            return "native"
+        if (path / "ae.safetensors").exists():
+            return "bfl"
+    raise FileNotFoundError(
+        f"{path} is not a VAE checkpoint: expected a FLUX 'ae.safetensors' file, a diffusers "
+        f"directory with config.json + {DIFFUSERS_WEIGHTS}, a NextStep directory with "
+        f"config.json + checkpoint.pt, or a directory with config.json + {NATIVE_WEIGHTS}"
+    )
+
+
+def _load_into(vae: FluxVAE, state: dict[str, torch.Tensor], source: str) -> FluxVAE:
+    from nextstep.serialization import check_state_dict
+
+    check_state_dict(vae.state_dict(), state, source)
+    vae.load_state_dict(state, strict=True)
+    return vae
+
+
+def load_flux_vae(path: str | Path, *, layout: str | None = None, **config_changes: object) -> FluxVAE:
+    """Load a `FluxVAE` from any of `LAYOUTS` (detected unless ``layout`` is given).
+
+    Args:
+        path: a file (``ae.safetensors``, ``checkpoint.pt``) or a directory.
+        layout: force one of `LAYOUTS`.
+        **config_changes: fields of `FluxVAEConfig` to override after reading the
+            checkpoint's own config, e.g. ``normalization="layer_norm"`` for FLUX.1
+            weights used the NextStep way, or ``norm_groups`` for BFL files.
+    """
+    path = Path(path)
+    layout = layout or detect_layout(path)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown VAE layout {layout!r}; known: {list(LAYOUTS)}")
+    if layout == "bfl":
+        file = path / "ae.safetensors" if path.is_dir() else path
+        state = _strip_prefix(read_safetensors(file))
+        norm_groups = config_changes.pop("norm_groups", 32)
+        config = config_from_bfl_state(state, norm_groups)
+        if "normalization" not in config_changes:
+            config_changes.update(normalization="scale_shift", scaling_factor=0.3611, shift_factor=0.1159)
+    elif layout == "diffusers":
+        directory = path / "vae" if (path / "vae" / DIFFUSERS_WEIGHTS).exists() else path
+        config = config_from_diffusers(_read_json(directory / "config.json"))
+        raw = read_safetensors(directory / DIFFUSERS_WEIGHTS)
+        state = diffusers_to_bfl(raw, len(config.ch_mult))
+        file = directory / DIFFUSERS_WEIGHTS
+    elif layout == "nextstep":
+        directory = path if path.is_dir() else path.parent
+        if (directory / "vae" / "checkpoint.pt").exists():
+            directory = directory / "vae"
+        file = path if path.is_file() else directory / "checkpoint.pt"
+        config = config_from_nextstep(_read_json(directory / "config.json"))
+        state = _strip_prefix(read_torch_checkpoint(file))
+    else:
+        config = FluxVAEConfig.load(path / "config.json")
+        file = path / NATIVE_WEIGHTS
+        state = read_safetensors(file)
+    config = config.replace(**config_changes) if config_changes else config
+    return _load_into(FluxVAE(config), state, str(file))
+
+
+def save_flux_vae(vae: FluxVAE, directory: str | Path, *, layout: str = "native") -> None:
+    """Write ``vae`` in one of `LAYOUTS`, atomically (the directory appears complete or not at all)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown VAE layout {layout!r}; known: {list(LAYOUTS)}")
+    state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
+    config = vae.config
+    with atomic_directory(directory) as staging:
+        if layout == "native":
+            config.save(staging / "config.json")
+            save_file(state, str(staging / NATIVE_WEIGHTS), metadata={"format": "pt"})
+        elif layout == "diffusers":
+            (staging / "config.json").write_text(json.dumps(config_to_diffusers(config), indent=2))
+            save_file(bfl_to_diffusers(state, len(config.ch_mult)), str(staging / DIFFUSERS_WEIGHTS),
+                      metadata={"format": "pt"})
+        elif layout == "nextstep":
+            (staging / "config.json").write_text(json.dumps(config_to_nextstep(config), indent=2))
+            torch.save(state, str(staging / "checkpoint.pt"))
+        else:
+            save_file(state, str(staging / "ae.safetensors"), metadata={"format": "pt"})
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a config file at {path}, found nothing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], source: str, target: str,
+                       num_levels: int) -> dict[str, torch.Tensor]:
+    """Rename weights between the ``bfl`` (= native, = nextstep) and ``diffusers`` naming."""
+    lookup: dict[tuple[str, str], Callable] = {
+        ("diffusers", "bfl"): diffusers_to_bfl, ("bfl", "diffusers"): bfl_to_diffusers,
+    }
+    canonical = {"native": "bfl", "nextstep": "bfl", "bfl": "bfl", "diffusers": "diffusers"}
+    source, target = canonical[source], canonical[target]
+    if source == target:
+        return dict(state)
+    return lookup[(source, target)](state, num_levels)

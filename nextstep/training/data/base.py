@@ -1,0 +1,134 @@
+"""What datasets hand to the training loop: samples, batches and the dataset interface.
+
+Legend: B batch, H/W pixels, N image tokens per image, D token dim.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+class CorruptSampleError(Exception):
+    """A sample could not be read (broken image file, bad tar member).
+
+    The loader skips such samples with a warning and counts them; the run stops
+    once the count passes the allowed fraction.
+
+    Args:
+        key: the file or sample that failed.
+        reason: what went wrong.
+    """
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class DataQualityError(RuntimeError):
+    """Too many unreadable samples: training on what is left would be misleading."""
+
+
+@dataclass
+class ImageTextSample:
+    """One image-caption pair.
+
+    Attributes:
+        key: a stable name (file path or dataset index) for messages and logs.
+        caption: the text.
+        image: an RGB image, or None when ``tokens`` hold the cached image.
+        tokens: cached image tokens, shape (N, D), or None.
+        grid: token grid (h, w) of ``tokens``.
+        source_image: for editing samples, the image to be edited.
+        source_tokens: cached tokens of ``source_image``, shape (N_src, D).
+        source_grid: token grid of ``source_tokens``.
+        metadata: dataset-specific ground truth (JSON-serialisable).
+    """
+
+    key: str
+    caption: str
+    image: Image.Image | None = None
+    tokens: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+    source_image: Image.Image | None = None
+    source_tokens: torch.Tensor | None = None
+    source_grid: tuple[int, int] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass
+class ImageTextBatch:
+    """A batch of samples that share one image size (one aspect-ratio bucket).
+
+    Attributes:
+        keys: B sample keys.
+        captions: B texts (instructions for editing batches).
+        images: (B, 3, H, W) float32 in [-1, 1], or None when ``tokens`` are given.
+        tokens: (B, N, D) cached image tokens, or None.
+        grid: token grid (h, w) of ``tokens``.
+        source_images: (B, 3, H', W') images to be edited, for editing batches.
+        source_tokens: (B, N', D) cached source tokens.
+        source_grid: token grid of ``source_tokens``.
+        bad_keys: samples that were unreadable and replaced while building the batch.
+        attempted: how many samples were read, good and bad.
+    """
+
+    keys: list[str]
+    captions: list[str]
+    images: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+    source_images: torch.Tensor | None = None
+    source_tokens: torch.Tensor | None = None
+    source_grid: tuple[int, int] | None = None
+    bad_keys: list[str] = field(default_factory=list)
+    attempted: int = 0
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @property
+    def is_editing(self) -> bool:
+        return self.source_images is not None or self.source_tokens is not None
+
+
+class ImageTextDataset(ABC):
+    """A map-style dataset of image-caption pairs.
+
+    Implement `__len__`, `load` and `image_size`; the loader uses `image_size`
+    (which must be cheap: a header read or a constant) to put every index into
+    an aspect-ratio bucket before any image is decoded.
+    """
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of samples."""
+
+    @abstractmethod
+    def load(self, index: int) -> ImageTextSample:
+        """Sample ``index``; raise `CorruptSampleError` if it cannot be read."""
+
+    @abstractmethod
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) in pixels of sample ``index``'s image, without decoding it."""
+
+    def describe(self) -> str:
+        """One line for logs."""
+        return f"{type(self).__name__} ({len(self)} samples)"
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """An RGB copy; transparent pixels are composited over ``background``."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")

@@ -1,0 +1,295 @@
+"""Sharded tar files in WebDataset layout, streamed: ``key.jpg`` + ``key.txt`` per sample.
+
+Members of one sample are adjacent in the tar and share a key (the member path
+up to the first dot of its file name). Shards are read sequentially, a member
+at a time, so memory holds only a shuffle buffer and one batch per bucket.
+
+Every process (and every loader worker) reads its own subset of the shards,
+re-dealt each epoch by a seeded shuffle. The stream is deterministic, so a
+resumed run replays it up to the saved position, reading image headers only,
+and then continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from nextstep.config import Config, require
+from nextstep.training.data.base import CorruptSampleError, ImageTextBatch, ImageTextSample
+from nextstep.training.data.buckets import AspectRatioBuckets
+from nextstep.training.data.folder import IMAGE_ERRORS, open_image
+from nextstep.training.data.loader import BatchLayout, collate_samples, mix_seed
+from nextstep.training.data.registry import register_dataset
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class WebDatasetConfig(Config):
+    """Which shards to stream and how to read them.
+
+    Args:
+        shards: tar paths or glob patterns (``data/train-{000..099}.tar`` style
+            brace ranges are expanded too).
+        caption_key: member extension of the caption.
+        image_keys: member extensions tried, in order, for the image.
+        shuffle_buffer: samples held for shuffling within the stream (0 or 1 keeps file order).
+    """
+
+    shards: tuple[str, ...] = ()
+    caption_key: str = "txt"
+    image_keys: tuple[str, ...] = IMAGE_KEYS
+    shuffle_buffer: int = 256
+
+    def validate(self) -> None:
+        require(len(self.shards) > 0, "shards", self.shards, "at least one tar path or pattern")
+        require(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, ">= 0")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{00..02}.tar`` -> ``["a-00.tar", "a-01.tar", "a-02.tar"]`` (zero padding kept)."""
+    start = pattern.find("{")
+    end = pattern.find("}", start)
+    if start < 0 or end < 0 or ".." not in pattern[start:end]:
+        return [pattern]
+    low, high = pattern[start + 1:end].split("..", 1)
+    width = len(low) if low.startswith("0") else 0
+    out = []
+    for number in range(int(low), int(high) + 1):
+        out.extend(expand_braces(pattern[:start] + str(number).zfill(width) + pattern[end + 1:]))
+    return out
+
+
+@dataclass
+class RawSample:
+    """A sample's members as bytes, before decoding."""
+
+    key: str
+    shard: str
+    members: dict[str, bytes]
+
+
+def read_shard(path: str | Path) -> Iterator[RawSample]:
+    """Samples of one tar, streamed in file order."""
+    current_key, members = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                directory, _, name = member.name.rpartition("/")
+                stem, dot, extension = name.partition(".")
+                if not dot:
+                    continue
+                key = f"{directory}/{stem}" if directory else stem
+                if key != current_key and current_key is not None:
+                    yield RawSample(current_key, str(path), members)
+                    members = {}
+                current_key = key
+                handle = archive.extractfile(member)
+                members[extension.lower()] = handle.read() if handle is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise CorruptSampleError(str(path), f"unreadable tar shard ({error})") from None
+    if current_key is not None:
+        yield RawSample(current_key, str(path), members)
+
+
+@register_dataset("webdataset")
+class WebDataset:
+    """A set of WebDataset shards; `stream` yields one process slot's samples."""
+
+    config_class = WebDatasetConfig
+    streaming = True
+
+    def __init__(self, config: WebDatasetConfig | None = None):
+        self.config = config or WebDatasetConfig()
+        paths: list[str] = []
+        for pattern in self.config.shards:
+            for expanded in expand_braces(pattern):
+                matches = sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded]
+                paths.extend(matches)
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing or not paths:
+            raise FileNotFoundError(
+                f"expected tar shards at {list(self.config.shards)}, missing: {missing[:5] or 'all'}"
+            )
+        self.shards = paths
+
+    def describe(self) -> str:
+        return f"WebDataset ({len(self.shards)} shards)"
+
+    def decode_caption(self, raw: RawSample) -> str:
+        data = raw.members.get(self.config.caption_key)
+        if data is None:
+            raise ValueError(
+                f"sample {raw.key!r} in shard {raw.shard} has no caption: expected a member "
+                f"{raw.key}.{self.config.caption_key}, found {sorted(raw.members)}"
+            )
+        return data.decode("utf-8").strip()
+
+    def image_bytes(self, raw: RawSample) -> tuple[str, bytes]:
+        for extension in self.config.image_keys:
+            if extension in raw.members:
+                return extension, raw.members[extension]
+        raise CorruptSampleError(f"{raw.shard}:{raw.key}", f"no image member among {list(self.config.image_keys)}")
+
+    def stream(self, slot: int, num_slots: int, seed: int) -> Iterator[tuple[RawSample, bool]]:
+        """Endless samples of one slot, epoch after epoch; yields ``(sample, is_bad_shard)``.
+
+        Epoch ``e`` deals the shards, shuffled with ``(seed, e)``, round-robin to
+        the ``num_slots`` slots, then shuffles samples through a buffer seeded
+        with ``(seed, e, slot)``.
+        """
+        if len(self.shards) < num_slots:
+            raise ValueError(
+                f"{len(self.shards)} shards cannot feed {num_slots} readers (processes x loader workers); "
+                "write more shards or use fewer workers"
+            )
+        epoch = 0
+        while True:
+            order = list(self.shards)
+            random.Random(mix_seed(seed, "shards", epoch)).shuffle(order)
+            rng = random.Random(mix_seed(seed, "buffer", epoch, slot))
+            buffer: list[RawSample] = []
+            for shard in order[slot::num_slots]:
+                try:
+                    for raw in read_shard(shard):
+                        if self.config.shuffle_buffer <= 1:
+                            yield raw, False
+                            continue
+                        buffer.append(raw)
+                        if len(buffer) >= self.config.shuffle_buffer:
+                            yield buffer.pop(rng.randrange(len(buffer))), False
+                except CorruptSampleError as error:
+                    yield RawSample(error.key, shard, {}), True
+            rng.shuffle(buffer)
+            for raw in buffer:
+                yield raw, False
+            epoch += 1
+
+
+class StreamingBatches(IterableDataset):
+    """Micro-batches of one process from a `WebDataset`, bucketed by aspect ratio on the fly.
+
+    Samples gather per bucket; a bucket that holds ``micro_batch_size`` samples
+    becomes a batch. Runs in loader workers; worker ``w`` of process ``rank``
+    reads slot ``rank * workers + w``.
+
+    Args:
+        dataset: the shards.
+        buckets: aspect-ratio buckets.
+        micro_batch_size: samples per batch.
+        rank: this process's rank.
+        world_size: processes.
+        seed: base seed.
+        skip_batches: batches this process already consumed (resume position).
+    """
+
+    def __init__(self, dataset: WebDataset, buckets: AspectRatioBuckets, micro_batch_size: int, *,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, skip_batches: int = 0):
+        self.dataset = dataset
+        self.buckets = buckets
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.skip_batches = skip_batches
+
+    def __iter__(self) -> Iterator[ImageTextBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, num_slots = self.rank * workers + worker, self.world_size * workers
+        # The loader takes batches from its workers in turn, so worker w made
+        # every workers-th batch of those consumed.
+        skip = (self.skip_batches - worker + workers - 1) // workers if self.skip_batches > worker else 0
+        pending: dict[tuple[int, int], list[tuple[RawSample, str, Image.Image | None]]] = {}
+        bad: list[str] = []
+        attempted = 0
+        for raw, is_bad_shard in self.dataset.stream(slot, num_slots, self.seed):
+            attempted += 1
+            if is_bad_shard:
+                bad.append(f"{raw.key} (unreadable tar shard)")
+                continue
+            caption = self.dataset.decode_caption(raw)
+            try:
+                _, data = self.dataset.image_bytes(raw)
+                with Image.open(io.BytesIO(data)) as image:
+                    width, height = image.size
+            except (CorruptSampleError, *IMAGE_ERRORS) as error:
+                bad.append(f"{raw.shard}:{raw.key} ({error})")
+                continue
+            size = self.buckets.assign(width, height)
+            group = pending.setdefault(size, [])
+            group.append((raw, caption))
+            if len(group) < self.micro_batch_size:
+                continue
+            del pending[size]
+            if skip > 0:
+                skip -= 1
+                bad, attempted = [], 0
+                continue
+            batch = self._decode(group, size, bad, attempted)
+            bad, attempted = [], 0
+            if batch is not None:
+                yield batch
+
+    def _decode(self, group, size, bad, attempted) -> ImageTextBatch | None:
+        samples = []
+        for raw, caption in group:
+            try:
+                _, data = self.dataset.image_bytes(raw)
+                image = open_image(f"{raw.shard}:{raw.key}", data)
+            except CorruptSampleError as error:
+                bad.append(f"{error.key} ({error.reason})")
+                continue
+            samples.append(ImageTextSample(key=f"{raw.shard}:{raw.key}", caption=caption, image=image))
+        if not samples:
+            return None
+        # A sample whose pixels fail after a good header is replaced by a good one of the
+        # batch, so every batch keeps its size.
+        samples.extend(samples[i % len(samples)] for i in range(len(group) - len(samples)))
+        return collate_samples(samples, size[0], size[1], bad_keys=bad, attempted=attempted)
+
+
+def _identity(batch):
+    return batch
+
+
+class StreamingTrainingBatches:
+    """The micro-batches one process trains on from a `WebDataset`, from a given step on.
+
+    Args:
+        dataset: the shards.
+        buckets: aspect-ratio buckets.
+        layout: how a global batch is split.
+        rank: this process's rank.
+        seed: base seed.
+        start_step: first optimiser step to produce.
+        num_workers: loader worker processes.
+    """
+
+    dataset_size = None
+
+    def __init__(self, dataset: WebDataset, buckets: AspectRatioBuckets, layout: BatchLayout, *,
+                 rank: int = 0, seed: int = 0, start_step: int = 0, num_workers: int = 0):
+        self.stream = StreamingBatches(
+            dataset, buckets, layout.micro_batch_size, rank=rank, world_size=layout.world_size,
+            seed=seed, skip_batches=start_step * layout.gradient_accumulation,
+        )
+        self.loader = DataLoader(self.stream, batch_size=None, collate_fn=_identity,
+                                 num_workers=num_workers, prefetch_factor=4 if num_workers else None)
+
+    def epoch_of(self, step: int) -> int:
+        return 0
+
+    def __iter__(self) -> Iterator[ImageTextBatch]:
+        return iter(self.loader)

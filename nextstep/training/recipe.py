@@ -1,0 +1,207 @@
+"""Recipes: one JSON file naming the model, the data and the training numbers.
+
+A recipe looks like::
+
+    {
+      "model": "tiny",
+      "data": {"datasets": [{"type": "shapes", "num_samples": 20000}], "resolution": 64},
+      "train": {"max_steps": 2000, "micro_batch_size": 32, "learning_rate": 1e-3}
+    }
+
+`run_recipe` builds everything and trains; ``nextstep train`` calls it. Under
+``torchrun`` every process runs the same call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nextstep.config import Config, require
+from nextstep.training.config import TrainConfig
+from nextstep.training.data.source import DataConfig
+
+logger = logging.getLogger("nextstep.training")
+
+RECIPE_FILE = "recipe.json"
+
+
+@dataclass
+class RecipeConfig(Config):
+    """A whole training run.
+
+    Args:
+        model: a model preset name (``tiny``, ``nextstep_1_large``) or a saved
+            model directory to continue from.
+        model_arguments: keyword arguments of the preset function (for
+            ``nextstep_1_large``: ``{"tokenizer_path": "/path/to/qwen2.5"}``).
+        model_seed: seed of a preset's random initialisation.
+        image_tokenizer: a trained VAE (a folder or file in any layout
+            ``nextstep.tokenizers.vae_checkpoints.load_flux_vae`` reads) that
+            replaces the model's image tokenizer; its token width must match.
+        data: the training data.
+        train: the optimiser, schedule, batch, logging and checkpoint settings.
+    """
+
+    model: str = "tiny"
+    model_arguments: dict = field(default_factory=dict)
+    model_seed: int = 0
+    image_tokenizer: str = ""
+    data: DataConfig = field(default_factory=lambda: DataConfig(datasets=({"type": "shapes"},)))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        require(bool(self.model), "model", self.model, "a preset name or a model directory")
+        require(isinstance(self.model_arguments, dict), "model_arguments", self.model_arguments, "a mapping")
+
+
+def recipe_search_paths() -> list[Path]:
+    """Folders searched for recipes given by name: ``./recipes`` and the source tree's ``recipes/``."""
+    return [Path.cwd() / "recipes", Path(__file__).resolve().parents[2] / "recipes"]
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """The recipe file for a path or a bare name (``tiny_emoji_shapes``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.suffix or "/" in name_or_path:
+        raise FileNotFoundError(f"expected a recipe file at {name_or_path}, found nothing")
+    known = []
+    for folder in recipe_search_paths():
+        candidate = folder / f"{name_or_path}.json"
+        if candidate.is_file():
+            return candidate
+        if folder.is_dir():
+            known.extend(p.stem for p in folder.glob("*.json"))
+    raise FileNotFoundError(
+        f"no recipe named {name_or_path!r} in {[str(p) for p in recipe_search_paths()]}; "
+        f"known: {sorted(set(known))}"
+    )
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as JSON, else taken as text) to a recipe dict."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"an override must look like 'train.max_steps=100', found {item!r}")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        keys = dotted.split(".")
+        target = data
+        for key in keys[:-1]:
+            if not isinstance(target.get(key), dict):
+                target[key] = {} if key not in target else target[key]
+            target = target[key]
+        target[keys[-1]] = value
+    return data
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read a recipe and apply overrides; unknown keys raise ``ValueError`` naming them."""
+    path = find_recipe(name_or_path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"recipe {path} is not valid JSON: {error}") from error
+    return RecipeConfig.from_dict(apply_overrides(data, overrides or []))
+
+
+def build_recipe_model(recipe: RecipeConfig):
+    """The NextStep model a recipe starts from."""
+    from nextstep.builders import build_model
+    from nextstep.model import NextStep
+    from nextstep.registry import model_preset
+
+    path = Path(recipe.model)
+    if path.is_dir():
+        model = NextStep.from_pretrained(path)
+    else:
+        model = build_model(model_preset(recipe.model)(**recipe.model_arguments), seed=recipe.model_seed)
+    if recipe.image_tokenizer:
+        from nextstep.tokenizers.vae_checkpoints import load_flux_vae
+
+        tokenizer = load_flux_vae(recipe.image_tokenizer)
+        if tokenizer.token_dim != model.token_dim:
+            raise ValueError(
+                f"image_tokenizer {recipe.image_tokenizer} makes {tokenizer.token_dim}-d tokens but the model "
+                f"expects {model.token_dim}-d ones"
+            )
+        model.image_tokenizer = tokenizer.requires_grad_(False)
+    return model
+
+
+def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progress: bool = False):
+    """The recipe's `TrainingData`; with ``data.latent_cache`` set, each dataset is encoded
+    once into ``<latent_cache>/<number>-<type>`` (by rank 0) and read from there."""
+    from nextstep.training.data.latent_cache import (
+        INDEX_FILE,
+        LatentCacheConfig,
+        LatentCacheDataset,
+        build_latent_cache,
+    )
+    from nextstep.training.data.source import TrainingData, build_datasets, combine
+    from nextstep.training.distributed import DistributedContext
+
+    context = context or DistributedContext()
+    config = recipe.data
+    buckets = config.buckets(model.image_tokenizer.pixels_per_token)
+    datasets, repeats = build_datasets(config)
+    if not config.latent_cache:
+        return TrainingData(combine(datasets, repeats), buckets)
+    if any(getattr(d, "streaming", False) for d in datasets):
+        raise ValueError("data.latent_cache works with map-style datasets, not with webdataset streams")
+    folders = [Path(config.latent_cache) / f"{number:02d}-{spec['type']}"
+               for number, spec in enumerate(config.datasets)]
+    if context.is_main:
+        for dataset, spec, folder in zip(datasets, config.datasets, folders):
+            description = json.dumps({k: v for k, v in spec.items() if k != "repeat"}, sort_keys=True)
+            build_latent_cache(model.image_tokenizer, dataset, buckets, folder, device=context.device,
+                               max_bad_fraction=recipe.train.max_bad_fraction, progress=show_progress,
+                               source=f"{description} {buckets}")
+    else:
+        # Encoding can outlast a collective's timeout: wait for the finished indexes instead.
+        while not all((folder / INDEX_FILE).is_file() for folder in folders):
+            time.sleep(2.0)
+    context.barrier()
+    cached = [LatentCacheDataset(LatentCacheConfig(str(folder))) for folder in folders]
+    return TrainingData(combine(cached, repeats), buckets)
+
+
+def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = True,
+               show_progress: bool = True):
+    """Train a recipe; returns the `Trainer` after the run.
+
+    Args:
+        recipe: what to train.
+        output_dir: logs, samples and checkpoints go here (a rerun with the same
+            folder resumes from its latest checkpoint).
+        resume: set False to ignore existing checkpoints.
+        show_progress: draw the progress bar.
+    """
+    from nextstep.training.distributed import DistributedContext
+    from nextstep.training.text_to_image import TextToImageTask
+    from nextstep.training.trainer import Trainer
+
+    output_dir = Path(output_dir)
+    context = DistributedContext.from_environment()
+    try:
+        model = build_recipe_model(recipe)
+        data = recipe_training_data(recipe, model, context, show_progress)
+        if context.is_main:
+            recipe.save(output_dir / RECIPE_FILE)
+            logger.info("training on %s", data.describe())
+        task = TextToImageTask(model, recipe.train.text_dropout)
+        trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
+        trainer.fit(resume=resume)
+        return trainer
+    finally:
+        context.shutdown()

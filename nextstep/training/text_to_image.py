@@ -1,0 +1,113 @@
+"""`TextToImageTask`: NextStep's training loss on image-caption (and editing) batches.
+
+Legend: B batch, N image tokens per image, D token dim.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from nextstep.model import NextStep
+from nextstep.sequence import SequenceBatch
+from nextstep.training.data.base import ImageTextBatch
+from nextstep.training.task import StepResult, TrainingTask
+
+
+class TextToImageTask(TrainingTask):
+    """Teacher-forced NextStep loss: ``text_weight * CE + image_weight * flow matching``.
+
+    Images are encoded by the model's frozen tokenizer, or taken from a latent
+    cache when the batch carries tokens. Each pair is ordered image-first with
+    probability ``text_dropout`` (the image is then modelled without its
+    caption, which classifier-free guidance needs). Editing batches (with a
+    source image) put the flow-matching loss on the target image only.
+
+    Args:
+        model: the NextStep model.
+        text_dropout: chance of the image-first order; None keeps
+            ``model.config.image_first_probability``.
+    """
+
+    def __init__(self, model: NextStep, text_dropout: float | None = None):
+        super().__init__(model)
+        if text_dropout is not None and not 0 <= text_dropout <= 1:
+            raise ValueError(f"text_dropout must be in [0, 1], found {text_dropout!r}")
+        self.text_dropout = model.config.image_first_probability if text_dropout is None else text_dropout
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, images: torch.Tensor | None, tokens: torch.Tensor | None,
+               grid: tuple[int, int] | None) -> tuple[torch.Tensor, int, int]:
+        """Tokens (B, N, D) and grid (h, w): cached ones, or the images encoded now."""
+        if tokens is not None:
+            if grid is None:
+                raise ValueError("a batch with cached tokens must say their grid (h, w)")
+            return tokens, grid[0], grid[1]
+        if images is None:
+            raise ValueError("the batch holds neither images nor cached tokens")
+        encoded, height, width = self.model.encode_images(images.to(self.device))
+        return encoded, height, width
+
+    def sequences(self, batch: ImageTextBatch, generator: torch.Generator) -> SequenceBatch:
+        """The `SequenceBatch` of a data batch (text dropout drawn from ``generator``)."""
+        builder = self.model.sequences
+        tokens, grid_h, grid_w = self.encode(batch.images, batch.tokens, batch.grid)
+        tokens = tokens.float().cpu()
+        if batch.is_editing:
+            source, source_h, source_w = self.encode(batch.source_images, batch.source_tokens, batch.source_grid)
+            source = source.float().cpu()
+            examples = [
+                builder.editing_example(caption, source[i], (source_h, source_w), tokens[i], (grid_h, grid_w))
+                for i, caption in enumerate(batch.captions)
+            ]
+            return builder.collate(examples).to(self.device)
+        draws = torch.rand(len(batch), generator=generator, device=generator.device)
+        image_first = (draws < self.text_dropout).tolist()
+        examples = [
+            builder.example(caption, tokens[i], grid_h, grid_w, image_first=first)
+            for i, (caption, first) in enumerate(zip(batch.captions, image_first))
+        ]
+        return builder.collate(examples).to(self.device)
+
+    def loss(self, module: nn.Module, batch: ImageTextBatch, generator: torch.Generator) -> StepResult:
+        sequences = self.sequences(batch, generator)
+        output = module(sequences, generator=generator)
+        return StepResult(
+            loss=output.total,
+            metrics={"text_loss": float(output.text.detach()), "image_loss": float(output.image.detach())},
+            num_tokens=int(sequences.attention_mask.sum()),
+        )
+
+    def shard_units(self) -> list[nn.Module]:
+        layers = getattr(self.model.backbone, "layers", None)
+        return list(layers) if layers is not None else []
+
+    def enable_gradient_checkpointing(self) -> None:
+        backbone = self.model.backbone
+        config = getattr(backbone, "config", None)
+        if config is None or not hasattr(config, "gradient_checkpointing"):
+            raise ValueError(
+                f"backbone {type(backbone).__name__} has no 'gradient_checkpointing' config field"
+            )
+        backbone.config = config.replace(gradient_checkpointing=True)
+
+    def sample_images(self, prompts: tuple[str, ...] = (), height: int = 64, width: int = 64,
+                      cfg: float = 3.0, num_steps: int = 20, seed: int = 0, **_: Any) -> list[Image.Image]:
+        if not prompts:
+            return []
+        return self.model.generate(list(prompts), height=height, width=width, cfg=cfg, num_steps=num_steps,
+                                   seed=seed)
+
+    def write_checkpoint_files(self, directory: Path) -> None:
+        # config.json and tokenizer files beside model.safetensors: the checkpoint
+        # directory loads with NextStep.from_pretrained.
+        if self.model.text_tokenizer is not None:
+            self.model.text_tokenizer.save(directory)
+        self.model.current_config().save(directory / "config.json")

@@ -1,0 +1,278 @@
+"""`Trainer`: the generic loop (accumulation, clipping, AdamW, schedule, EMA, checkpoints, logs).
+
+The loop works on any `TrainingTask`. Randomness of step ``s``, micro-batch
+slot ``j`` comes from one generator seeded with ``(seed, s, j)``; the data
+position is a function of the step; the optimiser, EMA and generator states are
+checkpointed. A resumed run therefore repeats the uninterrupted one exactly,
+and a run on ``W`` processes with ``A`` accumulation steps equals one process
+with ``W * A`` accumulation steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from nextstep.images import image_grid
+from nextstep.io import atomic_path
+from nextstep.training.checkpointing import CheckpointManager, WriteHook
+from nextstep.training.config import TrainConfig
+from nextstep.training.data.loader import BatchLayout, mix_seed
+from nextstep.training.data.quality import BadSampleTracker
+from nextstep.training.data.source import TrainingData
+from nextstep.training.distributed import DistributedContext, full_tensor
+from nextstep.training.ema import ExponentialMovingAverage
+from nextstep.training.logging import CSVLog, Progress, TensorBoardLog
+from nextstep.training.optim import WarmupCosineSchedule, build_optimizer
+from nextstep.training.task import TrainingTask
+
+logger = logging.getLogger("nextstep.training")
+
+LOG_FILE = "train_log.csv"
+SAMPLES_DIR = "samples"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass
+class StepRecord:
+    """The logged numbers of one optimiser step (averaged over micro-batches and processes)."""
+
+    step: int
+    loss: float
+    metrics: dict[str, float]
+    learning_rate: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast for ``bf16`` (and for ``auto`` on CUDA with bf16 support); otherwise none."""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Trainer:
+    """Trains a task's model on a data source.
+
+    Files under ``output_dir``: ``train_log.csv`` (and ``tensorboard/``),
+    ``samples/step-XXXXXXXX.png`` and ``checkpoints/step-XXXXXXXX/``.
+
+    Args:
+        task: the model and its loss.
+        data: the training data.
+        config: the run's numbers.
+        output_dir: where logs, samples and checkpoints go.
+        context: this process's place in a distributed job (default: a single process).
+        show_progress: draw a progress bar (rank 0 only).
+        checkpoint_write_hook: passed to `CheckpointManager` (tests use it).
+    """
+
+    def __init__(
+        self,
+        task: TrainingTask,
+        data: TrainingData,
+        config: TrainConfig,
+        output_dir: str | Path,
+        *,
+        context: DistributedContext | None = None,
+        show_progress: bool = True,
+        checkpoint_write_hook: WriteHook | None = None,
+    ):
+        self.task = task
+        self.data = data
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.context = context or DistributedContext()
+        self.show_progress = show_progress
+        self.layout = BatchLayout(config.micro_batch_size, config.gradient_accumulation, self.context.world_size)
+        self.model = task.model.to(self.context.device)
+        if config.gradient_checkpointing:
+            task.enable_gradient_checkpointing()
+        self.model.train()
+        self.module = self.context.wrap(self.model, config.parallelism, task.shard_units(),
+                                        task.unsharded_parameters())
+        self.optimizer = build_optimizer(self.model, config)
+        self.schedule = WarmupCosineSchedule.from_config(config)
+        self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay > 0 else None
+        self.checkpoints = CheckpointManager(self.output_dir / CHECKPOINTS_DIR, config.keep_last, self.context,
+                                             write_hook=checkpoint_write_hook)
+        self.tracker = BadSampleTracker(config.max_bad_fraction, data.size, data.known_bad)
+        self.step = 0
+        self.history: list[StepRecord] = []
+        self._opened_data = None
+
+    # ---------------------------------------------------------------- resume
+    def resume(self, checkpoint: str | Path | None = None) -> int:
+        """Restore the latest checkpoint (or ``checkpoint``); returns the step to continue from."""
+        self.checkpoints.remove_stale()
+        path = Path(checkpoint) if checkpoint is not None else self.checkpoints.latest()
+        if path is None:
+            return self.step
+        state = self.checkpoints.load(path, self.model, self.optimizer, ema=self.ema)
+        saved_batch = state.get("global_batch_size")
+        if saved_batch is not None and saved_batch != self.layout.global_batch_size:
+            raise ValueError(
+                f"checkpoint {path} was trained with a global batch of {saved_batch} examples but this run "
+                f"has {self.layout.global_batch_size} (micro_batch_size x gradient_accumulation x "
+                "processes); keep the global batch to resume the same data order"
+            )
+        self.tracker.load_state_dict(state.get("bad_samples", {}))
+        self.step = int(state["step"])
+        logger.info("resumed from %s at step %d", path, self.step)
+        return self.step
+
+    def trainer_state(self) -> dict:
+        return {
+            "global_batch_size": self.layout.global_batch_size,
+            "world_size": self.context.world_size,
+            "bad_samples": self.tracker.state_dict(),
+            "config": self.config.to_dict(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpoints.save(self.step, self.model, self.optimizer, self.trainer_state(), ema=self.ema,
+                                     write_extra=self.task.write_checkpoint_files)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: bool = True) -> list[StepRecord]:
+        """Train until ``config.max_steps``; returns the records of the steps run now.
+
+        Args:
+            resume: continue from the latest checkpoint in ``output_dir`` if there is one.
+        """
+        if resume:
+            self.resume()
+        config, context = self.config, self.context
+        if self.step >= config.max_steps:
+            return []
+        self._opened_data = self.data.open(self.layout, rank=context.rank, seed=config.seed,
+                                           start_step=self.step, num_workers=config.num_workers)
+        batches = iter(self._opened_data)
+        csv_log = CSVLog(self.output_dir / LOG_FILE, resume_step=self.step) if context.is_main else None
+        board = (TensorBoardLog(self.output_dir / "tensorboard", purge_step=self.step + 1)
+                 if config.tensorboard and context.is_main else None)
+        progress = Progress(config.max_steps, self.step, enabled=self.show_progress and context.is_main)
+        window_tokens, window_start = 0, time.perf_counter()
+        records = []
+        try:
+            while self.step < config.max_steps:
+                record = self.train_step(batches)
+                records.append(record)
+                self.history.append(record)
+                window_tokens += record.tokens
+                step = self.step
+                elapsed = time.perf_counter() - window_start
+                progress.update(record.loss, window_tokens / max(elapsed, 1e-9))
+                if step % config.log_every == 0 or step == config.max_steps:
+                    row = {
+                        "step": step,
+                        "epoch": self.epoch_of(step - 1),
+                        "loss": record.loss,
+                        **record.metrics,
+                        "learning_rate": record.learning_rate,
+                        "grad_norm": record.grad_norm,
+                        "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                        "elapsed_seconds": time.perf_counter() - progress.started,
+                    }
+                    for log in (csv_log, board):
+                        if log is not None:
+                            log.write(row)
+                    window_tokens, window_start = 0, time.perf_counter()
+                if config.sample_every and step % config.sample_every == 0:
+                    self.write_samples()
+                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+            if board is not None:
+                board.close()
+        return records
+
+    def epoch_of(self, step: int) -> int:
+        """The data epoch that optimiser step ``step`` (0-based) draws from."""
+        epoch_of = getattr(self._opened_data, "epoch_of", None)
+        return epoch_of(step) if epoch_of is not None else 0
+
+    def train_step(self, batches: Iterator) -> StepRecord:
+        """One optimiser step over ``gradient_accumulation`` micro-batches from ``batches``."""
+        config, context = self.config, self.context
+        started = time.perf_counter()
+        rate = self.schedule.apply(self.optimizer, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        accumulation = config.gradient_accumulation
+        loss_sum, tokens = 0.0, 0
+        metric_sums: dict[str, float] = {}
+        for index in range(accumulation):
+            batch = next(batches)
+            # Batches of the built-in loaders report unreadable samples; others need not.
+            self.tracker.update(getattr(batch, "attempted", 0), getattr(batch, "bad_keys", ()))
+            generator = torch.Generator(device=context.device)
+            generator.manual_seed(mix_seed(config.seed, "step", self.step, self.layout.slot(index, context.rank)))
+            last = index == accumulation - 1
+            sync = nullcontext() if last else context.no_gradient_sync(self.module)
+            with sync:
+                with autocast_context(config.precision, context.device):
+                    result = self.task.loss(self.module, batch, generator)
+                (result.loss / accumulation).backward()
+            loss_sum += float(result.loss.detach())
+            tokens += result.num_tokens
+            for name, value in result.metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        names = sorted(metric_sums)
+        averaged = context.mean([loss_sum / accumulation] + [metric_sums[n] / accumulation for n in names])
+        (total_tokens,) = context.sum([float(tokens)])
+        self.step += 1
+        loss = averaged[0]
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} at step {self.step}; lower the learning rate "
+                                     "or check the data")
+        return StepRecord(self.step, loss, dict(zip(names, averaged[1:])), rate, grad_norm, int(total_tokens),
+                          time.perf_counter() - started)
+
+    def _clip_gradients(self) -> float:
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        if not parameters:
+            return 0.0
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=False)
+        return float(full_tensor(norm))
+
+    # --------------------------------------------------------------- samples
+    def write_samples(self) -> Path | None:
+        """Write the sample grid of the current step (rank 0); returns its path."""
+        config = self.config
+        if not self.context.is_main:
+            return None
+        if any(hasattr(p, "full_tensor") for p in self.model.parameters()):
+            logger.warning("sample grids are not drawn for sharded (FSDP) models; load a checkpoint instead")
+            return None
+        settings = dict(prompts=config.sample_prompts, height=config.sample_height, width=config.sample_width,
+                        cfg=config.sample_cfg, num_steps=config.sample_steps, seed=config.seed)
+        self.model.eval()
+        try:
+            with (self.ema.applied_to(self.model) if self.ema is not None else nullcontext()):
+                images = self.task.sample_images(**settings)
+        finally:
+            self.model.train()
+        if not images:
+            return None
+        path = self.output_dir / SAMPLES_DIR / f"step-{self.step:08d}.png"
+        with atomic_path(path) as tmp:
+            image_grid(images).save(tmp, format="PNG")
+        return path

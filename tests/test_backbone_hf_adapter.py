@@ -1,0 +1,116 @@
+"""HFBackbone: any transformers decoder behind the Backbone interface."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from nextstep import build_model, generate_tokens
+from nextstep.backbones import HFBackbone, HFBackboneConfig, HFCache, Qwen2Backbone, positions_from_mask
+from nextstep.backbones.qwen2_checkpoint import qwen2_config_from_hf
+from nextstep.config import ComponentSpec
+from nextstep.presets import tiny
+
+FIELDS = {"model_type": "qwen2", "vocab_size": 90, "hidden_size": 32, "intermediate_size": 48,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6}
+
+
+def adapter_and_native(seed=0):
+    torch.manual_seed(seed)
+    adapter = HFBackbone(HFBackboneConfig(model_config=FIELDS)).eval()
+    native = Qwen2Backbone(qwen2_config_from_hf(FIELDS)).eval()
+    native.load_state_dict(adapter.model.state_dict())
+    return adapter, native
+
+
+def test_adapter_matches_the_native_backbone_with_padding_and_cache():
+    adapter, native = adapter_and_native()
+    assert (adapter.hidden_size, adapter.vocab_size) == (32, 90)
+    ids = torch.randint(0, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[True] * 6, [False] * 2 + [True] * 4])
+    positions = positions_from_mask(mask)
+    steps = torch.randn(2, 3, 32)
+    outputs = {}
+    with torch.no_grad():
+        for name, backbone in (("adapter", adapter), ("native", native)):
+            cache = backbone.new_cache(2, 9)
+            hidden = [backbone(backbone.embed(ids), positions, mask, cache)]
+            for i in range(3):
+                hidden.append(backbone(steps[:, i:i + 1], positions[:, -1:] + 1 + i,
+                                       torch.ones(2, 1, dtype=torch.bool), cache))
+            outputs[name] = torch.cat(hidden, 1)
+            assert cache.length == 9
+        uncached = adapter(adapter.embed(ids), positions, mask)
+    real = torch.cat([mask, torch.ones(2, 3, dtype=torch.bool)], 1)
+    torch.testing.assert_close(outputs["adapter"][real], outputs["native"][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(uncached[mask], outputs["native"][:, :6][mask], atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_loads_a_local_causal_lm_directory(tmp_path):
+    torch.manual_seed(1)
+    fields = {k: v for k, v in FIELDS.items() if k != "model_type"}
+    reference = Qwen2ForCausalLM(Qwen2Config(**fields)).eval()
+    reference.save_pretrained(str(tmp_path))
+    adapter = HFBackbone(HFBackboneConfig(path=str(tmp_path))).eval()
+    wrapped = HFBackbone.from_model(reference)
+    ids = torch.randint(0, 90, (1, 5))
+    with torch.no_grad():
+        expected = reference(ids, output_hidden_states=True).hidden_states[-1]
+        for backbone in (adapter, wrapped):
+            hidden = backbone(backbone.embed(ids), torch.arange(5)[None])
+            torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=1e-5)
+    assert not any("lm_head" in name for name, _ in adapter.named_parameters())
+    assert wrapped.config.model_config["model_type"] == "qwen2"
+
+
+def test_adapter_cache_crops_and_fans_out():
+    adapter, _ = adapter_and_native()
+    prompt, first, second = torch.randn(1, 4, 32), torch.randn(1, 2, 32), torch.randn(2, 2, 32)
+    with torch.no_grad():
+        cache = adapter.new_cache(1, 6)
+        assert isinstance(cache, HFCache)
+        adapter(prompt, torch.arange(4)[None], None, cache)
+        adapter(first, torch.arange(4, 6)[None], None, cache)
+        cache.crop(4)
+        branches = cache.select_rows([0, 0])
+        fanned = adapter(second, torch.arange(4, 6).expand(2, 2), None, branches)
+        for row in range(2):
+            full = adapter(torch.cat([prompt, second[row:row + 1]], 1), torch.arange(6)[None])[:, 4:]
+            torch.testing.assert_close(fanned[row], full[0], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="does not fit the cache of 6"):
+            adapter(torch.randn(2, 1, 32), torch.full((2, 1), 6), None, branches)
+        with pytest.raises(TypeError, match="HFCache"):
+            adapter(prompt, torch.arange(4)[None], None, object())
+    with pytest.raises(ValueError, match="crop to 0..4"):
+        cache.crop(5)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({}, "path must be set when model_config is empty"),
+    ({"path": "x", "model_config": FIELDS}, "path must be set when model_config is empty"),
+    ({"model_config": {"hidden_size": 8}}, "model_type"),
+    ({"model_config": FIELDS, "dtype": "float64"}, "dtype must be one of"),
+])
+def test_adapter_config_is_validated(fields, message):
+    with pytest.raises(ValueError, match=message):
+        HFBackboneConfig(**fields)
+
+
+def test_adapter_config_round_trips_through_json():
+    config = HFBackboneConfig(model_config=FIELDS, attn_implementation="eager")
+    assert HFBackboneConfig.from_json(config.to_json()) == config
+
+
+def test_a_nextstep_model_runs_and_round_trips_with_the_adapter(tmp_path):
+    preset = tiny()
+    native = preset.backbone.config
+    hf_fields = {"model_type": "qwen2", **{k: v for k, v in native.to_hf_config().items()
+                                          if k not in ("model_type", "architectures")}}
+    spec = ComponentSpec("backbone", "huggingface", HFBackboneConfig(model_config=hf_fields))
+    model = build_model(preset.replace(backbone=spec), seed=0).eval()
+    tokens, _, _ = generate_tokens(model, ["a red circle"], height=32, width=32, num_steps=2, cfg=2.0)
+    assert tokens.shape == (1, 4, model.token_dim) and torch.isfinite(tokens).all()
+    model.save_pretrained(tmp_path / "saved")
+    again = type(model).from_pretrained(tmp_path / "saved")
+    assert isinstance(again.backbone, HFBackbone)
+    tokens_again, _, _ = generate_tokens(again, ["a red circle"], height=32, width=32, num_steps=2, cfg=2.0)
+    torch.testing.assert_close(tokens_again, tokens)

@@ -1,0 +1,186 @@
+"""The streaming safetensors loader (nextstep.weights): shards, renaming, dtypes, meta modules, reports, memory."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import nextstep.weights as weights
+from nextstep.layers import RotaryEmbedding
+from nextstep.weights import (
+    INDEX_NAME,
+    checkpoint_shards,
+    iter_checkpoint,
+    load_safetensors,
+    read_checkpoint_index,
+)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.proj = nn.Linear(4, 3)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.register_buffer("counts", torch.zeros(3, dtype=torch.long))
+        self.rotary = RotaryEmbedding(4)
+
+
+def write_sharded(directory, state, per_shard=2, prefix=""):
+    """Write ``state`` as shards of ``per_shard`` tensors plus a model.safetensors.index.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = sorted(state)
+    weight_map = {}
+    for number, start in enumerate(range(0, len(names), per_shard)):
+        shard = f"model-{number + 1:05d}.safetensors"
+        save_file({prefix + n: state[n].contiguous() for n in names[start:start + per_shard]}, str(directory / shard))
+        weight_map.update({prefix + n: shard for n in names[start:start + per_shard]})
+    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def source_state():
+    torch.manual_seed(0)
+    return {"embed.weight": torch.randn(10, 4), "proj.weight": torch.randn(3, 4), "proj.bias": torch.randn(3),
+            "counts": torch.tensor([1, 2, 3])}
+
+
+def test_sharded_checkpoint_loads_into_a_meta_module_with_renaming_and_cast(tmp_path):
+    state = source_state()
+    write_sharded(tmp_path, state, prefix="model.")
+    with torch.device("meta"):
+        module = Tiny()
+    report = load_safetensors(module, tmp_path, rename=lambda k: k.removeprefix("model."), dtype=torch.float16)
+    assert report.complete and report.missing == [] and report.skipped == []
+    assert sorted(report.loaded) == sorted(state)
+    assert module.head.weight is module.embed.weight, "tied parameters stay tied"
+    assert module.embed.weight.dtype == torch.float16 and module.counts.dtype == torch.long
+    assert torch.equal(module.proj.weight, state["proj.weight"].half())
+    assert torch.equal(module.counts, state["counts"])
+    assert module.rotary.signed_frequencies.dtype == torch.float32, "derived buffers are rebuilt"
+    torch.testing.assert_close(module.rotary.inv_freq, RotaryEmbedding(4).inv_freq)
+    assert isinstance(module.proj.weight, nn.Parameter) and module.proj.weight.requires_grad
+
+
+def test_only_one_shard_is_open_at_a_time(tmp_path, monkeypatch):
+    write_sharded(tmp_path, source_state(), per_shard=1)
+    real_open, state = weights.safe_open, {"open": 0, "most": 0, "opened": []}
+
+    class Tracking:
+        def __init__(self, path, **kwargs):
+            self.handle = real_open(path, **kwargs)
+            state["opened"].append(path)
+
+        def __enter__(self):
+            state["open"] += 1
+            state["most"] = max(state["most"], state["open"])
+            return self.handle.__enter__()
+
+        def __exit__(self, *exc):
+            state["open"] -= 1
+            return self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(weights, "safe_open", Tracking)
+    load_safetensors(Tiny(), tmp_path)
+    assert state["most"] == 1
+    assert len(state["opened"]) == 2 * 4, "headers once, then each shard once"
+
+
+def test_problems_are_reported_by_name(tmp_path):
+    state = source_state()
+    state["proj.weight"] = torch.randn(5, 4)
+    state["extra"] = torch.zeros(1)
+    del state["proj.bias"]
+    write_sharded(tmp_path, state)
+    with pytest.raises(ValueError) as error:
+        load_safetensors(Tiny(), tmp_path)
+    message = str(error.value)
+    assert "missing keys ['proj.bias']" in message
+    assert "unexpected keys ['extra']" in message
+    assert "proj.weight: expected (3, 4), found (5, 4)" in message
+    module = Tiny()
+    before = module.proj.weight.clone()
+    report = load_safetensors(module, tmp_path, strict=False)
+    assert not report.complete and report.mismatched and torch.equal(module.proj.weight, before)
+    assert torch.equal(module.embed.weight, state["embed.weight"])
+
+
+def test_rename_to_none_skips_and_collisions_are_refused(tmp_path):
+    state = source_state()
+    state["lm_head.weight"] = torch.zeros(10, 4)
+    write_sharded(tmp_path, state)
+    report = load_safetensors(Tiny(), tmp_path, rename=lambda k: None if k.startswith("lm_head") else k)
+    assert report.skipped == ["lm_head.weight"]
+    with pytest.raises(ValueError, match="both map to"):
+        load_safetensors(Tiny(), tmp_path, rename=lambda k: "embed.weight" if "weight" in k else k)
+
+
+def test_checkpoint_discovery_and_errors(tmp_path):
+    write_sharded(tmp_path / "sharded", source_state())
+    shards = checkpoint_shards(tmp_path / "sharded")
+    assert [s.name for s in shards] == ["model-00001.safetensors", "model-00002.safetensors"]
+    assert checkpoint_shards(tmp_path / "sharded" / INDEX_NAME) == shards
+    assert checkpoint_shards(shards[0]) == [shards[0]]
+    infos = read_checkpoint_index(tmp_path / "sharded")
+    assert infos["proj.weight"].shape == (3, 4) and infos["proj.weight"].dtype == "F32"
+    assert dict(iter_checkpoint(tmp_path / "sharded", rename=lambda k: k.upper())).keys() == {
+        "EMBED.WEIGHT", "PROJ.WEIGHT", "PROJ.BIAS", "COUNTS"}
+    shards[1].unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002.safetensors"):
+        checkpoint_shards(tmp_path / "sharded")
+    with pytest.raises(FileNotFoundError, match="found none"):
+        checkpoint_shards(tmp_path)
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        read_checkpoint_index(tmp_path / "broken.safetensors")
+
+
+def test_meta_buffers_without_a_rebuild_rule_are_refused(tmp_path):
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(2))
+            self.register_buffer("table", torch.zeros(2), persistent=False)
+
+    save_file({"weight": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        module = Opaque()
+    with pytest.raises(ValueError, match=r"buffers \['table'\]"):
+        load_safetensors(module, tmp_path)
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_near_the_model_size(tmp_path):
+    """A 134 MB checkpoint in 4 shards loads into a meta-built model with well under 2x its size in RAM."""
+    layers, width = 8, 2048  # 8 x 2048 x 2048 fp32
+    torch.manual_seed(0)
+    write_sharded(tmp_path, {f"{i}.weight": torch.randn(width, width) for i in range(layers)})
+    script = textwrap.dedent(f"""
+        import json, torch
+        from torch import nn
+        from nextstep.weights import load_safetensors
+
+        def status(field):
+            for line in open("/proc/self/status"):
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+
+        with torch.device("meta"):
+            model = nn.Sequential(*[nn.Linear({width}, {width}, bias=False) for _ in range({layers})])
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark
+        before = status("VmRSS")
+        load_safetensors(model, {str(tmp_path)!r})
+        print(json.dumps({{"size": sum(p.numel() * 4 for p in model.parameters()),
+                          "growth": status("VmHWM") - before}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    # The model itself, plus at most one shard mapped and one tensor in flight.
+    assert numbers["size"] <= numbers["growth"] < 1.6 * numbers["size"], numbers

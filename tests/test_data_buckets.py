@@ -1,0 +1,50 @@
+"""Aspect-ratio buckets: NextStep-1's grids, nearest-ratio assignment, resize-and-crop."""
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from nextstep.training.data.buckets import AspectRatioBuckets, resize_and_crop, token_grids
+
+RELEASE_256 = [(8, 32), (9, 28), (10, 25), (11, 23), (12, 21), (13, 19), (14, 18), (15, 17), (16, 16)]
+
+
+def test_256px_grids_are_the_released_seventeen():
+    expected = set(RELEASE_256) | {(w, h) for h, w in RELEASE_256}
+    assert set(token_grids(16)) == expected and len(token_grids(16)) == 17
+
+
+def test_512px_buckets_double_the_256px_ones():
+    sizes = AspectRatioBuckets(512, grid_multiple=2).sizes
+    assert set(sizes) == {(32 * h, 32 * w) for h, w in token_grids(16)}
+
+
+@given(st.integers(2, 40))
+def test_grids_hold_about_the_square_area_within_ratio_four(side):
+    for height, width in token_grids(side):
+        assert height * width <= side * side
+        assert height * width >= side * side - max(height, width)
+        assert max(height, width) / min(height, width) <= 4
+
+
+@given(st.integers(1, 4000), st.integers(1, 4000))
+def test_assignment_picks_the_nearest_ratio(width, height):
+    buckets = AspectRatioBuckets(256)
+    chosen = buckets.assign(width, height)
+    error = abs(math.log(chosen[1] / chosen[0]) - math.log(width / height))
+    assert all(error <= abs(math.log(w / h) - math.log(width / height)) + 1e-12 for h, w in buckets.sizes)
+
+
+@given(st.integers(1, 300), st.integers(1, 300), st.sampled_from(AspectRatioBuckets(64).sizes))
+def test_resize_and_crop_gives_the_bucket_size(width, height, size):
+    image = Image.new("RGB", (width, height), "red")
+    out = resize_and_crop(image, *size)
+    assert out.size == (size[1], size[0])
+
+
+def test_bad_resolution_is_refused():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        AspectRatioBuckets(100)

@@ -1,0 +1,47 @@
+"""Noto emoji with their names: split by base emoji, flags named, clear errors when missing."""
+
+import pytest
+
+from nextstep.training.data import emoji as emoji_module
+from nextstep.training.data.emoji import EmojiConfig, EmojiDataset, base_emoji
+
+pytestmark = pytest.mark.skipif(
+    not emoji_module.FONT_PATH.is_file() or not emoji_module.EMOJI_TEST_PATH.is_file(),
+    reason="emoji data not installed; run `make data`",
+)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return EmojiDataset(EmojiConfig(split="train")), EmojiDataset(EmojiConfig(split="test"))
+
+
+def test_train_and_test_share_no_base_emoji(splits):
+    train, test = splits
+    assert len(train) > 3000 and 200 < len(test) < 700
+    assert not {e.base for e in train.entries} & {e.base for e in test.entries}
+    toned = [e for e in train.entries + test.entries if "skin tone" in e.name]
+    assert toned, "skin-tone variants are part of the data"
+
+
+def test_captions_are_names_and_flags_say_flag_of(splits):
+    everything = splits[0].entries + splits[1].entries
+    names = {e.text: e.name for e in everything}
+    assert names["\U0001F600"] == "grinning face"
+    assert names["\U0001F1EB\U0001F1F7"] == "flag of France"
+    assert all(not e.name.startswith("flag:") for e in everything)
+    assert base_emoji("\U0001F44B\U0001F3FD") == "\U0001F44B"
+
+
+def test_rendered_emoji_is_a_square_rgb_image(splits):
+    sample = EmojiDataset(EmojiConfig(split="all", size=32)).load(0)
+    assert sample.image.size == (32, 32) and sample.image.mode == "RGB"
+    assert sample.caption == "grinning face"
+    colours = sample.image.getcolors(32 * 32)
+    assert len(colours) > 10  # a coloured glyph, not a blank square
+
+
+def test_missing_font_names_the_package_and_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(emoji_module, "FONT_PATH", tmp_path / "none.ttf")
+    with pytest.raises(FileNotFoundError, match="fonts-noto-color-emoji.*make data"):
+        EmojiDataset(EmojiConfig())

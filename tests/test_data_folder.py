@@ -1,0 +1,102 @@
+"""Image folders with sidecar captions or a JSONL manifest; broken files are skipped, counted, bounded."""
+
+import json
+import logging
+
+import pytest
+from PIL import Image
+
+from nextstep.training.data import (
+    AspectRatioBuckets,
+    BatchLayout,
+    DataQualityError,
+    ImageFolderConfig,
+    ImageFolderDataset,
+    TrainingBatches,
+)
+from nextstep.training.data.quality import BadSampleTracker
+
+
+def _write_images(folder, count, size=(40, 24), captions=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", size, (i * 7 % 256, 100, 50)).save(folder / f"img{i:03d}.png")
+        if captions:
+            (folder / f"img{i:03d}.txt").write_text(f"picture number {i}\n")
+
+
+def test_sidecar_captions_and_sizes(tmp_path):
+    _write_images(tmp_path, 3)
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path)))
+    assert len(dataset) == 3
+    sample = dataset.load(1)
+    assert sample.caption == "picture number 1" and sample.image.size == (40, 24)
+    assert dataset.image_size(2) == (40, 24)
+
+
+def test_manifest_layout(tmp_path):
+    _write_images(tmp_path / "images", 2, captions=False)
+    lines = [json.dumps({"image": f"images/img{i:03d}.png", "caption": f"caption {i}"}) for i in range(2)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path / "train.jsonl")))
+    assert [dataset.load(i).caption for i in range(2)] == ["caption 0", "caption 1"]
+
+
+def test_missing_caption_names_the_file(tmp_path):
+    _write_images(tmp_path, 2)
+    (tmp_path / "img001.txt").unlink()
+    with pytest.raises(ValueError, match=r"img001\.png has no caption.*img001\.txt"):
+        ImageFolderDataset(ImageFolderConfig(path=str(tmp_path)))
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "img000.png"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: image .*img000\.png has no caption"):
+        ImageFolderDataset(ImageFolderConfig(path=str(tmp_path / "m.jsonl")))
+
+
+def _batches(dataset, max_bad_fraction=0.01, steps=30):
+    tracker = BadSampleTracker(max_bad_fraction, dataset.scanned, dataset.known_bad)
+    loader = TrainingBatches(dataset, AspectRatioBuckets(32, multi_aspect=False), BatchLayout(4))
+    for _, batch in zip(range(steps), loader):
+        tracker.update(batch.attempted, batch.bad_keys)
+        assert batch.images.shape == (4, 3, 32, 32)
+    return tracker
+
+
+def test_one_broken_file_in_two_hundred_is_skipped_with_a_warning(tmp_path, caplog):
+    _write_images(tmp_path, 200)
+    data = (tmp_path / "img005.png").read_bytes()
+    (tmp_path / "img005.png").write_bytes(data[: len(data) // 2])  # header fine, pixels truncated
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path)))
+    assert len(dataset) == 200
+    with caplog.at_level(logging.WARNING, logger="nextstep.training"):
+        tracker = _batches(dataset, steps=50)  # one epoch reads every file
+    assert tracker.num_bad == 1
+    assert "img005.png" in caplog.text
+
+
+def test_more_than_one_percent_broken_stops_the_run(tmp_path):
+    _write_images(tmp_path, 100)
+    for i in (3, 40):
+        (tmp_path / f"img{i:03d}.png").write_bytes(b"not an image")
+    with pytest.raises(DataQualityError, match=r"2 unreadable samples of the 100 samples.*img003"):
+        # Broken headers are found while scanning, before any training.
+        dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path)))
+        BadSampleTracker(0.01, dataset.scanned, dataset.known_bad)
+
+
+def test_all_files_broken_never_trains_on_nothing(tmp_path):
+    _write_images(tmp_path, 10)
+    for i in range(10):
+        path = tmp_path / f"img{i:03d}.png"
+        path.write_bytes(path.read_bytes()[:60])
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path)))
+    with pytest.raises(DataQualityError):
+        _batches(dataset, max_bad_fraction=0.5)
+
+
+def test_tracker_without_a_known_size_uses_the_read_rate():
+    tracker = BadSampleTracker(0.01)
+    tracker.update(50, ["a"])  # too few reads to judge
+    tracker.update(150, [])
+    tracker.update(1, ["b"])  # 2 of 201: still under 1 %
+    with pytest.raises(DataQualityError, match="3 unreadable samples of the 202 samples read"):
+        tracker.update(1, ["c"])

@@ -1,0 +1,48 @@
+"""The batch plan: deterministic, one bucket per batch, rank slices that tile the global batch."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nextstep.training.data.loader import BatchLayout, BatchPlan, RankSampler
+
+
+def _groups(n):
+    return [("a", "b", "c")[i % 3] for i in range(n)]
+
+
+@given(st.integers(12, 200), st.integers(1, 4), st.integers(0, 10))
+def test_plan_is_deterministic_and_each_batch_is_one_bucket(n, size, seed):
+    groups = _groups(n)
+    plan, again = BatchPlan(groups, size, seed), BatchPlan(groups, size, seed)
+    for step in range(plan.batches_per_epoch * 2):
+        batch = plan.global_batch(step)
+        assert batch == again.global_batch(step)
+        assert len(batch) == size and len({groups[i] for i in batch}) == 1
+    epoch = [i for b in plan.epoch_batches(0) for i in b]
+    assert len(epoch) == len(set(epoch))  # nothing twice in an epoch
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3))
+def test_rank_micro_batches_tile_the_global_batch(micro, accumulation, world):
+    layout = BatchLayout(micro, accumulation, world)
+    plan = BatchPlan(_groups(120), layout.global_batch_size, seed=1)
+    sizes = [(32, 32)] * 120
+    for step in range(3):
+        pieces = {}
+        for rank in range(world):
+            sampler = iter(RankSampler(plan, layout, rank, step, sizes))
+            for accumulation_index in range(accumulation):
+                indices, _ = next(sampler)
+                pieces[layout.slot(accumulation_index, rank)] = indices
+        assert [i for slot in sorted(pieces) for i in pieces[slot]] == plan.global_batch(step)
+
+
+def test_starting_at_a_step_equals_skipping_to_it():
+    layout = BatchLayout(2, 2, 1)
+    plan = BatchPlan(_groups(60), layout.global_batch_size, seed=3)
+    sizes = [(32, 32)] * 60
+    full = iter(RankSampler(plan, layout, 0, 0, sizes))
+    from_five = iter(RankSampler(plan, layout, 0, 5, sizes))
+    skipped = [next(full) for _ in range(10)]
+    assert [next(full) for _ in range(6)] == [next(from_five) for _ in range(6)]
+    assert skipped

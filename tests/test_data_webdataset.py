@@ -1,0 +1,90 @@
+"""WebDataset tar shards: streamed, bucketed on the fly, resumable by replay, strict about captions."""
+
+import io
+import itertools
+import tarfile
+
+import pytest
+from PIL import Image
+
+from nextstep.training.data import AspectRatioBuckets, BatchLayout, WebDataset, WebDatasetConfig
+from nextstep.training.data.webdataset import StreamingTrainingBatches, expand_braces, read_shard
+
+
+def _png(colour, size) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _add(archive, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder, num_shards=4, per_shard=12, broken=(), uncaptioned=()):
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(num_shards):
+        with tarfile.open(folder / f"train-{shard:03d}.tar", "w") as archive:
+            for item in range(per_shard):
+                key = f"s{shard}_{item:03d}"
+                size = (48, 32) if item % 3 == 0 else (32, 32)
+                image = b"garbage" if key in broken else _png((shard * 40, item * 10, 0), size)
+                _add(archive, f"{key}.png", image)
+                if key not in uncaptioned:
+                    _add(archive, f"{key}.txt", f"caption of {key}".encode())
+    return str(folder / f"train-{{000..{num_shards - 1:03d}}}.tar")
+
+
+def test_brace_patterns_expand_with_padding():
+    assert expand_braces("a-{08..10}.tar") == ["a-08.tar", "a-09.tar", "a-10.tar"]
+
+
+def test_shards_stream_every_sample_once_per_epoch(tmp_path):
+    pattern = write_shards(tmp_path)
+    dataset = WebDataset(WebDatasetConfig(shards=(pattern,), shuffle_buffer=5))
+    assert len(dataset.shards) == 4
+    keys = [raw.key for raw, _ in itertools.islice(dataset.stream(0, 1, seed=0), 48)]
+    assert sorted(keys) == sorted(r.key for s in dataset.shards for r in read_shard(s))
+    halves = [[r.key for r, _ in itertools.islice(dataset.stream(slot, 2, seed=0), 24)] for slot in (0, 1)]
+    assert not set(halves[0]) & set(halves[1])
+
+
+def _keys(loader, count):
+    return [tuple(batch.keys) for batch in itertools.islice(iter(loader), count)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_the_stream_continues_where_it_stopped(tmp_path, workers):
+    dataset = WebDataset(WebDatasetConfig(shards=(write_shards(tmp_path),), shuffle_buffer=4))
+    buckets = AspectRatioBuckets(32, multi_aspect=True)
+    layout = BatchLayout(micro_batch_size=2, gradient_accumulation=2)
+    full = _keys(StreamingTrainingBatches(dataset, buckets, layout, num_workers=workers), 12)
+    resumed = _keys(StreamingTrainingBatches(dataset, buckets, layout, start_step=3, num_workers=workers), 6)
+    assert resumed == full[6:]
+    batch = next(iter(StreamingTrainingBatches(dataset, buckets, layout)))
+    assert batch.images.shape[0] == 2 and batch.captions[0].startswith("caption of")
+
+
+def test_broken_images_are_counted_and_skipped(tmp_path):
+    pattern = write_shards(tmp_path, num_shards=1, per_shard=20, broken={"s0_004"})
+    dataset = WebDataset(WebDatasetConfig(shards=(pattern,), shuffle_buffer=0))
+    loader = StreamingTrainingBatches(dataset, AspectRatioBuckets(32, multi_aspect=False), BatchLayout(4))
+    batches = list(itertools.islice(iter(loader), 4))
+    bad = [key for batch in batches for key in batch.bad_keys]
+    assert len(bad) == 1 and "s0_004" in bad[0]
+    assert all("s0_004" not in key for batch in batches for key in batch.keys)
+
+
+def test_missing_caption_names_the_sample_and_the_shard(tmp_path):
+    pattern = write_shards(tmp_path, num_shards=1, uncaptioned={"s0_002"})
+    dataset = WebDataset(WebDatasetConfig(shards=(pattern,), shuffle_buffer=0))
+    loader = StreamingTrainingBatches(dataset, AspectRatioBuckets(32), BatchLayout(2))
+    with pytest.raises(ValueError, match=r"'s0_002' in shard .*train-000\.tar has no caption"):
+        list(itertools.islice(iter(loader), 5))
+
+
+def test_missing_shards_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere-1.tar"):
+        WebDataset(WebDatasetConfig(shards=(str(tmp_path / "nowhere-{0..1}.tar"),)))

@@ -1,0 +1,169 @@
+"""Guidance objects: formulas, reductions, schedules by direction, intervals, renormalisation."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nextstep.heads import FlowMatchingHead, FlowMatchingHeadConfig
+from nextstep.samplers import (
+    GUIDANCE_SCHEDULES,
+    ClassifierFreeGuidance,
+    GuidedVelocity,
+    ImageEditingGuidance,
+    NoGuidance,
+    guidance_for_scale,
+    scheduled_scale,
+)
+from nextstep.samplers.guidance_schedule import token_progress
+
+scales = st.floats(0.0, 20.0)
+
+
+def predictions(branches, seed=0, rows=5, dim=8):
+    return torch.randn(branches, rows, dim, generator=torch.Generator().manual_seed(seed))
+
+
+@given(st.integers(0, 1000))
+def test_cfg_at_scale_one_is_the_conditional_prediction(seed):
+    v = predictions(2, seed)
+    assert torch.equal(ClassifierFreeGuidance(1.0).combine(v), v[0])
+    assert torch.equal(NoGuidance().combine(v[:1]), v[0])
+
+
+@given(scales, st.integers(0, 1000))
+def test_cfg_formula(scale, seed):
+    v = predictions(2, seed)
+    expected = v[1] + scale * (v[0] - v[1])
+    torch.testing.assert_close(ClassifierFreeGuidance(scale).combine(v), expected, atol=1e-4, rtol=1e-5)
+
+
+@given(scales, scales, st.integers(0, 1000))
+def test_editing_guidance_formula(scale, image_scale, seed):
+    v = predictions(3, seed)
+    expected = v[2] + image_scale * (v[1] - v[2]) + scale * (v[0] - v[1])
+    out = ImageEditingGuidance(scale, image_scale).combine(v)
+    torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-5)
+
+
+@given(scales, st.integers(0, 1000))
+def test_three_way_reduces_to_two_way_at_image_scale_one(scale, seed):
+    v = predictions(3, seed)
+    three = ImageEditingGuidance(scale, 1.0).combine(v)
+    two = ClassifierFreeGuidance(scale).combine(v[:2])
+    torch.testing.assert_close(three, two, atol=1e-4, rtol=1e-5)
+
+
+def test_guidance_for_scale_picks_the_cheapest_object():
+    assert isinstance(guidance_for_scale(1.0), NoGuidance)
+    assert isinstance(guidance_for_scale(7.5), ClassifierFreeGuidance)
+    assert isinstance(guidance_for_scale(1.0, image_scale=1.0), NoGuidance)
+    assert guidance_for_scale(7.5, image_scale=1.0).num_branches == 2
+    editing = guidance_for_scale(7.5, image_scale=2.0, schedule="linear")
+    assert isinstance(editing, ImageEditingGuidance) and editing.schedule == "linear_decreasing"
+    for bad in (dict(scale=-1.0), dict(scale=float("nan")), dict(scale=2.0, image_scale=-2.0)):
+        with pytest.raises(ValueError, match="must be a number >= 0"):
+            guidance_for_scale(bad.pop("scale"), **bad)
+
+
+def test_schedules_are_named_by_direction():
+    count = 11
+    first, last = token_progress(0, count), token_progress(count - 1, count)
+    assert (first, last) == (0.0, 1.0) and token_progress(0, 1) == 0.0
+    assert scheduled_scale(7.5, "constant", first) == scheduled_scale(7.5, "constant", last) == 7.5
+    assert scheduled_scale(7.5, "linear_increasing", first) == 1.0
+    assert scheduled_scale(7.5, "linear_increasing", last) == 7.5
+    assert scheduled_scale(7.5, "linear_decreasing", first) == 7.5
+    assert scheduled_scale(7.5, "linear_decreasing", last) == 1.0
+    for p in (0.0, 0.3, 1.0):  # the release's "linear" decreases
+        assert scheduled_scale(7.5, "linear", p) == scheduled_scale(7.5, "linear_decreasing", p)
+    increasing = [scheduled_scale(4.0, "linear_increasing", token_progress(i, count)) for i in range(count)]
+    assert increasing == sorted(increasing)
+    assert set(GUIDANCE_SCHEDULES) == {"constant", "linear_increasing", "linear_decreasing"}
+
+
+def test_schedule_reaches_combine_through_progress():
+    v = predictions(2)
+    guidance = ClassifierFreeGuidance(5.0, schedule="linear_decreasing")
+    torch.testing.assert_close(guidance.combine(v, progress=1.0), v[0])
+    torch.testing.assert_close(guidance.combine(v, progress=0.0), ClassifierFreeGuidance(5.0).combine(v))
+
+
+def test_unknown_schedule_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"known: \['constant', 'linear_increasing', 'linear_decreasing', "
+                                         r"'linear \(= linear_decreasing\)'\]"):
+        ClassifierFreeGuidance(3.0, schedule="cosine")
+
+
+def test_interval_guides_only_inside_it():
+    v = predictions(2)
+    guidance = ClassifierFreeGuidance(4.0, interval=(0.2, 0.6))
+    plain = ClassifierFreeGuidance(4.0).combine(v)
+    t = torch.tensor([0.0, 0.2, 0.4, 0.6, 0.9])
+    out = guidance.combine(v, t)
+    inside = torch.tensor([False, True, True, True, False])
+    torch.testing.assert_close(out[inside], plain[inside])
+    torch.testing.assert_close(out[~inside], v[0][~inside])
+    torch.testing.assert_close(guidance.combine(v), plain)  # no time: no interval
+    editing = ImageEditingGuidance(4.0, 2.0, interval=(0.5, 1.0)).combine(predictions(3), t)
+    torch.testing.assert_close(editing[:2], predictions(3)[0][:2])
+    for bad in ((0.5, 0.2), (-0.1, 0.5), (0.0, 1.5), "x"):
+        with pytest.raises(ValueError, match="interval"):
+            ClassifierFreeGuidance(4.0, interval=bad)
+
+
+def test_renorm_caps_the_guided_norm():
+    v = predictions(2)
+    guided = ClassifierFreeGuidance(6.0).combine(v)
+    capped = ClassifierFreeGuidance(6.0, renorm=1.0).combine(v)
+    norm, limit = capped.norm(dim=-1), v[0].norm(dim=-1)
+    assert torch.all(norm <= limit * (1 + 1e-5))
+    # Direction kept; rows already under the cap are untouched.
+    cosine = torch.nn.functional.cosine_similarity(capped, guided, dim=-1)
+    torch.testing.assert_close(cosine, torch.ones_like(cosine))
+    loose = ClassifierFreeGuidance(6.0, renorm=1e6).combine(v)
+    torch.testing.assert_close(loose, guided)
+    with pytest.raises(ValueError, match="renorm"):
+        ClassifierFreeGuidance(6.0, renorm=0.0)
+
+
+def small_head():
+    torch.manual_seed(0)
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=8, condition_dim=16, width=32, depth=2))
+    with torch.no_grad():
+        for parameter in head.parameters():
+            if parameter.abs().sum() == 0:
+                parameter.normal_(std=0.1)
+    return head
+
+
+def test_guided_velocity_at_scale_one_is_the_conditional_path():
+    head = small_head()
+    conditions = torch.randn(2, 4, 16)
+    x, t = torch.randn(4, 8), torch.full((4,), 0.3)
+    with torch.no_grad():
+        guided = GuidedVelocity(head, conditions, ClassifierFreeGuidance(1.0))(x, t)
+        single = GuidedVelocity(head, conditions[:1], NoGuidance())(x, t)
+        direct = head.velocity(x, t, conditions[0])
+    torch.testing.assert_close(guided, direct, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_guided_velocity_checks_the_branch_count():
+    with pytest.raises(ValueError, match=r"guidance needs conditions of shape \(2, N, C\)"):
+        GuidedVelocity(small_head(), torch.randn(3, 4, 16), ClassifierFreeGuidance(2.0))
+
+
+def test_guided_velocity_passes_time_and_progress_to_custom_guidance():
+    seen = {}
+
+    class Recording(ClassifierFreeGuidance):
+        def combine(self, predictions, t=None, progress=0.0):
+            seen["t"], seen["progress"], seen["shape"] = t, progress, tuple(predictions.shape)
+            return super().combine(predictions, t, progress)
+
+    velocity = GuidedVelocity(small_head(), torch.randn(2, 3, 16), Recording(2.0), progress=0.25)
+    with torch.no_grad():
+        velocity(torch.randn(3, 8), torch.full((3,), 0.5))
+    assert seen["shape"] == (2, 3, 8) and seen["progress"] == 0.25
+    torch.testing.assert_close(seen["t"], torch.full((3,), 0.5))

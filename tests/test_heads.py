@@ -1,0 +1,181 @@
+"""Image heads: presets, the prepared fast path, the training loss and its time sampling; the LM head."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from nextstep.heads import FlowMatchingHead, FlowMatchingHeadConfig, ImageHead, LMHead, sample_times
+from nextstep.heads import prepared_flow_matching
+from nextstep.presets import HEAD_SIZES, flow_head_config
+from nextstep.samplers import EulerSampler, HeunSampler, MidpointSampler, time_grid
+
+
+@pytest.mark.parametrize("size, millions", [("small", 40.3), ("base", 157.2), ("large", 527.5)])
+def test_head_presets_have_the_published_sizes(size, millions):
+    with torch.device("meta"):
+        head = FlowMatchingHead(flow_head_config(size, condition_dim=5120))
+    count = sum(p.numel() for p in head.parameters())
+    assert round(count / 1e6, 1) == millions
+    depth, width = HEAD_SIZES[size]
+    assert (len(head.net.res_blocks), head.net.input_proj.out_features) == (depth, width)
+
+
+def test_unknown_head_size_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"known: \['base', 'large', 'small', 'tiny'\]"):
+        flow_head_config("huge", 64)
+
+
+def randomized_head(depth=3, width=48, token_dim=16, condition_dim=32, seed=0):
+    torch.manual_seed(seed)
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=token_dim, condition_dim=condition_dim,
+                                                   width=width, depth=depth))
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)  # non-zero AdaLN outputs and LN affine
+    return head
+
+
+@given(st.integers(1, 9), st.integers(1, 12), st.floats(0.5, 4.0), st.integers(0, 100))
+def test_prepared_velocity_equals_the_plain_velocity(rows, steps, shift, seed):
+    head = randomized_head()
+    generator = torch.Generator().manual_seed(seed)
+    condition = torch.randn(rows, 32, generator=generator)
+    x = torch.randn(rows, 16, generator=generator)
+    for sampler in (EulerSampler(), HeunSampler(), MidpointSampler()):
+        grid = time_grid(steps, shift)
+        times = sampler.evaluation_times(grid)
+        with torch.no_grad():
+            tabulated = head.prepare(condition, times)
+            per_call = head.prepare(condition)
+            for t in times:
+                t = t.expand(rows).contiguous()
+                expected = head.velocity(x, t, condition)
+                torch.testing.assert_close(tabulated(x, t), expected, atol=2e-5, rtol=2e-5)
+                torch.testing.assert_close(per_call(x, t), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_prepared_velocity_handles_different_times_per_row():
+    head = randomized_head()
+    condition, x = torch.randn(4, 32), torch.randn(4, 16)
+    grid = time_grid(6)
+    with torch.no_grad():
+        prepared = head.prepare(condition, grid)
+        t = grid[torch.tensor([0, 3, 5, 2])]
+        torch.testing.assert_close(prepared(x, t), head.velocity(x, t, condition), atol=2e-5, rtol=2e-5)
+
+
+def test_prepared_velocity_falls_back_when_the_table_would_be_large(monkeypatch):
+    monkeypatch.setattr(prepared_flow_matching, "MAX_TABLE_ELEMENTS", 10)
+    head = randomized_head()
+    condition, x, grid = torch.randn(3, 32), torch.randn(3, 16), time_grid(4)
+    with torch.no_grad():
+        prepared = head.prepare(condition, grid)
+        assert prepared.times is None
+        t = grid[1].expand(3)
+        torch.testing.assert_close(prepared(x, t), head.velocity(x, t, condition), atol=2e-5, rtol=2e-5)
+
+
+def test_prepare_rejects_bad_shapes():
+    head = randomized_head()
+    with pytest.raises(ValueError, match=r"condition must have shape \(N, 32\)"):
+        head.prepare(torch.randn(3, 31))
+    prepared = head.prepare(torch.randn(3, 32))
+    with pytest.raises(ValueError, match="3 rows"):
+        prepared(torch.randn(2, 16), torch.zeros(2))
+
+
+def test_default_prepare_binds_the_condition():
+    class Linear(ImageHead):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4 + 2, 4)
+
+        token_dim = property(lambda self: 4)
+        condition_dim = property(lambda self: 2)
+
+        def velocity(self, x_t, t, condition):
+            return self.proj(torch.cat([x_t, condition], -1)) * t[:, None]
+
+        def loss(self, target, condition, generator=None):
+            return target.new_zeros(target.shape[0])
+
+    head = Linear()
+    condition, x, t = torch.randn(3, 2), torch.randn(3, 4), torch.rand(3)
+    torch.testing.assert_close(head.prepare(condition, time_grid(3))(x, t), head.velocity(x, t, condition))
+
+
+def test_loss_is_float32_and_averages_batch_mul_repeats():
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=4, condition_dim=8, width=16, depth=1,
+                                                   batch_mul=4)).to(torch.bfloat16)
+    loss = head.loss(torch.randn(5, 4), torch.randn(5, 8, dtype=torch.bfloat16),
+                     generator=torch.Generator().manual_seed(0))
+    assert loss.shape == (5,) and loss.dtype == torch.float32 and torch.isfinite(loss).all()
+
+
+def test_logit_normal_times_and_the_shift():
+    generator = torch.Generator().manual_seed(0)
+    t = sample_times(200_000, "logit_normal", generator=generator)
+    logits = torch.log(t / (1 - t))
+    assert abs(logits.mean().item()) < 0.01 and abs(logits.std().item() - 1) < 0.01
+    moved = sample_times(200_000, "logit_normal", mean=0.5, std=2.0, generator=generator)
+    logits = torch.log(moved / (1 - moved))
+    assert abs(logits.mean().item() - 0.5) < 0.02 and abs(logits.std().item() - 2) < 0.02
+    uniform = sample_times(200_000, "uniform", generator=generator)
+    assert abs(uniform.mean().item() - 0.5) < 0.01
+    same = torch.Generator().manual_seed(1)
+    plain = sample_times(100, generator=same)
+    shifted = sample_times(100, shift=3.0, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(shifted, plain / (3.0 - 2.0 * plain))
+    with pytest.raises(ValueError, match=r"known: \['logit_normal', 'uniform'\]"):
+        sample_times(3, "beta")
+
+
+def test_head_config_validates_the_time_sampling():
+    with pytest.raises(ValueError, match="time_sampling"):
+        FlowMatchingHeadConfig(time_sampling="cosine")
+    with pytest.raises(ValueError, match="time_shift"):
+        FlowMatchingHeadConfig(time_shift=0.0)
+    seen = {}
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=4, condition_dim=8, width=16, depth=1,
+                                                   time_sampling="uniform", time_shift=3.0, batch_mul=1))
+    original = head.velocity
+
+    def recording(x_t, t, condition):
+        seen["t"] = t
+        return original(x_t, t, condition)
+
+    head.velocity = recording
+    head.loss(torch.randn(4000, 4), torch.randn(4000, 8))
+    assert seen["t"].mean() < 0.4  # shifted toward noise
+
+
+def test_lm_head_tied_and_untied():
+    embedding = nn.Embedding(10, 6)
+    tied = LMHead(6, 10, tied_embedding=embedding)
+    assert tied.tied and not list(tied.parameters())
+    hidden = torch.randn(2, 3, 6)
+    torch.testing.assert_close(tied(hidden), hidden @ embedding.weight.T)
+    untied = LMHead(6, 10)
+    assert not untied.tied and untied.weight.shape == (10, 6)
+    assert untied(hidden).shape == (2, 3, 10)
+    with pytest.raises(ValueError, match=r"tied embedding must have shape \(10, 7\)"):
+        LMHead(7, 10, tied_embedding=embedding)
+
+
+def test_prepared_times_are_shared_by_every_condition():
+    head = randomized_head()
+    grid = time_grid(5, 2.0)
+    shared = head.prepare_times(grid[:-1])
+    torch.testing.assert_close(shared.times, grid[:-1])
+    with torch.no_grad():
+        for seed in range(3):
+            generator = torch.Generator().manual_seed(seed)
+            condition, x = torch.randn(4, 32, generator=generator), torch.randn(4, 16, generator=generator)
+            prepared = head.prepare(condition, shared)
+            for t in grid[:-1]:
+                t = t.expand(4).contiguous()
+                expected = head.velocity(x, t, condition)
+                torch.testing.assert_close(prepared(x, t), expected, atol=2e-5, rtol=2e-5)
+    assert ImageHead.prepare_times(head, grid) is grid  # the interface's default keeps the tensor

@@ -1,0 +1,146 @@
+"""A new NextStep model from a plain Qwen2.5 checkpoint: vocabulary extension, kept weights, fresh parts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytest.importorskip("quicktok")
+
+from interop_synthetic import write_qwen_checkpoint  # noqa: E402
+
+from nextstep.generation import generate_tokens  # noqa: E402
+from nextstep.interop import initialize_rows_from_mean, nextstep_from_qwen, save_release_checkpoint  # noqa: E402
+from nextstep.interop.qwen_init import padded_vocab_size, row_statistics  # noqa: E402
+from nextstep.model import NextStep  # noqa: E402
+from nextstep.tokenizers import FluxVAE, FluxVAEConfig  # noqa: E402
+
+QWEN25_TOKENS = 151665  # 151,643 BPE tokens + 22 added tokens
+NEXTSTEP_IDS = {"[PAD]": 151665, "<|image_area|>": 151666, "<|begin_of_image|>": 151667,
+                "<|end_of_image|>": 151668, "<|image_placeholder|>": 151669, "<|end_of_thinking|>": 151673}
+
+
+def tiny_vae() -> FluxVAE:
+    torch.manual_seed(0)
+    return FluxVAE(FluxVAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=4))
+
+
+@pytest.fixture(scope="module")
+def qwen_exact(tmp_path_factory):
+    """A Qwen2 checkpoint whose embedding table has exactly the tokenizer's 151,665 rows (it must grow)."""
+    from transformers import Qwen2ForCausalLM
+
+    directory = tmp_path_factory.mktemp("qwen") / "Qwen2.5-tiny"
+    write_qwen_checkpoint(directory, vocab_size=QWEN25_TOKENS)
+    return directory, Qwen2ForCausalLM.from_pretrained(str(directory)).eval()
+
+
+@pytest.fixture(scope="module")
+def initialised(qwen_exact):
+    return nextstep_from_qwen(qwen_exact[0], image_tokenizer=tiny_vae(), head="tiny", seed=1)
+
+
+def test_special_tokens_get_the_release_ids_and_the_table_grows(initialised):
+    tokenizer = initialised.text_tokenizer
+    assert {token: tokenizer.special_token_id(token) for token in NEXTSTEP_IDS} == NEXTSTEP_IDS
+    assert tokenizer.vocab_size == 151674
+    assert initialised.backbone.vocab_size == 151680 == padded_vocab_size(151674, 64)
+    assert initialised.backbone.embed_tokens.weight.shape == (151680, 32)
+    assert initialised.lm_head.output_weight().shape == (151680, 32)
+
+
+def test_language_model_weights_are_kept_and_give_the_same_logits(qwen_exact, initialised):
+    _, reference = qwen_exact
+    embeddings = initialised.backbone.embed_tokens.weight
+    assert torch.equal(embeddings[:QWEN25_TOKENS], reference.model.embed_tokens.weight)
+    assert torch.equal(initialised.lm_head.weight[:QWEN25_TOKENS], reference.lm_head.weight)
+    ids = torch.tensor([initialised.text_tokenizer.encode("a photo of a cat on a mat")])
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        hidden = initialised.backbone(initialised.backbone.embed(ids), positions)
+        logits = initialised.lm_head(hidden)
+        expected = reference(ids).logits
+    torch.testing.assert_close(logits[..., :QWEN25_TOKENS], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_new_rows_start_near_the_mean_of_the_trained_rows(initialised):
+    for weight in (initialised.backbone.embed_tokens.weight, initialised.lm_head.weight):
+        mean, variance = row_statistics(weight, QWEN25_TOKENS)
+        new = weight[QWEN25_TOKENS:].detach()
+        assert new.shape[0] == 15
+        assert (new - mean).abs().max() < 10 * (variance * 1e-5).sqrt().max()
+        assert torch.unique(new, dim=0).shape[0] == new.shape[0]
+
+
+def test_fresh_projectors_and_head(initialised):
+    for projector in (initialised.image_in_projector, initialised.image_out_projector):
+        assert projector.bias.abs().max() == 0
+        assert 0.01 < projector.weight.std() < 0.03
+    assert initialised.image_head.config.width == 64 and initialised.image_head.config.condition_dim == 32
+    assert initialised.image_head.net.final_layer.linear.weight.abs().max() == 0
+    assert initialised.config.sampler.type == "euler_maruyama"
+
+
+@pytest.fixture
+def small_qwen(tmp_path):
+    """A Qwen2 checkpoint with a 256-byte vocabulary (278 tokens with Qwen's added ones) in a 300-row table."""
+    write_qwen_checkpoint(tmp_path / "qwen", vocab_size=300, num_layers=1, vocabulary="small")
+    return tmp_path / "qwen"
+
+
+def test_initialised_model_generates_saves_and_converts(small_qwen, tmp_path):
+    model = nextstep_from_qwen(small_qwen, image_tokenizer=tiny_vae(), head="tiny")
+    tokens, grid_h, grid_w = generate_tokens(model, ["a cat"], height=32, width=32, cfg=2.0, num_steps=3)
+    assert tokens.shape == (1, 4, 16) and torch.isfinite(tokens).all()
+    model.save_pretrained(tmp_path / "native")
+    native = NextStep.from_pretrained(tmp_path / "native")
+    save_release_checkpoint(native, tmp_path / "release", max_shard_size=16 * 1024)
+    release = NextStep.from_pretrained(tmp_path / "release")
+    reference = model.state_dict()
+    assert all(torch.equal(tensor, reference[key]) for key, tensor in release.state_dict().items())
+    assert release.text_tokenizer.special_token_id("<|image_placeholder|>") == 278 + 4
+
+
+def test_a_table_with_room_keeps_its_size_and_its_unused_rows(small_qwen):
+    from safetensors.torch import load_file
+
+    original = load_file(str(small_qwen / "model.safetensors"))["model.embed_tokens.weight"]
+    model = nextstep_from_qwen(small_qwen, image_tokenizer=tiny_vae(), head="tiny")
+    weight = model.backbone.embed_tokens.weight
+    base, extended = 278, 278 + 9
+    assert weight.shape == (300, 32) and model.text_tokenizer.vocab_size == extended
+    assert torch.equal(weight[:base], original[:base])
+    assert torch.equal(weight[extended:], original[extended:])
+    assert not torch.equal(weight[base:extended], original[base:extended])
+
+
+def test_tied_small_model_and_dtype(tmp_path):
+    write_qwen_checkpoint(tmp_path / "qwen", vocab_size=300, tied=True, vocabulary="small")
+    model = nextstep_from_qwen(tmp_path / "qwen", image_tokenizer=tiny_vae(), head="tiny", dtype=torch.bfloat16)
+    assert model.lm_head.tied and model.backbone.vocab_size == 300
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_bad_directories_are_refused(tmp_path):
+    write_qwen_checkpoint(tmp_path / "qwen", vocab_size=300, vocabulary="small")
+    config = (tmp_path / "qwen" / "config.json")
+    config.write_text(config.read_text().replace('"qwen2"', '"llama"'))
+    with pytest.raises(ValueError, match="model_type 'llama'.*'qwen2'"):
+        nextstep_from_qwen(tmp_path / "qwen", image_tokenizer=tiny_vae())
+    write_qwen_checkpoint(tmp_path / "wide", vocab_size=300, vocabulary="small")
+    config = (tmp_path / "wide" / "config.json")
+    config.write_text(config.read_text().replace('"intermediate_size": 48', '"intermediate_size": 40'))
+    with pytest.raises(ValueError, match=r"mlp.up_proj.weight: expected \(40, 32\), found \(48, 32\)"):
+        nextstep_from_qwen(tmp_path / "wide", image_tokenizer=tiny_vae())
+
+
+@given(rows=st.integers(2, 40), width=st.integers(1, 8), new=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_initialize_rows_from_mean_property(rows, width, new, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows + new, width, generator=generator) * 3 + 1
+    trained = weight[:rows].clone()
+    initialize_rows_from_mean(weight, list(range(rows, rows + new)), rows, noise_variance_scale=0.0)
+    assert torch.equal(weight[:rows], trained)
+    torch.testing.assert_close(weight[rows:], trained.double().mean(0).float().expand(new, width))

@@ -1,0 +1,290 @@
+"""The published NextStep-1 directory layout: load, convert to the library's layout and back, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("quicktok")
+
+from interop_synthetic import (  # noqa: E402
+    RELEASE_ADDED_TOKENS,
+    ReleaseShapes,
+    write_qwen_checkpoint,
+    write_release_checkpoint,
+)
+
+from nextstep.interop import (  # noqa: E402
+    RELEASE_FIELDS,
+    detect_model_layout,
+    load_release_checkpoint,
+    release_key_to_model_key,
+    save_release_checkpoint,
+)
+from nextstep.interop.release_checkpoint import plan_shards  # noqa: E402
+from nextstep.model import NextStep  # noqa: E402
+from nextstep.weights import read_checkpoint_index  # noqa: E402
+
+SMALL = ReleaseShapes(vocab_size=320)
+RELEASE_IDS = {"[PAD]": 151665, "<|image_area|>": 151666, "<|begin_of_image|>": 151667,
+               "<|end_of_image|>": 151668, "<|image_placeholder|>": 151669}
+
+
+def read_shards(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A release directory with the real Qwen2.5 vocabulary, three shards, float32 weights."""
+    directory = tmp_path_factory.mktemp("release") / "NextStep-1-Large"
+    tensors = write_release_checkpoint(directory, ReleaseShapes(), num_shards=3)
+    return directory, tensors
+
+
+@pytest.fixture(scope="module")
+def loaded(release):
+    return NextStep.from_pretrained(release[0])
+
+
+def small_release(directory: Path, **options) -> dict[str, torch.Tensor]:
+    return write_release_checkpoint(directory, SMALL, vocabulary="small", num_shards=2, **options)
+
+
+# ---------------------------------------------------------------------- loading
+def test_every_release_tensor_lands_in_the_model(release, loaded):
+    directory, tensors = release
+    assert detect_model_layout(directory) == "release"
+    state = loaded.state_dict()
+    for name, tensor in tensors.items():
+        target = release_key_to_model_key(name)
+        if target is None:
+            assert name == "gen_pos_embed"
+            continue
+        assert torch.equal(state[target], tensor), name
+    vae_state = torch.load(directory / "vae" / "checkpoint.pt", weights_only=True)
+    for name, tensor in vae_state.items():
+        assert torch.equal(state[f"image_tokenizer.{name}"], tensor), name
+    assert {k for k in state if not k.startswith("image_tokenizer.")} == \
+        {release_key_to_model_key(k) for k in tensors if k != "gen_pos_embed"}
+
+
+def test_config_fields_map_onto_the_components(release, loaded):
+    config = json.loads((release[0] / "config.json").read_text())
+    backbone = loaded.backbone.config
+    assert (backbone.vocab_size, backbone.hidden_size, backbone.intermediate_size, backbone.num_layers,
+            backbone.num_heads, backbone.num_kv_heads) == (151680, 32, 48, 2, 4, 2)
+    assert backbone.attention_bias and not backbone.output_attention_bias
+    assert backbone.rope_theta == config["rope_theta"] and backbone.rms_norm_eps == config["rms_norm_eps"]
+    head = loaded.image_head.config
+    assert (head.width, head.depth, head.token_dim, head.condition_dim, head.batch_mul) == (24, 2, 16, 32, 4)
+    vae = loaded.image_tokenizer.config
+    assert (vae.z_channels, vae.patch_size, vae.normalization, vae.ch) == (4, 2, "layer_norm", 32)
+    assert loaded.image_tokenizer.pixels_per_token == 16
+    assert loaded.config.text_loss_weight == 0.01 and loaded.config.image_loss_weight == 1.0
+    assert not loaded.lm_head.tied
+
+
+def test_tokenizer_has_the_special_tokens_at_the_release_ids(loaded):
+    import quicktok
+
+    tokenizer = loaded.text_tokenizer
+    assert tokenizer.vocab_size == 151674
+    assert {token: tokenizer.special_token_id(token) for token in RELEASE_IDS} == RELEASE_IDS
+    assert tokenizer.special_token_id(RELEASE_ADDED_TOKENS[-1]) == 151673
+    assert tokenizer.eos_id == 151643
+    text = "A frosty beer mug with 'CHEERS TO US' engraved on the side. 16*16"
+    assert tokenizer.encode(text) == list(quicktok.get_encoding("qwen3").encode(text))
+    prompt = loaded.sequences.prompt("a cat", 16, 16)
+    assert prompt[-7:] == [151666, 16, 21, 9, 16, 21, 151667]
+
+
+def test_dtype_defaults_to_the_shards_and_can_be_chosen(tmp_path):
+    small_release(tmp_path / "bf16", dtype=torch.bfloat16)
+    model = NextStep.from_pretrained(tmp_path / "bf16")
+    assert model.backbone.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.image_tokenizer.encoder.conv_in.weight.dtype == torch.bfloat16
+    model = NextStep.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_tied_embeddings_and_output_bias_variants(tmp_path):
+    tensors = small_release(tmp_path / "tied", tie_word_embeddings=True)
+    model = NextStep.from_pretrained(tmp_path / "tied")
+    assert model.lm_head.tied
+    assert torch.equal(model.lm_head.output_weight(), tensors["embed_tokens.weight"])
+    tensors = small_release(tmp_path / "bias", output_bias=True, o_attention_bias=None)
+    model = NextStep.from_pretrained(tmp_path / "bias")
+    assert model.backbone.config.output_attention_bias
+    assert torch.equal(model.backbone.layers[1].self_attn.o_proj.bias, tensors["layers.1.self_attn.o_proj.bias"])
+
+
+# --------------------------------------------------------------- round trips
+def test_release_to_native_and_back_keeps_every_tensor(release, loaded, tmp_path):
+    directory, tensors = release
+    loaded.save_pretrained(tmp_path / "native")
+    assert detect_model_layout(tmp_path / "native") == "native"
+    native = NextStep.from_pretrained(tmp_path / "native")
+    save_release_checkpoint(native, tmp_path / "again", max_shard_size=8 * 1024**2)
+
+    again = tmp_path / "again"
+    index = json.loads((again / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    written = read_shards(again)
+    assert set(written) == set(tensors) - {"gen_pos_embed"} == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in written.values())
+    for name, tensor in written.items():
+        assert tensor.dtype == tensors[name].dtype and torch.equal(tensor, tensors[name]), name
+
+    original_vae = torch.load(directory / "vae" / "checkpoint.pt", weights_only=True)
+    written_vae = torch.load(again / "vae" / "checkpoint.pt", weights_only=True)
+    assert original_vae.keys() == written_vae.keys()
+    assert all(torch.equal(original_vae[k], written_vae[k]) for k in original_vae)
+    original_vae_config = json.loads((directory / "vae" / "config.json").read_text())
+    assert json.loads((again / "vae" / "config.json").read_text()) == original_vae_config
+
+    original_config = json.loads((directory / "config.json").read_text())
+    written_config = json.loads((again / "config.json").read_text())
+    for field in set(RELEASE_FIELDS) - {"vae_name_or_path", "rope_scaling"}:
+        assert written_config[field] == original_config[field], field
+    assert written_config["torch_dtype"] == "float32"
+
+    from transformers import AutoTokenizer
+
+    first = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    second = AutoTokenizer.from_pretrained(str(again), local_files_only=True, trust_remote_code=False)
+    assert first.get_vocab() == second.get_vocab()
+    assert second.pad_token == "[PAD]"
+
+    reloaded = NextStep.from_pretrained(again)
+    reference = loaded.state_dict()
+    assert all(torch.equal(tensor, reference[key]) for key, tensor in reloaded.state_dict().items())
+
+
+def test_saving_in_bfloat16_casts_the_shards(tmp_path):
+    small_release(tmp_path / "release")
+    model = NextStep.from_pretrained(tmp_path / "release")
+    save_release_checkpoint(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert (tmp_path / "bf16" / "model.safetensors").is_file()
+    infos = read_checkpoint_index(tmp_path / "bf16")
+    assert {info.dtype for info in infos.values()} == {"BF16"}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    reloaded = NextStep.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    torch.testing.assert_close(reloaded.backbone.norm.weight, model.backbone.norm.weight, atol=1e-2, rtol=1e-2)
+
+
+def test_plan_shards_respects_the_limit():
+    assert plan_shards([("a", 4), ("b", 4), ("c", 4)], 8) == [["a", "b"], ["c"]]
+    assert plan_shards([("big", 20), ("a", 1)], 8) == [["big"], ["a"]]
+    with pytest.raises(ValueError, match="max_shard_size"):
+        plan_shards([("a", 1)], 0)
+
+
+# ------------------------------------------------------------------ bad input
+def test_a_directory_of_neither_layout_names_the_expected_files(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(FileNotFoundError) as error:
+        NextStep.from_pretrained(tmp_path)
+    message = str(error.value)
+    for expected in ("config.json", "model.safetensors", "model.safetensors.index.json", "vae/checkpoint.pt",
+                     "tokenizer.json", "weights.bin"):
+        assert expected in message
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="'llama'.*model_type 'nextstep'"):
+        NextStep.from_pretrained(tmp_path)
+
+
+def test_release_without_weights_or_tokenizer_says_what_is_missing(tmp_path):
+    small_release(tmp_path / "m")
+    for path in (tmp_path / "m").glob("*.safetensors*"):
+        path.unlink()
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks weights.*and tokenizer files"):
+        NextStep.from_pretrained(tmp_path / "m")
+
+
+def _rewrite_shard_holding(directory: Path, key: str, change) -> None:
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    path = directory / index["weight_map"][key]
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def test_shape_mismatch_missing_and_unexpected_keys_are_named(tmp_path):
+    small_release(tmp_path / "m")
+
+    def damage(state):
+        state["layers.1.mlp.up_proj.weight"] = torch.zeros(50, 32)
+        state.pop("image_in_projector.bias", None)
+        state["layers.7.mlp.up_proj.weight"] = torch.zeros(2)
+
+    _rewrite_shard_holding(tmp_path / "m", "layers.1.mlp.up_proj.weight", damage)
+    _rewrite_shard_holding(tmp_path / "m", "image_in_projector.bias",
+                           lambda state: state.pop("image_in_projector.bias", None))
+    with pytest.raises(ValueError) as error:
+        NextStep.from_pretrained(tmp_path / "m")
+    message = str(error.value)
+    assert "layers.1.mlp.up_proj.weight: expected (48, 32), found (50, 32)" in message
+    assert "missing keys ['image_in_projector.bias']" in message
+    assert "unexpected keys ['layers.7.mlp.up_proj.weight']" in message
+
+
+class _Payload:
+    """An object whose unpickling needs this module's code."""
+
+
+def test_a_vae_pickle_that_needs_code_is_refused(tmp_path):
+    small_release(tmp_path / "m")
+    torch.save({"encoder.conv_in.weight": torch.zeros(1), "extra": _Payload()},
+               str(tmp_path / "m" / "vae" / "checkpoint.pt"))
+    with pytest.raises(ValueError, match="code execution.*refused"):
+        NextStep.from_pretrained(tmp_path / "m")
+
+
+def test_missing_vae_lists_the_places_tried_and_vae_path_overrides(tmp_path):
+    small_release(tmp_path / "m")
+    shutil.move(str(tmp_path / "m" / "vae"), str(tmp_path / "tokenizer-f8ch16"))
+    with pytest.raises(FileNotFoundError, match="vae.*NextStep-1-f8ch16-Tokenizer"):
+        NextStep.from_pretrained(tmp_path / "m")
+    model = load_release_checkpoint(tmp_path / "m", vae_path=tmp_path / "tokenizer-f8ch16")
+    assert model.image_tokenizer.config.z_channels == SMALL.latent_channels
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"boi": 5}, "boi is 5 in the model config but the tokenizer gives <\\|begin_of_image\\|> the id"),
+    ({"use_gen_pos_embed": True}, "use_gen_pos_embed must be false"),
+    ({"latent_channels": 16}, "latent_channels in the model config is 16 but the VAE config has z_channels=4"),
+    ({"hidden_act": "gelu"}, "hidden_act must be 'silu'"),
+    ({"mlp_bias": True}, "mlp_bias must be false"),
+])
+def test_unsupported_or_inconsistent_configs_are_refused(tmp_path, change, match):
+    small_release(tmp_path / "m", **change)
+    with pytest.raises(ValueError, match=match):
+        NextStep.from_pretrained(tmp_path / "m")
+
+
+def test_a_plain_qwen_directory_points_to_initialisation(tmp_path):
+    write_qwen_checkpoint(tmp_path / "qwen", vocab_size=300, vocabulary="small")
+    with pytest.raises(ValueError, match="nextstep_from_qwen"):
+        NextStep.from_pretrained(tmp_path / "qwen")
+
+
+def test_code_in_the_release_directory_is_never_run(tmp_path, monkeypatch):
+    directory = tmp_path / "m"
+    small_release(directory)
+    marker = tmp_path / "executed"
+    for module in ("configuration_nextstep", "modeling_nextstep"):
+        (directory / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.setattr("builtins.input", lambda *args, **kwargs: "y")
+    NextStep.from_pretrained(directory)
+    assert not marker.exists()

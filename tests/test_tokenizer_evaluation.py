@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from nextstep.evaluation.image_metrics import psnr, ssim
+from nextstep.evaluation.photo_bank import Photo, random_crops, split_photos
+from nextstep.evaluation.tokenizer_eval import bicubic_baseline, evaluate_tokenizer, jpeg_baseline
+from nextstep.tokenizers import FluxVAE, FluxVAEConfig
+from nextstep.tokenizers.training_loss import TokenizerLoss, TokenizerLossConfig
+
+
+def test_psnr_known_values():
+    x = torch.zeros(2, 3, 8, 8)
+    y = x.clone()
+    y[1] += 0.2  # MSE 0.04 on a peak-to-peak range of 2 -> 10 log10(4 / 0.04) = 20 dB
+    values = psnr(y, x)
+    assert math.isinf(values[0]) and values[1].item() == pytest.approx(20.0, abs=1e-4)
+
+
+def test_ssim_identity_and_ordering():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)
+    slightly = (x + 0.05 * torch.randn(x.shape, generator=generator)).clamp(-1, 1)
+    badly = (x + 0.5 * torch.randn(x.shape, generator=generator)).clamp(-1, 1)
+    assert (ssim(slightly, x) > ssim(badly, x)).all()
+    with pytest.raises(ValueError, match="shape"):
+        ssim(x, x[:, :, :16])
+
+
+def test_baselines_keep_shape_and_range():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert bicubic_baseline(x, 4).shape == x.shape
+    decoded, bpp = jpeg_baseline(x, 50)
+    assert decoded.shape == x.shape and 0 < bpp < 24
+
+
+def test_photo_split_never_mixes_photos():
+    from PIL import Image
+
+    photos = [Photo(name, Image.new("RGB", (80, 90), (i * 20, 0, 0)))
+              for i, name in enumerate(["astronaut", "coffee", "rocket", "wallpaper_a", "wallpaper_b"])]
+    train, held = split_photos(photos)
+    assert {p.name for p in train}.isdisjoint({p.name for p in held})
+    assert "astronaut" in {p.name for p in held} and "rocket" in {p.name for p in train}
+    crops = random_crops(train, 5, 32, seed=3)
+    assert crops.shape == (5, 3, 32, 32) and crops.min() >= -1 and crops.max() <= 1
+    assert torch.equal(crops, random_crops(train, 5, 32, seed=3))
+
+
+def test_evaluation_report_has_every_section():
+    torch.manual_seed(0)
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=4))
+    report = evaluate_tokenizer(vae, torch.rand(4, 3, 32, 32) * 2 - 1)
+    assert set(report.robustness) == {"0.1", "0.2", "0.5"}
+    assert any(name.startswith("bicubic") for name in report.baselines)
+    assert any(name.startswith("JPEG") for name in report.baselines)
+    assert report.dispersion["channels"] == 16
+    assert "| tokenizer |" in report.to_markdown()
+
+
+def test_tokenizer_loss_trains_every_parameter_and_needs_a_perceptual_net():
+    torch.manual_seed(0)
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=4))
+    loss = TokenizerLoss(TokenizerLossConfig(perceptual_weight=0.0))
+    out = loss(vae, torch.rand(2, 3, 16, 16) * 2 - 1, torch.Generator().manual_seed(0))
+    out.total.backward()
+    assert all(p.grad is not None for p in vae.parameters())
+    torch.testing.assert_close(out.total, out.l1 + out.mse)
+    with pytest.raises(ValueError, match="perceptual"):
+        TokenizerLoss(TokenizerLossConfig(perceptual_weight=0.5))
+
+
+def test_perceptual_loss_with_efficientnet_features():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from nextstep.tokenizers.perceptual import EfficientNetLiteFeatures, PerceptualLoss
+
+    loss = PerceptualLoss(EfficientNetLiteFeatures())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(loss(x, x), torch.zeros(2))
+    near = loss((x + 0.05 * torch.randn_like(x)).clamp(-1, 1), x)
+    far = loss((x + 0.5 * torch.randn_like(x)).clamp(-1, 1), x)
+    assert (far > near).all()
+    assert all(not p.requires_grad for p in loss.parameters())

@@ -1,0 +1,60 @@
+"""Checkpoint directories: keep-last-K, name-keyed optimiser state, clear errors on damage."""
+
+import pytest
+import torch
+from torch import nn
+
+from nextstep.training import CheckpointManager, ExponentialMovingAverage, TrainConfig, build_optimizer
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-2))
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_save_and_load_restore_weights_optimizer_ema_and_rng(tmp_path):
+    model, optimizer = _setup()
+    ema = ExponentialMovingAverage(model, 0.9)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(5, model, optimizer, {"note": "x"}, ema=ema)
+    expected_random = torch.rand(3)
+
+    fresh_model, fresh_optimizer = _setup(seed=1)
+    fresh_ema = ExponentialMovingAverage(fresh_model, 0.9)
+    state = manager.load(manager.latest(), fresh_model, fresh_optimizer, ema=fresh_ema)
+    assert state["step"] == 5 and state["note"] == "x"
+    assert torch.equal(torch.rand(3), expected_random)  # generator state restored
+    for a, b in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(optimizer.state.values(), fresh_optimizer.state.values()):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert all(torch.equal(ema.shadow[k], fresh_ema.shadow[k]) for k in ema.shadow)
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path):
+    model, optimizer = _setup()
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4):
+        manager.save(step, model, optimizer, {})
+    assert manager.steps() == [3, 4]
+    assert manager.latest().name == "step-00000004"
+
+
+def test_damaged_or_mismatched_checkpoints_raise_clear_errors(tmp_path):
+    model, optimizer = _setup()
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(1, model, optimizer, {})
+    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"mis-shaped keys \[2.bias: expected \(3,\), found \(2,\)"):
+        manager.load(path, other, None)
+    with pytest.raises(FileNotFoundError, match="this run keeps an EMA"):
+        manager.load(path, model, optimizer, ema=ExponentialMovingAverage(model, 0.9))
+    (path / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        manager.load(path, model, optimizer)
+    with pytest.raises(FileNotFoundError, match="expected a complete checkpoint"):
+        manager.load(tmp_path / "step-00000009", model, optimizer)

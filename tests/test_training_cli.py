@@ -1,0 +1,65 @@
+"""``nextstep train``: recipes, overrides, resume, sample grids, and errors that name the problem."""
+
+import json
+
+from PIL import Image
+
+from nextstep.cli import main
+from nextstep.training.logging import read_log
+from nextstep.training.recipe import load_recipe
+
+RECIPE = {
+    "model": "tiny",
+    "data": {"datasets": [{"type": "shapes", "num_samples": 32, "size": 32}], "resolution": 32},
+    "train": {"max_steps": 3, "micro_batch_size": 2, "warmup_steps": 1, "learning_rate": 1e-3,
+              "log_every": 1, "checkpoint_every": 3, "sample_every": 3,
+              "sample_prompts": ["a red circle", "two blue squares"], "sample_height": 32,
+              "sample_width": 32, "sample_steps": 2},
+}
+
+
+def test_train_writes_logs_samples_and_checkpoints_then_resumes(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(RECIPE))
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "-o", str(out), "--quiet"]) == 0
+    assert [row["step"] for row in read_log(out / "train_log.csv")] == [1, 2, 3]
+    assert Image.open(out / "samples" / "step-00000003.png").size == (64, 32)
+    assert (out / "checkpoints" / "step-00000003" / "config.json").is_file()
+    assert "step-00000003" in capsys.readouterr().out
+
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "4",
+                 "--set", "train.sample_every=0"]) == 0
+    assert [row["step"] for row in read_log(out / "train_log.csv")] == [1, 2, 3, 4]
+
+
+def test_typos_in_recipes_and_overrides_name_the_key(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(RECIPE))
+    assert main(["train", str(recipe), "-o", str(tmp_path), "--set", "train.learnng_rate=1"]) == 2
+    assert "learnng_rate" in capsys.readouterr().err
+    broken = dict(RECIPE, data={"datasets": [{"type": "shapes", "num_sampels": 3}]})
+    recipe.write_text(json.dumps(broken))
+    assert main(["train", str(recipe), "-o", str(tmp_path)]) == 2
+    assert "num_sampels" in capsys.readouterr().err
+
+
+def test_missing_caption_is_reported_with_the_file(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "cat.png")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, data={"datasets": [{"type": "folder", "path": str(folder)}],
+                                                     "resolution": 32})))
+    assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "cat.png has no caption" in capsys.readouterr().err
+
+
+def test_shipped_recipes_parse():
+    tiny = load_recipe("tiny_emoji_shapes")
+    large = load_recipe("nextstep_1_large_256px")
+    assert tiny.model == "tiny" and tiny.data.latent_cache
+    assert large.train.betas == (0.9, 0.95) and large.train.weight_decay == 0.1
+    assert large.train.learning_rate == 1e-4 and large.train.warmup_steps == 5000
+    assert large.train.precision == "bf16" and large.train.gradient_checkpointing
+    assert large.data.multi_aspect and large.data.resolution == 256

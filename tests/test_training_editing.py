@@ -1,0 +1,51 @@
+"""Editing samples: source image, instruction, target image; the image loss covers the target only."""
+
+import torch
+
+from nextstep import build_model
+from nextstep.training import AspectRatioBuckets, TextToImageTask, Trainer, TrainingData
+from nextstep.training.data.editing import ShapesEditingConfig, ShapesEditingDataset
+from nextstep.training.data.loader import collate_samples
+from training_helpers import tiny_config
+
+
+def test_only_the_last_image_is_a_flow_matching_target():
+    model = build_model("tiny", seed=0)
+    builder = model.sequences
+    source, target = torch.randn(4, 64), torch.randn(6, 64)
+    example = builder.editing_example("make it blue", source, (2, 2), target, (2, 3))
+    batch = builder.collate([example, example])
+    assert int(batch.image_mask[0].sum()) == 10
+    assert int(batch.image_target_mask[0].sum()) == 6
+    targets = batch.image_tokens[0][batch.image_target_mask[0]]
+    torch.testing.assert_close(targets, target)
+    assert not (batch.text_target_mask & batch.image_mask).any()
+    text = model.text_tokenizer.decode(batch.input_ids[0][~batch.image_mask[0]].tolist())
+    assert "make it blue" in text and text.index("2*2") < text.index("make it blue") < text.index("2*3")
+
+
+def test_shapes_edits_come_with_exact_before_and_after_scenes():
+    dataset = ShapesEditingDataset(ShapesEditingConfig(num_samples=40, size=32))
+    kinds = set()
+    for index in range(40):
+        source, instruction, target = dataset.edit(index)
+        kinds.add(instruction.split()[0])
+        if instruction.startswith("remove"):
+            assert len(target.objects) == len(source.objects) - 1
+        if instruction.startswith("add"):
+            assert len(target.objects) == len(source.objects) + 1
+        if instruction.startswith("make"):
+            assert [o.colour for o in source.objects] != [o.colour for o in target.objects]
+    assert kinds == {"make", "remove", "add", "move"}
+    sample = dataset.load(0)
+    batch = collate_samples([sample, dataset.load(1)], 32, 32)
+    assert batch.is_editing and batch.source_images.shape == batch.images.shape == (2, 3, 32, 32)
+
+
+def test_editing_batches_train(tmp_path):
+    data = TrainingData(ShapesEditingDataset(ShapesEditingConfig(num_samples=16, size=32)),
+                        AspectRatioBuckets(32, multi_aspect=False))
+    trainer = Trainer(TextToImageTask(build_model("tiny", seed=0)), data, tiny_config(max_steps=2), tmp_path,
+                      show_progress=False)
+    records = trainer.fit(resume=False)
+    assert len(records) == 2 and all(r.metrics["image_loss"] > 0 for r in records)

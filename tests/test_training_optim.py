@@ -1,0 +1,70 @@
+"""AdamW groups, the warm-up + cosine schedule, the EMA and TrainConfig validation."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from nextstep.training import ExponentialMovingAverage, TrainConfig, WarmupCosineSchedule, build_optimizer
+
+
+@given(st.integers(0, 50), st.integers(1, 200), st.floats(0, 0.5))
+def test_schedule_warms_up_linearly_then_decays_to_the_minimum(warmup, extra, minimum_ratio):
+    total = warmup + extra
+    schedule = WarmupCosineSchedule(1e-3, warmup, total, minimum=1e-3 * minimum_ratio)
+    rates = [schedule.rate(s) for s in range(total + 1)]
+    for step in range(warmup):
+        assert rates[step] == pytest.approx(1e-3 * (step + 1) / warmup)
+    assert rates[warmup] == pytest.approx(1e-3)
+    assert rates[total] == pytest.approx(1e-3 * minimum_ratio)
+    decay = rates[warmup:]
+    assert all(a >= b - 1e-15 for a, b in zip(decay, decay[1:]))
+    middle = warmup + extra / 2
+    if extra % 2 == 0:
+        assert schedule.rate(int(middle)) == pytest.approx((1e-3 + 1e-3 * minimum_ratio) / 2)
+
+
+def test_optimizer_uses_the_release_settings_and_skips_frozen_and_1d_decay():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model[2].requires_grad_(False)
+    optimizer = build_optimizer(model, TrainConfig())
+    decayed, undecayed = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and undecayed["weight_decay"] == 0.0
+    assert decayed["betas"] == (0.9, 0.95) and decayed["eps"] == 1e-8
+    assert [tuple(p.shape) for p in decayed["params"]] == [(4, 4)]
+    assert len(undecayed["params"]) == 3  # bias, norm weight, norm bias
+
+
+def test_ema_follows_the_weights_and_restores_them_after_use():
+    model = nn.Linear(3, 1)
+    ema = ExponentialMovingAverage(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow["weight"], start + 1.0)
+    with ema.applied_to(model):
+        torch.testing.assert_close(model.weight, start + 1.0)
+    torch.testing.assert_close(model.weight, start + 2.0)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"micro_batch_size": 0}, "micro_batch_size"),
+    ({"precision": "fp8"}, "precision"),
+    ({"parallelism": "zero3"}, "parallelism"),
+    ({"min_learning_rate": 1.0}, "min_learning_rate"),
+    ({"sample_every": 10}, "sample_prompts"),
+    ({"ema_decay": 1.0}, "ema_decay"),
+])
+def test_bad_settings_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**changes)
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ValueError, match="learnig_rate"):
+        TrainConfig.from_dict({"learnig_rate": 1e-3})
+    assert math.isclose(TrainConfig.from_dict({"betas": [0.9, 0.99]}).betas[1], 0.99)

@@ -1,0 +1,117 @@
+"""Resume equals an uninterrupted run; a save killed with SIGKILL leaves the previous checkpoint usable."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nextstep import NextStep
+from nextstep.training.checkpointing import CheckpointManager
+from nextstep.training.logging import read_log
+from training_helpers import tiny_config, tiny_trainer
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
+    config = tiny_config(max_steps=6, gradient_accumulation=2, ema_decay=0.9, checkpoint_every=3)
+    uninterrupted = tiny_trainer(tmp_path / "straight", config).fit(resume=False)
+
+    first = tiny_trainer(tmp_path / "split", config.replace(max_steps=3)).fit(resume=False)
+    resumed_trainer = tiny_trainer(tmp_path / "split", config)  # fresh model, optimiser, data
+    second = resumed_trainer.fit(resume=True)
+
+    assert [r.step for r in second] == [4, 5, 6]
+    for straight, split in zip(uninterrupted, first + second):
+        assert abs(straight.loss - split.loss) <= 1e-6
+        assert abs(straight.grad_norm - split.grad_norm) <= 1e-6
+    losses = [row["loss"] for row in read_log(tmp_path / "split" / "train_log.csv")]
+    assert losses == pytest.approx([r.loss for r in uninterrupted], abs=1e-6)
+
+
+def test_log_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
+    tiny_trainer(tmp_path, tiny_config(max_steps=4, checkpoint_every=2)).fit(resume=False)
+    # Pretend the run died after step 3: only the step-2 checkpoint survives.
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    import shutil
+
+    shutil.rmtree(manager.latest())
+    assert manager.steps() == [2]
+    tiny_trainer(tmp_path, tiny_config(max_steps=4, checkpoint_every=2)).fit(resume=True)
+    steps = [int(row["step"]) for row in read_log(tmp_path / "train_log.csv")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_checkpoint_directory_loads_as_a_model(tmp_path):
+    trainer = tiny_trainer(tmp_path, tiny_config(max_steps=1))
+    trainer.fit(resume=False)
+    loaded = NextStep.from_pretrained(tmp_path / "checkpoints" / "step-00000001")
+    for name, tensor in trainer.task.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor)
+
+
+KILLED_SAVER = r"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from training_helpers import tiny_config, tiny_trainer
+
+ready = Path({ready!r})
+
+def pause_in_second_save(path, written, total):
+    # Stop for good inside the save of step 2, after part of the weights file is on disk.
+    if path.parent.name.startswith(".step-00000002") and path.name == "model.safetensors":
+        if written < total:
+            ready.write_text(str(path))
+            time.sleep(600)
+
+trainer = tiny_trainer({output!r}, tiny_config(max_steps=4, checkpoint_every=1),
+                       checkpoint_write_hook=pause_in_second_save)
+trainer.fit(resume=False)
+"""
+
+
+def test_sigkill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    ready = tmp_path / "ready"
+    output = tmp_path / "run"
+    code = KILLED_SAVER.format(tests=str(TESTS), ready=str(ready), output=str(output))
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            if process.poll() is not None:
+                raise AssertionError(f"the saver exited early:\n{process.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the saver never reached the pause inside the save")
+            time.sleep(0.05)
+        partial = Path(ready.read_text())
+        assert partial.exists() and 0 < partial.stat().st_size
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    manager = CheckpointManager(output / "checkpoints")
+    assert manager.steps() == [1]  # the half-written step 2 is not a checkpoint
+    leftovers = [p.name for p in (output / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers, "the interrupted save should have left its hidden staging folder"
+    NextStep.from_pretrained(manager.latest())
+
+    resumed = tiny_trainer(output, tiny_config(max_steps=4, checkpoint_every=1))
+    records = resumed.fit(resume=True)
+    assert [r.step for r in records] == [2, 3, 4]
+    assert not [p for p in (output / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert manager.steps() == [3, 4]  # keep_last=2
+
+    straight = tiny_trainer(tmp_path / "straight", tiny_config(max_steps=4)).fit(resume=False)
+    assert [r.loss for r in records] == pytest.approx([r.loss for r in straight[1:]], abs=1e-6)

@@ -1,0 +1,191 @@
+"""FLUX-shaped VAE weights across the BFL, diffusers, NextStep and native layouts."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nextstep.tokenizers import FluxVAE, FluxVAEConfig
+from nextstep.tokenizers.vae_checkpoints import (
+    bfl_to_diffusers,
+    config_from_nextstep,
+    detect_layout,
+    diffusers_to_bfl,
+    load_flux_vae,
+    save_flux_vae,
+)
+
+TINY = FluxVAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, z_channels=16,
+                     normalization="none")
+
+
+def tiny_vae(config=TINY, seed=0):
+    torch.manual_seed(seed)
+    vae = FluxVAE(config)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return vae.eval()
+
+
+def images(size=(32, 48), seed=0):
+    return torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.fixture(scope="module")
+def diffusers_pair(tmp_path_factory):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    reference = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 32, 32], layers_per_block=1,
+        latent_channels=16, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159,
+    ).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    directory = tmp_path_factory.mktemp("diffusers_vae")
+    reference.save_pretrained(str(directory))
+    return reference, directory
+
+
+def test_diffusers_parity_encode_and_decode(diffusers_pair):
+    reference, directory = diffusers_pair
+    assert detect_layout(directory) == "diffusers"
+    ours = load_flux_vae(directory, normalization="none").eval()
+    x = images()
+    with torch.no_grad():
+        expected_mean = reference.encode(x).latent_dist.mean
+        mean, _ = ours.encode_moments(x)
+        torch.testing.assert_close(mean, expected_mean, atol=1e-5, rtol=1e-5)
+        z = torch.randn(2, 16, 4, 6)
+        torch.testing.assert_close(ours.decode(z), reference.decode(z).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_config_gives_flux_scale_and_shift(diffusers_pair):
+    _, directory = diffusers_pair
+    vae = load_flux_vae(directory)
+    assert vae.config.normalization == "scale_shift"
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.3611, 0.1159)
+    mean, _ = vae.encode_moments(images())
+    torch.testing.assert_close(vae.encode(images()), (mean - 0.1159) * 0.3611)
+
+
+def test_diffusers_round_trip_both_ways(tmp_path):
+    vae = tiny_vae()
+    save_flux_vae(vae, tmp_path / "d", layout="diffusers")
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["block_out_channels"] == [16, 32, 32] and config["use_quant_conv"] is False
+    assert_same_weights(vae, load_flux_vae(tmp_path / "d", normalization="none"))
+    state = vae.state_dict()
+    renamed = bfl_to_diffusers(state, 3)
+    assert "decoder.up_blocks.0.upsamplers.0.conv.weight" in renamed  # lowest resolution first
+    assert renamed["encoder.mid_block.attentions.0.to_q.weight"].shape == (32, 32)
+    back = diffusers_to_bfl(renamed, 3)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def bfl_file(vae, path):
+    state = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
+def test_bfl_layout_round_trip(tmp_path):
+    vae = tiny_vae()
+    state = bfl_file(vae, tmp_path / "ae.safetensors")
+    # Real BFL key names and shapes.
+    assert state["encoder.mid.attn_1.q.weight"].shape == (32, 32, 1, 1)
+    assert "decoder.up.0.block.1.conv2.weight" in state and "decoder.up.2.upsample.conv.weight" in state
+    assert detect_layout(tmp_path / "ae.safetensors") == "bfl"
+    loaded = load_flux_vae(tmp_path / "ae.safetensors", norm_groups=8)
+    assert loaded.config.ch_mult == (1, 2, 2) and loaded.config.num_res_blocks == 1
+    assert loaded.config.normalization == "scale_shift" and loaded.config.scaling_factor == 0.3611
+    assert_same_weights(vae, loaded)
+    save_flux_vae(loaded, tmp_path / "out", layout="bfl")
+    assert_same_weights(vae, load_flux_vae(tmp_path / "out" / "ae.safetensors", norm_groups=8))
+
+
+def nextstep_dir(vae, directory, **fields):
+    directory.mkdir(parents=True)
+    config = {"resolution": 256, "in_channels": 3, "ch": 16, "out_ch": 3, "ch_mult": [1, 2, 2],
+              "num_res_blocks": 1, "z_channels": 16, "scaling_factor": 1.0, "shift_factor": 0.0,
+              "deterministic": True, "encoder_norm": True, "psz": 1, **fields}
+    (directory / "config.json").write_text(json.dumps(config))
+    torch.save(vae.state_dict(), directory / "checkpoint.pt")
+    return directory
+
+
+def test_nextstep_layout_round_trip(tmp_path):
+    vae = tiny_vae(FluxVAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16))
+    nextstep_dir(vae, tmp_path / "model" / "vae", ch=32, psz=2)
+    assert detect_layout(tmp_path / "model") == "nextstep"
+    loaded = load_flux_vae(tmp_path / "model")
+    assert loaded.config.normalization == "layer_norm" and loaded.config.normalization_patch_size == 2
+    assert_same_weights(vae, loaded)
+    save_flux_vae(loaded, tmp_path / "again", layout="nextstep")
+    fields = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert fields["encoder_norm"] is True and fields["psz"] == 2
+    assert_same_weights(vae, load_flux_vae(tmp_path / "again"))
+
+
+def test_native_layout_round_trip(tmp_path):
+    vae = tiny_vae()
+    save_flux_vae(vae, tmp_path / "n")
+    loaded = load_flux_vae(tmp_path / "n")
+    assert loaded.config == vae.config
+    assert_same_weights(vae, loaded)
+
+
+def test_pickle_needing_code_is_refused(tmp_path):
+    vae = tiny_vae(FluxVAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1))
+    directory = nextstep_dir(vae, tmp_path / "vae", ch=32)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    with open(directory / "checkpoint.pt", "wb") as handle:
+        pickle.dump({"state_dict": Payload()}, handle)
+    with pytest.raises(ValueError, match="code execution"):
+        load_flux_vae(directory)
+
+
+def test_corrupt_and_missing_files_are_named(tmp_path):
+    vae = tiny_vae()
+    bfl_file(vae, tmp_path / "ae.safetensors")
+    data = (tmp_path / "ae.safetensors").read_bytes()
+    (tmp_path / "ae.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="ae.safetensors"):
+        load_flux_vae(tmp_path / "ae.safetensors")
+    with pytest.raises(FileNotFoundError, match="expected"):
+        load_flux_vae(tmp_path / "empty_dir_that_does_not_exist")
+
+
+def test_missing_keys_are_listed(tmp_path):
+    vae = tiny_vae()
+    state = dict(vae.state_dict())
+    del state["decoder.conv_out.bias"]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "ae.safetensors"))
+    with pytest.raises(ValueError, match="decoder.conv_out.bias"):
+        load_flux_vae(tmp_path / "ae.safetensors", norm_groups=8)
+
+
+def test_nextstep_config_fields():
+    config = config_from_nextstep({"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+                                   "z_channels": 16, "encoder_norm": True, "psz": 2,
+                                   "scaling_factor": 1.0, "shift_factor": 0.0, "deterministic": True,
+                                   "resolution": 256, "in_channels": 3, "out_ch": 3})
+    assert config == FluxVAEConfig(normalization="layer_norm", normalization_patch_size=2)
+    with pytest.raises(ValueError, match="unexpected field"):
+        config_from_nextstep({"ch": 128, "chanels": 3})

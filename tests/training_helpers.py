@@ -1,0 +1,51 @@
+"""Shared pieces of the training tests: tiny runs and a worker for spawned processes."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+
+from nextstep import build_model
+from nextstep.training import AspectRatioBuckets, TextToImageTask, TrainConfig, Trainer, TrainingData
+from nextstep.training.data import ShapesConfig, ShapesDataset
+
+
+def tiny_config(**changes) -> TrainConfig:
+    base = dict(max_steps=4, micro_batch_size=2, warmup_steps=2, learning_rate=1e-3, log_every=1,
+                checkpoint_every=1000, keep_last=2)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def shapes_data(num_samples: int = 64, size: int = 32) -> TrainingData:
+    return TrainingData(ShapesDataset(ShapesConfig(num_samples=num_samples, size=size)),
+                        AspectRatioBuckets(size, multi_aspect=False))
+
+
+def tiny_trainer(output_dir, config: TrainConfig, context=None, **kwargs) -> Trainer:
+    model = build_model("tiny", seed=0)
+    return Trainer(TextToImageTask(model), shapes_data(), config, output_dir, context=context,
+                   show_progress=False, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def distributed_worker(rank: int, world_size: int, port: int, output_dir: str, config_dict: dict,
+                       resume: bool = False) -> None:
+    """One process of a CPU/gloo job: train the tiny model; rank 0 writes the final checkpoint."""
+    from nextstep.training import DistributedContext
+
+    torch.set_num_threads(1)
+    context = DistributedContext.initialize(rank, world_size, f"tcp://127.0.0.1:{port}", backend="gloo",
+                                            timeout_s=60)
+    try:
+        trainer = tiny_trainer(Path(output_dir), TrainConfig.from_dict(config_dict), context=context)
+        trainer.fit(resume=resume)
+    finally:
+        context.shutdown()
