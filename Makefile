@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install data demo test test-all docs clean
+.PHONY: install data photos demo test test-all docs clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -15,27 +15,36 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages of the built-in training datasets (emoji font, Unicode emoji list, Fashion-MNIST).
-# Installs only what is missing; needs root for that.
+# Debian packages of the built-in training datasets (emoji font, Unicode emoji list, Fashion-MNIST),
+# and of the extra photos used to train and evaluate image tokenizers (wallpapers).
+# Each target installs only what is missing; that needs root.
 DATA_PACKAGES := fonts-noto-color-emoji unicode-data dataset-fashion-mnist
+PHOTO_PACKAGES := mate-backgrounds plasma-workspace-wallpapers
 
-data:
-	@missing=$$(for p in $(DATA_PACKAGES); do \
+define apt_install
+	@missing=$$(for p in $(1); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
-	if [ -z "$$missing" ]; then echo "data packages present: $(DATA_PACKAGES)"; exit 0; fi; \
+	if [ -z "$$missing" ]; then echo "packages present: $(1)"; exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then echo "run as root: apt-get install -y $$missing"; exit 1; fi; \
 	echo "installing $$missing"; \
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing
+endef
+
+data:
+	$(call apt_install,$(DATA_PACKAGES))
+
+photos:
+	$(call apt_install,$(PHOTO_PACKAGES))
 
 demo: $(STAMP)
 	$(PY) -m nextstep generate "a red circle to the left of a blue square" "grinning face with smiling eyes" \
 		--model tiny --height 64 --width 64 --steps 20 --cfg 3.0 --num-images 2 --grid --output outputs/demo
 	@echo "demo images in outputs/demo/"
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(PY) -m pytest -m "not slow" -q -n 2
 
-test-all: $(STAMP)
+test-all: $(STAMP) data
 	$(PY) -m pytest -q -n 2
 
 docs: $(STAMP)

@@ -7,9 +7,10 @@ tokens), 20 Euler head steps per token, CFG 7.5 (two branches). Each batch size
 is run once to warm up and then ``--repeats`` times; the fastest run is reported,
 with the median beside it.
 
-Wall time is what the targets are about. The process CPU time is printed beside
-it: with one thread on a machine that other work keeps busy, it is the better
-estimate of the wall time on an idle one.
+Each batch size runs with 1 PyTorch thread and with PyTorch's default (the
+machine's cores). Wall time is what the targets are about. The process CPU time
+is printed beside it: with one thread on a machine that other work keeps busy,
+it is the better estimate of the wall time on an idle one.
 
 The breakdown comes from the same runs: time inside the backbone's forward
 (prefill and the cached one-token steps), inside the head's sampling (the
@@ -18,7 +19,7 @@ and the rest of the loop (projectors, bookkeeping).
 
 Usage:
     python benchmarks/generation_latency.py                    # batch 1 and 4, 256x256
-    python benchmarks/generation_latency.py --threads 2 --repeats 5
+    python benchmarks/generation_latency.py --threads 1 --repeats 5
     python benchmarks/generation_latency.py --size 64 --batch-sizes 1   # a quick look
 
 Writes benchmarks/results/generation_latency.json (or --output).
@@ -127,21 +128,26 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="head steps per token")
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", default=f"1,{torch.get_num_threads()}",
+                        help="comma-separated torch intra-op thread counts to run (default: 1 and torch's choice)")
     parser.add_argument("--output", default=None, help="result file (default benchmarks/results/...)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     model = benchmark_model()
     counts = model.parameter_counts()
     rows = []
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
+    thread_counts = sorted({int(t) for t in args.threads.split(",")})
+    for threads, batch in ((t, int(b)) for t in thread_counts for b in args.batch_sizes.split(",")):
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
         run_once(model, batch, args.size, args.steps, args.cfg)  # warm-up
+        warmup_seconds = time.perf_counter() - start
         runs = [run_once(model, batch, args.size, args.steps, args.cfg)[0] for _ in range(args.repeats)]
         tokens = (args.size // 16) ** 2
         best = min(runs, key=lambda r: r["total"])
         row = {
+            "threads": threads,
             "batch": batch,
+            "warmup_seconds": round(warmup_seconds, 2),
             "seconds_per_image": round(best["total"] / batch, 4),
             "seconds_per_image_median": round(statistics.median(r["total"] for r in runs) / batch, 4),
             "seconds_per_call": round(best["total"], 4),
@@ -154,7 +160,7 @@ def main() -> int:
         }
         rows.append(row)
         parts = ", ".join(f"{k} {v:.3f}" for k, v in row["breakdown_seconds_per_image"].items())
-        print(f"batch {batch}: {row['seconds_per_image']:.3f} s/image "
+        print(f"{threads} thread(s), batch {batch}: {row['seconds_per_image']:.3f} s/image "
               f"(median {row['seconds_per_image_median']:.3f}, CPU time {row['cpu_seconds_per_image']:.3f}; "
               f"target {row['target_seconds_per_image']}) | "
               f"per image: {parts} | backbone {row['backbone_ms_per_token_step']:.2f} ms/token, "

@@ -101,3 +101,28 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """Parse a JSON file that must hold an object.
+
+    Args:
+        path: the file.
+        what: how error messages name the file (e.g. ``"Hugging Face config.json"``).
+
+    Raises:
+        FileNotFoundError: naming the path when there is no file.
+        ValueError: naming the path for invalid JSON or a non-object value.
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a {what} at {path}, found nothing")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data

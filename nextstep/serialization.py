@@ -63,34 +63,30 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
         raise ValueError(f"weights in {source} do not match the model: " + ", ".join(problems))
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
 def load_pretrained(directory: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-    """Rebuild a model saved by `save_pretrained` (config first, then weights)."""
+    """Rebuild a model saved by `save_pretrained`: config first, then weights streamed into place.
+
+    The model is built on the meta device and each tensor is copied from the
+    file into freshly allocated memory, so loading needs about one model's worth
+    of memory. ``dtype=None`` keeps the dtype the weights were saved in.
+    """
     from nextstep.builders import build_model
+    from nextstep.weights import load_safetensors, read_checkpoint_index
 
     if not directory.is_dir():
         raise FileNotFoundError(f"expected a model directory at {directory}, found nothing")
     config = ModelConfig.load(directory / CONFIG_NAME)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"expected weights at {weights}, found nothing")
+    if dtype is None:
+        saved = {info.dtype for info in read_checkpoint_index(weights).values()}
+        floating = [_SAFETENSORS_DTYPES[name] for name in sorted(saved) if name in _SAFETENSORS_DTYPES]
+        dtype = floating[0] if len(floating) == 1 else None
     with torch.device("meta"):
         model = build_model(config, base_dir=directory)
-    state = read_safetensors(directory / WEIGHTS_NAME, device=device)
-    check_state_dict(model.state_dict(), state, str(directory / WEIGHTS_NAME))
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    materialize_buffers(model, device)
+    load_safetensors(model, weights, dtype=dtype, device=device)
     return model
-
-
-def materialize_buffers(model: torch.nn.Module, device: torch.device | str) -> None:
-    """Recreate non-persistent buffers left on the meta device after ``assign`` loading."""
-    for module in model.modules():
-        if hasattr(module, "reset_buffers"):
-            for name, buffer in list(module.named_buffers(recurse=False)):
-                if buffer.is_meta:
-                    module.register_buffer(name, torch.empty(buffer.shape, dtype=buffer.dtype,
-                                                             device=device), persistent=False)
-            module.reset_buffers()
-    leftovers = [name for name, b in model.named_buffers() if b.is_meta]
-    leftovers += [name for name, p in model.named_parameters() if p.is_meta]
-    if leftovers:
-        raise RuntimeError(f"tensors left uninitialised after loading: {leftovers}")

@@ -227,7 +227,7 @@ def load_safetensors(
     for key, tensor in expected.items():
         aliases.setdefault(id(tensor), []).append(key)
     for names in aliases.values():
-        if not any(key in sources and key not in report.unexpected for key in names):
+        if not any(key in sources for key in names):
             report.missing.extend(names)
     report.missing.sort()
     report.unexpected.sort()
@@ -235,7 +235,9 @@ def load_safetensors(
         raise ValueError(f"checkpoint {path} does not match {type(module).__name__}: {report.describe()}")
 
     # Derived buffers first, so that checkpoint tensors overwrite them if they overlap.
-    _reset_materialized_buffers(module, _allocate(module, device, dtype))
+    _reset_buffers(module, _allocate(module, device, dtype))
+    if device is not None or dtype is not None:
+        module.to(device=device, dtype=dtype)
     targets = module.state_dict(keep_vars=True)
     by_shard: dict[Path, list[tuple[str, str]]] = {}
     for target, name in sources.items():
@@ -252,55 +254,68 @@ def load_safetensors(
     return report
 
 
-def _allocate(module: nn.Module, device, dtype) -> set[nn.Module]:
-    """Give meta tensors real (uninitialised) memory, then move/cast the rest.
+def _allocate(module: nn.Module, device, dtype) -> list[nn.Module]:
+    """Give meta tensors real (uninitialised) memory in ``dtype`` on ``device``.
 
-    Tied tensors (one object under several names) stay tied. Returns the
-    modules that had meta buffers.
+    Tied tensors (one object under several names) stay tied. A buffer that no
+    checkpoint holds (non-persistent) is left to the nearest module, itself or
+    an ancestor, with a ``reset_buffers()`` method: the returned modules, whose
+    ``reset_buffers()`` must run next.
+
+    Raises:
+        ValueError: for a non-persistent meta buffer that nothing can rebuild.
     """
     target_device = torch.device(device) if device is not None else torch.device("cpu")
+    modules = dict(module.named_modules())
     replacements: dict[int, torch.Tensor] = {}
-    with_meta_buffers: set[nn.Module] = set()
+    rebuilders: dict[str, nn.Module] = {}
+    unrecoverable: list[str] = []
 
     def allocate(tensor: torch.Tensor) -> torch.Tensor:
         cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         return torch.empty(tensor.shape, dtype=cast, device=target_device)
 
-    for submodule in module.modules():
-        for name, parameter in list(submodule._parameters.items()):
+    def rebuilder_of(name: str) -> str | None:
+        parts = name.split(".") if name else []
+        for end in range(len(parts), -1, -1):
+            candidate = ".".join(parts[:end])
+            if hasattr(modules[candidate], "reset_buffers"):
+                return candidate
+        return None
+
+    for name, submodule in modules.items():
+        for key, parameter in list(submodule._parameters.items()):
             if parameter is not None and parameter.is_meta:
                 if id(parameter) not in replacements:
                     replacements[id(parameter)] = nn.Parameter(allocate(parameter),
                                                                requires_grad=parameter.requires_grad)
-                submodule._parameters[name] = replacements[id(parameter)]
-        for name, buffer in list(submodule._buffers.items()):
-            if buffer is not None and buffer.is_meta:
+                submodule._parameters[key] = replacements[id(parameter)]
+        for key, buffer in list(submodule._buffers.items()):
+            if buffer is None or not buffer.is_meta:
+                continue
+            owner = rebuilder_of(name)
+            persistent = key not in submodule._non_persistent_buffers_set
+            if owner is not None:
+                rebuilders[owner] = modules[owner]
+            if persistent or owner == name:
                 if id(buffer) not in replacements:
                     replacements[id(buffer)] = allocate(buffer)
-                submodule._buffers[name] = replacements[id(buffer)]
-                with_meta_buffers.add(submodule)
-    if device is not None or dtype is not None:
-        module.to(device=device, dtype=dtype)
-    return with_meta_buffers
-
-
-def _reset_materialized_buffers(module: nn.Module, materialized: set[nn.Module]) -> None:
-    """Recompute derived buffers (for example rotary frequencies) that were allocated empty.
-
-    Buffers outside the state dict cannot come from a checkpoint; a module that
-    holds them on the meta device must know how to rebuild them (``reset_buffers``).
-    """
-    unrecoverable = []
-    for name, submodule in module.named_modules():
-        if submodule not in materialized:
-            continue
-        if hasattr(submodule, "reset_buffers"):
-            submodule.reset_buffers()
-        else:
-            unrecoverable += [f"{name}.{buffer}" if name else buffer
-                              for buffer in submodule._non_persistent_buffers_set]
+                submodule._buffers[key] = replacements[id(buffer)]  # filled by the checkpoint or reset_buffers
+            elif owner is None:
+                unrecoverable.append(f"{name}.{key}" if name else key)
+            # else: left on the meta device for the ancestor's reset_buffers to rebuild
     if unrecoverable:
         raise ValueError(
             f"buffers {sorted(unrecoverable)} were on the meta device, are not saved in checkpoints and "
-            "their module has no reset_buffers() to rebuild them; build the module on a real device"
+            "no module holding them has reset_buffers() to rebuild them; build the module on a real device"
         )
+    return list(rebuilders.values())
+
+
+def _reset_buffers(module: nn.Module, rebuilders: list[nn.Module]) -> None:
+    """Run ``reset_buffers()`` where `_allocate` asked for it, then check that nothing is left on the meta device."""
+    for rebuilder in rebuilders:
+        rebuilder.reset_buffers()
+    leftovers = [name for name, buffer in module.named_buffers() if buffer.is_meta]
+    if leftovers:
+        raise ValueError(f"buffers {leftovers} are still on the meta device after reset_buffers()")

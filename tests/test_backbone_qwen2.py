@@ -74,3 +74,23 @@ def test_compiled_decode_with_inductor_matches_eager():
     expected = decode(model)
     model.compile_decode()
     torch.testing.assert_close(decode(model), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decode_falls_back_to_eager_at_the_recompile_limit():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Qwen2Backbone(Qwen2BackboneConfig(**SMALL)).eval()
+    model.compile_decode(backend="eager", dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=1), torch.no_grad():
+        outputs = []
+        for capacity in (5, 6):
+            cache = model.new_cache(1, capacity)
+            model(torch.ones(1, 2, 32), torch.arange(2)[None], None, cache)
+            if capacity == 6:
+                with pytest.warns(RuntimeWarning, match="recompile limit"):
+                    outputs.append(model(torch.ones(1, 1, 32), torch.tensor([[2]]), None, cache))
+            else:
+                outputs.append(model(torch.ones(1, 1, 32), torch.tensor([[2]]), None, cache))
+    assert model._compiled_decode is None
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()

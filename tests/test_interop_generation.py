@@ -21,12 +21,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-pytest.importorskip("quicktok")
+from interop_synthetic import ReleaseShapes, write_release_checkpoint
 
-from interop_synthetic import ReleaseShapes, write_release_checkpoint  # noqa: E402
-
-from nextstep import generation  # noqa: E402
-from nextstep.model import NextStep  # noqa: E402
+from nextstep import generation
+from nextstep.model import NextStep
 
 LAST_STEP_SIZE = 0.04
 

@@ -7,15 +7,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-pytest.importorskip("quicktok")
+from interop_synthetic import write_qwen_checkpoint
 
-from interop_synthetic import write_qwen_checkpoint  # noqa: E402
-
-from nextstep.generation import generate_tokens  # noqa: E402
-from nextstep.interop import initialize_rows_from_mean, nextstep_from_qwen, save_release_checkpoint  # noqa: E402
-from nextstep.interop.qwen_init import padded_vocab_size, row_statistics  # noqa: E402
-from nextstep.model import NextStep  # noqa: E402
-from nextstep.tokenizers import FluxVAE, FluxVAEConfig  # noqa: E402
+from nextstep.generation import generate_tokens
+from nextstep.interop import initialize_rows_from_mean, nextstep_from_qwen, save_release_checkpoint
+from nextstep.interop.qwen_init import padded_vocab_size, row_statistics
+from nextstep.model import NextStep
+from nextstep.tokenizers import FluxVAE, FluxVAEConfig
 
 QWEN25_TOKENS = 151665  # 151,643 BPE tokens + 22 added tokens
 NEXTSTEP_IDS = {"[PAD]": 151665, "<|image_area|>": 151666, "<|begin_of_image|>": 151667,

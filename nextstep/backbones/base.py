@@ -176,7 +176,9 @@ class KVCache(BackboneCache):
             self.key_mask[:, start:end] = attention_mask
         return start, end
 
-    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's keys/values at ``start`` and return everything up to ``start + L``.
 
         Args:

@@ -16,11 +16,13 @@ step for small models.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -43,6 +45,8 @@ __all__ = [
 ]
 
 LayerCache = tuple[torch.Tensor, torch.Tensor]
+#: What torch.compile(fullgraph=True) raises when a function exceeds its recompile limit.
+_RECOMPILE_LIMIT_HIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
 
 
 @dataclass
@@ -280,7 +284,7 @@ class Qwen2Backbone(Backbone):
         return self.embed_tokens(input_ids)
 
     def new_cache(self, batch_size: int, max_length: int, *, device=None, dtype=None) -> KVCache:
-        """A `KVCache` for ``batch_size`` rows of ``max_length`` slots, on the embedding's device and dtype by default."""
+        """A `KVCache` of ``batch_size`` rows x ``max_length`` slots (embedding's device and dtype by default)."""
         reference = self.embed_tokens.weight
         return KVCache(
             self.config.num_layers,
@@ -327,7 +331,15 @@ class Qwen2Backbone(Backbone):
                 step, visible = self._compiled_decode, cache.max_length
         fast = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         with torch.inference_mode() if fast else contextlib.nullcontext():
-            hidden = step(embeds, positions, key_mask, slots, layer_caches, visible)
+            try:
+                hidden = step(embeds, positions, key_mask, slots, layer_caches, visible)
+            except _RECOMPILE_LIMIT_HIT:
+                # torch.compile refuses to trace yet another shape; nothing ran, so
+                # the eager step can take over.
+                warnings.warn("compiled decode hit torch.compile's recompile limit (too many cache shapes); "
+                              "decoding eagerly from now on", RuntimeWarning, stacklevel=2)
+                self._compiled_decode = None
+                hidden = self._run(embeds, positions, key_mask, slots, layer_caches, end)
         if cache is not None:
             cache.commit(end)
         # Hand back an ordinary tensor: inference tensors refuse later in-place updates.

@@ -10,7 +10,6 @@ both load. ``lm_head.weight`` belongs to the LM head, not the backbone
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 
 from nextstep.backbones.qwen2 import Qwen2Backbone, Qwen2BackboneConfig
 from nextstep.heads.lm_head import LMHead
+from nextstep.io import read_json_object
 from nextstep.weights import load_safetensors
 
 CONFIG_NAME = "config.json"
@@ -33,16 +33,7 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         path: the checkpoint directory (or the ``config.json`` itself).
     """
     path = Path(path)
-    config_path = path / CONFIG_NAME if path.is_dir() else path
-    if not config_path.is_file():
-        raise FileNotFoundError(f"expected a Hugging Face {CONFIG_NAME} at {config_path}, found nothing")
-    try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path / CONFIG_NAME if path.is_dir() else path, f"Hugging Face {CONFIG_NAME}")
 
 
 def _required(hf_config: dict[str, Any], key: str) -> Any:

@@ -1,7 +1,8 @@
 """Real photographs that work offline, as fixed-seed crops.
 
 Sources, in order: scikit-image's sample photos, scikit-learn's two sample
-images, and Debian's ``mate-backgrounds`` wallpapers when installed. Each photo
+images, and Debian's ``mate-backgrounds`` (nature) and ``plasma-workspace-wallpapers``
+wallpapers when installed (``make photos``). Each photo
 belongs to exactly one split (by name), so held-out crops never come from a
 training photo.
 """
@@ -20,6 +21,8 @@ from PIL import Image
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
                   "immunohistochemistry")
 WALLPAPER_DIRS = (Path("/usr/share/backgrounds/mate/nature"),)
+#: KDE Plasma wallpapers: one folder per wallpaper, each image in several resolutions.
+PLASMA_WALLPAPERS = Path("/usr/share/wallpapers")
 #: Photos always held out for evaluation.
 HELD_OUT = ("astronaut", "coffee", "chelsea", "sklearn_china")
 
@@ -54,17 +57,27 @@ def _sklearn_photos() -> list[Photo]:
             for f, a in zip(bunch.filenames, bunch.images)]
 
 
+def _wallpaper_files() -> list[tuple[str, Path]]:
+    """(name, file) of every installed wallpaper; for Plasma ones, the largest rendition."""
+    files = []
+    for directory in WALLPAPER_DIRS:
+        if directory.is_dir():
+            files += [(path.stem, path) for path in sorted(directory.rglob("*"))
+                      if path.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    if PLASMA_WALLPAPERS.is_dir():
+        for folder in sorted(PLASMA_WALLPAPERS.glob("*/contents/images")):
+            images = [p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+            if images:
+                files.append((folder.parents[1].name, max(images, key=lambda p: p.stat().st_size)))
+    return files
+
+
 def _wallpapers(max_side: int = 1024) -> list[Photo]:
     photos = []
-    for directory in WALLPAPER_DIRS:
-        if not directory.is_dir():
-            continue
-        for path in sorted(directory.rglob("*")):
-            if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
-                continue
-            image = Image.open(path).convert("RGB")
-            image.thumbnail((max_side, max_side), Image.BICUBIC)
-            photos.append(Photo(f"wallpaper_{path.stem}", image))
+    for name, path in _wallpaper_files():
+        image = Image.open(path).convert("RGB")
+        image.thumbnail((max_side, max_side), Image.BICUBIC)
+        photos.append(Photo(f"wallpaper_{name}", image))
     return photos
 
 

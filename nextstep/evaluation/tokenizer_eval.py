@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image

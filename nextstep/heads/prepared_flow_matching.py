@@ -68,6 +68,60 @@ class FlowMatchingTimes:
         return cls(times, net.time_embed(times), weight, bias)
 
 
+@dataclass
+class StepWeights:
+    """The tensors of the x-dependent part of the MLP, gathered once.
+
+    Plain tensors: module attribute lookups cost more than the small ops of a step.
+
+    Attributes:
+        input: (weight, bias) of the input projection.
+        blocks: (first weight, first bias, second weight, second bias, LayerNorm eps) per block.
+        output: (weight, bias) of the output layer.
+        output_eps: eps of the output LayerNorm.
+        width: W.
+    """
+
+    input: tuple[torch.Tensor, torch.Tensor]
+    blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]]
+    output: tuple[torch.Tensor, torch.Tensor]
+    output_eps: float
+    width: int
+
+    @classmethod
+    def of(cls, net: "FlowMatchingMLP") -> "StepWeights":
+        """The current tensors of ``net``."""
+        blocks = [(b.mlp[0].weight, b.mlp[0].bias, b.mlp[2].weight, b.mlp[2].bias, b.in_ln.eps)
+                  for b in net.res_blocks]
+        return cls((net.input_proj.weight, net.input_proj.bias), blocks,
+                   (net.final_layer.linear.weight, net.final_layer.linear.bias),
+                   net.final_layer.norm_final.eps, net.input_proj.out_features)
+
+
+def sampling_step(x_t: torch.Tensor, modulation: torch.Tensor, weights: StepWeights) -> torch.Tensor:
+    """The MLP from folded modulations: everything of a solver step that depends on ``x_t``.
+
+    Args:
+        x_t: (N, D) noisy tokens.
+        modulation: (N, M) rows of the folded modulation table.
+        weights: the MLP's tensors.
+
+    Returns:
+        (N, D) velocity.
+    """
+    width, norm_shape = weights.width, (weights.width,)
+    # (N, M) -> pieces of (N, W); a plain view rather than einops, since this runs at every step
+    pieces = modulation.view(x_t.shape[0], -1, width).unbind(1)
+    h = F.linear(x_t, *weights.input)
+    for number, (first_weight, first_bias, second_weight, second_bias, eps) in enumerate(weights.blocks):
+        shift, scale, gate = pieces[3 * number: 3 * number + 3]
+        normed = F.layer_norm(h, norm_shape, eps=eps)  # the block's affine is in scale, shift
+        inner = F.linear(torch.addcmul(shift, normed, scale), first_weight, first_bias)
+        h = torch.addcmul(h, gate, F.linear(F.silu(inner, inplace=True), second_weight, second_bias))
+    normed = F.layer_norm(h, norm_shape, eps=weights.output_eps)
+    return F.linear(torch.addcmul(pieces[-2], normed, pieces[-1]), *weights.output)
+
+
 class PreparedFlowMatchingVelocity:
     """``fn(x_t, t)`` equal to ``net(x_t, t, condition)`` for a fixed condition.
 
@@ -80,20 +134,12 @@ class PreparedFlowMatchingVelocity:
             computed per call from the precomputed condition embedding.
     """
 
-    def __init__(
-        self, net: "FlowMatchingMLP", condition: torch.Tensor, times: FlowMatchingTimes | None = None
-    ):
+    def __init__(self, net: "FlowMatchingMLP", condition: torch.Tensor, times: FlowMatchingTimes | None = None):
         self.net = net
         self.rows = condition.shape[0]
         self.width = net.input_proj.out_features
         self.condition_embedding = net.cond_embed(condition)  # (N, W)
-        # Plain tensors: module attribute lookups cost more than the small ops of a step.
-        self.input_weights = (net.input_proj.weight, net.input_proj.bias)
-        self.block_weights = [(b.mlp[0].weight, b.mlp[0].bias, b.mlp[2].weight, b.mlp[2].bias, b.in_ln.eps)
-                              for b in net.res_blocks]
-        self.output_weights = (net.final_layer.linear.weight, net.final_layer.linear.bias)
-        self.output_eps = net.final_layer.norm_final.eps
-        self.norm_shape = (self.width,)
+        self.weights = StepWeights.of(net)
         self.pieces = 3 * len(net.res_blocks) + 2
         if times is None:
             self.modulation_weight, self.modulation_bias = folded_modulation_parameters(net)
@@ -120,14 +166,4 @@ class PreparedFlowMatchingVelocity:
             modulation = self.table.index_select(0, torch.add(self.row_index, index, alpha=self.rows))
         else:
             modulation = self.modulations(self.net.time_embed(t) + self.condition_embedding)
-        # (N, M) -> pieces of (N, W); a plain view rather than einops, since this runs at every step
-        pieces = modulation.view(self.rows, self.pieces, self.width).unbind(1)
-        h = F.linear(x_t, *self.input_weights)
-        for number, (first_weight, first_bias, second_weight, second_bias, eps) in enumerate(
-                self.block_weights):
-            shift, scale, gate = pieces[3 * number: 3 * number + 3]
-            normed = F.layer_norm(h, self.norm_shape, eps=eps)  # the block's affine is in scale, shift
-            inner = F.linear(torch.addcmul(shift, normed, scale), first_weight, first_bias)
-            h = torch.addcmul(h, gate, F.linear(F.silu(inner, inplace=True), second_weight, second_bias))
-        normed = F.layer_norm(h, self.norm_shape, eps=self.output_eps)
-        return F.linear(torch.addcmul(pieces[-2], normed, pieces[-1]), *self.output_weights)
+        return sampling_step(x_t, modulation, self.weights)

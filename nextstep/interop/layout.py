@@ -7,12 +7,13 @@ goes through here, so it accepts both NextStep layouts.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from nextstep.io import read_json_object
 
 if TYPE_CHECKING:
     from nextstep.model import NextStep
@@ -53,12 +54,7 @@ def detect_model_layout(directory: str | os.PathLike) -> str:
         raise FileNotFoundError(
             f"{directory} is not a model directory: expected {EXPECTED_FILES}; found {present}"
         )
-    try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, found {type(data).__name__}")
+    data = read_json_object(config_path, "config.json")
     if "backbone" in data and "image_tokenizer" in data:
         return NATIVE
     model_type = data.get("model_type")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -32,6 +33,9 @@ from nextstep.tokenizers.flux_vae import FluxVAE
 from nextstep.tokenizers.hf_text import HFTextTokenizer, HFTextTokenizerConfig
 from nextstep.tokenizers.special_tokens import END_OF_TEXT, NEXTSTEP_SPECIAL_TOKENS
 from nextstep.weights import load_safetensors, read_checkpoint_index
+
+if TYPE_CHECKING:
+    from nextstep.model import NextStep
 
 EMBEDDING_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight")
 
@@ -96,8 +100,8 @@ def initialize_rows_from_mean(
     weight[torch.tensor(rows, device=weight.device)] = values.to(device=weight.device, dtype=weight.dtype)
 
 
-def _read_tensor(path: Path, names: tuple[str, ...]) -> tuple[str, torch.Tensor] | None:
-    infos = read_checkpoint_index(path)
+def _read_tensor(infos: dict, names: tuple[str, ...]) -> tuple[str, torch.Tensor] | None:
+    """The first of ``names`` found in the checkpoint, read alone from its shard."""
     for name in names:
         if name in infos:
             with safe_open(str(infos[name].shard), framework="pt", device="cpu") as handle:
@@ -133,7 +137,7 @@ def nextstep_from_qwen(
     seed: int = 0,
     pad_vocab_to_multiple_of: int = 64,
     noise_variance_scale: float = 1e-5,
-):
+) -> "NextStep":
     """Build a NextStep model whose backbone and LM head come from a Qwen2 / Qwen2.5 directory.
 
     Args:
@@ -198,21 +202,17 @@ def nextstep_from_qwen(
         return "backbone." + name.removeprefix("model.")
 
     report = load_safetensors(language_model, path, rename=rename, dtype=dtype, device=device, strict=False)
-    allowed_missing = {"backbone.embed_tokens.weight", "lm_head.weight"}
-    problems = [text for text in (
-        f"missing keys {sorted(set(report.missing) - allowed_missing)}" if set(report.missing) - allowed_missing else "",
-        f"unexpected keys {report.unexpected}" if report.unexpected else "",
-        f"mis-shaped keys [{'; '.join(report.mismatched)}]" if report.mismatched else "",
-    ) if text]
-    if problems:
-        raise ValueError(f"weights in {path} do not match its config.json: " + ", ".join(problems))
+    # The two tables are copied row by row below; everything else must have loaded.
+    report.missing = sorted(set(report.missing) - {"backbone.embed_tokens.weight", "lm_head.weight"})
+    if not report.complete:
+        raise ValueError(f"weights in {path} do not match its config.json: {report.describe()}")
 
     generator = torch.Generator().manual_seed(seed)
     tables = [("embedding", EMBEDDING_KEYS, backbone.embed_tokens.weight)]
     if not tied:
         tables.append(("LM head", (LM_HEAD_KEY,), lm_head.weight))
     for label, names, weight in tables:
-        found = _read_tensor(path, names)
+        found = _read_tensor(infos, names)
         if found is None:
             raise ValueError(f"{path} has no {label} weights: expected one of {list(names)}")
         name, tensor = found

@@ -27,6 +27,7 @@ from torch import nn
 
 from nextstep.config import ComponentSpec
 from nextstep.interop.release_config import (
+    check_release_config,
     check_special_token_ids,
     image_tokenizer_config_for_release,
     model_config_from_release,
@@ -167,10 +168,8 @@ def _check_release_keys(model: nn.Module, infos: dict[str, TensorInfo], tied: bo
     expected = {}
     for key, tensor in _ShardedParts(model).state_dict(keep_vars=True).items():
         expected[model_key_to_release_key(key)] = tuple(tensor.shape)
-    found = {name: info.shape for name, info in infos.items()
+    found = {name.removeprefix("model."): info.shape for name, info in infos.items()
              if release_key_to_model_key(name) is not None and not (tied and name == "lm_head.weight")}
-    found = {name.removeprefix("model.") if name.startswith("model.") else name: shape
-             for name, shape in found.items()}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     mis_shaped = [f"{name}: expected {expected[name]}, found {found[name]}"
@@ -226,6 +225,7 @@ def load_release_checkpoint(
 
     directory = Path(directory)
     release = read_release_config(directory)
+    check_release_config(release)
     check_release_files(directory)
     vae_directory = find_release_vae(directory, release, vae_path)
     vae = load_flux_vae(vae_directory, layout="nextstep",

@@ -9,7 +9,6 @@ each direction.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from nextstep.backbones.qwen2 import Qwen2BackboneConfig
 from nextstep.backbones.qwen2_checkpoint import qwen2_config_from_hf
 from nextstep.config import ComponentSpec, Config
 from nextstep.heads.flow_matching import FlowMatchingHeadConfig
+from nextstep.io import read_json_object
 from nextstep.model_config import ModelConfig
 from nextstep.samplers.euler_maruyama import EulerMaruyamaSamplerConfig
 from nextstep.tokenizers.base import TextTokenizer
@@ -97,14 +97,7 @@ def read_release_config(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     config_path = path / CONFIG_NAME if path.is_dir() else path
-    if not config_path.is_file():
-        raise FileNotFoundError(f"expected a NextStep release {CONFIG_NAME} at {config_path}, found nothing")
-    try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, found {type(data).__name__}")
+    data = read_json_object(config_path, f"NextStep release {CONFIG_NAME}")
     if data.get("model_type") != RELEASE_MODEL_TYPE:
         raise ValueError(
             f"{config_path} has model_type {data.get('model_type')!r}; a NextStep release config has "
@@ -119,7 +112,7 @@ def release_field(release: dict[str, Any], name: str) -> Any:
 
 
 def check_release_config(release: dict[str, Any]) -> None:
-    """Refuse release settings this library does not implement; warn about unknown fields.
+    """Refuse release settings this library does not implement.
 
     Raises:
         ValueError: naming the field and its value.
@@ -131,10 +124,11 @@ def check_release_config(release: dict[str, Any]) -> None:
         )
     if release.get("mlp_bias"):
         raise ValueError("mlp_bias must be false (Qwen2 MLPs have no bias), found true")
-    unknown = sorted(set(release) - set(RELEASE_FIELDS) - set(IGNORED_FIELDS))
-    if unknown:
-        warnings.warn(f"NextStep release config has fields this library does not know and ignores: {unknown}",
-                      stacklevel=3)
+
+
+def unknown_release_fields(release: dict[str, Any]) -> list[str]:
+    """Fields of a release config that are neither mapped (`RELEASE_FIELDS`) nor known bookkeeping."""
+    return sorted(set(release) - set(RELEASE_FIELDS) - set(IGNORED_FIELDS))
 
 
 def backbone_config_from_release(release: dict[str, Any], **overrides: Any) -> Qwen2BackboneConfig:
@@ -215,8 +209,14 @@ def model_config_from_release(
 
     Raises:
         ValueError: for a release setting that is not implemented, naming it.
+
+    A field that is neither mapped nor known bookkeeping raises a warning naming it.
     """
     check_release_config(release)
+    unknown = unknown_release_fields(release)
+    if unknown:
+        warnings.warn(f"NextStep release config has fields this library does not know and ignores: {unknown}",
+                      stacklevel=2)
     backbone = backbone_config_from_release(release, **backbone_overrides)
     if sampler is None:
         sampler = ComponentSpec("sampler", "euler_maruyama", EulerMaruyamaSamplerConfig())

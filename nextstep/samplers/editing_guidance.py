@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from nextstep.samplers.guidance import (
+    FULL_INTERVAL,
     Guidance,
     check_interval,
     check_renorm,
@@ -55,6 +56,8 @@ class ImageEditingGuidance(Guidance):
         image_scale = scheduled_scale(self.image_scale, self.schedule, progress)
         guided = torch.lerp(without_image, with_image, image_scale)
         guided = guided.add_(conditional - with_image, alpha=scale)
+        if self.renorm is None and self.interval == FULL_INTERVAL:
+            return guided
         return limit_guidance(guided, conditional, t, self.interval, self.renorm)
 
     def __repr__(self) -> str:

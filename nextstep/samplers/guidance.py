@@ -56,6 +56,9 @@ class NoGuidance(Guidance):
         return predictions[0]
 
 
+FULL_INTERVAL = (0.0, 1.0)
+
+
 def check_scale(name: str, value: float) -> float:
     """``float(value)`` after checking that it is a number >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -108,7 +111,7 @@ def limit_guidance(
         limit = conditional.norm(dim=-1, keepdim=True) * renorm
         norm = guided.norm(dim=-1, keepdim=True)
         guided = guided * torch.where(norm > limit, limit / norm.clamp_min(1e-12), 1.0)
-    if t is not None and interval != (0.0, 1.0):
+    if t is not None and interval != FULL_INTERVAL:
         low, high = interval
         inside = (t >= low) & (t <= high)
         guided = torch.where(inside[:, None], guided, conditional)
@@ -146,6 +149,8 @@ class ClassifierFreeGuidance(Guidance):
         conditional, unconditional = predictions[0], predictions[1]
         scale = scheduled_scale(self.scale, self.schedule, progress)
         guided = torch.lerp(unconditional, conditional, scale)
+        if self.renorm is None and self.interval == FULL_INTERVAL:
+            return guided
         return limit_guidance(guided, conditional, t, self.interval, self.renorm)
 
     def __repr__(self) -> str:
@@ -226,10 +231,14 @@ class GuidedVelocity:
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t (N, D), t (N,) -> guided velocity (N, D)."""
-        x, times = x_t.to(self.dtype), t
+        x, times = x_t, t
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
         if self.branches > 1:
             x = torch.cat([x] * self.branches)  # (G * N, D), branch-major like the conditions
             times = torch.cat([t] * self.branches)
+        velocity = self.velocity(x, times)
+        if velocity.dtype != x_t.dtype:
+            velocity = velocity.to(x_t.dtype)
         # (G, N, D); a plain view rather than einops, since this runs at every solver step
-        velocity = self.velocity(x, times).to(x_t.dtype).view(self.branches, *x_t.shape)
-        return self.guidance.combine(velocity, t, self.progress)
+        return self.guidance.combine(velocity.view(self.branches, *x_t.shape), t, self.progress)

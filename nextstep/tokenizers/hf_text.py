@@ -51,7 +51,9 @@ class HFTextTokenizer(TextTokenizer):
             raise FileNotFoundError(
                 f"expected a Hugging Face tokenizer directory at {str(path)!r}, found nothing"
             )
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # Never run code shipped in the directory (a model folder's config.json may name some).
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                       trust_remote_code=False)
         vocab = self.tokenizer.get_vocab()
         missing = [t for t in (END_OF_TEXT, *NEXTSTEP_SPECIAL_TOKENS) if t not in vocab]
         if missing:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nextstep.io import atomic_directory
+from nextstep.io import atomic_directory, read_json_object
+from nextstep.serialization import read_safetensors
 from nextstep.tokenizers.flux_vae import FluxVAE, FluxVAEConfig
 
 LAYOUTS = ("bfl", "diffusers", "nextstep", "native")
@@ -249,17 +249,6 @@ def config_from_bfl_state(state: dict[str, torch.Tensor], norm_groups: int = 32)
 
 
 # ---------------------------------------------------------------------- files
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a corrupt file raises ``ValueError`` naming it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"expected weights at {path}, found nothing")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name).clone() for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
-
-
 def read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict read with ``weights_only=True``; refuses pickles that need code."""
     if not path.is_file():
@@ -385,12 +374,7 @@ def save_flux_vae(vae: FluxVAE, directory: str | Path, *, layout: str = "native"
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"expected a config file at {path}, found nothing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    return read_json_object(path, "config file")
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], source: str, target: str,

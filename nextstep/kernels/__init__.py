@@ -1,0 +1,29 @@
+"""Fused kernels: Triton on CUDA when available, an eager PyTorch reference everywhere else.
+
+Each module holds one fused operation: its Triton kernel (built lazily, on
+first use), its eager reference, and a dispatching function that picks the
+kernel where `nextstep.kernels.triton_support.triton_enabled` allows it.
+"""
+
+from nextstep.kernels.adaln_modulation import (
+    layer_norm_modulate,
+    layer_norm_modulate_reference,
+    layer_norm_modulate_triton,
+)
+from nextstep.kernels.guided_update import guided_update, guided_update_reference, guided_update_triton
+from nextstep.kernels.swiglu import swiglu, swiglu_reference, swiglu_triton
+from nextstep.kernels.triton_support import triton_available, triton_enabled
+
+__all__ = [
+    "guided_update",
+    "guided_update_reference",
+    "guided_update_triton",
+    "layer_norm_modulate",
+    "layer_norm_modulate_reference",
+    "layer_norm_modulate_triton",
+    "swiglu",
+    "swiglu_reference",
+    "swiglu_triton",
+    "triton_available",
+    "triton_enabled",
+]

@@ -1,0 +1,106 @@
+"""When the library's Triton kernels run, and Triton imported only when one does.
+
+The library imports and works without Triton and without a GPU. A fused
+operation (for example `nextstep.kernels.adaln_modulation.layer_norm_modulate`)
+runs its Triton kernel when `triton_enabled` says so for its tensors, and its
+eager PyTorch reference otherwise:
+
+- on CUDA tensors, when ``import triton`` works;
+- on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set
+  before Triton is first imported, see `interpreter_active`), which is how the tests check every kernel
+  against its reference on machines without a GPU;
+- never when the environment variable ``NEXTSTEP_DISABLE_TRITON`` is set to
+  anything but ``0`` or the empty string.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+#: Environment variable that turns every Triton kernel off (the references run instead).
+DISABLE_VARIABLE = "NEXTSTEP_DISABLE_TRITON"
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+@functools.cache
+def _import_triton() -> ModuleType | None:
+    try:
+        return importlib.import_module("triton")
+    except Exception:  # ImportError, or a broken installation that fails while importing
+        return None
+
+
+def triton_module() -> ModuleType:
+    """The ``triton`` module; ``RuntimeError`` with the install command when it is missing."""
+    triton = _import_triton()
+    if triton is None:
+        raise RuntimeError(
+            "this operation needs Triton, which is not importable; install it with "
+            "`pip install triton` (or the `gpu` extra: `pip install nextstep[gpu]`)"
+        )
+    return triton
+
+
+def triton_available() -> bool:
+    """Whether ``import triton`` works (checked once, on first call)."""
+    return _import_triton() is not None
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET`` set to a true value)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+def interpreter_active() -> bool:
+    """Whether kernels can run on CPU tensors now: the interpreter is on and Triton was imported with it.
+
+    Triton decides at import time whether its own library functions are
+    interpreted, so turning ``TRITON_INTERPRET`` on after Triton was imported is
+    not enough.
+    """
+    if not interpreter_enabled():
+        return False
+    triton = _import_triton()
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton.language.standard.sum, InterpretedFunction)
+
+
+def triton_disabled() -> bool:
+    """Whether ``NEXTSTEP_DISABLE_TRITON`` turns the kernels off."""
+    return os.environ.get(DISABLE_VARIABLE, "").strip() not in ("", "0")
+
+
+def triton_enabled(tensor: torch.Tensor) -> bool:
+    """Whether a fused operation on ``tensor`` runs its Triton kernel rather than its reference.
+
+    Args:
+        tensor: the operation's main input; its device decides.
+    """
+    if triton_disabled():
+        return False
+    device = tensor.device.type
+    if device == "cuda":
+        return triton_available()
+    return device == "cpu" and interpreter_active()
+
+
+def block_size(width: int, largest: int = 1 << 16) -> int:
+    """The power of two >= ``width`` that one Triton program covers, with a clear error past ``largest``.
+
+    Args:
+        width: elements in one row.
+        largest: the widest block a kernel accepts.
+    """
+    size = 1 << max(0, int(width) - 1).bit_length()
+    if size > largest:
+        raise ValueError(f"rows of {width} elements exceed this kernel's limit of {largest}")
+    return size

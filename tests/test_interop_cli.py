@@ -1,0 +1,77 @@
+"""``nextstep convert`` and the documentation of the release mapping."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from interop_synthetic import ReleaseShapes, write_qwen_checkpoint, write_release_checkpoint
+from nextstep.cli import main
+from nextstep.interop import RELEASE_FIELDS, detect_model_layout
+from nextstep.interop.convert import parse_size
+from nextstep.model import NextStep
+
+SMALL = ReleaseShapes(vocab_size=320)
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "interop.md"
+
+
+def shards(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def test_convert_release_to_native_and_back(tmp_path, capsys):
+    original = write_release_checkpoint(tmp_path / "release", SMALL, vocabulary="small", num_shards=2)
+    assert main(["convert", str(tmp_path / "release"), str(tmp_path / "native")]) == 0
+    assert "release -> native" in capsys.readouterr().out
+    assert detect_model_layout(tmp_path / "native") == "native"
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "back"), "--max-shard-size", "100KB"]) == 0
+    assert "native -> release" in capsys.readouterr().out
+    written = shards(tmp_path / "back")
+    assert len(list((tmp_path / "back").glob("model-*.safetensors"))) > 2
+    assert set(written) == set(original) - {"gen_pos_embed"}
+    assert all(torch.equal(written[name], original[name]) for name in written)
+
+
+def test_convert_casts_to_the_requested_dtype(tmp_path):
+    write_release_checkpoint(tmp_path / "release", SMALL, vocabulary="small", num_shards=2)
+    assert main(["convert", str(tmp_path / "release"), str(tmp_path / "bf16"), "--to", "release",
+                 "--dtype", "bfloat16"]) == 0
+    assert {t.dtype for t in shards(tmp_path / "bf16").values()} == {torch.bfloat16}
+
+
+def test_convert_builds_a_model_from_a_qwen_checkpoint(tmp_path, capsys):
+    write_release_checkpoint(tmp_path / "release", SMALL, vocabulary="small", num_shards=1)
+    write_qwen_checkpoint(tmp_path / "qwen", vocab_size=300, vocabulary="small", num_layers=1)
+    assert main(["convert", str(tmp_path / "qwen"), str(tmp_path / "out")]) == 2
+    assert "--vae" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "qwen"), str(tmp_path / "out"), "--vae", str(tmp_path / "release" / "vae"),
+                 "--head", "tiny"]) == 0
+    model = NextStep.from_pretrained(tmp_path / "out")
+    assert model.backbone.config.num_layers == 1 and model.image_head.config.depth == 2
+    assert model.text_tokenizer.special_token_id("<|begin_of_image|>") == 278 + 2
+
+
+def test_convert_reports_a_missing_source(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("512KiB") == 512 * 1024 and parse_size(1000) == 1000
+    assert parse_size("1.5 MB") == 1_500_000
+    for bad in ("5 parsecs", "-3MB", "0"):
+        with pytest.raises(ValueError, match="size"):
+            parse_size(bad)
+
+
+def test_documentation_maps_every_release_field():
+    text = DOCS.read_text()
+    rows = set(re.findall(r"^\| `(\w+)` \|", text, flags=re.M))
+    assert set(RELEASE_FIELDS) <= rows, sorted(set(RELEASE_FIELDS) - rows)

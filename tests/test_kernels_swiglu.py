@@ -1,0 +1,38 @@
+"""The fused SwiGLU kernel against its eager reference (Triton interpreter on CPU)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of Triton; see kernel_helpers
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from kernel_helpers import DTYPES, TOLERANCES, interpreter, random_tensor  # noqa: E402,F401
+
+from nextstep.kernels import swiglu, swiglu_reference, swiglu_triton  # noqa: E402
+
+
+@given(rows=st.integers(1, 5), width=st.integers(1, 1500), dtype=DTYPES, seed=st.integers(0, 2**16),
+       packed=st.booleans())
+def test_kernel_matches_reference(interpreter, rows, width, dtype, seed, packed):  # noqa: F811
+    if packed:  # the two halves of one (M, 2F) projection output: strided rows
+        gate_up = random_tensor((rows, 2 * width), dtype, seed, scale=4.0)
+        gate, up = gate_up[:, :width], gate_up[:, width:]
+    else:
+        gate = random_tensor((rows, width), dtype, seed, scale=4.0)
+        up = random_tensor((rows, width), dtype, seed + 1)
+    found = swiglu_triton(gate, up)
+    assert found.dtype == dtype and found.is_contiguous()
+    torch.testing.assert_close(found.float(), swiglu_reference(gate, up).float(), **TOLERANCES[dtype])
+
+
+def test_reference_is_silu_times_up():
+    gate, up = random_tensor((3, 10), torch.float32, 0), random_tensor((3, 10), torch.float32, 1)
+    torch.testing.assert_close(swiglu(gate, up), F.silu(gate) * up)
+
+
+def test_bad_shapes_name_what_was_expected():
+    with pytest.raises(ValueError, match=r"up must have the shape of gate \(2, 3\), found \(2, 4\)"):
+        swiglu(torch.zeros(2, 3), torch.zeros(2, 4))
