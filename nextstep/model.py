@@ -206,7 +206,7 @@ class NextStep(nn.Module):
 
     # --------------------------------------------------------------- generation
     def generate(self, prompts: list[str] | str, **kwargs) -> list["Image.Image"]:
-        """Text-to-image; see `nextstep.generation.generate` for the arguments."""
+        """Text-to-image, or editing with ``images=``; see `nextstep.generation.generate_tokens`."""
         from nextstep.generation import generate
 
         return generate(self, prompts, **kwargs)

@@ -43,14 +43,23 @@ def read_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str
         raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
 
 
-def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
-    """Raise ``ValueError`` listing missing, unexpected and mis-shaped keys."""
+def check_state_dict(expected: dict, found: dict, source: str, what: str = "the model") -> None:
+    """Raise ``ValueError`` listing missing, unexpected and mis-shaped keys.
+
+    Args:
+        expected: name -> tensor or shape tuple that ``what`` needs.
+        found: name -> tensor or shape tuple that ``source`` holds.
+        source: the file or directory, for the message.
+        what: what the weights were meant for, for the message.
+    """
+    expected = {name: tuple(getattr(v, "shape", v)) for name, v in expected.items()}
+    found = {name: tuple(getattr(v, "shape", v)) for name, v in found.items()}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     mis_shaped = [
-        f"{name}: expected {tuple(expected[name].shape)}, found {tuple(found[name].shape)}"
+        f"{name}: expected {expected[name]}, found {found[name]}"
         for name in sorted(set(expected) & set(found))
-        if tuple(expected[name].shape) != tuple(found[name].shape)
+        if expected[name] != found[name]
     ]
     problems = []
     if missing:
@@ -60,7 +69,7 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
     if mis_shaped:
         problems.append(f"mis-shaped keys [{'; '.join(mis_shaped)}]")
     if problems:
-        raise ValueError(f"weights in {source} do not match the model: " + ", ".join(problems))
+        raise ValueError(f"weights in {source} do not match {what}: " + ", ".join(problems))
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

@@ -36,6 +36,7 @@ from nextstep.interop.release_config import (
     release_field,
 )
 from nextstep.io import atomic_directory
+from nextstep.serialization import check_state_dict
 from nextstep.weights import INDEX_NAME, SINGLE_FILE_NAME, TensorInfo, load_safetensors, read_checkpoint_index
 
 if TYPE_CHECKING:
@@ -170,20 +171,7 @@ def _check_release_keys(model: nn.Module, infos: dict[str, TensorInfo], tied: bo
         expected[model_key_to_release_key(key)] = tuple(tensor.shape)
     found = {name.removeprefix("model."): info.shape for name, info in infos.items()
              if release_key_to_model_key(name) is not None and not (tied and name == "lm_head.weight")}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mis_shaped = [f"{name}: expected {expected[name]}, found {found[name]}"
-                  for name in sorted(set(expected) & set(found)) if expected[name] != found[name]]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if mis_shaped:
-        problems.append(f"mis-shaped keys [{'; '.join(mis_shaped)}]")
-    if problems:
-        raise ValueError(f"weights in {source} do not match the model its config.json describes: "
-                         + ", ".join(problems))
+    check_state_dict(expected, found, source, "the model its config.json describes")
 
 
 # --------------------------------------------------------------------- loading

@@ -5,6 +5,14 @@ first use), its eager reference, and a dispatching function that picks the
 kernel where `nextstep.kernels.triton_support.triton_enabled` allows it.
 """
 
+from nextstep.kernels.adaln_linear import (
+    gated_linear,
+    gated_linear_reference,
+    gated_linear_triton,
+    modulated_linear,
+    modulated_linear_reference,
+    modulated_linear_triton,
+)
 from nextstep.kernels.adaln_modulation import (
     layer_norm_modulate,
     layer_norm_modulate_reference,
@@ -12,15 +20,23 @@ from nextstep.kernels.adaln_modulation import (
 )
 from nextstep.kernels.guided_update import guided_update, guided_update_reference, guided_update_triton
 from nextstep.kernels.swiglu import swiglu, swiglu_reference, swiglu_triton
-from nextstep.kernels.triton_support import triton_available, triton_enabled
+from nextstep.kernels.triton_support import KernelFallbackWarning, dispatch, triton_available, triton_enabled
 
 __all__ = [
+    "KernelFallbackWarning",
+    "dispatch",
+    "gated_linear",
+    "gated_linear_reference",
+    "gated_linear_triton",
     "guided_update",
     "guided_update_reference",
     "guided_update_triton",
     "layer_norm_modulate",
     "layer_norm_modulate_reference",
     "layer_norm_modulate_triton",
+    "modulated_linear",
+    "modulated_linear_reference",
+    "modulated_linear_triton",
     "swiglu",
     "swiglu_reference",
     "swiglu_triton",

@@ -17,7 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from nextstep.kernels.triton_support import block_size, interpreter_enabled, triton_enabled, triton_module
+from nextstep.kernels.triton_support import block_size, dispatch, interpreter_enabled, triton_module
 
 #: ``triton.language``, bound when the kernel is first built.
 tl = None
@@ -124,7 +124,7 @@ def layer_norm_modulate(
 ) -> torch.Tensor:
     """``LayerNorm(x) * scale + shift`` per row (LayerNorm without affine, statistics in fp32).
 
-    Runs the Triton kernel where `nextstep.kernels.triton_support.triton_enabled`
+    Runs the Triton kernel where `nextstep.kernels.triton_support.dispatch`
     allows it and the eager reference otherwise; both agree to rounding.
 
     Args:
@@ -136,6 +136,5 @@ def layer_norm_modulate(
     Returns:
         shape (N, W), dtype of ``x``.
     """
-    if triton_enabled(x):
-        return layer_norm_modulate_triton(x, shift, scale, eps)
-    return layer_norm_modulate_reference(x, shift, scale, eps)
+    return dispatch("layer_norm_modulate", x, layer_norm_modulate_triton, layer_norm_modulate_reference,
+                    x, shift, scale, eps)

@@ -31,7 +31,7 @@ import functools
 import torch
 from einops import rearrange
 
-from nextstep.kernels.triton_support import interpreter_enabled, triton_enabled, triton_module
+from nextstep.kernels.triton_support import dispatch, interpreter_enabled, triton_module
 
 #: ``triton.language``, bound when the kernel is first built.
 tl = None
@@ -197,7 +197,7 @@ def guided_update(
 ) -> torch.Tensor:
     """``out = a * state + b * sum_g(weights[g] * predictions[g]) + c * extra``, computed in fp32.
 
-    Runs the Triton kernel where `nextstep.kernels.triton_support.triton_enabled`
+    Runs the Triton kernel where `nextstep.kernels.triton_support.dispatch`
     allows it (and every tensor is contiguous), the eager reference otherwise.
 
     Args:
@@ -214,8 +214,8 @@ def guided_update(
         the new state, shape (R, D).
     """
     tensors = (predictions, state, weights, coefficients, extra, out, velocity_out)
-    if triton_enabled(state) and all(t is None or t.is_contiguous() for t in tensors):
-        return guided_update_triton(predictions, state, weights, coefficients, extra, out=out,
-                                    velocity_out=velocity_out)
-    return guided_update_reference(predictions, state, weights, coefficients, extra, out=out,
-                                   velocity_out=velocity_out)
+    if not all(t is None or t.is_contiguous() for t in tensors):
+        return guided_update_reference(predictions, state, weights, coefficients, extra, out=out,
+                                       velocity_out=velocity_out)
+    return dispatch("guided_update", state, guided_update_triton, guided_update_reference, predictions, state,
+                    weights, coefficients, extra, out=out, velocity_out=velocity_out)

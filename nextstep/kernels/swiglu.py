@@ -15,7 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from nextstep.kernels.triton_support import interpreter_enabled, triton_enabled, triton_module
+from nextstep.kernels.triton_support import dispatch, interpreter_enabled, triton_module
 
 #: ``triton.language``, bound when the kernel is first built.
 tl = None
@@ -105,6 +105,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     Returns:
         shape (M, F), dtype of ``gate``.
     """
-    if triton_enabled(gate):
-        return swiglu_triton(gate, up)
-    return swiglu_reference(gate, up)
+    return dispatch("swiglu", gate, swiglu_triton, swiglu_reference, gate, up)

@@ -7,10 +7,12 @@ eager PyTorch reference otherwise:
 
 - on CUDA tensors, when ``import triton`` works;
 - on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set
-  before Triton is first imported, see `interpreter_active`), which is how the tests check every kernel
-  against its reference on machines without a GPU;
+  before Triton is first imported, see `interpreter_active`), which is how
+  the tests check every kernel against its reference on machines without a GPU;
 - never when the environment variable ``NEXTSTEP_DISABLE_TRITON`` is set to
-  anything but ``0`` or the empty string.
+  anything but ``0`` or the empty string;
+- never again for an operation whose kernel failed to build or launch
+  (`dispatch` warns once with a `KernelFallbackWarning` and uses the reference).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 from types import ModuleType
+from typing import Any, Callable
 
 import torch
 
@@ -26,6 +30,13 @@ import torch
 DISABLE_VARIABLE = "NEXTSTEP_DISABLE_TRITON"
 
 _TRUE = ("1", "true", "yes", "on")
+
+#: Operations whose kernel failed, with the error; they use their reference from then on.
+FAILED_KERNELS: dict[str, str] = {}
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """A Triton kernel failed to build or launch; its eager reference runs instead."""
 
 
 @functools.cache
@@ -104,3 +115,31 @@ def block_size(width: int, largest: int = 1 << 16) -> int:
     if size > largest:
         raise ValueError(f"rows of {width} elements exceed this kernel's limit of {largest}")
     return size
+
+
+def dispatch(name: str, tensor: torch.Tensor, kernel: Callable, reference: Callable, *args: Any,
+             **kwargs: Any) -> Any:
+    """Run ``kernel(*args, **kwargs)`` where `triton_enabled` allows it, ``reference(...)`` otherwise.
+
+    A kernel that raises anything but ``ValueError`` (the argument checks) is
+    recorded in `FAILED_KERNELS`, reported once with a `KernelFallbackWarning`,
+    and replaced by its reference for the rest of the process.
+
+    Args:
+        name: the operation's name.
+        tensor: the main input (its device decides).
+        kernel: the Triton version.
+        reference: the eager version (same arguments).
+        *args: positional arguments of both.
+        **kwargs: keyword arguments of both.
+    """
+    if name not in FAILED_KERNELS and triton_enabled(tensor):
+        try:
+            return kernel(*args, **kwargs)
+        except ValueError:
+            raise
+        except Exception as error:
+            FAILED_KERNELS[name] = f"{type(error).__name__}: {str(error).strip()[:300]}"
+            warnings.warn(f"the Triton kernel of {name} failed ({FAILED_KERNELS[name]}); using its PyTorch "
+                          "reference from now on", KernelFallbackWarning, stacklevel=3)
+    return reference(*args, **kwargs)

@@ -117,3 +117,26 @@ def check_step_noise(sampler: Sampler, step_noise: torch.Tensor | None, noise: t
             f"found {tuple(step_noise.shape)}"
         )
     return step_noise
+
+
+def interval_start_times(time_grid: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+    """Each interval's start time broadcast to a batch: S tensors of shape (rows,)."""
+    return time_grid[:-1, None].expand(-1, rows).contiguous().unbind(0)
+
+
+def euler_integrate(velocity_fn: VelocityFn, noise: torch.Tensor, time_grid: torch.Tensor) -> torch.Tensor:
+    """Explicit Euler over the whole grid: ``x <- x + (t_{k+1} - t_k) * v(x, t_k)``.
+
+    Args:
+        velocity_fn: the velocity field.
+        noise: (N, D) values at ``time_grid[0]``.
+        time_grid: (S + 1,) increasing times.
+
+    Returns:
+        (N, D) values at ``time_grid[-1]``.
+    """
+    x = noise
+    steps = time_grid.diff().to(noise.dtype).unbind(0)
+    for t, dt in zip(interval_start_times(time_grid, noise.shape[0]), steps):
+        x = x.addcmul(velocity_fn(x, t), dt)
+    return x

@@ -8,7 +8,7 @@ import torch
 
 from nextstep.config import Config
 from nextstep.registry import register_component
-from nextstep.samplers.base import Sampler, VelocityFn
+from nextstep.samplers.base import Sampler, VelocityFn, euler_integrate
 
 
 @dataclass
@@ -41,9 +41,4 @@ class EulerSampler(Sampler):
         step_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """noise (N, D), time_grid (S + 1,) -> samples (N, D) at ``time_grid[-1]``."""
-        times = time_grid[:-1, None].expand(-1, noise.shape[0]).contiguous().unbind(0)  # S x (N,)
-        steps = time_grid.diff().to(noise.dtype).unbind(0)  # S x ()
-        x = noise
-        for t, dt in zip(times, steps):
-            x = x.addcmul(velocity_fn(x, t), dt)
-        return x
+        return euler_integrate(velocity_fn, noise, time_grid)

@@ -11,7 +11,7 @@ import torch
 
 from nextstep.config import Config, require
 from nextstep.registry import register_component
-from nextstep.samplers.base import Sampler, VelocityFn, check_step_noise
+from nextstep.samplers.base import Sampler, VelocityFn, check_step_noise, euler_integrate, interval_start_times
 from nextstep.samplers.time_grid import truncated_time_grid
 
 
@@ -81,15 +81,12 @@ class EulerMaruyamaSampler(Sampler):
         Only the first ``S - 1`` noise slices are used when ``last_step_size > 0``.
         """
         num_steps = time_grid.shape[0] - 1
-        rows = noise.shape[0]
-        times = time_grid[:-1, None].expand(-1, rows).contiguous().unbind(0)  # S x (N,)
+        if step_noise is None:
+            return euler_integrate(velocity_fn, noise, time_grid)
+        times = interval_start_times(time_grid, noise.shape[0])  # S x (N,)
         dtype = noise.dtype
         steps = time_grid.diff().to(dtype)
         x = noise
-        if step_noise is None:
-            for t, dt in zip(times, steps.unbind(0)):
-                x = x.addcmul(velocity_fn(x, t), dt)
-            return x
         check_step_noise(self, step_noise, noise, num_steps)
         sde_steps = num_steps - 1 if self.config.last_step_size > 0 else num_steps
         one_minus_t = (1 - time_grid[:-1]).to(dtype)

@@ -11,7 +11,7 @@ import torch
 
 from nextstep.config import Config, require
 from nextstep.registry import register_component
-from nextstep.samplers.base import Sampler, VelocityFn, check_step_noise
+from nextstep.samplers.base import Sampler, VelocityFn, check_step_noise, euler_integrate, interval_start_times
 
 
 @dataclass
@@ -64,14 +64,12 @@ class FlowSDESampler(Sampler):
     ) -> torch.Tensor:
         """noise (N, D), time_grid (S + 1,), step_noise (S, N, D) -> samples (N, D)."""
         num_steps = time_grid.shape[0] - 1
-        times = time_grid[:-1, None].expand(-1, noise.shape[0]).contiguous().unbind(0)  # S x (N,)
+        if step_noise is None or self.config.noise_level == 0:
+            return euler_integrate(velocity_fn, noise, time_grid)
+        times = interval_start_times(time_grid, noise.shape[0])  # S x (N,)
         dtype = noise.dtype
         steps = time_grid.diff().to(dtype)
         x = noise
-        if step_noise is None or self.config.noise_level == 0:
-            for t, dt in zip(times, steps.unbind(0)):
-                x = x.addcmul(velocity_fn(x, t), dt)
-            return x
         check_step_noise(self, step_noise, noise, num_steps)
         start = time_grid[:-1].to(dtype)
         # At t = 0 the ratio (1 - t) / t is infinite; the release uses the next grid time there.

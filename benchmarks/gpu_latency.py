@@ -1,0 +1,554 @@
+"""Per-token latency of the NextStep-1-Large shapes on one GPU, against memory-bandwidth floors.
+
+NextStep-1-Large shapes (Qwen2.5-14B backbone, base flow head 12 x 1536, FLUX
+VAE) with random bf16 weights: nothing is downloaded. Generation runs through
+`nextstep.fast.FastTokenSampler` (one CUDA graph per token step, one per decode
+step and visible-slot bucket, fused Triton kernels where Triton is installed)
+with two-way CFG and the Euler sampler, for 256 and 1024 image tokens
+(256x256 and 512x512 images), batch 1 and 8, 20 and 50 head steps.
+
+Measured per configuration:
+
+- backbone ms/token: replays of the captured decode step at the image's mean
+  context (prompt + half the image), all CFG rows together;
+- head ms/token: replays of the captured token step (out-projector, every head
+  step with its CFG combine and solver update, in-projector), with the AdaLN
+  blocks as cuBLAS products around fused norms and, where Triton runs, as the
+  fused block kernels (``fused_blocks``); full images use the faster of the two;
+- the floors: bytes each part must read per token (weights, plus the KV cache
+  for the backbone) divided by the card's measured copy bandwidth, or the
+  arithmetic divided by the measured bf16 matmul rate if that is larger;
+- image seconds: one full generation (prefill, every token, VAE decode) for the
+  configurations the time budget allows, and an estimate from the parts for all.
+
+For batch 1 and 20 steps it also times the eager path (the backbone's
+``forward`` and the samplers' own code, no graphs) on a few tokens.
+
+Writes ``gpu_latency.json`` and ``gpu_latency.md`` (the table for
+``docs/performance.md``) to ``--out``. Without CUDA it prints a message and
+exits 0; ``--dry-run`` runs every part with tiny shapes on the CPU (graphs off)
+so the script is known to work before it meets a GPU.
+
+Usage:
+    python benchmarks/gpu_latency.py --out DIR                 # the GPU run, about 3-5 minutes on an H100/H200
+    python benchmarks/gpu_latency.py --dry-run --out DIR       # seconds, on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backbone_decode import copy_bandwidth  # noqa: E402
+from common import machine  # noqa: E402
+
+from nextstep.backbones.base import positions_from_mask  # noqa: E402
+from nextstep.fast import CapturedCall, DecodeStep, FastTokenSampler, FusedTokenStep, TokenStepBuffers  # noqa: E402
+from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity  # noqa: E402
+from nextstep.fast.guidance_weights import branch_weights  # noqa: E402
+from nextstep.fast.solver_plan import solver_plan  # noqa: E402
+from nextstep.io import atomic_write_text  # noqa: E402
+from nextstep.kernels.triton_support import triton_enabled  # noqa: E402
+from nextstep.samplers import EulerSampler, guidance_for_scale  # noqa: E402
+from nextstep.samplers.guidance import GuidedVelocity  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: The paper's per-token figures on an H100 at batch 1 (ms), for reference.
+PAPER_MS = {"backbone": 7.20, "head": 3.40}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for gpu_latency.json / .md")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, graphs off")
+    parser.add_argument("--tokens", default=None, type=_ints, help="image tokens per image (default 256,1024)")
+    parser.add_argument("--batch-sizes", default=None, type=_ints, help="images per generation (default 1,8)")
+    parser.add_argument("--steps", default=None, type=_ints, help="head steps per token (default 20,50)")
+    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (random embeddings)")
+    parser.add_argument("--repeats", type=int, default=10, help="graph replays per component timing")
+    parser.add_argument("--budget-seconds", type=float, default=420.0,
+                        help="full-image runs stop when they would end later than this after start")
+    parser.add_argument("--compile-backbone", action="store_true",
+                        help="torch.compile the decoder stack inside the decode graphs (adds minutes)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.tokens is None:
+        args.tokens = [16] if args.dry_run else [256, 1024]
+    if args.batch_sizes is None:
+        args.batch_sizes = [1, 2] if args.dry_run else [1, 8]
+    if args.steps is None:
+        args.steps = [2, 3] if args.dry_run else [20, 50]
+    for value in args.tokens:
+        if math.isqrt(value) ** 2 != value:
+            parser.error(f"--tokens values must be square (a square image), found {value}")
+    if args.dry_run:
+        args.repeats = min(args.repeats, 2)
+    return args
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+# ---------------------------------------------------------------------- model
+def build_random_model(dry_run: bool, device: torch.device, seed: int):
+    """NextStep-1-Large shapes (or the tiny preset) with random weights, built directly on ``device``."""
+    from nextstep import build_model
+    from nextstep.presets import nextstep_1_large, tiny
+
+    config = tiny() if dry_run else nextstep_1_large()
+    dtype = torch.float32 if dry_run else torch.bfloat16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = build_model(config, with_text_tokenizer=False)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim == 1 and ("norm" in name or "_ln" in name):
+                parameter.fill_(1.0)
+            elif parameter.ndim == 1:
+                parameter.zero_()
+            else:
+                parameter.normal_(0.0, 0.02, generator=generator)
+    return model.eval()
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def backbone_weight_bytes(model) -> int:
+    """Decoder weights read per decode step (the embedding table is only indexed)."""
+    return sum(nbytes(p) for name, p in model.backbone.named_parameters() if not name.startswith("embed_tokens"))
+
+
+def kv_bytes(model, rows: int, context: int) -> int:
+    """Keys and values of ``context`` slots for ``rows`` rows, all layers."""
+    config = model.backbone.config
+    element = next(model.backbone.parameters()).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.resolved_head_dim * context * rows * element
+
+
+def head_weights(model) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The token step's weights: read once per token, once per token for the modulation table
+    (one row per evaluation), and once per head evaluation."""
+    net = model.image_head.net
+    once = [model.image_out_projector.weight, model.image_out_projector.bias, net.cond_embed.weight,
+            net.cond_embed.bias, model.image_in_projector.weight, model.image_in_projector.bias]
+    modulation = [p for block in net.res_blocks for p in block.adaLN_modulation[1].parameters()]
+    modulation += list(net.final_layer.adaLN_modulation[1].parameters())
+    per_evaluation = [net.input_proj.weight, net.input_proj.bias, net.final_layer.linear.weight,
+                      net.final_layer.linear.bias]
+    per_evaluation += [p for block in net.res_blocks for p in block.mlp.parameters()]
+    return once, modulation, per_evaluation
+
+
+def head_bytes(model, evaluations: int) -> int:
+    """Bytes of weights one token step must read."""
+    once, modulation, per_evaluation = head_weights(model)
+    return nbytes(*once, *modulation) + evaluations * nbytes(*per_evaluation)
+
+
+def head_flops(model, rows: int, evaluations: int) -> float:
+    """Multiply-adds x 2 of one token step's matrix products, for ``rows`` backbone rows."""
+    once, modulation, per_evaluation = head_weights(model)
+
+    def matrices(tensors):
+        return sum(t.numel() for t in tensors if t.ndim == 2)
+
+    return 2.0 * rows * (matrices(once) + evaluations * (matrices(modulation) + matrices(per_evaluation)))
+
+
+# ---------------------------------------------------------------------- timing
+class Clock:
+    """Wall time of a block: CUDA events on a GPU, perf_counter on the CPU (milliseconds)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @contextmanager
+    def measure(self, into: list):
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            torch.cuda.synchronize(self.device)
+            into.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            yield
+            into.append((time.perf_counter() - begin) * 1e3)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def card_numbers(device: torch.device, dry_run: bool) -> dict:
+    """Name, memory, measured copy bandwidth and bf16 (fp32 on the CPU) matmul rate."""
+    clock = Clock(device)
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        bandwidth = copy_bandwidth(device)
+        name, memory = properties.name, properties.total_memory
+    else:
+        source = torch.empty(1 << 22)
+        target = torch.empty_like(source)
+        times = []
+        for _ in range(5):
+            with clock.measure(times):
+                target.copy_(source)
+        bandwidth = 2 * nbytes(source) / (min(times) / 1e3)
+        name, memory = "cpu", None
+    size = 512 if dry_run else 8192
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(3 if dry_run else 10):
+        with clock.measure(times):
+            a @ b
+    rate = 2 * size**3 / (statistics.median(times) / 1e3)
+    del a, b
+    return {"name": name, "memory_bytes": memory, "copy_bandwidth_bytes_per_s": bandwidth,
+            "matmul_flops_per_s": rate, "matmul_dtype": str(dtype).replace("torch.", "")}
+
+
+# ---------------------------------------------------------------------- generation pieces
+def random_prefill(model, cache, rows: int, length: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill ``length`` random embeddings into ``cache``: last hidden (rows, H), next positions (rows, 1)."""
+    device = cache.keys.device
+    embeds = torch.randn(rows, length, model.backbone.hidden_size, device=device, generator=generator)
+    embeds = (embeds * 0.02).to(cache.dtype)
+    mask = torch.ones(rows, length, dtype=torch.bool, device=device)
+    positions = positions_from_mask(mask)
+    with torch.inference_mode():
+        hidden = model.backbone(embeds, positions, mask, cache)[:, -1]
+    return hidden.clone(), positions[:, -1:] + 1
+
+
+def time_decode(model, fast, clock, rows: int, context: int, repeats: int, capture: bool, generator) -> dict:
+    """Captured decode steps at ``context`` filled slots: median ms per step (all rows)."""
+    cache = fast.new_cache(rows, context + repeats + 2)
+    hidden, next_positions = random_prefill(model, cache, rows, context, generator)
+    buffers_hidden = torch.zeros_like(hidden)
+    embeds = (torch.randn(rows, 1, model.backbone.hidden_size, device=hidden.device, generator=generator)
+              * 0.02).to(hidden.dtype)
+    step = DecodeStep(model.backbone, cache, embeds, buffers_hidden)
+    step.start(next_positions)
+    visible = -(-(context + repeats + 1) // 256) * 256
+    visible = min(visible, cache.max_length)
+    call = CapturedCall(lambda: step.compute(visible), name="decode step")
+    times = []
+    with torch.inference_mode():
+        if capture:
+            call.capture(clock.device, snapshot=step.snapshot)
+        call()  # one untimed step
+        step.advance()
+        for _ in range(repeats):
+            with clock.measure(times):
+                call()
+            step.advance()
+    return {"ms": statistics.median(times), "captured": call.captured, "visible_slots": visible,
+            "failure": call.failure}
+
+
+def time_token_step(model, clock, rows: int, branches: int, steps: int, cfg: float, repeats: int, capture: bool,
+                    velocity: FusedFlowMatchingVelocity, generator) -> dict:
+    """Captured token steps (Euler, CFG): median ms per token (all rows)."""
+    sampler = EulerSampler()
+    device = clock.device
+    parameter = next(model.parameters())
+    grid = sampler.make_time_grid(steps, 1.0, device=device)
+    plan = solver_plan(sampler, grid)
+    buffers = TokenStepBuffers.allocate(rows, branches, model.backbone.hidden_size, model.token_dim,
+                                        device=device, dtype=parameter.dtype)
+    buffers.hidden.normal_(generator=generator)
+    step = FusedTokenStep(model, velocity, plan, rows=rows, branches=branches, buffers=buffers, use_norm=False)
+    noise = torch.randn(rows, model.token_dim, device=device, generator=generator)
+    weights = branch_weights(guidance_for_scale(cfg), plan.times).to(device)
+    call = CapturedCall(step.compute, name="token step")
+    times = []
+    with torch.inference_mode():
+        step.load(noise, None, weights)
+        if capture:
+            call.capture(device)
+        call()
+        for _ in range(repeats):
+            with clock.measure(times):
+                call()
+    return {"ms": statistics.median(times), "captured": call.captured, "failure": call.failure,
+            "evaluations": len(plan.stages)}
+
+
+def time_eager(model, clock, rows: int, branches: int, steps: int, cfg: float, context: int, count: int,
+               generator) -> dict:
+    """The eager path on ``count`` tokens: backbone ``forward`` and the sampler's own code (ms per token)."""
+    backbone_rows = rows * branches
+    cache = model.backbone.new_cache(backbone_rows, context + count + 2)
+    hidden, next_positions = random_prefill(model, cache, backbone_rows, context, generator)
+    sampler, guidance = EulerSampler(), guidance_for_scale(cfg)
+    device = clock.device
+    grid = sampler.make_time_grid(steps, 1.0, device=device)
+    times = model.image_head.prepare_times(sampler.evaluation_times(grid))
+    noise = torch.randn(rows, model.token_dim, device=device, generator=generator)
+    mask = torch.ones(backbone_rows, 1, dtype=torch.bool, device=device)
+    head_times, backbone_times = [], []
+    with torch.inference_mode():
+        for index in range(count + 1):
+            head_list = head_times if index else []
+            with clock.measure(head_list):
+                conditions = model.image_out_projector(hidden).view(branches, rows, -1)
+                velocity = GuidedVelocity(model.image_head, conditions, guidance, times=times)
+                token = sampler.sample(velocity, noise, grid)
+                embeds = torch.cat([model.image_in_projector(token.to(hidden.dtype))] * branches)[:, None]
+            backbone_list = backbone_times if index else []
+            with clock.measure(backbone_list):
+                hidden = model.backbone(embeds, next_positions, mask, cache)[:, 0]
+            next_positions = next_positions + 1
+    return {"backbone_ms": statistics.median(backbone_times), "head_ms": statistics.median(head_times),
+            "tokens": count}
+
+
+def full_image(model, fast, clock, rows: int, branches: int, tokens: int, steps: int, cfg: float,
+               prompt_tokens: int, generator) -> dict:
+    """One generation end to end: prefill, every token, VAE decode (seconds, and the parts)."""
+    device = clock.device
+    side = math.isqrt(tokens)
+    backbone_rows = rows * branches
+    noise = torch.randn(rows, tokens, model.token_dim, device=device, generator=generator)
+    prompt = (torch.randn(backbone_rows, prompt_tokens, model.backbone.hidden_size, device=device,
+                          generator=generator) * 0.02).to(next(model.parameters()).dtype)
+    mask = torch.ones(backbone_rows, prompt_tokens, dtype=torch.bool, device=device)
+    positions = positions_from_mask(mask)
+    parts = {"prefill": [], "tokens": [], "decode": []}
+    clock.sync()
+    begin = time.perf_counter()
+    with clock.measure(parts["prefill"]):
+        cache = fast.new_cache(backbone_rows, prompt_tokens + tokens)
+        with torch.inference_mode():
+            hidden = model.backbone(prompt, positions, mask, cache)[:, -1]
+    with clock.measure(parts["tokens"]):
+        sampled = fast.sample_tokens(hidden, cache, positions[:, -1:] + 1, noise, guidance=guidance_for_scale(cfg),
+                                     sampler=EulerSampler(), num_steps=steps)
+    with clock.measure(parts["decode"]):
+        with torch.inference_mode():
+            tokenizer = model.image_tokenizer
+            latents = tokenizer.unpatchify(sampled.to(next(tokenizer.parameters()).dtype), side, side)
+            images = tokenizer.decode(latents)
+    clock.sync()
+    seconds = time.perf_counter() - begin
+    return {"seconds": seconds, "prefill_ms": parts["prefill"][0], "tokens_ms": parts["tokens"][0],
+            "vae_decode_ms": parts["decode"][0], "image_shape": list(images.shape)}
+
+
+# ---------------------------------------------------------------------- the run
+def run(args) -> dict:
+    started = time.perf_counter()
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    capture = device.type == "cuda"
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(),
+              "dry_run": args.dry_run, "cfg": args.cfg, "sampler": "euler",
+              "prompt_tokens": args.prompt_tokens, "rows": [], "eager": [], "errors": []}
+    print(json.dumps(result["machine"]), flush=True)
+    result["card"] = card = card_numbers(device, args.dry_run)
+    bandwidth, matmul = card["copy_bandwidth_bytes_per_s"], card["matmul_flops_per_s"]
+    print(f"card {card['name']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, matmul "
+          f"{matmul / 1e12:.1f} TFLOP/s ({card['matmul_dtype']})", flush=True)
+
+    begin = time.perf_counter()
+    model = build_random_model(args.dry_run, device, args.seed)
+    result["build_seconds"] = time.perf_counter() - begin
+    weights = backbone_weight_bytes(model)
+    backbone_parameters = sum(p.numel() for p in model.backbone.parameters())
+    result["backbone_weight_bytes"] = weights
+    result["triton"] = triton_enabled(next(model.parameters()))  # whether the fused kernels run
+    print(f"model built in {result['build_seconds']:.1f} s; decoder weights {weights / 1e9:.2f} GB", flush=True)
+    fast = FastTokenSampler(model, capture=capture, compile_backbone=args.compile_backbone)
+    velocity = FusedFlowMatchingVelocity(model.image_head)
+    block_velocity = FusedFlowMatchingVelocity(model.image_head, fused_blocks=True) if result["triton"] else None
+    clock = Clock(device)
+    branches = 2 if args.cfg != 1.0 else 1
+
+    def remaining() -> float:
+        return args.budget_seconds - (time.perf_counter() - started)
+
+    # Components first (cheap), for every configuration.
+    for batch in args.batch_sizes:
+        rows = batch * branches
+        for tokens in args.tokens:
+            context = args.prompt_tokens + tokens // 2
+            try:
+                decode = time_decode(model, fast, clock, rows, context, args.repeats, capture, generator)
+            except Exception as error:
+                result["errors"].append(_error(f"decode batch {batch} tokens {tokens}", error))
+                continue
+            kv = kv_bytes(model, rows, context + 1)
+            backbone_floor = max((weights + kv) / bandwidth, 2 * backbone_parameters * rows / matmul) * 1e3
+            for steps in args.steps:
+                try:
+                    head = time_token_step(model, clock, batch, branches, steps, args.cfg, args.repeats, capture,
+                                           velocity, generator)
+                except Exception as error:
+                    result["errors"].append(_error(f"head batch {batch} steps {steps}", error))
+                    continue
+                blocks = None
+                if block_velocity is not None:
+                    try:
+                        blocks = time_token_step(model, clock, batch, branches, steps, args.cfg, args.repeats,
+                                                 capture, block_velocity, generator)
+                    except Exception as error:
+                        result["errors"].append(_error(f"block kernels batch {batch} steps {steps}", error))
+                evaluations = head["evaluations"]
+                head_floor = max(head_bytes(model, evaluations) / bandwidth,
+                                 head_flops(model, rows, evaluations) / matmul) * 1e3
+                best_head = head["ms"] if blocks is None else min(head["ms"], blocks["ms"])
+                row = {"tokens": tokens, "batch": batch, "steps": steps, "context": context,
+                       "backbone_ms": decode["ms"], "backbone_floor_ms": backbone_floor,
+                       "backbone_ratio": decode["ms"] / backbone_floor, "backbone_kv_bytes": kv,
+                       "backbone_visible_slots": decode["visible_slots"], "backbone_captured": decode["captured"],
+                       "head_ms": head["ms"], "head_blocks_ms": None if blocks is None else blocks["ms"],
+                       "head_floor_ms": head_floor, "head_ratio": best_head / head_floor,
+                       "head_weight_bytes": head_bytes(model, evaluations), "head_captured": head["captured"],
+                       "estimated_image_seconds": tokens * (decode["ms"] + best_head) / 1e3}
+                for failure in (decode["failure"], head["failure"], blocks and blocks["failure"]):
+                    if failure and capture:
+                        result["errors"].append(failure)
+                result["rows"].append(row)
+                blocks_text = "" if blocks is None else f", block kernels {blocks['ms']:6.2f} ms"
+                print(f"tokens {tokens:5d} batch {batch} steps {steps:3d}: backbone {decode['ms']:7.2f} ms "
+                      f"(floor {backbone_floor:6.2f}, {row['backbone_ratio']:.2f}x)  head {head['ms']:6.2f} ms"
+                      f"{blocks_text} (floor {head_floor:5.2f}, {row['head_ratio']:.2f}x)  "
+                      f"estimated image {row['estimated_image_seconds']:.2f} s", flush=True)
+                _save(args.out, result)
+
+    # The eager path, batch 1, the first step count, a few tokens.
+    try:
+        eager = time_eager(model, clock, 1, branches, args.steps[0], args.cfg, args.prompt_tokens + 512,
+                           2 if args.dry_run else 5, generator)
+        eager.update(batch=1, steps=args.steps[0])
+        result["eager"].append(eager)
+        print(f"eager batch 1 steps {args.steps[0]}: backbone {eager['backbone_ms']:.2f} ms, "
+              f"head {eager['head_ms']:.2f} ms per token", flush=True)
+    except Exception as error:
+        result["errors"].append(_error("eager", error))
+
+    # Full images with the faster head variant, most important first, while the budget lasts.
+    compared = [r for r in result["rows"] if r["head_blocks_ms"] is not None]
+    fused_blocks = bool(compared) and statistics.median(r["head_blocks_ms"] - r["head_ms"] for r in compared) < 0
+    result["image_head_kernels"] = "block kernels" if fused_blocks else "norm kernels"
+    del fast
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    fast = FastTokenSampler(model, capture=capture, compile_backbone=args.compile_backbone,
+                            fused_blocks=fused_blocks)
+    # Smaller images first: they capture the token step and the early decode buckets that the
+    # larger ones then reuse.
+    order = sorted(result["rows"], key=lambda r: (r["batch"] != 1, r["steps"] != min(args.steps), r["tokens"]))
+    for row in order:
+        expected = 1.3 * row["estimated_image_seconds"] + 3.0
+        if expected > remaining():
+            row["image_skipped"] = f"expected {expected:.0f} s, {remaining():.0f} s of the budget left"
+            continue
+        try:
+            image = full_image(model, fast, clock, row["batch"], branches, row["tokens"], row["steps"], args.cfg,
+                               args.prompt_tokens, generator)
+        except Exception as error:
+            result["errors"].append(_error(f"image {row['tokens']} tokens batch {row['batch']}", error))
+            continue
+        row.update(image_seconds=image["seconds"], image_prefill_ms=image["prefill_ms"],
+                   image_tokens_ms=image["tokens_ms"], image_vae_decode_ms=image["vae_decode_ms"])
+        print(f"image: tokens {row['tokens']} batch {row['batch']} steps {row['steps']}: {image['seconds']:.2f} s "
+              f"(prefill {image['prefill_ms']:.0f} ms, tokens {image['tokens_ms'] / 1e3:.2f} s, "
+              f"VAE {image['vae_decode_ms']:.0f} ms)", flush=True)
+        _save(args.out, result)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def _error(where: str, error: BaseException) -> str:
+    text = f"{where}: {type(error).__name__}: {str(error).strip()[:500]}"
+    print(text, flush=True)
+    traceback.print_exc()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return text
+
+
+def markdown(result: dict) -> str:
+    """The docs table: card, date, one row per configuration."""
+    card, info = result["card"], result["machine"]
+    memory = f", {card['memory_bytes'] / 2**30:.0f} GiB" if card.get("memory_bytes") else ""
+    lines = [
+        f"**{card['name']}**{memory}; measured copy bandwidth "
+        f"{card['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
+        f"{card['matmul_dtype']} matmul {card['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; "
+        f"PyTorch {info['torch']}, Triton kernels {'on' if result['triton'] else 'off'}, {info['date']}. "
+        f"CFG {result['cfg']:g} (two branches per image), Euler, prompt of {result['prompt_tokens']} tokens. "
+        f"Head ratio: the faster head variant over its floor; full images use the "
+        f"{result.get('image_head_kernels', 'norm kernels')}.",
+        "",
+        "| tokens | batch | head steps | backbone ms/token | floor | ratio | head ms/token | block kernels "
+        "| floor | ratio | image s (measured) | image s (estimated) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(result["rows"], key=lambda r: (r["tokens"], r["batch"], r["steps"])):
+        measured = f"{row['image_seconds']:.2f}" if "image_seconds" in row else "-"
+        blocks = "-" if row["head_blocks_ms"] is None else f"{row['head_blocks_ms']:.2f}"
+        lines.append(
+            f"| {row['tokens']} | {row['batch']} | {row['steps']} | {row['backbone_ms']:.2f} | "
+            f"{row['backbone_floor_ms']:.2f} | {row['backbone_ratio']:.2f}x | {row['head_ms']:.2f} | {blocks} | "
+            f"{row['head_floor_ms']:.2f} | {row['head_ratio']:.2f}x | {measured} | "
+            f"{row['estimated_image_seconds']:.2f} |")
+    for eager in result["eager"]:
+        lines += ["", f"Eager path (no graphs, no fused kernels), batch {eager['batch']}, {eager['steps']} steps: "
+                  f"backbone {eager['backbone_ms']:.2f} ms/token, head {eager['head_ms']:.2f} ms/token "
+                  f"(the paper, H100: {PAPER_MS['backbone']} and {PAPER_MS['head']})."]
+    if result["errors"]:
+        lines += ["", "Errors: " + "; ".join(result["errors"])]
+    return "\n".join(lines) + "\n"
+
+
+def _save(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "gpu_latency.json", json.dumps(result, indent=2) + "\n")
+    if "card" in result:
+        atomic_write_text(out / "gpu_latency.md", markdown(result))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_latency: CUDA is not available; nothing to measure (use --dry-run to check the script on "
+              "the CPU)", flush=True)
+        return 0
+    result = run(args)
+    _save(args.out, result)
+    print(f"wrote {args.out / 'gpu_latency.json'} and {args.out / 'gpu_latency.md'} in {result['seconds']:.0f} s",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""The flow head's AdaLN MLP block as two fused matrix-product kernels with their prologue and epilogue.
+
+Legend: M rows, K input width, N output width.
+
+An AdaLN residual block of the head (in its folded form, see
+`nextstep.layers.adaln.AdaLNResBlock.folded_modulation_parameters`) is::
+
+    u = silu(Linear_1(norm(h) * scale + shift))        # modulated_linear, activation on
+    h = h + gate * Linear_2(u)                          # gated_linear
+
+and its output layer is ``Linear(norm(h) * scale + shift)`` (modulated_linear,
+activation off). Unfused that is five kernels per block (LayerNorm +
+modulation, matrix product, SiLU, matrix product, gated residual); fused it is
+two, each reading its weight matrix once. With a few rows (a token's CFG
+branches) the products are bound by reading the weights, so the saving is in
+launches and in the small intermediate round trips. Products accumulate in fp32;
+the modulated input is rounded to the weights' dtype before the product, like
+the unfused path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from nextstep.kernels.adaln_modulation import layer_norm_modulate_reference
+from nextstep.kernels.triton_support import dispatch, interpreter_enabled, triton_module
+
+#: ``triton.language``, bound when the kernels are first built.
+tl = None
+
+__all__ = ["gated_linear", "gated_linear_reference", "gated_linear_triton", "modulated_linear",
+           "modulated_linear_reference", "modulated_linear_triton"]
+
+#: Tile sizes: rows per program, output columns per program, reduction step.
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 16, 128
+
+
+def _check_matrix(name: str, weight: torch.Tensor, bias: torch.Tensor | None, width: int) -> None:
+    if weight.ndim != 2 or weight.shape[1] != width:
+        raise ValueError(f"{name} must have shape (N, {width}), found {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{name} bias must have shape ({weight.shape[0]},), found {tuple(bias.shape)}")
+
+
+def _check_modulated(x, shift, scale, weight, bias) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"x must have shape (M, K), found {tuple(x.shape)}")
+    for name, tensor in (("shift", shift), ("scale", scale)):
+        if tensor.shape != x.shape:
+            raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, found {tuple(tensor.shape)}")
+    _check_matrix("weight", weight, bias, x.shape[1])
+
+
+def _check_gated(u, weight, bias, gate, residual) -> None:
+    if u.ndim != 2:
+        raise ValueError(f"u must have shape (M, K), found {tuple(u.shape)}")
+    _check_matrix("weight", weight, bias, u.shape[1])
+    expected = (u.shape[0], weight.shape[0])
+    for name, tensor in (("gate", gate), ("residual", residual)):
+        if tensor.shape != expected:
+            raise ValueError(f"{name} must have shape {expected}, found {tuple(tensor.shape)}")
+
+
+def modulated_linear_reference(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    eps: float = 1e-6, activation: bool = False,
+) -> torch.Tensor:
+    """Eager ``Linear(LayerNorm(x) * scale + shift)``, then SiLU if ``activation``.
+
+    Args:
+        x: shape (M, K).
+        shift: shape (M, K).
+        scale: shape (M, K).
+        weight: shape (N, K).
+        bias: shape (N,), or None.
+        eps: LayerNorm epsilon (the LayerNorm has no affine).
+        activation: apply SiLU to the output.
+
+    Returns:
+        shape (M, N), dtype of ``x``.
+    """
+    _check_modulated(x, shift, scale, weight, bias)
+    out = F.linear(layer_norm_modulate_reference(x, shift, scale, eps).to(weight.dtype), weight, bias)
+    return (F.silu(out) if activation else out).to(x.dtype)
+
+
+def gated_linear_reference(
+    u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """Eager ``residual + gate * Linear(u)``.
+
+    Args:
+        u: shape (M, K).
+        weight: shape (N, K).
+        bias: shape (N,), or None.
+        gate: shape (M, N).
+        residual: shape (M, N).
+
+    Returns:
+        shape (M, N), dtype of ``residual``.
+    """
+    _check_gated(u, weight, bias, gate, residual)
+    return torch.addcmul(residual, gate, F.linear(u, weight, bias)).to(residual.dtype)
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    """Build the two Triton kernels (once per interpreter setting)."""
+    global tl  # Triton's interpreter patches the `triton.language` it finds among the kernel's globals
+    triton = triton_module()
+    import triton.language as tl
+
+    @triton.jit
+    def modulated_linear_kernel(x_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr, out_ptr, rows, inner, outer,
+                                x_stride, shift_stride, scale_stride, out_stride, eps, HAS_BIAS: tl.constexpr,
+                                ACTIVATION: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        row = tl.program_id(0) * BM + tl.arange(0, BM)
+        column = tl.program_id(1) * BN + tl.arange(0, BN)
+        row_inside = row < rows
+        column_inside = column < outer
+        row_offset = row.to(tl.int64)
+        # LayerNorm statistics of the BM rows over all K features, in fp32 (two passes: mean, then variance).
+        total = tl.zeros((BM,), dtype=tl.float32)
+        for start in range(0, inner, BK):
+            k = start + tl.arange(0, BK)
+            inside = row_inside[:, None] & (k < inner)[None, :]
+            x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
+            total += tl.sum(x.to(tl.float32), axis=1)
+        mean = total / inner
+        squares = tl.zeros((BM,), dtype=tl.float32)
+        for start in range(0, inner, BK):
+            k = start + tl.arange(0, BK)
+            inside = row_inside[:, None] & (k < inner)[None, :]
+            x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
+            centred = tl.where(inside, x.to(tl.float32) - mean[:, None], 0.0)
+            squares += tl.sum(centred * centred, axis=1)
+        rstd = tl.rsqrt(squares / inner + eps)
+        accumulator = tl.zeros((BM, BN), dtype=tl.float32)
+        for start in range(0, inner, BK):
+            k = start + tl.arange(0, BK)
+            k_inside = k < inner
+            inside = row_inside[:, None] & k_inside[None, :]
+            x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
+            shift = tl.load(shift_ptr + row_offset[:, None] * shift_stride + k[None, :], mask=inside, other=0.0)
+            scale = tl.load(scale_ptr + row_offset[:, None] * scale_stride + k[None, :], mask=inside, other=0.0)
+            modulated = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * scale.to(tl.float32) \
+                + shift.to(tl.float32)
+            modulated = tl.where(inside, modulated, 0.0)
+            weight = tl.load(weight_ptr + column.to(tl.int64)[None, :] * inner + k[:, None],
+                             mask=column_inside[None, :] & k_inside[:, None], other=0.0)  # (BK, BN)
+            # Rounded to the weights' dtype before the product, as the unfused path does.
+            modulated = modulated.to(weight.dtype)
+            if UPCAST:
+                accumulator += tl.dot(modulated.to(tl.float32), weight.to(tl.float32), input_precision="ieee")
+            elif IEEE:
+                accumulator += tl.dot(modulated, weight, input_precision="ieee")
+            else:
+                accumulator += tl.dot(modulated, weight)
+        if HAS_BIAS:
+            accumulator += tl.load(bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION:
+            accumulator = accumulator * tl.sigmoid(accumulator)
+        tl.store(out_ptr + row_offset[:, None] * out_stride + column[None, :],
+                 accumulator.to(out_ptr.dtype.element_ty), mask=row_inside[:, None] & column_inside[None, :])
+
+    @triton.jit
+    def gated_linear_kernel(u_ptr, weight_ptr, bias_ptr, gate_ptr, residual_ptr, out_ptr, rows, inner, outer,
+                            u_stride, gate_stride, residual_stride, out_stride, HAS_BIAS: tl.constexpr,
+                            IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr):
+        row = tl.program_id(0) * BM + tl.arange(0, BM)
+        column = tl.program_id(1) * BN + tl.arange(0, BN)
+        row_inside = row < rows
+        column_inside = column < outer
+        row_offset = row.to(tl.int64)
+        accumulator = tl.zeros((BM, BN), dtype=tl.float32)
+        for start in range(0, inner, BK):
+            k = start + tl.arange(0, BK)
+            k_inside = k < inner
+            u = tl.load(u_ptr + row_offset[:, None] * u_stride + k[None, :],
+                        mask=row_inside[:, None] & k_inside[None, :], other=0.0)
+            weight = tl.load(weight_ptr + column.to(tl.int64)[None, :] * inner + k[:, None],
+                             mask=column_inside[None, :] & k_inside[:, None], other=0.0)  # (BK, BN)
+            u = u.to(weight.dtype)
+            if UPCAST:
+                accumulator += tl.dot(u.to(tl.float32), weight.to(tl.float32), input_precision="ieee")
+            elif IEEE:
+                accumulator += tl.dot(u, weight, input_precision="ieee")
+            else:
+                accumulator += tl.dot(u, weight)
+        if HAS_BIAS:
+            accumulator += tl.load(bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
+        inside = row_inside[:, None] & column_inside[None, :]
+        gate = tl.load(gate_ptr + row_offset[:, None] * gate_stride + column[None, :], mask=inside, other=0.0)
+        residual = tl.load(residual_ptr + row_offset[:, None] * residual_stride + column[None, :], mask=inside,
+                           other=0.0)
+        result = residual.to(tl.float32) + gate.to(tl.float32) * accumulator
+        tl.store(out_ptr + row_offset[:, None] * out_stride + column[None, :], result.to(out_ptr.dtype.element_ty),
+                 mask=inside)
+
+    return modulated_linear_kernel, gated_linear_kernel
+
+
+def _upcast() -> bool:
+    """Products of half-precision tiles in fp32: needed by Triton's interpreter, which cannot multiply
+    bf16 tiles; exact either way (bf16 products fit fp32), slower on a GPU, so used only there."""
+    return interpreter_enabled()
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _grid(rows: int, outer: int) -> tuple[int, int]:
+    return ((rows + BLOCK_M - 1) // BLOCK_M, (outer + BLOCK_N - 1) // BLOCK_N)
+
+
+def modulated_linear_triton(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    eps: float = 1e-6, activation: bool = False,
+) -> torch.Tensor:
+    """The Triton kernel of `modulated_linear` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
+
+    Args:
+        x: shape (M, K); rows may be strided.
+        shift: shape (M, K), for example a strided view into a modulation table.
+        scale: shape (M, K).
+        weight: shape (N, K), contiguous.
+        bias: shape (N,), or None.
+        eps: LayerNorm epsilon.
+        activation: apply SiLU to the output.
+
+    Returns:
+        shape (M, N), dtype of ``x``.
+    """
+    _check_modulated(x, shift, scale, weight, bias)
+    x, shift, scale, weight = _rows(x), _rows(shift), _rows(scale), weight.contiguous()
+    rows, inner = x.shape
+    outer = weight.shape[0]
+    out = torch.empty((rows, outer), dtype=x.dtype, device=x.device)
+    if rows == 0 or outer == 0:
+        return out
+    kernel, _ = _kernels(interpreter_enabled())
+    kernel[_grid(rows, outer)](
+        x, shift, scale, weight, weight if bias is None else bias, out, rows, inner, outer, x.stride(0),
+        shift.stride(0), scale.stride(0), out.stride(0), float(eps), HAS_BIAS=bias is not None,
+        ACTIVATION=bool(activation), IEEE=weight.dtype == torch.float32, UPCAST=_upcast(), BM=BLOCK_M,
+        BN=BLOCK_N, BK=BLOCK_K, num_warps=4,
+    )
+    return out
+
+
+def gated_linear_triton(
+    u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, residual: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton kernel of `gated_linear` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
+
+    Args:
+        u: shape (M, K).
+        weight: shape (N, K), contiguous.
+        bias: shape (N,), or None.
+        gate: shape (M, N); rows may be strided.
+        residual: shape (M, N).
+        out: where to write (may be ``residual``), or None for a new tensor.
+
+    Returns:
+        shape (M, N), dtype of ``residual``.
+    """
+    _check_gated(u, weight, bias, gate, residual)
+    u, gate, residual, weight = _rows(u), _rows(gate), _rows(residual), weight.contiguous()
+    rows, inner = u.shape
+    outer = weight.shape[0]
+    if out is None:
+        out = torch.empty((rows, outer), dtype=residual.dtype, device=residual.device)
+    elif out.shape != (rows, outer) or out.stride(-1) != 1:
+        raise ValueError(f"out must have shape {(rows, outer)} with contiguous rows, found {tuple(out.shape)}")
+    if rows == 0 or outer == 0:
+        return out
+    _, kernel = _kernels(interpreter_enabled())
+    kernel[_grid(rows, outer)](
+        u, weight, weight if bias is None else bias, gate, residual, out, rows, inner, outer, u.stride(0),
+        gate.stride(0), residual.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+        IEEE=weight.dtype == torch.float32, UPCAST=_upcast(), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=4,
+    )
+    return out
+
+
+def modulated_linear(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    eps: float = 1e-6, activation: bool = False,
+) -> torch.Tensor:
+    """``Linear(LayerNorm(x) * scale + shift)`` (+ SiLU): the Triton kernel where allowed, else the reference.
+
+    Args:
+        x: shape (M, K).
+        shift: shape (M, K).
+        scale: shape (M, K).
+        weight: shape (N, K).
+        bias: shape (N,), or None.
+        eps: LayerNorm epsilon (no affine).
+        activation: apply SiLU to the output.
+
+    Returns:
+        shape (M, N), dtype of ``x``.
+    """
+    return dispatch("modulated_linear", x, modulated_linear_triton, modulated_linear_reference, x, shift, scale,
+                    weight, bias, eps, activation)
+
+
+def gated_linear(
+    u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """``residual + gate * Linear(u)``: the Triton kernel where allowed, else the reference.
+
+    Args:
+        u: shape (M, K).
+        weight: shape (N, K).
+        bias: shape (N,), or None.
+        gate: shape (M, N).
+        residual: shape (M, N).
+
+    Returns:
+        shape (M, N), dtype of ``residual``.
+    """
+    return dispatch("gated_linear", u, gated_linear_triton, gated_linear_reference, u, weight, bias, gate, residual)

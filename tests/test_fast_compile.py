@@ -1,0 +1,105 @@
+"""torch.compile with an eager fallback: failures warn once and never take the process down."""
+
+import pytest
+import torch
+from torch import nn
+
+from nextstep.compile import CompileConfig, CompileFallbackWarning, compile_module, safe_compile
+
+
+def failing_backend(graph_module, example_inputs):
+    raise RuntimeError("this backend always fails")
+
+
+def test_a_failing_backend_falls_back_to_eager_with_one_warning():
+    compiled = safe_compile(lambda x: x.sin() + 1, name="sine", backend=failing_backend)
+    x = torch.linspace(0, 1, 5)
+    with pytest.warns(CompileFallbackWarning, match=r"torch.compile of sine failed .*this backend always fails"):
+        result = compiled(x)
+    torch.testing.assert_close(result, x.sin() + 1)
+    assert not compiled.compiled and "BackendCompilerFailed" in compiled.failure
+    with _no_warnings():
+        torch.testing.assert_close(compiled(x), x.sin() + 1)
+
+
+def test_a_graph_break_under_fullgraph_falls_back():
+    def breaks(x):
+        torch._dynamo.graph_break()
+        return x * 2
+
+    compiled = safe_compile(breaks, fullgraph=True, backend="eager")
+    with pytest.warns(CompileFallbackWarning):
+        torch.testing.assert_close(compiled(torch.ones(2)), torch.full((2,), 2.0))
+
+
+def test_errors_of_the_function_itself_are_raised_and_compilation_kept():
+    def needs_matching_shapes(a, b):
+        return a + b
+
+    compiled = safe_compile(needs_matching_shapes, backend="eager")
+    with pytest.raises(RuntimeError, match="must match the size"):
+        compiled(torch.ones(2), torch.ones(3))
+    assert compiled.compiled
+    torch.testing.assert_close(compiled(torch.ones(2), torch.ones(2)), torch.full((2,), 2.0))
+
+
+def test_working_compilation_is_used():
+    calls = []
+
+    def counting_backend(graph_module, example_inputs):
+        calls.append(1)
+        return graph_module.forward
+
+    compiled = safe_compile(lambda x: x.cos(), backend=counting_backend)
+    torch.testing.assert_close(compiled(torch.zeros(3)), torch.ones(3))
+    assert calls == [1] and compiled.compiled
+
+
+def test_disabled_by_the_environment(monkeypatch):
+    monkeypatch.setenv("NEXTSTEP_DISABLE_COMPILE", "1")
+    compiled = safe_compile(lambda x: x + 1, backend=failing_backend)
+    with _no_warnings():
+        torch.testing.assert_close(compiled(torch.zeros(1)), torch.ones(1))
+    assert not compiled.compiled and "NEXTSTEP_DISABLE_COMPILE" in compiled.failure
+
+
+def test_compile_module_keeps_parameters_and_falls_back_in_training():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 2))
+    reference = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 2))
+    reference.load_state_dict(module.state_dict())
+    keys = list(module.state_dict())
+    compile_module(module, backend=failing_backend)
+    x = torch.randn(3, 4)
+    with pytest.warns(CompileFallbackWarning, match="Sequential.forward"):
+        loss = module(x).square().sum()
+    loss.backward()
+    reference(x).square().sum().backward()
+    assert list(module.state_dict()) == keys
+    for ours, theirs in zip(module.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+def test_compile_config_validates_and_gates():
+    with pytest.raises(ValueError, match="mode"):
+        CompileConfig(mode="fastest")
+    with pytest.raises(ValueError, match="unknown key"):
+        CompileConfig.from_dict({"enabled": True, "modes": "default"})
+    module = nn.Linear(2, 2)
+    assert "forward" not in vars(compile_module(module, CompileConfig(enabled=False)))
+    compile_module(module, CompileConfig(enabled=True, backend="eager"))
+    assert vars(module)["forward"].compiled
+    with pytest.raises(ValueError, match="either a CompileConfig or compile options"):
+        compile_module(nn.Linear(2, 2), CompileConfig(enabled=True), backend="eager")
+
+
+class _no_warnings:
+    def __enter__(self):
+        import warnings
+
+        self._context = warnings.catch_warnings()
+        self._context.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)

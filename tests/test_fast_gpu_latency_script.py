@@ -1,0 +1,55 @@
+"""benchmarks/gpu_latency.py runs end to end with tiny shapes on the CPU (--dry-run), before it meets a GPU."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_latency.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_latency", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_writes_json_and_markdown(tmp_path):
+    script = load_script()
+    assert script.main(["--dry-run", "--out", str(tmp_path), "--tokens", "4", "--batch-sizes", "1,2",
+                        "--steps", "2", "--repeats", "1", "--prompt-tokens", "3"]) == 0
+    result = json.loads((tmp_path / "gpu_latency.json").read_text())
+    assert result["dry_run"] and not result["errors"]
+    assert {(row["batch"], row["tokens"], row["steps"]) for row in result["rows"]} == {(1, 4, 2), (2, 4, 2)}
+    for row in result["rows"]:
+        assert row["backbone_ms"] > 0 and row["head_ms"] > 0 and row["image_seconds"] > 0
+        assert row["backbone_floor_ms"] > 0 and row["head_floor_ms"] > 0
+    assert result["eager"] and result["card"]["copy_bandwidth_bytes_per_s"] > 0
+    table = (tmp_path / "gpu_latency.md").read_text()
+    assert "| tokens | batch | head steps |" in table and table.count("\n| 4 |") == 2
+
+
+def test_without_cuda_it_skips_cleanly(tmp_path, monkeypatch, capsys):
+    script = load_script()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert script.main(["--out", str(tmp_path)]) == 0
+    assert "CUDA is not available" in capsys.readouterr().out
+    assert not (tmp_path / "gpu_latency.json").exists()
+
+
+def test_floors_count_every_weight_once_per_read():
+    script = load_script()
+    model = script.build_random_model(True, torch.device("cpu"), 0)
+    once, modulation, per_evaluation = script.head_weights(model)
+    net = model.image_head.net
+    # Time embeddings are tabulated per time grid, the LayerNorm affines folded into the modulations.
+    tabulated = [*net.time_embed.parameters(), *(p for block in net.res_blocks for p in block.in_ln.parameters())]
+    head_parameters = {id(p) for p in model.image_head.parameters()} - {id(p) for p in tabulated}
+    counted = [id(p) for p in once + modulation + per_evaluation if id(p) in head_parameters]
+    assert sorted(counted) == sorted(head_parameters)
+    assert script.head_bytes(model, 3) - script.head_bytes(model, 2) == script.nbytes(*per_evaluation)
+    embedding = model.backbone.embed_tokens.weight
+    assert script.backbone_weight_bytes(model) == sum(
+        p.numel() * 4 for p in model.backbone.parameters()) - embedding.numel() * 4

@@ -1,0 +1,69 @@
+"""The fast token loop with its Triton kernels (interpreter on CPU) against the eager references; GPU capture."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of Triton; see kernel_helpers
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from fast_helpers import draw_noise, prefill  # noqa: E402
+from kernel_helpers import interpreter  # noqa: E402,F401
+
+from nextstep import generate_tokens  # noqa: E402
+from nextstep.fast import CapturedCall, FastTokenSampler  # noqa: E402
+from nextstep.samplers import EulerMaruyamaSampler, HeunSampler, guidance_for_scale  # noqa: E402
+
+PROMPTS = ["a red circle", "grinning face"]
+GRID = (1, 2)
+
+
+def sample(model, fast, sampler, cfg=3.0, steps=3, seed=0):
+    guidance = guidance_for_scale(cfg)
+    hidden, cache, next_positions = prefill(model, PROMPTS, GRID, guidance.num_branches, fast.new_cache)
+    count = GRID[0] * GRID[1]
+    noise, step_noise = draw_noise(len(PROMPTS), seed, count, model.token_dim, steps, sampler.stochastic)
+    return fast.sample_tokens(hidden, cache, next_positions, noise.to(fast.device),
+                              None if step_noise is None else step_noise.to(fast.device), guidance=guidance,
+                              sampler=sampler, num_steps=steps, use_norm=True)
+
+
+@pytest.mark.parametrize(("sampler", "dtype", "fused_blocks"), [
+    (HeunSampler(), torch.float32, True),
+    (HeunSampler(), torch.bfloat16, False),
+    (EulerMaruyamaSampler(), torch.float32, False),
+    (EulerMaruyamaSampler(), torch.bfloat16, True),
+], ids=["heun-fp32-block_kernels", "heun-bf16-norm_kernels", "em-fp32-norm_kernels", "em-bf16-block_kernels"])
+def test_kernels_match_references_in_the_token_loop(interpreter, trained_like_model, dtype, sampler,  # noqa: F811
+                                                     fused_blocks):
+    model = trained_like_model.eval().to(dtype)
+    with_kernels = sample(model, FastTokenSampler(model, use_kernels=True, fused_blocks=fused_blocks), sampler,
+                          steps=2)
+    without = sample(model, FastTokenSampler(model, use_kernels=False), sampler, steps=2)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    torch.testing.assert_close(with_kernels, without, **tolerance)
+
+
+def test_capture_is_refused_on_the_cpu():
+    call = CapturedCall(lambda: None, name="nothing")
+    assert not call.capture(torch.device("cpu"))
+    assert "CUDA graphs need a CUDA device" in call.failure
+    call()  # runs eagerly
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("sampler", [HeunSampler(), EulerMaruyamaSampler()], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("fused_blocks", [False, True], ids=["norm_kernels", "block_kernels"])
+def test_captured_loop_matches_generate_tokens_on_gpu(trained_like_model, sampler, fused_blocks):
+    model = trained_like_model.eval().cuda()
+    fast = FastTokenSampler(model, fused_blocks=fused_blocks)
+    found = sample(model, fast, sampler, seed=4)
+    assert all(call.captured for _, call in fast._token_steps.values())
+    assert all(call.captured for _, calls in fast._decode_steps.values() for call in calls.values())
+    expected, _, _ = generate_tokens(model, PROMPTS, height=16 * GRID[0], width=16 * GRID[1], cfg=3.0,
+                                     num_steps=3, sampler=sampler, seed=4, use_norm=True)
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+    again = sample(model, fast, sampler, seed=4)  # replays the graphs of the first generation
+    torch.testing.assert_close(again, found, rtol=0, atol=0)

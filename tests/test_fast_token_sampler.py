@@ -1,0 +1,132 @@
+"""The fast image-token loop (eager on the CPU) against `generate_tokens`, sampler by sampler.
+
+These tests run the kernels' PyTorch references (``use_kernels=False``) whatever
+the environment; tests/test_fast_kernels.py runs the loop with the Triton kernels.
+"""
+
+import pytest
+import torch
+from fast_helpers import draw_noise, prefill
+
+from nextstep import generate_tokens
+from nextstep.fast import FastTokenSampler
+from nextstep.fast.decode_step import DecodeStep
+from nextstep.samplers import (
+    ClassifierFreeGuidance,
+    EulerMaruyamaSampler,
+    EulerSampler,
+    FlowSDESampler,
+    HeunSampler,
+    MidpointSampler,
+    guidance_for_scale,
+)
+from nextstep.samplers.step_schedule import LinearSteps
+
+PROMPTS = ["a red circle", "grinning face"]
+GRID = (2, 3)
+
+
+def fast_tokens(model, fast, guidance, sampler, num_steps, *, seed=0, use_norm=None, shift=1.0):
+    hidden, cache, next_positions = prefill(model, PROMPTS, GRID, guidance.num_branches, fast.new_cache)
+    count = GRID[0] * GRID[1]
+    schedule_max = num_steps if isinstance(num_steps, int) else num_steps.max_steps(count)
+    noise, step_noise = draw_noise(len(PROMPTS), seed, count, model.token_dim, schedule_max, sampler.stochastic)
+    return fast.sample_tokens(hidden, cache, next_positions, noise, step_noise, guidance=guidance,
+                              sampler=sampler, num_steps=num_steps, shift=shift, use_norm=use_norm)
+
+
+@pytest.mark.parametrize("sampler", [EulerSampler(), HeunSampler(), MidpointSampler(), EulerMaruyamaSampler(),
+                                     FlowSDESampler()], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+@pytest.mark.parametrize("fused_blocks", [False, True], ids=["norm_kernels", "block_kernels"])
+def test_matches_generate_tokens(trained_like_model, sampler, cfg, fused_blocks):
+    model = trained_like_model.eval()
+    fast = FastTokenSampler(model, use_kernels=False, fused_blocks=fused_blocks)
+    guidance = guidance_for_scale(cfg)
+    expected, _, _ = generate_tokens(model, PROMPTS, height=32, width=48, cfg=cfg, num_steps=4, sampler=sampler,
+                                     shift=2.0, seed=3)
+    found = fast_tokens(model, fast, guidance, sampler, 4, seed=3, shift=2.0)
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+    if type(sampler) is FlowSDESampler:
+        assert fast.fused_reason(sampler, guidance) is not None  # the generic path ran
+    else:
+        assert fast.fused_reason(sampler, guidance) is None
+
+
+def test_guidance_schedule_interval_step_schedule_and_use_norm(trained_like_model):
+    model = trained_like_model.eval()
+    guidance = ClassifierFreeGuidance(4.0, schedule="linear_increasing", interval=(0.2, 0.8))
+    schedule = LinearSteps(6, 2)
+    expected, _, _ = generate_tokens(model, PROMPTS, height=32, width=48, cfg=guidance, num_steps=schedule,
+                                     sampler=HeunSampler(), seed=5, use_norm=True)
+    fast = FastTokenSampler(model, use_kernels=False)
+    found = fast_tokens(model, fast, guidance, HeunSampler(), schedule, seed=5, use_norm=True)
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+    assert len(fast._token_steps) == len({schedule.steps_for(i, 6) for i in range(6)})
+
+
+def test_steps_are_reused_across_generations(trained_like_model):
+    """A second generation reuses the pooled cache, the decode step and the token step."""
+    model = trained_like_model.eval()
+    fast = FastTokenSampler(model, use_kernels=False)
+    guidance = guidance_for_scale(2.0)
+    first = fast_tokens(model, fast, guidance, EulerSampler(), 3, seed=1)
+    steps, decodes = dict(fast._token_steps), dict(fast._decode_steps)
+    again = fast_tokens(model, fast, guidance, EulerSampler(), 3, seed=1)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert fast._token_steps == steps and fast._decode_steps == decodes
+    other_shift = fast_tokens(model, fast, guidance, EulerSampler(), 3, seed=1, shift=3.0)
+    assert fast._token_steps.keys() == steps.keys()  # new numbers, same step
+    assert not torch.equal(other_shift, first)
+
+
+def test_decode_step_equals_backbone_forward(tiny_model):
+    """The graph-ready step (all slots, future ones masked) equals a cached forward call."""
+    model = tiny_model.eval()
+    backbone = model.backbone
+    hidden, cache, next_positions = prefill(model, PROMPTS, GRID, 2)
+    reference_cache = cache.clone()
+    embeds = torch.randn(4, 1, backbone.hidden_size)
+    output = torch.zeros(4, backbone.hidden_size)
+    step = DecodeStep(backbone, cache, embeds, output)
+    step.start(next_positions)
+    with torch.inference_mode():
+        expected = []
+        positions = next_positions.clone()
+        for _ in range(3):
+            expected.append(backbone(embeds, positions, torch.ones(4, 1, dtype=torch.bool), reference_cache)[:, 0])
+            positions = positions + 1
+            visible = step.visible()
+            assert visible == min(cache.max_length, 256)
+            step.compute(visible if len(expected) % 2 else None)  # a bucket of slots, or all of them
+            step.advance()
+            torch.testing.assert_close(output, expected[-1], rtol=1e-5, atol=1e-5)
+    assert cache.length == reference_cache.length
+    torch.testing.assert_close(cache.key_mask, reference_cache.key_mask)
+
+
+def test_bad_inputs_are_named(tiny_model):
+    model = tiny_model.eval()
+    fast = FastTokenSampler(model, use_kernels=False)
+    hidden, cache, next_positions = prefill(model, PROMPTS, GRID, 2, fast.new_cache)
+    noise, _ = draw_noise(2, 0, 6, model.token_dim, 2, False)
+    with pytest.raises(ValueError, match=r"hidden must have shape \(2, 64\) for 1 branch\(es\) x 2 image\(s\)"):
+        fast.sample_tokens(hidden, cache, next_positions, noise, guidance=guidance_for_scale(1.0), num_steps=2)
+    with pytest.raises(ValueError, match=r"noise must have shape \(R, T, 64\)"):
+        fast.sample_tokens(hidden, cache, next_positions, noise[0], guidance=guidance_for_scale(2.0))
+    long_noise, _ = draw_noise(2, 0, 400, model.token_dim, 2, False)
+    with pytest.raises(ValueError, match="more image tokens do not fit"):
+        fast.sample_tokens(hidden, cache, next_positions, long_noise, guidance=guidance_for_scale(2.0))
+    with pytest.raises(ValueError, match="capture=True needs the model on a CUDA device"):
+        FastTokenSampler(model, capture=True)
+
+
+def test_pooled_caches_round_up_and_are_emptied(tiny_model):
+    fast = FastTokenSampler(tiny_model)
+    cache = fast.new_cache(2, 10)
+    assert cache.max_length == 256
+    cache.reserve(None, 5)
+    cache.commit(5)
+    again = fast.new_cache(2, 200)
+    assert again is cache and again.length == 0
+    assert fast.new_cache(2, 300).max_length == 512

@@ -1,0 +1,63 @@
+"""The fused AdaLN block matrix-product kernels against their eager references (Triton interpreter on CPU)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of Triton; see kernel_helpers
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from kernel_helpers import DTYPES, TOLERANCES, interpreter, random_tensor  # noqa: E402,F401
+
+from nextstep.kernels.adaln_linear import (  # noqa: E402
+    gated_linear,
+    gated_linear_reference,
+    gated_linear_triton,
+    modulated_linear_reference,
+    modulated_linear_triton,
+)
+
+SHAPES = dict(rows=st.integers(1, 20), inner=st.integers(1, 150), outer=st.integers(1, 40))
+
+
+@given(**SHAPES, dtype=DTYPES, seed=st.integers(0, 2**16), activation=st.booleans(), with_bias=st.booleans(),
+       offset=st.sampled_from([0.0, 5.0]))
+def test_modulated_linear_matches_reference(interpreter, rows, inner, outer, dtype, seed,  # noqa: F811
+                                            activation, with_bias, offset):
+    table = random_tensor((rows, 3, inner), dtype, seed)  # shift and scale as strided views, as in the head
+    x = (random_tensor((rows, inner), torch.float32, seed + 1) + offset).to(dtype)
+    weight = random_tensor((outer, inner), dtype, seed + 2, scale=inner ** -0.5)
+    bias = random_tensor((outer,), dtype, seed + 3) if with_bias else None
+    expected = modulated_linear_reference(x, table[:, 0], table[:, 2], weight, bias, 1e-6, activation)
+    found = modulated_linear_triton(x, table[:, 0], table[:, 2], weight, bias, 1e-6, activation)
+    assert found.dtype == dtype
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
+    torch.testing.assert_close(found.float(), expected.float(), **tolerance)
+
+
+@given(**SHAPES, dtype=DTYPES, seed=st.integers(0, 2**16), with_bias=st.booleans(), in_place=st.booleans())
+def test_gated_linear_matches_reference(interpreter, rows, inner, outer, dtype, seed, with_bias,  # noqa: F811
+                                        in_place):
+    u = random_tensor((rows, inner), dtype, seed)
+    weight = random_tensor((outer, inner), dtype, seed + 1, scale=inner ** -0.5)
+    bias = random_tensor((outer,), dtype, seed + 2) if with_bias else None
+    gate = random_tensor((rows, 2, outer), dtype, seed + 3)[:, 1]  # strided rows
+    residual = random_tensor((rows, outer), dtype, seed + 4)
+    expected = gated_linear_reference(u, weight, bias, gate, residual)
+    target = residual.clone() if in_place else None
+    found = gated_linear_triton(u, weight, bias, gate, residual if target is None else target, out=target)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
+    torch.testing.assert_close(found.float(), expected.float(), **tolerance)
+
+
+def test_references_are_the_unfused_block():
+    x, shift, scale = (random_tensor((3, 8), torch.float32, seed) for seed in range(3))
+    first, first_bias = random_tensor((5, 8), torch.float32, 3), random_tensor((5,), torch.float32, 4)
+    inner = F.silu(F.linear(F.layer_norm(x, (8,), eps=1e-6) * scale + shift, first, first_bias))
+    torch.testing.assert_close(modulated_linear_reference(x, shift, scale, first, first_bias, 1e-6, True), inner)
+    second, gate = random_tensor((8, 5), torch.float32, 5), random_tensor((3, 8), torch.float32, 6)
+    torch.testing.assert_close(gated_linear(inner, second, None, gate, x), x + gate * F.linear(inner, second))
+    with pytest.raises(ValueError, match=r"gate must have shape \(3, 8\), found \(3, 4\)"):
+        gated_linear(inner, second, None, torch.zeros(3, 4), x)
