@@ -63,12 +63,6 @@ def component_names(kind: str) -> list[str]:
     return sorted(_COMPONENTS[kind])
 
 
-def registered_components(kind: str) -> dict[str, type]:
-    """A copy of the ``name -> class`` table of one kind."""
-    _ensure_builtins()
-    return dict(_COMPONENTS[kind])
-
-
 def register_model(name: str) -> Callable[[Callable], Callable]:
     """Decorator for a model preset: a function returning a ``ModelConfig``."""
 

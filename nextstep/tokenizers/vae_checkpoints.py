@@ -21,7 +21,6 @@ import json
 import pickle
 import re
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -333,7 +332,7 @@ def load_flux_vae(path: str | Path, *, layout: str | None = None, **config_chang
             config_changes.update(normalization="scale_shift", scaling_factor=0.3611, shift_factor=0.1159)
     elif layout == "diffusers":
         directory = path / "vae" if (path / "vae" / DIFFUSERS_WEIGHTS).exists() else path
-        config = config_from_diffusers(_read_json(directory / "config.json"))
+        config = config_from_diffusers(read_json_object(directory / "config.json", "VAE config.json"))
         raw = read_safetensors(directory / DIFFUSERS_WEIGHTS)
         state = diffusers_to_bfl(raw, len(config.ch_mult))
         file = directory / DIFFUSERS_WEIGHTS
@@ -342,7 +341,7 @@ def load_flux_vae(path: str | Path, *, layout: str | None = None, **config_chang
         if (directory / "vae" / "checkpoint.pt").exists():
             directory = directory / "vae"
         file = path if path.is_file() else directory / "checkpoint.pt"
-        config = config_from_nextstep(_read_json(directory / "config.json"))
+        config = config_from_nextstep(read_json_object(directory / "config.json", "VAE config.json"))
         state = _strip_prefix(read_torch_checkpoint(file))
     else:
         config = FluxVAEConfig.load(path / "config.json")
@@ -371,20 +370,3 @@ def save_flux_vae(vae: FluxVAE, directory: str | Path, *, layout: str = "native"
             torch.save(state, str(staging / "checkpoint.pt"))
         else:
             save_file(state, str(staging / "ae.safetensors"), metadata={"format": "pt"})
-
-
-def _read_json(path: Path) -> dict:
-    return read_json_object(path, "config file")
-
-
-def convert_state_dict(state: dict[str, torch.Tensor], source: str, target: str,
-                       num_levels: int) -> dict[str, torch.Tensor]:
-    """Rename weights between the ``bfl`` (= native, = nextstep) and ``diffusers`` naming."""
-    lookup: dict[tuple[str, str], Callable] = {
-        ("diffusers", "bfl"): diffusers_to_bfl, ("bfl", "diffusers"): bfl_to_diffusers,
-    }
-    canonical = {"native": "bfl", "nextstep": "bfl", "bfl": "bfl", "diffusers": "diffusers"}
-    source, target = canonical[source], canonical[target]
-    if source == target:
-        return dict(state)
-    return lookup[(source, target)](state, num_levels)

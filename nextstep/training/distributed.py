@@ -181,11 +181,6 @@ class DistributedContext:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-
-
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A whole tensor from a possibly sharded one (a collective for FSDP ``DTensor`` values)."""
     if hasattr(tensor, "full_tensor"):
