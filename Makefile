@@ -36,10 +36,14 @@ data:
 photos:
 	$(call apt_install,$(PHOTO_PACKAGES))
 
+# The shipped model (nextstep/pretrained/emoji-shapes-64): no download, a few seconds on a CPU.
+DEMO_PROMPTS := "a red circle to the left of a blue square" "three yellow triangles" \
+	"a purple square and a green circle" "grinning face with smiling eyes" "red heart" "flag of France"
+
 demo: $(STAMP)
-	$(PY) -m nextstep generate "a red circle to the left of a blue square" "grinning face with smiling eyes" \
-		--model tiny --height 64 --width 64 --steps 20 --cfg 3.0 --num-images 2 --grid --output outputs/demo
-	@echo "demo images in outputs/demo/"
+	$(PY) -m nextstep generate $(DEMO_PROMPTS) --height 64 --width 64 --steps 20 --cfg 3.0 \
+		--num-images 4 --grid --output outputs/demo
+	@echo "demo images in outputs/demo/ (grid.png: one row per prompt)"
 
 # TRITON_INTERPRET=1: the fused kernels run on CPU tensors through Triton's interpreter, so the
 # kernel tests check them against their PyTorch references without a GPU (it must be set before

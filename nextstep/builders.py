@@ -57,11 +57,21 @@ def build_model(
 
 def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                seed: int = 0) -> NextStep:
-    """A saved model directory, or a preset name built with random weights under ``seed``."""
+    """A saved model directory, a shipped model's name (`nextstep.pretrained`), or a preset
+    name built with random weights under ``seed``."""
+    from nextstep.pretrained import bundled_model_path, bundled_models
+    from nextstep.registry import model_names
+
     path = Path(name_or_path)
+    bundled = bundled_model_path(name_or_path) if not path.is_dir() else None
+    if bundled is not None:
+        path = bundled
     if path.is_dir():
         return NextStep.from_pretrained(path, device=device, dtype=dtype)
     if any(sep in name_or_path for sep in ("/", "\\")) or path.suffix:
         raise FileNotFoundError(f"expected a model directory at {name_or_path!r}, found nothing")
+    if name_or_path not in model_names():
+        raise ValueError(f"unknown model {name_or_path!r}: expected a model directory, a shipped model "
+                         f"{bundled_models()} or a preset {model_names()}")
     model = build_model(name_or_path, seed=seed)
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

@@ -80,8 +80,11 @@ def command_generate(args: argparse.Namespace) -> int:
 def command_info(args: argparse.Namespace) -> int:
     from nextstep.builders import build_model
     from nextstep.model import NextStep
+    from nextstep.pretrained import bundled_model_path
 
     path = Path(args.model)
+    if not path.is_dir() and bundled_model_path(args.model) is not None:
+        path = bundled_model_path(args.model)
     if path.is_dir():
         model = NextStep.from_pretrained(path)
     else:
@@ -165,6 +168,60 @@ def command_eval_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_SUITES = ("shapes", "emoji", "tokenizer")
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from nextstep.builders import load_model
+    from nextstep.evaluation.sampling import SamplingSettings
+    from nextstep.io import atomic_write_text
+
+    suites = EVAL_SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
+    model = load_model(args.model, device=args.device, seed=args.seed)
+    settings = SamplingSettings(height=args.size, width=args.size, cfg=args.cfg, num_steps=args.steps,
+                                seed=args.seed, batch_size=args.batch_size, sampler=args.sampler or "",
+                                temperature=args.temperature)
+    output = Path(args.output)
+    summary: dict = {"model": args.model, "settings": settings.to_dict()}
+    sections = []
+    for suite in suites:
+        bar = tqdm(unit="img", disable=args.quiet, desc=suite)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        if suite == "shapes":
+            from nextstep.evaluation.shapes_geneval import run_shapes_geneval
+
+            report = run_shapes_geneval(model, output / suite, images_per_tag=args.images_per_tag,
+                                        settings=settings, progress=progress)
+            title = "Shapes GenEval (held-out prompts)"
+        elif suite == "emoji":
+            from nextstep.evaluation.emoji_eval import run_emoji_eval
+
+            report = run_emoji_eval(model, output / suite, settings=settings, limit=args.limit, progress=progress)
+            title = "Held-out emoji"
+        else:
+            from nextstep.evaluation.tokenizer_report import run_tokenizer_evaluation
+
+            report = run_tokenizer_evaluation(model.image_tokenizer, output / suite, count=args.crops)
+            title = "Tokenizer reconstruction (held-out photo crops)"
+        bar.close()
+        summary[suite] = report.to_dict()
+        sections.append(f"## {title}\n\n{report.to_markdown()}\n")
+        print(f"\n{title}\n{report.to_markdown()}")
+    atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(output / "summary.md", f"# Evaluation of {args.model}\n\n" + "\n".join(sections))
+    print(f"wrote {output}/summary.json, summary.md and one folder per suite")
+    return 0
+
+
 def command_convert(args: argparse.Namespace) -> int:
     from nextstep.interop.convert import DTYPES, convert_checkpoint, parse_size
 
@@ -184,16 +241,38 @@ def _human(count: int) -> str:
     return str(count)
 
 
+def import_modules(names: list[str]) -> None:
+    """Import each module of ``names`` (with the current directory on the path) for its registrations."""
+    import importlib
+    import os
+
+    if names and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name.split(".")[0] and error.name != name:
+                raise
+            raise ModuleNotFoundError(f"--import {name}: expected an importable module, found none "
+                                      f"(current directory {os.getcwd()})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from nextstep.pretrained import DEFAULT_MODEL, bundled_models
     from nextstep.registry import model_names
 
     parser = argparse.ArgumentParser(prog="nextstep", description="NextStep-1 text-to-image models")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a module first (repeatable), e.g. one that registers your own "
+                             "sampler, head or dataset; the current directory is on the import path")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate images from prompts into PNG files")
     gen.add_argument("prompts", nargs="+", help="one or more prompts")
-    gen.add_argument("--model", default="tiny",
-                     help=f"a saved model directory or a preset name {model_names()}")
+    gen.add_argument("--model", default=DEFAULT_MODEL,
+                     help=f"a saved model directory, a shipped model {bundled_models()} or a preset "
+                          f"{model_names()} (random weights); default {DEFAULT_MODEL}")
     gen.add_argument("--output", "-o", default="outputs", help="directory for the PNG files")
     gen.add_argument("--height", type=_positive_int, default=None, help="pixels (default 64, or the --image's)")
     gen.add_argument("--width", type=_positive_int, default=None, help="pixels (default 64, or the --image's)")
@@ -217,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=command_generate)
 
     info = commands.add_parser("info", help="components, parameter counts and config of a model")
-    info.add_argument("model", help="a preset name or a saved model directory")
+    info.add_argument("model", help="a shipped model, a saved model directory or a preset name")
     info.add_argument("--config", action="store_true", help="also print the config as JSON")
     info.set_defaults(handler=command_info)
 
@@ -257,6 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--head", default="base", help="flow-head size for a Qwen2 source (tiny/small/base/large)")
     convert.add_argument("--seed", type=int, default=0, help="initialisation seed for a Qwen2 source")
     convert.set_defaults(handler=command_convert)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model: shapes GenEval, held-out emoji, tokenizer")
+    evaluate.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                          help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
+    evaluate.add_argument("--suite", nargs="+", choices=EVAL_SUITES + ("all",), default=["all"])
+    evaluate.add_argument("--output", "-o", default="outputs/eval")
+    evaluate.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
+    evaluate.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    evaluate.add_argument("--steps", type=_positive_int, default=20, help="head steps per token")
+    evaluate.add_argument("--sampler", default=None, help="a registered sampler name (default: the model's)")
+    evaluate.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=32)
+    evaluate.add_argument("--images-per-tag", type=_positive_int, default=100,
+                          help="shapes: images per GenEval category")
+    evaluate.add_argument("--limit", type=_positive_int, default=None, help="emoji: first N held-out emoji only")
+    evaluate.add_argument("--crops", type=_positive_int, default=256, help="tokenizer: held-out photo crops")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.set_defaults(handler=command_eval)
     return parser
 
 
@@ -264,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        import_modules(args.imports)
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"nextstep {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -74,6 +74,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     An existing directory at ``path`` is moved aside first and removed only after
     the new one is in place, so a crash leaves either the old or the new
     directory (or, between the two renames, the old one under ``<path>.old-*``).
+    Files written into the staging directory get ordinary permissions (0666
+    less the umask), whatever the library that wrote them chose.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +83,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
+        file_mode = 0o666 & ~_umask()
+        for item in staging.rglob("*"):
+            if item.is_file() and not item.is_symlink():
+                os.chmod(item, file_mode)
         backup = None
         if path.exists():
             if not path.is_dir():

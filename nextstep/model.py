@@ -130,14 +130,28 @@ class NextStep(nn.Module):
         image = self.image_in_projector(image_tokens.to(text.dtype))
         return torch.where(image_mask[..., None], image, text)
 
-    def forward(self, batch: SequenceBatch, generator: torch.Generator | None = None) -> LossOutput:
+    def forward(self, batch: SequenceBatch, generator: torch.Generator | None = None,
+                context_noise: float = 0.0) -> LossOutput:
         """Teacher-forced losses of a batch.
 
         The hidden state at position i (after ``image_out_projector``) conditions
         the head that predicts the image token at i + 1; the LM head at i predicts
         the text token at i + 1.
+
+        Args:
+            batch: the sequences.
+            generator: the source of the head's (t, noise) draws and of the context noise.
+            context_noise: with ``s > 0``, each sequence's image tokens are read as
+                context with Gaussian noise of scale ``U(0, s)`` added (one scale per
+                sequence); the head's targets stay clean.
         """
-        embeds = self.embed(batch.input_ids, batch.image_mask, batch.image_tokens)
+        context = batch.image_tokens
+        if context_noise > 0:
+            rows = context.shape[0]
+            scale = torch.rand(rows, 1, 1, generator=generator, device=context.device) * context_noise
+            noise = torch.randn(context.shape, generator=generator, device=context.device)
+            context = context + (scale * noise).to(context.dtype)
+        embeds = self.embed(batch.input_ids, batch.image_mask, context)
         positions = positions_from_mask(batch.attention_mask)
         hidden = self.backbone(embeds, positions, batch.attention_mask)  # (B, L, H)
         previous = hidden[:, :-1]

@@ -56,6 +56,29 @@ def tiny() -> ModelConfig:
                    flow_head_config("tiny", backbone.hidden_size))
 
 
+@register_model("compact")
+def compact(hidden_size: int = 256, num_layers: int = 4, num_heads: int = 8, num_kv_heads: int = 4,
+            head_width: int = 256, head_depth: int = 3) -> ModelConfig:
+    """A laptop-sized model, the shape of the shipped ``emoji-shapes-64``: a few-million-parameter
+    backbone with a 3x intermediate MLP, a 3 x 256 head, byte tokenizer, tiny VAE.
+
+    Args:
+        hidden_size: backbone width.
+        num_layers: backbone depth.
+        num_heads: attention heads.
+        num_kv_heads: key/value heads (dividing ``num_heads``).
+        head_width: flow-head width.
+        head_depth: flow-head residual blocks.
+    """
+    vocab = ByteTextTokenizer().vocab_size
+    backbone = Qwen2BackboneConfig(
+        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=3 * hidden_size, num_layers=num_layers,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, rope_theta=10000.0, rms_norm_eps=1e-6,
+    )
+    head = FlowMatchingHeadConfig(token_dim=64, condition_dim=hidden_size, width=head_width, depth=head_depth)
+    return compose(flux_vae_config("tiny"), ByteTextTokenizerConfig(), "byte", backbone, head)
+
+
 @register_model("nextstep_1_large")
 def nextstep_1_large(tokenizer_path: str = "") -> ModelConfig:
     """The published NextStep-1-Large shapes: Qwen2.5-14B backbone, base flow head, FLUX VAE.

@@ -76,6 +76,22 @@ def test_compiled_decode_with_inductor_matches_eager():
     torch.testing.assert_close(decode(model), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_decode_sees_weights_updated_in_place():
+    """The CPU default skips module guards; parameters are still graph inputs."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Qwen2Backbone(Qwen2BackboneConfig(**SMALL)).eval()
+    model.compile_decode()
+    decode(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(0.5)
+    compiled = decode(model)
+    model.disable_compiled_decode()
+    torch.testing.assert_close(compiled, decode(model), atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_decode_falls_back_to_eager_at_the_recompile_limit():
     torch._dynamo.reset()
     torch.manual_seed(0)

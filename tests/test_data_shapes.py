@@ -13,6 +13,14 @@ from nextstep.training.data.shapes import (
     relation_holds,
     render_scene,
 )
+from nextstep.training.data.shapes.combinations import (
+    GENEVAL_TAGS,
+    all_keys,
+    combination_key,
+    held_out_keys,
+    is_held_out,
+    tag_of,
+)
 from nextstep.training.data.shapes.world import NUMBER_WORDS
 
 DATASET = ShapesDataset(ShapesConfig(num_samples=10_000, size=64))
@@ -24,18 +32,28 @@ def test_scene_metadata_round_trips_and_matches_its_caption(index):
     assert scene == DATASET.scene(index)  # a pure function of (seed, split, index)
     assert Scene.from_json(json.dumps(json.loads(scene.to_json()))) == scene
     words = scene.caption.split()
+    coloured = scene.kind in ("colors", "color_attr", "colour_counting", "colour_position")
     for obj in scene.objects:
         left, top, right, bottom = obj.bbox(1, 1)
         assert 0 <= left and right <= 1 and 0 <= top and bottom <= 1
-        assert obj.colour in words and (obj.shape in words or obj.shape + "s" in words)
-    if scene.kind == "counting":
+        assert obj.shape in words or obj.shape + "s" in words
+    if coloured:
+        assert all(obj.colour in words for obj in scene.objects)
+    else:
+        assert not set(COLOURS) & set(words)
+    if scene.kind in ("counting", "colour_counting"):
         assert words[0] == NUMBER_WORDS[len(scene.objects)]
+        assert len({o.shape for o in scene.objects}) == 1
+    if scene.kind == "colour_counting":
         assert len(scene.counts()) == 1
-    if scene.kind == "position":
+    if scene.kind in ("position", "colour_position"):
         assert scene.relation.relation in scene.caption
         assert relation_holds(scene)
-    if scene.kind == "colour_binding":
+    if scene.kind in ("two_object", "position", "color_attr", "colour_position"):
+        assert scene.objects[0].shape != scene.objects[1].shape
+    if scene.kind in ("color_attr", "colour_position"):
         assert scene.objects[0].colour != scene.objects[1].colour
+    assert not is_held_out(scene)  # the default dataset is the training side
 
 
 @given(st.integers(0, 9_999))
@@ -66,3 +84,27 @@ def test_bad_config_names_the_field():
 
     with pytest.raises(ValueError, match="kinds"):
         ShapesConfig(kinds=("juggling",))
+
+
+def test_held_out_combinations_are_a_fixed_proper_subset_that_keeps_every_word_seen():
+    sizes = {tag: (len(held_out_keys(tag)), len(all_keys(tag))) for tag in GENEVAL_TAGS}
+    assert sizes == {"single_object": (0, 3), "two_object": (3, 6), "counting": (3, 9), "colors": (6, 18),
+                     "position": (6, 24), "color_attr": (45, 180)}
+    for tag in GENEVAL_TAGS:
+        held = held_out_keys(tag)
+        seen = set(all_keys(tag)) - held
+        assert held <= set(all_keys(tag))
+        # Every value of every slot still occurs in some seen combination.
+        for slot in range(len(all_keys(tag)[0])):
+            assert {k[slot] for k in seen} == {k[slot] for k in all_keys(tag)}
+
+
+def test_held_out_dataset_draws_only_held_out_combinations():
+    held = ShapesDataset(ShapesConfig(num_samples=200, combinations="held_out"))
+    assert "single_object" not in held.kinds
+    scenes = [held.scene(i) for i in range(200)]
+    assert all(is_held_out(s) for s in scenes)
+    tags = {s.kind for s in scenes}
+    assert {"two_object", "counting", "colors", "position", "color_attr"} <= tags
+    for scene in scenes:
+        assert combination_key(scene) in held_out_keys(tag_of(scene.kind))

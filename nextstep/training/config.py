@@ -47,6 +47,11 @@ class TrainConfig(Config):
         text_dropout: chance that a pair is ordered image-first (the image is
             modelled without its caption, which classifier-free guidance needs);
             None keeps the model's ``image_first_probability``.
+        context_noise: largest scale of the Gaussian noise added to the image
+            tokens the transformer reads as context (targets stay clean); each
+            image draws its scale from U(0, context_noise). 0 (the default, as in
+            NextStep-1) trains on clean context. Makes sampling robust to the
+            small errors of its own earlier tokens.
         log_every: steps between rows of the loss log.
         sample_every: steps between sample grids; 0 writes none.
         sample_prompts: prompts of the sample grids.
@@ -80,6 +85,7 @@ class TrainConfig(Config):
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0
     text_dropout: float | None = None
+    context_noise: float = 0.0
     log_every: int = 10
     sample_every: int = 0
     sample_prompts: tuple[str, ...] = ()
@@ -115,6 +121,7 @@ class TrainConfig(Config):
         require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "in [0, 1) (0 disables EMA)")
         require(self.text_dropout is None or 0 <= self.text_dropout <= 1, "text_dropout",
                 self.text_dropout, "None or in [0, 1]")
+        require(self.context_noise >= 0, "context_noise", self.context_noise, ">= 0")
         require(self.parallelism in PARALLELISMS, "parallelism", self.parallelism,
                 f"one of {list(PARALLELISMS)}")
         require(0 <= self.max_bad_fraction < 1, "max_bad_fraction", self.max_bad_fraction, "in [0, 1)")

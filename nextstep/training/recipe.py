@@ -9,7 +9,9 @@ A recipe looks like::
     }
 
 `run_recipe` builds everything and trains; ``nextstep train`` calls it. Under
-``torchrun`` every process runs the same call.
+``torchrun`` every process runs the same call. A finished run writes its model
+(the weight average, when the run keeps one) to ``<run folder>/model``;
+`nextstep.training.export.export_model` does the same for any checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ from nextstep.training.data.source import DataConfig
 logger = logging.getLogger("nextstep.training")
 
 RECIPE_FILE = "recipe.json"
+#: Folder of a finished run's model (the weight average when the run keeps one).
+MODEL_DIR = "model"
 
 
 @dataclass
@@ -199,9 +204,14 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
         if context.is_main:
             recipe.save(output_dir / RECIPE_FILE)
             logger.info("training on %s", data.describe())
-        task = TextToImageTask(model, recipe.train.text_dropout)
+        task = TextToImageTask(model, recipe.train.text_dropout, recipe.train.context_noise)
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
         trainer.fit(resume=resume)
+        if context.is_main:
+            averaged = trainer.ema.applied_to(model) if trainer.ema is not None else nullcontext(model)
+            with averaged:
+                model.save_pretrained(output_dir / MODEL_DIR)
+            logger.info("model: %s", output_dir / MODEL_DIR)
         return trainer
     finally:
         context.shutdown()

@@ -31,10 +31,15 @@ class TextToImageTask(TrainingTask):
         model: the NextStep model.
         text_dropout: chance of the image-first order; None keeps
             ``model.config.image_first_probability``.
+        context_noise: largest scale of the noise on the image tokens read as
+            context (see `TrainConfig.context_noise`).
     """
 
-    def __init__(self, model: NextStep, text_dropout: float | None = None):
+    def __init__(self, model: NextStep, text_dropout: float | None = None, context_noise: float = 0.0):
         super().__init__(model)
+        if context_noise < 0:
+            raise ValueError(f"context_noise must be >= 0, found {context_noise!r}")
+        self.context_noise = context_noise
         if text_dropout is not None and not 0 <= text_dropout <= 1:
             raise ValueError(f"text_dropout must be in [0, 1], found {text_dropout!r}")
         self.text_dropout = model.config.image_first_probability if text_dropout is None else text_dropout
@@ -78,7 +83,7 @@ class TextToImageTask(TrainingTask):
 
     def loss(self, module: nn.Module, batch: ImageTextBatch, generator: torch.Generator) -> StepResult:
         sequences = self.sequences(batch, generator)
-        output = module(sequences, generator=generator)
+        output = module(sequences, generator=generator, context_noise=self.context_noise)
         return StepResult(
             loss=output.total,
             metrics={"text_loss": float(output.text.detach()), "image_loss": float(output.image.detach())},

@@ -103,7 +103,7 @@ def sample_edit(rng: random.Random, kind: str) -> tuple[Scene, str, Scene] | Non
         rng: the random source.
         kind: ``recolour``, ``remove``, ``add`` or ``move``.
     """
-    source = sample_scene(rng, rng.choice(("single", "colour_binding")))
+    source = sample_scene(rng, rng.choice(("colors", "color_attr")))
     objects = list(source.objects)
     which = rng.randrange(len(objects))
     obj = objects[which]
@@ -140,7 +140,7 @@ def sample_edit(rng: random.Random, kind: str) -> tuple[Scene, str, Scene] | Non
         instruction = f"move the {obj.colour} {obj.shape} to the {side}"
     else:
         raise ValueError(f"edit kind must be one of {list(EDIT_KINDS)}, found {kind!r}")
-    target = Scene(tuple(objects), instruction, "single" if len(objects) == 1 else "colour_binding")
+    target = Scene(tuple(objects), instruction, "colors" if len(objects) == 1 else "color_attr")
     return source, instruction, target
 
 

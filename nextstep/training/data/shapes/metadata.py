@@ -27,8 +27,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 #: Spatial relations between two objects, as written in captions.
 RELATIONS = ("left of", "right of", "above", "below")
 
-#: What a caption tests.
-SCENE_KINDS = ("single", "counting", "colour_binding", "position")
+#: What a caption tests: the six GenEval categories (by GenEval's tag names), then two
+#: training-only variants that also state colours ("three red squares",
+#: "a red circle to the left of a blue square").
+SCENE_KINDS = ("single_object", "two_object", "counting", "colors", "position", "color_attr",
+               "colour_counting", "colour_position")
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,8 @@ class Scene:
     Attributes:
         objects: the shapes, drawn in order.
         caption: the text that describes them.
-        kind: which skill the caption tests: ``single``, ``counting``,
-            ``colour_binding`` (two objects, each with its own colour) or ``position``.
-        relation: the spatial relation a ``position`` caption states.
+        kind: which skill the caption tests, one of `SCENE_KINDS`.
+        relation: the spatial relation a ``position`` or ``colour_position`` caption states.
         background: RGB background.
     """
 

@@ -1,10 +1,12 @@
 """The shapes world: random scenes of coloured shapes with captions that state their content.
 
 Scene ``i`` is a pure function of ``(seed, split, i)``, so the dataset needs no
-files and its ground truth (`Scene`) is exact. Captions test the skills of
-compositional benchmarks such as GenEval: a single object, counting (two to
-four of a kind), colour binding (two objects with their own colours) and
-position (one object left of / right of / above / below another).
+files and its ground truth (`Scene`) is exact. Captions test the six skills of
+GenEval: a single object, two objects, counting (two to four of a kind),
+colours, position (left of / right of / above / below) and colour attribution
+(two objects, each with its own colour). Training data leaves out the held-out
+combinations of `nextstep.training.data.shapes.combinations`, so evaluation
+prompts are new to a trained model.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from nextstep.config import Config, require
 from nextstep.training.data.base import ImageTextDataset, ImageTextSample
 from nextstep.training.data.registry import register_dataset
+from nextstep.training.data.shapes.combinations import held_out_keys, is_held_out, tag_of
 from nextstep.training.data.shapes.metadata import (
     COLOURS,
     RELATIONS,
@@ -29,6 +32,8 @@ from nextstep.training.data.shapes.render import render_scene
 RELATION_WORDS = {"left of": "to the left of", "right of": "to the right of", "above": "above",
                   "below": "below"}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+#: Values of `ShapesConfig.combinations`.
+COMBINATION_MODES = ("all", "seen", "held_out")
 
 
 def _plural(shape: str) -> str:
@@ -72,9 +77,15 @@ def _place(rng: random.Random, count: int, size_range: tuple[float, float],
     return placed if len(placed) == count else None
 
 
-def _holds(relation: str, subject: ShapeObject, reference: ShapeObject, margin: float = 0.1) -> bool:
-    dx = subject.center[0] - reference.center[0]
-    dy = subject.center[1] - reference.center[1]
+def centres_satisfy(relation: str, subject: tuple[float, float], reference: tuple[float, float],
+                    margin: float = 0.0) -> bool:
+    """Whether a ``subject`` centre is ``relation`` a ``reference`` centre.
+
+    The offset along the relation's axis must exceed ``margin`` (a fraction of
+    the image side) and be larger than the offset along the other axis.
+    """
+    dx = subject[0] - reference[0]
+    dy = subject[1] - reference[1]
     if relation == "left of":
         return dx < -margin and abs(dx) > abs(dy)
     if relation == "right of":
@@ -83,7 +94,11 @@ def _holds(relation: str, subject: ShapeObject, reference: ShapeObject, margin: 
         return dy < -margin and abs(dy) > abs(dx)
     if relation == "below":
         return dy > margin and abs(dy) > abs(dx)
-    raise ValueError(f"unknown relation {relation!r}")
+    raise ValueError(f"relation must be one of {list(RELATIONS)}, found {relation!r}")
+
+
+def _holds(relation: str, subject: ShapeObject, reference: ShapeObject, margin: float = 0.1) -> bool:
+    return centres_satisfy(relation, subject.center, reference.center, margin)
 
 
 def relation_holds(scene: Scene) -> bool:
@@ -94,54 +109,98 @@ def relation_holds(scene: Scene) -> bool:
     return _holds(rel.relation, scene.objects[rel.subject], scene.objects[rel.reference], margin=0.0)
 
 
+def shape_phrase(shape: str) -> str:
+    """``"a circle"``."""
+    return f"{_article(shape)} {shape}"
+
+
+def count_phrase(count: int, shape: str, colour: str | None = None) -> str:
+    """``"three circles"``, or ``"three red circles"`` with a colour."""
+    words = [NUMBER_WORDS[count]] + ([colour] if colour else []) + [_plural(shape)]
+    return " ".join(words)
+
+
+def position_phrase(subject: str, relation: str, reference: str) -> str:
+    """``"<subject> to the left of <reference>"`` for two object phrases."""
+    return f"{subject} {RELATION_WORDS[relation]} {reference}"
+
+
+#: Size ranges (fractions of the image side) by how many objects a scene holds.
+SIZE_RANGES = {1: (0.3, 0.6), 2: (0.22, 0.34)}
+COUNTING_SIZES = (0.16, 0.26)
+
+
+def _draw_scene(rng: random.Random, kind: str, max_count: int, shapes: tuple[str, ...],
+                colours: tuple[str, ...]) -> Scene | None:
+    """One scene of ``kind``, or None when the random placement failed."""
+    colour_list = list(colours)
+    if kind in ("single_object", "colors"):
+        spots = _place(rng, 1, SIZE_RANGES[1])
+        if spots is None:
+            return None
+        obj = ShapeObject(rng.choice(shapes), rng.choice(colours), *spots[0])
+        caption = shape_phrase(obj.shape) if kind == "single_object" else object_phrase(obj)
+        return Scene((obj,), caption, kind)
+    if kind in ("counting", "colour_counting"):
+        count = rng.randint(2, max_count)
+        spots = _place(rng, count, COUNTING_SIZES)
+        if spots is None:
+            return None
+        shape = rng.choice(shapes)
+        if kind == "counting":
+            objects = tuple(ShapeObject(shape, rng.choice(colours), c, s) for c, s in spots)
+            return Scene(objects, count_phrase(count, shape), kind)
+        colour = rng.choice(colours)
+        objects = tuple(ShapeObject(shape, colour, c, s) for c, s in spots)
+        return Scene(objects, count_phrase(count, shape, colour), kind)
+    if kind in ("two_object", "color_attr", "position", "colour_position"):
+        spots = _place(rng, 2, SIZE_RANGES[2])
+        if spots is None:
+            return None
+        first_shape, second_shape = rng.sample(list(shapes), 2)
+        if kind in ("two_object", "position"):
+            first_colour, second_colour = rng.choice(colours), rng.choice(colours)
+        else:
+            first_colour, second_colour = rng.sample(colour_list, 2)
+        objects = (ShapeObject(first_shape, first_colour, *spots[0]),
+                   ShapeObject(second_shape, second_colour, *spots[1]))
+        coloured = kind in ("color_attr", "colour_position")
+        phrases = [object_phrase(o) if coloured else shape_phrase(o.shape) for o in objects]
+        if kind in ("two_object", "color_attr"):
+            return Scene(objects, f"{phrases[0]} and {phrases[1]}", kind)
+        relation = rng.choice(RELATIONS)
+        if not _holds(relation, objects[0], objects[1]):
+            return None
+        return Scene(objects, position_phrase(phrases[0], relation, phrases[1]), kind, Relation(0, relation, 1))
+    raise ValueError(f"scene kind must be one of {list(SCENE_KINDS)}, found {kind!r}")
+
+
 def sample_scene(rng: random.Random, kind: str, max_count: int = 4,
-                 shapes: tuple[str, ...] = SHAPES, colours: tuple[str, ...] = tuple(COLOURS)) -> Scene:
+                 shapes: tuple[str, ...] = SHAPES, colours: tuple[str, ...] = tuple(COLOURS),
+                 combinations: str = "all") -> Scene:
     """Draw one scene of ``kind`` with ``rng``.
 
     Args:
         rng: the random source (a seeded `random.Random` gives a reproducible scene).
-        kind: one of ``single``, ``counting``, ``colour_binding``, ``position``.
-        max_count: largest count of a ``counting`` scene.
-        shapes: shape names to draw from.
-        colours: colour names to draw from.
+        kind: one of `SCENE_KINDS`.
+        max_count: largest count of a counting scene.
+        shapes: shape names to draw from (at least two).
+        colours: colour names to draw from (at least two).
+        combinations: ``all``; ``seen``: never a held-out combination
+            (`nextstep.training.data.shapes.combinations`); ``held_out``: only those.
     """
-    while True:
-        if kind == "single":
-            spots = _place(rng, 1, (0.3, 0.6))
-            if spots is None:
-                continue
-            obj = ShapeObject(rng.choice(shapes), rng.choice(colours), *spots[0])
-            return Scene((obj,), object_phrase(obj), kind)
-        if kind == "counting":
-            count = rng.randint(2, max_count)
-            spots = _place(rng, count, (0.16, 0.26))
-            if spots is None:
-                continue
-            shape, colour = rng.choice(shapes), rng.choice(colours)
-            objects = tuple(ShapeObject(shape, colour, c, s) for c, s in spots)
-            return Scene(objects, f"{NUMBER_WORDS[count]} {colour} {_plural(shape)}", kind)
-        if kind == "colour_binding":
-            spots = _place(rng, 2, (0.22, 0.36))
-            if spots is None:
-                continue
-            first_colour, second_colour = rng.sample(list(colours), 2)
-            first_shape, second_shape = rng.choice(shapes), rng.choice(shapes)
-            objects = (ShapeObject(first_shape, first_colour, *spots[0]),
-                       ShapeObject(second_shape, second_colour, *spots[1]))
-            return Scene(objects, f"{object_phrase(objects[0])} and {object_phrase(objects[1])}", kind)
-        if kind == "position":
-            relation = rng.choice(RELATIONS)
-            spots = _place(rng, 2, (0.2, 0.32))
-            if spots is None:
-                continue
-            first_colour, second_colour = rng.sample(list(colours), 2)
-            objects = (ShapeObject(rng.choice(shapes), first_colour, *spots[0]),
-                       ShapeObject(rng.choice(shapes), second_colour, *spots[1]))
-            if not _holds(relation, objects[0], objects[1]):
-                continue
-            caption = f"{object_phrase(objects[0])} {RELATION_WORDS[relation]} {object_phrase(objects[1])}"
-            return Scene(objects, caption, kind, Relation(0, relation, 1))
+    if kind not in SCENE_KINDS:
         raise ValueError(f"scene kind must be one of {list(SCENE_KINDS)}, found {kind!r}")
+    if combinations not in COMBINATION_MODES:
+        raise ValueError(f"combinations must be one of {list(COMBINATION_MODES)}, found {combinations!r}")
+    if combinations == "held_out" and not held_out_keys(tag_of(kind)):
+        raise ValueError(f"scene kind {kind!r} has no held-out combinations")
+    while True:
+        scene = _draw_scene(rng, kind, max_count, shapes, colours)
+        if scene is None:
+            continue
+        if combinations == "all" or is_held_out(scene) == (combinations == "held_out"):
+            return scene
 
 
 @dataclass
@@ -154,7 +213,9 @@ class ShapesConfig(Config):
         seed: base seed of the scenes.
         split: ``train`` or ``test``; the splits draw from different seeds.
         kinds: scene kinds to mix (equally likely).
-        max_count: largest count of a ``counting`` scene (2..6).
+        max_count: largest count of a counting scene (2..6).
+        combinations: ``seen`` (the default) leaves out the held-out combinations,
+            ``held_out`` draws only those (kinds without any are skipped), ``all`` both.
     """
 
     num_samples: int = 10000
@@ -163,6 +224,7 @@ class ShapesConfig(Config):
     split: str = "train"
     kinds: tuple[str, ...] = SCENE_KINDS
     max_count: int = 4
+    combinations: str = "seen"
 
     def validate(self) -> None:
         require(self.num_samples >= 1, "num_samples", self.num_samples, ">= 1")
@@ -171,6 +233,11 @@ class ShapesConfig(Config):
         require(len(self.kinds) > 0 and all(k in SCENE_KINDS for k in self.kinds), "kinds", self.kinds,
                 f"a non-empty subset of {list(SCENE_KINDS)}")
         require(2 <= self.max_count <= 6, "max_count", self.max_count, "in [2, 6]")
+        require(self.combinations in COMBINATION_MODES, "combinations", self.combinations,
+                f"one of {list(COMBINATION_MODES)}")
+        if self.combinations == "held_out":
+            require(any(held_out_keys(tag_of(k)) for k in self.kinds), "kinds", self.kinds,
+                    "at least one kind with held-out combinations")
 
 
 @register_dataset("shapes")
@@ -181,6 +248,10 @@ class ShapesDataset(ImageTextDataset):
 
     def __init__(self, config: ShapesConfig | None = None):
         self.config = config or ShapesConfig()
+        kinds = self.config.kinds
+        if self.config.combinations == "held_out":
+            kinds = tuple(k for k in kinds if held_out_keys(tag_of(k)))
+        self.kinds = kinds
 
     def __len__(self) -> int:
         return self.config.num_samples
@@ -191,8 +262,8 @@ class ShapesDataset(ImageTextDataset):
             raise IndexError(f"index must be in [0, {len(self)}), found {index}")
         c = self.config
         rng = random.Random(f"shapes:{c.seed}:{c.split}:{index}")
-        kind = c.kinds[rng.randrange(len(c.kinds))]
-        return sample_scene(rng, kind, c.max_count)
+        kind = self.kinds[rng.randrange(len(self.kinds))]
+        return sample_scene(rng, kind, c.max_count, combinations=c.combinations)
 
     def load(self, index: int) -> ImageTextSample:
         scene = self.scene(index)

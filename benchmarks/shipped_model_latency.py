@@ -1,0 +1,73 @@
+"""How long the shipped model takes to make a 64x64 image on this CPU.
+
+Two measurements:
+
+* ``nextstep generate`` end to end, as a user runs it: a fresh process that
+  imports the library, loads ``emoji-shapes-64`` from the package, generates one
+  64x64 image with the command's default settings (CFG 7.5, 50 Euler steps per
+  token) and writes the PNG. The best of ``--repeats`` runs;
+* in process, the model already loaded: seconds per image at batch 1 and 8 with
+  the evaluation settings (CFG 3, 20 steps) and the command's defaults.
+
+Usage:
+    python benchmarks/shipped_model_latency.py [--repeats 3]
+
+Writes benchmarks/results/shipped_model_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_time, write_results  # noqa: E402
+
+PROMPT = "a red circle to the left of a blue square"
+
+
+def command_seconds(repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "nextstep", "generate", PROMPT, "--output", out, "--quiet"],
+                           check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from nextstep import load_model
+
+    results = {"command_seconds_per_image": command_seconds(args.repeats), "in_process": []}
+    print(f"nextstep generate (1 image, defaults, fresh process): {results['command_seconds_per_image']:.2f} s")
+    model = load_model("emoji-shapes-64").eval()
+    for cfg, steps in ((3.0, 20), (7.5, 50)):
+        for batch in (1, 8):
+            prompts = [PROMPT] * batch
+
+            def run():
+                with torch.no_grad():
+                    model.generate(prompts, height=64, width=64, cfg=cfg, num_steps=steps, seed=0)
+
+            seconds = best_time(run, repeats=args.repeats) / batch
+            results["in_process"].append({"cfg": cfg, "steps": steps, "batch": batch, "seconds_per_image": seconds})
+            print(f"in process, cfg {cfg}, {steps} steps, batch {batch}: {seconds:.3f} s/image")
+    path = write_results("shipped_model_latency", results)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

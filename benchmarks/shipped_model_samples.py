@@ -1,0 +1,64 @@
+"""The sample grid of the documentation: the shipped model on fixed prompts and seeds.
+
+Rows are prompts (held-out shapes prompts, training emoji names, held-out emoji
+names), columns are seeds 0..7; settings are the evaluation's (CFG 3, 20 Euler
+steps). Writes docs/images/shipped_samples.png and
+benchmarks/results/shipped_model_samples.json (the prompts, in row order).
+
+Usage:
+    python benchmarks/shipped_model_samples.py [--cfg 3.0] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+PROMPTS = [
+    ("held-out shapes", "a circle and a triangle"),
+    ("held-out shapes", "three squares"),
+    ("held-out shapes", "a red circle"),
+    ("held-out shapes", "a circle to the left of a square"),
+    ("held-out shapes", "a blue circle and an orange square"),
+    ("training emoji", "grinning face with smiling eyes"),
+    ("training emoji", "red heart"),
+    ("held-out emoji", "upside-down face"),
+    ("held-out emoji", "purple heart"),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"
+                                                / "shipped_samples.png"))
+    args = parser.parse_args()
+
+    from nextstep import load_model
+    from nextstep.images import image_grid
+    from nextstep.io import atomic_path
+
+    model = load_model("emoji-shapes-64").eval()
+    images = []
+    with torch.no_grad():
+        for _, prompt in PROMPTS:
+            images += model.generate(prompt, height=64, width=64, cfg=args.cfg, num_steps=args.steps, seed=0,
+                                     num_images_per_prompt=8)
+    grid = image_grid(images, columns=8)
+    with atomic_path(args.output) as tmp:
+        grid.save(tmp, format="PNG")
+    path = write_results("shipped_model_samples", {"cfg": args.cfg, "steps": args.steps, "seeds": list(range(8)),
+                                                   "rows": [{"kind": k, "prompt": p} for k, p in PROMPTS]})
+    print(f"wrote {args.output} and {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

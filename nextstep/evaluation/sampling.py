@@ -1,0 +1,76 @@
+"""Generate the images an evaluation scores: fixed settings, fixed seeds, any batch size."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Callable
+
+from nextstep.config import require
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from nextstep.model import NextStep
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How an evaluation samples images.
+
+    Args:
+        height: image height in pixels.
+        width: image width in pixels.
+        cfg: classifier-free guidance scale.
+        num_steps: head steps per token.
+        seed: seed of image 0; image ``i`` of a run uses ``seed + i`` whatever the batch size.
+        batch_size: images generated together.
+        sampler: a registered sampler name (empty: the model's own).
+        temperature: scale of the starting noise of every token (1: the model's distribution).
+    """
+
+    height: int = 64
+    width: int = 64
+    cfg: float = 3.0
+    num_steps: int = 20
+    seed: int = 0
+    batch_size: int = 16
+    sampler: str = ""
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        require(self.num_steps >= 1, "num_steps", self.num_steps, ">= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSettings,
+                    progress: Callable[[int, int], None] | None = None) -> list["Image.Image"]:
+    """One image per prompt; image ``i`` is seeded ``settings.seed + i``.
+
+    Args:
+        model: the model to sample.
+        prompts: one prompt per image (repeat a prompt for several images).
+        settings: sampling settings.
+        progress: called with (images done, images in all) after each batch.
+    """
+    import torch
+
+    from nextstep.generation import decode_tokens, generate_tokens
+    from nextstep.images import to_pil
+
+    images: list = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(prompts), settings.batch_size):
+            batch = prompts[start:start + settings.batch_size]
+            tokens, grid_h, grid_w = generate_tokens(
+                model, batch, height=settings.height, width=settings.width, cfg=settings.cfg,
+                num_steps=settings.num_steps, seed=settings.seed + start, sampler=settings.sampler or None,
+                temperature=settings.temperature,
+            )
+            images.extend(to_pil(decode_tokens(model, tokens, grid_h, grid_w)))
+            if progress is not None:
+                progress(len(images), len(prompts))
+    return images

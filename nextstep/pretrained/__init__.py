@@ -1,0 +1,26 @@
+"""Models that ship inside the package, loadable by name with no download.
+
+``nextstep generate "a red circle" --model emoji-shapes-64`` (the CLI's default
+model) reads ``nextstep/pretrained/emoji-shapes-64/``. `recipes/emoji_shapes_64.json`
+reproduces it; docs/training.md gives its measured wall time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FOLDER = Path(__file__).resolve().parent
+
+#: The model the CLI uses when none is named.
+DEFAULT_MODEL = "emoji-shapes-64"
+
+
+def bundled_models() -> list[str]:
+    """Names of the shipped models (folders holding a ``config.json``)."""
+    return sorted(p.name for p in FOLDER.iterdir() if (p / "config.json").is_file())
+
+
+def bundled_model_path(name: str) -> Path | None:
+    """The folder of shipped model ``name``, or None if no shipped model has that name."""
+    path = FOLDER / name
+    return path if name in bundled_models() else None

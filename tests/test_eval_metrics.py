@@ -1,0 +1,77 @@
+"""Distribution metrics: Frechet distance against closed forms, ridge maps, retrieval recall."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nextstep.evaluation.distribution_metrics import RidgeMap, frechet_distance, retrieval_recall
+
+
+def _gaussian(n, mean, std, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, len(mean), generator=g, dtype=torch.float64) * torch.tensor(std) + torch.tensor(mean)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_symmetric():
+    a, b = _gaussian(400, [0.0, 1.0, 2.0], [1.0, 2.0, 0.5], 0), _gaussian(300, [1.0, 0.0, 2.0], [1.0, 1.0, 1.0], 1)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(-3, 3), min_size=3, max_size=3), st.lists(st.floats(0.2, 3), min_size=3, max_size=3))
+def test_frechet_distance_matches_the_diagonal_closed_form(mean, std):
+    # Sample statistics, so the closed form uses the samples' own means and (diagonal-dominant) covariances.
+    a = _gaussian(20_000, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 2)
+    b = a * torch.tensor(std, dtype=torch.float64) + torch.tensor(mean, dtype=torch.float64)
+    cov_a = torch.cov(a.T)
+    expected = (a.mean(0) - b.mean(0)).pow(2).sum() + sum(
+        cov_a[i, i] * (1 - std[i]) ** 2 for i in range(3))
+    # b is a diagonal rescaling of a: the cross term is exact up to a's small off-diagonal covariance.
+    assert frechet_distance(a, b) == pytest.approx(float(expected), rel=2e-2, abs=2e-3)
+
+
+def test_frechet_distance_rejects_mismatched_widths():
+    with pytest.raises(ValueError, match="width"):
+        frechet_distance(torch.zeros(5, 3), torch.zeros(5, 4))
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        frechet_distance(torch.zeros(5), torch.zeros(5, 4))
+
+
+def test_ridge_map_recovers_a_linear_map_and_retrieval_finds_it():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 20, generator=g, dtype=torch.float64)
+    true = torch.randn(20, 8, generator=g, dtype=torch.float64)
+    y = x @ true + 0.5
+    ridge = RidgeMap.fit(x, y, alpha=1e-3)
+    assert torch.allclose(ridge(x), y, atol=1e-4)
+    assert retrieval_recall(y, ridge(x)) == {"R@1": 1.0, "R@10": 1.0}
+    shuffled = ridge(x)[torch.roll(torch.arange(500), 1)]
+    assert retrieval_recall(y, shuffled)["R@1"] < 0.05
+    with pytest.raises(ValueError, match="row by row"):
+        RidgeMap.fit(x, y[:10], alpha=1.0)
+
+
+def test_retrieval_recall_counts_ranks():
+    queries = torch.eye(4, dtype=torch.float64)
+    # Candidate 0 matches query 0; candidates 1..3 are swapped so their matches rank second.
+    candidates = torch.tensor([[1, 0, 0, 0], [0, 0.5, 1, 0], [0, 1, 0.5, 0], [0, 0, 0, 1]], dtype=torch.float64)
+    recall = retrieval_recall(queries, candidates, ks=(1, 2))
+    assert recall == {"R@1": 0.5, "R@2": 1.0}
+
+
+@pytest.mark.slow
+def test_emoji_evaluation_writes_its_report(tmp_path):
+    import json
+
+    from nextstep.builders import build_model
+    from nextstep.evaluation.emoji_eval import run_emoji_eval
+    from nextstep.evaluation.sampling import SamplingSettings
+
+    report = run_emoji_eval(build_model("tiny", seed=0), tmp_path, limit=12,
+                            settings=SamplingSettings(num_steps=2, batch_size=12))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["count"] == 12 and report.frechet_real > 0
+    assert 0 <= saved["retrieval_real"]["R@10"] <= 1 and saved["retrieval_ratio"] >= 0
+    assert "R@10 ratio" in (tmp_path / "report.md").read_text()

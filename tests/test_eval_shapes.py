@@ -1,0 +1,117 @@
+"""Shapes GenEval: the exact detector, GenEval's scoring rule, held-out prompts, the written report."""
+
+import json
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from nextstep.evaluation.shapes_detector import detect_shapes
+from nextstep.evaluation.shapes_geneval import (
+    geneval_entry,
+    geneval_prompts,
+    run_shapes_geneval,
+    score_image,
+)
+from nextstep.evaluation.sampling import SamplingSettings
+from nextstep.training.data.shapes import SCENE_KINDS, ShapesConfig, ShapesDataset, render_scene, sample_scene
+from nextstep.training.data.shapes.combinations import (
+    GENEVAL_TAGS,
+    COLOURED_VARIANTS,
+    combination_key,
+    held_out_keys,
+    tag_of,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(SCENE_KINDS), st.sampled_from([64, 96]))
+def test_detector_recovers_every_rendered_object(seed, kind, size):
+    scene = sample_scene(random.Random(seed), kind)
+    detections = detect_shapes(render_scene(scene, size, size))
+    assert Counter((d.colour, d.shape) for d in detections) == scene.counts()
+    for obj in scene.objects:
+        nearest = min(detections, key=lambda d: abs(d.center[0] - obj.center[0]) + abs(d.center[1] - obj.center[1]))
+        assert abs(nearest.center[0] - obj.center[0]) < 1.5 / size
+        assert abs(nearest.center[1] - obj.center[1]) < 1.5 / size
+
+
+def test_detector_rejects_bad_input_and_finds_nothing_on_a_blank_image():
+    assert detect_shapes(Image.new("RGB", (64, 64), "white")) == []
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        detect_shapes(np.zeros((64, 64)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000))
+def test_ground_truth_of_every_held_out_scene_scores_correct(index):
+    dataset = ShapesDataset(ShapesConfig(num_samples=10_001, combinations="held_out", split="test"))
+    scene = dataset.scene(index)
+    tag = tag_of(scene.kind)
+    entry = geneval_entry(tag, combination_key(scene))
+    correct, reason = score_image(detect_shapes(render_scene(scene, 64, 64)), entry)
+    assert correct, reason
+    if scene.kind not in COLOURED_VARIANTS:
+        assert entry["prompt"] == scene.caption  # the prompt a model is asked is the caption form it learnt
+
+
+def _scene_image(kind, seed, **changes):
+    scene = sample_scene(random.Random(seed), kind)
+    return scene, render_scene(scene, 64, 64)
+
+
+def test_wrong_images_fail_with_a_reason():
+    scene, image = _scene_image("position", 1)
+    key = combination_key(scene)
+    subject, relation, reference = key
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[relation]
+    correct, reason = score_image(detect_shapes(image), geneval_entry("position", (subject, opposite, reference)))
+    assert not correct and "is not" in reason
+
+    scene, image = _scene_image("counting", 3)
+    count, shape = combination_key(scene)
+    correct, reason = score_image(detect_shapes(image), geneval_entry("counting", (count - 1, shape)))
+    assert not correct and "fewer than" in reason
+    if count < 4:
+        assert not score_image(detect_shapes(image), geneval_entry("counting", (count + 1, shape)))[0]
+
+    scene, image = _scene_image("colors", 5)
+    colour, shape = combination_key(scene)
+    other = "blue" if colour != "blue" else "red"
+    correct, reason = score_image(detect_shapes(image), geneval_entry("colors", (other, shape)))
+    assert not correct and other in reason
+    blank = Image.new("RGB", (64, 64), "white")
+    assert not any(score_image([], entry)[0] for entry in geneval_prompts())
+    assert detect_shapes(blank) == []
+
+
+def test_held_out_prompts_never_occur_as_training_captions():
+    prompts = {e["prompt"] for e in geneval_prompts() if e["tag"] != "single_object"}
+    assert len(prompts) == sum(len(held_out_keys(t)) for t in GENEVAL_TAGS)
+    training = ShapesDataset(ShapesConfig(num_samples=4000))
+    captions = {training.scene(i).caption for i in range(4000)}
+    assert not prompts & captions
+    # The same prompts in the uncoloured categories are caption forms training uses for other keys.
+    all_prompts = {e["prompt"] for e in geneval_prompts(held_out=False)}
+    assert len(captions & all_prompts) > 50
+
+
+def test_run_writes_report_json_markdown_and_grid(tmp_path):
+    from nextstep.builders import build_model
+
+    model = build_model("tiny", seed=0)
+    report = run_shapes_geneval(model, tmp_path, images_per_tag=2,
+                                settings=SamplingSettings(num_steps=2, batch_size=6))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert set(saved["per_tag"]) == set(GENEVAL_TAGS) and saved["images_per_tag"]["counting"] == 2
+    assert saved["overall"] == pytest.approx(sum(saved["per_tag"].values()) / 6)
+    assert report.overall == saved["overall"]
+    assert "| **overall** |" in (tmp_path / "report.md").read_text()
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and all("reason" in json.loads(line) for line in lines)
+    assert Image.open(tmp_path / "samples.png").size == (2 * 64, 6 * 64)

@@ -1,0 +1,80 @@
+"""The model that ships in the package: it loads by name, fits the size budget, and generates."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nextstep import NextStep
+from nextstep.builders import load_model
+from nextstep.cli import main
+from nextstep.pretrained import DEFAULT_MODEL, bundled_model_path, bundled_models
+from nextstep.training.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_default_model_ships_inside_the_package_within_40_mb():
+    assert DEFAULT_MODEL in bundled_models()
+    folder = bundled_model_path(DEFAULT_MODEL)
+    weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    assert weights <= 40 * 1024 * 1024, f"{weights / 2**20:.1f} MiB of weights"
+    assert bundled_model_path("no-such-model") is None
+
+
+def test_the_default_model_loads_by_name_and_generates():
+    model = load_model(DEFAULT_MODEL)
+    assert isinstance(model, NextStep)
+    images = model.generate(["a red circle", "grinning face with smiling eyes"], height=64, width=64,
+                            num_steps=4, cfg=3.0, seed=0)
+    assert [image.size for image in images] == [(64, 64), (64, 64)]
+    # Not a blank canvas: a trained model draws something on the white background.
+    assert all(min(image.convert("L").tobytes()) < 200 for image in images)
+
+
+def test_generate_uses_the_shipped_model_by_default(tmp_path, capsys):
+    assert main(["generate", "a red circle", "--steps", "4", "--output", str(tmp_path), "--quiet"]) == 0
+    assert (tmp_path / "000-a-red-circle-0.png").is_file()
+
+
+def test_the_shipped_model_is_what_its_recipes_describe():
+    stage1 = load_recipe("emoji_shapes_64")
+    stage2 = load_recipe("emoji_shapes_64_stage2")
+    assert stage1.image_tokenizer == "pretrained/tokenizer_emoji_shapes"
+    assert stage2.model == "outputs/train/emoji_shapes_64/model"
+    shipped = json.loads((bundled_model_path(DEFAULT_MODEL) / "config.json").read_text())
+    backbone = shipped["backbone"]
+    assert backbone["hidden_size"] == stage1.model_arguments["hidden_size"]
+    assert backbone["num_layers"] == stage1.model_arguments["num_layers"]
+    tokenizer = json.loads((ROOT / "pretrained" / "tokenizer_emoji_shapes" / "config.json").read_text())
+    assert shipped["image_tokenizer"]["ch"] == tokenizer["ch"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--import", "no_such_module_here", "info", "tiny"], "no_such_module_here"),
+    (["generate", "x", "--model", "no-such-model"], "no-such-model"),
+])
+def test_cli_names_what_it_could_not_find(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_import_option_registers_components_before_the_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "extra_presets_for_test.py").write_text(
+        "from nextstep.registry import register_model\n"
+        "from nextstep.presets import tiny\n"
+        "register_model('tiny_alias_for_test')(tiny)\n")
+    assert main(["--import", "extra_presets_for_test", "info", "tiny_alias_for_test"]) == 0
+    assert "backbone" in capsys.readouterr().out
+
+
+def test_eval_command_writes_every_suite_summary(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "tiny", "--suite", "shapes", "--images-per-tag", "1", "--steps", "2",
+                 "--output", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["shapes"]["per_tag"]) == {"single_object", "two_object", "counting", "colors",
+                                                 "position", "color_attr"}
+    assert "Shapes GenEval" in (out / "summary.md").read_text()
