@@ -8,7 +8,8 @@ detection needs no learning:
 2. each 8-connected region of one label is a candidate object (regions smaller
    than ``min_area`` pixels are edge fringes or noise and are dropped);
 3. the candidate's shape is the template (circle, square, triangle, drawn by the
-   world's own renderer in the candidate's bounding box) whose mask overlaps it
+   world's own renderer in the candidate's bounding box, at a few sizes, and
+   cut at the same pixel coverage as the foreground) whose mask overlaps it
    best; the intersection over union is the detection's score, and candidates
    below ``min_score`` match no shape.
 
@@ -102,17 +103,23 @@ def _regions(mask: np.ndarray) -> list[np.ndarray]:
     return regions
 
 
-def _template(shape: str, box: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
-    """The (H, W) mask of ``shape`` drawn by the world's renderer to fill ``box``."""
+#: Sides tried for a template, in pixels less than the region's box: a box holds the
+#: partly covered edge pixels too, so the drawn shape is up to a pixel and a half smaller.
+SIDE_SHRINKS = (0.0, 0.5, 1.0, 1.5)
+
+
+def _template(shape: str, box: tuple[int, int, int, int], shrink: float, height: int, width: int,
+              coverage: float) -> np.ndarray:
+    """The (H, W) mask of ``shape`` drawn by the world's renderer in ``box`` with its side ``shrink``
+    pixels shorter: the pixels it covers by more than ``coverage`` (a share in [0, 1])."""
     left, top, right, bottom = box
     box_w, box_h = right - left, bottom - top
-    side = box_w if shape == "triangle" else max(box_w, box_h)
-    side = max(side, (box_h / TRIANGLE_HEIGHT) if shape == "triangle" else 0.0)
+    side = max(box_w, box_h / TRIANGLE_HEIGHT) if shape == "triangle" else max(box_w, box_h)
     center = ((left + right) / 2 / width, (top + bottom) / 2 / height)
-    obj = ShapeObject(shape, "red", center, min(1.0, side / min(width, height)))
+    obj = ShapeObject(shape, "red", center, min(1.0, max(side - shrink, 1.0) / min(width, height)))
     scene = Scene((obj,), "", "colors", background=(0, 0, 0))
     drawn = np.asarray(render_scene(scene, width, height))[..., 0]
-    return drawn > COLOURS["red"][0] / 2
+    return drawn > COLOURS["red"][0] * coverage
 
 
 def detect_shapes(image: "Image.Image | np.ndarray", config: DetectorConfig | None = None,
@@ -144,13 +151,16 @@ def detect_shapes(image: "Image.Image | np.ndarray", config: DetectorConfig | No
             top, left = region.min(0)
             bottom, right = region.max(0) + 1
             box = (int(left), int(top), int(right), int(bottom))
+            # A pixel is foreground when it covers the colour by more than this share.
+            coverage = config.foreground_distance / float(np.linalg.norm(palette[index] - np.asarray(background)))
             best_shape, best_score = "", 0.0
             for shape in SHAPES:
-                template = _template(shape, box, height, width)
-                union = np.logical_or(mask, template).sum()
-                score = float(np.logical_and(mask, template).sum() / union) if union else 0.0
-                if score > best_score:
-                    best_shape, best_score = shape, score
+                for shrink in SIDE_SHRINKS:
+                    template = _template(shape, box, shrink, height, width, coverage)
+                    union = np.logical_or(mask, template).sum()
+                    score = float(np.logical_and(mask, template).sum() / union) if union else 0.0
+                    if score > best_score:
+                        best_shape, best_score = shape, score
             if best_score < config.min_score:
                 continue
             center = ((left + right) / 2 / width, (top + bottom) / 2 / height)
