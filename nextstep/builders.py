@@ -59,16 +59,13 @@ def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype: 
                seed: int = 0) -> NextStep:
     """A saved model directory, a shipped model's name (`nextstep.pretrained`), or a preset
     name built with random weights under ``seed``."""
-    from nextstep.pretrained import bundled_model_path, bundled_models
+    from nextstep.pretrained import bundled_models, model_directory
     from nextstep.registry import model_names
 
-    path = Path(name_or_path)
-    bundled = bundled_model_path(name_or_path) if not path.is_dir() else None
-    if bundled is not None:
-        path = bundled
-    if path.is_dir():
-        return NextStep.from_pretrained(path, device=device, dtype=dtype)
-    if any(sep in name_or_path for sep in ("/", "\\")) or path.suffix:
+    directory = model_directory(name_or_path)
+    if directory is not None:
+        return NextStep.from_pretrained(directory, device=device, dtype=dtype)
+    if any(sep in name_or_path for sep in ("/", "\\")) or Path(name_or_path).suffix:
         raise FileNotFoundError(f"expected a model directory at {name_or_path!r}, found nothing")
     if name_or_path not in model_names():
         raise ValueError(f"unknown model {name_or_path!r}: expected a model directory, a shipped model "

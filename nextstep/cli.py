@@ -80,13 +80,11 @@ def command_generate(args: argparse.Namespace) -> int:
 def command_info(args: argparse.Namespace) -> int:
     from nextstep.builders import build_model
     from nextstep.model import NextStep
-    from nextstep.pretrained import bundled_model_path
+    from nextstep.pretrained import model_directory
 
-    path = Path(args.model)
-    if not path.is_dir() and bundled_model_path(args.model) is not None:
-        path = bundled_model_path(args.model)
-    if path.is_dir():
-        model = NextStep.from_pretrained(path)
+    directory = model_directory(args.model)
+    if directory is not None:
+        model = NextStep.from_pretrained(directory)
     else:
         with torch.device("meta"):
             model = build_model(args.model, with_text_tokenizer=False)
@@ -183,7 +181,7 @@ def command_eval(args: argparse.Namespace) -> int:
     suites = EVAL_SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
     model = load_model(args.model, device=args.device, seed=args.seed)
     settings = SamplingSettings(height=args.size, width=args.size, cfg=args.cfg, num_steps=args.steps,
-                                seed=args.seed, batch_size=args.batch_size, sampler=args.sampler or "",
+                                seed=args.seed, batch_size=args.batch_size, sampler=args.sampler,
                                 temperature=args.temperature)
     output = Path(args.output)
     summary: dict = {"model": args.model, "settings": settings.to_dict()}

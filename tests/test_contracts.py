@@ -31,6 +31,11 @@ IMAGE_HEADS = {
 }
 
 
+def library_names(kind):
+    """Registered names whose class is the library's (documentation examples register their own)."""
+    return {n for n in component_names(kind) if component_class(kind, n).__module__.startswith("nextstep.")}
+
+
 def build(kind, name, config):
     torch.manual_seed(0)
     return component_class(kind, name)(config)
@@ -40,9 +45,7 @@ def build(kind, name, config):
     ("image_tokenizer", IMAGE_TOKENIZERS), ("backbone", BACKBONES), ("image_head", IMAGE_HEADS),
 ])
 def test_every_registered_module_has_a_contract_config(kind, table):
-    # Components the documentation's examples register (in the same process) are not the library's.
-    library = {n for n in component_names(kind) if component_class(kind, n).__module__.startswith("nextstep.")}
-    assert library <= set(table), f"add contract configs for {kind}"
+    assert library_names(kind) <= set(table), f"add contract configs for {kind}"
 
 
 def randomize(module):
@@ -108,8 +111,7 @@ def text_tokenizers(hf_dir):
 
 def test_text_tokenizer_contract(hf_tokenizer_dir):
     tokenizers = text_tokenizers(hf_tokenizer_dir)
-    assert {n for n in component_names("text_tokenizer")
-            if component_class("text_tokenizer", n).__module__.startswith("nextstep.")} <= set(tokenizers)
+    assert library_names("text_tokenizer") <= set(tokenizers)
     for name, tokenizer in tokenizers.items():
         ids = [tokenizer.special_token_id(t) for t in NEXTSTEP_SPECIAL_TOKENS]
         assert len(set(ids)) == len(ids), name

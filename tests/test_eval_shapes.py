@@ -60,7 +60,7 @@ def test_ground_truth_of_every_held_out_scene_scores_correct(index):
         assert entry["prompt"] == scene.caption  # the prompt a model is asked is the caption form it learnt
 
 
-def _scene_image(kind, seed, **changes):
+def _scene_image(kind, seed):
     scene = sample_scene(random.Random(seed), kind)
     return scene, render_scene(scene, 64, 64)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -63,7 +63,7 @@ class EmojiReport:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return asdict(self)
 
     def to_markdown(self) -> str:
         r, g = self.retrieval_real, self.retrieval_generated

@@ -24,7 +24,7 @@ class SamplingSettings:
         num_steps: head steps per token.
         seed: seed of image 0; image ``i`` of a run uses ``seed + i`` whatever the batch size.
         batch_size: images generated together.
-        sampler: a registered sampler name (empty: the model's own).
+        sampler: a registered sampler name (None: the model's own).
         temperature: scale of the starting noise of every token (1: the model's distribution).
     """
 
@@ -34,7 +34,7 @@ class SamplingSettings:
     num_steps: int = 20
     seed: int = 0
     batch_size: int = 16
-    sampler: str = ""
+    sampler: str | None = None
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
@@ -67,7 +67,7 @@ def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSet
             batch = prompts[start:start + settings.batch_size]
             tokens, grid_h, grid_w = generate_tokens(
                 model, batch, height=settings.height, width=settings.width, cfg=settings.cfg,
-                num_steps=settings.num_steps, seed=settings.seed + start, sampler=settings.sampler or None,
+                num_steps=settings.num_steps, seed=settings.seed + start, sampler=settings.sampler,
                 temperature=settings.temperature,
             )
             images.extend(to_pil(decode_tokens(model, tokens, grid_h, grid_w)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -35,11 +35,6 @@ if TYPE_CHECKING:
     from nextstep.model import NextStep
 
 
-def _coloured(colour: str, shape: str) -> str:
-    article = "an" if colour[0] in "aeiou" else "a"
-    return f"{article} {colour} {shape}"
-
-
 def geneval_entry(tag: str, key: tuple) -> dict:
     """The GenEval metadata of the prompt for combination ``key`` of ``tag``."""
     if tag == "single_object":
@@ -55,7 +50,7 @@ def geneval_entry(tag: str, key: tuple) -> dict:
                 "include": [{"class": shape, "count": count}], "exclude": [{"class": shape, "count": count + 1}]}
     if tag == "colors":
         colour, shape = key
-        return {"tag": tag, "prompt": _coloured(colour, shape),
+        return {"tag": tag, "prompt": shape_phrase(shape, colour),
                 "include": [{"class": shape, "count": 1, "color": colour}]}
     if tag == "position":
         subject, relation, reference = key
@@ -64,7 +59,7 @@ def geneval_entry(tag: str, key: tuple) -> dict:
                             {"class": subject, "count": 1, "position": [relation, 0]}]}
     if tag == "color_attr":
         first_colour, first, second_colour, second = key
-        return {"tag": tag, "prompt": f"{_coloured(first_colour, first)} and {_coloured(second_colour, second)}",
+        return {"tag": tag, "prompt": f"{shape_phrase(first, first_colour)} and {shape_phrase(second, second_colour)}",
                 "include": [{"class": first, "count": 1, "color": first_colour},
                             {"class": second, "count": 1, "color": second_colour}]}
     raise ValueError(f"tag must be one of {list(GENEVAL_TAGS)}, found {tag!r}")
@@ -133,8 +128,7 @@ class GenEvalReport:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"overall": self.overall, "per_tag": self.per_tag, "images_per_tag": self.images_per_tag,
-                "settings": self.settings}
+        return asdict(self)
 
     def to_markdown(self) -> str:
         lines = ["| category | score | images |", "|---|---|---|"]

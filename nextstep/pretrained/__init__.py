@@ -24,3 +24,9 @@ def bundled_model_path(name: str) -> Path | None:
     """The folder of shipped model ``name``, or None if no shipped model has that name."""
     path = FOLDER / name
     return path if name in bundled_models() else None
+
+
+def model_directory(name_or_path: str) -> Path | None:
+    """The folder a model name refers to: an existing directory, else a shipped model's, else None."""
+    path = Path(name_or_path)
+    return path if path.is_dir() else bundled_model_path(name_or_path)

@@ -27,30 +27,26 @@ def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool = 
     from nextstep.model import NextStep
     from nextstep.serialization import read_safetensors
     from nextstep.training.checkpointing import CheckpointManager
+    from nextstep.training.ema import ExponentialMovingAverage
+    from nextstep.training.trainer import CHECKPOINTS_DIR
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / MODEL_FILE).is_file():
-        latest = CheckpointManager(checkpoint / "checkpoints").latest() if checkpoint.is_dir() else None
+        latest = CheckpointManager(checkpoint / CHECKPOINTS_DIR).latest() if checkpoint.is_dir() else None
         if latest is None:
             raise FileNotFoundError(f"expected a checkpoint directory or a run folder at {checkpoint}, "
                                     f"found no {MODEL_FILE} and no checkpoints/")
         checkpoint = latest
+    if use_ema and not (checkpoint / EMA_FILE).is_file():
+        raise FileNotFoundError(f"use_ema=True but {checkpoint} has no {EMA_FILE} (the run kept no average)")
     model = NextStep.from_pretrained(checkpoint)
-    if use_ema:
-        if not (checkpoint / EMA_FILE).is_file():
-            raise FileNotFoundError(f"use_ema=True but {checkpoint} has no {EMA_FILE} (the run kept no average)")
-        average = read_safetensors(checkpoint / EMA_FILE)
-        parameters = dict(model.named_parameters())
-        unknown = sorted(set(average) - set(parameters))
-        if unknown:
-            raise ValueError(f"{checkpoint / EMA_FILE} names parameters the model lacks: {unknown[:5]}")
-        with torch.no_grad():
-            for name, tensor in average.items():
-                if tuple(tensor.shape) != tuple(parameters[name].shape):
-                    raise ValueError(f"EMA tensor {name} has shape {tuple(tensor.shape)}, "
-                                     f"the model's is {tuple(parameters[name].shape)}")
-                parameters[name].copy_(tensor)
     if dtype is not None:
         model = model.to(dtype)
-    model.save_pretrained(output)
+    if not use_ema:
+        model.save_pretrained(output)
+        return Path(output)
+    average = ExponentialMovingAverage(model, decay=0.0)
+    average.load_state_dict(read_safetensors(checkpoint / EMA_FILE))  # names and shapes checked there
+    with average.applied_to(model):
+        model.save_pretrained(output)
     return Path(output)

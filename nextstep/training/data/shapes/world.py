@@ -46,7 +46,7 @@ def _article(word: str) -> str:
 
 def object_phrase(obj: ShapeObject) -> str:
     """``"a red circle"`` for a red circle."""
-    return f"{_article(obj.colour)} {obj.colour} {obj.shape}"
+    return shape_phrase(obj.shape, obj.colour)
 
 
 def boxes_overlap(box, boxes, margin: float) -> bool:
@@ -109,9 +109,10 @@ def relation_holds(scene: Scene) -> bool:
     return _holds(rel.relation, scene.objects[rel.subject], scene.objects[rel.reference], margin=0.0)
 
 
-def shape_phrase(shape: str) -> str:
-    """``"a circle"``."""
-    return f"{_article(shape)} {shape}"
+def shape_phrase(shape: str, colour: str | None = None) -> str:
+    """``"a circle"``, or ``"a red circle"`` with a colour."""
+    words = f"{colour} {shape}" if colour else shape
+    return f"{_article(words)} {words}"
 
 
 def count_phrase(count: int, shape: str, colour: str | None = None) -> str:
