@@ -2,8 +2,9 @@
 
 CPU part: decode tokens per second by batch size and context length, for the
 ``tiny`` preset's backbone and a ~100M-parameter configuration. Each row runs
-our backbone (eager, and compiled with ``compile_decode`` unless
-``--no-compile``) and ``transformers.Qwen2Model`` with its default cache
+our backbone (eager; compiled with ``compile_decode()`` unless ``--no-compile``;
+compiled ahead of time with ``compile_decode(ahead_of_time=True)`` unless
+``--no-ahead-of-time``) and ``transformers.Qwen2Model`` with its default cache
 (``DynamicCache``) in the same process, interleaved, on the same weights, and
 reports the ratio. Both are called the way generation calls a backbone, under
 ``torch.no_grad()``: ours with explicit positions and a ones mask, transformers
@@ -132,6 +133,15 @@ def cpu_rows(args) -> list[dict]:
             compiled.load_state_dict(ours.state_dict())
             # One graph per cache shape (dynamic=False): the benchmark's shapes are fixed per row.
             compiled.compile_decode(dynamic=not args.static_compile)
+        ahead = None
+        if args.ahead_of_time:
+            ahead = Qwen2Backbone(config).eval()
+            ahead.load_state_dict(ours.state_dict())
+            start = time.perf_counter()
+            ahead.compile_decode(ahead_of_time=True)  # one library for every batch size and length
+            ahead_seconds = time.perf_counter() - start
+            if ahead._compiled_decode is None:
+                raise SystemExit("ahead-of-time compilation failed (see the warning above)")
         parameters = sum(p.numel() for p in ours.parameters())
         steps = args.steps if args.steps else (50 if parameters < 20e6 else 8)
         for batch in args.batch_sizes:
@@ -150,6 +160,9 @@ def cpu_rows(args) -> list[dict]:
                     start = time.perf_counter()
                     decoders[-1].run(2)  # compiles (or recompiles for a new cache shape)
                     compile_seconds = time.perf_counter() - start
+                if ahead is not None:
+                    decoders.append(Decoder("ours_ahead_of_time", ahead, batch, context, capacity,
+                                            config.hidden_size, torch.Generator().manual_seed(context)))
                 times = {d.name: [] for d in decoders}
                 for decoder in decoders:  # warm-up
                     decoder.run(max(2, steps // 5))
@@ -177,6 +190,13 @@ def cpu_rows(args) -> list[dict]:
                     row["compiled_speedup"] = median["transformers"] / median["ours_compiled"]
                     row["compile_seconds"] = compile_seconds
                     line += f"  compiled {row['ours_compiled_ms']:8.3f} ms ({row['compiled_speedup']:5.2f}x)"
+                if ahead is not None:
+                    row["ours_ahead_of_time_ms"] = median["ours_ahead_of_time"] * 1e3
+                    row["ours_ahead_of_time_tokens_per_s"] = batch / median["ours_ahead_of_time"]
+                    row["ahead_of_time_speedup"] = median["transformers"] / median["ours_ahead_of_time"]
+                    row["ahead_of_time_compile_seconds"] = ahead_seconds
+                    line += (f"  ahead of time {row['ours_ahead_of_time_ms']:8.3f} ms "
+                             f"({row['ahead_of_time_speedup']:5.2f}x)")
                 print(line, flush=True)
                 rows.append(row)
     return rows
@@ -323,6 +343,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the compile_decode column on CPU")
+    parser.add_argument("--no-ahead-of-time", dest="ahead_of_time", action="store_false",
+                        help="skip the compile_decode(ahead_of_time=True) column on CPU")
     parser.add_argument("--dynamic-compile", dest="static_compile", action="store_false",
                         help="compile with dynamic shapes (one graph for all rows) instead of one graph per shape")
     parser.add_argument("--gpu-only", action="store_true")

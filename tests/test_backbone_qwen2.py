@@ -1,9 +1,12 @@
 """Qwen2Backbone options: config validation, gradient checkpointing, compiled decode."""
 
+import warnings
+
 import pytest
 import torch
 
 from nextstep.backbones import Qwen2Backbone, Qwen2BackboneConfig, positions_from_mask
+from nextstep.backbones.ahead_of_time import ahead_of_time_available
 
 SMALL = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -43,7 +46,7 @@ def decode(model, steps=5, batch=2, prompt=4):
     generator = torch.Generator().manual_seed(0)
     embeds = torch.randn(batch, prompt + steps, 32, generator=generator)
     mask = torch.ones(batch, prompt, dtype=torch.bool)
-    mask[1, :2] = False
+    mask[-1, :2] = False  # the last row is left-padded
     positions = positions_from_mask(mask)
     with torch.no_grad():
         cache = model.new_cache(batch, prompt + steps + 3)
@@ -110,3 +113,66 @@ def test_compiled_decode_falls_back_to_eager_at_the_recompile_limit():
     assert model._compiled_decode is None
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def ahead_of_time_model():
+    """One AOTInductor compile (about 20 s on two cores) shared by the tests below."""
+    torch.manual_seed(0)
+    model = Qwen2Backbone(Qwen2BackboneConfig(**SMALL)).eval()
+    expected = decode(model)
+    if not ahead_of_time_available():
+        pytest.skip("this PyTorch lacks AOTInductor packaging")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model.compile_decode(ahead_of_time=True)
+    return model, expected
+
+
+def test_ahead_of_time_decode_matches_eager_for_every_batch_and_cache_length(ahead_of_time_model):
+    model, expected = ahead_of_time_model
+    torch.testing.assert_close(decode(model), expected, atol=1e-5, rtol=1e-5)
+    # The exported step has a dynamic batch and cache length: no recompilation for these.
+    compiled = model._compiled_decode
+    for batch, steps in ((1, 3), (3, 9)):
+        fast = decode(model, steps=steps, batch=batch)
+        assert model._compiled_decode is compiled
+        model._compiled_decode = None
+        torch.testing.assert_close(fast, decode(model, steps=steps, batch=batch), atol=1e-5, rtol=1e-5)
+        model._compiled_decode = compiled
+
+
+def test_ahead_of_time_decode_reads_weights_in_place_and_leaves_other_calls_to_eager(ahead_of_time_model):
+    model, _ = ahead_of_time_model
+    compiled = model._compiled_decode
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(0.5)
+    try:
+        fast = decode(model)
+        model._compiled_decode = None
+        torch.testing.assert_close(fast, decode(model), atol=1e-5, rtol=1e-5)
+    finally:
+        model._compiled_decode = compiled
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(2.0)
+    # Calls that want gradients, or bring other dtypes, run eagerly.
+    embeds, positions = torch.ones(1, 1, 32), torch.tensor([[2]])
+    assert not compiled.accepts(embeds, positions)
+    with torch.no_grad():
+        assert compiled.accepts(embeds, positions)
+        assert not compiled.accepts(embeds.double(), positions)
+        assert not compiled.accepts(embeds, positions.int())
+
+
+def test_moving_or_casting_drops_a_compiled_step():
+    model = Qwen2Backbone(Qwen2BackboneConfig(**SMALL)).eval()
+    model.compile_decode(backend="eager")
+    model.to(torch.float64)
+    assert model._compiled_decode is None
+    model.compile_decode(backend="eager")
+    model.load_state_dict(Qwen2Backbone(Qwen2BackboneConfig(**SMALL)).double().state_dict(), assign=True)
+    assert model._compiled_decode is None
+    with pytest.raises(ValueError, match="no torch.compile options"):
+        model.compile_decode(ahead_of_time=True, dynamic=False)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nextstep.backbones.ahead_of_time import AheadOfTimeDecodeStep, ahead_of_time_available
 from nextstep.backbones.attention import ATTENTION_BACKENDS, attention_backend
 from nextstep.backbones.base import AttentionBackend, Backbone, KVCache
 from nextstep.backbones.masks import attention_mask_for, decode_visible_keys, visible_keys
@@ -327,8 +328,15 @@ class Qwen2Backbone(Backbone):
             slots = torch.arange(start, end, device=embeds.device)
             key_mask, layer_caches, visible = cache.key_mask, cache.layers, end
             if length == 1 and self._compiled_decode is not None:
-                # Fixed shapes (all T slots, future ones masked) so one graph serves every step.
-                step, visible = self._compiled_decode, cache.max_length
+                if isinstance(self._compiled_decode, AheadOfTimeDecodeStep):
+                    if self._compiled_decode.accepts(embeds, positions):
+                        hidden = self._compiled_decode(embeds, positions, key_mask, slots, layer_caches,
+                                                       cache.max_length)
+                        cache.commit(end)
+                        return hidden
+                else:
+                    # Fixed shapes (all T slots, future ones masked) so one graph serves every step.
+                    step, visible = self._compiled_decode, cache.max_length
         fast = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         with torch.inference_mode() if fast else contextlib.nullcontext():
             try:
@@ -437,28 +445,62 @@ class Qwen2Backbone(Backbone):
             layer.self_attn.backend = attention_backend(name)
         self._compiled_decode = None
 
-    def compile_decode(self, **compile_options: Any) -> None:
-        """Compile the one-token cached step with ``torch.compile(fullgraph=True)``.
+    def compile_decode(self, ahead_of_time: bool = False, **compile_options: Any) -> None:
+        """Compile the one-token cached step.
 
         Later one-token calls with a cache attend over all ``T`` cache slots
-        (future ones masked), so shapes stay fixed and one graph serves the whole
-        decode loop; prefill and uncached calls stay eager. The first call
-        compiles (seconds to minutes); a cache of another size compiles again.
+        (future ones masked), so shapes stay fixed and one compiled step serves
+        the whole decode loop; prefill and uncached calls stay eager.
 
-        Unless ``mode``, ``options`` or another ``backend`` is given, a model on
-        the CPU compiles with inductor's C++ wrapper (less Python per step) and
-        one on a GPU with ``mode="reduce-overhead"`` (CUDA graphs; the cache's
-        tensors are marked as static addresses for that). On the CPU the
-        compiled step also skips torch.compile's guards on module attributes,
-        which otherwise cost about a fifth of a small model's step: parameters
-        stay inputs of the graph, so weights updated in place are seen, but a
-        submodule or attribute replaced after compiling is not (call
-        `compile_decode` again after such a change; `set_attention_backend` does).
+        With ``ahead_of_time=False`` the step goes through
+        ``torch.compile(fullgraph=True)``; the first call compiles (seconds to
+        minutes) and a cache of another size compiles again. Unless ``mode``,
+        ``options`` or another ``backend`` is given, a model on the CPU compiles
+        with inductor's C++ wrapper (less Python per step) and one on a GPU with
+        ``mode="reduce-overhead"`` (CUDA graphs; the cache's tensors are marked
+        as static addresses for that). On the CPU the compiled step also skips
+        torch.compile's guards on module attributes, which otherwise cost about
+        a fifth of a small model's step: parameters stay inputs of the graph, so
+        weights updated in place are seen, but a submodule or attribute replaced
+        after compiling is not (call `compile_decode` again after such a change;
+        `set_attention_backend` does).
+
+        With ``ahead_of_time=True`` the step is exported and compiled now with
+        AOTInductor (`nextstep.backbones.ahead_of_time`; tens of seconds), for
+        every batch size and cache length at once, and then runs with no Python
+        between the call and the kernels: the fastest decode on the CPU for
+        small models. It reads the parameters in place (updates in place are
+        seen); it serves calls without gradients and otherwise decodes eagerly.
+        Moving or casting the backbone drops either compiled step. When export
+        or compilation fails, a warning says why and decoding stays eager.
 
         Args:
+            ahead_of_time: compile with AOTInductor now instead of
+                ``torch.compile`` at the first call.
             **compile_options: passed to ``torch.compile`` (for example
-                ``dynamic=False``, or ``backend="eager"`` to check tracing only).
+                ``dynamic=False``, or ``backend="eager"`` to check tracing only);
+                none are accepted with ``ahead_of_time``.
         """
+        if ahead_of_time:
+            if compile_options:
+                raise ValueError(f"ahead_of_time takes no torch.compile options, found {sorted(compile_options)}")
+            self._compiled_decode = None
+            if not ahead_of_time_available():
+                warnings.warn("this PyTorch lacks torch.export / AOTInductor packaging; decoding stays eager",
+                              RuntimeWarning, stacklevel=2)
+                return
+            reference = self.embed_tokens.weight
+            cache = self.new_cache(2, 4)
+            cache.key_mask[:, :3] = True
+            example = (torch.zeros(2, 1, self.hidden_size, dtype=reference.dtype, device=reference.device),
+                       torch.full((2, 1), 3, dtype=torch.long, device=reference.device),
+                       cache.key_mask, torch.tensor([3], device=reference.device), cache.layers)
+            try:
+                self._compiled_decode = AheadOfTimeDecodeStep(self, self._run, example)
+            except Exception as error:  # noqa: BLE001 - any failure means: stay eager
+                warnings.warn(f"ahead-of-time compilation of the decode step failed ({type(error).__name__}: "
+                              f"{error}); decoding stays eager", RuntimeWarning, stacklevel=2)
+            return
         options = dict(compile_options)
         if not {"mode", "options", "backend"} & set(options):
             on_gpu = self.embed_tokens.weight.device.type == "cuda"
@@ -471,6 +513,16 @@ class Qwen2Backbone(Backbone):
                     cpu_options["guard_filter_fn"] = skip_module_guards
                 options["options"] = cpu_options
         self._compiled_decode = torch.compile(self._run, fullgraph=True, **options)
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting replaces the parameter tensors a compiled step was built around.
+        self._compiled_decode = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("assign_to_params_buffers", False):
+            self._compiled_decode = None  # load_state_dict(assign=True) replaces the parameters
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def disable_compiled_decode(self) -> None:
         """Go back to the eager decode step."""
