@@ -36,3 +36,31 @@ def test_accumulation_steps_see_micro_batches_of_one_global_batch(tmp_path):
 def test_tensorboard_without_the_package_says_what_to_install(tmp_path):
     with pytest.raises(ImportError, match="pip install tensorboard"):
         tiny_trainer(tmp_path, tiny_config(max_steps=1, tensorboard=True)).fit(resume=False)
+
+
+def test_compiled_training_matches_eager_and_falls_back_on_failure(tmp_path, monkeypatch):
+    from nextstep.compile import CompileConfig, CompileFallbackWarning
+
+    plain = tiny_trainer(tmp_path / "plain", tiny_config(max_steps=2)).fit(resume=False)
+    # The eager backend traces with torch.compile but computes like eager: equal losses.
+    config = tiny_config(max_steps=2, compile=CompileConfig(enabled=True, backend="eager"))
+    trainer = tiny_trainer(tmp_path / "compiled", config)
+    assert "forward" in vars(trainer.model)
+    compiled = trainer.fit(resume=False)
+    assert [r.loss for r in plain] == pytest.approx([r.loss for r in compiled], abs=1e-6)
+    # A backend that cannot compile warns once and the run trains eagerly.
+    broken = tiny_config(max_steps=2, compile=CompileConfig(enabled=True, backend="no-such-backend"))
+    with pytest.warns(CompileFallbackWarning):
+        fallen = tiny_trainer(tmp_path / "broken", broken).fit(resume=False)
+    assert [r.loss for r in plain] == pytest.approx([r.loss for r in fallen], abs=1e-6)
+
+
+def test_train_config_reads_compile_settings_from_a_recipe():
+    from nextstep.compile import CompileConfig
+    from nextstep.training.config import TrainConfig
+
+    config = TrainConfig.from_dict({"compile": {"enabled": True, "mode": "max-autotune-no-cudagraphs"}})
+    assert config.compile == CompileConfig(enabled=True, mode="max-autotune-no-cudagraphs")
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown key"):
+        TrainConfig.from_dict({"compile": {"enable": True}})

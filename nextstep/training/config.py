@@ -7,8 +7,9 @@ gradient clipping at 1.0); recipes override what they need.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from nextstep.compile import CompileConfig
 from nextstep.config import Config, require
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -68,6 +69,9 @@ class TrainConfig(Config):
             several processes.
         max_bad_fraction: the run fails once more than this fraction of the
             samples read turned out unreadable.
+        compile: compile the model's forward with ``torch.compile``
+            (`nextstep.compile.CompileConfig`; off by default). Compilation that
+            fails warns and trains eagerly instead.
     """
 
     seed: int = 0
@@ -99,6 +103,7 @@ class TrainConfig(Config):
     num_workers: int = 0
     parallelism: str = "ddp"
     max_bad_fraction: float = 0.01
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
     def validate(self) -> None:
         for name in ("max_steps", "micro_batch_size", "gradient_accumulation", "log_every",

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+from nextstep.compile import compile_module
 from nextstep.images import image_grid
 from nextstep.io import atomic_path
 from nextstep.training.checkpointing import CheckpointManager, WriteHook
@@ -101,6 +102,7 @@ class Trainer:
         if config.gradient_checkpointing:
             task.enable_gradient_checkpointing()
         self.model.train()
+        compile_module(self.model, config.compile)  # nothing unless config.compile.enabled
         self.module = self.context.wrap(self.model, config.parallelism, task.shard_units(),
                                         task.unsharded_parameters())
         self.optimizer = build_optimizer(self.model, config)
