@@ -16,16 +16,21 @@ uses its three prompts.
 from __future__ import annotations
 
 import json
+import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import torch
+
 from nextstep.evaluation.sampling import SamplingSettings, generate_images
 from nextstep.evaluation.shapes_detector import Detection, DetectorConfig, detect_shapes
-from nextstep.training.data.shapes.combinations import GENEVAL_TAGS, all_keys, held_out_keys
+from nextstep.training.data.shapes.combinations import GENEVAL_TAGS, all_keys, combination_key, held_out_keys
+from nextstep.training.data.shapes.render import render_scene
 from nextstep.training.data.shapes.world import (
     centres_satisfy,
+    sample_scene,
     count_phrase,
     position_phrase,
     shape_phrase,
@@ -126,22 +131,61 @@ class GenEvalReport:
     per_tag: dict[str, float]
     images_per_tag: dict[str, int]
     settings: dict = field(default_factory=dict)
+    tokenizer_ceiling: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def to_markdown(self) -> str:
-        lines = ["| category | score | images |", "|---|---|---|"]
+        ceiling = self.tokenizer_ceiling
+        lines = ["| category | score | images |" + (" tokenizer ceiling |" if ceiling else ""),
+                 "|---|---|---|" + ("---|" if ceiling else "")]
         for tag, value in self.per_tag.items():
-            lines.append(f"| {tag} | {value:.3f} | {self.images_per_tag[tag]} |")
-        lines.append(f"| **overall** | **{self.overall:.3f}** | {sum(self.images_per_tag.values())} |")
+            extra = f" {ceiling[tag]:.3f} |" if tag in ceiling else ""
+            lines.append(f"| {tag} | {value:.3f} | {self.images_per_tag[tag]} |{extra}")
+        extra = f" **{sum(ceiling.values()) / len(ceiling):.3f}** |" if ceiling else ""
+        lines.append(f"| **overall** | **{self.overall:.3f}** | {sum(self.images_per_tag.values())} |{extra}")
         return "\n".join(lines)
+
+
+@torch.no_grad()
+def tokenizer_ceiling(model: "NextStep", images_per_tag: int = 48, size: int = 64,
+                      detector: DetectorConfig | None = None) -> dict[str, float]:
+    """The score of ground truth passed through the model's image tokenizer, per category.
+
+    For every category, ``images_per_tag`` scenes with held-out combinations
+    (any combination for ``single_object``) are rendered at ``size`` pixels,
+    encoded and decoded by ``model.image_tokenizer``, and scored like generated
+    images against their own prompts: what a model with perfect token
+    predictions would score, so the part of a shortfall that is the
+    tokenizer's.
+    """
+    from nextstep.images import from_pil, to_pil
+
+    ceiling = {}
+    for tag in GENEVAL_TAGS:
+        combinations = "held_out" if held_out_keys(tag) else "all"
+        scenes = [sample_scene(random.Random(f"ceiling:{tag}:{i}"), tag, combinations=combinations)
+                  for i in range(images_per_tag)]
+        images = from_pil([render_scene(scene, size, size) for scene in scenes])
+        tokenizer = model.image_tokenizer
+        reference = next(tokenizer.parameters(), torch.empty(0))
+        decoded = torch.cat([tokenizer.decode(tokenizer.encode(batch.to(reference.device, reference.dtype))).float()
+                             for batch in images.split(32)]).cpu()
+        scores = [score_image(detect_shapes(image, detector), geneval_entry(tag, combination_key(scene)))[0]
+                  for scene, image in zip(scenes, to_pil(decoded))]
+        ceiling[tag] = sum(scores) / len(scores)
+    return ceiling
 
 
 def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_per_tag: int = 48,
                        settings: SamplingSettings | None = None, detector: DetectorConfig | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> GenEvalReport:
+                       progress: Callable[[int, int], None] | None = None,
+                       with_ceiling: bool = True) -> GenEvalReport:
     """Generate ``images_per_tag`` images per category (cycling its prompts), detect and score them.
+
+    With ``with_ceiling`` the report also holds `tokenizer_ceiling` for as many
+    ground-truth scenes per category.
 
     With ``output`` it writes ``results.jsonl`` (one line per image), ``report.json``,
     ``report.md`` and ``samples.png`` (a row of eight images per category).
@@ -167,7 +211,9 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
     per_tag = {tag: sum(v) / len(v) for tag, v in correct_by_tag.items()}
     report = GenEvalReport(overall=sum(per_tag.values()) / len(per_tag), per_tag=per_tag,
                            images_per_tag={tag: len(v) for tag, v in correct_by_tag.items()},
-                           settings=settings.to_dict())
+                           settings=settings.to_dict(),
+                           tokenizer_ceiling=tokenizer_ceiling(model, images_per_tag, settings.height, detector)
+                           if with_ceiling else {})
     if output is not None:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
