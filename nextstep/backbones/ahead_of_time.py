@@ -61,8 +61,8 @@ class AheadOfTimeDecodeStep:
             slots (1,) int64, layer_caches (per layer (keys, values), each
             (B, K, T, E), written in place at ``slots``), visible (= T) ->
             hidden states (B, 1, H).
-        example: arguments ``run`` is traced with (any batch and length; the
-            compiled step accepts others).
+        example: (embeds, positions, key_mask, slots, layer_caches) that ``run`` is
+            traced with (any batch and length; the compiled step accepts others).
 
     Raises whatever export or compilation raises; callers fall back to eager.
     """
@@ -70,7 +70,7 @@ class AheadOfTimeDecodeStep:
     def __init__(self, owner: nn.Module, run: Callable[..., torch.Tensor], example: Sequence):
         from torch.export import Dim
 
-        embeds, positions, key_mask, slots, layer_caches = example[:5]
+        embeds, positions, key_mask, slots, layer_caches = example
         flat = [tensor for pair in layer_caches for tensor in pair]
         step = _StepModule(owner, run)
         batch = Dim("batch", min=1, max=MAX_BATCH)
@@ -104,7 +104,8 @@ class AheadOfTimeDecodeStep:
                 and not torch.is_grad_enabled())
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
-                 slots: torch.Tensor, layer_caches: tuple[LayerCache, ...], visible: int) -> torch.Tensor:
+                 slots: torch.Tensor, layer_caches: tuple[LayerCache, ...]) -> torch.Tensor:
+        """The step over all T slots of the cache (``run`` with ``visible = T``)."""
         # The library indexes its inputs with the strides it was traced with (contiguous ones).
         return self._runner(embeds.contiguous(), positions.contiguous(), key_mask, slots,
                             [t for pair in layer_caches for t in pair])

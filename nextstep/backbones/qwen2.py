@@ -327,16 +327,14 @@ class Qwen2Backbone(Backbone):
             start, end = cache.reserve(attention_mask, length)
             slots = torch.arange(start, end, device=embeds.device)
             key_mask, layer_caches, visible = cache.key_mask, cache.layers, end
-            if length == 1 and self._compiled_decode is not None:
-                if isinstance(self._compiled_decode, AheadOfTimeDecodeStep):
-                    if self._compiled_decode.accepts(embeds, positions):
-                        hidden = self._compiled_decode(embeds, positions, key_mask, slots, layer_caches,
-                                                       cache.max_length)
-                        cache.commit(end)
-                        return hidden
-                else:
-                    # Fixed shapes (all T slots, future ones masked) so one graph serves every step.
-                    step, visible = self._compiled_decode, cache.max_length
+            compiled = self._compiled_decode if length == 1 else None
+            if isinstance(compiled, AheadOfTimeDecodeStep) and compiled.accepts(embeds, positions):
+                hidden = compiled(embeds, positions, key_mask, slots, layer_caches)
+                cache.commit(end)
+                return hidden
+            if compiled is not None and not isinstance(compiled, AheadOfTimeDecodeStep):
+                # Fixed shapes (all T slots, future ones masked) so one graph serves every step.
+                step, visible = compiled, cache.max_length
         fast = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         with torch.inference_mode() if fast else contextlib.nullcontext():
             try:

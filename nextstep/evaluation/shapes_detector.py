@@ -194,24 +194,25 @@ def detect_shapes(image: "Image.Image | np.ndarray", config: DetectorConfig | No
     close = distances.min(-1) <= config.colour_distance
     names = list(COLOURS)
     min_area = max(1, round(config.min_area_fraction * height * width))
-    coverages = [coverage_map(pixels, tuple(colour), background) for colour in palette]
     detections = []
     for index, colour in enumerate(names):
-        for region in _regions(foreground & close & (labels == index)):
-            if len(region) < min_area:
-                continue
+        regions = [r for r in _regions(foreground & close & (labels == index)) if len(r) >= min_area]
+        if not regions:
+            continue
+        coverage = coverage_map(pixels, tuple(palette[index]), background)
+        for region in regions:
             mask = np.zeros((height, width), bool)
             mask[region[:, 0], region[:, 1]] = True
-            top, left = region.min(0)
-            bottom, right = region.max(0) + 1
-            box = (int(left), int(top), int(right), int(bottom))
+            top, left = (int(v) for v in region.min(0))
+            bottom, right = (int(v) + 1 for v in region.max(0))
             # The region's box and soft edge, without other objects' pixels.
-            rows = slice(max(0, int(top) - EDGE_MARGIN), min(height, int(bottom) + EDGE_MARGIN))
-            cols = slice(max(0, int(left) - EDGE_MARGIN), min(width, int(right) + EDGE_MARGIN))
+            rows = slice(max(0, top - EDGE_MARGIN), min(height, bottom + EDGE_MARGIN))
+            cols = slice(max(0, left - EDGE_MARGIN), min(width, right + EDGE_MARGIN))
             own = ~(foreground[rows, cols] & ~mask[rows, cols])
-            best_shape, best_score = _best_shape(coverages[index][rows, cols] * own)
+            best_shape, best_score = _best_shape(coverage[rows, cols] * own)
             if best_score < config.min_score:
                 continue
             center = ((left + right) / 2 / width, (top + bottom) / 2 / height)
-            detections.append(Detection(best_shape, colour, center, box, len(region), best_score))
+            detections.append(Detection(best_shape, colour, center, (left, top, right, bottom), len(region),
+                                        best_score))
     return sorted(detections, key=lambda d: -d.score)

@@ -30,9 +30,9 @@ from nextstep.training.data.shapes.combinations import GENEVAL_TAGS, all_keys, c
 from nextstep.training.data.shapes.render import render_scene
 from nextstep.training.data.shapes.world import (
     centres_satisfy,
-    sample_scene,
     count_phrase,
     position_phrase,
+    sample_scene,
     shape_phrase,
 )
 
@@ -160,18 +160,19 @@ def tokenizer_ceiling(model: "NextStep", images_per_tag: int = 48, size: int = 6
     predictions would score, so the part of a shortfall that is the
     tokenizer's.
     """
+    from nextstep.evaluation.tokenizer_eval import reconstruct
     from nextstep.images import from_pil, to_pil
 
+    tokenizer = model.image_tokenizer
+    reference = next(tokenizer.parameters(), torch.empty(0))
     ceiling = {}
     for tag in GENEVAL_TAGS:
         combinations = "held_out" if held_out_keys(tag) else "all"
         scenes = [sample_scene(random.Random(f"ceiling:{tag}:{i}"), tag, combinations=combinations)
                   for i in range(images_per_tag)]
         images = from_pil([render_scene(scene, size, size) for scene in scenes])
-        tokenizer = model.image_tokenizer
-        reference = next(tokenizer.parameters(), torch.empty(0))
-        decoded = torch.cat([tokenizer.decode(tokenizer.encode(batch.to(reference.device, reference.dtype))).float()
-                             for batch in images.split(32)]).cpu()
+        decoded, _ = reconstruct(tokenizer, images.to(reference.device, reference.dtype))
+        decoded = decoded.cpu()
         scores = [score_image(detect_shapes(image, detector), geneval_entry(tag, combination_key(scene)))[0]
                   for scene, image in zip(scenes, to_pil(decoded))]
         ceiling[tag] = sum(scores) / len(scores)
