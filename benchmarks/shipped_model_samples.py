@@ -1,12 +1,12 @@
 """The sample grid of the documentation: the shipped model on fixed prompts and seeds.
 
 Rows are prompts (held-out shapes prompts, training emoji names, held-out emoji
-names), columns are seeds 0..7; settings are the evaluation's (CFG 3, 20 Euler
-steps). Writes docs/images/shipped_samples.png and
+names), columns are seeds 0..7; settings are the model's own (its config's
+``generation`` block) unless given. Writes docs/images/shipped_samples.png and
 benchmarks/results/shipped_model_samples.json (the prompts, in row order).
 
 Usage:
-    python benchmarks/shipped_model_samples.py [--cfg 3.0] [--steps 20]
+    python benchmarks/shipped_model_samples.py [--cfg S] [--cfg-schedule NAME] [--steps N]
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ PROMPTS = [
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg", type=float, default=3.0)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=None, help="default: the model's")
+    parser.add_argument("--cfg-schedule", default=None, help="default: the model's")
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"
                                                 / "shipped_samples.png"))
     args = parser.parse_args()
@@ -46,15 +47,20 @@ def main() -> int:
     from nextstep.io import atomic_path
 
     model = load_model("emoji-shapes-64").eval()
+    own = model.config.generation
+    cfg = own.cfg if args.cfg is None else args.cfg
+    schedule = own.cfg_schedule if args.cfg_schedule is None else args.cfg_schedule
+    steps = own.num_steps if args.steps is None else args.steps
     images = []
     with torch.no_grad():
         for _, prompt in PROMPTS:
-            images += model.generate(prompt, height=64, width=64, cfg=args.cfg, num_steps=args.steps, seed=0,
-                                     num_images_per_prompt=8)
+            images += model.generate(prompt, height=64, width=64, cfg=cfg, cfg_schedule=schedule, num_steps=steps,
+                                     seed=0, num_images_per_prompt=8)
     grid = image_grid(images, columns=8)
     with atomic_path(args.output) as tmp:
         grid.save(tmp, format="PNG")
-    path = write_results("shipped_model_samples", {"cfg": args.cfg, "steps": args.steps, "seeds": list(range(8)),
+    path = write_results("shipped_model_samples", {"cfg": cfg, "cfg_schedule": schedule, "steps": steps,
+                                                   "seeds": list(range(8)),
                                                    "rows": [{"kind": k, "prompt": p} for k, p in PROMPTS]})
     print(f"wrote {args.output} and {path}")
     return 0

@@ -40,8 +40,9 @@ def command_generate(args: argparse.Namespace) -> int:
         if not Path(args.image).is_file():
             raise FileNotFoundError(f"expected an input image at {args.image}, found nothing")
         source = Image.open(args.image).convert("RGB")
-    height = args.height or (source.height if source is not None else 64)
-    width = args.width or (source.width if source is not None else 64)
+    defaults = model.config.generation
+    height = args.height or (source.height if source is not None else defaults.height)
+    width = args.width or (source.width if source is not None else defaults.width)
     grid_h, grid_w = model.image_tokenizer.grid_size(height, width)
     written = []
     all_images = []
@@ -105,6 +106,9 @@ def command_info(args: argparse.Namespace) -> int:
     for name, kind, count in rows:
         shown = "-" if count is None else f"{count:,} ({_human(count)})"
         print(f"  {name:<20} {kind:<14} {shown}")
+    generation = config.generation
+    print(f"  generation: cfg {generation.cfg:g} ({generation.cfg_schedule}), {generation.num_steps} steps, "
+          f"{generation.height}x{generation.width}")
     if args.config:
         print(json.dumps(config.to_dict(), indent=2))
     return 0
@@ -180,7 +184,11 @@ def command_eval(args: argparse.Namespace) -> int:
 
     suites = EVAL_SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
     model = load_model(args.model, device=args.device, seed=args.seed)
-    settings = SamplingSettings(height=args.size, width=args.size, cfg=args.cfg, num_steps=args.steps,
+    defaults = model.config.generation
+    settings = SamplingSettings(height=args.size, width=args.size,
+                                cfg=defaults.cfg if args.cfg is None else args.cfg,
+                                cfg_schedule=defaults.cfg_schedule if args.cfg_schedule is None else args.cfg_schedule,
+                                num_steps=defaults.num_steps if args.steps is None else args.steps,
                                 seed=args.seed, batch_size=args.batch_size, sampler=args.sampler,
                                 temperature=args.temperature)
     output = Path(args.output)
@@ -272,12 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"a saved model directory, a shipped model {bundled_models()} or a preset "
                           f"{model_names()} (random weights); default {DEFAULT_MODEL}")
     gen.add_argument("--output", "-o", default="outputs", help="directory for the PNG files")
-    gen.add_argument("--height", type=_positive_int, default=None, help="pixels (default 64, or the --image's)")
-    gen.add_argument("--width", type=_positive_int, default=None, help="pixels (default 64, or the --image's)")
-    gen.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
-    gen.add_argument("--cfg-schedule", default="constant",
-                     help="constant, linear_increasing or linear_decreasing (the release's 'linear')")
-    gen.add_argument("--steps", type=_positive_int, default=50, help="head steps per token")
+    gen.add_argument("--height", type=_positive_int, default=None, help="pixels (default: the model's, or the --image's)")
+    gen.add_argument("--width", type=_positive_int, default=None, help="pixels (default: the model's, or the --image's)")
+    gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    gen.add_argument("--cfg-schedule", default=None,
+                     help="constant, linear_increasing or linear_decreasing (the release's 'linear'); "
+                          "default: the model's")
+    gen.add_argument("--steps", type=_positive_int, default=None, help="head steps per token (default: the model's)")
     gen.add_argument("--sampler", default=None, help="a registered sampler name (default: the model's)")
     gen.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
     gen.add_argument("--shift", type=float, default=None,
@@ -341,8 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--suite", nargs="+", choices=EVAL_SUITES + ("all",), default=["all"])
     evaluate.add_argument("--output", "-o", default="outputs/eval")
     evaluate.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
-    evaluate.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
-    evaluate.add_argument("--steps", type=_positive_int, default=20, help="head steps per token")
+    evaluate.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    evaluate.add_argument("--cfg-schedule", default=None,
+                          help="constant, linear_increasing or linear_decreasing (default: the model's)")
+    evaluate.add_argument("--steps", type=_positive_int, default=None, help="head steps per token (default: the model's)")
     evaluate.add_argument("--sampler", default=None, help="a registered sampler name (default: the model's)")
     evaluate.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
     evaluate.add_argument("--seed", type=int, default=0)

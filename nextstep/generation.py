@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 EDITING_NEGATIVE_PROMPT = "Copy original image."
 EDITING_IMAGE_SCALE = 2.0
 EDITING_SHIFT = 3.2
-TEXT_TO_IMAGE_SIZE = 256
 
 
 def _check_prompts(prompts) -> list[str]:
@@ -107,7 +106,7 @@ def _editing_sources(model: "NextStep", images: list[torch.Tensor]) -> list[tupl
 
 def _output_grid(model: "NextStep", height: int | None, width: int | None,
                  sources: list[tuple[torch.Tensor, int, int]]) -> tuple[int, int]:
-    """The token grid of the output: the given size, else the input images' (editing) or 256x256."""
+    """The token grid of the output: the given size, else the input images' (editing) or the model's default."""
     if height is None or width is None:
         if sources:
             sizes = {(h, w) for _, h, w in sources}
@@ -118,8 +117,8 @@ def _output_grid(model: "NextStep", height: int | None, width: int | None,
             height = grid_h * pixels if height is None else height
             width = grid_w * pixels if width is None else width
         else:
-            height = TEXT_TO_IMAGE_SIZE if height is None else height
-            width = TEXT_TO_IMAGE_SIZE if width is None else width
+            height = model.config.generation.height if height is None else height
+            width = model.config.generation.width if width is None else width
     return model.image_tokenizer.grid_size(height, width)
 
 
@@ -203,10 +202,10 @@ def generate_tokens(
     images: "Image.Image | torch.Tensor | Sequence[Image.Image | torch.Tensor] | None" = None,
     height: int | None = None,
     width: int | None = None,
-    cfg: float | Guidance = 7.5,
+    cfg: float | Guidance | None = None,
     cfg_img: float | None = None,
-    cfg_schedule: str = "constant",
-    num_steps: int | StepSchedule = 50,
+    cfg_schedule: str | None = None,
+    num_steps: int | StepSchedule | None = None,
     shift: float | None = None,
     seed: int = 0,
     negative_prompt: str | None = None,
@@ -223,23 +222,31 @@ def generate_tokens(
     its own generator seeded with ``seed + r``, so a batch gives the images that
     the same prompts give one at a time.
 
+    ``cfg``, ``cfg_schedule``, ``num_steps``, ``height`` and ``width`` left as
+    None come from ``model.config.generation``
+    (`nextstep.generation_defaults.GenerationDefaults`: the settings the model
+    was tuned for, else the release's).
+
     Args:
         prompts: one prompt or a list (editing: the instructions).
         images: editing input images, one per prompt: PIL images or a
             (B, 3, H, W) tensor in [-1, 1]. They are encoded into the context
             before the instruction. None for text-to-image.
         height: output pixels, a positive multiple of the tokenizer's pixels per
-            token (16); defaults to the input images' height when editing, else 256.
+            token (16); defaults to the input images' height when editing, else
+            the model's default.
         width: output pixels, like ``height``.
         cfg: text guidance scale (1 disables the unconditional branch), or any
-            `nextstep.samplers.guidance.Guidance` object.
+            `nextstep.samplers.guidance.Guidance` object; default: the model's.
         cfg_img: image guidance scale for editing (default 2.0; 1 drops the
             third branch). An error without ``images``.
         cfg_schedule: how the scales change over the tokens of an image:
             ``constant``, ``linear_increasing``, ``linear_decreasing``
-            (``linear`` is the release's name for ``linear_decreasing``).
+            (``linear`` is the release's name for ``linear_decreasing``); default:
+            the model's. Ignored when ``cfg`` is a Guidance object.
         num_steps: head integration steps per token, or a
-            `nextstep.samplers.step_schedule.StepSchedule` (fewer steps for later tokens).
+            `nextstep.samplers.step_schedule.StepSchedule` (fewer steps for later
+            tokens); default: the model's.
         shift: time shift of the sampling grid (default 1.0, or 3.2 when editing).
         seed: base seed.
         negative_prompt: text of the unconditional branches (default ``""``, or
@@ -260,6 +267,10 @@ def generate_tokens(
     """
     prompts = _check_prompts(prompts)
     editing = images is not None
+    defaults = model.config.generation
+    cfg = defaults.cfg if cfg is None else cfg
+    cfg_schedule = defaults.cfg_schedule if cfg_schedule is None else cfg_schedule
+    num_steps = defaults.num_steps if num_steps is None else num_steps
     if cfg_img is not None and not editing:
         raise ValueError("cfg_img is the image guidance of editing; it needs input images, found images=None")
     if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nextstep.config import ComponentSpec, Config, require
+from nextstep.generation_defaults import GenerationDefaults
 
 
 @dataclass
@@ -23,6 +24,7 @@ class ModelConfig(Config):
         image_first_probability: chance that a training pair is ordered image-first
             (text dropout for classifier-free guidance; 0.3 in the release).
         use_norm: LayerNorm each sampled token before it is fed back and decoded.
+        generation: the sampling settings generation uses when a call leaves them unset.
     """
 
     image_tokenizer: ComponentSpec
@@ -35,6 +37,7 @@ class ModelConfig(Config):
     image_loss_weight: float = 1.0
     image_first_probability: float = 0.3
     use_norm: bool = False
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     def validate(self) -> None:
         for kind in ComponentSpec.kinds:
@@ -45,3 +48,5 @@ class ModelConfig(Config):
         require(self.image_loss_weight >= 0, "image_loss_weight", self.image_loss_weight, ">= 0")
         require(0 <= self.image_first_probability <= 1, "image_first_probability",
                 self.image_first_probability, "in [0, 1]")
+        require(isinstance(self.generation, GenerationDefaults), "generation", self.generation,
+                "a GenerationDefaults")

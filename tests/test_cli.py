@@ -40,3 +40,4 @@ def test_info_of_a_saved_model(tmp_path, tiny_model, capsys):
     assert main(["info", str(tmp_path / "m"), "--config"]) == 0
     out = capsys.readouterr().out
     assert "flow_matching" in out and '"tie_word_embeddings": false' in out
+    assert "generation: cfg 7.5 (constant), 50 steps, 256x256" in out

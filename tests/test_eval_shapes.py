@@ -98,8 +98,20 @@ def test_held_out_prompts_never_occur_as_training_captions():
     captions = {training.scene(i).caption for i in range(4000)}
     assert not prompts & captions
     # The same prompts in the uncoloured categories are caption forms training uses for other keys.
-    all_prompts = {e["prompt"] for e in geneval_prompts(held_out=False)}
+    all_prompts = {e["prompt"] for e in geneval_prompts("all")}
     assert len(captions & all_prompts) > 50
+
+
+def test_seen_and_held_out_prompts_split_every_prompt():
+    held_out, seen, every = (geneval_prompts(c) for c in ("held_out", "seen", "all"))
+    single = [e for e in every if e["tag"] == "single_object"]
+    assert [e for e in seen if e["tag"] == "single_object"] == single  # nothing held out: in both
+    assert [e for e in held_out if e["tag"] == "single_object"] == single
+    rest = lambda entries: {e["prompt"] for e in entries if e["tag"] != "single_object"}  # noqa: E731
+    assert rest(seen) | rest(held_out) == rest(every) and not rest(seen) & rest(held_out)
+    assert {e["tag"] for e in seen} == set(GENEVAL_TAGS)
+    with pytest.raises(ValueError, match="combinations must be one of"):
+        geneval_prompts("train")
 
 
 def test_run_writes_report_json_markdown_and_grid(tmp_path):
@@ -118,6 +130,13 @@ def test_run_writes_report_json_markdown_and_grid(tmp_path):
     assert Image.open(tmp_path / "samples.png").size == (2 * 64, 6 * 64)
     assert set(saved["tokenizer_ceiling"]) == set(GENEVAL_TAGS)
     assert "tokenizer ceiling" in (tmp_path / "report.md").read_text()
+    assert saved["combinations"] == "held_out"
+    assert set(saved["empty"]) == set(GENEVAL_TAGS) and all(0 <= v <= 1 for v in saved["empty"].values())
+    assert "| empty |" in (tmp_path / "report.md").read_text()
+    assert all(len(d["box"]) == 4 for line in lines for d in json.loads(line)["detections"])
+    seen = run_shapes_geneval(model, images_per_tag=1, settings=SamplingSettings(num_steps=1, batch_size=6),
+                              with_ceiling=False, combinations="seen")
+    assert seen.combinations == "seen" and seen.tokenizer_ceiling == {}
 
 
 def test_the_shipped_tokenizer_keeps_ground_truth_readable():

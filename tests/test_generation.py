@@ -220,3 +220,38 @@ def test_guidance_object_with_three_branches_needs_images(tiny_model):
 
     with pytest.raises(ValueError, match="needs input images"):
         tiny_model.generate("x", height=16, width=16, num_steps=1, cfg=ImageEditingGuidance(2.0, 2.0))
+
+
+# ------------------------------------------------------------- the model's own defaults
+def test_unset_sampling_arguments_come_from_the_models_generation_defaults(trained_like_model):
+    from nextstep.generation_defaults import GenerationDefaults
+
+    model = trained_like_model
+    model.config = model.config.replace(generation=GenerationDefaults(
+        cfg=2.0, cfg_schedule="linear_increasing", num_steps=3, height=32, width=48))
+    implicit, grid_h, grid_w = generate_tokens(model, ["a cat"], seed=4)
+    explicit, _, _ = generate_tokens(model, ["a cat"], seed=4, cfg=2.0, cfg_schedule="linear_increasing",
+                                     num_steps=3, height=32, width=48)
+    assert (grid_h, grid_w) == model.image_tokenizer.grid_size(32, 48)
+    assert torch.equal(implicit, explicit)
+    constant, _, _ = generate_tokens(model, ["a cat"], seed=4, cfg_schedule="constant")
+    assert not torch.allclose(constant, implicit)  # an explicit argument wins
+
+
+def test_release_defaults_apply_without_model_settings(tiny_model):
+    defaults = tiny_model.config.generation
+    assert (defaults.cfg, defaults.cfg_schedule, defaults.num_steps, defaults.height, defaults.width) == \
+        (7.5, "constant", 50, 256, 256)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(cfg=-1.0), "cfg"),
+    (dict(cfg_schedule="cosine"), "guidance schedule"),
+    (dict(num_steps=0), "num_steps"),
+    (dict(height=2.5), "height"),
+])
+def test_bad_generation_defaults_are_refused(changes, match):
+    from nextstep.generation_defaults import GenerationDefaults
+
+    with pytest.raises(ValueError, match=match):
+        GenerationDefaults(**changes)

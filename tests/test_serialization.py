@@ -118,3 +118,26 @@ def test_unregistered_component_cannot_be_saved_silently(tiny_model, tmp_path):
     tiny_model.sampler = MySampler()
     with pytest.raises(ValueError, match="register_component"):
         tiny_model.save_pretrained(tmp_path / "m")
+
+
+def test_generation_defaults_travel_with_the_model(tiny_model, tmp_path):
+    from nextstep.generation_defaults import GenerationDefaults
+
+    tiny_model.config = tiny_model.config.replace(generation=GenerationDefaults(cfg=3.0, num_steps=20,
+                                                                                height=64, width=64))
+    tiny_model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["generation"] == {"cfg": 3.0, "cfg_schedule": "constant", "num_steps": 20, "height": 64,
+                                   "width": 64}
+    assert NextStep.from_pretrained(tmp_path / "m").config.generation == tiny_model.config.generation
+    # a config written before the field existed, or one naming only some settings
+    del saved["generation"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(saved))
+    assert NextStep.from_pretrained(tmp_path / "m").config.generation == GenerationDefaults()
+    saved["generation"] = {"num_steps": 10}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(saved))
+    assert NextStep.from_pretrained(tmp_path / "m").config.generation == GenerationDefaults(num_steps=10)
+    saved["generation"] = {"steps": 10}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="unknown key"):
+        NextStep.from_pretrained(tmp_path / "m")

@@ -32,9 +32,21 @@ def test_the_default_model_loads_by_name_and_generates():
     assert all(min(image.convert("L").tobytes()) < 200 for image in images)
 
 
-def test_generate_uses_the_shipped_model_by_default(tmp_path, capsys):
+def test_generate_uses_the_shipped_model_and_its_settings_by_default(tmp_path, capsys):
+    from PIL import Image
+
     assert main(["generate", "a red circle", "--steps", "4", "--output", str(tmp_path), "--quiet"]) == 0
-    assert (tmp_path / "000-a-red-circle-0.png").is_file()
+    assert Image.open(tmp_path / "000-a-red-circle-0.png").size == (64, 64)  # the model's own size
+
+
+def test_the_shipped_model_carries_the_sampling_settings_it_was_tuned_for():
+    shipped = json.loads((bundled_model_path(DEFAULT_MODEL) / "config.json").read_text())
+    tuned = json.loads((ROOT / "benchmarks" / "results" / "guidance_sweep_emoji_shapes_64.json").read_text())
+    generation = load_model(DEFAULT_MODEL).config.generation
+    assert (generation.height, generation.width) == (64, 64)
+    assert shipped["generation"]["cfg"] == tuned["chosen"]["cfg"]
+    assert shipped["generation"]["cfg_schedule"] == tuned["chosen"]["cfg_schedule"]
+    assert shipped["generation"]["num_steps"] == tuned["num_steps"]
 
 
 def test_the_shipped_model_is_what_its_recipes_describe():
@@ -43,7 +55,9 @@ def test_the_shipped_model_is_what_its_recipes_describe():
     # Every later run continues from the model its predecessor wrote.
     for stage, previous in (("emoji_shapes_64_stage2", "emoji_shapes_64"),
                             ("emoji_shapes_64_stage3", "emoji_shapes_64_stage2"),
-                            ("emoji_shapes_64_stage4", "emoji_shapes_64_stage3")):
+                            ("emoji_shapes_64_stage4", "emoji_shapes_64_stage3"),
+                            ("emoji_shapes_64_stage5", "emoji_shapes_64_stage4"),
+                            ("emoji_shapes_64_stage6", "emoji_shapes_64_stage5")):
         assert load_recipe(stage).model == f"outputs/train/{previous}/model"
     shipped = json.loads((bundled_model_path(DEFAULT_MODEL) / "config.json").read_text())
     backbone = shipped["backbone"]

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable
 
 from nextstep.config import require
+from nextstep.samplers.guidance_schedule import resolve_guidance_schedule
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -21,6 +22,8 @@ class SamplingSettings:
         height: image height in pixels.
         width: image width in pixels.
         cfg: classifier-free guidance scale.
+        cfg_schedule: how the guidance scale changes over an image's tokens
+            (`nextstep.samplers.guidance_schedule.GUIDANCE_SCHEDULES`).
         num_steps: head steps per token.
         seed: seed of image 0; image ``i`` of a run uses ``seed + i`` whatever the batch size.
         batch_size: images generated together.
@@ -31,6 +34,7 @@ class SamplingSettings:
     height: int = 64
     width: int = 64
     cfg: float = 3.0
+    cfg_schedule: str = "constant"
     num_steps: int = 20
     seed: int = 0
     batch_size: int = 16
@@ -40,6 +44,7 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         require(self.num_steps >= 1, "num_steps", self.num_steps, ">= 1")
+        resolve_guidance_schedule(self.cfg_schedule)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +72,7 @@ def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSet
             batch = prompts[start:start + settings.batch_size]
             tokens, grid_h, grid_w = generate_tokens(
                 model, batch, height=settings.height, width=settings.width, cfg=settings.cfg,
+                cfg_schedule=settings.cfg_schedule,
                 num_steps=settings.num_steps, seed=settings.seed + start, sampler=settings.sampler,
                 temperature=settings.temperature,
             )

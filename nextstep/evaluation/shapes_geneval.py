@@ -4,8 +4,9 @@ Prompts are written in GenEval's metadata format (``tag``, ``prompt``,
 ``include`` and ``exclude`` requirements with ``class``, ``count``, ``color``
 and ``position``) and scored by GenEval's rule: for every ``include`` entry the
 ``count`` best detections of its class must exist, have its colour, and stand in
-its relation to every detection matched by the entry it refers to; no
-``exclude`` entry may be met. The per-category score is the share of correct
+its relation to every detection matched by the entry it refers to (GenEval's box
+rule, `nextstep.training.data.shapes.relations.box_relations`); no ``exclude``
+entry may be met. The per-category score is the share of correct
 images; the overall score is the mean of the six categories.
 
 Only held-out combinations are prompted
@@ -24,12 +25,14 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from nextstep.config import require
 from nextstep.evaluation.sampling import SamplingSettings, generate_images
 from nextstep.evaluation.shapes_detector import Detection, DetectorConfig, detect_shapes
 from nextstep.training.data.shapes.combinations import GENEVAL_TAGS, all_keys, combination_key, held_out_keys
+from nextstep.training.data.shapes.relations import box_relations
 from nextstep.training.data.shapes.render import render_scene
 from nextstep.training.data.shapes.world import (
-    centres_satisfy,
+    COMBINATION_MODES,
     count_phrase,
     position_phrase,
     sample_scene,
@@ -70,14 +73,22 @@ def geneval_entry(tag: str, key: tuple) -> dict:
     raise ValueError(f"tag must be one of {list(GENEVAL_TAGS)}, found {tag!r}")
 
 
-def geneval_prompts(held_out: bool = True) -> list[dict]:
-    """GenEval metadata for every held-out prompt (``held_out=False``: every prompt), tag by tag."""
+def geneval_prompts(combinations: str = "held_out") -> list[dict]:
+    """GenEval metadata of every prompt of ``combinations``, tag by tag.
+
+    Args:
+        combinations: ``held_out`` (the prompts training never sees; the
+            evaluation's), ``seen`` (training's own combinations, for choosing
+            sampling settings without looking at held-out prompts) or ``all``.
+            ``single_object`` holds nothing out and always gives its three prompts.
+    """
+    require(combinations in COMBINATION_MODES, "combinations", combinations, f"one of {list(COMBINATION_MODES)}")
     entries = []
     for tag in GENEVAL_TAGS:
-        keys = held_out_keys(tag) if held_out else set(all_keys(tag))
-        if held_out and not keys:
-            keys = set(all_keys(tag))  # single_object: three prompts, nothing to hold out
-        entries.extend(geneval_entry(tag, key) for key in all_keys(tag) if key in keys)
+        held_out = held_out_keys(tag)
+        for key in all_keys(tag):
+            if combinations == "all" or not held_out or (key in held_out) == (combinations == "held_out"):
+                entries.append(geneval_entry(tag, key))
     return entries
 
 
@@ -103,7 +114,7 @@ def score_image(detections: list[Detection], entry: dict) -> tuple[bool, str]:
             if targets is None:
                 ok = False
                 reason = reason or f"no {entry['include'][target]['class']} to be {relation}"
-            elif not all(centres_satisfy(relation, d.center, t.center) for d in found for t in targets):
+            elif not all(relation in box_relations(d.box, t.box) for d in found for t in targets):
                 ok = False
                 reason = reason or f"{shape} is not {relation} the {entry['include'][target]['class']}"
         correct = correct and ok
@@ -125,6 +136,10 @@ class GenEvalReport:
         per_tag: share of correct images per category.
         images_per_tag: images scored per category.
         settings: the sampling settings.
+        tokenizer_ceiling: per category, the score of ground truth through the image tokenizer.
+        combinations: which prompts were scored (`geneval_prompts`).
+        empty: per category, the share of images in which the detector found no object at all
+            (a model that leaves the canvas blank, rather than drawing the wrong thing).
     """
 
     overall: float
@@ -132,18 +147,22 @@ class GenEvalReport:
     images_per_tag: dict[str, int]
     settings: dict = field(default_factory=dict)
     tokenizer_ceiling: dict[str, float] = field(default_factory=dict)
+    combinations: str = "held_out"
+    empty: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def to_markdown(self) -> str:
-        ceiling = self.tokenizer_ceiling
-        lines = ["| category | score | images |" + (" tokenizer ceiling |" if ceiling else ""),
-                 "|---|---|---|" + ("---|" if ceiling else "")]
+        ceiling, empty = self.tokenizer_ceiling, self.empty
+        lines = ["| category | score | images |" + (" empty |" if empty else "")
+                 + (" tokenizer ceiling |" if ceiling else ""),
+                 "|---|---|---|" + ("---|" if empty else "") + ("---|" if ceiling else "")]
         for tag, value in self.per_tag.items():
-            extra = f" {ceiling[tag]:.3f} |" if tag in ceiling else ""
+            extra = (f" {empty[tag]:.2f} |" if empty else "") + (f" {ceiling[tag]:.3f} |" if ceiling else "")
             lines.append(f"| {tag} | {value:.3f} | {self.images_per_tag[tag]} |{extra}")
-        extra = f" **{sum(ceiling.values()) / len(ceiling):.3f}** |" if ceiling else ""
+        extra = (f" {sum(empty.values()) / len(empty):.2f} |" if empty else "") + (
+            f" **{sum(ceiling.values()) / len(ceiling):.3f}** |" if ceiling else "")
         lines.append(f"| **overall** | **{self.overall:.3f}** | {sum(self.images_per_tag.values())} |{extra}")
         return "\n".join(lines)
 
@@ -182,8 +201,12 @@ def tokenizer_ceiling(model: "NextStep", images_per_tag: int = 48, size: int = 6
 def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_per_tag: int = 48,
                        settings: SamplingSettings | None = None, detector: DetectorConfig | None = None,
                        progress: Callable[[int, int], None] | None = None,
-                       with_ceiling: bool = True) -> GenEvalReport:
+                       with_ceiling: bool = True, combinations: str = "held_out") -> GenEvalReport:
     """Generate ``images_per_tag`` images per category (cycling its prompts), detect and score them.
+
+    ``combinations`` picks the prompts (`geneval_prompts`): the held-out ones by
+    default; ``seen`` scores training's own combinations, the place to choose
+    sampling settings.
 
     With ``with_ceiling`` the report also holds `tokenizer_ceiling` for as many
     ground-truth scenes per category.
@@ -196,25 +219,27 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
 
     settings = settings or SamplingSettings()
     by_tag: dict[str, list[dict]] = defaultdict(list)
-    for entry in geneval_prompts():
+    for entry in geneval_prompts(combinations):
         by_tag[entry["tag"]].append(entry)
     plan = [(tag, by_tag[tag][i % len(by_tag[tag])]) for tag in GENEVAL_TAGS for i in range(images_per_tag)]
     images = generate_images(model, [entry["prompt"] for _, entry in plan], settings, progress)
-    results, correct_by_tag = [], defaultdict(list)
+    results, correct_by_tag, empty_by_tag = [], defaultdict(list), defaultdict(list)
     for index, ((tag, entry), image) in enumerate(zip(plan, images)):
         detections = detect_shapes(image, detector)
         correct, reason = score_image(detections, entry)
         correct_by_tag[tag].append(correct)
+        empty_by_tag[tag].append(not detections)
         results.append({"index": index, "tag": tag, "prompt": entry["prompt"], "correct": correct,
                         "reason": reason, "detections": [
-                            {"shape": d.shape, "colour": d.colour, "center": list(d.center),
+                            {"shape": d.shape, "colour": d.colour, "center": list(d.center), "box": list(d.box),
                              "score": round(d.score, 4)} for d in detections]})
     per_tag = {tag: sum(v) / len(v) for tag, v in correct_by_tag.items()}
     report = GenEvalReport(overall=sum(per_tag.values()) / len(per_tag), per_tag=per_tag,
                            images_per_tag={tag: len(v) for tag, v in correct_by_tag.items()},
                            settings=settings.to_dict(),
                            tokenizer_ceiling=tokenizer_ceiling(model, images_per_tag, settings.height, detector)
-                           if with_ceiling else {})
+                           if with_ceiling else {}, combinations=combinations,
+                           empty={tag: sum(v) / len(v) for tag, v in empty_by_tag.items()})
     if output is not None:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)

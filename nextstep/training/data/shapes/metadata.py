@@ -7,6 +7,7 @@ rendering at any resolution; `ShapeObject.bbox` converts to pixels.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,14 @@ class ShapeObject:
         side = self.size * min(width, height)
         cx, cy = self.center[0] * width, self.center[1] * height
         return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+
+    def drawn_box(self, width: int = 1, height: int = 1) -> tuple[float, float, float, float]:
+        """The tight box of the drawn shape: `bbox`, less the empty rows above and below a triangle."""
+        left, top, right, bottom = self.bbox(width, height)
+        if self.shape == "triangle":
+            cy, half = (top + bottom) / 2, (right - left) * math.sqrt(3) / 4
+            return (left, cy - half, right, cy + half)
+        return (left, top, right, bottom)
 
     def to_dict(self) -> dict[str, Any]:
         return {"shape": self.shape, "colour": self.colour, "center": list(self.center), "size": self.size}

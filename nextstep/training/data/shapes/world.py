@@ -27,6 +27,7 @@ from nextstep.training.data.shapes.metadata import (
     Scene,
     ShapeObject,
 )
+from nextstep.training.data.shapes.relations import POSITION_THRESHOLD, box_relations, centres_satisfy
 from nextstep.training.data.shapes.render import render_scene
 
 RELATION_WORDS = {"left of": "to the left of", "right of": "to the right of", "above": "above",
@@ -77,32 +78,19 @@ def _place(rng: random.Random, count: int, size_range: tuple[float, float],
     return placed if len(placed) == count else None
 
 
-def centres_satisfy(relation: str, subject: tuple[float, float], reference: tuple[float, float],
-                    margin: float = 0.0) -> bool:
-    """Whether a ``subject`` centre is ``relation`` a ``reference`` centre.
-
-    The offset along the relation's axis must exceed ``margin`` (a fraction of
-    the image side) and be larger than the offset along the other axis.
-    """
-    dx = subject[0] - reference[0]
-    dy = subject[1] - reference[1]
-    if relation == "left of":
-        return dx < -margin and abs(dx) > abs(dy)
-    if relation == "right of":
-        return dx > margin and abs(dx) > abs(dy)
-    if relation == "above":
-        return dy < -margin and abs(dy) > abs(dx)
-    if relation == "below":
-        return dy > margin and abs(dy) > abs(dx)
-    raise ValueError(f"relation must be one of {list(RELATIONS)}, found {relation!r}")
+#: Extra box threshold a captioned relation must clear beyond GenEval's, so that
+#: ground truth still scores correct after its boxes are rounded to pixels.
+RELATION_SLACK = 0.05
 
 
 def _holds(relation: str, subject: ShapeObject, reference: ShapeObject, margin: float = 0.1) -> bool:
-    return centres_satisfy(relation, subject.center, reference.center, margin)
+    """Whether a caption may state ``relation``: the axis rule with ``margin``, and GenEval's box rule with slack."""
+    return centres_satisfy(relation, subject.center, reference.center, margin) and relation in box_relations(
+        subject.drawn_box(), reference.drawn_box(), POSITION_THRESHOLD + RELATION_SLACK)
 
 
 def relation_holds(scene: Scene) -> bool:
-    """Whether a ``position`` scene's objects satisfy its stated relation (centre offsets)."""
+    """Whether a ``position`` scene's objects satisfy its stated relation (by both rules of `_holds`)."""
     if scene.relation is None:
         return True
     rel = scene.relation

@@ -1,0 +1,96 @@
+"""Choose a model's guidance settings on the shapes prompts training has seen.
+
+Runs the shapes GenEval on the *seen* combinations (never the held-out ones)
+for every guidance scale and schedule of the grid, then scores the held-out
+prompts with the best setting and with the evaluation's default (CFG 3,
+constant), so the choice never looks at the prompts it is judged on.
+
+Usage:
+    python benchmarks/guidance_sweep.py [--model emoji-shapes-64] [--images-per-tag 100]
+        [--scales 1,1.5,2,3,4,5,7.5] [--schedules constant,linear_increasing] [--out DIR]
+
+Writes guidance_sweep_<model>.json and .md into --out (default benchmarks/results).
+The chosen setting is what the model's ``config.json`` should carry in its
+``generation`` block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine  # noqa: E402
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="emoji-shapes-64")
+    parser.add_argument("--images-per-tag", type=int, default=100)
+    parser.add_argument("--scales", type=_floats, default=[1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5])
+    parser.add_argument("--schedules", default="constant,linear_increasing")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown files")
+    args = parser.parse_args(argv)
+
+    from nextstep import load_model
+    from nextstep.evaluation.sampling import SamplingSettings
+    from nextstep.evaluation.shapes_geneval import run_shapes_geneval
+    from nextstep.io import atomic_write_text
+
+    model = load_model(args.model).eval()
+    schedules = [s for s in args.schedules.split(",") if s]
+    grid = [(scale, schedule) for scale in args.scales for schedule in schedules
+            if scale != 1.0 or schedule == schedules[0]]  # every schedule is the same at scale 1
+
+    def score(scale: float, schedule: str, combinations: str) -> dict:
+        settings = SamplingSettings(height=args.size, width=args.size, cfg=scale, cfg_schedule=schedule,
+                                    num_steps=args.steps, batch_size=args.batch_size)
+        start = time.perf_counter()
+        report = run_shapes_geneval(model, images_per_tag=args.images_per_tag, settings=settings,
+                                    with_ceiling=False, combinations=combinations)
+        row = {"cfg": scale, "cfg_schedule": schedule, "combinations": combinations,
+               "overall": report.overall, "per_tag": report.per_tag, "empty": report.empty,
+               "seconds": round(time.perf_counter() - start, 1)}
+        print(f"{combinations:>8}  cfg {scale:<4} {schedule:<18} overall {report.overall:.3f}  "
+              + " ".join(f"{tag} {value:.2f}" for tag, value in report.per_tag.items())
+              + f"  empty single_object {report.empty['single_object']:.2f}", flush=True)
+        return row
+
+    seen = [score(scale, schedule, "seen") for scale, schedule in grid]
+    best = max(seen, key=lambda row: row["overall"])
+    held_out = [score(best["cfg"], best["cfg_schedule"], "held_out")]
+    if (best["cfg"], best["cfg_schedule"]) != (3.0, "constant"):
+        held_out.append(score(3.0, "constant", "held_out"))
+
+    name = f"guidance_sweep_{Path(args.model).name.replace('-', '_')}"
+    payload = {"model": args.model, "images_per_tag": args.images_per_tag, "num_steps": args.steps,
+               "seen": seen, "chosen": {"cfg": best["cfg"], "cfg_schedule": best["cfg_schedule"]},
+               "held_out": held_out}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{name}.json"
+    atomic_write_text(path, json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    tags = list(seen[0]["per_tag"])
+    lines = [f"Shapes GenEval of {args.model}, {args.images_per_tag} images per category, "
+             f"{args.steps} head steps.", "",
+             "| prompts | cfg | schedule | overall | " + " | ".join(tags) + " | empty single_object |",
+             "|---|---|---|---|" + "---|" * (len(tags) + 1)]
+    for row in seen + held_out:
+        lines.append(f"| {row['combinations']} | {row['cfg']:g} | {row['cfg_schedule']} | {row['overall']:.3f} | "
+                     + " | ".join(f"{row['per_tag'][t]:.2f}" for t in tags) + f" | {row['empty']['single_object']:.2f} |")
+    atomic_write_text(args.out / f"{name}.md", "\n".join(lines) + "\n")
+    print(f"chosen on seen prompts: cfg {best['cfg']:g}, {best['cfg_schedule']}; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""The sampling settings a model recommends, saved with it in ``config.json``.
+
+`nextstep.generation.generate_tokens` (and so ``model.generate``, ``nextstep
+generate`` and ``nextstep eval``) fills every sampling argument the caller leaves
+unset from ``model.config.generation``. The defaults are the NextStep-1
+release's sampling settings (guidance 7.5, constant, 50 head steps) at 256x256,
+the first resolution it trains at (the release's own default size is 512x512,
+four times the tokens); a trained model stores the settings it was tuned for
+(the shipped ``emoji-shapes-64`` does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nextstep.config import Config, require
+from nextstep.samplers.guidance_schedule import resolve_guidance_schedule
+
+
+@dataclass
+class GenerationDefaults(Config):
+    """Sampling settings used when a call leaves them unset.
+
+    Args:
+        cfg: classifier-free guidance scale (1 disables the unconditional branch).
+        cfg_schedule: how the scale changes over an image's tokens
+            (`nextstep.samplers.guidance_schedule.GUIDANCE_SCHEDULES`).
+        num_steps: head integration steps per token.
+        height: text-to-image output height in pixels.
+        width: text-to-image output width in pixels.
+    """
+
+    cfg: float = 7.5
+    cfg_schedule: str = "constant"
+    num_steps: int = 50
+    height: int = 256
+    width: int = 256
+
+    def validate(self) -> None:
+        require(not isinstance(self.cfg, bool) and isinstance(self.cfg, (int, float)) and self.cfg >= 0,
+                "cfg", self.cfg, "a number >= 0")
+        resolve_guidance_schedule(self.cfg_schedule)
+        for name in ("num_steps", "height", "width"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value,
+                    "an integer >= 1")

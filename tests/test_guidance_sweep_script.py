@@ -1,0 +1,26 @@
+"""benchmarks/guidance_sweep.py chooses guidance on seen prompts and only then scores held-out ones."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "guidance_sweep.py"
+
+
+def test_sweep_writes_the_choice_and_its_held_out_scores(tmp_path):
+    spec = importlib.util.spec_from_file_location("guidance_sweep", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--model", "tiny", "--images-per-tag", "1", "--scales", "1,2", "--steps", "1",
+                        "--size", "32", "--batch-size", "6", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "guidance_sweep_tiny.json").read_text())
+    # scale 1 is the same for every schedule, so it runs once
+    assert [(r["cfg"], r["cfg_schedule"]) for r in result["seen"]] == [
+        (1.0, "constant"), (2.0, "constant"), (2.0, "linear_increasing")]
+    assert all(r["combinations"] == "seen" for r in result["seen"])
+    best = max(result["seen"], key=lambda r: r["overall"])
+    assert result["chosen"] == {"cfg": best["cfg"], "cfg_schedule": best["cfg_schedule"]}
+    held_out = result["held_out"]
+    assert held_out[0]["combinations"] == "held_out"
+    assert (held_out[0]["cfg"], held_out[0]["cfg_schedule"]) == (best["cfg"], best["cfg_schedule"])
+    assert "| held_out |" in (tmp_path / "guidance_sweep_tiny.md").read_text()
