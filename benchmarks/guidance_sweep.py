@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|" + "---|" * (len(tags) + 1)]
     for row in seen + held_out:
         lines.append(f"| {row['combinations']} | {row['cfg']:g} | {row['cfg_schedule']} | {row['overall']:.3f} | "
-                     + " | ".join(f"{row['per_tag'][t]:.2f}" for t in tags) + f" | {row['empty']['single_object']:.2f} |")
+                     + " | ".join(f"{row['per_tag'][t]:.2f}" for t in tags)
+                     + f" | {row['empty']['single_object']:.2f} |")
     atomic_write_text(args.out / f"{name}.md", "\n".join(lines) + "\n")
     print(f"chosen on seen prompts: cfg {best['cfg']:g}, {best['cfg_schedule']}; wrote {path}")
     return 0

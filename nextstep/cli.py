@@ -280,8 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"a saved model directory, a shipped model {bundled_models()} or a preset "
                           f"{model_names()} (random weights); default {DEFAULT_MODEL}")
     gen.add_argument("--output", "-o", default="outputs", help="directory for the PNG files")
-    gen.add_argument("--height", type=_positive_int, default=None, help="pixels (default: the model's, or the --image's)")
-    gen.add_argument("--width", type=_positive_int, default=None, help="pixels (default: the model's, or the --image's)")
+    gen.add_argument("--height", type=_positive_int, default=None,
+                     help="pixels (default: the model's, or the --image's)")
+    gen.add_argument("--width", type=_positive_int, default=None,
+                     help="pixels (default: the model's, or the --image's)")
     gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     gen.add_argument("--cfg-schedule", default=None,
                      help="constant, linear_increasing or linear_decreasing (the release's 'linear'); "
@@ -350,10 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--suite", nargs="+", choices=EVAL_SUITES + ("all",), default=["all"])
     evaluate.add_argument("--output", "-o", default="outputs/eval")
     evaluate.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
-    evaluate.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    evaluate.add_argument("--cfg", type=float, default=None,
+                          help="classifier-free guidance scale (default: the model's)")
     evaluate.add_argument("--cfg-schedule", default=None,
                           help="constant, linear_increasing or linear_decreasing (default: the model's)")
-    evaluate.add_argument("--steps", type=_positive_int, default=None, help="head steps per token (default: the model's)")
+    evaluate.add_argument("--steps", type=_positive_int, default=None,
+                          help="head steps per token (default: the model's)")
     evaluate.add_argument("--sampler", default=None, help="a registered sampler name (default: the model's)")
     evaluate.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
     evaluate.add_argument("--seed", type=int, default=0)
