@@ -47,19 +47,17 @@ def main() -> int:
     from nextstep.io import atomic_path
 
     model = load_model("emoji-shapes-64").eval()
-    own = model.config.generation
-    cfg = own.cfg if args.cfg is None else args.cfg
-    schedule = own.cfg_schedule if args.cfg_schedule is None else args.cfg_schedule
-    steps = own.num_steps if args.steps is None else args.steps
+    chosen = model.config.generation.overridden(cfg=args.cfg, cfg_schedule=args.cfg_schedule, num_steps=args.steps)
     images = []
     with torch.no_grad():
         for _, prompt in PROMPTS:
-            images += model.generate(prompt, height=64, width=64, cfg=cfg, cfg_schedule=schedule, num_steps=steps,
-                                     seed=0, num_images_per_prompt=8)
+            images += model.generate(prompt, height=64, width=64, cfg=chosen.cfg, cfg_schedule=chosen.cfg_schedule,
+                                     num_steps=chosen.num_steps, seed=0, num_images_per_prompt=8)
     grid = image_grid(images, columns=8)
     with atomic_path(args.output) as tmp:
         grid.save(tmp, format="PNG")
-    path = write_results("shipped_model_samples", {"cfg": cfg, "cfg_schedule": schedule, "steps": steps,
+    path = write_results("shipped_model_samples", {"cfg": chosen.cfg, "cfg_schedule": chosen.cfg_schedule,
+                                                   "steps": chosen.num_steps,
                                                    "seeds": list(range(8)),
                                                    "rows": [{"kind": k, "prompt": p} for k, p in PROMPTS]})
     print(f"wrote {args.output} and {path}")

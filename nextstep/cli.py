@@ -40,21 +40,17 @@ def command_generate(args: argparse.Namespace) -> int:
         if not Path(args.image).is_file():
             raise FileNotFoundError(f"expected an input image at {args.image}, found nothing")
         source = Image.open(args.image).convert("RGB")
-    defaults = model.config.generation
-    height = args.height or (source.height if source is not None else defaults.height)
-    width = args.width or (source.width if source is not None else defaults.width)
-    grid_h, grid_w = model.image_tokenizer.grid_size(height, width)
     written = []
     all_images = []
     for index, prompt in enumerate(args.prompts):
-        bar = tqdm(total=grid_h * grid_w, unit="tok", disable=args.quiet,
-                   desc=f"[{index + 1}/{len(args.prompts)}] {prompt[:30]}")
+        bar = tqdm(unit="tok", disable=args.quiet, desc=f"[{index + 1}/{len(args.prompts)}] {prompt[:30]}")
 
         def progress(done: int, total: int) -> None:
+            bar.total = total
             bar.update(1)
 
         tokens, grid_h, grid_w = generate_tokens(
-            model, [prompt], height=height, width=width, cfg=args.cfg,
+            model, [prompt], height=args.height, width=args.width, cfg=args.cfg,
             num_steps=args.steps, shift=args.shift, seed=args.seed + index * args.num_images,
             negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
             progress=progress, sampler=args.sampler, cfg_schedule=args.cfg_schedule,
@@ -184,13 +180,11 @@ def command_eval(args: argparse.Namespace) -> int:
 
     suites = EVAL_SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
     model = load_model(args.model, device=args.device, seed=args.seed)
-    defaults = model.config.generation
-    settings = SamplingSettings(height=args.size, width=args.size,
-                                cfg=defaults.cfg if args.cfg is None else args.cfg,
-                                cfg_schedule=defaults.cfg_schedule if args.cfg_schedule is None else args.cfg_schedule,
-                                num_steps=defaults.num_steps if args.steps is None else args.steps,
-                                seed=args.seed, batch_size=args.batch_size, sampler=args.sampler,
-                                temperature=args.temperature)
+    chosen = model.config.generation.overridden(cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                                                num_steps=args.steps)
+    settings = SamplingSettings(height=args.size, width=args.size, cfg=chosen.cfg, cfg_schedule=chosen.cfg_schedule,
+                                num_steps=chosen.num_steps, seed=args.seed, batch_size=args.batch_size,
+                                sampler=args.sampler, temperature=args.temperature)
     output = Path(args.output)
     summary: dict = {"model": args.model, "settings": settings.to_dict()}
     sections = []

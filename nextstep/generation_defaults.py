@@ -12,6 +12,7 @@ four times the tokens); a trained model stores the settings it was tuned for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from nextstep.config import Config, require
 from nextstep.samplers.guidance_schedule import resolve_guidance_schedule
@@ -44,3 +45,7 @@ class GenerationDefaults(Config):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value,
                     "an integer >= 1")
+
+    def overridden(self, **values: Any) -> "GenerationDefaults":
+        """These settings with each of ``values`` that is not None in its place (validated again)."""
+        return self.replace(**{name: value for name, value in values.items() if value is not None})

@@ -255,3 +255,13 @@ def test_bad_generation_defaults_are_refused(changes, match):
 
     with pytest.raises(ValueError, match=match):
         GenerationDefaults(**changes)
+
+
+def test_overridden_generation_defaults_keep_what_is_not_given():
+    from nextstep.generation_defaults import GenerationDefaults
+
+    tuned = GenerationDefaults(cfg=4.0, num_steps=20, height=64, width=64)
+    assert tuned.overridden(cfg=None, cfg_schedule="linear_increasing", num_steps=None) == GenerationDefaults(
+        cfg=4.0, cfg_schedule="linear_increasing", num_steps=20, height=64, width=64)
+    with pytest.raises(ValueError, match="num_steps"):
+        tuned.overridden(num_steps=0)
