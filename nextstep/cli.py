@@ -89,7 +89,8 @@ def command_info(args: argparse.Namespace) -> int:
     config = model.current_config()
     rows = [
         ("image_tokenizer", config.image_tokenizer.type, counts["image_tokenizer"]),
-        ("text_tokenizer", config.text_tokenizer.type, None),
+        ("text_tokenizer", config.text_tokenizer.type,
+         None if model.text_tokenizer is None else f"{model.text_tokenizer.vocab_size:,} ids"),
         ("backbone", config.backbone.type, counts["backbone"]),
         ("lm_head", "tied" if model.lm_head.tied else "untied", counts["lm_head"]),
         ("backbone + lm_head", "", counts["backbone"] + counts["lm_head"]),
@@ -100,7 +101,7 @@ def command_info(args: argparse.Namespace) -> int:
     ]
     print(f"model: {args.model}")
     for name, kind, count in rows:
-        shown = "-" if count is None else f"{count:,} ({_human(count)})"
+        shown = "-" if count is None else count if isinstance(count, str) else f"{count:,} ({_human(count)})"
         print(f"  {name:<20} {kind:<14} {shown}")
     generation = config.generation
     print(f"  generation: cfg {generation.cfg:g} ({generation.cfg_schedule}), {generation.num_steps} steps, "

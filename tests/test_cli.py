@@ -41,3 +41,4 @@ def test_info_of_a_saved_model(tmp_path, tiny_model, capsys):
     out = capsys.readouterr().out
     assert "flow_matching" in out and '"tie_word_embeddings": false' in out
     assert "generation: cfg 7.5 (constant), 50 steps, 256x256" in out
+    assert "text_tokenizer       byte           266 ids" in out

@@ -13,7 +13,7 @@ from nextstep.backbones import HFBackboneConfig, Qwen2BackboneConfig, positions_
 from nextstep.heads import FlowMatchingHeadConfig
 from nextstep.registry import component_class, component_names
 from nextstep.samplers import time_grid
-from nextstep.tokenizers import ByteTextTokenizerConfig, FluxVAEConfig, HFTextTokenizerConfig
+from nextstep.tokenizers import ByteTextTokenizerConfig, FluxVAEConfig, HFTextTokenizerConfig, WordTextTokenizerConfig
 from nextstep.tokenizers.special_tokens import NEXTSTEP_SPECIAL_TOKENS
 
 IMAGE_TOKENIZERS = {
@@ -106,6 +106,8 @@ def text_tokenizers(hf_dir):
         "byte": component_class("text_tokenizer", "byte")(ByteTextTokenizerConfig()),
         "huggingface": component_class("text_tokenizer", "huggingface")(
             HFTextTokenizerConfig(path=str(hf_dir))),
+        "word": component_class("text_tokenizer", "word")(WordTextTokenizerConfig(min_count=1)).fit(
+            ["a red circle to the left of a blue square", "16*16"]),
     }
 
 
@@ -125,6 +127,10 @@ def test_text_tokenizer_contract(hf_tokenizer_dir):
         assert tokenizer.begin_of_image_id not in tokenizer.encode("<|begin_of_image|>"), name
         with pytest.raises(ValueError):
             tokenizer.special_token_id("<|no_such_token|>")
+        # Fitting gives a tokenizer of the same kind; a raw byte id, where there is one, decodes to it.
+        assert isinstance(tokenizer.fit([text]), type(tokenizer)), name
+        if tokenizer.byte_id(ord("a")) is not None:
+            assert tokenizer.decode([tokenizer.byte_id(ord("a"))]) == "a", name
 
 
 # ----------------------------------------------------------------------- backbones

@@ -57,9 +57,16 @@ def test_the_shipped_model_is_what_its_recipes_describe():
                             ("emoji_shapes_64_stage3", "emoji_shapes_64_stage2"),
                             ("emoji_shapes_64_stage4", "emoji_shapes_64_stage3"),
                             ("emoji_shapes_64_stage5", "emoji_shapes_64_stage4"),
-                            ("emoji_shapes_64_stage6", "emoji_shapes_64_stage5")):
+                            ("emoji_shapes_64_stage6", "emoji_shapes_64_stage5"),
+                            ("emoji_shapes_64_stage7", "emoji_shapes_64_stage6"),
+                            ("emoji_shapes_64_stage8", "emoji_shapes_64_stage7"),
+                            ("emoji_shapes_64_stage9", "emoji_shapes_64_stage8")):
         assert load_recipe(stage).model == f"outputs/train/{previous}/model"
     shipped = json.loads((bundled_model_path(DEFAULT_MODEL) / "config.json").read_text())
+    # Stage 7 moved the model from bytes to a word vocabulary fitted to its captions.
+    assert load_recipe("emoji_shapes_64_stage7").text_tokenizer == {"type": "word", "min_count": 12}
+    assert shipped["text_tokenizer"]["type"] == "word" and shipped["text_tokenizer"]["min_count"] == 12
+    assert shipped["backbone"]["vocab_size"] == 266 + len(shipped["text_tokenizer"]["words"])
     backbone = shipped["backbone"]
     assert backbone["hidden_size"] == stage1.model_arguments["hidden_size"]
     assert backbone["num_layers"] == stage1.model_arguments["num_layers"]

@@ -63,3 +63,31 @@ def test_shipped_recipes_parse():
     assert large.train.learning_rate == 1e-4 and large.train.warmup_steps == 5000
     assert large.train.precision == "bf16" and large.train.gradient_checkpointing
     assert large.data.multi_aspect and large.data.resolution == 256
+
+
+def test_a_recipe_can_give_the_model_a_word_vocabulary_fitted_to_its_captions(tmp_path):
+    from nextstep.model import NextStep
+    from nextstep.training.data.shapes import ShapesConfig, ShapesDataset
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, text_tokenizer={"type": "word", "min_count": 2})))
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--set", "train.sample_every=0"]) == 0
+    model = NextStep.from_pretrained(out / "model")
+    words = model.text_tokenizer.words
+    assert words and {" circle", " square", " triangle"} & set(words)
+    assert model.backbone.vocab_size == model.text_tokenizer.vocab_size == 266 + len(words)
+    shapes = ShapesDataset(ShapesConfig(num_samples=32, size=32))
+    counts = model.text_tokenizer.count_pieces(shapes.caption(i) for i in range(len(shapes)))
+    assert set(words) == {piece for piece, n in counts.items() if n >= 2}
+    # Resuming fits the same vocabulary again and loads the checkpoint into it.
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "4",
+                 "--set", "train.sample_every=0"]) == 0
+    assert [row["step"] for row in read_log(out / "train_log.csv")] == [1, 2, 3, 4]
+
+
+def test_a_text_tokenizer_without_a_type_is_refused(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, text_tokenizer={"min_count": 2})))
+    assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "text_tokenizer must be a mapping with a 'type' key" in capsys.readouterr().err

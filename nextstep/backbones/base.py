@@ -300,6 +300,14 @@ class Backbone(nn.Module, ABC):
         """The token embedding module (used to tie an LM head)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its embedding table")
 
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        """Replace the token embedding table (V', H), for a new text vocabulary.
+
+        The backbone's config must describe the new table afterwards, so that a
+        saved model loads again; `vocab_size` becomes V'.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot replace its embedding table")
+
 
 class AttentionBackend(ABC):
     """One attention kernel: scaled dot-product attention with grouped key/value heads.

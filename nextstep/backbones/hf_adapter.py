@@ -226,6 +226,20 @@ class HFBackbone(Backbone):
     def input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
 
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        """Replace the table; only for a model built from ``model_config`` (whose
+        ``vocab_size`` then follows), since a ``path`` model reloads its own size."""
+        if not self.config.model_config:
+            raise ValueError(f"the embedding table of a backbone loaded from {self.config.path!r} keeps that "
+                             "checkpoint's size; build the backbone from model_config to change its vocabulary")
+        hidden = self.model.config.hidden_size
+        if embeddings.embedding_dim != hidden:
+            raise ValueError(f"embeddings must be {hidden} wide (hidden_size), found {embeddings.embedding_dim}")
+        self.model.set_input_embeddings(embeddings)
+        self.model.config.vocab_size = embeddings.num_embeddings
+        self.config = self.config.replace(
+            model_config={**self.config.model_config, "vocab_size": embeddings.num_embeddings})
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, L) -> (B, L, H)."""
         return self.model.get_input_embeddings()(input_ids)

@@ -280,6 +280,14 @@ class Qwen2Backbone(Backbone):
     def input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        if embeddings.embedding_dim != self.config.hidden_size:
+            raise ValueError(f"embeddings must be {self.config.hidden_size} wide (hidden_size), "
+                             f"found {embeddings.embedding_dim}")
+        self.embed_tokens = embeddings
+        self.config = self.config.replace(vocab_size=embeddings.num_embeddings)
+        self._compiled_decode = None
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, L) -> (B, L, H)."""
         return self.embed_tokens(input_ids)

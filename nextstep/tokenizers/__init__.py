@@ -10,6 +10,7 @@ from nextstep.tokenizers.latent_normalization import (
     perturb_latents,
     standardize_channels,
 )
+from nextstep.tokenizers.word_text import WordTextTokenizer, WordTextTokenizerConfig
 
 __all__ = [
     "ByteTextTokenizer",
@@ -20,6 +21,8 @@ __all__ = [
     "HFTextTokenizerConfig",
     "ImageTokenizer",
     "TextTokenizer",
+    "WordTextTokenizer",
+    "WordTextTokenizerConfig",
     "denormalize_latents",
     "normalize_latents",
     "perturb_latents",

@@ -10,6 +10,7 @@ Conventions:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -154,6 +155,20 @@ class TextTokenizer(ABC):
 
     def save(self, directory: Path) -> None:
         """Write whatever files the tokenizer needs into ``directory`` (default: none)."""
+
+    def byte_id(self, value: int) -> int | None:
+        """The id that stands for the raw byte ``value`` (0-255), in tokenizers that spell
+        text as bytes; None in those that do not (the default)."""
+        return None
+
+    def fit(self, texts: Iterable[str]) -> "TextTokenizer":
+        """A tokenizer adapted to a training corpus (default: this one, unchanged).
+
+        Tokenizers whose vocabulary is learned from captions (`WordTextTokenizer`)
+        return a new, fitted tokenizer; a recipe that swaps a model's text tokenizer
+        calls this with the run's captions before training starts.
+        """
+        return self
 
     @property
     def pad_id(self) -> int:

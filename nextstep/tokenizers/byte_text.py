@@ -45,14 +45,23 @@ class ByteTextTokenizer(TextTokenizer):
                 continue
             pieces.append(buffer.decode("utf-8", errors="replace"))
             buffer.clear()
-            try:
-                pieces.append(self._special_strings[token])
-            except KeyError:
-                raise ValueError(
-                    f"id {token} is outside the byte tokenizer's vocabulary of {self.vocab_size}"
-                ) from None
+            pieces.append(self._text_of(token))
         pieces.append(buffer.decode("utf-8", errors="replace"))
         return "".join(pieces)
+
+    def _text_of(self, token: int) -> str:
+        """The text of an id above the bytes (a special token here)."""
+        try:
+            return self._special_strings[token]
+        except KeyError:
+            raise ValueError(
+                f"id {token} is outside the {self.registry_name} tokenizer's vocabulary of {self.vocab_size}"
+            ) from None
+
+    def byte_id(self, value: int) -> int:
+        if not 0 <= value < 256:
+            raise ValueError(f"a byte value lies in [0, 256), found {value}")
+        return value
 
     def special_token_id(self, token: str) -> int:
         try:

@@ -48,6 +48,10 @@ class RecipeConfig(Config):
         image_tokenizer: a trained VAE (a folder or file in any layout
             ``nextstep.tokenizers.vae_checkpoints.load_flux_vae`` reads) that
             replaces the model's image tokenizer; its token width must match.
+        text_tokenizer: a text tokenizer spec without ``kind`` (for example
+            ``{"type": "word", "min_count": 2}``) that replaces the model's before
+            training: fitted to the run's captions (`TextTokenizer.fit`), with the
+            embeddings carried over (`nextstep.retokenize.replace_text_tokenizer`).
         data: the training data.
         train: the optimiser, schedule, batch, logging and checkpoint settings.
     """
@@ -56,12 +60,15 @@ class RecipeConfig(Config):
     model_arguments: dict = field(default_factory=dict)
     model_seed: int = 0
     image_tokenizer: str = ""
+    text_tokenizer: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=lambda: DataConfig(datasets=({"type": "shapes"},)))
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
         require(bool(self.model), "model", self.model, "a preset name or a model directory")
         require(isinstance(self.model_arguments, dict), "model_arguments", self.model_arguments, "a mapping")
+        require(isinstance(self.text_tokenizer, dict) and (not self.text_tokenizer or "type" in self.text_tokenizer),
+                "text_tokenizer", self.text_tokenizer, "a mapping with a 'type' key, or empty")
 
 
 def recipe_search_paths() -> list[Path]:
@@ -144,6 +151,21 @@ def build_recipe_model(recipe: RecipeConfig):
     return model
 
 
+def recipe_text_tokenizer(recipe: RecipeConfig, data):
+    """The text tokenizer ``recipe.text_tokenizer`` names, fitted to every caption of ``data``
+    (repeated datasets count once per repeat)."""
+    from nextstep.builders import build_component
+    from nextstep.config import ComponentSpec
+
+    spec = ComponentSpec.from_dict({**recipe.text_tokenizer, "kind": "text_tokenizer"})
+    tokenizer = build_component(spec)
+    if data.streaming:
+        raise ValueError("recipe.text_tokenizer is fitted to the captions of map-style data; "
+                         "found a streaming dataset")
+    dataset = data.dataset
+    return tokenizer.fit(dataset.caption(index) for index in range(len(dataset)))
+
+
 def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progress: bool = False):
     """The recipe's `TrainingData`; with ``data.latent_cache`` set, each dataset is encoded
     once into ``<latent_cache>/<number>-<type>`` (by rank 0) and read from there."""
@@ -201,6 +223,12 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
     try:
         model = build_recipe_model(recipe)
         data = recipe_training_data(recipe, model, context, show_progress)
+        if recipe.text_tokenizer:
+            from nextstep.retokenize import replace_text_tokenizer
+
+            replace_text_tokenizer(model, recipe_text_tokenizer(recipe, data))
+            logger.info("text tokenizer: %s, %d ids", recipe.text_tokenizer["type"],
+                        model.text_tokenizer.vocab_size)
         if context.is_main:
             recipe.save(output_dir / RECIPE_FILE)
             logger.info("training on %s", data.describe())

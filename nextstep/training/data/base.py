@@ -117,6 +117,11 @@ class ImageTextDataset(ABC):
     def image_size(self, index: int) -> tuple[int, int]:
         """(width, height) in pixels of sample ``index``'s image, without decoding it."""
 
+    def caption(self, index: int) -> str:
+        """The caption of sample ``index`` (by default from `load`; datasets that know it
+        without reading the image override this)."""
+        return self.load(index).caption
+
     def describe(self) -> str:
         """One line for logs."""
         return f"{type(self).__name__} ({len(self)} samples)"

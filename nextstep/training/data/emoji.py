@@ -173,6 +173,9 @@ class EmojiDataset(ImageTextDataset):
         square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2), glyph)
         return square.resize((self.config.size, self.config.size), Image.Resampling.LANCZOS)
 
+    def caption(self, index: int) -> str:
+        return self.entries[index].name
+
     def load(self, index: int) -> ImageTextSample:
         entry = self.entries[index]
         return ImageTextSample(

@@ -234,6 +234,9 @@ class LatentCacheDataset(ImageTextDataset):
         return ImageTextSample(key=self.keys[index], caption=self.captions[index], tokens=tokens,
                                grid=self.grids[index])
 
+    def caption(self, index: int) -> str:
+        return self.captions[index]
+
     def image_size(self, index: int) -> tuple[int, int]:
         height, width = self.grids[index]
         return (width * self.pixels_per_token, height * self.pixels_per_token)

@@ -51,6 +51,10 @@ class ConcatImageTextDataset(ImageTextDataset):
         dataset, local = self._locate(index)
         return dataset.image_size(local)
 
+    def caption(self, index: int) -> str:
+        dataset, local = self._locate(index)
+        return dataset.caption(local)
+
     def describe(self) -> str:
         parts = [f"{d.describe()} x{r}" if r > 1 else d.describe() for d, r in zip(self.datasets, self.repeats)]
         return " + ".join(parts)

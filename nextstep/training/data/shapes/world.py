@@ -260,5 +260,8 @@ class ShapesDataset(ImageTextDataset):
         return ImageTextSample(key=f"shapes/{self.config.split}/{index}", caption=scene.caption,
                                image=image, metadata=scene.to_dict())
 
+    def caption(self, index: int) -> str:
+        return self.scene(index).caption
+
     def image_size(self, index: int) -> tuple[int, int]:
         return (self.config.size, self.config.size)

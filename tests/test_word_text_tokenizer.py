@@ -1,0 +1,105 @@
+"""WordTextTokenizer: lossless on every string, words as single ids, bytes for the rest, fitted reproducibly."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nextstep import build_model
+from nextstep.config import ComponentSpec
+from nextstep.tokenizers import ByteTextTokenizer, WordTextTokenizer, WordTextTokenizerConfig
+from nextstep.tokenizers.special_tokens import BEGIN_OF_IMAGE, END_OF_TEXT, NEXTSTEP_SPECIAL_TOKENS
+from nextstep.tokenizers.word_text import split_pieces
+
+CAPTIONS = ["a red circle to the left of a blue square", "three red squares", "a circle and a square",
+            "grinning face with smiling eyes", "flag of France", "4*4"]
+
+
+def fitted(min_count=1, max_words=0, texts=CAPTIONS):
+    return WordTextTokenizer(WordTextTokenizerConfig(min_count=min_count, max_words=max_words)).fit(texts)
+
+
+@given(st.text())
+def test_pieces_join_back_to_the_text(text):
+    assert "".join(split_pieces(text)) == text
+
+
+@given(st.text())
+def test_decode_inverts_encode_on_any_string(text):
+    tokenizer = fitted()
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+@given(st.lists(st.sampled_from(["red", "circle", "square", "of", "face", "Ünïcode", "x"]), min_size=1, max_size=8))
+def test_known_words_take_one_id_each_and_unknown_ones_their_bytes(words):
+    tokenizer = fitted()
+    text = " ".join(words)
+    ids = tokenizer.encode(text)
+    expected = 0
+    for i, word in enumerate(words):
+        piece = word if i == 0 else " " + word
+        expected += 1 if piece in tokenizer.words else len(piece.encode("utf-8"))
+    assert len(ids) == expected
+
+
+def test_a_caption_of_known_words_is_one_id_per_word():
+    tokenizer = fitted()
+    ids = tokenizer.encode("a red circle to the left of a blue square")
+    assert len(ids) == 10 and all(i >= 256 + len(tokenizer.specials) for i in ids)
+    assert tokenizer.decode(ids[1:3]) == " red circle"
+
+
+def test_special_ids_are_the_byte_tokenizers():
+    tokenizer, byte = fitted(), ByteTextTokenizer()
+    for token in (END_OF_TEXT, *NEXTSTEP_SPECIAL_TOKENS):
+        assert tokenizer.special_token_id(token) == byte.special_token_id(token)
+    assert tokenizer.decode([tokenizer.special_token_id(BEGIN_OF_IMAGE)]) == BEGIN_OF_IMAGE
+    assert tokenizer.encode(BEGIN_OF_IMAGE) != [tokenizer.special_token_id(BEGIN_OF_IMAGE)]
+
+
+def test_fitting_keeps_frequent_pieces_most_frequent_first_and_is_reproducible():
+    tokenizer = fitted(min_count=2, texts=[*CAPTIONS, "a blue square"])
+    # " square" and "a" three times, then the pieces seen twice, each count in code-point order
+    assert tokenizer.words == (" square", "a", " a", " blue", " circle", " of", " red", "4")
+    assert fitted(min_count=2, texts=[*CAPTIONS, "a blue square"]).words == tokenizer.words
+    assert fitted(min_count=2, max_words=3, texts=[*CAPTIONS, "a blue square"]).words == tokenizer.words[:3]
+    assert tokenizer.fit(["something else entirely"]) is tokenizer  # a fitted vocabulary never changes
+
+
+def test_unknown_ids_and_bad_configs_are_named():
+    tokenizer = fitted()
+    with pytest.raises(ValueError, match=f"outside the word tokenizer's vocabulary of {tokenizer.vocab_size}"):
+        tokenizer.decode([tokenizer.vocab_size])
+    with pytest.raises(ValueError, match="unknown special token"):
+        tokenizer.special_token_id("<|nope|>")
+    with pytest.raises(TypeError, match="text must be a str"):
+        tokenizer.encode(b"bytes")
+    for fields, message in [({"words": ("red circle",)}, "single pieces"), ({"words": ("a", "a")}, "no repeated"),
+                            ({"min_count": 0}, "min_count must be an integer >= 1"),
+                            ({"max_words": -1}, "max_words must be an integer >= 0"),
+                            ({"words": ("",)}, "non-empty strings")]:
+        with pytest.raises(ValueError, match=message):
+            WordTextTokenizerConfig(**fields)
+
+
+def test_a_model_with_a_word_tokenizer_saves_and_loads_its_vocabulary(tmp_path):
+    from nextstep.presets import tiny
+    from nextstep.retokenize import replace_text_tokenizer
+
+    model = build_model("tiny", seed=0)
+    replace_text_tokenizer(model, fitted())
+    model.save_pretrained(tmp_path / "model")
+    again = type(model).from_pretrained(tmp_path / "model")
+    assert isinstance(again.text_tokenizer, WordTextTokenizer)
+    assert again.text_tokenizer.words == model.text_tokenizer.words
+    assert again.backbone.vocab_size == model.text_tokenizer.vocab_size
+    spec = ComponentSpec("text_tokenizer", "word", model.text_tokenizer.config)
+    with pytest.raises(ValueError, match="but the backbone's embedding table has only 266 rows"):
+        build_model(tiny().replace(text_tokenizer=spec))
+
+
+def test_bytes_keep_their_ids_and_other_values_are_refused():
+    tokenizer = fitted()
+    assert [tokenizer.byte_id(v) for v in (0, 97, 255)] == [0, 97, 255]
+    assert tokenizer.encode("ñ") == [tokenizer.byte_id(b) for b in "ñ".encode()]
+    with pytest.raises(ValueError, match="a byte value lies in"):
+        tokenizer.byte_id(256)
