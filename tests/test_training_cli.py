@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from nextstep.cli import main
@@ -91,3 +92,16 @@ def test_a_text_tokenizer_without_a_type_is_refused(tmp_path, capsys):
     recipe.write_text(json.dumps(dict(RECIPE, text_tokenizer={"min_count": 2})))
     assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--quiet"]) == 2
     assert "text_tokenizer must be a mapping with a 'type' key" in capsys.readouterr().err
+
+
+def test_only_tokenizers_that_learn_from_captions_need_map_style_data():
+    from types import SimpleNamespace
+
+    from nextstep.tokenizers import ByteTextTokenizer
+    from nextstep.training.recipe import RecipeConfig, recipe_text_tokenizer
+
+    stream = SimpleNamespace(streaming=True, dataset=None)
+    assert isinstance(recipe_text_tokenizer(RecipeConfig(text_tokenizer={"type": "byte"}), stream),
+                      ByteTextTokenizer)
+    with pytest.raises(ValueError, match="a word text tokenizer is fitted to the captions of map-style data"):
+        recipe_text_tokenizer(RecipeConfig(text_tokenizer={"type": "word"}), stream)

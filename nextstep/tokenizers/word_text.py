@@ -64,8 +64,8 @@ class WordTextTokenizer(ByteTextTokenizer):
     bytes, so every string encodes and ``decode(encode(text)) == text``.
 
     A byte-level model spends its first layers assembling words; with words as
-    tokens a small backbone reads "a red circle and a blue square" as eight
-    positions instead of 32.
+    tokens a small backbone reads "a red circle and a blue square" as seven
+    positions instead of 30.
     """
 
     config_class = WordTextTokenizerConfig
@@ -100,7 +100,7 @@ class WordTextTokenizer(ByteTextTokenizer):
                       key=lambda piece: (-counts[piece], piece))
         if self.config.max_words:
             kept = kept[: self.config.max_words]
-        return WordTextTokenizer(self.config.replace(words=tuple(kept)))
+        return type(self)(self.config.replace(words=tuple(kept)))
 
     # ------------------------------------------------------------ interface
     def encode(self, text: str) -> list[int]:

@@ -158,12 +158,16 @@ def recipe_text_tokenizer(recipe: RecipeConfig, data):
     from nextstep.config import ComponentSpec
 
     spec = ComponentSpec.from_dict({**recipe.text_tokenizer, "kind": "text_tokenizer"})
-    tokenizer = build_component(spec)
-    if data.streaming:
-        raise ValueError("recipe.text_tokenizer is fitted to the captions of map-style data; "
-                         "found a streaming dataset")
-    dataset = data.dataset
-    return tokenizer.fit(dataset.caption(index) for index in range(len(dataset)))
+
+    def captions():  # read only by tokenizers that learn from them
+        if data.streaming:
+            raise ValueError(f"a {spec.type} text tokenizer is fitted to the captions of map-style data; "
+                             "found a streaming dataset")
+        dataset = data.dataset
+        for index in range(len(dataset)):
+            yield dataset.caption(index)
+
+    return build_component(spec).fit(captions())
 
 
 def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progress: bool = False):
