@@ -105,3 +105,11 @@ def test_only_tokenizers_that_learn_from_captions_need_map_style_data():
                       ByteTextTokenizer)
     with pytest.raises(ValueError, match="a word text tokenizer is fitted to the captions of map-style data"):
         recipe_text_tokenizer(RecipeConfig(text_tokenizer={"type": "word"}), stream)
+
+
+def test_an_unknown_text_tokenizer_is_named_when_the_recipe_loads(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, text_tokenizer={"type": "wrod"})))
+    assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "unknown text_tokenizer 'wrod'; known: ['byte', 'huggingface', 'word']" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing built before the error

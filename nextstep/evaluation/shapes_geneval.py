@@ -28,11 +28,17 @@ import torch
 from nextstep.config import require
 from nextstep.evaluation.sampling import SamplingSettings, generate_images
 from nextstep.evaluation.shapes_detector import Detection, DetectorConfig, detect_shapes
-from nextstep.training.data.shapes.combinations import GENEVAL_TAGS, all_keys, combination_key, held_out_keys
+from nextstep.training.data.shapes.combinations import (
+    COMBINATION_MODES,
+    GENEVAL_TAGS,
+    all_keys,
+    combination_key,
+    held_out_keys,
+    in_combinations,
+)
 from nextstep.training.data.shapes.relations import box_relations
 from nextstep.training.data.shapes.render import render_scene
 from nextstep.training.data.shapes.world import (
-    COMBINATION_MODES,
     count_phrase,
     position_phrase,
     sample_scene,
@@ -85,10 +91,8 @@ def geneval_prompts(combinations: str = "held_out") -> list[dict]:
     require(combinations in COMBINATION_MODES, "combinations", combinations, f"one of {list(COMBINATION_MODES)}")
     entries = []
     for tag in GENEVAL_TAGS:
-        held_out = held_out_keys(tag)
-        for key in all_keys(tag):
-            if combinations == "all" or not held_out or (key in held_out) == (combinations == "held_out"):
-                entries.append(geneval_entry(tag, key))
+        mode = combinations if held_out_keys(tag) else "all"  # single_object: its three prompts always
+        entries.extend(geneval_entry(tag, key) for key in all_keys(tag) if in_combinations(tag, key, mode))
     return entries
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nextstep.config import Config, require
+from nextstep.config import ComponentSpec, Config, require
 from nextstep.training.config import TrainConfig
 from nextstep.training.data.source import DataConfig
 
@@ -69,6 +69,12 @@ class RecipeConfig(Config):
         require(isinstance(self.model_arguments, dict), "model_arguments", self.model_arguments, "a mapping")
         require(isinstance(self.text_tokenizer, dict) and (not self.text_tokenizer or "type" in self.text_tokenizer),
                 "text_tokenizer", self.text_tokenizer, "a mapping with a 'type' key, or empty")
+        if self.text_tokenizer:
+            self.text_tokenizer_spec()  # an unknown type or key fails when the recipe loads, not after the data
+
+    def text_tokenizer_spec(self) -> ComponentSpec:
+        """``text_tokenizer`` as a component spec (its type and fields checked)."""
+        return ComponentSpec.from_dict({**self.text_tokenizer, "kind": "text_tokenizer"})
 
 
 def recipe_search_paths() -> list[Path]:
@@ -155,9 +161,8 @@ def recipe_text_tokenizer(recipe: RecipeConfig, data):
     """The text tokenizer ``recipe.text_tokenizer`` names, fitted to every caption of ``data``
     (repeated datasets count once per repeat)."""
     from nextstep.builders import build_component
-    from nextstep.config import ComponentSpec
 
-    spec = ComponentSpec.from_dict({**recipe.text_tokenizer, "kind": "text_tokenizer"})
+    spec = recipe.text_tokenizer_spec()
 
     def captions():  # read only by tokenizers that learn from them
         if data.streaming:

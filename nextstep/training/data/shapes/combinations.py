@@ -41,6 +41,9 @@ COUNTS = (2, 3, 4)
 #: Share of ``color_attr`` keys held out.
 COLOR_ATTR_HELD_OUT = 0.25
 
+#: Which combinations a scene source or a prompt list takes: every one, training's, or the held-out ones.
+COMBINATION_MODES = ("all", "seen", "held_out")
+
 Key = tuple
 
 
@@ -111,6 +114,11 @@ def held_out_keys(tag: str) -> frozenset:
         keys = sorted(all_keys(tag), key=_stable_fraction)
         return frozenset(keys[: round(COLOR_ATTR_HELD_OUT * len(keys))])
     raise ValueError(f"tag must be one of {list(GENEVAL_TAGS)}, found {tag!r}")
+
+
+def in_combinations(tag: str, key: Key, combinations: str) -> bool:
+    """Whether combination ``key`` of ``tag`` belongs to ``combinations`` (one of `COMBINATION_MODES`)."""
+    return combinations == "all" or (key in held_out_keys(tag)) == (combinations == "held_out")
 
 
 def is_held_out(scene: Scene) -> bool:

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from nextstep.config import Config, require
 from nextstep.training.data.base import ImageTextDataset, ImageTextSample
 from nextstep.training.data.registry import register_dataset
-from nextstep.training.data.shapes.combinations import held_out_keys, is_held_out, tag_of
+from nextstep.training.data.shapes.combinations import (
+    COMBINATION_MODES,
+    combination_key,
+    held_out_keys,
+    in_combinations,
+    tag_of,
+)
 from nextstep.training.data.shapes.metadata import (
     COLOURS,
     RELATIONS,
@@ -33,8 +39,6 @@ from nextstep.training.data.shapes.render import render_scene
 RELATION_WORDS = {"left of": "to the left of", "right of": "to the right of", "above": "above",
                   "below": "below"}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
-#: Values of `ShapesConfig.combinations`.
-COMBINATION_MODES = ("all", "seen", "held_out")
 
 
 def _plural(shape: str) -> str:
@@ -188,7 +192,7 @@ def sample_scene(rng: random.Random, kind: str, max_count: int = 4,
         scene = _draw_scene(rng, kind, max_count, shapes, colours)
         if scene is None:
             continue
-        if combinations == "all" or is_held_out(scene) == (combinations == "held_out"):
+        if in_combinations(tag_of(kind), combination_key(scene), combinations):
             return scene
 
 
