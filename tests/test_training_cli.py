@@ -111,5 +111,6 @@ def test_an_unknown_text_tokenizer_is_named_when_the_recipe_loads(tmp_path, caps
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(dict(RECIPE, text_tokenizer={"type": "wrod"})))
     assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--quiet"]) == 2
-    assert "unknown text_tokenizer 'wrod'; known: ['byte', 'huggingface', 'word']" in capsys.readouterr().err
+    error = capsys.readouterr().err  # other tests may register more tokenizers in this process
+    assert "unknown text_tokenizer 'wrod'; known: [" in error and "'byte'" in error and "'word'" in error
     assert not (tmp_path / "run").exists()  # nothing built before the error
