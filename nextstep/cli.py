@@ -183,7 +183,13 @@ def command_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, seed=args.seed)
     chosen = model.config.generation.overridden(cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                                                 num_steps=args.steps)
-    settings = SamplingSettings(height=args.size, width=args.size, cfg=chosen.cfg, cfg_schedule=chosen.cfg_schedule,
+    size = args.size
+    if size is None:
+        if chosen.height != chosen.width:
+            raise ValueError(f"the evaluations draw square images and the model generates {chosen.height}x"
+                             f"{chosen.width} by default: give --size")
+        size = chosen.height
+    settings = SamplingSettings(height=size, width=size, cfg=chosen.cfg, cfg_schedule=chosen.cfg_schedule,
                                 num_steps=chosen.num_steps, seed=args.seed, batch_size=args.batch_size,
                                 sampler=args.sampler, temperature=args.temperature)
     output = Path(args.output)
@@ -232,6 +238,18 @@ def command_convert(args: argparse.Namespace) -> int:
                                 head=args.head, seed=args.seed)
     print(f"wrote {args.output} ({result.source_layout} -> {result.target_layout}, "
           f"{_human(result.parameters)} parameters)")
+    return 0
+
+
+def command_replace_decoder(args: argparse.Namespace) -> int:
+    from nextstep.builders import load_model
+    from nextstep.image_decoder import replace_image_decoder
+    from nextstep.tokenizers.vae_checkpoints import load_flux_vae
+
+    model = load_model(args.model)
+    replace_image_decoder(model, load_flux_vae(args.tokenizer))
+    model.save_pretrained(args.output)
+    print(f"wrote {args.output} (decoder of {args.tokenizer})")
     return 0
 
 
@@ -327,8 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=command_eval_tokenizer)
 
     convert = commands.add_parser(
-        "convert", help="convert between this library's layout and the NextStep-1 release layout, "
-                        "or build a model from a Qwen2.5 checkpoint")
+        "convert", help="convert between the release and native layouts, or start from Qwen2.5")
     convert.add_argument("source", help="a model directory: native, NextStep-1 release, or plain Qwen2")
     convert.add_argument("output", help="the directory to write (replaced atomically)")
     convert.add_argument("--to", choices=["native", "release"], default=None,
@@ -341,12 +358,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--seed", type=int, default=0, help="initialisation seed for a Qwen2 source")
     convert.set_defaults(handler=command_convert)
 
-    evaluate = commands.add_parser("eval", help="evaluate a model: shapes GenEval, held-out emoji, tokenizer")
+    replace = commands.add_parser(
+        "replace-decoder", help="give a model the decoder of a tokenizer fine-tuned on the same latents")
+    replace.add_argument("model", help="a saved model directory or a shipped model")
+    replace.add_argument("tokenizer", help="a VAE directory whose encoder is the model's (decoder-only fine-tune)")
+    replace.add_argument("output", help="the model directory to write (replaced atomically)")
+    replace.set_defaults(handler=command_replace_decoder)
+
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a model: shapes GenEval, held-out emoji, tokenizer reconstruction")
     evaluate.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                           help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
     evaluate.add_argument("--suite", nargs="+", choices=EVAL_SUITES + ("all",), default=["all"])
     evaluate.add_argument("--output", "-o", default="outputs/eval")
-    evaluate.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
+    evaluate.add_argument("--size", type=_positive_int, default=None,
+                          help="image side in pixels (default: the model's, when square)")
     evaluate.add_argument("--cfg", type=float, default=None,
                           help="classifier-free guidance scale (default: the model's)")
     evaluate.add_argument("--cfg-schedule", default=None,

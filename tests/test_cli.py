@@ -42,3 +42,18 @@ def test_info_of_a_saved_model(tmp_path, tiny_model, capsys):
     assert "flow_matching" in out and '"tie_word_embeddings": false' in out
     assert "generation: cfg 7.5 (constant), 50 steps, 256x256" in out
     assert "text_tokenizer       byte           266 ids" in out
+
+
+def test_the_command_line_page_lists_every_subcommand_with_its_help():
+    import argparse
+    import re
+    from pathlib import Path
+
+    from nextstep.cli import build_parser
+
+    page = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help for choice in subparsers._choices_actions}
+    for name, text in helps.items():
+        assert re.search(rf"^  {re.escape(name)} +{re.escape(text)}$", page, re.MULTILINE), name
+        assert f"## nextstep {name}\n" in page, name

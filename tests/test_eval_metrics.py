@@ -74,4 +74,23 @@ def test_emoji_evaluation_writes_its_report(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["count"] == 12 and report.frechet_real > 0
     assert 0 <= saved["retrieval_real"]["R@10"] <= 1 and saved["retrieval_ratio"] >= 0
-    assert "R@10 ratio" in (tmp_path / "report.md").read_text()
+    assert 0 <= saved["retrieval_reconstructed"]["R@10"] <= 1 and saved["frechet_reconstructed"] >= 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "R@10 ratio" in markdown and "through the tokenizer (ceiling)" in markdown
+
+
+def test_the_tokenizer_ceiling_images_do_not_depend_on_the_batch_size():
+    import numpy as np
+    from PIL import Image
+
+    from nextstep.builders import build_model
+    from nextstep.evaluation.emoji_eval import _through_tokenizer
+
+    model = build_model("tiny", seed=0).eval()
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(5)]
+    one_by_one = _through_tokenizer(model, images, batch_size=1)
+    together = _through_tokenizer(model, images, batch_size=5)
+    assert [image.size for image in together] == [(32, 32)] * 5
+    for a, b in zip(one_by_one, together):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from nextstep import NextStep
 from nextstep.builders import load_model
@@ -60,7 +61,9 @@ def test_the_shipped_model_is_what_its_recipes_describe():
                             ("emoji_shapes_64_stage6", "emoji_shapes_64_stage5"),
                             ("emoji_shapes_64_stage7", "emoji_shapes_64_stage6"),
                             ("emoji_shapes_64_stage8", "emoji_shapes_64_stage7"),
-                            ("emoji_shapes_64_stage9", "emoji_shapes_64_stage8")):
+                            ("emoji_shapes_64_stage9", "emoji_shapes_64_stage8"),
+                            ("emoji_shapes_64_stage10", "emoji_shapes_64_stage9"),
+                            ("emoji_shapes_64_stage11", "emoji_shapes_64_stage10")):
         assert load_recipe(stage).model == f"outputs/train/{previous}/model"
     shipped = json.loads((bundled_model_path(DEFAULT_MODEL) / "config.json").read_text())
     # Stage 7 moved the model from bytes to a word vocabulary fitted to its captions.
@@ -72,6 +75,24 @@ def test_the_shipped_model_is_what_its_recipes_describe():
     assert backbone["num_layers"] == stage1.model_arguments["num_layers"]
     tokenizer = json.loads((ROOT / "pretrained" / "tokenizer_emoji_shapes" / "config.json").read_text())
     assert shipped["image_tokenizer"]["ch"] == tokenizer["ch"]
+
+
+def test_the_shipped_decoder_reads_the_latents_its_generator_was_trained_on():
+    from safetensors.torch import load_file
+
+    from nextstep.training.tokenizer_recipe import load_tokenizer_recipe
+
+    recipe = load_tokenizer_recipe("tokenizer_emoji_shapes_decoder")
+    assert recipe.tokenizer == "pretrained/tokenizer_emoji_shapes" and recipe.train_encoder is False
+    trained_on = load_file(ROOT / "pretrained" / "tokenizer_emoji_shapes" / "model.safetensors")
+    shipped = load_file(bundled_model_path(DEFAULT_MODEL) / "model.safetensors")
+    prefix = "image_tokenizer."
+    encoder = [key for key in trained_on if key.startswith("encoder.")]
+    decoder = [key for key in trained_on if key.startswith("decoder.")]
+    assert encoder and decoder
+    assert all(torch.equal(shipped[prefix + key], trained_on[key]) for key in encoder)
+    # The decoder is the fine-tuned one (recipes/tokenizer_emoji_shapes_decoder.json).
+    assert not all(torch.equal(shipped[prefix + key], trained_on[key]) for key in decoder)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -96,9 +117,28 @@ def test_import_option_registers_components_before_the_command(tmp_path, monkeyp
 
 def test_eval_command_writes_every_suite_summary(tmp_path, capsys):
     out = tmp_path / "eval"
-    assert main(["eval", "tiny", "--suite", "shapes", "--images-per-tag", "1", "--steps", "2",
+    assert main(["eval", "tiny", "--suite", "shapes", "--images-per-tag", "1", "--steps", "2", "--size", "64",
                  "--output", str(out), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["shapes"]["per_tag"]) == {"single_object", "two_object", "counting", "colors",
                                                  "position", "color_attr"}
     assert "Shapes GenEval" in (out / "summary.md").read_text()
+
+
+def test_eval_draws_at_the_models_own_size_unless_told(tmp_path, capsys):
+    from nextstep.builders import build_model
+
+    model = build_model("tiny", seed=0)
+    model.config = model.config.replace(generation=model.config.generation.replace(height=32, width=32))
+    model.save_pretrained(tmp_path / "model")
+    arguments = ["eval", str(tmp_path / "model"), "--suite", "shapes", "--images-per-tag", "1", "--steps", "1",
+                 "--quiet"]
+    assert main(arguments + ["--output", str(tmp_path / "own")]) == 0
+    assert json.loads((tmp_path / "own" / "summary.json").read_text())["settings"]["height"] == 32
+    assert main(arguments + ["--output", str(tmp_path / "told"), "--size", "48"]) == 0
+    assert json.loads((tmp_path / "told" / "summary.json").read_text())["settings"]["width"] == 48
+
+    model.config = model.config.replace(generation=model.config.generation.replace(height=32, width=64))
+    model.save_pretrained(tmp_path / "model")
+    assert main(arguments + ["--output", str(tmp_path / "wide")]) == 2
+    assert "the model generates 32x64 by default: give --size" in capsys.readouterr().err

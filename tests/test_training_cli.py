@@ -28,6 +28,8 @@ def test_train_writes_logs_samples_and_checkpoints_then_resumes(tmp_path, capsys
     assert Image.open(out / "samples" / "step-00000003.png").size == (64, 32)
     assert (out / "checkpoints" / "step-00000003" / "config.json").is_file()
     assert "step-00000003" in capsys.readouterr().out
+    generation = json.loads((out / "model" / "config.json").read_text())["generation"]
+    assert (generation["height"], generation["width"]) == (32, 32)  # the run's sample size
 
     assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "4",
                  "--set", "train.sample_every=0"]) == 0

@@ -14,6 +14,10 @@ The model draws one image per held-out caption; then
   recall@1 and @10 are reported for the real held-out images and for the
   generated ones, which makes "the generated image shows its caption" a number
   on the scale of the real data.
+
+Both are also reported for the real held-out images passed through the model's
+image tokenizer (encode, decode): the **tokenizer ceiling**, what a generator
+that produced exactly the latents of the real emoji would score.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class EmojiReport:
         retrieval_real: recall@k of the real held-out images.
         retrieval_generated: recall@k of the generated images.
         retrieval_ratio: generated R@10 / real R@10.
+        frechet_reconstructed: FD(real held-out through the image tokenizer, real held-out).
+        retrieval_reconstructed: recall@k of the real held-out images through the image tokenizer.
         ridge_alpha: the penalty the validation chose.
         settings: the sampling settings.
     """
@@ -59,24 +65,34 @@ class EmojiReport:
     retrieval_real: dict[str, float]
     retrieval_generated: dict[str, float]
     retrieval_ratio: float
+    frechet_reconstructed: float
+    retrieval_reconstructed: dict[str, float]
     ridge_alpha: float
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @staticmethod
+    def _ratio(value: float, reference: float) -> float:
+        return value / reference if reference > 0 else float("nan")
+
     def to_markdown(self) -> str:
-        r, g = self.retrieval_real, self.retrieval_generated
+        r, g, t = self.retrieval_real, self.retrieval_generated, self.retrieval_reconstructed
         return "\n".join([
-            f"Held-out emoji: {self.count} captions (chance R@1 {1 / self.count:.4f}, R@10 {min(1.0, 10 / self.count):.4f}).",
+            f"Held-out emoji: {self.count} captions "
+            f"(chance R@1 {1 / self.count:.4f}, R@10 {min(1.0, 10 / self.count):.4f}).",
             "",
             "| images | Frechet distance to real held-out | R@1 | R@10 |",
             "|---|---|---|---|",
             f"| real held-out | {self.frechet_real:.2f} (real training sample) | {r['R@1']:.3f} | {r['R@10']:.3f} |",
             f"| generated | {self.frechet_generated:.2f} | {g['R@1']:.3f} | {g['R@10']:.3f} |",
+            f"| real held-out through the tokenizer (ceiling) | {self.frechet_reconstructed:.2f} "
+            f"| {t['R@1']:.3f} | {t['R@10']:.3f} |",
             "",
             f"Frechet ratio (generated / real vs real): **{self.frechet_ratio:.2f}**; "
-            f"R@10 ratio (generated / real): **{self.retrieval_ratio:.2f}**.",
+            f"R@10 ratio (generated / real): **{self.retrieval_ratio:.2f}** "
+            f"(tokenizer ceiling {self._ratio(t['R@10'], r['R@10']):.2f}).",
         ])
 
 
@@ -99,6 +115,20 @@ def fit_caption_map(features: torch.Tensor, embeddings: torch.Tensor, bases: lis
         if score > best_score:
             best_alpha, best_score = alpha, score
     return RidgeMap.fit(features, embeddings, best_alpha), best_alpha
+
+
+@torch.no_grad()
+def _through_tokenizer(model: "NextStep", images: list, batch_size: int) -> list:
+    """``images`` (PIL) encoded and decoded by the model's image tokenizer."""
+    from nextstep.images import from_pil, to_pil
+
+    tokenizer = model.image_tokenizer
+    reference = next(tokenizer.parameters())
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = from_pil(images[start:start + batch_size]).to(device=reference.device, dtype=reference.dtype)
+        out.extend(to_pil(tokenizer.decode(tokenizer.encode(batch))))
+    return out
 
 
 def run_emoji_eval(model: "NextStep", output: Path | None = None, *, settings: SamplingSettings | None = None,
@@ -134,6 +164,7 @@ def run_emoji_eval(model: "NextStep", output: Path | None = None, *, settings: S
     captions = [s.caption for s in test_samples]
     real_features = image_features([s.image for s in test_samples])
     test_embeddings = caption_embeddings(captions)
+    reconstructed = _through_tokenizer(model, [s.image for s in test_samples], settings.batch_size)
     generated = generate_images(model, captions, settings, progress)
     generated_features = image_features(generated)
 
@@ -142,11 +173,14 @@ def run_emoji_eval(model: "NextStep", output: Path | None = None, *, settings: S
     fd_real = frechet_distance(train_features[reference], real_features)
     real_recall = retrieval_recall(test_embeddings, ridge(real_features))
     generated_recall = retrieval_recall(test_embeddings, ridge(generated_features))
+    reconstructed_features = image_features(reconstructed)
     report = EmojiReport(
         count=len(test_indices), frechet_generated=fd_generated, frechet_real=fd_real,
         frechet_ratio=fd_generated / fd_real if fd_real > 0 else float("inf"),
         retrieval_real=real_recall, retrieval_generated=generated_recall,
         retrieval_ratio=generated_recall["R@10"] / real_recall["R@10"] if real_recall["R@10"] > 0 else float("nan"),
+        frechet_reconstructed=frechet_distance(reconstructed_features, real_features),
+        retrieval_reconstructed=retrieval_recall(test_embeddings, ridge(reconstructed_features)),
         ridge_alpha=alpha, settings=settings.to_dict(),
     )
     if output is not None:
