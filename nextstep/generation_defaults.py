@@ -5,9 +5,9 @@ generate`` and ``nextstep eval``) fills every sampling argument the caller leave
 unset from ``model.config.generation``. The defaults are the NextStep-1
 release's sampling settings (guidance 7.5, constant, 50 head steps) at 256x256,
 the first resolution it trains at (the release's own default size is 512x512,
-four times the tokens). A model trained by a recipe records the size its run
-samples at (``sample_height``, ``sample_width``), and a tuned model stores the
-settings it was tuned for (the shipped ``emoji-shapes-64`` does).
+four times the tokens). A model trained by a recipe records the size it trained
+at (the recipe's ``data.resolution``), and a tuned model stores the settings it
+was tuned for (the shipped ``emoji-shapes-64`` does).
 """
 
 from __future__ import annotations

@@ -94,3 +94,15 @@ def test_the_tokenizer_ceiling_images_do_not_depend_on_the_batch_size():
     assert [image.size for image in together] == [(32, 32)] * 5
     for a, b in zip(one_by_one, together):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+
+
+def test_the_emoji_report_puts_the_tokenizer_ceiling_beside_the_generated_images():
+    from nextstep.evaluation.emoji_eval import EmojiReport
+
+    report = EmojiReport(count=400, frechet_generated=180.0, frechet_real=70.0, frechet_ratio=180.0 / 70.0,
+                         retrieval_real={"R@1": 0.4, "R@10": 0.8}, retrieval_generated={"R@1": 0.05, "R@10": 0.2},
+                         retrieval_ratio=0.25, frechet_reconstructed=120.0,
+                         retrieval_reconstructed={"R@1": 0.1, "R@10": 0.4}, ridge_alpha=100.0)
+    markdown = report.to_markdown()
+    assert "| real held-out through the tokenizer (ceiling) | 120.00 | 0.100 | 0.400 |" in markdown
+    assert "R@10 ratio (generated / real): **0.25** (tokenizer ceiling 0.50)." in markdown

@@ -29,7 +29,7 @@ def test_train_writes_logs_samples_and_checkpoints_then_resumes(tmp_path, capsys
     assert (out / "checkpoints" / "step-00000003" / "config.json").is_file()
     assert "step-00000003" in capsys.readouterr().out
     generation = json.loads((out / "model" / "config.json").read_text())["generation"]
-    assert (generation["height"], generation["width"]) == (32, 32)  # the run's sample size
+    assert (generation["height"], generation["width"]) == (32, 32)  # data.resolution
 
     assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "4",
                  "--set", "train.sample_every=0"]) == 0
@@ -116,3 +116,13 @@ def test_an_unknown_text_tokenizer_is_named_when_the_recipe_loads(tmp_path, caps
     error = capsys.readouterr().err  # other tests may register more tokenizers in this process
     assert "unknown text_tokenizer 'wrod'; known: [" in error and "'byte'" in error and "'word'" in error
     assert not (tmp_path / "run").exists()  # nothing built before the error
+
+
+def test_the_trained_model_draws_at_its_training_resolution_not_its_preview_size(tmp_path):
+    train = dict(RECIPE["train"], max_steps=1, sample_every=0, sample_height=16,
+                 sample_width=48)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, train=train)))
+    assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--quiet"]) == 0
+    generation = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["generation"]
+    assert (generation["height"], generation["width"]) == (32, 32)

@@ -73,10 +73,6 @@ class EmojiReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @staticmethod
-    def _ratio(value: float, reference: float) -> float:
-        return value / reference if reference > 0 else float("nan")
-
     def to_markdown(self) -> str:
         r, g, t = self.retrieval_real, self.retrieval_generated, self.retrieval_reconstructed
         return "\n".join([
@@ -92,8 +88,12 @@ class EmojiReport:
             "",
             f"Frechet ratio (generated / real vs real): **{self.frechet_ratio:.2f}**; "
             f"R@10 ratio (generated / real): **{self.retrieval_ratio:.2f}** "
-            f"(tokenizer ceiling {self._ratio(t['R@10'], r['R@10']):.2f}).",
+            f"(tokenizer ceiling {_ratio(t['R@10'], r['R@10']):.2f}).",
         ])
+
+
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference > 0 else float("nan")
 
 
 def _validation_mask(bases: list[str], fraction: float = 0.1) -> torch.Tensor:
@@ -167,18 +167,18 @@ def run_emoji_eval(model: "NextStep", output: Path | None = None, *, settings: S
     reconstructed = _through_tokenizer(model, [s.image for s in test_samples], settings.batch_size)
     generated = generate_images(model, captions, settings, progress)
     generated_features = image_features(generated)
+    reconstructed_features = image_features(reconstructed)
 
     reference = random.Random(seed).sample(range(len(train_samples)), len(test_indices))
     fd_generated = frechet_distance(generated_features, real_features)
     fd_real = frechet_distance(train_features[reference], real_features)
     real_recall = retrieval_recall(test_embeddings, ridge(real_features))
     generated_recall = retrieval_recall(test_embeddings, ridge(generated_features))
-    reconstructed_features = image_features(reconstructed)
     report = EmojiReport(
         count=len(test_indices), frechet_generated=fd_generated, frechet_real=fd_real,
         frechet_ratio=fd_generated / fd_real if fd_real > 0 else float("inf"),
         retrieval_real=real_recall, retrieval_generated=generated_recall,
-        retrieval_ratio=generated_recall["R@10"] / real_recall["R@10"] if real_recall["R@10"] > 0 else float("nan"),
+        retrieval_ratio=_ratio(generated_recall["R@10"], real_recall["R@10"]),
         frechet_reconstructed=frechet_distance(reconstructed_features, real_features),
         retrieval_reconstructed=retrieval_recall(test_embeddings, ridge(reconstructed_features)),
         ridge_alpha=alpha, settings=settings.to_dict(),

@@ -231,9 +231,9 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
     context = DistributedContext.from_environment()
     try:
         model = build_recipe_model(recipe)
-        # The model draws at the size its run samples at unless told otherwise.
-        model.config = model.config.replace(generation=model.config.generation.replace(
-            height=recipe.train.sample_height, width=recipe.train.sample_width))
+        # The model draws at the size it trains at unless told otherwise.
+        side = recipe.data.resolution
+        model.config = model.config.replace(generation=model.config.generation.replace(height=side, width=side))
         data = recipe_training_data(recipe, model, context, show_progress)
         if recipe.text_tokenizer:
             from nextstep.retokenize import replace_text_tokenizer
