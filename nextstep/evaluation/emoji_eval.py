@@ -117,18 +117,15 @@ def fit_caption_map(features: torch.Tensor, embeddings: torch.Tensor, bases: lis
     return RidgeMap.fit(features, embeddings, best_alpha), best_alpha
 
 
-@torch.no_grad()
 def _through_tokenizer(model: "NextStep", images: list, batch_size: int) -> list:
     """``images`` (PIL) encoded and decoded by the model's image tokenizer."""
+    from nextstep.evaluation.tokenizer_eval import reconstruct
     from nextstep.images import from_pil, to_pil
 
-    tokenizer = model.image_tokenizer
-    reference = next(tokenizer.parameters())
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = from_pil(images[start:start + batch_size]).to(device=reference.device, dtype=reference.dtype)
-        out.extend(to_pil(tokenizer.decode(tokenizer.encode(batch))))
-    return out
+    reference = next(model.image_tokenizer.parameters())
+    batch = from_pil(images).to(device=reference.device, dtype=reference.dtype)
+    decoded, _ = reconstruct(model.image_tokenizer, batch, batch_size=batch_size)
+    return to_pil(decoded.cpu())
 
 
 def run_emoji_eval(model: "NextStep", output: Path | None = None, *, settings: SamplingSettings | None = None,
