@@ -63,7 +63,10 @@ def test_the_shipped_model_is_what_its_recipes_describe():
                             ("emoji_shapes_64_stage8", "emoji_shapes_64_stage7"),
                             ("emoji_shapes_64_stage9", "emoji_shapes_64_stage8"),
                             ("emoji_shapes_64_stage10", "emoji_shapes_64_stage9"),
-                            ("emoji_shapes_64_stage11", "emoji_shapes_64_stage10")):
+                            ("emoji_shapes_64_stage11", "emoji_shapes_64_stage10"),
+                            ("emoji_shapes_64_stage12", "emoji_shapes_64_stage11"),
+                            ("emoji_shapes_64_stage13", "emoji_shapes_64_stage12"),
+                            ("emoji_shapes_64_stage14", "emoji_shapes_64_stage13")):
         assert load_recipe(stage).model == f"outputs/train/{previous}/model"
     shipped = json.loads((bundled_model_path(DEFAULT_MODEL) / "config.json").read_text())
     # Stage 7 moved the model from bytes to a word vocabulary fitted to its captions.
