@@ -146,7 +146,8 @@ def main() -> None:
     args = parser.parse_args()
 
     shapes = ReleaseShapes(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                           num_layers=args.layers, num_heads=args.hidden // 128, num_kv_heads=max(1, args.hidden // 512),
+                           num_layers=args.layers, num_heads=args.hidden // 128,
+                           num_kv_heads=max(1, args.hidden // 512),
                            fm_head_dim=1536, fm_head_layers=12, latent_channels=16)
     dtype = getattr(torch, args.dtype)
     scratch = Path(tempfile.mkdtemp(prefix="nextstep-load-memory-"))

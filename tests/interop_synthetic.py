@@ -344,7 +344,8 @@ def write_release_checkpoint(
 
 def write_qwen_checkpoint(directory: Path, *, vocab_size: int, hidden_size: int = 32, num_layers: int = 2,
                           tied: bool = False, vocabulary: str = "qwen", seed: int = 0) -> None:
-    """A plain Hugging Face Qwen2 checkpoint (``Qwen2ForCausalLM``, random tiny weights) with Qwen2.5 tokenizer files."""
+    """A plain Hugging Face Qwen2 checkpoint (``Qwen2ForCausalLM``, random tiny weights) with Qwen2.5 tokenizer
+    files."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from nextstep.evaluation.sampling import SamplingSettings
 from nextstep.evaluation.shapes_detector import detect_shapes
 from nextstep.evaluation.shapes_geneval import (
     geneval_entry,
@@ -17,11 +18,10 @@ from nextstep.evaluation.shapes_geneval import (
     score_image,
     tokenizer_ceiling,
 )
-from nextstep.evaluation.sampling import SamplingSettings
 from nextstep.training.data.shapes import SCENE_KINDS, ShapesConfig, ShapesDataset, render_scene, sample_scene
 from nextstep.training.data.shapes.combinations import (
-    GENEVAL_TAGS,
     COLOURED_VARIANTS,
+    GENEVAL_TAGS,
     combination_key,
     held_out_keys,
     tag_of,

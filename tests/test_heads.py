@@ -6,8 +6,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from nextstep.heads import FlowMatchingHead, FlowMatchingHeadConfig, ImageHead, LMHead, sample_times
-from nextstep.heads import prepared_flow_matching
+from nextstep.heads import (
+    FlowMatchingHead,
+    FlowMatchingHeadConfig,
+    ImageHead,
+    LMHead,
+    prepared_flow_matching,
+    sample_times,
+)
 from nextstep.presets import HEAD_SIZES, flow_head_config
 from nextstep.samplers import EulerSampler, HeunSampler, MidpointSampler, time_grid
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from interop_synthetic import ReleaseShapes, write_qwen_checkpoint, write_release_checkpoint
 from safetensors.torch import load_file
 
-from interop_synthetic import ReleaseShapes, write_qwen_checkpoint, write_release_checkpoint
 from nextstep.cli import main
 from nextstep.interop import RELEASE_FIELDS, detect_model_layout
 from nextstep.interop.convert import parse_size

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-
 from interop_synthetic import ReleaseShapes, write_release_checkpoint
+from safetensors.torch import load_file
 
 from nextstep import generation
 from nextstep.model import NextStep

@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from interop_synthetic import write_qwen_checkpoint
 
 from nextstep.generation import generate_tokens

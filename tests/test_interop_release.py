@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from interop_synthetic import (
     RELEASE_ADDED_TOKENS,
     ReleaseShapes,
     write_qwen_checkpoint,
     write_release_checkpoint,
 )
+from safetensors.torch import load_file, save_file
 
 from nextstep.interop import (
     RELEASE_FIELDS,

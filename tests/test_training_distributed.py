@@ -5,11 +5,11 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from training_helpers import distributed_worker, free_port, tiny_config, tiny_trainer
 
 from nextstep import build_model
 from nextstep.serialization import read_safetensors
 from nextstep.training.logging import read_log
-from training_helpers import distributed_worker, free_port, tiny_config, tiny_trainer
 
 STEPS = 3
 

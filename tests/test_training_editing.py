@@ -1,12 +1,12 @@
 """Editing samples: source image, instruction, target image; the image loss covers the target only."""
 
 import torch
+from training_helpers import tiny_config
 
 from nextstep import build_model
 from nextstep.training import AspectRatioBuckets, TextToImageTask, Trainer, TrainingData
 from nextstep.training.data.editing import ShapesEditingConfig, ShapesEditingDataset
 from nextstep.training.data.loader import collate_samples
-from training_helpers import tiny_config
 
 
 def test_only_the_last_image_is_a_flow_matching_target():

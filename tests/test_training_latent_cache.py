@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from training_helpers import tiny_config
 
 from nextstep import build_model
 from nextstep.training import TextToImageTask, Trainer, TrainingData, build_latent_cache
 from nextstep.training.data import AspectRatioBuckets, LatentCacheDataset, ShapesConfig, ShapesDataset
 from nextstep.training.data.latent_cache import LatentCacheConfig
-from training_helpers import tiny_config
 
 
 @pytest.fixture(scope="module")

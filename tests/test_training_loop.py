@@ -4,9 +4,9 @@ import importlib.util
 
 import pytest
 import torch
+from training_helpers import tiny_config, tiny_trainer
 
 from nextstep.training.trainer import autocast_context
-from training_helpers import tiny_config, tiny_trainer
 
 
 def test_gradient_checkpointing_trains_the_same_model(tmp_path):

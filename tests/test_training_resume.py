@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import tiny_config, tiny_trainer
 
 from nextstep import NextStep
 from nextstep.training.checkpointing import CheckpointManager
 from nextstep.training.logging import read_log
-from training_helpers import tiny_config, tiny_trainer
 
 TESTS = Path(__file__).resolve().parent
 

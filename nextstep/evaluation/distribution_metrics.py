@@ -68,7 +68,8 @@ class RidgeMap:
         return ((x.double() - self.x_mean) / self.x_std) @ self.weight + self.y_mean
 
 
-def retrieval_recall(queries: torch.Tensor, candidates: torch.Tensor, ks: tuple[int, ...] = (1, 10)) -> dict[str, float]:
+def retrieval_recall(queries: torch.Tensor, candidates: torch.Tensor,
+                     ks: tuple[int, ...] = (1, 10)) -> dict[str, float]:
     """Recall@k of retrieving candidate ``i`` for query ``i`` by cosine similarity.
 
     Args:

@@ -30,6 +30,7 @@ from PIL import Image
 from nextstep.training.data.shapes.metadata import COLOURS, SHAPES, Scene, ShapeObject
 from nextstep.training.data.shapes.render import render_scene
 
+
 @dataclass(frozen=True)
 class Detection:
     """One detected object.

@@ -250,7 +250,8 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
         atomic_write_text(output / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results))
         atomic_write_text(output / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
         atomic_write_text(output / "report.md", report.to_markdown() + "\n")
-        shown = [images[t * images_per_tag + i] for t in range(len(GENEVAL_TAGS)) for i in range(min(8, images_per_tag))]
+        per_tag = min(8, images_per_tag)
+        shown = [images[t * images_per_tag + i] for t in range(len(GENEVAL_TAGS)) for i in range(per_tag)]
         with atomic_path(output / "samples.png") as tmp:
             image_grid(shown, columns=min(8, images_per_tag)).save(tmp, format="PNG")
     return report

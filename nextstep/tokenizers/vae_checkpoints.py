@@ -217,7 +217,8 @@ def config_to_nextstep(config: FluxVAEConfig, resolution: int = 256) -> dict:
     if config.normalization == "layer_norm":
         scale, shift, encoder_norm = 1.0, 0.0, True
     else:
-        scale, shift = (config.scaling_factor, config.shift_factor) if config.normalization == "scale_shift" else (1.0, 0.0)
+        scale_shift = config.normalization == "scale_shift"
+        scale, shift = (config.scaling_factor, config.shift_factor) if scale_shift else (1.0, 0.0)
         encoder_norm = False
     return {
         "resolution": resolution, "in_channels": config.in_channels, "ch": config.ch,
