@@ -54,19 +54,8 @@ def test_the_shipped_model_is_what_its_recipes_describe():
     stage1 = load_recipe("emoji_shapes_64")
     assert stage1.image_tokenizer == "pretrained/tokenizer_emoji_shapes"
     # Every later run continues from the model its predecessor wrote.
-    for stage, previous in (("emoji_shapes_64_stage2", "emoji_shapes_64"),
-                            ("emoji_shapes_64_stage3", "emoji_shapes_64_stage2"),
-                            ("emoji_shapes_64_stage4", "emoji_shapes_64_stage3"),
-                            ("emoji_shapes_64_stage5", "emoji_shapes_64_stage4"),
-                            ("emoji_shapes_64_stage6", "emoji_shapes_64_stage5"),
-                            ("emoji_shapes_64_stage7", "emoji_shapes_64_stage6"),
-                            ("emoji_shapes_64_stage8", "emoji_shapes_64_stage7"),
-                            ("emoji_shapes_64_stage9", "emoji_shapes_64_stage8"),
-                            ("emoji_shapes_64_stage10", "emoji_shapes_64_stage9"),
-                            ("emoji_shapes_64_stage11", "emoji_shapes_64_stage10"),
-                            ("emoji_shapes_64_stage12", "emoji_shapes_64_stage11"),
-                            ("emoji_shapes_64_stage13", "emoji_shapes_64_stage12"),
-                            ("emoji_shapes_64_stage14", "emoji_shapes_64_stage13")):
+    chain = ["emoji_shapes_64"] + [f"emoji_shapes_64_stage{n}" for n in range(2, 15)]
+    for previous, stage in zip(chain, chain[1:]):
         assert load_recipe(stage).model == f"outputs/train/{previous}/model"
     shipped = json.loads((bundled_model_path(DEFAULT_MODEL) / "config.json").read_text())
     # Stage 7 moved the model from bytes to a word vocabulary fitted to its captions.

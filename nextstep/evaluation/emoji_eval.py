@@ -159,9 +159,10 @@ def run_emoji_eval(model: "NextStep", output: Path | None = None, *, settings: S
 
     test_samples = [test.load(i) for i in test_indices]
     captions = [s.caption for s in test_samples]
-    real_features = image_features([s.image for s in test_samples])
+    test_images = [s.image for s in test_samples]
+    real_features = image_features(test_images)
     test_embeddings = caption_embeddings(captions)
-    reconstructed = _through_tokenizer(model, [s.image for s in test_samples], settings.batch_size)
+    reconstructed = _through_tokenizer(model, test_images, settings.batch_size)
     generated = generate_images(model, captions, settings, progress)
     generated_features = image_features(generated)
     reconstructed_features = image_features(reconstructed)
@@ -187,7 +188,7 @@ def run_emoji_eval(model: "NextStep", output: Path | None = None, *, settings: S
         atomic_write_text(output / "report.md", report.to_markdown() + "\n")
         atomic_write_text(output / "captions.json", json.dumps(captions, indent=0) + "\n")
         shown = [round(i * (len(test_indices) - 1) / 7) for i in range(8)]
-        grid = image_grid([test_samples[i].image for i in shown] + [generated[i] for i in shown], columns=8)
+        grid = image_grid([test_images[i] for i in shown] + [generated[i] for i in shown], columns=8)
         with atomic_path(output / "samples.png") as tmp:
             grid.save(tmp, format="PNG")
     return report
