@@ -3,12 +3,14 @@
 A decoder fine-tuned with its encoder frozen (a tokenizer recipe with
 ``"train_encoder": false``) reads the very latents the generator was trained to
 produce, so it can replace the model's decoder as is: sharper images, the same
-generator. `replace_image_decoder` checks that promise (same tokenizer config,
-bit-identical encoder) before it copies anything.
+generator. `replace_image_decoder` checks that promise (same tokenizer config
+apart from the decoder's own width, bit-identical encoder) before it copies
+anything. The new decoder may be wider (`nextstep.tokenizers.decoder_widening`).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +20,9 @@ from nextstep.tokenizers.flux_vae import FluxVAE
 if TYPE_CHECKING:
     from nextstep.model import NextStep
 
+#: Config fields that describe the decoder alone; they may differ between the two tokenizers.
+DECODER_FIELDS = ("decoder_ch", "decoder_norm_groups")
+
 
 @torch.no_grad()
 def replace_image_decoder(model: NextStep, tokenizer: FluxVAE) -> NextStep:
@@ -25,8 +30,9 @@ def replace_image_decoder(model: NextStep, tokenizer: FluxVAE) -> NextStep:
 
     Args:
         model: a `NextStep` whose image tokenizer is a `FluxVAE`.
-        tokenizer: a `FluxVAE` with the same config whose encoder is the model's
-            (typically the model's tokenizer after a decoder-only fine-tune).
+        tokenizer: a `FluxVAE` with the same config (its decoder may be wider)
+            whose encoder is the model's (typically the model's tokenizer after
+            a decoder-only fine-tune).
 
     Raises:
         ValueError: the configs differ (naming the first differing field) or an
@@ -38,7 +44,7 @@ def replace_image_decoder(model: NextStep, tokenizer: FluxVAE) -> NextStep:
                          f"and {type(tokenizer).__name__} given")
     ours, theirs = current.config.to_dict(), tokenizer.config.to_dict()
     for field in ours:
-        if ours[field] != theirs.get(field):
+        if field not in DECODER_FIELDS and ours[field] != theirs.get(field):
             raise ValueError(f"the tokenizers' configs differ at {field!r}: the model has {ours[field]!r}, "
                              f"the new decoder's tokenizer {theirs.get(field)!r}")
     new_encoder = tokenizer.encoder.state_dict()
@@ -47,5 +53,8 @@ def replace_image_decoder(model: NextStep, tokenizer: FluxVAE) -> NextStep:
         if other.shape != value.shape or not torch.equal(other.to(value), value):
             raise ValueError(f"encoder weight encoder.{key} differs from the model's: the new decoder was not "
                              "trained on this model's latents (fine-tune it with train_encoder false)")
-    current.decoder.load_state_dict(tokenizer.decoder.state_dict())
+    reference = next(current.encoder.parameters())
+    current.decoder = copy.deepcopy(tokenizer.decoder).to(device=reference.device, dtype=reference.dtype)
+    current.decoder.requires_grad_(reference.requires_grad).train(current.training)
+    current.config = current.config.replace(**{field: getattr(tokenizer.config, field) for field in DECODER_FIELDS})
     return model

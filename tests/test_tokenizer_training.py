@@ -46,3 +46,16 @@ def test_decoder_only_fine_tuning_keeps_the_encoder(tmp_path):
         if name.startswith("encoder."):
             assert torch.equal(tensor, start[name]), name
     assert any(not torch.equal(t, start[n]) for n, t in second.model.state_dict().items() if n.startswith("decoder."))
+
+
+def test_a_recipe_widens_the_decoder_it_starts_from(tmp_path):
+    run_tokenizer_recipe(recipe(), tmp_path / "a", show_progress=False)
+    start = load_flux_vae(tmp_path / "a" / "tokenizer").eval()
+    widened = run_tokenizer_recipe(
+        recipe(tokenizer=str(tmp_path / "a" / "tokenizer"), tokenizer_config={}, train_encoder=False,
+               decoder_ch=16, evaluation_crops=0, train={**RECIPE["train"], "max_steps": 2}),
+        tmp_path / "b", show_progress=False)
+    final = load_flux_vae(tmp_path / "b" / "tokenizer")
+    assert (final.config.decoder_width, final.config.decoder_groups) == (16, 8)
+    for name, tensor in widened.model.encoder.state_dict().items():
+        assert torch.equal(tensor, start.encoder.state_dict()[name]), name

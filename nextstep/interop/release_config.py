@@ -267,6 +267,10 @@ def release_config_from_model(
     if vae.norm_groups != RELEASE_VAE_NORM_GROUPS:
         raise ValueError(f"image_tokenizer.norm_groups must be {RELEASE_VAE_NORM_GROUPS} for the release layout "
                          f"(its VAE config has no such field), found {vae.norm_groups}")
+    if not vae.symmetric:
+        raise ValueError(f"image_tokenizer.decoder_ch must equal ch ({vae.ch}) and decoder_norm_groups "
+                         f"norm_groups for the release layout (its VAE config has one width), found "
+                         f"decoder_ch {vae.decoder_ch} and decoder_norm_groups {vae.decoder_norm_groups}")
     if head.token_dim != vae.z_channels * vae.patch_size**2:
         raise ValueError(f"image_head.token_dim {head.token_dim} differs from z_channels * patch_size**2 = "
                          f"{vae.z_channels * vae.patch_size**2}")

@@ -36,6 +36,9 @@ class FluxVAEConfig(Config):
         ch: base width; level ``i`` has ``ch * ch_mult[i]`` channels.
         ch_mult: width multipliers; ``len(ch_mult) - 1`` downsamplings (f = 2**that).
         num_res_blocks: residual blocks per encoder level (decoder uses one more).
+        decoder_ch: base width of the decoder (0: ``ch``); a wider decoder reads
+            the same latents (see `nextstep.tokenizers.decoder_widening`).
+        decoder_norm_groups: GroupNorm groups of the decoder (0: ``norm_groups``).
         z_channels: latent channels C.
         norm_groups: GroupNorm groups (32 in FLUX.1); every width must divide by it.
         normalization: one of ``layer_norm`` (NextStep), ``scale_shift`` (FLUX), ``none``.
@@ -51,6 +54,8 @@ class FluxVAEConfig(Config):
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
+    decoder_ch: int = 0
+    decoder_norm_groups: int = 0
     z_channels: int = 16
     norm_groups: int = 32
     normalization: str = "layer_norm"
@@ -69,12 +74,33 @@ class FluxVAEConfig(Config):
         widths = {self.ch * m for m in self.ch_mult}
         require(all(w % self.norm_groups == 0 for w in widths), "norm_groups", self.norm_groups,
                 f"a divisor of every level width {sorted(widths)}")
+        require(self.decoder_ch >= 0, "decoder_ch", self.decoder_ch, ">= 0 (0: the encoder's ch)")
+        require(self.decoder_norm_groups >= 0, "decoder_norm_groups", self.decoder_norm_groups,
+                ">= 0 (0: norm_groups)")
+        decoder_widths = {self.decoder_width * m for m in self.ch_mult}
+        require(all(w % self.decoder_groups == 0 for w in decoder_widths), "decoder_norm_groups",
+                self.decoder_groups, f"a divisor of every decoder level width {sorted(decoder_widths)}")
         require(self.normalization in NORMALIZATIONS, "normalization", self.normalization,
                 f"one of {list(NORMALIZATIONS)}")
         require(self.normalization_patch_size >= 1, "normalization_patch_size",
                 self.normalization_patch_size, ">= 1")
         require(self.scaling_factor != 0, "scaling_factor", self.scaling_factor, "non-zero")
         require(self.patch_size >= 1, "patch_size", self.patch_size, ">= 1")
+
+    @property
+    def decoder_width(self) -> int:
+        """The decoder's base width (``decoder_ch``, or ``ch`` when that is 0)."""
+        return self.decoder_ch or self.ch
+
+    @property
+    def decoder_groups(self) -> int:
+        """The decoder's GroupNorm groups (``decoder_norm_groups``, or ``norm_groups`` when that is 0)."""
+        return self.decoder_norm_groups or self.norm_groups
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether encoder and decoder share widths and groups (what FLUX.1 files describe)."""
+        return self.decoder_width == self.ch and self.decoder_groups == self.norm_groups
 
 
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -190,18 +216,18 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents (B, C, h, w) -> images (B, 3, h*f, w*f)."""
+    """Latents (B, C, h, w) -> images (B, 3, h*f, w*f); widths from ``decoder_width``."""
 
     def __init__(self, config: FluxVAEConfig):
         super().__init__()
-        groups = config.norm_groups
-        width = config.ch * config.ch_mult[-1]
+        groups = config.decoder_groups
+        width = config.decoder_width * config.ch_mult[-1]
         self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
         self.mid = _MidBlock(width, groups)
         stages = []
         for level in reversed(range(len(config.ch_mult))):
             stage = nn.Module()
-            out_width = config.ch * config.ch_mult[level]
+            out_width = config.decoder_width * config.ch_mult[level]
             stage.block = nn.ModuleList(
                 ResnetBlock(width if j == 0 else out_width, out_width, groups)
                 for j in range(config.num_res_blocks + 1)

@@ -356,8 +356,12 @@ def save_flux_vae(vae: FluxVAE, directory: str | Path, *, layout: str = "native"
     """Write ``vae`` in one of `LAYOUTS`, atomically (the directory appears complete or not at all)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown VAE layout {layout!r}; known: {list(LAYOUTS)}")
-    state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
     config = vae.config
+    if layout != "native" and not config.symmetric:
+        raise ValueError(f"the {layout} layout describes one width for encoder and decoder, found a decoder "
+                         f"{config.decoder_width} wide with {config.decoder_groups} groups beside an encoder "
+                         f"{config.ch} wide with {config.norm_groups}; save it in the native layout")
+    state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
     with atomic_directory(directory) as staging:
         if layout == "native":
             config.save(staging / "config.json")

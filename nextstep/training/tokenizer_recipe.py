@@ -42,7 +42,9 @@ class TokenizerRecipeConfig(Config):
     Args:
         tokenizer: a VAE preset (``tiny``, ``flux``) or a checkpoint in any layout to fine-tune.
         tokenizer_config: `FluxVAEConfig` fields that override the preset or checkpoint's.
-        seed: seed of a preset's random initialisation.
+        seed: seed of a preset's random initialisation (and of a widened decoder's new channels).
+        decoder_ch: widen the starting tokenizer's decoder to this base width
+            before training, keeping what it draws (`widen_decoder`; 0 keeps it as is).
         train_encoder: False trains the decoder only (encoder frozen).
         loss: weights and latent noise level.
         perceptual_network: ``efficientnet_lite0`` or ``none``.
@@ -56,6 +58,7 @@ class TokenizerRecipeConfig(Config):
     tokenizer: str = "tiny"
     tokenizer_config: dict = field(default_factory=dict)
     seed: int = 0
+    decoder_ch: int = 0
     train_encoder: bool = True
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     perceptual_network: str = "efficientnet_lite0"
@@ -68,6 +71,7 @@ class TokenizerRecipeConfig(Config):
     def validate(self) -> None:
         require(self.perceptual_network in PERCEPTUAL_NETWORKS, "perceptual_network", self.perceptual_network,
                 f"one of {list(PERCEPTUAL_NETWORKS)}")
+        require(self.decoder_ch >= 0, "decoder_ch", self.decoder_ch, ">= 0 (0: keep the decoder's width)")
         require(self.evaluation_crops >= 0, "evaluation_crops", self.evaluation_crops, ">= 0")
         require(self.evaluation_size >= 8 and self.evaluation_size % 8 == 0, "evaluation_size",
                 self.evaluation_size, "a positive multiple of 8")
@@ -88,19 +92,24 @@ def load_tokenizer_recipe(name_or_path: str, overrides: list[str] | None = None)
 
 
 def build_recipe_tokenizer(recipe: TokenizerRecipeConfig):
-    """The `FluxVAE` a recipe starts from."""
+    """The `FluxVAE` a recipe starts from (its decoder widened when the recipe asks)."""
     from nextstep.presets import flux_vae_config
+    from nextstep.tokenizers.decoder_widening import widen_decoder
     from nextstep.tokenizers.flux_vae import FluxVAE
     from nextstep.tokenizers.vae_checkpoints import load_flux_vae
 
     if Path(recipe.tokenizer).exists():
-        return load_flux_vae(recipe.tokenizer, **recipe.tokenizer_config)
-    config = flux_vae_config(recipe.tokenizer)
-    if recipe.tokenizer_config:
-        config = config.replace(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in recipe.tokenizer_config.items()})
-    torch.manual_seed(recipe.seed)
-    return FluxVAE(config)
+        tokenizer = load_flux_vae(recipe.tokenizer, **recipe.tokenizer_config)
+    else:
+        config = flux_vae_config(recipe.tokenizer)
+        if recipe.tokenizer_config:
+            config = config.replace(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in recipe.tokenizer_config.items()})
+        torch.manual_seed(recipe.seed)
+        tokenizer = FluxVAE(config)
+    if recipe.decoder_ch and recipe.decoder_ch != tokenizer.config.decoder_width:
+        tokenizer = widen_decoder(tokenizer, recipe.decoder_ch, seed=recipe.seed)
+    return tokenizer
 
 
 def build_objective(recipe: TokenizerRecipeConfig) -> TokenizerLoss:
