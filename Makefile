@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install data photos demo test test-all docs clean
+.PHONY: install data photos demo test test-all docs ci-fresh clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -55,6 +55,11 @@ test-all: $(STAMP) data
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# CI on the committed tree as a fresh machine sees it: a clone in a temporary folder (with its own
+# .venv, about 3 GB) runs .ci/run and is removed afterwards, whether CI passed or not.
+ci-fresh:
+	@dir=$$(mktemp -d) && trap 'rm -rf "$$dir"' EXIT && git clone -q . "$$dir" && cd "$$dir" && CI=true bash .ci/run
 
 clean:
 	rm -rf $(VENV) site outputs .pytest_cache .hypothesis
