@@ -63,8 +63,10 @@ def widen_decoder(tokenizer: FluxVAE, decoder_ch: int, *, seed: int = 0) -> Flux
         seed: seed of the new channels' random initial weights.
     """
     config = widened_config(tokenizer, decoder_ch)
-    torch.manual_seed(seed)
-    wide = FluxVAE(config).to(dtype=next(tokenizer.parameters()).dtype)
+    reference = next(tokenizer.parameters())
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(seed)
+        wide = FluxVAE(config).to(device=reference.device, dtype=reference.dtype)
     wide.encoder.load_state_dict(tokenizer.encoder.state_dict())
     old = tokenizer.decoder.state_dict()
     scale = math.sqrt(config.decoder_width / tokenizer.config.decoder_width)
