@@ -93,3 +93,13 @@ def test_layouts_with_one_width_refuse_a_wide_decoder(tmp_path, layout):
     with pytest.raises(ValueError, match="decoder 16 wide with 8 groups beside an encoder 8 wide with 4"):
         save_flux_vae(wide, tmp_path / layout, layout=layout)
     assert not (tmp_path / layout).exists()
+
+
+def test_a_symmetric_config_writes_as_it_did_before_the_decoder_fields():
+    # Latent caches fingerprint the tokenizer's config: a symmetric VAE must keep its old JSON.
+    symmetric = FluxVAEConfig(ch=8, ch_mult=(1, 2), norm_groups=4)
+    assert "decoder_ch" not in symmetric.to_dict() and "decoder_norm_groups" not in symmetric.to_dict()
+    assert FluxVAEConfig.from_dict(symmetric.to_dict()) == symmetric
+    wide = symmetric.replace(decoder_ch=16, decoder_norm_groups=8)
+    assert (wide.to_dict()["decoder_ch"], wide.to_dict()["decoder_norm_groups"]) == (16, 8)
+    assert FluxVAEConfig.from_dict(wide.to_dict()) == wide

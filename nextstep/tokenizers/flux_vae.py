@@ -9,6 +9,7 @@ Legend: B batch, C latent channels, H/W pixel sides, h/w latent sides.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,19 @@ class FluxVAEConfig(Config):
                 self.normalization_patch_size, ">= 1")
         require(self.scaling_factor != 0, "scaling_factor", self.scaling_factor, "non-zero")
         require(self.patch_size >= 1, "patch_size", self.patch_size, ">= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As `Config.to_dict`, with the decoder fields only when they are set (non-zero).
+
+        A config whose decoder follows the encoder therefore writes, reads and
+        fingerprints (latent caches hash the config) exactly as before those
+        fields existed.
+        """
+        data = super().to_dict()
+        for name in ("decoder_ch", "decoder_norm_groups"):
+            if data[name] == 0:
+                del data[name]
+        return data
 
     @property
     def decoder_width(self) -> int:
