@@ -248,8 +248,9 @@ def command_replace_decoder(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     replace_image_decoder(model, load_flux_vae(args.tokenizer))
-    model.save_pretrained(args.output)
-    print(f"wrote {args.output} (decoder of {args.tokenizer})")
+    storage = {} if args.decoder_dtype == "float32" else {"image_tokenizer.decoder": getattr(torch, args.decoder_dtype)}
+    model.save_pretrained(args.output, storage_dtypes=storage)
+    print(f"wrote {args.output} (decoder of {args.tokenizer}, stored in {args.decoder_dtype})")
     return 0
 
 
@@ -363,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     replace.add_argument("model", help="a saved model directory or a shipped model")
     replace.add_argument("tokenizer", help="a VAE directory whose encoder is the model's (decoder-only fine-tune)")
     replace.add_argument("output", help="the model directory to write (replaced atomically)")
+    replace.add_argument("--decoder-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                         help="how the decoder's weights are stored (loading casts them back; default float32)")
     replace.set_defaults(handler=command_replace_decoder)
 
     evaluate = commands.add_parser(

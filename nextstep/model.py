@@ -248,11 +248,17 @@ class NextStep(nn.Module):
             specs[kind] = ComponentSpec(kind, name, component.config)
         return self.config.replace(**specs)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json``, ``model.safetensors`` and tokenizer files atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, *,
+                        storage_dtypes: dict[str, torch.dtype] | None = None) -> None:
+        """Write ``config.json``, ``model.safetensors`` and tokenizer files atomically.
+
+        ``storage_dtypes`` stores some parts in another floating dtype, e.g.
+        ``{"image_tokenizer.decoder": torch.float16}`` (see
+        `nextstep.serialization.save_pretrained`).
+        """
         from nextstep.serialization import save_pretrained
 
-        save_pretrained(self, Path(directory))
+        save_pretrained(self, Path(directory), storage_dtypes=storage_dtypes)
 
     @classmethod
     def from_pretrained(

@@ -15,14 +15,41 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def save_pretrained(model, directory: Path) -> None:
-    """Write the model to ``directory``; an existing directory is replaced atomically."""
+def _storage_dtype(name: str, storage_dtypes: dict[str, torch.dtype]) -> torch.dtype | None:
+    """The dtype of the longest prefix of ``name`` (whole dotted parts) in ``storage_dtypes``, if any."""
+    best, dtype = -1, None
+    for prefix, wanted in storage_dtypes.items():
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, dtype = len(prefix), wanted
+    return dtype
+
+
+def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.dtype] | None = None) -> None:
+    """Write the model to ``directory``; an existing directory is replaced atomically.
+
+    Args:
+        storage_dtypes: parameter-name prefixes (whole dotted parts, e.g.
+            ``"image_tokenizer.decoder"``) mapped to the floating dtype their
+            tensors are stored in, to make the file smaller; the rest keep the
+            model's dtype. A file with mixed dtypes loads in the dtype the model
+            is built in (float32 by default).
+    """
+    storage_dtypes = dict(storage_dtypes or {})
+    names = set(model.state_dict())
+    for prefix, dtype in storage_dtypes.items():
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            raise ValueError(f"storage_dtypes names {prefix!r}, which is no parameter or module of the model")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"storage_dtypes[{prefix!r}] must be a floating torch.dtype, found {dtype!r}")
     with atomic_directory(directory) as staging:
         if model.text_tokenizer is not None:
             model.text_tokenizer.save(staging)
         config = model.current_config()
         config.save(staging / CONFIG_NAME)
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+        state = {}
+        for name, tensor in model.state_dict().items():
+            dtype = _storage_dtype(name, storage_dtypes) if tensor.is_floating_point() else None
+            state[name] = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
     model.config = config
 

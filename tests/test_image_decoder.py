@@ -76,3 +76,18 @@ def test_the_command_writes_a_model_with_the_new_decoder(tmp_path, capsys):
     assert "encoder weight encoder.conv_in.bias differs" in capsys.readouterr().err
     torch.testing.assert_close(NextStep.from_pretrained(tmp_path / "out").image_tokenizer.decode(latents),
                                tokenizer.decode(latents))  # the failed call left the model as it was
+
+
+def test_the_command_can_store_the_decoder_in_16_bits(tmp_path, capsys):
+    model = build_model("tiny", seed=0).eval()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer = _fine_tuned_decoder(model)
+    save_flux_vae(tokenizer, tmp_path / "tokenizer")
+    assert main(["replace-decoder", str(tmp_path / "model"), str(tmp_path / "tokenizer"), str(tmp_path / "out"),
+                 "--decoder-dtype", "float16"]) == 0
+    assert "stored in float16" in capsys.readouterr().out
+    written = NextStep.from_pretrained(tmp_path / "out").eval()
+    assert next(written.image_tokenizer.decoder.parameters()).dtype == torch.float32
+    latents = torch.randn(1, model.image_tokenizer.latent_channels, 4, 4)
+    torch.testing.assert_close(written.image_tokenizer.decode(latents), tokenizer.decode(latents),
+                               rtol=0, atol=5e-3)

@@ -141,3 +141,31 @@ def test_generation_defaults_travel_with_the_model(tiny_model, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="unknown key"):
         NextStep.from_pretrained(tmp_path / "m")
+
+
+def test_parts_stored_in_16_bits_load_back_into_a_float32_model(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "full")
+    tiny_model.save_pretrained(tmp_path / "half", storage_dtypes={"image_tokenizer.decoder": torch.float16})
+    stored = load_file(tmp_path / "half" / "model.safetensors")
+    assert {t.dtype for k, t in stored.items() if k.startswith("image_tokenizer.decoder.")} == {torch.float16}
+    assert {t.dtype for k, t in stored.items() if not k.startswith("image_tokenizer.decoder.")} == {torch.float32}
+    full, half = (os.path.getsize(tmp_path / name / "model.safetensors") for name in ("full", "half"))
+    assert half < full
+    loaded = NextStep.from_pretrained(tmp_path / "half")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for name, tensor in loaded.state_dict().items():
+        expected = tiny_model.state_dict()[name]
+        if name.startswith("image_tokenizer.decoder."):
+            torch.testing.assert_close(tensor, expected.half().float(), rtol=0, atol=0)
+        else:
+            assert torch.equal(tensor, expected), name
+
+
+@pytest.mark.parametrize("storage, message", [
+    ({"image_tokenizer.decod": torch.float16}, "'image_tokenizer.decod', which is no parameter or module"),
+    ({"backbone": torch.int8}, "must be a floating torch.dtype, found torch.int8"),
+])
+def test_storage_dtypes_name_what_is_wrong(tiny_model, tmp_path, storage, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.save_pretrained(tmp_path / "out", storage_dtypes=storage)
+    assert not (tmp_path / "out").exists()
