@@ -54,7 +54,7 @@ def test_the_shipped_model_is_what_its_recipes_describe():
     stage1 = load_recipe("emoji_shapes_64")
     assert stage1.image_tokenizer == "pretrained/tokenizer_emoji_shapes"
     # Every later run continues from the model its predecessor wrote.
-    chain = ["emoji_shapes_64"] + [f"emoji_shapes_64_stage{n}" for n in range(2, 15)]
+    chain = ["emoji_shapes_64"] + [f"emoji_shapes_64_stage{n}" for n in range(2, 16)]
     for previous, stage in zip(chain, chain[1:]):
         assert load_recipe(stage).model == f"outputs/train/{previous}/model"
     shipped = json.loads((bundled_model_path(DEFAULT_MODEL) / "config.json").read_text())
@@ -74,17 +74,22 @@ def test_the_shipped_decoder_reads_the_latents_its_generator_was_trained_on():
 
     from nextstep.training.tokenizer_recipe import load_tokenizer_recipe
 
-    recipe = load_tokenizer_recipe("tokenizer_emoji_shapes_decoder")
-    assert recipe.tokenizer == "pretrained/tokenizer_emoji_shapes" and recipe.train_encoder is False
+    # The decoder runs form a chain, each from the previous run's output, the encoder always frozen.
+    chain = ["tokenizer_emoji_shapes_decoder", "tokenizer_emoji_shapes_decoder2",
+             "tokenizer_emoji_shapes_decoder_wide"]
+    recipes = [load_tokenizer_recipe(name) for name in chain]
+    assert recipes[0].tokenizer == "pretrained/tokenizer_emoji_shapes"
+    for previous, recipe in zip(chain, recipes[1:]):
+        assert recipe.tokenizer == f"outputs/train-tokenizer/{previous}/tokenizer"
+    assert all(recipe.train_encoder is False for recipe in recipes)
+    shipped_config = json.loads((bundled_model_path(DEFAULT_MODEL) / "config.json").read_text())
+    assert shipped_config["image_tokenizer"]["decoder_ch"] == recipes[-1].decoder_ch
+
     trained_on = load_file(ROOT / "pretrained" / "tokenizer_emoji_shapes" / "model.safetensors")
     shipped = load_file(bundled_model_path(DEFAULT_MODEL) / "model.safetensors")
     prefix = "image_tokenizer."
     encoder = [key for key in trained_on if key.startswith("encoder.")]
-    decoder = [key for key in trained_on if key.startswith("decoder.")]
-    assert encoder and decoder
-    assert all(torch.equal(shipped[prefix + key], trained_on[key]) for key in encoder)
-    # The decoder is the fine-tuned one (recipes/tokenizer_emoji_shapes_decoder.json).
-    assert not all(torch.equal(shipped[prefix + key], trained_on[key]) for key in decoder)
+    assert encoder and all(torch.equal(shipped[prefix + key], trained_on[key]) for key in encoder)
 
 
 @pytest.mark.parametrize("argv, message", [
