@@ -15,13 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nextstep.tokenizers.flux_vae import FluxVAE
+from nextstep.tokenizers.flux_vae import DECODER_FIELDS, FluxVAE
 
 if TYPE_CHECKING:
     from nextstep.model import NextStep
-
-#: Config fields that describe the decoder alone; they may differ between the two tokenizers.
-DECODER_FIELDS = ("decoder_ch", "decoder_norm_groups")
 
 
 @torch.no_grad()

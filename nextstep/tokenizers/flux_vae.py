@@ -26,6 +26,9 @@ from nextstep.tokenizers.latent_normalization import (
     perturb_latents,
 )
 
+#: `FluxVAEConfig` fields that shape the decoder alone (never the latents).
+DECODER_FIELDS = ("decoder_ch", "decoder_norm_groups")
+
 
 @dataclass
 class FluxVAEConfig(Config):
@@ -96,7 +99,7 @@ class FluxVAEConfig(Config):
         fields existed.
         """
         data = super().to_dict()
-        for name in ("decoder_ch", "decoder_norm_groups"):
+        for name in DECODER_FIELDS:
             if data[name] == 0:
                 del data[name]
         return data
