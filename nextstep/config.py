@@ -16,6 +16,12 @@ from typing import Any, ClassVar, TypeVar
 
 C = TypeVar("C", bound="Config")
 
+#: Field metadata for an optional field added after configs were written: ``to_dict``
+#: leaves it out while it holds its default, so older files (and anything that hashes
+#: a config's JSON) stay exactly as they were. Use as
+#: ``dataclasses.field(default=0, metadata=OMITTED_WHEN_DEFAULT)``.
+OMITTED_WHEN_DEFAULT = {"omitted_when_default": True}
+
 
 class Config:
     """Mixin for dataclass configs: validation, ``to_dict``/``from_dict``, JSON I/O.
@@ -35,10 +41,16 @@ class Config:
         """Raise ``ValueError`` if a field holds an invalid value."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data view: nested configs become dicts, tuples become lists."""
+        """Plain-data view: nested configs become dicts, tuples become lists.
+
+        Fields marked `OMITTED_WHEN_DEFAULT` are left out while they hold their default.
+        """
         out: dict[str, Any] = {}
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
-            out[field.name] = _to_plain(getattr(self, field.name))
+            value = getattr(self, field.name)
+            if field.metadata.get("omitted_when_default") and value == field.default:
+                continue
+            out[field.name] = _to_plain(value)
         return out
 
     @classmethod

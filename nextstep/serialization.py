@@ -15,13 +15,15 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def _under(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` is ``prefix`` or lies inside it (whole dotted parts)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def _storage_dtype(name: str, storage_dtypes: dict[str, torch.dtype]) -> torch.dtype | None:
-    """The dtype of the longest prefix of ``name`` (whole dotted parts) in ``storage_dtypes``, if any."""
-    best, dtype = -1, None
-    for prefix, wanted in storage_dtypes.items():
-        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
-            best, dtype = len(prefix), wanted
-    return dtype
+    """The dtype of the longest prefix in ``storage_dtypes`` that ``name`` lies under, if any."""
+    prefixes = [prefix for prefix in storage_dtypes if _under(name, prefix)]
+    return storage_dtypes[max(prefixes, key=len)] if prefixes else None
 
 
 def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.dtype] | None = None) -> None:
@@ -35,9 +37,9 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
             is built in (float32 by default).
     """
     storage_dtypes = dict(storage_dtypes or {})
-    names = set(model.state_dict())
+    weights = model.state_dict()
     for prefix, dtype in storage_dtypes.items():
-        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+        if not any(_under(name, prefix) for name in weights):
             raise ValueError(f"storage_dtypes names {prefix!r}, which is no parameter or module of the model")
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"storage_dtypes[{prefix!r}] must be a floating torch.dtype, found {dtype!r}")
@@ -47,7 +49,7 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
         config = model.current_config()
         config.save(staging / CONFIG_NAME)
         state = {}
-        for name, tensor in model.state_dict().items():
+        for name, tensor in weights.items():
             dtype = _storage_dtype(name, storage_dtypes) if tensor.is_floating_point() else None
             state[name] = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})

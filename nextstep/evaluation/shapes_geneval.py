@@ -253,5 +253,5 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
         per_tag = min(8, images_per_tag)
         shown = [images[t * images_per_tag + i] for t in range(len(GENEVAL_TAGS)) for i in range(per_tag)]
         with atomic_path(output / "samples.png") as tmp:
-            image_grid(shown, columns=min(8, images_per_tag)).save(tmp, format="PNG")
+            image_grid(shown, columns=per_tag).save(tmp, format="PNG")
     return report

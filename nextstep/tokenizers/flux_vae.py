@@ -8,15 +8,14 @@ Legend: B batch, C latent channels, H/W pixel sides, h/w latent sides.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from nextstep.config import Config, require
+from nextstep.config import OMITTED_WHEN_DEFAULT, Config, require
 from nextstep.registry import register_component
 from nextstep.tokenizers.base import ImageTokenizer
 from nextstep.tokenizers.latent_normalization import (
@@ -58,8 +57,8 @@ class FluxVAEConfig(Config):
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
-    decoder_ch: int = 0
-    decoder_norm_groups: int = 0
+    decoder_ch: int = field(default=0, metadata=OMITTED_WHEN_DEFAULT)
+    decoder_norm_groups: int = field(default=0, metadata=OMITTED_WHEN_DEFAULT)
     z_channels: int = 16
     norm_groups: int = 32
     normalization: str = "layer_norm"
@@ -90,19 +89,6 @@ class FluxVAEConfig(Config):
                 self.normalization_patch_size, ">= 1")
         require(self.scaling_factor != 0, "scaling_factor", self.scaling_factor, "non-zero")
         require(self.patch_size >= 1, "patch_size", self.patch_size, ">= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        """As `Config.to_dict`, with the decoder fields only when they are set (non-zero).
-
-        A config whose decoder follows the encoder therefore writes, reads and
-        fingerprints (latent caches hash the config) exactly as before those
-        fields existed.
-        """
-        data = super().to_dict()
-        for name in DECODER_FIELDS:
-            if data[name] == 0:
-                del data[name]
-        return data
 
     @property
     def decoder_width(self) -> int:
