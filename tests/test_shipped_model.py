@@ -76,7 +76,7 @@ def test_the_shipped_decoder_reads_the_latents_its_generator_was_trained_on():
 
     # The decoder runs form a chain, each from the previous run's output, the encoder always frozen.
     chain = ["tokenizer_emoji_shapes_decoder", "tokenizer_emoji_shapes_decoder2",
-             "tokenizer_emoji_shapes_decoder_wide"]
+             "tokenizer_emoji_shapes_decoder_wide", "tokenizer_emoji_shapes_decoder_wide2"]
     recipes = [load_tokenizer_recipe(name) for name in chain]
     assert recipes[0].tokenizer == "pretrained/tokenizer_emoji_shapes"
     for previous, recipe in zip(chain, recipes[1:]):
@@ -90,6 +90,8 @@ def test_the_shipped_decoder_reads_the_latents_its_generator_was_trained_on():
     prefix = "image_tokenizer."
     encoder = [key for key in trained_on if key.startswith("encoder.")]
     assert encoder and all(torch.equal(shipped[prefix + key], trained_on[key]) for key in encoder)
+    decoder = [key for key in shipped if key.startswith(prefix + "decoder.")]
+    assert decoder and all(shipped[key].dtype == torch.float16 for key in decoder)  # stored in 16 bits
 
 
 @pytest.mark.parametrize("argv, message", [
