@@ -254,6 +254,18 @@ def command_replace_decoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_add_word_aliases(args: argparse.Namespace) -> int:
+    from nextstep.pretrained import model_directory
+    from nextstep.tokenizers.word_aliases import sentence_encoder_aliases, write_model_with_aliases
+
+    source = model_directory(args.model)
+    if source is None:
+        raise FileNotFoundError(f"expected a model directory or a shipped model at {args.model!r}, found nothing")
+    aliases = write_model_with_aliases(source, args.output, sentence_encoder_aliases)
+    print(f"wrote {args.output} ({len(aliases)} aliases)")
+    return 0
+
+
 def _human(count: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= size:
@@ -367,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     replace.add_argument("--decoder-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                          help="how the decoder's weights are stored (loading casts them back; default float32)")
     replace.set_defaults(handler=command_replace_decoder)
+
+    aliases = commands.add_parser(
+        "add-word-aliases",
+        help="let a word-tokenizer model read unknown words as their nearest known word (all-MiniLM-L6-v2)")
+    aliases.add_argument("model", help="a saved model directory or a shipped model")
+    aliases.add_argument("output", help="the model directory to write (replaced atomically; may be the model)")
+    aliases.set_defaults(handler=command_add_word_aliases)
 
     evaluate = commands.add_parser(
         "eval", help="evaluate a model: shapes GenEval, held-out emoji, tokenizer reconstruction")

@@ -48,7 +48,7 @@ class Config:
         out: dict[str, Any] = {}
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, field.name)
-            if field.metadata.get("omitted_when_default") and value == field.default:
+            if field.metadata.get("omitted_when_default") and value == _default_of(field):
                 continue
             out[field.name] = _to_plain(value)
         return out
@@ -97,6 +97,12 @@ class Config:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from error
         return cls.from_dict(data)
+
+
+def _default_of(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def _to_plain(value: Any) -> Any:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import collections
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from nextstep.config import Config, require
+from nextstep.config import OMITTED_WHEN_DEFAULT, Config, require
 from nextstep.registry import register_component
 from nextstep.tokenizers.byte_text import ByteTextTokenizer
 
@@ -34,11 +34,21 @@ class WordTextTokenizerConfig(Config):
         min_count: fitting keeps pieces seen at least this often.
         max_words: fitting keeps at most this many pieces, the most frequent
             first (0: no limit).
+        aliases: words outside the vocabulary read as words inside it: a
+            lower-case word (letters only) -> a word of ``words`` without its
+            leading space, e.g. ``{"violin": "guitar"}``. A piece of letters
+            that is not in ``words`` is looked up in lower case and, when
+            found, encodes as its alias: with the piece's own leading space
+            where the vocabulary has that form, else the other form (a space
+            byte first, for a spaced piece whose alias the vocabulary has only
+            without one). Empty: unknown words become bytes. `nextstep.tokenizers.word_aliases` builds them
+            from a pretrained text encoder.
     """
 
     words: tuple[str, ...] = ()
     min_count: int = 2
     max_words: int = 0
+    aliases: dict[str, str] = field(default_factory=dict, metadata=OMITTED_WHEN_DEFAULT)
 
     def validate(self) -> None:
         require(isinstance(self.min_count, int) and self.min_count >= 1, "min_count", self.min_count,
@@ -52,6 +62,13 @@ class WordTextTokenizerConfig(Config):
                     "single pieces of PIECE_PATTERN (one word, digit or punctuation run, "
                     "with at most one leading space)")
         require(len(set(self.words)) == len(self.words), "words", self.words, "no repeated piece")
+        require(isinstance(self.aliases, dict), "aliases", self.aliases, "a mapping word -> vocabulary word")
+        known = {word.lstrip(" ") for word in self.words}
+        for word, target in self.aliases.items():
+            require(isinstance(word, str) and word.isalpha() and word == word.lower(), "aliases", word,
+                    "keyed by lower-case words of letters only")
+            require(target in known, f"aliases[{word!r}]", target,
+                    "a word of the vocabulary (with or without its leading space)")
 
 
 @register_component("text_tokenizer", "word")
@@ -66,6 +83,11 @@ class WordTextTokenizer(ByteTextTokenizer):
     A byte-level model spends its first layers assembling words; with words as
     tokens a small backbone reads "a red circle and a blue square" as seven
     positions instead of 30.
+
+    With ``aliases`` (see `WordTextTokenizerConfig`) a word the vocabulary lacks
+    encodes as a related word it has ("violin" as " guitar"), so a model trained
+    on a few hundred words can still read a prompt of everyday English; such a
+    text decodes to its aliases, not to itself.
     """
 
     config_class = WordTextTokenizerConfig
@@ -75,6 +97,14 @@ class WordTextTokenizer(ByteTextTokenizer):
         self.config = config or WordTextTokenizerConfig()
         self._first_word_id = 256 + len(self.specials)
         self._word_ids = {word: self._first_word_id + i for i, word in enumerate(self.config.words)}
+        self._alias_ids = {word: self._alias_id(target) for word, target in self.config.aliases.items()}
+
+    def _alias_id(self, target: str) -> tuple[list[int], list[int]]:
+        """The ids of ``target`` read without and with a leading space: the word's own id where the
+        vocabulary has that form, else the other form (after a space byte for a spaced piece)."""
+        bare, spaced = self._word_ids.get(target), self._word_ids.get(" " + target)
+        return ([bare if bare is not None else spaced],
+                [spaced] if spaced is not None else [ord(" "), bare])
 
     # ------------------------------------------------------------ fitting
     @classmethod
@@ -109,11 +139,18 @@ class WordTextTokenizer(ByteTextTokenizer):
         ids: list[int] = []
         for piece in split_pieces(text):
             word_id = self._word_ids.get(piece)
-            if word_id is None:
-                ids.extend(piece.encode("utf-8"))
-            else:
+            if word_id is not None:
                 ids.append(word_id)
+            elif self._alias_ids and (alias := self._aliased(piece)) is not None:
+                ids.extend(alias)
+            else:
+                ids.extend(piece.encode("utf-8"))
         return ids
+
+    def _aliased(self, piece: str) -> list[int] | None:
+        word = piece[1:] if piece.startswith(" ") else piece
+        ids = self._alias_ids.get(word.lower())
+        return None if ids is None else ids[piece.startswith(" ")]
 
     def _text_of(self, token: int) -> str:
         if self._first_word_id <= token < self.vocab_size:
@@ -127,3 +164,7 @@ class WordTextTokenizer(ByteTextTokenizer):
     @property
     def words(self) -> tuple[str, ...]:
         return self.config.words
+
+    def with_aliases(self, aliases: dict[str, str]) -> "WordTextTokenizer":
+        """The same vocabulary with ``aliases`` (see `WordTextTokenizerConfig`) in place of its own."""
+        return type(self)(self.config.replace(aliases=dict(aliases)))
