@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     aliases = commands.add_parser(
         "add-word-aliases",
-        help="let a word-tokenizer model read unknown words as their nearest known word (all-MiniLM-L6-v2)")
+        help="let a word-tokenizer model read unknown words as their nearest known word")
     aliases.add_argument("model", help="a saved model directory or a shipped model")
     aliases.add_argument("output", help="the model directory to write (replaced atomically; may be the model)")
     aliases.set_defaults(handler=command_add_word_aliases)

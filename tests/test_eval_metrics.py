@@ -106,3 +106,33 @@ def test_the_emoji_report_puts_the_tokenizer_ceiling_beside_the_generated_images
     markdown = report.to_markdown()
     assert "| real held-out through the tokenizer (ceiling) | 120.00 | 0.100 | 0.400 |" in markdown
     assert "R@10 ratio (generated / real): **0.25** (tokenizer ceiling 0.50)." in markdown
+    assert "every word in the vocabulary" not in markdown  # no split without a word vocabulary
+    split = {"known": {"count": 300, "real": 0.9, "generated": 0.3},
+             "unknown": {"count": 100, "real": 0.5, "generated": 0.1}}
+    markdown = EmojiReport(**{**report.to_dict(), "by_vocabulary": split}).to_markdown()
+    assert "| every word in the vocabulary | 300 | 0.900 | 0.300 | 0.33 |" in markdown
+    assert "| some word not in it | 100 | 0.500 | 0.100 | 0.20 |" in markdown
+
+
+def test_retrieval_ranks_count_the_candidates_ranked_above_the_match():
+    from nextstep.evaluation.distribution_metrics import retrieval_ranks
+
+    queries = torch.eye(3, dtype=torch.float64)
+    candidates = torch.tensor([[1, 0, 0], [0.9, 0.1, 0], [0, 0.2, 1.0]], dtype=torch.float64)
+    assert retrieval_ranks(queries, candidates).tolist() == [0, 1, 0]  # candidate 2 beats 1 for query 1
+    with pytest.raises(ValueError, match="one shape"):
+        retrieval_ranks(queries, candidates[:2])
+
+
+def test_captions_split_by_whether_the_vocabulary_has_every_word():
+    from nextstep.builders import build_model
+    from nextstep.evaluation.emoji_eval import known_word_captions
+    from nextstep.retokenize import replace_text_tokenizer
+    from nextstep.tokenizers import WordTextTokenizer, WordTextTokenizerConfig
+
+    model = build_model("tiny", seed=0)
+    assert known_word_captions(model, ["red heart"]) is None  # bytes: no vocabulary to ask
+    words = WordTextTokenizer(WordTextTokenizerConfig(words=("red", " heart", " face"), aliases={"blue": "red"}))
+    replace_text_tokenizer(model, words)
+    known = known_word_captions(model, ["red heart", "red-heart face", "blue heart", "red heart 2", "Red heart"])
+    assert known.tolist() == [True, False, False, True, False]  # "-heart" splits as "-" + "heart", not " heart"

@@ -7,12 +7,17 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "guidance_sweep.py"
 
 
-def test_sweep_writes_the_choice_and_its_held_out_scores(tmp_path):
+def load_script():
     spec = importlib.util.spec_from_file_location("guidance_sweep", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_sweep_writes_the_choice_and_its_held_out_scores(tmp_path):
+    script = load_script()
     assert script.main(["--model", "tiny", "--images-per-tag", "1", "--scales", "1,2", "--steps", "1",
-                        "--size", "32", "--batch-size", "6", "--out", str(tmp_path)]) == 0
+                        "--size", "32", "--batch-size", "6", "--emoji-count", "0", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "guidance_sweep_tiny.json").read_text())
     # scale 1 is the same for every schedule, so it runs once
     assert [(r["cfg"], r["cfg_schedule"]) for r in result["seen"]] == [
@@ -24,3 +29,18 @@ def test_sweep_writes_the_choice_and_its_held_out_scores(tmp_path):
     assert held_out[0]["combinations"] == "held_out"
     assert (held_out[0]["cfg"], held_out[0]["cfg_schedule"]) == (best["cfg"], best["cfg_schedule"])
     assert "| held_out |" in (tmp_path / "guidance_sweep_tiny.md").read_text()
+
+
+def test_with_emoji_the_choice_weighs_both_suites(tmp_path):
+    script = load_script()
+    assert script.main(["--model", "tiny", "--images-per-tag", "1", "--scales", "1,2", "--schedules", "constant",
+                        "--steps", "1", "--size", "32", "--batch-size", "12", "--emoji-count", "12",
+                        "--emoji-fit-count", "80", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "guidance_sweep_tiny.json").read_text())
+    for row in result["seen"]:
+        assert 0 <= row["emoji"]["R@10"] <= 1
+        assert abs(row["score"] - (row["overall"] + row["emoji"]["ratio"]) / 2) < 1e-12
+    best = max(result["seen"], key=lambda r: r["score"])
+    assert result["chosen"] == {"cfg": best["cfg"], "cfg_schedule": best["cfg_schedule"]}
+    assert result["emoji_count"] == 12 and 0 <= result["emoji_real"]["R@10"] <= 1
+    assert "emoji ratio" in (tmp_path / "guidance_sweep_tiny.md").read_text()

@@ -79,6 +79,13 @@ def retrieval_recall(queries: torch.Tensor, candidates: torch.Tensor,
     Returns:
         ``{"R@1": ..., "R@10": ...}``: the share of queries whose match ranks in the top k.
     """
+    rank = retrieval_ranks(queries, candidates)
+    return {f"R@{k}": float((rank < k).double().mean()) for k in ks}
+
+
+def retrieval_ranks(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(N,) rank of candidate ``i`` for query ``i`` by cosine similarity: how many candidates
+    are strictly more similar (0: it comes first). Shapes as in `retrieval_recall`."""
     queries, candidates = _check_features("queries", queries, 1), _check_features("candidates", candidates, 1)
     if queries.shape != candidates.shape:
         raise ValueError(f"queries and candidates must have one shape, found {tuple(queries.shape)} "
@@ -86,6 +93,4 @@ def retrieval_recall(queries: torch.Tensor, candidates: torch.Tensor,
     q = torch.nn.functional.normalize(queries, dim=-1)
     c = torch.nn.functional.normalize(candidates, dim=-1)
     similarity = q @ c.T
-    own = similarity.diagonal().unsqueeze(1)
-    rank = (similarity > own).sum(1)  # candidates strictly better than the match
-    return {f"R@{k}": float((rank < k).double().mean()) for k in ks}
+    return (similarity > similarity.diagonal().unsqueeze(1)).sum(1)

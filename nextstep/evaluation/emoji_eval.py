@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from nextstep.evaluation.distribution_metrics import RidgeMap, frechet_distance, retrieval_recall
+from nextstep.evaluation.distribution_metrics import RidgeMap, frechet_distance, retrieval_ranks, retrieval_recall
 from nextstep.evaluation.sampling import SamplingSettings, generate_images
 
 if TYPE_CHECKING:
@@ -56,6 +56,11 @@ class EmojiReport:
         retrieval_reconstructed: recall@k of the real held-out images through the image tokenizer.
         ridge_alpha: the penalty the validation chose.
         settings: the sampling settings.
+        by_vocabulary: for a model with a word vocabulary, R@10 of the real and
+            the generated images over the captions whose words the vocabulary
+            all has (``"known"``) and over the rest (``"unknown"``), each with
+            its ``count`` (the candidates are always all held-out images);
+            empty for other text tokenizers.
     """
 
     count: int
@@ -69,6 +74,7 @@ class EmojiReport:
     retrieval_reconstructed: dict[str, float]
     ridge_alpha: float
     settings: dict = field(default_factory=dict)
+    by_vocabulary: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +95,17 @@ class EmojiReport:
             f"Frechet ratio (generated / real vs real): **{self.frechet_ratio:.2f}**; "
             f"R@10 ratio (generated / real): **{self.retrieval_ratio:.2f}** "
             f"(tokenizer ceiling {_ratio(t['R@10'], r['R@10']):.2f}).",
-        ])
+        ] + self._vocabulary_markdown())
+
+    def _vocabulary_markdown(self) -> list[str]:
+        if not self.by_vocabulary:
+            return []
+        lines = ["", "| captions | count | R@10 real | R@10 generated | ratio |", "|---|---|---|---|---|"]
+        for name, what in (("known", "every word in the vocabulary"), ("unknown", "some word not in it")):
+            part = self.by_vocabulary[name]
+            lines.append(f"| {what} | {part['count']} | {part['real']:.3f} | {part['generated']:.3f} "
+                         f"| {_ratio(part['generated'], part['real']):.2f} |")
+        return lines
 
 
 def _ratio(value: float, reference: float) -> float:
@@ -115,6 +131,31 @@ def fit_caption_map(features: torch.Tensor, embeddings: torch.Tensor, bases: lis
         if score > best_score:
             best_alpha, best_score = alpha, score
     return RidgeMap.fit(features, embeddings, best_alpha), best_alpha
+
+
+def known_word_captions(model: "NextStep", captions: list[str]) -> torch.Tensor | None:
+    """(N,) bool: whether the model's word vocabulary has every word of each caption as it is
+    (aliases do not count); None for a text tokenizer without a word vocabulary."""
+    from nextstep.tokenizers.word_text import WordTextTokenizer, split_pieces
+
+    tokenizer = model.text_tokenizer
+    if not isinstance(tokenizer, WordTextTokenizer):
+        return None
+    words = set(tokenizer.words)
+    return torch.tensor([all(p in words for p in split_pieces(c) if p.strip().isalpha()) for c in captions],
+                        dtype=torch.bool)
+
+
+def _by_vocabulary(known: torch.Tensor | None, real_ranks: torch.Tensor, generated_ranks: torch.Tensor) -> dict:
+    if known is None:
+        return {}
+    out = {}
+    for name, mask in (("known", known), ("unknown", ~known)):
+        count = int(mask.sum())
+        out[name] = {"count": count,
+                     "real": float((real_ranks[mask] < 10).double().mean()) if count else float("nan"),
+                     "generated": float((generated_ranks[mask] < 10).double().mean()) if count else float("nan")}
+    return out
 
 
 def _through_tokenizer(model: "NextStep", images: list, batch_size: int) -> list:
@@ -170,8 +211,9 @@ def run_emoji_eval(model: "NextStep", output: Path | None = None, *, settings: S
     reference = random.Random(seed).sample(range(len(train_samples)), len(test_indices))
     fd_generated = frechet_distance(generated_features, real_features)
     fd_real = frechet_distance(train_features[reference], real_features)
-    real_recall = retrieval_recall(test_embeddings, ridge(real_features))
-    generated_recall = retrieval_recall(test_embeddings, ridge(generated_features))
+    real_mapped, generated_mapped = ridge(real_features), ridge(generated_features)
+    real_recall = retrieval_recall(test_embeddings, real_mapped)
+    generated_recall = retrieval_recall(test_embeddings, generated_mapped)
     report = EmojiReport(
         count=len(test_indices), frechet_generated=fd_generated, frechet_real=fd_real,
         frechet_ratio=fd_generated / fd_real if fd_real > 0 else float("inf"),
@@ -180,6 +222,9 @@ def run_emoji_eval(model: "NextStep", output: Path | None = None, *, settings: S
         frechet_reconstructed=frechet_distance(reconstructed_features, real_features),
         retrieval_reconstructed=retrieval_recall(test_embeddings, ridge(reconstructed_features)),
         ridge_alpha=alpha, settings=settings.to_dict(),
+        by_vocabulary=_by_vocabulary(known_word_captions(model, captions),
+                                     retrieval_ranks(test_embeddings, real_mapped),
+                                     retrieval_ranks(test_embeddings, generated_mapped)),
     )
     if output is not None:
         output = Path(output)
@@ -192,3 +237,53 @@ def run_emoji_eval(model: "NextStep", output: Path | None = None, *, settings: S
         with atomic_path(output / "samples.png") as tmp:
             grid.save(tmp, format="PNG")
     return report
+
+
+class SeenEmojiRetrieval:
+    """Caption-to-image retrieval on emoji the model trained on, for choosing sampling settings.
+
+    Settings must not be tuned on the held-out emoji they are judged on, so this
+    scores ``count`` training emoji (drawn with ``seed``) instead: the ridge map
+    is fitted on the other training emoji (no base emoji on both sides), and
+    ``ratio`` divides the generated images' R@10 by the real ones'. The data
+    side is prepared once; each call generates and scores one setting.
+
+    Args:
+        size: image side in pixels.
+        count: training emoji scored (at least 10).
+        fit_count: training emoji the ridge map is fitted on (0: all the others).
+        seed: which emoji are scored.
+    """
+
+    def __init__(self, size: int = 64, count: int = 400, fit_count: int = 0, seed: int = 0):
+        from nextstep.evaluation.feature_spaces import CaptionEmbeddings, ImageFeatures
+        from nextstep.training.data.emoji import EmojiConfig, EmojiDataset
+
+        train = EmojiDataset(EmojiConfig(split="train", size=size))
+        bases = [entry.base for entry in train.entries]
+        if not 10 <= count < len(train):
+            raise ValueError(f"count must be in [10, {len(train)}), found {count}")
+        scored = random.Random(seed).sample(range(len(train)), count)
+        scored_bases = {bases[i] for i in scored}
+        fitted = [i for i in range(len(train)) if bases[i] not in scored_bases]
+        if fit_count:
+            fitted = random.Random(seed + 1).sample(fitted, min(fit_count, len(fitted)))
+        self.image_features, caption_embeddings = ImageFeatures(), CaptionEmbeddings()
+        self.size = size
+        fit_samples = [train.load(i) for i in fitted]
+        self.ridge, self.ridge_alpha = fit_caption_map(
+            self.image_features([s.image for s in fit_samples]),
+            caption_embeddings([s.caption for s in fit_samples]), [bases[i] for i in fitted])
+        samples = [train.load(i) for i in scored]
+        self.captions = [s.caption for s in samples]
+        self.caption_embeddings = caption_embeddings(self.captions)
+        real_features = self.image_features([s.image for s in samples])
+        self.real = retrieval_recall(self.caption_embeddings, self.ridge(real_features))
+
+    def __call__(self, model: "NextStep", settings: SamplingSettings) -> dict[str, float]:
+        """``{"R@1", "R@10"}`` of the generated images and ``ratio`` (generated / real R@10)."""
+        if (settings.height, settings.width) != (self.size, self.size):
+            raise ValueError(f"expected {self.size}x{self.size} settings, found {settings.width}x{settings.height}")
+        generated = self.image_features(generate_images(model, self.captions, settings))
+        recall = retrieval_recall(self.caption_embeddings, self.ridge(generated))
+        return {**recall, "ratio": _ratio(recall["R@10"], self.real["R@10"])}
