@@ -61,10 +61,70 @@ def test_training_on_the_cache_matches_training_on_images(cache, tmp_path):
 def test_a_cache_from_another_tokenizer_is_refused(cache):
     _, dataset, folder = cache
     other = build_model("tiny", seed=1)
-    with pytest.raises(ValueError, match="another tokenizer or dataset"):
+    with pytest.raises(ValueError, match="another tokenizer encoder or dataset"):
         build_latent_cache(other.image_tokenizer, dataset, AspectRatioBuckets(32, multi_aspect=False), folder)
 
 
 def test_missing_cache_says_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="build_latent_cache"):
         LatentCacheDataset(LatentCacheConfig(str(tmp_path)))
+
+
+def small_vae():
+    from nextstep.tokenizers import FluxVAE, FluxVAEConfig
+
+    torch.manual_seed(0)
+    return FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4, z_channels=4)).eval()
+
+
+def build(tokenizer, folder, **kwargs):
+    dataset = ShapesDataset(ShapesConfig(num_samples=6, size=16))
+    return build_latent_cache(tokenizer, dataset, AspectRatioBuckets(16, multi_aspect=False), folder,
+                              batch_size=6, **kwargs)
+
+
+def test_a_new_or_wider_decoder_keeps_the_cache_and_a_new_encoder_does_not(tmp_path):
+    import copy
+
+    from nextstep.tokenizers.decoder_widening import widen_decoder
+
+    vae = small_vae()
+    build(vae, tmp_path / "cache", source="shapes")
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    new_decoder = copy.deepcopy(vae)
+    with torch.no_grad():
+        for parameter in new_decoder.decoder.parameters():
+            parameter.add_(0.1)
+    for tokenizer in (new_decoder, widen_decoder(vae, 16)):
+        build(tokenizer, tmp_path / "cache", source="shapes")  # accepted as is, nothing rewritten
+        assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == written
+    new_encoder = copy.deepcopy(vae)
+    with torch.no_grad():
+        next(new_encoder.encoder.parameters()).add_(0.1)
+    with pytest.raises(ValueError, match="another tokenizer encoder or dataset"):
+        build(new_encoder, tmp_path / "cache", source="shapes")
+    with pytest.raises(ValueError, match="another tokenizer encoder or dataset"):
+        build(vae, tmp_path / "cache", source="other shapes")
+
+
+def test_an_index_of_format_1_is_kept_for_its_own_tokenizer_and_upgraded(tmp_path):
+    import copy
+
+    from nextstep.training.data.latent_cache import _whole_module_fingerprint, _with_source, tokenizer_fingerprint
+
+    vae = small_vae()
+    folder = build(vae, tmp_path / "cache", source="shapes")
+    index_path = folder / "index.json"
+    index = json.loads(index_path.read_text())
+    legacy = {**index, "format_version": 1, "fingerprint": _with_source(_whole_module_fingerprint(vae), "shapes")}
+    index_path.write_text(json.dumps(legacy))
+    new_decoder = copy.deepcopy(vae)
+    with torch.no_grad():
+        next(new_decoder.decoder.parameters()).add_(0.1)
+    with pytest.raises(ValueError, match="another tokenizer encoder"):  # format 1 cannot tell the decoder apart
+        build(new_decoder, folder, source="shapes")
+    build(vae, folder, source="shapes")
+    upgraded = json.loads(index_path.read_text())
+    assert upgraded == {**index, "format_version": 2}
+    assert upgraded["fingerprint"] == _with_source(tokenizer_fingerprint(vae), "shapes")
+    build(new_decoder, folder, source="shapes")  # from now on a new decoder keeps the cache

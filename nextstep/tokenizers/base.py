@@ -67,6 +67,19 @@ class ImageTokenizer(nn.Module, ABC):
         """Side in pixels of the square one token covers (f * patch_size)."""
         return self.downsample * self.patch_size
 
+    def encoding_identity(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """What `encode` depends on: a description (text) and the tensors it reads.
+
+        Two tokenizers with the same identity make the same latents, so latents
+        stored for one (a latent cache) serve the other. The default is the
+        whole module: its class, its config's JSON when it has one, and its
+        state dict. A tokenizer whose decoder can change on its own (a
+        fine-tuned decoder) leaves the decoder out.
+        """
+        config = getattr(self, "config", None)
+        description = type(self).__name__ + (config.to_json() if hasattr(config, "to_json") else "")
+        return description, self.state_dict()
+
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Token grid (h, w) of an image of ``height`` x ``width`` pixels.
 

@@ -8,6 +8,7 @@ Legend: B batch, C latent channels, H/W pixel sides, h/w latent sides.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -279,6 +280,13 @@ class FluxVAE(ImageTokenizer):
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.config.ch_mult) - 1)
+
+    def encoding_identity(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """The config without the decoder's own width (`DECODER_FIELDS`) and the encoder's
+        weights: a replaced or widened decoder keeps the identity (see `ImageTokenizer`)."""
+        fields = {k: v for k, v in self.config.to_dict().items() if k not in DECODER_FIELDS}
+        description = type(self).__name__ + json.dumps(fields, sort_keys=True)
+        return description, {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
 
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W) -> posterior mean and log-variance, each (B, C, H/f, W/f)."""

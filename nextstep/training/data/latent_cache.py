@@ -3,8 +3,12 @@
 A cache folder holds ``shard-XXXXX.safetensors`` files (each: a ``tokens``
 tensor (n, N, D) of one token grid, with keys and captions in the file's
 metadata) and ``index.json``, written last: a folder without it is incomplete
-and is rebuilt. The index records a fingerprint of the image tokenizer's weights,
-so a cache made with another tokenizer is refused instead of silently used.
+and is rebuilt. The index records a fingerprint of what the image tokenizer's
+encoder depends on (`ImageTokenizer.encoding_identity`) and of the data, so a
+cache made with another encoder or dataset is refused instead of silently used,
+while a model whose decoder was replaced keeps its cache. Indexes of format 1
+fingerprinted the whole tokenizer; the tokenizer that built one still matches
+it, and its first use rewrites the index in the current format.
 
 Legend: n samples in a shard, N tokens per image, D token dim.
 """
@@ -33,19 +37,53 @@ from nextstep.training.data.registry import register_dataset
 logger = logging.getLogger("nextstep.training")
 
 INDEX_FILE = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def tokenizer_fingerprint(tokenizer: torch.nn.Module) -> str:
-    """A hash of the tokenizer's class, config and weights."""
-    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    """A hash of what the tokenizer's encoder depends on (`ImageTokenizer.encoding_identity`;
+    for another module, its class, config and weights)."""
+    identity = getattr(tokenizer, "encoding_identity", None)
+    if identity is None:
+        return _whole_module_fingerprint(tokenizer)
+    description, tensors = identity()
+    return _hash(description, tensors)
+
+
+def _whole_module_fingerprint(tokenizer: torch.nn.Module) -> str:
+    """The fingerprint of format 1: class, config and every weight, decoder included."""
     config = getattr(tokenizer, "config", None)
-    if config is not None and hasattr(config, "to_json"):
-        digest.update(config.to_json().encode())
-    for name, tensor in sorted(tokenizer.state_dict().items()):
+    description = type(tokenizer).__name__ + (config.to_json() if hasattr(config, "to_json") else "")
+    return _hash(description, tokenizer.state_dict())
+
+
+def _hash(description: str, tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(description.encode())
+    for name, tensor in sorted(tensors.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def _with_source(fingerprint: str, source: str) -> str:
+    return hashlib.sha256(f"{fingerprint} {source}".encode()).hexdigest()[:32] if source else fingerprint
+
+
+def _existing_cache_matches(index_path: Path, tokenizer: torch.nn.Module, fingerprint: str, source: str,
+                            num_samples: int) -> bool:
+    """Whether the complete cache of ``index_path`` holds this encoder's latents of this data; a
+    matching index of format 1 is rewritten in the current format."""
+    index = json.loads(index_path.read_text())
+    if index.get("num_source_samples") != num_samples:
+        return False
+    if index.get("format_version", 1) >= 2:
+        return index.get("fingerprint") == fingerprint
+    if index.get("fingerprint") != _with_source(_whole_module_fingerprint(tokenizer), source):
+        return False
+    index.update(format_version=FORMAT_VERSION, fingerprint=fingerprint)
+    atomic_write_text(index_path, json.dumps(index, indent=1) + "\n")
+    logger.info("latent cache %s: index rewritten in format %d", index_path.parent, FORMAT_VERSION)
+    return True
 
 
 @torch.no_grad()
@@ -83,16 +121,14 @@ def build_latent_cache(
         the cache folder.
     """
     directory = Path(directory)
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    if source:
-        fingerprint = hashlib.sha256(f"{fingerprint} {source}".encode()).hexdigest()[:32]
+    fingerprint = _with_source(tokenizer_fingerprint(tokenizer), source)
     index_path = directory / INDEX_FILE
     if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        if index.get("fingerprint") == fingerprint and index.get("num_source_samples") == len(dataset):
+        if _existing_cache_matches(index_path, tokenizer, fingerprint, source, len(dataset)):
             return directory
+        index = json.loads(index_path.read_text())
         raise ValueError(
-            f"the latent cache at {directory} was built from another tokenizer or dataset "
+            f"the latent cache at {directory} was built from another tokenizer encoder or dataset "
             f"(fingerprint {index.get('fingerprint')}, {index.get('num_source_samples')} samples; "
             f"now {fingerprint}, {len(dataset)}); delete it or choose another latent_cache folder"
         )
