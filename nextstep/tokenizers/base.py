@@ -27,6 +27,13 @@ from nextstep.tokenizers.special_tokens import (
 )
 
 
+def module_identity(module: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
+    """A whole module's identity: its class and its config's JSON when it has one, and its state dict."""
+    config = getattr(module, "config", None)
+    description = type(module).__name__ + (config.to_json() if hasattr(config, "to_json") else "")
+    return description, module.state_dict()
+
+
 class ImageTokenizer(nn.Module, ABC):
     """Turns images into continuous latents and back.
 
@@ -76,9 +83,7 @@ class ImageTokenizer(nn.Module, ABC):
         state dict. A tokenizer whose decoder can change on its own (a
         fine-tuned decoder) leaves the decoder out.
         """
-        config = getattr(self, "config", None)
-        description = type(self).__name__ + (config.to_json() if hasattr(config, "to_json") else "")
-        return description, self.state_dict()
+        return module_identity(self)
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Token grid (h, w) of an image of ``height`` x ``width`` pixels.

