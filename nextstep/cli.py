@@ -90,12 +90,14 @@ def command_info(args: argparse.Namespace) -> int:
     rows = [
         ("image_tokenizer", config.image_tokenizer.type, counts["image_tokenizer"]),
         ("text_tokenizer", config.text_tokenizer.type,
-         None if model.text_tokenizer is None else f"{model.text_tokenizer.vocab_size:,} ids"),
+         None if model.text_tokenizer is None else _id_counts(model.text_tokenizer)),
         ("backbone", config.backbone.type, counts["backbone"]),
         ("lm_head", "tied" if model.lm_head.tied else "untied", counts["lm_head"]),
         ("backbone + lm_head", "", counts["backbone"] + counts["lm_head"]),
         ("projectors", "in/out", counts["projectors"]),
         ("image_head", config.image_head.type, counts["image_head"]),
+        *((("word_vectors", f"{config.word_vectors.count:,} x {config.word_vectors.dim}",
+            counts["word_vectors"]),) if "word_vectors" in counts else ()),
         ("sampler", config.sampler.type, None),
         ("total", "", counts["total"]),
     ]
@@ -266,6 +268,23 @@ def command_add_word_aliases(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_add_word_vectors(args: argparse.Namespace) -> int:
+    from nextstep.builders import load_model
+    from nextstep.tokenizers.word_vector_table import sentence_encoder_word_vectors
+
+    model = sentence_encoder_word_vectors(load_model(args.model), dim=args.dim,
+                                          substitution_probability=args.substitution_probability)
+    model.save_pretrained(args.output)
+    words = len(model.text_tokenizer.config.vector_words)
+    print(f"wrote {args.output} ({words:,} further words, {args.dim} components per vector)")
+    return 0
+
+
+def _id_counts(tokenizer) -> str:
+    further = tokenizer.input_vocab_size - tokenizer.vocab_size
+    return f"{tokenizer.vocab_size:,} ids" + (f" + {further:,} read through word vectors" if further else "")
+
+
 def _human(count: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= size:
@@ -386,6 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
     aliases.add_argument("model", help="a saved model directory or a shipped model")
     aliases.add_argument("output", help="the model directory to write (replaced atomically; may be the model)")
     aliases.set_defaults(handler=command_add_word_aliases)
+
+    vectors = commands.add_parser(
+        "add-word-vectors",
+        help="add pretrained word vectors to a word-tokenizer model, to train further")
+    vectors.add_argument("model", help="a saved model directory or a shipped model")
+    vectors.add_argument("output", help="the model directory to write (replaced atomically)")
+    vectors.add_argument("--dim", type=int, default=64, help="principal components kept per vector (default 64)")
+    vectors.add_argument("--substitution-probability", type=float, default=0.2,
+                         help="training rate of reading a known word as its nearest other word (default 0.2)")
+    vectors.set_defaults(handler=command_add_word_vectors)
 
     evaluate = commands.add_parser(
         "eval", help="evaluate a model: shapes GenEval, held-out emoji, tokenizer reconstruction")

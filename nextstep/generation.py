@@ -153,7 +153,7 @@ def _context(model, rows: list[tuple[list[int], list[tuple[int, torch.Tensor]]]]
     input_ids, attention_mask = builder.left_pad([ids for ids, _ in rows])
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if not any(spans for _, spans in rows):
-        return model.backbone.embed(input_ids), attention_mask
+        return model.embed_text(input_ids), attention_mask
     length = input_ids.shape[1]
     image_mask = torch.zeros(input_ids.shape, dtype=torch.bool)
     image_tokens = torch.zeros(*input_ids.shape, model.token_dim)

@@ -19,6 +19,7 @@ from nextstep.backbones.base import Backbone, positions_from_mask
 from nextstep.config import ComponentSpec
 from nextstep.heads.base import ImageHead
 from nextstep.heads.lm_head import LMHead
+from nextstep.layers.word_vectors import WordVectorInput
 from nextstep.model_config import ModelConfig
 from nextstep.samplers.base import Sampler
 from nextstep.sequence import SequenceBatch, SequenceBuilder
@@ -92,6 +93,14 @@ class NextStep(nn.Module):
                 f"text tokenizer has {text_tokenizer.vocab_size} ids but the backbone's embedding "
                 f"table has only {backbone.vocab_size} rows"
             )
+        vectors = config.word_vectors
+        if text_tokenizer is not None and text_tokenizer.input_vocab_size != max(vectors.count,
+                                                                               text_tokenizer.vocab_size):
+            raise ValueError(
+                f"text tokenizer produces {text_tokenizer.input_vocab_size} ids ({text_tokenizer.vocab_size} "
+                f"with an embedding row) but the model has word vectors for {vectors.count}; the ids "
+                "beyond the embedding table need one word vector each (config word_vectors.count)"
+            )
         self.config = config
         # The tokenizer is trained on its own; the transformer sees its frozen latents.
         image_tokenizer.requires_grad_(False)
@@ -103,6 +112,7 @@ class NextStep(nn.Module):
         hidden = backbone.hidden_size
         self.image_in_projector = nn.Linear(image_tokenizer.token_dim, hidden)
         self.image_out_projector = nn.Linear(hidden, hidden)
+        self.word_vectors = (WordVectorInput(vectors, backbone.vocab_size, hidden) if vectors.count else None)
         if lm_head is None:
             tied = backbone.input_embeddings() if config.tie_word_embeddings else None
             lm_head = LMHead(hidden, backbone.vocab_size, tied_embedding=tied)
@@ -124,9 +134,26 @@ class NextStep(nn.Module):
         return self.text_tokenizer
 
     # ----------------------------------------------------------------- training
-    def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """Input embeddings (B, L, H): text embeddings, image projections at image positions."""
-        text = self.backbone.embed(input_ids)
+    def embed_text(self, input_ids: torch.Tensor, *, substitute: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """Text ids (B, L) -> embeddings (B, L, H): the backbone's table, plus the projected word
+        vectors when the model has them (``substitute``: with the training substitutions of
+        `nextstep.layers.word_vectors.WordVectorInput`, drawn from ``generator``)."""
+        if self.word_vectors is None:
+            return self.backbone.embed(input_ids)
+        table_ids, added = self.word_vectors(input_ids, substitute, generator)
+        text = self.backbone.embed(table_ids)
+        return text + added.to(text.dtype)
+
+    def text_targets(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Text ids -> the LM head's classes: a vector word's class is its table row."""
+        return input_ids if self.word_vectors is None else self.word_vectors.table_ids(input_ids)
+
+    def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, image_tokens: torch.Tensor, *,
+              substitute: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Input embeddings (B, L, H): text embeddings (see `embed_text`), image projections at
+        image positions."""
+        text = self.embed_text(input_ids, substitute=substitute, generator=generator)
         image = self.image_in_projector(image_tokens.to(text.dtype))
         return torch.where(image_mask[..., None], image, text)
 
@@ -151,7 +178,8 @@ class NextStep(nn.Module):
             scale = torch.rand(rows, 1, 1, generator=generator, device=context.device) * context_noise
             noise = torch.randn(context.shape, generator=generator, device=context.device)
             context = context + (scale * noise).to(context.dtype)
-        embeds = self.embed(batch.input_ids, batch.image_mask, context)
+        embeds = self.embed(batch.input_ids, batch.image_mask, context, substitute=self.training,
+                            generator=generator)
         positions = positions_from_mask(batch.attention_mask)
         hidden = self.backbone(embeds, positions, batch.attention_mask)  # (B, L, H)
         previous = hidden[:, :-1]
@@ -160,7 +188,7 @@ class NextStep(nn.Module):
         num_text = int(text_mask.sum())
         if num_text:
             logits = self.lm_head(previous[text_mask]).float()  # (M, V)
-            text_loss = F.cross_entropy(logits, batch.input_ids[:, 1:][text_mask])
+            text_loss = F.cross_entropy(logits, self.text_targets(batch.input_ids[:, 1:][text_mask]))
         else:
             text_loss = hidden.new_zeros((), dtype=torch.float32)
 
@@ -283,6 +311,7 @@ class NextStep(nn.Module):
             ("lm_head", self.lm_head),
             ("projectors", nn.ModuleList([self.image_in_projector, self.image_out_projector])),
             ("image_head", self.image_head),
+            *((("word_vectors", self.word_vectors),) if self.word_vectors is not None else ()),
         ):
             total = 0
             for parameter in module.parameters():

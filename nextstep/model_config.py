@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nextstep.config import ComponentSpec, Config, require
+from nextstep.config import OMITTED_WHEN_DEFAULT, ComponentSpec, Config, require
 from nextstep.generation_defaults import GenerationDefaults
+from nextstep.layers.word_vectors import WordVectorConfig
 
 
 @dataclass
@@ -25,6 +26,8 @@ class ModelConfig(Config):
             (text dropout for classifier-free guidance; 0.3 in the release).
         use_norm: LayerNorm each sampled token before it is fed back and decoded.
         generation: the sampling settings generation uses when a call leaves them unset.
+        word_vectors: pretrained word vectors added to the text embeddings
+            (`nextstep.layers.word_vectors`); ``count == 0`` (the default): none.
     """
 
     image_tokenizer: ComponentSpec
@@ -38,6 +41,7 @@ class ModelConfig(Config):
     image_first_probability: float = 0.3
     use_norm: bool = False
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    word_vectors: WordVectorConfig = field(default_factory=WordVectorConfig, metadata=OMITTED_WHEN_DEFAULT)
 
     def validate(self) -> None:
         for kind in ComponentSpec.kinds:
@@ -50,3 +54,5 @@ class ModelConfig(Config):
                 self.image_first_probability, "in [0, 1]")
         require(isinstance(self.generation, GenerationDefaults), "generation", self.generation,
                 "a GenerationDefaults")
+        require(isinstance(self.word_vectors, WordVectorConfig), "word_vectors", self.word_vectors,
+                "a WordVectorConfig")

@@ -80,6 +80,9 @@ def replace_text_tokenizer(model: NextStep, tokenizer: TextTokenizer) -> NextSte
         tokenizer: the new text tokenizer (already fitted).
     """
     old = model.require_text_tokenizer()
+    if model.word_vectors is not None:
+        raise ValueError("a model with word vectors keeps its text tokenizer: the vectors are stored per id "
+                         "of that tokenizer; swap the tokenizer before attaching word vectors")
     sources = vocabulary_transfer(old, tokenizer)
     if any(max(ids, default=-1) >= model.backbone.vocab_size for ids in sources):
         raise ValueError(f"the old tokenizer produces ids beyond the backbone's {model.backbone.vocab_size} rows")

@@ -135,7 +135,7 @@ def fit_caption_map(features: torch.Tensor, embeddings: torch.Tensor, bases: lis
 
 def known_word_captions(model: "NextStep", captions: list[str]) -> torch.Tensor | None:
     """(N,) bool: whether the model's word vocabulary has every word of each caption as it is
-    (aliases do not count); None for a text tokenizer without a word vocabulary."""
+    (aliases and word vectors do not count); None for a text tokenizer without a word vocabulary."""
     from nextstep.tokenizers.word_text import WordTextTokenizer, split_pieces
 
     tokenizer = model.text_tokenizer

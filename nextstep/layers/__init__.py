@@ -4,6 +4,7 @@ from nextstep.layers.adaln import AdaLNFinalLayer, AdaLNResBlock, modulate
 from nextstep.layers.rms_norm import RMSNorm
 from nextstep.layers.rotary import RotaryEmbedding, apply_rotary
 from nextstep.layers.timestep import TimestepEmbedder, sinusoidal_embedding
+from nextstep.layers.word_vectors import WordVectorConfig, WordVectorInput
 
 __all__ = [
     "AdaLNFinalLayer",
@@ -11,6 +12,8 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "TimestepEmbedder",
+    "WordVectorConfig",
+    "WordVectorInput",
     "apply_rotary",
     "modulate",
     "sinusoidal_embedding",

@@ -169,7 +169,13 @@ class TextTokenizer(ABC):
     @property
     @abstractmethod
     def vocab_size(self) -> int:
-        """Number of ids the tokenizer can produce (an embedding table needs at least this)."""
+        """Number of ids with a row in the embedding table and a logit of the LM head."""
+
+    @property
+    def input_vocab_size(self) -> int:
+        """Number of ids `encode` can produce: `vocab_size`, plus ids a model reads only as
+        input (through `nextstep.layers.word_vectors.WordVectorInput`)."""
+        return self.vocab_size
 
     def save(self, directory: Path) -> None:
         """Write whatever files the tokenizer needs into ``directory`` (default: none)."""

@@ -57,14 +57,14 @@ def nearest_word_aliases(words: Sequence[str], candidates: Iterable[str], embed:
     targets = alias_targets(words)
     if not targets:
         raise ValueError("the vocabulary has no word of letters to alias to")
-    target_vectors = _unit_rows(embed(targets), len(targets), "the vocabulary's words")
+    target_vectors = unit_rows(embed(targets), len(targets), "the vocabulary's words")
     wanted = {word.lower() for word in candidates if isinstance(word, str) and word.isalpha()}
     exact = {target.lower(): target for target in targets}
     aliases = {word: exact[word] for word in wanted if word in exact}
     rest = sorted(wanted - set(aliases))
     for start in range(0, len(rest), batch_size):
         chunk = rest[start:start + batch_size]
-        vectors = _unit_rows(embed(chunk), len(chunk), "the candidate words")
+        vectors = unit_rows(embed(chunk), len(chunk), "the candidate words")
         best = (vectors @ target_vectors.T).argmax(dim=1)
         aliases.update((word, targets[int(i)]) for word, i in zip(chunk, best))
     for lower, target in exact.items():
@@ -72,7 +72,8 @@ def nearest_word_aliases(words: Sequence[str], candidates: Iterable[str], embed:
     return dict(sorted(aliases.items()))
 
 
-def _unit_rows(vectors: torch.Tensor, count: int, what: str) -> torch.Tensor:
+def unit_rows(vectors: torch.Tensor, count: int, what: str) -> torch.Tensor:
+    """An encoder's output checked to be (count, D), as unit float64 rows; ``what`` names the rows."""
     if not isinstance(vectors, torch.Tensor) or vectors.ndim != 2 or vectors.shape[0] != count:
         found = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
         raise ValueError(f"embed must return ({count}, D) for {what}, found {found}")

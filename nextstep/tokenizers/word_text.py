@@ -44,12 +44,21 @@ class WordTextTokenizerConfig(Config):
             without one). Empty: unknown words become bytes.
             `nextstep.tokenizers.word_aliases` builds aliases from a
             pretrained text encoder.
+        vector_words: lower-case words of letters outside the vocabulary that get
+            ids of their own after the vocabulary's (``vocab_size + i`` for
+            ``vector_words[i]``), for a model that reads them through pretrained
+            word vectors (`nextstep.layers.word_vectors`). Such ids have no row in
+            the backbone's embedding table: `input_vocab_size` counts them,
+            `vocab_size` does not. A piece of letters that is not in ``words``
+            is looked up here (in lower case, leading space removed) before the
+            aliases; its id decodes as the word with a leading space.
     """
 
     words: tuple[str, ...] = ()
     min_count: int = 2
     max_words: int = 0
     aliases: dict[str, str] = field(default_factory=dict, metadata=OMITTED_WHEN_DEFAULT)
+    vector_words: tuple[str, ...] = field(default=(), metadata=OMITTED_WHEN_DEFAULT)
 
     def validate(self) -> None:
         require(isinstance(self.min_count, int) and self.min_count >= 1, "min_count", self.min_count,
@@ -70,6 +79,14 @@ class WordTextTokenizerConfig(Config):
                     "keyed by lower-case words of letters only")
             require(target in known, f"aliases[{word!r}]", target,
                     "a word of the vocabulary (with or without its leading space)")
+        known_lower = {word.lower() for word in known}
+        for word in self.vector_words:
+            require(isinstance(word, str) and word.isalpha() and word == word.lower(), "vector_words", word,
+                    "lower-case words of letters only")
+            require(word not in known_lower, "vector_words", word,
+                    "words the vocabulary lacks in every form (a known word's other forms read as aliases)")
+        require(len(set(self.vector_words)) == len(self.vector_words), "vector_words", self.vector_words,
+                "no repeated word")
 
 
 @register_component("text_tokenizer", "word")
@@ -88,7 +105,9 @@ class WordTextTokenizer(ByteTextTokenizer):
     With ``aliases`` (see `WordTextTokenizerConfig`) a word the vocabulary lacks
     encodes as a related word it has ("violin" as " guitar"), so a model trained
     on a few hundred words can still read a prompt of everyday English; such a
-    text decodes to its aliases, not to itself.
+    text decodes to its aliases, not to itself. With ``vector_words`` such a
+    word gets an id of its own beyond `vocab_size`, which a model reads through
+    a pretrained word vector (`nextstep.layers.word_vectors`).
     """
 
     config_class = WordTextTokenizerConfig
@@ -99,6 +118,8 @@ class WordTextTokenizer(ByteTextTokenizer):
         self._first_word_id = 256 + len(self.specials)
         self._word_ids = {word: self._first_word_id + i for i, word in enumerate(self.config.words)}
         self._alias_ids = {word: self._alias_id(target) for word, target in self.config.aliases.items()}
+        first_vector_id = self._first_word_id + len(self.config.words)
+        self._vector_ids = {word: first_vector_id + i for i, word in enumerate(self.config.vector_words)}
 
     def _alias_id(self, target: str) -> tuple[list[int], list[int]]:
         """The ids of ``target`` read without and with a leading space: the word's own id where the
@@ -142,6 +163,8 @@ class WordTextTokenizer(ByteTextTokenizer):
             word_id = self._word_ids.get(piece)
             if word_id is not None:
                 ids.append(word_id)
+            elif self._vector_ids and (vector_id := self._vector_id(piece)) is not None:
+                ids.append(vector_id)
             elif self._alias_ids and (alias := self._aliased(piece)) is not None:
                 ids.extend(alias)
             else:
@@ -153,14 +176,25 @@ class WordTextTokenizer(ByteTextTokenizer):
         ids = self._alias_ids.get(word.lower())
         return None if ids is None else ids[piece.startswith(" ")]
 
+    def _vector_id(self, piece: str) -> int | None:
+        return self._vector_ids.get((piece[1:] if piece.startswith(" ") else piece).lower())
+
     def _text_of(self, token: int) -> str:
         if self._first_word_id <= token < self.vocab_size:
             return self.config.words[token - self._first_word_id]
+        if self.vocab_size <= token < self.input_vocab_size:
+            return " " + self.config.vector_words[token - self.vocab_size]
         return super()._text_of(token)
 
     @property
     def vocab_size(self) -> int:
+        """Ids with a row in the embedding table (and a logit): bytes, specials, ``words``."""
         return self._first_word_id + len(self.config.words)
+
+    @property
+    def input_vocab_size(self) -> int:
+        """Every id `encode` can return: `vocab_size` plus one per vector word."""
+        return self.vocab_size + len(self.config.vector_words)
 
     @property
     def words(self) -> tuple[str, ...]:
@@ -169,3 +203,7 @@ class WordTextTokenizer(ByteTextTokenizer):
     def with_aliases(self, aliases: dict[str, str]) -> "WordTextTokenizer":
         """The same vocabulary with ``aliases`` (see `WordTextTokenizerConfig`) in place of its own."""
         return type(self)(self.config.replace(aliases=dict(aliases)))
+
+    def with_vector_words(self, words: Iterable[str]) -> "WordTextTokenizer":
+        """The same vocabulary and aliases with ``words`` as its `vector_words`."""
+        return type(self)(self.config.replace(vector_words=tuple(words)))
