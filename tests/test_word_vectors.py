@@ -95,6 +95,7 @@ def test_substitutes_are_the_nearest_other_word_by_brute_force(points):
     module.set_vectors(vectors, torch.arange(count))
     stored = module.vectors(dtype=torch.float32)
     substitutes = module.substitutes()
+    assert torch.equal(module._nearest_other_words(chunk=3), substitutes)  # chunking changes nothing
     for i in range(count):
         has = [j for j in range(count) if stored[j].abs().sum() > 0]
         others = [j for j in has if not torch.equal(module.codes[j], module.codes[i])]
@@ -119,6 +120,14 @@ def test_substitution_swaps_known_words_only_and_only_when_asked():
     assert swapped.tolist() == [[0, 2, 1, 2, 3, 1]]  # further words keep their row
     module.config = module.config.replace(substitution_probability=0.0)
     assert torch.equal(module(ids, substitute=True)[0], table)
+    # the substitutes follow the stored vectors: new vectors, or loaded ones, replace them
+    swapped_vectors = torch.tensor([[0.0, 0], [1, 0], [0, 1], [0.9, 0.1], [0.1, 1], [1, 0.1]])
+    module.set_vectors(swapped_vectors, torch.tensor([0, 1, 2, 3, 3, 1]))
+    assert module.substitutes().tolist() == [0, 3, 3, 1]
+    fresh = WordVectorInput(module.config, table_size=4, hidden_size=3)
+    fresh.substitutes()
+    fresh.load_state_dict(module.state_dict())
+    assert fresh.substitutes().tolist() == [0, 3, 3, 1]
 
 
 # -------------------------------------------------------------------- model

@@ -79,6 +79,7 @@ class WordVectorInput(nn.Module):
         self.register_buffer("learned_ids", torch.arange(config.count, dtype=torch.int32).clamp_max(table_size - 1))
         self.projection = nn.Linear(config.dim, hidden_size, bias=False)
         nn.init.zeros_(self.projection.weight)
+        self._substitutes: torch.Tensor | None = None
 
     @torch.no_grad()
     def set_vectors(self, vectors: torch.Tensor, learned_ids: torch.Tensor) -> None:
@@ -106,6 +107,7 @@ class WordVectorInput(nn.Module):
         self.codes.copy_(codes.round().clamp(-127, 127).to(torch.int8))
         self.scales.copy_(scales)
         self.learned_ids.copy_(learned_ids.to(torch.int32))
+        self._substitutes = None
 
     def vectors(self, ids: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The stored vectors of ``ids`` (..., dim), or all of them (count, dim)."""
@@ -116,15 +118,29 @@ class WordVectorInput(nn.Module):
     def substitutes(self) -> torch.Tensor:
         """(V,) int64: each table id's nearest id with a vector for another word (cosine of the
         stored vectors; forms of one word, such as "red" and " red", share a vector and are
-        skipped); ids without a vector, and a lone word, map to themselves."""
+        skipped); ids without a vector, and a lone word, map to themselves. Computed once per
+        set of vectors, ``chunk`` rows at a time (memory: chunk x V)."""
+        if self._substitutes is None or self._substitutes.device != self.codes.device:
+            self._substitutes = self._nearest_other_words()
+        return self._substitutes
+
+    def _nearest_other_words(self, chunk: int = 1024) -> torch.Tensor:
         rows = torch.arange(self.table_size, device=self.codes.device)
         vectors = nn.functional.normalize(self.vectors(rows, dtype=torch.float32), dim=1)
         has_vector = self.scales[: self.table_size] > 0
-        similarity = vectors @ vectors.T
-        same_word = torch.eq(self.codes[: self.table_size, None], self.codes[None, : self.table_size]).all(-1)
-        similarity = similarity.masked_fill(same_word | ~has_vector[None], -2.0)
-        best, nearest = similarity.max(dim=1)
-        return torch.where(has_vector & (best > -2.0), nearest, rows)
+        nearest = rows.clone()
+        for start in range(0, self.table_size, chunk):
+            similarity = vectors[start:start + chunk] @ vectors.T  # (chunk, V)
+            same_word = similarity >= 1 - 1e-5  # one word's forms share a vector
+            similarity = similarity.masked_fill(same_word | ~has_vector[None], -2.0)
+            best, index = similarity.max(dim=1)
+            usable = has_vector[start:start + chunk] & (best > -2.0)
+            nearest[start:start + chunk] = torch.where(usable, index, rows[start:start + chunk])
+        return nearest
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._substitutes = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def table_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (...) in [0, count) -> their rows of the embedding table (...) int64."""
