@@ -155,8 +155,10 @@ class WordVectorInput(nn.Module):
         ``substitution_probability``, drawn from ``generator``.
         """
         count = self.codes.shape[0]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= count):
-            raise ValueError(f"text ids must lie in [0, {count}), found [{int(ids.min())}, {int(ids.max())}]")
+        if ids.numel():
+            low, high = (int(v) for v in torch.aminmax(ids))  # one pass, one device sync
+            if low < 0 or high >= count:
+                raise ValueError(f"text ids must lie in [0, {count}), found [{low}, {high}]")
         table = self.table_ids(ids)
         probability = self.config.substitution_probability
         if substitute and probability > 0:

@@ -18,6 +18,11 @@ from nextstep.tokenizers.byte_text import ByteTextTokenizer
 PIECE_PATTERN = re.compile(r" ?[^\W\d_]+| ?\d| ?[^\s\w]+| ?_+|\s+(?!\S)|\s+")
 
 
+def _bare_lower(piece: str) -> str:
+    """A piece without its leading space, in lower case: how aliases and vector words are keyed."""
+    return (piece[1:] if piece.startswith(" ") else piece).lower()
+
+
 def split_pieces(text: str) -> list[str]:
     """``text`` cut into the pieces the vocabulary is made of (``"".join`` gives ``text`` back)."""
     return PIECE_PATTERN.findall(text)
@@ -172,12 +177,11 @@ class WordTextTokenizer(ByteTextTokenizer):
         return ids
 
     def _aliased(self, piece: str) -> list[int] | None:
-        word = piece[1:] if piece.startswith(" ") else piece
-        ids = self._alias_ids.get(word.lower())
+        ids = self._alias_ids.get(_bare_lower(piece))
         return None if ids is None else ids[piece.startswith(" ")]
 
     def _vector_id(self, piece: str) -> int | None:
-        return self._vector_ids.get((piece[1:] if piece.startswith(" ") else piece).lower())
+        return self._vector_ids.get(_bare_lower(piece))
 
     def _text_of(self, token: int) -> str:
         if self._first_word_id <= token < self.vocab_size:

@@ -15,7 +15,6 @@ words of that encoder's vocabulary (about 22,000).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -79,8 +78,9 @@ def attach_word_vectors(model: "NextStep", candidates: Sequence[str], embed: Emb
     aliases = {word: target for word, target in sorted(aliases.items()) if word not in extra}
     reader = type(tokenizer)(tokenizer.config.replace(aliases=aliases, vector_words=tuple(extra)))
 
-    known_ids = [_single_id(tokenizer, word) for word in tokenizer.words if word.lstrip(" ").isalpha()]
-    known_words = [tokenizer.decode([i]).lstrip(" ") for i in known_ids]
+    spelled = [word for word in tokenizer.words if word.lstrip(" ").isalpha()]
+    known_ids = [_single_id(tokenizer, word) for word in spelled]
+    known_words = [word.lstrip(" ") for word in spelled]
     ids = known_ids + [reader.vocab_size + j for j in range(len(extra))]
     words = known_words + extra
     embedded = torch.cat([unit_rows(embed(words[s:s + batch_size]), len(words[s:s + batch_size]), "the words")
@@ -129,5 +129,5 @@ def sentence_encoder_word_vectors(model: "NextStep", *, dim: int = 64,
     from nextstep.evaluation.feature_spaces import CaptionEmbeddings
 
     encoder = CaptionEmbeddings()  # raises ImportError with the install command when the package is missing
-    words = encoder_vocabulary_words(Path(encoder.directory) / "vocab.txt")
+    words = encoder_vocabulary_words(encoder.directory / "vocab.txt")
     return attach_word_vectors(model, words, encoder, dim=dim, substitution_probability=substitution_probability)
