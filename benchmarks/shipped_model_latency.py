@@ -5,10 +5,12 @@ Two measurements:
 * ``nextstep generate`` end to end, as a user runs it: a fresh process that
   imports the library, loads ``emoji-shapes-64`` from the package, generates one
   image with the command's defaults (the model's own settings: 64x64, its
-  guidance, 20 Euler steps per token) and writes the PNG. The best of
-  ``--repeats`` runs;
+  guidance, 20 Euler steps per token, its number of candidates) and writes the
+  PNG. The best of ``--repeats`` runs;
 * in process, the model already loaded: seconds per image at batch 1 and 8 with
-  the model's settings and with the NextStep-1 release's (CFG 7.5, 50 steps).
+  the model's settings, with them drawing each image once (when the model
+  draws several candidates), and with the NextStep-1 release's (CFG 7.5, 50
+  steps, one draw).
 
 Usage:
     python benchmarks/shipped_model_latency.py [--repeats 3]
@@ -55,19 +57,24 @@ def main() -> int:
     print(f"nextstep generate (1 image, defaults, fresh process): {results['command_seconds_per_image']:.2f} s")
     model = load_model("emoji-shapes-64").eval()
     own = model.config.generation
-    for cfg, schedule, steps in ((own.cfg, own.cfg_schedule, own.num_steps), (7.5, "constant", 50)):
+    settings = [(own.cfg, own.cfg_schedule, own.num_steps, own.candidates)]
+    if own.candidates != 1:
+        settings.append((own.cfg, own.cfg_schedule, own.num_steps, 1))
+    settings.append((7.5, "constant", 50, 1))
+    for cfg, schedule, steps, candidates in settings:
         for batch in (1, 8):
             prompts = [PROMPT] * batch
 
             def run():
                 with torch.no_grad():
                     model.generate(prompts, height=64, width=64, cfg=cfg, cfg_schedule=schedule, num_steps=steps,
-                                   seed=0)
+                                   seed=0, candidates=candidates)
 
             seconds = best_time(run, repeats=args.repeats) / batch
-            results["in_process"].append({"cfg": cfg, "cfg_schedule": schedule, "steps": steps, "batch": batch,
-                                          "seconds_per_image": seconds})
-            print(f"in process, cfg {cfg} ({schedule}), {steps} steps, batch {batch}: {seconds:.3f} s/image")
+            results["in_process"].append({"cfg": cfg, "cfg_schedule": schedule, "steps": steps,
+                                          "candidates": candidates, "batch": batch, "seconds_per_image": seconds})
+            print(f"in process, cfg {cfg} ({schedule}), {steps} steps, {candidates} candidate(s), batch {batch}: "
+                  f"{seconds:.3f} s/image")
     path = write_results("shipped_model_latency", results)
     print(f"wrote {path}")
     return 0

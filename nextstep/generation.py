@@ -167,18 +167,20 @@ def _context(model, rows: list[tuple[list[int], list[tuple[int, torch.Tensor]]]]
     return embeds, attention_mask
 
 
-def _draw_noise(num_rows, seed, num_tokens, token_dim, max_steps, stochastic, temperature, device):
-    """Per-image noise from generators seeded ``seed + r``: starting points (R, N, D),
-    and for stochastic samplers step noise (N, S, R, D); both scaled by ``temperature``."""
-    generators = [torch.Generator().manual_seed(seed + r) for r in range(num_rows)]
-    noise = torch.stack([torch.randn(num_tokens, token_dim, generator=g) for g in generators])
-    step_noise = None
-    if stochastic:
-        step_noise = torch.stack(
-            [torch.randn(num_tokens, max_steps, token_dim, generator=g) for g in generators], dim=2
-        )
-        step_noise = (step_noise * temperature).to(device)
-    return (noise * temperature).to(device), step_noise
+def _draw_noise(num_images, seed, num_tokens, token_dim, max_steps, stochastic, temperature, device,
+                candidates=1):
+    """Per-image noise from generators seeded ``seed + r``: starting points (R*K, N, D),
+    and for stochastic samplers step noise (N, S, R*K, D); both scaled by ``temperature``.
+    Row r*K + j is candidate j of image r: its generator's j-th pair of draws."""
+    noise, step_noise = [], []
+    for image in range(num_images):
+        generator = torch.Generator().manual_seed(seed + image)
+        for _ in range(candidates):
+            noise.append(torch.randn(num_tokens, token_dim, generator=generator))
+            if stochastic:
+                step_noise.append(torch.randn(num_tokens, max_steps, token_dim, generator=generator))
+    steps = (torch.stack(step_noise, dim=2) * temperature).to(device) if stochastic else None
+    return (torch.stack(noise) * temperature).to(device), steps
 
 
 def _in_inference_mode(fn: Callable) -> Callable:
@@ -215,6 +217,7 @@ def generate_tokens(
     temperature: float = 1.0,
     use_norm: bool | None = None,
     progress: bool | Callable[[int, int], None] | None = None,
+    candidates: int | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Sample image tokens for prompts (text-to-image) or instructions (editing, with ``images``).
 
@@ -261,6 +264,10 @@ def generate_tokens(
         use_norm: LayerNorm each sampled token; defaults to ``model.config.use_norm``.
         progress: True for a progress bar, or a callable ``progress(done, total)``
             called after each token.
+        candidates: text-to-image samples per image, K; the one under which the
+            model finds the prompt most likely is kept (`nextstep.reranking`).
+            Candidate 0 of image ``r`` is the image ``candidates=1`` gives; the
+            others continue the draws of its generator. Default: the model's.
 
     Returns:
         tokens (R, N, D) float32, grid height h, grid width w.
@@ -271,6 +278,12 @@ def generate_tokens(
     cfg = defaults.cfg if cfg is None else cfg
     cfg_schedule = defaults.cfg_schedule if cfg_schedule is None else cfg_schedule
     num_steps = defaults.num_steps if num_steps is None else num_steps
+    candidates = defaults.candidates if candidates is None else candidates
+    if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
+        raise ValueError(f"candidates must be an integer >= 1, found {candidates!r}")
+    if editing and candidates > 1:
+        raise ValueError(f"candidates ranks text-to-image samples; editing (images given) draws each image "
+                         f"once, found candidates={candidates}")
     if cfg_img is not None and not editing:
         raise ValueError("cfg_img is the image guidance of editing; it needs input images, found images=None")
     if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
@@ -309,15 +322,16 @@ def generate_tokens(
     grid_h, grid_w = _output_grid(model, height, width, sources)
     conditional = [p + " " + positive_prompt if positive_prompt else p for p in prompts]
     rows = _branch_rows(model.sequences, conditional, negative_prompt, sources, (grid_h, grid_w), branches,
-                        num_images_per_prompt)
+                        num_images_per_prompt * candidates)
 
     backbone, head = model.backbone, model.image_head
     device = next(model.parameters()).device
     dtype = next(backbone.parameters()).dtype
-    num_rows, num_tokens, token_dim = len(prompts) * num_images_per_prompt, grid_h * grid_w, model.token_dim
+    num_images, num_tokens, token_dim = len(prompts) * num_images_per_prompt, grid_h * grid_w, model.token_dim
+    num_rows = num_images * candidates
 
-    noise, step_noise = _draw_noise(num_rows, seed, num_tokens, token_dim, schedule.max_steps(num_tokens),
-                                    sampler.stochastic, temperature, device)
+    noise, step_noise = _draw_noise(num_images, seed, num_tokens, token_dim, schedule.max_steps(num_tokens),
+                                    sampler.stochastic, temperature, device, candidates)
     grids: dict[int, tuple[torch.Tensor, Any]] = {}  # steps -> (grid, the head's prepared times)
 
     embeds, attention_mask = _context(model, rows, device, dtype)  # (G*R, P, H)
@@ -359,6 +373,12 @@ def generate_tokens(
         next_positions = next_positions + 1
     if bar is not None:
         bar.close()
+    if candidates > 1:
+        from nextstep.reranking import best_candidates, prompt_log_likelihood
+
+        row_prompts = [prompt for prompt in conditional for _ in range(num_images_per_prompt * candidates)]
+        scores = prompt_log_likelihood(model, row_prompts, tokens, grid_h, grid_w)
+        tokens = best_candidates(tokens, scores, candidates)
     return tokens, grid_h, grid_w
 
 

@@ -12,10 +12,10 @@ was tuned for (the shipped ``emoji-shapes-64`` does).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from nextstep.config import Config, require
+from nextstep.config import OMITTED_WHEN_DEFAULT, Config, require
 from nextstep.samplers.guidance_schedule import resolve_guidance_schedule
 
 
@@ -30,6 +30,9 @@ class GenerationDefaults(Config):
         num_steps: head integration steps per token.
         height: text-to-image output height in pixels.
         width: text-to-image output width in pixels.
+        candidates: text-to-image samples drawn per image, of which the one under
+            which the model finds the prompt most likely is kept
+            (`nextstep.reranking`); 1 draws each image once.
     """
 
     cfg: float = 7.5
@@ -37,12 +40,13 @@ class GenerationDefaults(Config):
     num_steps: int = 50
     height: int = 256
     width: int = 256
+    candidates: int = field(default=1, metadata=OMITTED_WHEN_DEFAULT)
 
     def validate(self) -> None:
         require(not isinstance(self.cfg, bool) and isinstance(self.cfg, (int, float)) and self.cfg >= 0,
                 "cfg", self.cfg, "a number >= 0")
         resolve_guidance_schedule(self.cfg_schedule)
-        for name in ("num_steps", "height", "width"):
+        for name in ("num_steps", "height", "width", "candidates"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value,
                     "an integer >= 1")

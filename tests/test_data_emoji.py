@@ -45,3 +45,24 @@ def test_missing_font_names_the_package_and_the_install_command(monkeypatch, tmp
     monkeypatch.setattr(emoji_module, "FONT_PATH", tmp_path / "none.ttf")
     with pytest.raises(FileNotFoundError, match="fonts-noto-color-emoji.*make data"):
         EmojiDataset(EmojiConfig())
+
+
+def test_alias_captions_add_other_names_of_the_same_glyphs(splits):
+    train, test = splits
+    aliases = EmojiDataset(EmojiConfig(split="train", captions="aliases"))
+    assert 300 < len(aliases) < len(train)
+    names = {e.text: e.name for e in train.entries}
+    joy = [e.name for e in aliases.entries if e.text == "\U0001F602"]
+    assert joy == ["joy"] and names["\U0001F602"] == "face with tears of joy"
+    assert {e.text for e in aliases.entries} <= set(names), "aliases only of the split's emoji"
+    assert all(e.name.lower() != names[e.text].lower() for e in aliases.entries)
+    assert not [e for e in aliases.entries if e.subgroup in emoji_module.FLAG_SUBGROUPS]
+    held_out = EmojiDataset(EmojiConfig(split="test", captions="aliases"))
+    assert {e.base for e in held_out.entries} <= {e.base for e in test.entries}
+    keys = [aliases.load(i).key for i in range(20)]
+    assert len(set(keys)) == len(keys), "one key per alias sample"
+
+
+def test_an_unknown_caption_kind_is_named():
+    with pytest.raises(ValueError, match="captions.*'names', 'aliases'"):
+        EmojiConfig(captions="keywords")

@@ -70,9 +70,21 @@ def test_the_shipped_model_is_what_its_recipes_describe():
     # Stage 17 continues stage 15 after `nextstep add-word-vectors` (its defaults) gave it word vectors.
     assert load_recipe("emoji_shapes_64_stage17").model == "outputs/train/emoji_shapes_64_stage15_word_vectors"
     assert load_recipe("emoji_shapes_64_stage18").model == "outputs/train/emoji_shapes_64_stage17/model"
+    # Stage 20 continues stage 18 reading known words as their neighbours twice as often, stage 21
+    # continues stage 20 with the training emoji under their aliases as well, stage 22 continues 21.
+    stage20, stage21 = load_recipe("emoji_shapes_64_stage20"), load_recipe("emoji_shapes_64_stage21")
+    stage22 = load_recipe("emoji_shapes_64_stage22")
+    assert stage20.model == "outputs/train/emoji_shapes_64_stage18/model"
+    assert stage21.model == "outputs/train/emoji_shapes_64_stage20/model"
+    assert stage22.model == "outputs/train/emoji_shapes_64_stage21/model"
+    assert stage22.data == stage21.data and stage22.train.max_steps == 1500
+    assert stage20.training_settings == {"word_vectors": {"substitution_probability": 0.4}}
+    assert stage21.data.datasets[:-1] == stage20.data.datasets == load_recipe("emoji_shapes_64_stage18").data.datasets
+    assert stage21.data.datasets[-1] == {"type": "emoji", "split": "train", "size": 64, "captions": "aliases",
+                                         "repeat": 12}
     assert shipped["word_vectors"] == {"count": shipped["backbone"]["vocab_size"]
                                        + len(shipped["text_tokenizer"]["vector_words"]),
-                                       "dim": 64, "substitution_probability": 0.2}
+                                       "dim": 64, "substitution_probability": 0.4}
 
 
 def test_the_shipped_decoder_reads_the_latents_its_generator_was_trained_on():
@@ -177,7 +189,7 @@ def test_the_shipped_word_vectors_are_what_the_command_computes():
     words_only = WordTextTokenizer(shipped.text_tokenizer.config.replace(aliases={}, vector_words=()))
     before = NextStep(shipped.image_tokenizer, words_only, shipped.backbone, shipped.image_head, shipped.sampler,
                       shipped.config.replace(word_vectors=WordVectorConfig()), lm_head=shipped.lm_head)
-    computed = sentence_encoder_word_vectors(before, substitution_probability=0.2)
+    computed = sentence_encoder_word_vectors(before, substitution_probability=0.4)  # stage 20's rate
     assert computed.text_tokenizer.config == shipped.text_tokenizer.config
     assert computed.config.word_vectors == shipped.config.word_vectors
     assert torch.equal(computed.word_vectors.learned_ids, shipped.word_vectors.learned_ids)

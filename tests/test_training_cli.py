@@ -126,3 +126,32 @@ def test_the_trained_model_draws_at_its_training_resolution_not_its_preview_size
     assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--quiet"]) == 0
     generation = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["generation"]
     assert (generation["height"], generation["width"]) == (32, 32)
+
+
+def test_a_recipe_changes_the_model_training_settings_and_they_are_saved(tmp_path):
+    from nextstep.builders import build_model
+    from nextstep.layers.word_vectors import WordVectorConfig
+    from nextstep.presets import tiny
+    from nextstep.training.recipe import apply_training_settings, build_recipe_model
+
+    recipe = load_recipe("tiny_emoji_shapes", ["training_settings.image_first_probability=0.5",
+                                               "training_settings.text_loss_weight=0.1"])
+    model = build_recipe_model(recipe)
+    assert (model.config.image_first_probability, model.config.text_loss_weight) == (0.5, 0.1)
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert (saved["image_first_probability"], saved["text_loss_weight"]) == (0.5, 0.1)
+
+    with pytest.raises(ValueError, match="no word vectors"):
+        apply_training_settings(model, {"word_vectors.substitution_probability": 0.4})
+    with pytest.raises(ValueError, match="image_first_probability.*in \\[0, 1\\]"):
+        apply_training_settings(model, {"image_first_probability": 2.0})
+    with pytest.raises(ValueError, match="training_settings.*backbone.hidden_size"):
+        load_recipe("tiny_emoji_shapes", ["training_settings.backbone.hidden_size=8"])
+
+    config = tiny()
+    vocab = config.backbone.config.vocab_size
+    with_vectors = build_model(config.replace(word_vectors=WordVectorConfig(count=vocab)))
+    apply_training_settings(with_vectors, {"word_vectors.substitution_probability": 0.4})
+    assert with_vectors.word_vectors.config.substitution_probability == 0.4
+    assert with_vectors.config.word_vectors.substitution_probability == 0.4

@@ -29,6 +29,8 @@ class SamplingSettings:
         batch_size: images generated together.
         sampler: a registered sampler name (None: the model's own).
         temperature: scale of the starting noise of every token (1: the model's distribution).
+        candidates: samples per image, the model keeping the one under which it finds the
+            prompt most likely (`nextstep.reranking`); None: the model's default.
     """
 
     height: int = 64
@@ -40,10 +42,12 @@ class SamplingSettings:
     batch_size: int = 16
     sampler: str | None = None
     temperature: float = 1.0
+    candidates: int | None = None
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         require(self.num_steps >= 1, "num_steps", self.num_steps, ">= 1")
+        require(self.candidates is None or self.candidates >= 1, "candidates", self.candidates, "None or >= 1")
         resolve_guidance_schedule(self.cfg_schedule)
 
     def to_dict(self) -> dict:
@@ -74,7 +78,7 @@ def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSet
                 model, batch, height=settings.height, width=settings.width, cfg=settings.cfg,
                 cfg_schedule=settings.cfg_schedule,
                 num_steps=settings.num_steps, seed=settings.seed + start, sampler=settings.sampler,
-                temperature=settings.temperature,
+                temperature=settings.temperature, candidates=settings.candidates,
             )
             images.extend(to_pil(decode_tokens(model, tokens, grid_h, grid_w)))
             if progress is not None:

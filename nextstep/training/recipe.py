@@ -35,6 +35,24 @@ RECIPE_FILE = "recipe.json"
 MODEL_DIR = "model"
 
 
+#: Model config fields a recipe may change for its run (``training_settings``): the ones only
+#: training reads. A dotted name is a field of a nested config.
+TRAINING_SETTINGS = ("text_loss_weight", "image_loss_weight", "image_first_probability",
+                     "word_vectors.substitution_probability")
+
+
+def flat_settings(settings: dict, prefix: str = "") -> dict:
+    """``{"word_vectors": {"substitution_probability": 0.4}}`` -> ``{"word_vectors.substitution_probability": 0.4}``
+    (dotted names pass through)."""
+    flat = {}
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
 @dataclass
 class RecipeConfig(Config):
     """A whole training run.
@@ -52,6 +70,10 @@ class RecipeConfig(Config):
             ``{"type": "word", "min_count": 2}``) that replaces the model's before
             training: fitted to the run's captions (`TextTokenizer.fit`), with the
             embeddings carried over (`nextstep.retokenize.replace_text_tokenizer`).
+        training_settings: the model's training-time settings to change for this
+            run (`TRAINING_SETTINGS`), nested like the model config, e.g.
+            ``{"word_vectors": {"substitution_probability": 0.4}}``; they are saved
+            with the trained model.
         data: the training data.
         train: the optimiser, schedule, batch, logging and checkpoint settings.
     """
@@ -61,6 +83,7 @@ class RecipeConfig(Config):
     model_seed: int = 0
     image_tokenizer: str = ""
     text_tokenizer: dict = field(default_factory=dict)
+    training_settings: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=lambda: DataConfig(datasets=({"type": "shapes"},)))
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -71,6 +94,9 @@ class RecipeConfig(Config):
                 "text_tokenizer", self.text_tokenizer, "a mapping with a 'type' key, or empty")
         if self.text_tokenizer:
             self.text_tokenizer_spec()  # an unknown type or key fails when the recipe loads, not after the data
+        require(isinstance(self.training_settings, dict), "training_settings", self.training_settings, "a mapping")
+        unknown = sorted(set(flat_settings(self.training_settings)) - set(TRAINING_SETTINGS))
+        require(not unknown, "training_settings", unknown, f"keys among {list(TRAINING_SETTINGS)}")
 
     def text_tokenizer_spec(self) -> ComponentSpec:
         """``text_tokenizer`` as a component spec (its type and fields checked)."""
@@ -154,7 +180,31 @@ def build_recipe_model(recipe: RecipeConfig):
                 f"expects {model.token_dim}-d ones"
             )
         model.image_tokenizer = tokenizer.requires_grad_(False)
+    if recipe.training_settings:
+        apply_training_settings(model, recipe.training_settings)
     return model
+
+
+def apply_training_settings(model, settings: dict) -> None:
+    """Change ``model``'s training-time settings in place: ``settings`` maps names from
+    `TRAINING_SETTINGS` (nested or dotted: ``"word_vectors.substitution_probability"``) to new
+    values, which the model config validates."""
+    settings = flat_settings(settings)
+    unknown = sorted(set(settings) - set(TRAINING_SETTINGS))
+    if unknown:
+        raise ValueError(f"training_settings may set {list(TRAINING_SETTINGS)}; found {unknown}")
+    top = {name: value for name, value in settings.items() if "." not in name}
+    vector_changes = {name.split(".", 1)[1]: value for name, value in settings.items()
+                      if name.startswith("word_vectors.")}
+    config = model.config
+    if vector_changes:
+        if model.word_vectors is None:
+            raise ValueError(f"training_settings sets {sorted(vector_changes)} of word_vectors but the model "
+                             "has no word vectors (add them with `nextstep add-word-vectors`)")
+        top["word_vectors"] = config.word_vectors.replace(**vector_changes)
+    model.config = config.replace(**top)
+    if model.word_vectors is not None:
+        model.word_vectors.config = model.config.word_vectors
 
 
 def recipe_text_tokenizer(recipe: RecipeConfig, data):

@@ -1,5 +1,10 @@
 """Noto Color Emoji glyphs captioned with their Unicode names ("woman mechanic medium skin tone").
 
+With ``captions="aliases"`` the same glyphs come captioned with their other
+names, the short names of chat apps ("joy", "heart eyes", "dancer"): one sample
+per alias that says more than the name (flags' aliases, which only restate the
+country, are left out).
+
 Needs the Debian packages ``fonts-noto-color-emoji`` (the glyphs) and
 ``unicode-data`` (the emoji list and groups) and the PyPI package ``emoji``
 (the names); ``make data`` installs them. The split into train and test is by
@@ -9,6 +14,7 @@ test set holds emoji the model never saw in any tone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +30,8 @@ FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST_PATH = Path("/usr/share/unicode/emoji/emoji-test.txt")
 #: The only size at which the bitmap font renders (136 x 128 pixel glyphs).
 FONT_SIZE = 109
+FLAG_SUBGROUPS = ("country-flag", "subdivision-flag")
+CAPTION_KINDS = ("names", "aliases")
 SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 VARIATION_SELECTOR = "\ufe0f"
 INSTALL_HINT = "run `make data` (or `apt-get install -y fonts-noto-color-emoji unicode-data` and `pip install emoji`)"
@@ -75,7 +83,7 @@ def _caption(text: str, test_name: str, subgroup: str, names) -> str:
         name = entry["en"].strip(":").replace("_", " ")
     else:
         name = test_name.replace(":", "")
-    if subgroup in ("country-flag", "subdivision-flag"):
+    if subgroup in FLAG_SUBGROUPS:
         name = name.removeprefix("flag ").removeprefix("flag: ")
         return f"flag of {name}"
     return name
@@ -103,6 +111,20 @@ def read_emoji_list(path: Path = EMOJI_TEST_PATH) -> tuple[EmojiEntry, ...]:
     return tuple(entries)
 
 
+def alias_captions(entry: EmojiEntry) -> tuple[str, ...]:
+    """The other names of an emoji as captions (":heart_eyes:" -> "heart eyes"), without
+    those equal to its name; none for flags."""
+    if entry.subgroup in FLAG_SUBGROUPS:
+        return ()
+    data = _emoji_names().get(entry.text) or {}
+    captions = []
+    for alias in data.get("alias", ()):
+        caption = alias.strip(":").replace("_", " ").strip()
+        if caption and caption.lower() != entry.name.lower() and caption not in captions:
+            captions.append(caption)
+    return tuple(captions)
+
+
 def split_of(base: str, test_fraction: float, seed: int = 0) -> str:
     """``train`` or ``test`` for a base emoji (a stable hash, so variants stay together)."""
     return "test" if mix_seed("emoji-split", seed, base) % 10_000 < test_fraction * 10_000 else "train"
@@ -119,6 +141,8 @@ class EmojiConfig(Config):
         split_seed: seed of the split.
         background: RGB background behind the glyph.
         groups: keep only these Unicode groups (empty keeps all).
+        captions: ``names`` (one sample per emoji) or ``aliases`` (one sample per
+            alias of an emoji, see `alias_captions`; emoji without one are left out).
     """
 
     split: str = "train"
@@ -127,12 +151,14 @@ class EmojiConfig(Config):
     split_seed: int = 0
     background: tuple[int, int, int] = (255, 255, 255)
     groups: tuple[str, ...] = ()
+    captions: str = "names"
 
     def validate(self) -> None:
         require(self.split in ("train", "test", "all"), "split", self.split, "'train', 'test' or 'all'")
         require(self.size >= 8, "size", self.size, ">= 8")
         require(0 <= self.test_fraction < 1, "test_fraction", self.test_fraction, "in [0, 1)")
         require(len(self.background) == 3, "background", self.background, "an RGB triple")
+        require(self.captions in CAPTION_KINDS, "captions", self.captions, f"one of {CAPTION_KINDS}")
 
 
 @register_dataset("emoji")
@@ -155,6 +181,9 @@ class EmojiDataset(ImageTextDataset):
             entries = tuple(e for e in entries
                             if split_of(e.base, self.config.test_fraction, self.config.split_seed)
                             == self.config.split)
+        if self.config.captions == "aliases":
+            entries = tuple(dataclasses.replace(entry, name=alias)
+                            for entry in entries for alias in alias_captions(entry))
         self.entries = entries
         self._font = None
 
@@ -178,8 +207,11 @@ class EmojiDataset(ImageTextDataset):
 
     def load(self, index: int) -> ImageTextSample:
         entry = self.entries[index]
+        key = f"emoji/{'-'.join(f'{ord(c):x}' for c in entry.text)}"
+        if self.config.captions == "aliases":
+            key += "/" + entry.name.replace(" ", "-")
         return ImageTextSample(
-            key=f"emoji/{'-'.join(f'{ord(c):x}' for c in entry.text)}",
+            key=key,
             caption=entry.name,
             image=self._render(entry.text),
             metadata={"emoji": entry.text, "base": entry.base, "group": entry.group,
