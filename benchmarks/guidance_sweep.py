@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     seen = [score(scale, schedule, candidates, "seen") for scale, schedule, candidates in grid]
     best = max(seen, key=lambda row: row.get("score", row["overall"]))
     chosen = {"cfg": best["cfg"], "cfg_schedule": best["cfg_schedule"], "candidates": best["candidates"]}
-    held_out = [score(*chosen.values(), "held_out")]
+    held_out = [score(chosen["cfg"], chosen["cfg_schedule"], chosen["candidates"], "held_out")]
     if tuple(chosen.values()) != (3.0, "constant", 1):
         held_out.append(score(3.0, "constant", 1, "held_out"))
 
