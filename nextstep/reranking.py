@@ -51,15 +51,16 @@ def prompt_log_likelihood(model: "NextStep", prompts: list[str], tokens: torch.T
         batch = builder.collate(examples).to(device, dtype)
         embeds = model.embed(batch.input_ids, batch.image_mask, batch.image_tokens)
         hidden = model.backbone(embeds, positions_from_mask(batch.attention_mask), batch.attention_mask)
-        log_probs = model.lm_head(hidden[:, :-1]).float().log_softmax(dim=-1)  # (B, L-1, V)
-        targets = model.text_targets(batch.input_ids[:, 1:])
-        picked = log_probs.gather(-1, targets[..., None])[..., 0]  # (B, L-1)
         # The prompt begins one past <|end_of_image|>: input index start + count + 1,
-        # predicted from index start + count.
+        # predicted from index start + count. Only those positions reach the LM head.
         first = torch.tensor([example.image_start + count for example in examples], device=device)
-        index = torch.arange(picked.shape[1], device=device)
-        prompt_part = batch.text_target_mask[:, 1:] & (index[None] >= first[:, None])
-        scores.append((picked * prompt_part).sum(dim=1))
+        index = torch.arange(hidden.shape[1] - 1, device=device)
+        prompt_part = batch.text_target_mask[:, 1:] & (index[None] >= first[:, None])  # (B, L-1)
+        log_probs = model.lm_head(hidden[:, :-1][prompt_part]).float().log_softmax(dim=-1)  # (M, V)
+        targets = model.text_targets(batch.input_ids[:, 1:][prompt_part])
+        picked = log_probs.gather(-1, targets[:, None])[:, 0]  # (M,)
+        rows = prompt_part.nonzero()[:, 0]
+        scores.append(torch.zeros(len(examples), device=device).index_add_(0, rows, picked))
     return torch.cat(scores)
 
 

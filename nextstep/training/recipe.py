@@ -43,13 +43,20 @@ TRAINING_SETTINGS = ("text_loss_weight", "image_loss_weight", "image_first_proba
 
 def flat_settings(settings: dict, prefix: str = "") -> dict:
     """``{"word_vectors": {"substitution_probability": 0.4}}`` -> ``{"word_vectors.substitution_probability": 0.4}``
-    (dotted names pass through)."""
+    (dotted names pass through).
+
+    Raises:
+        ValueError: a name outside `TRAINING_SETTINGS`.
+    """
     flat = {}
     for name, value in settings.items():
         if isinstance(value, dict):
             flat.update(flat_settings(value, f"{prefix}{name}."))
         else:
             flat[f"{prefix}{name}"] = value
+    unknown = sorted(set(flat) - set(TRAINING_SETTINGS))
+    if unknown:
+        raise ValueError(f"training_settings may set {list(TRAINING_SETTINGS)}; found {unknown}")
     return flat
 
 
@@ -95,8 +102,7 @@ class RecipeConfig(Config):
         if self.text_tokenizer:
             self.text_tokenizer_spec()  # an unknown type or key fails when the recipe loads, not after the data
         require(isinstance(self.training_settings, dict), "training_settings", self.training_settings, "a mapping")
-        unknown = sorted(set(flat_settings(self.training_settings)) - set(TRAINING_SETTINGS))
-        require(not unknown, "training_settings", unknown, f"keys among {list(TRAINING_SETTINGS)}")
+        flat_settings(self.training_settings)  # an unknown name fails when the recipe loads
 
     def text_tokenizer_spec(self) -> ComponentSpec:
         """``text_tokenizer`` as a component spec (its type and fields checked)."""
@@ -189,22 +195,19 @@ def apply_training_settings(model, settings: dict) -> None:
     """Change ``model``'s training-time settings in place: ``settings`` maps names from
     `TRAINING_SETTINGS` (nested or dotted: ``"word_vectors.substitution_probability"``) to new
     values, which the model config validates."""
-    settings = flat_settings(settings)
-    unknown = sorted(set(settings) - set(TRAINING_SETTINGS))
-    if unknown:
-        raise ValueError(f"training_settings may set {list(TRAINING_SETTINGS)}; found {unknown}")
-    top = {name: value for name, value in settings.items() if "." not in name}
-    vector_changes = {name.split(".", 1)[1]: value for name, value in settings.items()
-                      if name.startswith("word_vectors.")}
     config = model.config
-    if vector_changes:
-        if model.word_vectors is None:
-            raise ValueError(f"training_settings sets {sorted(vector_changes)} of word_vectors but the model "
-                             "has no word vectors (add them with `nextstep add-word-vectors`)")
-        top["word_vectors"] = config.word_vectors.replace(**vector_changes)
-    model.config = config.replace(**top)
+    for name, value in flat_settings(settings).items():
+        section, _, field_name = name.rpartition(".")
+        if not section:
+            config = config.replace(**{field_name: value})
+        elif section == "word_vectors" and model.word_vectors is None:
+            raise ValueError(f"training_settings sets {name} but the model has no word vectors "
+                             "(add them with `nextstep add-word-vectors`)")
+        else:
+            config = config.replace(**{section: getattr(config, section).replace(**{field_name: value})})
+    model.config = config
     if model.word_vectors is not None:
-        model.word_vectors.config = model.config.word_vectors
+        model.word_vectors.config = config.word_vectors
 
 
 def recipe_text_tokenizer(recipe: RecipeConfig, data):
