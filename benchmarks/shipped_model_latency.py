@@ -9,8 +9,9 @@ Two measurements:
   PNG. The best of ``--repeats`` runs;
 * in process, the model already loaded: seconds per image at batch 1 and 8 with
   the model's settings, with them drawing each image once (when the model
-  draws several candidates), and with the NextStep-1 release's (CFG 7.5, 50
-  steps, one draw).
+  draws several candidates), with them keeping the best of 4 by each candidate
+  score (`nextstep.reranking.CANDIDATE_SCORES`), and with the NextStep-1
+  release's (CFG 7.5, 50 steps, one draw).
 
 Usage:
     python benchmarks/shipped_model_latency.py [--repeats 3]
@@ -52,29 +53,33 @@ def main() -> int:
     args = parser.parse_args()
 
     from nextstep import load_model
+    from nextstep.reranking import CANDIDATE_SCORES
 
     results = {"command_seconds_per_image": command_seconds(args.repeats), "in_process": []}
     print(f"nextstep generate (1 image, defaults, fresh process): {results['command_seconds_per_image']:.2f} s")
     model = load_model("emoji-shapes-64").eval()
     own = model.config.generation
-    settings = [(own.cfg, own.cfg_schedule, own.num_steps, own.candidates)]
+    settings = [(own.cfg, own.cfg_schedule, own.num_steps, own.candidates, own.candidate_score)]
     if own.candidates != 1:
-        settings.append((own.cfg, own.cfg_schedule, own.num_steps, 1))
-    settings.append((7.5, "constant", 50, 1))
-    for cfg, schedule, steps, candidates in settings:
+        settings.append((own.cfg, own.cfg_schedule, own.num_steps, 1, own.candidate_score))
+    settings += [(own.cfg, own.cfg_schedule, own.num_steps, 4, score) for score in CANDIDATE_SCORES]
+    settings.append((7.5, "constant", 50, 1, own.candidate_score))
+    for cfg, schedule, steps, candidates, score in dict.fromkeys(settings):
         for batch in (1, 8):
             prompts = [PROMPT] * batch
 
             def run():
                 with torch.no_grad():
                     model.generate(prompts, height=64, width=64, cfg=cfg, cfg_schedule=schedule, num_steps=steps,
-                                   seed=0, candidates=candidates)
+                                   seed=0, candidates=candidates, candidate_score=score)
 
             seconds = best_time(run, repeats=args.repeats) / batch
             results["in_process"].append({"cfg": cfg, "cfg_schedule": schedule, "steps": steps,
-                                          "candidates": candidates, "batch": batch, "seconds_per_image": seconds})
-            print(f"in process, cfg {cfg} ({schedule}), {steps} steps, {candidates} candidate(s), batch {batch}: "
-                  f"{seconds:.3f} s/image")
+                                          "candidates": candidates, "candidate_score": score, "batch": batch,
+                                          "seconds_per_image": seconds})
+            ranked = f" ranked by {score}" if candidates > 1 else ""
+            print(f"in process, cfg {cfg} ({schedule}), {steps} steps, {candidates} candidate(s){ranked}, "
+                  f"batch {batch}: {seconds:.3f} s/image")
     path = write_results("shipped_model_latency", results)
     print(f"wrote {path}")
     return 0

@@ -55,7 +55,7 @@ def command_generate(args: argparse.Namespace) -> int:
             negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
             progress=progress, sampler=args.sampler, cfg_schedule=args.cfg_schedule,
             temperature=args.temperature, images=None if source is None else [source], cfg_img=args.cfg_img,
-            candidates=args.candidates,
+            candidates=args.candidates, candidate_score=args.candidate_score,
         )
         bar.close()
         images = to_pil(decode_tokens(model, tokens, grid_h, grid_w))
@@ -185,7 +185,8 @@ def command_eval(args: argparse.Namespace) -> int:
     suites = EVAL_SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
     model = load_model(args.model, device=args.device, seed=args.seed)
     chosen = model.config.generation.overridden(cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                                                num_steps=args.steps, candidates=args.candidates)
+                                                num_steps=args.steps, candidates=args.candidates,
+                                                candidate_score=args.candidate_score)
     size = args.size
     if size is None:
         if chosen.height != chosen.width:
@@ -194,7 +195,8 @@ def command_eval(args: argparse.Namespace) -> int:
         size = chosen.height
     settings = SamplingSettings(height=size, width=size, cfg=chosen.cfg, cfg_schedule=chosen.cfg_schedule,
                                 num_steps=chosen.num_steps, seed=args.seed, batch_size=args.batch_size,
-                                sampler=args.sampler, temperature=args.temperature, candidates=chosen.candidates)
+                                sampler=args.sampler, temperature=args.temperature, candidates=chosen.candidates,
+                                candidate_score=chosen.candidate_score)
     output = Path(args.output)
     summary: dict = {"model": args.model, "settings": settings.to_dict()}
     sections = []
@@ -338,8 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", default=None, help="a registered sampler name (default: the model's)")
     gen.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
     gen.add_argument("--candidates", type=_positive_int, default=None,
-                     help="samples per image, keeping the one under which the model finds the prompt most "
-                          "likely (default: the model's)")
+                     help="samples per image, keeping the one the model scores highest against the prompt "
+                          "(default: the model's)")
+    gen.add_argument("--candidate-score", default=None,
+                     help="what ranks the candidates: flow (how much the prompt lowers the head's loss on the "
+                          "image), caption (the prompt's likelihood after the image) or a name added to "
+                          "nextstep.reranking.CANDIDATE_SCORES; default: the model's")
     gen.add_argument("--shift", type=float, default=None,
                      help="time shift of the sampling grid (default 1.0, or 3.2 with --image)")
     gen.add_argument("--image", default=None, help="edit this image: the prompts are instructions")
@@ -438,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
     evaluate.add_argument("--candidates", type=_positive_int, default=None,
                           help="samples per image, the model keeping the best (default: the model's)")
+    evaluate.add_argument("--candidate-score", default=None,
+                          help="what ranks the candidates: flow, caption or a name added to "
+                               "nextstep.reranking.CANDIDATE_SCORES (default: the model's)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=_positive_int, default=32)
     evaluate.add_argument("--images-per-tag", type=_positive_int, default=100,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from nextstep.backbones.base import positions_from_mask
 from nextstep.images import from_pil, to_pil
+from nextstep.reranking import best_candidates, candidate_score_function
 from nextstep.samplers.base import Sampler
 from nextstep.samplers.guidance import Guidance, GuidedVelocity, guidance_for_scale
 from nextstep.samplers.guidance_schedule import token_progress
@@ -218,6 +219,7 @@ def generate_tokens(
     use_norm: bool | None = None,
     progress: bool | Callable[[int, int], None] | None = None,
     candidates: int | None = None,
+    candidate_score: str | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Sample image tokens for prompts (text-to-image) or instructions (editing, with ``images``).
 
@@ -264,10 +266,13 @@ def generate_tokens(
         use_norm: LayerNorm each sampled token; defaults to ``model.config.use_norm``.
         progress: True for a progress bar, or a callable ``progress(done, total)``
             called after each token.
-        candidates: text-to-image samples per image, K; the one under which the
-            model finds the prompt most likely is kept (`nextstep.reranking`).
+        candidates: text-to-image samples per image, K; the one the model scores
+            highest against its prompt is kept (`nextstep.reranking`).
             Candidate 0 of image ``r`` is the image ``candidates=1`` gives; the
             others continue the draws of its generator. Default: the model's.
+        candidate_score: the score that ranks candidates, a name of
+            `nextstep.reranking.CANDIDATE_SCORES` (``flow`` or ``caption``);
+            default: the model's.
 
     Returns:
         tokens (R, N, D) float32, grid height h, grid width w.
@@ -279,6 +284,7 @@ def generate_tokens(
     cfg_schedule = defaults.cfg_schedule if cfg_schedule is None else cfg_schedule
     num_steps = defaults.num_steps if num_steps is None else num_steps
     candidates = defaults.candidates if candidates is None else candidates
+    score = candidate_score_function(defaults.candidate_score if candidate_score is None else candidate_score)
     if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
         raise ValueError(f"candidates must be an integer >= 1, found {candidates!r}")
     if editing and candidates > 1:
@@ -374,10 +380,8 @@ def generate_tokens(
     if bar is not None:
         bar.close()
     if candidates > 1:
-        from nextstep.reranking import best_candidates, prompt_log_likelihood
-
         row_prompts = [prompt for prompt in conditional for _ in range(num_images_per_prompt * candidates)]
-        scores = prompt_log_likelihood(model, row_prompts, tokens, grid_h, grid_w)
+        scores = score(model, row_prompts, tokens, grid_h, grid_w)
         tokens = best_candidates(tokens, scores, candidates)
     return tokens, grid_h, grid_w
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nextstep.config import OMITTED_WHEN_DEFAULT, Config, require
+from nextstep.reranking import CANDIDATE_SCORES
 from nextstep.samplers.guidance_schedule import resolve_guidance_schedule
 
 
@@ -30,9 +31,11 @@ class GenerationDefaults(Config):
         num_steps: head integration steps per token.
         height: text-to-image output height in pixels.
         width: text-to-image output width in pixels.
-        candidates: text-to-image samples drawn per image, of which the one under
-            which the model finds the prompt most likely is kept
+        candidates: text-to-image samples drawn per image, of which the one the
+            model scores highest against its prompt is kept
             (`nextstep.reranking`); 1 draws each image once.
+        candidate_score: the score that ranks the candidates, a name of
+            `nextstep.reranking.CANDIDATE_SCORES`.
     """
 
     cfg: float = 7.5
@@ -41,11 +44,14 @@ class GenerationDefaults(Config):
     height: int = 256
     width: int = 256
     candidates: int = field(default=1, metadata=OMITTED_WHEN_DEFAULT)
+    candidate_score: str = field(default="flow", metadata=OMITTED_WHEN_DEFAULT)
 
     def validate(self) -> None:
         require(not isinstance(self.cfg, bool) and isinstance(self.cfg, (int, float)) and self.cfg >= 0,
                 "cfg", self.cfg, "a number >= 0")
         resolve_guidance_schedule(self.cfg_schedule)
+        require(self.candidate_score in CANDIDATE_SCORES, "candidate_score", self.candidate_score,
+                f"one of {sorted(CANDIDATE_SCORES)}")
         for name in ("num_steps", "height", "width", "candidates"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value,

@@ -1,18 +1,30 @@
 """Best-of-K sampling judged by the model itself.
 
-Training puts the image before its caption in a share of the pairs
-(``ModelConfig.image_first_probability``), so a NextStep model also learns to
-write the caption of an image. To pick among K sampled candidates for one
-prompt, `prompt_log_likelihood` reads each candidate followed by the prompt,
-``<|image_area|>h*w<|begin_of_image|>{image}<|end_of_image|>{prompt}<|endoftext|>``,
-and sums the log-probabilities of the prompt's tokens and the end of text;
-`best_candidates` keeps the candidate under which the prompt is most likely.
-No other model takes part, and K = 1 changes nothing.
+To pick among K sampled candidates for one prompt, the model scores each
+candidate against the prompt and `best_candidates` keeps the highest score.
+No other model takes part, and K = 1 changes nothing. Two scores
+(`CANDIDATE_SCORES`):
+
+- ``flow`` (`prompt_flow_gain`): how much reading the prompt first lowers the
+  head's flow-matching loss on the candidate's own tokens, compared with the
+  image-first (unconditional) reading, at fixed times and noise shared by every
+  candidate. A high gain means the image is one the prompt explains: an
+  estimate of log p(image | prompt) - log p(image), as a diffusion classifier
+  makes it.
+- ``caption`` (`prompt_log_likelihood`): training puts the image before its
+  caption in a share of the pairs (``ModelConfig.image_first_probability``), so
+  the model also learns to write the caption of an image; this score reads each
+  candidate followed by the prompt,
+  ``<|image_area|>h*w<|begin_of_image|>{image}<|end_of_image|>{prompt}<|endoftext|>``,
+  and sums the log-probabilities of the prompt's tokens and the end of text.
+
+Legend: R rows (prompt, candidate pairs), N = h*w tokens per image, D token dim,
+S evaluation times.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from einops import rearrange
@@ -36,10 +48,7 @@ def prompt_log_likelihood(model: "NextStep", prompts: list[str], tokens: torch.T
         ValueError: the number of prompts differs from the rows of ``tokens``,
             or ``batch_size`` is below 1.
     """
-    if len(prompts) != tokens.shape[0]:
-        raise ValueError(f"expected one prompt per row of tokens ({tokens.shape[0]}), found {len(prompts)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, found {batch_size}")
+    _check_rows(prompts, tokens, batch_size)
     builder = model.sequences
     device = next(model.parameters()).device
     dtype = next(model.backbone.parameters()).dtype
@@ -62,6 +71,93 @@ def prompt_log_likelihood(model: "NextStep", prompts: list[str], tokens: torch.T
         rows = prompt_part.nonzero()[:, 0]
         scores.append(torch.zeros(len(examples), device=device).index_add_(0, rows, picked))
     return torch.cat(scores)
+
+
+@torch.no_grad()
+def prompt_flow_gain(model: "NextStep", prompts: list[str], tokens: torch.Tensor, grid_height: int,
+                     grid_width: int, batch_size: int = 32, times: int = 8, seed: int = 0) -> torch.Tensor:
+    """Flow-matching loss of each row's tokens without the prompt minus with it: prompts (R
+    strings), tokens (R, N, D) -> (R,) float32.
+
+    Both readings of a row see the same ``times`` evaluation times (the midpoints
+    of ``times`` equal parts of [0, 1]) and the same noise (drawn once from
+    ``seed``, (S, N, D), and shared by every row), so rows compare with common
+    random numbers and a row's score does not depend on its batch. The loss of
+    a token at time t is ``|velocity(t x1 + (1 - t) x0) - (x1 - x0)|^2`` averaged over
+    features; a row's loss averages its tokens and times. An empty prompt
+    scores exactly 0 (both readings are the same sequence).
+
+    Raises:
+        ValueError: the number of prompts differs from the rows of ``tokens``,
+            or ``batch_size`` or ``times`` is below 1.
+    """
+    _check_rows(prompts, tokens, batch_size)
+    if times < 1:
+        raise ValueError(f"times must be >= 1, found {times}")
+    device = next(model.parameters()).device
+    dtype = next(model.backbone.parameters()).dtype
+    count = grid_height * grid_width
+    t = ((torch.arange(times, dtype=torch.float32) + 0.5) / times).to(device)  # (S,)
+    noise = torch.randn(times, count, tokens.shape[-1], generator=torch.Generator().manual_seed(seed)).to(device)
+    gains = []
+    for start in range(0, len(prompts), batch_size):
+        rows = list(zip(prompts[start:start + batch_size], tokens[start:start + batch_size]))
+        x1 = tokens[start:start + batch_size].to(device).float()[None]  # (1, B, N, D)
+        x0 = noise[:, None]  # (S, 1, N, D)
+        x_t = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0  # (S, B, N, D)
+        steps = t[:, None, None].expand(x_t.shape[:-1])  # (S, B, N)
+        losses = []
+        for image_first in (False, True):
+            conditions = _image_conditions(model, rows, grid_height, grid_width, image_first, dtype)  # (B, N, C)
+            velocity = model.image_head.velocity(
+                rearrange(x_t, "s b n d -> (s b n) d").to(dtype), steps.reshape(-1).to(dtype),
+                rearrange(conditions.expand(times, *conditions.shape), "s b n c -> (s b n) c"))
+            error = rearrange(velocity.float(), "(s b n) d -> s b n d", s=times, n=count) - (x1 - x0)
+            losses.append(error.pow(2).mean(dim=(-1, -2, 0)))  # (B,)
+        gains.append(losses[1] - losses[0])
+    return torch.cat(gains)
+
+
+def _image_conditions(model: "NextStep", rows: list[tuple[str, torch.Tensor]], grid_height: int, grid_width: int,
+                      image_first: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The head's condition for every image token of each (prompt, tokens) row, read with the
+    prompt first or the image first: (B, N, C)."""
+    builder = model.sequences
+    device = next(model.parameters()).device
+    examples = [builder.example(prompt, image.float().cpu(), grid_height, grid_width, image_first=image_first)
+                for prompt, image in rows]
+    batch = builder.collate(examples).to(device, dtype)
+    embeds = model.embed(batch.input_ids, batch.image_mask, batch.image_tokens)
+    hidden = model.backbone(embeds, positions_from_mask(batch.attention_mask), batch.attention_mask)
+    predicting_image = batch.image_target_mask[:, 1:]  # (B, L-1): the next token is an image token
+    conditions = model.image_out_projector(hidden[:, :-1][predicting_image])
+    return rearrange(conditions, "(b n) c -> b n c", b=len(rows))
+
+
+def _check_rows(prompts: list[str], tokens: torch.Tensor, batch_size: int) -> None:
+    if len(prompts) != tokens.shape[0]:
+        raise ValueError(f"expected one prompt per row of tokens ({tokens.shape[0]}), found {len(prompts)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, found {batch_size}")
+
+
+#: The scores `generate_tokens` can rank candidates by, by name: each takes
+#: (model, prompts, tokens (R, N, D), grid_height, grid_width) and returns (R,), higher is better.
+CANDIDATE_SCORES: dict[str, Callable[..., torch.Tensor]] = {
+    "flow": prompt_flow_gain,
+    "caption": prompt_log_likelihood,
+}
+
+
+def candidate_score_function(name: str) -> Callable[..., torch.Tensor]:
+    """The score called ``name`` in `CANDIDATE_SCORES`.
+
+    Raises:
+        ValueError: no score has that name.
+    """
+    if name not in CANDIDATE_SCORES:
+        raise ValueError(f"candidate_score must be one of {sorted(CANDIDATE_SCORES)}, found {name!r}")
+    return CANDIDATE_SCORES[name]
 
 
 def best_candidates(tokens: torch.Tensor, scores: torch.Tensor, candidates: int) -> torch.Tensor:

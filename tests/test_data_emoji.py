@@ -64,5 +64,37 @@ def test_alias_captions_add_other_names_of_the_same_glyphs(splits):
 
 
 def test_an_unknown_caption_kind_is_named():
-    with pytest.raises(ValueError, match="captions.*'names', 'aliases'"):
+    with pytest.raises(ValueError, match="captions.*'names', 'aliases', 'unicode'"):
         EmojiConfig(captions="keywords")
+
+
+def test_unicode_captions_are_character_names_and_informal_aliases_the_other_sources_lack(splits):
+    train, test = splits
+    every = EmojiDataset(EmojiConfig(split="all", captions="unicode"))
+    captions = {}
+    for entry in every.entries:
+        captions.setdefault(entry.text, []).append(entry.name)
+    assert captions["\U0001F603"] == ["smiling face with open mouth"]  # named "grinning face with big eyes"
+    assert "face palm" in captions["\U0001F926"] and "dog dirt" in captions["\U0001F4A9"]
+    assert "\U0001F602" not in captions, "its Unicode name is its name, its informal aliases none"
+    assert all(len(text.replace(emoji_module.VARIATION_SELECTOR, "")) == 1 for text in captions)
+    assert not [e for e in every.entries if e.subgroup in emoji_module.FLAG_SUBGROUPS]
+    named = {e.text: e for e in train.entries + test.entries}
+    for entry in every.entries:
+        known = {named[entry.text].name.lower(), *emoji_module.alias_captions(named[entry.text])}
+        assert entry.name not in known
+    held_out = EmojiDataset(EmojiConfig(split="test", captions="unicode"))
+    assert {e.base for e in held_out.entries} <= {e.base for e in test.entries}
+    train_unicode = EmojiDataset(EmojiConfig(split="train", captions="unicode"))
+    assert 300 < len(train_unicode) < len(train)
+    keys = [sample.key for sample in map(train_unicode.load, range(20))]
+    assert len(set(keys)) == len(keys), "one key per caption"
+
+
+def test_informal_aliases_are_read_per_code_point_from_the_names_list(tmp_path):
+    names_list = tmp_path / "NamesList.txt"
+    names_list.write_text("@@\t1F300\tMisc\n1F300\tCYCLONE\n\t= typhoon, hurricane\n\tx (see - 1F32A)\n"
+                          "1F301\tFOGGY\n@\t\tWeather\n\t= not an alias of FOGGY\n1F302\tCLOSED UMBRELLA\n"
+                          "\t= one\n\t= two\n", encoding="utf-8")
+    assert emoji_module.read_informal_aliases(names_list) == {0x1F300: ("typhoon, hurricane",),
+                                                              0x1F302: ("one", "two")}

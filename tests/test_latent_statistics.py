@@ -48,9 +48,15 @@ def test_normalised_latents_are_standardised_per_position(images):
 @given(images=image_batches())
 def test_encoding_is_independent_across_the_batch(images):
     with torch.no_grad():
+        together_raw, _ = VAE.encode_moments(images)
+        alone_raw = torch.cat([VAE.encode_moments(images[i:i + 1])[0] for i in range(images.shape[0])])
         together = VAE.encode(images)
         alone = torch.cat([VAE.encode(images[i:i + 1]) for i in range(images.shape[0])])
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together_raw, alone_raw, atol=1e-5, rtol=1e-5)
+    # Normalising divides by each position's spread over channels, which scales rounding
+    # differences between batched and single convolutions by 1 / std.
+    spread = together_raw.std(1, unbiased=False, keepdim=True)
+    assert ((together - alone).abs() <= 1e-5 + 2e-5 / spread).all()
 
 
 @given(images=image_batches())

@@ -1,4 +1,4 @@
-"""Best-of-K sampling: the model's own prompt likelihood picks among candidates."""
+"""Best-of-K sampling: the model's own score of each candidate against its prompt picks among them."""
 
 import json
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from nextstep import generate_tokens
 from nextstep.backbones import positions_from_mask
 from nextstep.generation_defaults import GenerationDefaults
-from nextstep.reranking import best_candidates, prompt_log_likelihood
+from nextstep.reranking import CANDIDATE_SCORES, best_candidates, prompt_flow_gain, prompt_log_likelihood
 
 ARGS = dict(height=32, width=32, num_steps=3, cfg=3.0)
 
@@ -59,8 +59,61 @@ def test_the_best_candidate_of_each_image_is_kept(images, candidates, seed):
         assert torch.equal(chosen[image], tokens[group][scores[group].argmax()])
 
 
+def flow_loss_one_token_at_a_time(model, prompt, tokens, grid_h, grid_w, image_first, times, noise):
+    """The head's flow loss on each image token, its condition read from a forward over the
+    sequence cut just before that token, averaged over tokens and the given times and noise."""
+    builder = model.sequences
+    example = builder.example(prompt, tokens, grid_h, grid_w, image_first=image_first)
+    ids = torch.tensor(example.input_ids)
+    count = grid_h * grid_w
+    total = 0.0
+    for index in range(count):
+        cut = example.image_start + index  # the token's position; its condition comes from the one before
+        prefix = ids[None, :cut]
+        mask = torch.ones_like(prefix, dtype=torch.bool)
+        image_mask = torch.zeros_like(mask)
+        image_mask[0, example.image_start:cut] = True
+        image_tokens = torch.zeros(1, cut, model.token_dim)
+        image_tokens[image_mask] = tokens[:index]
+        hidden = model.backbone(model.embed(prefix, image_mask, image_tokens), positions_from_mask(mask), mask)
+        condition = model.image_out_projector(hidden[:, -1])  # (1, C)
+        for t, x0 in zip(times, noise[:, index]):
+            x1 = tokens[index]
+            velocity = model.image_head.velocity((t * x1 + (1 - t) * x0)[None], t[None], condition)[0]
+            total += float((velocity - (x1 - x0)).pow(2).mean())
+    return total / (count * len(times))
+
+
+def test_the_flow_gain_is_the_loss_the_prompt_saves_on_the_image(trained_like_model):
+    model = trained_like_model.eval()
+    tokens = torch.randn(2, 4, model.token_dim, generator=torch.Generator().manual_seed(3))
+    prompts = ["a red circle", "a much longer prompt than the other"]
+    times = (torch.arange(3) + 0.5) / 3
+    noise = torch.randn(3, 4, model.token_dim, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        gains = prompt_flow_gain(model, prompts, tokens, 2, 2, times=3, seed=7)
+        expected = [flow_loss_one_token_at_a_time(model, p, x, 2, 2, True, times, noise)
+                    - flow_loss_one_token_at_a_time(model, p, x, 2, 2, False, times, noise)
+                    for p, x in zip(prompts, tokens)]
+    torch.testing.assert_close(gains, torch.tensor(expected), atol=1e-5, rtol=1e-4)
+    assert gains.abs().min() > 0
+
+
+def test_the_flow_gain_of_an_empty_prompt_is_zero_and_rows_do_not_depend_on_their_batch(trained_like_model):
+    model = trained_like_model.eval()
+    tokens = torch.randn(5, 4, model.token_dim, generator=torch.Generator().manual_seed(0))
+    prompts = ["a", "", "a red circle", "b c", "a"]
+    with torch.no_grad():
+        together = prompt_flow_gain(model, prompts, tokens, 2, 2, batch_size=5)
+        apart = torch.cat([prompt_flow_gain(model, [p], x[None], 2, 2) for p, x in zip(prompts, tokens)])
+    torch.testing.assert_close(together, apart, atol=1e-6, rtol=1e-5)
+    assert together[1] == 0
+    with pytest.raises(ValueError, match="times must be >= 1, found 0"):
+        prompt_flow_gain(model, prompts, tokens, 2, 2, times=0)
+
+
 def scores_favouring(candidate, candidates, calls):
-    """A stand-in for `prompt_log_likelihood` that prefers one candidate number and records the prompts."""
+    """A stand-in for a candidate score that prefers one candidate number and records the prompts."""
     def fake(model, prompts, tokens, grid_h, grid_w, batch_size=64):
         calls.append(list(prompts))
         return torch.tensor([float(row % candidates == candidate) for row in range(len(prompts))])
@@ -75,7 +128,7 @@ def test_candidate_zero_is_the_image_one_draw_gives(trained_like_model, monkeypa
     plain, _, _ = generate_tokens(model, ["a cat", "b"], seed=5, num_images_per_prompt=2, **ARGS)
     for candidate in (0, 2):
         calls = []
-        monkeypatch.setattr(reranking, "prompt_log_likelihood", scores_favouring(candidate, 3, calls))
+        monkeypatch.setitem(reranking.CANDIDATE_SCORES, "flow", scores_favouring(candidate, 3, calls))
         picked, _, _ = generate_tokens(model, ["a cat", "b"], seed=5, num_images_per_prompt=2, candidates=3,
                                        **ARGS)
         assert calls == [["a cat"] * 6 + ["b"] * 6]
@@ -100,19 +153,26 @@ def test_the_models_default_number_of_candidates_applies(trained_like_model, mon
     model.config = model.config.replace(generation=GenerationDefaults(num_steps=2, height=32, width=32,
                                                                       candidates=2))
     seen = []
-    real = reranking.prompt_log_likelihood
-    monkeypatch.setattr(reranking, "prompt_log_likelihood",
-                        lambda model, prompts, *rest, **kw: seen.append(len(prompts)) or real(model, prompts, *rest))
+    for name, real in list(CANDIDATE_SCORES.items()):
+        def recording(model, prompts, *rest, name=name, real=real):
+            seen.append((name, len(prompts)))
+            return real(model, prompts, *rest)
+
+        monkeypatch.setitem(reranking.CANDIDATE_SCORES, name, recording)
     generate_tokens(model, ["a cat"], seed=0)
-    assert seen == [2]
+    assert seen == [("flow", 2)]
     generate_tokens(model, ["a cat"], seed=0, candidates=1)
-    assert seen == [2], "candidates=1 scores nothing"
+    assert seen == [("flow", 2)], "candidates=1 scores nothing"
+    generate_tokens(model, ["a cat"], seed=0, candidate_score="caption")
+    assert seen == [("flow", 2), ("caption", 2)]
 
     model.save_pretrained(tmp_path / "two")
     assert json.loads((tmp_path / "two" / "config.json").read_text())["generation"]["candidates"] == 2
-    model.config = model.config.replace(generation=GenerationDefaults())
+    assert "candidate_score" not in json.loads((tmp_path / "two" / "config.json").read_text())["generation"]
+    model.config = model.config.replace(generation=GenerationDefaults(candidate_score="caption"))
     model.save_pretrained(tmp_path / "one")
-    assert "candidates" not in json.loads((tmp_path / "one" / "config.json").read_text())["generation"]
+    saved = json.loads((tmp_path / "one" / "config.json").read_text())["generation"]
+    assert "candidates" not in saved and saved["candidate_score"] == "caption"
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -124,6 +184,13 @@ def test_bad_candidate_counts_are_refused(tiny_model, kwargs, match):
         generate_tokens(tiny_model, ["a"], **ARGS, **kwargs)
     with pytest.raises(ValueError, match="candidates"):
         GenerationDefaults(candidates=0)
+
+
+def test_an_unknown_candidate_score_is_named_with_the_known_ones(tiny_model):
+    with pytest.raises(ValueError, match="candidate_score must be one of \\['caption', 'flow'\\], found 'clip'"):
+        generate_tokens(tiny_model, ["a"], candidates=2, candidate_score="clip", **ARGS)
+    with pytest.raises(ValueError, match="candidate_score.*'clip'"):
+        GenerationDefaults(candidate_score="clip")
 
 
 def test_editing_draws_each_image_once(tiny_model):

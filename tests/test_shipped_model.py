@@ -71,13 +71,22 @@ def test_the_shipped_model_is_what_its_recipes_describe():
     assert load_recipe("emoji_shapes_64_stage17").model == "outputs/train/emoji_shapes_64_stage15_word_vectors"
     assert load_recipe("emoji_shapes_64_stage18").model == "outputs/train/emoji_shapes_64_stage17/model"
     # Stage 20 continues stage 18 reading known words as their neighbours twice as often, stage 21
-    # continues stage 20 with the training emoji under their aliases as well, stage 22 continues 21.
+    # continues stage 20 with the training emoji under their aliases as well, stages 22 and 23 continue
+    # 21 and 22, stage 24 continues 23 with the training emoji under their Unicode names as well.
     stage20, stage21 = load_recipe("emoji_shapes_64_stage20"), load_recipe("emoji_shapes_64_stage21")
-    stage22 = load_recipe("emoji_shapes_64_stage22")
+    stage22, stage23 = load_recipe("emoji_shapes_64_stage22"), load_recipe("emoji_shapes_64_stage23")
+    stage24 = load_recipe("emoji_shapes_64_stage24")
     assert stage20.model == "outputs/train/emoji_shapes_64_stage18/model"
     assert stage21.model == "outputs/train/emoji_shapes_64_stage20/model"
     assert stage22.model == "outputs/train/emoji_shapes_64_stage21/model"
-    assert stage22.data == stage21.data and stage22.train.max_steps == 1500
+    assert stage23.model == "outputs/train/emoji_shapes_64_stage22/model"
+    assert stage24.model == "outputs/train/emoji_shapes_64_stage23/model"
+    assert stage22.data == stage21.data == stage23.data and stage22.train.max_steps == 1500
+    assert stage23.train.max_steps == stage24.train.max_steps == 3000
+    assert stage24.data.datasets[:-1] == stage23.data.datasets
+    assert stage24.data.datasets[-1] == {"type": "emoji", "split": "train", "size": 64, "captions": "unicode",
+                                         "repeat": 12}
+    assert stage24.training_settings == stage20.training_settings
     assert stage20.training_settings == {"word_vectors": {"substitution_probability": 0.4}}
     assert stage21.data.datasets[:-1] == stage20.data.datasets == load_recipe("emoji_shapes_64_stage18").data.datasets
     assert stage21.data.datasets[-1] == {"type": "emoji", "split": "train", "size": 64, "captions": "aliases",

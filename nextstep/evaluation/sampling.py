@@ -29,8 +29,10 @@ class SamplingSettings:
         batch_size: images generated together.
         sampler: a registered sampler name (None: the model's own).
         temperature: scale of the starting noise of every token (1: the model's distribution).
-        candidates: samples per image, the model keeping the one under which it finds the
-            prompt most likely (`nextstep.reranking`); None: the model's default.
+        candidates: samples per image, the model keeping the one it scores highest against
+            the prompt (`nextstep.reranking`); None: the model's default.
+        candidate_score: what ranks the candidates, a name of
+            `nextstep.reranking.CANDIDATE_SCORES`; None: the model's default.
     """
 
     height: int = 64
@@ -43,6 +45,7 @@ class SamplingSettings:
     sampler: str | None = None
     temperature: float = 1.0
     candidates: int | None = None
+    candidate_score: str | None = None
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
@@ -79,6 +82,7 @@ def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSet
                 cfg_schedule=settings.cfg_schedule,
                 num_steps=settings.num_steps, seed=settings.seed + start, sampler=settings.sampler,
                 temperature=settings.temperature, candidates=settings.candidates,
+                candidate_score=settings.candidate_score,
             )
             images.extend(to_pil(decode_tokens(model, tokens, grid_h, grid_w)))
             if progress is not None:

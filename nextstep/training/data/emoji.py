@@ -6,7 +6,7 @@ per alias that says more than the name (flags' aliases, which only restate the
 country, are left out).
 
 Needs the Debian packages ``fonts-noto-color-emoji`` (the glyphs) and
-``unicode-data`` (the emoji list and groups) and the PyPI package ``emoji``
+``unicode-data`` (the emoji list and groups, the names list) and the PyPI package ``emoji``
 (the names); ``make data`` installs them. The split into train and test is by
 *base* emoji: all skin-tone variants of one emoji fall on the same side, so the
 test set holds emoji the model never saw in any tone.
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +30,11 @@ from nextstep.training.data.registry import register_dataset
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST_PATH = Path("/usr/share/unicode/emoji/emoji-test.txt")
+NAMES_LIST_PATH = Path("/usr/share/unicode/NamesList.txt")
 #: The only size at which the bitmap font renders (136 x 128 pixel glyphs).
 FONT_SIZE = 109
 FLAG_SUBGROUPS = ("country-flag", "subdivision-flag")
-CAPTION_KINDS = ("names", "aliases")
+CAPTION_KINDS = ("names", "aliases", "unicode")
 SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 VARIATION_SELECTOR = "\ufe0f"
 INSTALL_HINT = "run `make data` (or `apt-get install -y fonts-noto-color-emoji unicode-data` and `pip install emoji`)"
@@ -125,6 +128,40 @@ def alias_captions(entry: EmojiEntry) -> tuple[str, ...]:
     return tuple(captions)
 
 
+@functools.lru_cache(maxsize=2)
+def read_informal_aliases(path: Path = NAMES_LIST_PATH) -> dict[int, tuple[str, ...]]:
+    """The informal aliases (the ``= ...`` lines) of ``NamesList.txt``, by code point."""
+    _require_file(path, "unicode-data")
+    aliases: dict[int, list[str]] = {}
+    code = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        entry = re.match(r"([0-9A-F]{4,6})\t", line)
+        if entry:
+            code = int(entry.group(1), 16)
+        elif not line.startswith("\t"):
+            code = None
+        elif code is not None and line.startswith("\t= "):
+            aliases.setdefault(code, []).append(line[3:].strip())
+    return {code: tuple(lines) for code, lines in aliases.items()}
+
+
+def unicode_captions(entry: EmojiEntry) -> tuple[str, ...]:
+    """The Unicode character name and informal aliases of a one-code-point emoji, lower-cased
+    ("SMILING FACE WITH OPEN MOUTH" -> "smiling face with open mouth"), without those equal to
+    its name or one of its `alias_captions`; none for flags and emoji of several code points."""
+    character = entry.text.replace(VARIATION_SELECTOR, "")
+    if entry.subgroup in FLAG_SUBGROUPS or len(character) != 1:
+        return ()
+    candidates = (unicodedata.name(character, ""), *read_informal_aliases().get(ord(character), ()))
+    known = {entry.name.lower(), *(alias.lower() for alias in alias_captions(entry))}
+    captions = []
+    for candidate in candidates:
+        caption = candidate.lower().strip()
+        if caption and caption not in known and caption not in captions:
+            captions.append(caption)
+    return tuple(captions)
+
+
 def split_of(base: str, test_fraction: float, seed: int = 0) -> str:
     """``train`` or ``test`` for a base emoji (a stable hash, so variants stay together)."""
     return "test" if mix_seed("emoji-split", seed, base) % 10_000 < test_fraction * 10_000 else "train"
@@ -141,8 +178,10 @@ class EmojiConfig(Config):
         split_seed: seed of the split.
         background: RGB background behind the glyph.
         groups: keep only these Unicode groups (empty keeps all).
-        captions: ``names`` (one sample per emoji) or ``aliases`` (one sample per
-            alias of an emoji, see `alias_captions`; emoji without one are left out).
+        captions: ``names`` (one sample per emoji), ``aliases`` (one sample per
+            alias of an emoji, see `alias_captions`) or ``unicode`` (one sample per
+            Unicode name or informal alias, see `unicode_captions`); with the last
+            two, emoji without such a caption are left out.
     """
 
     split: str = "train"
@@ -181,9 +220,10 @@ class EmojiDataset(ImageTextDataset):
             entries = tuple(e for e in entries
                             if split_of(e.base, self.config.test_fraction, self.config.split_seed)
                             == self.config.split)
-        if self.config.captions == "aliases":
-            entries = tuple(dataclasses.replace(entry, name=alias)
-                            for entry in entries for alias in alias_captions(entry))
+        other_captions = {"aliases": alias_captions, "unicode": unicode_captions}.get(self.config.captions)
+        if other_captions is not None:
+            entries = tuple(dataclasses.replace(entry, name=caption)
+                            for entry in entries for caption in other_captions(entry))
         self.entries = entries
         self._font = None
 
@@ -208,7 +248,7 @@ class EmojiDataset(ImageTextDataset):
     def load(self, index: int) -> ImageTextSample:
         entry = self.entries[index]
         key = f"emoji/{'-'.join(f'{ord(c):x}' for c in entry.text)}"
-        if self.config.captions == "aliases":
+        if self.config.captions != "names":
             key += "/" + entry.name.replace(" ", "-")
         return ImageTextSample(
             key=key,
