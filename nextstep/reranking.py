@@ -141,12 +141,13 @@ def _check_rows(prompts: list[str], tokens: torch.Tensor, batch_size: int) -> No
         raise ValueError(f"batch_size must be >= 1, found {batch_size}")
 
 
-#: The scores `generate_tokens` can rank candidates by, by name: each takes
-#: (model, prompts, tokens (R, N, D), grid_height, grid_width) and returns (R,), higher is better.
 CANDIDATE_SCORES: dict[str, Callable[..., torch.Tensor]] = {
     "flow": prompt_flow_gain,
     "caption": prompt_log_likelihood,
 }
+"""The scores `generate_tokens` can rank candidates by, by name: each takes (model, prompts,
+tokens (R, N, D), grid_height, grid_width) and returns (R,), higher is better. Add a function
+under a new name to rank by a score of your own."""
 
 
 def candidate_score_function(name: str) -> Callable[..., torch.Tensor]:
