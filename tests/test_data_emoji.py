@@ -91,10 +91,11 @@ def test_unicode_captions_are_character_names_and_informal_aliases_the_other_sou
     assert len(set(keys)) == len(keys), "one key per caption"
 
 
-def test_informal_aliases_are_read_per_code_point_from_the_names_list(tmp_path):
+def test_the_names_list_is_read_per_code_point_name_first_then_informal_aliases(tmp_path):
     names_list = tmp_path / "NamesList.txt"
     names_list.write_text("@@\t1F300\tMisc\n1F300\tCYCLONE\n\t= typhoon, hurricane\n\tx (see - 1F32A)\n"
                           "1F301\tFOGGY\n@\t\tWeather\n\t= not an alias of FOGGY\n1F302\tCLOSED UMBRELLA\n"
                           "\t= one\n\t= two\n", encoding="utf-8")
-    assert emoji_module.read_informal_aliases(names_list) == {0x1F300: ("typhoon, hurricane",),
-                                                              0x1F302: ("one", "two")}
+    assert emoji_module.read_names_list(names_list) == {0x1F300: ("CYCLONE", "typhoon, hurricane"),
+                                                        0x1F301: ("FOGGY",),
+                                                        0x1F302: ("CLOSED UMBRELLA", "one", "two")}

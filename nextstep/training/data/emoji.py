@@ -3,7 +3,10 @@
 With ``captions="aliases"`` the same glyphs come captioned with their other
 names, the short names of chat apps ("joy", "heart eyes", "dancer"): one sample
 per alias that says more than the name (flags' aliases, which only restate the
-country, are left out).
+country, are left out). With ``captions="unicode"`` they come captioned with
+their Unicode character names and the informal aliases of the Unicode names
+list ("smiling face with open mouth", "face palm", "dog dirt"), for emoji of one
+code point: again one sample per caption that the names and aliases lack.
 
 Needs the Debian packages ``fonts-noto-color-emoji`` (the glyphs) and
 ``unicode-data`` (the emoji list and groups, the names list) and the PyPI package ``emoji``
@@ -17,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,33 +131,35 @@ def alias_captions(entry: EmojiEntry) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=2)
-def read_informal_aliases(path: Path = NAMES_LIST_PATH) -> dict[int, tuple[str, ...]]:
-    """The informal aliases (the ``= ...`` lines) of ``NamesList.txt``, by code point."""
+def read_names_list(path: Path = NAMES_LIST_PATH) -> dict[int, tuple[str, ...]]:
+    """``NamesList.txt`` by code point: the character's name, then its informal aliases (the
+    ``= ...`` lines), as written there ("SMILING FACE WITH OPEN MOUTH")."""
     _require_file(path, "unicode-data")
-    aliases: dict[int, list[str]] = {}
+    names: dict[int, list[str]] = {}
     code = None
     for line in path.read_text(encoding="utf-8").splitlines():
-        entry = re.match(r"([0-9A-F]{4,6})\t", line)
+        entry = re.match(r"([0-9A-F]{4,6})\t(.+)", line)
         if entry:
             code = int(entry.group(1), 16)
+            names[code] = [entry.group(2).strip()]
         elif not line.startswith("\t"):
             code = None
         elif code is not None and line.startswith("\t= "):
-            aliases.setdefault(code, []).append(line[3:].strip())
-    return {code: tuple(lines) for code, lines in aliases.items()}
+            names[code].append(line[3:].strip())
+    return {code: tuple(lines) for code, lines in names.items()}
 
 
 def unicode_captions(entry: EmojiEntry) -> tuple[str, ...]:
-    """The Unicode character name and informal aliases of a one-code-point emoji, lower-cased
-    ("SMILING FACE WITH OPEN MOUTH" -> "smiling face with open mouth"), without those equal to
-    its name or one of its `alias_captions`; none for flags and emoji of several code points."""
+    """The Unicode character name and informal aliases of a one-code-point emoji
+    (`read_names_list`), lower-cased ("SMILING FACE WITH OPEN MOUTH" -> "smiling face with open
+    mouth"), without those equal to its name or one of its `alias_captions`; none for flags and
+    emoji of several code points."""
     character = entry.text.replace(VARIATION_SELECTOR, "")
     if entry.subgroup in FLAG_SUBGROUPS or len(character) != 1:
         return ()
-    candidates = (unicodedata.name(character, ""), *read_informal_aliases().get(ord(character), ()))
     known = {entry.name.lower(), *(alias.lower() for alias in alias_captions(entry))}
     captions = []
-    for candidate in candidates:
+    for candidate in read_names_list().get(ord(character), ()):
         caption = candidate.lower().strip()
         if caption and caption not in known and caption not in captions:
             captions.append(caption)
