@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nextstep.config import OMITTED_WHEN_DEFAULT, Config, require
-from nextstep.reranking import CANDIDATE_SCORES
+from nextstep.reranking import candidate_score_function
 from nextstep.samplers.guidance_schedule import resolve_guidance_schedule
 
 
@@ -50,8 +50,7 @@ class GenerationDefaults(Config):
         require(not isinstance(self.cfg, bool) and isinstance(self.cfg, (int, float)) and self.cfg >= 0,
                 "cfg", self.cfg, "a number >= 0")
         resolve_guidance_schedule(self.cfg_schedule)
-        require(self.candidate_score in CANDIDATE_SCORES, "candidate_score", self.candidate_score,
-                f"one of {sorted(CANDIDATE_SCORES)}")
+        candidate_score_function(self.candidate_score)
         for name in ("num_steps", "height", "width", "candidates"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value,

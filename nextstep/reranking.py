@@ -27,12 +27,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from einops import rearrange
+from einops import rearrange, reduce, repeat
 
 from nextstep.backbones.base import positions_from_mask
 
 if TYPE_CHECKING:
     from nextstep.model import NextStep
+    from nextstep.sequence import SequenceBatch
 
 
 @torch.no_grad()
@@ -49,17 +50,12 @@ def prompt_log_likelihood(model: "NextStep", prompts: list[str], tokens: torch.T
             or ``batch_size`` is below 1.
     """
     _check_rows(prompts, tokens, batch_size)
-    builder = model.sequences
     device = next(model.parameters()).device
-    dtype = next(model.backbone.parameters()).dtype
     count = grid_height * grid_width
     scores = []
     for start in range(0, len(prompts), batch_size):
-        examples = [builder.example(prompt, image.float().cpu(), grid_height, grid_width, image_first=True)
-                    for prompt, image in zip(prompts[start:start + batch_size], tokens[start:start + batch_size])]
-        batch = builder.collate(examples).to(device, dtype)
-        embeds = model.embed(batch.input_ids, batch.image_mask, batch.image_tokens)
-        hidden = model.backbone(embeds, positions_from_mask(batch.attention_mask), batch.attention_mask)
+        examples, batch, hidden = _read(model, prompts[start:start + batch_size], tokens[start:start + batch_size],
+                                        grid_height, grid_width, image_first=True)
         # The prompt begins one past <|end_of_image|>: input index start + count + 1,
         # predicted from index start + count. Only those positions reach the LM head.
         first = torch.tensor([example.image_start + count for example in examples], device=device)
@@ -95,43 +91,42 @@ def prompt_flow_gain(model: "NextStep", prompts: list[str], tokens: torch.Tensor
     if times < 1:
         raise ValueError(f"times must be >= 1, found {times}")
     device = next(model.parameters()).device
-    dtype = next(model.backbone.parameters()).dtype
     count = grid_height * grid_width
     t = ((torch.arange(times, dtype=torch.float32) + 0.5) / times).to(device)  # (S,)
     noise = torch.randn(times, count, tokens.shape[-1], generator=torch.Generator().manual_seed(seed)).to(device)
     gains = []
     for start in range(0, len(prompts), batch_size):
-        rows = list(zip(prompts[start:start + batch_size], tokens[start:start + batch_size]))
-        x1 = tokens[start:start + batch_size].to(device).float()[None]  # (1, B, N, D)
-        x0 = noise[:, None]  # (S, 1, N, D)
-        x_t = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0  # (S, B, N, D)
-        steps = t[:, None, None].expand(x_t.shape[:-1])  # (S, B, N)
+        chunk = tokens[start:start + batch_size]
+        rows = chunk.shape[0]
+        # Every (time, row, token) once, time-major: the draws are the same for every row.
+        x1 = repeat(chunk.to(device).float(), "b n d -> (s b n) d", s=times)
+        x0 = repeat(noise, "s n d -> (s b n) d", b=rows)
+        steps = repeat(t, "s -> (s b n)", b=rows, n=count)
         losses = []
         for image_first in (False, True):
-            conditions = _image_conditions(model, rows, grid_height, grid_width, image_first, dtype)  # (B, N, C)
-            velocity = model.image_head.velocity(
-                rearrange(x_t, "s b n d -> (s b n) d").to(dtype), steps.reshape(-1).to(dtype),
-                rearrange(conditions.expand(times, *conditions.shape), "s b n c -> (s b n) c"))
-            error = rearrange(velocity.float(), "(s b n) d -> s b n d", s=times, n=count) - (x1 - x0)
-            losses.append(error.pow(2).mean(dim=(-1, -2, 0)))  # (B,)
+            _, batch, hidden = _read(model, prompts[start:start + batch_size], chunk, grid_height, grid_width,
+                                     image_first=image_first)
+            predicting_image = batch.image_target_mask[:, 1:]  # (B, L-1): the next token is an image token
+            conditions = model.image_out_projector(hidden[:, :-1][predicting_image])  # (B*N, C)
+            error = model.image_head.flow_error(x1, repeat(conditions, "bn c -> (s bn) c", s=times), steps, x0)
+            losses.append(reduce(error, "(s b n) -> b", "mean", s=times, n=count))
         gains.append(losses[1] - losses[0])
     return torch.cat(gains)
 
 
-def _image_conditions(model: "NextStep", rows: list[tuple[str, torch.Tensor]], grid_height: int, grid_width: int,
-                      image_first: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The head's condition for every image token of each (prompt, tokens) row, read with the
-    prompt first or the image first: (B, N, C)."""
+def _read(model: "NextStep", prompts: list[str], tokens: torch.Tensor, grid_height: int, grid_width: int, *,
+          image_first: bool) -> tuple[list, "SequenceBatch", torch.Tensor]:
+    """Teacher-forced forward over (prompt, tokens (B, N, D)) pairs laid out prompt-first or
+    image-first: the examples, their batch and the backbone's hidden states (B, L, H)."""
     builder = model.sequences
     device = next(model.parameters()).device
+    dtype = next(model.backbone.parameters()).dtype
     examples = [builder.example(prompt, image.float().cpu(), grid_height, grid_width, image_first=image_first)
-                for prompt, image in rows]
+                for prompt, image in zip(prompts, tokens)]
     batch = builder.collate(examples).to(device, dtype)
     embeds = model.embed(batch.input_ids, batch.image_mask, batch.image_tokens)
     hidden = model.backbone(embeds, positions_from_mask(batch.attention_mask), batch.attention_mask)
-    predicting_image = batch.image_target_mask[:, 1:]  # (B, L-1): the next token is an image token
-    conditions = model.image_out_projector(hidden[:, :-1][predicting_image])
-    return rearrange(conditions, "(b n) c -> b n c", b=len(rows))
+    return examples, batch, hidden
 
 
 def _check_rows(prompts: list[str], tokens: torch.Tensor, batch_size: int) -> None:

@@ -63,6 +63,21 @@ class ImageHead(nn.Module, ABC):
             (N,) float32 loss per token (averaged over feature dims and repeats).
         """
 
+    def flow_error(self, target: torch.Tensor, condition: torch.Tensor, t: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+        """Squared velocity error at given times and noise: target x1 (N, D), condition (N, C),
+        t (N,), noise x0 (N, D) -> (N,) float32, ``|velocity(x_t, t) - (x1 - x0)|^2`` averaged over
+        the features, with ``x_t = t * x1 + (1 - t) * x0``.
+
+        The flow-matching loss of one draw of (t, x0); `loss` averages it over its own draws.
+        Computed in float32, the head called in the condition's dtype.
+        """
+        x1, x0, t = target.float(), noise.float(), t.float()
+        x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
+        dtype = condition.dtype
+        prediction = self.velocity(x_t.to(dtype), t.to(dtype), condition).float()
+        return (prediction - (x1 - x0)).pow(2).mean(-1)
+
     def prepare_times(self, times: torch.Tensor) -> Any:
         """Work that depends only on the evaluation times, shared by every token of a generation.
 

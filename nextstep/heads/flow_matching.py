@@ -171,8 +171,5 @@ class FlowMatchingHead(ImageHead):
             device=x1.device,
         )
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device)
-        x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
-        dtype = condition.dtype
-        prediction = self.velocity(x_t.to(dtype), t.to(dtype), condition).float()
-        per_token = (prediction - (x1 - x0)).pow(2).mean(-1)  # (repeats * N,)
+        per_token = self.flow_error(x1, condition, t, x0)  # (repeats * N,)
         return per_token.view(repeats, count).mean(0)

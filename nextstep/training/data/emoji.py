@@ -36,7 +36,6 @@ NAMES_LIST_PATH = Path("/usr/share/unicode/NamesList.txt")
 #: The only size at which the bitmap font renders (136 x 128 pixel glyphs).
 FONT_SIZE = 109
 FLAG_SUBGROUPS = ("country-flag", "subdivision-flag")
-CAPTION_KINDS = ("names", "aliases", "unicode")
 SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 VARIATION_SELECTOR = "\ufe0f"
 INSTALL_HINT = "run `make data` (or `apt-get install -y fonts-noto-color-emoji unicode-data` and `pip install emoji`)"
@@ -166,6 +165,11 @@ def unicode_captions(entry: EmojiEntry) -> tuple[str, ...]:
     return tuple(captions)
 
 
+#: The caption kinds other than ``names``: each gives an emoji's further captions.
+OTHER_CAPTIONS = {"aliases": alias_captions, "unicode": unicode_captions}
+CAPTION_KINDS = ("names", *OTHER_CAPTIONS)
+
+
 def split_of(base: str, test_fraction: float, seed: int = 0) -> str:
     """``train`` or ``test`` for a base emoji (a stable hash, so variants stay together)."""
     return "test" if mix_seed("emoji-split", seed, base) % 10_000 < test_fraction * 10_000 else "train"
@@ -224,7 +228,7 @@ class EmojiDataset(ImageTextDataset):
             entries = tuple(e for e in entries
                             if split_of(e.base, self.config.test_fraction, self.config.split_seed)
                             == self.config.split)
-        other_captions = {"aliases": alias_captions, "unicode": unicode_captions}.get(self.config.captions)
+        other_captions = OTHER_CAPTIONS.get(self.config.captions)
         if other_captions is not None:
             entries = tuple(dataclasses.replace(entry, name=caption)
                             for entry in entries for caption in other_captions(entry))
