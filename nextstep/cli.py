@@ -1,4 +1,4 @@
-"""The ``nextstep`` command line: ``generate`` and ``info``."""
+"""The ``nextstep`` command line: generation, captioning, inspection, training, evaluation and conversion."""
 
 from __future__ import annotations
 
@@ -72,6 +72,25 @@ def command_generate(args: argparse.Namespace) -> int:
         written.append(path)
     for path in written:
         print(path)
+    return 0
+
+
+def command_caption(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from nextstep.builders import load_model
+    from nextstep.text_generation import caption_images
+
+    images = []
+    for path in args.images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"expected an image at {path}, found nothing")
+        images.append(Image.open(path).convert("RGB"))
+    model = load_model(args.model, device=args.device, seed=args.seed)
+    result = caption_images(model, images, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for path, text in zip(args.images, result.texts):
+        print(f"{path}\t{text.strip()}")
     return 0
 
 
@@ -170,7 +189,7 @@ def command_eval_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-EVAL_SUITES = ("shapes", "emoji", "tokenizer")
+EVAL_SUITES = ("shapes", "emoji", "captioning", "tokenizer")
 
 
 def command_eval(args: argparse.Namespace) -> int:
@@ -219,6 +238,12 @@ def command_eval(args: argparse.Namespace) -> int:
 
             report = run_emoji_eval(model, output / suite, settings=settings, limit=args.limit, progress=progress)
             title = "Held-out emoji"
+        elif suite == "captioning":
+            from nextstep.evaluation.shapes_captioning import run_shapes_captioning
+
+            report = run_shapes_captioning(model, output / suite, scenes_per_group=args.scenes_per_group, size=size,
+                                           seed=args.seed, batch_size=args.batch_size, progress=progress)
+            title = "Shapes captioning (greedy)"
         else:
             from nextstep.evaluation.tokenizer_report import run_tokenizer_evaluation
 
@@ -359,6 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(handler=command_generate)
 
+    caption = commands.add_parser("caption", help="caption images with the model's LM head")
+    caption.add_argument("images", nargs="+", help="image files (sides multiples of 16 pixels)")
+    caption.add_argument("--model", default=DEFAULT_MODEL,
+                         help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
+    caption.add_argument("--max-new-tokens", type=_positive_int, default=32, help="longest caption in tokens")
+    caption.add_argument("--temperature", type=float, default=0.0,
+                         help="0 (the default) writes the most probable caption; above 0 draws")
+    caption.add_argument("--top-k", type=_positive_int, default=None, help="draw among the k most probable tokens")
+    caption.add_argument("--top-p", type=float, default=None,
+                         help="draw among the most probable tokens whose probabilities reach p")
+    caption.add_argument("--seed", type=int, default=0)
+    caption.add_argument("--device", default="cpu")
+    caption.set_defaults(handler=command_caption)
+
     info = commands.add_parser("info", help="components, parameter counts and config of a model")
     info.add_argument("model", help="a shipped model, a saved model directory or a preset name")
     info.add_argument("--config", action="store_true", help="also print the config as JSON")
@@ -427,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     vectors.set_defaults(handler=command_add_word_vectors)
 
     evaluate = commands.add_parser(
-        "eval", help="evaluate a model: shapes GenEval, held-out emoji, tokenizer reconstruction")
+        "eval", help="evaluate a model: shapes GenEval, held-out emoji, shapes captioning, tokenizer reconstruction")
     evaluate.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                           help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
     evaluate.add_argument("--suite", nargs="+", choices=EVAL_SUITES + ("all",), default=["all"])
@@ -452,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images-per-tag", type=_positive_int, default=100,
                           help="shapes: images per GenEval category")
     evaluate.add_argument("--limit", type=_positive_int, default=None, help="emoji: first N held-out emoji only")
+    evaluate.add_argument("--scenes-per-group", type=_positive_int, default=50,
+                          help="captioning: scenes per kind and combination group")
     evaluate.add_argument("--crops", type=_positive_int, default=256, help="tokenizer: held-out photo crops")
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nextstep.backbones.base import positions_from_mask
-from nextstep.images import from_pil, to_pil
+from nextstep.images import as_image_list, to_pil
 from nextstep.reranking import best_candidates, candidate_score_function
 from nextstep.samplers.base import Sampler
 from nextstep.samplers.guidance import Guidance, GuidedVelocity, guidance_for_scale
@@ -67,24 +67,7 @@ def _resolve_sampler(model: "NextStep", sampler: Sampler | str | None) -> Sample
 
 def _source_images(images, num_prompts: int) -> list[torch.Tensor]:
     """Input images -> one (1, 3, H, W) tensor in [-1, 1] per prompt."""
-    from PIL import Image
-
-    if isinstance(images, (Image.Image, torch.Tensor)):
-        images = [images]
-    expected = "images must be PIL images or a (B, 3, H, W) tensor in [-1, 1]"
-    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-        raise ValueError(f"{expected}, found {type(images).__name__}")
-    tensors = []
-    for image in images:
-        if isinstance(image, Image.Image):
-            tensors.append(from_pil([image]))
-        elif isinstance(image, torch.Tensor):
-            batch = image[None] if image.ndim == 3 else image
-            if batch.ndim != 4 or batch.shape[1] != 3:
-                raise ValueError(f"image tensors must have shape (B, 3, H, W), found {tuple(image.shape)}")
-            tensors.extend(batch.split(1))
-        else:
-            raise ValueError(f"{expected}, found a {type(image).__name__} among them")
+    tensors = as_image_list(images)
     if len(tensors) != num_prompts:
         raise ValueError(
             f"editing needs one input image per prompt: got {num_prompts} prompt(s) and "
@@ -93,8 +76,8 @@ def _source_images(images, num_prompts: int) -> list[torch.Tensor]:
     return tensors
 
 
-def _editing_sources(model: "NextStep", images: list[torch.Tensor]) -> list[tuple[torch.Tensor, int, int]]:
-    """Encode each input image: (tokens (h*w, D) float32, h, w) per prompt."""
+def encode_each(model: "NextStep", images: list[torch.Tensor]) -> list[tuple[torch.Tensor, int, int]]:
+    """Encode each (1, 3, H, W) image on its own (sizes may differ): (tokens (h*w, D) float32, h, w) each."""
     reference = next(model.image_tokenizer.parameters(), None)
     sources = []
     for image in images:
@@ -144,7 +127,8 @@ def _branch_rows(builder, conditional: list[str], negative: str, sources, grid: 
     return rows
 
 
-def _context(model, rows: list[tuple[list[int], list[tuple[int, torch.Tensor]]]], device, dtype):
+def embed_prompt_rows(model: "NextStep", rows: list[tuple[list[int], list[tuple[int, torch.Tensor]]]], device,
+                      dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt rows (ids, image spans) -> left-padded embeddings (G*R, P, H) and attention mask (G*R, P).
 
     Image spans ``(start, tokens (n, D))`` replace the placeholders at ``start`` with
@@ -324,7 +308,7 @@ def generate_tokens(
     if negative_prompt is None:
         negative_prompt = EDITING_NEGATIVE_PROMPT if editing else ""
 
-    sources = _editing_sources(model, _source_images(images, len(prompts))) if editing else []
+    sources = encode_each(model, _source_images(images, len(prompts))) if editing else []
     grid_h, grid_w = _output_grid(model, height, width, sources)
     conditional = [p + " " + positive_prompt if positive_prompt else p for p in prompts]
     rows = _branch_rows(model.sequences, conditional, negative_prompt, sources, (grid_h, grid_w), branches,
@@ -340,7 +324,7 @@ def generate_tokens(
                                     sampler.stochastic, temperature, device, candidates)
     grids: dict[int, tuple[torch.Tensor, Any]] = {}  # steps -> (grid, the head's prepared times)
 
-    embeds, attention_mask = _context(model, rows, device, dtype)  # (G*R, P, H)
+    embeds, attention_mask = embed_prompt_rows(model, rows, device, dtype)  # (G*R, P, H)
     cache = backbone.new_cache(branches * num_rows, embeds.shape[1] + num_tokens, dtype=dtype)
     positions = positions_from_mask(attention_mask)
     hidden = backbone(embeds, positions, attention_mask, cache)[:, -1]  # (G*R, H)

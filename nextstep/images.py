@@ -28,6 +28,32 @@ def from_pil(images: list[Image.Image]) -> torch.Tensor:
     return tensor / 127.5 - 1.0
 
 
+def as_image_list(images) -> list[torch.Tensor]:
+    """PIL images, one (3, H, W) / (B, 3, H, W) tensor in [-1, 1], or a sequence of either
+    -> one (1, 3, H, W) float tensor per image (sizes may differ)."""
+    from collections.abc import Sequence
+
+    if isinstance(images, (Image.Image, torch.Tensor)):
+        images = [images]
+    expected = "images must be PIL images or a (B, 3, H, W) tensor in [-1, 1]"
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+        raise ValueError(f"{expected}, found {type(images).__name__}")
+    tensors = []
+    for image in images:
+        if isinstance(image, Image.Image):
+            tensors.append(from_pil([image]))
+        elif isinstance(image, torch.Tensor):
+            batch = image[None] if image.ndim == 3 else image
+            if batch.ndim != 4 or batch.shape[1] != 3:
+                raise ValueError(f"image tensors must have shape (B, 3, H, W), found {tuple(image.shape)}")
+            tensors.extend(batch.split(1))
+        else:
+            raise ValueError(f"{expected}, found a {type(image).__name__} among them")
+    if not tensors:
+        raise ValueError("expected at least one image, found none")
+    return tensors
+
+
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     """Tile equally sized images into one grid image, row-major."""
     if not images:

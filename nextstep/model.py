@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -252,6 +252,20 @@ class NextStep(nn.Module):
         from nextstep.generation import generate
 
         return generate(self, prompts, **kwargs)
+
+    def caption(self, images, **kwargs: Any) -> list[str]:
+        """Captions of images (PIL or (B, 3, H, W) in [-1, 1]) written by the LM head, greedily by
+        default; see `nextstep.text_generation.caption_images`."""
+        from nextstep.text_generation import caption_images
+
+        return caption_images(self, images, **kwargs).texts
+
+    def complete(self, prompts: list[str] | str, **kwargs: Any) -> list[str]:
+        """Continuations of text prompts written by the LM head; see
+        `nextstep.text_generation.complete_text`."""
+        from nextstep.text_generation import complete_text
+
+        return complete_text(self, prompts, **kwargs).texts
 
     # ------------------------------------------------------------ persistence
     def current_config(self) -> ModelConfig:

@@ -205,3 +205,32 @@ def test_the_shipped_word_vectors_are_what_the_command_computes():
     stored, recomputed = shipped.word_vectors.vectors(), computed.word_vectors.vectors()
     step = shipped.word_vectors.scales[:, None]
     assert ((stored - recomputed).abs() <= step * 1.01 + 1e-6).all()  # within one int8 step
+
+
+def test_the_shipped_model_captions_single_objects_truly(tmp_path, capsys):
+    import random
+
+    from nextstep.evaluation.shapes_captioning import true_captions
+    from nextstep.training.data.shapes.render import render_scene
+    from nextstep.training.data.shapes.world import sample_scene
+
+    scenes = [sample_scene(random.Random(f"caption-test:{i}"), kind)
+              for i, kind in enumerate(["single_object", "colors"] * 3)]
+    images = [render_scene(scene, 64, 64) for scene in scenes]
+    captions = load_model(DEFAULT_MODEL).caption(images)
+    assert all(caption in true_captions(scene) for caption, scene in zip(captions, scenes)), captions
+    for number, image in enumerate(images[:2]):
+        image.save(tmp_path / f"scene{number}.png")
+    assert main(["caption", str(tmp_path / "scene0.png"), str(tmp_path / "scene1.png")]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{tmp_path / 'scene0.png'}\t{captions[0]}",
+                                                    f"{tmp_path / 'scene1.png'}\t{captions[1]}"]
+
+
+def test_eval_command_runs_the_captioning_suite(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "tiny", "--suite", "captioning", "--scenes-per-group", "1", "--size", "32",
+                 "--output", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["captioning"]["scenes"] == 15
+    assert (out / "captioning" / "results.jsonl").exists()
+    assert "Shapes captioning" in (out / "summary.md").read_text()

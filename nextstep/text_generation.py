@@ -1,0 +1,198 @@
+"""Text from the LM head: continuing a prompt, and captioning images.
+
+The LM head is trained on every text position of the sequences, so a model
+writes text as well as images. Training puts the image before its caption in a
+share of the pairs (``ModelConfig.image_first_probability``, the text dropout
+that guidance needs), which teaches the model to caption: `caption_images`
+reads ``<|image_area|>{h}*{w}<|begin_of_image|>{image}<|end_of_image|>`` and
+writes until ``<|endoftext|>``. `complete_text` continues plain text and stops
+before an image would begin (``<|image_area|>``).
+
+Decoding uses the backbone's static cache: one prefill of the left-padded
+prompts, then one cached step per new token for the whole batch. Row ``r``
+draws its tokens with its own generator seeded ``seed + r``
+(`nextstep.text_sampling.choose_tokens`), so a batch writes what its rows write
+one at a time. ``temperature=0`` (the default) chooses greedily.
+
+Legend: R rows, P prompt length, H hidden size, V classes of the LM head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from nextstep.backbones.base import positions_from_mask
+from nextstep.generation import embed_prompt_rows, encode_each
+from nextstep.images import as_image_list
+from nextstep.text_sampling import check_text_sampling, choose_tokens
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from nextstep.model import NextStep
+
+#: A prompt row: token ids (placeholders at image positions) and its images as (start, tokens (n, D)).
+PromptRow = tuple[list[int], list[tuple[int, torch.Tensor]]]
+
+
+@dataclass
+class GeneratedText:
+    """What `generate_text` wrote for each row.
+
+    Attributes:
+        texts: the decoded new text, without the stop token.
+        ids: the new ids, ending with the stop id when one was written.
+        log_probs: (R,) float32, the sum of the model's log-probabilities of ``ids``
+            (its own distribution: temperature 1, nothing filtered or banned).
+        stopped: whether each row ended with a stop id (else it reached ``max_new_tokens``).
+    """
+
+    texts: list[str]
+    ids: list[list[int]]
+    log_probs: torch.Tensor
+    stopped: list[bool]
+
+
+def _check_ids(name: str, ids, vocabulary: int) -> list[int]:
+    ids = list(ids)
+    for value in ids:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocabulary:
+            raise ValueError(f"{name} must be ids in [0, {vocabulary}), found {value!r}")
+    return ids
+
+
+def generate_text(
+    model: "NextStep",
+    rows: Sequence[PromptRow],
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_ids: Sequence[int] | None = None,
+    banned_ids: Sequence[int] = (),
+) -> GeneratedText:
+    """Continue each prompt row with text from the LM head.
+
+    Args:
+        model: the model.
+        rows: prompts as ``(ids, [(start, tokens (n, D)), ...])``: token ids with
+            ``<|image_placeholder|>`` at image positions, and the image tokens that
+            replace the placeholders from index ``start`` on.
+        max_new_tokens: most ids written per row.
+        temperature: 0 chooses the most probable token; otherwise the logits are
+            divided by it before drawing.
+        top_k: draw among the k most probable tokens only.
+        top_p: draw among the most probable tokens whose probabilities sum to ``top_p``.
+        seed: row ``r`` draws from a generator seeded ``seed + r``.
+        stop_ids: a row ends once it writes one of these (default ``<|endoftext|>``).
+        banned_ids: ids never written, besides ``[PAD]``, ``<|image_placeholder|>``
+            and the LM head's classes the text tokenizer cannot decode.
+
+    Returns:
+        a `GeneratedText`.
+
+    Raises:
+        ValueError: no rows, a setting out of range, or an id outside the vocabulary.
+    """
+    tokenizer = model.require_text_tokenizer()
+    rows = list(rows)
+    if not rows:
+        raise ValueError("generate_text needs at least one prompt row, found none")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, found {max_new_tokens!r}")
+    check_text_sampling(temperature, top_k, top_p)
+    classes = model.lm_head.vocab_size
+    decodable = min(classes, tokenizer.vocab_size)
+    stop = _check_ids("stop_ids", [tokenizer.eos_id] if stop_ids is None else stop_ids, decodable)
+    banned_list = _check_ids("banned_ids", banned_ids, classes)
+    for ids, spans in rows:
+        _check_ids("prompt ids", ids, tokenizer.input_vocab_size)
+        if not ids:
+            raise ValueError("every prompt row needs at least one id, found an empty one")
+
+    backbone = model.backbone
+    device = next(model.parameters()).device
+    dtype = next(backbone.parameters()).dtype
+    banned = torch.zeros(classes, dtype=torch.bool, device=device)
+    banned[[tokenizer.pad_id, tokenizer.image_placeholder_id, *banned_list]] = True
+    banned[decodable:] = True
+    if bool(banned[stop].all()):
+        raise ValueError(f"every stop id {stop} is banned; a row could never stop")
+    stop_tensor = torch.tensor(stop, device=device)
+    generators = [torch.Generator().manual_seed(seed + row) for row in range(len(rows))]
+
+    with torch.inference_mode():
+        embeds, attention_mask = embed_prompt_rows(model, rows, device, dtype)  # (R, P, H)
+        cache = backbone.new_cache(len(rows), embeds.shape[1] + max_new_tokens, dtype=dtype)
+        positions = positions_from_mask(attention_mask)
+        hidden = backbone(embeds, positions, attention_mask, cache)[:, -1]  # (R, H)
+        next_positions = positions[:, -1:] + 1  # (R, 1)
+        step_mask = torch.ones(len(rows), 1, dtype=torch.bool, device=device)
+
+        written = torch.full((len(rows), max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=device)
+        lengths = torch.zeros(len(rows), dtype=torch.long, device=device)
+        log_probs = torch.zeros(len(rows), device=device)
+        active = torch.ones(len(rows), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            logits = model.lm_head(hidden).float()  # (R, V)
+            uniforms = torch.cat([torch.rand(1, generator=generator) for generator in generators]).to(device)
+            chosen = choose_tokens(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   banned=banned)  # (R,)
+            picked = logits.log_softmax(dim=-1).gather(-1, chosen[:, None])[:, 0]
+            log_probs += torch.where(active, picked, torch.zeros_like(picked))
+            written[:, step] = chosen
+            lengths += active.long()
+            active &= ~torch.isin(chosen, stop_tensor)
+            if step == max_new_tokens - 1 or not bool(active.any()):
+                break
+            hidden = backbone(model.embed_text(chosen[:, None]), next_positions, step_mask, cache)[:, 0]
+            next_positions = next_positions + 1
+    log_probs = log_probs.clone()  # an ordinary tensor, usable outside inference mode
+
+    ids = [row[:length] for row, length in zip(written.tolist(), lengths.tolist())]
+    stopped = [bool(row) and row[-1] in stop for row in ids]
+    texts = [tokenizer.decode(row[:-1] if ended else row) for row, ended in zip(ids, stopped)]
+    return GeneratedText(texts, ids, log_probs, stopped)
+
+
+def complete_text(model: "NextStep", prompts: str | Sequence[str], **kwargs: Any) -> GeneratedText:
+    """Continue text prompts; a row stops at ``<|endoftext|>`` or where an image would begin
+    (``<|image_area|>``). Keyword arguments are those of `generate_text`."""
+    tokenizer = model.require_text_tokenizer()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise ValueError(f"every prompt must be a str, found {type(prompt).__name__}")
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("complete_text needs non-empty prompts, found ''")
+        rows.append((ids, []))
+    kwargs.setdefault("stop_ids", [tokenizer.eos_id, tokenizer.image_area_id])
+    return generate_text(model, rows, **kwargs)
+
+
+def caption_images(model: "NextStep",
+                   images: "Image.Image | torch.Tensor | Sequence[Image.Image | torch.Tensor]",
+                   **kwargs: Any) -> GeneratedText:
+    """Caption images: each is encoded by the image tokenizer and read as
+    ``<|image_area|>{h}*{w}<|begin_of_image|>{tokens}<|end_of_image|>``, then the model writes
+    until ``<|endoftext|>``.
+
+    Args:
+        model: the model.
+        images: PIL images or (B, 3, H, W) tensors in [-1, 1]; sizes may differ
+            (each must suit the tokenizer: sides multiples of its pixels per token).
+        **kwargs: those of `generate_text` (greedy by default).
+    """
+    builder = model.sequences
+    rows = []
+    for tokens, grid_h, grid_w in encode_each(model, as_image_list(images)):
+        rows.append((builder.image_block(grid_h, grid_w), [(len(builder.image_prefix(grid_h, grid_w)), tokens)]))
+    return generate_text(model, rows, **kwargs)

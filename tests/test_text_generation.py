@@ -1,0 +1,158 @@
+"""Text from the LM head: cached decoding equals full forwards, batches equal rows alone, stops and bans."""
+
+import pytest
+import torch
+from PIL import Image
+
+from nextstep.backbones import positions_from_mask
+from nextstep.text_generation import caption_images, complete_text, generate_text
+
+
+def image_row(model, tokens, grid_h, grid_w):
+    builder = model.sequences
+    return builder.image_block(grid_h, grid_w), [(len(builder.image_prefix(grid_h, grid_w)), tokens)]
+
+
+def greedy_one_token_at_a_time(model, row, new_tokens, banned):
+    """Greedy continuation and its log-probability, one uncached forward over the whole sequence per token."""
+    ids, spans = row
+    ids = list(ids)
+    written, total = [], 0.0
+    for _ in range(new_tokens):
+        sequence = torch.tensor([ids])
+        mask = torch.ones_like(sequence, dtype=torch.bool)
+        image_mask = torch.zeros_like(mask)
+        image_tokens = torch.zeros(1, len(ids), model.token_dim)
+        for start, tokens in spans:
+            image_mask[0, start:start + tokens.shape[0]] = True
+            image_tokens[0, start:start + tokens.shape[0]] = tokens
+        hidden = model.backbone(model.embed(sequence, image_mask, image_tokens), positions_from_mask(mask), mask)
+        logits = model.lm_head(hidden[:, -1]).float()[0]
+        choice = int(logits.masked_fill(banned, float("-inf")).argmax())
+        total += float(logits.log_softmax(-1)[choice])
+        written.append(choice)
+        ids.append(choice)
+    return written, total
+
+
+def default_bans(model):
+    tokenizer = model.text_tokenizer
+    banned = torch.zeros(model.lm_head.vocab_size, dtype=torch.bool)
+    banned[[tokenizer.pad_id, tokenizer.image_placeholder_id]] = True
+    banned[tokenizer.vocab_size:] = True
+    return banned
+
+
+def test_greedy_decoding_equals_full_forwards_one_token_at_a_time(trained_like_model):
+    model = trained_like_model.eval()
+    generator = torch.Generator().manual_seed(0)
+    rows = [image_row(model, torch.randn(4, model.token_dim, generator=generator), 2, 2),
+            (model.text_tokenizer.encode("a longer text prompt"), []),
+            image_row(model, torch.randn(6, model.token_dim, generator=generator), 2, 3)]
+    result = generate_text(model, rows, max_new_tokens=6)
+    banned = default_bans(model)
+    with torch.no_grad():
+        for row, ids, log_prob, stopped in zip(rows, result.ids, result.log_probs, result.stopped):
+            expected, total = greedy_one_token_at_a_time(model, row, len(ids), banned)
+            assert ids == expected
+            assert stopped == (ids[-1] == model.text_tokenizer.eos_id)
+            assert len(ids) == 6 or stopped
+            assert float(log_prob) == pytest.approx(total, abs=1e-4)
+
+
+def test_a_sampled_batch_writes_what_its_rows_write_alone(trained_like_model):
+    model = trained_like_model.eval()
+    tokenizer = model.text_tokenizer
+    generator = torch.Generator().manual_seed(1)
+    rows = [(tokenizer.encode("a"), []), image_row(model, torch.randn(4, model.token_dim, generator=generator), 2, 2),
+            (tokenizer.encode("a much longer prompt than the first"), [])]
+    settings = dict(max_new_tokens=8, temperature=1.3, top_k=50, top_p=0.95)
+    together = generate_text(model, rows, seed=7, **settings)
+    for index, row in enumerate(rows):
+        alone = generate_text(model, [row], seed=7 + index, **settings)
+        assert alone.ids[0] == together.ids[index]
+        assert alone.texts[0] == together.texts[index]
+        torch.testing.assert_close(alone.log_probs[0], together.log_probs[index], atol=1e-4, rtol=1e-5)
+    again = generate_text(model, rows, seed=7, **settings)
+    assert again.ids == together.ids
+    other = generate_text(model, rows, seed=8, **settings)
+    assert other.ids != together.ids
+
+
+def test_a_row_ends_at_a_stop_id_and_banned_ids_are_never_written(trained_like_model):
+    model = trained_like_model.eval()
+    tokenizer = model.text_tokenizer
+    rows = [(tokenizer.encode("a red circle"), [])]
+    first = generate_text(model, rows, max_new_tokens=5).ids[0]
+    stopped = generate_text(model, rows, max_new_tokens=5, stop_ids=[first[0]])
+    assert stopped.ids == [[first[0]]] and stopped.stopped == [True] and stopped.texts == [""]
+    avoided = generate_text(model, rows, max_new_tokens=5, banned_ids=[first[0]])
+    assert avoided.ids[0][0] != first[0]
+    sampled = generate_text(model, rows * 4, max_new_tokens=12, temperature=5.0)
+    written = {i for ids in sampled.ids for i in ids}
+    assert not written & {tokenizer.pad_id, tokenizer.image_placeholder_id}
+    assert max(written) < tokenizer.vocab_size
+
+
+def test_completion_stops_where_an_image_would_begin(trained_like_model):
+    model = trained_like_model.eval()
+    tokenizer = model.text_tokenizer
+    prompt = "two"
+    first = generate_text(model, [(tokenizer.encode(prompt), [])], max_new_tokens=1).ids[0][0]
+    result = complete_text(model, prompt, max_new_tokens=4, stop_ids=[tokenizer.eos_id, first])
+    assert result.stopped == [True] and result.ids == [[first]]
+    assert model.complete([prompt, "a"], max_new_tokens=3) == complete_text(model, [prompt, "a"],
+                                                                             max_new_tokens=3).texts
+
+
+def test_captioning_reads_the_image_first_and_takes_pil_images_or_tensors(trained_like_model):
+    model = trained_like_model.eval()
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    from nextstep.images import to_pil
+
+    pil = to_pil(pixels)
+    from_tensor = caption_images(model, pixels, max_new_tokens=5)
+    from_pil = caption_images(model, pil, max_new_tokens=5)
+    tokens, grid_h, grid_w = model.encode_images(torch.cat([from_pil_tensor(p) for p in pil]))
+    rows = [image_row(model, t, grid_h, grid_w) for t in tokens]
+    direct = generate_text(model, rows, max_new_tokens=5)
+    assert from_pil.ids == direct.ids
+    assert len(from_tensor.ids) == 2
+    mixed = caption_images(model, [pil[0], Image.new("RGB", (48, 32), "white")], max_new_tokens=3)
+    assert mixed.ids[0] == direct.ids[0][:len(mixed.ids[0])]
+    assert model.caption(pil, max_new_tokens=5) == from_pil.texts
+
+
+def from_pil_tensor(image):
+    from nextstep.images import from_pil
+
+    return from_pil([image])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(temperature=-0.5), "temperature must be a number >= 0"),
+    (dict(top_k=0), "top_k must be an integer >= 1"),
+    (dict(top_p=2.0), r"top_p must be a number in \(0, 1\]"),
+    (dict(stop_ids=[10**9]), r"stop_ids must be ids in \[0, "),
+    (dict(banned_ids=[-1]), r"banned_ids must be ids in \[0, "),
+])
+def test_bad_settings_are_refused_with_what_was_expected(tiny_model, kwargs, message):
+    rows = [(tiny_model.text_tokenizer.encode("a"), [])]
+    with pytest.raises(ValueError, match=message):
+        generate_text(tiny_model, rows, **kwargs)
+
+
+def test_bad_prompts_are_refused(tiny_model):
+    tokenizer = tiny_model.text_tokenizer
+    with pytest.raises(ValueError, match="at least one prompt row"):
+        generate_text(tiny_model, [])
+    with pytest.raises(ValueError, match="every stop id .* is banned"):
+        generate_text(tiny_model, [(tokenizer.encode("a"), [])], stop_ids=[tokenizer.eos_id],
+                      banned_ids=[tokenizer.eos_id])
+    with pytest.raises(ValueError, match="non-empty prompts"):
+        complete_text(tiny_model, "")
+    with pytest.raises(ValueError, match="every prompt must be a str, found int"):
+        complete_text(tiny_model, [3])
+    with pytest.raises(ValueError, match="PIL images or a"):
+        caption_images(tiny_model, "picture.png")
