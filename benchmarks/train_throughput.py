@@ -1,4 +1,4 @@
-"""Training throughput of the tiny model on this CPU, against the CPU's own fp32 matmul rate.
+"""Training throughput of a preset (the tiny model by default) on this CPU, against the CPU's own fp32 matmul rate.
 
 Two numbers per data mode:
 
@@ -12,12 +12,15 @@ Two numbers per data mode:
   machine only lowers it).
 
 Data modes: ``cached`` reads image tokens from a latent cache (the tiny
-recipe's setting; the frozen VAE never runs) and ``images`` encodes rendered
-images with the VAE in every step.
+recipe's setting; the frozen VAE never runs), ``packed`` is ``cached`` with
+the sequences of each micro-batch packed into rows of ``--pack-length`` tokens
+(``TrainConfig.pack_length``: the same losses without the padding), and
+``images`` encodes rendered images with the VAE in every step. Each mode also
+reports the share of the positions it runs that are padding.
 
 Usage:
     python benchmarks/train_throughput.py                # about a minute on 2 cores
-    python benchmarks/train_throughput.py --steps 50 --micro-batch 64
+    python benchmarks/train_throughput.py --steps 50 --micro-batch 64 --modes cached,packed
 
 Writes benchmarks/results/train_throughput.json (or --output).
 """
@@ -73,9 +76,22 @@ def step_flops(trainer: Trainer, batches) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(mode: str, data: TrainingData, config: TrainConfig, steps: int, warmup: int, folder: Path) -> dict:
-    trainer = Trainer(TextToImageTask(build_model("tiny", seed=0)), data, config, folder / mode,
-                      show_progress=False)
+def padding_share(trainer: Trainer, data: TrainingData, config: TrainConfig, count: int = 8) -> float:
+    """Share of the positions of ``count`` micro-batches' sequence batches that are padding."""
+    batches = iter(data.open(trainer.layout, seed=config.seed))
+    real = total = 0
+    for step in range(count):
+        sequences = trainer.task.sequences(next(batches), torch.Generator().manual_seed(step))
+        real += int(sequences.attention_mask.sum())
+        total += sequences.attention_mask.numel()
+    return 1 - real / total
+
+
+def measure(mode: str, preset: str, data: TrainingData, config: TrainConfig, steps: int, warmup: int,
+            folder: Path) -> dict:
+    trainer = Trainer(TextToImageTask.from_train_config(build_model(preset, seed=0), config), data, config,
+                      folder / mode, show_progress=False)
+    padding = padding_share(trainer, data, config)
     batches = iter(data.open(trainer.layout, seed=config.seed))
     for _ in range(warmup):
         trainer.train_step(batches)
@@ -96,6 +112,7 @@ def measure(mode: str, data: TrainingData, config: TrainConfig, steps: int, warm
         "flops_per_step": flops,
         "achieved_gflops": flops / statistics.median(times) / 1e9,
         "last_loss": record.loss if record is not None else None,
+        "padding_share": padding,
     }
 
 
@@ -105,7 +122,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--modes", default="cached,images")
+    parser.add_argument("--modes", default="cached,packed,images")
+    parser.add_argument("--pack-length", type=int, default=128, help="row length of the packed mode")
+    parser.add_argument("--preset", default="tiny", help="the model preset to train (tiny, compact, ...)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", default="train_throughput")
     args = parser.parse_args()
@@ -124,20 +143,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         for mode in args.modes.split(","):
-            if mode == "cached":
-                model = build_model("tiny", seed=0)
-                build_latent_cache(model.image_tokenizer, shapes, buckets, folder / "cache")
+            run_config = config.replace(pack_length=args.pack_length) if mode == "packed" else config
+            if mode in ("cached", "packed"):
+                if not (folder / "cache").exists():
+                    model = build_model(args.preset, seed=0)
+                    build_latent_cache(model.image_tokenizer, shapes, buckets, folder / "cache")
                 data = TrainingData(LatentCacheDataset(LatentCacheConfig(str(folder / "cache"))), buckets)
             elif mode == "images":
                 data = TrainingData(shapes, buckets)
             else:
-                raise SystemExit(f"unknown mode {mode!r}; use cached and/or images")
-            row = measure(mode, data, config, args.steps, args.warmup, folder)
+                raise SystemExit(f"unknown mode {mode!r}; use cached, packed and/or images")
+            row = measure(mode, args.preset, data, run_config, args.steps, args.warmup, folder)
             row["matmul_rate_fraction"] = row["achieved_gflops"] / peak["best_gflops"]
             results[mode] = row
             print(f"{mode:>7}: {row['tokens_per_second']:,.0f} tokens/s, {row['images_per_second']:.1f} images/s, "
                   f"{row['achieved_gflops']:.2f} GFLOP/s = {row['matmul_rate_fraction']:.1%} of the matmul rate "
-                  f"(median step {row['median_step_seconds'] * 1e3:.1f} ms)")
+                  f"(median step {row['median_step_seconds'] * 1e3:.1f} ms, padding {row['padding_share']:.1%})")
     # The machine may be shared: measure the reference rate again and keep the best.
     again = matmul_rate()
     if again["best_gflops"] > peak["best_gflops"]:
@@ -147,9 +168,10 @@ def main() -> None:
     print(f"fp32 matmul (best of before and after): {peak['best_gflops']:.1f} GFLOP/s; fractions: "
           + ", ".join(f"{mode} {row['matmul_rate_fraction']:.1%}" for mode, row in results.items()))
     path = write_results(args.output, {
-        "model": "tiny",
+        "model": args.preset,
         "resolution": args.resolution,
         "micro_batch_size": args.micro_batch,
+        "pack_length": args.pack_length,
         "matmul": peak,
         "modes": results,
         "command": " ".join(["python", "benchmarks/train_throughput.py", *sys.argv[1:]]),

@@ -166,7 +166,8 @@ class NextStep(nn.Module):
         the text token at i + 1.
 
         Args:
-            batch: the sequences.
+            batch: the sequences, one per row or packed (`SequenceBuilder.pack`: attention
+                and positions then stay within each sequence).
             generator: the source of the head's (t, noise) draws and of the context noise.
             context_noise: with ``s > 0``, each sequence's image tokens are read as
                 context with Gaussian noise of scale ``U(0, s)`` added (one scale per
@@ -175,13 +176,18 @@ class NextStep(nn.Module):
         context = batch.image_tokens
         if context_noise > 0:
             rows = context.shape[0]
-            scale = torch.rand(rows, 1, 1, generator=generator, device=context.device) * context_noise
+            if batch.document_ids is None:
+                scale = torch.rand(rows, 1, 1, generator=generator, device=context.device) * context_noise
+            else:  # one scale per packed sequence
+                documents = int(batch.document_ids.max()) + 1
+                scales = torch.rand(rows, documents, generator=generator, device=context.device) * context_noise
+                scale = scales.gather(1, batch.document_ids)[..., None]  # (B, L, 1)
             noise = torch.randn(context.shape, generator=generator, device=context.device)
             context = context + (scale * noise).to(context.dtype)
         embeds = self.embed(batch.input_ids, batch.image_mask, context, substitute=self.training,
                             generator=generator)
-        positions = positions_from_mask(batch.attention_mask)
-        hidden = self.backbone(embeds, positions, batch.attention_mask)  # (B, L, H)
+        mask = batch.backbone_mask
+        hidden = self.backbone(embeds, positions_from_mask(mask), mask)  # (B, L, H)
         previous = hidden[:, :-1]
 
         text_mask = batch.text_target_mask[:, 1:]

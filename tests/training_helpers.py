@@ -26,7 +26,7 @@ def shapes_data(num_samples: int = 64, size: int = 32) -> TrainingData:
 
 def tiny_trainer(output_dir, config: TrainConfig, context=None, **kwargs) -> Trainer:
     model = build_model("tiny", seed=0)
-    return Trainer(TextToImageTask(model), shapes_data(), config, output_dir, context=context,
+    return Trainer(TextToImageTask.from_train_config(model, config), shapes_data(), config, output_dir, context=context,
                    show_progress=False, **kwargs)
 
 

@@ -5,7 +5,10 @@ N query heads, K key/value heads, E head dim.
 
 Positions are explicit integers (B, L), so left-padded batches and CFG branches
 of different prompt lengths share one code path. ``attention_mask`` (B, L) marks
-real tokens (True) versus padding (False); padding is never attended to.
+real tokens (True) versus padding (False); padding is never attended to. For
+packed training rows it may instead hold int64 document ids (0 at padding,
+``1, 2, ...`` for the sequences packed into the row): a token then attends only
+within its own document.
 """
 
 from __future__ import annotations
@@ -283,6 +286,9 @@ class Backbone(nn.Module, ABC):
             embeds: (B, L, H) input embeddings.
             positions: (B, L) int64 rotary positions.
             attention_mask: (B, L) bool, False at padding; None means all real.
+                Without a cache it may also be (B, L) int64 document ids (0 at
+                padding): each token then attends only to earlier tokens of its
+                own document (packed sequences).
             cache: if given, keys/values are appended to it and attention covers
                 everything cached before plus the causal prefix of ``embeds``.
 
@@ -345,16 +351,31 @@ class AttentionBackend(ABC):
 
 
 def positions_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
-    """Rotary positions that skip padding: ``cumsum(mask) - 1 + offset``, clamped at ``offset``.
+    """Rotary positions that skip padding, and restart at every document of a packed row.
+
+    A boolean mask gives ``cumsum(mask) - 1 + offset``, clamped at ``offset``
+    (left or right padding). Integer document ids (0 at padding) give each
+    token the number of earlier tokens of its document plus ``offset``, and
+    padding ``offset``.
 
     Args:
-        attention_mask: (B, L) bool.
+        attention_mask: (B, L) bool, or (B, L) int64 document ids.
         offset: (B,) or int, the number of real tokens already before this chunk.
 
     Returns:
         (B, L) int64.
     """
-    positions = attention_mask.long().cumsum(-1) - 1
     if isinstance(offset, torch.Tensor):
         offset = offset[:, None]
-    return (positions.clamp(min=0) + offset).long()
+    if attention_mask.dtype == torch.bool:
+        positions = attention_mask.long().cumsum(-1) - 1
+        return (positions.clamp(min=0) + offset).long()
+    documents = attention_mask.long()
+    # Rank of each token among the tokens of its document: sort the ids (stable, so
+    # each document keeps its order), count from each run's start, scatter back.
+    ordered, order = documents.sort(dim=-1, stable=True)
+    index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
+    previous = torch.nn.functional.pad(ordered[:, :-1], (1, 0), value=-1)
+    starts = torch.where(ordered != previous, index, torch.zeros_like(index)).cummax(dim=-1).values
+    ranks = torch.empty_like(index).scatter_(-1, order, index - starts)
+    return torch.where(documents > 0, ranks, torch.zeros_like(ranks)) + offset

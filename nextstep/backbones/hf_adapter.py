@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nextstep.backbones.base import Backbone, BackboneCache
+from nextstep.backbones.masks import documents_or_mask, visible_keys
 from nextstep.config import Config, require
 from nextstep.registry import register_component
 
@@ -262,7 +263,11 @@ class HFBackbone(Backbone):
         attention_mask: torch.Tensor | None = None,
         cache: HFCache | None = None,
     ) -> torch.Tensor:
-        """embeds (B, L, H), positions (B, L), attention_mask (B, L) -> hidden states (B, L, H)."""
+        """embeds (B, L, H), positions (B, L), attention_mask (B, L) -> hidden states (B, L, H).
+
+        ``attention_mask`` is bool (False at padding) or, without a cache, int64
+        document ids of packed sequences (see `nextstep.backbones.base.Backbone.forward`).
+        """
         if embeds.ndim != 3 or embeds.shape[-1] != self.hidden_size:
             raise ValueError(f"embeds must have shape (B, L, {self.hidden_size}), found {tuple(embeds.shape)}")
         batch, length = embeds.shape[:2]
@@ -272,8 +277,12 @@ class HFBackbone(Backbone):
             raise ValueError(
                 f"attention_mask must have shape {(batch, length)}, found {tuple(attention_mask.shape)}"
             )
+        attention_mask = documents_or_mask(attention_mask, cache is not None)
         if cache is None:
             mask = None if attention_mask is None else attention_mask.long()
+            if mask is not None and mask.dtype != torch.bool and mask.numel() and int(mask.max()) > 1:
+                # Packed documents: transformers takes a full (B, 1, L, L) boolean mask as given.
+                mask = visible_keys(mask, torch.arange(length, device=mask.device))[:, None]
             output = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
             return output.last_hidden_state
         if not isinstance(cache, HFCache):

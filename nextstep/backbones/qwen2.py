@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from nextstep.backbones.ahead_of_time import AheadOfTimeDecodeStep, ahead_of_time_available
 from nextstep.backbones.attention import ATTENTION_BACKENDS, attention_backend
 from nextstep.backbones.base import AttentionBackend, Backbone, KVCache
-from nextstep.backbones.masks import attention_mask_for, decode_visible_keys, visible_keys
+from nextstep.backbones.masks import attention_mask_for, decode_visible_keys, documents_or_mask, visible_keys
 from nextstep.config import Config, require
 from nextstep.layers.rms_norm import RMSNorm
 from nextstep.layers.rotary import RotaryEmbedding, rotate
@@ -318,6 +318,8 @@ class Qwen2Backbone(Backbone):
             embeds: input embeddings, shape (B, L, H).
             positions: rotary positions, shape (B, L) int64.
             attention_mask: shape (B, L) bool, False at padding; None means all real.
+                Without a cache also (B, L) int64 document ids, 0 at padding
+                (packed sequences: attention stays within each document).
             cache: a `KVCache` from `new_cache`; this call's keys and values are
                 appended to it and attention covers everything cached before.
 
@@ -325,8 +327,7 @@ class Qwen2Backbone(Backbone):
             hidden states after the final norm, shape (B, L, H).
         """
         batch, length = self._check_inputs(embeds, positions, attention_mask, cache)
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask.bool()
+        attention_mask = documents_or_mask(attention_mask, cache is not None)
         step = self._run
         if cache is None:
             slots = None if attention_mask is None else torch.arange(length, device=embeds.device)
@@ -374,8 +375,8 @@ class Qwen2Backbone(Backbone):
         Args:
             embeds: shape (B, L, H).
             positions: shape (B, L).
-            key_mask: shape (B, >= S) bool, real key slots; None with no cache
-                and no padding (plain causal attention).
+            key_mask: shape (B, >= S) bool, real key slots, or int64 document ids
+                (no cache); None with no cache and no padding (plain causal attention).
             slots: slots of the L queries, shape (L,) int64 (None when ``key_mask`` is).
             layer_caches: per-layer (keys, values), each (B, K, T, E), or None.
             visible: S, the key slots attended over.

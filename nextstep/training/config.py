@@ -53,6 +53,11 @@ class TrainConfig(Config):
             image draws its scale from U(0, context_noise). 0 (the default, as in
             NextStep-1) trains on clean context. Makes sampling robust to the
             small errors of its own earlier tokens.
+        pack_length: pack the sequences of each micro-batch into rows of at most
+            this many tokens, each attending within itself only (as the NextStep-1
+            release packs to 8192); None (the default) puts one sequence in each
+            row, padded to the longest. The losses are the same either way; packing
+            saves the padding.
         log_every: steps between rows of the loss log.
         sample_every: steps between sample grids; 0 writes none.
         sample_prompts: prompts of the sample grids.
@@ -90,6 +95,7 @@ class TrainConfig(Config):
     ema_decay: float = 0.0
     text_dropout: float | None = None
     context_noise: float = 0.0
+    pack_length: int | None = None
     log_every: int = 10
     sample_every: int = 0
     sample_prompts: tuple[str, ...] = ()
@@ -127,6 +133,8 @@ class TrainConfig(Config):
         require(self.text_dropout is None or 0 <= self.text_dropout <= 1, "text_dropout",
                 self.text_dropout, "None or in [0, 1]")
         require(self.context_noise >= 0, "context_noise", self.context_noise, ">= 0")
+        require(self.pack_length is None or (isinstance(self.pack_length, int) and self.pack_length >= 1),
+                "pack_length", self.pack_length, "None or an integer >= 1")
         require(self.parallelism in PARALLELISMS, "parallelism", self.parallelism,
                 f"one of {list(PARALLELISMS)}")
         require(0 <= self.max_bad_fraction < 1, "max_bad_fraction", self.max_bad_fraction, "in [0, 1)")

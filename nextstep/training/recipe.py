@@ -297,7 +297,7 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
         if context.is_main:
             recipe.save(output_dir / RECIPE_FILE)
             logger.info("training on %s", data.describe())
-        task = TextToImageTask(model, recipe.train.text_dropout, recipe.train.context_noise)
+        task = TextToImageTask.from_train_config(model, recipe.train)
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
         trainer.fit(resume=resume)
         if context.is_main:

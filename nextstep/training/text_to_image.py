@@ -14,6 +14,7 @@ from torch import nn
 
 from nextstep.model import NextStep
 from nextstep.sequence import SequenceBatch
+from nextstep.training.config import TrainConfig
 from nextstep.training.data.base import ImageTextBatch
 from nextstep.training.task import StepResult, TrainingTask
 
@@ -33,16 +34,28 @@ class TextToImageTask(TrainingTask):
             ``model.config.image_first_probability``.
         context_noise: largest scale of the noise on the image tokens read as
             context (see `TrainConfig.context_noise`).
+        pack_length: pack each micro-batch's sequences into rows of at most this
+            many tokens (`SequenceBuilder.pack`); None gives one sequence per row.
     """
 
-    def __init__(self, model: NextStep, text_dropout: float | None = None, context_noise: float = 0.0):
+    def __init__(self, model: NextStep, text_dropout: float | None = None, context_noise: float = 0.0,
+                 pack_length: int | None = None):
         super().__init__(model)
+        if pack_length is not None and (isinstance(pack_length, bool) or not isinstance(pack_length, int)
+                                        or pack_length < 1):
+            raise ValueError(f"pack_length must be None or an integer >= 1, found {pack_length!r}")
+        self.pack_length = pack_length
         if context_noise < 0:
             raise ValueError(f"context_noise must be >= 0, found {context_noise!r}")
         self.context_noise = context_noise
         if text_dropout is not None and not 0 <= text_dropout <= 1:
             raise ValueError(f"text_dropout must be in [0, 1], found {text_dropout!r}")
         self.text_dropout = model.config.image_first_probability if text_dropout is None else text_dropout
+
+    @classmethod
+    def from_train_config(cls, model: NextStep, config: TrainConfig) -> "TextToImageTask":
+        """The task with a run's ``text_dropout``, ``context_noise`` and ``pack_length``."""
+        return cls(model, config.text_dropout, config.context_noise, config.pack_length)
 
     @property
     def device(self) -> torch.device:
@@ -72,14 +85,18 @@ class TextToImageTask(TrainingTask):
                 builder.editing_example(caption, source[i], (source_h, source_w), tokens[i], (grid_h, grid_w))
                 for i, caption in enumerate(batch.captions)
             ]
-            return builder.collate(examples).to(self.device)
+            return self._batch(builder, examples)
         draws = torch.rand(len(batch), generator=generator, device=generator.device)
         image_first = (draws < self.text_dropout).tolist()
         examples = [
             builder.example(caption, tokens[i], grid_h, grid_w, image_first=first)
             for i, (caption, first) in enumerate(zip(batch.captions, image_first))
         ]
-        return builder.collate(examples).to(self.device)
+        return self._batch(builder, examples)
+
+    def _batch(self, builder, examples) -> SequenceBatch:
+        batch = builder.collate(examples) if self.pack_length is None else builder.pack(examples, self.pack_length)
+        return batch.to(self.device)
 
     def loss(self, module: nn.Module, batch: ImageTextBatch, generator: torch.Generator) -> StepResult:
         sequences = self.sequences(batch, generator)
