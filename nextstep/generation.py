@@ -29,13 +29,17 @@ if TYPE_CHECKING:
 
     from nextstep.model import NextStep
 
+#: A prompt row: token ids (placeholders at image positions) and its images as (start, tokens (n, D)).
+PromptRow = tuple[list[int], list[tuple[int, torch.Tensor]]]
+
 #: Release defaults for editing, used when the caller leaves them unset.
 EDITING_NEGATIVE_PROMPT = "Copy original image."
 EDITING_IMAGE_SCALE = 2.0
 EDITING_SHIFT = 3.2
 
 
-def _check_prompts(prompts) -> list[str]:
+def check_prompts(prompts) -> list[str]:
+    """One prompt or a non-empty sequence of them -> a list of str (``ValueError`` otherwise)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -107,7 +111,7 @@ def _output_grid(model: "NextStep", height: int | None, width: int | None,
 
 
 def _branch_rows(builder, conditional: list[str], negative: str, sources, grid: tuple[int, int],
-                 branches: int, per_prompt: int) -> list[tuple[list[int], list[tuple[int, torch.Tensor]]]]:
+                 branches: int, per_prompt: int) -> list[PromptRow]:
     """Prompt ids and image spans of every row, branch-major: G x (prompts x per_prompt) rows.
 
     Text-to-image: ``[prompt; negative]``. Editing (``sources`` given):
@@ -127,7 +131,7 @@ def _branch_rows(builder, conditional: list[str], negative: str, sources, grid: 
     return rows
 
 
-def embed_prompt_rows(model: "NextStep", rows: list[tuple[list[int], list[tuple[int, torch.Tensor]]]], device,
+def embed_prompt_rows(model: "NextStep", rows: list[PromptRow], device,
                       dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt rows (ids, image spans) -> left-padded embeddings (G*R, P, H) and attention mask (G*R, P).
 
@@ -261,7 +265,7 @@ def generate_tokens(
     Returns:
         tokens (R, N, D) float32, grid height h, grid width w.
     """
-    prompts = _check_prompts(prompts)
+    prompts = check_prompts(prompts)
     editing = images is not None
     defaults = model.config.generation
     cfg = defaults.cfg if cfg is None else cfg

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from PIL import Image
@@ -31,8 +33,6 @@ def from_pil(images: list[Image.Image]) -> torch.Tensor:
 def as_image_list(images) -> list[torch.Tensor]:
     """PIL images, one (3, H, W) / (B, 3, H, W) tensor in [-1, 1], or a sequence of either
     -> one (1, 3, H, W) float tensor per image (sizes may differ)."""
-    from collections.abc import Sequence
-
     if isinstance(images, (Image.Image, torch.Tensor)):
         images = [images]
     expected = "images must be PIL images or a (B, 3, H, W) tensor in [-1, 1]"

@@ -281,8 +281,9 @@ class SequenceBuilder:
         Rows are as long as the fullest one. ``document_ids`` numbers the examples
         of each row from 1 (0 at padding), so that the backbone attends within each
         example only and positions restart at each; the first token of every
-        example is no text target. The losses equal those of `collate` on the same
-        examples, with less padding.
+        example is no text target. The model's text loss equals that of `collate`
+        on the same examples; the image loss has the same targets and conditions,
+        its random (t, noise) draws falling on them in another order.
 
         Raises:
             ValueError: no examples, ``max_length`` below 1, or an example longer than it.

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from nextstep.backbones.base import positions_from_mask
-from nextstep.generation import embed_prompt_rows, encode_each
+from nextstep.generation import PromptRow, check_prompts, embed_prompt_rows, encode_each
 from nextstep.images import as_image_list
 from nextstep.text_sampling import check_text_sampling, choose_tokens
 
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from nextstep.model import NextStep
-
-#: A prompt row: token ids (placeholders at image positions) and its images as (start, tokens (n, D)).
-PromptRow = tuple[list[int], list[tuple[int, torch.Tensor]]]
-
 
 @dataclass
 class GeneratedText:
@@ -164,12 +160,8 @@ def complete_text(model: "NextStep", prompts: str | Sequence[str], **kwargs: Any
     """Continue text prompts; a row stops at ``<|endoftext|>`` or where an image would begin
     (``<|image_area|>``). Keyword arguments are those of `generate_text`."""
     tokenizer = model.require_text_tokenizer()
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    for prompt in prompts:
-        if not isinstance(prompt, str):
-            raise ValueError(f"every prompt must be a str, found {type(prompt).__name__}")
     rows = []
-    for prompt in prompts:
+    for prompt in check_prompts(prompts):
         ids = tokenizer.encode(prompt)
         if not ids:
             raise ValueError("complete_text needs non-empty prompts, found ''")

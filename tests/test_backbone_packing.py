@@ -104,3 +104,14 @@ def test_documents_cannot_go_into_a_cache():
         backbone(torch.randn(1, documents.shape[1], 32), positions_from_mask(documents), documents, cache)
     with pytest.raises(ValueError, match="must be bool or integer document ids, found torch.float32"):
         backbone(torch.randn(1, 3, 32), torch.arange(3)[None], torch.ones(1, 3))
+
+
+def test_the_mask_helper_of_custom_backbones_keeps_documents_apart():
+    from nextstep.backbones.masks import attention_mask_for
+
+    documents = pack([[2, 3]], padding=1)
+    mask = attention_mask_for(documents, 0, documents.shape[1])[:, 0]
+    assert torch.equal(mask, visible_keys(documents, torch.arange(documents.shape[1])))
+    assert not mask[0, 2, :2].any() and mask[0, 4, 2:5].all()
+    padding = torch.tensor([[0, 1, 1]])
+    assert torch.equal(attention_mask_for(padding, 0, 3), attention_mask_for(padding.bool(), 0, 3))

@@ -177,6 +177,20 @@ def test_backbone_left_padding_equals_rows_alone(name):
     torch.testing.assert_close(batch[1, 3:], alone_short[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_packed_documents_equal_rows_alone(name):
+    backbone = build("backbone", name, BACKBONES[name]).eval()
+    first, second = torch.randn(1, 4, backbone.hidden_size), torch.randn(1, 3, backbone.hidden_size)
+    packed = torch.cat([first, second, torch.zeros(1, 2, backbone.hidden_size)], 1)
+    documents = torch.tensor([[1] * 4 + [2] * 3 + [0] * 2])
+    with torch.no_grad():
+        batch = backbone(packed, positions_from_mask(documents), documents)
+        alone_first = backbone(first, torch.arange(4)[None])
+        alone_second = backbone(second, torch.arange(3)[None])
+    torch.testing.assert_close(batch[:, :4], alone_first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch[:, 4:7], alone_second, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- heads
 @pytest.mark.parametrize("name", sorted(IMAGE_HEADS))
 def test_image_head_contract(name):

@@ -76,12 +76,14 @@ def attention_mask_for(key_mask: torch.Tensor, query_start: int, num_queries: in
     """Boolean attention mask for queries in consecutive slots.
 
     Args:
-        key_mask: shape (B, S) bool, True where a key slot holds a real token.
+        key_mask: shape (B, S) bool, True where a key slot holds a real token, or
+            int64 document ids of packed sequences (0 at padding).
         query_start: slot of the first query.
         num_queries: L.
 
     Returns:
-        shape (B, 1, L, S) bool: causal, padding keys hidden, own slot visible.
+        shape (B, 1, L, S) bool: causal, padding keys hidden, keys of other
+        documents hidden, own slot visible.
     """
     slots = torch.arange(query_start, query_start + num_queries, device=key_mask.device)
-    return visible_keys(key_mask.bool(), slots)[:, None]
+    return visible_keys(documents_or_mask(key_mask, cached=False), slots)[:, None]

@@ -56,8 +56,8 @@ class TrainConfig(Config):
         pack_length: pack the sequences of each micro-batch into rows of at most
             this many tokens, each attending within itself only (as the NextStep-1
             release packs to 8192); None (the default) puts one sequence in each
-            row, padded to the longest. The losses are the same either way; packing
-            saves the padding.
+            row, padded to the longest. The losses have the same targets either
+            way (`nextstep.sequence.SequenceBuilder.pack`); packing saves the padding.
         log_every: steps between rows of the loss log.
         sample_every: steps between sample grids; 0 writes none.
         sample_prompts: prompts of the sample grids.
