@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from nextstep.evaluation.distribution_metrics import RidgeMap, frechet_distance, retrieval_ranks, retrieval_recall
+from nextstep.evaluation.report_files import write_report_files
 from nextstep.evaluation.sampling import SamplingSettings, generate_images
 
 if TYPE_CHECKING:
@@ -227,10 +228,7 @@ def run_emoji_eval(model: "NextStep", output: Path | None = None, *, settings: S
                                      retrieval_ranks(test_embeddings, generated_mapped)),
     )
     if output is not None:
-        output = Path(output)
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
-        atomic_write_text(output / "report.md", report.to_markdown() + "\n")
+        output = write_report_files(output, report)
         atomic_write_text(output / "captions.json", json.dumps(captions, indent=0) + "\n")
         shown = [round(i * (len(test_indices) - 1) / 7) for i in range(8)]
         grid = image_grid([test_images[i] for i in shown] + [generated[i] for i in shown], columns=8)

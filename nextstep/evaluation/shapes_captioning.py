@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from nextstep.evaluation.report_files import write_report_files
 from nextstep.training.data.shapes.combinations import held_out_keys, tag_of
 from nextstep.training.data.shapes.metadata import COLOURS, RELATIONS, SCENE_KINDS, SHAPES, Scene, ShapeObject
 from nextstep.training.data.shapes.relations import box_relations
@@ -148,7 +148,6 @@ def run_shapes_captioning(model: "NextStep", output: Path | None = None, *, scen
     With ``output`` it writes ``results.jsonl`` (one line per scene),
     ``report.json`` and ``report.md``.
     """
-    from nextstep.io import atomic_write_text
     from nextstep.text_generation import caption_images
 
     plan = caption_scenes(SCENE_KINDS, scenes_per_group, seed)
@@ -178,9 +177,5 @@ def run_shapes_captioning(model: "NextStep", output: Path | None = None, *, scen
         settings={"size": size, "seed": seed, "scenes_per_group": scenes_per_group, "decoding": "greedy",
                   "max_new_tokens": max_new_tokens})
     if output is not None:
-        output = Path(output)
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results))
-        atomic_write_text(output / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
-        atomic_write_text(output / "report.md", report.to_markdown() + "\n")
+        write_report_files(output, report, results)
     return report

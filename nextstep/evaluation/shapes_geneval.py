@@ -16,7 +16,6 @@ uses its three prompts.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from nextstep.config import require
+from nextstep.evaluation.report_files import write_report_files
 from nextstep.evaluation.sampling import SamplingSettings, generate_images
 from nextstep.evaluation.shapes_detector import Detection, DetectorConfig, detect_shapes
 from nextstep.training.data.shapes.combinations import (
@@ -219,7 +219,7 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
     ``report.md`` and ``samples.png`` (a row of eight images per category).
     """
     from nextstep.images import image_grid
-    from nextstep.io import atomic_path, atomic_write_text
+    from nextstep.io import atomic_path
 
     settings = settings or SamplingSettings()
     by_tag: dict[str, list[dict]] = defaultdict(list)
@@ -245,11 +245,7 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
                            if with_ceiling else {}, combinations=combinations,
                            empty={tag: sum(v) / len(v) for tag, v in empty_by_tag.items()})
     if output is not None:
-        output = Path(output)
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results))
-        atomic_write_text(output / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
-        atomic_write_text(output / "report.md", report.to_markdown() + "\n")
+        output = write_report_files(output, report, results)
         per_tag = min(8, images_per_tag)
         shown = [images[t * images_per_tag + i] for t in range(len(GENEVAL_TAGS)) for i in range(per_tag)]
         with atomic_path(output / "samples.png") as tmp:

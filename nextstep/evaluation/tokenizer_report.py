@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from nextstep.evaluation.photo_bank import load_photos, random_crops, split_photos
+from nextstep.evaluation.report_files import write_report_files
 from nextstep.evaluation.tokenizer_eval import ReconstructionReport, evaluate_tokenizer, reconstruct
 from nextstep.images import image_grid, to_pil
-from nextstep.io import atomic_path, atomic_write_text
+from nextstep.io import atomic_path
 from nextstep.tokenizers.base import ImageTokenizer
 
 
@@ -26,9 +26,7 @@ def run_tokenizer_evaluation(tokenizer: ImageTokenizer, output: Path, *, count: 
     tokenizer = tokenizer.eval()
     images = held_out_crops(count, size, seed)
     report = evaluate_tokenizer(tokenizer, images)
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
-    atomic_write_text(output / "report.md", report.to_markdown() + "\n")
+    write_report_files(output, report)
     shown = images[:8]
     reconstructions, _ = reconstruct(tokenizer, shown)
     grid = image_grid(to_pil(torch.cat([shown, reconstructions])), columns=8)
