@@ -38,6 +38,8 @@ class LossOutput:
         text: mean cross-entropy over text targets (0 if there are none).
         image: mean flow-matching loss over image targets (0 if there are none).
         num_text_tokens / num_image_tokens: how many targets each mean covers.
+        image_per_row: (B,) float32, the mean flow-matching loss of each row's image
+            targets (0 for a row without any; a packed row mixes its sequences).
     """
 
     total: torch.Tensor
@@ -45,6 +47,7 @@ class LossOutput:
     image: torch.Tensor
     num_text_tokens: int
     num_image_tokens: int
+    image_per_row: torch.Tensor | None = None
 
 
 class NextStep(nn.Module):
@@ -158,7 +161,8 @@ class NextStep(nn.Module):
         return torch.where(image_mask[..., None], image, text)
 
     def forward(self, batch: SequenceBatch, generator: torch.Generator | None = None,
-                context_noise: float = 0.0) -> LossOutput:
+                context_noise: float = 0.0, flow_draws: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> LossOutput:
         """Teacher-forced losses of a batch.
 
         The hidden state at position i (after ``image_out_projector``) conditions
@@ -172,6 +176,11 @@ class NextStep(nn.Module):
             context_noise: with ``s > 0``, each sequence's image tokens are read as
                 context with Gaussian noise of scale ``U(0, s)`` added (one scale per
                 sequence); the head's targets stay clean.
+            flow_draws: the times (N,) and noise (N, D) of the N image targets of the
+                batch, in row-major order, instead of the head's own draws: every
+                target's flow error is taken once at its given (t, x0)
+                (`nextstep.heads.base.ImageHead.flow_error`). Preference training reads
+                two models, or two images of one prompt, at the same draws.
         """
         context = batch.image_tokens
         if context_noise > 0:
@@ -200,17 +209,30 @@ class NextStep(nn.Module):
 
         image_mask = batch.image_target_mask[:, 1:]
         num_image = int(image_mask.sum())
+        per_row = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         if num_image:
             conditions = self.image_out_projector(previous[image_mask])  # (N, H)
             targets = batch.image_tokens[:, 1:][image_mask]  # (N, D)
-            image_loss = self.image_head.loss(targets, conditions, generator=generator).mean()
+            if flow_draws is None:
+                per_token = self.image_head.loss(targets, conditions, generator=generator)  # (N,)
+            else:
+                times, noise = flow_draws
+                if times.shape != (num_image,) or noise.shape != targets.shape:
+                    raise ValueError(f"flow_draws must be times ({num_image},) and noise {tuple(targets.shape)} "
+                                     f"for this batch's image targets, found {tuple(times.shape)} and "
+                                     f"{tuple(noise.shape)}")
+                per_token = self.image_head.flow_error(targets, conditions, times, noise)
+            image_loss = per_token.mean()
+            rows = image_mask.nonzero()[:, 0]
+            counts = image_mask.sum(-1).clamp(min=1).float()
+            per_row = per_row.index_add(0, rows, per_token.float()) / counts
         else:
             image_loss = hidden.new_zeros((), dtype=torch.float32)
 
         total = self.config.text_loss_weight * text_loss + self.config.image_loss_weight * image_loss
         if not (num_text or num_image):
             total = total + 0.0 * hidden.sum()
-        return LossOutput(total, text_loss, image_loss, num_text, num_image)
+        return LossOutput(total, text_loss, image_loss, num_text, num_image, per_row)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:

@@ -6,7 +6,8 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nextstep.evaluation.shapes_captioning import caption_scenes, grammar_captions, run_shapes_captioning, true_captions
+from nextstep.evaluation.shapes_captioning import caption_scenes, run_shapes_captioning
+from nextstep.training.data.shapes.captions import grammar_captions, true_captions
 from nextstep.training.data.shapes.metadata import SCENE_KINDS, Scene, ShapeObject
 from nextstep.training.data.shapes.world import sample_scene
 

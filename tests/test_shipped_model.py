@@ -87,6 +87,11 @@ def test_the_shipped_model_is_what_its_recipes_describe():
     assert stage24.data.datasets[-1] == {"type": "emoji", "split": "train", "size": 64, "captions": "unicode",
                                          "repeat": 12}
     assert stage24.training_settings == stage20.training_settings
+    # The last run trains stage 24 by preference (DPO) on shapes scenes against their near misses.
+    dpo = load_recipe("emoji_shapes_64_dpo")
+    assert dpo.model == "outputs/train/emoji_shapes_64_stage24/model"
+    assert dpo.preference == {"beta": 500} and dpo.train.max_steps == 300
+    assert [dataset["type"] for dataset in dpo.data.datasets] == ["shapes_preferences"]
     assert stage20.training_settings == {"word_vectors": {"substitution_probability": 0.4}}
     assert stage21.data.datasets[:-1] == stage20.data.datasets == load_recipe("emoji_shapes_64_stage18").data.datasets
     assert stage21.data.datasets[-1] == {"type": "emoji", "split": "train", "size": 64, "captions": "aliases",
@@ -210,7 +215,7 @@ def test_the_shipped_word_vectors_are_what_the_command_computes():
 def test_the_shipped_model_captions_single_objects_truly(tmp_path, capsys):
     import random
 
-    from nextstep.evaluation.shapes_captioning import true_captions
+    from nextstep.training.data.shapes.captions import true_captions
     from nextstep.training.data.shapes.render import render_scene
     from nextstep.training.data.shapes.world import sample_scene
 

@@ -41,6 +41,10 @@ TRAINING_SETTINGS = ("text_loss_weight", "image_loss_weight", "image_first_proba
                      "word_vectors.substitution_probability")
 
 
+#: Settings of preference training a recipe may give (`PreferenceTask`'s arguments).
+PREFERENCE_SETTINGS = ("beta", "sft_weight")
+
+
 def flat_settings(settings: dict, prefix: str = "") -> dict:
     """``{"word_vectors": {"substitution_probability": 0.4}}`` -> ``{"word_vectors.substitution_probability": 0.4}``
     (dotted names pass through).
@@ -81,6 +85,10 @@ class RecipeConfig(Config):
             run (`TRAINING_SETTINGS`), nested like the model config, e.g.
             ``{"word_vectors": {"substitution_probability": 0.4}}``; they are saved
             with the trained model.
+        preference: train by preference optimisation instead
+            (`nextstep.training.preference.PreferenceTask`) with these settings,
+            e.g. ``{"beta": 500}``; the data must be preference pairs. Empty (the
+            default) trains the ordinary NextStep loss.
         data: the training data.
         train: the optimiser, schedule, batch, logging and checkpoint settings.
     """
@@ -91,6 +99,7 @@ class RecipeConfig(Config):
     image_tokenizer: str = ""
     text_tokenizer: dict = field(default_factory=dict)
     training_settings: dict = field(default_factory=dict)
+    preference: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=lambda: DataConfig(datasets=({"type": "shapes"},)))
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -103,6 +112,10 @@ class RecipeConfig(Config):
             self.text_tokenizer_spec()  # an unknown type or key fails when the recipe loads, not after the data
         require(isinstance(self.training_settings, dict), "training_settings", self.training_settings, "a mapping")
         flat_settings(self.training_settings)  # an unknown name fails when the recipe loads
+        require(isinstance(self.preference, dict) and set(self.preference) <= set(PREFERENCE_SETTINGS),
+                "preference", self.preference, f"a mapping with keys among {list(PREFERENCE_SETTINGS)}")
+        require(not (self.preference and self.train.pack_length), "train.pack_length", self.train.pack_length,
+                "None for preference training (pairs are read one per row)")
 
     def text_tokenizer_spec(self) -> ComponentSpec:
         """``text_tokenizer`` as a component spec (its type and fields checked)."""
@@ -297,7 +310,12 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
         if context.is_main:
             recipe.save(output_dir / RECIPE_FILE)
             logger.info("training on %s", data.describe())
-        task = TextToImageTask.from_train_config(model, recipe.train)
+        if recipe.preference:
+            from nextstep.training.preference import PreferenceTask
+
+            task = PreferenceTask(model, **recipe.preference, context_noise=recipe.train.context_noise)
+        else:
+            task = TextToImageTask.from_train_config(model, recipe.train)
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
         trainer.fit(resume=resume)
         if context.is_main:

@@ -1,4 +1,4 @@
-"""Training data: image-caption datasets, aspect-ratio buckets, loaders, latent caches."""
+"""Training data: image-caption, editing and preference datasets, aspect-ratio buckets, loaders, latent caches."""
 
 from nextstep.training.data.base import (
     CorruptSampleError,
@@ -15,6 +15,7 @@ from nextstep.training.data.folder import ImageFolderConfig, ImageFolderDataset
 from nextstep.training.data.latent_cache import LatentCacheDataset, build_latent_cache
 from nextstep.training.data.loader import BatchLayout, BatchPlan, TrainingBatches, collate_samples
 from nextstep.training.data.mixture import ConcatImageTextDataset
+from nextstep.training.data.preferences import PreferenceManifestDataset, ShapesPreferencesDataset, near_miss_scene
 from nextstep.training.data.quality import BadSampleTracker
 from nextstep.training.data.registry import build_dataset, dataset_names, register_dataset
 from nextstep.training.data.shapes import Scene, ShapeObject, ShapesConfig, ShapesDataset
@@ -41,11 +42,13 @@ __all__ = [
     "ImageTextDataset",
     "ImageTextSample",
     "LatentCacheDataset",
+    "PreferenceManifestDataset",
     "Scene",
     "ShapeObject",
     "ShapesConfig",
     "ShapesDataset",
     "ShapesEditingDataset",
+    "ShapesPreferencesDataset",
     "TrainingBatches",
     "TrainingData",
     "WebDataset",
@@ -55,6 +58,7 @@ __all__ = [
     "build_training_data",
     "collate_samples",
     "dataset_names",
+    "near_miss_scene",
     "register_dataset",
     "resize_and_crop",
     "token_grids",

@@ -47,6 +47,8 @@ class ImageTextSample:
         source_image: for editing samples, the image to be edited.
         source_tokens: cached tokens of ``source_image``, shape (N_src, D).
         source_grid: token grid of ``source_tokens``.
+        rejected_image: for preference samples, an image the caption describes
+            worse than ``image`` (``image`` is the preferred one).
         metadata: dataset-specific ground truth (JSON-serialisable).
     """
 
@@ -58,6 +60,7 @@ class ImageTextSample:
     source_image: Image.Image | None = None
     source_tokens: torch.Tensor | None = None
     source_grid: tuple[int, int] | None = None
+    rejected_image: Image.Image | None = None
     metadata: dict[str, Any] | None = None
 
 
@@ -74,6 +77,8 @@ class ImageTextBatch:
         source_images: (B, 3, H', W') images to be edited, for editing batches.
         source_tokens: (B, N', D) cached source tokens.
         source_grid: token grid of ``source_tokens``.
+        rejected_images: (B, 3, H, W) the less preferred image of each preference pair
+            (``images`` holds the preferred ones), or None.
         bad_keys: samples that were unreadable and replaced while building the batch.
         attempted: how many samples were read, good and bad.
     """
@@ -86,6 +91,7 @@ class ImageTextBatch:
     source_images: torch.Tensor | None = None
     source_tokens: torch.Tensor | None = None
     source_grid: tuple[int, int] | None = None
+    rejected_images: torch.Tensor | None = None
     bad_keys: list[str] = field(default_factory=list)
     attempted: int = 0
 
@@ -95,6 +101,10 @@ class ImageTextBatch:
     @property
     def is_editing(self) -> bool:
         return self.source_images is not None or self.source_tokens is not None
+
+    @property
+    def is_preference(self) -> bool:
+        return self.rejected_images is not None
 
 
 class ImageTextDataset(ABC):

@@ -19,7 +19,7 @@ from nextstep.training.data.folder import IMAGE_ERRORS, open_image
 from nextstep.training.data.registry import register_dataset
 from nextstep.training.data.shapes.metadata import COLOURS, SHAPES, Scene, ShapeObject
 from nextstep.training.data.shapes.render import render_scene
-from nextstep.training.data.shapes.world import boxes_overlap, object_phrase, sample_scene
+from nextstep.training.data.shapes.world import boxes_overlap, free_spot, object_phrase, sample_scene
 
 EDIT_KINDS = ("recolour", "remove", "add", "move")
 
@@ -85,17 +85,6 @@ class EditingManifestDataset(ImageTextDataset):
         return self.sizes[index]
 
 
-def _free_spot(rng: random.Random, objects, size: float, attempts: int = 200):
-    boxes = [(o.center[0] - o.size / 2, o.center[1] - o.size / 2, o.center[0] + o.size / 2,
-              o.center[1] + o.size / 2) for o in objects]
-    half = size / 2
-    for _ in range(attempts):
-        cx, cy = rng.uniform(half + 0.02, 1 - half - 0.02), rng.uniform(half + 0.02, 1 - half - 0.02)
-        if not boxes_overlap((cx - half, cy - half, cx + half, cy + half), boxes, margin=0.03):
-            return (cx, cy)
-    return None
-
-
 def sample_edit(rng: random.Random, kind: str) -> tuple[Scene, str, Scene] | None:
     """A (source scene, instruction, target scene) triple, or None if the draw failed.
 
@@ -118,7 +107,7 @@ def sample_edit(rng: random.Random, kind: str) -> tuple[Scene, str, Scene] | Non
         instruction = f"remove the {obj.colour} {obj.shape}"
     elif kind == "add":
         size = rng.uniform(0.2, 0.3)
-        spot = _free_spot(rng, objects, size)
+        spot = free_spot(rng, objects, size)
         if spot is None:
             return None
         new = ShapeObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), spot, size)

@@ -151,10 +151,10 @@ def build_latent_cache(
             bar.update(len(indices[start:start + batch_size]))
             if not samples:
                 continue
-            if any(s.source_image is not None for s in samples):
+            if any(s.source_image is not None or s.rejected_image is not None for s in samples):
                 raise ValueError(
-                    f"{dataset.describe()} holds editing samples; latent caches store image-caption "
-                    "pairs only, so train editing data from images (leave data.latent_cache empty)"
+                    f"{dataset.describe()} holds editing or preference samples; latent caches store "
+                    "image-caption pairs only, so train them from images (leave data.latent_cache empty)"
                 )
             batch = collate_samples(samples, height, width)
             latents = tokenizer.encode(batch.images.to(device))

@@ -232,6 +232,13 @@ def collate_samples(samples: list[ImageTextSample], height: int, width: int, *,
         if missing:
             raise ValueError(f"editing batch mixes samples without a source image: {missing[:5]}")
         batch.source_images = torch.stack([_image_tensor(s.source_image, height, width) for s in samples])
+    if any(s.rejected_image is not None for s in samples):
+        missing = [s.key for s in samples if s.rejected_image is None]
+        if missing:
+            raise ValueError(f"preference batch mixes samples without a rejected image: {missing[:5]}")
+        if cached:
+            raise ValueError("preference samples carry images, not cached tokens: train them from images")
+        batch.rejected_images = torch.stack([_image_tensor(s.rejected_image, height, width) for s in samples])
     return batch
 
 

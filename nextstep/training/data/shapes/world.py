@@ -64,6 +64,19 @@ def boxes_overlap(box, boxes, margin: float) -> bool:
     )
 
 
+def free_spot(rng: random.Random, objects, size: float, attempts: int = 200) -> tuple[float, float] | None:
+    """A centre where a new object of side ``size`` keeps clear of ``objects`` (and of the
+    border), or None when ``attempts`` random tries all fail."""
+    boxes = [(o.center[0] - o.size / 2, o.center[1] - o.size / 2, o.center[0] + o.size / 2,
+              o.center[1] + o.size / 2) for o in objects]
+    half = size / 2
+    for _ in range(attempts):
+        cx, cy = rng.uniform(half + 0.02, 1 - half - 0.02), rng.uniform(half + 0.02, 1 - half - 0.02)
+        if not boxes_overlap((cx - half, cy - half, cx + half, cy + half), boxes, margin=0.03):
+            return (cx, cy)
+    return None
+
+
 def _place(rng: random.Random, count: int, size_range: tuple[float, float],
            attempts: int = 200) -> list[tuple[tuple[float, float], float]] | None:
     """``count`` non-overlapping (centre, size) pairs inside the unit square, or None."""

@@ -1,0 +1,113 @@
+"""Preference optimisation (DPO) of a NextStep model from pairs of a preferred and a rejected image.
+
+The NextStep-1 release ends its training with a short DPO stage. The image part
+of a NextStep model has no exact likelihood; as in Diffusion-DPO and its
+flow-matching variants, the flow-matching error stands in for the negative
+log-likelihood. For a caption ``c`` with a preferred image ``w`` and a rejected
+image ``l``, each read caption-first with teacher forcing, let ``E(x)`` be the
+mean flow error of the image's tokens (`nextstep.heads.base.ImageHead.flow_error`)
+under the model being trained and ``E_ref(x)`` under a frozen copy of the model
+it started from. The loss is
+
+    -log sigmoid(beta * ((E(l) - E_ref(l)) - (E(w) - E_ref(w))))
+
+so the model learns to lower its error on ``w`` relative to the reference more
+than on ``l``. Every token of ``w`` and the same token of ``l`` are read at the
+same time ``t`` (logit-normal, as in training) and the same noise, and so are
+the two models: the margin then compares the images, not the draws. The two
+models also read the same words (the same word-vector substitutions and
+context noise, drawn from one generator state).
+
+Legend: B pairs, N image tokens per image, D token dim.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextstep.heads.time_sampling import sample_times
+from nextstep.model import NextStep
+from nextstep.sequence import SequenceBatch
+from nextstep.training.data.base import ImageTextBatch
+from nextstep.training.task import StepResult
+from nextstep.training.text_to_image import TextToImageTask
+
+
+class PreferenceTask(TextToImageTask):
+    """Flow-matching DPO on preference batches (`ImageTextBatch.rejected_images`).
+
+    Args:
+        model: the model to train; a frozen copy of it, taken now, is the reference.
+        beta: inverse temperature of the preference: the margin is a difference of
+            mean squared velocity errors per image token, so ``beta`` is large
+            (500 means a margin of 0.002 moves the loss by half its slope).
+        sft_weight: weight of the flow-matching loss of the preferred images (at
+            the same draws), added to keep the model close to its data (0 by default).
+        context_noise: largest scale of the noise on the image tokens read as context.
+    """
+
+    def __init__(self, model: NextStep, beta: float = 500.0, sft_weight: float = 0.0, context_noise: float = 0.0):
+        super().__init__(model, text_dropout=0.0, context_noise=context_noise)
+        for name, value in (("beta", beta), ("sft_weight", sft_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, found {value!r}")
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, found {beta!r}")
+        self.beta = float(beta)
+        self.sft_weight = float(sft_weight)
+        self.reference = copy.deepcopy(model).requires_grad_(False)
+
+    def pair_sequences(self, batch: ImageTextBatch) -> tuple[SequenceBatch, int]:
+        """Caption-first sequences of the preferred images (rows 0..B-1) then of the rejected
+        ones (rows B..2B-1), and the tokens per image N."""
+        if not batch.is_preference:
+            raise ValueError("preference training needs batches with rejected images (a preference dataset such as "
+                             "shapes_preferences or preference_manifest), found a batch without them")
+        chosen, grid_h, grid_w = self.encode(batch.images, None, None)
+        rejected, _, _ = self.encode(batch.rejected_images, None, None)
+        builder = self.model.sequences
+        examples = [builder.example(caption, tokens, grid_h, grid_w)
+                    for tokens_of_side in (chosen.float().cpu(), rejected.float().cpu())
+                    for caption, tokens in zip(batch.captions, tokens_of_side)]
+        return builder.collate(examples).to(self.device), grid_h * grid_w
+
+    def loss(self, module: nn.Module, batch: ImageTextBatch, generator: torch.Generator) -> StepResult:
+        sequences, count = self.pair_sequences(batch)
+        pairs = len(batch)
+        head = self.model.image_head
+        head_config = getattr(head, "config", None)
+        settings = {} if head_config is None else dict(
+            kind=head_config.time_sampling, mean=head_config.time_mean, std=head_config.time_std,
+            shift=head_config.time_shift)
+        device = self.device
+        times = sample_times(pairs * count, settings.pop("kind", "logit_normal"), **settings, generator=generator,
+                             device=device)
+        noise = torch.randn(pairs * count, self.model.token_dim, generator=generator, device=device)
+        draws = (times.repeat(2), noise.repeat(2, 1))  # the same draws for each token of w and of l
+        state = generator.get_state()
+        policy = module(sequences, generator=generator, context_noise=self.context_noise, flow_draws=draws)
+        if next(self.reference.parameters()).device != device:
+            self.reference.to(device)
+        self.reference.train(self.model.training)
+        same = torch.Generator(device=generator.device)
+        same.set_state(state)
+        with torch.no_grad():
+            reference = self.reference(sequences, generator=same, context_noise=self.context_noise,
+                                       flow_draws=draws)
+        errors, reference_errors = policy.image_per_row, reference.image_per_row  # (2B,)
+        gain = reference_errors - errors  # how much lower the policy's error is than the reference's
+        margin = gain[:pairs] - gain[pairs:]  # (B,)
+        loss = -F.logsigmoid(self.beta * margin).mean()
+        metrics = {"preference_loss": float(loss.detach()), "margin": float(margin.detach().mean()),
+                   "accuracy": float((margin.detach() > 0).float().mean()),
+                   "chosen_error": float(errors[:pairs].detach().mean()),
+                   "rejected_error": float(errors[pairs:].detach().mean())}
+        if self.sft_weight:
+            sft = errors[:pairs].mean()  # the flow-matching loss of the preferred images, at the same draws
+            loss = loss + self.sft_weight * sft
+            metrics["sft_loss"] = float(sft.detach())
+        return StepResult(loss=loss, metrics=metrics, num_tokens=int(sequences.attention_mask.sum()))

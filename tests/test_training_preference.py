@@ -1,0 +1,179 @@
+"""Preference training: near-miss pairs, the DPO loss on flow errors, recipes."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nextstep import build_model
+from nextstep.training.data import (
+    ImageTextSample,
+    PreferenceManifestDataset,
+    ShapesPreferencesDataset,
+    build_latent_cache,
+    collate_samples,
+    near_miss_scene,
+)
+from nextstep.training.data.buckets import AspectRatioBuckets
+from nextstep.training.data.preferences import PreferenceManifestConfig, ShapesPreferencesConfig
+from nextstep.training.data.shapes.captions import true_captions
+from nextstep.training.data.shapes.metadata import SCENE_KINDS
+from nextstep.training.data.shapes.world import sample_scene
+from nextstep.training.preference import PreferenceTask
+from nextstep.training.recipe import RecipeConfig
+
+
+@given(kind=st.sampled_from(SCENE_KINDS), seed=st.integers(0, 10**6))
+def test_a_near_miss_fails_the_caption_its_scene_states(kind, seed):
+    rng = random.Random(seed)
+    scene = sample_scene(rng, kind)
+    miss = near_miss_scene(rng, scene)
+    if miss is None:
+        return
+    assert scene.caption in true_captions(scene)
+    assert scene.caption not in true_captions(miss)
+    assert miss.caption in true_captions(miss)
+    # One edit: the shapes differ in one object, or the count by one, or colours or places swap.
+    assert abs(len(miss.objects) - len(scene.objects)) <= 1
+
+
+def test_the_dataset_pairs_every_kind_deterministically():
+    dataset = ShapesPreferencesDataset(ShapesPreferencesConfig(num_samples=200, size=32))
+    pairs = [dataset.pair(i) for i in range(200)]
+    assert {scene.kind for scene, _ in pairs} == set(SCENE_KINDS)
+    assert [s.caption for s, _ in pairs] == [dataset.pair(i)[0].caption for i in range(200)]
+    sample = dataset.load(0)
+    assert sample.caption == dataset.caption(0) == pairs[0][0].caption
+    assert sample.image.size == sample.rejected_image.size == (32, 32)
+    assert sample.metadata["rejected"]["caption"] == pairs[0][1].caption
+
+
+def test_batches_carry_the_rejected_images_and_refuse_mixtures(tmp_path):
+    dataset = ShapesPreferencesDataset(ShapesPreferencesConfig(num_samples=4, size=32))
+    samples = [dataset.load(i) for i in range(3)]
+    batch = collate_samples(samples, 32, 32)
+    assert batch.is_preference and batch.rejected_images.shape == (3, 3, 32, 32)
+    assert not torch.equal(batch.images, batch.rejected_images)
+    plain = ImageTextSample(key="plain", caption="a circle", image=samples[0].image)
+    with pytest.raises(ValueError, match=r"mixes samples without a rejected image: \['plain'\]"):
+        collate_samples(samples + [plain], 32, 32)
+    with pytest.raises(ValueError, match="editing or preference samples; latent caches"):
+        build_latent_cache(build_model("tiny", seed=0).image_tokenizer, dataset,
+                           AspectRatioBuckets(32, multi_aspect=False), tmp_path / "cache")
+
+
+def test_the_manifest_reads_pairs_and_names_bad_lines(tmp_path):
+    dataset = ShapesPreferencesDataset(ShapesPreferencesConfig(num_samples=2, size=32))
+    sample = dataset.load(0)
+    sample.image.save(tmp_path / "good.png")
+    sample.rejected_image.save(tmp_path / "bad.png")
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text(json.dumps({"caption": sample.caption, "chosen": "good.png", "rejected": "bad.png"}) + "\n")
+    pairs = PreferenceManifestDataset(PreferenceManifestConfig(str(manifest)))
+    loaded = pairs.load(0)
+    assert (len(pairs), loaded.caption, pairs.image_size(0)) == (1, sample.caption, (32, 32))
+    assert loaded.rejected_image.size == (32, 32)
+    manifest.write_text(json.dumps({"caption": "x", "chosen": "good.png"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: missing or non-string \['rejected'\]"):
+        PreferenceManifestDataset(PreferenceManifestConfig(str(manifest)))
+    with pytest.raises(FileNotFoundError, match="expected a preference manifest"):
+        PreferenceManifestDataset(PreferenceManifestConfig(str(tmp_path / "none.jsonl")))
+
+
+def preference_batch(count=4, seed=0):
+    dataset = ShapesPreferencesDataset(ShapesPreferencesConfig(num_samples=32, size=32, seed=seed))
+    return collate_samples([dataset.load(i) for i in range(count)], 32, 32)
+
+
+def swapped(batch):
+    return type(batch)(keys=batch.keys, captions=batch.captions, images=batch.rejected_images,
+                       rejected_images=batch.images)
+
+
+def test_at_the_start_the_model_is_its_reference_and_the_loss_is_log_2():
+    model = build_model("tiny", seed=0)
+    task = PreferenceTask(model, beta=500, context_noise=0.3)
+    result = task.loss(model, preference_batch(), torch.Generator().manual_seed(0))
+    assert result.metrics["margin"] == 0.0
+    assert result.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_training_prefers_the_chosen_images_and_swapping_them_flips_the_margin():
+    model = build_model("tiny", seed=0)
+    task = PreferenceTask(model, beta=200)
+    batch = preference_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(15):
+        result = task.loss(model, batch, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        result.loss.backward()
+        optimizer.step()
+        losses.append(result.loss.item())
+    after = task.loss(model, batch, torch.Generator().manual_seed(99))
+    assert after.loss.item() < 0.5 * math.log(2) and after.metrics["accuracy"] == 1.0
+    flipped = task.loss(model, swapped(batch), torch.Generator().manual_seed(99))
+    assert flipped.metrics["margin"] == pytest.approx(-after.metrics["margin"], rel=1e-4, abs=1e-7)
+    assert all(p.requires_grad is False for p in task.reference.parameters())
+
+
+def test_the_flow_error_of_each_row_is_read_at_the_given_draws(tiny_model):
+    model = tiny_model.eval()
+    builder = model.sequences
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 4, model.token_dim, generator=generator)
+    batch = builder.collate([builder.example("a red circle", tokens[0], 2, 2),
+                             builder.example("b", tokens[1], 2, 2)])
+    times = torch.rand(8, generator=generator)
+    noise = torch.randn(8, model.token_dim, generator=generator)
+    with torch.no_grad():
+        output = model(batch, flow_draws=(times, noise))
+        hidden = model.backbone(model.embed(batch.input_ids, batch.image_mask, batch.image_tokens),
+                                torch.arange(batch.input_ids.shape[1]).expand(2, -1), batch.attention_mask)
+        mask = batch.image_target_mask[:, 1:]
+        conditions = model.image_out_projector(hidden[:, :-1][mask])
+        expected = model.image_head.flow_error(batch.image_tokens[:, 1:][mask], conditions, times, noise)
+    torch.testing.assert_close(output.image_per_row, expected.view(2, 4).mean(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output.image, expected.mean(), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"flow_draws must be times \(8,\) and noise \(8, 64\)"):
+        model(batch, flow_draws=(times[:3], noise))
+
+
+def test_bad_settings_and_batches_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        PreferenceTask(tiny_model, beta=0)
+    with pytest.raises(ValueError, match="sft_weight must be a number >= 0"):
+        PreferenceTask(tiny_model, sft_weight=-1)
+    plain = collate_samples([ImageTextSample(key="a", caption="a circle", image=preference_batch_image())], 32, 32)
+    with pytest.raises(ValueError, match="needs batches with rejected images"):
+        PreferenceTask(tiny_model).loss(tiny_model, plain, torch.Generator())
+    with pytest.raises(ValueError, match=r"preference.*keys among \['beta', 'sft_weight'\]"):
+        RecipeConfig(preference={"temperature": 1.0})
+    with pytest.raises(ValueError, match="train.pack_length"):
+        RecipeConfig.from_dict({"preference": {"beta": 100}, "train": {"pack_length": 64}})
+
+
+def preference_batch_image():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), "white")
+
+
+def test_a_preference_recipe_trains_and_writes_a_model(tmp_path):
+    from nextstep.training.recipe import run_recipe
+
+    recipe = RecipeConfig.from_dict({
+        "model": "tiny", "preference": {"beta": 100, "sft_weight": 0.5},
+        "data": {"datasets": [{"type": "shapes_preferences", "num_samples": 16, "size": 32}], "resolution": 32},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "warmup_steps": 1, "learning_rate": 1e-4,
+                  "log_every": 1, "checkpoint_every": 100},
+    })
+    trainer = run_recipe(recipe, tmp_path, show_progress=False)
+    assert isinstance(trainer.task, PreferenceTask)
+    log = (tmp_path / "train_log.csv").read_text().splitlines()
+    assert "accuracy" in log[0] and "sft_loss" in log[0] and len(log) == 3
+    assert (tmp_path / "model" / "model.safetensors").exists()
