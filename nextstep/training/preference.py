@@ -42,9 +42,10 @@ class PreferenceTask(TextToImageTask):
 
     Args:
         model: the model to train; a frozen copy of it, taken now, is the reference.
-        beta: inverse temperature of the preference: the margin is a difference of
-            mean squared velocity errors per image token, so ``beta`` is large
-            (500 means a margin of 0.002 moves the loss by half its slope).
+        beta: scale of the preference logit ``beta * margin``; the margin is a
+            difference of mean squared velocity errors per image token, which are
+            small (about 0.05 for the shipped model's preferred images), so
+            ``beta`` is large: at 500 a margin of 0.002 is a logit of 1.
         sft_weight: weight of the flow-matching loss of the preferred images (at
             the same draws), added to keep the model close to its data (0 by default).
         context_noise: largest scale of the noise on the image tokens read as context.
@@ -78,14 +79,12 @@ class PreferenceTask(TextToImageTask):
     def loss(self, module: nn.Module, batch: ImageTextBatch, generator: torch.Generator) -> StepResult:
         sequences, count = self.pair_sequences(batch)
         pairs = len(batch)
-        head = self.model.image_head
-        head_config = getattr(head, "config", None)
-        settings = {} if head_config is None else dict(
-            kind=head_config.time_sampling, mean=head_config.time_mean, std=head_config.time_std,
-            shift=head_config.time_shift)
+        # Times drawn as the head's own training draws them (logit-normal unless its config says otherwise).
+        head_config = getattr(self.model.image_head, "config", None)
         device = self.device
-        times = sample_times(pairs * count, settings.pop("kind", "logit_normal"), **settings, generator=generator,
-                             device=device)
+        times = sample_times(pairs * count, getattr(head_config, "time_sampling", "logit_normal"),
+                             mean=getattr(head_config, "time_mean", 0.0), std=getattr(head_config, "time_std", 1.0),
+                             shift=getattr(head_config, "time_shift", 1.0), generator=generator, device=device)
         noise = torch.randn(pairs * count, self.model.token_dim, generator=generator, device=device)
         draws = (times.repeat(2), noise.repeat(2, 1))  # the same draws for each token of w and of l
         state = generator.get_state()
