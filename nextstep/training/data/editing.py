@@ -6,7 +6,6 @@ Two sources: a JSONL manifest of real pairs, and the shapes world, whose edits
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from PIL import Image
 from nextstep.config import Config, require
 from nextstep.training.data.base import ImageTextDataset, ImageTextSample
 from nextstep.training.data.folder import IMAGE_ERRORS, open_image
+from nextstep.training.data.manifest import manifest_entries
 from nextstep.training.data.registry import register_dataset
 from nextstep.training.data.shapes.metadata import COLOURS, SHAPES, Scene, ShapeObject
 from nextstep.training.data.shapes.render import render_scene
@@ -53,16 +53,9 @@ class EditingManifestDataset(ImageTextDataset):
         self.records: list[tuple[Path, str, Path]] = []
         self.sizes: list[tuple[int, int]] = []
         self.known_bad: list[str] = []
-        lines = [line for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
-        self.scanned = len(lines)
-        for number, line in enumerate(lines, start=1):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{manifest} line {number} is not valid JSON: {error}") from None
-            missing = [k for k in ("source", "instruction", "target") if not isinstance(entry.get(k), str)]
-            if missing:
-                raise ValueError(f"{manifest} line {number}: missing or non-string {missing} in {line!r}")
+        self.scanned = 0
+        for number, entry in manifest_entries(manifest, ("source", "instruction", "target")):
+            self.scanned += 1
             source, target = manifest.parent / entry["source"], manifest.parent / entry["target"]
             try:
                 with Image.open(target) as image:

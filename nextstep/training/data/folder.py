@@ -14,7 +14,6 @@ header is fine but whose pixels are broken are caught when loaded.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from PIL import Image
 
 from nextstep.config import Config, require
 from nextstep.training.data.base import CorruptSampleError, ImageTextDataset, ImageTextSample, to_rgb
+from nextstep.training.data.manifest import manifest_entries
 from nextstep.training.data.registry import register_dataset
 
 logger = logging.getLogger("nextstep.training")
@@ -122,15 +122,9 @@ class ImageFolderDataset(ImageTextDataset):
     def _read_manifest(self, manifest: Path):
         records = []
         base = manifest.parent
-        for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{manifest} line {number} is not valid JSON: {error}") from None
-            if not isinstance(entry, dict) or "image" not in entry:
-                raise ValueError(f"{manifest} line {number}: expected an object with an 'image' key, found {line!r}")
+        for number, entry in manifest_entries(manifest):
+            if "image" not in entry:
+                raise ValueError(f"{manifest} line {number}: expected an object with an 'image' key, found {entry!r}")
             image = base / entry["image"]
             if not isinstance(entry.get("caption"), str):
                 raise ValueError(

@@ -13,7 +13,6 @@ the first image and away from the second. Two sources:
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,12 +22,13 @@ from PIL import Image
 from nextstep.config import Config, require
 from nextstep.training.data.base import ImageTextDataset, ImageTextSample
 from nextstep.training.data.folder import IMAGE_ERRORS, open_image
+from nextstep.training.data.manifest import manifest_entries
 from nextstep.training.data.registry import register_dataset
 from nextstep.training.data.shapes.captions import true_captions
-from nextstep.training.data.shapes.combinations import COMBINATION_MODES, held_out_keys, tag_of
-from nextstep.training.data.shapes.metadata import COLOURS, SCENE_KINDS, SHAPES, Scene
+from nextstep.training.data.shapes.combinations import tag_of
+from nextstep.training.data.shapes.metadata import COLOURS, SHAPES, Scene
 from nextstep.training.data.shapes.render import render_scene
-from nextstep.training.data.shapes.world import free_spot, sample_scene
+from nextstep.training.data.shapes.world import ShapesConfig, drawable_kinds, free_spot, sample_scene
 
 
 def near_miss_scene(rng: random.Random, scene: Scene) -> Scene | None:
@@ -87,33 +87,10 @@ def near_miss_scene(rng: random.Random, scene: Scene) -> Scene | None:
 
 
 @dataclass
-class ShapesPreferencesConfig(Config):
-    """Shapes scenes and their near misses as preference pairs.
-
-    Args:
-        num_samples: length of the dataset (pairs are drawn on demand).
-        size: image side in pixels.
-        seed: base seed.
-        split: ``train`` or ``test``; the splits draw from different seeds.
-        kinds: scene kinds to mix (equally likely).
-        combinations: ``seen`` (the default: training's combinations), ``held_out`` or ``all``.
-    """
-
-    num_samples: int = 10000
-    size: int = 64
-    seed: int = 0
-    split: str = "train"
-    kinds: tuple[str, ...] = SCENE_KINDS
-    combinations: str = "seen"
-
-    def validate(self) -> None:
-        require(self.num_samples >= 1, "num_samples", self.num_samples, ">= 1")
-        require(self.size >= 8, "size", self.size, ">= 8")
-        require(self.split in ("train", "test"), "split", self.split, "'train' or 'test'")
-        require(len(self.kinds) > 0 and all(k in SCENE_KINDS for k in self.kinds), "kinds", self.kinds,
-                f"a non-empty subset of {list(SCENE_KINDS)}")
-        require(self.combinations in COMBINATION_MODES, "combinations", self.combinations,
-                f"one of {list(COMBINATION_MODES)}")
+class ShapesPreferencesConfig(ShapesConfig):
+    """Shapes scenes and their near misses as preference pairs; the fields are those of
+    `nextstep.training.data.shapes.world.ShapesConfig` (the scenes are drawn from
+    ``combinations``, training's own by default)."""
 
 
 @register_dataset("shapes_preferences")
@@ -125,10 +102,7 @@ class ShapesPreferencesDataset(ImageTextDataset):
 
     def __init__(self, config: ShapesPreferencesConfig | None = None):
         self.config = config or ShapesPreferencesConfig()
-        kinds = self.config.kinds
-        if self.config.combinations == "held_out":
-            kinds = tuple(k for k in kinds if held_out_keys(tag_of(k)))
-        self.kinds = kinds
+        self.kinds = drawable_kinds(self.config.kinds, self.config.combinations)
 
     def __len__(self) -> int:
         return self.config.num_samples
@@ -140,7 +114,8 @@ class ShapesPreferencesDataset(ImageTextDataset):
         c = self.config
         rng = random.Random(f"shapes-preference:{c.seed}:{c.split}:{index}")
         while True:
-            scene = sample_scene(rng, self.kinds[rng.randrange(len(self.kinds))], combinations=c.combinations)
+            scene = sample_scene(rng, self.kinds[rng.randrange(len(self.kinds))], c.max_count,
+                                 combinations=c.combinations)
             miss = near_miss_scene(rng, scene)
             if miss is not None:
                 return scene, miss
@@ -187,15 +162,7 @@ class PreferenceManifestDataset(ImageTextDataset):
             raise FileNotFoundError(f"expected a preference manifest at {manifest}, found nothing")
         self.records: list[tuple[str, Path, Path]] = []
         self.sizes: list[tuple[int, int]] = []
-        lines = [line for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
-        for number, line in enumerate(lines, start=1):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{manifest} line {number} is not valid JSON: {error}") from None
-            missing = [k for k in ("caption", "chosen", "rejected") if not isinstance(entry.get(k), str)]
-            if missing:
-                raise ValueError(f"{manifest} line {number}: missing or non-string {missing} in {line!r}")
+        for number, entry in manifest_entries(manifest, ("caption", "chosen", "rejected")):
             chosen, rejected = manifest.parent / entry["chosen"], manifest.parent / entry["rejected"]
             try:
                 with Image.open(chosen) as image:

@@ -209,6 +209,14 @@ def sample_scene(rng: random.Random, kind: str, max_count: int = 4,
             return scene
 
 
+def drawable_kinds(kinds: tuple[str, ...], combinations: str) -> tuple[str, ...]:
+    """The scene kinds a source of ``combinations`` draws from: all of ``kinds``, or for
+    ``held_out`` those that have held-out combinations."""
+    if combinations == "held_out":
+        return tuple(kind for kind in kinds if held_out_keys(tag_of(kind)))
+    return tuple(kinds)
+
+
 @dataclass
 class ShapesConfig(Config):
     """The shapes world as a dataset.
@@ -254,10 +262,7 @@ class ShapesDataset(ImageTextDataset):
 
     def __init__(self, config: ShapesConfig | None = None):
         self.config = config or ShapesConfig()
-        kinds = self.config.kinds
-        if self.config.combinations == "held_out":
-            kinds = tuple(k for k in kinds if held_out_keys(tag_of(k)))
-        self.kinds = kinds
+        self.kinds = drawable_kinds(self.config.kinds, self.config.combinations)
 
     def __len__(self) -> int:
         return self.config.num_samples
