@@ -25,6 +25,7 @@ from nextstep.training.data.shapes.metadata import SCENE_KINDS
 from nextstep.training.data.shapes.world import sample_scene
 from nextstep.training.preference import PreferenceTask
 from nextstep.training.recipe import RecipeConfig
+from nextstep.training.text_to_image import TextToImageTask
 
 
 @given(kind=st.sampled_from(SCENE_KINDS), seed=st.integers(0, 10**6))
@@ -151,6 +152,8 @@ def test_bad_settings_and_batches_are_refused(tiny_model):
     plain = collate_samples([ImageTextSample(key="a", caption="a circle", image=preference_batch_image())], 32, 32)
     with pytest.raises(ValueError, match="needs batches with rejected images"):
         PreferenceTask(tiny_model).loss(tiny_model, plain, torch.Generator())
+    with pytest.raises(ValueError, match="holds preference pairs .* train them with PreferenceTask"):
+        TextToImageTask(tiny_model).sequences(preference_batch(2), torch.Generator())
     with pytest.raises(ValueError, match=r"preference.*keys among \['beta', 'sft_weight'\]"):
         RecipeConfig(preference={"temperature": 1.0})
     with pytest.raises(ValueError, match="train.pack_length"):

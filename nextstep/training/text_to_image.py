@@ -75,6 +75,9 @@ class TextToImageTask(TrainingTask):
 
     def sequences(self, batch: ImageTextBatch, generator: torch.Generator) -> SequenceBatch:
         """The `SequenceBatch` of a data batch (text dropout drawn from ``generator``)."""
+        if batch.is_preference:
+            raise ValueError("this batch holds preference pairs (rejected images), which the NextStep loss would "
+                             "ignore; train them with PreferenceTask (a recipe's 'preference' block)")
         builder = self.model.sequences
         tokens, grid_h, grid_w = self.encode(batch.images, batch.tokens, batch.grid)
         tokens = tokens.float().cpu()
