@@ -239,3 +239,12 @@ def test_eval_command_runs_the_captioning_suite(tmp_path, capsys):
     assert summary["captioning"]["scenes"] == 15
     assert (out / "captioning" / "results.jsonl").exists()
     assert "Shapes captioning" in (out / "summary.md").read_text()
+
+
+def test_every_recipe_in_the_repository_loads():
+    from nextstep.training.tokenizer_recipe import load_tokenizer_recipe
+
+    recipes = sorted((ROOT / "recipes").glob("*.json"))
+    assert len(recipes) > 30
+    for path in recipes:  # unknown keys or invalid values raise, naming the field
+        (load_tokenizer_recipe if path.name.startswith("tokenizer_") else load_recipe)(str(path))

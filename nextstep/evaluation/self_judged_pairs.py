@@ -1,0 +1,102 @@
+"""Preference pairs from a model's own samples, judged by the exact shapes detector.
+
+For every GenEval prompt of the chosen combinations the model draws K images
+(fixed seeds, `nextstep.evaluation.sampling.generate_images`); the detector
+and GenEval's rule (`nextstep.evaluation.shapes_geneval.score_image`) split
+them into correct and wrong ones, and every wrong image becomes the rejected
+side of a pair whose preferred side is a correct image of the same prompt
+(taken in turn). Prompts whose K images are all correct, or all wrong, give no
+pair. The pairs are written as a `preference_manifest` folder: PNG files and
+``pairs.jsonl``, plus ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from nextstep.evaluation.sampling import SamplingSettings, generate_images
+from nextstep.evaluation.shapes_detector import detect_shapes
+from nextstep.evaluation.shapes_geneval import geneval_prompts, score_image
+from nextstep.io import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    from nextstep.model import NextStep
+
+
+@dataclass
+class SelfJudgedSummary:
+    """What `write_self_judged_pairs` drew and kept.
+
+    Attributes:
+        prompts: prompts sampled.
+        images: images drawn (prompts x samples per prompt).
+        correct: share of the images judged correct.
+        pairs: preference pairs written.
+        prompts_with_pairs: prompts that gave at least one pair.
+        settings: how the images were drawn.
+    """
+
+    prompts: int
+    images: int
+    correct: float
+    pairs: int
+    prompts_with_pairs: int
+    settings: dict
+
+
+def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_per_prompt: int = 8,
+                            combinations: str = "seen", settings: SamplingSettings | None = None,
+                            progress: Callable[[int, int], None] | None = None) -> SelfJudgedSummary:
+    """Draw ``samples_per_prompt`` images per prompt, judge them and write the pairs into ``output``.
+
+    Args:
+        model: the model whose samples are judged.
+        output: the folder to write (``images/``, ``pairs.jsonl``, ``summary.json``).
+        samples_per_prompt: K, images per prompt.
+        combinations: which prompts (`nextstep.evaluation.shapes_geneval.geneval_prompts`):
+            ``seen`` by default, so that held-out prompts stay unseen.
+        settings: how to sample (default: `SamplingSettings` at the model's own guidance,
+            steps and size).
+        progress: called with (images done, images in all).
+
+    Raises:
+        ValueError: ``samples_per_prompt`` below 2 (a pair needs two images).
+    """
+    if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 2:
+        raise ValueError(f"samples_per_prompt must be an integer >= 2, found {samples_per_prompt!r}")
+    if settings is None:
+        defaults = model.config.generation
+        settings = SamplingSettings(height=defaults.height, width=defaults.width, cfg=defaults.cfg,
+                                    cfg_schedule=defaults.cfg_schedule, num_steps=defaults.num_steps, batch_size=32)
+    entries = geneval_prompts(combinations)
+    plan = [entry for entry in entries for _ in range(samples_per_prompt)]
+    images = generate_images(model, [entry["prompt"] for entry in plan], settings, progress)
+    verdicts: dict[int, dict[bool, list[int]]] = defaultdict(lambda: {True: [], False: []})
+    for index, (entry, image) in enumerate(zip(plan, images)):
+        verdicts[index // samples_per_prompt][score_image(detect_shapes(image), entry)[0]].append(index)
+    output = Path(output)
+    (output / "images").mkdir(parents=True, exist_ok=True)
+    lines, used = [], set()
+    for number, split in sorted(verdicts.items()):
+        good, bad = split[True], split[False]
+        if not good or not bad:
+            continue
+        for turn, rejected in enumerate(bad):
+            chosen = good[turn % len(good)]
+            used.update((chosen, rejected))
+            lines.append({"caption": entries[number]["prompt"], "chosen": f"images/{chosen:06d}.png",
+                          "rejected": f"images/{rejected:06d}.png"})
+    for index in sorted(used):
+        with atomic_path(output / "images" / f"{index:06d}.png") as tmp:
+            images[index].save(tmp, format="PNG")
+    atomic_write_text(output / "pairs.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+    correct = sum(len(split[True]) for split in verdicts.values())
+    summary = SelfJudgedSummary(prompts=len(entries), images=len(plan), correct=correct / len(plan),
+                                pairs=len(lines), prompts_with_pairs=len({line["caption"] for line in lines}),
+                                settings=settings.to_dict())
+    atomic_write_text(output / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
+    return summary

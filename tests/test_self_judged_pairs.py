@@ -1,0 +1,54 @@
+"""Preference pairs from a model's own samples: every wrong image is paired with a right one of its prompt."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from nextstep.evaluation import self_judged_pairs
+from nextstep.evaluation.sampling import SamplingSettings
+from nextstep.evaluation.self_judged_pairs import write_self_judged_pairs
+from nextstep.training.data import PreferenceManifestDataset
+from nextstep.training.data.preferences import PreferenceManifestConfig
+
+
+def test_wrong_samples_become_rejected_sides_of_pairs_the_manifest_reads(tiny_model, tmp_path, monkeypatch):
+    entries = [{"tag": "colors", "prompt": "a red circle"}, {"tag": "colors", "prompt": "a blue square"},
+               {"tag": "colors", "prompt": "a green triangle"}]
+    monkeypatch.setattr(self_judged_pairs, "geneval_prompts", lambda combinations: entries)
+    drawn = []
+
+    def images(model, prompts, settings, progress=None):
+        drawn.extend(prompts)
+        return [Image.new("RGB", (32, 32), (index, 0, 0)) for index in range(len(prompts))]
+
+    # Prompt 0: images 0-2 right, 3 wrong; prompt 1: all right; prompt 2: 8 and 9 wrong, 10 and 11 right.
+    verdicts = {3: False, 8: False, 9: False}
+    monkeypatch.setattr(self_judged_pairs, "generate_images", images)
+    monkeypatch.setattr(self_judged_pairs, "detect_shapes", lambda image: image.getpixel((0, 0))[0])
+    monkeypatch.setattr(self_judged_pairs, "score_image", lambda index, entry: (verdicts.get(index, True), ""))
+    summary = write_self_judged_pairs(tiny_model, tmp_path, samples_per_prompt=4,
+                                      settings=SamplingSettings(height=32, width=32))
+    assert drawn == ["a red circle"] * 4 + ["a blue square"] * 4 + ["a green triangle"] * 4
+    assert (summary.pairs, summary.prompts_with_pairs, summary.images) == (3, 2, 12)
+    assert summary.correct == pytest.approx(9 / 12)
+    lines = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"caption": "a red circle", "chosen": "images/000000.png", "rejected": "images/000003.png"},
+        {"caption": "a green triangle", "chosen": "images/000010.png", "rejected": "images/000008.png"},
+        {"caption": "a green triangle", "chosen": "images/000011.png", "rejected": "images/000009.png"},
+    ]
+    pairs = PreferenceManifestDataset(PreferenceManifestConfig(str(tmp_path / "pairs.jsonl")))
+    assert len(pairs) == 3 and pairs.load(1).rejected_image.getpixel((0, 0))[0] == 8
+    assert json.loads((tmp_path / "summary.json").read_text())["pairs"] == 3
+
+
+def test_a_real_model_writes_pairs_end_to_end(tiny_model, tmp_path, monkeypatch):
+    first_prompts = self_judged_pairs.geneval_prompts("seen")[:6]
+    monkeypatch.setattr(self_judged_pairs, "geneval_prompts", lambda combinations: first_prompts)
+    summary = write_self_judged_pairs(tiny_model, tmp_path, samples_per_prompt=2,
+                                      settings=SamplingSettings(height=32, width=32, num_steps=1, batch_size=64))
+    assert (summary.prompts, summary.images) == (6, 12)
+    assert len((tmp_path / "pairs.jsonl").read_text().splitlines()) == summary.pairs
+    with pytest.raises(ValueError, match="samples_per_prompt must be an integer >= 2"):
+        write_self_judged_pairs(tiny_model, tmp_path, samples_per_prompt=1)
