@@ -212,10 +212,9 @@ def command_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"the evaluations draw square images and the model generates {chosen.height}x"
                              f"{chosen.width} by default: give --size")
         size = chosen.height
-    settings = SamplingSettings(height=size, width=size, cfg=chosen.cfg, cfg_schedule=chosen.cfg_schedule,
-                                num_steps=chosen.num_steps, seed=args.seed, batch_size=args.batch_size,
-                                sampler=args.sampler, temperature=args.temperature, candidates=chosen.candidates,
-                                candidate_score=chosen.candidate_score)
+    settings = SamplingSettings.from_defaults(chosen, height=size, width=size, seed=args.seed,
+                                              batch_size=args.batch_size, sampler=args.sampler,
+                                              temperature=args.temperature)
     output = Path(args.output)
     summary: dict = {"model": args.model, "settings": settings.to_dict()}
     sections = []

@@ -81,14 +81,22 @@ def _source_images(images, num_prompts: int) -> list[torch.Tensor]:
 
 
 def encode_each(model: "NextStep", images: list[torch.Tensor]) -> list[tuple[torch.Tensor, int, int]]:
-    """Encode each (1, 3, H, W) image on its own (sizes may differ): (tokens (h*w, D) float32, h, w) each."""
+    """Encode (1, 3, H, W) images, sizes may differ: (tokens (h*w, D) float32, h, w) for each, in order.
+
+    Images of one size are encoded together, one tokenizer call per size.
+    """
     reference = next(model.image_tokenizer.parameters(), None)
-    sources = []
-    for image in images:
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape[-2:]), []).append(index)
+    sources: list[tuple[torch.Tensor, int, int]] = [None] * len(images)  # type: ignore[list-item]
+    for indices in by_size.values():
+        batch = torch.cat([images[index] for index in indices])
         if reference is not None:
-            image = image.to(reference.device, reference.dtype)
-        tokens, grid_h, grid_w = model.encode_images(image)
-        sources.append((tokens[0].float(), grid_h, grid_w))
+            batch = batch.to(reference.device, reference.dtype)
+        tokens, grid_h, grid_w = model.encode_images(batch)
+        for index, image_tokens in zip(indices, tokens):
+            sources[index] = (image_tokens.float(), grid_h, grid_w)
     return sources
 
 
@@ -154,6 +162,22 @@ def embed_prompt_rows(model: "NextStep", rows: list[PromptRow], device,
             image_tokens[row, span] = tokens.cpu()
     embeds = model.embed(input_ids, image_mask.to(device), image_tokens.to(device, dtype))
     return embeds, attention_mask
+
+
+def prefill(model: "NextStep", rows: list[PromptRow], new_tokens: int, device, dtype
+            ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """Read left-padded prompt rows into a new cache with room for ``new_tokens`` more per row.
+
+    Returns:
+        the last position's hidden state (R, H), the cache, the position of each
+        row's next token (R, 1), and the all-real mask (R, 1) of one decoding step.
+    """
+    embeds, attention_mask = embed_prompt_rows(model, rows, device, dtype)  # (R, P, H)
+    cache = model.backbone.new_cache(len(rows), embeds.shape[1] + new_tokens, dtype=dtype)
+    positions = positions_from_mask(attention_mask)
+    hidden = model.backbone(embeds, positions, attention_mask, cache)[:, -1]
+    step_mask = torch.ones(len(rows), 1, dtype=torch.bool, device=device)
+    return hidden, cache, positions[:, -1:] + 1, step_mask
 
 
 def _draw_noise(num_images, seed, num_tokens, token_dim, max_steps, stochastic, temperature, device,
@@ -328,12 +352,7 @@ def generate_tokens(
                                     sampler.stochastic, temperature, device, candidates)
     grids: dict[int, tuple[torch.Tensor, Any]] = {}  # steps -> (grid, the head's prepared times)
 
-    embeds, attention_mask = embed_prompt_rows(model, rows, device, dtype)  # (G*R, P, H)
-    cache = backbone.new_cache(branches * num_rows, embeds.shape[1] + num_tokens, dtype=dtype)
-    positions = positions_from_mask(attention_mask)
-    hidden = backbone(embeds, positions, attention_mask, cache)[:, -1]  # (G*R, H)
-    next_positions = positions[:, -1:] + 1  # (G*R, 1)
-    step_mask = torch.ones(branches * num_rows, 1, dtype=torch.bool, device=device)
+    hidden, cache, next_positions, step_mask = prefill(model, rows, num_tokens, device, dtype)  # hidden (G*R, H)
 
     bar = None
     if progress is True:

@@ -160,6 +160,22 @@ class NextStep(nn.Module):
         image = self.image_in_projector(image_tokens.to(text.dtype))
         return torch.where(image_mask[..., None], image, text)
 
+    def hidden_states(self, batch: SequenceBatch, context: torch.Tensor | None = None, *, substitute: bool = False,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """The backbone's hidden states (B, L, H) of a batch read whole (teacher forcing).
+
+        Args:
+            batch: the sequences (one per row, or packed).
+            context: (B, L, D) image tokens to read in place of ``batch.image_tokens``
+                (the training loss passes them with context noise).
+            substitute: apply the word-vector training substitutions (see `embed_text`).
+            generator: the source of those substitutions.
+        """
+        context = batch.image_tokens if context is None else context
+        embeds = self.embed(batch.input_ids, batch.image_mask, context, substitute=substitute, generator=generator)
+        mask = batch.backbone_mask
+        return self.backbone(embeds, positions_from_mask(mask), mask)
+
     def forward(self, batch: SequenceBatch, generator: torch.Generator | None = None,
                 context_noise: float = 0.0, flow_draws: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> LossOutput:
@@ -193,10 +209,7 @@ class NextStep(nn.Module):
                 scale = scales.gather(1, batch.document_ids)[..., None]  # (B, L, 1)
             noise = torch.randn(context.shape, generator=generator, device=context.device)
             context = context + (scale * noise).to(context.dtype)
-        embeds = self.embed(batch.input_ids, batch.image_mask, context, substitute=self.training,
-                            generator=generator)
-        mask = batch.backbone_mask
-        hidden = self.backbone(embeds, positions_from_mask(mask), mask)  # (B, L, H)
+        hidden = self.hidden_states(batch, context, substitute=self.training, generator=generator)  # (B, L, H)
         previous = hidden[:, :-1]
 
         text_mask = batch.text_target_mask[:, 1:]

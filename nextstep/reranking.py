@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from einops import rearrange, reduce, repeat
 
-from nextstep.backbones.base import positions_from_mask
-
 if TYPE_CHECKING:
     from nextstep.model import NextStep
     from nextstep.sequence import SequenceBatch
@@ -124,9 +122,7 @@ def _read(model: "NextStep", prompts: list[str], tokens: torch.Tensor, grid_heig
     examples = [builder.example(prompt, image.float().cpu(), grid_height, grid_width, image_first=image_first)
                 for prompt, image in zip(prompts, tokens)]
     batch = builder.collate(examples).to(device, dtype)
-    embeds = model.embed(batch.input_ids, batch.image_mask, batch.image_tokens)
-    hidden = model.backbone(embeds, positions_from_mask(batch.attention_mask), batch.attention_mask)
-    return examples, batch, hidden
+    return examples, batch, model.hidden_states(batch)
 
 
 def _check_rows(prompts: list[str], tokens: torch.Tensor, batch_size: int) -> None:

@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from nextstep.backbones.base import positions_from_mask
-from nextstep.generation import PromptRow, check_prompts, embed_prompt_rows, encode_each
+from nextstep.generation import PromptRow, check_prompts, encode_each, prefill
 from nextstep.images import as_image_list
 from nextstep.text_sampling import check_text_sampling, choose_tokens
 
@@ -123,12 +122,7 @@ def generate_text(
     generators = [torch.Generator().manual_seed(seed + row) for row in range(len(rows))]
 
     with torch.inference_mode():
-        embeds, attention_mask = embed_prompt_rows(model, rows, device, dtype)  # (R, P, H)
-        cache = backbone.new_cache(len(rows), embeds.shape[1] + max_new_tokens, dtype=dtype)
-        positions = positions_from_mask(attention_mask)
-        hidden = backbone(embeds, positions, attention_mask, cache)[:, -1]  # (R, H)
-        next_positions = positions[:, -1:] + 1  # (R, 1)
-        step_mask = torch.ones(len(rows), 1, dtype=torch.bool, device=device)
+        hidden, cache, next_positions, step_mask = prefill(model, rows, max_new_tokens, device, dtype)  # (R, H)
 
         written = torch.full((len(rows), max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=device)
         lengths = torch.zeros(len(rows), dtype=torch.long, device=device)
@@ -136,7 +130,9 @@ def generate_text(
         active = torch.ones(len(rows), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             logits = model.lm_head(hidden).float()  # (R, V)
-            uniforms = torch.cat([torch.rand(1, generator=generator) for generator in generators]).to(device)
+            # Greedy choice needs no draws; otherwise one uniform per row from the row's own generator.
+            uniforms = (torch.zeros(len(rows), device=device) if temperature == 0 else
+                        torch.cat([torch.rand(1, generator=generator) for generator in generators]).to(device))
             chosen = choose_tokens(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p,
                                    banned=banned)  # (R,)
             picked = logits.log_softmax(dim=-1).gather(-1, chosen[:, None])[:, 0]

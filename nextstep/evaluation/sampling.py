@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from nextstep.config import require
@@ -11,6 +11,7 @@ from nextstep.samplers.guidance_schedule import resolve_guidance_schedule
 if TYPE_CHECKING:
     from PIL import Image
 
+    from nextstep.generation_defaults import GenerationDefaults
     from nextstep.model import NextStep
 
 
@@ -55,6 +56,14 @@ class SamplingSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_defaults(cls, defaults: "GenerationDefaults", **changes) -> "SamplingSettings":
+        """A model's own sampling settings (its config's ``generation`` block: size, guidance,
+        steps, candidates and their score), with ``changes`` applied."""
+        return replace(cls(height=defaults.height, width=defaults.width, cfg=defaults.cfg,
+                           cfg_schedule=defaults.cfg_schedule, num_steps=defaults.num_steps,
+                           candidates=defaults.candidates, candidate_score=defaults.candidate_score), **changes)
 
 
 def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSettings,

@@ -69,9 +69,7 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
     if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt must be an integer >= 2, found {samples_per_prompt!r}")
     if settings is None:
-        defaults = model.config.generation
-        settings = SamplingSettings(height=defaults.height, width=defaults.width, cfg=defaults.cfg,
-                                    cfg_schedule=defaults.cfg_schedule, num_steps=defaults.num_steps, batch_size=32)
+        settings = SamplingSettings.from_defaults(model.config.generation, batch_size=32)
     entries = geneval_prompts(combinations)
     plan = [entry for entry in entries for _ in range(samples_per_prompt)]
     images = generate_images(model, [entry["prompt"] for entry in plan], settings, progress)
