@@ -192,29 +192,37 @@ def command_eval_tokenizer(args: argparse.Namespace) -> int:
 EVAL_SUITES = ("shapes", "emoji", "captioning", "tokenizer")
 
 
-def command_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from tqdm import tqdm
-
-    from nextstep.builders import load_model
+def _square_sampling_settings(model, args: argparse.Namespace):
+    """`SamplingSettings` from the model's ``generation`` block and the sampling options of ``args``
+    (see `_add_sampling_options`); square images, ``--size`` or the model's own side."""
     from nextstep.evaluation.sampling import SamplingSettings
-    from nextstep.io import atomic_write_text
 
-    suites = EVAL_SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
-    model = load_model(args.model, device=args.device, seed=args.seed)
     chosen = model.config.generation.overridden(cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                                                 num_steps=args.steps, candidates=args.candidates,
                                                 candidate_score=args.candidate_score)
     size = args.size
     if size is None:
         if chosen.height != chosen.width:
-            raise ValueError(f"the evaluations draw square images and the model generates {chosen.height}x"
+            raise ValueError(f"square images are drawn here and the model generates {chosen.height}x"
                              f"{chosen.width} by default: give --size")
         size = chosen.height
-    settings = SamplingSettings.from_defaults(chosen, height=size, width=size, seed=args.seed,
-                                              batch_size=args.batch_size, sampler=args.sampler,
-                                              temperature=args.temperature)
+    return SamplingSettings.from_defaults(chosen, height=size, width=size, seed=args.seed,
+                                          batch_size=args.batch_size, sampler=args.sampler,
+                                          temperature=args.temperature)
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from nextstep.builders import load_model
+    from nextstep.io import atomic_write_text
+
+    suites = EVAL_SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
+    model = load_model(args.model, device=args.device, seed=args.seed)
+    settings = _square_sampling_settings(model, args)
+    size = settings.height
     output = Path(args.output)
     summary: dict = {"model": args.model, "settings": settings.to_dict()}
     sections = []
@@ -258,6 +266,29 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_preference_pairs(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from nextstep.builders import load_model
+    from nextstep.evaluation.self_judged_pairs import write_self_judged_pairs
+
+    model = load_model(args.model, device=args.device, seed=args.seed)
+    settings = _square_sampling_settings(model, args)
+    bar = tqdm(unit="img", disable=args.quiet, desc="drawing")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    summary = write_self_judged_pairs(model, args.output, samples_per_prompt=args.samples_per_prompt,
+                                      combinations=args.combinations, settings=settings, progress=progress)
+    bar.close()
+    print(f"wrote {args.output}: {summary.pairs:,} pairs from {summary.prompts_with_pairs} of {summary.prompts} "
+          f"prompts ({summary.images:,} images, {summary.correct:.3f} judged correct)")
+    return 0
+
+
 def command_convert(args: argparse.Namespace) -> int:
     from nextstep.interop.convert import DTYPES, convert_checkpoint, parse_size
 
@@ -276,11 +307,29 @@ def command_replace_decoder(args: argparse.Namespace) -> int:
     from nextstep.tokenizers.vae_checkpoints import load_flux_vae
 
     model = load_model(args.model)
-    replace_image_decoder(model, load_flux_vae(args.tokenizer))
+    replace_image_decoder(model, _image_tokenizer_of(args.tokenizer, load_flux_vae))
     storage = {} if args.decoder_dtype == "float32" else {"image_tokenizer.decoder": getattr(torch, args.decoder_dtype)}
     model.save_pretrained(args.output, storage_dtypes=storage)
     print(f"wrote {args.output} (decoder of {args.tokenizer}, stored in {args.decoder_dtype})")
     return 0
+
+
+def _image_tokenizer_of(source: str, load_vae):
+    """The VAE checkpoint ``source``, or the image tokenizer of the model it names (a saved model
+    directory in the library's layout or a shipped model)."""
+    from nextstep.builders import load_model
+    from nextstep.interop.layout import NATIVE, detect_model_layout
+    from nextstep.pretrained import model_directory
+
+    directory = model_directory(source)
+    if directory is not None and (directory / "config.json").is_file():
+        try:
+            is_model = detect_model_layout(directory) == NATIVE
+        except ValueError:
+            is_model = False
+        if is_model:
+            return load_model(str(directory)).image_tokenizer
+    return load_vae(source)
 
 
 def command_add_word_aliases(args: argparse.Namespace) -> int:
@@ -441,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     replace = commands.add_parser(
         "replace-decoder", help="give a model the decoder of a tokenizer fine-tuned on the same latents")
     replace.add_argument("model", help="a saved model directory or a shipped model")
-    replace.add_argument("tokenizer", help="a VAE directory whose encoder is the model's (decoder-only fine-tune)")
+    replace.add_argument("tokenizer", help="a VAE checkpoint whose encoder is the model's (decoder-only fine-tune), "
+                                           "or a model (directory or shipped) whose image tokenizer to take it from")
     replace.add_argument("output", help="the model directory to write (replaced atomically)")
     replace.add_argument("--decoder-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                          help="how the decoder's weights are stored (loading casts them back; default float32)")
@@ -470,23 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
     evaluate.add_argument("--suite", nargs="+", choices=EVAL_SUITES + ("all",), default=["all"])
     evaluate.add_argument("--output", "-o", default="outputs/eval")
-    evaluate.add_argument("--size", type=_positive_int, default=None,
-                          help="image side in pixels (default: the model's, when square)")
-    evaluate.add_argument("--cfg", type=float, default=None,
-                          help="classifier-free guidance scale (default: the model's)")
-    evaluate.add_argument("--cfg-schedule", default=None,
-                          help="constant, linear_increasing or linear_decreasing (default: the model's)")
-    evaluate.add_argument("--steps", type=_positive_int, default=None,
-                          help="head steps per token (default: the model's)")
-    evaluate.add_argument("--sampler", default=None, help="a registered sampler name (default: the model's)")
-    evaluate.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
-    evaluate.add_argument("--candidates", type=_positive_int, default=None,
-                          help="samples per image, the model keeping the best (default: the model's)")
-    evaluate.add_argument("--candidate-score", default=None,
-                          help="what ranks the candidates: flow, caption or a name added to "
-                               "nextstep.reranking.CANDIDATE_SCORES (default: the model's)")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--batch-size", type=_positive_int, default=32)
+    _add_sampling_options(evaluate)
     evaluate.add_argument("--images-per-tag", type=_positive_int, default=100,
                           help="shapes: images per GenEval category")
     evaluate.add_argument("--limit", type=_positive_int, default=None, help="emoji: first N held-out emoji only")
@@ -496,7 +530,44 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=command_eval)
+
+    pairs = commands.add_parser(
+        "preference-pairs",
+        help="draw shapes images with a model, judge them and write wrong/right pairs for preference training")
+    pairs.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                       help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
+    pairs.add_argument("output", help="the folder to write: images/, pairs.jsonl (a preference_manifest), "
+                                      "summary.json")
+    pairs.add_argument("--samples-per-prompt", type=_positive_int, default=16,
+                       help="images drawn per GenEval prompt (>= 2; default 16)")
+    pairs.add_argument("--combinations", choices=("seen", "held_out", "all"), default="seen",
+                       help="which prompts: training's combinations (the default), held-out ones or all")
+    _add_sampling_options(pairs)
+    pairs.add_argument("--device", default="cpu")
+    pairs.add_argument("--quiet", action="store_true", help="no progress bar")
+    pairs.set_defaults(handler=command_preference_pairs)
     return parser
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """The options `_square_sampling_settings` reads: size, guidance, steps, sampler, candidates, seed, batch."""
+    parser.add_argument("--size", type=_positive_int, default=None,
+                        help="image side in pixels (default: the model's, when square)")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="classifier-free guidance scale (default: the model's)")
+    parser.add_argument("--cfg-schedule", default=None,
+                        help="constant, linear_increasing or linear_decreasing (default: the model's)")
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help="head steps per token (default: the model's)")
+    parser.add_argument("--sampler", default=None, help="a registered sampler name (default: the model's)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
+    parser.add_argument("--candidates", type=_positive_int, default=None,
+                        help="samples per image, the model keeping the best (default: the model's)")
+    parser.add_argument("--candidate-score", default=None,
+                        help="what ranks the candidates: flow, caption or a name added to "
+                             "nextstep.reranking.CANDIDATE_SCORES (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
+    parser.add_argument("--batch-size", type=_positive_int, default=32)
 
 
 def main(argv: list[str] | None = None) -> int:

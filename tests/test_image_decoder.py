@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from nextstep.builders import build_model
 from nextstep.cli import main
@@ -91,3 +92,21 @@ def test_the_command_can_store_the_decoder_in_16_bits(tmp_path, capsys):
     latents = torch.randn(1, model.image_tokenizer.latent_channels, 4, 4)
     torch.testing.assert_close(written.image_tokenizer.decode(latents), tokenizer.decode(latents),
                                rtol=0, atol=5e-3)
+
+
+def test_the_command_takes_the_decoder_of_another_model_bit_for_bit(tmp_path, capsys):
+    model = build_model("tiny", seed=0).eval()
+    model.save_pretrained(tmp_path / "model")
+    save_flux_vae(_fine_tuned_decoder(model), tmp_path / "tokenizer")
+    assert main(["replace-decoder", str(tmp_path / "model"), str(tmp_path / "tokenizer"), str(tmp_path / "donor"),
+                 "--decoder-dtype", "float16"]) == 0
+    # Another model with the same encoder (here the original) takes the donor model's 16-bit decoder.
+    assert main(["replace-decoder", str(tmp_path / "model"), str(tmp_path / "donor"), str(tmp_path / "out"),
+                 "--decoder-dtype", "float16"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    donor = load_file(tmp_path / "donor" / "model.safetensors")
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    decoder = [key for key in donor if ".decoder." in key]
+    assert decoder and all(torch.equal(written[key], donor[key]) for key in decoder)
+    assert main(["replace-decoder", str(tmp_path / "model"), str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "nowhere" in capsys.readouterr().err

@@ -52,3 +52,24 @@ def test_a_real_model_writes_pairs_end_to_end(tiny_model, tmp_path, monkeypatch)
     assert len((tmp_path / "pairs.jsonl").read_text().splitlines()) == summary.pairs
     with pytest.raises(ValueError, match="samples_per_prompt must be an integer >= 2"):
         write_self_judged_pairs(tiny_model, tmp_path, samples_per_prompt=1)
+
+
+def test_the_command_draws_with_the_model_settings_and_the_options_given(tiny_model, tmp_path, monkeypatch, capsys):
+    from nextstep.cli import main
+
+    first_prompts = self_judged_pairs.geneval_prompts("seen")[:3]
+    asked = []
+    monkeypatch.setattr(self_judged_pairs, "geneval_prompts",
+                        lambda combinations: asked.append(combinations) or first_prompts)
+    tiny_model.save_pretrained(tmp_path / "model")
+    code = main(["preference-pairs", str(tmp_path / "model"), str(tmp_path / "pairs"), "--samples-per-prompt", "2",
+                 "--size", "32", "--steps", "1", "--seed", "7", "--quiet"])
+    assert code == 0 and asked == ["seen"]
+    summary = json.loads((tmp_path / "pairs" / "summary.json").read_text())
+    assert summary["images"] == 6 and f"{summary['pairs']} pairs from" in capsys.readouterr().out
+    generation = tiny_model.config.generation
+    assert summary["settings"] == {**summary["settings"], "height": 32, "width": 32, "num_steps": 1, "seed": 7,
+                                   "cfg": generation.cfg, "cfg_schedule": generation.cfg_schedule}
+    assert main(["preference-pairs", str(tmp_path / "model"), str(tmp_path / "none"),
+                 "--samples-per-prompt", "1", "--size", "32"]) == 2
+    assert "samples_per_prompt must be an integer >= 2" in capsys.readouterr().err
