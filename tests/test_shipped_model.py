@@ -87,11 +87,20 @@ def test_the_shipped_model_is_what_its_recipes_describe():
     assert stage24.data.datasets[-1] == {"type": "emoji", "split": "train", "size": 64, "captions": "unicode",
                                          "repeat": 12}
     assert stage24.training_settings == stage20.training_settings
-    # The last run trains stage 24 by preference (DPO) on shapes scenes against their near misses.
-    dpo = load_recipe("emoji_shapes_64_dpo")
-    assert dpo.model == "outputs/train/emoji_shapes_64_stage24/model"
-    assert dpo.preference == {"beta": 500} and dpo.train.max_steps == 300
-    assert [dataset["type"] for dataset in dpo.data.datasets] == ["shapes_preferences"]
+    # Then three rounds of preference training (DPO): each round trains the previous model on pairs
+    # of its own samples (`nextstep preference-pairs`), named after the model that drew them.
+    near_misses = load_recipe("emoji_shapes_64_dpo")  # the model shipped before the rounds
+    assert near_misses.model == "outputs/train/emoji_shapes_64_stage24/model"
+    assert [dataset["type"] for dataset in near_misses.data.datasets] == ["shapes_preferences"]
+    rounds = [load_recipe(f"emoji_shapes_64_dpo_self_judged{suffix}") for suffix in ("", "2", "3")]
+    starts = ["emoji_shapes_64_stage24", "emoji_shapes_64_dpo_self_judged", "emoji_shapes_64_dpo_self_judged2"]
+    for recipe, start in zip(rounds, starts):
+        assert recipe.model == f"outputs/train/{start}/model"
+        assert list(recipe.data.datasets) == [{"type": "preference_manifest",
+                                         "path": f"outputs/preferences/{start}_self_judged/pairs.jsonl"}]
+        assert recipe.preference == near_misses.preference == {"beta": 500}
+        assert recipe.train.replace(seed=0) == rounds[0].train.replace(seed=0)
+        assert recipe.train.max_steps == 300 and recipe.train.learning_rate == 2e-5
     assert stage20.training_settings == {"word_vectors": {"substitution_probability": 0.4}}
     assert stage21.data.datasets[:-1] == stage20.data.datasets == load_recipe("emoji_shapes_64_stage18").data.datasets
     assert stage21.data.datasets[-1] == {"type": "emoji", "split": "train", "size": 64, "captions": "aliases",
