@@ -73,3 +73,24 @@ def test_the_command_draws_with_the_model_settings_and_the_options_given(tiny_mo
     assert main(["preference-pairs", str(tmp_path / "model"), str(tmp_path / "none"),
                  "--samples-per-prompt", "1", "--size", "32"]) == 2
     assert "samples_per_prompt must be an integer >= 2" in capsys.readouterr().err
+
+
+def test_any_prompts_and_judge_can_replace_the_shapes_ones(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(self_judged_pairs, "generate_images", lambda model, prompts, settings, progress=None: [
+        Image.new("RGB", (32, 32), (index * 40, 0, 0)) for index in range(len(prompts))])
+    seen = []
+
+    def bright_enough(image, entry):
+        seen.append(entry)
+        return image.getpixel((0, 0))[0] >= entry.get("threshold", 0)
+
+    summary = write_self_judged_pairs(tiny_model, tmp_path, samples_per_prompt=3, judge=bright_enough,
+                                      prompts=["a red glow", {"prompt": "a redder glow", "threshold": 160}],
+                                      settings=SamplingSettings(height=32, width=32))
+    # Prompt 0 (images 0-2) is always right; prompt 1 (images 3-5: red 120, 160, 200) has one wrong image.
+    assert seen == [{"prompt": "a red glow"}] * 3 + [{"prompt": "a redder glow", "threshold": 160}] * 3
+    assert (summary.prompts, summary.pairs, summary.prompts_with_pairs) == (2, 1, 1)
+    assert json.loads((tmp_path / "pairs.jsonl").read_text()) == {
+        "caption": "a redder glow", "chosen": "images/000004.png", "rejected": "images/000003.png"}
+    with pytest.raises(ValueError, match="each prompt must be a string or a dict with a string 'prompt'"):
+        write_self_judged_pairs(tiny_model, tmp_path, prompts=[{"text": "a red glow"}], judge=bright_enough)

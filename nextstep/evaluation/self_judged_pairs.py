@@ -1,13 +1,17 @@
-"""Preference pairs from a model's own samples, judged by the exact shapes detector.
+"""Preference pairs from a model's own samples, judged right or wrong.
 
-For every GenEval prompt of the chosen combinations the model draws K images
-(fixed seeds, `nextstep.evaluation.sampling.generate_images`); the detector
-and GenEval's rule (`nextstep.evaluation.shapes_geneval.score_image`) split
-them into correct and wrong ones, and every wrong image becomes the rejected
-side of a pair whose preferred side is a correct image of the same prompt
-(taken in turn). Prompts whose K images are all correct, or all wrong, give no
-pair. The pairs are written as a `preference_manifest` folder: PNG files and
-``pairs.jsonl``, plus ``summary.json``.
+For every prompt the model draws K images (fixed seeds,
+`nextstep.evaluation.sampling.generate_images`); a judge splits them into
+right and wrong ones, and every wrong image becomes the rejected side of a pair
+whose preferred side is a right image of the same prompt (taken in turn).
+Prompts whose K images are all right, or all wrong, give no pair. The pairs
+are written as a `preference_manifest` folder: PNG files and ``pairs.jsonl``,
+plus ``summary.json``.
+
+By default the prompts are the shapes GenEval prompts of the chosen
+combinations and the judge is the exact detector with GenEval's rule
+(`shapes_judge`); any prompts and any ``judge(image, entry) -> bool`` can take
+their place (a classifier, a reward model, a person's labels).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from nextstep.evaluation.sampling import SamplingSettings, generate_images
 from nextstep.evaluation.shapes_detector import detect_shapes
@@ -24,7 +28,17 @@ from nextstep.evaluation.shapes_geneval import geneval_prompts, score_image
 from nextstep.io import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from nextstep.model import NextStep
+
+Judge = Callable[["Image.Image", dict], bool]
+"""Whether an image is right for its prompt entry (a dict with at least ``prompt``)."""
+
+
+def shapes_judge(image: "Image.Image", entry: dict) -> bool:
+    """The default judge: the exact shapes detector and GenEval's rule for a GenEval ``entry``."""
+    return score_image(detect_shapes(image), entry)[0]
 
 
 @dataclass
@@ -50,32 +64,41 @@ class SelfJudgedSummary:
 
 def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_per_prompt: int = 8,
                             combinations: str = "seen", settings: SamplingSettings | None = None,
-                            progress: Callable[[int, int], None] | None = None) -> SelfJudgedSummary:
+                            progress: Callable[[int, int], None] | None = None,
+                            prompts: Sequence[str | dict] | None = None,
+                            judge: Judge | None = None) -> SelfJudgedSummary:
     """Draw ``samples_per_prompt`` images per prompt, judge them and write the pairs into ``output``.
 
     Args:
         model: the model whose samples are judged.
         output: the folder to write (``images/``, ``pairs.jsonl``, ``summary.json``).
         samples_per_prompt: K, images per prompt.
-        combinations: which prompts (`nextstep.evaluation.shapes_geneval.geneval_prompts`):
-            ``seen`` by default, so that held-out prompts stay unseen.
+        combinations: which shapes GenEval prompts when ``prompts`` is None
+            (`nextstep.evaluation.shapes_geneval.geneval_prompts`): ``seen`` by
+            default, so that held-out prompts stay unseen.
         settings: how to sample (default: `SamplingSettings` at the model's own guidance,
             steps and size).
         progress: called with (images done, images in all).
+        prompts: prompts of your own, as strings or as dicts with a ``prompt``
+            key and whatever else the judge reads (default: the shapes GenEval prompts).
+        judge: ``judge(image, entry) -> bool``, True for a right image (default
+            `shapes_judge`, which needs GenEval entries).
 
     Raises:
-        ValueError: ``samples_per_prompt`` below 2 (a pair needs two images).
+        ValueError: ``samples_per_prompt`` below 2 (a pair needs two images), or a
+            prompt that is neither a string nor a dict with a string ``prompt``.
     """
     if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt must be an integer >= 2, found {samples_per_prompt!r}")
     if settings is None:
         settings = SamplingSettings.from_defaults(model.config.generation, batch_size=32)
-    entries = geneval_prompts(combinations)
+    entries = geneval_prompts(combinations) if prompts is None else [_entry(prompt) for prompt in prompts]
+    judge = shapes_judge if judge is None else judge
     plan = [entry for entry in entries for _ in range(samples_per_prompt)]
     images = generate_images(model, [entry["prompt"] for entry in plan], settings, progress)
     verdicts: dict[int, dict[bool, list[int]]] = defaultdict(lambda: {True: [], False: []})
     for index, (entry, image) in enumerate(zip(plan, images)):
-        verdicts[index // samples_per_prompt][score_image(detect_shapes(image), entry)[0]].append(index)
+        verdicts[index // samples_per_prompt][bool(judge(image, entry))].append(index)
     output = Path(output)
     (output / "images").mkdir(parents=True, exist_ok=True)
     lines, used = [], set()
@@ -98,3 +121,11 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
                                 settings=settings.to_dict())
     atomic_write_text(output / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
     return summary
+
+
+def _entry(prompt: str | dict) -> dict:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return prompt
+    raise ValueError(f"each prompt must be a string or a dict with a string 'prompt', found {prompt!r}")
