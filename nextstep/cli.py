@@ -270,8 +270,10 @@ def command_preference_pairs(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nextstep.builders import load_model
-    from nextstep.evaluation.self_judged_pairs import write_self_judged_pairs
+    from nextstep.evaluation.self_judged_pairs import judge_function, read_prompt_file, write_self_judged_pairs
 
+    judge = judge_function(args.judge)
+    prompts = None if args.prompts is None else read_prompt_file(args.prompts)
     model = load_model(args.model, device=args.device, seed=args.seed)
     settings = _square_sampling_settings(model, args)
     bar = tqdm(unit="img", disable=args.quiet, desc="drawing")
@@ -282,7 +284,8 @@ def command_preference_pairs(args: argparse.Namespace) -> int:
         bar.refresh()
 
     summary = write_self_judged_pairs(model, args.output, samples_per_prompt=args.samples_per_prompt,
-                                      combinations=args.combinations, settings=settings, progress=progress)
+                                      combinations=args.combinations, settings=settings, progress=progress,
+                                      prompts=prompts, judge=judge)
     bar.close()
     print(f"wrote {args.output}: {summary.pairs:,} pairs from {summary.prompts_with_pairs} of {summary.prompts} "
           f"prompts ({summary.images:,} images, {summary.correct:.3f} judged correct)")
@@ -541,7 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--samples-per-prompt", type=_positive_int, default=16,
                        help="images drawn per GenEval prompt (>= 2; default 16)")
     pairs.add_argument("--combinations", choices=("seen", "held_out", "all"), default="seen",
-                       help="which prompts: training's combinations (the default), held-out ones or all")
+                       help="which shapes GenEval prompts: training's combinations (the default), held-out "
+                            "ones or all")
+    pairs.add_argument("--prompts", default=None, metavar="FILE",
+                       help="prompts of your own instead: one per line, or a .jsonl file of objects with "
+                            "a 'prompt' (other keys reach the judge)")
+    pairs.add_argument("--judge", default="shapes",
+                       help="a name in nextstep.evaluation.self_judged_pairs.JUDGES (default shapes: the exact "
+                            "detector and GenEval's rule, for the shapes GenEval prompts)")
     _add_sampling_options(pairs)
     pairs.add_argument("--device", default="cpu")
     pairs.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -94,3 +94,30 @@ def test_any_prompts_and_judge_can_replace_the_shapes_ones(tiny_model, tmp_path,
         "caption": "a redder glow", "chosen": "images/000004.png", "rejected": "images/000003.png"}
     with pytest.raises(ValueError, match="each prompt must be a string or a dict with a string 'prompt'"):
         write_self_judged_pairs(tiny_model, tmp_path, prompts=[{"text": "a red glow"}], judge=bright_enough)
+
+
+def test_the_command_reads_prompt_files_and_judges_by_name(tiny_model, tmp_path, monkeypatch, capsys):
+    from nextstep.cli import main
+
+    judged = []
+    monkeypatch.setitem(self_judged_pairs.JUDGES, "odd", lambda image, entry: judged.append(entry) or len(judged) % 2)
+    tiny_model.save_pretrained(tmp_path / "model")
+    (tmp_path / "prompts.txt").write_text("a red circle\n\n  two squares \n")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a red circle", "want": "red"}\n')
+    options = ["--samples-per-prompt", "2", "--size", "32", "--steps", "1", "--quiet", "--judge", "odd"]
+    assert main(["preference-pairs", str(tmp_path / "model"), str(tmp_path / "a"),
+                 "--prompts", str(tmp_path / "prompts.txt"), *options]) == 0
+    assert judged == [{"prompt": "a red circle"}] * 2 + [{"prompt": "two squares"}] * 2
+    assert len((tmp_path / "a" / "pairs.jsonl").read_text().splitlines()) == 2  # one right, one wrong each
+    assert main(["preference-pairs", str(tmp_path / "model"), str(tmp_path / "b"),
+                 "--prompts", str(tmp_path / "prompts.jsonl"), *options]) == 0
+    assert judged[-1] == {"prompt": "a red circle", "want": "red"}
+    capsys.readouterr()
+    assert main(["preference-pairs", str(tmp_path / "model"), str(tmp_path / "c"), "--judge", "nobody"]) == 2
+    assert "judge must be one of ['odd', 'shapes'], found 'nobody'" in capsys.readouterr().err
+    assert main(["preference-pairs", str(tmp_path / "model"), str(tmp_path / "c"), "--prompts", "none.txt"]) == 2
+    assert "expected a prompt file at none.txt" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"text": "a red circle"}\n')
+    assert main(["preference-pairs", str(tmp_path / "model"), str(tmp_path / "c"),
+                 "--prompts", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl line 1: missing or non-string ['prompt']" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from nextstep.evaluation.sampling import SamplingSettings, generate_images
 from nextstep.evaluation.shapes_detector import detect_shapes
 from nextstep.evaluation.shapes_geneval import geneval_prompts, score_image
 from nextstep.io import atomic_path, atomic_write_text
+from nextstep.training.data.manifest import manifest_entries
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,6 +40,43 @@ Judge = Callable[["Image.Image", dict], bool]
 def shapes_judge(image: "Image.Image", entry: dict) -> bool:
     """The default judge: the exact shapes detector and GenEval's rule for a GenEval ``entry``."""
     return score_image(detect_shapes(image), entry)[0]
+
+
+JUDGES: dict[str, Judge] = {"shapes": shapes_judge}
+"""Judges by name, for ``nextstep preference-pairs --judge NAME``; add your own
+(a module that adds one is loaded with ``nextstep --import MODULE``)."""
+
+
+def judge_function(name: str) -> Judge:
+    """The judge called ``name`` in `JUDGES`.
+
+    Raises:
+        ValueError: an unknown name, listing the known ones.
+    """
+    if name not in JUDGES:
+        raise ValueError(f"judge must be one of {sorted(JUDGES)}, found {name!r}")
+    return JUDGES[name]
+
+
+def read_prompt_file(path: str | Path) -> list[str | dict]:
+    """Prompts from a file: a ``.jsonl`` file holds one JSON object with a string
+    ``prompt`` per line (other keys reach the judge); any other file one prompt per
+    line. Blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a bad JSONL line (naming the line), or a file with no prompt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a prompt file at {path}, found nothing")
+    if path.suffix == ".jsonl":
+        prompts: list[str | dict] = [entry for _, entry in manifest_entries(path, required=("prompt",))]
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt: expected one per line")
+    return prompts
 
 
 @dataclass
