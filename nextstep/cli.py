@@ -307,22 +307,22 @@ def command_convert(args: argparse.Namespace) -> int:
 def command_replace_decoder(args: argparse.Namespace) -> int:
     from nextstep.builders import load_model
     from nextstep.image_decoder import replace_image_decoder
-    from nextstep.tokenizers.vae_checkpoints import load_flux_vae
 
     model = load_model(args.model)
-    replace_image_decoder(model, _image_tokenizer_of(args.tokenizer, load_flux_vae))
+    replace_image_decoder(model, _image_tokenizer_of(args.tokenizer))
     storage = {} if args.decoder_dtype == "float32" else {"image_tokenizer.decoder": getattr(torch, args.decoder_dtype)}
     model.save_pretrained(args.output, storage_dtypes=storage)
     print(f"wrote {args.output} (decoder of {args.tokenizer}, stored in {args.decoder_dtype})")
     return 0
 
 
-def _image_tokenizer_of(source: str, load_vae):
+def _image_tokenizer_of(source: str):
     """The VAE checkpoint ``source``, or the image tokenizer of the model it names (a saved model
     directory in the library's layout or a shipped model)."""
     from nextstep.builders import load_model
     from nextstep.interop.layout import NATIVE, detect_model_layout
     from nextstep.pretrained import model_directory
+    from nextstep.tokenizers.vae_checkpoints import load_flux_vae
 
     directory = model_directory(source)
     if directory is not None and (directory / "config.json").is_file():
@@ -332,7 +332,7 @@ def _image_tokenizer_of(source: str, load_vae):
             is_model = False
         if is_model:
             return load_model(str(directory)).image_tokenizer
-    return load_vae(source)
+    return load_flux_vae(source)
 
 
 def command_add_word_aliases(args: argparse.Namespace) -> int:
@@ -536,13 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pairs = commands.add_parser(
         "preference-pairs",
-        help="draw shapes images with a model, judge them and write wrong/right pairs for preference training")
+        help="draw images with a model, judge them and write wrong/right pairs for preference training")
     pairs.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                        help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
     pairs.add_argument("output", help="the folder to write: images/, pairs.jsonl (a preference_manifest), "
                                       "summary.json")
     pairs.add_argument("--samples-per-prompt", type=_positive_int, default=16,
-                       help="images drawn per GenEval prompt (>= 2; default 16)")
+                       help="images drawn per prompt (>= 2; default 16)")
     pairs.add_argument("--combinations", choices=("seen", "held_out", "all"), default="seen",
                        help="which shapes GenEval prompts: training's combinations (the default), held-out "
                             "ones or all")

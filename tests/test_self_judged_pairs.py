@@ -13,8 +13,8 @@ from nextstep.training.data.preferences import PreferenceManifestConfig
 
 
 def test_wrong_samples_become_rejected_sides_of_pairs_the_manifest_reads(tiny_model, tmp_path, monkeypatch):
-    entries = [{"tag": "colors", "prompt": "a red circle"}, {"tag": "colors", "prompt": "a blue square"},
-               {"tag": "colors", "prompt": "a green triangle"}]
+    entries = [{"tag": "colors", "prompt": prompt, "include": []}
+               for prompt in ("a red circle", "a blue square", "a green triangle")]
     monkeypatch.setattr(self_judged_pairs, "geneval_prompts", lambda combinations: entries)
     drawn = []
 
@@ -121,3 +121,9 @@ def test_the_command_reads_prompt_files_and_judges_by_name(tiny_model, tmp_path,
     assert main(["preference-pairs", str(tmp_path / "model"), str(tmp_path / "c"),
                  "--prompts", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl line 1: missing or non-string ['prompt']" in capsys.readouterr().err
+
+
+def test_the_shapes_judge_refuses_prompts_of_your_own_before_drawing(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(self_judged_pairs, "generate_images", lambda *args, **kwargs: pytest.fail("drew images"))
+    with pytest.raises(ValueError, match="the shapes judge reads GenEval entries .* give a judge of your own"):
+        write_self_judged_pairs(tiny_model, tmp_path, prompts=["a red circle"])

@@ -120,11 +120,13 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
         prompts: prompts of your own, as strings or as dicts with a ``prompt``
             key and whatever else the judge reads (default: the shapes GenEval prompts).
         judge: ``judge(image, entry) -> bool``, True for a right image (default
-            `shapes_judge`, which needs GenEval entries).
+            `shapes_judge`, which reads GenEval entries only).
 
     Raises:
-        ValueError: ``samples_per_prompt`` below 2 (a pair needs two images), or a
-            prompt that is neither a string nor a dict with a string ``prompt``.
+        ValueError: ``samples_per_prompt`` below 2 (a pair needs two images), a
+            prompt that is neither a string nor a dict with a string ``prompt``, or
+            the shapes judge with prompts that are not GenEval entries (before
+            anything is drawn).
     """
     if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt must be an integer >= 2, found {samples_per_prompt!r}")
@@ -132,6 +134,11 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
         settings = SamplingSettings.from_defaults(model.config.generation, batch_size=32)
     entries = geneval_prompts(combinations) if prompts is None else [_entry(prompt) for prompt in prompts]
     judge = shapes_judge if judge is None else judge
+    if judge is shapes_judge:
+        for entry in entries:
+            if not isinstance(entry.get("include"), list):
+                raise ValueError(f"the shapes judge reads GenEval entries (with an 'include' list), found {entry!r}: "
+                                 "give a judge of your own for prompts of your own")
     plan = [entry for entry in entries for _ in range(samples_per_prompt)]
     images = generate_images(model, [entry["prompt"] for entry in plan], settings, progress)
     verdicts: dict[int, dict[bool, list[int]]] = defaultdict(lambda: {True: [], False: []})
