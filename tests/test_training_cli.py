@@ -155,3 +155,20 @@ def test_a_recipe_changes_the_model_training_settings_and_they_are_saved(tmp_pat
     apply_training_settings(with_vectors, {"word_vectors.substitution_probability": 0.4})
     assert with_vectors.word_vectors.config.substitution_probability == 0.4
     assert with_vectors.config.word_vectors.substitution_probability == 0.4
+
+
+def test_overrides_reach_into_lists_and_name_bad_paths():
+    import pytest
+
+    from nextstep.training.recipe import apply_overrides
+
+    recipe = {"model": "a", "data": {"datasets": [{"type": "emoji", "size": 64}], "resolution": 64}}
+    changed = apply_overrides(recipe, ["data.datasets.0.size=32", "train.max_steps=5", "model=b"])
+    assert changed == {"model": "b", "data": {"datasets": [{"type": "emoji", "size": 32}], "resolution": 64},
+                       "train": {"max_steps": 5}}
+    assert recipe["data"]["datasets"][0]["size"] == 64  # the input is left as it was
+    assert apply_overrides({"preference": None}, ["preference.beta=100"]) == {"preference": {"beta": 100}}
+    with pytest.raises(ValueError, match=r"data.datasets is a list of 1, expected an index below 1, found '1'"):
+        apply_overrides(recipe, ["data.datasets.1.size=32"])
+    with pytest.raises(ValueError, match=r"'data.resolution.x': data.resolution is 64, not an object or a list"):
+        apply_overrides(recipe, ["data.resolution.x=1"])

@@ -148,7 +148,15 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as JSON, else taken as text) to a recipe dict."""
+    """Apply ``section.key=value`` strings (values parsed as JSON, else taken as text) to a recipe dict.
+
+    A number after a list's key picks an item (``data.datasets.0.path=...``); a key
+    missing from the recipe is added (the recipe's own check then names a wrong one).
+
+    Raises:
+        ValueError: an item without ``=``, or a path through a value that is neither
+            an object nor a list, or past a list's end, naming the path.
+    """
     data = json.loads(json.dumps(data))
     for item in overrides:
         if "=" not in item:
@@ -159,12 +167,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except json.JSONDecodeError:
             value = raw
         keys = dotted.split(".")
-        target = data
-        for key in keys[:-1]:
-            if not isinstance(target.get(key), dict):
-                target[key] = {} if key not in target else target[key]
-            target = target[key]
-        target[keys[-1]] = value
+        target: Any = data
+        for depth, key in enumerate(keys):
+            where = ".".join(keys[:depth]) or "the recipe"
+            if isinstance(target, list):
+                if not key.isdigit() or int(key) >= len(target):
+                    raise ValueError(f"override {dotted!r}: {where} is a list of {len(target)}, expected an index "
+                                     f"below {len(target)}, found {key!r}")
+                key = int(key)
+            elif not isinstance(target, dict):
+                raise ValueError(f"override {dotted!r}: {where} is {target!r}, not an object or a list")
+            if depth == len(keys) - 1:
+                target[key] = value
+            else:
+                if isinstance(target, dict) and target.get(key) is None:
+                    target[key] = {}  # a section the recipe leaves out or sets to null
+                target = target[key]
     return data
 
 

@@ -159,7 +159,8 @@ class PreferenceManifestDataset(ImageTextDataset):
         self.config = config or PreferenceManifestConfig()
         manifest = Path(self.config.path)
         if not manifest.is_file():
-            raise FileNotFoundError(f"expected a preference manifest at {manifest}, found nothing")
+            raise FileNotFoundError(f"expected a preference manifest at {manifest}, found nothing (`nextstep "
+                                    "preference-pairs MODEL FOLDER` writes FOLDER/pairs.jsonl from a model's samples)")
         self.records: list[tuple[str, Path, Path]] = []
         self.sizes: list[tuple[int, int]] = []
         for number, entry in manifest_entries(manifest, ("caption", "chosen", "rejected")):
