@@ -292,6 +292,31 @@ def command_preference_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_preference_rounds(args: argparse.Namespace) -> int:
+    import logging
+
+    from nextstep.builders import load_model
+    from nextstep.evaluation.self_judged_pairs import judge_function, read_prompt_file
+    from nextstep.training.preference_rounds import round_recipe, run_preference_rounds
+    from nextstep.training.recipe import find_recipe, load_recipe
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    recipe = load_recipe(args.recipe, list(args.set or []))
+    round_recipe(recipe, recipe.model, "pairs.jsonl", 1)  # a recipe the rounds can run, before loading anything
+    judge = judge_function(args.judge)
+    prompts = None if args.prompts is None else read_prompt_file(args.prompts)
+    settings = _square_sampling_settings(load_model(recipe.model, device=args.device), args)
+    output = Path(args.output) if args.output else Path("outputs") / "preference-rounds" / find_recipe(args.recipe).stem
+    records = run_preference_rounds(recipe, output, rounds=args.rounds, samples_per_prompt=args.samples_per_prompt,
+                                    combinations=args.combinations, settings=settings, prompts=prompts, judge=judge,
+                                    device=args.device, show_progress=not args.quiet)
+    for record in records:
+        print(f"round {record.round}: {record.pairs:,} pairs ({record.correct:.3f} of the start model's images "
+              f"judged right), model {record.model}")
+    print(f"wrote {output / 'rounds.json'}")
+    return 0
+
+
 def command_convert(args: argparse.Namespace) -> int:
     from nextstep.interop.convert import DTYPES, convert_checkpoint, parse_size
 
@@ -541,22 +566,44 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
     pairs.add_argument("output", help="the folder to write: images/, pairs.jsonl (a preference_manifest), "
                                       "summary.json")
-    pairs.add_argument("--samples-per-prompt", type=_positive_int, default=16,
-                       help="images drawn per prompt (>= 2; default 16)")
-    pairs.add_argument("--combinations", choices=("seen", "held_out", "all"), default="seen",
-                       help="which shapes GenEval prompts: training's combinations (the default), held-out "
-                            "ones or all")
-    pairs.add_argument("--prompts", default=None, metavar="FILE",
-                       help="prompts of your own instead: one per line, or a .jsonl file of objects with "
-                            "a 'prompt' (other keys reach the judge)")
-    pairs.add_argument("--judge", default="shapes",
-                       help="a name in nextstep.evaluation.self_judged_pairs.JUDGES (default shapes: the exact "
-                            "detector and GenEval's rule, for the shapes GenEval prompts)")
+    _add_judging_options(pairs)
     _add_sampling_options(pairs)
     pairs.add_argument("--device", default="cpu")
     pairs.add_argument("--quiet", action="store_true", help="no progress bar")
     pairs.set_defaults(handler=command_preference_pairs)
+
+    rounds = commands.add_parser(
+        "preference-rounds",
+        help="rounds of drawing, judging and preference training, each from the previous round's model")
+    rounds.add_argument("recipe", help="a preference recipe on one preference_manifest dataset (a JSON file or "
+                                       "the name of one in recipes/); its model starts round 1")
+    rounds.add_argument("--rounds", type=_positive_int, required=True, help="how many rounds")
+    rounds.add_argument("--output", "-o", default=None,
+                        help="folder of round1/, round2/, ... and rounds.json "
+                             "(default outputs/preference-rounds/<recipe name>)")
+    rounds.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set train.max_steps=200 (repeatable)")
+    _add_judging_options(rounds)
+    _add_sampling_options(rounds)
+    rounds.add_argument("--device", default="cpu", help="where the images are drawn")
+    rounds.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    rounds.set_defaults(handler=command_preference_rounds)
     return parser
+
+
+def _add_judging_options(parser: argparse.ArgumentParser) -> None:
+    """What is drawn and how it is judged, for `write_self_judged_pairs`."""
+    parser.add_argument("--samples-per-prompt", type=_positive_int, default=16,
+                        help="images drawn per prompt (>= 2; default 16)")
+    parser.add_argument("--combinations", choices=("seen", "held_out", "all"), default="seen",
+                        help="which shapes GenEval prompts: training's combinations (the default), held-out "
+                             "ones or all")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="prompts of your own instead: one per line, or a .jsonl file of objects with "
+                             "a 'prompt' (other keys reach the judge)")
+    parser.add_argument("--judge", default="shapes",
+                        help="a name in nextstep.evaluation.self_judged_pairs.JUDGES (default shapes: the exact "
+                             "detector and GenEval's rule, for the shapes GenEval prompts)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,123 @@
+"""Rounds of preference training on a model's own samples.
+
+Round ``r`` draws images with the model of round ``r - 1`` (the recipe's
+``model`` for round 1), judges them and writes the pairs
+(`nextstep.evaluation.self_judged_pairs.write_self_judged_pairs`) into
+``OUTPUT/round{r}/pairs``, then trains the recipe from that model on those
+pairs into ``OUTPUT/round{r}`` (its ``model/`` is the next round's start, and
+also the reference of its own DPO loss). Round ``r`` trains with the recipe's
+``train.seed + r - 1``. A round whose model exists is kept, pairs whose
+``summary.json`` exists are reused and an interrupted training resumes from its
+checkpoint, so running the same call again continues where it stopped.
+``OUTPUT/rounds.json`` lists what every round drew and trained.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from nextstep.io import atomic_write_text
+from nextstep.training.recipe import MODEL_DIR, RecipeConfig
+
+if TYPE_CHECKING:
+    from nextstep.evaluation.sampling import SamplingSettings
+    from nextstep.evaluation.self_judged_pairs import Judge
+
+PAIRS_DIR = "pairs"
+SUMMARY_FILE = "rounds.json"
+
+
+@dataclass
+class RoundRecord:
+    """One round of `run_preference_rounds`.
+
+    Attributes:
+        round: 1 for the first round.
+        start: the model the round drew with and trained from.
+        model: the model the round wrote.
+        pairs: preference pairs drawn.
+        correct: share of the drawn images the judge found right (the start model's).
+        seconds: wall time of the round's drawing and training in this call (about 0 when
+            both were there already).
+    """
+
+    round: int
+    start: str
+    model: str
+    pairs: int
+    correct: float
+    seconds: float
+
+
+def round_recipe(recipe: RecipeConfig, start: str | Path, pairs: str | Path, number: int) -> RecipeConfig:
+    """``recipe`` as round ``number`` runs it: from ``start``, on the manifest ``pairs``, seed + number - 1.
+
+    Raises:
+        ValueError: a recipe without a ``preference`` block, or whose data is not a
+            single ``preference_manifest`` dataset.
+    """
+    if not recipe.preference:
+        raise ValueError("preference rounds need a preference recipe (a \"preference\" block such as "
+                         "{\"beta\": 500}), found none")
+    datasets = list(recipe.data.datasets)
+    if len(datasets) != 1 or datasets[0].get("type") != "preference_manifest":
+        raise ValueError("preference rounds train on one preference_manifest dataset, whose path each round "
+                         f"replaces; found {[dataset.get('type') for dataset in datasets]}")
+    dataset = {**datasets[0], "path": str(pairs)}
+    return recipe.replace(model=str(start), data=recipe.data.replace(datasets=(dataset,)),
+                          train=recipe.train.replace(seed=recipe.train.seed + number - 1))
+
+
+def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, rounds: int,
+                          samples_per_prompt: int = 16, combinations: str = "seen",
+                          settings: "SamplingSettings | None" = None, prompts: Sequence[str | dict] | None = None,
+                          judge: "Judge | None" = None, device: str = "cpu",
+                          show_progress: bool = True) -> list[RoundRecord]:
+    """Run ``rounds`` rounds of drawing, judging and preference training; returns one record per round.
+
+    Args:
+        recipe: a preference recipe on one ``preference_manifest`` dataset; its
+            ``model`` starts round 1, the dataset's path is replaced by each round's pairs.
+        output_dir: ``round1/``, ``round2/``, ... and ``rounds.json`` go here.
+        rounds: how many rounds (>= 1).
+        samples_per_prompt: images drawn per prompt (as for
+            `nextstep.evaluation.self_judged_pairs.write_self_judged_pairs`).
+        combinations: which shapes GenEval prompts, when ``prompts`` is None.
+        prompts: prompts of your own (strings or dicts with a ``prompt``).
+        judge: ``judge(image, entry) -> bool`` (default: the shapes judge).
+        settings: how to draw (default: each round's model's own settings, batch 32).
+        device: where the images are drawn.
+        show_progress: progress bars while drawing and training.
+
+    Raises:
+        ValueError: ``rounds`` below 1, or a recipe `round_recipe` refuses (before anything runs).
+    """
+    from nextstep.builders import load_model
+    from nextstep.evaluation.self_judged_pairs import write_self_judged_pairs
+    from nextstep.training.recipe import run_recipe
+
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, found {rounds!r}")
+    output_dir = Path(output_dir)
+    round_recipe(recipe, recipe.model, output_dir / PAIRS_DIR, 1)  # refuse a wrong recipe up front
+    records, start = [], recipe.model
+    for number in range(1, rounds + 1):
+        folder = output_dir / f"round{number}"
+        pairs, model_dir = folder / PAIRS_DIR, folder / MODEL_DIR
+        began = time.perf_counter()
+        if not (pairs / "summary.json").is_file():
+            write_self_judged_pairs(load_model(start, device=device), pairs, samples_per_prompt=samples_per_prompt,
+                                    combinations=combinations, settings=settings, prompts=prompts, judge=judge)
+        if not (model_dir / "config.json").is_file():
+            run_recipe(round_recipe(recipe, start, pairs / "pairs.jsonl", number), folder,
+                       show_progress=show_progress)
+        drawn = json.loads((pairs / "summary.json").read_text())
+        records.append(RoundRecord(round=number, start=str(start), model=str(model_dir), pairs=drawn["pairs"],
+                                   correct=drawn["correct"], seconds=round(time.perf_counter() - began, 1)))
+        atomic_write_text(output_dir / SUMMARY_FILE, json.dumps([asdict(r) for r in records], indent=2) + "\n")
+        start = str(model_dir)
+    return records

@@ -1,0 +1,85 @@
+"""Rounds of preference training: each round draws with, judges and trains from the previous round's model."""
+
+import json
+
+import pytest
+
+from nextstep.evaluation import self_judged_pairs
+from nextstep.evaluation.sampling import SamplingSettings
+from nextstep.training import preference_rounds
+from nextstep.training.preference_rounds import round_recipe, run_preference_rounds
+from nextstep.training.recipe import RecipeConfig
+
+
+def _recipe(model: str) -> dict:
+    return {"model": model, "preference": {"beta": 100},
+            "data": {"datasets": [{"type": "preference_manifest", "path": "set-by-each-round"}], "resolution": 32},
+            "train": {"seed": 7, "max_steps": 1, "micro_batch_size": 2, "warmup_steps": 1, "learning_rate": 1e-4,
+                      "log_every": 1, "checkpoint_every": 100}}
+
+
+def _alternate():
+    """Right, wrong, right, wrong, ...: every prompt drawn twice gives one pair."""
+    calls = []
+    return lambda image, entry: calls.append(entry) or len(calls) % 2 == 1
+
+
+def test_each_round_starts_from_the_last_and_a_rerun_keeps_what_is_done(tiny_model, tmp_path, monkeypatch):
+    tiny_model.save_pretrained(tmp_path / "start")
+    recipe = RecipeConfig.from_dict(_recipe(str(tmp_path / "start")))
+    settings = SamplingSettings(height=32, width=32, num_steps=1, batch_size=8)
+    options = dict(rounds=2, samples_per_prompt=2, settings=settings, prompts=["a red circle", "two squares"],
+                   show_progress=False)
+    records = run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(), **options)
+    first, second = (tmp_path / "rounds" / "round1", tmp_path / "rounds" / "round2")
+    assert [(r.round, r.start, r.model, r.pairs) for r in records] == [
+        (1, str(tmp_path / "start"), str(first / "model"), 2), (2, str(first / "model"), str(second / "model"), 2)]
+    trained = json.loads((second / "recipe.json").read_text())
+    assert trained["model"] == str(first / "model") and trained["train"]["seed"] == 8
+    assert trained["data"]["datasets"] == [{"type": "preference_manifest",
+                                            "path": str(second / "pairs" / "pairs.jsonl")}]
+    assert (second / "model" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "rounds" / "rounds.json").read_text())[1]["pairs"] == 2
+
+    # Everything is there: a rerun neither draws nor trains, and reports the same rounds.
+    monkeypatch.setattr(self_judged_pairs, "generate_images", lambda *a, **k: pytest.fail("drew again"))
+    monkeypatch.setattr("nextstep.training.recipe.run_recipe", lambda *a, **k: pytest.fail("trained again"))
+    again = run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(), **options)
+    assert [(r.start, r.model, r.pairs, r.correct) for r in again] == [
+        (r.start, r.model, r.pairs, r.correct) for r in records]
+
+
+def test_recipes_the_rounds_cannot_run_are_refused_before_anything_runs(tmp_path):
+    good = _recipe("tiny")
+    with pytest.raises(ValueError, match="need a preference recipe"):
+        round_recipe(RecipeConfig.from_dict({**good, "preference": {}}), "tiny", "p.jsonl", 1)
+    shapes = {**good, "data": {"datasets": [{"type": "shapes_preferences", "num_samples": 8}], "resolution": 32}}
+    with pytest.raises(ValueError, match=r"one preference_manifest dataset.*found \['shapes_preferences'\]"):
+        run_preference_rounds(RecipeConfig.from_dict(shapes), tmp_path, rounds=1)
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1, found 0"):
+        run_preference_rounds(RecipeConfig.from_dict(good), tmp_path, rounds=0)
+    assert not any(tmp_path.iterdir())
+    kept = round_recipe(RecipeConfig.from_dict(good), "m", "p.jsonl", 3)
+    assert (kept.model, kept.train.seed, kept.data.datasets) == ("m", 9, ({"type": "preference_manifest",
+                                                                          "path": "p.jsonl"},))
+
+
+def test_the_command_runs_rounds_with_the_judging_and_sampling_options(tiny_model, tmp_path, monkeypatch, capsys):
+    from nextstep.cli import main
+
+    tiny_model.save_pretrained(tmp_path / "start")
+    (tmp_path / "recipe.json").write_text(json.dumps(_recipe(str(tmp_path / "start"))))
+    (tmp_path / "prompts.txt").write_text("a red circle\ntwo squares\n")
+    monkeypatch.setitem(self_judged_pairs.JUDGES, "alternate", _alternate())
+    code = main(["preference-rounds", str(tmp_path / "recipe.json"), "--rounds", "1", "-o", str(tmp_path / "out"),
+                 "--prompts", str(tmp_path / "prompts.txt"), "--judge", "alternate", "--samples-per-prompt", "2",
+                 "--size", "32", "--steps", "1", "--set", "train.learning_rate=2e-4", "--quiet"])
+    assert code == 0
+    assert "round 1: 2 pairs" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "round1" / "pairs" / "summary.json").read_text())
+    assert (summary["settings"]["height"], summary["settings"]["num_steps"]) == (32, 1)
+    assert json.loads((tmp_path / "out" / "round1" / "recipe.json").read_text())["train"]["learning_rate"] == 2e-4
+    (tmp_path / "shapes.json").write_text(json.dumps({**_recipe("tiny"), "preference": {}}))
+    assert main(["preference-rounds", str(tmp_path / "shapes.json"), "--rounds", "1", "-o", str(tmp_path / "x")]) == 2
+    assert "need a preference recipe" in capsys.readouterr().err
+    assert preference_rounds.SUMMARY_FILE == "rounds.json"
