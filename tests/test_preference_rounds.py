@@ -64,6 +64,15 @@ def test_recipes_the_rounds_cannot_run_are_refused_before_anything_runs(tmp_path
                                                                           "path": "p.jsonl"},))
 
 
+def test_a_round_without_pairs_stops_before_training(tiny_model, tmp_path, monkeypatch):
+    tiny_model.save_pretrained(tmp_path / "start")
+    monkeypatch.setattr("nextstep.training.recipe.run_recipe", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match="round 1 drew no pair: 1.000 of 4 images were judged right"):
+        run_preference_rounds(RecipeConfig.from_dict(_recipe(str(tmp_path / "start"))), tmp_path / "rounds",
+                              rounds=1, samples_per_prompt=2, prompts=["a", "b"], judge=lambda image, entry: True,
+                              settings=SamplingSettings(height=32, width=32, num_steps=1), show_progress=False)
+
+
 def test_the_command_runs_rounds_with_the_judging_and_sampling_options(tiny_model, tmp_path, monkeypatch, capsys):
     from nextstep.cli import main
 

@@ -94,7 +94,8 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         show_progress: progress bars while drawing and training.
 
     Raises:
-        ValueError: ``rounds`` below 1, or a recipe `round_recipe` refuses (before anything runs).
+        ValueError: ``rounds`` below 1, or a recipe `round_recipe` refuses (before anything
+            runs); a round that draws no pair (before it trains).
     """
     from nextstep.builders import load_model
     from nextstep.evaluation.self_judged_pairs import write_self_judged_pairs
@@ -112,10 +113,14 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         if not (pairs / "summary.json").is_file():
             write_self_judged_pairs(load_model(start, device=device), pairs, samples_per_prompt=samples_per_prompt,
                                     combinations=combinations, settings=settings, prompts=prompts, judge=judge)
+        drawn = json.loads((pairs / "summary.json").read_text())
+        if not drawn["pairs"]:
+            raise ValueError(f"round {number} drew no pair: {drawn['correct']:.3f} of {drawn['images']} images were "
+                             "judged right and no prompt had both a right and a wrong one (draw more per prompt, "
+                             "or judge more strictly)")
         if not (model_dir / "config.json").is_file():
             run_recipe(round_recipe(recipe, start, pairs / "pairs.jsonl", number), folder,
                        show_progress=show_progress)
-        drawn = json.loads((pairs / "summary.json").read_text())
         records.append(RoundRecord(round=number, start=str(start), model=str(model_dir), pairs=drawn["pairs"],
                                    correct=drawn["correct"], seconds=round(time.perf_counter() - began, 1)))
         atomic_write_text(output_dir / SUMMARY_FILE, json.dumps([asdict(r) for r in records], indent=2) + "\n")
