@@ -211,11 +211,21 @@ def _square_sampling_settings(model, args: argparse.Namespace):
                                           temperature=args.temperature)
 
 
-def command_eval(args: argparse.Namespace) -> int:
-    import json
-
+def _image_progress(desc: str, quiet: bool):
+    """A tqdm bar of images and the ``progress(done, total)`` callback that moves it."""
     from tqdm import tqdm
 
+    bar = tqdm(unit="img", disable=quiet, desc=desc)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, progress
+
+
+def command_eval(args: argparse.Namespace) -> int:
     from nextstep.builders import load_model
     from nextstep.io import atomic_write_text
 
@@ -227,13 +237,7 @@ def command_eval(args: argparse.Namespace) -> int:
     summary: dict = {"model": args.model, "settings": settings.to_dict()}
     sections = []
     for suite in suites:
-        bar = tqdm(unit="img", disable=args.quiet, desc=suite)
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+        bar, progress = _image_progress(suite, args.quiet)
         if suite == "shapes":
             from nextstep.evaluation.shapes_geneval import run_shapes_geneval
 
@@ -267,8 +271,6 @@ def command_eval(args: argparse.Namespace) -> int:
 
 
 def command_preference_pairs(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from nextstep.builders import load_model
     from nextstep.evaluation.self_judged_pairs import judge_function, read_prompt_file, write_self_judged_pairs
 
@@ -276,13 +278,7 @@ def command_preference_pairs(args: argparse.Namespace) -> int:
     prompts = None if args.prompts is None else read_prompt_file(args.prompts)
     model = load_model(args.model, device=args.device, seed=args.seed)
     settings = _square_sampling_settings(model, args)
-    bar = tqdm(unit="img", disable=args.quiet, desc="drawing")
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
+    bar, progress = _image_progress("drawing", args.quiet)
     summary = write_self_judged_pairs(model, args.output, samples_per_prompt=args.samples_per_prompt,
                                       combinations=args.combinations, settings=settings, progress=progress,
                                       prompts=prompts, judge=judge)
@@ -297,12 +293,12 @@ def command_preference_rounds(args: argparse.Namespace) -> int:
 
     from nextstep.builders import load_model
     from nextstep.evaluation.self_judged_pairs import judge_function, read_prompt_file
-    from nextstep.training.preference_rounds import round_recipe, run_preference_rounds
+    from nextstep.training.preference_rounds import check_round_recipe, run_preference_rounds
     from nextstep.training.recipe import find_recipe, load_recipe
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     recipe = load_recipe(args.recipe, list(args.set or []))
-    round_recipe(recipe, recipe.model, "pairs.jsonl", 1)  # a recipe the rounds can run, before loading anything
+    check_round_recipe(recipe)  # before loading anything
     judge = judge_function(args.judge)
     prompts = None if args.prompts is None else read_prompt_file(args.prompts)
     settings = _square_sampling_settings(load_model(recipe.model, device=args.device), args)

@@ -53,21 +53,30 @@ class RoundRecord:
     seconds: float
 
 
-def round_recipe(recipe: RecipeConfig, start: str | Path, pairs: str | Path, number: int) -> RecipeConfig:
-    """``recipe`` as round ``number`` runs it: from ``start``, on the manifest ``pairs``, seed + number - 1.
+def check_round_recipe(recipe: RecipeConfig) -> None:
+    """Refuse a recipe the rounds cannot run.
 
     Raises:
         ValueError: a recipe without a ``preference`` block, or whose data is not a
-            single ``preference_manifest`` dataset.
+            single ``preference_manifest`` dataset (whose path each round replaces).
     """
     if not recipe.preference:
         raise ValueError("preference rounds need a preference recipe (a \"preference\" block such as "
                          "{\"beta\": 500}), found none")
-    datasets = list(recipe.data.datasets)
+    datasets = recipe.data.datasets
     if len(datasets) != 1 or datasets[0].get("type") != "preference_manifest":
         raise ValueError("preference rounds train on one preference_manifest dataset, whose path each round "
                          f"replaces; found {[dataset.get('type') for dataset in datasets]}")
-    dataset = {**datasets[0], "path": str(pairs)}
+
+
+def round_recipe(recipe: RecipeConfig, start: str | Path, pairs: str | Path, number: int) -> RecipeConfig:
+    """``recipe`` as round ``number`` runs it: from ``start``, on the manifest ``pairs``, seed + number - 1.
+
+    Raises:
+        ValueError: a recipe `check_round_recipe` refuses.
+    """
+    check_round_recipe(recipe)
+    dataset = {**recipe.data.datasets[0], "path": str(pairs)}
     return recipe.replace(model=str(start), data=recipe.data.replace(datasets=(dataset,)),
                           train=recipe.train.replace(seed=recipe.train.seed + number - 1))
 
@@ -94,7 +103,7 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         show_progress: progress bars while drawing and training.
 
     Raises:
-        ValueError: ``rounds`` below 1, or a recipe `round_recipe` refuses (before anything
+        ValueError: ``rounds`` below 1, or a recipe `check_round_recipe` refuses (before anything
             runs); a round that draws no pair (before it trains).
     """
     from nextstep.builders import load_model
@@ -104,7 +113,7 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, found {rounds!r}")
     output_dir = Path(output_dir)
-    round_recipe(recipe, recipe.model, output_dir / PAIRS_DIR, 1)  # refuse a wrong recipe up front
+    check_round_recipe(recipe)  # before anything runs
     records, start = [], recipe.model
     for number in range(1, rounds + 1):
         folder = output_dir / f"round{number}"
