@@ -7,7 +7,9 @@ step and visible-slot bucket, fused Triton kernels where Triton is installed)
 with two-way CFG and the Euler sampler, for 256 and 1024 image tokens
 (256x256 and 512x512 images), batch 1 and 8, 20 and 50 head steps.
 
-Measured per configuration:
+Measured first: the backbone's captured decode step for one row (batch 1, no
+CFG) at the mean context of each image size, against its floor. Then per
+configuration:
 
 - backbone ms/token: replays of the captured decode step at the image's mean
   context (prompt + half the image), all CFG rows together;
@@ -370,7 +372,7 @@ def run(args) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(),
               "dry_run": args.dry_run, "cfg": args.cfg, "sampler": "euler",
-              "prompt_tokens": args.prompt_tokens, "rows": [], "eager": [], "errors": []}
+              "prompt_tokens": args.prompt_tokens, "backbone_one_row": [], "rows": [], "eager": [], "errors": []}
     print(json.dumps(result["machine"]), flush=True)
     result["card"] = card = card_numbers(device, args.dry_run)
     bandwidth, matmul = card["copy_bandwidth_bytes_per_s"], card["matmul_flops_per_s"]
@@ -393,6 +395,24 @@ def run(args) -> dict:
 
     def remaining() -> float:
         return args.budget_seconds - (time.perf_counter() - started)
+
+    # The backbone alone at batch 1, one row (no CFG): its decode step against the bandwidth floor.
+    for tokens in args.tokens:
+        context = args.prompt_tokens + tokens // 2
+        try:
+            decode = time_decode(model, fast, clock, 1, context, args.repeats, capture, generator)
+        except Exception as error:
+            result["errors"].append(_error(f"decode one row tokens {tokens}", error))
+            continue
+        floor = max((weights + kv_bytes(model, 1, context + 1)) / bandwidth, 2 * backbone_parameters / matmul) * 1e3
+        single = {"tokens": tokens, "context": context, "ms": decode["ms"], "floor_ms": floor,
+                  "ratio": decode["ms"] / floor, "captured": decode["captured"]}
+        if decode["failure"] and capture:
+            result["errors"].append(decode["failure"])
+        result["backbone_one_row"].append(single)
+        print(f"backbone one row, context {context}: {decode['ms']:.2f} ms/token (floor {floor:.2f}, "
+              f"{single['ratio']:.2f}x)", flush=True)
+        _save(args.out, result)
 
     # Components first (cheap), for every configuration.
     for batch in args.batch_sizes:
@@ -521,6 +541,9 @@ def markdown(result: dict) -> str:
             f"{row['backbone_floor_ms']:.2f} | {row['backbone_ratio']:.2f}x | {row['head_ms']:.2f} | {blocks} | "
             f"{row['head_floor_ms']:.2f} | {row['head_ratio']:.2f}x | {measured} | "
             f"{row['estimated_image_seconds']:.2f} |")
+    for single in result.get("backbone_one_row", []):
+        lines += ["", f"Backbone alone, one row (batch 1, no CFG), context {single['context']}: "
+                  f"{single['ms']:.2f} ms/token, floor {single['floor_ms']:.2f} ms, {single['ratio']:.2f}x."]
     for eager in result["eager"]:
         lines += ["", f"Eager path (no graphs, no fused kernels), batch {eager['batch']}, {eager['steps']} steps: "
                   f"backbone {eager['backbone_ms']:.2f} ms/token, head {eager['head_ms']:.2f} ms/token "

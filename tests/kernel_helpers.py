@@ -1,9 +1,11 @@
-"""Shared set-up of the kernel tests: Triton kernels run on CPU tensors through Triton's interpreter.
+"""Shared set-up of the kernel tests: Triton kernels on CPU tensors through Triton's interpreter, or compiled on a GPU.
 
 The interpreter must be on (``TRITON_INTERPRET=1``) before anything imports
 Triton, and importing ``nextstep`` (through ``torch._dynamo``) does. ``make
 test`` sets it for the whole run; a kernel test module run on its own sets it
-itself before its first import of the library.
+itself before its first import of the library. On a machine with CUDA, run
+them with ``TRITON_INTERPRET=0``: the kernel-against-reference tests then
+compile each kernel and run it on the GPU (`kernel_device`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,25 @@ def interpreter():
         pytest.skip("NEXTSTEP_DISABLE_TRITON turns the kernels off")
 
 
-def random_tensor(shape, dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
-    """Standard normal values times ``scale``, drawn in fp32 from ``seed`` and cast to ``dtype``."""
+@pytest.fixture(scope="module")
+def kernel_device():
+    """Where the kernel tests run the kernels: the GPU, compiled, when CUDA and Triton are there and the
+    interpreter is off; else the CPU through Triton's interpreter (skipped when it is not in effect)."""
+    pytest.importorskip("triton")
+    from nextstep.kernels.triton_support import interpreter_active, interpreter_enabled, triton_disabled
+
+    if triton_disabled():
+        pytest.skip("NEXTSTEP_DISABLE_TRITON turns the kernels off")
+    if torch.cuda.is_available() and not interpreter_enabled():
+        return torch.device("cuda")
+    if not interpreter_active():
+        pytest.skip("Triton was imported without TRITON_INTERPRET=1; run `make test`, or "
+                    "`TRITON_INTERPRET=1 python -m pytest ...` (or TRITON_INTERPRET=0 on a CUDA machine)")
+    return torch.device("cpu")
+
+
+def random_tensor(shape, dtype, seed: int, scale: float = 1.0, device=None) -> torch.Tensor:
+    """Standard normal values times ``scale``, drawn in fp32 on the CPU from ``seed``, cast to ``dtype`` and
+    moved to ``device`` (default CPU)."""
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=generator) * scale).to(dtype)
+    return (torch.randn(shape, generator=generator) * scale).to(dtype=dtype, device=device)

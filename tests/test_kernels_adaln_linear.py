@@ -1,4 +1,4 @@
-"""The fused AdaLN block matrix-product kernels against their eager references (Triton interpreter on CPU)."""
+"""The fused AdaLN block matrix-product kernels against their eager references (interpreter on CPU, or GPU)."""
 
 import os
 
@@ -9,7 +9,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_helpers import DTYPES, TOLERANCES, interpreter, random_tensor  # noqa: E402,F401
+from kernel_helpers import DTYPES, TOLERANCES, interpreter, kernel_device, random_tensor  # noqa: E402,F401
 
 from nextstep.kernels.adaln_linear import (  # noqa: E402
     gated_linear,
@@ -24,12 +24,13 @@ SHAPES = dict(rows=st.integers(1, 20), inner=st.integers(1, 150), outer=st.integ
 
 @given(**SHAPES, dtype=DTYPES, seed=st.integers(0, 2**16), activation=st.booleans(), with_bias=st.booleans(),
        offset=st.sampled_from([0.0, 5.0]))
-def test_modulated_linear_matches_reference(interpreter, rows, inner, outer, dtype, seed,  # noqa: F811
+def test_modulated_linear_matches_reference(kernel_device, rows, inner, outer, dtype, seed,  # noqa: F811
                                             activation, with_bias, offset):
-    table = random_tensor((rows, 3, inner), dtype, seed)  # shift and scale as strided views, as in the head
-    x = (random_tensor((rows, inner), torch.float32, seed + 1) + offset).to(dtype)
-    weight = random_tensor((outer, inner), dtype, seed + 2, scale=inner ** -0.5)
-    bias = random_tensor((outer,), dtype, seed + 3) if with_bias else None
+    # shift and scale as strided views, as in the head
+    table = random_tensor((rows, 3, inner), dtype, seed, device=kernel_device)
+    x = (random_tensor((rows, inner), torch.float32, seed + 1, device=kernel_device) + offset).to(dtype)
+    weight = random_tensor((outer, inner), dtype, seed + 2, scale=inner ** -0.5, device=kernel_device)
+    bias = random_tensor((outer,), dtype, seed + 3, device=kernel_device) if with_bias else None
     expected = modulated_linear_reference(x, table[:, 0], table[:, 2], weight, bias, 1e-6, activation)
     found = modulated_linear_triton(x, table[:, 0], table[:, 2], weight, bias, 1e-6, activation)
     assert found.dtype == dtype
@@ -38,13 +39,13 @@ def test_modulated_linear_matches_reference(interpreter, rows, inner, outer, dty
 
 
 @given(**SHAPES, dtype=DTYPES, seed=st.integers(0, 2**16), with_bias=st.booleans(), in_place=st.booleans())
-def test_gated_linear_matches_reference(interpreter, rows, inner, outer, dtype, seed, with_bias,  # noqa: F811
+def test_gated_linear_matches_reference(kernel_device, rows, inner, outer, dtype, seed, with_bias,  # noqa: F811
                                         in_place):
-    u = random_tensor((rows, inner), dtype, seed)
-    weight = random_tensor((outer, inner), dtype, seed + 1, scale=inner ** -0.5)
-    bias = random_tensor((outer,), dtype, seed + 2) if with_bias else None
-    gate = random_tensor((rows, 2, outer), dtype, seed + 3)[:, 1]  # strided rows
-    residual = random_tensor((rows, outer), dtype, seed + 4)
+    u = random_tensor((rows, inner), dtype, seed, device=kernel_device)
+    weight = random_tensor((outer, inner), dtype, seed + 1, scale=inner ** -0.5, device=kernel_device)
+    bias = random_tensor((outer,), dtype, seed + 2, device=kernel_device) if with_bias else None
+    gate = random_tensor((rows, 2, outer), dtype, seed + 3, device=kernel_device)[:, 1]  # strided rows
+    residual = random_tensor((rows, outer), dtype, seed + 4, device=kernel_device)
     expected = gated_linear_reference(u, weight, bias, gate, residual)
     target = residual.clone() if in_place else None
     found = gated_linear_triton(u, weight, bias, gate, residual if target is None else target, out=target)

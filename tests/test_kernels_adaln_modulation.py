@@ -1,4 +1,4 @@
-"""The fused LayerNorm + AdaLN modulation kernel against its eager reference (Triton interpreter on CPU)."""
+"""The fused LayerNorm + AdaLN modulation kernel against its eager reference (interpreter on CPU, or GPU)."""
 
 import os
 
@@ -9,7 +9,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_helpers import DTYPES, TOLERANCES, interpreter, random_tensor  # noqa: E402,F401
+from kernel_helpers import DTYPES, TOLERANCES, interpreter, kernel_device, random_tensor  # noqa: E402,F401
 
 from nextstep.kernels import (  # noqa: E402
     layer_norm_modulate,
@@ -20,10 +20,10 @@ from nextstep.kernels import (  # noqa: E402
 
 @given(rows=st.integers(1, 6), width=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**16),
        scale=st.sampled_from([1e-3, 1.0, 30.0]), eps=st.sampled_from([1e-6, 1e-5]))
-def test_kernel_matches_reference(interpreter, rows, width, dtype, seed, scale, eps):  # noqa: F811
-    x = random_tensor((rows, width), dtype, seed, scale)
-    shift = random_tensor((rows, width), dtype, seed + 1)
-    gain = random_tensor((rows, width), dtype, seed + 2)
+def test_kernel_matches_reference(kernel_device, rows, width, dtype, seed, scale, eps):  # noqa: F811
+    x = random_tensor((rows, width), dtype, seed, scale, device=kernel_device)
+    shift = random_tensor((rows, width), dtype, seed + 1, device=kernel_device)
+    gain = random_tensor((rows, width), dtype, seed + 2, device=kernel_device)
     expected = layer_norm_modulate_reference(x, shift, gain, eps)
     found = layer_norm_modulate_triton(x, shift, gain, eps)
     assert found.dtype == dtype
@@ -32,11 +32,11 @@ def test_kernel_matches_reference(interpreter, rows, width, dtype, seed, scale, 
 
 @given(rows=st.integers(1, 4), pieces=st.integers(2, 5), width=st.integers(1, 100), dtype=DTYPES,
        seed=st.integers(0, 2**16))
-def test_kernel_reads_strided_modulation_rows(interpreter, rows, pieces, width, dtype, seed):  # noqa: F811
+def test_kernel_reads_strided_modulation_rows(kernel_device, rows, pieces, width, dtype, seed):  # noqa: F811
     """shift and scale as views into an (N, pieces * W) table, as the head's fast path passes them."""
-    table = random_tensor((rows, pieces, width), dtype, seed)
+    table = random_tensor((rows, pieces, width), dtype, seed, device=kernel_device)
     shift, gain = table[:, 0], table[:, -1]  # row stride pieces * W
-    x = random_tensor((2 * rows, width), dtype, seed + 1)[::2]  # strided rows
+    x = random_tensor((2 * rows, width), dtype, seed + 1, device=kernel_device)[::2]  # strided rows
     expected = layer_norm_modulate_reference(x, shift, gain)
     torch.testing.assert_close(layer_norm_modulate_triton(x, shift, gain).float(), expected.float(),
                                **TOLERANCES[dtype])

@@ -1,4 +1,4 @@
-"""The fused guidance combine + solver update kernel against its eager reference (Triton interpreter on CPU)."""
+"""The fused guidance combine + solver update kernel against its eager reference (interpreter on CPU, or GPU)."""
 
 import os
 
@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_helpers import DTYPES, TOLERANCES, interpreter, random_tensor  # noqa: E402,F401
+from kernel_helpers import DTYPES, TOLERANCES, interpreter, kernel_device, random_tensor  # noqa: E402,F401
 
 from nextstep.kernels import guided_update, guided_update_reference, guided_update_triton  # noqa: E402
 from nextstep.samplers import ClassifierFreeGuidance, ImageEditingGuidance  # noqa: E402
@@ -17,17 +17,17 @@ from nextstep.samplers import ClassifierFreeGuidance, ImageEditingGuidance  # no
 @given(branches=st.integers(1, 3), rows=st.integers(1, 4), dim=st.integers(1, 200),
        prediction_dtype=DTYPES, state_dtype=DTYPES, seed=st.integers(0, 2**16),
        with_extra=st.booleans(), keep_velocity=st.booleans(), in_place=st.booleans())
-def test_kernel_matches_reference(interpreter, branches, rows, dim, prediction_dtype, state_dtype,  # noqa: F811
+def test_kernel_matches_reference(kernel_device, branches, rows, dim, prediction_dtype, state_dtype,  # noqa: F811
                                   seed, with_extra, keep_velocity, in_place):
-    predictions = random_tensor((branches * rows, dim), prediction_dtype, seed)
-    state = random_tensor((rows, dim), state_dtype, seed + 1)
-    weights = random_tensor((branches,), torch.float32, seed + 2, scale=3.0)
-    coefficients = random_tensor((3,), torch.float32, seed + 3)
-    extra = random_tensor((rows, dim), state_dtype, seed + 4) if with_extra else None
-    expected_velocity = torch.zeros(rows, dim) if keep_velocity else None
+    predictions = random_tensor((branches * rows, dim), prediction_dtype, seed, device=kernel_device)
+    state = random_tensor((rows, dim), state_dtype, seed + 1, device=kernel_device)
+    weights = random_tensor((branches,), torch.float32, seed + 2, scale=3.0, device=kernel_device)
+    coefficients = random_tensor((3,), torch.float32, seed + 3, device=kernel_device)
+    extra = random_tensor((rows, dim), state_dtype, seed + 4, device=kernel_device) if with_extra else None
+    expected_velocity = torch.zeros(rows, dim, device=kernel_device) if keep_velocity else None
     expected = guided_update_reference(predictions, state, weights, coefficients, extra,
                                        velocity_out=expected_velocity)
-    velocity = torch.zeros(rows, dim) if keep_velocity else None
+    velocity = torch.zeros(rows, dim, device=kernel_device) if keep_velocity else None
     target = state.clone() if in_place else None
     found = guided_update_triton(predictions, state if target is None else target, weights, coefficients, extra,
                                  out=target, velocity_out=velocity)

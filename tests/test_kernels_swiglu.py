@@ -1,4 +1,4 @@
-"""The fused SwiGLU kernel against its eager reference (Triton interpreter on CPU)."""
+"""The fused SwiGLU kernel against its eager reference (interpreter on CPU, or GPU)."""
 
 import os
 
@@ -9,20 +9,20 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_helpers import DTYPES, TOLERANCES, interpreter, random_tensor  # noqa: E402,F401
+from kernel_helpers import DTYPES, TOLERANCES, interpreter, kernel_device, random_tensor  # noqa: E402,F401
 
 from nextstep.kernels import swiglu, swiglu_reference, swiglu_triton  # noqa: E402
 
 
 @given(rows=st.integers(1, 5), width=st.integers(1, 1500), dtype=DTYPES, seed=st.integers(0, 2**16),
        packed=st.booleans())
-def test_kernel_matches_reference(interpreter, rows, width, dtype, seed, packed):  # noqa: F811
+def test_kernel_matches_reference(kernel_device, rows, width, dtype, seed, packed):  # noqa: F811
     if packed:  # the two halves of one (M, 2F) projection output: strided rows
-        gate_up = random_tensor((rows, 2 * width), dtype, seed, scale=4.0)
+        gate_up = random_tensor((rows, 2 * width), dtype, seed, scale=4.0, device=kernel_device)
         gate, up = gate_up[:, :width], gate_up[:, width:]
     else:
-        gate = random_tensor((rows, width), dtype, seed, scale=4.0)
-        up = random_tensor((rows, width), dtype, seed + 1)
+        gate = random_tensor((rows, width), dtype, seed, scale=4.0, device=kernel_device)
+        up = random_tensor((rows, width), dtype, seed + 1, device=kernel_device)
     found = swiglu_triton(gate, up)
     assert found.dtype == dtype and found.is_contiguous()
     torch.testing.assert_close(found.float(), swiglu_reference(gate, up).float(), **TOLERANCES[dtype])

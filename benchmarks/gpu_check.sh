@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every GPU check in one call, for a GPU that is available only briefly (about 6 minutes on an H200):
+#   1. the machine: GPU, PyTorch, Triton and transformers versions (environment.txt);
+#   2. benchmarks/gpu_latency.py: NextStep-1-Large shapes against the bandwidth floors
+#      (gpu_latency.json, gpu_latency.md, gpu_latency.log);
+#   3. the GPU tests: every Triton kernel compiled and checked against its reference on
+#      Hypothesis-drawn shapes, the captured token loop against generate_tokens, the backbone's
+#      parity and cache tests (gpu_tests.log).
+# Results go to $OUT (default benchmarks/results/gpu). Each part has its own time limit, so a
+# part that hangs leaves the others' results. DRY_RUN=1 runs the same steps on the CPU with tiny
+# shapes, to check the script itself.
+#
+# Usage: OUT=DIR bash benchmarks/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Compiled kernels on the GPU: the tests would otherwise turn Triton's interpreter on.
+export TRITON_INTERPRET=0
+PYTHON=${PYTHON:-python3}
+dry=()
+[ "${DRY_RUN:-0}" = 1 ] && dry=(--dry-run)
+
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+  "$PYTHON" -c 'import sys, torch, triton, transformers
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "triton", triton.__version__, "transformers", transformers.__version__)'
+} >"$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+
+timeout "${LATENCY_SECONDS:-300}" "$PYTHON" benchmarks/gpu_latency.py --out "$OUT" \
+  --budget-seconds "${IMAGE_BUDGET_SECONDS:-170}" "${dry[@]}" 2>&1 | tee "$OUT/gpu_latency.log"
+echo "gpu_latency exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_latency.log"
+
+timeout "${TEST_SECONDS:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
+  tests/test_kernels_adaln_linear.py tests/test_kernels_adaln_modulation.py tests/test_kernels_guided_update.py \
+  tests/test_kernels_swiglu.py tests/test_fast_kernels.py tests/test_fast_token_sampler.py \
+  tests/test_backbone_kv_cache.py tests/test_qwen2_parity.py 2>&1 | tee "$OUT/gpu_tests.log"
+echo "tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
