@@ -4,8 +4,8 @@
 #   2. benchmarks/gpu_latency.py: NextStep-1-Large shapes against the bandwidth floors
 #      (gpu_latency.json, gpu_latency.md, gpu_latency.log);
 #   3. the GPU tests: every Triton kernel compiled and checked against its reference on
-#      Hypothesis-drawn shapes, the captured token loop against generate_tokens, the backbone's
-#      parity and cache tests (gpu_tests.log).
+#      Hypothesis-drawn shapes, the fused decode stack and the captured token loop against the
+#      eager paths, the backbone's parity and cache tests (gpu_tests.log).
 # Results go to $OUT (default benchmarks/results/gpu). Each part has its own time limit, so a
 # part that hangs leaves the others' results. DRY_RUN=1 runs the same steps on the CPU with tiny
 # shapes, to check the script itself.
@@ -36,7 +36,7 @@ timeout "${LATENCY_SECONDS:-300}" "$PYTHON" benchmarks/gpu_latency.py --out "$OU
 echo "gpu_latency exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_latency.log"
 
 timeout "${TEST_SECONDS:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
-  tests/test_kernels_adaln_linear.py tests/test_kernels_adaln_modulation.py tests/test_kernels_guided_update.py \
-  tests/test_kernels_swiglu.py tests/test_fast_kernels.py tests/test_fast_token_sampler.py \
-  tests/test_backbone_kv_cache.py tests/test_qwen2_parity.py 2>&1 | tee "$OUT/gpu_tests.log"
+  tests/test_fast_fused_decode.py tests/test_kernels_*.py tests/test_fast_kernels.py \
+  tests/test_fast_token_sampler.py tests/test_backbone_kv_cache.py tests/test_qwen2_parity.py 2>&1 \
+  | tee "$OUT/gpu_tests.log"
 echo "tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"

@@ -8,15 +8,18 @@ with two-way CFG and the Euler sampler, for 256 and 1024 image tokens
 (256x256 and 512x512 images), batch 1 and 8, 20 and 50 head steps.
 
 Measured first: the backbone's captured decode step for one row (batch 1, no
-CFG) at the mean context of each image size, against its floor. Then per
-configuration:
+CFG) at the mean context of each image size, against its floor, with the
+backbone's own stack and with the fused one (`nextstep.fast.fused_decode`).
+Then per configuration (decode steps with the fused stack where it runs):
 
 - backbone ms/token: replays of the captured decode step at the image's mean
   context (prompt + half the image), all CFG rows together;
 - head ms/token: replays of the captured token step (out-projector, every head
   step with its CFG combine and solver update, in-projector), with the AdaLN
   blocks as cuBLAS products around fused norms and, where Triton runs, as the
-  fused block kernels (``fused_blocks``); full images use the faster of the two;
+  fused block kernels (``fused_blocks``) with the fastest of a few tiles
+  (`nextstep.kernels.adaln_linear.Tiles`, tried first at batch 1); full images
+  use the faster of the two;
 - the floors: bytes each part must read per token (weights, plus the KV cache
   for the backbone) divided by the card's measured copy bandwidth, or the
   arithmetic divided by the measured bf16 matmul rate if that is larger;
@@ -46,6 +49,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -57,14 +61,19 @@ from common import machine  # noqa: E402
 from nextstep.backbones.base import positions_from_mask  # noqa: E402
 from nextstep.fast import CapturedCall, DecodeStep, FastTokenSampler, FusedTokenStep, TokenStepBuffers  # noqa: E402
 from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity  # noqa: E402
+from nextstep.fast.fused_decode import FusedDecodeStack  # noqa: E402
 from nextstep.fast.guidance_weights import branch_weights  # noqa: E402
 from nextstep.fast.solver_plan import solver_plan  # noqa: E402
 from nextstep.io import atomic_write_text  # noqa: E402
+from nextstep.kernels.adaln_linear import Tiles, set_tiles, tiles  # noqa: E402
 from nextstep.kernels.triton_support import triton_enabled  # noqa: E402
 from nextstep.samplers import EulerSampler, guidance_for_scale  # noqa: E402
 from nextstep.samplers.guidance import GuidedVelocity  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Tiles of the head's block kernels tried at batch 1 (the default first).
+TILE_CANDIDATES = [Tiles(), Tiles(16, 256, 4), Tiles(16, 256, 8), Tiles(16, 512, 8), Tiles(32, 128, 4),
+                   Tiles(32, 256, 8), Tiles(16, 64, 2), Tiles(64, 256, 8)]
 #: The paper's per-token figures on an H100 at batch 1 (ms), for reference.
 PAPER_MS = {"backbone": 7.20, "head": 3.40}
 
@@ -83,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="full-image runs stop when they would end later than this after start")
     parser.add_argument("--compile-backbone", action="store_true",
                         help="torch.compile the decoder stack inside the decode graphs (adds minutes)")
+    parser.add_argument("--no-fused-decode", dest="fused_decode", action="store_false",
+                        help="decode with the backbone's own stack only (default: the fused stack, and both "
+                             "for the one-row rows)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.tokens is None:
@@ -248,14 +260,18 @@ def random_prefill(model, cache, rows: int, length: int, generator) -> tuple[tor
     return hidden.clone(), positions[:, -1:] + 1
 
 
-def time_decode(model, fast, clock, rows: int, context: int, repeats: int, capture: bool, generator) -> dict:
-    """Captured decode steps at ``context`` filled slots: median ms per step (all rows)."""
+def time_decode(model, fast, clock, rows: int, context: int, repeats: int, capture: bool, generator,
+                stack=None) -> dict:
+    """Captured decode steps at ``context`` filled slots: median ms per step (all rows).
+
+    ``stack``: the decoder stack the step runs (`FusedDecodeStack`), or None for the backbone's own.
+    """
     cache = fast.new_cache(rows, context + repeats + 2)
     hidden, next_positions = random_prefill(model, cache, rows, context, generator)
     buffers_hidden = torch.zeros_like(hidden)
     embeds = (torch.randn(rows, 1, model.backbone.hidden_size, device=hidden.device, generator=generator)
               * 0.02).to(hidden.dtype)
-    step = DecodeStep(model.backbone, cache, embeds, buffers_hidden)
+    step = DecodeStep(model.backbone, cache, embeds, buffers_hidden, compile_stack=stack)
     step.start(next_positions)
     visible = -(-(context + repeats + 1) // 256) * 256
     visible = min(visible, cache.max_length)
@@ -372,7 +388,8 @@ def run(args) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(),
               "dry_run": args.dry_run, "cfg": args.cfg, "sampler": "euler",
-              "prompt_tokens": args.prompt_tokens, "backbone_one_row": [], "rows": [], "eager": [], "errors": []}
+              "prompt_tokens": args.prompt_tokens, "backbone_one_row": [], "head_block_tiles": [], "rows": [],
+              "eager": [], "errors": []}
     print(json.dumps(result["machine"]), flush=True)
     result["card"] = card = card_numbers(device, args.dry_run)
     bandwidth, matmul = card["copy_bandwidth_bytes_per_s"], card["matmul_flops_per_s"]
@@ -387,7 +404,8 @@ def run(args) -> dict:
     result["backbone_weight_bytes"] = weights
     result["triton"] = triton_enabled(next(model.parameters()))  # whether the fused kernels run
     print(f"model built in {result['build_seconds']:.1f} s; decoder weights {weights / 1e9:.2f} GB", flush=True)
-    fast = FastTokenSampler(model, capture=capture, compile_backbone=args.compile_backbone)
+    fast = FastTokenSampler(model, capture=capture, compile_backbone=args.compile_backbone,
+                            fused_decode=args.fused_decode)
     velocity = FusedFlowMatchingVelocity(model.image_head)
     block_velocity = FusedFlowMatchingVelocity(model.image_head, fused_blocks=True) if result["triton"] else None
     clock = Clock(device)
@@ -396,22 +414,53 @@ def run(args) -> dict:
     def remaining() -> float:
         return args.budget_seconds - (time.perf_counter() - started)
 
-    # The backbone alone at batch 1, one row (no CFG): its decode step against the bandwidth floor.
+    # The backbone alone at batch 1, one row (no CFG): its decode step against the bandwidth floor, as
+    # the backbone's own stack and as the fused stack (packed projections, fused kernels).
+    stacks = {"backbone": None}
+    try:
+        stacks["fused"] = FusedDecodeStack(model.backbone) if args.fused_decode else None
+    except Exception as error:
+        result["errors"].append(_error("fused decode stack", error))
     for tokens in args.tokens:
         context = args.prompt_tokens + tokens // 2
-        try:
-            decode = time_decode(model, fast, clock, 1, context, args.repeats, capture, generator)
-        except Exception as error:
-            result["errors"].append(_error(f"decode one row tokens {tokens}", error))
-            continue
-        floor = max((weights + kv_bytes(model, 1, context + 1)) / bandwidth, 2 * backbone_parameters / matmul) * 1e3
-        single = {"tokens": tokens, "context": context, "ms": decode["ms"], "floor_ms": floor,
-                  "ratio": decode["ms"] / floor, "captured": decode["captured"]}
-        if decode["failure"] and capture:
-            result["errors"].append(decode["failure"])
-        result["backbone_one_row"].append(single)
-        print(f"backbone one row, context {context}: {decode['ms']:.2f} ms/token (floor {floor:.2f}, "
-              f"{single['ratio']:.2f}x)", flush=True)
+        for name, stack in stacks.items():
+            if name == "fused" and stack is None:
+                continue
+            try:
+                decode = time_decode(model, fast, clock, 1, context, args.repeats, capture, generator, stack)
+            except Exception as error:
+                result["errors"].append(_error(f"decode one row tokens {tokens} ({name} stack)", error))
+                continue
+            floor = max((weights + kv_bytes(model, 1, context + 1)) / bandwidth,
+                        2 * backbone_parameters / matmul) * 1e3
+            single = {"tokens": tokens, "context": context, "stack": name, "ms": decode["ms"], "floor_ms": floor,
+                      "ratio": decode["ms"] / floor, "captured": decode["captured"]}
+            if decode["failure"] and capture:
+                result["errors"].append(decode["failure"])
+            result["backbone_one_row"].append(single)
+            print(f"backbone one row, context {context}, {name} stack: {decode['ms']:.2f} ms/token "
+                  f"(floor {floor:.2f}, {single['ratio']:.2f}x)", flush=True)
+            _save(args.out, result)
+
+    # The block kernels' tiles, at batch 1 and the first step count; the fastest are used from here on.
+    if block_velocity is not None:
+        candidates = TILE_CANDIDATES[:2] if args.dry_run else TILE_CANDIDATES
+        for candidate in candidates:
+            set_tiles(candidate)
+            try:
+                timing = time_token_step(model, clock, 1, branches, args.steps[0], args.cfg, args.repeats, capture,
+                                         block_velocity, generator)
+            except Exception as error:
+                result["errors"].append(_error(f"block kernels with {candidate}", error))
+                continue
+            result["head_block_tiles"].append({**asdict(candidate), "ms": timing["ms"]})
+            print(f"block kernels, batch 1, {args.steps[0]} steps, {candidate}: {timing['ms']:.2f} ms", flush=True)
+        if result["head_block_tiles"]:
+            fastest = min(result["head_block_tiles"], key=lambda entry: entry["ms"])
+            set_tiles(Tiles(fastest["block_n"], fastest["block_k"], fastest["num_warps"]))
+        else:
+            set_tiles(Tiles())
+        result["head_block_tiles_chosen"] = asdict(tiles())
         _save(args.out, result)
 
     # Components first (cheap), for every configuration.
@@ -420,7 +469,8 @@ def run(args) -> dict:
         for tokens in args.tokens:
             context = args.prompt_tokens + tokens // 2
             try:
-                decode = time_decode(model, fast, clock, rows, context, args.repeats, capture, generator)
+                decode = time_decode(model, fast, clock, rows, context, args.repeats, capture, generator,
+                                     stacks.get("fused"))
             except Exception as error:
                 result["errors"].append(_error(f"decode batch {batch} tokens {tokens}", error))
                 continue
@@ -482,7 +532,7 @@ def run(args) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     fast = FastTokenSampler(model, capture=capture, compile_backbone=args.compile_backbone,
-                            fused_blocks=fused_blocks)
+                            fused_blocks=fused_blocks, fused_decode=args.fused_decode)
     # Smaller images first: they capture the token step and the early decode buckets that the
     # larger ones then reuse.
     order = sorted(result["rows"], key=lambda r: (r["batch"] != 1, r["steps"] != min(args.steps), r["tokens"]))
@@ -542,8 +592,15 @@ def markdown(result: dict) -> str:
             f"{row['head_floor_ms']:.2f} | {row['head_ratio']:.2f}x | {measured} | "
             f"{row['estimated_image_seconds']:.2f} |")
     for single in result.get("backbone_one_row", []):
-        lines += ["", f"Backbone alone, one row (batch 1, no CFG), context {single['context']}: "
-                  f"{single['ms']:.2f} ms/token, floor {single['floor_ms']:.2f} ms, {single['ratio']:.2f}x."]
+        lines += ["", f"Backbone alone, one row (batch 1, no CFG), context {single['context']}, "
+                  f"{single.get('stack', 'backbone')} stack: {single['ms']:.2f} ms/token, floor "
+                  f"{single['floor_ms']:.2f} ms, {single['ratio']:.2f}x."]
+    if result.get("head_block_tiles"):
+        chosen = result["head_block_tiles_chosen"]
+        tried = ", ".join(f"{t['block_n']}/{t['block_k']}/{t['num_warps']}: {t['ms']:.2f} ms"
+                          for t in result["head_block_tiles"])
+        lines += ["", f"Block-kernel tiles (columns/reduction step/warps) at batch 1: {tried}; chosen "
+                  f"{chosen['block_n']}/{chosen['block_k']}/{chosen['num_warps']}."]
     for eager in result["eager"]:
         lines += ["", f"Eager path (no graphs, no fused kernels), batch {eager['batch']}, {eager['steps']} steps: "
                   f"backbone {eager['backbone_ms']:.2f} ms/token, head {eager['head_ms']:.2f} ms/token "

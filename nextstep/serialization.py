@@ -51,7 +51,10 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
         state = {}
         for name, tensor in weights.items():
             dtype = _storage_dtype(name, storage_dtypes) if tensor.is_floating_point() else None
-            state[name] = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+            tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype)
+            if tensor.untyped_storage().nbytes() != tensor.nbytes:
+                tensor = tensor.clone()  # a view into a larger tensor (packed projections): its own copy
+            state[name] = tensor.contiguous()
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
     model.config = config
 

@@ -27,11 +27,12 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
         assert row["backbone_ms"] > 0 and row["head_ms"] > 0 and row["image_seconds"] > 0
         assert row["backbone_floor_ms"] > 0 and row["head_floor_ms"] > 0
     assert result["eager"] and result["card"]["copy_bandwidth_bytes_per_s"] > 0
-    (single,) = result["backbone_one_row"]
-    assert single["ms"] > 0 and single["floor_ms"] > 0 and single["context"] == 3 + 4 // 2
+    assert [single["stack"] for single in result["backbone_one_row"]] == ["backbone", "fused"]
+    for single in result["backbone_one_row"]:
+        assert single["ms"] > 0 and single["floor_ms"] > 0 and single["context"] == 3 + 4 // 2
     table = (tmp_path / "gpu_latency.md").read_text()
     assert "| tokens | batch | head steps |" in table and table.count("\n| 4 |") == 2
-    assert "Backbone alone, one row (batch 1, no CFG), context 5:" in table
+    assert "Backbone alone, one row (batch 1, no CFG), context 5, fused stack:" in table
 
 
 def test_without_cuda_it_skips_cleanly(tmp_path, monkeypatch, capsys):

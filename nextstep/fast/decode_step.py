@@ -49,8 +49,9 @@ class DecodeStep:
         cache: its cache, holding the prompt.
         embeds: (N, 1, H) static input buffer.
         hidden: (N, H) static output buffer.
-        compile_stack: a compiled version of the decoder stack (same signature as
-            the backbone's), or None for the eager one.
+        compile_stack: another form of the decoder stack (the signature of
+            ``Qwen2Backbone._run``): a compiled one, or
+            `nextstep.fast.fused_decode.FusedDecodeStack`; None for the backbone's own.
     """
 
     def __init__(self, backbone: Backbone, cache: BackboneCache, embeds: torch.Tensor, hidden: torch.Tensor,

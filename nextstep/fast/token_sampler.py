@@ -30,6 +30,7 @@ from nextstep.compile import safe_compile
 from nextstep.fast.cuda_graph import CapturedCall
 from nextstep.fast.decode_step import DecodeStep, decode_step_reason
 from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity, fused_head_reason
+from nextstep.fast.fused_decode import FusedDecodeStack, fused_decode_reason
 from nextstep.fast.guidance_weights import image_branch_weights, weights_reason
 from nextstep.fast.solver_plan import plan_reason, solver_plan
 from nextstep.fast.token_step import MAX_TABLE_ELEMENTS, FusedTokenStep, GenericTokenStep, TokenStepBuffers
@@ -63,7 +64,11 @@ class FastTokenSampler:
             (CUDA, or CPU under Triton's interpreter); False: never.
         compile_backbone: run the decoder stack through ``torch.compile``
             (`nextstep.compile.safe_compile`: falls back to eager on failure)
-            inside the decode graph.
+            inside the decode graph, in place of the fused stack.
+        fused_decode: run the decode step as `nextstep.fast.fused_decode.FusedDecodeStack`
+            (packed projections, fused rotary + cache write, fused add + norm);
+            None: on a CUDA device. It packs the backbone's projection weights
+            (`nextstep.fast.packed_projections`; no memory is added).
         fused_blocks: run each AdaLN block of the head as two fused
             matrix-product kernels (`nextstep.kernels.adaln_linear`) instead of
             cuBLAS products around fused norms; worth it where the benchmark says so.
@@ -71,7 +76,7 @@ class FastTokenSampler:
     """
 
     def __init__(self, model: "NextStep", *, capture: bool | None = None, use_kernels: bool | None = None,
-                 compile_backbone: bool = False, fused_blocks: bool = False,
+                 compile_backbone: bool = False, fused_blocks: bool = False, fused_decode: bool | None = None,
                  max_table_elements: int = MAX_TABLE_ELEMENTS):
         self.model = model
         parameter = next(model.backbone.parameters())
@@ -83,6 +88,7 @@ class FastTokenSampler:
         self.capture = capture
         self.use_kernels = use_kernels
         self.compile_backbone = compile_backbone
+        self.fused_decode = self.device.type == "cuda" if fused_decode is None else bool(fused_decode)
         self.fused_blocks = fused_blocks
         self.max_table_elements = max_table_elements
         self.reset()
@@ -95,6 +101,7 @@ class FastTokenSampler:
         self._decode_steps: dict[int, tuple[DecodeStep, dict[int, CapturedCall]]] = {}
         self._caches: dict[tuple, BackboneCache] = {}
         self._compiled_stack = None
+        self._fused_stack: FusedDecodeStack | None = None
 
     # ------------------------------------------------------------------ set-up
     def fused_reason(self, sampler: Sampler, guidance: Guidance) -> str | None:
@@ -165,16 +172,23 @@ class FastTokenSampler:
     def _decode_step(self, cache: BackboneCache,
                      buffers: TokenStepBuffers) -> tuple[DecodeStep, dict[int, CapturedCall]]:
         rows = buffers.hidden.shape[0]
+        backbone = self.model.backbone
+        fused = (not self.compile_backbone and self.fused_decode
+                 and decode_step_reason(backbone, cache) is None and fused_decode_reason(backbone, cache) is None)
+        if fused:
+            if self._fused_stack is None:
+                self._fused_stack = FusedDecodeStack(backbone)
+            elif self._fused_stack.refresh():
+                self._decode_steps.clear()  # their graphs read the weights where they were
         entry = self._decode_steps.get(rows)
         if entry is None or entry[0].cache is not cache:
-            stack = None
-            if self.compile_backbone and decode_step_reason(self.model.backbone, cache) is None:
+            stack = self._fused_stack if fused else None
+            if self.compile_backbone and decode_step_reason(backbone, cache) is None:
                 if self._compiled_stack is None:
                     # Automatic dynamic shapes: the visible-slot buckets share one recompiled graph.
-                    self._compiled_stack = safe_compile(self.model.backbone._run, name="decoder stack",
-                                                        fullgraph=True)
+                    self._compiled_stack = safe_compile(backbone._run, name="decoder stack", fullgraph=True)
                 stack = self._compiled_stack
-            step = DecodeStep(self.model.backbone, cache, buffers.embeds, buffers.hidden, compile_stack=stack)
+            step = DecodeStep(backbone, cache, buffers.embeds, buffers.hidden, compile_stack=stack)
             entry = (step, {})  # one captured call per visible-slot bucket
             self._decode_steps[rows] = entry
         return entry

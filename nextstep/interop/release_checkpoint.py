@@ -323,7 +323,9 @@ def save_release_checkpoint(
     def cast(tensor: torch.Tensor) -> torch.Tensor:
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        return tensor.detach().contiguous().cpu()
+        tensor = tensor.detach().contiguous().cpu()
+        # A view into a larger tensor (packed projections) is written as its own copy.
+        return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
 
     element = {name: (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
                for name, t in tensors.items()}

@@ -21,6 +21,7 @@ the unfused path.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +32,53 @@ from nextstep.kernels.triton_support import dispatch, interpreter_enabled, trito
 #: ``triton.language``, bound when the kernels are first built.
 tl = None
 
-__all__ = ["gated_linear", "gated_linear_reference", "gated_linear_triton", "modulated_linear",
-           "modulated_linear_reference", "modulated_linear_triton"]
+__all__ = ["Tiles", "gated_linear", "gated_linear_reference", "gated_linear_triton", "modulated_linear",
+           "modulated_linear_reference", "modulated_linear_triton", "set_tiles", "tiles"]
 
-#: Tile sizes: rows per program, output columns per program, reduction step.
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 16, 128
+#: Rows per program: the smallest tile a Triton matrix product takes on a GPU.
+BLOCK_M = 16
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """How the two kernels split their work.
+
+    Attributes:
+        block_n: output columns per program (a power of two >= 16).
+        block_k: reduction step (a power of two >= 16).
+        num_warps: warps per program (1, 2, 4, 8 or 16).
+    """
+
+    block_n: int = 16
+    block_k: int = 128
+    num_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, found {value!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, found {self.num_warps!r}")
+
+
+_TILES = Tiles()
+
+
+def tiles() -> Tiles:
+    """The tiles the kernels launch with."""
+    return _TILES
+
+
+def set_tiles(new: Tiles) -> Tiles:
+    """Launch the kernels with ``new`` tiles from now on (the fastest depend on the GPU and the shapes;
+    ``benchmarks/gpu_latency.py`` measures some); returns the previous ones. Results do not depend on them
+    beyond float rounding."""
+    global _TILES
+    if not isinstance(new, Tiles):
+        raise TypeError(f"set_tiles takes a Tiles, found {type(new).__name__}")
+    previous, _TILES = _TILES, new
+    return previous
 
 
 def _check_matrix(name: str, weight: torch.Tensor, bias: torch.Tensor | None, width: int) -> None:
@@ -216,7 +259,7 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(rows: int, outer: int) -> tuple[int, int]:
-    return ((rows + BLOCK_M - 1) // BLOCK_M, (outer + BLOCK_N - 1) // BLOCK_N)
+    return ((rows + BLOCK_M - 1) // BLOCK_M, (outer + _TILES.block_n - 1) // _TILES.block_n)
 
 
 def modulated_linear_triton(
@@ -249,7 +292,7 @@ def modulated_linear_triton(
         x, shift, scale, weight, weight if bias is None else bias, out, rows, inner, outer, x.stride(0),
         shift.stride(0), scale.stride(0), out.stride(0), float(eps), HAS_BIAS=bias is not None,
         ACTIVATION=bool(activation), IEEE=weight.dtype == torch.float32, UPCAST=_upcast(), BM=BLOCK_M,
-        BN=BLOCK_N, BK=BLOCK_K, num_warps=4,
+        BN=_TILES.block_n, BK=_TILES.block_k, num_warps=_TILES.num_warps,
     )
     return out
 
@@ -285,7 +328,8 @@ def gated_linear_triton(
     kernel[_grid(rows, outer)](
         u, weight, weight if bias is None else bias, gate, residual, out, rows, inner, outer, u.stride(0),
         gate.stride(0), residual.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-        IEEE=weight.dtype == torch.float32, UPCAST=_upcast(), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=4,
+        IEEE=weight.dtype == torch.float32, UPCAST=_upcast(), BM=BLOCK_M, BN=_TILES.block_n, BK=_TILES.block_k,
+        num_warps=_TILES.num_warps,
     )
     return out
 

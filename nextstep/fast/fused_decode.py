@@ -1,0 +1,113 @@
+"""The Qwen2 decoder stack of a one-token decode step, in fewer and larger kernels.
+
+Legend: B rows, H hidden size, N query heads, K key/value heads, E head dim,
+F MLP width, T cache slots, S visible slots.
+
+Same arithmetic as `nextstep.backbones.qwen2.Qwen2Backbone._run` for one token
+per row over a `KVCache`, with the layer's work regrouped for a GPU, where a
+batch-1 decode step costs about as much per kernel as per byte read:
+
+- the q/k/v and the gate/up projections as one matrix product each
+  (`nextstep.fast.packed_projections`);
+- the rotary embedding and the cache write as one kernel
+  (`nextstep.kernels.rotary_cache`);
+- each residual add fused with the norm that follows it
+  (`nextstep.kernels.add_rms_norm`), the last one with the final norm;
+- the SwiGLU activation as one kernel (`nextstep.kernels.swiglu`).
+
+A layer runs 8 kernels plus attention instead of about 20. Each fused
+operation runs its Triton kernel where `nextstep.kernels.triton_enabled`
+allows it and its eager reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nextstep.backbones.base import KVCache
+from nextstep.backbones.masks import decode_visible_keys
+from nextstep.backbones.qwen2 import Qwen2Backbone
+from nextstep.fast.packed_projections import PackedProjections, pack_projections
+from nextstep.kernels import add_rms_norm, rotate_into_cache, swiglu
+
+__all__ = ["FusedDecodeStack", "fused_decode_reason"]
+
+
+def fused_decode_reason(backbone, cache) -> str | None:
+    """None when `FusedDecodeStack` can run ``backbone``'s decode step on ``cache``, else why not."""
+    if not isinstance(backbone, Qwen2Backbone):
+        return f"{type(backbone).__name__} has no fused decode step (Qwen2Backbone has)"
+    if type(cache) is not KVCache:
+        return f"the cache is a {type(cache).__name__}, not a KVCache"
+    if backbone.training and torch.is_grad_enabled():
+        return "the backbone is training"
+    return None
+
+
+class FusedDecodeStack:
+    """``stack(embeds, positions, key_mask, slots, layer_caches, visible) -> hidden`` for one token per row.
+
+    The signature of `Qwen2Backbone._run`, restricted to what a decode step
+    passes (`nextstep.fast.decode_step.DecodeStep` calls it in its place).
+    Packs the backbone's projections (`pack_projections`) when built and again
+    whenever they stopped being packed.
+
+    Args:
+        backbone: the decoder.
+    """
+
+    def __init__(self, backbone: Qwen2Backbone):
+        if not isinstance(backbone, Qwen2Backbone):
+            raise TypeError(f"FusedDecodeStack needs a Qwen2Backbone, found {type(backbone).__name__}")
+        self.backbone = backbone
+        self.packs: list[PackedProjections] = pack_projections(backbone)
+
+    def refresh(self) -> bool:
+        """Pack the projections again if moving or casting the model broke the packing; whether it did."""
+        packs = pack_projections(self.backbone)
+        repacked = packs is not self.packs
+        self.packs = packs
+        return repacked
+
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, slots: torch.Tensor,
+                 layer_caches: tuple[tuple[torch.Tensor, torch.Tensor], ...], visible: int) -> torch.Tensor:
+        """One decode step.
+
+        Args:
+            embeds: shape (B, 1, H).
+            positions: shape (B, 1).
+            key_mask: shape (B, T) bool, real key slots (this step's slot included).
+            slots: this step's slot, shape (1,) int64.
+            layer_caches: per-layer (keys, values), each (B, K, T, E).
+            visible: S, the key slots attended over.
+
+        Returns:
+            the final-normed hidden states, shape (B, 1, H).
+        """
+        backbone = self.backbone
+        batch, length, hidden_size = embeds.shape
+        if length != 1:
+            raise ValueError(f"the fused decode step takes one token per row, found {length}")
+        dtype = embeds.dtype
+        mask = backbone.attention.prepare_mask(decode_visible_keys(key_mask[:, :visible], slots), dtype)
+        cos, signed_sin = backbone.rotary.signed_tables(positions, dtype)  # (B, 1, E) each
+        cos, signed_sin = cos[:, 0], signed_sin[:, 0]
+        residual, delta = embeds.reshape(batch, hidden_size), None
+        for layer, pack, (keys, values) in zip(backbone.layers, self.packs, layer_caches):
+            attention = layer.self_attn
+            residual, normed = add_rms_norm(residual, delta, layer.input_layernorm.weight,
+                                            layer.input_layernorm.eps)
+            qkv = F.linear(normed, pack.qkv_weight, pack.qkv_bias)  # (B, (N + 2K) E)
+            query = rotate_into_cache(qkv, cos, signed_sin, keys, values, slots, attention.num_heads,
+                                      attention.num_kv_heads)  # (B, N, E)
+            out = attention.backend(query[:, :, None], keys.narrow(2, 0, visible), values.narrow(2, 0, visible),
+                                    mask)  # (B, N, 1, E)
+            delta = attention.o_proj(out.reshape(batch, attention.num_heads * attention.head_dim))
+            residual, normed = add_rms_norm(residual, delta, layer.post_attention_layernorm.weight,
+                                            layer.post_attention_layernorm.eps)
+            gate_up = F.linear(normed, pack.gate_up_weight)  # (B, 2F)
+            width = gate_up.shape[-1] // 2
+            delta = layer.mlp.down_proj(swiglu(gate_up[:, :width], gate_up[:, width:]))
+        _, hidden = add_rms_norm(residual, delta, backbone.norm.weight, backbone.norm.eps)
+        return hidden.view(batch, 1, hidden_size)

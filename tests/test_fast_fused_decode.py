@@ -1,0 +1,143 @@
+"""The fused decode stack (packed projections, fused rotary + cache write, fused add + norm) against the backbone."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of Triton; see kernel_helpers
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from fast_helpers import draw_noise, prefill  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from nextstep.backbones import Qwen2Backbone, Qwen2BackboneConfig  # noqa: E402
+from nextstep.backbones.base import positions_from_mask  # noqa: E402
+from nextstep.fast import DecodeStep, FastTokenSampler  # noqa: E402
+from nextstep.fast.fused_decode import FusedDecodeStack  # noqa: E402
+from nextstep.fast.packed_projections import pack_projections  # noqa: E402
+from nextstep.samplers import EulerSampler, guidance_for_scale  # noqa: E402
+from nextstep.serialization import load_pretrained, save_pretrained  # noqa: E402
+
+#: The GPU when there is one (compiled kernels under TRITON_INTERPRET=0), else the CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def random_backbone(kv_heads=2, group=2, half=4, layers=2, bias=True, seed=0) -> Qwen2Backbone:
+    config = Qwen2BackboneConfig(vocab_size=50, hidden_size=24, intermediate_size=40, num_layers=layers,
+                                 num_heads=kv_heads * group, num_kv_heads=kv_heads, head_dim=2 * half,
+                                 attention_bias=bias)
+    torch.manual_seed(seed)
+    backbone = Qwen2Backbone(config).eval()
+    with torch.no_grad():
+        for parameter in backbone.parameters():
+            parameter.normal_(0.0, 0.3)
+    return backbone.to(DEVICE)
+
+
+def decode(backbone, fused: bool, left_padding: int, steps: int = 3, seed: int = 1):
+    """Prefill 6 tokens into 2 rows (the second left-padded), then ``steps`` decode steps."""
+    generator = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(2, 6, backbone.hidden_size, generator=generator).to(DEVICE)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :left_padding] = False
+    mask = mask.to(DEVICE)
+    positions = positions_from_mask(mask)
+    cache = backbone.new_cache(2, 6 + steps)
+    hidden = torch.zeros(2, backbone.hidden_size, device=DEVICE)
+    inputs = torch.randn(steps, 2, 1, backbone.hidden_size, generator=generator).to(DEVICE)
+    step_embeds = torch.zeros(2, 1, backbone.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        backbone(embeds, positions, mask, cache)
+        step = DecodeStep(backbone, cache, step_embeds, hidden,
+                          compile_stack=FusedDecodeStack(backbone) if fused else None)
+        step.start(positions[:, -1:] + 1)
+        found = []
+        for index in range(steps):
+            step_embeds.copy_(inputs[index])
+            step.compute(step.visible())
+            step.advance()
+            found.append(hidden.clone())
+    return torch.stack(found), cache
+
+
+@given(kv_heads=st.integers(1, 3), group=st.integers(1, 3), half=st.integers(1, 8), layers=st.integers(1, 2),
+       bias=st.booleans(), left_padding=st.integers(0, 4), seed=st.integers(0, 2**10))
+def test_fused_stack_matches_the_backbone(kv_heads, group, half, layers, bias, left_padding, seed):
+    backbone = random_backbone(kv_heads, group, half, layers, bias, seed)
+    expected, expected_cache = decode(backbone, False, left_padding)
+    found, cache = decode(backbone, True, left_padding)
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.keys, expected_cache.keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.values, expected_cache.values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cache.key_mask, expected_cache.key_mask)
+
+
+def test_packing_keeps_parameters_memory_names_and_checkpoints(tmp_path):
+    backbone = random_backbone()
+    parameters = dict(backbone.named_parameters())
+    state = {name: tensor.clone() for name, tensor in backbone.state_dict().items()}
+    memory = sum(parameter.untyped_storage().nbytes() for parameter in backbone.parameters())
+    packs = pack_projections(backbone)
+    assert dict(backbone.named_parameters()) == parameters  # the same Parameter objects
+    for name, tensor in backbone.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    attention = backbone.layers[0].self_attn
+    qkv = packs[0].qkv_weight
+    assert attention.q_proj.weight.data_ptr() == qkv.data_ptr()
+    assert attention.v_proj.weight.data_ptr() == qkv[-attention.v_proj.weight.shape[0]:].data_ptr()
+    storages = {parameter.untyped_storage().data_ptr(): parameter.untyped_storage().nbytes()
+                for parameter in backbone.parameters()}
+    assert sum(storages.values()) == memory  # the packs replace the projections' memory
+    assert pack_projections(backbone) is packs  # still packed: kept
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=1.0)
+    backbone.layers[0].mlp.up_proj.weight.grad = torch.ones_like(backbone.layers[0].mlp.up_proj.weight)
+    optimizer.step()
+    width = backbone.layers[0].mlp.up_proj.weight.shape[0]
+    torch.testing.assert_close(packs[0].gate_up_weight[width:], state["layers.0.mlp.up_proj.weight"] - 1.0)
+
+
+def test_a_packed_model_saves_and_loads(tmp_path, trained_like_model):
+    model = trained_like_model
+    pack_projections(model.backbone)
+    save_pretrained(model, tmp_path / "model")
+    loaded = load_pretrained(tmp_path / "model")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_moving_the_model_packs_again():
+    backbone = random_backbone()
+    stack = FusedDecodeStack(backbone)
+    assert not stack.refresh()
+    backbone.double()
+    assert stack.refresh()
+    assert stack.packs[0].qkv_weight.dtype == torch.float64
+    attention = backbone.layers[0].self_attn
+    assert attention.q_proj.weight.data_ptr() == stack.packs[0].qkv_weight.data_ptr()
+    expected, _ = decode(backbone.float(), False, 2)
+    found, _ = decode(backbone, True, 2)  # packed again as float32 by the new stack
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fast_sampler_samples_the_same_tokens_with_the_fused_stack(trained_like_model):
+    model = trained_like_model.eval().to(DEVICE)
+    guidance, sampler = guidance_for_scale(3.0), EulerSampler()
+    samples = []
+    for fused in (False, True):
+        fast = FastTokenSampler(model, fused_decode=fused)
+        hidden, cache, next_positions = prefill(model, ["a red circle", "grinning face"], (1, 2), 2, fast.new_cache)
+        noise, _ = draw_noise(2, 0, 2, model.token_dim, 3, False)
+        samples.append(fast.sample_tokens(hidden, cache, next_positions, noise.to(DEVICE), guidance=guidance,
+                                          sampler=sampler, num_steps=3))
+        assert fast.fused_decode == fused and (fast._fused_stack is not None) == fused
+    torch.testing.assert_close(samples[1], samples[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_names_what_was_expected():
+    with pytest.raises(TypeError, match="FusedDecodeStack needs a Qwen2Backbone, found Linear"):
+        FusedDecodeStack(torch.nn.Linear(2, 2))
+    backbone = random_backbone()
+    cache = backbone.new_cache(1, 4)
+    with pytest.raises(ValueError, match="one token per row, found 2"):
+        FusedDecodeStack(backbone)(torch.zeros(1, 2, 24, device=DEVICE), torch.zeros(1, 2, dtype=torch.long),
+                                   cache.key_mask, torch.zeros(1, dtype=torch.long), cache.layers, 4)
