@@ -7,9 +7,12 @@ step and visible-slot bucket, fused Triton kernels where Triton is installed)
 with two-way CFG and the Euler sampler, for 256 and 1024 image tokens
 (256x256 and 512x512 images), batch 1 and 8, 20 and 50 head steps.
 
-Measured first: the backbone's captured decode step for one row (batch 1, no
-CFG) at the mean context of each image size, against its floor, with the
-backbone's own stack and with the fused one (`nextstep.fast.fused_decode`).
+Measured first: one decoder layer's matrix products alone at one row, with the
+library's kernel and with `nextstep.kernels.skinny_linear` at a few tiles
+(the fastest are kept); then the backbone's captured decode step for one row
+(batch 1, no CFG) at the mean context of each image size, against its floor,
+with the backbone's own stack and with the fused one
+(`nextstep.fast.fused_decode`), with either kind of product.
 Then per configuration (decode steps with the fused stack where it runs):
 
 - backbone ms/token: replays of the captured decode step at the image's mean
@@ -53,6 +56,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backbone_decode import copy_bandwidth  # noqa: E402
@@ -66,11 +70,23 @@ from nextstep.fast.guidance_weights import branch_weights  # noqa: E402
 from nextstep.fast.solver_plan import solver_plan  # noqa: E402
 from nextstep.io import atomic_write_text  # noqa: E402
 from nextstep.kernels.adaln_linear import Tiles, set_tiles, tiles  # noqa: E402
+from nextstep.kernels.skinny_linear import (  # noqa: E402
+    SkinnyTiles,
+    set_skinny_tiles,
+    skinny_linear_triton,
+    skinny_tiles,
+)
 from nextstep.kernels.triton_support import triton_enabled  # noqa: E402
 from nextstep.samplers import EulerSampler, guidance_for_scale  # noqa: E402
 from nextstep.samplers.guidance import GuidedVelocity  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Tiles of the few-rows product kernel tried on one layer's products (the default first).
+SKINNY_CANDIDATES = [SkinnyTiles(), SkinnyTiles(4, 512, 4, 4), SkinnyTiles(16, 256, 4, 4), SkinnyTiles(8, 1024, 8, 3),
+                     SkinnyTiles(16, 512, 8, 4), SkinnyTiles(4, 1024, 4, 4), SkinnyTiles(2, 1024, 2, 4),
+                     SkinnyTiles(32, 256, 8, 3)]
+#: Products per captured call when timing one product alone (launches amortised).
+PRODUCTS_PER_CALL = 20
 #: Tiles of the head's block kernels tried at batch 1 (the default first).
 TILE_CANDIDATES = [Tiles(), Tiles(16, 256, 4), Tiles(16, 256, 8), Tiles(16, 512, 8), Tiles(32, 128, 4),
                    Tiles(32, 256, 8), Tiles(16, 64, 2), Tiles(64, 256, 8)]
@@ -290,6 +306,55 @@ def time_decode(model, fast, clock, rows: int, context: int, repeats: int, captu
             "failure": call.failure}
 
 
+def layer_products(model) -> dict[str, tuple[int, int]]:
+    """(N, K) of each matrix product of one decoder layer, as the fused stack runs them."""
+    config = model.backbone.config
+    hidden, width, head_dim = config.hidden_size, config.intermediate_size, config.resolved_head_dim
+    return {"qkv": ((config.num_heads + 2 * config.num_kv_heads) * head_dim, hidden),
+            "o": (hidden, config.num_heads * head_dim), "gate_up": (2 * width, hidden), "down": (hidden, width)}
+
+
+def time_products(clock, shapes: dict[str, tuple[int, int]], rows: int, dtype, repeats: int, capture: bool,
+                  candidates: list[SkinnyTiles], generator, errors: list, per_call: int = PRODUCTS_PER_CALL
+                  ) -> list[dict]:
+    """Each product alone, ``per_call`` times per captured call: the library's and the few-rows kernel
+    with each of ``candidates`` (ms per product and the weight's bytes over that time)."""
+    device = clock.device
+    results = []
+    for name, (outer, inner) in shapes.items():
+        weight = (torch.randn(outer, inner, device=device, generator=generator) * 0.02).to(dtype)
+        x = torch.randn(rows, inner, device=device, generator=generator).to(dtype)
+        variants = [("library", None, lambda x=x, weight=weight: F.linear(x, weight))]
+        variants += [("skinny", tile, lambda x=x, weight=weight: skinny_linear_triton(x, weight, None))
+                     for tile in candidates]
+        for kind, tile, product in variants:
+            if tile is not None:
+                set_skinny_tiles(tile)
+
+            def many(product=product):
+                for _ in range(per_call):
+                    product()
+
+            call = CapturedCall(many, name=f"{name} product")
+            times = []
+            try:
+                with torch.inference_mode():
+                    if capture:
+                        call.capture(device)
+                    call()
+                    for _ in range(repeats):
+                        with clock.measure(times):
+                            call()
+            except Exception as error:
+                errors.append(_error(f"{name} product ({kind} {tile})", error))
+                continue
+            ms = statistics.median(times) / per_call
+            results.append({"product": name, "rows": rows, "outer": outer, "inner": inner, "kind": kind,
+                            "tiles": None if tile is None else asdict(tile), "ms": ms,
+                            "bytes_per_s": nbytes(weight) / (ms / 1e3), "captured": call.captured})
+    return results
+
+
 def time_token_step(model, clock, rows: int, branches: int, steps: int, cfg: float, repeats: int, capture: bool,
                     velocity: FusedFlowMatchingVelocity, generator) -> dict:
     """Captured token steps (Euler, CFG): median ms per token (all rows)."""
@@ -388,7 +453,8 @@ def run(args) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(),
               "dry_run": args.dry_run, "cfg": args.cfg, "sampler": "euler",
-              "prompt_tokens": args.prompt_tokens, "backbone_one_row": [], "head_block_tiles": [], "rows": [],
+              "prompt_tokens": args.prompt_tokens, "layer_products": [], "backbone_one_row": [], "head_block_tiles": [],
+              "rows": [],
               "eager": [], "errors": []}
     print(json.dumps(result["machine"]), flush=True)
     result["card"] = card = card_numbers(device, args.dry_run)
@@ -414,18 +480,43 @@ def run(args) -> dict:
     def remaining() -> float:
         return args.budget_seconds - (time.perf_counter() - started)
 
+    # One layer's matrix products alone at one row: the library's against the few-rows kernel with a few
+    # tiles; the fastest tiles (summed over the products) are used from here on.
+    if result["triton"]:
+        candidates = SKINNY_CANDIDATES[:1] if args.dry_run else SKINNY_CANDIDATES
+        products = time_products(clock, layer_products(model), 1, next(model.parameters()).dtype, args.repeats,
+                                 capture, candidates, generator, result["errors"],
+                                 per_call=1 if args.dry_run else PRODUCTS_PER_CALL)
+        result["layer_products"] = products
+        for entry in products:
+            tiles_text = "" if entry["tiles"] is None else " " + "/".join(str(v) for v in entry["tiles"].values())
+            print(f"product {entry['product']} ({entry['outer']} x {entry['inner']}), {entry['kind']}{tiles_text}: "
+                  f"{entry['ms'] * 1e3:.1f} us, {entry['bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+        totals = {}
+        for entry in products:
+            if entry["kind"] == "skinny":
+                key = tuple(entry["tiles"].values())
+                totals[key] = totals.get(key, 0.0) + entry["ms"]
+        complete = {key: total for key, total in totals.items()
+                    if sum(tuple(e["tiles"].values()) == key for e in products if e["tiles"]) == 4}
+        set_skinny_tiles(SkinnyTiles(*min(complete, key=complete.get)) if complete else SkinnyTiles())
+        result["skinny_tiles_chosen"] = asdict(skinny_tiles())
+        _save(args.out, result)
+
     # The backbone alone at batch 1, one row (no CFG): its decode step against the bandwidth floor, as
-    # the backbone's own stack and as the fused stack (packed projections, fused kernels).
+    # the backbone's own stack and as the fused stack (packed projections, fused kernels), with the
+    # library's matrix products and with the few-rows kernel.
     stacks = {"backbone": None}
     try:
-        stacks["fused"] = FusedDecodeStack(model.backbone) if args.fused_decode else None
+        if args.fused_decode:
+            stacks["fused"] = FusedDecodeStack(model.backbone)
+            if result["triton"]:
+                stacks["fused, few-rows products"] = FusedDecodeStack(model.backbone, skinny=True)
     except Exception as error:
         result["errors"].append(_error("fused decode stack", error))
     for tokens in args.tokens:
         context = args.prompt_tokens + tokens // 2
         for name, stack in stacks.items():
-            if name == "fused" and stack is None:
-                continue
             try:
                 decode = time_decode(model, fast, clock, 1, context, args.repeats, capture, generator, stack)
             except Exception as error:
@@ -591,6 +682,14 @@ def markdown(result: dict) -> str:
             f"{row['backbone_floor_ms']:.2f} | {row['backbone_ratio']:.2f}x | {row['head_ms']:.2f} | {blocks} | "
             f"{row['head_floor_ms']:.2f} | {row['head_ratio']:.2f}x | {measured} | "
             f"{row['estimated_image_seconds']:.2f} |")
+    if result.get("layer_products"):
+        lines += ["", "One decoder layer's matrix products alone, one row (weight bytes over time):", "",
+                  "| product | N x K | kernel | tiles (columns/step/warps/stages) | us | TB/s |",
+                  "|---|---|---|---|---|---|"]
+        for entry in result["layer_products"]:
+            tiles_text = "-" if entry["tiles"] is None else "/".join(str(v) for v in entry["tiles"].values())
+            lines.append(f"| {entry['product']} | {entry['outer']} x {entry['inner']} | {entry['kind']} | "
+                         f"{tiles_text} | {entry['ms'] * 1e3:.1f} | {entry['bytes_per_s'] / 1e12:.2f} |")
     for single in result.get("backbone_one_row", []):
         lines += ["", f"Backbone alone, one row (batch 1, no CFG), context {single['context']}, "
                   f"{single.get('stack', 'backbone')} stack: {single['ms']:.2f} ms/token, floor "

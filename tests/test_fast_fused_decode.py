@@ -34,7 +34,7 @@ def random_backbone(kv_heads=2, group=2, half=4, layers=2, bias=True, seed=0) ->
     return backbone.to(DEVICE)
 
 
-def decode(backbone, fused: bool, left_padding: int, steps: int = 3, seed: int = 1):
+def decode(backbone, fused: bool, left_padding: int, steps: int = 3, seed: int = 1, skinny: bool = False):
     """Prefill 6 tokens into 2 rows (the second left-padded), then ``steps`` decode steps."""
     generator = torch.Generator().manual_seed(seed)
     embeds = torch.randn(2, 6, backbone.hidden_size, generator=generator).to(DEVICE)
@@ -49,7 +49,7 @@ def decode(backbone, fused: bool, left_padding: int, steps: int = 3, seed: int =
     with torch.no_grad():
         backbone(embeds, positions, mask, cache)
         step = DecodeStep(backbone, cache, step_embeds, hidden,
-                          compile_stack=FusedDecodeStack(backbone) if fused else None)
+                          compile_stack=FusedDecodeStack(backbone, skinny=skinny) if fused else None)
         step.start(positions[:, -1:] + 1)
         found = []
         for index in range(steps):
@@ -61,11 +61,11 @@ def decode(backbone, fused: bool, left_padding: int, steps: int = 3, seed: int =
 
 
 @given(kv_heads=st.integers(1, 3), group=st.integers(1, 3), half=st.integers(1, 8), layers=st.integers(1, 2),
-       bias=st.booleans(), left_padding=st.integers(0, 4), seed=st.integers(0, 2**10))
-def test_fused_stack_matches_the_backbone(kv_heads, group, half, layers, bias, left_padding, seed):
+       bias=st.booleans(), left_padding=st.integers(0, 4), seed=st.integers(0, 2**10), skinny=st.booleans())
+def test_fused_stack_matches_the_backbone(kv_heads, group, half, layers, bias, left_padding, seed, skinny):
     backbone = random_backbone(kv_heads, group, half, layers, bias, seed)
     expected, expected_cache = decode(backbone, False, left_padding)
-    found, cache = decode(backbone, True, left_padding)
+    found, cache = decode(backbone, True, left_padding, skinny=skinny)
     torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.keys, expected_cache.keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.values, expected_cache.values, rtol=1e-5, atol=1e-5)

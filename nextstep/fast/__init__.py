@@ -8,7 +8,9 @@
 from nextstep.fast.cuda_graph import CapturedCall, GraphCaptureWarning
 from nextstep.fast.decode_step import DecodeStep
 from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity
+from nextstep.fast.fused_decode import FusedDecodeStack
 from nextstep.fast.guidance_weights import branch_weights
+from nextstep.fast.packed_projections import PackedProjections, pack_projections
 from nextstep.fast.solver_plan import SolverPlan, SolverStage, solver_plan
 from nextstep.fast.token_sampler import FastTokenSampler
 from nextstep.fast.token_step import FusedTokenStep, GenericTokenStep, TokenStepBuffers
@@ -17,13 +19,16 @@ __all__ = [
     "CapturedCall",
     "DecodeStep",
     "FastTokenSampler",
+    "FusedDecodeStack",
     "FusedFlowMatchingVelocity",
     "FusedTokenStep",
     "GenericTokenStep",
     "GraphCaptureWarning",
+    "PackedProjections",
     "SolverPlan",
     "SolverStage",
     "TokenStepBuffers",
     "branch_weights",
+    "pack_projections",
     "solver_plan",
 ]

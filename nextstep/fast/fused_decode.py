@@ -13,7 +13,9 @@ batch-1 decode step costs about as much per kernel as per byte read:
   (`nextstep.kernels.rotary_cache`);
 - each residual add fused with the norm that follows it
   (`nextstep.kernels.add_rms_norm`), the last one with the final norm;
-- the SwiGLU activation as one kernel (`nextstep.kernels.swiglu`).
+- the SwiGLU activation as one kernel (`nextstep.kernels.swiglu`);
+- with ``skinny=True``, the four matrix products as the few-rows kernel
+  `nextstep.kernels.skinny_linear.skinny_linear` instead of the library's.
 
 A layer runs 8 kernels plus attention instead of about 20. Each fused
 operation runs its Triton kernel where `nextstep.kernels.triton_enabled`
@@ -29,7 +31,7 @@ from nextstep.backbones.base import KVCache
 from nextstep.backbones.masks import decode_visible_keys
 from nextstep.backbones.qwen2 import Qwen2Backbone
 from nextstep.fast.packed_projections import PackedProjections, pack_projections
-from nextstep.kernels import add_rms_norm, rotate_into_cache, swiglu
+from nextstep.kernels import add_rms_norm, rotate_into_cache, skinny_linear, swiglu
 
 __all__ = ["FusedDecodeStack", "fused_decode_reason"]
 
@@ -55,12 +57,15 @@ class FusedDecodeStack:
 
     Args:
         backbone: the decoder.
+        skinny: run the matrix products as `nextstep.kernels.skinny_linear.skinny_linear`
+            (rows up to its ``MAX_ROWS``; more rows use the library's).
     """
 
-    def __init__(self, backbone: Qwen2Backbone):
+    def __init__(self, backbone: Qwen2Backbone, skinny: bool = False):
         if not isinstance(backbone, Qwen2Backbone):
             raise TypeError(f"FusedDecodeStack needs a Qwen2Backbone, found {type(backbone).__name__}")
         self.backbone = backbone
+        self.linear = skinny_linear if skinny else F.linear
         self.packs: list[PackedProjections] = pack_projections(backbone)
 
     def refresh(self) -> bool:
@@ -98,16 +103,19 @@ class FusedDecodeStack:
             attention = layer.self_attn
             residual, normed = add_rms_norm(residual, delta, layer.input_layernorm.weight,
                                             layer.input_layernorm.eps)
-            qkv = F.linear(normed, pack.qkv_weight, pack.qkv_bias)  # (B, (N + 2K) E)
+            qkv = self.linear(normed, pack.qkv_weight, pack.qkv_bias)  # (B, (N + 2K) E)
             query = rotate_into_cache(qkv, cos, signed_sin, keys, values, slots, attention.num_heads,
                                       attention.num_kv_heads)  # (B, N, E)
             out = attention.backend(query[:, :, None], keys.narrow(2, 0, visible), values.narrow(2, 0, visible),
                                     mask)  # (B, N, 1, E)
-            delta = attention.o_proj(out.reshape(batch, attention.num_heads * attention.head_dim))
+            output = attention.o_proj
+            delta = self.linear(out.reshape(batch, attention.num_heads * attention.head_dim), output.weight,
+                                output.bias)
             residual, normed = add_rms_norm(residual, delta, layer.post_attention_layernorm.weight,
                                             layer.post_attention_layernorm.eps)
-            gate_up = F.linear(normed, pack.gate_up_weight)  # (B, 2F)
+            gate_up = self.linear(normed, pack.gate_up_weight, None)  # (B, 2F)
             width = gate_up.shape[-1] // 2
-            delta = layer.mlp.down_proj(swiglu(gate_up[:, :width], gate_up[:, width:]))
+            delta = self.linear(swiglu(gate_up[:, :width], gate_up[:, width:]), layer.mlp.down_proj.weight,
+                                layer.mlp.down_proj.bias)
         _, hidden = add_rms_norm(residual, delta, backbone.norm.weight, backbone.norm.eps)
         return hidden.view(batch, 1, hidden_size)

@@ -66,9 +66,10 @@ class FastTokenSampler:
             (`nextstep.compile.safe_compile`: falls back to eager on failure)
             inside the decode graph, in place of the fused stack.
         fused_decode: run the decode step as `nextstep.fast.fused_decode.FusedDecodeStack`
-            (packed projections, fused rotary + cache write, fused add + norm);
-            None: on a CUDA device. It packs the backbone's projection weights
-            (`nextstep.fast.packed_projections`; no memory is added).
+            (packed projections, fused rotary + cache write, fused add + norm).
+            It packs the backbone's projection weights
+            (`nextstep.fast.packed_projections`; no memory is added). Off by
+            default: ``benchmarks/gpu_latency.py`` times both stacks.
         fused_blocks: run each AdaLN block of the head as two fused
             matrix-product kernels (`nextstep.kernels.adaln_linear`) instead of
             cuBLAS products around fused norms; worth it where the benchmark says so.
@@ -76,7 +77,7 @@ class FastTokenSampler:
     """
 
     def __init__(self, model: "NextStep", *, capture: bool | None = None, use_kernels: bool | None = None,
-                 compile_backbone: bool = False, fused_blocks: bool = False, fused_decode: bool | None = None,
+                 compile_backbone: bool = False, fused_blocks: bool = False, fused_decode: bool = False,
                  max_table_elements: int = MAX_TABLE_ELEMENTS):
         self.model = model
         parameter = next(model.backbone.parameters())
@@ -88,7 +89,7 @@ class FastTokenSampler:
         self.capture = capture
         self.use_kernels = use_kernels
         self.compile_backbone = compile_backbone
-        self.fused_decode = self.device.type == "cuda" if fused_decode is None else bool(fused_decode)
+        self.fused_decode = bool(fused_decode)
         self.fused_blocks = fused_blocks
         self.max_table_elements = max_table_elements
         self.reset()

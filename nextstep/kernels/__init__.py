@@ -21,6 +21,7 @@ from nextstep.kernels.adaln_modulation import (
 from nextstep.kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference, add_rms_norm_triton
 from nextstep.kernels.guided_update import guided_update, guided_update_reference, guided_update_triton
 from nextstep.kernels.rotary_cache import rotate_into_cache, rotate_into_cache_reference, rotate_into_cache_triton
+from nextstep.kernels.skinny_linear import skinny_linear, skinny_linear_reference, skinny_linear_triton
 from nextstep.kernels.swiglu import swiglu, swiglu_reference, swiglu_triton
 from nextstep.kernels.triton_support import KernelFallbackWarning, dispatch, triton_available, triton_enabled
 
@@ -45,6 +46,9 @@ __all__ = [
     "rotate_into_cache",
     "rotate_into_cache_reference",
     "rotate_into_cache_triton",
+    "skinny_linear",
+    "skinny_linear_reference",
+    "skinny_linear_triton",
     "swiglu",
     "swiglu_reference",
     "swiglu_triton",

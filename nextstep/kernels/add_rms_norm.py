@@ -94,7 +94,7 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, weight: tor
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel of `add_rms_norm` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
 
-    Args: as `add_rms_norm_reference`; rows may be strided, the last axis must be contiguous.
+    The arguments are those of `add_rms_norm_reference`; rows may be strided.
 
     Returns:
         ``total`` and ``normed``, each (M, H) in the dtype of ``x``.

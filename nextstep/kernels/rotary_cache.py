@@ -124,8 +124,9 @@ def rotate_into_cache_triton(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: t
                              num_kv_heads: int) -> torch.Tensor:
     """The Triton kernel of `rotate_into_cache` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
 
-    Args: as `rotate_into_cache_reference`; ``qkv``, ``cos`` and ``signed_sin`` may have strided rows,
-        the caches' last axis must be contiguous with one stride per axis.
+    The arguments are those of `rotate_into_cache_reference`; ``qkv``, ``cos``
+    and ``signed_sin`` may have strided rows, and the two caches must share
+    their strides, with a contiguous last axis.
 
     Returns:
         the rotated queries, shape (B, N, E), in the dtype of ``qkv``.

@@ -1,0 +1,69 @@
+"""The few-rows matrix-vector kernel against torch.nn.functional.linear (interpreter on CPU, or GPU)."""
+
+import os
+from contextlib import contextmanager
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of Triton; see kernel_helpers
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from kernel_helpers import DTYPES, TOLERANCES, interpreter, kernel_device, random_tensor  # noqa: E402,F401
+
+from nextstep.kernels.skinny_linear import (  # noqa: E402
+    MAX_ROWS,
+    SkinnyTiles,
+    set_skinny_tiles,
+    skinny_linear,
+    skinny_linear_reference,
+    skinny_linear_triton,
+)
+
+#: The default tiles and others: results must not depend on them beyond rounding.
+TILES = st.sampled_from([SkinnyTiles(), SkinnyTiles(block_n=1, block_k=64, num_warps=1, num_stages=1),
+                         SkinnyTiles(block_n=32, block_k=128, num_warps=8, num_stages=2)])
+
+
+@contextmanager
+def using(tile: SkinnyTiles):
+    previous = set_skinny_tiles(tile)
+    try:
+        yield
+    finally:
+        set_skinny_tiles(previous)
+
+
+@given(rows=st.integers(1, MAX_ROWS), inner=st.integers(1, 700), outer=st.integers(1, 70), dtype=DTYPES,
+       seed=st.integers(0, 2**16), with_bias=st.booleans(), strided=st.booleans(), tile=TILES)
+def test_kernel_matches_reference(kernel_device, rows, inner, outer, dtype, seed, with_bias, strided,  # noqa: F811
+                                  tile):
+    x = random_tensor((rows, 2 * inner), dtype, seed, device=kernel_device)
+    x = x[:, :inner] if strided else x[:, inner:].contiguous()
+    weight = random_tensor((outer, inner), dtype, seed + 1, scale=inner ** -0.5, device=kernel_device)
+    bias = random_tensor((outer,), dtype, seed + 2, device=kernel_device) if with_bias else None
+    expected = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    with using(tile):
+        found = skinny_linear_triton(x, weight, bias)
+    assert found.shape == (rows, outer) and found.dtype == dtype
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
+    torch.testing.assert_close(found.float(), expected, **tolerance)
+
+
+def test_more_rows_than_the_kernel_takes_use_the_library_product():
+    x, weight = torch.randn(MAX_ROWS + 1, 8), torch.randn(4, 8)
+    torch.testing.assert_close(skinny_linear(x, weight), F.linear(x, weight))
+    with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows, found {MAX_ROWS + 1}"):
+        skinny_linear_triton(x, weight, None)
+
+
+def test_bad_input_names_what_was_expected():
+    with pytest.raises(ValueError, match=r"weight must have shape \(N, 8\), found \(4, 7\)"):
+        skinny_linear_reference(torch.zeros(2, 8), torch.zeros(4, 7), None)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\), found \(3,\)"):
+        skinny_linear(torch.zeros(2, 8), torch.zeros(4, 8), torch.zeros(3))
+    with pytest.raises(ValueError, match="block_k must be a power of two >= 16, found 8"):
+        SkinnyTiles(block_k=8)
+    with pytest.raises(ValueError, match="num_stages must be an integer >= 1, found 0"):
+        SkinnyTiles(num_stages=0)
