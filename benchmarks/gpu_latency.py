@@ -88,8 +88,9 @@ SKINNY_CANDIDATES = [SkinnyTiles(), SkinnyTiles(4, 512, 4, 4), SkinnyTiles(16, 2
 #: Products per captured call when timing one product alone (launches amortised).
 PRODUCTS_PER_CALL = 20
 #: Tiles of the head's block kernels tried at batch 1 (the default first).
-TILE_CANDIDATES = [Tiles(), Tiles(16, 256, 4), Tiles(16, 256, 8), Tiles(16, 512, 8), Tiles(32, 128, 4),
-                   Tiles(32, 256, 8), Tiles(16, 64, 2), Tiles(64, 256, 8)]
+TILE_CANDIDATES = [Tiles(), Tiles(16, 256, 4), Tiles(16, 512, 8), Tiles(32, 128, 4), Tiles(32, 256, 8),
+                   Tiles(16, 64, 2), Tiles(8, 512, 4, True), Tiles(4, 512, 4, True), Tiles(16, 256, 4, True),
+                   Tiles(2, 1024, 2, True), Tiles(8, 1024, 8, True)]
 #: The paper's per-token figures on an H100 at batch 1 (ms), for reference.
 PAPER_MS = {"backbone": 7.20, "head": 3.40}
 
@@ -548,7 +549,7 @@ def run(args) -> dict:
             print(f"block kernels, batch 1, {args.steps[0]} steps, {candidate}: {timing['ms']:.2f} ms", flush=True)
         if result["head_block_tiles"]:
             fastest = min(result["head_block_tiles"], key=lambda entry: entry["ms"])
-            set_tiles(Tiles(fastest["block_n"], fastest["block_k"], fastest["num_warps"]))
+            set_tiles(Tiles(fastest["block_n"], fastest["block_k"], fastest["num_warps"], fastest["rows_product"]))
         else:
             set_tiles(Tiles())
         result["head_block_tiles_chosen"] = asdict(tiles())
@@ -696,10 +697,12 @@ def markdown(result: dict) -> str:
                   f"{single['floor_ms']:.2f} ms, {single['ratio']:.2f}x."]
     if result.get("head_block_tiles"):
         chosen = result["head_block_tiles_chosen"]
-        tried = ", ".join(f"{t['block_n']}/{t['block_k']}/{t['num_warps']}: {t['ms']:.2f} ms"
-                          for t in result["head_block_tiles"])
-        lines += ["", f"Block-kernel tiles (columns/reduction step/warps) at batch 1: {tried}; chosen "
-                  f"{chosen['block_n']}/{chosen['block_k']}/{chosen['num_warps']}."]
+        def name(t):
+            return f"{t['block_n']}/{t['block_k']}/{t['num_warps']}{' rows' if t.get('rows_product') else ''}"
+
+        tried = ", ".join(f"{name(t)}: {t['ms']:.2f} ms" for t in result["head_block_tiles"])
+        lines += ["", f"Block-kernel tiles (columns/reduction step/warps, 'rows': row-by-row products) at "
+                  f"batch 1: {tried}; chosen {name(chosen)}."]
     for eager in result["eager"]:
         lines += ["", f"Eager path (no graphs, no fused kernels), batch {eager['batch']}, {eager['steps']} steps: "
                   f"backbone {eager['backbone_ms']:.2f} ms/token, head {eager['head_ms']:.2f} ms/token "

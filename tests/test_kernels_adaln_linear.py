@@ -24,8 +24,10 @@ from nextstep.kernels.adaln_linear import (  # noqa: E402
 
 SHAPES = dict(rows=st.integers(1, 20), inner=st.integers(1, 150), outer=st.integers(1, 40))
 #: The default tiles and two others: results must not depend on them beyond rounding.
-TILES = st.sampled_from([Tiles(), Tiles(block_n=32, block_k=64, num_warps=8), Tiles(block_n=16, block_k=256,
-                                                                                    num_warps=2)])
+TILES = st.sampled_from([Tiles(), Tiles(block_n=32, block_k=64, num_warps=8),
+                         Tiles(block_n=16, block_k=256, num_warps=2),
+                         Tiles(block_n=8, block_k=512, num_warps=4, rows_product=True),
+                         Tiles(block_n=1, block_k=64, num_warps=1, rows_product=True)])
 
 
 @contextmanager
@@ -85,6 +87,9 @@ def test_references_are_the_unfused_block():
 def test_tiles_are_checked():
     with pytest.raises(ValueError, match="block_k must be a power of two >= 16, found 100"):
         Tiles(block_k=100)
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16, found 8"):
+        Tiles(block_n=8)
+    assert Tiles(block_n=8, rows_product=True).block_n == 8
     with pytest.raises(ValueError, match="num_warps must be 1, 2, 4, 8 or 16, found 3"):
         Tiles(num_warps=3)
     with pytest.raises(TypeError, match="set_tiles takes a Tiles, found dict"):

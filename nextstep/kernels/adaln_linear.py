@@ -35,7 +35,8 @@ tl = None
 __all__ = ["Tiles", "gated_linear", "gated_linear_reference", "gated_linear_triton", "modulated_linear",
            "modulated_linear_reference", "modulated_linear_triton", "set_tiles", "tiles"]
 
-#: Rows per program: the smallest tile a Triton matrix product takes on a GPU.
+#: Rows per program: the smallest tile a Triton matrix product takes on a GPU (and the most rows
+#: one program of the row-by-row product takes).
 BLOCK_M = 16
 
 
@@ -44,20 +45,26 @@ class Tiles:
     """How the two kernels split their work.
 
     Attributes:
-        block_n: output columns per program (a power of two >= 16).
+        block_n: output columns per program (a power of two, >= 16 unless ``rows_product``).
         block_k: reduction step (a power of two >= 16).
         num_warps: warps per program (1, 2, 4, 8 or 16).
+        rows_product: sum the products row by row in registers, with a tile of
+            as many rows as the input has (up to 16), instead of a 16-row matrix
+            product instruction: for the few rows of a decode step, where most
+            of a 16-row tile would be padding.
     """
 
     block_n: int = 16
     block_k: int = 128
     num_warps: int = 4
+    rows_product: bool = False
 
     def __post_init__(self):
-        for name in ("block_n", "block_k"):
+        smallest_n = 1 if self.rows_product else 16
+        for name, smallest in (("block_n", smallest_n), ("block_k", 16)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, found {value!r}")
+            if not isinstance(value, int) or value < smallest or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= {smallest}, found {value!r}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, found {self.num_warps!r}")
 
@@ -160,7 +167,8 @@ def _kernels(interpret: bool):
     def modulated_linear_kernel(x_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr, out_ptr, rows, inner, outer,
                                 x_stride, shift_stride, scale_stride, out_stride, eps, HAS_BIAS: tl.constexpr,
                                 ACTIVATION: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                                ROWS_PRODUCT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                BK: tl.constexpr):
         row = tl.program_id(0) * BM + tl.arange(0, BM)
         column = tl.program_id(1) * BN + tl.arange(0, BN)
         row_inside = row < rows
@@ -197,7 +205,10 @@ def _kernels(interpret: bool):
                              mask=column_inside[None, :] & k_inside[:, None], other=0.0)  # (BK, BN)
             # Rounded to the weights' dtype before the product, as the unfused path does.
             modulated = modulated.to(weight.dtype)
-            if UPCAST:
+            if ROWS_PRODUCT:
+                accumulator += tl.sum(modulated.to(tl.float32)[:, :, None] * weight.to(tl.float32)[None, :, :],
+                                      axis=1)
+            elif UPCAST:
                 accumulator += tl.dot(modulated.to(tl.float32), weight.to(tl.float32), input_precision="ieee")
             elif IEEE:
                 accumulator += tl.dot(modulated, weight, input_precision="ieee")
@@ -213,8 +224,8 @@ def _kernels(interpret: bool):
     @triton.jit
     def gated_linear_kernel(u_ptr, weight_ptr, bias_ptr, gate_ptr, residual_ptr, out_ptr, rows, inner, outer,
                             u_stride, gate_stride, residual_stride, out_stride, HAS_BIAS: tl.constexpr,
-                            IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr):
+                            IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWS_PRODUCT: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         row = tl.program_id(0) * BM + tl.arange(0, BM)
         column = tl.program_id(1) * BN + tl.arange(0, BN)
         row_inside = row < rows
@@ -229,7 +240,9 @@ def _kernels(interpret: bool):
             weight = tl.load(weight_ptr + column.to(tl.int64)[None, :] * inner + k[:, None],
                              mask=column_inside[None, :] & k_inside[:, None], other=0.0)  # (BK, BN)
             u = u.to(weight.dtype)
-            if UPCAST:
+            if ROWS_PRODUCT:
+                accumulator += tl.sum(u.to(tl.float32)[:, :, None] * weight.to(tl.float32)[None, :, :], axis=1)
+            elif UPCAST:
                 accumulator += tl.dot(u.to(tl.float32), weight.to(tl.float32), input_precision="ieee")
             elif IEEE:
                 accumulator += tl.dot(u, weight, input_precision="ieee")
@@ -258,8 +271,17 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _grid(rows: int, outer: int) -> tuple[int, int]:
-    return ((rows + BLOCK_M - 1) // BLOCK_M, (outer + _TILES.block_n - 1) // _TILES.block_n)
+def _launch_shape(rows: int, outer: int) -> tuple[tuple[int, int], dict]:
+    """The grid and the tile arguments of a launch over (rows, outer) outputs with the current tiles."""
+    tiles = _TILES
+    block_m, block_k = BLOCK_M, tiles.block_k
+    if tiles.rows_product:
+        block_m = min(BLOCK_M, 1 << max(0, rows - 1).bit_length())
+        # Keep the (BM, BK, BN) products of one step within a register budget.
+        block_k = max(16, min(block_k, 16384 // (block_m * tiles.block_n)))
+    grid = ((rows + block_m - 1) // block_m, (outer + tiles.block_n - 1) // tiles.block_n)
+    return grid, dict(ROWS_PRODUCT=tiles.rows_product, BM=block_m, BN=tiles.block_n, BK=block_k,
+                      num_warps=tiles.num_warps)
 
 
 def modulated_linear_triton(
@@ -288,11 +310,11 @@ def modulated_linear_triton(
     if rows == 0 or outer == 0:
         return out
     kernel, _ = _kernels(interpreter_enabled())
-    kernel[_grid(rows, outer)](
+    grid, launch = _launch_shape(rows, outer)
+    kernel[grid](
         x, shift, scale, weight, weight if bias is None else bias, out, rows, inner, outer, x.stride(0),
         shift.stride(0), scale.stride(0), out.stride(0), float(eps), HAS_BIAS=bias is not None,
-        ACTIVATION=bool(activation), IEEE=weight.dtype == torch.float32, UPCAST=_upcast(), BM=BLOCK_M,
-        BN=_TILES.block_n, BK=_TILES.block_k, num_warps=_TILES.num_warps,
+        ACTIVATION=bool(activation), IEEE=weight.dtype == torch.float32, UPCAST=_upcast(), **launch,
     )
     return out
 
@@ -325,11 +347,11 @@ def gated_linear_triton(
     if rows == 0 or outer == 0:
         return out
     _, kernel = _kernels(interpreter_enabled())
-    kernel[_grid(rows, outer)](
+    grid, launch = _launch_shape(rows, outer)
+    kernel[grid](
         u, weight, weight if bias is None else bias, gate, residual, out, rows, inner, outer, u.stride(0),
         gate.stride(0), residual.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-        IEEE=weight.dtype == torch.float32, UPCAST=_upcast(), BM=BLOCK_M, BN=_TILES.block_n, BK=_TILES.block_k,
-        num_warps=_TILES.num_warps,
+        IEEE=weight.dtype == torch.float32, UPCAST=_upcast(), **launch,
     )
     return out
 
