@@ -9,10 +9,11 @@ with two-way CFG and the Euler sampler, for 256 and 1024 image tokens
 
 Measured first: one decoder layer's matrix products alone at one row, with the
 library's kernel and with `nextstep.kernels.skinny_linear` at a few tiles
-(the fastest are kept); then the backbone's captured decode step for one row
+(the fastest are kept, then also timed on int8 weights); then the backbone's captured decode step for one row
 (batch 1, no CFG) at the mean context of each image size, against its floor,
 with the backbone's own stack and with the fused one
-(`nextstep.fast.fused_decode`), with either kind of product.
+(`nextstep.fast.fused_decode`), with either kind of product, and through int8
+copies of the weights (its floor counts the int8 bytes).
 Then per configuration (decode steps with the fused stack where it runs):
 
 - backbone ms/token: replays of the captured decode step at the image's mean
@@ -68,6 +69,7 @@ from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity  # noqa: 
 from nextstep.fast.fused_decode import FusedDecodeStack  # noqa: E402
 from nextstep.fast.guidance_weights import branch_weights  # noqa: E402
 from nextstep.fast.solver_plan import solver_plan  # noqa: E402
+from nextstep.fast.weight_quantization import quantize_int8  # noqa: E402
 from nextstep.io import atomic_write_text  # noqa: E402
 from nextstep.kernels.adaln_linear import Tiles, set_tiles, tiles  # noqa: E402
 from nextstep.kernels.skinny_linear import (  # noqa: E402
@@ -167,6 +169,14 @@ def nbytes(*tensors: torch.Tensor) -> int:
 def backbone_weight_bytes(model) -> int:
     """Decoder weights read per decode step (the embedding table is only indexed)."""
     return sum(nbytes(p) for name, p in model.backbone.named_parameters() if not name.startswith("embed_tokens"))
+
+
+def int8_weight_bytes(stack) -> int:
+    """Weights a decode step of an int8 `FusedDecodeStack` reads: the int8 products plus the norms."""
+    products = sum(value.nbytes for layer in stack.products for product in layer.values()
+                   for value in product if value is not None)
+    norms = sum(nbytes(p) for name, p in stack.backbone.named_parameters() if "norm" in name)
+    return products + norms
 
 
 def kv_bytes(model, rows: int, context: int) -> int:
@@ -316,18 +326,26 @@ def layer_products(model) -> dict[str, tuple[int, int]]:
 
 
 def time_products(clock, shapes: dict[str, tuple[int, int]], rows: int, dtype, repeats: int, capture: bool,
-                  candidates: list[SkinnyTiles], generator, errors: list, per_call: int = PRODUCTS_PER_CALL
-                  ) -> list[dict]:
+                  candidates: list[SkinnyTiles], generator, errors: list, per_call: int = PRODUCTS_PER_CALL,
+                  int8: bool = False) -> list[dict]:
     """Each product alone, ``per_call`` times per captured call: the library's and the few-rows kernel
-    with each of ``candidates`` (ms per product and the weight's bytes over that time)."""
+    with each of ``candidates`` (ms per product and the weight's bytes over that time); with ``int8``,
+    the few-rows kernel alone on int8 copies of the weights."""
     device = clock.device
     results = []
     for name, (outer, inner) in shapes.items():
         weight = (torch.randn(outer, inner, device=device, generator=generator) * 0.02).to(dtype)
         x = torch.randn(rows, inner, device=device, generator=generator).to(dtype)
-        variants = [("library", None, lambda x=x, weight=weight: F.linear(x, weight))]
-        variants += [("skinny", tile, lambda x=x, weight=weight: skinny_linear_triton(x, weight, None))
-                     for tile in candidates]
+        if int8:
+            quantized = quantize_int8(weight)
+            weight = quantized.values
+            variants = [("skinny int8", tile, lambda x=x, q=quantized: skinny_linear_triton(x, q.values, None,
+                                                                                           q.scale))
+                        for tile in candidates]
+        else:
+            variants = [("library", None, lambda x=x, weight=weight: F.linear(x, weight))]
+            variants += [("skinny", tile, lambda x=x, weight=weight: skinny_linear_triton(x, weight, None))
+                         for tile in candidates]
         for kind, tile, product in variants:
             if tile is not None:
                 set_skinny_tiles(tile)
@@ -502,6 +520,14 @@ def run(args) -> dict:
                     if sum(tuple(e["tiles"].values()) == key for e in products if e["tiles"]) == 4}
         set_skinny_tiles(SkinnyTiles(*min(complete, key=complete.get)) if complete else SkinnyTiles())
         result["skinny_tiles_chosen"] = asdict(skinny_tiles())
+        # The same products through int8 copies of the weights, with the chosen tiles.
+        quantized = time_products(clock, layer_products(model), 1, next(model.parameters()).dtype, args.repeats,
+                                  capture, [skinny_tiles()], generator, result["errors"],
+                                  per_call=1 if args.dry_run else PRODUCTS_PER_CALL, int8=True)
+        result["layer_products"] += quantized
+        for entry in quantized:
+            print(f"product {entry['product']} ({entry['outer']} x {entry['inner']}), int8: "
+                  f"{entry['ms'] * 1e3:.1f} us, {entry['bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
         _save(args.out, result)
 
     # The backbone alone at batch 1, one row (no CFG): its decode step against the bandwidth floor, as
@@ -513,6 +539,7 @@ def run(args) -> dict:
             stacks["fused"] = FusedDecodeStack(model.backbone)
             if result["triton"]:
                 stacks["fused, few-rows products"] = FusedDecodeStack(model.backbone, skinny=True)
+                stacks["fused, int8 weights"] = FusedDecodeStack(model.backbone, int8_weights=True)
     except Exception as error:
         result["errors"].append(_error("fused decode stack", error))
     for tokens in args.tokens:
@@ -523,10 +550,11 @@ def run(args) -> dict:
             except Exception as error:
                 result["errors"].append(_error(f"decode one row tokens {tokens} ({name} stack)", error))
                 continue
-            floor = max((weights + kv_bytes(model, 1, context + 1)) / bandwidth,
+            read = int8_weight_bytes(stack) if getattr(stack, "int8_weights", False) else weights
+            floor = max((read + kv_bytes(model, 1, context + 1)) / bandwidth,
                         2 * backbone_parameters / matmul) * 1e3
             single = {"tokens": tokens, "context": context, "stack": name, "ms": decode["ms"], "floor_ms": floor,
-                      "ratio": decode["ms"] / floor, "captured": decode["captured"]}
+                      "ratio": decode["ms"] / floor, "weight_bytes": read, "captured": decode["captured"]}
             if decode["failure"] and capture:
                 result["errors"].append(decode["failure"])
             result["backbone_one_row"].append(single)

@@ -27,6 +27,7 @@ from nextstep.samplers.step_schedule import StepSchedule, as_step_schedule
 if TYPE_CHECKING:
     from PIL import Image
 
+    from nextstep.fast import FastTokenSampler
     from nextstep.model import NextStep
 
 #: A prompt row: token ids (placeholders at image positions) and its images as (start, tokens (n, D)).
@@ -164,16 +165,18 @@ def embed_prompt_rows(model: "NextStep", rows: list[PromptRow], device,
     return embeds, attention_mask
 
 
-def prefill(model: "NextStep", rows: list[PromptRow], new_tokens: int, device, dtype
+def prefill(model: "NextStep", rows: list[PromptRow], new_tokens: int, device, dtype, new_cache=None
             ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
     """Read left-padded prompt rows into a new cache with room for ``new_tokens`` more per row.
+
+    ``new_cache(rows, length, dtype=)`` makes the cache (default: the backbone's ``new_cache``).
 
     Returns:
         the last position's hidden state (R, H), the cache, the position of each
         row's next token (R, 1), and the all-real mask (R, 1) of one decoding step.
     """
     embeds, attention_mask = embed_prompt_rows(model, rows, device, dtype)  # (R, P, H)
-    cache = model.backbone.new_cache(len(rows), embeds.shape[1] + new_tokens, dtype=dtype)
+    cache = (new_cache or model.backbone.new_cache)(len(rows), embeds.shape[1] + new_tokens, dtype=dtype)
     positions = positions_from_mask(attention_mask)
     hidden = model.backbone(embeds, positions, attention_mask, cache)[:, -1]
     step_mask = torch.ones(len(rows), 1, dtype=torch.bool, device=device)
@@ -232,6 +235,7 @@ def generate_tokens(
     progress: bool | Callable[[int, int], None] | None = None,
     candidates: int | None = None,
     candidate_score: str | None = None,
+    token_sampler: "FastTokenSampler | None" = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Sample image tokens for prompts (text-to-image) or instructions (editing, with ``images``).
 
@@ -285,6 +289,9 @@ def generate_tokens(
         candidate_score: the score that ranks candidates, a name of
             `nextstep.reranking.CANDIDATE_SCORES` (``flow`` or ``caption``);
             default: the model's.
+        token_sampler: a `nextstep.fast.FastTokenSampler` of ``model`` that samples
+            the tokens after the prefill (captured CUDA graphs and fused kernels
+            on a GPU; the same tokens up to rounding). None: the loop here.
 
     Returns:
         tokens (R, N, D) float32, grid height h, grid width w.
@@ -352,7 +359,15 @@ def generate_tokens(
                                     sampler.stochastic, temperature, device, candidates)
     grids: dict[int, tuple[torch.Tensor, Any]] = {}  # steps -> (grid, the head's prepared times)
 
-    hidden, cache, next_positions, step_mask = prefill(model, rows, num_tokens, device, dtype)  # hidden (G*R, H)
+    if token_sampler is not None and token_sampler.model is not model:
+        raise ValueError("token_sampler samples another model; build it with FastTokenSampler(model)")
+    hidden, cache, next_positions, step_mask = prefill(  # hidden (G*R, H)
+        model, rows, num_tokens, device, dtype, None if token_sampler is None else token_sampler.new_cache)
+    if token_sampler is not None:
+        tokens = token_sampler.sample_tokens(hidden, cache, next_positions, noise, step_noise, guidance=guidance,
+                                             sampler=sampler, num_steps=schedule, shift=shift, use_norm=use_norm,
+                                             progress=progress)
+        return _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w)
 
     bar = None
     if progress is True:
@@ -386,6 +401,11 @@ def generate_tokens(
         next_positions = next_positions + 1
     if bar is not None:
         bar.close()
+    return _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w)
+
+
+def _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w):
+    """(tokens of the best candidate of each image, grid height, grid width)."""
     if candidates > 1:
         row_prompts = [prompt for prompt in conditional for _ in range(num_images_per_prompt * candidates)]
         scores = score(model, row_prompts, tokens, grid_h, grid_w)

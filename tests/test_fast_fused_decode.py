@@ -119,18 +119,23 @@ def test_moving_the_model_packs_again():
     torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_fast_sampler_samples_the_same_tokens_with_the_fused_stack(trained_like_model):
+@pytest.mark.parametrize("decode_weights", ["native", "skinny", "int8"])
+def test_the_fast_sampler_samples_the_same_tokens_with_the_fused_stack(trained_like_model, decode_weights):
     model = trained_like_model.eval().to(DEVICE)
     guidance, sampler = guidance_for_scale(3.0), EulerSampler()
     samples = []
     for fused in (False, True):
-        fast = FastTokenSampler(model, fused_decode=fused)
+        fast = FastTokenSampler(model, fused_decode=fused, decode_weights=decode_weights if fused else "native")
         hidden, cache, next_positions = prefill(model, ["a red circle", "grinning face"], (1, 2), 2, fast.new_cache)
         noise, _ = draw_noise(2, 0, 2, model.token_dim, 3, False)
         samples.append(fast.sample_tokens(hidden, cache, next_positions, noise.to(DEVICE), guidance=guidance,
                                           sampler=sampler, num_steps=3))
         assert fast.fused_decode == fused and (fast._fused_stack is not None) == fused
-    torch.testing.assert_close(samples[1], samples[0], rtol=1e-4, atol=1e-4)
+    if decode_weights == "int8":  # rounded weights: close, not equal
+        relative = ((samples[1] - samples[0]).norm() / samples[0].norm()).item()
+        assert 0 < relative < 0.02, relative
+    else:
+        torch.testing.assert_close(samples[1], samples[0], rtol=1e-4, atol=1e-4)
 
 
 def test_bad_input_names_what_was_expected():

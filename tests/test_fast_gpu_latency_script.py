@@ -27,11 +27,11 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
         assert row["backbone_ms"] > 0 and row["head_ms"] > 0 and row["image_seconds"] > 0
         assert row["backbone_floor_ms"] > 0 and row["head_floor_ms"] > 0
     assert result["eager"] and result["card"]["copy_bandwidth_bytes_per_s"] > 0
-    stacks = ["backbone", "fused"] + (["fused, few-rows products"] if result["triton"] else [])
+    stacks = ["backbone", "fused"] + (["fused, few-rows products", "fused, int8 weights"] if result["triton"] else [])
     assert [single["stack"] for single in result["backbone_one_row"]] == stacks
     if result["triton"]:  # Triton's interpreter (make test): the few-rows kernel against the library's
         assert {entry["product"] for entry in result["layer_products"]} == {"qkv", "o", "gate_up", "down"}
-        assert {entry["kind"] for entry in result["layer_products"]} == {"library", "skinny"}
+        assert {entry["kind"] for entry in result["layer_products"]} == {"library", "skinny", "skinny int8"}
         assert result["skinny_tiles_chosen"] and result["head_block_tiles_chosen"]
     for single in result["backbone_one_row"]:
         assert single["ms"] > 0 and single["floor_ms"] > 0 and single["context"] == 3 + 4 // 2

@@ -130,3 +130,22 @@ def test_pooled_caches_round_up_and_are_emptied(tiny_model):
     again = fast.new_cache(2, 200)
     assert again is cache and again.length == 0
     assert fast.new_cache(2, 300).max_length == 512
+
+
+@pytest.mark.parametrize(("sampler", "candidates"), [("euler", 1), ("euler_maruyama", 2)])
+def test_generate_tokens_takes_a_token_sampler(trained_like_model, sampler, candidates):
+    model = trained_like_model.eval()
+    settings = dict(height=32, width=32, cfg=3.0, num_steps=3, seed=7, sampler=sampler, candidates=candidates)
+    expected, grid_h, grid_w = generate_tokens(model, ["a red circle", "grinning face"], **settings)
+    found, *grid = generate_tokens(model, ["a red circle", "grinning face"], **settings,
+                                   token_sampler=FastTokenSampler(model, fused_decode=True))
+    assert grid == [grid_h, grid_w]
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_token_sampler_of_another_model_is_refused(trained_like_model):
+    from nextstep import build_model
+
+    other = FastTokenSampler(build_model("tiny", seed=1))
+    with pytest.raises(ValueError, match="token_sampler samples another model"):
+        generate_tokens(trained_like_model, ["a red circle"], height=32, width=32, token_sampler=other)

@@ -12,6 +12,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from kernel_helpers import DTYPES, TOLERANCES, interpreter, kernel_device, random_tensor  # noqa: E402,F401
 
+from nextstep.fast.weight_quantization import quantize_int8  # noqa: E402
 from nextstep.kernels.skinny_linear import (  # noqa: E402
     MAX_ROWS,
     SkinnyTiles,
@@ -36,16 +37,22 @@ def using(tile: SkinnyTiles):
 
 
 @given(rows=st.integers(1, MAX_ROWS), inner=st.integers(1, 700), outer=st.integers(1, 70), dtype=DTYPES,
-       seed=st.integers(0, 2**16), with_bias=st.booleans(), strided=st.booleans(), tile=TILES)
+       seed=st.integers(0, 2**16), with_bias=st.booleans(), strided=st.booleans(), tile=TILES,
+       int8=st.booleans())
 def test_kernel_matches_reference(kernel_device, rows, inner, outer, dtype, seed, with_bias, strided,  # noqa: F811
-                                  tile):
+                                  tile, int8):
     x = random_tensor((rows, 2 * inner), dtype, seed, device=kernel_device)
     x = x[:, :inner] if strided else x[:, inner:].contiguous()
     weight = random_tensor((outer, inner), dtype, seed + 1, scale=inner ** -0.5, device=kernel_device)
     bias = random_tensor((outer,), dtype, seed + 2, device=kernel_device) if with_bias else None
-    expected = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    scale = None
+    if int8:
+        quantized = quantize_int8(weight)
+        weight, scale = quantized.values, quantized.scale
+    expected = F.linear(x.float(), weight.float() if scale is None else weight.float() * scale[:, None],
+                        None if bias is None else bias.float())
     with using(tile):
-        found = skinny_linear_triton(x, weight, bias)
+        found = skinny_linear_triton(x, weight, bias, scale)
     assert found.shape == (rows, outer) and found.dtype == dtype
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
     torch.testing.assert_close(found.float(), expected, **tolerance)
@@ -63,6 +70,10 @@ def test_bad_input_names_what_was_expected():
         skinny_linear_reference(torch.zeros(2, 8), torch.zeros(4, 7), None)
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\), found \(3,\)"):
         skinny_linear(torch.zeros(2, 8), torch.zeros(4, 8), torch.zeros(3))
+    with pytest.raises(ValueError, match="an int8 weight needs its scale and only an int8 weight takes one"):
+        skinny_linear(torch.zeros(2, 8), torch.zeros(4, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"scale must have shape \(4,\), found \(3,\)"):
+        skinny_linear(torch.zeros(2, 8), torch.zeros(4, 8, dtype=torch.int8), None, torch.ones(3))
     with pytest.raises(ValueError, match="block_k must be a power of two >= 16, found 8"):
         SkinnyTiles(block_k=8)
     with pytest.raises(ValueError, match="num_stages must be an integer >= 1, found 0"):

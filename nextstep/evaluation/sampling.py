@@ -11,6 +11,7 @@ from nextstep.samplers.guidance_schedule import resolve_guidance_schedule
 if TYPE_CHECKING:
     from PIL import Image
 
+    from nextstep.fast import FastTokenSampler
     from nextstep.generation_defaults import GenerationDefaults
     from nextstep.model import NextStep
 
@@ -67,7 +68,8 @@ class SamplingSettings:
 
 
 def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSettings,
-                    progress: Callable[[int, int], None] | None = None) -> list["Image.Image"]:
+                    progress: Callable[[int, int], None] | None = None,
+                    token_sampler: "FastTokenSampler | None" = None) -> list["Image.Image"]:
     """One image per prompt; image ``i`` is seeded ``settings.seed + i``.
 
     Args:
@@ -75,6 +77,8 @@ def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSet
         prompts: one prompt per image (repeat a prompt for several images).
         settings: sampling settings.
         progress: called with (images done, images in all) after each batch.
+        token_sampler: a `nextstep.fast.FastTokenSampler` of ``model`` for the
+            token loop (`nextstep.generation.generate_tokens`), or None.
     """
     import torch
 
@@ -91,7 +95,7 @@ def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSet
                 cfg_schedule=settings.cfg_schedule,
                 num_steps=settings.num_steps, seed=settings.seed + start, sampler=settings.sampler,
                 temperature=settings.temperature, candidates=settings.candidates,
-                candidate_score=settings.candidate_score,
+                candidate_score=settings.candidate_score, token_sampler=token_sampler,
             )
             images.extend(to_pil(decode_tokens(model, tokens, grid_h, grid_w)))
             if progress is not None:

@@ -15,7 +15,8 @@ batch-1 decode step costs about as much per kernel as per byte read:
   (`nextstep.kernels.add_rms_norm`), the last one with the final norm;
 - the SwiGLU activation as one kernel (`nextstep.kernels.swiglu`);
 - with ``skinny=True``, the four matrix products as the few-rows kernel
-  `nextstep.kernels.skinny_linear.skinny_linear` instead of the library's.
+  `nextstep.kernels.skinny_linear.skinny_linear` instead of the library's;
+  with ``int8_weights=True``, through int8 copies of their weights.
 
 A layer runs 8 kernels plus attention instead of about 20. Each fused
 operation runs its Triton kernel where `nextstep.kernels.triton_enabled`
@@ -31,6 +32,7 @@ from nextstep.backbones.base import KVCache
 from nextstep.backbones.masks import decode_visible_keys
 from nextstep.backbones.qwen2 import Qwen2Backbone
 from nextstep.fast.packed_projections import PackedProjections, pack_projections
+from nextstep.fast.weight_quantization import quantize_int8
 from nextstep.kernels import add_rms_norm, rotate_into_cache, skinny_linear, swiglu
 
 __all__ = ["FusedDecodeStack", "fused_decode_reason"]
@@ -58,22 +60,52 @@ class FusedDecodeStack:
     Args:
         backbone: the decoder.
         skinny: run the matrix products as `nextstep.kernels.skinny_linear.skinny_linear`
-            (rows up to its ``MAX_ROWS``; more rows use the library's).
+            (rows up to its ``MAX_ROWS``; more rows use the reference).
+        int8_weights: multiply by int8 copies of the four product weights of
+            each layer (`nextstep.fast.weight_quantization`; half the bytes of
+            bf16, half again the memory of the weights they copy), through
+            `skinny_linear`. The copies are made when the stack is built (and
+            when `refresh` packs again): build a new stack after changing the weights.
     """
 
-    def __init__(self, backbone: Qwen2Backbone, skinny: bool = False):
+    def __init__(self, backbone: Qwen2Backbone, skinny: bool = False, int8_weights: bool = False):
         if not isinstance(backbone, Qwen2Backbone):
             raise TypeError(f"FusedDecodeStack needs a Qwen2Backbone, found {type(backbone).__name__}")
         self.backbone = backbone
-        self.linear = skinny_linear if skinny else F.linear
+        self.int8_weights = bool(int8_weights)
+        self.skinny = bool(skinny) or self.int8_weights
         self.packs: list[PackedProjections] = pack_projections(backbone)
+        self.products = self._products()
+
+    def _products(self) -> list[dict[str, tuple]]:
+        """Per layer: (weight, bias, scale) of the qkv, o, gate_up and down products."""
+        products = []
+        for layer, pack in zip(self.backbone.layers, self.packs):
+            output, down = layer.self_attn.o_proj, layer.mlp.down_proj
+            weights = {"qkv": (pack.qkv_weight, pack.qkv_bias), "o": (output.weight, output.bias),
+                       "gate_up": (pack.gate_up_weight, None), "down": (down.weight, down.bias)}
+            if self.int8_weights:
+                quantized = {name: quantize_int8(weight) for name, (weight, _) in weights.items()}
+                products.append({name: (quantized[name].values, bias, quantized[name].scale)
+                                 for name, (_, bias) in weights.items()})
+            else:
+                products.append({name: (weight, bias, None) for name, (weight, bias) in weights.items()})
+        return products
 
     def refresh(self) -> bool:
         """Pack the projections again if moving or casting the model broke the packing; whether it did."""
         packs = pack_projections(self.backbone)
         repacked = packs is not self.packs
         self.packs = packs
+        if repacked:
+            self.products = self._products()
         return repacked
+
+    def _product(self, x: torch.Tensor, product: tuple) -> torch.Tensor:
+        weight, bias, scale = product
+        if self.skinny:
+            return skinny_linear(x, weight, bias, scale)
+        return F.linear(x, weight, bias)
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, slots: torch.Tensor,
                  layer_caches: tuple[tuple[torch.Tensor, torch.Tensor], ...], visible: int) -> torch.Tensor:
@@ -99,23 +131,20 @@ class FusedDecodeStack:
         cos, signed_sin = backbone.rotary.signed_tables(positions, dtype)  # (B, 1, E) each
         cos, signed_sin = cos[:, 0], signed_sin[:, 0]
         residual, delta = embeds.reshape(batch, hidden_size), None
-        for layer, pack, (keys, values) in zip(backbone.layers, self.packs, layer_caches):
+        for layer, products, (keys, values) in zip(backbone.layers, self.products, layer_caches):
             attention = layer.self_attn
             residual, normed = add_rms_norm(residual, delta, layer.input_layernorm.weight,
                                             layer.input_layernorm.eps)
-            qkv = self.linear(normed, pack.qkv_weight, pack.qkv_bias)  # (B, (N + 2K) E)
+            qkv = self._product(normed, products["qkv"])  # (B, (N + 2K) E)
             query = rotate_into_cache(qkv, cos, signed_sin, keys, values, slots, attention.num_heads,
                                       attention.num_kv_heads)  # (B, N, E)
             out = attention.backend(query[:, :, None], keys.narrow(2, 0, visible), values.narrow(2, 0, visible),
                                     mask)  # (B, N, 1, E)
-            output = attention.o_proj
-            delta = self.linear(out.reshape(batch, attention.num_heads * attention.head_dim), output.weight,
-                                output.bias)
+            delta = self._product(out.reshape(batch, attention.num_heads * attention.head_dim), products["o"])
             residual, normed = add_rms_norm(residual, delta, layer.post_attention_layernorm.weight,
                                             layer.post_attention_layernorm.eps)
-            gate_up = self.linear(normed, pack.gate_up_weight, None)  # (B, 2F)
+            gate_up = self._product(normed, products["gate_up"])  # (B, 2F)
             width = gate_up.shape[-1] // 2
-            delta = self.linear(swiglu(gate_up[:, :width], gate_up[:, width:]), layer.mlp.down_proj.weight,
-                                layer.mlp.down_proj.bias)
+            delta = self._product(swiglu(gate_up[:, :width], gate_up[:, width:]), products["down"])
         _, hidden = add_rms_norm(residual, delta, backbone.norm.weight, backbone.norm.eps)
         return hidden.view(batch, 1, hidden_size)

@@ -42,11 +42,14 @@ from nextstep.samplers.step_schedule import StepSchedule, as_step_schedule
 if TYPE_CHECKING:
     from nextstep.model import NextStep
 
-__all__ = ["CACHE_BUCKET", "FastTokenSampler"]
+__all__ = ["CACHE_BUCKET", "DECODE_WEIGHTS", "FastTokenSampler"]
 
 #: Pooled caches round their capacity up to a multiple of this many slots, so
 #: that generations of similar lengths share one cache and one decode graph.
 CACHE_BUCKET = 256
+
+#: What the fused decode step multiplies by (`FastTokenSampler`'s ``decode_weights``).
+DECODE_WEIGHTS = ("native", "skinny", "int8")
 
 
 class FastTokenSampler:
@@ -70,6 +73,10 @@ class FastTokenSampler:
             It packs the backbone's projection weights
             (`nextstep.fast.packed_projections`; no memory is added). Off by
             default: ``benchmarks/gpu_latency.py`` times both stacks.
+        decode_weights: ``"native"`` (the model's own), ``"skinny"`` (the same
+            weights through the few-rows product kernel) or ``"int8"`` (int8
+            copies, `nextstep.fast.weight_quantization`); the last two need
+            ``fused_decode``.
         fused_blocks: run each AdaLN block of the head as two fused
             matrix-product kernels (`nextstep.kernels.adaln_linear`) instead of
             cuBLAS products around fused norms; worth it where the benchmark says so.
@@ -78,7 +85,7 @@ class FastTokenSampler:
 
     def __init__(self, model: "NextStep", *, capture: bool | None = None, use_kernels: bool | None = None,
                  compile_backbone: bool = False, fused_blocks: bool = False, fused_decode: bool = False,
-                 max_table_elements: int = MAX_TABLE_ELEMENTS):
+                 decode_weights: str = "native", max_table_elements: int = MAX_TABLE_ELEMENTS):
         self.model = model
         parameter = next(model.backbone.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -90,6 +97,11 @@ class FastTokenSampler:
         self.use_kernels = use_kernels
         self.compile_backbone = compile_backbone
         self.fused_decode = bool(fused_decode)
+        if decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"decode_weights must be one of {DECODE_WEIGHTS}, found {decode_weights!r}")
+        if decode_weights != "native" and not self.fused_decode:
+            raise ValueError(f"decode_weights={decode_weights!r} needs fused_decode=True")
+        self.decode_weights = decode_weights
         self.fused_blocks = fused_blocks
         self.max_table_elements = max_table_elements
         self.reset()
@@ -178,7 +190,8 @@ class FastTokenSampler:
                  and decode_step_reason(backbone, cache) is None and fused_decode_reason(backbone, cache) is None)
         if fused:
             if self._fused_stack is None:
-                self._fused_stack = FusedDecodeStack(backbone)
+                self._fused_stack = FusedDecodeStack(backbone, skinny=self.decode_weights == "skinny",
+                                                     int8_weights=self.decode_weights == "int8")
             elif self._fused_stack.refresh():
                 self._decode_steps.clear()  # their graphs read the weights where they were
         entry = self._decode_steps.get(rows)

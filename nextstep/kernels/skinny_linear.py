@@ -11,6 +11,11 @@ program owns ``block_n`` output features, reads their weight rows along K in
 running sums in registers, so the weight is read exactly once by many
 independent programs. Sums are in fp32 (the order differs from a library
 product's, so results agree to rounding).
+
+The weight may also be int8 with one fp32 scale per output feature
+(`nextstep.fast.weight_quantization`): half the bytes of bf16, so half the time
+of a product bound by reading them. The kernel multiplies the int8 values as
+they are and applies the scale to each finished sum.
 """
 
 from __future__ import annotations
@@ -78,31 +83,43 @@ def set_skinny_tiles(new: SkinnyTiles) -> SkinnyTiles:
     return previous
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None) -> None:
     if x.ndim != 2:
         raise ValueError(f"x must have shape (M, K), found {tuple(x.shape)}")
     if weight.ndim != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must have shape (N, {x.shape[1]}), found {tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), found {tuple(bias.shape)}")
-    for name, tensor in (("weight", weight), ("bias", bias)):
+    if (weight.dtype == torch.int8) != (scale is not None):
+        raise ValueError(f"an int8 weight needs its scale and only an int8 weight takes one; found a {weight.dtype} "
+                         f"weight and {'a' if scale is not None else 'no'} scale")
+    if scale is not None and scale.shape != (weight.shape[0],):
+        raise ValueError(f"scale must have shape ({weight.shape[0]},), found {tuple(scale.shape)}")
+    for name, tensor in (("weight", weight), ("bias", bias), ("scale", scale)):
         if tensor is not None and tensor.device != x.device:
             raise ValueError(f"{name} must be on {x.device} like x, found {tensor.device}")
 
 
-def skinny_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``torch.nn.functional.linear``.
+def skinny_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.nn.functional.linear``, of the dequantized weight (``weight * scale[:, None]``) for int8.
 
     Args:
         x: shape (M, K).
-        weight: shape (N, K).
+        weight: shape (N, K), floating, or int8 with ``scale``.
         bias: shape (N,), or None.
+        scale: shape (N,), the int8 weight's per-feature scale, or None.
 
     Returns:
         shape (M, N), dtype of ``x``.
     """
-    _check(x, weight, bias)
-    return F.linear(x, weight, bias)
+    _check(x, weight, bias, scale)
+    if scale is None:
+        return F.linear(x, weight, bias)
+    out = F.linear(x.float(), weight.float()) * scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
 
 
 @functools.cache
@@ -113,8 +130,9 @@ def _kernel(interpret: bool):
     import triton.language as tl
 
     @triton.jit
-    def skinny_linear_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, rows, inner, outer, x_stride, out_stride,
-                             HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def skinny_linear_kernel(x_ptr, weight_ptr, bias_ptr, scale_ptr, out_ptr, rows, inner, outer, x_stride,
+                             out_stride, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BM: tl.constexpr,
+                             BN: tl.constexpr, BK: tl.constexpr):
         column = tl.program_id(0) * BN + tl.arange(0, BN)
         column_inside = column < outer
         row = tl.arange(0, BM)
@@ -128,6 +146,8 @@ def _kernel(interpret: bool):
             x = tl.load(x_ptr + row.to(tl.int64)[:, None] * x_stride + k[None, :],
                         mask=row_inside[:, None] & k_inside[None, :], other=0.0)  # (BM, BK)
             total += tl.sum(x.to(tl.float32)[:, None, :] * weight.to(tl.float32)[None, :, :], axis=2)
+        if HAS_SCALE:
+            total *= tl.load(scale_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             total += tl.load(bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + row.to(tl.int64)[:, None] * out_stride + column[None, :],
@@ -136,18 +156,20 @@ def _kernel(interpret: bool):
     return skinny_linear_kernel
 
 
-def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         scale: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel of `skinny_linear` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
 
     Args:
         x: shape (M, K) with M <= `MAX_ROWS`; rows may be strided.
-        weight: shape (N, K), contiguous.
+        weight: shape (N, K), contiguous; floating, or int8 with ``scale``.
         bias: shape (N,), or None.
+        scale: shape (N,), the int8 weight's per-feature scale, or None.
 
     Returns:
         shape (M, N), dtype of ``x``.
     """
-    _check(x, weight, bias)
+    _check(x, weight, bias, scale)
     rows, inner = x.shape
     if rows > MAX_ROWS:
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, found {rows}")
@@ -159,29 +181,32 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return out
     if inner == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(rows, outer))
+    scale = None if scale is None else scale.contiguous()
     tiles = _TILES
     block_m = 1 << max(0, rows - 1).bit_length()
     # Keep the (BM, BN, BK) products of one step within a register budget.
     block_k = max(16, min(tiles.block_k, 16384 // (block_m * tiles.block_n)))
     _kernel(interpreter_enabled())[(triton_module().cdiv(outer, tiles.block_n),)](
-        x, weight, weight if bias is None else bias, out, rows, inner, outer, x.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BM=block_m, BN=tiles.block_n, BK=block_k, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        x, weight, x if bias is None else bias, x if scale is None else scale, out, rows, inner, outer,
+        x.stride(0), out.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BM=block_m,
+        BN=tiles.block_n, BK=block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias``: the Triton kernel where allowed and M <= `MAX_ROWS`, else
-    ``torch.nn.functional.linear``.
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (weight * scale[:, None]).T + bias``: the Triton kernel where allowed and M <= `MAX_ROWS`, else
+    the reference.
 
     Args:
         x: shape (M, K).
-        weight: shape (N, K).
+        weight: shape (N, K); floating, or int8 with ``scale``.
         bias: shape (N,), or None.
+        scale: shape (N,), the int8 weight's per-feature scale, or None.
 
     Returns:
         shape (M, N), dtype of ``x``.
     """
     if x.ndim == 2 and x.shape[0] > MAX_ROWS:
-        return skinny_linear_reference(x, weight, bias)
-    return dispatch("skinny_linear", x, skinny_linear_triton, skinny_linear_reference, x, weight, bias)
+        return skinny_linear_reference(x, weight, bias, scale)
+    return dispatch("skinny_linear", x, skinny_linear_triton, skinny_linear_reference, x, weight, bias, scale)

@@ -1,0 +1,86 @@
+"""Per-row int8 weights: the rounding error bound, and the fused decode step through them."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of Triton; see kernel_helpers
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_fast_fused_decode import DEVICE, random_backbone  # noqa: E402
+
+from nextstep.backbones.base import positions_from_mask  # noqa: E402
+from nextstep.fast import DecodeStep, FastTokenSampler  # noqa: E402
+from nextstep.fast.fused_decode import FusedDecodeStack  # noqa: E402
+from nextstep.fast.weight_quantization import quantize_int8  # noqa: E402
+
+
+@given(rows=st.integers(1, 6), columns=st.integers(1, 50), seed=st.integers(0, 2**16),
+       spread=st.sampled_from([1e-4, 1.0, 1e3]), zero_row=st.booleans())
+def test_each_weight_is_within_half_a_step_of_its_row(rows, columns, seed, spread, zero_row):
+    weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)) * spread
+    if zero_row:
+        weight[0] = 0.0
+    quantized = quantize_int8(weight)
+    assert quantized.values.dtype == torch.int8 and quantized.values.abs().max() <= 127
+    error = (quantized.dequantize() - weight).abs()
+    assert torch.all(error <= quantized.scale[:, None] / 2 * (1 + 1e-6))
+    assert torch.equal(quantized.values.abs().amax(dim=1)[1 if zero_row else 0:],
+                       torch.full((rows - (1 if zero_row else 0),), 127, dtype=torch.int8))
+    assert quantized.nbytes == rows * columns + 4 * rows
+
+
+def steps(stack_factory, backbone, count=3):
+    torch.manual_seed(5)
+    embeds = torch.randn(2, 6, backbone.hidden_size).to(DEVICE)
+    mask = torch.ones(2, 6, dtype=torch.bool, device=DEVICE)
+    positions = positions_from_mask(mask)
+    cache = backbone.new_cache(2, 6 + count)
+    hidden = torch.zeros(2, backbone.hidden_size, device=DEVICE)
+    step_embeds = torch.zeros(2, 1, backbone.hidden_size, device=DEVICE)
+    inputs = torch.randn(count, 2, 1, backbone.hidden_size).to(DEVICE)
+    found = []
+    with torch.no_grad():
+        backbone(embeds, positions, mask, cache)
+        step = DecodeStep(backbone, cache, step_embeds, hidden, compile_stack=stack_factory(backbone))
+        step.start(positions[:, -1:] + 1)
+        for index in range(count):
+            step_embeds.copy_(inputs[index])
+            step.compute(step.visible())
+            step.advance()
+            found.append(hidden.clone())
+    return torch.stack(found)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_fused_step_through_int8_weights_stays_close_to_the_model(seed):
+    backbone = random_backbone(seed=seed)
+    expected = steps(lambda b: None, backbone)
+    found = steps(lambda b: FusedDecodeStack(b, int8_weights=True), backbone)
+    relative = ((found - expected).norm() / expected.norm()).item()
+    assert 0 < relative < 0.02, relative  # about 0.3% with these random weights
+
+
+def test_the_int8_copies_follow_a_repack_and_the_sampler_checks_its_options():
+    backbone = random_backbone()
+    stack = FusedDecodeStack(backbone, int8_weights=True)
+    assert stack.skinny and stack.products[0]["qkv"][0].dtype == torch.int8
+    backbone.double()
+    assert stack.refresh() and stack.products[0]["o"][2].dtype == torch.float32
+    with pytest.raises(ValueError, match="decode_weights must be one of"):
+        FastTokenSampler(_Model(backbone), fused_decode=True, decode_weights="int4")
+    with pytest.raises(ValueError, match="decode_weights='int8' needs fused_decode=True"):
+        FastTokenSampler(_Model(backbone), decode_weights="int8")
+
+
+def test_quantize_int8_names_what_it_takes():
+    with pytest.raises(ValueError, match=r"a floating \(N, K\) matrix, found \(3,\) torch.float32"):
+        quantize_int8(torch.zeros(3))
+
+
+class _Model:
+    """Just enough of a NextStep model for FastTokenSampler's constructor."""
+
+    def __init__(self, backbone):
+        self.backbone = backbone
