@@ -14,6 +14,7 @@ from nextstep.fast.packed_projections import PackedProjections, pack_projections
 from nextstep.fast.solver_plan import SolverPlan, SolverStage, solver_plan
 from nextstep.fast.token_sampler import FastTokenSampler
 from nextstep.fast.token_step import FusedTokenStep, GenericTokenStep, TokenStepBuffers
+from nextstep.fast.weight_quantization import Int8Weight, quantize_int8
 
 __all__ = [
     "CapturedCall",
@@ -24,11 +25,13 @@ __all__ = [
     "FusedTokenStep",
     "GenericTokenStep",
     "GraphCaptureWarning",
+    "Int8Weight",
     "PackedProjections",
     "SolverPlan",
     "SolverStage",
     "TokenStepBuffers",
     "branch_weights",
     "pack_projections",
+    "quantize_int8",
     "solver_plan",
 ]
