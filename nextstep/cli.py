@@ -23,6 +23,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _token_sampler(model, args: argparse.Namespace):
+    """The `FastTokenSampler` that ``--fast``, ``--fused-decode`` and ``--decode-weights`` ask for, or None."""
+    fused = args.fused_decode or args.decode_weights != "native"
+    if not (args.fast or fused):
+        return None
+    from nextstep.fast import FastTokenSampler
+
+    return FastTokenSampler(model, fused_decode=fused, decode_weights=args.decode_weights)
+
+
 def command_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -32,6 +42,7 @@ def command_generate(args: argparse.Namespace) -> int:
     from nextstep.io import atomic_path
 
     model = load_model(args.model, device=args.device, seed=args.seed)
+    token_sampler = _token_sampler(model, args)
     out_dir = Path(args.output)
     source = None
     if args.image is not None:
@@ -55,7 +66,7 @@ def command_generate(args: argparse.Namespace) -> int:
             negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
             progress=progress, sampler=args.sampler, cfg_schedule=args.cfg_schedule,
             temperature=args.temperature, images=None if source is None else [source], cfg_img=args.cfg_img,
-            candidates=args.candidates, candidate_score=args.candidate_score,
+            candidates=args.candidates, candidate_score=args.candidate_score, token_sampler=token_sampler,
         )
         bar.close()
         images = to_pil(decode_tokens(model, tokens, grid_h, grid_w))
@@ -452,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="unconditional text (default '', or 'Copy original image.' with --image)")
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--fast", action="store_true",
+                     help="sample the tokens with nextstep.fast.FastTokenSampler: captured CUDA graphs and fused "
+                          "kernels on a GPU, the same tokens up to rounding")
+    gen.add_argument("--fused-decode", action="store_true",
+                     help="with --fast, the fused decode step (packed projections, fused rotary and norms)")
+    gen.add_argument("--decode-weights", default="native", choices=["native", "skinny", "int8"],
+                     help="what the fused decode step multiplies by: the model's weights through the library's "
+                          "products (native) or the few-rows kernel (skinny), or int8 copies (int8: half the bytes, "
+                          "images within rounding of the model's); implies --fast --fused-decode unless native")
     gen.add_argument("--grid", action="store_true", help="also write grid.png with every image")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(handler=command_generate)

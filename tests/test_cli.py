@@ -57,3 +57,16 @@ def test_the_command_line_page_lists_every_subcommand_with_its_help():
     for name, text in helps.items():
         assert re.search(rf"^  {re.escape(name)} +{re.escape(text)}$", page, re.MULTILINE), name
         assert f"## nextstep {name}\n" in page, name
+
+
+def test_generate_with_the_fast_sampler_and_int8_decode_weights(tmp_path):
+    import numpy as np
+
+    common = ["generate", "a red circle", "--steps", "4", "--quiet"]  # the shipped model
+    assert main(common + ["--output", str(tmp_path / "loop")]) == 0
+    assert main(common + ["--output", str(tmp_path / "fast"), "--fast"]) == 0
+    assert main(common + ["--output", str(tmp_path / "int8"), "--decode-weights", "int8"]) == 0
+    (loop,), (fast,), (int8,) = (sorted((tmp_path / name).glob("*.png")) for name in ("loop", "fast", "int8"))
+    pixels = [np.asarray(Image.open(path), dtype=np.float32) for path in (loop, fast, int8)]
+    assert np.abs(pixels[1] - pixels[0]).max() <= 1  # the same tokens up to rounding
+    assert 0 < np.abs(pixels[2] - pixels[0]).mean() < 8  # int8 weights: close, not equal
