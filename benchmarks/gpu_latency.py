@@ -242,6 +242,26 @@ class Clock:
             torch.cuda.synchronize(self.device)
 
 
+def timed_replays(call: CapturedCall, clock: Clock, repeats: int, capture: bool, *, snapshot=None,
+                  after=None) -> list[float]:
+    """Capture ``call`` (with ``capture``), run it once untimed, then ``repeats`` timed runs: their ms.
+
+    ``snapshot`` is passed to the capture; ``after()``, if given, follows every run.
+    """
+    if capture:
+        call.capture(clock.device, snapshot=snapshot)
+    times: list[float] = []
+    for index in range(repeats + 1):
+        if index:
+            with clock.measure(times):
+                call()
+        else:
+            call()
+        if after is not None:
+            after()
+    return times
+
+
 def card_numbers(device: torch.device, dry_run: bool) -> dict:
     """Name, memory, measured copy bandwidth and bf16 (fp32 on the CPU) matmul rate."""
     clock = Clock(device)
@@ -303,16 +323,8 @@ def time_decode(model, fast, clock, rows: int, context: int, repeats: int, captu
     visible = -(-(context + repeats + 1) // 256) * 256
     visible = min(visible, cache.max_length)
     call = CapturedCall(lambda: step.compute(visible), name="decode step")
-    times = []
     with torch.inference_mode():
-        if capture:
-            call.capture(clock.device, snapshot=step.snapshot)
-        call()  # one untimed step
-        step.advance()
-        for _ in range(repeats):
-            with clock.measure(times):
-                call()
-            step.advance()
+        times = timed_replays(call, clock, repeats, capture, snapshot=step.snapshot, after=step.advance)
     return {"ms": statistics.median(times), "captured": call.captured, "visible_slots": visible,
             "failure": call.failure}
 
@@ -355,15 +367,9 @@ def time_products(clock, shapes: dict[str, tuple[int, int]], rows: int, dtype, r
                     product()
 
             call = CapturedCall(many, name=f"{name} product")
-            times = []
             try:
                 with torch.inference_mode():
-                    if capture:
-                        call.capture(device)
-                    call()
-                    for _ in range(repeats):
-                        with clock.measure(times):
-                            call()
+                    times = timed_replays(call, clock, repeats, capture)
             except Exception as error:
                 errors.append(_error(f"{name} product ({kind} {tile})", error))
                 continue
@@ -389,15 +395,9 @@ def time_token_step(model, clock, rows: int, branches: int, steps: int, cfg: flo
     noise = torch.randn(rows, model.token_dim, device=device, generator=generator)
     weights = branch_weights(guidance_for_scale(cfg), plan.times).to(device)
     call = CapturedCall(step.compute, name="token step")
-    times = []
     with torch.inference_mode():
         step.load(noise, None, weights)
-        if capture:
-            call.capture(device)
-        call()
-        for _ in range(repeats):
-            with clock.measure(times):
-                call()
+        times = timed_replays(call, clock, repeats, capture)
     return {"ms": statistics.median(times), "captured": call.captured, "failure": call.failure,
             "evaluations": len(plan.stages)}
 
