@@ -297,6 +297,8 @@ def generate_tokens(
         tokens (R, N, D) float32, grid height h, grid width w.
     """
     prompts = check_prompts(prompts)
+    if token_sampler is not None and token_sampler.model is not model:
+        raise ValueError("token_sampler samples another model; build it with FastTokenSampler(model)")
     editing = images is not None
     defaults = model.config.generation
     cfg = defaults.cfg if cfg is None else cfg
@@ -359,8 +361,6 @@ def generate_tokens(
                                     sampler.stochastic, temperature, device, candidates)
     grids: dict[int, tuple[torch.Tensor, Any]] = {}  # steps -> (grid, the head's prepared times)
 
-    if token_sampler is not None and token_sampler.model is not model:
-        raise ValueError("token_sampler samples another model; build it with FastTokenSampler(model)")
     hidden, cache, next_positions, step_mask = prefill(  # hidden (G*R, H)
         model, rows, num_tokens, device, dtype, None if token_sampler is None else token_sampler.new_cache)
     if token_sampler is not None:
