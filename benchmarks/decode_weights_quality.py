@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_results  # noqa: E402
 
-VARIANTS = {"model weights": "native", "int8 weights": "int8"}
+#: The two ways compared: `nextstep.fast.token_sampler.TOKEN_SAMPLERS` names.
+VARIANTS = {"model weights": "fused", "int8 weights": "int8"}
 
 
 def main(argv=None) -> int:
@@ -40,10 +41,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="decode_weights_quality")
     args = parser.parse_args(argv)
 
+    from dataclasses import replace
+
     from nextstep import load_model
     from nextstep.evaluation.sampling import SamplingSettings
     from nextstep.evaluation.shapes_geneval import run_shapes_geneval
-    from nextstep.fast import FastTokenSampler
+    from nextstep.fast.token_sampler import token_sampler_named
     from nextstep.generation import generate_tokens
 
     torch.set_num_threads(2)
@@ -53,13 +56,12 @@ def main(argv=None) -> int:
                "settings": settings.to_dict(), "images_per_tag": args.images_per_tag, "variants": {}}
     verdicts = {}
     with tempfile.TemporaryDirectory() as directory:
-        for name, weights in VARIANTS.items():
-            fast = FastTokenSampler(model, fused_decode=True, decode_weights=weights)
+        for name, token_sampler in VARIANTS.items():
             begin = time.perf_counter()
-            report = run_shapes_geneval(model, Path(directory) / weights, images_per_tag=args.images_per_tag,
-                                        settings=settings, with_ceiling=False, token_sampler=fast)
+            report = run_shapes_geneval(model, Path(directory) / token_sampler, images_per_tag=args.images_per_tag,
+                                        settings=replace(settings, token_sampler=token_sampler), with_ceiling=False)
             seconds = time.perf_counter() - begin
-            lines = (Path(directory) / weights / "results.jsonl").read_text().splitlines()
+            lines = (Path(directory) / token_sampler / "results.jsonl").read_text().splitlines()
             verdicts[name] = [json.loads(line)["correct"] for line in lines]
             payload["variants"][name] = {"overall": report.overall, "per_tag": report.per_tag, "seconds": seconds}
             print(f"{name}: held-out shapes {report.overall:.3f} "
@@ -75,9 +77,8 @@ def main(argv=None) -> int:
     # Token-level difference on a few prompts: the same draws through both weights.
     prompts = ["a red circle", "two blue squares", "a green triangle above a yellow square", "grinning face"]
     tokens = {name: generate_tokens(model, prompts, seed=args.seed,
-                                    token_sampler=FastTokenSampler(model, fused_decode=True,
-                                                                   decode_weights=weights))[0]
-              for name, weights in VARIANTS.items()}
+                                    token_sampler=token_sampler_named(model, token_sampler))[0]
+              for name, token_sampler in VARIANTS.items()}
     reference, quantized = tokens.values()
     payload["token_relative_difference"] = ((quantized - reference).norm() / reference.norm()).item()
     print(f"verdicts changed on {changed} of {len(first)} images "

@@ -23,26 +23,17 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def _token_sampler(model, args: argparse.Namespace):
-    """The `FastTokenSampler` that ``--fast``, ``--fused-decode`` and ``--decode-weights`` ask for, or None."""
-    fused = args.fused_decode or args.decode_weights != "native"
-    if not (args.fast or fused):
-        return None
-    from nextstep.fast import FastTokenSampler
-
-    return FastTokenSampler(model, fused_decode=fused, decode_weights=args.decode_weights)
-
-
 def command_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nextstep.builders import load_model
+    from nextstep.fast.token_sampler import token_sampler_named
     from nextstep.generation import decode_tokens, generate_tokens
     from nextstep.images import image_grid, to_pil
     from nextstep.io import atomic_path
 
     model = load_model(args.model, device=args.device, seed=args.seed)
-    token_sampler = _token_sampler(model, args)
+    token_sampler = token_sampler_named(model, args.token_sampler)
     out_dir = Path(args.output)
     source = None
     if args.image is not None:
@@ -219,7 +210,7 @@ def _square_sampling_settings(model, args: argparse.Namespace):
         size = chosen.height
     return SamplingSettings.from_defaults(chosen, height=size, width=size, seed=args.seed,
                                           batch_size=args.batch_size, sampler=args.sampler,
-                                          temperature=args.temperature)
+                                          temperature=args.temperature, token_sampler=args.token_sampler)
 
 
 def _image_progress(desc: str, quiet: bool):
@@ -463,15 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="unconditional text (default '', or 'Copy original image.' with --image)")
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
     gen.add_argument("--device", default="cpu")
-    gen.add_argument("--fast", action="store_true",
-                     help="sample the tokens with nextstep.fast.FastTokenSampler: captured CUDA graphs and fused "
-                          "kernels on a GPU, the same tokens up to rounding")
-    gen.add_argument("--fused-decode", action="store_true",
-                     help="with --fast, the fused decode step (packed projections, fused rotary and norms)")
-    gen.add_argument("--decode-weights", default="native", choices=["native", "skinny", "int8"],
-                     help="what the fused decode step multiplies by: the model's weights through the library's "
-                          "products (native) or the few-rows kernel (skinny), or int8 copies (int8: half the bytes, "
-                          "images within rounding of the model's); implies --fast --fused-decode unless native")
+    _add_token_sampler_option(gen)
     gen.add_argument("--grid", action="store_true", help="also write grid.png with every image")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(handler=command_generate)
@@ -641,6 +624,17 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
                              "nextstep.reranking.CANDIDATE_SCORES (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
     parser.add_argument("--batch-size", type=_positive_int, default=32)
+    _add_token_sampler_option(parser)
+
+
+def _add_token_sampler_option(parser: argparse.ArgumentParser) -> None:
+    from nextstep.fast.token_sampler import TOKEN_SAMPLERS
+
+    parser.add_argument("--token-sampler", default="loop", choices=TOKEN_SAMPLERS,
+                        help="how the tokens are sampled after the prefill: loop (the plain loop), fast (captured "
+                             "CUDA graphs and fused kernels on a GPU, the same tokens up to rounding), fused (and the "
+                             "fused decode step), skinny (and its few-rows products), int8 (and int8 decode "
+                             "weights: half the bytes read per token, images close to the model's)")
 
 
 def main(argv: list[str] | None = None) -> int:

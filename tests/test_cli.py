@@ -65,8 +65,8 @@ def test_generate_with_the_fast_sampler_and_int8_decode_weights(tmp_path, monkey
     monkeypatch.setenv("NEXTSTEP_DISABLE_TRITON", "1")  # the references: the wiring is tested here, not the kernels
     common = ["generate", "a red circle", "--steps", "4", "--quiet"]  # the shipped model
     assert main(common + ["--output", str(tmp_path / "loop")]) == 0
-    assert main(common + ["--output", str(tmp_path / "fast"), "--fast"]) == 0
-    assert main(common + ["--output", str(tmp_path / "int8"), "--decode-weights", "int8"]) == 0
+    assert main(common + ["--output", str(tmp_path / "fast"), "--token-sampler", "fast"]) == 0
+    assert main(common + ["--output", str(tmp_path / "int8"), "--token-sampler", "int8"]) == 0
     (loop,), (fast,), (int8,) = (sorted((tmp_path / name).glob("*.png")) for name in ("loop", "fast", "int8"))
     pixels = [np.asarray(Image.open(path), dtype=np.float32) for path in (loop, fast, int8)]
     assert np.abs(pixels[1] - pixels[0]).max() <= 1  # the same tokens up to rounding

@@ -149,3 +149,24 @@ def test_a_token_sampler_of_another_model_is_refused(trained_like_model):
     other = FastTokenSampler(build_model("tiny", seed=1))
     with pytest.raises(ValueError, match="token_sampler samples another model"):
         generate_tokens(trained_like_model, ["a red circle"], height=32, width=32, token_sampler=other)
+
+
+def test_token_samplers_by_name_and_in_sampling_settings(trained_like_model):
+    from nextstep.evaluation.sampling import SamplingSettings, generate_images
+    from nextstep.fast.token_sampler import TOKEN_SAMPLERS, token_sampler_named
+
+    model = trained_like_model.eval()
+    assert token_sampler_named(model, "loop") is None
+    int8 = token_sampler_named(model, "int8")
+    assert int8.fused_decode and int8.decode_weights == "int8"
+    with pytest.raises(ValueError, match="token sampler must be one of"):
+        token_sampler_named(model, "graphs")
+    with pytest.raises(ValueError, match="token_sampler"):
+        SamplingSettings(token_sampler="graphs")
+    assert set(TOKEN_SAMPLERS) == {"loop", "fast", "fused", "skinny", "int8"}
+    settings = SamplingSettings(height=32, width=32, num_steps=2, batch_size=2)
+    loop = generate_images(model, ["a red circle", "grinning face"], settings)
+    fast = generate_images(model, ["a red circle", "grinning face"], SamplingSettings(
+        height=32, width=32, num_steps=2, batch_size=2, token_sampler="fused"))
+    for a, b in zip(loop, fast):
+        assert (torch.tensor(list(a.tobytes())) - torch.tensor(list(b.tobytes()))).abs().max() <= 1

@@ -11,7 +11,6 @@ from nextstep.samplers.guidance_schedule import resolve_guidance_schedule
 if TYPE_CHECKING:
     from PIL import Image
 
-    from nextstep.fast import FastTokenSampler
     from nextstep.generation_defaults import GenerationDefaults
     from nextstep.model import NextStep
 
@@ -35,6 +34,11 @@ class SamplingSettings:
             the prompt (`nextstep.reranking`); None: the model's default.
         candidate_score: what ranks the candidates, a name of
             `nextstep.reranking.CANDIDATE_SCORES`; None: the model's default.
+        token_sampler: how the tokens are sampled after the prefill, a name of
+            `nextstep.fast.token_sampler.TOKEN_SAMPLERS`: ``loop`` (the plain
+            loop), ``fast`` (captured graphs and fused kernels on a GPU, the same
+            tokens up to rounding), ``fused``, ``skinny`` (the fused decode
+            step) or ``int8`` (it, through int8 weights).
     """
 
     height: int = 64
@@ -48,12 +52,16 @@ class SamplingSettings:
     temperature: float = 1.0
     candidates: int | None = None
     candidate_score: str | None = None
+    token_sampler: str = "loop"
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         require(self.num_steps >= 1, "num_steps", self.num_steps, ">= 1")
         require(self.candidates is None or self.candidates >= 1, "candidates", self.candidates, "None or >= 1")
         resolve_guidance_schedule(self.cfg_schedule)
+        from nextstep.fast.token_sampler import TOKEN_SAMPLERS
+
+        require(self.token_sampler in TOKEN_SAMPLERS, "token_sampler", self.token_sampler, f"one of {TOKEN_SAMPLERS}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,8 +76,7 @@ class SamplingSettings:
 
 
 def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSettings,
-                    progress: Callable[[int, int], None] | None = None,
-                    token_sampler: "FastTokenSampler | None" = None) -> list["Image.Image"]:
+                    progress: Callable[[int, int], None] | None = None) -> list["Image.Image"]:
     """One image per prompt; image ``i`` is seeded ``settings.seed + i``.
 
     Args:
@@ -77,13 +84,14 @@ def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSet
         prompts: one prompt per image (repeat a prompt for several images).
         settings: sampling settings.
         progress: called with (images done, images in all) after each batch.
-        token_sampler: a `nextstep.fast.FastTokenSampler` of ``model`` for the
-            token loop (`nextstep.generation.generate_tokens`), or None.
     """
     import torch
 
+    from nextstep.fast.token_sampler import token_sampler_named
     from nextstep.generation import decode_tokens, generate_tokens
     from nextstep.images import to_pil
+
+    token_sampler = token_sampler_named(model, settings.token_sampler)
 
     images: list = []
     model.eval()

@@ -46,7 +46,6 @@ from nextstep.training.data.shapes.world import (
 )
 
 if TYPE_CHECKING:
-    from nextstep.fast import FastTokenSampler
     from nextstep.model import NextStep
 
 
@@ -206,8 +205,7 @@ def tokenizer_ceiling(model: "NextStep", images_per_tag: int = 48, size: int = 6
 def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_per_tag: int = 48,
                        settings: SamplingSettings | None = None, detector: DetectorConfig | None = None,
                        progress: Callable[[int, int], None] | None = None,
-                       with_ceiling: bool = True, combinations: str = "held_out",
-                       token_sampler: "FastTokenSampler | None" = None) -> GenEvalReport:
+                       with_ceiling: bool = True, combinations: str = "held_out") -> GenEvalReport:
     """Generate ``images_per_tag`` images per category (cycling its prompts), detect and score them.
 
     ``combinations`` picks the prompts (`geneval_prompts`): the held-out ones by
@@ -216,9 +214,6 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
 
     With ``with_ceiling`` the report also holds `tokenizer_ceiling` for as many
     ground-truth scenes per category.
-
-    ``token_sampler`` (a `nextstep.fast.FastTokenSampler` of ``model``) samples the
-    tokens after the prefill, for example through int8 decode weights.
 
     With ``output`` it writes ``results.jsonl`` (one line per image), ``report.json``,
     ``report.md`` and ``samples.png`` (a row of eight images per category).
@@ -231,7 +226,7 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
     for entry in geneval_prompts(combinations):
         by_tag[entry["tag"]].append(entry)
     plan = [(tag, by_tag[tag][i % len(by_tag[tag])]) for tag in GENEVAL_TAGS for i in range(images_per_tag)]
-    images = generate_images(model, [entry["prompt"] for _, entry in plan], settings, progress, token_sampler)
+    images = generate_images(model, [entry["prompt"] for _, entry in plan], settings, progress)
     results, correct_by_tag, empty_by_tag = [], defaultdict(list), defaultdict(list)
     for index, ((tag, entry), image) in enumerate(zip(plan, images)):
         detections = detect_shapes(image, detector)

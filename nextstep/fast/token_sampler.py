@@ -42,7 +42,7 @@ from nextstep.samplers.step_schedule import StepSchedule, as_step_schedule
 if TYPE_CHECKING:
     from nextstep.model import NextStep
 
-__all__ = ["CACHE_BUCKET", "DECODE_WEIGHTS", "FastTokenSampler"]
+__all__ = ["CACHE_BUCKET", "DECODE_WEIGHTS", "TOKEN_SAMPLERS", "FastTokenSampler", "token_sampler_named"]
 
 #: Pooled caches round their capacity up to a multiple of this many slots, so
 #: that generations of similar lengths share one cache and one decode graph.
@@ -50,6 +50,11 @@ CACHE_BUCKET = 256
 
 #: What the fused decode step multiplies by (`FastTokenSampler`'s ``decode_weights``).
 DECODE_WEIGHTS = ("native", "skinny", "int8")
+
+#: Names of the ways to sample an image's tokens after the prefill (`token_sampler_named`): the plain
+#: loop of `nextstep.generation.generate_tokens`; `FastTokenSampler`; with the fused decode step; with
+#: it multiplying through the few-rows kernel; through int8 weights.
+TOKEN_SAMPLERS = ("loop", "fast", "fused", "skinny", "int8")
 
 
 class FastTokenSampler:
@@ -347,3 +352,16 @@ class FastTokenSampler:
             call.capture(self.device, snapshot=decode.snapshot)
         call()
         decode.advance()
+
+
+def token_sampler_named(model: "NextStep", name: str) -> FastTokenSampler | None:
+    """The token sampler a name of `TOKEN_SAMPLERS` stands for: None for ``loop``, else a new
+    `FastTokenSampler` of ``model`` (``fused``: ``fused_decode=True``; ``skinny`` and ``int8``: also
+    those ``decode_weights``)."""
+    if name not in TOKEN_SAMPLERS:
+        raise ValueError(f"token sampler must be one of {TOKEN_SAMPLERS}, found {name!r}")
+    if name == "loop":
+        return None
+    if name == "fast":
+        return FastTokenSampler(model)
+    return FastTokenSampler(model, fused_decode=True, decode_weights="native" if name == "fused" else name)
