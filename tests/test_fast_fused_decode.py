@@ -94,6 +94,9 @@ def test_packing_keeps_parameters_memory_names_and_checkpoints(tmp_path):
     optimizer.step()
     width = backbone.layers[0].mlp.up_proj.weight.shape[0]
     torch.testing.assert_close(packs[0].gate_up_weight[width:], state["layers.0.mlp.up_proj.weight"] - 1.0)
+    backbone.load_state_dict(state)  # loading copies into the views: the packs see it, the packing holds
+    assert pack_projections(backbone) is packs
+    torch.testing.assert_close(packs[0].gate_up_weight[width:], state["layers.0.mlp.up_proj.weight"])
 
 
 def test_a_packed_model_saves_and_loads(tmp_path, trained_like_model):
