@@ -38,6 +38,10 @@ Writes ``gpu_latency.json`` and ``gpu_latency.md`` (the table for
 exits 0; ``--dry-run`` runs every part with tiny shapes on the CPU (graphs off)
 so the script is known to work before it meets a GPU.
 
+With ``--persistent-head`` it times only the head, one launch per evaluation
+(`nextstep.kernels.persistent_head`) against the norm kernels, and writes
+``gpu_latency_persistent.json``.
+
 Usage:
     python benchmarks/gpu_latency.py --out DIR                 # the GPU run, about 3-5 minutes on an H100/H200
     python benchmarks/gpu_latency.py --dry-run --out DIR       # seconds, on the CPU
@@ -87,6 +91,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SKINNY_CANDIDATES = [SkinnyTiles(), SkinnyTiles(4, 512, 4, 4), SkinnyTiles(16, 256, 4, 4), SkinnyTiles(8, 1024, 8, 3),
                      SkinnyTiles(16, 512, 8, 4), SkinnyTiles(4, 1024, 4, 4), SkinnyTiles(2, 1024, 2, 4),
                      SkinnyTiles(32, 256, 8, 3)]
+#: File stem of the --persistent-head results.
+PERSISTENT_STEM = "gpu_latency_persistent"
 #: Products per captured call when timing one product alone (launches amortised).
 PRODUCTS_PER_CALL = 20
 #: Tiles of the head's block kernels tried at batch 1 (the default first).
@@ -114,6 +120,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-fused-decode", dest="fused_decode", action="store_false",
                         help="decode with the backbone's own stack only (default: the fused stack, and both "
                              "for the one-row rows)")
+    parser.add_argument("--persistent-head", action="store_true",
+                        help="time only the head, one launch per evaluation against the norm kernels; writes "
+                             "gpu_latency_persistent.json (run it apart: its programs wait for each other, and "
+                             "wait forever if the GPU cannot run them all at once)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.tokens is None:
@@ -499,6 +509,10 @@ def run(args) -> dict:
     def remaining() -> float:
         return args.budget_seconds - (time.perf_counter() - started)
 
+    if args.persistent_head:
+        return persistent_head_run(args, result, model, velocity, clock, branches, capture, generator, bandwidth,
+                                   matmul, started)
+
     # One layer's matrix products alone at one row: the library's against the few-rows kernel with a few
     # tiles; the fastest tiles (summed over the products) are used from here on.
     if result["triton"]:
@@ -677,6 +691,41 @@ def run(args) -> dict:
     return result
 
 
+def persistent_head_run(args, result: dict, model, velocity, clock, branches: int, capture: bool, generator,
+                        bandwidth: float, matmul: float, started: float) -> dict:
+    """The head alone with one launch per evaluation (`nextstep.kernels.persistent_head`) against the norm
+    kernels, at every batch size and step count."""
+    persistent = FusedFlowMatchingVelocity(model.image_head, persistent=True)
+    result["persistent_head"] = []
+    for batch in args.batch_sizes:
+        for steps in args.steps:
+            entry = {"batch": batch, "steps": steps}
+            for name, chosen in (("norm_kernels_ms", velocity), ("one_launch_ms", persistent)):
+                try:
+                    timing = time_token_step(model, clock, batch, branches, steps, args.cfg, args.repeats, capture,
+                                             chosen, generator)
+                except Exception as error:
+                    result["errors"].append(_error(f"head {name} batch {batch} steps {steps}", error))
+                    continue
+                entry[name] = timing["ms"]
+                evaluations = timing["evaluations"]
+            if "one_launch_ms" not in entry:
+                result["persistent_head"].append(entry)
+                continue
+            rows = batch * branches
+            entry["floor_ms"] = max(head_bytes(model, evaluations) / bandwidth,
+                                    head_flops(model, rows, evaluations) / matmul) * 1e3
+            entry["one_launch_ratio"] = entry["one_launch_ms"] / entry["floor_ms"]
+            entry["one_launch_ran"] = persistent._persistent_weights is not None
+            result["persistent_head"].append(entry)
+            print(f"head batch {batch} steps {steps}: norm kernels {entry.get('norm_kernels_ms', float('nan')):.2f} "
+                  f"ms, one launch {entry['one_launch_ms']:.2f} ms (floor {entry['floor_ms']:.2f}, "
+                  f"{entry['one_launch_ratio']:.2f}x)", flush=True)
+            _save(args.out, result, PERSISTENT_STEM)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
 def _error(where: str, error: BaseException) -> str:
     text = f"{where}: {type(error).__name__}: {str(error).strip()[:500]}"
     print(text, flush=True)
@@ -740,11 +789,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save(out: Path, result: dict) -> None:
+def _save(out: Path, result: dict, stem: str = "gpu_latency") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "gpu_latency.json", json.dumps(result, indent=2) + "\n")
-    if "card" in result:
-        atomic_write_text(out / "gpu_latency.md", markdown(result))
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    if "card" in result and stem == "gpu_latency":
+        atomic_write_text(out / f"{stem}.md", markdown(result))
 
 
 def main(argv=None) -> int:
@@ -754,6 +803,10 @@ def main(argv=None) -> int:
               "the CPU)", flush=True)
         return 0
     result = run(args)
+    if args.persistent_head:
+        _save(args.out, result, PERSISTENT_STEM)
+        print(f"wrote {args.out / (PERSISTENT_STEM + '.json')} in {result['seconds']:.0f} s", flush=True)
+        return 0
     _save(args.out, result)
     print(f"wrote {args.out / 'gpu_latency.json'} and {args.out / 'gpu_latency.md'} in {result['seconds']:.0f} s",
           flush=True)

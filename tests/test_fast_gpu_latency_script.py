@@ -62,3 +62,13 @@ def test_floors_count_every_weight_once_per_read():
     embedding = model.backbone.embed_tokens.weight
     assert script.backbone_weight_bytes(model) == sum(
         p.numel() * 4 for p in model.backbone.parameters()) - embedding.numel() * 4
+
+
+def test_persistent_head_mode_writes_its_own_json(tmp_path):
+    script = load_script()
+    assert script.main(["--dry-run", "--persistent-head", "--out", str(tmp_path), "--batch-sizes", "1",
+                        "--steps", "2", "--repeats", "1"]) == 0
+    result = json.loads((tmp_path / "gpu_latency_persistent.json").read_text())
+    (entry,) = result["persistent_head"]
+    assert entry["one_launch_ms"] > 0 and entry["norm_kernels_ms"] > 0 and entry["floor_ms"] > 0
+    assert not (tmp_path / "gpu_latency.json").exists() and not result["errors"]

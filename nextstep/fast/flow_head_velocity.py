@@ -24,6 +24,8 @@ from nextstep.heads.base import ImageHead
 from nextstep.heads.flow_matching import FlowMatchingHead, FlowMatchingMLP
 from nextstep.heads.prepared_flow_matching import folded_modulation_parameters
 from nextstep.kernels import adaln_linear, adaln_modulation
+from nextstep.kernels.persistent_head import PersistentHeadWeights, persistent_head_triton, persistent_programs
+from nextstep.kernels.triton_support import interpreter_enabled, triton_enabled
 
 __all__ = ["FusedFlowMatchingVelocity", "fused_head_reason"]
 
@@ -56,9 +58,14 @@ class FusedFlowMatchingVelocity:
             uses it; False always uses the eager reference.
         fused_blocks: run each AdaLN block as two fused matrix-product kernels
             instead of cuBLAS products around fused norms.
+        persistent: run a whole evaluation as one launch of cooperating programs
+            (`nextstep.kernels.persistent_head`) where Triton runs and the head
+            allows it (one LayerNorm epsilon for all blocks, at most 16 rows);
+            ``programs`` of them (default: `persistent_programs`; 1 under Triton's interpreter).
     """
 
-    def __init__(self, head: FlowMatchingHead, use_kernels: bool | None = None, fused_blocks: bool = False):
+    def __init__(self, head: FlowMatchingHead, use_kernels: bool | None = None, fused_blocks: bool = False,
+                 persistent: bool = False, programs: int | None = None):
         reason = fused_head_reason(head)
         if reason is not None:
             raise ValueError(reason)
@@ -76,6 +83,10 @@ class FusedFlowMatchingVelocity:
         self.output_eps = net.final_layer.norm_final.eps
         self.condition_weights = (net.cond_embed.weight, net.cond_embed.bias)
         self.fused_blocks = fused_blocks
+        self.use_kernels = use_kernels
+        self.persistent = persistent
+        self.programs = programs
+        self._persistent_weights: PersistentHeadWeights | None = None
         self.layer_norm_modulate = _kernel_function(adaln_modulation, "layer_norm_modulate", use_kernels)
         self.modulated_linear = _kernel_function(adaln_linear, "modulated_linear", use_kernels)
         self.gated_linear = _kernel_function(adaln_linear, "gated_linear", use_kernels)
@@ -116,6 +127,8 @@ class FusedFlowMatchingVelocity:
         Returns:
             (N, D) velocity in the head's dtype.
         """
+        if self.persistent and self._persistent_runs(x_t):
+            return self._persistent(x_t, modulation)
         h = F.linear(x_t, *self.input_weights)
         if self.fused_blocks:
             for number, (first_weight, first_bias, second_weight, second_bias, eps) in enumerate(
@@ -132,3 +145,20 @@ class FusedFlowMatchingVelocity:
             h = torch.addcmul(h, gate, F.linear(F.silu(inner, inplace=True), second_weight, second_bias))
         modulated = norm(h, modulation[:, -2], modulation[:, -1], self.output_eps)
         return F.linear(modulated, *self.output_weights)
+
+    def _persistent_runs(self, x_t: torch.Tensor) -> bool:
+        """Whether the persistent kernel takes this evaluation."""
+        if self.use_kernels is False or (self.use_kernels is None and not triton_enabled(x_t)):
+            return False
+        return x_t.shape[0] <= 16 and len({eps for *_, eps in self.block_weights}) == 1
+
+    def _persistent(self, x_t: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        if self._persistent_weights is None:
+            firsts, first_biases, seconds, second_biases, eps = zip(*self.block_weights)
+            self._persistent_weights = PersistentHeadWeights(
+                *self.input_weights, firsts, first_biases, seconds, second_biases, *self.output_weights, eps[0],
+                self.output_eps)
+        programs = self.programs
+        if programs is None:
+            programs = 1 if interpreter_enabled() else persistent_programs(self.width, x_t.device)
+        return persistent_head_triton(x_t, modulation, self._persistent_weights, programs)

@@ -85,12 +85,16 @@ class FastTokenSampler:
         fused_blocks: run each AdaLN block of the head as two fused
             matrix-product kernels (`nextstep.kernels.adaln_linear`) instead of
             cuBLAS products around fused norms; worth it where the benchmark says so.
+        persistent_head: run each head evaluation as one launch of cooperating
+            programs (`nextstep.kernels.persistent_head`), where Triton runs.
+            Experimental: it needs every program resident on the GPU at once.
         max_table_elements: largest per-token modulation table of the head.
     """
 
     def __init__(self, model: "NextStep", *, capture: bool | None = None, use_kernels: bool | None = None,
                  compile_backbone: bool = False, fused_blocks: bool = False, fused_decode: bool = False,
-                 decode_weights: str = "native", max_table_elements: int = MAX_TABLE_ELEMENTS):
+                 decode_weights: str = "native", persistent_head: bool = False,
+                 max_table_elements: int = MAX_TABLE_ELEMENTS):
         self.model = model
         parameter = next(model.backbone.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -108,6 +112,7 @@ class FastTokenSampler:
             raise ValueError(f"decode_weights={decode_weights!r} needs fused_decode=True")
         self.decode_weights = decode_weights
         self.fused_blocks = fused_blocks
+        self.persistent_head = persistent_head
         self.max_table_elements = max_table_elements
         self.reset()
 
@@ -170,7 +175,7 @@ class FastTokenSampler:
         if self._velocity is None:
             with torch.inference_mode(False):
                 self._velocity = FusedFlowMatchingVelocity(self.model.image_head, self.use_kernels,
-                                                           self.fused_blocks)
+                                                           self.fused_blocks, persistent=self.persistent_head)
         return self._velocity
 
     def _token_step(self, plan, rows: int, branches: int, use_norm: bool) -> tuple[FusedTokenStep, CapturedCall]:

@@ -1,0 +1,269 @@
+"""One evaluation of the flow head's MLP as one kernel: programs that share the work and wait for each other.
+
+Legend: N rows (a few), D token dim, W head width, F the blocks' inner width,
+L AdaLN blocks, P modulation pieces (3 per block + 2 for the output layer), G
+programs.
+
+The head's MLP runs once per solver step of every image token, and each of its
+matrix products is small (a W x W weight for a few rows): launched one by one,
+a solver evaluation is some 70 kernels whose launch and ramp-up cost more than
+reading their weights. Here one launch does a whole evaluation. Each of the G
+programs owns ``block_n`` output features of every product; after each product
+the programs meet at a grid-wide barrier (an atomic counter in global memory),
+since the next product reads every feature of the previous one:
+
+    h     = x @ W_in.T + b_in                                  # (N, W)
+    per block l:  u = silu(W1_l @ (LayerNorm(h) * scale_l + shift_l) + b1_l)
+                  h = h + gate_l * (W2_l @ u + b2_l)
+    v     = W_out @ (LayerNorm(h) * scale + shift) + b_out     # (N, D)
+
+The barrier needs every program resident on the GPU at once: G must not exceed
+what the GPU runs together (`persistent_programs` keeps it at most the number of
+multiprocessors), and nothing else may hold them. Under Triton's interpreter
+programs run one after another, so the kernel is checked there with G = 1
+(``block_n`` >= W), which runs the same code with trivially met barriers.
+
+Rounding follows `nextstep.fast.flow_head_velocity.FusedFlowMatchingVelocity`
+(cuBLAS products around fused norms): every product's output is rounded to the
+head's dtype, then activated or added.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from nextstep.kernels.triton_support import block_size, interpreter_enabled, triton_module
+
+#: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
+tl = grid_barrier = layer_norm_stats = modulated_product = plain_product = None
+
+__all__ = ["PersistentHeadWeights", "persistent_head_triton", "persistent_programs"]
+
+
+class PersistentHeadWeights:
+    """The MLP's weights stacked per block, as the kernel reads them (a copy: valid while the head is unchanged).
+
+    Args:
+        input_weight: (W, D).
+        input_bias: (W,).
+        first_weights: L tensors (F, W).
+        first_biases: L tensors (F,).
+        second_weights: L tensors (W, F).
+        second_biases: L tensors (W,).
+        output_weight: (D, W).
+        output_bias: (D,).
+        eps: the blocks' LayerNorm epsilon (one for all).
+        output_eps: the output layer's LayerNorm epsilon.
+    """
+
+    def __init__(self, input_weight: torch.Tensor, input_bias: torch.Tensor, first_weights: list[torch.Tensor],
+                 first_biases: list[torch.Tensor], second_weights: list[torch.Tensor],
+                 second_biases: list[torch.Tensor], output_weight: torch.Tensor, output_bias: torch.Tensor,
+                 eps: float, output_eps: float):
+        with torch.no_grad():
+            self.input_weight, self.input_bias = input_weight.contiguous(), input_bias.contiguous()
+            self.first_weight = torch.stack(list(first_weights)).contiguous()  # (L, F, W)
+            self.first_bias = torch.stack(list(first_biases)).contiguous()  # (L, F)
+            self.second_weight = torch.stack(list(second_weights)).contiguous()
+            self.second_bias = torch.stack(list(second_biases)).contiguous()
+            self.output_weight, self.output_bias = output_weight.contiguous(), output_bias.contiguous()
+        self.eps, self.output_eps = float(eps), float(output_eps)
+        self.blocks, self.inner_width, self.width = self.first_weight.shape
+        self.token_dim = self.output_weight.shape[0]
+
+
+def persistent_programs(width: int, device: torch.device, block_n: int = 16) -> int:
+    """How many programs share an evaluation: one per ``block_n`` features of W, at most one per multiprocessor
+    (more features per program then)."""
+    programs = -(-width // block_n)
+    if device.type == "cuda":
+        programs = min(programs, torch.cuda.get_device_properties(device).multi_processor_count)
+    return programs
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    """Build the Triton kernel (once per interpreter setting)."""
+    # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
+    # kernel finds the functions it calls among its globals too.
+    global tl, grid_barrier, layer_norm_stats, modulated_product, plain_product
+    triton = triton_module()
+    import triton.language as tl
+
+    @triton.jit
+    def grid_barrier(counter_ptr, target):
+        # Every thread's writes, then one thread publishes and waits; then every thread goes on.
+        tl.debug_barrier()
+        tl.atomic_add(counter_ptr, 1, sem="release")
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+        while seen < target:
+            seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+        tl.debug_barrier()
+
+    @triton.jit
+    def layer_norm_stats(h_ptr, row, row_inside, eps, W: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        total = tl.zeros((BM,), dtype=tl.float32)
+        for start in range(0, W, BK):
+            k = start + tl.arange(0, BK)
+            inside = row_inside[:, None] & (k < W)[None, :]
+            h = tl.load(h_ptr + row[:, None] * W + k[None, :], mask=inside, other=0.0, cache_modifier=".cg")
+            total += tl.sum(h.to(tl.float32), axis=1)
+        mean = total / W
+        squares = tl.zeros((BM,), dtype=tl.float32)
+        for start in range(0, W, BK):
+            k = start + tl.arange(0, BK)
+            inside = row_inside[:, None] & (k < W)[None, :]
+            h = tl.load(h_ptr + row[:, None] * W + k[None, :], mask=inside, other=0.0, cache_modifier=".cg")
+            centred = tl.where(inside, h.to(tl.float32) - mean[:, None], 0.0)
+            squares += tl.sum(centred * centred, axis=1)
+        return mean, tl.rsqrt(squares / W + eps)
+
+    @triton.jit
+    def modulated_product(h_ptr, mod_ptr, weight_ptr, row, row_inside, column, column_inside, mean, rstd,
+                          shift_piece, scale_piece, W: tl.constexpr, PIECES: tl.constexpr, BM: tl.constexpr,
+                          BN: tl.constexpr, BK: tl.constexpr):
+        # (LayerNorm(h) * scale + shift) rounded to h's dtype, times weight rows ``column``: (BM, BN) fp32.
+        total = tl.zeros((BM, BN), dtype=tl.float32)
+        for start in range(0, W, BK):
+            k = start + tl.arange(0, BK)
+            k_inside = k < W
+            inside = row_inside[:, None] & k_inside[None, :]
+            h = tl.load(h_ptr + row[:, None] * W + k[None, :], mask=inside, other=0.0, cache_modifier=".cg")
+            table = mod_ptr + row[:, None] * (PIECES * W) + k[None, :]
+            shift = tl.load(table + shift_piece * W, mask=inside, other=0.0)
+            scale = tl.load(table + scale_piece * W, mask=inside, other=0.0)
+            a = (h.to(tl.float32) - mean[:, None]) * rstd[:, None] * scale.to(tl.float32) + shift.to(tl.float32)
+            a = tl.where(inside, a.to(h.dtype).to(tl.float32), 0.0)
+            weight = tl.load(weight_ptr + column[:, None] * W + k[None, :],
+                             mask=column_inside[:, None] & k_inside[None, :], other=0.0)  # (BN, BK)
+            total += tl.sum(a[:, None, :] * weight.to(tl.float32)[None, :, :], axis=2)
+        return total
+
+    @triton.jit
+    def plain_product(u_ptr, weight_ptr, row, row_inside, column, column_inside, INNER: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FRESH: tl.constexpr):
+        # u rows times weight rows ``column`` (u written by other programs when FRESH): (BM, BN) fp32.
+        total = tl.zeros((BM, BN), dtype=tl.float32)
+        for start in range(0, INNER, BK):
+            k = start + tl.arange(0, BK)
+            k_inside = k < INNER
+            inside = row_inside[:, None] & k_inside[None, :]
+            if FRESH:
+                u = tl.load(u_ptr + row[:, None] * INNER + k[None, :], mask=inside, other=0.0, cache_modifier=".cg")
+            else:
+                u = tl.load(u_ptr + row[:, None] * INNER + k[None, :], mask=inside, other=0.0)
+            weight = tl.load(weight_ptr + column[:, None] * INNER + k[None, :],
+                             mask=column_inside[:, None] & k_inside[None, :], other=0.0)
+            total += tl.sum(u.to(tl.float32)[:, None, :] * weight.to(tl.float32)[None, :, :], axis=2)
+        return total
+
+    @triton.jit
+    def persistent_head_kernel(x_ptr, mod_ptr, input_weight_ptr, input_bias_ptr, first_weight_ptr, first_bias_ptr,
+                               second_weight_ptr, second_bias_ptr, output_weight_ptr, output_bias_ptr, h_ptr,
+                               inner_ptr, out_ptr, counter_ptr, rows, eps, output_eps, D: tl.constexpr,
+                               W: tl.constexpr, F: tl.constexpr, BLOCKS: tl.constexpr, PIECES: tl.constexpr,
+                               BM: tl.constexpr,
+                               BN: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr, PROGRAMS: tl.constexpr):
+        program = tl.program_id(0)
+        row = tl.arange(0, BM).to(tl.int64)
+        row_inside = row < rows
+        # Input projection: this program's features of h, for every row.
+        for first in range(program * BN, W, PROGRAMS * BN):
+            column = (first + tl.arange(0, BN)).to(tl.int64)
+            column_inside = column < W
+            total = plain_product(x_ptr, input_weight_ptr, row, row_inside, column, column_inside, D, BM, BN, BKD,
+                                  False)
+            total += tl.load(input_bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
+            tl.store(h_ptr + row[:, None] * W + column[None, :], total.to(h_ptr.dtype.element_ty),
+                     mask=row_inside[:, None] & column_inside[None, :])
+        grid_barrier(counter_ptr, PROGRAMS)  # barrier 1; block b meets at 2 + 2b and 3 + 2b
+        for block in range(BLOCKS):
+            mean, rstd = layer_norm_stats(h_ptr, row, row_inside, eps, W, BM, BK)
+            first_weight = first_weight_ptr + block * F * W
+            for first in range(program * BN, F, PROGRAMS * BN):
+                column = (first + tl.arange(0, BN)).to(tl.int64)
+                column_inside = column < F
+                total = modulated_product(h_ptr, mod_ptr, first_weight, row, row_inside, column, column_inside,
+                                          mean, rstd, 3 * block, 3 * block + 1, W, PIECES, BM, BN, BK)
+                total += tl.load(first_bias_ptr + block * F + column, mask=column_inside,
+                                 other=0.0).to(tl.float32)[None, :]
+                total = total.to(inner_ptr.dtype.element_ty).to(tl.float32)  # the product's output, rounded
+                total = total * tl.sigmoid(total)
+                tl.store(inner_ptr + row[:, None] * F + column[None, :], total.to(inner_ptr.dtype.element_ty),
+                         mask=row_inside[:, None] & column_inside[None, :])
+            grid_barrier(counter_ptr, (2 + 2 * block) * PROGRAMS)
+            second_weight = second_weight_ptr + block * W * F
+            for first in range(program * BN, W, PROGRAMS * BN):
+                column = (first + tl.arange(0, BN)).to(tl.int64)
+                column_inside = column < W
+                inside = row_inside[:, None] & column_inside[None, :]
+                total = plain_product(inner_ptr, second_weight, row, row_inside, column, column_inside, F, BM, BN,
+                                      BK, True)
+                total += tl.load(second_bias_ptr + block * W + column, mask=column_inside,
+                                 other=0.0).to(tl.float32)[None, :]
+                total = total.to(h_ptr.dtype.element_ty).to(tl.float32)
+                gate = tl.load(mod_ptr + row[:, None] * (PIECES * W) + (3 * block + 2) * W + column[None, :],
+                               mask=inside, other=0.0)
+                h = tl.load(h_ptr + row[:, None] * W + column[None, :], mask=inside, other=0.0)
+                h = h.to(tl.float32) + gate.to(tl.float32) * total
+                tl.store(h_ptr + row[:, None] * W + column[None, :], h.to(h_ptr.dtype.element_ty), mask=inside)
+            grid_barrier(counter_ptr, (3 + 2 * block) * PROGRAMS)
+        # Output layer: the token-dim features, shared by the first programs.
+        mean, rstd = layer_norm_stats(h_ptr, row, row_inside, output_eps, W, BM, BK)
+        for first in range(program * BN, D, PROGRAMS * BN):
+            column = (first + tl.arange(0, BN)).to(tl.int64)
+            column_inside = column < D
+            total = modulated_product(h_ptr, mod_ptr, output_weight_ptr, row, row_inside, column, column_inside,
+                                      mean, rstd, PIECES - 2, PIECES - 1, W, PIECES, BM, BN, BK)
+            total += tl.load(output_bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + row[:, None] * D + column[None, :], total.to(out_ptr.dtype.element_ty),
+                     mask=row_inside[:, None] & column_inside[None, :])
+
+    return persistent_head_kernel
+
+
+def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights: PersistentHeadWeights,
+                           programs: int, block_n: int = 16, num_warps: int = 4) -> torch.Tensor:
+    """One evaluation of the head's MLP in one launch of ``programs`` cooperating programs.
+
+    Args:
+        x_t: (N, D) noisy tokens in the head's dtype, N <= 16.
+        modulation: (N, P, W) every modulation of this evaluation time (pieces
+            ``[shift, scale, gate]`` per block, then ``[shift, scale]``).
+        weights: the stacked weights.
+        programs: G, at most what the GPU runs at once (see `persistent_programs`);
+            1 under Triton's interpreter.
+        block_n: features per program and step.
+        num_warps: warps per program.
+
+    Returns:
+        (N, D) velocity in the head's dtype.
+    """
+    rows, token_dim = x_t.shape
+    width, blocks = weights.width, weights.blocks
+    pieces = 3 * blocks + 2
+    if token_dim != weights.token_dim or modulation.shape != (rows, pieces, width):
+        raise ValueError(f"x_t must be (N, {weights.token_dim}) and modulation (N, {pieces}, {width}), found "
+                         f"{tuple(x_t.shape)} and {tuple(modulation.shape)}")
+    if not 1 <= rows <= 16:
+        raise ValueError(f"the persistent head takes 1 to 16 rows, found {rows}")
+    if interpreter_enabled() and programs != 1:
+        raise ValueError(f"under Triton's interpreter programs run one after another: programs must be 1, "
+                         f"found {programs}")
+    x_t, modulation = x_t.contiguous(), modulation.contiguous()
+    h = torch.empty(rows, width, dtype=x_t.dtype, device=x_t.device)
+    inner = torch.empty(rows, weights.inner_width, dtype=x_t.dtype, device=x_t.device)
+    out = torch.empty(rows, token_dim, dtype=x_t.dtype, device=x_t.device)
+    counter = torch.zeros(1, dtype=torch.int32, device=x_t.device)
+    block_m = block_size(rows)
+    block_k = max(16, min(512, 8192 // (block_m * block_n)))
+    _kernel(interpreter_enabled())[(programs,)](
+        x_t, modulation, weights.input_weight, weights.input_bias, weights.first_weight, weights.first_bias,
+        weights.second_weight, weights.second_bias, weights.output_weight, weights.output_bias, h, inner, out,
+        counter, rows, weights.eps, weights.output_eps, D=token_dim, W=width, F=weights.inner_width,
+        BLOCKS=blocks, PIECES=pieces,
+        BM=block_m, BN=block_n, BK=block_k, BKD=min(block_k, block_size(token_dim)), PROGRAMS=programs,
+        num_warps=num_warps)
+    return out

@@ -1,0 +1,85 @@
+"""The one-launch head evaluation against the head's unfused velocity (interpreter on CPU with one program, or GPU)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of Triton; see kernel_helpers
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from kernel_helpers import DTYPES, interpreter, kernel_device  # noqa: E402,F401
+
+from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity  # noqa: E402
+from nextstep.heads.flow_matching import FlowMatchingHead, FlowMatchingHeadConfig  # noqa: E402
+from nextstep.kernels.persistent_head import persistent_head_triton  # noqa: E402
+
+TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+
+
+def random_head(width: int, blocks: int, seed: int, dtype, device, mlp_ratio: float = 1.0) -> FlowMatchingHead:
+    torch.manual_seed(seed)
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=8, condition_dim=12, width=width, depth=blocks,
+                                                   mlp_ratio=mlp_ratio))
+    with torch.no_grad():  # unit-scale activations: products of fan-in-scaled weights
+        for parameter in head.parameters():
+            parameter.normal_(0.0, parameter.shape[1] ** -0.5 if parameter.ndim == 2 else 0.1)
+    return head.to(device=device, dtype=dtype).eval()
+
+
+def inputs(head, rows: int, seed: int, device):
+    reference = FusedFlowMatchingVelocity(head, use_kernels=False)
+    generator = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(rows, 8, generator=generator).to(device, reference.dtype)
+    condition = torch.randn(rows, 12, generator=generator).to(device, reference.dtype)
+    table = reference.modulations(reference.time_embedding(torch.tensor([0.4], device=device)),
+                                  reference.condition_embedding(condition))
+    return reference, x_t, table[0]
+
+
+@settings(max_examples=10)
+@given(rows=st.integers(1, 5), width=st.sampled_from([16, 24, 40]), blocks=st.integers(1, 2), dtype=DTYPES,
+       seed=st.integers(0, 2**10), block_n=st.sampled_from([4, 16]), mlp_ratio=st.sampled_from([1.0, 1.5]))
+def test_one_launch_matches_the_unfused_velocity(kernel_device, rows, width, blocks, dtype, seed,  # noqa: F811
+                                                 block_n, mlp_ratio):
+    head = random_head(width, blocks, seed, dtype, kernel_device, mlp_ratio)
+    reference, x_t, modulation = inputs(head, rows, seed, kernel_device)
+    expected = reference(x_t, modulation)
+    persistent = FusedFlowMatchingVelocity(head, persistent=True)
+    persistent(x_t, modulation)  # builds the stacked weights
+    programs = 1 if kernel_device.type == "cpu" else -(-width // block_n)
+    found = persistent_head_triton(x_t, modulation, persistent._persistent_weights, programs, block_n=block_n)
+    assert found.dtype == dtype and found.shape == expected.shape
+    torch.testing.assert_close(found.float(), expected.float(), **TOLERANCES[dtype])
+
+
+def test_the_velocity_uses_it_only_where_it_can_run():
+    head = random_head(16, 2, 0, torch.float32, "cpu")
+    reference, x_t, modulation = inputs(head, 3, 0, "cpu")
+    off = FusedFlowMatchingVelocity(head, use_kernels=False, persistent=True)
+    torch.testing.assert_close(off(x_t, modulation), reference(x_t, modulation), rtol=0, atol=0)
+    assert off._persistent_weights is None  # kernels off: the unfused path ran
+
+
+def test_bad_input_names_what_was_expected(interpreter):  # noqa: F811
+    head = random_head(16, 1, 0, torch.float32, "cpu")
+    persistent = FusedFlowMatchingVelocity(head, persistent=True)
+    _, x_t, modulation = inputs(head, 2, 0, "cpu")
+    persistent(x_t, modulation)
+    weights = persistent._persistent_weights
+    with pytest.raises(ValueError, match=r"modulation \(N, 5, 16\)"):
+        persistent_head_triton(x_t, modulation[:, :4], weights, 1)
+    with pytest.raises(ValueError, match="programs must be 1, found 2"):
+        persistent_head_triton(x_t, modulation, weights, 2)
+
+
+def test_the_fast_sampler_samples_the_same_tokens_with_it(interpreter, trained_like_model):  # noqa: F811
+    from nextstep import generate_tokens
+    from nextstep.fast import FastTokenSampler
+
+    model = trained_like_model.eval()
+    settings = dict(height=32, width=32, cfg=3.0, num_steps=2, seed=3)
+    expected, *_ = generate_tokens(model, ["a red circle"], **settings)
+    found, *_ = generate_tokens(model, ["a red circle"], **settings,
+                                token_sampler=FastTokenSampler(model, persistent_head=True))
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
