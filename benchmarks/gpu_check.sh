@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check in one call, for a GPU that is available only briefly (at most 10 minutes, one device call, usually about 7):
 #   1. the machine: GPU, PyTorch, Triton and transformers versions (environment.txt);
-#   2. benchmarks/gpu_latency.py: NextStep-1-Large shapes against the bandwidth floors
+#   2. the GPU tests, first (a kernel that is wrong on the GPU is known before the benchmark times
+#      it): every Triton kernel checked against its reference on Hypothesis-drawn shapes, the fused decode
+#      stack and the captured token loop against the eager paths, the backbone's parity and cache
+#      tests (gpu_tests.log);
+#   3. benchmarks/gpu_latency.py: NextStep-1-Large shapes against the bandwidth floors
 #      (gpu_latency.json, gpu_latency.md, gpu_latency.log);
-#   3. the GPU tests: every Triton kernel compiled and checked against its reference on
-#      Hypothesis-drawn shapes, the fused decode stack and the captured token loop against the
-#      eager paths, the backbone's parity and cache tests (gpu_tests.log);
 #   4. apart, under short limits: the one-launch head's tests and timings (gpu_persistent.log,
 #      gpu_latency_persistent.json).
 # Results go to $OUT (default benchmarks/results/gpu). Each part has its own time limit, so a
@@ -33,15 +34,15 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 } >"$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 
-timeout "${LATENCY_SECONDS:-300}" "$PYTHON" benchmarks/gpu_latency.py --out "$OUT" \
-  --budget-seconds "${IMAGE_BUDGET_SECONDS:-200}" "${dry[@]}" 2>&1 | tee "$OUT/gpu_latency.log"
-echo "gpu_latency exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_latency.log"
-
 timeout "${TEST_SECONDS:-170}" "$PYTHON" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
   tests/test_fast_fused_decode.py tests/test_fast_weight_quantization.py tests/test_kernels_*.py tests/test_fast_kernels.py \
   tests/test_fast_token_sampler.py tests/test_backbone_kv_cache.py tests/test_qwen2_parity.py \
   --deselect tests/test_kernels_persistent_head.py 2>&1 | tee "$OUT/gpu_tests.log"
 echo "tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
+
+timeout "${LATENCY_SECONDS:-300}" "$PYTHON" benchmarks/gpu_latency.py --out "$OUT" \
+  --budget-seconds "${IMAGE_BUDGET_SECONDS:-200}" "${dry[@]}" 2>&1 | tee "$OUT/gpu_latency.log"
+echo "gpu_latency exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_latency.log"
 
 # Last, each under a short limit: the one-launch head, whose programs wait for each other (and would
 # wait forever on a GPU that cannot run them all at once).
