@@ -14,6 +14,7 @@
 # shapes, to check the script itself.
 #
 # Usage: OUT=DIR bash benchmarks/gpu_check.sh
+#        OUT=DIR LATENCY_ARGS="--no-fused-decode" bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -40,8 +41,10 @@ timeout "${TEST_SECONDS:-170}" "$PYTHON" -m pytest -q -p no:cacheprovider -n "${
   --deselect tests/test_kernels_persistent_head.py 2>&1 | tee "$OUT/gpu_tests.log"
 echo "tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
 
+# LATENCY_ARGS adds options, for example "--no-fused-decode" when the tests found the fused stack wrong.
+# shellcheck disable=SC2086
 timeout "${LATENCY_SECONDS:-300}" "$PYTHON" benchmarks/gpu_latency.py --out "$OUT" \
-  --budget-seconds "${IMAGE_BUDGET_SECONDS:-200}" "${dry[@]}" 2>&1 | tee "$OUT/gpu_latency.log"
+  --budget-seconds "${IMAGE_BUDGET_SECONDS:-200}" "${dry[@]}" ${LATENCY_ARGS:-} 2>&1 | tee "$OUT/gpu_latency.log"
 echo "gpu_latency exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_latency.log"
 
 # Last, each under a short limit: the one-launch head, whose programs wait for each other (and would
