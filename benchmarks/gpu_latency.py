@@ -226,6 +226,17 @@ def head_flops(model, rows: int, evaluations: int) -> float:
     return 2.0 * rows * (matrices(once) + evaluations * (matrices(modulation) + matrices(per_evaluation)))
 
 
+def floor_ms(read_bytes: float, flops: float, card: dict) -> float:
+    """The least time of a step that reads ``read_bytes`` and does ``flops``: the larger of the two over
+    the card's measured copy bandwidth and matmul rate (ms)."""
+    return max(read_bytes / card["copy_bandwidth_bytes_per_s"], flops / card["matmul_flops_per_s"]) * 1e3
+
+
+def head_floor_ms(model, rows: int, evaluations: int, card: dict) -> float:
+    """`floor_ms` of one token step of the head with ``evaluations`` solver evaluations of ``rows`` rows."""
+    return floor_ms(head_bytes(model, evaluations), head_flops(model, rows, evaluations), card)
+
+
 # ---------------------------------------------------------------------- timing
 class Clock:
     """Wall time of a block: CUDA events on a GPU, perf_counter on the CPU (milliseconds)."""
@@ -510,14 +521,14 @@ def run(args) -> dict:
         return args.budget_seconds - (time.perf_counter() - started)
 
     if args.persistent_head:
-        return persistent_head_run(args, result, model, velocity, clock, branches, capture, generator, bandwidth,
-                                   matmul, started)
+        return persistent_head_run(args, result, model, velocity, clock, branches, capture, generator, started)
 
     # One layer's matrix products alone at one row: the library's against the few-rows kernel with a few
     # tiles; the fastest tiles (summed over the products) are used from here on.
     if result["triton"]:
         candidates = SKINNY_CANDIDATES[:1] if args.dry_run else SKINNY_CANDIDATES
-        products = time_products(clock, layer_products(model), 1, next(model.parameters()).dtype, args.repeats,
+        shapes = layer_products(model)
+        products = time_products(clock, shapes, 1, next(model.parameters()).dtype, args.repeats,
                                  capture, candidates, generator, result["errors"],
                                  per_call=1 if args.dry_run else PRODUCTS_PER_CALL)
         result["layer_products"] = products
@@ -525,17 +536,16 @@ def run(args) -> dict:
             tiles_text = "" if entry["tiles"] is None else " " + "/".join(str(v) for v in entry["tiles"].values())
             print(f"product {entry['product']} ({entry['outer']} x {entry['inner']}), {entry['kind']}{tiles_text}: "
                   f"{entry['ms'] * 1e3:.1f} us, {entry['bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
-        totals = {}
+        # The tiles with the least time summed over the products, among those that ran every product.
+        by_tiles: dict[tuple, list[float]] = {}
         for entry in products:
             if entry["kind"] == "skinny":
-                key = tuple(entry["tiles"].values())
-                totals[key] = totals.get(key, 0.0) + entry["ms"]
-        complete = {key: total for key, total in totals.items()
-                    if sum(tuple(e["tiles"].values()) == key for e in products if e["tiles"]) == 4}
+                by_tiles.setdefault(tuple(entry["tiles"].values()), []).append(entry["ms"])
+        complete = {key: sum(times) for key, times in by_tiles.items() if len(times) == len(shapes)}
         set_skinny_tiles(SkinnyTiles(*min(complete, key=complete.get)) if complete else SkinnyTiles())
         result["skinny_tiles_chosen"] = asdict(skinny_tiles())
         # The same products through int8 copies of the weights, with the chosen tiles.
-        quantized = time_products(clock, layer_products(model), 1, next(model.parameters()).dtype, args.repeats,
+        quantized = time_products(clock, shapes, 1, next(model.parameters()).dtype, args.repeats,
                                   capture, [skinny_tiles()], generator, result["errors"],
                                   per_call=1 if args.dry_run else PRODUCTS_PER_CALL, int8=True)
         result["layer_products"] += quantized
@@ -565,8 +575,7 @@ def run(args) -> dict:
                 result["errors"].append(_error(f"decode one row tokens {tokens} ({name} stack)", error))
                 continue
             read = int8_weight_bytes(stack) if getattr(stack, "int8_weights", False) else weights
-            floor = max((read + kv_bytes(model, 1, context + 1)) / bandwidth,
-                        2 * backbone_parameters / matmul) * 1e3
+            floor = floor_ms(read + kv_bytes(model, 1, context + 1), 2 * backbone_parameters, card)
             single = {"tokens": tokens, "context": context, "stack": name, "ms": decode["ms"], "floor_ms": floor,
                       "ratio": decode["ms"] / floor, "weight_bytes": read, "captured": decode["captured"]}
             if decode["failure"] and capture:
@@ -609,7 +618,7 @@ def run(args) -> dict:
                 result["errors"].append(_error(f"decode batch {batch} tokens {tokens}", error))
                 continue
             kv = kv_bytes(model, rows, context + 1)
-            backbone_floor = max((weights + kv) / bandwidth, 2 * backbone_parameters * rows / matmul) * 1e3
+            backbone_floor = floor_ms(weights + kv, 2 * backbone_parameters * rows, card)
             for steps in args.steps:
                 try:
                     head = time_token_step(model, clock, batch, branches, steps, args.cfg, args.repeats, capture,
@@ -625,8 +634,7 @@ def run(args) -> dict:
                     except Exception as error:
                         result["errors"].append(_error(f"block kernels batch {batch} steps {steps}", error))
                 evaluations = head["evaluations"]
-                head_floor = max(head_bytes(model, evaluations) / bandwidth,
-                                 head_flops(model, rows, evaluations) / matmul) * 1e3
+                head_floor = head_floor_ms(model, rows, evaluations, card)
                 best_head = head["ms"] if blocks is None else min(head["ms"], blocks["ms"])
                 row = {"tokens": tokens, "batch": batch, "steps": steps, "context": context,
                        "backbone_ms": decode["ms"], "backbone_floor_ms": backbone_floor,
@@ -692,7 +700,7 @@ def run(args) -> dict:
 
 
 def persistent_head_run(args, result: dict, model, velocity, clock, branches: int, capture: bool, generator,
-                        bandwidth: float, matmul: float, started: float) -> dict:
+                        started: float) -> dict:
     """The head alone with one launch per evaluation (`nextstep.kernels.persistent_head`) against the norm
     kernels, at every batch size and step count."""
     persistent = FusedFlowMatchingVelocity(model.image_head, persistent=True)
@@ -713,8 +721,7 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
                 result["persistent_head"].append(entry)
                 continue
             rows = batch * branches
-            entry["floor_ms"] = max(head_bytes(model, evaluations) / bandwidth,
-                                    head_flops(model, rows, evaluations) / matmul) * 1e3
+            entry["floor_ms"] = head_floor_ms(model, rows, evaluations, result["card"])
             entry["one_launch_ratio"] = entry["one_launch_ms"] / entry["floor_ms"]
             entry["one_launch_ran"] = persistent._persistent_weights is not None
             result["persistent_head"].append(entry)

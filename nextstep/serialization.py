@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from nextstep.io import atomic_directory
 from nextstep.model_config import ModelConfig
+from nextstep.weights import tensor_to_save
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -51,10 +52,7 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
         state = {}
         for name, tensor in weights.items():
             dtype = _storage_dtype(name, storage_dtypes) if tensor.is_floating_point() else None
-            tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype)
-            if tensor.untyped_storage().nbytes() != tensor.nbytes:
-                tensor = tensor.clone()  # a view into a larger tensor (packed projections): its own copy
-            state[name] = tensor.contiguous()
+            state[name] = tensor_to_save(tensor, dtype)
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
     model.config = config
 

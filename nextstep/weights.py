@@ -78,6 +78,14 @@ class LoadReport:
         return ", ".join(problems)
 
 
+def tensor_to_save(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` as a safetensors file takes it: detached, on the CPU, in ``dtype`` (default its own),
+    contiguous and owning its memory (a view into a larger tensor, such as a packed projection of
+    `nextstep.fast.packed_projections`, is copied: the format refuses tensors that share memory)."""
+    tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+    return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
+
+
 def checkpoint_shards(path: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint, in index order.
 

@@ -25,7 +25,7 @@ from nextstep.heads.flow_matching import FlowMatchingHead, FlowMatchingMLP
 from nextstep.heads.prepared_flow_matching import folded_modulation_parameters
 from nextstep.kernels import adaln_linear, adaln_modulation
 from nextstep.kernels.persistent_head import PersistentHeadWeights, persistent_head_triton, persistent_programs
-from nextstep.kernels.triton_support import interpreter_enabled, triton_enabled
+from nextstep.kernels.triton_support import dispatch, interpreter_enabled
 
 __all__ = ["FusedFlowMatchingVelocity", "fused_head_reason"]
 
@@ -87,6 +87,7 @@ class FusedFlowMatchingVelocity:
         self.persistent = persistent
         self.programs = programs
         self._persistent_weights: PersistentHeadWeights | None = None
+        self._one_eps = len({eps for *_, eps in self.block_weights}) == 1  # the one-launch kernel takes one
         self.layer_norm_modulate = _kernel_function(adaln_modulation, "layer_norm_modulate", use_kernels)
         self.modulated_linear = _kernel_function(adaln_linear, "modulated_linear", use_kernels)
         self.gated_linear = _kernel_function(adaln_linear, "gated_linear", use_kernels)
@@ -127,8 +128,14 @@ class FusedFlowMatchingVelocity:
         Returns:
             (N, D) velocity in the head's dtype.
         """
-        if self.persistent and self._persistent_runs(x_t):
-            return self._persistent(x_t, modulation)
+        if self.persistent and self.use_kernels is not False and x_t.shape[0] <= 16 and self._one_eps:
+            if self.use_kernels:
+                return self._persistent(x_t, modulation)
+            return dispatch("persistent_head", x_t, self._persistent, self._separate, x_t, modulation)
+        return self._separate(x_t, modulation)
+
+    def _separate(self, x_t: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """`__call__` as separate kernels per product (the fused-block or the norm-kernel form)."""
         h = F.linear(x_t, *self.input_weights)
         if self.fused_blocks:
             for number, (first_weight, first_bias, second_weight, second_bias, eps) in enumerate(
@@ -146,19 +153,13 @@ class FusedFlowMatchingVelocity:
         modulated = norm(h, modulation[:, -2], modulation[:, -1], self.output_eps)
         return F.linear(modulated, *self.output_weights)
 
-    def _persistent_runs(self, x_t: torch.Tensor) -> bool:
-        """Whether the persistent kernel takes this evaluation."""
-        if self.use_kernels is False or (self.use_kernels is None and not triton_enabled(x_t)):
-            return False
-        return x_t.shape[0] <= 16 and len({eps for *_, eps in self.block_weights}) == 1
-
     def _persistent(self, x_t: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """`__call__` as one launch of cooperating programs (weights stacked and programs counted once)."""
         if self._persistent_weights is None:
             firsts, first_biases, seconds, second_biases, eps = zip(*self.block_weights)
             self._persistent_weights = PersistentHeadWeights(
                 *self.input_weights, firsts, first_biases, seconds, second_biases, *self.output_weights, eps[0],
                 self.output_eps)
-        programs = self.programs
-        if programs is None:
-            programs = 1 if interpreter_enabled() else persistent_programs(self.width, x_t.device)
-        return persistent_head_triton(x_t, modulation, self._persistent_weights, programs)
+            if self.programs is None:
+                self.programs = 1 if interpreter_enabled() else persistent_programs(self.width, x_t.device)
+        return persistent_head_triton(x_t, modulation, self._persistent_weights, self.programs)

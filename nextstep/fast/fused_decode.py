@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nextstep.backbones.base import KVCache
 from nextstep.backbones.masks import decode_visible_keys
 from nextstep.backbones.qwen2 import Qwen2Backbone
+from nextstep.fast.decode_step import decode_step_reason
 from nextstep.fast.packed_projections import PackedProjections, pack_projections
 from nextstep.fast.weight_quantization import quantize_int8
 from nextstep.kernels import add_rms_norm, rotate_into_cache, skinny_linear, swiglu
@@ -39,14 +39,12 @@ __all__ = ["FusedDecodeStack", "fused_decode_reason"]
 
 
 def fused_decode_reason(backbone, cache) -> str | None:
-    """None when `FusedDecodeStack` can run ``backbone``'s decode step on ``cache``, else why not."""
-    if not isinstance(backbone, Qwen2Backbone):
-        return f"{type(backbone).__name__} has no fused decode step (Qwen2Backbone has)"
-    if type(cache) is not KVCache:
-        return f"the cache is a {type(cache).__name__}, not a KVCache"
-    if backbone.training and torch.is_grad_enabled():
+    """None when `FusedDecodeStack` can run ``backbone``'s decode step on ``cache``, else why not
+    (what `decode_step_reason` requires, and a backbone that is not training)."""
+    reason = decode_step_reason(backbone, cache)
+    if reason is None and backbone.training and torch.is_grad_enabled():
         return "the backbone is training"
-    return None
+    return reason
 
 
 class FusedDecodeStack:

@@ -196,8 +196,7 @@ class FastTokenSampler:
                      buffers: TokenStepBuffers) -> tuple[DecodeStep, dict[int, CapturedCall]]:
         rows = buffers.hidden.shape[0]
         backbone = self.model.backbone
-        fused = (not self.compile_backbone and self.fused_decode
-                 and decode_step_reason(backbone, cache) is None and fused_decode_reason(backbone, cache) is None)
+        fused = not self.compile_backbone and self.fused_decode and fused_decode_reason(backbone, cache) is None
         if fused:
             if self._fused_stack is None:
                 self._fused_stack = FusedDecodeStack(backbone, skinny=self.decode_weights == "skinny",

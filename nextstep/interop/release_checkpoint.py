@@ -37,7 +37,14 @@ from nextstep.interop.release_config import (
 )
 from nextstep.io import atomic_directory
 from nextstep.serialization import check_state_dict
-from nextstep.weights import INDEX_NAME, SINGLE_FILE_NAME, TensorInfo, load_safetensors, read_checkpoint_index
+from nextstep.weights import (
+    INDEX_NAME,
+    SINGLE_FILE_NAME,
+    TensorInfo,
+    load_safetensors,
+    read_checkpoint_index,
+    tensor_to_save,
+)
 
 if TYPE_CHECKING:
     from nextstep.model import NextStep
@@ -321,11 +328,7 @@ def save_release_checkpoint(
                                         torch_dtype=_DTYPE_NAMES.get(written_dtype, str(written_dtype)))
 
     def cast(tensor: torch.Tensor) -> torch.Tensor:
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        tensor = tensor.detach().contiguous().cpu()
-        # A view into a larger tensor (packed projections) is written as its own copy.
-        return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
+        return tensor_to_save(tensor, dtype if tensor.is_floating_point() else None)
 
     element = {name: (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
                for name, t in tensors.items()}

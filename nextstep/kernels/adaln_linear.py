@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from nextstep.kernels.adaln_modulation import layer_norm_modulate_reference
-from nextstep.kernels.triton_support import dispatch, interpreter_enabled, triton_module
+from nextstep.kernels.triton_support import (
+    block_size,
+    check_num_warps,
+    check_power_of_two,
+    dispatch,
+    interpreter_enabled,
+    reduction_step,
+    triton_module,
+)
 
 #: ``triton.language``, bound when the kernels are first built.
 tl = None
@@ -60,13 +68,9 @@ class Tiles:
     rows_product: bool = False
 
     def __post_init__(self):
-        smallest_n = 1 if self.rows_product else 16
-        for name, smallest in (("block_n", smallest_n), ("block_k", 16)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < smallest or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= {smallest}, found {value!r}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, found {self.num_warps!r}")
+        check_power_of_two("block_n", self.block_n, 1 if self.rows_product else 16)
+        check_power_of_two("block_k", self.block_k, 16)
+        check_num_warps(self.num_warps)
 
 
 _TILES = Tiles()
@@ -276,9 +280,8 @@ def _launch_shape(rows: int, outer: int) -> tuple[tuple[int, int], dict]:
     tiles = _TILES
     block_m, block_k = BLOCK_M, tiles.block_k
     if tiles.rows_product:
-        block_m = min(BLOCK_M, 1 << max(0, rows - 1).bit_length())
-        # Keep the (BM, BK, BN) products of one step within a register budget.
-        block_k = max(16, min(block_k, 16384 // (block_m * tiles.block_n)))
+        block_m = min(BLOCK_M, block_size(rows))
+        block_k = reduction_step(block_k, block_m, tiles.block_n)
     grid = ((rows + block_m - 1) // block_m, (outer + tiles.block_n - 1) // tiles.block_n)
     return grid, dict(ROWS_PRODUCT=tiles.rows_product, BM=block_m, BN=tiles.block_n, BK=block_k,
                       num_warps=tiles.num_warps)

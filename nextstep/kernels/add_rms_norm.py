@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from nextstep.kernels.triton_support import block_size, dispatch, interpreter_enabled, triton_module
 
@@ -56,8 +57,7 @@ def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor | None, weight: 
     """
     _check(x, delta, weight)
     total = x if delta is None else x + delta
-    values = total.float()
-    normed = values * torch.rsqrt(values.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    normed = F.rms_norm(total.float(), total.shape[-1:], weight.float(), eps)
     return total, normed.to(x.dtype)
 
 

@@ -34,7 +34,7 @@ import functools
 
 import torch
 
-from nextstep.kernels.triton_support import block_size, interpreter_enabled, triton_module
+from nextstep.kernels.triton_support import block_size, interpreter_enabled, reduction_step, triton_module
 
 #: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
 tl = grid_barrier = layer_norm_stats = modulated_product = plain_product = None
@@ -258,7 +258,7 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
     out = torch.empty(rows, token_dim, dtype=x_t.dtype, device=x_t.device)
     counter = torch.zeros(1, dtype=torch.int32, device=x_t.device)
     block_m = block_size(rows)
-    block_k = max(16, min(512, 8192 // (block_m * block_n)))
+    block_k = reduction_step(512, block_m, block_n, budget=8192)
     _kernel(interpreter_enabled())[(programs,)](
         x_t, modulation, weights.input_weight, weights.input_bias, weights.first_weight, weights.first_bias,
         weights.second_weight, weights.second_bias, weights.output_weight, weights.output_bias, h, inner, out,

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nextstep.kernels.triton_support import dispatch, interpreter_enabled, triton_module
+from nextstep.kernels.triton_support import (
+    block_size,
+    check_num_warps,
+    check_power_of_two,
+    dispatch,
+    interpreter_enabled,
+    reduction_step,
+    triton_module,
+)
 
 #: ``triton.language``, bound when the kernel is first built.
 tl = None
@@ -55,12 +63,9 @@ class SkinnyTiles:
     num_stages: int = 4
 
     def __post_init__(self):
-        if not isinstance(self.block_n, int) or self.block_n < 1 or self.block_n & (self.block_n - 1):
-            raise ValueError(f"block_n must be a power of two >= 1, found {self.block_n!r}")
-        if not isinstance(self.block_k, int) or self.block_k < 16 or self.block_k & (self.block_k - 1):
-            raise ValueError(f"block_k must be a power of two >= 16, found {self.block_k!r}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, found {self.num_warps!r}")
+        check_power_of_two("block_n", self.block_n)
+        check_power_of_two("block_k", self.block_k, 16)
+        check_num_warps(self.num_warps)
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"num_stages must be an integer >= 1, found {self.num_stages!r}")
 
@@ -183,9 +188,8 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return out.zero_() if bias is None else out.copy_(bias.expand(rows, outer))
     scale = None if scale is None else scale.contiguous()
     tiles = _TILES
-    block_m = 1 << max(0, rows - 1).bit_length()
-    # Keep the (BM, BN, BK) products of one step within a register budget.
-    block_k = max(16, min(tiles.block_k, 16384 // (block_m * tiles.block_n)))
+    block_m = block_size(rows)
+    block_k = reduction_step(tiles.block_k, block_m, tiles.block_n)
     _kernel(interpreter_enabled())[(triton_module().cdiv(outer, tiles.block_n),)](
         x, weight, x if bias is None else bias, x if scale is None else scale, out, rows, inner, outer,
         x.stride(0), out.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BM=block_m,

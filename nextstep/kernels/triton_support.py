@@ -117,6 +117,24 @@ def block_size(width: int, largest: int = 1 << 16) -> int:
     return size
 
 
+def check_power_of_two(name: str, value: int, smallest: int = 1) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a power of two >= ``smallest`` (a tile size)."""
+    if not isinstance(value, int) or value < smallest or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {smallest}, found {value!r}")
+
+
+def check_num_warps(value: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is a warp count a Triton launch takes (1, 2, 4, 8 or 16)."""
+    if value not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, found {value!r}")
+
+
+def reduction_step(block_k: int, block_m: int, block_n: int, budget: int = 16384) -> int:
+    """``block_k`` lowered so that a row-by-row product's (BM, BN, BK) tile keeps within ``budget``
+    elements of registers (at least 16); all sizes powers of two."""
+    return max(16, min(block_k, budget // (block_m * block_n)))
+
+
 def dispatch(name: str, tensor: torch.Tensor, kernel: Callable, reference: Callable, *args: Any,
              **kwargs: Any) -> Any:
     """Run ``kernel(*args, **kwargs)`` where `triton_enabled` allows it, ``reference(...)`` otherwise.
