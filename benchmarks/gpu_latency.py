@@ -88,9 +88,9 @@ from nextstep.samplers.guidance import GuidedVelocity  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Tiles of the few-rows product kernel tried on one layer's products (the default first).
-SKINNY_CANDIDATES = [SkinnyTiles(), SkinnyTiles(4, 512, 4, 4), SkinnyTiles(16, 256, 4, 4), SkinnyTiles(8, 1024, 8, 3),
-                     SkinnyTiles(16, 512, 8, 4), SkinnyTiles(4, 1024, 4, 4), SkinnyTiles(2, 1024, 2, 4),
-                     SkinnyTiles(32, 256, 8, 3)]
+SKINNY_CANDIDATES = [SkinnyTiles(), SkinnyTiles(4, 512, 4, 1), SkinnyTiles(16, 256, 4, 1), SkinnyTiles(8, 1024, 8, 1),
+                     SkinnyTiles(8, 512, 4, 3), SkinnyTiles(16, 512, 8, 2), SkinnyTiles(4, 1024, 4, 1),
+                     SkinnyTiles(2, 1024, 2, 1)]
 #: File stem of the --persistent-head results.
 PERSISTENT_STEM = "gpu_latency_persistent"
 #: Products per captured call when timing one product alone (launches amortised).
@@ -145,12 +145,20 @@ def _ints(text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------- model
-def build_random_model(dry_run: bool, device: torch.device, seed: int):
-    """NextStep-1-Large shapes (or the tiny preset) with random weights, built directly on ``device``."""
+def build_random_model(dry_run: bool, device: torch.device, seed: int, **backbone_changes):
+    """NextStep-1-Large shapes (or the tiny preset) with random weights, built directly on ``device``;
+    ``backbone_changes`` replace fields of the backbone's config (``num_layers=1``)."""
+    from dataclasses import replace
+
     from nextstep import build_model
+    from nextstep.config import ComponentSpec
     from nextstep.presets import nextstep_1_large, tiny
 
     config = tiny() if dry_run else nextstep_1_large()
+    if backbone_changes:
+        spec = config.backbone
+        config = replace(config, backbone=ComponentSpec(spec.kind, spec.type, replace(spec.config,
+                                                                                      **backbone_changes)))
     dtype = torch.float32 if dry_run else torch.bfloat16
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -704,11 +712,13 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
     """The head alone with one launch per evaluation (`nextstep.kernels.persistent_head`) against the norm
     kernels, at every batch size and step count."""
     persistent = FusedFlowMatchingVelocity(model.image_head, persistent=True)
+    without_prefetch = FusedFlowMatchingVelocity(model.image_head, persistent=True, prefetch=False)
     result["persistent_head"] = []
     for batch in args.batch_sizes:
         for steps in args.steps:
             entry = {"batch": batch, "steps": steps}
-            for name, chosen in (("norm_kernels_ms", velocity), ("one_launch_ms", persistent)):
+            for name, chosen in (("norm_kernels_ms", velocity), ("one_launch_ms", persistent),
+                                 ("one_launch_no_prefetch_ms", without_prefetch)):
                 try:
                     timing = time_token_step(model, clock, batch, branches, steps, args.cfg, args.repeats, capture,
                                              chosen, generator)
@@ -727,7 +737,8 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
             result["persistent_head"].append(entry)
             print(f"head batch {batch} steps {steps}: norm kernels {entry.get('norm_kernels_ms', float('nan')):.2f} "
                   f"ms, one launch {entry['one_launch_ms']:.2f} ms (floor {entry['floor_ms']:.2f}, "
-                  f"{entry['one_launch_ratio']:.2f}x)", flush=True)
+                  f"{entry['one_launch_ratio']:.2f}x; without prefetching "
+                  f"{entry.get('one_launch_no_prefetch_ms', float('nan')):.2f} ms)", flush=True)
             _save(args.out, result, PERSISTENT_STEM)
     result["seconds"] = time.perf_counter() - started
     return result

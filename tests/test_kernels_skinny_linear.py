@@ -1,6 +1,7 @@
 """The few-rows matrix-vector kernel against torch.nn.functional.linear (interpreter on CPU, or GPU)."""
 
 import os
+import sys
 from contextlib import contextmanager
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of Triton; see kernel_helpers
@@ -15,6 +16,7 @@ from kernel_helpers import DTYPES, TOLERANCES, interpreter, kernel_device, rando
 from nextstep.fast.weight_quantization import quantize_int8  # noqa: E402
 from nextstep.kernels.skinny_linear import (  # noqa: E402
     MAX_ROWS,
+    ROWS_PER_PROGRAM,
     SkinnyTiles,
     set_skinny_tiles,
     skinny_linear,
@@ -58,9 +60,19 @@ def test_kernel_matches_reference(kernel_device, rows, inner, outer, dtype, seed
     torch.testing.assert_close(found.float(), expected, **tolerance)
 
 
-def test_more_rows_than_the_kernel_takes_use_the_library_product():
-    x, weight = torch.randn(MAX_ROWS + 1, 8), torch.randn(4, 8)
+def test_more_rows_than_the_kernel_takes_use_the_library_product(monkeypatch):
+    module = sys.modules[skinny_linear.__module__]
+
+    def kernel_not_expected(*args):
+        raise AssertionError("the kernel ran")
+
+    monkeypatch.setattr(module, "skinny_linear_triton", kernel_not_expected)
+    x, weight = torch.randn(ROWS_PER_PROGRAM + 1, 8), torch.randn(4, 8)
     torch.testing.assert_close(skinny_linear(x, weight), F.linear(x, weight))
+    quantized = quantize_int8(weight)
+    x = torch.randn(MAX_ROWS + 1, 8)
+    torch.testing.assert_close(skinny_linear(x, quantized.values, None, quantized.scale),
+                               F.linear(x, quantized.values.float() * quantized.scale[:, None]))
     with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows, found {MAX_ROWS + 1}"):
         skinny_linear_triton(x, weight, None)
 

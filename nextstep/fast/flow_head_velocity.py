@@ -62,10 +62,12 @@ class FusedFlowMatchingVelocity:
             (`nextstep.kernels.persistent_head`) where Triton runs and the head
             allows it (one LayerNorm epsilon for all blocks, at most 16 rows);
             ``programs`` of them (default: `persistent_programs`; 1 under Triton's interpreter).
+        prefetch: in the one-launch evaluation, each program asks L2 for its
+            weights of the next product while it computes the current one.
     """
 
     def __init__(self, head: FlowMatchingHead, use_kernels: bool | None = None, fused_blocks: bool = False,
-                 persistent: bool = False, programs: int | None = None):
+                 persistent: bool = False, programs: int | None = None, prefetch: bool = True):
         reason = fused_head_reason(head)
         if reason is not None:
             raise ValueError(reason)
@@ -86,6 +88,7 @@ class FusedFlowMatchingVelocity:
         self.use_kernels = use_kernels
         self.persistent = persistent
         self.programs = programs
+        self.prefetch = prefetch
         self._persistent_weights: PersistentHeadWeights | None = None
         self._one_eps = len({eps for *_, eps in self.block_weights}) == 1  # the one-launch kernel takes one
         self.layer_norm_modulate = _kernel_function(adaln_modulation, "layer_norm_modulate", use_kernels)
@@ -162,4 +165,4 @@ class FusedFlowMatchingVelocity:
                 self.output_eps)
             if self.programs is None:
                 self.programs = 1 if interpreter_enabled() else persistent_programs(self.width, x_t.device)
-        return persistent_head_triton(x_t, modulation, self._persistent_weights, self.programs)
+        return persistent_head_triton(x_t, modulation, self._persistent_weights, self.programs, prefetch=self.prefetch)

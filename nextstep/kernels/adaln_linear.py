@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nextstep.kernels.adaln_modulation import layer_norm_modulate_reference
+from nextstep.kernels.row_products import rows_times_weight_function
 from nextstep.kernels.triton_support import (
     block_size,
     check_num_warps,
@@ -37,8 +38,8 @@ from nextstep.kernels.triton_support import (
     triton_module,
 )
 
-#: ``triton.language``, bound when the kernels are first built.
-tl = None
+#: ``triton.language`` and the kernels' product helper, bound when the kernels are first built.
+tl = rows_times_weight = None
 
 __all__ = ["Tiles", "gated_linear", "gated_linear_reference", "gated_linear_triton", "modulated_linear",
            "modulated_linear_reference", "modulated_linear_triton", "set_tiles", "tiles"]
@@ -59,7 +60,9 @@ class Tiles:
         rows_product: sum the products row by row in registers, with a tile of
             as many rows as the input has (up to 16), instead of a 16-row matrix
             product instruction: for the few rows of a decode step, where most
-            of a 16-row tile would be padding.
+            of a 16-row tile would be padding (`nextstep.kernels.row_products`;
+            the modulated kernel first writes each program's modulated rows to
+            a scratch buffer of its own).
     """
 
     block_n: int = 16
@@ -163,12 +166,17 @@ def gated_linear_reference(
 @functools.cache
 def _kernels(interpret: bool):
     """Build the two Triton kernels (once per interpreter setting)."""
-    global tl  # Triton's interpreter patches the `triton.language` it finds among the kernel's globals
+    # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
+    # kernel finds the functions it calls among its globals too.
+    global tl, rows_times_weight
     triton = triton_module()
     import triton.language as tl
 
+    rows_times_weight = rows_times_weight_function(interpret)
+
     @triton.jit
-    def modulated_linear_kernel(x_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr, out_ptr, rows, inner, outer,
+    def modulated_linear_kernel(x_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr, a_ptr, out_ptr, rows, inner,
+                                outer,
                                 x_stride, shift_stride, scale_stride, out_stride, eps, HAS_BIAS: tl.constexpr,
                                 ACTIVATION: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                 ROWS_PRODUCT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -178,46 +186,64 @@ def _kernels(interpret: bool):
         row_inside = row < rows
         column_inside = column < outer
         row_offset = row.to(tl.int64)
-        # LayerNorm statistics of the BM rows over all K features, in fp32 (two passes: mean, then variance).
-        total = tl.zeros((BM,), dtype=tl.float32)
+        # LayerNorm statistics of the BM rows over all K features, in fp32 (two passes: mean, then variance),
+        # summed per (row, feature) and reduced after each pass.
+        total = tl.zeros((BM, BK), dtype=tl.float32)
         for start in range(0, inner, BK):
             k = start + tl.arange(0, BK)
             inside = row_inside[:, None] & (k < inner)[None, :]
             x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
-            total += tl.sum(x.to(tl.float32), axis=1)
-        mean = total / inner
-        squares = tl.zeros((BM,), dtype=tl.float32)
+            total += x.to(tl.float32)
+        mean = tl.sum(total, axis=1) / inner
+        squares = tl.zeros((BM, BK), dtype=tl.float32)
         for start in range(0, inner, BK):
             k = start + tl.arange(0, BK)
             inside = row_inside[:, None] & (k < inner)[None, :]
             x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
             centred = tl.where(inside, x.to(tl.float32) - mean[:, None], 0.0)
-            squares += tl.sum(centred * centred, axis=1)
-        rstd = tl.rsqrt(squares / inner + eps)
-        accumulator = tl.zeros((BM, BN), dtype=tl.float32)
-        for start in range(0, inner, BK):
-            k = start + tl.arange(0, BK)
-            k_inside = k < inner
-            inside = row_inside[:, None] & k_inside[None, :]
-            x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
-            shift = tl.load(shift_ptr + row_offset[:, None] * shift_stride + k[None, :], mask=inside, other=0.0)
-            scale = tl.load(scale_ptr + row_offset[:, None] * scale_stride + k[None, :], mask=inside, other=0.0)
-            modulated = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * scale.to(tl.float32) \
-                + shift.to(tl.float32)
-            modulated = tl.where(inside, modulated, 0.0)
-            weight = tl.load(weight_ptr + column.to(tl.int64)[None, :] * inner + k[:, None],
-                             mask=column_inside[None, :] & k_inside[:, None], other=0.0)  # (BK, BN)
-            # Rounded to the weights' dtype before the product, as the unfused path does.
-            modulated = modulated.to(weight.dtype)
-            if ROWS_PRODUCT:
-                accumulator += tl.sum(modulated.to(tl.float32)[:, :, None] * weight.to(tl.float32)[None, :, :],
-                                      axis=1)
-            elif UPCAST:
-                accumulator += tl.dot(modulated.to(tl.float32), weight.to(tl.float32), input_precision="ieee")
-            elif IEEE:
-                accumulator += tl.dot(modulated, weight, input_precision="ieee")
-            else:
-                accumulator += tl.dot(modulated, weight)
+            squares += centred * centred
+        rstd = tl.rsqrt(tl.sum(squares, axis=1) / inner + eps)
+        if ROWS_PRODUCT:
+            # The modulated rows, rounded to the weights' dtype, into this program's own rows of a_ptr
+            # (every thread of the program sees them after the barrier), then the row-by-row product.
+            program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            a_rows = a_ptr + program.to(tl.int64) * BM * inner
+            local_row = tl.arange(0, BM)
+            for start in range(0, inner, BK):
+                k = start + tl.arange(0, BK)
+                inside = row_inside[:, None] & (k < inner)[None, :]
+                x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
+                shift = tl.load(shift_ptr + row_offset[:, None] * shift_stride + k[None, :], mask=inside, other=0.0)
+                scale = tl.load(scale_ptr + row_offset[:, None] * scale_stride + k[None, :], mask=inside, other=0.0)
+                modulated = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * scale.to(tl.float32) \
+                    + shift.to(tl.float32)
+                tl.store(a_rows + local_row[:, None] * inner + k[None, :], modulated.to(a_ptr.dtype.element_ty),
+                         mask=inside)
+            tl.debug_barrier()
+            accumulator = rows_times_weight(a_rows, inner, weight_ptr, inner, local_row, row_inside, column,
+                                            column_inside, BM, BN, BK, False)
+        else:
+            accumulator = tl.zeros((BM, BN), dtype=tl.float32)
+            for start in range(0, inner, BK):
+                k = start + tl.arange(0, BK)
+                k_inside = k < inner
+                inside = row_inside[:, None] & k_inside[None, :]
+                x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
+                shift = tl.load(shift_ptr + row_offset[:, None] * shift_stride + k[None, :], mask=inside, other=0.0)
+                scale = tl.load(scale_ptr + row_offset[:, None] * scale_stride + k[None, :], mask=inside, other=0.0)
+                modulated = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * scale.to(tl.float32) \
+                    + shift.to(tl.float32)
+                modulated = tl.where(inside, modulated, 0.0)
+                weight = tl.load(weight_ptr + column.to(tl.int64)[None, :] * inner + k[:, None],
+                                 mask=column_inside[None, :] & k_inside[:, None], other=0.0)  # (BK, BN)
+                # Rounded to the weights' dtype before the product, as the unfused path does.
+                modulated = modulated.to(weight.dtype)
+                if UPCAST:
+                    accumulator += tl.dot(modulated.to(tl.float32), weight.to(tl.float32), input_precision="ieee")
+                elif IEEE:
+                    accumulator += tl.dot(modulated, weight, input_precision="ieee")
+                else:
+                    accumulator += tl.dot(modulated, weight)
         if HAS_BIAS:
             accumulator += tl.load(bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
         if ACTIVATION:
@@ -235,23 +261,25 @@ def _kernels(interpret: bool):
         row_inside = row < rows
         column_inside = column < outer
         row_offset = row.to(tl.int64)
-        accumulator = tl.zeros((BM, BN), dtype=tl.float32)
-        for start in range(0, inner, BK):
-            k = start + tl.arange(0, BK)
-            k_inside = k < inner
-            u = tl.load(u_ptr + row_offset[:, None] * u_stride + k[None, :],
-                        mask=row_inside[:, None] & k_inside[None, :], other=0.0)
-            weight = tl.load(weight_ptr + column.to(tl.int64)[None, :] * inner + k[:, None],
-                             mask=column_inside[None, :] & k_inside[:, None], other=0.0)  # (BK, BN)
-            u = u.to(weight.dtype)
-            if ROWS_PRODUCT:
-                accumulator += tl.sum(u.to(tl.float32)[:, :, None] * weight.to(tl.float32)[None, :, :], axis=1)
-            elif UPCAST:
-                accumulator += tl.dot(u.to(tl.float32), weight.to(tl.float32), input_precision="ieee")
-            elif IEEE:
-                accumulator += tl.dot(u, weight, input_precision="ieee")
-            else:
-                accumulator += tl.dot(u, weight)
+        if ROWS_PRODUCT:  # u has the weights' dtype (the launch sees to it)
+            accumulator = rows_times_weight(u_ptr, u_stride, weight_ptr, inner, row, row_inside, column,
+                                            column_inside, BM, BN, BK, False)
+        else:
+            accumulator = tl.zeros((BM, BN), dtype=tl.float32)
+            for start in range(0, inner, BK):
+                k = start + tl.arange(0, BK)
+                k_inside = k < inner
+                u = tl.load(u_ptr + row_offset[:, None] * u_stride + k[None, :],
+                            mask=row_inside[:, None] & k_inside[None, :], other=0.0)
+                weight = tl.load(weight_ptr + column.to(tl.int64)[None, :] * inner + k[:, None],
+                                 mask=column_inside[None, :] & k_inside[:, None], other=0.0)  # (BK, BN)
+                u = u.to(weight.dtype)
+                if UPCAST:
+                    accumulator += tl.dot(u.to(tl.float32), weight.to(tl.float32), input_precision="ieee")
+                elif IEEE:
+                    accumulator += tl.dot(u, weight, input_precision="ieee")
+                else:
+                    accumulator += tl.dot(u, weight)
         if HAS_BIAS:
             accumulator += tl.load(bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
         inside = row_inside[:, None] & column_inside[None, :]
@@ -281,7 +309,8 @@ def _launch_shape(rows: int, outer: int) -> tuple[tuple[int, int], dict]:
     block_m, block_k = BLOCK_M, tiles.block_k
     if tiles.rows_product:
         block_m = min(BLOCK_M, block_size(rows))
-        block_k = reduction_step(block_k, block_m, tiles.block_n)
+        # The running sums stay in registers through the loop: 64 per thread at most.
+        block_k = reduction_step(block_k, block_m, tiles.block_n, budget=2048 * tiles.num_warps)
     grid = ((rows + block_m - 1) // block_m, (outer + tiles.block_n - 1) // tiles.block_n)
     return grid, dict(ROWS_PRODUCT=tiles.rows_product, BM=block_m, BN=tiles.block_n, BK=block_k,
                       num_warps=tiles.num_warps)
@@ -314,8 +343,11 @@ def modulated_linear_triton(
         return out
     kernel, _ = _kernels(interpreter_enabled())
     grid, launch = _launch_shape(rows, outer)
+    # rows_product: each program's modulated rows, (programs, BM, K) in the weights' dtype.
+    modulated = (torch.empty(grid[0] * grid[1], launch["BM"], inner, dtype=weight.dtype, device=x.device)
+                 if launch["ROWS_PRODUCT"] else weight)
     kernel[grid](
-        x, shift, scale, weight, weight if bias is None else bias, out, rows, inner, outer, x.stride(0),
+        x, shift, scale, weight, weight if bias is None else bias, modulated, out, rows, inner, outer, x.stride(0),
         shift.stride(0), scale.stride(0), out.stride(0), float(eps), HAS_BIAS=bias is not None,
         ACTIVATION=bool(activation), IEEE=weight.dtype == torch.float32, UPCAST=_upcast(), **launch,
     )
@@ -351,6 +383,8 @@ def gated_linear_triton(
         return out
     _, kernel = _kernels(interpreter_enabled())
     grid, launch = _launch_shape(rows, outer)
+    if launch["ROWS_PRODUCT"] and u.dtype != weight.dtype:
+        u = u.to(weight.dtype)  # rounded before the product, as the unfused path does
     kernel[grid](
         u, weight, weight if bias is None else bias, gate, residual, out, rows, inner, outer, u.stride(0),
         gate.stride(0), residual.stride(0), out.stride(0), HAS_BIAS=bias is not None,

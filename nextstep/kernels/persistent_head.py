@@ -17,6 +17,12 @@ since the next product reads every feature of the previous one:
                   h = h + gate_l * (W2_l @ u + b2_l)
     v     = W_out @ (LayerNorm(h) * scale + shift) + b_out     # (N, D)
 
+Before a modulated product each program computes the LayerNorm statistics and
+the modulated input ``LayerNorm(h) * scale + shift`` of every row itself, into
+rows of its own (a (G, BM, W) scratch buffer: no other program waits for them),
+and every product is `nextstep.kernels.row_products` (loads and multiply-adds
+in the loop over W, one reduction after it).
+
 The barrier needs every program resident on the GPU at once: G must not exceed
 what the GPU runs together (`persistent_programs` keeps it at most the number of
 multiprocessors), and nothing else may hold them. Under Triton's interpreter
@@ -34,10 +40,11 @@ import functools
 
 import torch
 
+from nextstep.kernels.row_products import rows_times_weight_function
 from nextstep.kernels.triton_support import block_size, interpreter_enabled, reduction_step, triton_module
 
 #: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
-tl = grid_barrier = layer_norm_stats = modulated_product = plain_product = None
+tl = grid_barrier = layer_norm_stats = modulate_rows = prefetch_rows = rows_times_weight = None
 
 __all__ = ["PersistentHeadWeights", "persistent_head_triton", "persistent_programs"]
 
@@ -88,105 +95,110 @@ def _kernel(interpret: bool):
     """Build the Triton kernel (once per interpreter setting)."""
     # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
     # kernel finds the functions it calls among its globals too.
-    global tl, grid_barrier, layer_norm_stats, modulated_product, plain_product
+    global tl, grid_barrier, layer_norm_stats, modulate_rows, prefetch_rows, rows_times_weight
     triton = triton_module()
     import triton.language as tl
 
+    rows_times_weight = rows_times_weight_function(interpret)
+
     @triton.jit
     def grid_barrier(counter_ptr, target):
-        # Every thread's writes, then one thread publishes and waits; then every thread goes on.
+        # Every thread's writes, then the program publishes them (release) and polls the counter with
+        # relaxed reads (an acquire read on a GPU also invalidates L1, at every poll); one acquire read once
+        # every program has arrived orders what follows after every program's release. Then every thread
+        # goes on.
         tl.debug_barrier()
         tl.atomic_add(counter_ptr, 1, sem="release")
-        seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+        seen = tl.atomic_add(counter_ptr, 0, sem="relaxed")
         while seen < target:
-            seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+            seen = tl.atomic_add(counter_ptr, 0, sem="relaxed")
+        tl.atomic_add(counter_ptr, 0, sem="acquire")
         tl.debug_barrier()
 
     @triton.jit
+    def prefetch_rows(weight_ptr, first, count, INNER: tl.constexpr, BN: tl.constexpr, LINE: tl.constexpr,
+                      LINES: tl.constexpr):
+        # Ask L2 for weight rows first .. first + BN (of count) of a later product, one address per 128-byte
+        # line, so that they stream from memory while the programs compute and wait at barriers.
+        column = tl.minimum(first + tl.arange(0, BN), count - 1).to(tl.int64)
+        line = tl.minimum(tl.arange(0, LINES) * LINE, INNER - 1)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                  [weight_ptr + column[:, None] * INNER + line[None, :]], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+    @triton.jit
     def layer_norm_stats(h_ptr, row, row_inside, eps, W: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-        total = tl.zeros((BM,), dtype=tl.float32)
+        # Mean and 1/std of each row of h (written by every program: loads bypass L1). Sums are kept
+        # per (row, feature) and reduced once after each pass, so the loops exchange nothing between threads.
+        total = tl.zeros((BM, BK), dtype=tl.float32)
         for start in range(0, W, BK):
             k = start + tl.arange(0, BK)
             inside = row_inside[:, None] & (k < W)[None, :]
             h = tl.load(h_ptr + row[:, None] * W + k[None, :], mask=inside, other=0.0, cache_modifier=".cg")
-            total += tl.sum(h.to(tl.float32), axis=1)
-        mean = total / W
-        squares = tl.zeros((BM,), dtype=tl.float32)
+            total += h.to(tl.float32)
+        mean = tl.sum(total, axis=1) / W
+        squares = tl.zeros((BM, BK), dtype=tl.float32)
         for start in range(0, W, BK):
             k = start + tl.arange(0, BK)
             inside = row_inside[:, None] & (k < W)[None, :]
             h = tl.load(h_ptr + row[:, None] * W + k[None, :], mask=inside, other=0.0, cache_modifier=".cg")
             centred = tl.where(inside, h.to(tl.float32) - mean[:, None], 0.0)
-            squares += tl.sum(centred * centred, axis=1)
-        return mean, tl.rsqrt(squares / W + eps)
+            squares += centred * centred
+        return mean, tl.rsqrt(tl.sum(squares, axis=1) / W + eps)
 
     @triton.jit
-    def modulated_product(h_ptr, mod_ptr, weight_ptr, row, row_inside, column, column_inside, mean, rstd,
-                          shift_piece, scale_piece, W: tl.constexpr, PIECES: tl.constexpr, BM: tl.constexpr,
-                          BN: tl.constexpr, BK: tl.constexpr):
-        # (LayerNorm(h) * scale + shift) rounded to h's dtype, times weight rows ``column``: (BM, BN) fp32.
-        total = tl.zeros((BM, BN), dtype=tl.float32)
+    def modulate_rows(h_ptr, mod_ptr, a_ptr, row, row_inside, eps, shift_piece, scale_piece, W: tl.constexpr,
+                      PIECES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        # a = LayerNorm(h) * scale + shift, rounded to h's dtype, into this program's own rows a_ptr (BM, W);
+        # every thread of the program sees all of it after the closing barrier.
+        mean, rstd = layer_norm_stats(h_ptr, row, row_inside, eps, W, BM, BK)
         for start in range(0, W, BK):
             k = start + tl.arange(0, BK)
-            k_inside = k < W
-            inside = row_inside[:, None] & k_inside[None, :]
+            inside = row_inside[:, None] & (k < W)[None, :]
             h = tl.load(h_ptr + row[:, None] * W + k[None, :], mask=inside, other=0.0, cache_modifier=".cg")
             table = mod_ptr + row[:, None] * (PIECES * W) + k[None, :]
             shift = tl.load(table + shift_piece * W, mask=inside, other=0.0)
             scale = tl.load(table + scale_piece * W, mask=inside, other=0.0)
             a = (h.to(tl.float32) - mean[:, None]) * rstd[:, None] * scale.to(tl.float32) + shift.to(tl.float32)
-            a = tl.where(inside, a.to(h.dtype).to(tl.float32), 0.0)
-            weight = tl.load(weight_ptr + column[:, None] * W + k[None, :],
-                             mask=column_inside[:, None] & k_inside[None, :], other=0.0)  # (BN, BK)
-            total += tl.sum(a[:, None, :] * weight.to(tl.float32)[None, :, :], axis=2)
-        return total
-
-    @triton.jit
-    def plain_product(u_ptr, weight_ptr, row, row_inside, column, column_inside, INNER: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FRESH: tl.constexpr):
-        # u rows times weight rows ``column`` (u written by other programs when FRESH): (BM, BN) fp32.
-        total = tl.zeros((BM, BN), dtype=tl.float32)
-        for start in range(0, INNER, BK):
-            k = start + tl.arange(0, BK)
-            k_inside = k < INNER
-            inside = row_inside[:, None] & k_inside[None, :]
-            if FRESH:
-                u = tl.load(u_ptr + row[:, None] * INNER + k[None, :], mask=inside, other=0.0, cache_modifier=".cg")
-            else:
-                u = tl.load(u_ptr + row[:, None] * INNER + k[None, :], mask=inside, other=0.0)
-            weight = tl.load(weight_ptr + column[:, None] * INNER + k[None, :],
-                             mask=column_inside[:, None] & k_inside[None, :], other=0.0)
-            total += tl.sum(u.to(tl.float32)[:, None, :] * weight.to(tl.float32)[None, :, :], axis=2)
-        return total
+            tl.store(a_ptr + row[:, None] * W + k[None, :], a.to(a_ptr.dtype.element_ty), mask=inside)
+        tl.debug_barrier()
 
     @triton.jit
     def persistent_head_kernel(x_ptr, mod_ptr, input_weight_ptr, input_bias_ptr, first_weight_ptr, first_bias_ptr,
                                second_weight_ptr, second_bias_ptr, output_weight_ptr, output_bias_ptr, h_ptr,
-                               inner_ptr, out_ptr, counter_ptr, rows, eps, output_eps, D: tl.constexpr,
+                               inner_ptr, a_ptr, out_ptr, counter_ptr, rows, eps, output_eps, D: tl.constexpr,
                                W: tl.constexpr, F: tl.constexpr, BLOCKS: tl.constexpr, PIECES: tl.constexpr,
-                               BM: tl.constexpr,
-                               BN: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr, PROGRAMS: tl.constexpr):
+                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr,
+                               PROGRAMS: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
+                               LINES_W: tl.constexpr, LINES_F: tl.constexpr):
         program = tl.program_id(0)
         row = tl.arange(0, BM).to(tl.int64)
         row_inside = row < rows
+        mine = program * BN  # this program's first features of every product
+        if PREFETCH:
+            prefetch_rows(first_weight_ptr, mine, F, W, BN, LINE, LINES_W)
         # Input projection: this program's features of h, for every row.
         for first in range(program * BN, W, PROGRAMS * BN):
             column = (first + tl.arange(0, BN)).to(tl.int64)
             column_inside = column < W
-            total = plain_product(x_ptr, input_weight_ptr, row, row_inside, column, column_inside, D, BM, BN, BKD,
-                                  False)
+            total = rows_times_weight(x_ptr, D, input_weight_ptr, D, row, row_inside, column, column_inside, BM, BN,
+                                      BKD, False)
             total += tl.load(input_bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
             tl.store(h_ptr + row[:, None] * W + column[None, :], total.to(h_ptr.dtype.element_ty),
                      mask=row_inside[:, None] & column_inside[None, :])
         grid_barrier(counter_ptr, PROGRAMS)  # barrier 1; block b meets at 2 + 2b and 3 + 2b
+        a_rows = a_ptr + program * BM * W  # this program's (BM, W) modulated input
         for block in range(BLOCKS):
-            mean, rstd = layer_norm_stats(h_ptr, row, row_inside, eps, W, BM, BK)
+            if PREFETCH:
+                prefetch_rows(second_weight_ptr + block * W * F, mine, W, F, BN, LINE, LINES_F)
+            modulate_rows(h_ptr, mod_ptr, a_rows, row, row_inside, eps, 3 * block, 3 * block + 1, W, PIECES, BM,
+                          BK)
             first_weight = first_weight_ptr + block * F * W
             for first in range(program * BN, F, PROGRAMS * BN):
                 column = (first + tl.arange(0, BN)).to(tl.int64)
                 column_inside = column < F
-                total = modulated_product(h_ptr, mod_ptr, first_weight, row, row_inside, column, column_inside,
-                                          mean, rstd, 3 * block, 3 * block + 1, W, PIECES, BM, BN, BK)
+                total = rows_times_weight(a_rows, W, first_weight, W, row, row_inside, column, column_inside, BM,
+                                          BN, BK, False)
                 total += tl.load(first_bias_ptr + block * F + column, mask=column_inside,
                                  other=0.0).to(tl.float32)[None, :]
                 total = total.to(inner_ptr.dtype.element_ty).to(tl.float32)  # the product's output, rounded
@@ -194,13 +206,18 @@ def _kernel(interpret: bool):
                 tl.store(inner_ptr + row[:, None] * F + column[None, :], total.to(inner_ptr.dtype.element_ty),
                          mask=row_inside[:, None] & column_inside[None, :])
             grid_barrier(counter_ptr, (2 + 2 * block) * PROGRAMS)
+            if PREFETCH:
+                if block + 1 < BLOCKS:
+                    prefetch_rows(first_weight_ptr + (block + 1) * F * W, mine, F, W, BN, LINE, LINES_W)
+                elif mine < D:
+                    prefetch_rows(output_weight_ptr, mine, D, W, BN, LINE, LINES_W)
             second_weight = second_weight_ptr + block * W * F
             for first in range(program * BN, W, PROGRAMS * BN):
                 column = (first + tl.arange(0, BN)).to(tl.int64)
                 column_inside = column < W
                 inside = row_inside[:, None] & column_inside[None, :]
-                total = plain_product(inner_ptr, second_weight, row, row_inside, column, column_inside, F, BM, BN,
-                                      BK, True)
+                total = rows_times_weight(inner_ptr, F, second_weight, F, row, row_inside, column, column_inside,
+                                          BM, BN, BK, True)
                 total += tl.load(second_bias_ptr + block * W + column, mask=column_inside,
                                  other=0.0).to(tl.float32)[None, :]
                 total = total.to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -211,12 +228,14 @@ def _kernel(interpret: bool):
                 tl.store(h_ptr + row[:, None] * W + column[None, :], h.to(h_ptr.dtype.element_ty), mask=inside)
             grid_barrier(counter_ptr, (3 + 2 * block) * PROGRAMS)
         # Output layer: the token-dim features, shared by the first programs.
-        mean, rstd = layer_norm_stats(h_ptr, row, row_inside, output_eps, W, BM, BK)
+        if program * BN < D:
+            modulate_rows(h_ptr, mod_ptr, a_rows, row, row_inside, output_eps, PIECES - 2, PIECES - 1, W, PIECES,
+                          BM, BK)
         for first in range(program * BN, D, PROGRAMS * BN):
             column = (first + tl.arange(0, BN)).to(tl.int64)
             column_inside = column < D
-            total = modulated_product(h_ptr, mod_ptr, output_weight_ptr, row, row_inside, column, column_inside,
-                                      mean, rstd, PIECES - 2, PIECES - 1, W, PIECES, BM, BN, BK)
+            total = rows_times_weight(a_rows, W, output_weight_ptr, W, row, row_inside, column, column_inside, BM,
+                                      BN, BK, False)
             total += tl.load(output_bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + row[:, None] * D + column[None, :], total.to(out_ptr.dtype.element_ty),
                      mask=row_inside[:, None] & column_inside[None, :])
@@ -225,7 +244,7 @@ def _kernel(interpret: bool):
 
 
 def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights: PersistentHeadWeights,
-                           programs: int, block_n: int = 16, num_warps: int = 4) -> torch.Tensor:
+                           programs: int, block_n: int = 16, num_warps: int = 4, prefetch: bool = True) -> torch.Tensor:
     """One evaluation of the head's MLP in one launch of ``programs`` cooperating programs.
 
     Args:
@@ -237,6 +256,9 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
             1 under Triton's interpreter.
         block_n: features per program and step.
         num_warps: warps per program.
+        prefetch: each program asks L2 for its weights of the next product
+            while it computes this one (compiled kernels only: Triton's
+            interpreter runs no inline assembly).
 
     Returns:
         (N, D) velocity in the head's dtype.
@@ -255,15 +277,18 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
     x_t, modulation = x_t.contiguous(), modulation.contiguous()
     h = torch.empty(rows, width, dtype=x_t.dtype, device=x_t.device)
     inner = torch.empty(rows, weights.inner_width, dtype=x_t.dtype, device=x_t.device)
+    block_m = block_size(rows)
+    modulated = torch.empty(programs, block_m, width, dtype=x_t.dtype, device=x_t.device)  # one (BM, W) per program
     out = torch.empty(rows, token_dim, dtype=x_t.dtype, device=x_t.device)
     counter = torch.zeros(1, dtype=torch.int32, device=x_t.device)
-    block_m = block_size(rows)
     block_k = reduction_step(512, block_m, block_n, budget=8192)
+    line = max(1, 128 // x_t.element_size())  # elements per 128-byte cache line
     _kernel(interpreter_enabled())[(programs,)](
         x_t, modulation, weights.input_weight, weights.input_bias, weights.first_weight, weights.first_bias,
-        weights.second_weight, weights.second_bias, weights.output_weight, weights.output_bias, h, inner, out,
-        counter, rows, weights.eps, weights.output_eps, D=token_dim, W=width, F=weights.inner_width,
+        weights.second_weight, weights.second_bias, weights.output_weight, weights.output_bias, h, inner, modulated,
+        out, counter, rows, weights.eps, weights.output_eps, D=token_dim, W=width, F=weights.inner_width,
         BLOCKS=blocks, PIECES=pieces,
         BM=block_m, BN=block_n, BK=block_k, BKD=min(block_k, block_size(token_dim)), PROGRAMS=programs,
-        num_warps=num_warps)
+        PREFETCH=bool(prefetch) and not interpreter_enabled(), LINE=line, LINES_W=block_size(-(-width // line)),
+        LINES_F=block_size(-(-weights.inner_width // line)), num_warps=num_warps)
     return out

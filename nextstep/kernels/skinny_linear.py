@@ -6,16 +6,28 @@ A one-token decode step multiplies a handful of rows (one per image and
 guidance branch) by every weight matrix of the decoder: the product reads
 N * K weights for 2 * M * N * K operations and is bound by memory bandwidth
 alone. Library matrix-product kernels are tiled for many rows; here each
-program owns ``block_n`` output features, reads their weight rows along K in
-``block_k`` steps (coalesced, the weight's own layout) and keeps the M rows'
-running sums in registers, so the weight is read exactly once by many
-independent programs. Sums are in fp32 (the order differs from a library
-product's, so results agree to rounding).
+program owns ``block_n`` output features and up to `ROWS_PER_PROGRAM` rows,
+and reads its weight rows along K in ``block_k`` steps (coalesced, 16 bytes
+per load, the weight's own layout). Each row keeps a running (block_n,
+block_k) sum of products in registers, and the sums are reduced across the
+program once, after the last step: the loop over K is loads and multiply-adds
+only, with no exchange between threads, so many steps' loads can be in flight.
+The rows of x are loaded in the weight tile's shape (each thread reads the x
+values its weights meet, from L1) so that no step moves data between threads.
+Sums are in fp32 (the order differs from a library product's, so results agree
+to rounding).
+
+More rows than `ROWS_PER_PROGRAM` take more programs, each reading the weight
+again: `skinny_linear` leaves such products of floating weights to the library
+kernel, which reads the weight once.
 
 The weight may also be int8 with one fp32 scale per output feature
 (`nextstep.fast.weight_quantization`): half the bytes of bf16, so half the time
-of a product bound by reading them. The kernel multiplies the int8 values as
-they are and applies the scale to each finished sum.
+of a product bound by reading them. The kernel turns the int8 values into
+floats with integer and float additions (a conversion instruction would run at
+a quarter of their rate), multiplies them as they are and applies the scale to
+each finished sum; `skinny_linear` runs int8
+products of up to `MAX_ROWS` rows with the kernel.
 """
 
 from __future__ import annotations
@@ -32,18 +44,22 @@ from nextstep.kernels.triton_support import (
     check_power_of_two,
     dispatch,
     interpreter_enabled,
-    reduction_step,
     triton_module,
 )
 
-#: ``triton.language``, bound when the kernel is first built.
-tl = None
+#: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
+tl = exact_float = row_products = None
 
-__all__ = ["MAX_ROWS", "SkinnyTiles", "set_skinny_tiles", "skinny_linear", "skinny_linear_reference",
-           "skinny_linear_triton", "skinny_tiles"]
+__all__ = ["MAX_ROWS", "ROWS_PER_PROGRAM", "SkinnyTiles", "set_skinny_tiles", "skinny_linear",
+           "skinny_linear_reference", "skinny_linear_triton", "skinny_tiles"]
 
 #: Most rows the kernel takes; larger products belong to a library kernel.
 MAX_ROWS = 16
+#: Rows one program multiplies, each with its own running sums in registers.
+ROWS_PER_PROGRAM = 4
+#: Running-sum elements a program keeps per warp, all rows together (64 fp32 registers per thread):
+#: ``block_k`` is lowered to keep within it.
+SUM_ELEMENTS_PER_WARP = 2048
 
 
 @dataclass(frozen=True)
@@ -54,13 +70,15 @@ class SkinnyTiles:
         block_n: output features per program (a power of two >= 1).
         block_k: reduction step (a power of two >= 16).
         num_warps: warps per program (1, 2, 4, 8 or 16).
-        num_stages: loads kept in flight by the compiler's pipelining (>= 1).
+        num_stages: steps of K whose loads the compiler's pipelining keeps in
+            flight through shared memory (>= 1; 1: plain loads, and the programs
+            resident on a multiprocessor hide each other's latency).
     """
 
     block_n: int = 8
     block_k: int = 512
     num_warps: int = 4
-    num_stages: int = 4
+    num_stages: int = 1
 
     def __post_init__(self):
         check_power_of_two("block_n", self.block_n)
@@ -130,33 +148,80 @@ def skinny_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 @functools.cache
 def _kernel(interpret: bool):
     """Build the Triton kernel (once per interpreter setting)."""
-    global tl  # Triton's interpreter patches the `triton.language` it finds among the kernel's globals
+    # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
+    # kernel finds the functions it calls among its globals too.
+    global tl, exact_float, row_products
     triton = triton_module()
     import triton.language as tl
 
     @triton.jit
+    def exact_float(values):
+        # int8 -> fp32 with integer and float additions only (a conversion instruction runs at a quarter of
+        # their rate): w + 128 + 2^23 has the bits of the float 2^23 + w + 128 once the exponent's are added.
+        bits = values.to(tl.int32) + (0x4B000000 + 128)
+        return bits.to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+
+    @triton.jit
+    def row_products(weight, x_row_ptr, k, broadcast, mask):
+        # weight (BN, BK) fp32 times one row of x at features k, loaded in the weight tile's shape.
+        return weight * tl.load(x_row_ptr + broadcast + k[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
     def skinny_linear_kernel(x_ptr, weight_ptr, bias_ptr, scale_ptr, out_ptr, rows, inner, outer, x_stride,
-                             out_stride, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BM: tl.constexpr,
-                             BN: tl.constexpr, BK: tl.constexpr):
+                             out_stride, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
+                             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr):
         column = tl.program_id(0) * BN + tl.arange(0, BN)
         column_inside = column < outer
-        row = tl.arange(0, BM)
-        row_inside = row < rows
-        total = tl.zeros((BM, BN), dtype=tl.float32)
-        for start in range(0, inner, BK):
+        first_row = tl.program_id(1) * ROWS
+        weight_rows = weight_ptr + column.to(tl.int64)[:, None] * inner
+        # Rows past the last one repeat it (their sums are not stored), so that x loads need no row mask.
+        x_row0 = x_ptr + first_row.to(tl.int64) * x_stride
+        x_row1 = x_ptr + tl.minimum(first_row + 1, rows - 1).to(tl.int64) * x_stride
+        x_row2 = x_ptr + tl.minimum(first_row + 2, rows - 1).to(tl.int64) * x_stride
+        x_row3 = x_ptr + tl.minimum(first_row + 3, rows - 1).to(tl.int64) * x_stride
+        broadcast = tl.zeros((BN, 1), dtype=tl.int32)  # every weight row meets the same x values
+        sum0 = tl.zeros((BN, BK), dtype=tl.float32)
+        sum1 = tl.zeros((BN, BK), dtype=tl.float32)
+        sum2 = tl.zeros((BN, BK), dtype=tl.float32)
+        sum3 = tl.zeros((BN, BK), dtype=tl.float32)
+        for start in tl.range(0, inner, BK, num_stages=STAGES):
             k = start + tl.arange(0, BK)
-            k_inside = k < inner
-            weight = tl.load(weight_ptr + column.to(tl.int64)[:, None] * inner + k[None, :],
-                             mask=column_inside[:, None] & k_inside[None, :], other=0.0)  # (BN, BK)
-            x = tl.load(x_ptr + row.to(tl.int64)[:, None] * x_stride + k[None, :],
-                        mask=row_inside[:, None] & k_inside[None, :], other=0.0)  # (BM, BK)
-            total += tl.sum(x.to(tl.float32)[:, None, :] * weight.to(tl.float32)[None, :, :], axis=2)
+            if EVEN_K:
+                k_inside = broadcast == 0
+            else:
+                k_inside = (broadcast == 0) & (k < inner)[None, :]
+            weight = tl.load(weight_rows + k[None, :], mask=column_inside[:, None] & k_inside, other=0)
+            if HAS_SCALE:
+                weight = exact_float(weight)
+            else:
+                weight = weight.to(tl.float32)
+            sum0 += row_products(weight, x_row0, k, broadcast, k_inside)
+            if ROWS > 1:
+                sum1 += row_products(weight, x_row1, k, broadcast, k_inside)
+            if ROWS > 2:
+                sum2 += row_products(weight, x_row2, k, broadcast, k_inside)
+            if ROWS > 3:
+                sum3 += row_products(weight, x_row3, k, broadcast, k_inside)
         if HAS_SCALE:
-            total *= tl.load(scale_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
+            scale = tl.load(scale_ptr + column, mask=column_inside, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            total += tl.load(bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + row.to(tl.int64)[:, None] * out_stride + column[None, :],
-                 total.to(out_ptr.dtype.element_ty), mask=row_inside[:, None] & column_inside[None, :])
+            bias = tl.load(bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)
+        out_rows = out_ptr + first_row.to(tl.int64) * out_stride + column
+        for r in tl.static_range(ROWS):
+            if r == 0:
+                total = tl.sum(sum0, axis=1)
+            elif r == 1:
+                total = tl.sum(sum1, axis=1)
+            elif r == 2:
+                total = tl.sum(sum2, axis=1)
+            else:
+                total = tl.sum(sum3, axis=1)
+            if HAS_SCALE:
+                total *= scale
+            if HAS_BIAS:
+                total += bias
+            row_exists = tl.zeros((BN,), dtype=tl.int32) + first_row + r < rows
+            tl.store(out_rows + r * out_stride, total.to(out_ptr.dtype.element_ty), mask=column_inside & row_exists)
 
     return skinny_linear_kernel
 
@@ -188,19 +253,26 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return out.zero_() if bias is None else out.copy_(bias.expand(rows, outer))
     scale = None if scale is None else scale.contiguous()
     tiles = _TILES
-    block_m = block_size(rows)
-    block_k = reduction_step(tiles.block_k, block_m, tiles.block_n)
-    _kernel(interpreter_enabled())[(triton_module().cdiv(outer, tiles.block_n),)](
+    rows_per_program = min(rows, ROWS_PER_PROGRAM)
+    budget = SUM_ELEMENTS_PER_WARP * tiles.num_warps // (tiles.block_n * rows_per_program)
+    block_k = max(16, min(tiles.block_k, block_size(inner), 1 << (max(budget, 1).bit_length() - 1)))
+    triton = triton_module()
+    grid = (triton.cdiv(outer, tiles.block_n), triton.cdiv(rows, rows_per_program))
+    _kernel(interpreter_enabled())[grid](
         x, weight, x if bias is None else bias, x if scale is None else scale, out, rows, inner, outer,
-        x.stride(0), out.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BM=block_m,
-        BN=tiles.block_n, BK=block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        x.stride(0), out.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ROWS=rows_per_program,
+        BN=tiles.block_n, BK=block_k, EVEN_K=inner % block_k == 0, STAGES=tiles.num_stages,
+        num_warps=tiles.num_warps)
     return out
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ (weight * scale[:, None]).T + bias``: the Triton kernel where allowed and M <= `MAX_ROWS`, else
-    the reference.
+    """``x @ (weight * scale[:, None]).T + bias``: the Triton kernel where allowed, else the reference.
+
+    The kernel takes up to `ROWS_PER_PROGRAM` rows of a floating weight (more
+    would read the weight more than once: the library's product reads it once)
+    and up to `MAX_ROWS` rows of an int8 one.
 
     Args:
         x: shape (M, K).
@@ -211,6 +283,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Returns:
         shape (M, N), dtype of ``x``.
     """
-    if x.ndim == 2 and x.shape[0] > MAX_ROWS:
+    if x.ndim == 2 and x.shape[0] > (MAX_ROWS if weight.dtype == torch.int8 else ROWS_PER_PROGRAM):
         return skinny_linear_reference(x, weight, bias, scale)
     return dispatch("skinny_linear", x, skinny_linear_triton, skinny_linear_reference, x, weight, bias, scale)

@@ -8,7 +8,9 @@ eager PyTorch reference otherwise:
 - on CUDA tensors, when ``import triton`` works;
 - on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set
   before Triton is first imported, see `interpreter_active`), which is how
-  the tests check every kernel against its reference on machines without a GPU;
+  the tests check every kernel against its reference on machines without a GPU,
+  or inside `nextstep.kernels.target_compile.compile_for_target`, which
+  compiles the kernels for a GPU instead of running them;
 - never when the environment variable ``NEXTSTEP_DISABLE_TRITON`` is set to
   anything but ``0`` or the empty string;
 - never again for an operation whose kernel failed to build or launch
@@ -33,6 +35,9 @@ _TRUE = ("1", "true", "yes", "on")
 
 #: Operations whose kernel failed, with the error; they use their reference from then on.
 FAILED_KERNELS: dict[str, str] = {}
+
+#: Whether kernels on CPU tensors are compiled for a GPU and not run (`set_compiling_only`).
+_compiling_only = False
 
 
 class KernelFallbackWarning(RuntimeWarning):
@@ -85,6 +90,24 @@ def interpreter_active() -> bool:
     return isinstance(triton.language.standard.sum, InterpretedFunction)
 
 
+def compiling_only() -> bool:
+    """Whether kernels launched on CPU tensors are compiled for a GPU and not run
+    (inside `nextstep.kernels.target_compile.compile_for_target`)."""
+    return _compiling_only
+
+
+def set_compiling_only(on: bool) -> bool:
+    """Turn compile-only launches on CPU tensors on or off; returns the previous setting.
+
+    `nextstep.kernels.target_compile.compile_for_target` does this together
+    with pointing Triton at the target; on its own it only routes fused
+    operations on CPU tensors to their kernels.
+    """
+    global _compiling_only
+    previous, _compiling_only = _compiling_only, bool(on)
+    return previous
+
+
 def triton_disabled() -> bool:
     """Whether ``NEXTSTEP_DISABLE_TRITON`` turns the kernels off."""
     return os.environ.get(DISABLE_VARIABLE, "").strip() not in ("", "0")
@@ -101,7 +124,7 @@ def triton_enabled(tensor: torch.Tensor) -> bool:
     device = tensor.device.type
     if device == "cuda":
         return triton_available()
-    return device == "cpu" and interpreter_active()
+    return device == "cpu" and (interpreter_active() or _compiling_only)
 
 
 def block_size(width: int, largest: int = 1 << 16) -> int:
@@ -130,7 +153,7 @@ def check_num_warps(value: int) -> None:
 
 
 def reduction_step(block_k: int, block_m: int, block_n: int, budget: int = 16384) -> int:
-    """``block_k`` lowered so that a row-by-row product's (BM, BN, BK) tile keeps within ``budget``
+    """``block_k`` lowered so that a row-by-row product's (BM, BN, BK) running sums keep within ``budget``
     elements of registers (at least 16); all sizes powers of two."""
     return max(16, min(block_k, budget // (block_m * block_n)))
 

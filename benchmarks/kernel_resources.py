@@ -1,0 +1,200 @@
+"""Every Triton kernel of the GPU benchmark, compiled for a GPU on this machine: what each one needs.
+
+Runs on a machine without a GPU (`nextstep.kernels.target_compile`): the
+kernels are compiled for ``--arch`` (default sm_90, the H100 and H200) with
+Triton's compiler and not run. Compiled are the kernels that
+``benchmarks/gpu_latency.py`` launches, at its shapes (NextStep-1-Large: the
+Qwen2.5-14B decoder layer, the base flow head) and its tile candidates:
+
+- the few-rows products (`nextstep.kernels.skinny_linear`) of one decoder
+  layer at 1 and 2 rows, bf16 and int8, with every tile of ``SKINNY_CANDIDATES``;
+- one decode step through the fused stack (`nextstep.fast.fused_decode`):
+  residual-add norms, rotary embedding into the cache, SwiGLU;
+- one token step of the head (`nextstep.fast.token_step`) with the norm
+  kernels, with the block kernels at every tile of ``TILE_CANDIDATES`` (batch 1
+  and 8 with CFG: 2 and 16 rows), and with the one-launch head (as many programs as on
+  the GPU, at most one per multiprocessor of the target).
+
+For each distinct kernel: registers per thread, spilled bytes, shared memory,
+programs per multiprocessor, and barriers, shared-memory accesses and global
+loads inside its loops (see `nextstep.kernels.target_compile`). Writes
+``kernel_resources.json`` and ``kernel_resources.md`` to ``--out``; exits 1 if a
+kernel failed to compile.
+
+``--small`` compiles the same kernels for the tiny preset with the default
+tiles and one row-by-row tile (seconds; the tests run it).
+
+Usage:
+    python benchmarks/kernel_resources.py [--arch sm_90] [--out DIR]    # about 2 minutes on 2 cores
+    python benchmarks/kernel_resources.py --small --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels: Triton's interpreter must be off when it is imported
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's own default, without its warning
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+from gpu_latency import SKINNY_CANDIDATES, TILE_CANDIDATES, build_random_model, layer_products  # noqa: E402
+
+from nextstep.backbones.base import positions_from_mask  # noqa: E402
+from nextstep.fast import DecodeStep, FusedTokenStep, TokenStepBuffers  # noqa: E402
+from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity  # noqa: E402
+from nextstep.fast.fused_decode import FusedDecodeStack  # noqa: E402
+from nextstep.fast.guidance_weights import branch_weights  # noqa: E402
+from nextstep.fast.solver_plan import solver_plan  # noqa: E402
+from nextstep.fast.weight_quantization import quantize_int8  # noqa: E402
+from nextstep.io import atomic_write_text  # noqa: E402
+from nextstep.kernels.adaln_linear import Tiles, set_tiles  # noqa: E402
+from nextstep.kernels.persistent_head import persistent_programs  # noqa: E402
+from nextstep.kernels.skinny_linear import SkinnyTiles, set_skinny_tiles, skinny_linear_triton  # noqa: E402
+from nextstep.kernels.target_compile import TARGETS, compile_for_target  # noqa: E402
+from nextstep.samplers import EulerSampler, guidance_for_scale  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="sm_90", choices=sorted(TARGETS))
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for kernel_resources.json / .md")
+    parser.add_argument("--small", action="store_true",
+                        help="the tiny preset, the default tiles and one row-by-row tile (seconds)")
+    return parser.parse_args(argv)
+
+
+def candidates(small: bool) -> tuple[list[SkinnyTiles], list[Tiles]]:
+    """The few-rows and head-block tiles to compile: all of the GPU benchmark's, or the default ones and one
+    row-by-row tile."""
+    if small:
+        return [SkinnyTiles()], [Tiles(), next(tile for tile in TILE_CANDIDATES if tile.rows_product)]
+    return SKINNY_CANDIDATES, TILE_CANDIDATES
+
+
+def products(model, skinny_tiles: list[SkinnyTiles], dtype: torch.dtype, generator) -> None:
+    """One decoder layer's four products at 1 and 2 rows, in ``dtype`` and int8, with every tile."""
+    for name, (outer, inner) in layer_products(model).items():
+        weight = (torch.randn(outer, inner, generator=generator) * 0.02).to(dtype)
+        quantized = quantize_int8(weight)
+        for rows in (1, 2):
+            x = torch.randn(rows, inner, generator=generator).to(dtype)
+            for tile in skinny_tiles:
+                set_skinny_tiles(tile)
+                skinny_linear_triton(x, weight, None)
+                skinny_linear_triton(x, quantized.values, None, quantized.scale)
+    set_skinny_tiles(SkinnyTiles())
+
+
+def decode_steps(model, dtype: torch.dtype, generator) -> list:
+    """One decode step of 2 rows through the fused stack, with the library's products and the few-rows ones
+    (the prefill runs before compiling starts; returns the steps to run inside it)."""
+    backbone = model.backbone
+    steps = []
+    for skinny in (False, True):
+        cache = backbone.new_cache(2, 8)
+        embeds = (torch.randn(2, 4, backbone.hidden_size, generator=generator) * 0.02).to(dtype)
+        mask = torch.ones(2, 4, dtype=torch.bool)
+        positions = positions_from_mask(mask)
+        with torch.inference_mode():
+            backbone(embeds, positions, mask, cache)
+        step_embeds = torch.zeros(2, 1, backbone.hidden_size, dtype=dtype)
+        hidden = torch.zeros(2, backbone.hidden_size, dtype=dtype)
+        step = DecodeStep(backbone, cache, step_embeds, hidden,
+                          compile_stack=FusedDecodeStack(backbone, skinny=skinny))
+        step.start(positions[:, -1:] + 1)
+        steps.append(step)
+    return steps
+
+
+def token_step(model, velocity, batch: int, dtype: torch.dtype, generator) -> None:
+    """One token step (Euler, 2 head steps, CFG) of ``batch`` images through ``velocity``."""
+    sampler = EulerSampler()
+    plan = solver_plan(sampler, sampler.make_time_grid(2, 1.0))
+    buffers = TokenStepBuffers.allocate(batch, 2, model.backbone.hidden_size, model.token_dim,
+                                        device=torch.device("cpu"), dtype=dtype)
+    buffers.hidden.normal_(generator=generator)
+    step = FusedTokenStep(model, velocity, plan, rows=batch, branches=2, buffers=buffers, use_norm=False)
+    weights = branch_weights(guidance_for_scale(7.5), plan.times)
+    step.load(torch.randn(batch, model.token_dim, generator=generator), None, weights)
+    step.compute()
+
+
+def run(args) -> dict:
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    model = build_random_model(args.small, torch.device("cpu"), 0, num_layers=1, vocab_size=1024)
+    dtype = next(model.parameters()).dtype
+    skinny_tiles, head_tiles = candidates(args.small)
+    steps = decode_steps(model, dtype, generator)
+    limits = TARGETS[args.arch]
+    head = model.image_head
+    with torch.inference_mode(), compile_for_target(args.arch) as compiled:
+        products(model, skinny_tiles, dtype, generator)
+        for step in steps:
+            step.compute(step.visible())
+        for batch in (1, 8):
+            token_step(model, FusedFlowMatchingVelocity(head), batch, dtype, generator)
+            for tile in head_tiles:
+                set_tiles(tile)
+                token_step(model, FusedFlowMatchingVelocity(head, fused_blocks=True), batch, dtype, generator)
+            set_tiles(Tiles())
+            programs = min(persistent_programs(head.net.input_proj.out_features, torch.device("cpu")),
+                           limits.multiprocessors)
+            token_step(model, FusedFlowMatchingVelocity(head, persistent=True, programs=programs), batch, dtype,
+                       generator)
+    kernels = [kernel.as_dict() for kernel in compiled]
+    import triton
+
+    return {"arch": args.arch, "card": limits.card, "machine": machine(), "triton": triton.__version__,
+            "small": args.small, "kernels": kernels,
+            "failed": sum(kernel["error"] is not None for kernel in kernels),
+            "seconds": time.perf_counter() - started}
+
+
+def _constants(constants: dict) -> str:
+    return " ".join(f"{key}={int(value) if isinstance(value, bool) else value}" for key, value in constants.items())
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Kernels compiled for {result['arch']} ({result['card']}) by Triton {result['triton']} on "
+             f"{result['machine']['cpu']}, {result['machine']['date']}; `python benchmarks/kernel_resources.py`.", "",
+             "| kernel | constants | warps | registers | spilled B | shared B | programs/SM | loop barriers | "
+             "loop shared | loop loads |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for kernel in result["kernels"]:
+        if kernel["error"] is not None:
+            lines.append(f"| {kernel['name']} | {_constants(kernel['constants'])} | {kernel['num_warps']} | "
+                         f"failed: {kernel['error'][:120]} |||||||")
+            continue
+        cells = [kernel[key] for key in ("num_warps", "registers", "local_bytes", "shared_bytes",
+                                         "programs_per_multiprocessor", "loop_barriers", "loop_shared_accesses",
+                                         "loop_global_loads")]
+        lines.append(f"| {kernel['name']} | {_constants(kernel['constants'])} | "
+                     + " | ".join("-" if cell is None else str(cell) for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "kernel_resources.json", json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    atomic_write_text(args.out / "kernel_resources.md", table)
+    print(table)
+    print(f"{len(result['kernels'])} kernels, {result['failed']} failed to compile, {result['seconds']:.0f} s")
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
