@@ -25,7 +25,10 @@ in the loop over W, one reduction after it).
 
 The barrier needs every program resident on the GPU at once: G must not exceed
 what the GPU runs together (`persistent_programs` keeps it at most the number of
-multiprocessors), and nothing else may hold them. Under Triton's interpreter
+multiprocessors), and nothing else may hold them. Where Triton can, the kernel
+is launched as a cooperative grid, which the driver refuses (an error, and the
+velocity falls back to separate kernels) rather than start programs that would
+wait forever. Under Triton's interpreter
 programs run one after another, so the kernel is checked there with G = 1
 (``block_n`` >= W), which runs the same code with trivially met barriers.
 
@@ -46,7 +49,7 @@ from nextstep.kernels.triton_support import block_size, interpreter_enabled, red
 #: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
 tl = grid_barrier = layer_norm_stats = modulate_rows = prefetch_rows = rows_times_weight = None
 
-__all__ = ["PersistentHeadWeights", "persistent_head_triton", "persistent_programs"]
+__all__ = ["PersistentHeadWeights", "cooperative_launch_available", "persistent_head_triton", "persistent_programs"]
 
 
 class PersistentHeadWeights:
@@ -79,6 +82,18 @@ class PersistentHeadWeights:
         self.eps, self.output_eps = float(eps), float(output_eps)
         self.blocks, self.inner_width, self.width = self.first_weight.shape
         self.token_dim = self.output_weight.shape[0]
+
+
+@functools.cache
+def cooperative_launch_available() -> bool:
+    """Whether this Triton launches kernels as a cooperative grid (``launch_cooperative_grid``): the
+    driver then refuses a grid whose programs cannot all be resident at once instead of letting them wait
+    for each other forever."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except Exception:  # no NVIDIA backend
+        return False
+    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def persistent_programs(width: int, device: torch.device, block_n: int = 16) -> int:
@@ -283,12 +298,14 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
     counter = torch.zeros(1, dtype=torch.int32, device=x_t.device)
     block_k = reduction_step(512, block_m, block_n, budget=8192)
     line = max(1, 128 // x_t.element_size())  # elements per 128-byte cache line
+    compiled = not interpreter_enabled()
+    launch = {"launch_cooperative_grid": True} if compiled and cooperative_launch_available() else {}
     _kernel(interpreter_enabled())[(programs,)](
         x_t, modulation, weights.input_weight, weights.input_bias, weights.first_weight, weights.first_bias,
         weights.second_weight, weights.second_bias, weights.output_weight, weights.output_bias, h, inner, modulated,
         out, counter, rows, weights.eps, weights.output_eps, D=token_dim, W=width, F=weights.inner_width,
         BLOCKS=blocks, PIECES=pieces,
         BM=block_m, BN=block_n, BK=block_k, BKD=min(block_k, block_size(token_dim)), PROGRAMS=programs,
-        PREFETCH=bool(prefetch) and not interpreter_enabled(), LINE=line, LINES_W=block_size(-(-width // line)),
-        LINES_F=block_size(-(-weights.inner_width // line)), num_warps=num_warps)
+        PREFETCH=bool(prefetch) and compiled, LINE=line, LINES_W=block_size(-(-width // line)),
+        LINES_F=block_size(-(-weights.inner_width // line)), num_warps=num_warps, **launch)
     return out

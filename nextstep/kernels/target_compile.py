@@ -264,9 +264,8 @@ def compile_for_target(arch: str = "sm_90") -> Iterator[list[CompiledKernel]]:
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         name = getattr(self, "__name__", None) or self.fn.__name__
-        options = {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
-        constants = {key: value for key, value in kwargs.items() if key not in options}
-        record = CompiledKernel(name, constants, options.get("num_warps"), options.get("num_stages"),
+        constants = {key: value for key, value in kwargs.items() if key in self.arg_names}  # the rest: options
+        record = CompiledKernel(name, constants, kwargs.get("num_warps"), kwargs.get("num_stages"),
                                 tuple(grid) if isinstance(grid, (tuple, list)) else None)
         start = time.perf_counter()
         try:
