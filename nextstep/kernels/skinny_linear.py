@@ -48,7 +48,7 @@ from nextstep.kernels.triton_support import (
 )
 
 #: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
-tl = exact_float = row_products = None
+tl = int8_to_float = row_products = None
 
 __all__ = ["MAX_ROWS", "ROWS_PER_PROGRAM", "SkinnyTiles", "set_skinny_tiles", "skinny_linear",
            "skinny_linear_reference", "skinny_linear_triton", "skinny_tiles"]
@@ -150,14 +150,15 @@ def _kernel(interpret: bool):
     """Build the Triton kernel (once per interpreter setting)."""
     # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
     # kernel finds the functions it calls among its globals too.
-    global tl, exact_float, row_products
+    global tl, int8_to_float, row_products
     triton = triton_module()
     import triton.language as tl
 
     @triton.jit
-    def exact_float(values):
-        # int8 -> fp32 with integer and float additions only (a conversion instruction runs at a quarter of
-        # their rate): w + 128 + 2^23 has the bits of the float 2^23 + w + 128 once the exponent's are added.
+    def int8_to_float(values):
+        # int8 -> fp32 exactly, with one integer and one float addition (a conversion instruction runs at a
+        # quarter of their rate): 0x4B000000 is the float 2^23, and w + 128 (0 to 255) fills the low bits of
+        # its mantissa, so 0x4B000000 + w + 128 is the float 2^23 + w + 128.
         bits = values.to(tl.int32) + (0x4B000000 + 128)
         return bits.to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
 
@@ -192,7 +193,7 @@ def _kernel(interpret: bool):
                 k_inside = (broadcast == 0) & (k < inner)[None, :]
             weight = tl.load(weight_rows + k[None, :], mask=column_inside[:, None] & k_inside, other=0)
             if HAS_SCALE:
-                weight = exact_float(weight)
+                weight = int8_to_float(weight)
             else:
                 weight = weight.to(tl.float32)
             sum0 += row_products(weight, x_row0, k, broadcast, k_inside)

@@ -234,6 +234,11 @@ class _TargetDriver:
 def compile_for_target(arch: str = "sm_90") -> Iterator[list[CompiledKernel]]:
     """Inside, the library's kernels launched on CPU tensors are compiled for ``arch`` and not run.
 
+    Every Triton kernel launched inside is compiled and not run (fused
+    operations route CPU tensors to their kernels while it is active); outputs
+    keep whatever they held. Not reentrant, and not for use while other
+    threads launch Triton kernels.
+
     Args:
         arch: a key of `TARGETS`.
 
@@ -286,7 +291,7 @@ def compile_for_target(arch: str = "sm_90") -> Iterator[list[CompiledKernel]]:
         compiled.append(record)
         return kernel
 
-    previous_driver = driver._active
+    previous_driver = getattr(driver, "_active", None)  # None: no driver was chosen yet (no GPU here)
     JITFunction.run = compile_only
     driver.set_active(target_driver)
     compiling_before = triton_support.set_compiling_only(True)
