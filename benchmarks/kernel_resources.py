@@ -148,8 +148,7 @@ def run(args) -> dict:
                 set_tiles(tile)
                 token_step(model, FusedFlowMatchingVelocity(head, fused_blocks=True), batch, dtype, generator)
             set_tiles(Tiles())
-            programs = min(persistent_programs(head.net.input_proj.out_features, torch.device("cpu")),
-                           limits.multiprocessors)
+            programs = persistent_programs(head.net.input_proj.out_features, limits.multiprocessors)
             token_step(model, FusedFlowMatchingVelocity(head, persistent=True, programs=programs), batch, dtype,
                        generator)
     kernels = [kernel.as_dict() for kernel in compiled]

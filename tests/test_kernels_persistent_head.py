@@ -12,7 +12,11 @@ from kernel_helpers import DTYPES, interpreter, kernel_device  # noqa: E402,F401
 
 from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity  # noqa: E402
 from nextstep.heads.flow_matching import FlowMatchingHead, FlowMatchingHeadConfig  # noqa: E402
-from nextstep.kernels.persistent_head import persistent_head_triton  # noqa: E402
+from nextstep.kernels.persistent_head import (  # noqa: E402
+    features_per_program,
+    persistent_head_triton,
+    persistent_programs,
+)
 
 TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
 
@@ -39,16 +43,21 @@ def inputs(head, rows: int, seed: int, device):
 
 @settings(max_examples=10)
 @given(rows=st.integers(1, 5), width=st.sampled_from([16, 24, 40]), blocks=st.integers(1, 2), dtype=DTYPES,
-       seed=st.integers(0, 2**10), block_n=st.sampled_from([4, 16]), mlp_ratio=st.sampled_from([1.0, 1.5]))
+       seed=st.integers(0, 2**10), min_features=st.sampled_from([4, 6, 16]),
+       mlp_ratio=st.sampled_from([1.0, 1.5]))
 def test_one_launch_matches_the_unfused_velocity(kernel_device, rows, width, blocks, dtype, seed,  # noqa: F811
-                                                 block_n, mlp_ratio):
+                                                 min_features, mlp_ratio):
     head = random_head(width, blocks, seed, dtype, kernel_device, mlp_ratio)
     reference, x_t, modulation = inputs(head, rows, seed, kernel_device)
     expected = reference(x_t, modulation)
     persistent = FusedFlowMatchingVelocity(head, persistent=True)
     persistent(x_t, modulation)  # builds the stacked weights
-    programs = 1 if kernel_device.type == "cpu" else -(-width // block_n)
-    found = persistent_head_triton(x_t, modulation, persistent._persistent_weights, programs, block_n=block_n)
+    weights = persistent._persistent_weights
+    if kernel_device.type == "cpu":  # one program, owning min_features features per step (masked tiles)
+        found = persistent_head_triton(x_t, modulation, weights, 1, features=min_features)
+    else:
+        programs = persistent_programs(max(width, weights.inner_width), 8, min_features)
+        found = persistent_head_triton(x_t, modulation, weights, programs)
     assert found.dtype == dtype and found.shape == expected.shape
     torch.testing.assert_close(found.float(), expected.float(), **TOLERANCES[dtype])
 
@@ -71,6 +80,8 @@ def test_bad_input_names_what_was_expected(interpreter):  # noqa: F811
         persistent_head_triton(x_t, modulation[:, :4], weights, 1)
     with pytest.raises(ValueError, match="programs must be 1, found 2"):
         persistent_head_triton(x_t, modulation, weights, 2)
+    with pytest.raises(ValueError, match="features must be >= 1, found 0"):
+        persistent_head_triton(x_t, modulation, weights, 1, features=0)
 
 
 def test_the_fast_sampler_samples_the_same_tokens_with_it(interpreter, trained_like_model):  # noqa: F811
@@ -83,3 +94,16 @@ def test_the_fast_sampler_samples_the_same_tokens_with_it(interpreter, trained_l
     found, *_ = generate_tokens(model, ["a red circle"], **settings,
                                 token_sampler=FastTokenSampler(model, persistent_head=True))
     torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_programs_use_the_multiprocessors_and_none_idles():
+    assert persistent_programs(1536, 132) == 128  # 12 features each
+    assert features_per_program(1536, 1536, 128) == 12
+    assert persistent_programs(1536, None) == 192  # 8 features each, no limit
+    assert persistent_programs(40, 8, 6) == 7  # 6 features each: the 8th would be idle
+    assert persistent_programs(4, 132) == 1
+    for width in range(1, 300):
+        for multiprocessors in (1, 7, 132):
+            programs = persistent_programs(width, multiprocessors)
+            features = features_per_program(width, width, programs)
+            assert programs <= multiprocessors and (programs - 1) * features < width <= programs * features

@@ -164,5 +164,11 @@ class FusedFlowMatchingVelocity:
                 *self.input_weights, firsts, first_biases, seconds, second_biases, *self.output_weights, eps[0],
                 self.output_eps)
             if self.programs is None:
-                self.programs = 1 if interpreter_enabled() else persistent_programs(self.width, x_t.device)
+                if interpreter_enabled():
+                    self.programs = 1
+                else:
+                    multiprocessors = (torch.cuda.get_device_properties(x_t.device).multi_processor_count
+                                       if x_t.device.type == "cuda" else None)
+                    self.programs = persistent_programs(max(self.width, self._persistent_weights.inner_width),
+                                                        multiprocessors)
         return persistent_head_triton(x_t, modulation, self._persistent_weights, self.programs, prefetch=self.prefetch)

@@ -8,7 +8,9 @@ The head's MLP runs once per solver step of every image token, and each of its
 matrix products is small (a W x W weight for a few rows): launched one by one,
 a solver evaluation is some 70 kernels whose launch and ramp-up cost more than
 reading their weights. Here one launch does a whole evaluation. Each of the G
-programs owns ``block_n`` output features of every product; after each product
+programs owns a share of the output features of every product
+(`features_per_program`: with G = 128 for a 1536-wide head, 12 features, in a
+tile of 16 whose last 4 are masked); after each product
 the programs meet at a grid-wide barrier (an atomic counter in global memory),
 since the next product reads every feature of the previous one:
 
@@ -25,12 +27,13 @@ in the loop over W, one reduction after it).
 
 The barrier needs every program resident on the GPU at once: G must not exceed
 what the GPU runs together (`persistent_programs` keeps it at most the number of
-multiprocessors), and nothing else may hold them. Where Triton can, the kernel
+multiprocessors, and uses as many of them as it can), and nothing else may hold them. Where Triton can, the kernel
 is launched as a cooperative grid, which the driver refuses (an error, and the
 velocity falls back to separate kernels) rather than start programs that would
 wait forever. Under Triton's interpreter
 programs run one after another, so the kernel is checked there with G = 1
-(``block_n`` >= W), which runs the same code with trivially met barriers.
+(one program owning every feature), which runs the same code with trivially
+met barriers.
 
 Rounding follows `nextstep.fast.flow_head_velocity.FusedFlowMatchingVelocity`
 (cuBLAS products around fused norms): every product's output is rounded to the
@@ -49,7 +52,8 @@ from nextstep.kernels.triton_support import block_size, interpreter_enabled, red
 #: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
 tl = grid_barrier = layer_norm_stats = modulate_rows = prefetch_rows = rows_times_weight = None
 
-__all__ = ["PersistentHeadWeights", "cooperative_launch_available", "persistent_head_triton", "persistent_programs"]
+__all__ = ["PersistentHeadWeights", "cooperative_launch_available", "features_per_program", "persistent_head_triton",
+           "persistent_programs"]
 
 
 class PersistentHeadWeights:
@@ -96,13 +100,20 @@ def cooperative_launch_available() -> bool:
     return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-def persistent_programs(width: int, device: torch.device, block_n: int = 16) -> int:
-    """How many programs share an evaluation: one per ``block_n`` features of W, at most one per multiprocessor
-    (more features per program then)."""
-    programs = -(-width // block_n)
-    if device.type == "cuda":
-        programs = min(programs, torch.cuda.get_device_properties(device).multi_processor_count)
-    return programs
+def persistent_programs(width: int, multiprocessors: int | None, min_features: int = 8) -> int:
+    """How many programs share an evaluation of a head ``width`` wide: as many as there are multiprocessors
+    (None: no limit), each owning at least ``min_features`` features of every product, and none idle (1536
+    features on 132 multiprocessors: 128 programs of 12 features)."""
+    programs = max(1, -(-width // min_features))
+    if multiprocessors is not None:
+        programs = min(programs, multiprocessors)
+    features = -(-width // programs)
+    return -(-width // features)
+
+
+def features_per_program(width: int, inner_width: int, programs: int) -> int:
+    """Features of every product that each of ``programs`` programs owns (the widest product's share)."""
+    return -(-max(width, inner_width) // programs)
 
 
 @functools.cache
@@ -131,11 +142,11 @@ def _kernel(interpret: bool):
         tl.debug_barrier()
 
     @triton.jit
-    def prefetch_rows(weight_ptr, first, count, INNER: tl.constexpr, BN: tl.constexpr, LINE: tl.constexpr,
-                      LINES: tl.constexpr):
-        # Ask L2 for weight rows first .. first + BN (of count) of a later product, one address per 128-byte
-        # line, so that they stream from memory while the programs compute and wait at barriers.
-        column = tl.minimum(first + tl.arange(0, BN), count - 1).to(tl.int64)
+    def prefetch_rows(weight_ptr, first, count, INNER: tl.constexpr, BN: tl.constexpr, FEATURES: tl.constexpr,
+                      LINE: tl.constexpr, LINES: tl.constexpr):
+        # Ask L2 for weight rows first .. first + FEATURES (of count) of a later product, one address per
+        # 128-byte line, so that they stream from memory while the programs compute and wait at barriers.
+        column = tl.minimum(first + tl.arange(0, BN), tl.minimum(first + FEATURES, count) - 1).to(tl.int64)
         line = tl.minimum(tl.arange(0, LINES) * LINE, INNER - 1)
         tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
                                   [weight_ptr + column[:, None] * INNER + line[None, :]], dtype=tl.int32,
@@ -183,19 +194,20 @@ def _kernel(interpret: bool):
                                second_weight_ptr, second_bias_ptr, output_weight_ptr, output_bias_ptr, h_ptr,
                                inner_ptr, a_ptr, out_ptr, counter_ptr, rows, eps, output_eps, D: tl.constexpr,
                                W: tl.constexpr, F: tl.constexpr, BLOCKS: tl.constexpr, PIECES: tl.constexpr,
-                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr,
-                               PROGRAMS: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
+                               BM: tl.constexpr, BN: tl.constexpr, FEATURES: tl.constexpr, BK: tl.constexpr,
+                               BKD: tl.constexpr, PROGRAMS: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
                                LINES_W: tl.constexpr, LINES_F: tl.constexpr):
         program = tl.program_id(0)
         row = tl.arange(0, BM).to(tl.int64)
         row_inside = row < rows
-        mine = program * BN  # this program's first features of every product
+        mine = program * FEATURES  # this program's first features of every product
+        owned = tl.arange(0, BN) < FEATURES  # a tile of BN holds the program's FEATURES features
         if PREFETCH:
-            prefetch_rows(first_weight_ptr, mine, F, W, BN, LINE, LINES_W)
+            prefetch_rows(first_weight_ptr, mine, F, W, BN, FEATURES, LINE, LINES_W)
         # Input projection: this program's features of h, for every row.
-        for first in range(program * BN, W, PROGRAMS * BN):
+        for first in range(mine, W, PROGRAMS * FEATURES):
             column = (first + tl.arange(0, BN)).to(tl.int64)
-            column_inside = column < W
+            column_inside = owned & (column < W)
             total = rows_times_weight(x_ptr, D, input_weight_ptr, D, row, row_inside, column, column_inside, BM, BN,
                                       BKD, False)
             total += tl.load(input_bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
@@ -205,13 +217,13 @@ def _kernel(interpret: bool):
         a_rows = a_ptr + program * BM * W  # this program's (BM, W) modulated input
         for block in range(BLOCKS):
             if PREFETCH:
-                prefetch_rows(second_weight_ptr + block * W * F, mine, W, F, BN, LINE, LINES_F)
+                prefetch_rows(second_weight_ptr + block * W * F, mine, W, F, BN, FEATURES, LINE, LINES_F)
             modulate_rows(h_ptr, mod_ptr, a_rows, row, row_inside, eps, 3 * block, 3 * block + 1, W, PIECES, BM,
                           BK)
             first_weight = first_weight_ptr + block * F * W
-            for first in range(program * BN, F, PROGRAMS * BN):
+            for first in range(mine, F, PROGRAMS * FEATURES):
                 column = (first + tl.arange(0, BN)).to(tl.int64)
-                column_inside = column < F
+                column_inside = owned & (column < F)
                 total = rows_times_weight(a_rows, W, first_weight, W, row, row_inside, column, column_inside, BM,
                                           BN, BK, False)
                 total += tl.load(first_bias_ptr + block * F + column, mask=column_inside,
@@ -223,13 +235,13 @@ def _kernel(interpret: bool):
             grid_barrier(counter_ptr, (2 + 2 * block) * PROGRAMS)
             if PREFETCH:
                 if block + 1 < BLOCKS:
-                    prefetch_rows(first_weight_ptr + (block + 1) * F * W, mine, F, W, BN, LINE, LINES_W)
+                    prefetch_rows(first_weight_ptr + (block + 1) * F * W, mine, F, W, BN, FEATURES, LINE, LINES_W)
                 elif mine < D:
-                    prefetch_rows(output_weight_ptr, mine, D, W, BN, LINE, LINES_W)
+                    prefetch_rows(output_weight_ptr, mine, D, W, BN, FEATURES, LINE, LINES_W)
             second_weight = second_weight_ptr + block * W * F
-            for first in range(program * BN, W, PROGRAMS * BN):
+            for first in range(mine, W, PROGRAMS * FEATURES):
                 column = (first + tl.arange(0, BN)).to(tl.int64)
-                column_inside = column < W
+                column_inside = owned & (column < W)
                 inside = row_inside[:, None] & column_inside[None, :]
                 total = rows_times_weight(inner_ptr, F, second_weight, F, row, row_inside, column, column_inside,
                                           BM, BN, BK, True)
@@ -243,12 +255,12 @@ def _kernel(interpret: bool):
                 tl.store(h_ptr + row[:, None] * W + column[None, :], h.to(h_ptr.dtype.element_ty), mask=inside)
             grid_barrier(counter_ptr, (3 + 2 * block) * PROGRAMS)
         # Output layer: the token-dim features, shared by the first programs.
-        if program * BN < D:
+        if mine < D:
             modulate_rows(h_ptr, mod_ptr, a_rows, row, row_inside, output_eps, PIECES - 2, PIECES - 1, W, PIECES,
                           BM, BK)
-        for first in range(program * BN, D, PROGRAMS * BN):
+        for first in range(mine, D, PROGRAMS * FEATURES):
             column = (first + tl.arange(0, BN)).to(tl.int64)
-            column_inside = column < D
+            column_inside = owned & (column < D)
             total = rows_times_weight(a_rows, W, output_weight_ptr, W, row, row_inside, column, column_inside, BM,
                                       BN, BK, False)
             total += tl.load(output_bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
@@ -259,7 +271,8 @@ def _kernel(interpret: bool):
 
 
 def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights: PersistentHeadWeights,
-                           programs: int, block_n: int = 16, num_warps: int = 4, prefetch: bool = True) -> torch.Tensor:
+                           programs: int, num_warps: int = 4, prefetch: bool = True,
+                           features: int | None = None) -> torch.Tensor:
     """One evaluation of the head's MLP in one launch of ``programs`` cooperating programs.
 
     Args:
@@ -268,12 +281,15 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
             ``[shift, scale, gate]`` per block, then ``[shift, scale]``).
         weights: the stacked weights.
         programs: G, at most what the GPU runs at once (see `persistent_programs`);
-            1 under Triton's interpreter.
-        block_n: features per program and step.
+            1 under Triton's interpreter. Each owns `features_per_program`
+            features of every product.
         num_warps: warps per program.
         prefetch: each program asks L2 for its weights of the next product
             while it computes this one (compiled kernels only: Triton's
             interpreter runs no inline assembly).
+        features: features of every product a program owns per step (default:
+            `features_per_program`; fewer make each program loop over several
+            shares, which runs the multi-program code paths with one program).
 
     Returns:
         (N, D) velocity in the head's dtype.
@@ -296,6 +312,11 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
     modulated = torch.empty(programs, block_m, width, dtype=x_t.dtype, device=x_t.device)  # one (BM, W) per program
     out = torch.empty(rows, token_dim, dtype=x_t.dtype, device=x_t.device)
     counter = torch.zeros(1, dtype=torch.int32, device=x_t.device)
+    if features is None:
+        features = features_per_program(width, weights.inner_width, programs)
+    elif features < 1:
+        raise ValueError(f"features must be >= 1, found {features}")
+    block_n = block_size(features)
     block_k = reduction_step(512, block_m, block_n, budget=8192)
     line = max(1, 128 // x_t.element_size())  # elements per 128-byte cache line
     compiled = not interpreter_enabled()
@@ -304,8 +325,8 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
         x_t, modulation, weights.input_weight, weights.input_bias, weights.first_weight, weights.first_bias,
         weights.second_weight, weights.second_bias, weights.output_weight, weights.output_bias, h, inner, modulated,
         out, counter, rows, weights.eps, weights.output_eps, D=token_dim, W=width, F=weights.inner_width,
-        BLOCKS=blocks, PIECES=pieces,
-        BM=block_m, BN=block_n, BK=block_k, BKD=min(block_k, block_size(token_dim)), PROGRAMS=programs,
+        BLOCKS=blocks, PIECES=pieces, BM=block_m, BN=block_n, FEATURES=features, BK=block_k,
+        BKD=min(block_k, block_size(token_dim)), PROGRAMS=programs,
         PREFETCH=bool(prefetch) and compiled, LINE=line, LINES_W=block_size(-(-width // line)),
         LINES_F=block_size(-(-weights.inner_width // line)), num_warps=num_warps, **launch)
     return out
