@@ -14,7 +14,9 @@ library's kernel and with `nextstep.kernels.skinny_linear` at a few tiles
 with the backbone's own stack and with the fused one
 (`nextstep.fast.fused_decode`), with either kind of product, and through int8
 copies of the weights (its floor counts the int8 bytes).
-Then per configuration (decode steps with the fused stack where it runs):
+Then per configuration (decode steps with the fastest stack of the model's own
+weights at one row; the dependently launched stack is among them where Triton
+can launch so):
 
 - backbone ms/token: replays of the captured decode step at the image's mean
   context (prompt + half the image), all CFG rows together;
@@ -82,7 +84,7 @@ from nextstep.kernels.skinny_linear import (  # noqa: E402
     skinny_linear_triton,
     skinny_tiles,
 )
-from nextstep.kernels.triton_support import triton_enabled  # noqa: E402
+from nextstep.kernels.triton_support import dependent_launch_available, triton_enabled  # noqa: E402
 from nextstep.samplers import EulerSampler, guidance_for_scale  # noqa: E402
 from nextstep.samplers.guidance import GuidedVelocity  # noqa: E402
 
@@ -99,6 +101,12 @@ PRODUCTS_PER_CALL = 20
 TILE_CANDIDATES = [Tiles(), Tiles(16, 256, 4), Tiles(16, 512, 8), Tiles(32, 128, 4), Tiles(32, 256, 8),
                    Tiles(16, 64, 2), Tiles(8, 512, 4, True), Tiles(4, 512, 4, True), Tiles(16, 256, 4, True),
                    Tiles(2, 1024, 2, True), Tiles(8, 1024, 8, True)]
+#: The token sampler's options that decode with each of the one-row stacks (the configurations and full images
+#: use the fastest stack of the model's own weights).
+STACK_OPTIONS = {"backbone": {}, "fused": {"fused_decode": True},
+                 "fused, few-rows products": {"fused_decode": True, "decode_weights": "skinny"},
+                 "fused, few-rows products, dependent launches": {"fused_decode": True, "decode_weights": "skinny",
+                                                                  "dependent_launches": True}}
 #: The paper's per-token figures on an H100 at batch 1 (ms), for reference.
 PAPER_MS = {"backbone": 7.20, "head": 3.40}
 
@@ -571,6 +579,9 @@ def run(args) -> dict:
             stacks["fused"] = FusedDecodeStack(model.backbone)
             if result["triton"]:
                 stacks["fused, few-rows products"] = FusedDecodeStack(model.backbone, skinny=True)
+                if dependent_launch_available():
+                    stacks["fused, few-rows products, dependent launches"] = FusedDecodeStack(
+                        model.backbone, skinny=True, dependent_launches=True)
                 stacks["fused, int8 weights"] = FusedDecodeStack(model.backbone, int8_weights=True)
     except Exception as error:
         result["errors"].append(_error("fused decode stack", error))
@@ -592,6 +603,19 @@ def run(args) -> dict:
             print(f"backbone one row, context {context}, {name} stack: {decode['ms']:.2f} ms/token "
                   f"(floor {floor:.2f}, {single['ratio']:.2f}x)", flush=True)
             _save(args.out, result)
+
+    # The configurations decode with the fastest stack of the model's own weights at one row.
+    own_weights = [entry for entry in result["backbone_one_row"] if not stacks[entry["stack"]] or
+                   not stacks[entry["stack"]].int8_weights]
+    chosen = "fused" if "fused" in stacks else "backbone"
+    if own_weights:
+        chosen = min({entry["stack"] for entry in own_weights},
+                     key=lambda name: statistics.mean(entry["ms"] for entry in own_weights if entry["stack"] == name))
+    result["decode_stack_chosen"] = chosen
+    if STACK_OPTIONS[chosen] != STACK_OPTIONS["fused" if args.fused_decode else "backbone"]:
+        fast = FastTokenSampler(model, capture=capture, compile_backbone=args.compile_backbone,
+                                **STACK_OPTIONS[chosen])
+    print(f"configurations decode with the {chosen} stack", flush=True)
 
     # The block kernels' tiles, at batch 1 and the first step count; the fastest are used from here on.
     if block_velocity is not None:
@@ -621,7 +645,7 @@ def run(args) -> dict:
             context = args.prompt_tokens + tokens // 2
             try:
                 decode = time_decode(model, fast, clock, rows, context, args.repeats, capture, generator,
-                                     stacks.get("fused"))
+                                     stacks[chosen])
             except Exception as error:
                 result["errors"].append(_error(f"decode batch {batch} tokens {tokens}", error))
                 continue
@@ -790,6 +814,9 @@ def markdown(result: dict) -> str:
         lines += ["", f"Backbone alone, one row (batch 1, no CFG), context {single['context']}, "
                   f"{single.get('stack', 'backbone')} stack: {single['ms']:.2f} ms/token, floor "
                   f"{single['floor_ms']:.2f} ms, {single['ratio']:.2f}x."]
+    if result.get("decode_stack_chosen"):
+        lines += ["", f"The configurations decode with the {result['decode_stack_chosen']} stack (the fastest of the "
+                  "model's own weights at one row)."]
     if result.get("head_block_tiles"):
         chosen = result["head_block_tiles_chosen"]
         def name(t):

@@ -9,7 +9,8 @@ Qwen2.5-14B decoder layer, the base flow head) and its tile candidates:
 - the few-rows products (`nextstep.kernels.skinny_linear`) of one decoder
   layer at 1 and 2 rows, bf16 and int8, with every tile of ``SKINNY_CANDIDATES``;
 - one decode step through the fused stack (`nextstep.fast.fused_decode`):
-  residual-add norms, rotary embedding into the cache, SwiGLU;
+  residual-add norms, rotary embedding into the cache, SwiGLU, also launched
+  as programmatic dependent launches;
 - one token step of the head (`nextstep.fast.token_step`) with the norm
   kernels, with the block kernels at every tile of ``TILE_CANDIDATES`` (batch 1
   and 8 with CFG: 2 and 16 rows), and with the one-launch head (as many programs as on
@@ -96,11 +97,12 @@ def products(model, skinny_tiles: list[SkinnyTiles], dtype: torch.dtype, generat
 
 
 def decode_steps(model, dtype: torch.dtype, generator) -> list:
-    """One decode step of 2 rows through the fused stack, with the library's products and the few-rows ones
-    (the prefill runs before compiling starts; returns the steps to run inside it)."""
+    """One decode step of 2 rows through the fused stack, with the library's products, the few-rows ones,
+    and those launched dependently (the prefill runs before compiling starts; returns the steps to run
+    inside it)."""
     backbone = model.backbone
     steps = []
-    for skinny in (False, True):
+    for skinny, dependent in ((False, False), (True, False), (True, True)):
         cache = backbone.new_cache(2, 8)
         embeds = (torch.randn(2, 4, backbone.hidden_size, generator=generator) * 0.02).to(dtype)
         mask = torch.ones(2, 4, dtype=torch.bool)
@@ -110,7 +112,7 @@ def decode_steps(model, dtype: torch.dtype, generator) -> list:
         step_embeds = torch.zeros(2, 1, backbone.hidden_size, dtype=dtype)
         hidden = torch.zeros(2, backbone.hidden_size, dtype=dtype)
         step = DecodeStep(backbone, cache, step_embeds, hidden,
-                          compile_stack=FusedDecodeStack(backbone, skinny=skinny))
+                          compile_stack=FusedDecodeStack(backbone, skinny=skinny, dependent_launches=dependent))
         step.start(positions[:, -1:] + 1)
         steps.append(step)
     return steps

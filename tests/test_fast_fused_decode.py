@@ -34,7 +34,8 @@ def random_backbone(kv_heads=2, group=2, half=4, layers=2, bias=True, seed=0) ->
     return backbone.to(DEVICE)
 
 
-def decode(backbone, fused: bool, left_padding: int, steps: int = 3, seed: int = 1, skinny: bool = False):
+def decode(backbone, fused: bool, left_padding: int, steps: int = 3, seed: int = 1, skinny: bool = False,
+           dependent: bool = False):
     """Prefill 6 tokens into 2 rows (the second left-padded), then ``steps`` decode steps."""
     generator = torch.Generator().manual_seed(seed)
     embeds = torch.randn(2, 6, backbone.hidden_size, generator=generator).to(DEVICE)
@@ -49,7 +50,8 @@ def decode(backbone, fused: bool, left_padding: int, steps: int = 3, seed: int =
     with torch.no_grad():
         backbone(embeds, positions, mask, cache)
         step = DecodeStep(backbone, cache, step_embeds, hidden,
-                          compile_stack=FusedDecodeStack(backbone, skinny=skinny) if fused else None)
+                          compile_stack=FusedDecodeStack(backbone, skinny=skinny, dependent_launches=dependent)
+                          if fused else None)
         step.start(positions[:, -1:] + 1)
         found = []
         for index in range(steps):
@@ -61,11 +63,13 @@ def decode(backbone, fused: bool, left_padding: int, steps: int = 3, seed: int =
 
 
 @given(kv_heads=st.integers(1, 3), group=st.integers(1, 3), half=st.integers(1, 8), layers=st.integers(1, 2),
-       bias=st.booleans(), left_padding=st.integers(0, 4), seed=st.integers(0, 2**10), skinny=st.booleans())
-def test_fused_stack_matches_the_backbone(kv_heads, group, half, layers, bias, left_padding, seed, skinny):
+       bias=st.booleans(), left_padding=st.integers(0, 4), seed=st.integers(0, 2**10), skinny=st.booleans(),
+       dependent=st.booleans())
+def test_fused_stack_matches_the_backbone(kv_heads, group, half, layers, bias, left_padding, seed, skinny,
+                                          dependent):
     backbone = random_backbone(kv_heads, group, half, layers, bias, seed)
     expected, expected_cache = decode(backbone, False, left_padding)
-    found, cache = decode(backbone, True, left_padding, skinny=skinny)
+    found, cache = decode(backbone, True, left_padding, skinny=skinny, dependent=dependent)
     torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.keys, expected_cache.keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.values, expected_cache.values, rtol=1e-5, atol=1e-5)
@@ -149,3 +153,17 @@ def test_bad_input_names_what_was_expected():
     with pytest.raises(ValueError, match="one token per row, found 2"):
         FusedDecodeStack(backbone)(torch.zeros(1, 2, 24, device=DEVICE), torch.zeros(1, 2, dtype=torch.long),
                                    cache.key_mask, torch.zeros(1, dtype=torch.long), cache.layers, 4)
+
+
+def test_dependent_launches_only_where_compiled_kernels_can():
+    from nextstep.kernels.triton_support import dependent_launch_options, dependent_launches, interpreter_enabled
+
+    assert dependent_launch_options() == {}  # outside the context
+    with dependent_launches():
+        inside = dependent_launch_options()
+        with dependent_launches(False):
+            assert dependent_launch_options() == {}
+        assert dependent_launch_options() == inside
+    assert dependent_launch_options() == {}
+    if interpreter_enabled():
+        assert inside == {}  # the interpreter runs kernels one after another

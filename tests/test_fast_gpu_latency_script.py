@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from nextstep.kernels.triton_support import dependent_launch_available
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_latency.py"
 
 
@@ -27,8 +29,14 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
         assert row["backbone_ms"] > 0 and row["head_ms"] > 0 and row["image_seconds"] > 0
         assert row["backbone_floor_ms"] > 0 and row["head_floor_ms"] > 0
     assert result["eager"] and result["card"]["copy_bandwidth_bytes_per_s"] > 0
-    stacks = ["backbone", "fused"] + (["fused, few-rows products", "fused, int8 weights"] if result["triton"] else [])
+    stacks = ["backbone", "fused"]
+    if result["triton"]:
+        stacks.append("fused, few-rows products")
+        if dependent_launch_available():
+            stacks.append("fused, few-rows products, dependent launches")
+        stacks.append("fused, int8 weights")
     assert [single["stack"] for single in result["backbone_one_row"]] == stacks
+    assert result["decode_stack_chosen"] in set(stacks) - {"fused, int8 weights"}
     if result["triton"]:  # Triton's interpreter (make test): the few-rows kernel against the library's
         assert {entry["product"] for entry in result["layer_products"]} == {"qkv", "o", "gate_up", "down"}
         assert {entry["kind"] for entry in result["layer_products"]} == {"library", "skinny", "skinny int8"}
@@ -38,6 +46,7 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
     table = (tmp_path / "gpu_latency.md").read_text()
     assert "| tokens | batch | head steps |" in table and table.count("\n| 4 |") == 2
     assert "Backbone alone, one row (batch 1, no CFG), context 5, fused stack:" in table
+    assert f"The configurations decode with the {result['decode_stack_chosen']} stack" in table
 
 
 def test_without_cuda_it_skips_cleanly(tmp_path, monkeypatch, capsys):

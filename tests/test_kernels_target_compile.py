@@ -97,3 +97,8 @@ def test_every_kernel_compiles_for_hopper(tmp_path):
         if kernel["name"] == "skinny_linear_kernel" or kernel["constants"].get("ROWS_PRODUCT"):
             assert kernel["loop_barriers"] == 0 and kernel["loop_shared_accesses"] == 0, kernel
     assert (tmp_path / "kernel_resources.md").read_text().startswith("Kernels compiled for sm_90")
+    from nextstep.kernels.triton_support import dependent_launch_available
+
+    if dependent_launch_available():  # the fused decode stack's kernels, also launched dependently
+        launched = {kernel["name"] for kernel in kernels if kernel["constants"].get("PDL")}
+        assert launched == {"skinny_linear_kernel", "add_rms_norm_kernel", "rotary_cache_kernel", "swiglu_kernel"}

@@ -16,7 +16,10 @@ batch-1 decode step costs about as much per kernel as per byte read:
 - the SwiGLU activation as one kernel (`nextstep.kernels.swiglu`);
 - with ``skinny=True``, the four matrix products as the few-rows kernel
   `nextstep.kernels.skinny_linear.skinny_linear` instead of the library's;
-  with ``int8_weights=True``, through int8 copies of their weights.
+  with ``int8_weights=True``, through int8 copies of their weights;
+- with ``dependent_launches=True``, those kernels as programmatic dependent
+  launches, each starting (and asking L2 for its first weights) while the
+  kernel ahead finishes.
 
 A layer runs 8 kernels plus attention instead of about 20. Each fused
 operation runs its Triton kernel where `nextstep.kernels.triton_enabled`
@@ -34,6 +37,7 @@ from nextstep.fast.decode_step import decode_step_reason
 from nextstep.fast.packed_projections import PackedProjections, pack_projections
 from nextstep.fast.weight_quantization import quantize_int8
 from nextstep.kernels import add_rms_norm, rotate_into_cache, skinny_linear, swiglu
+from nextstep.kernels.triton_support import dependent_launches
 
 __all__ = ["FusedDecodeStack", "fused_decode_reason"]
 
@@ -64,14 +68,20 @@ class FusedDecodeStack:
             bf16, half again the memory of the weights they copy), through
             `skinny_linear`. The copies are made when the stack is built (and
             when `refresh` packs again): build a new stack after changing the weights.
+        dependent_launches: launch the fused kernels as programmatic dependent
+            launches (`nextstep.kernels.triton_support.dependent_launches`),
+            each starting while the one ahead finishes; no effect where Triton
+            cannot.
     """
 
-    def __init__(self, backbone: Qwen2Backbone, skinny: bool = False, int8_weights: bool = False):
+    def __init__(self, backbone: Qwen2Backbone, skinny: bool = False, int8_weights: bool = False,
+                 dependent_launches: bool = False):
         if not isinstance(backbone, Qwen2Backbone):
             raise TypeError(f"FusedDecodeStack needs a Qwen2Backbone, found {type(backbone).__name__}")
         self.backbone = backbone
         self.int8_weights = bool(int8_weights)
         self.skinny = bool(skinny) or self.int8_weights
+        self.dependent_launches = bool(dependent_launches)
         self.packs: list[PackedProjections] = pack_projections(backbone)
         self.products = self._products()
 
@@ -120,10 +130,17 @@ class FusedDecodeStack:
         Returns:
             the final-normed hidden states, shape (B, 1, H).
         """
-        backbone = self.backbone
-        batch, length, hidden_size = embeds.shape
+        length = embeds.shape[1]
         if length != 1:
             raise ValueError(f"the fused decode step takes one token per row, found {length}")
+        with dependent_launches(self.dependent_launches):
+            return self._layers(embeds, positions, key_mask, slots, layer_caches, visible)
+
+    def _layers(self, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, slots: torch.Tensor,
+                layer_caches: tuple[tuple[torch.Tensor, torch.Tensor], ...], visible: int) -> torch.Tensor:
+        """`__call__` after its checks."""
+        backbone = self.backbone
+        batch, _, hidden_size = embeds.shape
         dtype = embeds.dtype
         mask = backbone.attention.prepare_mask(decode_visible_keys(key_mask[:, :visible], slots), dtype)
         cos, signed_sin = backbone.rotary.signed_tables(positions, dtype)  # (B, 1, E) each

@@ -82,6 +82,10 @@ class FastTokenSampler:
             weights through the few-rows product kernel) or ``"int8"`` (int8
             copies, `nextstep.fast.weight_quantization`); the last two need
             ``fused_decode``.
+        dependent_launches: launch the fused decode step's kernels as
+            programmatic dependent launches, each starting while the one ahead
+            finishes (`nextstep.kernels.triton_support.dependent_launches`);
+            needs ``fused_decode``. Experimental, off by default until measured.
         fused_blocks: run each AdaLN block of the head as two fused
             matrix-product kernels (`nextstep.kernels.adaln_linear`) instead of
             cuBLAS products around fused norms; worth it where the benchmark says so.
@@ -93,7 +97,7 @@ class FastTokenSampler:
 
     def __init__(self, model: "NextStep", *, capture: bool | None = None, use_kernels: bool | None = None,
                  compile_backbone: bool = False, fused_blocks: bool = False, fused_decode: bool = False,
-                 decode_weights: str = "native", persistent_head: bool = False,
+                 decode_weights: str = "native", dependent_launches: bool = False, persistent_head: bool = False,
                  max_table_elements: int = MAX_TABLE_ELEMENTS):
         self.model = model
         parameter = next(model.backbone.parameters())
@@ -111,6 +115,9 @@ class FastTokenSampler:
         if decode_weights != "native" and not self.fused_decode:
             raise ValueError(f"decode_weights={decode_weights!r} needs fused_decode=True")
         self.decode_weights = decode_weights
+        if dependent_launches and not self.fused_decode:
+            raise ValueError("dependent_launches=True needs fused_decode=True")
+        self.dependent_launches = bool(dependent_launches)
         self.fused_blocks = fused_blocks
         self.persistent_head = persistent_head
         self.max_table_elements = max_table_elements
@@ -200,7 +207,8 @@ class FastTokenSampler:
         if fused:
             if self._fused_stack is None:
                 self._fused_stack = FusedDecodeStack(backbone, skinny=self.decode_weights == "skinny",
-                                                     int8_weights=self.decode_weights == "int8")
+                                                     int8_weights=self.decode_weights == "int8",
+                                                     dependent_launches=self.dependent_launches)
             elif self._fused_stack.refresh():
                 self._decode_steps.clear()  # their graphs read the weights where they were
         entry = self._decode_steps.get(rows)

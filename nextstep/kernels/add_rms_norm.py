@@ -21,10 +21,17 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from nextstep.kernels.triton_support import block_size, dispatch, interpreter_enabled, triton_module
+from nextstep.kernels.triton_support import (
+    block_size,
+    dependent_launch_options,
+    dispatch,
+    grid_dependency_functions,
+    interpreter_enabled,
+    triton_module,
+)
 
-#: ``triton.language``, bound when the kernel is first built.
-tl = None
+#: ``triton.language`` and Triton's grid-dependency functions, bound when the kernel is first built.
+tl = gdc_wait = gdc_launch_dependents = None
 
 __all__ = ["add_rms_norm", "add_rms_norm_reference", "add_rms_norm_triton"]
 
@@ -64,13 +71,21 @@ def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor | None, weight: 
 @functools.cache
 def _kernel(interpret: bool):
     """Build the Triton kernel (once per interpreter setting)."""
-    global tl  # Triton's interpreter patches the `triton.language` it finds among the kernel's globals
+    # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
+    # kernel finds the functions it calls among its globals too.
+    global tl, gdc_wait, gdc_launch_dependents
     triton = triton_module()
     import triton.language as tl
 
+    gdc_wait, gdc_launch_dependents = grid_dependency_functions()
+
     @triton.jit
     def add_rms_norm_kernel(x_ptr, delta_ptr, weight_ptr, total_ptr, normed_ptr, x_stride, delta_stride,
-                            total_stride, normed_stride, width, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                            total_stride, normed_stride, width, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+                            PDL: tl.constexpr):
+        if PDL:  # launched dependently: let the next kernel start, then wait for the one ahead
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         columns = tl.arange(0, BLOCK)
         inside = columns < width
@@ -111,10 +126,11 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, weight: tor
         return total, normed
     block = block_size(width)
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    launch = dependent_launch_options()
     _kernel(interpreter_enabled())[(rows,)](
         x, x if delta is None else delta, weight, total, normed, x.stride(0),
         0 if delta is None else delta.stride(0), total.stride(0), normed.stride(0), width, float(eps),
-        HAS_DELTA=delta is not None, BLOCK=block, num_warps=warps)
+        HAS_DELTA=delta is not None, BLOCK=block, num_warps=warps, PDL=bool(launch), **launch)
     return total, normed
 
 

@@ -46,11 +46,12 @@ import functools
 
 import torch
 
+from nextstep.kernels.l2_prefetch import prefetch_function
 from nextstep.kernels.row_products import rows_times_weight_function
 from nextstep.kernels.triton_support import block_size, interpreter_enabled, reduction_step, triton_module
 
 #: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
-tl = grid_barrier = layer_norm_stats = modulate_rows = prefetch_rows = rows_times_weight = None
+tl = grid_barrier = layer_norm_stats = modulate_rows = prefetch_l2 = prefetch_rows = rows_times_weight = None
 
 __all__ = ["PersistentHeadWeights", "cooperative_launch_available", "features_per_program", "persistent_head_triton",
            "persistent_programs"]
@@ -121,11 +122,12 @@ def _kernel(interpret: bool):
     """Build the Triton kernel (once per interpreter setting)."""
     # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
     # kernel finds the functions it calls among its globals too.
-    global tl, grid_barrier, layer_norm_stats, modulate_rows, prefetch_rows, rows_times_weight
+    global tl, grid_barrier, layer_norm_stats, modulate_rows, prefetch_l2, prefetch_rows, rows_times_weight
     triton = triton_module()
     import triton.language as tl
 
     rows_times_weight = rows_times_weight_function(interpret)
+    prefetch_l2 = prefetch_function(interpret)
 
     @triton.jit
     def grid_barrier(counter_ptr, target):
@@ -148,9 +150,7 @@ def _kernel(interpret: bool):
         # 128-byte line, so that they stream from memory while the programs compute and wait at barriers.
         column = tl.minimum(first + tl.arange(0, BN), tl.minimum(first + FEATURES, count) - 1).to(tl.int64)
         line = tl.minimum(tl.arange(0, LINES) * LINE, INNER - 1)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                  [weight_ptr + column[:, None] * INNER + line[None, :]], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        prefetch_l2(weight_ptr + column[:, None] * INNER + line[None, :])
 
     @triton.jit
     def layer_norm_stats(h_ptr, row, row_inside, eps, W: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):

@@ -22,11 +22,18 @@ import functools
 
 import torch
 
-from nextstep.kernels.triton_support import block_size, dispatch, interpreter_enabled, triton_module
+from nextstep.kernels.triton_support import (
+    block_size,
+    dependent_launch_options,
+    dispatch,
+    grid_dependency_functions,
+    interpreter_enabled,
+    triton_module,
+)
 from nextstep.layers.rotary import rotate
 
-#: ``triton.language``, bound when the kernel is first built.
-tl = None
+#: ``triton.language`` and Triton's grid-dependency functions, bound when the kernel is first built.
+tl = gdc_wait = gdc_launch_dependents = None
 
 __all__ = ["rotate_into_cache", "rotate_into_cache_reference", "rotate_into_cache_triton"]
 
@@ -85,15 +92,22 @@ def rotate_into_cache_reference(qkv: torch.Tensor, cos: torch.Tensor, signed_sin
 @functools.cache
 def _kernel(interpret: bool):
     """Build the Triton kernel (once per interpreter setting)."""
-    global tl  # Triton's interpreter patches the `triton.language` it finds among the kernel's globals
+    # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
+    # kernel finds the functions it calls among its globals too.
+    global tl, gdc_wait, gdc_launch_dependents
     triton = triton_module()
     import triton.language as tl
+
+    gdc_wait, gdc_launch_dependents = grid_dependency_functions()
 
     @triton.jit
     def rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, query_ptr, keys_ptr, values_ptr, slot_ptr, qkv_stride,
                             cos_stride, sin_stride, query_row_stride, cache_row_stride, cache_head_stride,
                             cache_slot_stride, num_heads, num_kv_heads, HEAD_DIM: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # launched dependently: let the next kernel start, then wait for the one ahead
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1).to(tl.int64)  # queries 0..N-1, then keys N..N+K-1
         e = tl.arange(0, BLOCK)
@@ -141,10 +155,12 @@ def rotate_into_cache_triton(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: t
     if batch == 0:
         return query
     grid = (batch, num_heads + num_kv_heads)
+    launch = dependent_launch_options()
     _kernel(interpreter_enabled())[grid](
         qkv, cos, signed_sin, query, keys, values, slot, qkv.stride(0), cos.stride(0), signed_sin.stride(0),
         query.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), num_heads, num_kv_heads,
-        HEAD_DIM=head_dim, BLOCK=block_size(head_dim), num_warps=1 if head_dim <= 128 else 2)
+        HEAD_DIM=head_dim, BLOCK=block_size(head_dim), num_warps=1 if head_dim <= 128 else 2, PDL=bool(launch),
+        **launch)
     return query
 
 

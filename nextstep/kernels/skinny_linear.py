@@ -38,17 +38,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nextstep.kernels.l2_prefetch import prefetch_function
 from nextstep.kernels.triton_support import (
     block_size,
     check_num_warps,
     check_power_of_two,
+    dependent_launch_options,
     dispatch,
+    grid_dependency_functions,
     interpreter_enabled,
     triton_module,
 )
 
-#: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
-tl = int8_to_float = row_products = None
+#: ``triton.language``, the kernel's helper functions and Triton's grid-dependency functions, bound when the
+#: kernel is first built.
+tl = int8_to_float = row_products = prefetch_l2 = gdc_wait = gdc_launch_dependents = None
 
 __all__ = ["MAX_ROWS", "ROWS_PER_PROGRAM", "SkinnyTiles", "set_skinny_tiles", "skinny_linear",
            "skinny_linear_reference", "skinny_linear_triton", "skinny_tiles"]
@@ -57,6 +61,9 @@ __all__ = ["MAX_ROWS", "ROWS_PER_PROGRAM", "SkinnyTiles", "set_skinny_tiles", "s
 MAX_ROWS = 16
 #: Rows one program multiplies, each with its own running sums in registers.
 ROWS_PER_PROGRAM = 4
+#: Reduction steps of weights a dependently launched program asks L2 for before it waits for the kernel
+#: ahead (`nextstep.kernels.triton_support.dependent_launches`).
+PREFETCH_STEPS = 4
 #: Running-sum elements a program keeps per warp, all rows together (64 fp32 registers per thread):
 #: ``block_k`` is lowered to keep within it.
 SUM_ELEMENTS_PER_WARP = 2048
@@ -150,9 +157,12 @@ def _kernel(interpret: bool):
     """Build the Triton kernel (once per interpreter setting)."""
     # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
     # kernel finds the functions it calls among its globals too.
-    global tl, int8_to_float, row_products
+    global tl, int8_to_float, row_products, prefetch_l2, gdc_wait, gdc_launch_dependents
     triton = triton_module()
     import triton.language as tl
+
+    prefetch_l2 = prefetch_function(interpret)
+    gdc_wait, gdc_launch_dependents = grid_dependency_functions()
 
     @triton.jit
     def int8_to_float(values):
@@ -170,9 +180,15 @@ def _kernel(interpret: bool):
     @triton.jit
     def skinny_linear_kernel(x_ptr, weight_ptr, bias_ptr, scale_ptr, out_ptr, rows, inner, outer, x_stride,
                              out_stride, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
-                             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr):
+                             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
+                             PDL: tl.constexpr, LINE: tl.constexpr, PREFETCH_LINES: tl.constexpr):
         column = tl.program_id(0) * BN + tl.arange(0, BN)
         column_inside = column < outer
+        if PDL:  # launched dependently: let the next kernel start, ask L2 for the first weights, then wait
+            gdc_launch_dependents()
+            lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * LINE, inner - 1)
+            prefetch_l2(weight_ptr + tl.minimum(column, outer - 1).to(tl.int64)[:, None] * inner + lines[None, :])
+            gdc_wait()
         first_row = tl.program_id(1) * ROWS
         weight_rows = weight_ptr + column.to(tl.int64)[:, None] * inner
         # Rows past the last one repeat it (their sums are not stored), so that x loads need no row mask.
@@ -259,11 +275,14 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     block_k = max(16, min(tiles.block_k, block_size(inner), 1 << (max(budget, 1).bit_length() - 1)))
     triton = triton_module()
     grid = (triton.cdiv(outer, tiles.block_n), triton.cdiv(rows, rows_per_program))
+    launch = dependent_launch_options()
+    line = max(1, 128 // weight.element_size())  # elements per 128-byte line
     _kernel(interpreter_enabled())[grid](
         x, weight, x if bias is None else bias, x if scale is None else scale, out, rows, inner, outer,
         x.stride(0), out.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ROWS=rows_per_program,
         BN=tiles.block_n, BK=block_k, EVEN_K=inner % block_k == 0, STAGES=tiles.num_stages,
-        num_warps=tiles.num_warps)
+        num_warps=tiles.num_warps, PDL=bool(launch), LINE=line,
+        PREFETCH_LINES=block_size(max(1, min(inner, PREFETCH_STEPS * block_k) // line)), **launch)
     return out
 
 

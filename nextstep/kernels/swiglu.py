@@ -15,10 +15,16 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from nextstep.kernels.triton_support import dispatch, interpreter_enabled, triton_module
+from nextstep.kernels.triton_support import (
+    dependent_launch_options,
+    dispatch,
+    grid_dependency_functions,
+    interpreter_enabled,
+    triton_module,
+)
 
-#: ``triton.language``, bound when the kernel is first built.
-tl = None
+#: ``triton.language`` and Triton's grid-dependency functions, bound when the kernel is first built.
+tl = gdc_wait = gdc_launch_dependents = None
 
 __all__ = ["swiglu", "swiglu_reference", "swiglu_triton"]
 
@@ -49,13 +55,20 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _kernel(interpret: bool):
     """Build the Triton kernel (once per interpreter setting)."""
-    global tl  # Triton's interpreter patches the `triton.language` it finds among the kernel's globals
+    # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
+    # kernel finds the functions it calls among its globals too.
+    global tl, gdc_wait, gdc_launch_dependents
     triton = triton_module()
     import triton.language as tl
 
+    gdc_wait, gdc_launch_dependents = grid_dependency_functions()
+
     @triton.jit
     def swiglu_kernel(gate_ptr, up_ptr, out_ptr, gate_row_stride, up_row_stride, out_row_stride, width,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # launched dependently: let the next kernel start, then wait for the one ahead
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = columns < width
@@ -90,8 +103,9 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None
         return out
     block = min(1024, 1 << max(0, width - 1).bit_length())
     grid = (rows, (width + block - 1) // block)
+    launch = dependent_launch_options()
     _kernel(interpreter_enabled())[grid](gate, up, out, gate.stride(0), up.stride(0), out.stride(0), width,
-                                         BLOCK=block, num_warps=4)
+                                         BLOCK=block, num_warps=4, PDL=bool(launch), **launch)
     return out
 
 

@@ -23,8 +23,9 @@ import functools
 import importlib
 import os
 import warnings
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -38,6 +39,9 @@ FAILED_KERNELS: dict[str, str] = {}
 
 #: Whether kernels on CPU tensors are compiled for a GPU and not run (`set_compiling_only`).
 _compiling_only = False
+
+#: Whether the kernels that take part launch as dependent launches now (`dependent_launches`).
+_dependent_launches = False
 
 
 class KernelFallbackWarning(RuntimeWarning):
@@ -106,6 +110,59 @@ def set_compiling_only(on: bool) -> bool:
     global _compiling_only
     previous, _compiling_only = _compiling_only, bool(on)
     return previous
+
+
+@functools.cache
+def dependent_launch_available() -> bool:
+    """Whether the installed Triton launches kernels as programmatic dependent launches (its ``launch_pdl``
+    option and ``gdc_wait``): a kernel that may start while the kernel ahead of it in the stream finishes
+    (Hopper and later)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except Exception:  # an older Triton, or no NVIDIA backend
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+@contextmanager
+def dependent_launches(on: bool = True) -> Iterator[None]:
+    """Inside, the kernels that take part are launched as programmatic dependent launches where they can be.
+
+    Such a kernel's programs start while the kernel ahead of them finishes:
+    each tells the next kernel it may start, does what reads nothing that
+    kernel writes (asking L2 for weights), then waits for the kernel ahead
+    (``gdc_wait``) before anything else. The launch gaps between the many
+    small kernels of a decode step overlap. Taking part: `add_rms_norm`,
+    `skinny_linear`, `rotate_into_cache` and `swiglu`
+    (`nextstep.fast.fused_decode.FusedDecodeStack` with ``dependent_launches=True``).
+    Nothing changes where `dependent_launch_available` is False or under
+    Triton's interpreter.
+    """
+    global _dependent_launches
+    previous, _dependent_launches = _dependent_launches, bool(on)
+    try:
+        yield
+    finally:
+        _dependent_launches = previous
+
+
+def dependent_launch_options() -> dict[str, bool]:
+    """The launch options of a kernel that takes part in `dependent_launches`: ``{"launch_pdl": True}``
+    inside it where this Triton allows it and kernels are compiled, else ``{}``."""
+    if _dependent_launches and not interpreter_enabled() and dependent_launch_available():
+        return {"launch_pdl": True}
+    return {}
+
+
+def grid_dependency_functions() -> tuple[Any, Any]:
+    """Triton's ``(gdc_wait, gdc_launch_dependents)`` for kernels to bind among their globals, or
+    ``(None, None)`` where this Triton has none (kernels call them only when launched dependently)."""
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except Exception:
+        return None, None
+    return gdc_wait, gdc_launch_dependents
 
 
 def triton_disabled() -> bool:
