@@ -156,14 +156,28 @@ def test_bad_input_names_what_was_expected():
 
 
 def test_dependent_launches_only_where_compiled_kernels_can():
-    from nextstep.kernels.triton_support import dependent_launch_options, dependent_launches, interpreter_enabled
+    from nextstep.kernels.triton_support import (
+        dependent_launch_available,
+        dependent_launch_options,
+        dependent_launches,
+        interpreter_enabled,
+        set_compiling_for,
+    )
 
-    assert dependent_launch_options() == {}  # outside the context
+    x = torch.zeros(2, 8)
+    assert dependent_launch_options(x) == {}  # outside the context
     with dependent_launches():
-        inside = dependent_launch_options()
+        inside = dependent_launch_options(x)
         with dependent_launches(False):
-            assert dependent_launch_options() == {}
-        assert dependent_launch_options() == inside
-    assert dependent_launch_options() == {}
+            assert dependent_launch_options(x) == {}
+        assert dependent_launch_options(x) == inside
+        if not interpreter_enabled() and dependent_launch_available():  # compiling for a GPU: Hopper or later
+            for arch, expected in ((80, {}), (90, {"launch_pdl": True})):
+                previous = set_compiling_for(arch)
+                try:
+                    assert dependent_launch_options(x) == expected
+                finally:
+                    set_compiling_for(previous)
+    assert dependent_launch_options(x) == {}
     if interpreter_enabled():
         assert inside == {}  # the interpreter runs kernels one after another

@@ -126,7 +126,7 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, weight: tor
         return total, normed
     block = block_size(width)
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    launch = dependent_launch_options()
+    launch = dependent_launch_options(x)
     _kernel(interpreter_enabled())[(rows,)](
         x, x if delta is None else delta, weight, total, normed, x.stride(0),
         0 if delta is None else delta.stride(0), total.stride(0), normed.stride(0), width, float(eps),

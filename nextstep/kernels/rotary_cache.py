@@ -155,7 +155,7 @@ def rotate_into_cache_triton(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: t
     if batch == 0:
         return query
     grid = (batch, num_heads + num_kv_heads)
-    launch = dependent_launch_options()
+    launch = dependent_launch_options(qkv)
     _kernel(interpreter_enabled())[grid](
         qkv, cos, signed_sin, query, keys, values, slot, qkv.stride(0), cos.stride(0), signed_sin.stride(0),
         query.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), num_heads, num_kv_heads,

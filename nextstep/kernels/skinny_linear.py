@@ -275,7 +275,7 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     block_k = max(16, min(tiles.block_k, block_size(inner), 1 << (max(budget, 1).bit_length() - 1)))
     triton = triton_module()
     grid = (triton.cdiv(outer, tiles.block_n), triton.cdiv(rows, rows_per_program))
-    launch = dependent_launch_options()
+    launch = dependent_launch_options(x)
     line = max(1, 128 // weight.element_size())  # elements per 128-byte line
     _kernel(interpreter_enabled())[grid](
         x, weight, x if bias is None else bias, x if scale is None else scale, out, rows, inner, outer,

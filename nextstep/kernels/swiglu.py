@@ -103,7 +103,7 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None
         return out
     block = min(1024, 1 << max(0, width - 1).bit_length())
     grid = (rows, (width + block - 1) // block)
-    launch = dependent_launch_options()
+    launch = dependent_launch_options(gate)
     _kernel(interpreter_enabled())[grid](gate, up, out, gate.stride(0), up.stride(0), out.stride(0), width,
                                          BLOCK=block, num_warps=4, PDL=bool(launch), **launch)
     return out

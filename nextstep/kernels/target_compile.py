@@ -294,10 +294,10 @@ def compile_for_target(arch: str = "sm_90") -> Iterator[list[CompiledKernel]]:
     previous_driver = getattr(driver, "_active", None)  # None: no driver was chosen yet (no GPU here)
     JITFunction.run = compile_only
     driver.set_active(target_driver)
-    compiling_before = triton_support.set_compiling_only(True)
+    compiling_before = triton_support.set_compiling_for(limits.arch)
     try:
         yield compiled
     finally:
-        triton_support.set_compiling_only(compiling_before)
+        triton_support.set_compiling_for(compiling_before)
         driver._active = previous_driver
         JITFunction.run = original_run

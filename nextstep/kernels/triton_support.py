@@ -37,8 +37,9 @@ _TRUE = ("1", "true", "yes", "on")
 #: Operations whose kernel failed, with the error; they use their reference from then on.
 FAILED_KERNELS: dict[str, str] = {}
 
-#: Whether kernels on CPU tensors are compiled for a GPU and not run (`set_compiling_only`).
-_compiling_only = False
+#: The GPU architecture (90 for sm_90) that kernels on CPU tensors are compiled for, not run; None: they
+#: are not (`set_compiling_for`).
+_compiling_for: int | None = None
 
 #: Whether the kernels that take part launch as dependent launches now (`dependent_launches`).
 _dependent_launches = False
@@ -94,21 +95,22 @@ def interpreter_active() -> bool:
     return isinstance(triton.language.standard.sum, InterpretedFunction)
 
 
-def compiling_only() -> bool:
-    """Whether kernels launched on CPU tensors are compiled for a GPU and not run
-    (inside `nextstep.kernels.target_compile.compile_for_target`)."""
-    return _compiling_only
+def compiling_for() -> int | None:
+    """The GPU architecture (90 for sm_90) that kernels launched on CPU tensors are compiled for and not
+    run, inside `nextstep.kernels.target_compile.compile_for_target`; None elsewhere."""
+    return _compiling_for
 
 
-def set_compiling_only(on: bool) -> bool:
-    """Turn compile-only launches on CPU tensors on or off; returns the previous setting.
+def set_compiling_for(arch: int | None) -> int | None:
+    """Compile kernels launched on CPU tensors for ``arch`` and not run them (None: back to normal);
+    returns the previous setting.
 
     `nextstep.kernels.target_compile.compile_for_target` does this together
     with pointing Triton at the target; on its own it only routes fused
     operations on CPU tensors to their kernels.
     """
-    global _compiling_only
-    previous, _compiling_only = _compiling_only, bool(on)
+    global _compiling_for
+    previous, _compiling_for = _compiling_for, None if arch is None else int(arch)
     return previous
 
 
@@ -147,12 +149,18 @@ def dependent_launches(on: bool = True) -> Iterator[None]:
         _dependent_launches = previous
 
 
-def dependent_launch_options() -> dict[str, bool]:
-    """The launch options of a kernel that takes part in `dependent_launches`: ``{"launch_pdl": True}``
-    inside it where this Triton allows it and kernels are compiled, else ``{}``."""
-    if _dependent_launches and not interpreter_enabled() and dependent_launch_available():
-        return {"launch_pdl": True}
-    return {}
+def dependent_launch_options(tensor: torch.Tensor) -> dict[str, bool]:
+    """The launch options of a kernel that takes part in `dependent_launches`, for a launch on ``tensor``'s
+    device: ``{"launch_pdl": True}`` inside it where this Triton allows it and the GPU (or the architecture
+    compiled for) is a Hopper or later, else ``{}``."""
+    if not _dependent_launches or interpreter_enabled() or not dependent_launch_available():
+        return {}
+    if tensor.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(tensor.device)
+        arch = 10 * major + minor
+    else:
+        arch = _compiling_for or 0
+    return {"launch_pdl": True} if arch >= 90 else {}
 
 
 def grid_dependency_functions() -> tuple[Any, Any]:
@@ -181,7 +189,7 @@ def triton_enabled(tensor: torch.Tensor) -> bool:
     device = tensor.device.type
     if device == "cuda":
         return triton_available()
-    return device == "cpu" and (interpreter_active() or _compiling_only)
+    return device == "cpu" and (interpreter_active() or _compiling_for is not None)
 
 
 def block_size(width: int, largest: int = 1 << 16) -> int:
