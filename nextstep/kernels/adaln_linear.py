@@ -38,8 +38,8 @@ from nextstep.kernels.triton_support import (
     triton_module,
 )
 
-#: ``triton.language`` and the kernels' product helper, bound when the kernels are first built.
-tl = rows_times_weight = None
+#: ``triton.language`` and the kernels' helper functions, bound when the kernels are first built.
+tl = rows_times_weight = modulated_tile = dot_step = None
 
 __all__ = ["Tiles", "gated_linear", "gated_linear_reference", "gated_linear_triton", "modulated_linear",
            "modulated_linear_reference", "modulated_linear_triton", "set_tiles", "tiles"]
@@ -168,16 +168,35 @@ def _kernels(interpret: bool):
     """Build the two Triton kernels (once per interpreter setting)."""
     # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
     # kernel finds the functions it calls among its globals too.
-    global tl, rows_times_weight
+    global tl, rows_times_weight, modulated_tile, dot_step
     triton = triton_module()
     import triton.language as tl
 
     rows_times_weight = rows_times_weight_function(interpret)
 
     @triton.jit
+    def modulated_tile(x_ptr, shift_ptr, scale_ptr, row_offset, x_stride, shift_stride, scale_stride, k, inside,
+                       mean, rstd):
+        # (LayerNorm(x) * scale + shift) of rows row_offset at features k, in fp32.
+        x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
+        shift = tl.load(shift_ptr + row_offset[:, None] * shift_stride + k[None, :], mask=inside, other=0.0)
+        scale = tl.load(scale_ptr + row_offset[:, None] * scale_stride + k[None, :], mask=inside, other=0.0)
+        return (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * scale.to(tl.float32) + shift.to(tl.float32)
+
+    @triton.jit
+    def dot_step(accumulator, a, weight, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        # accumulator + a @ weight, a already in the weights' dtype, at the precision the launch asks for.
+        if UPCAST:
+            product = tl.dot(a.to(tl.float32), weight.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            product = tl.dot(a, weight, input_precision="ieee")
+        else:
+            product = tl.dot(a, weight)
+        return accumulator + product
+
+    @triton.jit
     def modulated_linear_kernel(x_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr, a_ptr, out_ptr, rows, inner,
-                                outer,
-                                x_stride, shift_stride, scale_stride, out_stride, eps, HAS_BIAS: tl.constexpr,
+                                outer, x_stride, shift_stride, scale_stride, out_stride, eps, HAS_BIAS: tl.constexpr,
                                 ACTIVATION: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                 ROWS_PRODUCT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                                 BK: tl.constexpr):
@@ -212,11 +231,8 @@ def _kernels(interpret: bool):
             for start in range(0, inner, BK):
                 k = start + tl.arange(0, BK)
                 inside = row_inside[:, None] & (k < inner)[None, :]
-                x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
-                shift = tl.load(shift_ptr + row_offset[:, None] * shift_stride + k[None, :], mask=inside, other=0.0)
-                scale = tl.load(scale_ptr + row_offset[:, None] * scale_stride + k[None, :], mask=inside, other=0.0)
-                modulated = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * scale.to(tl.float32) \
-                    + shift.to(tl.float32)
+                modulated = modulated_tile(x_ptr, shift_ptr, scale_ptr, row_offset, x_stride, shift_stride,
+                                           scale_stride, k, inside, mean, rstd)
                 tl.store(a_rows + local_row[:, None] * inner + k[None, :], modulated.to(a_ptr.dtype.element_ty),
                          mask=inside)
             tl.debug_barrier()
@@ -228,22 +244,13 @@ def _kernels(interpret: bool):
                 k = start + tl.arange(0, BK)
                 k_inside = k < inner
                 inside = row_inside[:, None] & k_inside[None, :]
-                x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
-                shift = tl.load(shift_ptr + row_offset[:, None] * shift_stride + k[None, :], mask=inside, other=0.0)
-                scale = tl.load(scale_ptr + row_offset[:, None] * scale_stride + k[None, :], mask=inside, other=0.0)
-                modulated = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * scale.to(tl.float32) \
-                    + shift.to(tl.float32)
+                modulated = modulated_tile(x_ptr, shift_ptr, scale_ptr, row_offset, x_stride, shift_stride,
+                                           scale_stride, k, inside, mean, rstd)
                 modulated = tl.where(inside, modulated, 0.0)
                 weight = tl.load(weight_ptr + column.to(tl.int64)[None, :] * inner + k[:, None],
                                  mask=column_inside[None, :] & k_inside[:, None], other=0.0)  # (BK, BN)
                 # Rounded to the weights' dtype before the product, as the unfused path does.
-                modulated = modulated.to(weight.dtype)
-                if UPCAST:
-                    accumulator += tl.dot(modulated.to(tl.float32), weight.to(tl.float32), input_precision="ieee")
-                elif IEEE:
-                    accumulator += tl.dot(modulated, weight, input_precision="ieee")
-                else:
-                    accumulator += tl.dot(modulated, weight)
+                accumulator = dot_step(accumulator, modulated.to(weight.dtype), weight, IEEE, UPCAST)
         if HAS_BIAS:
             accumulator += tl.load(bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
         if ACTIVATION:
@@ -273,13 +280,7 @@ def _kernels(interpret: bool):
                             mask=row_inside[:, None] & k_inside[None, :], other=0.0)
                 weight = tl.load(weight_ptr + column.to(tl.int64)[None, :] * inner + k[:, None],
                                  mask=column_inside[None, :] & k_inside[:, None], other=0.0)  # (BK, BN)
-                u = u.to(weight.dtype)
-                if UPCAST:
-                    accumulator += tl.dot(u.to(tl.float32), weight.to(tl.float32), input_precision="ieee")
-                elif IEEE:
-                    accumulator += tl.dot(u, weight, input_precision="ieee")
-                else:
-                    accumulator += tl.dot(u, weight)
+                accumulator = dot_step(accumulator, u.to(weight.dtype), weight, IEEE, UPCAST)
         if HAS_BIAS:
             accumulator += tl.load(bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
         inside = row_inside[:, None] & column_inside[None, :]
