@@ -42,8 +42,8 @@ def inputs(head, rows: int, seed: int, device):
 
 
 @settings(max_examples=10)
-@given(rows=st.integers(1, 5), width=st.sampled_from([16, 24, 40]), blocks=st.integers(1, 2), dtype=DTYPES,
-       seed=st.integers(0, 2**10), min_features=st.sampled_from([4, 6, 16]),
+@given(rows=st.sampled_from([1, 2, 3, 5, 12]), width=st.sampled_from([16, 24, 40]), blocks=st.integers(1, 2),
+       dtype=DTYPES, seed=st.integers(0, 2**10), min_features=st.sampled_from([4, 6, 16]),
        mlp_ratio=st.sampled_from([1.0, 1.5]))
 def test_one_launch_matches_the_unfused_velocity(kernel_device, rows, width, blocks, dtype, seed,  # noqa: F811
                                                  min_features, mlp_ratio):

@@ -11,10 +11,12 @@ step moves both tiles between threads through shared memory and reduces across
 threads, with barriers: the loop cannot keep many loads in flight. Here u is
 loaded directly in the (BM, BN, BK) shape of the products (each thread reads
 the u values that its weights meet; repeated addresses are served by L1), the
-weights in a (1, BN, BK) shape that broadcasts within each thread, and the
-products are summed element by element; the one reduction over K comes after
-the loop. The loop is loads and multiply-adds only (checked on compiled code
-by `nextstep.kernels.target_compile`).
+weights in a (1, BN, BK) shape that broadcasts within each thread (for more
+than 8 rows that would need moving between threads, so they too are loaded in
+the products' shape, the repeats again from L1), and the products are summed
+element by element; the one reduction over K comes after the loop. The loop
+is loads and multiply-adds only (checked on compiled code by
+`nextstep.kernels.target_compile`).
 
 The helper is a Triton function for kernels to call (`rows_times_weight_function`).
 """
@@ -50,7 +52,10 @@ def rows_times_weight_function(interpret: bool):
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FRESH: tl.constexpr):
         every_column = column[None, :, None] >= 0  # the (BM, BN, BK) shape, for u's mask
         u_rows = u_ptr + row.to(tl.int64)[:, None, None] * u_stride + 0 * column[None, :, None]
-        weight_rows = weight_ptr + column.to(tl.int64)[None, :, None] * inner
+        if BM > 8:  # weights too in the products' shape: a (1, BN, BK) tile would be moved between threads
+            weight_rows = weight_ptr + column.to(tl.int64)[None, :, None] * inner + 0 * row[:, None, None]
+        else:
+            weight_rows = weight_ptr + column.to(tl.int64)[None, :, None] * inner
         total = tl.zeros((BM, BN, BK), dtype=tl.float32)
         for start in range(0, inner, BK):
             k = start + tl.arange(0, BK)
@@ -61,7 +66,7 @@ def rows_times_weight_function(interpret: bool):
             else:
                 u = tl.load(u_rows + k[None, None, :], mask=u_inside, other=0.0)
             weight = tl.load(weight_rows + k[None, None, :], mask=column_inside[None, :, None] & k_inside,
-                             other=0.0)  # (1, BN, BK)
+                             other=0.0)  # (1, BN, BK), or (BM, BN, BK) repeating it
             total += u.to(tl.float32) * weight.to(tl.float32)
         return tl.sum(total, axis=2)
 
