@@ -150,7 +150,8 @@ def run(args) -> dict:
                 set_tiles(tile)
                 token_step(model, FusedFlowMatchingVelocity(head, fused_blocks=True), batch, dtype, generator)
             set_tiles(Tiles())
-            programs = persistent_programs(head.net.input_proj.out_features, limits.multiprocessors)
+            widest = max(head.net.input_proj.out_features, head.net.res_blocks[0].mlp[0].out_features)
+            programs = persistent_programs(widest, limits.multiprocessors)
             token_step(model, FusedFlowMatchingVelocity(head, persistent=True, programs=programs), batch, dtype,
                        generator)
     kernels = [kernel.as_dict() for kernel in compiled]

@@ -26,8 +26,8 @@ The weight may also be int8 with one fp32 scale per output feature
 of a product bound by reading them. The kernel turns the int8 values into
 floats with integer and float additions (a conversion instruction would run at
 a quarter of their rate), multiplies them as they are and applies the scale to
-each finished sum; `skinny_linear` runs int8
-products of up to `MAX_ROWS` rows with the kernel.
+each finished sum; `skinny_linear` runs int8 products of up to `MAX_ROWS` rows
+with the kernel.
 """
 
 from __future__ import annotations
