@@ -36,7 +36,8 @@ For batch 1 and 20 steps it also times the eager path (the backbone's
 ``forward`` and the samplers' own code, no graphs) on a few tokens.
 
 Writes ``gpu_latency.json`` and ``gpu_latency.md`` (the table for
-``docs/performance.md``) to ``--out``. Without CUDA it prints a message and
+``docs/performance.md``) to ``--out``, with the kernels that failed to build
+or launch and ran as their references from then on (``kernel_fallbacks``). Without CUDA it prints a message and
 exits 0; ``--dry-run`` runs every part with tiny shapes on the CPU (graphs off)
 so the script is known to work before it meets a GPU.
 
@@ -84,7 +85,11 @@ from nextstep.kernels.skinny_linear import (  # noqa: E402
     skinny_linear_triton,
     skinny_tiles,
 )
-from nextstep.kernels.triton_support import dependent_launch_available, triton_enabled  # noqa: E402
+from nextstep.kernels.triton_support import (  # noqa: E402
+    FAILED_KERNELS,
+    dependent_launch_available,
+    triton_enabled,
+)
 from nextstep.samplers import EulerSampler, guidance_for_scale  # noqa: E402
 from nextstep.samplers.guidance import GuidedVelocity  # noqa: E402
 
@@ -757,7 +762,11 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
             rows = batch * branches
             entry["floor_ms"] = head_floor_ms(model, rows, evaluations, result["card"])
             entry["one_launch_ratio"] = entry["one_launch_ms"] / entry["floor_ms"]
-            entry["one_launch_ran"] = persistent._persistent_weights is not None
+            # Built and not replaced by the separate kernels after a failed build or launch.
+            entry["one_launch_ran"] = (persistent._persistent_weights is not None
+                                       and "persistent_head" not in FAILED_KERNELS)
+            if "persistent_head" in FAILED_KERNELS:
+                entry["one_launch_failure"] = FAILED_KERNELS["persistent_head"]
             result["persistent_head"].append(entry)
             print(f"head batch {batch} steps {steps}: norm kernels {entry.get('norm_kernels_ms', float('nan')):.2f} "
                   f"ms, one launch {entry['one_launch_ms']:.2f} ms (floor {entry['floor_ms']:.2f}, "
@@ -814,6 +823,9 @@ def markdown(result: dict) -> str:
         lines += ["", f"Backbone alone, one row (batch 1, no CFG), context {single['context']}, "
                   f"{single.get('stack', 'backbone')} stack: {single['ms']:.2f} ms/token, floor "
                   f"{single['floor_ms']:.2f} ms, {single['ratio']:.2f}x."]
+    if result.get("kernel_fallbacks"):
+        failed = "; ".join(f"{name}: {error}" for name, error in result["kernel_fallbacks"].items())
+        lines += ["", f"Kernels that failed and ran as their PyTorch references from then on: {failed}."]
     if result.get("decode_stack_chosen"):
         lines += ["", f"The configurations decode with the {result['decode_stack_chosen']} stack (the fastest of the "
                   "model's own weights at one row)."]
@@ -836,6 +848,9 @@ def markdown(result: dict) -> str:
 
 def _save(out: Path, result: dict, stem: str = "gpu_latency") -> None:
     out.mkdir(parents=True, exist_ok=True)
+    # Kernels that failed to build or launch ran as their PyTorch references from then on: their timings
+    # are the references'.
+    result["kernel_fallbacks"] = dict(FAILED_KERNELS)
     atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     if "card" in result and stem == "gpu_latency":
         atomic_write_text(out / f"{stem}.md", markdown(result))
