@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_results  # noqa: E402
+from common import write_results  # noqa: E402
 
 #: The two ways compared: `nextstep.fast.token_sampler.TOKEN_SAMPLERS` names.
 VARIANTS = {"model weights": "fused", "int8 weights": "int8"}
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     model = load_model(args.model).eval()
     settings = SamplingSettings.from_defaults(model.config.generation, seed=args.seed)
-    payload = {"command": " ".join(sys.argv), "machine": machine(), "model": args.model,
+    payload = {"command": " ".join(sys.argv), "model": args.model,
                "settings": settings.to_dict(), "images_per_tag": args.images_per_tag, "variants": {}}
     verdicts = {}
     with tempfile.TemporaryDirectory() as directory:

@@ -106,12 +106,11 @@ PRODUCTS_PER_CALL = 20
 TILE_CANDIDATES = [Tiles(), Tiles(16, 256, 4), Tiles(16, 512, 8), Tiles(32, 128, 4), Tiles(32, 256, 8),
                    Tiles(16, 64, 2), Tiles(8, 512, 4, True), Tiles(4, 512, 4, True), Tiles(16, 256, 4, True),
                    Tiles(2, 1024, 2, True), Tiles(8, 1024, 8, True)]
-#: The token sampler's options that decode with each of the one-row stacks (the configurations and full images
-#: use the fastest stack of the model's own weights).
-STACK_OPTIONS = {"backbone": {}, "fused": {"fused_decode": True},
-                 "fused, few-rows products": {"fused_decode": True, "decode_weights": "skinny"},
-                 "fused, few-rows products, dependent launches": {"fused_decode": True, "decode_weights": "skinny",
-                                                                  "dependent_launches": True}}
+#: The decode stacks timed at one row: name -> `FusedDecodeStack` options (None: the backbone's own stack).
+#: The configurations and full images decode with the fastest of the model's own weights (not int8).
+DECODE_STACKS = {"backbone": None, "fused": {}, "fused, few-rows products": {"skinny": True},
+                 "fused, few-rows products, dependent launches": {"skinny": True, "dependent_launches": True},
+                 "fused, int8 weights": {"int8_weights": True}}
 #: The paper's per-token figures on an H100 at batch 1 (ms), for reference.
 PAPER_MS = {"backbone": 7.20, "head": 3.40}
 
@@ -155,6 +154,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
+
+
+def sampler_options(stack: dict | None) -> dict:
+    """The `FastTokenSampler` options that decode with the stack of `DECODE_STACKS` options ``stack``."""
+    if stack is None:
+        return {}
+    weights = "int8" if stack.get("int8_weights") else "skinny" if stack.get("skinny") else "native"
+    return {"fused_decode": True, "decode_weights": weights,
+            "dependent_launches": stack.get("dependent_launches", False)}
+
+
+def _tiles_text(tiles: dict | None) -> str:
+    """Tile fields joined by slashes ("-" for the library's kernel)."""
+    return "-" if tiles is None else "/".join(str(value) for value in tiles.values())
+
+
+def _product_line(entry: dict) -> str:
+    return (f"product {entry['product']} ({entry['outer']} x {entry['inner']}), {entry['kind']} "
+            f"{_tiles_text(entry['tiles'])}: {entry['ms'] * 1e3:.1f} us, {entry['bytes_per_s'] / 1e12:.2f} TB/s")
 
 
 # ---------------------------------------------------------------------- model
@@ -422,26 +440,31 @@ def time_products(clock, shapes: dict[str, tuple[int, int]], rows: int, dtype, r
     return results
 
 
-def time_token_step(model, clock, rows: int, branches: int, steps: int, cfg: float, repeats: int, capture: bool,
-                    velocity: FusedFlowMatchingVelocity, generator) -> dict:
-    """Captured token steps (Euler, CFG): median ms per token (all rows)."""
+def loaded_token_step(model, velocity: FusedFlowMatchingVelocity, rows: int, branches: int, steps: int, cfg: float,
+                      device: torch.device, generator) -> FusedTokenStep:
+    """A token step (Euler, CFG at ``cfg``) of ``rows`` images through ``velocity``, loaded with random
+    hidden states and noise."""
     sampler = EulerSampler()
-    device = clock.device
-    parameter = next(model.parameters())
-    grid = sampler.make_time_grid(steps, 1.0, device=device)
-    plan = solver_plan(sampler, grid)
+    plan = solver_plan(sampler, sampler.make_time_grid(steps, 1.0, device=device))
     buffers = TokenStepBuffers.allocate(rows, branches, model.backbone.hidden_size, model.token_dim,
-                                        device=device, dtype=parameter.dtype)
+                                        device=device, dtype=next(model.parameters()).dtype)
     buffers.hidden.normal_(generator=generator)
     step = FusedTokenStep(model, velocity, plan, rows=rows, branches=branches, buffers=buffers, use_norm=False)
     noise = torch.randn(rows, model.token_dim, device=device, generator=generator)
-    weights = branch_weights(guidance_for_scale(cfg), plan.times).to(device)
+    with torch.inference_mode():
+        step.load(noise, None, branch_weights(guidance_for_scale(cfg), plan.times).to(device))
+    return step
+
+
+def time_token_step(model, clock, rows: int, branches: int, steps: int, cfg: float, repeats: int, capture: bool,
+                    velocity: FusedFlowMatchingVelocity, generator) -> dict:
+    """Captured token steps (Euler, CFG): median ms per token (all rows)."""
+    step = loaded_token_step(model, velocity, rows, branches, steps, cfg, clock.device, generator)
     call = CapturedCall(step.compute, name="token step")
     with torch.inference_mode():
-        step.load(noise, None, weights)
         times = timed_replays(call, clock, repeats, capture)
     return {"ms": statistics.median(times), "captured": call.captured, "failure": call.failure,
-            "evaluations": len(plan.stages)}
+            "evaluations": len(step.stages)}
 
 
 def time_eager(model, clock, rows: int, branches: int, steps: int, cfg: float, context: int, count: int,
@@ -554,9 +577,7 @@ def run(args) -> dict:
                                  per_call=1 if args.dry_run else PRODUCTS_PER_CALL)
         result["layer_products"] = products
         for entry in products:
-            tiles_text = "" if entry["tiles"] is None else " " + "/".join(str(v) for v in entry["tiles"].values())
-            print(f"product {entry['product']} ({entry['outer']} x {entry['inner']}), {entry['kind']}{tiles_text}: "
-                  f"{entry['ms'] * 1e3:.1f} us, {entry['bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+            print(_product_line(entry), flush=True)
         # The tiles with the least time summed over the products, among those that ran every product.
         by_tiles: dict[tuple, list[float]] = {}
         for entry in products:
@@ -571,23 +592,20 @@ def run(args) -> dict:
                                   per_call=1 if args.dry_run else PRODUCTS_PER_CALL, int8=True)
         result["layer_products"] += quantized
         for entry in quantized:
-            print(f"product {entry['product']} ({entry['outer']} x {entry['inner']}), int8: "
-                  f"{entry['ms'] * 1e3:.1f} us, {entry['bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+            print(_product_line(entry), flush=True)
         _save(args.out, result)
 
     # The backbone alone at batch 1, one row (no CFG): its decode step against the bandwidth floor, as
     # the backbone's own stack and as the fused stack (packed projections, fused kernels), with the
     # library's matrix products and with the few-rows kernel.
-    stacks = {"backbone": None}
+    stacks = {}
     try:
-        if args.fused_decode:
-            stacks["fused"] = FusedDecodeStack(model.backbone)
-            if result["triton"]:
-                stacks["fused, few-rows products"] = FusedDecodeStack(model.backbone, skinny=True)
-                if dependent_launch_available():
-                    stacks["fused, few-rows products, dependent launches"] = FusedDecodeStack(
-                        model.backbone, skinny=True, dependent_launches=True)
-                stacks["fused, int8 weights"] = FusedDecodeStack(model.backbone, int8_weights=True)
+        for name, options in DECODE_STACKS.items():
+            if options is None:
+                stacks[name] = None
+            elif args.fused_decode and (not options or result["triton"]) and (
+                    not options.get("dependent_launches") or dependent_launch_available()):
+                stacks[name] = FusedDecodeStack(model.backbone, **options)
     except Exception as error:
         result["errors"].append(_error("fused decode stack", error))
     for tokens in args.tokens:
@@ -598,10 +616,12 @@ def run(args) -> dict:
             except Exception as error:
                 result["errors"].append(_error(f"decode one row tokens {tokens} ({name} stack)", error))
                 continue
-            read = int8_weight_bytes(stack) if getattr(stack, "int8_weights", False) else weights
+            int8 = bool((DECODE_STACKS[name] or {}).get("int8_weights"))
+            read = int8_weight_bytes(stack) if int8 else weights
             floor = floor_ms(read + kv_bytes(model, 1, context + 1), 2 * backbone_parameters, card)
-            single = {"tokens": tokens, "context": context, "stack": name, "ms": decode["ms"], "floor_ms": floor,
-                      "ratio": decode["ms"] / floor, "weight_bytes": read, "captured": decode["captured"]}
+            single = {"tokens": tokens, "context": context, "stack": name, "int8": int8, "ms": decode["ms"],
+                      "floor_ms": floor, "ratio": decode["ms"] / floor, "weight_bytes": read,
+                      "captured": decode["captured"]}
             if decode["failure"] and capture:
                 result["errors"].append(decode["failure"])
             result["backbone_one_row"].append(single)
@@ -610,16 +630,12 @@ def run(args) -> dict:
             _save(args.out, result)
 
     # The configurations decode with the fastest stack of the model's own weights at one row.
-    own_weights = [entry for entry in result["backbone_one_row"] if not stacks[entry["stack"]] or
-                   not stacks[entry["stack"]].int8_weights]
+    own_weights = [entry for entry in result["backbone_one_row"] if not entry["int8"]]
     chosen = "fused" if "fused" in stacks else "backbone"
     if own_weights:
         chosen = min({entry["stack"] for entry in own_weights},
                      key=lambda name: statistics.mean(entry["ms"] for entry in own_weights if entry["stack"] == name))
     result["decode_stack_chosen"] = chosen
-    if STACK_OPTIONS[chosen] != STACK_OPTIONS["fused" if args.fused_decode else "backbone"]:
-        fast = FastTokenSampler(model, capture=capture, compile_backbone=args.compile_backbone,
-                                **STACK_OPTIONS[chosen])
     print(f"configurations decode with the {chosen} stack", flush=True)
 
     # The block kernels' tiles, at batch 1 and the first step count; the fastest are used from here on.
@@ -711,7 +727,7 @@ def run(args) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     fast = FastTokenSampler(model, capture=capture, compile_backbone=args.compile_backbone,
-                            fused_blocks=fused_blocks, fused_decode=args.fused_decode)
+                            fused_blocks=fused_blocks, **sampler_options(DECODE_STACKS[chosen]))
     # Smaller images first: they capture the token step and the early decode buckets that the
     # larger ones then reuse.
     order = sorted(result["rows"], key=lambda r: (r["batch"] != 1, r["steps"] != min(args.steps), r["tokens"]))
@@ -816,9 +832,9 @@ def markdown(result: dict) -> str:
                   "| product | N x K | kernel | tiles (columns/step/warps/stages) | us | TB/s |",
                   "|---|---|---|---|---|---|"]
         for entry in result["layer_products"]:
-            tiles_text = "-" if entry["tiles"] is None else "/".join(str(v) for v in entry["tiles"].values())
             lines.append(f"| {entry['product']} | {entry['outer']} x {entry['inner']} | {entry['kind']} | "
-                         f"{tiles_text} | {entry['ms'] * 1e3:.1f} | {entry['bytes_per_s'] / 1e12:.2f} |")
+                         f"{_tiles_text(entry['tiles'])} | {entry['ms'] * 1e3:.1f} | "
+                         f"{entry['bytes_per_s'] / 1e12:.2f} |")
     for single in result.get("backbone_one_row", []):
         lines += ["", f"Backbone alone, one row (batch 1, no CFG), context {single['context']}, "
                   f"{single.get('stack', 'backbone')} stack: {single['ms']:.2f} ms/token, floor "

@@ -45,24 +45,25 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's own default, 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
-from gpu_latency import SKINNY_CANDIDATES, TILE_CANDIDATES, build_random_model, layer_products  # noqa: E402
+from common import RESULTS, machine  # noqa: E402
+from gpu_latency import (  # noqa: E402
+    SKINNY_CANDIDATES,
+    TILE_CANDIDATES,
+    build_random_model,
+    layer_products,
+    loaded_token_step,
+    random_prefill,
+)
 
-from nextstep.backbones.base import positions_from_mask  # noqa: E402
-from nextstep.fast import DecodeStep, FusedTokenStep, TokenStepBuffers  # noqa: E402
+from nextstep.fast import DecodeStep  # noqa: E402
 from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity  # noqa: E402
 from nextstep.fast.fused_decode import FusedDecodeStack  # noqa: E402
-from nextstep.fast.guidance_weights import branch_weights  # noqa: E402
-from nextstep.fast.solver_plan import solver_plan  # noqa: E402
 from nextstep.fast.weight_quantization import quantize_int8  # noqa: E402
 from nextstep.io import atomic_write_text  # noqa: E402
 from nextstep.kernels.adaln_linear import Tiles, set_tiles  # noqa: E402
 from nextstep.kernels.persistent_head import persistent_programs  # noqa: E402
 from nextstep.kernels.skinny_linear import SkinnyTiles, set_skinny_tiles, skinny_linear_triton  # noqa: E402
 from nextstep.kernels.target_compile import TARGETS, compile_for_target  # noqa: E402
-from nextstep.samplers import EulerSampler, guidance_for_scale  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,31 +105,19 @@ def decode_steps(model, dtype: torch.dtype, generator) -> list:
     steps = []
     for skinny, dependent in ((False, False), (True, False), (True, True)):
         cache = backbone.new_cache(2, 8)
-        embeds = (torch.randn(2, 4, backbone.hidden_size, generator=generator) * 0.02).to(dtype)
-        mask = torch.ones(2, 4, dtype=torch.bool)
-        positions = positions_from_mask(mask)
-        with torch.inference_mode():
-            backbone(embeds, positions, mask, cache)
+        _, next_positions = random_prefill(model, cache, 2, 4, generator)
         step_embeds = torch.zeros(2, 1, backbone.hidden_size, dtype=dtype)
         hidden = torch.zeros(2, backbone.hidden_size, dtype=dtype)
         step = DecodeStep(backbone, cache, step_embeds, hidden,
                           compile_stack=FusedDecodeStack(backbone, skinny=skinny, dependent_launches=dependent))
-        step.start(positions[:, -1:] + 1)
+        step.start(next_positions)
         steps.append(step)
     return steps
 
 
-def token_step(model, velocity, batch: int, dtype: torch.dtype, generator) -> None:
+def token_step(model, velocity, batch: int, generator) -> None:
     """One token step (Euler, 2 head steps, CFG) of ``batch`` images through ``velocity``."""
-    sampler = EulerSampler()
-    plan = solver_plan(sampler, sampler.make_time_grid(2, 1.0))
-    buffers = TokenStepBuffers.allocate(batch, 2, model.backbone.hidden_size, model.token_dim,
-                                        device=torch.device("cpu"), dtype=dtype)
-    buffers.hidden.normal_(generator=generator)
-    step = FusedTokenStep(model, velocity, plan, rows=batch, branches=2, buffers=buffers, use_norm=False)
-    weights = branch_weights(guidance_for_scale(7.5), plan.times)
-    step.load(torch.randn(batch, model.token_dim, generator=generator), None, weights)
-    step.compute()
+    loaded_token_step(model, velocity, batch, 2, 2, 7.5, torch.device("cpu"), generator).compute()
 
 
 def run(args) -> dict:
@@ -140,20 +129,19 @@ def run(args) -> dict:
     steps = decode_steps(model, dtype, generator)
     limits = TARGETS[args.arch]
     head = model.image_head
+    widest = max(head.net.input_proj.out_features, head.net.res_blocks[0].mlp[0].out_features)
+    programs = persistent_programs(widest, limits.multiprocessors)
     with torch.inference_mode(), compile_for_target(args.arch) as compiled:
         products(model, skinny_tiles, dtype, generator)
         for step in steps:
             step.compute(step.visible())
         for batch in (1, 8):
-            token_step(model, FusedFlowMatchingVelocity(head), batch, dtype, generator)
+            token_step(model, FusedFlowMatchingVelocity(head), batch, generator)
             for tile in head_tiles:
                 set_tiles(tile)
-                token_step(model, FusedFlowMatchingVelocity(head, fused_blocks=True), batch, dtype, generator)
+                token_step(model, FusedFlowMatchingVelocity(head, fused_blocks=True), batch, generator)
             set_tiles(Tiles())
-            widest = max(head.net.input_proj.out_features, head.net.res_blocks[0].mlp[0].out_features)
-            programs = persistent_programs(widest, limits.multiprocessors)
-            token_step(model, FusedFlowMatchingVelocity(head, persistent=True, programs=programs), batch, dtype,
-                       generator)
+            token_step(model, FusedFlowMatchingVelocity(head, persistent=True, programs=programs), batch, generator)
     kernels = [kernel.as_dict() for kernel in compiled]
     import triton
 

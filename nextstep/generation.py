@@ -359,8 +359,6 @@ def generate_tokens(
 
     noise, step_noise = _draw_noise(num_images, seed, num_tokens, token_dim, schedule.max_steps(num_tokens),
                                     sampler.stochastic, temperature, device, candidates)
-    grids: dict[int, tuple[torch.Tensor, Any]] = {}  # steps -> (grid, the head's prepared times)
-
     hidden, cache, next_positions, step_mask = prefill(  # hidden (G*R, H)
         model, rows, num_tokens, device, dtype, None if token_sampler is None else token_sampler.new_cache)
     if token_sampler is not None:
@@ -369,6 +367,7 @@ def generate_tokens(
                                              progress=progress)
         return _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w)
 
+    grids: dict[int, tuple[torch.Tensor, Any]] = {}  # steps -> (grid, the head's prepared times)
     bar = None
     if progress is True:
         from tqdm import tqdm

@@ -10,6 +10,8 @@ compile each kernel and run it on the GPU (`kernel_device`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from hypothesis import strategies as st
@@ -21,34 +23,53 @@ DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
-@pytest.fixture(scope="module")
-def interpreter():
-    """Skip unless Triton's interpreter is in effect for this process (Triton imported with it on)."""
+def _require_triton():
+    """Skip unless Triton is importable and the kernels are not turned off."""
     pytest.importorskip("triton")
-    from nextstep.kernels.triton_support import interpreter_active, triton_disabled
+    from nextstep.kernels.triton_support import triton_disabled
+
+    if triton_disabled():
+        pytest.skip("NEXTSTEP_DISABLE_TRITON turns the kernels off")
+
+
+def _require_interpreter(alternative: str = ""):
+    """Skip unless Triton's interpreter is in effect for this process (Triton imported with it on)."""
+    from nextstep.kernels.triton_support import interpreter_active
 
     if not interpreter_active():
         pytest.skip("Triton was imported without TRITON_INTERPRET=1; run `make test`, or "
-                    "`TRITON_INTERPRET=1 python -m pytest ...`")
-    if triton_disabled():
-        pytest.skip("NEXTSTEP_DISABLE_TRITON turns the kernels off")
+                    f"`TRITON_INTERPRET=1 python -m pytest ...`{alternative}")
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """Skip unless Triton's interpreter is in effect for this process (Triton imported with it on)."""
+    _require_triton()
+    _require_interpreter()
 
 
 @pytest.fixture(scope="module")
 def kernel_device():
     """Where the kernel tests run the kernels: the GPU, compiled, when CUDA and Triton are there and the
     interpreter is off; else the CPU through Triton's interpreter (skipped when it is not in effect)."""
-    pytest.importorskip("triton")
-    from nextstep.kernels.triton_support import interpreter_active, interpreter_enabled, triton_disabled
+    _require_triton()
+    from nextstep.kernels.triton_support import interpreter_enabled
 
-    if triton_disabled():
-        pytest.skip("NEXTSTEP_DISABLE_TRITON turns the kernels off")
     if torch.cuda.is_available() and not interpreter_enabled():
         return torch.device("cuda")
-    if not interpreter_active():
-        pytest.skip("Triton was imported without TRITON_INTERPRET=1; run `make test`, or "
-                    "`TRITON_INTERPRET=1 python -m pytest ...` (or TRITON_INTERPRET=0 on a CUDA machine)")
+    _require_interpreter(" (or TRITON_INTERPRET=0 on a CUDA machine)")
     return torch.device("cpu")
+
+
+@contextmanager
+def using(setter, value):
+    """Inside, ``setter(value)`` is in effect (a setter that returns the previous value, like
+    `nextstep.kernels.adaln_linear.set_tiles`); restored after."""
+    previous = setter(value)
+    try:
+        yield
+    finally:
+        setter(previous)
 
 
 def random_tensor(shape, dtype, seed: int, scale: float = 1.0, device=None) -> torch.Tensor:

@@ -35,7 +35,7 @@ def random_backbone(kv_heads=2, group=2, half=4, layers=2, bias=True, seed=0) ->
 
 
 def decode(backbone, fused: bool, left_padding: int, steps: int = 3, seed: int = 1, skinny: bool = False,
-           dependent: bool = False):
+           dependent: bool = False, int8_weights: bool = False):
     """Prefill 6 tokens into 2 rows (the second left-padded), then ``steps`` decode steps."""
     generator = torch.Generator().manual_seed(seed)
     embeds = torch.randn(2, 6, backbone.hidden_size, generator=generator).to(DEVICE)
@@ -50,7 +50,8 @@ def decode(backbone, fused: bool, left_padding: int, steps: int = 3, seed: int =
     with torch.no_grad():
         backbone(embeds, positions, mask, cache)
         step = DecodeStep(backbone, cache, step_embeds, hidden,
-                          compile_stack=FusedDecodeStack(backbone, skinny=skinny, dependent_launches=dependent)
+                          compile_stack=FusedDecodeStack(backbone, skinny=skinny, dependent_launches=dependent,
+                                                         int8_weights=int8_weights)
                           if fused else None)
         step.start(positions[:, -1:] + 1)
         found = []
@@ -76,7 +77,7 @@ def test_fused_stack_matches_the_backbone(kv_heads, group, half, layers, bias, l
     assert torch.equal(cache.key_mask, expected_cache.key_mask)
 
 
-def test_packing_keeps_parameters_memory_names_and_checkpoints(tmp_path):
+def test_packing_keeps_parameters_memory_names_and_checkpoints():
     backbone = random_backbone()
     parameters = dict(backbone.named_parameters())
     state = {name: tensor.clone() for name, tensor in backbone.state_dict().items()}

@@ -8,10 +8,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_fast_fused_decode import DEVICE, random_backbone  # noqa: E402
+from test_fast_fused_decode import decode, random_backbone  # noqa: E402
 
-from nextstep.backbones.base import positions_from_mask  # noqa: E402
-from nextstep.fast import DecodeStep, FastTokenSampler  # noqa: E402
+from nextstep.fast import FastTokenSampler  # noqa: E402
 from nextstep.fast.fused_decode import FusedDecodeStack  # noqa: E402
 from nextstep.fast.weight_quantization import quantize_int8  # noqa: E402
 
@@ -31,33 +30,11 @@ def test_each_weight_is_within_half_a_step_of_its_row(rows, columns, seed, sprea
     assert quantized.nbytes == rows * columns + 4 * rows
 
 
-def steps(stack_factory, backbone, count=3):
-    torch.manual_seed(5)
-    embeds = torch.randn(2, 6, backbone.hidden_size).to(DEVICE)
-    mask = torch.ones(2, 6, dtype=torch.bool, device=DEVICE)
-    positions = positions_from_mask(mask)
-    cache = backbone.new_cache(2, 6 + count)
-    hidden = torch.zeros(2, backbone.hidden_size, device=DEVICE)
-    step_embeds = torch.zeros(2, 1, backbone.hidden_size, device=DEVICE)
-    inputs = torch.randn(count, 2, 1, backbone.hidden_size).to(DEVICE)
-    found = []
-    with torch.no_grad():
-        backbone(embeds, positions, mask, cache)
-        step = DecodeStep(backbone, cache, step_embeds, hidden, compile_stack=stack_factory(backbone))
-        step.start(positions[:, -1:] + 1)
-        for index in range(count):
-            step_embeds.copy_(inputs[index])
-            step.compute(step.visible())
-            step.advance()
-            found.append(hidden.clone())
-    return torch.stack(found)
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_fused_step_through_int8_weights_stays_close_to_the_model(seed):
     backbone = random_backbone(seed=seed)
-    expected = steps(lambda b: None, backbone)
-    found = steps(lambda b: FusedDecodeStack(b, int8_weights=True), backbone)
+    expected, _ = decode(backbone, False, 0)
+    found, _ = decode(backbone, True, 0, int8_weights=True)
     relative = ((found - expected).norm() / expected.norm()).item()
     assert 0 < relative < 0.02, relative  # about 0.3% with these random weights
 

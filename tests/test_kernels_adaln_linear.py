@@ -1,7 +1,6 @@
 """The fused AdaLN block matrix-product kernels against their eager references (interpreter on CPU, or GPU)."""
 
 import os
-from contextlib import contextmanager
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of Triton; see kernel_helpers
 
@@ -10,7 +9,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_helpers import DTYPES, TOLERANCES, interpreter, kernel_device, random_tensor  # noqa: E402,F401
+from kernel_helpers import DTYPES, TOLERANCES, kernel_device, random_tensor, using  # noqa: E402,F401
 
 from nextstep.kernels.adaln_linear import (  # noqa: E402
     Tiles,
@@ -30,15 +29,6 @@ TILES = st.sampled_from([Tiles(), Tiles(block_n=32, block_k=64, num_warps=8),
                          Tiles(block_n=1, block_k=64, num_warps=1, rows_product=True)])
 
 
-@contextmanager
-def using(tile: Tiles):
-    previous = set_tiles(tile)
-    try:
-        yield
-    finally:
-        set_tiles(previous)
-
-
 @given(**SHAPES, dtype=DTYPES, seed=st.integers(0, 2**16), activation=st.booleans(), with_bias=st.booleans(),
        offset=st.sampled_from([0.0, 5.0]), tile=TILES)
 def test_modulated_linear_matches_reference(kernel_device, rows, inner, outer, dtype,  # noqa: F811
@@ -49,7 +39,7 @@ def test_modulated_linear_matches_reference(kernel_device, rows, inner, outer, d
     weight = random_tensor((outer, inner), dtype, seed + 2, scale=inner ** -0.5, device=kernel_device)
     bias = random_tensor((outer,), dtype, seed + 3, device=kernel_device) if with_bias else None
     expected = modulated_linear_reference(x, table[:, 0], table[:, 2], weight, bias, 1e-6, activation)
-    with using(tile):
+    with using(set_tiles, tile):
         found = modulated_linear_triton(x, table[:, 0], table[:, 2], weight, bias, 1e-6, activation)
     assert found.dtype == dtype
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
@@ -67,7 +57,7 @@ def test_gated_linear_matches_reference(kernel_device, rows, inner, outer, dtype
     residual = random_tensor((rows, outer), dtype, seed + 4, device=kernel_device)
     expected = gated_linear_reference(u, weight, bias, gate, residual)
     target = residual.clone() if in_place else None
-    with using(tile):
+    with using(set_tiles, tile):
         found = gated_linear_triton(u, weight, bias, gate, residual if target is None else target, out=target)
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
     torch.testing.assert_close(found.float(), expected.float(), **tolerance)

@@ -9,7 +9,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_helpers import DTYPES, TOLERANCES, interpreter, kernel_device, random_tensor  # noqa: E402,F401
+from kernel_helpers import DTYPES, TOLERANCES, kernel_device, random_tensor  # noqa: E402,F401
 
 from nextstep.kernels import add_rms_norm, add_rms_norm_reference, add_rms_norm_triton  # noqa: E402
 

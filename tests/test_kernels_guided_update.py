@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_helpers import DTYPES, TOLERANCES, interpreter, kernel_device, random_tensor  # noqa: E402,F401
+from kernel_helpers import DTYPES, TOLERANCES, kernel_device, random_tensor  # noqa: E402,F401
 
 from nextstep.kernels import guided_update, guided_update_reference, guided_update_triton  # noqa: E402
 from nextstep.samplers import ClassifierFreeGuidance, ImageEditingGuidance  # noqa: E402

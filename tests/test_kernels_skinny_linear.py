@@ -2,7 +2,6 @@
 
 import os
 import sys
-from contextlib import contextmanager
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of Triton; see kernel_helpers
 
@@ -11,7 +10,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_helpers import DTYPES, TOLERANCES, interpreter, kernel_device, random_tensor  # noqa: E402,F401
+from kernel_helpers import DTYPES, TOLERANCES, kernel_device, random_tensor, using  # noqa: E402,F401
 
 from nextstep.fast.weight_quantization import quantize_int8  # noqa: E402
 from nextstep.kernels.skinny_linear import (  # noqa: E402
@@ -29,15 +28,6 @@ TILES = st.sampled_from([SkinnyTiles(), SkinnyTiles(block_n=1, block_k=64, num_w
                          SkinnyTiles(block_n=32, block_k=128, num_warps=8, num_stages=2)])
 
 
-@contextmanager
-def using(tile: SkinnyTiles):
-    previous = set_skinny_tiles(tile)
-    try:
-        yield
-    finally:
-        set_skinny_tiles(previous)
-
-
 @given(rows=st.integers(1, MAX_ROWS), inner=st.integers(1, 700), outer=st.integers(1, 70), dtype=DTYPES,
        seed=st.integers(0, 2**16), with_bias=st.booleans(), strided=st.booleans(), tile=TILES,
        int8=st.booleans())
@@ -53,7 +43,7 @@ def test_kernel_matches_reference(kernel_device, rows, inner, outer, dtype, seed
         weight, scale = quantized.values, quantized.scale
     expected = F.linear(x.float(), weight.float() if scale is None else weight.float() * scale[:, None],
                         None if bias is None else bias.float())
-    with using(tile):
+    with using(set_skinny_tiles, tile):
         found = skinny_linear_triton(x, weight, bias, scale)
     assert found.shape == (rows, outer) and found.dtype == dtype
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]

@@ -24,6 +24,7 @@ from nextstep.heads.base import ImageHead
 from nextstep.heads.flow_matching import FlowMatchingHead, FlowMatchingMLP
 from nextstep.heads.prepared_flow_matching import folded_modulation_parameters
 from nextstep.kernels import adaln_linear, adaln_modulation
+from nextstep.kernels.persistent_head import MAX_ROWS as PERSISTENT_MAX_ROWS
 from nextstep.kernels.persistent_head import PersistentHeadWeights, persistent_head_triton, persistent_programs
 from nextstep.kernels.triton_support import dispatch, interpreter_enabled
 
@@ -86,11 +87,12 @@ class FusedFlowMatchingVelocity:
         self.condition_weights = (net.cond_embed.weight, net.cond_embed.bias)
         self.fused_blocks = fused_blocks
         self.use_kernels = use_kernels
-        self.persistent = persistent
+        # The one-launch kernel takes one LayerNorm epsilon for all blocks, and runs only with kernels on.
+        self.persistent = (persistent and use_kernels is not False
+                           and len({eps for *_, eps in self.block_weights}) == 1)
         self.programs = programs
         self.prefetch = prefetch
         self._persistent_weights: PersistentHeadWeights | None = None
-        self._one_eps = len({eps for *_, eps in self.block_weights}) == 1  # the one-launch kernel takes one
         self.layer_norm_modulate = _kernel_function(adaln_modulation, "layer_norm_modulate", use_kernels)
         self.modulated_linear = _kernel_function(adaln_linear, "modulated_linear", use_kernels)
         self.gated_linear = _kernel_function(adaln_linear, "gated_linear", use_kernels)
@@ -131,7 +133,7 @@ class FusedFlowMatchingVelocity:
         Returns:
             (N, D) velocity in the head's dtype.
         """
-        if self.persistent and self.use_kernels is not False and x_t.shape[0] <= 16 and self._one_eps:
+        if self.persistent and x_t.shape[0] <= PERSISTENT_MAX_ROWS:
             if self.use_kernels:
                 return self._persistent(x_t, modulation)
             return dispatch("persistent_head", x_t, self._persistent, self._separate, x_t, modulation)

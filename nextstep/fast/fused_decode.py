@@ -33,22 +33,12 @@ import torch.nn.functional as F
 
 from nextstep.backbones.masks import decode_visible_keys
 from nextstep.backbones.qwen2 import Qwen2Backbone
-from nextstep.fast.decode_step import decode_step_reason
 from nextstep.fast.packed_projections import PackedProjections, pack_projections
 from nextstep.fast.weight_quantization import quantize_int8
 from nextstep.kernels import add_rms_norm, rotate_into_cache, skinny_linear, swiglu
 from nextstep.kernels.triton_support import dependent_launches
 
-__all__ = ["FusedDecodeStack", "fused_decode_reason"]
-
-
-def fused_decode_reason(backbone, cache) -> str | None:
-    """None when `FusedDecodeStack` can run ``backbone``'s decode step on ``cache``, else why not
-    (what `decode_step_reason` requires, and a backbone that is not training)."""
-    reason = decode_step_reason(backbone, cache)
-    if reason is None and backbone.training and torch.is_grad_enabled():
-        return "the backbone is training"
-    return reason
+__all__ = ["FusedDecodeStack"]
 
 
 class FusedDecodeStack:
@@ -92,12 +82,14 @@ class FusedDecodeStack:
             output, down = layer.self_attn.o_proj, layer.mlp.down_proj
             weights = {"qkv": (pack.qkv_weight, pack.qkv_bias), "o": (output.weight, output.bias),
                        "gate_up": (pack.gate_up_weight, None), "down": (down.weight, down.bias)}
-            if self.int8_weights:
-                quantized = {name: quantize_int8(weight) for name, (weight, _) in weights.items()}
-                products.append({name: (quantized[name].values, bias, quantized[name].scale)
-                                 for name, (_, bias) in weights.items()})
-            else:
-                products.append({name: (weight, bias, None) for name, (weight, bias) in weights.items()})
+            layer_products = {}
+            for name, (weight, bias) in weights.items():
+                scale = None
+                if self.int8_weights:
+                    quantized = quantize_int8(weight)
+                    weight, scale = quantized.values, quantized.scale
+                layer_products[name] = (weight, bias, scale)
+            products.append(layer_products)
         return products
 
     def refresh(self) -> bool:

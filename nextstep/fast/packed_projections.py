@@ -93,17 +93,21 @@ def pack_projections(backbone: Qwen2Backbone) -> list[PackedProjections]:
         return packs
     packs = []
     for layer in backbone.layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        projections = [attention.q_proj, attention.k_proj, attention.v_proj]
-        packs.append(PackedProjections(qkv_weight=_pack(projections, "weight"), qkv_bias=_pack(projections, "bias"),
-                                       gate_up_weight=_pack([mlp.gate_proj, mlp.up_proj], "weight")))
+        qkv, gate_up = _groups(layer)
+        packs.append(PackedProjections(qkv_weight=_pack(qkv, "weight"), qkv_bias=_pack(qkv, "bias"),
+                                       gate_up_weight=_pack(gate_up, "weight")))
     backbone._packed_projections = packs
     return packs
 
 
-def _packed_current(layer: nn.Module, pack: PackedProjections) -> bool:
+def _groups(layer: nn.Module) -> tuple[list[nn.Linear], list[nn.Linear]]:
+    """A layer's projections packed together: [q, k, v] and [gate, up]."""
     attention, mlp = layer.self_attn, layer.mlp
-    projections = [attention.q_proj, attention.k_proj, attention.v_proj]
-    return (_views_of(pack.qkv_weight, [module.weight for module in projections])
-            and _views_of(pack.qkv_bias, [module.bias for module in projections])
-            and _views_of(pack.gate_up_weight, [mlp.gate_proj.weight, mlp.up_proj.weight]))
+    return [attention.q_proj, attention.k_proj, attention.v_proj], [mlp.gate_proj, mlp.up_proj]
+
+
+def _packed_current(layer: nn.Module, pack: PackedProjections) -> bool:
+    qkv, gate_up = _groups(layer)
+    return (_views_of(pack.qkv_weight, [module.weight for module in qkv])
+            and _views_of(pack.qkv_bias, [module.bias for module in qkv])
+            and _views_of(pack.gate_up_weight, [module.weight for module in gate_up]))

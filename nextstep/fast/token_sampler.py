@@ -30,7 +30,7 @@ from nextstep.compile import safe_compile
 from nextstep.fast.cuda_graph import CapturedCall
 from nextstep.fast.decode_step import DecodeStep, decode_step_reason
 from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity, fused_head_reason
-from nextstep.fast.fused_decode import FusedDecodeStack, fused_decode_reason
+from nextstep.fast.fused_decode import FusedDecodeStack
 from nextstep.fast.guidance_weights import image_branch_weights, weights_reason
 from nextstep.fast.solver_plan import plan_reason, solver_plan
 from nextstep.fast.token_step import MAX_TABLE_ELEMENTS, FusedTokenStep, GenericTokenStep, TokenStepBuffers
@@ -203,7 +203,8 @@ class FastTokenSampler:
                      buffers: TokenStepBuffers) -> tuple[DecodeStep, dict[int, CapturedCall]]:
         rows = buffers.hidden.shape[0]
         backbone = self.model.backbone
-        fused = not self.compile_backbone and self.fused_decode and fused_decode_reason(backbone, cache) is None
+        ready = decode_step_reason(backbone, cache) is None
+        fused = ready and self.fused_decode and not self.compile_backbone
         if fused:
             if self._fused_stack is None:
                 self._fused_stack = FusedDecodeStack(backbone, skinny=self.decode_weights == "skinny",
@@ -214,7 +215,7 @@ class FastTokenSampler:
         entry = self._decode_steps.get(rows)
         if entry is None or entry[0].cache is not cache:
             stack = self._fused_stack if fused else None
-            if self.compile_backbone and decode_step_reason(backbone, cache) is None:
+            if self.compile_backbone and ready:
                 if self._compiled_stack is None:
                     # Automatic dynamic shapes: the visible-slot buckets share one recompiled graph.
                     self._compiled_stack = safe_compile(backbone._run, name="decoder stack", fullgraph=True)

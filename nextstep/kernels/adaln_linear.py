@@ -28,10 +28,12 @@ import torch.nn.functional as F
 
 from nextstep.kernels.adaln_modulation import layer_norm_modulate_reference
 from nextstep.kernels.row_products import rows_times_weight_function
+from nextstep.kernels.row_statistics import layer_norm_statistics_function
 from nextstep.kernels.triton_support import (
     block_size,
     check_num_warps,
     check_power_of_two,
+    contiguous_rows,
     dispatch,
     interpreter_enabled,
     reduction_step,
@@ -39,7 +41,7 @@ from nextstep.kernels.triton_support import (
 )
 
 #: ``triton.language`` and the kernels' helper functions, bound when the kernels are first built.
-tl = rows_times_weight = modulated_tile = dot_step = None
+tl = rows_times_weight = layer_norm_statistics = modulated_tile = dot_step = None
 
 __all__ = ["Tiles", "gated_linear", "gated_linear_reference", "gated_linear_triton", "modulated_linear",
            "modulated_linear_reference", "modulated_linear_triton", "set_tiles", "tiles"]
@@ -168,11 +170,12 @@ def _kernels(interpret: bool):
     """Build the two Triton kernels (once per interpreter setting)."""
     # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
     # kernel finds the functions it calls among its globals too.
-    global tl, rows_times_weight, modulated_tile, dot_step
+    global tl, rows_times_weight, layer_norm_statistics, modulated_tile, dot_step
     triton = triton_module()
     import triton.language as tl
 
     rows_times_weight = rows_times_weight_function(interpret)
+    layer_norm_statistics = layer_norm_statistics_function(interpret)
 
     @triton.jit
     def modulated_tile(x_ptr, shift_ptr, scale_ptr, row_offset, x_stride, shift_stride, scale_stride, k, inside,
@@ -205,23 +208,7 @@ def _kernels(interpret: bool):
         row_inside = row < rows
         column_inside = column < outer
         row_offset = row.to(tl.int64)
-        # LayerNorm statistics of the BM rows over all K features, in fp32 (two passes: mean, then variance),
-        # summed per (row, feature) and reduced after each pass.
-        total = tl.zeros((BM, BK), dtype=tl.float32)
-        for start in range(0, inner, BK):
-            k = start + tl.arange(0, BK)
-            inside = row_inside[:, None] & (k < inner)[None, :]
-            x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
-            total += x.to(tl.float32)
-        mean = tl.sum(total, axis=1) / inner
-        squares = tl.zeros((BM, BK), dtype=tl.float32)
-        for start in range(0, inner, BK):
-            k = start + tl.arange(0, BK)
-            inside = row_inside[:, None] & (k < inner)[None, :]
-            x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
-            centred = tl.where(inside, x.to(tl.float32) - mean[:, None], 0.0)
-            squares += centred * centred
-        rstd = tl.rsqrt(tl.sum(squares, axis=1) / inner + eps)
+        mean, rstd = layer_norm_statistics(x_ptr, row, x_stride, row_inside, inner, eps, BM, BK, False)
         if ROWS_PRODUCT:
             # The modulated rows, rounded to the weights' dtype, into this program's own rows of a_ptr
             # (every thread of the program sees them after the barrier), then the row-by-row product.
@@ -300,10 +287,6 @@ def _upcast() -> bool:
     return interpreter_enabled()
 
 
-def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
-
-
 def _launch_shape(rows: int, outer: int) -> tuple[tuple[int, int], dict]:
     """The grid and the tile arguments of a launch over (rows, outer) outputs with the current tiles."""
     tiles = _TILES
@@ -311,7 +294,7 @@ def _launch_shape(rows: int, outer: int) -> tuple[tuple[int, int], dict]:
     if tiles.rows_product:
         block_m = min(BLOCK_M, block_size(rows))
         # The running sums stay in registers through the loop: 64 per thread at most.
-        block_k = reduction_step(block_k, block_m, tiles.block_n, budget=2048 * tiles.num_warps)
+        block_k = reduction_step(block_k, block_m, tiles.block_n, tiles.num_warps)
     grid = ((rows + block_m - 1) // block_m, (outer + tiles.block_n - 1) // tiles.block_n)
     return grid, dict(ROWS_PRODUCT=tiles.rows_product, BM=block_m, BN=tiles.block_n, BK=block_k,
                       num_warps=tiles.num_warps)
@@ -336,7 +319,8 @@ def modulated_linear_triton(
         shape (M, N), dtype of ``x``.
     """
     _check_modulated(x, shift, scale, weight, bias)
-    x, shift, scale, weight = _rows(x), _rows(shift), _rows(scale), weight.contiguous()
+    x, shift, scale = contiguous_rows(x), contiguous_rows(shift), contiguous_rows(scale)
+    weight = weight.contiguous()
     rows, inner = x.shape
     outer = weight.shape[0]
     out = torch.empty((rows, outer), dtype=x.dtype, device=x.device)
@@ -373,7 +357,8 @@ def gated_linear_triton(
         shape (M, N), dtype of ``residual``.
     """
     _check_gated(u, weight, bias, gate, residual)
-    u, gate, residual, weight = _rows(u), _rows(gate), _rows(residual), weight.contiguous()
+    u, gate, residual = contiguous_rows(u), contiguous_rows(gate), contiguous_rows(residual)
+    weight = weight.contiguous()
     rows, inner = u.shape
     outer = weight.shape[0]
     if out is None:

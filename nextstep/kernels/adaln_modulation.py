@@ -17,7 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from nextstep.kernels.triton_support import block_size, dispatch, interpreter_enabled, triton_module
+from nextstep.kernels.triton_support import block_size, contiguous_rows, dispatch, interpreter_enabled, triton_module
 
 #: ``triton.language``, bound when the kernel is first built.
 tl = None
@@ -81,11 +81,6 @@ def _kernel(interpret: bool):
     return layer_norm_modulate_kernel
 
 
-def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor, copied only if its last axis is not contiguous (row strides are passed to the kernel)."""
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
-
-
 def layer_norm_modulate_triton(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
     out: torch.Tensor | None = None,
@@ -103,7 +98,7 @@ def layer_norm_modulate_triton(
         shape (N, W).
     """
     _check(x, shift, scale)
-    x, shift, scale = _rows(x), _rows(shift), _rows(scale)
+    x, shift, scale = contiguous_rows(x), contiguous_rows(shift), contiguous_rows(scale)
     rows, width = x.shape
     if out is None:
         out = torch.empty((rows, width), dtype=x.dtype, device=x.device)

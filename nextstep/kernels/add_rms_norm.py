@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from nextstep.kernels.triton_support import (
     block_size,
+    contiguous_rows,
     dependent_launch_options,
     dispatch,
     grid_dependency_functions,
@@ -115,9 +116,7 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, weight: tor
         ``total`` and ``normed``, each (M, H) in the dtype of ``x``.
     """
     _check(x, delta, weight)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    if delta is not None and delta.stride(-1) != 1:
-        delta = delta.contiguous()
+    x, delta = contiguous_rows(x), contiguous_rows(delta)
     weight = weight.contiguous()
     rows, width = x.shape
     total = x if delta is None else torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -48,13 +48,17 @@ import torch
 
 from nextstep.kernels.l2_prefetch import prefetch_function
 from nextstep.kernels.row_products import rows_times_weight_function
+from nextstep.kernels.row_statistics import layer_norm_statistics_function
 from nextstep.kernels.triton_support import block_size, interpreter_enabled, reduction_step, triton_module
 
 #: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
-tl = grid_barrier = layer_norm_stats = modulate_rows = prefetch_l2 = prefetch_rows = rows_times_weight = None
+tl = grid_barrier = layer_norm_statistics = modulate_rows = prefetch_l2 = prefetch_rows = rows_times_weight = None
 
-__all__ = ["PersistentHeadWeights", "cooperative_launch_available", "features_per_program", "persistent_head_triton",
-           "persistent_programs"]
+__all__ = ["MAX_ROWS", "PersistentHeadWeights", "cooperative_launch_available", "features_per_program",
+           "persistent_head_triton", "persistent_programs"]
+
+#: Most rows one evaluation takes.
+MAX_ROWS = 16
 
 
 class PersistentHeadWeights:
@@ -122,12 +126,13 @@ def _kernel(interpret: bool):
     """Build the Triton kernel (once per interpreter setting)."""
     # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
     # kernel finds the functions it calls among its globals too.
-    global tl, grid_barrier, layer_norm_stats, modulate_rows, prefetch_l2, prefetch_rows, rows_times_weight
+    global tl, grid_barrier, layer_norm_statistics, modulate_rows, prefetch_l2, prefetch_rows, rows_times_weight
     triton = triton_module()
     import triton.language as tl
 
     rows_times_weight = rows_times_weight_function(interpret)
     prefetch_l2 = prefetch_function(interpret)
+    layer_norm_statistics = layer_norm_statistics_function(interpret)
 
     @triton.jit
     def grid_barrier(counter_ptr, target):
@@ -153,31 +158,11 @@ def _kernel(interpret: bool):
         prefetch_l2(weight_ptr + column[:, None] * INNER + line[None, :])
 
     @triton.jit
-    def layer_norm_stats(h_ptr, row, row_inside, eps, W: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-        # Mean and 1/std of each row of h (written by every program: loads bypass L1). Sums are kept
-        # per (row, feature) and reduced once after each pass, so the loops exchange nothing between threads.
-        total = tl.zeros((BM, BK), dtype=tl.float32)
-        for start in range(0, W, BK):
-            k = start + tl.arange(0, BK)
-            inside = row_inside[:, None] & (k < W)[None, :]
-            h = tl.load(h_ptr + row[:, None] * W + k[None, :], mask=inside, other=0.0, cache_modifier=".cg")
-            total += h.to(tl.float32)
-        mean = tl.sum(total, axis=1) / W
-        squares = tl.zeros((BM, BK), dtype=tl.float32)
-        for start in range(0, W, BK):
-            k = start + tl.arange(0, BK)
-            inside = row_inside[:, None] & (k < W)[None, :]
-            h = tl.load(h_ptr + row[:, None] * W + k[None, :], mask=inside, other=0.0, cache_modifier=".cg")
-            centred = tl.where(inside, h.to(tl.float32) - mean[:, None], 0.0)
-            squares += centred * centred
-        return mean, tl.rsqrt(tl.sum(squares, axis=1) / W + eps)
-
-    @triton.jit
     def modulate_rows(h_ptr, mod_ptr, a_ptr, row, row_inside, eps, shift_piece, scale_piece, W: tl.constexpr,
                       PIECES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
         # a = LayerNorm(h) * scale + shift, rounded to h's dtype, into this program's own rows a_ptr (BM, W);
         # every thread of the program sees all of it after the closing barrier.
-        mean, rstd = layer_norm_stats(h_ptr, row, row_inside, eps, W, BM, BK)
+        mean, rstd = layer_norm_statistics(h_ptr, row, W, row_inside, W, eps, BM, BK, True)
         for start in range(0, W, BK):
             k = start + tl.arange(0, BK)
             inside = row_inside[:, None] & (k < W)[None, :]
@@ -276,7 +261,7 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
     """One evaluation of the head's MLP in one launch of ``programs`` cooperating programs.
 
     Args:
-        x_t: (N, D) noisy tokens in the head's dtype, N <= 16.
+        x_t: (N, D) noisy tokens in the head's dtype, N <= `MAX_ROWS`.
         modulation: (N, P, W) every modulation of this evaluation time (pieces
             ``[shift, scale, gate]`` per block, then ``[shift, scale]``).
         weights: the stacked weights.
@@ -300,8 +285,8 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
     if token_dim != weights.token_dim or modulation.shape != (rows, pieces, width):
         raise ValueError(f"x_t must be (N, {weights.token_dim}) and modulation (N, {pieces}, {width}), found "
                          f"{tuple(x_t.shape)} and {tuple(modulation.shape)}")
-    if not 1 <= rows <= 16:
-        raise ValueError(f"the persistent head takes 1 to 16 rows, found {rows}")
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"the persistent head takes 1 to {MAX_ROWS} rows, found {rows}")
     if interpreter_enabled() and programs != 1:
         raise ValueError(f"under Triton's interpreter programs run one after another: programs must be 1, "
                          f"found {programs}")
@@ -317,7 +302,7 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
     elif features < 1:
         raise ValueError(f"features must be >= 1, found {features}")
     block_n = block_size(features)
-    block_k = reduction_step(512, block_m, block_n, budget=8192)
+    block_k = reduction_step(512, block_m, block_n, num_warps)
     line = max(1, 128 // x_t.element_size())  # elements per 128-byte cache line
     compiled = not interpreter_enabled()
     launch = {"launch_cooperative_grid": True} if compiled and cooperative_launch_available() else {}

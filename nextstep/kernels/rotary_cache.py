@@ -24,6 +24,7 @@ import torch
 
 from nextstep.kernels.triton_support import (
     block_size,
+    contiguous_rows,
     dependent_launch_options,
     dispatch,
     grid_dependency_functions,
@@ -149,7 +150,7 @@ def rotate_into_cache_triton(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: t
     if keys.stride() != values.stride() or keys.stride(-1) != 1:
         raise ValueError(f"keys and values must share strides with a contiguous last axis, found {keys.stride()} "
                          f"and {values.stride()}")
-    qkv, cos, signed_sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (qkv, cos, signed_sin))
+    qkv, cos, signed_sin = contiguous_rows(qkv), contiguous_rows(cos), contiguous_rows(signed_sin)
     batch, _, _, head_dim = keys.shape
     query = torch.empty((batch, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if batch == 0:

@@ -43,10 +43,12 @@ from nextstep.kernels.triton_support import (
     block_size,
     check_num_warps,
     check_power_of_two,
+    contiguous_rows,
     dependent_launch_options,
     dispatch,
     grid_dependency_functions,
     interpreter_enabled,
+    reduction_step,
     triton_module,
 )
 
@@ -64,9 +66,6 @@ ROWS_PER_PROGRAM = 4
 #: Reduction steps of weights a dependently launched program asks L2 for before it waits for the kernel
 #: ahead (`nextstep.kernels.triton_support.dependent_launches`).
 PREFETCH_STEPS = 4
-#: Running-sum elements a program keeps per warp, all rows together (64 fp32 registers per thread):
-#: ``block_k`` is lowered to keep within it.
-SUM_ELEMENTS_PER_WARP = 2048
 
 
 @dataclass(frozen=True)
@@ -260,7 +259,7 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     rows, inner = x.shape
     if rows > MAX_ROWS:
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, found {rows}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = contiguous_rows(x)
     weight = weight.contiguous()
     outer = weight.shape[0]
     out = torch.empty((rows, outer), dtype=x.dtype, device=x.device)
@@ -271,8 +270,8 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     scale = None if scale is None else scale.contiguous()
     tiles = _TILES
     rows_per_program = min(rows, ROWS_PER_PROGRAM)
-    budget = SUM_ELEMENTS_PER_WARP * tiles.num_warps // (tiles.block_n * rows_per_program)
-    block_k = max(16, min(tiles.block_k, block_size(inner), 1 << (max(budget, 1).bit_length() - 1)))
+    block_k = reduction_step(min(tiles.block_k, block_size(inner)), rows_per_program, tiles.block_n,
+                             tiles.num_warps)
     triton = triton_module()
     grid = (triton.cdiv(outer, tiles.block_n), triton.cdiv(rows, rows_per_program))
     launch = dependent_launch_options(x)

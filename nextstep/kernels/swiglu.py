@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nextstep.kernels.triton_support import (
+    contiguous_rows,
     dependent_launch_options,
     dispatch,
     grid_dependency_functions,
@@ -92,8 +93,7 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None
         shape (M, F), dtype of ``gate``.
     """
     _check(gate, up)
-    gate = gate if gate.stride(-1) == 1 else gate.contiguous()
-    up = up if up.stride(-1) == 1 else up.contiguous()
+    gate, up = contiguous_rows(gate), contiguous_rows(up)
     rows, width = gate.shape
     if out is None:
         out = torch.empty((rows, width), dtype=gate.dtype, device=gate.device)

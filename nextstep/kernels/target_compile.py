@@ -30,6 +30,7 @@ tiles of the GPU benchmark this way.
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
@@ -173,6 +174,7 @@ def sass_loop_profile(sass: str) -> dict[str, int]:
     }
 
 
+@functools.cache
 def _cuobjdump() -> str | None:
     """The ``cuobjdump`` that ships with Triton's NVIDIA backend, or one on the PATH."""
     try:
@@ -201,15 +203,16 @@ def _read_cubin(record: CompiledKernel, cubin: bytes, limits: TargetLimits) -> N
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "kernel.cubin"
         path.write_bytes(cubin)
-        usage = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
-        sass = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True).stdout
-    numbers = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
+        # Resource usage (REG:..., STACK:..., LOCAL:...) and then the SASS, in one listing.
+        listing = subprocess.run([tool, "--dump-resource-usage", "--dump-sass", str(path)], capture_output=True,
+                                 text=True).stdout
+    numbers = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", listing)}
     if "REG" in numbers:
         record.registers = numbers["REG"]
         record.local_bytes = numbers.get("STACK", 0) + numbers.get("LOCAL", 0)
         record.programs_per_multiprocessor = programs_per_multiprocessor(
             limits, record.registers, record.num_warps or 4, record.shared_bytes or 0)
-    for key, value in sass_loop_profile(sass).items():
+    for key, value in sass_loop_profile(listing).items():
         setattr(record, key, value)
 
 

@@ -95,12 +95,6 @@ def interpreter_active() -> bool:
     return isinstance(triton.language.standard.sum, InterpretedFunction)
 
 
-def compiling_for() -> int | None:
-    """The GPU architecture (90 for sm_90) that kernels launched on CPU tensors are compiled for and not
-    run, inside `nextstep.kernels.target_compile.compile_for_target`; None elsewhere."""
-    return _compiling_for
-
-
 def set_compiling_for(arch: int | None) -> int | None:
     """Compile kernels launched on CPU tensors for ``arch`` and not run them (None: back to normal);
     returns the previous setting.
@@ -155,12 +149,15 @@ def dependent_launch_options(tensor: torch.Tensor) -> dict[str, bool]:
     compiled for) is a Hopper or later, else ``{}``."""
     if not _dependent_launches or interpreter_enabled() or not dependent_launch_available():
         return {}
-    if tensor.device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(tensor.device)
-        arch = 10 * major + minor
-    else:
-        arch = _compiling_for or 0
+    arch = _cuda_architecture(tensor.device.index) if tensor.device.type == "cuda" else _compiling_for or 0
     return {"launch_pdl": True} if arch >= 90 else {}
+
+
+@functools.cache
+def _cuda_architecture(index: int | None) -> int:
+    """The compute capability of CUDA device ``index`` (None: the current one) as one number (90 for 9.0)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 def grid_dependency_functions() -> tuple[Any, Any]:
@@ -217,10 +214,23 @@ def check_num_warps(value: int) -> None:
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, found {value!r}")
 
 
-def reduction_step(block_k: int, block_m: int, block_n: int, budget: int = 16384) -> int:
-    """``block_k`` lowered so that a row-by-row product's (BM, BN, BK) running sums keep within ``budget``
-    elements of registers (at least 16); all sizes powers of two."""
-    return max(16, min(block_k, budget // (block_m * block_n)))
+#: Running-sum elements a product kernel keeps per warp through its loop over K (64 fp32 registers per
+#: thread): `reduction_step` lowers ``block_k`` to keep within it.
+SUM_ELEMENTS_PER_WARP = 2048
+
+
+def reduction_step(block_k: int, block_m: int, block_n: int, num_warps: int) -> int:
+    """``block_k`` (a power of two) lowered to the largest power of two >= 16 with which a product's
+    (block_m, block_n, block_k) running sums keep within `SUM_ELEMENTS_PER_WARP` per warp."""
+    fits = max(1, SUM_ELEMENTS_PER_WARP * num_warps // (block_m * block_n))
+    return max(16, min(block_k, 1 << (fits.bit_length() - 1)))
+
+
+def contiguous_rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` if its last axis is contiguous (rows may be strided), else a contiguous copy; None stays None."""
+    if tensor is None or tensor.stride(-1) == 1:
+        return tensor
+    return tensor.contiguous()
 
 
 def dispatch(name: str, tensor: torch.Tensor, kernel: Callable, reference: Callable, *args: Any,
