@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install data photos demo test test-all docs ci-fresh clean
+.PHONY: install tritons data photos demo test test-all docs ci-fresh clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -14,6 +14,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# More Triton releases to compile the GPU kernels with, beside the installed one: the release of the
+# last GPU run (benchmarks/results/gpu/environment.txt). Each goes into .tritons/VERSION, which
+# tests/test_kernels_target_compile.py puts ahead of the installed Triton in a process of its own.
+TRITONS ?= 3.6.0
+TRITON_STAMPS := $(TRITONS:%=.tritons/%/.installed)
+
+.tritons/%/.installed: | $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target .tritons/$* triton==$*
+	touch $@
+
+tritons: $(STAMP) $(TRITON_STAMPS)
 
 # Debian packages of the built-in training datasets (emoji font, Unicode emoji list, Fashion-MNIST),
 # and of the extra photos used to train and evaluate image tokenizers (wallpapers).
@@ -47,10 +59,10 @@ demo: $(STAMP)
 # TRITON_INTERPRET=1: the fused kernels run on CPU tensors through Triton's interpreter, so the
 # kernel tests check them against their PyTorch references without a GPU (it must be set before
 # anything imports Triton).
-test: $(STAMP) data
+test: $(STAMP) tritons data
 	TRITON_INTERPRET=1 $(PY) -m pytest -m "not slow" -q -n 2
 
-test-all: $(STAMP) data
+test-all: $(STAMP) tritons data
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2
 
 docs: $(STAMP)
@@ -62,4 +74,4 @@ ci-fresh:
 	@dir=$$(mktemp -d) && trap 'rm -rf "$$dir"' EXIT && git clone -q . "$$dir" && cd "$$dir" && CI=true bash .ci/run
 
 clean:
-	rm -rf $(VENV) site outputs .pytest_cache .hypothesis
+	rm -rf $(VENV) .tritons site outputs .pytest_cache .hypothesis

@@ -176,9 +176,11 @@ def _product_line(entry: dict) -> str:
 
 
 # ---------------------------------------------------------------------- model
-def build_random_model(dry_run: bool, device: torch.device, seed: int, **backbone_changes):
-    """NextStep-1-Large shapes (or the tiny preset) with random weights, built directly on ``device``;
-    ``backbone_changes`` replace fields of the backbone's config (``num_layers=1``)."""
+def build_random_model(dry_run: bool, device: torch.device, seed: int, dtype: torch.dtype | None = None,
+                       **backbone_changes):
+    """NextStep-1-Large shapes (or the tiny preset) with random weights, built directly on ``device`` in
+    ``dtype`` (default bf16, fp32 for the tiny preset); ``backbone_changes`` replace fields of the backbone's
+    config (``num_layers=1``)."""
     from dataclasses import replace
 
     from nextstep import build_model
@@ -190,7 +192,8 @@ def build_random_model(dry_run: bool, device: torch.device, seed: int, **backbon
         spec = config.backbone
         config = replace(config, backbone=ComponentSpec(spec.kind, spec.type, replace(spec.config,
                                                                                       **backbone_changes)))
-    dtype = torch.float32 if dry_run else torch.bfloat16
+    if dtype is None:
+        dtype = torch.float32 if dry_run else torch.bfloat16
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

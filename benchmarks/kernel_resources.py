@@ -22,11 +22,19 @@ loads inside its loops (see `nextstep.kernels.target_compile`). Writes
 ``kernel_resources.json`` and ``kernel_resources.md`` to ``--out``; exits 1 if a
 kernel failed to compile.
 
-``--small`` compiles the same kernels for the tiny preset with the default
-tiles and one row-by-row tile (seconds; the tests run it).
+``--small`` compiles the same kernels for the tiny preset in bf16 with the
+default tiles and one row-by-row tile (seconds; the tests run it).
+
+``--triton VERSION`` compiles with another Triton release than the installed
+one, from ``.tritons/VERSION`` (``make tritons TRITONS=VERSION`` puts it there),
+and writes ``kernel_resources_triton-VERSION.json`` / ``.md``. Releases differ
+in the code they make from the same kernel (how a tile broadcast over rows is
+laid out between threads, say), so the kernels are checked with the release a
+GPU will run them with too.
 
 Usage:
     python benchmarks/kernel_resources.py [--arch sm_90] [--out DIR]    # about 2 minutes on 2 cores
+    python benchmarks/kernel_resources.py --triton 3.6.0
     python benchmarks/kernel_resources.py --small --out DIR
 """
 
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,6 +73,13 @@ from nextstep.kernels.adaln_linear import Tiles, set_tiles  # noqa: E402
 from nextstep.kernels.persistent_head import persistent_programs  # noqa: E402
 from nextstep.kernels.skinny_linear import SkinnyTiles, set_skinny_tiles, skinny_linear_triton  # noqa: E402
 from nextstep.kernels.target_compile import TARGETS, compile_for_target  # noqa: E402
+from nextstep.kernels.triton_support import dependent_launch_available  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Where `make tritons` installs more Triton releases, one folder per version.
+TRITONS = ROOT / ".tritons"
+#: Set in the process that runs with a release from `TRITONS` ahead of the installed Triton.
+RELEASE_VARIABLE = "NEXTSTEP_TRITON_RELEASE"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +88,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for kernel_resources.json / .md")
     parser.add_argument("--small", action="store_true",
                         help="the tiny preset, the default tiles and one row-by-row tile (seconds)")
+    parser.add_argument("--triton", default=None, metavar="VERSION",
+                        help="compile with this Triton release from .tritons/VERSION (make tritons)")
     return parser.parse_args(argv)
+
+
+def run_with_release(release: str, argv: list[str]) -> int:
+    """This script again, in a process with Triton ``release`` from `TRITONS` ahead of the installed one."""
+    folder = TRITONS / release
+    if not (folder / ".installed").exists():
+        raise SystemExit(f"--triton {release}: expected Triton {release} installed in {folder} "
+                         f"(make tritons TRITONS={release}), found none")
+    path = [str(folder), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(entry for entry in path if entry),
+                       **{RELEASE_VARIABLE: release})
+    return subprocess.run([sys.executable, __file__, *argv], env=environment).returncode
 
 
 def candidates(small: bool) -> tuple[list[SkinnyTiles], list[Tiles]]:
@@ -123,7 +153,7 @@ def token_step(model, velocity, batch: int, generator) -> None:
 def run(args) -> dict:
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
-    model = build_random_model(args.small, torch.device("cpu"), 0, num_layers=1, vocab_size=1024)
+    model = build_random_model(args.small, torch.device("cpu"), 0, torch.bfloat16, num_layers=1, vocab_size=1024)
     dtype = next(model.parameters()).dtype
     skinny_tiles, head_tiles = candidates(args.small)
     steps = decode_steps(model, dtype, generator)
@@ -146,7 +176,7 @@ def run(args) -> dict:
     import triton
 
     return {"arch": args.arch, "card": limits.card, "machine": machine(), "triton": triton.__version__,
-            "small": args.small, "kernels": kernels,
+            "dependent_launches": dependent_launch_available(), "small": args.small, "kernels": kernels,
             "failed": sum(kernel["error"] is not None for kernel in kernels),
             "seconds": time.perf_counter() - started}
 
@@ -159,28 +189,35 @@ def markdown(result: dict) -> str:
     lines = [f"Kernels compiled for {result['arch']} ({result['card']}) by Triton {result['triton']} on "
              f"{result['machine']['cpu']}, {result['machine']['date']}; `python benchmarks/kernel_resources.py`.", "",
              "| kernel | constants | warps | registers | spilled B | shared B | programs/SM | loop barriers | "
-             "loop shared | loop loads |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "loop shared | loop loads | loop local |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for kernel in result["kernels"]:
         if kernel["error"] is not None:
             lines.append(f"| {kernel['name']} | {_constants(kernel['constants'])} | {kernel['num_warps']} | "
-                         f"failed: {kernel['error'][:120]} |||||||")
+                         f"failed: {kernel['error'][:120]} ||||||||")
             continue
         cells = [kernel[key] for key in ("num_warps", "registers", "local_bytes", "shared_bytes",
                                          "programs_per_multiprocessor", "loop_barriers", "loop_shared_accesses",
-                                         "loop_global_loads")]
+                                         "loop_global_loads", "loop_local_accesses")]
         lines.append(f"| {kernel['name']} | {_constants(kernel['constants'])} | "
                      + " | ".join("-" if cell is None else str(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.triton and os.environ.get(RELEASE_VARIABLE) != args.triton:
+        return run_with_release(args.triton, argv)
     result = run(args)
+    if args.triton and result["triton"] != args.triton:
+        raise SystemExit(f"--triton {args.triton}: expected Triton {args.triton} from {TRITONS / args.triton}, "
+                         f"found {result['triton']} imported")
+    name = f"kernel_resources_triton-{args.triton}" if args.triton else "kernel_resources"
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "kernel_resources.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    atomic_write_text(args.out / "kernel_resources.md", table)
+    atomic_write_text(args.out / f"{name}.md", table)
     print(table)
     print(f"{len(result['kernels'])} kernels, {result['failed']} failed to compile, {result['seconds']:.0f} s")
     return 1 if result["failed"] else 0

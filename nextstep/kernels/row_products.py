@@ -8,15 +8,15 @@ mostly padding, so the head's kernels (`nextstep.kernels.persistent_head`, and
 CUDA cores instead. Done naively (load a (BM, BK) tile of u and a (BN, BK)
 tile of weights, broadcast both to (BM, BN, BK), sum over K every step) each
 step moves both tiles between threads through shared memory and reduces across
-threads, with barriers: the loop cannot keep many loads in flight. Here u is
-loaded directly in the (BM, BN, BK) shape of the products (each thread reads
-the u values that its weights meet; repeated addresses are served by L1), the
-weights in a (1, BN, BK) shape that broadcasts within each thread (for more
-than 8 rows that would need moving between threads, so they too are loaded in
-the products' shape, the repeats again from L1), and the products are summed
-element by element; the one reduction over K comes after the loop. The loop
-is loads and multiply-adds only (checked on compiled code by
-`nextstep.kernels.target_compile`).
+threads, with barriers: the loop cannot keep many loads in flight. Here both
+u and the weights are loaded directly in the (BM, BN, BK) shape of the
+products: each thread reads the u values and the weights that its products
+meet, and the addresses several threads share are served by L1. The products
+are summed element by element; the one reduction over K comes after the loop.
+The loop is loads and multiply-adds only (checked on compiled code by
+`nextstep.kernels.target_compile`, with every Triton release it was tried on:
+a (1, BN, BK) weight tile broadcast over the rows is kept in registers by some
+and moved between threads through shared memory by others).
 
 The helper is a Triton function for kernels to call (`rows_times_weight_function`).
 """
@@ -52,10 +52,7 @@ def rows_times_weight_function(interpret: bool):
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FRESH: tl.constexpr):
         every_column = column[None, :, None] >= 0  # the (BM, BN, BK) shape, for u's mask
         u_rows = u_ptr + row.to(tl.int64)[:, None, None] * u_stride + 0 * column[None, :, None]
-        if BM > 8:  # weights too in the products' shape: a (1, BN, BK) tile would be moved between threads
-            weight_rows = weight_ptr + column.to(tl.int64)[None, :, None] * inner + 0 * row[:, None, None]
-        else:
-            weight_rows = weight_ptr + column.to(tl.int64)[None, :, None] * inner
+        weight_rows = weight_ptr + column.to(tl.int64)[None, :, None] * inner + 0 * row[:, None, None]
         total = tl.zeros((BM, BN, BK), dtype=tl.float32)
         for start in range(0, inner, BK):
             k = start + tl.arange(0, BK)
@@ -66,7 +63,7 @@ def rows_times_weight_function(interpret: bool):
             else:
                 u = tl.load(u_rows + k[None, None, :], mask=u_inside, other=0.0)
             weight = tl.load(weight_rows + k[None, None, :], mask=column_inside[None, :, None] & k_inside,
-                             other=0.0)  # (1, BN, BK), or (BM, BN, BK) repeating it
+                             other=0.0)  # (BM, BN, BK), the same weights in every row
             total += u.to(tl.float32) * weight.to(tl.float32)
         return tl.sum(total, axis=2)
 

@@ -97,6 +97,7 @@ class CompiledKernel:
         loop_barriers: ``BAR.SYNC`` instructions inside innermost loops of the machine code.
         loop_shared_accesses: shared-memory loads and stores inside innermost loops.
         loop_global_loads: global-memory loads inside innermost loops.
+        loop_local_accesses: local-memory loads and stores (spills) inside innermost loops.
         seconds: compile time.
         error: why it did not compile, or None.
     """
@@ -113,6 +114,7 @@ class CompiledKernel:
     loop_barriers: int | None = None
     loop_shared_accesses: int | None = None
     loop_global_loads: int | None = None
+    loop_local_accesses: int | None = None
     seconds: float = 0.0
     error: str | None = None
 
@@ -144,7 +146,8 @@ _SHARED_OPCODES = ("LDS", "STS", "LDSM", "STSM", "ATOMS")
 
 
 def sass_loop_profile(sass: str) -> dict[str, int]:
-    """Barriers, shared-memory accesses and global loads inside the innermost loops of a kernel's SASS.
+    """Barriers, shared-memory accesses, global loads and local-memory (spill) accesses inside the innermost
+    loops of a kernel's SASS.
 
     A loop is the address range from a backward branch's target to the branch;
     an innermost loop holds no other loop.
@@ -153,7 +156,7 @@ def sass_loop_profile(sass: str) -> dict[str, int]:
         sass: ``cuobjdump -sass`` output of one kernel.
 
     Returns:
-        ``{"loop_barriers", "loop_shared_accesses", "loop_global_loads"}`` counts.
+        ``{"loop_barriers", "loop_shared_accesses", "loop_global_loads", "loop_local_accesses"}`` counts.
     """
     instructions = [(int(address, 16), opcode, operands) for address, opcode, operands in _INSTRUCTION.findall(sass)]
     loops = []
@@ -171,6 +174,7 @@ def sass_loop_profile(sass: str) -> dict[str, int]:
         "loop_barriers": sum(opcode.startswith("BAR") for opcode, _ in inside),
         "loop_shared_accesses": sum(opcode.split(".")[0] in _SHARED_OPCODES for opcode, _ in inside),
         "loop_global_loads": sum(opcode.split(".")[0] in ("LDG", "LDGSTS") for opcode, _ in inside),
+        "loop_local_accesses": sum(opcode.split(".")[0] in ("LDL", "STL") for opcode, _ in inside),
     }
 
 
