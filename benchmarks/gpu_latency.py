@@ -42,7 +42,9 @@ exits 0; ``--dry-run`` runs every part with tiny shapes on the CPU (graphs off)
 so the script is known to work before it meets a GPU.
 
 With ``--persistent-head`` it times only the head, one launch per evaluation
-(`nextstep.kernels.persistent_head`) against the norm kernels, and writes
+(`nextstep.kernels.persistent_head`) against the norm kernels, and the
+grid-wide barrier alone (what the evaluations' barriers cost of the one-launch
+time: ``barriers_ms``, ``barrier_share``), and writes
 ``gpu_latency_persistent.json``.
 
 Usage:
@@ -79,6 +81,7 @@ from nextstep.fast.solver_plan import solver_plan  # noqa: E402
 from nextstep.fast.weight_quantization import quantize_int8  # noqa: E402
 from nextstep.io import atomic_write_text  # noqa: E402
 from nextstep.kernels.adaln_linear import Tiles, set_tiles, tiles  # noqa: E402
+from nextstep.kernels.persistent_head import barriers_per_evaluation, grid_barriers_triton  # noqa: E402
 from nextstep.kernels.skinny_linear import (  # noqa: E402
     SkinnyTiles,
     set_skinny_tiles,
@@ -762,6 +765,7 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
     persistent = FusedFlowMatchingVelocity(model.image_head, persistent=True)
     without_prefetch = FusedFlowMatchingVelocity(model.image_head, persistent=True, prefetch=False)
     result["persistent_head"] = []
+    barrier = None
     for batch in args.batch_sizes:
         for steps in args.steps:
             entry = {"batch": batch, "steps": steps}
@@ -786,14 +790,48 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
                                        and "persistent_head" not in FAILED_KERNELS)
             if "persistent_head" in FAILED_KERNELS:
                 entry["one_launch_failure"] = FAILED_KERNELS["persistent_head"]
+            if entry["one_launch_ran"] and barrier is None:
+                barrier = result["grid_barrier"] = time_grid_barrier(clock, persistent.programs, args.repeats,
+                                                                     len(model.image_head.net.res_blocks))
+            if barrier is not None and "barrier_us" in barrier:
+                # What the evaluations' barriers alone take of the one-launch time, and against the floor.
+                barriers_ms = evaluations * barrier["barriers_per_evaluation"] * barrier["barrier_us"] / 1e3
+                entry["barriers_ms"] = barriers_ms
+                entry["barrier_share"] = barriers_ms / entry["one_launch_ms"]
             result["persistent_head"].append(entry)
             print(f"head batch {batch} steps {steps}: norm kernels {entry.get('norm_kernels_ms', float('nan')):.2f} "
                   f"ms, one launch {entry['one_launch_ms']:.2f} ms (floor {entry['floor_ms']:.2f}, "
                   f"{entry['one_launch_ratio']:.2f}x; without prefetching "
-                  f"{entry.get('one_launch_no_prefetch_ms', float('nan')):.2f} ms)", flush=True)
+                  f"{entry.get('one_launch_no_prefetch_ms', float('nan')):.2f} ms; barriers alone "
+                  f"{entry.get('barriers_ms', float('nan')):.2f} ms)", flush=True)
             _save(args.out, result, PERSISTENT_STEM)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def time_grid_barrier(clock, programs: int, repeats: int, blocks: int, rounds: int = 250) -> dict:
+    """What one grid-wide barrier of the one-launch head costs: ``programs`` programs meeting 1 and 1 +
+    ``rounds`` times and doing nothing else (`grid_barriers_triton`), the difference over ``rounds`` (median
+    of ``repeats`` launches each); and how many an evaluation of ``blocks`` blocks meets at."""
+    found = {"programs": programs, "rounds": rounds, "barriers_per_evaluation": barriers_per_evaluation(blocks)}
+    try:
+        medians = []
+        for count in (1, 1 + rounds):
+            grid_barriers_triton(programs, count, clock.device)  # compiles
+            times: list[float] = []
+            for _ in range(repeats):
+                with clock.measure(times):
+                    grid_barriers_triton(programs, count, clock.device)
+            medians.append(statistics.median(times))
+    except Exception as error:
+        found["error"] = _error("grid barrier", error)
+        return found
+    found["launch_with_one_barrier_us"] = medians[0] * 1e3
+    found["barrier_us"] = (medians[1] - medians[0]) / rounds * 1e3
+    print(f"grid barrier of {programs} programs: {found['barrier_us']:.2f} us (launch with one barrier "
+          f"{found['launch_with_one_barrier_us']:.1f} us); {found['barriers_per_evaluation']} per evaluation",
+          flush=True)
+    return found
 
 
 def _error(where: str, error: BaseException) -> str:

@@ -13,7 +13,9 @@ from kernel_helpers import DTYPES, interpreter, kernel_device  # noqa: E402,F401
 from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity  # noqa: E402
 from nextstep.heads.flow_matching import FlowMatchingHead, FlowMatchingHeadConfig  # noqa: E402
 from nextstep.kernels.persistent_head import (  # noqa: E402
+    barriers_per_evaluation,
     features_per_program,
+    grid_barriers_triton,
     persistent_head_triton,
     persistent_programs,
 )
@@ -107,3 +109,18 @@ def test_programs_use_the_multiprocessors_and_none_idles():
             programs = persistent_programs(width, multiprocessors)
             features = features_per_program(width, width, programs)
             assert programs <= multiprocessors and (programs - 1) * features < width <= programs * features
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 7])
+def test_programs_meet_at_every_grid_barrier(kernel_device, rounds):  # noqa: F811
+    programs = 1 if kernel_device.type == "cpu" else persistent_programs(1536, 8)
+    counter = grid_barriers_triton(programs, rounds, kernel_device)
+    assert counter.item() == rounds * programs
+
+
+def test_grid_barriers_name_what_was_expected(interpreter):  # noqa: F811
+    with pytest.raises(ValueError, match="rounds must be >= 0, found -1"):
+        grid_barriers_triton(1, -1, "cpu")
+    with pytest.raises(ValueError, match="programs must be 1 under Triton's interpreter, found 2"):
+        grid_barriers_triton(2, 1, "cpu")
+    assert barriers_per_evaluation(12) == 25

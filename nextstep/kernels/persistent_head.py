@@ -54,8 +54,8 @@ from nextstep.kernels.triton_support import block_size, interpreter_enabled, red
 #: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
 tl = grid_barrier = layer_norm_statistics = modulate_rows = prefetch_l2 = prefetch_rows = rows_times_weight = None
 
-__all__ = ["MAX_ROWS", "PersistentHeadWeights", "cooperative_launch_available", "features_per_program",
-           "persistent_head_triton", "persistent_programs"]
+__all__ = ["MAX_ROWS", "PersistentHeadWeights", "barriers_per_evaluation", "cooperative_launch_available",
+           "features_per_program", "grid_barriers_triton", "persistent_head_triton", "persistent_programs"]
 
 #: Most rows one evaluation takes.
 MAX_ROWS = 16
@@ -114,6 +114,12 @@ def persistent_programs(width: int, multiprocessors: int | None, min_features: i
         programs = min(programs, multiprocessors)
     features = -(-width // programs)
     return -(-width // features)
+
+
+def barriers_per_evaluation(blocks: int) -> int:
+    """Grid-wide barriers in one evaluation of a head of ``blocks`` AdaLN blocks: one after the input
+    projection and two per block (25 for the 12 blocks of the base head)."""
+    return 1 + 2 * blocks
 
 
 def features_per_program(width: int, inner_width: int, programs: int) -> int:
@@ -253,6 +259,47 @@ def _kernel(interpret: bool):
                      mask=row_inside[:, None] & column_inside[None, :])
 
     return persistent_head_kernel
+
+
+@functools.cache
+def _barrier_kernel(interpret: bool):
+    """Build the kernel that only meets at the grid-wide barrier (once per interpreter setting)."""
+    _kernel(interpret)  # binds grid_barrier
+    triton = triton_module()
+
+    @triton.jit
+    def grid_barriers_kernel(counter_ptr, rounds, PROGRAMS: tl.constexpr):
+        for meeting in range(rounds):
+            grid_barrier(counter_ptr, (meeting + 1) * PROGRAMS)
+
+    return grid_barriers_kernel
+
+
+def grid_barriers_triton(programs: int, rounds: int, device: torch.device | str, num_warps: int = 4) -> torch.Tensor:
+    """``programs`` programs meet ``rounds`` times at the grid-wide barrier of `persistent_head_triton` and
+    do nothing else: timed with different ``rounds``, what one barrier costs (it runs
+    `barriers_per_evaluation` times per evaluation).
+
+    Args:
+        programs: G, as for `persistent_head_triton` (1 under Triton's interpreter).
+        rounds: barriers to meet at (>= 0).
+        device: where to launch.
+        num_warps: warps per program.
+
+    Returns:
+        the barrier's counter, (1,) int32: ``rounds * programs`` once every program has passed every barrier.
+    """
+    if rounds < 0:
+        raise ValueError(f"rounds must be >= 0, found {rounds}")
+    if programs < 1 or (interpreter_enabled() and programs != 1):
+        expected = "1 under Triton's interpreter" if interpreter_enabled() else ">= 1"
+        raise ValueError(f"programs must be {expected}, found {programs}")
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    compiled = not interpreter_enabled()
+    launch = {"launch_cooperative_grid": True} if compiled and cooperative_launch_available() else {}
+    _barrier_kernel(interpreter_enabled())[(programs,)](counter, rounds, PROGRAMS=programs, num_warps=num_warps,
+                                                        **launch)
+    return counter
 
 
 def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights: PersistentHeadWeights,
