@@ -34,8 +34,10 @@ def _require_triton():
 
 def _require_interpreter(alternative: str = ""):
     """Skip unless Triton's interpreter is in effect for this process (Triton imported with it on)."""
-    from nextstep.kernels.triton_support import interpreter_active
+    from nextstep.kernels.triton_support import interpreter_active, interpreter_enabled, interpreter_problem
 
+    if interpreter_enabled() and interpreter_problem() is not None:
+        pytest.skip(interpreter_problem())
     if not interpreter_active():
         pytest.skip("Triton was imported without TRITON_INTERPRET=1; run `make test`, or "
                     f"`TRITON_INTERPRET=1 python -m pytest ...`{alternative}")

@@ -46,3 +46,25 @@ def test_block_size():
     assert [block_size(n) for n in (1, 2, 3, 64, 65)] == [1, 2, 4, 64, 128]
     with pytest.raises(ValueError, match="rows of 70000 elements exceed this kernel's limit of 65536"):
         block_size(70000)
+
+
+def test_an_interpreter_that_cannot_run_with_this_numpy_is_named():
+    from nextstep.kernels.triton_support import interpreter_problem
+
+    problem = interpreter_problem("3.6.0", "2.4.6")
+    assert problem == ("Triton 3.6.0's interpreter cannot run the kernels with NumPy 2.4.6 (it needs NumPy < 2.4, "
+                       "or Triton >= 3.7)")
+    assert interpreter_problem("3.5.1+git9f2a", "2.5.0rc1") is not None
+    assert interpreter_problem("3.6.0", "2.3.5") is None
+    assert interpreter_problem("3.7.0", "2.4.6") is None
+    assert interpreter_problem("3.9.0", "2.5.2") is None
+
+
+def test_an_interpreter_that_cannot_run_leaves_the_references(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_support, "interpreter_problem", lambda: "Triton 3.6.0's interpreter cannot run")
+    monkeypatch.setattr(triton_support, "_import_triton", lambda: object())
+    triton_support._warn_once.cache_clear()
+    with pytest.warns(KernelFallbackWarning, match="cannot run; the kernels' PyTorch references run instead"):
+        assert not triton_support.interpreter_active()
+    assert not triton_support.triton_enabled(torch.zeros(1))

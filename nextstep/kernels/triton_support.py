@@ -7,7 +7,8 @@ eager PyTorch reference otherwise:
 
 - on CUDA tensors, when ``import triton`` works;
 - on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set
-  before Triton is first imported, see `interpreter_active`), which is how
+  before Triton is first imported, and a Triton whose interpreter works with
+  the installed NumPy, see `interpreter_active`), which is how
   the tests check every kernel against its reference on machines without a GPU,
   or inside `nextstep.kernels.target_compile.compile_for_target`, which
   compiles the kernels for a GPU instead of running them;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import os
 import warnings
 from contextlib import contextmanager
@@ -90,9 +92,49 @@ def interpreter_active() -> bool:
     triton = _import_triton()
     if triton is None:
         return False
+    problem = interpreter_problem()
+    if problem is not None:
+        _warn_once(problem + "; the kernels' PyTorch references run instead")
+        return False
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(triton.language.standard.sum, InterpretedFunction)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"3.6.0+git1234"`` -> ``(3, 6, 0)``."""
+    numbers = []
+    for part in version.split("+")[0].split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        numbers.append(int(digits or 0))
+    return tuple(numbers)
+
+
+def interpreter_problem(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
+    """Why Triton's interpreter cannot run the library's kernels with these releases (default: the installed
+    ones), or None when it can.
+
+    Triton's interpreter before 3.7 turns one-element arrays into Python integers, which NumPy 2.4 refuses,
+    so every kernel whose loop bound is an argument fails there.
+    """
+    if triton_version is None:
+        triton = _import_triton()
+        if triton is None:
+            return None
+        triton_version = triton.__version__
+    if numpy_version is None:
+        import numpy
+
+        numpy_version = numpy.__version__
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run the kernels with NumPy {numpy_version} (it "
+                "needs NumPy < 2.4, or Triton >= 3.7)")
+    return None
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, KernelFallbackWarning, stacklevel=3)
 
 
 def set_compiling_for(arch: int | None) -> int | None:
