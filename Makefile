@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install tritons data photos demo test test-all docs ci-fresh clean
+.PHONY: install tritons data photos demo test test-all test-gpu-versions docs ci-fresh clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -65,6 +65,18 @@ test: $(STAMP) tritons data
 test-all: $(STAMP) tritons data
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2
 
+# The fast tier under the PyTorch of the last GPU run (benchmarks/results/gpu/environment.txt) and the
+# Triton it pins, in a venv of their own (about 5 GB: PyPI's PyTorch is a CUDA build, which also runs
+# on the CPU). NumPy stays below 2.4 there, which Triton's interpreter before 3.7 needs.
+GPU_TORCH ?= 2.11.0
+GPU_VENV := .venv-torch-$(GPU_TORCH)
+
+test-gpu-versions: data
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==$(GPU_TORCH) 'numpy<2.4'
+	$(GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 'numpy<2.4'
+	TRITON_INTERPRET=1 $(GPU_VENV)/bin/python -m pytest -m "not slow" -q -n 2
+
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
@@ -74,4 +86,4 @@ ci-fresh:
 	@dir=$$(mktemp -d) && trap 'rm -rf "$$dir"' EXIT && git clone -q . "$$dir" && cd "$$dir" && CI=true bash .ci/run
 
 clean:
-	rm -rf $(VENV) .tritons site outputs .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-torch-* .tritons site outputs .pytest_cache .hypothesis

@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arch", default="sm_90", choices=sorted(TARGETS))
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for kernel_resources.json / .md")
     parser.add_argument("--small", action="store_true",
-                        help="the tiny preset, the default tiles and one row-by-row tile (seconds)")
+                        help="the tiny preset in bf16, the default tiles and one row-by-row tile (seconds)")
     parser.add_argument("--triton", default=None, metavar="VERSION",
                         help="compile with this Triton release from .tritons/VERSION (make tritons)")
     return parser.parse_args(argv)

@@ -123,8 +123,10 @@ def interpreter_problem(triton_version: str | None = None, numpy_version: str | 
             return None
         triton_version = triton.__version__
     if numpy_version is None:
-        import numpy
-
+        try:
+            import numpy
+        except ImportError:  # the interpreter then says itself what it misses
+            return None
         numpy_version = numpy.__version__
     if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
         return (f"Triton {triton_version}'s interpreter cannot run the kernels with NumPy {numpy_version} (it "
