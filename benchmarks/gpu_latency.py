@@ -81,7 +81,11 @@ from nextstep.fast.solver_plan import solver_plan  # noqa: E402
 from nextstep.fast.weight_quantization import quantize_int8  # noqa: E402
 from nextstep.io import atomic_write_text  # noqa: E402
 from nextstep.kernels.adaln_linear import Tiles, set_tiles, tiles  # noqa: E402
-from nextstep.kernels.persistent_head import barriers_per_evaluation, grid_barriers_triton  # noqa: E402
+from nextstep.kernels.persistent_head import (  # noqa: E402
+    BARRIER_POLLING,
+    barriers_per_evaluation,
+    grid_barriers_triton,
+)
 from nextstep.kernels.skinny_linear import (  # noqa: E402
     SkinnyTiles,
     set_skinny_tiles,
@@ -764,13 +768,19 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
     kernels, at every batch size and step count."""
     persistent = FusedFlowMatchingVelocity(model.image_head, persistent=True)
     without_prefetch = FusedFlowMatchingVelocity(model.image_head, persistent=True, prefetch=False)
+    polling = {name: FusedFlowMatchingVelocity(model.image_head, persistent=True, barrier_polling=name)
+               for name in BARRIER_POLLING[1:]}  # the others than the default
     result["persistent_head"] = []
     barrier = None
     for batch in args.batch_sizes:
         for steps in args.steps:
             entry = {"batch": batch, "steps": steps}
-            for name, chosen in (("norm_kernels_ms", velocity), ("one_launch_ms", persistent),
-                                 ("one_launch_no_prefetch_ms", without_prefetch)):
+            # The most telling first, since the part runs under a short limit: the default one-launch head,
+            # then (once) the barrier alone, then the other ways to wait, no prefetching, the norm kernels.
+            variants = [("one_launch_ms", persistent)]
+            variants += [(f"one_launch_{name}_polling_ms", chosen) for name, chosen in polling.items()]
+            variants += [("one_launch_no_prefetch_ms", without_prefetch), ("norm_kernels_ms", velocity)]
+            for name, chosen in variants:
                 try:
                     timing = time_token_step(model, clock, batch, branches, steps, args.cfg, args.repeats, capture,
                                              chosen, generator)
@@ -779,20 +789,22 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
                     continue
                 entry[name] = timing["ms"]
                 evaluations = timing["evaluations"]
+                # Built and not replaced by the separate kernels after a failed build or launch.
+                ran = persistent._persistent_weights is not None and "persistent_head" not in FAILED_KERNELS
+                if name == "one_launch_ms" and ran and barrier is None:
+                    barrier = result["grid_barrier"] = time_grid_barrier(clock, persistent.programs, args.repeats,
+                                                                         len(model.image_head.net.res_blocks))
+                    _save(args.out, result, PERSISTENT_STEM)
             if "one_launch_ms" not in entry:
                 result["persistent_head"].append(entry)
                 continue
             rows = batch * branches
             entry["floor_ms"] = head_floor_ms(model, rows, evaluations, result["card"])
             entry["one_launch_ratio"] = entry["one_launch_ms"] / entry["floor_ms"]
-            # Built and not replaced by the separate kernels after a failed build or launch.
             entry["one_launch_ran"] = (persistent._persistent_weights is not None
                                        and "persistent_head" not in FAILED_KERNELS)
             if "persistent_head" in FAILED_KERNELS:
                 entry["one_launch_failure"] = FAILED_KERNELS["persistent_head"]
-            if entry["one_launch_ran"] and barrier is None:
-                barrier = result["grid_barrier"] = time_grid_barrier(clock, persistent.programs, args.repeats,
-                                                                     len(model.image_head.net.res_blocks))
             if barrier is not None and "barrier_us" in barrier:
                 # What the evaluations' barriers alone take of the one-launch time, and against the floor.
                 barriers_ms = evaluations * barrier["barriers_per_evaluation"] * barrier["barrier_us"] / 1e3
@@ -802,7 +814,9 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
             print(f"head batch {batch} steps {steps}: norm kernels {entry.get('norm_kernels_ms', float('nan')):.2f} "
                   f"ms, one launch {entry['one_launch_ms']:.2f} ms (floor {entry['floor_ms']:.2f}, "
                   f"{entry['one_launch_ratio']:.2f}x; without prefetching "
-                  f"{entry.get('one_launch_no_prefetch_ms', float('nan')):.2f} ms; barriers alone "
+                  f"{entry.get('one_launch_no_prefetch_ms', float('nan')):.2f} ms; polling with loads "
+                  f"{entry.get('one_launch_loads_polling_ms', float('nan')):.2f} ms, with acquire reads "
+                  f"{entry.get('one_launch_acquire_polling_ms', float('nan')):.2f} ms; barriers alone "
                   f"{entry.get('barriers_ms', float('nan')):.2f} ms)", flush=True)
             _save(args.out, result, PERSISTENT_STEM)
     result["seconds"] = time.perf_counter() - started
@@ -812,25 +826,30 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
 def time_grid_barrier(clock, programs: int, repeats: int, blocks: int, rounds: int = 250) -> dict:
     """What one grid-wide barrier of the one-launch head costs: ``programs`` programs meeting 1 and 1 +
     ``rounds`` times and doing nothing else (`grid_barriers_triton`), the difference over ``rounds`` (median
-    of ``repeats`` launches each); and how many an evaluation of ``blocks`` blocks meets at."""
+    of ``repeats`` launches each), waiting each way of `BARRIER_POLLING` (``barrier_us`` the default,
+    ``barrier_<name>_polling_us`` the others); and how many an evaluation of ``blocks`` blocks meets at."""
     found = {"programs": programs, "rounds": rounds, "barriers_per_evaluation": barriers_per_evaluation(blocks)}
-    try:
-        medians = []
-        for count in (1, 1 + rounds):
-            grid_barriers_triton(programs, count, clock.device)  # compiles
-            times: list[float] = []
-            for _ in range(repeats):
-                with clock.measure(times):
-                    grid_barriers_triton(programs, count, clock.device)
-            medians.append(statistics.median(times))
-    except Exception as error:
-        found["error"] = _error("grid barrier", error)
-        return found
-    found["launch_with_one_barrier_us"] = medians[0] * 1e3
-    found["barrier_us"] = (medians[1] - medians[0]) / rounds * 1e3
-    print(f"grid barrier of {programs} programs: {found['barrier_us']:.2f} us (launch with one barrier "
-          f"{found['launch_with_one_barrier_us']:.1f} us); {found['barriers_per_evaluation']} per evaluation",
-          flush=True)
+    for index, polling in enumerate(BARRIER_POLLING):
+        key = "barrier_us" if index == 0 else f"barrier_{polling}_polling_us"
+        try:
+            medians = []
+            for count in (1, 1 + rounds):
+                grid_barriers_triton(programs, count, clock.device, polling=polling)  # compiles
+                times: list[float] = []
+                for _ in range(repeats):
+                    with clock.measure(times):
+                        grid_barriers_triton(programs, count, clock.device, polling=polling)
+                medians.append(statistics.median(times))
+        except Exception as error:
+            found.setdefault("errors", []).append(_error(f"grid barrier ({key})", error))
+            continue
+        found[key] = (medians[1] - medians[0]) / rounds * 1e3
+        if index == 0:
+            found["launch_with_one_barrier_us"] = medians[0] * 1e3
+    print(f"grid barrier of {programs} programs: {found.get('barrier_us', float('nan')):.2f} us polling with "
+          f"relaxed reads, {found.get('barrier_loads_polling_us', float('nan')):.2f} us with loads, "
+          f"{found.get('barrier_acquire_polling_us', float('nan')):.2f} us with acquire reads; "
+          f"{found['barriers_per_evaluation']} per evaluation", flush=True)
     return found
 
 

@@ -14,7 +14,8 @@ Qwen2.5-14B decoder layer, the base flow head) and its tile candidates:
 - one token step of the head (`nextstep.fast.token_step`) with the norm
   kernels, with the block kernels at every tile of ``TILE_CANDIDATES`` (batch 1
   and 8 with CFG: 2 and 16 rows), and with the one-launch head (as many programs as on
-  the GPU, at most one per multiprocessor of the target).
+  the GPU, at most one per multiprocessor of the target), waiting at its grid-wide
+  barrier each way of ``BARRIER_POLLING``, and that barrier alone.
 
 For each distinct kernel: registers per thread, spilled bytes, shared memory,
 programs per multiprocessor, and barriers, shared-memory accesses and global
@@ -70,7 +71,7 @@ from nextstep.fast.fused_decode import FusedDecodeStack  # noqa: E402
 from nextstep.fast.weight_quantization import quantize_int8  # noqa: E402
 from nextstep.io import atomic_write_text  # noqa: E402
 from nextstep.kernels.adaln_linear import Tiles, set_tiles  # noqa: E402
-from nextstep.kernels.persistent_head import persistent_programs  # noqa: E402
+from nextstep.kernels.persistent_head import BARRIER_POLLING, grid_barriers_triton, persistent_programs  # noqa: E402
 from nextstep.kernels.skinny_linear import SkinnyTiles, set_skinny_tiles, skinny_linear_triton  # noqa: E402
 from nextstep.kernels.target_compile import TARGETS, compile_for_target  # noqa: E402
 from nextstep.kernels.triton_support import dependent_launch_available  # noqa: E402
@@ -171,7 +172,11 @@ def run(args) -> dict:
                 set_tiles(tile)
                 token_step(model, FusedFlowMatchingVelocity(head, fused_blocks=True), batch, generator)
             set_tiles(Tiles())
-            token_step(model, FusedFlowMatchingVelocity(head, persistent=True, programs=programs), batch, generator)
+            for polling in BARRIER_POLLING:
+                token_step(model, FusedFlowMatchingVelocity(head, persistent=True, programs=programs,
+                                                            barrier_polling=polling), batch, generator)
+        for polling in BARRIER_POLLING:
+            grid_barriers_triton(programs, 1, "cpu", polling=polling)
     kernels = [kernel.as_dict() for kernel in compiled]
     import triton
 

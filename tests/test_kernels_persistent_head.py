@@ -13,6 +13,7 @@ from kernel_helpers import DTYPES, interpreter, kernel_device  # noqa: E402,F401
 from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity  # noqa: E402
 from nextstep.heads.flow_matching import FlowMatchingHead, FlowMatchingHeadConfig  # noqa: E402
 from nextstep.kernels.persistent_head import (  # noqa: E402
+    BARRIER_POLLING,
     barriers_per_evaluation,
     features_per_program,
     grid_barriers_triton,
@@ -55,11 +56,12 @@ def test_one_launch_matches_the_unfused_velocity(kernel_device, rows, width, blo
     persistent = FusedFlowMatchingVelocity(head, persistent=True)
     persistent(x_t, modulation)  # builds the stacked weights
     weights = persistent._persistent_weights
+    polling = BARRIER_POLLING[seed % len(BARRIER_POLLING)]  # every way of waiting at the barrier
     if kernel_device.type == "cpu":  # one program, owning min_features features per step (masked tiles)
-        found = persistent_head_triton(x_t, modulation, weights, 1, features=min_features)
+        found = persistent_head_triton(x_t, modulation, weights, 1, features=min_features, polling=polling)
     else:
         programs = persistent_programs(max(width, weights.inner_width), 8, min_features)
-        found = persistent_head_triton(x_t, modulation, weights, programs)
+        found = persistent_head_triton(x_t, modulation, weights, programs, polling=polling)
     assert found.dtype == dtype and found.shape == expected.shape
     torch.testing.assert_close(found.float(), expected.float(), **TOLERANCES[dtype])
 
@@ -111,10 +113,11 @@ def test_programs_use_the_multiprocessors_and_none_idles():
             assert programs <= multiprocessors and (programs - 1) * features < width <= programs * features
 
 
+@pytest.mark.parametrize("polling", BARRIER_POLLING)
 @pytest.mark.parametrize("rounds", [0, 1, 7])
-def test_programs_meet_at_every_grid_barrier(kernel_device, rounds):  # noqa: F811
+def test_programs_meet_at_every_grid_barrier(kernel_device, rounds, polling):  # noqa: F811
     programs = 1 if kernel_device.type == "cpu" else persistent_programs(1536, 8)
-    counter = grid_barriers_triton(programs, rounds, kernel_device)
+    counter = grid_barriers_triton(programs, rounds, kernel_device, polling=polling)
     assert counter.item() == rounds * programs
 
 
@@ -123,4 +126,6 @@ def test_grid_barriers_name_what_was_expected(interpreter):  # noqa: F811
         grid_barriers_triton(1, -1, "cpu")
     with pytest.raises(ValueError, match="programs must be 1 under Triton's interpreter, found 2"):
         grid_barriers_triton(2, 1, "cpu")
+    with pytest.raises(ValueError, match=r"polling must be one of \['relaxed', 'loads', 'acquire'\], found 'spin'"):
+        grid_barriers_triton(1, 1, "cpu", polling="spin")
     assert barriers_per_evaluation(12) == 25

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nextstep.kernels.target_compile import TARGETS, programs_per_multiprocessor, sass_loop_profile
+from nextstep.kernels.target_compile import TARGETS, programs_per_multiprocessor, sass_fences, sass_loop_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +35,12 @@ def test_loop_profile_counts_only_what_is_inside_loops():
                                            "loop_local_accesses": 1}
     assert sass_loop_profile("") == {"loop_barriers": 0, "loop_shared_accesses": 0, "loop_global_loads": 0,
                                      "loop_local_accesses": 0}
+
+
+def test_fences_are_counted_anywhere():
+    fenced = SASS.replace("MOV R1, c[0x0][0x28]", "MEMBAR.ALL.GPU").replace("EXIT", "CCTL.IVALL")
+    assert sass_fences(fenced) == {"memory_barriers": 1, "l1_invalidations": 1}
+    assert sass_fences(SASS) == {"memory_barriers": 0, "l1_invalidations": 0}
 
 
 def test_loop_profile_looks_at_innermost_loops():
@@ -102,7 +108,7 @@ def test_every_kernel_compiles_for_hopper(tmp_path, release):
     names = {kernel["name"] for kernel in kernels}
     assert {"skinny_linear_kernel", "add_rms_norm_kernel", "rotary_cache_kernel", "swiglu_kernel",
             "layer_norm_modulate_kernel", "guided_update_kernel", "modulated_linear_kernel", "gated_linear_kernel",
-            "persistent_head_kernel"} <= names
+            "persistent_head_kernel", "grid_barriers_kernel"} <= names
     for kernel in kernels:
         assert kernel["error"] is None, kernel
         assert kernel["loop_local_accesses"] == 0, f"{kernel['name']} {kernel['constants']} spills inside a loop"
@@ -114,6 +120,11 @@ def test_every_kernel_compiles_for_hopper(tmp_path, release):
     for kernel in kernels:
         if kernel["name"] == "skinny_linear_kernel" or kernel["constants"].get("ROWS_PRODUCT"):
             assert kernel["loop_barriers"] == 0 and kernel["loop_shared_accesses"] == 0, kernel
+    # Every grid-wide barrier releases (a memory barrier) and acquires (an L1 invalidation): no compiler
+    # dropped the acquire read, whose value nothing else uses.
+    for kernel in kernels:
+        if kernel["name"] in ("grid_barriers_kernel", "persistent_head_kernel"):
+            assert 1 <= kernel["memory_barriers"] <= kernel["l1_invalidations"], kernel
     assert (tmp_path / f"{name}.md").read_text().startswith("Kernels compiled for sm_90")
     if result["dependent_launches"]:  # the fused decode stack's kernels, also launched dependently
         launched = {kernel["name"] for kernel in kernels if kernel["constants"].get("PDL")}

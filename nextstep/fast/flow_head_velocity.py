@@ -65,10 +65,14 @@ class FusedFlowMatchingVelocity:
             ``programs`` of them (default: `persistent_programs`; 1 under Triton's interpreter).
         prefetch: in the one-launch evaluation, each program asks L2 for its
             weights of the next product while it computes the current one.
+        barrier_polling: in the one-launch evaluation, how the programs wait
+            at the grid-wide barrier (a name of
+            `nextstep.kernels.persistent_head.BARRIER_POLLING`).
     """
 
     def __init__(self, head: FlowMatchingHead, use_kernels: bool | None = None, fused_blocks: bool = False,
-                 persistent: bool = False, programs: int | None = None, prefetch: bool = True):
+                 persistent: bool = False, programs: int | None = None, prefetch: bool = True,
+                 barrier_polling: str = "relaxed"):
         reason = fused_head_reason(head)
         if reason is not None:
             raise ValueError(reason)
@@ -92,6 +96,7 @@ class FusedFlowMatchingVelocity:
                            and len({eps for *_, eps in self.block_weights}) == 1)
         self.programs = programs
         self.prefetch = prefetch
+        self.barrier_polling = barrier_polling
         self._persistent_weights: PersistentHeadWeights | None = None
         self.layer_norm_modulate = _kernel_function(adaln_modulation, "layer_norm_modulate", use_kernels)
         self.modulated_linear = _kernel_function(adaln_linear, "modulated_linear", use_kernels)
@@ -173,4 +178,5 @@ class FusedFlowMatchingVelocity:
                                        if x_t.device.type == "cuda" else None)
                     self.programs = persistent_programs(max(self.width, self._persistent_weights.inner_width),
                                                         multiprocessors)
-        return persistent_head_triton(x_t, modulation, self._persistent_weights, self.programs, prefetch=self.prefetch)
+        return persistent_head_triton(x_t, modulation, self._persistent_weights, self.programs, prefetch=self.prefetch,
+                                      polling=self.barrier_polling)

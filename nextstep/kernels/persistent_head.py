@@ -54,11 +54,18 @@ from nextstep.kernels.triton_support import block_size, interpreter_enabled, red
 #: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
 tl = grid_barrier = layer_norm_statistics = modulate_rows = prefetch_l2 = prefetch_rows = rows_times_weight = None
 
-__all__ = ["MAX_ROWS", "PersistentHeadWeights", "barriers_per_evaluation", "cooperative_launch_available",
-           "features_per_program", "grid_barriers_triton", "persistent_head_triton", "persistent_programs"]
+__all__ = ["BARRIER_POLLING", "MAX_ROWS", "PersistentHeadWeights", "barriers_per_evaluation",
+           "cooperative_launch_available", "features_per_program", "grid_barriers_triton", "persistent_head_triton",
+           "persistent_programs"]
 
 #: Most rows one evaluation takes.
 MAX_ROWS = 16
+
+BARRIER_POLLING = ("relaxed", "loads", "acquire")
+"""How programs wait at the grid-wide barrier, polling its counter: ``relaxed``, with relaxed atomic reads
+that one thread makes for its program, then one acquire read; ``loads``, with volatile loads that every
+thread makes, then one acquire read; ``acquire``, with acquire reads throughout (each poll invalidates L1;
+no read after)."""
 
 
 class PersistentHeadWeights:
@@ -116,6 +123,12 @@ def persistent_programs(width: int, multiprocessors: int | None, min_features: i
     return -(-width // features)
 
 
+def _polling_index(polling: str) -> int:
+    if polling not in BARRIER_POLLING:
+        raise ValueError(f"polling must be one of {list(BARRIER_POLLING)}, found {polling!r}")
+    return BARRIER_POLLING.index(polling)
+
+
 def barriers_per_evaluation(blocks: int) -> int:
     """Grid-wide barriers in one evaluation of a head of ``blocks`` AdaLN blocks: one after the input
     projection and two per block (25 for the 12 blocks of the base head)."""
@@ -141,17 +154,27 @@ def _kernel(interpret: bool):
     layer_norm_statistics = layer_norm_statistics_function(interpret)
 
     @triton.jit
-    def grid_barrier(counter_ptr, target):
-        # Every thread's writes, then the program publishes them (release) and polls the counter with
-        # relaxed reads (an acquire read on a GPU also invalidates L1, at every poll); one acquire read once
-        # every program has arrived orders what follows after every program's release. Then every thread
-        # goes on.
+    def grid_barrier(counter_ptr, target, POLLING: tl.constexpr):
+        # Every thread's writes, then the program publishes them (release) and waits for the counter to
+        # reach target (POLLING: `BARRIER_POLLING`'s index). Relaxed reads: atomic adds of 0 (0), which one
+        # thread makes and hands to the others, or volatile loads (1), which every thread makes and L2
+        # serves at once; then one acquire read orders what follows after every program's release (the
+        # loop on its value, never taken, keeps compilers that drop an unused atomic read, as Triton 3.6
+        # does, from dropping it). Or acquire reads throughout (2): the read that sees target is the
+        # acquire, one round trip to L2 fewer, but every poll invalidates L1. Then every thread goes on.
         tl.debug_barrier()
         tl.atomic_add(counter_ptr, 1, sem="release")
-        seen = tl.atomic_add(counter_ptr, 0, sem="relaxed")
-        while seen < target:
+        if POLLING == 1:
+            seen = tl.load(counter_ptr, volatile=True)
+            while seen < target:
+                seen = tl.load(counter_ptr, volatile=True)
+        elif POLLING == 0:
             seen = tl.atomic_add(counter_ptr, 0, sem="relaxed")
-        tl.atomic_add(counter_ptr, 0, sem="acquire")
+            while seen < target:
+                seen = tl.atomic_add(counter_ptr, 0, sem="relaxed")
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+        while seen < target:
+            seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
         tl.debug_barrier()
 
     @triton.jit
@@ -186,7 +209,8 @@ def _kernel(interpret: bool):
                                inner_ptr, a_ptr, out_ptr, counter_ptr, rows, eps, output_eps, D: tl.constexpr,
                                W: tl.constexpr, F: tl.constexpr, BLOCKS: tl.constexpr, PIECES: tl.constexpr,
                                BM: tl.constexpr, BN: tl.constexpr, FEATURES: tl.constexpr, BK: tl.constexpr,
-                               BKD: tl.constexpr, PROGRAMS: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
+                               BKD: tl.constexpr, PROGRAMS: tl.constexpr, PREFETCH: tl.constexpr,
+                               POLLING: tl.constexpr, LINE: tl.constexpr,
                                LINES_W: tl.constexpr, LINES_F: tl.constexpr):
         program = tl.program_id(0)
         row = tl.arange(0, BM).to(tl.int64)
@@ -204,7 +228,7 @@ def _kernel(interpret: bool):
             total += tl.load(input_bias_ptr + column, mask=column_inside, other=0.0).to(tl.float32)[None, :]
             tl.store(h_ptr + row[:, None] * W + column[None, :], total.to(h_ptr.dtype.element_ty),
                      mask=row_inside[:, None] & column_inside[None, :])
-        grid_barrier(counter_ptr, PROGRAMS)  # barrier 1; block b meets at 2 + 2b and 3 + 2b
+        grid_barrier(counter_ptr, PROGRAMS, POLLING)  # barrier 1; block b meets at 2 + 2b and 3 + 2b
         a_rows = a_ptr + program * BM * W  # this program's (BM, W) modulated input
         for block in range(BLOCKS):
             if PREFETCH:
@@ -223,7 +247,7 @@ def _kernel(interpret: bool):
                 total = total * tl.sigmoid(total)
                 tl.store(inner_ptr + row[:, None] * F + column[None, :], total.to(inner_ptr.dtype.element_ty),
                          mask=row_inside[:, None] & column_inside[None, :])
-            grid_barrier(counter_ptr, (2 + 2 * block) * PROGRAMS)
+            grid_barrier(counter_ptr, (2 + 2 * block) * PROGRAMS, POLLING)
             if PREFETCH:
                 if block + 1 < BLOCKS:
                     prefetch_rows(first_weight_ptr + (block + 1) * F * W, mine, F, W, BN, FEATURES, LINE, LINES_W)
@@ -244,7 +268,7 @@ def _kernel(interpret: bool):
                 h = tl.load(h_ptr + row[:, None] * W + column[None, :], mask=inside, other=0.0)
                 h = h.to(tl.float32) + gate.to(tl.float32) * total
                 tl.store(h_ptr + row[:, None] * W + column[None, :], h.to(h_ptr.dtype.element_ty), mask=inside)
-            grid_barrier(counter_ptr, (3 + 2 * block) * PROGRAMS)
+            grid_barrier(counter_ptr, (3 + 2 * block) * PROGRAMS, POLLING)
         # Output layer: the token-dim features, shared by the first programs.
         if mine < D:
             modulate_rows(h_ptr, mod_ptr, a_rows, row, row_inside, output_eps, PIECES - 2, PIECES - 1, W, PIECES,
@@ -268,14 +292,15 @@ def _barrier_kernel(interpret: bool):
     triton = triton_module()
 
     @triton.jit
-    def grid_barriers_kernel(counter_ptr, rounds, PROGRAMS: tl.constexpr):
+    def grid_barriers_kernel(counter_ptr, rounds, PROGRAMS: tl.constexpr, POLLING: tl.constexpr):
         for meeting in range(rounds):
-            grid_barrier(counter_ptr, (meeting + 1) * PROGRAMS)
+            grid_barrier(counter_ptr, (meeting + 1) * PROGRAMS, POLLING)
 
     return grid_barriers_kernel
 
 
-def grid_barriers_triton(programs: int, rounds: int, device: torch.device | str, num_warps: int = 4) -> torch.Tensor:
+def grid_barriers_triton(programs: int, rounds: int, device: torch.device | str, num_warps: int = 4,
+                         polling: str = "relaxed") -> torch.Tensor:
     """``programs`` programs meet ``rounds`` times at the grid-wide barrier of `persistent_head_triton` and
     do nothing else: timed with different ``rounds``, what one barrier costs (it runs
     `barriers_per_evaluation` times per evaluation).
@@ -285,26 +310,30 @@ def grid_barriers_triton(programs: int, rounds: int, device: torch.device | str,
         rounds: barriers to meet at (>= 0).
         device: where to launch.
         num_warps: warps per program.
+        polling: how programs wait at the barrier, a name of `BARRIER_POLLING` (as for
+            `persistent_head_triton`).
 
     Returns:
         the barrier's counter, (1,) int32: ``rounds * programs`` once every program has passed every barrier.
     """
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, found {rounds}")
+    polling_index = _polling_index(polling)
     if programs < 1 or (interpreter_enabled() and programs != 1):
         expected = "1 under Triton's interpreter" if interpreter_enabled() else ">= 1"
         raise ValueError(f"programs must be {expected}, found {programs}")
     counter = torch.zeros(1, dtype=torch.int32, device=device)
     compiled = not interpreter_enabled()
     launch = {"launch_cooperative_grid": True} if compiled and cooperative_launch_available() else {}
-    _barrier_kernel(interpreter_enabled())[(programs,)](counter, rounds, PROGRAMS=programs, num_warps=num_warps,
+    _barrier_kernel(interpreter_enabled())[(programs,)](counter, rounds, PROGRAMS=programs,
+                                                        POLLING=polling_index, num_warps=num_warps,
                                                         **launch)
     return counter
 
 
 def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights: PersistentHeadWeights,
                            programs: int, num_warps: int = 4, prefetch: bool = True,
-                           features: int | None = None) -> torch.Tensor:
+                           features: int | None = None, polling: str = "relaxed") -> torch.Tensor:
     """One evaluation of the head's MLP in one launch of ``programs`` cooperating programs.
 
     Args:
@@ -322,6 +351,8 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
         features: features of every product a program owns per step (default:
             `features_per_program`; fewer make each program loop over several
             shares, which runs the multi-program code paths with one program).
+        polling: how the programs wait at the grid-wide barrier, a name of
+            `BARRIER_POLLING` (`grid_barriers_triton` times one barrier each way).
 
     Returns:
         (N, D) velocity in the head's dtype.
@@ -358,7 +389,7 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
         weights.second_weight, weights.second_bias, weights.output_weight, weights.output_bias, h, inner, modulated,
         out, counter, rows, weights.eps, weights.output_eps, D=token_dim, W=width, F=weights.inner_width,
         BLOCKS=blocks, PIECES=pieces, BM=block_m, BN=block_n, FEATURES=features, BK=block_k,
-        BKD=min(block_k, block_size(token_dim)), PROGRAMS=programs,
-        PREFETCH=bool(prefetch) and compiled, LINE=line, LINES_W=block_size(-(-width // line)),
+        BKD=min(block_k, block_size(token_dim)), PROGRAMS=programs, PREFETCH=bool(prefetch) and compiled,
+        POLLING=_polling_index(polling), LINE=line, LINES_W=block_size(-(-width // line)),
         LINES_F=block_size(-(-weights.inner_width // line)), num_warps=num_warps, **launch)
     return out

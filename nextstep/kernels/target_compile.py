@@ -98,6 +98,8 @@ class CompiledKernel:
         loop_shared_accesses: shared-memory loads and stores inside innermost loops.
         loop_global_loads: global-memory loads inside innermost loops.
         loop_local_accesses: local-memory loads and stores (spills) inside innermost loops.
+        memory_barriers: ``MEMBAR`` instructions anywhere in the kernel (what a release makes).
+        l1_invalidations: ``CCTL.IVALL`` instructions anywhere in the kernel (what an acquire makes).
         seconds: compile time.
         error: why it did not compile, or None.
     """
@@ -115,6 +117,8 @@ class CompiledKernel:
     loop_shared_accesses: int | None = None
     loop_global_loads: int | None = None
     loop_local_accesses: int | None = None
+    memory_barriers: int | None = None
+    l1_invalidations: int | None = None
     seconds: float = 0.0
     error: str | None = None
 
@@ -178,6 +182,21 @@ def sass_loop_profile(sass: str) -> dict[str, int]:
     }
 
 
+def sass_fences(sass: str) -> dict[str, int]:
+    """The memory-ordering instructions of a kernel's SASS: ``MEMBAR`` (a release, or a fence) and
+    ``CCTL.IVALL`` (the L1 invalidation of an acquire), anywhere in the kernel.
+
+    Args:
+        sass: ``cuobjdump -sass`` output of one kernel.
+
+    Returns:
+        ``{"memory_barriers", "l1_invalidations"}`` counts.
+    """
+    opcodes = [opcode for _, opcode, _ in _INSTRUCTION.findall(sass)]
+    return {"memory_barriers": sum(opcode.startswith("MEMBAR") for opcode in opcodes),
+            "l1_invalidations": sum(opcode.startswith("CCTL.IVALL") for opcode in opcodes)}
+
+
 @functools.cache
 def _cuobjdump() -> str | None:
     """The ``cuobjdump`` that ships with Triton's NVIDIA backend, or one on the PATH."""
@@ -216,7 +235,7 @@ def _read_cubin(record: CompiledKernel, cubin: bytes, limits: TargetLimits) -> N
         record.local_bytes = numbers.get("STACK", 0) + numbers.get("LOCAL", 0)
         record.programs_per_multiprocessor = programs_per_multiprocessor(
             limits, record.registers, record.num_warps or 4, record.shared_bytes or 0)
-    for key, value in sass_loop_profile(listing).items():
+    for key, value in {**sass_loop_profile(listing), **sass_fences(listing)}.items():
         setattr(record, key, value)
 
 
