@@ -76,6 +76,9 @@ def test_the_velocity_uses_it_only_where_it_can_run():
 
 def test_bad_input_names_what_was_expected(interpreter):  # noqa: F811
     head = random_head(16, 1, 0, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"barrier_polling must be one of \['relaxed', 'loads', 'acquire'\], "
+                                         "found 'spin'"):
+        FusedFlowMatchingVelocity(head, persistent=True, barrier_polling="spin")
     persistent = FusedFlowMatchingVelocity(head, persistent=True)
     _, x_t, modulation = inputs(head, 2, 0, "cpu")
     persistent(x_t, modulation)

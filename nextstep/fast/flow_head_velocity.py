@@ -24,8 +24,13 @@ from nextstep.heads.base import ImageHead
 from nextstep.heads.flow_matching import FlowMatchingHead, FlowMatchingMLP
 from nextstep.heads.prepared_flow_matching import folded_modulation_parameters
 from nextstep.kernels import adaln_linear, adaln_modulation
+from nextstep.kernels.persistent_head import (
+    BARRIER_POLLING,
+    PersistentHeadWeights,
+    persistent_head_triton,
+    persistent_programs,
+)
 from nextstep.kernels.persistent_head import MAX_ROWS as PERSISTENT_MAX_ROWS
-from nextstep.kernels.persistent_head import PersistentHeadWeights, persistent_head_triton, persistent_programs
 from nextstep.kernels.triton_support import dispatch, interpreter_enabled
 
 __all__ = ["FusedFlowMatchingVelocity", "fused_head_reason"]
@@ -76,6 +81,8 @@ class FusedFlowMatchingVelocity:
         reason = fused_head_reason(head)
         if reason is not None:
             raise ValueError(reason)
+        if barrier_polling not in BARRIER_POLLING:
+            raise ValueError(f"barrier_polling must be one of {list(BARRIER_POLLING)}, found {barrier_polling!r}")
         net = head.net
         self.net = net
         self.width = net.input_proj.out_features
