@@ -18,7 +18,12 @@ install: $(STAMP)
 # More Triton releases to compile the GPU kernels with, beside the installed one: the release of the
 # last GPU run (benchmarks/results/gpu/environment.txt). Each goes into .tritons/VERSION, which
 # tests/test_kernels_target_compile.py puts ahead of the installed Triton in a process of its own.
+# Triton ships for Linux only (as the test extra installs it).
+ifeq ($(shell uname -s),Linux)
 TRITONS ?= 3.6.0
+else
+TRITONS ?=
+endif
 TRITON_STAMPS := $(TRITONS:%=.tritons/%/.installed)
 
 .tritons/%/.installed: | $(STAMP)
