@@ -772,6 +772,10 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
                for name in BARRIER_POLLING[1:]}  # the others than the default
     result["persistent_head"] = []
     barrier = None
+
+    def one_launch_ran() -> bool:  # built, and not replaced by the separate kernels after a failed launch
+        return persistent._persistent_weights is not None and "persistent_head" not in FAILED_KERNELS
+
     for batch in args.batch_sizes:
         for steps in args.steps:
             entry = {"batch": batch, "steps": steps}
@@ -789,9 +793,7 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
                     continue
                 entry[name] = timing["ms"]
                 evaluations = timing["evaluations"]
-                # Built and not replaced by the separate kernels after a failed build or launch.
-                ran = persistent._persistent_weights is not None and "persistent_head" not in FAILED_KERNELS
-                if name == "one_launch_ms" and ran and barrier is None:
+                if name == "one_launch_ms" and barrier is None and one_launch_ran():
                     barrier = result["grid_barrier"] = time_grid_barrier(clock, persistent.programs, args.repeats,
                                                                          len(model.image_head.net.res_blocks))
                     _save(args.out, result, PERSISTENT_STEM)
@@ -801,8 +803,7 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
             rows = batch * branches
             entry["floor_ms"] = head_floor_ms(model, rows, evaluations, result["card"])
             entry["one_launch_ratio"] = entry["one_launch_ms"] / entry["floor_ms"]
-            entry["one_launch_ran"] = (persistent._persistent_weights is not None
-                                       and "persistent_head" not in FAILED_KERNELS)
+            entry["one_launch_ran"] = one_launch_ran()
             if "persistent_head" in FAILED_KERNELS:
                 entry["one_launch_failure"] = FAILED_KERNELS["persistent_head"]
             if barrier is not None and "barrier_us" in barrier:

@@ -36,8 +36,9 @@ def _require_interpreter(alternative: str = ""):
     """Skip unless Triton's interpreter is in effect for this process (Triton imported with it on)."""
     from nextstep.kernels.triton_support import interpreter_active, interpreter_enabled, interpreter_problem
 
-    if interpreter_enabled() and interpreter_problem() is not None:
-        pytest.skip(interpreter_problem())
+    problem = interpreter_problem() if interpreter_enabled() else None
+    if problem is not None:
+        pytest.skip(problem)
     if not interpreter_active():
         pytest.skip("Triton was imported without TRITON_INTERPRET=1; run `make test`, or "
                     f"`TRITON_INTERPRET=1 python -m pytest ...`{alternative}")

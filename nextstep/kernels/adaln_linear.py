@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from nextstep.kernels.adaln_modulation import layer_norm_modulate_reference
 from nextstep.kernels.row_products import rows_times_weight_function
-from nextstep.kernels.row_statistics import layer_norm_statistics_function
+from nextstep.kernels.row_statistics import layer_norm_statistics_function, modulation_functions
 from nextstep.kernels.triton_support import (
     block_size,
     check_num_warps,
@@ -41,7 +41,7 @@ from nextstep.kernels.triton_support import (
 )
 
 #: ``triton.language`` and the kernels' helper functions, bound when the kernels are first built.
-tl = rows_times_weight = layer_norm_statistics = modulated_tile = dot_step = None
+tl = rows_times_weight = layer_norm_statistics = modulated_tile = modulate_rows = dot_step = None
 
 __all__ = ["Tiles", "gated_linear", "gated_linear_reference", "gated_linear_triton", "modulated_linear",
            "modulated_linear_reference", "modulated_linear_triton", "set_tiles", "tiles"]
@@ -170,21 +170,13 @@ def _kernels(interpret: bool):
     """Build the two Triton kernels (once per interpreter setting)."""
     # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
     # kernel finds the functions it calls among its globals too.
-    global tl, rows_times_weight, layer_norm_statistics, modulated_tile, dot_step
+    global tl, rows_times_weight, layer_norm_statistics, modulated_tile, modulate_rows, dot_step
     triton = triton_module()
     import triton.language as tl
 
     rows_times_weight = rows_times_weight_function(interpret)
     layer_norm_statistics = layer_norm_statistics_function(interpret)
-
-    @triton.jit
-    def modulated_tile(x_ptr, shift_ptr, scale_ptr, row_offset, x_stride, shift_stride, scale_stride, k, inside,
-                       mean, rstd):
-        # (LayerNorm(x) * scale + shift) of rows row_offset at features k, in fp32.
-        x = tl.load(x_ptr + row_offset[:, None] * x_stride + k[None, :], mask=inside, other=0.0)
-        shift = tl.load(shift_ptr + row_offset[:, None] * shift_stride + k[None, :], mask=inside, other=0.0)
-        scale = tl.load(scale_ptr + row_offset[:, None] * scale_stride + k[None, :], mask=inside, other=0.0)
-        return (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * scale.to(tl.float32) + shift.to(tl.float32)
+    modulated_tile, modulate_rows = modulation_functions(interpret)
 
     @triton.jit
     def dot_step(accumulator, a, weight, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -208,31 +200,24 @@ def _kernels(interpret: bool):
         row_inside = row < rows
         column_inside = column < outer
         row_offset = row.to(tl.int64)
-        mean, rstd = layer_norm_statistics(x_ptr, row, x_stride, row_inside, inner, eps, BM, BK, False)
         if ROWS_PRODUCT:
-            # The modulated rows, rounded to the weights' dtype, into this program's own rows of a_ptr
-            # (every thread of the program sees them after the barrier), then the row-by-row product.
+            # The modulated rows, rounded to the weights' dtype, into this program's own rows of a_ptr, then
+            # the row-by-row product.
             program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
             a_rows = a_ptr + program.to(tl.int64) * BM * inner
-            local_row = tl.arange(0, BM)
-            for start in range(0, inner, BK):
-                k = start + tl.arange(0, BK)
-                inside = row_inside[:, None] & (k < inner)[None, :]
-                modulated = modulated_tile(x_ptr, shift_ptr, scale_ptr, row_offset, x_stride, shift_stride,
-                                           scale_stride, k, inside, mean, rstd)
-                tl.store(a_rows + local_row[:, None] * inner + k[None, :], modulated.to(a_ptr.dtype.element_ty),
-                         mask=inside)
-            tl.debug_barrier()
-            accumulator = rows_times_weight(a_rows, inner, weight_ptr, inner, local_row, row_inside, column,
+            modulate_rows(x_ptr, x_stride, shift_ptr, shift_stride, scale_ptr, scale_stride, row, row_inside, inner,
+                          eps, a_rows, BM, BK, False)
+            accumulator = rows_times_weight(a_rows, inner, weight_ptr, inner, tl.arange(0, BM), row_inside, column,
                                             column_inside, BM, BN, BK, False)
         else:
+            mean, rstd = layer_norm_statistics(x_ptr, row, x_stride, row_inside, inner, eps, BM, BK, False)
             accumulator = tl.zeros((BM, BN), dtype=tl.float32)
             for start in range(0, inner, BK):
                 k = start + tl.arange(0, BK)
                 k_inside = k < inner
                 inside = row_inside[:, None] & k_inside[None, :]
-                modulated = modulated_tile(x_ptr, shift_ptr, scale_ptr, row_offset, x_stride, shift_stride,
-                                           scale_stride, k, inside, mean, rstd)
+                modulated = modulated_tile(x_ptr, x_stride, shift_ptr, shift_stride, scale_ptr, scale_stride, row, k,
+                                           inside, mean, rstd, False)
                 modulated = tl.where(inside, modulated, 0.0)
                 weight = tl.load(weight_ptr + column.to(tl.int64)[None, :] * inner + k[:, None],
                                  mask=column_inside[None, :] & k_inside[:, None], other=0.0)  # (BK, BN)

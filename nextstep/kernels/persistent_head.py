@@ -48,11 +48,11 @@ import torch
 
 from nextstep.kernels.l2_prefetch import prefetch_function
 from nextstep.kernels.row_products import rows_times_weight_function
-from nextstep.kernels.row_statistics import layer_norm_statistics_function
+from nextstep.kernels.row_statistics import modulation_functions
 from nextstep.kernels.triton_support import block_size, interpreter_enabled, reduction_step, triton_module
 
 #: ``triton.language`` and the kernel's helper functions, bound when the kernel is first built.
-tl = grid_barrier = layer_norm_statistics = modulate_rows = prefetch_l2 = prefetch_rows = rows_times_weight = None
+tl = grid_barrier = modulate_rows = prefetch_l2 = prefetch_rows = rows_times_weight = None
 
 __all__ = ["BARRIER_POLLING", "MAX_ROWS", "PersistentHeadWeights", "barriers_per_evaluation",
            "cooperative_launch_available", "features_per_program", "grid_barriers_triton", "persistent_head_triton",
@@ -123,6 +123,14 @@ def persistent_programs(width: int, multiprocessors: int | None, min_features: i
     return -(-width // features)
 
 
+def _cooperative_launch() -> dict[str, bool]:
+    """Launch options of a kernel whose programs wait for each other: a cooperative grid where this Triton
+    compiles and launches one (never under its interpreter)."""
+    if interpreter_enabled() or not cooperative_launch_available():
+        return {}
+    return {"launch_cooperative_grid": True}
+
+
 def _polling_index(polling: str) -> int:
     if polling not in BARRIER_POLLING:
         raise ValueError(f"polling must be one of {list(BARRIER_POLLING)}, found {polling!r}")
@@ -145,13 +153,13 @@ def _kernel(interpret: bool):
     """Build the Triton kernel (once per interpreter setting)."""
     # Triton's interpreter patches the `triton.language` it finds among the kernel's globals, and a
     # kernel finds the functions it calls among its globals too.
-    global tl, grid_barrier, layer_norm_statistics, modulate_rows, prefetch_l2, prefetch_rows, rows_times_weight
+    global tl, grid_barrier, modulate_rows, prefetch_l2, prefetch_rows, rows_times_weight
     triton = triton_module()
     import triton.language as tl
 
     rows_times_weight = rows_times_weight_function(interpret)
     prefetch_l2 = prefetch_function(interpret)
-    layer_norm_statistics = layer_norm_statistics_function(interpret)
+    _, modulate_rows = modulation_functions(interpret)
 
     @triton.jit
     def grid_barrier(counter_ptr, target, POLLING: tl.constexpr):
@@ -187,23 +195,6 @@ def _kernel(interpret: bool):
         prefetch_l2(weight_ptr + column[:, None] * INNER + line[None, :])
 
     @triton.jit
-    def modulate_rows(h_ptr, mod_ptr, a_ptr, row, row_inside, eps, shift_piece, scale_piece, W: tl.constexpr,
-                      PIECES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-        # a = LayerNorm(h) * scale + shift, rounded to h's dtype, into this program's own rows a_ptr (BM, W);
-        # every thread of the program sees all of it after the closing barrier.
-        mean, rstd = layer_norm_statistics(h_ptr, row, W, row_inside, W, eps, BM, BK, True)
-        for start in range(0, W, BK):
-            k = start + tl.arange(0, BK)
-            inside = row_inside[:, None] & (k < W)[None, :]
-            h = tl.load(h_ptr + row[:, None] * W + k[None, :], mask=inside, other=0.0, cache_modifier=".cg")
-            table = mod_ptr + row[:, None] * (PIECES * W) + k[None, :]
-            shift = tl.load(table + shift_piece * W, mask=inside, other=0.0)
-            scale = tl.load(table + scale_piece * W, mask=inside, other=0.0)
-            a = (h.to(tl.float32) - mean[:, None]) * rstd[:, None] * scale.to(tl.float32) + shift.to(tl.float32)
-            tl.store(a_ptr + row[:, None] * W + k[None, :], a.to(a_ptr.dtype.element_ty), mask=inside)
-        tl.debug_barrier()
-
-    @triton.jit
     def persistent_head_kernel(x_ptr, mod_ptr, input_weight_ptr, input_bias_ptr, first_weight_ptr, first_bias_ptr,
                                second_weight_ptr, second_bias_ptr, output_weight_ptr, output_bias_ptr, h_ptr,
                                inner_ptr, a_ptr, out_ptr, counter_ptr, rows, eps, output_eps, D: tl.constexpr,
@@ -233,8 +224,9 @@ def _kernel(interpret: bool):
         for block in range(BLOCKS):
             if PREFETCH:
                 prefetch_rows(second_weight_ptr + block * W * F, mine, W, F, BN, FEATURES, LINE, LINES_F)
-            modulate_rows(h_ptr, mod_ptr, a_rows, row, row_inside, eps, 3 * block, 3 * block + 1, W, PIECES, BM,
-                          BK)
+            # a = LayerNorm(h) * scale + shift, rounded to h's dtype, into this program's own rows.
+            modulate_rows(h_ptr, W, mod_ptr + 3 * block * W, PIECES * W, mod_ptr + (3 * block + 1) * W, PIECES * W,
+                          row, row_inside, W, eps, a_rows, BM, BK, True)
             first_weight = first_weight_ptr + block * F * W
             for first in range(mine, F, PROGRAMS * FEATURES):
                 column = (first + tl.arange(0, BN)).to(tl.int64)
@@ -271,8 +263,8 @@ def _kernel(interpret: bool):
             grid_barrier(counter_ptr, (3 + 2 * block) * PROGRAMS, POLLING)
         # Output layer: the token-dim features, shared by the first programs.
         if mine < D:
-            modulate_rows(h_ptr, mod_ptr, a_rows, row, row_inside, output_eps, PIECES - 2, PIECES - 1, W, PIECES,
-                          BM, BK)
+            modulate_rows(h_ptr, W, mod_ptr + (PIECES - 2) * W, PIECES * W, mod_ptr + (PIECES - 1) * W, PIECES * W,
+                          row, row_inside, W, output_eps, a_rows, BM, BK, True)
         for first in range(mine, D, PROGRAMS * FEATURES):
             column = (first + tl.arange(0, BN)).to(tl.int64)
             column_inside = owned & (column < D)
@@ -323,11 +315,9 @@ def grid_barriers_triton(programs: int, rounds: int, device: torch.device | str,
         expected = "1 under Triton's interpreter" if interpreter_enabled() else ">= 1"
         raise ValueError(f"programs must be {expected}, found {programs}")
     counter = torch.zeros(1, dtype=torch.int32, device=device)
-    compiled = not interpreter_enabled()
-    launch = {"launch_cooperative_grid": True} if compiled and cooperative_launch_available() else {}
     _barrier_kernel(interpreter_enabled())[(programs,)](counter, rounds, PROGRAMS=programs,
                                                         POLLING=polling_index, num_warps=num_warps,
-                                                        **launch)
+                                                        **_cooperative_launch())
     return counter
 
 
@@ -382,14 +372,14 @@ def persistent_head_triton(x_t: torch.Tensor, modulation: torch.Tensor, weights:
     block_n = block_size(features)
     block_k = reduction_step(512, block_m, block_n, num_warps)
     line = max(1, 128 // x_t.element_size())  # elements per 128-byte cache line
-    compiled = not interpreter_enabled()
-    launch = {"launch_cooperative_grid": True} if compiled and cooperative_launch_available() else {}
     _kernel(interpreter_enabled())[(programs,)](
         x_t, modulation, weights.input_weight, weights.input_bias, weights.first_weight, weights.first_bias,
         weights.second_weight, weights.second_bias, weights.output_weight, weights.output_bias, h, inner, modulated,
         out, counter, rows, weights.eps, weights.output_eps, D=token_dim, W=width, F=weights.inner_width,
         BLOCKS=blocks, PIECES=pieces, BM=block_m, BN=block_n, FEATURES=features, BK=block_k,
-        BKD=min(block_k, block_size(token_dim)), PROGRAMS=programs, PREFETCH=bool(prefetch) and compiled,
+        BKD=min(block_k, block_size(token_dim)), PROGRAMS=programs,
+        PREFETCH=bool(prefetch) and not interpreter_enabled(),
         POLLING=_polling_index(polling), LINE=line, LINES_W=block_size(-(-width // line)),
-        LINES_F=block_size(-(-weights.inner_width // line)), num_warps=num_warps, **launch)
+        LINES_F=block_size(-(-weights.inner_width // line)), num_warps=num_warps,
+        **_cooperative_launch())
     return out

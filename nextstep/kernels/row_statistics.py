@@ -1,10 +1,17 @@
-"""LayerNorm statistics of a few rows, for kernels that normalise before a product.
+"""LayerNorm statistics and the modulated input of a few rows, for kernels that normalise before a product.
 
-The helper is a Triton function for kernels to call (`layer_norm_statistics_function`):
-the mean and 1/std of each row in fp32, in two passes (mean, then the centred
-variance). Each pass sums per (row, feature) in registers and reduces once,
-after its loop, so the loops exchange nothing between threads. Used by
-`nextstep.kernels.adaln_linear` and `nextstep.kernels.persistent_head`.
+The helpers are Triton functions for kernels to call:
+
+- `layer_norm_statistics_function`: the mean and 1/std of each row in fp32, in
+  two passes (mean, then the centred variance). Each pass sums per (row,
+  feature) in registers and reduces once, after its loop, so the loops
+  exchange nothing between threads.
+- `modulation_functions`: ``LayerNorm(x) * scale + shift`` of a tile of rows
+  (for a product that consumes it tile by tile), and of whole rows into a
+  scratch buffer of the program's own (for a product that reads its rows many
+  times, `nextstep.kernels.row_products`).
+
+Used by `nextstep.kernels.adaln_linear` and `nextstep.kernels.persistent_head`.
 """
 
 from __future__ import annotations
@@ -13,10 +20,10 @@ import functools
 
 from nextstep.kernels.triton_support import triton_module
 
-#: ``triton.language``, bound when the helper is first built.
-tl = None
+#: ``triton.language`` and the helpers the others call, bound when the helpers are first built.
+tl = layer_norm_statistics = modulated_tile = None
 
-__all__ = ["layer_norm_statistics_function"]
+__all__ = ["layer_norm_statistics_function", "modulation_functions"]
 
 
 @functools.cache
@@ -60,3 +67,54 @@ def layer_norm_statistics_function(interpret: bool):
         return mean, tl.rsqrt(tl.sum(squares, axis=1) / width + eps)
 
     return layer_norm_statistics
+
+
+@functools.cache
+def modulation_functions(interpret: bool):
+    """The Triton functions ``(modulated_tile, modulate_rows)``.
+
+    ``modulated_tile(x_ptr, x_stride, shift_ptr, shift_stride, scale_ptr, scale_stride, row, k, inside, mean,
+    rstd, FRESH) -> (BM, BK) fp32``: ``(x - mean) * rstd * scale + shift`` of rows ``row`` at features ``k``
+    (each of x, shift and scale with its own row stride, features contiguous).
+
+    ``modulate_rows(x_ptr, x_stride, shift_ptr, shift_stride, scale_ptr, scale_stride, row, row_inside, width,
+    eps, a_ptr, BM, BK, FRESH)``: ``LayerNorm(x) * scale + shift`` of rows ``row`` over ``width`` features,
+    rounded to a's dtype, into rows 0 .. BM - 1 of ``a_ptr`` (row stride ``width``); every thread of the
+    program sees all of it after the closing barrier.
+
+    ``FRESH``: x was written by other programs of a running kernel (its loads bypass L1).
+
+    Args:
+        interpret: built for Triton's interpreter (a cache key, like the kernels' builders).
+    """
+    # A function finds the functions it calls among its globals.
+    global layer_norm_statistics, modulated_tile
+    triton = triton_module()
+    layer_norm_statistics = layer_norm_statistics_function(interpret)  # also binds `tl`
+
+    @triton.jit
+    def modulated_tile(x_ptr, x_stride, shift_ptr, shift_stride, scale_ptr, scale_stride, row, k, inside, mean,
+                       rstd, FRESH: tl.constexpr):
+        offset = row.to(tl.int64)[:, None]
+        if FRESH:
+            x = tl.load(x_ptr + offset * x_stride + k[None, :], mask=inside, other=0.0, cache_modifier=".cg")
+        else:
+            x = tl.load(x_ptr + offset * x_stride + k[None, :], mask=inside, other=0.0)
+        shift = tl.load(shift_ptr + offset * shift_stride + k[None, :], mask=inside, other=0.0)
+        scale = tl.load(scale_ptr + offset * scale_stride + k[None, :], mask=inside, other=0.0)
+        return (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * scale.to(tl.float32) + shift.to(tl.float32)
+
+    @triton.jit
+    def modulate_rows(x_ptr, x_stride, shift_ptr, shift_stride, scale_ptr, scale_stride, row, row_inside, width,
+                      eps, a_ptr, BM: tl.constexpr, BK: tl.constexpr, FRESH: tl.constexpr):
+        mean, rstd = layer_norm_statistics(x_ptr, row, x_stride, row_inside, width, eps, BM, BK, FRESH)
+        local_row = tl.arange(0, BM)
+        for start in range(0, width, BK):
+            k = start + tl.arange(0, BK)
+            inside = row_inside[:, None] & (k < width)[None, :]
+            a = modulated_tile(x_ptr, x_stride, shift_ptr, shift_stride, scale_ptr, scale_stride, row, k, inside,
+                               mean, rstd, FRESH)
+            tl.store(a_ptr + local_row[:, None] * width + k[None, :], a.to(a_ptr.dtype.element_ty), mask=inside)
+        tl.debug_barrier()
+
+    return modulated_tile, modulate_rows

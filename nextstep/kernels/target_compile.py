@@ -14,7 +14,10 @@ distinct compiled kernel is recorded as a `CompiledKernel`:
 - what its innermost loops do besides arithmetic: barriers (``BAR.SYNC``)
   and shared-memory accesses inside an innermost loop of the machine code
   (SASS) mean that threads exchange data at every step, which keeps a
-  bandwidth-bound loop from having many loads in flight;
+  bandwidth-bound loop from having many loads in flight, and local-memory
+  accesses there mean spilled registers read back at every step;
+- its memory barriers and L1 invalidations (what releases and acquires
+  compile to), anywhere in the kernel;
 - the error, if it did not compile.
 
 Usage, in a process where Triton was imported with ``TRITON_INTERPRET`` off::
@@ -44,7 +47,7 @@ from typing import Any, Iterator
 from nextstep.kernels import triton_support
 
 __all__ = ["TARGETS", "CompiledKernel", "TargetLimits", "compile_for_target", "programs_per_multiprocessor",
-           "sass_loop_profile"]
+           "sass_fences", "sass_loop_profile"]
 
 
 @dataclass(frozen=True)

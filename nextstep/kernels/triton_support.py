@@ -110,9 +110,10 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
+@functools.cache
 def interpreter_problem(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
     """Why Triton's interpreter cannot run the library's kernels with these releases (default: the installed
-    ones), or None when it can.
+    ones), or None when it can (checked once per pair of arguments).
 
     Triton's interpreter before 3.7 turns one-element arrays into Python integers, which NumPy 2.4 refuses,
     so every kernel whose loop bound is an argument fails there.
@@ -157,10 +158,11 @@ def dependent_launch_available() -> bool:
     """Whether the installed Triton launches kernels as programmatic dependent launches (its ``launch_pdl``
     option and ``gdc_wait``): a kernel that may start while the kernel ahead of it in the stream finishes
     (Hopper and later)."""
+    if grid_dependency_functions()[0] is None:  # an older Triton
+        return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
-    except Exception:  # an older Triton, or no NVIDIA backend
+    except Exception:  # no NVIDIA backend
         return False
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
