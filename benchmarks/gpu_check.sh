@@ -8,7 +8,8 @@
 #   3. benchmarks/gpu_latency.py: NextStep-1-Large shapes against the bandwidth floors
 #      (gpu_latency.json, gpu_latency.md, gpu_latency.log);
 #   4. apart, under short limits: the one-launch head's tests and timings at 20 head steps (each way of
-#      waiting at its grid-wide barrier, without prefetching) and the barrier alone (gpu_persistent.log,
+#      waiting at its grid-wide barrier, without prefetching), the barrier alone, and one 512x512 image at
+#      batch 1 with the one-launch head and int8 decode weights (gpu_persistent.log,
 #      gpu_latency_persistent.json).
 # Results go to $OUT (default benchmarks/results/gpu). Each part has its own time limit, so a
 # part that hangs leaves the others' results. DRY_RUN=1 runs the same steps on the CPU with tiny
@@ -37,7 +38,7 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 } >"$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 
-timeout "${TEST_SECONDS:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
+timeout "${TEST_SECONDS:-130}" "$PYTHON" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
   tests/test_fast_fused_decode.py tests/test_fast_weight_quantization.py tests/test_kernels_*.py tests/test_fast_kernels.py \
   tests/test_fast_token_sampler.py tests/test_backbone_kv_cache.py tests/test_qwen2_parity.py \
   --deselect tests/test_kernels_persistent_head.py --deselect tests/test_kernels_target_compile.py \
@@ -56,7 +57,7 @@ echo "gpu_latency exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_latency.log"
   timeout "${PERSISTENT_TEST_SECONDS:-60}" "$PYTHON" -m pytest -q -p no:cacheprovider \
     tests/test_kernels_persistent_head.py 2>&1
   echo "persistent head tests exit $?"
-  timeout "${PERSISTENT_SECONDS:-80}" "$PYTHON" benchmarks/gpu_latency.py --out "$OUT" --persistent-head \
-    --steps "$persistent_steps" "${dry[@]}" 2>&1
+  timeout "${PERSISTENT_SECONDS:-100}" "$PYTHON" benchmarks/gpu_latency.py --out "$OUT" --persistent-head \
+    --steps "$persistent_steps" --budget-seconds "${PERSISTENT_IMAGE_BUDGET_SECONDS:-85}" "${dry[@]}" 2>&1
   echo "persistent head latency exit $?"
 } | tee "$OUT/gpu_persistent.log"

@@ -30,7 +30,9 @@ can launch so):
   for the backbone) divided by the card's measured copy bandwidth, or the
   arithmetic divided by the measured bf16 matmul rate if that is larger;
 - image seconds: one full generation (prefill, every token, VAE decode) for the
-  configurations the time budget allows, and an estimate from the parts for all.
+  configurations the time budget allows, and an estimate from the parts for all;
+  right after the targets' configuration (batch 1, 1024 tokens, 20 steps), the
+  same image decoding through int8 copies of the weights (``int8_images``).
 
 For batch 1 and 20 steps it also times the eager path (the backbone's
 ``forward`` and the samplers' own code, no graphs) on a few tokens.
@@ -44,8 +46,10 @@ so the script is known to work before it meets a GPU.
 With ``--persistent-head`` it times only the head, one launch per evaluation
 (`nextstep.kernels.persistent_head`) against the norm kernels, and the
 grid-wide barrier alone (what the evaluations' barriers cost of the one-launch
-time: ``barriers_ms``, ``barrier_share``), and writes
-``gpu_latency_persistent.json``.
+time: ``barriers_ms``, ``barrier_share``), then one image of the targets'
+configuration with the one-launch head, decoding through int8 copies of the
+weights (``one_launch_images``; the few-rows tiles the main run chose, read from
+its ``gpu_latency.json`` in ``--out``), and writes ``gpu_latency_persistent.json``.
 
 Usage:
     python benchmarks/gpu_latency.py --out DIR                 # the GPU run, about 3-5 minutes on an H100/H200
@@ -118,6 +122,11 @@ TILE_CANDIDATES = [Tiles(), Tiles(16, 256, 4), Tiles(16, 512, 8), Tiles(32, 128,
 DECODE_STACKS = {"backbone": None, "fused": {}, "fused, few-rows products": {"skinny": True},
                  "fused, few-rows products, dependent launches": {"skinny": True, "dependent_launches": True},
                  "fused, int8 weights": {"int8_weights": True}}
+#: The stack of `DECODE_STACKS` that decodes through int8 copies of the weights.
+INT8_STACK = "fused, int8 weights"
+#: Backbone ms per token assumed for a full image's time estimate when the decode step was not timed (the
+#: H200's own-weights decode step measured 10-11 ms).
+UNTIMED_BACKBONE_MS = 12.0
 #: The paper's per-token figures on an H100 at batch 1 (ms), for reference.
 PAPER_MS = {"backbone": 7.20, "head": 3.40}
 
@@ -538,6 +547,27 @@ def full_image(model, fast, clock, rows: int, branches: int, tokens: int, steps:
             "vae_decode_ms": parts["decode"][0], "image_shape": list(images.shape)}
 
 
+
+def image_key(entry: dict) -> tuple[int, int, int]:
+    """(batch, tokens, steps) of a configuration or an image."""
+    return entry["batch"], entry["tokens"], entry["steps"]
+
+
+def image_key_fields(entry: dict) -> dict:
+    return {"batch": entry["batch"], "tokens": entry["tokens"], "steps": entry["steps"]}
+
+
+def target_key(args) -> tuple[int, int, int]:
+    """The configuration of the targets: batch 1, the most tokens (a 512x512 image), the fewest head steps."""
+    return 1, max(args.tokens), min(args.steps)
+
+
+def image_fields(image: dict) -> dict:
+    """A `full_image` result as the fields of a configuration."""
+    return {"image_seconds": image["seconds"], "image_prefill_ms": image["prefill_ms"],
+            "image_tokens_ms": image["tokens_ms"], "image_vae_decode_ms": image["vae_decode_ms"]}
+
+
 # ---------------------------------------------------------------------- the run
 def run(args) -> dict:
     started = time.perf_counter()
@@ -739,24 +769,51 @@ def run(args) -> dict:
     fast = FastTokenSampler(model, capture=capture, compile_backbone=args.compile_backbone,
                             fused_blocks=fused_blocks, **sampler_options(DECODE_STACKS[chosen]))
     # Smaller images first: they capture the token step and the early decode buckets that the
-    # larger ones then reuse.
+    # larger ones then reuse. Right after the targets' configuration (batch 1, the most tokens, the fewest
+    # steps), the same image through int8 copies of the decode weights, where that stack was timed.
     order = sorted(result["rows"], key=lambda r: (r["batch"] != 1, r["steps"] != min(args.steps), r["tokens"]))
-    for row in order:
-        expected = 1.3 * row["estimated_image_seconds"] + 3.0
+    jobs = [("own", row) for row in order]
+    int8_singles = [entry for entry in result["backbone_one_row"] if entry["int8"]]
+    target = [index for index, (_, row) in enumerate(jobs) if image_key(row) == target_key(args)]
+    if int8_singles and target:
+        jobs.insert(target[0] + 1, ("int8", jobs[target[0]][1]))
+    result["int8_images"] = []
+    for weights, row in jobs:
+        if weights == "own":
+            estimated = row["estimated_image_seconds"]
+        else:
+            backbone = statistics.mean(entry["ms"] for entry in int8_singles)
+            head = row["head_blocks_ms"] if fused_blocks else row["head_ms"]
+            estimated = row["tokens"] * (backbone + head) / 1e3
+        expected = 1.3 * estimated + 3.0
         if expected > remaining():
-            row["image_skipped"] = f"expected {expected:.0f} s, {remaining():.0f} s of the budget left"
+            if weights == "own":
+                row["image_skipped"] = f"expected {expected:.0f} s, {remaining():.0f} s of the budget left"
             continue
+        sampler = fast
+        if weights == "int8":
+            sampler = FastTokenSampler(model, capture=capture, fused_blocks=fused_blocks,
+                                       **sampler_options(DECODE_STACKS[INT8_STACK]))
         try:
-            image = full_image(model, fast, clock, row["batch"], branches, row["tokens"], row["steps"], args.cfg,
+            image = full_image(model, sampler, clock, row["batch"], branches, row["tokens"], row["steps"], args.cfg,
                                args.prompt_tokens, generator)
         except Exception as error:
-            result["errors"].append(_error(f"image {row['tokens']} tokens batch {row['batch']}", error))
+            result["errors"].append(_error(f"image {row['tokens']} tokens batch {row['batch']} ({weights} "
+                                           "weights)", error))
             continue
-        row.update(image_seconds=image["seconds"], image_prefill_ms=image["prefill_ms"],
-                   image_tokens_ms=image["tokens_ms"], image_vae_decode_ms=image["vae_decode_ms"])
-        print(f"image: tokens {row['tokens']} batch {row['batch']} steps {row['steps']}: {image['seconds']:.2f} s "
-              f"(prefill {image['prefill_ms']:.0f} ms, tokens {image['tokens_ms'] / 1e3:.2f} s, "
-              f"VAE {image['vae_decode_ms']:.0f} ms)", flush=True)
+        finally:
+            if weights == "int8":
+                del sampler  # its int8 copies of the weights
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if weights == "own":
+            row.update(image_fields(image))
+        else:
+            result["int8_images"].append({**image_key_fields(row), "estimated_image_seconds": estimated,
+                                          **image_fields(image)})
+        print(f"image ({weights} weights): tokens {row['tokens']} batch {row['batch']} steps {row['steps']}: "
+              f"{image['seconds']:.2f} s (prefill {image['prefill_ms']:.0f} ms, tokens "
+              f"{image['tokens_ms'] / 1e3:.2f} s, VAE {image['vae_decode_ms']:.0f} ms)", flush=True)
         _save(args.out, result)
     result["seconds"] = time.perf_counter() - started
     return result
@@ -771,6 +828,7 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
     polling = {name: FusedFlowMatchingVelocity(model.image_head, persistent=True, barrier_polling=name)
                for name in BARRIER_POLLING[1:]}  # the others than the default
     result["persistent_head"] = []
+    result["one_launch_images"] = []
     barrier = None
 
     def one_launch_ran() -> bool:  # built, and not replaced by the separate kernels after a failed launch
@@ -820,8 +878,55 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
                   f"{entry.get('one_launch_acquire_polling_ms', float('nan')):.2f} ms; barriers alone "
                   f"{entry.get('barriers_ms', float('nan')):.2f} ms)", flush=True)
             _save(args.out, result, PERSISTENT_STEM)
+            if (batch, steps) == (1, min(args.steps)) and one_launch_ran():
+                one_launch_image(args, result, model, clock, branches, capture, generator, entry["one_launch_ms"],
+                                 started)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def one_launch_image(args, result: dict, model, clock, branches: int, capture: bool, generator, head_ms: float,
+                     started: float) -> None:
+    """One image of the targets' configuration (`target_key`) with the one-launch head, decoding through int8
+    copies of the weights where the fused stack runs (else the backbone's own stack), with the few-rows
+    tiles the main run chose (read from its ``gpu_latency.json`` in ``--out``, when there); skipped when
+    the budget would not last."""
+    batch, tokens, steps = target_key(args)
+    int8 = bool(result["triton"] and args.fused_decode)
+    main_run = args.out / "gpu_latency.json"
+    main = json.loads(main_run.read_text()) if main_run.is_file() else {}
+    if main.get("skinny_tiles_chosen"):
+        set_skinny_tiles(SkinnyTiles(**main["skinny_tiles_chosen"]))
+    timed = [entry["ms"] for entry in main.get("backbone_one_row", []) if entry["int8"] == int8]
+    backbone_ms = statistics.mean(timed) if timed else UNTIMED_BACKBONE_MS
+    estimated = tokens * (backbone_ms + head_ms) / 1e3
+    record = {"batch": batch, "tokens": tokens, "steps": steps, "decode_weights": "int8" if int8 else "native",
+              "estimated_image_seconds": estimated}
+    expected = 1.3 * estimated + 5.0
+    left = args.budget_seconds - (time.perf_counter() - started)
+    if expected > left:
+        result["one_launch_images"].append({**record, "image_skipped": f"expected {expected:.0f} s, {left:.0f} s "
+                                                                       "of the budget left"})
+        return
+    options = sampler_options(DECODE_STACKS[INT8_STACK]) if int8 else {}
+    fast = FastTokenSampler(model, capture=capture, persistent_head=True, **options)
+    try:
+        image = full_image(model, fast, clock, batch, branches, tokens, steps, args.cfg, args.prompt_tokens,
+                           generator)
+    except Exception as error:
+        result["errors"].append(_error(f"image with the one-launch head ({record['decode_weights']} weights)",
+                                       error))
+        return
+    finally:
+        del fast
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    result["one_launch_images"].append({**record, **image_fields(image)})
+    print(f"image with the one-launch head, {record['decode_weights']} decode weights: tokens {tokens} batch {batch} "
+          f"steps {steps}: {image['seconds']:.2f} s (prefill {image['prefill_ms']:.0f} ms, tokens "
+          f"{image['tokens_ms'] / 1e3:.2f} s, VAE {image['vae_decode_ms']:.0f} ms; estimated {estimated:.2f} s)",
+          flush=True)
+    _save(args.out, result, PERSISTENT_STEM)
 
 
 def time_grid_barrier(clock, programs: int, repeats: int, blocks: int, rounds: int = 250) -> dict:
@@ -914,6 +1019,11 @@ def markdown(result: dict) -> str:
         tried = ", ".join(f"{name(t)}: {t['ms']:.2f} ms" for t in result["head_block_tiles"])
         lines += ["", f"Block-kernel tiles (columns/reduction step/warps, 'rows': row-by-row products) at "
                   f"batch 1: {tried}; chosen {name(chosen)}."]
+    for image in result.get("int8_images", []):
+        lines += ["", f"Image through int8 copies of the decode weights ({INT8_STACK} stack), batch {image['batch']}, "
+                  f"{image['tokens']} tokens, {image['steps']} head steps: {image['image_seconds']:.2f} s (prefill "
+                  f"{image['image_prefill_ms']:.0f} ms, tokens {image['image_tokens_ms'] / 1e3:.2f} s, VAE "
+                  f"{image['image_vae_decode_ms']:.0f} ms; estimated {image['estimated_image_seconds']:.2f} s)."]
     for eager in result["eager"]:
         lines += ["", f"Eager path (no graphs, no fused kernels), batch {eager['batch']}, {eager['steps']} steps: "
                   f"backbone {eager['backbone_ms']:.2f} ms/token, head {eager['head_ms']:.2f} ms/token "

@@ -47,6 +47,15 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
     assert "| tokens | batch | head steps |" in table and table.count("\n| 4 |") == 2
     assert "Backbone alone, one row (batch 1, no CFG), context 5, fused stack:" in table
     assert f"The configurations decode with the {result['decode_stack_chosen']} stack" in table
+    # Right after the targets' configuration (batch 1, the most tokens, the fewest steps): the same image
+    # through int8 copies of the decode weights, where that stack runs.
+    if result["triton"]:
+        (image,) = result["int8_images"]
+        assert script.image_key(image) == (1, 4, 2) and image["image_seconds"] > 0
+        assert image["estimated_image_seconds"] > 0
+        assert "Image through int8 copies of the decode weights (fused, int8 weights stack), batch 1, 4 tokens" in table
+    else:
+        assert result["int8_images"] == []
 
 
 def test_without_cuda_it_skips_cleanly(tmp_path, monkeypatch, capsys):
@@ -81,3 +90,11 @@ def test_persistent_head_mode_writes_its_own_json(tmp_path):
     (entry,) = result["persistent_head"]
     assert entry["one_launch_ms"] > 0 and entry["norm_kernels_ms"] > 0 and entry["floor_ms"] > 0
     assert not (tmp_path / "gpu_latency.json").exists() and not result["errors"]
+    # Where the one launch ran: a full image at batch 1 with it, through int8 decode weights where the fused
+    # stack runs.
+    if entry["one_launch_ran"]:
+        (image,) = result["one_launch_images"]
+        assert script.image_key(image) == (1, 16, 2) and image["image_seconds"] > 0
+        assert image["decode_weights"] == ("int8" if result["triton"] else "native")
+    else:
+        assert result["one_launch_images"] == []
