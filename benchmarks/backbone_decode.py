@@ -354,7 +354,8 @@ def main() -> None:
     parser.add_argument("--gpu-steps", type=int, default=32)
     parser.add_argument("--gpu-compile", action="store_true", help="also time compile_decode(mode='reduce-overhead')")
     parser.add_argument("--no-gpu-transformers", dest="gpu_transformers", action="store_false")
-    parser.add_argument("--output", default="backbone_decode")
+    parser.add_argument("--output", default="backbone_decode",
+                        help="a name under benchmarks/results/ (.json added), or a file path")
     args = parser.parse_args()
     unknown = [name for name in args.configs if name not in CONFIGS]
     if unknown:

@@ -44,11 +44,20 @@ def best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
     return min(times)
 
 
+def results_path(name: str) -> Path:
+    """Where `write_results` writes ``name``: a bare name is ``benchmarks/results/<name>.json``; a path (with a
+    folder, or ending in ``.json``) is taken as it is."""
+    given = Path(name)
+    if given.suffix == ".json" or len(given.parts) > 1:
+        return given
+    return RESULTS / f"{name}.json"
+
+
 def write_results(name: str, payload: dict) -> Path:
-    """Write ``benchmarks/results/<name>.json`` atomically and return its path."""
+    """Write `results_path` of ``name`` atomically (with the machine's description) and return its path."""
     from nextstep.io import atomic_write_text
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = results_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return path

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="emoji-shapes-64", help="a shipped model's name or a saved model")
     parser.add_argument("--images-per-tag", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="decode_weights_quality")
+    parser.add_argument("--output", default="decode_weights_quality",
+                        help="a name under benchmarks/results/ (.json added), or a file path")
     args = parser.parse_args(argv)
 
     from dataclasses import replace

@@ -142,7 +142,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--max-shard-mb", type=int, default=400)
     parser.add_argument("--native", action="store_true", help="also measure the library's own layout")
-    parser.add_argument("--output", default="load_memory")
+    parser.add_argument("--output", default="load_memory",
+                        help="a name under benchmarks/results/ (.json added), or a file path")
     args = parser.parse_args()
 
     shapes = ReleaseShapes(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,

@@ -126,7 +126,8 @@ def main() -> None:
     parser.add_argument("--pack-length", type=int, default=128, help="row length of the packed mode")
     parser.add_argument("--preset", default="tiny", help="the model preset to train (tiny, compact, ...)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--output", default="train_throughput")
+    parser.add_argument("--output", default="train_throughput",
+                        help="a name under benchmarks/results/ (.json added), or a file path")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

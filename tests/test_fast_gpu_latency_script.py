@@ -1,25 +1,15 @@
 """benchmarks/gpu_latency.py runs end to end with tiny shapes on the CPU (--dry-run), before it meets a GPU."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from benchmark_helpers import load_benchmark
 
 from nextstep.kernels.triton_support import dependent_launch_available
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_latency.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_latency", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_dry_run_writes_json_and_markdown(tmp_path):
-    script = load_script()
+    script = load_benchmark("gpu_latency")
     assert script.main(["--dry-run", "--out", str(tmp_path), "--tokens", "4", "--batch-sizes", "1,2",
                         "--steps", "2", "--repeats", "1", "--prompt-tokens", "3"]) == 0
     result = json.loads((tmp_path / "gpu_latency.json").read_text())
@@ -59,7 +49,7 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
 
 
 def test_without_cuda_it_skips_cleanly(tmp_path, monkeypatch, capsys):
-    script = load_script()
+    script = load_benchmark("gpu_latency")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert script.main(["--out", str(tmp_path)]) == 0
     assert "CUDA is not available" in capsys.readouterr().out
@@ -67,7 +57,7 @@ def test_without_cuda_it_skips_cleanly(tmp_path, monkeypatch, capsys):
 
 
 def test_floors_count_every_weight_once_per_read():
-    script = load_script()
+    script = load_benchmark("gpu_latency")
     model = script.build_random_model(True, torch.device("cpu"), 0)
     once, modulation, per_evaluation = script.head_weights(model)
     net = model.image_head.net
@@ -83,7 +73,7 @@ def test_floors_count_every_weight_once_per_read():
 
 
 def test_persistent_head_mode_writes_its_own_json(tmp_path):
-    script = load_script()
+    script = load_benchmark("gpu_latency")
     assert script.main(["--dry-run", "--persistent-head", "--out", str(tmp_path), "--batch-sizes", "1",
                         "--steps", "2", "--repeats", "1"]) == 0
     result = json.loads((tmp_path / "gpu_latency_persistent.json").read_text())

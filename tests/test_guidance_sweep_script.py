@@ -1,21 +1,12 @@
 """benchmarks/guidance_sweep.py chooses guidance on seen prompts and only then scores held-out ones."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "guidance_sweep.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("guidance_sweep", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+from benchmark_helpers import load_benchmark
 
 
 def test_sweep_writes_the_choice_and_its_held_out_scores(tmp_path):
-    script = load_script()
+    script = load_benchmark("guidance_sweep")
     assert script.main(["--model", "tiny", "--images-per-tag", "1", "--scales", "1,2", "--steps", "1",
                         "--size", "32", "--batch-size", "6", "--emoji-count", "0", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "guidance_sweep_tiny.json").read_text())
@@ -32,7 +23,7 @@ def test_sweep_writes_the_choice_and_its_held_out_scores(tmp_path):
 
 
 def test_with_emoji_the_choice_weighs_both_suites(tmp_path):
-    script = load_script()
+    script = load_benchmark("guidance_sweep")
     assert script.main(["--model", "tiny", "--images-per-tag", "1", "--scales", "1,2", "--schedules", "constant",
                         "--candidates", "1,2", "--steps", "1", "--size", "32", "--batch-size", "12",
                         "--emoji-count", "12", "--emoji-fit-count", "80", "--out", str(tmp_path)]) == 0
