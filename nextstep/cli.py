@@ -45,11 +45,13 @@ def command_generate(args: argparse.Namespace) -> int:
     written = []
     all_images = []
     for index, prompt in enumerate(args.prompts):
-        bar = tqdm(unit="tok", disable=args.quiet, desc=f"[{index + 1}/{len(args.prompts)}] {prompt[:30]}")
+        bars = []  # made at the first token, so that a refused setting prints no empty bar
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(1)
+        def progress(done: int, total: int, index=index, prompt=prompt, bars=bars) -> None:
+            if not bars:
+                bars.append(tqdm(unit="tok", disable=args.quiet, total=total,
+                                 desc=f"[{index + 1}/{len(args.prompts)}] {prompt[:30]}"))
+            bars[0].update(1)
 
         tokens, grid_h, grid_w = generate_tokens(
             model, [prompt], height=args.height, width=args.width, cfg=args.cfg,
@@ -59,7 +61,8 @@ def command_generate(args: argparse.Namespace) -> int:
             temperature=args.temperature, images=None if source is None else [source], cfg_img=args.cfg_img,
             candidates=args.candidates, candidate_score=args.candidate_score, token_sampler=token_sampler,
         )
-        bar.close()
+        for bar in bars:
+            bar.close()
         images = to_pil(decode_tokens(model, tokens, grid_h, grid_w))
         for number, image in enumerate(images):
             path = out_dir / f"{index:03d}-{_slug(prompt)}-{number}.png"
