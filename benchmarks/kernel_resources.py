@@ -19,7 +19,8 @@ Qwen2.5-14B decoder layer, the base flow head) and its tile candidates:
 
 For each distinct kernel: registers per thread, spilled bytes, shared memory,
 programs per multiprocessor, and barriers, shared-memory accesses and global
-loads inside its loops (see `nextstep.kernels.target_compile`). Writes
+loads inside its loops, and how many of those loads are 128-bit (see
+`nextstep.kernels.target_compile`). Writes
 ``kernel_resources.json`` and ``kernel_resources.md`` to ``--out``; exits 1 if a
 kernel failed to compile.
 
@@ -194,16 +195,16 @@ def markdown(result: dict) -> str:
     lines = [f"Kernels compiled for {result['arch']} ({result['card']}) by Triton {result['triton']} on "
              f"{result['machine']['cpu']}, {result['machine']['date']}; `python benchmarks/kernel_resources.py`.", "",
              "| kernel | constants | warps | registers | spilled B | shared B | programs/SM | loop barriers | "
-             "loop shared | loop loads | loop local |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "loop shared | loop loads | of them 128-bit | loop local |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for kernel in result["kernels"]:
         if kernel["error"] is not None:
             lines.append(f"| {kernel['name']} | {_constants(kernel['constants'])} | {kernel['num_warps']} | "
-                         f"failed: {kernel['error'][:120]} ||||||||")
+                         f"failed: {kernel['error'][:120]} |||||||||")
             continue
         cells = [kernel[key] for key in ("num_warps", "registers", "local_bytes", "shared_bytes",
                                          "programs_per_multiprocessor", "loop_barriers", "loop_shared_accesses",
-                                         "loop_global_loads", "loop_local_accesses")]
+                                         "loop_global_loads", "loop_vector_loads", "loop_local_accesses")]
         lines.append(f"| {kernel['name']} | {_constants(kernel['constants'])} | "
                      + " | ".join("-" if cell is None else str(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -30,11 +30,19 @@ SASS = """
 def test_loop_profile_counts_only_what_is_inside_loops():
     spilling = SASS.replace("LDG.E.128 R4, desc[UR4][R2.64]", "LDL.64 R4, [R1+0x8]")
     assert sass_loop_profile(SASS) == {"loop_barriers": 1, "loop_shared_accesses": 1, "loop_global_loads": 1,
-                                       "loop_local_accesses": 0}
+                                       "loop_vector_loads": 1, "loop_local_accesses": 0}
     assert sass_loop_profile(spilling) == {"loop_barriers": 1, "loop_shared_accesses": 1, "loop_global_loads": 0,
-                                           "loop_local_accesses": 1}
+                                           "loop_vector_loads": 0, "loop_local_accesses": 1}
     assert sass_loop_profile("") == {"loop_barriers": 0, "loop_shared_accesses": 0, "loop_global_loads": 0,
-                                     "loop_local_accesses": 0}
+                                     "loop_vector_loads": 0, "loop_local_accesses": 0}
+
+
+def test_only_128_bit_loads_count_as_vector_loads():
+    narrower = {"LDG.E.64": 0, "LDG.E.U16": 0, "LDG.E": 0, "LDG.E.128.STRONG.GPU": 1,
+                "LDGSTS.E.BYPASS.128": 1, "LDG.E.EL.128": 1}
+    for opcode, vector in narrower.items():
+        profile = sass_loop_profile(SASS.replace("LDG.E.128", opcode))
+        assert (profile["loop_global_loads"], profile["loop_vector_loads"]) == (1, vector), opcode
 
 
 def test_fences_are_counted_anywhere():

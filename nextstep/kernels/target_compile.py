@@ -100,6 +100,8 @@ class CompiledKernel:
         loop_barriers: ``BAR.SYNC`` instructions inside innermost loops of the machine code.
         loop_shared_accesses: shared-memory loads and stores inside innermost loops.
         loop_global_loads: global-memory loads inside innermost loops.
+        loop_vector_loads: those of them that move 128 bits per thread (``LDG.E.128``, ``LDGSTS.E.128``),
+            the widest; a product that streams its weights with narrower ones issues more loads per byte.
         loop_local_accesses: local-memory loads and stores (spills) inside innermost loops.
         memory_barriers: ``MEMBAR`` instructions anywhere in the kernel (what a release makes).
         l1_invalidations: ``CCTL.IVALL`` instructions anywhere in the kernel (what an acquire makes).
@@ -119,6 +121,7 @@ class CompiledKernel:
     loop_barriers: int | None = None
     loop_shared_accesses: int | None = None
     loop_global_loads: int | None = None
+    loop_vector_loads: int | None = None
     loop_local_accesses: int | None = None
     memory_barriers: int | None = None
     l1_invalidations: int | None = None
@@ -153,8 +156,8 @@ _SHARED_OPCODES = ("LDS", "STS", "LDSM", "STSM", "ATOMS")
 
 
 def sass_loop_profile(sass: str) -> dict[str, int]:
-    """Barriers, shared-memory accesses, global loads and local-memory (spill) accesses inside the innermost
-    loops of a kernel's SASS.
+    """Barriers, shared-memory accesses, global loads (all, and the 128-bit ones) and local-memory (spill)
+    accesses inside the innermost loops of a kernel's SASS.
 
     A loop is the address range from a backward branch's target to the branch;
     an innermost loop holds no other loop.
@@ -163,7 +166,8 @@ def sass_loop_profile(sass: str) -> dict[str, int]:
         sass: ``cuobjdump -sass`` output of one kernel.
 
     Returns:
-        ``{"loop_barriers", "loop_shared_accesses", "loop_global_loads", "loop_local_accesses"}`` counts.
+        ``{"loop_barriers", "loop_shared_accesses", "loop_global_loads", "loop_vector_loads",
+        "loop_local_accesses"}`` counts.
     """
     instructions = [(int(address, 16), opcode, operands) for address, opcode, operands in _INSTRUCTION.findall(sass)]
     loops = []
@@ -177,10 +181,12 @@ def sass_loop_profile(sass: str) -> dict[str, int]:
                             for other_start, other_end in loops)]
     inside = [(opcode, operands) for address, opcode, operands in instructions
               if any(start <= address <= end for start, end in innermost)]
+    global_loads = [opcode.split(".") for opcode, _ in inside if opcode.split(".")[0] in ("LDG", "LDGSTS")]
     return {
         "loop_barriers": sum(opcode.startswith("BAR") for opcode, _ in inside),
         "loop_shared_accesses": sum(opcode.split(".")[0] in _SHARED_OPCODES for opcode, _ in inside),
-        "loop_global_loads": sum(opcode.split(".")[0] in ("LDG", "LDGSTS") for opcode, _ in inside),
+        "loop_global_loads": len(global_loads),
+        "loop_vector_loads": sum("128" in parts for parts in global_loads),
         "loop_local_accesses": sum(opcode.split(".")[0] in ("LDL", "STL") for opcode, _ in inside),
     }
 
