@@ -51,3 +51,22 @@ def test_standardized_latents_have_zero_mean_unit_variance(h, w, psz, constant, 
         assert torch.isfinite(out).all() and out.abs().max() < 1e-3
     else:
         torch.testing.assert_close(variance, torch.ones_like(variance), atol=1e-3, rtol=0)
+
+
+def test_a_sampled_posterior_keeps_its_spread_around_the_standardised_mean():
+    """NextStep-1's VAE standardises the posterior's mean and samples around it with the posterior's own
+    spread; the scale and shift then apply to the sample, and decoding undoes them."""
+    config = FluxVAEConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4, deterministic=False,
+                           scaling_factor=0.5, shift_factor=0.25)
+    vae = FluxVAE(config).eval()
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mean, logvar = vae.encode_moments(images)
+        sampled = vae.encode(images, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+    expected = (standardize_channels(mean) + torch.exp(0.5 * logvar) * noise - 0.25) * 0.5
+    torch.testing.assert_close(sampled, expected)
+    deterministic = FluxVAE(config.replace(deterministic=True))
+    deterministic.load_state_dict(vae.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(deterministic.encode(images), (standardize_channels(mean) - 0.25) * 0.5)

@@ -189,3 +189,23 @@ def test_nextstep_config_fields():
     assert config == FluxVAEConfig(normalization="layer_norm", normalization_patch_size=2)
     with pytest.raises(ValueError, match="unexpected field"):
         config_from_nextstep({"ch": 128, "chanels": 3})
+
+
+def test_nextstep_config_fields_left_out_take_the_release_code_defaults():
+    # FLUX.1's VAE as the release's code builds it: its scale and shift, no standardisation, a sampled posterior
+    assert config_from_nextstep({}) == FluxVAEConfig(normalization="scale_shift", scaling_factor=0.3611,
+                                                     shift_factor=0.1159, deterministic=False)
+    assert config_from_nextstep({"encoder_norm": True}) == FluxVAEConfig(
+        normalization="layer_norm", scaling_factor=0.3611, shift_factor=0.1159, deterministic=False)
+
+
+def test_standardisation_with_a_scale_and_shift_round_trips(tmp_path):
+    """The release's pipeline scales and shifts the standardised latents; both are kept and written back."""
+    vae = tiny_vae(FluxVAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16))
+    nextstep_dir(vae, tmp_path / "vae", ch=32, scaling_factor=0.5, shift_factor=0.125)
+    loaded = load_flux_vae(tmp_path / "vae")
+    assert (loaded.config.normalization, loaded.config.scaling_factor, loaded.config.shift_factor) == (
+        "layer_norm", 0.5, 0.125)
+    save_flux_vae(loaded, tmp_path / "again", layout="nextstep")
+    fields = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (fields["encoder_norm"], fields["scaling_factor"], fields["shift_factor"]) == (True, 0.5, 0.125)

@@ -24,6 +24,7 @@ from nextstep.tokenizers.latent_normalization import (
     denormalize_latents,
     normalize_latents,
     perturb_latents,
+    standardize_channels,
 )
 
 #: `FluxVAEConfig` fields that shape the decoder alone (never the latents).
@@ -47,8 +48,10 @@ class FluxVAEConfig(Config):
         norm_groups: GroupNorm groups (32 in FLUX.1); every width must divide by it.
         normalization: one of ``layer_norm`` (NextStep), ``scale_shift`` (FLUX), ``none``.
         normalization_patch_size: block side of the ``layer_norm`` standardisation (``psz``).
-        scaling_factor: scale used by ``scale_shift``.
-        shift_factor: shift used by ``scale_shift``.
+        scaling_factor: the scale of ``scale_shift``, and of ``layer_norm`` after its
+            standardisation (1 in NextStep-1's release).
+        shift_factor: the shift of ``scale_shift``, and of ``layer_norm`` after its
+            standardisation (0 in NextStep-1's release).
         deterministic: encode to the posterior mean (True) or sample it.
         patch_size: space-to-depth side for tokens.
     """
@@ -296,19 +299,23 @@ class FluxVAE(ImageTokenizer):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f)."""
+        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f).
+
+        With ``deterministic`` off, the posterior is sampled as NextStep-1's VAE samples
+        it: with ``layer_norm`` the mean is standardised first and the sample keeps the
+        posterior's own spread around it; the scale and shift apply to the sample.
+        """
+        config = self.config
         mean, logvar = self.encode_moments(images)
+        method = config.normalization
+        if method == "layer_norm":
+            mean = standardize_channels(mean, config.normalization_patch_size)
+            method = "scale_shift"  # what is left to apply after the standardisation
         latents = mean
-        if not self.config.deterministic:
+        if not config.deterministic:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             latents = mean + torch.exp(0.5 * logvar) * noise
-        return normalize_latents(
-            latents,
-            self.config.normalization,
-            patch_size=self.config.normalization_patch_size,
-            scale=self.config.scaling_factor,
-            shift=self.config.shift_factor,
-        )
+        return normalize_latents(latents, method, scale=config.scaling_factor, shift=config.shift_factor)
 
     def forward(self, images: torch.Tensor, noise_gamma: float = 0.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:

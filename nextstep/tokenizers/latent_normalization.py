@@ -2,8 +2,10 @@
 
 * ``layer_norm``: NextStep-1's choice. Over each ``psz x psz`` block of positions
   (``psz=1``: each position) the channel vector is standardised to mean 0 and
-  variance 1 (LayerNorm without affine, eps 1e-6). Not invertible: the decoder is
-  trained to decode normalised latents, so ``denormalize`` is the identity.
+  variance 1 (LayerNorm without affine, eps 1e-6), then ``(z - shift) * scale``
+  as NextStep-1's pipeline applies it (scale 1 and shift 0 in the release). The
+  standardisation is not invertible: the decoder is trained to decode
+  standardised latents, so ``denormalize`` undoes only the scale and shift.
 * ``scale_shift``: ``(z - shift) * scale`` (FLUX.1 uses 0.3611 / 0.1159), inverted exactly.
 * ``none``: latents pass unchanged.
 """
@@ -42,7 +44,7 @@ def normalize_latents(
 ) -> torch.Tensor:
     """Apply one of `NORMALIZATIONS` to latents (B, C, H, W)."""
     if method == "layer_norm":
-        return standardize_channels(latents, patch_size)
+        return (standardize_channels(latents, patch_size) - shift) * scale
     if method == "scale_shift":
         return (latents - shift) * scale
     if method == "none":
@@ -53,10 +55,11 @@ def normalize_latents(
 def denormalize_latents(
     latents: torch.Tensor, method: str, *, scale: float = 1.0, shift: float = 0.0
 ) -> torch.Tensor:
-    """Undo `normalize_latents` where it can be undone (``scale_shift``)."""
-    if method == "scale_shift":
+    """Undo `normalize_latents` where it can be undone: the scale and shift (the standardisation of
+    ``layer_norm`` stays)."""
+    if method in ("scale_shift", "layer_norm"):
         return latents / scale + shift
-    if method in ("layer_norm", "none"):
+    if method == "none":
         return latents
     raise ValueError(f"unknown latent normalisation {method!r}; known: {list(NORMALIZATIONS)}")
 

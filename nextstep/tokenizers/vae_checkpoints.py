@@ -179,47 +179,45 @@ def config_to_diffusers(config: FluxVAEConfig) -> dict:
 NEXTSTEP_CONFIG_FIELDS = ("resolution", "in_channels", "ch", "out_ch", "ch_mult", "num_res_blocks",
                           "z_channels", "scaling_factor", "shift_factor", "deterministic",
                           "encoder_norm", "psz")
+#: What NextStep-1's code gives a field its ``vae/config.json`` leaves out (FLUX.1's VAE, sampled, no
+#: standardisation).
+NEXTSTEP_CONFIG_DEFAULTS = {"resolution": 256, "in_channels": 3, "ch": 128, "out_ch": 3, "ch_mult": (1, 2, 4, 4),
+                            "num_res_blocks": 2, "z_channels": 16, "scaling_factor": 0.3611,
+                            "shift_factor": 0.1159, "deterministic": False, "encoder_norm": False, "psz": None}
 
 
 def config_from_nextstep(data: dict) -> FluxVAEConfig:
     """`FluxVAEConfig` from NextStep-1's ``vae/config.json``.
 
-    ``encoder_norm`` true selects the per-``psz`` channel standardisation; the
-    release's ``scaling_factor`` / ``shift_factor`` are then applied on top by its
-    pipeline, and are kept here as given (1 and 0 in the release).
+    ``encoder_norm`` true selects the per-``psz`` channel standardisation, and the
+    ``scaling_factor`` / ``shift_factor`` that the release's pipeline applies after it
+    are kept (1 and 0 in the release); false selects FLUX.1's scale and shift alone.
+    A field the file leaves out takes the value the release's own code gives it
+    (`NEXTSTEP_CONFIG_DEFAULTS`).
     """
     unknown = sorted(set(data) - set(NEXTSTEP_CONFIG_FIELDS))
     if unknown:
         raise ValueError(f"unexpected field(s) {unknown} in a NextStep VAE config; "
                          f"known: {list(NEXTSTEP_CONFIG_FIELDS)}")
-    scale = float(data.get("scaling_factor", 1.0) or 1.0)
-    shift = float(data.get("shift_factor", 0.0) or 0.0)
-    if data.get("encoder_norm", True):
+    data = {**NEXTSTEP_CONFIG_DEFAULTS, **data}
+    scale, shift = float(data["scaling_factor"]), float(data["shift_factor"])
+    if data["encoder_norm"]:
         normalization = "layer_norm"
-        if (scale, shift) != (1.0, 0.0):
-            raise ValueError(
-                f"NextStep VAE config combines encoder_norm with scaling_factor={scale}, "
-                f"shift_factor={shift}; only 1 and 0 are supported with encoder_norm"
-            )
     else:
         normalization = "scale_shift" if (scale, shift) != (1.0, 0.0) else "none"
     return FluxVAEConfig(
-        in_channels=data.get("in_channels", 3), out_channels=data.get("out_ch", 3),
-        ch=data.get("ch", 128), ch_mult=tuple(data.get("ch_mult", (1, 2, 4, 4))),
-        num_res_blocks=data.get("num_res_blocks", 2), z_channels=data.get("z_channels", 16),
-        normalization=normalization, normalization_patch_size=int(data.get("psz") or 1),
-        scaling_factor=scale, shift_factor=shift, deterministic=bool(data.get("deterministic", True)),
+        in_channels=data["in_channels"], out_channels=data["out_ch"], ch=data["ch"], ch_mult=tuple(data["ch_mult"]),
+        num_res_blocks=data["num_res_blocks"], z_channels=data["z_channels"], normalization=normalization,
+        normalization_patch_size=int(data["psz"] or 1), scaling_factor=scale, shift_factor=shift,
+        deterministic=bool(data["deterministic"]),
     )
 
 
 def config_to_nextstep(config: FluxVAEConfig, resolution: int = 256) -> dict:
     """NextStep-1's ``vae/config.json`` fields for a `FluxVAEConfig`."""
-    if config.normalization == "layer_norm":
-        scale, shift, encoder_norm = 1.0, 0.0, True
-    else:
-        scale_shift = config.normalization == "scale_shift"
-        scale, shift = (config.scaling_factor, config.shift_factor) if scale_shift else (1.0, 0.0)
-        encoder_norm = False
+    encoder_norm = config.normalization == "layer_norm"
+    scaled = config.normalization in ("layer_norm", "scale_shift")
+    scale, shift = (config.scaling_factor, config.shift_factor) if scaled else (1.0, 0.0)
     return {
         "resolution": resolution, "in_channels": config.in_channels, "ch": config.ch,
         "out_ch": config.out_channels, "ch_mult": list(config.ch_mult),
