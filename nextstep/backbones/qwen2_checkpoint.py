@@ -84,8 +84,8 @@ def qwen2_config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> Qwen2Ba
         head_dim = None
     if model_type == "qwen2":
         attention_bias, output_bias = True, False
-    else:  # NextStep's Llama-style config: o_attention_bias follows attention_bias when absent
-        attention_bias = bool(hf_config.get("attention_bias", True))
+    else:  # NextStep's Llama-style config: no biases when absent (Llama's default), o follows q/k/v
+        attention_bias = bool(hf_config.get("attention_bias", False))
         output_bias = bool(hf_config.get("o_attention_bias", attention_bias))
     fields = dict(
         vocab_size=_required(hf_config, "vocab_size"),
