@@ -74,6 +74,24 @@ def test_every_release_tensor_lands_in_the_model(release, loaded):
         {release_key_to_model_key(k) for k in tensors if k != "gen_pos_embed"}
 
 
+
+def test_keys_with_a_model_prefix_load_the_same(tmp_path):
+    """Shards whose every key carries Hugging Face's ``model.`` prefix load as the release's own names do."""
+    directory = tmp_path / "prefixed"
+    tensors = small_release(directory)
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted(directory.glob("*.safetensors")):
+        save_file({f"model.{name}": tensor for name, tensor in load_file(str(shard)).items()}, str(shard))
+    index["weight_map"] = {f"model.{name}": file for name, file in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    state = NextStep.from_pretrained(directory).state_dict()
+    for name, tensor in tensors.items():
+        target = release_key_to_model_key(name)
+        assert target == release_key_to_model_key(f"model.{name}")
+        if target is not None:
+            assert torch.equal(state[target], tensor), name
+
 def test_config_fields_map_onto_the_components(release, loaded):
     config = json.loads((release[0] / "config.json").read_text())
     backbone = loaded.backbone.config

@@ -76,11 +76,12 @@ def release_key_to_model_key(name: str) -> str | None:
     Args:
         name: a key of the release shards.
     """
+    name = name.removeprefix("model.")
     if name in DERIVED_KEYS or name.endswith("rotary_emb.inv_freq"):
         return None
     if name.split(".", 1)[0] in SHARDED_PARTS[1:]:
         return name
-    return "backbone." + name.removeprefix("model.")
+    return "backbone." + name
 
 
 def model_key_to_release_key(key: str) -> str | None:
