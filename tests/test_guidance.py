@@ -67,19 +67,27 @@ def test_guidance_for_scale_picks_the_cheapest_object():
 
 
 def test_schedules_are_named_by_direction():
-    count = 11
+    count = 10
     first, last = token_progress(0, count), token_progress(count - 1, count)
-    assert (first, last) == (0.0, 1.0) and token_progress(0, 1) == 0.0
+    assert (first, last) == (0.0, 0.9) and token_progress(0, 1) == 0.0
     assert scheduled_scale(7.5, "constant", first) == scheduled_scale(7.5, "constant", last) == 7.5
     assert scheduled_scale(7.5, "linear_increasing", first) == 1.0
-    assert scheduled_scale(7.5, "linear_increasing", last) == 7.5
+    assert scheduled_scale(7.5, "linear_increasing", last) == pytest.approx(1 + 6.5 * 0.9)
     assert scheduled_scale(7.5, "linear_decreasing", first) == 7.5
-    assert scheduled_scale(7.5, "linear_decreasing", last) == 1.0
-    for p in (0.0, 0.3, 1.0):  # the release's "linear" decreases
+    assert scheduled_scale(7.5, "linear_decreasing", last) == pytest.approx(1 + 6.5 / count)
+    for p in (0.0, 0.3, 0.9):  # the release's "linear" decreases
         assert scheduled_scale(7.5, "linear", p) == scheduled_scale(7.5, "linear_decreasing", p)
     increasing = [scheduled_scale(4.0, "linear_increasing", token_progress(i, count)) for i in range(count)]
     assert increasing == sorted(increasing)
     assert set(GUIDANCE_SCHEDULES) == {"constant", "linear_increasing", "linear_decreasing"}
+
+
+@given(count=st.integers(1, 4096), scale=st.floats(1.0, 20.0))
+def test_linear_is_the_release_schedule_token_for_token(count, scale):
+    """The release's "linear" at the token with ``i`` tokens before it: ``1 + (s - 1) * (L - i) / L``."""
+    for index in {0, count // 2, count - 1}:
+        release = 1 + (scale - 1) * (count - index) / count
+        assert scheduled_scale(scale, "linear", token_progress(index, count)) == pytest.approx(release, rel=1e-12)
 
 
 def test_schedule_reaches_combine_through_progress():

@@ -39,8 +39,8 @@ class Guidance(ABC):
         Args:
             predictions: (G, N, D) velocity per branch; branch 0 is the conditional one.
             t: (N,) flow time of each token at this evaluation, or None when unknown.
-            progress: position of the token in its image, ``index / (count - 1)``
-                (0 first token, 1 last); see `nextstep.samplers.guidance_schedule`.
+            progress: the share of the token's image sampled before it, ``index / count``
+                (0 for the first token); see `nextstep.samplers.guidance_schedule`.
 
         Returns:
             (N, D) guided velocity.

@@ -1,17 +1,18 @@
 """Guidance scales that change over an image's tokens, named by their direction.
 
-``progress`` is the position of the token being sampled, ``index / (count - 1)``:
-0 for the first token of an image, 1 for the last.
+``progress`` is the share of the image's tokens sampled before the token,
+``index / count``: 0 for the first token, ``(L - 1) / L`` for the last of L.
 
 | schedule | scale at progress p | first token | last token |
 |---|---|---|---|
 | ``constant`` | ``s`` | s | s |
-| ``linear_increasing`` | ``1 + (s - 1) * p`` | 1 | s |
-| ``linear_decreasing`` | ``1 + (s - 1) * (1 - p)`` | s | 1 |
+| ``linear_increasing`` | ``1 + (s - 1) * p`` | 1 | ``1 + (s - 1) (L - 1) / L`` |
+| ``linear_decreasing`` | ``1 + (s - 1) * (1 - p)`` | s | ``1 + (s - 1) / L`` |
 
 The NextStep-1 release calls its decreasing schedule ``"linear"``, the opposite
 direction to MAR's ``"linear"`` (which increases); here ``"linear"`` is an alias of
-``linear_decreasing``, what the release's schedule actually does.
+``linear_decreasing``, which is the release's schedule exactly:
+``1 + (s - 1) * (L - i) / L`` at the token with ``i`` tokens before it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def scheduled_scale(scale: float, schedule: str, progress: float) -> float:
     Args:
         scale: the nominal scale s.
         schedule: a name from `GUIDANCE_SCHEDULES` (or an alias).
-        progress: ``index / (count - 1)`` of the token.
+        progress: ``index / count`` of the token (`token_progress`).
 
     Returns:
         the scale for that token (a Python float).
@@ -51,5 +52,5 @@ def scheduled_scale(scale: float, schedule: str, progress: float) -> float:
 
 
 def token_progress(index: int, count: int) -> float:
-    """``index / (count - 1)``, and 0 for a single token."""
-    return index / (count - 1) if count > 1 else 0.0
+    """The share of an image's ``count`` tokens sampled before the token at ``index``: ``index / count``."""
+    return index / count
