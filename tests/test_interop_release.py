@@ -106,6 +106,9 @@ def test_config_fields_map_onto_the_components(release, loaded):
     assert loaded.image_tokenizer.pixels_per_token == 16
     assert loaded.config.text_loss_weight == 0.01 and loaded.config.image_loss_weight == 1.0
     assert not loaded.lm_head.tied
+    # Left unset, a call generates as the release examples do: 512x512, CFG 7.5, 50 head steps.
+    generation = loaded.config.generation
+    assert (generation.height, generation.width, generation.cfg, generation.num_steps) == (512, 512, 7.5, 50)
 
 
 def test_tokenizer_has_the_special_tokens_at_the_release_ids(loaded):

@@ -16,6 +16,7 @@ from typing import Any
 from nextstep.backbones.qwen2 import Qwen2BackboneConfig
 from nextstep.backbones.qwen2_checkpoint import qwen2_config_from_hf
 from nextstep.config import ComponentSpec, Config
+from nextstep.generation_defaults import GenerationDefaults
 from nextstep.heads.flow_matching import FlowMatchingHeadConfig
 from nextstep.io import read_json_object
 from nextstep.model_config import ModelConfig
@@ -78,6 +79,9 @@ RELEASE_DEFAULTS: dict[str, Any] = {
     "use_gen_pos_embed": False,
 }
 
+#: What a release model generates when a call leaves the settings unset: the release examples'
+#: 512x512 images with CFG 7.5 and 50 head steps.
+RELEASE_GENERATION = GenerationDefaults(cfg=7.5, num_steps=50, height=512, width=512)
 #: The flow head's MLP ratio and time-code size, fixed in the release.
 RELEASE_HEAD_MLP_RATIO = 1.0
 RELEASE_HEAD_FREQUENCY_DIM = 256
@@ -194,7 +198,8 @@ def model_config_from_release(
     use_norm: bool = True,
     **backbone_overrides: Any,
 ) -> ModelConfig:
-    """A `ModelConfig` describing the same model as a release config.
+    """A `ModelConfig` describing the same model as a release config, generating by default as the
+    release examples do (`RELEASE_GENERATION`).
 
     Args:
         release: the parsed release ``config.json``.
@@ -230,6 +235,7 @@ def model_config_from_release(
         text_loss_weight=float(release_field(release, "lm_loss_weight")),
         image_loss_weight=float(release_field(release, "im_loss_weight")),
         use_norm=use_norm,
+        generation=RELEASE_GENERATION,
     )
 
 
