@@ -120,6 +120,19 @@ def test_loss_is_float32_and_averages_batch_mul_repeats():
     assert loss.shape == (5,) and loss.dtype == torch.float32 and torch.isfinite(loss).all()
 
 
+
+def test_a_bfloat16_head_trains_on_the_times_sampling_uses():
+    """x_t goes in the head's dtype, the times in float32: sampling calls the head at float32 times, and a
+    bfloat16 time near 1 would be rounded to a multiple of 1/256."""
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=4, condition_dim=8, width=16, depth=1)).to(torch.bfloat16)
+    seen = []
+    velocity = head.velocity
+    head.velocity = lambda x_t, t, condition: seen.append((x_t.dtype, t.clone())) or velocity(x_t, t, condition)
+    t = torch.tensor([0.9973, 0.5001])
+    head.flow_error(torch.randn(2, 4), torch.randn(2, 8, dtype=torch.bfloat16), t, torch.randn(2, 4))
+    ((x_dtype, times),) = seen
+    assert x_dtype == torch.bfloat16 and times.dtype == torch.float32 and torch.equal(times, t)
+
 def test_logit_normal_times_and_the_shift():
     generator = torch.Generator().manual_seed(0)
     t = sample_times(200_000, "logit_normal", generator=generator)

@@ -70,12 +70,12 @@ class ImageHead(nn.Module, ABC):
         the features, with ``x_t = t * x1 + (1 - t) * x0``.
 
         The flow-matching loss of one draw of (t, x0); `loss` averages it over its own draws.
-        Computed in float32, the head called in the condition's dtype.
+        Computed in float32, the head called on x_t in the condition's dtype and on the times in
+        float32, as sampling calls it (a bfloat16 time would be rounded to 1/256 near 1).
         """
         x1, x0, t = target.float(), noise.float(), t.float()
         x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
-        dtype = condition.dtype
-        prediction = self.velocity(x_t.to(dtype), t.to(dtype), condition).float()
+        prediction = self.velocity(x_t.to(condition.dtype), t, condition).float()
         return (prediction - (x1 - x0)).pow(2).mean(-1)
 
     def prepare_times(self, times: torch.Tensor) -> Any:
