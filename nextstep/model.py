@@ -248,10 +248,26 @@ class NextStep(nn.Module):
         return LossOutput(total, text_loss, image_loss, num_text, num_image, per_row)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """Images (B, 3, H, W) in [-1, 1] -> tokens (B, h*w, D) and the grid (h, w)."""
-        self.image_tokenizer.grid_size(int(images.shape[-2]), int(images.shape[-1]))
-        latents = self.image_tokenizer.encode(images)
+    def encode_images(self, images: torch.Tensor,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, int, int]:
+        """Images (B, 3, H, W) in [-1, 1] -> tokens (B, h*w, D) and the grid (h, w).
+
+        Args:
+            images: (B, 3, H, W) in [-1, 1].
+            generator: when the image tokenizer samples its latents
+                (`nextstep.tokenizers.base.ImageTokenizer.samples_latents`), its draws are seeded
+                from this generator (one draw from it) instead of coming from the global ones.
+        """
+        tokenizer = self.image_tokenizer
+        tokenizer.grid_size(int(images.shape[-2]), int(images.shape[-1]))
+        if generator is not None and tokenizer.samples_latents:
+            seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+            devices = [images.device.index or 0] if images.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices, device_type="cuda"):
+                torch.manual_seed(seed)
+                latents = tokenizer.encode(images)
+        else:
+            latents = tokenizer.encode(images)
         tokens = self.image_tokenizer.patchify(latents)
         return tokens, latents.shape[-2] // self.image_tokenizer.patch_size, \
             latents.shape[-1] // self.image_tokenizer.patch_size
@@ -275,7 +291,7 @@ class NextStep(nn.Module):
         """
         if len(captions) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(captions)} captions")
-        tokens, grid_h, grid_w = self.encode_images(images)
+        tokens, grid_h, grid_w = self.encode_images(images, generator)
         if image_first is None:
             device = generator.device if generator is not None else "cpu"
             draws = torch.rand(len(captions), generator=generator, device=device)

@@ -34,6 +34,25 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
     assert losses == pytest.approx([r.loss for r in uninterrupted], abs=1e-6)
 
 
+
+def test_resume_is_exact_with_an_image_tokenizer_that_samples_its_posterior(tmp_path):
+    """A sampled posterior draws from the step's generator, not from the global one that a data loader's
+    start (or anything else in the process) moves."""
+    config = tiny_config(max_steps=4, checkpoint_every=2)
+
+    def trainer(folder, train_config):
+        built = tiny_trainer(folder, train_config)
+        tokenizer = built.model.image_tokenizer
+        tokenizer.config = tokenizer.config.replace(deterministic=False)
+        assert tokenizer.samples_latents
+        return built
+
+    uninterrupted = trainer(tmp_path / "straight", config).fit(resume=False)
+    first = trainer(tmp_path / "split", config.replace(max_steps=2)).fit(resume=False)
+    torch.rand(7)  # the global generator moves between the runs
+    second = trainer(tmp_path / "split", config).fit(resume=True)
+    assert [r.loss for r in first + second] == pytest.approx([r.loss for r in uninterrupted], abs=1e-6)
+
 def test_log_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     tiny_trainer(tmp_path, tiny_config(max_steps=4, checkpoint_every=2)).fit(resume=False)
     # Pretend the run died after step 3: only the step-2 checkpoint survives.

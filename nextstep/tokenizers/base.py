@@ -60,6 +60,13 @@ class ImageTokenizer(nn.Module, ABC):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f)."""
 
+    @property
+    def samples_latents(self) -> bool:
+        """Whether `encode` draws random numbers (a sampled posterior). The model then seeds those
+        draws from its caller's generator (`nextstep.model.NextStep.encode_images`), so that training
+        repeats exactly; False by default."""
+        return False
+
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, h, w) -> images (B, 3, h*f, w*f), roughly in [-1, 1]."""

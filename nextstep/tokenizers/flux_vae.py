@@ -298,6 +298,10 @@ class FluxVAE(ImageTokenizer):
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
+    @property
+    def samples_latents(self) -> bool:
+        return not self.config.deterministic
+
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f).
 

@@ -62,14 +62,16 @@ class PreferenceTask(TextToImageTask):
         self.sft_weight = float(sft_weight)
         self.reference = copy.deepcopy(model).requires_grad_(False)
 
-    def pair_sequences(self, batch: ImageTextBatch) -> tuple[SequenceBatch, int]:
+    def pair_sequences(self, batch: ImageTextBatch,
+                       generator: torch.Generator | None = None) -> tuple[SequenceBatch, int]:
         """Caption-first sequences of the preferred images (rows 0..B-1) then of the rejected
-        ones (rows B..2B-1), and the tokens per image N."""
+        ones (rows B..2B-1), and the tokens per image N (a tokenizer that samples its latents draws
+        from ``generator``)."""
         if not batch.is_preference:
             raise ValueError("preference training needs batches with rejected images (a preference dataset such as "
                              "shapes_preferences or preference_manifest), found a batch without them")
-        chosen, grid_h, grid_w = self.encode(batch.images, None, None)
-        rejected, _, _ = self.encode(batch.rejected_images, None, None)
+        chosen, grid_h, grid_w = self.encode(batch.images, None, None, generator)
+        rejected, _, _ = self.encode(batch.rejected_images, None, None, generator)
         builder = self.model.sequences
         examples = [builder.example(caption, tokens, grid_h, grid_w)
                     for tokens_of_side in (chosen.float().cpu(), rejected.float().cpu())
@@ -77,7 +79,7 @@ class PreferenceTask(TextToImageTask):
         return builder.collate(examples).to(self.device), grid_h * grid_w
 
     def loss(self, module: nn.Module, batch: ImageTextBatch, generator: torch.Generator) -> StepResult:
-        sequences, count = self.pair_sequences(batch)
+        sequences, count = self.pair_sequences(batch, generator)
         pairs = len(batch)
         # Times drawn as the head's own training draws them (logit-normal unless its config says otherwise).
         head_config = getattr(self.model.image_head, "config", None)

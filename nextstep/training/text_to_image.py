@@ -62,15 +62,17 @@ class TextToImageTask(TrainingTask):
         return next(self.model.parameters()).device
 
     def encode(self, images: torch.Tensor | None, tokens: torch.Tensor | None,
-               grid: tuple[int, int] | None) -> tuple[torch.Tensor, int, int]:
-        """Tokens (B, N, D) and grid (h, w): cached ones, or the images encoded now."""
+               grid: tuple[int, int] | None, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, int, int]:
+        """Tokens (B, N, D) and grid (h, w): cached ones, or the images encoded now (a tokenizer that
+        samples its latents draws from ``generator``)."""
         if tokens is not None:
             if grid is None:
                 raise ValueError("a batch with cached tokens must say their grid (h, w)")
             return tokens, grid[0], grid[1]
         if images is None:
             raise ValueError("the batch holds neither images nor cached tokens")
-        encoded, height, width = self.model.encode_images(images.to(self.device))
+        encoded, height, width = self.model.encode_images(images.to(self.device), generator)
         return encoded, height, width
 
     def sequences(self, batch: ImageTextBatch, generator: torch.Generator) -> SequenceBatch:
@@ -79,10 +81,11 @@ class TextToImageTask(TrainingTask):
             raise ValueError("this batch holds preference pairs (rejected images), which the NextStep loss would "
                              "ignore; train them with PreferenceTask (a recipe's 'preference' block)")
         builder = self.model.sequences
-        tokens, grid_h, grid_w = self.encode(batch.images, batch.tokens, batch.grid)
+        tokens, grid_h, grid_w = self.encode(batch.images, batch.tokens, batch.grid, generator)
         tokens = tokens.float().cpu()
         if batch.is_editing:
-            source, source_h, source_w = self.encode(batch.source_images, batch.source_tokens, batch.source_grid)
+            source, source_h, source_w = self.encode(batch.source_images, batch.source_tokens, batch.source_grid,
+                                                     generator)
             source = source.float().cpu()
             examples = [
                 builder.editing_example(caption, source[i], (source_h, source_w), tokens[i], (grid_h, grid_w))
