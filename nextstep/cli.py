@@ -489,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--max-steps", type=_positive_int, default=None, help="override train.max_steps")
         train.add_argument("--set", action="append", metavar="KEY=VALUE",
                            help="override a recipe field, e.g. --set train.learning_rate=3e-4 (repeatable)")
-        train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the run folder")
+        train.add_argument("--no-resume", action="store_true",
+                           help="start over; what an earlier run left in the folder (checkpoints, logs, samples) "
+                                "moves to earlier-runs/N/")
         train.add_argument("--quiet", action="store_true", help="no progress bar or info messages")
         train.set_defaults(handler=handler)
 

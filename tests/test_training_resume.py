@@ -53,6 +53,23 @@ def test_resume_is_exact_with_an_image_tokenizer_that_samples_its_posterior(tmp_
     second = trainer(tmp_path / "split", config).fit(resume=True)
     assert [r.loss for r in first + second] == pytest.approx([r.loss for r in uninterrupted], abs=1e-6)
 
+
+def test_starting_over_sets_the_earlier_run_aside(tmp_path):
+    """A run that starts over in a used folder keeps its own checkpoints (pruning by step would otherwise
+    delete them for the earlier run's later ones) and leaves the earlier run whole in earlier-runs/."""
+    config = tiny_config(max_steps=4, checkpoint_every=1, keep_last=2)
+    tiny_trainer(tmp_path, config).fit(resume=False)
+    earlier_log = (tmp_path / "train_log.csv").read_text()
+    again = tiny_trainer(tmp_path, config.replace(max_steps=2))
+    again.fit(resume=False)
+    assert again.checkpoints.steps() == [1, 2]
+    assert CheckpointManager(tmp_path / "earlier-runs" / "1" / "checkpoints").steps() == [3, 4]
+    assert (tmp_path / "earlier-runs" / "1" / "train_log.csv").read_text() == earlier_log
+    assert [row["step"] for row in read_log(tmp_path / "train_log.csv")] == [1, 2]
+    assert tiny_trainer(tmp_path, config).resume() == 2  # a later resume continues the new run
+    tiny_trainer(tmp_path, config.replace(max_steps=1)).fit(resume=False)
+    assert sorted(p.name for p in (tmp_path / "earlier-runs").iterdir()) == ["1", "2"]
+
 def test_log_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     tiny_trainer(tmp_path, tiny_config(max_steps=4, checkpoint_every=2)).fit(resume=False)
     # Pretend the run died after step 3: only the step-2 checkpoint survives.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ logger = logging.getLogger("nextstep.training")
 LOG_FILE = "train_log.csv"
 SAMPLES_DIR = "samples"
 CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+#: Where a run that starts over (``fit(resume=False)``) moves what an earlier run left: ``earlier-runs/1/``, ...
+EARLIER_RUNS_DIR = "earlier-runs"
+#: What a run writes as it trains, and a run that starts over sets aside.
+RUN_ENTRIES = (CHECKPOINTS_DIR, LOG_FILE, TENSORBOARD_DIR, SAMPLES_DIR)
 
 
 @dataclass
@@ -135,6 +141,28 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
         return self.step
 
+    def set_aside_earlier_run(self) -> Path | None:
+        """Move what an earlier run left in ``output_dir`` (its checkpoints, logs and samples,
+        `RUN_ENTRIES`) into ``earlier-runs/<n>/``, the next free ``n``; returns that folder, or None
+        when there was nothing (or on a process other than the main one).
+
+        A run that starts over then neither mixes with the earlier checkpoints (which pruning, by
+        step, would keep over its own, and a later resume would pick) nor overwrites their log.
+        """
+        if not self.context.is_main:
+            return None
+        entries = [self.output_dir / name for name in RUN_ENTRIES if (self.output_dir / name).exists()]
+        if not entries:
+            return None
+        earlier = self.output_dir / EARLIER_RUNS_DIR
+        taken = [int(child.name) for child in earlier.iterdir() if child.name.isdigit()] if earlier.is_dir() else []
+        target = earlier / str(max(taken, default=0) + 1)
+        target.mkdir(parents=True)
+        for entry in entries:
+            os.replace(entry, target / entry.name)
+        logger.info("starting over: the earlier run's %s moved to %s", ", ".join(e.name for e in entries), target)
+        return target
+
     def trainer_state(self) -> dict:
         return {
             "global_batch_size": self.layout.global_batch_size,
@@ -152,10 +180,13 @@ class Trainer:
         """Train until ``config.max_steps``; returns the records of the steps run now.
 
         Args:
-            resume: continue from the latest checkpoint in ``output_dir`` if there is one.
+            resume: continue from the latest checkpoint in ``output_dir`` if there is one; False
+                starts over, setting aside what an earlier run left there (`set_aside_earlier_run`).
         """
         if resume:
             self.resume()
+        elif self.step == 0:
+            self.set_aside_earlier_run()
         config, context = self.config, self.context
         if self.step >= config.max_steps:
             return []
@@ -163,7 +194,7 @@ class Trainer:
                                            start_step=self.step, num_workers=config.num_workers)
         batches = iter(self._opened_data)
         csv_log = CSVLog(self.output_dir / LOG_FILE, resume_step=self.step) if context.is_main else None
-        board = (TensorBoardLog(self.output_dir / "tensorboard", purge_step=self.step + 1)
+        board = (TensorBoardLog(self.output_dir / TENSORBOARD_DIR, purge_step=self.step + 1)
                  if config.tensorboard and context.is_main else None)
         progress = Progress(config.max_steps, self.step, enabled=self.show_progress and context.is_main)
         window_tokens, window_start = 0, time.perf_counter()
