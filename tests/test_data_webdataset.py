@@ -23,7 +23,7 @@ def _add(archive, name, data):
     archive.addfile(info, io.BytesIO(data))
 
 
-def write_shards(folder, num_shards=4, per_shard=12, broken=(), uncaptioned=()):
+def write_shards(folder, num_shards=4, per_shard=12, broken=(), uncaptioned=(), truncated=()):
     folder.mkdir(parents=True, exist_ok=True)
     for shard in range(num_shards):
         with tarfile.open(folder / f"train-{shard:03d}.tar", "w") as archive:
@@ -31,6 +31,8 @@ def write_shards(folder, num_shards=4, per_shard=12, broken=(), uncaptioned=()):
                 key = f"s{shard}_{item:03d}"
                 size = (48, 32) if item % 3 == 0 else (32, 32)
                 image = b"garbage" if key in broken else _png((shard * 40, item * 10, 0), size)
+                if key in truncated:  # the header reads, the pixels do not
+                    image = image[:60]
                 _add(archive, f"{key}.png", image)
                 if key not in uncaptioned:
                     _add(archive, f"{key}.txt", f"caption of {key}".encode())
@@ -75,6 +77,20 @@ def test_broken_images_are_counted_and_skipped(tmp_path):
     bad = [key for batch in batches for key in batch.bad_keys]
     assert len(bad) == 1 and "s0_004" in bad[0]
     assert all("s0_004" not in key for batch in batches for key in batch.keys)
+
+
+def test_a_batch_whose_pixels_all_fail_still_counts_and_is_reported(tmp_path):
+    """With one image per batch, a sample whose header reads but whose pixels do not makes its batch from the
+    bucket's last good sample: the stream's batches stay one per group of headers, as a resumed stream counts
+    them, and the failure reaches the bad-sample count."""
+    pattern = write_shards(tmp_path, num_shards=1, per_shard=12, truncated={"s0_004"})
+    dataset = WebDataset(WebDatasetConfig(shards=(pattern,), shuffle_buffer=0))
+    buckets, layout = AspectRatioBuckets(32, multi_aspect=False), BatchLayout(1, gradient_accumulation=2)
+    full = list(itertools.islice(iter(StreamingTrainingBatches(dataset, buckets, layout)), 8))
+    assert [batch.keys[0].split(":")[1] for batch in full[3:5]] == ["s0_003", "s0_003"]
+    assert any("s0_004" in key for batch in full for key in batch.bad_keys)
+    resumed = _keys(StreamingTrainingBatches(dataset, buckets, layout, start_step=2), 4)
+    assert resumed == [tuple(batch.keys) for batch in full[4:8]]
 
 
 def test_missing_caption_names_the_sample_and_the_shard(tmp_path):

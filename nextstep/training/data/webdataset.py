@@ -16,6 +16,7 @@ import glob
 import io
 import random
 import tarfile
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +32,8 @@ from nextstep.training.data.loader import BatchLayout, collate_samples, mix_seed
 from nextstep.training.data.registry import register_dataset
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+#: Groups a resumed stream keeps per bucket of those it skipped, to find the bucket's last good sample in.
+SKIPPED_GROUPS_KEPT = 8
 
 
 @dataclass
@@ -212,6 +215,10 @@ class StreamingBatches(IterableDataset):
         # every workers-th batch of those consumed.
         skip = (self.skip_batches - worker + workers - 1) // workers if self.skip_batches > worker else 0
         pending: dict[tuple[int, int], list[tuple[RawSample, str, Image.Image | None]]] = {}
+        # Per bucket: the last sample that decoded, which stands in for a group none of whose pixels
+        # decode; and the last groups skipped on resume, to find it again from.
+        last_good: dict[tuple[int, int], ImageTextSample] = {}
+        skipped: dict[tuple[int, int], deque] = {}
         bad: list[str] = []
         attempted = 0
         for raw, is_bad_shard in self.dataset.stream(slot, num_slots, self.seed):
@@ -235,25 +242,43 @@ class StreamingBatches(IterableDataset):
             del pending[size]
             if skip > 0:
                 skip -= 1
+                skipped.setdefault(size, deque(maxlen=SKIPPED_GROUPS_KEPT)).append(group)
                 bad, attempted = [], 0
                 continue
-            batch = self._decode(group, size, bad, attempted)
+            batch = self._decode(group, size, bad, attempted, last_good, skipped)
+            if batch is None:
+                continue  # its failures are reported with the next batch
             bad, attempted = [], 0
-            if batch is not None:
-                yield batch
+            yield batch
 
-    def _decode(self, group, size, bad, attempted) -> ImageTextBatch | None:
-        samples = []
-        for raw, caption in group:
-            try:
-                _, data = self.dataset.image_bytes(raw)
-                image = open_image(f"{raw.shard}:{raw.key}", data)
-            except CorruptSampleError as error:
+    def _open(self, raw: RawSample, caption: str, bad: list[str] | None = None) -> ImageTextSample | None:
+        """The decoded sample, or None (its failure appended to ``bad``)."""
+        try:
+            _, data = self.dataset.image_bytes(raw)
+            image = open_image(f"{raw.shard}:{raw.key}", data)
+        except CorruptSampleError as error:
+            if bad is not None:
                 bad.append(f"{error.key} ({error.reason})")
-                continue
-            samples.append(ImageTextSample(key=f"{raw.shard}:{raw.key}", caption=caption, image=image))
-        if not samples:
             return None
+        return ImageTextSample(key=f"{raw.shard}:{raw.key}", caption=caption, image=image)
+
+    def _decode(self, group, size, bad, attempted, last_good, skipped) -> ImageTextBatch | None:
+        samples = [sample for raw, caption in group if (sample := self._open(raw, caption, bad)) is not None]
+        if samples:
+            last_good[size] = samples[-1]
+            skipped.pop(size, None)
+        else:
+            # The group still makes a batch, as a resumed stream (which counts groups by their headers)
+            # assumes it does: from the bucket's last good sample, found again among the groups a
+            # resumed stream skipped if it decoded none since.
+            for earlier in reversed(skipped.pop(size, ())):
+                found = [sample for raw, caption in reversed(earlier) if (sample := self._open(raw, caption))]
+                if found:
+                    last_good[size] = found[0]
+                    break
+            if size not in last_good:
+                return None
+            samples = [last_good[size]]
         # A sample whose pixels fail after a good header is replaced by a good one of the
         # batch, so every batch keeps its size.
         samples.extend(samples[i % len(samples)] for i in range(len(group) - len(samples)))
