@@ -71,9 +71,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a staging directory; on success it takes the place of ``path``.
 
-    An existing directory at ``path`` is moved aside first and removed only after
-    the new one is in place, so a crash leaves either the old or the new
-    directory (or, between the two renames, the old one under ``<path>.old-*``).
+    Its files are flushed to disk before it is renamed into place. An existing
+    directory at ``path`` is moved aside first and removed only after the new one
+    is in place, so a crash leaves either the old or the new directory (or,
+    between the two renames, the old one under ``<path>.old-*``:
+    `restore_moved_aside` puts it back).
     Files written into the staging directory get ordinary permissions (0666
     less the umask), whatever the library that wrote them chose.
     """
@@ -84,9 +86,14 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         file_mode = 0o666 & ~_umask()
-        for item in staging.rglob("*"):
+        for item in sorted(staging.rglob("*"), reverse=True):  # files before the folders that hold them
             if item.is_file() and not item.is_symlink():
                 os.chmod(item, file_mode)
+                with open(item, "rb") as handle:  # on disk before the rename makes it visible
+                    os.fsync(handle.fileno())
+            elif item.is_dir() and not item.is_symlink():
+                _fsync_dir(item)
+        _fsync_dir(staging)
         backup = None
         if path.exists():
             if not path.is_dir():
@@ -101,6 +108,20 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def restore_moved_aside(path: str | os.PathLike) -> bool:
+    """Put back the directory `atomic_directory` moved aside to ``<path>.old-*`` when a crash came
+    before the new one took its place (``path`` missing); whether it did."""
+    path = Path(path)
+    if path.exists():
+        return False
+    backups = sorted(path.parent.glob(f"{path.name}.old-*"))
+    if not backups:
+        return False
+    os.replace(backups[-1], path)
+    _fsync_dir(path.parent)
+    return True
 
 
 def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:

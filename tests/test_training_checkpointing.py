@@ -1,5 +1,7 @@
 """Checkpoint directories: keep-last-K, name-keyed optimiser state, clear errors on damage."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -43,6 +45,39 @@ def test_only_the_last_k_checkpoints_are_kept(tmp_path):
     assert manager.steps() == [3, 4]
     assert manager.latest().name == "step-00000004"
 
+
+
+def test_a_checkpoint_moved_aside_by_an_interrupted_save_is_put_back(tmp_path):
+    """Saving a step that exists moves the old one to step-N.old-*; a crash before the new one is in place
+    leaves only that: the next run puts it back instead of deleting it with the other leftovers."""
+    model, optimizer = _setup()
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, model, optimizer, {})
+    manager.save(2, model, optimizer, {})
+    (tmp_path / "step-00000002").rename(tmp_path / "step-00000002.old-x1y2")
+    (tmp_path / ".step-00000002.abc.tmp").mkdir()  # the staging copy the crash left behind
+    removed = manager.remove_stale()
+    assert manager.steps() == [1, 2] and [path.name for path in removed] == [".step-00000002.abc.tmp"]
+    assert manager.load(manager.latest(), model, optimizer)["step"] == 2
+
+
+def test_checkpoint_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    from nextstep import io
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    model, optimizer = _setup()
+    CheckpointManager(tmp_path).save(1, model, optimizer, {})
+    names = {Path(path).name for path in synced}
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= names, names
 
 def test_damaged_or_mismatched_checkpoints_raise_clear_errors(tmp_path):
     model, optimizer = _setup()

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from nextstep.io import atomic_directory
+from nextstep.io import atomic_directory, restore_moved_aside
 from nextstep.serialization import check_state_dict, read_safetensors
 from nextstep.training.distributed import DistributedContext, full_tensor
 from nextstep.training.ema import ExponentialMovingAverage
@@ -95,9 +95,17 @@ class CheckpointManager:
         return self.directory / checkpoint_name(steps[-1]) if steps else None
 
     def remove_stale(self) -> list[Path]:
-        """Delete hidden leftovers of interrupted saves; returns what was removed."""
+        """Delete hidden leftovers of interrupted saves; returns what was removed.
+
+        A checkpoint that a save of the same step moved aside, and that a crash kept from
+        being replaced, is put back first.
+        """
         removed = []
         if self.context.is_main and self.directory.is_dir():
+            for child in list(self.directory.iterdir()):
+                name, _, moved = child.name.partition(".old-")
+                if moved and _NAME.match(name):
+                    restore_moved_aside(self.directory / name)
             for child in self.directory.iterdir():
                 staging = child.name.startswith(".step-")
                 replaced = child.name.startswith("step-") and ".old-" in child.name
