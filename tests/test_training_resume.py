@@ -70,6 +70,15 @@ def test_starting_over_sets_the_earlier_run_aside(tmp_path):
     tiny_trainer(tmp_path, config.replace(max_steps=1)).fit(resume=False)
     assert sorted(p.name for p in (tmp_path / "earlier-runs").iterdir()) == ["1", "2"]
 
+
+def test_resuming_with_another_seed_or_global_batch_is_refused(tmp_path):
+    config = tiny_config(max_steps=2, checkpoint_every=1)
+    tiny_trainer(tmp_path, config.replace(max_steps=1)).fit(resume=False)
+    with pytest.raises(ValueError, match="trained with seed 0 but this run has seed 5"):
+        tiny_trainer(tmp_path, config.replace(seed=5)).fit()
+    with pytest.raises(ValueError, match="global batch of"):
+        tiny_trainer(tmp_path, config.replace(micro_batch_size=config.micro_batch_size + 1)).fit()
+
 def test_log_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     tiny_trainer(tmp_path, tiny_config(max_steps=4, checkpoint_every=2)).fit(resume=False)
     # Pretend the run died after step 3: only the step-2 checkpoint survives.

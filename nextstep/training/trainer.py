@@ -136,6 +136,12 @@ class Trainer:
                 f"has {self.layout.global_batch_size} (micro_batch_size x gradient_accumulation x "
                 "processes); keep the global batch to resume the same data order"
             )
+        saved_seed = (state.get("config") or {}).get("seed")
+        if saved_seed is not None and saved_seed != self.config.seed:
+            raise ValueError(
+                f"checkpoint {path} was trained with seed {saved_seed} but this run has seed {self.config.seed}; "
+                "keep the seed to resume the same data order and draws, or start over (--no-resume)"
+            )
         self.tracker.load_state_dict(state.get("bad_samples", {}))
         self.step = int(state["step"])
         logger.info("resumed from %s at step %d", path, self.step)
