@@ -23,13 +23,34 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _output_folder(value: str) -> str:
+    """A folder to write into: refused when a file is in its place."""
+    if Path(value).exists() and not Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"expected a folder to write into at {value}, found a file")
+    return value
+
+
+def _device(value: str) -> str:
+    """A device name torch knows, on a machine that has it."""
+    try:
+        device = torch.device(value)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu or cuda:0, found {value!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"expected a device this machine has, found {value!r} (no CUDA here)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"expected a device this machine has, found {value!r} ({torch.cuda.device_count()} CUDA device(s))")
+    return value
+
+
 def command_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nextstep.builders import load_model
     from nextstep.fast.token_sampler import token_sampler_named
     from nextstep.generation import decode_tokens, generate_tokens
-    from nextstep.images import image_grid, to_pil
+    from nextstep.images import image_grid, read_image_file, to_pil
     from nextstep.io import atomic_path
 
     model = load_model(args.model, device=args.device, seed=args.seed)
@@ -37,11 +58,7 @@ def command_generate(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     source = None
     if args.image is not None:
-        from PIL import Image
-
-        if not Path(args.image).is_file():
-            raise FileNotFoundError(f"expected an input image at {args.image}, found nothing")
-        source = Image.open(args.image).convert("RGB")
+        source = read_image_file(args.image)
     written = []
     all_images = []
     for index, prompt in enumerate(args.prompts):
@@ -81,16 +98,11 @@ def command_generate(args: argparse.Namespace) -> int:
 
 
 def command_caption(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from nextstep.builders import load_model
+    from nextstep.images import read_image_file
     from nextstep.text_generation import caption_images
 
-    images = []
-    for path in args.images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"expected an image at {path}, found nothing")
-        images.append(Image.open(path).convert("RGB"))
+    images = [read_image_file(path) for path in args.images]
     model = load_model(args.model, device=args.device, seed=args.seed)
     result = caption_images(model, images, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -429,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=DEFAULT_MODEL,
                      help=f"a saved model directory, a shipped model {bundled_models()} or a preset "
                           f"{model_names()} (random weights); default {DEFAULT_MODEL}")
-    gen.add_argument("--output", "-o", default="outputs", help="directory for the PNG files")
+    gen.add_argument("--output", "-o", default="outputs", type=_output_folder, help="directory for the PNG files")
     gen.add_argument("--height", type=_positive_int, default=None,
                      help="pixels (default: the model's, or the --image's)")
     gen.add_argument("--width", type=_positive_int, default=None,
@@ -456,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None,
                      help="unconditional text (default '', or 'Copy original image.' with --image)")
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--device", default="cpu", type=_device)
     _add_token_sampler_option(gen)
     gen.add_argument("--grid", action="store_true", help="also write grid.png with every image")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -473,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--top-p", type=float, default=None,
                          help="draw among the most probable tokens whose probabilities reach p")
     caption.add_argument("--seed", type=int, default=0)
-    caption.add_argument("--device", default="cpu")
+    caption.add_argument("--device", default="cpu", type=_device)
     caption.set_defaults(handler=command_caption)
 
     info = commands.add_parser("info", help="components, parameter counts and config of a model")
@@ -485,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("train-tokenizer", command_train_tokenizer, "an image tokenizer")):
         train = commands.add_parser(name, help=f"train {what} from a recipe (resumes an existing run)")
         train.add_argument("recipe", help="a recipe JSON file or the name of one in recipes/")
-        train.add_argument("--output", "-o", default=None, help=f"run folder (default outputs/{name}/<recipe name>)")
+        train.add_argument("--output", "-o", default=None, type=_output_folder,
+                           help=f"run folder (default outputs/{name}/<recipe name>)")
         train.add_argument("--max-steps", type=_positive_int, default=None, help="override train.max_steps")
         train.add_argument("--set", action="append", metavar="KEY=VALUE",
                            help="override a recipe field, e.g. --set train.learning_rate=3e-4 (repeatable)")
@@ -499,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval-tokenizer", help="PSNR/SSIM on held-out photo crops, baselines, robustness, dispersion")
     evaluate.add_argument("tokenizer", help="a VAE checkpoint (file or directory, any layout) "
                                             "or a preset ('tiny', 'flux') with random weights")
-    evaluate.add_argument("--output", "-o", default="outputs/eval-tokenizer")
+    evaluate.add_argument("--output", "-o", default="outputs/eval-tokenizer", type=_output_folder)
     evaluate.add_argument("--count", type=_positive_int, default=256, help="number of crops")
     evaluate.add_argument("--size", type=_positive_int, default=64, help="crop side in pixels")
     evaluate.add_argument("--seed", type=int, default=1234)
@@ -508,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert", help="convert between the release and native layouts, or start from Qwen2.5")
     convert.add_argument("source", help="a model directory: native, NextStep-1 release, or plain Qwen2")
-    convert.add_argument("output", help="the directory to write (replaced atomically)")
+    convert.add_argument("output", type=_output_folder, help="the directory to write (replaced atomically)")
     convert.add_argument("--to", choices=["native", "release"], default=None,
                          help="target layout (default: release -> native, native -> release, Qwen2 -> native)")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -524,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     replace.add_argument("model", help="a saved model directory or a shipped model")
     replace.add_argument("tokenizer", help="a VAE checkpoint whose encoder is the model's (decoder-only fine-tune), "
                                            "or a model (directory or shipped) whose image tokenizer to take it from")
-    replace.add_argument("output", help="the model directory to write (replaced atomically)")
+    replace.add_argument("output", type=_output_folder, help="the model directory to write (replaced atomically)")
     replace.add_argument("--decoder-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                          help="how the decoder's weights are stored (loading casts them back; default float32)")
     replace.set_defaults(handler=command_replace_decoder)
@@ -533,14 +546,15 @@ def build_parser() -> argparse.ArgumentParser:
         "add-word-aliases",
         help="let a word-tokenizer model read unknown words as their nearest known word")
     aliases.add_argument("model", help="a saved model directory or a shipped model")
-    aliases.add_argument("output", help="the model directory to write (replaced atomically; may be the model)")
+    aliases.add_argument("output", type=_output_folder,
+                         help="the model directory to write (replaced atomically; may be the model)")
     aliases.set_defaults(handler=command_add_word_aliases)
 
     vectors = commands.add_parser(
         "add-word-vectors",
         help="add pretrained word vectors to a word-tokenizer model, to train further")
     vectors.add_argument("model", help="a saved model directory or a shipped model")
-    vectors.add_argument("output", help="the model directory to write (replaced atomically)")
+    vectors.add_argument("output", type=_output_folder, help="the model directory to write (replaced atomically)")
     vectors.add_argument("--dim", type=int, default=64, help="principal components kept per vector (default 64)")
     vectors.add_argument("--substitution-probability", type=float, default=0.2,
                          help="training rate of reading a known word as its nearest other word (default 0.2)")
@@ -551,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                           help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
     evaluate.add_argument("--suite", nargs="+", choices=EVAL_SUITES + ("all",), default=["all"])
-    evaluate.add_argument("--output", "-o", default="outputs/eval")
+    evaluate.add_argument("--output", "-o", default="outputs/eval", type=_output_folder)
     _add_sampling_options(evaluate)
     evaluate.add_argument("--images-per-tag", type=_positive_int, default=100,
                           help="shapes: images per GenEval category")
@@ -559,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--scenes-per-group", type=_positive_int, default=50,
                           help="captioning: scenes per kind and combination group")
     evaluate.add_argument("--crops", type=_positive_int, default=256, help="tokenizer: held-out photo crops")
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--device", default="cpu", type=_device)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=command_eval)
 
@@ -568,11 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw images with a model, judge them and write wrong/right pairs for preference training")
     pairs.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                        help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
-    pairs.add_argument("output", help="the folder to write: images/, pairs.jsonl (a preference_manifest), "
-                                      "summary.json")
+    pairs.add_argument("output", type=_output_folder,
+                       help="the folder to write: images/, pairs.jsonl (a preference_manifest), summary.json")
     _add_judging_options(pairs)
     _add_sampling_options(pairs)
-    pairs.add_argument("--device", default="cpu")
+    pairs.add_argument("--device", default="cpu", type=_device)
     pairs.add_argument("--quiet", action="store_true", help="no progress bar")
     pairs.set_defaults(handler=command_preference_pairs)
 
@@ -582,14 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
     rounds.add_argument("recipe", help="a preference recipe on one preference_manifest dataset (a JSON file or "
                                        "the name of one in recipes/); its model starts round 1")
     rounds.add_argument("--rounds", type=_positive_int, required=True, help="how many rounds")
-    rounds.add_argument("--output", "-o", default=None,
+    rounds.add_argument("--output", "-o", default=None, type=_output_folder,
                         help="folder of round1/, round2/, ... and rounds.json "
                              "(default outputs/preference-rounds/<recipe name>)")
     rounds.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set train.max_steps=200 (repeatable)")
     _add_judging_options(rounds)
     _add_sampling_options(rounds)
-    rounds.add_argument("--device", default="cpu", help="where the images are drawn")
+    rounds.add_argument("--device", default="cpu", type=_device, help="where the images are drawn")
     rounds.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
     rounds.set_defaults(handler=command_preference_rounds)
     return parser
@@ -648,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import_modules(args.imports)
         return args.handler(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+    except (ValueError, OSError, ModuleNotFoundError) as error:  # bad input, missing or unusable files
         print(f"nextstep {args.command}: error: {error}", file=sys.stderr)
         return 2
 

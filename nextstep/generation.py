@@ -11,6 +11,7 @@ editing branches are ``[image + instruction; image + negative prompt; negative p
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from nextstep.backbones.base import positions_from_mask
 from nextstep.images import as_image_list, to_pil
 from nextstep.reranking import best_candidates, candidate_score_function
 from nextstep.samplers.base import Sampler
-from nextstep.samplers.guidance import Guidance, GuidedVelocity, guidance_for_scale
+from nextstep.samplers.guidance import Guidance, GuidedVelocity, check_scale, guidance_for_scale
 from nextstep.samplers.guidance_schedule import token_progress
 from nextstep.samplers.step_schedule import StepSchedule, as_step_schedule
 
@@ -50,12 +51,6 @@ def check_prompts(prompts) -> list[str]:
         if not isinstance(prompt, str):
             raise ValueError(f"every prompt must be a str, found {type(prompt).__name__}")
     return prompts
-
-
-def _check_number(name: str, value, low: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
-        raise ValueError(f"{name} must be a number >= {low:g}, found {value!r}")
-    return float(value)
 
 
 def _resolve_sampler(model: "NextStep", sampler: Sampler | str | None) -> Sampler:
@@ -317,17 +312,17 @@ def generate_tokens(
             or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be an integer >= 1, found {num_images_per_prompt!r}")
     schedule = as_step_schedule(num_steps)
-    temperature = _check_number("temperature", temperature)
+    temperature = check_scale("temperature", temperature)
     if shift is None:
         shift = EDITING_SHIFT if editing else 1.0
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
-        raise ValueError(f"shift must be a positive number, found {shift!r}")
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
+        raise ValueError(f"shift must be a finite positive number, found {shift!r}")
     if isinstance(cfg, Guidance):
         if cfg_img is not None:
             raise ValueError("pass cfg_img inside the guidance object when cfg is a Guidance")
         guidance = cfg
     else:
-        _check_number("cfg", cfg)
+        check_scale("cfg", cfg)
         guidance = guidance_for_scale(
             cfg, image_scale=(EDITING_IMAGE_SCALE if cfg_img is None else cfg_img) if editing else None,
             schedule=cfg_schedule,

@@ -12,6 +12,7 @@ was tuned for (the shipped ``emoji-shapes-64`` does).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +48,8 @@ class GenerationDefaults(Config):
     candidate_score: str = field(default="flow", metadata=OMITTED_WHEN_DEFAULT)
 
     def validate(self) -> None:
-        require(not isinstance(self.cfg, bool) and isinstance(self.cfg, (int, float)) and self.cfg >= 0,
-                "cfg", self.cfg, "a number >= 0")
+        require(not isinstance(self.cfg, bool) and isinstance(self.cfg, (int, float)) and 0 <= self.cfg < math.inf,
+                "cfg", self.cfg, "a finite number >= 0")
         resolve_guidance_schedule(self.cfg_schedule)
         candidate_score_function(self.candidate_score)
         for name in ("num_steps", "height", "width", "candidates"):

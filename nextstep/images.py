@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+
+def read_image_file(path: str | Path) -> Image.Image:
+    """The RGB image in the file at ``path``.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``, or a folder.
+        ValueError: a file that is not an image PIL can read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        found = "a folder" if path.is_dir() else "nothing"
+        raise FileNotFoundError(f"expected an image file at {path}, found {found}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for unreadable or truncated data
+        raise ValueError(f"expected an image file at {path}, found data PIL cannot read ({error})") from error
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

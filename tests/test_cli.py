@@ -73,3 +73,25 @@ def test_generate_with_the_fast_sampler_and_int8_decode_weights(tmp_path, monkey
     pixels = [np.asarray(Image.open(path), dtype=np.float32) for path in (loop, fast, int8)]
     assert np.abs(pixels[1] - pixels[0]).max() <= 1  # the same tokens up to rounding
     assert 0 < np.abs(pixels[2] - pixels[0]).mean() < 8  # int8 weights: close, not equal
+
+
+def test_unreadable_inputs_and_unusable_outputs_are_named(tmp_path, capsys):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not pixels")
+    cases = [
+        (["caption", str(not_an_image)], "expected an image file at .*notes.png, found data PIL cannot read"),
+        (["caption", str(tmp_path)], "expected an image file at .*, found a folder"),
+        (["generate", "x", "--image", str(not_an_image), "--output", str(tmp_path / "out")],
+         "expected an image file at .*notes.png, found data PIL cannot read"),
+        (["generate", "x", "--output", str(not_an_image)],
+         "expected a folder to write into at .*notes.png, found a file"),
+        (["generate", "x", "--device", "bogus"], "expected a device such as cpu or cuda:0, found 'bogus'"),
+    ]
+    for argv, message in cases:
+        try:
+            code = main(argv)
+        except SystemExit as exit:  # argparse refuses an argument with exit status 2
+            code = exit.code
+        assert code == 2, argv
+        assert re.search(message, capsys.readouterr().err), argv
+    assert not (tmp_path / "out").exists()

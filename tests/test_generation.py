@@ -76,6 +76,9 @@ def test_cfg_one_skips_the_unconditional_branch(trained_like_model):
     (dict(height=40), "multiple of 16"),
     (dict(width=0), "multiple of 16"),
     (dict(cfg=-1.0), "cfg"),
+    (dict(cfg=float("inf")), "cfg must be a finite number >= 0, found inf"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0, found inf"),
+    (dict(shift=float("inf")), "shift must be a finite positive number, found inf"),
     (dict(num_steps=0), "num_steps"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
 ])
@@ -246,6 +249,7 @@ def test_release_defaults_apply_without_model_settings(tiny_model):
 
 @pytest.mark.parametrize("changes, match", [
     (dict(cfg=-1.0), "cfg"),
+    (dict(cfg=float("inf")), "cfg"),
     (dict(cfg_schedule="cosine"), "guidance schedule"),
     (dict(num_steps=0), "num_steps"),
     (dict(height=2.5), "height"),

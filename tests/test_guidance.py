@@ -61,8 +61,9 @@ def test_guidance_for_scale_picks_the_cheapest_object():
     assert guidance_for_scale(7.5, image_scale=1.0).num_branches == 2
     editing = guidance_for_scale(7.5, image_scale=2.0, schedule="linear")
     assert isinstance(editing, ImageEditingGuidance) and editing.schedule == "linear_decreasing"
-    for bad in (dict(scale=-1.0), dict(scale=float("nan")), dict(scale=2.0, image_scale=-2.0)):
-        with pytest.raises(ValueError, match="must be a number >= 0"):
+    for bad in (dict(scale=-1.0), dict(scale=float("nan")), dict(scale=float("inf")),
+                dict(scale=2.0, image_scale=-2.0)):
+        with pytest.raises(ValueError, match="must be a finite number >= 0"):
             guidance_for_scale(bad.pop("scale"), **bad)
 
 

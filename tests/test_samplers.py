@@ -201,8 +201,9 @@ def test_time_grids_run_from_zero_to_one_and_reject_bad_steps():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="num_steps must be an integer >= 1"):
             time_grid(bad)
-    with pytest.raises(ValueError, match="shift must be positive"):
-        time_grid(4, 0.0)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="shift must be finite and positive"):
+            time_grid(4, bad)
 
 
 def test_release_grid_stops_short_of_one_unless_told_to_integrate_to_one():

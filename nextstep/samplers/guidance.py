@@ -9,6 +9,7 @@ Branches are stacked along a leading axis: ``[cond; uncond]`` for two-way CFG,
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
@@ -59,10 +60,10 @@ class NoGuidance(Guidance):
 FULL_INTERVAL = (0.0, 1.0)
 
 
-def check_scale(name: str, value: float) -> float:
-    """``float(value)`` after checking that it is a number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, found {value!r}")
+def check_scale(name: str, value: float, low: float = 0.0) -> float:
+    """``float(value)`` after checking that it is a finite number >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= {low:g}, found {value!r}")
     return float(value)
 
 

@@ -8,6 +8,8 @@ Every grid runs from noise (t=0) toward data (t=1). The shift
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -24,8 +26,8 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     Returns:
         shifted times, same shape and dtype as ``t``.
     """
-    if not shift > 0:
-        raise ValueError(f"shift must be positive, found {shift!r}")
+    if not 0 < shift < math.inf:
+        raise ValueError(f"shift must be finite and positive, found {shift!r}")
     return t / (shift - (shift - 1.0) * t)
 
 
