@@ -7,6 +7,7 @@ they do not know so that a typo never passes silently.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import os
@@ -67,6 +68,9 @@ class Config:
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for name, value in data.items():
+            expected = _plain_mismatch(hints.get(name), value)
+            if expected is not None:
+                raise ValueError(f"{cls.__name__}.{name} must be {expected}, found {type(value).__name__} {value!r}")
             kwargs[name] = _from_plain(hints.get(name), value)
         return cls(**kwargs)
 
@@ -136,6 +140,46 @@ def _from_plain(hint: Any, value: Any) -> Any:
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     return value
+
+
+_PLAIN_TYPES: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+_PLAIN_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _plain_mismatch(hint: Any, value: Any) -> str | None:
+    """What plain data ``hint`` expects when ``value`` does not fit it (None when it fits, or when the
+    hint says too little to tell); checks scalars, sequences, mappings and nested configs."""
+    if hint is None or hint is Any:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        mismatches = [_plain_mismatch(arg, value) if arg is not type(None) else
+                      (None if value is None else "null") for arg in args]
+        return None if None in mismatches else " or ".join(dict.fromkeys(mismatches))
+    if origin is typing.Literal:
+        return None if value in args else f"one of {list(args)}"
+    if hint in _PLAIN_TYPES:
+        fits = isinstance(value, _PLAIN_TYPES[hint]) and (hint is bool or not isinstance(value, bool))
+        return None if fits else _PLAIN_NAMES[hint]
+    if hint is tuple or origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length, one hint per position
+            if len(args) != len(value):
+                return f"a list of {len(args)} items"
+            items = list(zip(args, value))
+        else:
+            items = [(args[0], element) for element in value] if args else []
+        for item_hint, element in items:
+            inner = _plain_mismatch(item_hint, element)
+            if inner is not None:
+                return f"a list whose items are each {inner}"
+        return None
+    if origin is dict or hint is dict:
+        return None if isinstance(value, dict) else "a mapping"
+    if isinstance(hint, type) and issubclass(hint, (Config, ComponentSpec)):
+        return None if isinstance(value, (dict, hint)) else f"a mapping ({hint.__name__})"
+    return None
 
 
 def require(condition: bool, field: str, value: Any, expected: str) -> None:

@@ -82,3 +82,22 @@ def test_config_save_and_load(tmp_path):
         ModelConfig.load(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         ModelConfig.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("config_class, data, message", [
+    (FluxVAEConfig, {"ch": "16"}, r"FluxVAEConfig\.ch must be an integer, found str '16'"),
+    (FluxVAEConfig, {"ch": 16.5}, r"FluxVAEConfig\.ch must be an integer, found float 16\.5"),
+    (FluxVAEConfig, {"ch": True}, r"FluxVAEConfig\.ch must be an integer, found bool True"),
+    (FluxVAEConfig, {"ch_mult": 4}, r"FluxVAEConfig\.ch_mult must be a list, found int 4"),
+    (FluxVAEConfig, {"ch_mult": [1, "2"]}, r"ch_mult must be a list whose items are each an integer"),
+    (FluxVAEConfig, {"deterministic": "yes"}, r"deterministic must be true or false, found str 'yes'"),
+    (Qwen2BackboneConfig, {"rope_theta": "1e6"}, r"Qwen2BackboneConfig\.rope_theta must be a number"),
+    (ModelConfig, {"backbone": []}, r"ModelConfig\.backbone must be a mapping \(ComponentSpec\), found list"),
+])
+def test_fields_of_the_wrong_type_name_the_field_and_both_types(config_class, data, message):
+    with pytest.raises(ValueError, match=message):
+        config_class.from_dict(data)
+
+
+def test_numbers_read_as_floats_where_a_float_is_expected():
+    assert Qwen2BackboneConfig.from_dict({"rope_theta": 10000}).rope_theta == 10000
