@@ -93,3 +93,6 @@ def test_damaged_or_mismatched_checkpoints_raise_clear_errors(tmp_path):
         manager.load(path, model, optimizer)
     with pytest.raises(FileNotFoundError, match="expected a complete checkpoint"):
         manager.load(tmp_path / "step-00000009", model, optimizer)
+    (path / "trainer_state.json").write_text('{"step": 1,')
+    with pytest.raises(ValueError, match=r"step-00000001/trainer_state\.json is not valid JSON"):
+        manager.load(path, model, optimizer)

@@ -64,3 +64,10 @@ def test_train_config_reads_compile_settings_from_a_recipe():
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown key"):
         TrainConfig.from_dict({"compile": {"enable": True}})
+
+
+def test_a_sample_size_the_tokenizer_cannot_draw_is_refused_before_training(tmp_path):
+    config = tiny_config(sample_every=1, sample_height=40, sample_prompts=("a red circle",))
+    with pytest.raises(ValueError, match=r"train\.sample_height and train\.sample_width: .*multiple of 16.*found 40"):
+        tiny_trainer(tmp_path, config)
+    assert not (tmp_path / "checkpoints").exists()

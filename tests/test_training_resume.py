@@ -87,6 +87,8 @@ def test_log_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
 
     shutil.rmtree(manager.latest())
     assert manager.steps() == [2]
+    with open(tmp_path / "train_log.csv", "a") as log:  # and it died writing a row
+        log.write("1")
     tiny_trainer(tmp_path, tiny_config(max_steps=4, checkpoint_every=2)).fit(resume=True)
     steps = [int(row["step"]) for row in read_log(tmp_path / "train_log.csv")]
     assert steps == [1, 2, 3, 4]

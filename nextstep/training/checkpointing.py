@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from nextstep.io import atomic_directory, restore_moved_aside
+from nextstep.io import atomic_directory, read_json_object, restore_moved_aside
 from nextstep.serialization import check_state_dict, read_safetensors
 from nextstep.training.distributed import DistributedContext, full_tensor
 from nextstep.training.ema import ExponentialMovingAverage
@@ -202,7 +202,7 @@ class CheckpointManager:
             raise FileNotFoundError(
                 f"expected a complete checkpoint at {path} (with {STATE_FILE}), found none"
             )
-        trainer_state = json.loads(state_file.read_text())
+        trainer_state = read_json_object(state_file, "checkpoint trainer state")
         # A sharded model receives the full state from rank 0; the other ranks read nothing.
         reads = self.context.is_main or not _is_sharded(model)
         model_state = read_safetensors(path / MODEL_FILE) if reads else {}

@@ -18,7 +18,8 @@ class CSVLog:
     """Appends one row per logged step to ``path``.
 
     Rows past ``resume_step`` (written after the checkpoint a run resumes from)
-    are dropped when the log is opened, so the file tells one consistent story.
+    are dropped when the log is opened, so the file tells one consistent story,
+    and so is a row a crash cut short.
 
     Args:
         path: the CSV file.
@@ -30,10 +31,13 @@ class CSVLog:
         self.path = Path(path)
         self.columns = list(columns)
         if self.path.is_file():
-            with open(self.path, newline="") as handle:
-                rows = list(csv.DictReader(handle))
-            if rows:
-                self.columns = list(rows[0].keys())
+            text = self.path.read_text()
+            if text and not text.endswith("\n"):  # a row cut short by a crash
+                text = text[:text.rfind("\n") + 1]
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            rows = [row for row in reader if None not in row.values() and None not in row]
+            if reader.fieldnames:
+                self.columns = list(reader.fieldnames)
             if resume_step is not None:
                 rows = [r for r in rows if r.get("step") and int(r["step"]) <= resume_step]
             self._rewrite(rows)

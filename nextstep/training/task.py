@@ -71,5 +71,9 @@ class TrainingTask(ABC):
         """Images for the periodic sample grid (default: none)."""
         return []
 
+    def check_sample_settings(self, height: int, width: int) -> None:
+        """Raise ``ValueError`` before training when `sample_images` could not draw at this size
+        (default: any size)."""
+
     def write_checkpoint_files(self, directory: Path) -> None:
         """Add files to a checkpoint directory being written (default: nothing)."""

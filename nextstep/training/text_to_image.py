@@ -133,6 +133,12 @@ class TextToImageTask(TrainingTask):
         return self.model.generate(list(prompts), height=height, width=width, cfg=cfg, num_steps=num_steps,
                                    seed=seed)
 
+    def check_sample_settings(self, height: int, width: int) -> None:
+        try:
+            self.model.image_tokenizer.grid_size(height, width)
+        except ValueError as error:
+            raise ValueError(f"train.sample_height and train.sample_width: {error}") from error
+
     def write_checkpoint_files(self, directory: Path) -> None:
         # config.json and tokenizer files beside model.safetensors: the checkpoint
         # directory loads with NextStep.from_pretrained.

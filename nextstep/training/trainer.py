@@ -97,6 +97,8 @@ class Trainer:
         show_progress: bool = True,
         checkpoint_write_hook: WriteHook | None = None,
     ):
+        if config.sample_every and config.sample_prompts:  # refused now, not at the first sample step
+            task.check_sample_settings(config.sample_height, config.sample_width)
         self.task = task
         self.data = data
         self.config = config
