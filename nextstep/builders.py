@@ -42,6 +42,9 @@ def build_model(
     """
     if isinstance(config, str):
         config = model_preset(config)()
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"build_model expects a ModelConfig or a preset name, found {type(config).__name__} "
+                        "(a config read from JSON: ModelConfig.from_dict(data))")
     if seed is not None:
         torch.manual_seed(seed)
     text_tokenizer = build_component(config.text_tokenizer, base_dir=base_dir) if with_text_tokenizer else None
@@ -55,13 +58,17 @@ def build_model(
     )
 
 
-def load_model(name_or_path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                seed: int = 0) -> NextStep:
     """A saved model directory, a shipped model's name (`nextstep.pretrained`), or a preset
     name built with random weights under ``seed``."""
     from nextstep.pretrained import bundled_models, model_directory
     from nextstep.registry import model_names
 
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"load_model expects a model directory, a shipped model's name or a preset name, found "
+                        f"{type(name_or_path).__name__}")
+    name_or_path = str(name_or_path)
     directory = model_directory(name_or_path)
     if directory is not None:
         return NextStep.from_pretrained(directory, device=device, dtype=dtype)

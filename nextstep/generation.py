@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,8 @@ def check_prompts(prompts) -> list[str]:
     """One prompt or a non-empty sequence of them -> a list of str (``ValueError`` otherwise)."""
     if isinstance(prompts, str):
         prompts = [prompts]
+    if isinstance(prompts, bytes) or not isinstance(prompts, Iterable):
+        raise ValueError(f"prompts must be a str or a list of them, found {type(prompts).__name__}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts must contain at least one prompt, found an empty list")
@@ -308,6 +310,8 @@ def generate_tokens(
                          f"once, found candidates={candidates}")
     if cfg_img is not None and not editing:
         raise ValueError("cfg_img is the image guidance of editing; it needs input images, found images=None")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, found {type(seed).__name__} {seed!r}")
     if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
             or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be an integer >= 1, found {num_images_per_prompt!r}")

@@ -90,6 +90,19 @@ def test_bad_arguments_raise_clear_errors(tiny_model, kwargs, match):
 def test_empty_prompt_list_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="at least one prompt"):
         tiny_model.generate([], height=32, width=32)
+    with pytest.raises(ValueError, match="prompts must be a str or a list of them, found NoneType"):
+        tiny_model.generate(None, height=32, width=32)
+    with pytest.raises(ValueError, match="seed must be an integer, found str 'a'"):
+        tiny_model.generate("x", height=32, width=32, seed="a")
+
+
+def test_building_or_loading_from_the_wrong_kind_of_object_says_what_is_expected():
+    from nextstep import build_model, load_model
+
+    with pytest.raises(TypeError, match="expects a ModelConfig or a preset name, found dict"):
+        build_model({"backbone": {}})
+    with pytest.raises(TypeError, match="load_model expects a model directory.*found NoneType"):
+        load_model(None)
 
 
 def test_progress_callback_counts_tokens(tiny_model):
