@@ -73,7 +73,8 @@ def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu", 
     if directory is not None:
         return NextStep.from_pretrained(directory, device=device, dtype=dtype)
     if any(sep in name_or_path for sep in ("/", "\\")) or Path(name_or_path).suffix:
-        raise FileNotFoundError(f"expected a model directory at {name_or_path!r}, found nothing")
+        found = "a file" if Path(name_or_path).is_file() else "nothing"
+        raise FileNotFoundError(f"expected a model directory at {name_or_path!r}, found {found}")
     if name_or_path not in model_names():
         raise ValueError(f"unknown model {name_or_path!r}: expected a model directory, a shipped model "
                          f"{bundled_models()} or a preset {model_names()}")

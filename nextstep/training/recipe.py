@@ -205,6 +205,10 @@ def build_recipe_model(recipe: RecipeConfig):
     path = Path(recipe.model)
     if path.is_dir():
         model = NextStep.from_pretrained(path)
+    elif any(separator in recipe.model for separator in ("/", "\\")):
+        found = "a file" if path.is_file() else "nothing"
+        raise FileNotFoundError(f"recipe model: expected a model directory or a preset name at {recipe.model!r}, "
+                                f"found {found}")
     else:
         model = build_model(model_preset(recipe.model)(**recipe.model_arguments), seed=recipe.model_seed)
     if recipe.image_tokenizer:
