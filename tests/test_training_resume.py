@@ -162,3 +162,14 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 
     straight = tiny_trainer(tmp_path / "straight", tiny_config(max_steps=4)).fit(resume=False)
     assert [r.loss for r in records] == pytest.approx([r.loss for r in straight[1:]], abs=1e-6)
+
+
+def test_every_process_keeps_its_own_bad_sample_count_across_a_resume(tmp_path):
+    trainer = tiny_trainer(tmp_path, tiny_config(max_steps=1, max_bad_fraction=0.5))
+    trainer.tracker.update(10, ["a.png"])
+    assert trainer.trainer_state()["bad_samples"] == [{"bad": ["a.png"], "reads": 10}]  # one entry per process
+    saved = [{"bad": ["a.png"], "reads": 10}, {"bad": ["b.png"], "reads": 7}]
+    # Saved by two processes, resumed by one: the counts of both together.
+    assert trainer._own_bad_samples(saved) == {"bad": ["a.png", "b.png"], "reads": 17}
+    assert trainer._own_bad_samples(saved[:1]) == saved[0]
+    assert trainer._own_bad_samples({"bad": ["c.png"], "reads": 3}) == {"bad": ["c.png"], "reads": 3}

@@ -144,7 +144,7 @@ class Trainer:
                 f"checkpoint {path} was trained with seed {saved_seed} but this run has seed {self.config.seed}; "
                 "keep the seed to resume the same data order and draws, or start over (--no-resume)"
             )
-        self.tracker.load_state_dict(state.get("bad_samples", {}))
+        self.tracker.load_state_dict(self._own_bad_samples(state.get("bad_samples", {})))
         self.step = int(state["step"])
         logger.info("resumed from %s at step %d", path, self.step)
         return self.step
@@ -171,11 +171,24 @@ class Trainer:
         logger.info("starting over: the earlier run's %s moved to %s", ", ".join(e.name for e in entries), target)
         return target
 
+    def _own_bad_samples(self, saved: dict | list) -> dict:
+        """This process's bad-sample count from a checkpoint's: its own rank's when the job has as many
+        processes as the one that saved it, else every rank's together (a list of one per rank; a
+        single dict from older checkpoints)."""
+        if isinstance(saved, dict):
+            return saved
+        if len(saved) == self.context.world_size:
+            return saved[self.context.rank]
+        return {"bad": sorted({key for rank in saved for key in rank.get("bad", [])}),
+                "reads": sum(int(rank.get("reads", 0)) for rank in saved)}
+
     def trainer_state(self) -> dict:
+        """What a checkpoint records besides the tensors (every process calls it: the bad-sample counts
+        are gathered from all of them)."""
         return {
             "global_batch_size": self.layout.global_batch_size,
             "world_size": self.context.world_size,
-            "bad_samples": self.tracker.state_dict(),
+            "bad_samples": self.context.gather_objects(self.tracker.state_dict()),
             "config": self.config.to_dict(),
         }
 
