@@ -120,6 +120,8 @@ def test_retrieval_ranks_count_the_candidates_ranked_above_the_match():
     queries = torch.eye(3, dtype=torch.float64)
     candidates = torch.tensor([[1, 0, 0], [0.9, 0.1, 0], [0, 0.2, 1.0]], dtype=torch.float64)
     assert retrieval_ranks(queries, candidates).tolist() == [0, 1, 0]  # candidate 2 beats 1 for query 1
+    # Images all alike tie with every candidate: each match ranks last, not first.
+    assert retrieval_ranks(queries, torch.ones(3, 3, dtype=torch.float64)).tolist() == [2, 2, 2]
     with pytest.raises(ValueError, match="one shape"):
         retrieval_ranks(queries, candidates[:2])
 

@@ -84,8 +84,9 @@ def retrieval_recall(queries: torch.Tensor, candidates: torch.Tensor,
 
 
 def retrieval_ranks(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """(N,) rank of candidate ``i`` for query ``i`` by cosine similarity: how many candidates
-    are strictly more similar (0: it comes first). Shapes as in `retrieval_recall`."""
+    """(N,) rank of candidate ``i`` for query ``i`` by cosine similarity: how many other candidates
+    are at least as similar (0: it comes first). A tie counts against the match, so that a model
+    whose images are all alike ranks its matches last, not first. Shapes as in `retrieval_recall`."""
     queries, candidates = _check_features("queries", queries, 1), _check_features("candidates", candidates, 1)
     if queries.shape != candidates.shape:
         raise ValueError(f"queries and candidates must have one shape, found {tuple(queries.shape)} "
@@ -93,4 +94,4 @@ def retrieval_ranks(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Te
     q = torch.nn.functional.normalize(queries, dim=-1)
     c = torch.nn.functional.normalize(candidates, dim=-1)
     similarity = q @ c.T
-    return (similarity > similarity.diagonal().unsqueeze(1)).sum(1)
+    return (similarity >= similarity.diagonal().unsqueeze(1)).sum(1) - 1
