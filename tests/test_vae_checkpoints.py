@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nextstep.tokenizers import FluxVAE, FluxVAEConfig
+from nextstep.tokenizers import FluxVAE, FluxVAEConfig, standardize_channels
 from nextstep.tokenizers.vae_checkpoints import (
     bfl_to_diffusers,
     config_from_nextstep,
@@ -79,6 +79,10 @@ def test_diffusers_config_gives_flux_scale_and_shift(diffusers_pair):
     assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.3611, 0.1159)
     mean, _ = vae.encode_moments(images())
     torch.testing.assert_close(vae.encode(images()), (mean - 0.1159) * 0.3611)
+    # Used the NextStep way, FLUX.1 weights are standardised alone: the checkpoint's scale and shift stay out.
+    standardised = load_flux_vae(directory, normalization="layer_norm")
+    assert (standardised.config.scaling_factor, standardised.config.shift_factor) == (1.0, 0.0)
+    torch.testing.assert_close(standardised.encode(images()), standardize_channels(mean))
 
 
 def test_diffusers_round_trip_both_ways(tmp_path):

@@ -316,7 +316,8 @@ def load_flux_vae(path: str | Path, *, layout: str | None = None, **config_chang
         layout: force one of `LAYOUTS`.
         **config_changes: fields of `FluxVAEConfig` to override after reading the
             checkpoint's own config, e.g. ``normalization="layer_norm"`` for FLUX.1
-            weights used the NextStep way, or ``norm_groups`` for BFL files.
+            weights used the NextStep way (the standardisation alone: scale 1 and
+            shift 0 unless given too), or ``norm_groups`` for BFL files.
     """
     path = Path(path)
     layout = layout or detect_layout(path)
@@ -346,6 +347,8 @@ def load_flux_vae(path: str | Path, *, layout: str | None = None, **config_chang
         config = FluxVAEConfig.load(path / "config.json")
         file = path / NATIVE_WEIGHTS
         state = read_safetensors(file)
+    if config_changes.get("normalization") == "layer_norm":  # NextStep's way: the standardisation alone
+        config_changes = {"scaling_factor": 1.0, "shift_factor": 0.0, **config_changes}
     config = config.replace(**config_changes) if config_changes else config
     return _load_into(FluxVAE(config), state, str(file))
 

@@ -313,7 +313,7 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
     """
     from nextstep.training.distributed import DistributedContext
     from nextstep.training.text_to_image import TextToImageTask
-    from nextstep.training.trainer import Trainer
+    from nextstep.training.trainer import RUN_ENTRIES, Trainer, set_aside_earlier_run
 
     output_dir = Path(output_dir)
     context = DistributedContext.from_environment()
@@ -330,6 +330,8 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
             logger.info("text tokenizer: %s, %d ids", recipe.text_tokenizer["type"],
                         model.text_tokenizer.vocab_size)
         if context.is_main:
+            if not resume:  # starting over: the earlier run's recipe and model go aside with its checkpoints
+                set_aside_earlier_run(output_dir, RUN_ENTRIES + (RECIPE_FILE, MODEL_DIR))
             recipe.save(output_dir / RECIPE_FILE)
             logger.info("training on %s", data.describe())
         if recipe.preference:

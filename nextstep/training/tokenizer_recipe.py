@@ -33,6 +33,9 @@ from nextstep.training.data.source import DataConfig
 logger = logging.getLogger("nextstep.training")
 
 PERCEPTUAL_NETWORKS = ("efficientnet_lite0", "none")
+#: Where a run puts the trained tokenizer and its held-out evaluation.
+TOKENIZER_DIR = "tokenizer"
+EVALUATION_DIR = "eval"
 
 
 @dataclass
@@ -130,7 +133,7 @@ def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, 
     from nextstep.training.distributed import DistributedContext
     from nextstep.training.recipe import RECIPE_FILE
     from nextstep.training.tokenizer_task import TokenizerTask
-    from nextstep.training.trainer import Trainer
+    from nextstep.training.trainer import RUN_ENTRIES, Trainer, set_aside_earlier_run
 
     output_dir = Path(output_dir)
     context = DistributedContext.from_environment()
@@ -139,6 +142,8 @@ def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, 
         datasets, repeats = build_datasets(recipe.data)
         data = TrainingData(combine(datasets, repeats), recipe.data.buckets(tokenizer.pixels_per_token))
         if context.is_main:
+            if not resume:  # starting over: the earlier run's recipe, tokenizer and report go aside too
+                set_aside_earlier_run(output_dir, RUN_ENTRIES + (RECIPE_FILE, TOKENIZER_DIR, EVALUATION_DIR))
             recipe.save(output_dir / RECIPE_FILE)
             logger.info("training on %s", data.describe())
         preview = held_out_crops(8, recipe.evaluation_size, seed=99)
@@ -150,12 +155,12 @@ def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, 
             tokenizer.eval()
             averaged = trainer.ema.applied_to(tokenizer) if trainer.ema is not None else nullcontext(tokenizer)
             with averaged:
-                save_flux_vae(tokenizer, output_dir / "tokenizer")
+                save_flux_vae(tokenizer, output_dir / TOKENIZER_DIR)
                 if recipe.evaluation_crops:
-                    report = run_tokenizer_evaluation(tokenizer, output_dir / "eval",
+                    report = run_tokenizer_evaluation(tokenizer, output_dir / EVALUATION_DIR,
                                                       count=recipe.evaluation_crops, size=recipe.evaluation_size)
                     logger.info("held-out PSNR %.2f dB, SSIM %.4f (report: %s)", report.psnr, report.ssim,
-                                output_dir / "eval" / "report.md")
+                                output_dir / EVALUATION_DIR / "report.md")
         return trainer
     finally:
         context.shutdown()

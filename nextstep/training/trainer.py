@@ -47,6 +47,31 @@ EARLIER_RUNS_DIR = "earlier-runs"
 RUN_ENTRIES = (CHECKPOINTS_DIR, LOG_FILE, TENSORBOARD_DIR, SAMPLES_DIR)
 
 
+def set_aside_earlier_run(output_dir: str | Path, names: tuple[str, ...] = RUN_ENTRIES,
+                          context: DistributedContext | None = None) -> Path | None:
+    """Move what an earlier run left in ``output_dir`` (the entries ``names``: by default its
+    checkpoints, logs and samples) into ``earlier-runs/<n>/``, the next free ``n``; returns that folder,
+    or None when there was nothing (or on a process other than the main one).
+
+    A run that starts over then neither mixes with the earlier checkpoints (which pruning, by step,
+    would keep over its own, and a later resume would pick) nor overwrites their log.
+    """
+    if context is not None and not context.is_main:
+        return None
+    output_dir = Path(output_dir)
+    entries = [output_dir / name for name in names if (output_dir / name).exists()]
+    if not entries:
+        return None
+    earlier = output_dir / EARLIER_RUNS_DIR
+    taken = [int(child.name) for child in earlier.iterdir() if child.name.isdigit()] if earlier.is_dir() else []
+    target = earlier / str(max(taken, default=0) + 1)
+    target.mkdir(parents=True)
+    for entry in entries:
+        os.replace(entry, target / entry.name)
+    logger.info("starting over: the earlier run's %s moved to %s", ", ".join(e.name for e in entries), target)
+    return target
+
+
 @dataclass
 class StepRecord:
     """The logged numbers of one optimiser step (averaged over micro-batches and processes)."""
@@ -150,26 +175,8 @@ class Trainer:
         return self.step
 
     def set_aside_earlier_run(self) -> Path | None:
-        """Move what an earlier run left in ``output_dir`` (its checkpoints, logs and samples,
-        `RUN_ENTRIES`) into ``earlier-runs/<n>/``, the next free ``n``; returns that folder, or None
-        when there was nothing (or on a process other than the main one).
-
-        A run that starts over then neither mixes with the earlier checkpoints (which pruning, by
-        step, would keep over its own, and a later resume would pick) nor overwrites their log.
-        """
-        if not self.context.is_main:
-            return None
-        entries = [self.output_dir / name for name in RUN_ENTRIES if (self.output_dir / name).exists()]
-        if not entries:
-            return None
-        earlier = self.output_dir / EARLIER_RUNS_DIR
-        taken = [int(child.name) for child in earlier.iterdir() if child.name.isdigit()] if earlier.is_dir() else []
-        target = earlier / str(max(taken, default=0) + 1)
-        target.mkdir(parents=True)
-        for entry in entries:
-            os.replace(entry, target / entry.name)
-        logger.info("starting over: the earlier run's %s moved to %s", ", ".join(e.name for e in entries), target)
-        return target
+        """`set_aside_earlier_run` of ``output_dir`` (the main process only)."""
+        return set_aside_earlier_run(self.output_dir, context=self.context)
 
     def _own_bad_samples(self, saved: dict | list) -> dict:
         """This process's bad-sample count from a checkpoint's: its own rank's when the job has as many
