@@ -98,16 +98,6 @@ def test_a_recipe_can_give_the_model_a_word_vocabulary_fitted_to_its_captions(tm
                  "--set", "train.sample_every=0"]) == 0
     assert [row["step"] for row in read_log(out / "train_log.csv")] == [1, 2, 3, 4]
 
-    # Starting over keeps the earlier run whole, its recipe and model included, beside the new one.
-    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1", "--no-resume",
-                 "--set", "train.sample_every=0"]) == 0
-    earlier = out / "earlier-runs" / "1"
-    assert sorted(p.name for p in earlier.iterdir()) == ["checkpoints", "model", "recipe.json", "samples",
-                                                         "train_log.csv"]
-    assert load_recipe(earlier / "recipe.json").train.max_steps == 4
-    assert [row["step"] for row in read_log(out / "train_log.csv")] == [1]
-    assert (out / "model" / "config.json").is_file() and load_recipe(out / "recipe.json").train.max_steps == 1
-
 
 def test_a_text_tokenizer_without_a_type_is_refused(tmp_path, capsys):
     recipe = tmp_path / "recipe.json"
