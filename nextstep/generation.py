@@ -78,21 +78,31 @@ def _source_images(images, num_prompts: int) -> list[torch.Tensor]:
     return tensors
 
 
-def encode_each(model: "NextStep", images: list[torch.Tensor]) -> list[tuple[torch.Tensor, int, int]]:
+def encode_each(model: "NextStep", images: list[torch.Tensor],
+                seeds: Sequence[int] | None = None) -> list[tuple[torch.Tensor, int, int]]:
     """Encode (1, 3, H, W) images, sizes may differ: (tokens (h*w, D) float32, h, w) for each, in order.
 
-    Images of one size are encoded together, one tokenizer call per size.
+    Images of one size are encoded together, one tokenizer call per size. A tokenizer that samples
+    its latents (`nextstep.tokenizers.base.ImageTokenizer.samples_latents`) encodes each image alone
+    instead, from a generator seeded ``seeds[i]`` (``i`` when None), so that an image's latents do not
+    depend on the batch it came in.
     """
-    reference = next(model.image_tokenizer.parameters(), None)
-    by_size: dict[tuple[int, int], list[int]] = {}
+    tokenizer = model.image_tokenizer
+    reference = next(tokenizer.parameters(), None)
+    if seeds is not None and len(seeds) != len(images):
+        raise ValueError(f"expected one seed per image ({len(images)}), found {len(seeds)}")
+    groups: dict[object, list[int]] = {}
     for index, image in enumerate(images):
-        by_size.setdefault(tuple(image.shape[-2:]), []).append(index)
+        groups.setdefault(index if tokenizer.samples_latents else tuple(image.shape[-2:]), []).append(index)
     sources: list[tuple[torch.Tensor, int, int]] = [None] * len(images)  # type: ignore[list-item]
-    for indices in by_size.values():
+    for indices in groups.values():
         batch = torch.cat([images[index] for index in indices])
         if reference is not None:
             batch = batch.to(reference.device, reference.dtype)
-        tokens, grid_h, grid_w = model.encode_images(batch)
+        generator = None
+        if tokenizer.samples_latents:
+            generator = torch.Generator().manual_seed(seeds[indices[0]] if seeds is not None else indices[0])
+        tokens, grid_h, grid_w = model.encode_images(batch, generator)
         for index, image_tokens in zip(indices, tokens):
             sources[index] = (image_tokens.float(), grid_h, grid_w)
     return sources
@@ -344,7 +354,9 @@ def generate_tokens(
     if negative_prompt is None:
         negative_prompt = EDITING_NEGATIVE_PROMPT if editing else ""
 
-    sources = encode_each(model, _source_images(images, len(prompts))) if editing else []
+    # A source image is encoded as when its prompt is generated alone, whose first image gets the seed.
+    source_seeds = [seed + index * num_images_per_prompt for index in range(len(prompts))]
+    sources = encode_each(model, _source_images(images, len(prompts)), source_seeds) if editing else []
     grid_h, grid_w = _output_grid(model, height, width, sources)
     conditional = [p + " " + positive_prompt if positive_prompt else p for p in prompts]
     rows = _branch_rows(model.sequences, conditional, negative_prompt, sources, (grid_h, grid_w), branches,

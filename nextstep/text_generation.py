@@ -181,6 +181,8 @@ def caption_images(model: "NextStep",
     """
     builder = model.sequences
     rows = []
-    for tokens, grid_h, grid_w in encode_each(model, as_image_list(images)):
+    images = as_image_list(images)
+    seeds = [kwargs.get("seed", 0) + index for index in range(len(images))]  # row r's seed, as for its text
+    for tokens, grid_h, grid_w in encode_each(model, images, seeds):
         rows.append((builder.image_block(grid_h, grid_w), [(len(builder.image_prefix(grid_h, grid_w)), tokens)]))
     return generate_text(model, rows, **kwargs)

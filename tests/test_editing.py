@@ -70,6 +70,34 @@ def test_batched_editing_equals_one_at_a_time(trained_like_model):
     torch.testing.assert_close(batched, torch.cat(serial), atol=1e-4, rtol=1e-4)
 
 
+
+def test_a_sampled_source_posterior_follows_the_seed_not_the_batch(trained_like_model):
+    """With a tokenizer that samples its latents, a source image is encoded from its prompt's seed: the same
+    call gives the same images, and a batch the images of its prompts edited alone; captions likewise."""
+    from nextstep.text_generation import caption_images
+
+    tokenizer = trained_like_model.image_tokenizer
+    config = tokenizer.config
+    tokenizer.config = config.replace(deterministic=False)
+    try:
+        assert tokenizer.samples_latents
+        sources = source_images(2)
+        prompts = ["blue", "a much longer instruction"]
+        batched, _, _ = generate_tokens(trained_like_model, prompts, images=sources, seed=4,
+                                        num_images_per_prompt=2, **ARGS)
+        torch.manual_seed(123)  # the global generator moves between the calls
+        again, _, _ = generate_tokens(trained_like_model, prompts, images=sources, seed=4,
+                                      num_images_per_prompt=2, **ARGS)
+        torch.testing.assert_close(batched, again)
+        serial = [generate_tokens(trained_like_model, [prompts[i]], images=sources[i:i + 1], seed=4 + 2 * i,
+                                  num_images_per_prompt=2, **ARGS)[0] for i in range(2)]
+        torch.testing.assert_close(batched, torch.cat(serial), atol=1e-4, rtol=1e-4)
+        captions = caption_images(trained_like_model, sources, seed=7, max_new_tokens=4, temperature=1.0)
+        alone = caption_images(trained_like_model, sources[1:], seed=8, max_new_tokens=4, temperature=1.0)
+        assert captions.ids[1] == alone.ids[0]
+    finally:
+        tokenizer.config = config
+
 def reference_editing(model, instruction, source, negative, seed, num_steps, cfg, cfg_img):
     """Editing without a KV cache: every branch's whole sequence is recomputed for each token."""
     builder = model.sequences
