@@ -171,7 +171,8 @@ def caption_images(model: "NextStep",
                    **kwargs: Any) -> GeneratedText:
     """Caption images: each is encoded by the image tokenizer and read as
     ``<|image_area|>{h}*{w}<|begin_of_image|>{tokens}<|end_of_image|>``, then the model writes
-    until ``<|endoftext|>``.
+    until ``<|endoftext|>``, or until it starts another image (``<|image_area|>``), which text
+    generation cannot fill.
 
     Args:
         model: the model.
@@ -183,6 +184,8 @@ def caption_images(model: "NextStep",
     rows = []
     images = as_image_list(images)
     seeds = [kwargs.get("seed", 0) + index for index in range(len(images))]  # row r's seed, as for its text
+    tokenizer = model.require_text_tokenizer()
+    kwargs.setdefault("stop_ids", [tokenizer.eos_id, tokenizer.image_area_id])
     for tokens, grid_h, grid_w in encode_each(model, images, seeds):
         rows.append((builder.image_block(grid_h, grid_w), [(len(builder.image_prefix(grid_h, grid_w)), tokens)]))
     return generate_text(model, rows, **kwargs)

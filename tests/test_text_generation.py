@@ -121,6 +121,11 @@ def test_captioning_reads_the_image_first_and_takes_pil_images_or_tensors(traine
     mixed = caption_images(model, [pil[0], Image.new("RGB", (48, 32), "white")], max_new_tokens=3)
     assert mixed.ids[0] == direct.ids[0][:len(mixed.ids[0])]
     assert model.caption(pil, max_new_tokens=5) == from_pil.texts
+    # A caption ends where another image would begin, as a completion does.
+    area = model.text_tokenizer.image_area_id
+    only_area = [i for i in range(model.text_tokenizer.vocab_size) if i != area]
+    forced = caption_images(model, pil[:1], max_new_tokens=4, banned_ids=only_area)
+    assert forced.ids == [[area]] and forced.stopped == [True]
 
 
 def from_pil_tensor(image):
