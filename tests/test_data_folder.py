@@ -100,3 +100,34 @@ def test_tracker_without_a_known_size_uses_the_read_rate():
     tracker.update(1, ["b"])  # 2 of 201: still under 1 %
     with pytest.raises(DataQualityError, match="3 unreadable samples of the 202 samples read"):
         tracker.update(1, ["c"])
+
+
+def test_photos_stand_as_their_exif_orientation_says_and_wide_modes_keep_their_levels(tmp_path):
+    import numpy as np
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown turned a quarter: portrait
+    Image.new("RGB", (64, 32), "red").save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    (tmp_path / "phone.txt").write_text("\ufeffa phone photo\n", encoding="utf-8")  # with a byte-order mark
+    Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    (tmp_path / "grey16.txt").write_text("mid grey")
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path)))
+    by_caption = {dataset.load(i).caption: i for i in range(len(dataset))}
+    phone = by_caption["a phone photo"]
+    assert dataset.image_size(phone) == (32, 64) and dataset.load(phone).image.size == (32, 64)
+    assert dataset.load(by_caption["mid grey"]).image.getpixel((0, 0)) == (128, 128, 128)
+    # Transparent pixels of palette and premultiplied modes lie on white, as those of RGBA do.
+    from nextstep.training.data.base import to_rgb
+
+    transparent = Image.new("PA", (4, 4))
+    transparent.putpalette([0, 0, 0] * 256)
+    for image in (transparent, Image.new("La", (4, 4)), Image.new("RGBa", (4, 4))):
+        assert to_rgb(image).getpixel((0, 0)) == (255, 255, 255), image.mode
+
+
+def test_the_content_fingerprint_follows_pixels_and_captions(tmp_path):
+    _write_images(tmp_path, 2)
+    before = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path))).content_fingerprint()
+    assert ImageFolderDataset(ImageFolderConfig(path=str(tmp_path))).content_fingerprint() == before
+    (tmp_path / "img001.txt").write_text("another caption")
+    assert ImageFolderDataset(ImageFolderConfig(path=str(tmp_path))).content_fingerprint() != before

@@ -288,9 +288,10 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
     if context.is_main:
         for dataset, spec, folder in zip(datasets, config.datasets, folders):
             description = json.dumps({k: v for k, v in spec.items() if k != "repeat"}, sort_keys=True)
+            contents = dataset.content_fingerprint()  # files a user may change under the same spec
             build_latent_cache(model.image_tokenizer, dataset, buckets, folder, device=context.device,
                                max_bad_fraction=recipe.train.max_bad_fraction, progress=show_progress,
-                               source=f"{description} {buckets}")
+                               source=f"{description} {buckets}" + (f" {contents}" if contents else ""))
     else:
         # Encoding can outlast a collective's timeout: wait for the finished indexes instead.
         while not all((folder / INDEX_FILE).is_file() for folder in folders):

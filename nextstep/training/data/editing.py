@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from nextstep.config import Config, require
-from nextstep.training.data.base import ImageTextDataset, ImageTextSample
+from nextstep.training.data.base import ImageTextDataset, ImageTextSample, oriented_size
 from nextstep.training.data.folder import IMAGE_ERRORS, open_image
 from nextstep.training.data.manifest import manifest_entries
 from nextstep.training.data.registry import register_dataset
@@ -59,7 +59,7 @@ class EditingManifestDataset(ImageTextDataset):
             source, target = manifest.parent / entry["source"], manifest.parent / entry["target"]
             try:
                 with Image.open(target) as image:
-                    size = image.size
+                    size = oriented_size(image)
             except IMAGE_ERRORS as error:
                 self.known_bad.append(f"{target} (unreadable header: {error})")
                 continue

@@ -14,6 +14,7 @@ header is fine but whose pixels are broken are caught when loaded.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,13 @@ from pathlib import Path
 from PIL import Image
 
 from nextstep.config import Config, require
-from nextstep.training.data.base import CorruptSampleError, ImageTextDataset, ImageTextSample, to_rgb
+from nextstep.training.data.base import (
+    CorruptSampleError,
+    ImageTextDataset,
+    ImageTextSample,
+    oriented_size,
+    to_rgb,
+)
 from nextstep.training.data.manifest import manifest_entries
 from nextstep.training.data.registry import register_dataset
 
@@ -95,7 +102,7 @@ class ImageFolderDataset(ImageTextDataset):
             if size is None:
                 try:
                     with Image.open(path) as image:
-                        size = image.size
+                        size = oriented_size(image)
                 except IMAGE_ERRORS as error:
                     self.known_bad.append(f"{path} (unreadable header: {error})")
                     continue
@@ -104,6 +111,16 @@ class ImageFolderDataset(ImageTextDataset):
             self.sizes.append(size)
         for entry in self.known_bad:
             logger.warning("skipped unreadable image %s", entry)
+
+    def content_fingerprint(self) -> str:
+        """A digest of every sample's image file (name, size, modification time) and caption."""
+        root = Path(self.config.path)
+        base = root.parent if root.is_file() else root
+        digest = hashlib.sha256()
+        for path, caption in zip(self.paths, self.captions):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(base)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{caption}\n".encode())
+        return digest.hexdigest()[:16]
 
     def _read_sidecars(self, root: Path):
         extensions = {e.lower() for e in self.config.extensions}
@@ -116,7 +133,7 @@ class ImageFolderDataset(ImageTextDataset):
                     f"image {image} has no caption: expected the file {caption_file} "
                     "(or list the images in a JSONL manifest with a 'caption' field)"
                 )
-            records.append((image, caption_file.read_text(encoding="utf-8").strip(), None))
+            records.append((image, caption_file.read_text(encoding="utf-8-sig").strip(), None))
         return records
 
     def _read_manifest(self, manifest: Path):

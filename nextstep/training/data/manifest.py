@@ -18,7 +18,7 @@ def manifest_entries(manifest: Path, required: tuple[str, ...] = ()) -> Iterator
         ValueError: a line that is not a JSON object, or lacks a required string,
             naming the file, the line and what it expected.
     """
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(manifest.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from nextstep.config import Config, require
-from nextstep.training.data.base import ImageTextDataset, ImageTextSample
+from nextstep.training.data.base import ImageTextDataset, ImageTextSample, oriented_size
 from nextstep.training.data.folder import IMAGE_ERRORS, open_image
 from nextstep.training.data.manifest import manifest_entries
 from nextstep.training.data.registry import register_dataset
@@ -167,7 +167,7 @@ class PreferenceManifestDataset(ImageTextDataset):
             chosen, rejected = manifest.parent / entry["chosen"], manifest.parent / entry["rejected"]
             try:
                 with Image.open(chosen) as image:
-                    size = image.size
+                    size = oriented_size(image)
             except IMAGE_ERRORS as error:
                 raise ValueError(f"{manifest} line {number}: cannot read {chosen}: {error}") from None
             self.records.append((entry["caption"], chosen, rejected))

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nextstep.config import Config, require
-from nextstep.training.data.base import CorruptSampleError, ImageTextBatch, ImageTextSample
+from nextstep.training.data.base import CorruptSampleError, ImageTextBatch, ImageTextSample, oriented_size
 from nextstep.training.data.buckets import AspectRatioBuckets
 from nextstep.training.data.folder import IMAGE_ERRORS, open_image
 from nextstep.training.data.loader import BatchLayout, collate_samples, mix_seed
@@ -230,7 +230,7 @@ class StreamingBatches(IterableDataset):
             try:
                 _, data = self.dataset.image_bytes(raw)
                 with Image.open(io.BytesIO(data)) as image:
-                    width, height = image.size
+                    width, height = oriented_size(image)
             except (CorruptSampleError, *IMAGE_ERRORS) as error:
                 bad.append(f"{raw.shard}:{raw.key} ({error})")
                 continue
