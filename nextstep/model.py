@@ -50,6 +50,17 @@ class LossOutput:
     image_per_row: torch.Tensor | None = None
 
 
+def _first_rows(draw_rows: torch.Tensor) -> torch.Tensor:
+    """(U,) the first row of each index 0..U-1 of ``draw_rows`` (B,)."""
+    count = int(draw_rows.max()) + 1
+    rows = torch.arange(draw_rows.shape[0], device=draw_rows.device)
+    firsts = torch.full((count,), draw_rows.shape[0], device=draw_rows.device).scatter_reduce(
+        0, draw_rows, rows, reduce="amin")
+    if int(firsts.max()) >= draw_rows.shape[0]:
+        raise ValueError(f"draw_rows must use every index from 0 to {count - 1}, found {draw_rows.tolist()}")
+    return firsts
+
+
 class NextStep(nn.Module):
     """Autoregressive text-to-image model over continuous image tokens.
 
@@ -153,15 +164,24 @@ class NextStep(nn.Module):
         return input_ids if self.word_vectors is None else self.word_vectors.table_ids(input_ids)
 
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, image_tokens: torch.Tensor, *,
-              substitute: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+              substitute: bool = False, generator: torch.Generator | None = None,
+              draw_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings (B, L, H): text embeddings (see `embed_text`), image projections at
-        image positions."""
-        text = self.embed_text(input_ids, substitute=substitute, generator=generator)
+        image positions. Rows with one ``draw_rows`` index (B,) read their text with the same
+        substitutions, those of the first of them; they must hold the same ids."""
+        if draw_rows is None:
+            text = self.embed_text(input_ids, substitute=substitute, generator=generator)
+        else:
+            firsts = _first_rows(draw_rows)
+            if not torch.equal(input_ids, input_ids[firsts][draw_rows]):
+                raise ValueError("rows that share their random draws (draw_rows) must hold the same text ids")
+            text = self.embed_text(input_ids[firsts], substitute=substitute, generator=generator)[draw_rows]
         image = self.image_in_projector(image_tokens.to(text.dtype))
         return torch.where(image_mask[..., None], image, text)
 
     def hidden_states(self, batch: SequenceBatch, context: torch.Tensor | None = None, *, substitute: bool = False,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, draw_rows: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """The backbone's hidden states (B, L, H) of a batch read whole (teacher forcing).
 
         Args:
@@ -170,15 +190,17 @@ class NextStep(nn.Module):
                 (the training loss passes them with context noise).
             substitute: apply the word-vector training substitutions (see `embed_text`).
             generator: the source of those substitutions.
+            draw_rows: (B,) rows with one index share their substitutions (see `embed`).
         """
         context = batch.image_tokens if context is None else context
-        embeds = self.embed(batch.input_ids, batch.image_mask, context, substitute=substitute, generator=generator)
+        embeds = self.embed(batch.input_ids, batch.image_mask, context, substitute=substitute, generator=generator,
+                            draw_rows=draw_rows)
         mask = batch.backbone_mask
         return self.backbone(embeds, positions_from_mask(mask), mask)
 
     def forward(self, batch: SequenceBatch, generator: torch.Generator | None = None,
-                context_noise: float = 0.0, flow_draws: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> LossOutput:
+                context_noise: float = 0.0, flow_draws: tuple[torch.Tensor, torch.Tensor] | None = None,
+                draw_rows: torch.Tensor | None = None) -> LossOutput:
         """Teacher-forced losses of a batch.
 
         The hidden state at position i (after ``image_out_projector``) conditions
@@ -197,19 +219,28 @@ class NextStep(nn.Module):
                 target's flow error is taken once at its given (t, x0)
                 (`nextstep.heads.base.ImageHead.flow_error`). Preference training reads
                 two models, or two images of one prompt, at the same draws.
+            draw_rows: (B,) indices from 0: rows with one index read their context with the same
+                noise and their text with the same word substitutions (the draws of the first
+                of them), as the two images of a preference pair are; None draws for each row.
+                Not with packed sequences.
         """
         context = batch.image_tokens
+        if draw_rows is not None and batch.document_ids is not None:
+            raise ValueError("draw_rows shares draws between whole rows; packed sequences draw per sequence")
         if context_noise > 0:
-            rows = context.shape[0]
+            rows = context.shape[0] if draw_rows is None else int(draw_rows.max()) + 1
             if batch.document_ids is None:
                 scale = torch.rand(rows, 1, 1, generator=generator, device=context.device) * context_noise
             else:  # one scale per packed sequence
                 documents = int(batch.document_ids.max()) + 1
                 scales = torch.rand(rows, documents, generator=generator, device=context.device) * context_noise
                 scale = scales.gather(1, batch.document_ids)[..., None]  # (B, L, 1)
-            noise = torch.randn(context.shape, generator=generator, device=context.device)
+            noise = torch.randn((rows, *context.shape[1:]), generator=generator, device=context.device)
+            if draw_rows is not None:
+                scale, noise = scale[draw_rows], noise[draw_rows]
             context = context + (scale * noise).to(context.dtype)
-        hidden = self.hidden_states(batch, context, substitute=self.training, generator=generator)  # (B, L, H)
+        hidden = self.hidden_states(batch, context, substitute=self.training, generator=generator,
+                                    draw_rows=draw_rows)  # (B, L, H)
         previous = hidden[:, :-1]
 
         text_mask = batch.text_target_mask[:, 1:]

@@ -101,7 +101,35 @@ def test_at_the_start_the_model_is_its_reference_and_the_loss_is_log_2():
     result = task.loss(model, preference_batch(), torch.Generator().manual_seed(0))
     assert result.metrics["margin"] == 0.0
     assert result.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    # Every trained parameter gets a gradient, the LM head's a zero one, as data-parallel training needs.
+    result.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
+
+
+def test_the_two_images_of_a_pair_read_the_same_context_noise_and_word_substitutions():
+    model = build_model("tiny", seed=0).train()
+    task = PreferenceTask(model, beta=500, context_noise=0.5)
+    batch, pairs = preference_batch(), 4
+    read = []
+    hook = model.image_in_projector.register_forward_hook(lambda module, inputs, out: read.append(inputs[0]))
+    task.loss(model, batch, torch.Generator().manual_seed(0))
+    hook.remove()
+    sequences, _ = task.pair_sequences(batch)
+    noise = (read[0] - sequences.image_tokens).detach()  # the policy's context noise, (2B, L, D)
+    assert noise.abs().sum() > 0
+    torch.testing.assert_close(noise[:pairs], noise[pairs:], rtol=0, atol=1e-6)  # up to the images' rounding
+
+    from nextstep import load_model
+
+    worded = load_model("emoji-shapes-64").train()  # word vectors, substituted at a rate of 0.4
+    ids = torch.tensor([worded.text_tokenizer.encode("a red circle to the left of a blue square and a "
+                                                     "green triangle")] * 2)
+    mask, tokens = torch.zeros(ids.shape, dtype=torch.bool), torch.zeros(*ids.shape, worded.token_dim)
+    shared = worded.embed(ids, mask, tokens, substitute=True, generator=torch.Generator().manual_seed(0),
+                          draw_rows=torch.tensor([0, 0]))
+    apart = worded.embed(ids, mask, tokens, substitute=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shared[0], shared[1]) and not torch.equal(apart[0], apart[1])
 
 def test_training_prefers_the_chosen_images_and_swapping_them_flips_the_margin():
     model = build_model("tiny", seed=0)

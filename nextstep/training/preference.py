@@ -89,8 +89,11 @@ class PreferenceTask(TextToImageTask):
                              shift=getattr(head_config, "time_shift", 1.0), generator=generator, device=device)
         noise = torch.randn(pairs * count, self.model.token_dim, generator=generator, device=device)
         draws = (times.repeat(2), noise.repeat(2, 1))  # the same draws for each token of w and of l
+        # ... and the same context noise and word substitutions for the two images of a pair.
+        pair_rows = torch.arange(pairs, device=device).repeat(2)
         state = generator.get_state()
-        policy = module(sequences, generator=generator, context_noise=self.context_noise, flow_draws=draws)
+        policy = module(sequences, generator=generator, context_noise=self.context_noise, flow_draws=draws,
+                        draw_rows=pair_rows)
         if next(self.reference.parameters()).device != device:
             self.reference.to(device)
         self.reference.train(self.model.training)
@@ -98,7 +101,7 @@ class PreferenceTask(TextToImageTask):
         same.set_state(state)
         with torch.no_grad():
             reference = self.reference(sequences, generator=same, context_noise=self.context_noise,
-                                       flow_draws=draws)
+                                       flow_draws=draws, draw_rows=pair_rows)
         errors, reference_errors = policy.image_per_row, reference.image_per_row  # (2B,)
         gain = reference_errors - errors  # how much lower the policy's error is than the reference's
         margin = gain[:pairs] - gain[pairs:]  # (B,)
@@ -111,4 +114,7 @@ class PreferenceTask(TextToImageTask):
             sft = errors[:pairs].mean()  # the flow-matching loss of the preferred images, at the same draws
             loss = loss + self.sft_weight * sft
             metrics["sft_loss"] = float(sft.detach())
+        # The LM head takes no part in the preference loss; a zero share of the text loss gives every
+        # parameter a gradient, as data-parallel training needs.
+        loss = loss + 0.0 * policy.text
         return StepResult(loss=loss, metrics=metrics, num_tokens=int(sequences.attention_mask.sum()))
