@@ -292,11 +292,8 @@ class NextStep(nn.Module):
         tokenizer = self.image_tokenizer
         tokenizer.grid_size(int(images.shape[-2]), int(images.shape[-1]))
         if generator is not None and tokenizer.samples_latents:
-            seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
-            devices = [images.device.index or 0] if images.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices, device_type="cuda"):
-                torch.manual_seed(seed)
-                latents = tokenizer.encode(images)
+            latents = tokenizer.encode_seeded(images, int(torch.randint(0, 2**62, (), generator=generator,
+                                                                        device=generator.device)))
         else:
             latents = tokenizer.encode(images)
         tokens = self.image_tokenizer.patchify(latents)

@@ -131,6 +131,9 @@ def test_text_tokenizer_contract(hf_tokenizer_dir):
         assert isinstance(tokenizer.fit([text]), type(tokenizer)), name
         if tokenizer.byte_id(ord("a")) is not None:
             assert tokenizer.decode([tokenizer.byte_id(ord("a"))]) == "a", name
+    # Bytes read any string back, a lone surrogate too.
+    byte = tokenizers["byte"]
+    assert byte.decode(byte.encode("a\ud800b")) == "a\ud800b" and byte.decode([0xFF, 0x61]) == "\ufffda"
 
 
 # ----------------------------------------------------------------------- backbones

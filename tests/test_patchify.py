@@ -70,3 +70,18 @@ def test_a_sampled_posterior_keeps_its_spread_around_the_standardised_mean():
     deterministic.load_state_dict(vae.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(deterministic.encode(images), (standardize_channels(mean) - 0.25) * 0.5)
+
+
+
+def test_a_sampled_reconstruction_draws_only_from_its_generator():
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4, deterministic=False))
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        first = vae(images, 0.2, torch.Generator().manual_seed(3))
+        torch.manual_seed(11)  # the global generator moves between the calls
+        second = vae(images, 0.2, torch.Generator().manual_seed(3))
+        assert torch.equal(first, second)
+        state = torch.random.get_rng_state()
+        seeded = vae.encode_seeded(images, 5)
+        assert torch.equal(torch.random.get_rng_state(), state)  # the global state stays as it was
+        assert torch.equal(seeded, vae.encode_seeded(images, 5))

@@ -67,6 +67,16 @@ class ImageTokenizer(nn.Module, ABC):
         repeats exactly; False by default."""
         return False
 
+    def encode_seeded(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        """`encode`, its random draws (when it `samples_latents`) seeded by ``seed`` and kept apart from
+        the global random state, which stays as it was."""
+        if not self.samples_latents:
+            return self.encode(images)
+        devices = [images.device.index or 0] if images.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.manual_seed(seed)
+            return self.encode(images)
+
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, h, w) -> images (B, 3, h*f, w*f), roughly in [-1, 1]."""

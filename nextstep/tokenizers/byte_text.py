@@ -33,7 +33,7 @@ class ByteTextTokenizer(TextTokenizer):
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, found {type(text).__name__}")
-        return list(text.encode("utf-8"))
+        return list(text.encode("utf-8", errors="surrogatepass"))  # a lone surrogate too
 
     def decode(self, ids: list[int]) -> str:
         pieces: list[str] = []
@@ -43,10 +43,10 @@ class ByteTextTokenizer(TextTokenizer):
             if token < 256:
                 buffer.append(token)
                 continue
-            pieces.append(buffer.decode("utf-8", errors="replace"))
+            pieces.append(_decode_bytes(buffer))
             buffer.clear()
             pieces.append(self._text_of(token))
-        pieces.append(buffer.decode("utf-8", errors="replace"))
+        pieces.append(_decode_bytes(buffer))
         return "".join(pieces)
 
     def _text_of(self, token: int) -> str:
@@ -72,3 +72,12 @@ class ByteTextTokenizer(TextTokenizer):
     @property
     def vocab_size(self) -> int:
         return 256 + len(self.specials)
+
+
+def _decode_bytes(data: bytearray) -> str:
+    """UTF-8 text of ``data``: what `ByteTextTokenizer.encode` made decodes back exactly (lone
+    surrogates included); any other invalid bytes become replacement characters."""
+    try:
+        return data.decode("utf-8", errors="surrogatepass")
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace")

@@ -326,9 +326,10 @@ class FluxVAE(ImageTokenizer):
         """Reconstruct images (B, 3, H, W): ``decode(perturb(encode(images), noise_gamma))``.
 
         With ``noise_gamma > 0`` the normalised latents get NextStep-1's training
-        noise (`perturb_latents`); 0 gives the plain reconstruction.
+        noise (`perturb_latents`); 0 gives the plain reconstruction. ``generator`` is
+        the source of every draw (a sampled posterior's too).
         """
-        latents = perturb_latents(self.encode(images), noise_gamma, generator)
+        latents = perturb_latents(self.encode(images, generator), noise_gamma, generator)
         return self.decode(latents)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

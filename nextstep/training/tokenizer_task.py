@@ -45,6 +45,7 @@ class TokenizerTask(TrainingTask):
         if batch.images is None:
             raise ValueError("tokenizer training needs image batches; this batch holds cached tokens only")
         images = batch.images.to(self.device)
+        self.objective.to(images.device)  # the perceptual network goes where the tokenizer is (once)
         out = self.objective(module, images, generator)
         pixels = images.shape[0] * images.shape[-2] * images.shape[-1]
         metrics = {"l1": float(out.l1.detach()), "mse": float(out.mse.detach()),

@@ -157,14 +157,8 @@ def build_latent_cache(
                     "image-caption pairs only, so train them from images (leave data.latent_cache empty)"
                 )
             batch = collate_samples(samples, height, width)
-            images = batch.images.to(device)
-            if tokenizer.samples_latents:  # one posterior sample per image, the same on every build
-                cuda = [images.device.index or 0] if images.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-                    torch.manual_seed(indices[start])
-                    latents = tokenizer.encode(images)
-            else:
-                latents = tokenizer.encode(images)
+            # A sampled posterior: the same sample of each image on every build.
+            latents = tokenizer.encode_seeded(batch.images.to(device), indices[start])
             tokens = tokenizer.patchify(latents).float().cpu()  # (B, N, D)
             pending_tokens.append(tokens)
             pending_keys.extend(batch.keys)
