@@ -143,6 +143,18 @@ def test_generate_tokens_takes_a_token_sampler(trained_like_model, sampler, cand
     torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
 
 
+
+def test_one_sampler_serves_the_same_rows_split_another_way(trained_like_model):
+    """Two images without guidance, then one image with CFG: two backbone rows both times, but other
+    buffers; the second generation must not decode into the first one's."""
+    model = trained_like_model.eval()
+    fast = FastTokenSampler(model, capture=False, use_kernels=False)
+    settings = dict(height=32, width=32, num_steps=3, seed=1, sampler="euler")
+    for prompts, cfg in ((["a", "b"], 1.0), (["a"], 3.0)):
+        expected, _, _ = generate_tokens(model, prompts, cfg=cfg, **settings)
+        found, _, _ = generate_tokens(model, prompts, cfg=cfg, token_sampler=fast, **settings)
+        torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+
 def test_a_token_sampler_of_another_model_is_refused(trained_like_model):
     from nextstep import build_model
 

@@ -213,7 +213,10 @@ class FastTokenSampler:
             elif self._fused_stack.refresh():
                 self._decode_steps.clear()  # their graphs read the weights where they were
         entry = self._decode_steps.get(rows)
-        if entry is None or entry[0].cache is not cache:
+        # A step reads and writes one cache and one set of buffers: the same rows may come as another
+        # split into branches and images, whose buffers are others.
+        if entry is None or entry[0].cache is not cache or entry[0].embeds is not buffers.embeds \
+                or entry[0].hidden is not buffers.hidden:
             stack = self._fused_stack if fused else None
             if self.compile_backbone and ready:
                 if self._compiled_stack is None:
