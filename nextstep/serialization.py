@@ -49,8 +49,14 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
             model.text_tokenizer.save(staging)
         config = model.current_config()
         config.save(staging / CONFIG_NAME)
-        state = {}
+        state, saved = {}, set()
         for name, tensor in weights.items():
+            # A tensor shared under two names (tied weights) is written once, under its first name;
+            # loading fills every name of it.
+            key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+            if tensor.numel() and key in saved:
+                continue
+            saved.add(key)
             dtype = _storage_dtype(name, storage_dtypes) if tensor.is_floating_point() else None
             state[name] = tensor_to_save(tensor, dtype)
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -114,3 +114,22 @@ def test_a_nextstep_model_runs_and_round_trips_with_the_adapter(tmp_path):
     assert isinstance(again.backbone, HFBackbone)
     tokens_again, _, _ = generate_tokens(again, ["a red circle"], height=32, width=32, num_steps=2, cfg=2.0)
     torch.testing.assert_close(tokens_again, tokens)
+
+
+def test_a_model_whose_backbone_came_from_a_directory_saves_without_it(tmp_path):
+    """The saved model holds the backbone's architecture and weights: it loads after the directory is gone."""
+    import shutil
+
+    preset = tiny()
+    hf_fields = {k: v for k, v in preset.backbone.config.to_hf_config().items()
+                 if k not in ("model_type", "architectures")}
+    torch.manual_seed(1)
+    Qwen2ForCausalLM(Qwen2Config(**hf_fields)).save_pretrained(str(tmp_path / "qwen"))
+    spec = ComponentSpec("backbone", "huggingface", HFBackboneConfig(path=str(tmp_path / "qwen")))
+    model = build_model(preset.replace(backbone=spec), seed=0).eval()
+    assert model.backbone.config.path == "" and model.backbone.config.model_config["model_type"] == "qwen2"
+    model.save_pretrained(tmp_path / "saved")
+    shutil.rmtree(tmp_path / "qwen")
+    again = type(model).from_pretrained(tmp_path / "saved")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name

@@ -169,3 +169,25 @@ def test_storage_dtypes_name_what_is_wrong(tiny_model, tmp_path, storage, messag
     with pytest.raises(ValueError, match=message):
         tiny_model.save_pretrained(tmp_path / "out", storage_dtypes=storage)
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_shared_under_two_names_are_saved_once_and_fill_both(tmp_path):
+    """A component that ties two of its weights saves (safetensors refuses one memory under two names)."""
+    import copy
+
+    from nextstep.weights import load_safetensors
+
+    model = build_model("tiny", seed=0)
+    blocks = model.image_head.net.res_blocks
+    blocks[1].mlp[0].weight = blocks[0].mlp[0].weight  # tied, as a component could tie them
+    model.save_pretrained(tmp_path / "tied")
+    names = load_file(str(tmp_path / "tied" / "model.safetensors")).keys()
+    assert "image_head.net.res_blocks.0.mlp.0.weight" in names
+    assert "image_head.net.res_blocks.1.mlp.0.weight" not in names
+    loaded = copy.deepcopy(model)  # the same ties
+    with torch.no_grad():
+        for parameter in loaded.parameters():
+            parameter.zero_()
+    load_safetensors(loaded, tmp_path / "tied" / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -35,7 +35,9 @@ class HFBackboneConfig(Config):
 
     Args:
         path: a local directory with ``config.json`` and weights (a causal-LM
-            checkpoint loads too: its LM head is dropped). Nothing is downloaded.
+            checkpoint loads too: its LM head is dropped). Nothing is downloaded. Once
+            built, the backbone records the checkpoint's architecture as ``model_config``
+            instead, so that a saved model does not need the directory.
         model_config: the fields of a transformers config, including
             ``model_type`` (for example ``{"model_type": "qwen2", "hidden_size": 64, ...}``);
             the model is built with random weights.
@@ -161,6 +163,8 @@ class HFBackbone(Backbone):
             if config is None:
                 raise ValueError("HFBackbone needs an HFBackboneConfig or a model")
             model = self._build(config)
+            if config.path:  # the architecture is known now: a saved model needs the path no more
+                config = config.replace(path="", model_config=model.config.to_dict())
         else:
             model = getattr(model, "base_model", model)
             if config is None:
@@ -178,12 +182,18 @@ class HFBackbone(Backbone):
         from transformers import AutoConfig, AutoModel
 
         dtype = DTYPES.get(config.dtype, config.dtype)
-        if config.path:
+        # Built on the meta device (a saved NextStep model being loaded, whose file holds these
+        # weights): the checkpoint's architecture alone, as transformers loads no weights there.
+        on_meta = torch.empty(()).device.type == "meta"
+        if config.path and not on_meta:
             return AutoModel.from_pretrained(config.path, local_files_only=True,
                                              attn_implementation=config.attn_implementation,
                                              **{_dtype_argument(): dtype})
-        fields = dict(config.model_config)
-        hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        if config.path:
+            hf_config = AutoConfig.from_pretrained(config.path, local_files_only=True)
+        else:
+            fields = dict(config.model_config)
+            hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         model = AutoModel.from_config(hf_config, attn_implementation=config.attn_implementation)
         return model if dtype == "auto" else model.to(dtype)
 
