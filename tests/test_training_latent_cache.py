@@ -128,3 +128,24 @@ def test_an_index_of_format_1_is_kept_for_its_own_tokenizer_and_upgraded(tmp_pat
     assert upgraded == {**index, "format_version": 2}
     assert upgraded["fingerprint"] == _with_source(tokenizer_fingerprint(vae), "shapes")
     build(new_decoder, folder, source="shapes")  # from now on a new decoder keeps the cache
+
+
+def test_every_process_learns_that_the_main_one_refused_a_cache(tmp_path):
+    """A process other than the main one hears of a refused cache and stops too, instead of waiting for
+    a main process that stopped."""
+    from nextstep.training.distributed import DistributedContext
+    from nextstep.training.recipe import RecipeConfig, recipe_training_data
+
+    recipe = RecipeConfig.from_dict({"model": "tiny", "data": {
+        "datasets": [{"type": "shapes", "num_samples": 8, "size": 32}], "resolution": 32,
+        "latent_cache": str(tmp_path / "cache")}})
+
+    class OtherRank(DistributedContext):
+        is_main = False
+
+        def broadcast_object(self, value):  # what the main process found
+            return "the latent cache at ... was built from another tokenizer encoder or dataset"
+
+    with pytest.raises(ValueError, match="another tokenizer encoder or dataset"):
+        recipe_training_data(recipe, build_model("tiny", seed=0), OtherRank())
+    assert not (tmp_path / "cache").exists()  # it neither built nor waited for one

@@ -271,6 +271,7 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
         LatentCacheConfig,
         LatentCacheDataset,
         build_latent_cache,
+        latent_cache_ready,
     )
     from nextstep.training.data.source import TrainingData, build_datasets, combine
     from nextstep.training.distributed import DistributedContext
@@ -285,13 +286,28 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
         raise ValueError("data.latent_cache works with map-style datasets, not with webdataset streams")
     folders = [Path(config.latent_cache) / f"{number:02d}-{spec['type']}"
                for number, spec in enumerate(config.datasets)]
+    sources = []
+    for dataset, spec in zip(datasets, config.datasets):
+        description = json.dumps({k: v for k, v in spec.items() if k != "repeat"}, sort_keys=True)
+        contents = dataset.content_fingerprint()  # files a user may change under the same spec
+        sources.append(f"{description} {buckets}" + (f" {contents}" if contents else ""))
+    # Rank 0 checks the caches first and every process learns of a refused one: the others would
+    # otherwise wait at the barrier below for a rank that stopped.
+    refused = None
     if context.is_main:
-        for dataset, spec, folder in zip(datasets, config.datasets, folders):
-            description = json.dumps({k: v for k, v in spec.items() if k != "repeat"}, sort_keys=True)
-            contents = dataset.content_fingerprint()  # files a user may change under the same spec
+        try:
+            for dataset, folder, source in zip(datasets, folders, sources):
+                latent_cache_ready(model.image_tokenizer, dataset, folder, source)
+        except ValueError as error:
+            refused = str(error)
+    refused = context.broadcast_object(refused)
+    if refused is not None:
+        raise ValueError(refused)
+    if context.is_main:
+        for dataset, folder, source in zip(datasets, folders, sources):
             build_latent_cache(model.image_tokenizer, dataset, buckets, folder, device=context.device,
                                max_bad_fraction=recipe.train.max_bad_fraction, progress=show_progress,
-                               source=f"{description} {buckets}" + (f" {contents}" if contents else ""))
+                               source=source)
     else:
         # Encoding can outlast a collective's timeout: wait for the finished indexes instead.
         while not all((folder / INDEX_FILE).is_file() for folder in folders):

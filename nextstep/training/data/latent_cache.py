@@ -80,6 +80,32 @@ def _existing_cache_matches(index: dict, index_path: Path, tokenizer: torch.nn.M
     return True
 
 
+def latent_cache_ready(tokenizer: ImageTokenizer, dataset: ImageTextDataset, directory: str | Path,
+                       source: str = "") -> bool:
+    """Whether ``directory`` holds the complete cache of ``dataset`` through this tokenizer's encoder
+    (False: there is none yet, build it); a cache of another encoder or dataset raises.
+
+    Args:
+        tokenizer, dataset, directory, source: as for `build_latent_cache`.
+
+    Raises:
+        ValueError: a complete cache built from another tokenizer encoder or dataset.
+    """
+    directory = Path(directory)
+    fingerprint = _with_source(tokenizer_fingerprint(tokenizer), source)
+    index_path = directory / INDEX_FILE
+    if not index_path.is_file():
+        return False
+    index = json.loads(index_path.read_text())
+    if _existing_cache_matches(index, index_path, tokenizer, fingerprint, source, len(dataset)):
+        return True
+    raise ValueError(
+        f"the latent cache at {directory} was built from another tokenizer encoder or dataset "
+        f"(fingerprint {index.get('fingerprint')}, {index.get('num_source_samples')} samples; "
+        f"now {fingerprint}, {len(dataset)}); delete it or choose another latent_cache folder"
+    )
+
+
 @torch.no_grad()
 def build_latent_cache(
     tokenizer: ImageTokenizer,
@@ -115,17 +141,10 @@ def build_latent_cache(
         the cache folder.
     """
     directory = Path(directory)
+    if latent_cache_ready(tokenizer, dataset, directory, source):
+        return directory
     fingerprint = _with_source(tokenizer_fingerprint(tokenizer), source)
     index_path = directory / INDEX_FILE
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        if _existing_cache_matches(index, index_path, tokenizer, fingerprint, source, len(dataset)):
-            return directory
-        raise ValueError(
-            f"the latent cache at {directory} was built from another tokenizer encoder or dataset "
-            f"(fingerprint {index.get('fingerprint')}, {index.get('num_source_samples')} samples; "
-            f"now {fingerprint}, {len(dataset)}); delete it or choose another latent_cache folder"
-        )
     directory.mkdir(parents=True, exist_ok=True)
     tracker = BadSampleTracker(max_bad_fraction, getattr(dataset, "scanned", len(dataset)),
                                getattr(dataset, "known_bad", []))
