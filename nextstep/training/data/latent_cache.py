@@ -86,7 +86,10 @@ def latent_cache_ready(tokenizer: ImageTokenizer, dataset: ImageTextDataset, dir
     (False: there is none yet, build it); a cache of another encoder or dataset raises.
 
     Args:
-        tokenizer, dataset, directory, source: as for `build_latent_cache`.
+        tokenizer: the image tokenizer whose encoder the cache must hold.
+        dataset: the image-caption pairs it must hold.
+        directory: the cache folder.
+        source: the description of the dataset and buckets, as for `build_latent_cache`.
 
     Raises:
         ValueError: a complete cache built from another tokenizer encoder or dataset.
