@@ -149,3 +149,23 @@ def test_every_process_learns_that_the_main_one_refused_a_cache(tmp_path):
     with pytest.raises(ValueError, match="another tokenizer encoder or dataset"):
         recipe_training_data(recipe, build_model("tiny", seed=0), OtherRank())
     assert not (tmp_path / "cache").exists()  # it neither built nor waited for one
+
+
+def test_samples_the_build_could_not_read_count_against_training_too(tmp_path):
+    from PIL import Image
+
+    from nextstep.training.data import ImageFolderConfig, ImageFolderDataset
+
+    for index in range(20):
+        Image.new("RGB", (32, 32), (index * 10, 0, 0)).save(tmp_path / f"{index:02d}.png")
+        (tmp_path / f"{index:02d}.txt").write_text(f"picture {index}")
+    data = (tmp_path / "05.png").read_bytes()
+    (tmp_path / "05.png").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path)))
+    model = build_model("tiny", seed=0)
+    build_latent_cache(model.image_tokenizer, dataset, AspectRatioBuckets(32, multi_aspect=False),
+                       tmp_path / "cache", max_bad_fraction=0.1)
+    cached = LatentCacheDataset(LatentCacheConfig(str(tmp_path / "cache")))
+    assert len(cached) == 19 and cached.scanned == 20
+    assert len(cached.known_bad) == 1 and "05.png" in cached.known_bad[0]
+    assert TrainingData(cached, AspectRatioBuckets(32, multi_aspect=False)).known_bad == cached.known_bad

@@ -196,6 +196,7 @@ def build_latent_cache(
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
         "num_source_samples": len(dataset),
+        "scanned_samples": getattr(dataset, "scanned", len(dataset)),
         "num_samples": sum(s["count"] for s in shards),
         "pixels_per_token": buckets.pixels_per_token,
         "token_dim": int(tokenizer.token_dim),
@@ -238,7 +239,13 @@ class LatentCacheConfig(Config):
 
 @register_dataset("latent_cache")
 class LatentCacheDataset(ImageTextDataset):
-    """Samples with cached tokens (no images): keys, captions, tokens (N, D) and grids."""
+    """Samples with cached tokens (no images): keys, captions, tokens (N, D) and grids.
+
+    Attributes:
+        known_bad: the samples that could not be read while the cache was built (excluded), so that
+            training counts them against its limit as it would when reading the images.
+        scanned: how many samples the build looked at.
+    """
 
     config_class = LatentCacheConfig
 
@@ -255,6 +262,8 @@ class LatentCacheDataset(ImageTextDataset):
         self.directory = directory
         self.pixels_per_token = int(self.index["pixels_per_token"])
         self.fingerprint = self.index["fingerprint"]
+        self.known_bad: list[str] = list(self.index.get("bad_samples", []))
+        self.scanned = int(self.index.get("scanned_samples", self.index.get("num_source_samples", 0)))
         self.locations: list[tuple[int, int]] = []
         self.grids: list[tuple[int, int]] = []
         self.keys: list[str] = []
