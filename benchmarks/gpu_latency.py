@@ -548,13 +548,13 @@ def full_image(model, fast, clock, rows: int, branches: int, tokens: int, steps:
 
 
 
+#: The fields that name a configuration or an image.
+IMAGE_KEY = ("batch", "tokens", "steps")
+
+
 def image_key(entry: dict) -> tuple[int, int, int]:
     """(batch, tokens, steps) of a configuration or an image."""
-    return entry["batch"], entry["tokens"], entry["steps"]
-
-
-def image_key_fields(entry: dict) -> dict:
-    return {"batch": entry["batch"], "tokens": entry["tokens"], "steps": entry["steps"]}
+    return tuple(entry[name] for name in IMAGE_KEY)
 
 
 def target_key(args) -> tuple[int, int, int]:
@@ -809,7 +809,7 @@ def run(args) -> dict:
         if weights == "own":
             row.update(image_fields(image))
         else:
-            result["int8_images"].append({**image_key_fields(row), "estimated_image_seconds": estimated,
+            result["int8_images"].append({**dict(zip(IMAGE_KEY, image_key(row))), "estimated_image_seconds": estimated,
                                           **image_fields(image)})
         print(f"image ({weights} weights): tokens {row['tokens']} batch {row['batch']} steps {row['steps']}: "
               f"{image['seconds']:.2f} s (prefill {image['prefill_ms']:.0f} ms, tokens "
@@ -900,7 +900,7 @@ def one_launch_image(args, result: dict, model, clock, branches: int, capture: b
     timed = [entry["ms"] for entry in main.get("backbone_one_row", []) if entry["int8"] == int8]
     backbone_ms = statistics.mean(timed) if timed else UNTIMED_BACKBONE_MS
     estimated = tokens * (backbone_ms + head_ms) / 1e3
-    record = {"batch": batch, "tokens": tokens, "steps": steps, "decode_weights": "int8" if int8 else "native",
+    record = {**dict(zip(IMAGE_KEY, (batch, tokens, steps))), "decode_weights": "int8" if int8 else "native",
               "estimated_image_seconds": estimated}
     expected = 1.3 * estimated + 5.0
     left = args.budget_seconds - (time.perf_counter() - started)

@@ -143,6 +143,14 @@ class ImageTextDataset(ABC):
         return ""
 
 
+#: The EXIF tag of an image's orientation.
+EXIF_ORIENTATION = 0x0112
+#: Formats whose EXIF block comes before their pixels, so that reading it decodes nothing.
+EXIF_HEADER_FORMATS = ("JPEG", "MPO", "WEBP", "TIFF")
+#: Exceptions Pillow raises for unreadable or hostile files.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def oriented_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image as `to_rgb` will give it: swapped when its EXIF orientation
     turns it a quarter (read from the header, nothing decoded)."""
@@ -151,16 +159,11 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
         return width, height
     try:
         orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    except IMAGE_HEADER_ERRORS:
+    except (*IMAGE_ERRORS, KeyError):  # KeyError: an EXIF block Pillow cannot parse
         return width, height
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-#: The EXIF tag of an image's orientation.
-EXIF_ORIENTATION = 0x0112
-#: Formats whose EXIF block comes before their pixels, so that reading it decodes nothing.
-EXIF_HEADER_FORMATS = ("JPEG", "MPO", "WEBP", "TIFF")
-IMAGE_HEADER_ERRORS = (OSError, SyntaxError, ValueError, KeyError)
 #: Modes of 16 or 32 bits per pixel, scaled to 8 bits (not clipped) on the way to RGB.
 _WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 

@@ -23,6 +23,7 @@ from PIL import Image
 
 from nextstep.config import Config, require
 from nextstep.training.data.base import (
+    IMAGE_ERRORS,
     CorruptSampleError,
     ImageTextDataset,
     ImageTextSample,
@@ -35,8 +36,6 @@ from nextstep.training.data.registry import register_dataset
 logger = logging.getLogger("nextstep.training")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-#: Exceptions Pillow raises for unreadable or hostile files.
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def open_image(path: Path | str, data: bytes | None = None) -> Image.Image:

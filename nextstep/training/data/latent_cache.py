@@ -94,12 +94,11 @@ def latent_cache_ready(tokenizer: ImageTokenizer, dataset: ImageTextDataset, dir
     Raises:
         ValueError: a complete cache built from another tokenizer encoder or dataset.
     """
-    directory = Path(directory)
-    fingerprint = _with_source(tokenizer_fingerprint(tokenizer), source)
-    index_path = directory / INDEX_FILE
+    index_path = Path(directory) / INDEX_FILE
     if not index_path.is_file():
         return False
     index = json.loads(index_path.read_text())
+    fingerprint = _with_source(tokenizer_fingerprint(tokenizer), source)  # hashes the encoder: only when needed
     if _existing_cache_matches(index, index_path, tokenizer, fingerprint, source, len(dataset)):
         return True
     raise ValueError(
