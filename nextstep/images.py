@@ -1,4 +1,4 @@
-"""Conversions between PIL images and (B, 3, H, W) tensors in [-1, 1]."""
+"""Reading image files into RGB, and conversions between PIL images and (B, 3, H, W) tensors in [-1, 1]."""
 
 from __future__ import annotations
 
@@ -7,7 +7,52 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+#: The EXIF tag of an image's orientation.
+EXIF_ORIENTATION = 0x0112
+#: Formats whose EXIF block comes before their pixels, so that reading it decodes nothing.
+EXIF_HEADER_FORMATS = ("JPEG", "MPO", "WEBP", "TIFF")
+#: Exceptions Pillow raises for unreadable or hostile files.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as `to_rgb` will give it: swapped when its EXIF orientation
+    turns it a quarter (read from the header, nothing decoded)."""
+    width, height = image.size
+    if image.format not in EXIF_HEADER_FORMATS:  # elsewhere the EXIF block may follow the pixels
+        return width, height
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except (*IMAGE_ERRORS, KeyError):  # KeyError: an EXIF block Pillow cannot parse
+        return width, height
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+#: Modes of 16 or 32 bits per pixel, scaled to 8 bits (not clipped) on the way to RGB.
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """An RGB copy, the EXIF orientation applied; transparent pixels are composited over ``background``,
+    and 16-bit grey levels are scaled to 8 bits."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_GREY_MODES:
+        levels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode != "I" or levels.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.round(levels * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("RGBa", "La"):  # premultiplied alpha
+        image = image.convert("RGBA" if image.mode == "RGBa" else "LA")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
 
 
 def read_image_file(path: str | Path) -> Image.Image:
@@ -23,8 +68,8 @@ def read_image_file(path: str | Path) -> Image.Image:
         raise FileNotFoundError(f"expected an image file at {path}, found {found}")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for unreadable or truncated data
+            return to_rgb(image)
+    except IMAGE_ERRORS as error:
         raise ValueError(f"expected an image file at {path}, found data PIL cannot read ({error})") from error
 
 

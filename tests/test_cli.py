@@ -95,3 +95,15 @@ def test_unreadable_inputs_and_unusable_outputs_are_named(tmp_path, capsys):
         assert code == 2, argv
         assert re.search(message, capsys.readouterr().err), argv
     assert not (tmp_path / "out").exists()
+
+
+def test_images_the_command_line_reads_stand_as_shown_and_lose_transparency_to_white(tmp_path):
+    from nextstep.images import read_image_file
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown turned a quarter
+    Image.new("RGB", (64, 32), "red").save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert read_image_file(tmp_path / "phone.jpg").size == (32, 64)
+    clear = read_image_file(tmp_path / "clear.png")
+    assert clear.mode == "RGB" and clear.getpixel((0, 0)) == (255, 255, 255)

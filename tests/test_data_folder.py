@@ -117,7 +117,7 @@ def test_photos_stand_as_their_exif_orientation_says_and_wide_modes_keep_their_l
     assert dataset.image_size(phone) == (32, 64) and dataset.load(phone).image.size == (32, 64)
     assert dataset.load(by_caption["mid grey"]).image.getpixel((0, 0)) == (128, 128, 128)
     # Transparent pixels of palette and premultiplied modes lie on white, as those of RGBA do.
-    from nextstep.training.data.base import to_rgb
+    from nextstep.images import to_rgb
 
     transparent = Image.new("PA", (4, 4))
     transparent.putpalette([0, 0, 0] * 256)

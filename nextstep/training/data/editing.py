@@ -13,8 +13,9 @@ from pathlib import Path
 from PIL import Image
 
 from nextstep.config import Config, require
-from nextstep.training.data.base import ImageTextDataset, ImageTextSample, oriented_size
-from nextstep.training.data.folder import IMAGE_ERRORS, open_image
+from nextstep.images import IMAGE_ERRORS, oriented_size
+from nextstep.training.data.base import ImageTextDataset, ImageTextSample
+from nextstep.training.data.folder import open_image
 from nextstep.training.data.manifest import manifest_entries
 from nextstep.training.data.registry import register_dataset
 from nextstep.training.data.shapes.metadata import COLOURS, SHAPES, Scene, ShapeObject

@@ -22,14 +22,8 @@ from pathlib import Path
 from PIL import Image
 
 from nextstep.config import Config, require
-from nextstep.training.data.base import (
-    IMAGE_ERRORS,
-    CorruptSampleError,
-    ImageTextDataset,
-    ImageTextSample,
-    oriented_size,
-    to_rgb,
-)
+from nextstep.images import IMAGE_ERRORS, oriented_size, to_rgb
+from nextstep.training.data.base import CorruptSampleError, ImageTextDataset, ImageTextSample
 from nextstep.training.data.manifest import manifest_entries
 from nextstep.training.data.registry import register_dataset
 

@@ -25,9 +25,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nextstep.config import Config, require
-from nextstep.training.data.base import CorruptSampleError, ImageTextBatch, ImageTextSample, oriented_size
+from nextstep.images import IMAGE_ERRORS, oriented_size
+from nextstep.training.data.base import CorruptSampleError, ImageTextBatch, ImageTextSample
 from nextstep.training.data.buckets import AspectRatioBuckets
-from nextstep.training.data.folder import IMAGE_ERRORS, open_image
+from nextstep.training.data.folder import open_image
 from nextstep.training.data.loader import BatchLayout, collate_samples, mix_seed
 from nextstep.training.data.registry import register_dataset
 
