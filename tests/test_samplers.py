@@ -273,7 +273,7 @@ def test_flow_sde_matches_the_flow_grpo_step_in_sigma_form():
     eps = torch.randn(8, 5, 3, generator=generator, dtype=torch.float64)
     velocity = gaussian_velocity()
     level = 0.7
-    sampler = FlowSDESampler(FlowSDESamplerConfig(noise_level=level))
+    sampler = FlowSDESampler(FlowSDESamplerConfig(noise_level=level, first_step="next_time"))
     grid = sampler.make_time_grid(8, 2.0, dtype=torch.float64)
     ours = sampler.sample(velocity, noise, grid, eps)
 
@@ -288,6 +288,32 @@ def test_flow_sde_matches_the_flow_grpo_step_in_sigma_form():
                 + model_output * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt)
         sample = mean + std * torch.sqrt(-1 * dt) * eps[i]
     torch.testing.assert_close(ours, sample, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.2])
+def test_flow_sde_matches_the_later_release_sde_mode_on_shifted_grids(shift):
+    generator = torch.Generator().manual_seed(8)
+    noise = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    eps = torch.randn(10, 5, 3, generator=generator, dtype=torch.float64)
+    velocity = gaussian_velocity()
+    sampler = FlowSDESampler()  # release first step, noise level 0.8
+    grid = sampler.make_time_grid(10, shift, dtype=torch.float64)
+    ours = sampler.sample(velocity, noise, grid, eps)
+
+    # The release's sde mode in time form: its t = 0 stand-in is the last grid time below 1.
+    last_below_one = grid[-2]
+    x = noise
+    for i in range(10):
+        t, t_next = grid[i], grid[i + 1]
+        v = velocity(x, t.expand(5))
+        start, end = x - v * t, x + v * (1 - t)  # the noise and the data the velocity points to
+        sigma = 1 - t
+        std = torch.sqrt(sigma / (1 - torch.where(sigma == 1, last_below_one, sigma))) * 0.8
+        x = start * (1 - t_next) + end * t_next - std**2 * (t_next - t) / (2 * sigma) * start
+        x = x + std * torch.sqrt(t_next - t) * eps[i]
+    torch.testing.assert_close(ours, x, atol=1e-12, rtol=1e-12)
+    flow_grpo = FlowSDESampler(FlowSDESamplerConfig(first_step="next_time")).sample(velocity, noise, grid, eps)
+    assert torch.allclose(flow_grpo, ours) == (shift == 1.0)
 
 
 def test_cps_matches_the_coefficient_preserving_step_in_sigma_form():
@@ -323,6 +349,7 @@ def test_stochastic_samplers_reject_step_noise_of_the_wrong_shape(name):
 @pytest.mark.parametrize("cls, bad", [
     (EulerMaruyamaSamplerConfig, {"last_step_size": 1.0}),
     (FlowSDESamplerConfig, {"noise_level": -0.1}),
+    (FlowSDESamplerConfig, {"first_step": "previous_time"}),
     (CoefficientPreservingSamplerConfig, {"noise_level": 1.5}),
 ])
 def test_sampler_configs_name_the_bad_field(cls, bad):

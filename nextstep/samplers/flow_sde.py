@@ -1,4 +1,4 @@
-"""The Flow-GRPO-style SDE sampler: the later NextStep-1 release's ``sde`` mode.
+"""The Flow-GRPO SDE sampler: the later NextStep-1 release's ``sde`` mode.
 
 Legend: N tokens, D token dim, S intervals of the grid.
 """
@@ -14,18 +14,29 @@ from nextstep.registry import register_component
 from nextstep.samplers.base import Sampler, VelocityFn, check_step_noise, euler_integrate, interval_start_times
 
 
+#: What `FlowSDESamplerConfig.first_step` may be.
+FIRST_STEP_CHOICES = ("release", "next_time")
+
+
 @dataclass
 class FlowSDESamplerConfig(Config):
     """Settings of `FlowSDESampler`.
 
     Args:
         noise_level: a, the scale of the diffusion (0.8 in the release; 0 is Euler).
+        first_step: what stands in for ``t`` in the ratio ``(1 - t) / t`` at ``t = 0``, where
+            it is infinite: ``"release"`` takes ``1 - t_{S-1}`` (one minus the grid's last
+            time below 1), as NextStep-1.1's ``sde`` mode does; ``"next_time"`` takes the grid's
+            second time ``t_1``, as Flow-GRPO does. The two agree on an unshifted grid.
     """
 
     noise_level: float = 0.8
+    first_step: str = "release"
 
     def validate(self) -> None:
         require(self.noise_level >= 0, "noise_level", self.noise_level, ">= 0")
+        require(self.first_step in FIRST_STEP_CHOICES, "first_step", self.first_step,
+                f"one of {FIRST_STEP_CHOICES}")
 
 
 @register_component("sampler", "flow_sde")
@@ -34,7 +45,7 @@ class FlowSDESampler(Sampler):
 
     One step from ``t`` to ``t'`` (``h = t' - t``, score ``(t v - x) / (1 - t)``)::
 
-        g    = a * sqrt((1 - t) / t)          (t = 0 uses the grid's second time instead)
+        g    = a * sqrt((1 - t) / t)          (t = 0: see ``first_step``)
         mean = x + h * (v + g² / (2 (1 - t)) * (t * v - x))
         x    = mean + g * sqrt(h) * eps
 
@@ -72,8 +83,9 @@ class FlowSDESampler(Sampler):
         x = noise
         check_step_noise(self, step_noise, noise, num_steps)
         start = time_grid[:-1].to(dtype)
-        # At t = 0 the ratio (1 - t) / t is infinite; the release uses the next grid time there.
-        safe = torch.where(start == 0, time_grid[1].to(dtype), start)
+        # At t = 0 the ratio (1 - t) / t is infinite; `first_step` says what stands in for t there.
+        stand_in = 1 - time_grid[-2] if self.config.first_step == "release" else time_grid[1]
+        safe = torch.where(start == 0, stand_in.to(dtype), start)
         variance = self.config.noise_level**2 * (1 - start) / safe  # g², (S,)
         drift_weight = (variance / (2 * (1 - start))).unbind(0)
         noise_scale = (torch.sqrt(variance) * torch.sqrt(steps)).unbind(0)
