@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from training_helpers import distributed_worker, free_port, tiny_config, tiny_trainer
+from training_helpers import distributed_worker, free_port, recipe_worker, tiny_config, tiny_trainer
 
 from nextstep import build_model
 from nextstep.serialization import read_safetensors
@@ -15,9 +15,11 @@ STEPS = 3
 
 
 def _run_two_processes(output_dir, config, timeout_s: float = 120.0, resume: bool = False) -> None:
-    context = mp.start_processes(distributed_worker,
-                                 args=(2, free_port(), str(output_dir), config.to_dict(), resume),
-                                 nprocs=2, join=False, start_method="spawn")
+    _join_two_processes(distributed_worker, (2, free_port(), str(output_dir), config.to_dict(), resume), timeout_s)
+
+
+def _join_two_processes(worker, args: tuple, timeout_s: float) -> None:
+    context = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
         while not context.join(timeout=1.0):
@@ -29,12 +31,12 @@ def _run_two_processes(output_dir, config, timeout_s: float = 120.0, resume: boo
                 process.kill()
 
 
-def _final_dir(output_dir):
-    return output_dir / "checkpoints" / f"step-{STEPS:08d}"
+def _final_dir(output_dir, step: int = STEPS):
+    return output_dir / "checkpoints" / f"step-{step:08d}"
 
 
-def _final_state(output_dir):
-    return read_safetensors(_final_dir(output_dir) / "model.safetensors")
+def _final_state(output_dir, step: int = STEPS):
+    return read_safetensors(_final_dir(output_dir, step) / "model.safetensors")
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
@@ -80,3 +82,42 @@ def test_checkpoints_move_between_one_and_two_processes(tmp_path, parallelism):
         ema_reference = read_safetensors(_final_dir(tmp_path / "straight") / "ema.safetensors")
         ema = read_safetensors(_final_dir(tmp_path / name) / "ema.safetensors")
         assert max(float((ema_reference[k] - ema[k]).abs().max()) for k in ema) < 1e-5
+
+
+SHARDED_TRAIN = {"max_steps": 2, "micro_batch_size": 2, "warmup_steps": 1, "learning_rate": 1e-3,
+                 "checkpoint_every": 1000, "parallelism": "fsdp", "ema_decay": 0.5}
+
+
+@pytest.mark.slow
+def test_a_sharded_recipe_writes_its_averaged_model_as_the_last_checkpoint_exports_it(tmp_path):
+    from nextstep import NextStep
+    from nextstep.training.export import export_model
+
+    recipe = {"model": "tiny", "train": SHARDED_TRAIN,
+              "data": {"datasets": [{"type": "shapes", "num_samples": 16, "size": 32}], "resolution": 32}}
+    _join_two_processes(recipe_worker, (2, free_port(), str(tmp_path / "run"), recipe, "model"), 180.0)
+    written = NextStep.from_pretrained(tmp_path / "run" / "model").state_dict()
+    export_model(tmp_path / "run", tmp_path / "exported", use_ema=True)
+    exported = NextStep.from_pretrained(tmp_path / "exported").state_dict()
+    assert written.keys() == exported.keys()
+    assert all(torch.equal(written[name], exported[name]) for name in written)
+    raw = _final_state(tmp_path / "run", step=2)
+    assert any(not torch.equal(raw[name], written[name]) for name in raw)  # the average, not the last weights
+
+
+@pytest.mark.slow
+def test_a_sharded_tokenizer_recipe_writes_and_evaluates_its_tokenizer(tmp_path):
+    from nextstep.tokenizers.vae_checkpoints import load_flux_vae
+
+    recipe = {"tokenizer": "tiny", "perceptual_network": "none", "loss": {"perceptual_weight": 0.0},
+              "tokenizer_config": {"ch": 8, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "norm_groups": 4},
+              "evaluation_crops": 2, "evaluation_size": 32, "train_encoder": False, "train": SHARDED_TRAIN,
+              "data": {"datasets": [{"type": "photo_crops", "num_samples": 8, "size": 32}], "resolution": 32}}
+    _join_two_processes(recipe_worker, (2, free_port(), str(tmp_path / "run"), recipe, "tokenizer"), 180.0)
+    written = load_flux_vae(tmp_path / "run" / "tokenizer").state_dict()
+    raw = _final_state(tmp_path / "run", step=2)
+    average = read_safetensors(_final_dir(tmp_path / "run", step=2) / "ema.safetensors")
+    assert average and all(name.startswith("decoder.") for name in average)
+    for name, tensor in written.items():
+        assert torch.equal(tensor, average[name] if name in average else raw[name]), name
+    assert (tmp_path / "run" / "eval" / "report.json").is_file()

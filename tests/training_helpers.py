@@ -49,3 +49,21 @@ def distributed_worker(rank: int, world_size: int, port: int, output_dir: str, c
         trainer.fit(resume=resume)
     finally:
         context.shutdown()
+
+
+def recipe_worker(rank: int, world_size: int, port: int, output_dir: str, recipe_dict: dict, kind: str) -> None:
+    """One process of a `torchrun`-style job (its rank in the environment) running a model or tokenizer recipe."""
+    import os
+
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if kind == "model":
+        from nextstep.training.recipe import RecipeConfig, run_recipe
+
+        run_recipe(RecipeConfig.from_dict(recipe_dict), output_dir, resume=False, show_progress=False)
+    else:
+        from nextstep.training.tokenizer_recipe import TokenizerRecipeConfig, run_tokenizer_recipe
+
+        run_tokenizer_recipe(TokenizerRecipeConfig.from_dict(recipe_dict), output_dir, resume=False,
+                             show_progress=False)

@@ -13,7 +13,6 @@ from nextstep.config import Config, require
 from nextstep.registry import register_component
 from nextstep.samplers.base import Sampler, VelocityFn, check_step_noise, euler_integrate, interval_start_times
 
-
 #: What `FlowSDESamplerConfig.first_step` may be.
 FIRST_STEP_CHOICES = ("release", "next_time")
 

@@ -204,7 +204,7 @@ class CheckpointManager:
             )
         trainer_state = read_json_object(state_file, "checkpoint trainer state")
         # A sharded model receives the full state from rank 0; the other ranks read nothing.
-        reads = self.context.is_main or not _is_sharded(model)
+        reads = self.context.is_main or not is_sharded(model)
         model_state = read_safetensors(path / MODEL_FILE) if reads else {}
         load_model_state(model, model_state, self.context, source=str(path / MODEL_FILE))
         if optimizer is not None:
@@ -227,13 +227,13 @@ class CheckpointManager:
 
 
 # ----------------------------------------------------------------- model state
-def _is_sharded(model: nn.Module) -> bool:
+def is_sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
 def gather_model_state(model: nn.Module, context: DistributedContext) -> dict[str, torch.Tensor]:
     """The full model state on rank 0 (empty elsewhere for sharded models); CPU tensors."""
-    if _is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -243,7 +243,7 @@ def gather_model_state(model: nn.Module, context: DistributedContext) -> dict[st
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], context: DistributedContext,
                      source: str) -> None:
     """Load a full model state (read from ``source``) into a plain or sharded model."""
-    if _is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         if context.is_main:
@@ -260,7 +260,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], context: 
 def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                            context: DistributedContext) -> dict[str, Any]:
     """Optimiser state keyed by parameter name, full tensors on CPU (rank 0 for sharded models)."""
-    if _is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, optimizer,
@@ -284,7 +284,7 @@ def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                          context: DistributedContext) -> None:
     """Inverse of `gather_optimizer_state`."""
-    if _is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state if context.is_main else {},

@@ -328,7 +328,9 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
         resume: set False to ignore existing checkpoints.
         show_progress: draw the progress bar.
     """
+    from nextstep.training.checkpointing import is_sharded
     from nextstep.training.distributed import DistributedContext
+    from nextstep.training.export import export_model
     from nextstep.training.text_to_image import TextToImageTask
     from nextstep.training.trainer import RUN_ENTRIES, Trainer, set_aside_earlier_run
 
@@ -359,7 +361,9 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
             task = TextToImageTask.from_train_config(model, recipe.train)
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
         trainer.fit(resume=resume)
-        if context.is_main:
+        if context.is_main and is_sharded(model):  # FSDP: the last checkpoint holds the whole model
+            export_model(trainer.checkpoints.latest(), output_dir / MODEL_DIR, use_ema=trainer.ema is not None)
+        elif context.is_main:
             averaged = trainer.ema.applied_to(model) if trainer.ema is not None else nullcontext(model)
             with averaged:
                 model.save_pretrained(output_dir / MODEL_DIR)

@@ -124,11 +124,36 @@ def build_objective(recipe: TokenizerRecipeConfig) -> TokenizerLoss:
     return TokenizerLoss(recipe.loss, perceptual)
 
 
+def checkpoint_tokenizer(checkpoint: str | Path, recipe: TokenizerRecipeConfig, *, use_ema: bool):
+    """The whole tokenizer a checkpoint of ``recipe``'s run holds, and its weight average
+    (an `ExponentialMovingAverage` over the weights the recipe trains) when ``use_ema``, else None.
+
+    Raises:
+        FileNotFoundError: ``use_ema`` and the checkpoint has no average.
+    """
+    from nextstep.serialization import read_safetensors
+    from nextstep.tokenizers.vae_checkpoints import load_flux_vae
+    from nextstep.training.checkpointing import EMA_FILE
+    from nextstep.training.ema import ExponentialMovingAverage
+
+    checkpoint = Path(checkpoint)
+    tokenizer = load_flux_vae(checkpoint)
+    if not use_ema:
+        return tokenizer, None
+    if not (checkpoint / EMA_FILE).is_file():
+        raise FileNotFoundError(f"use_ema=True but {checkpoint} has no {EMA_FILE} (the run kept no average)")
+    tokenizer.encoder.requires_grad_(recipe.train_encoder)
+    average = ExponentialMovingAverage(tokenizer, decay=0.0)
+    average.load_state_dict(read_safetensors(checkpoint / EMA_FILE))  # names and shapes checked there
+    return tokenizer, average
+
+
 def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, *, resume: bool = True,
                          show_progress: bool = True):
     """Train, save the final tokenizer to ``output_dir/tokenizer`` and evaluate it; returns the `Trainer`."""
     from nextstep.evaluation.tokenizer_report import held_out_crops, run_tokenizer_evaluation
     from nextstep.tokenizers.vae_checkpoints import save_flux_vae
+    from nextstep.training.checkpointing import is_sharded
     from nextstep.training.data.source import TrainingData, build_datasets, combine
     from nextstep.training.distributed import DistributedContext
     from nextstep.training.recipe import RECIPE_FILE
@@ -152,8 +177,12 @@ def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, 
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
         trainer.fit(resume=resume)
         if context.is_main:
+            average = trainer.ema
+            if is_sharded(tokenizer):  # FSDP: the last checkpoint holds the whole tokenizer
+                tokenizer, average = checkpoint_tokenizer(trainer.checkpoints.latest(), recipe,
+                                                          use_ema=average is not None)
             tokenizer.eval()
-            averaged = trainer.ema.applied_to(tokenizer) if trainer.ema is not None else nullcontext(tokenizer)
+            averaged = average.applied_to(tokenizer) if average is not None else nullcontext(tokenizer)
             with averaged:
                 save_flux_vae(tokenizer, output_dir / TOKENIZER_DIR)
                 if recipe.evaluation_crops:
