@@ -164,12 +164,23 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert [r.loss for r in records] == pytest.approx([r.loss for r in straight[1:]], abs=1e-6)
 
 
-def test_every_process_keeps_its_own_bad_sample_count_across_a_resume(tmp_path):
-    trainer = tiny_trainer(tmp_path, tiny_config(max_steps=1, max_bad_fraction=0.5))
+def test_bad_samples_are_counted_for_the_whole_job_and_kept_across_a_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from nextstep.training.data.base import DataQualityError
+
+    trainer = tiny_trainer(tmp_path, tiny_config(max_steps=1, max_bad_fraction=0.03))  # 64 samples: limit 1.92
     trainer.tracker.update(10, ["a.png"])
-    assert trainer.trainer_state()["bad_samples"] == [{"bad": ["a.png"], "reads": 10}]  # one entry per process
+    assert trainer.trainer_state()["bad_samples"] == {"bad": ["a.png"], "reads": 10}
+    # Saved by processes that counted apart: the counts of all of them together.
     saved = [{"bad": ["a.png"], "reads": 10}, {"bad": ["b.png"], "reads": 7}]
-    # Saved by two processes, resumed by one: the counts of both together.
     assert trainer._own_bad_samples(saved) == {"bad": ["a.png", "b.png"], "reads": 17}
-    assert trainer._own_bad_samples(saved[:1]) == saved[0]
     assert trainer._own_bad_samples({"bad": ["c.png"], "reads": 3}) == {"bad": ["c.png"], "reads": 3}
+
+    # Two processes, one bad sample each this step: the job holds 3 and stops on both processes alike.
+    other_rank = ["d.png"]
+    trainer.context = SimpleNamespace(is_distributed=True, sum=lambda values: [2 * v for v in values],
+                                      gather_objects=lambda value: [value, other_rank])
+    with pytest.raises(DataQualityError, match="3 unreadable samples of the 64"):
+        trainer._count_bad_samples(4, ["c.png"])
+    assert trainer.tracker.state_dict() == {"bad": ["a.png", "c.png", "d.png"], "reads": 18}

@@ -179,23 +179,19 @@ class Trainer:
         return set_aside_earlier_run(self.output_dir, context=self.context)
 
     def _own_bad_samples(self, saved: dict | list) -> dict:
-        """This process's bad-sample count from a checkpoint's: its own rank's when the job has as many
-        processes as the one that saved it, else every rank's together (a list of one per rank; a
-        single dict from older checkpoints)."""
+        """The job's bad-sample count from a checkpoint's: a dict, or a list of one per rank (from
+        checkpoints whose processes counted apart), taken together."""
         if isinstance(saved, dict):
             return saved
-        if len(saved) == self.context.world_size:
-            return saved[self.context.rank]
         return {"bad": sorted({key for rank in saved for key in rank.get("bad", [])}),
                 "reads": sum(int(rank.get("reads", 0)) for rank in saved)}
 
     def trainer_state(self) -> dict:
-        """What a checkpoint records besides the tensors (every process calls it: the bad-sample counts
-        are gathered from all of them)."""
+        """What a checkpoint records besides the tensors (every process holds the job's bad-sample count)."""
         return {
             "global_batch_size": self.layout.global_batch_size,
             "world_size": self.context.world_size,
-            "bad_samples": self.context.gather_objects(self.tracker.state_dict()),
+            "bad_samples": self.tracker.state_dict(),
             "config": self.config.to_dict(),
         }
 
@@ -273,12 +269,14 @@ class Trainer:
         rate = self.schedule.apply(self.optimizer, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         accumulation = config.gradient_accumulation
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, attempted = 0.0, 0, 0
+        bad_keys: list[str] = []
         metric_sums: dict[str, float] = {}
         for index in range(accumulation):
             batch = next(batches)
             # Batches of the built-in loaders report unreadable samples; others need not.
-            self.tracker.update(getattr(batch, "attempted", 0), getattr(batch, "bad_keys", ()))
+            attempted += getattr(batch, "attempted", 0)
+            bad_keys.extend(getattr(batch, "bad_keys", ()))
             generator = torch.Generator(device=context.device)
             generator.manual_seed(mix_seed(config.seed, "step", self.step, self.layout.slot(index, context.rank)))
             last = index == accumulation - 1
@@ -291,6 +289,7 @@ class Trainer:
             tokens += result.num_tokens
             for name, value in result.metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + value
+        self._count_bad_samples(attempted, bad_keys)  # before the update: a run over the limit stops unchanged
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         if self.ema is not None:
@@ -305,6 +304,15 @@ class Trainer:
                                      "or check the data")
         return StepRecord(self.step, loss, dict(zip(names, averaged[1:])), rate, grad_norm, int(total_tokens),
                           time.perf_counter() - started)
+
+    def _count_bad_samples(self, attempted: int, bad_keys: list[str]) -> None:
+        """Add every process's reads and unreadable samples of this step to the tracker, so that all
+        processes hold the job's count and stop together once it is over the limit."""
+        if self.context.is_distributed:
+            total_attempted, total_bad = self.context.sum([float(attempted), float(len(bad_keys))])
+            attempted = int(total_attempted)
+            bad_keys = [key for rank in self.context.gather_objects(bad_keys) for key in rank] if total_bad else []
+        self.tracker.update(attempted, bad_keys)
 
     def _clip_gradients(self) -> float:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
