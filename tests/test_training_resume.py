@@ -184,3 +184,20 @@ def test_bad_samples_are_counted_for_the_whole_job_and_kept_across_a_resume(tmp_
     with pytest.raises(DataQualityError, match="3 unreadable samples of the 64"):
         trainer._count_bad_samples(4, ["c.png"])
     assert trainer.tracker.state_dict() == {"bad": ["a.png", "c.png", "d.png"], "reads": 18}
+
+
+def test_a_resumed_run_takes_its_optimiser_settings_from_its_config_and_its_clock_goes_on(tmp_path):
+    from nextstep.training.logging import read_log
+
+    tiny_trainer(tmp_path, tiny_config(max_steps=2, checkpoint_every=1, weight_decay=0.1)).fit(resume=False)
+    first_rows = read_log(tmp_path / "train_log.csv")
+    changed = tiny_config(max_steps=3, checkpoint_every=1, weight_decay=0.0, betas=(0.8, 0.99), eps=1e-6)
+    resumed = tiny_trainer(tmp_path, changed)
+    resumed.resume()
+    groups = resumed.optimizer.param_groups
+    assert [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in groups] == [(0.0, (0.8, 0.99), 1e-6)] * 2
+    assert resumed.optimizer.state  # the moments themselves come from the checkpoint
+    resumed.fit(resume=True)
+    elapsed = [row["elapsed_seconds"] for row in read_log(tmp_path / "train_log.csv")]
+    assert elapsed[:2] == [row["elapsed_seconds"] for row in first_rows]
+    assert elapsed[2] > elapsed[1]  # counted on from the checkpoint, not from 0

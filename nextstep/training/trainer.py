@@ -35,6 +35,9 @@ from nextstep.training.logging import CSVLog, Progress, TensorBoardLog
 from nextstep.training.optim import WarmupCosineSchedule, build_optimizer
 from nextstep.training.task import TrainingTask
 
+#: Optimiser settings a resumed run takes from its config rather than from the checkpoint.
+OPTIMIZER_SETTINGS = ("betas", "eps", "weight_decay")
+
 logger = logging.getLogger("nextstep.training")
 
 LOG_FILE = "train_log.csv"
@@ -146,6 +149,8 @@ class Trainer:
         self.tracker = BadSampleTracker(config.max_bad_fraction, data.size, data.known_bad)
         self.step = 0
         self.history: list[StepRecord] = []
+        self._elapsed_before = 0.0  # seconds of training in earlier calls of `fit` (or before a resume)
+        self._fit_started: float | None = None
         self._opened_data = None
 
     # ---------------------------------------------------------------- resume
@@ -155,7 +160,11 @@ class Trainer:
         path = Path(checkpoint) if checkpoint is not None else self.checkpoints.latest()
         if path is None:
             return self.step
+        # The run's own betas, eps and weight decay, not the saved ones (the rate follows the schedule).
+        settings = [{key: group[key] for key in OPTIMIZER_SETTINGS} for group in self.optimizer.param_groups]
         state = self.checkpoints.load(path, self.model, self.optimizer, ema=self.ema)
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
         saved_batch = state.get("global_batch_size")
         if saved_batch is not None and saved_batch != self.layout.global_batch_size:
             raise ValueError(
@@ -171,6 +180,7 @@ class Trainer:
             )
         self.tracker.load_state_dict(self._own_bad_samples(state.get("bad_samples", {})))
         self.step = int(state["step"])
+        self._elapsed_before = float(state.get("elapsed_seconds", 0.0))
         logger.info("resumed from %s at step %d", path, self.step)
         return self.step
 
@@ -192,6 +202,7 @@ class Trainer:
             "global_batch_size": self.layout.global_batch_size,
             "world_size": self.context.world_size,
             "bad_samples": self.tracker.state_dict(),
+            "elapsed_seconds": self.elapsed_seconds(),
             "config": self.config.to_dict(),
         }
 
@@ -222,6 +233,7 @@ class Trainer:
                  if config.tensorboard and context.is_main else None)
         progress = Progress(config.max_steps, self.step, enabled=self.show_progress and context.is_main)
         window_tokens, window_start = 0, time.perf_counter()
+        self._fit_started = window_start
         records = []
         try:
             while self.step < config.max_steps:
@@ -241,7 +253,7 @@ class Trainer:
                         "learning_rate": record.learning_rate,
                         "grad_norm": record.grad_norm,
                         "tokens_per_second": window_tokens / max(elapsed, 1e-9),
-                        "elapsed_seconds": time.perf_counter() - progress.started,
+                        "elapsed_seconds": self.elapsed_seconds(),
                     }
                     for log in (csv_log, board):
                         if log is not None:
@@ -252,10 +264,16 @@ class Trainer:
                 if step % config.checkpoint_every == 0 or step == config.max_steps:
                     self.save_checkpoint()
         finally:
+            self._elapsed_before, self._fit_started = self.elapsed_seconds(), None
             progress.close()
             if board is not None:
                 board.close()
         return records
+
+    def elapsed_seconds(self) -> float:
+        """Seconds this run has trained, across resumes (up to its last checkpoint before each)."""
+        running = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
+        return self._elapsed_before + running
 
     def epoch_of(self, step: int) -> int:
         """The data epoch that optimiser step ``step`` (0-based) draws from."""
