@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -114,6 +115,10 @@ class RecipeConfig(Config):
         flat_settings(self.training_settings)  # an unknown name fails when the recipe loads
         require(isinstance(self.preference, dict) and set(self.preference) <= set(PREFERENCE_SETTINGS),
                 "preference", self.preference, f"a mapping with keys among {list(PREFERENCE_SETTINGS)}")
+        for name, value in self.preference.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            require(number and (value > 0 if name == "beta" else value >= 0), f"preference.{name}", value,
+                    "a number > 0" if name == "beta" else "a number >= 0")
         require(not (self.preference and self.train.pack_length), "train.pack_length", self.train.pack_length,
                 "None for preference training (pairs are read one per row)")
 
