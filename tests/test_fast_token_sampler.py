@@ -155,6 +155,22 @@ def test_one_sampler_serves_the_same_rows_split_another_way(trained_like_model):
         found, _, _ = generate_tokens(model, prompts, cfg=cfg, token_sampler=fast, **settings)
         torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
 
+def test_a_sampler_follows_its_model_to_another_dtype():
+    from nextstep import build_model
+
+    model = build_model("tiny", seed=0).eval()
+    fast = FastTokenSampler(model, use_kernels=False)
+    settings = dict(height=32, width=32, num_steps=2, cfg=2.0, seed=4)
+    generate_tokens(model, ["a"], token_sampler=fast, **settings)
+    model.to(torch.bfloat16)  # noticed without a reset
+    expected, _, _ = generate_tokens(model, ["a"], **settings)
+    found, _, _ = generate_tokens(model, ["a"], token_sampler=fast, **settings)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(found, expected, rtol=0.05, atol=0.05)
+    fast.reset()  # and after an explicit reset
+    torch.testing.assert_close(generate_tokens(model, ["a"], token_sampler=fast, **settings)[0], found)
+
+
 def test_a_token_sampler_of_another_model_is_refused(trained_like_model):
     from nextstep import build_model
 

@@ -62,7 +62,8 @@ class FastTokenSampler:
 
     Build one per model and keep it: it holds the captured graphs, their static
     buffers and pooled caches. It is valid while the model's parameters stay
-    unchanged (call `reset` after changing them).
+    unchanged (call `reset` after changing them in place; a model moved to
+    another device or dtype is noticed and the sampler starts afresh).
 
     Args:
         model: a `nextstep.model.NextStep`, already on its device and dtype.
@@ -100,13 +101,7 @@ class FastTokenSampler:
                  decode_weights: str = "native", dependent_launches: bool = False, persistent_head: bool = False,
                  max_table_elements: int = MAX_TABLE_ELEMENTS):
         self.model = model
-        parameter = next(model.backbone.parameters())
-        self.device, self.dtype = parameter.device, parameter.dtype
-        if capture is None:
-            capture = self.device.type == "cuda"
-        if capture and self.device.type != "cuda":
-            raise ValueError(f"capture=True needs the model on a CUDA device, found it on {self.device}")
-        self.capture = capture
+        self._capture_choice = capture
         self.use_kernels = use_kernels
         self.compile_backbone = compile_backbone
         self.fused_decode = bool(fused_decode)
@@ -124,7 +119,20 @@ class FastTokenSampler:
         self.reset()
 
     def reset(self) -> None:
-        """Drop every graph, buffer, pooled cache and the head's folded weights (after changing parameters)."""
+        """Drop every graph, buffer, pooled cache and the head's folded weights, and read the model's device
+        and dtype again (after changing its parameters, moving or casting it).
+
+        Raises:
+            ValueError: ``capture=True`` and the model is not on a CUDA device.
+        """
+        parameter = next(self.model.backbone.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        capture = self._capture_choice
+        if capture is None:
+            capture = self.device.type == "cuda"
+        if capture and self.device.type != "cuda":
+            raise ValueError(f"capture=True needs the model on a CUDA device, found it on {self.device}")
+        self.capture = capture
         self._velocity: FusedFlowMatchingVelocity | None = None
         self._buffers: dict[tuple[int, int], TokenStepBuffers] = {}
         self._token_steps: dict[tuple, tuple[FusedTokenStep, CapturedCall]] = {}
@@ -293,6 +301,9 @@ class FastTokenSampler:
     def _sample(self, hidden, cache, next_positions, noise, step_noise, guidance, sampler, num_steps, shift,
                 use_norm, progress) -> torch.Tensor:
         model = self.model
+        parameter = next(model.backbone.parameters())
+        if (parameter.device, parameter.dtype) != (self.device, self.dtype):  # moved or cast since: start afresh
+            self.reset()
         sampler = sampler if sampler is not None else model.sampler
         use_norm = model.config.use_norm if use_norm is None else bool(use_norm)
         schedule = as_step_schedule(num_steps)
