@@ -133,3 +133,21 @@ def test_a_model_whose_backbone_came_from_a_directory_saves_without_it(tmp_path)
     again = type(model).from_pretrained(tmp_path / "saved")
     for name, tensor in model.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
+
+
+def test_the_adapters_rotary_frequencies_stay_fp32_however_it_reaches_bf16(tmp_path):
+    from safetensors.torch import save_file
+
+    from nextstep.weights import load_safetensors
+
+    fields = {**FIELDS, "rope_theta": 1e6}
+    reference = HFBackbone(HFBackboneConfig(model_config=fields)).model.rotary_emb.inv_freq
+    built = HFBackbone(HFBackboneConfig(model_config=fields, dtype="bfloat16"))
+    cast = HFBackbone(HFBackboneConfig(model_config=fields)).to(torch.bfloat16)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in cast.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    with torch.device("meta"):
+        loaded = HFBackbone(HFBackboneConfig(model_config=fields))
+    load_safetensors(loaded, tmp_path / "w.safetensors", dtype=torch.bfloat16)
+    for backbone in (built, cast, loaded):
+        assert backbone.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert torch.equal(backbone.model.rotary_emb.inv_freq, reference)

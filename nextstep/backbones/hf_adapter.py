@@ -194,8 +194,8 @@ class HFBackbone(Backbone):
         else:
             fields = dict(config.model_config)
             hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        model = AutoModel.from_config(hf_config, attn_implementation=config.attn_implementation)
-        return model if dtype == "auto" else model.to(dtype)
+        dtype_argument = {} if dtype == "auto" else {_dtype_argument(): dtype}  # rotary tables stay fp32
+        return AutoModel.from_config(hf_config, attn_implementation=config.attn_implementation, **dtype_argument)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "HFBackbone":
@@ -210,16 +210,33 @@ class HFBackbone(Backbone):
         empty. Each parameter-free transformers submodule holding such buffers is
         rebuilt from the model config on the embeddings' device.
         """
+        self._rebuild_buffers(lambda name, buffer: buffer.is_meta)
+
+    def _apply(self, fn, recurse=True):
+        # ``.to(torch.bfloat16)`` and loading in a dtype cast every floating buffer; rotary
+        # frequencies rounded to 8 bits would shift every angle, so they are rebuilt in fp32.
+        super()._apply(fn, recurse)
+        self._rebuild_buffers(lambda name, buffer: ("inv_freq" in name and not buffer.is_meta
+                                                    and buffer.dtype != torch.float32), required=False)
+        return self
+
+    def _rebuild_buffers(self, stale, required: bool = True) -> None:
+        """Rebuild, from the model config, each parameter-free submodule with a buffer ``stale(name, buffer)``;
+        one that cannot be rebuilt is an error when ``required``, else left as it is."""
         device = self.model.get_input_embeddings().weight.device
         for name, module in self.model.named_modules():
-            if not any(buffer.is_meta for buffer in module.buffers(recurse=False)):
+            if not any(stale(buffer_name, buffer) for buffer_name, buffer in module.named_buffers(recurse=False)):
                 continue
             if next(module.parameters(recurse=False), None) is not None:
+                if not required:
+                    continue
                 raise ValueError(f"cannot rebuild the meta buffers of {name!r}: it also holds parameters")
             try:
                 with torch.device(device):
                     fresh = type(module)(config=self.model.config)
             except TypeError as error:
+                if not required:
+                    continue
                 raise ValueError(f"cannot rebuild the meta buffers of {name!r} ({type(module).__name__}) "
                                  f"from the model config: {error}") from error
             for buffer_name, buffer in fresh.named_buffers(recurse=False):
