@@ -151,3 +151,27 @@ def test_the_adapters_rotary_frequencies_stay_fp32_however_it_reaches_bf16(tmp_p
     for backbone in (built, cast, loaded):
         assert backbone.model.embed_tokens.weight.dtype == torch.bfloat16
         assert torch.equal(backbone.model.rotary_emb.inv_freq, reference)
+
+
+def test_an_adapter_cache_made_in_inference_mode_is_reused_outside_it():
+    adapter, _ = adapter_and_native()
+    with torch.inference_mode():
+        cache = adapter.new_cache(1, 8)
+        adapter(torch.randn(1, 4, 32), torch.arange(4)[None], None, cache)
+        branches = cache.select_rows([0, 0])
+    with torch.no_grad():
+        cache.crop(2)
+        adapter(torch.randn(1, 1, 32), torch.tensor([[2]]), None, cache)
+        branches.crop(3)
+    assert (cache.length, branches.length) == (3, 3)
+
+
+def test_an_adapter_that_checkpoints_gradients_refuses_a_cache_it_would_drop():
+    adapter = HFBackbone(HFBackboneConfig(model_config=FIELDS, gradient_checkpointing=True)).train()
+    cache = adapter.new_cache(1, 8)
+    with pytest.raises(ValueError, match="drops the cache of layers that checkpoint their gradients"):
+        adapter(torch.randn(1, 3, 32), torch.arange(3)[None], None, cache)
+    assert cache.length == 0
+    with torch.no_grad():  # without gradients nothing is checkpointed and the cache fills
+        adapter(torch.randn(1, 3, 32), torch.arange(3)[None], None, cache)
+    assert cache.length == 3 and cache.hf_cache.get_seq_length() == 3

@@ -173,6 +173,28 @@ def test_cache_mismatches_are_refused():
         model(embeds, positions, torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"embeds must have shape \(B, L, 32\)"):
         model(torch.randn(2, 3, 16), positions)
+    with torch.no_grad():
+        foreign = KVCache(2, 2, 8, 2, 16)  # head dim 16 where the backbone's is 8
+        with pytest.raises(ValueError, match="2 layers x 2 heads x 16 dims, this backbone needs 2 x 2 x 8"):
+            model(embeds, positions, None, foreign)
+    with pytest.raises(ValueError, match=r"keeps no autograd history: run cached calls under torch.no_grad\(\)"):
+        model(embeds, positions, None, model.new_cache(2, 8))
+
+
+def test_a_step_that_fails_leaves_the_cache_as_it_was(monkeypatch):
+    model = backbone()
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32), torch.arange(3)[None], None, cache)
+        before = cache.key_mask.clone()
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("out of memory")
+
+        monkeypatch.setattr(model, "_run", broken)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            model(torch.randn(1, 2, 32), torch.arange(3, 5)[None], None, cache)
+    assert cache.length == 3 and torch.equal(cache.key_mask, before)
 
 
 def test_cache_bookkeeping():

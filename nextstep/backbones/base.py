@@ -291,6 +291,8 @@ class Backbone(nn.Module, ABC):
                 own document (packed sequences).
             cache: if given, keys/values are appended to it and attention covers
                 everything cached before plus the causal prefix of ``embeds``.
+                Caches serve inference: the built-in backbones refuse one
+                where gradients would have to pass through it.
 
         Returns:
             hidden states (B, L, H) after the final norm.

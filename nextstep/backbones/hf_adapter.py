@@ -79,7 +79,8 @@ class HFCache(BackboneCache):
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"batch_size and max_length must be >= 1, found {batch_size} and {max_length}")
         self.hf_cache = hf_cache
-        self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        with torch.inference_mode(False):  # an ordinary tensor: crops and reuse work outside inference mode
+            self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self._length = 0
 
     @property
@@ -132,7 +133,8 @@ class HFCache(BackboneCache):
         if self._length > 0:
             hf_cache.batch_select_indices(rows.to(self.key_mask.device))
         new = HFCache(hf_cache, rows.numel(), self.max_length, self.key_mask.device)
-        new.key_mask = self.key_mask[rows.to(self.key_mask.device)].clone()
+        with torch.inference_mode(False):
+            new.key_mask = self.key_mask[rows.to(self.key_mask.device)].clone()
         new._length = self._length
         return new
 
@@ -316,13 +318,20 @@ class HFBackbone(Backbone):
             raise TypeError(f"HFBackbone needs an HFCache from new_cache(), found {type(cache).__name__}")
         if cache.batch_size != batch:
             raise ValueError(f"batch of {batch} rows does not match the cache's {cache.batch_size} rows")
+        if getattr(self.model, "is_gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            raise ValueError("transformers drops the cache of layers that checkpoint their gradients: run cached "
+                             "calls under torch.no_grad() or in eval mode, or turn gradient checkpointing off")
         start, end = cache.reserve(attention_mask, length)
-        output = self.model(
-            inputs_embeds=embeds,
-            attention_mask=cache.key_mask[:, :end].long(),  # (B, T_filled + L): past and new slots
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_argument: cache.hf_cache},
-        )
+        try:
+            output = self.model(
+                inputs_embeds=embeds,
+                attention_mask=cache.key_mask[:, :end].long(),  # (B, T_filled + L): past and new slots
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_argument: cache.hf_cache},
+            )
+        except BaseException:
+            cache.crop(cache.length)  # the reserved slots hold nothing: the cache stays as it was
+            raise
         cache.commit(end)
         return output.last_hidden_state

@@ -328,6 +328,10 @@ class Qwen2Backbone(Backbone):
         """
         batch, length = self._check_inputs(embeds, positions, attention_mask, cache)
         attention_mask = documents_or_mask(attention_mask, cache is not None)
+        if cache is not None and torch.is_grad_enabled() and (
+                embeds.requires_grad or any(p.requires_grad for p in self.parameters())):
+            raise ValueError("a KVCache keeps no autograd history: run cached calls under torch.no_grad() or "
+                             "torch.inference_mode(), and train without a cache")
         step = self._run
         if cache is None:
             slots = None if attention_mask is None else torch.arange(length, device=embeds.device)
@@ -355,6 +359,10 @@ class Qwen2Backbone(Backbone):
                               "decoding eagerly from now on", RuntimeWarning, stacklevel=2)
                 self._compiled_decode = None
                 hidden = self._run(embeds, positions, key_mask, slots, layer_caches, end)
+            except BaseException:
+                if cache is not None:
+                    cache.crop(cache.length)  # the reserved slots hold nothing: the cache stays as it was
+                raise
         if cache is not None:
             cache.commit(end)
         # Hand back an ordinary tensor: inference tensors refuse later in-place updates.
@@ -432,11 +440,14 @@ class Qwen2Backbone(Backbone):
                     f"cache dtype {cache.dtype} differs from the embeddings' {embeds.dtype}; "
                     "create the cache with new_cache(..., dtype=embeds.dtype)"
                 )
-            if cache.num_layers != self.config.num_layers or cache.keys.shape[2] != self.config.num_kv_heads:
-                raise ValueError(
-                    f"cache holds {cache.num_layers} layers x {cache.keys.shape[2]} heads, "
-                    f"this backbone needs {self.config.num_layers} x {self.config.num_kv_heads}"
-                )
+            needed = (self.config.num_layers, self.config.num_kv_heads, self.config.resolved_head_dim)
+            found = (cache.num_layers, cache.keys.shape[2], cache.keys.shape[4])
+            if found != needed:
+                raise ValueError("cache holds {} layers x {} heads x {} dims, this backbone needs {} x {} x {}"
+                                 .format(*found, *needed))
+            if cache.keys.device != embeds.device:
+                raise ValueError(f"cache is on {cache.keys.device}, the embeddings on {embeds.device}; "
+                                 "create the cache with new_cache(..., device=embeds.device)")
         return batch, length
 
     # ------------------------------------------------------------------ options
