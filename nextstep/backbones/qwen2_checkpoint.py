@@ -3,9 +3,11 @@
 A Hugging Face checkpoint directory holds ``config.json`` and safetensors
 weights, one file or shards with ``model.safetensors.index.json``. Keys carry a
 ``model.`` prefix (``model.layers.0.self_attn.q_proj.weight``) in
-``Qwen2ForCausalLM`` checkpoints and none in ``Qwen2Model`` or NextStep ones;
-both load. ``lm_head.weight`` belongs to the LM head, not the backbone
-(`load_qwen2_lm_head`); it is absent when the embeddings are tied.
+``Qwen2ForCausalLM`` checkpoints and none in ``Qwen2Model`` ones; both load.
+``lm_head.weight`` belongs to the LM head, not the backbone
+(`load_qwen2_lm_head`); it is absent when the embeddings are tied. A NextStep
+release checkpoint also holds the image parts: it loads whole through
+`nextstep.interop.release_checkpoint.load_release_checkpoint`.
 """
 
 from __future__ import annotations
