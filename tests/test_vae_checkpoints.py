@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -213,3 +214,29 @@ def test_standardisation_with_a_scale_and_shift_round_trips(tmp_path):
     save_flux_vae(loaded, tmp_path / "again", layout="nextstep")
     fields = json.loads((tmp_path / "again" / "config.json").read_text())
     assert (fields["encoder_norm"], fields["scaling_factor"], fields["shift_factor"]) == (True, 0.5, 0.125)
+
+
+@pytest.mark.parametrize("layout, changes, lost", [
+    ("nextstep", {"norm_groups": 8}, "norm_groups=8 (it would load as 32)"),
+    ("diffusers", {"normalization": "layer_norm", "normalization_patch_size": 2},
+     "normalization='layer_norm' (it would load as 'none'), normalization_patch_size=2"),
+    ("diffusers", {"deterministic": False}, "deterministic=False (it would load as True)"),
+    ("bfl", {"normalization": "scale_shift", "scaling_factor": 0.5}, "scaling_factor=0.5 (it would load as 0.3611)"),
+    ("nextstep", {"patch_size": 4}, "patch_size=4 (it would load as 2)"),
+])
+def test_a_layout_that_cannot_hold_a_setting_refuses_to_write(tmp_path, layout, changes, lost):
+    vae = FluxVAE(TINY.replace(**{"ch": 32, "norm_groups": 32, **changes}))
+    with pytest.raises(ValueError, match=re.escape(lost)):
+        save_flux_vae(vae, tmp_path / "out", layout=layout)
+    assert not (tmp_path / "out").exists()
+
+
+def test_equivalent_latent_handling_saves_where_a_layout_can_say_it(tmp_path):
+    vae = FluxVAE(TINY.replace(ch=32, norm_groups=32, normalization="scale_shift", scaling_factor=1.0,
+                               shift_factor=0.0))
+    for layout in ("diffusers", "nextstep"):  # scaling by 1 and 0 is no scaling at all
+        save_flux_vae(vae, tmp_path / layout, layout=layout)
+        loaded = load_flux_vae(tmp_path / layout).config
+        assert loaded.normalization == "none" or (loaded.scaling_factor, loaded.shift_factor) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="scaling_factor=1.0 .it would load as 0.3611."):
+        save_flux_vae(vae, tmp_path / "bfl", layout="bfl")  # a FLUX.1 file loads with FLUX.1's scale and shift

@@ -353,8 +353,45 @@ def load_flux_vae(path: str | Path, *, layout: str | None = None, **config_chang
     return _load_into(FluxVAE(config), state, str(file))
 
 
+def _latent_handling(config: FluxVAEConfig) -> tuple:
+    """What a config does to latents, with equivalent spellings made equal (``scale_shift`` by 1 and 0
+    is ``none``; scale, shift and block size mean nothing to the settings that ignore them)."""
+    normalization, scale, shift = config.normalization, config.scaling_factor, config.shift_factor
+    if normalization == "scale_shift" and (scale, shift) == (1.0, 0.0):
+        normalization = "none"
+    if normalization == "none":
+        scale, shift = 1.0, 0.0
+    block = config.normalization_patch_size if normalization == "layer_norm" else 1
+    return normalization, block, scale, shift
+
+
+def _settings_lost(config: FluxVAEConfig, layout: str, state: dict[str, torch.Tensor]) -> list[tuple]:
+    """(field, value, value after loading) for each setting of ``config`` a ``layout`` file would not keep."""
+    if layout == "diffusers":
+        reloaded = config_from_diffusers(config_to_diffusers(config))
+    elif layout == "nextstep":
+        reloaded = config_from_nextstep(config_to_nextstep(config))
+    else:  # a bare FLUX.1 file: the architecture, read back as FLUX.1's VAE (groups given when loading)
+        reloaded = config_from_bfl_state(state, config.norm_groups).replace(normalization="scale_shift", scaling_factor=0.3611,
+                                                        shift_factor=0.1159)
+    lost = [(name, getattr(config, name), getattr(reloaded, name))
+            for name in ("norm_groups", "deterministic", "patch_size")
+            if getattr(config, name) != getattr(reloaded, name)]
+    names = ("normalization", "normalization_patch_size", "scaling_factor", "shift_factor")
+    mine, theirs = _latent_handling(config), _latent_handling(reloaded)
+    lost += [(name, a, b) for name, a, b in zip(names, mine, theirs) if a != b]
+    return lost
+
+
 def save_flux_vae(vae: FluxVAE, directory: str | Path, *, layout: str = "native") -> None:
-    """Write ``vae`` in one of `LAYOUTS`, atomically (the directory appears complete or not at all)."""
+    """Write ``vae`` in one of `LAYOUTS`, atomically (the directory appears complete or not at all).
+
+    Raises:
+        ValueError: an unknown layout, or one whose files cannot describe ``vae`` so that it loads as the
+            same tokenizer (a decoder wider than the encoder, GroupNorm groups other than 32 in the
+            ``nextstep`` layout, latent handling a diffusers or FLUX.1 file has no field for), naming
+            each setting it would lose. (A FLUX.1 file never holds its groups: `load_flux_vae` takes them.)
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown VAE layout {layout!r}; known: {list(LAYOUTS)}")
     config = vae.config
@@ -363,6 +400,11 @@ def save_flux_vae(vae: FluxVAE, directory: str | Path, *, layout: str = "native"
                          f"{config.decoder_width} wide with {config.decoder_groups} groups beside an encoder "
                          f"{config.ch} wide with {config.norm_groups}; save it in the native layout")
     state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
+    if layout != "native":
+        lost = [f"{name}={mine!r} (it would load as {theirs!r})"
+                for name, mine, theirs in _settings_lost(config, layout, state)]
+        if lost:
+            raise ValueError(f"the {layout} layout cannot hold {', '.join(lost)}; save it in the native layout")
     with atomic_directory(directory) as staging:
         if layout == "native":
             config.save(staging / "config.json")
