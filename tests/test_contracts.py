@@ -227,3 +227,20 @@ def test_sampler_is_exact_on_constant_velocity(name):
         out = sampler.sample(velocity, noise, time_grid(steps, shift=2.0))
         torch.testing.assert_close(out, target, atol=1e-5, rtol=1e-5)
     assert sampler.order >= 1 and not math.isnan(sampler.order)
+
+
+def test_nextstep_tokens_a_tokenizer_holds_as_plain_tokens_become_special(tmp_path):
+    from interop_synthetic import write_tokenizer
+    from transformers import AutoTokenizer
+
+    from nextstep.tokenizers import HFTextTokenizer
+
+    write_tokenizer(tmp_path / "base", vocabulary="small", nextstep_tokens=False)
+    prepared = AutoTokenizer.from_pretrained(str(tmp_path / "base"))
+    prepared.add_tokens(["[PAD]", *NEXTSTEP_SPECIAL_TOKENS])  # added, but not as special tokens
+    prepared.save_pretrained(str(tmp_path / "prepared"))
+    begin = prepared.convert_tokens_to_ids("<|begin_of_image|>")
+    tokenizer = HFTextTokenizer(HFTextTokenizerConfig(path=str(tmp_path / "prepared")))
+    assert tokenizer.begin_of_image_id == begin  # the same id
+    assert begin not in tokenizer.encode("x <|begin_of_image|>")  # a prompt cannot write it
+    assert tokenizer.decode(tokenizer.encode("x <|begin_of_image|>")) == "x <|begin_of_image|>"

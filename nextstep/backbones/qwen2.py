@@ -328,16 +328,16 @@ class Qwen2Backbone(Backbone):
         """
         batch, length = self._check_inputs(embeds, positions, attention_mask, cache)
         attention_mask = documents_or_mask(attention_mask, cache is not None)
-        if cache is not None and torch.is_grad_enabled() and (
-                embeds.requires_grad or any(p.requires_grad for p in self.parameters())):
-            raise ValueError("a KVCache keeps no autograd history: run cached calls under torch.no_grad() or "
-                             "torch.inference_mode(), and train without a cache")
         step = self._run
         if cache is None:
             slots = None if attention_mask is None else torch.arange(length, device=embeds.device)
             key_mask, layer_caches, visible = attention_mask, None, length
         else:
             start, end = cache.reserve(attention_mask, length)
+            if torch.is_grad_enabled() and (embeds.requires_grad or any(p.requires_grad for p in self.parameters())):
+                cache.crop(cache.length)
+                raise ValueError("a KVCache keeps no autograd history: run cached calls under torch.no_grad() or "
+                                 "torch.inference_mode(), and train without a cache")
             slots = torch.arange(start, end, device=embeds.device)
             key_mask, layer_caches, visible = cache.key_mask, cache.layers, end
             compiled = self._compiled_decode if length == 1 else None

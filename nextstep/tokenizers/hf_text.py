@@ -32,7 +32,8 @@ class HFTextTokenizer(TextTokenizer):
     """Any ``transformers`` tokenizer, with NextStep's special tokens added when missing.
 
     Tokens already present keep their ids (so a NextStep-1 release tokenizer keeps
-    ``<|begin_of_image|>`` = 151667); missing ones are appended in the release's order.
+    ``<|begin_of_image|>`` = 151667) and are marked special, so that their text in a
+    prompt stays text; missing ones are appended in the release's order.
     Loading never touches the network.
     """
 
@@ -55,9 +56,19 @@ class HFTextTokenizer(TextTokenizer):
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
                                                        trust_remote_code=False)
         vocab = self.tokenizer.get_vocab()
-        missing = [t for t in (END_OF_TEXT, *NEXTSTEP_SPECIAL_TOKENS) if t not in vocab]
+        wanted = (END_OF_TEXT, *NEXTSTEP_SPECIAL_TOKENS)
+        missing = [t for t in wanted if t not in vocab]
         if missing:
             self.tokenizer.add_tokens(missing, special_tokens=True)
+        # Added as plain tokens, they would be read out of a prompt's text: mark them special (same ids).
+        plain = [token for token in self.tokenizer.added_tokens_decoder.values()
+                 if token.content in wanted and not token.special]
+        if plain:
+            from tokenizers import AddedToken
+
+            self.tokenizer.add_tokens([AddedToken(token.content, special=True, normalized=False, lstrip=token.lstrip,
+                                                  rstrip=token.rstrip, single_word=token.single_word)
+                                       for token in plain], special_tokens=True)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = PAD
 
