@@ -144,7 +144,8 @@ def test_the_adapters_rotary_frequencies_stay_fp32_however_it_reaches_bf16(tmp_p
     reference = HFBackbone(HFBackboneConfig(model_config=fields)).model.rotary_emb.inv_freq
     built = HFBackbone(HFBackboneConfig(model_config=fields, dtype="bfloat16"))
     cast = HFBackbone(HFBackboneConfig(model_config=fields)).to(torch.bfloat16)
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in cast.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    weights = {k: v.to(torch.bfloat16).contiguous() for k, v in cast.state_dict().items()}
+    save_file(weights, str(tmp_path / "w.safetensors"))
     with torch.device("meta"):
         loaded = HFBackbone(HFBackboneConfig(model_config=fields))
     load_safetensors(loaded, tmp_path / "w.safetensors", dtype=torch.bfloat16)

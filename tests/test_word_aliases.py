@@ -189,3 +189,12 @@ def test_the_command_writes_the_aliases_it_reports(tmp_path, monkeypatch, capsys
     assert config["text_tokenizer"]["aliases"]["faces"] == "face"
     assert main(["add-word-aliases", str(tmp_path / "nothing"), str(tmp_path / "out2")]) == 2
     assert "expected a model directory or a shipped model" in capsys.readouterr().err
+
+
+def test_a_vocabulary_word_whose_lower_case_is_not_letters_gets_no_alias_key():
+    tokenizer = WordTextTokenizer(WordTextTokenizerConfig(min_count=1)).fit(["a view of İstanbul at night"])
+    embed = lambda words: torch.randn(len(words), 8, generator=torch.Generator().manual_seed(len(words)))  # noqa: E731
+    aliases = nearest_word_aliases(tokenizer.words, ["city", "İzmir"], embed)
+    assert "city" in aliases and not any("i̇" in key for key in aliases)  # "İ".lower() is "i" + a combining dot
+    aliased = tokenizer.with_aliases(aliases)
+    assert aliased.decode(aliased.encode("a view of İstanbul")) == "a view of İstanbul"

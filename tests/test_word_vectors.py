@@ -169,6 +169,8 @@ def test_attaching_vectors_changes_no_output_until_trained():
         model.generate("a" + stand_in + " heart", **options)[0].tobytes()
     with pytest.raises(ValueError, match="already has word vectors"):
         attach_word_vectors(attached, ["x"], letter_counts)
+    assert "i̇zmir" not in attach_word_vectors(model, ["İzmir", "violin"], letter_counts, dim=4) \
+        .text_tokenizer.config.vector_words  # a lower case that is not letters only has no key
     with pytest.raises(ValueError, match="need a word text tokenizer, found ByteTextTokenizer"):
         attach_word_vectors(build_model("tiny", seed=0), ["x"], letter_counts)
     with pytest.raises(ValueError, match="keeps its text tokenizer"):

@@ -372,8 +372,8 @@ def _settings_lost(config: FluxVAEConfig, layout: str, state: dict[str, torch.Te
     elif layout == "nextstep":
         reloaded = config_from_nextstep(config_to_nextstep(config))
     else:  # a bare FLUX.1 file: the architecture, read back as FLUX.1's VAE (groups given when loading)
-        reloaded = config_from_bfl_state(state, config.norm_groups).replace(normalization="scale_shift", scaling_factor=0.3611,
-                                                        shift_factor=0.1159)
+        reloaded = config_from_bfl_state(state, config.norm_groups).replace(
+            normalization="scale_shift", scaling_factor=0.3611, shift_factor=0.1159)
     lost = [(name, getattr(config, name), getattr(reloaded, name))
             for name in ("norm_groups", "deterministic", "patch_size")
             if getattr(config, name) != getattr(reloaded, name)]

@@ -58,8 +58,10 @@ def nearest_word_aliases(words: Sequence[str], candidates: Iterable[str], embed:
     if not targets:
         raise ValueError("the vocabulary has no word of letters to alias to")
     target_vectors = unit_rows(embed(targets), len(targets), "the vocabulary's words")
-    wanted = {word.lower() for word in candidates if isinstance(word, str) and word.isalpha()}
-    exact = {target.lower(): target for target in targets}
+    # Keys are lower-case letters: a word whose lower case is not ("İ" lowers to "i" + a dot) has none.
+    wanted = {word.lower() for word in candidates
+              if isinstance(word, str) and word.isalpha() and word.lower().isalpha()}
+    exact = {target.lower(): target for target in targets if target.lower().isalpha()}
     aliases = {word: exact[word] for word in wanted if word in exact}
     rest = sorted(wanted - set(aliases))
     for start in range(0, len(rest), batch_size):

@@ -173,7 +173,7 @@ class WordTextTokenizer(ByteTextTokenizer):
             elif self._alias_ids and (alias := self._aliased(piece)) is not None:
                 ids.extend(alias)
             else:
-                ids.extend(piece.encode("utf-8"))
+                ids.extend(piece.encode("utf-8", errors="surrogatepass"))  # as the byte tokenizer does
         return ids
 
     def _aliased(self, piece: str) -> list[int] | None:

@@ -72,8 +72,10 @@ def attach_word_vectors(model: "NextStep", candidates: Sequence[str], embed: Emb
         raise ValueError("the model already has word vectors")
     known = alias_targets(tokenizer.words)
     known_lower = {word.lower() for word in known}
-    extra = sorted({word.lower() for word in candidates if isinstance(word, str) and word.isalpha()} - known_lower)
-    aliases = {word.lower(): word for word in known}
+    # Keys are lower-case letters: a word whose lower case is not ("İ" lowers to "i" + a dot) has none.
+    extra = sorted({word.lower() for word in candidates
+                    if isinstance(word, str) and word.isalpha() and word.lower().isalpha()} - known_lower)
+    aliases = {word.lower(): word for word in known if word.lower().isalpha()}
     aliases.update(tokenizer.config.aliases)
     aliases = {word: target for word, target in sorted(aliases.items()) if word not in extra}
     reader = type(tokenizer)(tokenizer.config.replace(aliases=aliases, vector_words=tuple(extra)))
