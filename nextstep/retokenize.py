@@ -38,8 +38,10 @@ def vocabulary_transfer(old: TextTokenizer, new: TextTokenizer) -> list[list[int
 
     A special token maps to the same special token, a raw byte (`TextTokenizer.byte_id`)
     to the old tokenizer's id of that byte when it has one, and any other id to
-    the old encoding of its decoded text. An id with no source (a special token
-    the old tokenizer lacks) maps to an empty list and keeps a fresh row.
+    the old encoding of its bytes (`TextTokenizer.token_bytes`: byte by byte where
+    they are part of a character) or else of its decoded text. An id with no
+    source (a special token the old tokenizer lacks) maps to an empty list and
+    keeps a fresh row.
     """
     new_specials = _special_ids(new)
     new_bytes = {new.byte_id(value): value for value in range(256) if new.byte_id(value) is not None}
@@ -53,9 +55,23 @@ def vocabulary_transfer(old: TextTokenizer, new: TextTokenizer) -> list[list[int
                 sources.append([])
         elif new_id in new_bytes and old.byte_id(new_bytes[new_id]) is not None:
             sources.append([old.byte_id(new_bytes[new_id])])
+        elif (spelled := new.token_bytes(new_id)) is not None:
+            sources.append(_encode_bytes(old, spelled))
         else:
             sources.append(old.encode(new.decode([new_id])))
     return sources
+
+
+def _encode_bytes(tokenizer: TextTokenizer, data: bytes) -> list[int]:
+    """``tokenizer``'s ids for ``data``: its encoding of the text, or byte by byte where the bytes
+    are not whole characters and it has an id for each byte."""
+    try:
+        return tokenizer.encode(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        ids = [tokenizer.byte_id(value) for value in data]
+        if all(i is not None for i in ids):
+            return ids
+        return tokenizer.encode(data.decode("utf-8", errors="replace"))
 
 
 def _transferred_rows(old_rows: torch.Tensor, sources: list[list[int]], fresh: torch.Tensor) -> torch.Tensor:

@@ -101,3 +101,17 @@ def test_a_table_of_the_wrong_width_is_refused():
     model = build_model("tiny", seed=0)
     with pytest.raises(ValueError, match=r"embeddings must be \d+ wide \(hidden_size\), found 3"):
         model.backbone.set_input_embeddings(torch.nn.Embedding(10, 3))
+
+
+def test_byte_level_bpe_tokens_map_through_their_bytes_both_ways(hf_tokenizer_dir):
+    from nextstep.tokenizers import HFTextTokenizer, HFTextTokenizerConfig
+
+    bpe = HFTextTokenizer(HFTextTokenizerConfig(path=str(hf_tokenizer_dir)))
+    byte = ByteTextTokenizer()
+    accented = bpe.encode("é")  # one token per byte where the merges do not join them
+    from_bytes = vocabulary_transfer(byte, bpe)
+    assert [from_bytes[i] for i in accented] == [[bpe.token_bytes(i)[0]] for i in accented]
+    assert b"".join(bpe.token_bytes(i) for i in accented) == "é".encode()
+    to_bytes = vocabulary_transfer(bpe, byte)
+    assert to_bytes[0xC3] == [bpe.byte_id(0xC3)] and to_bytes[ord("a")] == [bpe.byte_id(ord("a"))]
+    assert bpe.token_bytes(bpe.begin_of_image_id) is None  # added tokens map by their name

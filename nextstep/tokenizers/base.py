@@ -197,6 +197,11 @@ class TextTokenizer(ABC):
     def save(self, directory: Path) -> None:
         """Write whatever files the tokenizer needs into ``directory`` (default: none)."""
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes an ordinary id stands for, where `decode` cannot say them (a byte-level BPE
+        token holding part of a character); None to let its decoded text speak for it (the default)."""
+        return None
+
     def byte_id(self, value: int) -> int | None:
         """The id that stands for the raw byte ``value`` (0-255), in tokenizers that spell
         text as bytes; None in those that do not (the default)."""

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from nextstep.config import Config, require
 from nextstep.registry import register_component
 from nextstep.tokenizers.base import TextTokenizer
 from nextstep.tokenizers.special_tokens import END_OF_TEXT, NEXTSTEP_SPECIAL_TOKENS, PAD
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """Byte value -> the character byte-level BPE vocabularies (GPT-2, Qwen) spell it with: printable
+    Latin-1 bytes stand for themselves, the other bytes for the code points from 256 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [value for value in range(256) if value not in printable]
+    return {**{value: chr(value) for value in printable},
+            **{value: chr(256 + index) for index, value in enumerate(others)}}
 
 
 @dataclass
@@ -80,6 +90,37 @@ class HFTextTokenizer(TextTokenizer):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)
+
+    @cached_property
+    def _byte_level(self) -> dict[str, int] | None:
+        """Character -> byte of a byte-level BPE vocabulary (one token for each byte); None otherwise."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if type(getattr(backend, "decoder", None)).__name__ != "ByteLevel":
+            return None
+        alphabet = byte_level_alphabet()
+        vocab = self.tokenizer.get_vocab()
+        if not all(character in vocab for character in alphabet.values()):
+            return None
+        return {character: value for value, character in alphabet.items()}
+
+    def byte_id(self, value: int) -> int | None:
+        """The id of the single-byte token of a byte-level BPE vocabulary; None for other vocabularies."""
+        if self._byte_level is None:
+            return None
+        if not 0 <= value < 256:
+            raise ValueError(f"a byte value lies in [0, 256), found {value}")
+        return self.tokenizer.convert_tokens_to_ids(byte_level_alphabet()[value])
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes of an ordinary token of a byte-level BPE vocabulary (None for added tokens and
+        other vocabularies)."""
+        characters = self._byte_level
+        if characters is None or int(token_id) in self.tokenizer.added_tokens_decoder:
+            return None
+        token = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        if not isinstance(token, str) or not all(character in characters for character in token):
+            return None
+        return bytes(characters[character] for character in token)
 
     def special_token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
