@@ -229,6 +229,8 @@ def test_a_layout_that_cannot_hold_a_setting_refuses_to_write(tmp_path, layout, 
     with pytest.raises(ValueError, match=re.escape(lost)):
         save_flux_vae(vae, tmp_path / "out", layout=layout)
     assert not (tmp_path / "out").exists()
+    save_flux_vae(vae, tmp_path / "out", layout=layout, lossy=True)  # the weights alone, when asked
+    assert_same_weights(vae, load_flux_vae(tmp_path / "out"))
 
 
 def test_equivalent_latent_handling_saves_where_a_layout_can_say_it(tmp_path):

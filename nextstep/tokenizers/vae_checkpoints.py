@@ -383,14 +383,22 @@ def _settings_lost(config: FluxVAEConfig, layout: str, state: dict[str, torch.Te
     return lost
 
 
-def save_flux_vae(vae: FluxVAE, directory: str | Path, *, layout: str = "native") -> None:
+def save_flux_vae(vae: FluxVAE, directory: str | Path, *, layout: str = "native", lossy: bool = False) -> None:
     """Write ``vae`` in one of `LAYOUTS`, atomically (the directory appears complete or not at all).
 
     Raises:
         ValueError: an unknown layout, or one whose files cannot describe ``vae`` so that it loads as the
             same tokenizer (a decoder wider than the encoder, GroupNorm groups other than 32 in the
             ``nextstep`` layout, latent handling a diffusers or FLUX.1 file has no field for), naming
-            each setting it would lose. (A FLUX.1 file never holds its groups: `load_flux_vae` takes them.)
+            each setting it would lose, unless ``lossy``. (A FLUX.1 file never holds its groups:
+            `load_flux_vae` takes them.)
+
+    Args:
+        vae: the tokenizer to write.
+        directory: the folder to write (replaced atomically).
+        layout: one of `LAYOUTS`.
+        lossy: write the weights even where the layout cannot hold every latent setting; they are
+            then given to `load_flux_vae` again (``normalization="layer_norm"``, ...).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown VAE layout {layout!r}; known: {list(LAYOUTS)}")
@@ -400,11 +408,12 @@ def save_flux_vae(vae: FluxVAE, directory: str | Path, *, layout: str = "native"
                          f"{config.decoder_width} wide with {config.decoder_groups} groups beside an encoder "
                          f"{config.ch} wide with {config.norm_groups}; save it in the native layout")
     state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    if layout != "native":
+    if layout != "native" and not lossy:
         lost = [f"{name}={mine!r} (it would load as {theirs!r})"
                 for name, mine, theirs in _settings_lost(config, layout, state)]
         if lost:
-            raise ValueError(f"the {layout} layout cannot hold {', '.join(lost)}; save it in the native layout")
+            raise ValueError(f"the {layout} layout cannot hold {', '.join(lost)}; save it in the native layout, "
+                             "or pass lossy=True and give these settings to load_flux_vae")
     with atomic_directory(directory) as staging:
         if layout == "native":
             config.save(staging / "config.json")
