@@ -65,6 +65,10 @@ def test_resuming_the_stream_continues_where_it_stopped(tmp_path, workers):
     full = _keys(StreamingTrainingBatches(dataset, buckets, layout, num_workers=workers), 12)
     resumed = _keys(StreamingTrainingBatches(dataset, buckets, layout, start_step=3, num_workers=workers), 6)
     assert resumed == full[6:]
+    single = BatchLayout(micro_batch_size=2)  # resumed at an odd batch: another worker's turn comes first
+    full = _keys(StreamingTrainingBatches(dataset, buckets, single, num_workers=workers), 8)
+    resumed = _keys(StreamingTrainingBatches(dataset, buckets, single, start_step=3, num_workers=workers), 5)
+    assert resumed == full[3:]
     batch = next(iter(StreamingTrainingBatches(dataset, buckets, layout)))
     assert batch.images.shape[0] == 2 and batch.captions[0].startswith("caption of")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from training_helpers import tiny_config, tiny_trainer
 
-from nextstep import NextStep
+from nextstep import NextStep, build_model
 from nextstep.training.checkpointing import CheckpointManager
 from nextstep.training.logging import read_log
 
@@ -201,3 +201,23 @@ def test_a_resumed_run_takes_its_optimiser_settings_from_its_config_and_its_cloc
     elapsed = [row["elapsed_seconds"] for row in read_log(tmp_path / "train_log.csv")]
     assert elapsed[:2] == [row["elapsed_seconds"] for row in first_rows]
     assert elapsed[2] > elapsed[1]  # counted on from the checkpoint, not from 0
+
+
+def test_a_stream_resumes_only_with_the_split_it_was_read_with(tmp_path):
+    from test_data_webdataset import write_shards
+
+    from nextstep.training import AspectRatioBuckets, TextToImageTask, Trainer, TrainingData
+    from nextstep.training.data import WebDataset, WebDatasetConfig
+
+    data = TrainingData(WebDataset(WebDatasetConfig(shards=(write_shards(tmp_path / "shards"),))),
+                        AspectRatioBuckets(32, multi_aspect=False))
+
+    def trainer(config):
+        model = build_model("tiny", seed=0)
+        return Trainer(TextToImageTask(model), data, config, tmp_path / "run", show_progress=False)
+
+    config = tiny_config(max_steps=1, checkpoint_every=1)
+    trainer(config).fit(resume=False)
+    with pytest.raises(ValueError, match=r"1 process\(es\) x 1 loader worker\(s\) but this run has 1 x 2"):
+        trainer(config.replace(max_steps=2, num_workers=2)).resume()
+    assert trainer(config.replace(max_steps=2, num_workers=1)).resume() == 1  # one worker reads as the process does

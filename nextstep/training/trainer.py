@@ -178,6 +178,17 @@ class Trainer:
                 f"checkpoint {path} was trained with seed {saved_seed} but this run has seed {self.config.seed}; "
                 "keep the seed to resume the same data order and draws, or start over (--no-resume)"
             )
+        saved_config = state.get("config") or {}
+        if self.data.streaming and "num_workers" in saved_config and "world_size" in state:
+            # A stream is dealt to processes x loader workers readers: another split reads other samples.
+            saved = (int(state["world_size"]), max(int(saved_config["num_workers"]), 1))
+            here = (self.context.world_size, max(self.config.num_workers, 1))
+            if saved != here:
+                raise ValueError(
+                    f"checkpoint {path} read its stream with {saved[0]} process(es) x {saved[1]} loader worker(s) "
+                    f"but this run has {here[0]} x {here[1]}; a streaming dataset resumes only with the same split "
+                    "(map-style datasets resume on any)"
+                )
         self.tracker.load_state_dict(self._own_bad_samples(state.get("bad_samples", {})))
         self.step = int(state["step"])
         self._elapsed_before = float(state.get("elapsed_seconds", 0.0))

@@ -186,7 +186,8 @@ class StreamingBatches(IterableDataset):
 
     Samples gather per bucket; a bucket that holds ``micro_batch_size`` samples
     becomes a batch. Runs in loader workers; worker ``w`` of process ``rank``
-    reads slot ``rank * workers + w``.
+    reads slot ``rank * workers + w`` (shifted on resume so that batches come
+    in the uninterrupted order).
 
     Args:
         dataset: the shards.
@@ -211,10 +212,12 @@ class StreamingBatches(IterableDataset):
     def __iter__(self) -> Iterator[ImageTextBatch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot, num_slots = self.rank * workers + worker, self.world_size * workers
-        # The loader takes batches from its workers in turn, so worker w made
-        # every workers-th batch of those consumed.
-        skip = (self.skip_batches - worker + workers - 1) // workers if self.skip_batches > worker else 0
+        # The loader takes batches from its workers in turn, starting with worker 0: batch k of the
+        # run came from reader k % workers. Resumed at batch K, worker w plays reader (K + w) % workers,
+        # which had made every workers-th batch of the K consumed.
+        role = (worker + self.skip_batches) % workers
+        slot, num_slots = self.rank * workers + role, self.world_size * workers
+        skip = (self.skip_batches - role + workers - 1) // workers if self.skip_batches > role else 0
         pending: dict[tuple[int, int], list[tuple[RawSample, str, Image.Image | None]]] = {}
         # Per bucket: the last sample that decoded, which stands in for a group none of whose pixels
         # decode; and the last groups skipped on resume, to find it again from.
