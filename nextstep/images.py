@@ -21,10 +21,15 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image as `to_rgb` will give it: swapped when its EXIF orientation
     turns it a quarter (read from the header, nothing decoded)."""
     width, height = image.size
-    if image.format not in EXIF_HEADER_FORMATS:  # elsewhere the EXIF block may follow the pixels
-        return width, height
     try:
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        if image.format in EXIF_HEADER_FORMATS:
+            exif = image.getexif()
+        elif "exif" in image.info:  # an EXIF block read with the header (a PNG's eXIf chunk before its pixels)
+            exif = Image.Exif()
+            exif.load(image.info["exif"])
+        else:  # elsewhere the EXIF block may follow the pixels
+            return width, height
+        orientation = exif.get(EXIF_ORIENTATION, 1)
     except (*IMAGE_ERRORS, KeyError):  # KeyError: an EXIF block Pillow cannot parse
         return width, height
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
@@ -38,7 +43,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     """An RGB copy, the EXIF orientation applied; transparent pixels are composited over ``background``,
     and 16-bit grey levels are scaled to 8 bits."""
     image = ImageOps.exif_transpose(image)
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode in _WIDE_GREY_MODES:
         levels = np.asarray(image, dtype=np.float64)
@@ -47,7 +52,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
         return Image.fromarray(grey, mode="L").convert("RGB")
     if image.mode in ("RGBa", "La"):  # premultiplied alpha
         image = image.convert("RGBA" if image.mode == "RGBa" else "LA")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # an alpha channel or a key colour
         rgba = image.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, background)
         canvas.paste(rgba, mask=rgba.getchannel("A"))

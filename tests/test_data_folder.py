@@ -36,7 +36,7 @@ def test_sidecar_captions_and_sizes(tmp_path):
 
 def test_manifest_layout(tmp_path):
     _write_images(tmp_path / "images", 2, captions=False)
-    lines = [json.dumps({"image": f"images/img{i:03d}.png", "caption": f"caption {i}"}) for i in range(2)]
+    lines = [json.dumps({"image": f"images/img{i:03d}.png", "caption": f" caption {i}\n"}) for i in range(2)]
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path / "train.jsonl")))
     assert [dataset.load(i).caption for i in range(2)] == ["caption 0", "caption 1"]
@@ -123,6 +123,20 @@ def test_photos_stand_as_their_exif_orientation_says_and_wide_modes_keep_their_l
     transparent.putpalette([0, 0, 0] * 256)
     for image in (transparent, Image.new("La", (4, 4)), Image.new("RGBa", (4, 4))):
         assert to_rgb(image).getpixel((0, 0)) == (255, 255, 255), image.mode
+    # So do the key-coloured pixels of RGB and grey PNGs, and a PNG's EXIF orientation counts when bucketing.
+    keyed = tmp_path / "keyed"
+    keyed.mkdir()
+    Image.new("RGB", (4, 4)).save(keyed / "rgb.png", transparency=(0, 0, 0))
+    Image.new("L", (4, 4)).save(keyed / "grey.png", transparency=0)
+    for name in ("rgb.png", "grey.png"):
+        with Image.open(keyed / name) as image:
+            assert to_rgb(image).getpixel((0, 0)) == (255, 255, 255), name
+    turned = tmp_path / "turned"
+    turned.mkdir()
+    Image.new("RGB", (64, 32), "blue").save(turned / "drawing.png", exif=exif.tobytes())
+    (turned / "drawing.txt").write_text("a turned drawing")
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(turned)))
+    assert dataset.image_size(0) == (32, 64) and dataset.load(0).image.size == (32, 64)
 
 
 def test_the_content_fingerprint_follows_pixels_and_captions(tmp_path):

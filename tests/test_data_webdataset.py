@@ -23,7 +23,7 @@ def _add(archive, name, data):
     archive.addfile(info, io.BytesIO(data))
 
 
-def write_shards(folder, num_shards=4, per_shard=12, broken=(), uncaptioned=(), truncated=()):
+def write_shards(folder, num_shards=4, per_shard=12, broken=(), uncaptioned=(), truncated=(), captions=None):
     folder.mkdir(parents=True, exist_ok=True)
     for shard in range(num_shards):
         with tarfile.open(folder / f"train-{shard:03d}.tar", "w") as archive:
@@ -35,7 +35,7 @@ def write_shards(folder, num_shards=4, per_shard=12, broken=(), uncaptioned=(), 
                     image = image[:60]
                 _add(archive, f"{key}.png", image)
                 if key not in uncaptioned:
-                    _add(archive, f"{key}.txt", f"caption of {key}".encode())
+                    _add(archive, f"{key}.txt", (captions or {}).get(key, f"caption of {key}".encode()))
     return str(folder / f"train-{{000..{num_shards - 1:03d}}}.tar")
 
 
@@ -103,6 +103,17 @@ def test_missing_caption_names_the_sample_and_the_shard(tmp_path):
     loader = StreamingTrainingBatches(dataset, AspectRatioBuckets(32), BatchLayout(2))
     with pytest.raises(ValueError, match=r"'s0_002' in shard .*train-000\.tar has no caption"):
         list(itertools.islice(iter(loader), 5))
+
+
+def test_captions_lose_a_byte_order_mark_and_undecodable_ones_count_as_bad_samples(tmp_path):
+    captions = {"s0_000": "\ufeff a red circle \n".encode(), "s0_001": "caf\xe9".encode("latin-1")}
+    pattern = write_shards(tmp_path, num_shards=1, per_shard=6, captions=captions)
+    dataset = WebDataset(WebDatasetConfig(shards=(pattern,), shuffle_buffer=0))
+    loader = StreamingTrainingBatches(dataset, AspectRatioBuckets(32, multi_aspect=False), BatchLayout(1))
+    batches = list(itertools.islice(iter(loader), 5))
+    assert batches[0].captions == ["a red circle"]
+    assert any("s0_001" in key and "not UTF-8" in key for batch in batches for key in batch.bad_keys)
+    assert all("s0_001" not in key for batch in batches for key in batch.keys)
 
 
 def test_missing_shards_are_named(tmp_path):

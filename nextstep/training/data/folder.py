@@ -146,7 +146,7 @@ class ImageFolderDataset(ImageTextDataset):
                 raise ValueError(f"{manifest} line {number}: unknown keys {unknown}; known: "
                                  "['caption', 'height', 'image', 'width']")
             size = (int(entry["width"]), int(entry["height"])) if "width" in entry and "height" in entry else None
-            records.append((image, entry["caption"], size))
+            records.append((image, entry["caption"].strip(), size))
         return records
 
     def __len__(self) -> int:

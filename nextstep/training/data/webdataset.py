@@ -138,7 +138,10 @@ class WebDataset:
                 f"sample {raw.key!r} in shard {raw.shard} has no caption: expected a member "
                 f"{raw.key}.{self.config.caption_key}, found {sorted(raw.members)}"
             )
-        return data.decode("utf-8").strip()
+        try:
+            return data.decode("utf-8-sig").strip()  # without a byte-order mark, as sidecar captions
+        except UnicodeDecodeError as error:
+            raise CorruptSampleError(f"{raw.shard}:{raw.key}", f"caption is not UTF-8 text ({error})") from None
 
     def image_bytes(self, raw: RawSample) -> tuple[str, bytes]:
         for extension in self.config.image_keys:
@@ -230,7 +233,11 @@ class StreamingBatches(IterableDataset):
             if is_bad_shard:
                 bad.append(f"{raw.key} (unreadable tar shard)")
                 continue
-            caption = self.dataset.decode_caption(raw)
+            try:
+                caption = self.dataset.decode_caption(raw)  # a missing caption stops the run (a ValueError)
+            except CorruptSampleError as error:
+                bad.append(f"{error}")
+                continue
             try:
                 _, data = self.dataset.image_bytes(raw)
                 with Image.open(io.BytesIO(data)) as image:
