@@ -169,3 +169,13 @@ def test_samples_the_build_could_not_read_count_against_training_too(tmp_path):
     assert len(cached) == 19 and cached.scanned == 20
     assert len(cached.known_bad) == 1 and "05.png" in cached.known_bad[0]
     assert TrainingData(cached, AspectRatioBuckets(32, multi_aspect=False)).known_bad == cached.known_bad
+
+
+def test_a_cache_of_a_sampling_tokenizer_warns_that_it_keeps_one_sample(tmp_path, caplog):
+    from nextstep.tokenizers import FluxVAE, FluxVAEConfig
+
+    sampling = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4, z_channels=4,
+                                     deterministic=False)).eval()
+    with caplog.at_level("WARNING", logger="nextstep.training"):
+        build(sampling, tmp_path / "cache")
+    assert "keeps one sample per image" in caplog.text

@@ -145,6 +145,9 @@ def build_latent_cache(
     directory = Path(directory)
     if latent_cache_ready(tokenizer, dataset, directory, source):
         return directory
+    if tokenizer.samples_latents:
+        logger.warning("the image tokenizer samples its latents: the cache keeps one sample per image, where "
+                       "encoding during training would draw a new one every step")
     fingerprint = _with_source(tokenizer_fingerprint(tokenizer), source)
     index_path = directory / INDEX_FILE
     directory.mkdir(parents=True, exist_ok=True)
