@@ -275,7 +275,7 @@ def command_eval(args: argparse.Namespace) -> int:
         else:
             from nextstep.evaluation.tokenizer_report import run_tokenizer_evaluation
 
-            report = run_tokenizer_evaluation(model.image_tokenizer, output / suite, count=args.crops)
+            report = run_tokenizer_evaluation(model.image_tokenizer, output / suite, count=args.crops, size=size)
             title = "Tokenizer reconstruction (held-out photo crops)"
         bar.close()
         summary[suite] = report.to_dict()

@@ -81,3 +81,17 @@ def test_a_real_model_is_scored_end_to_end(tiny_model):
     for value in (report.seen, report.held_out, report.grammatical, report.exact, *report.per_group.values()):
         assert 0.0 <= value <= 1.0
     assert report.settings["decoding"] == "greedy"
+
+
+def test_each_scene_is_read_from_its_own_seed_whatever_the_batch(tiny_model, monkeypatch):
+    import nextstep.text_generation as text_generation
+
+    seeds, real = [], text_generation.encode_each
+
+    def recording(model, images, image_seeds=None):
+        seeds.extend(image_seeds)
+        return real(model, images, image_seeds)
+
+    monkeypatch.setattr(text_generation, "encode_each", recording)
+    run_shapes_captioning(tiny_model, scenes_per_group=1, size=32, max_new_tokens=1, batch_size=4, seed=7)
+    assert seeds == [7 + index for index in range(15)]

@@ -92,6 +92,12 @@ def test_any_prompts_and_judge_can_replace_the_shapes_ones(tiny_model, tmp_path,
     assert (summary.prompts, summary.pairs, summary.prompts_with_pairs) == (2, 1, 1)
     assert json.loads((tmp_path / "pairs.jsonl").read_text()) == {
         "caption": "a redder glow", "chosen": "images/000004.png", "rejected": "images/000003.png"}
+    # Two entries of one text, each with a pair: two prompts with pairs.
+    twice = write_self_judged_pairs(tiny_model, tmp_path / "twice", samples_per_prompt=3, judge=bright_enough,
+                                    prompts=[{"prompt": "a glow", "threshold": 40}, {"prompt": "a glow",
+                                                                                     "threshold": 160}],
+                                    settings=SamplingSettings(height=32, width=32))
+    assert (twice.pairs, twice.prompts_with_pairs) == (2, 2)
     with pytest.raises(ValueError, match="each prompt must be a string or a dict with a string 'prompt'"):
         write_self_judged_pairs(tiny_model, tmp_path, prompts=[{"text": "a red glow"}], judge=bright_enough)
 

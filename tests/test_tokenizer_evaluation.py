@@ -83,3 +83,15 @@ def test_perceptual_loss_with_efficientnet_features():
     far = loss((x + 0.5 * torch.randn_like(x)).clamp(-1, 1), x)
     assert (far > near).all()
     assert all(not p.requires_grad for p in loss.parameters())
+
+
+def test_a_sampling_tokenizer_reconstructs_each_image_alike_in_any_batch():
+    from nextstep.evaluation.tokenizer_eval import reconstruct
+
+    torch.manual_seed(0)
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4, deterministic=False)).eval()
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    alone, alone_latents = reconstruct(vae, images, batch_size=1, latent_noise=0.2, seed=3)
+    together, together_latents = reconstruct(vae, images, batch_size=3, latent_noise=0.2, seed=3)
+    torch.testing.assert_close(together_latents, alone_latents)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)

@@ -147,10 +147,12 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
     output = Path(output)
     (output / "images").mkdir(parents=True, exist_ok=True)
     lines, used = [], set()
+    paired = set()
     for number, split in sorted(verdicts.items()):
         good, bad = split[True], split[False]
         if not good or not bad:
             continue
+        paired.add(number)
         for turn, rejected in enumerate(bad):
             chosen = good[turn % len(good)]
             used.update((chosen, rejected))
@@ -162,7 +164,7 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
     atomic_write_text(output / "pairs.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     correct = sum(len(split[True]) for split in verdicts.values())
     summary = SelfJudgedSummary(prompts=len(entries), images=len(plan), correct=correct / len(plan),
-                                pairs=len(lines), prompts_with_pairs=len({line["caption"] for line in lines}),
+                                pairs=len(lines), prompts_with_pairs=len(paired),
                                 settings=settings.to_dict())
     atomic_write_text(output / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
     return summary

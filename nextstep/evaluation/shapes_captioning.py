@@ -99,7 +99,8 @@ def run_shapes_captioning(model: "NextStep", output: Path | None = None, *, scen
     captions: list[str] = []
     for start in range(0, len(plan), batch_size):
         images = [render_scene(scene, size, size) for _, _, scene in plan[start:start + batch_size]]
-        captions += caption_images(model, images, max_new_tokens=max_new_tokens).texts
+        # Scene i is read from seed + i (a tokenizer that samples its latents), whatever the batch size.
+        captions += caption_images(model, images, max_new_tokens=max_new_tokens, seed=seed + start).texts
         if progress is not None:
             progress(len(captions), len(plan))
     grammar = grammar_captions()
