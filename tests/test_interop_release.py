@@ -195,6 +195,29 @@ def test_saving_in_bfloat16_casts_the_shards(tmp_path):
     torch.testing.assert_close(reloaded.backbone.norm.weight, model.backbone.norm.weight, atol=1e-2, rtol=1e-2)
 
 
+def test_tokenizer_files_are_written_in_the_form_the_release_transformers_reads(tmp_path):
+    """The release pins transformers 4.x, whose tokenizers read ``extra_special_tokens`` as a mapping:
+    the additional special tokens go under ``additional_special_tokens``, with the map files beside."""
+    small_release(tmp_path / "release")
+    model = NextStep.from_pretrained(tmp_path / "release")
+    save_release_checkpoint(model, tmp_path / "again")
+    again = tmp_path / "again"
+    config = json.loads((again / "tokenizer_config.json").read_text())
+    assert not isinstance(config.get("extra_special_tokens", {}), list)
+    assert config["additional_special_tokens"] == list(RELEASE_ADDED_TOKENS[1:])
+    assert (config["eos_token"], config["pad_token"]) == ("<|endoftext|>", "[PAD]")
+    special = json.loads((again / "special_tokens_map.json").read_text())
+    assert special == {"eos_token": "<|endoftext|>", "pad_token": "[PAD]",
+                       "additional_special_tokens": list(RELEASE_ADDED_TOKENS[1:])}
+    added = json.loads((again / "added_tokens.json").read_text())
+    tokenizer = model.text_tokenizer
+    assert added["[PAD]"] == tokenizer.pad_id and added["<|begin_of_image|>"] == tokenizer.begin_of_image_id
+    assert added["<|endoftext|>"] == tokenizer.eos_id and len(added) == 31
+    reloaded = NextStep.from_pretrained(again).text_tokenizer
+    assert reloaded.tokenizer.get_added_vocab() == tokenizer.tokenizer.get_added_vocab()
+    assert reloaded.encode("a cat<|image_area|>") == tokenizer.encode("a cat<|image_area|>")
+
+
 def test_plan_shards_respects_the_limit():
     assert plan_shards([("a", 4), ("b", 4), ("c", 4)], 8) == [["a", "b"], ["c"]]
     assert plan_shards([("big", 20), ("a", 1)], 8) == [["big"], ["a"]]

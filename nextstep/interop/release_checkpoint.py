@@ -5,7 +5,8 @@ A release directory holds::
     config.json                        Llama-style config, model_type "nextstep" (see release_config)
     model.safetensors.index.json       {"metadata": {"total_size": ...}, "weight_map": {key: shard}}
     model-00001-of-000NN.safetensors   transformer, projectors and flow head; keys without "model."
-    tokenizer.json, tokenizer_config.json, ...   Qwen2.5 tokenizer with NextStep's special tokens
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json, added_tokens.json
+                                       Qwen2.5 tokenizer with NextStep's special tokens (see release_tokenizer)
     vae/config.json, vae/checkpoint.pt           the image tokenizer (a pickled state dict)
 
 Weights stream shard by shard into a model built on the meta device, so
@@ -35,6 +36,7 @@ from nextstep.interop.release_config import (
     release_config_from_model,
     release_field,
 )
+from nextstep.interop.release_tokenizer import save_release_tokenizer
 from nextstep.io import atomic_directory
 from nextstep.serialization import check_state_dict
 from nextstep.weights import (
@@ -346,5 +348,5 @@ def save_release_checkpoint(
                           "weight_map": dict(sorted(weight_map.items()))}
             (staging / INDEX_NAME).write_text(json.dumps(index_data, indent=2) + "\n")
         (staging / "config.json").write_text(json.dumps(release, indent=2) + "\n")
-        tokenizer.tokenizer.save_pretrained(str(staging))
+        save_release_tokenizer(tokenizer.tokenizer, staging)
         save_flux_vae(model.image_tokenizer, staging / VAE_DIRECTORY, layout="nextstep")

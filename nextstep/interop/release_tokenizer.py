@@ -1,0 +1,78 @@
+"""The tokenizer files of a release directory, in the form the release's own transformers reads.
+
+The release pins transformers 4.x. Its tokenizers read the additional special
+tokens (``<|image_area|>``, ``<|begin_of_image|>`` ...) from
+``additional_special_tokens`` in ``tokenizer_config.json`` and from
+``special_tokens_map.json``, and take ``extra_special_tokens`` to be a mapping
+of named tokens. transformers 5 writes the same tokens as a list under
+``extra_special_tokens``, with neither ``special_tokens_map.json`` nor
+``added_tokens.json``: a 4.x tokenizer fails on that list. `save_release_tokenizer`
+writes the files in the 4.x form, which transformers 5 reads as well.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nextstep.io import read_json_object
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+ADDED_TOKENS = "added_tokens.json"
+#: The named special tokens of a Hugging Face tokenizer, in ``special_tokens_map.json``'s order.
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def release_tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``tokenizer_config.json`` in transformers 4.x form.
+
+    A list under ``extra_special_tokens`` (transformers 5) is appended to
+    ``additional_special_tokens`` (duplicates dropped) and removed; a mapping
+    there (named extra tokens, which 4.x reads too) is kept.
+
+    Args:
+        config: the parsed ``tokenizer_config.json``.
+    """
+    config = dict(config)
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del config["extra_special_tokens"]
+        merged = list(config.get("additional_special_tokens") or [])
+        merged += [token for token in extra if token not in merged]
+        config["additional_special_tokens"] = merged
+    return config
+
+
+def special_tokens_map(config: dict[str, Any]) -> dict[str, Any]:
+    """``special_tokens_map.json`` for a 4.x-form tokenizer config: its named tokens that are set, then
+    ``additional_special_tokens``."""
+    out = {name: config[name] for name in NAMED_SPECIAL_TOKENS if config.get(name) is not None}
+    if config.get("additional_special_tokens"):
+        out["additional_special_tokens"] = list(config["additional_special_tokens"])
+    return out
+
+
+def save_release_tokenizer(tokenizer, directory: Path) -> None:
+    """Write a Hugging Face tokenizer's files into ``directory``, in the form the release's transformers reads.
+
+    ``tokenizer_config.json`` is rewritten by `release_tokenizer_config`;
+    ``special_tokens_map.json`` and ``added_tokens.json`` (added token -> id)
+    are written when ``save_pretrained`` did not write them. The files are
+    written in place: ``directory`` is the staging folder of an atomic write.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer.
+        directory: the folder to write into.
+    """
+    directory = Path(directory)
+    tokenizer.save_pretrained(str(directory))
+    config = release_tokenizer_config(read_json_object(directory / TOKENIZER_CONFIG, TOKENIZER_CONFIG))
+    (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    if not (directory / SPECIAL_TOKENS_MAP).is_file():
+        (directory / SPECIAL_TOKENS_MAP).write_text(
+            json.dumps(special_tokens_map(config), indent=2, ensure_ascii=False) + "\n")
+    if not (directory / ADDED_TOKENS).is_file():
+        added = dict(sorted(tokenizer.get_added_vocab().items(), key=lambda item: item[1]))
+        (directory / ADDED_TOKENS).write_text(json.dumps(added, indent=2, ensure_ascii=False) + "\n")
