@@ -34,8 +34,9 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
         storage_dtypes: parameter-name prefixes (whole dotted parts, e.g.
             ``"image_tokenizer.decoder"``) mapped to the floating dtype their
             tensors are stored in, to make the file smaller; the rest keep the
-            model's dtype. A file with mixed dtypes loads in the dtype the model
-            is built in (float32 by default).
+            model's dtype. A part of the file (the image tokenizer, or the rest
+            of the model) with mixed dtypes loads in the dtype the model is
+            built in (float32 by default).
     """
     storage_dtypes = dict(storage_dtypes or {})
     weights = model.state_dict()
@@ -116,7 +117,9 @@ def load_pretrained(directory: Path, *, device: torch.device | str = "cpu", dtyp
 
     The model is built on the meta device and each tensor is copied from the
     file into freshly allocated memory, so loading needs about one model's worth
-    of memory. ``dtype=None`` keeps the dtype the weights were saved in.
+    of memory. ``dtype=None`` keeps the dtype the weights were saved in, for the image tokenizer and
+    for the rest of the model each (a bfloat16 transformer beside a float32 VAE stays so); a part
+    saved in several dtypes (``storage_dtypes``) loads in the dtype the model is built in.
     """
     from nextstep.builders import build_model
     from nextstep.weights import load_safetensors, read_checkpoint_index
@@ -127,11 +130,27 @@ def load_pretrained(directory: Path, *, device: torch.device | str = "cpu", dtyp
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"expected weights at {weights}, found nothing")
-    if dtype is None:
-        saved = {info.dtype for info in read_checkpoint_index(weights).values()}
-        floating = [_SAFETENSORS_DTYPES[name] for name in sorted(saved) if name in _SAFETENSORS_DTYPES]
-        dtype = floating[0] if len(floating) == 1 else None
+    part_dtypes = None if dtype is not None else saved_part_dtypes(read_checkpoint_index(weights))
     with torch.device("meta"):
         model = build_model(config, base_dir=directory)
+    if part_dtypes is not None:  # still on the meta device: this only sets the dtypes loading allocates
+        built = torch.get_default_dtype()
+        model.to(part_dtypes["model"] or built)
+        model.image_tokenizer.to(part_dtypes["image_tokenizer"] or built)
     load_safetensors(model, weights, dtype=dtype, device=device)
     return model
+
+
+def saved_part_dtypes(infos: dict) -> dict[str, torch.dtype | None]:
+    """The floating dtype the image tokenizer's tensors were saved in (``"image_tokenizer"``), and the
+    rest's (``"model"``); None for a part saved in several dtypes or none.
+
+    Args:
+        infos: the `nextstep.weights.TensorInfo` of each saved tensor, by name.
+    """
+    saved: dict[str, set[str]] = {"image_tokenizer": set(), "model": set()}
+    for name, info in infos.items():
+        if info.dtype in _SAFETENSORS_DTYPES:
+            saved["image_tokenizer" if _under(name, "image_tokenizer") else "model"].add(info.dtype)
+    return {part: _SAFETENSORS_DTYPES[next(iter(names))] if len(names) == 1 else None
+            for part, names in saved.items()}

@@ -46,6 +46,17 @@ def test_convert_casts_to_the_requested_dtype(tmp_path):
     assert {t.dtype for t in shards(tmp_path / "bf16").values()} == {torch.bfloat16}
 
 
+def test_convert_keeps_the_vae_in_its_checkpoint_dtype(tmp_path):
+    write_release_checkpoint(tmp_path / "release", SMALL, vocabulary="small", num_shards=2, dtype=torch.bfloat16)
+    assert main(["convert", str(tmp_path / "release"), str(tmp_path / "again"), "--to", "release"]) == 0
+    assert main(["convert", str(tmp_path / "release"), str(tmp_path / "native")]) == 0
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "back")]) == 0
+    for written in ("again", "back"):
+        assert {t.dtype for t in shards(tmp_path / written).values()} == {torch.bfloat16}
+        vae = torch.load(tmp_path / written / "vae" / "checkpoint.pt", weights_only=True)
+        assert {t.dtype for t in vae.values()} == {torch.float32}
+
+
 def test_convert_builds_a_model_from_a_qwen_checkpoint(tmp_path, capsys):
     write_release_checkpoint(tmp_path / "release", SMALL, vocabulary="small", num_shards=1)
     write_qwen_checkpoint(tmp_path / "qwen", vocab_size=300, vocabulary="small", num_layers=1)

@@ -129,9 +129,29 @@ def test_dtype_defaults_to_the_shards_and_can_be_chosen(tmp_path):
     small_release(tmp_path / "bf16", dtype=torch.bfloat16)
     model = NextStep.from_pretrained(tmp_path / "bf16")
     assert model.backbone.embed_tokens.weight.dtype == torch.bfloat16
-    assert model.image_tokenizer.encoder.conv_in.weight.dtype == torch.bfloat16
+    # The VAE keeps the dtype of vae/checkpoint.pt (float32 here) unless a dtype is given.
+    assert {p.dtype for p in model.image_tokenizer.parameters()} == {torch.float32}
     model = NextStep.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model = NextStep.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_round_trips_keep_a_float32_vae_beside_bfloat16_shards(tmp_path):
+    small_release(tmp_path / "release", dtype=torch.bfloat16)
+    original = torch.load(tmp_path / "release" / "vae" / "checkpoint.pt", weights_only=True)
+    model = NextStep.from_pretrained(tmp_path / "release")
+    save_release_checkpoint(model, tmp_path / "direct")
+    model.save_pretrained(tmp_path / "native")
+    native = NextStep.from_pretrained(tmp_path / "native")
+    assert native.backbone.embed_tokens.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in native.image_tokenizer.parameters()} == {torch.float32}
+    save_release_checkpoint(native, tmp_path / "via-native")
+    for written in (tmp_path / "direct", tmp_path / "via-native"):
+        assert {t.dtype for t in read_shards(written).values()} == {torch.bfloat16}
+        vae = torch.load(written / "vae" / "checkpoint.pt", weights_only=True)
+        assert vae.keys() == original.keys()
+        assert all(vae[k].dtype == torch.float32 and torch.equal(vae[k], original[k]) for k in original)
 
 
 def test_tied_embeddings_and_output_bias_variants(tmp_path):

@@ -201,7 +201,9 @@ def load_release_checkpoint(
         device: where the parameters are allocated.
         dtype: parameter dtype of the whole model (VAE included, as the release
             pipeline does); None keeps the dtype of the safetensors shards
-            (bfloat16 for the published weights).
+            (bfloat16 for the published weights) for the transformer and the
+            dtype of ``vae/checkpoint.pt`` for the VAE, so that saving the
+            model again writes each as it was.
         vae_path: the image tokenizer directory when it is not ``directory / "vae"``.
         sampler: default sampler spec; None selects the first release's
             Euler-Maruyama sampler (use ``flow_sde`` for NextStep-1.1's ``sde`` mode).
@@ -234,6 +236,7 @@ def load_release_checkpoint(
     check_special_token_ids(release, text_tokenizer)
 
     infos = read_checkpoint_index(directory)
+    vae_dtype = dtype
     dtype = dtype if dtype is not None else checkpoint_dtype(infos)
     with torch.device("meta"):
         model = NextStep(
@@ -253,7 +256,7 @@ def load_release_checkpoint(
         return release_key_to_model_key(name)
 
     load_safetensors(_ShardedParts(model), directory, rename=rename, dtype=dtype, device=device)
-    vae.to(device=device, dtype=dtype)
+    vae.to(device=device, dtype=vae_dtype)
     leftovers = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if leftovers:
         raise RuntimeError(f"tensors left uninitialised after loading {directory}: {leftovers}")
