@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,21 @@ def test_convert_keeps_the_vae_in_its_checkpoint_dtype(tmp_path):
         assert {t.dtype for t in shards(tmp_path / written).values()} == {torch.bfloat16}
         vae = torch.load(tmp_path / written / "vae" / "checkpoint.pt", weights_only=True)
         assert {t.dtype for t in vae.values()} == {torch.float32}
+
+
+def test_convert_takes_the_vae_of_a_release_without_a_vae_folder(tmp_path, capsys):
+    write_release_checkpoint(tmp_path / "release", SMALL, vocabulary="small", num_shards=2)
+    shutil.move(str(tmp_path / "release" / "vae"), str(tmp_path / "tokenizer-f8ch16"))
+    assert main(["convert", str(tmp_path / "release"), str(tmp_path / "native")]) == 2
+    assert "--vae" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "release"), str(tmp_path / "native"),
+                 "--vae", str(tmp_path / "tokenizer-f8ch16")]) == 0
+    original = torch.load(tmp_path / "tokenizer-f8ch16" / "checkpoint.pt", weights_only=True)
+    state = NextStep.from_pretrained(tmp_path / "native").image_tokenizer.state_dict()
+    assert all(torch.equal(state[k], original[k]) for k in original)
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "back"),
+                 "--vae", str(tmp_path / "tokenizer-f8ch16")]) == 2
+    assert "--vae" in capsys.readouterr().err and not (tmp_path / "back").exists()
 
 
 def test_convert_builds_a_model_from_a_qwen_checkpoint(tmp_path, capsys):

@@ -78,15 +78,17 @@ def convert_checkpoint(
             native -> release and Qwen2 -> native.
         dtype: parameter dtype of the written model; None keeps the source's.
         max_shard_size: byte limit of one shard in the release layout.
-        vae: the image tokenizer for a Qwen2 source (required there).
+        vae: the image tokenizer for a Qwen2 source (required there), or for a
+            release directory (in place of its ``vae/`` folder or ``vae_name_or_path``).
         head: flow-head size for a Qwen2 source.
         seed: initialisation seed for a Qwen2 source.
 
     Raises:
-        ValueError: for an unknown target, or a Qwen2 source without ``vae``.
+        ValueError: for an unknown target, a Qwen2 source without ``vae``, or
+            ``vae`` with a native source.
     """
     from nextstep.interop.qwen_init import nextstep_from_qwen
-    from nextstep.interop.release_checkpoint import save_release_checkpoint
+    from nextstep.interop.release_checkpoint import load_release_checkpoint, save_release_checkpoint
     from nextstep.model import NextStep
 
     source = Path(source)
@@ -99,9 +101,12 @@ def convert_checkpoint(
             raise ValueError(f"{source} is a plain Qwen2 checkpoint: pass the image tokenizer (--vae DIR) to build "
                              "a NextStep model from it")
         model = nextstep_from_qwen(source, image_tokenizer=vae, head=head, dtype=dtype, seed=seed)
+    elif layout == RELEASE:
+        model = load_release_checkpoint(source, dtype=dtype, vae_path=vae)
     else:
         if vae is not None:
-            raise ValueError(f"--vae applies to Qwen2 sources only; {source} is a {layout} NextStep directory")
+            raise ValueError(f"--vae applies to Qwen2 sources and release directories only; {source} is a "
+                             f"{layout} NextStep directory, which holds its image tokenizer")
         model = NextStep.from_pretrained(source, dtype=dtype)
     if target == RELEASE:
         save_release_checkpoint(model, output, max_shard_size=max_shard_size)

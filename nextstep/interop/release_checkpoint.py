@@ -148,7 +148,7 @@ def find_release_vae(directory: Path, release: dict, vae_path: str | os.PathLike
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
     raise FileNotFoundError(
         f"expected the image tokenizer as config.json + {VAE_WEIGHTS} in one of [{tried}], found none; "
-        "pass vae_path= the NextStep-1 f8ch16 tokenizer directory"
+        "pass the NextStep-1 f8ch16 tokenizer directory as vae_path= (--vae DIR with nextstep convert)"
     )
 
 
