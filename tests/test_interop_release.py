@@ -238,6 +238,24 @@ def test_tokenizer_files_are_written_in_the_form_the_release_transformers_reads(
     assert reloaded.encode("a cat<|image_area|>") == tokenizer.encode("a cat<|image_area|>")
 
 
+def test_a_release_with_another_latent_patch_size_is_written_back(tmp_path):
+    """The release keeps the patch size in the model's config.json (``latent_patch_size``); its
+    vae/config.json has no field for it."""
+    shapes = ReleaseShapes(vocab_size=320, latent_patch_size=1)
+    write_release_checkpoint(tmp_path / "release", shapes, vocabulary="small", num_shards=2)
+    model = NextStep.from_pretrained(tmp_path / "release")
+    assert model.image_tokenizer.config.patch_size == 1 and model.token_dim == shapes.latent_channels
+    save_release_checkpoint(model, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["latent_patch_size"] == 1
+    assert json.loads((tmp_path / "again" / "vae" / "config.json").read_text()) == \
+        json.loads((tmp_path / "release" / "vae" / "config.json").read_text())
+    reloaded = NextStep.from_pretrained(tmp_path / "again")
+    assert reloaded.image_tokenizer.config == model.image_tokenizer.config
+    reference = model.state_dict()
+    assert all(torch.equal(tensor, reference[key]) for key, tensor in reloaded.state_dict().items())
+    assert model.image_tokenizer.config.patch_size == 1
+
+
 def test_plan_shards_respects_the_limit():
     assert plan_shards([("a", 4), ("b", 4), ("c", 4)], 8) == [["a", "b"], ["c"]]
     assert plan_shards([("big", 20), ("a", 1)], 8) == [["big"], ["a"]]

@@ -318,9 +318,9 @@ def save_release_checkpoint(
     Raises:
         ValueError: when a component has no place in the release layout.
     """
-    from nextstep.tokenizers.flux_vae import FluxVAE
+    from nextstep.tokenizers.flux_vae import FluxVAE, FluxVAEConfig
     from nextstep.tokenizers.hf_text import HFTextTokenizer
-    from nextstep.tokenizers.vae_checkpoints import save_flux_vae
+    from nextstep.tokenizers.vae_checkpoints import save_flux_vae_state
 
     tokenizer = model.text_tokenizer
     if not isinstance(tokenizer, HFTextTokenizer):
@@ -352,4 +352,7 @@ def save_release_checkpoint(
             (staging / INDEX_NAME).write_text(json.dumps(index_data, indent=2) + "\n")
         (staging / "config.json").write_text(json.dumps(release, indent=2) + "\n")
         save_release_tokenizer(tokenizer.tokenizer, staging)
-        save_flux_vae(model.image_tokenizer, staging / VAE_DIRECTORY, layout="nextstep")
+        # The patch size lives in config.json (latent_patch_size); vae/config.json has no field for it.
+        vae = model.image_tokenizer
+        save_flux_vae_state(vae.state_dict(), vae.config.replace(patch_size=FluxVAEConfig().patch_size),
+                            staging / VAE_DIRECTORY, layout="nextstep")

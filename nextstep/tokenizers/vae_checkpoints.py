@@ -400,14 +400,32 @@ def save_flux_vae(vae: FluxVAE, directory: str | Path, *, layout: str = "native"
         lossy: write the weights even where the layout cannot hold every latent setting; they are
             then given to `load_flux_vae` again (``normalization="layer_norm"``, ...).
     """
+    save_flux_vae_state(vae.state_dict(), vae.config, directory, layout=layout, lossy=lossy)
+
+
+def save_flux_vae_state(state: dict[str, torch.Tensor], config: FluxVAEConfig, directory: str | Path, *,
+                        layout: str = "native", lossy: bool = False) -> None:
+    """`save_flux_vae` for a `FluxVAE` state dict described by ``config``.
+
+    A model directory that keeps some of the tokenizer's settings elsewhere
+    writes its VAE with a config that leaves them at their defaults: the
+    NextStep-1 release keeps the patch size in the model's ``config.json``
+    (``latent_patch_size``), not in ``vae/config.json``.
+
+    Args:
+        state: the weights, under `FluxVAE`'s (LDM) names.
+        config: the config to write, and to check ``layout`` against.
+        directory: the folder to write (replaced atomically).
+        layout: one of `LAYOUTS`.
+        lossy: as for `save_flux_vae`.
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown VAE layout {layout!r}; known: {list(LAYOUTS)}")
-    config = vae.config
     if layout != "native" and not config.symmetric:
         raise ValueError(f"the {layout} layout describes one width for encoder and decoder, found a decoder "
                          f"{config.decoder_width} wide with {config.decoder_groups} groups beside an encoder "
                          f"{config.ch} wide with {config.norm_groups}; save it in the native layout")
-    state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if layout != "native" and not lossy:
         lost = [f"{name}={mine!r} (it would load as {theirs!r})"
                 for name, mine, theirs in _settings_lost(config, layout, state)]
