@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,19 @@ from interop_synthetic import (
 )
 from safetensors.torch import load_file, save_file
 
+from nextstep.config import ComponentSpec
 from nextstep.interop import (
     RELEASE_FIELDS,
     detect_model_layout,
     load_release_checkpoint,
+    release_config_from_model,
     release_key_to_model_key,
     save_release_checkpoint,
 )
 from nextstep.interop.release_checkpoint import plan_shards
+from nextstep.layers.word_vectors import WordVectorConfig
 from nextstep.model import NextStep
+from nextstep.samplers.euler import EulerSamplerConfig
 from nextstep.weights import read_checkpoint_index
 
 SMALL = ReleaseShapes(vocab_size=320)
@@ -254,6 +259,52 @@ def test_a_release_with_another_latent_patch_size_is_written_back(tmp_path):
     reference = model.state_dict()
     assert all(torch.equal(tensor, reference[key]) for key, tensor in reloaded.state_dict().items())
     assert model.image_tokenizer.config.patch_size == 1
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"word_vectors": WordVectorConfig(count=SMALL.vocab_size)}, "word_vectors must be none.*found count 320"),
+    ({"time_sampling": "uniform"}, "image_head.time_sampling must be 'logit_normal'.*found 'uniform'"),
+    ({"time_mean": 0.5}, "image_head.time_mean must be 0.0.*found 0.5"),
+    ({"time_std": 2.0}, "image_head.time_std must be 1.0.*found 2.0"),
+    ({"time_shift": 3.0}, "image_head.time_shift must be 1.0.*found 3.0"),
+])
+def test_settings_the_release_cannot_hold_are_refused(tmp_path, change, match):
+    small_release(tmp_path / "release")
+    model = NextStep.from_pretrained(tmp_path / "release")
+    config = model.current_config()
+    if "word_vectors" in change:
+        config = config.replace(**change)
+    else:
+        config = config.replace(image_head=ComponentSpec("image_head", "flow_matching",
+                                                         config.image_head.config.replace(**change)))
+    with pytest.raises(ValueError, match=match):
+        release_config_from_model(config, model.text_tokenizer)
+
+
+def test_a_model_with_word_vectors_is_not_written_in_the_release_layout(tmp_path):
+    small_release(tmp_path / "release")
+    model = NextStep.from_pretrained(tmp_path / "release")
+    model.config = model.config.replace(word_vectors=WordVectorConfig(count=SMALL.vocab_size))
+    with pytest.raises(ValueError, match="word_vectors"):
+        save_release_checkpoint(model, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_generation_settings_the_release_does_not_keep_are_named_in_a_warning(tmp_path):
+    small_release(tmp_path / "release")
+    model = NextStep.from_pretrained(tmp_path / "release")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model loaded from the release loses nothing
+        release_config_from_model(model.current_config(), model.text_tokenizer)
+    config = model.current_config().replace(
+        use_norm=False, image_first_probability=0.5, generation=model.config.generation.replace(height=256),
+        sampler=ComponentSpec("sampler", "euler", EulerSamplerConfig()))
+    with pytest.warns(UserWarning) as caught:
+        release_config_from_model(config, model.text_tokenizer)
+    message = str(caught[0].message)
+    for lost in ("use_norm=False (it loads as True)", "sampler 'euler' (it loads as 'euler_maruyama')",
+                 "generation.height=256 (it loads as 512)", "image_first_probability=0.5 (it loads as 0.3)"):
+        assert lost in message
 
 
 def test_plan_shards_respects_the_limit():

@@ -9,6 +9,7 @@ each direction.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,11 @@ RELEASE_HEAD_MLP_RATIO = 1.0
 RELEASE_HEAD_FREQUENCY_DIM = 256
 #: GroupNorm groups of the release's VAE (not stored in its config).
 RELEASE_VAE_NORM_GROUPS = 32
+#: The flow head's training times, fixed in the release: logit-normal(0, 1), no shift.
+RELEASE_HEAD_TIMES: dict[str, Any] = {"time_sampling": "logit_normal", "time_mean": 0.0, "time_std": 1.0,
+                                      "time_shift": 1.0}
+#: Chance of an image-first training pair in the release (text dropout for guidance).
+RELEASE_IMAGE_FIRST_PROBABILITY = 0.3
 
 
 def read_release_config(path: str | Path) -> dict[str, Any]:
@@ -234,6 +240,7 @@ def model_config_from_release(
         tie_word_embeddings=bool(release.get("tie_word_embeddings", False)),
         text_loss_weight=float(release_field(release, "lm_loss_weight")),
         image_loss_weight=float(release_field(release, "im_loss_weight")),
+        image_first_probability=RELEASE_IMAGE_FIRST_PROBABILITY,
         use_norm=use_norm,
         generation=RELEASE_GENERATION,
     )
@@ -248,10 +255,39 @@ def _component_config(spec: ComponentSpec, expected_type: str, cls: type[Config]
     return spec.config
 
 
+def settings_the_release_drops(config: ModelConfig) -> list[str]:
+    """Settings of ``config`` that a model loaded from the release layout would not have, each as
+    ``name=value (it loads as value)``: the default sampler, ``use_norm``, the generation defaults and
+    ``image_first_probability``, which the release ``config.json`` has no field for."""
+    default_sampler = ComponentSpec("sampler", "euler_maruyama", EulerMaruyamaSamplerConfig())
+    dropped = []
+    if config.sampler.type != default_sampler.type:
+        dropped.append(f"sampler {config.sampler.type!r} (it loads as {default_sampler.type!r})")
+    elif config.sampler.config != default_sampler.config:
+        dropped += _differences("sampler", config.sampler.config, default_sampler.config)
+    if not config.use_norm:
+        dropped.append(f"use_norm={config.use_norm!r} (it loads as True)")
+    dropped += _differences("generation", config.generation, RELEASE_GENERATION)
+    if config.image_first_probability != RELEASE_IMAGE_FIRST_PROBABILITY:
+        dropped.append(f"image_first_probability={config.image_first_probability!r} "
+                       f"(it loads as {RELEASE_IMAGE_FIRST_PROBABILITY!r})")
+    return dropped
+
+
+def _differences(prefix: str, mine: Config, theirs: Config) -> list[str]:
+    """``prefix.field=mine (it loads as theirs)`` for each field where two configs of one class differ."""
+    return [f"{prefix}.{field.name}={getattr(mine, field.name)!r} (it loads as {getattr(theirs, field.name)!r})"
+            for field in dataclasses.fields(mine)  # type: ignore[arg-type]
+            if getattr(mine, field.name) != getattr(theirs, field.name)]
+
+
 def release_config_from_model(
     config: ModelConfig, text_tokenizer: TextTokenizer, *, torch_dtype: str = "bfloat16"
 ) -> dict[str, Any]:
     """The release ``config.json`` for a model (the inverse of `model_config_from_release`).
+
+    Settings that change how the model generates but that the release has no
+    field for (`settings_the_release_drops`) raise a warning naming each.
 
     Args:
         config: the model's config (from ``NextStep.current_config()``).
@@ -259,7 +295,8 @@ def release_config_from_model(
         torch_dtype: the ``torch_dtype`` entry (the dtype of the written weights).
 
     Raises:
-        ValueError: naming the first setting the release format cannot express.
+        ValueError: naming the first setting the release format cannot express
+            (word vectors, a flow head trained with other times, ...).
     """
     backbone = _component_config(config.backbone, "qwen2", Qwen2BackboneConfig)
     head = _component_config(config.image_head, "flow_matching", FlowMatchingHeadConfig)
@@ -277,9 +314,21 @@ def release_config_from_model(
         raise ValueError(f"image_tokenizer.decoder_ch must equal ch ({vae.ch}) and decoder_norm_groups "
                          f"norm_groups for the release layout (its VAE config has one width), found "
                          f"decoder_ch {vae.decoder_ch} and decoder_norm_groups {vae.decoder_norm_groups}")
+    for name, expected in RELEASE_HEAD_TIMES.items():
+        if getattr(head, name) != expected:
+            raise ValueError(f"image_head.{name} must be {expected!r} for the release layout (its flow head trains "
+                             f"with logit-normal(0, 1) times, no shift), found {getattr(head, name)!r}")
+    if config.word_vectors.count:
+        raise ValueError(f"word_vectors must be none for the release layout (it has no place for them), found "
+                         f"count {config.word_vectors.count}; save this model with save_pretrained instead")
     if head.token_dim != vae.z_channels * vae.patch_size**2:
         raise ValueError(f"image_head.token_dim {head.token_dim} differs from z_channels * patch_size**2 = "
                          f"{vae.z_channels * vae.patch_size**2}")
+    dropped = settings_the_release_drops(config)
+    if dropped:
+        warnings.warn(f"the release layout does not keep {', '.join(dropped)}; pass sampler= and use_norm= to "
+                      "load_release_checkpoint, or generation settings to generate, to use them again",
+                      stacklevel=2)
     return {
         "architectures": ["NextStep"],
         "model_type": RELEASE_MODEL_TYPE,
