@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from nextstep.config import OMITTED_WHEN_DEFAULT, ComponentSpec, Config, require
 from nextstep.generation_defaults import GenerationDefaults
@@ -28,6 +29,10 @@ class ModelConfig(Config):
         generation: the sampling settings generation uses when a call leaves them unset.
         word_vectors: pretrained word vectors added to the text embeddings
             (`nextstep.layers.word_vectors`); ``count == 0`` (the default): none.
+        release_fields: values of the NextStep-1 release ``config.json`` a model was
+            read from that change nothing here (``latent_size``, ``max_position_embeddings``
+            ...: `nextstep.interop.release_config.KEPT_RELEASE_FIELDS`), written back when
+            the model is saved in the release layout; empty (the default) for other models.
     """
 
     image_tokenizer: ComponentSpec
@@ -42,6 +47,7 @@ class ModelConfig(Config):
     use_norm: bool = False
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     word_vectors: WordVectorConfig = field(default_factory=WordVectorConfig, metadata=OMITTED_WHEN_DEFAULT)
+    release_fields: dict[str, Any] = field(default_factory=dict, metadata=OMITTED_WHEN_DEFAULT)
 
     def validate(self) -> None:
         for kind in ComponentSpec.kinds:
@@ -56,3 +62,5 @@ class ModelConfig(Config):
                 "a GenerationDefaults")
         require(isinstance(self.word_vectors, WordVectorConfig), "word_vectors", self.word_vectors,
                 "a WordVectorConfig")
+        require(isinstance(self.release_fields, dict) and all(isinstance(k, str) for k in self.release_fields),
+                "release_fields", self.release_fields, "a mapping from field names to values")

@@ -198,7 +198,7 @@ def test_release_to_native_and_back_keeps_every_tensor(release, loaded, tmp_path
     original_config = json.loads((directory / "config.json").read_text())
     written_config = json.loads((again / "config.json").read_text())
     for field in set(RELEASE_FIELDS) - {"vae_name_or_path", "rope_scaling"}:
-        assert written_config[field] == original_config[field], field
+        assert written_config.get(field) == original_config.get(field), field
     assert written_config["torch_dtype"] == "float32"
 
     reloaded = NextStep.from_pretrained(again)
@@ -206,6 +206,30 @@ def test_release_to_native_and_back_keeps_every_tensor(release, loaded, tmp_path
     assert reloaded.text_tokenizer.tokenizer.pad_token == "[PAD]"
     reference = loaded.state_dict()
     assert all(torch.equal(tensor, reference[key]) for key, tensor in reloaded.state_dict().items())
+
+
+def test_config_values_without_effect_here_are_written_back(tmp_path):
+    """``latent_size``, ``max_position_embeddings``, ``initializer_range``, ``bos_token_id`` and
+    ``pad_token_id`` change nothing in this library; release -> this library -> release keeps them."""
+    kept = {"latent_size": 64, "max_position_embeddings": 4096, "initializer_range": 0.01,
+            "bos_token_id": 256, "pad_token_id": 278}
+    small_release(tmp_path / "release", **kept)
+    model = NextStep.from_pretrained(tmp_path / "release")
+    assert model.config.release_fields == kept
+    save_release_checkpoint(model, tmp_path / "direct")
+    model.save_pretrained(tmp_path / "native")
+    save_release_checkpoint(NextStep.from_pretrained(tmp_path / "native"), tmp_path / "via-native")
+    for written in ("direct", "via-native"):
+        config = json.loads((tmp_path / written / "config.json").read_text())
+        assert {name: config.get(name) for name in kept} == kept, written
+    small_release(tmp_path / "without", latent_size=None, max_position_embeddings=None, initializer_range=None,
+                  bos_token_id=None)
+    model = NextStep.from_pretrained(tmp_path / "without")
+    assert model.config.release_fields == {}
+    save_release_checkpoint(model, tmp_path / "without-again")
+    config = json.loads((tmp_path / "without-again" / "config.json").read_text())
+    assert config["latent_size"] == 32 and not {"max_position_embeddings", "initializer_range", "bos_token_id",
+                                                "pad_token_id"} & set(config)
 
 
 def test_saving_in_bfloat16_casts_the_shards(tmp_path):

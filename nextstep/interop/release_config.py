@@ -61,17 +61,23 @@ RELEASE_FIELDS: dict[str, str] = {
     "pad_token_id_added": f"checked: id of {PAD} in the tokenizer",
     "use_gen_pos_embed": "checked: must be false (the 2-D position table is unused in the release)",
     "vae_name_or_path": "where the image tokenizer is looked for when there is no vae/ folder",
-    "latent_size": "informational (32); written back as 32",
+    "latent_size": "informational; kept in release_fields and written back (32 when the model has none)",
+    "max_position_embeddings": "informational (positions are rotary); kept in release_fields and written back",
+    "initializer_range": "informational; kept in release_fields and written back",
+    "bos_token_id": "informational; kept in release_fields and written back",
+    "pad_token_id": "informational (pad_token_id_added is the pad id); kept in release_fields and written back",
     "model_type": "checked: must be nextstep",
 }
 
 #: Hugging Face bookkeeping fields that do not change the computation.
 IGNORED_FIELDS: tuple[str, ...] = (
     "_name_or_path", "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version",
-    "use_cache", "initializer_range", "max_position_embeddings", "pretraining_tp", "attention_dropout",
-    "bos_token_id", "eos_token_id", "pad_token_id", "max_window_layers", "use_sliding_window",
+    "use_cache", "pretraining_tp", "attention_dropout", "eos_token_id", "max_window_layers", "use_sliding_window",
     "sliding_window", "layer_types", "rope_parameters",
 )
+
+#: Release fields without effect here that a model keeps (`ModelConfig.release_fields`) to write them back.
+KEPT_RELEASE_FIELDS = ("latent_size", "max_position_embeddings", "initializer_range", "bos_token_id", "pad_token_id")
 
 #: Default values of the NextStep fields (those of the release's config class).
 RELEASE_DEFAULTS: dict[str, Any] = {
@@ -241,6 +247,7 @@ def model_config_from_release(
         text_loss_weight=float(release_field(release, "lm_loss_weight")),
         image_loss_weight=float(release_field(release, "im_loss_weight")),
         image_first_probability=RELEASE_IMAGE_FIRST_PROBABILITY,
+        release_fields={name: release[name] for name in KEPT_RELEASE_FIELDS if name in release},
         use_norm=use_norm,
         generation=RELEASE_GENERATION,
     )
@@ -324,6 +331,7 @@ def release_config_from_model(
     if head.token_dim != vae.z_channels * vae.patch_size**2:
         raise ValueError(f"image_head.token_dim {head.token_dim} differs from z_channels * patch_size**2 = "
                          f"{vae.z_channels * vae.patch_size**2}")
+    kept = config.release_fields
     dropped = settings_the_release_drops(config)
     if dropped:
         warnings.warn(f"the release layout does not keep {', '.join(dropped)}; pass sampler= and use_norm= to "
@@ -349,8 +357,9 @@ def release_config_from_model(
         "tie_word_embeddings": config.tie_word_embeddings,
         "torch_dtype": torch_dtype,
         "eos_token_id": text_tokenizer.eos_id,
+        **{name: kept[name] for name in KEPT_RELEASE_FIELDS if name in kept and name != "latent_size"},
         "vae_name_or_path": "vae",
-        "latent_size": RELEASE_DEFAULTS["latent_size"],
+        "latent_size": kept.get("latent_size", RELEASE_DEFAULTS["latent_size"]),
         "latent_patch_size": vae.patch_size,
         "latent_channels": vae.z_channels,
         "boi": text_tokenizer.begin_of_image_id,
