@@ -9,7 +9,10 @@ with two-way CFG and the Euler sampler, for 256 and 1024 image tokens
 
 Measured first: one decoder layer's matrix products alone at one row, with the
 library's kernel and with `nextstep.kernels.skinny_linear` at a few tiles
-(the fastest are kept, then also timed on int8 weights); then the backbone's captured decode step for one row
+(the fastest are kept, then also timed on int8 weights), each captured call
+rotating through enough copies of the weight that together they are over
+twice the card's L2, so that every product reads its weight from memory
+(``weight_copies``); then the backbone's captured decode step for one row
 (batch 1, no CFG) at the mean context of each image size, against its floor,
 with the backbone's own stack and with the fused one
 (`nextstep.fast.fused_decode`), with either kind of product, and through int8
@@ -113,6 +116,10 @@ SKINNY_CANDIDATES = [SkinnyTiles(), SkinnyTiles(4, 512, 4, 1), SkinnyTiles(16, 2
 PERSISTENT_STEM = "gpu_latency_persistent"
 #: Products per captured call when timing one product alone (launches amortised).
 PRODUCTS_PER_CALL = 20
+#: L2 size assumed where the card does not report its own (an H100's or H200's 50 MB).
+L2_BYTES = 50 * 10**6
+#: Most copies of one weight a captured call rotates through (`weight_copies`).
+MAX_WEIGHT_COPIES = 16
 #: Tiles of the head's block kernels tried at batch 1 (the default first).
 TILE_CANDIDATES = [Tiles(), Tiles(16, 256, 4), Tiles(16, 512, 8), Tiles(32, 128, 4), Tiles(32, 256, 8),
                    Tiles(16, 64, 2), Tiles(8, 512, 4, True), Tiles(4, 512, 4, True), Tiles(16, 256, 4, True),
@@ -348,6 +355,7 @@ def card_numbers(device: torch.device, dry_run: bool) -> dict:
         properties = torch.cuda.get_device_properties(device)
         bandwidth = copy_bandwidth(device)
         name, memory = properties.name, properties.total_memory
+        l2 = getattr(properties, "L2_cache_size", 0) or L2_BYTES
     else:
         source = torch.empty(1 << 22)
         target = torch.empty_like(source)
@@ -356,7 +364,7 @@ def card_numbers(device: torch.device, dry_run: bool) -> dict:
             with clock.measure(times):
                 target.copy_(source)
         bandwidth = 2 * nbytes(source) / (min(times) / 1e3)
-        name, memory = "cpu", None
+        name, memory, l2 = "cpu", None, L2_BYTES
     size = 512 if dry_run else 8192
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -370,7 +378,7 @@ def card_numbers(device: torch.device, dry_run: bool) -> dict:
     rate = 2 * size**3 / (statistics.median(times) / 1e3)
     del a, b
     return {"name": name, "memory_bytes": memory, "copy_bandwidth_bytes_per_s": bandwidth,
-            "matmul_flops_per_s": rate, "matmul_dtype": str(dtype).replace("torch.", "")}
+            "matmul_flops_per_s": rate, "matmul_dtype": str(dtype).replace("torch.", ""), "l2_bytes": l2}
 
 
 # ---------------------------------------------------------------------- generation pieces
@@ -416,34 +424,45 @@ def layer_products(model) -> dict[str, tuple[int, int]]:
             "o": (hidden, config.num_heads * head_dim), "gate_up": (2 * width, hidden), "down": (hidden, width)}
 
 
+def weight_copies(weight_bytes: int, l2_bytes: int, per_call: int) -> int:
+    """Copies of a weight of ``weight_bytes`` that a call of ``per_call`` products rotates through so that
+    together they hold over twice ``l2_bytes`` (each product then reads its copy from memory, not from L2),
+    at most `MAX_WEIGHT_COPIES` and ``per_call``."""
+    return max(1, min(MAX_WEIGHT_COPIES, per_call, math.ceil(2 * l2_bytes / weight_bytes)))
+
+
 def time_products(clock, shapes: dict[str, tuple[int, int]], rows: int, dtype, repeats: int, capture: bool,
                   candidates: list[SkinnyTiles], generator, errors: list, per_call: int = PRODUCTS_PER_CALL,
-                  int8: bool = False) -> list[dict]:
+                  int8: bool = False, l2_bytes: int = L2_BYTES) -> list[dict]:
     """Each product alone, ``per_call`` times per captured call: the library's and the few-rows kernel
     with each of ``candidates`` (ms per product and the weight's bytes over that time); with ``int8``,
-    the few-rows kernel alone on int8 copies of the weights."""
+    the few-rows kernel alone on int8 copies of the weights. Each call rotates through `weight_copies`
+    copies of the weight (``weight_copies`` of each result), so that L2 (``l2_bytes``) cannot serve a
+    product's weight from the product before."""
     device = clock.device
     results = []
     for name, (outer, inner) in shapes.items():
-        weight = (torch.randn(outer, inner, device=device, generator=generator) * 0.02).to(dtype)
+        element = torch.empty((), dtype=torch.int8 if int8 else dtype).element_size()
+        count = weight_copies(outer * inner * element, l2_bytes, per_call)
+        weights = [(torch.randn(outer, inner, device=device, generator=generator) * 0.02).to(dtype)
+                   for _ in range(count)]
         x = torch.randn(rows, inner, device=device, generator=generator).to(dtype)
         if int8:
-            quantized = quantize_int8(weight)
-            weight = quantized.values
-            variants = [("skinny int8", tile, lambda x=x, q=quantized: skinny_linear_triton(x, q.values, None,
-                                                                                           q.scale))
-                        for tile in candidates]
+            quantized = [quantize_int8(weight) for weight in weights]
+            weights = [q.values for q in quantized]
+            products = [lambda x=x, q=q: skinny_linear_triton(x, q.values, None, q.scale) for q in quantized]
+            variants = [("skinny int8", tile, products) for tile in candidates]
         else:
-            variants = [("library", None, lambda x=x, weight=weight: F.linear(x, weight))]
-            variants += [("skinny", tile, lambda x=x, weight=weight: skinny_linear_triton(x, weight, None))
-                         for tile in candidates]
-        for kind, tile, product in variants:
+            variants = [("library", None, [lambda x=x, weight=weight: F.linear(x, weight) for weight in weights])]
+            skinny = [lambda x=x, weight=weight: skinny_linear_triton(x, weight, None) for weight in weights]
+            variants += [("skinny", tile, skinny) for tile in candidates]
+        for kind, tile, products in variants:
             if tile is not None:
                 set_skinny_tiles(tile)
 
-            def many(product=product):
-                for _ in range(per_call):
-                    product()
+            def many(products=products):
+                for index in range(per_call):
+                    products[index % len(products)]()
 
             call = CapturedCall(many, name=f"{name} product")
             try:
@@ -455,7 +474,8 @@ def time_products(clock, shapes: dict[str, tuple[int, int]], rows: int, dtype, r
             ms = statistics.median(times) / per_call
             results.append({"product": name, "rows": rows, "outer": outer, "inner": inner, "kind": kind,
                             "tiles": None if tile is None else asdict(tile), "ms": ms,
-                            "bytes_per_s": nbytes(weight) / (ms / 1e3), "captured": call.captured})
+                            "bytes_per_s": nbytes(weights[0]) / (ms / 1e3), "weight_copies": count,
+                            "captured": call.captured})
     return results
 
 
@@ -614,7 +634,7 @@ def run(args) -> dict:
         shapes = layer_products(model)
         products = time_products(clock, shapes, 1, next(model.parameters()).dtype, args.repeats,
                                  capture, candidates, generator, result["errors"],
-                                 per_call=1 if args.dry_run else PRODUCTS_PER_CALL)
+                                 per_call=1 if args.dry_run else PRODUCTS_PER_CALL, l2_bytes=card["l2_bytes"])
         result["layer_products"] = products
         for entry in products:
             print(_product_line(entry), flush=True)
@@ -629,7 +649,8 @@ def run(args) -> dict:
         # The same products through int8 copies of the weights, with the chosen tiles.
         quantized = time_products(clock, shapes, 1, next(model.parameters()).dtype, args.repeats,
                                   capture, [skinny_tiles()], generator, result["errors"],
-                                  per_call=1 if args.dry_run else PRODUCTS_PER_CALL, int8=True)
+                                  per_call=1 if args.dry_run else PRODUCTS_PER_CALL, int8=True,
+                                  l2_bytes=card["l2_bytes"])
         result["layer_products"] += quantized
         for entry in quantized:
             print(_product_line(entry), flush=True)
@@ -994,7 +1015,8 @@ def markdown(result: dict) -> str:
             f"{row['head_floor_ms']:.2f} | {row['head_ratio']:.2f}x | {measured} | "
             f"{row['estimated_image_seconds']:.2f} |")
     if result.get("layer_products"):
-        lines += ["", "One decoder layer's matrix products alone, one row (weight bytes over time):", "",
+        lines += ["", "One decoder layer's matrix products alone, one row (weight bytes over time; each captured call "
+                  "rotates through copies of the weight that together are over twice the L2):", "",
                   "| product | N x K | kernel | tiles (columns/step/warps/stages) | us | TB/s |",
                   "|---|---|---|---|---|---|"]
         for entry in result["layer_products"]:

@@ -30,6 +30,7 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
     if result["triton"]:  # Triton's interpreter (make test): the few-rows kernel against the library's
         assert {entry["product"] for entry in result["layer_products"]} == {"qkv", "o", "gate_up", "down"}
         assert {entry["kind"] for entry in result["layer_products"]} == {"library", "skinny", "skinny int8"}
+        assert all(entry["weight_copies"] >= 1 for entry in result["layer_products"])
         assert result["skinny_tiles_chosen"] and result["head_block_tiles_chosen"]
     for single in result["backbone_one_row"]:
         assert single["ms"] > 0 and single["floor_ms"] > 0 and single["context"] == 3 + 4 // 2
@@ -70,6 +71,16 @@ def test_floors_count_every_weight_once_per_read():
     embedding = model.backbone.embed_tokens.weight
     assert script.backbone_weight_bytes(model) == sum(
         p.numel() * 4 for p in model.backbone.parameters()) - embedding.numel() * 4
+
+
+def test_product_timings_rotate_through_copies_over_twice_the_l2():
+    script = load_benchmark("gpu_latency")
+    l2 = 50 * 10**6
+    assert script.weight_copies(52 * 10**6, l2, 20) == 2  # the o product in bf16
+    assert script.weight_copies(26 * 10**6, l2, 20) == 4  # in int8
+    assert script.weight_copies(283 * 10**6, l2, 20) == 1  # gate_up
+    assert script.weight_copies(1000, l2, 20) == script.MAX_WEIGHT_COPIES
+    assert script.weight_copies(1000, l2, 1) == 1
 
 
 def test_persistent_head_mode_writes_its_own_json(tmp_path):
