@@ -16,7 +16,9 @@ twice the card's L2, so that every product reads its weight from memory
 (batch 1, no CFG) at the mean context of each image size, against its floor,
 with the backbone's own stack and with the fused one
 (`nextstep.fast.fused_decode`), with either kind of product, and through int8
-copies of the weights (its floor counts the int8 bytes).
+copies of the weights (its floor counts the int8 bytes); and the int8 stack
+at the rows of the targets' image (its CFG rows, ``int8_image_decode``), which
+that image's estimate uses.
 Then per configuration (decode steps with the fastest stack of the model's own
 weights at one row; the dependently launched stack is among them where Triton
 can launch so):
@@ -588,6 +590,44 @@ def image_fields(image: dict) -> dict:
             "image_tokens_ms": image["tokens_ms"], "image_vae_decode_ms": image["vae_decode_ms"]}
 
 
+def image_backbone_ms(found: dict, tokens: int, rows: int, int8: bool) -> float | None:
+    """Backbone ms per token of an image of ``tokens`` tokens whose decode steps run ``rows`` rows (its CFG
+    rows), through int8 copies of the weights or the model's own, from a main run's results ``found``.
+
+    The int8 stack timed at those rows and that size (``int8_image_decode``) where it was; else the mean
+    one-row time of the stacks of that kind (at that size where timed), times how the chosen stack's time
+    grows from one row to ``rows`` (its configuration at that size and batch ``rows`` / CFG branches), or,
+    without that configuration, how the one-row floor grows with the keys and values of ``rows`` rows.
+    None where no stack of that kind was timed.
+    """
+    measured = found.get("int8_image_decode") or {}
+    if int8 and measured.get("tokens") == tokens and measured.get("rows") == rows:
+        return measured["ms"]
+    one_row = found.get("backbone_one_row", [])
+    singles = [entry for entry in one_row if entry.get("int8", False) == int8]
+    singles = [entry for entry in singles if entry.get("tokens") == tokens] or singles
+    if not singles:
+        return None
+    ms = statistics.mean(entry["ms"] for entry in singles)
+    if rows == 1:
+        return ms
+    branches = 2 if found.get("cfg", 1.0) != 1.0 else 1
+    chosen = [entry for entry in one_row if entry.get("stack") == found.get("decode_stack_chosen")
+              and entry.get("tokens") == tokens]
+    configured = [row for row in found.get("rows", []) if row.get("tokens") == tokens
+                  and row.get("batch", 0) * branches == rows]
+    if chosen and configured:
+        return ms * configured[0]["backbone_ms"] / chosen[0]["ms"]
+    # The floors: the same weights, the keys and values of ``rows`` rows instead of one.
+    bandwidth = found.get("card", {}).get("copy_bandwidth_bytes_per_s")
+    single = singles[0]
+    if bandwidth and single.get("weight_bytes") and single.get("floor_ms"):
+        read = single["floor_ms"] / 1e3 * bandwidth
+        kv = max(read - single["weight_bytes"], 0.0)
+        return ms * (single["weight_bytes"] + rows * kv) / read
+    return ms
+
+
 # ---------------------------------------------------------------------- the run
 def run(args) -> dict:
     started = time.perf_counter()
@@ -688,6 +728,28 @@ def run(args) -> dict:
             result["backbone_one_row"].append(single)
             print(f"backbone one row, context {context}, {name} stack: {decode['ms']:.2f} ms/token "
                   f"(floor {floor:.2f}, {single['ratio']:.2f}x)", flush=True)
+            _save(args.out, result)
+
+    # The int8 stack at the rows (the CFG rows) and mean context of the targets' image, for the estimate of
+    # that image through int8 weights.
+    target_batch, target_tokens, _ = target_key(args)
+    if any(entry["stack"] == INT8_STACK for entry in result["backbone_one_row"]):
+        rows, context = target_batch * branches, args.prompt_tokens + target_tokens // 2
+        try:
+            decode = time_decode(model, fast, clock, rows, context, args.repeats, capture, generator,
+                                 stacks[INT8_STACK])
+        except Exception as error:
+            result["errors"].append(_error(f"decode {rows} rows tokens {target_tokens} ({INT8_STACK} stack)", error))
+        else:
+            read = int8_weight_bytes(stacks[INT8_STACK])
+            floor = floor_ms(read + kv_bytes(model, rows, context + 1), 2 * backbone_parameters * rows, card)
+            result["int8_image_decode"] = {"tokens": target_tokens, "rows": rows, "context": context,
+                                           "ms": decode["ms"], "floor_ms": floor, "ratio": decode["ms"] / floor,
+                                           "weight_bytes": read, "captured": decode["captured"]}
+            if decode["failure"] and capture:
+                result["errors"].append(decode["failure"])
+            print(f"backbone {rows} rows, context {context}, {INT8_STACK} stack: {decode['ms']:.2f} ms/token "
+                  f"(floor {floor:.2f}, {decode['ms'] / floor:.2f}x)", flush=True)
             _save(args.out, result)
 
     # The configurations decode with the fastest stack of the model's own weights at one row.
@@ -803,7 +865,7 @@ def run(args) -> dict:
         if weights == "own":
             estimated = row["estimated_image_seconds"]
         else:
-            backbone = statistics.mean(entry["ms"] for entry in int8_singles)
+            backbone = image_backbone_ms(result, row["tokens"], row["batch"] * branches, int8=True)
             head = row["head_blocks_ms"] if fused_blocks else row["head_ms"]
             estimated = row["tokens"] * (backbone + head) / 1e3
         expected = 1.3 * estimated + 3.0
@@ -910,19 +972,27 @@ def one_launch_image(args, result: dict, model, clock, branches: int, capture: b
                      started: float) -> None:
     """One image of the targets' configuration (`target_key`) with the one-launch head, decoding through int8
     copies of the weights where the fused stack runs (else the backbone's own stack), with the few-rows
-    tiles the main run chose (read from its ``gpu_latency.json`` in ``--out``, when there); skipped when
-    the budget would not last."""
+    tiles the main run chose (read from its ``gpu_latency.json`` in ``--out``, when there, as is the backbone's
+    time in the estimate: `image_backbone_ms`); skipped when the budget would not last, or when that file is
+    there but cannot be read."""
     batch, tokens, steps = target_key(args)
     int8 = bool(result["triton"] and args.fused_decode)
+    record = {**dict(zip(IMAGE_KEY, (batch, tokens, steps))), "decode_weights": "int8" if int8 else "native"}
     main_run = args.out / "gpu_latency.json"
-    main = json.loads(main_run.read_text()) if main_run.is_file() else {}
-    if main.get("skinny_tiles_chosen"):
-        set_skinny_tiles(SkinnyTiles(**main["skinny_tiles_chosen"]))
-    timed = [entry["ms"] for entry in main.get("backbone_one_row", []) if entry["int8"] == int8]
-    backbone_ms = statistics.mean(timed) if timed else UNTIMED_BACKBONE_MS
+    try:
+        main = json.loads(main_run.read_text()) if main_run.is_file() else {}
+        if main.get("skinny_tiles_chosen"):
+            set_skinny_tiles(SkinnyTiles(**main["skinny_tiles_chosen"]))
+        backbone_ms = image_backbone_ms(main, tokens, batch * branches, int8)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        reason = f"{main_run} could not be read: {type(error).__name__}: {error}"
+        print(f"image with the one-launch head skipped: {reason}", flush=True)
+        result["one_launch_images"].append({**record, "image_skipped": reason})
+        return
+    if backbone_ms is None:
+        backbone_ms = UNTIMED_BACKBONE_MS
     estimated = tokens * (backbone_ms + head_ms) / 1e3
-    record = {**dict(zip(IMAGE_KEY, (batch, tokens, steps))), "decode_weights": "int8" if int8 else "native",
-              "estimated_image_seconds": estimated}
+    record["estimated_image_seconds"] = estimated
     expected = 1.3 * estimated + 5.0
     left = args.budget_seconds - (time.perf_counter() - started)
     if expected > left:
@@ -1027,6 +1097,11 @@ def markdown(result: dict) -> str:
         lines += ["", f"Backbone alone, one row (batch 1, no CFG), context {single['context']}, "
                   f"{single.get('stack', 'backbone')} stack: {single['ms']:.2f} ms/token, floor "
                   f"{single['floor_ms']:.2f} ms, {single['ratio']:.2f}x."]
+    if result.get("int8_image_decode"):
+        decode = result["int8_image_decode"]
+        lines += ["", f"Backbone through int8 copies of the weights ({INT8_STACK} stack), {decode['rows']} rows "
+                  f"(the targets' image, CFG rows included), context {decode['context']}: {decode['ms']:.2f} "
+                  f"ms/token, floor {decode['floor_ms']:.2f} ms, {decode['ratio']:.2f}x."]
     if result.get("kernel_fallbacks"):
         failed = "; ".join(f"{name}: {error}" for name, error in result["kernel_fallbacks"].items())
         lines += ["", f"Kernels that failed and ran as their PyTorch references from then on: {failed}."]

@@ -45,6 +45,8 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
         assert script.image_key(image) == (1, 4, 2) and image["image_seconds"] > 0
         assert image["estimated_image_seconds"] > 0
         assert "Image through int8 copies of the decode weights (fused, int8 weights stack), batch 1, 4 tokens" in table
+        decode = result["int8_image_decode"]
+        assert (decode["rows"], decode["tokens"], decode["context"]) == (2, 4, 5) and decode["ms"] > 0
     else:
         assert result["int8_images"] == []
 
@@ -71,6 +73,26 @@ def test_floors_count_every_weight_once_per_read():
     embedding = model.backbone.embed_tokens.weight
     assert script.backbone_weight_bytes(model) == sum(
         p.numel() * 4 for p in model.backbone.parameters()) - embedding.numel() * 4
+
+
+def test_image_estimates_use_the_backbone_at_the_images_rows():
+    script = load_benchmark("gpu_latency")
+    one_row = [{"stack": "fused", "tokens": 4, "int8": False, "ms": 10.0, "floor_ms": 6.0, "weight_bytes": 5e9},
+               {"stack": "fused, int8 weights", "tokens": 4, "int8": True, "ms": 4.0, "floor_ms": 3.0,
+                "weight_bytes": 2e9}]
+    found = {"cfg": 7.5, "backbone_one_row": one_row, "decode_stack_chosen": "fused",
+             "rows": [{"batch": 1, "tokens": 4, "steps": 2, "backbone_ms": 11.0}],
+             "card": {"copy_bandwidth_bytes_per_s": 1e12}}
+    # Measured at the image's two rows; else one row times the chosen stack's growth to two rows.
+    assert script.image_backbone_ms({**found, "int8_image_decode": {"tokens": 4, "rows": 2, "ms": 4.5}}, 4, 2,
+                                    True) == 4.5
+    assert script.image_backbone_ms(found, 4, 2, True) == 4.0 * 11.0 / 10.0
+    # Without the configuration, the floor's growth: the keys and values of two rows (1 GB each) instead of one.
+    assert abs(script.image_backbone_ms({**found, "rows": []}, 4, 2, True) - 4.0 * 4e9 / 3e9) < 1e-9
+    # An older main run, whose one-row entries do not say int8: they are the model's own weights.
+    old = {"backbone_one_row": [{"context": 5, "ms": 10.0}]}
+    assert script.image_backbone_ms(old, 4, 2, False) == 10.0
+    assert script.image_backbone_ms(old, 4, 2, True) is None
 
 
 def test_product_timings_rotate_through_copies_over_twice_the_l2():
