@@ -17,6 +17,8 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
     assert {(row["batch"], row["tokens"], row["steps"]) for row in result["rows"]} == {(1, 4, 2), (2, 4, 2)}
     for row in result["rows"]:
         assert row["backbone_ms"] > 0 and row["head_ms"] > 0 and row["image_seconds"] > 0
+        # The targets' image is timed after an untimed generation of the same sizes.
+        assert ("image_cold_seconds" in row) == (script.image_key(row) == (1, 4, 2))
         assert row["backbone_floor_ms"] > 0 and row["head_floor_ms"] > 0
     assert result["eager"] and result["card"]["copy_bandwidth_bytes_per_s"] > 0
     stacks = ["backbone", "fused"]
@@ -43,7 +45,7 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
     if result["triton"]:
         (image,) = result["int8_images"]
         assert script.image_key(image) == (1, 4, 2) and image["image_seconds"] > 0
-        assert image["estimated_image_seconds"] > 0
+        assert image["estimated_image_seconds"] > 0 and image["image_cold_seconds"] > 0
         assert "Image through int8 copies of the decode weights (fused, int8 weights stack), batch 1, 4 tokens" in table
         decode = result["int8_image_decode"]
         assert (decode["rows"], decode["tokens"], decode["context"]) == (2, 4, 5) and decode["ms"] > 0
@@ -93,6 +95,8 @@ def test_image_estimates_use_the_backbone_at_the_images_rows():
     old = {"backbone_one_row": [{"context": 5, "ms": 10.0}]}
     assert script.image_backbone_ms(old, 4, 2, False) == 10.0
     assert script.image_backbone_ms(old, 4, 2, True) is None
+    # A budget must afford the warm-up generation too.
+    assert script.expected_image_seconds(10.0, True, 3.0) == 2 * script.expected_image_seconds(10.0, False, 0.0) + 3.0
 
 
 def test_product_timings_rotate_through_copies_over_twice_the_l2():
@@ -119,5 +123,6 @@ def test_persistent_head_mode_writes_its_own_json(tmp_path):
         (image,) = result["one_launch_images"]
         assert script.image_key(image) == (1, 4, 2) and image["image_seconds"] > 0
         assert image["decode_weights"] == ("int8" if result["triton"] else "native")
+        assert image["image_cold_seconds"] > 0
     else:
         assert result["one_launch_images"] == []
