@@ -1,6 +1,8 @@
 """benchmarks/gpu_latency.py runs end to end with tiny shapes on the CPU (--dry-run), before it meets a GPU."""
 
 import json
+import re
+from pathlib import Path
 
 import torch
 from benchmark_helpers import load_benchmark
@@ -126,3 +128,13 @@ def test_persistent_head_mode_writes_its_own_json(tmp_path):
         assert image["image_cold_seconds"] > 0
     else:
         assert result["one_launch_images"] == []
+
+
+def test_gpu_check_limits_fit_one_device_call():
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    # Every step under a limit with a kill after it; the limits leave the device call's 600 s a margin.
+    limits = [int(value) for value in re.findall(r'timeout -k 5 "\$\{[A-Z_]+:-(\d+)\}"', script)]
+    assert len(limits) == script.count("timeout ") == 5 and sum(limits) <= 580
+    # The dry run runs the Triton parts through the interpreter.
+    dry_run = script[script.index('if [ "${DRY_RUN:-0}" = 1 ]'):script.index("else")]
+    assert "export TRITON_INTERPRET=1" in dry_run
