@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import json
+import math
 import os
 import typing
 from pathlib import Path
@@ -32,10 +34,17 @@ class Config:
     """
 
     def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, field.name)
+            expected = _plain_mismatch(hints.get(field.name), value)
+            if expected is not None:
+                raise ValueError(f"{type(self).__name__}.{field.name} must be {expected}, "
+                                 f"found {type(value).__name__} {value!r}")
+            value = _from_plain(hints.get(field.name), value)  # a nested config given as a mapping
             if isinstance(value, list):
-                setattr(self, field.name, tuple(value))
+                value = tuple(value)
+            setattr(self, field.name, value)
         self.validate()
 
     def validate(self) -> None:
@@ -65,7 +74,7 @@ class Config:
             raise ValueError(
                 f"{cls.__name__} got unknown key(s) {unknown}; known keys are {sorted(known)}"
             )
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         kwargs = {}
         for name, value in data.items():
             expected = _plain_mismatch(hints.get(name), value)
@@ -79,7 +88,7 @@ class Config:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, allow_nan=False)
 
     @classmethod
     def from_json(cls: type[C], text: str) -> C:
@@ -101,6 +110,11 @@ class Config:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from error
         return cls.from_dict(data)
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _default_of(field: dataclasses.Field) -> Any:
@@ -143,7 +157,7 @@ def _from_plain(hint: Any, value: Any) -> Any:
 
 
 _PLAIN_TYPES: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
-_PLAIN_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLAIN_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
 
 
 def _plain_mismatch(hint: Any, value: Any) -> str | None:
@@ -160,6 +174,8 @@ def _plain_mismatch(hint: Any, value: Any) -> str | None:
         return None if value in args else f"one of {list(args)}"
     if hint in _PLAIN_TYPES:
         fits = isinstance(value, _PLAIN_TYPES[hint]) and (hint is bool or not isinstance(value, bool))
+        if fits and hint is float:
+            fits = math.isfinite(value)
         return None if fits else _PLAIN_NAMES[hint]
     if hint is tuple or origin in (tuple, list, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):

@@ -91,12 +91,33 @@ def test_config_save_and_load(tmp_path):
     (FluxVAEConfig, {"ch_mult": 4}, r"FluxVAEConfig\.ch_mult must be a list, found int 4"),
     (FluxVAEConfig, {"ch_mult": [1, "2"]}, r"ch_mult must be a list whose items are each an integer"),
     (FluxVAEConfig, {"deterministic": "yes"}, r"deterministic must be true or false, found str 'yes'"),
-    (Qwen2BackboneConfig, {"rope_theta": "1e6"}, r"Qwen2BackboneConfig\.rope_theta must be a number"),
+    (Qwen2BackboneConfig, {"rope_theta": "1e6"}, r"Qwen2BackboneConfig\.rope_theta must be a finite number"),
     (ModelConfig, {"backbone": []}, r"ModelConfig\.backbone must be a mapping \(ComponentSpec\), found list"),
 ])
 def test_fields_of_the_wrong_type_name_the_field_and_both_types(config_class, data, message):
     with pytest.raises(ValueError, match=message):
         config_class.from_dict(data)
+
+
+def test_built_or_replaced_configs_are_checked_as_read_ones_are():
+    import math
+
+    from nextstep.compile import CompileConfig
+    from nextstep.presets import tiny as tiny_config
+    from nextstep.training import TrainConfig
+
+    with pytest.raises(ValueError, match=r"ModelConfig\.use_norm must be true or false, found int 1"):
+        tiny_config().replace(use_norm=1)
+    with pytest.raises(ValueError, match=r"ModelConfig\.text_loss_weight must be a finite number, found str 'abc'"):
+        tiny_config().replace(text_loss_weight="abc")
+    for value in (math.inf, math.nan):
+        with pytest.raises(ValueError, match=r"FluxVAEConfig\.shift_factor must be a finite number"):
+            FluxVAEConfig(shift_factor=value)
+        with pytest.raises(ValueError, match=r"TrainConfig\.learning_rate must be a finite number"):
+            TrainConfig.from_dict({"learning_rate": value})
+    compiled = TrainConfig(compile={"mode": "default"})  # a nested config given as a mapping becomes one
+    assert isinstance(compiled.compile, CompileConfig)
+    assert TrainConfig.from_dict(json.loads(json.dumps(compiled.to_dict()))) == compiled
 
 
 def test_numbers_read_as_floats_where_a_float_is_expected():
