@@ -67,19 +67,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+#: Files whose presence marks a directory as one `atomic_directory` may replace (what it writes).
+REPLACEABLE_MARKERS = ("config.json",)
+
+
 @contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPLACEABLE_MARKERS) -> Iterator[Path]:
     """Yield a staging directory; on success it takes the place of ``path``.
 
     Its files are flushed to disk before it is renamed into place. An existing
     directory at ``path`` is moved aside first and removed only after the new one
     is in place, so a crash leaves either the old or the new directory (or,
     between the two renames, the old one under ``<path>.old-*``:
-    `restore_moved_aside` puts it back).
+    `restore_moved_aside` puts it back; a rename that fails puts it back at once).
+    Only an empty directory or one holding one of ``markers`` (a directory of the
+    kind being written) is replaced: any other is refused before anything is
+    written. A symbolic link to a directory has its target replaced.
     Files written into the staging directory get ordinary permissions (0666
     less the umask), whatever the library that wrote them chose.
+
+    Raises:
+        FileExistsError: ``path`` is a directory of other files.
+        NotADirectoryError: ``path`` is a file.
     """
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    _check_replaceable(path, markers)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(staging, 0o777 & ~_umask())
@@ -96,18 +110,35 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(staging)
         backup = None
         if path.exists():
-            if not path.is_dir():
-                raise NotADirectoryError(f"expected a directory at {path}, found a file")
+            _check_replaceable(path, markers)
             backup = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
             backup.rmdir()
             os.replace(path, backup)
-        os.replace(staging, path)
+        try:
+            os.replace(staging, path)
+        except BaseException:
+            if backup is not None and not path.exists():
+                os.replace(backup, path)  # the old directory back in its place
+            raise
         _fsync_dir(path.parent)
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_replaceable(path: Path, markers: tuple[str, ...]) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise NotADirectoryError(f"expected a directory at {path}, found a file")
+    entries = sorted(entry.name for entry in path.iterdir())
+    if entries and not any((path / marker).exists() for marker in markers):
+        raise FileExistsError(
+            f"expected an empty folder or one written here before (with {' or '.join(markers)}) at {path}, "
+            f"found a folder of {len(entries)} other entries ({', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}); choose another folder")
 
 
 def restore_moved_aside(path: str | os.PathLike) -> bool:

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,47 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_model, tmp_path, monkeyp
     assert (target / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging leftovers
     NextStep.from_pretrained(target)
+
+
+def test_a_folder_of_other_files_is_never_replaced(tiny_model, tmp_path):
+    (tmp_path / "runs" / "important").mkdir(parents=True)
+    (tmp_path / "runs" / "important" / "ckpt.txt").write_text("precious")
+    (tmp_path / "notes.md").write_text("notes")
+    with pytest.raises(FileExistsError, match=r"expected an empty folder or one written here before .*notes\.md, runs"):
+        tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "runs" / "important" / "ckpt.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.md", "runs"]  # nothing staged either
+    (tmp_path / "empty").mkdir()
+    tiny_model.save_pretrained(tmp_path / "empty")  # an empty folder, or a model's, is replaced
+    tiny_model.save_pretrained(tmp_path / "empty")
+
+
+def test_a_failed_last_rename_puts_the_old_directory_back(tiny_model, tmp_path, monkeypatch):
+    import nextstep.io as io
+
+    target = tmp_path / "m"
+    tiny_model.save_pretrained(target)
+    real = os.replace
+
+    def staging_fails(source, destination):  # the old directory is aside; the new one cannot take its place
+        if Path(destination) == target and Path(source).name.startswith(".m."):
+            raise OSError(5, "input/output error")
+        return real(source, destination)
+
+    monkeypatch.setattr(io.os, "replace", staging_fails)
+    with pytest.raises(OSError, match="input/output error"):
+        tiny_model.save_pretrained(target)
+    monkeypatch.setattr(io.os, "replace", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    NextStep.from_pretrained(target)
+
+
+def test_saving_through_a_link_replaces_its_target_and_keeps_the_link(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    tiny_model.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    NextStep.from_pretrained(tmp_path / "link")
 
 
 def test_unregistered_component_cannot_be_saved_silently(tiny_model, tmp_path):

@@ -432,7 +432,7 @@ def save_flux_vae_state(state: dict[str, torch.Tensor], config: FluxVAEConfig, d
         if lost:
             raise ValueError(f"the {layout} layout cannot hold {', '.join(lost)}; save it in the native layout, "
                              "or pass lossy=True and give these settings to load_flux_vae")
-    with atomic_directory(directory) as staging:
+    with atomic_directory(directory, markers=("config.json", "ae.safetensors")) as staging:
         if layout == "native":
             config.save(staging / "config.json")
             save_file(state, str(staging / NATIVE_WEIGHTS), metadata={"format": "pt"})

@@ -146,7 +146,7 @@ class CheckpointManager:
         rng_states = self.context.gather_objects(capture_rng_state())
         target = self.directory / checkpoint_name(step)
         if self.context.is_main:
-            with atomic_directory(target) as staging:
+            with atomic_directory(target, markers=(STATE_FILE, MODEL_FILE)) as staging:
                 self._write(staging / MODEL_FILE, save_safetensors_bytes(_unshared(model_state),
                                                                          metadata={"format": "pt"}))
                 self._write(staging / OPTIMIZER_FILE, _torch_bytes(optimizer_state))
