@@ -8,6 +8,7 @@ implements its interface. Registering a class only makes it reachable by name
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, TypeVar
 
 T = TypeVar("T", bound=type)
@@ -34,6 +35,11 @@ def register_component(kind: str, name: str) -> Callable[[T], T]:
     def decorator(cls: T) -> T:
         if not hasattr(cls, "config_class"):
             raise TypeError(f"{cls.__name__} needs a 'config_class' attribute to be registered")
+        # A saved component is {"kind": ..., "type": ..., **its config}: its config cannot use those names.
+        clashing = sorted({"kind", "type"} & {field.name for field in dataclasses.fields(cls.config_class)})
+        if clashing:
+            raise ValueError(f"{cls.config_class.__name__} has field(s) {clashing}, which name the component "
+                             "in a saved config; rename them")
         existing = _COMPONENTS[kind].get(name)
         if existing is not None and existing is not cls:
             raise ValueError(f"{kind} {name!r} is already registered to {existing.__name__}")
@@ -47,8 +53,10 @@ def register_component(kind: str, name: str) -> Callable[[T], T]:
 def component_class(kind: str, name: str) -> type:
     """The class registered as ``(kind, name)``; ``ValueError`` lists the known names."""
     _ensure_builtins()
-    if kind not in _COMPONENTS:
+    if not isinstance(kind, str) or kind not in _COMPONENTS:
         raise ValueError(f"kind must be one of {sorted(_COMPONENTS)}, found {kind!r}")
+    if not isinstance(name, str):
+        raise ValueError(f"a {kind}'s type must be a registered name (a string), found {type(name).__name__} {name!r}")
     try:
         return _COMPONENTS[kind][name]
     except KeyError:

@@ -122,3 +122,31 @@ def test_built_or_replaced_configs_are_checked_as_read_ones_are():
 
 def test_numbers_read_as_floats_where_a_float_is_expected():
     assert Qwen2BackboneConfig.from_dict({"rope_theta": 10000}).rope_theta == 10000
+
+
+def test_a_component_config_cannot_use_the_names_of_a_saved_component():
+    from dataclasses import dataclass
+
+    from nextstep.config import Config
+    from nextstep.registry import register_component
+    from nextstep.samplers import EulerSampler
+
+    @dataclass
+    class TypedConfig(Config):
+        type: str = "plain"
+
+    class Typed(EulerSampler):
+        config_class = TypedConfig
+
+    with pytest.raises(ValueError, match=r"TypedConfig has field\(s\) \['type'\], which name the component"):
+        register_component("sampler", "typed-sampler")(Typed)
+    assert "typed-sampler" not in component_names("sampler")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"kind": "sampler", "type": ["euler"]}, r"a sampler's type must be a registered name \(a string\), found list"),
+    ({"kind": {"a": 1}, "type": "euler"}, r"kind must be one of .*, found \{'a': 1\}"),
+])
+def test_a_malformed_saved_component_is_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        ComponentSpec.from_dict(spec)
