@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from nextstep.config import ComponentSpec
+from nextstep.dtypes import weight_dtype
 from nextstep.model import NextStep
 from nextstep.model_config import ModelConfig
 from nextstep.registry import component_class, model_preset
@@ -58,25 +59,38 @@ def build_model(
     )
 
 
+def check_preset_name(name: str) -> None:
+    """Refuse what names neither a model directory nor a shipped model, when it is not a preset either.
+
+    Raises:
+        FileNotFoundError: a path (with a separator or a suffix) at which there is no directory.
+        ValueError: an unknown name, listing the shipped models and presets.
+    """
+    from nextstep.pretrained import bundled_models
+    from nextstep.registry import model_names
+
+    if any(sep in name for sep in ("/", "\\")) or Path(name).suffix:
+        found = "a file" if Path(name).is_file() else "nothing"
+        raise FileNotFoundError(f"expected a model directory at {name!r}, found {found}")
+    if name not in model_names():
+        raise ValueError(f"unknown model {name!r}: expected a model directory, a shipped model "
+                         f"{bundled_models()} or a preset {model_names()}")
+
+
 def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                seed: int = 0) -> NextStep:
     """A saved model directory, a shipped model's name (`nextstep.pretrained`), or a preset
     name built with random weights under ``seed``."""
-    from nextstep.pretrained import bundled_models, model_directory
-    from nextstep.registry import model_names
+    from nextstep.pretrained import model_directory
 
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"load_model expects a model directory, a shipped model's name or a preset name, found "
                         f"{type(name_or_path).__name__}")
     name_or_path = str(name_or_path)
+    dtype = weight_dtype(dtype)
     directory = model_directory(name_or_path)
     if directory is not None:
         return NextStep.from_pretrained(directory, device=device, dtype=dtype)
-    if any(sep in name_or_path for sep in ("/", "\\")) or Path(name_or_path).suffix:
-        found = "a file" if Path(name_or_path).is_file() else "nothing"
-        raise FileNotFoundError(f"expected a model directory at {name_or_path!r}, found {found}")
-    if name_or_path not in model_names():
-        raise ValueError(f"unknown model {name_or_path!r}: expected a model directory, a shipped model "
-                         f"{bundled_models()} or a preset {model_names()}")
+    check_preset_name(name_or_path)
     model = build_model(name_or_path, seed=seed)
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

@@ -17,7 +17,10 @@ def _slug(text: str, limit: int = 48) -> str:
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {value}")
     return number
@@ -104,15 +107,20 @@ def command_caption(args: argparse.Namespace) -> int:
 
     images = [read_image_file(path) for path in args.images]
     model = load_model(args.model, device=args.device, seed=args.seed)
+    for path, image in zip(args.images, images):
+        try:
+            model.image_tokenizer.grid_size(image.height, image.width)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     result = caption_images(model, images, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for path, text in zip(args.images, result.texts):
-        print(f"{path}\t{text.strip()}")
+        print(f"{path}\t{' '.join(text.split())}")  # one line: breaks and tabs inside a caption become spaces
     return 0
 
 
 def command_info(args: argparse.Namespace) -> int:
-    from nextstep.builders import build_model
+    from nextstep.builders import build_model, check_preset_name
     from nextstep.model import NextStep
     from nextstep.pretrained import model_directory
 
@@ -120,6 +128,7 @@ def command_info(args: argparse.Namespace) -> int:
     if directory is not None:
         model = NextStep.from_pretrained(directory)
     else:
+        check_preset_name(args.model)
         with torch.device("meta"):
             model = build_model(args.model, with_text_tokenizer=False)
     counts = model.parameter_counts()
@@ -196,6 +205,8 @@ def command_eval_tokenizer(args: argparse.Namespace) -> int:
     path = Path(args.tokenizer)
     if path.exists():
         tokenizer = load_flux_vae(path)
+    elif any(sep in args.tokenizer for sep in ("/", "\\")) or path.suffix:
+        raise FileNotFoundError(f"expected a VAE checkpoint at {args.tokenizer!r}, found nothing")
     else:
         torch.manual_seed(args.seed)
         tokenizer = FluxVAE(flux_vae_config(args.tokenizer))
@@ -331,7 +342,8 @@ def command_preference_rounds(args: argparse.Namespace) -> int:
 
 
 def command_convert(args: argparse.Namespace) -> int:
-    from nextstep.interop.convert import DTYPES, convert_checkpoint, parse_size
+    from nextstep.dtypes import DTYPES
+    from nextstep.interop.convert import convert_checkpoint, parse_size
 
     result = convert_checkpoint(args.source, args.output, to=args.to,
                                 dtype=DTYPES[args.dtype] if args.dtype else None,

@@ -78,7 +78,15 @@ def test_generate_with_the_fast_sampler_and_int8_decode_weights(tmp_path, monkey
 def test_unreadable_inputs_and_unusable_outputs_are_named(tmp_path, capsys):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not pixels")
+    Image.new("RGB", (40, 32)).save(tmp_path / "odd.png")
     cases = [
+        (["caption", str(tmp_path / "odd.png"), "--model", "tiny"],
+         r"odd\.png: image width must be a positive multiple of 16 .*found 40"),
+        (["info", str(tmp_path / "nope")], "expected a model directory at .*nope', found nothing"),
+        (["info", "no-such-preset"], "unknown model 'no-such-preset': expected a model directory"),
+        (["eval-tokenizer", str(tmp_path / "missing.safetensors")],
+         "expected a VAE checkpoint at .*missing.safetensors', found nothing"),
+        (["generate", "x", "--steps", "abc"], "argument --steps: expected an integer >= 1, found 'abc'"),
         (["caption", str(not_an_image)], "expected an image file at .*notes.png, found data PIL cannot read"),
         (["caption", str(tmp_path)], "expected an image file at .*, found a folder"),
         (["generate", "x", "--image", str(not_an_image), "--output", str(tmp_path / "out")],
@@ -107,3 +115,14 @@ def test_images_the_command_line_reads_stand_as_shown_and_lose_transparency_to_w
     assert read_image_file(tmp_path / "phone.jpg").size == (32, 64)
     clear = read_image_file(tmp_path / "clear.png")
     assert clear.mode == "RGB" and clear.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_a_caption_is_printed_on_one_line(tmp_path, capsys, monkeypatch):
+    import nextstep.text_generation as text_generation
+    from nextstep.text_generation import GeneratedText
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    written = GeneratedText(texts=[" a red\ncircle\tand more "], ids=[[]], log_probs=None, stopped=[True])
+    monkeypatch.setattr(text_generation, "caption_images", lambda model, images, **kwargs: written)
+    assert main(["caption", str(tmp_path / "a.png"), "--model", "tiny"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'a.png'}\ta red circle and more\n"

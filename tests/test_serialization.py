@@ -233,3 +233,15 @@ def test_weights_shared_under_two_names_are_saved_once_and_fill_both(tmp_path):
     load_safetensors(loaded, tmp_path / "tied" / "model.safetensors")
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_a_dtype_is_a_floating_torch_dtype_or_its_name(tiny_model, tmp_path):
+    from nextstep.builders import load_model
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    assert NextStep.from_pretrained(tmp_path / "m", dtype="bfloat16").lm_head.output_weight().dtype == torch.bfloat16
+    for bad in (torch.int32, "half-ish"):
+        with pytest.raises(ValueError, match=r"dtype must be one of \['float32', 'bfloat16', 'float16'\]"):
+            NextStep.from_pretrained(tmp_path / "m", dtype=bad)
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            load_model("tiny", dtype=bad)

@@ -22,9 +22,8 @@ from torch import nn
 from nextstep.backbones.base import Backbone, BackboneCache
 from nextstep.backbones.masks import documents_or_mask, visible_keys
 from nextstep.config import Config, require
+from nextstep.dtypes import DTYPES
 from nextstep.registry import register_component
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

@@ -18,7 +18,6 @@ from nextstep.interop.layout import NATIVE, QWEN2, RELEASE, detect_model_layout
 from nextstep.interop.release_checkpoint import DEFAULT_MAX_SHARD_SIZE
 
 TARGETS = (NATIVE, RELEASE)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2,
                "GIB": 1024**3}
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nextstep.dtypes import weight_dtype
 from nextstep.io import read_json_object
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ def load_model_directory(
             `nextstep.interop.qwen_init.nextstep_from_qwen`).
     """
     directory = Path(directory)
+    dtype = weight_dtype(dtype)
     layout = detect_model_layout(directory)
     if layout == RELEASE:
         from nextstep.interop.release_checkpoint import load_release_checkpoint
