@@ -150,3 +150,12 @@ def test_a_component_config_cannot_use_the_names_of_a_saved_component():
 def test_a_malformed_saved_component_is_named(spec, message):
     with pytest.raises(ValueError, match=message):
         ComponentSpec.from_dict(spec)
+
+
+def test_dataset_specs_round_trip_and_repeat_counts_are_integers():
+    from nextstep.training.data.source import DataConfig
+
+    data = DataConfig(datasets=({"type": "shapes", "kinds": ("single_object", "counting"), "repeat": 2},))
+    assert DataConfig.from_dict(json.loads(json.dumps(data.to_dict()))) == data
+    with pytest.raises(ValueError, match=r"datasets\[\]\.repeat must be an integer >= 1, found True"):
+        DataConfig(datasets=({"type": "shapes", "repeat": True},))

@@ -36,6 +36,12 @@ class DataConfig(Config):
     grid_multiple: int = 1
     latent_cache: str = ""
 
+    def __post_init__(self) -> None:
+        # Specs as JSON holds them (tuples inside become lists), so that a spec read back equals it.
+        if isinstance(self.datasets, (list, tuple)):
+            self.datasets = tuple(_as_json_data(spec) for spec in self.datasets)
+        super().__post_init__()
+
     def validate(self) -> None:
         require(len(self.datasets) > 0, "datasets", self.datasets, "at least one dataset spec")
         for spec in self.datasets:
@@ -43,13 +49,22 @@ class DataConfig(Config):
             fields = {k: v for k, v in spec.items() if k != "repeat"}
             dataset_config(fields)  # unknown types and keys fail here, naming them
             repeat = spec.get("repeat", 1)
-            require(isinstance(repeat, int) and repeat >= 1, "datasets[].repeat", repeat, "an integer >= 1")
+            require(isinstance(repeat, int) and not isinstance(repeat, bool) and repeat >= 1, "datasets[].repeat",
+                    repeat, "an integer >= 1")
         require(self.resolution >= 16 and self.resolution % 16 == 0, "resolution", self.resolution,
                 "a positive multiple of 16")
         require(self.grid_multiple >= 1, "grid_multiple", self.grid_multiple, ">= 1")
 
     def buckets(self, pixels_per_token: int = 16) -> AspectRatioBuckets:
         return AspectRatioBuckets(self.resolution, pixels_per_token, self.multi_aspect, self.grid_multiple)
+
+
+def _as_json_data(value):
+    if isinstance(value, dict):
+        return {key: _as_json_data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_json_data(item) for item in value]
+    return value
 
 
 class TrainingData:
