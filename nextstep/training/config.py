@@ -50,7 +50,7 @@ class TrainConfig(Config):
             None keeps the model's ``image_first_probability``.
         context_noise: largest scale of the Gaussian noise added to the image
             tokens the transformer reads as context (targets stay clean); each
-            image draws its scale from U(0, context_noise). 0 (the default, as in
+            sequence draws its scale from U(0, context_noise). 0 (the default, as in
             NextStep-1) trains on clean context. Makes sampling robust to the
             small errors of its own earlier tokens.
         pack_length: pack the sequences of each micro-batch into rows of at most

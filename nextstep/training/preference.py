@@ -32,6 +32,7 @@ from torch import nn
 from nextstep.heads.time_sampling import sample_times
 from nextstep.model import NextStep
 from nextstep.sequence import SequenceBatch
+from nextstep.training.config import TrainConfig
 from nextstep.training.data.base import ImageTextBatch
 from nextstep.training.task import StepResult
 from nextstep.training.text_to_image import TextToImageTask
@@ -50,6 +51,15 @@ class PreferenceTask(TextToImageTask):
             the same draws), added to keep the model close to its data (0 by default).
         context_noise: largest scale of the noise on the image tokens read as context.
     """
+
+    @classmethod
+    def from_train_config(cls, model: NextStep, config: TrainConfig, **preference: float) -> "PreferenceTask":
+        """The task with a run's ``context_noise`` and the preference settings given (``beta``,
+        ``sft_weight``); pairs are read one per row, so ``pack_length`` must be unset."""
+        if config.pack_length:
+            raise ValueError(f"preference training reads one pair per row: pack_length must be None, "
+                             f"found {config.pack_length}")
+        return cls(model, **preference, context_noise=config.context_noise)
 
     def __init__(self, model: NextStep, beta: float = 500.0, sft_weight: float = 0.0, context_noise: float = 0.0):
         super().__init__(model, text_dropout=0.0, context_noise=context_noise)

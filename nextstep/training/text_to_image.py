@@ -55,7 +55,8 @@ class TextToImageTask(TrainingTask):
     @classmethod
     def from_train_config(cls, model: NextStep, config: TrainConfig) -> "TextToImageTask":
         """The task with a run's ``text_dropout``, ``context_noise`` and ``pack_length``."""
-        return cls(model, config.text_dropout, config.context_noise, config.pack_length)
+        return cls(model, text_dropout=config.text_dropout, context_noise=config.context_noise,
+                   pack_length=config.pack_length)
 
     @property
     def device(self) -> torch.device:
