@@ -11,7 +11,7 @@ reports, for each caption, how often its own image ranks first among the
 Usage:
     python benchmarks/candidate_scores.py [--model emoji-shapes-64] [--count 48]
 
-Writes benchmarks/results/candidate_scores.json. Needs the emoji data (`make data`).
+Writes benchmarks/results/candidate_scores.json (or --output). Needs the emoji data (`make data`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="emoji-shapes-64")
     parser.add_argument("--count", type=int, default=48, help="held-out emoji (each scored against every caption)")
+    parser.add_argument("--output", default="candidate_scores", help="results name or path (common.results_path)")
     args = parser.parse_args()
 
     from nextstep import load_model
@@ -62,7 +63,7 @@ def main() -> int:
                                    "pairs": count * count}
         print(f"{name}: a caption's own image ranks first among {count} for {own_image_first:.2f} of captions "
               f"(chance {1 / count:.2f}); {count * count} pairs in {seconds:.1f} s")
-    path = write_results("candidate_scores", results)
+    path = write_results(args.output, results)
     print(f"wrote {path}")
     return 0
 

@@ -9,7 +9,7 @@ scores, how many images changed their verdict, and the relative difference of
 the sampled tokens.
 
 Usage:
-    python benchmarks/decode_weights_quality.py                    # 100 images per category, about 5 minutes here
+    python benchmarks/decode_weights_quality.py                    # 100 images per category, about 1.5 minutes here
     python benchmarks/decode_weights_quality.py --images-per-tag 8 --output quick   # results/quick.json
 
 Writes benchmarks/results/decode_weights_quality.json (or --output).

@@ -18,7 +18,7 @@ The same is measured for this library's own single-file layout when ``--native``
 is given (the directory is converted first).
 
 Usage:
-    python benchmarks/load_memory.py                       # ~1.6 GB bf16 checkpoint, 4 shards
+    python benchmarks/load_memory.py                       # ~1.9 GB bf16 checkpoint, 6 shards
     python benchmarks/load_memory.py --layers 6 --native   # smaller, plus the native layout
 
 Writes benchmarks/results/load_memory.json (or --output). The temporary

@@ -16,7 +16,7 @@ Two measurements:
 Usage:
     python benchmarks/shipped_model_latency.py [--repeats 3]
 
-Writes benchmarks/results/shipped_model_latency.json.
+Writes benchmarks/results/shipped_model_latency.json (or --output).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def command_seconds(repeats: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default="shipped_model_latency", help="results name or path (common.results_path)")
     args = parser.parse_args()
 
     from nextstep import load_model
@@ -80,7 +81,7 @@ def main() -> int:
             ranked = f" ranked by {score}" if candidates > 1 else ""
             print(f"in process, cfg {cfg} ({schedule}), {steps} steps, {candidates} candidate(s){ranked}, "
                   f"batch {batch}: {seconds:.3f} s/image")
-    path = write_results("shipped_model_latency", results)
+    path = write_results(args.output, results)
     print(f"wrote {path}")
     return 0
 

@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"
                                                 / "shipped_samples.png"))
+    parser.add_argument("--results", default="shipped_model_samples", help="results name or path (common.results_path)")
     args = parser.parse_args()
 
     from nextstep import load_model
@@ -56,7 +57,7 @@ def main() -> int:
     grid = image_grid(images, columns=8)
     with atomic_path(args.output) as tmp:
         grid.save(tmp, format="PNG")
-    path = write_results("shipped_model_samples", {"cfg": chosen.cfg, "cfg_schedule": chosen.cfg_schedule,
+    path = write_results(args.results, {"cfg": chosen.cfg, "cfg_schedule": chosen.cfg_schedule,
                                                    "steps": chosen.num_steps,
                                                    "seeds": list(range(8)),
                                                    "rows": [{"kind": k, "prompt": p} for k, p in PROMPTS]})

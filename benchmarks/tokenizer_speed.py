@@ -1,7 +1,7 @@
 """Encode / decode throughput of the FLUX-shaped VAE at 256x256 on this machine.
 
-Usage: python benchmarks/tokenizer_speed.py [--batch 4] [--size 256]
-Writes benchmarks/results/tokenizer_speed.json.
+Usage: python benchmarks/tokenizer_speed.py [--batch 2] [--size 256] [--output NAME]
+Writes benchmarks/results/tokenizer_speed.json (or --output).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from nextstep.tokenizers import FluxVAE  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--output", default="tokenizer_speed", help="results name or path (common.results_path)")
     args = parser.parse_args()
     rows = []
     for name in ("tiny", "flux"):
@@ -40,7 +41,7 @@ def main() -> None:
         rows.append(row)
         print(f"{name:>5}: {row['parameters'] / 1e6:6.2f}M params  encode {row['encode_images_per_s']:8.2f} img/s"
               f"  decode {row['decode_images_per_s']:8.2f} img/s  ({args.size}x{args.size}, batch {args.batch})")
-    path = write_results("tokenizer_speed", {"rows": rows})
+    path = write_results(args.output, {"rows": rows})
     print(f"wrote {path}")
 
 
