@@ -44,6 +44,13 @@ def gaussian_velocity(mu=MU, std=STD):
     return velocity
 
 
+def float64_draws(seed, *, rows, dim, steps):
+    """Starting noise (rows, dim) and step noise (steps, rows, dim) in float64, from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(rows, dim, generator=generator, dtype=torch.float64)
+    return noise, torch.randn(steps, rows, dim, generator=generator, dtype=torch.float64)
+
+
 def make(name, **fields):
     cls = component_class("sampler", name)
     return cls(cls.config_class(**fields))
@@ -238,9 +245,7 @@ def release_euler_maruyama(velocity, x, num_steps, shift, last_step_size, eps, t
 
 @pytest.mark.parametrize("shift", [1.0, 3.2])
 def test_euler_maruyama_reproduces_the_first_release(shift):
-    generator = torch.Generator().manual_seed(4)
-    noise = torch.randn(6, 4, generator=generator, dtype=torch.float64)
-    eps = torch.randn(12, 6, 4, generator=generator, dtype=torch.float64)
+    noise, eps = float64_draws(4, rows=6, dim=4, steps=12)
     velocity = gaussian_velocity()
     sampler = EulerMaruyamaSampler()
     grid = sampler.make_time_grid(12, shift, dtype=torch.float64)
@@ -250,9 +255,7 @@ def test_euler_maruyama_reproduces_the_first_release(shift):
 
 
 def test_euler_maruyama_can_integrate_to_one():
-    generator = torch.Generator().manual_seed(5)
-    noise = torch.randn(6, 4, generator=generator, dtype=torch.float64)
-    eps = torch.randn(12, 6, 4, generator=generator, dtype=torch.float64)
+    noise, eps = float64_draws(5, rows=6, dim=4, steps=12)
     velocity = gaussian_velocity()
     release = EulerMaruyamaSampler()
     to_one = EulerMaruyamaSampler(EulerMaruyamaSamplerConfig(to_one=True))
@@ -268,9 +271,7 @@ def test_euler_maruyama_can_integrate_to_one():
 
 
 def test_flow_sde_matches_the_flow_grpo_step_in_sigma_form():
-    generator = torch.Generator().manual_seed(6)
-    noise = torch.randn(5, 3, generator=generator, dtype=torch.float64)
-    eps = torch.randn(8, 5, 3, generator=generator, dtype=torch.float64)
+    noise, eps = float64_draws(6, rows=5, dim=3, steps=8)
     velocity = gaussian_velocity()
     level = 0.7
     sampler = FlowSDESampler(FlowSDESamplerConfig(noise_level=level, first_step="next_time"))
@@ -292,9 +293,7 @@ def test_flow_sde_matches_the_flow_grpo_step_in_sigma_form():
 
 @pytest.mark.parametrize("shift", [1.0, 3.2])
 def test_flow_sde_matches_the_later_release_sde_mode_on_shifted_grids(shift):
-    generator = torch.Generator().manual_seed(8)
-    noise = torch.randn(5, 3, generator=generator, dtype=torch.float64)
-    eps = torch.randn(10, 5, 3, generator=generator, dtype=torch.float64)
+    noise, eps = float64_draws(8, rows=5, dim=3, steps=10)
     velocity = gaussian_velocity()
     sampler = FlowSDESampler()  # release first step, noise level 0.8
     grid = sampler.make_time_grid(10, shift, dtype=torch.float64)
@@ -317,9 +316,7 @@ def test_flow_sde_matches_the_later_release_sde_mode_on_shifted_grids(shift):
 
 
 def test_cps_matches_the_coefficient_preserving_step_in_sigma_form():
-    generator = torch.Generator().manual_seed(7)
-    noise = torch.randn(5, 3, generator=generator, dtype=torch.float64)
-    eps = torch.randn(8, 5, 3, generator=generator, dtype=torch.float64)
+    noise, eps = float64_draws(7, rows=5, dim=3, steps=8)
     velocity = gaussian_velocity()
     level = 0.6
     sampler = CoefficientPreservingSampler(CoefficientPreservingSamplerConfig(noise_level=level))
