@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -114,7 +115,12 @@ class Config:
 
 @functools.lru_cache(maxsize=None)
 def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The resolved field types of ``cls``; none for a class whose annotations name what its module cannot
+    resolve (a config defined inside a function), whose fields are then taken as given."""
+    try:
+        return typing.get_type_hints(cls)
+    except NameError:
+        return {}
 
 
 def _default_of(field: dataclasses.Field) -> Any:
@@ -140,13 +146,12 @@ def _from_plain(hint: Any, value: Any) -> Any:
         return value
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
         for arg in args:
-            if arg is type(None):
-                if value is None:
-                    return None
-                continue
-            return _from_plain(arg, value)
+            if arg is not type(None):
+                return _from_plain(arg, value)
     if isinstance(hint, type) and issubclass(hint, ComponentSpec):
         return value if isinstance(value, ComponentSpec) else ComponentSpec.from_dict(value)
     if isinstance(hint, type) and issubclass(hint, Config) and isinstance(value, dict):
@@ -166,7 +171,7 @@ def _plain_mismatch(hint: Any, value: Any) -> str | None:
     if hint is None or hint is Any:
         return None
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         mismatches = [_plain_mismatch(arg, value) if arg is not type(None) else
                       (None if value is None else "null") for arg in args]
         return None if None in mismatches else " or ".join(dict.fromkeys(mismatches))

@@ -176,3 +176,24 @@ def test_an_adapter_that_checkpoints_gradients_refuses_a_cache_it_would_drop():
     with torch.no_grad():  # without gradients nothing is checkpointed and the cache fills
         adapter(torch.randn(1, 3, 32), torch.arange(3)[None], None, cache)
     assert cache.length == 3 and cache.hf_cache.get_seq_length() == 3
+
+
+def test_an_adapter_step_that_fails_midway_leaves_every_layer_as_it_was():
+    adapter, _ = adapter_and_native()
+    prompt, step = torch.randn(1, 4, 32), torch.randn(1, 1, 32)
+    with torch.no_grad():
+        cache = adapter.new_cache(1, 8)
+        adapter(prompt, torch.arange(4)[None], None, cache)
+
+        def fail(*args):
+            raise RuntimeError("out of memory")
+
+        hook = adapter.model.layers[-1].register_forward_pre_hook(fail)  # the first layer has appended by then
+        with pytest.raises(RuntimeError, match="out of memory"):
+            adapter(step, torch.tensor([[4]]), None, cache)
+        hook.remove()
+        assert cache.length == 4 and [cache.hf_cache.get_seq_length(i) for i in range(2)] == [4, 4]
+        fresh = adapter.new_cache(1, 8)
+        adapter(prompt, torch.arange(4)[None], None, fresh)
+        torch.testing.assert_close(adapter(step, torch.tensor([[4]]), None, cache),
+                                   adapter(step, torch.tensor([[4]]), None, fresh))

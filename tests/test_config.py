@@ -159,3 +159,29 @@ def test_dataset_specs_round_trip_and_repeat_counts_are_integers():
     assert DataConfig.from_dict(json.loads(json.dumps(data.to_dict()))) == data
     with pytest.raises(ValueError, match=r"datasets\[\]\.repeat must be an integer >= 1, found True"):
         DataConfig(datasets=({"type": "shapes", "repeat": True},))
+
+
+def test_optional_nested_fields_and_configs_defined_in_a_function_build():
+    namespace: dict = {}
+    exec(  # a module with postponed annotations, whose config classes are defined inside a function
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "from typing import Optional\n"
+        "from nextstep.config import ComponentSpec, Config\n"
+        "def make():\n"
+        "    @dataclass\n"
+        "    class Inner(Config):\n"
+        "        x: int = 1\n"
+        "    @dataclass\n"
+        "    class Outer(Config):\n"
+        "        inner: Inner | None = None\n"
+        "        fallback: Optional[ComponentSpec] = None\n"
+        "    return Inner, Outer\n"
+        "@dataclass\n"
+        "class Counted(Config):\n"
+        "    count: int | None = None\n", namespace)
+    inner, outer = namespace["make"]()
+    assert outer().fallback is None and outer(inner=inner()).inner == inner()
+    assert namespace["Counted"]().count is None
+    with pytest.raises(ValueError, match=r"Counted\.count must be an integer or null, found str 'x'"):
+        namespace["Counted"](count="x")  # an optional field is checked too

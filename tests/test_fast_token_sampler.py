@@ -169,6 +169,10 @@ def test_a_sampler_follows_its_model_to_another_dtype():
     torch.testing.assert_close(found, expected, rtol=0.05, atol=0.05)
     fast.reset()  # and after an explicit reset
     torch.testing.assert_close(generate_tokens(model, ["a"], token_sampler=fast, **settings)[0], found)
+    pooled = fast.new_cache(2, 40)
+    model.to("meta")  # another device: a pooled cache of that size is not handed back
+    moved = fast.new_cache(2, 40)
+    assert moved is not pooled and moved.keys.device.type == "meta" and fast.device.type == "meta"
 
 
 def test_a_token_sampler_of_another_model_is_refused(trained_like_model):

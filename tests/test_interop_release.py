@@ -157,6 +157,14 @@ def test_round_trips_keep_a_float32_vae_beside_bfloat16_shards(tmp_path):
         vae = torch.load(written / "vae" / "checkpoint.pt", weights_only=True)
         assert vae.keys() == original.keys()
         assert all(vae[k].dtype == torch.float32 and torch.equal(vae[k], original[k]) for k in original)
+    # A bfloat16 vae/checkpoint.pt stays bfloat16 too.
+    checkpoint = tmp_path / "release" / "vae" / "checkpoint.pt"
+    torch.save({k: v.to(torch.bfloat16) for k, v in original.items()}, checkpoint)
+    model = NextStep.from_pretrained(tmp_path / "release")
+    assert {p.dtype for p in model.image_tokenizer.parameters()} == {torch.bfloat16}
+    save_release_checkpoint(model, tmp_path / "bf16-vae")
+    written = torch.load(tmp_path / "bf16-vae" / "vae" / "checkpoint.pt", weights_only=True)
+    assert {v.dtype for v in written.values()} == {torch.bfloat16}
 
 
 def test_tied_embeddings_and_output_bias_variants(tmp_path):

@@ -73,7 +73,8 @@ def test_the_manifest_reads_pairs_and_names_bad_lines(tmp_path):
     sample.image.save(tmp_path / "good.png")
     sample.rejected_image.save(tmp_path / "bad.png")
     manifest = tmp_path / "pairs.jsonl"
-    manifest.write_text(json.dumps({"caption": sample.caption, "chosen": "good.png", "rejected": "bad.png"}) + "\n")
+    manifest.write_text(json.dumps({"caption": f" {sample.caption}\n", "chosen": "good.png", "rejected": "bad.png"})
+                        + "\n")  # blanks around a caption go, as in every other source
     pairs = PreferenceManifestDataset(PreferenceManifestConfig(str(manifest)))
     loaded = pairs.load(0)
     assert (len(pairs), loaded.caption, pairs.image_size(0)) == (1, sample.caption, (32, 32))

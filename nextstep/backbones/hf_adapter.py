@@ -113,6 +113,18 @@ class HFCache(BackboneCache):
         """Mark slots up to ``end`` as filled."""
         self._length = end
 
+    def forget_unfilled(self) -> None:
+        """Drop what any layer of the transformers cache holds beyond the filled slots (after a failed call)."""
+        layers = getattr(self.hf_cache, "layers", None)
+        if layers is None:  # transformers 4.x: one call crops every layer to a length
+            if self.hf_cache.get_seq_length() > self._length:
+                self.hf_cache.crop(self._length)
+            return
+        for layer in layers:
+            extra = layer.get_seq_length() - self._length
+            if extra > 0:
+                layer.crop(-extra)  # a negative argument removes that many tokens
+
     def crop(self, length: int) -> None:
         """Forget everything after the first ``length`` slots."""
         if not isinstance(length, int) or not 0 <= length <= self._length:
@@ -317,7 +329,8 @@ class HFBackbone(Backbone):
             raise TypeError(f"HFBackbone needs an HFCache from new_cache(), found {type(cache).__name__}")
         if cache.batch_size != batch:
             raise ValueError(f"batch of {batch} rows does not match the cache's {cache.batch_size} rows")
-        if getattr(self.model, "is_gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and any(
+                getattr(module, "gradient_checkpointing", False) is True for module in self.model.modules()):
             raise ValueError("transformers drops the cache of layers that checkpoint their gradients: run cached "
                              "calls under torch.no_grad() or in eval mode, or turn gradient checkpointing off")
         start, end = cache.reserve(attention_mask, length)
@@ -330,6 +343,7 @@ class HFBackbone(Backbone):
                 **{self._cache_argument: cache.hf_cache},
             )
         except BaseException:
+            cache.forget_unfilled()  # the layers that ran before the failure appended their keys
             cache.crop(cache.length)  # the reserved slots hold nothing: the cache stays as it was
             raise
         cache.commit(end)

@@ -488,7 +488,8 @@ class Qwen2Backbone(Backbone):
         every batch size and cache length at once, and then runs with no Python
         between the call and the kernels: the fastest decode on the CPU for
         small models. It reads the parameters in place (updates in place are
-        seen); it serves calls without gradients and otherwise decodes eagerly.
+        seen); it serves calls without gradients and otherwise decodes eagerly (a cached call that
+        needs gradients is refused).
         Moving or casting the backbone drops either compiled step. When export
         or compilation fails, a warning says why and decoding stays eager.
 

@@ -151,6 +151,12 @@ class FastTokenSampler:
             return f"the backbone, projectors and head mix dtypes {sorted(map(str, dtypes))}"
         return fused_head_reason(model.image_head) or plan_reason(sampler) or weights_reason(guidance)
 
+    def _follow_model(self) -> None:
+        """Start afresh (`reset`) when the model was moved to another device or cast since."""
+        parameter = next(self.model.backbone.parameters())
+        if (parameter.device, parameter.dtype) != (self.device, self.dtype):
+            self.reset()
+
     def new_cache(self, batch_size: int, max_length: int, *, dtype: torch.dtype | None = None) -> BackboneCache:
         """An empty cache with at least ``max_length`` slots, pooled by (rows, bucketed capacity, dtype).
 
@@ -165,6 +171,7 @@ class FastTokenSampler:
         """
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be an integer >= 1, found {max_length!r}")
+        self._follow_model()
         dtype = dtype or self.dtype
         capacity = -(-max_length // CACHE_BUCKET) * CACHE_BUCKET
         key = (batch_size, capacity, dtype)
@@ -301,9 +308,7 @@ class FastTokenSampler:
     def _sample(self, hidden, cache, next_positions, noise, step_noise, guidance, sampler, num_steps, shift,
                 use_norm, progress) -> torch.Tensor:
         model = self.model
-        parameter = next(model.backbone.parameters())
-        if (parameter.device, parameter.dtype) != (self.device, self.dtype):  # moved or cast since: start afresh
-            self.reset()
+        self._follow_model()
         sampler = sampler if sampler is not None else model.sampler
         use_norm = model.config.use_norm if use_norm is None else bool(use_norm)
         schedule = as_step_schedule(num_steps)

@@ -228,7 +228,7 @@ def load_release_checkpoint(
     check_release_config(release)
     check_release_files(directory)
     vae_directory = find_release_vae(directory, release, vae_path)
-    vae = load_flux_vae(vae_directory, layout="nextstep",
+    vae = load_flux_vae(vae_directory, layout="nextstep", keep_dtype=dtype is None,
                         patch_size=int(release_field(release, "latent_patch_size")))
     image_tokenizer_config_for_release(release, vae.config)
     config = model_config_from_release(release, vae.config, str(directory), sampler=sampler, use_norm=use_norm)

@@ -5,11 +5,11 @@ Legend: N tokens, D token dim, S intervals of the grid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from nextstep.config import Config, require
+from nextstep.config import OMITTED_WHEN_DEFAULT, Config, require
 from nextstep.registry import register_component
 from nextstep.samplers.base import Sampler, VelocityFn, check_step_noise, euler_integrate, interval_start_times
 
@@ -30,7 +30,7 @@ class FlowSDESamplerConfig(Config):
     """
 
     noise_level: float = 0.8
-    first_step: str = "release"
+    first_step: str = field(default="release", metadata=OMITTED_WHEN_DEFAULT)
 
     def validate(self) -> None:
         require(self.noise_level >= 0, "noise_level", self.noise_level, ">= 0")

@@ -308,12 +308,15 @@ def _load_into(vae: FluxVAE, state: dict[str, torch.Tensor], source: str) -> Flu
     return vae
 
 
-def load_flux_vae(path: str | Path, *, layout: str | None = None, **config_changes: object) -> FluxVAE:
-    """Load a `FluxVAE` from any of `LAYOUTS` (detected unless ``layout`` is given).
+def load_flux_vae(path: str | Path, *, layout: str | None = None, keep_dtype: bool = False,
+                  **config_changes: object) -> FluxVAE:
+    """Load a `FluxVAE` from any of `LAYOUTS` (detected unless ``layout`` is given), in float32.
 
     Args:
         path: a file (``ae.safetensors``, ``checkpoint.pt``) or a directory.
         layout: force one of `LAYOUTS`.
+        keep_dtype: keep the floating dtype the checkpoint's tensors share instead (float32 when
+            they mix dtypes).
         **config_changes: fields of `FluxVAEConfig` to override after reading the
             checkpoint's own config, e.g. ``normalization="layer_norm"`` for FLUX.1
             weights used the NextStep way (the standardisation alone: scale 1 and
@@ -350,7 +353,12 @@ def load_flux_vae(path: str | Path, *, layout: str | None = None, **config_chang
     if config_changes.get("normalization") == "layer_norm":  # NextStep's way: the standardisation alone
         config_changes = {"scaling_factor": 1.0, "shift_factor": 0.0, **config_changes}
     config = config.replace(**config_changes) if config_changes else config
-    return _load_into(FluxVAE(config), state, str(file))
+    vae = FluxVAE(config)
+    if keep_dtype:
+        saved = {tensor.dtype for tensor in state.values() if tensor.is_floating_point()}
+        if len(saved) == 1:
+            vae = vae.to(saved.pop())
+    return _load_into(vae, state, str(file))
 
 
 def _latent_handling(config: FluxVAEConfig) -> tuple:

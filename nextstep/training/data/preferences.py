@@ -171,7 +171,7 @@ class PreferenceManifestDataset(ImageTextDataset):
                     size = oriented_size(image)
             except IMAGE_ERRORS as error:
                 raise ValueError(f"{manifest} line {number}: cannot read {chosen}: {error}") from None
-            self.records.append((entry["caption"], chosen, rejected))
+            self.records.append((entry["caption"].strip(), chosen, rejected))
             self.sizes.append(size)
 
     def __len__(self) -> int:
