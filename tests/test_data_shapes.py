@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -108,3 +109,14 @@ def test_held_out_dataset_draws_only_held_out_combinations():
     assert {"two_object", "counting", "colors", "position", "color_attr"} <= tags
     for scene in scenes:
         assert combination_key(scene) in held_out_keys(tag_of(scene.kind))
+
+
+def test_shapes_and_colours_that_cannot_make_a_held_out_scene_are_refused():
+    import random
+
+    from nextstep.training.data.shapes.world import sample_scene
+
+    unreachable = r"no 'held_out' colors scene in 10000 draws from shapes \['circle', 'square'\]"
+    with pytest.raises(ValueError, match=unreachable):
+        sample_scene(random.Random(0), "colors", shapes=("circle", "square"), colours=("blue", "orange"),
+                     combinations="held_out")

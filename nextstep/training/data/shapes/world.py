@@ -181,6 +181,10 @@ def _draw_scene(rng: random.Random, kind: str, max_count: int, shapes: tuple[str
     raise ValueError(f"scene kind must be one of {list(SCENE_KINDS)}, found {kind!r}")
 
 
+#: Draws `sample_scene` makes before it gives up (a held-out combination takes about 30 on average).
+MAX_DRAWS = 10_000
+
+
 def sample_scene(rng: random.Random, kind: str, max_count: int = 4,
                  shapes: tuple[str, ...] = SHAPES, colours: tuple[str, ...] = tuple(COLOURS),
                  combinations: str = "all") -> Scene:
@@ -194,6 +198,10 @@ def sample_scene(rng: random.Random, kind: str, max_count: int = 4,
         colours: colour names to draw from (at least two).
         combinations: ``all``; ``seen``: never a held-out combination
             (`nextstep.training.data.shapes.combinations`); ``held_out``: only those.
+
+    Raises:
+        ValueError: an unknown kind or mode, or no scene of the combinations asked for within
+            `MAX_DRAWS` draws (shapes and colours that cannot make one).
     """
     if kind not in SCENE_KINDS:
         raise ValueError(f"scene kind must be one of {list(SCENE_KINDS)}, found {kind!r}")
@@ -201,12 +209,14 @@ def sample_scene(rng: random.Random, kind: str, max_count: int = 4,
         raise ValueError(f"combinations must be one of {list(COMBINATION_MODES)}, found {combinations!r}")
     if combinations == "held_out" and not held_out_keys(tag_of(kind)):
         raise ValueError(f"scene kind {kind!r} has no held-out combinations")
-    while True:
+    for _ in range(MAX_DRAWS):
         scene = _draw_scene(rng, kind, max_count, shapes, colours)
         if scene is None:
             continue
         if in_combinations(tag_of(kind), combination_key(scene), combinations):
             return scene
+    raise ValueError(f"no {combinations!r} {kind} scene in {MAX_DRAWS} draws from shapes {list(shapes)}, colours "
+                     f"{list(colours)} and counts up to {max_count}: those can hardly or never make one")
 
 
 def drawable_kinds(kinds: tuple[str, ...], combinations: str) -> tuple[str, ...]:
