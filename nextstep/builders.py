@@ -8,6 +8,7 @@ import torch
 
 from nextstep.config import ComponentSpec
 from nextstep.dtypes import weight_dtype
+from nextstep.io import names_a_path
 from nextstep.model import NextStep
 from nextstep.model_config import ModelConfig
 from nextstep.registry import component_class, model_preset
@@ -69,7 +70,7 @@ def check_preset_name(name: str) -> None:
     from nextstep.pretrained import bundled_models
     from nextstep.registry import model_names
 
-    if any(sep in name for sep in ("/", "\\")) or Path(name).suffix:
+    if names_a_path(name):
         found = "a file" if Path(name).is_file() else "nothing"
         raise FileNotFoundError(f"expected a model directory at {name!r}, found {found}")
     if name not in model_names():

@@ -198,6 +198,7 @@ def command_train_tokenizer(args: argparse.Namespace) -> int:
 
 def command_eval_tokenizer(args: argparse.Namespace) -> int:
     from nextstep.evaluation.tokenizer_report import run_tokenizer_evaluation
+    from nextstep.io import names_a_path
     from nextstep.presets import flux_vae_config
     from nextstep.tokenizers import FluxVAE
     from nextstep.tokenizers.vae_checkpoints import load_flux_vae
@@ -205,7 +206,7 @@ def command_eval_tokenizer(args: argparse.Namespace) -> int:
     path = Path(args.tokenizer)
     if path.exists():
         tokenizer = load_flux_vae(path)
-    elif any(sep in args.tokenizer for sep in ("/", "\\")) or path.suffix:
+    elif names_a_path(args.tokenizer):
         raise FileNotFoundError(f"expected a VAE checkpoint at {args.tokenizer!r}, found nothing")
     else:
         torch.manual_seed(args.seed)

@@ -61,7 +61,7 @@ class Config:
             value = getattr(self, field.name)
             if field.metadata.get("omitted_when_default") and value == _default_of(field):
                 continue
-            out[field.name] = _to_plain(value)
+            out[field.name] = plain_data(value)
         return out
 
     @classmethod
@@ -129,15 +129,16 @@ def _default_of(field: dataclasses.Field) -> Any:
     return field.default
 
 
-def _to_plain(value: Any) -> Any:
+def plain_data(value: Any) -> Any:
+    """``value`` as JSON holds it: configs and component specs as mappings, tuples as lists, at any depth."""
     if isinstance(value, Config):
         return value.to_dict()
     if isinstance(value, ComponentSpec):
         return value.to_dict()
     if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
+        return [plain_data(v) for v in value]
     if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
+        return {k: plain_data(v) for k, v in value.items()}
     return value
 
 

@@ -155,6 +155,12 @@ def restore_moved_aside(path: str | os.PathLike) -> bool:
     return True
 
 
+def names_a_path(name: str) -> bool:
+    """Whether a name given for a model, tokenizer or preset is written as a path (a folder separator or
+    a suffix), so that nothing there is a missing file rather than an unknown name."""
+    return any(separator in name for separator in ("/", "\\")) or bool(Path(name).suffix)
+
+
 def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
     """Parse a JSON file that must hold an object.
 

@@ -44,7 +44,7 @@ def vocabulary_transfer(old: TextTokenizer, new: TextTokenizer) -> list[list[int
     keeps a fresh row.
     """
     new_specials = _special_ids(new)
-    new_bytes = {new.byte_id(value): value for value in range(256) if new.byte_id(value) is not None}
+    new_bytes = {byte_id: value for value in range(256) if (byte_id := new.byte_id(value)) is not None}
     sources = []
     for new_id in range(new.vocab_size):
         token = new_specials.get(new_id)

@@ -21,6 +21,10 @@ def byte_level_alphabet() -> dict[int, str]:
             **{value: chr(256 + index) for index, value in enumerate(others)}}
 
 
+#: `byte_level_alphabet`, built once.
+BYTE_LEVEL_ALPHABET = byte_level_alphabet()
+
+
 @dataclass
 class HFTextTokenizerConfig(Config):
     """Where `HFTextTokenizer` finds its files.
@@ -97,11 +101,10 @@ class HFTextTokenizer(TextTokenizer):
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if type(getattr(backend, "decoder", None)).__name__ != "ByteLevel":
             return None
-        alphabet = byte_level_alphabet()
         vocab = self.tokenizer.get_vocab()
-        if not all(character in vocab for character in alphabet.values()):
+        if not all(character in vocab for character in BYTE_LEVEL_ALPHABET.values()):
             return None
-        return {character: value for value, character in alphabet.items()}
+        return {character: value for value, character in BYTE_LEVEL_ALPHABET.items()}
 
     def byte_id(self, value: int) -> int | None:
         """The id of the single-byte token of a byte-level BPE vocabulary; None for other vocabularies."""
@@ -109,7 +112,7 @@ class HFTextTokenizer(TextTokenizer):
             return None
         if not 0 <= value < 256:
             raise ValueError(f"a byte value lies in [0, 256), found {value}")
-        return self.tokenizer.convert_tokens_to_ids(byte_level_alphabet()[value])
+        return self.tokenizer.convert_tokens_to_ids(BYTE_LEVEL_ALPHABET[value])
 
     def token_bytes(self, token_id: int) -> bytes | None:
         """The bytes of an ordinary token of a byte-level BPE vocabulary (None for added tokens and

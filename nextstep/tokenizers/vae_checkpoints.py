@@ -175,6 +175,9 @@ def config_to_diffusers(config: FluxVAEConfig) -> dict:
     return data
 
 
+#: FLUX.1's latent scale and shift: how a FLUX.1 file (which stores none) is read.
+FLUX_LATENT_SETTINGS = {"normalization": "scale_shift", "scaling_factor": 0.3611, "shift_factor": 0.1159}
+
 #: The fields of NextStep-1's ``vae/config.json``.
 NEXTSTEP_CONFIG_FIELDS = ("resolution", "in_channels", "ch", "out_ch", "ch_mult", "num_res_blocks",
                           "z_channels", "scaling_factor", "shift_factor", "deterministic",
@@ -182,8 +185,10 @@ NEXTSTEP_CONFIG_FIELDS = ("resolution", "in_channels", "ch", "out_ch", "ch_mult"
 #: What NextStep-1's code gives a field its ``vae/config.json`` leaves out (FLUX.1's VAE, sampled, no
 #: standardisation).
 NEXTSTEP_CONFIG_DEFAULTS = {"resolution": 256, "in_channels": 3, "ch": 128, "out_ch": 3, "ch_mult": (1, 2, 4, 4),
-                            "num_res_blocks": 2, "z_channels": 16, "scaling_factor": 0.3611,
-                            "shift_factor": 0.1159, "deterministic": False, "encoder_norm": False, "psz": None}
+                            "num_res_blocks": 2, "z_channels": 16,
+                            "scaling_factor": FLUX_LATENT_SETTINGS["scaling_factor"],
+                            "shift_factor": FLUX_LATENT_SETTINGS["shift_factor"], "deterministic": False,
+                            "encoder_norm": False, "psz": None}
 
 
 def config_from_nextstep(data: dict) -> FluxVAEConfig:
@@ -332,7 +337,7 @@ def load_flux_vae(path: str | Path, *, layout: str | None = None, keep_dtype: bo
         norm_groups = config_changes.pop("norm_groups", 32)
         config = config_from_bfl_state(state, norm_groups)
         if "normalization" not in config_changes:
-            config_changes.update(normalization="scale_shift", scaling_factor=0.3611, shift_factor=0.1159)
+            config_changes.update(FLUX_LATENT_SETTINGS)
     elif layout == "diffusers":
         directory = path / "vae" if (path / "vae" / DIFFUSERS_WEIGHTS).exists() else path
         config = config_from_diffusers(read_json_object(directory / "config.json", "VAE config.json"))
@@ -380,8 +385,7 @@ def _settings_lost(config: FluxVAEConfig, layout: str, state: dict[str, torch.Te
     elif layout == "nextstep":
         reloaded = config_from_nextstep(config_to_nextstep(config))
     else:  # a bare FLUX.1 file: the architecture, read back as FLUX.1's VAE (groups given when loading)
-        reloaded = config_from_bfl_state(state, config.norm_groups).replace(
-            normalization="scale_shift", scaling_factor=0.3611, shift_factor=0.1159)
+        reloaded = config_from_bfl_state(state, config.norm_groups).replace(**FLUX_LATENT_SETTINGS)
     lost = [(name, getattr(config, name), getattr(reloaded, name))
             for name in ("norm_groups", "deterministic", "patch_size")
             if getattr(config, name) != getattr(reloaded, name)]

@@ -226,6 +226,18 @@ class CheckpointManager:
         return trainer_state
 
 
+def read_checkpoint_average(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The weight average a checkpoint holds, by parameter name.
+
+    Raises:
+        FileNotFoundError: the run kept no average.
+    """
+    path = Path(checkpoint) / EMA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"use_ema=True but {checkpoint} has no {EMA_FILE} (the run kept no average)")
+    return read_safetensors(path)
+
+
 # ----------------------------------------------------------------- model state
 def is_sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())

@@ -29,6 +29,13 @@ class ExponentialMovingAverage:
         parameters = dict(model.named_parameters())
         self.shadow = {name: parameters[name].detach().clone().float() for name in self.names}
 
+    @classmethod
+    def holding(cls, model: nn.Module, state: dict[str, torch.Tensor]) -> "ExponentialMovingAverage":
+        """An average over ``model``'s trainable parameters that holds ``state`` (as `load_state_dict`)."""
+        average = cls(model, decay=0.0)
+        average.load_state_dict(state)
+        return average
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the average towards the current weights of ``model``."""

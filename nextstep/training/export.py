@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from nextstep.training.checkpointing import EMA_FILE, MODEL_FILE
+from nextstep.training.checkpointing import MODEL_FILE
 
 
 def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool = True,
@@ -25,8 +25,7 @@ def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool = 
         ``output``.
     """
     from nextstep.model import NextStep
-    from nextstep.serialization import read_safetensors
-    from nextstep.training.checkpointing import CheckpointManager
+    from nextstep.training.checkpointing import CheckpointManager, read_checkpoint_average
     from nextstep.training.ema import ExponentialMovingAverage
     from nextstep.training.trainer import CHECKPOINTS_DIR
 
@@ -37,16 +36,13 @@ def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool = 
             raise FileNotFoundError(f"expected a checkpoint directory or a run folder at {checkpoint}, "
                                     f"found no {MODEL_FILE} and no checkpoints/")
         checkpoint = latest
-    if use_ema and not (checkpoint / EMA_FILE).is_file():
-        raise FileNotFoundError(f"use_ema=True but {checkpoint} has no {EMA_FILE} (the run kept no average)")
+    averages = read_checkpoint_average(checkpoint) if use_ema else None  # before the model: fail fast
     model = NextStep.from_pretrained(checkpoint)
     if dtype is not None:
         model = model.to(dtype)
     if not use_ema:
         model.save_pretrained(output)
         return Path(output)
-    average = ExponentialMovingAverage(model, decay=0.0)
-    average.load_state_dict(read_safetensors(checkpoint / EMA_FILE))  # names and shapes checked there
-    with average.applied_to(model):
+    with ExponentialMovingAverage.holding(model, averages).applied_to(model):  # names and shapes checked
         model.save_pretrained(output)
     return Path(output)

@@ -298,18 +298,20 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
         sources.append(f"{description} {buckets}" + (f" {contents}" if contents else ""))
     # Rank 0 checks the caches first and every process learns of a refused one: the others would
     # otherwise wait at the barrier below for a rank that stopped.
-    refused = None
+    refused, ready = None, []
     if context.is_main:
         try:
-            for dataset, folder, source in zip(datasets, folders, sources):
-                latent_cache_ready(model.image_tokenizer, dataset, folder, source)
+            ready = [latent_cache_ready(model.image_tokenizer, dataset, folder, source)
+                     for dataset, folder, source in zip(datasets, folders, sources)]
         except ValueError as error:
             refused = str(error)
     refused = context.broadcast_object(refused)
     if refused is not None:
         raise ValueError(refused)
     if context.is_main:
-        for dataset, folder, source in zip(datasets, folders, sources):
+        for dataset, folder, source, built in zip(datasets, folders, sources, ready):
+            if built:  # checked above: not hashed again
+                continue
             build_latent_cache(model.image_tokenizer, dataset, buckets, folder, device=context.device,
                                max_bad_fraction=recipe.train.max_bad_fraction, progress=show_progress,
                                source=source)

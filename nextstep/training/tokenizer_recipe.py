@@ -131,21 +131,16 @@ def checkpoint_tokenizer(checkpoint: str | Path, recipe: TokenizerRecipeConfig, 
     Raises:
         FileNotFoundError: ``use_ema`` and the checkpoint has no average.
     """
-    from nextstep.serialization import read_safetensors
     from nextstep.tokenizers.vae_checkpoints import load_flux_vae
-    from nextstep.training.checkpointing import EMA_FILE
+    from nextstep.training.checkpointing import read_checkpoint_average
     from nextstep.training.ema import ExponentialMovingAverage
 
-    checkpoint = Path(checkpoint)
     tokenizer = load_flux_vae(checkpoint)
     if not use_ema:
         return tokenizer, None
-    if not (checkpoint / EMA_FILE).is_file():
-        raise FileNotFoundError(f"use_ema=True but {checkpoint} has no {EMA_FILE} (the run kept no average)")
-    tokenizer.encoder.requires_grad_(recipe.train_encoder)
-    average = ExponentialMovingAverage(tokenizer, decay=0.0)
-    average.load_state_dict(read_safetensors(checkpoint / EMA_FILE))  # names and shapes checked there
-    return tokenizer, average
+    averages = read_checkpoint_average(checkpoint)
+    tokenizer.encoder.requires_grad_(recipe.train_encoder)  # the average covers what the recipe trains
+    return tokenizer, ExponentialMovingAverage.holding(tokenizer, averages)  # names and shapes checked
 
 
 def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, *, resume: bool = True,

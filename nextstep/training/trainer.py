@@ -318,14 +318,14 @@ class Trainer:
             tokens += result.num_tokens
             for name, value in result.metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + value
-        self._count_bad_samples(attempted, bad_keys)  # before the update: a run over the limit stops unchanged
+        # Before the update: a run over the limit stops unchanged.
+        total_tokens = self._count_bad_samples(attempted, bad_keys, tokens)
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
         names = sorted(metric_sums)
         averaged = context.mean([loss_sum / accumulation] + [metric_sums[n] / accumulation for n in names])
-        (total_tokens,) = context.sum([float(tokens)])
         self.step += 1
         loss = averaged[0]
         if not math.isfinite(loss):
@@ -334,14 +334,16 @@ class Trainer:
         return StepRecord(self.step, loss, dict(zip(names, averaged[1:])), rate, grad_norm, int(total_tokens),
                           time.perf_counter() - started)
 
-    def _count_bad_samples(self, attempted: int, bad_keys: list[str]) -> None:
+    def _count_bad_samples(self, attempted: int, bad_keys: list[str], tokens: int = 0) -> int:
         """Add every process's reads and unreadable samples of this step to the tracker, so that all
-        processes hold the job's count and stop together once it is over the limit."""
+        processes hold the job's count and stop together once it is over the limit; returns the job's
+        ``tokens`` of the step, summed in the same collective."""
+        total_tokens, total_attempted, total_bad = self.context.sum([float(tokens), float(attempted),
+                                                                     float(len(bad_keys))])
         if self.context.is_distributed:
-            total_attempted, total_bad = self.context.sum([float(attempted), float(len(bad_keys))])
-            attempted = int(total_attempted)
             bad_keys = [key for rank in self.context.gather_objects(bad_keys) for key in rank] if total_bad else []
-        self.tracker.update(attempted, bad_keys)
+        self.tracker.update(int(total_attempted), bad_keys)
+        return int(total_tokens)
 
     def _clip_gradients(self) -> float:
         parameters = [p for p in self.model.parameters() if p.grad is not None]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from nextstep.config import Config, require
+from nextstep.config import Config, plain_data, require
 from nextstep.training.data.base import ImageTextBatch
 from nextstep.training.data.buckets import AspectRatioBuckets
 from nextstep.training.data.loader import BatchLayout, TrainingBatches
@@ -39,7 +39,7 @@ class DataConfig(Config):
     def __post_init__(self) -> None:
         # Specs as JSON holds them (tuples inside become lists), so that a spec read back equals it.
         if isinstance(self.datasets, (list, tuple)):
-            self.datasets = tuple(_as_json_data(spec) for spec in self.datasets)
+            self.datasets = tuple(plain_data(spec) for spec in self.datasets)
         super().__post_init__()
 
     def validate(self) -> None:
@@ -57,14 +57,6 @@ class DataConfig(Config):
 
     def buckets(self, pixels_per_token: int = 16) -> AspectRatioBuckets:
         return AspectRatioBuckets(self.resolution, pixels_per_token, self.multi_aspect, self.grid_multiple)
-
-
-def _as_json_data(value):
-    if isinstance(value, dict):
-        return {key: _as_json_data(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_as_json_data(item) for item in value]
-    return value
 
 
 class TrainingData:
