@@ -34,6 +34,15 @@ def alias_targets(words: Sequence[str]) -> list[str]:
     return list(seen)
 
 
+def alias_key(word: object) -> str | None:
+    """How aliases and vector words key ``word``: its lower case, when both it and that are letters only
+    ("İ" lowers to "i" and a combining dot, so a word with it has no key); None otherwise."""
+    if not isinstance(word, str) or not word.isalpha():
+        return None
+    lower = word.lower()
+    return lower if lower.isalpha() else None
+
+
 def nearest_word_aliases(words: Sequence[str], candidates: Iterable[str], embed: Embed, *,
                          batch_size: int = 512) -> dict[str, str]:
     """Each candidate word (and each known word in lower case) -> its most similar word of ``words``.
@@ -58,10 +67,8 @@ def nearest_word_aliases(words: Sequence[str], candidates: Iterable[str], embed:
     if not targets:
         raise ValueError("the vocabulary has no word of letters to alias to")
     target_vectors = unit_rows(embed(targets), len(targets), "the vocabulary's words")
-    # Keys are lower-case letters: a word whose lower case is not ("İ" lowers to "i" + a dot) has none.
-    wanted = {word.lower() for word in candidates
-              if isinstance(word, str) and word.isalpha() and word.lower().isalpha()}
-    exact = {target.lower(): target for target in targets if target.lower().isalpha()}
+    wanted = {key for word in candidates if (key := alias_key(word)) is not None}
+    exact = {key: target for target in targets if (key := alias_key(target)) is not None}
     aliases = {word: exact[word] for word in wanted if word in exact}
     rest = sorted(wanted - set(aliases))
     for start in range(0, len(rest), batch_size):

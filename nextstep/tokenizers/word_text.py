@@ -173,7 +173,7 @@ class WordTextTokenizer(ByteTextTokenizer):
             elif self._alias_ids and (alias := self._aliased(piece)) is not None:
                 ids.extend(alias)
             else:
-                ids.extend(piece.encode("utf-8", errors="surrogatepass"))  # as the byte tokenizer does
+                ids.extend(super().encode(piece))  # its bytes, as the byte tokenizer spells them
         return ids
 
     def _aliased(self, piece: str) -> list[int] | None:

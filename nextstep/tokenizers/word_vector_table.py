@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nextstep.layers.word_vectors import WordVectorConfig
-from nextstep.tokenizers.word_aliases import Embed, alias_targets, encoder_vocabulary_words, unit_rows
+from nextstep.tokenizers.word_aliases import Embed, alias_key, alias_targets, encoder_vocabulary_words, unit_rows
 
 if TYPE_CHECKING:
     from nextstep.model import NextStep
@@ -72,10 +72,8 @@ def attach_word_vectors(model: "NextStep", candidates: Sequence[str], embed: Emb
         raise ValueError("the model already has word vectors")
     known = alias_targets(tokenizer.words)
     known_lower = {word.lower() for word in known}
-    # Keys are lower-case letters: a word whose lower case is not ("İ" lowers to "i" + a dot) has none.
-    extra = sorted({word.lower() for word in candidates
-                    if isinstance(word, str) and word.isalpha() and word.lower().isalpha()} - known_lower)
-    aliases = {word.lower(): word for word in known if word.lower().isalpha()}
+    extra = sorted({key for word in candidates if (key := alias_key(word)) is not None} - known_lower)
+    aliases = {key: word for word in known if (key := alias_key(word)) is not None}
     aliases.update(tokenizer.config.aliases)
     aliases = {word: target for word, target in sorted(aliases.items()) if word not in extra}
     reader = type(tokenizer)(tokenizer.config.replace(aliases=aliases, vector_words=tuple(extra)))

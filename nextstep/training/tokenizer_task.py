@@ -36,6 +36,7 @@ class TokenizerTask(TrainingTask):
         model.decoder.requires_grad_(True)
         self.objective = objective
         self.preview_images = preview_images
+        self._objective_device: torch.device | None = None
 
     @property
     def device(self) -> torch.device:
@@ -45,7 +46,9 @@ class TokenizerTask(TrainingTask):
         if batch.images is None:
             raise ValueError("tokenizer training needs image batches; this batch holds cached tokens only")
         images = batch.images.to(self.device)
-        self.objective.to(images.device)  # the perceptual network goes where the tokenizer is (once)
+        if self._objective_device != images.device:  # the perceptual network goes where the tokenizer is
+            self.objective.to(images.device)
+            self._objective_device = images.device
         out = self.objective(module, images, generator)
         pixels = images.shape[0] * images.shape[-2] * images.shape[-1]
         metrics = {"l1": float(out.l1.detach()), "mse": float(out.mse.detach()),
