@@ -35,7 +35,9 @@ can launch so):
   for the backbone) divided by the card's measured copy bandwidth, or the
   arithmetic divided by the measured bf16 matmul rate if that is larger;
 - image seconds: one full generation (prefill, every token, VAE decode) for the
-  configurations the time budget allows, and an estimate from the parts for all;
+  configurations the time budget allows, and an estimate from the parts for all
+  (the targets' configuration is timed first, and the others, and the eager
+  path, only while the budget left affords the targets' images besides);
   first the targets' configuration (batch 1, 1024 tokens, 20 steps), then the
   same image decoding through int8 copies of the weights (``int8_images``), each
   timed after an untimed generation of the same sizes through the same sampler
@@ -143,6 +145,11 @@ INT8_STACK = "fused, int8 weights"
 #: Backbone ms per token assumed for a full image's time estimate when the decode step was not timed (the
 #: H200's own-weights decode step measured 10-11 ms).
 UNTIMED_BACKBONE_MS = 12.0
+#: Seconds of the budget kept for the targets' images before their configuration is timed (the H200's
+#: 512x512 image through the model's own weights took 17 s; with its warm-up and the int8 image, about 90 s).
+DEFAULT_TARGET_RESERVE_SECONDS = 90.0
+#: Seconds the eager path's timing needs besides the targets' reserve (the H200: about 1 s per token).
+EAGER_SECONDS = 10.0
 #: The paper's per-token figures on an H100 at batch 1 (ms), for reference.
 PAPER_MS = {"backbone": 7.20, "head": 3.40}
 
@@ -623,6 +630,22 @@ def expected_image_seconds(estimated: float, warm_up: bool, setup: float) -> flo
     return (2 if warm_up else 1) * 1.3 * estimated + setup
 
 
+def target_reserve_seconds(result: dict, args, branches: int) -> float:
+    """Seconds of the budget the targets' images need (`expected_image_seconds` of the image through the
+    model's own weights, and of the same image through int8 weights where that stack was timed), from the
+    timed targets' configuration in ``result``; `DEFAULT_TARGET_RESERVE_SECONDS` before it is timed."""
+    timed = [row for row in result["rows"] if image_key(row) == target_key(args)]
+    if not timed:
+        return DEFAULT_TARGET_RESERVE_SECONDS
+    row = timed[0]
+    reserve = expected_image_seconds(row["estimated_image_seconds"], True, 3.0)
+    backbone = image_backbone_ms(result, row["tokens"], row["batch"] * branches, int8=True)
+    if backbone is not None:
+        head = row["head_ms"] if row["head_blocks_ms"] is None else min(row["head_ms"], row["head_blocks_ms"])
+        reserve += expected_image_seconds(row["tokens"] * (backbone + head) / 1e3, True, 3.0)
+    return reserve
+
+
 def image_backbone_ms(found: dict, tokens: int, rows: int, int8: bool) -> float | None:
     """Backbone ms per token of an image of ``tokens`` tokens whose decode steps run ``rows`` rows (its CFG
     rows), through int8 copies of the weights or the model's own, from a main run's results ``found``.
@@ -662,6 +685,21 @@ def image_backbone_ms(found: dict, tokens: int, rows: int, int8: bool) -> float 
 
 
 # ---------------------------------------------------------------------- the run
+def time_eager_path(args, result: dict, model, clock, branches: int, generator) -> None:
+    """The eager path (no graphs, no fused kernels) at batch 1 and the first step count, over a few tokens;
+    into ``result["eager"]``, or its failure into ``result["errors"]``."""
+    try:
+        eager = time_eager(model, clock, 1, branches, args.steps[0], args.cfg, args.prompt_tokens + 512,
+                           2 if args.dry_run else 5, generator)
+    except Exception as error:
+        result["errors"].append(_error("eager", error))
+        return
+    eager.update(batch=1, steps=args.steps[0])
+    result["eager"].append(eager)
+    print(f"eager batch 1 steps {args.steps[0]}: backbone {eager['backbone_ms']:.2f} ms, "
+          f"head {eager['head_ms']:.2f} ms per token", flush=True)
+
+
 def run(args) -> dict:
     started = time.perf_counter()
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -815,10 +853,26 @@ def run(args) -> dict:
         result["head_block_tiles_chosen"] = asdict(tiles())
         _save(args.out, result)
 
-    # Components first (cheap), for every configuration.
-    for batch in args.batch_sizes:
+    # Components first (cheap), for every configuration: the targets' first, then the others while the
+    # budget left affords the targets' images besides (`target_reserve_seconds`).
+    result["configurations_skipped"] = []
+    target = target_key(args)
+    sizes = sorted(((batch, tokens) for batch in args.batch_sizes for tokens in args.tokens),
+                   key=lambda size: size != target[:2])
+    for batch, tokens in sizes:
         rows = batch * branches
-        for tokens in args.tokens:
+        steps_counts = sorted(args.steps, key=lambda steps: (batch, tokens, steps) != target)
+        wanted = []
+        for steps in steps_counts:
+            reserve = target_reserve_seconds(result, args, branches)
+            if (batch, tokens, steps) != target and remaining() < reserve:
+                reason = f"{remaining():.0f} s of the budget left, {reserve:.0f} s kept for the targets' images"
+                result["configurations_skipped"].append({"batch": batch, "tokens": tokens, "steps": steps,
+                                                         "reason": reason})
+                print(f"configuration tokens {tokens} batch {batch} steps {steps} skipped: {reason}", flush=True)
+            else:
+                wanted.append(steps)
+        if wanted:
             context = args.prompt_tokens + tokens // 2
             try:
                 decode = time_decode(model, fast, clock, rows, context, args.repeats, capture, generator,
@@ -828,7 +882,7 @@ def run(args) -> dict:
                 continue
             kv = kv_bytes(model, rows, context + 1)
             backbone_floor = floor_ms(weights + kv, 2 * backbone_parameters * rows, card)
-            for steps in args.steps:
+            for steps in wanted:
                 try:
                     head = time_token_step(model, clock, batch, branches, steps, args.cfg, args.repeats, capture,
                                            velocity, generator)
@@ -864,16 +918,15 @@ def run(args) -> dict:
                       f"estimated image {row['estimated_image_seconds']:.2f} s", flush=True)
                 _save(args.out, result)
 
-    # The eager path, batch 1, the first step count, a few tokens.
-    try:
-        eager = time_eager(model, clock, 1, branches, args.steps[0], args.cfg, args.prompt_tokens + 512,
-                           2 if args.dry_run else 5, generator)
-        eager.update(batch=1, steps=args.steps[0])
-        result["eager"].append(eager)
-        print(f"eager batch 1 steps {args.steps[0]}: backbone {eager['backbone_ms']:.2f} ms, "
-              f"head {eager['head_ms']:.2f} ms per token", flush=True)
-    except Exception as error:
-        result["errors"].append(_error("eager", error))
+    # The eager path, batch 1, the first step count, a few tokens, where the budget affords it besides the
+    # targets' images.
+    reserve = target_reserve_seconds(result, args, branches)
+    if remaining() < reserve + EAGER_SECONDS:
+        result["eager_skipped"] = (f"{remaining():.0f} s of the budget left, {reserve:.0f} s kept for the "
+                                   "targets' images")
+        print(f"eager path skipped: {result['eager_skipped']}", flush=True)
+    else:
+        time_eager_path(args, result, model, clock, branches, generator)
 
     # Full images with the faster head variant, most important first, while the budget lasts.
     compared = [r for r in result["rows"] if r["head_blocks_ms"] is not None]
@@ -1177,6 +1230,13 @@ def markdown(result: dict) -> str:
         lines += ["", f"Eager path (no graphs, no fused kernels), batch {eager['batch']}, {eager['steps']} steps: "
                   f"backbone {eager['backbone_ms']:.2f} ms/token, head {eager['head_ms']:.2f} ms/token "
                   f"(the paper, H100: {PAPER_MS['backbone']} and {PAPER_MS['head']})."]
+    skipped = [f"batch {entry['batch']}, {entry['tokens']} tokens, {entry['steps']} head steps ({entry['reason']})"
+               for entry in result.get("configurations_skipped", [])]
+    if skipped:
+        lines += ["", "Configurations not timed, so that the budget afforded the targets' images: "
+                  + "; ".join(skipped) + "."]
+    if result.get("eager_skipped"):
+        lines += ["", f"Eager path not timed: {result['eager_skipped']}."]
     if result["errors"]:
         lines += ["", "Errors: " + "; ".join(result["errors"])]
     return "\n".join(lines) + "\n"

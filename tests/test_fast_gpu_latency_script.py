@@ -55,6 +55,41 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
         assert result["int8_images"] == []
 
 
+def test_a_short_budget_times_the_targets_configuration_and_skips_the_others(tmp_path):
+    script = load_benchmark("gpu_latency")
+    assert script.main(["--dry-run", "--out", str(tmp_path), "--tokens", "1,4", "--batch-sizes", "2,1",
+                        "--steps", "3,2", "--repeats", "1", "--prompt-tokens", "3", "--budget-seconds", "0"]) == 0
+    result = json.loads((tmp_path / "gpu_latency.json").read_text())
+    assert not result["errors"]
+    # The targets' configuration (batch 1, the most tokens, the fewest steps) is timed whatever the budget.
+    (row,) = result["rows"]
+    assert script.image_key(row) == (1, 4, 2) and row["backbone_ms"] > 0 and "image_seconds" not in row
+    skipped = {(entry["batch"], entry["tokens"], entry["steps"]) for entry in result["configurations_skipped"]}
+    assert skipped == {(b, t, s) for b in (1, 2) for t in (1, 4) for s in (2, 3)} - {(1, 4, 2)}
+    assert all("kept for the targets' images" in entry["reason"] for entry in result["configurations_skipped"])
+    assert result["eager"] == [] and "kept for the targets' images" in result["eager_skipped"]
+    table = (tmp_path / "gpu_latency.md").read_text()
+    assert "Configurations not timed, so that the budget afforded the targets' images: batch " in table
+    assert "Eager path not timed:" in table
+
+
+def test_the_reserve_for_the_targets_images_follows_their_estimates():
+    script = load_benchmark("gpu_latency")
+    args = script.parse_args(["--dry-run", "--tokens", "4", "--batch-sizes", "1", "--steps", "2"])
+    result = {"rows": [], "backbone_one_row": []}
+    assert script.target_reserve_seconds(result, args, 2) == script.DEFAULT_TARGET_RESERVE_SECONDS
+    row = {"batch": 1, "tokens": 4, "steps": 2, "estimated_image_seconds": 10.0, "head_ms": 5.0,
+           "head_blocks_ms": None}
+    result["rows"].append(row)
+    own = script.expected_image_seconds(10.0, True, 3.0)
+    assert script.target_reserve_seconds(result, args, 2) == own
+    # With the int8 stack timed at the image's rows, its image is kept too.
+    result["int8_image_decode"] = {"tokens": 4, "rows": 2, "ms": 1000.0}
+    result["backbone_one_row"].append({"int8": True, "tokens": 4, "ms": 500.0})
+    assert script.target_reserve_seconds(result, args, 2) == own + script.expected_image_seconds(
+        4 * (1000.0 + 5.0) / 1e3, True, 3.0)
+
+
 def test_without_cuda_it_skips_cleanly(tmp_path, monkeypatch, capsys):
     script = load_benchmark("gpu_latency")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
