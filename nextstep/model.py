@@ -315,10 +315,16 @@ class NextStep(nn.Module):
             captions: B strings.
             generator: draws the image-first (text dropout) decisions with
                 probability ``config.image_first_probability``.
-            image_first: explicit per-example ordering; overrides the draw.
+            image_first: explicit per-example ordering (B booleans); overrides the draw.
+
+        Raises:
+            ValueError: as many captions (or ``image_first`` entries) as images, found otherwise.
         """
         if len(captions) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(captions)} captions")
+        if image_first is not None and len(image_first) != len(captions):
+            raise ValueError(f"image_first must hold one ordering per caption ({len(captions)}), "
+                             f"found {len(image_first)}")
         tokens, grid_h, grid_w = self.encode_images(images, generator)
         if image_first is None:
             device = generator.device if generator is not None else "cpu"

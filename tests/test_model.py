@@ -118,6 +118,8 @@ def test_prepare_batch_rejects_bad_sizes(tiny_model):
         tiny_model.prepare_batch(torch.zeros(1, 3, 40, 32), ["x"])
     with pytest.raises(ValueError, match="captions"):
         tiny_model.prepare_batch(torch.zeros(2, 3, 32, 32), ["x"])
+    with pytest.raises(ValueError, match=r"one ordering per caption \(3\), found 1"):
+        tiny_model.prepare_batch(torch.zeros(3, 3, 32, 32), ["x", "y", "z"], image_first=[True])
 
 
 def test_meta_build_of_the_published_shape_allocates_nothing():
