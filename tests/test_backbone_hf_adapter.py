@@ -197,3 +197,27 @@ def test_an_adapter_step_that_fails_midway_leaves_every_layer_as_it_was():
         adapter(prompt, torch.arange(4)[None], None, fresh)
         torch.testing.assert_close(adapter(step, torch.tensor([[4]]), None, cache),
                                    adapter(step, torch.tensor([[4]]), None, fresh))
+
+
+def test_training_with_gradient_checkpointing_recomputes_the_adapters_layers():
+    """The trainer's switch reaches transformers' own checkpointing, and the config says what runs."""
+    from nextstep.training.text_to_image import TextToImageTask
+
+    preset = tiny()
+    hf_fields = {"model_type": "qwen2", **{k: v for k, v in preset.backbone.config.to_hf_config().items()
+                                          if k not in ("model_type", "architectures")}}
+    spec = ComponentSpec("backbone", "huggingface", HFBackboneConfig(model_config=hf_fields))
+    model = build_model(preset.replace(backbone=spec), seed=0).train()
+    task = TextToImageTask(model)
+    task.enable_gradient_checkpointing()
+    backbone = model.backbone
+    assert backbone.config.gradient_checkpointing and backbone.model.is_gradient_checkpointing
+    calls = []
+    backbone.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    embeds = torch.randn(1, 4, backbone.hidden_size, requires_grad=True)
+    backbone(embeds, torch.arange(4)[None]).sum().backward()
+    assert len(calls) == 2  # the forward, and its recomputation in the backward pass
+    backbone.set_gradient_checkpointing(False)
+    assert not backbone.config.gradient_checkpointing and not backbone.model.is_gradient_checkpointing
+    # FSDP shards the adapter's decoder layers as their own units.
+    assert task.shard_units() == list(backbone.model.layers)

@@ -308,6 +308,29 @@ class Backbone(nn.Module, ABC):
         """The token embedding module (used to tie an LM head)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its embedding table")
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute layer activations in the backward pass (``enabled``) or keep them.
+
+        The default replaces ``config.gradient_checkpointing``, for backbones whose
+        forward reads that field; the config then says what the backbone does, and
+        a saved model loads the same way.
+
+        Raises:
+            ValueError: a backbone without a ``gradient_checkpointing`` config field.
+        """
+        config = getattr(self, "config", None)
+        if config is None or not hasattr(config, "gradient_checkpointing"):
+            raise ValueError(f"backbone {type(self).__name__} has no 'gradient_checkpointing' config field")
+        self.config = config.replace(gradient_checkpointing=bool(enabled))
+
+    def decoder_layers(self) -> list[nn.Module]:
+        """The repeated decoder layers, in order (FSDP shards each as its own unit).
+
+        The default: the modules of a ``layers`` attribute, or none.
+        """
+        layers = getattr(self, "layers", None)
+        return list(layers) if layers is not None else []
+
     def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
         """Replace the token embedding table (V', H), for a new text vocabulary.
 

@@ -185,7 +185,7 @@ class HFBackbone(Backbone):
         self.config = config
         self.model = model
         if config.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            self._checkpoint_layers(True)
         parameters = inspect.signature(self.model.forward).parameters
         # transformers renamed ``past_key_values`` to ``cache`` (5.x).
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -280,6 +280,22 @@ class HFBackbone(Backbone):
         self.model.config.vocab_size = embeddings.num_embeddings
         self.config = self.config.replace(
             model_config={**self.config.model_config, "vocab_size": embeddings.num_embeddings})
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Turn transformers' gradient checkpointing on or off, and the config's field with it."""
+        super().set_gradient_checkpointing(enabled)
+        self._checkpoint_layers(enabled)
+
+    def _checkpoint_layers(self, enabled: bool) -> None:
+        # transformers 5.x names it activation checkpointing and warns on the older name.
+        verb = "enable" if enabled else "disable"
+        switch = getattr(self.model, f"activation_checkpointing_{verb}", None)
+        (switch or getattr(self.model, f"gradient_checkpointing_{verb}"))()
+
+    def decoder_layers(self) -> list[nn.Module]:
+        """The transformers model's decoder layers (its ``layers``), or none where it names them otherwise."""
+        layers = getattr(self.model, "layers", None)
+        return list(layers) if isinstance(layers, nn.ModuleList) else []
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, L) -> (B, L, H)."""

@@ -115,17 +115,10 @@ class TextToImageTask(TrainingTask):
         )
 
     def shard_units(self) -> list[nn.Module]:
-        layers = getattr(self.model.backbone, "layers", None)
-        return list(layers) if layers is not None else []
+        return self.model.backbone.decoder_layers()
 
     def enable_gradient_checkpointing(self) -> None:
-        backbone = self.model.backbone
-        config = getattr(backbone, "config", None)
-        if config is None or not hasattr(config, "gradient_checkpointing"):
-            raise ValueError(
-                f"backbone {type(backbone).__name__} has no 'gradient_checkpointing' config field"
-            )
-        backbone.config = config.replace(gradient_checkpointing=True)
+        self.model.backbone.set_gradient_checkpointing(True)
 
     def sample_images(self, prompts: tuple[str, ...] = (), height: int = 64, width: int = 64,
                       cfg: float = 3.0, num_steps: int = 20, seed: int = 0, **_: Any) -> list[Image.Image]:
