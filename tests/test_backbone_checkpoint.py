@@ -125,6 +125,10 @@ def test_config_translation_round_trips():
     ({"model_type": "llama"}, "model_type must be one of"),
     ({"hidden_act": "gelu"}, "hidden_act must be 'silu'"),
     ({"use_sliding_window": True}, "sliding-window"),
+    ({"use_sliding_window": True, "max_window_layers": 1}, "sliding-window"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
+    ({"attention_dropout": 0.1}, "attention_dropout must be 0 for Qwen2Backbone .* found 0.1"),
+    ({"rope_theta": "big"}, "rope_theta must be a positive number, found 'big'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
     ({"num_key_value_heads": 3}, "num_kv_heads must be a divisor of num_heads=4, found 3"),
 ])
@@ -133,6 +137,16 @@ def test_unsupported_configs_are_named(change, message):
     hf.update(change)
     with pytest.raises(ValueError, match=message):
         qwen2_config_from_hf(hf)
+
+
+def test_fields_that_change_nothing_in_transformers_are_accepted():
+    # transformers' Qwen2 slides no layer below max_window_layers, and reads a null rope_theta as absent.
+    hf = dict(HF_FIELDS, model_type="qwen2", use_sliding_window=True, max_window_layers=2, attention_dropout=0.0)
+    assert qwen2_config_from_hf(hf).rope_theta == 5000.0
+    hf.update(rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 20000.0})
+    assert qwen2_config_from_hf(hf).rope_theta == 20000.0
+    del hf["rope_parameters"]
+    assert qwen2_config_from_hf(hf).rope_theta == 10000.0
 
 
 def test_missing_config_and_weights_are_reported(tmp_path):

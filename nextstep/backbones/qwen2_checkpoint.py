@@ -51,8 +51,25 @@ def _rope_theta(hf_config: dict[str, Any]) -> float:
         kind = table.get("rope_type", table.get("type", "default"))
         if kind not in (None, "default"):
             raise ValueError(f"rope type {kind!r} is not implemented by Qwen2Backbone; only 'default' rope is")
-    theta = hf_config.get("rope_theta", parameters.get("rope_theta", 10000.0))
+    theta = hf_config.get("rope_theta")
+    if theta is None:
+        theta = parameters.get("rope_theta", 10000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise ValueError(f"rope_theta must be a positive number, found {theta!r}")
     return float(theta)
+
+
+def _slides_some_layer(hf_config: dict[str, Any]) -> bool:
+    """Whether transformers' Qwen2 would give some layer sliding-window attention: a ``layer_types`` entry
+    says so, or (without ``layer_types``) ``use_sliding_window`` with a layer at or past ``max_window_layers``."""
+    layer_types = hf_config.get("layer_types")
+    if layer_types:
+        return "sliding_attention" in layer_types
+    if not hf_config.get("use_sliding_window"):
+        return False
+    window_layers = hf_config.get("max_window_layers")
+    layers = hf_config.get("num_hidden_layers")
+    return not (isinstance(window_layers, int) and isinstance(layers, int) and window_layers >= layers)
 
 
 def qwen2_config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> Qwen2BackboneConfig:
@@ -63,8 +80,8 @@ def qwen2_config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> Qwen2Ba
         **overrides: `Qwen2BackboneConfig` fields to set as well.
 
     Raises:
-        ValueError: for an unsupported model type, activation, rope scaling or
-            sliding-window attention, naming it.
+        ValueError: for an unsupported model type, activation, rope scaling,
+            sliding-window attention or attention dropout, naming it.
     """
     model_type = hf_config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -75,10 +92,13 @@ def qwen2_config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> Qwen2Ba
     activation = hf_config.get("hidden_act", "silu")
     if activation != "silu":
         raise ValueError(f"hidden_act must be 'silu' for Qwen2Backbone, found {activation!r}")
-    layer_types = hf_config.get("layer_types") or []
-    if hf_config.get("use_sliding_window") or "sliding_attention" in layer_types:
+    if _slides_some_layer(hf_config):
         raise ValueError("sliding-window attention (use_sliding_window / layer_types) is not implemented "
                          "by Qwen2Backbone; use HFBackbone")
+    dropout = hf_config.get("attention_dropout") or 0.0
+    if dropout != 0.0:
+        raise ValueError(f"attention_dropout must be 0 for Qwen2Backbone (it has no attention dropout), found "
+                         f"{dropout!r}; use HFBackbone")
     hidden_size = _required(hf_config, "hidden_size")
     num_heads = _required(hf_config, "num_attention_heads")
     head_dim = hf_config.get("head_dim")
