@@ -112,6 +112,32 @@ def test_default_prepare_binds_the_condition():
     torch.testing.assert_close(head.prepare(condition, time_grid(3))(x, t), head.velocity(x, t, condition))
 
 
+def test_a_subclass_that_overrides_the_velocity_is_sampled_through_it():
+    class HalfVelocity(FlowMatchingHead):
+        def velocity(self, x_t, t, condition):
+            return 0.5 * super().velocity(x_t, t, condition)
+
+    plain = randomized_head()
+    half = HalfVelocity(plain.config)
+    half.load_state_dict(plain.state_dict())
+    assert half.own_velocity_reason() == "HalfVelocity overrides the velocity of FlowMatchingHead"
+    assert plain.own_velocity_reason() is None
+    times = time_grid(4)
+    condition, x, t = torch.randn(3, 32), torch.randn(3, 16), times[1].expand(3)
+    prepared = half.prepare(condition, half.prepare_times(times))
+    torch.testing.assert_close(prepared(x, t), half.velocity(x, t, condition))
+    torch.testing.assert_close(prepared(x, t), 0.5 * plain.prepare(condition, times)(x, t))
+
+    class OtherNet(prepared_flow_matching.FlowMatchingMLP if hasattr(prepared_flow_matching, "FlowMatchingMLP")
+                   else type(plain.net)):
+        def forward(self, x_t, t, condition):
+            return torch.zeros_like(x_t)
+
+    zero = FlowMatchingHead(plain.config)
+    zero.net = OtherNet(plain.config)
+    assert zero.prepare(condition)(x, t).abs().max() == 0
+
+
 def test_loss_is_float32_and_averages_batch_mul_repeats():
     head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=4, condition_dim=8, width=16, depth=1,
                                                    batch_mul=4)).to(torch.bfloat16)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from nextstep.heads.base import ImageHead
-from nextstep.heads.flow_matching import FlowMatchingHead, FlowMatchingMLP
+from nextstep.heads.flow_matching import FlowMatchingHead
 from nextstep.heads.prepared_flow_matching import folded_modulation_parameters
 from nextstep.kernels import adaln_linear, adaln_modulation
 from nextstep.kernels.persistent_head import (
@@ -38,11 +38,9 @@ __all__ = ["FusedFlowMatchingVelocity", "fused_head_reason"]
 
 def fused_head_reason(head: ImageHead) -> str | None:
     """None when the fused token step can run ``head``, else why not."""
-    if not isinstance(head, FlowMatchingHead) or not isinstance(getattr(head, "net", None), FlowMatchingMLP):
-        return f"{type(head).__name__} is not a FlowMatchingHead with its MLP"
-    if type(head).velocity is not FlowMatchingHead.velocity or type(head.net).forward is not FlowMatchingMLP.forward:
-        return f"{type(head).__name__} overrides the velocity of FlowMatchingHead"
-    return None
+    if not isinstance(head, FlowMatchingHead):
+        return f"{type(head).__name__} is not a FlowMatchingHead"
+    return head.own_velocity_reason()
 
 
 def _kernel_function(module, name: str, use_kernels: bool | None):

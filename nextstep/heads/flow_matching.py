@@ -124,14 +124,31 @@ class FlowMatchingHead(ImageHead):
         """x_t (N, D), t (N,), condition (N, C) -> velocity (N, D)."""
         return self.net(x_t, t, condition)
 
-    def prepare_times(self, times: torch.Tensor) -> FlowMatchingTimes:
-        """Time embeddings of ``times`` (E,) and the folded modulation weights, shared by all tokens."""
+    def own_velocity_reason(self) -> str | None:
+        """None when the velocity is this class's MLP (which `prepare` folds and the fast
+        path fuses), else why not: a subclass that overrides `velocity`, or whose ``net``
+        is not a `FlowMatchingMLP` with its own forward, is evaluated through `velocity`."""
+        if not isinstance(getattr(self, "net", None), FlowMatchingMLP):
+            return f"{type(self).__name__} has no FlowMatchingMLP as its net"
+        own_forward = type(self.net).forward is FlowMatchingMLP.forward
+        if type(self).velocity is not FlowMatchingHead.velocity or not own_forward:
+            return f"{type(self).__name__} overrides the velocity of FlowMatchingHead"
+        return None
+
+    def prepare_times(self, times: torch.Tensor) -> FlowMatchingTimes | torch.Tensor:
+        """Time embeddings of ``times`` (E,) and the folded modulation weights, shared by all tokens
+        (``times`` unchanged where `own_velocity_reason` says the velocity is another)."""
+        if self.own_velocity_reason() is not None:
+            return super().prepare_times(times)
         return FlowMatchingTimes.build(self.net, times)
 
     def prepare(
         self, condition: torch.Tensor, times: torch.Tensor | FlowMatchingTimes | None = None
-    ) -> PreparedFlowMatchingVelocity:
+    ):
         """A fast velocity function for one condition (N, C); see `PreparedFlowMatchingVelocity`.
+
+        A subclass whose velocity is another (`own_velocity_reason`) gets its
+        `velocity` bound to the condition instead.
 
         Args:
             condition: (N, C).
@@ -142,6 +159,8 @@ class FlowMatchingHead(ImageHead):
             raise ValueError(
                 f"condition must have shape (N, {self.condition_dim}), found {tuple(condition.shape)}"
             )
+        if self.own_velocity_reason() is not None:
+            return super().prepare(condition, times)
         if isinstance(times, torch.Tensor):
             times = self.prepare_times(times)
         return PreparedFlowMatchingVelocity(self.net, condition, times)
