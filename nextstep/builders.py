@@ -18,8 +18,14 @@ def build_component(spec: ComponentSpec, *, base_dir: Path | None = None):
     """Instantiate the registered class of ``spec`` with its config.
 
     Text tokenizers also receive ``base_dir`` (where their files may live).
+
+    Raises:
+        ValueError: an unknown name, or a config that is not the registered class's ``config_class``.
     """
     cls = component_class(spec.kind, spec.type)
+    if not isinstance(spec.config, cls.config_class):
+        raise ValueError(f"{spec.kind} {spec.type!r} ({cls.__name__}) takes a {cls.config_class.__name__}, found "
+                         f"{type(spec.config).__name__}")
     if spec.kind == "text_tokenizer":
         return cls(spec.config, base_dir=base_dir)
     return cls(spec.config)

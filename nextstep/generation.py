@@ -61,7 +61,8 @@ def _resolve_sampler(model: "NextStep", sampler: Sampler | str | None) -> Sample
     if isinstance(sampler, str):
         from nextstep.registry import component_class
 
-        return component_class("sampler", sampler)()
+        cls = component_class("sampler", sampler)
+        return cls(cls.config_class())
     if not isinstance(sampler, Sampler):
         raise ValueError(f"sampler must be a Sampler or a registered name, found {type(sampler).__name__}")
     return sampler

@@ -23,11 +23,15 @@ _COMPONENTS: dict[str, dict[str, type]] = {
 _MODELS: dict[str, Callable] = {}
 
 
-def register_component(kind: str, name: str) -> Callable[[T], T]:
+def register_component(kind: str, name: str, *, replace: bool = False) -> Callable[[T], T]:
     """Class decorator: make ``cls`` reachable as ``(kind, name)``.
 
     The class must have a ``config_class`` attribute (its config dataclass) and
-    accept that config as its only constructor argument.
+    accept that config as its only constructor argument. A name belongs to one
+    class: registering another class under it raises ``ValueError``, unless
+    ``replace`` (for a class defined again, as when a notebook cell runs twice).
+    Subclasses are not registered with their parent: each class that is saved
+    by name is decorated itself.
     """
     if kind not in _COMPONENTS:
         raise ValueError(f"kind must be one of {sorted(_COMPONENTS)}, found {kind!r}")
@@ -41,8 +45,11 @@ def register_component(kind: str, name: str) -> Callable[[T], T]:
             raise ValueError(f"{cls.config_class.__name__} has field(s) {clashing}, which name the component "
                              "in a saved config; rename them")
         existing = _COMPONENTS[kind].get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"{kind} {name!r} is already registered to {existing.__name__}")
+        if existing is not None and existing is not cls and not replace:
+            raise ValueError(f"{kind} {name!r} is already registered to {existing.__name__} (replace=True "
+                             "gives the name to the new class)")
+        if existing is not None and existing is not cls and existing.__dict__.get("registry_name") == name:
+            del existing.registry_name  # the replaced class is no longer reachable by that name
         _COMPONENTS[kind][name] = cls
         cls.registry_name = name
         return cls
@@ -61,8 +68,17 @@ def component_class(kind: str, name: str) -> type:
         return _COMPONENTS[kind][name]
     except KeyError:
         raise ValueError(
-            f"unknown {kind} {name!r}; known: {sorted(_COMPONENTS[kind])}"
+            f"unknown {kind} {name!r}; known: {sorted(_COMPONENTS[kind])} (a component of your own is known once "
+            "the module that registers it is imported; on the command line: --import MODULE)"
         ) from None
+
+
+def registered_name(kind: str, cls: type) -> str | None:
+    """The name ``cls`` itself is registered under as ``kind``, or None (a subclass of a registered
+    class is not registered with it)."""
+    _ensure_builtins()
+    name = cls.__dict__.get("registry_name")
+    return name if name is not None and _COMPONENTS.get(kind, {}).get(name) is cls else None
 
 
 def component_names(kind: str) -> list[str]:

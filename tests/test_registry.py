@@ -1,0 +1,73 @@
+"""The component registry: names belong to classes, and a model saves only what loads back as itself."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from nextstep import build_model, generate_tokens
+from nextstep.config import ComponentSpec, Config
+from nextstep.heads import FlowMatchingHead
+from nextstep.presets import tiny
+from nextstep.registry import component_class, register_component, registered_name
+from nextstep.samplers import EulerSampler, HeunSampler
+
+
+def test_a_subclass_of_a_registered_class_is_not_saved_under_its_parents_name(tiny_model, tmp_path):
+    class UniformTimeHead(FlowMatchingHead):
+        pass
+
+    assert registered_name("image_head", FlowMatchingHead) == "flow_matching"
+    assert registered_name("image_head", UniformTimeHead) is None
+    tiny_model.image_head = UniformTimeHead(tiny_model.image_head.config)
+    with pytest.raises(ValueError, match="image_head UniformTimeHead is not registered"):
+        tiny_model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_replace_gives_a_name_to_a_class_defined_again():
+    def define():
+        @register_component("sampler", "test_redefined_heun", replace=True)
+        class RedefinedHeun(HeunSampler):
+            pass
+
+        return RedefinedHeun
+
+    first, second = define(), define()
+    assert first is not second and component_class("sampler", "test_redefined_heun") is second
+    assert registered_name("sampler", second) == "test_redefined_heun" and registered_name("sampler", first) is None
+    with pytest.raises(ValueError, match=r"already registered to RedefinedHeun \(replace=True gives the name"):
+        register_component("sampler", "test_redefined_heun")(type("Other", (HeunSampler,), {}))
+
+
+@dataclass
+class NeedsConfig(Config):
+    scale: float = 1.0
+
+
+@register_component("sampler", "test_needs_config")
+class NeedsConfigSampler(EulerSampler):
+    config_class = NeedsConfig
+
+    def __init__(self, config: NeedsConfig):  # the documented rule: the config is the only argument
+        super().__init__()
+        self.config = config
+
+
+def test_a_sampler_named_in_generate_is_built_from_its_default_config(tiny_model):
+    tokens, _, _ = generate_tokens(tiny_model, ["a"], height=32, width=32, num_steps=2, cfg=1.0,
+                                   sampler="test_needs_config")
+    assert torch.isfinite(tokens).all()
+
+
+def test_a_component_built_from_another_classes_config_is_refused():
+    preset = tiny()
+    wrong = ComponentSpec("sampler", "test_needs_config", preset.sampler.config)
+    with pytest.raises(ValueError, match=r"sampler 'test_needs_config' \(NeedsConfigSampler\) takes a NeedsConfig, "
+                                         r"found EulerSamplerConfig"):
+        build_model(preset.replace(sampler=wrong))
+
+
+def test_an_unknown_name_says_how_a_component_of_your_own_becomes_known():
+    with pytest.raises(ValueError, match=r"unknown image_head 'mode_time'; known: .* --import MODULE"):
+        component_class("image_head", "mode_time")
