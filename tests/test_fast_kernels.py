@@ -50,6 +50,41 @@ def test_capture_is_refused_on_the_cpu():
     call()  # runs eagerly
 
 
+def test_every_warm_up_call_starts_from_the_state_before_the_capture(monkeypatch):
+    """A decode step captured at a cache's last free slot warms up at that slot, never the one past it."""
+    import contextlib
+
+    class Stream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    slot, seen = [5], []
+
+    def step():
+        seen.append(slot[0])
+        slot[0] += 1
+
+    def snapshot():
+        saved = slot[0]
+
+        def restore():
+            slot[0] = saved
+
+        return restore
+
+    call = CapturedCall(step, name="decode")
+    assert call.capture(torch.device("cuda"), warmup=3, snapshot=snapshot)
+    assert seen == [5, 5, 5, 5]  # three warm-up calls and the recorded one
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

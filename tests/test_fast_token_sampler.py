@@ -117,6 +117,8 @@ def test_bad_inputs_are_named(tiny_model):
     long_noise, _ = draw_noise(2, 0, 400, model.token_dim, 2, False)
     with pytest.raises(ValueError, match="more image tokens do not fit"):
         fast.sample_tokens(hidden, cache, next_positions, long_noise, guidance=guidance_for_scale(2.0))
+    with pytest.raises(TypeError, match="FastTokenSampler needs a BackboneCache .* found dict"):
+        fast.sample_tokens(hidden, {"state": None}, next_positions, noise, guidance=guidance_for_scale(2.0))
     with pytest.raises(ValueError, match="capture=True needs the model on a CUDA device"):
         FastTokenSampler(model, capture=True)
 

@@ -60,7 +60,7 @@ class CapturedCall:
             device: the CUDA device.
             warmup: eager calls before recording.
             snapshot: called before the warm-up; returns a function that undoes
-                the warm-up's side effects (called after it).
+                the warm-up's side effects (called after each warm-up call).
 
         Returns:
             whether a graph was captured.
@@ -76,6 +76,8 @@ class CapturedCall:
             with torch.cuda.stream(side):
                 for _ in range(warmup):
                     self.fn()
+                    if restore is not None:  # each warm-up call from the same state: a decode step
+                        restore()  # writes its own slot every time, never the one past a full cache
             current.wait_stream(side)
             if restore is not None:
                 restore()

@@ -255,6 +255,10 @@ class FastTokenSampler:
         if next_positions.shape != (backbone_rows, 1):
             raise ValueError(
                 f"next_positions must have shape ({backbone_rows}, 1), found {tuple(next_positions.shape)}")
+        if not isinstance(cache, BackboneCache):
+            raise TypeError(f"FastTokenSampler needs a BackboneCache (length, max_length, batch_size, crop, "
+                            f"select_rows) from the backbone's new_cache, found {type(cache).__name__}; derive the "
+                            "cache from nextstep.backbones.base.BackboneCache, or generate without token_sampler")
         if cache.batch_size != backbone_rows:
             raise ValueError(f"the cache has {cache.batch_size} rows, the generation needs {backbone_rows}")
         if cache.length + count - 1 > cache.max_length:
