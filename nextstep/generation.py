@@ -23,7 +23,7 @@ from nextstep.reranking import best_candidates, candidate_score_function
 from nextstep.samplers.base import Sampler
 from nextstep.samplers.guidance import Guidance, GuidedVelocity, check_scale, guidance_for_scale
 from nextstep.samplers.guidance_schedule import token_progress
-from nextstep.samplers.step_schedule import StepSchedule, as_step_schedule
+from nextstep.samplers.step_schedule import StepSchedule, as_step_schedule, check_step_counts
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -369,6 +369,7 @@ def generate_tokens(
     num_images, num_tokens, token_dim = len(prompts) * num_images_per_prompt, grid_h * grid_w, model.token_dim
     num_rows = num_images * candidates
 
+    check_step_counts(sampler, schedule, num_tokens, shift)  # before the prefill
     noise, step_noise = _draw_noise(num_images, seed, num_tokens, token_dim, schedule.max_steps(num_tokens),
                                     sampler.stochastic, temperature, device, candidates)
     hidden, cache, next_positions, step_mask = prefill(  # hidden (G*R, H)

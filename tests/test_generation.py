@@ -183,6 +183,19 @@ def test_per_position_step_schedules(trained_like_model):
     torch.testing.assert_close(stochastic[1:], alone, atol=1e-4, rtol=1e-4)
 
 
+def test_a_step_count_the_sampler_refuses_is_named_before_any_token(tiny_model):
+    from nextstep.fast import FastTokenSampler
+    from nextstep.samplers import LinearSteps
+
+    for token_sampler in (None, FastTokenSampler(tiny_model, use_kernels=False)):
+        done = []
+        with pytest.raises(ValueError, match="num_steps must be >= 2 when last_step_size > 0"):
+            generate_tokens(tiny_model, ["a"], height=32, width=32, sampler="euler_maruyama", cfg=3.0,
+                            num_steps=LinearSteps(4, 1), token_sampler=token_sampler,
+                            progress=lambda index, total: done.append(index))
+        assert done == []
+
+
 def model_sampler_recording_steps(seen):
     from nextstep.samplers import EulerSampler
 

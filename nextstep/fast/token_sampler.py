@@ -37,7 +37,7 @@ from nextstep.fast.token_step import MAX_TABLE_ELEMENTS, FusedTokenStep, Generic
 from nextstep.samplers.base import Sampler
 from nextstep.samplers.guidance import Guidance
 from nextstep.samplers.guidance_schedule import token_progress
-from nextstep.samplers.step_schedule import StepSchedule, as_step_schedule
+from nextstep.samplers.step_schedule import StepSchedule, as_step_schedule, check_step_counts
 
 if TYPE_CHECKING:
     from nextstep.model import NextStep
@@ -320,6 +320,7 @@ class FastTokenSampler:
         rows, count, token_dim = noise.shape if noise.ndim == 3 else (0, 0, 0)
         max_steps = schedule.max_steps(count) if count else 0
         self._check(hidden, cache, next_positions, noise, step_noise, branches, sampler, max_steps)
+        check_step_counts(sampler, schedule, count, shift)
         if not sampler.stochastic:
             step_noise = None
         fused = self.fused_reason(sampler, guidance) is None

@@ -76,3 +76,11 @@ def as_step_schedule(num_steps: int | StepSchedule) -> StepSchedule:
         return num_steps
     check_num_steps(num_steps)
     return ConstantSteps(num_steps)
+
+
+def check_step_counts(sampler, schedule: StepSchedule, count: int, shift: float = 1.0) -> None:
+    """Build the time grid of every step count ``schedule`` gives ``count`` tokens, so that a count
+    ``sampler`` refuses (Euler-Maruyama's final deterministic step needs 2) raises ``ValueError`` before
+    any work, not at the token that first uses it."""
+    for steps in sorted({schedule.steps_for(index, count) for index in range(count)}):
+        sampler.make_time_grid(steps, shift)
