@@ -78,7 +78,8 @@ def truncated_time_grid(
     The release integrates its SDE over ``S`` points of ``linspace(0, 1 - L, S)``
     after the shift, then takes one deterministic Euler step of size ``L`` from the
     last of them. That final step ends at ``shift(1 - L) + L``, which is below 1
-    whenever ``shift != 1`` (about 0.922 at shift 3.2 with ``L = 0.04``). With
+    for ``shift > 1`` (about 0.922 at shift 3.2 with ``L = 0.04``) and past 1 for
+    ``shift < 1`` (about 1.020 at shift 0.5). With
     ``to_one=True`` the final point is 1 instead, so the last step closes the gap.
 
     Args:
