@@ -163,6 +163,14 @@ def test_guided_velocity_checks_the_branch_count():
         GuidedVelocity(small_head(), torch.randn(3, 4, 16), ClassifierFreeGuidance(2.0))
 
 
+@pytest.mark.parametrize("guidance", [NoGuidance(), ClassifierFreeGuidance(2.0)])
+def test_guided_velocity_names_a_time_that_is_not_one_per_row(guidance):
+    conditions = torch.randn(guidance.num_branches, 4, 16)
+    velocity = GuidedVelocity(small_head(), conditions, guidance)
+    with pytest.raises(ValueError, match=r"t must have shape \(4,\), one time per row of x_t, found \(\)"):
+        velocity(torch.randn(4, 8), torch.tensor(0.3))
+
+
 def test_guided_velocity_passes_time_and_progress_to_custom_guidance():
     seen = {}
 

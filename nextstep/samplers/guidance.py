@@ -232,6 +232,8 @@ class GuidedVelocity:
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t (N, D), t (N,) -> guided velocity (N, D)."""
+        if t.shape != x_t.shape[:1]:
+            raise ValueError(f"t must have shape ({x_t.shape[0]},), one time per row of x_t, found {tuple(t.shape)}")
         x, times = x_t, t
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
