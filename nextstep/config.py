@@ -46,7 +46,13 @@ class Config:
             if isinstance(value, list):
                 value = tuple(value)
             setattr(self, field.name, value)
-        self.validate()
+        try:
+            self.validate()
+        except ValueError as error:  # named by its config, as the type checks above are
+            name = type(self).__name__
+            if type(error) is not ValueError or str(error).startswith(name):
+                raise
+            raise ValueError(f"{name}: {error}") from None
 
     def validate(self) -> None:
         """Raise ``ValueError`` if a field holds an invalid value."""

@@ -185,3 +185,10 @@ def test_optional_nested_fields_and_configs_defined_in_a_function_build():
     assert namespace["Counted"]().count is None
     with pytest.raises(ValueError, match=r"Counted\.count must be an integer or null, found str 'x'"):
         namespace["Counted"](count="x")  # an optional field is checked too
+
+
+def test_a_refused_value_names_its_config():
+    from nextstep.heads import FlowMatchingHeadConfig
+
+    with pytest.raises(ValueError, match=r"^FlowMatchingHeadConfig: time_sampling must be"):
+        FlowMatchingHeadConfig(time_sampling="gamma")
