@@ -71,3 +71,22 @@ def test_a_sample_size_the_tokenizer_cannot_draw_is_refused_before_training(tmp_
     with pytest.raises(ValueError, match=r"train\.sample_height and train\.sample_width: .*multiple of 16.*found 40"):
         tiny_trainer(tmp_path, config)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_component_that_could_not_be_checkpointed_is_refused_before_training(tmp_path):
+    from training_helpers import shapes_data
+
+    from nextstep import build_model
+    from nextstep.heads import FlowMatchingHead
+    from nextstep.training import Trainer
+    from nextstep.training.text_to_image import TextToImageTask
+
+    class PlainHead(FlowMatchingHead):  # injected, not registered
+        pass
+
+    model = build_model("tiny", seed=0)
+    model.image_head = PlainHead(model.image_head.config)
+    config = tiny_config()
+    with pytest.raises(ValueError, match="image_head PlainHead is not registered"):
+        Trainer(TextToImageTask.from_train_config(model, config), shapes_data(), config, tmp_path, show_progress=False)
+    assert not (tmp_path / "checkpoints").exists()

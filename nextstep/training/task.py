@@ -77,3 +77,7 @@ class TrainingTask(ABC):
 
     def write_checkpoint_files(self, directory: Path) -> None:
         """Add files to a checkpoint directory being written (default: nothing)."""
+
+    def check_checkpoint_files(self) -> None:
+        """Raise ``ValueError`` before training when `write_checkpoint_files` could not write them
+        (default: nothing to check)."""

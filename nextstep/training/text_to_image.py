@@ -133,6 +133,9 @@ class TextToImageTask(TrainingTask):
         except ValueError as error:
             raise ValueError(f"train.sample_height and train.sample_width: {error}") from error
 
+    def check_checkpoint_files(self) -> None:
+        self.model.current_config()  # names a component that is not registered, before the first step
+
     def write_checkpoint_files(self, directory: Path) -> None:
         # config.json and tokenizer files beside model.safetensors: the checkpoint
         # directory loads with NextStep.from_pretrained.

@@ -127,6 +127,7 @@ class Trainer:
     ):
         if config.sample_every and config.sample_prompts:  # refused now, not at the first sample step
             task.check_sample_settings(config.sample_height, config.sample_width)
+        task.check_checkpoint_files()  # and not at the first checkpoint
         self.task = task
         self.data = data
         self.config = config
