@@ -63,6 +63,19 @@ class ImageHead(nn.Module, ABC):
             (N,) float32 loss per token (averaged over feature dims and repeats).
         """
 
+    def check_shapes(self, *, target: torch.Tensor | None = None, condition: torch.Tensor | None = None) -> None:
+        """Raise ``ValueError`` naming the expected and the found shape, unless ``target`` is (N, D)
+        and ``condition`` (N, C), with the same N when both are given. For the first lines of `loss`
+        (``check_shapes(target=..., condition=...)``) and `prepare` (``check_shapes(condition=...)``)."""
+        if target is not None and (target.ndim != 2 or target.shape[-1] != self.token_dim):
+            raise ValueError(f"target must have shape (N, {self.token_dim}), found {tuple(target.shape)}")
+        if condition is not None:
+            rows = "N" if target is None else str(target.shape[0])
+            if condition.ndim != 2 or condition.shape[-1] != self.condition_dim or (
+                    target is not None and condition.shape[0] != target.shape[0]):
+                raise ValueError(f"condition must have shape ({rows}, {self.condition_dim}), "
+                                 f"found {tuple(condition.shape)}")
+
     def flow_error(self, target: torch.Tensor, condition: torch.Tensor, t: torch.Tensor,
                    noise: torch.Tensor) -> torch.Tensor:
         """Squared velocity error at given times and noise: target x1 (N, D), condition (N, C),

@@ -9,6 +9,7 @@ Legend: N tokens, D token dim, C condition dim, W width, E evaluation times.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -124,46 +125,62 @@ class FlowMatchingHead(ImageHead):
         """x_t (N, D), t (N,), condition (N, C) -> velocity (N, D)."""
         return self.net(x_t, t, condition)
 
+    def _net_is_the_mlp(self) -> bool:
+        """Whether ``net`` is a `FlowMatchingMLP` with its own forward (which `prepare_net` folds)."""
+        net = getattr(self, "net", None)
+        return isinstance(net, FlowMatchingMLP) and type(net).forward is FlowMatchingMLP.forward
+
     def own_velocity_reason(self) -> str | None:
         """None when the velocity is this class's MLP (which `prepare` folds and the fast
         path fuses), else why not: a subclass that overrides `velocity`, or whose ``net``
         is not a `FlowMatchingMLP` with its own forward, is evaluated through `velocity`."""
-        if not isinstance(getattr(self, "net", None), FlowMatchingMLP):
-            return f"{type(self).__name__} has no FlowMatchingMLP as its net"
-        own_forward = type(self.net).forward is FlowMatchingMLP.forward
-        if type(self).velocity is not FlowMatchingHead.velocity or not own_forward:
+        if not self._net_is_the_mlp():
+            return f"{type(self).__name__} has no FlowMatchingMLP of its own forward as its net"
+        if type(self).velocity is not FlowMatchingHead.velocity:
             return f"{type(self).__name__} overrides the velocity of FlowMatchingHead"
         return None
 
     def prepare_times(self, times: torch.Tensor) -> FlowMatchingTimes | torch.Tensor:
         """Time embeddings of ``times`` (E,) and the folded modulation weights, shared by all tokens
-        (``times`` unchanged where `own_velocity_reason` says the velocity is another)."""
-        if self.own_velocity_reason() is not None:
+        (``times`` unchanged where ``net`` is not a `FlowMatchingMLP` of its own forward)."""
+        if not self._net_is_the_mlp():
             return super().prepare_times(times)
         return FlowMatchingTimes.build(self.net, times)
 
-    def prepare(
+    def prepare_net(
         self, condition: torch.Tensor, times: torch.Tensor | FlowMatchingTimes | None = None
-    ):
-        """A fast velocity function for one condition (N, C); see `PreparedFlowMatchingVelocity`.
-
-        A subclass whose velocity is another (`own_velocity_reason`) gets its
-        `velocity` bound to the condition instead.
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``net(x_t, t, condition)`` for one condition (N, C), folded where ``net`` is the MLP (see
+        `PreparedFlowMatchingVelocity`): what `prepare` returns for this class, and the fast network
+        call for a subclass that turns the network's output into a velocity of its own.
 
         Args:
             condition: (N, C).
             times: (E,) the only times the function will be called at (or their
                 `prepare_times`), or None.
         """
-        if condition.ndim != 2 or condition.shape[-1] != self.condition_dim:
-            raise ValueError(
-                f"condition must have shape (N, {self.condition_dim}), found {tuple(condition.shape)}"
-            )
-        if self.own_velocity_reason() is not None:
-            return super().prepare(condition, times)
+        self.check_shapes(condition=condition)
+        if not self._net_is_the_mlp():
+            return lambda x_t, t: self.net(x_t, t, condition)
         if isinstance(times, torch.Tensor):
-            times = self.prepare_times(times)
+            times = FlowMatchingTimes.build(self.net, times)
         return PreparedFlowMatchingVelocity(self.net, condition, times)
+
+    def prepare(
+        self, condition: torch.Tensor, times: torch.Tensor | FlowMatchingTimes | None = None
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A fast velocity function for one condition (N, C): `prepare_net`, or, for a subclass
+        whose velocity is another (`own_velocity_reason`), its `velocity` bound to the condition.
+
+        Args:
+            condition: (N, C).
+            times: (E,) the only times the function will be called at (or their
+                `prepare_times`), or None.
+        """
+        if self.own_velocity_reason() is not None:
+            self.check_shapes(condition=condition)
+            return super().prepare(condition, times)
+        return self.prepare_net(condition, times)
 
     def loss(
         self, target: torch.Tensor, condition: torch.Tensor, generator: torch.Generator | None = None
@@ -173,13 +190,7 @@ class FlowMatchingHead(ImageHead):
         Each token is repeated ``batch_mul`` times with independent (t, noise);
         the squared error is averaged over features and repeats.
         """
-        if target.ndim != 2 or target.shape[-1] != self.token_dim:
-            raise ValueError(f"target must have shape (N, {self.token_dim}), found {tuple(target.shape)}")
-        if condition.shape[:-1] != target.shape[:-1] or condition.shape[-1] != self.condition_dim:
-            raise ValueError(
-                f"condition must have shape ({target.shape[0]}, {self.condition_dim}), "
-                f"found {tuple(condition.shape)}"
-            )
+        self.check_shapes(target=target, condition=condition)
         repeats = self.config.batch_mul
         count = target.shape[0]
         x1 = target.float().repeat(repeats, 1)

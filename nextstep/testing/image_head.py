@@ -1,0 +1,80 @@
+"""The contract of `nextstep.heads.base.ImageHead`."""
+
+from __future__ import annotations
+
+import torch
+
+from nextstep.heads.base import ImageHead
+from nextstep.samplers.time_grid import time_grid
+from nextstep.testing.parameters import assert_every_parameter_gets_a_gradient, randomize, refuses, restored
+
+
+def check_image_head(head: ImageHead, *, rows: int = 5, seed: int = 0, atol: float = 1e-5) -> None:
+    """Check an image head's contract; raise ``AssertionError`` naming the property that fails.
+
+    - `velocity`: (N, D) from x_t (N, D), t (N,), condition (N, C), finite, and each
+      row the same as when computed alone;
+    - `prepare`: equal to `velocity`, with and without evaluation times (prepared
+      by `prepare_times` or not) and at times drawn from them;
+    - `loss`: (N,) float32, finite, >= 0, repeated exactly by the same generator,
+      and ``ValueError`` for a target or condition of another width;
+    - gradients reach every trainable parameter through `loss` (zero-initialised
+      parameters are redrawn for that, and put back after).
+
+    Args:
+        head: the head, in float32 on the CPU or any device.
+        rows: N, the tokens of each check.
+        seed: seeds every draw.
+        atol: tolerance of the comparisons (also relative).
+    """
+    name = type(head).__name__
+    parameter = next(head.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    x, condition = draw(rows, head.token_dim), draw(rows, head.condition_dim)
+    t = torch.rand(rows, generator=generator).to(device, dtype)
+    close = dict(atol=atol, rtol=atol)
+    with restored(head), torch.no_grad():
+        head.eval()
+        randomize(head, generator=generator)
+        velocity = head.velocity(x, t, condition)
+        assert velocity.shape == (rows, head.token_dim), (
+            f"{name}: velocity must be (N, D) = {(rows, head.token_dim)}, found {tuple(velocity.shape)}")
+        assert torch.isfinite(velocity).all(), f"{name}: velocity is not finite"
+        alone = torch.cat([head.velocity(x[i:i + 1], t[i:i + 1], condition[i:i + 1]) for i in range(rows)])
+        _assert_close(alone, velocity, close, f"{name}: rows of velocity depend on the other rows of the batch")
+        _assert_close(head.prepare(condition)(x, t), velocity, close, f"{name}: prepare(condition) differs from "
+                      "velocity")
+        times = time_grid(4, 2.0, device=device, dtype=dtype)[:-1]  # (E,) evaluation times of a shifted grid
+        at = times[torch.randint(0, times.numel(), (rows,), generator=generator)]
+        expected = head.velocity(x, at, condition)
+        _assert_close(head.prepare(condition, times)(x, at), expected, close,
+                      f"{name}: prepare(condition, times) differs from velocity at those times")
+        _assert_close(head.prepare(condition, head.prepare_times(times))(x, at), expected, close,
+                      f"{name}: prepare(condition, prepare_times(times)) differs from velocity at those times")
+        loss = head.loss(x, condition, generator=torch.Generator(device=device).manual_seed(seed))
+        again = head.loss(x, condition, generator=torch.Generator(device=device).manual_seed(seed))
+    assert loss.shape == (rows,), f"{name}: loss must be (N,) = ({rows},), found {tuple(loss.shape)}"
+    assert loss.dtype == torch.float32, f"{name}: loss must be float32, found {loss.dtype}"
+    assert torch.isfinite(loss).all() and (loss >= 0).all(), f"{name}: loss must be finite and >= 0, found {loss}"
+    assert torch.equal(loss, again), f"{name}: loss differs between two calls with the same generator seed"
+    refuses(lambda: head.loss(draw(rows, head.token_dim + 1), condition), "loss of a target of width D + 1", name)
+    refuses(lambda: head.loss(x, draw(rows, head.condition_dim + 1)), "loss of a condition of width C + 1", name)
+    with restored(head):
+        head.train()
+        randomize(head, generator=generator)
+        head.zero_grad(set_to_none=True)
+        head.loss(x, condition, generator=torch.Generator(device=device).manual_seed(seed)).mean().backward()
+        assert_every_parameter_gets_a_gradient(head)
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: dict, message: str) -> None:
+    try:
+        torch.testing.assert_close(actual, expected, **tolerance)
+    except AssertionError as error:
+        raise AssertionError(f"{message}: {error}") from None

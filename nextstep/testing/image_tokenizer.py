@@ -1,0 +1,77 @@
+"""The contract of `nextstep.tokenizers.base.ImageTokenizer`."""
+
+from __future__ import annotations
+
+import torch
+
+from nextstep.testing.parameters import assert_every_parameter_gets_a_gradient, randomize, refuses, restored
+from nextstep.tokenizers.base import ImageTokenizer
+
+
+def check_image_tokenizer(tokenizer: ImageTokenizer, *, seed: int = 0, atol: float = 1e-4) -> None:
+    """Check an image tokenizer's contract; raise ``AssertionError`` naming the property that fails.
+
+    - `encode`: (B, 3, H, W) in [-1, 1] -> finite (B, C, H/f, W/f) in the images'
+      dtype; `decode` gives back finite images of the input's shape;
+    - `patchify` gives (B, h*w, D) with D = C * patch_size**2 and `unpatchify`
+      inverts it exactly;
+    - each image's latents are the same as when encoded alone (for a tokenizer
+      that `samples_latents`, with the same seed);
+    - ``ValueError`` for sizes that are not multiples of f, values outside
+      [-1, 1], images that are not (B, 3, H, W), and a `grid_size` that is not a
+      multiple of `pixels_per_token`;
+    - gradients reach every trainable parameter through ``decode(encode(x))``.
+    """
+    name = type(tokenizer).__name__
+    parameter = next(tokenizer.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(seed)
+    f, side = tokenizer.downsample, tokenizer.pixels_per_token
+    rows, cols = max(side // f, 1) * 2, max(side // f, 1) * 3  # latent sizes that tokenize
+    images = (torch.rand(2, 3, rows * f, cols * f, generator=generator) * 2 - 1).to(device)
+
+    def encode(batch):
+        return tokenizer.encode_seeded(batch, seed) if tokenizer.samples_latents else tokenizer.encode(batch)
+
+    with restored(tokenizer), torch.no_grad():
+        tokenizer.eval()
+        latents = encode(images)
+        expected = (2, tokenizer.latent_channels, rows, cols)
+        assert latents.shape == expected, f"{name}: encode must give (B, C, H/f, W/f) = {expected}, found " \
+                                          f"{tuple(latents.shape)}"
+        assert latents.dtype == images.dtype and torch.isfinite(latents).all(), (
+            f"{name}: latents must be finite, in the images' dtype {images.dtype}; found {latents.dtype}")
+        decoded = tokenizer.decode(latents)
+        assert decoded.shape == images.shape and torch.isfinite(decoded).all(), (
+            f"{name}: decode must give finite images of shape {tuple(images.shape)}, found {tuple(decoded.shape)}")
+        grid_h, grid_w = tokenizer.grid_size(rows * f, cols * f)
+        tokens = tokenizer.patchify(latents)
+        assert tokenizer.token_dim == tokenizer.latent_channels * tokenizer.patch_size**2, (
+            f"{name}: token_dim must be latent_channels * patch_size**2")
+        assert tokens.shape == (2, grid_h * grid_w, tokenizer.token_dim), (
+            f"{name}: patchify must give (B, h*w, D) = {(2, grid_h * grid_w, tokenizer.token_dim)}, found "
+            f"{tuple(tokens.shape)}")
+        assert torch.equal(tokenizer.unpatchify(tokens, grid_h, grid_w), latents), (
+            f"{name}: unpatchify(patchify(latents)) is not latents")
+        alone = torch.cat([encode(images[i:i + 1]) for i in range(2)])
+        try:
+            torch.testing.assert_close(alone, latents, atol=atol, rtol=atol)
+        except AssertionError as error:
+            raise AssertionError(f"{name}: an image's latents depend on the other images of the batch: "
+                                 f"{error}") from None
+    small = torch.zeros(1, 3, f, f, device=device)
+    if f > 1:
+        refuses(lambda: tokenizer.encode(torch.zeros(1, 3, f + 1, f, device=device)),
+                "encode of a height that is not a multiple of f", name)
+    refuses(lambda: tokenizer.encode(small + 3.0), "encode of values outside [-1, 1]", name)
+    refuses(lambda: tokenizer.encode(small[0]), "encode of images that are not (B, 3, H, W)", name)
+    if side > 1:
+        refuses(lambda: tokenizer.grid_size(side * 4 + side // 2, side * 4), "grid_size of a height that is not a "
+                "multiple of pixels_per_token", name)
+    if any(p.requires_grad for p in tokenizer.parameters()):
+        with restored(tokenizer):
+            tokenizer.train()
+            randomize(tokenizer, generator=generator)
+            tokenizer.zero_grad(set_to_none=True)
+            tokenizer.decode(encode(images)).square().mean().backward()
+            assert_every_parameter_gets_a_gradient(tokenizer)

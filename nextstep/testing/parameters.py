@@ -1,0 +1,62 @@
+"""Helpers about a module's parameters for contract checks."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+def randomize(module: nn.Module, std: float = 0.1, generator: torch.Generator | None = None) -> nn.Module:
+    """Redraw the parameters that are all zero (zero-initialised output layers, AdaLN gates) from
+    ``N(0, std^2)``, so that every parameter influences the output; returns ``module``."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.numel() and parameter.abs().sum() == 0:
+                draw = torch.randn(parameter.shape, generator=generator, dtype=torch.float32) * std
+                parameter.copy_(draw.to(parameter.device, parameter.dtype))
+    return module
+
+
+def assert_every_parameter_gets_a_gradient(module: nn.Module) -> None:
+    """Raise ``AssertionError`` naming each trainable parameter without a gradient, with a
+    non-finite one, or with one that is all zero (after a backward pass)."""
+    name = type(module).__name__
+    trainable = [(key, p) for key, p in module.named_parameters() if p.requires_grad]
+    missing = [key for key, p in trainable if p.grad is None]
+    assert not missing, f"{name}: no gradient reaches {missing}"
+    bad = [key for key, p in trainable if not torch.isfinite(p.grad).all()]
+    assert not bad, f"{name}: non-finite gradient for {bad}"
+    zero = [key for key, p in trainable if p.grad.abs().sum() == 0]
+    assert not zero, f"{name}: zero gradient for {zero}"
+
+
+@contextmanager
+def restored(module: nn.Module) -> Iterator[nn.Module]:
+    """The module, whose parameters, gradients and training mode are put back on exit."""
+    state = {key: value.detach().clone() for key, value in module.state_dict(keep_vars=True).items()}
+    grads = {key: None if p.grad is None else p.grad.clone() for key, p in module.named_parameters()}
+    training = module.training
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for key, value in module.state_dict(keep_vars=True).items():
+                value.copy_(state[key])
+        for key, p in module.named_parameters():
+            p.grad = grads[key]
+        module.train(training)
+
+
+def refuses(call: Callable[[], object], what: str, owner: str) -> None:
+    """Raise ``AssertionError`` unless ``call()`` raises ``ValueError`` (``what`` names the bad input)."""
+    try:
+        call()
+    except ValueError:
+        return
+    except Exception as error:  # the wrong kind of error: say which
+        raise AssertionError(f"{owner}: {what} should raise ValueError naming what was expected and found, "
+                             f"raised {type(error).__name__}: {error}") from error
+    raise AssertionError(f"{owner}: {what} should raise ValueError, and was accepted")
