@@ -138,3 +138,10 @@ def test_captions_split_by_whether_the_vocabulary_has_every_word():
     replace_text_tokenizer(model, words)
     known = known_word_captions(model, ["red heart", "red-heart face", "blue heart", "red heart 2", "Red heart"])
     assert known.tolist() == [True, False, False, True, False]  # "-heart" splits as "-" + "heart", not " heart"
+
+
+def test_frechet_distance_of_one_dimensional_features_is_the_closed_form():
+    a, b = _gaussian(50, [0.0], [1.0], 3), _gaussian(60, [1.0], [2.0], 4)
+    mean_a, mean_b, std_a, std_b = a.mean(), b.mean(), a.std(), b.std()
+    expected = (mean_a - mean_b) ** 2 + (std_a - std_b) ** 2
+    assert frechet_distance(a, b) == pytest.approx(float(expected), rel=1e-9)

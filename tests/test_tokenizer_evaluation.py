@@ -95,3 +95,13 @@ def test_a_sampling_tokenizer_reconstructs_each_image_alike_in_any_batch():
     together, together_latents = reconstruct(vae, images, batch_size=3, latent_noise=0.2, seed=3)
     torch.testing.assert_close(together_latents, alone_latents)
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bfloat16_tokenizer_is_evaluated_in_its_own_dtype():
+    from nextstep.evaluation.tokenizer_eval import reconstruct
+
+    torch.manual_seed(0)
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4)).eval().to(torch.bfloat16)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    reconstructions, latents = reconstruct(vae, images)
+    assert reconstructions.dtype == latents.dtype == torch.float32 and reconstructions.shape == images.shape

@@ -29,7 +29,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sets must share their width, found {a.shape[1]} and {b.shape[1]}")
     mean_a, mean_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (D, D), D = 1 too
     root_a = _psd_sqrt(cov_a)
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
     value = (mean_a - mean_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross

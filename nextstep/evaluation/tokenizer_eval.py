@@ -52,15 +52,16 @@ class ReconstructionReport:
 def reconstruct(tokenizer: ImageTokenizer, images: torch.Tensor, batch_size: int = 16,
                 latent_noise: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstructions, latents) of images (B, 3, H, W), optionally with noise added to latents, on the
-    images' device. The tokenizer runs on its own device; a tokenizer that samples its latents encodes
+    images' device in float32. The tokenizer runs on its own device and in its own dtype; a tokenizer that samples its latents encodes
     image ``i`` from seed ``seed + i``, and the noise is drawn image by image, so that no image's result
     depends on ``batch_size``."""
     generator = torch.Generator().manual_seed(seed)
     parameter = next(tokenizer.parameters(), None)
     device = parameter.device if parameter is not None else images.device
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else images.dtype
     outputs, latents = [], []
     for start in range(0, images.shape[0], batch_size):
-        batch = images[start:start + batch_size].to(device)
+        batch = images[start:start + batch_size].to(device, dtype)
         if tokenizer.samples_latents:
             z = torch.cat([tokenizer.encode_seeded(batch[j:j + 1], seed + start + j) for j in range(len(batch))])
         else:
@@ -68,7 +69,7 @@ def reconstruct(tokenizer: ImageTokenizer, images: torch.Tensor, batch_size: int
         if latent_noise:
             noise = torch.stack([torch.randn(z.shape[1:], generator=generator) for _ in range(len(z))])
             z = z + latent_noise * noise.to(z)
-        latents.append(z.to(images.device))
+        latents.append(z.float().to(images.device))
         outputs.append(tokenizer.decode(z).float().clamp(-1, 1).to(images.device))
     return torch.cat(outputs), torch.cat(latents)
 
