@@ -4,7 +4,8 @@
 #   2. the GPU tests, first (a kernel that is wrong on the GPU is known before the benchmark times
 #      it): every Triton kernel checked against its reference on Hypothesis-drawn shapes, the fused decode
 #      stack and the captured token loop against the eager paths, the backbone's parity and cache
-#      tests (gpu_tests.log);
+#      tests (gpu_tests.log); a kernel that fails to build or launch fails the test that called it
+#      (tests/conftest.py), rather than running its reference unnoticed;
 #   3. benchmarks/gpu_latency.py: NextStep-1-Large shapes against the bandwidth floors
 #      (gpu_latency.json, gpu_latency.md, gpu_latency.log);
 #   4. apart, under short limits: the one-launch head's tests and timings at 20 head steps (each way of

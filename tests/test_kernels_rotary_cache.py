@@ -40,6 +40,13 @@ def test_kernel_matches_reference(kernel_device, batch, kv_heads, group, half, s
     torch.testing.assert_close(values, expected_values, rtol=0, atol=0)  # copied, not computed
 
 
+def test_a_slot_past_the_cache_writes_nothing(kernel_device):  # noqa: F811
+    qkv, cos, sin, keys, values, _, heads = inputs(2, 1, 2, 2, 4, 0, torch.float32, 0, kernel_device)
+    before_keys, before_values = keys.clone(), values.clone()
+    rotate_into_cache_triton(qkv, cos, sin, keys, values, torch.tensor([4], device=kernel_device), heads, 1)
+    assert torch.equal(keys, before_keys) and torch.equal(values, before_values)
+
+
 def test_reference_is_the_decoders_unfused_rotation_and_cache_write():
     batch, kv_heads, group, half, slots, slot = 2, 2, 3, 4, 5, 3
     qkv, cos, sin, keys, values, slot_tensor, heads = inputs(batch, kv_heads, group, half, slots, slot,

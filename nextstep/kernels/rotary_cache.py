@@ -104,7 +104,7 @@ def _kernel(interpret: bool):
     @triton.jit
     def rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, query_ptr, keys_ptr, values_ptr, slot_ptr, qkv_stride,
                             cos_stride, sin_stride, query_row_stride, cache_row_stride, cache_head_stride,
-                            cache_slot_stride, num_heads, num_kv_heads, HEAD_DIM: tl.constexpr,
+                            cache_slot_stride, num_heads, num_kv_heads, num_slots, HEAD_DIM: tl.constexpr,
                             BLOCK: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # launched dependently: let the next kernel start, then wait for the one ahead
             gdc_launch_dependents()
@@ -125,11 +125,13 @@ def _kernel(interpret: bool):
             tl.store(query_ptr + row * query_row_stride + head * HEAD_DIM + e,
                      rotated.to(query_ptr.dtype.element_ty), mask=inside)
         else:
-            slot = tl.load(slot_ptr)
+            slot = tl.load(slot_ptr).to(tl.int64)
             target = row * cache_row_stride + (head - num_heads) * cache_head_stride + slot * cache_slot_stride
-            tl.store(keys_ptr + target + e, rotated.to(x.dtype).to(keys_ptr.dtype.element_ty), mask=inside)
+            # A slot past the cache is never written (the reference raises): no element is stored there.
+            stored = e < tl.where(slot < num_slots, HEAD_DIM, 0)
+            tl.store(keys_ptr + target + e, rotated.to(x.dtype).to(keys_ptr.dtype.element_ty), mask=stored)
             value = tl.load(source + num_kv_heads * HEAD_DIM + e, mask=inside, other=0.0)
-            tl.store(values_ptr + target + e, value.to(values_ptr.dtype.element_ty), mask=inside)
+            tl.store(values_ptr + target + e, value.to(values_ptr.dtype.element_ty), mask=stored)
 
     return rotary_cache_kernel
 
@@ -159,7 +161,7 @@ def rotate_into_cache_triton(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: t
     launch = dependent_launch_options(qkv)
     _kernel(interpreter_enabled())[grid](
         qkv, cos, signed_sin, query, keys, values, slot, qkv.stride(0), cos.stride(0), signed_sin.stride(0),
-        query.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), num_heads, num_kv_heads,
+        query.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), num_heads, num_kv_heads, keys.shape[2],
         HEAD_DIM=head_dim, BLOCK=block_size(head_dim), num_warps=1 if head_dim <= 128 else 2, PDL=bool(launch),
         **launch)
     return query
