@@ -1,6 +1,8 @@
 """``nextstep train``: recipes, overrides, resume, sample grids, and errors that name the problem."""
 
 import json
+import re
+import shutil
 
 import pytest
 from PIL import Image
@@ -44,6 +46,41 @@ def test_train_writes_logs_samples_and_checkpoints_then_resumes(tmp_path, capsys
     assert load_recipe(earlier / "recipe.json").train.max_steps == 4
     assert [row["step"] for row in read_log(out / "train_log.csv")] == [1]
     assert (out / "model" / "config.json").is_file() and load_recipe(out / "recipe.json").train.max_steps == 1
+
+
+def test_a_resume_that_cannot_continue_the_run_leaves_its_folder_as_it_was(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, train=dict(RECIPE["train"], sample_every=0))))
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "-o", str(out), "--quiet"]) == 0
+    saved = (out / "recipe.json").read_text()
+    log = (out / "train_log.csv").read_text()
+    # Another seed (refused by the trainer), another model or data (refused before the trainer resumes).
+    for change, message in ((["--set", "train.seed=5"], "trained with seed 0 but this run has seed 5"),
+                            (["--set", "model=compact"], r'was trained with another recipe \(model: "tiny" there, '
+                                                         r'"compact" here\)'),
+                            (["--set", "data.resolution=64"], "another recipe \\(data: .* there, .* here\\)")):
+        assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "4", *change]) == 2
+        assert re.search(message, capsys.readouterr().err)
+        assert (out / "recipe.json").read_text() == saved and (out / "train_log.csv").read_text() == log
+    # More steps, same recipe: resumed, and the recipe records the new length.
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "4"]) == 0
+    assert load_recipe(out / "recipe.json").train.max_steps == 4
+
+
+def test_a_run_folder_without_a_checkpoint_is_not_started_over_silently(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, train=dict(RECIPE["train"], sample_every=0))))
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "-o", str(out), "--quiet"]) == 0
+    shutil.rmtree(out / "checkpoints")
+    model = (out / "model" / "model.safetensors").read_bytes()
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1"]) == 2
+    assert "holds an earlier run (model, train_log.csv) but no checkpoint to resume from; pass --no-resume" in \
+        capsys.readouterr().err
+    assert (out / "model" / "model.safetensors").read_bytes() == model
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1", "--no-resume"]) == 0
+    assert (out / "earlier-runs" / "1" / "model" / "model.safetensors").read_bytes() == model
 
 
 def test_typos_in_recipes_and_overrides_name_the_key(tmp_path, capsys):

@@ -324,6 +324,56 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
     return TrainingData(combine(cached, repeats), buckets)
 
 
+#: Recipe fields a resumed run must share with the run it continues (its ``train`` settings may change:
+#: the trainer checks the seed and the global batch itself); ``data.latent_cache`` may move.
+RESUMED_FIELDS = ("model", "model_arguments", "model_seed", "image_tokenizer", "text_tokenizer",
+                  "training_settings", "preference", "data")
+
+
+def check_resumable(recipe: Config, output_dir: Path, latest: Path | None, *,
+                    fields: tuple[str, ...] = RESUMED_FIELDS, run_entries: tuple[str, ...] = ()) -> None:
+    """Refuse to continue the run in ``output_dir`` with ``recipe`` before anything is written there.
+
+    Args:
+        recipe: the recipe of this call (saved as ``recipe.json`` once the run continues).
+        output_dir: the run folder.
+        latest: its latest checkpoint, or None.
+        fields: top-level recipe fields that must equal those of the saved ``recipe.json``.
+        run_entries: names an earlier run leaves (its log, samples, model): with no checkpoint
+            beside them there is nothing to resume, and starting over would overwrite them.
+
+    Raises:
+        ValueError: the folder holds a run of another recipe (naming the fields), or a run
+            without a checkpoint; both suggest ``--no-resume``, which sets the earlier run aside.
+    """
+    if latest is None:
+        found = sorted(name for name in run_entries if (output_dir / name).exists())
+        if found:
+            raise ValueError(f"{output_dir} holds an earlier run ({', '.join(found)}) but no checkpoint to resume "
+                             "from; pass --no-resume (resume=False) to move it into earlier-runs/ and start over, "
+                             "or choose another output folder")
+        return
+    saved_file = output_dir / RECIPE_FILE
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    here = recipe.to_dict()
+    for data in (saved, here):
+        if isinstance(data.get("data"), dict):
+            data["data"] = {key: value for key, value in data["data"].items() if key != "latent_cache"}
+    differing = [name for name in fields if saved.get(name) != here.get(name)]
+    if differing:
+        def shown(value):
+            text = json.dumps(value, sort_keys=True)
+            return text if len(text) <= 160 else text[:157] + "..."
+
+        details = "; ".join(f"{name}: {shown(saved.get(name))} there, {shown(here.get(name))} here"
+                            for name in differing)
+        raise ValueError(f"{output_dir} was trained with another recipe ({details}); resume it with its own "
+                         f"recipe ({saved_file}), or pass --no-resume (resume=False) to set that run aside and "
+                         "start over")
+
+
 def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = True,
                show_progress: bool = True):
     """Train a recipe; returns the `Trainer` after the run.
@@ -339,7 +389,7 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
     from nextstep.training.distributed import DistributedContext
     from nextstep.training.export import export_model
     from nextstep.training.text_to_image import TextToImageTask
-    from nextstep.training.trainer import RUN_ENTRIES, Trainer, set_aside_earlier_run
+    from nextstep.training.trainer import LOG_FILE, RUN_ENTRIES, SAMPLES_DIR, Trainer, set_aside_earlier_run
 
     output_dir = Path(output_dir)
     context = DistributedContext.from_environment()
@@ -355,11 +405,8 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
             replace_text_tokenizer(model, recipe_text_tokenizer(recipe, data))
             logger.info("text tokenizer: %s, %d ids", recipe.text_tokenizer["type"],
                         model.text_tokenizer.vocab_size)
-        if context.is_main:
-            if not resume:  # starting over: the earlier run's recipe and model go aside with its checkpoints
-                set_aside_earlier_run(output_dir, RUN_ENTRIES + (RECIPE_FILE, MODEL_DIR))
-            recipe.save(output_dir / RECIPE_FILE)
-            logger.info("training on %s", data.describe())
+        if context.is_main and not resume:  # starting over: the earlier run's recipe and model go aside too
+            set_aside_earlier_run(output_dir, RUN_ENTRIES + (RECIPE_FILE, MODEL_DIR))
         if recipe.preference:
             from nextstep.training.preference import PreferenceTask
 
@@ -367,6 +414,13 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
         else:
             task = TextToImageTask.from_train_config(model, recipe.train)
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
+        if resume:  # refused (another recipe, seed or batch) before the folder's recipe.json is replaced
+            check_resumable(recipe, output_dir, trainer.checkpoints.latest(),
+                            run_entries=(LOG_FILE, SAMPLES_DIR, MODEL_DIR))
+            trainer.resume()
+        if context.is_main:
+            recipe.save(output_dir / RECIPE_FILE)
+            logger.info("training on %s", data.describe())
         trainer.fit(resume=resume)
         if context.is_main and is_sharded(model):  # FSDP: the last checkpoint holds the whole model
             export_model(trainer.checkpoints.latest(), output_dir / MODEL_DIR, use_ema=trainer.ema is not None)

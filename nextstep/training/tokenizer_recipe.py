@@ -143,6 +143,12 @@ def checkpoint_tokenizer(checkpoint: str | Path, recipe: TokenizerRecipeConfig, 
     return tokenizer, ExponentialMovingAverage.holding(tokenizer, averages)  # names and shapes checked
 
 
+#: Tokenizer recipe fields a resumed run must share with the run it continues (see
+#: `nextstep.training.recipe.check_resumable`).
+RESUMED_TOKENIZER_FIELDS = ("tokenizer", "tokenizer_config", "seed", "decoder_ch", "train_encoder", "loss",
+                            "perceptual_network", "perceptual_weights", "data")
+
+
 def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, *, resume: bool = True,
                          show_progress: bool = True):
     """Train, save the final tokenizer to ``output_dir/tokenizer`` and evaluate it; returns the `Trainer`."""
@@ -151,9 +157,9 @@ def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, 
     from nextstep.training.checkpointing import is_sharded
     from nextstep.training.data.source import TrainingData, build_datasets, combine
     from nextstep.training.distributed import DistributedContext
-    from nextstep.training.recipe import RECIPE_FILE
+    from nextstep.training.recipe import RECIPE_FILE, check_resumable
     from nextstep.training.tokenizer_task import TokenizerTask
-    from nextstep.training.trainer import RUN_ENTRIES, Trainer, set_aside_earlier_run
+    from nextstep.training.trainer import LOG_FILE, RUN_ENTRIES, SAMPLES_DIR, Trainer, set_aside_earlier_run
 
     output_dir = Path(output_dir)
     context = DistributedContext.from_environment()
@@ -161,15 +167,19 @@ def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, 
         tokenizer = build_recipe_tokenizer(recipe)
         datasets, repeats = build_datasets(recipe.data)
         data = TrainingData(combine(datasets, repeats), recipe.data.buckets(tokenizer.pixels_per_token))
-        if context.is_main:
-            if not resume:  # starting over: the earlier run's recipe, tokenizer and report go aside too
-                set_aside_earlier_run(output_dir, RUN_ENTRIES + (RECIPE_FILE, TOKENIZER_DIR, EVALUATION_DIR))
-            recipe.save(output_dir / RECIPE_FILE)
-            logger.info("training on %s", data.describe())
+        if context.is_main and not resume:  # starting over: the earlier run's recipe, tokenizer and report too
+            set_aside_earlier_run(output_dir, RUN_ENTRIES + (RECIPE_FILE, TOKENIZER_DIR, EVALUATION_DIR))
         preview = held_out_crops(8, recipe.evaluation_size, seed=99)
         task = TokenizerTask(tokenizer, build_objective(recipe), train_encoder=recipe.train_encoder,
                              preview_images=preview)
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
+        if resume:  # refused (another recipe, seed or batch) before the folder's recipe.json is replaced
+            check_resumable(recipe, output_dir, trainer.checkpoints.latest(), fields=RESUMED_TOKENIZER_FIELDS,
+                            run_entries=(LOG_FILE, SAMPLES_DIR, TOKENIZER_DIR))
+            trainer.resume()
+        if context.is_main:
+            recipe.save(output_dir / RECIPE_FILE)
+            logger.info("training on %s", data.describe())
         trainer.fit(resume=resume)
         if context.is_main:
             average = trainer.ema

@@ -153,11 +153,13 @@ class Trainer:
         self._elapsed_before = 0.0  # seconds of training in earlier calls of `fit` (or before a resume)
         self._fit_started: float | None = None
         self._opened_data = None
+        self._resumed = False
 
     # ---------------------------------------------------------------- resume
     def resume(self, checkpoint: str | Path | None = None) -> int:
         """Restore the latest checkpoint (or ``checkpoint``); returns the step to continue from."""
         self.checkpoints.remove_stale()
+        self._resumed = True
         path = Path(checkpoint) if checkpoint is not None else self.checkpoints.latest()
         if path is None:
             return self.step
@@ -227,11 +229,13 @@ class Trainer:
         """Train until ``config.max_steps``; returns the records of the steps run now.
 
         Args:
-            resume: continue from the latest checkpoint in ``output_dir`` if there is one; False
-                starts over, setting aside what an earlier run left there (`set_aside_earlier_run`).
+            resume: continue from the latest checkpoint in ``output_dir`` if there is one (unless
+                `resume` was called already); False starts over, setting aside what an earlier run
+                left there (`set_aside_earlier_run`).
         """
         if resume:
-            self.resume()
+            if not self._resumed:  # not already by an explicit `resume` call
+                self.resume()
         elif self.step == 0:
             self.set_aside_earlier_run()
         config, context = self.config, self.context
