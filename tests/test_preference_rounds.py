@@ -47,6 +47,14 @@ def test_each_round_starts_from_the_last_and_a_rerun_keeps_what_is_done(tiny_mod
     again = run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(), **options)
     assert [(r.start, r.model, r.pairs, r.correct) for r in again] == [
         (r.start, r.model, r.pairs, r.correct) for r in records]
+    # A call of fewer rounds keeps the later ones listed; one from another start refuses the kept rounds.
+    run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(), **dict(options, rounds=1))
+    assert [r["round"] for r in json.loads((tmp_path / "rounds" / "rounds.json").read_text())] == [1, 2]
+    tiny_model.save_pretrained(tmp_path / "other")
+    other = RecipeConfig.from_dict(_recipe(str(tmp_path / "other")))
+    with pytest.raises(ValueError, match="round1 was trained with another recipe \\(model: .*start.* there, "
+                                         ".*other.* here\\)"):
+        run_preference_rounds(other, tmp_path / "rounds", judge=_alternate(), **options)
 
 
 def test_recipes_the_rounds_cannot_run_are_refused_before_anything_runs(tmp_path):
@@ -71,6 +79,7 @@ def test_a_round_without_pairs_stops_before_training(tiny_model, tmp_path, monke
         run_preference_rounds(RecipeConfig.from_dict(_recipe(str(tmp_path / "start"))), tmp_path / "rounds",
                               rounds=1, samples_per_prompt=2, prompts=["a", "b"], judge=lambda image, entry: True,
                               settings=SamplingSettings(height=32, width=32, num_steps=1), show_progress=False)
+    assert not (tmp_path / "rounds" / "round1" / "pairs").exists()  # the next call draws again
 
 
 def test_the_command_runs_rounds_with_the_judging_and_sampling_options(tiny_model, tmp_path, monkeypatch, capsys):

@@ -106,32 +106,40 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         ValueError: ``rounds`` below 1, or a recipe `check_round_recipe` refuses (before anything
             runs); a round that draws no pair (before it trains).
     """
+    import shutil
+
     from nextstep.builders import load_model
     from nextstep.evaluation.self_judged_pairs import write_self_judged_pairs
-    from nextstep.training.recipe import run_recipe
+    from nextstep.training.recipe import check_same_recipe, run_recipe
 
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, found {rounds!r}")
     output_dir = Path(output_dir)
     check_round_recipe(recipe)  # before anything runs
+    summary = output_dir / SUMMARY_FILE
+    # Rounds of an earlier call that this one does not run stay listed.
+    earlier = {record["round"]: record for record in json.loads(summary.read_text())} if summary.is_file() else {}
     records, start = [], recipe.model
     for number in range(1, rounds + 1):
         folder = output_dir / f"round{number}"
         pairs, model_dir = folder / PAIRS_DIR, folder / MODEL_DIR
+        this_round = round_recipe(recipe, start, pairs / "pairs.jsonl", number)
+        check_same_recipe(this_round, folder)  # a kept round was made by this recipe, from this start
         began = time.perf_counter()
         if not (pairs / "summary.json").is_file():
             write_self_judged_pairs(load_model(start, device=device), pairs, samples_per_prompt=samples_per_prompt,
                                     combinations=combinations, settings=settings, prompts=prompts, judge=judge)
         drawn = json.loads((pairs / "summary.json").read_text())
         if not drawn["pairs"]:
+            shutil.rmtree(pairs)  # nothing to keep: the next call draws again, with its own settings
             raise ValueError(f"round {number} drew no pair: {drawn['correct']:.3f} of {drawn['images']} images were "
                              "judged right and no prompt had both a right and a wrong one (draw more per prompt, "
                              "or judge more strictly)")
         if not (model_dir / "config.json").is_file():
-            run_recipe(round_recipe(recipe, start, pairs / "pairs.jsonl", number), folder,
-                       show_progress=show_progress)
+            run_recipe(this_round, folder, show_progress=show_progress)
         records.append(RoundRecord(round=number, start=str(start), model=str(model_dir), pairs=drawn["pairs"],
                                    correct=drawn["correct"], seconds=round(time.perf_counter() - began, 1)))
-        atomic_write_text(output_dir / SUMMARY_FILE, json.dumps([asdict(r) for r in records], indent=2) + "\n")
+        listed = {**earlier, **{record.round: asdict(record) for record in records}}
+        atomic_write_text(summary, json.dumps([listed[key] for key in sorted(listed)], indent=2) + "\n")
         start = str(model_dir)
     return records

@@ -353,6 +353,12 @@ def check_resumable(recipe: Config, output_dir: Path, latest: Path | None, *,
                              "from; pass --no-resume (resume=False) to move it into earlier-runs/ and start over, "
                              "or choose another output folder")
         return
+    check_same_recipe(recipe, output_dir, fields)
+
+
+def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] = RESUMED_FIELDS) -> None:
+    """Refuse ``recipe`` for the run in ``output_dir`` when the fields ``fields`` of its saved
+    ``recipe.json`` (if any) differ from ``recipe``'s (``data.latent_cache`` aside), naming them."""
     saved_file = output_dir / RECIPE_FILE
     if not saved_file.is_file():
         return
