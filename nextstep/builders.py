@@ -8,7 +8,7 @@ import torch
 
 from nextstep.config import ComponentSpec
 from nextstep.dtypes import weight_dtype
-from nextstep.io import names_a_path
+from nextstep.io import names_a_path, what_is_at
 from nextstep.model import NextStep
 from nextstep.model_config import ModelConfig
 from nextstep.registry import component_class, model_preset
@@ -77,8 +77,7 @@ def check_preset_name(name: str) -> None:
     from nextstep.registry import model_names
 
     if names_a_path(name):
-        found = "a file" if Path(name).is_file() else "nothing"
-        raise FileNotFoundError(f"expected a model directory at {name!r}, found {found}")
+        raise FileNotFoundError(f"expected a model directory at {name!r}, found {what_is_at(name)}")
     if name not in model_names():
         raise ValueError(f"unknown model {name!r}: expected a model directory, a shipped model "
                          f"{bundled_models()} or a preset {model_names()}")

@@ -69,6 +69,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 #: Files whose presence marks a directory as one `atomic_directory` may replace (what it writes).
 REPLACEABLE_MARKERS = ("config.json",)
+#: Files whose presence marks a directory `atomic_directory` replaces only when they are among its markers:
+#: a training checkpoint's state (its folder also holds a config.json).
+PROTECTED_MARKERS = ("trainer_state.json",)
 
 
 @contextmanager
@@ -81,8 +84,10 @@ def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPL
     between the two renames, the old one under ``<path>.old-*``:
     `restore_moved_aside` puts it back; a rename that fails puts it back at once).
     Only an empty directory or one holding one of ``markers`` (a directory of the
-    kind being written) is replaced: any other is refused before anything is
-    written. A symbolic link to a directory has its target replaced.
+    kind being written), and not a training checkpoint (`PROTECTED_MARKERS`), is
+    replaced: any other is refused before anything is written. An old directory
+    that an interrupted write left moved aside is put back first. A symbolic
+    link to a directory has its target replaced.
     Files written into the staging directory get ordinary permissions (0666
     less the umask), whatever the library that wrote them chose.
 
@@ -93,6 +98,7 @@ def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPL
     path = Path(path)
     if path.is_symlink():
         path = path.resolve()
+    restore_moved_aside(path)  # an earlier write that stopped between its two renames: its old directory back
     _check_replaceable(path, markers)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -134,6 +140,10 @@ def _check_replaceable(path: Path, markers: tuple[str, ...]) -> None:
     if not path.is_dir():
         raise NotADirectoryError(f"expected a directory at {path}, found a file")
     entries = sorted(entry.name for entry in path.iterdir())
+    protected = [marker for marker in PROTECTED_MARKERS if marker not in markers and (path / marker).exists()]
+    if protected:
+        raise FileExistsError(f"expected a folder to write into at {path}, found a training checkpoint (it holds "
+                              f"{protected[0]}); write elsewhere (a checkpoint loads as a model as it is)")
     if entries and not any((path / marker).exists() for marker in markers):
         raise FileExistsError(
             f"expected an empty folder or one written here before (with {' or '.join(markers)}) at {path}, "
@@ -153,6 +163,21 @@ def restore_moved_aside(path: str | os.PathLike) -> bool:
     os.replace(backups[-1], path)
     _fsync_dir(path.parent)
     return True
+
+
+def what_is_at(path: str | os.PathLike) -> str:
+    """What a message says was found at ``path``: "a file", "a directory", "nothing", or, where an
+    interrupted `atomic_directory` left the old directory moved aside, "nothing (... rename it back)"."""
+    path = Path(path)
+    if path.is_file():
+        return "a file"
+    if path.is_dir():
+        return "a directory"
+    backups = sorted(path.parent.glob(f"{path.name}.old-*")) if path.name else []
+    if backups:
+        return (f"nothing, but {backups[-1]}, the earlier directory an interrupted write moved aside "
+                f"(rename it to {path.name} to use it)")
+    return "nothing"
 
 
 def names_a_path(name: str) -> bool:

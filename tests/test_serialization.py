@@ -123,6 +123,28 @@ def test_a_folder_of_other_files_is_never_replaced(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "empty")
 
 
+def test_a_training_checkpoint_is_never_replaced_by_a_model(tiny_model, tmp_path):
+    checkpoint = tmp_path / "step-00000002"
+    tiny_model.save_pretrained(checkpoint)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="found a training checkpoint \\(it holds trainer_state.json\\)"):
+        tiny_model.save_pretrained(checkpoint)
+    assert (checkpoint / "trainer_state.json").is_file()
+
+
+def test_an_interrupted_replacement_is_named_and_undone_by_the_next_write(tiny_model, tmp_path):
+    from nextstep.builders import load_model
+
+    target = tmp_path / "m"
+    tiny_model.save_pretrained(target)
+    target.rename(tmp_path / "m.old-ab12cd")  # a crash between the two renames of a replacement
+    with pytest.raises(FileNotFoundError, match=r"found nothing, but .*m\.old-ab12cd, the earlier directory an "
+                                                r"interrupted write moved aside \(rename it to m to use it\)"):
+        load_model(str(target))
+    tiny_model.save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 def test_a_failed_last_rename_puts_the_old_directory_back(tiny_model, tmp_path, monkeypatch):
     import nextstep.io as io
 

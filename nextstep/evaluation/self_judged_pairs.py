@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from nextstep.evaluation.sampling import SamplingSettings, generate_images
 from nextstep.evaluation.shapes_detector import detect_shapes
 from nextstep.evaluation.shapes_geneval import geneval_prompts, score_image
-from nextstep.io import atomic_path, atomic_write_text
+from nextstep.io import atomic_path, atomic_write_text, what_is_at
 from nextstep.training.data.manifest import manifest_entries
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def read_prompt_file(path: str | Path) -> list[str | dict]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"expected a prompt file at {path}, found nothing")
+        raise FileNotFoundError(f"expected a prompt file at {path}, found {what_is_at(path)}")
     if path.suffix == ".jsonl":
         prompts: list[str | dict] = [entry for _, entry in manifest_entries(path, required=("prompt",))]
     else:

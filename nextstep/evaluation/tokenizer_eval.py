@@ -52,9 +52,9 @@ class ReconstructionReport:
 def reconstruct(tokenizer: ImageTokenizer, images: torch.Tensor, batch_size: int = 16,
                 latent_noise: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstructions, latents) of images (B, 3, H, W), optionally with noise added to latents, on the
-    images' device in float32. The tokenizer runs on its own device and in its own dtype; a tokenizer that samples its latents encodes
-    image ``i`` from seed ``seed + i``, and the noise is drawn image by image, so that no image's result
-    depends on ``batch_size``."""
+    images' device in float32. The tokenizer runs on its own device and in its own dtype; a tokenizer
+    that samples its latents encodes image ``i`` from seed ``seed + i``, and the noise is drawn image by
+    image, so that no image's result depends on ``batch_size``."""
     generator = torch.Generator().manual_seed(seed)
     parameter = next(tokenizer.parameters(), None)
     device = parameter.device if parameter is not None else images.device

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nextstep.dtypes import weight_dtype
-from nextstep.io import read_json_object
+from nextstep.io import read_json_object, what_is_at
 
 if TYPE_CHECKING:
     from nextstep.model import NextStep
@@ -48,7 +48,7 @@ def detect_model_layout(directory: str | os.PathLike) -> str:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"expected a model directory at {directory}, found nothing")
+        raise FileNotFoundError(f"expected a model directory at {directory}, found {what_is_at(directory)}")
     config_path = directory / "config.json"
     if not config_path.is_file():
         present = sorted(p.name for p in directory.iterdir())[:20]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nextstep.config import ComponentSpec, Config, require
+from nextstep.io import what_is_at
 from nextstep.training.config import TrainConfig
 from nextstep.training.data.source import DataConfig
 
@@ -138,7 +139,7 @@ def find_recipe(name_or_path: str) -> Path:
     if path.is_file():
         return path
     if path.suffix or "/" in name_or_path:
-        raise FileNotFoundError(f"expected a recipe file at {name_or_path}, found nothing")
+        raise FileNotFoundError(f"expected a recipe file at {name_or_path}, found {what_is_at(path)}")
     known = []
     for folder in recipe_search_paths():
         candidate = folder / f"{name_or_path}.json"

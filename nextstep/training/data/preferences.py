@@ -21,6 +21,7 @@ from PIL import Image
 
 from nextstep.config import Config, require
 from nextstep.images import IMAGE_ERRORS, oriented_size
+from nextstep.io import what_is_at
 from nextstep.training.data.base import ImageTextDataset, ImageTextSample
 from nextstep.training.data.folder import open_image
 from nextstep.training.data.manifest import manifest_entries
@@ -160,8 +161,9 @@ class PreferenceManifestDataset(ImageTextDataset):
         self.config = config or PreferenceManifestConfig()
         manifest = Path(self.config.path)
         if not manifest.is_file():
-            raise FileNotFoundError(f"expected a preference manifest at {manifest}, found nothing (`nextstep "
-                                    "preference-pairs MODEL FOLDER` writes FOLDER/pairs.jsonl from a model's samples)")
+            raise FileNotFoundError(f"expected a preference manifest at {manifest}, found {what_is_at(manifest)} "
+                                    "(`nextstep preference-pairs MODEL FOLDER` writes FOLDER/pairs.jsonl from a "
+                                    "model's samples)")
         self.records: list[tuple[str, Path, Path]] = []
         self.sizes: list[tuple[int, int]] = []
         for number, entry in manifest_entries(manifest, ("caption", "chosen", "rejected")):
