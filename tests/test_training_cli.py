@@ -68,6 +68,17 @@ def test_a_resume_that_cannot_continue_the_run_leaves_its_folder_as_it_was(tmp_p
     assert load_recipe(out / "recipe.json").train.max_steps == 4
 
 
+def test_a_folder_given_as_a_recipe_is_named(tmp_path, capsys, monkeypatch):
+    from nextstep.training.recipe import find_recipe
+
+    (tmp_path / "runs").mkdir()
+    assert main(["train", str(tmp_path / "runs"), "-o", str(tmp_path / "out")]) == 2
+    assert "expected a recipe file at" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="expected a recipe file at runs, found a directory"):
+        find_recipe("runs")
+
+
 def test_a_run_folder_without_a_checkpoint_is_not_started_over_silently(tmp_path, capsys):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(dict(RECIPE, train=dict(RECIPE["train"], sample_every=0))))

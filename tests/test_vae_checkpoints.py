@@ -173,8 +173,15 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
     (tmp_path / "ae.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="ae.safetensors"):
         load_flux_vae(tmp_path / "ae.safetensors")
-    with pytest.raises(FileNotFoundError, match="expected"):
+    with pytest.raises(FileNotFoundError, match="expected a VAE checkpoint at .*does_not_exist, found nothing"):
         load_flux_vae(tmp_path / "empty_dir_that_does_not_exist")
+
+
+def test_a_nextstep_model_directory_is_named_as_one(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "model")
+    with pytest.raises(FileNotFoundError, match="is a NextStep model, not a VAE checkpoint: load the model and take "
+                                                "its image_tokenizer"):
+        load_flux_vae(tmp_path / "model")
 
 
 def test_missing_keys_are_listed(tmp_path):

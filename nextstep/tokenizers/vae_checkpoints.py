@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nextstep.io import atomic_directory, read_json_object
+from nextstep.io import atomic_directory, read_json_object, what_is_at
 from nextstep.serialization import read_safetensors
 from nextstep.tokenizers.flux_vae import FluxVAE, FluxVAEConfig
 
@@ -282,8 +282,24 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def detect_layout(path: str | Path) -> str:
-    """Which of `LAYOUTS` the file or directory at ``path`` holds."""
+    """Which of `LAYOUTS` the file or directory at ``path`` holds.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``, or nothing there in any of the layouts (naming them);
+            a NextStep model's directory (whose tokenizer it holds) is named as one.
+    """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"expected a VAE checkpoint at {path}, found {what_is_at(path)}")
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            fields = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            fields = {}
+        if isinstance(fields, dict) and {"backbone", "image_head"} <= set(fields):
+            raise FileNotFoundError(f"{path} is a NextStep model, not a VAE checkpoint: load the model and take "
+                                    "its image_tokenizer (or evaluate it with `nextstep eval MODEL --suite "
+                                    "tokenizer`)")
     if path.is_file():
         if path.suffix == ".safetensors":
             return "bfl"

@@ -138,7 +138,7 @@ def find_recipe(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    if path.suffix or "/" in name_or_path:
+    if path.suffix or "/" in name_or_path or path.is_dir():
         raise FileNotFoundError(f"expected a recipe file at {name_or_path}, found {what_is_at(path)}")
     known = []
     for folder in recipe_search_paths():

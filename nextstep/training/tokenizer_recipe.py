@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from nextstep.config import Config, require
+from nextstep.io import names_a_path
 from nextstep.tokenizers.training_loss import TokenizerLoss, TokenizerLossConfig
 from nextstep.training.config import TrainConfig
 from nextstep.training.data.source import DataConfig
@@ -101,7 +102,7 @@ def build_recipe_tokenizer(recipe: TokenizerRecipeConfig):
     from nextstep.tokenizers.flux_vae import FluxVAE
     from nextstep.tokenizers.vae_checkpoints import load_flux_vae
 
-    if Path(recipe.tokenizer).exists():
+    if Path(recipe.tokenizer).exists() or names_a_path(recipe.tokenizer):  # a path: loaded, or named as missing
         tokenizer = load_flux_vae(recipe.tokenizer, **recipe.tokenizer_config)
     else:
         config = flux_vae_config(recipe.tokenizer)
