@@ -569,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="add pretrained word vectors to a word-tokenizer model, to train further")
     vectors.add_argument("model", help="a saved model directory or a shipped model")
     vectors.add_argument("output", type=_output_folder, help="the model directory to write (replaced atomically)")
-    vectors.add_argument("--dim", type=int, default=64, help="principal components kept per vector (default 64)")
+    vectors.add_argument("--dim", type=_positive_int, default=64,
+                         help="principal components kept per vector (default 64)")
     vectors.add_argument("--substitution-probability", type=float, default=0.2,
                          help="training rate of reading a known word as its nearest other word (default 0.2)")
     vectors.set_defaults(handler=command_add_word_vectors)
@@ -676,9 +677,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import_modules(args.imports)
         return args.handler(args)
-    except (ValueError, OSError, ModuleNotFoundError) as error:  # bad input, missing or unusable files
+    except (ValueError, OSError, ImportError) as error:  # bad input, missing or unusable files or packages
         print(f"nextstep {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # a run that diverged: its message says what to change
+        print(f"nextstep {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # what was written is whole: every write is atomic
+        print(f"nextstep {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -126,3 +126,25 @@ def test_a_caption_is_printed_on_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(text_generation, "caption_images", lambda model, images, **kwargs: written)
     assert main(["caption", str(tmp_path / "a.png"), "--model", "tiny"]) == 0
     assert capsys.readouterr().out == f"{tmp_path / 'a.png'}\ta red circle and more\n"
+
+
+def test_interruptions_divergence_and_missing_packages_end_without_a_traceback(tmp_path, capsys, monkeypatch):
+    import nextstep.cli as cli
+
+    for error, code, message in ((KeyboardInterrupt(), 130, "nextstep info: interrupted"),
+                                 (FloatingPointError("the loss became nan at step 2"), 1, "the loss became nan"),
+                                 (ImportError("tensorboard is not installed: pip install tensorboard"), 2,
+                                  "pip install tensorboard")):
+        def handler(args, error=error):
+            raise error
+
+        monkeypatch.setattr(cli, "command_info", handler)
+        assert main(["info", "tiny"]) == code
+        assert message in capsys.readouterr().err
+
+
+def test_recipe_model_arguments_the_preset_does_not_take_are_named(tmp_path, capsys):
+    recipe = tmp_path / "r.json"
+    recipe.write_text('{"model": "tiny", "model_arguments": {"foo": 1}}')
+    assert main(["train", str(recipe), "-o", str(tmp_path / "out"), "--max-steps", "1", "--quiet"]) == 2
+    assert "model_arguments ['foo'] do not fit the preset 'tiny'" in capsys.readouterr().err

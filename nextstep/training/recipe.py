@@ -212,11 +212,16 @@ def build_recipe_model(recipe: RecipeConfig):
     if path.is_dir():
         model = NextStep.from_pretrained(path)
     elif any(separator in recipe.model for separator in ("/", "\\")):
-        found = "a file" if path.is_file() else "nothing"
         raise FileNotFoundError(f"recipe model: expected a model directory or a preset name at {recipe.model!r}, "
-                                f"found {found}")
+                                f"found {what_is_at(path)}")
     else:
-        model = build_model(model_preset(recipe.model)(**recipe.model_arguments), seed=recipe.model_seed)
+        preset = model_preset(recipe.model)
+        try:
+            config = preset(**recipe.model_arguments)
+        except TypeError as error:  # an argument the preset does not take
+            raise ValueError(f"model_arguments {sorted(recipe.model_arguments)} do not fit the preset "
+                             f"{recipe.model!r}: {error}") from None
+        model = build_model(config, seed=recipe.model_seed)
     if recipe.image_tokenizer:
         from nextstep.tokenizers.vae_checkpoints import load_flux_vae
 
