@@ -43,6 +43,35 @@ def test_wrong_samples_become_rejected_sides_of_pairs_the_manifest_reads(tiny_mo
     assert json.loads((tmp_path / "summary.json").read_text())["pairs"] == 3
 
 
+def test_pairs_are_written_as_one_folder_that_replaces_an_earlier_one_whole(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(self_judged_pairs, "generate_images",
+                        lambda model, prompts, settings, progress=None: [Image.new("RGB", (8, 8))] * len(prompts))
+    alternate = iter([True, False] * 100)
+    options = dict(samples_per_prompt=2, settings=SamplingSettings(height=32, width=32),
+                   judge=lambda image, entry: next(alternate))
+    write_self_judged_pairs(tiny_model, tmp_path / "pairs", prompts=["a", "b", "c"], **options)
+    assert len(list((tmp_path / "pairs" / "images").iterdir())) == 6
+    write_self_judged_pairs(tiny_model, tmp_path / "pairs", prompts=["a"], **options)
+    assert sorted(p.name for p in (tmp_path / "pairs" / "images").iterdir()) == ["000000.png", "000001.png"]
+    before = (tmp_path / "pairs" / "pairs.jsonl").read_text()
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "no space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", crash)  # a write that fails midway leaves the earlier folder
+    with pytest.raises(OSError, match="no space left"):
+        write_self_judged_pairs(tiny_model, tmp_path / "pairs", prompts=["x", "y"], **options)
+    assert (tmp_path / "pairs" / "pairs.jsonl").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    monkeypatch.undo()
+    monkeypatch.setattr(self_judged_pairs, "generate_images",
+                        lambda model, prompts, settings, progress=None: [Image.new("RGB", (8, 8))] * len(prompts))
+    with pytest.raises(FileExistsError, match="found a folder of 1 other entries \\(todo.txt\\)"):
+        write_self_judged_pairs(tiny_model, tmp_path / "notes", prompts=["a"], **options)
+
+
 def test_a_real_model_writes_pairs_end_to_end(tiny_model, tmp_path, monkeypatch):
     first_prompts = self_judged_pairs.geneval_prompts("seen")[:6]
     monkeypatch.setattr(self_judged_pairs, "geneval_prompts", lambda combinations: first_prompts)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from nextstep.evaluation.sampling import SamplingSettings, generate_images
 from nextstep.evaluation.shapes_detector import detect_shapes
 from nextstep.evaluation.shapes_geneval import geneval_prompts, score_image
-from nextstep.io import atomic_path, atomic_write_text, what_is_at
+from nextstep.io import atomic_directory, what_is_at
 from nextstep.training.data.manifest import manifest_entries
 
 if TYPE_CHECKING:
@@ -109,7 +109,8 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
 
     Args:
         model: the model whose samples are judged.
-        output: the folder to write (``images/``, ``pairs.jsonl``, ``summary.json``).
+        output: the folder to write (``images/``, ``pairs.jsonl``, ``summary.json``), as one unit: an
+            earlier output there is replaced whole; a folder of other files is refused.
         samples_per_prompt: K, images per prompt.
         combinations: which shapes GenEval prompts when ``prompts`` is None
             (`nextstep.evaluation.shapes_geneval.geneval_prompts`): ``seen`` by
@@ -144,8 +145,6 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
     verdicts: dict[int, dict[bool, list[int]]] = defaultdict(lambda: {True: [], False: []})
     for index, (entry, image) in enumerate(zip(plan, images)):
         verdicts[index // samples_per_prompt][bool(judge(image, entry))].append(index)
-    output = Path(output)
-    (output / "images").mkdir(parents=True, exist_ok=True)
     lines, used = [], set()
     paired = set()
     for number, split in sorted(verdicts.items()):
@@ -158,15 +157,17 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
             used.update((chosen, rejected))
             lines.append({"caption": entries[number]["prompt"], "chosen": f"images/{chosen:06d}.png",
                           "rejected": f"images/{rejected:06d}.png"})
-    for index in sorted(used):
-        with atomic_path(output / "images" / f"{index:06d}.png") as tmp:
-            images[index].save(tmp, format="PNG")
-    atomic_write_text(output / "pairs.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     correct = sum(len(split[True]) for split in verdicts.values())
     summary = SelfJudgedSummary(prompts=len(entries), images=len(plan), correct=correct / len(plan),
                                 pairs=len(lines), prompts_with_pairs=len(paired),
                                 settings=settings.to_dict())
-    atomic_write_text(output / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
+    # The folder as one unit: an earlier one is replaced whole (no stale images), and a crash leaves it as it was.
+    with atomic_directory(Path(output), markers=("pairs.jsonl", "summary.json")) as staging:
+        (staging / "images").mkdir()
+        for index in sorted(used):
+            images[index].save(staging / "images" / f"{index:06d}.png", format="PNG")
+        (staging / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        (staging / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
 
 
