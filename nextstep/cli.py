@@ -47,6 +47,42 @@ def _device(value: str) -> str:
     return value
 
 
+#: What `nextstep generate` records in its output folder: the request its images answer.
+GENERATION_RECORD = "generation.json"
+#: What `nextstep eval` records in its output folder before it runs a suite: the model and the settings.
+EVALUATION_RECORD = "evaluation.json"
+#: Options that do not change what `generate` draws (up to rounding) or where.
+UNRECORDED_OPTIONS = ("handler", "command", "imports", "output", "quiet", "device", "overwrite")
+
+
+def _generation_request(args: argparse.Namespace) -> dict:
+    return {key: value for key, value in sorted(vars(args).items()) if key not in UNRECORDED_OPTIONS}
+
+
+def _check_overwrite(existing: list[Path], saved: dict | None, request: dict, what: str) -> None:
+    """Refuse to replace ``existing`` files that an earlier request other than ``request`` wrote (``saved``, or
+    None when it is not known), naming them and the settings that differ."""
+    if not existing or saved == request:
+        return
+    if saved is None:
+        reason = "whose settings are not recorded"
+    else:
+        keys = sorted(key for key in set(saved) | set(request) if saved.get(key) != request.get(key))
+        reason = "with other settings: " + ", ".join(f"{key} {saved.get(key)!r} there, {request.get(key)!r} here"
+                                                      for key in keys)
+    more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+    raise FileExistsError(f"{existing[0].parent} already holds {existing[0].name}{more} from another {what} "
+                          f"({reason}); pass --overwrite to replace them, or choose another --output")
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def command_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -54,11 +90,17 @@ def command_generate(args: argparse.Namespace) -> int:
     from nextstep.fast.token_sampler import token_sampler_named
     from nextstep.generation import decode_tokens, generate_tokens
     from nextstep.images import image_grid, read_image_file, to_pil
-    from nextstep.io import atomic_path
+    from nextstep.io import atomic_path, atomic_write_text
 
+    out_dir = Path(args.output)
+    request = _generation_request(args)
+    names = [f"{index:03d}-{_slug(prompt)}-{number}.png" for index, prompt in enumerate(args.prompts)
+             for number in range(args.num_images)] + (["grid.png"] if args.grid else [])
+    if not args.overwrite:  # before the model loads: images of another request are not replaced
+        _check_overwrite([out_dir / name for name in names if (out_dir / name).exists()],
+                         _read_record(out_dir / GENERATION_RECORD), request, "generation")
     model = load_model(args.model, device=args.device, seed=args.seed)
     token_sampler = token_sampler_named(model, args.token_sampler)
-    out_dir = Path(args.output)
     source = None
     if args.image is not None:
         source = read_image_file(args.image)
@@ -95,6 +137,7 @@ def command_generate(args: argparse.Namespace) -> int:
         with atomic_path(path) as tmp:
             image_grid(all_images, columns=args.num_images if len(args.prompts) > 1 else None).save(tmp, format="PNG")
         written.append(path)
+    atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(request, indent=2) + "\n")
     for path in written:
         print(path)
     return 0
@@ -264,6 +307,10 @@ def command_eval(args: argparse.Namespace) -> int:
     size = settings.height
     output = Path(args.output)
     summary: dict = {"model": args.model, "settings": settings.to_dict()}
+    if not args.overwrite:  # the results of another model or settings are not replaced
+        existing = [output / name for name in ("summary.json", *suites) if (output / name).exists()]
+        _check_overwrite(existing, _read_record(output / EVALUATION_RECORD), summary, "evaluation")
+    atomic_write_text(output / EVALUATION_RECORD, json.dumps(summary, indent=2) + "\n")  # before any suite
     sections = []
     for suite in suites:
         bar, progress = _image_progress(suite, args.quiet)
@@ -484,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", type=_device)
     _add_token_sampler_option(gen)
     gen.add_argument("--grid", action="store_true", help="also write grid.png with every image")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace images an earlier generation with other settings wrote there (refused otherwise)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(handler=command_generate)
 
@@ -588,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--scenes-per-group", type=_positive_int, default=50,
                           help="captioning: scenes per kind and combination group")
     evaluate.add_argument("--crops", type=_positive_int, default=256, help="tokenizer: held-out photo crops")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace the results of another model or settings there (refused otherwise)")
     evaluate.add_argument("--device", default="cpu", type=_device)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=command_eval)

@@ -19,6 +19,21 @@ def test_generate_writes_png_files(tmp_path, capsys):
     assert str(tmp_path / "grid.png") in capsys.readouterr().out
 
 
+def test_generate_never_replaces_images_of_another_request_unasked(tmp_path, capsys):
+    arguments = ["generate", "a red circle", "--model", "tiny", "--steps", "1", "--height", "32", "--width", "32",
+                 "--output", str(tmp_path), "--quiet"]
+    assert main(arguments) == 0
+    first = (tmp_path / "000-a-red-circle-0.png").read_bytes()
+    assert main(arguments) == 0  # the same request: the same images
+    assert main(arguments + ["--seed", "5"]) == 2
+    assert ("already holds 000-a-red-circle-0.png from another generation (with other settings: seed 0 there, 5 "
+            "here); pass --overwrite") in capsys.readouterr().err
+    assert (tmp_path / "000-a-red-circle-0.png").read_bytes() == first
+    assert main(arguments + ["--seed", "5", "--overwrite"]) == 0
+    assert (tmp_path / "000-a-red-circle-0.png").read_bytes() != first
+    assert main(["generate", "a blue square", *arguments[2:]]) == 0  # other files: nothing to replace
+
+
 def test_generate_reports_bad_sizes(tmp_path, capsys):
     code = main(["generate", "x", "--height", "40", "--output", str(tmp_path)])
     assert code == 2

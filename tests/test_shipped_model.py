@@ -163,6 +163,12 @@ def test_eval_command_writes_every_suite_summary(tmp_path, capsys):
     assert set(summary["shapes"]["per_tag"]) == {"single_object", "two_object", "counting", "colors",
                                                  "position", "color_attr"}
     assert "Shapes GenEval" in (out / "summary.md").read_text()
+    # Another model's results are not replaced unasked.
+    assert main(["eval", "tiny", "--suite", "shapes", "--images-per-tag", "1", "--steps", "1", "--size", "64",
+                 "--output", str(out), "--quiet"]) == 2
+    assert "already holds summary.json and 1 more from another evaluation (with other settings: settings" in \
+        capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["settings"]["num_steps"] == 2
 
 
 def test_eval_draws_at_the_models_own_size_unless_told(tmp_path, capsys):
