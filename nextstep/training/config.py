@@ -34,7 +34,8 @@ class TrainConfig(Config):
         gradient_accumulation: micro-batches accumulated per optimiser step.
         learning_rate: peak learning rate.
         min_learning_rate: learning rate at the end of the cosine decay.
-        warmup_steps: linear warm-up from 0 to ``learning_rate``.
+        warmup_steps: linear warm-up to ``learning_rate``: step ``s`` (from 0) runs at
+            ``(s + 1) / warmup_steps`` of it.
         betas: AdamW betas.
         eps: AdamW epsilon.
         weight_decay: decoupled weight decay of matrices (biases, norms and other
