@@ -57,6 +57,31 @@ def test_each_round_starts_from_the_last_and_a_rerun_keeps_what_is_done(tiny_mod
         run_preference_rounds(other, tmp_path / "rounds", judge=_alternate(), **options)
 
 
+def test_a_round_interrupted_before_training_continues_from_its_own_start(tiny_model, tmp_path, monkeypatch):
+    tiny_model.save_pretrained(tmp_path / "start")
+    tiny_model.save_pretrained(tmp_path / "other")
+    settings = SamplingSettings(height=32, width=32, num_steps=1, batch_size=8)
+    options = dict(rounds=1, samples_per_prompt=2, settings=settings, prompts=["a red circle", "two squares"],
+                   show_progress=False)
+    recipe = RecipeConfig.from_dict(_recipe(str(tmp_path / "start")))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nextstep.training.recipe.run_recipe", stopped)  # pairs drawn, training not begun
+    with pytest.raises(KeyboardInterrupt):
+        run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(), **options)
+    monkeypatch.undo()
+    other = RecipeConfig.from_dict(_recipe(str(tmp_path / "other")))
+    with pytest.raises(ValueError, match="round1 drew its pairs with .*start.*, not .*other"):
+        run_preference_rounds(other, tmp_path / "rounds", judge=_alternate(), **options)
+    # A training stopped before its first checkpoint (a log, no checkpoint) starts over.
+    (tmp_path / "rounds" / "round1" / "train_log.csv").write_text("step,loss\n1,0.5\n")
+    (record,) = run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(), **options)
+    assert record.pairs == 2 and (tmp_path / "rounds" / "round1" / "model" / "config.json").is_file()
+    assert (tmp_path / "rounds" / "round1" / "earlier-runs" / "1" / "train_log.csv").is_file()
+
+
 def test_recipes_the_rounds_cannot_run_are_refused_before_anything_runs(tmp_path):
     good = _recipe("tiny")
     with pytest.raises(ValueError, match="need a preference recipe"):

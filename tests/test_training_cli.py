@@ -230,3 +230,18 @@ def test_overrides_reach_into_lists_and_name_bad_paths():
         apply_overrides(recipe, ["data.datasets.1.size=32"])
     with pytest.raises(ValueError, match=r"'data.resolution.x': data.resolution is 64, not an object or a list"):
         apply_overrides(recipe, ["data.resolution.x=1"])
+
+
+def test_a_saved_recipe_is_compared_as_the_recipe_class_reads_it(tmp_path):
+    from nextstep.training.recipe import RecipeConfig, check_same_recipe
+
+    nested = RecipeConfig.from_dict({"training_settings": {"word_vectors": {"substitution_probability": 0.4}}})
+    saved = nested.to_dict()
+    del saved["preference"]  # written before the field existed
+    saved["training_settings"] = {"word_vectors.substitution_probability": 0.4}  # the dotted spelling
+    (tmp_path / "recipe.json").write_text(json.dumps(saved))
+    check_same_recipe(nested, tmp_path)
+    with pytest.raises(ValueError, match=r'training_settings: \{"word_vectors.substitution_probability": 0.4\} '
+                                         r'there, \{"word_vectors.substitution_probability": 0.5\} here'):
+        check_same_recipe(nested.replace(training_settings={"word_vectors.substitution_probability": 0.5}),
+                          tmp_path)

@@ -8,8 +8,11 @@ pairs into ``OUTPUT/round{r}`` (its ``model/`` is the next round's start, and
 also the reference of its own DPO loss). Round ``r`` trains with the recipe's
 ``train.seed + r - 1``. A round whose model exists is kept, pairs whose
 ``summary.json`` exists are reused and an interrupted training resumes from its
-checkpoint, so running the same call again continues where it stopped.
-``OUTPUT/rounds.json`` lists what every round drew and trained.
+checkpoint (or starts over without one), so running the same call again
+continues where it stopped; a kept round made by another recipe, or pairs
+drawn from another start (``round{r}/start.json``), are refused. A round that
+draws no pair keeps nothing. ``OUTPUT/rounds.json`` lists what every round
+drew and trained.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
     from nextstep.evaluation.self_judged_pairs import Judge
 
 PAIRS_DIR = "pairs"
+#: The model a round drew its pairs with, written before it draws.
+START_FILE = "start.json"
 SUMMARY_FILE = "rounds.json"
 
 
@@ -110,7 +115,9 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
 
     from nextstep.builders import load_model
     from nextstep.evaluation.self_judged_pairs import write_self_judged_pairs
+    from nextstep.training.checkpointing import CheckpointManager
     from nextstep.training.recipe import check_same_recipe, run_recipe
+    from nextstep.training.trainer import CHECKPOINTS_DIR
 
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, found {rounds!r}")
@@ -125,8 +132,13 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         pairs, model_dir = folder / PAIRS_DIR, folder / MODEL_DIR
         this_round = round_recipe(recipe, start, pairs / "pairs.jsonl", number)
         check_same_recipe(this_round, folder)  # a kept round was made by this recipe, from this start
+        drawn_by = folder / START_FILE
+        if drawn_by.is_file() and json.loads(drawn_by.read_text()).get("start") != str(start):
+            raise ValueError(f"{folder} drew its pairs with {json.loads(drawn_by.read_text()).get('start')!r}, not "
+                             f"{str(start)!r}; give the rounds another output folder, or remove {folder}")
         began = time.perf_counter()
         if not (pairs / "summary.json").is_file():
+            atomic_write_text(drawn_by, json.dumps({"start": str(start)}) + "\n")  # before the pairs exist
             write_self_judged_pairs(load_model(start, device=device), pairs, samples_per_prompt=samples_per_prompt,
                                     combinations=combinations, settings=settings, prompts=prompts, judge=judge)
         drawn = json.loads((pairs / "summary.json").read_text())
@@ -136,7 +148,9 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
                              "judged right and no prompt had both a right and a wrong one (draw more per prompt, "
                              "or judge more strictly)")
         if not (model_dir / "config.json").is_file():
-            run_recipe(this_round, folder, show_progress=show_progress)
+            # A round stopped before its first checkpoint starts its training over (setting that start aside).
+            resume = CheckpointManager(folder / CHECKPOINTS_DIR).latest() is not None
+            run_recipe(this_round, folder, resume=resume, show_progress=show_progress)
         records.append(RoundRecord(round=number, start=str(start), model=str(model_dir), pairs=drawn["pairs"],
                                    correct=drawn["correct"], seconds=round(time.perf_counter() - began, 1)))
         listed = {**earlier, **{record.round: asdict(record) for record in records}}

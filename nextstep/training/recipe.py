@@ -364,15 +364,22 @@ def check_resumable(recipe: Config, output_dir: Path, latest: Path | None, *,
 
 def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] = RESUMED_FIELDS) -> None:
     """Refuse ``recipe`` for the run in ``output_dir`` when the fields ``fields`` of its saved
-    ``recipe.json`` (if any) differ from ``recipe``'s (``data.latent_cache`` aside), naming them."""
+    ``recipe.json`` (if any) differ from ``recipe``'s, naming them.
+
+    Both are compared as ``recipe``'s class reads them (a field the saved file leaves out takes its
+    default; ``training_settings`` nested or dotted alike; ``data.latent_cache`` aside). A saved file
+    this class cannot read is not compared.
+    """
     saved_file = output_dir / RECIPE_FILE
     if not saved_file.is_file():
         return
-    saved = json.loads(saved_file.read_text())
-    here = recipe.to_dict()
-    for data in (saved, here):
-        if isinstance(data.get("data"), dict):
-            data["data"] = {key: value for key, value in data["data"].items() if key != "latent_cache"}
+    try:
+        saved = _comparable(type(recipe).from_json(saved_file.read_text()))
+    except (ValueError, TypeError, OSError):
+        logger.warning("%s cannot be read as a %s; it is not compared with this run's recipe", saved_file,
+                       type(recipe).__name__)
+        return
+    here = _comparable(recipe)
     differing = [name for name in fields if saved.get(name) != here.get(name)]
     if differing:
         def shown(value):
@@ -384,6 +391,32 @@ def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] 
         raise ValueError(f"{output_dir} was trained with another recipe ({details}); resume it with its own "
                          f"recipe ({saved_file}), or pass --no-resume (resume=False) to set that run aside and "
                          "start over")
+
+
+def _comparable(recipe: Config) -> dict:
+    """A recipe's plain data, as two spellings of the same recipe give it alike."""
+    data = recipe.to_dict()
+    if isinstance(data.get("data"), dict):
+        data["data"] = {key: value for key, value in data["data"].items() if key != "latent_cache"}
+    if isinstance(data.get("training_settings"), dict):
+        data["training_settings"] = flat_settings(data["training_settings"])
+    return data
+
+
+def open_run_folder(trainer, recipe: Config, *, resume: bool, run_entries: tuple[str, ...],
+                    fields: tuple[str, ...] = RESUMED_FIELDS) -> None:
+    """Before a run writes into its folder: every process checks that the run there can continue with
+    ``recipe`` (`check_resumable`, when ``resume``), all wait for each other, the latest checkpoint is
+    restored (its own refusals: seed, global batch, stream split), and only then the main process
+    saves ``recipe`` as the folder's ``recipe.json``. A refused run leaves the folder as it was."""
+    output_dir, context = trainer.output_dir, trainer.context
+    if resume:
+        check_resumable(recipe, output_dir, trainer.checkpoints.latest(), fields=fields, run_entries=run_entries)
+    context.barrier()  # no process writes into the folder before every process has looked at it
+    if resume:
+        trainer.resume()
+    if context.is_main:
+        recipe.save(output_dir / RECIPE_FILE)
 
 
 def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = True,
@@ -426,12 +459,8 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
         else:
             task = TextToImageTask.from_train_config(model, recipe.train)
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
-        if resume:  # refused (another recipe, seed or batch) before the folder's recipe.json is replaced
-            check_resumable(recipe, output_dir, trainer.checkpoints.latest(),
-                            run_entries=(LOG_FILE, SAMPLES_DIR, MODEL_DIR))
-            trainer.resume()
+        open_run_folder(trainer, recipe, resume=resume, run_entries=(LOG_FILE, SAMPLES_DIR, MODEL_DIR))
         if context.is_main:
-            recipe.save(output_dir / RECIPE_FILE)
             logger.info("training on %s", data.describe())
         trainer.fit(resume=resume)
         if context.is_main and is_sharded(model):  # FSDP: the last checkpoint holds the whole model

@@ -158,7 +158,7 @@ def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, 
     from nextstep.training.checkpointing import is_sharded
     from nextstep.training.data.source import TrainingData, build_datasets, combine
     from nextstep.training.distributed import DistributedContext
-    from nextstep.training.recipe import RECIPE_FILE, check_resumable
+    from nextstep.training.recipe import RECIPE_FILE, open_run_folder
     from nextstep.training.tokenizer_task import TokenizerTask
     from nextstep.training.trainer import LOG_FILE, RUN_ENTRIES, SAMPLES_DIR, Trainer, set_aside_earlier_run
 
@@ -174,12 +174,9 @@ def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, 
         task = TokenizerTask(tokenizer, build_objective(recipe), train_encoder=recipe.train_encoder,
                              preview_images=preview)
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
-        if resume:  # refused (another recipe, seed or batch) before the folder's recipe.json is replaced
-            check_resumable(recipe, output_dir, trainer.checkpoints.latest(), fields=RESUMED_TOKENIZER_FIELDS,
-                            run_entries=(LOG_FILE, SAMPLES_DIR, TOKENIZER_DIR))
-            trainer.resume()
+        open_run_folder(trainer, recipe, resume=resume, run_entries=(LOG_FILE, SAMPLES_DIR, TOKENIZER_DIR),
+                        fields=RESUMED_TOKENIZER_FIELDS)
         if context.is_main:
-            recipe.save(output_dir / RECIPE_FILE)
             logger.info("training on %s", data.describe())
         trainer.fit(resume=resume)
         if context.is_main:
