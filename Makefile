@@ -58,7 +58,7 @@ DEMO_PROMPTS := "a red circle to the left of a blue square" "three yellow triang
 	"a purple square and a green circle" "grinning face with smiling eyes" "red heart" "flag of France"
 
 demo: $(STAMP)
-	$(PY) -m nextstep generate $(DEMO_PROMPTS) --num-images 4 --grid --output outputs/demo
+	$(PY) -m nextstep generate $(DEMO_PROMPTS) --num-images 4 --grid --output outputs/demo --overwrite
 	@echo "demo images in outputs/demo/ (grid.png: one row per prompt)"
 
 # TRITON_INTERPRET=1: the fused kernels run on CPU tensors through Triton's interpreter, so the

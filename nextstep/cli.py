@@ -47,12 +47,16 @@ def _device(value: str) -> str:
     return value
 
 
-#: What `nextstep generate` records in its output folder: the request its images answer.
+#: What `nextstep generate` records in its output folder: for each image file, the request it answers.
 GENERATION_RECORD = "generation.json"
-#: What `nextstep eval` records in its output folder before it runs a suite: the model and the settings.
+#: What `nextstep eval` records in its output folder before it runs a suite: the model, the settings and
+#: the suites' options.
 EVALUATION_RECORD = "evaluation.json"
-#: Options that do not change what `generate` draws (up to rounding) or where.
+#: Options of `generate` that are not part of the request an image answers: where it goes, how the run
+#: reports, and the device (the same images up to rounding).
 UNRECORDED_OPTIONS = ("handler", "command", "imports", "output", "quiet", "device", "overwrite")
+#: Options of `eval` that change its results besides the model and the sampling settings.
+EVALUATION_OPTIONS = ("images_per_tag", "limit", "scenes_per_group", "crops")
 
 
 def _generation_request(args: argparse.Namespace) -> dict:
@@ -60,9 +64,9 @@ def _generation_request(args: argparse.Namespace) -> dict:
 
 
 def _check_overwrite(existing: list[Path], saved: dict | None, request: dict, what: str) -> None:
-    """Refuse to replace ``existing`` files that an earlier request other than ``request`` wrote (``saved``, or
-    None when it is not known), naming them and the settings that differ."""
-    if not existing or saved == request:
+    """Refuse to replace ``existing`` files that an earlier request other than ``request`` wrote (``saved``: the
+    request of the first of them, or None when it is not known), naming them and the settings that differ."""
+    if not existing:
         return
     if saved is None:
         reason = "whose settings are not recorded"
@@ -96,9 +100,10 @@ def command_generate(args: argparse.Namespace) -> int:
     request = _generation_request(args)
     names = [f"{index:03d}-{_slug(prompt)}-{number}.png" for index, prompt in enumerate(args.prompts)
              for number in range(args.num_images)] + (["grid.png"] if args.grid else [])
+    records = _read_record(out_dir / GENERATION_RECORD) or {}  # image file -> the request it answers
     if not args.overwrite:  # before the model loads: images of another request are not replaced
-        _check_overwrite([out_dir / name for name in names if (out_dir / name).exists()],
-                         _read_record(out_dir / GENERATION_RECORD), request, "generation")
+        others = [out_dir / name for name in names if (out_dir / name).exists() and records.get(name) != request]
+        _check_overwrite(others, others and records.get(others[0].name), request, "generation")
     model = load_model(args.model, device=args.device, seed=args.seed)
     token_sampler = token_sampler_named(model, args.token_sampler)
     source = None
@@ -137,7 +142,8 @@ def command_generate(args: argparse.Namespace) -> int:
         with atomic_path(path) as tmp:
             image_grid(all_images, columns=args.num_images if len(args.prompts) > 1 else None).save(tmp, format="PNG")
         written.append(path)
-    atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(request, indent=2) + "\n")
+    records.update({path.name: request for path in written})
+    atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(records, indent=2) + "\n")
     for path in written:
         print(path)
     return 0
@@ -307,10 +313,12 @@ def command_eval(args: argparse.Namespace) -> int:
     size = settings.height
     output = Path(args.output)
     summary: dict = {"model": args.model, "settings": settings.to_dict()}
-    if not args.overwrite:  # the results of another model or settings are not replaced
+    record = {**summary, "options": {name: getattr(args, name) for name in EVALUATION_OPTIONS}}
+    if not args.overwrite:  # the results of another model, settings or options are not replaced
         existing = [output / name for name in ("summary.json", *suites) if (output / name).exists()]
-        _check_overwrite(existing, _read_record(output / EVALUATION_RECORD), summary, "evaluation")
-    atomic_write_text(output / EVALUATION_RECORD, json.dumps(summary, indent=2) + "\n")  # before any suite
+        saved = _read_record(output / EVALUATION_RECORD)
+        _check_overwrite(existing if saved != record else [], saved, record, "evaluation")
+    atomic_write_text(output / EVALUATION_RECORD, json.dumps(record, indent=2) + "\n")  # before any suite
     sections = []
     for suite in suites:
         bar, progress = _image_progress(suite, args.quiet)

@@ -1,3 +1,4 @@
+import json
 import re
 import subprocess
 import sys
@@ -32,6 +33,9 @@ def test_generate_never_replaces_images_of_another_request_unasked(tmp_path, cap
     assert main(arguments + ["--seed", "5", "--overwrite"]) == 0
     assert (tmp_path / "000-a-red-circle-0.png").read_bytes() != first
     assert main(["generate", "a blue square", *arguments[2:]]) == 0  # other files: nothing to replace
+    assert main(arguments + ["--seed", "5"]) == 0  # each image keeps the request it answers
+    records = json.loads((tmp_path / "generation.json").read_text())
+    assert records["000-a-red-circle-0.png"]["seed"] == 5 and records["000-a-blue-square-0.png"]["seed"] == 0
 
 
 def test_generate_reports_bad_sizes(tmp_path, capsys):

@@ -77,6 +77,8 @@ def test_a_folder_given_as_a_recipe_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="expected a recipe file at runs, found a directory"):
         find_recipe("runs")
+    (tmp_path / "tiny_emoji_shapes").mkdir()  # a run folder named after its recipe does not hide the recipe
+    assert find_recipe("tiny_emoji_shapes").name == "tiny_emoji_shapes.json"
 
 
 def test_a_run_folder_without_a_checkpoint_is_not_started_over_silently(tmp_path, capsys):

@@ -16,6 +16,7 @@ A recipe looks like::
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from nextstep.config import ComponentSpec, Config, require
-from nextstep.io import what_is_at
+from nextstep.io import names_a_path, what_is_at
 from nextstep.training.config import TrainConfig
 from nextstep.training.data.source import DataConfig
 
@@ -138,7 +139,7 @@ def find_recipe(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    if path.suffix or "/" in name_or_path or path.is_dir():
+    if names_a_path(name_or_path):
         raise FileNotFoundError(f"expected a recipe file at {name_or_path}, found {what_is_at(path)}")
     known = []
     for folder in recipe_search_paths():
@@ -147,6 +148,8 @@ def find_recipe(name_or_path: str) -> Path:
             return candidate
         if folder.is_dir():
             known.extend(p.stem for p in folder.glob("*.json"))
+    if path.is_dir():  # no recipe of that name: the folder was meant
+        raise FileNotFoundError(f"expected a recipe file at {name_or_path}, found a directory")
     raise FileNotFoundError(
         f"no recipe named {name_or_path!r} in {[str(p) for p in recipe_search_paths()]}; "
         f"known: {sorted(set(known))}"
@@ -211,17 +214,17 @@ def build_recipe_model(recipe: RecipeConfig):
     path = Path(recipe.model)
     if path.is_dir():
         model = NextStep.from_pretrained(path)
-    elif any(separator in recipe.model for separator in ("/", "\\")):
+    elif names_a_path(recipe.model):
         raise FileNotFoundError(f"recipe model: expected a model directory or a preset name at {recipe.model!r}, "
                                 f"found {what_is_at(path)}")
     else:
         preset = model_preset(recipe.model)
         try:
-            config = preset(**recipe.model_arguments)
+            inspect.signature(preset).bind(**recipe.model_arguments)
         except TypeError as error:  # an argument the preset does not take
             raise ValueError(f"model_arguments {sorted(recipe.model_arguments)} do not fit the preset "
                              f"{recipe.model!r}: {error}") from None
-        model = build_model(config, seed=recipe.model_seed)
+        model = build_model(preset(**recipe.model_arguments), seed=recipe.model_seed)
     if recipe.image_tokenizer:
         from nextstep.tokenizers.vae_checkpoints import load_flux_vae
 
