@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -151,13 +152,20 @@ def _check_replaceable(path: Path, markers: tuple[str, ...]) -> None:
             f"{', ...' if len(entries) > 3 else ''}); choose another folder")
 
 
+def _moved_aside(path: Path) -> list[Path]:
+    """The ``<path>.old-*`` directories `atomic_directory` moved aside, oldest first."""
+    if not path.name:
+        return []
+    return sorted(path.parent.glob(f"{glob.escape(path.name)}.old-*"), key=lambda backup: backup.stat().st_mtime)
+
+
 def restore_moved_aside(path: str | os.PathLike) -> bool:
     """Put back the directory `atomic_directory` moved aside to ``<path>.old-*`` when a crash came
     before the new one took its place (``path`` missing); whether it did."""
     path = Path(path)
     if path.exists():
         return False
-    backups = sorted(path.parent.glob(f"{path.name}.old-*"))
+    backups = _moved_aside(path)
     if not backups:
         return False
     os.replace(backups[-1], path)
@@ -173,7 +181,7 @@ def what_is_at(path: str | os.PathLike) -> str:
         return "a file"
     if path.is_dir():
         return "a directory"
-    backups = sorted(path.parent.glob(f"{path.name}.old-*")) if path.name else []
+    backups = _moved_aside(path)
     if backups:
         return (f"nothing, but {backups[-1]}, the earlier directory an interrupted write moved aside "
                 f"(rename it to {path.name} to use it)")

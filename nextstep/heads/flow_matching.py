@@ -135,7 +135,7 @@ class FlowMatchingHead(ImageHead):
         path fuses), else why not: a subclass that overrides `velocity`, or whose ``net``
         is not a `FlowMatchingMLP` with its own forward, is evaluated through `velocity`."""
         if not self._net_is_the_mlp():
-            return f"{type(self).__name__} has no FlowMatchingMLP of its own forward as its net"
+            return f"{type(self).__name__}'s net is not a FlowMatchingMLP with that class's own forward"
         if type(self).velocity is not FlowMatchingHead.velocity:
             return f"{type(self).__name__} overrides the velocity of FlowMatchingHead"
         return None
@@ -150,9 +150,10 @@ class FlowMatchingHead(ImageHead):
     def prepare_net(
         self, condition: torch.Tensor, times: torch.Tensor | FlowMatchingTimes | None = None
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``net(x_t, t, condition)`` for one condition (N, C), folded where ``net`` is the MLP (see
-        `PreparedFlowMatchingVelocity`): what `prepare` returns for this class, and the fast network
-        call for a subclass that turns the network's output into a velocity of its own.
+        """``fn(x_t (N, D), t (N,)) -> (N, D)``, equal to ``net(x_t, t, condition)`` for one condition
+        (N, C), folded where ``net`` is the MLP (see `PreparedFlowMatchingVelocity`): what `prepare`
+        returns for this class, and the fast network call for a subclass that turns the network's
+        output into a velocity of its own.
 
         Args:
             condition: (N, C).

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from nextstep.backbones.base import Backbone, positions_from_mask
-from nextstep.testing.parameters import assert_every_parameter_gets_a_gradient, randomize, refuses, restored
+from nextstep.testing.assertions import assert_close, refuses
+from nextstep.testing.parameters import assert_every_parameter_gets_a_gradient, randomize, restored
 
 
 def check_backbone(backbone: Backbone, *, seed: int = 0, atol: float = 1e-5) -> None:
@@ -25,7 +26,6 @@ def check_backbone(backbone: Backbone, *, seed: int = 0, atol: float = 1e-5) -> 
     device, dtype = parameter.device, parameter.dtype
     generator = torch.Generator().manual_seed(seed)
     hidden_size = backbone.hidden_size
-    close = dict(atol=atol, rtol=atol)
 
     def draw(*shape):
         return torch.randn(*shape, generator=generator).to(device, dtype)
@@ -48,7 +48,7 @@ def check_backbone(backbone: Backbone, *, seed: int = 0, atol: float = 1e-5) -> 
         steps = [backbone(embeds[:, :3], positions(3, 2), cache=cache)]
         for index in range(3, 7):
             steps.append(backbone(embeds[:, index:index + 1], positions(7, 2)[:, index:index + 1], cache=cache))
-        _close(torch.cat(steps, 1), full, close, f"{name}: a prefill and cached decode steps differ from the full "
+        assert_close(torch.cat(steps, 1), full, atol, f"{name}: a prefill and cached decode steps differ from the full "
                                                  "forward")
         refuses(lambda: backbone(embeds[:, :1], positions(1, 2), cache=cache), "a step past the cache's capacity",
                 name)
@@ -57,8 +57,8 @@ def check_backbone(backbone: Backbone, *, seed: int = 0, atol: float = 1e-5) -> 
         padded = torch.cat([long, torch.cat([torch.zeros_like(short), short], 1)])
         mask = torch.tensor([[True] * 6, [False] * 3 + [True] * 3], device=device)
         batch = backbone(padded, positions_from_mask(mask), mask)
-        _close(batch[0], backbone(long, positions(6))[0], close, f"{name}: a row differs beside a left-padded row")
-        _close(batch[1, 3:], backbone(short, positions(3))[0], close,
+        assert_close(batch[0], backbone(long, positions(6))[0], atol, f"{name}: a row differs beside a left-padded row")
+        assert_close(batch[1, 3:], backbone(short, positions(3))[0], atol,
                f"{name}: a left-padded row differs from the same row alone")
 
         first, second = draw(1, 4, hidden_size), draw(1, 3, hidden_size)
@@ -69,9 +69,9 @@ def check_backbone(backbone: Backbone, *, seed: int = 0, atol: float = 1e-5) -> 
         except ValueError:
             together = None  # packing refused by name, as a backbone that cannot attend within documents should
         if together is not None:
-            _close(together[:, :4], backbone(first, positions(4)), close,
+            assert_close(together[:, :4], backbone(first, positions(4)), atol,
                    f"{name}: the first of two packed documents differs from it alone")
-            _close(together[:, 4:7], backbone(second, positions(3)), close,
+            assert_close(together[:, 4:7], backbone(second, positions(3)), atol,
                    f"{name}: the second of two packed documents differs from it alone")
 
     with restored(backbone):
@@ -81,9 +81,3 @@ def check_backbone(backbone: Backbone, *, seed: int = 0, atol: float = 1e-5) -> 
         backbone(backbone.embed(ids), positions(7, 2)).square().mean().backward()
         assert_every_parameter_gets_a_gradient(backbone)
 
-
-def _close(actual, expected, tolerance, message):
-    try:
-        torch.testing.assert_close(actual, expected, **tolerance)
-    except AssertionError as error:
-        raise AssertionError(f"{message}: {error}") from None

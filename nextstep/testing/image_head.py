@@ -6,7 +6,8 @@ import torch
 
 from nextstep.heads.base import ImageHead
 from nextstep.samplers.time_grid import time_grid
-from nextstep.testing.parameters import assert_every_parameter_gets_a_gradient, randomize, refuses, restored
+from nextstep.testing.assertions import assert_close, refuses
+from nextstep.testing.parameters import assert_every_parameter_gets_a_gradient, randomize, restored
 
 
 def check_image_head(head: ImageHead, *, rows: int = 5, seed: int = 0, atol: float = 1e-5) -> None:
@@ -38,7 +39,6 @@ def check_image_head(head: ImageHead, *, rows: int = 5, seed: int = 0, atol: flo
 
     x, condition = draw(rows, head.token_dim), draw(rows, head.condition_dim)
     t = torch.rand(rows, generator=generator).to(device, dtype)
-    close = dict(atol=atol, rtol=atol)
     with restored(head), torch.no_grad():
         head.eval()
         randomize(head, generator=generator)
@@ -47,15 +47,15 @@ def check_image_head(head: ImageHead, *, rows: int = 5, seed: int = 0, atol: flo
             f"{name}: velocity must be (N, D) = {(rows, head.token_dim)}, found {tuple(velocity.shape)}")
         assert torch.isfinite(velocity).all(), f"{name}: velocity is not finite"
         alone = torch.cat([head.velocity(x[i:i + 1], t[i:i + 1], condition[i:i + 1]) for i in range(rows)])
-        _assert_close(alone, velocity, close, f"{name}: rows of velocity depend on the other rows of the batch")
-        _assert_close(head.prepare(condition)(x, t), velocity, close, f"{name}: prepare(condition) differs from "
+        assert_close(alone, velocity, atol, f"{name}: rows of velocity depend on the other rows of the batch")
+        assert_close(head.prepare(condition)(x, t), velocity, atol, f"{name}: prepare(condition) differs from "
                       "velocity")
         times = time_grid(4, 2.0, device=device, dtype=dtype)[:-1]  # (E,) evaluation times of a shifted grid
         at = times[torch.randint(0, times.numel(), (rows,), generator=generator)]
         expected = head.velocity(x, at, condition)
-        _assert_close(head.prepare(condition, times)(x, at), expected, close,
+        assert_close(head.prepare(condition, times)(x, at), expected, atol,
                       f"{name}: prepare(condition, times) differs from velocity at those times")
-        _assert_close(head.prepare(condition, head.prepare_times(times))(x, at), expected, close,
+        assert_close(head.prepare(condition, head.prepare_times(times))(x, at), expected, atol,
                       f"{name}: prepare(condition, prepare_times(times)) differs from velocity at those times")
         loss = head.loss(x, condition, generator=torch.Generator(device=device).manual_seed(seed))
         again = head.loss(x, condition, generator=torch.Generator(device=device).manual_seed(seed))
@@ -72,9 +72,3 @@ def check_image_head(head: ImageHead, *, rows: int = 5, seed: int = 0, atol: flo
         head.loss(x, condition, generator=torch.Generator(device=device).manual_seed(seed)).mean().backward()
         assert_every_parameter_gets_a_gradient(head)
 
-
-def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: dict, message: str) -> None:
-    try:
-        torch.testing.assert_close(actual, expected, **tolerance)
-    except AssertionError as error:
-        raise AssertionError(f"{message}: {error}") from None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from nextstep.testing.parameters import assert_every_parameter_gets_a_gradient, randomize, refuses, restored
+from nextstep.testing.assertions import assert_close, refuses
+from nextstep.testing.parameters import assert_every_parameter_gets_a_gradient, randomize, restored
 from nextstep.tokenizers.base import ImageTokenizer
 
 
@@ -39,8 +40,9 @@ def check_image_tokenizer(tokenizer: ImageTokenizer, *, seed: int = 0, atol: flo
         expected = (2, tokenizer.latent_channels, rows, cols)
         assert latents.shape == expected, f"{name}: encode must give (B, C, H/f, W/f) = {expected}, found " \
                                           f"{tuple(latents.shape)}"
-        assert latents.dtype == images.dtype and torch.isfinite(latents).all(), (
-            f"{name}: latents must be finite, in the images' dtype {images.dtype}; found {latents.dtype}")
+        assert latents.dtype == images.dtype, f"{name}: latents must be in the images' dtype {images.dtype}, " \
+                                              f"found {latents.dtype}"
+        assert torch.isfinite(latents).all(), f"{name}: latents are not finite"
         decoded = tokenizer.decode(latents)
         assert decoded.shape == images.shape and torch.isfinite(decoded).all(), (
             f"{name}: decode must give finite images of shape {tuple(images.shape)}, found {tuple(decoded.shape)}")
@@ -54,11 +56,7 @@ def check_image_tokenizer(tokenizer: ImageTokenizer, *, seed: int = 0, atol: flo
         assert torch.equal(tokenizer.unpatchify(tokens, grid_h, grid_w), latents), (
             f"{name}: unpatchify(patchify(latents)) is not latents")
         alone = torch.cat([encode(images[i:i + 1]) for i in range(2)])
-        try:
-            torch.testing.assert_close(alone, latents, atol=atol, rtol=atol)
-        except AssertionError as error:
-            raise AssertionError(f"{name}: an image's latents depend on the other images of the batch: "
-                                 f"{error}") from None
+        assert_close(alone, latents, atol, f"{name}: an image's latents depend on the other images of the batch")
     small = torch.zeros(1, 3, f, f, device=device)
     if f > 1:
         refuses(lambda: tokenizer.encode(torch.zeros(1, 3, f + 1, f, device=device)),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -48,15 +48,3 @@ def restored(module: nn.Module) -> Iterator[nn.Module]:
         for key, p in module.named_parameters():
             p.grad = grads[key]
         module.train(training)
-
-
-def refuses(call: Callable[[], object], what: str, owner: str) -> None:
-    """Raise ``AssertionError`` unless ``call()`` raises ``ValueError`` (``what`` names the bad input)."""
-    try:
-        call()
-    except ValueError:
-        return
-    except Exception as error:  # the wrong kind of error: say which
-        raise AssertionError(f"{owner}: {what} should raise ValueError naming what was expected and found, "
-                             f"raised {type(error).__name__}: {error}") from error
-    raise AssertionError(f"{owner}: {what} should raise ValueError, and was accepted")

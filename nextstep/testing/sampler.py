@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from nextstep.samplers.base import Sampler
+from nextstep.testing.assertions import assert_close
 
 
 def check_sampler(sampler: Sampler, *, steps: tuple[int, ...] = (1, 3, 10), shift: float = 2.0, rows: int = 4,
@@ -51,15 +52,10 @@ def check_sampler(sampler: Sampler, *, steps: tuple[int, ...] = (1, 3, 10), shif
 
         out = sampler.sample(constant, noise, grid)
         expected = noise + (grid[-1] - grid[0]) * (target - noise)
-        try:
-            torch.testing.assert_close(out, expected, atol=atol, rtol=atol)
-        except AssertionError as error:
-            raise AssertionError(f"{name}: a constant velocity is not integrated exactly in {count} step(s): "
-                                 f"{error}") from None
+        assert_close(out, expected, atol, f"{name}: a constant velocity is not integrated exactly in {count} step(s)")
         alone = torch.cat([sampler.sample(lambda x, t, i=i: (target - noise)[i:i + 1], noise[i:i + 1], grid)
                            for i in range(rows)])
-        torch.testing.assert_close(alone, out, atol=atol, rtol=atol,
-                                   msg=lambda text: f"{name}: rows of the result depend on each other: {text}")
+        assert_close(alone, out, atol, f"{name}: rows of the result depend on each other")
         if allowed is not None:
             # A velocity that depends on t, so that a time outside the promise would be used.
             seen.clear()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nextstep.testing.parameters import refuses
+from nextstep.testing.assertions import refuses
 from nextstep.tokenizers.base import TextTokenizer
 from nextstep.tokenizers.special_tokens import NEXTSTEP_SPECIAL_TOKENS
 
