@@ -98,12 +98,19 @@ def command_generate(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.output)
     request = _generation_request(args)
-    names = [f"{index:03d}-{_slug(prompt)}-{number}.png" for index, prompt in enumerate(args.prompts)
-             for number in range(args.num_images)] + (["grid.png"] if args.grid else [])
-    records = _read_record(out_dir / GENERATION_RECORD) or {}  # image file -> the request it answers
+    # What each file answers: an image, its prompt at its index (which seeds it) and the sampling options;
+    # the grid, the whole request.
+    common = {key: value for key, value in request.items() if key not in ("prompts", "grid")}
+    expected = {f"{index:03d}-{_slug(prompt)}-{number}.png": {**common, "prompt": prompt, "index": index}
+                for index, prompt in enumerate(args.prompts) for number in range(args.num_images)}
+    if args.grid:
+        expected["grid.png"] = request
+    records = _read_record(out_dir / GENERATION_RECORD) or {}  # file -> the request it answers
     if not args.overwrite:  # before the model loads: images of another request are not replaced
-        others = [out_dir / name for name in names if (out_dir / name).exists() and records.get(name) != request]
-        _check_overwrite(others, others and records.get(others[0].name), request, "generation")
+        others = [name for name, wanted in expected.items()
+                  if (out_dir / name).exists() and records.get(name) != wanted]
+        _check_overwrite([out_dir / name for name in others], others and records.get(others[0]),
+                         others and expected[others[0]], "generation")
     model = load_model(args.model, device=args.device, seed=args.seed)
     token_sampler = token_sampler_named(model, args.token_sampler)
     source = None
@@ -136,14 +143,16 @@ def command_generate(args: argparse.Namespace) -> int:
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             written.append(path)
+            records[path.name] = expected[path.name]
+        atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(records, indent=2) + "\n")  # as images land
         all_images.extend(images)
     if args.grid and all_images:
         path = out_dir / "grid.png"
         with atomic_path(path) as tmp:
             image_grid(all_images, columns=args.num_images if len(args.prompts) > 1 else None).save(tmp, format="PNG")
         written.append(path)
-    records.update({path.name: request for path in written})
-    atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(records, indent=2) + "\n")
+        records[path.name] = expected[path.name]
+        atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(records, indent=2) + "\n")
     for path in written:
         print(path)
     return 0

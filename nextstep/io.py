@@ -100,7 +100,7 @@ def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPL
     if path.is_symlink():
         path = path.resolve()
     restore_moved_aside(path)  # an earlier write that stopped between its two renames: its old directory back
-    _check_replaceable(path, markers)
+    check_replaceable(path, markers)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(staging, 0o777 & ~_umask())
@@ -117,7 +117,7 @@ def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPL
         _fsync_dir(staging)
         backup = None
         if path.exists():
-            _check_replaceable(path, markers)
+            check_replaceable(path, markers)
             backup = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
             backup.rmdir()
             os.replace(path, backup)
@@ -135,7 +135,9 @@ def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPL
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_replaceable(path: Path, markers: tuple[str, ...]) -> None:
+def check_replaceable(path: Path, markers: tuple[str, ...] = REPLACEABLE_MARKERS) -> None:
+    """Raise as `atomic_directory` would before replacing ``path``: for a file, a training checkpoint, or a
+    folder of other files than one holding ``markers``. For a caller to refuse before costly work."""
     if not path.exists():
         return
     if not path.is_dir():

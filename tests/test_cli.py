@@ -38,6 +38,26 @@ def test_generate_never_replaces_images_of_another_request_unasked(tmp_path, cap
     assert records["000-a-red-circle-0.png"]["seed"] == 5 and records["000-a-blue-square-0.png"]["seed"] == 0
 
 
+def test_generate_reruns_after_an_interruption_and_for_fewer_prompts(tmp_path, monkeypatch):
+    import nextstep.generation as generation
+
+    arguments = ["generate", "a red circle", "two squares", "--model", "tiny", "--steps", "1", "--height", "32",
+                 "--width", "32", "--output", str(tmp_path), "--quiet", "--grid"]
+    real, calls = generation.decode_tokens, []
+
+    def stop_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "decode_tokens", stop_at_the_second)
+    assert main(arguments) == 130
+    monkeypatch.undo()
+    assert main(arguments) == 0  # its own first image is replaced by the same one
+    assert main(arguments[:2] + arguments[3:-1]) == 0  # one of the prompts, no grid: the same first image
+
+
 def test_generate_reports_bad_sizes(tmp_path, capsys):
     code = main(["generate", "x", "--height", "40", "--output", str(tmp_path)])
     assert code == 2

@@ -105,6 +105,7 @@ def test_a_round_without_pairs_stops_before_training(tiny_model, tmp_path, monke
                               rounds=1, samples_per_prompt=2, prompts=["a", "b"], judge=lambda image, entry: True,
                               settings=SamplingSettings(height=32, width=32, num_steps=1), show_progress=False)
     assert not (tmp_path / "rounds" / "round1" / "pairs").exists()  # the next call draws again
+    assert not (tmp_path / "rounds" / "round1" / "start.json").exists()  # from any start
 
 
 def test_the_command_runs_rounds_with_the_judging_and_sampling_options(tiny_model, tmp_path, monkeypatch, capsys):

@@ -66,8 +66,7 @@ def test_pairs_are_written_as_one_folder_that_replaces_an_earlier_one_whole(tiny
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     monkeypatch.undo()
-    monkeypatch.setattr(self_judged_pairs, "generate_images",
-                        lambda model, prompts, settings, progress=None: [Image.new("RGB", (8, 8))] * len(prompts))
+    monkeypatch.setattr(self_judged_pairs, "generate_images", lambda *args, **kwargs: pytest.fail("drew"))
     with pytest.raises(FileExistsError, match="found a folder of 1 other entries \\(todo.txt\\)"):
         write_self_judged_pairs(tiny_model, tmp_path / "notes", prompts=["a"], **options)
 

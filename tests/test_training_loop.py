@@ -90,3 +90,13 @@ def test_a_component_that_could_not_be_checkpointed_is_refused_before_training(t
     with pytest.raises(ValueError, match="image_head PlainHead is not registered"):
         Trainer(TextToImageTask.from_train_config(model, config), shapes_data(), config, tmp_path, show_progress=False)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_every_fit_resumes_from_the_latest_checkpoint(tmp_path, monkeypatch):
+    trainer = tiny_trainer(tmp_path, tiny_config(max_steps=1, checkpoint_every=1))
+    calls = []
+    real = trainer.resume
+    monkeypatch.setattr(trainer, "resume", lambda *args: calls.append(1) or real(*args))
+    trainer.fit()
+    trainer.fit()  # after a failure, say: back to the checkpoint, not on from the weights in memory
+    assert calls == [1, 1]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from nextstep.evaluation.sampling import SamplingSettings, generate_images
 from nextstep.evaluation.shapes_detector import detect_shapes
 from nextstep.evaluation.shapes_geneval import geneval_prompts, score_image
-from nextstep.io import atomic_directory, what_is_at
+from nextstep.io import atomic_directory, check_replaceable, what_is_at
 from nextstep.training.data.manifest import manifest_entries
 
 if TYPE_CHECKING:
@@ -100,6 +100,10 @@ class SelfJudgedSummary:
     settings: dict
 
 
+#: Files whose presence marks a folder as earlier pairs, which a new draw may replace whole.
+PAIRS_MARKERS = ("pairs.jsonl", "summary.json")
+
+
 def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_per_prompt: int = 8,
                             combinations: str = "seen", settings: SamplingSettings | None = None,
                             progress: Callable[[int, int], None] | None = None,
@@ -140,6 +144,7 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
             if not isinstance(entry.get("include"), list):
                 raise ValueError(f"the shapes judge reads GenEval entries (with an 'include' list), found {entry!r}: "
                                  "give a judge of your own for prompts of your own")
+    check_replaceable(Path(output), PAIRS_MARKERS)  # a folder of other files is refused before anything is drawn
     plan = [entry for entry in entries for _ in range(samples_per_prompt)]
     images = generate_images(model, [entry["prompt"] for entry in plan], settings, progress)
     verdicts: dict[int, dict[bool, list[int]]] = defaultdict(lambda: {True: [], False: []})
@@ -162,7 +167,7 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
                                 pairs=len(lines), prompts_with_pairs=len(paired),
                                 settings=settings.to_dict())
     # The folder as one unit: an earlier one is replaced whole (no stale images), and a crash leaves it as it was.
-    with atomic_directory(Path(output), markers=("pairs.jsonl", "summary.json")) as staging:
+    with atomic_directory(Path(output), markers=PAIRS_MARKERS) as staging:
         (staging / "images").mkdir()
         for index in sorted(used):
             images[index].save(staging / "images" / f"{index:06d}.png", format="PNG")

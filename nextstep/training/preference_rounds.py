@@ -121,7 +121,7 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
 
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, found {rounds!r}")
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()  # rounds record paths under it: one spelling for every call
     check_round_recipe(recipe)  # before anything runs
     summary = output_dir / SUMMARY_FILE
     # Rounds of an earlier call that this one does not run stay listed.
@@ -131,11 +131,15 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         folder = output_dir / f"round{number}"
         pairs, model_dir = folder / PAIRS_DIR, folder / MODEL_DIR
         this_round = round_recipe(recipe, start, pairs / "pairs.jsonl", number)
-        check_same_recipe(this_round, folder)  # a kept round was made by this recipe, from this start
+        advice = f"give the rounds another output folder, or remove {folder}"
+        resume = CheckpointManager(folder / CHECKPOINTS_DIR).latest() is not None
+        if resume or (model_dir / "config.json").is_file():  # a kept round was made by this recipe
+            check_same_recipe(this_round, folder, advice=advice)
         drawn_by = folder / START_FILE
-        if drawn_by.is_file() and json.loads(drawn_by.read_text()).get("start") != str(start):
+        if (pairs / "summary.json").is_file() and drawn_by.is_file() and \
+                json.loads(drawn_by.read_text()).get("start") != str(start):
             raise ValueError(f"{folder} drew its pairs with {json.loads(drawn_by.read_text()).get('start')!r}, not "
-                             f"{str(start)!r}; give the rounds another output folder, or remove {folder}")
+                             f"{str(start)!r}; {advice}")
         began = time.perf_counter()
         if not (pairs / "summary.json").is_file():
             atomic_write_text(drawn_by, json.dumps({"start": str(start)}) + "\n")  # before the pairs exist
@@ -144,12 +148,12 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         drawn = json.loads((pairs / "summary.json").read_text())
         if not drawn["pairs"]:
             shutil.rmtree(pairs)  # nothing to keep: the next call draws again, with its own settings
+            drawn_by.unlink(missing_ok=True)
             raise ValueError(f"round {number} drew no pair: {drawn['correct']:.3f} of {drawn['images']} images were "
                              "judged right and no prompt had both a right and a wrong one (draw more per prompt, "
                              "or judge more strictly)")
         if not (model_dir / "config.json").is_file():
             # A round stopped before its first checkpoint starts its training over (setting that start aside).
-            resume = CheckpointManager(folder / CHECKPOINTS_DIR).latest() is not None
             run_recipe(this_round, folder, resume=resume, show_progress=show_progress)
         records.append(RoundRecord(round=number, start=str(start), model=str(model_dir), pairs=drawn["pairs"],
                                    correct=drawn["correct"], seconds=round(time.perf_counter() - began, 1)))

@@ -362,12 +362,18 @@ def check_resumable(recipe: Config, output_dir: Path, latest: Path | None, *,
                              "from; pass --no-resume (resume=False) to move it into earlier-runs/ and start over, "
                              "or choose another output folder")
         return
-    check_same_recipe(recipe, output_dir, fields)
+    check_same_recipe(recipe, output_dir, fields, advice=f"resume it with its own recipe ({output_dir / RECIPE_FILE}), "
+                                                         f"or {RESUME_ADVICE}")
 
 
-def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] = RESUMED_FIELDS) -> None:
+#: What a refused resume suggests by default.
+RESUME_ADVICE = "pass --no-resume (resume=False) to set that run aside and start over"
+
+
+def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] = RESUMED_FIELDS, *,
+                      advice: str = RESUME_ADVICE) -> None:
     """Refuse ``recipe`` for the run in ``output_dir`` when the fields ``fields`` of its saved
-    ``recipe.json`` (if any) differ from ``recipe``'s, naming them.
+    ``recipe.json`` (if any) differ from ``recipe``'s, naming them and giving ``advice``.
 
     Both are compared as ``recipe``'s class reads them (a field the saved file leaves out takes its
     default; ``training_settings`` nested or dotted alike; ``data.latent_cache`` aside). A saved file
@@ -391,9 +397,7 @@ def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] 
 
         details = "; ".join(f"{name}: {shown(saved.get(name))} there, {shown(here.get(name))} here"
                             for name in differing)
-        raise ValueError(f"{output_dir} was trained with another recipe ({details}); resume it with its own "
-                         f"recipe ({saved_file}), or pass --no-resume (resume=False) to set that run aside and "
-                         "start over")
+        raise ValueError(f"{output_dir} was trained with another recipe ({details}); {advice}")
 
 
 def _comparable(recipe: Config) -> dict:

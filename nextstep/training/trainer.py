@@ -233,11 +233,11 @@ class Trainer:
                 `resume` was called already); False starts over, setting aside what an earlier run
                 left there (`set_aside_earlier_run`).
         """
-        if resume:
-            if not self._resumed:  # not already by an explicit `resume` call
-                self.resume()
-        elif self.step == 0:
+        if resume and not self._resumed:  # not already by an explicit `resume` call
+            self.resume()
+        elif not resume and self.step == 0:
             self.set_aside_earlier_run()
+        self._resumed = False  # a later `fit` resumes from the latest checkpoint again
         config, context = self.config, self.context
         if self.step >= config.max_steps:
             return []
