@@ -94,6 +94,10 @@ def test_a_run_folder_without_a_checkpoint_is_not_started_over_silently(tmp_path
     assert (out / "model" / "model.safetensors").read_bytes() == model
     assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1", "--no-resume"]) == 0
     assert (out / "earlier-runs" / "1" / "model" / "model.safetensors").read_bytes() == model
+    # A checkpoint a crashed save left moved aside counts: the trainer puts it back and resumes from it.
+    (out / "checkpoints" / "step-00000001").rename(out / "checkpoints" / "step-00000001.old-x1y2")
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "2"]) == 0
+    assert [row["step"] for row in read_log(out / "train_log.csv")] == [1, 2]
 
 
 def test_typos_in_recipes_and_overrides_name_the_key(tmp_path, capsys):

@@ -356,8 +356,12 @@ def check_resumable(recipe: Config, output_dir: Path, latest: Path | None, *,
             without a checkpoint; both suggest ``--no-resume``, which sets the earlier run aside.
     """
     if latest is None:
+        from nextstep.training.trainer import CHECKPOINTS_DIR
+
         found = sorted(name for name in run_entries if (output_dir / name).exists())
-        if found:
+        # A checkpoint a crashed save left moved aside is put back when the trainer resumes.
+        moved_aside = any((output_dir / CHECKPOINTS_DIR).glob("step-*.old-*"))
+        if found and not moved_aside:
             raise ValueError(f"{output_dir} holds an earlier run ({', '.join(found)}) but no checkpoint to resume "
                              "from; pass --no-resume (resume=False) to move it into earlier-runs/ and start over, "
                              "or choose another output folder")
