@@ -639,11 +639,17 @@ def target_reserve_seconds(result: dict, args, branches: int) -> float:
         return DEFAULT_TARGET_RESERVE_SECONDS
     row = timed[0]
     reserve = expected_image_seconds(row["estimated_image_seconds"], True, 3.0)
+    head = row["head_ms"] if row["head_blocks_ms"] is None else min(row["head_ms"], row["head_blocks_ms"])
+    int8 = int8_image_seconds(result, row, branches, head)
+    return reserve if int8 is None else reserve + expected_image_seconds(int8, True, 3.0)
+
+
+def int8_image_seconds(result: dict, row: dict, branches: int, head_ms: float) -> float | None:
+    """The estimated seconds of ``row``'s image through int8 copies of the decode weights: its tokens times
+    the int8 backbone's ms at the image's rows (`image_backbone_ms`) plus ``head_ms``; None where no int8
+    stack was timed."""
     backbone = image_backbone_ms(result, row["tokens"], row["batch"] * branches, int8=True)
-    if backbone is not None:
-        head = row["head_ms"] if row["head_blocks_ms"] is None else min(row["head_ms"], row["head_blocks_ms"])
-        reserve += expected_image_seconds(row["tokens"] * (backbone + head) / 1e3, True, 3.0)
-    return reserve
+    return None if backbone is None else row["tokens"] * (backbone + head_ms) / 1e3
 
 
 def image_backbone_ms(found: dict, tokens: int, rows: int, int8: bool) -> float | None:
@@ -955,9 +961,8 @@ def run(args) -> dict:
         if weights == "own":
             estimated = row["estimated_image_seconds"]
         else:
-            backbone = image_backbone_ms(result, row["tokens"], row["batch"] * branches, int8=True)
-            head = row["head_blocks_ms"] if fused_blocks else row["head_ms"]
-            estimated = row["tokens"] * (backbone + head) / 1e3
+            estimated = int8_image_seconds(result, row, branches,
+                                           row["head_blocks_ms"] if fused_blocks else row["head_ms"])
         expected = expected_image_seconds(estimated, warm_up, 3.0)
         if expected > remaining():
             skipped = f"expected {expected:.0f} s, {remaining():.0f} s of the budget left"

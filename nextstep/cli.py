@@ -106,6 +106,10 @@ def command_generate(args: argparse.Namespace) -> int:
     if args.grid:
         expected["grid.png"] = request
     records = _read_record(out_dir / GENERATION_RECORD) or {}  # file -> the request it answers
+
+    def recorded(path: Path) -> None:  # as each file lands, so that a rerun after an interruption goes ahead
+        records[path.name] = expected[path.name]
+        atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(records, indent=2) + "\n")
     if not args.overwrite:  # before the model loads: images of another request are not replaced
         others = [name for name, wanted in expected.items()
                   if (out_dir / name).exists() and records.get(name) != wanted]
@@ -143,16 +147,14 @@ def command_generate(args: argparse.Namespace) -> int:
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             written.append(path)
-            records[path.name] = expected[path.name]
-        atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(records, indent=2) + "\n")  # as images land
+            recorded(path)
         all_images.extend(images)
     if args.grid and all_images:
         path = out_dir / "grid.png"
         with atomic_path(path) as tmp:
             image_grid(all_images, columns=args.num_images if len(args.prompts) > 1 else None).save(tmp, format="PNG")
         written.append(path)
-        records[path.name] = expected[path.name]
-        atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(records, indent=2) + "\n")
+        recorded(path)
     for path in written:
         print(path)
     return 0

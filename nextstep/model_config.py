@@ -64,3 +64,9 @@ class ModelConfig(Config):
                 "a WordVectorConfig")
         require(isinstance(self.release_fields, dict) and all(isinstance(k, str) for k in self.release_fields),
                 "release_fields", self.release_fields, "a mapping from field names to values")
+
+
+def describes_a_model(data: object) -> bool:
+    """Whether a ``config.json``'s contents are a saved `ModelConfig` (its component sections), as this
+    library writes a model directory."""
+    return isinstance(data, dict) and "backbone" in data and "image_tokenizer" in data

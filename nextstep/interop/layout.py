@@ -15,6 +15,7 @@ import torch
 
 from nextstep.dtypes import weight_dtype
 from nextstep.io import read_json_object, what_is_at
+from nextstep.model_config import describes_a_model
 
 if TYPE_CHECKING:
     from nextstep.model import NextStep
@@ -56,7 +57,7 @@ def detect_model_layout(directory: str | os.PathLike) -> str:
             f"{directory} is not a model directory: expected {EXPECTED_FILES}; found {present}"
         )
     data = read_json_object(config_path, "config.json")
-    if "backbone" in data and "image_tokenizer" in data:
+    if describes_a_model(data):
         return NATIVE
     model_type = data.get("model_type")
     if model_type == "nextstep":

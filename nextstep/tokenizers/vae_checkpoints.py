@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from nextstep.io import atomic_directory, read_json_object, what_is_at
+from nextstep.model_config import describes_a_model
 from nextstep.serialization import read_safetensors
 from nextstep.tokenizers.flux_vae import FluxVAE, FluxVAEConfig
 
@@ -296,7 +297,7 @@ def detect_layout(path: str | Path) -> str:
             fields = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             fields = {}
-        if isinstance(fields, dict) and {"backbone", "image_head"} <= set(fields):
+        if describes_a_model(fields):
             raise FileNotFoundError(f"{path} is a NextStep model, not a VAE checkpoint: load the model and take "
                                     "its image_tokenizer (or evaluate it with `nextstep eval MODEL --suite "
                                     "tokenizer`)")

@@ -94,6 +94,12 @@ class CheckpointManager:
         steps = self.steps()
         return self.directory / checkpoint_name(steps[-1]) if steps else None
 
+    def holds_checkpoint(self) -> bool:
+        """Whether a run can resume from here: a complete checkpoint, or one that a crashed save left
+        moved aside (`remove_stale` puts it back)."""
+        return self.latest() is not None or (
+            self.directory.is_dir() and any(self.directory.glob("step-*.old-*")))
+
     def remove_stale(self) -> list[Path]:
         """Delete hidden leftovers of interrupted saves; returns what was removed.
 

@@ -132,14 +132,13 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         pairs, model_dir = folder / PAIRS_DIR, folder / MODEL_DIR
         this_round = round_recipe(recipe, start, pairs / "pairs.jsonl", number)
         advice = f"give the rounds another output folder, or remove {folder}"
-        resume = CheckpointManager(folder / CHECKPOINTS_DIR).latest() is not None
+        resume = CheckpointManager(folder / CHECKPOINTS_DIR).holds_checkpoint()
         if resume or (model_dir / "config.json").is_file():  # a kept round was made by this recipe
             check_same_recipe(this_round, folder, advice=advice)
         drawn_by = folder / START_FILE
-        if (pairs / "summary.json").is_file() and drawn_by.is_file() and \
-                json.loads(drawn_by.read_text()).get("start") != str(start):
-            raise ValueError(f"{folder} drew its pairs with {json.loads(drawn_by.read_text()).get('start')!r}, not "
-                             f"{str(start)!r}; {advice}")
+        drawn_from = json.loads(drawn_by.read_text()).get("start") if drawn_by.is_file() else None
+        if (pairs / "summary.json").is_file() and drawn_from not in (None, str(start)):
+            raise ValueError(f"{folder} drew its pairs with {drawn_from!r}, not {str(start)!r}; {advice}")
         began = time.perf_counter()
         if not (pairs / "summary.json").is_file():
             atomic_write_text(drawn_by, json.dumps({"start": str(start)}) + "\n")  # before the pairs exist

@@ -339,14 +339,19 @@ RESUMED_FIELDS = ("model", "model_arguments", "model_seed", "image_tokenizer", "
                   "training_settings", "preference", "data")
 
 
-def check_resumable(recipe: Config, output_dir: Path, latest: Path | None, *,
+#: What a refused resume suggests by default.
+RESUME_ADVICE = "pass --no-resume (resume=False) to set that run aside and start over"
+
+
+def check_resumable(recipe: Config, output_dir: Path, has_checkpoint: bool, *,
                     fields: tuple[str, ...] = RESUMED_FIELDS, run_entries: tuple[str, ...] = ()) -> None:
     """Refuse to continue the run in ``output_dir`` with ``recipe`` before anything is written there.
 
     Args:
         recipe: the recipe of this call (saved as ``recipe.json`` once the run continues).
         output_dir: the run folder.
-        latest: its latest checkpoint, or None.
+        has_checkpoint: whether it holds a checkpoint to resume from
+            (`nextstep.training.checkpointing.CheckpointManager.holds_checkpoint`).
         fields: top-level recipe fields that must equal those of the saved ``recipe.json``.
         run_entries: names an earlier run leaves (its log, samples, model): with no checkpoint
             beside them there is nothing to resume, and starting over would overwrite them.
@@ -355,23 +360,15 @@ def check_resumable(recipe: Config, output_dir: Path, latest: Path | None, *,
         ValueError: the folder holds a run of another recipe (naming the fields), or a run
             without a checkpoint; both suggest ``--no-resume``, which sets the earlier run aside.
     """
-    if latest is None:
-        from nextstep.training.trainer import CHECKPOINTS_DIR
-
+    if not has_checkpoint:
         found = sorted(name for name in run_entries if (output_dir / name).exists())
-        # A checkpoint a crashed save left moved aside is put back when the trainer resumes.
-        moved_aside = any((output_dir / CHECKPOINTS_DIR).glob("step-*.old-*"))
-        if found and not moved_aside:
+        if found:
             raise ValueError(f"{output_dir} holds an earlier run ({', '.join(found)}) but no checkpoint to resume "
                              "from; pass --no-resume (resume=False) to move it into earlier-runs/ and start over, "
                              "or choose another output folder")
         return
     check_same_recipe(recipe, output_dir, fields, advice=f"resume it with its own recipe ({output_dir / RECIPE_FILE}), "
                                                          f"or {RESUME_ADVICE}")
-
-
-#: What a refused resume suggests by default.
-RESUME_ADVICE = "pass --no-resume (resume=False) to set that run aside and start over"
 
 
 def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] = RESUMED_FIELDS, *,
@@ -422,7 +419,8 @@ def open_run_folder(trainer, recipe: Config, *, resume: bool, run_entries: tuple
     saves ``recipe`` as the folder's ``recipe.json``. A refused run leaves the folder as it was."""
     output_dir, context = trainer.output_dir, trainer.context
     if resume:
-        check_resumable(recipe, output_dir, trainer.checkpoints.latest(), fields=fields, run_entries=run_entries)
+        check_resumable(recipe, output_dir, trainer.checkpoints.holds_checkpoint(), fields=fields,
+                        run_entries=run_entries)
     context.barrier()  # no process writes into the folder before every process has looked at it
     if resume:
         trainer.resume()
@@ -466,7 +464,7 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
         if recipe.preference:
             from nextstep.training.preference import PreferenceTask
 
-            task = PreferenceTask(model, **recipe.preference, context_noise=recipe.train.context_noise)
+            task = PreferenceTask.from_train_config(model, recipe.train, **recipe.preference)
         else:
             task = TextToImageTask.from_train_config(model, recipe.train)
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
