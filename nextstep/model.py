@@ -36,9 +36,11 @@ class LossOutput:
 
     Attributes:
         total: ``text_loss_weight * text + image_loss_weight * image``.
-        text: mean cross-entropy over text targets (0 if there are none).
-        image: mean flow-matching loss over image targets (0 if there are none).
-        num_text_tokens / num_image_tokens: how many targets each mean covers.
+        text: mean cross-entropy over text targets (0 if there are none); with
+            ``denominators``, their summed cross-entropy divided by the text denominator.
+        image: mean flow-matching loss over image targets (0 if there are none); with
+            ``denominators``, their summed loss divided by the image denominator.
+        num_text_tokens / num_image_tokens: how many targets each term covers.
         image_per_row: (B,) float32, the mean flow-matching loss of each row's image
             targets (0 for a row without any; a packed row mixes its sequences).
     """
@@ -201,7 +203,8 @@ class NextStep(nn.Module):
 
     def forward(self, batch: SequenceBatch, generator: torch.Generator | None = None,
                 context_noise: float = 0.0, flow_draws: tuple[torch.Tensor, torch.Tensor] | None = None,
-                draw_rows: torch.Tensor | None = None) -> LossOutput:
+                draw_rows: torch.Tensor | None = None,
+                denominators: torch.Tensor | tuple[float, float] | None = None) -> LossOutput:
         """Teacher-forced losses of a batch.
 
         The hidden state at position i (after ``image_out_projector``) conditions
@@ -224,7 +227,20 @@ class NextStep(nn.Module):
                 noise and their text with the same word substitutions (the draws of the first
                 of them), as the two images of a preference pair are; None draws for each row.
                 Not with packed sequences.
+            denominators: (2,) the (text, image) counts to divide the summed text and image
+                losses by, instead of this batch's own numbers of targets. With the numbers of
+                targets of a whole optimiser step, the losses of its micro-batches (and
+                processes) add up to the loss of the step's examples taken as one batch. Each
+                must be at least this batch's own count. (A tensor keeps a compiled forward from
+                recompiling for each step's counts.)
         """
+        if denominators is not None:
+            denominators = torch.as_tensor(denominators, dtype=torch.float32, device=batch.input_ids.device)
+            counts = torch.tensor(batch.target_counts(), dtype=torch.float32, device=denominators.device)
+            if denominators.shape != (2,) or not bool((denominators >= counts).all()):
+                raise ValueError(f"denominators must be (text, image) counts at least this batch's numbers of "
+                                 f"targets {tuple(int(c) for c in counts.tolist())}, found "
+                                 f"{denominators.tolist()}")
         context = batch.image_tokens
         if draw_rows is not None and batch.document_ids is not None:
             raise ValueError("draw_rows shares draws between whole rows; packed sequences draw per sequence")
@@ -248,7 +264,11 @@ class NextStep(nn.Module):
         num_text = int(text_mask.sum())
         if num_text:
             logits = self.lm_head(previous[text_mask]).float()  # (M, V)
-            text_loss = F.cross_entropy(logits, self.text_targets(batch.input_ids[:, 1:][text_mask]))
+            targets = self.text_targets(batch.input_ids[:, 1:][text_mask])
+            if denominators is None:
+                text_loss = F.cross_entropy(logits, targets)
+            else:
+                text_loss = F.cross_entropy(logits, targets, reduction="sum") / denominators[0]
         else:
             text_loss = hidden.new_zeros((), dtype=torch.float32)
 
@@ -267,7 +287,7 @@ class NextStep(nn.Module):
                                      f"for this batch's image targets, found {tuple(times.shape)} and "
                                      f"{tuple(noise.shape)}")
                 per_token = self.image_head.flow_error(targets, conditions, times, noise)
-            image_loss = per_token.mean()
+            image_loss = per_token.mean() if denominators is None else per_token.sum() / denominators[1]
             rows = image_mask.nonzero()[:, 0]
             counts = image_mask.sum(-1).clamp(min=1).float()
             per_row = per_row.index_add(0, rows, per_token.float()) / counts

@@ -118,6 +118,11 @@ class SequenceBatch:
         batch, else the padding mask."""
         return self.attention_mask if self.document_ids is None else self.document_ids
 
+    def target_counts(self) -> tuple[int, int]:
+        """(text, image): how many positions are cross-entropy and flow-matching targets (a
+        target is predicted from the position before it, so the first position never is)."""
+        return int(self.text_target_mask[:, 1:].sum()), int(self.image_target_mask[:, 1:].sum())
+
 
 _AREA_PATTERN = re.compile(r"^(\d+)\*(\d+)$")
 

@@ -20,6 +20,25 @@ def test_forward_returns_weighted_losses(tiny_model):
     assert torch.isfinite(out.total)
 
 
+def test_denominators_turn_the_means_into_shares_of_a_larger_batch(tiny_model):
+    batch = tiny_model.prepare_batch(images(2), ["a cat", "a dog on a mat"], image_first=[False, True])
+    text_count, image_count = batch.target_counts()
+    mean = tiny_model(batch, generator=torch.Generator().manual_seed(0))
+    assert (mean.num_text_tokens, mean.num_image_tokens) == (text_count, image_count)
+    # Divided by this batch's own counts: its means.
+    own = tiny_model(batch, generator=torch.Generator().manual_seed(0), denominators=(text_count, image_count))
+    torch.testing.assert_close(own.total, mean.total)
+    # By three times as many targets: a third of each term.
+    larger = tiny_model(batch, generator=torch.Generator().manual_seed(0),
+                        denominators=torch.tensor([3.0 * text_count, 3.0 * image_count]))
+    torch.testing.assert_close(larger.text * 3, mean.text)
+    torch.testing.assert_close(larger.image * 3, mean.image)
+    for bad in ((text_count - 1, image_count), (text_count,), (text_count, image_count, 1)):
+        with pytest.raises(ValueError, match=rf"denominators must be \(text, image\) counts at least .*"
+                                             rf"\({text_count}, {image_count}\)"):
+            tiny_model(batch, generator=torch.Generator().manual_seed(0), denominators=bad)
+
+
 def test_teacher_forcing_alignment(trained_like_model):
     model = trained_like_model
     captured = {}

@@ -1,11 +1,14 @@
 """Loop options: gradient checkpointing, bf16 autocast, accumulation semantics, TensorBoard."""
 
+import copy
 import importlib.util
 
 import pytest
 import torch
 from training_helpers import tiny_config, tiny_trainer
 
+from nextstep.training import TextToImageTask
+from nextstep.training.data.loader import mix_seed
 from nextstep.training.trainer import autocast_context
 
 
@@ -30,6 +33,38 @@ def test_accumulation_steps_see_micro_batches_of_one_global_batch(tmp_path):
     record = trainer.fit(resume=False)[0]
     assert trainer.layout.global_batch_size == 6
     assert record.tokens > 0 and set(record.metrics) == {"text_loss", "image_loss"}
+
+
+@pytest.mark.parametrize("averaging", ["step", "micro_batch"])
+def test_accumulated_gradient_is_that_of_the_loss_averaging(tmp_path, averaging):
+    """``step``: the gradient of the step's examples taken as one batch (each target counts once);
+    ``micro_batch``: the mean of the micro-batches' own mean losses."""
+    config = tiny_config(max_steps=1, micro_batch_size=2, gradient_accumulation=2, grad_clip=0.0,
+                         loss_averaging=averaging)
+    trainer = tiny_trainer(tmp_path, config)
+    model = copy.deepcopy(trainer.model)
+    task = TextToImageTask.from_train_config(model, config)
+    batches = iter(trainer.data.open(trainer.layout, rank=0, seed=config.seed, start_step=0))
+    outputs = []
+    for index in range(config.gradient_accumulation):
+        generator = torch.Generator().manual_seed(mix_seed(config.seed, "step", 0, trainer.layout.slot(index, 0)))
+        outputs.append(model(task.prepare(next(batches), generator), generator=generator))
+    text_counts = [output.num_text_tokens for output in outputs]
+    assert text_counts[0] != text_counts[1]  # captions of other lengths: the two averagings differ
+    if averaging == "step":
+        text = sum(o.text * o.num_text_tokens for o in outputs) / sum(text_counts)
+        image = sum(o.image * o.num_image_tokens for o in outputs) / sum(o.num_image_tokens for o in outputs)
+        expected = model.config.text_loss_weight * text + model.config.image_loss_weight * image
+    else:
+        expected = sum(o.total for o in outputs) / len(outputs)
+    expected.backward()
+    record = trainer.fit(resume=False)[0]
+    assert record.loss == pytest.approx(float(expected.detach()), rel=1e-6)
+    if averaging == "step":
+        assert record.metrics["text_loss"] == pytest.approx(float(text.detach()), rel=1e-5)
+    for (name, trained), reference in zip(trainer.model.named_parameters(), model.parameters()):
+        if reference.grad is not None:
+            torch.testing.assert_close(trained.grad, reference.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")

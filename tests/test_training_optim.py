@@ -55,6 +55,7 @@ def test_ema_follows_the_weights_and_restores_them_after_use():
     ({"micro_batch_size": 0}, "micro_batch_size"),
     ({"precision": "fp8"}, "precision"),
     ({"parallelism": "zero3"}, "parallelism"),
+    ({"loss_averaging": "tokens"}, "loss_averaging"),
     ({"min_learning_rate": 1.0}, "min_learning_rate"),
     ({"sample_every": 10}, "sample_prompts"),
     ({"ema_decay": 1.0}, "ema_decay"),

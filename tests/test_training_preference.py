@@ -108,6 +108,19 @@ def test_at_the_start_the_model_is_its_reference_and_the_loss_is_log_2():
 
 
 
+def test_with_the_steps_number_of_pairs_the_loss_and_metrics_are_shares_of_the_step():
+    model = build_model("tiny", seed=0)
+    task = PreferenceTask(model, beta=500, sft_weight=0.5)
+    batch = preference_batch()
+    assert task.prepare(batch, torch.Generator()) is batch and task.target_counts(batch) == {"pairs": len(batch)}
+    mean = task.loss(model, batch, torch.Generator().manual_seed(0))
+    share = task.loss(model, batch, torch.Generator().manual_seed(0), totals={"pairs": 4 * len(batch)})
+    torch.testing.assert_close(share.loss * 4, mean.loss)
+    assert {name: 4 * value for name, value in share.metrics.items()} == pytest.approx(mean.metrics, rel=1e-6)
+    with pytest.raises(ValueError, match=r"totals\['pairs'\] must be at least this batch's 4 pairs, found 3"):
+        task.loss(model, batch, torch.Generator().manual_seed(0), totals={"pairs": 3})
+
+
 def test_the_two_images_of_a_pair_read_the_same_context_noise_and_word_substitutions():
     model = build_model("tiny", seed=0).train()
     task = PreferenceTask(model, beta=500, context_noise=0.5)

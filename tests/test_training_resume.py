@@ -79,6 +79,28 @@ def test_resuming_with_another_seed_or_global_batch_is_refused(tmp_path):
     with pytest.raises(ValueError, match="global batch of"):
         tiny_trainer(tmp_path, config.replace(micro_batch_size=config.micro_batch_size + 1)).fit()
 
+def test_resuming_with_another_loss_averaging_is_refused_when_a_step_has_several_micro_batches(tmp_path):
+    import json
+
+    config = tiny_config(max_steps=2, checkpoint_every=1, gradient_accumulation=2, loss_averaging="micro_batch")
+    tiny_trainer(tmp_path, config.replace(max_steps=1)).fit(resume=False)
+    with pytest.raises(ValueError, match="loss_averaging 'micro_batch' but this run has 'step'.*"
+                                         "train.loss_averaging=micro_batch"):
+        tiny_trainer(tmp_path, config.replace(loss_averaging="step")).fit()
+    # A checkpoint from before the setting averaged each micro-batch apart.
+    state_file = next((tmp_path / "checkpoints").iterdir()) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["loss_averaging"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="loss_averaging 'micro_batch'"):
+        tiny_trainer(tmp_path, config.replace(loss_averaging="step")).fit()
+    assert tiny_trainer(tmp_path, config).fit()[-1].step == 2
+    # With one micro-batch per step the two settings train alike: no refusal.
+    single = tiny_config(max_steps=2, checkpoint_every=1, loss_averaging="micro_batch")
+    tiny_trainer(tmp_path / "single", single.replace(max_steps=1)).fit(resume=False)
+    assert tiny_trainer(tmp_path / "single", single.replace(loss_averaging="step")).fit()[-1].step == 2
+
+
 def test_log_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     tiny_trainer(tmp_path, tiny_config(max_steps=4, checkpoint_every=2)).fit(resume=False)
     # Pretend the run died after step 3: only the step-2 checkpoint survives.

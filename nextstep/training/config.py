@@ -14,6 +14,7 @@ from nextstep.config import Config, require
 
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLELISMS = ("ddp", "fsdp")
+LOSS_AVERAGINGS = ("step", "micro_batch")
 
 
 @dataclass
@@ -32,6 +33,13 @@ class TrainConfig(Config):
         max_steps: optimiser steps of the whole run.
         micro_batch_size: examples per forward pass on one process.
         gradient_accumulation: micro-batches accumulated per optimiser step.
+        loss_averaging: what a loss term's mean is taken over, for tasks that count their
+            targets (`nextstep.training.task.TrainingTask.target_counts`; the text-to-image
+            task counts text and image targets). ``step`` (the default): every target of
+            the optimiser step counts the same, so accumulation and several processes train
+            on the loss of one big batch. ``micro_batch``: each micro-batch's own mean, the
+            micro-batches weighing the same whatever their numbers of targets (plain
+            gradient accumulation and DDP averaging).
         learning_rate: peak learning rate.
         min_learning_rate: learning rate at the end of the cosine decay.
         warmup_steps: linear warm-up to ``learning_rate``: step ``s`` (from 0) runs at
@@ -84,6 +92,7 @@ class TrainConfig(Config):
     max_steps: int = 1000
     micro_batch_size: int = 8
     gradient_accumulation: int = 1
+    loss_averaging: str = "step"
     learning_rate: float = 1e-4
     min_learning_rate: float = 0.0
     warmup_steps: int = 5000
@@ -136,6 +145,8 @@ class TrainConfig(Config):
         require(self.context_noise >= 0, "context_noise", self.context_noise, ">= 0")
         require(self.pack_length is None or (isinstance(self.pack_length, int) and self.pack_length >= 1),
                 "pack_length", self.pack_length, "None or an integer >= 1")
+        require(self.loss_averaging in LOSS_AVERAGINGS, "loss_averaging", self.loss_averaging,
+                f"one of {list(LOSS_AVERAGINGS)}")
         require(self.parallelism in PARALLELISMS, "parallelism", self.parallelism,
                 f"one of {list(PARALLELISMS)}")
         require(0 <= self.max_bad_fraction < 1, "max_bad_fraction", self.max_bad_fraction, "in [0, 1)")

@@ -88,9 +88,22 @@ class PreferenceTask(TextToImageTask):
                     for caption, tokens in zip(batch.captions, tokens_of_side)]
         return builder.collate(examples).to(self.device), grid_h * grid_w
 
-    def loss(self, module: nn.Module, batch: ImageTextBatch, generator: torch.Generator) -> StepResult:
+    def prepare(self, batch: ImageTextBatch, generator: torch.Generator) -> ImageTextBatch:
+        return batch  # the pairs are encoded in `loss`, which draws for them
+
+    def target_counts(self, prepared: ImageTextBatch) -> dict[str, float]:
+        """Every term is a mean over the pairs."""
+        return {"pairs": len(prepared)}
+
+    def loss(self, module: nn.Module, batch: ImageTextBatch, generator: torch.Generator,
+             totals: dict[str, float] | None = None) -> StepResult:
+        """The mean over the batch's pairs, or with ``totals`` (the step's number of ``pairs``) the
+        batch's share of the mean over the step's pairs; the metrics likewise."""
         sequences, count = self.pair_sequences(batch, generator)
         pairs = len(batch)
+        per_pair = pairs if totals is None else totals["pairs"]
+        if per_pair < pairs:
+            raise ValueError(f"totals['pairs'] must be at least this batch's {pairs} pairs, found {per_pair}")
         # Times drawn as the head's own training draws them (logit-normal unless its config says otherwise).
         head_config = getattr(self.model.image_head, "config", None)
         device = self.device
@@ -115,13 +128,13 @@ class PreferenceTask(TextToImageTask):
         errors, reference_errors = policy.image_per_row, reference.image_per_row  # (2B,)
         gain = reference_errors - errors  # how much lower the policy's error is than the reference's
         margin = gain[:pairs] - gain[pairs:]  # (B,)
-        loss = -F.logsigmoid(self.beta * margin).mean()
-        metrics = {"preference_loss": float(loss.detach()), "margin": float(margin.detach().mean()),
-                   "accuracy": float((margin.detach() > 0).float().mean()),
-                   "chosen_error": float(errors[:pairs].detach().mean()),
-                   "rejected_error": float(errors[pairs:].detach().mean())}
+        loss = -F.logsigmoid(self.beta * margin).sum() / per_pair
+        metrics = {"preference_loss": float(loss.detach()), "margin": float(margin.detach().sum() / per_pair),
+                   "accuracy": float((margin.detach() > 0).float().sum() / per_pair),
+                   "chosen_error": float(errors[:pairs].detach().sum() / per_pair),
+                   "rejected_error": float(errors[pairs:].detach().sum() / per_pair)}
         if self.sft_weight:
-            sft = errors[:pairs].mean()  # the flow-matching loss of the preferred images, at the same draws
+            sft = errors[:pairs].sum() / per_pair  # the preferred images' flow-matching loss, at the same draws
             loss = loss + self.sft_weight * sft
             metrics["sft_loss"] = float(sft.detach())
         # The LM head takes no part in the preference loss; a zero share of the text loss gives every

@@ -4,6 +4,11 @@
 a scalar loss; the loop does the rest (accumulation, clipping, the optimiser,
 the schedule, EMA, checkpoints, logging, distribution). Training another model
 (an image tokenizer, say) means writing another task.
+
+A task whose loss is a mean over targets that vary in number between batches
+(text tokens, say) can also count them (`TrainingTask.target_counts`): the loop
+then divides by the targets of the whole optimiser step, so that accumulation
+and several processes train on the loss of one big batch.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ class StepResult:
 
     Attributes:
         loss: scalar to differentiate.
-        metrics: extra scalars to log (averaged over micro-batches and processes).
+        metrics: extra scalars to log: averaged over micro-batches and processes, or summed
+            when the loss is this micro-batch's share of the step's (a task that counts
+            targets, `TrainingTask.target_counts`), its metrics then being shares too.
         num_tokens: sequence positions processed (for throughput).
     """
 
@@ -51,9 +58,35 @@ class TrainingTask(ABC):
         Args:
             module: what to call for the forward pass (``self.model`` itself or a
                 DDP / FSDP wrapper of it, so that gradients are synchronised).
-            batch: one micro-batch from the data loader.
-            generator: the only source of randomness for this micro-batch.
+            batch: one micro-batch from the data loader, as `prepare` returned it.
+            generator: the only source of randomness for this micro-batch (the one
+                `prepare` drew from).
+
+        A task that counts targets (`target_counts`) is also called with ``totals=``.
         """
+
+    def prepare(self, batch: Any, generator: torch.Generator) -> Any:
+        """One micro-batch made ready for `loss` (default: the batch itself).
+
+        The trainer prepares every micro-batch of an optimiser step before the first forward
+        pass, so that `target_counts` can count the whole step; `loss` then goes on drawing from
+        the same ``generator``.
+        """
+        return batch
+
+    def target_counts(self, prepared: Any) -> dict[str, float]:
+        """How many targets each term of the loss averages over, in one prepared micro-batch.
+
+        A task that names its terms here (the default names none) is called as
+        ``loss(module, prepared, generator, totals=totals)``, ``totals`` holding each count
+        summed over the step's micro-batches and processes, and returns its micro-batch's share
+        of the step's loss: each term summed over its targets and divided by its total. The
+        shares of a step add up to the loss of all its examples taken as one batch, however
+        they are split over accumulation steps and processes (``TrainConfig.loss_averaging``
+        ``"step"``). A task that names none returns its micro-batch's own mean, and each
+        micro-batch weighs the same (as with ``loss_averaging="micro_batch"``).
+        """
+        return {}
 
     def shard_units(self) -> list[nn.Module]:
         """Submodules that FSDP shards as their own units (default: none besides the root)."""

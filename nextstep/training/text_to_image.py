@@ -105,9 +105,26 @@ class TextToImageTask(TrainingTask):
         batch = builder.collate(examples) if self.pack_length is None else builder.pack(examples, self.pack_length)
         return batch.to(self.device)
 
-    def loss(self, module: nn.Module, batch: ImageTextBatch, generator: torch.Generator) -> StepResult:
-        sequences = self.sequences(batch, generator)
-        output = module(sequences, generator=generator, context_noise=self.context_noise)
+    def prepare(self, batch: ImageTextBatch, generator: torch.Generator) -> SequenceBatch:
+        return self.sequences(batch, generator)
+
+    def target_counts(self, prepared: SequenceBatch) -> dict[str, float]:
+        """The numbers of text (cross-entropy) and image (flow-matching) targets."""
+        text, image = prepared.target_counts()
+        return {"text": text, "image": image}
+
+    def loss(self, module: nn.Module, batch: ImageTextBatch | SequenceBatch, generator: torch.Generator,
+             totals: dict[str, float] | None = None) -> StepResult:
+        """The loss of a data batch or of its prepared sequences: with ``totals`` (the step's
+        numbers of ``text`` and ``image`` targets) the micro-batch's share of the step's loss,
+        else its own mean."""
+        sequences = batch if isinstance(batch, SequenceBatch) else self.sequences(batch, generator)
+        denominators = None
+        if totals is not None:
+            denominators = torch.tensor([totals["text"], totals["image"]], dtype=torch.float32,
+                                        device=sequences.input_ids.device)
+        output = module(sequences, generator=generator, context_noise=self.context_noise,
+                        denominators=denominators)
         return StepResult(
             loss=output.total,
             metrics={"text_loss": float(output.text.detach()), "image_loss": float(output.image.detach())},

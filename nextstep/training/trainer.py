@@ -182,6 +182,15 @@ class Trainer:
                 "keep the seed to resume the same data order and draws, or start over (--no-resume)"
             )
         saved_config = state.get("config") or {}
+        # Checkpoints from before the setting averaged each micro-batch apart.
+        saved_averaging = saved_config.get("loss_averaging", "micro_batch") if saved_config else None
+        if (saved_averaging is not None and saved_averaging != self.config.loss_averaging
+                and self.layout.global_batch_size > self.config.micro_batch_size):
+            raise ValueError(
+                f"checkpoint {path} was trained with loss_averaging {saved_averaging!r} but this run has "
+                f"{self.config.loss_averaging!r}, which weighs the micro-batches of a step otherwise; set "
+                f"train.loss_averaging={saved_averaging} to resume it, or start over (--no-resume)"
+            )
         if self.data.streaming and "num_workers" in saved_config and "world_size" in state:
             # A stream is dealt to processes x loader workers readers: another split reads other samples.
             saved = (int(state["world_size"]), max(int(saved_config["num_workers"]), 1))
@@ -306,6 +315,7 @@ class Trainer:
         loss_sum, tokens, attempted = 0.0, 0, 0
         bad_keys: list[str] = []
         metric_sums: dict[str, float] = {}
+        prepared, generators = [], []
         for index in range(accumulation):
             batch = next(batches)
             # Batches of the built-in loaders report unreadable samples; others need not.
@@ -313,12 +323,23 @@ class Trainer:
             bad_keys.extend(getattr(batch, "bad_keys", ()))
             generator = torch.Generator(device=context.device)
             generator.manual_seed(mix_seed(config.seed, "step", self.step, self.layout.slot(index, context.rank)))
+            with autocast_context(config.precision, context.device):
+                prepared.append(self.task.prepare(batch, generator))
+            generators.append(generator)
+        totals = self._step_totals(prepared)
+        for index, (batch, generator) in enumerate(zip(prepared, generators)):
             last = index == accumulation - 1
             sync = nullcontext() if last else context.no_gradient_sync(self.module)
             with sync:
                 with autocast_context(config.precision, context.device):
-                    result = self.task.loss(self.module, batch, generator)
-                (result.loss / accumulation).backward()
+                    if totals is None:
+                        result = self.task.loss(self.module, batch, generator)
+                    else:
+                        result = self.task.loss(self.module, batch, generator, totals=totals)
+                # Shares of the step's loss add up over micro-batches; the gradient synchronisation
+                # averages over processes, which the world size undoes.
+                scale = 1 / accumulation if totals is None else context.world_size
+                (result.loss * scale).backward()
             loss_sum += float(result.loss.detach())
             tokens += result.num_tokens
             for name, value in result.metrics.items():
@@ -330,7 +351,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         names = sorted(metric_sums)
-        averaged = context.mean([loss_sum / accumulation] + [metric_sums[n] / accumulation for n in names])
+        if totals is None:
+            averaged = context.mean([loss_sum / accumulation] + [metric_sums[n] / accumulation for n in names])
+        else:
+            averaged = context.sum([loss_sum] + [metric_sums[n] for n in names])
         self.step += 1
         loss = averaged[0]
         if not math.isfinite(loss):
@@ -338,6 +362,22 @@ class Trainer:
                                      "or check the data")
         return StepRecord(self.step, loss, dict(zip(names, averaged[1:])), rate, grad_norm, int(total_tokens),
                           time.perf_counter() - started)
+
+    def _step_totals(self, prepared: list) -> dict[str, float] | None:
+        """Each term's number of targets in the step's micro-batches, summed over the processes;
+        None when the loss averages each micro-batch apart (``loss_averaging="micro_batch"``, or a
+        task that counts no targets)."""
+        if self.config.loss_averaging != "step":
+            return None
+        counts = [self.task.target_counts(batch) for batch in prepared]
+        names = sorted(counts[0])
+        if any(sorted(count) != names for count in counts):
+            raise ValueError(f"{type(self.task).__name__}.target_counts must name the same terms for every "
+                             f"micro-batch, found {[sorted(count) for count in counts]}")
+        if not names:
+            return None
+        summed = self.context.sum([float(sum(count[name] for count in counts)) for name in names])
+        return dict(zip(names, summed))
 
     def _count_bad_samples(self, attempted: int, bad_keys: list[str], tokens: int = 0) -> int:
         """Add every process's reads and unreadable samples of this step to the tracker, so that all
