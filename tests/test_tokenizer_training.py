@@ -59,3 +59,14 @@ def test_a_recipe_widens_the_decoder_it_starts_from(tmp_path):
     assert (final.config.decoder_width, final.config.decoder_groups) == (16, 8)
     for name, tensor in widened.model.encoder.state_dict().items():
         assert torch.equal(tensor, start.encoder.state_dict()[name]), name
+
+
+def test_loss_averaging_leaves_a_tokenizer_run_alone(tmp_path):
+    """The tokenizer task counts no targets (its micro-batches weigh the same either way), so a run
+    resumes across a change of the setting."""
+    train = {**RECIPE["train"], "max_steps": 1, "micro_batch_size": 2, "gradient_accumulation": 2,
+             "checkpoint_every": 1, "loss_averaging": "micro_batch"}
+    run_tokenizer_recipe(recipe(train=train, evaluation_crops=0), tmp_path, show_progress=False)
+    resumed = run_tokenizer_recipe(recipe(train={**train, "max_steps": 2, "loss_averaging": "step"},
+                                          evaluation_crops=0), tmp_path, show_progress=False)
+    assert not resumed.task.counts_targets and [r.step for r in resumed.history] == [2]

@@ -88,6 +88,12 @@ class TrainingTask(ABC):
         """
         return {}
 
+    @property
+    def counts_targets(self) -> bool:
+        """Whether the task counts its targets (overrides `target_counts`), so that
+        ``TrainConfig.loss_averaging`` changes how it trains."""
+        return type(self).target_counts is not TrainingTask.target_counts
+
     def shard_units(self) -> list[nn.Module]:
         """Submodules that FSDP shards as their own units (default: none besides the root)."""
         return []

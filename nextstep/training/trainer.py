@@ -77,7 +77,7 @@ def set_aside_earlier_run(output_dir: str | Path, names: tuple[str, ...] = RUN_E
 
 @dataclass
 class StepRecord:
-    """The logged numbers of one optimiser step (averaged over micro-batches and processes)."""
+    """The logged numbers of one optimiser step, over all its micro-batches and processes."""
 
     step: int
     loss: float
@@ -185,7 +185,7 @@ class Trainer:
         # Checkpoints from before the setting averaged each micro-batch apart.
         saved_averaging = saved_config.get("loss_averaging", "micro_batch") if saved_config else None
         if (saved_averaging is not None and saved_averaging != self.config.loss_averaging
-                and self.layout.global_batch_size > self.config.micro_batch_size):
+                and self.layout.global_batch_size > self.config.micro_batch_size and self.task.counts_targets):
             raise ValueError(
                 f"checkpoint {path} was trained with loss_averaging {saved_averaging!r} but this run has "
                 f"{self.config.loss_averaging!r}, which weighs the micro-batches of a step otherwise; set "
