@@ -11,7 +11,7 @@ from kernel_helpers import interpreter  # noqa: E402,F401
 
 from nextstep import generate_tokens  # noqa: E402
 from nextstep.fast import CapturedCall, FastTokenSampler  # noqa: E402
-from nextstep.samplers import EulerMaruyamaSampler, HeunSampler, guidance_for_scale  # noqa: E402
+from nextstep.samplers import AdamsBashforthSampler, EulerMaruyamaSampler, HeunSampler, guidance_for_scale  # noqa: E402
 
 PROMPTS = ["a red circle", "grinning face"]
 GRID = (1, 2)
@@ -32,7 +32,9 @@ def sample(model, fast, sampler, cfg=3.0, steps=3, seed=0):
     (HeunSampler(), torch.bfloat16, False),
     (EulerMaruyamaSampler(), torch.float32, False),
     (EulerMaruyamaSampler(), torch.bfloat16, True),
-], ids=["heun-fp32-block_kernels", "heun-bf16-norm_kernels", "em-fp32-norm_kernels", "em-bf16-block_kernels"])
+    (AdamsBashforthSampler(), torch.float32, False),
+], ids=["heun-fp32-block_kernels", "heun-bf16-norm_kernels", "em-fp32-norm_kernels", "em-bf16-block_kernels",
+        "adams_bashforth-fp32-norm_kernels"])
 def test_kernels_match_references_in_the_token_loop(interpreter, trained_like_model, dtype, sampler,  # noqa: F811
                                                      fused_blocks):
     model = trained_like_model.eval().to(dtype)
@@ -89,7 +91,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @cuda
-@pytest.mark.parametrize("sampler", [HeunSampler(), EulerMaruyamaSampler()], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("sampler", [HeunSampler(), EulerMaruyamaSampler(), AdamsBashforthSampler()],
+                         ids=lambda s: type(s).__name__)
 @pytest.mark.parametrize("fused_blocks", [False, True], ids=["norm_kernels", "block_kernels"])
 def test_captured_loop_matches_generate_tokens_on_gpu(trained_like_model, sampler, fused_blocks):
     model = trained_like_model.eval().cuda()

@@ -12,6 +12,7 @@ from nextstep import generate_tokens
 from nextstep.fast import FastTokenSampler
 from nextstep.fast.decode_step import DecodeStep
 from nextstep.samplers import (
+    AdamsBashforthSampler,
     ClassifierFreeGuidance,
     EulerMaruyamaSampler,
     EulerSampler,
@@ -35,8 +36,8 @@ def fast_tokens(model, fast, guidance, sampler, num_steps, *, seed=0, use_norm=N
                               sampler=sampler, num_steps=num_steps, shift=shift, use_norm=use_norm)
 
 
-@pytest.mark.parametrize("sampler", [EulerSampler(), HeunSampler(), MidpointSampler(), EulerMaruyamaSampler(),
-                                     FlowSDESampler()], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("sampler", [EulerSampler(), HeunSampler(), MidpointSampler(), AdamsBashforthSampler(),
+                                     EulerMaruyamaSampler(), FlowSDESampler()], ids=lambda s: type(s).__name__)
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 @pytest.mark.parametrize("fused_blocks", [False, True], ids=["norm_kernels", "block_kernels"])
 def test_matches_generate_tokens(trained_like_model, sampler, cfg, fused_blocks):

@@ -137,7 +137,7 @@ def test_increasing_schedule_starts_unguided(trained_like_model):
     torch.testing.assert_close(increasing, unguided, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["heun", "midpoint", "euler_maruyama", "flow_sde", "cps"])
+@pytest.mark.parametrize("sampler", ["heun", "midpoint", "adams_bashforth", "euler_maruyama", "flow_sde", "cps"])
 def test_every_sampler_generates_and_batches_like_one_at_a_time(trained_like_model, sampler):
     args = dict(ARGS, sampler=sampler)
     batched, _, _ = generate_tokens(trained_like_model, ["a", "b c d"], seed=3, **args)

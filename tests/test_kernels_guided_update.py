@@ -39,6 +39,25 @@ def test_kernel_matches_reference(kernel_device, branches, rows, dim, prediction
         torch.testing.assert_close(velocity, expected_velocity, **TOLERANCES[dtype])
 
 
+@given(branches=st.integers(1, 3), rows=st.integers(1, 4), dim=st.integers(1, 200), seed=st.integers(0, 2**16))
+def test_a_kept_velocity_is_read_as_extra_before_it_is_replaced(kernel_device, branches, rows, dim,  # noqa: F811
+                                                                seed):
+    """An Adams-Bashforth stage adds the kept velocity and keeps its own in the same buffer."""
+    predictions = random_tensor((branches * rows, dim), torch.float32, seed, device=kernel_device)
+    state = random_tensor((rows, dim), torch.float32, seed + 1, device=kernel_device)
+    weights = random_tensor((branches,), torch.float32, seed + 2, scale=3.0, device=kernel_device)
+    coefficients = random_tensor((3,), torch.float32, seed + 3, device=kernel_device)
+    kept = random_tensor((rows, dim), torch.float32, seed + 4, device=kernel_device)
+    expected_velocity = torch.empty_like(kept)
+    expected = guided_update_reference(predictions, state, weights, coefficients, kept.clone(),
+                                       velocity_out=expected_velocity)
+    for update in (guided_update_triton, guided_update_reference):
+        shared = kept.clone()
+        found = update(predictions, state, weights, coefficients, shared, velocity_out=shared)
+        torch.testing.assert_close(found, expected, **TOLERANCES[torch.float32])
+        torch.testing.assert_close(shared, expected_velocity, **TOLERANCES[torch.float32])
+
+
 @given(scale=st.floats(0, 10), rows=st.integers(1, 3), dim=st.integers(1, 64), seed=st.integers(0, 2**16))
 def test_cfg_weights_reproduce_classifier_free_guidance(scale, rows, dim, seed):
     """Weights (s, 1 - s) and an Euler step give x + dt * CFG(v_c, v_u)."""

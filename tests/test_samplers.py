@@ -31,7 +31,7 @@ from nextstep.samplers import (
 from nextstep.samplers.step_schedule import as_step_schedule
 
 MU, STD = 1.5, 0.5
-ODE_SOLVERS = ["euler", "heun", "midpoint"]
+ODE_SOLVERS = ["euler", "heun", "midpoint", "adams_bashforth"]
 SDE_SOLVERS = ["euler_maruyama", "flow_sde", "cps"]
 
 

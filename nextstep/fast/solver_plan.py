@@ -6,9 +6,10 @@ Each stage evaluates the guided velocity at one of the sampler's evaluation
 times on one of two states (the ``state`` x, or a ``trial`` point such as
 Heun's predictor), then writes ``a * x + b * v + c * extra`` to one of them
 (see `nextstep.kernels.guided_update`). A plan exists for the samplers whose
-updates have that form: `EulerSampler`, `HeunSampler`, `MidpointSampler` and
-`EulerMaruyamaSampler` (the first release's); others run through the generic
-path (their own ``sample``).
+updates have that form: `EulerSampler`, `HeunSampler`, `MidpointSampler`,
+`AdamsBashforthSampler` (each stage adds the velocity kept by the one before
+and keeps its own) and `EulerMaruyamaSampler` (the first release's); others run
+through the generic path (their own ``sample``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nextstep.samplers.adams_bashforth import AdamsBashforthSampler, adams_bashforth_coefficients
 from nextstep.samplers.base import Sampler
 from nextstep.samplers.euler import EulerSampler
 from nextstep.samplers.euler_maruyama import EulerMaruyamaSampler
@@ -24,7 +26,7 @@ from nextstep.samplers.heun import HeunSampler
 from nextstep.samplers.midpoint import MidpointSampler
 
 #: The sampler classes with a plan (exact types: a subclass may change ``sample``).
-PLANNED_SAMPLERS = (EulerSampler, HeunSampler, MidpointSampler, EulerMaruyamaSampler)
+PLANNED_SAMPLERS = (EulerSampler, HeunSampler, MidpointSampler, AdamsBashforthSampler, EulerMaruyamaSampler)
 
 STATE, TRIAL = "state", "trial"
 NOISE, VELOCITY = "noise", "velocity"
@@ -121,6 +123,12 @@ def solver_plan(sampler: Sampler, time_grid: torch.Tensor, stochastic: bool = Tr
             rows.append((1.0, 0.5 * dt, 0.0))
             stages.append(SolverStage(2 * index + 1, TRIAL, STATE))
             rows.append((1.0, dt, 0.0))
+    elif isinstance(sampler, AdamsBashforthSampler):
+        current, previous = adams_bashforth_coefficients(grid)
+        for index in range(num_steps):
+            # The kept velocity is read before this stage's own replaces it (element by element).
+            stages.append(SolverStage(index, extra=VELOCITY if index else None, keep_velocity=True))
+            rows.append((1.0, float(current[index]), float(previous[index])))
     elif isinstance(sampler, EulerMaruyamaSampler) and stochastic:
         noise_steps = num_steps - 1 if sampler.config.last_step_size > 0 else num_steps
         for index in range(num_steps):

@@ -15,6 +15,7 @@ with ``(a, b, c) = coefficients``:
 | Euler-Maruyama step (release v1) | 1 - dt | (1 + t) dt | sqrt(2 (1 - t) dt) | standard normal noise |
 | Heun / midpoint predictor | 1 | dt or dt/2 | 0 | - (the velocity is kept) |
 | Heun corrector | 1 | dt/2 | dt/2 | the predictor's velocity |
+| Adams-Bashforth step | 1 | dt (1 + r/2) | -dt r/2 | the previous step's velocity (then replaced by this one's) |
 
 The Euler-Maruyama row is the release's ``x + (v + (1 - t) * score) dt + sqrt(2 (1 - t)) sqrt(dt) eps``
 with ``score = (t v - x) / (1 - t)`` written out. Two-way CFG ``v_u + s (v_c - v_u)``
@@ -83,7 +84,8 @@ def guided_update_reference(
         coefficients: ``(a, b, c)``, shape (3,).
         extra: the ``c`` term's tensor (noise or a kept velocity), shape (R, D), or None.
         out: where to write the new state, shape (R, D) (may be ``state`` itself).
-        velocity_out: where to write the guided velocity ``v``, shape (R, D), or None.
+        velocity_out: where to write the guided velocity ``v``, shape (R, D), or None (may be
+            ``extra`` itself: each element is read before it is written).
 
     Returns:
         the new state, shape (R, D), in ``out`` or a new tensor of ``state``'s dtype.
@@ -208,7 +210,7 @@ def guided_update(
         coefficients: ``(a, b, c)`` of the solver stage, shape (3,).
         extra: noise or a kept velocity for the ``c`` term, shape (R, D), or None.
         out: where to write the new state (may be ``state``), shape (R, D), or None.
-        velocity_out: where to keep the guided velocity, shape (R, D), or None.
+        velocity_out: where to keep the guided velocity, shape (R, D), or None (may be ``extra``).
 
     Returns:
         the new state, shape (R, D).

@@ -1,5 +1,6 @@
 """Samplers (ODE/SDE solvers over a velocity field), time grids, step schedules and guidance."""
 
+from nextstep.samplers.adams_bashforth import AdamsBashforthSampler, AdamsBashforthSamplerConfig
 from nextstep.samplers.base import Sampler, VelocityFn
 from nextstep.samplers.coefficient_preserving import (
     CoefficientPreservingSampler,
@@ -24,6 +25,8 @@ from nextstep.samplers.time_grid import shift_time, time_grid, truncated_time_gr
 
 __all__ = [
     "GUIDANCE_SCHEDULES",
+    "AdamsBashforthSampler",
+    "AdamsBashforthSamplerConfig",
     "ClassifierFreeGuidance",
     "CoefficientPreservingSampler",
     "CoefficientPreservingSamplerConfig",
