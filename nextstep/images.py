@@ -32,7 +32,22 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
         orientation = exif.get(EXIF_ORIENTATION, 1)
     except (*IMAGE_ERRORS, KeyError):  # KeyError: an EXIF block Pillow cannot parse
         return width, height
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    if orientation not in (5, 6, 7, 8) or _size_already_oriented(image):
+        return width, height
+    return height, width
+
+
+#: The TIFF tags of the stored pixel width and height.
+_TIFF_WIDTH, _TIFF_HEIGHT = 256, 257
+
+
+def _size_already_oriented(image: Image.Image) -> bool:
+    """Whether Pillow reports ``image.size`` with the orientation applied already (recent versions
+    do for TIFF files): the size then differs from the one the file stores."""
+    tags = getattr(image, "tag_v2", None)
+    if image.format != "TIFF" or tags is None or _TIFF_WIDTH not in tags or _TIFF_HEIGHT not in tags:
+        return False
+    return image.size != (int(tags[_TIFF_WIDTH]), int(tags[_TIFF_HEIGHT]))
 
 
 #: Modes of 16 or 32 bits per pixel, scaled to 8 bits (not clipped) on the way to RGB.

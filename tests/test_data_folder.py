@@ -145,3 +145,35 @@ def test_the_content_fingerprint_follows_pixels_and_captions(tmp_path):
     assert ImageFolderDataset(ImageFolderConfig(path=str(tmp_path))).content_fingerprint() == before
     (tmp_path / "img001.txt").write_text("another caption")
     assert ImageFolderDataset(ImageFolderConfig(path=str(tmp_path))).content_fingerprint() != before
+
+
+def test_a_turned_tiff_is_bucketed_as_it_is_shown(tmp_path):
+    """Pillow may report a TIFF's size with its orientation applied already: it is not swapped twice."""
+    (tmp_path / "scan.txt").write_text("a turned scan")
+    Image.new("RGB", (64, 16), "red").save(tmp_path / "scan.tif", tiffinfo={0x0112: 6})  # shown 16 wide, 64 tall
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path), extensions=(".tif",)))
+    assert dataset.load(0).image.size == (16, 64)
+    assert dataset.image_size(0) == (16, 64)
+
+
+def test_a_manifest_may_name_files_elsewhere_and_its_bad_fields_are_named(tmp_path):
+    _write_images(tmp_path / "elsewhere", 1, captions=False)
+    elsewhere = str(tmp_path / "elsewhere" / "img000.png")
+    (tmp_path / "data").mkdir()
+    manifest = tmp_path / "data" / "m.jsonl"
+    manifest.write_text(json.dumps({"image": elsewhere, "caption": "far", "width": 40, "height": 24}) + "\n")
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(manifest)))
+    assert dataset.load(0).image.size == (40, 24) and dataset.image_size(0) == (40, 24)
+    assert len(dataset.content_fingerprint()) == 16  # what a latent cache of it is keyed by
+    for entry, expected in (
+        ({"image": 5, "caption": "x"}, r"line 1: expected an object with an 'image' path \(a non-empty string\)"),
+        ({"image": None, "caption": "x"}, r"'image' path"),
+        ({"image": elsewhere, "caption": "x", "width": "wide", "height": 3},
+         r"line 1: 'width' and 'height' must be given together as positive integers \(pixels\), "
+         r"found width='wide', height=3"),
+        ({"image": elsewhere, "caption": "x", "width": 0, "height": 32}, r"found width=0, height=32"),
+        ({"image": elsewhere, "caption": "x", "width": 32}, r"found width=32, height=None"),
+    ):
+        manifest.write_text(json.dumps(entry) + "\n")
+        with pytest.raises(ValueError, match=expected):
+            ImageFolderDataset(ImageFolderConfig(path=str(manifest)))

@@ -46,3 +46,12 @@ def test_starting_at_a_step_equals_skipping_to_it():
     skipped = [next(full) for _ in range(10)]
     assert [next(full) for _ in range(6)] == [next(from_five) for _ in range(6)]
     assert skipped
+
+
+def test_a_bucket_smaller_than_a_global_batch_is_named(caplog):
+    groups = ["square"] * 10 + ["wide"] * 3
+    with caplog.at_level("WARNING", logger="nextstep.training"):
+        plan = BatchPlan(groups, 4, seed=0)
+    assert plan.batches_per_epoch == 2
+    assert "3 sample(s) in bucket(s) smaller than a global batch of 4 are never trained" in caplog.text
+    assert "'wide': 3" in caplog.text and "'square'" not in caplog.text

@@ -58,6 +58,23 @@ def test_training_on_the_cache_matches_training_on_images(cache, tmp_path):
     assert runs[0] == pytest.approx(runs[1], abs=1e-4)
 
 
+def test_a_cache_read_with_buckets_it_was_not_built_for_is_refused_before_training(cache):
+    from nextstep.training.data import ConcatImageTextDataset
+    from nextstep.training.data.loader import BatchLayout, TrainingBatches
+
+    _, _, folder = cache
+    cached = LatentCacheDataset(LatentCacheConfig(str(folder)))  # 32x32 images, tokens of a 2x2 grid
+    for buckets in (AspectRatioBuckets(64, multi_aspect=False), AspectRatioBuckets(32, multi_aspect=True)):
+        assert TrainingBatches(ConcatImageTextDataset([cached]), AspectRatioBuckets(32, multi_aspect=False),
+                               BatchLayout(4))
+        if (32, 32) in buckets.sizes:
+            TrainingBatches(cached, buckets, BatchLayout(4))  # every cached size is a bucket: fine
+            continue
+        with pytest.raises(ValueError, match=r"holds images of \(height, width\) \[\(32, 32\)\] in pixels, "
+                                             r"which are not among this run's buckets \[\(64, 64\)\]"):
+            TrainingBatches(ConcatImageTextDataset([cached]), buckets, BatchLayout(4))
+
+
 def test_a_cache_from_another_tokenizer_is_refused(cache):
     _, dataset, folder = cache
     other = build_model("tiny", seed=1)

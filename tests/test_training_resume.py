@@ -240,6 +240,10 @@ def test_a_stream_resumes_only_with_the_split_it_was_read_with(tmp_path):
 
     config = tiny_config(max_steps=1, checkpoint_every=1)
     trainer(config).fit(resume=False)
-    with pytest.raises(ValueError, match=r"1 process\(es\) x 1 loader worker\(s\) but this run has 1 x 2"):
+    with pytest.raises(ValueError, match=r"1 process\(es\) x 1 loader worker\(s\) in micro-batches of 2 but "
+                                         r"this run has 1 x 2 in micro-batches of 2"):
         trainer(config.replace(max_steps=2, num_workers=2)).resume()
+    # The same global batch cut into other micro-batches resumes at another point of the stream.
+    with pytest.raises(ValueError, match=r"in micro-batches of 2 but this run has 1 x 1 in micro-batches of 1"):
+        trainer(config.replace(max_steps=2, micro_batch_size=1, gradient_accumulation=2)).resume()
     assert trainer(config.replace(max_steps=2, num_workers=1)).resume() == 1  # one worker reads as the process does

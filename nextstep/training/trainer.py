@@ -192,14 +192,17 @@ class Trainer:
                 f"train.loss_averaging={saved_averaging} to resume it, or start over (--no-resume)"
             )
         if self.data.streaming and "num_workers" in saved_config and "world_size" in state:
-            # A stream is dealt to processes x loader workers readers: another split reads other samples.
-            saved = (int(state["world_size"]), max(int(saved_config["num_workers"]), 1))
-            here = (self.context.world_size, max(self.config.num_workers, 1))
+            # A stream is dealt to processes x loader workers readers, each cutting micro-batches from its
+            # share: another split reads other samples, and resumes at another point of the stream.
+            saved = (int(state["world_size"]), max(int(saved_config["num_workers"]), 1),
+                     int(saved_config.get("micro_batch_size", self.config.micro_batch_size)))
+            here = (self.context.world_size, max(self.config.num_workers, 1), self.config.micro_batch_size)
             if saved != here:
                 raise ValueError(
                     f"checkpoint {path} read its stream with {saved[0]} process(es) x {saved[1]} loader worker(s) "
-                    f"but this run has {here[0]} x {here[1]}; a streaming dataset resumes only with the same split "
-                    "(map-style datasets resume on any)"
+                    f"in micro-batches of {saved[2]} but this run has {here[0]} x {here[1]} in micro-batches of "
+                    f"{here[2]}; a streaming dataset resumes only with the same split (map-style datasets "
+                    "resume on any)"
                 )
         self.tracker.load_state_dict(self._own_bad_samples(state.get("bad_samples", {})))
         self.step = int(state["step"])

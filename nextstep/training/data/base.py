@@ -140,3 +140,7 @@ class ImageTextDataset(ABC):
         """A digest of the samples' files, for datasets read from files a user may change (a latent
         cache built from other contents is then refused); "" for datasets their config determines."""
         return ""
+
+    def check_buckets(self, buckets) -> None:
+        """Raise ``ValueError`` when samples of a fixed size (cached tokens) could not be trained with
+        ``buckets`` (`nextstep.training.data.buckets.AspectRatioBuckets`); by default images fit any."""

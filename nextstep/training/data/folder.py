@@ -112,7 +112,10 @@ class ImageFolderDataset(ImageTextDataset):
         digest = hashlib.sha256()
         for path, caption in zip(self.paths, self.captions):
             stat = path.stat()
-            digest.update(f"{path.relative_to(base)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{caption}\n".encode())
+            # Relative to the dataset's folder (the cache stays valid when the folder moves); a manifest may
+            # also name files elsewhere by their absolute paths.
+            name = path.relative_to(base) if path.is_relative_to(base) else path
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\0{caption}\n".encode())
         return digest.hexdigest()[:16]
 
     def _read_sidecars(self, root: Path):
@@ -133,8 +136,9 @@ class ImageFolderDataset(ImageTextDataset):
         records = []
         base = manifest.parent
         for number, entry in manifest_entries(manifest):
-            if "image" not in entry:
-                raise ValueError(f"{manifest} line {number}: expected an object with an 'image' key, found {entry!r}")
+            if not isinstance(entry.get("image"), str) or not entry["image"]:
+                raise ValueError(f"{manifest} line {number}: expected an object with an 'image' path (a non-empty "
+                                 f"string), found {entry!r}")
             image = base / entry["image"]
             if not isinstance(entry.get("caption"), str):
                 raise ValueError(
@@ -145,8 +149,7 @@ class ImageFolderDataset(ImageTextDataset):
             if unknown:
                 raise ValueError(f"{manifest} line {number}: unknown keys {unknown}; known: "
                                  "['caption', 'height', 'image', 'width']")
-            size = (int(entry["width"]), int(entry["height"])) if "width" in entry and "height" in entry else None
-            records.append((image, entry["caption"].strip(), size))
+            records.append((image, entry["caption"].strip(), _manifest_size(manifest, number, entry)))
         return records
 
     def __len__(self) -> int:
@@ -158,3 +161,15 @@ class ImageFolderDataset(ImageTextDataset):
 
     def image_size(self, index: int) -> tuple[int, int]:
         return self.sizes[index]
+
+
+def _manifest_size(manifest: Path, number: int, entry: dict) -> tuple[int, int] | None:
+    """The (width, height) a manifest line gives, both positive integers, or None when it gives neither."""
+    given = [key for key in ("width", "height") if key in entry]
+    if not given:
+        return None
+    values = [entry.get("width"), entry.get("height")]
+    if len(given) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"{manifest} line {number}: 'width' and 'height' must be given together as positive "
+                         f"integers (pixels), found width={entry.get('width')!r}, height={entry.get('height')!r}")
+    return values[0], values[1]

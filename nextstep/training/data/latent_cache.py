@@ -305,6 +305,18 @@ class LatentCacheDataset(ImageTextDataset):
         height, width = self.grids[index]
         return (width * self.pixels_per_token, height * self.pixels_per_token)
 
+    def check_buckets(self, buckets) -> None:
+        """Cached tokens are not resized: each cached grid must be one of the run's buckets."""
+        sizes = {(height * self.pixels_per_token, width * self.pixels_per_token)
+                 for height, width in set(self.grids)}
+        outside = sorted(sizes - set(buckets.sizes))
+        if outside:
+            raise ValueError(
+                f"the latent cache at {self.config.path} holds images of (height, width) {outside} in pixels, "
+                f"which are not among this run's buckets {sorted(buckets.sizes)}; cached tokens cannot be "
+                "resized: train with the resolution and multi_aspect the cache was built with, or build a "
+                "cache for these buckets")
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_handles"] = {}  # file handles do not travel to loader workers

@@ -19,6 +19,7 @@ global batches as a single process that accumulates over the same micro-batches.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -34,6 +35,8 @@ from nextstep.training.data.base import (
     ImageTextSample,
 )
 from nextstep.training.data.buckets import AspectRatioBuckets, resize_and_crop
+
+logger = logging.getLogger("nextstep.training")
 
 
 def mix_seed(*parts: int | str) -> int:
@@ -72,6 +75,10 @@ class BatchLayout:
 class BatchPlan:
     """Global batches per step, each drawn from one bucket.
 
+    Each epoch cuts whole global batches from every bucket; a bucket's remainder
+    (fewer than a global batch) waits for a later epoch's shuffle, and a bucket
+    smaller than a global batch is never trained (a warning names it).
+
     Args:
         groups: bucket key of every index (e.g. its (height, width)).
         global_batch_size: examples per optimiser step.
@@ -93,6 +100,12 @@ class BatchPlan:
                 f"no bucket holds a full global batch of {global_batch_size} examples "
                 f"(samples per bucket: {sizes}); use a smaller batch or more data"
             )
+        unused = {str(k): len(v) for k, v in members.items() if len(v) < global_batch_size}
+        if unused:
+            logger.warning("%d sample(s) in bucket(s) smaller than a global batch of %d are never trained "
+                           "(samples per bucket: %s); use a smaller batch, fewer buckets "
+                           "(data.multi_aspect=false) or more data", sum(unused.values()), global_batch_size,
+                           unused)
         self._cached_epoch: int | None = None
         self._cached_batches: list[list[int]] = []
 
@@ -266,6 +279,7 @@ class TrainingBatches:
                  *, rank: int = 0, seed: int = 0, start_step: int = 0, num_workers: int = 0):
         if len(dataset) == 0:
             raise ValueError(f"{dataset.describe()} is empty: nothing to train on")
+        dataset.check_buckets(buckets)
         self.dataset = dataset
         self.sizes = [buckets.assign(*dataset.image_size(i)) for i in range(len(dataset))]
         self.plan = BatchPlan(self.sizes, layout.global_batch_size, seed)

@@ -55,6 +55,10 @@ class ConcatImageTextDataset(ImageTextDataset):
         dataset, local = self._locate(index)
         return dataset.caption(local)
 
+    def check_buckets(self, buckets) -> None:
+        for dataset in self.datasets:
+            dataset.check_buckets(buckets)
+
     def describe(self) -> str:
         parts = [f"{d.describe()} x{r}" if r > 1 else d.describe() for d, r in zip(self.datasets, self.repeats)]
         return " + ".join(parts)
