@@ -116,6 +116,8 @@ def test_config_translation_round_trips():
     assert qwen2_config_from_hf(nextstep).output_attention_bias is True
     nextstep["o_attention_bias"] = False
     assert qwen2_config_from_hf(nextstep).output_attention_bias is False
+    nextstep["o_attention_bias"] = None  # null follows q/k/v, as the release's config class reads it
+    assert qwen2_config_from_hf(nextstep).output_attention_bias is True
     # Left out, as in a Llama config: no biases (the release's config class is a LlamaConfig)
     unbiased = qwen2_config_from_hf({k: v for k, v in nextstep.items() if "attention_bias" not in k})
     assert (unbiased.attention_bias, unbiased.output_attention_bias) == (False, False)

@@ -98,6 +98,15 @@ def test_initialised_model_generates_saves_and_converts(small_qwen, tmp_path):
     reference = model.state_dict()
     assert all(torch.equal(tensor, reference[key]) for key, tensor in release.state_dict().items())
     assert release.text_tokenizer.special_token_id("<|image_placeholder|>") == 278 + 4
+    # The tokenizer files name NextStep's tokens as the release's tokenizer does: [PAD] pads.
+    import json
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        written = json.loads((tmp_path / "release" / name).read_text())
+        assert written["pad_token"] == "[PAD]", name
+        assert [t for t in written["additional_special_tokens"] if t.startswith("<|")][:4] == [
+            "<|image_area|>", "<|begin_of_image|>", "<|end_of_image|>", "<|image_placeholder|>"], name
+    assert release.text_tokenizer.tokenizer.pad_token_id == 278 + 0
 
 
 def test_a_table_with_room_keeps_its_size_and_its_unused_rows(small_qwen):

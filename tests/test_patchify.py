@@ -73,6 +73,25 @@ def test_a_sampled_posterior_keeps_its_spread_around_the_standardised_mean():
 
 
 
+def test_training_noise_is_added_at_the_scale_of_the_standardised_latents():
+    """The release adds U(0, gamma) * eps to its posterior sample, before scale and shift: in the
+    normalised latents the decoder reads, that is gamma * scaling_factor."""
+    from nextstep.tokenizers.latent_normalization import perturb_latents
+
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4, scaling_factor=0.25,
+                                shift_factor=0.5)).eval()
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    read = []
+    vae.decoder.register_forward_pre_hook(lambda module, inputs: read.append(inputs[0]))
+    with torch.no_grad():
+        vae(images, 0.2, torch.Generator().manual_seed(3))
+        vae(images, 0.0)
+        clean = vae.encode(images)
+    standardised = clean / 0.25 + 0.5  # the latents before scale and shift
+    noisy = perturb_latents(standardised, 0.2, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(read[0] - read[1], noisy - standardised, atol=1e-5, rtol=1e-5)
+
+
 def test_a_sampled_reconstruction_draws_only_from_its_generator():
     vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4, deterministic=False))
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -193,14 +193,16 @@ def test_missing_keys_are_listed(tmp_path):
         load_flux_vae(tmp_path / "ae.safetensors", norm_groups=8)
 
 
-def test_nextstep_config_fields():
+def test_nextstep_config_fields(caplog):
     config = config_from_nextstep({"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
                                    "z_channels": 16, "encoder_norm": True, "psz": 2,
                                    "scaling_factor": 1.0, "shift_factor": 0.0, "deterministic": True,
                                    "resolution": 256, "in_channels": 3, "out_ch": 3})
     assert config == FluxVAEConfig(normalization="layer_norm", normalization_patch_size=2)
-    with pytest.raises(ValueError, match="unexpected field"):
-        config_from_nextstep({"ch": 128, "chanels": 3})
+    # Unknown fields are ignored, as the release's loader ignores them; named unless they are metadata.
+    with caplog.at_level("WARNING", logger="nextstep"):
+        assert config_from_nextstep({"_class_name": "AutoencoderKL", "chanels": 3}) == config_from_nextstep({})
+    assert "ignoring unknown field(s) ['chanels']" in caplog.text and "_class_name" not in caplog.text
 
 
 def test_nextstep_config_fields_left_out_take_the_release_code_defaults():

@@ -108,7 +108,8 @@ def qwen2_config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> Qwen2Ba
         attention_bias, output_bias = True, False
     else:  # NextStep's Llama-style config: no biases when absent (Llama's default), o follows q/k/v
         attention_bias = bool(hf_config.get("attention_bias", False))
-        output_bias = bool(hf_config.get("o_attention_bias", attention_bias))
+        o_bias = hf_config.get("o_attention_bias")  # absent or null: as q/k/v
+        output_bias = attention_bias if o_bias is None else bool(o_bias)
     fields = dict(
         vocab_size=_required(hf_config, "vocab_size"),
         hidden_size=hidden_size,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nextstep.io import read_json_object
+from nextstep.tokenizers.special_tokens import NEXTSTEP_SPECIAL_TOKENS, PAD
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
@@ -45,6 +46,20 @@ def release_tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def with_nextstep_tokens(config: dict[str, Any], vocabulary: dict[str, int]) -> dict[str, Any]:
+    """A 4.x-form tokenizer config that names NextStep's tokens as the release's tokenizer does:
+    ``[PAD]`` as ``pad_token`` and the others under ``additional_special_tokens`` (those in
+    ``vocabulary``; tokens listed there already keep their place)."""
+    config = dict(config)
+    if PAD in vocabulary:
+        config["pad_token"] = PAD
+    listed = list(config.get("additional_special_tokens") or [])
+    names = {token["content"] if isinstance(token, dict) else token for token in listed}
+    config["additional_special_tokens"] = listed + [token for token in NEXTSTEP_SPECIAL_TOKENS[1:]
+                                                    if token in vocabulary and token not in names]
+    return config
+
+
 def special_tokens_map(config: dict[str, Any]) -> dict[str, Any]:
     """``special_tokens_map.json`` for a 4.x-form tokenizer config: its named tokens that are set, then
     ``additional_special_tokens``."""
@@ -57,10 +72,13 @@ def special_tokens_map(config: dict[str, Any]) -> dict[str, Any]:
 def save_release_tokenizer(tokenizer, directory: Path) -> None:
     """Write a Hugging Face tokenizer's files into ``directory``, in the form the release's transformers reads.
 
-    ``tokenizer_config.json`` is rewritten by `release_tokenizer_config`;
-    ``special_tokens_map.json`` and ``added_tokens.json`` (added token -> id)
-    are written when ``save_pretrained`` did not write them. The files are
-    written in place: ``directory`` is the staging folder of an atomic write.
+    ``tokenizer_config.json`` is rewritten by `release_tokenizer_config` and
+    `with_nextstep_tokens` (a tokenizer that came from a base model such as
+    Qwen2.5 pads with ``[PAD]`` and lists NextStep's tokens, as the release's);
+    ``special_tokens_map.json`` is written with the same named tokens (keeping
+    other entries ``save_pretrained`` wrote) and ``added_tokens.json`` (added
+    token -> id) when ``save_pretrained`` did not write it. The files are written
+    in place: ``directory`` is the staging folder of an atomic write.
 
     Args:
         tokenizer: a ``transformers`` tokenizer.
@@ -69,10 +87,12 @@ def save_release_tokenizer(tokenizer, directory: Path) -> None:
     directory = Path(directory)
     tokenizer.save_pretrained(str(directory))
     config = release_tokenizer_config(read_json_object(directory / TOKENIZER_CONFIG, TOKENIZER_CONFIG))
+    config = with_nextstep_tokens(config, tokenizer.get_vocab())
     (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    if not (directory / SPECIAL_TOKENS_MAP).is_file():
-        (directory / SPECIAL_TOKENS_MAP).write_text(
-            json.dumps(special_tokens_map(config), indent=2, ensure_ascii=False) + "\n")
+    written = (read_json_object(directory / SPECIAL_TOKENS_MAP, SPECIAL_TOKENS_MAP)
+               if (directory / SPECIAL_TOKENS_MAP).is_file() else {})
+    (directory / SPECIAL_TOKENS_MAP).write_text(
+        json.dumps({**written, **special_tokens_map(config)}, indent=2, ensure_ascii=False) + "\n")
     if not (directory / ADDED_TOKENS).is_file():
         added = dict(sorted(tokenizer.get_added_vocab().items(), key=lambda item: item[1]))
         (directory / ADDED_TOKENS).write_text(json.dumps(added, indent=2, ensure_ascii=False) + "\n")

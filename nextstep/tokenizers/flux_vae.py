@@ -325,11 +325,15 @@ class FluxVAE(ImageTokenizer):
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Reconstruct images (B, 3, H, W): ``decode(perturb(encode(images), noise_gamma))``.
 
-        With ``noise_gamma > 0`` the normalised latents get NextStep-1's training
-        noise (`perturb_latents`); 0 gives the plain reconstruction. ``generator`` is
-        the source of every draw (a sampled posterior's too).
+        With ``noise_gamma > 0`` the latents get NextStep-1's training noise
+        (`perturb_latents`) at the scale of the standardised latents, before
+        ``scaling_factor`` and ``shift_factor`` (as the release's VAE adds it to its
+        posterior sample): the normalised latents get it times ``scaling_factor``.
+        0 gives the plain reconstruction. ``generator`` is the source of every draw
+        (a sampled posterior's too).
         """
-        latents = perturb_latents(self.encode(images, generator), noise_gamma, generator)
+        latents = perturb_latents(self.encode(images, generator), noise_gamma * self.config.scaling_factor,
+                                  generator)
         return self.decode(latents)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

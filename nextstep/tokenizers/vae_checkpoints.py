@@ -18,6 +18,7 @@ Three layouts are understood, plus the library's own:
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -29,6 +30,8 @@ from nextstep.io import atomic_directory, read_json_object, what_is_at
 from nextstep.model_config import describes_a_model
 from nextstep.serialization import read_safetensors
 from nextstep.tokenizers.flux_vae import FluxVAE, FluxVAEConfig
+
+logger = logging.getLogger("nextstep")
 
 LAYOUTS = ("bfl", "diffusers", "nextstep", "native")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -201,11 +204,11 @@ def config_from_nextstep(data: dict) -> FluxVAEConfig:
     A field the file leaves out takes the value the release's own code gives it
     (`NEXTSTEP_CONFIG_DEFAULTS`).
     """
-    unknown = sorted(set(data) - set(NEXTSTEP_CONFIG_FIELDS))
-    if unknown:
-        raise ValueError(f"unexpected field(s) {unknown} in a NextStep VAE config; "
-                         f"known: {list(NEXTSTEP_CONFIG_FIELDS)}")
-    data = {**NEXTSTEP_CONFIG_DEFAULTS, **data}
+    unknown = sorted(key for key in set(data) - set(NEXTSTEP_CONFIG_FIELDS) if not key.startswith("_"))
+    if unknown:  # the release's loader ignores them too; metadata such as "_class_name" goes unmentioned
+        logger.warning("ignoring unknown field(s) %s of a NextStep VAE config; known: %s", unknown,
+                       list(NEXTSTEP_CONFIG_FIELDS))
+    data = {**NEXTSTEP_CONFIG_DEFAULTS, **{k: v for k, v in data.items() if k in NEXTSTEP_CONFIG_FIELDS}}
     scale, shift = float(data["scaling_factor"]), float(data["shift_factor"])
     if data["encoder_norm"]:
         normalization = "layer_norm"
