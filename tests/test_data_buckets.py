@@ -45,6 +45,22 @@ def test_resize_and_crop_gives_the_bucket_size(width, height, size):
     assert out.size == (size[1], size[0])
 
 
+def test_resize_and_crop_keeps_the_exact_centre():
+    """A picture half red, half blue, wider than its bucket: the crop is centred to the sub-pixel, so the
+    colours split at the middle column and mirror each other; a long strip is cropped before it is scaled."""
+    import numpy as np
+
+    picture = Image.new("RGB", (303, 70), "red")  # scaled to 277 wide: a crop of 64 starts at 106.5
+    picture.paste((128, 0, 128), (151, 0, 152, 70))
+    picture.paste((0, 0, 255), (152, 0, 303, 70))
+    out = np.asarray(resize_and_crop(picture, 64, 64)).astype(int)
+    assert out.shape == (64, 64, 3)
+    np.testing.assert_allclose(out[:, :32, 0], out[:, 32:, 2][:, ::-1], atol=1)  # mirror images
+    assert (out[:, 0] == (255, 0, 0)).all() and (out[:, -1] == (0, 0, 255)).all()
+    strip = Image.new("RGB", (20000, 2), "green")
+    assert np.asarray(resize_and_crop(strip, 128, 512)).reshape(-1, 3).tolist() == [[0, 128, 0]] * 128 * 512
+
+
 def test_bad_resolution_is_refused():
     with pytest.raises(ValueError, match="multiple of 16"):
         AspectRatioBuckets(100)

@@ -85,14 +85,16 @@ class AspectRatioBuckets:
 
 
 def resize_and_crop(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Scale ``image`` to cover ``height`` x ``width`` (aspect kept), then centre-crop to it."""
+    """Scale ``image`` to cover ``height`` x ``width`` (aspect kept) and centre-crop to it.
+
+    Only the part that is kept is resampled (the crop's box in the source's pixels), so
+    a very long strip is not first enlarged whole.
+    """
     source_width, source_height = image.size
+    if (source_width, source_height) == (width, height):
+        return image
     scale = max(width / source_width, height / source_height)
-    resized_width = max(width, round(source_width * scale))
-    resized_height = max(height, round(source_height * scale))
-    if (resized_width, resized_height) != image.size:
-        image = image.resize((resized_width, resized_height), Image.Resampling.BICUBIC,
-                             reducing_gap=None if scale > 0.5 else 3.0)
-    left = (resized_width - width) // 2
-    top = (resized_height - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    box_width, box_height = min(width / scale, source_width), min(height / scale, source_height)
+    left, top = max((source_width - box_width) / 2, 0.0), max((source_height - box_height) / 2, 0.0)
+    return image.resize((width, height), Image.Resampling.BICUBIC, box=(left, top, left + box_width, top + box_height),
+                        reducing_gap=None if scale > 0.5 else 3.0)
