@@ -104,6 +104,7 @@ def test_initialised_model_generates_saves_and_converts(small_qwen, tmp_path):
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         written = json.loads((tmp_path / "release" / name).read_text())
         assert written["pad_token"] == "[PAD]", name
+        assert not {"local_files_only", "is_local", "backend"} & set(written), name
         assert [t for t in written["additional_special_tokens"] if t.startswith("<|")][:4] == [
             "<|image_area|>", "<|begin_of_image|>", "<|end_of_image|>", "<|image_placeholder|>"], name
     assert release.text_tokenizer.tokenizer.pad_token_id == 278 + 0

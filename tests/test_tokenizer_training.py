@@ -70,3 +70,10 @@ def test_loss_averaging_leaves_a_tokenizer_run_alone(tmp_path):
     resumed = run_tokenizer_recipe(recipe(train={**train, "max_steps": 2, "loss_averaging": "step"},
                                           evaluation_crops=0), tmp_path, show_progress=False)
     assert not resumed.task.counts_targets and [r.step for r in resumed.history] == [2]
+
+
+def test_a_tokenizer_recipe_refuses_a_latent_cache():
+    import pytest
+
+    with pytest.raises(ValueError, match="data.latent_cache must be empty: a tokenizer trains on images"):
+        recipe(data={**RECIPE["data"], "latent_cache": "cache"})

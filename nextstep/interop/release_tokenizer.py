@@ -24,6 +24,8 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 ADDED_TOKENS = "added_tokens.json"
 #: The named special tokens of a Hugging Face tokenizer, in ``special_tokens_map.json``'s order.
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+#: Arguments of the call that loaded a tokenizer, which transformers 5 writes back into its config.
+LOAD_ARGUMENTS = ("backend", "is_local", "local_files_only")
 
 
 def release_tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -31,12 +33,13 @@ def release_tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
 
     A list under ``extra_special_tokens`` (transformers 5) is appended to
     ``additional_special_tokens`` (duplicates dropped) and removed; a mapping
-    there (named extra tokens, which 4.x reads too) is kept.
+    there (named extra tokens, which 4.x reads too) is kept. The loading call's own
+    arguments (`LOAD_ARGUMENTS`) are dropped: 4.x would pass them to the tokenizer.
 
     Args:
         config: the parsed ``tokenizer_config.json``.
     """
-    config = dict(config)
+    config = {key: value for key, value in config.items() if key not in LOAD_ARGUMENTS}
     extra = config.get("extra_special_tokens")
     if isinstance(extra, list):
         del config["extra_special_tokens"]

@@ -81,6 +81,8 @@ class TokenizerRecipeConfig(Config):
                 self.evaluation_size, "a positive multiple of 8")
         require(self.loss.perceptual_weight == 0 or self.perceptual_network != "none", "perceptual_network",
                 self.perceptual_network, "a network when loss.perceptual_weight > 0")
+        require(not self.data.latent_cache, "data.latent_cache", self.data.latent_cache,
+                "empty: a tokenizer trains on images, not on cached tokens")
 
 
 def load_tokenizer_recipe(name_or_path: str, overrides: list[str] | None = None) -> TokenizerRecipeConfig:
