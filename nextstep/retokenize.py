@@ -99,6 +99,10 @@ def replace_text_tokenizer(model: NextStep, tokenizer: TextTokenizer) -> NextSte
     if model.word_vectors is not None:
         raise ValueError("a model with word vectors keeps its text tokenizer: the vectors are stored per id "
                          "of that tokenizer; swap the tokenizer before attaching word vectors")
+    if tokenizer.input_vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"the new tokenizer reads {tokenizer.input_vocab_size - tokenizer.vocab_size} vector "
+                         "word(s) beyond its vocabulary, which need the model's word vectors; swap in the "
+                         "tokenizer without them, then attach word vectors (attach_word_vectors)")
     sources = vocabulary_transfer(old, tokenizer)
     if any(max(ids, default=-1) >= model.backbone.vocab_size for ids in sources):
         raise ValueError(f"the old tokenizer produces ids beyond the backbone's {model.backbone.vocab_size} rows")

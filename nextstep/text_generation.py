@@ -51,6 +51,35 @@ class GeneratedText:
     stopped: list[bool]
 
 
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, found {seed!r}")
+
+
+def _check_row(number: int, row, tokenizer, token_dim: int) -> None:
+    """Raise ``ValueError`` unless ``row`` is ``(ids, [(start, tokens (n, token_dim)), ...])`` with each
+    span's tokens replacing ``<|image_placeholder|>`` ids of the row."""
+    if not isinstance(row, (tuple, list)) or len(row) != 2:
+        raise ValueError(f"prompt row {number} must be a pair (ids, spans), found {row!r:.80}")
+    ids, spans = row
+    _check_ids("prompt ids", ids, tokenizer.input_vocab_size)
+    if not ids:
+        raise ValueError("every prompt row needs at least one id, found an empty one")
+    for span in spans:
+        if not isinstance(span, (tuple, list)) or len(span) != 2:
+            raise ValueError(f"prompt row {number}: a span must be a pair (start, tokens), found {span!r:.80}")
+        start, tokens = span
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.shape[1] != token_dim:
+            found = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"prompt row {number}: span tokens must have shape (n, {token_dim}), found {found}")
+        end = start + tokens.shape[0] if isinstance(start, int) and not isinstance(start, bool) else -1
+        if end < 0 or start < 0 or end > len(ids) or any(
+                value != tokenizer.image_placeholder_id for value in list(ids)[start:end]):
+            raise ValueError(f"prompt row {number}: a span of {tokens.shape[0]} tokens from {start!r} must cover "
+                             f"<|image_placeholder|> ids of the row's {len(ids)}, found "
+                             f"{list(ids)[start:end] if end >= 0 else start!r:.80}")
+
+
 def _check_ids(name: str, ids, vocabulary: int) -> list[int]:
     ids = list(ids)
     for value in ids:
@@ -84,7 +113,8 @@ def generate_text(
         top_k: draw among the k most probable tokens only.
         top_p: draw among the most probable tokens whose probabilities sum to ``top_p``.
         seed: row ``r`` draws from a generator seeded ``seed + r``.
-        stop_ids: a row ends once it writes one of these (default ``<|endoftext|>``).
+        stop_ids: a row ends once it writes one of these (default ``<|endoftext|>``; empty: rows
+            write ``max_new_tokens`` ids).
         banned_ids: ids never written, besides ``[PAD]``, ``<|image_placeholder|>``
             and the LM head's classes the text tokenizer cannot decode.
 
@@ -101,14 +131,13 @@ def generate_text(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, found {max_new_tokens!r}")
     check_text_sampling(temperature, top_k, top_p)
+    _check_seed(seed)
     classes = model.lm_head.vocab_size
     decodable = min(classes, tokenizer.vocab_size)
     stop = _check_ids("stop_ids", [tokenizer.eos_id] if stop_ids is None else stop_ids, decodable)
     banned_list = _check_ids("banned_ids", banned_ids, classes)
-    for ids, spans in rows:
-        _check_ids("prompt ids", ids, tokenizer.input_vocab_size)
-        if not ids:
-            raise ValueError("every prompt row needs at least one id, found an empty one")
+    for number, row in enumerate(rows):
+        _check_row(number, row, tokenizer, model.token_dim)
 
     backbone = model.backbone
     device = next(model.parameters()).device
@@ -116,9 +145,9 @@ def generate_text(
     banned = torch.zeros(classes, dtype=torch.bool, device=device)
     banned[[tokenizer.pad_id, tokenizer.image_placeholder_id, *banned_list]] = True
     banned[decodable:] = True
-    if bool(banned[stop].all()):
+    if stop and bool(banned[stop].all()):
         raise ValueError(f"every stop id {stop} is banned; a row could never stop")
-    stop_tensor = torch.tensor(stop, device=device)
+    stop_tensor = torch.tensor(stop, dtype=torch.long, device=device)
     generators = [torch.Generator().manual_seed(seed + row) for row in range(len(rows))]
 
     with torch.inference_mode():
@@ -162,7 +191,8 @@ def complete_text(model: "NextStep", prompts: str | Sequence[str], **kwargs: Any
         if not ids:
             raise ValueError("complete_text needs non-empty prompts, found ''")
         rows.append((ids, []))
-    kwargs.setdefault("stop_ids", [tokenizer.eos_id, tokenizer.image_area_id])
+    if kwargs.get("stop_ids") is None:
+        kwargs["stop_ids"] = [tokenizer.eos_id, tokenizer.image_area_id]
     return generate_text(model, rows, **kwargs)
 
 
@@ -183,9 +213,11 @@ def caption_images(model: "NextStep",
     builder = model.sequences
     rows = []
     images = as_image_list(images)
+    _check_seed(kwargs.get("seed", 0))
     seeds = [kwargs.get("seed", 0) + index for index in range(len(images))]  # row r's seed, as for its text
     tokenizer = model.require_text_tokenizer()
-    kwargs.setdefault("stop_ids", [tokenizer.eos_id, tokenizer.image_area_id])
+    if kwargs.get("stop_ids") is None:
+        kwargs["stop_ids"] = [tokenizer.eos_id, tokenizer.image_area_id]
     for tokens, grid_h, grid_w in encode_each(model, images, seeds):
         rows.append((builder.image_block(grid_h, grid_w), [(len(builder.image_prefix(grid_h, grid_w)), tokens)]))
     return generate_text(model, rows, **kwargs)

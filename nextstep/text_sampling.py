@@ -12,13 +12,15 @@ Legend: R rows, V classes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def check_text_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ``ValueError`` naming the setting that is out of range."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 chooses greedily), found {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 chooses greedily), found {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 or None, found {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
@@ -47,7 +49,9 @@ def kept_log_weights(logits: torch.Tensor, *, temperature: float = 1.0, top_k: i
         if banned.shape != weights.shape[-1:]:
             raise ValueError(f"banned must have shape ({weights.shape[-1]},), found {tuple(banned.shape)}")
         weights = weights.masked_fill(banned.to(weights.device), float("-inf"))
-    weights = weights / temperature
+    # Measured from each row's largest allowed logit, so that no temperature turns logits into inf / inf.
+    top = weights.amax(dim=-1, keepdim=True)
+    weights = (weights - torch.where(torch.isfinite(top), top, 0.0)) / temperature
     if top_k is not None and top_k < weights.shape[-1]:
         kept = torch.zeros_like(weights, dtype=torch.bool)
         kept.scatter_(-1, weights.topk(top_k, dim=-1, sorted=False).indices, True)

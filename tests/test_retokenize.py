@@ -97,6 +97,13 @@ def test_a_huggingface_backbone_built_from_fields_takes_the_new_size(tmp_path):
     assert isinstance(again.backbone, HFBackbone) and again.backbone.vocab_size == model.text_tokenizer.vocab_size
 
 
+def test_a_tokenizer_with_vector_words_needs_the_models_word_vectors():
+    model = build_model("tiny", seed=0)
+    with pytest.raises(ValueError, match=r"reads 1 vector word\(s\) beyond its vocabulary.*attach_word_vectors"):
+        replace_text_tokenizer(model, words().with_vector_words(["violin"]))
+    assert isinstance(model.text_tokenizer, ByteTextTokenizer)  # left as it was
+
+
 def test_a_table_of_the_wrong_width_is_refused():
     model = build_model("tiny", seed=0)
     with pytest.raises(ValueError, match=r"embeddings must be \d+ wide \(hidden_size\), found 3"):

@@ -136,11 +136,13 @@ def from_pil_tensor(image):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
-    (dict(temperature=-0.5), "temperature must be a number >= 0"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
     (dict(top_k=0), "top_k must be an integer >= 1"),
     (dict(top_p=2.0), r"top_p must be a number in \(0, 1\]"),
     (dict(stop_ids=[10**9]), r"stop_ids must be ids in \[0, "),
     (dict(banned_ids=[-1]), r"banned_ids must be ids in \[0, "),
+    (dict(seed=None), "seed must be an integer, found None"),
+    (dict(seed=1.5), "seed must be an integer, found 1.5"),
 ])
 def test_bad_settings_are_refused_with_what_was_expected(tiny_model, kwargs, message):
     rows = [(tiny_model.text_tokenizer.encode("a"), [])]
@@ -161,3 +163,33 @@ def test_bad_prompts_are_refused(tiny_model):
         complete_text(tiny_model, [3])
     with pytest.raises(ValueError, match="PIL images or a"):
         caption_images(tiny_model, "picture.png")
+
+
+
+def test_rows_and_spans_of_another_form_are_named(tiny_model):
+    tokenizer = tiny_model.text_tokenizer
+    placeholder, dim = tokenizer.image_placeholder_id, tiny_model.token_dim
+    ids = tokenizer.encode("a") + [placeholder] * 2
+    for rows, message in (
+        ([[1, 2, 3]], r"prompt row 0 must be a pair \(ids, spans\)"),
+        ([(ids, [(1, torch.zeros(2, dim + 1))])], rf"span tokens must have shape \(n, {dim}\), found \(2, {dim + 1}\)"),
+        ([(ids, [(1, torch.zeros(dim))])], rf"span tokens must have shape \(n, {dim}\), found \({dim},\)"),
+        ([(ids, [(len(ids) - 1, torch.zeros(2, dim))])], "a span of 2 tokens from .* must cover <|image_placeholder|>"),
+        ([(ids, [(0, torch.zeros(2, dim))])], "must cover <|image_placeholder|> ids"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            generate_text(tiny_model, rows, max_new_tokens=1)
+    assert generate_text(tiny_model, [(ids, [(len(ids) - 2, torch.zeros(2, dim))])], max_new_tokens=1).ids
+
+
+def test_stop_ids_none_keeps_the_default_stops_and_empty_writes_every_token(tiny_model):
+    tokenizer = tiny_model.text_tokenizer
+    written = generate_text(tiny_model, [(tokenizer.encode("a"), [])], max_new_tokens=5, stop_ids=[])
+    assert len(written.ids[0]) == 5 and written.stopped == [False]
+    # Only <|image_area|> may be written: the default stops of a completion end the row there.
+    decodable = min(tiny_model.lm_head.vocab_size, tokenizer.vocab_size)
+    banned = [i for i in range(decodable) if i != tokenizer.image_area_id]
+    ended = complete_text(tiny_model, "a", max_new_tokens=3, stop_ids=None, banned_ids=banned)
+    assert ended.stopped == [True] and ended.ids[0] == [tokenizer.image_area_id]
+    image = torch.zeros(1, 3, 32, 32)
+    assert caption_images(tiny_model, image, max_new_tokens=3, stop_ids=None, banned_ids=banned).stopped == [True]

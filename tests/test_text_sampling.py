@@ -83,7 +83,8 @@ def test_rows_choose_independently_of_each_other():
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(temperature=-1.0), "temperature must be a number >= 0"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
     (dict(top_k=0), "top_k must be an integer >= 1"),
     (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
@@ -91,6 +92,16 @@ def test_rows_choose_independently_of_each_other():
 def test_settings_out_of_range_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         choose_tokens(torch.zeros(1, 4), torch.zeros(1), **settings)
+
+
+def test_a_tiny_temperature_is_greedy_however_large_the_logits():
+    """Logits over a tiny temperature overflow unless measured from the row's largest; a banned class
+    would then make inf - inf."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.5], [-1.0, 4.0, 4.0, 0.0]])
+    banned = torch.tensor([False, False, False, True])
+    for uniform in (0.0, 0.5, 0.99):
+        chosen = choose_tokens(logits, torch.full((2,), uniform), temperature=1e-39, banned=banned)
+        assert chosen[0] == 0 and chosen[1] in (1, 2)
 
 
 def test_shapes_and_an_all_banned_vocabulary_are_refused():

@@ -102,6 +102,13 @@ def test_each_candidate_maps_to_its_most_similar_known_word():
     WordTextTokenizerConfig(words=WORDS, aliases=aliases)  # valid by construction
 
 
+def test_a_lower_case_word_reads_as_itself_beside_its_capitalised_variant():
+    words = ("a", " red", " circle", "Red", " crimson")
+    aliases = nearest_word_aliases(words, ["Red", "RED", "crimson"], letter_counts)
+    assert aliases["red"] == "red"  # not "Red", the later variant in the vocabulary
+    assert aliases["crimson"] == "crimson"
+
+
 @given(st.lists(st.text(alphabet="abcdefghij", min_size=1, max_size=6), min_size=1, max_size=30))
 def test_aliases_agree_with_a_brute_force_search(candidates):
     aliases = nearest_word_aliases(WORDS, candidates, letter_counts, batch_size=4)

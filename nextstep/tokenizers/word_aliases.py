@@ -43,6 +43,17 @@ def alias_key(word: object) -> str | None:
     return lower if lower.isalpha() else None
 
 
+def exact_aliases(targets: Sequence[str]) -> dict[str, str]:
+    """Each target's `alias_key` -> the target; where case variants share a key ("red" and "Red"),
+    the one that is the key itself."""
+    exact: dict[str, str] = {}
+    for target in targets:
+        key = alias_key(target)
+        if key is not None and (key not in exact or target == key):
+            exact[key] = target
+    return exact
+
+
 def nearest_word_aliases(words: Sequence[str], candidates: Iterable[str], embed: Embed, *,
                          batch_size: int = 512) -> dict[str, str]:
     """Each candidate word (and each known word in lower case) -> its most similar word of ``words``.
@@ -68,7 +79,7 @@ def nearest_word_aliases(words: Sequence[str], candidates: Iterable[str], embed:
         raise ValueError("the vocabulary has no word of letters to alias to")
     target_vectors = unit_rows(embed(targets), len(targets), "the vocabulary's words")
     wanted = {key for word in candidates if (key := alias_key(word)) is not None}
-    exact = {key: target for target in targets if (key := alias_key(target)) is not None}
+    exact = exact_aliases(targets)
     aliases = {word: exact[word] for word in wanted if word in exact}
     rest = sorted(wanted - set(aliases))
     for start in range(0, len(rest), batch_size):

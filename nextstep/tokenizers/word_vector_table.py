@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from nextstep.layers.word_vectors import WordVectorConfig
-from nextstep.tokenizers.word_aliases import Embed, alias_key, alias_targets, encoder_vocabulary_words, unit_rows
+from nextstep.tokenizers.word_aliases import (
+    Embed,
+    alias_key,
+    alias_targets,
+    encoder_vocabulary_words,
+    exact_aliases,
+    unit_rows,
+)
 
 if TYPE_CHECKING:
     from nextstep.model import NextStep
@@ -73,7 +80,7 @@ def attach_word_vectors(model: "NextStep", candidates: Sequence[str], embed: Emb
     known = alias_targets(tokenizer.words)
     known_lower = {word.lower() for word in known}
     extra = sorted({key for word in candidates if (key := alias_key(word)) is not None} - known_lower)
-    aliases = {key: word for word in known if (key := alias_key(word)) is not None}
+    aliases = exact_aliases(known)
     aliases.update(tokenizer.config.aliases)
     aliases = {word: target for word, target in sorted(aliases.items()) if word not in extra}
     reader = type(tokenizer)(tokenizer.config.replace(aliases=aliases, vector_words=tuple(extra)))
