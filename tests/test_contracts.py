@@ -60,6 +60,16 @@ def test_image_tokenizer_contract(name):
     check_image_tokenizer(build("image_tokenizer", name, IMAGE_TOKENIZERS[name]))
 
 
+def test_a_tokenizer_that_samples_its_latents_meets_the_contract():
+    """Its draws for a batch need not be those of each image alone (one draw for the whole batch)."""
+    check_image_tokenizer(build("image_tokenizer", "flux_vae", IMAGE_TOKENIZERS["flux_vae"].replace(
+        deterministic=False)))
+
+
+def test_a_half_precision_backbone_meets_the_contract_at_its_own_tolerance():
+    check_backbone(build("backbone", "qwen2", BACKBONES["qwen2"]).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("name", sorted(IMAGE_TOKENIZERS))
 def test_image_tokenizer_rejects_bad_images(name):
     tokenizer = build("image_tokenizer", name, IMAGE_TOKENIZERS[name])

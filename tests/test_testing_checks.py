@@ -7,7 +7,8 @@ import torch
 
 from nextstep.backbones import Qwen2Backbone, Qwen2BackboneConfig
 from nextstep.heads import FlowMatchingHead, FlowMatchingHeadConfig
-from nextstep.samplers import EulerSampler, MidpointSampler
+from nextstep.samplers import EulerMaruyamaSampler, EulerSampler, HeunSampler, MidpointSampler
+from nextstep.samplers.base import check_step_noise
 from nextstep.testing import check_backbone, check_image_head, check_sampler, check_text_tokenizer
 from nextstep.tokenizers import ByteTextTokenizer
 
@@ -39,7 +40,37 @@ class CrashingLoss(FlowMatchingHead):
         pass
 
 
+class IgnoresCondition(FlowMatchingHead):
+    def velocity(self, x_t, t, condition):
+        return super().velocity(x_t, t, torch.zeros_like(condition))
+
+    def prepare(self, condition, times=None):
+        return lambda x_t, t: self.velocity(x_t, t, condition)
+
+
+class IgnoresTime(FlowMatchingHead):
+    def velocity(self, x_t, t, condition):
+        return super().velocity(x_t, torch.full_like(t, 0.5), condition)
+
+    def prepare(self, condition, times=None):
+        return lambda x_t, t: self.velocity(x_t, t, condition)
+
+
+class ShuffledConditions(FlowMatchingHead):
+    def loss(self, target, condition, generator=None):
+        return super().loss(target, condition.roll(1, 0), generator)  # each target trained on another's condition
+
+
+class AnyRows(FlowMatchingHead):
+    def loss(self, target, condition, generator=None):
+        return super().loss(target, condition[: target.shape[0]], generator)  # extra condition rows go unnoticed
+
+
 @pytest.mark.parametrize("cls, message", [
+    (IgnoresCondition, "IgnoresCondition: velocity does not change with the condition"),
+    (IgnoresTime, "IgnoresTime: velocity does not change with the time"),
+    (ShuffledConditions, "ShuffledConditions: the loss of row 0 does not change with its condition"),
+    (AnyRows, r"AnyRows: loss of a condition of N \+ 1 rows should raise ValueError"),
     (DoubledPrepare, r"DoubledPrepare: prepare\(condition\) differs from velocity"),
     (RowCoupled, "RowCoupled: rows of velocity depend on the other rows of the batch"),
     (CrashingLoss, "CrashingLoss: loss of a target of width D \\+ 1 should raise ValueError naming what was "
@@ -60,13 +91,77 @@ class Inexact(EulerSampler):
         return super().sample(velocity_fn, noise, time_grid[:-1], step_noise)  # stops one step early
 
 
+class OneShot(EulerSampler):
+    def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+        return super().sample(velocity_fn, noise, time_grid[[0, -1]])  # one step, whatever the grid
+
+
+class FrozenState(EulerSampler):
+    def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+        x = noise
+        for t, dt in zip(time_grid[:-1], time_grid.diff()):
+            x = x + dt * velocity_fn(noise, t.expand(noise.shape[0]))  # always the velocity at the start
+        return x
+
+
+class ReversedTime(EulerSampler):
+    def evaluation_times(self, time_grid):
+        return None
+
+    def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+        return super().sample(lambda x, t: velocity_fn(x, 1 - t), noise, time_grid)
+
+
+class BatchMeanHeun(HeunSampler):
+    def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+        x = noise
+        for t0, t1 in zip(time_grid[:-1], time_grid[1:]):
+            start = velocity_fn(x, t0.expand(x.shape[0]))
+            end = velocity_fn(x + (t1 - t0) * start, t1.expand(x.shape[0]))
+            change = end - start  # zero for a constant velocity: rows couple only where the velocity varies
+            x = x + (t1 - t0) * ((start + end) / 2 + 0.1 * (change.mean(0) - change))
+        return x
+
+
+class FirstNoiseOnly(EulerMaruyamaSampler):
+    def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+        if step_noise is not None:
+            step_noise = step_noise[:1].expand(step_noise.shape[0], -1, -1)
+        return super().sample(velocity_fn, noise, time_grid, step_noise)
+
+
+class NoDeviceArgument(EulerSampler):
+    def make_time_grid(self, num_steps, shift=1.0):
+        return super().make_time_grid(num_steps, shift)
+
+
+class NeedsItsNoise(EulerMaruyamaSampler):
+    """A valid stochastic sampler that refuses to run without its step noise."""
+
+    def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+        check_step_noise(self, step_noise, noise, time_grid.shape[0] - 1)
+        return super().sample(velocity_fn, noise, time_grid, step_noise)
+
+
 @pytest.mark.parametrize("sampler, message", [
     (UnkeptPromise(), r"UnkeptPromise: evaluation_times promised .* but the velocity was called at"),
     (Inexact(), r"Inexact: a constant velocity is not integrated exactly in 1 step\(s\)"),
+    (OneShot(), r"OneShot: on dx/dt = -x \+ 2t the error with 10 steps .* is not below half"),
+    (FrozenState(), r"FrozenState: on dx/dt = -x \+ 2t the error with 10 steps .* is not below half"),
+    (ReversedTime(), r"ReversedTime: on dx/dt = -x \+ 2t the error with 40 steps .* is not below half"),
+    (BatchMeanHeun(), r"BatchMeanHeun: rows of the result depend on each other \(for a velocity of the state"),
+    (FirstNoiseOnly(), r"FirstNoiseOnly: is stochastic but ignores the noise of step 1 of 3"),
+    (NoDeviceArgument(), r"unexpected keyword argument 'device'"),
 ])
 def test_a_broken_sampler_is_named(sampler, message):
-    with pytest.raises(AssertionError, match=message):
+    with pytest.raises((AssertionError, TypeError), match=message):
         check_sampler(sampler)
+
+
+def test_a_stochastic_sampler_that_needs_its_noise_passes_and_the_random_state_is_kept():
+    state = torch.random.get_rng_state()
+    check_sampler(NeedsItsNoise())
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 class IgnoresPadding(Qwen2Backbone):
@@ -74,6 +169,47 @@ class IgnoresPadding(Qwen2Backbone):
         if attention_mask is not None and cache is None and attention_mask.dtype == torch.bool:
             attention_mask = None
         return super().forward(embeds, positions, attention_mask, cache)
+
+
+class IgnoresPaddingWithACache(Qwen2Backbone):
+    def forward(self, embeds, positions, attention_mask=None, cache=None):
+        if cache is not None:
+            attention_mask = None
+        return super().forward(embeds, positions, attention_mask, cache)
+
+
+class NaNOut(Qwen2Backbone):
+    def forward(self, embeds, positions, attention_mask=None, cache=None):
+        return super().forward(embeds, positions, attention_mask, cache) * float("nan")
+
+
+class WithDropout(Qwen2Backbone):
+    def forward(self, embeds, positions, attention_mask=None, cache=None):
+        return super().forward(torch.nn.functional.dropout(embeds, 0.1, self.training), positions, attention_mask,
+                               cache)
+
+
+class ForgetfulCrop(Qwen2Backbone):
+    def new_cache(self, batch_size, max_length, **kwargs):
+        cache = super().new_cache(batch_size, max_length, **kwargs)
+        cache.crop = lambda length: None  # keeps every slot
+        return cache
+
+
+def test_backbones_that_break_cached_padding_or_give_nan_are_named_and_the_random_state_is_kept():
+    config = Qwen2BackboneConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                                 num_kv_heads=2)
+    with pytest.raises(AssertionError, match="IgnoresPaddingWithACache: a row read into a cache beside a left-padded "
+                                             "row differs from the row alone"):
+        check_backbone(IgnoresPaddingWithACache(config))
+    with pytest.raises(AssertionError, match=r"NaNOut: forward is not finite: 448 NaN and 0 infinite of 448 values"):
+        check_backbone(NaNOut(config))
+    with pytest.raises(AssertionError, match=r"ForgetfulCrop: decode steps after crop\(prompt length\) raised"):
+        check_backbone(ForgetfulCrop(config))
+    dropping = WithDropout(config)
+    state = torch.random.get_rng_state()
+    check_backbone(dropping)
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_a_backbone_that_attends_to_padding_is_named():
@@ -89,6 +225,41 @@ class Injectable(ByteTextTokenizer):
         if text == "<|begin_of_image|>":
             return [self.begin_of_image_id]
         return super().encode(text)
+
+
+class EndsItself(ByteTextTokenizer):
+    def encode(self, text):
+        head, marker, tail = text.partition("<|endoftext|>")
+        if not marker:
+            return super().encode(text)
+        return super().encode(head) + [self.eos_id] + super().encode(tail)
+
+
+class BeyondItsIds(ByteTextTokenizer):
+    def encode(self, text):
+        return [i + self.input_vocab_size if i == ord("a") else i for i in super().encode(text)]
+
+
+@pytest.mark.parametrize("tokenizer, message", [
+    (EndsItself(), re.escape("EndsItself: the text '<|endoftext|>' encodes to the special token <|endoftext|>")),
+    (BeyondItsIds(), r"BeyondItsIds: encode\('a red circle .*'\) gives ids outside \[0, \d+\)"),
+])
+def test_a_tokenizer_that_lets_prompts_end_themselves_or_gives_unknown_ids_is_named(tokenizer, message):
+    with pytest.raises(AssertionError, match=message):
+        check_text_tokenizer(tokenizer)
+
+
+def test_an_image_tokenizer_whose_decode_mixes_images_is_named():
+    from nextstep.testing import check_image_tokenizer
+    from nextstep.tokenizers import FluxVAE, FluxVAEConfig
+
+    class MixingDecode(FluxVAE):
+        def decode(self, latents):
+            return super().decode(latents - latents.mean(0, keepdim=True))
+
+    config = FluxVAEConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)
+    with pytest.raises(AssertionError, match="MixingDecode: a decoded image depends on the other latents"):
+        check_image_tokenizer(MixingDecode(config))
 
 
 def test_a_tokenizer_that_lets_prompts_write_special_tokens_is_named():

@@ -5,7 +5,9 @@ shapes and dtypes it promises, that batch rows do not influence each other,
 that its fast paths equal its plain ones, that it refuses bad input with a
 ``ValueError``, and that gradients reach every parameter. A property that does
 not hold raises ``AssertionError`` naming the component and the property; the
-checks need neither pytest nor Hypothesis, and work inside either::
+component's weights, gradients and mode and the global random state are left
+as they were. The checks need neither pytest nor Hypothesis, and work inside
+either::
 
     from nextstep.testing import check_image_head
 

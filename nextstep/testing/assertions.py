@@ -25,3 +25,10 @@ def refuses(call: Callable[[], object], what: str, owner: str) -> None:
         raise AssertionError(f"{owner}: {what} should raise ValueError naming what was expected and found, "
                              f"raised {type(error).__name__}: {error}") from error
     raise AssertionError(f"{owner}: {what} should raise ValueError, and was accepted")
+
+
+def assert_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise ``AssertionError`` counting the NaN and infinite values of ``tensor`` (``what`` names it)."""
+    assert bool(torch.isfinite(tensor).all()), (
+        f"{what} is not finite: {int(torch.isnan(tensor).sum())} NaN and {int(torch.isinf(tensor).sum())} "
+        f"infinite of {tensor.numel()} values")

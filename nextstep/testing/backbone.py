@@ -5,25 +5,47 @@ from __future__ import annotations
 import torch
 
 from nextstep.backbones.base import Backbone, positions_from_mask
-from nextstep.testing.assertions import assert_close, refuses
-from nextstep.testing.parameters import assert_every_parameter_gets_a_gradient, randomize, restored
+from nextstep.testing.assertions import assert_close, assert_finite, refuses
+from nextstep.testing.parameters import (
+    assert_every_parameter_gets_a_gradient,
+    default_tolerance,
+    randomize,
+    restored,
+    unchanged_random_state,
+)
 
 
-def check_backbone(backbone: Backbone, *, seed: int = 0, atol: float = 1e-5) -> None:
+def check_backbone(backbone: Backbone, *, seed: int = 0, atol: float | None = None) -> None:
     """Check a backbone's contract; raise ``AssertionError`` naming the property that fails.
 
     - `embed`: (B, L) ids -> (B, L, H); `forward`: (B, L, H) finite hidden states;
     - a prefill and one-token decode steps through `new_cache` equal the full
       forward, and a step past the cache's capacity raises ``ValueError``;
-    - a left-padded row equals the same row alone (positions from the mask);
+    - a left-padded row equals the same row alone (positions from the mask), also
+      read into a cache and followed by decode steps, as generation reads prompts;
+      cropping the cache back to the prompt and decoding again gives the same steps,
+      and a cache of selected rows (`BackboneCache.select_rows`) decodes as those
+      rows did;
     - packed documents (int64 ids in the mask) each equal the document alone,
       or the backbone refuses them with ``ValueError``;
     - gradients reach every trainable parameter (zero-initialised ones are
       redrawn for that, and put back after).
+
+    Args:
+        atol: tolerance of the comparisons (also relative); default 1e-5 for float32
+            parameters, 2e-2 for half-precision ones.
+
+    The weights, gradients, training mode and global random state are left as they were.
     """
+    with unchanged_random_state():
+        _check_backbone(backbone, seed, atol)
+
+
+def _check_backbone(backbone: Backbone, seed: int, atol: float | None) -> None:
     name = type(backbone).__name__
     parameter = next(backbone.parameters())
     device, dtype = parameter.device, parameter.dtype
+    atol = default_tolerance(dtype) if atol is None else atol
     generator = torch.Generator().manual_seed(seed)
     hidden_size = backbone.hidden_size
 
@@ -41,8 +63,9 @@ def check_backbone(backbone: Backbone, *, seed: int = 0, atol: float = 1e-5) -> 
         assert embeds.shape == (2, 7, hidden_size), f"{name}: embed must give (B, L, H) = {(2, 7, hidden_size)}, " \
                                                     f"found {tuple(embeds.shape)}"
         full = backbone(embeds, positions(7, 2))
-        assert full.shape == (2, 7, hidden_size) and torch.isfinite(full).all(), (
-            f"{name}: forward must give finite (B, L, H) = {(2, 7, hidden_size)}, found {tuple(full.shape)}")
+        assert full.shape == (2, 7, hidden_size), (
+            f"{name}: forward must give (B, L, H) = {(2, 7, hidden_size)}, found {tuple(full.shape)}")
+        assert_finite(full, f"{name}: forward")
 
         cache = backbone.new_cache(2, 7)
         steps = [backbone(embeds[:, :3], positions(3, 2), cache=cache)]
@@ -60,6 +83,7 @@ def check_backbone(backbone: Backbone, *, seed: int = 0, atol: float = 1e-5) -> 
         assert_close(batch[0], backbone(long, positions(6))[0], atol, f"{name}: a row differs beside a left-padded row")
         assert_close(batch[1, 3:], backbone(short, positions(3))[0], atol,
                f"{name}: a left-padded row differs from the same row alone")
+        _check_padded_decoding(backbone, name, long, short, padded, mask, draw(2, 2, hidden_size), atol)
 
         first, second = draw(1, 4, hidden_size), draw(1, 3, hidden_size)
         packed = torch.cat([first, second, torch.zeros(1, 2, hidden_size, device=device, dtype=dtype)], 1)
@@ -81,3 +105,37 @@ def check_backbone(backbone: Backbone, *, seed: int = 0, atol: float = 1e-5) -> 
         backbone(backbone.embed(ids), positions(7, 2)).square().mean().backward()
         assert_every_parameter_gets_a_gradient(backbone)
 
+
+def _check_padded_decoding(backbone, name, long, short, padded, mask, steps, atol) -> None:
+    """A left-padded prefill into a cache, then two decode steps: each row as it is alone; the cache
+    cropped back to the prompt decodes the same steps again; a cache of one row decodes as that row."""
+    device = padded.device
+    everything = [backbone(torch.cat([row, steps[i:i + 1]], 1),
+                           torch.arange(row.shape[1] + 2, device=device)[None])[0]
+                  for i, row in enumerate((long, short))]
+    prompt = padded.shape[1]
+    cache = backbone.new_cache(2, prompt + 2)
+    positions = positions_from_mask(mask)
+    prefilled = backbone(padded, positions, mask, cache)
+    real = torch.ones(2, 1, dtype=torch.bool, device=device)
+
+    def decode(on, rows=slice(None)):
+        nexts = positions[rows, -1:] + 1
+        return torch.cat([backbone(steps[rows, k:k + 1], nexts + k, real[rows], on) for k in range(2)], 1)
+
+    decoded = decode(cache)
+    for i, length in enumerate((long.shape[1], short.shape[1])):
+        assert_close(prefilled[i, prompt - length:], everything[i][:length], atol,
+                     f"{name}: a row read into a cache beside a left-padded row differs from the row alone")
+        assert_close(decoded[i], everything[i][length:], atol,
+                     f"{name}: decode steps after a left-padded prefill differ from the row alone")
+    cache.crop(prompt)
+    try:
+        again = decode(cache)
+    except ValueError as error:
+        raise AssertionError(f"{name}: decode steps after crop(prompt length) raised ValueError: {error}") from error
+    assert_close(again, decoded, atol, f"{name}: decode steps after crop(prompt length) differ from the first ones")
+    cache.crop(prompt)
+    row = torch.tensor([1], device=device)
+    assert_close(decode(cache.select_rows(row), row), decoded[1:], atol,
+                 f"{name}: a cache of selected rows (select_rows) decodes otherwise than those rows did")

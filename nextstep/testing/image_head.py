@@ -7,18 +7,25 @@ import torch
 from nextstep.heads.base import ImageHead
 from nextstep.samplers.time_grid import time_grid
 from nextstep.testing.assertions import assert_close, refuses
-from nextstep.testing.parameters import assert_every_parameter_gets_a_gradient, randomize, restored
+from nextstep.testing.parameters import (
+    assert_every_parameter_gets_a_gradient,
+    randomize,
+    restored,
+    unchanged_random_state,
+)
 
 
 def check_image_head(head: ImageHead, *, rows: int = 5, seed: int = 0, atol: float = 1e-5) -> None:
     """Check an image head's contract; raise ``AssertionError`` naming the property that fails.
 
-    - `velocity`: (N, D) from x_t (N, D), t (N,), condition (N, C), finite, and each
-      row the same as when computed alone;
+    - `velocity`: (N, D) from x_t (N, D), t (N,), condition (N, C), finite, each
+      row the same as when computed alone, and changed by another condition and by
+      another time;
     - `prepare`: equal to `velocity`, with and without evaluation times (prepared
       by `prepare_times` or not) and at times drawn from them;
     - `loss`: (N,) float32, finite, >= 0, repeated exactly by the same generator,
-      and ``ValueError`` for a target or condition of another width;
+      each row's loss changed by its own condition only, and ``ValueError`` for a
+      target or condition of another width or a condition of another number of rows;
     - gradients reach every trainable parameter through `loss` (zero-initialised
       parameters are redrawn for that, and put back after).
 
@@ -27,7 +34,16 @@ def check_image_head(head: ImageHead, *, rows: int = 5, seed: int = 0, atol: flo
         rows: N, the tokens of each check.
         seed: seeds every draw.
         atol: tolerance of the comparisons (also relative).
+
+    Not checked: that the loss trains the velocity sampling integrates (its target
+    ``x1 - x0`` under the head's own draws). The weights, gradients, training mode
+    and global random state are left as they were.
     """
+    with unchanged_random_state():
+        _check_image_head(head, rows, seed, atol)
+
+
+def _check_image_head(head: ImageHead, rows: int, seed: int, atol: float) -> None:
     name = type(head).__name__
     parameter = next(head.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -48,6 +64,10 @@ def check_image_head(head: ImageHead, *, rows: int = 5, seed: int = 0, atol: flo
         assert torch.isfinite(velocity).all(), f"{name}: velocity is not finite"
         alone = torch.cat([head.velocity(x[i:i + 1], t[i:i + 1], condition[i:i + 1]) for i in range(rows)])
         assert_close(alone, velocity, atol, f"{name}: rows of velocity depend on the other rows of the batch")
+        assert not torch.equal(head.velocity(x, t, condition.flip(0)), velocity), (
+            f"{name}: velocity does not change with the condition")
+        assert not torch.equal(head.velocity(x, 1 - t, condition), velocity), (
+            f"{name}: velocity does not change with the time")
         assert_close(head.prepare(condition)(x, t), velocity, atol, f"{name}: prepare(condition) differs from "
                       "velocity")
         times = time_grid(4, 2.0, device=device, dtype=dtype)[:-1]  # (E,) evaluation times of a shifted grid
@@ -59,12 +79,19 @@ def check_image_head(head: ImageHead, *, rows: int = 5, seed: int = 0, atol: flo
                       f"{name}: prepare(condition, prepare_times(times)) differs from velocity at those times")
         loss = head.loss(x, condition, generator=torch.Generator(device=device).manual_seed(seed))
         again = head.loss(x, condition, generator=torch.Generator(device=device).manual_seed(seed))
+        other = condition.clone()
+        other[0] = draw(head.condition_dim)
+        changed = head.loss(x, other, generator=torch.Generator(device=device).manual_seed(seed))
     assert loss.shape == (rows,), f"{name}: loss must be (N,) = ({rows},), found {tuple(loss.shape)}"
     assert loss.dtype == torch.float32, f"{name}: loss must be float32, found {loss.dtype}"
     assert torch.isfinite(loss).all() and (loss >= 0).all(), f"{name}: loss must be finite and >= 0, found {loss}"
     assert torch.equal(loss, again), f"{name}: loss differs between two calls with the same generator seed"
+    assert not torch.equal(changed[0], loss[0]), f"{name}: the loss of row 0 does not change with its condition"
+    assert_close(changed[1:], loss[1:], atol, f"{name}: another condition for row 0 changes the loss of other rows "
+                                              "(the same draws)")
     refuses(lambda: head.loss(draw(rows, head.token_dim + 1), condition), "loss of a target of width D + 1", name)
     refuses(lambda: head.loss(x, draw(rows, head.condition_dim + 1)), "loss of a condition of width C + 1", name)
+    refuses(lambda: head.loss(x, draw(rows + 1, head.condition_dim)), "loss of a condition of N + 1 rows", name)
     with restored(head):
         head.train()
         randomize(head, generator=generator)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from nextstep.testing.assertions import assert_close, refuses
-from nextstep.testing.parameters import assert_every_parameter_gets_a_gradient, randomize, restored
+from nextstep.testing.assertions import assert_close, assert_finite, refuses
+from nextstep.testing.parameters import (
+    assert_every_parameter_gets_a_gradient,
+    randomize,
+    restored,
+    unchanged_random_state,
+)
 from nextstep.tokenizers.base import ImageTokenizer
 
 
@@ -16,13 +21,22 @@ def check_image_tokenizer(tokenizer: ImageTokenizer, *, seed: int = 0, atol: flo
       dtype; `decode` gives back finite images of the input's shape;
     - `patchify` gives (B, h*w, D) with D = C * patch_size**2 and `unpatchify`
       inverts it exactly;
-    - each image's latents are the same as when encoded alone (for a tokenizer
-      that `samples_latents`, with the same seed);
+    - each image's latents are the same as when encoded alone, and so is each
+      decoded image; a tokenizer that `samples_latents` repeats its latents for
+      the same seed and draws others for another (its draws for a batch need not
+      be those of each image alone);
     - ``ValueError`` for sizes that are not multiples of f, values outside
       [-1, 1], images that are not (B, 3, H, W), and a `grid_size` that is not a
       multiple of `pixels_per_token`;
     - gradients reach every trainable parameter through ``decode(encode(x))``.
+
+    The weights, gradients, training mode and global random state are left as they were.
     """
+    with unchanged_random_state():
+        _check_image_tokenizer(tokenizer, seed, atol)
+
+
+def _check_image_tokenizer(tokenizer: ImageTokenizer, seed: int, atol: float) -> None:
     name = type(tokenizer).__name__
     parameter = next(tokenizer.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -42,10 +56,13 @@ def check_image_tokenizer(tokenizer: ImageTokenizer, *, seed: int = 0, atol: flo
                                           f"{tuple(latents.shape)}"
         assert latents.dtype == images.dtype, f"{name}: latents must be in the images' dtype {images.dtype}, " \
                                               f"found {latents.dtype}"
-        assert torch.isfinite(latents).all(), f"{name}: latents are not finite"
+        assert_finite(latents, f"{name}: the latents of encode")
         decoded = tokenizer.decode(latents)
-        assert decoded.shape == images.shape and torch.isfinite(decoded).all(), (
-            f"{name}: decode must give finite images of shape {tuple(images.shape)}, found {tuple(decoded.shape)}")
+        assert decoded.shape == images.shape, (
+            f"{name}: decode must give images of shape {tuple(images.shape)}, found {tuple(decoded.shape)}")
+        assert_finite(decoded, f"{name}: the images of decode")
+        alone = torch.cat([tokenizer.decode(latents[i:i + 1]) for i in range(2)])
+        assert_close(alone, decoded, atol, f"{name}: a decoded image depends on the other latents of the batch")
         grid_h, grid_w = tokenizer.grid_size(rows * f, cols * f)
         tokens = tokenizer.patchify(latents)
         assert tokenizer.token_dim == tokenizer.latent_channels * tokenizer.patch_size**2, (
@@ -55,8 +72,14 @@ def check_image_tokenizer(tokenizer: ImageTokenizer, *, seed: int = 0, atol: flo
             f"{tuple(tokens.shape)}")
         assert torch.equal(tokenizer.unpatchify(tokens, grid_h, grid_w), latents), (
             f"{name}: unpatchify(patchify(latents)) is not latents")
-        alone = torch.cat([encode(images[i:i + 1]) for i in range(2)])
-        assert_close(alone, latents, atol, f"{name}: an image's latents depend on the other images of the batch")
+        if tokenizer.samples_latents:
+            assert_close(encode(images), latents, atol, f"{name}: encode_seeded gives other latents for the same "
+                                                        "seed")
+            assert not torch.equal(tokenizer.encode_seeded(images, seed + 1), latents), (
+                f"{name}: samples its latents, but another seed gives the same ones")
+        else:
+            alone = torch.cat([encode(images[i:i + 1]) for i in range(2)])
+            assert_close(alone, latents, atol, f"{name}: an image's latents depend on the other images of the batch")
     small = torch.zeros(1, 3, f, f, device=device)
     if f > 1:
         refuses(lambda: tokenizer.encode(torch.zeros(1, 3, f + 1, f, device=device)),

@@ -33,6 +33,21 @@ def assert_every_parameter_gets_a_gradient(module: nn.Module) -> None:
     assert not zero, f"{name}: zero gradient for {zero}"
 
 
+def default_tolerance(dtype: torch.dtype) -> float:
+    """The comparisons' tolerance (absolute and relative) for computations in ``dtype``: 1e-5 in
+    float32 and wider, 2e-2 in half precision (bf16 keeps 8 bits of mantissa)."""
+    return 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+
+
+@contextmanager
+def unchanged_random_state() -> Iterator[None]:
+    """Put back the global random state (CPU and, where used, CUDA) on exit: a check's dropout draws
+    leave the caller's stream of random numbers where it was."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
 @contextmanager
 def restored(module: nn.Module) -> Iterator[nn.Module]:
     """The module, whose parameters, gradients and training mode are put back on exit."""

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nextstep.samplers.base import Sampler
 from nextstep.testing.assertions import assert_close
+from nextstep.testing.parameters import unchanged_random_state
+
+
+def _linear_field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``dx/dt = -x + 2t``: depends on the state and the time, exact solution in `_linear_solution`."""
+    return 2 * t.to(x.dtype)[:, None] - x
+
+
+def _linear_solution(x0: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
+    return 2 * t1 - 2 + (x0 - 2 * t0 + 2) * math.exp(-(t1 - t0))
 
 
 def check_sampler(sampler: Sampler, *, steps: tuple[int, ...] = (1, 3, 10), shift: float = 2.0, rows: int = 4,
@@ -15,32 +27,54 @@ def check_sampler(sampler: Sampler, *, steps: tuple[int, ...] = (1, 3, 10), shif
     For each step count of ``steps`` whose grid `make_time_grid` builds (a count
     it refuses with ``ValueError`` is skipped):
 
-    - the grid is (S + 1,), increasing, from 0;
+    - the grid is (S + 1,), increasing, from 0, in the dtype and on the device asked
+      for (as generation asks: ``make_time_grid(S, shift, device=...)``);
     - without step noise, a constant velocity is integrated exactly (every
-      consistent solver does), and each row's result is its own;
+      consistent solver does), and each row's result is its own, also for a velocity
+      that depends on the state and the time;
     - every ``t`` passed to the velocity is (N,), and, where `evaluation_times`
       makes its promise, bitwise one of those times;
-    - a stochastic sampler runs with step noise of shape (S, N, D), finitely,
-      and its result depends on that noise.
+    - a stochastic sampler runs with step noise of shape (S, N, D), finitely, each
+      row on its own noise, and its result depends on every step's noise but
+      perhaps the last's.
 
-    Also ``order`` and ``evaluations_per_step`` are integers >= 1.
+    On ``dx/dt = -x + 2t`` (exact solution known) the error with the most steps is
+    at most half that with the fewest, and four times as many steps at least halve
+    it again: a solver that skips steps, reads the wrong times or the wrong states
+    fails here.
+
+    A stochastic sampler integrates its deterministic limit when given no step
+    noise, as the built-in ones do; one that refuses ``step_noise=None`` with
+    ``ValueError`` (generation always gives stochastic samplers their noise) skips
+    the checks without noise. Also ``order`` and ``evaluations_per_step`` are
+    integers >= 1. The global random state is left as it was.
     """
+    with unchanged_random_state():
+        _check_sampler(sampler, steps, shift, rows, dim, seed, atol)
+
+
+def _check_sampler(sampler: Sampler, steps, shift, rows, dim, seed, atol) -> None:
     name = type(sampler).__name__
     for attribute in ("order", "evaluations_per_step"):
         value = getattr(sampler, attribute, None)
         assert isinstance(value, int) and value >= 1, f"{name}: {attribute} must be an integer >= 1, found {value!r}"
     generator = torch.Generator().manual_seed(seed)
     noise, target = torch.randn(rows, dim, generator=generator), torch.randn(rows, dim, generator=generator)
+    errors: list[tuple[int, float]] = []
     checked = 0
     for count in steps:
         try:
-            grid = sampler.make_time_grid(count, shift)
+            grid = sampler.make_time_grid(count, shift, device="cpu")
         except ValueError:
             continue  # a count the sampler refuses by name (generation checks it before any work)
         checked += 1
         assert grid.shape == (count + 1,), f"{name}: a grid of {count} steps must be ({count + 1},), found " \
                                            f"{tuple(grid.shape)}"
         assert grid[0] == 0 and bool((grid.diff() > 0).all()), f"{name}: the grid must rise from 0, found {grid}"
+        wide = sampler.make_time_grid(count, shift, device="cpu", dtype=torch.float64)
+        assert wide.dtype == torch.float64 and wide.device.type == "cpu", (
+            f"{name}: make_time_grid(..., dtype=float64) must give a float64 grid on the device asked for, found "
+            f"{wide.dtype} on {wide.device}")
         promised = sampler.evaluation_times(grid)
         allowed = None if promised is None else set(promised.tolist())
         seen: list[torch.Tensor] = []
@@ -50,25 +84,69 @@ def check_sampler(sampler: Sampler, *, steps: tuple[int, ...] = (1, 3, 10), shif
             seen.append(t)
             return target - noise
 
-        out = sampler.sample(constant, noise, grid)
-        expected = noise + (grid[-1] - grid[0]) * (target - noise)
-        assert_close(out, expected, atol, f"{name}: a constant velocity is not integrated exactly in {count} step(s)")
-        alone = torch.cat([sampler.sample(lambda x, t, i=i: (target - noise)[i:i + 1], noise[i:i + 1], grid)
-                           for i in range(rows)])
-        assert_close(alone, out, atol, f"{name}: rows of the result depend on each other")
+        try:
+            out = sampler.sample(constant, noise, grid)
+        except ValueError:
+            if not sampler.stochastic:
+                raise
+            out = None  # a stochastic sampler that needs its step noise: no deterministic limit to check
+        if out is not None:
+            expected = noise + (grid[-1] - grid[0]) * (target - noise)
+            assert_close(out, expected, atol, f"{name}: a constant velocity is not integrated exactly in {count} "
+                                              "step(s)")
+            alone = torch.cat([sampler.sample(lambda x, t, i=i: (target - noise)[i:i + 1], noise[i:i + 1], grid)
+                               for i in range(rows)])
+            assert_close(alone, out, atol, f"{name}: rows of the result depend on each other")
+            linear = sampler.sample(_linear_field, noise, grid)
+            alone = torch.cat([sampler.sample(_linear_field, noise[i:i + 1], grid) for i in range(rows)])
+            assert_close(alone, linear, atol, f"{name}: rows of the result depend on each other (for a velocity of "
+                                              "the state and the time)")
+            exact = _linear_solution(noise, float(grid[0]), float(grid[-1]))
+            errors.append((count, float((linear - exact).abs().max())))
         if allowed is not None:
             # A velocity that depends on t, so that a time outside the promise would be used.
             seen.clear()
-            sampler.sample(lambda x, t: seen.append(t) or x * t[:, None], noise, grid)
+            zeros = torch.zeros(count, rows, dim) if sampler.stochastic else None
+            sampler.sample(lambda x, t: seen.append(t) or x * t[:, None], noise, grid, zeros)
             stray = sorted({value for t in seen for value in t.tolist()} - allowed)
             assert not stray, (f"{name}: evaluation_times promised {sorted(allowed)} in {count} step(s), but the "
                                f"velocity was called at {stray}")
         if sampler.stochastic:
-            step_noise = torch.randn(count, rows, dim, generator=generator)
-            noisy = sampler.sample(lambda x, t: target - x, noise, grid, step_noise)
-            other = sampler.sample(lambda x, t: target - x, noise, grid, torch.randn(count, rows, dim,
-                                                                                        generator=generator))
-            assert noisy.shape == (rows, dim) and torch.isfinite(noisy).all(), f"{name}: a stochastic sample " \
-                                                                                "must be (N, D) and finite"
-            assert count == 1 or not torch.equal(noisy, other), f"{name}: is stochastic but ignores step_noise"
+            _check_step_noise(sampler, name, count, grid, noise, target, generator, atol)
     assert checked, f"{name}: make_time_grid refused every step count of {steps}"
+    if len(errors) >= 2:
+        (fewest, first), (most, last) = errors[0], errors[-1]
+        assert last <= 0.5 * first, (f"{name}: on dx/dt = -x + 2t the error with {most} steps ({last:.3g}) is not "
+                                     f"below half that with {fewest} ({first:.3g}): the solver does not converge")
+    if errors and errors[-1][1] > 1e-4:  # above float32's rounding: quadrupling the steps must tell
+        most, last = errors[-1]
+        fine_grid = sampler.make_time_grid(4 * most, shift, device="cpu")
+        finer = sampler.sample(_linear_field, noise, fine_grid)
+        error = float((finer - _linear_solution(noise, float(fine_grid[0]), float(fine_grid[-1]))).abs().max())
+        assert error <= 0.5 * last, (f"{name}: on dx/dt = -x + 2t the error with {4 * most} steps ({error:.3g}) is "
+                                     f"not below half that with {most} ({last:.3g}): the solver does not converge "
+                                     "(a first-order one divides it by about 4)")
+
+
+def _check_step_noise(sampler, name, count, grid, noise, target, generator, atol) -> None:
+    rows, dim = noise.shape
+
+    def velocity(x, t):
+        return target - x
+
+    step_noise = torch.randn(count, rows, dim, generator=generator)
+    noisy = sampler.sample(velocity, noise, grid, step_noise)
+    assert noisy.shape == (rows, dim) and torch.isfinite(noisy).all(), f"{name}: a stochastic sample must be " \
+                                                                       "(N, D) and finite"
+    alone = torch.cat([sampler.sample(lambda x, t, i=i: target[i:i + 1] - x, noise[i:i + 1], grid,
+                                      step_noise[:, i:i + 1]) for i in range(rows)])
+    assert_close(alone, noisy, atol, f"{name}: rows of a stochastic sample depend on each other (or on other rows' "
+                                     "step noise)")
+    for index in range(count - 1):  # the last step may add no noise (as the release's does)
+        changed = step_noise.clone()
+        changed[index] = torch.randn(rows, dim, generator=generator)
+        assert not torch.equal(sampler.sample(velocity, noise, grid, changed), noisy), (
+            f"{name}: is stochastic but ignores the noise of step {index} of {count}")
+    if count == 1:
+        other = sampler.sample(velocity, noise, grid, torch.randn(1, rows, dim, generator=generator))
+        assert torch.isfinite(other).all(), f"{name}: a stochastic sample must be finite"
