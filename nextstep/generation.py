@@ -103,7 +103,11 @@ def encode_each(model: "NextStep", images: list[torch.Tensor],
         generator = None
         if tokenizer.samples_latents:
             generator = torch.Generator().manual_seed(seeds[indices[0]] if seeds is not None else indices[0])
-        tokens, grid_h, grid_w = model.encode_images(batch, generator)
+        try:
+            tokens, grid_h, grid_w = model.encode_images(batch, generator)
+        except ValueError as error:
+            height, width = batch.shape[-2:]
+            raise ValueError(f"input image(s) {indices} of {height}x{width} pixels: {error}") from None
         for index, image_tokens in zip(indices, tokens):
             sources[index] = (image_tokens.float(), grid_h, grid_w)
     return sources
@@ -249,7 +253,10 @@ def generate_tokens(
 
     Image ``r`` (prompt ``r // num_images_per_prompt``) draws all its noise from
     its own generator seeded with ``seed + r``, so a batch gives the images that
-    the same prompts give one at a time.
+    the same prompts give one at a time (up to floating-point rounding: a batch's
+    matrix products round differently). An edit's source is encoded once per
+    prompt; a tokenizer that samples its latents draws them with the seed of the
+    prompt's first image.
 
     ``cfg``, ``cfg_schedule``, ``num_steps``, ``height`` and ``width`` left as
     None come from ``model.config.generation``
@@ -323,6 +330,8 @@ def generate_tokens(
         raise ValueError("cfg_img is the image guidance of editing; it needs input images, found images=None")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, found {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2**63:  # image r uses seed + r, which a generator must take as it is
+        raise ValueError(f"seed must be in [0, 2**63), found {seed}")
     if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
             or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be an integer >= 1, found {num_images_per_prompt!r}")

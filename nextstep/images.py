@@ -103,13 +103,16 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def from_pil(images: list[Image.Image]) -> torch.Tensor:
-    """RGB PIL images of one size -> (B, 3, H, W) float32 in [-1, 1]."""
+    """PIL images of one size -> (B, 3, H, W) float32 in [-1, 1], each read as `to_rgb` reads it
+    (upright as its EXIF orientation says, transparency over white, 16-bit grey scaled), as the
+    command line and training read image files."""
     if not images:
         raise ValueError("expected at least one image, found none")
+    images = [to_rgb(image) for image in images]
     sizes = {image.size for image in images}
     if len(sizes) != 1:
         raise ValueError(f"images must share one size, found {sorted(sizes)}")
-    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) for image in images]
+    arrays = [np.asarray(image, dtype=np.float32) for image in images]
     tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return tensor / 127.5 - 1.0
 
@@ -142,6 +145,11 @@ def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.I
     """Tile equally sized images into one grid image, row-major."""
     if not images:
         raise ValueError("expected at least one image, found none")
+    sizes = sorted({image.size for image in images})
+    if len(sizes) != 1:
+        raise ValueError(f"a grid needs images of one size, found sizes {sizes}")
+    if columns is not None and (isinstance(columns, bool) or not isinstance(columns, int) or columns < 1):
+        raise ValueError(f"columns must be None or an integer >= 1, found {columns!r}")
     columns = columns or int(np.ceil(np.sqrt(len(images))))
     rows = int(np.ceil(len(images) / columns))
     width, height = images[0].size

@@ -94,6 +94,9 @@ def test_empty_prompt_list_is_an_error(tiny_model):
         tiny_model.generate(None, height=32, width=32)
     with pytest.raises(ValueError, match="seed must be an integer, found str 'a'"):
         tiny_model.generate("x", height=32, width=32, seed="a")
+    for seed in (-1, 2**64 - 1):
+        with pytest.raises(ValueError, match=rf"seed must be in \[0, 2\*\*63\), found {seed}"):
+            tiny_model.generate("x", height=32, width=32, seed=seed)
 
 
 def test_building_or_loading_from_the_wrong_kind_of_object_says_what_is_expected():

@@ -153,6 +153,8 @@ class ImageTokenizer(nn.Module, ABC):
                 f"found {height}x{width}"
             )
         if images.numel() and images.device.type != "meta":
+            if not bool(torch.isfinite(images).all()):
+                raise ValueError("image values must be finite numbers in [-1, 1], found NaN or infinite values")
             low, high = float(images.min()), float(images.max())
             if low < -1.0 - 1e-3 or high > 1.0 + 1e-3:
                 raise ValueError(

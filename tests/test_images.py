@@ -1,0 +1,55 @@
+"""Image conversions: a PIL image reads the same through the API as through the command line and training."""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from nextstep.images import from_pil, image_grid, read_image_file, to_pil
+
+
+def test_a_pil_image_reads_as_its_file_does(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 32 wide, shown turned a quarter: 16 wide, 32 tall
+    Image.new("RGB", (32, 16), (200, 30, 30)).save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    Image.new("RGBA", (16, 16), (255, 0, 0, 0)).save(tmp_path / "clear.png")  # fully transparent red
+    for name in ("phone.jpg", "clear.png"):
+        with Image.open(tmp_path / name) as opened:
+            through_api = from_pil([opened])
+        through_file = from_pil([read_image_file(tmp_path / name)])
+        assert torch.equal(through_api, through_file), name
+    assert through_api.shape == (1, 3, 16, 16) and bool((through_api == 1).all())  # transparent: white
+    with Image.open(tmp_path / "phone.jpg") as opened:
+        assert from_pil([opened]).shape == (1, 3, 32, 16)  # upright
+
+
+def test_conversions_round_trip_every_level():
+    levels = torch.arange(256, dtype=torch.uint8).repeat(3, 1)[None, :, None, :]  # (1, 3, 1, 256)
+    image = Image.fromarray(levels[0].permute(1, 2, 0).numpy(), mode="RGB")
+    tensor = from_pil([image])
+    assert tensor.min() == -1 and tensor.max() == 1
+    assert to_pil(tensor)[0].tobytes() == image.tobytes()
+
+
+def test_an_image_with_nan_values_is_refused_before_it_is_encoded(tiny_model):
+    images = torch.zeros(1, 3, 32, 32)
+    images[0, 0, 3, 3] = math.nan
+    with pytest.raises(ValueError, match="image values must be finite numbers in \\[-1, 1\\], found NaN"):
+        tiny_model.image_tokenizer.encode(images)
+    with pytest.raises(ValueError, match="finite numbers"):
+        tiny_model.generate("x", images=images, num_steps=1)
+
+
+def test_a_grid_names_mixed_sizes_and_bad_columns():
+    small, large = Image.new("RGB", (16, 16)), Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match=r"a grid needs images of one size, found sizes \[\(16, 16\), \(32, 32\)\]"):
+        image_grid([large, small])
+    with pytest.raises(ValueError, match="columns must be None or an integer >= 1, found -1"):
+        image_grid([small, small], columns=-1)
+    assert image_grid([small] * 3, columns=2).size == (32, 32)
+
+
+def test_a_source_image_the_tokenizer_cannot_take_is_named(tiny_model):
+    with pytest.raises(ValueError, match=r"input image\(s\) \[1\] of 32x40 pixels: .*multiple"):
+        tiny_model.generate(["a", "b"], images=[torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 40)], num_steps=1)
