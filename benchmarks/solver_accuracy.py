@@ -15,7 +15,7 @@ evaluations per token, for the deterministic samplers:
   error in one token also changes the conditions of the later ones.
 
 Usage:
-    python benchmarks/solver_accuracy.py            # about a minute on 2 cores
+    python benchmarks/solver_accuracy.py            # about 2 minutes on 2 cores
 
 Writes benchmarks/results/solver_accuracy.json (or --output).
 """

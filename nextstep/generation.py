@@ -68,6 +68,15 @@ def _resolve_sampler(model: "NextStep", sampler: Sampler | str | None) -> Sample
     return sampler
 
 
+def check_seed(seed) -> None:
+    """Raise ``ValueError`` unless ``seed`` is an integer in [0, 2**63): row ``r`` is seeded ``seed + r``,
+    which a generator must take as it is."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, found {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), found {seed}")
+
+
 def _source_images(images, num_prompts: int) -> list[torch.Tensor]:
     """Input images -> one (1, 3, H, W) tensor in [-1, 1] per prompt."""
     tensors = as_image_list(images)
@@ -328,10 +337,7 @@ def generate_tokens(
                          f"once, found candidates={candidates}")
     if cfg_img is not None and not editing:
         raise ValueError("cfg_img is the image guidance of editing; it needs input images, found images=None")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, found {type(seed).__name__} {seed!r}")
-    if not 0 <= seed < 2**63:  # image r uses seed + r, which a generator must take as it is
-        raise ValueError(f"seed must be in [0, 2**63), found {seed}")
+    check_seed(seed)
     if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
             or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be an integer >= 1, found {num_images_per_prompt!r}")

@@ -234,13 +234,12 @@ class NextStep(nn.Module):
                 must be at least this batch's own count. (A tensor keeps a compiled forward from
                 recompiling for each step's counts.)
         """
+        num_text, num_image = batch.target_counts()
         if denominators is not None:
             denominators = torch.as_tensor(denominators, dtype=torch.float32, device=batch.input_ids.device)
-            counts = torch.tensor(batch.target_counts(), dtype=torch.float32, device=denominators.device)
-            if denominators.shape != (2,) or not bool((denominators >= counts).all()):
+            if denominators.shape != (2,) or any(d < c for d, c in zip(denominators.tolist(), (num_text, num_image))):
                 raise ValueError(f"denominators must be (text, image) counts at least this batch's numbers of "
-                                 f"targets {tuple(int(c) for c in counts.tolist())}, found "
-                                 f"{denominators.tolist()}")
+                                 f"targets {(num_text, num_image)}, found {denominators.tolist()}")
         context = batch.image_tokens
         if draw_rows is not None and batch.document_ids is not None:
             raise ValueError("draw_rows shares draws between whole rows; packed sequences draw per sequence")
@@ -261,7 +260,6 @@ class NextStep(nn.Module):
         previous = hidden[:, :-1]
 
         text_mask = batch.text_target_mask[:, 1:]
-        num_text = int(text_mask.sum())
         if num_text:
             logits = self.lm_head(previous[text_mask]).float()  # (M, V)
             targets = self.text_targets(batch.input_ids[:, 1:][text_mask])
@@ -273,7 +271,6 @@ class NextStep(nn.Module):
             text_loss = hidden.new_zeros((), dtype=torch.float32)
 
         image_mask = batch.image_target_mask[:, 1:]
-        num_image = int(image_mask.sum())
         per_row = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         if num_image:
             conditions = self.image_out_projector(previous[image_mask])  # (N, H)

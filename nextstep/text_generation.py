@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from nextstep.generation import PromptRow, check_prompts, encode_each, prefill
+from nextstep.generation import PromptRow, check_prompts, check_seed, encode_each, prefill
 from nextstep.images import as_image_list
 from nextstep.text_sampling import check_text_sampling, choose_tokens
 
@@ -49,11 +49,6 @@ class GeneratedText:
     ids: list[list[int]]
     log_probs: torch.Tensor
     stopped: list[bool]
-
-
-def _check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, found {seed!r}")
 
 
 def _check_row(number: int, row, tokenizer, token_dim: int) -> None:
@@ -131,7 +126,7 @@ def generate_text(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, found {max_new_tokens!r}")
     check_text_sampling(temperature, top_k, top_p)
-    _check_seed(seed)
+    check_seed(seed)
     classes = model.lm_head.vocab_size
     decodable = min(classes, tokenizer.vocab_size)
     stop = _check_ids("stop_ids", [tokenizer.eos_id] if stop_ids is None else stop_ids, decodable)
@@ -213,7 +208,7 @@ def caption_images(model: "NextStep",
     builder = model.sequences
     rows = []
     images = as_image_list(images)
-    _check_seed(kwargs.get("seed", 0))
+    check_seed(kwargs.get("seed", 0))
     seeds = [kwargs.get("seed", 0) + index for index in range(len(images))]  # row r's seed, as for its text
     tokenizer = model.require_text_tokenizer()
     if kwargs.get("stop_ids") is None:

@@ -141,8 +141,9 @@ def from_pil_tensor(image):
     (dict(top_p=2.0), r"top_p must be a number in \(0, 1\]"),
     (dict(stop_ids=[10**9]), r"stop_ids must be ids in \[0, "),
     (dict(banned_ids=[-1]), r"banned_ids must be ids in \[0, "),
-    (dict(seed=None), "seed must be an integer, found None"),
-    (dict(seed=1.5), "seed must be an integer, found 1.5"),
+    (dict(seed=None), "seed must be an integer, found NoneType None"),
+    (dict(seed=1.5), "seed must be an integer, found float 1.5"),
+    (dict(seed=-1), r"seed must be in \[0, 2\*\*63\), found -1"),
 ])
 def test_bad_settings_are_refused_with_what_was_expected(tiny_model, kwargs, message):
     rows = [(tiny_model.text_tokenizer.encode("a"), [])]

@@ -113,6 +113,9 @@ def test_with_the_steps_number_of_pairs_the_loss_and_metrics_are_shares_of_the_s
     task = PreferenceTask(model, beta=500, sft_weight=0.5)
     batch = preference_batch()
     assert task.prepare(batch, torch.Generator()) is batch and task.target_counts(batch) == {"pairs": len(batch)}
+    # Every micro-batch holds the same number of pairs: both averagings train alike, and a resume across
+    # them is not refused.
+    assert not task.counts_targets and TextToImageTask(model).counts_targets
     mean = task.loss(model, batch, torch.Generator().manual_seed(0))
     share = task.loss(model, batch, torch.Generator().manual_seed(0), totals={"pairs": 4 * len(batch)})
     torch.testing.assert_close(share.loss * 4, mean.loss)

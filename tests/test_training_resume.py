@@ -1,5 +1,6 @@
 """Resume equals an uninterrupted run; a save killed with SIGKILL leaves the previous checkpoint usable."""
 
+import json
 import os
 import signal
 import subprocess
@@ -79,9 +80,8 @@ def test_resuming_with_another_seed_or_global_batch_is_refused(tmp_path):
     with pytest.raises(ValueError, match="global batch of"):
         tiny_trainer(tmp_path, config.replace(micro_batch_size=config.micro_batch_size + 1)).fit()
 
-def test_resuming_with_another_loss_averaging_is_refused_when_a_step_has_several_micro_batches(tmp_path):
-    import json
 
+def test_resuming_with_another_loss_averaging_is_refused_when_a_step_has_several_micro_batches(tmp_path):
     config = tiny_config(max_steps=2, checkpoint_every=1, gradient_accumulation=2, loss_averaging="micro_batch")
     tiny_trainer(tmp_path, config.replace(max_steps=1)).fit(resume=False)
     with pytest.raises(ValueError, match="loss_averaging 'micro_batch' but this run has 'step'.*"

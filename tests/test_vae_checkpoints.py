@@ -201,8 +201,11 @@ def test_nextstep_config_fields(caplog):
     assert config == FluxVAEConfig(normalization="layer_norm", normalization_patch_size=2)
     # Unknown fields are ignored, as the release's loader ignores them; named unless they are metadata.
     with caplog.at_level("WARNING", logger="nextstep"):
-        assert config_from_nextstep({"_class_name": "AutoencoderKL", "chanels": 3}) == config_from_nextstep({})
-    assert "ignoring unknown field(s) ['chanels']" in caplog.text and "_class_name" not in caplog.text
+        assert config_from_nextstep({"_class_name": "AutoencoderKL", "colour": 3}) == config_from_nextstep({})
+    assert "ignoring unknown field(s) ['colour']" in caplog.text and "_class_name" not in caplog.text
+    # ... but not a misspelling of a known field, whose default would take the place of the value meant.
+    with pytest.raises(ValueError, match=r"'scaling_facter' \(did you mean 'scaling_factor'\?\)"):
+        config_from_nextstep({"scaling_facter": 0.5})
 
 
 def test_nextstep_config_fields_left_out_take_the_release_code_defaults():

@@ -67,6 +67,9 @@ def _check_sampler(sampler: Sampler, steps, shift, rows, dim, seed, atol) -> Non
             grid = sampler.make_time_grid(count, shift, device="cpu")
         except ValueError:
             continue  # a count the sampler refuses by name (generation checks it before any work)
+        except TypeError as error:
+            raise AssertionError(f"{name}: make_time_grid must take device= and dtype= as generation passes them, "
+                                 f"raised TypeError: {error}") from error
         checked += 1
         assert grid.shape == (count + 1,), f"{name}: a grid of {count} steps must be ({count + 1},), found " \
                                            f"{tuple(grid.shape)}"

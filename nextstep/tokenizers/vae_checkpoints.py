@@ -17,6 +17,7 @@ Three layouts are understood, plus the library's own:
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import pickle
@@ -205,6 +206,11 @@ def config_from_nextstep(data: dict) -> FluxVAEConfig:
     (`NEXTSTEP_CONFIG_DEFAULTS`).
     """
     unknown = sorted(key for key in set(data) - set(NEXTSTEP_CONFIG_FIELDS) if not key.startswith("_"))
+    misspelt = {key: close[0] for key in unknown
+                if (close := difflib.get_close_matches(key, NEXTSTEP_CONFIG_FIELDS, n=1, cutoff=0.8))}
+    if misspelt:  # a default would silently take the place of the value meant
+        raise ValueError("unknown field(s) of a NextStep VAE config that look like misspellings: "
+                         + ", ".join(f"{key!r} (did you mean {known!r}?)" for key, known in misspelt.items()))
     if unknown:  # the release's loader ignores them too; metadata such as "_class_name" goes unmentioned
         logger.warning("ignoring unknown field(s) %s of a NextStep VAE config; known: %s", unknown,
                        list(NEXTSTEP_CONFIG_FIELDS))

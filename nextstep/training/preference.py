@@ -95,6 +95,10 @@ class PreferenceTask(TextToImageTask):
         """Every term is a mean over the pairs."""
         return {"pairs": len(prepared)}
 
+    @property
+    def counts_targets(self) -> bool:
+        return False  # every micro-batch holds micro_batch_size pairs: both averagings train alike
+
     def loss(self, module: nn.Module, batch: ImageTextBatch, generator: torch.Generator,
              totals: dict[str, float] | None = None) -> StepResult:
         """The mean over the batch's pairs, or with ``totals`` (the step's number of ``pairs``) the

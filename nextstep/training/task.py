@@ -90,8 +90,9 @@ class TrainingTask(ABC):
 
     @property
     def counts_targets(self) -> bool:
-        """Whether the task counts its targets (overrides `target_counts`), so that
-        ``TrainConfig.loss_averaging`` changes how it trains."""
+        """Whether ``TrainConfig.loss_averaging`` can change how the task trains: by default, whether
+        it overrides `target_counts`. A task whose micro-batches always hold equal counts trains alike
+        either way and may say False (a resume across the two settings is then not refused)."""
         return type(self).target_counts is not TrainingTask.target_counts
 
     def shard_units(self) -> list[nn.Module]:
