@@ -5,7 +5,14 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from training_helpers import distributed_worker, free_port, recipe_worker, tiny_config, tiny_trainer
+from training_helpers import (
+    distributed_worker,
+    free_port,
+    recipe_worker,
+    shared_folder_worker,
+    tiny_config,
+    tiny_trainer,
+)
 
 from nextstep import build_model
 from nextstep.serialization import read_safetensors
@@ -58,6 +65,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, pa
     double_log = read_log(tmp_path / "double" / "train_log.csv")
     for column in ("loss", "text_loss", "image_loss", "grad_norm"):  # the gradient itself, before clipping
         assert [row[column] for row in single_log] == pytest.approx([row[column] for row in double_log], rel=1e-5)
+
+
+def test_two_processes_on_one_machine_share_a_folder(tmp_path):
+    _join_two_processes(shared_folder_worker, (2, free_port(), str(tmp_path / "cache")), 60.0)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["checked-by-1"]  # the marker is gone
 
 
 @pytest.mark.slow

@@ -168,6 +168,25 @@ def test_every_process_learns_that_the_main_one_refused_a_cache(tmp_path):
     assert not (tmp_path / "cache").exists()  # it neither built nor waited for one
 
 
+def test_a_cache_folder_that_is_not_shared_between_processes_is_named(tmp_path):
+    """Processes that cannot see the folder the main process fills would wait for its files forever."""
+    from nextstep.training.distributed import DistributedContext
+
+    class Job(DistributedContext):
+        def broadcast_object(self, value):
+            return value if self.is_main else ".shared-check-written-elsewhere"
+
+        def gather_objects(self, value):  # what every process saw, in rank order
+            return [True, value] if self.rank == 1 else [value, True]
+
+    main = Job(rank=0, world_size=2)
+    main.check_shared_folder(tmp_path / "cache", "data.latent_cache", wait_seconds=0.1)
+    assert (tmp_path / "cache").is_dir() and not list((tmp_path / "cache").iterdir())  # its marker is gone
+    with pytest.raises(ValueError, match=r"data.latent_cache '.*other' is not one folder for every process: "
+                                         r"process\(es\) \[1\] cannot see a file the main process wrote there"):
+        Job(rank=1, world_size=2).check_shared_folder(tmp_path / "other", "data.latent_cache", wait_seconds=0.1)
+
+
 def test_samples_the_build_could_not_read_count_against_training_too(tmp_path):
     from PIL import Image
 

@@ -51,6 +51,20 @@ def distributed_worker(rank: int, world_size: int, port: int, output_dir: str, c
         context.shutdown()
 
 
+def shared_folder_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    """One process of a CPU/gloo job checking that a folder is shared; rank 1 writes what it saw."""
+    from nextstep.training import DistributedContext
+
+    context = DistributedContext.initialize(rank, world_size, f"tcp://127.0.0.1:{port}", backend="gloo",
+                                            timeout_s=60)
+    try:
+        context.check_shared_folder(folder, "data.latent_cache", wait_seconds=5.0)
+        if rank == 1:
+            Path(folder, "checked-by-1").write_text("ok")
+    finally:
+        context.shutdown()
+
+
 def recipe_worker(rank: int, world_size: int, port: int, output_dir: str, recipe_dict: dict, kind: str) -> None:
     """One process of a `torchrun`-style job (its rank in the environment) running a model or tokenizer recipe."""
     import os

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
+import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -176,6 +179,35 @@ class DistributedContext:
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier()
+
+    def check_shared_folder(self, folder: str | Path, setting: str, wait_seconds: float = 30.0) -> None:
+        """Raise ``ValueError`` on every process unless every process sees ``folder`` as the one the main
+        process writes to (a folder one process fills and the others read, such as a latent cache).
+
+        The main process writes a marker file there; each process looks for it (up to ``wait_seconds``,
+        for network file systems that show new files late) and all learn who could not see it.
+        ``setting`` names the setting that chose the folder.
+        """
+        if not self.is_distributed:
+            return
+        folder = Path(folder)
+        marker = None
+        if self.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            marker = f".shared-check-{uuid.uuid4().hex}"
+            (folder / marker).write_text("")
+        marker = self.broadcast_object(marker)
+        deadline = time.monotonic() + wait_seconds
+        while not (folder / marker).exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        seen = self.gather_objects((folder / marker).exists())
+        if self.is_main:
+            (folder / marker).unlink(missing_ok=True)
+        blind = [rank for rank, saw in enumerate(seen) if not saw]
+        if blind:
+            raise ValueError(f"{setting} {str(folder)!r} is not one folder for every process: process(es) {blind} "
+                             "cannot see a file the main process wrote there; put it on a file system that every "
+                             "node shares")
 
     def _collective_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -298,6 +298,8 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
         return TrainingData(combine(datasets, repeats), buckets)
     if any(getattr(d, "streaming", False) for d in datasets):
         raise ValueError("data.latent_cache works with map-style datasets, not with webdataset streams")
+    # The main process fills the cache and the others wait for its files: they must see the same folder.
+    context.check_shared_folder(config.latent_cache, "data.latent_cache")
     folders = [Path(config.latent_cache) / f"{number:02d}-{spec['type']}"
                for number, spec in enumerate(config.datasets)]
     sources = []
