@@ -19,6 +19,7 @@ wrapper.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import warnings
@@ -137,6 +138,22 @@ class SafeCompiled:
             result = self.fn(*args, **kwargs)  # raises too when the arguments are at fault
             self._fall_back(error)
             return result
+
+    def __deepcopy__(self, memo: dict) -> "SafeCompiled":
+        """A copy that calls the copied function (a module's copy runs its own weights), compiled anew
+        unless this one had fallen back to eager."""
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        clone.fn = copy.deepcopy(self.fn, memo)
+        clone.compile_options = copy.deepcopy(self.compile_options, memo)
+        clone.__wrapped__ = clone.fn
+        clone._compiled = None
+        if self._compiled is not None:
+            try:
+                clone._compiled = torch.compile(clone.fn, **clone.compile_options)
+            except Exception as error:
+                clone._fall_back(error)
+        return clone
 
     def __repr__(self) -> str:
         state = "compiled" if self.compiled else f"eager ({self.failure})"

@@ -187,7 +187,10 @@ def _plain_mismatch(hint: Any, value: Any) -> str | None:
     if hint in _PLAIN_TYPES:
         fits = isinstance(value, _PLAIN_TYPES[hint]) and (hint is bool or not isinstance(value, bool))
         if fits and hint is float:
-            fits = math.isfinite(value)
+            try:
+                fits = math.isfinite(value)
+            except OverflowError:  # an integer too large for a float
+                fits = False
         return None if fits else _PLAIN_NAMES[hint]
     if hint is tuple or origin in (tuple, list, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -82,8 +84,11 @@ def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPL
     Its files are flushed to disk before it is renamed into place. An existing
     directory at ``path`` is moved aside first and removed only after the new one
     is in place, so a crash leaves either the old or the new directory (or,
-    between the two renames, the old one under ``<path>.old-*``:
+    between the two renames, the old one under the hidden name
+    ``.<name>.moved-aside-<time>-*``, which no other code makes:
     `restore_moved_aside` puts it back; a rename that fails puts it back at once).
+    Once the new one is in place the old one is renamed for removal before it is
+    deleted, so a deletion that stops halfway never leaves a candidate to restore.
     Only an empty directory or one holding one of ``markers`` (a directory of the
     kind being written), and not a training checkpoint (`PROTECTED_MARKERS`), is
     replaced: any other is refused before anything is written. An old directory
@@ -100,6 +105,8 @@ def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPL
     if path.is_symlink():
         path = path.resolve()
     restore_moved_aside(path)  # an earlier write that stopped between its two renames: its old directory back
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.trash-*") if path.name else ():
+        shutil.rmtree(leftover, ignore_errors=True)  # an earlier write's old directory, half deleted
     check_replaceable(path, markers)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -118,7 +125,8 @@ def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPL
         backup = None
         if path.exists():
             check_replaceable(path, markers)
-            backup = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
+            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}{_MOVED_ASIDE}{time.time_ns():020d}-",
+                                           dir=path.parent))
             backup.rmdir()
             os.replace(path, backup)
         try:
@@ -129,7 +137,9 @@ def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPL
             raise
         _fsync_dir(path.parent)
         if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.trash-", dir=path.parent))
+            os.replace(backup, trash)  # no longer a candidate to restore, however far its deletion gets
+            shutil.rmtree(trash, ignore_errors=True)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -154,15 +164,30 @@ def check_replaceable(path: Path, markers: tuple[str, ...] = REPLACEABLE_MARKERS
             f"{', ...' if len(entries) > 3 else ''}); choose another folder")
 
 
+_MOVED_ASIDE = ".moved-aside-"
+_MOVED_ASIDE_NAME = re.compile(r"^\.(?P<name>.+)\.moved-aside-(?P<time>\d{20})-[^/]+$")
+
+
+def moved_aside(directory: str | os.PathLike) -> dict[str, list[Path]]:
+    """The directories `atomic_directory` moved aside in ``directory`` and that are still there, by the
+    name they were moved from, oldest first (by the time in their names)."""
+    directory = Path(directory)
+    found: dict[str, list[tuple[str, Path]]] = {}
+    if directory.is_dir():
+        for child in directory.iterdir():
+            match = _MOVED_ASIDE_NAME.match(child.name)
+            if match and child.is_dir():
+                found.setdefault(match["name"], []).append((match["time"], child))
+    return {name: [child for _, child in sorted(backups)] for name, backups in found.items()}
+
+
 def _moved_aside(path: Path) -> list[Path]:
-    """The ``<path>.old-*`` directories `atomic_directory` moved aside, oldest first."""
-    if not path.name:
-        return []
-    return sorted(path.parent.glob(f"{glob.escape(path.name)}.old-*"), key=lambda backup: backup.stat().st_mtime)
+    """The directories `atomic_directory` moved aside from ``path``, oldest first."""
+    return moved_aside(path.parent).get(path.name, []) if path.name else []
 
 
 def restore_moved_aside(path: str | os.PathLike) -> bool:
-    """Put back the directory `atomic_directory` moved aside to ``<path>.old-*`` when a crash came
+    """Put back the directory `atomic_directory` moved aside from ``path`` (the latest) when a crash came
     before the new one took its place (``path`` missing); whether it did."""
     path = Path(path)
     if path.exists():

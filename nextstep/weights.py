@@ -129,6 +129,11 @@ def _shards_from_index(index: Path) -> list[Path]:
         raise ValueError(f"{index} is not a safetensors index with a 'weight_map' ({error!r})") from error
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index} has an empty or malformed 'weight_map'")
+    malformed = {key: name for key, name in weight_map.items() if not isinstance(name, str) or not name}
+    if malformed:
+        first = next(iter(malformed))
+        raise ValueError(f"{index}: every 'weight_map' entry must name a shard file, found {first!r}: "
+                         f"{malformed[first]!r}")
     shards = list(dict.fromkeys(index.parent / name for name in weight_map.values()))
     absent = [shard.name for shard in shards if not shard.is_file()]
     if absent:
@@ -231,6 +236,9 @@ def load_safetensors(
             report.mismatched.append(
                 f"{target}: expected {tuple(expected[target].shape)}, found {infos[name].shape}"
             )
+        elif expected[target].is_floating_point() != infos[name].dtype.startswith(("F", "BF")):
+            mis_shaped.add(target)  # copying would round floats to integers (or the reverse) without a word
+            report.mismatched.append(f"{target}: expected {expected[target].dtype} values, found {infos[name].dtype}")
     aliases: dict[int, list[str]] = {}
     for key, tensor in expected.items():
         aliases.setdefault(id(tensor), []).append(key)

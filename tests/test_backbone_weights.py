@@ -111,6 +111,21 @@ def test_problems_are_reported_by_name(tmp_path):
     assert torch.equal(module.embed.weight, state["embed.weight"])
 
 
+def test_floats_for_an_integer_buffer_and_a_malformed_index_are_named(tmp_path):
+    state = source_state()
+    state["counts"] = torch.tensor([1.7, 2.9, 3.2])  # an integer buffer would round them silently
+    write_sharded(tmp_path / "floats", state)
+    with pytest.raises(ValueError, match=r"counts: expected torch.int64 values, found F32"):
+        load_safetensors(Tiny(), tmp_path / "floats")
+    write_sharded(tmp_path / "index", source_state())
+    index = json.loads((tmp_path / "index" / INDEX_NAME).read_text())
+    index["weight_map"]["proj.bias"] = ["model-00001.safetensors"]
+    (tmp_path / "index" / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"every 'weight_map' entry must name a shard file, found 'proj.bias': "
+                                         r"\['model-00001.safetensors'\]"):
+        load_safetensors(Tiny(), tmp_path / "index")
+
+
 def test_rename_to_none_skips_and_collisions_are_refused(tmp_path):
     state = source_state()
     state["lm_head.weight"] = torch.zeros(10, 4)

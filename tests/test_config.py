@@ -122,6 +122,8 @@ def test_built_or_replaced_configs_are_checked_as_read_ones_are():
 
 def test_numbers_read_as_floats_where_a_float_is_expected():
     assert Qwen2BackboneConfig.from_dict({"rope_theta": 10000}).rope_theta == 10000
+    with pytest.raises(ValueError, match="rope_theta must be a finite number"):
+        Qwen2BackboneConfig.from_dict({"rope_theta": 10**400})  # a JSON integer too large for a float
 
 
 def test_a_component_config_cannot_use_the_names_of_a_saved_component():

@@ -103,3 +103,20 @@ class _no_warnings:
 
     def __exit__(self, *exc):
         return self._context.__exit__(*exc)
+
+
+def test_a_copy_of_a_compiled_module_runs_its_own_weights():
+    import copy
+
+    module = compile_module(nn.Linear(2, 2), backend="eager")
+    twin = copy.deepcopy(module)
+    with torch.no_grad():
+        twin.weight.zero_()
+        twin.bias.zero_()
+    x = torch.ones(1, 2)
+    assert twin.forward.compiled and torch.equal(twin(x), torch.zeros(1, 2))
+    assert not torch.equal(module(x), torch.zeros(1, 2))  # the original keeps its own
+    with pytest.warns(CompileFallbackWarning):
+        fallen = compile_module(nn.Linear(2, 2), backend="no-such-backend")
+        fallen(x)
+    assert not copy.deepcopy(fallen).forward.compiled  # a copy of an eager fallback stays eager

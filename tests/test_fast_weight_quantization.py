@@ -63,3 +63,11 @@ class _Model:
 
     def __init__(self, backbone):
         self.backbone = backbone
+
+
+def test_non_finite_weights_are_named():
+    weight = torch.ones(4, 3)
+    weight[2, 1] = float("nan")
+    weight[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"finite weights, found NaN or infinite values in rows \[2, 3\]"):
+        quantize_int8(weight)

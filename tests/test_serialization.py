@@ -1,5 +1,6 @@
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -137,12 +138,37 @@ def test_an_interrupted_replacement_is_named_and_undone_by_the_next_write(tiny_m
 
     target = tmp_path / "m"
     tiny_model.save_pretrained(target)
-    target.rename(tmp_path / "m.old-ab12cd")  # a crash between the two renames of a replacement
-    with pytest.raises(FileNotFoundError, match=r"found nothing, but .*m\.old-ab12cd, the earlier directory an "
-                                                r"interrupted write moved aside \(rename it to m to use it\)"):
+    target.rename(tmp_path / f".m.moved-aside-{time.time_ns():020d}-ab12cd")  # a crash between the two renames
+    with pytest.raises(FileNotFoundError, match=r"found nothing, but .*\.m\.moved-aside-\d+-ab12cd, the earlier "
+                                                r"directory an interrupted write moved aside \(rename it to m to use "
+                                                r"it\)"):
         load_model(str(target))
     tiny_model.save_pretrained(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_only_what_a_write_moved_aside_is_restored_and_the_latest_of_it(tmp_path):
+    from nextstep.io import atomic_directory, what_is_at
+
+    (tmp_path / "model.old-2024").mkdir()  # a user's own folder, named like a backup
+    (tmp_path / "model.old-2024" / "config.json").write_text('{"v": "mine"}')
+    assert what_is_at(tmp_path / "model") == "nothing"
+    with atomic_directory(tmp_path / "model") as staging:
+        (staging / "config.json").write_text('{"v": "new"}')
+    assert (tmp_path / "model.old-2024" / "config.json").read_text() == '{"v": "mine"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.old-2024"]
+    # Two backups of crashed writes: the later one (by the time in its name, not the file's) comes back.
+    (tmp_path / "model").rename(tmp_path / f".model.moved-aside-{2:020d}-b")
+    (tmp_path / f".model.moved-aside-{1:020d}-a").mkdir()  # older, but touched last
+    with atomic_directory(tmp_path / "model") as staging:
+        assert (tmp_path / "model" / "config.json").read_text() == '{"v": "new"}'
+        (staging / "config.json").write_text('{"v": "newer"}')
+    # A half-deleted old directory is never a candidate, and the next write clears it.
+    (tmp_path / ".model.trash-x").mkdir()
+    with atomic_directory(tmp_path / "model") as staging:
+        (staging / "config.json").write_text('{"v": "newest"}')
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f".model.moved-aside-{1:020d}-a", "model", "model.old-2024"], names
 
 
 def test_a_failed_last_rename_puts_the_old_directory_back(tiny_model, tmp_path, monkeypatch):
@@ -153,7 +179,7 @@ def test_a_failed_last_rename_puts_the_old_directory_back(tiny_model, tmp_path, 
     real = os.replace
 
     def staging_fails(source, destination):  # the old directory is aside; the new one cannot take its place
-        if Path(destination) == target and Path(source).name.startswith(".m."):
+        if Path(destination) == target and Path(source).name.endswith(".tmp"):  # the staging directory
             raise OSError(5, "input/output error")
         return real(source, destination)
 

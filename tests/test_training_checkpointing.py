@@ -61,6 +61,18 @@ def test_a_checkpoint_moved_aside_by_an_interrupted_save_is_put_back(tmp_path):
     assert manager.load(manager.latest(), model, optimizer)["step"] == 2
 
 
+def test_a_checkpoint_a_crashed_save_moved_aside_counts_and_is_put_back(tmp_path):
+    import time
+
+    model, optimizer = _setup()
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, model, optimizer, {})
+    (tmp_path / "step-00000001").rename(tmp_path / f".step-00000001.moved-aside-{time.time_ns():020d}-x")
+    assert manager.latest() is None and manager.holds_checkpoint()
+    manager.remove_stale()
+    assert manager.steps() == [1] and sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
+
+
 def test_checkpoint_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     import os
 

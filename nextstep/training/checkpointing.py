@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
 import shutil
@@ -33,7 +34,7 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from nextstep.io import atomic_directory, read_json_object, restore_moved_aside
+from nextstep.io import atomic_directory, moved_aside, read_json_object, restore_moved_aside
 from nextstep.serialization import check_state_dict, read_safetensors
 from nextstep.training.distributed import DistributedContext, full_tensor
 from nextstep.training.ema import ExponentialMovingAverage
@@ -97,8 +98,14 @@ class CheckpointManager:
     def holds_checkpoint(self) -> bool:
         """Whether a run can resume from here: a complete checkpoint, or one that a crashed save left
         moved aside (`remove_stale` puts it back)."""
-        return self.latest() is not None or (
-            self.directory.is_dir() and any(self.directory.glob("step-*.old-*")))
+        return self.latest() is not None or bool(self._moved_aside_steps())
+
+    def _moved_aside_steps(self) -> list[str]:
+        """Checkpoint names a crashed save left moved aside (also as ``step-N.old-*``, an earlier naming)."""
+        if not self.directory.is_dir():
+            return []
+        earlier = [child.name.partition(".old-")[0] for child in self.directory.glob("step-*.old-*")]
+        return [name for name in [*moved_aside(self.directory), *earlier] if _NAME.match(name)]
 
     def remove_stale(self) -> list[Path]:
         """Delete hidden leftovers of interrupted saves; returns what was removed.
@@ -108,10 +115,9 @@ class CheckpointManager:
         """
         removed = []
         if self.context.is_main and self.directory.is_dir():
-            for child in list(self.directory.iterdir()):
-                name, _, moved = child.name.partition(".old-")
-                if moved and _NAME.match(name):
-                    restore_moved_aside(self.directory / name)
+            for name in self._moved_aside_steps():
+                if not restore_moved_aside(self.directory / name):
+                    _restore_earlier_naming(self.directory / name)
             for child in self.directory.iterdir():
                 staging = child.name.startswith(".step-")
                 replaced = child.name.startswith("step-") and ".old-" in child.name
@@ -409,3 +415,9 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = tensor
     return out
 
+
+def _restore_earlier_naming(path: Path) -> None:
+    """Put back ``<path>.old-*``, where saves once moved a checkpoint aside, when ``path`` is missing."""
+    backups = sorted(path.parent.glob(f"{path.name}.old-*"), key=lambda backup: backup.stat().st_mtime)
+    if backups and not path.exists():
+        os.replace(backups[-1], path)
