@@ -5,9 +5,9 @@ import importlib.util
 
 import pytest
 import torch
-from training_helpers import tiny_config, tiny_trainer
+from training_helpers import shapes_data, tiny_config, tiny_trainer
 
-from nextstep.training import TextToImageTask
+from nextstep.training import TextToImageTask, Trainer
 from nextstep.training.data.loader import mix_seed
 from nextstep.training.trainer import autocast_context
 
@@ -65,6 +65,29 @@ def test_accumulated_gradient_is_that_of_the_loss_averaging(tmp_path, averaging)
     for (name, trained), reference in zip(trainer.model.named_parameters(), model.parameters()):
         if reference.grad is not None:
             torch.testing.assert_close(trained.grad, reference.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("averaging, order", [
+    ("step", ["prepare", "prepare", "loss", "loss"]),  # the step's counts before the first forward pass
+    ("micro_batch", ["prepare", "loss", "prepare", "loss"]),  # one micro-batch in memory at a time
+])
+def test_micro_batches_are_prepared_ahead_only_when_the_step_counts_them(tmp_path, averaging, order):
+    calls = []
+
+    class Recording(TextToImageTask):
+        def prepare(self, batch, generator):
+            calls.append("prepare")
+            return super().prepare(batch, generator)
+
+        def loss(self, module, batch, generator, totals=None):
+            calls.append("loss")
+            return super().loss(module, batch, generator, totals)
+
+    config = tiny_config(max_steps=1, gradient_accumulation=2, loss_averaging=averaging)
+    model = tiny_trainer(tmp_path / "model", config).model
+    Trainer(Recording.from_train_config(model, config), shapes_data(), config, tmp_path / averaging,
+            show_progress=False).fit(resume=False)
+    assert calls == order
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")

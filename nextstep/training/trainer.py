@@ -318,8 +318,10 @@ class Trainer:
         loss_sum, tokens, attempted = 0.0, 0, 0
         bad_keys: list[str] = []
         metric_sums: dict[str, float] = {}
-        prepared, generators = [], []
-        for index in range(accumulation):
+
+        def next_micro_batch(index: int) -> tuple:
+            """The prepared micro-batch ``index`` of this step and its generator."""
+            nonlocal attempted
             batch = next(batches)
             # Batches of the built-in loaders report unreadable samples; others need not.
             attempted += getattr(batch, "attempted", 0)
@@ -327,10 +329,15 @@ class Trainer:
             generator = torch.Generator(device=context.device)
             generator.manual_seed(mix_seed(config.seed, "step", self.step, self.layout.slot(index, context.rank)))
             with autocast_context(config.precision, context.device):
-                prepared.append(self.task.prepare(batch, generator))
-            generators.append(generator)
-        totals = self._step_totals(prepared)
-        for index, (batch, generator) in enumerate(zip(prepared, generators)):
+                return self.task.prepare(batch, generator), generator
+
+        # The step's counts need every micro-batch prepared before the first forward pass; otherwise each
+        # is prepared as its turn comes (one at a time in memory).
+        counting = config.loss_averaging == "step" and type(self.task).target_counts is not TrainingTask.target_counts
+        ahead = [next_micro_batch(index) for index in range(accumulation)] if counting else []
+        totals = self._step_totals([batch for batch, _ in ahead]) if counting else None
+        for index in range(accumulation):
+            batch, generator = ahead[index] if counting else next_micro_batch(index)
             last = index == accumulation - 1
             sync = nullcontext() if last else context.no_gradient_sync(self.module)
             with sync:
