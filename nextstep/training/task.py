@@ -68,9 +68,9 @@ class TrainingTask(ABC):
     def prepare(self, batch: Any, generator: torch.Generator) -> Any:
         """One micro-batch made ready for `loss` (default: the batch itself).
 
-        The trainer prepares every micro-batch of an optimiser step before the first forward
-        pass, so that `target_counts` can count the whole step; `loss` then goes on drawing from
-        the same ``generator``.
+        When the step counts targets (`target_counts`, ``loss_averaging="step"``) the trainer
+        prepares every micro-batch of an optimiser step before the first forward pass; otherwise
+        each just before its own. `loss` then goes on drawing from the same ``generator``.
         """
         return batch
 
