@@ -108,3 +108,12 @@ def test_damaged_or_mismatched_checkpoints_raise_clear_errors(tmp_path):
     (path / "trainer_state.json").write_text('{"step": 1,')
     with pytest.raises(ValueError, match=r"step-00000001/trainer_state\.json is not valid JSON"):
         manager.load(path, model, optimizer)
+
+
+def test_optimiser_groups_of_other_sizes_are_named(tmp_path):
+    model, optimizer = _setup()
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, model, optimizer, {})
+    one_group = torch.optim.AdamW(model.parameters(), lr=1e-2)  # the same parameters, grouped otherwise
+    with pytest.raises(ValueError, match=r"it holds groups of \[2, 2\] parameters, this run \[4\]"):
+        manager.load(manager.latest(), model, one_group)

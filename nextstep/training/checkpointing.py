@@ -331,8 +331,11 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
-        raise ValueError("optimiser parameter groups differ from the checkpoint's")
+    saved_sizes = [len(g["params"]) for g in saved_groups]
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_sizes != sizes:
+        raise ValueError(f"optimiser parameter groups differ from the checkpoint's: it holds groups of {saved_sizes} "
+                         f"parameters, this run {sizes}")
     raw = {
         "state": {name_to_index[name]: entry for name, entry in state["state"].items()},
         "param_groups": [dict(group, params=[name_to_index[n] for n in group["params"]])
