@@ -55,8 +55,13 @@ EVALUATION_RECORD = "evaluation.json"
 #: Options of `generate` that are not part of the request an image answers: where it goes, how the run
 #: reports, and the device (the same images up to rounding).
 UNRECORDED_OPTIONS = ("handler", "command", "imports", "output", "quiet", "device", "overwrite")
-#: Options of `eval` that change its results besides the model and the sampling settings.
-EVALUATION_OPTIONS = ("images_per_tag", "limit", "scenes_per_group", "crops")
+#: Options of `eval` that change a suite's results besides the model and the sampling settings, by suite.
+EVALUATION_OPTIONS = {"shapes": ("images_per_tag",), "emoji": ("limit",), "captioning": ("scenes_per_group",),
+                      "tokenizer": ("crops",)}
+#: Titles of the suites' sections in ``summary.md``.
+SUITE_TITLES = {"shapes": "Shapes GenEval (held-out prompts)", "emoji": "Held-out emoji",
+                "captioning": "Shapes captioning (greedy)",
+                "tokenizer": "Tokenizer reconstruction (held-out photo crops)"}
 
 
 def _generation_request(args: argparse.Namespace) -> dict:
@@ -108,8 +113,9 @@ def command_generate(args: argparse.Namespace) -> int:
     records = _read_record(out_dir / GENERATION_RECORD) or {}  # file -> the request it answers
 
     def recorded(path: Path) -> None:  # as each file lands, so that a rerun after an interruption goes ahead
-        records[path.name] = expected[path.name]
-        atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(records, indent=2) + "\n")
+        current = _read_record(out_dir / GENERATION_RECORD) or {}  # with what another run recorded meanwhile
+        current[path.name] = expected[path.name]
+        atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(current, indent=2) + "\n")
     if not args.overwrite:  # before the model loads: images of another request are not replaced
         others = [name for name, wanted in expected.items()
                   if (out_dir / name).exists() and records.get(name) != wanted]
@@ -319,18 +325,31 @@ def command_eval(args: argparse.Namespace) -> int:
     from nextstep.io import atomic_write_text
 
     suites = EVAL_SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
+    if "emoji" in suites and args.limit is not None and args.limit < 10:  # before any suite runs
+        raise ValueError(f"the emoji evaluation needs at least 10 held-out emoji: --limit must be >= 10, found "
+                         f"{args.limit}")
     model = load_model(args.model, device=args.device, seed=args.seed)
     settings = _square_sampling_settings(model, args)
     size = settings.height
     output = Path(args.output)
     summary: dict = {"model": args.model, "settings": settings.to_dict()}
-    record = {**summary, "options": {name: getattr(args, name) for name in EVALUATION_OPTIONS}}
+    # What the results depend on: the model, the sampling settings (not the batch size) and each suite's options.
+    record = _evaluation_record(args.model, settings.to_dict(), {
+        suite: {name: getattr(args, name) for name in EVALUATION_OPTIONS[suite]} for suite in suites})
+    saved = _upgraded_evaluation_record(_read_record(output / EVALUATION_RECORD), output)
+    same_run = saved is not None and all(saved.get(key) == record[key] for key in ("model", "settings"))
     if not args.overwrite:  # the results of another model, settings or options are not replaced
-        existing = [output / name for name in ("summary.json", *suites) if (output / name).exists()]
-        saved = _read_record(output / EVALUATION_RECORD)
-        _check_overwrite(existing if saved != record else [], saved, record, "evaluation")
+        if not same_run:
+            existing = [output / name for name in ("summary.json", *suites) if (output / name).exists()]
+        else:
+            existing = [output / suite for suite in suites if (output / suite).exists()
+                        and saved["suites"].get(suite) != record["suites"][suite]]
+        _check_overwrite(existing, saved, record, "evaluation")
+    if same_run:  # suites run earlier into this folder with these settings stay in its record and summary
+        record["suites"] = {**saved["suites"], **record["suites"]}
+        earlier = _read_record(output / "summary.json") or {}
+        summary.update({suite: earlier[suite] for suite in record["suites"] if suite in earlier})
     atomic_write_text(output / EVALUATION_RECORD, json.dumps(record, indent=2) + "\n")  # before any suite
-    sections = []
     for suite in suites:
         bar, progress = _image_progress(suite, args.quiet)
         if suite == "shapes":
@@ -338,31 +357,46 @@ def command_eval(args: argparse.Namespace) -> int:
 
             report = run_shapes_geneval(model, output / suite, images_per_tag=args.images_per_tag,
                                         settings=settings, progress=progress)
-            title = "Shapes GenEval (held-out prompts)"
         elif suite == "emoji":
             from nextstep.evaluation.emoji_eval import run_emoji_eval
 
             report = run_emoji_eval(model, output / suite, settings=settings, limit=args.limit, progress=progress)
-            title = "Held-out emoji"
         elif suite == "captioning":
             from nextstep.evaluation.shapes_captioning import run_shapes_captioning
 
             report = run_shapes_captioning(model, output / suite, scenes_per_group=args.scenes_per_group, size=size,
                                            seed=args.seed, batch_size=args.batch_size, progress=progress)
-            title = "Shapes captioning (greedy)"
         else:
             from nextstep.evaluation.tokenizer_report import run_tokenizer_evaluation
 
             report = run_tokenizer_evaluation(model.image_tokenizer, output / suite, count=args.crops, size=size)
-            title = "Tokenizer reconstruction (held-out photo crops)"
         bar.close()
         summary[suite] = report.to_dict()
-        sections.append(f"## {title}\n\n{report.to_markdown()}\n")
-        print(f"\n{title}\n{report.to_markdown()}")
+        print(f"\n{SUITE_TITLES[suite]}\n{report.to_markdown()}")
+    summary = {key: summary[key] for key in ("model", "settings", *EVAL_SUITES) if key in summary}
+    sections = [f"## {SUITE_TITLES[suite]}\n\n{(output / suite / 'report.md').read_text()}" for suite in EVAL_SUITES
+                if suite in summary and (output / suite / "report.md").is_file()]
     atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(output / "summary.md", f"# Evaluation of {args.model}\n\n" + "\n".join(sections))
     print(f"wrote {output}/summary.json, summary.md and one folder per suite")
     return 0
+
+
+def _evaluation_record(model: str, settings: dict, suites: dict) -> dict:
+    """What `nextstep eval` records: the model, the sampling settings but their batch size (results do not
+    depend on it), and each suite's options."""
+    return {"model": model, "settings": {k: v for k, v in settings.items() if k != "batch_size"}, "suites": suites}
+
+
+def _upgraded_evaluation_record(saved: dict | None, output: Path) -> dict | None:
+    """A saved record in the current form (one with the options of all suites together becomes one with
+    those of the suites whose folders are there)."""
+    if saved is None or "suites" in saved or "options" not in saved:
+        return saved
+    options = saved["options"]
+    suites = {suite: {name: options.get(name) for name in names} for suite, names in EVALUATION_OPTIONS.items()
+              if (output / suite).exists()}
+    return _evaluation_record(saved.get("model"), saved.get("settings") or {}, suites)
 
 
 def command_preference_pairs(args: argparse.Namespace) -> int:

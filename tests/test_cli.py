@@ -187,3 +187,20 @@ def test_recipe_model_arguments_the_preset_does_not_take_are_named(tmp_path, cap
     recipe.write_text('{"model": "tiny", "model_arguments": {"foo": 1}}')
     assert main(["train", str(recipe), "-o", str(tmp_path / "out"), "--max-steps", "1", "--quiet"]) == 2
     assert "model_arguments ['foo'] do not fit the preset 'tiny'" in capsys.readouterr().err
+
+
+def test_generate_keeps_what_another_run_recorded_in_the_folder_meanwhile(tmp_path, monkeypatch):
+    import nextstep.builders as builders
+
+    real = builders.load_model
+
+    def another_run_finishes_while_this_one_loads(*args, **kwargs):
+        (tmp_path / "000-a-blue-square-0.png").write_bytes(b"")
+        (tmp_path / "generation.json").write_text(json.dumps({"000-a-blue-square-0.png": {"seed": 9}}))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(builders, "load_model", another_run_finishes_while_this_one_loads)
+    assert main(["generate", "a red circle", "--model", "tiny", "--steps", "1", "--height", "32", "--width", "32",
+                 "--output", str(tmp_path), "--quiet"]) == 0
+    records = json.loads((tmp_path / "generation.json").read_text())
+    assert set(records) == {"000-a-blue-square-0.png", "000-a-red-circle-0.png"}

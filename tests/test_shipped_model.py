@@ -261,6 +261,24 @@ def test_eval_command_runs_the_captioning_suite(tmp_path, capsys):
     assert "Shapes captioning" in (out / "summary.md").read_text()
 
 
+def test_eval_suites_run_one_at_a_time_share_a_folder_and_its_summary(tmp_path, capsys):
+    out = tmp_path / "eval"
+    captioning = ["eval", "tiny", "--suite", "captioning", "--scenes-per-group", "1", "--size", "32",
+                  "--output", str(out), "--quiet"]
+    tokenizer = ["eval", "tiny", "--suite", "tokenizer", "--crops", "2", "--size", "32", "--output", str(out),
+                 "--quiet"]
+    assert main(captioning) == 0 and main(tokenizer) == 0
+    assert {"captioning", "tokenizer"} <= set(json.loads((out / "summary.json").read_text()))
+    summary = (out / "summary.md").read_text()
+    assert "Shapes captioning" in summary and "Tokenizer reconstruction" in summary
+    assert main(tokenizer + ["--batch-size", "8"]) == 0  # the batch size changes no result: a rerun goes ahead
+    assert main(captioning[:5] + ["2"] + captioning[6:]) == 2  # a suite's own options do
+    assert "captioning from another evaluation" in capsys.readouterr().err
+    assert main(["eval", "tiny", "--suite", "shapes", "emoji", "--limit", "3", "--output", str(tmp_path / "e")]) == 2
+    assert "--limit must be >= 10, found 3" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()  # refused before any suite ran
+
+
 def test_every_recipe_in_the_repository_loads():
     from nextstep.training.tokenizer_recipe import load_tokenizer_recipe
 

@@ -97,6 +97,9 @@ def jpeg_baseline(images: torch.Tensor, quality: int) -> tuple[torch.Tensor, flo
 def latent_dispersion(latents: torch.Tensor) -> dict[str, float]:
     """How spread out latents are: per-channel moments and the effective rank of channel covariance."""
     channels = latents.transpose(0, 1).flatten(1).double()  # (C, B*h*w)
+    if channels.shape[1] < 2:
+        raise ValueError(f"dispersion statistics need at least 2 latent positions (images x latent height x width), "
+                         f"found {channels.shape[1]}: use more or larger images")
     covariance = torch.cov(channels)
     eigenvalues = torch.linalg.eigvalsh(covariance).clamp(min=0)
     p = eigenvalues / eigenvalues.sum()
