@@ -69,3 +69,12 @@ def test_unknown_keys_are_named():
     with pytest.raises(ValueError, match="learnig_rate"):
         TrainConfig.from_dict({"learnig_rate": 1e-3})
     assert math.isclose(TrainConfig.from_dict({"betas": [0.9, 0.99]}).betas[1], 0.99)
+
+
+def test_an_ema_state_of_other_names_or_shapes_is_named():
+    ema = ExponentialMovingAverage(nn.Linear(3, 2), 0.9)
+    state = ema.state_dict()
+    with pytest.raises(ValueError, match=r"missing \['bias'\], unexpected \['extra'\]"):
+        ema.load_state_dict({"weight": state["weight"], "extra": state["bias"]})
+    with pytest.raises(ValueError, match=r"EMA tensor weight has shape \(3, 2\), expected \(2, 3\)"):
+        ema.check_state({"weight": state["weight"].T, "bias": state["bias"]})

@@ -351,9 +351,7 @@ def _load_ema(ema: ExponentialMovingAverage, state: dict[str, torch.Tensor]) -> 
         return
     from torch.distributed.tensor import distribute_tensor
 
-    missing = sorted(set(ema.names) - set(state))
-    if missing:
-        raise ValueError(f"EMA state does not match the model: missing {missing}")
+    ema.check_state(state)  # as the unsharded path checks it: names and whole shapes
     for name, shadow in ema.shadow.items():
         value = state[name].to(shadow.device)
         if name in sharded:

@@ -47,8 +47,9 @@ class ExponentialMovingAverage:
         """The averaged tensors by parameter name (float32)."""
         return dict(self.shadow)
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore averages saved by `state_dict`; names and shapes must match."""
+    def check_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` unless ``state`` holds exactly this average's names, each of its shape (the
+        whole shape, for averages sharded by FSDP)."""
         missing = sorted(set(self.names) - set(state))
         unexpected = sorted(set(state) - set(self.names))
         if missing or unexpected:
@@ -61,6 +62,11 @@ class ExponentialMovingAverage:
                     f"EMA tensor {name} has shape {tuple(state[name].shape)}, "
                     f"expected {tuple(self.shadow[name].shape)}"
                 )
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore averages saved by `state_dict`; names and shapes must match (`check_state`)."""
+        self.check_state(state)
+        for name in self.names:
             self.shadow[name].copy_(state[name])
 
     @contextmanager
