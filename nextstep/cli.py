@@ -341,12 +341,20 @@ def command_eval(args: argparse.Namespace) -> int:
     if not args.overwrite:  # the results of another model, settings or options are not replaced
         if not same_run:
             existing = [output / name for name in ("summary.json", *suites) if (output / name).exists()]
-        else:
+        else:  # a suite's folder from a finished or an interrupted run with the same options goes ahead
             existing = [output / suite for suite in suites if (output / suite).exists()
-                        and saved["suites"].get(suite) != record["suites"][suite]]
-        _check_overwrite(existing, saved, record, "evaluation")
-    if same_run:  # suites run earlier into this folder with these settings stay in its record and summary
-        record["suites"] = {**saved["suites"], **record["suites"]}
+                        and record["suites"][suite] not in (saved["suites"].get(suite),
+                                                            saved.get("running", {}).get(suite))]
+        _check_overwrite(existing, saved and {k: v for k, v in saved.items() if k != "running"}, record,
+                         "evaluation")
+    options = record["suites"]
+    # Suites finished earlier into this folder with these settings stay in its record and summary; this run's
+    # suites are "running" until each finishes (one that fails leaves no claim on its folder's results).
+    record["suites"] = {suite: kept for suite, kept in (saved["suites"] if same_run else {}).items()
+                        if suite not in options}
+    interrupted = saved.get("running", {}) if same_run else {}
+    record["running"] = {**{suite: kept for suite, kept in interrupted.items() if suite not in options}, **options}
+    if same_run:
         earlier = _read_record(output / "summary.json") or {}
         summary.update({suite: earlier[suite] for suite in record["suites"] if suite in earlier})
     atomic_write_text(output / EVALUATION_RECORD, json.dumps(record, indent=2) + "\n")  # before any suite
@@ -372,6 +380,8 @@ def command_eval(args: argparse.Namespace) -> int:
             report = run_tokenizer_evaluation(model.image_tokenizer, output / suite, count=args.crops, size=size)
         bar.close()
         summary[suite] = report.to_dict()
+        record["suites"][suite] = record["running"].pop(suite)
+        atomic_write_text(output / EVALUATION_RECORD, json.dumps(record, indent=2) + "\n")
         print(f"\n{SUITE_TITLES[suite]}\n{report.to_markdown()}")
     summary = {key: summary[key] for key in ("model", "settings", *EVAL_SUITES) if key in summary}
     sections = [f"## {SUITE_TITLES[suite]}\n\n{(output / suite / 'report.md').read_text()}" for suite in EVAL_SUITES

@@ -136,9 +136,11 @@ def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPL
                 os.replace(backup, path)  # the old directory back in its place
             raise
         _fsync_dir(path.parent)
-        if backup is not None:
+        # The old directory, and any older one an earlier crash left aside: no longer candidates to restore,
+        # however far their deletion gets.
+        for old in _moved_aside(path):  # (the backup above among them)
             trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.trash-", dir=path.parent))
-            os.replace(backup, trash)  # no longer a candidate to restore, however far its deletion gets
+            os.replace(old, trash)
             shutil.rmtree(trash, ignore_errors=True)
     finally:
         if staging.exists():
@@ -165,7 +167,7 @@ def check_replaceable(path: Path, markers: tuple[str, ...] = REPLACEABLE_MARKERS
 
 
 _MOVED_ASIDE = ".moved-aside-"
-_MOVED_ASIDE_NAME = re.compile(r"^\.(?P<name>.+)\.moved-aside-(?P<time>\d{20})-[^/]+$")
+_MOVED_ASIDE_NAME = re.compile(r"\.(?P<name>.+)\.moved-aside-(?P<time>\d{20})-[^/]+", re.DOTALL)
 
 
 def moved_aside(directory: str | os.PathLike) -> dict[str, list[Path]]:
@@ -175,7 +177,7 @@ def moved_aside(directory: str | os.PathLike) -> dict[str, list[Path]]:
     found: dict[str, list[tuple[str, Path]]] = {}
     if directory.is_dir():
         for child in directory.iterdir():
-            match = _MOVED_ASIDE_NAME.match(child.name)
+            match = _MOVED_ASIDE_NAME.fullmatch(child.name)
             if match and child.is_dir():
                 found.setdefault(match["name"], []).append((match["time"], child))
     return {name: [child for _, child in sorted(backups)] for name, backups in found.items()}

@@ -279,6 +279,31 @@ def test_eval_suites_run_one_at_a_time_share_a_folder_and_its_summary(tmp_path, 
     assert not (tmp_path / "e").exists()  # refused before any suite ran
 
 
+def test_an_eval_suite_that_fails_lays_no_claim_on_its_folder(tmp_path, monkeypatch, capsys):
+    import nextstep.evaluation.shapes_captioning as captioning_suite
+
+    out = tmp_path / "eval"
+    captioning = ["eval", "tiny", "--suite", "captioning", "--size", "32", "--output", str(out), "--quiet",
+                  "--scenes-per-group"]
+    tokenizer = ["eval", "tiny", "--suite", "tokenizer", "--crops", "2", "--size", "32", "--output", str(out),
+                 "--quiet"]
+    assert main(captioning + ["1"]) == 0
+    real = captioning_suite.run_shapes_captioning
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(captioning_suite, "run_shapes_captioning", interrupted)
+    assert main(captioning + ["2", "--overwrite"]) == 130
+    record = json.loads((out / "evaluation.json").read_text())
+    assert "captioning" not in record["suites"] and record["running"]["captioning"] == {"scenes_per_group": 2}
+    assert main(tokenizer) == 0  # the summary leaves out the captioning results no record vouches for
+    assert set(json.loads((out / "summary.json").read_text())) == {"model", "settings", "tokenizer"}
+    monkeypatch.setattr(captioning_suite, "run_shapes_captioning", real)
+    assert main(captioning + ["2"]) == 0  # the interrupted run's own options: it goes ahead
+    assert json.loads((out / "summary.json").read_text())["captioning"]["scenes"] == 30
+
+
 def test_every_recipe_in_the_repository_loads():
     from nextstep.training.tokenizer_recipe import load_tokenizer_recipe
 

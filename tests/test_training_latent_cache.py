@@ -174,7 +174,7 @@ def test_a_cache_folder_that_is_not_shared_between_processes_is_named(tmp_path):
 
     class Job(DistributedContext):
         def broadcast_object(self, value):
-            return value if self.is_main else ".shared-check-written-elsewhere"
+            return value if self.is_main else (".shared-check-written-elsewhere", None)
 
         def gather_objects(self, value):  # what every process saw, in rank order
             return [True, value] if self.rank == 1 else [value, True]
@@ -185,6 +185,17 @@ def test_a_cache_folder_that_is_not_shared_between_processes_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"data.latent_cache '.*other' is not one folder for every process: "
                                          r"process\(es\) \[1\] cannot see a file the main process wrote there"):
         Job(rank=1, world_size=2).check_shared_folder(tmp_path / "other", "data.latent_cache", wait_seconds=0.1)
+    # A folder the main process cannot make: every process hears of it (none waits in a collective).
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"data.latent_cache '.*afile/cache' cannot be written by the main process"):
+        main.check_shared_folder(tmp_path / "afile" / "cache", "data.latent_cache", wait_seconds=0.1)
+
+    class Told(Job):
+        def broadcast_object(self, value):
+            return None, "data.latent_cache 'x' cannot be written by the main process: [Errno 20]"
+
+    with pytest.raises(ValueError, match="cannot be written by the main process"):
+        Told(rank=1, world_size=2).check_shared_folder(tmp_path / "x", "data.latent_cache", wait_seconds=0.1)
 
 
 def test_samples_the_build_could_not_read_count_against_training_too(tmp_path):

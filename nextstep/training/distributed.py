@@ -191,18 +191,32 @@ class DistributedContext:
         if not self.is_distributed:
             return
         folder = Path(folder)
-        marker = None
+        marker, failure = None, None
         if self.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-            marker = f".shared-check-{uuid.uuid4().hex}"
-            (folder / marker).write_text("")
-        marker = self.broadcast_object(marker)
-        deadline = time.monotonic() + wait_seconds
-        while not (folder / marker).exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        seen = self.gather_objects((folder / marker).exists())
-        if self.is_main:
-            (folder / marker).unlink(missing_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                marker = f".shared-check-{uuid.uuid4().hex}"
+                (folder / marker).write_text("")
+            except OSError as error:  # every process learns of it, rather than waiting in the collective
+                failure = f"{setting} {str(folder)!r} cannot be written by the main process: {error}"
+        marker, failure = self.broadcast_object((marker, failure))
+        if failure is not None:
+            raise ValueError(failure)
+
+        def visible() -> bool:
+            try:
+                return (folder / marker).exists()
+            except OSError:  # a folder this process may not enter counts as unseen
+                return False
+
+        try:
+            deadline = time.monotonic() + wait_seconds
+            while not visible() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            seen = self.gather_objects(visible())
+        finally:
+            if self.is_main:
+                (folder / marker).unlink(missing_ok=True)
         blind = [rank for rank, saw in enumerate(seen) if not saw]
         if blind:
             raise ValueError(f"{setting} {str(folder)!r} is not one folder for every process: process(es) {blind} "
