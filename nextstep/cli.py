@@ -119,8 +119,9 @@ def command_generate(args: argparse.Namespace) -> int:
     if not args.overwrite:  # before the model loads: images of another request are not replaced
         others = [name for name, wanted in expected.items()
                   if (out_dir / name).exists() and records.get(name) != wanted]
-        _check_overwrite([out_dir / name for name in others], others and records.get(others[0]),
-                         others and expected[others[0]], "generation")
+        if others:
+            _check_overwrite([out_dir / name for name in others], records.get(others[0]), expected[others[0]],
+                             "generation")
     model = load_model(args.model, device=args.device, seed=args.seed)
     token_sampler = token_sampler_named(model, args.token_sampler)
     source = None
@@ -336,7 +337,7 @@ def command_eval(args: argparse.Namespace) -> int:
     # What the results depend on: the model, the sampling settings (not the batch size) and each suite's options.
     record = _evaluation_record(args.model, settings.to_dict(), {
         suite: {name: getattr(args, name) for name in EVALUATION_OPTIONS[suite]} for suite in suites})
-    saved = _upgraded_evaluation_record(_read_record(output / EVALUATION_RECORD), output)
+    saved = _read_record(output / EVALUATION_RECORD)
     same_run = saved is not None and all(saved.get(key) == record[key] for key in ("model", "settings"))
     if not args.overwrite:  # the results of another model, settings or options are not replaced
         if not same_run:
@@ -396,17 +397,6 @@ def _evaluation_record(model: str, settings: dict, suites: dict) -> dict:
     """What `nextstep eval` records: the model, the sampling settings but their batch size (results do not
     depend on it), and each suite's options."""
     return {"model": model, "settings": {k: v for k, v in settings.items() if k != "batch_size"}, "suites": suites}
-
-
-def _upgraded_evaluation_record(saved: dict | None, output: Path) -> dict | None:
-    """A saved record in the current form (one with the options of all suites together becomes one with
-    those of the suites whose folders are there)."""
-    if saved is None or "suites" in saved or "options" not in saved:
-        return saved
-    options = saved["options"]
-    suites = {suite: {name: options.get(name) for name in names} for suite, names in EVALUATION_OPTIONS.items()
-              if (output / suite).exists()}
-    return _evaluation_record(saved.get("model"), saved.get("settings") or {}, suites)
 
 
 def command_preference_pairs(args: argparse.Namespace) -> int:

@@ -176,6 +176,13 @@ def generate_text(
     return GeneratedText(texts, ids, log_probs, stopped)
 
 
+def _stopping_before_images(tokenizer, kwargs: dict) -> dict:
+    """``kwargs`` with ``stop_ids`` at end-of-text and ``<|image_area|>`` unless given (None counts as not)."""
+    if kwargs.get("stop_ids") is None:
+        kwargs = {**kwargs, "stop_ids": [tokenizer.eos_id, tokenizer.image_area_id]}
+    return kwargs
+
+
 def complete_text(model: "NextStep", prompts: str | Sequence[str], **kwargs: Any) -> GeneratedText:
     """Continue text prompts; a row stops at ``<|endoftext|>`` or where an image would begin
     (``<|image_area|>``). Keyword arguments are those of `generate_text`."""
@@ -186,9 +193,7 @@ def complete_text(model: "NextStep", prompts: str | Sequence[str], **kwargs: Any
         if not ids:
             raise ValueError("complete_text needs non-empty prompts, found ''")
         rows.append((ids, []))
-    if kwargs.get("stop_ids") is None:
-        kwargs["stop_ids"] = [tokenizer.eos_id, tokenizer.image_area_id]
-    return generate_text(model, rows, **kwargs)
+    return generate_text(model, rows, **_stopping_before_images(tokenizer, kwargs))
 
 
 def caption_images(model: "NextStep",
@@ -208,11 +213,10 @@ def caption_images(model: "NextStep",
     builder = model.sequences
     rows = []
     images = as_image_list(images)
-    check_seed(kwargs.get("seed", 0))
+    check_seed(kwargs.get("seed", 0))  # before the images are encoded with it (generate_text checks it again)
     seeds = [kwargs.get("seed", 0) + index for index in range(len(images))]  # row r's seed, as for its text
     tokenizer = model.require_text_tokenizer()
-    if kwargs.get("stop_ids") is None:
-        kwargs["stop_ids"] = [tokenizer.eos_id, tokenizer.image_area_id]
+    kwargs = _stopping_before_images(tokenizer, kwargs)
     for tokens, grid_h, grid_w in encode_each(model, images, seeds):
         rows.append((builder.image_block(grid_h, grid_w), [(len(builder.image_prefix(grid_h, grid_w)), tokens)]))
     return generate_text(model, rows, **kwargs)

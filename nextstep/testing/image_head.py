@@ -6,7 +6,7 @@ import torch
 
 from nextstep.heads.base import ImageHead
 from nextstep.samplers.time_grid import time_grid
-from nextstep.testing.assertions import assert_close, refuses
+from nextstep.testing.assertions import assert_close, assert_finite, refuses
 from nextstep.testing.parameters import (
     assert_every_parameter_gets_a_gradient,
     randomize,
@@ -61,7 +61,7 @@ def _check_image_head(head: ImageHead, rows: int, seed: int, atol: float) -> Non
         velocity = head.velocity(x, t, condition)
         assert velocity.shape == (rows, head.token_dim), (
             f"{name}: velocity must be (N, D) = {(rows, head.token_dim)}, found {tuple(velocity.shape)}")
-        assert torch.isfinite(velocity).all(), f"{name}: velocity is not finite"
+        assert_finite(velocity, f"{name}: velocity")
         alone = torch.cat([head.velocity(x[i:i + 1], t[i:i + 1], condition[i:i + 1]) for i in range(rows)])
         assert_close(alone, velocity, atol, f"{name}: rows of velocity depend on the other rows of the batch")
         assert not torch.equal(head.velocity(x, t, condition.flip(0)), velocity), (

@@ -9,6 +9,7 @@ Conventions:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -153,9 +154,9 @@ class ImageTokenizer(nn.Module, ABC):
                 f"found {height}x{width}"
             )
         if images.numel() and images.device.type != "meta":
-            if not bool(torch.isfinite(images).all()):
+            low, high = float(images.min()), float(images.max())  # NaN or inf when any value is
+            if not (math.isfinite(low) and math.isfinite(high)):
                 raise ValueError("image values must be finite numbers in [-1, 1], found NaN or infinite values")
-            low, high = float(images.min()), float(images.max())
             if low < -1.0 - 1e-3 or high > 1.0 + 1e-3:
                 raise ValueError(
                     f"image values must lie in [-1, 1], found range [{low:.3f}, {high:.3f}]"

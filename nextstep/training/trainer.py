@@ -334,10 +334,10 @@ class Trainer:
         # The step's counts need every micro-batch prepared before the first forward pass; otherwise each
         # is prepared as its turn comes (one at a time in memory).
         counting = config.loss_averaging == "step" and type(self.task).target_counts is not TrainingTask.target_counts
-        ahead = [next_micro_batch(index) for index in range(accumulation)] if counting else []
-        totals = self._step_totals([batch for batch, _ in ahead]) if counting else None
+        ahead = [next_micro_batch(index) for index in range(accumulation)] if counting else None
+        totals = self._step_totals([batch for batch, _ in ahead]) if ahead else None
         for index in range(accumulation):
-            batch, generator = ahead[index] if counting else next_micro_batch(index)
+            batch, generator = ahead[index] if ahead else next_micro_batch(index)
             last = index == accumulation - 1
             sync = nullcontext() if last else context.no_gradient_sync(self.module)
             with sync:
@@ -374,11 +374,8 @@ class Trainer:
                           time.perf_counter() - started)
 
     def _step_totals(self, prepared: list) -> dict[str, float] | None:
-        """Each term's number of targets in the step's micro-batches, summed over the processes;
-        None when the loss averages each micro-batch apart (``loss_averaging="micro_batch"``, or a
-        task that counts no targets)."""
-        if self.config.loss_averaging != "step":
-            return None
+        """Each term's number of targets in the step's micro-batches, summed over the processes; None
+        when the task names no terms (the loss then averages each micro-batch apart)."""
         counts = [self.task.target_counts(batch) for batch in prepared]
         names = sorted(counts[0])
         if any(sorted(count) != names for count in counts):
