@@ -15,16 +15,18 @@ from nextstep.training import ExponentialMovingAverage, TrainConfig, WarmupCosin
 def test_schedule_warms_up_linearly_then_decays_to_the_minimum(warmup, extra, minimum_ratio):
     total = warmup + extra
     schedule = WarmupCosineSchedule(1e-3, warmup, total, minimum=1e-3 * minimum_ratio)
-    rates = [schedule.rate(s) for s in range(total + 1)]
+    rates = [schedule.rate(s) for s in range(total + 1)]  # a run's steps, then where it ends
     for step in range(warmup):
         assert rates[step] == pytest.approx(1e-3 * (step + 1) / warmup)
-    assert rates[warmup] == pytest.approx(1e-3)
+    top = max(warmup - 1, 0)
+    assert rates[top] == pytest.approx(1e-3)
     assert rates[total] == pytest.approx(1e-3 * minimum_ratio)
-    decay = rates[warmup:]
-    assert all(a >= b - 1e-15 for a, b in zip(decay, decay[1:]))
-    middle = warmup + extra / 2
-    if extra % 2 == 0:
-        assert schedule.rate(int(middle)) == pytest.approx((1e-3 + 1e-3 * minimum_ratio) / 2)
+    assert schedule.rate(total + 5) == pytest.approx(1e-3 * minimum_ratio)
+    decay = rates[top:]
+    assert all(a > b for a, b in zip(decay, decay[1:])), "each rate is taken once"
+    assert min(rates[:total]) > 0, "no step runs at a zero rate"
+    if (total - top) % 2 == 0:
+        assert rates[(top + total) // 2] == pytest.approx((1e-3 + 1e-3 * minimum_ratio) / 2)
 
 
 def test_optimizer_uses_the_release_settings_and_skips_frozen_and_1d_decay():

@@ -41,7 +41,8 @@ class TrainConfig(Config):
             micro-batches weighing the same whatever their numbers of targets (plain
             gradient accumulation and DDP averaging).
         learning_rate: peak learning rate.
-        min_learning_rate: learning rate at the end of the cosine decay.
+        min_learning_rate: learning rate where the cosine decay ends, at ``max_steps``
+            (the last step, ``max_steps - 1``, runs just above it).
         warmup_steps: linear warm-up to ``learning_rate``: step ``s`` (from 0) runs at
             ``(s + 1) / warmup_steps`` of it.
         betas: AdamW betas.

@@ -49,8 +49,11 @@ class WarmupCosineSchedule:
     """Learning rate as a pure function of the step: linear warm-up, then cosine decay.
 
     ``rate(step)`` rises linearly from ``peak / warmup_steps`` at step 0 to ``peak``
-    at step ``warmup_steps - 1``, then follows half a cosine down to ``minimum``
-    at ``total_steps``. It holds no state, so resuming needs only the step.
+    at step ``warmup_steps - 1`` (step 0 without warm-up), then follows half a cosine
+    down to ``minimum`` at step ``total_steps``, where a run of ``total_steps`` ends:
+    each rate is taken once, and no step of a run runs at a zero rate (the first
+    is ``peak / warmup_steps``, the last just above ``minimum``). It holds no state,
+    so resuming needs only the step.
 
     Args:
         peak: learning rate after warm-up.
@@ -72,8 +75,9 @@ class WarmupCosineSchedule:
         """Learning rate of optimiser step ``step`` (0-based)."""
         if step < self.warmup_steps:
             return self.peak * (step + 1) / self.warmup_steps
-        decay_steps = max(self.total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
+        top = max(self.warmup_steps - 1, 0)
+        decay_steps = max(self.total_steps - top, 1)
+        progress = min((step - top) / decay_steps, 1.0)
         return self.minimum + 0.5 * (self.peak - self.minimum) * (1 + math.cos(math.pi * progress))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
