@@ -51,6 +51,17 @@ def test_shards_stream_every_sample_once_per_epoch(tmp_path):
     assert sorted(keys) == sorted(r.key for s in dataset.shards for r in read_shard(s))
     halves = [[r.key for r, _ in itertools.islice(dataset.stream(slot, 2, seed=0), 24)] for slot in (0, 1)]
     assert not set(halves[0]) & set(halves[1])
+    epochs = [raw.epoch for raw, _ in itertools.islice(dataset.stream(0, 1, seed=0), 120)]
+    assert epochs == [0] * 48 + [1] * 48 + [2] * 24
+
+
+def test_stream_batches_name_the_pass_over_the_shards_they_come_from(tmp_path):
+    dataset = WebDataset(WebDatasetConfig(shards=(write_shards(tmp_path),), shuffle_buffer=1))
+    layout = BatchLayout(micro_batch_size=4)
+    # 48 images of one bucket a pass: 12 batches each, the last of a pass made before the next pass begins.
+    buckets = AspectRatioBuckets(32, multi_aspect=False)
+    batches = list(itertools.islice(iter(StreamingTrainingBatches(dataset, buckets, layout)), 30))
+    assert [batch.epoch for batch in batches] == [0] * 12 + [1] * 12 + [2] * 6
 
 
 def _keys(loader, count):

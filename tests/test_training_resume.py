@@ -247,3 +247,19 @@ def test_a_stream_resumes_only_with_the_split_it_was_read_with(tmp_path):
     with pytest.raises(ValueError, match=r"in micro-batches of 2 but this run has 1 x 1 in micro-batches of 1"):
         trainer(config.replace(max_steps=2, micro_batch_size=1, gradient_accumulation=2)).resume()
     assert trainer(config.replace(max_steps=2, num_workers=1)).resume() == 1  # one worker reads as the process does
+
+
+def test_a_stream_logs_the_epoch_its_batches_come_from(tmp_path):
+    from test_data_webdataset import write_shards
+
+    from nextstep.training import AspectRatioBuckets, TextToImageTask, Trainer, TrainingData
+    from nextstep.training.data import WebDataset, WebDatasetConfig
+
+    # 2 shards of 3 samples in one bucket: a pass makes 3 micro-batches of 2, a step takes 2.
+    shards = WebDataset(WebDatasetConfig(shards=(write_shards(tmp_path / "shards", num_shards=2, per_shard=3),),
+                                         shuffle_buffer=1))
+    data = TrainingData(shards, AspectRatioBuckets(32, multi_aspect=False))
+    config = tiny_config(max_steps=4, checkpoint_every=10, log_every=1, gradient_accumulation=2)
+    Trainer(TextToImageTask(build_model("tiny", seed=0)), data, config, tmp_path / "run",
+            show_progress=False).fit(resume=False)
+    assert [int(row["epoch"]) for row in read_log(tmp_path / "run" / "train_log.csv")] == [0, 1, 1, 2]

@@ -77,7 +77,8 @@ def set_aside_earlier_run(output_dir: str | Path, names: tuple[str, ...] = RUN_E
 
 @dataclass
 class StepRecord:
-    """The logged numbers of one optimiser step, over all its micro-batches and processes."""
+    """The logged numbers of one optimiser step, over all its micro-batches and processes (``epoch``:
+    the data epoch it drew from, as this process saw it)."""
 
     step: int
     loss: float
@@ -86,6 +87,7 @@ class StepRecord:
     grad_norm: float
     tokens: int
     seconds: float
+    epoch: int = 0
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -275,7 +277,7 @@ class Trainer:
                 if step % config.log_every == 0 or step == config.max_steps:
                     row = {
                         "step": step,
-                        "epoch": self.epoch_of(step - 1),
+                        "epoch": record.epoch,
                         "loss": record.loss,
                         **record.metrics,
                         "learning_rate": record.learning_rate,
@@ -303,8 +305,13 @@ class Trainer:
         running = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
         return self._elapsed_before + running
 
-    def epoch_of(self, step: int) -> int:
-        """The data epoch that optimiser step ``step`` (0-based) draws from."""
+    def epoch_of(self, step: int, batch_epochs: list[int | None] = ()) -> int:
+        """The data epoch that optimiser step ``step`` (0-based) draws from: the latest of its
+        micro-batches' ``epoch`` (streams, where the step does not tell it), else the one the opened
+        data computes from the step (0 where it tells neither)."""
+        named = [epoch for epoch in batch_epochs if epoch is not None]
+        if named:
+            return max(named)
         epoch_of = getattr(self._opened_data, "epoch_of", None)
         return epoch_of(step) if epoch_of is not None else 0
 
@@ -318,11 +325,13 @@ class Trainer:
         loss_sum, tokens, attempted = 0.0, 0, 0
         bad_keys: list[str] = []
         metric_sums: dict[str, float] = {}
+        batch_epochs: list[int | None] = []
 
         def next_micro_batch(index: int) -> tuple:
             """The prepared micro-batch ``index`` of this step and its generator."""
             nonlocal attempted
             batch = next(batches)
+            batch_epochs.append(getattr(batch, "epoch", None))
             # Batches of the built-in loaders report unreadable samples; others need not.
             attempted += getattr(batch, "attempted", 0)
             bad_keys.extend(getattr(batch, "bad_keys", ()))
@@ -371,7 +380,7 @@ class Trainer:
             raise FloatingPointError(f"the loss became {loss} at step {self.step}; lower the learning rate "
                                      "or check the data")
         return StepRecord(self.step, loss, dict(zip(names, averaged[1:])), rate, grad_norm, int(total_tokens),
-                          time.perf_counter() - started)
+                          time.perf_counter() - started, self.epoch_of(self.step - 1, batch_epochs))
 
     def _step_totals(self, prepared: list) -> dict[str, float] | None:
         """Each term's number of targets in the step's micro-batches, summed over the processes; None

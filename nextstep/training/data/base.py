@@ -81,6 +81,9 @@ class ImageTextBatch:
             (``images`` holds the preferred ones), or None.
         bad_keys: samples that were unreadable and replaced while building the batch.
         attempted: how many samples were read, good and bad.
+        epoch: the pass over the data its samples were read in, for loaders whose
+            position in the data does not follow from the step (streams; the
+            latest pass among its samples); None where it does.
     """
 
     keys: list[str]
@@ -94,6 +97,7 @@ class ImageTextBatch:
     rejected_images: torch.Tensor | None = None
     bad_keys: list[str] = field(default_factory=list)
     attempted: int = 0
+    epoch: int | None = None
 
     def __len__(self) -> int:
         return len(self.captions)

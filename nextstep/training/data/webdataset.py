@@ -75,11 +75,19 @@ def expand_braces(pattern: str) -> list[str]:
 
 @dataclass
 class RawSample:
-    """A sample's members as bytes, before decoding."""
+    """A sample's members as bytes, before decoding.
+
+    Attributes:
+        key: the sample's name in its shard (the members' shared stem).
+        shard: path of the tar it was read from.
+        members: bytes by lower-cased extension.
+        epoch: the pass over the shards it was read in (0-based; per reader).
+    """
 
     key: str
     shard: str
     members: dict[str, bytes]
+    epoch: int = 0
 
 
 def read_shard(path: str | Path) -> Iterator[RawSample]:
@@ -154,7 +162,7 @@ class WebDataset:
 
         Epoch ``e`` deals the shards, shuffled with ``(seed, e)``, round-robin to
         the ``num_slots`` slots, then shuffles samples through a buffer seeded
-        with ``(seed, e, slot)``.
+        with ``(seed, e, slot)``. Each sample's ``epoch`` is ``e``.
         """
         if len(self.shards) < num_slots:
             raise ValueError(
@@ -170,6 +178,7 @@ class WebDataset:
             for shard in order[slot::num_slots]:
                 try:
                     for raw in read_shard(shard):
+                        raw.epoch = epoch
                         if self.config.shuffle_buffer <= 1:
                             yield raw, False
                             continue
@@ -177,7 +186,7 @@ class WebDataset:
                         if len(buffer) >= self.config.shuffle_buffer:
                             yield buffer.pop(rng.randrange(len(buffer))), False
                 except CorruptSampleError as error:
-                    yield RawSample(error.key, shard, {}), True
+                    yield RawSample(error.key, shard, {}, epoch), True
             rng.shuffle(buffer)
             for raw in buffer:
                 yield raw, False
@@ -293,7 +302,9 @@ class StreamingBatches(IterableDataset):
         # A sample whose pixels fail after a good header is replaced by a good one of the
         # batch, so every batch keeps its size.
         samples.extend(samples[i % len(samples)] for i in range(len(group) - len(samples)))
-        return collate_samples(samples, size[0], size[1], bad_keys=bad, attempted=attempted)
+        batch = collate_samples(samples, size[0], size[1], bad_keys=bad, attempted=attempted)
+        batch.epoch = max(raw.epoch for raw, _ in group)
+        return batch
 
 
 def _identity(batch):
@@ -323,9 +334,6 @@ class StreamingTrainingBatches:
         )
         self.loader = DataLoader(self.stream, batch_size=None, collate_fn=_identity,
                                  num_workers=num_workers, prefetch_factor=4 if num_workers else None)
-
-    def epoch_of(self, step: int) -> int:
-        return 0
 
     def __iter__(self) -> Iterator[ImageTextBatch]:
         return iter(self.loader)
