@@ -374,3 +374,15 @@ def test_step_schedules():
             as_step_schedule(bad)
     with pytest.raises(ValueError, match="last"):
         LinearSteps(4, 0)
+
+
+def test_a_sampler_takes_its_own_config_or_its_defaults():
+    from nextstep.samplers import EulerMaruyamaSampler, HeunSampler
+    from nextstep.samplers.euler_maruyama import EulerMaruyamaSamplerConfig
+
+    assert HeunSampler().config == HeunSampler.config_class()
+    custom = EulerMaruyamaSamplerConfig()
+    assert EulerMaruyamaSampler(custom).config is custom
+    with pytest.raises(TypeError, match=r"EulerMaruyamaSampler takes a EulerMaruyamaSamplerConfig \(or None for "
+                                        r"its defaults\), found HeunSamplerConfig"):
+        EulerMaruyamaSampler(HeunSampler.config_class())

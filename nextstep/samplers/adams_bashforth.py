@@ -52,9 +52,6 @@ class AdamsBashforthSampler(Sampler):
     order = 2
     evaluations_per_step = 1
 
-    def __init__(self, config: AdamsBashforthSamplerConfig | None = None):
-        self.config = config or AdamsBashforthSamplerConfig()
-
     def evaluation_times(self, time_grid: torch.Tensor) -> torch.Tensor:
         return time_grid[:-1]
 

@@ -29,18 +29,30 @@ class Sampler(ABC):
 
     Implement `sample`. Override `make_time_grid` when the solver needs a grid
     of its own, and `evaluation_times` to let the image head precompute its
-    time-dependent work.
+    time-dependent work. The constructor takes the config (an instance of
+    ``config_class``, its defaults when None) as ``self.config``.
 
     Attributes:
+        config_class: the sampler's config dataclass (a `nextstep.config.Config`).
         order: the solver's order of convergence on smooth ODEs (1 for Euler).
         evaluations_per_step: velocity calls per interval of the grid.
         stochastic: whether `sample` consumes ``step_noise``; generation then
             draws (S, N, D) standard normal noise per token from each image's generator.
     """
 
+    config_class: type | None = None
     order: int = 1
     evaluations_per_step: int = 1
     stochastic: bool = False
+
+    def __init__(self, config=None):
+        expected = self.config_class
+        if config is None and expected is not None:
+            config = expected()
+        elif expected is not None and not isinstance(config, expected):
+            raise TypeError(f"{type(self).__name__} takes a {expected.__name__} (or None for its defaults), "
+                            f"found {type(config).__name__}")
+        self.config = config
 
     def make_time_grid(
         self,

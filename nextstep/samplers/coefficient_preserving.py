@@ -57,9 +57,6 @@ class CoefficientPreservingSampler(Sampler):
     evaluations_per_step = 1
     stochastic = True
 
-    def __init__(self, config: CoefficientPreservingSamplerConfig | None = None):
-        self.config = config or CoefficientPreservingSamplerConfig()
-
     def evaluation_times(self, time_grid: torch.Tensor) -> torch.Tensor:
         return time_grid[:-1]
 

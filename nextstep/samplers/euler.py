@@ -27,9 +27,6 @@ class EulerSampler(Sampler):
     order = 1
     evaluations_per_step = 1
 
-    def __init__(self, config: EulerSamplerConfig | None = None):
-        self.config = config or EulerSamplerConfig()
-
     def evaluation_times(self, time_grid: torch.Tensor) -> torch.Tensor:
         return time_grid[:-1]
 

@@ -58,9 +58,6 @@ class EulerMaruyamaSampler(Sampler):
     evaluations_per_step = 1
     stochastic = True
 
-    def __init__(self, config: EulerMaruyamaSamplerConfig | None = None):
-        self.config = config or EulerMaruyamaSamplerConfig()
-
     def make_time_grid(self, num_steps, shift=1.0, *, device=None, dtype=torch.float32) -> torch.Tensor:
         """The release grid (see `nextstep.samplers.time_grid.truncated_time_grid`), (S + 1,)."""
         return truncated_time_grid(num_steps, shift, self.config.last_step_size,

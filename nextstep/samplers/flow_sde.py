@@ -59,9 +59,6 @@ class FlowSDESampler(Sampler):
     evaluations_per_step = 1
     stochastic = True
 
-    def __init__(self, config: FlowSDESamplerConfig | None = None):
-        self.config = config or FlowSDESamplerConfig()
-
     def evaluation_times(self, time_grid: torch.Tensor) -> torch.Tensor:
         return time_grid[:-1]
 

@@ -29,9 +29,6 @@ class HeunSampler(Sampler):
     order = 2
     evaluations_per_step = 2
 
-    def __init__(self, config: HeunSamplerConfig | None = None):
-        self.config = config or HeunSamplerConfig()
-
     def evaluation_times(self, time_grid: torch.Tensor) -> torch.Tensor:
         return time_grid
 

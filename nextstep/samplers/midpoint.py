@@ -32,9 +32,6 @@ class MidpointSampler(Sampler):
     order = 2
     evaluations_per_step = 2
 
-    def __init__(self, config: MidpointSamplerConfig | None = None):
-        self.config = config or MidpointSamplerConfig()
-
     def evaluation_times(self, time_grid: torch.Tensor) -> torch.Tensor:
         return torch.stack([time_grid[:-1], midpoint_times(time_grid)], dim=1).flatten()
 
