@@ -189,3 +189,17 @@ def test_command_line_edits_an_image(tmp_path, capsys):
     assert main(["generate", "x", "--sampler", "rk9", "--output", str(tmp_path), "--quiet"]) == 2
     error = capsys.readouterr().err
     assert "unknown sampler 'rk9'; known: [" in error and "'euler'" in error
+
+
+def test_editing_defaults_are_the_releases(trained_like_model):
+    """Unset, editing guides with cfg_img 2.0, shift 3.2 and the negative prompt "Copy original image."."""
+    source = source_images(1)
+    common = dict(images=source, seed=3, num_steps=3, cfg=4.0)
+    defaults, _, _ = generate_tokens(trained_like_model, ["make it blue"], **common)
+    spelled, _, _ = generate_tokens(trained_like_model, ["make it blue"], cfg_img=2.0, shift=3.2,
+                                    negative_prompt="Copy original image.", **common)
+    torch.testing.assert_close(defaults, spelled, atol=0, rtol=0)
+    for change in (dict(cfg_img=1.5), dict(shift=1.0), dict(negative_prompt="")):
+        other, _, _ = generate_tokens(trained_like_model, ["make it blue"], **{
+            "cfg_img": 2.0, "shift": 3.2, "negative_prompt": "Copy original image.", **change}, **common)
+        assert not torch.equal(defaults, other), f"{change} made no difference"

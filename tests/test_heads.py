@@ -1,5 +1,7 @@
 """Image heads: presets, the prepared fast path, the training loss and its time sampling; the LM head."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -224,3 +226,30 @@ def test_prepared_times_are_shared_by_every_condition():
                 expected = head.velocity(x, t, condition)
                 torch.testing.assert_close(prepared(x, t), expected, atol=2e-5, rtol=2e-5)
     assert ImageHead.prepare_times(head, grid) is grid  # the interface's default keeps the tensor
+
+
+def test_flow_head_starts_as_the_release_initialises_it():
+    """Xavier-uniform Linears with zero biases, N(0, 0.02) time MLP, zero AdaLN outputs and output layer,
+    so a new head predicts zero velocity."""
+    torch.manual_seed(0)
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=64, condition_dim=192, width=256, depth=2))
+    net = head.net
+    time_mlp = {id(net.time_embed.mlp[0]), id(net.time_embed.mlp[2])}
+    zeroed = {id(block.adaLN_modulation[-1]) for block in net.res_blocks}
+    zeroed |= {id(net.final_layer.adaLN_modulation[-1]), id(net.final_layer.linear)}
+    linears = [module for module in net.modules() if isinstance(module, nn.Linear)]
+    assert len(linears) > len(time_mlp) + len(zeroed)
+    for linear in linears:
+        weight, bias = linear.weight.detach(), linear.bias.detach()
+        assert not bias.any()
+        if id(linear) in zeroed:
+            assert not weight.any()
+        elif id(linear) in time_mlp:
+            assert float(weight.std()) == pytest.approx(0.02, rel=0.1)
+        else:
+            fan_out, fan_in = weight.shape
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            assert float(weight.abs().max()) <= bound
+            assert float(weight.std()) == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    velocity = head.velocity(torch.randn(5, 64), torch.rand(5), torch.randn(5, 192))
+    assert not velocity.any()
