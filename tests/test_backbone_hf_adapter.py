@@ -80,8 +80,22 @@ def test_adapter_cache_crops_and_fans_out():
             adapter(torch.randn(2, 1, 32), torch.full((2, 1), 6), None, branches)
         with pytest.raises(TypeError, match="HFCache"):
             adapter(prompt, torch.arange(4)[None], None, object())
-    with pytest.raises(ValueError, match="crop to 0..4"):
+    with pytest.raises(ValueError, match="crop to an integer in 0..4"):
         cache.crop(5)
+
+
+def test_an_emptied_adapter_cache_fans_out_to_other_rows():
+    adapter, _ = adapter_and_native()
+    prompts = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        cache = adapter.new_cache(2, 6)
+        adapter(prompts, torch.arange(3).expand(2, 3), None, cache)
+        cache.crop(0)
+        rows = cache.select_rows([0, 1, 1])
+        assert (rows.batch_size, rows.length) == (3, 0)
+        fanned = adapter(torch.cat([prompts, prompts[1:]]), torch.arange(3).expand(3, 3), None, rows)
+        torch.testing.assert_close(fanned, adapter(torch.cat([prompts, prompts[1:]]), torch.arange(3).expand(3, 3)),
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -1,5 +1,6 @@
 """The static KV cache: prefill and decode, left padding, cropping, fan-out to CFG branches, errors."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -173,6 +174,13 @@ def test_cache_mismatches_are_refused():
         model(embeds, positions, torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"embeds must have shape \(B, L, 32\)"):
         model(torch.randn(2, 3, 16), positions)
+    with pytest.raises(ValueError, match=r"positions must be integers \(int64 token positions\), found torch.float32"):
+        model(embeds, positions + 0.5)
+    with pytest.raises(ValueError, match=r"embeds are torch.float64 but the backbone's weights torch.float32; cast"):
+        model(embeds.double(), positions)
+    with pytest.raises(ValueError, match=r"offset must be an int or have shape \(2,\), one per row, found shape "
+                                         r"\(2, 1\)"):
+        positions_from_mask(torch.ones(2, 3, dtype=torch.bool), torch.tensor([[4], [5]]))
     with torch.no_grad():
         foreign = KVCache(2, 2, 8, 2, 16)  # head dim 16 where the backbone's is 8
         with pytest.raises(ValueError, match="2 layers x 2 heads x 16 dims, this backbone needs 2 x 2 x 8"):
@@ -207,10 +215,20 @@ def test_cache_bookkeeping():
     clone = cache.clone()
     clone.keys.fill_(1.0)
     assert cache.keys.abs().sum() == 0, "a clone owns its memory"
-    with pytest.raises(ValueError, match="crop to 0..2"):
+    with pytest.raises(ValueError, match="crop to an integer in 0..2"):
         cache.crop(3)
+    for length in (True, 1.0, "1"):
+        with pytest.raises(ValueError, match=rf"crop to an integer in 0..2 slots, found {type(length).__name__}"):
+            cache.crop(length)
     with pytest.raises(ValueError, match="rows must lie in 0..2"):
         cache.select_rows([3])
+    for rows, dtype in (([False, True, True], "torch.bool"), ([0.9, 1.7], "torch.float32")):
+        with pytest.raises(ValueError, match=rf"rows must be integer indices into the batch, found {dtype}"):
+            cache.select_rows(rows)
+    assert cache.select_rows(np.array([2, 0])).batch_size == 2  # NumPy and tensor indices alike
+    cache.crop(np.int64(1))
+    cache.crop(torch.tensor(1))
+    assert cache.length == 1 and not cache.key_mask[:, 1:].any()
     cache.reset()
     assert cache.length == 0 and not cache.key_mask.any()
     with pytest.raises(ValueError, match="max_length must be an integer >= 1"):

@@ -78,9 +78,10 @@ def test_packed_rows_give_each_document_the_hidden_states_it_has_alone(backend, 
                 torch.testing.assert_close(packed[row:row + 1, span], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_the_adapter_packs_like_the_native_backbone():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_adapter_packs_like_the_native_backbone(attention):
     torch.manual_seed(0)
-    adapter = HFBackbone(HFBackboneConfig(model_config=FIELDS)).eval()
+    adapter = HFBackbone(HFBackboneConfig(model_config=FIELDS, attn_implementation=attention)).eval()
     native = Qwen2Backbone(qwen2_config_from_hf(FIELDS)).eval()
     native.load_state_dict(adapter.model.state_dict())
     documents = pack([[3, 4, 2], [6, 1]])

@@ -13,6 +13,7 @@ within its own document.
 
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -51,6 +52,33 @@ class BackboneCache(ABC):
     @abstractmethod
     def select_rows(self, rows: torch.Tensor) -> "BackboneCache":
         """A new cache holding ``rows`` (int64 indices into the batch; repeats allowed)."""
+
+    def check_crop_length(self, length) -> int:
+        """``length`` as an int in ``0..self.length`` (any integer type: Python, NumPy, a 0-d tensor);
+        ``ValueError`` naming what was found otherwise (a bool too)."""
+        try:
+            value = None if isinstance(length, bool) else operator.index(length)
+        except TypeError:
+            value = None
+        if value is None or not 0 <= value <= self.length:
+            raise ValueError(f"can crop to an integer in 0..{self.length} slots, found "
+                             f"{type(length).__name__} {length!r}")
+        return value
+
+    def check_rows(self, rows, device: torch.device | str | None = None) -> torch.Tensor:
+        """``rows`` as (R,) int64 indices into the batch on ``device``; ``ValueError`` naming what was found
+        for an empty, non-1-D or out-of-range index, and for booleans or floats (a keep-mask selects
+        with ``mask.nonzero().flatten()``)."""
+        found = torch.as_tensor(rows, device=device)
+        if found.ndim != 1 or found.numel() == 0:
+            raise ValueError(f"rows must be a non-empty 1-D index, found shape {tuple(found.shape)}")
+        if found.dtype == torch.bool or found.is_floating_point() or found.is_complex():
+            raise ValueError(f"rows must be integer indices into the batch, found {found.dtype} (a keep-mask "
+                             "selects with mask.nonzero().flatten())")
+        found = found.long()
+        if int(found.min()) < 0 or int(found.max()) >= self.batch_size:
+            raise ValueError(f"rows must lie in 0..{self.batch_size - 1}, found {found.tolist()}")
+        return found
 
 
 class KVCache(BackboneCache):
@@ -209,8 +237,7 @@ class KVCache(BackboneCache):
         The next forward call writes from slot ``length`` on. Stale keys past it
         are masked out and overwritten, never attended to.
         """
-        if not isinstance(length, int) or not 0 <= length <= self._length:
-            raise ValueError(f"can crop to 0..{self._length} slots, found {length!r}")
+        length = self.check_crop_length(length)
         self.key_mask[:, length:] = False
         self._length = length
 
@@ -228,11 +255,7 @@ class KVCache(BackboneCache):
         Args:
             rows: int64 indices into the batch, shape (R,).
         """
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.keys.device)
-        if rows.ndim != 1 or rows.numel() == 0:
-            raise ValueError(f"rows must be a non-empty 1-D index, found shape {tuple(rows.shape)}")
-        if int(rows.min()) < 0 or int(rows.max()) >= self.batch_size:
-            raise ValueError(f"rows must lie in 0..{self.batch_size - 1}, found {rows.tolist()}")
+        rows = self.check_rows(rows, self.keys.device)
         new = KVCache.__new__(KVCache)
         with torch.inference_mode(False):
             new._set_storage(self.keys[:, rows].clone(), self.values[:, rows].clone(),
@@ -291,8 +314,10 @@ class Backbone(nn.Module, ABC):
                 own document (packed sequences).
             cache: if given, keys/values are appended to it and attention covers
                 everything cached before plus the causal prefix of ``embeds``.
-                Caches serve inference: the built-in backbones refuse one
-                where gradients would have to pass through it.
+                Caches serve inference: gradients do not flow through what
+                a cache holds (`Qwen2Backbone` refuses a cache while
+                gradients are on; `HFBackbone` follows transformers, which
+                allows it).
 
         Returns:
             hidden states (B, L, H) after the final norm.
@@ -391,6 +416,9 @@ def positions_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | int
         (B, L) int64.
     """
     if isinstance(offset, torch.Tensor):
+        if offset.shape != attention_mask.shape[:1]:
+            raise ValueError(f"offset must be an int or have shape ({attention_mask.shape[0]},), one per row, "
+                             f"found shape {tuple(offset.shape)}")
         offset = offset[:, None]
     if attention_mask.dtype == torch.bool:
         positions = attention_mask.long().cumsum(-1) - 1

@@ -72,12 +72,17 @@ class HFCache(BackboneCache):
         batch_size: rows B.
         max_length: capacity T.
         device: where the slot mask lives.
+        empty: an empty transformers cache that a cache of other rows starts from when nothing
+            is filled (`select_rows` after ``crop(0)``); by default a copy of ``hf_cache``,
+            which must then be empty.
     """
 
-    def __init__(self, hf_cache: Any, batch_size: int, max_length: int, device: torch.device | str | None = None):
+    def __init__(self, hf_cache: Any, batch_size: int, max_length: int, device: torch.device | str | None = None,
+                 *, empty: Any = None):
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"batch_size and max_length must be >= 1, found {batch_size} and {max_length}")
         self.hf_cache = hf_cache
+        self._empty = empty if empty is not None else copy.deepcopy(hf_cache)
         with torch.inference_mode(False):  # an ordinary tensor: crops and reuse work outside inference mode
             self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self._length = 0
@@ -127,8 +132,7 @@ class HFCache(BackboneCache):
 
     def crop(self, length: int) -> None:
         """Forget everything after the first ``length`` slots."""
-        if not isinstance(length, int) or not 0 <= length <= self._length:
-            raise ValueError(f"can crop to 0..{self._length} slots, found {length!r}")
+        length = self.check_crop_length(length)
         if length < self._length:
             # A negative argument removes that many tokens in every transformers version.
             self.hf_cache.crop(length - self._length)
@@ -137,13 +141,13 @@ class HFCache(BackboneCache):
 
     def select_rows(self, rows: torch.Tensor | list[int]) -> "HFCache":
         """A new cache holding ``rows`` (copied; repeats allowed)."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        if rows.ndim != 1 or rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= self.batch_size:
-            raise ValueError(f"rows must be a non-empty 1-D index into 0..{self.batch_size - 1}, found {rows.tolist()}")
-        hf_cache = copy.deepcopy(self.hf_cache)
+        rows = self.check_rows(rows, self.key_mask.device)
         if self._length > 0:
-            hf_cache.batch_select_indices(rows.to(self.key_mask.device))
-        new = HFCache(hf_cache, rows.numel(), self.max_length, self.key_mask.device)
+            hf_cache = copy.deepcopy(self.hf_cache)
+            hf_cache.batch_select_indices(rows)
+        else:  # the layers may still hold empty tensors of this cache's rows, which transformers does not select
+            hf_cache = copy.deepcopy(self._empty)
+        new = HFCache(hf_cache, rows.numel(), self.max_length, self.key_mask.device, empty=self._empty)
         with torch.inference_mode(False):
             new.key_mask = self.key_mask[rows.to(self.key_mask.device)].clone()
         new._length = self._length
@@ -337,8 +341,11 @@ class HFBackbone(Backbone):
         if cache is None:
             mask = None if attention_mask is None else attention_mask.long()
             if mask is not None and mask.dtype != torch.bool and mask.numel() and int(mask.max()) > 1:
-                # Packed documents: transformers takes a full (B, 1, L, L) boolean mask as given.
-                mask = visible_keys(mask, torch.arange(length, device=mask.device))[:, None]
+                # Packed documents: transformers takes a full (B, 1, L, L) mask as given, and its eager
+                # attention adds it to the scores, so it is additive (0 where visible), which SDPA reads alike.
+                visible = visible_keys(mask, torch.arange(length, device=mask.device))[:, None]
+                mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device).masked_fill_(
+                    ~visible, torch.finfo(embeds.dtype).min)
             output = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
             return output.last_hidden_state
         if not isinstance(cache, HFCache):

@@ -424,6 +424,12 @@ class Qwen2Backbone(Backbone):
             raise ValueError(
                 f"positions must have shape {(batch, length)}, found {tuple(positions.shape)}"
             )
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+            raise ValueError(f"positions must be integers (int64 token positions), found {positions.dtype}")
+        weights = self.input_embeddings().weight.dtype
+        if embeds.dtype != weights and not torch.is_autocast_enabled(embeds.device.type):
+            raise ValueError(f"embeds are {embeds.dtype} but the backbone's weights {weights}; cast the embeddings "
+                             "(or the backbone) to one dtype, or run under torch.autocast")
         if attention_mask is not None and attention_mask.shape != (batch, length):
             raise ValueError(
                 f"attention_mask must have shape {(batch, length)}, found {tuple(attention_mask.shape)}"

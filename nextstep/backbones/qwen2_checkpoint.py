@@ -20,7 +20,7 @@ import torch
 from nextstep.backbones.qwen2 import Qwen2Backbone, Qwen2BackboneConfig
 from nextstep.heads.lm_head import LMHead
 from nextstep.io import read_json_object
-from nextstep.weights import load_safetensors
+from nextstep.weights import load_safetensors, read_checkpoint_index
 
 CONFIG_NAME = "config.json"
 LM_HEAD_KEY = "lm_head.weight"
@@ -218,6 +218,10 @@ def load_qwen2_lm_head(
     vocab_size, hidden_size = embeddings.weight.shape
     if config.get("tie_word_embeddings", False):
         return LMHead(hidden_size, vocab_size, tied_embedding=embeddings)
+    if LM_HEAD_KEY not in read_checkpoint_index(path):
+        raise ValueError(f"{path} has no {LM_HEAD_KEY!r}, which its config.json asks for (tie_word_embeddings is "
+                         "false or absent, as Hugging Face reads it); set \"tie_word_embeddings\": true if the "
+                         "LM head shares the input embeddings")
     with torch.device("meta"):
         head = LMHead(hidden_size, vocab_size)
     load_safetensors(head, path, rename=lambda name: "weight" if name == LM_HEAD_KEY else None,
