@@ -367,6 +367,10 @@ def generate_tokens(
         raise ValueError(f"text-to-image supports guidance with 1 or 2 branches, found {branches}")
     sampler = _resolve_sampler(model, sampler)
     use_norm = model.config.use_norm if use_norm is None else use_norm
+    if not isinstance(use_norm, bool):
+        raise ValueError(f"use_norm must be True, False or None (the model's setting), found {use_norm!r}")
+    if not isinstance(positive_prompt, str):
+        raise ValueError(f"positive_prompt must be a str, found {type(positive_prompt).__name__} {positive_prompt!r}")
     if negative_prompt is None:
         negative_prompt = EDITING_NEGATIVE_PROMPT if editing else ""
 

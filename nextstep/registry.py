@@ -37,8 +37,8 @@ def register_component(kind: str, name: str, *, replace: bool = False) -> Callab
         raise ValueError(f"kind must be one of {sorted(_COMPONENTS)}, found {kind!r}")
 
     def decorator(cls: T) -> T:
-        if not hasattr(cls, "config_class"):
-            raise TypeError(f"{cls.__name__} needs a 'config_class' attribute to be registered")
+        if getattr(cls, "config_class", None) is None:
+            raise TypeError(f"{cls.__name__} needs a 'config_class' attribute (a Config dataclass) to be registered")
         # A saved component is {"kind": ..., "type": ..., **its config}: its config cannot use those names.
         clashing = sorted({"kind", "type"} & {field.name for field in dataclasses.fields(cls.config_class)})
         if clashing:

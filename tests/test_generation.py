@@ -81,6 +81,9 @@ def test_cfg_one_skips_the_unconditional_branch(trained_like_model):
     (dict(shift=float("inf")), "shift must be a finite positive number, found inf"),
     (dict(num_steps=0), "num_steps"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+    (dict(shift=1e-9, num_steps=2), r"shift 1e-09 crowds the 2-step grid"),
+    (dict(use_norm="no"), r"use_norm must be True, False or None \(the model's setting\), found 'no'"),
+    (dict(positive_prompt=123), "positive_prompt must be a str, found int 123"),
 ])
 def test_bad_arguments_raise_clear_errors(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):

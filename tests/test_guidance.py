@@ -159,8 +159,13 @@ def test_guided_velocity_at_scale_one_is_the_conditional_path():
 
 
 def test_guided_velocity_checks_the_branch_count():
-    with pytest.raises(ValueError, match=r"guidance needs conditions of shape \(2, N, C\)"):
-        GuidedVelocity(small_head(), torch.randn(3, 4, 16), ClassifierFreeGuidance(2.0))
+    head = small_head()
+    for conditions in (torch.randn(3, 4, head.condition_dim), torch.randn(2, 2, 2, head.condition_dim),
+                       torch.randn(2, 4, head.condition_dim + 1)):
+        shape = str(tuple(conditions.shape)).replace("(", r"\(").replace(")", r"\)")
+        with pytest.raises(ValueError, match=rf"guidance needs conditions of shape \(2, N, {head.condition_dim}\), "
+                                             rf"found {shape}"):
+            GuidedVelocity(head, conditions, ClassifierFreeGuidance(2.0))
 
 
 @pytest.mark.parametrize("guidance", [NoGuidance(), ClassifierFreeGuidance(2.0)])

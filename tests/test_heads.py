@@ -1,6 +1,7 @@
 """Image heads: presets, the prepared fast path, the training loss and its time sampling; the LM head."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -253,3 +254,13 @@ def test_flow_head_starts_as_the_release_initialises_it():
             assert float(weight.std()) == pytest.approx(bound / math.sqrt(3), rel=0.1)
     velocity = head.velocity(torch.randn(5, 64), torch.rand(5), torch.randn(5, 192))
     assert not velocity.any()
+
+
+def test_velocity_takes_one_time_per_token():
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=8, condition_dim=4, width=16, depth=1))
+    x, c = torch.randn(3, 8), torch.randn(3, 4)
+    assert head.velocity(x, torch.rand(3), c).shape == (3, 8)
+    for t in (torch.rand(3, 1), torch.rand(())):  # a column would broadcast to (3, 3, 8)
+        message = f"x_t must have shape (N, 8) and t shape (N,), one time per token, found (3, 8) and {tuple(t.shape)}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            head.velocity(x, t, c)

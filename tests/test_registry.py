@@ -9,7 +9,7 @@ from nextstep import build_model, generate_tokens
 from nextstep.config import ComponentSpec, Config
 from nextstep.heads import FlowMatchingHead
 from nextstep.presets import tiny
-from nextstep.registry import component_class, register_component, registered_name
+from nextstep.registry import component_class, component_names, register_component, registered_name
 from nextstep.samplers import EulerSampler, HeunSampler
 
 
@@ -71,3 +71,16 @@ def test_a_component_built_from_another_classes_config_is_refused():
 def test_an_unknown_name_says_how_a_component_of_your_own_becomes_known():
     with pytest.raises(ValueError, match=r"unknown image_head 'mode_time'; known: .* --import MODULE"):
         component_class("image_head", "mode_time")
+
+
+def test_a_class_without_a_config_class_is_refused_by_name():
+    from nextstep.samplers.base import Sampler
+
+    class Plain(Sampler):  # inherits config_class = None
+        def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+            return noise
+
+    for cls in (Plain, type("Bare", (), {})):
+        with pytest.raises(TypeError, match=rf"{cls.__name__} needs a 'config_class' attribute \(a Config dataclass\)"):
+            register_component("sampler", "test_without_config")(cls)
+    assert "test_without_config" not in component_names("sampler")

@@ -386,3 +386,14 @@ def test_a_sampler_takes_its_own_config_or_its_defaults():
     with pytest.raises(TypeError, match=r"EulerMaruyamaSampler takes a EulerMaruyamaSamplerConfig \(or None for "
                                         r"its defaults\), found HeunSamplerConfig"):
         EulerMaruyamaSampler(HeunSampler.config_class())
+
+
+@pytest.mark.parametrize("shift", [1e-7, 1e-12])
+def test_a_shift_that_crowds_the_grid_is_refused(shift):
+    from nextstep.samplers import truncated_time_grid
+
+    message = rf"shift {shift!r} crowds the 8-step grid so that some of its times are equal in torch.float32"
+    for make in (lambda: time_grid(8, shift), lambda: truncated_time_grid(8, shift, to_one=True)):
+        with pytest.raises(ValueError, match=message):
+            make()
+    assert time_grid(8, shift, dtype=torch.float64).diff().gt(0).all()  # float64 still tells the times apart

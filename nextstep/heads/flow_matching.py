@@ -123,6 +123,9 @@ class FlowMatchingHead(ImageHead):
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """x_t (N, D), t (N,), condition (N, C) -> velocity (N, D)."""
+        if x_t.ndim != 2 or t.shape != x_t.shape[:1]:
+            raise ValueError(f"x_t must have shape (N, {self.token_dim}) and t shape (N,), one time per token, found "
+                             f"{tuple(x_t.shape)} and {tuple(t.shape)}")
         return self.net(x_t, t, condition)
 
     def _net_is_the_mlp(self) -> bool:

@@ -75,7 +75,8 @@ class EulerMaruyamaSampler(Sampler):
     ) -> torch.Tensor:
         """noise (N, D), time_grid (S + 1,), step_noise (S, N, D) -> samples (N, D).
 
-        Only the first ``S - 1`` noise slices are used when ``last_step_size > 0``.
+        ``step_noise`` holds S slices, as every stochastic sampler takes; only the first
+        ``S - 1`` are used when ``last_step_size > 0`` (the last step is deterministic).
         """
         num_steps = time_grid.shape[0] - 1
         if step_noise is None:

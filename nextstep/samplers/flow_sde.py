@@ -26,7 +26,11 @@ class FlowSDESamplerConfig(Config):
         first_step: what stands in for ``t`` in the ratio ``(1 - t) / t`` at ``t = 0``, where
             it is infinite: ``"release"`` takes ``1 - t_{S-1}`` (one minus the grid's last
             time below 1), as NextStep-1.1's ``sde`` mode does; ``"next_time"`` takes the grid's
-            second time ``t_1``, as Flow-GRPO does. The two agree on an unshifted grid.
+            second time ``t_1``, as Flow-GRPO does. The two agree on an unshifted grid. On a
+            grid shifted below 1 (dense near t = 1) ``1 - t_{S-1}`` is far smaller than
+            ``t_1`` and the release's first step spreads the samples too wide (a Gaussian
+            target's standard deviation 3.8x too large at shift 0.2 with 10 steps, against
+            1.06x with ``"next_time"``): take ``"next_time"`` there.
     """
 
     noise_level: float = 0.8

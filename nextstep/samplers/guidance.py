@@ -219,9 +219,10 @@ class GuidedVelocity:
         times: Any = None,
         progress: float = 0.0,
     ):
-        if conditions.ndim != 3 or conditions.shape[0] != guidance.num_branches:
+        if conditions.ndim != 3 or conditions.shape[0] != guidance.num_branches \
+                or conditions.shape[2] != head.condition_dim:
             raise ValueError(
-                f"guidance needs conditions of shape ({guidance.num_branches}, N, C), "
+                f"guidance needs conditions of shape ({guidance.num_branches}, N, {head.condition_dim}), "
                 f"found {tuple(conditions.shape)}"
             )
         self.guidance = guidance

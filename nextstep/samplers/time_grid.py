@@ -37,6 +37,16 @@ def check_num_steps(num_steps: int, name: str = "num_steps") -> None:
         raise ValueError(f"{name} must be an integer >= 1, found {num_steps!r}")
 
 
+def _increasing(grid: torch.Tensor, shift: float, device, dtype: torch.dtype) -> torch.Tensor:
+    """``grid`` (float64, on the CPU) in ``dtype`` on ``device``, after checking that no two of its times
+    coincide in ``dtype`` (an extreme shift crowds them at one end)."""
+    cast = grid.to(dtype)
+    if cast.numel() > 1 and not bool((cast.diff() > 0).all()):
+        raise ValueError(f"shift {shift!r} crowds the {cast.numel() - 1}-step grid so that some of its times are "
+                         f"equal in {dtype} (a step of zero length, or a start at t = 1); use a shift closer to 1")
+    return cast.to(device)
+
+
 def time_grid(
     num_steps: int,
     shift: float = 1.0,
@@ -58,10 +68,13 @@ def time_grid(
 
     Returns:
         (S + 1,) increasing times, first 0, last 1.
+
+    Raises:
+        ValueError: a shift so far from 1 that two of the times are equal in ``dtype``.
     """
     check_num_steps(num_steps)
     grid = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
-    return shift_time(grid, shift).to(device=device, dtype=dtype)
+    return _increasing(shift_time(grid, shift), shift, device, dtype)
 
 
 def truncated_time_grid(
@@ -106,4 +119,4 @@ def truncated_time_grid(
         )
     points = shift_time(torch.linspace(0.0, 1.0 - last_step_size, num_steps, dtype=torch.float64), shift)
     end = torch.ones(1, dtype=torch.float64) if to_one else points[-1:] + last_step_size
-    return torch.cat([points, end]).to(device=device, dtype=dtype)
+    return _increasing(torch.cat([points, end]), shift, device, dtype)
