@@ -6,6 +6,7 @@ N image tokens that are targets in the batch.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,9 +173,15 @@ class NextStep(nn.Module):
         """Input embeddings (B, L, H): text embeddings (see `embed_text`), image projections at
         image positions. Rows with one ``draw_rows`` index (B,) read their text with the same
         substitutions, those of the first of them; they must hold the same ids."""
+        if image_tokens.shape[-1] != self.image_head.token_dim:
+            raise ValueError(f"image tokens must be {self.image_head.token_dim} wide (the image head's token_dim), "
+                             f"found shape {tuple(image_tokens.shape)}")
         if draw_rows is None:
             text = self.embed_text(input_ids, substitute=substitute, generator=generator)
         else:
+            if draw_rows.shape != input_ids.shape[:1]:
+                raise ValueError(f"draw_rows must have shape ({input_ids.shape[0]},), one index per row, found "
+                                 f"{tuple(draw_rows.shape)}")
             firsts = _first_rows(draw_rows)
             if not torch.equal(input_ids, input_ids[firsts][draw_rows]):
                 raise ValueError("rows that share their random draws (draw_rows) must hold the same text ids")
@@ -237,7 +244,8 @@ class NextStep(nn.Module):
         num_text, num_image = batch.target_counts()
         if denominators is not None:
             denominators = torch.as_tensor(denominators, dtype=torch.float32, device=batch.input_ids.device)
-            if denominators.shape != (2,) or any(d < c for d, c in zip(denominators.tolist(), (num_text, num_image))):
+            if denominators.shape != (2,) or not all(
+                    c <= d < math.inf for d, c in zip(denominators.tolist(), (num_text, num_image))):
                 raise ValueError(f"denominators must be (text, image) counts at least this batch's numbers of "
                                  f"targets {(num_text, num_image)}, found {denominators.tolist()}")
         context = batch.image_tokens
@@ -338,6 +346,8 @@ class NextStep(nn.Module):
         Raises:
             ValueError: as many captions (or ``image_first`` entries) as images, found otherwise.
         """
+        if isinstance(captions, str) or not all(isinstance(caption, str) for caption in captions):
+            raise ValueError(f"captions must be a list of strings, one per image, found {captions!r:.80}")
         if len(captions) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(captions)} captions")
         if image_first is not None and len(image_first) != len(captions):

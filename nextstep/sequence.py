@@ -23,6 +23,7 @@ Legend: B batch, L sequence length, D token dim.
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -141,13 +142,19 @@ class SequenceBuilder:
 
     def image_prefix(self, grid_height: int, grid_width: int) -> list[int]:
         """Ids of ``<|image_area|>{h}*{w}<|begin_of_image|>``."""
+        sides = []
         for name, value in (("grid height", grid_height), ("grid width", grid_width)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, found {value!r}")
+            try:
+                side = None if isinstance(value, bool) else operator.index(value)
+            except TypeError:
+                side = None
+            if side is None or side < 1:
+                raise ValueError(f"{name} must be a positive integer, found {type(value).__name__} {value!r}")
+            sides.append(side)
         tok = self.text_tokenizer
         return [
             tok.image_area_id,
-            *tok.encode(f"{grid_height}*{grid_width}"),
+            *tok.encode(f"{sides[0]}*{sides[1]}"),
             tok.begin_of_image_id,
         ]
 
@@ -328,6 +335,7 @@ class SequenceBuilder:
         for row, examples in enumerate(rows):
             offset = 0
             for number, example in enumerate(examples, start=1):
+                self._check_images_of(example)
                 n = len(example.input_ids)
                 input_ids[row, offset:offset + n] = torch.tensor(example.input_ids, dtype=torch.long)
                 document_ids[row, offset:offset + n] = number
@@ -342,6 +350,24 @@ class SequenceBuilder:
         text_target_mask = attention_mask & ~image_mask & ~starts  # a sequence's first token has no prediction
         return SequenceBatch(input_ids, attention_mask, image_mask, image_target_mask, text_target_mask,
                              image_tokens, document_ids=document_ids if packed else None)
+
+    def _check_images_of(self, example: Example) -> None:
+        """Raise ``ValueError`` unless each image of ``example`` is (n, D) tokens over n placeholder ids that
+        follow at least one other id (the position that predicts the image's first token)."""
+        ids, placeholder = example.input_ids, self.text_tokenizer.image_placeholder_id
+        for image in example.image_spans():
+            tokens, start = image.tokens, image.start
+            if tokens.ndim != 2 or tokens.shape[1] != self.token_dim:
+                raise ValueError(f"an example's image tokens must have shape (n, {self.token_dim}), "
+                                 f"found {tuple(tokens.shape)}")
+            end = start + tokens.shape[0]
+            if not 1 <= start <= end <= len(ids):
+                raise ValueError(f"an example's image span {start}..{end} must lie within its {len(ids)} ids and "
+                                 "start after the first (which predicts the image's first token)")
+            found = [token for token in ids[start:end] if token != placeholder]
+            if found:
+                raise ValueError(f"an example's ids at its image span {start}..{end} must be <|image_placeholder|> "
+                                 f"({placeholder}), found {found[:5]}")
 
     def left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad id lists: returns input_ids (B, L) int64 and attention_mask (B, L) bool."""

@@ -33,7 +33,8 @@ def test_denominators_turn_the_means_into_shares_of_a_larger_batch(tiny_model):
                         denominators=torch.tensor([3.0 * text_count, 3.0 * image_count]))
     torch.testing.assert_close(larger.text * 3, mean.text)
     torch.testing.assert_close(larger.image * 3, mean.image)
-    for bad in ((text_count - 1, image_count), (text_count,), (text_count, image_count, 1)):
+    for bad in ((text_count - 1, image_count), (text_count,), (text_count, image_count, 1),
+                (float("nan"), image_count), (text_count, float("inf"))):
         with pytest.raises(ValueError, match=rf"denominators must be \(text, image\) counts at least .*"
                                              rf"\({text_count}, {image_count}\)"):
             tiny_model(batch, generator=torch.Generator().manual_seed(0), denominators=bad)
@@ -139,6 +140,26 @@ def test_prepare_batch_rejects_bad_sizes(tiny_model):
         tiny_model.prepare_batch(torch.zeros(2, 3, 32, 32), ["x"])
     with pytest.raises(ValueError, match=r"one ordering per caption \(3\), found 1"):
         tiny_model.prepare_batch(torch.zeros(3, 3, 32, 32), ["x", "y", "z"], image_first=[True])
+    with pytest.raises(ValueError, match="captions must be a list of strings, one per image, found 'ab'"):
+        tiny_model.prepare_batch(torch.zeros(2, 3, 32, 32), "ab")
+    with pytest.raises(ValueError, match=r"images must be floating point with values in \[-1, 1\], found torch.uint8"):
+        tiny_model.prepare_batch(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), ["x"])
+
+
+def test_a_batch_of_another_token_width_and_bad_draw_rows_are_named(tiny_model):
+    from nextstep.sequence import SequenceBuilder
+
+    width = tiny_model.image_head.token_dim
+    narrow = SequenceBuilder(tiny_model.text_tokenizer, width // 2)
+    batch = narrow.collate([narrow.example("a cat", torch.randn(4, width // 2), 2, 2)])
+    with pytest.raises(ValueError, match=rf"image tokens must be {width} wide \(the image head's token_dim\), "
+                                         rf"found shape \(1, \d+, {width // 2}\)"):
+        tiny_model(batch)
+    batch = tiny_model.prepare_batch(images(2), ["a cat", "a cat"], image_first=[False, False])
+    for rows in (torch.tensor([0]), torch.tensor([0, 0, 1])):
+        with pytest.raises(ValueError, match=rf"draw_rows must have shape \(2,\), one index per row, found "
+                                             rf"\({rows.shape[0]},\)"):
+            tiny_model(batch, draw_rows=rows)
 
 
 def test_meta_build_of_the_published_shape_allocates_nothing():

@@ -1,9 +1,11 @@
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from nextstep import ByteTextTokenizer, SequenceBuilder
+from nextstep.sequence import Example
 
 TOKEN_DIM = 4
 builder = SequenceBuilder(ByteTextTokenizer(), TOKEN_DIM)
@@ -77,3 +79,27 @@ def test_bad_inputs():
         builder.parse(tok.encode("no image here"))
     with pytest.raises(ValueError, match="empty"):
         builder.collate([])
+    for side in (True, 1.5, "2"):
+        with pytest.raises(ValueError, match=rf"grid width must be a positive integer, found {type(side).__name__}"):
+            builder.prompt("x", 2, side)
+    assert builder.prompt("x", np.int64(2), torch.tensor(3)) == builder.prompt("x", 2, 3)
+
+
+def test_examples_whose_images_do_not_sit_on_placeholders_are_refused():
+    """A hand-built example's image must cover placeholder ids inside it, after its first id: otherwise its
+    loss lands on padding or on a packed neighbour, or is predicted from the sequence before it."""
+    good = builder.example("a long caption", torch.randn(4, TOKEN_DIM), 2, 2)
+    placeholder = tok.image_placeholder_id
+    cases = [
+        (Example([1, 2, 3], torch.randn(4, TOKEN_DIM), 3), r"image span 3..7 must lie within its 3 ids"),
+        (Example([placeholder] * 4 + [5], torch.randn(4, TOKEN_DIM), 0),
+         r"image span 0..4 must lie within its 5 ids and start after the first"),
+        (Example([1] * 8, torch.randn(4, TOKEN_DIM), 1), rf"must be <\|image_placeholder\|> \({placeholder}\), "
+                                                         r"found \[1, 1, 1, 1\]"),
+        (Example([1] + [placeholder] * 4, torch.randn(4, TOKEN_DIM + 1), 1),
+         rf"image tokens must have shape \(n, {TOKEN_DIM}\), found \(4, {TOKEN_DIM + 1}\)"),
+    ]
+    for bad, message in cases:
+        for lay_out in (lambda: builder.collate([bad, good]), lambda: builder.pack([bad, good], 100)):
+            with pytest.raises(ValueError, match=message):
+                lay_out()

@@ -147,6 +147,9 @@ class ImageTokenizer(nn.Module, ABC):
         """Raise ``ValueError`` unless ``images`` is (B, 3, H, W) in [-1, 1] with H, W multiples of f."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W), found {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point with values in [-1, 1], found {images.dtype} "
+                             "(uint8 pixels p become p / 127.5 - 1)")
         height, width = images.shape[-2:]
         if height % self.downsample or width % self.downsample:
             raise ValueError(
