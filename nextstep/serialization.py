@@ -8,6 +8,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from nextstep.config import ComponentSpec
 from nextstep.io import atomic_directory
 from nextstep.model_config import ModelConfig
 from nextstep.weights import tensor_to_save
@@ -25,6 +26,17 @@ def _storage_dtype(name: str, storage_dtypes: dict[str, torch.dtype]) -> torch.d
     """The dtype of the longest prefix in ``storage_dtypes`` that ``name`` lies under, if any."""
     prefixes = [prefix for prefix in storage_dtypes if _under(name, prefix)]
     return storage_dtypes[max(prefixes, key=len)] if prefixes else None
+
+
+def write_config_and_tokenizer(model, directory: Path) -> None:
+    """Write ``config.json`` and the text tokenizer's files of ``model`` into ``directory``: what loading
+    needs beside the weights. The config finds the tokenizer's files where ``directory`` holds them."""
+    saved_text_config = model.text_tokenizer.save(directory) if model.text_tokenizer is not None else None
+    config = model.current_config()
+    if saved_text_config is not None:
+        spec = config.text_tokenizer
+        config = config.replace(text_tokenizer=ComponentSpec(spec.kind, spec.type, saved_text_config))
+    config.save(Path(directory) / CONFIG_NAME)
 
 
 def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.dtype] | None = None) -> None:
@@ -46,10 +58,7 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"storage_dtypes[{prefix!r}] must be a floating torch.dtype, found {dtype!r}")
     with atomic_directory(directory) as staging:
-        if model.text_tokenizer is not None:
-            model.text_tokenizer.save(staging)
-        config = model.current_config()
-        config.save(staging / CONFIG_NAME)
+        write_config_and_tokenizer(model, staging)
         state, saved = {}, set()
         for name, tensor in weights.items():
             # A tensor shared under two names (tied weights) is written once, under its first name;
@@ -61,7 +70,7 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
             dtype = _storage_dtype(name, storage_dtypes) if tensor.is_floating_point() else None
             state[name] = tensor_to_save(tensor, dtype)
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-    model.config = config
+    model.config = model.current_config()  # the live components' (the saved file may name the tokenizer's copy)
 
 
 def read_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

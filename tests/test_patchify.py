@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -33,6 +34,25 @@ def test_patchify_rejects_odd_sizes():
         tokenizer.patchify(torch.zeros(1, 3, 3, 4))
     with pytest.raises(ValueError, match="grid"):
         tokenizer.unpatchify(torch.zeros(1, 5, 12), 2, 3)
+    for width in (11, 8):  # 8 would reshape into 2 channels without a word
+        with pytest.raises(ValueError, match=rf"tokens must have shape \(B, 6, 12\) for a 2x3 grid, found "
+                                             rf"\(1, 6, {width}\)"):
+            tokenizer.unpatchify(torch.zeros(1, 6, width), 2, 3)
+
+
+def test_image_checks_name_what_they_found():
+    assert tokenizer.grid_size(np.int64(32), torch.tensor(16)) == (8, 4)  # 4 pixels a token (f4, patch 2)
+    for side in (True, 32.0):
+        with pytest.raises(ValueError, match=rf"image width must be a positive multiple of 4 .*found "
+                                             rf"{type(side).__name__}"):
+            tokenizer.grid_size(32, side)
+    with pytest.raises(ValueError, match="image height and width must be positive multiples of 2, found 0x16"):
+        tokenizer.encode(torch.zeros(1, 3, 0, 16))
+    with pytest.raises(ValueError, match=r"latents must have shape \(B, 3, h, w\) with h, w >= 1, "
+                                         r"found \(1, 3, 0, 2\)"):
+        tokenizer.decode(torch.zeros(1, 3, 0, 2))
+    with pytest.raises(ValueError, match="images are torch.float64 but the encoder's weights torch.float32; cast"):
+        tokenizer.encode(torch.zeros(1, 3, 16, 16, dtype=torch.float64))
 
 
 @given(h=st.integers(1, 6), w=st.integers(1, 6), psz=st.sampled_from([1, 2]),

@@ -83,6 +83,10 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match=rf"grid width must be a positive integer, found {type(side).__name__}"):
             builder.prompt("x", 2, side)
     assert builder.prompt("x", np.int64(2), torch.tensor(3)) == builder.prompt("x", 2, 3)
+    for bad in (-1, tok.vocab_size):
+        with pytest.raises(ValueError, match=rf"id {bad} is outside the byte tokenizer's vocabulary of "
+                                             rf"{tok.vocab_size}"):
+            tok.decode([97, bad])
 
 
 def test_examples_whose_images_do_not_sit_on_placeholders_are_refused():

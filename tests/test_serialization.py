@@ -52,6 +52,15 @@ def test_hf_tokenizer_files_travel_with_the_model(hf_tokenizer_dir, tmp_path):
     loaded = NextStep.from_pretrained(tmp_path / "m")
     assert loaded.text_tokenizer.encode("a red circle") == model.text_tokenizer.encode("a red circle")
     assert loaded.text_tokenizer.begin_of_image_id == model.text_tokenizer.begin_of_image_id
+    # The saved model's file names its copy; the live model keeps finding its own files.
+    assert model.text_tokenizer.config.path == str(hf_tokenizer_dir)
+    assert model.config.text_tokenizer.config.path == str(hf_tokenizer_dir)
+    assert build_model(model.current_config()).text_tokenizer.encode("a red circle") == \
+        model.text_tokenizer.encode("a red circle")
+    size = model.text_tokenizer.vocab_size
+    for ids in ([65, size], [-1]):
+        with pytest.raises(ValueError, match=rf"ids \[{ids[-1]}\] lie outside the tokenizer's vocabulary of {size}"):
+            model.text_tokenizer.decode(ids)
 
 
 def _rewrite_weights(directory, change):

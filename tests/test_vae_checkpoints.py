@@ -191,6 +191,23 @@ def test_missing_keys_are_listed(tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "ae.safetensors"))
     with pytest.raises(ValueError, match="decoder.conv_out.bias"):
         load_flux_vae(tmp_path / "ae.safetensors", norm_groups=8)
+    encoder_only = {k: v.contiguous() for k, v in vae.state_dict().items() if k.startswith("encoder.")}
+    save_file(encoder_only, str(tmp_path / "encoder.safetensors"))
+    with pytest.raises(ValueError, match=r"do not look like a FLUX autoencoder in BFL names .*missing "
+                                         r"\['decoder.conv_out.weight'\]"):
+        load_flux_vae(tmp_path / "encoder.safetensors")
+    save_file({"x.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['encoder.conv_in.weight', .*found names such as \['x.weight'\]"):
+        load_flux_vae(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("layout, name", [("diffusers", "diffusion_pytorch_model.safetensors"),
+                                          ("native", "model.safetensors")])
+def test_the_weights_file_of_a_directory_layout_loads_its_directory(tmp_path, layout, name):
+    vae = tiny_vae()
+    save_flux_vae(vae, tmp_path / "d", layout=layout)
+    for given in (None, layout):
+        assert_same_weights(vae, load_flux_vae(tmp_path / "d" / name, layout=given, normalization="none"))
 
 
 def test_nextstep_config_fields(caplog):

@@ -10,9 +10,11 @@ Conventions:
 from __future__ import annotations
 
 import math
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -110,13 +112,19 @@ class ImageTokenizer(nn.Module, ABC):
             ValueError: if a side is not a positive multiple of `pixels_per_token`.
         """
         step = self.pixels_per_token
+        sides = []
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % step:
+            try:
+                side = None if isinstance(value, bool) else operator.index(value)
+            except TypeError:
+                side = None
+            if side is None or side <= 0 or side % step:
                 raise ValueError(
                     f"image {name} must be a positive multiple of {step} "
-                    f"(VAE factor {self.downsample} x patch {self.patch_size}), found {value!r}"
+                    f"(VAE factor {self.downsample} x patch {self.patch_size}), found {type(value).__name__} {value!r}"
                 )
-        return height // step, width // step
+            sides.append(side // step)
+        return sides[0], sides[1]
 
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
         """Space-to-depth: (B, C, H, W) -> (B, H/p * W/p, C*p*p), features (c, p, q)."""
@@ -133,9 +141,9 @@ class ImageTokenizer(nn.Module, ABC):
 
     def unpatchify(self, tokens: torch.Tensor, grid_height: int, grid_width: int) -> torch.Tensor:
         """Depth-to-space: (B, h*w, C*p*p) -> (B, C, h*p, w*p); the inverse of `patchify`."""
-        if tokens.ndim != 3 or tokens.shape[1] != grid_height * grid_width:
+        if tokens.ndim != 3 or tokens.shape[1:] != (grid_height * grid_width, self.token_dim):
             raise ValueError(
-                f"tokens must have shape (B, {grid_height * grid_width}, D) for a "
+                f"tokens must have shape (B, {grid_height * grid_width}, {self.token_dim}) for a "
                 f"{grid_height}x{grid_width} grid, found {tuple(tokens.shape)}"
             )
         p = self.patch_size
@@ -151,9 +159,9 @@ class ImageTokenizer(nn.Module, ABC):
             raise ValueError(f"images must be floating point with values in [-1, 1], found {images.dtype} "
                              "(uint8 pixels p become p / 127.5 - 1)")
         height, width = images.shape[-2:]
-        if height % self.downsample or width % self.downsample:
+        if height % self.downsample or width % self.downsample or not height or not width:
             raise ValueError(
-                f"image height and width must be multiples of {self.downsample}, "
+                f"image height and width must be positive multiples of {self.downsample}, "
                 f"found {height}x{width}"
             )
         if images.numel() and images.device.type != "meta":
@@ -200,8 +208,14 @@ class TextTokenizer(ABC):
         input (through `nextstep.layers.word_vectors.WordVectorInput`)."""
         return self.vocab_size
 
-    def save(self, directory: Path) -> None:
-        """Write whatever files the tokenizer needs into ``directory`` (default: none)."""
+    def save(self, directory: Path) -> Any:
+        """Write whatever files the tokenizer needs into ``directory`` (default: none).
+
+        Returns:
+            the config a model saved there records for this tokenizer (paths relative to
+            ``directory``), or None for the tokenizer's own; ``self.config`` stays as it is.
+        """
+        return None
 
     def token_bytes(self, token_id: int) -> bytes | None:
         """The bytes an ordinary id stands for, where `decode` cannot say them (a byte-level BPE

@@ -40,7 +40,7 @@ class ByteTextTokenizer(TextTokenizer):
         buffer = bytearray()
         for token in ids:
             token = int(token)
-            if token < 256:
+            if 0 <= token < 256:
                 buffer.append(token)
                 continue
             pieces.append(_decode_bytes(buffer))

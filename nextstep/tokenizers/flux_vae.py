@@ -294,6 +294,10 @@ class FluxVAE(ImageTokenizer):
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W) -> posterior mean and log-variance, each (B, C, H/f, W/f)."""
         self.check_images(images)
+        weights = self.encoder.conv_in.weight.dtype
+        if images.dtype != weights and not torch.is_autocast_enabled(images.device.type):
+            raise ValueError(f"images are {images.dtype} but the encoder's weights {weights}; cast the images (or "
+                             "the tokenizer) to one dtype, or run under torch.autocast")
         moments = self.encoder(images)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
@@ -338,9 +342,10 @@ class FluxVAE(ImageTokenizer):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, h, w) -> images (B, 3, h*f, w*f)."""
-        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels or not latents.shape[2] \
+                or not latents.shape[3]:
             raise ValueError(
-                f"latents must have shape (B, {self.latent_channels}, h, w), "
+                f"latents must have shape (B, {self.latent_channels}, h, w) with h, w >= 1, "
                 f"found {tuple(latents.shape)}"
             )
         latents = denormalize_latents(

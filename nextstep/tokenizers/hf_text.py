@@ -92,8 +92,12 @@ class HFTextTokenizer(TextTokenizer):
         return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False,
-                                     clean_up_tokenization_spaces=False)
+        ids = [int(i) for i in ids]
+        size = self.vocab_size
+        outside = [i for i in ids if not 0 <= i < size]
+        if outside:
+            raise ValueError(f"ids {outside[:5]} lie outside the tokenizer's vocabulary of {size}")
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     @cached_property
     def _byte_level(self) -> dict[str, int] | None:
@@ -135,7 +139,8 @@ class HFTextTokenizer(TextTokenizer):
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
-    def save(self, directory: Path) -> None:
-        """Write the tokenizer files into ``directory / "tokenizer"``."""
+    def save(self, directory: Path) -> HFTextTokenizerConfig:
+        """Write the tokenizer files into ``directory / "tokenizer"``; returns the config that finds them
+        from ``directory`` (this tokenizer keeps its own)."""
         self.tokenizer.save_pretrained(str(Path(directory) / "tokenizer"))
-        self.config = HFTextTokenizerConfig(path="tokenizer")
+        return self.config.replace(path="tokenizer")

@@ -244,15 +244,18 @@ def config_to_nextstep(config: FluxVAEConfig, resolution: int = 256) -> dict:
 
 def config_from_bfl_state(state: dict[str, torch.Tensor], norm_groups: int = 32) -> FluxVAEConfig:
     """Infer the architecture from BFL-named weights (GroupNorm groups cannot be inferred)."""
-    try:
-        ch = state["encoder.conv_in.weight"].shape[0]
-        levels = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
-        blocks = 1 + max(int(m.group(1)) for k in state
-                         if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
-        widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
-        z_channels = state["encoder.conv_out.weight"].shape[0] // 2
-    except (KeyError, ValueError) as error:
-        raise ValueError(f"weights do not look like a FLUX autoencoder (missing {error})") from None
+    levels = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k))), default=-1)
+    blocks = 1 + max((int(m.group(1)) for k in state
+                      if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))), default=-1)
+    needed = ["encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_out.weight",
+              *(f"encoder.down.{i}.block.0.conv1.weight" for i in range(max(levels, 1)))]
+    missing = [name for name in needed if name not in state]
+    if missing or blocks < 1:
+        raise ValueError(f"weights do not look like a FLUX autoencoder in BFL names (encoder.*, decoder.*): missing "
+                         f"{missing or ['encoder.down.0.block.0.*']}, found names such as {sorted(state)[:3]}")
+    ch = state["encoder.conv_in.weight"].shape[0]
+    widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
+    z_channels = state["encoder.conv_out.weight"].shape[0] // 2
     return FluxVAEConfig(
         in_channels=state["encoder.conv_in.weight"].shape[1],
         out_channels=state["decoder.conv_out.weight"].shape[0], ch=ch,
@@ -354,6 +357,8 @@ def load_flux_vae(path: str | Path, *, layout: str | None = None, keep_dtype: bo
             shift 0 unless given too), or ``norm_groups`` for BFL files.
     """
     path = Path(path)
+    if path.is_file() and path.name in (DIFFUSERS_WEIGHTS, NATIVE_WEIGHTS) and (path.parent / "config.json").is_file():
+        path = path.parent  # the weights file of a directory layout: its directory holds the config too
     layout = layout or detect_layout(path)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown VAE layout {layout!r}; known: {list(LAYOUTS)}")

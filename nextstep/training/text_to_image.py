@@ -156,6 +156,6 @@ class TextToImageTask(TrainingTask):
     def write_checkpoint_files(self, directory: Path) -> None:
         # config.json and tokenizer files beside model.safetensors: the checkpoint
         # directory loads with NextStep.from_pretrained.
-        if self.model.text_tokenizer is not None:
-            self.model.text_tokenizer.save(directory)
-        self.model.current_config().save(directory / "config.json")
+        from nextstep.serialization import write_config_and_tokenizer
+
+        write_config_and_tokenizer(self.model, directory)
