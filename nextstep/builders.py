@@ -11,7 +11,7 @@ from nextstep.dtypes import weight_dtype
 from nextstep.io import names_a_path, what_is_at
 from nextstep.model import NextStep
 from nextstep.model_config import ModelConfig
-from nextstep.registry import component_class, model_preset
+from nextstep.registry import component_class, model_names, model_preset
 
 
 def build_component(spec: ComponentSpec, *, base_dir: Path | None = None):
@@ -74,7 +74,6 @@ def check_preset_name(name: str) -> None:
         ValueError: an unknown name, listing the shipped models and presets.
     """
     from nextstep.pretrained import bundled_models
-    from nextstep.registry import model_names
 
     if names_a_path(name):
         raise FileNotFoundError(f"expected a model directory at {name!r}, found {what_is_at(name)}")
@@ -93,9 +92,13 @@ def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu", 
         raise TypeError(f"load_model expects a model directory, a shipped model's name or a preset name, found "
                         f"{type(name_or_path).__name__}")
     name_or_path = str(name_or_path)
+    if not name_or_path.strip():
+        raise ValueError("load_model expects a model directory, a shipped model's name or a preset name, found "
+                         f"{name_or_path!r}")
     dtype = weight_dtype(dtype)
     directory = model_directory(name_or_path)
-    if directory is not None:
+    # A folder that holds no model does not hide a preset of its name (a scratch folder "tiny" in the cwd).
+    if directory is not None and not (name_or_path in model_names() and not (directory / "config.json").is_file()):
         return NextStep.from_pretrained(directory, device=device, dtype=dtype)
     check_preset_name(name_or_path)
     model = build_model(name_or_path, seed=seed)

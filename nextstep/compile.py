@@ -155,6 +155,23 @@ class SafeCompiled:
                 clone._fall_back(error)
         return clone
 
+    def __getstate__(self) -> dict:
+        """Pickled without the compiled function (it cannot be), which loading compiles anew unless this
+        one had fallen back to eager (so a module compiled in place saves with ``torch.save``)."""
+        state = dict(self.__dict__)
+        state["_compiled"] = None
+        state["_recompile"] = self._compiled is not None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        recompile = state.pop("_recompile", False)
+        self.__dict__.update(state)
+        if recompile:
+            try:
+                self._compiled = torch.compile(self.fn, **self.compile_options)
+            except Exception as error:
+                self._fall_back(error)
+
     def __repr__(self) -> str:
         state = "compiled" if self.compiled else f"eager ({self.failure})"
         return f"SafeCompiled({self.name}, {state})"

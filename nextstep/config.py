@@ -81,6 +81,10 @@ class Config:
             raise ValueError(
                 f"{cls.__name__} got unknown key(s) {unknown}; known keys are {sorted(known)}"
             )
+        missing = [name for name, f in known.items() if name not in data and f.init and
+                   f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"{cls.__name__} needs key(s) {missing}, found {sorted(data)}")
         hints = _type_hints(cls)
         kwargs = {}
         for name, value in data.items():
@@ -91,7 +95,12 @@ class Config:
         return cls(**kwargs)
 
     def replace(self: C, **changes: Any) -> C:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again); an unknown field raises ``ValueError``
+        naming the known ones."""
+        known = {f.name for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no field(s) {unknown}; known fields are {sorted(known)}")
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
     def to_json(self) -> str:
@@ -109,13 +118,15 @@ class Config:
 
     @classmethod
     def load(cls: type[C], path: str | os.PathLike) -> C:
+        from nextstep.io import what_is_at
+
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"expected a config file at {path}, found nothing")
+            raise FileNotFoundError(f"expected a config file at {path}, found {what_is_at(path)}")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON text: {error}") from error
         return cls.from_dict(data)
 
 
@@ -241,6 +252,8 @@ class ComponentSpec:
     def __init__(self, kind: str, type: str, config: Config):
         if kind not in self.kinds:
             raise ValueError(f"component kind must be one of {list(self.kinds)}, found {kind!r}")
+        if not isinstance(config, Config):
+            raise ValueError(f"a {kind}'s config must be a Config dataclass, found {config.__class__.__name__}")
         self.kind = kind
         self.type = type
         self.config = config

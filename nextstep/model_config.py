@@ -50,10 +50,15 @@ class ModelConfig(Config):
     release_fields: dict[str, Any] = field(default_factory=dict, metadata=OMITTED_WHEN_DEFAULT)
 
     def validate(self) -> None:
+        from nextstep.registry import component_class
+
         for kind in ComponentSpec.kinds:
             spec = getattr(self, kind)
             require(isinstance(spec, ComponentSpec) and spec.kind == kind, kind, spec,
                     f"a ComponentSpec of kind {kind!r}")
+            expected = component_class(kind, spec.type).config_class  # an unknown type is named here
+            require(isinstance(spec.config, expected), f"{kind}.config", spec.config,
+                    f"a {expected.__name__} (the config of {kind} {spec.type!r})")
         require(self.text_loss_weight >= 0, "text_loss_weight", self.text_loss_weight, ">= 0")
         require(self.image_loss_weight >= 0, "image_loss_weight", self.image_loss_weight, ">= 0")
         require(0 <= self.image_first_probability <= 1, "image_first_probability",

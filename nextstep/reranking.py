@@ -24,6 +24,7 @@ S evaluation times.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -154,10 +155,16 @@ def candidate_score_function(name: str) -> Callable[..., torch.Tensor]:
 
 def best_candidates(tokens: torch.Tensor, scores: torch.Tensor, candidates: int) -> torch.Tensor:
     """The best of each image's candidates: tokens (R*K, N, D) and scores (R*K,), rows
-    candidate-minor (row r*K + j is candidate j of image r) -> tokens (R, N, D)."""
-    if tokens.shape[0] != scores.shape[0] or tokens.shape[0] % candidates:
-        raise ValueError(f"expected scores for every row and rows divisible by {candidates} candidates, "
-                         f"found {tokens.shape[0]} rows and {scores.shape[0]} scores")
-    chosen = rearrange(scores, "(r k) -> r k", k=candidates).argmax(dim=1)
+    candidate-minor (row r*K + j is candidate j of image r) -> tokens (R, N, D).
+
+    A NaN score ranks below every other (a candidate whose sampling diverged is never kept
+    over one that did not); among equal scores the first candidate wins."""
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"candidates must be an integer >= 1, found {candidates!r}")
+    if scores.ndim != 1 or tokens.shape[0] != scores.shape[0] or tokens.shape[0] % candidates:
+        raise ValueError(f"expected one score for every row and rows divisible by {candidates} candidates, "
+                         f"found {tokens.shape[0]} rows and scores of shape {tuple(scores.shape)}")
+    ranked = scores.float().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    chosen = rearrange(ranked, "(r k) -> r k", k=candidates).argmax(dim=1)
     grouped = rearrange(tokens, "(r k) n d -> r k n d", k=candidates)
     return grouped[torch.arange(grouped.shape[0], device=grouped.device), chosen]

@@ -82,6 +82,36 @@ def test_config_save_and_load(tmp_path):
         ModelConfig.load(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         ModelConfig.load(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match=r"expected a config file at .*sub, found a directory"):
+        ModelConfig.load(tmp_path / "sub")
+    (tmp_path / "latin1.json").write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(ValueError, match=r"latin1.json is not valid JSON text"):
+        ModelConfig.load(tmp_path / "latin1.json")
+
+
+def test_missing_keys_and_unknown_fields_are_value_errors_naming_them():
+    from nextstep.generation_defaults import GenerationDefaults
+
+    backbone = model_preset("tiny")().backbone.to_dict()
+    with pytest.raises(ValueError, match=r"ModelConfig needs key\(s\) \['image_tokenizer', 'text_tokenizer', "
+                                         r"'image_head', 'sampler'\], found \['backbone'\]"):
+        ModelConfig.from_dict({"backbone": backbone})
+    with pytest.raises(ValueError, match=r"GenerationDefaults has no field\(s\) \['num_step'\]; known fields are "
+                                         r"\[.*'num_steps'"):
+        GenerationDefaults().replace(num_step=10)
+
+
+def test_a_component_spec_must_hold_its_types_config():
+    from nextstep.samplers.euler import EulerSamplerConfig
+
+    config = model_preset("tiny")()
+    with pytest.raises(ValueError, match=r"sampler\.config must be a EulerSamplerConfig \(the config of sampler "
+                                         r"'euler'\), found Qwen2BackboneConfig"):
+        config.replace(sampler=ComponentSpec("sampler", "euler", Qwen2BackboneConfig()))
+    with pytest.raises(ValueError, match=r"unknown sampler 'nope'; known: \["):
+        config.replace(sampler=ComponentSpec("sampler", "nope", EulerSamplerConfig()))
+    with pytest.raises(ValueError, match="a sampler's config must be a Config dataclass, found int"):
+        ComponentSpec("sampler", "euler", 5)
 
 
 @pytest.mark.parametrize("config_class, data, message", [

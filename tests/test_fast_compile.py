@@ -120,3 +120,24 @@ def test_a_copy_of_a_compiled_module_runs_its_own_weights():
         fallen = compile_module(nn.Linear(2, 2), backend="no-such-backend")
         fallen(x)
     assert not copy.deepcopy(fallen).forward.compiled  # a copy of an eager fallback stays eager
+
+
+def test_a_compiled_module_pickles_and_runs_its_own_weights_after():
+    import io
+    import pickle
+
+    module = compile_module(nn.Linear(2, 2), backend="eager")
+    x = torch.ones(1, 2)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    for restored in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(module))):
+        assert restored.forward.compiled and torch.equal(restored(x), module(x))
+        with torch.no_grad():
+            restored.weight.zero_()
+            restored.bias.zero_()
+        assert torch.equal(restored(x), torch.zeros(1, 2))
+    with pytest.warns(CompileFallbackWarning):
+        fallen = compile_module(nn.Linear(2, 2), backend="no-such-backend")
+        fallen(x)
+    assert not pickle.loads(pickle.dumps(fallen)).forward.compiled

@@ -264,3 +264,22 @@ def test_velocity_takes_one_time_per_token():
         message = f"x_t must have shape (N, 8) and t shape (N,), one time per token, found (3, 8) and {tuple(t.shape)}"
         with pytest.raises(ValueError, match=re.escape(message)):
             head.velocity(x, t, c)
+
+
+def test_layer_inputs_and_sizes_are_checked():
+    from nextstep.layers.rms_norm import RMSNorm
+    from nextstep.layers.timestep import TimestepEmbedder
+
+    embedder = TimestepEmbedder(8)
+    for t in (torch.rand(3, 1), torch.rand(())):
+        with pytest.raises(ValueError, match=re.escape(f"t must have shape (N,), one time per row, found "
+                                                       f"{tuple(t.shape)}")):
+            embedder(t)
+    with pytest.raises(ValueError, match=r"mlp_ratio must be positive, with a hidden width int\(width \* mlp_ratio\) "
+                                         r"of at least 1 \(width 8\)"):
+        FlowMatchingHeadConfig(token_dim=4, condition_dim=4, width=8, depth=1, mlp_ratio=0.1)
+    norm = RMSNorm(4)
+    x = torch.randn(2, 4)
+    before = norm(x)
+    norm.eps = 10.0  # a changed eps takes effect on every device path
+    assert not torch.allclose(norm(x), before)

@@ -59,6 +59,18 @@ def test_the_best_candidate_of_each_image_is_kept(images, candidates, seed):
         assert torch.equal(chosen[image], tokens[group][scores[group].argmax()])
 
 
+def test_a_nan_score_never_wins_and_bad_counts_are_named():
+    tokens = torch.arange(6.0).view(6, 1, 1)
+    scores = torch.tensor([0.0, float("nan"), 1.0, float("nan"), float("nan"), float("nan")])
+    chosen = best_candidates(tokens, scores, 3)
+    assert chosen.flatten().tolist() == [2.0, 3.0]  # an image whose candidates all diverged keeps its first
+    for candidates in (0, -1, True):
+        with pytest.raises(ValueError, match=rf"candidates must be an integer >= 1, found {candidates!r}"):
+            best_candidates(tokens, scores, candidates)
+    with pytest.raises(ValueError, match=r"one score for every row .*found 6 rows and scores of shape \(6, 1\)"):
+        best_candidates(tokens, scores[:, None], 3)
+
+
 def flow_loss_one_token_at_a_time(model, prompt, tokens, grid_h, grid_w, image_first, times, noise):
     """The head's flow loss on each image token, its condition read from a forward over the
     sequence cut just before that token, averaged over tokens and the given times and noise."""

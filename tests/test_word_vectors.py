@@ -80,6 +80,13 @@ def test_bad_vectors_or_table_rows_are_named():
         module.set_vectors(torch.zeros(5, 2), torch.tensor([0, 1, 2, 3, 0]))
     with pytest.raises(ValueError, match="map every id of the embedding table to itself"):
         module.set_vectors(torch.zeros(5, 2), torch.tensor([0, 2, 2, 1, 0]))
+    with pytest.raises(ValueError, match="learned_ids must be integers, found torch.float32"):
+        module.set_vectors(torch.zeros(5, 2), torch.tensor([0.0, 1.0, 2.0, 1.7, 0.0]))
+    for value in (float("nan"), float("inf")):
+        vectors = torch.zeros(5, 2)
+        vectors[3, 1] = value
+        with pytest.raises(ValueError, match=r"vectors must be finite, found NaN or infinite values in row\(s\) \[3\]"):
+            module.set_vectors(vectors, torch.tensor([0, 1, 2, 1, 0]))
     with pytest.raises(ValueError, match=r"text ids must lie in \[0, 5\), found \[0, 7\]"):
         module(torch.tensor([[0, 7]]))
     with pytest.raises(ValueError, match="expected count >= the embedding table's 3 rows, found 2"):

@@ -55,7 +55,8 @@ class FlowMatchingHeadConfig(Config):
     def validate(self) -> None:
         for name in ("token_dim", "condition_dim", "width", "depth", "frequency_dim", "batch_mul"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
-        require(self.mlp_ratio > 0, "mlp_ratio", self.mlp_ratio, "positive")
+        require(self.mlp_ratio > 0 and int(self.width * self.mlp_ratio) >= 1, "mlp_ratio", self.mlp_ratio,
+                f"positive, with a hidden width int(width * mlp_ratio) of at least 1 (width {self.width})")
         require(self.time_sampling in TIME_SAMPLINGS, "time_sampling", self.time_sampling,
                 f"one of {list(TIME_SAMPLINGS)}")
         require(self.time_std > 0, "time_std", self.time_std, "positive")

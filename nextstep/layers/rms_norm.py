@@ -45,9 +45,17 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    @property
+    def eps(self) -> float:
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self._eps = value
         # A CPU 0-dim tensor mixes with tensors on any device; built on the CPU even
         # under a meta-device context so that a model loaded onto real memory can use it.
-        self._eps_tensor = torch.tensor(eps, dtype=torch.float32, device="cpu")
+        self._eps_tensor = torch.tensor(value, dtype=torch.float32, device="cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., dim) -> (..., dim)."""

@@ -18,6 +18,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
     Returns:
         (N, dim) float32; an odd ``dim`` is zero-padded by one column.
     """
+    if t.ndim != 1:
+        raise ValueError(f"t must have shape (N,), one time per row, found {tuple(t.shape)}")
     half = dim // 2
     freqs = torch.exp(
         -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half

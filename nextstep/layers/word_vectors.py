@@ -86,14 +86,20 @@ class WordVectorInput(nn.Module):
         """Store ``vectors`` (count, dim) (zero rows: no vector) and ``learned_ids`` (count,).
 
         Raises:
-            ValueError: a shape differs from (count, dim) / (count,), or a learned
-                id lies outside the table or differs from its own id inside it.
+            ValueError: a shape differs from (count, dim) / (count,), a vector is not finite,
+                a learned id is not an integer, lies outside the table or differs from its own
+                id inside it.
         """
         count, dim = self.codes.shape
         if tuple(vectors.shape) != (count, dim):
             raise ValueError(f"expected vectors of shape {(count, dim)}, found {tuple(vectors.shape)}")
         if tuple(learned_ids.shape) != (count,):
             raise ValueError(f"expected learned_ids of shape {(count,)}, found {tuple(learned_ids.shape)}")
+        if learned_ids.is_floating_point() or learned_ids.is_complex() or learned_ids.dtype == torch.bool:
+            raise ValueError(f"learned_ids must be integers, found {learned_ids.dtype}")
+        bad_rows = (~torch.isfinite(vectors)).any(dim=1).nonzero().flatten()
+        if bad_rows.numel():
+            raise ValueError(f"vectors must be finite, found NaN or infinite values in row(s) {bad_rows[:5].tolist()}")
         learned_ids = learned_ids.long().cpu()
         if learned_ids.min() < 0 or learned_ids.max() >= self.table_size:
             raise ValueError(f"learned_ids must lie in [0, {self.table_size}), found "

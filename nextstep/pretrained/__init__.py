@@ -27,6 +27,9 @@ def bundled_model_path(name: str) -> Path | None:
 
 
 def model_directory(name_or_path: str) -> Path | None:
-    """The folder a model name refers to: an existing directory, else a shipped model's, else None."""
+    """The folder a model name refers to: an existing directory that holds a model, else a shipped model's,
+    else an existing directory (which loading then names as no model), else None."""
     path = Path(name_or_path)
-    return path if path.is_dir() else bundled_model_path(name_or_path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    return bundled_model_path(name_or_path) or (path if path.is_dir() else None)
