@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import math
+import operator
 import os
 import types
 import typing
@@ -222,6 +223,23 @@ def _plain_mismatch(hint: Any, value: Any) -> str | None:
     if isinstance(hint, type) and issubclass(hint, (Config, ComponentSpec)):
         return None if isinstance(value, (dict, hint)) else f"a mapping ({hint.__name__})"
     return None
+
+
+def as_integer(value: Any) -> int | None:
+    """``value`` as an int when it is an integer of any type (Python, NumPy, a 0-d integer tensor); None for
+    anything else, a bool included."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def described(value: Any) -> str:
+    """How a message shows a value it refuses: ``40`` for a Python int, with the type otherwise
+    (``float 40.0``, ``bool True``), where the type is what is wrong."""
+    return repr(value) if type(value) is int else f"{type(value).__name__} {value!r}"
 
 
 def require(condition: bool, field: str, value: Any, expected: str) -> None:

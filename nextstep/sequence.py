@@ -23,12 +23,12 @@ Legend: B batch, L sequence length, D token dim.
 
 from __future__ import annotations
 
-import operator
 import re
 from dataclasses import dataclass, field
 
 import torch
 
+from nextstep.config import as_integer, described
 from nextstep.tokenizers.base import TextTokenizer
 
 
@@ -144,12 +144,9 @@ class SequenceBuilder:
         """Ids of ``<|image_area|>{h}*{w}<|begin_of_image|>``."""
         sides = []
         for name, value in (("grid height", grid_height), ("grid width", grid_width)):
-            try:
-                side = None if isinstance(value, bool) else operator.index(value)
-            except TypeError:
-                side = None
+            side = as_integer(value)
             if side is None or side < 1:
-                raise ValueError(f"{name} must be a positive integer, found {type(value).__name__} {value!r}")
+                raise ValueError(f"{name} must be a positive integer, found {described(value)}")
             sides.append(side)
         tok = self.text_tokenizer
         return [

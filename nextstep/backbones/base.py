@@ -13,12 +13,13 @@ within its own document.
 
 from __future__ import annotations
 
-import operator
 from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 from torch import nn
+
+from nextstep.config import as_integer, described
 
 
 class BackboneCache(ABC):
@@ -56,13 +57,9 @@ class BackboneCache(ABC):
     def check_crop_length(self, length) -> int:
         """``length`` as an int in ``0..self.length`` (any integer type: Python, NumPy, a 0-d tensor);
         ``ValueError`` naming what was found otherwise (a bool too)."""
-        try:
-            value = None if isinstance(length, bool) else operator.index(length)
-        except TypeError:
-            value = None
+        value = as_integer(length)
         if value is None or not 0 <= value <= self.length:
-            raise ValueError(f"can crop to an integer in 0..{self.length} slots, found "
-                             f"{type(length).__name__} {length!r}")
+            raise ValueError(f"can crop to an integer in 0..{self.length} slots, found {described(length)}")
         return value
 
     def check_rows(self, rows, device: torch.device | str | None = None) -> torch.Tensor:

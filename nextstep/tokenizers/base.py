@@ -10,7 +10,6 @@ Conventions:
 from __future__ import annotations
 
 import math
-import operator
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from nextstep.config import as_integer, described
 from nextstep.tokenizers.special_tokens import (
     BEGIN_OF_IMAGE,
     END_OF_IMAGE,
@@ -114,14 +114,11 @@ class ImageTokenizer(nn.Module, ABC):
         step = self.pixels_per_token
         sides = []
         for name, value in (("height", height), ("width", width)):
-            try:
-                side = None if isinstance(value, bool) else operator.index(value)
-            except TypeError:
-                side = None
+            side = as_integer(value)
             if side is None or side <= 0 or side % step:
                 raise ValueError(
                     f"image {name} must be a positive multiple of {step} "
-                    f"(VAE factor {self.downsample} x patch {self.patch_size}), found {type(value).__name__} {value!r}"
+                    f"(VAE factor {self.downsample} x patch {self.patch_size}), found {described(value)}"
                 )
             sides.append(side // step)
         return sides[0], sides[1]
