@@ -72,6 +72,12 @@ def test_loss_averaging_leaves_a_tokenizer_run_alone(tmp_path):
     assert not resumed.task.counts_targets and [r.step for r in resumed.history] == [2]
 
 
+def test_a_tokenizer_run_draws_its_preview_grids_without_prompts(tmp_path):
+    run_tokenizer_recipe(recipe(train={**RECIPE["train"], "max_steps": 2, "sample_every": 1}), tmp_path,
+                         show_progress=False)
+    assert len(list((tmp_path / "samples").glob("step-*.png"))) == 2
+
+
 def test_a_tokenizer_recipe_refuses_a_latent_cache():
     import pytest
 

@@ -251,3 +251,21 @@ def test_a_saved_recipe_is_compared_as_the_recipe_class_reads_it(tmp_path):
                                          r'there, \{"word_vectors.substitution_probability": 0.5\} here'):
         check_same_recipe(nested.replace(training_settings={"word_vectors.substitution_probability": 0.5}),
                           tmp_path)
+
+
+def test_dataset_specs_are_compared_as_their_datasets_read_them(tmp_path):
+    from nextstep.training.recipe import RecipeConfig, check_same_recipe
+    from nextstep.training.tokenizer_recipe import TokenizerRecipeConfig
+
+    def recipe(spec):
+        return RecipeConfig.from_dict({"data": {"datasets": [spec], "resolution": 32}})
+
+    plain = {"type": "shapes", "num_samples": 32, "size": 32}
+    (tmp_path / "recipe.json").write_text(recipe(plain).to_json())
+    check_same_recipe(recipe({**plain, "seed": 0}), tmp_path)  # a default spelt out
+    check_same_recipe(recipe({**plain, "repeat": 1}), tmp_path)
+    with pytest.raises(ValueError, match=r"was trained with another recipe \(data: "):
+        check_same_recipe(recipe({**plain, "repeat": 2}), tmp_path)
+    with pytest.raises(ValueError, match=r"holds a run of another kind \(its recipe.json is a RecipeConfig, this "
+                                         r"recipe a TokenizerRecipeConfig\)"):
+        check_same_recipe(TokenizerRecipeConfig(), tmp_path)

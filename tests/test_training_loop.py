@@ -129,6 +129,50 @@ def test_a_sample_size_the_tokenizer_cannot_draw_is_refused_before_training(tmp_
     with pytest.raises(ValueError, match=r"train\.sample_height and train\.sample_width: .*multiple of 16.*found 40"):
         tiny_trainer(tmp_path, config)
     assert not (tmp_path / "checkpoints").exists()
+    with pytest.raises(ValueError, match=r"train.sample_prompts must be at least one prompt when sample_every > 0 "
+                                         r"\(TextToImageTask draws its samples from them\), found \(\)"):
+        tiny_trainer(tmp_path, tiny_config(sample_every=1))
+
+
+class _Points:
+    """y = 3x + 1 in micro-batches, forever."""
+
+    size = None
+    known_bad: list = []
+
+    def open(self, layout, *, rank=0, seed=0, start_step=0, num_workers=0):
+        generator = torch.Generator().manual_seed(seed)
+        while True:
+            x = torch.randn(layout.micro_batch_size, 1, generator=generator)
+            yield x, 3 * x + 1
+
+
+def test_a_metric_given_as_a_tensor_is_logged_as_a_number(tmp_path):
+    from torch import nn
+
+    from nextstep.training import StepResult, TrainConfig, TrainingTask
+    from nextstep.training.logging import read_log
+
+    class Fit(TrainingTask):
+        def __init__(self, model, metric):
+            super().__init__(model)
+            self.metric = metric
+
+        def loss(self, module, batch, generator):
+            x, y = batch
+            error = module(x) - y
+            return StepResult(loss=error.pow(2).mean(), metrics={"mae": self.metric(error)}, num_tokens=len(x))
+
+    config = TrainConfig(max_steps=2, micro_batch_size=4, warmup_steps=1, log_every=1, gradient_accumulation=2)
+    records = Trainer(Fit(nn.Linear(1, 1), lambda error: error.abs().mean()), _Points(), config, tmp_path / "a",
+                      show_progress=False).fit()
+    assert all(type(record.metrics["mae"]) is float for record in records)
+    logged = [row["mae"] for row in read_log(tmp_path / "a" / "train_log.csv")]
+    assert logged == pytest.approx([record.metrics["mae"] for record in records], rel=1e-6)
+    with pytest.raises(ValueError, match=r"metric 'mae' must be a number or a one-element tensor, "
+                                         r"found Tensor\(4, 1\)"):
+        Trainer(Fit(nn.Linear(1, 1), lambda error: error.abs()), _Points(), config, tmp_path / "b",
+                show_progress=False).fit()
 
 
 def test_a_component_that_could_not_be_checkpointed_is_refused_before_training(tmp_path):

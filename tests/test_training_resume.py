@@ -117,6 +117,24 @@ def test_log_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_run_resumed_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    tiny_trainer(tmp_path, tiny_config(max_steps=4, checkpoint_every=2, keep_last=2)).fit()
+    checkpoints = tmp_path / "checkpoints"
+    again = tiny_trainer(tmp_path, tiny_config(max_steps=4, checkpoint_every=1, keep_last=1))
+    assert again.resume(checkpoints / "step-00000002") == 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002"]
+    assert (tmp_path / "earlier-runs" / "1" / "checkpoints" / "step-00000004").is_dir()  # kept, not deleted
+    again.fit()  # keep_last 1 keeps the newest checkpoint of this timeline
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000004"]
+
+
+def test_a_max_steps_below_the_checkpoint_is_refused(tmp_path):
+    tiny_trainer(tmp_path, tiny_config(max_steps=4, checkpoint_every=2)).fit()
+    with pytest.raises(ValueError, match=r"is at step 4, past this run's max_steps 2; raise train.max_steps"):
+        tiny_trainer(tmp_path, tiny_config(max_steps=2, checkpoint_every=2)).fit()
+    assert tiny_trainer(tmp_path, tiny_config(max_steps=4, checkpoint_every=2)).fit() == []  # a finished run
+
+
 def test_checkpoint_directory_loads_as_a_model(tmp_path):
     trainer = tiny_trainer(tmp_path, tiny_config(max_steps=1))
     trainer.fit(resume=False)

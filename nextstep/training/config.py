@@ -151,5 +151,3 @@ class TrainConfig(Config):
         require(self.parallelism in PARALLELISMS, "parallelism", self.parallelism,
                 f"one of {list(PARALLELISMS)}")
         require(0 <= self.max_bad_fraction < 1, "max_bad_fraction", self.max_bad_fraction, "in [0, 1)")
-        require(self.sample_every == 0 or len(self.sample_prompts) > 0, "sample_prompts",
-                self.sample_prompts, "at least one prompt when sample_every > 0")

@@ -388,6 +388,10 @@ def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] 
     try:
         saved = _comparable(type(recipe).from_json(saved_file.read_text()))
     except (ValueError, TypeError, OSError):
+        other = _recipe_class_reading(saved_file)
+        if other is not None:
+            raise ValueError(f"{output_dir} holds a run of another kind (its {RECIPE_FILE} is a {other.__name__}, "
+                             f"this recipe a {type(recipe).__name__}); {advice}") from None
         logger.warning("%s cannot be read as a %s; it is not compared with this run's recipe", saved_file,
                        type(recipe).__name__)
         return
@@ -403,14 +407,42 @@ def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] 
         raise ValueError(f"{output_dir} was trained with another recipe ({details}); {advice}")
 
 
+def _recipe_class_reading(path: Path) -> type | None:
+    """The recipe class (model or tokenizer training) that reads the recipe file at ``path``, or None."""
+    from nextstep.training.tokenizer_recipe import TokenizerRecipeConfig
+
+    for recipe_class in (RecipeConfig, TokenizerRecipeConfig):
+        try:
+            recipe_class.from_json(path.read_text())
+        except (ValueError, TypeError, OSError):
+            continue
+        return recipe_class
+    return None
+
+
 def _comparable(recipe: Config) -> dict:
     """A recipe's plain data, as two spellings of the same recipe give it alike."""
     data = recipe.to_dict()
     if isinstance(data.get("data"), dict):
         data["data"] = {key: value for key, value in data["data"].items() if key != "latent_cache"}
+        if isinstance(data["data"].get("datasets"), list):
+            data["data"]["datasets"] = [_comparable_dataset(spec) for spec in data["data"]["datasets"]]
     if isinstance(data.get("training_settings"), dict):
         data["training_settings"] = flat_settings(data["training_settings"])
     return data
+
+
+def _comparable_dataset(spec: dict) -> dict:
+    """A dataset spec as its dataset config reads it: fields left at their default spelt out, and
+    ``repeat`` 1 when left out (a spec no dataset reads stays as written)."""
+    from nextstep.training.data.registry import dataset_config
+
+    fields = {key: value for key, value in spec.items() if key != "repeat"}
+    try:
+        _, config = dataset_config(fields)
+    except ValueError:
+        return spec
+    return {"type": fields["type"], **config.to_dict(), "repeat": spec.get("repeat", 1)}
 
 
 def open_run_folder(trainer, recipe: Config, *, resume: bool, run_entries: tuple[str, ...],

@@ -29,9 +29,10 @@ class StepResult:
 
     Attributes:
         loss: scalar to differentiate.
-        metrics: extra scalars to log: averaged over micro-batches and processes, or summed
-            when the loss is this micro-batch's share of the step's (a task that counts
-            targets, `TrainingTask.target_counts`), its metrics then being shares too.
+        metrics: extra scalars to log (numbers or one-element tensors): averaged over
+            micro-batches and processes, or summed when the loss is this micro-batch's share
+            of the step's (a task that counts targets, `TrainingTask.target_counts`), its
+            metrics then being shares too.
         num_tokens: sequence positions processed (for throughput).
     """
 
@@ -46,7 +47,13 @@ class TrainingTask(ABC):
     Args:
         model: the unwrapped model; its trainable parameters are those with
             ``requires_grad=True``.
+
+    Attributes:
+        samples_from_prompts: whether `sample_images` draws from ``train.sample_prompts`` (a run that
+            draws samples then needs at least one); False for tasks that preview something else.
     """
+
+    samples_from_prompts: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -38,6 +38,8 @@ class TextToImageTask(TrainingTask):
             many tokens (`SequenceBuilder.pack`); None gives one sequence per row.
     """
 
+    samples_from_prompts = True
+
     def __init__(self, model: NextStep, text_dropout: float | None = None, context_noise: float = 0.0,
                  pack_length: int | None = None):
         super().__init__(model)

@@ -24,7 +24,7 @@ import torch
 from nextstep.compile import compile_module
 from nextstep.images import image_grid
 from nextstep.io import atomic_path
-from nextstep.training.checkpointing import CheckpointManager, WriteHook
+from nextstep.training.checkpointing import CheckpointManager, WriteHook, checkpoint_name
 from nextstep.training.config import TrainConfig
 from nextstep.training.data.loader import BatchLayout, mix_seed
 from nextstep.training.data.quality import BadSampleTracker
@@ -65,13 +65,29 @@ def set_aside_earlier_run(output_dir: str | Path, names: tuple[str, ...] = RUN_E
     entries = [output_dir / name for name in names if (output_dir / name).exists()]
     if not entries:
         return None
+    target = _new_earlier_run_folder(output_dir)
+    for entry in entries:
+        os.replace(entry, target / entry.name)
+    logger.info("starting over: the earlier run's %s moved to %s", ", ".join(e.name for e in entries), target)
+    return target
+
+
+def _metric_value(name: str, value) -> float:
+    """A task's metric as a float: a number, or a one-element tensor (read without its graph)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.detach())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"metric {name!r} must be a number or a one-element tensor, found "
+                     f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
+
+
+def _new_earlier_run_folder(output_dir: Path) -> Path:
+    """``output_dir/earlier-runs/<n>/``, created, for the next free ``n``."""
     earlier = output_dir / EARLIER_RUNS_DIR
     taken = [int(child.name) for child in earlier.iterdir() if child.name.isdigit()] if earlier.is_dir() else []
     target = earlier / str(max(taken, default=0) + 1)
     target.mkdir(parents=True)
-    for entry in entries:
-        os.replace(entry, target / entry.name)
-    logger.info("starting over: the earlier run's %s moved to %s", ", ".join(e.name for e in entries), target)
     return target
 
 
@@ -127,7 +143,10 @@ class Trainer:
         show_progress: bool = True,
         checkpoint_write_hook: WriteHook | None = None,
     ):
-        if config.sample_every and config.sample_prompts:  # refused now, not at the first sample step
+        if config.sample_every:  # refused now, not at the first sample step
+            if task.samples_from_prompts and not config.sample_prompts:
+                raise ValueError(f"train.sample_prompts must be at least one prompt when sample_every > 0 "
+                                 f"({type(task).__name__} draws its samples from them), found ()")
             task.check_sample_settings(config.sample_height, config.sample_width)
         task.check_checkpoint_files()  # and not at the first checkpoint
         self.task = task
@@ -206,11 +225,33 @@ class Trainer:
                     f"{here[2]}; a streaming dataset resumes only with the same split (map-style datasets "
                     "resume on any)"
                 )
+        if int(state["step"]) > self.config.max_steps:
+            raise ValueError(
+                f"checkpoint {path} is at step {int(state['step'])}, past this run's max_steps "
+                f"{self.config.max_steps}; raise train.max_steps to go on, use an earlier checkpoint (each "
+                "checkpoint folder loads as a model), or start over (--no-resume)"
+            )
         self.tracker.load_state_dict(self._own_bad_samples(state.get("bad_samples", {})))
         self.step = int(state["step"])
         self._elapsed_before = float(state.get("elapsed_seconds", 0.0))
+        self._set_aside_later_checkpoints()
         logger.info("resumed from %s at step %d", path, self.step)
         return self.step
+
+    def _set_aside_later_checkpoints(self) -> None:
+        """Move the checkpoints after the step resumed from (a run resumed from an earlier checkpoint
+        abandons them) into ``earlier-runs/<n>/checkpoints/``: pruning, by step, would otherwise keep
+        them over the new ones, and a later rerun would resume from them."""
+        later = [step for step in self.checkpoints.steps() if step > self.step]
+        if not later or not self.context.is_main:
+            return
+        target = _new_earlier_run_folder(self.output_dir) / CHECKPOINTS_DIR
+        target.mkdir()
+        for step in later:
+            name = checkpoint_name(step)
+            os.replace(self.checkpoints.directory / name, target / name)
+        logger.warning("resumed at step %d: the later checkpoints (steps %s) moved to %s", self.step,
+                       ", ".join(map(str, later)), target)
 
     def set_aside_earlier_run(self) -> Path | None:
         """`set_aside_earlier_run` of ``output_dir`` (the main process only)."""
@@ -362,7 +403,7 @@ class Trainer:
             loss_sum += float(result.loss.detach())
             tokens += result.num_tokens
             for name, value in result.metrics.items():
-                metric_sums[name] = metric_sums.get(name, 0.0) + value
+                metric_sums[name] = metric_sums.get(name, 0.0) + _metric_value(name, value)
         # Before the update: a run over the limit stops unchanged.
         total_tokens = self._count_bad_samples(attempted, bad_keys, tokens)
         grad_norm = self._clip_gradients()
