@@ -82,10 +82,6 @@ class Config:
             raise ValueError(
                 f"{cls.__name__} got unknown key(s) {unknown}; known keys are {sorted(known)}"
             )
-        missing = [name for name, f in known.items() if name not in data and f.init and
-                   f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise ValueError(f"{cls.__name__} needs key(s) {missing}, found {sorted(data)}")
         hints = _type_hints(cls)
         kwargs = {}
         for name, value in data.items():
@@ -93,6 +89,10 @@ class Config:
             if expected is not None:
                 raise ValueError(f"{cls.__name__}.{name} must be {expected}, found {type(value).__name__} {value!r}")
             kwargs[name] = _from_plain(hints.get(name), value)
+        missing = [name for name, f in known.items() if name not in data and f.init and
+                   f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"{cls.__name__} needs key(s) {missing}, found {sorted(data)}")
         return cls(**kwargs)
 
     def replace(self: C, **changes: Any) -> C:

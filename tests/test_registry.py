@@ -63,9 +63,14 @@ def test_a_sampler_named_in_generate_is_built_from_its_default_config(tiny_model
 def test_a_component_built_from_another_classes_config_is_refused():
     preset = tiny()
     wrong = ComponentSpec("sampler", "test_needs_config", preset.sampler.config)
+    with pytest.raises(ValueError, match=r"sampler\.config must be a NeedsConfig \(the config of sampler "
+                                         r"'test_needs_config'\), found EulerSamplerConfig"):
+        preset.replace(sampler=wrong)
+    config = preset.replace(sampler=ComponentSpec("sampler", "test_needs_config", NeedsConfig()))
+    config.sampler.config = preset.sampler.config  # changed after the config was checked
     with pytest.raises(ValueError, match=r"sampler 'test_needs_config' \(NeedsConfigSampler\) takes a NeedsConfig, "
                                          r"found EulerSamplerConfig"):
-        build_model(preset.replace(sampler=wrong))
+        build_model(config)
 
 
 def test_an_unknown_name_says_how_a_component_of_your_own_becomes_known():

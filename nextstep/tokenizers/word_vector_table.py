@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nextstep.layers.word_vectors import WordVectorConfig
+from nextstep.registry import registered_name
 from nextstep.tokenizers.word_aliases import (
     Embed,
     alias_key,
@@ -106,7 +107,9 @@ def attach_word_vectors(model: "NextStep", candidates: Sequence[str], embed: Emb
 
     config = model.config.replace(word_vectors=WordVectorConfig(count=count, dim=dim,
                                                                 substitution_probability=substitution_probability))
-    config = config.replace(text_tokenizer=ComponentSpec("text_tokenizer", config.text_tokenizer.type, reader.config))
+    name = registered_name("text_tokenizer", type(reader))
+    if name is not None:  # the live tokenizer's spec (a replaced tokenizer's model config still names the old one)
+        config = config.replace(text_tokenizer=ComponentSpec("text_tokenizer", name, reader.config))
     result = NextStep(model.image_tokenizer, reader, model.backbone, model.image_head, model.sampler, config,
                       lm_head=model.lm_head)
     result.image_in_projector, result.image_out_projector = model.image_in_projector, model.image_out_projector
