@@ -59,7 +59,6 @@ def test_ema_follows_the_weights_and_restores_them_after_use():
     ({"parallelism": "zero3"}, "parallelism"),
     ({"loss_averaging": "tokens"}, "loss_averaging"),
     ({"min_learning_rate": 1.0}, "min_learning_rate"),
-    ({"sample_every": 10}, "sample_prompts"),
     ({"ema_decay": 1.0}, "ema_decay"),
 ])
 def test_bad_settings_name_the_field(changes, field):
