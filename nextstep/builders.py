@@ -97,8 +97,7 @@ def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu", 
                          f"{name_or_path!r}")
     dtype = weight_dtype(dtype)
     directory = model_directory(name_or_path)
-    # A folder that holds no model does not hide a preset of its name (a scratch folder "tiny" in the cwd).
-    if directory is not None and not (name_or_path in model_names() and not (directory / "config.json").is_file()):
+    if directory is not None:
         return NextStep.from_pretrained(directory, device=device, dtype=dtype)
     check_preset_name(name_or_path)
     model = build_model(name_or_path, seed=seed)

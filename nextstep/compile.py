@@ -109,11 +109,16 @@ class SafeCompiled:
         self.failure: str | None = None
         self._compiled: Callable | None = None
         functools.update_wrapper(self, fn, updated=())
+        self._compile()
+
+    def _compile(self) -> None:
+        """Compile ``fn`` (unless compilation is disabled by the environment), falling back on failure."""
+        self._compiled = None
         if compile_disabled():
             self.failure = f"{DISABLE_VARIABLE} is set"
             return
         try:
-            self._compiled = torch.compile(fn, **compile_options)
+            self._compiled = torch.compile(self.fn, **self.compile_options)
         except Exception as error:  # for example an unsupported Python version or a bad option
             self._fall_back(error)
 
@@ -149,10 +154,7 @@ class SafeCompiled:
         clone.__wrapped__ = clone.fn
         clone._compiled = None
         if self._compiled is not None:
-            try:
-                clone._compiled = torch.compile(clone.fn, **clone.compile_options)
-            except Exception as error:
-                clone._fall_back(error)
+            clone._compile()
         return clone
 
     def __getstate__(self) -> dict:
@@ -167,10 +169,7 @@ class SafeCompiled:
         recompile = state.pop("_recompile", False)
         self.__dict__.update(state)
         if recompile:
-            try:
-                self._compiled = torch.compile(self.fn, **self.compile_options)
-            except Exception as error:
-                self._fall_back(error)
+            self._compile()
 
     def __repr__(self) -> str:
         state = "compiled" if self.compiled else f"eager ({self.failure})"

@@ -73,7 +73,8 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-        """Build from plain data; unknown keys raise ``ValueError`` naming them."""
+        """Build from plain data; unknown keys, missing required keys and values of the wrong type raise
+        ``ValueError`` naming them."""
         if not isinstance(data, dict):
             raise ValueError(f"{cls.__name__} expects a mapping, found {type(data).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -228,7 +229,8 @@ def _plain_mismatch(hint: Any, value: Any) -> str | None:
 def as_integer(value: Any) -> int | None:
     """``value`` as an int when it is an integer of any type (Python, NumPy, a 0-d integer tensor); None for
     anything else, a bool included."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (hasattr(value, "ndim") and hasattr(value, "dtype") and (
+            value.ndim != 0 or "bool" in str(value.dtype))):
         return None
     try:
         return operator.index(value)

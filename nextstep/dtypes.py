@@ -8,6 +8,17 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_input_dtype(inputs: torch.Tensor, weights: torch.dtype, what: str, owner: str) -> None:
+    """Raise ``ValueError`` when ``inputs`` are not in the ``weights`` dtype of the module ``owner`` that
+    takes them, outside autocast (which casts for the module); ``what`` names the inputs."""
+    if inputs.dtype == weights:
+        return
+    if inputs.device.type != "meta" and torch.is_autocast_enabled(inputs.device.type):
+        return
+    raise ValueError(f"{what} are {inputs.dtype} but {owner} weights {weights}; cast the {what} (or the weights) "
+                     "to one dtype, or run under torch.autocast")
+
+
 def weight_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``dtype`` as a torch dtype of `DTYPES` (given as one or by name); None stays None.
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from nextstep.backbones.base import positions_from_mask
 from nextstep.images import as_image_list, to_pil
-from nextstep.reranking import best_candidates, candidate_score_function
+from nextstep.reranking import best_candidates, candidate_score_function, check_candidates
 from nextstep.samplers.base import Sampler
 from nextstep.samplers.guidance import Guidance, GuidedVelocity, check_scale, guidance_for_scale
 from nextstep.samplers.guidance_schedule import token_progress
@@ -330,8 +330,7 @@ def generate_tokens(
     num_steps = defaults.num_steps if num_steps is None else num_steps
     candidates = defaults.candidates if candidates is None else candidates
     score = candidate_score_function(defaults.candidate_score if candidate_score is None else candidate_score)
-    if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
-        raise ValueError(f"candidates must be an integer >= 1, found {candidates!r}")
+    candidates = check_candidates(candidates)
     if editing and candidates > 1:
         raise ValueError(f"candidates ranks text-to-image samples; editing (images given) draws each image "
                          f"once, found candidates={candidates}")

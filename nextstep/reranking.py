@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from einops import rearrange, reduce, repeat
 
+from nextstep.config import as_integer
+
 if TYPE_CHECKING:
     from nextstep.model import NextStep
     from nextstep.sequence import SequenceBatch
@@ -153,14 +155,21 @@ def candidate_score_function(name: str) -> Callable[..., torch.Tensor]:
     return CANDIDATE_SCORES[name]
 
 
+def check_candidates(candidates) -> int:
+    """``candidates`` (the images drawn for each one kept) as an int >= 1; ``ValueError`` naming it otherwise."""
+    count = as_integer(candidates)
+    if count is None or count < 1:
+        raise ValueError(f"candidates must be an integer >= 1, found {candidates!r}")
+    return count
+
+
 def best_candidates(tokens: torch.Tensor, scores: torch.Tensor, candidates: int) -> torch.Tensor:
     """The best of each image's candidates: tokens (R*K, N, D) and scores (R*K,), rows
     candidate-minor (row r*K + j is candidate j of image r) -> tokens (R, N, D).
 
     A NaN score ranks below every other (a candidate whose sampling diverged is never kept
     over one that did not); among equal scores the first candidate wins."""
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-        raise ValueError(f"candidates must be an integer >= 1, found {candidates!r}")
+    candidates = check_candidates(candidates)
     if scores.ndim != 1 or tokens.shape[0] != scores.shape[0] or tokens.shape[0] % candidates:
         raise ValueError(f"expected one score for every row and rows divisible by {candidates} candidates, "
                          f"found {tokens.shape[0]} rows and scores of shape {tuple(scores.shape)}")

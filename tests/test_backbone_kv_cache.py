@@ -226,6 +226,9 @@ def test_cache_bookkeeping():
         with pytest.raises(ValueError, match=rf"rows must be integer indices into the batch, found {dtype}"):
             cache.select_rows(rows)
     assert cache.select_rows(np.array([2, 0])).batch_size == 2  # NumPy and tensor indices alike
+    for length in (torch.tensor(True), torch.tensor([1])):  # a 0-d bool, a 1-D tensor
+        with pytest.raises(ValueError, match="crop to an integer in 0..2 slots, found Tensor"):
+            cache.crop(length)
     cache.crop(np.int64(1))
     cache.crop(torch.tensor(1))
     assert cache.length == 1 and not cache.key_mask[:, 1:].any()

@@ -141,3 +141,13 @@ def test_a_compiled_module_pickles_and_runs_its_own_weights_after():
         fallen = compile_module(nn.Linear(2, 2), backend="no-such-backend")
         fallen(x)
     assert not pickle.loads(pickle.dumps(fallen)).forward.compiled
+
+
+def test_a_copy_made_with_compilation_disabled_runs_eagerly(monkeypatch):
+    import copy
+    import pickle
+
+    module = compile_module(nn.Linear(2, 2), backend="eager")
+    monkeypatch.setenv("NEXTSTEP_DISABLE_COMPILE", "1")
+    for copied in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert not copied.forward.compiled and "NEXTSTEP_DISABLE_COMPILE" in copied.forward.failure

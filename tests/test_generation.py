@@ -115,13 +115,14 @@ def test_building_or_loading_from_the_wrong_kind_of_object_says_what_is_expected
 
 def test_a_folder_that_holds_no_model_does_not_hide_a_preset_or_a_shipped_model(tmp_path, monkeypatch):
     from nextstep import load_model
-    from nextstep.pretrained import DEFAULT_MODEL, model_directory
+    from nextstep.pretrained import DEFAULT_MODEL, bundled_model_path, model_directory
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()
     (tmp_path / DEFAULT_MODEL).mkdir()
     assert load_model("tiny").config == load_model("tiny", seed=0).config
-    assert model_directory(DEFAULT_MODEL) != tmp_path / DEFAULT_MODEL
+    assert model_directory(DEFAULT_MODEL) == bundled_model_path(DEFAULT_MODEL)
+    assert model_directory("tiny") is None  # built from the preset
     (tmp_path / "other").mkdir()
     assert model_directory("other").resolve() == tmp_path / "other"  # loading it then names it as no model
 

@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 from training_helpers import shapes_data, tiny_config, tiny_trainer
@@ -166,6 +167,9 @@ def test_a_metric_given_as_a_tensor_is_logged_as_a_number(tmp_path):
     config = TrainConfig(max_steps=2, micro_batch_size=4, warmup_steps=1, log_every=1, gradient_accumulation=2)
     records = Trainer(Fit(nn.Linear(1, 1), lambda error: error.abs().mean()), _Points(), config, tmp_path / "a",
                       show_progress=False).fit()
+    numpy_records = Trainer(Fit(nn.Linear(1, 1), lambda error: np.float32(error.abs().mean().item())), _Points(),
+                            config, tmp_path / "numpy", show_progress=False).fit()
+    assert all(type(record.metrics["mae"]) is float for record in numpy_records)
     assert all(type(record.metrics["mae"]) is float for record in records)
     logged = [row["mae"] for row in read_log(tmp_path / "a" / "train_log.csv")]
     assert logged == pytest.approx([record.metrics["mae"] for record in records], rel=1e-6)

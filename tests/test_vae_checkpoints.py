@@ -210,6 +210,13 @@ def test_the_weights_file_of_a_directory_layout_loads_its_directory(tmp_path, la
         assert_same_weights(vae, load_flux_vae(tmp_path / "d" / name, layout=given, normalization="none"))
 
 
+def test_an_explicit_file_layout_reads_the_file_given(tmp_path):
+    vae = tiny_vae()
+    save_flux_vae(vae, tmp_path / "d", layout="native")
+    bfl_file(vae, tmp_path / "d" / "model.safetensors")  # BFL names under the native file's name
+    assert_same_weights(vae, load_flux_vae(tmp_path / "d" / "model.safetensors", layout="bfl", norm_groups=8))
+
+
 def test_nextstep_config_fields(caplog):
     config = config_from_nextstep({"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
                                    "z_channels": 16, "encoder_norm": True, "psz": 2,

@@ -32,6 +32,7 @@ from nextstep.backbones.attention import ATTENTION_BACKENDS, attention_backend
 from nextstep.backbones.base import AttentionBackend, Backbone, KVCache
 from nextstep.backbones.masks import attention_mask_for, decode_visible_keys, documents_or_mask, visible_keys
 from nextstep.config import Config, require
+from nextstep.dtypes import check_input_dtype
 from nextstep.layers.rms_norm import RMSNorm
 from nextstep.layers.rotary import RotaryEmbedding, rotate
 from nextstep.registry import register_component
@@ -426,10 +427,7 @@ class Qwen2Backbone(Backbone):
             )
         if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
             raise ValueError(f"positions must be integers (int64 token positions), found {positions.dtype}")
-        weights = self.input_embeddings().weight.dtype
-        if embeds.dtype != weights and not torch.is_autocast_enabled(embeds.device.type):
-            raise ValueError(f"embeds are {embeds.dtype} but the backbone's weights {weights}; cast the embeddings "
-                             "(or the backbone) to one dtype, or run under torch.autocast")
+        check_input_dtype(embeds, self.input_embeddings().weight.dtype, "embeds", "the backbone's")
         if attention_mask is not None and attention_mask.shape != (batch, length):
             raise ValueError(
                 f"attention_mask must have shape {(batch, length)}, found {tuple(attention_mask.shape)}"

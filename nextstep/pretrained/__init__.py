@@ -27,9 +27,15 @@ def bundled_model_path(name: str) -> Path | None:
 
 
 def model_directory(name_or_path: str) -> Path | None:
-    """The folder a model name refers to: an existing directory that holds a model, else a shipped model's,
-    else an existing directory (which loading then names as no model), else None."""
+    """The folder a model name refers to: an existing directory that holds a model; else a shipped model's;
+    else None for a preset's name (built from the preset, whatever folder of that name is in the working
+    directory); else an existing directory (which loading then names as holding no model); else None."""
+    from nextstep.registry import model_names
+
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").is_file():
         return path
-    return bundled_model_path(name_or_path) or (path if path.is_dir() else None)
+    shipped = bundled_model_path(name_or_path)
+    if shipped is not None or name_or_path in model_names():
+        return shipped
+    return path if path.is_dir() else None

@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from nextstep.config import OMITTED_WHEN_DEFAULT, Config, require
+from nextstep.dtypes import check_input_dtype
 from nextstep.registry import register_component
 from nextstep.tokenizers.base import ImageTokenizer
 from nextstep.tokenizers.latent_normalization import (
@@ -294,10 +295,7 @@ class FluxVAE(ImageTokenizer):
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W) -> posterior mean and log-variance, each (B, C, H/f, W/f)."""
         self.check_images(images)
-        weights = self.encoder.conv_in.weight.dtype
-        if images.dtype != weights and not torch.is_autocast_enabled(images.device.type):
-            raise ValueError(f"images are {images.dtype} but the encoder's weights {weights}; cast the images (or "
-                             "the tokenizer) to one dtype, or run under torch.autocast")
+        check_input_dtype(images, self.encoder.conv_in.weight.dtype, "images", "the encoder's")
         moments = self.encoder(images)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)

@@ -357,7 +357,8 @@ def load_flux_vae(path: str | Path, *, layout: str | None = None, keep_dtype: bo
             shift 0 unless given too), or ``norm_groups`` for BFL files.
     """
     path = Path(path)
-    if path.is_file() and path.name in (DIFFUSERS_WEIGHTS, NATIVE_WEIGHTS) and (path.parent / "config.json").is_file():
+    if (layout in (None, "diffusers", "native") and path.is_file() and path.name in (DIFFUSERS_WEIGHTS, NATIVE_WEIGHTS)
+            and (path.parent / "config.json").is_file()):
         path = path.parent  # the weights file of a directory layout: its directory holds the config too
     layout = layout or detect_layout(path)
     if layout not in LAYOUTS:

@@ -436,13 +436,14 @@ def _comparable_dataset(spec: dict) -> dict:
     """A dataset spec as its dataset config reads it: fields left at their default spelt out, and
     ``repeat`` 1 when left out (a spec no dataset reads stays as written)."""
     from nextstep.training.data.registry import dataset_config
+    from nextstep.training.data.source import split_repeat
 
-    fields = {key: value for key, value in spec.items() if key != "repeat"}
+    fields, repeat = split_repeat(spec)
     try:
         _, config = dataset_config(fields)
     except ValueError:
         return spec
-    return {"type": fields["type"], **config.to_dict(), "repeat": spec.get("repeat", 1)}
+    return {"type": fields["type"], **config.to_dict(), "repeat": repeat}
 
 
 def open_run_folder(trainer, recipe: Config, *, resume: bool, run_entries: tuple[str, ...],

@@ -29,7 +29,7 @@ class StepResult:
 
     Attributes:
         loss: scalar to differentiate.
-        metrics: extra scalars to log (numbers or one-element tensors): averaged over
+        metrics: extra scalars to log (real numbers or one-element tensors): averaged over
             micro-batches and processes, or summed when the loss is this micro-batch's share
             of the step's (a task that counts targets, `TrainingTask.target_counts`), its
             metrics then being shares too.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import time
 from contextlib import nullcontext
@@ -76,7 +77,7 @@ def _metric_value(name: str, value) -> float:
     """A task's metric as a float: a number, or a one-element tensor (read without its graph)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return float(value.detach())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # NumPy scalars too
         return float(value)
     raise ValueError(f"metric {name!r} must be a number or a one-element tensor, found "
                      f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
@@ -146,7 +147,8 @@ class Trainer:
         if config.sample_every:  # refused now, not at the first sample step
             if task.samples_from_prompts and not config.sample_prompts:
                 raise ValueError(f"train.sample_prompts must be at least one prompt when sample_every > 0 "
-                                 f"({type(task).__name__} draws its samples from them), found ()")
+                                 f"({type(task).__name__} draws its samples from them), found "
+                                 f"{tuple(config.sample_prompts)!r}")
             task.check_sample_settings(config.sample_height, config.sample_width)
         task.check_checkpoint_files()  # and not at the first checkpoint
         self.task = task

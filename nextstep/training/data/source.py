@@ -46,9 +46,8 @@ class DataConfig(Config):
         require(len(self.datasets) > 0, "datasets", self.datasets, "at least one dataset spec")
         for spec in self.datasets:
             require(isinstance(spec, dict), "datasets", spec, "a list of mappings")
-            fields = {k: v for k, v in spec.items() if k != "repeat"}
+            fields, repeat = split_repeat(spec)
             dataset_config(fields)  # unknown types and keys fail here, naming them
-            repeat = spec.get("repeat", 1)
             require(isinstance(repeat, int) and not isinstance(repeat, bool) and repeat >= 1, "datasets[].repeat",
                     repeat, "an integer >= 1")
         require(self.resolution >= 16 and self.resolution % 16 == 0, "resolution", self.resolution,
@@ -101,13 +100,19 @@ class TrainingData:
                                start_step=start_step, num_workers=num_workers)
 
 
+def split_repeat(spec: dict) -> tuple[dict, int]:
+    """A dataset spec -> its dataset's own fields (``type`` included) and its ``repeat`` count (1 when
+    left out)."""
+    return {key: value for key, value in spec.items() if key != "repeat"}, spec.get("repeat", 1)
+
+
 def build_datasets(config: DataConfig) -> tuple[list, list[int]]:
     """The datasets of ``config``'s specs and how often each is repeated."""
     datasets, repeats = [], []
     for spec in config.datasets:
-        fields = {k: v for k, v in spec.items() if k != "repeat"}
+        fields, repeat = split_repeat(spec)
         datasets.append(build_dataset(fields))
-        repeats.append(spec.get("repeat", 1))
+        repeats.append(repeat)
     streaming = [d for d in datasets if getattr(d, "streaming", False)]
     if streaming and len(datasets) > 1:
         raise ValueError("a streaming dataset (webdataset) must be the only dataset of a recipe")
