@@ -83,3 +83,16 @@ def test_a_tokenizer_recipe_refuses_a_latent_cache():
 
     with pytest.raises(ValueError, match="data.latent_cache must be empty: a tokenizer trains on images"):
         recipe(data={**RECIPE["data"], "latent_cache": "cache"})
+
+
+def test_exporting_a_tokenizer_run_as_a_model_names_what_it_holds(tmp_path):
+    import pytest
+
+    from nextstep.training.export import export_model
+
+    run_tokenizer_recipe(recipe(train={**RECIPE["train"], "max_steps": 1, "checkpoint_every": 1}), tmp_path / "run",
+                         show_progress=False)
+    with pytest.raises(ValueError, match=r"is a checkpoint of an image tokenizer run, not of a NextStep model; "
+                                         r"load its tokenizer with .*load_flux_vae"):
+        export_model(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

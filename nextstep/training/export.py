@@ -36,6 +36,7 @@ def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool = 
             raise FileNotFoundError(f"expected a checkpoint directory or a run folder at {checkpoint}, "
                                     f"found no {MODEL_FILE} and no checkpoints/")
         checkpoint = latest
+    _check_holds_a_model(checkpoint)
     averages = read_checkpoint_average(checkpoint) if use_ema else None  # before the model: fail fast
     model = NextStep.from_pretrained(checkpoint)
     if dtype is not None:
@@ -46,3 +47,19 @@ def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool = 
     with ExponentialMovingAverage.holding(model, averages).applied_to(model):  # names and shapes checked
         model.save_pretrained(output)
     return Path(output)
+
+
+def _check_holds_a_model(checkpoint: Path) -> None:
+    """Raise ``ValueError`` when ``checkpoint``'s ``config.json`` is an image tokenizer's (a tokenizer run's
+    checkpoint), naming where its tokenizer loads from instead."""
+    import json
+
+    from nextstep.tokenizers.flux_vae import FluxVAEConfig
+
+    try:
+        FluxVAEConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return
+    raise ValueError(f"{checkpoint} is a checkpoint of an image tokenizer run, not of a NextStep model; load its "
+                     "tokenizer with nextstep.tokenizers.vae_checkpoints.load_flux_vae (the run folder's "
+                     "tokenizer/ holds the finished one)")
