@@ -339,21 +339,20 @@ def command_eval(args: argparse.Namespace) -> int:
         suite: {name: getattr(args, name) for name in EVALUATION_OPTIONS[suite]} for suite in suites})
     saved = _read_record(output / EVALUATION_RECORD)
     same_run = saved is not None and all(saved.get(key) == record[key] for key in ("model", "settings"))
+    # This folder's suites finished and interrupted with these settings (none when it holds another run).
+    finished, interrupted = (saved["suites"], saved.get("running", {})) if same_run else ({}, {})
     if not args.overwrite:  # the results of another model, settings or options are not replaced
         if not same_run:
             existing = [output / name for name in ("summary.json", *suites) if (output / name).exists()]
         else:  # a suite's folder from a finished or an interrupted run with the same options goes ahead
             existing = [output / suite for suite in suites if (output / suite).exists()
-                        and record["suites"][suite] not in (saved["suites"].get(suite),
-                                                            saved.get("running", {}).get(suite))]
+                        and record["suites"][suite] not in (finished.get(suite), interrupted.get(suite))]
         _check_overwrite(existing, saved and {k: v for k, v in saved.items() if k != "running"}, record,
                          "evaluation")
     options = record["suites"]
     # Suites finished earlier into this folder with these settings stay in its record and summary; this run's
     # suites are "running" until each finishes (one that fails leaves no claim on its folder's results).
-    record["suites"] = {suite: kept for suite, kept in (saved["suites"] if same_run else {}).items()
-                        if suite not in options}
-    interrupted = saved.get("running", {}) if same_run else {}
+    record["suites"] = {suite: kept for suite, kept in finished.items() if suite not in options}
     record["running"] = {**{suite: kept for suite, kept in interrupted.items() if suite not in options}, **options}
     if same_run:
         earlier = _read_record(output / "summary.json") or {}

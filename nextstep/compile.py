@@ -152,8 +152,7 @@ class SafeCompiled:
         clone.fn = copy.deepcopy(self.fn, memo)
         clone.compile_options = copy.deepcopy(self.compile_options, memo)
         clone.__wrapped__ = clone.fn
-        clone._compiled = None
-        if self._compiled is not None:
+        if self._compiled is not None:  # (an eager fallback's copy stays eager, as copied)
             clone._compile()
         return clone
 

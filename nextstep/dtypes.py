@@ -8,6 +8,11 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds integers (not floating, complex or bool), as indices and positions need."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_input_dtype(inputs: torch.Tensor, weights: torch.dtype, what: str, owner: str) -> None:
     """Raise ``ValueError`` when ``inputs`` are not in the ``weights`` dtype of the module ``owner`` that
     takes them, outside autocast (which casts for the module); ``what`` names the inputs."""

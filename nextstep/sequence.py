@@ -332,12 +332,12 @@ class SequenceBuilder:
         for row, examples in enumerate(rows):
             offset = 0
             for number, example in enumerate(examples, start=1):
-                self._check_images_of(example)
                 n = len(example.input_ids)
                 input_ids[row, offset:offset + n] = torch.tensor(example.input_ids, dtype=torch.long)
                 document_ids[row, offset:offset + n] = number
                 starts[row, offset] = True
                 for image in example.image_spans():
+                    self._check_image(example.input_ids, image)
                     span = slice(offset + image.start, offset + image.start + image.tokens.shape[0])
                     image_mask[row, span] = True
                     image_target_mask[row, span] = image.loss
@@ -348,23 +348,21 @@ class SequenceBuilder:
         return SequenceBatch(input_ids, attention_mask, image_mask, image_target_mask, text_target_mask,
                              image_tokens, document_ids=document_ids if packed else None)
 
-    def _check_images_of(self, example: Example) -> None:
-        """Raise ``ValueError`` unless each image of ``example`` is (n, D) tokens over n placeholder ids that
-        follow at least one other id (the position that predicts the image's first token)."""
-        ids, placeholder = example.input_ids, self.text_tokenizer.image_placeholder_id
-        for image in example.image_spans():
-            tokens, start = image.tokens, image.start
-            if tokens.ndim != 2 or tokens.shape[1] != self.token_dim:
-                raise ValueError(f"an example's image tokens must have shape (n, {self.token_dim}), "
-                                 f"found {tuple(tokens.shape)}")
-            end = start + tokens.shape[0]
-            if not 1 <= start <= end <= len(ids):
-                raise ValueError(f"an example's image span {start}..{end} must lie within its {len(ids)} ids and "
-                                 "start after the first (which predicts the image's first token)")
-            found = [token for token in ids[start:end] if token != placeholder]
-            if found:
-                raise ValueError(f"an example's ids at its image span {start}..{end} must be <|image_placeholder|> "
-                                 f"({placeholder}), found {found[:5]}")
+    def _check_image(self, ids: list[int], image: ImageSpan) -> None:
+        """Raise ``ValueError`` unless ``image`` of an example with ``ids`` is (n, D) tokens over n placeholder
+        ids that follow at least one other id (the position that predicts the image's first token)."""
+        tokens, start, placeholder = image.tokens, image.start, self.text_tokenizer.image_placeholder_id
+        if tokens.ndim != 2 or tokens.shape[1] != self.token_dim:
+            raise ValueError(f"an example's image tokens must have shape (n, {self.token_dim}), "
+                             f"found {tuple(tokens.shape)}")
+        end = start + tokens.shape[0]
+        if not 1 <= start <= end <= len(ids):
+            raise ValueError(f"an example's image span {start}..{end} must lie within its {len(ids)} ids and "
+                             "start after the first (which predicts the image's first token)")
+        found = [token for token in ids[start:end] if token != placeholder]
+        if found:
+            raise ValueError(f"an example's ids at its image span {start}..{end} must be <|image_placeholder|> "
+                             f"({placeholder}), found {found[:5]}")
 
     def left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad id lists: returns input_ids (B, L) int64 and attention_mask (B, L) bool."""

@@ -28,15 +28,17 @@ def _storage_dtype(name: str, storage_dtypes: dict[str, torch.dtype]) -> torch.d
     return storage_dtypes[max(prefixes, key=len)] if prefixes else None
 
 
-def write_config_and_tokenizer(model, directory: Path) -> None:
+def write_config_and_tokenizer(model, directory: Path) -> ModelConfig:
     """Write ``config.json`` and the text tokenizer's files of ``model`` into ``directory``: what loading
-    needs beside the weights. The config finds the tokenizer's files where ``directory`` holds them."""
+    needs beside the weights. The file finds the tokenizer's files where ``directory`` holds them; returns
+    the live components' config (`NextStep.current_config`)."""
     saved_text_config = model.text_tokenizer.save(directory) if model.text_tokenizer is not None else None
-    config = model.current_config()
+    config = written = model.current_config()
     if saved_text_config is not None:
         spec = config.text_tokenizer
-        config = config.replace(text_tokenizer=ComponentSpec(spec.kind, spec.type, saved_text_config))
-    config.save(Path(directory) / CONFIG_NAME)
+        written = config.replace(text_tokenizer=ComponentSpec(spec.kind, spec.type, saved_text_config))
+    written.save(Path(directory) / CONFIG_NAME)
+    return config
 
 
 def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.dtype] | None = None) -> None:
@@ -58,7 +60,7 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"storage_dtypes[{prefix!r}] must be a floating torch.dtype, found {dtype!r}")
     with atomic_directory(directory) as staging:
-        write_config_and_tokenizer(model, staging)
+        config = write_config_and_tokenizer(model, staging)
         state, saved = {}, set()
         for name, tensor in weights.items():
             # A tensor shared under two names (tied weights) is written once, under its first name;
@@ -70,7 +72,7 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
             dtype = _storage_dtype(name, storage_dtypes) if tensor.is_floating_point() else None
             state[name] = tensor_to_save(tensor, dtype)
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-    model.config = model.current_config()  # the live components' (the saved file may name the tokenizer's copy)
+    model.config = config  # the live components' (the saved file may name the tokenizer's copy)
 
 
 def read_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nextstep.config import as_integer, described
+from nextstep.dtypes import is_integer_dtype
 
 
 class BackboneCache(ABC):
@@ -69,7 +70,7 @@ class BackboneCache(ABC):
         found = torch.as_tensor(rows, device=device)
         if found.ndim != 1 or found.numel() == 0:
             raise ValueError(f"rows must be a non-empty 1-D index, found shape {tuple(found.shape)}")
-        if found.dtype == torch.bool or found.is_floating_point() or found.is_complex():
+        if not is_integer_dtype(found.dtype):
             raise ValueError(f"rows must be integer indices into the batch, found {found.dtype} (a keep-mask "
                              "selects with mask.nonzero().flatten())")
         found = found.long()

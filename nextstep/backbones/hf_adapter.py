@@ -149,7 +149,7 @@ class HFCache(BackboneCache):
             hf_cache = copy.deepcopy(self._empty)
         new = HFCache(hf_cache, rows.numel(), self.max_length, self.key_mask.device, empty=self._empty)
         with torch.inference_mode(False):
-            new.key_mask = self.key_mask[rows.to(self.key_mask.device)].clone()
+            new.key_mask = self.key_mask[rows].clone()
         new._length = self._length
         return new
 

@@ -32,7 +32,7 @@ from nextstep.backbones.attention import ATTENTION_BACKENDS, attention_backend
 from nextstep.backbones.base import AttentionBackend, Backbone, KVCache
 from nextstep.backbones.masks import attention_mask_for, decode_visible_keys, documents_or_mask, visible_keys
 from nextstep.config import Config, require
-from nextstep.dtypes import check_input_dtype
+from nextstep.dtypes import check_input_dtype, is_integer_dtype
 from nextstep.layers.rms_norm import RMSNorm
 from nextstep.layers.rotary import RotaryEmbedding, rotate
 from nextstep.registry import register_component
@@ -425,7 +425,7 @@ class Qwen2Backbone(Backbone):
             raise ValueError(
                 f"positions must have shape {(batch, length)}, found {tuple(positions.shape)}"
             )
-        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        if not is_integer_dtype(positions.dtype):
             raise ValueError(f"positions must be integers (int64 token positions), found {positions.dtype}")
         check_input_dtype(embeds, self.input_embeddings().weight.dtype, "embeds", "the backbone's")
         if attention_mask is not None and attention_mask.shape != (batch, length):

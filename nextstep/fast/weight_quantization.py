@@ -54,13 +54,14 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     """
     if weight.ndim != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize_int8 takes a floating (N, K) matrix, found {tuple(weight.shape)} {weight.dtype}")
-    rows = (~torch.isfinite(weight)).any(dim=1).nonzero()[:, 0].tolist()
-    if rows:
-        raise ValueError(f"quantize_int8 takes finite weights, found NaN or infinite values in rows {rows[:5]}"
-                         f"{' ...' if len(rows) > 5 else ''}")
     with torch.no_grad():
         values = weight.detach().float()
-        scale = values.abs().amax(dim=1) / 127.0
+        largest = values.abs().amax(dim=1)  # NaN or inf in exactly the rows that hold such a value
+        rows = (~torch.isfinite(largest)).nonzero()[:, 0].tolist()
+        if rows:
+            raise ValueError(f"quantize_int8 takes finite weights, found NaN or infinite values in rows {rows[:5]}"
+                             f"{' ...' if len(rows) > 5 else ''}")
+        scale = largest / 127.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         quantized = torch.round(values / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return Int8Weight(quantized, scale)

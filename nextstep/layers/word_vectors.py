@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from nextstep.config import Config, require
+from nextstep.dtypes import is_integer_dtype
 
 
 @dataclass
@@ -95,7 +96,7 @@ class WordVectorInput(nn.Module):
             raise ValueError(f"expected vectors of shape {(count, dim)}, found {tuple(vectors.shape)}")
         if tuple(learned_ids.shape) != (count,):
             raise ValueError(f"expected learned_ids of shape {(count,)}, found {tuple(learned_ids.shape)}")
-        if learned_ids.is_floating_point() or learned_ids.is_complex() or learned_ids.dtype == torch.bool:
+        if not is_integer_dtype(learned_ids.dtype):
             raise ValueError(f"learned_ids must be integers, found {learned_ids.dtype}")
         bad_rows = (~torch.isfinite(vectors)).any(dim=1).nonzero().flatten()
         if bad_rows.numel():

@@ -162,7 +162,7 @@ class ImageTokenizer(nn.Module, ABC):
                 f"found {height}x{width}"
             )
         if images.numel() and images.device.type != "meta":
-            low, high = float(images.min()), float(images.max())  # NaN or inf when any value is
+            low, high = torch.stack(torch.aminmax(images)).tolist()  # one pass; NaN or inf when any value is
             if not (math.isfinite(low) and math.isfinite(high)):
                 raise ValueError("image values must be finite numbers in [-1, 1], found NaN or infinite values")
             if low < -1.0 - 1e-3 or high > 1.0 + 1e-3:

@@ -244,15 +244,16 @@ def config_to_nextstep(config: FluxVAEConfig, resolution: int = 256) -> dict:
 
 def config_from_bfl_state(state: dict[str, torch.Tensor], norm_groups: int = 32) -> FluxVAEConfig:
     """Infer the architecture from BFL-named weights (GroupNorm groups cannot be inferred)."""
-    levels = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k))), default=-1)
+    levels = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k))), default=0)
     blocks = 1 + max((int(m.group(1)) for k in state
-                      if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))), default=-1)
+                      if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))), default=0)
+    # At least one level's first block: with it present, ``blocks`` is at least 1.
     needed = ["encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_out.weight",
-              *(f"encoder.down.{i}.block.0.conv1.weight" for i in range(max(levels, 1)))]
+              *(f"encoder.down.{i}.block.0.conv1.weight" for i in range(levels))]
     missing = [name for name in needed if name not in state]
-    if missing or blocks < 1:
+    if missing:
         raise ValueError(f"weights do not look like a FLUX autoencoder in BFL names (encoder.*, decoder.*): missing "
-                         f"{missing or ['encoder.down.0.block.0.*']}, found names such as {sorted(state)[:3]}")
+                         f"{missing}, found names such as {sorted(state)[:3]}")
     ch = state["encoder.conv_in.weight"].shape[0]
     widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
     z_channels = state["encoder.conv_out.weight"].shape[0] // 2

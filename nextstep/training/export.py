@@ -52,12 +52,10 @@ def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool = 
 def _check_holds_a_model(checkpoint: Path) -> None:
     """Raise ``ValueError`` when ``checkpoint``'s ``config.json`` is an image tokenizer's (a tokenizer run's
     checkpoint), naming where its tokenizer loads from instead."""
-    import json
-
     from nextstep.tokenizers.flux_vae import FluxVAEConfig
 
     try:
-        FluxVAEConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
+        FluxVAEConfig.load(checkpoint / "config.json")
     except (OSError, ValueError, TypeError):
         return
     raise ValueError(f"{checkpoint} is a checkpoint of an image tokenizer run, not of a NextStep model; load its "

@@ -386,16 +386,19 @@ def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] 
     if not saved_file.is_file():
         return
     try:
-        saved = _comparable(type(recipe).from_json(saved_file.read_text()))
-    except (ValueError, TypeError, OSError):
-        other = _recipe_class_reading(saved_file)
+        text = saved_file.read_text()
+    except OSError:
+        text = ""  # read as no recipe, below
+    saved = _recipe_or_none(text, type(recipe))
+    if saved is None:
+        other = _other_recipe_class_reading(text, type(recipe))
         if other is not None:
             raise ValueError(f"{output_dir} holds a run of another kind (its {RECIPE_FILE} is a {other.__name__}, "
-                             f"this recipe a {type(recipe).__name__}); {advice}") from None
+                             f"this recipe a {type(recipe).__name__}); {advice}")
         logger.warning("%s cannot be read as a %s; it is not compared with this run's recipe", saved_file,
                        type(recipe).__name__)
         return
-    here = _comparable(recipe)
+    saved, here = _comparable(saved), _comparable(recipe)
     differing = [name for name in fields if saved.get(name) != here.get(name)]
     if differing:
         def shown(value):
@@ -407,17 +410,21 @@ def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] 
         raise ValueError(f"{output_dir} was trained with another recipe ({details}); {advice}")
 
 
-def _recipe_class_reading(path: Path) -> type | None:
-    """The recipe class (model or tokenizer training) that reads the recipe file at ``path``, or None."""
+def _recipe_or_none(text: str, recipe_class: type) -> Config | None:
+    """The recipe ``text`` as ``recipe_class`` reads it, or None when it does not."""
+    try:
+        return recipe_class.from_json(text)
+    except (ValueError, TypeError):
+        return None
+
+
+def _other_recipe_class_reading(text: str, own: type) -> type | None:
+    """The recipe class other than ``own`` (model or tokenizer training) that reads the recipe ``text``,
+    or None."""
     from nextstep.training.tokenizer_recipe import TokenizerRecipeConfig
 
-    for recipe_class in (RecipeConfig, TokenizerRecipeConfig):
-        try:
-            recipe_class.from_json(path.read_text())
-        except (ValueError, TypeError, OSError):
-            continue
-        return recipe_class
-    return None
+    return next((recipe_class for recipe_class in (RecipeConfig, TokenizerRecipeConfig)
+                 if recipe_class is not own and _recipe_or_none(text, recipe_class) is not None), None)
 
 
 def _comparable(recipe: Config) -> dict:

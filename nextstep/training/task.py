@@ -96,11 +96,17 @@ class TrainingTask(ABC):
         return {}
 
     @property
+    def names_target_counts(self) -> bool:
+        """Whether the task overrides `target_counts` (so a step under ``loss_averaging="step"``
+        counts its targets before its first forward pass)."""
+        return type(self).target_counts is not TrainingTask.target_counts
+
+    @property
     def counts_targets(self) -> bool:
         """Whether ``TrainConfig.loss_averaging`` can change how the task trains: by default, whether
         it overrides `target_counts`. A task whose micro-batches always hold equal counts trains alike
         either way and may say False (a resume across the two settings is then not refused)."""
-        return type(self).target_counts is not TrainingTask.target_counts
+        return self.names_target_counts
 
     def shard_units(self) -> list[nn.Module]:
         """Submodules that FSDP shards as their own units (default: none besides the root)."""

@@ -166,6 +166,9 @@ class Trainer:
         self.module = self.context.wrap(self.model, config.parallelism, task.shard_units(),
                                         task.unsharded_parameters())
         self.optimizer = build_optimizer(self.model, config)
+        # A step counts its targets (all its micro-batches prepared before the first forward pass), or
+        # prepares each micro-batch as its turn comes (one at a time in memory).
+        self._counts_step_targets = config.loss_averaging == "step" and task.names_target_counts
         self.schedule = WarmupCosineSchedule.from_config(config)
         self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay > 0 else None
         self.checkpoints = CheckpointManager(self.output_dir / CHECKPOINTS_DIR, config.keep_last, self.context,
@@ -244,8 +247,10 @@ class Trainer:
         """Move the checkpoints after the step resumed from (a run resumed from an earlier checkpoint
         abandons them) into ``earlier-runs/<n>/checkpoints/``: pruning, by step, would otherwise keep
         them over the new ones, and a later rerun would resume from them."""
+        if not self.context.is_main:
+            return
         later = [step for step in self.checkpoints.steps() if step > self.step]
-        if not later or not self.context.is_main:
+        if not later:
             return
         target = _new_earlier_run_folder(self.output_dir) / CHECKPOINTS_DIR
         target.mkdir()
@@ -383,10 +388,7 @@ class Trainer:
             with autocast_context(config.precision, context.device):
                 return self.task.prepare(batch, generator), generator
 
-        # The step's counts need every micro-batch prepared before the first forward pass; otherwise each
-        # is prepared as its turn comes (one at a time in memory).
-        counting = config.loss_averaging == "step" and type(self.task).target_counts is not TrainingTask.target_counts
-        ahead = [next_micro_batch(index) for index in range(accumulation)] if counting else None
+        ahead = [next_micro_batch(index) for index in range(accumulation)] if self._counts_step_targets else None
         totals = self._step_totals([batch for batch, _ in ahead]) if ahead else None
         for index in range(accumulation):
             batch, generator = ahead[index] if ahead else next_micro_batch(index)
