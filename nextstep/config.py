@@ -176,8 +176,14 @@ def _from_plain(hint: Any, value: Any) -> Any:
         return value if isinstance(value, ComponentSpec) else ComponentSpec.from_dict(value)
     if isinstance(hint, type) and issubclass(hint, Config) and isinstance(value, dict):
         return hint.from_dict(value)
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
+    if (hint is tuple or origin in (tuple, list, collections.abc.Sequence)) and isinstance(value, (list, tuple)):
+        if origin is tuple and args and args[-1] is not Ellipsis:  # one hint per position
+            items = [_from_plain(item_hint, element) for item_hint, element in zip(args, value)]
+        else:
+            items = [_from_plain(args[0] if args else None, element) for element in value]
+        return tuple(items) if origin is tuple or hint is tuple else items
+    if origin is dict and len(args) == 2 and isinstance(value, dict):
+        return {key: _from_plain(args[1], element) for key, element in value.items()}
     return value
 
 
@@ -220,7 +226,13 @@ def _plain_mismatch(hint: Any, value: Any) -> str | None:
                 return f"a list whose items are each {inner}"
         return None
     if origin is dict or hint is dict:
-        return None if isinstance(value, dict) else "a mapping"
+        if not isinstance(value, dict):
+            return "a mapping"
+        for element in value.values() if len(args) == 2 else ():
+            inner = _plain_mismatch(args[1], element)
+            if inner is not None:
+                return f"a mapping whose values are each {inner}"
+        return None
     if isinstance(hint, type) and issubclass(hint, (Config, ComponentSpec)):
         return None if isinstance(value, (dict, hint)) else f"a mapping ({hint.__name__})"
     return None

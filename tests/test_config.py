@@ -1,10 +1,11 @@
+import dataclasses
 import json
 
 import pytest
 
 from nextstep import ModelConfig, model_names, model_preset
 from nextstep.backbones import Qwen2BackboneConfig
-from nextstep.config import ComponentSpec
+from nextstep.config import ComponentSpec, Config
 from nextstep.heads import FlowMatchingHeadConfig
 from nextstep.registry import component_class, component_names
 from nextstep.tokenizers import FluxVAEConfig
@@ -224,3 +225,30 @@ def test_a_refused_value_names_its_config():
 
     with pytest.raises(ValueError, match=r"^FlowMatchingHeadConfig: time_sampling must be"):
         FlowMatchingHeadConfig(time_sampling="gamma")
+
+
+@dataclasses.dataclass
+class _Stage(Config):
+    steps: int = 1
+
+
+@dataclasses.dataclass
+class _Plan(Config):
+    stages: tuple[_Stage, ...] = ()
+    pair: tuple[_Stage, float] = (_Stage(), 1.0)
+    named: dict[str, _Stage] = dataclasses.field(default_factory=dict)
+    samplers: tuple[ComponentSpec, ...] = ()
+
+
+def test_configs_nested_in_sequences_and_mappings_rebuild_from_plain_data():
+    from nextstep.samplers import EulerSamplerConfig
+
+    plan = _Plan(stages=(_Stage(2), _Stage(3)), pair=(_Stage(4), 0.5), named={"warm": _Stage(5)},
+                 samplers=(ComponentSpec("sampler", "euler", EulerSamplerConfig()),))
+    again = _Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan and isinstance(again.stages[0], _Stage) and isinstance(again.named["warm"], _Stage)
+    assert isinstance(again.samplers[0], ComponentSpec) and isinstance(again.pair[0], _Stage)
+    with pytest.raises(ValueError, match=r"_Plan\.named must be a mapping whose values are each a mapping"):
+        _Plan.from_dict({"named": {"warm": 5}})
+    with pytest.raises(ValueError, match=r"_Plan\.stages must be a list whose items are each a mapping"):
+        _Plan.from_dict({"stages": [5]})
