@@ -343,7 +343,8 @@ def write_release_checkpoint(
 
 
 def write_qwen_checkpoint(directory: Path, *, vocab_size: int, hidden_size: int = 32, num_layers: int = 2,
-                          tied: bool = False, vocabulary: str = "qwen", seed: int = 0) -> None:
+                          tied: bool = False, vocabulary: str = "qwen", seed: int = 0,
+                          dtype: torch.dtype = torch.float32) -> None:
     """A plain Hugging Face Qwen2 checkpoint (``Qwen2ForCausalLM``, random tiny weights) with Qwen2.5 tokenizer
     files."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -352,5 +353,5 @@ def write_qwen_checkpoint(directory: Path, *, vocab_size: int, hidden_size: int 
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=48,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                          rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied)
-    Qwen2ForCausalLM(config).save_pretrained(str(directory))
+    Qwen2ForCausalLM(config).to(dtype).save_pretrained(str(directory))
     write_tokenizer(directory, vocabulary=vocabulary, nextstep_tokens=False)

@@ -130,6 +130,20 @@ def test_tied_small_model_and_dtype(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_without_a_dtype_the_transformer_takes_the_checkpoints_and_the_vae_keeps_its_own(tmp_path):
+    write_qwen_checkpoint(tmp_path / "qwen", vocab_size=300, vocabulary="small", dtype=torch.bfloat16)
+    vae = tiny_vae()
+    model = nextstep_from_qwen(tmp_path / "qwen", image_tokenizer=vae, head="tiny")
+    assert model.image_tokenizer is vae and {p.dtype for p in vae.parameters()} == {torch.float32}
+    rest = [p for name, p in model.named_parameters() if not name.startswith("image_tokenizer.")]
+    assert {p.dtype for p in rest} == {torch.bfloat16}
+    from nextstep.tokenizers.vae_checkpoints import save_flux_vae
+
+    save_flux_vae(vae, tmp_path / "vae")
+    from_path = nextstep_from_qwen(tmp_path / "qwen", image_tokenizer=tmp_path / "vae", head="tiny")
+    assert {p.dtype for p in from_path.image_tokenizer.parameters()} == {torch.float32}
+
+
 def test_bad_directories_are_refused(tmp_path):
     write_qwen_checkpoint(tmp_path / "qwen", vocab_size=300, vocabulary="small")
     config = (tmp_path / "qwen" / "config.json")

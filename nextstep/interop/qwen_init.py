@@ -149,7 +149,9 @@ def nextstep_from_qwen(
         head: a flow-head size (``tiny``, ``small``, ``base`` (the release's),
             ``large``) or a full `FlowMatchingHeadConfig`.
         sampler: default sampler spec; None selects the release's Euler-Maruyama sampler.
-        dtype: parameter dtype of the model; None keeps the checkpoint's.
+        dtype: parameter dtype of the whole model, the image tokenizer included; None gives the
+            transformer and the new parts the checkpoint's dtype and leaves the image tokenizer in its
+            own (a `FluxVAE` given is used as it is, not copied: a ``dtype`` or ``device`` moves it).
         device: where the parameters are allocated.
         seed: seeds the new head, projectors and new embedding rows.
         pad_vocab_to_multiple_of: when the tokenizer outgrows the embedding
@@ -188,7 +190,7 @@ def nextstep_from_qwen(
     tied = bool(hf_config.get("tie_word_embeddings", False))
 
     infos = read_checkpoint_index(path)
-    dtype = dtype if dtype is not None else checkpoint_dtype(infos)
+    language_dtype = dtype if dtype is not None else checkpoint_dtype(infos)
     backbone_config = qwen2_config_from_hf(hf_config, vocab_size=new_vocab)
     with torch.device("meta"):
         backbone = Qwen2Backbone(backbone_config)
@@ -201,7 +203,8 @@ def nextstep_from_qwen(
             return None
         return "backbone." + name.removeprefix("model.")
 
-    report = load_safetensors(language_model, path, rename=rename, dtype=dtype, device=device, strict=False)
+    report = load_safetensors(language_model, path, rename=rename, dtype=language_dtype, device=device,
+                              strict=False)
     # The two tables are copied row by row below; everything else must have loaded.
     report.missing = sorted(set(report.missing) - {"backbone.embed_tokens.weight", "lm_head.weight"})
     if not report.complete:
@@ -223,7 +226,8 @@ def nextstep_from_qwen(
         initialize_rows_from_mean(weight, fresh, trained, noise_variance_scale=noise_variance_scale,
                                   generator=generator)
 
-    vae = image_tokenizer if isinstance(image_tokenizer, FluxVAE) else load_flux_vae(Path(image_tokenizer))
+    vae = (image_tokenizer if isinstance(image_tokenizer, FluxVAE) else
+           load_flux_vae(Path(image_tokenizer), keep_dtype=dtype is None))
     if isinstance(head, str):
         head = flow_head_config(head, backbone_config.hidden_size, vae.token_dim)
     if sampler is None:
@@ -251,7 +255,10 @@ def nextstep_from_qwen(
         for projector in (model.image_in_projector, model.image_out_projector):
             nn.init.normal_(projector.weight, std=std)
             nn.init.zeros_(projector.bias)
-    return model.to(device=device, dtype=dtype)
+    # The image tokenizer keeps its own dtype unless one is asked for (as a loaded release's does).
+    for part in model.children():
+        part.to(device=device, dtype=dtype if part is vae else language_dtype)
+    return model
 
 
 __all__ = ["initialize_rows_from_mean", "nextstep_from_qwen", "padded_vocab_size", "row_statistics"]
