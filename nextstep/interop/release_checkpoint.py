@@ -174,13 +174,19 @@ def checkpoint_dtype(infos: dict[str, TensorInfo]) -> torch.dtype:
     return _SAFETENSORS_DTYPES[max(counts, key=counts.get)]
 
 
+def _is_lm_head(name: str) -> bool:
+    """Whether a release key (with or without the ``model.`` prefix) is the LM head's weight, which a
+    model with tied embeddings does not read."""
+    return name.removeprefix("model.") == "lm_head.weight"
+
+
 def _check_release_keys(model: nn.Module, infos: dict[str, TensorInfo], tied: bool, source: Path) -> None:
     """Compare the shard headers with the model, in release key names; raise naming every problem."""
     expected = {}
     for key, tensor in _ShardedParts(model).state_dict(keep_vars=True).items():
         expected[model_key_to_release_key(key)] = tuple(tensor.shape)
     found = {name.removeprefix("model."): info.shape for name, info in infos.items()
-             if release_key_to_model_key(name) is not None and not (tied and name == "lm_head.weight")}
+             if release_key_to_model_key(name) is not None and not (tied and _is_lm_head(name))}
     check_state_dict(expected, found, source, "the model its config.json describes")
 
 
@@ -251,7 +257,7 @@ def load_release_checkpoint(
     _check_release_keys(model, infos, tied, directory)
 
     def rename(name: str) -> str | None:
-        if tied and name == "lm_head.weight":
+        if tied and _is_lm_head(name):
             return None
         return release_key_to_model_key(name)
 
