@@ -455,3 +455,17 @@ def test_unknown_config_fields_are_named_in_a_warning(tmp_path):
     small_release(tmp_path / "m", rope_flavour="new")
     with pytest.warns(UserWarning, match="rope_flavour"):
         NextStep.from_pretrained(tmp_path / "m")
+
+
+def test_tokenizer_config_lists_each_special_token_once_whatever_its_form():
+    from nextstep.interop.release_tokenizer import release_tokenizer_config, with_nextstep_tokens
+
+    area = {"content": "<|image_area|>", "special": True}
+    config = release_tokenizer_config({"additional_special_tokens": [area],
+                                       "extra_special_tokens": ["<|image_area|>", "<|begin_of_image|>",
+                                                                "<|begin_of_image|>"]})
+    assert config["additional_special_tokens"] == [area, "<|begin_of_image|>"]
+    assert "extra_special_tokens" not in config
+    config = with_nextstep_tokens({"additional_special_tokens": [area]},
+                                  {"<|image_area|>": 1, "<|begin_of_image|>": 2, "[PAD]": 0})
+    assert config["additional_special_tokens"] == [area, "<|begin_of_image|>"] and config["pad_token"] == "[PAD]"

@@ -32,7 +32,8 @@ def release_tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
     """``tokenizer_config.json`` in transformers 4.x form.
 
     A list under ``extra_special_tokens`` (transformers 5) is appended to
-    ``additional_special_tokens`` (duplicates dropped) and removed; a mapping
+    ``additional_special_tokens`` (a token already there, as a string or an added-token mapping, is not
+    listed again) and removed; a mapping
     there (named extra tokens, which 4.x reads too) is kept. The loading call's own
     arguments (`LOAD_ARGUMENTS`) are dropped: 4.x would pass them to the tokenizer.
 
@@ -43,10 +44,25 @@ def release_tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
     extra = config.get("extra_special_tokens")
     if isinstance(extra, list):
         del config["extra_special_tokens"]
-        merged = list(config.get("additional_special_tokens") or [])
-        merged += [token for token in extra if token not in merged]
-        config["additional_special_tokens"] = merged
+        config["additional_special_tokens"] = _appended(config.get("additional_special_tokens"), extra)
     return config
+
+
+def _token_text(token: str | dict[str, Any]) -> str:
+    """The text of a special-token entry: a string, or an added-token mapping's ``content``."""
+    return token["content"] if isinstance(token, dict) else token
+
+
+def _appended(listed: list | None, tokens: list) -> list:
+    """``listed`` followed by those of ``tokens`` whose text it does not hold yet, each text once; an entry
+    keeps its place and its form (string or added-token mapping)."""
+    merged = list(listed or [])
+    seen = {_token_text(token) for token in merged}
+    for token in tokens:
+        if _token_text(token) not in seen:
+            seen.add(_token_text(token))
+            merged.append(token)
+    return merged
 
 
 def with_nextstep_tokens(config: dict[str, Any], vocabulary: dict[str, int]) -> dict[str, Any]:
@@ -56,10 +72,8 @@ def with_nextstep_tokens(config: dict[str, Any], vocabulary: dict[str, int]) -> 
     config = dict(config)
     if PAD in vocabulary:
         config["pad_token"] = PAD
-    listed = list(config.get("additional_special_tokens") or [])
-    names = {token["content"] if isinstance(token, dict) else token for token in listed}
-    config["additional_special_tokens"] = listed + [token for token in NEXTSTEP_SPECIAL_TOKENS[1:]
-                                                    if token in vocabulary and token not in names]
+    config["additional_special_tokens"] = _appended(
+        config.get("additional_special_tokens"), [token for token in NEXTSTEP_SPECIAL_TOKENS[1:] if token in vocabulary])
     return config
 
 
