@@ -427,6 +427,12 @@ def test_missing_vae_lists_the_places_tried_and_vae_path_overrides(tmp_path):
     ({"latent_channels": 16}, "latent_channels in the model config is 16 but the VAE config has z_channels=4"),
     ({"hidden_act": "gelu"}, "hidden_act must be 'silu'"),
     ({"mlp_bias": True}, "mlp_bias must be false"),
+    ({"tie_word_embeddings": "false"}, "'tie_word_embeddings' must be true or false, found str 'false'"),
+    ({"use_gen_pos_embed": "false"}, "'use_gen_pos_embed' must be true or false, found str 'false'"),
+    ({"attention_bias": 1}, "'attention_bias' must be true or false, found 1"),
+    ({"fm_head_dim": "wide"}, "fm_head_dim in the model config must be an integer, found str 'wide'"),
+    ({"latent_patch_size": 1.5}, "latent_patch_size in the model config must be an integer, found float 1.5"),
+    ({"boi": "x"}, "boi in the model config must be an integer id, found str 'x'"),
 ])
 def test_unsupported_or_inconsistent_configs_are_refused(tmp_path, change, match):
     small_release(tmp_path / "m", **change)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from nextstep.backbones.qwen2 import Qwen2Backbone, Qwen2BackboneConfig
+from nextstep.config import described
 from nextstep.heads.lm_head import LMHead
 from nextstep.io import read_json_object
 from nextstep.weights import load_safetensors, read_checkpoint_index
@@ -42,6 +43,17 @@ def _required(hf_config: dict[str, Any], key: str) -> Any:
     if key not in hf_config:
         raise ValueError(f"Hugging Face config lacks the required key {key!r}")
     return hf_config[key]
+
+
+def config_flag(hf_config: dict[str, Any], key: str, default: bool) -> bool:
+    """A true/false field of a ``config.json``: ``default`` when absent or null; a value that is not a JSON
+    boolean (the string ``"false"`` among them) raises ``ValueError`` naming the field."""
+    value = hf_config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"config field {key!r} must be true or false, found {described(value)}")
+    return value
 
 
 def _rope_theta(hf_config: dict[str, Any]) -> float:
@@ -107,9 +119,8 @@ def qwen2_config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> Qwen2Ba
     if model_type == "qwen2":
         attention_bias, output_bias = True, False
     else:  # NextStep's Llama-style config: no biases when absent (Llama's default), o follows q/k/v
-        attention_bias = bool(hf_config.get("attention_bias", False))
-        o_bias = hf_config.get("o_attention_bias")  # absent or null: as q/k/v
-        output_bias = attention_bias if o_bias is None else bool(o_bias)
+        attention_bias = config_flag(hf_config, "attention_bias", False)
+        output_bias = config_flag(hf_config, "o_attention_bias", attention_bias)  # absent or null: as q/k/v
     fields = dict(
         vocab_size=_required(hf_config, "vocab_size"),
         hidden_size=hidden_size,
@@ -216,7 +227,7 @@ def load_qwen2_lm_head(
     config = read_hf_config(path)
     embeddings = backbone.input_embeddings()
     vocab_size, hidden_size = embeddings.weight.shape
-    if config.get("tie_word_embeddings", False):
+    if config_flag(config, "tie_word_embeddings", False):
         return LMHead(hidden_size, vocab_size, tied_embedding=embeddings)
     if LM_HEAD_KEY not in read_checkpoint_index(path):
         raise ValueError(f"{path} has no {LM_HEAD_KEY!r}, which its config.json asks for (tie_word_embeddings is "

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from nextstep.backbones.qwen2 import Qwen2Backbone
-from nextstep.backbones.qwen2_checkpoint import LM_HEAD_KEY, qwen2_config_from_hf, read_hf_config
+from nextstep.backbones.qwen2_checkpoint import LM_HEAD_KEY, config_flag, qwen2_config_from_hf, read_hf_config
 from nextstep.config import ComponentSpec
 from nextstep.heads.flow_matching import FlowMatchingHead, FlowMatchingHeadConfig
 from nextstep.heads.lm_head import LMHead
@@ -187,7 +187,7 @@ def nextstep_from_qwen(
     new_vocab = old_vocab
     if text_tokenizer.vocab_size > old_vocab:
         new_vocab = padded_vocab_size(text_tokenizer.vocab_size, pad_vocab_to_multiple_of)
-    tied = bool(hf_config.get("tie_word_embeddings", False))
+    tied = config_flag(hf_config, "tie_word_embeddings", False)
 
     infos = read_checkpoint_index(path)
     language_dtype = dtype if dtype is not None else checkpoint_dtype(infos)

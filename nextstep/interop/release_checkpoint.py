@@ -34,7 +34,7 @@ from nextstep.interop.release_config import (
     model_config_from_release,
     read_release_config,
     release_config_from_model,
-    release_field,
+    release_integer,
 )
 from nextstep.interop.release_tokenizer import save_release_tokenizer
 from nextstep.io import atomic_directory
@@ -235,7 +235,7 @@ def load_release_checkpoint(
     check_release_files(directory)
     vae_directory = find_release_vae(directory, release, vae_path)
     vae = load_flux_vae(vae_directory, layout="nextstep", keep_dtype=dtype is None,
-                        patch_size=int(release_field(release, "latent_patch_size")))
+                        patch_size=release_integer(release, "latent_patch_size"))
     image_tokenizer_config_for_release(release, vae.config)
     config = model_config_from_release(release, vae.config, str(directory), sampler=sampler, use_norm=use_norm)
     text_tokenizer = build_component(config.text_tokenizer, base_dir=directory)

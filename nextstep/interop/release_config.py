@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from nextstep.backbones.qwen2 import Qwen2BackboneConfig
-from nextstep.backbones.qwen2_checkpoint import qwen2_config_from_hf
-from nextstep.config import ComponentSpec, Config
+from nextstep.backbones.qwen2_checkpoint import config_flag, qwen2_config_from_hf
+from nextstep.config import ComponentSpec, Config, as_integer, described
 from nextstep.generation_defaults import GenerationDefaults
 from nextstep.heads.flow_matching import FlowMatchingHeadConfig
 from nextstep.io import read_json_object
@@ -127,18 +127,27 @@ def release_field(release: dict[str, Any], name: str) -> Any:
     return release.get(name, RELEASE_DEFAULTS.get(name))
 
 
+def release_integer(release: dict[str, Any], name: str) -> int:
+    """An integer field of the release config (or the release's default for it); anything else raises
+    ``ValueError`` naming the field and what it holds."""
+    value = release_field(release, name)
+    if as_integer(value) is None:
+        raise ValueError(f"{name} in the model config must be an integer, found {described(value)}")
+    return as_integer(value)
+
+
 def check_release_config(release: dict[str, Any]) -> None:
     """Refuse release settings this library does not implement.
 
     Raises:
         ValueError: naming the field and its value.
     """
-    if release_field(release, "use_gen_pos_embed"):
+    if config_flag(release, "use_gen_pos_embed", RELEASE_DEFAULTS["use_gen_pos_embed"]):
         raise ValueError(
             "use_gen_pos_embed must be false, found true: the release's additive 2-D position table "
             "for image tokens is not implemented"
         )
-    if release.get("mlp_bias"):
+    if config_flag(release, "mlp_bias", False):
         raise ValueError("mlp_bias must be false (Qwen2 MLPs have no bias), found true")
 
 
@@ -154,16 +163,16 @@ def backbone_config_from_release(release: dict[str, Any], **overrides: Any) -> Q
 
 def head_config_from_release(release: dict[str, Any]) -> FlowMatchingHeadConfig:
     """`FlowMatchingHeadConfig` from ``fm_head_*``, ``latent_*`` and ``hidden_size``."""
-    channels = int(release_field(release, "latent_channels"))
-    patch = int(release_field(release, "latent_patch_size"))
+    channels = release_integer(release, "latent_channels")
+    patch = release_integer(release, "latent_patch_size")
     return FlowMatchingHeadConfig(
         token_dim=channels * patch * patch,
-        condition_dim=int(release["hidden_size"]),
-        width=int(release_field(release, "fm_head_dim")),
-        depth=int(release_field(release, "fm_head_layers")),
+        condition_dim=release_integer(release, "hidden_size"),
+        width=release_integer(release, "fm_head_dim"),
+        depth=release_integer(release, "fm_head_layers"),
         mlp_ratio=RELEASE_HEAD_MLP_RATIO,
         frequency_dim=RELEASE_HEAD_FREQUENCY_DIM,
-        batch_mul=int(release_field(release, "fm_head_batch_mul")),
+        batch_mul=release_integer(release, "fm_head_batch_mul"),
     )
 
 
@@ -173,13 +182,13 @@ def image_tokenizer_config_for_release(release: dict[str, Any], vae: FluxVAEConf
     Raises:
         ValueError: when ``latent_channels`` differs from the VAE's ``z_channels``.
     """
-    channels = int(release_field(release, "latent_channels"))
+    channels = release_integer(release, "latent_channels")
     if channels != vae.z_channels:
         raise ValueError(
             f"latent_channels in the model config is {channels} but the VAE config has "
             f"z_channels={vae.z_channels}; the model and its vae/ folder do not belong together"
         )
-    return vae.replace(patch_size=int(release_field(release, "latent_patch_size")))
+    return vae.replace(patch_size=release_integer(release, "latent_patch_size"))
 
 
 def check_special_token_ids(release: dict[str, Any], text_tokenizer: TextTokenizer) -> None:
@@ -194,7 +203,9 @@ def check_special_token_ids(release: dict[str, Any], text_tokenizer: TextTokeniz
         if expected is None:
             continue
         found = text_tokenizer.special_token_id(token)
-        if int(expected) != found:
+        if as_integer(expected) is None:
+            raise ValueError(f"{field} in the model config must be an integer id, found {described(expected)}")
+        if expected != found:
             raise ValueError(
                 f"{field} is {expected} in the model config but the tokenizer gives {token} the id {found}; "
                 "the tokenizer files do not belong to these weights"
@@ -243,7 +254,7 @@ def model_config_from_release(
         backbone=ComponentSpec("backbone", "qwen2", backbone),
         image_head=ComponentSpec("image_head", "flow_matching", head_config_from_release(release)),
         sampler=sampler,
-        tie_word_embeddings=bool(release.get("tie_word_embeddings", False)),
+        tie_word_embeddings=config_flag(release, "tie_word_embeddings", False),
         text_loss_weight=float(release_field(release, "lm_loss_weight")),
         image_loss_weight=float(release_field(release, "im_loss_weight")),
         image_first_probability=RELEASE_IMAGE_FIRST_PROBABILITY,

@@ -72,8 +72,8 @@ def with_nextstep_tokens(config: dict[str, Any], vocabulary: dict[str, int]) -> 
     config = dict(config)
     if PAD in vocabulary:
         config["pad_token"] = PAD
-    config["additional_special_tokens"] = _appended(
-        config.get("additional_special_tokens"), [token for token in NEXTSTEP_SPECIAL_TOKENS[1:] if token in vocabulary])
+    present = [token for token in NEXTSTEP_SPECIAL_TOKENS[1:] if token in vocabulary]
+    config["additional_special_tokens"] = _appended(config.get("additional_special_tokens"), present)
     return config
 
 
