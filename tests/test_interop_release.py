@@ -146,6 +146,17 @@ def test_dtype_defaults_to_the_shards_and_can_be_chosen(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_shards_that_mix_dtypes_load_as_the_most_common_one_with_a_warning(tmp_path):
+    small_release(tmp_path / "mixed", dtype=torch.bfloat16)
+    shard = sorted((tmp_path / "mixed").glob("model-*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name].float()}, str(shard), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"mix dtypes .*'F32': 1, 'BF16'.*torch.bfloat16: pass dtype="):
+        model = NextStep.from_pretrained(tmp_path / "mixed")
+    assert model.backbone.embed_tokens.weight.dtype == torch.bfloat16
+
+
 def test_round_trips_keep_a_float32_vae_beside_bfloat16_shards(tmp_path):
     small_release(tmp_path / "release", dtype=torch.bfloat16)
     original = torch.load(tmp_path / "release" / "vae" / "checkpoint.pt", weights_only=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -164,14 +165,20 @@ def check_release_files(directory: Path) -> None:
 
 
 def checkpoint_dtype(infos: dict[str, TensorInfo]) -> torch.dtype:
-    """The dtype of the floating-point tensors of a checkpoint (the most common one)."""
+    """The dtype of the floating-point tensors of a checkpoint: the most common one, with a warning naming
+    each dtype and its count when they mix (a model takes one dtype for all its weights)."""
     counts: dict[str, int] = {}
     for info in infos.values():
         if info.dtype in _SAFETENSORS_DTYPES:
             counts[info.dtype] = counts.get(info.dtype, 0) + 1
     if not counts:
         return torch.float32
-    return _SAFETENSORS_DTYPES[max(counts, key=counts.get)]
+    chosen = max(counts, key=counts.get)
+    if len(counts) > 1:
+        warnings.warn(f"the checkpoint's floating-point tensors mix dtypes (tensors per dtype: {counts}); all load "
+                      f"as the most common one, {_SAFETENSORS_DTYPES[chosen]}: pass dtype= to choose another",
+                      stacklevel=3)
+    return _SAFETENSORS_DTYPES[chosen]
 
 
 def _is_lm_head(name: str) -> bool:
