@@ -167,7 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-seconds", type=float, default=420.0,
                         help="full-image runs stop when they would end later than this after start")
     parser.add_argument("--compile-backbone", action="store_true",
-                        help="torch.compile the decoder stack inside the decode graphs (adds minutes)")
+                        help="torch.compile the decoder stack inside the decode graphs, in place of the fused "
+                             "stack (adds minutes; implies --no-fused-decode)")
     parser.add_argument("--no-fused-decode", dest="fused_decode", action="store_false",
                         help="decode with the backbone's own stack only (default: the fused stack, and both "
                              "for the one-row rows)")
@@ -188,6 +189,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--tokens values must be square (a square image), found {value}")
     if args.dry_run:
         args.repeats = min(args.repeats, 2)
+    if args.compile_backbone:
+        args.fused_decode = False  # the compiled stack replaces the fused one
     return args
 
 

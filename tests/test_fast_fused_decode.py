@@ -182,3 +182,40 @@ def test_dependent_launches_only_where_compiled_kernels_can():
     assert dependent_launch_options(x) == {}
     if interpreter_enabled():
         assert inside == {}  # the interpreter runs kernels one after another
+
+
+@pytest.mark.parametrize("use_kernels, disabled, kernels", [(False, False, False), (True, False, True),
+                                                             (True, True, False), (None, True, False)])
+def test_use_kernels_and_the_switch_off_variable_reach_every_fused_operation(monkeypatch, use_kernels, disabled,
+                                                                             kernels):
+    import importlib
+
+    from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity
+    from nextstep.heads import FlowMatchingHead, FlowMatchingHeadConfig
+
+    add_rms_norm, rotary_cache, swiglu, skinny_module = (
+        importlib.import_module(f"nextstep.kernels.{name}") for name in ("add_rms_norm", "rotary_cache", "swiglu",
+                                                                         "skinny_linear"))
+    from nextstep.kernels.triton_support import DISABLE_VARIABLE, kernel_function
+
+    if disabled:
+        monkeypatch.setenv(DISABLE_VARIABLE, "1")
+    else:
+        monkeypatch.delenv(DISABLE_VARIABLE, raising=False)
+    form = "triton" if kernels else "reference"
+    stack = FusedDecodeStack(random_backbone(layers=1), skinny=True, use_kernels=use_kernels)
+    for module, name in ((add_rms_norm, "add_rms_norm"), (rotary_cache, "rotate_into_cache"), (swiglu, "swiglu")):
+        assert getattr(stack, name) is getattr(module, f"{name}_{form}"), name
+    calls = []
+    monkeypatch.setattr(skinny_module, "skinny_linear_triton", lambda *a: calls.append("triton") or a[0])
+    monkeypatch.setattr(skinny_module, "skinny_linear_reference", lambda *a: calls.append("reference") or a[0])
+    monkeypatch.setattr("nextstep.fast.fused_decode.skinny_linear_triton", skinny_module.skinny_linear_triton)
+    monkeypatch.setattr("nextstep.fast.fused_decode.skinny_linear_reference", skinny_module.skinny_linear_reference)
+    stack._product(torch.zeros(1, 24, device=DEVICE), stack.products[0]["o"])
+    assert calls == [form]
+    velocity = FusedFlowMatchingVelocity(FlowMatchingHead(FlowMatchingHeadConfig(token_dim=4, condition_dim=8,
+                                                                                 width=8, depth=1)),
+                                         use_kernels=use_kernels, persistent=True)
+    assert velocity.layer_norm_modulate.__name__.endswith(form) and velocity.persistent is kernels
+    from nextstep.kernels import guided_update
+    assert kernel_function(guided_update, use_kernels).__name__ == f"guided_update_{form}"

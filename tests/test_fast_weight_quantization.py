@@ -51,6 +51,8 @@ def test_the_int8_copies_follow_a_repack_and_the_sampler_checks_its_options():
         FastTokenSampler(_Model(backbone), decode_weights="int8")
     with pytest.raises(ValueError, match="dependent_launches=True needs fused_decode=True"):
         FastTokenSampler(_Model(backbone), dependent_launches=True)
+    with pytest.raises(ValueError, match="compile_backbone=True compiles the backbone's own decoder stack"):
+        FastTokenSampler(_Model(backbone), compile_backbone=True, fused_decode=True, decode_weights="int8")
 
 
 def test_quantize_int8_names_what_it_takes():

@@ -23,7 +23,7 @@ from einops import rearrange
 from nextstep.heads.base import ImageHead
 from nextstep.heads.flow_matching import FlowMatchingHead
 from nextstep.heads.prepared_flow_matching import folded_modulation_parameters
-from nextstep.kernels import adaln_linear, adaln_modulation
+from nextstep.kernels import gated_linear, layer_norm_modulate, modulated_linear
 from nextstep.kernels.persistent_head import (
     BARRIER_POLLING,
     PersistentHeadWeights,
@@ -31,7 +31,7 @@ from nextstep.kernels.persistent_head import (
     persistent_programs,
 )
 from nextstep.kernels.persistent_head import MAX_ROWS as PERSISTENT_MAX_ROWS
-from nextstep.kernels.triton_support import dispatch, interpreter_enabled
+from nextstep.kernels.triton_support import dispatch, interpreter_enabled, kernel_choice, kernel_function
 
 __all__ = ["FusedFlowMatchingVelocity", "fused_head_reason"]
 
@@ -41,13 +41,6 @@ def fused_head_reason(head: ImageHead) -> str | None:
     if not isinstance(head, FlowMatchingHead):
         return f"{type(head).__name__} is not a FlowMatchingHead"
     return head.own_velocity_reason()
-
-
-def _kernel_function(module, name: str, use_kernels: bool | None):
-    """``name`` (dispatching), ``name_triton`` or ``name_reference`` of a kernel module."""
-    if use_kernels is None:
-        return getattr(module, name)
-    return getattr(module, f"{name}_triton" if use_kernels else f"{name}_reference")
 
 
 class FusedFlowMatchingVelocity:
@@ -95,7 +88,7 @@ class FusedFlowMatchingVelocity:
         self.output_eps = net.final_layer.norm_final.eps
         self.condition_weights = (net.cond_embed.weight, net.cond_embed.bias)
         self.fused_blocks = fused_blocks
-        self.use_kernels = use_kernels
+        self.use_kernels = use_kernels = kernel_choice(use_kernels)
         # The one-launch kernel takes one LayerNorm epsilon for all blocks, and runs only with kernels on.
         self.persistent = (persistent and use_kernels is not False
                            and len({eps for *_, eps in self.block_weights}) == 1)
@@ -103,9 +96,9 @@ class FusedFlowMatchingVelocity:
         self.prefetch = prefetch
         self.barrier_polling = barrier_polling
         self._persistent_weights: PersistentHeadWeights | None = None
-        self.layer_norm_modulate = _kernel_function(adaln_modulation, "layer_norm_modulate", use_kernels)
-        self.modulated_linear = _kernel_function(adaln_linear, "modulated_linear", use_kernels)
-        self.gated_linear = _kernel_function(adaln_linear, "gated_linear", use_kernels)
+        self.layer_norm_modulate = kernel_function(layer_norm_modulate, use_kernels)
+        self.modulated_linear = kernel_function(modulated_linear, use_kernels)
+        self.gated_linear = kernel_function(gated_linear, use_kernels)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -36,7 +36,8 @@ from nextstep.backbones.qwen2 import Qwen2Backbone
 from nextstep.fast.packed_projections import PackedProjections, pack_projections
 from nextstep.fast.weight_quantization import quantize_int8
 from nextstep.kernels import add_rms_norm, rotate_into_cache, skinny_linear, swiglu
-from nextstep.kernels.triton_support import dependent_launches
+from nextstep.kernels.skinny_linear import skinny_kernel_takes, skinny_linear_reference, skinny_linear_triton
+from nextstep.kernels.triton_support import dependent_launches, kernel_choice, kernel_function
 
 __all__ = ["FusedDecodeStack"]
 
@@ -62,16 +63,24 @@ class FusedDecodeStack:
             launches (`nextstep.kernels.triton_support.dependent_launches`),
             each starting while the one ahead finishes; no effect where Triton
             cannot.
+        use_kernels: None: each fused operation runs its Triton kernel where it
+            can run; True: always (the few-rows product only for the rows it
+            takes); False: never (the eager references). ``NEXTSTEP_DISABLE_TRITON=1``
+            makes it False.
     """
 
     def __init__(self, backbone: Qwen2Backbone, skinny: bool = False, int8_weights: bool = False,
-                 dependent_launches: bool = False):
+                 dependent_launches: bool = False, use_kernels: bool | None = None):
         if not isinstance(backbone, Qwen2Backbone):
             raise TypeError(f"FusedDecodeStack needs a Qwen2Backbone, found {type(backbone).__name__}")
         self.backbone = backbone
         self.int8_weights = bool(int8_weights)
         self.skinny = bool(skinny) or self.int8_weights
         self.dependent_launches = bool(dependent_launches)
+        self.use_kernels = kernel_choice(use_kernels)
+        self.add_rms_norm = kernel_function(add_rms_norm, use_kernels)
+        self.rotate_into_cache = kernel_function(rotate_into_cache, use_kernels)
+        self.swiglu = kernel_function(swiglu, use_kernels)
         self.packs: list[PackedProjections] = pack_projections(backbone)
         self.products = self._products()
 
@@ -103,9 +112,13 @@ class FusedDecodeStack:
 
     def _product(self, x: torch.Tensor, product: tuple) -> torch.Tensor:
         weight, bias, scale = product
-        if self.skinny:
+        if not self.skinny:
+            return F.linear(x, weight, bias)
+        if self.use_kernels is None:
             return skinny_linear(x, weight, bias, scale)
-        return F.linear(x, weight, bias)
+        if self.use_kernels and skinny_kernel_takes(x, weight):
+            return skinny_linear_triton(x, weight, bias, scale)
+        return skinny_linear_reference(x, weight, bias, scale)
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, slots: torch.Tensor,
                  layer_caches: tuple[tuple[torch.Tensor, torch.Tensor], ...], visible: int) -> torch.Tensor:
@@ -140,18 +153,18 @@ class FusedDecodeStack:
         residual, delta = embeds.reshape(batch, hidden_size), None
         for layer, products, (keys, values) in zip(backbone.layers, self.products, layer_caches):
             attention = layer.self_attn
-            residual, normed = add_rms_norm(residual, delta, layer.input_layernorm.weight,
+            residual, normed = self.add_rms_norm(residual, delta, layer.input_layernorm.weight,
                                             layer.input_layernorm.eps)
             qkv = self._product(normed, products["qkv"])  # (B, (N + 2K) E)
-            query = rotate_into_cache(qkv, cos, signed_sin, keys, values, slots, attention.num_heads,
+            query = self.rotate_into_cache(qkv, cos, signed_sin, keys, values, slots, attention.num_heads,
                                       attention.num_kv_heads)  # (B, N, E)
             out = attention.backend(query[:, :, None], keys.narrow(2, 0, visible), values.narrow(2, 0, visible),
                                     mask)  # (B, N, 1, E)
             delta = self._product(out.reshape(batch, attention.num_heads * attention.head_dim), products["o"])
-            residual, normed = add_rms_norm(residual, delta, layer.post_attention_layernorm.weight,
+            residual, normed = self.add_rms_norm(residual, delta, layer.post_attention_layernorm.weight,
                                             layer.post_attention_layernorm.eps)
             gate_up = self._product(normed, products["gate_up"])  # (B, 2F)
             width = gate_up.shape[-1] // 2
-            delta = self._product(swiglu(gate_up[:, :width], gate_up[:, width:]), products["down"])
-        _, hidden = add_rms_norm(residual, delta, backbone.norm.weight, backbone.norm.eps)
+            delta = self._product(self.swiglu(gate_up[:, :width], gate_up[:, width:]), products["down"])
+        _, hidden = self.add_rms_norm(residual, delta, backbone.norm.weight, backbone.norm.eps)
         return hidden.view(batch, 1, hidden_size)

@@ -73,7 +73,8 @@ class FastTokenSampler:
             (CUDA, or CPU under Triton's interpreter); False: never.
         compile_backbone: run the decoder stack through ``torch.compile``
             (`nextstep.compile.safe_compile`: falls back to eager on failure)
-            inside the decode graph, in place of the fused stack.
+            inside the decode graph; it replaces the fused stack, so it cannot
+            be combined with ``fused_decode`` (nor the options that need it).
         fused_decode: run the decode step as `nextstep.fast.fused_decode.FusedDecodeStack`
             (packed projections, fused rotary + cache write, fused add + norm).
             It packs the backbone's projection weights
@@ -112,6 +113,9 @@ class FastTokenSampler:
         self.decode_weights = decode_weights
         if dependent_launches and not self.fused_decode:
             raise ValueError("dependent_launches=True needs fused_decode=True")
+        if compile_backbone and self.fused_decode:
+            raise ValueError("compile_backbone=True compiles the backbone's own decoder stack in place of the fused "
+                             "one: pass fused_decode=False (and no decode_weights or dependent_launches)")
         self.dependent_launches = bool(dependent_launches)
         self.fused_blocks = fused_blocks
         self.persistent_head = persistent_head
@@ -219,12 +223,13 @@ class FastTokenSampler:
         rows = buffers.hidden.shape[0]
         backbone = self.model.backbone
         ready = decode_step_reason(backbone, cache) is None
-        fused = ready and self.fused_decode and not self.compile_backbone
+        fused = ready and self.fused_decode
         if fused:
             if self._fused_stack is None:
                 self._fused_stack = FusedDecodeStack(backbone, skinny=self.decode_weights == "skinny",
                                                      int8_weights=self.decode_weights == "int8",
-                                                     dependent_launches=self.dependent_launches)
+                                                     dependent_launches=self.dependent_launches,
+                                                     use_kernels=self.use_kernels)
             elif self._fused_stack.refresh():
                 self._decode_steps.clear()  # their graphs read the weights where they were
         entry = self._decode_steps.get(rows)

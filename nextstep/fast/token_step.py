@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity
 from nextstep.fast.solver_plan import NOISE, STATE, TRIAL, VELOCITY, SolverPlan
-from nextstep.kernels.guided_update import guided_update, guided_update_reference, guided_update_triton
+from nextstep.kernels import guided_update
+from nextstep.kernels.triton_support import kernel_function
 from nextstep.samplers.guidance import GuidedVelocity
 
 if TYPE_CHECKING:
@@ -67,14 +68,6 @@ class TokenStepBuffers:
             return cls(torch.zeros(branches * rows, hidden_size, device=device, dtype=dtype),
                        torch.zeros(branches * rows, 1, hidden_size, device=device, dtype=dtype),
                        torch.zeros(rows, token_dim, device=device, dtype=torch.float32))
-
-
-def _update_function(use_kernels: bool | None):
-    if use_kernels is None:
-        return guided_update
-    if use_kernels:
-        return guided_update_triton
-    return guided_update_reference
 
 
 def _write_outputs(model, buffers: TokenStepBuffers, token: torch.Tensor, use_norm: bool, branches: int) -> None:
@@ -119,7 +112,7 @@ class FusedTokenStep:
         self.rows, self.branches = rows, branches
         self.buffers = buffers
         self.use_norm = use_norm
-        self.update = _update_function(use_kernels)
+        self.update = kernel_function(guided_update, use_kernels)
         device = buffers.hidden.device
         evaluations = plan.times.shape[0]
         token_dim = buffers.token.shape[1]

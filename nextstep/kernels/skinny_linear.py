@@ -285,6 +285,12 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return out
 
 
+def skinny_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel is the better product for ``x`` (M, K) and ``weight``: up to `ROWS_PER_PROGRAM` rows
+    of a floating weight, up to `MAX_ROWS` of an int8 one."""
+    return not (x.ndim == 2 and x.shape[0] > (MAX_ROWS if weight.dtype == torch.int8 else ROWS_PER_PROGRAM))
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (weight * scale[:, None]).T + bias``: the Triton kernel where allowed, else the reference.
@@ -302,6 +308,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Returns:
         shape (M, N), dtype of ``x``.
     """
-    if x.ndim == 2 and x.shape[0] > (MAX_ROWS if weight.dtype == torch.int8 else ROWS_PER_PROGRAM):
+    if not skinny_kernel_takes(x, weight):
         return skinny_linear_reference(x, weight, bias, scale)
     return dispatch("skinny_linear", x, skinny_linear_triton, skinny_linear_reference, x, weight, bias, scale)

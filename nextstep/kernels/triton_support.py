@@ -24,6 +24,7 @@ import functools
 import importlib
 import itertools
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 from types import ModuleType
@@ -219,6 +220,22 @@ def grid_dependency_functions() -> tuple[Any, Any]:
 def triton_disabled() -> bool:
     """Whether ``NEXTSTEP_DISABLE_TRITON`` turns the kernels off."""
     return os.environ.get(DISABLE_VARIABLE, "").strip() not in ("", "0")
+
+
+def kernel_choice(use_kernels: bool | None) -> bool | None:
+    """A ``use_kernels`` setting as it applies: False while ``NEXTSTEP_DISABLE_TRITON`` turns the kernels off,
+    else as given (None: each call decides by `triton_enabled`; True: always the kernel; False: never)."""
+    return False if triton_disabled() else use_kernels
+
+
+def kernel_function(operation: Callable, use_kernels: bool | None) -> Callable:
+    """The form of a fused operation that ``use_kernels`` picks (after `kernel_choice`): ``operation`` itself
+    (the dispatching function) for None, its module's ``<name>_triton`` for True, ``<name>_reference`` for False."""
+    use_kernels = kernel_choice(use_kernels)
+    if use_kernels is None:
+        return operation
+    module = sys.modules[operation.__module__]
+    return getattr(module, f"{operation.__name__}_triton" if use_kernels else f"{operation.__name__}_reference")
 
 
 def triton_enabled(tensor: torch.Tensor) -> bool:
