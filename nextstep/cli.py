@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -27,9 +28,13 @@ def _positive_int(value: str) -> int:
 
 
 def _output_folder(value: str) -> str:
-    """A folder to write into: refused when a file is in its place."""
-    if Path(value).exists() and not Path(value).is_dir():
-        raise argparse.ArgumentTypeError(f"expected a folder to write into at {value}, found a file")
+    """A folder to write into: refused when a file is in its place or in the place of a folder above it."""
+    for folder in (Path(value), *Path(value).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "" if folder == Path(value) else f" (on the way to {value})"
+                raise argparse.ArgumentTypeError(f"expected a folder to write into at {folder}{where}, found a file")
+            break
     return value
 
 
@@ -65,7 +70,20 @@ SUITE_TITLES = {"shapes": "Shapes GenEval (held-out prompts)", "emoji": "Held-ou
 
 
 def _generation_request(args: argparse.Namespace) -> dict:
-    return {key: value for key, value in sorted(vars(args).items()) if key not in UNRECORDED_OPTIONS}
+    """The options an image answers, with what identifies the model's files (`model_fingerprint`) and the
+    input image's bytes: the same command after either changed makes other images."""
+    from nextstep.pretrained import model_fingerprint
+
+    request = {key: value for key, value in sorted(vars(args).items()) if key not in UNRECORDED_OPTIONS}
+    request["model_fingerprint"] = model_fingerprint(args.model)
+    if args.image is not None and Path(args.image).is_file():
+        request["image_sha256"] = hashlib.sha256(Path(args.image).read_bytes()).hexdigest()[:16]
+    return request
+
+
+def _requested(entry: dict | None) -> dict | None:
+    """A file's record without the settings it was resolved to (``resolved``), which follow from the request."""
+    return None if entry is None else {key: value for key, value in entry.items() if key != "resolved"}
 
 
 def _check_overwrite(existing: list[Path], saved: dict | None, request: dict, what: str) -> None:
@@ -112,21 +130,31 @@ def command_generate(args: argparse.Namespace) -> int:
         expected["grid.png"] = request
     records = _read_record(out_dir / GENERATION_RECORD) or {}  # file -> the request it answers
 
-    def recorded(path: Path) -> None:  # as each file lands, so that a rerun after an interruption goes ahead
+    def recorded(path: Path, resolved: dict) -> None:  # as each file lands: a rerun after an interruption goes on
         current = _read_record(out_dir / GENERATION_RECORD) or {}  # with what another run recorded meanwhile
-        current[path.name] = expected[path.name]
+        current[path.name] = {**expected[path.name], "resolved": resolved}
         atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(current, indent=2) + "\n")
-    if not args.overwrite:  # before the model loads: images of another request are not replaced
+    for name in expected:  # before the model loads
+        if (out_dir / name).exists() and not (out_dir / name).is_file():
+            raise FileExistsError(f"expected a PNG file or nothing at {out_dir / name}, found a directory")
+    if not args.overwrite:  # images of another request are not replaced
         others = [name for name, wanted in expected.items()
-                  if (out_dir / name).exists() and records.get(name) != wanted]
+                  if (out_dir / name).exists() and _requested(records.get(name)) != wanted]
         if others:
-            _check_overwrite([out_dir / name for name in others], records.get(others[0]), expected[others[0]],
-                             "generation")
+            _check_overwrite([out_dir / name for name in others], _requested(records.get(others[0])),
+                             expected[others[0]], "generation")
     model = load_model(args.model, device=args.device, seed=args.seed)
     token_sampler = token_sampler_named(model, args.token_sampler)
     source = None
     if args.image is not None:
         source = read_image_file(args.image)
+    # The settings the images are drawn with, the model's own where the command leaves them unset.
+    chosen = model.config.generation.overridden(cfg=args.cfg, cfg_schedule=args.cfg_schedule, num_steps=args.steps,
+                                                candidates=args.candidates, candidate_score=args.candidate_score)
+    resolved = {"cfg": chosen.cfg, "cfg_schedule": chosen.cfg_schedule, "steps": chosen.num_steps,
+                "sampler": args.sampler or model.config.sampler.type,
+                "candidates": chosen.candidates if source is None or args.candidates is not None else 1,
+                "candidate_score": chosen.candidate_score}
     written = []
     all_images = []
     for index, prompt in enumerate(args.prompts):
@@ -154,14 +182,14 @@ def command_generate(args: argparse.Namespace) -> int:
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             written.append(path)
-            recorded(path)
+            recorded(path, {**resolved, "height": image.height, "width": image.width})
         all_images.extend(images)
     if args.grid and all_images:
         path = out_dir / "grid.png"
         with atomic_path(path) as tmp:
             image_grid(all_images, columns=args.num_images if len(args.prompts) > 1 else None).save(tmp, format="PNG")
         written.append(path)
-        recorded(path)
+        recorded(path, resolved)
     for path in written:
         print(path)
     return 0
@@ -171,7 +199,9 @@ def command_caption(args: argparse.Namespace) -> int:
     from nextstep.builders import load_model
     from nextstep.images import read_image_file
     from nextstep.text_generation import caption_images
+    from nextstep.text_sampling import check_text_sampling
 
+    check_text_sampling(args.temperature, args.top_k, args.top_p)  # before anything loads
     images = [read_image_file(path) for path in args.images]
     model = load_model(args.model, device=args.device, seed=args.seed)
     for path, image in zip(args.images, images):
@@ -219,8 +249,10 @@ def command_info(args: argparse.Namespace) -> int:
         shown = "-" if count is None else count if isinstance(count, str) else f"{count:,} ({_human(count)})"
         print(f"  {name:<20} {kind:<14} {shown}")
     generation = config.generation
+    best_of = (f", best of {generation.candidates} by the {generation.candidate_score} score"
+               if generation.candidates > 1 else "")
     print(f"  generation: cfg {generation.cfg:g} ({generation.cfg_schedule}), {generation.num_steps} steps, "
-          f"{generation.height}x{generation.width}")
+          f"{generation.height}x{generation.width}{best_of}")
     if args.config:
         print(json.dumps(config.to_dict(), indent=2))
     return 0
@@ -338,7 +370,8 @@ def command_eval(args: argparse.Namespace) -> int:
     record = _evaluation_record(args.model, settings.to_dict(), {
         suite: {name: getattr(args, name) for name in EVALUATION_OPTIONS[suite]} for suite in suites})
     saved = _read_record(output / EVALUATION_RECORD)
-    same_run = saved is not None and all(saved.get(key) == record[key] for key in ("model", "settings"))
+    same_run = saved is not None and all(saved.get(key) == record[key]
+                                         for key in ("model", "model_fingerprint", "settings"))
     # This folder's suites finished and interrupted with these settings (none when it holds another run).
     finished, interrupted = (saved["suites"], saved.get("running", {})) if same_run else ({}, {})
     if not args.overwrite:  # the results of another model, settings or options are not replaced
@@ -393,9 +426,12 @@ def command_eval(args: argparse.Namespace) -> int:
 
 
 def _evaluation_record(model: str, settings: dict, suites: dict) -> dict:
-    """What `nextstep eval` records: the model, the sampling settings but their batch size (results do not
-    depend on it), and each suite's options."""
-    return {"model": model, "settings": {k: v for k, v in settings.items() if k != "batch_size"}, "suites": suites}
+    """What `nextstep eval` records: the model (its name and `model_fingerprint`), the sampling settings but
+    their batch size (results do not depend on it), and each suite's options."""
+    from nextstep.pretrained import model_fingerprint
+
+    return {"model": model, "model_fingerprint": model_fingerprint(model),
+            "settings": {k: v for k, v in settings.items() if k != "batch_size"}, "suites": suites}
 
 
 def command_preference_pairs(args: argparse.Namespace) -> int:

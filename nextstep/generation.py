@@ -309,7 +309,8 @@ def generate_tokens(
         candidates: text-to-image samples per image, K; the one the model scores
             highest against its prompt is kept (`nextstep.reranking`).
             Candidate 0 of image ``r`` is the image ``candidates=1`` gives; the
-            others continue the draws of its generator. Default: the model's.
+            others continue the draws of its generator. Default: the model's
+            (1 when editing, which draws each image once).
         candidate_score: the score that ranks candidates, a name of
             `nextstep.reranking.CANDIDATE_SCORES` (``flow`` or ``caption``);
             default: the model's.
@@ -328,7 +329,8 @@ def generate_tokens(
     cfg = defaults.cfg if cfg is None else cfg
     cfg_schedule = defaults.cfg_schedule if cfg_schedule is None else cfg_schedule
     num_steps = defaults.num_steps if num_steps is None else num_steps
-    candidates = defaults.candidates if candidates is None else candidates
+    if candidates is None:  # the model's own best-of-K is for text-to-image; an edit draws each image once
+        candidates = 1 if editing else defaults.candidates
     score = candidate_score_function(defaults.candidate_score if candidate_score is None else candidate_score)
     candidates = check_candidates(candidates)
     if editing and candidates > 1:
@@ -388,6 +390,8 @@ def generate_tokens(
     num_rows = num_images * candidates
 
     check_step_counts(sampler, schedule, num_tokens, shift)  # before the prefill
+    settings = (f"cfg {guidance if isinstance(cfg, Guidance) else cfg}, temperature {temperature}, shift {shift}, "
+                f"steps {num_steps}, sampler {type(sampler).__name__}")
     noise, step_noise = _draw_noise(num_images, seed, num_tokens, token_dim, schedule.max_steps(num_tokens),
                                     sampler.stochastic, temperature, device, candidates)
     hidden, cache, next_positions, step_mask = prefill(  # hidden (G*R, H)
@@ -396,7 +400,8 @@ def generate_tokens(
         tokens = token_sampler.sample_tokens(hidden, cache, next_positions, noise, step_noise, guidance=guidance,
                                              sampler=sampler, num_steps=schedule, shift=shift, use_norm=use_norm,
                                              progress=progress)
-        return _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w)
+        return _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w,
+                          settings)
 
     grids: dict[int, tuple[torch.Tensor, Any]] = {}  # steps -> (grid, the head's prepared times)
     bar = None
@@ -431,15 +436,26 @@ def generate_tokens(
         next_positions = next_positions + 1
     if bar is not None:
         bar.close()
-    return _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w)
+    return _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w,
+                      settings)
 
 
-def _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w):
-    """(tokens of the best candidate of each image, grid height, grid width)."""
+def _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w, settings):
+    """(tokens of the best candidate of each image, grid height, grid width).
+
+    Raises:
+        FloatingPointError: when a kept image's tokens are not finite (the sampling diverged), naming the
+            images and the ``settings`` they were drawn with.
+    """
     if candidates > 1:
         row_prompts = [prompt for prompt in conditional for _ in range(num_images_per_prompt * candidates)]
         scores = score(model, row_prompts, tokens, grid_h, grid_w)
         tokens = best_candidates(tokens, scores, candidates)
+    finite = torch.isfinite(tokens).flatten(1).all(dim=1)  # (R,)
+    if not finite.all():
+        rows = torch.nonzero(~finite).flatten().tolist()
+        raise FloatingPointError(f"the tokens of image(s) {rows} are not finite: sampling diverged with {settings}; "
+                                 "a smaller cfg, temperature or shift, or more steps, keeps it finite")
     return tokens, grid_h, grid_w
 
 

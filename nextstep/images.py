@@ -56,10 +56,23 @@ _WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """An RGB copy, the EXIF orientation applied; transparent pixels are composited over ``background``,
-    and 16-bit grey levels are scaled to 8 bits."""
+    16-bit grey levels are scaled to 8 bits, and 32-bit float grey levels are read as [0, 1] when none
+    exceeds 1 (as [0, 255] otherwise).
+
+    Raises:
+        ValueError: a float image holding NaN or infinite levels.
+    """
     image = ImageOps.exif_transpose(image)
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
+    if image.mode == "F":
+        levels = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(levels).all():
+            raise ValueError(f"expected finite grey levels in a 32-bit float image, found "
+                             f"{int((~np.isfinite(levels)).sum())} NaN or infinite")
+        top = 1.0 if levels.max(initial=0) <= 1 else 255.0
+        grey = np.clip(np.round(levels * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
     if image.mode in _WIDE_GREY_MODES:
         levels = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode != "I" or levels.max(initial=0) > 255 else 255.0

@@ -26,6 +26,9 @@ def check_text_sampling(temperature: float, top_k: int | None, top_p: float | No
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                               or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be a number in (0, 1] or None, found {top_p!r}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise ValueError(f"top_k and top_p narrow random draws, which need temperature > 0; found temperature 0 "
+                         f"(greedy choice) with top_k={top_k!r}, top_p={top_p!r}")
 
 
 def kept_log_weights(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,

@@ -1,8 +1,10 @@
+import copy
 import json
 import re
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from nextstep.cli import main
@@ -36,6 +38,40 @@ def test_generate_never_replaces_images_of_another_request_unasked(tmp_path, cap
     assert main(arguments + ["--seed", "5"]) == 0  # each image keeps the request it answers
     records = json.loads((tmp_path / "generation.json").read_text())
     assert records["000-a-red-circle-0.png"]["seed"] == 5 and records["000-a-blue-square-0.png"]["seed"] == 0
+
+
+def test_generate_records_the_settings_used_and_sees_a_changed_model_or_input_image(tmp_path, tiny_model, capsys):
+    model, out = tmp_path / "model", tmp_path / "out"
+    tiny_model.save_pretrained(model)
+    arguments = ["generate", "a red circle", "--model", str(model), "--steps", "1", "--height", "32", "--width",
+                 "32", "--output", str(out), "--quiet"]
+    assert main(arguments) == 0
+    record = json.loads((out / "generation.json").read_text())["000-a-red-circle-0.png"]
+    assert record["resolved"] == {"cfg": 7.5, "cfg_schedule": "constant", "steps": 1, "sampler": "euler",
+                                  "candidates": 1, "candidate_score": "flow", "height": 32, "width": 32}
+    assert main(arguments) == 0  # the same model again
+    tiny_model.save_pretrained(model)  # the model saved again (as after more training)
+    assert main(arguments) == 2
+    assert "with other settings: model_fingerprint" in capsys.readouterr().err
+    source = tmp_path / "source.png"
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(source)
+    editing = arguments[:-3] + ["--image", str(source), "--output", str(tmp_path / "edits"), "--quiet"]
+    assert main(editing) == 0
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(source)  # another input image at the same path
+    assert main(editing) == 2
+    assert "image_sha256" in capsys.readouterr().err
+
+
+def test_a_file_in_the_way_of_the_output_is_named_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    arguments = ["generate", "a red circle", "--model", "tiny", "--steps", "1", "--height", "32", "--width", "32",
+                 "--quiet", "--output"]
+    with pytest.raises(SystemExit):
+        main(arguments + [str(tmp_path / "afile" / "sub")])
+    assert f"expected a folder to write into at {tmp_path / 'afile'} (on the way to" in capsys.readouterr().err
+    (tmp_path / "out" / "000-a-red-circle-0.png").mkdir(parents=True)
+    assert main(arguments + [str(tmp_path / "out"), "--overwrite"]) == 2
+    assert "expected a PNG file or nothing at" in capsys.readouterr().err
 
 
 def test_generate_reruns_after_an_interruption_and_for_fewer_prompts(tmp_path, monkeypatch):
@@ -83,6 +119,12 @@ def test_info_of_a_saved_model(tmp_path, tiny_model, capsys):
     assert "flow_matching" in out and '"tie_word_embeddings": false' in out
     assert "generation: cfg 7.5 (constant), 50 steps, 256x256" in out
     assert "text_tokenizer       byte           266 ids" in out
+    ranking = copy.deepcopy(tiny_model)
+    ranking.config = ranking.config.replace(
+        generation=ranking.config.generation.replace(candidates=3, candidate_score="caption"))
+    ranking.save_pretrained(tmp_path / "ranking")
+    assert main(["info", str(tmp_path / "ranking")]) == 0
+    assert "256x256, best of 3 by the caption score\n" in capsys.readouterr().out
 
 
 def test_the_command_line_page_lists_every_subcommand_with_its_help():

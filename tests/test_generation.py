@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -317,3 +319,12 @@ def test_overridden_generation_defaults_keep_what_is_not_given():
         cfg=4.0, cfg_schedule="linear_increasing", num_steps=20, height=64, width=64)
     with pytest.raises(ValueError, match="num_steps"):
         tuned.overridden(num_steps=0)
+
+
+def test_a_sampling_that_diverges_is_named_not_kept(tiny_model):
+    head = copy.deepcopy(tiny_model)
+    for parameter in head.image_head.parameters():  # a head whose velocities are huge
+        torch.nn.init.constant_(parameter, 1e30)
+    with pytest.raises(FloatingPointError, match=r"tokens of image\(s\) \[0\] are not finite: sampling diverged "
+                                                 r"with cfg 2.0, temperature 1.0, shift 1.0, steps 2"):
+        generate_tokens(head, ["a"], height=32, width=32, cfg=2.0, num_steps=2, seed=0)

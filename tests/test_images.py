@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from nextstep.images import from_pil, image_grid, read_image_file, to_pil
+from nextstep.images import from_pil, image_grid, read_image_file, to_pil, to_rgb
 
 
 def test_a_pil_image_reads_as_its_file_does(tmp_path):
@@ -53,3 +54,17 @@ def test_a_grid_names_mixed_sizes_and_bad_columns():
 def test_a_source_image_the_tokenizer_cannot_take_is_named(tiny_model):
     with pytest.raises(ValueError, match=r"input image\(s\) \[1\] of 32x40 pixels: .*multiple"):
         tiny_model.generate(["a", "b"], images=[torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 40)], num_steps=1)
+
+
+@pytest.mark.parametrize("levels, grey", [(0.5, 128), (1.0, 255), (0.0, 0), (128.0, 128), (300.0, 255)])
+def test_float_grey_levels_are_read_in_their_range(tmp_path, levels, grey):
+    path = tmp_path / "grey.tiff"
+    Image.fromarray(np.full((4, 6), levels, np.float32)).save(path)
+    image = read_image_file(path)
+    assert image.mode == "RGB" and image.size == (6, 4) and image.getpixel((0, 0)) == (grey, grey, grey)
+
+
+def test_non_finite_float_levels_are_named():
+    image = Image.fromarray(np.array([[0.5, np.nan]], np.float32))
+    with pytest.raises(ValueError, match="finite grey levels in a 32-bit float image, found 1 NaN or infinite"):
+        to_rgb(image)

@@ -1,5 +1,6 @@
 """Best-of-K sampling: the model's own score of each candidate against its prompt picks among them."""
 
+import copy
 import json
 
 import pytest
@@ -209,6 +210,12 @@ def test_editing_draws_each_image_once(tiny_model):
     image = torch.zeros(1, 3, 32, 32)
     with pytest.raises(ValueError, match="candidates ranks text-to-image samples.*found candidates=2"):
         generate_tokens(tiny_model, ["make it red"], images=image, candidates=2, num_steps=2)
+    # A model whose own default ranks candidates still edits, drawing each image once.
+    model = copy.deepcopy(tiny_model)
+    model.config = model.config.replace(generation=model.config.generation.replace(candidates=2))
+    edited = generate_tokens(model, ["make it red"], images=image, num_steps=2, seed=0)[0]
+    once = generate_tokens(model, ["make it red"], images=image, num_steps=2, seed=0, candidates=1)[0]
+    assert torch.equal(edited, once)
 
 
 def test_scores_need_one_prompt_per_row(tiny_model):

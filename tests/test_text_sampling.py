@@ -88,6 +88,8 @@ def test_rows_choose_independently_of_each_other():
     (dict(top_k=0), "top_k must be an integer >= 1"),
     (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+    (dict(temperature=0.0, top_k=5), r"need temperature > 0; found temperature 0 \(greedy choice\) with top_k=5"),
+    (dict(temperature=0, top_p=0.9), r"need temperature > 0; found temperature 0 .*top_p=0.9"),
 ])
 def test_settings_out_of_range_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):

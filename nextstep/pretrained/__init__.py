@@ -7,6 +7,7 @@ reproduces it; docs/training.md gives its measured wall time.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 FOLDER = Path(__file__).resolve().parent
@@ -24,6 +25,23 @@ def bundled_model_path(name: str) -> Path | None:
     """The folder of shipped model ``name``, or None if no shipped model has that name."""
     path = FOLDER / name
     return path if name in bundled_models() else None
+
+
+def model_fingerprint(name_or_path: str) -> str | None:
+    """What tells one model that a name loads from another without reading its weights: a digest of the
+    folder's ``config.json`` and of each file's path, size and modification time (a model saved again, or
+    copied, gets another). None for a preset's name, built from its name and seed alone."""
+    directory = model_directory(name_or_path)
+    if directory is None:
+        return None
+    digest = hashlib.sha256()
+    config = directory / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        status = path.stat()
+        digest.update(f"{path.relative_to(directory).as_posix()}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def model_directory(name_or_path: str) -> Path | None:
