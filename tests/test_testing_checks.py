@@ -240,9 +240,55 @@ class BeyondItsIds(ByteTextTokenizer):
         return [i + self.input_vocab_size if i == ord("a") else i for i in super().encode(text)]
 
 
+class EndIsImageArea(ByteTextTokenizer):
+    def special_token_id(self, token):
+        return super().special_token_id("<|image_area|>" if token == "<|endoftext|>" else token)
+
+
+class EndOutsideVocabulary(ByteTextTokenizer):
+    def special_token_id(self, token):
+        return 10_000 if token == "<|endoftext|>" else super().special_token_id(token)
+
+
+class QIsBeginOfImage(ByteTextTokenizer):
+    def special_token_id(self, token):
+        return ord("q") if token == "<|begin_of_image|>" else super().special_token_id(token)
+
+
+class QEncodesAsBeginOfImage(ByteTextTokenizer):
+    def encode(self, text):
+        return [self.begin_of_image_id if i == ord("q") else i for i in super().encode(text)]
+
+
+class DropsSpecialIds(ByteTextTokenizer):
+    def decode(self, ids):
+        return super().decode([i for i in ids if i < 256])
+
+
+class OnlyTheRequiredTokens(ByteTextTokenizer):
+    def special_token_id(self, token):
+        if "thinking" in token or "prompt_refinement" in token:
+            raise ValueError(f"unknown special token {token!r}")
+        return super().special_token_id(token)
+
+
+class LacksPlaceholder(ByteTextTokenizer):
+    def special_token_id(self, token):
+        if token == "<|image_placeholder|>":
+            raise ValueError(f"unknown special token {token!r}")
+        return super().special_token_id(token)
+
+
 @pytest.mark.parametrize("tokenizer, message", [
     (EndsItself(), re.escape("EndsItself: the text '<|endoftext|>' encodes to the special token <|endoftext|>")),
     (BeyondItsIds(), r"BeyondItsIds: encode\('a red circle .*'\) gives ids outside \[0, \d+\)"),
+    (EndIsImageArea(), r"EndIsImageArea: special tokens share ids: \{'<\|endoftext\|>': \d+, '<\|image_area"),
+    (EndOutsideVocabulary(), r"EndOutsideVocabulary: special token ids outside the vocabulary .*endoftext"),
+    (QIsBeginOfImage(), r"QIsBeginOfImage: decode\(\[113\]\) must render the special token <\|begin_of_image"),
+    (QEncodesAsBeginOfImage(), r"QEncodesAsBeginOfImage: the character 'q' encodes to the special token "
+                               r"<\|begin_of_image\|>"),
+    (DropsSpecialIds(), r"DropsSpecialIds: decode\(\[\d+\]\) must render the special token <\|endoftext\|>"),
+    (LacksPlaceholder(), r"LacksPlaceholder: special_token_id\('<\|image_placeholder\|>'\) must give an id"),
 ])
 def test_a_tokenizer_that_lets_prompts_end_themselves_or_gives_unknown_ids_is_named(tokenizer, message):
     with pytest.raises(AssertionError, match=message):
@@ -264,6 +310,7 @@ def test_an_image_tokenizer_whose_decode_mixes_images_is_named():
 
 def test_a_tokenizer_that_lets_prompts_write_special_tokens_is_named():
     check_text_tokenizer(ByteTextTokenizer())
+    check_text_tokenizer(OnlyTheRequiredTokens())  # the thinking and prompt-refinement tokens are optional
     with pytest.raises(AssertionError, match=re.escape("Injectable: the text '<|begin_of_image|>' encodes to the "
                                                        "special")):
         check_text_tokenizer(Injectable())
