@@ -66,7 +66,34 @@ class AnyRows(FlowMatchingHead):
         return super().loss(target, condition[: target.shape[0]], generator)  # extra condition rows go unnoticed
 
 
+class IgnoresState(FlowMatchingHead):
+    def velocity(self, x_t, t, condition):
+        return super().velocity(torch.zeros_like(x_t), t, condition)
+
+    def prepare(self, condition, times=None):
+        return lambda x_t, t: self.velocity(x_t, t, condition)
+
+
+class IgnoresGenerator(FlowMatchingHead):
+    def loss(self, target, condition, generator=None):
+        return super().loss(target, condition, torch.Generator(device=target.device).manual_seed(1234))
+
+
+class BatchStandardisedTarget(FlowMatchingHead):
+    def loss(self, target, condition, generator=None):
+        return super().loss((target - target.mean(0)) / target.std(0), condition, generator)
+
+
+class DetachedCondition(FlowMatchingHead):
+    def loss(self, target, condition, generator=None):
+        return super().loss(target, condition.detach(), generator)
+
+
 @pytest.mark.parametrize("cls, message", [
+    (IgnoresState, "IgnoresState: velocity does not change with the state x_t"),
+    (IgnoresGenerator, "IgnoresGenerator: loss is the same under another generator seed"),
+    (BatchStandardisedTarget, "BatchStandardisedTarget: another target for row 0 changes the loss of other rows"),
+    (DetachedCondition, "DetachedCondition: no gradient reaches the condition through loss"),
     (IgnoresCondition, "IgnoresCondition: velocity does not change with the condition"),
     (IgnoresTime, "IgnoresTime: velocity does not change with the time"),
     (ShuffledConditions, "ShuffledConditions: the loss of row 0 does not change with its condition"),
