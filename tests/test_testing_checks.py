@@ -170,10 +170,46 @@ class NeedsItsNoise(EulerMaruyamaSampler):
         return super().sample(velocity_fn, noise, time_grid, step_noise)
 
 
+class IgnoresGrid(EulerSampler):
+    def sample(self, velocity_fn, noise, time_grid, step_noise=None):  # its own uniform grid over [0, 1]
+        uniform = torch.linspace(0, 1, time_grid.shape[0], dtype=time_grid.dtype)
+        return super().sample(velocity_fn, noise, uniform, step_noise)
+
+
+class UnsortedPromise(MidpointSampler):
+    def evaluation_times(self, time_grid):
+        return torch.cat([time_grid[:-1], time_grid[:-1] + 0.5 * time_grid.diff()])
+
+
+class Jitter(EulerSampler):
+    def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+        return super().sample(velocity_fn, noise + 1e-3 * torch.randn_like(noise), time_grid, step_noise)
+
+
+class FlippedScore(EulerMaruyamaSampler):
+    """Euler-Maruyama of the flow SDE (score from the velocity) with the score term's sign flipped."""
+
+    def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+        x = noise
+        for index, (t, dt) in enumerate(zip(time_grid[:-1], time_grid.diff())):
+            v = velocity_fn(x, t.expand(x.shape[0]))
+            if step_noise is None:
+                x = x + dt * v
+                continue
+            score = (t * v - x) / (1 - t)
+            x = x + dt * (v - 0.5 * score) + (dt ** 0.5) * step_noise[index]
+        return x
+
+
 @pytest.mark.parametrize("sampler, message", [
+    (IgnoresGrid(), r"IgnoresGrid: a grid that stops at t = .* is not integrated to there"),
+    (UnsortedPromise(), r"UnsortedPromise: evaluation_times must give increasing \(E,\) times"),
+    (Jitter(), r"Jitter: two calls with the same inputs give different results"),
+    (FlippedScore(), r"FlippedScore: sampling the exact flow to N\(0.5, 0.3\^2\) in 50 steps gives mean .* "
+                     r"standard deviation"),
     (UnkeptPromise(), r"UnkeptPromise: evaluation_times promised .* but the velocity was called at"),
     (Inexact(), r"Inexact: a constant velocity is not integrated exactly in 1 step\(s\)"),
-    (OneShot(), r"OneShot: on dx/dt = -x \+ 2t the error with 10 steps .* is not below half"),
+    (OneShot(), r"OneShot: the grids of shift 2.0 and 1.0 give the same result in 3 steps"),
     (FrozenState(), r"FrozenState: on dx/dt = -x \+ 2t the error with 10 steps .* is not below half"),
     (ReversedTime(), r"ReversedTime: on dx/dt = -x \+ 2t the error with 40 steps .* is not below half"),
     (BatchMeanHeun(), r"BatchMeanHeun: rows of the result depend on each other \(for a velocity of the state"),

@@ -20,6 +20,19 @@ def _linear_solution(x0: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
     return 2 * t1 - 2 + (x0 - 2 * t0 + 2) * math.exp(-(t1 - t0))
 
 
+#: Mean and standard deviation of the 1-D Gaussian whose flow `_gaussian_velocity` gives exactly.
+GAUSSIAN_TARGET = (0.5, 0.3)
+
+
+def _gaussian_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The exact velocity ``E[x1 - x0 | x_t = x]`` of the path ``x_t = (1 - t) x0 + t x1`` from x0 ~ N(0, 1) to
+    x1 ~ N(m, s^2) (`GAUSSIAN_TARGET`): an integrator that follows it ends at that Gaussian."""
+    mean, std = GAUSSIAN_TARGET
+    t = t.to(x.dtype)[:, None]
+    variance = (1 - t) ** 2 + t ** 2 * std ** 2
+    return mean + (t * std ** 2 - (1 - t)) / variance * (x - t * mean)
+
+
 def check_sampler(sampler: Sampler, *, steps: tuple[int, ...] = (1, 3, 10), shift: float = 2.0, rows: int = 4,
                   dim: int = 8, seed: int = 0, atol: float = 1e-5) -> None:
     """Check a sampler's contract; raise ``AssertionError`` naming the property that fails.
@@ -41,7 +54,17 @@ def check_sampler(sampler: Sampler, *, steps: tuple[int, ...] = (1, 3, 10), shif
     On ``dx/dt = -x + 2t`` (exact solution known) the error with the most steps is
     at most half that with the fewest, and four times as many steps at least halve
     it again: a solver that skips steps, reads the wrong times or the wrong states
-    fails here.
+    fails here. Two calls with the same inputs give the same result (a sampler
+    draws no random numbers of its own: its noise is what it is given). The grid
+    given is the one followed: a grid that stops short of its last time is
+    integrated to where it stops, and another shift's grid gives another result.
+    `evaluation_times`, where it promises, gives increasing times in the grid's
+    dtype.
+
+    The sample of the exact flow to a 1-D Gaussian (`GAUSSIAN_TARGET`, 50 steps,
+    shift 1, with step noise for a stochastic sampler) has about its mean (within
+    0.1) and standard deviation (within a factor of 2): a loose check that catches
+    a wrong drift or noise scale (a flipped score term), not a small bias.
 
     A stochastic sampler integrates its deterministic limit when given no step
     noise, as the built-in ones do; one that refuses ``step_noise=None`` with
@@ -79,6 +102,10 @@ def _check_sampler(sampler: Sampler, steps, shift, rows, dim, seed, atol) -> Non
             f"{name}: make_time_grid(..., dtype=float64) must give a float64 grid on the device asked for, found "
             f"{wide.dtype} on {wide.device}")
         promised = sampler.evaluation_times(grid)
+        if promised is not None:
+            assert promised.ndim == 1 and promised.dtype == grid.dtype and bool((promised.diff() > 0).all()), (
+                f"{name}: evaluation_times must give increasing (E,) times in the grid's dtype {grid.dtype}, found "
+                f"{promised.dtype} {promised.tolist()}")
         allowed = None if promised is None else set(promised.tolist())
         seen: list[torch.Tensor] = []
 
@@ -94,6 +121,9 @@ def _check_sampler(sampler: Sampler, steps, shift, rows, dim, seed, atol) -> Non
                 raise
             out = None  # a stochastic sampler that needs its step noise: no deterministic limit to check
         if out is not None:
+            assert torch.equal(sampler.sample(constant, noise, grid), out), (
+                f"{name}: two calls with the same inputs give different results: a sampler draws no random numbers "
+                "of its own (a stochastic one is given its step noise)")
             expected = noise + (grid[-1] - grid[0]) * (target - noise)
             assert_close(out, expected, atol, f"{name}: a constant velocity is not integrated exactly in {count} "
                                               "step(s)")
@@ -106,6 +136,7 @@ def _check_sampler(sampler: Sampler, steps, shift, rows, dim, seed, atol) -> Non
                                               "the state and the time)")
             exact = _linear_solution(noise, float(grid[0]), float(grid[-1]))
             errors.append((count, float((linear - exact).abs().max())))
+            _check_the_grid_is_followed(sampler, name, count, shift, grid, noise, target, linear, atol)
         if allowed is not None:
             # A velocity that depends on t, so that a time outside the promise would be used.
             seen.clear()
@@ -129,6 +160,47 @@ def _check_sampler(sampler: Sampler, steps, shift, rows, dim, seed, atol) -> Non
         assert error <= 0.5 * last, (f"{name}: on dx/dt = -x + 2t the error with {4 * most} steps ({error:.3g}) is "
                                      f"not below half that with {most} ({last:.3g}): the solver does not converge "
                                      "(a first-order one divides it by about 4)")
+    _check_gaussian_marginal(sampler, name, seed)
+
+
+def _check_the_grid_is_followed(sampler, name, count, shift, grid, noise, target, linear, atol) -> None:
+    """A grid that stops short ends where it stops; another shift's grid (other interior times) changes the result."""
+    if count >= 2:
+        short = grid[:-1]
+        try:
+            out = sampler.sample(lambda x, t: target - noise, noise, short)
+        except ValueError:
+            out = None  # a grid the sampler refuses by name
+        if out is not None:
+            assert_close(out, noise + (short[-1] - short[0]) * (target - noise), atol,
+                         f"{name}: a grid that stops at t = {float(short[-1]):.4g} is not integrated to there (does "
+                         "the sampler follow the grid it is given?)")
+    other_shift = 1.0 if shift != 1.0 else 3.0
+    try:
+        other = sampler.make_time_grid(count, other_shift, device="cpu")
+    except ValueError:
+        return
+    if not torch.equal(other, grid):
+        assert not torch.equal(sampler.sample(_linear_field, noise, other), linear), (
+            f"{name}: the grids of shift {shift} and {other_shift} give the same result in {count} steps (does the "
+            "sampler follow the grid it is given?)")
+
+
+def _check_gaussian_marginal(sampler, name, seed, steps: int = 50, samples: int = 4000) -> None:
+    """The exact flow to a 1-D Gaussian, sampled, has about the Gaussian's mean and standard deviation."""
+    try:
+        grid = sampler.make_time_grid(steps, 1.0, device="cpu")
+    except ValueError:
+        return
+    generator = torch.Generator().manual_seed(seed + 1)
+    start = torch.randn(samples, 1, generator=generator)
+    step_noise = torch.randn(steps, samples, 1, generator=generator) if sampler.stochastic else None
+    out = sampler.sample(_gaussian_velocity, start, grid, step_noise)
+    mean, std = GAUSSIAN_TARGET
+    found_mean, found_std = float(out.mean()), float(out.std())
+    assert abs(found_mean - mean) <= 0.1 and std / 2 <= found_std <= 2 * std, (
+        f"{name}: sampling the exact flow to N({mean}, {std}^2) in {steps} steps gives mean {found_mean:.3f} and "
+        f"standard deviation {found_std:.3f} (a wrong drift or noise scale)")
 
 
 def _check_step_noise(sampler, name, count, grid, noise, target, generator, atol) -> None:
@@ -139,6 +211,9 @@ def _check_step_noise(sampler, name, count, grid, noise, target, generator, atol
 
     step_noise = torch.randn(count, rows, dim, generator=generator)
     noisy = sampler.sample(velocity, noise, grid, step_noise)
+    assert torch.equal(sampler.sample(velocity, noise, grid, step_noise), noisy), (
+        f"{name}: two calls with the same inputs and step noise give different results: a stochastic sampler draws "
+        "from the step noise it is given, not from random numbers of its own")
     assert noisy.shape == (rows, dim), f"{name}: a stochastic sample must be (N, D), found {tuple(noisy.shape)}"
     assert_finite(noisy, f"{name}: a stochastic sample")
     alone = torch.cat([sampler.sample(lambda x, t, i=i: target[i:i + 1] - x, noise[i:i + 1], grid,
