@@ -259,6 +259,18 @@ class ForgetfulCrop(Qwen2Backbone):
         return cache
 
 
+class NoDtypeCache(Qwen2Backbone):
+    def new_cache(self, batch_size, max_length):
+        return super().new_cache(batch_size, max_length)
+
+
+class ChunkPositions(Qwen2Backbone):
+    def forward(self, embeds, positions, attention_mask=None, cache=None):
+        if cache is not None and embeds.shape[1] > 1 and bool((positions[:, 0] > 0).all()):
+            positions = positions[:, :1].expand_as(positions)  # every token of a later step at the step's start
+        return super().forward(embeds, positions, attention_mask, cache)
+
+
 def test_backbones_that_break_cached_padding_or_give_nan_are_named_and_the_random_state_is_kept():
     config = Qwen2BackboneConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                                  num_kv_heads=2)
@@ -269,6 +281,10 @@ def test_backbones_that_break_cached_padding_or_give_nan_are_named_and_the_rando
         check_backbone(NaNOut(config))
     with pytest.raises(AssertionError, match=r"ForgetfulCrop: decode steps after crop\(prompt length\) raised"):
         check_backbone(ForgetfulCrop(config))
+    with pytest.raises(AssertionError, match=r"NoDtypeCache: new_cache must take device= and dtype= as generation"):
+        check_backbone(NoDtypeCache(config))
+    with pytest.raises(AssertionError, match=r"ChunkPositions: a step of two tokens after a prefill differs"):
+        check_backbone(ChunkPositions(config))
     dropping = WithDropout(config)
     state = torch.random.get_rng_state()
     check_backbone(dropping)

@@ -19,8 +19,10 @@ def check_backbone(backbone: Backbone, *, seed: int = 0, atol: float | None = No
     """Check a backbone's contract; raise ``AssertionError`` naming the property that fails.
 
     - `embed`: (B, L) ids -> (B, L, H); `forward`: (B, L, H) finite hidden states;
-    - a prefill and one-token decode steps through `new_cache` equal the full
-      forward, and a step past the cache's capacity raises ``ValueError``;
+    - a prefill and one-token decode steps through `new_cache` (called as
+      generation calls it, with ``device=`` and ``dtype=``) equal the full
+      forward, as does a prefill followed by a step of two tokens (causal within
+      the step), and a step past the cache's capacity raises ``ValueError``;
     - a left-padded row equals the same row alone (positions from the mask), also
       read into a cache and followed by decode steps, as generation reads prompts;
       cropping the cache back to the prompt and decoding again gives the same steps,
@@ -67,7 +69,11 @@ def _check_backbone(backbone: Backbone, seed: int, atol: float | None) -> None:
             f"{name}: forward must give (B, L, H) = {(2, 7, hidden_size)}, found {tuple(full.shape)}")
         assert_finite(full, f"{name}: forward")
 
-        cache = backbone.new_cache(2, 7)
+        try:
+            cache = backbone.new_cache(2, 7, device=device, dtype=dtype)
+        except TypeError as error:
+            raise AssertionError(f"{name}: new_cache must take device= and dtype= as generation passes them, raised "
+                                 f"TypeError: {error}") from error
         steps = [backbone(embeds[:, :3], positions(3, 2), cache=cache)]
         for index in range(3, 7):
             steps.append(backbone(embeds[:, index:index + 1], positions(7, 2)[:, index:index + 1], cache=cache))
@@ -75,6 +81,11 @@ def _check_backbone(backbone: Backbone, seed: int, atol: float | None) -> None:
                                                  "forward")
         refuses(lambda: backbone(embeds[:, :1], positions(1, 2), cache=cache), "a step past the cache's capacity",
                 name)
+        cache = backbone.new_cache(2, 7, device=device, dtype=dtype)
+        chunks = [backbone(embeds[:, :3], positions(3, 2), cache=cache),
+                  backbone(embeds[:, 3:5], positions(7, 2)[:, 3:5], cache=cache)]
+        assert_close(torch.cat(chunks, 1), full[:, :5], atol, f"{name}: a step of two tokens after a prefill differs "
+                                                              "from the full forward (is it causal within the step?)")
 
         long, short = draw(1, 6, hidden_size), draw(1, 3, hidden_size)
         padded = torch.cat([long, torch.cat([torch.zeros_like(short), short], 1)])
