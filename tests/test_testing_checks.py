@@ -387,6 +387,32 @@ def test_an_image_tokenizer_whose_decode_mixes_images_is_named():
         check_image_tokenizer(MixingDecode(config))
 
 
+def test_image_tokenizers_that_mix_sampled_latents_or_lay_tokens_out_otherwise_are_named():
+    from einops import rearrange
+
+    from nextstep.testing import check_image_tokenizer
+    from nextstep.tokenizers import FluxVAE, FluxVAEConfig
+
+    class SampledBatchMixing(FluxVAE):
+        def encode(self, images, generator=None):
+            latents = super().encode(images, generator)
+            return (latents - latents.mean(0, keepdim=True)) / latents.std(0, keepdim=True)
+
+    class ColumnMajorTokens(FluxVAE):
+        def patchify(self, latents):
+            return rearrange(latents, "b c (h p) (w q) -> b (w h) (p q c)", p=self.patch_size, q=self.patch_size)
+
+        def unpatchify(self, tokens, grid_height, grid_width):
+            p = self.patch_size
+            return rearrange(tokens, "b (w h) (p q c) -> b c (h p) (w q)", h=grid_height, w=grid_width, p=p, q=p)
+
+    config = FluxVAEConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)
+    with pytest.raises(AssertionError, match="SampledBatchMixing: an image's latents change when only another image"):
+        check_image_tokenizer(SampledBatchMixing(config.replace(deterministic=False)))
+    with pytest.raises(AssertionError, match=r"ColumnMajorTokens: patchify must lay tokens out in raster order"):
+        check_image_tokenizer(ColumnMajorTokens(config))
+
+
 def test_a_tokenizer_that_lets_prompts_write_special_tokens_is_named():
     check_text_tokenizer(ByteTextTokenizer())
     check_text_tokenizer(OnlyTheRequiredTokens())  # the thinking and prompt-refinement tokens are optional

@@ -19,18 +19,23 @@ def check_image_tokenizer(tokenizer: ImageTokenizer, *, seed: int = 0, atol: flo
 
     - `encode`: (B, 3, H, W) in [-1, 1] -> finite (B, C, H/f, W/f) in the images'
       dtype; `decode` gives back finite images of the input's shape;
-    - `patchify` gives (B, h*w, D) with D = C * patch_size**2 and `unpatchify`
-      inverts it exactly;
+    - `patchify` gives (B, h*w, D) with D = C * patch_size**2 in the layout the
+      format fixes (tokens in raster order, features ``(c, p, q)``, as
+      `ImageTokenizer.patchify`) and `unpatchify` inverts it exactly;
     - each image's latents are the same as when encoded alone, and so is each
       decoded image; a tokenizer that `samples_latents` repeats its latents for
-      the same seed and draws others for another (its draws for a batch need not
-      be those of each image alone);
+      the same seed, draws others for another, and keeps an image's latents when
+      only another image of the batch changes (its draws for a batch need not be
+      those of each image alone);
     - ``ValueError`` for sizes that are not multiples of f, values outside
       [-1, 1], images that are not (B, 3, H, W), and a `grid_size` that is not a
       multiple of `pixels_per_token`;
     - gradients reach every trainable parameter through ``decode(encode(x))``.
 
-    The weights, gradients, training mode and global random state are left as they were.
+    Not checked: the scale of the latents and of decoded images (the head learns
+    what the tokenizer gives; `docs/tutorials/tokenizer_properties.md` tests the
+    normalised statistics). The weights, gradients, training mode and global
+    random state are left as they were.
     """
     with unchanged_random_state():
         _check_image_tokenizer(tokenizer, seed, atol)
@@ -72,11 +77,19 @@ def _check_image_tokenizer(tokenizer: ImageTokenizer, seed: int, atol: float) ->
             f"{tuple(tokens.shape)}")
         assert torch.equal(tokenizer.unpatchify(tokens, grid_h, grid_w), latents), (
             f"{name}: unpatchify(patchify(latents)) is not latents")
+        numbered = torch.arange(latents.numel(), dtype=torch.float32).view(latents.shape).to(device)
+        assert torch.equal(tokenizer.patchify(numbered), ImageTokenizer.patchify(tokenizer, numbered)), (
+            f"{name}: patchify must lay tokens out in raster order with features (c, p, q), as "
+            "ImageTokenizer.patchify does (released weights depend on it)")
         if tokenizer.samples_latents:
             assert_close(encode(images), latents, atol, f"{name}: encode_seeded gives other latents for the same "
                                                         "seed")
             assert not torch.equal(tokenizer.encode_seeded(images, seed + 1), latents), (
                 f"{name}: samples its latents, but another seed gives the same ones")
+            other = images.clone()
+            other[1] = -other[1]
+            assert_close(encode(other)[0], latents[0], atol, f"{name}: an image's latents change when only another "
+                                                             "image of the batch changes (same seed)")
         else:
             alone = torch.cat([encode(images[i:i + 1]) for i in range(2)])
             assert_close(alone, latents, atol, f"{name}: an image's latents depend on the other images of the batch")
