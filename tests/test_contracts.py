@@ -14,6 +14,7 @@ from nextstep.heads import FlowMatchingHeadConfig
 from nextstep.registry import component_class, component_names
 from nextstep.testing import (
     check_backbone,
+    check_guidance,
     check_image_head,
     check_image_tokenizer,
     check_sampler,
@@ -134,6 +135,19 @@ def test_sampler_contract(name):
     sampler = cls(cls.config_class())
     check_sampler(sampler)
     assert not math.isnan(sampler.order)
+
+
+def library_guidance():
+    from nextstep.samplers import ClassifierFreeGuidance, ImageEditingGuidance, NoGuidance
+
+    return [NoGuidance(), ClassifierFreeGuidance(1.0), ClassifierFreeGuidance(7.5),
+            ClassifierFreeGuidance(3.0, schedule="linear", interval=(0.2, 0.8), renorm=1.5),
+            ImageEditingGuidance(7.5, 2.0), ImageEditingGuidance(3.0, 1.5, schedule="linear_increasing")]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_guidance_contract(index):
+    check_guidance(library_guidance()[index])
 
 
 def test_nextstep_tokens_a_tokenizer_holds_as_plain_tokens_become_special(tmp_path):

@@ -7,7 +7,13 @@ import torch
 
 from nextstep.backbones import Qwen2Backbone, Qwen2BackboneConfig
 from nextstep.heads import FlowMatchingHead, FlowMatchingHeadConfig
-from nextstep.samplers import EulerMaruyamaSampler, EulerSampler, HeunSampler, MidpointSampler
+from nextstep.samplers import (
+    ClassifierFreeGuidance,
+    EulerMaruyamaSampler,
+    EulerSampler,
+    HeunSampler,
+    MidpointSampler,
+)
 from nextstep.samplers.base import check_step_noise
 from nextstep.testing import check_backbone, check_image_head, check_sampler, check_text_tokenizer
 from nextstep.tokenizers import ByteTextTokenizer
@@ -419,3 +425,38 @@ def test_a_tokenizer_that_lets_prompts_write_special_tokens_is_named():
     with pytest.raises(AssertionError, match=re.escape("Injectable: the text '<|begin_of_image|>' encodes to the "
                                                        "special")):
         check_text_tokenizer(Injectable())
+
+
+class RowNormalisedGuidance(ClassifierFreeGuidance):
+    def combine(self, predictions, t=None, progress=0.0):
+        guided = super().combine(predictions, t, progress)
+        return guided / guided.norm(dim=-1).mean()  # one scale for the whole batch
+
+
+class AllBranches(ClassifierFreeGuidance):
+    def combine(self, predictions, t=None, progress=0.0):
+        return predictions
+
+
+class InPlace(ClassifierFreeGuidance):
+    def combine(self, predictions, t=None, progress=0.0):
+        predictions[1].zero_()
+        return super().combine(predictions, t, progress)
+
+
+class Overshoots(ClassifierFreeGuidance):
+    def combine(self, predictions, t=None, progress=0.0):
+        return predictions[1] + self.scale * (predictions[0] - predictions[1]) + 0.1  # a bias even when branches agree
+
+
+@pytest.mark.parametrize("guidance, message", [
+    (RowNormalisedGuidance(3.0), r"RowNormalisedGuidance: rows of the guided velocity depend on the other rows"),
+    (AllBranches(3.0), r"AllBranches: combine must give \(N, D\) = \(5, 8\), found \(2, 5, 8\)"),
+    (InPlace(3.0), "InPlace: combine changed the predictions it was given"),
+    (Overshoots(3.0), "Overshoots: where every branch predicts the same velocity, combine must return it"),
+])
+def test_a_broken_guidance_is_named(guidance, message):
+    from nextstep.testing import check_guidance
+
+    with pytest.raises(AssertionError, match=message):
+        check_guidance(guidance)

@@ -18,6 +18,7 @@ The library's own components pass every check (``tests/test_contracts.py``).
 """
 
 from nextstep.testing.backbone import check_backbone
+from nextstep.testing.guidance import check_guidance
 from nextstep.testing.image_head import check_image_head
 from nextstep.testing.image_tokenizer import check_image_tokenizer
 from nextstep.testing.parameters import assert_every_parameter_gets_a_gradient, randomize
@@ -27,6 +28,7 @@ from nextstep.testing.text_tokenizer import check_text_tokenizer
 __all__ = [
     "assert_every_parameter_gets_a_gradient",
     "check_backbone",
+    "check_guidance",
     "check_image_head",
     "check_image_tokenizer",
     "check_sampler",
