@@ -95,3 +95,12 @@ def test_each_scene_is_read_from_its_own_seed_whatever_the_batch(tiny_model, mon
     monkeypatch.setattr(text_generation, "encode_each", recording)
     run_shapes_captioning(tiny_model, scenes_per_group=1, size=32, max_new_tokens=1, batch_size=4, seed=7)
     assert seeds == [7 + index for index in range(15)]
+
+
+def test_no_scenes_per_group_is_refused_before_captioning(tiny_model, tmp_path):
+    import pytest
+
+    for name, value in (("scenes_per_group", 0), ("batch_size", 0), ("scenes_per_group", 1.5)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, found {value!r}"):
+            run_shapes_captioning(tiny_model, tmp_path / "out", **{name: value})
+    assert not (tmp_path / "out").exists()

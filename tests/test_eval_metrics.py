@@ -145,3 +145,42 @@ def test_frechet_distance_of_one_dimensional_features_is_the_closed_form():
     mean_a, mean_b, std_a, std_b = a.mean(), b.mean(), a.std(), b.std()
     expected = (mean_a - mean_b) ** 2 + (std_a - std_b) ** 2
     assert frechet_distance(a, b) == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_non_finite_features_are_refused_naming_the_argument_and_the_rows():
+    from nextstep.evaluation.distribution_metrics import retrieval_ranks
+
+    queries = torch.eye(3, dtype=torch.float64)
+    candidates = queries.clone()
+    candidates[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="candidates must hold finite features, found 1 of its 3 rows"):
+        retrieval_ranks(queries, candidates)  # a NaN row would otherwise rank -1, better than first
+    features = _gaussian(10, [0.0, 0.0], [1.0, 1.0], 5)
+    features[[2, 7], 1] = float("inf")
+    with pytest.raises(ValueError, match="b must hold finite features, found 2 of its 10 rows"):
+        frechet_distance(_gaussian(10, [0.0, 0.0], [1.0, 1.0], 6), features)
+    with pytest.raises(ValueError, match="x must hold finite features"):
+        RidgeMap.fit(features, features, alpha=1.0)
+
+
+def test_identical_candidates_all_rank_last_whatever_the_rounding():
+    from nextstep.evaluation.distribution_metrics import retrieval_ranks
+
+    g = torch.Generator().manual_seed(0)
+    count = 50
+    queries = torch.randn(count, 17, generator=g)
+    candidates = torch.randn(1, 17, generator=g).repeat(count, 1)  # one image drawn for every caption
+    # The product gives identical candidates similarities a last bit apart; each is still a tie.
+    assert retrieval_ranks(queries, candidates).tolist() == [count - 1] * count
+    assert retrieval_recall(queries, candidates) == {"R@1": 0.0, "R@10": 0.0}
+    # A real margin, however small next to the similarities, is no tie.
+    close = torch.tensor([[1.0, 0.0], [1.0, 1e-6]], dtype=torch.float64)
+    assert retrieval_ranks(close[:1].repeat(2, 1), close).tolist() == [0, 1]
+
+
+def test_a_ridge_map_is_fitted_on_the_device_of_its_data():
+    x, y = torch.randn(6, 3, device="meta"), torch.randn(6, 2, device="meta")
+    ridge = RidgeMap.fit(x, y, alpha=1.0)
+    assert ridge.weight.device.type == "meta" and ridge.weight.shape == (3, 2)
+    assert ridge.weight.dtype == torch.float64
+    assert ridge(x).shape == (6, 2) and ridge(x).device.type == "meta"

@@ -150,3 +150,64 @@ def test_the_shipped_tokenizer_keeps_ground_truth_readable():
     assert set(ceiling) == set(GENEVAL_TAGS)
     assert sum(ceiling.values()) / len(ceiling) >= 0.9, ceiling
     assert min(ceiling.values()) >= 0.75, ceiling
+
+
+def test_the_detector_refuses_images_that_are_not_uint8():
+    import numpy as np
+
+    image = np.asarray(render_scene(sample_scene(random.Random(0), "single_object"), 64, 64))
+    assert len(detect_shapes(image)) == 1
+    with pytest.raises(ValueError, match=r"uint8 values in \[0, 255\], found float32 values in \[0\.1333, 1\]"):
+        detect_shapes(image.astype(np.float32) / 255)  # would otherwise read as near black: nothing found
+    with pytest.raises(ValueError, match=r"found int64 values in \[34, 255\]"):
+        detect_shapes(image.astype(np.int64))
+
+
+def test_the_tokenizer_ceiling_draws_the_given_combinations_at_the_given_size(monkeypatch):
+    from nextstep.builders import build_model
+    from nextstep.evaluation import shapes_geneval
+    from nextstep.training.data.shapes.combinations import is_held_out
+
+    scenes, sizes = [], []
+    real_sample, real_render = shapes_geneval.sample_scene, shapes_geneval.render_scene
+
+    def sample(*args, **kwargs):
+        scenes.append(real_sample(*args, **kwargs))
+        return scenes[-1]
+
+    def render(scene, width, height):
+        sizes.append((height, width))
+        return real_render(scene, width, height)
+
+    monkeypatch.setattr(shapes_geneval, "sample_scene", sample)
+    monkeypatch.setattr(shapes_geneval, "render_scene", render)
+    ceiling = tokenizer_ceiling(build_model("tiny", seed=0), images_per_tag=3, size=(32, 48), combinations="seen")
+    assert set(ceiling) == set(GENEVAL_TAGS) and len(scenes) == 3 * len(GENEVAL_TAGS)
+    assert not any(is_held_out(scene) for scene in scenes)
+    assert set(sizes) == {(32, 48)}
+    with pytest.raises(ValueError, match="size must be a positive integer or"):
+        tokenizer_ceiling(None, size=(32, 0))
+
+
+def test_a_run_passes_its_combinations_and_size_to_the_tokenizer_ceiling(monkeypatch):
+    from nextstep.evaluation import shapes_geneval
+
+    calls = []
+    monkeypatch.setattr(shapes_geneval, "generate_images", lambda model, prompts, settings, progress=None: [
+        Image.new("RGB", (settings.width, settings.height), "white") for _ in prompts])
+    monkeypatch.setattr(shapes_geneval, "tokenizer_ceiling", lambda *args, **kwargs: calls.append((args, kwargs))
+                        or {tag: 1.0 for tag in GENEVAL_TAGS})
+    run_shapes_geneval(None, images_per_tag=1, settings=SamplingSettings(height=32, width=48), combinations="seen")
+    (args, kwargs), = calls
+    assert args[1:3] == (1, (32, 48)) and kwargs == {"combinations": "seen"}
+
+
+def test_no_images_per_tag_is_refused_before_generating(monkeypatch):
+    from nextstep.evaluation import shapes_geneval
+
+    monkeypatch.setattr(shapes_geneval, "generate_images", lambda *args, **kwargs: pytest.fail("generated images"))
+    for value in (0, -1, 2.0):
+        with pytest.raises(ValueError, match=f"images_per_tag must be an integer >= 1, found {value!r}"):
+            run_shapes_geneval(None, images_per_tag=value)
+    with pytest.raises(ValueError, match="images_per_tag must be an integer >= 1, found 0"):
+        tokenizer_ceiling(None, images_per_tag=0)

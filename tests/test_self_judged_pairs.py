@@ -161,3 +161,10 @@ def test_the_shapes_judge_refuses_prompts_of_your_own_before_drawing(tiny_model,
     monkeypatch.setattr(self_judged_pairs, "generate_images", lambda *args, **kwargs: pytest.fail("drew images"))
     with pytest.raises(ValueError, match="the shapes judge reads GenEval entries .* give a judge of your own"):
         write_self_judged_pairs(tiny_model, tmp_path, prompts=["a red circle"])
+
+
+def test_no_prompts_are_refused_before_the_output_folder_is_touched(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(self_judged_pairs, "generate_images", lambda *args, **kwargs: pytest.fail("drew images"))
+    with pytest.raises(ValueError, match="prompts must hold at least one prompt, found none"):
+        write_self_judged_pairs(tiny_model, tmp_path / "pairs", prompts=[], judge=lambda image, entry: True)
+    assert not (tmp_path / "pairs").exists()

@@ -105,3 +105,49 @@ def test_a_bfloat16_tokenizer_is_evaluated_in_its_own_dtype():
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     reconstructions, latents = reconstruct(vae, images)
     assert reconstructions.dtype == latents.dtype == torch.float32 and reconstructions.shape == images.shape
+
+
+def test_the_evaluation_job_writes_into_a_folder_given_as_a_string(tmp_path, monkeypatch):
+    from nextstep.evaluation import tokenizer_report
+
+    torch.manual_seed(0)
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4))
+    monkeypatch.setattr(tokenizer_report, "held_out_crops",
+                        lambda count, size, seed: torch.rand(count, 3, size, size) * 2 - 1)
+    output = tmp_path / "eval"
+    report = tokenizer_report.run_tokenizer_evaluation(vae, str(output), count=2, size=16)
+    assert report.num_images == 2
+    assert {p.name for p in output.iterdir()} == {"report.json", "report.md", "reconstructions.png"}
+
+
+def test_no_crops_and_no_images_are_refused():
+    from PIL import Image
+
+    photos = [Photo("rocket", Image.new("RGB", (40, 40)))]
+    with pytest.raises(ValueError, match="count must be an integer >= 1, found 0"):
+        random_crops(photos, 0, 16)
+    with pytest.raises(ValueError, match="size must be an integer >= 1, found 0"):
+        random_crops(photos, 2, 0)
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4))
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\) with B >= 1, found shape \(0, 3, 16, 16\)"):
+        evaluate_tokenizer(vae, torch.zeros(0, 3, 16, 16))
+
+
+def test_the_mean_pairwise_distance_leaves_out_each_vector_s_distance_to_itself():
+    from nextstep.evaluation.tokenizer_eval import latent_dispersion, mean_pairwise_distance
+
+    vectors = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])  # distances 3, 4 and 5
+    assert mean_pairwise_distance(vectors) == pytest.approx(4.0)
+    latents = vectors[:, :, None, None]  # (3 images, 2 channels, 1, 1): one latent vector per image
+    assert latent_dispersion(latents)["mean_pairwise_distance"] == pytest.approx(4.0)
+    with pytest.raises(ValueError, match=r"N >= 2, found shape \(1, 2\)"):
+        mean_pairwise_distance(vectors[:1])
+
+
+def test_the_dispersion_of_one_channel_latents():
+    from nextstep.evaluation.tokenizer_eval import latent_dispersion
+
+    latents = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    dispersion = latent_dispersion(latents)
+    assert dispersion["channels"] == 1 and dispersion["effective_rank"] == pytest.approx(1.0)
+    assert dispersion["mean_channel_std"] == pytest.approx(float(latents.double().std()))

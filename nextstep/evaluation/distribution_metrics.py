@@ -8,8 +8,17 @@ import torch
 
 
 def _check_features(name: str, x: torch.Tensor, min_rows: int = 2) -> torch.Tensor:
+    """``x`` (N, D) in float64, after checking its shape and that every value is finite.
+
+    A tensor without values (the meta device) has its shape checked only.
+    """
     if x.ndim != 2 or x.shape[0] < min_rows:
         raise ValueError(f"{name} must be (N, D) with N >= {min_rows}, found shape {tuple(x.shape)}")
+    if x.device.type != "meta":
+        bad_rows = int((~torch.isfinite(x)).any(1).sum())
+        if bad_rows:
+            raise ValueError(f"{name} must hold finite features, found {bad_rows} of its {x.shape[0]} rows "
+                             "with NaN or infinite values")
     return x.double()
 
 
@@ -60,7 +69,7 @@ class RidgeMap:
             raise ValueError(f"alpha must be > 0, found {alpha}")
         x_mean, x_std, y_mean = x.mean(0), x.std(0).clamp_min(1e-8), y.mean(0)
         xs = (x - x_mean) / x_std
-        gram = xs.T @ xs + alpha * torch.eye(xs.shape[1], dtype=xs.dtype)
+        gram = xs.T @ xs + alpha * torch.eye(xs.shape[1], dtype=xs.dtype, device=xs.device)
         weight = torch.linalg.solve(gram, xs.T @ (y - y_mean))
         return cls(weight, x_mean, x_std, y_mean)
 
@@ -83,15 +92,27 @@ def retrieval_recall(queries: torch.Tensor, candidates: torch.Tensor,
     return {f"R@{k}": float((rank < k).double().mean()) for k in ks}
 
 
+#: Rounding errors of float64 within which two similarities count as a tie (`retrieval_ranks`).
+TIE_TOLERANCE_ULPS = 16
+
+
 def retrieval_ranks(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """(N,) rank of candidate ``i`` for query ``i`` by cosine similarity: how many other candidates
     are at least as similar (0: it comes first). A tie counts against the match, so that a model
-    whose images are all alike ranks its matches last, not first. Shapes as in `retrieval_recall`."""
+    whose images are all alike ranks its matches last, not first; similarities within
+    `TIE_TOLERANCE_ULPS` rounding errors of the match's are ties (identical candidates can come
+    out of the product a last bit apart). Shapes as in `retrieval_recall`.
+
+    Raises:
+        ValueError: a shape other than (N, D) for both, or a NaN or infinite feature.
+    """
     queries, candidates = _check_features("queries", queries, 1), _check_features("candidates", candidates, 1)
     if queries.shape != candidates.shape:
         raise ValueError(f"queries and candidates must have one shape, found {tuple(queries.shape)} "
                          f"and {tuple(candidates.shape)}")
     q = torch.nn.functional.normalize(queries, dim=-1)
     c = torch.nn.functional.normalize(candidates, dim=-1)
-    similarity = q @ c.T
-    return (similarity >= similarity.diagonal().unsqueeze(1)).sum(1) - 1
+    similarity = q @ c.T  # (N, N): query i against candidate j
+    match = similarity.diagonal()
+    tolerance = TIE_TOLERANCE_ULPS * torch.finfo(similarity.dtype).eps * match.abs().clamp_min(1)
+    return (similarity >= (match - tolerance).unsqueeze(1)).sum(1) - 1

@@ -142,7 +142,13 @@ def random_crops(photos: list[Photo], count: int, size: int, *, seed: int = 0,
 
     Returns:
         (count, 3, size, size) float32 in [-1, 1].
+
+    Raises:
+        ValueError: ``count`` or ``size`` below 1, or no photos.
     """
+    for name, value in (("count", count), ("size", size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, found {value!r}")
     rng = np.random.default_rng(seed)
     out = np.stack([np.asarray(random_crop(photos, size, rng, scales)) for _ in range(count)])
     return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0

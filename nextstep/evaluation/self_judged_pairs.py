@@ -128,8 +128,8 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
             `shapes_judge`, which reads GenEval entries only).
 
     Raises:
-        ValueError: ``samples_per_prompt`` below 2 (a pair needs two images), a
-            prompt that is neither a string nor a dict with a string ``prompt``, or
+        ValueError: ``samples_per_prompt`` below 2 (a pair needs two images), no
+            prompt, a prompt that is neither a string nor a dict with a string ``prompt``, or
             the shapes judge with prompts that are not GenEval entries (before
             anything is drawn).
     """
@@ -138,6 +138,8 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
     if settings is None:
         settings = SamplingSettings.from_defaults(model.config.generation, batch_size=32)
     entries = geneval_prompts(combinations) if prompts is None else [_entry(prompt) for prompt in prompts]
+    if not entries:
+        raise ValueError("prompts must hold at least one prompt, found none")
     judge = shapes_judge if judge is None else judge
     if judge is shapes_judge:
         for entry in entries:

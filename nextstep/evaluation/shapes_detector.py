@@ -71,11 +71,22 @@ class DetectorConfig:
 
 
 def _as_array(image: "Image.Image | np.ndarray") -> np.ndarray:
+    """(H, W, 3) float32 pixel values in [0, 255] of a PIL image or an (H, W, 3) uint8 array.
+
+    Raises:
+        ValueError: another shape, or another dtype (a float image in [0, 1] or [-1, 1] would
+            otherwise be read as a near-black one and show nothing).
+    """
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an RGB image of shape (H, W, 3), found shape {array.shape}")
+    if array.dtype != np.uint8:
+        numeric = array.size and array.dtype.kind in "iuf"
+        found = f"values in [{array.min():.4g}, {array.max():.4g}]" if numeric else "values"
+        raise ValueError(f"expected an RGB image of uint8 values in [0, 255], found {array.dtype} {found}: "
+                         "convert it (e.g. a float image in [0, 1]: (image * 255).round().astype(np.uint8))")
     return array.astype(np.float32)
 
 
@@ -181,7 +192,7 @@ def detect_shapes(image: "Image.Image | np.ndarray", config: DetectorConfig | No
     """The objects in ``image``, best score first.
 
     Args:
-        image: a PIL image or an (H, W, 3) uint8 array.
+        image: a PIL image or an (H, W, 3) uint8 array (any other dtype is refused with a ValueError).
         config: thresholds (defaults suit the world's renders at 32 pixels and up).
         background: the background colour.
     """

@@ -140,7 +140,8 @@ class GenEvalReport:
         per_tag: share of correct images per category.
         images_per_tag: images scored per category.
         settings: the sampling settings.
-        tokenizer_ceiling: per category, the score of ground truth through the image tokenizer.
+        tokenizer_ceiling: per category, the score of ground truth of the same combinations, at the same
+            size, through the image tokenizer.
         combinations: which prompts were scored (`geneval_prompts`).
         empty: per category, the share of images in which the detector found no object at all
             (a model that leaves the canvas blank, rather than drawing the wrong thing).
@@ -172,34 +173,57 @@ class GenEvalReport:
 
 
 @torch.no_grad()
-def tokenizer_ceiling(model: "NextStep", images_per_tag: int = 48, size: int = 64,
-                      detector: DetectorConfig | None = None) -> dict[str, float]:
+def tokenizer_ceiling(model: "NextStep", images_per_tag: int = 48, size: int | tuple[int, int] = 64,
+                      detector: DetectorConfig | None = None, *, combinations: str = "held_out") -> dict[str, float]:
     """The score of ground truth passed through the model's image tokenizer, per category.
 
-    For every category, ``images_per_tag`` scenes with held-out combinations
-    (any combination for ``single_object``) are rendered at ``size`` pixels,
-    encoded and decoded by ``model.image_tokenizer``, and scored like generated
-    images against their own prompts: what a model with perfect token
-    predictions would score, so the part of a shortfall that is the
-    tokenizer's.
+    For every category, ``images_per_tag`` scenes of ``combinations`` (as in
+    `geneval_prompts`: any combination for ``single_object``) are rendered at
+    ``size`` pixels (one side, or (height, width)), encoded and decoded by
+    ``model.image_tokenizer``, and scored like generated images against their
+    own prompts: what a model with perfect token predictions would score, so
+    the part of a shortfall that is the tokenizer's.
+
+    Raises:
+        ValueError: ``images_per_tag`` below 1, a size that is not one or two
+            positive integers, or unknown ``combinations``.
     """
     from nextstep.evaluation.tokenizer_eval import reconstruct
     from nextstep.images import from_pil, to_pil
 
+    _require_count("images_per_tag", images_per_tag)
+    require(combinations in COMBINATION_MODES, "combinations", combinations, f"one of {list(COMBINATION_MODES)}")
+    height, width = _height_width(size)
     tokenizer = model.image_tokenizer
     reference = next(tokenizer.parameters(), torch.empty(0))
     ceiling = {}
     for tag in GENEVAL_TAGS:
-        combinations = "held_out" if held_out_keys(tag) else "all"
-        scenes = [sample_scene(random.Random(f"ceiling:{tag}:{i}"), tag, combinations=combinations)
+        mode = combinations if held_out_keys(tag) else "all"  # single_object: its three prompts always
+        scenes = [sample_scene(random.Random(f"ceiling:{tag}:{i}"), tag, combinations=mode)
                   for i in range(images_per_tag)]
-        images = from_pil([render_scene(scene, size, size) for scene in scenes])
+        images = from_pil([render_scene(scene, width, height) for scene in scenes])  # (B, 3, height, width)
         decoded, _ = reconstruct(tokenizer, images.to(reference.device, reference.dtype))
         decoded = decoded.cpu()
         scores = [score_image(detect_shapes(image, detector), geneval_entry(tag, combination_key(scene)))[0]
                   for scene, image in zip(scenes, to_pil(decoded))]
         ceiling[tag] = sum(scores) / len(scores)
     return ceiling
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _require_count(name: str, value: object) -> None:
+    require(_is_count(value), name, value, "an integer >= 1")
+
+
+def _height_width(size: object) -> tuple[int, int]:
+    """(height, width) of a size given as one side or as (height, width)."""
+    sides = (size, size) if not isinstance(size, (tuple, list)) else tuple(size)
+    require(len(sides) == 2 and all(_is_count(side) for side in sides), "size", size,
+            "a positive integer or (height, width) of positive integers")
+    return sides
 
 
 def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_per_tag: int = 48,
@@ -213,14 +237,19 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
     sampling settings.
 
     With ``with_ceiling`` the report also holds `tokenizer_ceiling` for as many
-    ground-truth scenes per category.
+    ground-truth scenes per category, of the same ``combinations`` and at the
+    settings' height and width.
 
     With ``output`` it writes ``results.jsonl`` (one line per image), ``report.json``,
     ``report.md`` and ``samples.png`` (a row of eight images per category).
+
+    Raises:
+        ValueError: ``images_per_tag`` below 1 or unknown ``combinations``, before anything is generated.
     """
     from nextstep.images import image_grid
     from nextstep.io import atomic_path
 
+    _require_count("images_per_tag", images_per_tag)
     settings = settings or SamplingSettings()
     by_tag: dict[str, list[dict]] = defaultdict(list)
     for entry in geneval_prompts(combinations):
@@ -241,7 +270,8 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
     report = GenEvalReport(overall=sum(per_tag.values()) / len(per_tag), per_tag=per_tag,
                            images_per_tag={tag: len(v) for tag, v in correct_by_tag.items()},
                            settings=settings.to_dict(),
-                           tokenizer_ceiling=tokenizer_ceiling(model, images_per_tag, settings.height, detector)
+                           tokenizer_ceiling=tokenizer_ceiling(model, images_per_tag, (settings.height, settings.width),
+                                                             detector, combinations=combinations)
                            if with_ceiling else {}, combinations=combinations,
                            empty={tag: sum(v) / len(v) for tag, v in empty_by_tag.items()})
     if output is not None:

@@ -94,13 +94,31 @@ def jpeg_baseline(images: torch.Tensor, quality: int) -> tuple[torch.Tensor, flo
     return from_pil(decoded), bits / pixels
 
 
+def mean_pairwise_distance(vectors: torch.Tensor) -> float:
+    """Mean Euclidean distance between two different rows of ``vectors`` (N, D): the sum over ordered
+    pairs ``i != j`` divided by ``N * (N - 1)`` (a row's zero distance to itself is left out).
+
+    Raises:
+        ValueError: fewer than 2 rows, or not (N, D).
+    """
+    if vectors.ndim != 2 or vectors.shape[0] < 2:
+        raise ValueError(f"vectors must be (N, D) with N >= 2, found shape {tuple(vectors.shape)}")
+    count = vectors.shape[0]
+    return float(torch.cdist(vectors, vectors).sum() / (count * (count - 1)))
+
+
+#: Latent positions `latent_dispersion` measures pairwise distances between (the first ones).
+PAIRWISE_POSITIONS = 2048
+
+
 def latent_dispersion(latents: torch.Tensor) -> dict[str, float]:
-    """How spread out latents are: per-channel moments and the effective rank of channel covariance."""
+    """How spread out latents (B, C, h, w) are: per-channel moments, the effective rank of the channel
+    covariance and the `mean_pairwise_distance` of the first `PAIRWISE_POSITIONS` latent vectors (C,)."""
     channels = latents.transpose(0, 1).flatten(1).double()  # (C, B*h*w)
     if channels.shape[1] < 2:
         raise ValueError(f"dispersion statistics need at least 2 latent positions (images x latent height x width), "
                          f"found {channels.shape[1]}: use more or larger images")
-    covariance = torch.cov(channels)
+    covariance = torch.atleast_2d(torch.cov(channels))  # (C, C), C = 1 too
     eigenvalues = torch.linalg.eigvalsh(covariance).clamp(min=0)
     p = eigenvalues / eigenvalues.sum()
     effective_rank = float(torch.exp(-(p * torch.log(p + 1e-12)).sum()))
@@ -109,13 +127,19 @@ def latent_dispersion(latents: torch.Tensor) -> dict[str, float]:
         "mean_channel_std": float(channels.std(1).mean()),
         "effective_rank": effective_rank,
         "channels": float(channels.shape[0]),
-        "mean_pairwise_distance": float(torch.cdist(channels.T[:2048].float(), channels.T[:2048].float()).mean()),
+        "mean_pairwise_distance": mean_pairwise_distance(channels.T[:PAIRWISE_POSITIONS].float()),
     }
 
 
 def evaluate_tokenizer(tokenizer: ImageTokenizer, images: torch.Tensor,
                        sigmas: tuple[float, ...] = (0.1, 0.2, 0.5)) -> ReconstructionReport:
-    """Evaluate reconstruction, baselines, robustness and dispersion on images (B, 3, H, W)."""
+    """Evaluate reconstruction, baselines, robustness and dispersion on images (B, 3, H, W) in [-1, 1].
+
+    Raises:
+        ValueError: images of another shape, or none (B = 0).
+    """
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
+        raise ValueError(f"images must be (B, 3, H, W) with B >= 1, found shape {tuple(images.shape)}")
     reconstructions, latents = reconstruct(tokenizer, images)
     report = ReconstructionReport(
         num_images=images.shape[0], image_size=images.shape[-1],

@@ -20,13 +20,14 @@ def held_out_crops(count: int = 256, size: int = 64, seed: int = 1234) -> torch.
     return random_crops(held, count, size, seed=seed)
 
 
-def run_tokenizer_evaluation(tokenizer: ImageTokenizer, output: Path, *, count: int = 256, size: int = 64,
+def run_tokenizer_evaluation(tokenizer: ImageTokenizer, output: str | Path, *, count: int = 256, size: int = 64,
                              seed: int = 1234) -> ReconstructionReport:
-    """Evaluate ``tokenizer`` and write ``report.json``, ``report.md`` and ``reconstructions.png`` into ``output``."""
+    """Evaluate ``tokenizer`` on ``count`` held-out crops (count, 3, size, size) and write ``report.json``,
+    ``report.md`` and ``reconstructions.png`` into the folder ``output``."""
     tokenizer = tokenizer.eval()
     images = held_out_crops(count, size, seed)
     report = evaluate_tokenizer(tokenizer, images)
-    write_report_files(output, report)
+    output = write_report_files(output, report)
     shown = images[:8]
     reconstructions, _ = reconstruct(tokenizer, shown)
     grid = image_grid(to_pil(torch.cat([shown, reconstructions])), columns=8)
