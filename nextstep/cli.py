@@ -355,6 +355,7 @@ def _image_progress(desc: str, quiet: bool):
 
 def command_eval(args: argparse.Namespace) -> int:
     from nextstep.builders import load_model
+    from nextstep.evaluation.report_files import dumps_strict
     from nextstep.io import atomic_write_text
 
     suites = EVAL_SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
@@ -419,7 +420,7 @@ def command_eval(args: argparse.Namespace) -> int:
     summary = {key: summary[key] for key in ("model", "settings", *EVAL_SUITES) if key in summary}
     sections = [f"## {SUITE_TITLES[suite]}\n\n{(output / suite / 'report.md').read_text()}" for suite in EVAL_SUITES
                 if suite in summary and (output / suite / "report.md").is_file()]
-    atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(output / "summary.json", dumps_strict(summary, indent=2) + "\n")  # undefined numbers: null
     atomic_write_text(output / "summary.md", f"# Evaluation of {args.model}\n\n" + "\n".join(sections))
     print(f"wrote {output}/summary.json, summary.md and one folder per suite")
     return 0

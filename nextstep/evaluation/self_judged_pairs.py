@@ -16,12 +16,12 @@ their place (a classifier, a reward model, a person's labels).
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from nextstep.evaluation.report_files import dumps_strict
 from nextstep.evaluation.sampling import SamplingSettings, generate_images
 from nextstep.evaluation.shapes_detector import detect_shapes
 from nextstep.evaluation.shapes_geneval import geneval_prompts, score_image
@@ -173,8 +173,8 @@ def write_self_judged_pairs(model: "NextStep", output: str | Path, *, samples_pe
         (staging / "images").mkdir()
         for index in sorted(used):
             images[index].save(staging / "images" / f"{index:06d}.png", format="PNG")
-        (staging / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-        (staging / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        (staging / "pairs.jsonl").write_text("".join(dumps_strict(line) + "\n" for line in lines))
+        (staging / "summary.json").write_text(dumps_strict(asdict(summary), indent=2) + "\n")
     return summary
 
 
