@@ -130,3 +130,46 @@ def test_captions_lose_a_byte_order_mark_and_undecodable_ones_count_as_bad_sampl
 def test_missing_shards_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere-1.tar"):
         WebDataset(WebDatasetConfig(shards=(str(tmp_path / "nowhere-{0..1}.tar"),)))
+
+
+def test_a_stream_with_no_usable_sample_stops_after_one_pass_naming_what_it_found(tmp_path):
+    from nextstep.training.data.base import DataQualityError
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, format="BMP")
+    with tarfile.open(tmp_path / "bmp.tar", "w") as archive:
+        for item in range(3):
+            _add(archive, f"k{item}.bmp", buffer.getvalue())
+            _add(archive, f"k{item}.txt", b"caption")
+    (tmp_path / "broken.tar").write_bytes(b"not a tar file" * 40)
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    buckets = AspectRatioBuckets(32, multi_aspect=False)
+    for shards, found in (("bmp.tar", r"found member extensions \['bmp', 'txt'\]"),
+                          ("broken.tar", r"found no member \(1 of 1 shards are unreadable tars")):
+        dataset = WebDataset(WebDatasetConfig(shards=(str(tmp_path / shards),)))
+        with pytest.raises(DataQualityError, match=r"after a full pass over its shards: expected an image member with "
+                                                   r"an extension among image_keys \['jpg', 'jpeg', 'png', 'webp'\].*"
+                                                   + found):
+            next(iter(StreamingTrainingBatches(dataset, buckets, BatchLayout(2))))
+    dataset = WebDataset(WebDatasetConfig(shards=(str(tmp_path / "empty.tar"),)))
+    with pytest.raises(DataQualityError, match=r"holds no sample: expected tar members named key.extension"):
+        next(iter(StreamingTrainingBatches(dataset, buckets, BatchLayout(2))))
+    # Each process reads every shard before it gives up: one whose first shards are unusable reads on.
+    pattern = write_shards(tmp_path / "good", num_shards=1, per_shard=4)
+    dataset = WebDataset(WebDatasetConfig(shards=(pattern, str(tmp_path / "bmp.tar"), str(tmp_path / "broken.tar")),
+                                          shuffle_buffer=0))
+    for rank in range(3):
+        batch = next(iter(StreamingTrainingBatches(dataset, AspectRatioBuckets(32, multi_aspect=True),
+                                                   BatchLayout(2, world_size=3), rank=rank)))
+        assert len(batch.keys) == 2
+
+
+def test_repeat_is_refused_for_a_stream_naming_the_dataset():
+    from nextstep.training.data import DataConfig
+
+    with pytest.raises(ValueError, match=r"datasets\[1\].repeat must be 1 \(or left out\) for a webdataset dataset: "
+                                         r"repeat lists a map-style dataset n times per epoch, while a stream passes "
+                                         r"over its shards once per epoch, found 2"):
+        DataConfig(datasets=({"type": "shapes"}, {"type": "webdataset", "shards": ["x.tar"], "repeat": 2}))
+    DataConfig(datasets=({"type": "webdataset", "shards": ["x.tar"], "repeat": 1},))

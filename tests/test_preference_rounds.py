@@ -127,3 +127,43 @@ def test_the_command_runs_rounds_with_the_judging_and_sampling_options(tiny_mode
     assert main(["preference-rounds", str(tmp_path / "shapes.json"), "--rounds", "1", "-o", str(tmp_path / "x")]) == 2
     assert "need a preference recipe" in capsys.readouterr().err
     assert preference_rounds.SUMMARY_FILE == "rounds.json"
+
+
+def test_round_one_draws_with_the_model_its_training_builds_and_trains_that_model(tmp_path, monkeypatch):
+    """model_seed (like model_arguments, image_tokenizer and training_settings) applies to the drawing too."""
+    import torch
+
+    from nextstep.training.recipe import build_recipe_model
+
+    recipe = RecipeConfig.from_dict({**_recipe("tiny"), "model_seed": 7,
+                                     "training_settings": {"image_loss_weight": 2.0}})
+    expected = build_recipe_model(round_recipe(recipe, "tiny", "p.jsonl", 1))
+    drawn_with = []
+
+    def draw(model, output, **options):
+        drawn_with.append((model, model.training))
+        (output / "summary.json").parent.mkdir(parents=True)
+        (output / "summary.json").write_text(json.dumps({"pairs": 1, "correct": 0.5, "images": 2}))
+
+    trained = []
+    monkeypatch.setattr(self_judged_pairs, "write_self_judged_pairs", draw)
+    monkeypatch.setattr("nextstep.training.recipe.run_recipe", lambda *a, model=None, **k: trained.append(model))
+    run_preference_rounds(recipe, tmp_path / "rounds", rounds=1, show_progress=False)
+    ((model, training),) = drawn_with
+    assert not training and model.config.image_loss_weight == 2.0 and trained == [model]  # built once
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"model": "emoji-shapes-64"}, r"unknown model preset 'emoji-shapes-64'.*is a shipped model: give its folder "
+                                   r".*emoji-shapes-64 as the recipe's model"),
+    ({"model_arguments": {"depth": 3}}, r"model_arguments \['depth'\] do not fit the preset 'tiny'"),
+    ({"image_tokenizer": "missing/vae"}, r"expected a VAE checkpoint at 'missing/vae', found nothing"),
+])
+def test_a_start_model_training_cannot_build_is_refused_before_anything_is_drawn(tmp_path, monkeypatch, fields,
+                                                                                  message):
+    monkeypatch.setattr(self_judged_pairs, "write_self_judged_pairs", lambda *a, **k: pytest.fail("drew"))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run_preference_rounds(RecipeConfig.from_dict({**_recipe("tiny"), **fields}), tmp_path / "rounds", rounds=1)
+    assert not (tmp_path / "rounds").exists()

@@ -96,8 +96,8 @@ def small_vae():
 
 def build(tokenizer, folder, **kwargs):
     dataset = ShapesDataset(ShapesConfig(num_samples=6, size=16))
-    return build_latent_cache(tokenizer, dataset, AspectRatioBuckets(16, multi_aspect=False), folder,
-                              batch_size=6, **kwargs)
+    buckets = AspectRatioBuckets(16, tokenizer.pixels_per_token, multi_aspect=False)
+    return build_latent_cache(tokenizer, dataset, buckets, folder, **{"batch_size": 6, **kwargs})
 
 
 def test_a_new_or_wider_decoder_keeps_the_cache_and_a_new_encoder_does_not(tmp_path):
@@ -226,3 +226,125 @@ def test_a_cache_of_a_sampling_tokenizer_warns_that_it_keeps_one_sample(tmp_path
     with caplog.at_level("WARNING", logger="nextstep.training"):
         build(sampling, tmp_path / "cache")
     assert "keeps one sample per image" in caplog.text
+
+
+def test_a_build_with_buckets_of_another_pixels_per_token_or_a_grid_the_tokens_do_not_fill_is_refused(tmp_path):
+    vae = small_vae()  # one token per 4 pixels
+    dataset = ShapesDataset(ShapesConfig(num_samples=2, size=16))
+    with pytest.raises(ValueError, match="the image tokenizer makes one token per 4 pixels; expected buckets with "
+                                         "pixels_per_token=4, found 16"):
+        build_latent_cache(vae, dataset, AspectRatioBuckets(16, multi_aspect=False), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    build(vae, tmp_path / "cache")
+    sample = LatentCacheDataset(LatentCacheConfig(str(tmp_path / "cache"))).load(0)
+    assert sample.grid == (4, 4) and sample.tokens.shape == (16, vae.token_dim)
+
+    class Claims8(type(vae)):  # its tokens cover 4 pixels, whatever it says
+        pixels_per_token = 8
+
+    claims = Claims8(vae.config).eval()
+    with pytest.raises(ValueError, match=r"16x16 images at 8 pixels per token make a 2x2 grid: expected 4 tokens per "
+                                         r"image, found 16 from the image tokenizer"):
+        build_latent_cache(claims, dataset, AspectRatioBuckets(16, 8, multi_aspect=False), tmp_path / "other")
+
+
+@pytest.mark.parametrize("name", ["batch_size", "shard_size"])
+def test_batch_and_shard_sizes_below_1_are_refused(tmp_path, name):
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, found 0"):
+        build(small_vae(), tmp_path / "cache", **{name: 0})
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_corrupt_index_is_named(tmp_path):
+    folder = build(small_vae(), tmp_path / "cache")
+    (folder / "index.json").write_text('{"format_version": 2, ')
+    with pytest.raises(ValueError, match=r"index.json is not valid JSON.*delete the folder"):
+        LatentCacheDataset(LatentCacheConfig(str(folder)))
+    with pytest.raises(ValueError, match=r"index.json is not valid JSON"):
+        build(small_vae(), folder)
+
+
+def _cache_recipe(folder, **fields):
+    from nextstep.training.recipe import RecipeConfig
+
+    return RecipeConfig.from_dict({"model": "tiny", **fields, "data": {
+        "datasets": [{"type": "latent_cache", "path": str(folder)}], "resolution": 32}})
+
+
+def test_a_latent_cache_dataset_of_another_image_tokenizer_is_refused_naming_both(cache, tmp_path):
+    from nextstep.training.data import BatchLayout
+    from nextstep.training.recipe import build_recipe_model, recipe_training_data
+
+    _, _, folder = cache  # built by the tiny model of seed 0
+    data = recipe_training_data(_cache_recipe(folder), build_model("tiny", seed=0))
+    assert next(iter(data.open(BatchLayout(4)))).tokens.shape == (4, 4, 64)
+    other = _cache_recipe(folder, model_seed=1)
+    with pytest.raises(ValueError, match=r"holds tokens of another image tokenizer than the model's \(encoder "
+                                         r"fingerprint: expected [0-9a-f]{32}, found [0-9a-f]{32}\)"):
+        recipe_training_data(other, build_recipe_model(other))
+    small = build(small_vae(), tmp_path / "small")  # 16-d tokens of 4 pixels each
+    with pytest.raises(ValueError, match=r"\(token width: expected 64, found 16; pixels per token: expected 16, "
+                                         r"found 4\)"):
+        recipe_training_data(_cache_recipe(small), build_model("tiny", seed=0))
+
+
+def test_a_latent_cache_written_before_the_encoder_was_recorded_is_checked_for_what_it_holds(tmp_path, caplog):
+    from nextstep.training.recipe import recipe_training_data
+
+    model = build_model("tiny", seed=0)
+    dataset = ShapesDataset(ShapesConfig(num_samples=4, size=32))
+    for name, source in (("plain", ""), ("described", "shapes")):
+        folder = tmp_path / name
+        build_latent_cache(model.image_tokenizer, dataset, AspectRatioBuckets(32, multi_aspect=False), folder,
+                           source=source)
+        index = json.loads((folder / "index.json").read_text())
+        del index["tokenizer_fingerprint"]
+        (folder / "index.json").write_text(json.dumps(index))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nextstep.training"):
+        recipe_training_data(_cache_recipe(tmp_path / "plain"), model)  # its fingerprint is the encoder's alone
+        assert not caplog.text
+        recipe_training_data(_cache_recipe(tmp_path / "described"), model)
+        assert "could not be checked against the model's image tokenizer for its encoder" in caplog.text
+        recipe_training_data(_cache_recipe(tmp_path / "described"), build_model("tiny", seed=1))  # cannot tell
+    index = json.loads((tmp_path / "described" / "index.json").read_text())
+    index["token_dim"] = 16
+    (tmp_path / "described" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"token width: expected 64, found 16"):
+        recipe_training_data(_cache_recipe(tmp_path / "described"), model)
+    # Rebuilding through build_latent_cache records the encoder again.
+    build_latent_cache(model.image_tokenizer, dataset, AspectRatioBuckets(32, multi_aspect=False), tmp_path / "plain")
+    assert "tokenizer_fingerprint" in json.loads((tmp_path / "plain" / "index.json").read_text())
+
+
+def test_a_recipe_cache_is_found_by_the_spec_as_read_and_as_spelt_before(tmp_path):
+    from nextstep.training.recipe import RecipeConfig, recipe_training_data
+
+    model = build_model("tiny", seed=0)
+
+    def recipe(**spec):
+        return RecipeConfig.from_dict({"model": "tiny", "data": {"datasets": [
+            {"type": "shapes", "num_samples": 8, "size": 32, **spec}], "resolution": 32,
+            "latent_cache": str(tmp_path / "cache")}})
+
+    recipe_training_data(recipe(), model)
+    written = (tmp_path / "cache" / "00-shapes" / "index.json").read_text()
+    recipe_training_data(recipe(seed=0), model)  # a default spelt out: the same data, the same cache
+    recipe_training_data(recipe(repeat=2), model)
+    assert (tmp_path / "cache" / "00-shapes" / "index.json").read_text() == written
+    with pytest.raises(ValueError, match="another tokenizer encoder or dataset"):
+        recipe_training_data(recipe(seed=1), model)
+
+    # A cache built under the spec as the recipe spelt it is found, and its index moves to the spec as read.
+    buckets = AspectRatioBuckets(32, multi_aspect=False)
+    spelt = json.dumps({"num_samples": 8, "size": 32, "type": "shapes"}, sort_keys=True) + f" {buckets}"
+    folder = tmp_path / "earlier" / "00-shapes"
+    build_latent_cache(model.image_tokenizer, ShapesDataset(ShapesConfig(num_samples=8, size=32)), buckets, folder,
+                       source=spelt)
+    earlier = json.loads((folder / "index.json").read_text())
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
+    data = recipe_training_data(recipe().replace(data=recipe().data.replace(latent_cache=str(tmp_path / "earlier"))),
+                                model)
+    assert len(data.dataset) == 8 and {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")} == before
+    moved = json.loads((folder / "index.json").read_text())
+    assert moved["fingerprint"] != earlier["fingerprint"] and moved["shards"] == earlier["shards"]

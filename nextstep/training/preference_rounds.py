@@ -1,7 +1,9 @@
 """Rounds of preference training on a model's own samples.
 
 Round ``r`` draws images with the model of round ``r - 1`` (the recipe's
-``model`` for round 1), judges them and writes the pairs
+``model`` for round 1), built as its training builds it (`build_recipe_model`:
+``model_seed``, ``model_arguments``, ``image_tokenizer`` and ``training_settings``
+apply), judges them and writes the pairs
 (`nextstep.evaluation.self_judged_pairs.write_self_judged_pairs`) into
 ``OUTPUT/round{r}/pairs``, then trains the recipe from that model on those
 pairs into ``OUTPUT/round{r}`` (its ``model/`` is the next round's start, and
@@ -59,11 +61,13 @@ class RoundRecord:
 
 
 def check_round_recipe(recipe: RecipeConfig) -> None:
-    """Refuse a recipe the rounds cannot run.
+    """Refuse a recipe the rounds cannot run, without loading anything.
 
     Raises:
         ValueError: a recipe without a ``preference`` block, or whose data is not a
-            single ``preference_manifest`` dataset (whose path each round replaces).
+            single ``preference_manifest`` dataset (whose path each round replaces), or
+            whose ``model`` training cannot build (`check_start_model`).
+        FileNotFoundError: a ``model`` or ``image_tokenizer`` path with nothing there.
     """
     if not recipe.preference:
         raise ValueError("preference rounds need a preference recipe (a \"preference\" block such as "
@@ -72,6 +76,33 @@ def check_round_recipe(recipe: RecipeConfig) -> None:
     if len(datasets) != 1 or datasets[0].get("type") != "preference_manifest":
         raise ValueError("preference rounds train on one preference_manifest dataset, whose path each round "
                          f"replaces; found {[dataset.get('type') for dataset in datasets]}")
+    check_start_model(recipe)
+
+
+def check_start_model(recipe: RecipeConfig) -> None:
+    """Refuse a recipe whose ``model`` (with its ``model_arguments``) or ``image_tokenizer``
+    `build_recipe_model` cannot read, without loading it: round 1 draws with that model.
+
+    Raises:
+        ValueError: a name that is no model preset (a shipped model's name included: recipes take
+            its folder), or ``model_arguments`` the preset does not take.
+        FileNotFoundError: a ``model`` written as a path, or an ``image_tokenizer``, with nothing there.
+    """
+    from nextstep.pretrained import bundled_model_path
+    from nextstep.training.recipe import recipe_model_source
+
+    if recipe.image_tokenizer and not Path(recipe.image_tokenizer).exists():
+        raise FileNotFoundError(f"recipe image_tokenizer: expected a VAE checkpoint at {recipe.image_tokenizer!r}, "
+                                "found nothing")
+    try:
+        recipe_model_source(recipe)
+    except ValueError as error:
+        shipped = bundled_model_path(recipe.model)
+        if shipped is None:
+            raise
+        raise ValueError(f"preference rounds draw with and train the recipe's model as training builds it (a model "
+                         f"directory or a preset name); {error}; {recipe.model!r} is a shipped model: give its "
+                         f"folder {shipped} as the recipe's model") from None
 
 
 def round_recipe(recipe: RecipeConfig, start: str | Path, pairs: str | Path, number: int) -> RecipeConfig:
@@ -107,16 +138,19 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         device: where the images are drawn.
         show_progress: progress bars while drawing and training.
 
+    A round that draws builds its start model once (`build_recipe_model` of the round's
+    recipe, before anything of the round is written), draws with it in eval mode on
+    ``device`` and trains that same model.
+
     Raises:
         ValueError: ``rounds`` below 1, or a recipe `check_round_recipe` refuses (before anything
             runs); a round that draws no pair (before it trains).
     """
     import shutil
 
-    from nextstep.builders import load_model
     from nextstep.evaluation.self_judged_pairs import write_self_judged_pairs
     from nextstep.training.checkpointing import CheckpointManager
-    from nextstep.training.recipe import check_same_recipe, run_recipe
+    from nextstep.training.recipe import build_recipe_model, check_same_recipe, run_recipe
     from nextstep.training.trainer import CHECKPOINTS_DIR
 
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -140,10 +174,12 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         if (pairs / "summary.json").is_file() and drawn_from not in (None, str(start)):
             raise ValueError(f"{folder} drew its pairs with {drawn_from!r}, not {str(start)!r}; {advice}")
         began = time.perf_counter()
+        model = None  # built when the round draws, and trained next
         if not (pairs / "summary.json").is_file():
+            model = build_recipe_model(this_round).to(device).eval()  # a model it cannot build stops it here
             atomic_write_text(drawn_by, json.dumps({"start": str(start)}) + "\n")  # before the pairs exist
-            write_self_judged_pairs(load_model(start, device=device), pairs, samples_per_prompt=samples_per_prompt,
-                                    combinations=combinations, settings=settings, prompts=prompts, judge=judge)
+            write_self_judged_pairs(model, pairs, samples_per_prompt=samples_per_prompt, combinations=combinations,
+                                    settings=settings, prompts=prompts, judge=judge)
         drawn = json.loads((pairs / "summary.json").read_text())
         if not drawn["pairs"]:
             shutil.rmtree(pairs)  # nothing to keep: the next call draws again, with its own settings
@@ -153,7 +189,8 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
                              "or judge more strictly)")
         if not (model_dir / "config.json").is_file():
             # A round stopped before its first checkpoint starts its training over (setting that start aside).
-            run_recipe(this_round, folder, resume=resume, show_progress=show_progress)
+            run_recipe(this_round, folder, resume=resume, show_progress=show_progress, model=model)
+        model = None  # not held while the next round builds its own
         records.append(RoundRecord(round=number, start=str(start), model=str(model_dir), pairs=drawn["pairs"],
                                    correct=drawn["correct"], seconds=round(time.perf_counter() - began, 1)))
         listed = {**earlier, **{record.round: asdict(record) for record in records}}

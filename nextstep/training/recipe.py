@@ -205,26 +205,41 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     return RecipeConfig.from_dict(apply_overrides(data, overrides or []))
 
 
-def build_recipe_model(recipe: RecipeConfig):
-    """The NextStep model a recipe starts from."""
-    from nextstep.builders import build_model
-    from nextstep.model import NextStep
+def recipe_model_source(recipe: RecipeConfig):
+    """What `build_recipe_model` builds the recipe's model from, checked without loading it: the model
+    directory (a `Path`), or the preset (a function taking the recipe's ``model_arguments``).
+
+    Raises:
+        FileNotFoundError: a ``model`` written as a path with no model directory there.
+        ValueError: a name that is no preset, or ``model_arguments`` the preset does not take.
+    """
     from nextstep.registry import model_preset
 
     path = Path(recipe.model)
     if path.is_dir():
-        model = NextStep.from_pretrained(path)
-    elif names_a_path(recipe.model):
+        return path
+    if names_a_path(recipe.model):
         raise FileNotFoundError(f"recipe model: expected a model directory or a preset name at {recipe.model!r}, "
                                 f"found {what_is_at(path)}")
+    preset = model_preset(recipe.model)
+    try:
+        inspect.signature(preset).bind(**recipe.model_arguments)
+    except TypeError as error:  # an argument the preset does not take
+        raise ValueError(f"model_arguments {sorted(recipe.model_arguments)} do not fit the preset "
+                         f"{recipe.model!r}: {error}") from None
+    return preset
+
+
+def build_recipe_model(recipe: RecipeConfig):
+    """The NextStep model a recipe starts from."""
+    from nextstep.builders import build_model
+    from nextstep.model import NextStep
+
+    source = recipe_model_source(recipe)
+    if isinstance(source, Path):
+        model = NextStep.from_pretrained(source)
     else:
-        preset = model_preset(recipe.model)
-        try:
-            inspect.signature(preset).bind(**recipe.model_arguments)
-        except TypeError as error:  # an argument the preset does not take
-            raise ValueError(f"model_arguments {sorted(recipe.model_arguments)} do not fit the preset "
-                             f"{recipe.model!r}: {error}") from None
-        model = build_model(preset(**recipe.model_arguments), seed=recipe.model_seed)
+        model = build_model(source(**recipe.model_arguments), seed=recipe.model_seed)
     if recipe.image_tokenizer:
         from nextstep.tokenizers.vae_checkpoints import load_flux_vae
 
@@ -279,13 +294,22 @@ def recipe_text_tokenizer(recipe: RecipeConfig, data):
 
 def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progress: bool = False):
     """The recipe's `TrainingData`; with ``data.latent_cache`` set, each dataset is encoded
-    once into ``<latent_cache>/<number>-<type>`` (by rank 0) and read from there."""
+    once into ``<latent_cache>/<number>-<type>`` (by rank 0) and read from there.
+
+    A cache is found by its dataset's spec as the dataset reads it (defaults spelt out, ``repeat``
+    aside) or, for caches built before, as the recipe spells it.
+
+    Raises:
+        ValueError: a ``latent_cache`` dataset whose tokens another image tokenizer made
+            (`LatentCacheDataset.check_tokenizer`); a cache there of another encoder or dataset.
+    """
     from nextstep.training.data.latent_cache import (
         INDEX_FILE,
         LatentCacheConfig,
         LatentCacheDataset,
         build_latent_cache,
         latent_cache_ready,
+        tokenizer_fingerprint,
     )
     from nextstep.training.data.source import TrainingData, build_datasets, combine
     from nextstep.training.distributed import DistributedContext
@@ -294,6 +318,11 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
     config = recipe.data
     buckets = config.buckets(model.image_tokenizer.pixels_per_token)
     datasets, repeats = build_datasets(config)
+    cached_already = [dataset for dataset in datasets if isinstance(dataset, LatentCacheDataset)]
+    if cached_already:
+        fingerprint = tokenizer_fingerprint(model.image_tokenizer)
+        for dataset in cached_already:
+            dataset.check_tokenizer(model.image_tokenizer, fingerprint)
     if not config.latent_cache:
         return TrainingData(combine(datasets, repeats), buckets)
     if any(getattr(d, "streaming", False) for d in datasets):
@@ -302,18 +331,19 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
     context.check_shared_folder(config.latent_cache, "data.latent_cache")
     folders = [Path(config.latent_cache) / f"{number:02d}-{spec['type']}"
                for number, spec in enumerate(config.datasets)]
-    sources = []
+    sources, as_spelt = [], []
     for dataset, spec in zip(datasets, config.datasets):
-        description = json.dumps({k: v for k, v in spec.items() if k != "repeat"}, sort_keys=True)
         contents = dataset.content_fingerprint()  # files a user may change under the same spec
-        sources.append(f"{description} {buckets}" + (f" {contents}" if contents else ""))
+        rest = f" {buckets}" + (f" {contents}" if contents else "")
+        for described, fields in ((sources, _comparable_dataset(spec)), (as_spelt, spec)):
+            described.append(json.dumps({k: v for k, v in fields.items() if k != "repeat"}, sort_keys=True) + rest)
     # Rank 0 checks the caches first and every process learns of a refused one: the others would
     # otherwise wait at the barrier below for a rank that stopped.
     refused, ready = None, []
     if context.is_main:
         try:
-            ready = [latent_cache_ready(model.image_tokenizer, dataset, folder, source)
-                     for dataset, folder, source in zip(datasets, folders, sources)]
+            ready = [latent_cache_ready(model.image_tokenizer, dataset, folder, source, (spelt,))
+                     for dataset, folder, source, spelt in zip(datasets, folders, sources, as_spelt)]
         except ValueError as error:
             refused = str(error)
     refused = context.broadcast_object(refused)
@@ -471,7 +501,7 @@ def open_run_folder(trainer, recipe: Config, *, resume: bool, run_entries: tuple
 
 
 def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = True,
-               show_progress: bool = True):
+               show_progress: bool = True, model=None):
     """Train a recipe; returns the `Trainer` after the run.
 
     Args:
@@ -480,6 +510,8 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
             folder resumes from its latest checkpoint).
         resume: set False to ignore existing checkpoints.
         show_progress: draw the progress bar.
+        model: the model ``build_recipe_model(recipe)`` gave, when the caller built it already
+            (preference rounds draw with it first); it is trained in place. None builds it.
     """
     from nextstep.training.checkpointing import is_sharded
     from nextstep.training.distributed import DistributedContext
@@ -490,7 +522,7 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
     output_dir = Path(output_dir)
     context = DistributedContext.from_environment()
     try:
-        model = build_recipe_model(recipe)
+        model = build_recipe_model(recipe) if model is None else model
         # The model draws at the size it trains at unless told otherwise.
         side = recipe.data.resolution
         model.config = model.config.replace(generation=model.config.generation.replace(height=side, width=side))

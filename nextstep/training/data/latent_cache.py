@@ -6,9 +6,13 @@ metadata) and ``index.json``, written last: a folder without it is incomplete
 and is rebuilt. The index records a fingerprint of what the image tokenizer's
 encoder depends on (`ImageTokenizer.encoding_identity`) and of the data, so a
 cache made with another encoder or dataset is refused instead of silently used,
-while a model whose decoder was replaced keeps its cache. Indexes of format 1
-fingerprinted the whole tokenizer; the tokenizer that built one still matches
-it, and its first use rewrites the index in the current format.
+while a model whose decoder was replaced keeps its cache. The index also records
+the encoder's fingerprint alone (``tokenizer_fingerprint``), the token width and
+the pixels per token, which a ``latent_cache`` dataset is checked against
+(`LatentCacheDataset.check_tokenizer`). Indexes of format 1 fingerprinted the
+whole tokenizer; the tokenizer that built one still matches it, and its first use
+rewrites the index in the current format (as it adds ``tokenizer_fingerprint`` to
+an index written before it was recorded).
 
 Legend: n samples in a shard, N tokens per image, D token dim.
 """
@@ -26,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nextstep.config import Config, require
-from nextstep.io import atomic_path, atomic_write_text
+from nextstep.io import atomic_path, atomic_write_text, read_json_object
 from nextstep.tokenizers.base import ImageTokenizer, module_identity
 from nextstep.training.data.base import CorruptSampleError, ImageTextDataset, ImageTextSample
 from nextstep.training.data.buckets import AspectRatioBuckets
@@ -64,24 +68,48 @@ def _with_source(fingerprint: str, source: str) -> str:
     return hashlib.sha256(f"{fingerprint} {source}".encode()).hexdigest()[:32] if source else fingerprint
 
 
-def _existing_cache_matches(index: dict, index_path: Path, tokenizer: torch.nn.Module, fingerprint: str,
-                            source: str, num_samples: int) -> bool:
-    """Whether the complete cache whose ``index`` was read from ``index_path`` holds this encoder's
-    latents of this data; a matching index of format 1 is rewritten in the current format."""
+def read_index(path: Path) -> dict:
+    """A cache's ``index.json`` as a mapping.
+
+    Raises:
+        FileNotFoundError, ValueError: no file, or one that is not a JSON object, naming it.
+    """
+    try:
+        return read_json_object(path, "latent cache index")
+    except ValueError as error:
+        raise ValueError(f"latent cache index: {error}; delete the folder {path.parent} to rebuild the cache, "
+                         "or choose another latent_cache folder") from None
+
+
+def _existing_cache_matches(index: dict, index_path: Path, tokenizer: torch.nn.Module, encoder: str,
+                            built_from: str, source: str, num_samples: int) -> bool:
+    """Whether the complete cache whose ``index`` was read from ``index_path`` holds the latents of this
+    encoder (fingerprint ``encoder``) of the data described by ``built_from``; a matching index
+    in an older form (format 1, another description of the same data, no ``tokenizer_fingerprint``)
+    is rewritten in the current form, under ``source``."""
     if index.get("num_source_samples") != num_samples:
         return False
     if index.get("format_version", 1) >= 2:
-        return index.get("fingerprint") == fingerprint
-    if index.get("fingerprint") != _with_source(_whole_module_fingerprint(tokenizer), source):
+        encoded_by = encoder
+    else:
+        encoded_by = _whole_module_fingerprint(tokenizer)
+    if index.get("fingerprint") != _with_source(encoded_by, built_from):
         return False
-    index.update(format_version=FORMAT_VERSION, fingerprint=fingerprint)
-    atomic_write_text(index_path, json.dumps(index, indent=1) + "\n")
-    logger.info("latent cache %s: index rewritten in format %d", index_path.parent, FORMAT_VERSION)
+    current = {"format_version": FORMAT_VERSION, "fingerprint": _with_source(encoder, source),
+               "tokenizer_fingerprint": encoder}
+    if any(index.get(key) != value for key, value in current.items()):
+        index.update(current)
+        try:
+            atomic_write_text(index_path, json.dumps(index, indent=1) + "\n")
+            logger.info("latent cache %s: index rewritten in format %d", index_path.parent, FORMAT_VERSION)
+        except OSError as error:  # a read-only cache still serves
+            logger.warning("latent cache %s: its index could not be rewritten in format %d (%s)",
+                           index_path.parent, FORMAT_VERSION, error)
     return True
 
 
 def latent_cache_ready(tokenizer: ImageTokenizer, dataset: ImageTextDataset, directory: str | Path,
-                       source: str = "") -> bool:
+                       source: str = "", former_sources: tuple[str, ...] = ()) -> bool:
     """Whether ``directory`` holds the complete cache of ``dataset`` through this tokenizer's encoder
     (False: there is none yet, build it); a cache of another encoder or dataset raises.
 
@@ -90,17 +118,22 @@ def latent_cache_ready(tokenizer: ImageTokenizer, dataset: ImageTextDataset, dir
         dataset: the image-caption pairs it must hold.
         directory: the cache folder.
         source: the description of the dataset and buckets, as for `build_latent_cache`.
+        former_sources: other descriptions of the same data a cache may have been built under;
+            a cache found under one has its index rewritten under ``source``.
 
     Raises:
-        ValueError: a complete cache built from another tokenizer encoder or dataset.
+        ValueError: a complete cache built from another tokenizer encoder or dataset, or an
+            unreadable index.
     """
     index_path = Path(directory) / INDEX_FILE
     if not index_path.is_file():
         return False
-    index = json.loads(index_path.read_text())
-    fingerprint = _with_source(tokenizer_fingerprint(tokenizer), source)  # hashes the encoder: only when needed
-    if _existing_cache_matches(index, index_path, tokenizer, fingerprint, source, len(dataset)):
-        return True
+    index = read_index(index_path)
+    encoder = tokenizer_fingerprint(tokenizer)  # hashes the encoder: only when needed
+    for built_from in dict.fromkeys((source, *former_sources)):
+        if _existing_cache_matches(index, index_path, tokenizer, encoder, built_from, source, len(dataset)):
+            return True
+    fingerprint = _with_source(encoder, source)
     raise ValueError(
         f"the latent cache at {directory} was built from another tokenizer encoder or dataset "
         f"(fingerprint {index.get('fingerprint')}, {index.get('num_source_samples')} samples; "
@@ -141,14 +174,27 @@ def build_latent_cache(
 
     Returns:
         the cache folder.
+
+    Raises:
+        ValueError: ``batch_size`` or ``shard_size`` below 1; buckets of another pixels per
+            token than the tokenizer's; a cache of another encoder or dataset already there.
     """
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value,
+                "an integer >= 1")
+    if buckets.pixels_per_token != tokenizer.pixels_per_token:
+        raise ValueError(
+            f"the buckets fit images to a grid of {buckets.pixels_per_token} pixels per token, but the image "
+            f"tokenizer makes one token per {tokenizer.pixels_per_token} pixels; expected buckets with "
+            f"pixels_per_token={tokenizer.pixels_per_token}, found {buckets.pixels_per_token}"
+        )
     directory = Path(directory)
     if latent_cache_ready(tokenizer, dataset, directory, source):
         return directory
     if tokenizer.samples_latents:
         logger.warning("the image tokenizer samples its latents: the cache keeps one sample per image, where "
                        "encoding during training would draw a new one every step")
-    fingerprint = _with_source(tokenizer_fingerprint(tokenizer), source)
+    encoder = tokenizer_fingerprint(tokenizer)
     index_path = directory / INDEX_FILE
     directory.mkdir(parents=True, exist_ok=True)
     tracker = BadSampleTracker(max_bad_fraction, getattr(dataset, "scanned", len(dataset)),
@@ -196,7 +242,8 @@ def build_latent_cache(
     bar.close()
     index = {
         "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint,
+        "fingerprint": _with_source(encoder, source),
+        "tokenizer_fingerprint": encoder,
         "num_source_samples": len(dataset),
         "scanned_samples": getattr(dataset, "scanned", len(dataset)),
         "num_samples": sum(s["count"] for s in shards),
@@ -211,10 +258,21 @@ def build_latent_cache(
 
 def _flush(directory: Path, number: int, pending_tokens: list, keys: list, captions: list,
            size: tuple[int, int], pixels_per_token: int, limit: int | None) -> dict:
+    """Write the first ``limit`` (all, when None) pending rows of tokens (n, N, D) of images of
+    ``size`` (height, width) as shard ``number``; returns its entry of the index.
+
+    Raises:
+        ValueError: N is not the number of cells of the grid ``size`` makes at ``pixels_per_token``.
+    """
     tokens = torch.cat(pending_tokens)
     count = tokens.shape[0] if limit is None else limit
     name = f"shard-{number:05d}.safetensors"
     grid = (size[0] // pixels_per_token, size[1] // pixels_per_token)
+    if grid[0] * grid[1] != tokens.shape[1]:
+        raise ValueError(
+            f"{size[0]}x{size[1]} images at {pixels_per_token} pixels per token make a {grid[0]}x{grid[1]} grid: "
+            f"expected {grid[0] * grid[1]} tokens per image, found {tokens.shape[1]} from the image tokenizer"
+        )
     metadata = {"keys": json.dumps(keys[:count]), "captions": json.dumps(captions[:count]),
                 "grid": json.dumps(list(grid))}
     with atomic_path(directory / name) as tmp:
@@ -247,6 +305,10 @@ class LatentCacheDataset(ImageTextDataset):
         known_bad: the samples that could not be read while the cache was built (excluded), so that
             training counts them against its limit as it would when reading the images.
         scanned: how many samples the build looked at.
+        pixels_per_token: side in pixels of the square one cached token covers.
+        token_dim: D, the width of a cached token.
+        tokenizer_fingerprint: `tokenizer_fingerprint` of the encoder that made the tokens, or
+            None for a cache written before indexes recorded it.
     """
 
     config_class = LatentCacheConfig
@@ -260,10 +322,11 @@ class LatentCacheDataset(ImageTextDataset):
                 f"expected a complete latent cache (with {INDEX_FILE}) at {directory}, found none; "
                 "build it with nextstep.training.build_latent_cache or set data.latent_cache in the recipe"
             )
-        self.index = json.loads(index_path.read_text())
+        self.index = read_index(index_path)
         self.directory = directory
         self.pixels_per_token = int(self.index["pixels_per_token"])
         self.fingerprint = self.index["fingerprint"]
+        self.tokenizer_fingerprint: str | None = self.index.get("tokenizer_fingerprint")
         self.known_bad: list[str] = list(self.index.get("bad_samples", []))
         self.scanned = int(self.index.get("scanned_samples", self.index.get("num_source_samples", 0)))
         self.locations: list[tuple[int, int]] = []
@@ -281,7 +344,55 @@ class LatentCacheDataset(ImageTextDataset):
             self.captions.extend(captions)
             self.locations.extend((number, row) for row in range(len(keys)))
             self.grids.extend([tuple(shard["grid"])] * len(keys))
+        self.token_dim = self._token_dim()
         self._handles: dict[int, object] = {}
+
+    def _token_dim(self) -> int | None:
+        """D as the index records it, else as the first shard's tokens (n, N, D) have it (None: no shard)."""
+        if "token_dim" in self.index:
+            return int(self.index["token_dim"])
+        if not self.index["shards"]:
+            return None
+        with safe_open(str(self.directory / self.index["shards"][0]["file"]), framework="pt") as handle:
+            return int(handle.get_slice("tokens").get_shape()[-1])
+
+    def check_tokenizer(self, tokenizer: ImageTokenizer, fingerprint: str | None = None) -> None:
+        """Refuse to serve ``tokenizer`` (a model's image tokenizer) tokens another encoder made.
+
+        Compares the token width, the pixels per token and the encoder's fingerprint. A cache written
+        before indexes recorded the encoder alone is compared on what it holds; an encoder that cannot
+        be told apart from it is named in a warning.
+
+        Args:
+            tokenizer: the image tokenizer the cached tokens stand in for.
+            fingerprint: ``tokenizer_fingerprint(tokenizer)``, when known (hashed here otherwise).
+
+        Raises:
+            ValueError: naming each value expected (the tokenizer's) and found (the cache's).
+        """
+        differing = []
+        if self.token_dim is not None and self.token_dim != tokenizer.token_dim:
+            differing.append(f"token width: expected {tokenizer.token_dim}, found {self.token_dim}")
+        if self.pixels_per_token != tokenizer.pixels_per_token:
+            differing.append(f"pixels per token: expected {tokenizer.pixels_per_token}, found {self.pixels_per_token}")
+        unchecked = [] if self.token_dim is not None else ["its token width (it holds no tokens)"]
+        if not differing:
+            fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
+            if self.tokenizer_fingerprint is not None:
+                if self.tokenizer_fingerprint != fingerprint:
+                    differing.append(f"encoder fingerprint: expected {fingerprint}, found {self.tokenizer_fingerprint}")
+            elif self.fingerprint != (fingerprint if self.index.get("format_version", 1) >= 2
+                                      else _whole_module_fingerprint(tokenizer)):
+                # Written before the encoder was recorded alone, with its fingerprint mixed with the data's.
+                unchecked.append("its encoder (the index predates tokenizer_fingerprint)")
+        if differing:
+            raise ValueError(
+                f"the latent cache at {self.config.path} holds tokens of another image tokenizer than the model's "
+                f"({'; '.join(differing)}); build a cache with the model's image tokenizer, or train the model "
+                "whose tokenizer built it")
+        if unchecked:
+            logger.warning("the latent cache at %s could not be checked against the model's image tokenizer for %s; "
+                           "rebuilding it records what is needed", self.config.path, " and ".join(unchecked))
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -18,8 +18,8 @@ class DataConfig(Config):
     """The training data of a recipe.
 
     Args:
-        datasets: dataset specs ``{"type": name, **fields}``; a spec may add
-            ``"repeat": n`` to list that dataset ``n`` times per epoch. Several
+        datasets: dataset specs ``{"type": name, **fields}``; a spec of a map-style
+            dataset may add ``"repeat": n`` to list it ``n`` times per epoch. Several
             map-style datasets are concatenated; a streaming one (``webdataset``)
             must be the only one.
         resolution: side in pixels of the square bucket.
@@ -44,12 +44,16 @@ class DataConfig(Config):
 
     def validate(self) -> None:
         require(len(self.datasets) > 0, "datasets", self.datasets, "at least one dataset spec")
-        for spec in self.datasets:
+        for number, spec in enumerate(self.datasets):
             require(isinstance(spec, dict), "datasets", spec, "a list of mappings")
             fields, repeat = split_repeat(spec)
-            dataset_config(fields)  # unknown types and keys fail here, naming them
+            dataset_class, _ = dataset_config(fields)  # unknown types and keys fail here, naming them
             require(isinstance(repeat, int) and not isinstance(repeat, bool) and repeat >= 1, "datasets[].repeat",
                     repeat, "an integer >= 1")
+            if getattr(dataset_class, "streaming", False):
+                require(repeat == 1, f"datasets[{number}].repeat", repeat,
+                        f"1 (or left out) for a {fields['type']} dataset: repeat lists a map-style dataset n times "
+                        "per epoch, while a stream passes over its shards once per epoch")
         require(self.resolution >= 16 and self.resolution % 16 == 0, "resolution", self.resolution,
                 "a positive multiple of 16")
         require(self.grid_multiple >= 1, "grid_multiple", self.grid_multiple, ">= 1")

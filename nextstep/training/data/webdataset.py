@@ -8,6 +8,10 @@ Every process (and every loader worker) reads its own subset of the shards,
 re-dealt each epoch by a seeded shuffle. The stream is deterministic, so a
 resumed run replays it up to the saved position, reading image headers only,
 and then continues exactly as the uninterrupted run would.
+
+A reader that has read every shard without finding one sample it can use (no
+member among ``image_keys`` with a readable header, or no sample at all) raises
+`DataQualityError` instead of reading on forever.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nextstep.config import Config, require
 from nextstep.images import IMAGE_ERRORS, oriented_size
-from nextstep.training.data.base import CorruptSampleError, ImageTextBatch, ImageTextSample
+from nextstep.training.data.base import CorruptSampleError, DataQualityError, ImageTextBatch, ImageTextSample
 from nextstep.training.data.buckets import AspectRatioBuckets
 from nextstep.training.data.folder import open_image
 from nextstep.training.data.loader import BatchLayout, collate_samples, mix_seed
@@ -163,6 +167,11 @@ class WebDataset:
         Epoch ``e`` deals the shards, shuffled with ``(seed, e)``, round-robin to
         the ``num_slots`` slots, then shuffles samples through a buffer seeded
         with ``(seed, e, slot)``. Each sample's ``epoch`` is ``e``.
+
+        Raises:
+            ValueError: fewer shards than slots.
+            DataQualityError: this slot has read every shard and none held a sample (an
+                unreadable shard counts as holding one: the reader reports it).
         """
         if len(self.shards) < num_slots:
             raise ValueError(
@@ -170,14 +179,18 @@ class WebDataset:
                 "write more shards or use fewer workers"
             )
         epoch = 0
+        empty: set[str] | None = set()  # shards read without yielding anything, while none has (then None)
         while True:
             order = list(self.shards)
             random.Random(mix_seed(seed, "shards", epoch)).shuffle(order)
             rng = random.Random(mix_seed(seed, "buffer", epoch, slot))
             buffer: list[RawSample] = []
             for shard in order[slot::num_slots]:
+                if empty is not None:
+                    empty.add(shard)
                 try:
                     for raw in read_shard(shard):
+                        empty = None
                         raw.epoch = epoch
                         if self.config.shuffle_buffer <= 1:
                             yield raw, False
@@ -186,10 +199,15 @@ class WebDataset:
                         if len(buffer) >= self.config.shuffle_buffer:
                             yield buffer.pop(rng.randrange(len(buffer))), False
                 except CorruptSampleError as error:
+                    empty = None
                     yield RawSample(error.key, shard, {}, epoch), True
             rng.shuffle(buffer)
             for raw in buffer:
                 yield raw, False
+            if empty is not None and len(empty) == len(set(self.shards)):
+                example = f"key.{self.config.image_keys[0]} and key.{self.config.caption_key}"
+                raise DataQualityError(f"{self.describe()} holds no sample: expected tar members named key.extension "
+                                       f"(such as {example}) in {sorted(empty)[:5]}, found none")
             epoch += 1
 
 
@@ -237,7 +255,12 @@ class StreamingBatches(IterableDataset):
         skipped: dict[tuple[int, int], deque] = {}
         bad: list[str] = []
         attempted = 0
+        # Until a sample's header reads: the shards read, the member extensions found, and the pass
+        # read last, to stop once every shard has been read in full without a sample to use.
+        useless: _UselessShards | None = _UselessShards(self.dataset)
         for raw, is_bad_shard in self.dataset.stream(slot, num_slots, self.seed):
+            if useless is not None:
+                useless.read(raw, is_bad_shard)
             attempted += 1
             if is_bad_shard:
                 bad.append(f"{raw.key} (unreadable tar shard)")
@@ -254,6 +277,7 @@ class StreamingBatches(IterableDataset):
             except (CorruptSampleError, *IMAGE_ERRORS) as error:
                 bad.append(f"{raw.shard}:{raw.key} ({error})")
                 continue
+            useless = None
             size = self.buckets.assign(width, height)
             group = pending.setdefault(size, [])
             group.append((raw, caption))
@@ -305,6 +329,42 @@ class StreamingBatches(IterableDataset):
         batch = collate_samples(samples, size[0], size[1], bad_keys=bad, attempted=attempted)
         batch.epoch = max(raw.epoch for raw, _ in group)
         return batch
+
+
+class _UselessShards:
+    """The shards a reader has read in full without one sample whose image header reads.
+
+    `read` raises `DataQualityError` once that is every shard of the dataset: no sample would ever
+    make a batch, and the stream would be read forever.
+    """
+
+    def __init__(self, dataset: WebDataset):
+        self.dataset = dataset
+        self.read_in_full: set[str] = set()  # shards of the passes before ``epoch``
+        self.reading: set[str] = set()  # shards of pass ``epoch``
+        self.epoch = 0
+        self.extensions: set[str] = set()
+        self.unreadable: set[str] = set()
+
+    def read(self, raw: RawSample, is_bad_shard: bool) -> None:
+        if raw.epoch != self.epoch:  # the passes before this sample's are read in full
+            self.read_in_full |= self.reading
+            self.reading, self.epoch = set(), raw.epoch
+            if len(self.read_in_full) == len(set(self.dataset.shards)):
+                raise DataQualityError(self._message())
+        self.reading.add(raw.shard)
+        if is_bad_shard:
+            self.unreadable.add(raw.shard)
+        self.extensions.update(raw.members)
+
+    def _message(self) -> str:
+        config = self.dataset.config
+        found = (f"member extensions {sorted(self.extensions)}" if self.extensions else "no member")
+        unreadable = (f" ({len(self.unreadable)} of {len(self.dataset.shards)} shards are unreadable tars, e.g. "
+                      f"{sorted(self.unreadable)[0]})" if self.unreadable else "")
+        return (f"no sample of {self.dataset.describe()} can be read after a full pass over its shards: expected "
+                f"an image member with an extension among image_keys {list(config.image_keys)} (and a readable "
+                f"image header), found {found}{unreadable}")
 
 
 def _identity(batch):
