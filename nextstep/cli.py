@@ -677,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="target layout (default: release -> native, native -> release, Qwen2 -> native)")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                          help="parameter dtype of the written model (default: the source's)")
-    convert.add_argument("--max-shard-size", default="5GB", help="largest shard of the release layout, e.g. 2GB")
+    convert.add_argument("--max-shard-size", default="5GiB",
+                         help="largest shard of the release layout, e.g. 2GB or 2GiB (default 5GiB, as in Python)")
     convert.add_argument("--vae", default=None,
                          help="image tokenizer directory: for a Qwen2 source, or a release directory without vae/")
     convert.add_argument("--head", default="base", help="flow-head size for a Qwen2 source (tiny/small/base/large)")

@@ -90,6 +90,27 @@ def test_convert_reports_a_missing_source(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_replaced_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import nextstep.interop.release_checkpoint as release_checkpoint
+
+    write_release_checkpoint(tmp_path / "release", SMALL, vocabulary="small", num_shards=1)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(release_checkpoint, "load_release_checkpoint",
+                        lambda *a, **k: pytest.fail("the model loaded before the output was checked"))
+    assert main(["convert", str(tmp_path / "release"), str(tmp_path / "taken")]) == 2
+    assert "found a folder of 1 other entries (notes.txt)" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_the_command_line_shards_as_python_does():
+    from nextstep.cli import build_parser
+    from nextstep.interop.release_checkpoint import DEFAULT_MAX_SHARD_SIZE
+
+    arguments = build_parser().parse_args(["convert", "a", "b"])
+    assert parse_size(arguments.max_shard_size) == DEFAULT_MAX_SHARD_SIZE
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("512KiB") == 512 * 1024 and parse_size(1000) == 1000
     assert parse_size("1.5 MB") == 1_500_000

@@ -16,6 +16,7 @@ import torch
 
 from nextstep.interop.layout import NATIVE, QWEN2, RELEASE, detect_model_layout
 from nextstep.interop.release_checkpoint import DEFAULT_MAX_SHARD_SIZE
+from nextstep.io import check_replaceable
 
 TARGETS = (NATIVE, RELEASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2,
@@ -85,6 +86,8 @@ def convert_checkpoint(
     Raises:
         ValueError: for an unknown target, a Qwen2 source without ``vae``, or
             ``vae`` with a native source.
+        FileExistsError, NotADirectoryError: an ``output`` that cannot be replaced
+            (`nextstep.io.check_replaceable`), before anything loads.
     """
     from nextstep.interop.qwen_init import nextstep_from_qwen
     from nextstep.interop.release_checkpoint import load_release_checkpoint, save_release_checkpoint
@@ -95,6 +98,7 @@ def convert_checkpoint(
     target = to or (RELEASE if layout == NATIVE else NATIVE)
     if target not in TARGETS:
         raise ValueError(f"target layout must be one of {list(TARGETS)}, found {target!r}")
+    check_replaceable(Path(output))  # before the model loads
     if layout == QWEN2:
         if vae is None:
             raise ValueError(f"{source} is a plain Qwen2 checkpoint: pass the image tokenizer (--vae DIR) to build "
