@@ -128,6 +128,10 @@ def test_image_head_contract(name):
     check_image_head(build("image_head", name, IMAGE_HEADS[name]))
 
 
+def test_image_head_contract_in_bfloat16():
+    check_image_head(build("image_head", "flow_matching", IMAGE_HEADS["flow_matching"]).to(torch.bfloat16))
+
+
 # ------------------------------------------------------------------------ samplers
 @pytest.mark.parametrize("name", component_names("sampler"))
 def test_sampler_contract(name):

@@ -207,7 +207,13 @@ class FlippedScore(EulerMaruyamaSampler):
         return x
 
 
+class DoubleTimes(EulerSampler):
+    def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+        return super().sample(lambda x, t: velocity_fn(x, t.double()), noise, time_grid, step_noise)
+
+
 @pytest.mark.parametrize("sampler, message", [
+    (DoubleTimes(), r"DoubleTimes: t must be in the grid's dtype torch.float32, found torch.float64"),
     (IgnoresGrid(), r"IgnoresGrid: a grid that stops at t = .* is not integrated to there"),
     (UnsortedPromise(), r"UnsortedPromise: evaluation_times must give increasing \(E,\) times"),
     (Jitter(), r"Jitter: two calls with the same inputs give different results"),
@@ -357,6 +363,13 @@ class OnlyTheRequiredTokens(ByteTextTokenizer):
         return super().special_token_id(token)
 
 
+class RefusesTheEmptyPrompt(ByteTextTokenizer):
+    def encode(self, text):
+        if not text:
+            raise ValueError("nothing to encode")
+        return super().encode(text)
+
+
 class LacksPlaceholder(ByteTextTokenizer):
     def special_token_id(self, token):
         if token == "<|image_placeholder|>":
@@ -373,6 +386,7 @@ class LacksPlaceholder(ByteTextTokenizer):
     (QEncodesAsBeginOfImage(), r"QEncodesAsBeginOfImage: the character 'q' encodes to the special token "
                                r"<\|begin_of_image\|>"),
     (DropsSpecialIds(), r"DropsSpecialIds: decode\(\[\d+\]\) must render the special token <\|endoftext\|>"),
+    (RefusesTheEmptyPrompt(), r"RefusesTheEmptyPrompt: encode\(''\) must give a list .* raised ValueError"),
     (LacksPlaceholder(), r"LacksPlaceholder: special_token_id\('<\|image_placeholder\|>'\) must give an id"),
 ])
 def test_a_tokenizer_that_lets_prompts_end_themselves_or_gives_unknown_ids_is_named(tokenizer, message):

@@ -9,13 +9,14 @@ from nextstep.samplers.time_grid import time_grid
 from nextstep.testing.assertions import assert_close, assert_finite, refuses
 from nextstep.testing.parameters import (
     assert_every_parameter_gets_a_gradient,
+    default_tolerance,
     randomize,
     restored,
     unchanged_random_state,
 )
 
 
-def check_image_head(head: ImageHead, *, rows: int = 5, seed: int = 0, atol: float = 1e-5) -> None:
+def check_image_head(head: ImageHead, *, rows: int = 5, seed: int = 0, atol: float | None = None) -> None:
     """Check an image head's contract; raise ``AssertionError`` naming the property that fails.
 
     - `velocity`: (N, D) from x_t (N, D), t (N,), condition (N, C), finite, each
@@ -33,10 +34,11 @@ def check_image_head(head: ImageHead, *, rows: int = 5, seed: int = 0, atol: flo
       (the image loss trains the backbone through it).
 
     Args:
-        head: the head, in float32 on the CPU or any device.
+        head: the head, on the CPU or any device.
         rows: N, the tokens of each check.
         seed: seeds every draw.
-        atol: tolerance of the comparisons (also relative).
+        atol: tolerance of the comparisons (also relative); default 1e-5 for float32
+            parameters, 2e-2 for half-precision ones.
 
     Not checked: that the loss trains the velocity sampling integrates (its target
     ``x1 - x0`` under the head's own draws). The weights, gradients, training mode
@@ -51,6 +53,7 @@ def _check_image_head(head: ImageHead, rows: int, seed: int, atol: float) -> Non
     parameter = next(head.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    atol = default_tolerance(dtype) if atol is None else atol
     generator = torch.Generator().manual_seed(seed)
 
     def draw(*shape):

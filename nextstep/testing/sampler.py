@@ -45,7 +45,7 @@ def check_sampler(sampler: Sampler, *, steps: tuple[int, ...] = (1, 3, 10), shif
     - without step noise, a constant velocity is integrated exactly (every
       consistent solver does), and each row's result is its own, also for a velocity
       that depends on the state and the time;
-    - every ``t`` passed to the velocity is (N,), and, where `evaluation_times`
+    - every ``t`` passed to the velocity is (N,) in the grid's dtype, and, where `evaluation_times`
       makes its promise, bitwise one of those times;
     - a stochastic sampler runs with step noise of shape (S, N, D), finitely, each
       row on its own noise, and its result depends on every step's noise but
@@ -111,6 +111,7 @@ def _check_sampler(sampler: Sampler, steps, shift, rows, dim, seed, atol) -> Non
 
         def constant(x, t):
             assert t.shape == (x.shape[0],), f"{name}: t must be (N,) = ({x.shape[0]},), found {tuple(t.shape)}"
+            assert t.dtype == grid.dtype, f"{name}: t must be in the grid's dtype {grid.dtype}, found {t.dtype}"
             seen.append(t)
             return target - noise
 

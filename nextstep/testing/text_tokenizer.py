@@ -35,6 +35,8 @@ def check_text_tokenizer(tokenizer: TextTokenizer, text: str = "a red circle 16*
       stays plain text (a prompt cannot write ``<|begin_of_image|>`` or end itself
       with ``<|endoftext|>``), and no ordinary character (`PLAIN_TEXT`, ``text``)
       encodes to a special id;
+    - the empty text (the unconditional prompt of guidance) encodes to a list
+      that decodes to the empty text;
     - ``special_token_id`` of an unknown token raises ``ValueError``;
     - a raw byte's id, where the tokenizer has one, decodes to that byte.
 
@@ -75,6 +77,13 @@ def check_text_tokenizer(tokenizer: TextTokenizer, text: str = "a red circle 16*
     for character in dict.fromkeys(PLAIN_TEXT + text):
         hit = [special_ids[i] for i in tokenizer.encode(character) if i in special_ids]
         assert not hit, f"{name}: the character {character!r} encodes to the special token {hit[0]}"
+    try:
+        empty = tokenizer.encode("")
+    except Exception as error:
+        raise AssertionError(f"{name}: encode('') must give a list (guidance encodes the empty prompt), raised "
+                             f"{type(error).__name__}: {error}") from error
+    assert isinstance(empty, list) and tokenizer.decode(empty) == "", (
+        f"{name}: encode('') must give a list that decodes to '' (guidance encodes the empty prompt), found {empty!r}")
     refuses(lambda: tokenizer.special_token_id("<|no_such_token|>"), "special_token_id of an unknown token", name)
     byte = tokenizer.byte_id(ord("a"))
     if byte is not None:
