@@ -320,12 +320,12 @@ def command_eval_tokenizer(args: argparse.Namespace) -> int:
 EVAL_SUITES = ("shapes", "emoji", "captioning", "tokenizer")
 
 
-def _square_sampling_settings(model, args: argparse.Namespace):
-    """`SamplingSettings` from the model's ``generation`` block and the sampling options of ``args``
-    (see `_add_sampling_options`); square images, ``--size`` or the model's own side."""
+def _square_sampling_settings(generation, args: argparse.Namespace):
+    """`SamplingSettings` from a model's ``generation`` block (`GenerationDefaults`) and the sampling options of
+    ``args`` (see `_add_sampling_options`); square images, ``--size`` or the model's own side."""
     from nextstep.evaluation.sampling import SamplingSettings
 
-    chosen = model.config.generation.overridden(cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+    chosen = generation.overridden(cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                                                 num_steps=args.steps, candidates=args.candidates,
                                                 candidate_score=args.candidate_score)
     size = args.size
@@ -363,7 +363,7 @@ def command_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"the emoji evaluation needs at least 10 held-out emoji: --limit must be >= 10, found "
                          f"{args.limit}")
     model = load_model(args.model, device=args.device, seed=args.seed)
-    settings = _square_sampling_settings(model, args)
+    settings = _square_sampling_settings(model.config.generation, args)
     size = settings.height
     output = Path(args.output)
     summary: dict = {"model": args.model, "settings": settings.to_dict()}
@@ -442,7 +442,7 @@ def command_preference_pairs(args: argparse.Namespace) -> int:
     judge = judge_function(args.judge)
     prompts = None if args.prompts is None else read_prompt_file(args.prompts)
     model = load_model(args.model, device=args.device, seed=args.seed)
-    settings = _square_sampling_settings(model, args)
+    settings = _square_sampling_settings(model.config.generation, args)
     bar, progress = _image_progress("drawing", args.quiet)
     summary = write_self_judged_pairs(model, args.output, samples_per_prompt=args.samples_per_prompt,
                                       combinations=args.combinations, settings=settings, progress=progress,
@@ -456,17 +456,16 @@ def command_preference_pairs(args: argparse.Namespace) -> int:
 def command_preference_rounds(args: argparse.Namespace) -> int:
     import logging
 
-    from nextstep.builders import load_model
     from nextstep.evaluation.self_judged_pairs import judge_function, read_prompt_file
     from nextstep.training.preference_rounds import check_round_recipe, run_preference_rounds
-    from nextstep.training.recipe import find_recipe, load_recipe
+    from nextstep.training.recipe import find_recipe, load_recipe, recipe_generation_defaults
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     recipe = load_recipe(args.recipe, list(args.set or []))
     check_round_recipe(recipe)  # before loading anything
     judge = judge_function(args.judge)
     prompts = None if args.prompts is None else read_prompt_file(args.prompts)
-    settings = _square_sampling_settings(load_model(recipe.model, device=args.device), args)
+    settings = _square_sampling_settings(recipe_generation_defaults(recipe), args)  # weights load in the rounds
     output = Path(args.output) if args.output else Path("outputs") / "preference-rounds" / find_recipe(args.recipe).stem
     records = run_preference_rounds(recipe, output, rounds=args.rounds, samples_per_prompt=args.samples_per_prompt,
                                     combinations=args.combinations, settings=settings, prompts=prompts, judge=judge,

@@ -115,6 +115,8 @@ def test_the_command_runs_rounds_with_the_judging_and_sampling_options(tiny_mode
     (tmp_path / "recipe.json").write_text(json.dumps(_recipe(str(tmp_path / "start"))))
     (tmp_path / "prompts.txt").write_text("a red circle\ntwo squares\n")
     monkeypatch.setitem(self_judged_pairs.JUDGES, "alternate", _alternate())
+    # The settings come from the start model's config: its weights load once, in the round.
+    monkeypatch.setattr("nextstep.builders.load_model", lambda *a, **k: pytest.fail("loaded by the command line"))
     code = main(["preference-rounds", str(tmp_path / "recipe.json"), "--rounds", "1", "-o", str(tmp_path / "out"),
                  "--prompts", str(tmp_path / "prompts.txt"), "--judge", "alternate", "--samples-per-prompt", "2",
                  "--size", "32", "--steps", "1", "--set", "train.learning_rate=2e-4", "--quiet"])
@@ -122,6 +124,11 @@ def test_the_command_runs_rounds_with_the_judging_and_sampling_options(tiny_mode
     assert "round 1: 2 pairs" in capsys.readouterr().out
     summary = json.loads((tmp_path / "out" / "round1" / "pairs" / "summary.json").read_text())
     assert (summary["settings"]["height"], summary["settings"]["num_steps"]) == (32, 1)
+    assert summary["settings"]["cfg"] == tiny_model.config.generation.cfg
+    from nextstep.registry import model_preset
+    from nextstep.training.recipe import recipe_generation_defaults
+
+    assert recipe_generation_defaults(RecipeConfig.from_dict(_recipe("tiny"))) == model_preset("tiny")().generation
     assert json.loads((tmp_path / "out" / "round1" / "recipe.json").read_text())["train"]["learning_rate"] == 2e-4
     (tmp_path / "shapes.json").write_text(json.dumps({**_recipe("tiny"), "preference": {}}))
     assert main(["preference-rounds", str(tmp_path / "shapes.json"), "--rounds", "1", "-o", str(tmp_path / "x")]) == 2

@@ -230,6 +230,22 @@ def recipe_model_source(recipe: RecipeConfig):
     return preset
 
 
+def recipe_generation_defaults(recipe: RecipeConfig):
+    """The sampling defaults (`GenerationDefaults`) of the model a recipe starts from, read from its config
+    without loading its weights where its layout allows (a preset with the recipe's ``model_arguments``, a
+    directory of this library's layout); a release directory is loaded."""
+    from nextstep.interop.layout import NATIVE, detect_model_layout
+    from nextstep.model_config import ModelConfig
+    from nextstep.serialization import CONFIG_NAME
+
+    source = recipe_model_source(recipe)
+    if not isinstance(source, Path):
+        return source(**recipe.model_arguments).generation
+    if detect_model_layout(source) == NATIVE:
+        return ModelConfig.load(source / CONFIG_NAME).generation
+    return build_recipe_model(recipe).config.generation
+
+
 def build_recipe_model(recipe: RecipeConfig):
     """The NextStep model a recipe starts from."""
     from nextstep.builders import build_model
