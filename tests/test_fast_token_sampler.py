@@ -205,3 +205,25 @@ def test_token_samplers_by_name_and_in_sampling_settings(trained_like_model):
         height=32, width=32, num_steps=2, batch_size=2, token_sampler="fused"))
     for a, b in zip(loop, fast):
         assert (torch.tensor(list(a.tobytes())) - torch.tensor(list(b.tobytes()))).abs().max() <= 1
+
+
+def test_a_head_that_prepares_its_velocity_otherwise_is_sampled_through_its_own_code(trained_like_model):
+    import copy
+
+    from nextstep.heads import FlowMatchingHead
+
+    class HalfPrepared(FlowMatchingHead):
+        def prepare(self, condition, times=None):
+            fast = super().prepare(condition, times)
+            return lambda x_t, t: 0.5 * fast(x_t, t)
+
+    model = copy.deepcopy(trained_like_model).eval()
+    head = HalfPrepared(model.image_head.config)
+    head.load_state_dict(model.image_head.state_dict())
+    model.image_head = head
+    fast = FastTokenSampler(model, use_kernels=False)
+    settings = dict(height=32, width=48, cfg=3.0, num_steps=4, seed=3)
+    expected, _, _ = generate_tokens(model, PROMPTS, **settings)
+    found, _, _ = generate_tokens(model, PROMPTS, token_sampler=fast, **settings)
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+    assert fast.fused_reason(EulerSampler(), guidance_for_scale(3.0)) is not None

@@ -125,6 +125,13 @@ def test_a_subclass_that_overrides_the_velocity_is_sampled_through_it():
     half.load_state_dict(plain.state_dict())
     assert half.own_velocity_reason() == "HalfVelocity overrides the velocity of FlowMatchingHead"
     assert plain.own_velocity_reason() is None
+
+    class HalfPrepared(FlowMatchingHead):  # the fast path fuses the velocity: it must not skip this
+        def prepare(self, condition, times=None):
+            fast = super().prepare(condition, times)
+            return lambda x_t, t: 0.5 * fast(x_t, t)
+
+    assert HalfPrepared(plain.config).own_velocity_reason() == "HalfPrepared overrides the prepare of FlowMatchingHead"
     times = time_grid(4)
     condition, x, t = torch.randn(3, 32), torch.randn(3, 16), times[1].expand(3)
     prepared = half.prepare(condition, half.prepare_times(times))

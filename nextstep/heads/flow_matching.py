@@ -137,11 +137,14 @@ class FlowMatchingHead(ImageHead):
     def own_velocity_reason(self) -> str | None:
         """None when the velocity is this class's MLP (which `prepare` folds and the fast
         path fuses), else why not: a subclass that overrides `velocity`, or whose ``net``
-        is not a `FlowMatchingMLP` with its own forward, is evaluated through `velocity`."""
+        is not a `FlowMatchingMLP` with its own forward, is evaluated through `velocity`; one that
+        overrides how a velocity is prepared (`prepare`, `prepare_net`, `prepare_times`) through
+        those."""
         if not self._net_is_the_mlp():
             return f"{type(self).__name__}'s net is not a FlowMatchingMLP with that class's own forward"
-        if type(self).velocity is not FlowMatchingHead.velocity:
-            return f"{type(self).__name__} overrides the velocity of FlowMatchingHead"
+        for name in ("velocity", "prepare", "prepare_net", "prepare_times"):
+            if getattr(type(self), name) is not getattr(FlowMatchingHead, name):
+                return f"{type(self).__name__} overrides the {name} of FlowMatchingHead"
         return None
 
     def prepare_times(self, times: torch.Tensor) -> FlowMatchingTimes | torch.Tensor:
