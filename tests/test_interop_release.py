@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -144,6 +145,17 @@ def test_dtype_defaults_to_the_shards_and_can_be_chosen(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     model = NextStep.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_float_tensor_stored_as_integers_is_named_in_release_terms(tmp_path):
+    small_release(tmp_path / "ints")
+    shard, name = next((shard, name) for shard in sorted((tmp_path / "ints").glob("model-*.safetensors"))
+                       for name in load_file(str(shard)) if name.endswith("norm.weight"))
+    tensors = load_file(str(shard))
+    save_file({**tensors, name: tensors[name].to(torch.int32)}, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensors of another kind \[{re.escape(name)}: expected floating-point "
+                                         r"values, found I32\]"):
+        NextStep.from_pretrained(tmp_path / "ints")
 
 
 def test_shards_that_mix_dtypes_load_as_the_most_common_one_with_a_warning(tmp_path):

@@ -188,13 +188,22 @@ def _is_lm_head(name: str) -> bool:
 
 
 def _check_release_keys(model: nn.Module, infos: dict[str, TensorInfo], tied: bool, source: Path) -> None:
-    """Compare the shard headers with the model, in release key names; raise naming every problem."""
-    expected = {}
+    """Compare the shard headers with the model, in release key names; raise naming every problem (a float
+    tensor stored as integers, or the reverse, among them)."""
+    expected, floating = {}, {}
     for key, tensor in _ShardedParts(model).state_dict(keep_vars=True).items():
         expected[model_key_to_release_key(key)] = tuple(tensor.shape)
-    found = {name.removeprefix("model."): info.shape for name, info in infos.items()
-             if release_key_to_model_key(name) is not None and not (tied and _is_lm_head(name))}
-    check_state_dict(expected, found, source, "the model its config.json describes")
+        floating[model_key_to_release_key(key)] = tensor.is_floating_point()
+    read = {name.removeprefix("model."): info for name, info in infos.items()
+            if release_key_to_model_key(name) is not None and not (tied and _is_lm_head(name))}
+    check_state_dict(expected, {name: info.shape for name, info in read.items()}, source,
+                     "the model its config.json describes")
+    kinds = [f"{name}: expected {'floating-point' if floating[name] else 'integer'} values, found {info.dtype}"
+             for name, info in sorted(read.items())
+             if name in floating and floating[name] != info.dtype.startswith(("F", "BF"))]
+    if kinds:
+        raise ValueError(f"weights in {source} do not match the model its config.json describes: tensors of "
+                         f"another kind [{'; '.join(kinds)}]")
 
 
 # --------------------------------------------------------------------- loading
