@@ -108,6 +108,11 @@ def test_initialised_model_generates_saves_and_converts(small_qwen, tmp_path):
         assert [t for t in written["additional_special_tokens"] if t.startswith("<|")][:4] == [
             "<|image_area|>", "<|begin_of_image|>", "<|end_of_image|>", "<|image_placeholder|>"], name
     assert release.text_tokenizer.tokenizer.pad_token_id == 278 + 0
+    source = json.loads((small_qwen / "config.json").read_text())
+    written = json.loads((tmp_path / "release" / "config.json").read_text())
+    carried = [name for name in ("max_position_embeddings", "initializer_range", "bos_token_id")
+               if source.get(name) is not None]
+    assert "max_position_embeddings" in carried and all(written[name] == source[name] for name in carried)
 
 
 def test_a_table_with_room_keeps_its_size_and_its_unused_rows(small_qwen):

@@ -126,6 +126,10 @@ class _LanguageModel(nn.Module):
         self.lm_head = lm_head
 
 
+#: Fields of a Qwen2 ``config.json`` that a release ``config.json`` keeps as they were in its base model.
+QWEN_RELEASE_FIELDS = ("max_position_embeddings", "initializer_range", "bos_token_id")
+
+
 def nextstep_from_qwen(
     path: str | os.PathLike,
     *,
@@ -239,6 +243,8 @@ def nextstep_from_qwen(
         image_head=ComponentSpec("image_head", "flow_matching", head),
         sampler=sampler,
         tie_word_embeddings=tied,
+        # What the release's config.json carries over from its base model's (written when saved in that layout).
+        release_fields={name: hf_config[name] for name in QWEN_RELEASE_FIELDS if hf_config.get(name) is not None},
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
