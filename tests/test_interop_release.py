@@ -442,6 +442,9 @@ def test_missing_vae_lists_the_places_tried_and_vae_path_overrides(tmp_path):
         NextStep.from_pretrained(tmp_path / "m")
     model = load_release_checkpoint(tmp_path / "m", vae_path=tmp_path / "tokenizer-f8ch16")
     assert model.image_tokenizer.config.z_channels == SMALL.latent_channels
+    small_release(tmp_path / "other")  # another release model's directory: its vae/ folder is used
+    model = load_release_checkpoint(tmp_path / "m", vae_path=tmp_path / "other")
+    assert model.image_tokenizer.config.z_channels == SMALL.latent_channels
 
 
 @pytest.mark.parametrize("change, match", [

@@ -129,15 +129,16 @@ def _has_weights(directory: Path) -> bool:
 def find_release_vae(directory: Path, release: dict, vae_path: str | os.PathLike | None = None) -> Path:
     """The directory holding the image tokenizer (``config.json`` + ``checkpoint.pt``).
 
-    Looked for in order: ``vae_path``; ``directory / "vae"``; the config's
-    ``vae_name_or_path`` as given and relative to ``directory``.
+    Looked for in order: ``vae_path`` (or its ``vae`` folder: another release
+    model's directory); ``directory / "vae"``; the config's ``vae_name_or_path``
+    as given and relative to ``directory``.
 
     Raises:
         FileNotFoundError: listing every place that was tried.
     """
     candidates = []
     if vae_path is not None:
-        candidates.append(Path(vae_path))
+        candidates += [Path(vae_path), Path(vae_path) / VAE_DIRECTORY]
     else:
         candidates.append(directory / VAE_DIRECTORY)
         named = release.get("vae_name_or_path")
