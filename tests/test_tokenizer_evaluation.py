@@ -34,6 +34,7 @@ def test_baselines_keep_shape_and_range():
     assert bicubic_baseline(x, 4).shape == x.shape
     decoded, bpp = jpeg_baseline(x, 50)
     assert decoded.shape == x.shape and 0 < bpp < 24
+    assert jpeg_baseline(x.double(), 50)[0].dtype == torch.float64  # the images' dtype (and device)
 
 
 def test_photo_split_never_mixes_photos():

@@ -82,7 +82,8 @@ def bicubic_baseline(images: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def jpeg_baseline(images: torch.Tensor, quality: int) -> tuple[torch.Tensor, float]:
-    """JPEG round trip at ``quality``; also returns the mean bits per pixel."""
+    """JPEG round trip of images (B, 3, H, W) at ``quality``, on the images' device and in their dtype; also
+    returns the mean bits per pixel."""
     decoded, bits = [], 0
     for image in to_pil(images):
         buffer = io.BytesIO()
@@ -91,7 +92,7 @@ def jpeg_baseline(images: torch.Tensor, quality: int) -> tuple[torch.Tensor, flo
         buffer.seek(0)
         decoded.append(Image.open(buffer).convert("RGB"))
     pixels = images.shape[0] * images.shape[-1] * images.shape[-2]
-    return from_pil(decoded), bits / pixels
+    return from_pil(decoded).to(images.device, images.dtype), bits / pixels
 
 
 def mean_pairwise_distance(vectors: torch.Tensor) -> float:
