@@ -46,7 +46,8 @@ class ImageFeatures:
 
     @torch.no_grad()
     def __call__(self, images: "list[Image.Image] | torch.Tensor") -> torch.Tensor:
-        """(N, 1280) float64 features of PIL images or an (N, 3, H, W) tensor in [-1, 1]."""
+        """(N, 1280) float64 features, on the CPU, of PIL images or an (N, 3, H, W) tensor in [-1, 1] on any
+        device (each batch goes to the network's)."""
         from nextstep.images import from_pil
 
         if not isinstance(images, torch.Tensor):
@@ -54,12 +55,13 @@ class ImageFeatures:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (N, 3, H, W), found shape {tuple(images.shape)}")
         out = []
+        device = next(self.network.parameters()).device
         for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size].float()
+            batch = images[start:start + self.batch_size].to(device, torch.float32)
             batch = F.interpolate(batch, size=(self.resolution, self.resolution), mode="bilinear",
                                   align_corners=False, antialias=True)
             maps = self.network.extract_features(batch)
-            out.append(maps.mean(dim=(2, 3)).double())
+            out.append(maps.mean(dim=(2, 3)).double().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim, dtype=torch.float64)
 
 
