@@ -290,6 +290,17 @@ class ComponentSpec:
         self.type = type
         self.config = config
 
+    @classmethod
+    def named(cls, kind: str, name: str) -> "ComponentSpec":
+        """The spec of registered component ``name`` of ``kind`` with its default config.
+
+        Raises:
+            ValueError: an unknown kind or name, naming the known ones.
+        """
+        from nextstep.registry import component_class
+
+        return cls(kind, name, component_class(kind, name).config_class())
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "type": self.type, **self.config.to_dict()}
 

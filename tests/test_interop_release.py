@@ -147,6 +147,16 @@ def test_dtype_defaults_to_the_shards_and_can_be_chosen(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_the_default_sampler_of_a_loaded_release_is_named_or_given(release):
+    from nextstep.samplers import FlowSDESampler
+
+    model = load_release_checkpoint(release[0], sampler="flow_sde")  # NextStep-1.1's sde mode
+    assert isinstance(model.sampler, FlowSDESampler) and model.config.sampler.type == "flow_sde"
+    assert load_release_checkpoint(release[0], sampler="euler").config.sampler.type == "euler"
+    with pytest.raises(ValueError, match="unknown sampler 'sde'"):
+        load_release_checkpoint(release[0], sampler="sde")
+
+
 def test_a_float_tensor_stored_as_integers_is_named_in_release_terms(tmp_path):
     small_release(tmp_path / "ints")
     shard, name = next((shard, name) for shard in sorted((tmp_path / "ints").glob("model-*.safetensors"))

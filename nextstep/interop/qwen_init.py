@@ -27,8 +27,8 @@ from nextstep.config import ComponentSpec
 from nextstep.heads.flow_matching import FlowMatchingHead, FlowMatchingHeadConfig
 from nextstep.heads.lm_head import LMHead
 from nextstep.interop.release_checkpoint import checkpoint_dtype
+from nextstep.interop.release_config import release_sampler
 from nextstep.model_config import ModelConfig
-from nextstep.samplers.euler_maruyama import EulerMaruyamaSamplerConfig
 from nextstep.tokenizers.flux_vae import FluxVAE
 from nextstep.tokenizers.hf_text import HFTextTokenizer, HFTextTokenizerConfig
 from nextstep.tokenizers.special_tokens import END_OF_TEXT, NEXTSTEP_SPECIAL_TOKENS
@@ -135,7 +135,7 @@ def nextstep_from_qwen(
     *,
     image_tokenizer: FluxVAE | str | os.PathLike,
     head: str | FlowMatchingHeadConfig = "base",
-    sampler: ComponentSpec | None = None,
+    sampler: ComponentSpec | str | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
@@ -152,7 +152,8 @@ def nextstep_from_qwen(
             NextStep-1 f8ch16 tokenizer directory, FLUX.1 ``ae.safetensors`` ...).
         head: a flow-head size (``tiny``, ``small``, ``base`` (the release's),
             ``large``) or a full `FlowMatchingHeadConfig`.
-        sampler: default sampler spec; None selects the release's Euler-Maruyama sampler.
+        sampler: default sampler: a spec or a registered sampler's name; None selects the release's
+            Euler-Maruyama sampler.
         dtype: parameter dtype of the whole model, the image tokenizer included; None gives the
             transformer and the new parts the checkpoint's dtype and leaves the image tokenizer in its
             own (a `FluxVAE` given is used as it is, not copied: a ``dtype`` or ``device`` moves it).
@@ -234,8 +235,7 @@ def nextstep_from_qwen(
            load_flux_vae(Path(image_tokenizer), keep_dtype=dtype is None))
     if isinstance(head, str):
         head = flow_head_config(head, backbone_config.hidden_size, vae.token_dim)
-    if sampler is None:
-        sampler = ComponentSpec("sampler", "euler_maruyama", EulerMaruyamaSamplerConfig())
+    sampler = release_sampler(sampler)
     config = ModelConfig(
         image_tokenizer=ComponentSpec("image_tokenizer", "flux_vae", vae.config),
         text_tokenizer=ComponentSpec("text_tokenizer", "huggingface", text_tokenizer.config),

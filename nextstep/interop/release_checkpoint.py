@@ -214,7 +214,7 @@ def load_release_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     vae_path: str | os.PathLike | None = None,
-    sampler: ComponentSpec | None = None,
+    sampler: ComponentSpec | str | None = None,
     use_norm: bool = True,
 ) -> "NextStep":
     """Load a published NextStep-1 model directory (NextStep-1-Large, -Edit, 1.1 ...).
@@ -228,8 +228,9 @@ def load_release_checkpoint(
             dtype of ``vae/checkpoint.pt`` for the VAE, so that saving the
             model again writes each as it was.
         vae_path: the image tokenizer directory when it is not ``directory / "vae"``.
-        sampler: default sampler spec; None selects the first release's
-            Euler-Maruyama sampler (use ``flow_sde`` for NextStep-1.1's ``sde`` mode).
+        sampler: default sampler: a spec or a registered sampler's name (``flow_sde`` for
+            NextStep-1.1's ``sde`` mode, ``euler`` for its ``ode`` mode); None selects the first
+            release's Euler-Maruyama sampler.
         use_norm: LayerNorm each sampled token before it is fed back and decoded.
 
     Returns:

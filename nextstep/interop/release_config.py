@@ -212,12 +212,26 @@ def check_special_token_ids(release: dict[str, Any], text_tokenizer: TextTokeniz
             )
 
 
+def release_sampler(sampler: ComponentSpec | str | None) -> ComponentSpec:
+    """A model's default sampler as given: a spec, a registered sampler's name (its default config: ``flow_sde``
+    for NextStep-1.1's ``sde`` mode, ``euler`` for its ``ode`` mode), or None for the first release's
+    Euler-Maruyama sampler."""
+    if sampler is None:
+        return ComponentSpec("sampler", "euler_maruyama", EulerMaruyamaSamplerConfig())
+    if isinstance(sampler, str):
+        return ComponentSpec.named("sampler", sampler)
+    if not isinstance(sampler, ComponentSpec):
+        raise ValueError(f"sampler must be a ComponentSpec, a registered sampler's name or None, found "
+                         f"{type(sampler).__name__}")
+    return sampler
+
+
 def model_config_from_release(
     release: dict[str, Any],
     vae: FluxVAEConfig,
     tokenizer_path: str,
     *,
-    sampler: ComponentSpec | None = None,
+    sampler: ComponentSpec | str | None = None,
     use_norm: bool = True,
     **backbone_overrides: Any,
 ) -> ModelConfig:
@@ -246,8 +260,7 @@ def model_config_from_release(
         warnings.warn(f"NextStep release config has fields this library does not know and ignores: {unknown}",
                       stacklevel=2)
     backbone = backbone_config_from_release(release, **backbone_overrides)
-    if sampler is None:
-        sampler = ComponentSpec("sampler", "euler_maruyama", EulerMaruyamaSamplerConfig())
+    sampler = release_sampler(sampler)
     return ModelConfig(
         image_tokenizer=ComponentSpec("image_tokenizer", "flux_vae", image_tokenizer_config_for_release(release, vae)),
         text_tokenizer=ComponentSpec("text_tokenizer", "huggingface", HFTextTokenizerConfig(path=tokenizer_path)),
