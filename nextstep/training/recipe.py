@@ -24,12 +24,15 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nextstep.config import ComponentSpec, Config, require
 from nextstep.io import names_a_path, what_is_at
 from nextstep.training.config import TrainConfig
 from nextstep.training.data.source import DataConfig
+
+if TYPE_CHECKING:
+    from nextstep.model import NextStep
 
 logger = logging.getLogger("nextstep.training")
 
@@ -517,7 +520,7 @@ def open_run_folder(trainer, recipe: Config, *, resume: bool, run_entries: tuple
 
 
 def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = True,
-               show_progress: bool = True, model=None):
+               show_progress: bool = True, model: NextStep | None = None):
     """Train a recipe; returns the `Trainer` after the run.
 
     Args:
