@@ -448,15 +448,30 @@ def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] 
                        type(recipe).__name__)
         return
     saved, here = _comparable(saved), _comparable(recipe)
-    differing = [name for name in fields if saved.get(name) != here.get(name)]
+    differing = [difference for name in fields for difference in _differences(name, saved.get(name), here.get(name))]
     if differing:
         def shown(value):
             text = json.dumps(value, sort_keys=True)
             return text if len(text) <= 160 else text[:157] + "..."
 
-        details = "; ".join(f"{name}: {shown(saved.get(name))} there, {shown(here.get(name))} here"
-                            for name in differing)
-        raise ValueError(f"{output_dir} was trained with another recipe ({details}); {advice}")
+        details = "; ".join(f"{path}: {shown(there)} there, {shown(value)} here"
+                            for path, there, value in differing[:6])
+        more = f"; and {len(differing) - 6} more" if len(differing) > 6 else ""
+        raise ValueError(f"{output_dir} was trained with another recipe ({details}{more}); {advice}")
+
+
+def _differences(path: str, there: Any, here: Any) -> list[tuple[str, Any, Any]]:
+    """Where two plain-data values differ, as (dotted path, value there, value here), down to the
+    deepest mappings and equal-length lists that hold them (``data.datasets.0.num_samples``)."""
+    if there == here:
+        return []
+    if isinstance(there, dict) and isinstance(here, dict):
+        return [difference for key in sorted(set(there) | set(here), key=str)
+                for difference in _differences(f"{path}.{key}", there.get(key), here.get(key))]
+    if isinstance(there, list) and isinstance(here, list) and len(there) == len(here):
+        return [difference for index, (a, b) in enumerate(zip(there, here))
+                for difference in _differences(f"{path}.{index}", a, b)]
+    return [(path, there, here)]
 
 
 def _recipe_or_none(text: str, recipe_class: type) -> Config | None:
