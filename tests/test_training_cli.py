@@ -37,12 +37,17 @@ def test_train_writes_logs_samples_and_checkpoints_then_resumes(tmp_path, capsys
                  "--set", "train.sample_every=0"]) == 0
     assert [row["step"] for row in read_log(out / "train_log.csv")] == [1, 2, 3, 4]
 
-    # Starting over keeps the earlier run whole, its recipe and model included, beside the new one.
+    # Starting over keeps the earlier run whole, its recipe and model included, beside the new one (and what a
+    # tokenizer run left in the folder before it: its tokenizer and evaluation).
+    for folder in ("tokenizer", "eval"):
+        (out / folder).mkdir()
+        (out / folder / "report.json").write_text("{}")
     assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1", "--no-resume",
                  "--set", "train.sample_every=0"]) == 0
     earlier = out / "earlier-runs" / "1"
-    assert sorted(p.name for p in earlier.iterdir()) == ["checkpoints", "model", "recipe.json", "samples",
-                                                         "train_log.csv"]
+    assert sorted(p.name for p in earlier.iterdir()) == ["checkpoints", "eval", "model", "recipe.json", "samples",
+                                                         "tokenizer", "train_log.csv"]
+    assert not (out / "tokenizer").exists() and not (out / "eval").exists()
     assert load_recipe(earlier / "recipe.json").train.max_steps == 4
     assert [row["step"] for row in read_log(out / "train_log.csv")] == [1]
     assert (out / "model" / "config.json").is_file() and load_recipe(out / "recipe.json").train.max_steps == 1

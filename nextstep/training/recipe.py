@@ -39,6 +39,12 @@ logger = logging.getLogger("nextstep.training")
 RECIPE_FILE = "recipe.json"
 #: Folder of a finished run's model (the weight average when the run keeps one).
 MODEL_DIR = "model"
+#: Folders of a finished tokenizer run: the trained tokenizer and its held-out evaluation.
+TOKENIZER_DIR = "tokenizer"
+EVALUATION_DIR = "eval"
+#: What a run started over (``--no-resume``) sets aside besides the run's own entries: the recipe and the
+#: outputs of either kind of run (a folder may have held the other kind).
+EARLIER_RUN_OUTPUTS = (RECIPE_FILE, MODEL_DIR, TOKENIZER_DIR, EVALUATION_DIR)
 
 
 #: Model config fields a recipe may change for its run (``training_settings``): the ones only
@@ -567,8 +573,8 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
             replace_text_tokenizer(model, recipe_text_tokenizer(recipe, data))
             logger.info("text tokenizer: %s, %d ids", recipe.text_tokenizer["type"],
                         model.text_tokenizer.vocab_size)
-        if context.is_main and not resume:  # starting over: the earlier run's recipe and model go aside too
-            set_aside_earlier_run(output_dir, RUN_ENTRIES + (RECIPE_FILE, MODEL_DIR))
+        if context.is_main and not resume:  # starting over: the earlier run's recipe and outputs go aside too
+            set_aside_earlier_run(output_dir, RUN_ENTRIES + EARLIER_RUN_OUTPUTS)
         if recipe.preference:
             from nextstep.training.preference import PreferenceTask
 

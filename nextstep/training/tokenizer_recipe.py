@@ -30,13 +30,11 @@ from nextstep.io import names_a_path
 from nextstep.tokenizers.training_loss import TokenizerLoss, TokenizerLossConfig
 from nextstep.training.config import TrainConfig
 from nextstep.training.data.source import DataConfig
+from nextstep.training.recipe import EVALUATION_DIR, TOKENIZER_DIR
 
 logger = logging.getLogger("nextstep.training")
 
 PERCEPTUAL_NETWORKS = ("efficientnet_lite0", "none")
-#: Where a run puts the trained tokenizer and its held-out evaluation.
-TOKENIZER_DIR = "tokenizer"
-EVALUATION_DIR = "eval"
 
 
 @dataclass
@@ -160,7 +158,7 @@ def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, 
     from nextstep.training.checkpointing import is_sharded
     from nextstep.training.data.source import TrainingData, build_datasets, combine
     from nextstep.training.distributed import DistributedContext
-    from nextstep.training.recipe import RECIPE_FILE, open_run_folder
+    from nextstep.training.recipe import EARLIER_RUN_OUTPUTS, open_run_folder
     from nextstep.training.tokenizer_task import TokenizerTask
     from nextstep.training.trainer import LOG_FILE, RUN_ENTRIES, SAMPLES_DIR, Trainer, set_aside_earlier_run
 
@@ -170,8 +168,8 @@ def run_tokenizer_recipe(recipe: TokenizerRecipeConfig, output_dir: str | Path, 
         tokenizer = build_recipe_tokenizer(recipe)
         datasets, repeats = build_datasets(recipe.data)
         data = TrainingData(combine(datasets, repeats), recipe.data.buckets(tokenizer.pixels_per_token))
-        if context.is_main and not resume:  # starting over: the earlier run's recipe, tokenizer and report too
-            set_aside_earlier_run(output_dir, RUN_ENTRIES + (RECIPE_FILE, TOKENIZER_DIR, EVALUATION_DIR))
+        if context.is_main and not resume:  # starting over: the earlier run's recipe and outputs go aside too
+            set_aside_earlier_run(output_dir, RUN_ENTRIES + EARLIER_RUN_OUTPUTS)
         preview = held_out_crops(8, recipe.evaluation_size, seed=99)
         task = TokenizerTask(tokenizer, build_objective(recipe), train_encoder=recipe.train_encoder,
                              preview_images=preview)
