@@ -74,6 +74,17 @@ def test_a_resume_that_cannot_continue_the_run_leaves_its_folder_as_it_was(tmp_p
     assert load_recipe(out / "recipe.json").train.max_steps == 4
 
 
+def test_a_run_that_stopped_before_its_first_step_does_not_block_the_corrected_one(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, train=dict(RECIPE["train"], sample_every=0))))
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1",
+                 "--set", "train.pack_length=8"]) == 2  # refused at the first batch
+    assert "more than the packing length 8" in capsys.readouterr().err
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1"]) == 0
+    assert [row["step"] for row in read_log(out / "train_log.csv")] == [1]
+
+
 def test_a_folder_given_as_a_recipe_is_named(tmp_path, capsys, monkeypatch):
     from nextstep.training.recipe import find_recipe
 

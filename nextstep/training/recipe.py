@@ -400,6 +400,19 @@ RESUMED_FIELDS = ("model", "model_arguments", "model_seed", "image_tokenizer", "
 RESUME_ADVICE = "pass --no-resume (resume=False) to set that run aside and start over"
 
 
+def _holds_results(path: Path) -> bool:
+    """Whether an entry of a run folder holds what a run made: a log with a row below its header, a folder
+    with something in it, any other file (a run that stopped before its first step leaves only headers)."""
+    if path.is_dir():
+        return any(path.iterdir())
+    if not path.is_file():
+        return False
+    if path.suffix == ".csv":
+        with path.open("rb") as log:
+            return sum(1 for line in log if line.strip()) > 1
+    return True
+
+
 def check_resumable(recipe: Config, output_dir: Path, has_checkpoint: bool, *,
                     fields: tuple[str, ...] = RESUMED_FIELDS, run_entries: tuple[str, ...] = ()) -> None:
     """Refuse to continue the run in ``output_dir`` with ``recipe`` before anything is written there.
@@ -418,7 +431,7 @@ def check_resumable(recipe: Config, output_dir: Path, has_checkpoint: bool, *,
             without a checkpoint; both suggest ``--no-resume``, which sets the earlier run aside.
     """
     if not has_checkpoint:
-        found = sorted(name for name in run_entries if (output_dir / name).exists())
+        found = sorted(name for name in run_entries if _holds_results(output_dir / name))
         if found:
             raise ValueError(f"{output_dir} holds an earlier run ({', '.join(found)}) but no checkpoint to resume "
                              "from; pass --no-resume (resume=False) to move it into earlier-runs/ and start over, "
