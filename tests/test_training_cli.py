@@ -85,6 +85,18 @@ def test_a_run_that_stopped_before_its_first_step_does_not_block_the_corrected_o
     assert [row["step"] for row in read_log(out / "train_log.csv")] == [1]
 
 
+def test_a_resume_in_other_micro_batches_warns_that_it_is_not_exact(tmp_path, caplog):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, train=dict(RECIPE["train"], sample_every=0, checkpoint_every=1))))
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1",
+                 "--set", "train.gradient_accumulation=2"]) == 0  # global batch 4 as 2 x 2
+    with caplog.at_level("WARNING", logger="nextstep.training"):
+        assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "2",
+                     "--set", "train.micro_batch_size=4"]) == 0  # the same global batch as 4 x 1
+    assert "trained in micro-batches of 2 examples and this run takes 4" in caplog.text
+
+
 def test_a_folder_given_as_a_recipe_is_named(tmp_path, capsys, monkeypatch):
     from nextstep.training.recipe import find_recipe
 

@@ -230,6 +230,13 @@ class Trainer:
                     f"{here[2]}; a streaming dataset resumes only with the same split (map-style datasets "
                     "resume on any)"
                 )
+        saved_micro_batch = saved_config.get("micro_batch_size")
+        if saved_micro_batch is not None and saved_micro_batch != self.config.micro_batch_size \
+                and not self.data.streaming:
+            logger.warning("checkpoint %s was trained in micro-batches of %d examples and this run takes %d: the "
+                           "same examples make each step, but each micro-batch draws its own noise and times, so "
+                           "the run does not continue exactly as it would have (keep micro_batch_size for that)",
+                           path, saved_micro_batch, self.config.micro_batch_size)
         if int(state["step"]) > self.config.max_steps:
             raise ValueError(
                 f"checkpoint {path} is at step {int(state['step'])}, past this run's max_steps "
