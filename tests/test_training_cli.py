@@ -97,6 +97,24 @@ def test_a_resume_in_other_micro_batches_warns_that_it_is_not_exact(tmp_path, ca
     assert "trained in micro-batches of 2 examples and this run takes 4" in caplog.text
 
 
+def test_data_of_another_sample_kind_is_refused_before_the_run_folder_is_written(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, train=dict(RECIPE["train"], sample_every=0))))
+    out = tmp_path / "run"
+    mixed = json.dumps([{"type": "shapes_editing", "num_samples": 8, "size": 32},
+                        {"type": "shapes", "num_samples": 8, "size": 32}])
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1",
+                 "--set", f"data.datasets={mixed}"]) == 2
+    assert re.search(r"datasets of one sample kind can be trained together, found several \(.*: editing, .*: "
+                     r"text_to_image\)", capsys.readouterr().err)
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1",
+                 "--set", 'preference={"beta": 500}']) == 2
+    assert "a preference recipe trains on preference pairs (a chosen and a rejected image), found text_to_image " \
+           "data" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1"]) == 0
+
+
 def test_a_folder_given_as_a_recipe_is_named(tmp_path, capsys, monkeypatch):
     from nextstep.training.recipe import find_recipe
 

@@ -588,6 +588,10 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
                         model.text_tokenizer.vocab_size)
         if context.is_main and not resume:  # starting over: the earlier run's recipe and outputs go aside too
             set_aside_earlier_run(output_dir, RUN_ENTRIES + EARLIER_RUN_OUTPUTS)
+        kind = getattr(data.dataset, "sample_kind", "text_to_image")
+        if recipe.preference and kind != "preference":  # before anything is written into the run folder
+            raise ValueError(f"a preference recipe trains on preference pairs (a chosen and a rejected image), "
+                             f"found {kind} data; use a preference dataset such as preference_manifest")
         if recipe.preference:
             from nextstep.training.preference import PreferenceTask
 

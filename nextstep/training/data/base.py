@@ -111,13 +111,24 @@ class ImageTextBatch:
         return self.rejected_images is not None
 
 
+#: What the samples of a dataset hold (`ImageTextDataset.sample_kind`): an image and its caption, with the
+#: source image of an edit too, or with a rejected image beside the chosen one.
+SAMPLE_KINDS = ("text_to_image", "editing", "preference")
+
+
 class ImageTextDataset(ABC):
     """A map-style dataset of image-caption pairs.
 
     Implement `__len__`, `load` and `image_size`; the loader uses `image_size`
     (which must be cheap: a header read or a constant) to put every index into
     an aspect-ratio bucket before any image is decoded.
+
+    Attributes:
+        sample_kind: one of `SAMPLE_KINDS`: what every sample holds (a batch holds
+            samples of one kind, so datasets of different kinds are not mixed).
     """
+
+    sample_kind: str = "text_to_image"
 
     @abstractmethod
     def __len__(self) -> int:

@@ -44,6 +44,8 @@ class EditingManifestConfig(Config):
 class EditingManifestDataset(ImageTextDataset):
     """Editing pairs listed in a JSONL manifest (the caption is the instruction)."""
 
+    sample_kind = "editing"
+
     config_class = EditingManifestConfig
 
     def __init__(self, config: EditingManifestConfig | None = None):
@@ -156,6 +158,8 @@ class ShapesEditingConfig(Config):
 @register_dataset("shapes_editing")
 class ShapesEditingDataset(ImageTextDataset):
     """Shapes scenes before and after an edit; ``metadata`` holds both `Scene` dicts."""
+
+    sample_kind = "editing"
 
     config_class = ShapesEditingConfig
 

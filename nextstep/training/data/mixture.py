@@ -24,6 +24,13 @@ class ConcatImageTextDataset(ImageTextDataset):
         repeats = list(repeats or [1] * len(datasets))
         if len(repeats) != len(datasets) or any(r < 1 for r in repeats):
             raise ValueError(f"repeats must be one integer >= 1 per dataset, found {repeats}")
+        kinds = {getattr(d, "sample_kind", "text_to_image") for d in datasets}
+        if len(kinds) > 1:
+            listed = ", ".join(f"{d.describe()}: {getattr(d, 'sample_kind', 'text_to_image')}" for d in datasets)
+            raise ValueError(f"datasets of one sample kind can be trained together, found several ({listed}): a "
+                             "batch holds samples of one kind (an edit's source image, a preference's rejected "
+                             "image); train them in separate runs")
+        self.sample_kind = kinds.pop()
         self.datasets = datasets
         self.repeats = repeats
         self.offsets = [0]

@@ -100,6 +100,8 @@ class ShapesPreferencesDataset(ImageTextDataset):
     """A shapes scene (preferred) and a near miss of it (rejected) under the scene's caption;
     ``metadata`` holds both `Scene` dicts."""
 
+    sample_kind = "preference"
+
     config_class = ShapesPreferencesConfig
 
     def __init__(self, config: ShapesPreferencesConfig | None = None):
@@ -154,6 +156,8 @@ class PreferenceManifestConfig(Config):
 @register_dataset("preference_manifest")
 class PreferenceManifestDataset(ImageTextDataset):
     """Preference pairs listed in a JSONL manifest."""
+
+    sample_kind = "preference"
 
     config_class = PreferenceManifestConfig
 
