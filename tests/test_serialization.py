@@ -303,3 +303,19 @@ def test_a_dtype_is_a_floating_torch_dtype_or_its_name(tiny_model, tmp_path):
             NextStep.from_pretrained(tmp_path / "m", dtype=bad)
         with pytest.raises(ValueError, match="dtype must be one of"):
             load_model("tiny", dtype=bad)
+
+
+def test_files_written_atomically_have_an_ordinary_files_mode_whoever_writes_them(tmp_path):
+    import os
+
+    from safetensors.torch import save_file
+
+    from nextstep.io import atomic_path, atomic_write_text
+
+    umask = os.umask(0)
+    os.umask(umask)
+    with atomic_path(tmp_path / "tensors.safetensors") as tmp:  # safetensors replaces the file it writes
+        save_file({"a": torch.zeros(2)}, str(tmp))
+    atomic_write_text(tmp_path / "text.json", "{}")
+    for name in ("tensors.safetensors", "text.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
