@@ -229,3 +229,23 @@ def test_a_preference_recipe_trains_and_writes_a_model(tmp_path):
     log = (tmp_path / "train_log.csv").read_text().splitlines()
     assert "accuracy" in log[0] and "sft_loss" in log[0] and len(log) == 3
     assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_a_preference_run_does_not_resume_against_a_changed_start_model(tmp_path, tiny_model):
+    from nextstep.training.recipe import REFERENCE_FILE, run_recipe
+
+    tiny_model.save_pretrained(tmp_path / "start")
+    recipe = RecipeConfig.from_dict({
+        "model": str(tmp_path / "start"), "preference": {"beta": 100},
+        "data": {"datasets": [{"type": "shapes_preferences", "num_samples": 8, "size": 32}], "resolution": 32},
+        "train": {"max_steps": 1, "micro_batch_size": 4, "warmup_steps": 1, "learning_rate": 1e-4,
+                  "log_every": 1, "checkpoint_every": 1},
+    })
+    run_recipe(recipe, tmp_path / "run", show_progress=False)
+    assert json.loads((tmp_path / "run" / REFERENCE_FILE).read_text())["model"] == str(tmp_path / "start")
+    longer = recipe.replace(train=recipe.train.replace(max_steps=2))
+    tiny_model.save_pretrained(tmp_path / "start")  # the start model's files written again
+    with pytest.raises(ValueError, match=r"began preference training against .*start as it was then .* the "
+                                         r"resumed run's reference model would be another"):
+        run_recipe(longer, tmp_path / "run", show_progress=False)
+    run_recipe(longer, tmp_path / "run", resume=False, show_progress=False)  # starting over is the way

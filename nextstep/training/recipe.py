@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nextstep.config import ComponentSpec, Config, require
-from nextstep.io import names_a_path, what_is_at
+from nextstep.io import atomic_write_text, names_a_path, read_json_object, what_is_at
 from nextstep.training.config import TrainConfig
 from nextstep.training.data.source import DataConfig
 
@@ -42,9 +42,11 @@ MODEL_DIR = "model"
 #: Folders of a finished tokenizer run: the trained tokenizer and its held-out evaluation.
 TOKENIZER_DIR = "tokenizer"
 EVALUATION_DIR = "eval"
+#: Which start model a preference run trains against (`record_reference_model`).
+REFERENCE_FILE = "reference_model.json"
 #: What a run started over (``--no-resume``) sets aside besides the run's own entries: the recipe and the
 #: outputs of either kind of run (a folder may have held the other kind).
-EARLIER_RUN_OUTPUTS = (RECIPE_FILE, MODEL_DIR, TOKENIZER_DIR, EVALUATION_DIR)
+EARLIER_RUN_OUTPUTS = (RECIPE_FILE, MODEL_DIR, TOKENIZER_DIR, EVALUATION_DIR, REFERENCE_FILE)
 
 
 #: Model config fields a recipe may change for its run (``training_settings``): the ones only
@@ -536,6 +538,35 @@ def _comparable_dataset(spec: dict) -> dict:
     return {"type": fields["type"], **config.to_dict(), "repeat": repeat}
 
 
+def check_reference_model(recipe: RecipeConfig, output_dir: Path, has_checkpoint: bool) -> None:
+    """Refuse to resume a preference run whose start model (its reference) is no longer the one it began
+    with: the files at the recipe's ``model`` changed since (`nextstep.pretrained.model_fingerprint`).
+
+    Raises:
+        ValueError: naming the model and both fingerprints.
+    """
+    from nextstep.pretrained import model_fingerprint
+
+    saved = read_json_object(output_dir / REFERENCE_FILE) if (output_dir / REFERENCE_FILE).is_file() else None
+    if not has_checkpoint or saved is None or saved.get("model") != recipe.model:
+        return  # nothing to resume, a run from before the record, or another model (check_resumable names it)
+    found = model_fingerprint(recipe.model)
+    if saved.get("fingerprint") != found:
+        raise ValueError(
+            f"{output_dir} began preference training against {recipe.model} as it was then (fingerprint "
+            f"{saved.get('fingerprint')}), and the files there have changed since (fingerprint {found}): the "
+            f"resumed run's reference model would be another; put that model back, or {RESUME_ADVICE}")
+
+
+def record_reference_model(recipe: RecipeConfig, output_dir: Path) -> None:
+    """Write which start model (its `nextstep.pretrained.model_fingerprint`) a preference run trains against,
+    for `check_reference_model` when the run resumes."""
+    from nextstep.pretrained import model_fingerprint
+
+    record = {"model": recipe.model, "fingerprint": model_fingerprint(recipe.model)}
+    atomic_write_text(output_dir / REFERENCE_FILE, json.dumps(record, indent=2) + "\n")
+
+
 def open_run_folder(trainer, recipe: Config, *, resume: bool, run_entries: tuple[str, ...],
                     fields: tuple[str, ...] = RESUMED_FIELDS) -> None:
     """Before a run writes into its folder: every process checks that the run there can continue with
@@ -586,12 +617,12 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
             replace_text_tokenizer(model, recipe_text_tokenizer(recipe, data))
             logger.info("text tokenizer: %s, %d ids", recipe.text_tokenizer["type"],
                         model.text_tokenizer.vocab_size)
-        if context.is_main and not resume:  # starting over: the earlier run's recipe and outputs go aside too
-            set_aside_earlier_run(output_dir, RUN_ENTRIES + EARLIER_RUN_OUTPUTS)
         kind = getattr(data.dataset, "sample_kind", "text_to_image")
         if recipe.preference and kind != "preference":  # before anything is written into the run folder
             raise ValueError(f"a preference recipe trains on preference pairs (a chosen and a rejected image), "
                              f"found {kind} data; use a preference dataset such as preference_manifest")
+        if context.is_main and not resume:  # starting over: the earlier run's recipe and outputs go aside too
+            set_aside_earlier_run(output_dir, RUN_ENTRIES + EARLIER_RUN_OUTPUTS)
         if recipe.preference:
             from nextstep.training.preference import PreferenceTask
 
@@ -599,7 +630,11 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
         else:
             task = TextToImageTask.from_train_config(model, recipe.train)
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
+        if recipe.preference and resume:  # the reference is the start model: a resumed run needs the same one
+            check_reference_model(recipe, output_dir, trainer.checkpoints.holds_checkpoint())
         open_run_folder(trainer, recipe, resume=resume, run_entries=(LOG_FILE, SAMPLES_DIR, MODEL_DIR))
+        if context.is_main and recipe.preference:
+            record_reference_model(recipe, output_dir)
         if context.is_main:
             logger.info("training on %s", data.describe())
         trainer.fit(resume=resume)
