@@ -325,9 +325,8 @@ def _square_sampling_settings(generation, args: argparse.Namespace):
     ``args`` (see `_add_sampling_options`); square images, ``--size`` or the model's own side."""
     from nextstep.evaluation.sampling import SamplingSettings
 
-    chosen = generation.overridden(cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                                                num_steps=args.steps, candidates=args.candidates,
-                                                candidate_score=args.candidate_score)
+    chosen = generation.overridden(cfg=args.cfg, cfg_schedule=args.cfg_schedule, num_steps=args.steps,
+                                   candidates=args.candidates, candidate_score=args.candidate_score)
     size = args.size
     if size is None:
         if chosen.height != chosen.width:
