@@ -81,9 +81,19 @@ def _generation_request(args: argparse.Namespace) -> dict:
     return request
 
 
-def _requested(entry: dict | None) -> dict | None:
-    """A file's record without the settings it was resolved to (``resolved``), which follow from the request."""
-    return None if entry is None else {key: value for key, value in entry.items() if key != "resolved"}
+#: What a generation record holds besides the options: files' identities (absent from records written before
+#: they were recorded, which then compare on the options alone) and the settings the options resolved to.
+RECORDED_IDENTITIES = ("model_fingerprint", "image_sha256")
+
+
+def _requested(entry: dict | None, wanted: dict) -> dict | None:
+    """A file's record as it compares with the request ``wanted``: without the settings it was resolved to
+    (``resolved``, which follow from the request), and with the identities it does not record taken as
+    ``wanted``'s."""
+    if entry is None:
+        return None
+    unrecorded = {key: wanted[key] for key in RECORDED_IDENTITIES if key not in entry and key in wanted}
+    return {**{key: value for key, value in entry.items() if key != "resolved"}, **unrecorded}
 
 
 def _check_overwrite(existing: list[Path], saved: dict | None, request: dict, what: str) -> None:
@@ -139,10 +149,11 @@ def command_generate(args: argparse.Namespace) -> int:
             raise FileExistsError(f"expected a PNG file or nothing at {out_dir / name}, found a directory")
     if not args.overwrite:  # images of another request are not replaced
         others = [name for name, wanted in expected.items()
-                  if (out_dir / name).exists() and _requested(records.get(name)) != wanted]
+                  if (out_dir / name).exists() and _requested(records.get(name), wanted) != wanted]
         if others:
-            _check_overwrite([out_dir / name for name in others], _requested(records.get(others[0])),
-                             expected[others[0]], "generation")
+            _check_overwrite([out_dir / name for name in others],
+                             _requested(records.get(others[0]), expected[others[0]]), expected[others[0]],
+                             "generation")
     model = load_model(args.model, device=args.device, seed=args.seed)
     token_sampler = token_sampler_named(model, args.token_sampler)
     source = None
@@ -176,6 +187,9 @@ def command_generate(args: argparse.Namespace) -> int:
         )
         for bar in bars:
             bar.close()
+        if not torch.isfinite(tokens).all():  # a diverged sampling: refused rather than saved black
+            raise FloatingPointError(f"the tokens of {prompt!r} are not finite: sampling diverged; a smaller --cfg, "
+                                     "--temperature or --shift, or more --steps, keeps it finite")
         images = to_pil(decode_tokens(model, tokens, grid_h, grid_w))
         for number, image in enumerate(images):
             path = out_dir / f"{index:03d}-{_slug(prompt)}-{number}.png"
@@ -370,8 +384,8 @@ def command_eval(args: argparse.Namespace) -> int:
     record = _evaluation_record(args.model, settings.to_dict(), {
         suite: {name: getattr(args, name) for name in EVALUATION_OPTIONS[suite]} for suite in suites})
     saved = _read_record(output / EVALUATION_RECORD)
-    same_run = saved is not None and all(saved.get(key) == record[key]
-                                         for key in ("model", "model_fingerprint", "settings"))
+    same_run = saved is not None and all(saved.get(key) == record[key] for key in ("model", "settings")) and \
+        saved.get("model_fingerprint", record["model_fingerprint"]) == record["model_fingerprint"]  # older: none
     # This folder's suites finished and interrupted with these settings (none when it holds another run).
     finished, interrupted = (saved["suites"], saved.get("running", {})) if same_run else ({}, {})
     if not args.overwrite:  # the results of another model, settings or options are not replaced

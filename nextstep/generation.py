@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
@@ -320,6 +321,10 @@ def generate_tokens(
 
     Returns:
         tokens (R, N, D) float32, grid height h, grid width w.
+
+    Warns:
+        RuntimeWarning: an image's tokens are not finite (the sampling diverged), naming the images and
+            settings; ``nextstep generate`` refuses to save such images.
     """
     prompts = check_prompts(prompts)
     if token_sampler is not None and token_sampler.model is not model:
@@ -441,12 +446,8 @@ def generate_tokens(
 
 
 def _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w, settings):
-    """(tokens of the best candidate of each image, grid height, grid width).
-
-    Raises:
-        FloatingPointError: when a kept image's tokens are not finite (the sampling diverged), naming the
-            images and the ``settings`` they were drawn with.
-    """
+    """(tokens of the best candidate of each image, grid height, grid width); a warning names the images
+    whose tokens are not finite (the sampling diverged) and the ``settings`` they were drawn with."""
     if candidates > 1:
         row_prompts = [prompt for prompt in conditional for _ in range(num_images_per_prompt * candidates)]
         scores = score(model, row_prompts, tokens, grid_h, grid_w)
@@ -454,8 +455,8 @@ def _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, sc
     finite = torch.isfinite(tokens).flatten(1).all(dim=1)  # (R,)
     if not finite.all():
         rows = torch.nonzero(~finite).flatten().tolist()
-        raise FloatingPointError(f"the tokens of image(s) {rows} are not finite: sampling diverged with {settings}; "
-                                 "a smaller cfg, temperature or shift, or more steps, keeps it finite")
+        warnings.warn(f"the tokens of image(s) {rows} are not finite: sampling diverged with {settings}; a smaller "
+                      "cfg, temperature or shift, or more steps, keeps it finite", RuntimeWarning, stacklevel=3)
     return tokens, grid_h, grid_w
 
 

@@ -190,7 +190,7 @@ def test_dataset_specs_round_trip_and_repeat_counts_are_integers():
 
     data = DataConfig(datasets=({"type": "shapes", "kinds": ("single_object", "counting"), "repeat": 2},))
     assert DataConfig.from_dict(json.loads(json.dumps(data.to_dict()))) == data
-    with pytest.raises(ValueError, match=r"datasets\[\]\.repeat must be an integer >= 1, found True"):
+    with pytest.raises(ValueError, match=r"datasets\[0\]\.repeat must be an integer >= 1, found True"):
         DataConfig(datasets=({"type": "shapes", "repeat": True},))
 
 

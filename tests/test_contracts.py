@@ -149,9 +149,9 @@ def library_guidance():
             ImageEditingGuidance(7.5, 2.0), ImageEditingGuidance(3.0, 1.5, schedule="linear_increasing")]
 
 
-@pytest.mark.parametrize("index", range(6))
-def test_guidance_contract(index):
-    check_guidance(library_guidance()[index])
+@pytest.mark.parametrize("guidance", library_guidance(), ids=lambda guidance: type(guidance).__name__)
+def test_guidance_contract(guidance):
+    check_guidance(guidance)
 
 
 def test_nextstep_tokens_a_tokenizer_holds_as_plain_tokens_become_special(tmp_path):

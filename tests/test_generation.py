@@ -325,6 +325,20 @@ def test_a_sampling_that_diverges_is_named_not_kept(tiny_model):
     head = copy.deepcopy(tiny_model)
     for parameter in head.image_head.parameters():  # a head whose velocities are huge
         torch.nn.init.constant_(parameter, 1e30)
-    with pytest.raises(FloatingPointError, match=r"tokens of image\(s\) \[0\] are not finite: sampling diverged "
-                                                 r"with cfg 2.0, temperature 1.0, shift 1.0, steps 2"):
+    with pytest.warns(RuntimeWarning, match=r"tokens of image\(s\) \[0\] are not finite: sampling diverged "
+                                           r"with cfg 2.0, temperature 1.0, shift 1.0, steps 2"):
         generate_tokens(head, ["a"], height=32, width=32, cfg=2.0, num_steps=2, seed=0)
+
+
+def test_the_command_line_refuses_to_save_a_diverged_image(tmp_path, tiny_model, capsys):
+    from nextstep.cli import main
+
+    head = copy.deepcopy(tiny_model)
+    for parameter in head.image_head.parameters():
+        torch.nn.init.constant_(parameter, 1e30)
+    head.save_pretrained(tmp_path / "model")
+    with pytest.warns(RuntimeWarning):
+        assert main(["generate", "a", "--model", str(tmp_path / "model"), "--steps", "2", "--height", "32",
+                     "--width", "32", "--output", str(tmp_path / "out"), "--quiet"]) == 1  # a run that diverged
+    assert "the tokens of 'a' are not finite: sampling diverged" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))

@@ -125,10 +125,11 @@ def test_the_command_runs_rounds_with_the_judging_and_sampling_options(tiny_mode
     summary = json.loads((tmp_path / "out" / "round1" / "pairs" / "summary.json").read_text())
     assert (summary["settings"]["height"], summary["settings"]["num_steps"]) == (32, 1)
     assert summary["settings"]["cfg"] == tiny_model.config.generation.cfg
-    from nextstep.registry import model_preset
-    from nextstep.training.recipe import recipe_generation_defaults
+    from nextstep.training.recipe import build_recipe_model, recipe_generation_defaults
 
-    assert recipe_generation_defaults(RecipeConfig.from_dict(_recipe("tiny"))) == model_preset("tiny")().generation
+    for model in ("tiny", str(tmp_path / "start")):
+        recipe = RecipeConfig.from_dict(_recipe(model))
+        assert recipe_generation_defaults(recipe) == build_recipe_model(recipe).config.generation, model
     assert json.loads((tmp_path / "out" / "round1" / "recipe.json").read_text())["train"]["learning_rate"] == 2e-4
     (tmp_path / "shapes.json").write_text(json.dumps({**_recipe("tiny"), "preference": {}}))
     assert main(["preference-rounds", str(tmp_path / "shapes.json"), "--rounds", "1", "-o", str(tmp_path / "x")]) == 2

@@ -77,7 +77,7 @@ def _slides_some_layer(hf_config: dict[str, Any]) -> bool:
     layer_types = hf_config.get("layer_types")
     if layer_types:
         return "sliding_attention" in layer_types
-    if not hf_config.get("use_sliding_window"):
+    if not config_flag(hf_config, "use_sliding_window", False):
         return False
     window_layers = hf_config.get("max_window_layers")
     layers = hf_config.get("num_hidden_layers")

@@ -71,6 +71,7 @@ class FastTokenSampler:
             non-CUDA device raises.
         use_kernels: None: Triton kernels where they can run; True: always
             (CUDA, or CPU under Triton's interpreter); False: never.
+            ``NEXTSTEP_DISABLE_TRITON=1`` makes it False.
         compile_backbone: run the decoder stack through ``torch.compile``
             (`nextstep.compile.safe_compile`: falls back to eager on failure)
             inside the decode graph; it replaces the fused stack, so it cannot

@@ -93,7 +93,8 @@ class FusedTokenStep:
         branches: G.
         buffers: shared with the decode step.
         use_norm: LayerNorm each sampled token.
-        use_kernels: None: Triton kernels where they can run; True/False: always/never.
+        use_kernels: None: Triton kernels where they can run; True/False: always/never
+            (``NEXTSTEP_DISABLE_TRITON=1`` makes it False).
         max_table_elements: largest per-token modulation table.
 
     Attributes:

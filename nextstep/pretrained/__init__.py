@@ -27,10 +27,15 @@ def bundled_model_path(name: str) -> Path | None:
     return path if name in bundled_models() else None
 
 
+#: The files whose size and time `model_fingerprint` reads besides ``config.json``: weights, in any layout.
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
 def model_fingerprint(name_or_path: str) -> str | None:
     """What tells one model that a name loads from another without reading its weights: a digest of the
-    folder's ``config.json`` and of each file's path, size and modification time (a model saved again, or
-    copied, gets another). None for a preset's name, built from its name and seed alone."""
+    folder's ``config.json`` and of each weight file's path, size and modification time (a model saved
+    again, or copied, gets another; outputs written into the folder do not count). None for a preset's
+    name, built from its name and seed alone."""
     directory = model_directory(name_or_path)
     if directory is None:
         return None
@@ -38,7 +43,7 @@ def model_fingerprint(name_or_path: str) -> str | None:
     config = directory / "config.json"
     if config.is_file():
         digest.update(config.read_bytes())
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    for path in sorted(p for p in directory.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
         status = path.stat()
         digest.update(f"{path.relative_to(directory).as_posix()}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]

@@ -243,9 +243,10 @@ def recipe_model_source(recipe: RecipeConfig):
 
 def recipe_generation_defaults(recipe: RecipeConfig):
     """The sampling defaults (`GenerationDefaults`) of the model a recipe starts from, read from its config
-    without loading its weights where its layout allows (a preset with the recipe's ``model_arguments``, a
-    directory of this library's layout); a release directory is loaded."""
+    without loading its weights: a preset's with the recipe's ``model_arguments``, a saved model's
+    ``config.json``, or the release's own for a release directory."""
     from nextstep.interop.layout import NATIVE, detect_model_layout
+    from nextstep.interop.release_config import RELEASE_GENERATION
     from nextstep.model_config import ModelConfig
     from nextstep.serialization import CONFIG_NAME
 
@@ -254,7 +255,7 @@ def recipe_generation_defaults(recipe: RecipeConfig):
         return source(**recipe.model_arguments).generation
     if detect_model_layout(source) == NATIVE:
         return ModelConfig.load(source / CONFIG_NAME).generation
-    return build_recipe_model(recipe).config.generation
+    return RELEASE_GENERATION  # a release directory generates as the release's examples do
 
 
 def build_recipe_model(recipe: RecipeConfig):

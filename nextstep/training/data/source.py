@@ -48,8 +48,8 @@ class DataConfig(Config):
             require(isinstance(spec, dict), "datasets", spec, "a list of mappings")
             fields, repeat = split_repeat(spec)
             dataset_class, _ = dataset_config(fields)  # unknown types and keys fail here, naming them
-            require(isinstance(repeat, int) and not isinstance(repeat, bool) and repeat >= 1, "datasets[].repeat",
-                    repeat, "an integer >= 1")
+            require(isinstance(repeat, int) and not isinstance(repeat, bool) and repeat >= 1,
+                    f"datasets[{number}].repeat", repeat, "an integer >= 1")
             if getattr(dataset_class, "streaming", False):
                 require(repeat == 1, f"datasets[{number}].repeat", repeat,
                         f"1 (or left out) for a {fields['type']} dataset: repeat lists a map-style dataset n times "
