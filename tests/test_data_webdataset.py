@@ -155,6 +155,24 @@ def test_a_stream_with_no_usable_sample_stops_after_one_pass_naming_what_it_foun
     dataset = WebDataset(WebDatasetConfig(shards=(str(tmp_path / "empty.tar"),)))
     with pytest.raises(DataQualityError, match=r"holds no sample: expected tar members named key.extension"):
         next(iter(StreamingTrainingBatches(dataset, buckets, BatchLayout(2))))
+    # An empty tar beside unusable ones: the passes count the shards dealt, the empty one too.
+    import signal
+
+    class ReadsOn(BaseException):  # not an OSError, which the tar reader takes for a broken shard
+        pass
+
+    def took_too_long(*_):
+        raise ReadsOn("the stream read on without a usable sample")
+
+    previous = signal.signal(signal.SIGALRM, took_too_long)
+    signal.alarm(60)
+    try:
+        dataset = WebDataset(WebDatasetConfig(shards=(str(tmp_path / "empty.tar"), str(tmp_path / "bmp.tar"))))
+        with pytest.raises(DataQualityError, match=r"found member extensions \['bmp', 'txt'\]"):
+            next(iter(StreamingTrainingBatches(dataset, buckets, BatchLayout(2))))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     # Each process reads every shard before it gives up: one whose first shards are unusable reads on.
     pattern = write_shards(tmp_path / "good", num_shards=1, per_shard=4)
     dataset = WebDataset(WebDatasetConfig(shards=(pattern, str(tmp_path / "bmp.tar"), str(tmp_path / "broken.tar")),

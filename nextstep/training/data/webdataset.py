@@ -161,6 +161,13 @@ class WebDataset:
                 return extension, raw.members[extension]
         raise CorruptSampleError(f"{raw.shard}:{raw.key}", f"no image member among {list(self.config.image_keys)}")
 
+    def dealt(self, slot: int, num_slots: int, seed: int, epoch: int) -> list[str]:
+        """The shards reader ``slot`` of ``num_slots`` reads in pass ``epoch``: the shards shuffled with
+        ``(seed, epoch)``, dealt round-robin."""
+        order = list(self.shards)
+        random.Random(mix_seed(seed, "shards", epoch)).shuffle(order)
+        return order[slot::num_slots]
+
     def stream(self, slot: int, num_slots: int, seed: int) -> Iterator[tuple[RawSample, bool]]:
         """Endless samples of one slot, epoch after epoch; yields ``(sample, is_bad_shard)``.
 
@@ -181,11 +188,9 @@ class WebDataset:
         epoch = 0
         empty: set[str] | None = set()  # shards read without yielding anything, while none has (then None)
         while True:
-            order = list(self.shards)
-            random.Random(mix_seed(seed, "shards", epoch)).shuffle(order)
             rng = random.Random(mix_seed(seed, "buffer", epoch, slot))
             buffer: list[RawSample] = []
-            for shard in order[slot::num_slots]:
+            for shard in self.dealt(slot, num_slots, seed, epoch):
                 if empty is not None:
                     empty.add(shard)
                 try:
@@ -257,7 +262,7 @@ class StreamingBatches(IterableDataset):
         attempted = 0
         # Until a sample's header reads: the shards read, the member extensions found, and the pass
         # read last, to stop once every shard has been read in full without a sample to use.
-        useless: _UselessShards | None = _UselessShards(self.dataset)
+        useless: _UselessShards | None = _UselessShards(self.dataset, slot, num_slots, self.seed)
         for raw, is_bad_shard in self.dataset.stream(slot, num_slots, self.seed):
             if useless is not None:
                 useless.read(raw, is_bad_shard)
@@ -338,21 +343,20 @@ class _UselessShards:
     make a batch, and the stream would be read forever.
     """
 
-    def __init__(self, dataset: WebDataset):
+    def __init__(self, dataset: WebDataset, slot: int, num_slots: int, seed: int):
         self.dataset = dataset
-        self.read_in_full: set[str] = set()  # shards of the passes before ``epoch``
-        self.reading: set[str] = set()  # shards of pass ``epoch``
+        self.slot, self.num_slots, self.seed = slot, num_slots, seed
+        self.read_in_full: set[str] = set()  # shards dealt to this reader in the passes before ``epoch``
         self.epoch = 0
         self.extensions: set[str] = set()
         self.unreadable: set[str] = set()
 
     def read(self, raw: RawSample, is_bad_shard: bool) -> None:
-        if raw.epoch != self.epoch:  # the passes before this sample's are read in full
-            self.read_in_full |= self.reading
-            self.reading, self.epoch = set(), raw.epoch
+        while raw.epoch > self.epoch:  # the passes before this sample's are read in full (empty tars too)
+            self.read_in_full.update(self.dataset.dealt(self.slot, self.num_slots, self.seed, self.epoch))
+            self.epoch += 1
             if len(self.read_in_full) == len(set(self.dataset.shards)):
                 raise DataQualityError(self._message())
-        self.reading.add(raw.shard)
         if is_bad_shard:
             self.unreadable.add(raw.shard)
         self.extensions.update(raw.members)
