@@ -250,6 +250,16 @@ def as_integer(value: Any) -> int | None:
         return None
 
 
+def is_count(value: Any) -> bool:
+    """Whether ``value`` is a Python int >= 1 (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def require_count(name: str, value: Any) -> None:
+    """Raise ``ValueError(f"{name} must be an integer >= 1, found {value!r}")`` unless `is_count`."""
+    require(is_count(value), name, value, "an integer >= 1")
+
+
 def described(value: Any) -> str:
     """How a message shows a value it refuses: ``40`` for a Python int, with the type otherwise
     (``float 40.0``, ``bool True``), where the type is what is wrong."""

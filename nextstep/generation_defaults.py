@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from nextstep.config import OMITTED_WHEN_DEFAULT, Config, require
+from nextstep.config import OMITTED_WHEN_DEFAULT, Config, require, require_count
 from nextstep.reranking import candidate_score_function
 from nextstep.samplers.guidance_schedule import resolve_guidance_schedule
 
@@ -53,9 +53,7 @@ class GenerationDefaults(Config):
         resolve_guidance_schedule(self.cfg_schedule)
         candidate_score_function(self.candidate_score)
         for name in ("num_steps", "height", "width", "candidates"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value,
-                    "an integer >= 1")
+            require_count(name, getattr(self, name))
 
     def overridden(self, **values: Any) -> "GenerationDefaults":
         """These settings with each of ``values`` that is not None in its place (validated again)."""

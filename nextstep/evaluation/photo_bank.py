@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nextstep.config import require_count
+
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
                   "immunohistochemistry")
 WALLPAPER_DIRS = (Path("/usr/share/backgrounds/mate/nature"),)
@@ -146,9 +148,8 @@ def random_crops(photos: list[Photo], count: int, size: int, *, seed: int = 0,
     Raises:
         ValueError: ``count`` or ``size`` below 1, or no photos.
     """
-    for name, value in (("count", count), ("size", size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, found {value!r}")
+    require_count("count", count)
+    require_count("size", size)
     rng = np.random.default_rng(seed)
     out = np.stack([np.asarray(random_crop(photos, size, rng, scales)) for _ in range(count)])
     return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from nextstep.config import require
+from nextstep.config import require_count
 from nextstep.evaluation.report_files import write_report_files
 from nextstep.training.data.shapes.captions import grammar_captions, true_captions
 from nextstep.training.data.shapes.combinations import held_out_keys, tag_of
@@ -99,8 +99,8 @@ def run_shapes_captioning(model: "NextStep", output: Path | None = None, *, scen
     """
     from nextstep.text_generation import caption_images
 
-    for name, value in (("scenes_per_group", scenes_per_group), ("batch_size", batch_size)):
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value, "an integer >= 1")
+    require_count("scenes_per_group", scenes_per_group)
+    require_count("batch_size", batch_size)
 
     plan = caption_scenes(SCENE_KINDS, scenes_per_group, seed)
     captions: list[str] = []

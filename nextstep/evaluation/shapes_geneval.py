@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from nextstep.config import require
+from nextstep.config import is_count, require, require_count
 from nextstep.evaluation.report_files import write_report_files
 from nextstep.evaluation.sampling import SamplingSettings, generate_images
 from nextstep.evaluation.shapes_detector import Detection, DetectorConfig, detect_shapes
@@ -191,7 +191,7 @@ def tokenizer_ceiling(model: "NextStep", images_per_tag: int = 48, size: int | t
     from nextstep.evaluation.tokenizer_eval import reconstruct
     from nextstep.images import from_pil, to_pil
 
-    _require_count("images_per_tag", images_per_tag)
+    require_count("images_per_tag", images_per_tag)
     require(combinations in COMBINATION_MODES, "combinations", combinations, f"one of {list(COMBINATION_MODES)}")
     height, width = _height_width(size)
     tokenizer = model.image_tokenizer
@@ -210,18 +210,10 @@ def tokenizer_ceiling(model: "NextStep", images_per_tag: int = 48, size: int | t
     return ceiling
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _require_count(name: str, value: object) -> None:
-    require(_is_count(value), name, value, "an integer >= 1")
-
-
 def _height_width(size: object) -> tuple[int, int]:
     """(height, width) of a size given as one side or as (height, width)."""
     sides = (size, size) if not isinstance(size, (tuple, list)) else tuple(size)
-    require(len(sides) == 2 and all(_is_count(side) for side in sides), "size", size,
+    require(len(sides) == 2 and all(is_count(side) for side in sides), "size", size,
             "a positive integer or (height, width) of positive integers")
     return sides
 
@@ -249,7 +241,7 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
     from nextstep.images import image_grid
     from nextstep.io import atomic_path
 
-    _require_count("images_per_tag", images_per_tag)
+    require_count("images_per_tag", images_per_tag)
     settings = settings or SamplingSettings()
     by_tag: dict[str, list[dict]] = defaultdict(list)
     for entry in geneval_prompts(combinations):

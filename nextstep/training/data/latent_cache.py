@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nextstep.config import Config, require
+from nextstep.config import Config, require, require_count
 from nextstep.io import atomic_path, atomic_write_text, read_json_object
 from nextstep.tokenizers.base import ImageTokenizer, module_identity
 from nextstep.training.data.base import CorruptSampleError, ImageTextDataset, ImageTextSample
@@ -179,9 +179,8 @@ def build_latent_cache(
         ValueError: ``batch_size`` or ``shard_size`` below 1; buckets of another pixels per
             token than the tokenizer's; a cache of another encoder or dataset already there.
     """
-    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value,
-                "an integer >= 1")
+    require_count("batch_size", batch_size)
+    require_count("shard_size", shard_size)
     if buckets.pixels_per_token != tokenizer.pixels_per_token:
         raise ValueError(
             f"the buckets fit images to a grid of {buckets.pixels_per_token} pixels per token, but the image "

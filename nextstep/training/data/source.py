@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from nextstep.config import Config, plain_data, require
+from nextstep.config import Config, plain_data, require, require_count
 from nextstep.training.data.base import ImageTextBatch
 from nextstep.training.data.buckets import AspectRatioBuckets
 from nextstep.training.data.loader import BatchLayout, TrainingBatches
@@ -48,8 +48,7 @@ class DataConfig(Config):
             require(isinstance(spec, dict), "datasets", spec, "a list of mappings")
             fields, repeat = split_repeat(spec)
             dataset_class, _ = dataset_config(fields)  # unknown types and keys fail here, naming them
-            require(isinstance(repeat, int) and not isinstance(repeat, bool) and repeat >= 1,
-                    f"datasets[{number}].repeat", repeat, "an integer >= 1")
+            require_count(f"datasets[{number}].repeat", repeat)
             if getattr(dataset_class, "streaming", False):
                 require(repeat == 1, f"datasets[{number}].repeat", repeat,
                         f"1 (or left out) for a {fields['type']} dataset: repeat lists a map-style dataset n times "
