@@ -348,3 +348,15 @@ def test_a_recipe_cache_is_found_by_the_spec_as_read_and_as_spelt_before(tmp_pat
     assert len(data.dataset) == 8 and {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")} == before
     moved = json.loads((folder / "index.json").read_text())
     assert moved["fingerprint"] != earlier["fingerprint"] and moved["shards"] == earlier["shards"]
+
+
+def test_editing_and_preference_data_are_refused_before_anything_is_encoded(tmp_path, monkeypatch):
+    from nextstep.training.data.editing import ShapesEditingConfig, ShapesEditingDataset
+
+    vae = small_vae()
+    monkeypatch.setattr(vae, "encode_seeded", lambda *a, **k: pytest.fail("encoded before the refusal"))
+    dataset = ShapesEditingDataset(ShapesEditingConfig(num_samples=4, size=16))
+    buckets = AspectRatioBuckets(16, vae.pixels_per_token, multi_aspect=False)
+    with pytest.raises(ValueError, match=r"holds editing samples; latent caches store image-caption pairs only"):
+        build_latent_cache(vae, dataset, buckets, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

@@ -62,7 +62,7 @@ def test_batches_carry_the_rejected_images_and_refuse_mixtures(tmp_path):
     plain = ImageTextSample(key="plain", caption="a circle", image=samples[0].image)
     with pytest.raises(ValueError, match=r"mixes samples without a rejected image: \['plain'\]"):
         collate_samples(samples + [plain], 32, 32)
-    with pytest.raises(ValueError, match="editing or preference samples; latent caches"):
+    with pytest.raises(ValueError, match="holds preference samples; latent caches"):
         build_latent_cache(build_model("tiny", seed=0).image_tokenizer, dataset,
                            AspectRatioBuckets(32, multi_aspect=False), tmp_path / "cache")
 

@@ -346,6 +346,10 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
     config = recipe.data
     buckets = config.buckets(model.image_tokenizer.pixels_per_token)
     datasets, repeats = build_datasets(config)
+    kinds = sorted({getattr(dataset, "sample_kind", "text_to_image") for dataset in datasets})
+    if recipe.preference and kinds != ["preference"]:  # before any cache is built or the run folder written
+        raise ValueError(f"a preference recipe trains on preference pairs (a chosen and a rejected image), "
+                         f"found {' and '.join(kinds)} data; use a preference dataset such as preference_manifest")
     cached_already = [dataset for dataset in datasets if isinstance(dataset, LatentCacheDataset)]
     if cached_already:
         fingerprint = tokenizer_fingerprint(model.image_tokenizer)
@@ -618,10 +622,6 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
             replace_text_tokenizer(model, recipe_text_tokenizer(recipe, data))
             logger.info("text tokenizer: %s, %d ids", recipe.text_tokenizer["type"],
                         model.text_tokenizer.vocab_size)
-        kind = getattr(data.dataset, "sample_kind", "text_to_image")
-        if recipe.preference and kind != "preference":  # before anything is written into the run folder
-            raise ValueError(f"a preference recipe trains on preference pairs (a chosen and a rejected image), "
-                             f"found {kind} data; use a preference dataset such as preference_manifest")
         if context.is_main and not resume:  # starting over: the earlier run's recipe and outputs go aside too
             set_aside_earlier_run(output_dir, RUN_ENTRIES + EARLIER_RUN_OUTPUTS)
         if recipe.preference:

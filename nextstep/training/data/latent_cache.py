@@ -181,6 +181,10 @@ def build_latent_cache(
     """
     require_count("batch_size", batch_size)
     require_count("shard_size", shard_size)
+    kind = getattr(dataset, "sample_kind", "text_to_image")
+    if kind != "text_to_image":
+        raise ValueError(f"{dataset.describe()} holds {kind} samples; latent caches store image-caption pairs "
+                         "only, so train them from images (leave data.latent_cache empty)")
     if buckets.pixels_per_token != tokenizer.pixels_per_token:
         raise ValueError(
             f"the buckets fit images to a grid of {buckets.pixels_per_token} pixels per token, but the image "
