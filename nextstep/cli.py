@@ -125,7 +125,7 @@ def command_generate(args: argparse.Namespace) -> int:
 
     from nextstep.builders import load_model
     from nextstep.fast.token_sampler import token_sampler_named
-    from nextstep.generation import decode_tokens, generate_tokens
+    from nextstep.generation import decode_tokens, default_candidates, generate_tokens
     from nextstep.images import image_grid, read_image_file, to_pil
     from nextstep.io import atomic_path, atomic_write_text
 
@@ -164,7 +164,8 @@ def command_generate(args: argparse.Namespace) -> int:
                                                 candidates=args.candidates, candidate_score=args.candidate_score)
     resolved = {"cfg": chosen.cfg, "cfg_schedule": chosen.cfg_schedule, "steps": chosen.num_steps,
                 "sampler": args.sampler or model.config.sampler.type,
-                "candidates": chosen.candidates if source is None or args.candidates is not None else 1,
+                "candidates": chosen.candidates if args.candidates is not None else
+                default_candidates(model.config.generation, editing=source is not None),
                 "candidate_score": chosen.candidate_score}
     written = []
     all_images = []

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from nextstep.fast import FastTokenSampler
+    from nextstep.generation_defaults import GenerationDefaults
     from nextstep.model import NextStep
 
 #: A prompt row: token ids (placeholders at image positions) and its images as (start, tokens (n, D)).
@@ -334,8 +335,8 @@ def generate_tokens(
     cfg = defaults.cfg if cfg is None else cfg
     cfg_schedule = defaults.cfg_schedule if cfg_schedule is None else cfg_schedule
     num_steps = defaults.num_steps if num_steps is None else num_steps
-    if candidates is None:  # the model's own best-of-K is for text-to-image; an edit draws each image once
-        candidates = 1 if editing else defaults.candidates
+    if candidates is None:
+        candidates = default_candidates(defaults, editing)
     score = candidate_score_function(defaults.candidate_score if candidate_score is None else candidate_score)
     candidates = check_candidates(candidates)
     if editing and candidates > 1:
@@ -443,6 +444,12 @@ def generate_tokens(
         bar.close()
     return _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w,
                       settings)
+
+
+def default_candidates(defaults: GenerationDefaults, editing: bool) -> int:
+    """The candidates per image a call that names none draws: the model's own best-of-K for text-to-image,
+    one for an edit (which draws each image once)."""
+    return 1 if editing else defaults.candidates
 
 
 def _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w, settings):

@@ -42,6 +42,11 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str
 
+    @property
+    def is_floating_point(self) -> bool:
+        """Whether the tensor holds floating-point values (``F16``, ``BF16``, ``F32`` ...)."""
+        return self.dtype.startswith(("F", "BF"))
+
 
 @dataclass
 class LoadReport:
@@ -236,7 +241,7 @@ def load_safetensors(
             report.mismatched.append(
                 f"{target}: expected {tuple(expected[target].shape)}, found {infos[name].shape}"
             )
-        elif expected[target].is_floating_point() != infos[name].dtype.startswith(("F", "BF")):
+        elif expected[target].is_floating_point() != infos[name].is_floating_point:
             mis_shaped.add(target)  # copying would round floats to integers (or the reverse) without a word
             report.mismatched.append(f"{target}: expected {expected[target].dtype} values, found {infos[name].dtype}")
     aliases: dict[int, list[str]] = {}

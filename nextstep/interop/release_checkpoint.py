@@ -201,7 +201,7 @@ def _check_release_keys(model: nn.Module, infos: dict[str, TensorInfo], tied: bo
                      "the model its config.json describes")
     kinds = [f"{name}: expected {'floating-point' if floating[name] else 'integer'} values, found {info.dtype}"
              for name, info in sorted(read.items())
-             if name in floating and floating[name] != info.dtype.startswith(("F", "BF"))]
+             if name in floating and floating[name] != info.is_floating_point]
     if kinds:
         raise ValueError(f"weights in {source} do not match the model its config.json describes: tensors of "
                          f"another kind [{'; '.join(kinds)}]")

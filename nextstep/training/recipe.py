@@ -17,6 +17,7 @@ A recipe looks like::
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -414,9 +415,9 @@ def _holds_results(path: Path) -> bool:
         return any(path.iterdir())
     if not path.is_file():
         return False
-    if path.suffix == ".csv":
+    if path.suffix == ".csv":  # a row below the header: the second non-blank line, read no further
         with path.open("rb") as log:
-            return sum(1 for line in log if line.strip()) > 1
+            return next(itertools.islice((line for line in log if line.strip()), 1, None), None) is not None
     return True
 
 
