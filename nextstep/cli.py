@@ -125,7 +125,7 @@ def command_generate(args: argparse.Namespace) -> int:
 
     from nextstep.builders import load_model
     from nextstep.fast.token_sampler import token_sampler_named
-    from nextstep.generation import decode_tokens, default_candidates, generate_tokens
+    from nextstep.generation import decode_tokens, generate_tokens, resolved_settings
     from nextstep.images import image_grid, read_image_file, to_pil
     from nextstep.io import atomic_path, atomic_write_text
 
@@ -160,13 +160,10 @@ def command_generate(args: argparse.Namespace) -> int:
     if args.image is not None:
         source = read_image_file(args.image)
     # The settings the images are drawn with, the model's own where the command leaves them unset.
-    chosen = model.config.generation.overridden(cfg=args.cfg, cfg_schedule=args.cfg_schedule, num_steps=args.steps,
-                                                candidates=args.candidates, candidate_score=args.candidate_score)
-    resolved = {"cfg": chosen.cfg, "cfg_schedule": chosen.cfg_schedule, "steps": chosen.num_steps,
-                "sampler": args.sampler or model.config.sampler.type,
-                "candidates": chosen.candidates if args.candidates is not None else
-                default_candidates(model.config.generation, editing=source is not None),
-                "candidate_score": chosen.candidate_score}
+    resolved = resolved_settings(model, editing=source is not None, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                                 num_steps=args.steps, shift=args.shift, sampler=args.sampler,
+                                 temperature=args.temperature, cfg_img=args.cfg_img, candidates=args.candidates,
+                                 candidate_score=args.candidate_score, negative_prompt=args.negative_prompt)
     written = []
     all_images = []
     for index, prompt in enumerate(args.prompts):
@@ -273,7 +270,9 @@ def command_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_training(args: argparse.Namespace, load, run, command: str) -> int:
+def _run_training(args: argparse.Namespace, load, run, command: str, product: tuple[str, str]) -> int:
+    """Run the recipe ``args`` names with ``load`` and ``run``, into ``args.output`` or outputs/<command>/<recipe>;
+    ``product``: (what the run makes, its folder in the output), printed with the log and last checkpoint."""
     import logging
 
     from nextstep.training.data.base import DataQualityError
@@ -295,19 +294,23 @@ def _run_training(args: argparse.Namespace, load, run, command: str) -> int:
         latest = trainer.checkpoints.latest()
         if latest is not None:
             print(f"checkpoint: {latest}")
+        kind, folder = product
+        if (output / folder).is_dir():
+            print(f"{kind}: {output / folder}")
     return 0
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from nextstep.training.recipe import load_recipe, run_recipe
+    from nextstep.training.recipe import MODEL_DIR, load_recipe, run_recipe
 
-    return _run_training(args, load_recipe, run_recipe, "train")
+    return _run_training(args, load_recipe, run_recipe, "train", ("model", MODEL_DIR))
 
 
 def command_train_tokenizer(args: argparse.Namespace) -> int:
-    from nextstep.training.tokenizer_recipe import load_tokenizer_recipe, run_tokenizer_recipe
+    from nextstep.training.tokenizer_recipe import TOKENIZER_DIR, load_tokenizer_recipe, run_tokenizer_recipe
 
-    return _run_training(args, load_tokenizer_recipe, run_tokenizer_recipe, "train-tokenizer")
+    return _run_training(args, load_tokenizer_recipe, run_tokenizer_recipe, "train-tokenizer",
+                         ("tokenizer", TOKENIZER_DIR))
 
 
 def command_eval_tokenizer(args: argparse.Namespace) -> int:
@@ -752,7 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                        help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
     pairs.add_argument("output", type=_output_folder,
-                       help="the folder to write: images/, pairs.jsonl (a preference_manifest), summary.json")
+                       help="the folder to write: images/, pairs.jsonl (a preference_manifest), summary.json "
+                            "(earlier pairs there are replaced whole; a folder of other files is refused)")
     _add_judging_options(pairs)
     _add_sampling_options(pairs)
     pairs.add_argument("--device", default="cpu", type=_device)

@@ -331,39 +331,33 @@ def generate_tokens(
     if token_sampler is not None and token_sampler.model is not model:
         raise ValueError("token_sampler samples another model; build it with FastTokenSampler(model)")
     editing = images is not None
-    defaults = model.config.generation
-    cfg = defaults.cfg if cfg is None else cfg
-    cfg_schedule = defaults.cfg_schedule if cfg_schedule is None else cfg_schedule
-    num_steps = defaults.num_steps if num_steps is None else num_steps
-    if candidates is None:
-        candidates = default_candidates(defaults, editing)
-    score = candidate_score_function(defaults.candidate_score if candidate_score is None else candidate_score)
-    candidates = check_candidates(candidates)
+    if cfg_img is not None and not editing:
+        raise ValueError("cfg_img is the image guidance of editing; it needs input images, found images=None")
+    if isinstance(cfg, Guidance) and cfg_img is not None:
+        raise ValueError("pass cfg_img inside the guidance object when cfg is a Guidance")
+    chosen = resolved_settings(model, editing=editing, cfg=cfg, cfg_schedule=cfg_schedule, num_steps=num_steps,
+                               shift=shift, temperature=temperature, cfg_img=cfg_img, candidates=candidates,
+                               candidate_score=candidate_score, negative_prompt=negative_prompt)
+    cfg, cfg_schedule, num_steps, shift = chosen["cfg"], chosen["cfg_schedule"], chosen["num_steps"], chosen["shift"]
+    cfg_img, negative_prompt = chosen["cfg_img"], chosen["negative_prompt"]
+    score = candidate_score_function(chosen["candidate_score"])
+    candidates = check_candidates(chosen["candidates"])
     if editing and candidates > 1:
         raise ValueError(f"candidates ranks text-to-image samples; editing (images given) draws each image "
                          f"once, found candidates={candidates}")
-    if cfg_img is not None and not editing:
-        raise ValueError("cfg_img is the image guidance of editing; it needs input images, found images=None")
     check_seed(seed)
     if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
             or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be an integer >= 1, found {num_images_per_prompt!r}")
     schedule = as_step_schedule(num_steps)
     temperature = check_scale("temperature", temperature)
-    if shift is None:
-        shift = EDITING_SHIFT if editing else 1.0
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
         raise ValueError(f"shift must be a finite positive number, found {shift!r}")
     if isinstance(cfg, Guidance):
-        if cfg_img is not None:
-            raise ValueError("pass cfg_img inside the guidance object when cfg is a Guidance")
         guidance = cfg
     else:
         check_scale("cfg", cfg)
-        guidance = guidance_for_scale(
-            cfg, image_scale=(EDITING_IMAGE_SCALE if cfg_img is None else cfg_img) if editing else None,
-            schedule=cfg_schedule,
-        )
+        guidance = guidance_for_scale(cfg, image_scale=cfg_img, schedule=cfg_schedule)
     branches = guidance.num_branches
     if editing and not 1 <= branches <= 3:
         raise ValueError(f"editing supports guidance with 1 to 3 branches, found {branches}")
@@ -378,8 +372,6 @@ def generate_tokens(
         raise ValueError(f"use_norm must be True, False or None (the model's setting), found {use_norm!r}")
     if not isinstance(positive_prompt, str):
         raise ValueError(f"positive_prompt must be a str, found {type(positive_prompt).__name__} {positive_prompt!r}")
-    if negative_prompt is None:
-        negative_prompt = EDITING_NEGATIVE_PROMPT if editing else ""
 
     # A source image is encoded as when its prompt is generated alone, whose first image gets the seed.
     source_seeds = [seed + index * num_images_per_prompt for index in range(len(prompts))]
@@ -444,6 +436,34 @@ def generate_tokens(
         bar.close()
     return _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w,
                       settings)
+
+
+def resolved_settings(model: "NextStep", *, editing: bool = False, cfg=None, cfg_schedule: str | None = None,
+                      num_steps=None, shift: float | None = None, sampler=None, temperature: float = 1.0,
+                      cfg_img: float | None = None, candidates: int | None = None,
+                      candidate_score: str | None = None, negative_prompt: str | None = None) -> dict[str, Any]:
+    """The settings `generate_tokens` draws with for these options: each one left None replaced by its
+    default, the model's own (``model.config.generation``, its sampler) or the editing ones when ``editing``.
+
+    Returns a dict with keys ``cfg``, ``cfg_schedule``, ``num_steps``, ``shift``, ``sampler`` (the name
+    of the model's sampler when none is given), ``temperature``, ``cfg_img`` (None for text-to-image),
+    ``candidates``, ``candidate_score`` and ``negative_prompt``; values given are returned as they are
+    (checking them is `generate_tokens`'s).
+    """
+    defaults = model.config.generation
+    return {
+        "cfg": defaults.cfg if cfg is None else cfg,
+        "cfg_schedule": defaults.cfg_schedule if cfg_schedule is None else cfg_schedule,
+        "num_steps": defaults.num_steps if num_steps is None else num_steps,
+        "shift": (EDITING_SHIFT if editing else 1.0) if shift is None else shift,
+        "sampler": model.config.sampler.type if sampler is None else sampler,
+        "temperature": temperature,
+        "cfg_img": (EDITING_IMAGE_SCALE if cfg_img is None else cfg_img) if editing else cfg_img,
+        "candidates": default_candidates(defaults, editing) if candidates is None else candidates,
+        "candidate_score": defaults.candidate_score if candidate_score is None else candidate_score,
+        "negative_prompt": (EDITING_NEGATIVE_PROMPT if editing else "") if negative_prompt is None
+        else negative_prompt,
+    }
 
 
 def default_candidates(defaults: GenerationDefaults, editing: bool) -> int:

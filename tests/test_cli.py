@@ -47,8 +47,9 @@ def test_generate_records_the_settings_used_and_sees_a_changed_model_or_input_im
                  "32", "--output", str(out), "--quiet"]
     assert main(arguments) == 0
     record = json.loads((out / "generation.json").read_text())["000-a-red-circle-0.png"]
-    assert record["resolved"] == {"cfg": 7.5, "cfg_schedule": "constant", "steps": 1, "sampler": "euler",
-                                  "candidates": 1, "candidate_score": "flow", "height": 32, "width": 32}
+    assert record["resolved"] == {"cfg": 7.5, "cfg_schedule": "constant", "num_steps": 1, "shift": 1.0,
+                                  "sampler": "euler", "temperature": 1.0, "cfg_img": None, "candidates": 1,
+                                  "candidate_score": "flow", "negative_prompt": "", "height": 32, "width": 32}
     assert main(arguments) == 0  # the same model again
     tiny_model.save_pretrained(model)  # the model saved again (as after more training)
     assert main(arguments) == 2
@@ -57,6 +58,8 @@ def test_generate_records_the_settings_used_and_sees_a_changed_model_or_input_im
     Image.new("RGB", (32, 32), (200, 0, 0)).save(source)
     editing = arguments[:-3] + ["--image", str(source), "--output", str(tmp_path / "edits"), "--quiet"]
     assert main(editing) == 0
+    edited = json.loads((tmp_path / "edits" / "generation.json").read_text())["000-a-red-circle-0.png"]["resolved"]
+    assert (edited["shift"], edited["cfg_img"], edited["negative_prompt"]) == (3.2, 2.0, "Copy original image.")
     Image.new("RGB", (32, 32), (0, 200, 0)).save(source)  # another input image at the same path
     assert main(editing) == 2
     assert "image_sha256" in capsys.readouterr().err

@@ -342,3 +342,26 @@ def test_the_command_line_refuses_to_save_a_diverged_image(tmp_path, tiny_model,
                      "--width", "32", "--output", str(tmp_path / "out"), "--quiet"]) == 1  # a run that diverged
     assert "the tokens of 'a' are not finite: sampling diverged" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))
+
+
+def test_resolved_settings_are_the_defaults_a_call_draws_with(tiny_model):
+    from nextstep.generation import resolved_settings
+
+    plain = resolved_settings(tiny_model)
+    defaults = tiny_model.config.generation
+    assert plain == {"cfg": defaults.cfg, "cfg_schedule": defaults.cfg_schedule, "num_steps": defaults.num_steps,
+                     "shift": 1.0, "sampler": tiny_model.config.sampler.type, "temperature": 1.0, "cfg_img": None,
+                     "candidates": defaults.candidates, "candidate_score": defaults.candidate_score,
+                     "negative_prompt": ""}
+    editing = resolved_settings(tiny_model, editing=True)
+    assert (editing["shift"], editing["cfg_img"], editing["negative_prompt"], editing["candidates"]) == \
+        (3.2, 2.0, "Copy original image.", 1)
+    given = resolved_settings(tiny_model, cfg=3.0, num_steps=2, shift=2.0, sampler="heun", temperature=0.5)
+    assert (given["cfg"], given["num_steps"], given["shift"], given["sampler"], given["temperature"]) == \
+        (3.0, 2, 2.0, "heun", 0.5)
+    # A call that leaves them out draws what a call that names them draws.
+    options = {key: value for key, value in plain.items() if key != "sampler"}
+    options["num_steps"] = 2
+    named = generate_tokens(tiny_model, ["a red circle"], height=32, width=32, seed=1, **options)[0]
+    default = generate_tokens(tiny_model, ["a red circle"], height=32, width=32, seed=1, num_steps=2)[0]
+    assert torch.equal(named, default)

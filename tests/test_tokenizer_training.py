@@ -96,3 +96,17 @@ def test_exporting_a_tokenizer_run_as_a_model_names_what_it_holds(tmp_path):
                                          r"load its tokenizer with .*load_flux_vae"):
         export_model(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_names_the_tokenizer_it_wrote_when_quiet(tmp_path, capsys):
+    import json
+
+    from nextstep.cli import main
+
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({**RECIPE, "evaluation_crops": 0,
+                                "train": {**RECIPE["train"], "max_steps": 1, "checkpoint_every": 1}}))
+    assert main(["train-tokenizer", str(path), "-o", str(tmp_path / "run"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"tokenizer: {tmp_path / 'run' / 'tokenizer'}" in printed
+    assert load_flux_vae(tmp_path / "run" / "tokenizer").config.ch == 8

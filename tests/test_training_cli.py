@@ -29,7 +29,8 @@ def test_train_writes_logs_samples_and_checkpoints_then_resumes(tmp_path, capsys
     assert [row["step"] for row in read_log(out / "train_log.csv")] == [1, 2, 3]
     assert Image.open(out / "samples" / "step-00000003.png").size == (64, 32)
     assert (out / "checkpoints" / "step-00000003" / "config.json").is_file()
-    assert "step-00000003" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "step-00000003" in printed and f"model: {out / 'model'}" in printed  # --quiet still names the model
     generation = json.loads((out / "model" / "config.json").read_text())["generation"]
     assert (generation["height"], generation["width"]) == (32, 32)  # data.resolution
 

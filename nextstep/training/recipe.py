@@ -646,6 +646,7 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
             averaged = trainer.ema.applied_to(model) if trainer.ema is not None else nullcontext(model)
             with averaged:
                 model.save_pretrained(output_dir / MODEL_DIR)
+        if context.is_main:
             logger.info("model: %s", output_dir / MODEL_DIR)
         return trainer
     finally:
