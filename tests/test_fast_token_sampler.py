@@ -81,6 +81,22 @@ def test_steps_are_reused_across_generations(trained_like_model):
     assert not torch.equal(other_shift, first)
 
 
+def test_generations_alternating_between_sizes_keep_their_decode_steps(tiny_model):
+    """Each pooled cache keeps its decode step (and so its captured graphs); caches from elsewhere share one."""
+    fast = FastTokenSampler(tiny_model.eval(), use_kernels=False)
+    buffers = fast._buffers_for(1, 2)
+    small, large = fast.new_cache(2, 10), fast.new_cache(2, 300)
+    first_small, first_large = fast._decode_step(small, buffers)[0], fast._decode_step(large, buffers)[0]
+    assert first_small.cache is small and first_large.cache is large
+    for _ in range(2):
+        assert fast._decode_step(fast.new_cache(2, 10), buffers)[0] is first_small
+        assert fast._decode_step(fast.new_cache(2, 300), buffers)[0] is first_large
+    for _ in range(3):
+        own = tiny_model.backbone.new_cache(2, 10)
+        assert fast._decode_step(own, buffers)[0].cache is own
+    assert len(fast._decode_steps) == 3
+
+
 def test_decode_step_equals_backbone_forward(tiny_model):
     """The graph-ready step (all slots, future ones masked) equals a cached forward call."""
     model = tiny_model.eval()

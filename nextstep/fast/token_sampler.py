@@ -141,7 +141,7 @@ class FastTokenSampler:
         self._velocity: FusedFlowMatchingVelocity | None = None
         self._buffers: dict[tuple[int, int], TokenStepBuffers] = {}
         self._token_steps: dict[tuple, tuple[FusedTokenStep, CapturedCall]] = {}
-        self._decode_steps: dict[int, tuple[DecodeStep, dict[int, CapturedCall]]] = {}
+        self._decode_steps: dict[tuple, tuple[DecodeStep, dict[int, CapturedCall]]] = {}
         self._caches: dict[tuple, BackboneCache] = {}
         self._compiled_stack = None
         self._fused_stack: FusedDecodeStack | None = None
@@ -233,9 +233,12 @@ class FastTokenSampler:
                                                      use_kernels=self.use_kernels)
             elif self._fused_stack.refresh():
                 self._decode_steps.clear()  # their graphs read the weights where they were
-        entry = self._decode_steps.get(rows)
-        # A step reads and writes one cache and one set of buffers: the same rows may come as another
-        # split into branches and images, whose buffers are others.
+        # A step reads and writes one cache and one set of buffers. Each pooled cache keeps its own steps, so
+        # that generations alternating between sizes keep their captured graphs; a cache from elsewhere
+        # shares one entry per rows, replaced when another such cache comes (which bounds what is held).
+        pooled = any(cache is held for held in self._caches.values())
+        key = (id(cache), id(buffers.embeds)) if pooled else ("given", rows, id(buffers.embeds))
+        entry = self._decode_steps.get(key)
         if entry is None or entry[0].cache is not cache or entry[0].embeds is not buffers.embeds \
                 or entry[0].hidden is not buffers.hidden:
             stack = self._fused_stack if fused else None
@@ -246,7 +249,7 @@ class FastTokenSampler:
                 stack = self._compiled_stack
             step = DecodeStep(backbone, cache, buffers.embeds, buffers.hidden, compile_stack=stack)
             entry = (step, {})  # one captured call per visible-slot bucket
-            self._decode_steps[rows] = entry
+            self._decode_steps[key] = entry
         return entry
 
     # ------------------------------------------------------------------ sampling
