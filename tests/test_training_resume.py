@@ -282,3 +282,34 @@ def test_a_stream_logs_the_epoch_its_batches_come_from(tmp_path):
     Trainer(TextToImageTask(build_model("tiny", seed=0)), data, config, tmp_path / "run",
             show_progress=False).fit(resume=False)
     assert [int(row["epoch"]) for row in read_log(tmp_path / "run" / "train_log.csv")] == [0, 1, 1, 2]
+
+
+def test_the_clock_leaves_out_checkpoint_writes_so_a_resumed_run_counts_as_a_straight_one(tmp_path, monkeypatch):
+    """Each step takes one second of a fake clock and each checkpoint write a hundred."""
+    import types
+
+    import nextstep.training.trainer as trainer_module
+
+    now = [0.0]
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    real_step, real_save = trainer_module.Trainer.train_step, trainer_module.Trainer.save_checkpoint
+
+    def step(self, batches):
+        now[0] += 1.0
+        return real_step(self, batches)
+
+    def save(self):  # the state is recorded as the write begins
+        saved = real_save(self)
+        now[0] += 100.0
+        return saved
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step)
+    monkeypatch.setattr(trainer_module.Trainer, "save_checkpoint", save)
+    tiny_trainer(tmp_path / "straight", tiny_config(max_steps=4, checkpoint_every=2)).fit(resume=False)
+    tiny_trainer(tmp_path / "split", tiny_config(max_steps=2, checkpoint_every=2)).fit(resume=False)
+    tiny_trainer(tmp_path / "split", tiny_config(max_steps=4, checkpoint_every=2)).fit(resume=True)
+    for run in ("straight", "split"):
+        elapsed = [row["elapsed_seconds"] for row in read_log(tmp_path / run / "train_log.csv")]
+        assert elapsed == [1.0, 2.0, 3.0, 4.0], run
+        state = json.loads((tmp_path / run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+        assert state["elapsed_seconds"] == 4.0

@@ -347,7 +347,13 @@ class Trainer:
                 if config.sample_every and step % config.sample_every == 0:
                     self.write_samples()
                 if step % config.checkpoint_every == 0 or step == config.max_steps:
+                    writing = time.perf_counter()
                     self.save_checkpoint()
+                    # Not training time: the checkpoint records the clock before its own write, so a run
+                    # resumed from it could not count the write, and a run that goes on must not either.
+                    written = time.perf_counter() - writing
+                    self._fit_started += written
+                    window_start += written
         finally:
             self._elapsed_before, self._fit_started = self.elapsed_seconds(), None
             progress.close()
@@ -356,7 +362,8 @@ class Trainer:
         return records
 
     def elapsed_seconds(self) -> float:
-        """Seconds this run has trained, across resumes (up to its last checkpoint before each)."""
+        """Seconds this run has trained, across resumes (up to its last checkpoint before each), not
+        counting the time its checkpoints took to write: a run gives the same clock resumed or not."""
         running = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
         return self._elapsed_before + running
 
