@@ -97,6 +97,21 @@ def test_checkpoints_move_between_one_and_two_processes(tmp_path, parallelism):
         assert max(float((ema_reference[k] - ema[k]).abs().max()) for k in ema) < 1e-5
 
 
+def test_only_rank_0_holds_the_whole_average_of_a_sharded_run(tmp_path):
+    """Rank 0 gathers the average to write it and reads it to resume; the other ranks hold their shards."""
+    import json
+
+    from training_helpers import average_reads_worker
+
+    torch.set_num_threads(1)
+    config = tiny_config(max_steps=1, checkpoint_every=1, ema_decay=0.9, parallelism="fsdp")
+    _join_two_processes(average_reads_worker, (2, free_port(), str(tmp_path), config.to_dict()), 120.0)
+    first, second = (json.loads((tmp_path / f"reads-{rank}.json").read_text()) for rank in (0, 1))
+    assert first["gathered"] and "ema.safetensors" in first["read"]
+    assert not second["gathered"] and "ema.safetensors" not in second["read"]
+    assert first["restored"] and second["restored"]
+
+
 SHARDED_TRAIN = {"max_steps": 2, "micro_batch_size": 2, "warmup_steps": 1, "learning_rate": 1e-3,
                  "checkpoint_every": 1000, "parallelism": "fsdp", "ema_decay": 0.5}
 

@@ -81,3 +81,37 @@ def recipe_worker(rank: int, world_size: int, port: int, output_dir: str, recipe
 
         run_tokenizer_recipe(TokenizerRecipeConfig.from_dict(recipe_dict), output_dir, resume=False,
                              show_progress=False)
+
+
+def average_reads_worker(rank: int, world_size: int, port: int, output_dir: str, config_dict: dict) -> None:
+    """One process of a sharded CPU/gloo job with a weight average: train and checkpoint, then resume; each
+    rank writes ``reads-<rank>.json``: whether it gathered the whole average and which files it read."""
+    import json
+
+    import nextstep.training.checkpointing as checkpointing
+    from nextstep.training import DistributedContext
+
+    torch.set_num_threads(1)
+    context = DistributedContext.initialize(rank, world_size, f"tcp://127.0.0.1:{port}", backend="gloo",
+                                            timeout_s=60)
+    try:
+        trainer = tiny_trainer(Path(output_dir), TrainConfig.from_dict(config_dict), context=context)
+        trainer.fit(resume=False)
+        gathered = checkpointing.gather_average(trainer.ema, context)
+        read, reader = [], checkpointing.read_safetensors
+
+        def reading(path, *args, **kwargs):
+            read.append(Path(path).name)
+            return reader(path, *args, **kwargs)
+
+        checkpointing.read_safetensors = reading
+        before = {name: checkpointing.full_tensor(tensor).clone() for name, tensor in trainer.ema.shadow.items()}
+        for tensor in trainer.ema.shadow.values():
+            tensor.zero_()
+        trainer.resume()
+        restored = all(torch.equal(checkpointing.full_tensor(tensor), before[name])
+                       for name, tensor in trainer.ema.shadow.items())
+        Path(output_dir, f"reads-{rank}.json").write_text(json.dumps(
+            {"gathered": gathered is not None, "read": read, "restored": restored}))
+    finally:
+        context.shutdown()

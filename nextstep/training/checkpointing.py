@@ -152,9 +152,7 @@ class CheckpointManager:
         """
         model_state = gather_model_state(model, self.context)
         optimizer_state = gather_optimizer_state(model, optimizer, self.context)
-        ema_state = None
-        if ema is not None:
-            ema_state = {name: full_tensor(t).detach().cpu() for name, t in ema.state_dict().items()}
+        ema_state = gather_average(ema, self.context) if ema is not None else None
         rng_states = self.context.gather_objects(capture_rng_state())
         target = self.directory / checkpoint_name(step)
         if self.context.is_main:
@@ -229,8 +227,9 @@ class CheckpointManager:
                     f"this run keeps an EMA but {path} has no {EMA_FILE}; set ema_decay to 0 "
                     "or resume from a checkpoint written with an EMA"
                 )
-            ema_full = read_safetensors(ema_file)
-            _load_ema(ema, ema_full)
+            # A sharded average receives the whole tensors from rank 0; the other ranks read nothing.
+            reads_average = self.context.is_main or not _is_sharded_average(ema)
+            _load_ema(ema, read_safetensors(ema_file) if reads_average else {}, self.context)
         if restore_rng:
             rng_states = _read_torch(path / RNG_FILE)
             if len(rng_states) == self.context.world_size:
@@ -344,19 +343,50 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     optimizer.load_state_dict(raw)
 
 
-def _load_ema(ema: ExponentialMovingAverage, state: dict[str, torch.Tensor]) -> None:
-    sharded = {name: t for name, t in ema.shadow.items() if hasattr(t, "full_tensor")}
-    if not sharded:
+def gather_average(ema: ExponentialMovingAverage, context: DistributedContext) -> dict[str, torch.Tensor] | None:
+    """The average's whole tensors on CPU on rank 0 (None on the other ranks), gathered one tensor at a time:
+    besides its shards, a process holds one whole tensor at most."""
+    state = {}
+    for name, tensor in ema.state_dict().items():
+        whole = full_tensor(tensor)  # a collective for a sharded average: every rank takes part
+        if context.is_main:
+            state[name] = whole.detach().cpu()
+        del whole
+    return state if context.is_main else None
+
+
+def _is_sharded_average(ema: ExponentialMovingAverage) -> bool:
+    return any(hasattr(tensor, "full_tensor") for tensor in ema.shadow.values())
+
+
+def _load_ema(ema: ExponentialMovingAverage, state: dict[str, torch.Tensor], context: DistributedContext) -> None:
+    """Load ``state`` into ``ema``; a sharded average takes rank 0's ``state`` (empty on the other ranks), each
+    tensor sent from rank 0 to the shards of every rank."""
+    if not _is_sharded_average(ema):
         ema.load_state_dict(state)
         return
+    import torch.distributed as dist
     from torch.distributed.tensor import distribute_tensor
 
-    ema.check_state(state)  # as the unsharded path checks it: names and whole shapes
+    problem = None
+    if context.is_main:  # as the unsharded path checks it: names and whole shapes
+        try:
+            ema.check_state(state)
+        except ValueError as error:
+            problem = str(error)
+    problem = context.broadcast_object(problem)  # every rank raises it, none waits for the others
+    if problem is not None:
+        raise ValueError(problem)
     for name, shadow in ema.shadow.items():
-        value = state[name].to(shadow.device)
-        if name in sharded:
-            shadow.copy_(distribute_tensor(value, shadow.device_mesh, shadow.placements))
+        if context.is_main:
+            value = state[name].to(shadow.device, shadow.dtype)
+        else:  # filled from rank 0
+            value = torch.empty(tuple(shadow.shape), dtype=shadow.dtype, device=shadow.device)
+        if hasattr(shadow, "full_tensor"):
+            shadow.copy_(distribute_tensor(value, shadow.device_mesh, shadow.placements, src_data_rank=0))
         else:
+            if context.is_distributed:
+                dist.broadcast(value, src=0)
             shadow.copy_(value)
 
 
