@@ -313,3 +313,9 @@ def test_the_clock_leaves_out_checkpoint_writes_so_a_resumed_run_counts_as_a_str
         assert elapsed == [1.0, 2.0, 3.0, 4.0], run
         state = json.loads((tmp_path / run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
         assert state["elapsed_seconds"] == 4.0
+
+
+def test_resuming_without_the_average_a_checkpoint_holds_says_so(tmp_path):
+    tiny_trainer(tmp_path, tiny_config(max_steps=1, checkpoint_every=1, ema_decay=0.9)).fit(resume=False)
+    with pytest.warns(UserWarning, match="holds a weight average that this run does not keep"):
+        tiny_trainer(tmp_path, tiny_config(max_steps=2, checkpoint_every=1)).fit(resume=True)

@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -230,6 +231,9 @@ class CheckpointManager:
             # A sharded average receives the whole tensors from rank 0; the other ranks read nothing.
             reads_average = self.context.is_main or not _is_sharded_average(ema)
             _load_ema(ema, read_safetensors(ema_file) if reads_average else {}, self.context)
+        elif (path / EMA_FILE).is_file() and self.context.is_main:
+            warnings.warn(f"{path} holds a weight average that this run does not keep (ema_decay 0): it goes on "
+                          "without it, and the model it writes is its last weights", UserWarning, stacklevel=2)
         if restore_rng:
             rng_states = _read_torch(path / RNG_FILE)
             if len(rng_states) == self.context.world_size:
