@@ -45,9 +45,12 @@ TOKENIZER_DIR = "tokenizer"
 EVALUATION_DIR = "eval"
 #: Which start model a preference run trains against (`record_reference_model`).
 REFERENCE_FILE = "reference_model.json"
+#: How a run reads its datasets, images or latent caches (`record_latent_caches`).
+LATENT_CACHE_RECORD_FILE = "latent_caches.json"
 #: What a run started over (``--no-resume``) sets aside besides the run's own entries: the recipe and the
 #: outputs of either kind of run (a folder may have held the other kind).
-EARLIER_RUN_OUTPUTS = (RECIPE_FILE, MODEL_DIR, TOKENIZER_DIR, EVALUATION_DIR, REFERENCE_FILE)
+EARLIER_RUN_OUTPUTS = (RECIPE_FILE, MODEL_DIR, TOKENIZER_DIR, EVALUATION_DIR, REFERENCE_FILE,
+                       LATENT_CACHE_RECORD_FILE)
 
 
 #: Model config fields a recipe may change for its run (``training_settings``): the ones only
@@ -321,22 +324,31 @@ def recipe_text_tokenizer(recipe: RecipeConfig, data):
     return build_component(spec).fit(captions())
 
 
+def recipe_cache_folder(config: DataConfig, number: int) -> Path:
+    """The folder under ``config.latent_cache`` that caches dataset ``number`` of ``config``
+    (``<latent_cache>/<number>-<type>``)."""
+    return Path(config.latent_cache) / f"{number:02d}-{config.datasets[number]['type']}"
+
+
 def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progress: bool = False):
     """The recipe's `TrainingData`; with ``data.latent_cache`` set, each dataset is encoded
-    once into ``<latent_cache>/<number>-<type>`` (by rank 0) and read from there.
+    once into ``<latent_cache>/<number>-<type>`` (by rank 0) and read from there (a ``latent_cache``
+    dataset already holds tokens: it is read as it is).
 
     A cache is found by its dataset's spec as the dataset reads it (defaults spelt out, ``repeat``
     aside) or, for caches built before, as the recipe spells it.
 
     Raises:
         ValueError: a ``latent_cache`` dataset whose tokens another image tokenizer made
-            (`LatentCacheDataset.check_tokenizer`); a cache there of another encoder or dataset.
+            (`LatentCacheDataset.check_tokenizer`) or whose images are not among the run's buckets;
+            a cache there of another encoder, dataset or buckets.
     """
     from nextstep.training.data.latent_cache import (
         INDEX_FILE,
         LatentCacheConfig,
         LatentCacheDataset,
         build_latent_cache,
+        cache_description,
         latent_cache_ready,
         tokenizer_fingerprint,
     )
@@ -356,50 +368,178 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
         fingerprint = tokenizer_fingerprint(model.image_tokenizer)
         for dataset in cached_already:
             dataset.check_tokenizer(model.image_tokenizer, fingerprint)
-    if not config.latent_cache:
+            dataset.check_buckets(buckets)  # before the run folder is written
+    to_encode = [number for number, dataset in enumerate(datasets) if not isinstance(dataset, LatentCacheDataset)]
+    if not config.latent_cache or not to_encode:
         return TrainingData(combine(datasets, repeats), buckets)
     if any(getattr(d, "streaming", False) for d in datasets):
         raise ValueError("data.latent_cache works with map-style datasets, not with webdataset streams")
     # The main process fills the cache and the others wait for its files: they must see the same folder.
     context.check_shared_folder(config.latent_cache, "data.latent_cache")
-    folders = [Path(config.latent_cache) / f"{number:02d}-{spec['type']}"
-               for number, spec in enumerate(config.datasets)]
-    sources, as_spelt = [], []
-    for dataset, spec in zip(datasets, config.datasets):
-        contents = dataset.content_fingerprint()  # files a user may change under the same spec
+    folders = [recipe_cache_folder(config, number) for number in to_encode]
+    sources, as_spelt, descriptions = [], [], []
+    for number in to_encode:
+        spec, contents = config.datasets[number], datasets[number].content_fingerprint()  # files a user may change
+        read_as = {k: v for k, v in _comparable_dataset(spec).items() if k != "repeat"}
+        spelt = {k: v for k, v in spec.items() if k != "repeat"}
         rest = f" {buckets}" + (f" {contents}" if contents else "")
-        for described, fields in ((sources, _comparable_dataset(spec)), (as_spelt, spec)):
-            described.append(json.dumps({k: v for k, v in fields.items() if k != "repeat"}, sort_keys=True) + rest)
+        sources.append(json.dumps(read_as, sort_keys=True) + rest)
+        as_spelt.append(json.dumps(spelt, sort_keys=True) + rest)
+        descriptions.append({"spec": read_as, **({"files": contents} if contents else {})})
     # Rank 0 checks the caches first and every process learns of a refused one: the others would
     # otherwise wait at the barrier below for a rank that stopped.
     refused, ready = None, []
     if context.is_main:
         try:
-            ready = [latent_cache_ready(model.image_tokenizer, dataset, folder, source, (spelt,))
-                     for dataset, folder, source, spelt in zip(datasets, folders, sources, as_spelt)]
+            ready = [latent_cache_ready(model.image_tokenizer, datasets[number], folder, source, (spelt,),
+                                        cache_description(buckets, described))
+                     for number, folder, source, spelt, described
+                     in zip(to_encode, folders, sources, as_spelt, descriptions)]
         except ValueError as error:
             refused = str(error)
     refused = context.broadcast_object(refused)
     if refused is not None:
         raise ValueError(refused)
     if context.is_main:
-        for dataset, folder, source, built in zip(datasets, folders, sources, ready):
+        for number, folder, source, described, built in zip(to_encode, folders, sources, descriptions, ready):
             if built:  # checked above: not hashed again
                 continue
-            build_latent_cache(model.image_tokenizer, dataset, buckets, folder, device=context.device,
+            build_latent_cache(model.image_tokenizer, datasets[number], buckets, folder, device=context.device,
                                max_bad_fraction=recipe.train.max_bad_fraction, progress=show_progress,
-                               source=source)
+                               source=source, described_dataset=described)
     else:
         # Encoding can outlast a collective's timeout: wait for the finished indexes instead.
         while not all((folder / INDEX_FILE).is_file() for folder in folders):
             time.sleep(2.0)
     context.barrier()
-    cached = [LatentCacheDataset(LatentCacheConfig(str(folder))) for folder in folders]
+    cached = list(datasets)
+    for number, folder in zip(to_encode, folders):
+        cached[number] = LatentCacheDataset(LatentCacheConfig(str(folder)))
     return TrainingData(combine(cached, repeats), buckets)
 
 
+def latent_cache_record(recipe: RecipeConfig) -> dict:
+    """How the run of ``recipe`` reads each of its datasets, as `check_latent_caches` compares it when the
+    run resumes (read after `recipe_training_data` built its caches).
+
+    Returns:
+        ``{"latent_cache": data.latent_cache, "datasets": [...]}``, one entry per dataset spec, with its
+        ``type`` and: for a ``latent_cache`` dataset its folder (``path``) with its index's ``fingerprint`` and
+        ``num_samples``; for another, the cache folder it is read from (``read_from``, None: its images)
+        and whether that serves sample ``i`` of the dataset as its sample ``i`` (``source_order``), so
+        that the batches are those of the images.
+    """
+    from nextstep.training.data.latent_cache import INDEX_FILE, SOURCE_ORDER, read_index
+
+    config, entries = recipe.data, []
+    for number, spec in enumerate(config.datasets):
+        entry: dict = {"type": spec.get("type")}
+        if spec.get("type") == "latent_cache":
+            index_path = Path(spec["path"]) / INDEX_FILE
+            index = read_index(index_path) if index_path.is_file() else {}
+            entry.update(path=spec["path"], fingerprint=index.get("fingerprint"), num_samples=index.get("num_samples"))
+        elif config.latent_cache:
+            folder = recipe_cache_folder(config, number)
+            index = read_index(folder / INDEX_FILE) if (folder / INDEX_FILE).is_file() else {}
+            entry.update(read_from=str(folder), source_order=index.get("sample_order") == SOURCE_ORDER
+                         and index.get("num_samples") == index.get("num_source_samples"))
+        else:
+            entry.update(read_from=None, source_order=True)
+        entries.append(entry)
+    return {"latent_cache": config.latent_cache, "datasets": entries}
+
+
+def reads_latent_caches(recipe: RecipeConfig) -> bool:
+    """Whether the run of ``recipe`` reads any latent cache (``data.latent_cache``, or a ``latent_cache`` dataset)."""
+    return bool(recipe.data.latent_cache) or any(spec.get("type") == "latent_cache" for spec in recipe.data.datasets)
+
+
+def record_latent_caches(recipe: RecipeConfig, output_dir: Path) -> None:
+    """Write how the run reads its datasets (`latent_cache_record`) into the run folder, for
+    `check_latent_caches` when the run resumes: when it reads a latent cache, or keeps an earlier
+    record current (a run that reads images only needs none: its recipe says how it read them)."""
+    path = output_dir / LATENT_CACHE_RECORD_FILE
+    if reads_latent_caches(recipe) or path.is_file():
+        atomic_write_text(path, json.dumps(latent_cache_record(recipe), indent=2) + "\n")
+
+
+def _saved_latent_cache_record(output_dir: Path) -> dict | None:
+    """How the run in ``output_dir`` read its datasets: its record (`record_latent_caches`), or for a run
+    without one whose ``recipe.json`` reads no latent cache, its images (entries of ``latent_cache``
+    datasets left empty: not compared); None when neither tells."""
+    path = output_dir / LATENT_CACHE_RECORD_FILE
+    if path.is_file():
+        return read_json_object(path, "latent cache record")
+    try:
+        saved = _recipe_or_none((output_dir / RECIPE_FILE).read_text(), RecipeConfig)
+    except OSError:
+        return None
+    if saved is None or saved.data.latent_cache:
+        return None
+    return {"latent_cache": "", "datasets": [
+        {} if spec.get("type") == "latent_cache" else {"type": spec.get("type"), "read_from": None,
+                                                       "source_order": True}
+        for spec in saved.data.datasets]}
+
+
+def _read_from(entry: dict) -> str:
+    """Where a `latent_cache_record` entry says a dataset was read from, in words."""
+    if entry.get("read_from") is None:
+        return "its images"
+    order = "" if entry.get("source_order") else (
+        " (in another order than the dataset's: built before caches recorded their samples' source indices, "
+        "or without samples it could not read)")
+    return f"the latent cache {entry['read_from']}{order}"
+
+
+def _same_batches(there: dict, here: dict) -> bool:
+    """Whether a dataset read as the `latent_cache_record` entry ``there`` says and as ``here`` says gives
+    the same batches: both in the dataset's own order, or both from one cache in its order."""
+    if there.get("source_order") and here.get("source_order"):
+        return True
+    return there.get("read_from") == here.get("read_from") and there.get("source_order") == here.get("source_order")
+
+
+def check_latent_caches(recipe: RecipeConfig, output_dir: Path, has_checkpoint: bool) -> None:
+    """Refuse to resume the run in ``output_dir`` when its data would reach the steps in other batches than
+    before: a ``latent_cache`` dataset whose cache changed since (another fingerprint or sample count), or
+    a ``data.latent_cache`` turned on, off or moved between a cache and images (or another cache) that
+    order the samples differently. What a run from before the record (`record_latent_caches`) read
+    from a cache, or another recipe's datasets (`check_resumable` names them), is not compared.
+
+    Raises:
+        ValueError: naming the dataset, what differs (there and here) and what to do.
+    """
+    saved = _saved_latent_cache_record(output_dir) if has_checkpoint else None
+    if saved is None:
+        return
+    there_entries, here = saved.get("datasets"), latent_cache_record(recipe)
+    if not isinstance(there_entries, list) or len(there_entries) != len(here["datasets"]):
+        return
+    problems, advice = [], RESUME_ADVICE
+    for number, (there, now) in enumerate(zip(there_entries, here["datasets"])):
+        if not isinstance(there, dict) or there.get("type") != now["type"]:
+            continue
+        if now["type"] == "latent_cache":
+            if there.get("path") != now["path"]:
+                continue
+            changed = [f"{name} {there.get(name)} there, {now[name]} here" for name in ("fingerprint", "num_samples")
+                       if there.get(name) != now[name]]
+            if changed:
+                problems.append(f"dataset {number}: the latent cache at {now['path']} changed since the run began "
+                                f"({', '.join(changed)}), so it holds other samples")
+        elif not _same_batches(there, now):
+            problems.append(f"dataset {number} ({now['type']}) was read from {_read_from(there)} there and from "
+                            f"{_read_from(now)} here, so the resumed steps would train on other batches")
+            advice = (f"resume with data.latent_cache={json.dumps(saved.get('latent_cache', ''))} as the run had it, "
+                      f"or {RESUME_ADVICE}")
+    if problems:
+        raise ValueError(f"{output_dir} cannot continue with this data: {'; '.join(problems)}; {advice}")
+
+
 #: Recipe fields a resumed run must share with the run it continues (its ``train`` settings may change:
-#: the trainer checks the seed and the global batch itself); ``data.latent_cache`` may move.
+#: the trainer checks the seed and the global batch itself); ``data.latent_cache`` may move, as long as
+#: the batches stay the same (`check_latent_caches`).
 RESUMED_FIELDS = ("model", "model_arguments", "model_seed", "image_tokenizer", "text_tokenizer",
                   "training_settings", "preference", "data")
 
@@ -634,10 +774,13 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
         if recipe.preference and resume:  # the reference is the start model: a resumed run needs the same one
             check_reference_model(recipe, output_dir, trainer.checkpoints.holds_checkpoint())
+        if resume:
+            check_latent_caches(recipe, output_dir, trainer.checkpoints.holds_checkpoint())
         open_run_folder(trainer, recipe, resume=resume, run_entries=(LOG_FILE, SAMPLES_DIR, MODEL_DIR))
         if context.is_main and recipe.preference:
             record_reference_model(recipe, output_dir)
         if context.is_main:
+            record_latent_caches(recipe, output_dir)
             logger.info("training on %s", data.describe())
         trainer.fit(resume=resume)
         if context.is_main and is_sharded(model):  # FSDP: the last checkpoint holds the whole model

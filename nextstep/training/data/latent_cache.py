@@ -1,18 +1,27 @@
 """Image tokens computed once and stored in safetensors shards, so training skips the VAE.
 
 A cache folder holds ``shard-XXXXX.safetensors`` files (each: a ``tokens``
-tensor (n, N, D) of one token grid, with keys and captions in the file's
-metadata) and ``index.json``, written last: a folder without it is incomplete
-and is rebuilt. The index records a fingerprint of what the image tokenizer's
-encoder depends on (`ImageTokenizer.encoding_identity`) and of the data, so a
-cache made with another encoder or dataset is refused instead of silently used,
-while a model whose decoder was replaced keeps its cache. The index also records
-the encoder's fingerprint alone (``tokenizer_fingerprint``), the token width and
-the pixels per token, which a ``latent_cache`` dataset is checked against
+tensor (n, N, D) of one token grid, with keys, captions and the samples' indices
+in the source dataset in the file's metadata) and ``index.json``, written last:
+a folder without it, or without a shard it lists, is incomplete and is rebuilt.
+The index records a fingerprint of what the image tokenizer's encoder depends on
+(`ImageTokenizer.encoding_identity`) and of the data, so a cache made with
+another encoder or dataset is refused instead of silently used, while a model
+whose decoder was replaced keeps its cache; beside it, what the cache was built
+from (``built_from``: the bucket settings and the dataset's description), so that
+a refusal names what differs. The index also records the encoder's fingerprint
+alone (``tokenizer_fingerprint``), the token width and the pixels per token,
+which a ``latent_cache`` dataset is checked against
 (`LatentCacheDataset.check_tokenizer`). Indexes of format 1 fingerprinted the
 whole tokenizer; the tokenizer that built one still matches it, and its first use
-rewrites the index in the current format (as it adds ``tokenizer_fingerprint`` to
-an index written before it was recorded).
+rewrites the index in the current format (as it adds ``tokenizer_fingerprint``
+and ``built_from`` to an index written before they were recorded).
+
+Shards group samples by bucket, and a cache serves its samples in the order of
+their indices in the source dataset: one that holds every sample serves source
+sample ``i`` as its sample ``i``, so that a run reads the same batches from it as
+from the images. Caches written before the source indices were recorded (no
+``sample_order`` in the index) serve their samples in shard order.
 
 Legend: n samples in a shard, N tokens per image, D token dim.
 """
@@ -26,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nextstep.config import Config, require, require_count
@@ -42,6 +51,8 @@ logger = logging.getLogger("nextstep.training")
 
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 2
+#: The index's ``sample_order`` of a cache whose shards record their samples' source indices.
+SOURCE_ORDER = "source"
 
 
 def tokenizer_fingerprint(tokenizer: torch.nn.Module) -> str:
@@ -81,12 +92,96 @@ def read_index(path: Path) -> dict:
                          "or choose another latent_cache folder") from None
 
 
+def cache_description(buckets: AspectRatioBuckets, dataset: dict | None = None) -> dict:
+    """What a cache is built from, as its index records it (``built_from``): the bucket settings and,
+    when given, a description of the dataset (a recipe gives its spec as the dataset reads it and a
+    digest of its files), as JSON reads them back."""
+    described: dict = {"buckets": {"resolution": buckets.resolution, "multi_aspect": buckets.multi_aspect,
+                                   "grid_multiple": buckets.grid_multiple,
+                                   "pixels_per_token": buckets.pixels_per_token}}
+    if dataset is not None:
+        described["dataset"] = dataset
+    return json.loads(json.dumps(described))
+
+
+def missing_shards(index: dict, directory: Path) -> list[str]:
+    """The names of the shard files ``index`` lists that are not in ``directory``."""
+    return [shard["file"] for shard in index.get("shards", []) if not (directory / shard["file"]).is_file()]
+
+
+def _discard_incomplete_index(index_path: Path, missing: list[str]) -> None:
+    """Remove the index of a cache that lacks the shards ``missing`` it lists, so that it is rebuilt.
+
+    Raises:
+        ValueError: the index cannot be removed, naming the folder to delete.
+    """
+    directory = index_path.parent
+    logger.warning("latent cache %s lacks %d shard(s) its index lists (%s); it is rebuilt", directory,
+                   len(missing), ", ".join(missing[:3]))
+    try:
+        index_path.unlink()
+    except OSError as error:
+        raise ValueError(f"the latent cache at {directory} lacks shards its {INDEX_FILE} lists "
+                         f"({', '.join(missing[:3])}) and that index cannot be removed to rebuild it ({error}); "
+                         f"delete the folder {directory}, or choose another latent_cache folder") from None
+
+
+def _field_differences(name: str, there, here) -> list[str]:
+    """Where two JSON values differ, as 'dotted.name: value there, value here' phrases."""
+    if there == here:
+        return []
+    if isinstance(there, dict) and isinstance(here, dict):
+        return [phrase for key in sorted(set(there) | set(here))
+                for phrase in _field_differences(f"{name}.{key}", there.get(key), here.get(key))]
+    return [f"{name}: {json.dumps(there)} there, {json.dumps(here)} here"]
+
+
+def _sizes_outside_buckets(index: dict, buckets: dict) -> list[str]:
+    """For an index without ``built_from``: a phrase naming the cached image sizes (height, width) that
+    are not among the buckets ``buckets`` (`cache_description`'s settings) make, if any."""
+    try:
+        sizes = AspectRatioBuckets(**buckets).sizes
+        pixels = int(index["pixels_per_token"])
+        cached = sorted({(grid[0] * pixels, grid[1] * pixels) for grid in (s["grid"] for s in index["shards"])})
+    except (KeyError, TypeError, ValueError):
+        return []
+    outside = [size for size in cached if size not in sizes]
+    if not outside:
+        return []
+    return [f"buckets: images of (height, width) {outside} in pixels there, not among the buckets {sorted(sizes)} "
+            f"here (another resolution, multi_aspect or grid_multiple)"]
+
+
+def _what_differs(index: dict, encoder: str, built_from: dict | None, num_samples: int) -> list[str]:
+    """What the cache of ``index`` was built from and this build differs in (the encoder, the dataset, the
+    buckets, the number of samples), as 'what: there, here' phrases; an index without ``built_from``
+    adds a phrase saying that its dataset and buckets could not be compared."""
+    differing = []
+    recorded = index.get("tokenizer_fingerprint")
+    if recorded is not None and recorded != encoder:
+        differing.append(f"the image tokenizer's encoder: fingerprint {recorded} there, {encoder} here")
+    there, here = index.get("built_from"), built_from or {}
+    if isinstance(there, dict):
+        for part in ("buckets", "dataset"):
+            if part in there and part in here:
+                differing.extend(_field_differences(part, there[part], here[part]))
+    elif "buckets" in here:
+        differing.extend(_sizes_outside_buckets(index, here["buckets"]))
+    if index.get("num_source_samples") != num_samples:
+        differing.append(f"samples: {index.get('num_source_samples')} there, {num_samples} here")
+    if not isinstance(there, dict):
+        differing.append("the dataset and the buckets (resolution, multi_aspect, grid_multiple) it was built "
+                         "from are not recorded in its index, which predates that record")
+    return differing
+
+
 def _existing_cache_matches(index: dict, index_path: Path, tokenizer: torch.nn.Module, encoder: str,
-                            built_from: str, source: str, num_samples: int) -> bool:
+                            built_from: str, source: str, num_samples: int, description: dict | None) -> bool:
     """Whether the complete cache whose ``index`` was read from ``index_path`` holds the latents of this
     encoder (fingerprint ``encoder``) of the data described by ``built_from``; a matching index
-    in an older form (format 1, another description of the same data, no ``tokenizer_fingerprint``)
-    is rewritten in the current form, under ``source``."""
+    in an older form (format 1, another description of the same data, no ``tokenizer_fingerprint``,
+    no or another ``built_from``) is rewritten in the current form, under ``source`` and ``description``
+    (`cache_description`; None leaves ``built_from`` as it is)."""
     if index.get("num_source_samples") != num_samples:
         return False
     if index.get("format_version", 1) >= 2:
@@ -97,6 +192,8 @@ def _existing_cache_matches(index: dict, index_path: Path, tokenizer: torch.nn.M
         return False
     current = {"format_version": FORMAT_VERSION, "fingerprint": _with_source(encoder, source),
                "tokenizer_fingerprint": encoder}
+    if description is not None:
+        current["built_from"] = description
     if any(index.get(key) != value for key, value in current.items()):
         index.update(current)
         try:
@@ -109,9 +206,13 @@ def _existing_cache_matches(index: dict, index_path: Path, tokenizer: torch.nn.M
 
 
 def latent_cache_ready(tokenizer: ImageTokenizer, dataset: ImageTextDataset, directory: str | Path,
-                       source: str = "", former_sources: tuple[str, ...] = ()) -> bool:
+                       source: str = "", former_sources: tuple[str, ...] = (),
+                       description: dict | None = None) -> bool:
     """Whether ``directory`` holds the complete cache of ``dataset`` through this tokenizer's encoder
-    (False: there is none yet, build it); a cache of another encoder or dataset raises.
+    (False: there is none yet, build it); a cache of another encoder, dataset or buckets raises.
+
+    A cache that lacks shards its index lists is incomplete: its index is removed (with a warning) and
+    False returned, so that it is rebuilt.
 
     Args:
         tokenizer: the image tokenizer whose encoder the cache must hold.
@@ -120,24 +221,34 @@ def latent_cache_ready(tokenizer: ImageTokenizer, dataset: ImageTextDataset, dir
         source: the description of the dataset and buckets, as for `build_latent_cache`.
         former_sources: other descriptions of the same data a cache may have been built under;
             a cache found under one has its index rewritten under ``source``.
+        description: what the cache is built from (`cache_description`), recorded in a matching
+            index that lacks it and compared with a refused one's to name what differs.
 
     Raises:
-        ValueError: a complete cache built from another tokenizer encoder or dataset, or an
-            unreadable index.
+        ValueError: a complete cache built from another tokenizer encoder, dataset or buckets (naming
+            what differs, with the values there and here), an unreadable index, or the index of a
+            cache missing shards that cannot be removed.
     """
-    index_path = Path(directory) / INDEX_FILE
+    directory = Path(directory)
+    index_path = directory / INDEX_FILE
     if not index_path.is_file():
         return False
     index = read_index(index_path)
+    missing = missing_shards(index, directory)
+    if missing:
+        _discard_incomplete_index(index_path, missing)
+        return False
     encoder = tokenizer_fingerprint(tokenizer)  # hashes the encoder: only when needed
     for built_from in dict.fromkeys((source, *former_sources)):
-        if _existing_cache_matches(index, index_path, tokenizer, encoder, built_from, source, len(dataset)):
+        if _existing_cache_matches(index, index_path, tokenizer, encoder, built_from, source, len(dataset),
+                                   description):
             return True
-    fingerprint = _with_source(encoder, source)
+    differing = _what_differs(index, encoder, description, len(dataset))
     raise ValueError(
-        f"the latent cache at {directory} was built from another tokenizer encoder or dataset "
-        f"(fingerprint {index.get('fingerprint')}, {index.get('num_source_samples')} samples; "
-        f"now {fingerprint}, {len(dataset)}); delete it or choose another latent_cache folder"
+        f"the latent cache at {directory} was built from another tokenizer encoder or dataset, or for other "
+        f"buckets, than this one ({'; '.join(differing)}); to keep both caches, choose another latent_cache "
+        f"folder (data.latent_cache) for this one; deleting {directory} rebuilds it here, and the cache it "
+        "holds now is lost"
     )
 
 
@@ -154,6 +265,7 @@ def build_latent_cache(
     max_bad_fraction: float = 0.01,
     progress: bool = False,
     source: str = "",
+    described_dataset: dict | None = None,
 ) -> Path:
     """Encode every sample of ``dataset`` and write the cache to ``directory``.
 
@@ -171,13 +283,16 @@ def build_latent_cache(
         progress: show a progress bar.
         source: a description of the dataset and buckets (e.g. its spec as JSON);
             a cache built from another description is refused.
+        described_dataset: the dataset's description as JSON data (a recipe gives its spec as the
+            dataset reads it), recorded in the index beside the bucket settings so that a refused
+            cache names what differs; None records the buckets only.
 
     Returns:
         the cache folder.
 
     Raises:
         ValueError: ``batch_size`` or ``shard_size`` below 1; buckets of another pixels per
-            token than the tokenizer's; a cache of another encoder or dataset already there.
+            token than the tokenizer's; a cache of another encoder, dataset or buckets already there.
     """
     require_count("batch_size", batch_size)
     require_count("shard_size", shard_size)
@@ -192,7 +307,8 @@ def build_latent_cache(
             f"pixels_per_token={tokenizer.pixels_per_token}, found {buckets.pixels_per_token}"
         )
     directory = Path(directory)
-    if latent_cache_ready(tokenizer, dataset, directory, source):
+    description = cache_description(buckets, described_dataset)
+    if latent_cache_ready(tokenizer, dataset, directory, source, description=description):
         return directory
     if tokenizer.samples_latents:
         logger.warning("the image tokenizer samples its latents: the cache keeps one sample per image, where "
@@ -211,15 +327,16 @@ def build_latent_cache(
 
     bar = tqdm(total=len(dataset), disable=not progress, unit="img", desc="latent cache")
     for (height, width), indices in sorted(groups.items()):
-        pending_tokens, pending_keys, pending_captions = [], [], []
+        pending_tokens, pending_keys, pending_captions, pending_sources = [], [], [], []
         for start in range(0, len(indices), batch_size):
-            samples = []
+            samples, loaded = [], []
             for index in indices[start:start + batch_size]:
                 try:
                     samples.append(dataset.load(index))
                 except CorruptSampleError as error:
                     tracker.update(1, [f"{error.key} ({error.reason})"])
                     continue
+                loaded.append(index)
                 tracker.update(1, [])
             bar.update(len(indices[start:start + batch_size]))
             if not samples:
@@ -236,17 +353,20 @@ def build_latent_cache(
             pending_tokens.append(tokens)
             pending_keys.extend(batch.keys)
             pending_captions.extend(batch.captions)
+            pending_sources.extend(loaded)
             while sum(t.shape[0] for t in pending_tokens) >= shard_size:
                 shards.append(_flush(directory, len(shards), pending_tokens, pending_keys, pending_captions,
-                                     (height, width), buckets.pixels_per_token, shard_size))
+                                     pending_sources, (height, width), buckets.pixels_per_token, shard_size))
         if pending_keys:
             shards.append(_flush(directory, len(shards), pending_tokens, pending_keys, pending_captions,
-                                 (height, width), buckets.pixels_per_token, None))
+                                 pending_sources, (height, width), buckets.pixels_per_token, None))
     bar.close()
     index = {
         "format_version": FORMAT_VERSION,
         "fingerprint": _with_source(encoder, source),
         "tokenizer_fingerprint": encoder,
+        "built_from": description,
+        "sample_order": SOURCE_ORDER,
         "num_source_samples": len(dataset),
         "scanned_samples": getattr(dataset, "scanned", len(dataset)),
         "num_samples": sum(s["count"] for s in shards),
@@ -259,10 +379,11 @@ def build_latent_cache(
     return directory
 
 
-def _flush(directory: Path, number: int, pending_tokens: list, keys: list, captions: list,
+def _flush(directory: Path, number: int, pending_tokens: list, keys: list, captions: list, sources: list,
            size: tuple[int, int], pixels_per_token: int, limit: int | None) -> dict:
     """Write the first ``limit`` (all, when None) pending rows of tokens (n, N, D) of images of
-    ``size`` (height, width) as shard ``number``; returns its entry of the index.
+    ``size`` (height, width), with their keys, captions and indices in the source dataset, as shard
+    ``number``; returns its entry of the index.
 
     Raises:
         ValueError: N is not the number of cells of the grid ``size`` makes at ``pixels_per_token``.
@@ -277,13 +398,28 @@ def _flush(directory: Path, number: int, pending_tokens: list, keys: list, capti
             f"expected {grid[0] * grid[1]} tokens per image, found {tokens.shape[1]} from the image tokenizer"
         )
     metadata = {"keys": json.dumps(keys[:count]), "captions": json.dumps(captions[:count]),
-                "grid": json.dumps(list(grid))}
+                "source_indices": json.dumps(sources[:count]), "grid": json.dumps(list(grid))}
     with atomic_path(directory / name) as tmp:
         save_file({"tokens": tokens[:count].contiguous()}, str(tmp), metadata=metadata)
     rest = tokens[count:]
     pending_tokens[:] = [rest] if rest.shape[0] else []
-    del keys[:count], captions[:count]
+    del keys[:count], captions[:count], sources[:count]
     return {"file": name, "count": int(count), "grid": list(grid)}
+
+
+def open_shard(path: Path):
+    """``safe_open`` of the shard at ``path`` (a context manager, and a handle to read it with).
+
+    Raises:
+        ValueError: a file that cannot be read as safetensors, naming it and how to rebuild the cache.
+    """
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"latent cache shard {path} cannot be read ({error}): the cache at {path.parent} is damaged; delete "
+            f"{path.parent / INDEX_FILE} (or the whole folder) so that the next run with data.latent_cache (or "
+            "build_latent_cache) rebuilds it") from None
 
 
 @dataclass
@@ -302,7 +438,8 @@ class LatentCacheConfig(Config):
 
 @register_dataset("latent_cache")
 class LatentCacheDataset(ImageTextDataset):
-    """Samples with cached tokens (no images): keys, captions, tokens (N, D) and grids.
+    """Samples with cached tokens (no images): keys, captions, tokens (N, D) and grids, in the order of
+    their indices in the source dataset (in shard order for a cache that predates their record).
 
     Attributes:
         known_bad: the samples that could not be read while the cache was built (excluded), so that
@@ -312,6 +449,8 @@ class LatentCacheDataset(ImageTextDataset):
         token_dim: D, the width of a cached token.
         tokenizer_fingerprint: `tokenizer_fingerprint` of the encoder that made the tokens, or
             None for a cache written before indexes recorded it.
+        source_indices: each sample's index in the source dataset, or None for a cache written
+            before shards recorded them.
     """
 
     config_class = LatentCacheConfig
@@ -332,23 +471,54 @@ class LatentCacheDataset(ImageTextDataset):
         self.tokenizer_fingerprint: str | None = self.index.get("tokenizer_fingerprint")
         self.known_bad: list[str] = list(self.index.get("bad_samples", []))
         self.scanned = int(self.index.get("scanned_samples", self.index.get("num_source_samples", 0)))
-        self.locations: list[tuple[int, int]] = []
-        self.grids: list[tuple[int, int]] = []
-        self.keys: list[str] = []
-        self.captions: list[str] = []
-        for number, shard in enumerate(self.index["shards"]):
-            path = directory / shard["file"]
-            if not path.is_file():
-                raise FileNotFoundError(f"latent cache shard {path} is missing; rebuild the cache")
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata()
-            keys, captions = json.loads(metadata["keys"]), json.loads(metadata["captions"])
-            self.keys.extend(keys)
-            self.captions.extend(captions)
-            self.locations.extend((number, row) for row in range(len(keys)))
-            self.grids.extend([tuple(shard["grid"])] * len(keys))
+        rows = self._shard_rows()
+        recorded = all(row[0] is not None for row in rows)
+        if recorded:
+            rows.sort(key=lambda row: row[0])
+        self.source_indices: list[int] | None = [row[0] for row in rows] if recorded else None
+        self.locations: list[tuple[int, int]] = [row[1] for row in rows]
+        self.keys: list[str] = [row[2] for row in rows]
+        self.captions: list[str] = [row[3] for row in rows]
+        self.grids: list[tuple[int, int]] = [row[4] for row in rows]
         self.token_dim = self._token_dim()
         self._handles: dict[int, object] = {}
+
+    def _shard_rows(self) -> list[tuple]:
+        """Every cached sample in shard order, as (source index or None, (shard number, row), key, caption,
+        token grid (h, w)), from the shards' metadata.
+
+        Raises:
+            FileNotFoundError: a shard the index lists is missing, saying how to rebuild the cache.
+            ValueError: a shard cannot be read (`open_shard`).
+        """
+        rows = []
+        for number, shard in enumerate(self.index["shards"]):
+            path = self.directory / shard["file"]
+            if not path.is_file():
+                raise FileNotFoundError(self._missing_shard_message(path))
+            with open_shard(path) as handle:
+                metadata = handle.metadata()
+            keys, captions = json.loads(metadata["keys"]), json.loads(metadata["captions"])
+            sources = json.loads(metadata["source_indices"]) if "source_indices" in metadata else [None] * len(keys)
+            rows.extend((source, (number, row), key, caption, tuple(shard["grid"]))
+                        for row, (source, key, caption) in enumerate(zip(sources, keys, captions)))
+        return rows
+
+    def _missing_shard_message(self, path: Path) -> str:
+        """What to do about the shard at ``path``, which the index lists and the folder lacks."""
+        dataset = (self.index.get("built_from") or {}).get("dataset")
+        spec = dataset.get("spec") if isinstance(dataset, dict) else None
+        built_by = f", dataset {json.dumps(spec, sort_keys=True)}" if spec else ""
+        return (f"latent cache shard {path} is missing, though {self.directory / INDEX_FILE} lists it: the cache at "
+                f"{self.directory} is incomplete. Rebuild it: run the recipe that built it again (data.latent_cache "
+                f"{self.directory.parent}{built_by}), which rebuilds a cache missing shards, or call "
+                "nextstep.training.build_latent_cache with the dataset it was built from")
+
+    @property
+    def in_source_order(self) -> bool:
+        """Whether sample ``i`` is sample ``i`` of the source dataset (the cache records its samples'
+        source indices and holds every one): a run then reads the same batches as from the images."""
+        return self.source_indices == list(range(int(self.index.get("num_source_samples", -1))))
 
     def _token_dim(self) -> int | None:
         """D as the index records it, else as the first shard's tokens (n, N, D) have it (None: no shard)."""
@@ -356,7 +526,7 @@ class LatentCacheDataset(ImageTextDataset):
             return int(self.index["token_dim"])
         if not self.index["shards"]:
             return None
-        with safe_open(str(self.directory / self.index["shards"][0]["file"]), framework="pt") as handle:
+        with open_shard(self.directory / self.index["shards"][0]["file"]) as handle:
             return int(handle.get_slice("tokens").get_shape()[-1])
 
     def check_tokenizer(self, tokenizer: ImageTokenizer, fingerprint: str | None = None) -> None:
@@ -402,8 +572,7 @@ class LatentCacheDataset(ImageTextDataset):
 
     def _handle(self, number: int):
         if number not in self._handles:
-            path = self.directory / self.index["shards"][number]["file"]
-            self._handles[number] = safe_open(str(path), framework="pt")
+            self._handles[number] = open_shard(self.directory / self.index["shards"][number]["file"])
         return self._handles[number]
 
     def load(self, index: int) -> ImageTextSample:

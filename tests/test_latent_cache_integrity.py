@@ -1,0 +1,168 @@
+"""Latent caches: refusals that name what differs, damaged or incomplete caches, samples at their source indices."""
+
+import json
+import os
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nextstep import build_model
+from nextstep.training import build_latent_cache
+from nextstep.training.data import AspectRatioBuckets, LatentCacheDataset, ShapesConfig, ShapesDataset
+from nextstep.training.data.latent_cache import LatentCacheConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model("tiny", seed=0)
+
+
+def _recipe(folder, model_seed=0, **data):
+    from nextstep.training.recipe import RecipeConfig
+
+    spec = {"type": "shapes", "num_samples": 8, "size": 32, **data.pop("spec", {})}
+    return RecipeConfig.from_dict({"model": "tiny", "model_seed": model_seed, "data": {
+        "datasets": [spec], "resolution": 32, "latent_cache": str(folder), **data}})
+
+
+def _drop_recorded(folder, *names):
+    index = json.loads((folder / "index.json").read_text())
+    for name in names:
+        index.pop(name, None)
+    (folder / "index.json").write_text(json.dumps(index))
+
+
+def _strip_source_indices(folder):
+    """Make ``folder`` look like a cache written before shards recorded their samples' source indices."""
+    _drop_recorded(folder, "sample_order", "built_from")
+    for path in sorted(folder.glob("shard-*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = {k: v for k, v in handle.metadata().items() if k != "source_indices"}
+            tokens = handle.get_tensor("tokens")
+        save_file({"tokens": tokens}, str(path), metadata=metadata)
+
+
+def test_a_refused_cache_names_what_differs_with_the_values_there_and_here(tmp_path, model):
+    from nextstep.training.recipe import recipe_training_data
+
+    cache = tmp_path / "cache"
+    recipe_training_data(_recipe(cache), model)
+    cases = [
+        (_recipe(cache, resolution=64), r"\(buckets\.resolution: 32 there, 64 here\)"),
+        (_recipe(cache, multi_aspect=True), r"\(buckets\.multi_aspect: false there, true here\)"),
+        (_recipe(cache, resolution=64, grid_multiple=2),
+         r"\(buckets\.grid_multiple: 1 there, 2 here; buckets\.resolution: 32 there, 64 here\)"),
+        (_recipe(cache, spec={"seed": 3}), r"\(dataset\.spec\.seed: 0 there, 3 here\)"),
+        (_recipe(cache, spec={"num_samples": 12}),
+         r"\(dataset\.spec\.num_samples: 8 there, 12 here; samples: 8 there, 12 here\)"),
+    ]
+    for recipe, differing in cases:
+        with pytest.raises(ValueError, match=r"another tokenizer encoder or dataset, or for other buckets, than this "
+                                             rf"one {differing}; to keep both caches, choose another latent_cache "
+                                             r"folder \(data\.latent_cache\) for this one; deleting .*00-shapes "
+                                             r"rebuilds it here, and the cache it holds now is lost"):
+            recipe_training_data(recipe, model)
+    with pytest.raises(ValueError, match=r"\(the image tokenizer's encoder: fingerprint [0-9a-f]{32} there, "
+                                         r"[0-9a-f]{32} here\)"):
+        recipe_training_data(_recipe(cache), build_model("tiny", seed=1))
+    index = json.loads((cache / "00-shapes" / "index.json").read_text())
+    assert index["built_from"]["buckets"] == {"resolution": 32, "multi_aspect": False, "grid_multiple": 1,
+                                              "pixels_per_token": 16}
+    assert index["built_from"]["dataset"]["spec"]["num_samples"] == 8
+
+
+def test_an_index_without_what_it_was_built_from_is_refused_as_precisely_as_it_allows_and_then_records_it(
+        tmp_path, model):
+    from nextstep.training.recipe import recipe_training_data
+
+    cache = tmp_path / "cache"
+    recipe_training_data(_recipe(cache), model)
+    _drop_recorded(cache / "00-shapes", "built_from")
+    with pytest.raises(ValueError, match=r"\(buckets: images of \(height, width\) \[\(32, 32\)\] in pixels there, not "
+                                         r"among the buckets \[\(64, 64\)\] here \(another resolution, multi_aspect or "
+                                         r"grid_multiple\); the dataset and the buckets \(resolution, multi_aspect, "
+                                         r"grid_multiple\) it was built from are not recorded in its index"):
+        recipe_training_data(_recipe(cache, resolution=64), model)
+    with pytest.raises(ValueError, match=r"\(samples: 8 there, 12 here; the dataset and the buckets"):
+        recipe_training_data(_recipe(cache, spec={"num_samples": 12}), model)
+    recipe_training_data(_recipe(cache), model)  # still its own recipe's cache; its index now records it
+    assert json.loads((cache / "00-shapes" / "index.json").read_text())["built_from"]["buckets"]["resolution"] == 32
+
+
+def test_a_shard_that_cannot_be_read_is_named_with_how_to_rebuild_the_cache(tmp_path, model):
+    folder = build_latent_cache(model.image_tokenizer, ShapesDataset(ShapesConfig(num_samples=4, size=32)),
+                                AspectRatioBuckets(32, multi_aspect=False), tmp_path / "cache")
+    os.truncate(folder / "shard-00000.safetensors", 600)
+    with pytest.raises(ValueError, match=r"latent cache shard .*shard-00000\.safetensors cannot be read \(.*\): the "
+                                         r"cache at .*cache is damaged; delete .*index\.json \(or the whole folder\) "
+                                         r"so that the next run with data\.latent_cache \(or build_latent_cache\) "
+                                         r"rebuilds it"):
+        LatentCacheDataset(LatentCacheConfig(str(folder)))
+
+
+def test_a_cache_missing_a_shard_is_rebuilt_and_read_as_a_dataset_says_how(tmp_path, model, caplog):
+    from nextstep.training.recipe import recipe_training_data
+
+    cache = tmp_path / "cache"
+    recipe_training_data(_recipe(cache), model)
+    folder = cache / "00-shapes"
+    (folder / "shard-00000.safetensors").unlink()
+    missing = (r"shard-00000\.safetensors is missing, though .*index\.json lists it: the cache at .*00-shapes is "
+               r"incomplete\. Rebuild it: run the recipe that built it again \(data\.latent_cache .*cache, dataset "
+               r"\{.*\"num_samples\": 8, .*\"type\": \"shapes\"\}\), which rebuilds a cache missing shards, or call "
+               r"nextstep\.training\.build_latent_cache")
+    with pytest.raises(FileNotFoundError, match=missing):
+        LatentCacheDataset(LatentCacheConfig(str(folder)))
+    with caplog.at_level("WARNING", logger="nextstep.training"):
+        data = recipe_training_data(_recipe(cache), model)
+    assert "lacks 1 shard(s) its index lists (shard-00000.safetensors); it is rebuilt" in caplog.text
+    assert len(data.dataset) == 8 and (folder / "shard-00000.safetensors").is_file()
+    assert data.dataset.load(0).tokens.shape == (4, 64)
+
+
+def _folder_of_two_shapes(folder):
+    """Eight images, square and wide in turn, with captions."""
+    from PIL import Image
+
+    folder.mkdir()
+    for index in range(8):
+        size = (32, 32) if index % 2 == 0 else (64, 16)  # (width, height)
+        Image.new("RGB", size, (index * 30, 0, 0)).save(folder / f"img{index}.png")
+        (folder / f"img{index}.txt").write_text(f"picture {index}")
+
+
+def test_a_cache_serves_each_sample_at_its_source_index_so_the_batches_are_those_of_the_images(tmp_path, model):
+    from nextstep.training.data import ImageFolderConfig, ImageFolderDataset
+    from nextstep.training.data.loader import BatchLayout, TrainingBatches
+
+    _folder_of_two_shapes(tmp_path / "images")
+    images = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path / "images")))
+    buckets = AspectRatioBuckets(32, multi_aspect=True)
+    build_latent_cache(model.image_tokenizer, images, buckets, tmp_path / "cache", shard_size=3)
+    cached = LatentCacheDataset(LatentCacheConfig(str(tmp_path / "cache")))
+    assert cached.keys == [images.load(index).key for index in range(8)]
+    from_images, from_cache = (TrainingBatches(data, buckets, BatchLayout(2), seed=3) for data in (images, cached))
+    assert from_cache.sizes == from_images.sizes and len(set(from_images.sizes)) == 2
+    assert ([from_cache.plan.global_batch(step) for step in range(8)]
+            == [from_images.plan.global_batch(step) for step in range(8)])
+    assert cached.source_indices == list(range(8)) and cached.in_source_order
+
+    # A cache written before shards recorded the source indices is read as it was: in shard order.
+    _strip_source_indices(tmp_path / "cache")
+    older = LatentCacheDataset(LatentCacheConfig(str(tmp_path / "cache")))
+    assert older.source_indices is None and not older.in_source_order
+    assert [key[-8:] for key in older.keys] == [f"img{index}.png" for index in (1, 3, 5, 7, 0, 2, 4, 6)]
+
+
+def test_a_cache_without_the_samples_its_build_could_not_read_is_not_in_source_order(tmp_path, model):
+    from nextstep.training.data import ImageFolderConfig, ImageFolderDataset
+
+    _folder_of_two_shapes(tmp_path / "images")
+    data = (tmp_path / "images" / "img2.png").read_bytes()
+    (tmp_path / "images" / "img2.png").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
+    images = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path / "images")))
+    build_latent_cache(model.image_tokenizer, images, AspectRatioBuckets(32, multi_aspect=True), tmp_path / "cache",
+                       max_bad_fraction=0.2)
+    cached = LatentCacheDataset(LatentCacheConfig(str(tmp_path / "cache")))
+    assert cached.source_indices == [0, 1, 3, 4, 5, 6, 7] and not cached.in_source_order

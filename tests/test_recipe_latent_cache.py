@@ -1,0 +1,128 @@
+"""Recipes with latent caches: caches given as datasets, and resumed runs whose caches changed or were switched."""
+
+import csv
+import json
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nextstep import build_model
+from nextstep.training.recipe import RecipeConfig, run_recipe
+
+
+def _recipe(datasets, cache="", steps=2, resolution=32, **data):
+    return RecipeConfig.from_dict({
+        "model": "tiny",
+        "data": {"datasets": datasets, "resolution": resolution, "latent_cache": str(cache), **data},
+        "train": {"max_steps": steps, "micro_batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1,
+                  "log_every": 1, "sample_every": 0, "checkpoint_every": 1, "num_workers": 0, "ema_decay": 0}})
+
+
+SHAPES = [{"type": "shapes", "num_samples": 8, "size": 32}]
+
+
+def _losses(run):
+    with open(run / "train_log.csv") as log:
+        return [float(row["loss"]) for row in csv.DictReader(log)]
+
+
+def _folder_of_two_shapes(folder):
+    """Eight images, square and wide in turn, with captions."""
+    from PIL import Image
+
+    folder.mkdir()
+    for index in range(8):
+        size = (32, 32) if index % 2 == 0 else (64, 16)  # (width, height)
+        Image.new("RGB", size, (index * 30, 0, 0)).save(folder / f"img{index}.png")
+        (folder / f"img{index}.txt").write_text(f"picture {index}")
+
+
+def test_a_latent_cache_dataset_is_read_as_it_is_when_data_latent_cache_is_set(tmp_path):
+    from nextstep.training.data import LatentCacheDataset
+    from nextstep.training.recipe import recipe_training_data
+
+    model = build_model("tiny", seed=0)
+    recipe_training_data(_recipe(SHAPES, tmp_path / "first"), model)
+    cached = {"type": "latent_cache", "path": str(tmp_path / "first" / "00-shapes")}
+    data = recipe_training_data(_recipe([cached], tmp_path / "second"), model)
+    assert isinstance(data.dataset, LatentCacheDataset) and data.dataset.directory == tmp_path / "first" / "00-shapes"
+    assert not (tmp_path / "second").exists()  # nothing to encode: no folder made
+    data = recipe_training_data(_recipe([cached, *SHAPES], tmp_path / "second"), model)
+    assert len(data.dataset) == 16 and sorted(p.name for p in (tmp_path / "second").iterdir()) == ["01-shapes"]
+
+
+def test_a_latent_cache_dataset_of_other_buckets_is_refused_before_the_run_folder_is_written(tmp_path):
+    run_recipe(_recipe(SHAPES, tmp_path / "cache"), tmp_path / "first", show_progress=False)
+    cached = [{"type": "latent_cache", "path": str(tmp_path / "cache" / "00-shapes")}]
+    with pytest.raises(ValueError, match=r"holds images of \(height, width\) \[\(32, 32\)\] in pixels, which are not "
+                                         r"among this run's buckets \[\(64, 64\)\]"):
+        run_recipe(_recipe(cached, resolution=64), tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run" / "recipe.json").exists()
+
+
+def test_a_run_resumed_with_its_cache_switched_on_trains_on_the_same_batches(tmp_path):
+    _folder_of_two_shapes(tmp_path / "images")
+    images = [{"type": "folder", "path": str(tmp_path / "images")}]
+    runs = {}
+    for name, cache in (("images", ""), ("cache", tmp_path / "cache")):
+        run_recipe(_recipe(images, steps=2, multi_aspect=True), tmp_path / name, show_progress=False)
+        run_recipe(_recipe(images, cache, steps=4, multi_aspect=True), tmp_path / name, show_progress=False)
+        runs[name] = _losses(tmp_path / name)
+    assert runs["cache"] == pytest.approx(runs["images"], abs=1e-4)
+    record = json.loads((tmp_path / "cache" / "latent_caches.json").read_text())
+    assert record["datasets"] == [{"type": "folder", "read_from": str(tmp_path / "cache" / "00-folder"),
+                                   "source_order": True}]
+
+
+def _as_written_before_source_indices(folder):
+    index = json.loads((folder / "index.json").read_text())
+    index.pop("sample_order", None)
+    (folder / "index.json").write_text(json.dumps(index))
+    for path in sorted(folder.glob("shard-*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = {k: v for k, v in handle.metadata().items() if k != "source_indices"}
+            tokens = handle.get_tensor("tokens")
+        save_file({"tokens": tokens}, str(path), metadata=metadata)
+
+
+def test_a_resume_that_switches_to_or_from_a_cache_in_another_order_is_refused(tmp_path):
+    _folder_of_two_shapes(tmp_path / "images")
+    images = [{"type": "folder", "path": str(tmp_path / "images")}]
+    cache = tmp_path / "cache"
+    run_recipe(_recipe(images, cache, steps=1, multi_aspect=True), tmp_path / "built", show_progress=False)
+    _as_written_before_source_indices(cache / "00-folder")
+    run_recipe(_recipe(images, steps=2, multi_aspect=True), tmp_path / "run", show_progress=False)
+    refusal = (r"cannot continue with this data: dataset 0 \(folder\) was read from its images there and from the "
+               r"latent cache .*00-folder \(in another order than the dataset's: built before caches recorded their "
+               r"samples' source indices, or without samples it could not read\) here, so the resumed steps would "
+               r"train on other batches; resume with data.latent_cache=\"\" as the run had it, or pass --no-resume")
+    with pytest.raises(ValueError, match=refusal):
+        run_recipe(_recipe(images, cache, steps=4, multi_aspect=True), tmp_path / "run", show_progress=False)
+    assert len(_losses(tmp_path / "run")) == 2  # the refused rerun left the run as it was
+    run_recipe(_recipe(images, cache, steps=2, multi_aspect=True), tmp_path / "on", show_progress=False)
+    with pytest.raises(ValueError, match=r"was read from the latent cache .*00-folder \(in another order .*\) there "
+                                         rf"and from its images here, .*resume with data.latent_cache=\"{cache}\""):
+        run_recipe(_recipe(images, steps=4, multi_aspect=True), tmp_path / "on", show_progress=False)
+    run_recipe(_recipe(images, cache, steps=3, multi_aspect=True), tmp_path / "on", show_progress=False)  # its own
+
+
+def test_a_resume_over_a_latent_cache_dataset_rebuilt_from_other_data_is_refused(tmp_path):
+    build = tmp_path / "build"
+    run_recipe(_recipe(SHAPES, build, steps=1), tmp_path / "built", show_progress=False)
+    cached = [{"type": "latent_cache", "path": str(build / "00-shapes")}]
+    run_recipe(_recipe(cached, steps=2), tmp_path / "run", show_progress=False)
+    for path in build.glob("00-shapes/*"):
+        path.unlink()
+    other = [{"type": "shapes", "num_samples": 12, "size": 32, "seed": 5}]
+    run_recipe(_recipe(other, build, steps=1), tmp_path / "rebuilt", show_progress=False)
+    with pytest.raises(ValueError, match=r"dataset 0: the latent cache at .*00-shapes changed since the run began "
+                                         r"\(fingerprint [0-9a-f]{32} there, [0-9a-f]{32} here, num_samples 8 there, "
+                                         r"12 here\), so it holds other samples; pass --no-resume"):
+        run_recipe(_recipe(cached, steps=4), tmp_path / "run", show_progress=False)
+    assert len(_losses(tmp_path / "run")) == 2
+    (tmp_path / "run" / "latent_caches.json").unlink()  # a run from before the record resumes as before
+    run_recipe(_recipe(cached, steps=3), tmp_path / "run", show_progress=False)
+    assert len(_losses(tmp_path / "run")) == 3
+    run_recipe(_recipe(cached, steps=1), tmp_path / "run", resume=False, show_progress=False)
+    assert (tmp_path / "run" / "earlier-runs" / "1" / "latent_caches.json").is_file()
