@@ -31,9 +31,11 @@ can launch so):
   fused block kernels (``fused_blocks``) with the fastest of a few tiles
   (`nextstep.kernels.adaln_linear.Tiles`, tried first at batch 1); full images
   use the faster of the two;
-- the floors: bytes each part must read per token (weights, plus the KV cache
-  for the backbone) divided by the card's measured copy bandwidth, or the
-  arithmetic divided by the measured bf16 matmul rate if that is larger;
+- the floors: bytes of weights each part must read per token divided by the
+  card's measured copy bandwidth, or the arithmetic (two flops per multiplied
+  parameter and row) divided by the measured bf16 matmul rate if that is
+  larger; for the backbone also the floor with the KV cache's bytes read as
+  well (``*_with_kv_ms``, ``*_ratio_with_kv``), and the bytes behind both;
 - image seconds: one full generation (prefill, every token, VAE decode) for the
   configurations the time budget allows, and an estimate from the parts for all
   (the targets' configuration is timed first, and the others, and the eager
@@ -49,16 +51,28 @@ can launch so):
 For batch 1 and 20 steps it also times the eager path (the backbone's
 ``forward`` and the samplers' own code, no graphs) on a few tokens.
 
+Before the decode stacks and the head variants are timed, with the tiles chosen
+for them, their outputs are checked against the eager reference at the timed
+shapes (``checks``: max abs and relative error, tolerance, verdict): one decode
+step of each fused stack against the backbone's own stack at the timed rows
+and the targets' context (on a model of the same shapes with two decoder
+layers; the int8 stack with a tolerance of its own), and one token step of each
+head variant against the head's guided velocity and the sampler's own code. A
+variant out of its tolerance is an error and is not timed.
+
 Writes ``gpu_latency.json`` and ``gpu_latency.md`` (the table for
 ``docs/performance.md``) to ``--out``, with the kernels that failed to build
-or launch and ran as their references from then on (``kernel_fallbacks``). Without CUDA it prints a message and
-exits 0; ``--dry-run`` runs every part with tiny shapes on the CPU (graphs off)
-so the script is known to work before it meets a GPU.
+or launch and ran as their references from then on (``kernel_fallbacks``).
+Exits 1 when there were errors (checks out of tolerance among them) or kernel
+fallbacks, and without CUDA (after saying so) unless ``--dry-run``, which runs
+every part with tiny shapes on the CPU (graphs off) so the script is known to
+work before it meets a GPU.
 
 With ``--persistent-head`` it times only the head, one launch per evaluation
 (`nextstep.kernels.persistent_head`) against the norm kernels, and the
 grid-wide barrier alone (what the evaluations' barriers cost of the one-launch
-time: ``barriers_ms``, ``barrier_share``), then one image of the targets'
+time: ``barriers_ms``, ``barrier_share``), each variant after its token step
+is checked as above, then one image of the targets'
 configuration with the one-launch head, decoding through int8 copies of the
 weights (``one_launch_images``; the few-rows tiles the main run chose, read from
 its ``gpu_latency.json`` in ``--out``), timed after an untimed generation of the
@@ -152,6 +166,14 @@ DEFAULT_TARGET_RESERVE_SECONDS = 90.0
 EAGER_SECONDS = 10.0
 #: The paper's per-token figures on an H100 at batch 1 (ms), for reference.
 PAPER_MS = {"backbone": 7.20, "head": 3.40}
+#: Largest error allowed of a checked output against its eager reference, as a share of the reference's largest
+#: magnitude (``max_rel_error``), by the dtype the check ran in: rounding differences only (a wrong tile or mask
+#: gives errors of the order of the output itself).
+CHECK_TOLERANCES = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+#: The same for the decode stack through int8 copies of the weights, whatever the dtype: rounded weights.
+INT8_CHECK_TOLERANCE = 0.15
+#: Decoder layers of the model the decode stacks are checked on (`check_model`).
+CHECK_LAYERS = 2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -265,6 +287,13 @@ def backbone_weight_bytes(model) -> int:
     return sum(nbytes(p) for name, p in model.backbone.named_parameters() if not name.startswith("embed_tokens"))
 
 
+def backbone_matmul_parameters(model) -> int:
+    """Parameters a decode step multiplies per token and row: the decoder's matrices (the embedding table is
+    only indexed, the norms' and biases' vectors are not multiplied)."""
+    return sum(p.numel() for name, p in model.backbone.named_parameters()
+               if p.ndim == 2 and not name.startswith("embed_tokens"))
+
+
 def int8_weight_bytes(stack) -> int:
     """Weights a decode step of an int8 `FusedDecodeStack` reads: the int8 products plus the norms."""
     products = sum(value.nbytes for layer in stack.products for product in layer.values()
@@ -319,6 +348,106 @@ def floor_ms(read_bytes: float, flops: float, card: dict) -> float:
 def head_floor_ms(model, rows: int, evaluations: int, card: dict) -> float:
     """`floor_ms` of one token step of the head with ``evaluations`` solver evaluations of ``rows`` rows."""
     return floor_ms(head_bytes(model, evaluations), head_flops(model, rows, evaluations), card)
+
+
+def backbone_floors(weight_bytes: int, kv: int, flops: float, card: dict) -> dict:
+    """The backbone's floors for a decode step that reads ``weight_bytes`` of weights and ``kv`` bytes of keys and
+    values and does ``flops``: ``floor_ms`` of the weights alone (the floor the targets are set against) and
+    ``floor_with_kv_ms`` of both."""
+    return {"floor_ms": floor_ms(weight_bytes, flops, card),
+            "floor_with_kv_ms": floor_ms(weight_bytes + kv, flops, card)}
+
+
+# ---------------------------------------------------------------------- checks
+def compared(found: torch.Tensor, expected: torch.Tensor) -> dict:
+    """``max_abs_error`` of ``found`` against ``expected`` and ``max_rel_error``: that over the largest magnitude of
+    ``expected`` (infinite where ``expected`` is all zeros, which would compare nothing)."""
+    found, expected = found.float(), expected.float()
+    if found.shape != expected.shape:
+        raise ValueError(f"expected an output of shape {tuple(expected.shape)}, found {tuple(found.shape)}")
+    error = (found - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    relative = error / scale if scale > 0 else math.inf
+    return {"max_abs_error": error, "max_rel_error": relative}
+
+
+def check_verdict(check: dict, tolerance: float) -> dict:
+    """``check`` with its ``tolerance`` and ``passed`` (a non-finite error fails)."""
+    passed = math.isfinite(check["max_rel_error"]) and check["max_rel_error"] <= tolerance
+    return {**check, "tolerance": tolerance, "passed": passed}
+
+
+def check_decode_stacks(model, options: dict[str, dict], rows: int, context: int, generator) -> dict[str, dict]:
+    """One decode step of `FusedDecodeStack` with each of ``options`` (stack name -> its options) against the
+    backbone's own eager stack, both over the same cache (``context`` random prompt slots of ``rows`` rows, its
+    capacity rounded up to a visible-slot bucket, as the timed steps attend) and input: each stack's `compared`
+    result with its tolerance (`CHECK_TOLERANCES`, `INT8_CHECK_TOLERANCE`) and verdict.
+
+    ``model`` is `check_model`'s: the benchmarked layer shapes, two layers deep (random weights amplify rounding
+    differences with depth, so a tolerance at the output of every layer would have to admit errors as large as
+    those of a faulty kernel)."""
+    device = next(model.backbone.parameters()).device
+    capacity = -(-(context + 1) // 256) * 256
+    cache = model.backbone.new_cache(rows, capacity)
+    _, next_positions = random_prefill(model, cache, rows, context, generator)
+    embeds = (torch.randn(rows, 1, model.backbone.hidden_size, device=device, generator=generator)
+              * 0.02).to(cache.dtype)
+    every_row = torch.arange(rows, device=device)
+
+    def one_step(stack) -> torch.Tensor:
+        copy = cache.select_rows(every_row)
+        hidden = torch.zeros(rows, model.backbone.hidden_size, device=device, dtype=cache.dtype)
+        step = DecodeStep(model.backbone, copy, embeds.clone(), hidden, compile_stack=stack)
+        step.start(next_positions)
+        with torch.inference_mode():
+            step.compute(step.visible())
+        return hidden
+
+    expected = one_step(None)
+    checks = {}
+    for name, stack_options in options.items():
+        int8 = bool(stack_options.get("int8_weights"))
+        tolerance = INT8_CHECK_TOLERANCE if int8 else CHECK_TOLERANCES.get(cache.dtype, 5e-2)
+        found = one_step(FusedDecodeStack(model.backbone, **stack_options))
+        checks[name] = check_verdict({"part": "decode step", "variant": name, "rows": rows, "context": context,
+                                      "layers": model.backbone.config.num_layers, **compared(found, expected)},
+                                     tolerance)
+    return checks
+
+
+def check_model(dry_run: bool, device: torch.device, seed: int):
+    """The model of the decode stacks' checks: `build_random_model`'s shapes with two decoder layers."""
+    return build_random_model(dry_run, device, seed, num_layers=CHECK_LAYERS)
+
+
+def check_token_step(model, velocity: FusedFlowMatchingVelocity, rows: int, branches: int, steps: int, cfg: float,
+                     device: torch.device, generator, variant: str) -> dict:
+    """One token step through ``velocity`` (`FusedTokenStep`, as timed) against the eager path (the head's
+    guided velocity and the sampler's own code) on the same hidden states and noise: `compared` and the
+    verdict against `CHECK_TOLERANCES`."""
+    step = loaded_token_step(model, velocity, rows, branches, steps, cfg, device, generator)
+    sampler = EulerSampler()
+    grid = sampler.make_time_grid(steps, 1.0, device=device)
+    with torch.inference_mode():
+        step.compute()
+        conditions = model.image_out_projector(step.buffers.hidden).view(branches, rows, -1)
+        times = model.image_head.prepare_times(sampler.evaluation_times(grid))
+        guided = GuidedVelocity(model.image_head, conditions, guidance_for_scale(cfg), times=times)
+        expected = sampler.sample(guided, step.noise.clone(), grid)
+    check = {"part": "token step", "variant": variant, "batch": rows, "steps": steps,
+             **compared(step.buffers.token, expected)}
+    return check_verdict(check, CHECK_TOLERANCES.get(velocity.dtype, 5e-2))
+
+
+def check_text(check: dict) -> str:
+    """One line of a check: what, where, its errors and verdict."""
+    if check["part"] == "decode step":
+        where = f"{check['variant']} stack, {check['rows']} rows, context {check['context']}"
+    else:
+        where = f"{check['variant']}, batch {check['batch']}, {check['steps']} head steps"
+    verdict = "within" if check["passed"] else "over"
+    return (f"{check['part']} ({where}) against the eager reference: max abs error {check['max_abs_error']:.3g}, "
+            f"max relative error {check['max_rel_error']:.3g}, {verdict} the tolerance {check['tolerance']:g}")
 
 
 # ---------------------------------------------------------------------- timing
@@ -624,6 +753,7 @@ def image_fields(image: dict) -> dict:
               "image_tokens_ms": image["tokens_ms"], "image_vae_decode_ms": image["vae_decode_ms"]}
     if "cold_seconds" in image:
         fields["image_cold_seconds"] = image["cold_seconds"]
+    fields["image_seconds_per_image"] = image["seconds"] / image["image_shape"][0]
     return fields
 
 
@@ -662,7 +792,8 @@ def image_backbone_ms(found: dict, tokens: int, rows: int, int8: bool) -> float 
     The int8 stack timed at those rows and that size (``int8_image_decode``) where it was; else the mean
     one-row time of the stacks of that kind (at that size where timed), times how the chosen stack's time
     grows from one row to ``rows`` (its configuration at that size and batch ``rows`` / CFG branches), or,
-    without that configuration, how the one-row floor grows with the keys and values of ``rows`` rows.
+    without that configuration, how the one-row bytes read (weights, keys and values) grow with the keys and
+    values of ``rows`` rows.
     None where no stack of that kind was timed.
     """
     measured = found.get("int8_image_decode") or {}
@@ -684,8 +815,11 @@ def image_backbone_ms(found: dict, tokens: int, rows: int, int8: bool) -> float 
     if chosen and configured:
         return ms * configured[0]["backbone_ms"] / chosen[0]["ms"]
     # The floors: the same weights, the keys and values of ``rows`` rows instead of one.
-    bandwidth = found.get("card", {}).get("copy_bandwidth_bytes_per_s")
     single = singles[0]
+    if single.get("weight_bytes") and "kv_bytes" in single:
+        return ms * (single["weight_bytes"] + rows * single["kv_bytes"]) / (single["weight_bytes"] + single["kv_bytes"])
+    # A main run from before the floors were split, whose floor_ms included the keys and values.
+    bandwidth = found.get("card", {}).get("copy_bandwidth_bytes_per_s")
     if bandwidth and single.get("weight_bytes") and single.get("floor_ms"):
         read = single["floor_ms"] / 1e3 * bandwidth
         kv = max(read - single["weight_bytes"], 0.0)
@@ -694,6 +828,79 @@ def image_backbone_ms(found: dict, tokens: int, rows: int, int8: bool) -> float 
 
 
 # ---------------------------------------------------------------------- the run
+def checked_rows(args, branches: int) -> list[int]:
+    """The backbone rows the decode stacks are timed at: one, the targets' image's, the largest batch's (with
+    ``--dry-run`` the largest only, which keeps the interpreted kernels' run short)."""
+    largest = max(args.batch_sizes) * branches
+    return [largest] if args.dry_run else sorted({1, target_key(args)[0] * branches, largest})
+
+
+def record_check(result: dict, check: dict, consequence: str) -> None:
+    """Add ``check`` to ``result["checks"]`` and print it; one out of its tolerance is an error, ending in
+    ``consequence``."""
+    result["checks"].append(check)
+    text = check_text(check)
+    print(text, flush=True)
+    if not check["passed"]:
+        result["errors"].append(f"{text}; {consequence}")
+
+
+def check_decode_steps(args, result: dict, options: dict[str, dict], device: torch.device, branches: int,
+                       generator) -> set[str]:
+    """`check_decode_stacks` of the stacks of ``options`` at each of `checked_rows` and the targets' context, on
+    `check_model`'s model; into ``result["checks"]``. The names of the stacks that failed or raised."""
+    if not options:
+        return set()
+    failed = set()
+    context = args.prompt_tokens + target_key(args)[1] // 2
+    try:
+        model = check_model(args.dry_run, device, args.seed + 1)
+    except Exception as error:
+        result["errors"].append(_error("decode step checks (the two-layer model)", error))
+        return set(options)
+    for rows in checked_rows(args, branches):
+        try:
+            checks = check_decode_stacks(model, options, rows, context, generator)
+        except Exception as error:
+            result["errors"].append(_error(f"decode step checks ({rows} rows, context {context})", error))
+            failed |= set(options)
+            break
+        for name, check in checks.items():
+            record_check(result, check, "the stack is not timed")
+            if not check["passed"]:
+                failed.add(name)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _save(args.out, result)
+    return failed
+
+
+def check_token_steps(args, result: dict, model, velocities: dict, device: torch.device, branches: int,
+                      generator, stem: str = "gpu_latency") -> set[str]:
+    """`check_token_step` of each of ``velocities`` (variant name -> `FusedFlowMatchingVelocity`) at the smallest
+    and the largest batch size and the fewest head steps; into ``result["checks"]``. The names of the variants
+    that failed or raised."""
+    failed = set()
+    steps = min(args.steps)
+    for name, velocity in velocities.items():
+        for batch in sorted({min(args.batch_sizes), max(args.batch_sizes)}):
+            try:
+                check = check_token_step(model, velocity, batch, branches, steps, args.cfg, device,
+                                         generator, name)
+            except Exception as error:
+                result["errors"].append(_error(f"token step check ({name}, batch {batch}, {steps} head steps)",
+                                               error))
+                failed.add(name)
+                break
+            record_check(result, check, "the variant is not timed")
+            if not check["passed"]:
+                failed.add(name)
+                break
+    _save(args.out, result, stem)
+    return failed
+
+
 def time_eager_path(args, result: dict, model, clock, branches: int, generator) -> None:
     """The eager path (no graphs, no fused kernels) at batch 1 and the first step count, over a few tokens;
     into ``result["eager"]``, or its failure into ``result["errors"]``."""
@@ -719,7 +926,7 @@ def run(args) -> dict:
               "dry_run": args.dry_run, "cfg": args.cfg, "sampler": "euler",
               "prompt_tokens": args.prompt_tokens, "layer_products": [], "backbone_one_row": [], "head_block_tiles": [],
               "rows": [],
-              "eager": [], "errors": []}
+              "eager": [], "checks": [], "errors": []}
     print(json.dumps(result["machine"]), flush=True)
     result["card"] = card = card_numbers(device, args.dry_run)
     bandwidth, matmul = card["copy_bandwidth_bytes_per_s"], card["matmul_flops_per_s"]
@@ -730,7 +937,7 @@ def run(args) -> dict:
     model = build_random_model(args.dry_run, device, args.seed)
     result["build_seconds"] = time.perf_counter() - begin
     weights = backbone_weight_bytes(model)
-    backbone_parameters = sum(p.numel() for p in model.backbone.parameters())
+    multiplied = backbone_matmul_parameters(model)  # 2 flops each per row and token
     result["backbone_weight_bytes"] = weights
     result["triton"] = triton_enabled(next(model.parameters()))  # whether the fused kernels run
     print(f"model built in {result['build_seconds']:.1f} s; decoder weights {weights / 1e9:.2f} GB", flush=True)
@@ -789,6 +996,11 @@ def run(args) -> dict:
                 stacks[name] = FusedDecodeStack(model.backbone, **options)
     except Exception as error:
         result["errors"].append(_error("fused decode stack", error))
+    # Each fused stack's decode step against the backbone's own at the rows the stacks are timed at and the
+    # targets' context, with the tiles chosen above; a stack out of its tolerance is not timed.
+    checked = {name: DECODE_STACKS[name] for name, stack in stacks.items() if stack is not None}
+    for name in check_decode_steps(args, result, checked, device, branches, generator):
+        del stacks[name]
     for tokens in args.tokens:
         context = args.prompt_tokens + tokens // 2
         for name, stack in stacks.items():
@@ -798,16 +1010,19 @@ def run(args) -> dict:
                 result["errors"].append(_error(f"decode one row tokens {tokens} ({name} stack)", error))
                 continue
             int8 = bool((DECODE_STACKS[name] or {}).get("int8_weights"))
-            read = int8_weight_bytes(stack) if int8 else weights
-            floor = floor_ms(read + kv_bytes(model, 1, context + 1), 2 * backbone_parameters, card)
+            read, kv = int8_weight_bytes(stack) if int8 else weights, kv_bytes(model, 1, context + 1)
+            floors = backbone_floors(read, kv, 2 * multiplied, card)
+            floor = floors["floor_ms"]
             single = {"tokens": tokens, "context": context, "stack": name, "int8": int8, "ms": decode["ms"],
-                      "floor_ms": floor, "ratio": decode["ms"] / floor, "weight_bytes": read,
-                      "captured": decode["captured"]}
+                      "floor_ms": floor, "ratio": decode["ms"] / floor, "floor_with_kv_ms": floors["floor_with_kv_ms"],
+                      "ratio_with_kv": decode["ms"] / floors["floor_with_kv_ms"], "weight_bytes": read,
+                      "kv_bytes": kv, "captured": decode["captured"]}
             if decode["failure"] and capture:
                 result["errors"].append(decode["failure"])
             result["backbone_one_row"].append(single)
             print(f"backbone one row, context {context}, {name} stack: {decode['ms']:.2f} ms/token "
-                  f"(floor {floor:.2f}, {single['ratio']:.2f}x)", flush=True)
+                  f"(weights floor {floor:.2f}, {single['ratio']:.2f}x; with the keys and values "
+                  f"{single['floor_with_kv_ms']:.2f}, {single['ratio_with_kv']:.2f}x)", flush=True)
             _save(args.out, result)
 
     # The int8 stack at the rows (the CFG rows) and mean context of the targets' image, for the estimate of
@@ -821,15 +1036,19 @@ def run(args) -> dict:
         except Exception as error:
             result["errors"].append(_error(f"decode {rows} rows tokens {target_tokens} ({INT8_STACK} stack)", error))
         else:
-            read = int8_weight_bytes(stacks[INT8_STACK])
-            floor = floor_ms(read + kv_bytes(model, rows, context + 1), 2 * backbone_parameters * rows, card)
+            read, kv = int8_weight_bytes(stacks[INT8_STACK]), kv_bytes(model, rows, context + 1)
+            floors = backbone_floors(read, kv, 2 * multiplied * rows, card)
+            floor = floors["floor_ms"]
             result["int8_image_decode"] = {"tokens": target_tokens, "rows": rows, "context": context,
                                            "ms": decode["ms"], "floor_ms": floor, "ratio": decode["ms"] / floor,
-                                           "weight_bytes": read, "captured": decode["captured"]}
+                                           "floor_with_kv_ms": floors["floor_with_kv_ms"],
+                                           "ratio_with_kv": decode["ms"] / floors["floor_with_kv_ms"],
+                                           "weight_bytes": read, "kv_bytes": kv, "captured": decode["captured"]}
             if decode["failure"] and capture:
                 result["errors"].append(decode["failure"])
             print(f"backbone {rows} rows, context {context}, {INT8_STACK} stack: {decode['ms']:.2f} ms/token "
-                  f"(floor {floor:.2f}, {decode['ms'] / floor:.2f}x)", flush=True)
+                  f"(weights floor {floor:.2f}, {decode['ms'] / floor:.2f}x; with the keys and values "
+                  f"{floors['floor_with_kv_ms']:.2f})", flush=True)
             _save(args.out, result)
 
     # The configurations decode with the fastest stack of the model's own weights at one row.
@@ -862,6 +1081,18 @@ def run(args) -> dict:
         result["head_block_tiles_chosen"] = asdict(tiles())
         _save(args.out, result)
 
+    # The token step against the eager path, with the norm kernels and with the block kernels at the tiles
+    # chosen above, at the fewest head steps and each batch size's end: a variant out of its tolerance is not
+    # timed (without the norm kernels' step, no configuration is).
+    variants = {"norm kernels": velocity, "block kernels": block_velocity}
+    rejected = check_token_steps(args, result, model, {name: v for name, v in variants.items() if v is not None},
+                                 device, branches, generator)
+    if "block kernels" in rejected:
+        block_velocity = None
+        result["head_block_tiles_rejected"] = result.pop("head_block_tiles")
+        result["head_block_tiles"] = []
+    head_checked = "norm kernels" not in rejected
+
     # Components first (cheap), for every configuration: the targets' first, then the others while the
     # budget left affords the targets' images besides (`target_reserve_seconds`).
     result["configurations_skipped"] = []
@@ -874,7 +1105,12 @@ def run(args) -> dict:
         wanted = []
         for steps in steps_counts:
             reserve = target_reserve_seconds(result, args, branches)
-            if (batch, tokens, steps) != target and remaining() < reserve:
+            if not head_checked:
+                reason = "the token step with the norm kernels failed its check against the eager path"
+                result["configurations_skipped"].append({"batch": batch, "tokens": tokens, "steps": steps,
+                                                         "reason": reason})
+                print(f"configuration tokens {tokens} batch {batch} steps {steps} skipped: {reason}", flush=True)
+            elif (batch, tokens, steps) != target and remaining() < reserve:
                 reason = f"{remaining():.0f} s of the budget left, {reserve:.0f} s kept for the targets' images"
                 result["configurations_skipped"].append({"batch": batch, "tokens": tokens, "steps": steps,
                                                          "reason": reason})
@@ -890,7 +1126,8 @@ def run(args) -> dict:
                 result["errors"].append(_error(f"decode batch {batch} tokens {tokens}", error))
                 continue
             kv = kv_bytes(model, rows, context + 1)
-            backbone_floor = floor_ms(weights + kv, 2 * backbone_parameters * rows, card)
+            floors = backbone_floors(weights, kv, 2 * multiplied * rows, card)
+            backbone_floor = floors["floor_ms"]
             for steps in wanted:
                 try:
                     head = time_token_step(model, clock, batch, branches, steps, args.cfg, args.repeats, capture,
@@ -910,19 +1147,25 @@ def run(args) -> dict:
                 best_head = head["ms"] if blocks is None else min(head["ms"], blocks["ms"])
                 row = {"tokens": tokens, "batch": batch, "steps": steps, "context": context,
                        "backbone_ms": decode["ms"], "backbone_floor_ms": backbone_floor,
-                       "backbone_ratio": decode["ms"] / backbone_floor, "backbone_kv_bytes": kv,
+                       "backbone_ratio": decode["ms"] / backbone_floor,
+                       "backbone_floor_with_kv_ms": floors["floor_with_kv_ms"],
+                       "backbone_ratio_with_kv": decode["ms"] / floors["floor_with_kv_ms"],
+                       "backbone_weight_bytes": weights, "backbone_kv_bytes": kv,
                        "backbone_visible_slots": decode["visible_slots"], "backbone_captured": decode["captured"],
                        "head_ms": head["ms"], "head_blocks_ms": None if blocks is None else blocks["ms"],
                        "head_floor_ms": head_floor, "head_ratio": best_head / head_floor,
                        "head_weight_bytes": head_bytes(model, evaluations), "head_captured": head["captured"],
-                       "estimated_image_seconds": tokens * (decode["ms"] + best_head) / 1e3}
+                       "estimated_image_seconds": tokens * (decode["ms"] + best_head) / 1e3,
+                       "estimated_seconds_per_image": tokens * (decode["ms"] + best_head) / 1e3 / batch}
                 for failure in (decode["failure"], head["failure"], blocks and blocks["failure"]):
                     if failure and capture:
                         result["errors"].append(failure)
                 result["rows"].append(row)
                 blocks_text = "" if blocks is None else f", block kernels {blocks['ms']:6.2f} ms"
                 print(f"tokens {tokens:5d} batch {batch} steps {steps:3d}: backbone {decode['ms']:7.2f} ms "
-                      f"(floor {backbone_floor:6.2f}, {row['backbone_ratio']:.2f}x)  head {head['ms']:6.2f} ms"
+                      f"(weights floor {backbone_floor:6.2f}, {row['backbone_ratio']:.2f}x; with the keys and values "
+                      f"{row['backbone_floor_with_kv_ms']:6.2f}, {row['backbone_ratio_with_kv']:.2f}x)  "
+                      f"head {head['ms']:6.2f} ms"
                       f"{blocks_text} (floor {head_floor:5.2f}, {row['head_ratio']:.2f}x)  "
                       f"estimated image {row['estimated_image_seconds']:.2f} s", flush=True)
                 _save(args.out, result)
@@ -1016,19 +1259,26 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
                for name in BARRIER_POLLING[1:]}  # the others than the default
     result["persistent_head"] = []
     result["one_launch_images"] = []
+    result["checks"] = []
     barrier = None
 
     def one_launch_ran() -> bool:  # built, and not replaced by the separate kernels after a failed launch
         return persistent._persistent_weights is not None and "persistent_head" not in FAILED_KERNELS
 
+    # Each variant's token step against the eager path first, at the smallest and largest batch size and the
+    # fewest head steps (the one-launch head at the programs this GPU runs); a variant out of its tolerance is
+    # not timed.
+    variants = [("one_launch_ms", persistent)]
+    variants += [(f"one_launch_{name}_polling_ms", chosen) for name, chosen in polling.items()]
+    variants += [("one_launch_no_prefetch_ms", without_prefetch), ("norm_kernels_ms", velocity)]
+    rejected = check_token_steps(args, result, model, {name.removesuffix("_ms"): chosen for name, chosen in variants},
+                                 clock.device, branches, generator, PERSISTENT_STEM)
+    # The most telling first, since the part runs under a short limit: the default one-launch head, then
+    # (once) the barrier alone, then the other ways to wait, no prefetching, the norm kernels.
+    variants = [(name, chosen) for name, chosen in variants if name.removesuffix("_ms") not in rejected]
     for batch in args.batch_sizes:
         for steps in args.steps:
             entry = {"batch": batch, "steps": steps}
-            # The most telling first, since the part runs under a short limit: the default one-launch head,
-            # then (once) the barrier alone, then the other ways to wait, no prefetching, the norm kernels.
-            variants = [("one_launch_ms", persistent)]
-            variants += [(f"one_launch_{name}_polling_ms", chosen) for name, chosen in polling.items()]
-            variants += [("one_launch_no_prefetch_ms", without_prefetch), ("norm_kernels_ms", velocity)]
             for name, chosen in variants:
                 try:
                     timing = time_token_step(model, clock, batch, branches, steps, args.cfg, args.repeats, capture,
@@ -1075,7 +1325,8 @@ def persistent_head_run(args, result: dict, model, velocity, clock, branches: in
 def one_launch_image(args, result: dict, model, clock, branches: int, capture: bool, generator, head_ms: float,
                      started: float) -> None:
     """One image of the targets' configuration (`target_key`) with the one-launch head, decoding through int8
-    copies of the weights where the fused stack runs (else the backbone's own stack), with the few-rows
+    copies of the weights where the fused stack runs and the main run did not find it out of its tolerance (else
+    the backbone's own stack), with the few-rows
     tiles the main run chose (read from its ``gpu_latency.json`` in ``--out``, when there, as is the backbone's
     time in the estimate: `image_backbone_ms`); skipped when the budget would not last, or when that file is
     there but cannot be read."""
@@ -1087,6 +1338,11 @@ def one_launch_image(args, result: dict, model, clock, branches: int, capture: b
         main = json.loads(main_run.read_text()) if main_run.is_file() else {}
         if main.get("skinny_tiles_chosen"):
             set_skinny_tiles(SkinnyTiles(**main["skinny_tiles_chosen"]))
+        if int8 and any(not check["passed"] for check in main.get("checks", []) if check["variant"] == INT8_STACK):
+            # The main run found the int8 stack out of its tolerance: the backbone's own stack instead.
+            int8 = False
+            record["decode_weights"] = "native"
+            record["int8_rejected"] = "the main run's check of the int8 stack failed"
         backbone_ms = image_backbone_ms(main, tokens, batch * branches, int8)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
         reason = f"{main_run} could not be read: {type(error).__name__}: {error}"
@@ -1176,20 +1432,28 @@ def markdown(result: dict) -> str:
         f"PyTorch {info['torch']}, Triton kernels {'on' if result['triton'] else 'off'}, {info['date']}. "
         f"CFG {result['cfg']:g} (two branches per image), Euler, prompt of {result['prompt_tokens']} tokens. "
         f"Head ratio: the faster head variant over its floor; full images use the "
-        f"{result.get('image_head_kernels', 'norm kernels')}.",
+        f"{result.get('image_head_kernels', 'norm kernels')}. Backbone floors: the bytes of the decoder weights read "
+        f"per token over the copy bandwidth (weights; the floor the targets are set against), and with the keys and "
+        f"values of the context as well (weights + KV); the GB read behind them are the next column. Image seconds "
+        f"are for the whole batch, and per image.",
         "",
-        "| tokens | batch | head steps | backbone ms/token | floor | ratio | head ms/token | block kernels "
-        "| floor | ratio | image s (measured) | image s (estimated) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens | batch | head steps | backbone ms/token | floor (weights) | ratio | floor (weights + KV) | ratio "
+        "| backbone GB read (weights + KV) | head ms/token | block kernels | floor | ratio | head GB read "
+        "| image s (measured) | s per image (measured) | image s (estimated) | s per image (estimated) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(result["rows"], key=lambda r: (r["tokens"], r["batch"], r["steps"])):
         measured = f"{row['image_seconds']:.2f}" if "image_seconds" in row else "-"
+        per_image = f"{row['image_seconds'] / row['batch']:.2f}" if "image_seconds" in row else "-"
         blocks = "-" if row["head_blocks_ms"] is None else f"{row['head_blocks_ms']:.2f}"
+        backbone_read = f"{row['backbone_weight_bytes'] / 1e9:.2f} + {row['backbone_kv_bytes'] / 1e9:.3f}"
         lines.append(
             f"| {row['tokens']} | {row['batch']} | {row['steps']} | {row['backbone_ms']:.2f} | "
-            f"{row['backbone_floor_ms']:.2f} | {row['backbone_ratio']:.2f}x | {row['head_ms']:.2f} | {blocks} | "
-            f"{row['head_floor_ms']:.2f} | {row['head_ratio']:.2f}x | {measured} | "
-            f"{row['estimated_image_seconds']:.2f} |")
+            f"{row['backbone_floor_ms']:.2f} | {row['backbone_ratio']:.2f}x | {row['backbone_floor_with_kv_ms']:.2f} | "
+            f"{row['backbone_ratio_with_kv']:.2f}x | {backbone_read} | {row['head_ms']:.2f} | {blocks} | "
+            f"{row['head_floor_ms']:.2f} | {row['head_ratio']:.2f}x | {row['head_weight_bytes'] / 1e9:.2f} | "
+            f"{measured} | {per_image} | {row['estimated_image_seconds']:.2f} | "
+            f"{row['estimated_image_seconds'] / row['batch']:.2f} |")
     for row in result["rows"]:
         if "image_cold_seconds" in row:
             lines += ["", f"The image of batch {row['batch']}, {row['tokens']} tokens, {row['steps']} head steps is "
@@ -1208,12 +1472,25 @@ def markdown(result: dict) -> str:
     for single in result.get("backbone_one_row", []):
         lines += ["", f"Backbone alone, one row (batch 1, no CFG), context {single['context']}, "
                   f"{single.get('stack', 'backbone')} stack: {single['ms']:.2f} ms/token, floor "
-                  f"{single['floor_ms']:.2f} ms, {single['ratio']:.2f}x."]
+                  f"{single['floor_ms']:.2f} ms, {single['ratio']:.2f}x{_with_kv(single)}."]
     if result.get("int8_image_decode"):
         decode = result["int8_image_decode"]
         lines += ["", f"Backbone through int8 copies of the weights ({INT8_STACK} stack), {decode['rows']} rows "
                   f"(the targets' image, CFG rows included), context {decode['context']}: {decode['ms']:.2f} "
-                  f"ms/token, floor {decode['floor_ms']:.2f} ms, {decode['ratio']:.2f}x."]
+                  f"ms/token, floor {decode['floor_ms']:.2f} ms, {decode['ratio']:.2f}x{_with_kv(decode)}."]
+    if result.get("checks"):
+        lines += ["", "Outputs at the timed shapes and tiles against the eager reference, before the timings (max "
+                  "relative error: over the reference's largest magnitude; the decode steps on a model of these "
+                  f"shapes with {CHECK_LAYERS} decoder layers; a variant over its tolerance is not timed):", "",
+                  "| output | variant | rows or batch | context or head steps | max abs error | max relative error "
+                  "| tolerance | within |", "|---|---|---|---|---|---|---|---|"]
+        for check in result["checks"]:
+            decode = check["part"] == "decode step"
+            lines.append(f"| {check['part']} | {check['variant']} | "
+                         f"{check['rows'] if decode else check['batch']} | "
+                         f"{check['context'] if decode else check['steps']} | {check['max_abs_error']:.3g} | "
+                         f"{check['max_rel_error']:.3g} | {check['tolerance']:g} | "
+                         f"{'yes' if check['passed'] else 'no'} |")
     if result.get("kernel_fallbacks"):
         failed = "; ".join(f"{name}: {error}" for name, error in result["kernel_fallbacks"].items())
         lines += ["", f"Kernels that failed and ran as their PyTorch references from then on: {failed}."]
@@ -1250,6 +1527,26 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_kv(entry: dict) -> str:
+    """The weights-only floor's companion in words: the floor with the keys and values, and the bytes of both."""
+    if "floor_with_kv_ms" not in entry:
+        return ""
+    return (f" (weights alone, {entry['weight_bytes'] / 1e9:.2f} GB; with the keys and values, "
+            f"{entry['kv_bytes'] / 1e9:.3f} GB more: floor {entry['floor_with_kv_ms']:.2f} ms, "
+            f"{entry['ratio_with_kv']:.2f}x)")
+
+
+def failures(result: dict) -> list[str]:
+    """Why a run's results cannot be taken as they are: its errors (checks out of tolerance among them), the
+    kernels that failed and ran as their references, the grid barrier's errors."""
+    found = list(result.get("errors", []))
+    if result.get("kernel_fallbacks"):
+        found.append("kernels that failed and ran as their PyTorch references from then on: "
+                     + ", ".join(sorted(result["kernel_fallbacks"])))
+    found += result.get("grid_barrier", {}).get("errors", [])
+    return found
+
+
 def _save(out: Path, result: dict, stem: str = "gpu_latency") -> None:
     out.mkdir(parents=True, exist_ok=True)
     # Kernels that failed to build or launch ran as their PyTorch references from then on: their timings
@@ -1261,19 +1558,27 @@ def _save(out: Path, result: dict, stem: str = "gpu_latency") -> None:
 
 
 def main(argv=None) -> int:
+    """Run and write the results: 0 when every part ran as meant, 1 when CUDA is missing (outside a dry run), a
+    part failed, a check was out of its tolerance or a kernel ran as its reference (`failures`)."""
     args = parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
-        print("gpu_latency: CUDA is not available; nothing to measure (use --dry-run to check the script on "
-              "the CPU)", flush=True)
-        return 0
+        print("gpu_latency: CUDA is not available: expected a CUDA device outside --dry-run, found none; nothing "
+              "measured (use --dry-run to check the script on the CPU)", flush=True)
+        return 1
     result = run(args)
     if args.persistent_head:
         _save(args.out, result, PERSISTENT_STEM)
         print(f"wrote {args.out / (PERSISTENT_STEM + '.json')} in {result['seconds']:.0f} s", flush=True)
-        return 0
-    _save(args.out, result)
-    print(f"wrote {args.out / 'gpu_latency.json'} and {args.out / 'gpu_latency.md'} in {result['seconds']:.0f} s",
-          flush=True)
+    else:
+        _save(args.out, result)
+        print(f"wrote {args.out / 'gpu_latency.json'} and {args.out / 'gpu_latency.md'} in "
+              f"{result['seconds']:.0f} s", flush=True)
+    found = failures(result)
+    if found:
+        print(f"gpu_latency: FAILED, expected no errors and no kernel fallbacks, found {len(found)}:", flush=True)
+        for text in found:
+            print(f"  {text}", flush=True)
+        return 1
     return 0
 
 

@@ -90,10 +90,10 @@ def test_the_reserve_for_the_targets_images_follows_their_estimates():
         4 * (1000.0 + 5.0) / 1e3, True, 3.0)
 
 
-def test_without_cuda_it_skips_cleanly(tmp_path, monkeypatch, capsys):
+def test_without_cuda_it_says_so_and_fails_without_writing_results(tmp_path, monkeypatch, capsys):
     script = load_benchmark("gpu_latency")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert script.main(["--out", str(tmp_path)]) == 0
+    assert script.main(["--out", str(tmp_path)]) == 1  # nothing measured: a check that ran it must not pass
     assert "CUDA is not available" in capsys.readouterr().out
     assert not (tmp_path / "gpu_latency.json").exists()
 

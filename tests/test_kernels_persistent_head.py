@@ -132,3 +132,22 @@ def test_grid_barriers_name_what_was_expected(interpreter):  # noqa: F811
     with pytest.raises(ValueError, match=r"polling must be one of \['relaxed', 'loads', 'acquire'\], found 'spin'"):
         grid_barriers_triton(1, 1, "cpu", polling="spin")
     assert barriers_per_evaluation(12) == 25
+
+
+def test_the_fast_sampler_samples_the_same_tokens_with_it_on_the_gpu(kernel_device, trained_like_model):  # noqa: F811
+    """The comparison of the tokens above, with the kernel compiled and run by many programs (on a CUDA machine
+    with ``TRITON_INTERPRET=0``, as benchmarks/gpu_check.sh runs it)."""
+    if kernel_device.type != "cuda":
+        pytest.skip("the GPU variant of the one-launch head's token comparison: expected CUDA with "
+                    "TRITON_INTERPRET=0, found the CPU (the interpreter variant covers it there)")
+    from nextstep import generate_tokens
+    from nextstep.fast import FastTokenSampler
+
+    model = trained_like_model.eval().to(kernel_device)
+    settings = dict(height=32, width=32, cfg=3.0, num_steps=2, seed=3)
+    expected, *_ = generate_tokens(model, ["a red circle"], **settings)
+    sampler = FastTokenSampler(model, persistent_head=True)
+    found, *_ = generate_tokens(model, ["a red circle"], **settings, token_sampler=sampler)
+    assert sampler._velocity is not None and sampler._velocity._persistent_weights is not None, (
+        "expected the one-launch head to run on the GPU, found the separate kernels in its place")
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
