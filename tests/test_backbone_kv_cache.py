@@ -266,3 +266,11 @@ def test_masks_follow_causality_padding_and_own_slot():
     assert torch.equal(allowed[0], torch.ones(4, 4, dtype=torch.bool).tril())
     assert torch.equal(allowed[1], expected_row1), "padding queries see only themselves"
     assert torch.equal(attention_mask_for(key_mask, 0, 4)[:, 0], allowed)
+
+
+def test_left_padded_rows_count_positions_from_their_first_real_token():
+    mask = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert positions_from_mask(mask[:, -1:], offset=mask.sum(-1) - 1).tolist() == [[2], [4]]
+    documents = torch.tensor([[1, 1, 2, 2, 2, 0]])  # packed: each document counts from 0; 0 is padding
+    assert positions_from_mask(documents).tolist() == [[0, 1, 0, 1, 2, 0]]

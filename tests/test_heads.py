@@ -148,6 +148,23 @@ def test_a_subclass_that_overrides_the_velocity_is_sampled_through_it():
     assert zero.prepare(condition)(x, t).abs().max() == 0
 
 
+def test_the_flow_error_is_that_of_the_straight_path_from_noise_to_the_target():
+    """x_t = t x1 + (1 - t) x0 and the velocity x1 - x0: from noise 0 the velocity is x_t / t, towards a
+    target 0 it is -x_t / (1 - t); a head answering those has no error, one answering the reverse has."""
+    class Exact(FlowMatchingHead):
+        def velocity(self, x_t, t, condition):
+            return self.answer(x_t, t[:, None])
+
+    head = Exact(randomized_head().config)
+    condition, t = torch.randn(5, 32), torch.rand(5) * 0.8 + 0.1
+    x, zero = torch.randn(5, 16), torch.zeros(5, 16)
+    for target, noise, answer in ((x, zero, lambda x_t, t: x_t / t), (zero, x, lambda x_t, t: -x_t / (1 - t))):
+        head.answer = answer
+        assert head.flow_error(target, condition, t, noise).max() < 1e-10
+        head.answer = lambda x_t, t, answer=answer: -answer(x_t, t)
+        assert head.flow_error(target, condition, t, noise).min() > 1e-3
+
+
 def test_loss_is_float32_and_averages_batch_mul_repeats():
     head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=4, condition_dim=8, width=16, depth=1,
                                                    batch_mul=4)).to(torch.bfloat16)

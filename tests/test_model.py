@@ -68,6 +68,26 @@ def test_teacher_forcing_alignment(trained_like_model):
     assert (batch.input_ids[torch.arange(2), first - 1] == model.text_tokenizer.begin_of_image_id).all()
 
 
+def test_the_lm_head_at_each_position_is_scored_against_the_next_text_token(trained_like_model):
+    """The text loss, written out: position i's logits against the id at i + 1, where i + 1 is a text target."""
+    model = trained_like_model.eval()
+    batch = model.prepare_batch(images(2), ["first caption", "a dog on a mat"], image_first=[False, True])
+    with torch.no_grad():
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+        hidden = model.hidden_states(batch)
+        losses = [torch.nn.functional.cross_entropy(
+            model.lm_head(hidden[row, position - 1]).float()[None],
+            model.text_targets(batch.input_ids[row, position])[None])
+            for row, position in batch.text_target_mask.nonzero().tolist() if position > 0]
+    assert out.num_text_tokens == len(losses) > 4
+    torch.testing.assert_close(out.text, torch.stack(losses).mean())
+
+
+def test_the_loss_weights_are_the_published_ones_by_default():
+    for config in (model_preset("tiny")(), model_preset("nextstep_1_large")()):
+        assert (config.text_loss_weight, config.image_loss_weight) == (0.01, 1.0)
+
+
 def test_batch_mul_repeats_each_target():
     config = FlowMatchingHeadConfig(token_dim=4, condition_dim=8, width=16, depth=1, batch_mul=3)
     head = FlowMatchingHead(config)
@@ -169,3 +189,8 @@ def test_meta_build_of_the_published_shape_allocates_nothing():
     assert abs(counts["backbone"] + counts["lm_head"] - 14.77e9) / 14.77e9 < 0.005
     assert abs(counts["image_head"] - 157.2e6) / 157.2e6 < 0.005
     assert all(p.is_meta for p in model.parameters())
+    backbone = model.backbone.config  # Qwen2.5-14B's config.json
+    assert (backbone.vocab_size, backbone.hidden_size, backbone.intermediate_size, backbone.num_layers,
+            backbone.num_heads, backbone.num_kv_heads) == (152064, 5120, 13824, 48, 40, 8)
+    assert (backbone.rope_theta, backbone.rms_norm_eps, backbone.attention_bias, backbone.output_attention_bias) == \
+        (1000000.0, 1e-5, True, False)
