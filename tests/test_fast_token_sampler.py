@@ -243,3 +243,33 @@ def test_a_head_that_prepares_its_velocity_otherwise_is_sampled_through_its_own_
     found, _, _ = generate_tokens(model, PROMPTS, token_sampler=fast, **settings)
     torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
     assert fast.fused_reason(EulerSampler(), guidance_for_scale(3.0)) is not None
+
+
+def test_a_backbone_subclass_with_its_own_forward_or_modules_steps_through_them(tiny_model):
+    """The graph-ready step runs Qwen2Backbone's own stack: a subclass that changes what a step computes
+    is stepped through its forward, and samples the loop's tokens."""
+    from nextstep.backbones.qwen2 import Qwen2Backbone, Qwen2MLP
+    from nextstep.fast.decode_step import decode_step_reason
+
+    class Scaled(Qwen2Backbone):
+        def forward(self, *args, **kwargs):
+            return 3.0 * super().forward(*args, **kwargs)
+
+    class DoubledMLP(Qwen2MLP):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    model = tiny_model.eval()
+    cache = model.backbone.new_cache(2, 16)
+    assert decode_step_reason(model.backbone, cache) is None
+    for change, reason in (
+            (lambda: setattr(model.backbone, "__class__", Scaled), "Scaled overrides the forward of Qwen2Backbone"),
+            (lambda: setattr(model.backbone.layers[0].mlp, "__class__", DoubledMLP),
+             "Qwen2Backbone's layers.0.mlp is a DoubledMLP, not one of the modules Qwen2Backbone builds")):
+        change()
+        assert decode_step_reason(model.backbone, cache) == reason
+        expected, _, _ = generate_tokens(model, PROMPTS, height=32, width=48, num_steps=2, seed=3)
+        found, _, _ = generate_tokens(model, PROMPTS, height=32, width=48, num_steps=2, seed=3,
+                                      token_sampler=FastTokenSampler(model, use_kernels=False))
+        torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+        model.backbone.__class__ = Qwen2Backbone

@@ -22,9 +22,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
 
 from nextstep.backbones.base import Backbone, BackboneCache, KVCache
-from nextstep.backbones.qwen2 import Qwen2Backbone
+from nextstep.backbones.qwen2 import Qwen2Attention, Qwen2Backbone, Qwen2DecoderLayer, Qwen2MLP
+from nextstep.layers.rms_norm import RMSNorm
+from nextstep.layers.rotary import RotaryEmbedding
 
 __all__ = ["VISIBLE_BUCKET", "DecodeStep", "decode_step_reason"]
 
@@ -33,12 +36,30 @@ VISIBLE_BUCKET = 256
 
 
 def decode_step_reason(backbone: Backbone, cache: BackboneCache) -> str | None:
-    """None when `DecodeStep` can record ``backbone``'s step on ``cache`` as a graph, else why not."""
+    """None when `DecodeStep` can record ``backbone``'s step on ``cache`` as a graph, else why not.
+
+    The graph-ready step runs `Qwen2Backbone`'s own decoder stack (``_run``, or the fused stack that
+    reads its layers' weights): a subclass that overrides ``forward`` or ``_run``, or whose modules
+    are not the ones `Qwen2Backbone` builds (a replaced attention or linear layer), steps through its
+    own ``forward`` instead.
+    """
     if not isinstance(backbone, Qwen2Backbone):
         return f"{type(backbone).__name__} has no graph-ready decode step (Qwen2Backbone has)"
+    for name in ("forward", "_run"):
+        if getattr(type(backbone), name) is not getattr(Qwen2Backbone, name):
+            return f"{type(backbone).__name__} overrides the {name} of Qwen2Backbone"
+    for path, module in backbone.named_modules():
+        if path and type(module) not in QWEN2_MODULE_TYPES:
+            return (f"{type(backbone).__name__}'s {path} is a {type(module).__name__}, not one of the modules "
+                    "Qwen2Backbone builds")
     if type(cache) is not KVCache:
         return f"the cache is a {type(cache).__name__}, not a KVCache"
     return None
+
+
+#: The classes of the modules inside a `Qwen2Backbone` as it builds them.
+QWEN2_MODULE_TYPES = frozenset({Qwen2DecoderLayer, Qwen2Attention, Qwen2MLP, RMSNorm, RotaryEmbedding, nn.ModuleList,
+                                nn.Linear, nn.Embedding})
 
 
 class DecodeStep:
