@@ -161,6 +161,31 @@ def plain_data(value: Any) -> Any:
     return value
 
 
+def plain_differences(path: str, there: Any, here: Any) -> list[tuple[str, Any, Any]]:
+    """Where two plain-data values differ, as (dotted path, value there, value here), down to the
+    deepest mappings and equal-length lists that hold them (``data.datasets.0.num_samples``)."""
+    if there == here:
+        return []
+    if isinstance(there, dict) and isinstance(here, dict):
+        return [difference for key in sorted(set(there) | set(here), key=str)
+                for difference in plain_differences(f"{path}.{key}", there.get(key), here.get(key))]
+    if isinstance(there, list) and isinstance(here, list) and len(there) == len(here):
+        return [difference for index, (a, b) in enumerate(zip(there, here))
+                for difference in plain_differences(f"{path}.{index}", a, b)]
+    return [(path, there, here)]
+
+
+def differences_phrase(differences: list[tuple[str, Any, Any]], most: int = 6, width: int = 160) -> str:
+    """`plain_differences` in words: 'path: value there, value here' for the first ``most`` of them (each
+    value as JSON, cut at ``width`` characters), and how many more there are."""
+    def shown(value: Any) -> str:
+        text = json.dumps(value, sort_keys=True)
+        return text if len(text) <= width else text[:width - 3] + "..."
+
+    phrase = "; ".join(f"{path}: {shown(there)} there, {shown(here)} here" for path, there, here in differences[:most])
+    return phrase + (f"; and {len(differences) - most} more" if len(differences) > most else "")
+
+
 def _from_plain(hint: Any, value: Any) -> Any:
     if hint is None:
         return value

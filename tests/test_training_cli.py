@@ -319,3 +319,25 @@ def test_dataset_specs_are_compared_as_their_datasets_read_them(tmp_path):
     with pytest.raises(ValueError, match=r"holds a run of another kind \(its recipe.json is a RecipeConfig, this "
                                          r"recipe a TokenizerRecipeConfig\)"):
         check_same_recipe(TokenizerRecipeConfig(), tmp_path)
+
+
+def test_a_resume_whose_model_folder_was_configured_otherwise_since_is_refused(tmp_path, capsys):
+    from nextstep import build_model
+
+    start = tmp_path / "start"
+    build_model("tiny", seed=0).save_pretrained(start)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, model=str(start), train=dict(RECIPE["train"], sample_every=0))))
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1"]) == 0
+    config = json.loads((start / "config.json").read_text())
+    config["text_loss_weight"] = 0.5
+    (start / "config.json").write_text(json.dumps(config))
+    log = (out / "train_log.csv").read_text()
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "2"]) == 2
+    assert "configured otherwise than the one the recipe's model" in (err := capsys.readouterr().err)
+    assert "text_loss_weight: 0.01 there, 0.5 here" in err
+    assert (out / "train_log.csv").read_text() == log
+    config["text_loss_weight"] = 0.01  # as it was: the run goes on
+    (start / "config.json").write_text(json.dumps(config))
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "2"]) == 0

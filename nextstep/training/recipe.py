@@ -25,9 +25,9 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from nextstep.config import ComponentSpec, Config, require
+from nextstep.config import ComponentSpec, Config, differences_phrase, plain_differences, require
 from nextstep.io import atomic_write_text, names_a_path, read_json_object, what_is_at
 from nextstep.training.config import TrainConfig
 from nextstep.training.data.source import DataConfig
@@ -615,30 +615,46 @@ def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] 
                        type(recipe).__name__)
         return
     saved, here = _comparable(saved), _comparable(recipe)
-    differing = [difference for name in fields for difference in _differences(name, saved.get(name), here.get(name))]
+    differing = [difference for name in fields
+                 for difference in plain_differences(name, saved.get(name), here.get(name))]
     if differing:
-        def shown(value):
-            text = json.dumps(value, sort_keys=True)
-            return text if len(text) <= 160 else text[:157] + "..."
-
-        details = "; ".join(f"{path}: {shown(there)} there, {shown(value)} here"
-                            for path, there, value in differing[:6])
-        more = f"; and {len(differing) - 6} more" if len(differing) > 6 else ""
-        raise ValueError(f"{output_dir} was trained with another recipe ({details}{more}); {advice}")
+        raise ValueError(f"{output_dir} was trained with another recipe ({differences_phrase(differing)}); {advice}")
 
 
-def _differences(path: str, there: Any, here: Any) -> list[tuple[str, Any, Any]]:
-    """Where two plain-data values differ, as (dotted path, value there, value here), down to the
-    deepest mappings and equal-length lists that hold them (``data.datasets.0.num_samples``)."""
-    if there == here:
-        return []
-    if isinstance(there, dict) and isinstance(here, dict):
-        return [difference for key in sorted(set(there) | set(here), key=str)
-                for difference in _differences(f"{path}.{key}", there.get(key), here.get(key))]
-    if isinstance(there, list) and isinstance(here, list) and len(there) == len(here):
-        return [difference for index, (a, b) in enumerate(zip(there, here))
-                for difference in _differences(f"{path}.{index}", a, b)]
-    return [(path, there, here)]
+#: Model config fields a checkpoint may hold otherwise than the model a resumed run builds: the sampling
+#: defaults (the run sets their size) and the text tokenizer (its files move into each checkpoint; the
+#: recipe's ``text_tokenizer`` is compared with the recipe).
+UNCOMPARED_MODEL_FIELDS = ("generation", "text_tokenizer")
+
+
+def check_checkpoint_model(model: NextStep, checkpoint: Path | None, model_source: str) -> None:
+    """Refuse to resume from ``checkpoint`` a model configured otherwise than the one that wrote it: the
+    recipe's model (``model_source``: a folder saved again, or a preset whose defaults changed) builds
+    another model now, whose training would not go on as the run began.
+
+    Both configs are compared as `ModelConfig` reads them (fields a file leaves out take their
+    defaults), `UNCOMPARED_MODEL_FIELDS` aside; a checkpoint config this version cannot read is not
+    compared.
+
+    Raises:
+        ValueError: naming the fields that differ, with the values there and here.
+    """
+    from nextstep.model_config import ModelConfig
+    from nextstep.serialization import CONFIG_NAME
+
+    if checkpoint is None or not (checkpoint / CONFIG_NAME).is_file():
+        return
+    try:
+        saved = ModelConfig.load(checkpoint / CONFIG_NAME).to_dict()
+    except (ValueError, TypeError, KeyError, OSError):
+        return
+    here = model.current_config().to_dict()
+    differing = [difference for key in sorted(set(saved) | set(here)) if key not in UNCOMPARED_MODEL_FIELDS
+                 for difference in plain_differences(key, saved.get(key), here.get(key))]
+    if differing:
+        raise ValueError(f"{checkpoint} was written by a model configured otherwise than the one the recipe's model "
+                         f"{model_source!r} builds now ({differences_phrase(differing)}); resume with the model "
+                         f"the run began with, or {RESUME_ADVICE}")
 
 
 def _recipe_or_none(text: str, recipe_class: type) -> Config | None:
@@ -714,15 +730,19 @@ def record_reference_model(recipe: RecipeConfig, output_dir: Path) -> None:
 
 
 def open_run_folder(trainer, recipe: Config, *, resume: bool, run_entries: tuple[str, ...],
-                    fields: tuple[str, ...] = RESUMED_FIELDS) -> None:
+                    fields: tuple[str, ...] = RESUMED_FIELDS,
+                    check_checkpoint: Callable[[Path | None], None] | None = None) -> None:
     """Before a run writes into its folder: every process checks that the run there can continue with
-    ``recipe`` (`check_resumable`, when ``resume``), all wait for each other, the latest checkpoint is
-    restored (its own refusals: seed, global batch, stream split), and only then the main process
-    saves ``recipe`` as the folder's ``recipe.json``. A refused run leaves the folder as it was."""
+    ``recipe`` (`check_resumable`, when ``resume``, then ``check_checkpoint`` with the latest checkpoint
+    or None), all wait for each other, the latest checkpoint is restored (its own refusals: seed, global
+    batch, stream split), and only then the main process saves ``recipe`` as the folder's
+    ``recipe.json``. A refused run leaves the folder as it was."""
     output_dir, context = trainer.output_dir, trainer.context
     if resume:
         check_resumable(recipe, output_dir, trainer.checkpoints.holds_checkpoint(), fields=fields,
                         run_entries=run_entries)
+        if check_checkpoint is not None:
+            check_checkpoint(trainer.checkpoints.latest())
     context.barrier()  # no process writes into the folder before every process has looked at it
     if resume:
         trainer.resume()
@@ -776,7 +796,8 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
             check_reference_model(recipe, output_dir, trainer.checkpoints.holds_checkpoint())
         if resume:
             check_latent_caches(recipe, output_dir, trainer.checkpoints.holds_checkpoint())
-        open_run_folder(trainer, recipe, resume=resume, run_entries=(LOG_FILE, SAMPLES_DIR, MODEL_DIR))
+        open_run_folder(trainer, recipe, resume=resume, run_entries=(LOG_FILE, SAMPLES_DIR, MODEL_DIR),
+                        check_checkpoint=lambda latest: check_checkpoint_model(model, latest, recipe.model))
         if context.is_main and recipe.preference:
             record_reference_model(recipe, output_dir)
         if context.is_main:

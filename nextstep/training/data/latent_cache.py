@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nextstep.config import Config, require, require_count
+from nextstep.config import Config, differences_phrase, plain_differences, require, require_count
 from nextstep.io import atomic_path, atomic_write_text, read_json_object
 from nextstep.tokenizers.base import ImageTokenizer, module_identity
 from nextstep.training.data.base import CorruptSampleError, ImageTextDataset, ImageTextSample
@@ -126,16 +126,6 @@ def _discard_incomplete_index(index_path: Path, missing: list[str]) -> None:
                          f"delete the folder {directory}, or choose another latent_cache folder") from None
 
 
-def _field_differences(name: str, there, here) -> list[str]:
-    """Where two JSON values differ, as 'dotted.name: value there, value here' phrases."""
-    if there == here:
-        return []
-    if isinstance(there, dict) and isinstance(here, dict):
-        return [phrase for key in sorted(set(there) | set(here))
-                for phrase in _field_differences(f"{name}.{key}", there.get(key), here.get(key))]
-    return [f"{name}: {json.dumps(there)} there, {json.dumps(here)} here"]
-
-
 def _sizes_outside_buckets(index: dict, buckets: dict) -> list[str]:
     """For an index without ``built_from``: a phrase naming the cached image sizes (height, width) that
     are not among the buckets ``buckets`` (`cache_description`'s settings) make, if any."""
@@ -164,7 +154,9 @@ def _what_differs(index: dict, encoder: str, built_from: dict | None, num_sample
     if isinstance(there, dict):
         for part in ("buckets", "dataset"):
             if part in there and part in here:
-                differing.extend(_field_differences(part, there[part], here[part]))
+                found = plain_differences(part, there[part], here[part])
+                if found:
+                    differing.append(differences_phrase(found, most=len(found)))
     elif "buckets" in here:
         differing.extend(_sizes_outside_buckets(index, here["buckets"]))
     if index.get("num_source_samples") != num_samples:
