@@ -341,3 +341,15 @@ def test_a_resume_whose_model_folder_was_configured_otherwise_since_is_refused(t
     config["text_loss_weight"] = 0.01  # as it was: the run goes on
     (start / "config.json").write_text(json.dumps(config))
     assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "2"]) == 0
+
+
+def test_a_preset_argument_spelt_at_its_default_is_the_same_recipe(tmp_path):
+    from nextstep.training.recipe import RecipeConfig, check_same_recipe
+
+    data = dict(RECIPE, model="compact", model_arguments={"hidden_size": 64})
+    RecipeConfig.from_dict(data).save(tmp_path / "recipe.json")
+    check_same_recipe(RecipeConfig.from_dict(dict(data, model_arguments={"hidden_size": 64, "num_layers": 4})),
+                      tmp_path)
+    with pytest.raises(ValueError, match=r"model_arguments.num_layers: 4 there, 2 here"):
+        check_same_recipe(RecipeConfig.from_dict(dict(data, model_arguments={"hidden_size": 64, "num_layers": 2})),
+                          tmp_path)

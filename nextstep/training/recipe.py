@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from nextstep.config import ComponentSpec, Config, differences_phrase, plain_differences, require
+from nextstep.config import ComponentSpec, Config, differences_phrase, plain_data, plain_differences, require
 from nextstep.io import atomic_write_text, names_a_path, read_json_object, what_is_at
 from nextstep.training.config import TrainConfig
 from nextstep.training.data.source import DataConfig
@@ -683,7 +683,26 @@ def _comparable(recipe: Config) -> dict:
             data["data"]["datasets"] = [_comparable_dataset(spec) for spec in data["data"]["datasets"]]
     if isinstance(data.get("training_settings"), dict):
         data["training_settings"] = flat_settings(data["training_settings"])
+    if isinstance(data.get("model_arguments"), dict):
+        data["model_arguments"] = _comparable_model_arguments(data.get("model"), data["model_arguments"])
     return data
+
+
+def _comparable_model_arguments(model: Any, arguments: dict) -> dict:
+    """A preset's ``model_arguments`` with those left out spelt out at the preset's defaults (those of a
+    model directory, or of a name no preset has, as written)."""
+    from nextstep.registry import model_preset
+
+    if not isinstance(model, str) or Path(model).is_dir():
+        return arguments
+    try:
+        parameters = inspect.signature(model_preset(model)).parameters.values()
+    except ValueError:
+        return arguments
+    defaults = {parameter.name: plain_data(parameter.default) for parameter in parameters
+                if parameter.default is not inspect.Parameter.empty
+                and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return {**defaults, **arguments}
 
 
 def _comparable_dataset(spec: dict) -> dict:
