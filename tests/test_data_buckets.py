@@ -64,3 +64,24 @@ def test_resize_and_crop_keeps_the_exact_centre():
 def test_bad_resolution_is_refused():
     with pytest.raises(ValueError, match="multiple of 16"):
         AspectRatioBuckets(100)
+
+
+def test_a_wide_picture_is_cropped_to_its_middle_not_squashed():
+    import numpy as np
+
+    picture = Image.new("RGB", (300, 100), "red")
+    picture.paste((0, 255, 0), (100, 0, 200, 100))
+    picture.paste((0, 0, 255), (200, 0, 300, 100))
+    crop = np.asarray(resize_and_crop(picture, 64, 64)).astype(int)
+    assert (abs(crop[:, 4:-4] - [0, 255, 0]) <= 2).all()
+
+
+def test_a_tall_picture_is_cropped_about_its_middle():
+    import numpy as np
+
+    picture = Image.new("RGB", (70, 303), "red")
+    picture.paste((128, 0, 128), (0, 151, 70, 152))
+    picture.paste((0, 0, 255), (0, 152, 70, 303))
+    crop = np.asarray(resize_and_crop(picture, 64, 64)).astype(int)
+    assert (crop[0] == (255, 0, 0)).all() and (crop[-1] == (0, 0, 255)).all()
+    np.testing.assert_allclose(crop[:32, :, 0], crop[32:, :, 2][::-1], atol=1)

@@ -211,3 +211,13 @@ def test_no_images_per_tag_is_refused_before_generating(monkeypatch):
             run_shapes_geneval(None, images_per_tag=value)
     with pytest.raises(ValueError, match="images_per_tag must be an integer >= 1, found 0"):
         tokenizer_ceiling(None, images_per_tag=0)
+
+
+def test_an_object_is_judged_by_its_most_confident_detection():
+    from nextstep.evaluation.shapes_detector import Detection
+
+    def detection(colour, score):
+        return Detection(shape="circle", colour=colour, center=(0.5, 0.5), box=(0, 0, 10, 10), area=50, score=score)
+
+    entry = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}]}
+    assert score_image([detection("blue", 0.2), detection("red", 0.9)], entry)[0]

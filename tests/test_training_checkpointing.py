@@ -117,3 +117,14 @@ def test_optimiser_groups_of_other_sizes_are_named(tmp_path):
     one_group = torch.optim.AdamW(model.parameters(), lr=1e-2)  # the same parameters, grouped otherwise
     with pytest.raises(ValueError, match=r"it holds groups of \[2, 2\] parameters, this run \[4\]"):
         manager.load(manager.latest(), model, one_group)
+
+
+def test_the_average_moves_by_one_minus_the_decay_towards_the_weights():
+    module = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(0.0)
+    average = ExponentialMovingAverage(module, decay=0.9)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    average.update(module)
+    assert average.shadow["weight"].item() == pytest.approx(0.1)

@@ -206,3 +206,48 @@ def test_every_fit_resumes_from_the_latest_checkpoint(tmp_path, monkeypatch):
     trainer.fit()
     trainer.fit()  # after a failure, say: back to the checkpoint, not on from the weights in memory
     assert calls == [1, 1]
+
+
+def test_the_trainer_averages_the_weights_after_each_optimiser_step(tmp_path):
+    trainer = tiny_trainer(tmp_path, tiny_config(max_steps=1, ema_decay=0.5))
+    start = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.fit(resume=False)
+    for name, parameter in trainer.model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(trainer.ema.shadow[name], 0.5 * start[name] + 0.5 * parameter.detach().float())
+
+
+def test_gradient_clipping_bounds_the_step_it_takes(tmp_path):
+    """Gradients clipped to a norm of 1e-12 are far below Adam's eps: the step barely moves a weight."""
+    config = tiny_config(max_steps=1, warmup_steps=0, grad_clip=1e-12, weight_decay=0.0, learning_rate=1e-2)
+    trainer = tiny_trainer(tmp_path, config)
+    start = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.fit(resume=False)
+    assert max((p.detach() - start[name]).abs().max().item() for name, p in trainer.model.named_parameters()) < 1e-4
+
+
+def test_caption_dropout_puts_the_image_first_at_its_probability(monkeypatch):
+    """An image-first sequence is the unconditional one (its caption follows the image): text_dropout 0
+    makes none, 1 only those; the default is the model's image_first_probability (the release's 0.3)."""
+    import dataclasses
+
+    from nextstep import build_model
+    from nextstep.model_config import ModelConfig
+    from nextstep.sequence import SequenceBuilder
+    from nextstep.training.data.loader import BatchLayout
+
+    assert {f.name: f.default for f in dataclasses.fields(ModelConfig)}["image_first_probability"] == 0.3
+    model = build_model("tiny", seed=0)
+    assert TextToImageTask(model).text_dropout == model.config.image_first_probability
+    batch = next(iter(shapes_data().open(BatchLayout(8), rank=0, seed=0, start_step=0)))
+    seen, example = [], SequenceBuilder.example
+
+    def recording(self, *args, image_first=False, **kwargs):
+        seen.append(image_first)
+        return example(self, *args, image_first=image_first, **kwargs)
+
+    monkeypatch.setattr(SequenceBuilder, "example", recording)
+    for probability in (0.0, 1.0):
+        seen.clear()
+        TextToImageTask(model, text_dropout=probability).sequences(batch, torch.Generator().manual_seed(0))
+        assert seen == [probability == 1.0] * len(batch)

@@ -249,3 +249,34 @@ def test_a_preference_run_does_not_resume_against_a_changed_start_model(tmp_path
                                          r"resumed run's reference model would be another"):
         run_recipe(longer, tmp_path / "run", show_progress=False)
     run_recipe(longer, tmp_path / "run", resume=False, show_progress=False)  # starting over is the way
+
+
+def test_training_lowers_the_chosen_error_more_than_the_rejected_one_and_sft_reads_the_chosen():
+    """Measured on the errors themselves, not on the task's own margin (which a flipped sign flips too)."""
+    model = build_model("tiny", seed=0)
+    task = PreferenceTask(model, beta=200)
+    batch = preference_batch()
+    before = task.loss(model, batch, torch.Generator().manual_seed(99)).metrics
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(15):
+        result = task.loss(model, batch, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        result.loss.backward()
+        optimizer.step()
+    after = task.loss(model, batch, torch.Generator().manual_seed(99)).metrics
+    assert before["chosen_error"] - after["chosen_error"] > before["rejected_error"] - after["rejected_error"]
+    fresh = build_model("tiny", seed=0)
+    result = PreferenceTask(fresh, beta=200, sft_weight=1.0).loss(fresh, batch, torch.Generator().manual_seed(0))
+    assert result.metrics["sft_loss"] == pytest.approx(result.metrics["chosen_error"])
+
+
+def test_the_reference_reads_the_same_context_noise_and_substitutions_as_the_model():
+    """A model that is its own reference has margin 0 even with context noise, once its head reads its
+    condition (a freshly built head's zero-initialised output does not)."""
+    model = build_model("tiny", seed=0).train()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    task = PreferenceTask(model, beta=500, context_noise=0.5)
+    assert task.loss(model, preference_batch(), torch.Generator().manual_seed(0)).metrics["margin"] == 0.0
