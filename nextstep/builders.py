@@ -79,7 +79,9 @@ def check_preset_name(name: str) -> None:
         raise FileNotFoundError(f"expected a model directory at {name!r}, found {what_is_at(name)}")
     if name not in model_names():
         raise ValueError(f"unknown model {name!r}: expected a model directory, a shipped model "
-                         f"{bundled_models()} or a preset {model_names()}")
+                         f"{bundled_models()} or a preset {model_names()} (a preset of your own is known once the "
+                         "module that registers it with register_model is imported; on the command line: "
+                         "--import MODULE)")
 
 
 def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,

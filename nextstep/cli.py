@@ -59,7 +59,7 @@ GENERATION_RECORD = "generation.json"
 EVALUATION_RECORD = "evaluation.json"
 #: Options of `generate` that are not part of the request an image answers: where it goes, how the run
 #: reports, and the device (the same images up to rounding).
-UNRECORDED_OPTIONS = ("handler", "command", "imports", "output", "quiet", "device", "overwrite")
+UNRECORDED_OPTIONS = ("handler", "command", "imports", "command_imports", "output", "quiet", "device", "overwrite")
 #: Options of `eval` that change a suite's results besides the model and the sampling settings, by suite.
 EVALUATION_OPTIONS = {"shapes": ("images_per_tag",), "emoji": ("limit",), "captioning": ("scenes_per_group",),
                       "tokenizer": ("crops",)}
@@ -779,6 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
     rounds.add_argument("--device", default="cpu", type=_device, help="where the images are drawn")
     rounds.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
     rounds.set_defaults(handler=command_preference_rounds)
+    for command in commands.choices.values():  # before or after the command's name alike
+        command.add_argument("--import", dest="command_imports", action="append", default=[], metavar="MODULE",
+                             help="import a module first (repeatable), as nextstep --import MODULE does")
     return parser
 
 
@@ -833,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        import_modules(args.imports)
+        import_modules(args.imports + args.command_imports)
         return args.handler(args)
     except (ValueError, OSError, ImportError) as error:  # bad input, missing or unusable files or packages
         print(f"nextstep {args.command}: error: {error}", file=sys.stderr)

@@ -103,7 +103,9 @@ def model_preset(name: str) -> Callable:
     try:
         return _MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; known: {sorted(_MODELS)}") from None
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(_MODELS)} (a preset of your own is known "
+                         "once the module that registers it with register_model is imported; on the command "
+                         "line: --import MODULE)") from None
 
 
 def model_names() -> list[str]:

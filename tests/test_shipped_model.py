@@ -153,6 +153,14 @@ def test_import_option_registers_components_before_the_command(tmp_path, monkeyp
         "register_model('tiny_alias_for_test')(tiny)\n")
     assert main(["--import", "extra_presets_for_test", "info", "tiny_alias_for_test"]) == 0
     assert "backbone" in capsys.readouterr().out
+    (tmp_path / "later_presets_for_test.py").write_text(
+        "from nextstep.registry import register_model\n"
+        "from nextstep.presets import tiny\n"
+        "register_model('tiny_later_alias_for_test')(tiny)\n")
+    assert main(["info", "tiny_later_alias_for_test"]) == 2  # not imported: says how
+    assert "register_model is imported; on the command line: --import MODULE" in capsys.readouterr().err
+    assert main(["info", "tiny_later_alias_for_test", "--import", "later_presets_for_test"]) == 0  # after the command
+    assert "backbone" in capsys.readouterr().out
 
 
 def test_eval_command_writes_every_suite_summary(tmp_path, capsys):
