@@ -21,11 +21,11 @@ from typing import Any, ClassVar, TypeVar
 
 C = TypeVar("C", bound="Config")
 
-#: Field metadata for an optional field added after configs were written: ``to_dict``
-#: leaves it out while it holds its default, so older files (and anything that hashes
-#: a config's JSON) stay exactly as they were. Use as
-#: ``dataclasses.field(default=0, metadata=OMITTED_WHEN_DEFAULT)``.
 OMITTED_WHEN_DEFAULT = {"omitted_when_default": True}
+"""Field metadata for an optional field added after configs were written: ``to_dict``
+leaves it out while it holds its default, so older files (and anything that hashes
+a config's JSON) stay exactly as they were. Use as
+``dataclasses.field(default=0, metadata=OMITTED_WHEN_DEFAULT)``."""
 
 
 class Config:
