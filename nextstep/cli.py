@@ -257,9 +257,10 @@ def command_info(args: argparse.Namespace) -> int:
         ("total", "", counts["total"]),
     ]
     print(f"model: {args.model}")
+    width = max(14, *(len(kind) for _, kind, _ in rows))  # the counts in one column, whatever the names
     for name, kind, count in rows:
         shown = "-" if count is None else count if isinstance(count, str) else f"{count:,} ({_human(count)})"
-        print(f"  {name:<20} {kind:<14} {shown}")
+        print(f"  {name:<20} {kind:<{width}} {shown}")
     generation = config.generation
     best_of = (f", best of {generation.candidates} by the {generation.candidate_score} score"
                if generation.candidates > 1 else "")
