@@ -6,6 +6,7 @@ import os
 import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
+from training_helpers import folder_of_two_shapes
 
 from nextstep import build_model
 from nextstep.training import build_latent_cache
@@ -121,22 +122,11 @@ def test_a_cache_missing_a_shard_is_rebuilt_and_read_as_a_dataset_says_how(tmp_p
     assert data.dataset.load(0).tokens.shape == (4, 64)
 
 
-def _folder_of_two_shapes(folder):
-    """Eight images, square and wide in turn, with captions."""
-    from PIL import Image
-
-    folder.mkdir()
-    for index in range(8):
-        size = (32, 32) if index % 2 == 0 else (64, 16)  # (width, height)
-        Image.new("RGB", size, (index * 30, 0, 0)).save(folder / f"img{index}.png")
-        (folder / f"img{index}.txt").write_text(f"picture {index}")
-
-
 def test_a_cache_serves_each_sample_at_its_source_index_so_the_batches_are_those_of_the_images(tmp_path, model):
     from nextstep.training.data import ImageFolderConfig, ImageFolderDataset
     from nextstep.training.data.loader import BatchLayout, TrainingBatches
 
-    _folder_of_two_shapes(tmp_path / "images")
+    folder_of_two_shapes(tmp_path / "images")
     images = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path / "images")))
     buckets = AspectRatioBuckets(32, multi_aspect=True)
     build_latent_cache(model.image_tokenizer, images, buckets, tmp_path / "cache", shard_size=3)
@@ -158,7 +148,7 @@ def test_a_cache_serves_each_sample_at_its_source_index_so_the_batches_are_those
 def test_a_cache_without_the_samples_its_build_could_not_read_is_not_in_source_order(tmp_path, model):
     from nextstep.training.data import ImageFolderConfig, ImageFolderDataset
 
-    _folder_of_two_shapes(tmp_path / "images")
+    folder_of_two_shapes(tmp_path / "images")
     data = (tmp_path / "images" / "img2.png").read_bytes()
     (tmp_path / "images" / "img2.png").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
     images = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path / "images")))

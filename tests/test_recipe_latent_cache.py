@@ -6,6 +6,7 @@ import json
 import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
+from training_helpers import folder_of_two_shapes
 
 from nextstep import build_model
 from nextstep.training.recipe import RecipeConfig, run_recipe
@@ -25,17 +26,6 @@ SHAPES = [{"type": "shapes", "num_samples": 8, "size": 32}]
 def _losses(run):
     with open(run / "train_log.csv") as log:
         return [float(row["loss"]) for row in csv.DictReader(log)]
-
-
-def _folder_of_two_shapes(folder):
-    """Eight images, square and wide in turn, with captions."""
-    from PIL import Image
-
-    folder.mkdir()
-    for index in range(8):
-        size = (32, 32) if index % 2 == 0 else (64, 16)  # (width, height)
-        Image.new("RGB", size, (index * 30, 0, 0)).save(folder / f"img{index}.png")
-        (folder / f"img{index}.txt").write_text(f"picture {index}")
 
 
 def test_a_latent_cache_dataset_is_read_as_it_is_when_data_latent_cache_is_set(tmp_path):
@@ -62,7 +52,7 @@ def test_a_latent_cache_dataset_of_other_buckets_is_refused_before_the_run_folde
 
 
 def test_a_run_resumed_with_its_cache_switched_on_trains_on_the_same_batches(tmp_path):
-    _folder_of_two_shapes(tmp_path / "images")
+    folder_of_two_shapes(tmp_path / "images")
     images = [{"type": "folder", "path": str(tmp_path / "images")}]
     runs = {}
     for name, cache in (("images", ""), ("cache", tmp_path / "cache")):
@@ -87,7 +77,7 @@ def _as_written_before_source_indices(folder):
 
 
 def test_a_resume_that_switches_to_or_from_a_cache_in_another_order_is_refused(tmp_path):
-    _folder_of_two_shapes(tmp_path / "images")
+    folder_of_two_shapes(tmp_path / "images")
     images = [{"type": "folder", "path": str(tmp_path / "images")}]
     cache = tmp_path / "cache"
     run_recipe(_recipe(images, cache, steps=1, multi_aspect=True), tmp_path / "built", show_progress=False)

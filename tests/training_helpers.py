@@ -36,14 +36,29 @@ def free_port() -> int:
         return handle.getsockname()[1]
 
 
+def gloo_context(rank: int, world_size: int, port: int):
+    """This process's `DistributedContext` of a CPU/gloo job on this machine."""
+    from nextstep.training import DistributedContext
+
+    return DistributedContext.initialize(rank, world_size, f"tcp://127.0.0.1:{port}", backend="gloo", timeout_s=60)
+
+
+def folder_of_two_shapes(folder: Path) -> None:
+    """Eight images in ``folder``, square (32 x 32) and wide (64 x 16) in turn, with captions."""
+    from PIL import Image
+
+    folder.mkdir()
+    for index in range(8):
+        size = (32, 32) if index % 2 == 0 else (64, 16)  # (width, height)
+        Image.new("RGB", size, (index * 30, 0, 0)).save(folder / f"img{index}.png")
+        (folder / f"img{index}.txt").write_text(f"picture {index}")
+
+
 def distributed_worker(rank: int, world_size: int, port: int, output_dir: str, config_dict: dict,
                        resume: bool = False) -> None:
     """One process of a CPU/gloo job: train the tiny model; rank 0 writes the final checkpoint."""
-    from nextstep.training import DistributedContext
-
     torch.set_num_threads(1)
-    context = DistributedContext.initialize(rank, world_size, f"tcp://127.0.0.1:{port}", backend="gloo",
-                                            timeout_s=60)
+    context = gloo_context(rank, world_size, port)
     try:
         trainer = tiny_trainer(Path(output_dir), TrainConfig.from_dict(config_dict), context=context)
         trainer.fit(resume=resume)
@@ -53,10 +68,7 @@ def distributed_worker(rank: int, world_size: int, port: int, output_dir: str, c
 
 def shared_folder_worker(rank: int, world_size: int, port: int, folder: str) -> None:
     """One process of a CPU/gloo job checking that a folder is shared; rank 1 writes what it saw."""
-    from nextstep.training import DistributedContext
-
-    context = DistributedContext.initialize(rank, world_size, f"tcp://127.0.0.1:{port}", backend="gloo",
-                                            timeout_s=60)
+    context = gloo_context(rank, world_size, port)
     try:
         context.check_shared_folder(folder, "data.latent_cache", wait_seconds=5.0)
         if rank == 1:
@@ -89,11 +101,9 @@ def average_reads_worker(rank: int, world_size: int, port: int, output_dir: str,
     import json
 
     import nextstep.training.checkpointing as checkpointing
-    from nextstep.training import DistributedContext
 
     torch.set_num_threads(1)
-    context = DistributedContext.initialize(rank, world_size, f"tcp://127.0.0.1:{port}", backend="gloo",
-                                            timeout_s=60)
+    context = gloo_context(rank, world_size, port)
     try:
         trainer = tiny_trainer(Path(output_dir), TrainConfig.from_dict(config_dict), context=context)
         trainer.fit(resume=False)
