@@ -353,3 +353,14 @@ def test_a_preset_argument_spelt_at_its_default_is_the_same_recipe(tmp_path):
     with pytest.raises(ValueError, match=r"model_arguments.num_layers: 4 there, 2 here"):
         check_same_recipe(RecipeConfig.from_dict(dict(data, model_arguments={"hidden_size": 64, "num_layers": 2})),
                           tmp_path)
+
+
+def test_a_resume_may_switch_gradient_checkpointing(tmp_path):
+    """A train setting that the run writes into the backbone's config is not a change of model."""
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, train=dict(RECIPE["train"], sample_every=0))))
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1"]) == 0
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "2",
+                 "--set", "train.gradient_checkpointing=true"]) == 0
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "3"]) == 0

@@ -112,6 +112,17 @@ def test_only_rank_0_holds_the_whole_average_of_a_sharded_run(tmp_path):
     assert first["restored"] and second["restored"]
 
 
+def test_a_damaged_average_is_refused_on_every_rank_of_a_sharded_run(tmp_path):
+    """Rank 0 alone reads the average; when it cannot, every rank raises instead of waiting for it."""
+    from training_helpers import damaged_average_worker
+
+    torch.set_num_threads(1)
+    config = tiny_config(max_steps=1, checkpoint_every=1, ema_decay=0.9, parallelism="fsdp")
+    _join_two_processes(damaged_average_worker, (2, free_port(), str(tmp_path), config.to_dict()), 120.0)
+    for rank in (0, 1):
+        assert "cannot resume the weight average from" in (tmp_path / f"resume-{rank}.txt").read_text()
+
+
 SHARDED_TRAIN = {"max_steps": 2, "micro_batch_size": 2, "warmup_steps": 1, "learning_rate": 1e-3,
                  "checkpoint_every": 1000, "parallelism": "fsdp", "ema_decay": 0.5}
 

@@ -125,3 +125,24 @@ def average_reads_worker(rank: int, world_size: int, port: int, output_dir: str,
             {"gathered": gathered is not None, "read": read, "restored": restored}))
     finally:
         context.shutdown()
+
+
+def damaged_average_worker(rank: int, world_size: int, port: int, output_dir: str, config_dict: dict) -> None:
+    """One process of a sharded CPU/gloo job whose checkpointed average is then damaged: each rank writes
+    what resuming raised into ``resume-<rank>.txt``."""
+    torch.set_num_threads(1)
+    context = gloo_context(rank, world_size, port)
+    try:
+        trainer = tiny_trainer(Path(output_dir), TrainConfig.from_dict(config_dict), context=context)
+        trainer.fit(resume=False)
+        if context.is_main:
+            (trainer.checkpoints.latest() / "ema.safetensors").write_bytes(b"not a safetensors file")
+        context.barrier()
+        try:
+            trainer.resume()
+            outcome = "resumed"
+        except ValueError as error:
+            outcome = str(error)
+        Path(output_dir, f"resume-{rank}.txt").write_text(outcome)
+    finally:
+        context.shutdown()

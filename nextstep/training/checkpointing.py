@@ -228,9 +228,7 @@ class CheckpointManager:
                     f"this run keeps an EMA but {path} has no {EMA_FILE}; set ema_decay to 0 "
                     "or resume from a checkpoint written with an EMA"
                 )
-            # A sharded average receives the whole tensors from rank 0; the other ranks read nothing.
-            reads_average = self.context.is_main or not _is_sharded_average(ema)
-            _load_ema(ema, read_safetensors(ema_file) if reads_average else {}, self.context)
+            _load_ema(ema, ema_file, self.context)
         elif (path / EMA_FILE).is_file() and self.context.is_main:
             warnings.warn(f"{path} holds a weight average that this run does not keep (ema_decay 0): it goes on "
                           "without it, and the model it writes is its last weights", UserWarning, stacklevel=2)
@@ -363,31 +361,33 @@ def _is_sharded_average(ema: ExponentialMovingAverage) -> bool:
     return any(hasattr(tensor, "full_tensor") for tensor in ema.shadow.values())
 
 
-def _load_ema(ema: ExponentialMovingAverage, state: dict[str, torch.Tensor], context: DistributedContext) -> None:
-    """Load ``state`` into ``ema``; a sharded average takes rank 0's ``state`` (empty on the other ranks), each
-    tensor sent from rank 0 to the shards of every rank."""
+def _load_ema(ema: ExponentialMovingAverage, path: Path, context: DistributedContext) -> None:
+    """Load the average saved at ``path`` into ``ema``. A sharded average is read by rank 0 alone, which
+    sends each tensor to the shards of every rank; a file it cannot read or that does not fit is refused
+    on every rank (none waits for the others)."""
     if not _is_sharded_average(ema):
-        ema.load_state_dict(state)
+        ema.load_state_dict(read_safetensors(path))
         return
     import torch.distributed as dist
     from torch.distributed.tensor import distribute_tensor
 
-    problem = None
-    if context.is_main:  # as the unsharded path checks it: names and whole shapes
+    problem, state = None, {}
+    if context.is_main:
         try:
-            ema.check_state(state)
-        except ValueError as error:
-            problem = str(error)
-    problem = context.broadcast_object(problem)  # every rank raises it, none waits for the others
+            state = read_safetensors(path)
+            ema.check_state(state)  # as the unsharded path checks it: names and whole shapes
+        except (ValueError, OSError) as error:
+            problem = f"{type(error).__name__}: {error}"
+    problem = context.broadcast_object(problem)
     if problem is not None:
-        raise ValueError(problem)
+        raise ValueError(f"cannot resume the weight average from {path}: {problem}")
     for name, shadow in ema.shadow.items():
         if context.is_main:
             value = state[name].to(shadow.device, shadow.dtype)
         else:  # filled from rank 0
             value = torch.empty(tuple(shadow.shape), dtype=shadow.dtype, device=shadow.device)
         if hasattr(shadow, "full_tensor"):
-            shadow.copy_(distribute_tensor(value, shadow.device_mesh, shadow.placements, src_data_rank=0))
+            shadow.copy_(distribute_tensor(value, shadow.device_mesh, shadow.placements))  # from rank 0
         else:
             if context.is_distributed:
                 dist.broadcast(value, src=0)

@@ -625,6 +625,8 @@ def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] 
 #: defaults (the run sets their size) and the text tokenizer (its files move into each checkpoint; the
 #: recipe's ``text_tokenizer`` is compared with the recipe).
 UNCOMPARED_MODEL_FIELDS = ("generation", "text_tokenizer")
+#: Fields of any component's config that a run's ``train`` settings set and a resume may change.
+RUN_SET_MODEL_FIELDS = ("gradient_checkpointing",)
 
 
 def check_checkpoint_model(model: NextStep, checkpoint: Path | None, model_source: str) -> None:
@@ -633,8 +635,8 @@ def check_checkpoint_model(model: NextStep, checkpoint: Path | None, model_sourc
     another model now, whose training would not go on as the run began.
 
     Both configs are compared as `ModelConfig` reads them (fields a file leaves out take their
-    defaults), `UNCOMPARED_MODEL_FIELDS` aside; a checkpoint config this version cannot read is not
-    compared.
+    defaults), `UNCOMPARED_MODEL_FIELDS` and `RUN_SET_MODEL_FIELDS` aside; a checkpoint config this
+    version cannot read is not compared.
 
     Raises:
         ValueError: naming the fields that differ, with the values there and here.
@@ -650,7 +652,8 @@ def check_checkpoint_model(model: NextStep, checkpoint: Path | None, model_sourc
         return
     here = model.current_config().to_dict()
     differing = [difference for key in sorted(set(saved) | set(here)) if key not in UNCOMPARED_MODEL_FIELDS
-                 for difference in plain_differences(key, saved.get(key), here.get(key))]
+                 for difference in plain_differences(key, saved.get(key), here.get(key))
+                 if difference[0].rsplit(".", 1)[-1] not in RUN_SET_MODEL_FIELDS]
     if differing:
         raise ValueError(f"{checkpoint} was written by a model configured otherwise than the one the recipe's model "
                          f"{model_source!r} builds now ({differences_phrase(differing)}); resume with the model "
