@@ -1444,7 +1444,7 @@ def markdown(result: dict) -> str:
     ]
     for row in sorted(result["rows"], key=lambda r: (r["tokens"], r["batch"], r["steps"])):
         measured = f"{row['image_seconds']:.2f}" if "image_seconds" in row else "-"
-        per_image = f"{row['image_seconds'] / row['batch']:.2f}" if "image_seconds" in row else "-"
+        per_image = f"{row['image_seconds_per_image']:.2f}" if "image_seconds_per_image" in row else "-"
         blocks = "-" if row["head_blocks_ms"] is None else f"{row['head_blocks_ms']:.2f}"
         backbone_read = f"{row['backbone_weight_bytes'] / 1e9:.2f} + {row['backbone_kv_bytes'] / 1e9:.3f}"
         lines.append(
@@ -1453,7 +1453,7 @@ def markdown(result: dict) -> str:
             f"{row['backbone_ratio_with_kv']:.2f}x | {backbone_read} | {row['head_ms']:.2f} | {blocks} | "
             f"{row['head_floor_ms']:.2f} | {row['head_ratio']:.2f}x | {row['head_weight_bytes'] / 1e9:.2f} | "
             f"{measured} | {per_image} | {row['estimated_image_seconds']:.2f} | "
-            f"{row['estimated_image_seconds'] / row['batch']:.2f} |")
+            f"{row['estimated_seconds_per_image']:.2f} |")
     for row in result["rows"]:
         if "image_cold_seconds" in row:
             lines += ["", f"The image of batch {row['batch']}, {row['tokens']} tokens, {row['steps']} head steps is "

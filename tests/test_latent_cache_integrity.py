@@ -64,8 +64,8 @@ def test_a_refused_cache_names_what_differs_with_the_values_there_and_here(tmp_p
                                              r"folder \(data\.latent_cache\) for this one; deleting .*00-shapes "
                                              r"rebuilds it here, and the cache it holds now is lost"):
             recipe_training_data(recipe, model)
-    with pytest.raises(ValueError, match=r"\(the image tokenizer's encoder: fingerprint [0-9a-f]{32} there, "
-                                         r"[0-9a-f]{32} here\)"):
+    with pytest.raises(ValueError, match=r"\(the image tokenizer's encoder fingerprint: \"[0-9a-f]{32}\" there, "
+                                         r"\"[0-9a-f]{32}\" here\)"):
         recipe_training_data(_recipe(cache), build_model("tiny", seed=1))
     index = json.loads((cache / "00-shapes" / "index.json").read_text())
     assert index["built_from"]["buckets"] == {"resolution": 32, "multi_aspect": False, "grid_multiple": 1,
@@ -156,3 +156,12 @@ def test_a_cache_without_the_samples_its_build_could_not_read_is_not_in_source_o
                        max_bad_fraction=0.2)
     cached = LatentCacheDataset(LatentCacheConfig(str(tmp_path / "cache")))
     assert cached.source_indices == [0, 1, 3, 4, 5, 6, 7] and not cached.in_source_order
+
+
+def test_a_cache_refused_for_another_data_description_alone_says_so(tmp_path, model):
+    dataset = ShapesDataset(ShapesConfig(num_samples=4, size=32))
+    buckets = AspectRatioBuckets(32, multi_aspect=False)
+    build_latent_cache(model.image_tokenizer, dataset, buckets, tmp_path / "cache", source="first")
+    with pytest.raises(ValueError, match=r"than this one \(the description of its data \(fingerprint\): \"\w+\" "
+                                         r"there, \"\w+\" here\)"):
+        build_latent_cache(model.image_tokenizer, dataset, buckets, tmp_path / "cache", source="second")

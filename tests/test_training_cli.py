@@ -364,3 +364,11 @@ def test_a_resume_may_switch_gradient_checkpointing(tmp_path):
     assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "2",
                  "--set", "train.gradient_checkpointing=true"]) == 0
     assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "3"]) == 0
+
+
+def test_a_recipe_of_another_preset_is_refused_by_its_name_alone(tmp_path):
+    from nextstep.training.recipe import RecipeConfig, check_same_recipe
+
+    RecipeConfig.from_dict(RECIPE).save(tmp_path / "recipe.json")
+    with pytest.raises(ValueError, match=r'another recipe \(model: "tiny" there, "compact" here\); pass'):
+        check_same_recipe(RecipeConfig.from_dict(dict(RECIPE, model="compact")), tmp_path)

@@ -429,7 +429,7 @@ def latent_cache_record(recipe: RecipeConfig) -> dict:
         and whether that serves sample ``i`` of the dataset as its sample ``i`` (``source_order``), so
         that the batches are those of the images.
     """
-    from nextstep.training.data.latent_cache import INDEX_FILE, SOURCE_ORDER, read_index
+    from nextstep.training.data.latent_cache import INDEX_FILE, in_source_order, read_index
 
     config, entries = recipe.data, []
     for number, spec in enumerate(config.datasets):
@@ -441,8 +441,7 @@ def latent_cache_record(recipe: RecipeConfig) -> dict:
         elif config.latent_cache:
             folder = recipe_cache_folder(config, number)
             index = read_index(folder / INDEX_FILE) if (folder / INDEX_FILE).is_file() else {}
-            entry.update(read_from=str(folder), source_order=index.get("sample_order") == SOURCE_ORDER
-                         and index.get("num_samples") == index.get("num_source_samples"))
+            entry.update(read_from=str(folder), source_order=in_source_order(index))
         else:
             entry.update(read_from=None, source_order=True)
         entries.append(entry)
@@ -615,7 +614,9 @@ def check_same_recipe(recipe: Config, output_dir: Path, fields: tuple[str, ...] 
                        type(recipe).__name__)
         return
     saved, here = _comparable(saved), _comparable(recipe)
-    differing = [difference for name in fields
+    # Arguments of another preset than the saved one's say nothing more than the preset's name.
+    compared = [name for name in fields if name != "model_arguments" or saved.get("model") == here.get("model")]
+    differing = [difference for name in compared
                  for difference in plain_differences(name, saved.get(name), here.get(name))]
     if differing:
         raise ValueError(f"{output_dir} was trained with another recipe ({differences_phrase(differing)}); {advice}")

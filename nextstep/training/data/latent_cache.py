@@ -126,51 +126,63 @@ def _discard_incomplete_index(index_path: Path, missing: list[str]) -> None:
                          f"delete the folder {directory}, or choose another latent_cache folder") from None
 
 
+def sizes_outside(grids, pixels_per_token: int, buckets: AspectRatioBuckets) -> list[tuple[int, int]]:
+    """The image sizes (height, width) in pixels of token ``grids`` (h, w) that are not among ``buckets``'
+    sizes: cached tokens cannot be resized into them."""
+    sizes = {(height * pixels_per_token, width * pixels_per_token) for height, width in grids}
+    return sorted(sizes - set(buckets.sizes))
+
+
+def in_source_order(index: dict) -> bool:
+    """Whether the cache of ``index`` serves source sample ``i`` as its sample ``i``: it records its samples'
+    source indices (``sample_order``) and holds every one, so that a run reads the same batches from it as
+    from the images."""
+    return index.get("sample_order") == SOURCE_ORDER and index.get("num_samples") == index.get("num_source_samples")
+
+
 def _sizes_outside_buckets(index: dict, buckets: dict) -> list[str]:
     """For an index without ``built_from``: a phrase naming the cached image sizes (height, width) that
     are not among the buckets ``buckets`` (`cache_description`'s settings) make, if any."""
     try:
-        sizes = AspectRatioBuckets(**buckets).sizes
-        pixels = int(index["pixels_per_token"])
-        cached = sorted({(grid[0] * pixels, grid[1] * pixels) for grid in (s["grid"] for s in index["shards"])})
+        run_buckets = AspectRatioBuckets(**buckets)
+        outside = sizes_outside((tuple(shard["grid"]) for shard in index["shards"]), int(index["pixels_per_token"]),
+                                run_buckets)
     except (KeyError, TypeError, ValueError):
         return []
-    outside = [size for size in cached if size not in sizes]
     if not outside:
         return []
-    return [f"buckets: images of (height, width) {outside} in pixels there, not among the buckets {sorted(sizes)} "
-            f"here (another resolution, multi_aspect or grid_multiple)"]
+    return [f"buckets: images of (height, width) {outside} in pixels there, not among the buckets "
+            f"{sorted(run_buckets.sizes)} here (another resolution, multi_aspect or grid_multiple)"]
 
 
-def _what_differs(index: dict, encoder: str, built_from: dict | None, num_samples: int) -> list[str]:
-    """What the cache of ``index`` was built from and this build differs in (the encoder, the dataset, the
-    buckets, the number of samples), as 'what: there, here' phrases; an index without ``built_from``
-    adds a phrase saying that its dataset and buckets could not be compared."""
-    differing = []
-    recorded = index.get("tokenizer_fingerprint")
-    if recorded is not None and recorded != encoder:
-        differing.append(f"the image tokenizer's encoder: fingerprint {recorded} there, {encoder} here")
-    there, here = index.get("built_from"), built_from or {}
+def _what_differs(index: dict, encoder: str, description: dict | None, num_samples: int, source: str) -> list[str]:
+    """What the cache of ``index`` was built from and this build (``description``, `cache_description`; its
+    data described by ``source``) differs in: the encoder, the dataset, the buckets, the number of samples,
+    as 'what: there, here' phrases; an index without ``built_from`` adds a phrase saying that its dataset
+    and buckets could not be compared, and a difference found in ``source`` alone is named as such."""
+    found = [("the image tokenizer's encoder fingerprint", index.get("tokenizer_fingerprint"), encoder)]
+    found = [entry for entry in found if entry[1] is not None and entry[1] != entry[2]]
+    there, here = index.get("built_from"), description or {}
     if isinstance(there, dict):
-        for part in ("buckets", "dataset"):
-            if part in there and part in here:
-                found = plain_differences(part, there[part], here[part])
-                if found:
-                    differing.append(differences_phrase(found, most=len(found)))
-    elif "buckets" in here:
-        differing.extend(_sizes_outside_buckets(index, here["buckets"]))
-    if index.get("num_source_samples") != num_samples:
-        differing.append(f"samples: {index.get('num_source_samples')} there, {num_samples} here")
+        found += [difference for part in ("buckets", "dataset") if part in there and part in here
+                  for difference in plain_differences(part, there[part], here[part])]
+    found += plain_differences("samples", index.get("num_source_samples"), num_samples)
+    differing = [differences_phrase(found, most=len(found))] if found else []
     if not isinstance(there, dict):
+        if "buckets" in here:
+            differing.extend(_sizes_outside_buckets(index, here["buckets"]))
         differing.append("the dataset and the buckets (resolution, multi_aspect, grid_multiple) it was built "
                          "from are not recorded in its index, which predates that record")
+    elif not differing:
+        differing.append(differences_phrase([("the description of its data (fingerprint)", index.get("fingerprint"),
+                                              _with_source(encoder, source))]))
     return differing
 
 
 def _existing_cache_matches(index: dict, index_path: Path, tokenizer: torch.nn.Module, encoder: str,
-                            built_from: str, source: str, num_samples: int, description: dict | None) -> bool:
+                            candidate_source: str, source: str, num_samples: int, description: dict | None) -> bool:
     """Whether the complete cache whose ``index`` was read from ``index_path`` holds the latents of this
-    encoder (fingerprint ``encoder``) of the data described by ``built_from``; a matching index
+    encoder (fingerprint ``encoder``) of the data described by ``candidate_source``; a matching index
     in an older form (format 1, another description of the same data, no ``tokenizer_fingerprint``,
     no or another ``built_from``) is rewritten in the current form, under ``source`` and ``description``
     (`cache_description`; None leaves ``built_from`` as it is)."""
@@ -180,7 +192,7 @@ def _existing_cache_matches(index: dict, index_path: Path, tokenizer: torch.nn.M
         encoded_by = encoder
     else:
         encoded_by = _whole_module_fingerprint(tokenizer)
-    if index.get("fingerprint") != _with_source(encoded_by, built_from):
+    if index.get("fingerprint") != _with_source(encoded_by, candidate_source):
         return False
     current = {"format_version": FORMAT_VERSION, "fingerprint": _with_source(encoder, source),
                "tokenizer_fingerprint": encoder}
@@ -231,11 +243,11 @@ def latent_cache_ready(tokenizer: ImageTokenizer, dataset: ImageTextDataset, dir
         _discard_incomplete_index(index_path, missing)
         return False
     encoder = tokenizer_fingerprint(tokenizer)  # hashes the encoder: only when needed
-    for built_from in dict.fromkeys((source, *former_sources)):
-        if _existing_cache_matches(index, index_path, tokenizer, encoder, built_from, source, len(dataset),
+    for candidate_source in dict.fromkeys((source, *former_sources)):
+        if _existing_cache_matches(index, index_path, tokenizer, encoder, candidate_source, source, len(dataset),
                                    description):
             return True
-    differing = _what_differs(index, encoder, description, len(dataset))
+    differing = _what_differs(index, encoder, description, len(dataset), source)
     raise ValueError(
         f"the latent cache at {directory} was built from another tokenizer encoder or dataset, or for other "
         f"buckets, than this one ({'; '.join(differing)}); to keep both caches, choose another latent_cache "
@@ -510,7 +522,7 @@ class LatentCacheDataset(ImageTextDataset):
     def in_source_order(self) -> bool:
         """Whether sample ``i`` is sample ``i`` of the source dataset (the cache records its samples'
         source indices and holds every one): a run then reads the same batches as from the images."""
-        return self.source_indices == list(range(int(self.index.get("num_source_samples", -1))))
+        return in_source_order(self.index)
 
     def _token_dim(self) -> int | None:
         """D as the index records it, else as the first shard's tokens (n, N, D) have it (None: no shard)."""
@@ -582,15 +594,13 @@ class LatentCacheDataset(ImageTextDataset):
 
     def check_buckets(self, buckets) -> None:
         """Cached tokens are not resized: each cached grid must be one of the run's buckets."""
-        sizes = {(height * self.pixels_per_token, width * self.pixels_per_token)
-                 for height, width in set(self.grids)}
-        outside = sorted(sizes - set(buckets.sizes))
+        outside = sizes_outside(set(self.grids), self.pixels_per_token, buckets)
         if outside:
             raise ValueError(
                 f"the latent cache at {self.config.path} holds images of (height, width) {outside} in pixels, "
                 f"which are not among this run's buckets {sorted(buckets.sizes)}; cached tokens cannot be "
-                "resized: train with the resolution and multi_aspect the cache was built with, or build a "
-                "cache for these buckets")
+                "resized: train with the resolution, multi_aspect and grid_multiple the cache was built with, "
+                "or build a cache for these buckets")
 
     def __getstate__(self):
         state = dict(self.__dict__)
