@@ -104,3 +104,23 @@ def test_no_scenes_per_group_is_refused_before_captioning(tiny_model, tmp_path):
         with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, found {value!r}"):
             run_shapes_captioning(tiny_model, tmp_path / "out", **{name: value})
     assert not (tmp_path / "out").exists()
+
+
+def test_any_true_caption_is_correct_not_only_the_scene_s_own(monkeypatch):
+    from nextstep.evaluation.shapes_captioning import caption_scenes, run_shapes_captioning
+    from nextstep.training.data.shapes.captions import true_captions
+
+    plan = iter(caption_scenes(scenes_per_group=1))
+
+    class Written:
+        def __init__(self, texts):
+            self.texts = texts
+
+    def other_true_caption(scene):
+        others = sorted(true_captions(scene) - {scene.caption})
+        return others[0] if others else scene.caption
+
+    monkeypatch.setattr("nextstep.text_generation.caption_images",
+                        lambda model, images, **kwargs: Written([other_true_caption(next(plan)[2]) for _ in images]))
+    report = run_shapes_captioning(None, scenes_per_group=1, size=32, batch_size=4)
+    assert report.seen == report.held_out == 1.0 and report.exact < 1.0

@@ -184,3 +184,23 @@ def test_a_ridge_map_is_fitted_on_the_device_of_its_data():
     assert ridge.weight.device.type == "meta" and ridge.weight.shape == (3, 2)
     assert ridge.weight.dtype == torch.float64
     assert ridge(x).shape == (6, 2) and ridge(x).device.type == "meta"
+
+
+def test_recall_at_10_by_vocabulary_counts_ranks_below_10():
+    from nextstep.evaluation.emoji_eval import _by_vocabulary
+
+    out = _by_vocabulary(torch.tensor([True, False]), torch.tensor([10, 9]), torch.tensor([9, 10]))
+    assert out["known"]["real"] == 0.0 and out["unknown"]["real"] == 1.0
+    assert out["known"]["generated"] == 1.0 and out["unknown"]["generated"] == 0.0
+
+
+def test_among_penalties_that_tie_the_first_is_kept():
+    from nextstep.evaluation.emoji_eval import _validation_mask, fit_caption_map
+
+    bases = [f"emoji-{i}" for i in range(40)]
+    validation = int(_validation_mask(bases).sum())
+    assert 1 <= validation <= 10  # every penalty then scores R@10 = 1
+    generator = torch.Generator().manual_seed(0)
+    features, embeddings = torch.randn(40, 6, generator=generator), torch.randn(40, 3, generator=generator)
+    _, alpha = fit_caption_map(features, embeddings, bases, alphas=(10.0, 100.0, 1000.0))
+    assert alpha == 10.0

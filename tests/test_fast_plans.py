@@ -81,3 +81,12 @@ def test_fused_and_generic_paths_agree(trained_like_model, guidance):
                                           sampler=EulerSampler(), num_steps=3))
     assert FastTokenSampler(model).fused_reason(EulerSampler(), generic) is not None
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
+def test_the_first_adams_bashforth_stage_reads_no_kept_velocity():
+    from nextstep.fast import solver_plan
+    from nextstep.samplers import AdamsBashforthSampler
+
+    sampler = AdamsBashforthSampler()
+    plan = solver_plan(sampler, sampler.make_time_grid(4, 1.0))
+    assert plan.stages[0].extra is None and all(stage.extra == "velocity" for stage in plan.stages[1:])

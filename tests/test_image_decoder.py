@@ -110,3 +110,16 @@ def test_the_command_takes_the_decoder_of_another_model_bit_for_bit(tmp_path, ca
     assert decoder and all(torch.equal(written[key], donor[key]) for key in decoder)
     assert main(["replace-decoder", str(tmp_path / "model"), str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_a_replaced_decoder_takes_the_model_s_train_or_eval_mode():
+    from nextstep.image_decoder import replace_image_decoder
+
+    model = build_model("tiny", seed=0)
+    donor = copy.deepcopy(model.image_tokenizer)
+    model.train()
+    replace_image_decoder(model, donor.eval())
+    assert model.image_tokenizer.decoder.training
+    model.eval()
+    replace_image_decoder(model, donor.train())
+    assert not model.image_tokenizer.decoder.training

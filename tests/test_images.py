@@ -68,3 +68,30 @@ def test_non_finite_float_levels_are_named():
     image = Image.fromarray(np.array([[0.5, np.nan]], np.float32))
     with pytest.raises(ValueError, match="finite grey levels in a 32-bit float image, found 1 NaN or infinite"):
         to_rgb(image)
+
+
+def _colours(count):
+    from PIL import Image
+
+    return [Image.new("RGB", (4, 4), (40 * (i + 1), 0, 0)) for i in range(count)]
+
+
+def test_to_pil_clamps_values_outside_the_range():
+    from nextstep.images import to_pil
+
+    images = torch.tensor([1.5, -1.5, 1.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    assert to_pil(images)[0].getpixel((0, 0)) == (255, 0, 255)
+
+
+def test_the_grid_fills_rows_first():
+    from nextstep.images import image_grid
+
+    grid = image_grid(_colours(3), columns=2)
+    assert grid.getpixel((5, 1))[0] == 80 and grid.getpixel((1, 5))[0] == 120  # image 1 right of 0, 2 below
+
+
+def test_the_grid_is_the_square_root_rounded_up_wide_by_default():
+    from nextstep.images import image_grid
+
+    assert image_grid(_colours(3)).size == (8, 8)
+    assert image_grid(_colours(2)).size == (8, 4)

@@ -124,3 +124,15 @@ def test_a_sampled_reconstruction_draws_only_from_its_generator():
         seeded = vae.encode_seeded(images, 5)
         assert torch.equal(torch.random.get_rng_state(), state)  # the global state stays as it was
         assert torch.equal(seeded, vae.encode_seeded(images, 5))
+
+
+def test_denormalising_inverts_the_scale_and_shift():
+    from nextstep.tokenizers.latent_normalization import denormalize_latents, normalize_latents
+
+    z = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    for method in ("scale_shift", "layer_norm"):
+        normalised = (z - 0.25) * 0.5
+        torch.testing.assert_close(denormalize_latents(normalised, method, scale=0.5, shift=0.25), z)
+    torch.testing.assert_close(
+        denormalize_latents(normalize_latents(z, "scale_shift", scale=0.5, shift=0.25), "scale_shift",
+                            scale=0.5, shift=0.25), z)

@@ -122,3 +122,20 @@ def test_byte_level_bpe_tokens_map_through_their_bytes_both_ways(hf_tokenizer_di
     to_bytes = vocabulary_transfer(bpe, byte)
     assert to_bytes[0xC3] == [bpe.byte_id(0xC3)] and to_bytes[ord("a")] == [bpe.byte_id(ord("a"))]
     assert bpe.token_bytes(bpe.begin_of_image_id) is None  # added tokens map by their name
+
+
+def test_an_old_id_at_the_table_size_is_refused_by_name():
+    from nextstep.retokenize import replace_text_tokenizer
+    from nextstep.tokenizers import ByteTextTokenizer
+    from nextstep.tokenizers.special_tokens import END_OF_TEXT
+
+    model = build_model("tiny", seed=0)
+    size = model.backbone.vocab_size
+
+    class Overflowing(ByteTextTokenizer):
+        def special_token_id(self, token):
+            return size if token == END_OF_TEXT else super().special_token_id(token)
+
+    model.text_tokenizer = Overflowing()
+    with pytest.raises(ValueError, match="beyond the backbone"):
+        replace_text_tokenizer(model, ByteTextTokenizer())

@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from nextstep import build_model
 from nextstep.backbones import positions_from_mask
 from nextstep.text_generation import caption_images, complete_text, generate_text
 
@@ -194,3 +195,18 @@ def test_stop_ids_none_keeps_the_default_stops_and_empty_writes_every_token(tiny
     assert ended.stopped == [True] and ended.ids[0] == [tokenizer.image_area_id]
     image = torch.zeros(1, 3, 32, 32)
     assert caption_images(tiny_model, image, max_new_tokens=3, stop_ids=None, banned_ids=banned).stopped == [True]
+
+
+def test_a_stopped_row_keeps_its_log_probability_while_others_go_on():
+    from nextstep.text_generation import generate_text
+
+    model = build_model("tiny", seed=0).eval()
+    tokenizer = model.text_tokenizer
+    rows = [(tokenizer.encode(text), []) for text in ("a red circle", "two", "x", "blue squares", "9")]
+    firsts = [generate_text(model, [row], max_new_tokens=1).ids[0][0] for row in rows]
+    other = next(i for i in range(1, len(rows)) if firsts[i] != firsts[0])
+    pair = [rows[0], rows[other]]
+    alone = generate_text(model, pair[:1], max_new_tokens=4, stop_ids=[firsts[0]])
+    together = generate_text(model, pair, max_new_tokens=4, stop_ids=[firsts[0]])
+    assert together.ids[0] == alone.ids[0] == [firsts[0]] and len(together.ids[1]) > 1
+    torch.testing.assert_close(together.log_probs[0], alone.log_probs[0], atol=1e-5, rtol=1e-5)

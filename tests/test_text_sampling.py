@@ -113,3 +113,18 @@ def test_shapes_and_an_all_banned_vocabulary_are_refused():
         choose_tokens(torch.zeros(1, 4), torch.zeros(1), banned=torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"banned must have shape \(4,\), found \(5,\)"):
         kept_log_weights(torch.zeros(1, 4), banned=torch.zeros(5, dtype=torch.bool))
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p_exactly():
+    from nextstep.text_sampling import kept_log_weights
+
+    weights = kept_log_weights(torch.zeros(1, 4), top_p=0.5)  # 0.25 each: two classes make 0.5
+    assert int(torch.isfinite(weights).sum()) == 2
+
+
+def test_a_draw_at_the_total_takes_the_last_kept_class():
+    from nextstep.text_sampling import choose_tokens
+
+    logits = torch.tensor([[1.0, 2.0, 0.5, 3.0]])
+    banned = torch.tensor([False, False, False, True])
+    assert choose_tokens(logits, torch.tensor([1.0]), banned=banned).tolist() == [2]

@@ -152,3 +152,18 @@ def test_the_dispersion_of_one_channel_latents():
     dispersion = latent_dispersion(latents)
     assert dispersion["channels"] == 1 and dispersion["effective_rank"] == pytest.approx(1.0)
     assert dispersion["mean_channel_std"] == pytest.approx(float(latents.double().std()))
+
+
+def test_two_uncorrelated_channels_of_equal_variance_have_effective_rank_2():
+    from nextstep.evaluation.tokenizer_eval import latent_dispersion
+
+    channels = torch.tensor([[1.0, -1.0, 1.0, -1.0], [1.0, 1.0, -1.0, -1.0]])  # (C, positions)
+    latents = channels.T[:, :, None, None]  # 4 images of one position
+    assert latent_dispersion(latents)["effective_rank"] == pytest.approx(2.0, abs=1e-6)
+
+
+def test_opposite_channel_means_do_not_cancel():
+    from nextstep.evaluation.tokenizer_eval import latent_dispersion
+
+    latents = torch.tensor([[1.0, -1.0], [3.0, -3.0]])[:, :, None, None]  # channel means 2 and -2
+    assert latent_dispersion(latents)["mean_abs_channel_mean"] == pytest.approx(2.0)

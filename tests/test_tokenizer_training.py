@@ -1,6 +1,8 @@
 """Tokenizer training through the generic trainer: the loss falls, checkpoints load, decoder-only works."""
 
+import pytest
 import torch
+from torch import nn
 
 from nextstep.tokenizers.vae_checkpoints import load_flux_vae
 from nextstep.training.tokenizer_recipe import TokenizerRecipeConfig, run_tokenizer_recipe
@@ -110,3 +112,64 @@ def test_the_command_line_names_the_tokenizer_it_wrote_when_quiet(tmp_path, caps
     printed = capsys.readouterr().out
     assert f"tokenizer: {tmp_path / 'run' / 'tokenizer'}" in printed
     assert load_flux_vae(tmp_path / "run" / "tokenizer").config.ch == 8
+
+
+def _tiny_vae(**fields):
+    from nextstep.tokenizers import FluxVAE, FluxVAEConfig
+
+    torch.manual_seed(0)
+    return FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4, **fields))
+
+
+class _Shift(nn.Module):
+    """A 'tokenizer' reconstructing every image as itself + 0.5, recording the noise level it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.gammas = []
+
+    def forward(self, images, noise_gamma=0.0, generator=None):
+        self.gammas.append(noise_gamma)
+        return images + 0.5
+
+
+class _ConstantPerceptual(nn.Module):
+    def forward(self, x_hat, x):
+        return torch.full((x.shape[0],), 2.0)
+
+
+def test_the_perceptual_term_is_weighted():
+    from nextstep.tokenizers.training_loss import TokenizerLoss, TokenizerLossConfig
+
+    loss = TokenizerLoss(TokenizerLossConfig(perceptual_weight=0.25), _ConstantPerceptual())
+    out = loss(_Shift(), torch.zeros(2, 3, 8, 8))
+    torch.testing.assert_close(out.total, out.l1 + out.mse + 0.25 * 2.0)
+
+
+def test_the_loss_passes_its_noise_gamma_to_the_tokenizer():
+    from nextstep.tokenizers.training_loss import TokenizerLoss, TokenizerLossConfig
+
+    shift = _Shift()
+    TokenizerLoss(TokenizerLossConfig(perceptual_weight=0.0, noise_gamma=0.3))(shift, torch.zeros(1, 3, 8, 8))
+    assert shift.gammas == [0.3]
+
+
+def test_the_loss_terms_are_the_mean_absolute_and_squared_errors():
+    from nextstep.tokenizers.training_loss import TokenizerLoss, TokenizerLossConfig
+
+    out = TokenizerLoss(TokenizerLossConfig(perceptual_weight=0.0))(_Shift(), torch.zeros(1, 3, 8, 8))
+    assert float(out.l1) == pytest.approx(0.5) and float(out.mse) == pytest.approx(0.25)
+    assert float(out.total) == pytest.approx(0.75)
+
+
+def test_the_preview_puts_the_originals_before_their_reconstructions():
+    from nextstep.images import to_pil
+    from nextstep.tokenizers.training_loss import TokenizerLoss, TokenizerLossConfig
+    from nextstep.training.tokenizer_task import TokenizerTask
+
+    preview = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    task = TokenizerTask(_tiny_vae(), TokenizerLoss(TokenizerLossConfig(perceptual_weight=0.0)),
+                         preview_images=preview)
+    images = task.sample_images()
+    assert len(images) == 4
+    assert [i.tobytes() for i in images[:2]] == [i.tobytes() for i in to_pil(preview)]

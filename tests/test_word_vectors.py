@@ -225,3 +225,16 @@ def test_the_command_attaches_vectors(tmp_path, monkeypatch, capsys):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["word_vectors"] == {"count": config["backbone"]["vocab_size"] + 1, "dim": 3,
                                       "substitution_probability": 0.2}
+
+
+def test_a_further_word_reads_its_own_vector_not_its_stand_in_s():
+    from nextstep.layers.word_vectors import WordVectorConfig, WordVectorInput
+
+    module = WordVectorInput(WordVectorConfig(count=4, dim=2), table_size=3, hidden_size=2)
+    vectors = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    module.set_vectors(vectors, torch.tensor([0, 1, 2, 1]))  # id 3 stands in as id 1 in the table
+    with torch.no_grad():
+        module.projection.weight.copy_(torch.eye(2))
+    table, added = module(torch.tensor([[3]]))
+    assert table.tolist() == [[1]]
+    torch.testing.assert_close(added[0, 0], torch.tensor([0.0, 1.0]), atol=0.01, rtol=0)
