@@ -273,3 +273,21 @@ def test_a_backbone_subclass_with_its_own_forward_or_modules_steps_through_them(
                                       token_sampler=FastTokenSampler(model, use_kernels=False))
         torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
         model.backbone.__class__ = Qwen2Backbone
+
+
+def test_an_eager_fallback_is_logged_once_with_its_reason(tiny_model, caplog):
+    from nextstep.backbones.qwen2 import Qwen2Backbone
+
+    class Scaled(Qwen2Backbone):
+        def forward(self, *args, **kwargs):
+            return 2.0 * super().forward(*args, **kwargs)
+
+    model = tiny_model.eval()
+    model.backbone.__class__ = Scaled
+    fast = FastTokenSampler(model, use_kernels=False)
+    with caplog.at_level("INFO", logger="nextstep.fast.token_sampler"):
+        for _ in range(2):
+            generate_tokens(model, PROMPTS, height=32, width=32, num_steps=1, seed=0, token_sampler=fast)
+    said = [record.getMessage() for record in caplog.records]
+    assert said == ["decode steps run eagerly through the components' own code: Scaled overrides the forward of "
+                    "Qwen2Backbone"]

@@ -21,6 +21,7 @@ another order than the samplers' eager code).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from nextstep.model import NextStep
 
 __all__ = ["CACHE_BUCKET", "DECODE_WEIGHTS", "TOKEN_SAMPLERS", "FastTokenSampler", "token_sampler_named"]
+
+logger = logging.getLogger(__name__)
 
 #: Pooled caches round their capacity up to a multiple of this many slots, so
 #: that generations of similar lengths share one cache and one decode graph.
@@ -138,6 +141,7 @@ class FastTokenSampler:
         if capture and self.device.type != "cuda":
             raise ValueError(f"capture=True needs the model on a CUDA device, found it on {self.device}")
         self.capture = capture
+        self._said: set[str] = set()  # the eager fallbacks already logged
         self._velocity: FusedFlowMatchingVelocity | None = None
         self._buffers: dict[tuple[int, int], TokenStepBuffers] = {}
         self._token_steps: dict[tuple, tuple[FusedTokenStep, CapturedCall]] = {}
@@ -155,6 +159,12 @@ class FastTokenSampler:
         if len(dtypes) > 1:
             return f"the backbone, projectors and head mix dtypes {sorted(map(str, dtypes))}"
         return fused_head_reason(model.image_head) or plan_reason(sampler) or weights_reason(guidance)
+
+    def _say_eager(self, steps: str, reason: str) -> None:
+        """Log once per reason that ``steps`` run through the components' own code, eagerly, and why."""
+        if reason not in self._said:
+            self._said.add(reason)
+            logger.info("%s run eagerly through the components' own code: %s", steps, reason)
 
     def _follow_model(self) -> None:
         """Start afresh (`reset`) when the model was moved to another device or cast since."""
@@ -223,7 +233,10 @@ class FastTokenSampler:
                      buffers: TokenStepBuffers) -> tuple[DecodeStep, dict[int, CapturedCall]]:
         rows = buffers.hidden.shape[0]
         backbone = self.model.backbone
-        ready = decode_step_reason(backbone, cache) is None
+        reason = decode_step_reason(backbone, cache)
+        ready = reason is None
+        if not ready:
+            self._say_eager("decode steps", reason)
         fused = ready and self.fused_decode
         if fused:
             if self._fused_stack is None:
@@ -332,7 +345,10 @@ class FastTokenSampler:
         check_step_counts(sampler, schedule, count, shift)
         if not sampler.stochastic:
             step_noise = None
-        fused = self.fused_reason(sampler, guidance) is None
+        reason = self.fused_reason(sampler, guidance)
+        fused = reason is None
+        if not fused:
+            self._say_eager("token steps", reason)
         buffers = self._buffers_for(rows, branches)
         buffers.hidden.copy_(hidden)
         decode, decode_calls = self._decode_step(cache, buffers)
