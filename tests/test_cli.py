@@ -256,3 +256,30 @@ def test_generate_keeps_what_another_run_recorded_in_the_folder_meanwhile(tmp_pa
                  "--output", str(tmp_path), "--quiet"]) == 0
     records = json.loads((tmp_path / "generation.json").read_text())
     assert set(records) == {"000-a-blue-square-0.png", "000-a-red-circle-0.png"}
+
+
+def test_each_prompt_s_seeds_follow_the_previous_prompt_s_images(tmp_path, monkeypatch):
+    import nextstep.generation as generation
+    from nextstep.cli import main
+    seeds, real = [], generation.generate_tokens
+    def recording(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(generation, "generate_tokens", recording)
+    assert main(["generate", "a", "b", "--steps", "1", "--height", "32", "--width", "32", "--num-images", "2",
+                 "--seed", "3", "--output", str(tmp_path), "--quiet"]) == 0
+    assert seeds == [3, 5]
+
+
+def test_each_image_s_record_names_its_prompt_index(tmp_path):
+    from nextstep.cli import main
+    assert main(["generate", "a", "b", "--steps", "1", "--height", "32", "--width", "32",
+                 "--output", str(tmp_path), "--quiet"]) == 0
+    records = json.loads((tmp_path / "generation.json").read_text())
+    assert records["000-a-0.png"]["index"] == 0 and records["001-b-0.png"]["index"] == 1
+
+
+def test_the_overwrite_refusal_counts_the_other_files(tmp_path):
+    from nextstep.cli import _check_overwrite
+    with pytest.raises(FileExistsError, match="holds a.png and 2 more from"):
+        _check_overwrite([tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"], None, {}, "generation")

@@ -99,3 +99,18 @@ def test_the_names_list_is_read_per_code_point_name_first_then_informal_aliases(
     assert emoji_module.read_names_list(names_list) == {0x1F300: ("CYCLONE", "typhoon, hurricane"),
                                                         0x1F301: ("FOGGY",),
                                                         0x1F302: ("CLOSED UMBRELLA", "one", "two")}
+
+
+def test_a_zero_test_fraction_holds_out_nothing():
+    import itertools
+
+    from nextstep.training.data.emoji import split_of
+    from nextstep.training.data.loader import mix_seed
+    base = next(f"x{i}" for i in itertools.count() if mix_seed("emoji-split", 0, f"x{i}") % 10_000 == 0)
+    assert split_of(base, 0.0) == "train"
+
+
+def test_a_flag_caption_drops_the_flag_prefix():
+    from nextstep.training.data.emoji import _caption
+    names = {"\U0001F1EB\U0001F1F7": {"en": ":flag_France:"}}
+    assert _caption("\U0001F1EB\U0001F1F7", "flag: France", "country-flag", names) == "flag of France"

@@ -55,3 +55,17 @@ def test_a_bucket_smaller_than_a_global_batch_is_named(caplog):
     assert plan.batches_per_epoch == 2
     assert "3 sample(s) in bucket(s) smaller than a global batch of 4 are never trained" in caplog.text
     assert "'wide': 3" in caplog.text and "'square'" not in caplog.text
+
+
+def test_each_epoch_has_its_own_order():
+    from nextstep.training.data.loader import BatchPlan
+    plan = BatchPlan([(32, 32)] * 64, 4, seed=0)
+    first = [list(b) for b in plan.epoch_batches(0)]
+    assert first != [list(b) for b in plan.epoch_batches(1)]
+
+
+def test_micro_batch_slots_are_accumulation_major():
+    from nextstep.training.data.loader import BatchLayout
+    layout = BatchLayout(micro_batch_size=2, gradient_accumulation=2, world_size=2)
+    assert [layout.slot(a, r) for a in range(2) for r in range(2)] == [0, 1, 2, 3]
+    assert layout.slot(1, 0) == 2 and layout.slot(0, 1) == 1

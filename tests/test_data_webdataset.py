@@ -191,3 +191,30 @@ def test_repeat_is_refused_for_a_stream_naming_the_dataset():
                                          r"over its shards once per epoch, found 2"):
         DataConfig(datasets=({"type": "shapes"}, {"type": "webdataset", "shards": ["x.tar"], "repeat": 2}))
     DataConfig(datasets=({"type": "webdataset", "shards": ["x.tar"], "repeat": 1},))
+
+
+def test_the_shuffle_buffer_yields_once_it_holds_its_size(tmp_path, monkeypatch):
+
+    from nextstep.training.data import WebDataset, WebDatasetConfig
+    from nextstep.training.data import webdataset as wds
+    dataset = WebDataset(WebDatasetConfig(shards=(write_shards(tmp_path, num_shards=1),), shuffle_buffer=4))
+    read = []
+    real = wds.read_shard
+    def counting(path):
+        for raw in real(path):
+            read.append(raw.key)
+            yield raw
+    monkeypatch.setattr(wds, "read_shard", counting)
+    next(dataset.stream(0, 1, seed=0))
+    assert len(read) == 4
+
+
+def test_a_batch_spanning_two_passes_is_named_by_the_later(tmp_path):
+
+    from nextstep.training.data import AspectRatioBuckets, BatchLayout, WebDataset, WebDatasetConfig
+    from nextstep.training.data.webdataset import StreamingTrainingBatches
+    dataset = WebDataset(WebDatasetConfig(shards=(write_shards(tmp_path, num_shards=1, per_shard=5),),
+                                          shuffle_buffer=1))
+    buckets = AspectRatioBuckets(32, multi_aspect=False)
+    batches = list(itertools.islice(iter(StreamingTrainingBatches(dataset, buckets, BatchLayout(3))), 2))
+    assert [b.epoch for b in batches] == [0, 1]  # second batch: 2 samples of pass 0, 1 of pass 1

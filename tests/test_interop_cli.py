@@ -123,3 +123,14 @@ def test_documentation_maps_every_release_field():
     text = DOCS.read_text()
     rows = set(re.findall(r"^\| `(\w+)` \|", text, flags=re.M))
     assert set(RELEASE_FIELDS) <= rows, sorted(set(RELEASE_FIELDS) - rows)
+
+
+def test_a_native_source_is_converted_to_the_requested_dtype(tmp_path):
+    from safetensors.torch import load_file
+
+    from nextstep.cli import main
+    write_release_checkpoint(tmp_path / "release", ReleaseShapes(vocab_size=320), vocabulary="small", num_shards=2)
+    assert main(["convert", str(tmp_path / "release"), str(tmp_path / "native")]) == 0
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    dtypes = {t.dtype for p in (tmp_path / "bf16").glob("model*.safetensors") for t in load_file(str(p)).values()}
+    assert dtypes == {torch.bfloat16}

@@ -319,3 +319,10 @@ def test_files_written_atomically_have_an_ordinary_files_mode_whoever_writes_the
     atomic_write_text(tmp_path / "text.json", "{}")
     for name in ("tensors.safetensors", "text.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_any_one_marker_makes_a_folder_replaceable(tmp_path):
+    from nextstep.io import check_replaceable
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text("{}")
+    check_replaceable(tmp_path / "d", ("config.json", "ae.safetensors"))

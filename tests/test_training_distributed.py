@@ -160,3 +160,14 @@ def test_a_sharded_tokenizer_recipe_writes_and_evaluates_its_tokenizer(tmp_path)
     for name, tensor in written.items():
         assert torch.equal(tensor, average[name] if name in average else raw[name]), name
     assert (tmp_path / "run" / "eval" / "report.json").is_file()
+
+
+def test_the_collectives_average_add_and_gather_in_rank_order(tmp_path):
+    import json
+
+    from training_helpers import collectives_worker
+
+    _join_two_processes(collectives_worker, (2, free_port(), str(tmp_path)), 60.0)
+    for rank in range(2):
+        mean, total, gathered = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert mean == [0.5, 2.0] and total == [1.0] and gathered == [0, 1]

@@ -146,3 +146,16 @@ def damaged_average_worker(rank: int, world_size: int, port: int, output_dir: st
         Path(output_dir, f"resume-{rank}.txt").write_text(outcome)
     finally:
         context.shutdown()
+
+
+def collectives_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """One process of a CPU/gloo job writing ``<rank>.json``: the mean of [rank, 2], the sum of [rank] and
+    the gathered ranks."""
+    import json
+
+    context = gloo_context(rank, world_size, port)
+    try:
+        result = (context.mean([float(rank), 2.0]), context.sum([float(rank)]), context.gather_objects(rank))
+        Path(out, f"{rank}.json").write_text(json.dumps(result))
+    finally:
+        context.shutdown()
