@@ -74,3 +74,15 @@ def test_bad_shapes_name_what_was_expected():
         layer_norm_modulate(x, torch.zeros(2, 7), torch.zeros(2, 8))
     with pytest.raises(ValueError, match=r"x must have shape \(N, W\)"):
         layer_norm_modulate(torch.zeros(8), torch.zeros(8), torch.zeros(8))
+
+
+def test_the_reference_is_the_head_s_own_normalise_and_modulate():
+    """Checked against the head's layers, not only against the kernel: the final layer's affine-free
+    LayerNorm (its eps) followed by ``modulate``, whose scale enters as 1 + scale."""
+    from nextstep.layers.adaln import AdaLNFinalLayer, modulate
+
+    generator = torch.Generator().manual_seed(0)
+    x, shift, scale = (torch.randn(5, 48, generator=generator) for _ in range(3))
+    norm = AdaLNFinalLayer(48, 16).norm_final
+    torch.testing.assert_close(layer_norm_modulate_reference(x, shift, 1 + scale),
+                               modulate(norm(x), shift, scale), rtol=1e-6, atol=1e-6)

@@ -36,3 +36,14 @@ def test_reference_is_silu_times_up():
 def test_bad_shapes_name_what_was_expected():
     with pytest.raises(ValueError, match=r"up must have the shape of gate \(2, 3\), found \(2, 4\)"):
         swiglu(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_the_reference_is_the_backbone_mlp_s_own_activation():
+    """Checked against the backbone's layer, not only against the kernel: silu of the gate times up."""
+    from nextstep.backbones.qwen2 import Qwen2BackboneConfig, Qwen2MLP
+
+    torch.manual_seed(0)
+    mlp = Qwen2MLP(Qwen2BackboneConfig(vocab_size=16, hidden_size=32, intermediate_size=48, num_layers=1,
+                                       num_heads=4, num_kv_heads=2))
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(mlp.down_proj(swiglu_reference(mlp.gate_proj(x), mlp.up_proj(x))), mlp(x))
