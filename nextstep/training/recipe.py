@@ -343,6 +343,7 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
             (`LatentCacheDataset.check_tokenizer`) or whose images are not among the run's buckets;
             a cache there of another encoder, dataset or buckets.
     """
+    from nextstep.training.data.base import sample_kind_of
     from nextstep.training.data.latent_cache import (
         INDEX_FILE,
         LatentCacheConfig,
@@ -359,7 +360,7 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
     config = recipe.data
     buckets = config.buckets(model.image_tokenizer.pixels_per_token)
     datasets, repeats = build_datasets(config)
-    kinds = sorted({getattr(dataset, "sample_kind", "text_to_image") for dataset in datasets})
+    kinds = sorted({sample_kind_of(dataset) for dataset in datasets})
     if recipe.preference and kinds != ["preference"]:  # before any cache is built or the run folder written
         raise ValueError(f"a preference recipe trains on preference pairs (a chosen and a rejected image), "
                          f"found {' and '.join(kinds)} data; use a preference dataset such as preference_manifest")
@@ -453,13 +454,13 @@ def reads_latent_caches(recipe: RecipeConfig) -> bool:
     return bool(recipe.data.latent_cache) or any(spec.get("type") == "latent_cache" for spec in recipe.data.datasets)
 
 
-def record_latent_caches(recipe: RecipeConfig, output_dir: Path) -> None:
-    """Write how the run reads its datasets (`latent_cache_record`) into the run folder, for
+def record_latent_caches(recipe: RecipeConfig, output_dir: Path, here: dict | None = None) -> None:
+    """Write how the run reads its datasets (``here``, default `latent_cache_record`) into the run folder, for
     `check_latent_caches` when the run resumes: when it reads a latent cache, or keeps an earlier
     record current (a run that reads images only needs none: its recipe says how it read them)."""
     path = output_dir / LATENT_CACHE_RECORD_FILE
     if reads_latent_caches(recipe) or path.is_file():
-        atomic_write_text(path, json.dumps(latent_cache_record(recipe), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(here or latent_cache_record(recipe), indent=2) + "\n")
 
 
 def _saved_latent_cache_record(output_dir: Path) -> dict | None:
@@ -499,12 +500,15 @@ def _same_batches(there: dict, here: dict) -> bool:
     return there.get("read_from") == here.get("read_from") and there.get("source_order") == here.get("source_order")
 
 
-def check_latent_caches(recipe: RecipeConfig, output_dir: Path, has_checkpoint: bool) -> None:
+def check_latent_caches(recipe: RecipeConfig, output_dir: Path, has_checkpoint: bool,
+                        here: dict | None = None) -> None:
     """Refuse to resume the run in ``output_dir`` when its data would reach the steps in other batches than
     before: a ``latent_cache`` dataset whose cache changed since (another fingerprint or sample count), or
     a ``data.latent_cache`` turned on, off or moved between a cache and images (or another cache) that
     order the samples differently. What a run from before the record (`record_latent_caches`) read
     from a cache, or another recipe's datasets (`check_resumable` names them), is not compared.
+
+    ``here``: how this run reads its datasets (default `latent_cache_record`).
 
     Raises:
         ValueError: naming the dataset, what differs (there and here) and what to do.
@@ -512,7 +516,7 @@ def check_latent_caches(recipe: RecipeConfig, output_dir: Path, has_checkpoint: 
     saved = _saved_latent_cache_record(output_dir) if has_checkpoint else None
     if saved is None:
         return
-    there_entries, here = saved.get("datasets"), latent_cache_record(recipe)
+    there_entries, here = saved.get("datasets"), here or latent_cache_record(recipe)
     if not isinstance(there_entries, list) or len(there_entries) != len(here["datasets"]):
         return
     problems, advice = [], RESUME_ADVICE
@@ -723,9 +727,11 @@ def _comparable_dataset(spec: dict) -> dict:
     return {"type": fields["type"], **config.to_dict(), "repeat": repeat}
 
 
-def check_reference_model(recipe: RecipeConfig, output_dir: Path, has_checkpoint: bool) -> None:
+def check_reference_model(recipe: RecipeConfig, output_dir: Path, has_checkpoint: bool,
+                          found: str | None = None) -> None:
     """Refuse to resume a preference run whose start model (its reference) is no longer the one it began
-    with: the files at the recipe's ``model`` changed since (`nextstep.pretrained.model_fingerprint`).
+    with: the files at the recipe's ``model`` changed since (`nextstep.pretrained.model_fingerprint`;
+    ``found``, when the caller has it already).
 
     Raises:
         ValueError: naming the model and both fingerprints.
@@ -735,7 +741,7 @@ def check_reference_model(recipe: RecipeConfig, output_dir: Path, has_checkpoint
     saved = read_json_object(output_dir / REFERENCE_FILE) if (output_dir / REFERENCE_FILE).is_file() else None
     if not has_checkpoint or saved is None or saved.get("model") != recipe.model:
         return  # nothing to resume, a run from before the record, or another model (check_resumable names it)
-    found = model_fingerprint(recipe.model)
+    found = found or model_fingerprint(recipe.model)
     if saved.get("fingerprint") != found:
         raise ValueError(
             f"{output_dir} began preference training against {recipe.model} as it was then (fingerprint "
@@ -743,12 +749,12 @@ def check_reference_model(recipe: RecipeConfig, output_dir: Path, has_checkpoint
             f"resumed run's reference model would be another; put that model back, or {RESUME_ADVICE}")
 
 
-def record_reference_model(recipe: RecipeConfig, output_dir: Path) -> None:
-    """Write which start model (its `nextstep.pretrained.model_fingerprint`) a preference run trains against,
-    for `check_reference_model` when the run resumes."""
+def record_reference_model(recipe: RecipeConfig, output_dir: Path, found: str | None = None) -> None:
+    """Write which start model (its `nextstep.pretrained.model_fingerprint`, ``found`` when the caller has it
+    already) a preference run trains against, for `check_reference_model` when the run resumes."""
     from nextstep.pretrained import model_fingerprint
 
-    record = {"model": recipe.model, "fingerprint": model_fingerprint(recipe.model)}
+    record = {"model": recipe.model, "fingerprint": found or model_fingerprint(recipe.model)}
     atomic_write_text(output_dir / REFERENCE_FILE, json.dumps(record, indent=2) + "\n")
 
 
@@ -786,6 +792,7 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
         model: the model ``build_recipe_model(recipe)`` gave, when the caller built it already
             (preference rounds draw with it first); it is trained in place. None builds it.
     """
+    from nextstep.pretrained import model_fingerprint
     from nextstep.training.checkpointing import is_sharded
     from nextstep.training.distributed import DistributedContext
     from nextstep.training.export import export_model
@@ -815,16 +822,19 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | Path, *, resume: bool = T
         else:
             task = TextToImageTask.from_train_config(model, recipe.train)
         trainer = Trainer(task, data, recipe.train, output_dir, context=context, show_progress=show_progress)
-        if recipe.preference and resume:  # the reference is the start model: a resumed run needs the same one
-            check_reference_model(recipe, output_dir, trainer.checkpoints.holds_checkpoint())
+        reading = latent_cache_record(recipe)  # how this run reads its data, checked and then recorded
+        reference = model_fingerprint(recipe.model) if recipe.preference else None
         if resume:
-            check_latent_caches(recipe, output_dir, trainer.checkpoints.holds_checkpoint())
+            has_checkpoint = trainer.checkpoints.holds_checkpoint()
+            if recipe.preference:  # the reference is the start model: a resumed run needs the same one
+                check_reference_model(recipe, output_dir, has_checkpoint, reference)
+            check_latent_caches(recipe, output_dir, has_checkpoint, reading)
         open_run_folder(trainer, recipe, resume=resume, run_entries=(LOG_FILE, SAMPLES_DIR, MODEL_DIR),
                         check_checkpoint=lambda latest: check_checkpoint_model(model, latest, recipe.model))
         if context.is_main and recipe.preference:
-            record_reference_model(recipe, output_dir)
+            record_reference_model(recipe, output_dir, reference)
         if context.is_main:
-            record_latent_caches(recipe, output_dir)
+            record_latent_caches(recipe, output_dir, reading)
             logger.info("training on %s", data.describe())
         trainer.fit(resume=resume)
         if context.is_main and is_sharded(model):  # FSDP: the last checkpoint holds the whole model

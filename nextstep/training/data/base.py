@@ -116,6 +116,11 @@ class ImageTextBatch:
 SAMPLE_KINDS = ("text_to_image", "editing", "preference")
 
 
+def sample_kind_of(dataset) -> str:
+    """The `SAMPLE_KINDS` entry of ``dataset``: its ``sample_kind``, text-to-image for a dataset that names none."""
+    return getattr(dataset, "sample_kind", "text_to_image")
+
+
 class ImageTextDataset(ABC):
     """A map-style dataset of image-caption pairs.
 

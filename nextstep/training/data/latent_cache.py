@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from nextstep.config import Config, differences_phrase, plain_differences, require, require_count
 from nextstep.io import atomic_path, atomic_write_text, read_json_object
 from nextstep.tokenizers.base import ImageTokenizer, module_identity
-from nextstep.training.data.base import CorruptSampleError, ImageTextDataset, ImageTextSample
+from nextstep.training.data.base import CorruptSampleError, ImageTextDataset, ImageTextSample, sample_kind_of
 from nextstep.training.data.buckets import AspectRatioBuckets
 from nextstep.training.data.loader import collate_samples
 from nextstep.training.data.quality import BadSampleTracker
@@ -300,7 +300,7 @@ def build_latent_cache(
     """
     require_count("batch_size", batch_size)
     require_count("shard_size", shard_size)
-    kind = getattr(dataset, "sample_kind", "text_to_image")
+    kind = sample_kind_of(dataset)
     if kind != "text_to_image":
         raise ValueError(f"{dataset.describe()} holds {kind} samples; latent caches store image-caption pairs "
                          "only, so train them from images (leave data.latent_cache empty)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 
-from nextstep.training.data.base import ImageTextDataset, ImageTextSample
+from nextstep.training.data.base import ImageTextDataset, ImageTextSample, sample_kind_of
 
 
 class ConcatImageTextDataset(ImageTextDataset):
@@ -24,9 +24,9 @@ class ConcatImageTextDataset(ImageTextDataset):
         repeats = list(repeats or [1] * len(datasets))
         if len(repeats) != len(datasets) or any(r < 1 for r in repeats):
             raise ValueError(f"repeats must be one integer >= 1 per dataset, found {repeats}")
-        kinds = {getattr(d, "sample_kind", "text_to_image") for d in datasets}
+        kinds = {sample_kind_of(d) for d in datasets}
         if len(kinds) > 1:
-            listed = ", ".join(f"{d.describe()}: {getattr(d, 'sample_kind', 'text_to_image')}" for d in datasets)
+            listed = ", ".join(f"{d.describe()}: {sample_kind_of(d)}" for d in datasets)
             raise ValueError(f"datasets of one sample kind can be trained together, found several ({listed}): a "
                              "batch holds samples of one kind (an edit's source image, a preference's rejected "
                              "image); train them in separate runs")
