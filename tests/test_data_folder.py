@@ -177,3 +177,34 @@ def test_a_manifest_may_name_files_elsewhere_and_its_bad_fields_are_named(tmp_pa
         manifest.write_text(json.dumps(entry) + "\n")
         with pytest.raises(ValueError, match=expected):
             ImageFolderDataset(ImageFolderConfig(path=str(manifest)))
+
+
+def test_captions_are_read_without_opening_the_images_so_a_broken_one_keeps_its_caption(tmp_path):
+    _write_images(tmp_path, 3)
+    data = (tmp_path / "img001.png").read_bytes()
+    (tmp_path / "img001.png").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path)))
+    assert [dataset.caption(index) for index in range(3)] == [f"picture number {i}" for i in range(3)]
+
+
+def test_a_word_tokenizer_is_fitted_to_the_captions_of_the_samples_that_can_be_read(tmp_path):
+    from types import SimpleNamespace
+
+    from nextstep.training.data import CorruptSampleError, ImageTextDataset
+    from nextstep.training.recipe import RecipeConfig, recipe_text_tokenizer
+
+    class CaptionsThroughImages(ImageTextDataset):  # the default caption: read through the sample
+        def __len__(self):
+            return 3
+
+        def image_size(self, index):
+            return (8, 8)
+
+        def load(self, index):
+            if index == 1:
+                raise CorruptSampleError("sample-1", "broken")
+            return SimpleNamespace(caption=["red apple", "", "blue apple"][index])
+
+    data = SimpleNamespace(streaming=False, dataset=CaptionsThroughImages())
+    tokenizer = recipe_text_tokenizer(RecipeConfig(text_tokenizer={"type": "word", "min_count": 1}), data)
+    assert {"red", "blue", "apple"} <= {word.strip() for word in tokenizer.words}

@@ -145,17 +145,81 @@ def test_a_cache_serves_each_sample_at_its_source_index_so_the_batches_are_those
     assert [key[-8:] for key in older.keys] == [f"img{index}.png" for index in (1, 3, 5, 7, 0, 2, 4, 6)]
 
 
-def test_a_cache_without_the_samples_its_build_could_not_read_is_not_in_source_order(tmp_path, model):
-    from nextstep.training.data import ImageFolderConfig, ImageFolderDataset
+def test_a_sample_the_build_could_not_read_stays_at_its_source_index_and_fails_as_its_image_did(tmp_path, model):
+    from nextstep.training.data import CorruptSampleError, ImageFolderConfig, ImageFolderDataset
+    from nextstep.training.data.loader import BatchAssembler, BatchLayout, TrainingBatches
 
     folder_of_two_shapes(tmp_path / "images")
     data = (tmp_path / "images" / "img2.png").read_bytes()
     (tmp_path / "images" / "img2.png").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
     images = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path / "images")))
+    buckets = AspectRatioBuckets(32, multi_aspect=True)
+    build_latent_cache(model.image_tokenizer, images, buckets, tmp_path / "cache", max_bad_fraction=0.2,
+                       shard_size=2)
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert index["num_samples"] == 7 and [entry["source_index"] for entry in index["dropped_samples"]] == [2]
+    cached = LatentCacheDataset(LatentCacheConfig(str(tmp_path / "cache")))
+    assert len(cached) == 8 and cached.source_indices == list(range(8)) and cached.in_source_order
+    assert cached.keys == [str(path) for path in images.paths] and cached.caption(2) == "picture 2"
+    assert cached.image_size(2) == (32, 32) and cached.locations[2] is None
+    failures = []
+    for dataset in (images, cached):
+        with pytest.raises(CorruptSampleError) as caught:
+            dataset.load(2)
+        failures.append((caught.value.key, caught.value.reason))
+    assert failures[0] == failures[1] and f"{failures[0][0]} ({failures[0][1]})" in cached.known_bad
+
+    # The loader replaces it as it does the image: the same samples in the same batches, the same bad keys.
+    from_images, from_cache = (TrainingBatches(data, buckets, BatchLayout(2), seed=5) for data in (images, cached))
+    assert from_cache.sizes == from_images.sizes
+    read = {name: [] for name in ("images", "cache")}
+    for name, batches, dataset in (("images", from_images, images), ("cache", from_cache, cached)):
+        assembler = BatchAssembler(dataset, batches.sizes)
+        for step in range(8):
+            indices = batches.plan.global_batch(step)
+            batch = assembler[(indices, batches.sizes[indices[0]])]
+            read[name].append((batch.keys, batch.bad_keys, batch.attempted))
+    assert read["cache"] == read["images"]
+    assert any(bad for _, bad, _ in read["images"])
+
+
+def test_a_cache_from_before_dropped_samples_were_recorded_serves_the_others_outside_source_order(tmp_path, model):
+    from nextstep.training.data import ImageFolderConfig, ImageFolderDataset
+
+    folder_of_two_shapes(tmp_path / "images")
+    data = (tmp_path / "images" / "img2.png").read_bytes()
+    (tmp_path / "images" / "img2.png").write_bytes(data[: len(data) // 2])
+    images = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path / "images")))
     build_latent_cache(model.image_tokenizer, images, AspectRatioBuckets(32, multi_aspect=True), tmp_path / "cache",
                        max_bad_fraction=0.2)
+    _drop_recorded(tmp_path / "cache", "dropped_samples")
     cached = LatentCacheDataset(LatentCacheConfig(str(tmp_path / "cache")))
     assert cached.source_indices == [0, 1, 3, 4, 5, 6, 7] and not cached.in_source_order
+    assert len(cached) == 7 and None not in cached.locations
+
+
+def test_a_dropped_sample_whose_caption_the_dataset_cannot_give_raises_for_its_caption_too(tmp_path, model):
+    from nextstep.training.data import CorruptSampleError, ImageTextDataset, ImageTextSample
+
+    class HalfBroken(ImageTextDataset):
+        def __len__(self):
+            return 4
+
+        def image_size(self, index):
+            return (32, 32)
+
+        def load(self, index):
+            if index == 1:
+                raise CorruptSampleError(f"sample-{index}", "broken on purpose")
+            return ShapesDataset(ShapesConfig(num_samples=4, size=32)).load(index)
+
+    build_latent_cache(model.image_tokenizer, HalfBroken(), AspectRatioBuckets(32, multi_aspect=False),
+                       tmp_path / "cache", max_bad_fraction=0.5)
+    cached = LatentCacheDataset(LatentCacheConfig(str(tmp_path / "cache")))
+    assert len(cached) == 4 and cached.in_source_order and isinstance(cached.load(0), ImageTextSample)
+    assert "caption" not in json.loads((tmp_path / "cache" / "index.json").read_text())["dropped_samples"][0]
+    with pytest.raises(CorruptSampleError, match="sample-1: broken on purpose"):
+        cached.caption(1)
 
 
 def test_a_cache_refused_for_another_data_description_alone_says_so(tmp_path, model):

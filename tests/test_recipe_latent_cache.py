@@ -85,7 +85,7 @@ def test_a_resume_that_switches_to_or_from_a_cache_in_another_order_is_refused(t
     run_recipe(_recipe(images, steps=2, multi_aspect=True), tmp_path / "run", show_progress=False)
     refusal = (r"cannot continue with this data: dataset 0 \(folder\) was read from its images there and from the "
                r"latent cache .*00-folder \(in another order than the dataset's: built before caches recorded their "
-               r"samples' source indices, or without samples it could not read\) here, so the resumed steps would "
+               r"samples' source indices, or the samples they could not read\) here, so the resumed steps would "
                r"train on other batches; resume with data.latent_cache=\"\" as the run had it, or pass --no-resume")
     with pytest.raises(ValueError, match=refusal):
         run_recipe(_recipe(images, cache, steps=4, multi_aspect=True), tmp_path / "run", show_progress=False)
@@ -116,3 +116,26 @@ def test_a_resume_over_a_latent_cache_dataset_rebuilt_from_other_data_is_refused
     assert len(_losses(tmp_path / "run")) == 3
     run_recipe(_recipe(cached, steps=1), tmp_path / "run", resume=False, show_progress=False)
     assert (tmp_path / "run" / "earlier-runs" / "1" / "latent_caches.json").is_file()
+
+
+def test_a_run_over_an_unreadable_image_resumed_with_its_cache_switched_on_trains_on_the_same_batches(tmp_path):
+    folder_of_two_shapes(tmp_path / "images")
+    data = (tmp_path / "images" / "img2.png").read_bytes()
+    (tmp_path / "images" / "img2.png").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
+    images = [{"type": "folder", "path": str(tmp_path / "images")}]
+
+    def recipe(cache="", steps=2):
+        built = _recipe(images, cache, steps=steps, multi_aspect=True)
+        built.train.max_bad_fraction = 0.2
+        return built
+
+    runs = {}
+    for name, cache in (("images", ""), ("cache", tmp_path / "cache")):
+        run_recipe(recipe(steps=2), tmp_path / name, show_progress=False)
+        run_recipe(recipe(cache, steps=4), tmp_path / name, show_progress=False)
+        runs[name] = _losses(tmp_path / name)
+    assert runs["cache"] == pytest.approx(runs["images"], abs=1e-4)
+    record = json.loads((tmp_path / "cache" / "latent_caches.json").read_text())
+    assert record["datasets"][0]["source_order"] is True
+    index = json.loads((tmp_path / "cache" / "00-folder" / "index.json").read_text())
+    assert [entry["source_index"] for entry in index["dropped_samples"]] == [2]

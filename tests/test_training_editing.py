@@ -49,3 +49,36 @@ def test_editing_batches_train(tmp_path):
                       show_progress=False)
     records = trainer.fit(resume=False)
     assert len(records) == 2 and all(r.metrics["image_loss"] > 0 for r in records)
+
+
+def test_an_editing_manifest_reads_its_pairs_and_skips_targets_whose_header_cannot_be_read(tmp_path):
+    import json
+
+    import pytest
+    from PIL import Image
+
+    from nextstep.training.data import CorruptSampleError
+    from nextstep.training.data.editing import EditingManifestConfig, EditingManifestDataset
+
+    Image.new("RGB", (40, 24), (200, 0, 0)).save(tmp_path / "before.png")
+    Image.new("RGB", (48, 32), (0, 0, 200)).save(tmp_path / "after.png")
+    (tmp_path / "garbage.png").write_bytes(b"not an image")
+    lines = [{"source": "before.png", "instruction": "make it blue", "target": "after.png"},
+             {"source": "before.png", "instruction": "never read", "target": "garbage.png"},
+             {"source": "missing.png", "instruction": "from nothing", "target": "after.png"}]
+    (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    dataset = EditingManifestDataset(EditingManifestConfig(path=str(tmp_path / "edits.jsonl")))
+    assert dataset.sample_kind == "editing" and len(dataset) == 2 and dataset.scanned == 3
+    assert len(dataset.known_bad) == 1 and "garbage.png (unreadable header" in dataset.known_bad[0]
+    assert dataset.image_size(0) == (48, 32)
+    sample = dataset.load(0)
+    assert sample.caption == "make it blue" and sample.image.size == (48, 32) and sample.source_image.size == (40, 24)
+    assert [dataset.caption(index) for index in range(2)] == ["make it blue", "from nothing"]
+    with pytest.raises(CorruptSampleError, match="missing.png: unreadable image"):
+        dataset.load(1)
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"source": "before.png", "target": "after.png"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl line 1: missing or non-string \['instruction'\]"):
+        EditingManifestDataset(EditingManifestConfig(path=str(tmp_path / "bad.jsonl")))
+    with pytest.raises(FileNotFoundError, match="expected an editing manifest at"):
+        EditingManifestDataset(EditingManifestConfig(path=str(tmp_path / "none.jsonl")))

@@ -213,7 +213,7 @@ def test_samples_the_build_could_not_read_count_against_training_too(tmp_path):
     build_latent_cache(model.image_tokenizer, dataset, AspectRatioBuckets(32, multi_aspect=False),
                        tmp_path / "cache", max_bad_fraction=0.1)
     cached = LatentCacheDataset(LatentCacheConfig(str(tmp_path / "cache")))
-    assert len(cached) == 19 and cached.scanned == 20
+    assert len(cached) == 20 and cached.scanned == 20 and cached.in_source_order
     assert len(cached.known_bad) == 1 and "05.png" in cached.known_bad[0]
     assert TrainingData(cached, AspectRatioBuckets(32, multi_aspect=False)).known_bad == cached.known_bad
 

@@ -308,8 +308,10 @@ def apply_training_settings(model, settings: dict) -> None:
 
 def recipe_text_tokenizer(recipe: RecipeConfig, data):
     """The text tokenizer ``recipe.text_tokenizer`` names, fitted to every caption of ``data``
-    (repeated datasets count once per repeat)."""
+    (repeated datasets count once per repeat; a sample that cannot be read, and whose dataset cannot give
+    its caption without it, is left out)."""
     from nextstep.builders import build_component
+    from nextstep.training.data import CorruptSampleError
 
     spec = recipe.text_tokenizer_spec()
 
@@ -319,7 +321,10 @@ def recipe_text_tokenizer(recipe: RecipeConfig, data):
                              "found a streaming dataset")
         dataset = data.dataset
         for index in range(len(dataset)):
-            yield dataset.caption(index)
+            try:
+                yield dataset.caption(index)
+            except CorruptSampleError:
+                continue
 
     return build_component(spec).fit(captions())
 
@@ -488,7 +493,7 @@ def _read_from(entry: dict) -> str:
         return "its images"
     order = "" if entry.get("source_order") else (
         " (in another order than the dataset's: built before caches recorded their samples' source indices, "
-        "or without samples it could not read)")
+        "or the samples they could not read)")
     return f"the latent cache {entry['read_from']}{order}"
 
 

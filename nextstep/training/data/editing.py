@@ -77,6 +77,10 @@ class EditingManifestDataset(ImageTextDataset):
         return ImageTextSample(key=str(target), caption=instruction, image=open_image(target),
                                source_image=open_image(source))
 
+    def caption(self, index: int) -> str:
+        """Sample ``index``'s instruction, without opening its images."""
+        return self.records[index][1]
+
     def image_size(self, index: int) -> tuple[int, int]:
         return self.sizes[index]
 

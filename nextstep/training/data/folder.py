@@ -159,6 +159,10 @@ class ImageFolderDataset(ImageTextDataset):
         path = self.paths[index]
         return ImageTextSample(key=str(path), caption=self.captions[index], image=open_image(path))
 
+    def caption(self, index: int) -> str:
+        """Sample ``index``'s caption, without opening its image."""
+        return self.captions[index]
+
     def image_size(self, index: int) -> tuple[int, int]:
         return self.sizes[index]
 

@@ -18,10 +18,16 @@ rewrites the index in the current format (as it adds ``tokenizer_fingerprint``
 and ``built_from`` to an index written before they were recorded).
 
 Shards group samples by bucket, and a cache serves its samples in the order of
-their indices in the source dataset: one that holds every sample serves source
-sample ``i`` as its sample ``i``, so that a run reads the same batches from it as
-from the images. Caches written before the source indices were recorded (no
-``sample_order`` in the index) serve their samples in shard order.
+their indices in the source dataset: source sample ``i`` is its sample ``i``, so
+that a run reads the same batches from it as from the images. A sample the build
+could not read is recorded in the index (``dropped_samples``: its source index,
+key, reason, token grid and caption when the dataset could give it) and stays a
+sample of the cache that raises `CorruptSampleError` when loaded, as reading the
+image did, so that the loader replaces it as it would in a run from images.
+Caches written before the source indices were recorded (no ``sample_order`` in
+the index) serve their samples in shard order; caches written before the
+dropped samples were recorded serve the samples they hold in source order,
+without the dropped ones.
 
 Legend: n samples in a shard, N tokens per image, D token dim.
 """
@@ -135,9 +141,11 @@ def sizes_outside(grids, pixels_per_token: int, buckets: AspectRatioBuckets) -> 
 
 def in_source_order(index: dict) -> bool:
     """Whether the cache of ``index`` serves source sample ``i`` as its sample ``i``: it records its samples'
-    source indices (``sample_order``) and holds every one, so that a run reads the same batches from it as
-    from the images."""
-    return index.get("sample_order") == SOURCE_ORDER and index.get("num_samples") == index.get("num_source_samples")
+    source indices (``sample_order``) and holds every one, or records each it dropped (``dropped_samples``),
+    so that a run reads the same batches from it as from the images."""
+    dropped = index.get("dropped_samples", [])
+    return (index.get("sample_order") == SOURCE_ORDER and isinstance(dropped, list)
+            and index.get("num_samples", 0) + len(dropped) == index.get("num_source_samples"))
 
 
 def _sizes_outside_buckets(index: dict, buckets: dict) -> list[str]:
@@ -323,6 +331,7 @@ def build_latent_cache(
     tracker = BadSampleTracker(max_bad_fraction, getattr(dataset, "scanned", len(dataset)),
                                getattr(dataset, "known_bad", []))
     groups: dict[tuple[int, int], list[int]] = {}
+    dropped: list[dict] = []
     for index in range(len(dataset)):
         groups.setdefault(buckets.assign(*dataset.image_size(index)), []).append(index)
     tokenizer = tokenizer.to(device).eval()
@@ -339,6 +348,7 @@ def build_latent_cache(
                     samples.append(dataset.load(index))
                 except CorruptSampleError as error:
                     tracker.update(1, [f"{error.key} ({error.reason})"])
+                    dropped.append(_dropped_sample(dataset, index, error, (height, width), buckets.pixels_per_token))
                     continue
                 loaded.append(index)
                 tracker.update(1, [])
@@ -377,10 +387,25 @@ def build_latent_cache(
         "pixels_per_token": buckets.pixels_per_token,
         "token_dim": int(tokenizer.token_dim),
         "bad_samples": sorted(tracker.bad),
+        "dropped_samples": sorted(dropped, key=lambda entry: entry["source_index"]),
         "shards": shards,
     }
     atomic_write_text(index_path, json.dumps(index, indent=1) + "\n")
     return directory
+
+
+def _dropped_sample(dataset: ImageTextDataset, index: int, error: CorruptSampleError, size: tuple[int, int],
+                    pixels_per_token: int) -> dict:
+    """The index's entry for source sample ``index``, which could not be read (``error``) and belongs to the
+    bucket ``size`` (height, width): its source index, key, reason, token grid (h, w) and, when the dataset
+    knows it without the image, its caption."""
+    entry = {"source_index": index, "key": error.key, "reason": error.reason,
+             "grid": [size[0] // pixels_per_token, size[1] // pixels_per_token]}
+    try:
+        entry["caption"] = dataset.caption(index)
+    except CorruptSampleError:
+        pass
+    return entry
 
 
 def _flush(directory: Path, number: int, pending_tokens: list, keys: list, captions: list, sources: list,
@@ -445,9 +470,13 @@ class LatentCacheDataset(ImageTextDataset):
     """Samples with cached tokens (no images): keys, captions, tokens (N, D) and grids, in the order of
     their indices in the source dataset (in shard order for a cache that predates their record).
 
+    A sample the build could not read (recorded in the index's ``dropped_samples``) is a sample here too,
+    at its source index, whose `load` raises `CorruptSampleError` as reading its image did: the loader
+    replaces it by the next readable sample of its bucket, as in a run from the images.
+
     Attributes:
-        known_bad: the samples that could not be read while the cache was built (excluded), so that
-            training counts them against its limit as it would when reading the images.
+        known_bad: the samples that could not be read while the cache was built, so that training
+            counts them against its limit as it would when reading the images.
         scanned: how many samples the build looked at.
         pixels_per_token: side in pixels of the square one cached token covers.
         token_dim: D, the width of a cached token.
@@ -455,6 +484,7 @@ class LatentCacheDataset(ImageTextDataset):
             None for a cache written before indexes recorded it.
         source_indices: each sample's index in the source dataset, or None for a cache written
             before shards recorded them.
+        locations: each sample's (shard number, row), None for a sample the build could not read.
     """
 
     config_class = LatentCacheConfig
@@ -477,12 +507,17 @@ class LatentCacheDataset(ImageTextDataset):
         self.scanned = int(self.index.get("scanned_samples", self.index.get("num_source_samples", 0)))
         rows = self._shard_rows()
         recorded = all(row[0] is not None for row in rows)
+        self._unreadable: dict[int, str] = {}
+        if recorded and self.in_source_order:
+            for entry in self.index.get("dropped_samples", []):
+                self._unreadable[entry["source_index"]] = entry["reason"]
+                rows.append((entry["source_index"], None, entry["key"], entry.get("caption"), tuple(entry["grid"])))
         if recorded:
             rows.sort(key=lambda row: row[0])
         self.source_indices: list[int] | None = [row[0] for row in rows] if recorded else None
-        self.locations: list[tuple[int, int]] = [row[1] for row in rows]
+        self.locations: list[tuple[int, int] | None] = [row[1] for row in rows]
         self.keys: list[str] = [row[2] for row in rows]
-        self.captions: list[str] = [row[3] for row in rows]
+        self.captions: list[str | None] = [row[3] for row in rows]
         self.grids: list[tuple[int, int]] = [row[4] for row in rows]
         self.token_dim = self._token_dim()
         self._handles: dict[int, object] = {}
@@ -580,12 +615,16 @@ class LatentCacheDataset(ImageTextDataset):
         return self._handles[number]
 
     def load(self, index: int) -> ImageTextSample:
+        if self.locations[index] is None:
+            raise CorruptSampleError(self.keys[index], self._unreadable[self.source_indices[index]])
         number, row = self.locations[index]
         tokens = self._handle(number).get_slice("tokens")[row:row + 1][0].clone()
         return ImageTextSample(key=self.keys[index], caption=self.captions[index], tokens=tokens,
                                grid=self.grids[index])
 
     def caption(self, index: int) -> str:
+        if self.captions[index] is None:  # a dropped sample whose caption the build could not read either
+            self.load(index)
         return self.captions[index]
 
     def image_size(self, index: int) -> tuple[int, int]:

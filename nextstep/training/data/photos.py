@@ -65,5 +65,9 @@ class PhotoCropsDataset(ImageTextDataset):
         crop = random_crop(self.photos, self.config.size, rng, (self.config.min_scale, self.config.max_scale))
         return ImageTextSample(key=f"photo_crops/{self.config.split}/{index}", caption="", image=crop)
 
+    def caption(self, index: int) -> str:
+        """Every crop's caption is empty."""
+        return ""
+
     def describe(self) -> str:
         return f"photo crops ({len(self)} of {self.config.size}px from {len(self.photos)} {self.config.split} photos)"
