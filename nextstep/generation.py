@@ -372,6 +372,9 @@ def generate_tokens(
         raise ValueError(f"use_norm must be True, False or None (the model's setting), found {use_norm!r}")
     if not isinstance(positive_prompt, str):
         raise ValueError(f"positive_prompt must be a str, found {type(positive_prompt).__name__} {positive_prompt!r}")
+    if not isinstance(negative_prompt, str):
+        raise ValueError(f"negative_prompt must be a str (or None for the default), found "
+                         f"{type(negative_prompt).__name__} {negative_prompt!r}")
 
     # A source image is encoded as when its prompt is generated alone, whose first image gets the seed.
     source_seeds = [seed + index * num_images_per_prompt for index in range(len(prompts))]

@@ -155,9 +155,22 @@ def as_image_list(images) -> list[torch.Tensor]:
 
 
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Tile equally sized images into one grid image, row-major."""
+    """Tile equally sized images into one grid image, row-major.
+
+    Raises:
+        TypeError: anything among ``images`` that is not a PIL image (a tensor, say).
+        ValueError: no images, images of several sizes, or ``columns`` that is not None or an integer >= 1.
+    """
+    hint = " (nextstep.images.to_pil converts tensors)"
+    if isinstance(images, (Image.Image, torch.Tensor)):
+        raise TypeError(f"image_grid takes a list of PIL images, found one {type(images).__name__}"
+                        f"{hint if isinstance(images, torch.Tensor) else ''}")
     if not images:
         raise ValueError("expected at least one image, found none")
+    for image in images:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image_grid takes PIL images, found {type(image).__name__}"
+                            f"{hint if isinstance(image, torch.Tensor) else ''}")
     sizes = sorted({image.size for image in images})
     if len(sizes) != 1:
         raise ValueError(f"a grid needs images of one size, found sizes {sizes}")

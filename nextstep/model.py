@@ -20,6 +20,7 @@ from nextstep.backbones.base import Backbone, positions_from_mask
 from nextstep.config import ComponentSpec
 from nextstep.heads.base import ImageHead
 from nextstep.heads.lm_head import LMHead
+from nextstep.heads.time_sampling import check_generator
 from nextstep.layers.word_vectors import WordVectorInput
 from nextstep.model_config import ModelConfig
 from nextstep.registry import registered_name
@@ -241,6 +242,10 @@ class NextStep(nn.Module):
                 must be at least this batch's own count. (A tensor keeps a compiled forward from
                 recompiling for each step's counts.)
         """
+        if not isinstance(batch, SequenceBatch):
+            raise TypeError(f"forward takes a SequenceBatch (from prepare_batch, or SequenceBuilder.collate), found "
+                            f"{type(batch).__name__}")
+        check_generator(generator)
         num_text, num_image = batch.target_counts()
         if denominators is not None:
             denominators = torch.as_tensor(denominators, dtype=torch.float32, device=batch.input_ids.device)
@@ -344,8 +349,13 @@ class NextStep(nn.Module):
             image_first: explicit per-example ordering (B booleans); overrides the draw.
 
         Raises:
-            ValueError: as many captions (or ``image_first`` entries) as images, found otherwise.
+            ValueError: as many captions (or ``image_first`` entries) as images, found otherwise; images
+                that are not a (B, 3, H, W) tensor.
         """
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            found = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, 3, H, W) tensor in [-1, 1], found {found} "
+                             "(nextstep.images.from_pil converts PIL images of one size)")
         if isinstance(captions, str) or not all(isinstance(caption, str) for caption in captions):
             raise ValueError(f"captions must be a list of strings, one per image, found {captions!r:.80}")
         if len(captions) != images.shape[0]:

@@ -235,3 +235,18 @@ def test_training_with_gradient_checkpointing_recomputes_the_adapters_layers():
     assert not backbone.config.gradient_checkpointing and not backbone.model.is_gradient_checkpointing
     # FSDP shards the adapter's decoder layers as their own units.
     assert task.shard_units() == list(backbone.model.layers)
+
+
+def test_an_adapter_path_without_a_model_says_what_it_found(tmp_path):
+    import re
+
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"expected a Hugging Face model directory (with "
+                                                          f"config.json) at '{missing}', found nothing")):
+        HFBackbone(HFBackboneConfig(path=str(missing)))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"at '.*', found a folder without config.json "
+                                                r"\(holding model.safetensors\)"):
+        HFBackbone(HFBackboneConfig(path=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="found a file"):
+        HFBackbone(HFBackboneConfig(path=str(tmp_path / "model.safetensors")))

@@ -365,3 +365,9 @@ def test_resolved_settings_are_the_defaults_a_call_draws_with(tiny_model):
     named = generate_tokens(tiny_model, ["a red circle"], height=32, width=32, seed=1, **options)[0]
     default = generate_tokens(tiny_model, ["a red circle"], height=32, width=32, seed=1, num_steps=2)[0]
     assert torch.equal(named, default)
+
+
+@pytest.mark.parametrize("negative", [123, ["blurry"]])
+def test_a_negative_prompt_that_is_not_text_is_named(tiny_model, negative):
+    with pytest.raises(ValueError, match=r"negative_prompt must be a str \(or None for the default\), found "):
+        generate_tokens(tiny_model, ["a"], num_steps=2, negative_prompt=negative)

@@ -189,3 +189,16 @@ def test_guided_velocity_passes_time_and_progress_to_custom_guidance():
         velocity(torch.randn(3, 8), torch.full((3,), 0.5))
     assert seen["shape"] == (2, 3, 8) and seen["progress"] == 0.25
     torch.testing.assert_close(seen["t"], torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize("guidance, shape", [
+    (ClassifierFreeGuidance(3.0), (3, 4, 8)),
+    (ClassifierFreeGuidance(3.0), (4, 8)),
+    (ImageEditingGuidance(3.0, 1.5), (2, 4, 8)),
+    (NoGuidance(), (2, 4, 8)),
+])
+def test_guidance_refuses_predictions_of_another_number_of_branches(guidance, shape):
+    with pytest.raises(ValueError, match=rf"{type(guidance).__name__} combines predictions of shape "
+                                         rf"\({guidance.num_branches}, N, D\), one per branch, found "
+                                         rf"\({', '.join(map(str, shape))},?\)"):
+        guidance.combine(torch.randn(shape))

@@ -307,3 +307,28 @@ def test_layer_inputs_and_sizes_are_checked():
     before = norm(x)
     norm.eps = 10.0  # a changed eps takes effect on every device path
     assert not torch.allclose(norm(x), before)
+
+
+def test_velocity_takes_one_condition_row_per_token_and_tokens_of_the_head_width():
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=8, condition_dim=4, width=16, depth=1))
+    x, t = torch.randn(3, 8), torch.rand(3)
+    for condition in (torch.randn(1, 4), torch.randn(4), torch.randn(2, 4), torch.randn(3, 5)):  # none broadcast
+        message = f"condition must have shape (3, 4), one row per token of x_t, found {tuple(condition.shape)}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            head.velocity(x, t, condition)
+    with pytest.raises(ValueError, match=re.escape("x_t must have shape (N, 8) and t shape (N,), one time per token, "
+                                                   "found (3, 6) and (3,)")):
+        head.velocity(torch.randn(3, 6), t, torch.randn(3, 4))
+    with pytest.raises(ValueError, match=re.escape("found (3, 8) and a float")):
+        head.velocity(x, 0.5, torch.randn(3, 4))
+
+
+def test_a_seed_given_as_the_generator_is_named():
+    from nextstep.heads import sample_times
+
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=8, condition_dim=4, width=16, depth=1))
+    message = r"generator must be a torch\.Generator or None, found int 0 \(torch\.Generator\(\)\.manual_seed\(seed\)"
+    with pytest.raises(TypeError, match=message):
+        head.loss(torch.randn(3, 8), torch.randn(3, 4), generator=0)
+    with pytest.raises(TypeError, match=message):
+        sample_times(4, generator=0)

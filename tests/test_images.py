@@ -95,3 +95,13 @@ def test_the_grid_is_the_square_root_rounded_up_wide_by_default():
 
     assert image_grid(_colours(3)).size == (8, 8)
     assert image_grid(_colours(2)).size == (8, 4)
+
+
+def test_a_grid_of_tensors_points_to_to_pil():
+    with pytest.raises(TypeError, match=r"image_grid takes PIL images, found Tensor "
+                                        r"\(nextstep.images.to_pil converts tensors\)"):
+        image_grid([torch.zeros(3, 8, 8)])
+    with pytest.raises(TypeError, match="image_grid takes a list of PIL images, found one Tensor"):
+        image_grid(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(TypeError, match="image_grid takes PIL images, found str$"):
+        image_grid([Image.new("RGB", (4, 4)), "image.png"])

@@ -194,3 +194,19 @@ def test_meta_build_of_the_published_shape_allocates_nothing():
             backbone.num_heads, backbone.num_kv_heads) == (152064, 5120, 13824, 48, 40, 8)
     assert (backbone.rope_theta, backbone.rms_norm_eps, backbone.attention_bias, backbone.output_attention_bias) == \
         (1000000.0, 1e-5, True, False)
+
+
+def test_training_entry_points_name_what_they_take(tiny_model):
+    from PIL import Image
+
+    with pytest.raises(ValueError, match=r"images must be a \(B, 3, H, W\) tensor in \[-1, 1\], found list "
+                                         r"\(nextstep\.images\.from_pil converts PIL images of one size\)"):
+        tiny_model.prepare_batch([Image.new("RGB", (32, 32))], ["a"])
+    with pytest.raises(ValueError, match=r"found \(3, 32, 32\)"):
+        tiny_model.prepare_batch(torch.zeros(3, 32, 32), ["a"])
+    with pytest.raises(TypeError, match=r"forward takes a SequenceBatch \(from prepare_batch, or "
+                                        r"SequenceBuilder\.collate\), found Tensor"):
+        tiny_model(torch.zeros(1, 3, 32, 32))
+    batch = tiny_model.prepare_batch(torch.zeros(1, 3, 32, 32), ["a"])
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None, found int 7"):
+        tiny_model(batch, generator=7, context_noise=0.1)

@@ -136,3 +136,42 @@ def test_denormalising_inverts_the_scale_and_shift():
     torch.testing.assert_close(
         denormalize_latents(normalize_latents(z, "scale_shift", scale=0.5, shift=0.25), "scale_shift",
                             scale=0.5, shift=0.25), z)
+
+
+def test_latents_of_another_channel_count_are_refused_before_they_become_tokens():
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4))  # 16 channels
+    with pytest.raises(ValueError, match="latents must have 16 channels, found 8"):
+        vae.patchify(torch.zeros(1, 8, 4, 4))
+
+
+def test_unpatchify_names_a_grid_side_that_is_not_an_integer():
+    tokens = torch.zeros(1, 4, 12)
+    with pytest.raises(ValueError, match="grid_height must be a positive integer, found float 2.0"):
+        tokenizer.unpatchify(tokens, 2.0, 2)
+    with pytest.raises(ValueError, match="grid_width must be a positive integer, found float 2.0"):
+        tokenizer.unpatchify(tokens, 2, 2.0)
+    assert tokenizer.unpatchify(tokens, np.int64(2), torch.tensor(2)).shape == (1, 3, 4, 4)
+
+
+def test_decoding_latents_of_another_dtype_says_which():
+    latents = torch.zeros(1, 3, 2, 2)
+    with pytest.raises(ValueError, match="latents are torch.float64 but the decoder's weights torch.float32; cast"):
+        tokenizer.decode(latents.double())
+    with pytest.raises(ValueError, match="latents must be floating point, found torch.int64"):
+        tokenizer.decode(latents.long())
+
+
+def test_images_in_zero_one_pass_with_a_warning_naming_the_fix(caplog):
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4))
+    unit = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="nextstep.tokenizers.base"):
+        vae.check_images(torch.zeros(1, 3, 8, 8))  # a constant image says nothing
+        vae.check_images(unit * 2 - 1)
+        assert not caplog.records
+        vae.check_images(unit)
+        vae.check_images(unit)  # once is enough
+    assert len(caplog.records) == 1
+    low, high = unit.min().item(), unit.max().item()
+    assert caplog.records[0].getMessage() == (
+        f"the images' values all lie in [{low:.2f}, {high:.2f}]; images are expected in [-1, 1] "
+        "(x * 2 - 1 converts images in [0, 1])")

@@ -397,3 +397,20 @@ def test_a_shift_that_crowds_the_grid_is_refused(shift):
         with pytest.raises(ValueError, match=message):
             make()
     assert time_grid(8, shift, dtype=torch.float64).diff().gt(0).all()  # float64 still tells the times apart
+
+
+@pytest.mark.parametrize("grid, found", [
+    (torch.tensor([1.0, 0.5, 0.0]), r"found \[1\.0, 0\.5, 0\.0\]"),  # the sigma convention, from noise level 1 to 0
+    (torch.tensor([0.0, 0.5, 0.5, 1.0]), r"found \[0\.0, 0\.5, 0\.5, 1\.0\]"),
+    (torch.tensor([0.0]), r"found shape \(1,\)"),
+    (torch.zeros(2, 3), r"found shape \(2, 3\)"),
+    ([0.0, 0.5, 1.0], "found a list"),
+])
+@pytest.mark.parametrize("name", component_names("sampler"))
+def test_every_sampler_refuses_a_time_grid_that_does_not_run_from_noise_to_data(name, grid, found):
+    sampler = component_class("sampler", name)()
+    noise = torch.randn(3, 4)
+    step_noise = torch.randn(4, 3, 4)
+    with pytest.raises(ValueError, match=r"time_grid must be a 1-D tensor of at least 2 increasing times \(t=0 noise, "
+                                         rf"t=1 data\), {found}"):
+        sampler.sample(lambda x, t: -x, noise, grid, step_noise)

@@ -45,6 +45,9 @@ class CrashingLoss(FlowMatchingHead):
     def check_shapes(self, **tensors):  # no shape check: a wrong width fails deep inside
         pass
 
+    def velocity(self, x_t, t, condition):
+        return self.net(x_t, t, condition)
+
 
 class IgnoresCondition(FlowMatchingHead):
     def velocity(self, x_t, t, condition):
@@ -121,7 +124,7 @@ class UnkeptPromise(MidpointSampler):
 
 class Inexact(EulerSampler):
     def sample(self, velocity_fn, noise, time_grid, step_noise=None):
-        return super().sample(velocity_fn, noise, time_grid[:-1], step_noise)  # stops one step early
+        return super().sample(velocity_fn, noise, time_grid * 0.9, step_noise)  # stops short of the end
 
 
 class OneShot(EulerSampler):

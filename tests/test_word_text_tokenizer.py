@@ -104,3 +104,20 @@ def test_bytes_keep_their_ids_and_other_values_are_refused():
     assert tokenizer.encode("ñ") == [tokenizer.byte_id(b) for b in "ñ".encode()]
     with pytest.raises(ValueError, match="a byte value lies in"):
         tokenizer.byte_id(256)
+
+
+@pytest.mark.parametrize("make", [ByteTextTokenizer, fitted])
+def test_decoding_a_batch_of_ids_names_what_it_found(make):
+    import numpy as np
+    import torch
+
+    tokenizer = make()
+    assert tokenizer.decode(torch.tensor([97, 98])) == tokenizer.decode(np.array([97, 98])) == "ab"
+    with pytest.raises(TypeError, match=r"ids must be a list or 1-D sequence of ints, found a tensor of shape "
+                                        r"\(1, 2\)"):
+        tokenizer.decode(torch.tensor([[97, 98]]))
+    with pytest.raises(TypeError, match=r"ids must be a list or 1-D sequence of ints, found a list holding a list "
+                                        r"\(\[97, 98\]\)"):
+        tokenizer.decode([[97, 98]])
+    with pytest.raises(TypeError, match="ids must be a list or 1-D sequence of ints, found float 97.0 among them"):
+        tokenizer.decode([97.0])

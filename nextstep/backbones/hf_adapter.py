@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,6 +155,20 @@ class HFCache(BackboneCache):
         return new
 
 
+def _check_model_directory(path: Path) -> None:
+    """Raise ``FileNotFoundError`` unless ``path`` is a directory holding ``config.json``, naming what is there."""
+    if (path / "config.json").is_file():
+        return
+    if path.is_dir():
+        names = sorted(child.name for child in path.iterdir())
+        found = (f"a folder without config.json (holding {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                 if names else "an empty folder")
+    else:
+        found = "a file" if path.exists() else "nothing"
+    raise FileNotFoundError(f"expected a Hugging Face model directory (with config.json) at {str(path)!r}, "
+                            f"found {found}")
+
+
 def _dtype_argument() -> str:
     """transformers renamed ``torch_dtype`` to ``dtype`` in 4.56."""
     import transformers
@@ -170,6 +185,9 @@ class HFBackbone(Backbone):
         config: what to load or build.
         model: an already built transformers model to wrap instead (a causal
             LM is reduced to its base model); ``config`` then only records options.
+
+    Raises:
+        FileNotFoundError: ``config.path`` is not a directory holding ``config.json``.
     """
 
     config_class = HFBackboneConfig
@@ -196,8 +214,15 @@ class HFBackbone(Backbone):
 
     @staticmethod
     def _build(config: HFBackboneConfig) -> nn.Module:
+        """The transformers model ``config`` describes.
+
+        Raises:
+            FileNotFoundError: ``path`` is set but is not a directory holding ``config.json``.
+        """
         from transformers import AutoConfig, AutoModel
 
+        if config.path:
+            _check_model_directory(Path(config.path))
         dtype = DTYPES.get(config.dtype, config.dtype)
         # Built on the meta device (a saved NextStep model being loaded, whose file holds these
         # weights): the checkpoint's architecture alone, as transformers loads no weights there.

@@ -123,10 +123,20 @@ class FlowMatchingHead(ImageHead):
         return self.config.condition_dim
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """x_t (N, D), t (N,), condition (N, C) -> velocity (N, D)."""
-        if x_t.ndim != 2 or t.shape != x_t.shape[:1]:
+        """x_t (N, D), t (N,), condition (N, C) -> velocity (N, D).
+
+        Raises:
+            ValueError: naming the expected and the found shapes, unless x_t is (N, D), t a tensor
+                of shape (N,) and condition (N, C).
+        """
+        if (not isinstance(t, torch.Tensor) or x_t.ndim != 2 or x_t.shape[-1] != self.token_dim
+                or t.shape != x_t.shape[:1]):
+            found = tuple(t.shape) if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
             raise ValueError(f"x_t must have shape (N, {self.token_dim}) and t shape (N,), one time per token, found "
-                             f"{tuple(x_t.shape)} and {tuple(t.shape)}")
+                             f"{tuple(x_t.shape)} and {found}")
+        if condition.shape != (x_t.shape[0], self.condition_dim):
+            raise ValueError(f"condition must have shape ({x_t.shape[0]}, {self.condition_dim}), one row per token of "
+                             f"x_t, found {tuple(condition.shape)}")
         return self.net(x_t, t, condition)
 
     def _net_is_the_mlp(self) -> bool:

@@ -7,6 +7,14 @@ import torch
 TIME_SAMPLINGS = ("logit_normal", "uniform")
 
 
+def check_generator(generator: object, name: str = "generator") -> None:
+    """Raise ``TypeError`` unless ``generator`` is a ``torch.Generator`` or None (a seed is not one:
+    ``torch.Generator().manual_seed(seed)`` makes one)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, found {type(generator).__name__} {generator!r:.40} "
+                        "(torch.Generator().manual_seed(seed) makes one from a seed)")
+
+
 def sample_times(
     count: int,
     method: str = "logit_normal",
@@ -35,7 +43,12 @@ def sample_times(
 
     Returns:
         (count,) float32 times in (0, 1).
+
+    Raises:
+        TypeError: a ``generator`` that is not a ``torch.Generator``.
+        ValueError: an unknown ``method``.
     """
+    check_generator(generator)
     if method == "logit_normal":
         normal = torch.randn(count, generator=generator, device=device) * std + mean
         t = torch.sigmoid(normal)

@@ -8,7 +8,7 @@ import torch
 
 from nextstep.config import Config
 from nextstep.registry import register_component
-from nextstep.samplers.base import Sampler, VelocityFn, interval_start_times
+from nextstep.samplers.base import Sampler, VelocityFn, check_time_grid, interval_start_times
 
 
 @dataclass
@@ -63,6 +63,7 @@ class AdamsBashforthSampler(Sampler):
         step_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """noise (N, D), time_grid (S + 1,) -> samples (N, D) at ``time_grid[-1]``."""
+        check_time_grid(time_grid)
         current, previous = adams_bashforth_coefficients(time_grid)
         current, previous = current.to(noise.dtype).unbind(0), previous.to(noise.dtype).unbind(0)
         x, last = noise, None

@@ -131,6 +131,21 @@ def check_step_noise(sampler: Sampler, step_noise: torch.Tensor | None, noise: t
     return step_noise
 
 
+def check_time_grid(time_grid: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``time_grid`` is a 1-D tensor of at least two times, increasing (checked
+    where it is on the CPU, so that a grid on an accelerator is not waited for): noise at the first time,
+    data at the last (`nextstep.samplers.time_grid.time_grid` makes one; a grid from 1 to 0, the sigma
+    convention of other libraries, is flipped)."""
+    expected = "time_grid must be a 1-D tensor of at least 2 increasing times (t=0 noise, t=1 data)"
+    if not isinstance(time_grid, torch.Tensor):
+        raise ValueError(f"{expected}, found a {type(time_grid).__name__}")
+    if time_grid.ndim != 1 or time_grid.shape[0] < 2:
+        raise ValueError(f"{expected}, found shape {tuple(time_grid.shape)}")
+    if time_grid.device.type == "cpu" and not bool((time_grid.diff() > 0).all()):
+        shown = [round(value, 4) for value in time_grid.tolist()[:8]]
+        raise ValueError(f"{expected}, found {shown}{' ...' if time_grid.shape[0] > 8 else ''}")
+
+
 def interval_start_times(time_grid: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
     """Each interval's start time broadcast to a batch: S tensors of shape (rows,)."""
     return time_grid[:-1, None].expand(-1, rows).contiguous().unbind(0)
@@ -147,6 +162,7 @@ def euler_integrate(velocity_fn: VelocityFn, noise: torch.Tensor, time_grid: tor
     Returns:
         (N, D) values at ``time_grid[-1]``.
     """
+    check_time_grid(time_grid)
     x = noise
     steps = time_grid.diff().to(noise.dtype).unbind(0)
     for t, dt in zip(interval_start_times(time_grid, noise.shape[0]), steps):

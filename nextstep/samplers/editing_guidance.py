@@ -8,6 +8,7 @@ from nextstep.samplers.guidance import (
     FULL_INTERVAL,
     Guidance,
     check_interval,
+    check_predictions,
     check_renorm,
     check_scale,
     limit_guidance,
@@ -51,6 +52,7 @@ class ImageEditingGuidance(Guidance):
         self.renorm = check_renorm(renorm)
 
     def combine(self, predictions, t=None, progress=0.0) -> torch.Tensor:
+        check_predictions(self, predictions)
         conditional, with_image, without_image = predictions[0], predictions[1], predictions[2]
         scale = scheduled_scale(self.scale, self.schedule, progress)
         image_scale = scheduled_scale(self.image_scale, self.schedule, progress)

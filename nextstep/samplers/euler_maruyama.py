@@ -11,7 +11,14 @@ import torch
 
 from nextstep.config import Config, require
 from nextstep.registry import register_component
-from nextstep.samplers.base import Sampler, VelocityFn, check_step_noise, euler_integrate, interval_start_times
+from nextstep.samplers.base import (
+    Sampler,
+    VelocityFn,
+    check_step_noise,
+    check_time_grid,
+    euler_integrate,
+    interval_start_times,
+)
 from nextstep.samplers.time_grid import truncated_time_grid
 
 
@@ -78,6 +85,7 @@ class EulerMaruyamaSampler(Sampler):
         ``step_noise`` holds S slices, as every stochastic sampler takes; only the first
         ``S - 1`` are used when ``last_step_size > 0`` (the last step is deterministic).
         """
+        check_time_grid(time_grid)
         num_steps = time_grid.shape[0] - 1
         if step_noise is None:
             return euler_integrate(velocity_fn, noise, time_grid)

@@ -11,7 +11,14 @@ import torch
 
 from nextstep.config import OMITTED_WHEN_DEFAULT, Config, require
 from nextstep.registry import register_component
-from nextstep.samplers.base import Sampler, VelocityFn, check_step_noise, euler_integrate, interval_start_times
+from nextstep.samplers.base import (
+    Sampler,
+    VelocityFn,
+    check_step_noise,
+    check_time_grid,
+    euler_integrate,
+    interval_start_times,
+)
 
 #: What `FlowSDESamplerConfig.first_step` may be.
 FIRST_STEP_CHOICES = ("release", "next_time")
@@ -74,6 +81,7 @@ class FlowSDESampler(Sampler):
         step_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """noise (N, D), time_grid (S + 1,), step_noise (S, N, D) -> samples (N, D)."""
+        check_time_grid(time_grid)
         num_steps = time_grid.shape[0] - 1
         if step_noise is None or self.config.noise_level == 0:
             return euler_integrate(velocity_fn, noise, time_grid)

@@ -54,10 +54,18 @@ class NoGuidance(Guidance):
     num_branches = 1
 
     def combine(self, predictions, t=None, progress=0.0) -> torch.Tensor:
+        check_predictions(self, predictions)
         return predictions[0]
 
 
 FULL_INTERVAL = (0.0, 1.0)
+
+
+def check_predictions(guidance: Guidance, predictions: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``predictions`` is (G, N, D) with G the guidance's ``num_branches``."""
+    if predictions.ndim != 3 or predictions.shape[0] != guidance.num_branches:
+        raise ValueError(f"{type(guidance).__name__} combines predictions of shape ({guidance.num_branches}, N, D), "
+                         f"one per branch, found {tuple(predictions.shape)}")
 
 
 def check_scale(name: str, value: float, low: float = 0.0) -> float:
@@ -147,6 +155,7 @@ class ClassifierFreeGuidance(Guidance):
         self.renorm = check_renorm(renorm)
 
     def combine(self, predictions, t=None, progress=0.0) -> torch.Tensor:
+        check_predictions(self, predictions)
         conditional, unconditional = predictions[0], predictions[1]
         scale = scheduled_scale(self.scale, self.schedule, progress)
         guided = torch.lerp(unconditional, conditional, scale)

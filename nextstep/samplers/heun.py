@@ -8,7 +8,7 @@ import torch
 
 from nextstep.config import Config
 from nextstep.registry import register_component
-from nextstep.samplers.base import Sampler, VelocityFn
+from nextstep.samplers.base import Sampler, VelocityFn, check_time_grid
 
 
 @dataclass
@@ -40,6 +40,7 @@ class HeunSampler(Sampler):
         step_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """noise (N, D), time_grid (S + 1,) -> samples (N, D) at ``time_grid[-1]``."""
+        check_time_grid(time_grid)
         times = time_grid[:, None].expand(-1, noise.shape[0]).contiguous().unbind(0)  # (S + 1) x (N,)
         steps = time_grid.diff().to(noise.dtype)
         half_steps = (0.5 * steps).unbind(0)

@@ -8,7 +8,7 @@ import torch
 
 from nextstep.config import Config
 from nextstep.registry import register_component
-from nextstep.samplers.base import Sampler, VelocityFn
+from nextstep.samplers.base import Sampler, VelocityFn, check_time_grid
 
 
 @dataclass
@@ -43,6 +43,7 @@ class MidpointSampler(Sampler):
         step_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """noise (N, D), time_grid (S + 1,) -> samples (N, D) at ``time_grid[-1]``."""
+        check_time_grid(time_grid)
         rows = noise.shape[0]
         starts = time_grid[:-1, None].expand(-1, rows).contiguous().unbind(0)  # S x (N,)
         centres = midpoint_times(time_grid)[:, None].expand(-1, rows).contiguous().unbind(0)

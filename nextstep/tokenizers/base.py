@@ -9,6 +9,7 @@ Conventions:
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -28,6 +29,8 @@ from nextstep.tokenizers.special_tokens import (
     IMAGE_PLACEHOLDER,
     PAD,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def module_identity(module: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
@@ -124,10 +127,17 @@ class ImageTokenizer(nn.Module, ABC):
         return sides[0], sides[1]
 
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
-        """Space-to-depth: (B, C, H, W) -> (B, H/p * W/p, C*p*p), features (c, p, q)."""
+        """Space-to-depth: (B, C, H, W) -> (B, H/p * W/p, C*p*p), features (c, p, q).
+
+        Raises:
+            ValueError: if ``latents`` are not 4-D, have other than `latent_channels` channels, or
+                sides that are not multiples of `patch_size`.
+        """
         if latents.ndim != 4:
             raise ValueError(f"latents must have shape (B, C, H, W), found {tuple(latents.shape)}")
-        _, _, height, width = latents.shape
+        _, channels, height, width = latents.shape
+        if channels != self.latent_channels:
+            raise ValueError(f"latents must have {self.latent_channels} channels, found {channels}")
         p = self.patch_size
         if height % p or width % p:
             raise ValueError(
@@ -137,7 +147,19 @@ class ImageTokenizer(nn.Module, ABC):
         return rearrange(latents, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
 
     def unpatchify(self, tokens: torch.Tensor, grid_height: int, grid_width: int) -> torch.Tensor:
-        """Depth-to-space: (B, h*w, C*p*p) -> (B, C, h*p, w*p); the inverse of `patchify`."""
+        """Depth-to-space: (B, h*w, C*p*p) -> (B, C, h*p, w*p); the inverse of `patchify`.
+
+        Raises:
+            ValueError: if ``grid_height`` or ``grid_width`` is not a positive integer, or ``tokens``
+                are not (B, h*w, `token_dim`).
+        """
+        sides = []
+        for name, value in (("grid_height", grid_height), ("grid_width", grid_width)):
+            side = as_integer(value)
+            if side is None or side <= 0:
+                raise ValueError(f"{name} must be a positive integer, found {described(value)}")
+            sides.append(side)
+        grid_height, grid_width = sides
         if tokens.ndim != 3 or tokens.shape[1:] != (grid_height * grid_width, self.token_dim):
             raise ValueError(
                 f"tokens must have shape (B, {grid_height * grid_width}, {self.token_dim}) for a "
@@ -149,7 +171,15 @@ class ImageTokenizer(nn.Module, ABC):
         )
 
     def check_images(self, images: torch.Tensor) -> None:
-        """Raise ``ValueError`` unless ``images`` is (B, 3, H, W) in [-1, 1] with H, W multiples of f."""
+        """Check that ``images`` are (B, 3, H, W), floating, in [-1, 1], with H, W multiples of f.
+
+        Images whose values all lie in [0, 1] (not all equal) pass with a warning, the first time
+        this tokenizer sees such images: they are likely [0, 1] images not yet mapped to [-1, 1].
+
+        Raises:
+            ValueError: a wrong shape, a non-floating dtype, sides that are not positive multiples of
+                `downsample`, or values that are not finite or lie outside [-1, 1].
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W), found {tuple(images.shape)}")
         if not images.is_floating_point():
@@ -169,6 +199,10 @@ class ImageTokenizer(nn.Module, ABC):
                 raise ValueError(
                     f"image values must lie in [-1, 1], found range [{low:.3f}, {high:.3f}]"
                 )
+            if 0.0 <= low < high <= 1.0 and not getattr(self, "_warned_unit_range", False):
+                self._warned_unit_range = True
+                logger.warning("the images' values all lie in [%.2f, %.2f]; images are expected in [-1, 1] "
+                               "(x * 2 - 1 converts images in [0, 1])", low, high)
 
 
 class TextTokenizer(ABC):

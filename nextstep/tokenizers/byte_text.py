@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nextstep.config import Config
+from nextstep.config import Config, as_integer, described
 from nextstep.registry import register_component
 from nextstep.tokenizers.base import TextTokenizer
 from nextstep.tokenizers.special_tokens import END_OF_TEXT, NEXTSTEP_SPECIAL_TOKENS
@@ -36,10 +36,15 @@ class ByteTextTokenizer(TextTokenizer):
         return list(text.encode("utf-8", errors="surrogatepass"))  # a lone surrogate too
 
     def decode(self, ids: list[int]) -> str:
+        """Ids (a list or another 1-D sequence of ints: a 1-D tensor or array too) -> text.
+
+        Raises:
+            TypeError: ``ids`` that are not a 1-D sequence of ints (a batch of rows, say).
+            ValueError: an id outside the vocabulary.
+        """
         pieces: list[str] = []
         buffer = bytearray()
-        for token in ids:
-            token = int(token)
+        for token in _id_list(ids):
             if 0 <= token < 256:
                 buffer.append(token)
                 continue
@@ -72,6 +77,29 @@ class ByteTextTokenizer(TextTokenizer):
     @property
     def vocab_size(self) -> int:
         return 256 + len(self.specials)
+
+
+def _id_list(ids) -> list[int]:
+    """``ids`` as a list of ints, or a ``TypeError`` naming what they are instead."""
+    expected = "ids must be a list or 1-D sequence of ints"
+    shape = getattr(ids, "shape", None)
+    if shape is not None:
+        if len(shape) != 1:
+            kind = {"Tensor": "tensor", "ndarray": "array"}.get(type(ids).__name__, type(ids).__name__)
+            raise TypeError(f"{expected}, found a {kind} of shape {tuple(shape)}")
+        ids = ids.tolist()
+    elif isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"{expected}, found {type(ids).__name__} {ids!r}")
+    values = []
+    for token in ids:
+        value = as_integer(token)
+        if value is None:
+            if isinstance(token, (list, tuple)) or getattr(token, "ndim", 0):
+                raise TypeError(f"{expected}, found a {type(ids).__name__} holding a {type(token).__name__} "
+                                f"({token!r})")
+            raise TypeError(f"{expected}, found {described(token)} among them")
+        values.append(value)
+    return values
 
 
 def _decode_bytes(data: bytearray) -> str:

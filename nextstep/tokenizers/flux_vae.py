@@ -339,13 +339,21 @@ class FluxVAE(ImageTokenizer):
         return self.decode(latents)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents (B, C, h, w) -> images (B, 3, h*f, w*f)."""
+        """Normalised latents (B, C, h, w) -> images (B, 3, h*f, w*f).
+
+        Raises:
+            ValueError: latents of another shape, not floating point, or (outside autocast) in
+                another dtype than the decoder's weights.
+        """
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels or not latents.shape[2] \
                 or not latents.shape[3]:
             raise ValueError(
                 f"latents must have shape (B, {self.latent_channels}, h, w) with h, w >= 1, "
                 f"found {tuple(latents.shape)}"
             )
+        if not latents.is_floating_point():
+            raise ValueError(f"latents must be floating point, found {latents.dtype}")
+        check_input_dtype(latents, self.decoder.conv_in.weight.dtype, "latents", "the decoder's")
         latents = denormalize_latents(
             latents, self.config.normalization,
             scale=self.config.scaling_factor, shift=self.config.shift_factor,
