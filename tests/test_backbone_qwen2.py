@@ -176,3 +176,15 @@ def test_moving_or_casting_drops_a_compiled_step():
     assert model._compiled_decode is None
     with pytest.raises(ValueError, match="no torch.compile options"):
         model.compile_decode(ahead_of_time=True, dynamic=False)
+
+
+def test_ids_outside_the_embedding_table_are_named_with_its_range():
+    import re
+
+    backbone = Qwen2Backbone(Qwen2BackboneConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_layers=1,
+                                         num_heads=2, num_kv_heads=1))
+    assert backbone.embed(torch.tensor([[0, 49]])).shape == (1, 2, 16)
+    for ids, found in (([[3, 50]], "from 3 to 50"), ([[-1, 4]], "from -1 to 4")):
+        with pytest.raises(ValueError, match=re.escape(f"input_ids must lie in [0, 50) (the embedding table's rows), "
+                                                       f"found ids {found}")):
+            backbone.embed(torch.tensor(ids))

@@ -398,6 +398,17 @@ class AttentionBackend(ABC):
         """
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise ``ValueError`` naming the range and the ids found unless every id of ``input_ids`` lies in
+    ``[0, vocab_size)``; checked for ids on the CPU only, so that ids on an accelerator are not waited for."""
+    if input_ids.device.type != "cpu" or input_ids.numel() == 0:
+        return
+    low, high = (int(value) for value in torch.aminmax(input_ids))
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}) (the embedding table's rows), found ids from "
+                         f"{low} to {high}")
+
+
 def positions_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
     """Rotary positions that skip padding, and restart at every document of a packed row.
 

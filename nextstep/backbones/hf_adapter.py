@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nextstep.backbones.base import Backbone, BackboneCache
+from nextstep.backbones.base import Backbone, BackboneCache, check_token_ids
 from nextstep.backbones.masks import documents_or_mask, visible_keys
 from nextstep.config import Config, require
 from nextstep.dtypes import DTYPES
@@ -327,8 +327,14 @@ class HFBackbone(Backbone):
         return list(layers) if isinstance(layers, nn.ModuleList) else []
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, L) -> (B, L, H)."""
-        return self.model.get_input_embeddings()(input_ids)
+        """input_ids (B, L) -> (B, L, H).
+
+        Raises:
+            ValueError: ids on the CPU outside the embedding table (`check_token_ids`).
+        """
+        table = self.model.get_input_embeddings()
+        check_token_ids(input_ids, table.num_embeddings)
+        return table(input_ids)
 
     def new_cache(self, batch_size: int, max_length: int, *, device=None, dtype=None) -> HFCache:
         """An `HFCache` around a transformers ``DynamicCache`` (``dtype`` follows the hidden states)."""

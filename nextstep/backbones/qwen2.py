@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nextstep.backbones.ahead_of_time import AheadOfTimeDecodeStep, ahead_of_time_available
 from nextstep.backbones.attention import ATTENTION_BACKENDS, attention_backend
-from nextstep.backbones.base import AttentionBackend, Backbone, KVCache
+from nextstep.backbones.base import AttentionBackend, Backbone, KVCache, check_token_ids
 from nextstep.backbones.masks import attention_mask_for, decode_visible_keys, documents_or_mask, visible_keys
 from nextstep.config import Config, require
 from nextstep.dtypes import check_input_dtype, is_integer_dtype
@@ -290,7 +290,12 @@ class Qwen2Backbone(Backbone):
         self._compiled_decode = None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, L) -> (B, L, H)."""
+        """input_ids (B, L) -> (B, L, H).
+
+        Raises:
+            ValueError: ids on the CPU outside the embedding table (`check_token_ids`).
+        """
+        check_token_ids(input_ids, self.embed_tokens.num_embeddings)
         return self.embed_tokens(input_ids)
 
     def new_cache(self, batch_size: int, max_length: int, *, device=None, dtype=None) -> KVCache:
