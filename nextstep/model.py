@@ -120,6 +120,12 @@ class NextStep(nn.Module):
                 f"with an embedding row) but the model has word vectors for {vectors.count}; the ids "
                 "beyond the embedding table need one word vector each (config word_vectors.count)"
             )
+        defaults = config.generation
+        try:
+            image_tokenizer.grid_size(defaults.height, defaults.width)
+        except ValueError as error:
+            raise ValueError(f"config.generation (the default output size, {defaults.height}x{defaults.width}): "
+                             f"{error}") from None
         self.config = config
         # The tokenizer is trained on its own; the transformer sees its frozen latents.
         image_tokenizer.requires_grad_(False)

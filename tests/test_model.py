@@ -210,3 +210,12 @@ def test_training_entry_points_name_what_they_take(tiny_model):
     batch = tiny_model.prepare_batch(torch.zeros(1, 3, 32, 32), ["a"])
     with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None, found int 7"):
         tiny_model(batch, generator=7, context_noise=0.1)
+
+
+def test_a_default_output_size_the_image_tokenizer_cannot_make_is_refused_when_the_model_is_built():
+    from nextstep.generation_defaults import GenerationDefaults
+
+    config = model_preset("tiny")().replace(generation=GenerationDefaults(height=30, width=32))
+    with pytest.raises(ValueError, match=r"config\.generation \(the default output size, 30x32\): image height must "
+                                         r"be a positive multiple of 16 .*found 30"):
+        build_model(config, seed=0)
