@@ -69,3 +69,43 @@ def test_micro_batch_slots_are_accumulation_major():
     layout = BatchLayout(micro_batch_size=2, gradient_accumulation=2, world_size=2)
     assert [layout.slot(a, r) for a in range(2) for r in range(2)] == [0, 1, 2, 3]
     assert layout.slot(1, 0) == 2 and layout.slot(0, 1) == 1
+
+
+class _Lettered:
+    """A map-style dataset of ``count`` samples named ``<letter><index>``."""
+
+    def __init__(self, letter, count):
+        self.letter, self.count = letter, count
+
+    def __len__(self):
+        return self.count
+
+    def load(self, index):
+        from nextstep.training.data.base import ImageTextSample
+
+        assert 0 <= index < self.count, index
+        return ImageTextSample(key=f"{self.letter}{index}", caption=f"{self.letter}{index}")
+
+    def image_size(self, index):
+        assert 0 <= index < self.count, index
+        return (16, 16)
+
+    def caption(self, index):
+        assert 0 <= index < self.count, index
+        return f"{self.letter}{index}"
+
+
+def test_a_repeated_dataset_is_listed_whole_that_many_times_before_the_next():
+    import pytest
+
+    from nextstep.training.data.mixture import ConcatImageTextDataset
+
+    mixture = ConcatImageTextDataset([_Lettered("a", 2), _Lettered("b", 3)], repeats=[2, 1])
+    order = ["a0", "a1", "a0", "a1", "b0", "b1", "b2"]
+    assert len(mixture) == 7
+    assert [mixture.caption(i) for i in range(7)] == order
+    assert [mixture.load(i).key for i in range(7)] == order
+    assert [mixture.image_size(i) for i in range(7)] == [(16, 16)] * 7
+    for outside in (7, -1):
+        with pytest.raises(IndexError):
+            mixture.caption(outside)

@@ -218,3 +218,14 @@ def test_a_batch_spanning_two_passes_is_named_by_the_later(tmp_path):
     buckets = AspectRatioBuckets(32, multi_aspect=False)
     batches = list(itertools.islice(iter(StreamingTrainingBatches(dataset, buckets, BatchLayout(3))), 2))
     assert [b.epoch for b in batches] == [0, 1]  # second batch: 2 samples of pass 0, 1 of pass 1
+
+
+def test_a_sample_key_is_the_name_up_to_its_first_dot(tmp_path):
+    """WebDataset convention: ``k1.seg.png`` is member ``seg.png`` of sample ``k1``."""
+    path = tmp_path / "dotted.tar"
+    with tarfile.open(path, "w") as archive:
+        for name in ("k1.jpg", "k1.seg.png", "k1.txt", "k2.txt"):
+            _add(archive, name, name.encode())
+    samples = list(read_shard(path))
+    assert [sample.key for sample in samples] == ["k1", "k2"]
+    assert samples[0].members == {"jpg": b"k1.jpg", "seg.png": b"k1.seg.png", "txt": b"k1.txt"}

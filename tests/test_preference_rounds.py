@@ -175,3 +175,35 @@ def test_a_start_model_training_cannot_build_is_refused_before_anything_is_drawn
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         run_preference_rounds(RecipeConfig.from_dict({**_recipe("tiny"), **fields}), tmp_path / "rounds", rounds=1)
     assert not (tmp_path / "rounds").exists()
+
+
+def test_a_round_interrupted_after_a_checkpoint_resumes_its_training_from_it(tiny_model, tmp_path, monkeypatch):
+    from nextstep.training.checkpointing import CheckpointManager
+    from nextstep.training.logging import read_log
+
+    tiny_model.save_pretrained(tmp_path / "start")
+    recipe = _recipe(str(tmp_path / "start"))
+    recipe["train"].update(max_steps=2, checkpoint_every=1)
+    recipe = RecipeConfig.from_dict(recipe)
+    settings = SamplingSettings(height=32, width=32, num_steps=1, batch_size=8)
+    options = dict(rounds=1, samples_per_prompt=2, settings=settings, prompts=["a red circle", "two squares"],
+                   show_progress=False)
+    saved = CheckpointManager.save
+
+    def save_then_stop(self, step, *args, **kwargs):
+        saved(self, step, *args, **kwargs)
+        raise KeyboardInterrupt  # the job is stopped right after its first checkpoint
+
+    monkeypatch.setattr(CheckpointManager, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(), **options)
+    monkeypatch.undo()
+    folder = tmp_path / "rounds" / "round1"
+    assert CheckpointManager(folder / "checkpoints").steps() == [1]
+    assert not (folder / "model" / "config.json").is_file()
+
+    (record,) = run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(), **options)
+    assert record.pairs == 2 and (folder / "model" / "config.json").is_file()
+    assert not (folder / "earlier-runs").exists()  # nothing was set aside: the training went on, not over
+    assert CheckpointManager(folder / "checkpoints").steps() == [1, 2]
+    assert [row["step"] for row in read_log(folder / "train_log.csv")] == [1, 2]

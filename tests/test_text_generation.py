@@ -210,3 +210,30 @@ def test_a_stopped_row_keeps_its_log_probability_while_others_go_on():
     together = generate_text(model, pair, max_new_tokens=4, stop_ids=[firsts[0]])
     assert together.ids[0] == alone.ids[0] == [firsts[0]] and len(together.ids[1]) > 1
     torch.testing.assert_close(together.log_probs[0], alone.log_probs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_row_that_never_stops_keeps_every_written_token_in_its_text():
+    """Only a stop id that ended a row is left out of its text; a row cut at max_new_tokens keeps its last token."""
+    model = build_model("tiny", seed=0).eval()
+    tokenizer = model.text_tokenizer
+    rows = [(tokenizer.encode(text), []) for text in ("a red circle", "two squares", "x")]
+    written = generate_text(model, rows, max_new_tokens=4, stop_ids=[])
+    assert written.stopped == [False] * 3 and all(len(ids) == 4 for ids in written.ids)
+    assert written.texts == [tokenizer.decode(ids) for ids in written.ids]
+
+
+def test_lm_head_classes_past_the_tokenizer_vocabulary_are_never_written():
+    """A head padded past the tokenizer (as Qwen2's is) has classes no text decodes: none is ever written."""
+    from nextstep.heads.lm_head import LMHead
+
+    model = build_model("tiny", seed=0).eval()
+    tokenizer = model.text_tokenizer
+    torch.manual_seed(0)
+    model.lm_head = LMHead(model.lm_head.hidden_size, tokenizer.vocab_size + 8)
+    # Everything decodable but end-of-text banned, and drawn nearly uniformly: end-of-text is all that is left.
+    banned = [i for i in range(tokenizer.vocab_size) if i != tokenizer.eos_id]
+    rows = [(tokenizer.encode("a"), [])] * 16
+    written = generate_text(model, rows, max_new_tokens=1, temperature=50.0, banned_ids=banned)
+    assert written.ids == [[tokenizer.eos_id]] * 16
+    free = generate_text(model, rows, max_new_tokens=3, temperature=50.0, stop_ids=[])
+    assert all(i < tokenizer.vocab_size for ids in free.ids for i in ids)

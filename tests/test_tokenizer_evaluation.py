@@ -167,3 +167,21 @@ def test_opposite_channel_means_do_not_cancel():
 
     latents = torch.tensor([[1.0, -1.0], [3.0, -3.0]])[:, :, None, None]  # channel means 2 and -2
     assert latent_dispersion(latents)["mean_abs_channel_mean"] == pytest.approx(2.0)
+
+
+def test_psnr_scores_the_reconstruction_clamped_to_the_image_range_as_it_is_saved():
+    reference = torch.ones(2, 3, 8, 8)
+    assert torch.isinf(psnr(reference * 1.5, reference)).all()  # 1.5 saves as 1: identical
+    # 3 saves as 1: an error of 1 everywhere against 0, 10 log10(4 / 1) dB.
+    values = psnr(torch.full((1, 3, 8, 8), 3.0), torch.zeros(1, 3, 8, 8))
+    assert values.item() == pytest.approx(10 * math.log10(4.0), abs=1e-4)
+
+
+def test_ssim_of_two_flat_images_is_the_published_luminance_term():
+    """Wang et al. (2004): SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2)),
+    C1 = (0.01 L)^2, C2 = (0.03 L)^2; on [0, 1] values L = 1. Flat images have no variance, so only the
+    luminance term is left."""
+    a, b = torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), -0.5)  # 0.5 and 0.25 on [0, 1]
+    mu_x, mu_y, c1 = 0.5, 0.25, (0.01 * 1) ** 2
+    expected = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    assert ssim(a, b).item() == pytest.approx(expected, abs=1e-4)

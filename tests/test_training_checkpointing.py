@@ -128,3 +128,50 @@ def test_the_average_moves_by_one_minus_the_decay_towards_the_weights():
         module.weight.fill_(1.0)
     average.update(module)
     assert average.shadow["weight"].item() == pytest.approx(0.1)
+
+
+def test_a_step_folder_without_its_state_file_is_no_checkpoint(tmp_path):
+    """A save cut short leaves a folder without the state written last: it is not listed nor resumed from."""
+    model, optimizer = _setup()
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, model, optimizer, {})
+    (tmp_path / "step-00000009").mkdir()
+    (tmp_path / "step-00000009" / "model.safetensors").write_bytes(b"partial")
+    assert manager.steps() == [1]
+    assert manager.latest() == tmp_path / "step-00000001"
+
+
+def test_loading_a_checkpoint_restores_python_and_numpy_random_state(tmp_path):
+    import random
+
+    import numpy as np
+
+    model, optimizer = _setup()
+    manager = CheckpointManager(tmp_path)
+    random.seed(123)
+    np.random.seed(123)
+    manager.save(1, model, optimizer, {})
+    expected = ([random.random() for _ in range(3)], np.random.rand(3).tolist())
+    random.seed(999)  # whatever happened since
+    np.random.seed(999)
+    manager.load(manager.latest(), model, optimizer)
+    assert ([random.random() for _ in range(3)], np.random.rand(3).tolist()) == expected
+
+
+def test_of_several_earlier_backups_the_newest_is_put_back(tmp_path):
+    """Of two ``step-N.old-*`` copies a crash left (older saves' naming), the more recently written one
+    returns, whatever their names."""
+    import os
+
+    model, optimizer = _setup()
+    manager = CheckpointManager(tmp_path)
+    manager.save(2, model, optimizer, {"note": "older"})
+    (tmp_path / "step-00000002").rename(tmp_path / "step-00000002.old-zz")
+    manager.save(2, model, optimizer, {"note": "newer"})
+    (tmp_path / "step-00000002").rename(tmp_path / "step-00000002.old-aa")
+    os.utime(tmp_path / "step-00000002.old-zz", (1_000_000_000, 1_000_000_000))
+    os.utime(tmp_path / "step-00000002.old-aa", (1_500_000_000, 1_500_000_000))
+    manager.remove_stale()
+    assert manager.steps() == [2]
+    assert manager.load(manager.latest(), model, optimizer)["note"] == "newer"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000002"]

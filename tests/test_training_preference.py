@@ -280,3 +280,12 @@ def test_the_reference_reads_the_same_context_noise_and_substitutions_as_the_mod
             parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
     task = PreferenceTask(model, beta=500, context_noise=0.5)
     assert task.loss(model, preference_batch(), torch.Generator().manual_seed(0)).metrics["margin"] == 0.0
+
+
+def test_a_pair_the_model_does_not_yet_prefer_counts_as_no_win():
+    """Accuracy is the share of pairs whose preferred image the model favours more than its reference does;
+    at the start the model is its reference, every margin is 0, and no pair is won."""
+    model = build_model("tiny", seed=0)
+    task = PreferenceTask(model, beta=500, context_noise=0.3)
+    metrics = task.loss(model, preference_batch(), torch.Generator().manual_seed(0)).metrics
+    assert metrics["margin"] == 0.0 and metrics["accuracy"] == 0.0

@@ -319,3 +319,27 @@ def test_resuming_without_the_average_a_checkpoint_holds_says_so(tmp_path):
     tiny_trainer(tmp_path, tiny_config(max_steps=1, checkpoint_every=1, ema_decay=0.9)).fit(resume=False)
     with pytest.warns(UserWarning, match="holds a weight average that this run does not keep"):
         tiny_trainer(tmp_path, tiny_config(max_steps=2, checkpoint_every=1)).fit(resume=True)
+
+
+def test_a_log_row_a_crash_cut_short_is_dropped_when_the_log_is_reopened(tmp_path):
+    from nextstep.training.logging import CSVLog
+
+    path = tmp_path / "log.csv"
+    path.write_text("step,loss\n1,1.0\n2,0.5\n3,0.12")  # the crash came while "0.125\n" was written
+    log = CSVLog(path, columns=("step", "loss"))
+    assert read_log(path) == [{"step": 1.0, "loss": 1.0}, {"step": 2.0, "loss": 0.5}]
+    log.write({"step": 3, "loss": 0.125})
+    assert read_log(path)[-1] == {"step": 3.0, "loss": 0.125} and len(read_log(path)) == 3
+
+
+def test_a_metric_that_first_appears_later_widens_the_log_and_keeps_the_earlier_rows(tmp_path):
+    from nextstep.training.logging import CSVLog
+
+    path = tmp_path / "log.csv"
+    log = CSVLog(path, columns=("step", "loss"))
+    log.write({"step": 1, "loss": 1.0})
+    log.write({"step": 2, "loss": 0.5})
+    log.write({"step": 3, "loss": 0.25, "margin": 0.1})
+    assert read_log(path) == [{"step": 1.0, "loss": 1.0}, {"step": 2.0, "loss": 0.5},
+                              {"step": 3.0, "loss": 0.25, "margin": 0.1}]
+    assert path.read_text().splitlines()[0] == "step,loss,margin"
