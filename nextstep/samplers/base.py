@@ -134,8 +134,8 @@ def check_step_noise(sampler: Sampler, step_noise: torch.Tensor | None, noise: t
 def check_time_grid(time_grid: torch.Tensor) -> None:
     """Raise ``ValueError`` unless ``time_grid`` is a 1-D tensor of at least two times, increasing (checked
     where it is on the CPU, so that a grid on an accelerator is not waited for): noise at the first time,
-    data at the last (`nextstep.samplers.time_grid.time_grid` makes one; a grid from 1 to 0, the sigma
-    convention of other libraries, is flipped)."""
+    data at the last, as `nextstep.samplers.time_grid.time_grid` makes one. A grid from 1 down to 0 (noise
+    levels, as samplers of other libraries run) is refused: ``1 - grid.flip(0)`` is its time grid."""
     expected = "time_grid must be a 1-D tensor of at least 2 increasing times (t=0 noise, t=1 data)"
     if not isinstance(time_grid, torch.Tensor):
         raise ValueError(f"{expected}, found a {type(time_grid).__name__}")
