@@ -68,3 +68,35 @@ def no_kernel_falls_back():
     yield
     new = {name: failed.pop(name) for name in set(failed) - before}
     assert not new, f"Triton kernels failed and ran as their PyTorch references: {new}"
+
+
+#: Seconds a test may run before its process prints every thread's traceback and exits, so that a test that
+#: hangs (a stream that never ends, a collective that waits for a process that is gone) fails the run with
+#: where it hung, instead of holding it until CI gives up. ``NEXTSTEP_TEST_TIMEOUT=0`` turns it off.
+TEST_TIMEOUT_SECONDS = float(os.environ.get("NEXTSTEP_TEST_TIMEOUT", "900"))
+
+
+def _uncaptured_stderr(config):
+    """The stderr that pytest's own fault handler writes to (output capture does not swallow it)."""
+    try:
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+
+        return config.stash[fault_handler_stderr_fd_key]
+    except (ImportError, KeyError):
+        import sys
+
+        return sys.stderr
+
+
+@pytest.fixture(autouse=True)
+def a_hanging_test_fails_with_its_traceback(request):
+    import faulthandler
+
+    if TEST_TIMEOUT_SECONDS <= 0:
+        yield
+        return
+    faulthandler.dump_traceback_later(TEST_TIMEOUT_SECONDS, exit=True, file=_uncaptured_stderr(request.config))
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()

@@ -274,3 +274,22 @@ def test_left_padded_rows_count_positions_from_their_first_real_token():
     assert positions_from_mask(mask[:, -1:], offset=mask.sum(-1) - 1).tolist() == [[2], [4]]
     documents = torch.tensor([[1, 1, 2, 2, 2, 0]])  # packed: each document counts from 0; 0 is padding
     assert positions_from_mask(documents).tolist() == [[0, 1, 0, 1, 2, 0]]
+
+
+def test_a_zero_one_integer_padding_mask_works_with_a_cache_like_the_bool_mask():
+    """A Hugging Face style ``attention_mask`` (0/1 int64) is a padding mask, also for cached prefill and decoding."""
+    model = backbone()
+    embeds, steps = torch.randn(2, 5, 32), torch.randn(2, 2, 32)
+    mask = torch.tensor([[True] * 5, [False] * 2 + [True] * 3])
+    positions = positions_from_mask(mask)
+    runs = []
+    with torch.no_grad():
+        for prompt_mask, step_mask in ((mask, torch.ones(2, 1, dtype=torch.bool)),
+                                       (mask.long(), torch.ones(2, 1, dtype=torch.long))):
+            cache = model.new_cache(2, 7)
+            hidden = [model(embeds, positions, prompt_mask, cache)]
+            hidden += [model(steps[:, i:i + 1], positions[:, -1:] + 1 + i, step_mask, cache) for i in range(2)]
+            runs.append(torch.cat(hidden, 1))
+            assert torch.equal(cache.key_mask[:, :7], torch.cat([mask, torch.ones(2, 2, dtype=torch.bool)], 1))
+    torch.testing.assert_close(runs[1][:, 2:], runs[0][:, 2:], rtol=0, atol=0)
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=0)

@@ -291,3 +291,15 @@ def test_an_eager_fallback_is_logged_once_with_its_reason(tiny_model, caplog):
     said = [record.getMessage() for record in caplog.records]
     assert said == ["decode steps run eagerly through the components' own code: Scaled overrides the forward of "
                     "Qwen2Backbone"]
+
+
+@pytest.mark.parametrize("sampler", [EulerMaruyamaSampler(), FlowSDESampler()], ids=lambda s: type(s).__name__)
+def test_a_step_schedule_with_a_stochastic_sampler_matches_generate_tokens(trained_like_model, sampler):
+    """Per-token step noise is drawn for the longest schedule; a token with fewer steps takes its first slices."""
+    model = trained_like_model.eval()
+    schedule = LinearSteps(5, 2)
+    expected, _, _ = generate_tokens(model, PROMPTS, height=32, width=48, cfg=3.0, num_steps=schedule,
+                                     sampler=sampler, seed=6)
+    fast = FastTokenSampler(model, use_kernels=False)
+    found = fast_tokens(model, fast, guidance_for_scale(3.0), sampler, schedule, seed=6)
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)

@@ -371,3 +371,35 @@ def test_resolved_settings_are_the_defaults_a_call_draws_with(tiny_model):
 def test_a_negative_prompt_that_is_not_text_is_named(tiny_model, negative):
     with pytest.raises(ValueError, match=r"negative_prompt must be a str \(or None for the default\), found "):
         generate_tokens(tiny_model, ["a"], num_steps=2, negative_prompt=negative)
+
+
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "flow_sde"])
+def test_temperature_zero_silences_the_step_noise_of_stochastic_samplers(trained_like_model, sampler):
+    cold = [generate_tokens(trained_like_model, ["a cat"], seed=seed, temperature=0.0, sampler=sampler, **ARGS)[0]
+            for seed in (1, 2)]
+    torch.testing.assert_close(cold[0], cold[1], rtol=0, atol=0)
+    warm = [generate_tokens(trained_like_model, ["a cat"], seed=seed, temperature=1.0, sampler=sampler, **ARGS)[0]
+            for seed in (1, 2)]
+    assert not torch.allclose(warm[0], warm[1])
+
+
+def test_an_image_with_a_single_non_finite_value_is_named(tiny_model):
+    from nextstep.samplers import EulerSampler
+
+    calls = []
+
+    class OneNaN(EulerSampler):
+        """Euler, but the last token of the second image gets one NaN entry."""
+
+        def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+            calls.append(None)
+            x = super().sample(velocity_fn, noise, time_grid, step_noise)
+            if len(calls) == 4:  # a 32x32 image is 2x2 tokens: the fourth call samples the last token
+                x = x.clone()
+                x[1, 0] = float("nan")
+            return x
+
+    with pytest.warns(RuntimeWarning, match=r"tokens of image\(s\) \[1\] are not finite"):
+        tokens, _, _ = generate_tokens(tiny_model, ["a", "b"], height=32, width=32, cfg=2.0, num_steps=2, seed=0,
+                                       sampler=OneNaN(), candidates=1)
+    assert int((~torch.isfinite(tokens)).sum()) == 1 and torch.isfinite(tokens[0]).all()

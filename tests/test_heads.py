@@ -332,3 +332,10 @@ def test_a_seed_given_as_the_generator_is_named():
         head.loss(torch.randn(3, 8), torch.randn(3, 4), generator=0)
     with pytest.raises(TypeError, match=message):
         sample_times(4, generator=0)
+
+
+def test_a_shift_below_one_moves_the_times_toward_data():
+    plain = sample_times(100, generator=torch.Generator().manual_seed(3))
+    shifted = sample_times(100, shift=0.5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(shifted, plain / (0.5 + 0.5 * plain))  # t / (shift - (shift - 1) t)
+    assert (shifted >= plain).all() and (shifted > plain).any()

@@ -414,3 +414,39 @@ def test_every_sampler_refuses_a_time_grid_that_does_not_run_from_noise_to_data(
     with pytest.raises(ValueError, match=r"time_grid must be a 1-D tensor of at least 2 increasing times \(t=0 noise, "
                                          rf"t=1 data\), {found}"):
         sampler.sample(lambda x, t: -x, noise, grid, step_noise)
+
+
+STOCHASTIC_SAMPLERS = [name for name in component_names("sampler") if component_class("sampler", name).stochastic]
+
+
+@pytest.mark.parametrize("name", STOCHASTIC_SAMPLERS)
+def test_stochastic_samplers_take_more_step_noise_than_steps_and_use_the_first_slices(name):
+    """Step noise is "at least (S, N, D)": a caller that draws for the longest schedule passes extra slices."""
+    sampler = make(name)
+    noise, eps = float64_draws(9, rows=3, dim=4, steps=7)
+    grid = sampler.make_time_grid(5, 2.0, dtype=torch.float64)
+    exact = sampler.sample(gaussian_velocity(), noise, grid, eps[:5])
+    longer = sampler.sample(gaussian_velocity(), noise, grid, eps)
+    torch.testing.assert_close(longer, exact, rtol=0, atol=0)
+
+
+def test_euler_maruyama_without_a_last_step_makes_every_step_stochastic():
+    noise, eps = float64_draws(10, rows=3, dim=4, steps=6)
+    other = eps.clone()
+    other[-1] += 1.0  # only the last step's noise differs
+    velocity = gaussian_velocity()
+    every = EulerMaruyamaSampler(EulerMaruyamaSamplerConfig(last_step_size=0.0))
+    grid = every.make_time_grid(6, 1.0, dtype=torch.float64)
+    assert not torch.allclose(every.sample(velocity, noise, grid, eps), every.sample(velocity, noise, grid, other))
+    # The release's last step (last_step_size > 0) is a plain Euler step: its noise slice is unused.
+    release = EulerMaruyamaSampler()
+    grid = release.make_time_grid(6, 1.0, dtype=torch.float64)
+    torch.testing.assert_close(release.sample(velocity, noise, grid, eps), release.sample(velocity, noise, grid, other),
+                               rtol=0, atol=0)
+
+
+def test_linear_steps_round_to_the_nearest_step_count():
+    # first + (last - first) * index / (count - 1): 10, 8.33, 6.67, 5 -> rounded, not truncated.
+    assert [LinearSteps(10, 5).steps_for(index, 4) for index in range(4)] == [10, 8, 7, 5]
+    assert LinearSteps(10, 5).steps_for(2, 4) == 7
+    assert [LinearSteps(2, 9).steps_for(index, 4) for index in range(4)] == [2, 4, 7, 9]  # 2, 4.33, 6.67, 9

@@ -107,3 +107,27 @@ def test_examples_whose_images_do_not_sit_on_placeholders_are_refused():
         for lay_out in (lambda: builder.collate([bad, good]), lambda: builder.pack([bad, good], 100)):
             with pytest.raises(ValueError, match=message):
                 lay_out()
+
+
+def test_an_editing_prompt_places_a_source_of_another_size_after_its_own_prefix():
+    """The source image's prefix is that of the source grid, whose text ("2*3") is shorter than the output's."""
+    ids, start = builder.editing_prompt("make it blue", (2, 3), 10, 10)
+    assert ids[start - 1] == tok.begin_of_image_id
+    assert ids[:start] == builder.image_prefix(2, 3)
+    assert ids[start:start + 6] == [tok.image_placeholder_id] * 6 and ids[start + 6] == tok.end_of_image_id
+    assert tok.decode(ids) == ("<|image_area|>2*3<|begin_of_image|>" + "<|image_placeholder|>" * 6
+                               + "<|end_of_image|>make it blue<|image_area|>10*10<|begin_of_image|>")
+
+
+def test_an_editing_example_with_grids_of_other_sizes_collates_its_images_onto_their_placeholders():
+    source, target = torch.randn(6, TOKEN_DIM), torch.randn(100, TOKEN_DIM)
+    example = builder.editing_example("make it blue", source, (2, 3), target, (10, 10))
+    batch = builder.collate([example])
+    row, images, targets = batch.input_ids[0], batch.image_mask[0], batch.image_target_mask[0]
+    assert int(images.sum()) == 106 and int(targets.sum()) == 100
+    assert (row[images] == tok.image_placeholder_id).all()
+    source_slots = torch.nonzero(images & ~targets).flatten()
+    assert source_slots.tolist() == list(range(source_slots[0], source_slots[0] + 6))
+    assert row[source_slots[0] - 1] == tok.begin_of_image_id and row[source_slots[-1] + 1] == tok.end_of_image_id
+    torch.testing.assert_close(batch.image_tokens[0][images & ~targets], source)
+    torch.testing.assert_close(batch.image_tokens[0][targets], target)
