@@ -199,3 +199,31 @@ def test_peak_memory_stays_near_the_model_size(tmp_path):
     numbers = json.loads(result.stdout.strip().splitlines()[-1])
     # The model itself, plus at most one shard mapped and one tensor in flight.
     assert numbers["size"] <= numbers["growth"] < 1.6 * numbers["size"], numbers
+
+
+def test_a_dtype_alone_casts_a_real_module_on_its_own_device(tmp_path):
+    """``dtype`` without ``device``: a module that already has memory (not meta) is cast too, every floating
+    parameter and buffer of it, integers kept."""
+    state = source_state()
+    write_sharded(tmp_path, state)
+    module = Tiny()
+    assert module.embed.weight.dtype == torch.float32
+    report = load_safetensors(module, tmp_path, dtype=torch.bfloat16)
+    assert report.complete
+    assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    assert module.counts.dtype == torch.long and torch.equal(module.counts, state["counts"])
+    assert module.embed.weight.device.type == "cpu"
+    assert torch.equal(module.proj.weight, state["proj.weight"].to(torch.bfloat16))
+    assert module.head.weight is module.embed.weight
+
+
+def test_a_tensor_held_by_two_shards_is_named_with_both(tmp_path):
+    """Which copy would load is unclear (and the two may differ): a name in two shards is refused."""
+    state = source_state()
+    save_file({"proj.weight": state["proj.weight"], "embed.weight": state["embed.weight"]},
+              str(tmp_path / "part-a.safetensors"))
+    save_file({"proj.weight": state["proj.weight"] + 1, "proj.bias": state["proj.bias"],
+               "counts": state["counts"]}, str(tmp_path / "part-b.safetensors"))
+    for read in (read_checkpoint_index, lambda path: load_safetensors(Tiny(), path)):
+        with pytest.raises(ValueError, match=r"'proj.weight' appears in both part-a.safetensors and part-b"):
+            read(tmp_path)

@@ -102,3 +102,22 @@ def test_a_symmetric_config_writes_as_it_did_before_the_decoder_fields():
     wide = symmetric.replace(decoder_ch=16, decoder_norm_groups=8)
     assert (wide.to_dict()["decoder_ch"], wide.to_dict()["decoder_norm_groups"]) == (16, 8)
     assert FluxVAEConfig.from_dict(wide.to_dict()) == wide
+
+
+def test_a_widened_decoder_keeps_the_encoding_identity_and_an_encoder_change_does_not():
+    """Latents cached for a tokenizer serve it after its decoder is widened (the encoder is the same), not after
+    a change to what encoding does."""
+    from nextstep.training.data.latent_cache import tokenizer_fingerprint
+
+    narrow = _vae(8, 4, 3)
+    wide = widen_decoder(narrow, 16, seed=1)
+    assert (wide.config.decoder_ch, wide.config.decoder_norm_groups) != (narrow.config.decoder_ch,
+                                                                         narrow.config.decoder_norm_groups)
+    (narrow_text, narrow_tensors), (wide_text, wide_tensors) = narrow.encoding_identity(), wide.encoding_identity()
+    assert wide_text == narrow_text
+    assert narrow_tensors.keys() == wide_tensors.keys()
+    assert all(torch.equal(wide_tensors[name], narrow_tensors[name]) for name in narrow_tensors)
+    assert tokenizer_fingerprint(wide) == tokenizer_fingerprint(narrow)
+    other = FluxVAE(narrow.config.replace(normalization_patch_size=2))
+    other.load_state_dict(narrow.state_dict())
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(narrow)

@@ -170,3 +170,73 @@ def test_initialize_rows_from_mean_property(rows, width, new, seed):
     initialize_rows_from_mean(weight, list(range(rows, rows + new)), rows, noise_variance_scale=0.0)
     assert torch.equal(weight[:rows], trained)
     torch.testing.assert_close(weight[rows:], trained.double().mean(0).float().expand(new, width))
+
+
+@given(rows=st.integers(1, 30), extra=st.integers(0, 5), width=st.integers(1, 6), chunk=st.integers(1, 7),
+       seed=st.integers(0, 2**16))
+def test_row_statistics_are_the_mean_and_population_variance_of_the_leading_rows(rows, extra, width, chunk, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows + extra, width, generator=generator) * 3 + 2
+    weight[rows:] = 1000.0  # rows past the trained ones never count
+    mean, variance = row_statistics(weight, rows, chunk=chunk)
+    assert mean.dtype == variance.dtype == torch.float32 and mean.shape == variance.shape == (width,)
+    trained = weight[:rows].double()
+    torch.testing.assert_close(mean, trained.mean(0).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(variance, trained.var(0, unbiased=False).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_new_rows_scatter_with_the_given_share_of_the_trained_rows_variance():
+    generator = torch.Generator().manual_seed(0)
+    trained, new, width = 500, 4000, 6
+    weight = torch.cat([torch.randn(trained, width, generator=generator) * 2.0 + 1.0, torch.zeros(new, width)])
+    variance = weight[:trained].double().var(0, unbiased=False)
+    initialize_rows_from_mean(weight, list(range(trained, trained + new)), trained, noise_variance_scale=0.01,
+                              generator=torch.Generator().manual_seed(1))
+    spread = weight[trained:].double().var(0, unbiased=False)
+    # Variance 0.01 of the trained rows' (about 4): a standard deviation near 0.2, not 0.04 or 2.
+    torch.testing.assert_close(spread / variance, torch.full_like(spread, 0.01), rtol=0.1, atol=0)
+
+
+def test_every_added_token_row_starts_at_the_mean_of_the_rows_the_tokenizer_knew(small_qwen):
+    """Rows past the base tokenizer's 278 tokens hold no trained vectors, even when the table has them: the new
+    tokens' rows come from the mean of the first 278 rows only, each one of them, [PAD] (the first) included."""
+    from safetensors.torch import load_file, save_file
+
+    path = small_qwen / "model.safetensors"
+    state = load_file(str(path))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name][278:] = 5.0  # never-trained rows a checkpoint may hold anything in
+    save_file(state, str(path), metadata={"format": "pt"})
+    model = nextstep_from_qwen(small_qwen, image_tokenizer=tiny_vae(), head="tiny")
+    tokenizer = model.text_tokenizer
+    assert tokenizer.special_token_id("[PAD]") == 278 and tokenizer.vocab_size == 278 + 9
+    for name, weight in (("model.embed_tokens.weight", model.backbone.embed_tokens.weight),
+                         ("lm_head.weight", model.lm_head.weight)):
+        known = state[name][:278].double()
+        mean, std = known.mean(0), known.std(0, unbiased=False)
+        for row in range(278, 287):
+            new = weight[row].detach().double()
+            assert not torch.equal(new.float(), state[name][row]), (name, row)
+            assert ((new - mean).abs() <= 10 * 1e-5**0.5 * std).all(), (name, row)
+        assert torch.equal(weight[287:], state[name][287:])  # unused rows stay as they were
+
+
+def test_a_qwen_config_without_tie_word_embeddings_has_its_own_lm_head(small_qwen):
+    """Hugging Face reads a Qwen2 ``config.json`` without ``tie_word_embeddings`` as untied: the LM head is the
+    checkpoint's ``lm_head.weight``, for the backbone loader and for a new NextStep model alike."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from nextstep.backbones import load_qwen2_backbone, load_qwen2_lm_head
+
+    config_path = small_qwen / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("tie_word_embeddings", None)
+    config_path.write_text(json.dumps(config))
+    stored = load_file(str(small_qwen / "model.safetensors"))["lm_head.weight"]
+    backbone = load_qwen2_backbone(small_qwen)
+    head = load_qwen2_lm_head(small_qwen, backbone)
+    assert not head.tied and torch.equal(head.output_weight(), stored)
+    model = nextstep_from_qwen(small_qwen, image_tokenizer=tiny_vae(), head="tiny")
+    assert not model.lm_head.tied and torch.equal(model.lm_head.weight[:278], stored[:278])

@@ -511,3 +511,109 @@ def test_tokenizer_config_lists_each_special_token_once_whatever_its_form():
     config = with_nextstep_tokens({"additional_special_tokens": [area]},
                                   {"<|image_area|>": 1, "<|begin_of_image|>": 2, "[PAD]": 0})
     assert config["additional_special_tokens"] == [area, "<|begin_of_image|>"] and config["pad_token"] == "[PAD]"
+
+
+# ------------------------------------------- release defaults, derived keys, shard sizes
+def test_older_checkpoints_with_rotary_frequencies_load_the_same_model(tmp_path):
+    """Checkpoints saved by older Hugging Face code hold ``layers.N.self_attn.rotary_emb.inv_freq``: a tensor
+    derived from the config, skipped on loading (with or without the ``model.`` prefix)."""
+    tensors = small_release(tmp_path / "plain")
+    small_release(tmp_path / "with-inv-freq")
+    head_dim = SMALL.hidden_size // SMALL.num_heads
+    inv_freq = 1.0 / SMALL.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    added = ["layers.0.self_attn.rotary_emb.inv_freq", "model.layers.1.self_attn.rotary_emb.inv_freq"]
+    directory = tmp_path / "with-inv-freq"
+    _rewrite_shard_holding(directory, "layers.0.self_attn.q_proj.weight",
+                           lambda state: state.update({name: inv_freq.clone() for name in added}))
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update(dict.fromkeys(added, index["weight_map"]["layers.0.self_attn.q_proj.weight"]))
+    index_path.write_text(json.dumps(index))
+    assert {name for name in read_shards(directory)} == set(tensors) | set(added)
+    assert all(release_key_to_model_key(name) is None for name in added)
+    expected = NextStep.from_pretrained(tmp_path / "plain").state_dict()
+    found = NextStep.from_pretrained(directory).state_dict()
+    assert found.keys() == expected.keys()
+    assert all(torch.equal(found[key], expected[key]) for key in expected)
+
+
+def test_shards_written_in_another_dtype_are_sized_in_that_dtype(tmp_path):
+    """A bfloat16 model written as float32 plans its shards (and the index's total_size) with 4 bytes a value."""
+    small_release(tmp_path / "bf16", dtype=torch.bfloat16)
+    model = NextStep.from_pretrained(tmp_path / "bf16")
+    assert model.backbone.embed_tokens.weight.dtype == torch.bfloat16
+    limit = 64 * 1024
+    save_release_checkpoint(model, tmp_path / "f32", dtype=torch.float32, max_shard_size=limit)
+    written = read_shards(tmp_path / "f32")
+    assert {t.dtype for t in written.values()} == {torch.float32}
+    index = json.loads((tmp_path / "f32" / "model.safetensors.index.json").read_text())
+    nbytes = {name: t.numel() * t.element_size() for name, t in written.items()}
+    assert index["metadata"]["total_size"] == sum(nbytes.values())
+    by_shard: dict[str, list[str]] = {}
+    for name, file in index["weight_map"].items():
+        by_shard.setdefault(file, []).append(name)
+    assert len(by_shard) >= sum(nbytes.values()) // limit
+    for file, names in by_shard.items():
+        assert len(names) == 1 or sum(nbytes[name] for name in names) <= limit, file
+
+
+def test_a_config_without_tie_word_embeddings_loads_an_untied_lm_head(tmp_path):
+    """``tie_word_embeddings`` left out means untied (Hugging Face's and the release's default for it): the LM
+    head is the shards' ``lm_head.weight``."""
+    tensors = small_release(tmp_path / "m", tie_word_embeddings=None)
+    assert "tie_word_embeddings" not in json.loads((tmp_path / "m" / "config.json").read_text())
+    model = NextStep.from_pretrained(tmp_path / "m")
+    assert not model.config.tie_word_embeddings and not model.lm_head.tied
+    assert torch.equal(model.lm_head.output_weight(), tensors["lm_head.weight"])
+    assert not torch.equal(model.lm_head.output_weight(), model.backbone.embed_tokens.weight)
+
+
+def _published_default(field: str, release: dict):
+    """The setting a release config without ``field`` loads with."""
+    from nextstep.interop.release_config import (
+        check_release_config,
+        head_config_from_release,
+        model_config_from_release,
+    )
+    from nextstep.tokenizers import FluxVAEConfig
+
+    head = head_config_from_release(release)
+    if field == "latent_channels":
+        return head.token_dim  # 16 channels x the 1x1 patches of the config below
+    if field == "use_gen_pos_embed":
+        check_release_config(release)  # refused only when true
+        return False
+    vae = FluxVAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=SMALL.latent_channels)
+    config = model_config_from_release(release, vae, "")
+    return {"fm_head_batch_mul": head.batch_mul, "fm_head_dim": head.width, "fm_head_layers": head.depth,
+            "latent_patch_size": config.image_tokenizer.config.patch_size,
+            "lm_loss_weight": config.text_loss_weight, "im_loss_weight": config.image_loss_weight}[field]
+
+
+# NEXTSTEP1_REFERENCE.md: the released head is "base 12 x 1536", each target repeated 4 times (batch_mul 4),
+# 16 latent channels grouped 2x2 into tokens, loss weights LM 0.01 and image 1.0, no 2-D position table.
+@pytest.mark.parametrize("field, published", [
+    ("fm_head_batch_mul", 4), ("fm_head_dim", 1536), ("fm_head_layers", 12), ("latent_channels", 16),
+    ("latent_patch_size", 2), ("lm_loss_weight", 0.01), ("im_loss_weight", 1.0), ("use_gen_pos_embed", False),
+])
+def test_nextstep_fields_left_out_of_a_release_config_take_the_published_values(field, published):
+    from interop_synthetic import release_config
+
+    ids = {**RELEASE_IDS, "<|endoftext|>": 151643}
+    # Every field set away from its default first, then the one under test left out.
+    changed = {"fm_head_batch_mul": 2, "lm_loss_weight": 0.5, "im_loss_weight": 0.5, "latent_patch_size": 1,
+               "use_gen_pos_embed": False}
+    release = release_config(SMALL, ids, **{**changed, field: None})
+    assert field not in release
+    assert _published_default(field, release) == published
+    if field != "use_gen_pos_embed":  # given, the field is read
+        assert _published_default(field, release_config(SMALL, ids, **changed)) != published
+
+
+def test_shard_sizes_in_decimal_and_binary_units():
+    """KB, MB and GB are powers of 1000 (as Hugging Face's max_shard_size reads them); KiB, MiB, GiB of 1024."""
+    from nextstep.interop.convert import parse_size
+
+    assert [parse_size(f"3{unit}") for unit in ("KB", "MB", "GB")] == [3_000, 3_000_000, 3_000_000_000]
+    assert [parse_size(f"3{unit}") for unit in ("KiB", "MiB", "GiB")] == [3 * 1024, 3 * 1024**2, 3 * 1024**3]
+    assert parse_size("100kb") == 100_000 and parse_size("7") == parse_size("7B") == 7

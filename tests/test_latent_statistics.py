@@ -82,3 +82,27 @@ def test_perturbation_is_bounded_by_gamma_times_noise(gamma, seed, batch):
 def test_negative_gamma_is_an_error():
     with pytest.raises(ValueError, match="gamma"):
         perturb_latents(torch.zeros(1, 16, 2, 2), -0.1)
+
+
+def test_a_sampled_posterior_spreads_around_its_mean_with_the_posteriors_standard_deviation():
+    """``deterministic=False`` draws ``mean + exp(logvar / 2) * eps``: the spread is the standard deviation
+    exp(logvar / 2), not the variance exp(logvar)."""
+    import math
+
+    config = FluxVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4, z_channels=4)
+    torch.manual_seed(0)
+    deterministic = FluxVAE(config).eval()
+    with torch.no_grad():  # log-variance -3 at every position: standard deviation exp(-1.5), about 0.22
+        deterministic.encoder.conv_out.weight[4:] = 0.0
+        deterministic.encoder.conv_out.bias[4:] = -3.0
+    sampled = FluxVAE(config.replace(deterministic=False)).eval()
+    sampled.load_state_dict(deterministic.state_dict())
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        _, logvar = sampled.encode_moments(images)
+        assert torch.equal(logvar, torch.full_like(logvar, -3.0))
+        draws = sampled.encode(images, torch.Generator().manual_seed(1)) - deterministic.encode(images)
+        again = sampled.encode(images, torch.Generator().manual_seed(1)) - deterministic.encode(images)
+    assert torch.equal(draws, again)  # the generator is the source of the draw
+    assert abs(float(draws.mean())) < 0.02
+    assert abs(float(draws.std()) - math.exp(-1.5)) < 0.02

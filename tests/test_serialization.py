@@ -326,3 +326,51 @@ def test_any_one_marker_makes_a_folder_replaceable(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "config.json").write_text("{}")
     check_replaceable(tmp_path / "d", ("config.json", "ae.safetensors"))
+
+
+def test_a_model_with_packed_projections_saves_and_loads(trained_like_model, tmp_path):
+    """Packing makes q/k/v and gate/up views into one tensor each; safetensors refuses tensors sharing memory,
+    so each is written as a tensor of its own, and the model round-trips."""
+    from nextstep.fast.packed_projections import pack_projections
+    from nextstep.weights import tensor_to_save
+
+    model = trained_like_model
+    pack_projections(model.backbone)
+    attention = model.backbone.layers[0].self_attn
+    assert attention.k_proj.weight.untyped_storage().data_ptr() == attention.q_proj.weight.untyped_storage().data_ptr()
+    model.save_pretrained(tmp_path / "model")
+    loaded = NextStep.from_pretrained(tmp_path / "model")
+    reference = model.state_dict()
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in loaded.state_dict().items())
+    big = torch.arange(12.0).reshape(6, 2)
+    saved = tensor_to_save(big[2:4])
+    assert torch.equal(saved, big[2:4]) and saved.untyped_storage().nbytes() == saved.nbytes == 16
+    save_file({"a": tensor_to_save(big[:2]), "b": tensor_to_save(big[2:4])}, str(tmp_path / "views.safetensors"))
+    assert torch.equal(load_file(str(tmp_path / "views.safetensors"))["b"], big[2:4])
+
+
+def test_the_most_specific_storage_dtype_wins(tiny_model, tmp_path):
+    """Nested prefixes: a tensor takes the dtype of the longest prefix it lies under, whatever the order given."""
+    for storage in ({"image_tokenizer": torch.float16, "image_tokenizer.decoder": torch.bfloat16},
+                    {"image_tokenizer.decoder": torch.bfloat16, "image_tokenizer": torch.float16}):
+        tiny_model.save_pretrained(tmp_path / "m", storage_dtypes=storage)
+        stored = load_file(tmp_path / "m" / "model.safetensors")
+        dtypes = {}
+        for name, tensor in stored.items():
+            part = ("decoder" if name.startswith("image_tokenizer.decoder.") else
+                    "tokenizer" if name.startswith("image_tokenizer.") else "rest")
+            dtypes.setdefault(part, set()).add(tensor.dtype)
+        assert dtypes == {"decoder": {torch.bfloat16}, "tokenizer": {torch.float16}, "rest": {torch.float32}}
+
+
+def test_after_saving_the_model_config_describes_the_live_components(tiny_model, tmp_path):
+    """A component swapped in after building (here the sampler) is what ``save_pretrained`` writes, and the
+    model's own ``config`` names it from then on (as the saved file does)."""
+    from nextstep.builders import build_component
+
+    tiny_model.sampler = build_component(ComponentSpec.named("sampler", "flow_sde"))
+    assert tiny_model.config.sampler.type == "euler"  # built with the preset's
+    tiny_model.save_pretrained(tmp_path / "m")
+    assert tiny_model.config.sampler.type == "flow_sde"
+    assert tiny_model.config == tiny_model.current_config()
+    assert NextStep.from_pretrained(tmp_path / "m").config.sampler == tiny_model.config.sampler

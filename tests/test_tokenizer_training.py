@@ -173,3 +173,21 @@ def test_the_preview_puts_the_originals_before_their_reconstructions():
     images = task.sample_images()
     assert len(images) == 4
     assert [i.tobytes() for i in images[:2]] == [i.tobytes() for i in to_pil(preview)]
+
+
+def test_training_noise_is_sized_to_the_standardised_latents_whatever_the_scale_and_shift():
+    """NextStep-1's noise (gamma 0.2) is added at the scale of the standardised latents: a VAE that scales and
+    shifts its latents reconstructs exactly as one that does not, noise included."""
+    from nextstep.tokenizers import perturb_latents
+
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain = _tiny_vae().eval()
+    scaled = _tiny_vae(scaling_factor=0.5, shift_factor=0.25).eval()
+    with torch.no_grad():
+        clean = plain(images)
+        noisy = plain(images, noise_gamma=0.2, generator=torch.Generator().manual_seed(3))
+        found = scaled(images, noise_gamma=0.2, generator=torch.Generator().manual_seed(3))
+        expected = scaled.decode(perturb_latents(scaled.encode(images), 0.2 * 0.5, torch.Generator().manual_seed(3)))
+    assert (noisy - clean).abs().max() > 1e-3  # the noise changes the reconstruction
+    torch.testing.assert_close(found, noisy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)

@@ -278,3 +278,38 @@ def test_equivalent_latent_handling_saves_where_a_layout_can_say_it(tmp_path):
         assert loaded.normalization == "none" or (loaded.scaling_factor, loaded.shift_factor) == (1.0, 0.0)
     with pytest.raises(ValueError, match="scaling_factor=1.0 .it would load as 0.3611."):
         save_flux_vae(vae, tmp_path / "bfl", layout="bfl")  # a FLUX.1 file loads with FLUX.1's scale and shift
+
+
+def test_a_psz_2_tokenizer_standardises_each_2x2_block_of_latents():
+    """``psz`` 2 (normalization_patch_size): the 16 x 4 values of each 2x2 block of positions are standardised
+    together, not each position's channel vector on its own."""
+    from einops import rearrange
+
+    vae = tiny_vae(TINY.replace(normalization="layer_norm", normalization_patch_size=2))
+    pixels = images()
+    with torch.no_grad():
+        latents = vae.encode(pixels)
+        mean, _ = vae.encode_moments(pixels)
+    blocks = rearrange(latents, "b c (h p) (w q) -> b h w (c p q)", p=2, q=2)
+    torch.testing.assert_close(blocks.mean(-1), torch.zeros_like(blocks.mean(-1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(blocks.var(-1, unbiased=False), torch.ones_like(blocks.mean(-1)), atol=1e-3,
+                               rtol=0)
+    assert latents.mean(1).abs().max() > 0.05  # positions within a block keep their own levels
+    torch.testing.assert_close(latents, standardize_channels(mean, 2))
+    assert not torch.allclose(latents, standardize_channels(mean, 1), atol=1e-3)
+
+
+@pytest.mark.parametrize("prefix", ["vae.", "first_stage_model.", "ae.", "module."])
+def test_a_prefix_every_key_carries_is_dropped_and_a_stray_prefixed_key_is_named(tmp_path, prefix):
+    vae = tiny_vae()
+    state = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    save_file({prefix + k: v for k, v in state.items()}, str(tmp_path / "ae.safetensors"))
+    assert_same_weights(vae, load_flux_vae(tmp_path / "ae.safetensors", norm_groups=8))
+    wide = tiny_vae(FluxVAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16))
+    nextstep_dir(wide, tmp_path / "vae", ch=32)
+    torch.save({prefix + k: v for k, v in wide.state_dict().items()}, tmp_path / "vae" / "checkpoint.pt")
+    assert_same_weights(wide, load_flux_vae(tmp_path / "vae"))
+    # Only some keys prefixed: nothing is stripped (the VAE's own names stay whole), the stray key is named.
+    save_file({**state, prefix + "extra": torch.zeros(2)}, str(tmp_path / "ae.safetensors"))
+    with pytest.raises(ValueError, match=re.escape(f"unexpected keys ['{prefix}extra']")):
+        load_flux_vae(tmp_path / "ae.safetensors", norm_groups=8)
