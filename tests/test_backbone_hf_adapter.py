@@ -250,3 +250,15 @@ def test_an_adapter_path_without_a_model_says_what_it_found(tmp_path):
         HFBackbone(HFBackboneConfig(path=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="found a file"):
         HFBackbone(HFBackboneConfig(path=str(tmp_path / "model.safetensors")))
+
+
+def test_a_cropped_adapter_cache_marks_no_slot_past_its_length_as_real_as_the_native_cache_does():
+    adapter, native = adapter_and_native()
+    mask = torch.tensor([[False, True, True, True, True]])
+    with torch.no_grad():
+        for backbone in (adapter, native):
+            cache = backbone.new_cache(1, 8)
+            backbone(torch.randn(1, 5, 32), positions_from_mask(mask), mask, cache)
+            cache.crop(3)
+            assert cache.length == 3
+            assert cache.key_mask[0].tolist() == [False, True, True] + [False] * 5, type(backbone).__name__
