@@ -408,7 +408,8 @@ def test_a_shift_that_crowds_the_grid_is_refused(shift):
 ])
 @pytest.mark.parametrize("name", component_names("sampler"))
 def test_every_sampler_refuses_a_time_grid_that_does_not_run_from_noise_to_data(name, grid, found):
-    sampler = component_class("sampler", name)()
+    cls = component_class("sampler", name)
+    sampler = cls(cls.config_class())
     noise = torch.randn(3, 4)
     step_noise = torch.randn(4, 3, 4)
     with pytest.raises(ValueError, match=r"time_grid must be a 1-D tensor of at least 2 increasing times \(t=0 noise, "
