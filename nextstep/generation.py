@@ -492,9 +492,10 @@ def _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, sc
 
 @torch.no_grad()
 def decode_tokens(model: "NextStep", tokens: torch.Tensor, grid_height: int, grid_width: int) -> torch.Tensor:
-    """Tokens (R, N, D) -> images (R, 3, H, W) in [-1, 1]."""
+    """Tokens (R, N, D) -> images (R, 3, H, W) in [-1, 1], decoded in the device and dtype of the image
+    tokenizer's decoder (of its first weight, for a tokenizer without a ``decoder``)."""
     tokenizer = model.image_tokenizer
-    reference = next(tokenizer.parameters(), None)
+    reference = next(getattr(tokenizer, "decoder", tokenizer).parameters(), None)
     if reference is not None:
         tokens = tokens.to(reference.device, reference.dtype)
     latents = tokenizer.unpatchify(tokens, grid_height, grid_width)

@@ -403,3 +403,14 @@ def test_an_image_with_a_single_non_finite_value_is_named(tiny_model):
         tokens, _, _ = generate_tokens(tiny_model, ["a", "b"], height=32, width=32, cfg=2.0, num_steps=2, seed=0,
                                        sampler=OneNaN(), candidates=1)
     assert int((~torch.isfinite(tokens)).sum()) == 1 and torch.isfinite(tokens[0]).all()
+
+
+def test_a_decoder_kept_in_another_dtype_than_the_encoder_decodes_generated_tokens(tiny_model):
+    from nextstep.generation import decode_tokens
+
+    tokens = torch.randn(1, 4, tiny_model.image_tokenizer.token_dim)
+    expected = decode_tokens(tiny_model, tokens, 2, 2)
+    tiny_model.image_tokenizer.decoder.to(torch.bfloat16)
+    images = decode_tokens(tiny_model, tokens, 2, 2)
+    assert images.dtype == torch.float32 and images.shape == expected.shape
+    torch.testing.assert_close(images, expected, atol=0.05, rtol=0)
