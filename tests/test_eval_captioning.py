@@ -124,3 +124,25 @@ def test_any_true_caption_is_correct_not_only_the_scene_s_own(monkeypatch):
                         lambda model, images, **kwargs: Written([other_true_caption(next(plan)[2]) for _ in images]))
     report = run_shapes_captioning(None, scenes_per_group=1, size=32, batch_size=4)
     assert report.seen == report.held_out == 1.0 and report.exact < 1.0
+
+
+def test_seen_and_held_out_scores_each_count_only_their_own_scenes(monkeypatch):
+    plan = iter(caption_scenes(scenes_per_group=2))
+
+    class Written:
+        def __init__(self, texts):
+            self.texts = texts
+
+    def right_on_seen_only(model, images, **kwargs):
+        texts = []
+        for _ in images:
+            _, combinations, scene = next(plan)
+            texts.append(scene.caption if combinations == "seen" else "not a caption")
+        return Written(texts)
+
+    monkeypatch.setattr("nextstep.text_generation.caption_images", right_on_seen_only)
+    report = run_shapes_captioning(None, scenes_per_group=2, size=32, batch_size=4)
+    assert report.seen == 1.0 and report.held_out == 0.0
+    assert all(value == (1.0 if group.endswith("/seen") else 0.0) for group, value in report.per_group.items())
+    seen_scenes = sum(combinations == "seen" for _, combinations, _ in caption_scenes(scenes_per_group=2))
+    assert report.exact == report.grammatical == seen_scenes / report.scenes

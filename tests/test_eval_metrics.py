@@ -204,3 +204,70 @@ def test_among_penalties_that_tie_the_first_is_kept():
     features, embeddings = torch.randn(40, 6, generator=generator), torch.randn(40, 3, generator=generator)
     _, alpha = fit_caption_map(features, embeddings, bases, alphas=(10.0, 100.0, 1000.0))
     assert alpha == 10.0
+
+
+def test_image_i_of_a_generation_is_the_same_whatever_the_batch_size(tiny_model):
+    import numpy as np
+
+    from nextstep.evaluation.sampling import SamplingSettings, generate_images
+
+    prompts = ["a red circle"] * 3
+    images = {batch: generate_images(tiny_model, prompts, SamplingSettings(height=32, width=32, num_steps=1,
+                                                                         batch_size=batch, seed=5))
+              for batch in (1, 2, 3)}
+    pixels = {batch: [np.asarray(image, dtype=int) for image in found] for batch, found in images.items()}
+    for batch in (2, 3):
+        for a, b in zip(pixels[1], pixels[batch]):
+            assert np.abs(a - b).max() <= 1  # image i is seeded seed + i in any batch
+    assert not np.array_equal(pixels[1][0], pixels[1][2])  # and the seeds differ
+
+
+def test_sampling_settings_from_a_model_s_defaults_keep_its_guidance_schedule():
+    from nextstep.evaluation.sampling import SamplingSettings
+    from nextstep.generation_defaults import GenerationDefaults
+
+    defaults = GenerationDefaults(cfg=2.0, cfg_schedule="linear_increasing", num_steps=7, height=32, width=48)
+    settings = SamplingSettings.from_defaults(defaults, batch_size=3)
+    assert (settings.cfg, settings.cfg_schedule, settings.num_steps) == (2.0, "linear_increasing", 7)
+    assert (settings.height, settings.width, settings.batch_size) == (32, 48, 3)
+
+
+def test_photo_crops_span_minus_one_for_black_to_one_for_white():
+    from PIL import Image
+
+    from nextstep.evaluation.photo_bank import Photo, random_crops
+
+    black = random_crops([Photo("black", Image.new("RGB", (64, 48), (0, 0, 0)))], 3, 16, seed=0)
+    white = random_crops([Photo("white", Image.new("RGB", (64, 48), (255, 255, 255)))], 3, 16, seed=0)
+    assert black.shape == white.shape == (3, 3, 16, 16)
+    assert torch.all(black == -1.0) and torch.all(white == 1.0)
+
+
+def test_the_tokenizer_is_evaluated_on_crops_of_held_out_photos_only(monkeypatch):
+    from PIL import Image
+
+    from nextstep.evaluation import tokenizer_report
+    from nextstep.evaluation.photo_bank import HELD_OUT, Photo
+
+    held = Photo(HELD_OUT[0], Image.new("RGB", (64, 64), (255, 0, 0)))  # a held-out name: red
+    trained = Photo("rocket", Image.new("RGB", (64, 64), (0, 0, 255)))  # a training photo: blue
+    monkeypatch.setattr(tokenizer_report, "load_photos", lambda: [held, trained])
+    crops = tokenizer_report.held_out_crops(count=4, size=16, seed=0)
+    assert crops.shape == (4, 3, 16, 16)
+    assert torch.all(crops[:, 0] == 1.0) and torch.all(crops[:, 1:] == -1.0)  # every crop red
+
+
+def test_generated_images_follow_the_temperature_of_the_settings(tiny_model, monkeypatch):
+    import nextstep.generation as generation
+    from nextstep.evaluation.sampling import SamplingSettings, generate_images
+
+    seen, real = [], generation.generate_tokens
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["temperature"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_tokens", recording)
+    generate_images(tiny_model, ["a red circle"] * 3, SamplingSettings(height=32, width=32, num_steps=1,
+                                                                        batch_size=2, temperature=0.7))
+    assert seen == [0.7, 0.7]

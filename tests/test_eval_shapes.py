@@ -221,3 +221,52 @@ def test_an_object_is_judged_by_its_most_confident_detection():
 
     entry = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}]}
     assert score_image([detection("blue", 0.2), detection("red", 0.9)], entry)[0]
+
+
+def test_a_wide_image_places_each_detection_by_fractions_of_its_own_width_and_height():
+    from nextstep.training.data.shapes.metadata import Scene, ShapeObject
+
+    scene = Scene((ShapeObject("square", "red", (0.25, 0.75), 0.2),), "", "colors")
+    (found,) = detect_shapes(render_scene(scene, 128, 64))  # 128 wide, 64 high
+    assert found.shape == "square" and found.colour == "red"
+    assert found.center[0] == pytest.approx(0.25, abs=1.5 / 128)
+    assert found.center[1] == pytest.approx(0.75, abs=1.5 / 64)
+
+
+def test_a_detection_box_ends_one_past_its_last_pixel_and_counts_its_pixels():
+    import numpy as np
+
+    image = np.full((64, 64, 3), 255, np.uint8)
+    image[10:30, 20:40] = (37, 80, 220)  # a blue square: rows 10..29, columns 20..39
+    (found,) = detect_shapes(image)
+    assert (found.shape, found.colour) == ("square", "blue")
+    assert found.box == (20, 10, 40, 30)  # (left, top, right, bottom), right and bottom exclusive
+    assert found.area == 400
+    assert found.center == pytest.approx((30 / 64, 20 / 64))
+
+
+def test_the_markdown_report_puts_each_number_under_its_own_column():
+    from nextstep.evaluation.shapes_geneval import GenEvalReport
+
+    report = GenEvalReport(overall=0.5, per_tag={"counting": 0.5}, images_per_tag={"counting": 4},
+                           tokenizer_ceiling={"counting": 0.875}, empty={"counting": 0.25})
+    header, _, row, overall = report.to_markdown().splitlines()
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    cells = dict(zip(columns, (cell.strip() for cell in row.strip("|").split("|"))))
+    assert cells == {"category": "counting", "score": "0.500", "images": "4", "empty": "0.25",
+                     "tokenizer ceiling": "0.875"}
+    totals = dict(zip(columns, (cell.strip() for cell in overall.strip("|").split("|"))))
+    assert totals["empty"] == "0.25" and totals["tokenizer ceiling"] == "**0.875**"
+
+
+def test_the_empty_share_counts_blank_images_not_wrong_ones(monkeypatch):
+    from nextstep.evaluation import shapes_geneval
+    from nextstep.training.data.shapes.metadata import Scene, ShapeObject
+
+    one_circle = render_scene(Scene((ShapeObject("circle", "red", (0.5, 0.5), 0.3),), "", "colors"), 64, 64)
+    for image, empty in ((one_circle, 0.0), (Image.new("RGB", (64, 64), "white"), 1.0)):
+        monkeypatch.setattr(shapes_geneval, "generate_images",
+                            lambda model, prompts, settings, progress=None, image=image: [image for _ in prompts])
+        report = run_shapes_geneval(None, images_per_tag=2, with_ceiling=False)
+        assert set(report.empty.values()) == {empty}
+        assert min(report.per_tag.values()) == 0.0  # a lone red circle is wrong for most prompts

@@ -151,3 +151,39 @@ def test_a_copy_made_with_compilation_disabled_runs_eagerly(monkeypatch):
     monkeypatch.setenv("NEXTSTEP_DISABLE_COMPILE", "1")
     for copied in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
         assert not copied.forward.compiled and "NEXTSTEP_DISABLE_COMPILE" in copied.forward.failure
+
+
+def test_a_compile_config_s_mode_and_fullgraph_reach_torch_compile():
+    from torch._dynamo import register_backend
+
+    seen = []
+
+    def recording(graph_module, example_inputs, **kwargs):
+        seen.append(kwargs)
+        return graph_module.forward
+
+    register_backend(recording, name="nextstep_test_recording")
+
+    class Breaking(nn.Linear):
+        def forward(self, x):
+            torch._dynamo.graph_break()
+            return super().forward(x)
+
+    torch._dynamo.reset()
+    module = compile_module(nn.Linear(2, 2), CompileConfig(enabled=True, mode="max-autotune",
+                                                           backend="nextstep_test_recording"))
+    with _no_warnings():
+        module(torch.ones(3, 2))
+    assert seen and all(kwargs.get("mode") == "max-autotune" for kwargs in seen)
+    breaking = compile_module(Breaking(2, 2), CompileConfig(enabled=True, fullgraph=True, backend="eager"))
+    with pytest.warns(CompileFallbackWarning):  # a graph break under fullgraph is a failure
+        breaking(torch.ones(3, 2))
+    assert not vars(breaking)["forward"].compiled
+
+
+def test_the_switch_off_variable_set_to_0_or_empty_leaves_compilation_on(monkeypatch):
+    from nextstep.compile import DISABLE_VARIABLE
+
+    for value, compiled in (("0", True), ("", True), (" 0 ", True), ("1", False), ("yes", False)):
+        monkeypatch.setenv(DISABLE_VARIABLE, value)
+        assert safe_compile(lambda x: x + 1, backend="eager").compiled is compiled, value

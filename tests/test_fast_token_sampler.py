@@ -303,3 +303,73 @@ def test_a_step_schedule_with_a_stochastic_sampler_matches_generate_tokens(train
     fast = FastTokenSampler(model, use_kernels=False)
     found = fast_tokens(model, fast, guidance_for_scale(3.0), sampler, schedule, seed=6)
     torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pooled_caches_of_another_dtype_are_other_caches(tiny_model):
+    fast = FastTokenSampler(tiny_model)
+    native = fast.new_cache(2, 10)
+    half = fast.new_cache(2, 10, dtype=torch.bfloat16)
+    assert native.keys.dtype == torch.float32 and half.keys.dtype == half.values.dtype == torch.bfloat16
+    assert half is not native and fast.new_cache(2, 10) is native
+
+
+def test_one_sampler_switching_use_norm_samples_as_generate_tokens_does_each_time(trained_like_model):
+    model = trained_like_model.eval()
+    fast = FastTokenSampler(model, use_kernels=False)
+    guidance = guidance_for_scale(2.0)
+    for use_norm in (False, True, False):
+        expected, _, _ = generate_tokens(model, PROMPTS, height=32, width=48, cfg=2.0, num_steps=3,
+                                         sampler=EulerSampler(), seed=2, use_norm=use_norm)
+        found = fast_tokens(model, fast, guidance, EulerSampler(), 3, seed=2, use_norm=use_norm)
+        torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_decode_step_attends_over_the_fill_level_and_its_own_slot_rounded_up_to_a_bucket(tiny_model):
+    from nextstep.fast.decode_step import VISIBLE_BUCKET
+
+    backbone = tiny_model.backbone
+    cache = backbone.new_cache(1, 3 * VISIBLE_BUCKET + 10)
+    step = DecodeStep(backbone, cache, torch.zeros(1, 1, backbone.hidden_size), torch.zeros(1, backbone.hidden_size))
+    for filled, visible in ((0, VISIBLE_BUCKET), (VISIBLE_BUCKET - 1, VISIBLE_BUCKET),
+                            (VISIBLE_BUCKET, 2 * VISIBLE_BUCKET), (3 * VISIBLE_BUCKET, 3 * VISIBLE_BUCKET + 10)):
+        cache.reserve(None, filled - cache.length)
+        cache.commit(filled)
+        assert step.visible() == visible, filled  # the step writes slot ``filled``: it must be visible
+
+
+def test_a_cache_of_another_type_is_stepped_eagerly_and_samples_the_loop_s_tokens(trained_like_model):
+    from nextstep.backbones.base import KVCache
+    from nextstep.fast.decode_step import decode_step_reason
+
+    class OwnCache(KVCache):
+        pass
+
+    def own_cache(rows, length):
+        cache = model.backbone.new_cache(rows, length)
+        cache.__class__ = OwnCache
+        return cache
+
+    model = trained_like_model.eval()
+    guidance = guidance_for_scale(2.0)
+    expected, _, _ = generate_tokens(model, PROMPTS, height=32, width=48, cfg=2.0, num_steps=3,
+                                     sampler=EulerSampler(), seed=4)
+    hidden, cache, next_positions = prefill(model, PROMPTS, GRID, 2, own_cache)
+    assert decode_step_reason(model.backbone, cache) == "the cache is a OwnCache, not a KVCache"
+    noise, _ = draw_noise(len(PROMPTS), 4, GRID[0] * GRID[1], model.token_dim, 3, False)
+    found = FastTokenSampler(model, use_kernels=False).sample_tokens(
+        hidden, cache, next_positions, noise, guidance=guidance, sampler=EulerSampler(), num_steps=3)
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_call_captured_on_the_cpu_says_why_and_runs_eagerly():
+    from nextstep.fast.cuda_graph import CapturedCall
+
+    calls = []
+    call = CapturedCall(lambda: calls.append(1), name="counting step")
+    assert call.capture(torch.device("cpu")) is False
+    assert not call.captured and call.graph is None
+    assert call.failure is not None and "CUDA" in call.failure and "cpu" in call.failure
+    assert calls == []  # nothing warmed up on a device that cannot record
+    call()
+    call()
+    assert calls == [1, 1]

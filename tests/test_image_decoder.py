@@ -123,3 +123,14 @@ def test_a_replaced_decoder_takes_the_model_s_train_or_eval_mode():
     model.eval()
     replace_image_decoder(model, donor.train())
     assert not model.image_tokenizer.decoder.training
+
+
+def test_a_new_decoder_of_another_dtype_takes_the_model_s_dtype():
+    model = build_model("tiny", seed=0).eval()
+    tokenizer = _fine_tuned_decoder(model).to(torch.float64)
+    latents = model.image_tokenizer.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    replace_image_decoder(model, tokenizer)
+    assert {p.dtype for p in model.image_tokenizer.decoder.parameters()} == {torch.float32}
+    decoded = model.image_tokenizer.decode(latents)
+    assert decoded.dtype == torch.float32
+    torch.testing.assert_close(decoded, tokenizer.decode(latents.double()).float(), rtol=1e-4, atol=1e-4)
