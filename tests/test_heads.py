@@ -339,3 +339,30 @@ def test_a_shift_below_one_moves_the_times_toward_data():
     shifted = sample_times(100, shift=0.5, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(shifted, plain / (0.5 + 0.5 * plain))  # t / (shift - (shift - 1) t)
     assert (shifted >= plain).all() and (shifted > plain).any()
+
+
+def test_the_time_code_is_cos_then_sin_of_the_raw_time_at_geometric_frequencies():
+    """The release's timestep code: [cos(t f_k), sin(t f_k)] of t in [0, 1] itself (no x1000), with
+    f_k = max_period ** (-k / half); the embedder codes with its own max_period."""
+    from nextstep.layers.timestep import TimestepEmbedder, sinusoidal_embedding
+
+    t = torch.tensor([0.0, 0.5, 1.0])
+    for max_period, frequencies in ((10000.0, [1.0, 0.1, 0.01, 0.001]), (16.0, [1.0, 0.5, 0.25, 0.125])):
+        args = t[:, None] * torch.tensor(frequencies)[None]
+        expected = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        torch.testing.assert_close(sinusoidal_embedding(t, 8, max_period), expected)
+    torch.testing.assert_close(sinusoidal_embedding(torch.zeros(1), 8), torch.tensor([[1.0] * 4 + [0.0] * 4]))
+    embedder = TimestepEmbedder(4, frequency_dim=8, max_period=16.0)
+    with torch.no_grad():
+        torch.testing.assert_close(embedder(t), embedder.mlp(sinusoidal_embedding(t, 8, 16.0)))
+
+
+def test_the_head_normalises_with_the_release_layer_norm_eps():
+    """The release's SimpleMLPAdaLN: every LayerNorm of the head (blocks and final layer) has eps 1e-6, and
+    the final one has no affine; a token of tiny spread is normalised accordingly."""
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=8, condition_dim=4, width=16, depth=2))
+    norms = [module for module in head.modules() if isinstance(module, nn.LayerNorm)]
+    assert len(norms) == 3 and all(norm.eps == 1e-6 for norm in norms)
+    assert norms[-1].weight is None
+    x = torch.tensor([[0.0, 2e-3] * 8])  # variance 1e-6: eps 1e-6 halves it, scaling by 1 / sqrt(2)
+    torch.testing.assert_close(norms[0](x).abs(), torch.full((1, 16), 2 ** -0.5))

@@ -219,3 +219,123 @@ def test_a_default_output_size_the_image_tokenizer_cannot_make_is_refused_when_t
     with pytest.raises(ValueError, match=r"config\.generation \(the default output size, 30x32\): image height must "
                                          r"be a positive multiple of 16 .*found 30"):
         build_model(config, seed=0)
+
+
+def test_context_noise_blurs_only_the_context_at_a_scale_drawn_per_sequence(trained_like_model):
+    """Context noise of scale s: each sequence reads its image tokens plus Gaussian noise of one scale
+    drawn from U(0, s); the flow-matching targets stay the clean tokens."""
+    model = trained_like_model
+    seen = {}
+    original_loss, original_hidden = model.image_head.loss, model.hidden_states
+
+    def recording_loss(target, condition, generator=None):
+        seen["target"] = target
+        return original_loss(target, condition, generator)
+
+    def recording_hidden(batch, context=None, **kwargs):
+        seen["context"] = context
+        return original_hidden(batch, context, **kwargs)
+
+    model.image_head.loss, model.hidden_states = recording_loss, recording_hidden
+    pixels = images(6, size=32)
+    batch = model.prepare_batch(pixels, ["a", "b", "c", "d", "e", "f"], image_first=[False] * 6)
+    model(batch, generator=torch.Generator().manual_seed(0), context_noise=2.0)
+    tokens, _, _ = model.encode_images(pixels)
+    torch.testing.assert_close(seen["target"], tokens.flatten(0, 1))
+    offsets = (seen["context"] - batch.image_tokens)[batch.image_mask].view(6, -1)  # (rows, tokens x D)
+    spreads = offsets.std(dim=1)
+    assert (spreads > 0).all() and (spreads < 2.0 * 1.25).all()
+    assert spreads.max() > 1.5 * spreads.min()  # one scale per sequence, not one for all
+
+
+def test_prepare_batch_draws_the_image_first_order_at_the_configured_probability(tiny_model):
+    """Text dropout: each pair is ordered image-first with probability image_first_probability, so 0 orders
+    none that way and 1 all of them."""
+    captions = ["a cat", "a dog", "a red circle"]
+    for probability in (0.0, 1.0):
+        tiny_model.config = tiny_model.config.replace(image_first_probability=probability)
+        drawn = tiny_model.prepare_batch(images(3), captions, generator=torch.Generator().manual_seed(0))
+        given = tiny_model.prepare_batch(images(3), captions, image_first=[probability == 1.0] * 3)
+        assert torch.equal(drawn.input_ids, given.input_ids)
+        assert torch.equal(drawn.image_mask, given.image_mask)
+
+
+def test_word_substitutions_change_the_loss_in_training_only():
+    """The word-vector substitutions are a training device: an evaluated model reads every word as it is."""
+    from test_word_aliases import letter_counts
+    from test_word_vectors import word_model
+
+    from nextstep.tokenizers.word_vector_table import attach_word_vectors
+
+    model = attach_word_vectors(word_model(), ["crimson", "violin"], letter_counts, dim=4,
+                                substitution_probability=1.0)
+    batch = model.prepare_batch(images(2, size=16), ["a red circle", "a yellow face"], image_first=[False, False])
+
+    def text_loss(training, probability):
+        model.word_vectors.config = model.word_vectors.config.replace(substitution_probability=probability)
+        model.train(training)
+        with torch.no_grad():
+            return model(batch, generator=torch.Generator().manual_seed(0)).text
+
+    torch.testing.assert_close(text_loss(False, 1.0), text_loss(False, 0.0))
+    assert not torch.allclose(text_loss(True, 1.0), text_loss(True, 0.0))
+
+
+def test_image_positions_read_the_projected_token_instead_of_the_placeholder_embedding(tiny_model):
+    """An image position's input is image_in_projector(token) alone; text positions keep their embeddings."""
+    batch = tiny_model.prepare_batch(images(2), ["a cat", "a dog on a mat"], image_first=[False, True])
+    with torch.no_grad():
+        embeds = tiny_model.embed(batch.input_ids, batch.image_mask, batch.image_tokens)
+        projected = tiny_model.image_in_projector(batch.image_tokens[batch.image_mask])
+        text = tiny_model.embed_text(batch.input_ids)
+    torch.testing.assert_close(embeds[batch.image_mask], projected)
+    torch.testing.assert_close(embeds[~batch.image_mask], text[~batch.image_mask])
+
+
+def test_packed_sequences_each_draw_their_own_context_noise_scale(trained_like_model):
+    """Packing several sequences into one row keeps context noise a per-sequence draw, as unpacked."""
+    model = trained_like_model
+    seen = {}
+    original_hidden = model.hidden_states
+
+    def recording_hidden(batch, context=None, **kwargs):
+        seen["context"] = context
+        return original_hidden(batch, context, **kwargs)
+
+    model.hidden_states = recording_hidden
+    tokens, grid_h, grid_w = model.encode_images(images(6, size=32))
+    builder = model.sequences
+    examples = [builder.example(caption, tokens[i], grid_h, grid_w, image_first=False)
+                for i, caption in enumerate(["a", "b", "c", "d", "e", "f"])]
+    batch = builder.pack(examples, 4096)
+    assert batch.input_ids.shape[0] == 1 and int(batch.document_ids.max()) == 6
+    model(batch, generator=torch.Generator().manual_seed(0), context_noise=2.0)
+    offsets = seen["context"] - batch.image_tokens
+    spreads = torch.stack([offsets[batch.image_mask & (batch.document_ids == document)].std()
+                           for document in range(1, 7)])
+    assert (spreads > 0).all() and (spreads < 2.0 * 1.25).all()
+    assert spreads.max() > 1.5 * spreads.min()
+
+
+def test_a_further_word_is_scored_as_its_stand_in_until_its_vector_is_trained():
+    """A vector word's class for the LM head is its table row: with the projection still zero, a caption
+    with "crimson" has exactly the losses of the caption with the known word standing in for it."""
+    from test_word_aliases import letter_counts
+    from test_word_vectors import word_model
+
+    from nextstep.tokenizers.word_vector_table import attach_word_vectors
+
+    model = word_model()
+    attached = attach_word_vectors(model, ["crimson", "violin"], letter_counts, dim=4).eval()
+    tokenizer = attached.text_tokenizer
+    crimson = tokenizer.encode(" crimson")[0]
+    assert crimson >= attached.backbone.vocab_size  # an id beyond the embedding table
+    stand_in = tokenizer.decode([int(attached.word_vectors.learned_ids[crimson])])
+    pixels = images(1, size=16)
+    with torch.no_grad():
+        further = attached(attached.prepare_batch(pixels, ["a crimson heart"], image_first=[True]),
+                           generator=torch.Generator().manual_seed(0))
+        known = model(model.prepare_batch(pixels, ["a" + stand_in + " heart"], image_first=[True]),
+                      generator=torch.Generator().manual_seed(0))
+    assert further.num_text_tokens == known.num_text_tokens
+    torch.testing.assert_close(further.text, known.text)

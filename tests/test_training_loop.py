@@ -251,3 +251,77 @@ def test_caption_dropout_puts_the_image_first_at_its_probability(monkeypatch):
         seen.clear()
         TextToImageTask(model, text_dropout=probability).sequences(batch, torch.Generator().manual_seed(0))
         assert seen == [probability == 1.0] * len(batch)
+
+
+def test_logs_and_checkpoints_fall_on_their_cadence_and_on_the_last_step(tmp_path):
+    """log_every and checkpoint_every count optimiser steps from 1; the last step is always logged and saved."""
+    import csv
+
+    from nextstep.training.checkpointing import checkpoint_name
+
+    trainer = tiny_trainer(tmp_path, tiny_config(max_steps=5, log_every=2, checkpoint_every=2, keep_last=5))
+    records = trainer.fit(resume=False)
+    assert [record.step for record in records] == [1, 2, 3, 4, 5]
+    with open(tmp_path / "train_log.csv", newline="") as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [2, 4, 5]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == \
+        [checkpoint_name(step) for step in (2, 4, 5)]
+
+
+def test_each_step_logs_the_epoch_its_batches_come_from(tmp_path):
+    """Four examples in micro-batches of two: steps 1 and 2 read epoch 0, steps 3 and 4 epoch 1."""
+    from nextstep import build_model
+
+    config = tiny_config(max_steps=5)
+    trainer = Trainer(TextToImageTask.from_train_config(build_model("tiny", seed=0), config),
+                      shapes_data(num_samples=4), config, tmp_path, show_progress=False)
+    assert [record.epoch for record in trainer.fit(resume=False)] == [0, 0, 1, 1, 2]
+
+
+def test_a_grad_clip_of_zero_leaves_the_gradients_unclipped(tmp_path):
+    """grad_clip 0 disables clipping: the weights move as far as with an unreachable limit."""
+    moved = []
+    for grad_clip in (0.0, 1e9):
+        trainer = tiny_trainer(tmp_path / str(grad_clip), tiny_config(max_steps=1, warmup_steps=0,
+                                                                      grad_clip=grad_clip))
+        start = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+        trainer.fit(resume=False)
+        moved.append({name: p.detach() - start[name] for name, p in trainer.model.named_parameters()})
+    for name, delta in moved[0].items():
+        torch.testing.assert_close(delta, moved[1][name], msg=name)
+    assert max(delta.abs().max().item() for delta in moved[0].values()) > 1e-4
+
+
+def test_the_task_takes_text_dropout_context_noise_and_packing_from_the_run_config():
+    """A run's text_dropout (None: the model's own image_first_probability), context_noise and pack_length."""
+    from nextstep import build_model
+
+    model = build_model("tiny", seed=0)
+    task = TextToImageTask.from_train_config(model, tiny_config(text_dropout=0.0, context_noise=0.5, pack_length=64))
+    assert (task.text_dropout, task.context_noise, task.pack_length) == (0.0, 0.5, 64)
+    assert TextToImageTask.from_train_config(model, tiny_config()).text_dropout == model.config.image_first_probability
+
+
+def test_a_step_counts_the_tokens_of_its_sequences_not_their_padding():
+    """num_tokens (the throughput's numerator) counts the positions of each sequence, not the padding
+    that makes a short caption's row as long as the longest."""
+    from nextstep import build_model
+
+    model = build_model("tiny", seed=0)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    captions = ["a", "a much longer caption than the first"]
+    batch = model.prepare_batch(pixels, captions, image_first=[False, False])
+    alone = [model.prepare_batch(pixels[i:i + 1], captions[i:i + 1], image_first=[False]).input_ids.shape[1]
+             for i in range(2)]
+    assert alone[0] < alone[1]
+    result = TextToImageTask(model).loss(model, batch, torch.Generator().manual_seed(0))
+    assert result.num_tokens == sum(alone)
+
+
+def test_sample_grids_are_drawn_every_sample_every_steps(tmp_path):
+    """sample_every counts optimiser steps from 1, like the checkpoints: grids at steps 2 and 4 of 4."""
+    config = tiny_config(max_steps=4, sample_every=2, sample_prompts=("a red circle",), sample_height=32,
+                         sample_width=32, sample_steps=2)
+    tiny_trainer(tmp_path, config).fit(resume=False)
+    assert sorted(path.name for path in (tmp_path / "samples").iterdir()) == ["step-00000002.png",
+                                                                             "step-00000004.png"]

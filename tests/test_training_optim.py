@@ -79,3 +79,17 @@ def test_an_ema_state_of_other_names_or_shapes_is_named():
         ema.load_state_dict({"weight": state["weight"], "extra": state["bias"]})
     with pytest.raises(ValueError, match=r"EMA tensor weight has shape \(3, 2\), expected \(2, 3\)"):
         ema.check_state({"weight": state["weight"].T, "bias": state["bias"]})
+
+
+def test_the_average_holds_only_the_trainable_parameters():
+    """A frozen part (the image tokenizer, say) is neither averaged nor overwritten by the average."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    model[0].requires_grad_(False)
+    ema = ExponentialMovingAverage(model, decay=0.9)
+    assert sorted(ema.state_dict()) == ["1.bias", "1.weight"]
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    changed = model[0].weight.detach().clone()
+    ema.update(model)
+    with ema.applied_to(model):
+        assert torch.equal(model[0].weight, changed)
