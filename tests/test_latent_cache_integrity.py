@@ -229,3 +229,56 @@ def test_a_cache_refused_for_another_data_description_alone_says_so(tmp_path, mo
     with pytest.raises(ValueError, match=r"than this one \(the description of its data \(fingerprint\): \"\w+\" "
                                          r"there, \"\w+\" here\)"):
         build_latent_cache(model.image_tokenizer, dataset, buckets, tmp_path / "cache", source="second")
+
+
+def test_a_dropped_wide_sample_keeps_the_grid_of_its_bucket_so_the_batches_are_those_of_the_images(tmp_path, model):
+    from nextstep.training.data import ImageFolderConfig, ImageFolderDataset
+    from nextstep.training.data.loader import BatchLayout, TrainingBatches
+
+    folder_of_two_shapes(tmp_path / "images")
+    data = (tmp_path / "images" / "img1.png").read_bytes()
+    (tmp_path / "images" / "img1.png").write_bytes(data[: len(data) // 2])  # a wide image whose pixels do not read
+    images = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path / "images")))
+    buckets = AspectRatioBuckets(32, multi_aspect=True)
+    build_latent_cache(model.image_tokenizer, images, buckets, tmp_path / "cache", max_bad_fraction=0.2)
+    cached = LatentCacheDataset(LatentCacheConfig(str(tmp_path / "cache")))
+    assert cached.locations[1] is None and cached.grids[1] == cached.grids[3] != cached.grids[0]
+    assert cached.image_size(1) == cached.image_size(3)
+    from_images, from_cache = (TrainingBatches(data, buckets, BatchLayout(2), seed=5) for data in (images, cached))
+    assert from_cache.sizes == from_images.sizes
+
+
+def test_a_refused_cache_holding_a_dropped_sample_does_not_name_its_sample_count_as_a_difference(tmp_path, model):
+    from nextstep.training.data import CorruptSampleError, ImageTextDataset
+
+    class HalfBroken(ImageTextDataset):
+        def __len__(self):
+            return 4
+
+        def image_size(self, index):
+            return (32, 32)
+
+        def load(self, index):
+            if index == 1:
+                raise CorruptSampleError(f"sample-{index}", "broken on purpose")
+            return ShapesDataset(ShapesConfig(num_samples=4, size=32)).load(index)
+
+    buckets = AspectRatioBuckets(32, multi_aspect=False)
+    build_latent_cache(model.image_tokenizer, HalfBroken(), buckets, tmp_path / "cache", source="first",
+                       max_bad_fraction=0.5)
+    with pytest.raises(ValueError, match=r"than this one \(the description of its data \(fingerprint\): \"\w+\" "
+                                         r"there, \"\w+\" here\)") as refused:
+        build_latent_cache(model.image_tokenizer, HalfBroken(), buckets, tmp_path / "cache", source="second",
+                           max_bad_fraction=0.5)
+    assert "samples:" not in str(refused.value)
+
+
+def test_a_refused_cache_from_before_the_encoder_was_recorded_alone_does_not_blame_the_encoder(tmp_path, model):
+    dataset = ShapesDataset(ShapesConfig(num_samples=4, size=32))
+    buckets = AspectRatioBuckets(32, multi_aspect=False)
+    build_latent_cache(model.image_tokenizer, dataset, buckets, tmp_path / "cache", source="first")
+    _drop_recorded(tmp_path / "cache", "tokenizer_fingerprint")
+    with pytest.raises(ValueError, match=r"than this one \(the description of its data \(fingerprint\): \"\w+\" "
+                                         r"there, \"\w+\" here\)") as refused:
+        build_latent_cache(model.image_tokenizer, dataset, buckets, tmp_path / "cache", source="second")
+    assert "encoder fingerprint" not in str(refused.value)

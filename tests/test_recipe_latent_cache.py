@@ -139,3 +139,52 @@ def test_a_run_over_an_unreadable_image_resumed_with_its_cache_switched_on_train
     assert record["datasets"][0]["source_order"] is True
     index = json.loads((tmp_path / "cache" / "00-folder" / "index.json").read_text())
     assert [entry["source_index"] for entry in index["dropped_samples"]] == [2]
+
+
+def test_a_resume_over_a_latent_cache_dataset_rebuilt_with_a_sample_it_could_not_read_is_refused(tmp_path):
+    from nextstep.training import build_latent_cache
+    from nextstep.training.data import AspectRatioBuckets, ImageFolderConfig, ImageFolderDataset
+    from nextstep.training.recipe import check_latent_caches, record_latent_caches
+
+    tokenizer = build_model("tiny", seed=0).image_tokenizer
+    folder_of_two_shapes(tmp_path / "images")
+    buckets = AspectRatioBuckets(32, multi_aspect=True)
+
+    def build_cache():
+        images = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path / "images")))
+        build_latent_cache(tokenizer, images, buckets, tmp_path / "cache", max_bad_fraction=0.2)
+
+    build_cache()
+    recipe = _recipe([{"type": "latent_cache", "path": str(tmp_path / "cache")}], multi_aspect=True)
+    (tmp_path / "run").mkdir()
+    record_latent_caches(recipe, tmp_path / "run")
+    check_latent_caches(recipe, tmp_path / "run", True)  # the same cache resumes
+    for path in (tmp_path / "cache").iterdir():
+        path.unlink()
+    data = (tmp_path / "images" / "img2.png").read_bytes()
+    (tmp_path / "images" / "img2.png").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
+    build_cache()
+    with pytest.raises(ValueError, match=r"dataset 0: the latent cache at .*cache changed since the run began "
+                                         r"\(num_samples 8 there, 7 here\), so it holds other samples"):
+        check_latent_caches(recipe, tmp_path / "run", True)
+
+
+def test_a_run_resumed_from_its_images_after_its_cache_records_that_it_reads_the_images_now(tmp_path):
+    from nextstep.training.recipe import check_latent_caches, recipe_training_data, record_latent_caches
+
+    with_cache, from_images = _recipe(SHAPES, tmp_path / "cache"), _recipe(SHAPES)
+    recipe_training_data(with_cache, build_model("tiny", seed=0))
+    run = tmp_path / "run"
+    run.mkdir()
+    record_latent_caches(with_cache, run)
+    check_latent_caches(from_images, run, True)  # the cache serves the images' order: the switch is allowed
+    record_latent_caches(from_images, run)
+    record = json.loads((run / "latent_caches.json").read_text())
+    assert record == {"latent_cache": "", "datasets": [{"type": "shapes", "read_from": None, "source_order": True}]}
+    index_path = tmp_path / "cache" / "00-shapes" / "index.json"
+    index = json.loads(index_path.read_text())
+    index.pop("sample_order")  # as written before caches recorded their samples' source indices
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"dataset 0 \(shapes\) was read from its images there and from the latent "
+                                         r"cache .*00-shapes \(in another order"):
+        check_latent_caches(with_cache, run, True)

@@ -191,3 +191,77 @@ def test_training_noise_is_sized_to_the_standardised_latents_whatever_the_scale_
     assert (noisy - clean).abs().max() > 1e-3  # the noise changes the reconstruction
     torch.testing.assert_close(found, noisy, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_perceptual_term_gets_its_network_and_the_recipe_s_channel_weights(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    import nextstep.tokenizers.perceptual as perceptual
+    from nextstep.training.tokenizer_recipe import build_objective
+
+    class Features(nn.Module):  # stands in for EfficientNet-Lite0, whose weights need not be read here
+        def forward(self, x):
+            return [x]
+
+    monkeypatch.setattr(perceptual, "EfficientNetLiteFeatures", Features)
+    save_file({"weight.0": torch.tensor([1.0, 2.0, 3.0])}, str(tmp_path / "lpips.safetensors"))
+    objective = build_objective(recipe(loss={"perceptual_weight": 0.1}, perceptual_network="efficientnet_lite0",
+                                       perceptual_weights=str(tmp_path / "lpips.safetensors")))
+    assert isinstance(objective.perceptual.features, Features)
+    assert [weights.tolist() for weights in objective.perceptual.layer_weights] == [[1.0, 2.0, 3.0]]
+    assert build_objective(recipe()).perceptual is None  # perceptual_weight 0: no network
+
+
+def test_a_tokenizer_run_resumed_with_another_loss_is_refused_naming_it(tmp_path):
+    short = {**RECIPE["train"], "max_steps": 1, "checkpoint_every": 1}
+    run_tokenizer_recipe(recipe(evaluation_crops=0, train=short), tmp_path, show_progress=False)
+    with pytest.raises(ValueError, match=r"trained with another recipe \(loss\.noise_gamma: 0\.2 there, 0\.3 here\)"):
+        run_tokenizer_recipe(recipe(evaluation_crops=0, train={**short, "max_steps": 2},
+                                    loss={**RECIPE["loss"], "noise_gamma": 0.3}), tmp_path, show_progress=False)
+
+
+def test_a_tokenizer_step_reports_its_errors_and_counts_every_pixel_of_the_batch():
+    from nextstep.tokenizers.training_loss import TokenizerLoss, TokenizerLossConfig
+    from nextstep.training.data.base import ImageTextBatch
+    from nextstep.training.tokenizer_task import TokenizerTask
+
+    task = TokenizerTask(_tiny_vae(), TokenizerLoss(TokenizerLossConfig(perceptual_weight=0.0)))
+    batch = ImageTextBatch(keys=["a", "b"], captions=["", ""], images=torch.zeros(2, 3, 8, 4))
+    result = task.loss(_Shift(), batch, torch.Generator().manual_seed(0))
+    assert result.metrics["l1"] == pytest.approx(0.5) and result.metrics["mse"] == pytest.approx(0.25)
+    assert result.metrics["psnr_noisy"] == pytest.approx(12.0412, abs=1e-3)  # 0.5 off in a range of 2
+    assert result.num_tokens == 2 * 8 * 4
+
+
+def test_a_tokenizer_recipe_starts_from_the_weights_its_seed_draws():
+    from nextstep.training.tokenizer_recipe import build_recipe_tokenizer
+
+    first, again, other = (build_recipe_tokenizer(recipe(seed=seed)).state_dict() for seed in (1, 1, 2))
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert any(not torch.equal(first[name], other[name]) for name in first)
+    torch.manual_seed(2)  # the seed, not the caller's random state, draws them
+    assert all(torch.equal(first[name], build_recipe_tokenizer(recipe(seed=1)).state_dict()[name]) for name in first)
+
+
+def test_a_widened_decoder_draws_its_new_channels_from_the_recipe_s_seed(tmp_path):
+    from nextstep.tokenizers.vae_checkpoints import save_flux_vae
+    from nextstep.training.tokenizer_recipe import build_recipe_tokenizer
+
+    save_flux_vae(_tiny_vae(), tmp_path / "start")
+    first, again, other = (build_recipe_tokenizer(recipe(tokenizer=str(tmp_path / "start"), tokenizer_config={},
+                                                         decoder_ch=16, seed=seed)).state_dict() for seed in (1, 1, 2))
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert any(not torch.equal(first[name], other[name]) for name in first if name.startswith("decoder."))
+
+
+def test_the_weight_average_of_a_decoder_only_checkpoint_is_read_back_over_the_decoder(tmp_path):
+    from nextstep.training.tokenizer_recipe import checkpoint_tokenizer
+
+    decoder_only = recipe(train_encoder=False, evaluation_crops=0,
+                          train={**RECIPE["train"], "max_steps": 2, "checkpoint_every": 2, "ema_decay": 0.5})
+    trainer = run_tokenizer_recipe(decoder_only, tmp_path, show_progress=False)
+    tokenizer, average = checkpoint_tokenizer(trainer.checkpoints.latest(), decoder_only, use_ema=True)
+    assert not any(parameter.requires_grad for parameter in tokenizer.encoder.parameters())
+    with average.applied_to(tokenizer):
+        saved = load_flux_vae(tmp_path / "tokenizer")
+        assert all(torch.equal(tensor, saved.state_dict()[name]) for name, tensor in tokenizer.state_dict().items())

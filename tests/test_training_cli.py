@@ -372,3 +372,50 @@ def test_a_recipe_of_another_preset_is_refused_by_its_name_alone(tmp_path):
     RecipeConfig.from_dict(RECIPE).save(tmp_path / "recipe.json")
     with pytest.raises(ValueError, match=r'another recipe \(model: "tiny" there, "compact" here\); pass'):
         check_same_recipe(RecipeConfig.from_dict(dict(RECIPE, model="compact")), tmp_path)
+
+
+def test_a_text_tokenizer_counts_the_captions_of_a_repeated_dataset_once_per_repeat():
+    from types import SimpleNamespace
+
+    from nextstep.training.data.shapes import ShapesConfig, ShapesDataset
+    from nextstep.training.data.source import build_datasets, combine
+    from nextstep.training.recipe import RecipeConfig, recipe_text_tokenizer
+
+    recipe = RecipeConfig.from_dict({"text_tokenizer": {"type": "word", "min_count": 2}, "data": {
+        "datasets": [{"type": "shapes", "num_samples": 1, "size": 32, "repeat": 2}], "resolution": 32}})
+    datasets, repeats = build_datasets(recipe.data)
+    tokenizer = recipe_text_tokenizer(recipe, SimpleNamespace(streaming=False, dataset=combine(datasets, repeats)))
+    caption = ShapesDataset(ShapesConfig(num_samples=1, size=32)).caption(0)
+    assert set(tokenizer.words) == set(tokenizer.count_pieces([caption])) != set()
+
+
+def test_a_resume_with_another_text_tokenizer_is_refused_naming_it(tmp_path):
+    from nextstep.training.recipe import RecipeConfig, check_resumable
+
+    first = RecipeConfig.from_dict(dict(RECIPE, text_tokenizer={"type": "word", "min_count": 2}))
+    first.save(tmp_path / "recipe.json")
+    check_resumable(first, tmp_path, True)
+    other = RecipeConfig.from_dict(dict(RECIPE, text_tokenizer={"type": "word", "min_count": 3}))
+    with pytest.raises(ValueError, match=r"trained with another recipe \(text_tokenizer\.min_count: 2 there, 3 here\)"):
+        check_resumable(other, tmp_path, True)
+
+
+def test_a_refused_run_writes_no_recipe_into_a_folder_that_had_none(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(dict(RECIPE, train=dict(RECIPE["train"], sample_every=0))))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_log.csv").write_text("step,loss\n1,2.5\n")  # an earlier run's log, without its checkpoints
+    assert main(["train", str(recipe), "-o", str(out), "--quiet", "--max-steps", "1"]) == 2
+    assert "holds an earlier run (train_log.csv) but no checkpoint to resume from" in capsys.readouterr().err
+    assert not (out / "recipe.json").exists()
+    assert (out / "train_log.csv").read_text() == "step,loss\n1,2.5\n"
+
+
+def test_a_recipe_builds_its_preset_with_its_model_arguments():
+    from nextstep.training.recipe import RecipeConfig, build_recipe_model
+
+    recipe = RecipeConfig.from_dict(dict(RECIPE, model="compact", model_arguments={
+        "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_width": 32, "head_depth": 1}))
+    backbone = build_recipe_model(recipe).config.backbone.to_dict()
+    assert (backbone["hidden_size"], backbone["num_layers"], backbone["num_heads"]) == (32, 1, 2)

@@ -360,3 +360,19 @@ def test_editing_and_preference_data_are_refused_before_anything_is_encoded(tmp_
     with pytest.raises(ValueError, match=r"holds editing samples; latent caches store image-caption pairs only"):
         build_latent_cache(vae, dataset, buckets, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_index_that_records_no_format_version_is_read_as_format_1_and_kept_for_its_own_tokenizer(tmp_path):
+    from nextstep.training.data.latent_cache import _whole_module_fingerprint, _with_source, tokenizer_fingerprint
+
+    vae = small_vae()
+    folder = build(vae, tmp_path / "cache", source="shapes")
+    index_path = folder / "index.json"
+    index = json.loads(index_path.read_text())
+    legacy = {key: value for key, value in index.items() if key not in ("format_version", "tokenizer_fingerprint")}
+    legacy["fingerprint"] = _with_source(_whole_module_fingerprint(vae), "shapes")
+    index_path.write_text(json.dumps(legacy))
+    build(vae, folder, source="shapes")  # its own tokenizer keeps it
+    upgraded = json.loads(index_path.read_text())
+    assert upgraded["format_version"] == 2
+    assert upgraded["fingerprint"] == _with_source(tokenizer_fingerprint(vae), "shapes")
