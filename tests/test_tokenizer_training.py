@@ -265,3 +265,12 @@ def test_the_weight_average_of_a_decoder_only_checkpoint_is_read_back_over_the_d
     with average.applied_to(tokenizer):
         saved = load_flux_vae(tmp_path / "tokenizer")
         assert all(torch.equal(tensor, saved.state_dict()[name]) for name, tensor in tokenizer.state_dict().items())
+
+
+def test_the_held_out_evaluation_reconstructs_crops_of_the_recipes_evaluation_size(tmp_path):
+    from PIL import Image
+
+    run_tokenizer_recipe(recipe(evaluation_size=16, train={**RECIPE["train"], "max_steps": 1}), tmp_path,
+                         show_progress=False)
+    with Image.open(tmp_path / "eval" / "reconstructions.png") as grid:
+        assert grid.size == (8 * 16, 16)  # the 4 crops and their 4 reconstructions in one row
