@@ -114,3 +114,13 @@ def test_a_flag_caption_drops_the_flag_prefix():
     from nextstep.training.data.emoji import _caption
     names = {"\U0001F1EB\U0001F1F7": {"en": ":flag_France:"}}
     assert _caption("\U0001F1EB\U0001F1F7", "flag: France", "country-flag", names) == "flag of France"
+
+
+def test_every_skin_tone_variant_falls_on_the_side_of_its_base_emoji(splits):
+    train, test = splits
+    assert all(e.base == base_emoji(e.text) for e in train.entries + test.entries)
+    toned = [e for e in train.entries + test.entries if e.text != e.base]
+    assert len(toned) > 500
+    train_bases = {base_emoji(e.text) for e in train.entries}
+    test_bases = {base_emoji(e.text) for e in test.entries}
+    assert test_bases and not train_bases & test_bases

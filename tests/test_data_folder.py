@@ -208,3 +208,23 @@ def test_a_word_tokenizer_is_fitted_to_the_captions_of_the_samples_that_can_be_r
     data = SimpleNamespace(streaming=False, dataset=CaptionsThroughImages())
     tokenizer = recipe_text_tokenizer(RecipeConfig(text_tokenizer={"type": "word", "min_count": 1}), data)
     assert {"red", "blue", "apple"} <= {word.strip() for word in tokenizer.words}
+
+
+def test_a_bad_share_exactly_at_the_limit_is_tolerated_and_one_more_stops_the_run():
+    tracker = BadSampleTracker(0.01, dataset_size=200, initial_bad=["img001.png (truncated)"])
+    tracker.update(4, ["img002.png (truncated)"])  # 2 of 200: exactly 1 %
+    tracker.update(4, ["img001.png (truncated)"])  # the same sample again is not a new one
+    assert tracker.num_bad == 2
+    with pytest.raises(DataQualityError, match="3 unreadable samples of the 200 samples"):
+        tracker.update(4, ["img003.png (truncated)"])
+
+
+def test_the_training_data_size_counts_the_files_whose_header_could_not_be_read(tmp_path):
+    from nextstep.training.data import TrainingData
+
+    _write_images(tmp_path, 10)
+    (tmp_path / "img004.png").write_bytes(b"not an image")
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path)))
+    assert len(dataset) == 9
+    data = TrainingData(dataset, AspectRatioBuckets(32, multi_aspect=False))
+    assert data.size == 10 and len(data.known_bad) == 1

@@ -109,3 +109,73 @@ def test_a_repeated_dataset_is_listed_whole_that_many_times_before_the_next():
     for outside in (7, -1):
         with pytest.raises(IndexError):
             mixture.caption(outside)
+
+
+class _Corrupt(_Lettered):
+    """`_Lettered`, but loading the indices in ``broken`` fails as a corrupt sample."""
+
+    def __init__(self, letter, count, broken):
+        super().__init__(letter, count)
+        self.broken = set(broken)
+
+    def load(self, index):
+        from PIL import Image
+
+        from nextstep.training.data.base import CorruptSampleError
+
+        if index in self.broken:
+            raise CorruptSampleError(f"{self.letter}{index}", "truncated")
+        sample = super().load(index)
+        sample.image = Image.new("RGB", (16, 16), (index * 40, 0, 0))
+        return sample
+
+
+def test_an_unreadable_sample_is_replaced_by_the_next_readable_one_of_its_own_bucket():
+    from nextstep.training.data.loader import BatchAssembler
+
+    groups = ["wide", "square", "wide", "square", "square"]
+    assembler = BatchAssembler(_Corrupt("s", 5, broken={1}), groups)
+    batch = assembler[([0, 1], (16, 16))]
+    assert batch.keys == ["s0", "s3"]  # s2 comes next but lies in the wide bucket
+    assert batch.bad_keys == ["s1 (truncated)"]
+    assert batch.attempted == 3  # two samples, one of them read twice
+
+
+def test_a_bucket_whose_every_sample_is_unreadable_stops_with_a_data_quality_error():
+    import pytest
+
+    from nextstep.training.data.base import DataQualityError
+    from nextstep.training.data.loader import BatchAssembler
+
+    assembler = BatchAssembler(_Corrupt("s", 4, broken={1, 3}), ["a", "b", "a", "b"])
+    with pytest.raises(DataQualityError, match="2 samples in a row could not be read near index 1"):
+        assembler[([1], (16, 16))]
+
+
+def test_collated_images_are_fitted_to_the_buckets_height_and_width_keeping_the_centre():
+    from PIL import Image
+
+    from nextstep.training.data.base import ImageTextSample
+    from nextstep.training.data.loader import collate_samples
+
+    # 60 x 20: a red left third, a green middle third, a blue right third.
+    image = Image.new("RGB", (60, 20), (255, 0, 0))
+    image.paste((0, 255, 0), (20, 0, 40, 20))
+    image.paste((0, 0, 255), (40, 0, 60, 20))
+    tall = collate_samples([ImageTextSample(key="t", caption="t", image=image)], 16, 8)
+    assert tall.images.shape == (1, 3, 16, 8)
+    # Scaled by 0.8 to cover the 16 rows, then the centre 8 of its 48 columns kept: all green.
+    assert (tall.images[0, 1] > 0.9).all() and (tall.images[0, 0] < -0.9).all() and (tall.images[0, 2] < -0.9).all()
+    wide = collate_samples([ImageTextSample(key="w", caption="w", image=image)], 8, 16)
+    assert wide.images.shape == (1, 3, 8, 16)
+
+
+def test_a_single_dataset_spec_with_a_repeat_is_listed_that_many_times():
+    from nextstep.training.data.source import DataConfig, build_training_data
+
+    data = build_training_data(DataConfig(datasets=({"type": "shapes", "num_samples": 5, "size": 16, "repeat": 3},)))
+    assert len(data.dataset) == 15
+    assert [data.dataset.caption(i) for i in range(5, 15)] == [data.dataset.caption(i) for i in range(5)] * 2
+    assert data.size == 5  # distinct samples, the base of the bad-sample share
+    once = build_training_data(DataConfig(datasets=({"type": "shapes", "num_samples": 5, "size": 16},)))
+    assert len(once.dataset) == 5

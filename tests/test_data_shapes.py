@@ -120,3 +120,24 @@ def test_shapes_and_colours_that_cannot_make_a_held_out_scene_are_refused():
     with pytest.raises(ValueError, match=unreachable):
         sample_scene(random.Random(0), "colors", shapes=("circle", "square"), colours=("blue", "orange"),
                      combinations="held_out")
+
+
+def test_counting_scenes_reach_every_count_up_to_the_largest():
+    counting = ShapesDataset(ShapesConfig(num_samples=120, kinds=("counting", "colour_counting"), max_count=4))
+    counts = {len(counting.scene(i).objects) for i in range(120)}
+    assert counts == {2, 3, 4}
+
+
+def test_a_triangle_is_drawn_pointing_up():
+    from nextstep.training.data.shapes import ShapeObject
+
+    triangle = ShapeObject("triangle", "blue", (0.5, 0.5), 0.8)
+    image = render_scene(Scene((triangle,), "a blue triangle", "colors"), 100, 100)
+    left, top, right, bottom = triangle.drawn_box(100, 100)
+    near_top, near_bottom = int(top) + 10, int(bottom) - 5
+    blue, white = COLOURS["blue"], (255, 255, 255)
+    assert image.getpixel((50, near_top)) == blue  # below the apex
+    assert image.getpixel((int(left) + 8, near_top)) == white
+    assert image.getpixel((int(right) - 8, near_top)) == white
+    assert image.getpixel((int(left) + 8, near_bottom)) == blue  # the base's corners
+    assert image.getpixel((int(right) - 8, near_bottom)) == blue

@@ -60,3 +60,20 @@ def test_the_captioning_rule_implies_the_box_rule_without_threshold(a, b, relati
 def test_the_axis_rule_names_unknown_relations():
     with pytest.raises(ValueError, match="relation must be one of"):
         centres_satisfy("behind", (0, 0), (1, 1))
+
+
+def test_the_axis_rule_needs_an_offset_beyond_the_margin_in_the_relations_direction():
+    assert centres_satisfy("left of", (0.2, 0.5), (0.5, 0.5), margin=0.1)
+    assert not centres_satisfy("left of", (0.45, 0.5), (0.5, 0.5), margin=0.1)  # within the margin
+    assert not centres_satisfy("left of", (0.55, 0.5), (0.5, 0.5), margin=0.1)  # right of it
+    assert not centres_satisfy("right of", (0.55, 0.5), (0.5, 0.5), margin=0.1)
+    assert not centres_satisfy("above", (0.5, 0.45), (0.5, 0.5), margin=0.1)
+    assert not centres_satisfy("below", (0.5, 0.55), (0.5, 0.5), margin=0.1)
+    assert centres_satisfy("below", (0.5, 0.8), (0.5, 0.5), margin=0.1)
+
+
+def test_the_threshold_takes_its_share_of_both_boxes_whole_extents():
+    # Centres 12 apart, boxes 10 tall: at 0.5 the offset loses 0.5 * 20 = 10 of its 12, too little is left.
+    assert box_relations((0, 0, 10, 10), (0, 12, 10, 22), threshold=0.5) == set()
+    # Centres 30 apart: 30 - 10 = 20 of 30 is left, beyond one half.
+    assert box_relations((0, 0, 10, 10), (0, 30, 10, 40), threshold=0.5) == {"above"}

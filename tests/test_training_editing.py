@@ -82,3 +82,46 @@ def test_an_editing_manifest_reads_its_pairs_and_skips_targets_whose_header_cann
         EditingManifestDataset(EditingManifestConfig(path=str(tmp_path / "bad.jsonl")))
     with pytest.raises(FileNotFoundError, match="expected an editing manifest at"):
         EditingManifestDataset(EditingManifestConfig(path=str(tmp_path / "none.jsonl")))
+
+
+def test_each_shapes_edit_changes_exactly_what_its_instruction_says():
+    from nextstep.training.data.shapes.world import object_phrase
+
+    dataset = ShapesEditingDataset(ShapesEditingConfig(num_samples=80, size=32))
+    seen = set()
+    for index in range(80):
+        source, instruction, target = dataset.edit(index)
+        words = instruction.split()
+        before, after = list(source.objects), list(target.objects)
+        seen.add(words[0])
+        if words[0] == "make":  # make the <colour> <shape> <new colour>
+            (changed,) = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+            old, new = before[changed], after[changed]
+            assert (old.colour, old.shape, new.colour) == (words[2], words[3], words[4])
+            assert (new.shape, new.center, new.size) == (old.shape, old.center, old.size)
+        elif words[0] == "remove":  # remove the <colour> <shape>
+            (gone,) = [o for o in before if o not in after]
+            assert (gone.colour, gone.shape) == (words[2], words[3])
+            assert [o for o in before if o is not gone] == after
+        elif words[0] == "add":  # add a <colour> <shape>
+            assert after[:-1] == before and instruction == f"add {object_phrase(after[-1])}"
+        else:  # move the <colour> <shape> to the <left|right>
+            (moved,) = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+            old, new = before[moved], after[moved]
+            assert (old.colour, old.shape) == (words[2], words[3])
+            assert new.center[1] == old.center[1]
+            assert new.center[0] < old.center[0] if words[-1] == "left" else new.center[0] > old.center[0]
+    assert seen == {"make", "remove", "add", "move"}
+
+
+def test_an_edit_sample_shows_the_source_scene_as_its_source_and_the_edited_scene_as_its_image():
+    from nextstep.training.data.shapes.render import render_scene
+
+    dataset = ShapesEditingDataset(ShapesEditingConfig(num_samples=4, size=32))
+    for index in range(4):
+        source, instruction, target = dataset.edit(index)
+        sample = dataset.load(index)
+        assert sample.caption == instruction
+        assert sample.source_image.tobytes() == render_scene(source, 32, 32).tobytes()
+        assert sample.image.tobytes() == render_scene(target, 32, 32).tobytes()
+        assert sample.metadata["target"]["objects"] == [o.to_dict() for o in target.objects]

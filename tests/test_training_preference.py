@@ -289,3 +289,45 @@ def test_a_pair_the_model_does_not_yet_prefer_counts_as_no_win():
     task = PreferenceTask(model, beta=500, context_noise=0.3)
     metrics = task.loss(model, preference_batch(), torch.Generator().manual_seed(0)).metrics
     assert metrics["margin"] == 0.0 and metrics["accuracy"] == 0.0
+
+
+def test_the_chosen_image_shows_the_captioned_scene_and_the_rejected_one_its_near_miss():
+    from nextstep.training.data.shapes.render import render_scene
+
+    dataset = ShapesPreferencesDataset(ShapesPreferencesConfig(num_samples=6, size=32))
+    for index in range(6):
+        scene, miss = dataset.pair(index)
+        sample = dataset.load(index)
+        assert sample.caption == scene.caption and sample.metadata["chosen"]["caption"] == scene.caption
+        assert sample.image.tobytes() == render_scene(scene, 32, 32).tobytes()
+        assert sample.rejected_image.tobytes() == render_scene(miss, 32, 32).tobytes()
+        assert sample.image.tobytes() != sample.rejected_image.tobytes()
+
+
+def test_a_colour_near_miss_swaps_the_two_colours_and_keeps_shapes_and_places():
+    swaps = 0
+    for seed in range(40):
+        rng = random.Random(seed)
+        scene = sample_scene(rng, "color_attr")
+        miss = near_miss_scene(rng, scene)
+        if miss is None or [o.shape for o in miss.objects] != [o.shape for o in scene.objects]:
+            continue
+        swaps += 1
+        first, second = scene.objects
+        assert [o.colour for o in miss.objects] == [second.colour, first.colour]
+        assert [o.center for o in miss.objects] == [first.center, second.center]
+    assert swaps >= 5
+
+
+def test_a_near_miss_that_still_matches_the_caption_is_refused():
+    from nextstep.training.data.shapes.metadata import Scene, ShapeObject
+
+    # Both objects red: swapping their colours changes nothing the caption states.
+    same = Scene((ShapeObject("circle", "red", (0.25, 0.5), 0.25), ShapeObject("square", "red", (0.75, 0.5), 0.25)),
+                 "a red circle and a red square", "color_attr")
+    misses = [near_miss_scene(random.Random(seed), same) for seed in range(30)]
+    assert None in misses  # the colour swaps
+    for miss in misses:
+        if miss is not None:
+            assert same.caption not in true_captions(miss)
+            assert {o.shape for o in miss.objects} != {"circle", "square"}
