@@ -199,21 +199,9 @@ def test_a_cache_from_before_dropped_samples_were_recorded_serves_the_others_out
 
 
 def test_a_dropped_sample_whose_caption_the_dataset_cannot_give_raises_for_its_caption_too(tmp_path, model):
-    from nextstep.training.data import CorruptSampleError, ImageTextDataset, ImageTextSample
+    from nextstep.training.data import CorruptSampleError, ImageTextSample
 
-    class HalfBroken(ImageTextDataset):
-        def __len__(self):
-            return 4
-
-        def image_size(self, index):
-            return (32, 32)
-
-        def load(self, index):
-            if index == 1:
-                raise CorruptSampleError(f"sample-{index}", "broken on purpose")
-            return ShapesDataset(ShapesConfig(num_samples=4, size=32)).load(index)
-
-    build_latent_cache(model.image_tokenizer, HalfBroken(), AspectRatioBuckets(32, multi_aspect=False),
+    build_latent_cache(model.image_tokenizer, _half_broken(), AspectRatioBuckets(32, multi_aspect=False),
                        tmp_path / "cache", max_bad_fraction=0.5)
     cached = LatentCacheDataset(LatentCacheConfig(str(tmp_path / "cache")))
     assert len(cached) == 4 and cached.in_source_order and isinstance(cached.load(0), ImageTextSample)
@@ -249,6 +237,29 @@ def test_a_dropped_wide_sample_keeps_the_grid_of_its_bucket_so_the_batches_are_t
 
 
 def test_a_refused_cache_holding_a_dropped_sample_does_not_name_its_sample_count_as_a_difference(tmp_path, model):
+    buckets = AspectRatioBuckets(32, multi_aspect=False)
+    build_latent_cache(model.image_tokenizer, _half_broken(), buckets, tmp_path / "cache", source="first",
+                       max_bad_fraction=0.5)
+    with pytest.raises(ValueError, match=r"than this one \(the description of its data \(fingerprint\): \"\w+\" "
+                                         r"there, \"\w+\" here\)") as refused:
+        build_latent_cache(model.image_tokenizer, _half_broken(), buckets, tmp_path / "cache", source="second",
+                           max_bad_fraction=0.5)
+    assert "samples:" not in str(refused.value)
+
+
+def test_a_refused_cache_from_before_the_encoder_was_recorded_alone_does_not_blame_the_encoder(tmp_path, model):
+    dataset = ShapesDataset(ShapesConfig(num_samples=4, size=32))
+    buckets = AspectRatioBuckets(32, multi_aspect=False)
+    build_latent_cache(model.image_tokenizer, dataset, buckets, tmp_path / "cache", source="first")
+    _drop_recorded(tmp_path / "cache", "tokenizer_fingerprint")
+    with pytest.raises(ValueError, match=r"than this one \(the description of its data \(fingerprint\): \"\w+\" "
+                                         r"there, \"\w+\" here\)") as refused:
+        build_latent_cache(model.image_tokenizer, dataset, buckets, tmp_path / "cache", source="second")
+    assert "encoder fingerprint" not in str(refused.value)
+
+
+def _half_broken():
+    """Four shapes images of 32 x 32, of which sample 1 cannot be read."""
     from nextstep.training.data import CorruptSampleError, ImageTextDataset
 
     class HalfBroken(ImageTextDataset):
@@ -263,22 +274,4 @@ def test_a_refused_cache_holding_a_dropped_sample_does_not_name_its_sample_count
                 raise CorruptSampleError(f"sample-{index}", "broken on purpose")
             return ShapesDataset(ShapesConfig(num_samples=4, size=32)).load(index)
 
-    buckets = AspectRatioBuckets(32, multi_aspect=False)
-    build_latent_cache(model.image_tokenizer, HalfBroken(), buckets, tmp_path / "cache", source="first",
-                       max_bad_fraction=0.5)
-    with pytest.raises(ValueError, match=r"than this one \(the description of its data \(fingerprint\): \"\w+\" "
-                                         r"there, \"\w+\" here\)") as refused:
-        build_latent_cache(model.image_tokenizer, HalfBroken(), buckets, tmp_path / "cache", source="second",
-                           max_bad_fraction=0.5)
-    assert "samples:" not in str(refused.value)
-
-
-def test_a_refused_cache_from_before_the_encoder_was_recorded_alone_does_not_blame_the_encoder(tmp_path, model):
-    dataset = ShapesDataset(ShapesConfig(num_samples=4, size=32))
-    buckets = AspectRatioBuckets(32, multi_aspect=False)
-    build_latent_cache(model.image_tokenizer, dataset, buckets, tmp_path / "cache", source="first")
-    _drop_recorded(tmp_path / "cache", "tokenizer_fingerprint")
-    with pytest.raises(ValueError, match=r"than this one \(the description of its data \(fingerprint\): \"\w+\" "
-                                         r"there, \"\w+\" here\)") as refused:
-        build_latent_cache(model.image_tokenizer, dataset, buckets, tmp_path / "cache", source="second")
-    assert "encoder fingerprint" not in str(refused.value)
+    return HalfBroken()
