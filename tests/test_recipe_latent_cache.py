@@ -188,3 +188,18 @@ def test_a_run_resumed_from_its_images_after_its_cache_records_that_it_reads_the
     with pytest.raises(ValueError, match=r"dataset 0 \(shapes\) was read from its images there and from the latent "
                                          r"cache .*00-shapes \(in another order"):
         check_latent_caches(with_cache, run, True)
+
+
+def test_a_resume_over_a_latent_cache_dataset_whose_index_alone_was_rewritten_goes_on(tmp_path):
+    build = tmp_path / "build"
+    run_recipe(_recipe(SHAPES, build, steps=1), tmp_path / "built", show_progress=False)
+    cached = [{"type": "latent_cache", "path": str(build / "00-shapes")}]
+    run_recipe(_recipe(cached, steps=2), tmp_path / "run", show_progress=False)
+    record = json.loads((tmp_path / "run" / "latent_caches.json").read_text())
+    assert [name for name, _, _ in record["datasets"][0]["shard_files"]] == ["shard-00000.safetensors"]
+    index_path = build / "00-shapes" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["fingerprint"] = "0" * 32  # as a format upgrade, or another description of the same data, rewrites it
+    index_path.write_text(json.dumps(index))
+    run_recipe(_recipe(cached, steps=3), tmp_path / "run", show_progress=False)
+    assert len(_losses(tmp_path / "run")) == 3

@@ -431,9 +431,9 @@ def latent_cache_record(recipe: RecipeConfig) -> dict:
     Returns:
         ``{"latent_cache": data.latent_cache, "datasets": [...]}``, one entry per dataset spec, with its
         ``type`` and: for a ``latent_cache`` dataset its folder (``path``) with its index's ``fingerprint`` and
-        ``num_samples``; for another, the cache folder it is read from (``read_from``, None: its images)
-        and whether that serves sample ``i`` of the dataset as its sample ``i`` (``source_order``), so
-        that the batches are those of the images.
+        ``num_samples`` and its shard files (``shard_files``, `cache_shard_files`); for another, the cache
+        folder it is read from (``read_from``, None: its images) and whether that serves sample ``i`` of the
+        dataset as its sample ``i`` (``source_order``), so that the batches are those of the images.
     """
     from nextstep.training.data.latent_cache import INDEX_FILE, in_source_order, read_index
 
@@ -443,7 +443,8 @@ def latent_cache_record(recipe: RecipeConfig) -> dict:
         if spec.get("type") == "latent_cache":
             index_path = Path(spec["path"]) / INDEX_FILE
             index = read_index(index_path) if index_path.is_file() else {}
-            entry.update(path=spec["path"], fingerprint=index.get("fingerprint"), num_samples=index.get("num_samples"))
+            entry.update(path=spec["path"], fingerprint=index.get("fingerprint"), num_samples=index.get("num_samples"),
+                         shard_files=cache_shard_files(Path(spec["path"]), index))
         elif config.latent_cache:
             folder = recipe_cache_folder(config, number)
             index = read_index(folder / INDEX_FILE) if (folder / INDEX_FILE).is_file() else {}
@@ -452,6 +453,21 @@ def latent_cache_record(recipe: RecipeConfig) -> dict:
             entry.update(read_from=None, source_order=True)
         entries.append(entry)
     return {"latent_cache": config.latent_cache, "datasets": entries}
+
+
+def cache_shard_files(folder: Path, index: dict) -> list[list]:
+    """Each shard file the cache ``index`` (read from ``folder``) lists, as [name, bytes, modification time in
+    ns] (bytes and time None for a missing file): what a cache whose index alone was rewritten (its format
+    upgraded, its data described again) keeps, and a rebuilt cache does not."""
+    files = []
+    for shard in index.get("shards", []):
+        path = folder / str(shard.get("file"))
+        try:
+            stat = path.stat()
+            files.append([path.name, stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            files.append([path.name, None, None])
+    return files
 
 
 def reads_latent_caches(recipe: RecipeConfig) -> bool:
@@ -508,7 +524,8 @@ def _same_batches(there: dict, here: dict) -> bool:
 def check_latent_caches(recipe: RecipeConfig, output_dir: Path, has_checkpoint: bool,
                         here: dict | None = None) -> None:
     """Refuse to resume the run in ``output_dir`` when its data would reach the steps in other batches than
-    before: a ``latent_cache`` dataset whose cache changed since (another fingerprint or sample count), or
+    before: a ``latent_cache`` dataset whose cache changed since (another fingerprint or sample count, unless
+    its shard files are those the run began with: its index alone was rewritten), or
     a ``data.latent_cache`` turned on, off or moved between a cache and images (or another cache) that
     order the samples differently. What a run from before the record (`record_latent_caches`) read
     from a cache, or another recipe's datasets (`check_resumable` names them), is not compared.
@@ -533,6 +550,9 @@ def check_latent_caches(recipe: RecipeConfig, output_dir: Path, has_checkpoint: 
                 continue
             changed = [f"{name} {there.get(name)} there, {now[name]} here" for name in ("fingerprint", "num_samples")
                        if there.get(name) != now[name]]
+            if there.get("shard_files") and there.get("shard_files") == now.get("shard_files") \
+                    and there.get("num_samples") == now["num_samples"]:
+                changed = []  # its index alone was rewritten: the same shard files hold the same samples
             if changed:
                 problems.append(f"dataset {number}: the latent cache at {now['path']} changed since the run began "
                                 f"({', '.join(changed)}), so it holds other samples")
