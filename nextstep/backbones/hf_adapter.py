@@ -24,6 +24,7 @@ from nextstep.backbones.base import Backbone, BackboneCache, check_token_ids
 from nextstep.backbones.masks import documents_or_mask, visible_keys
 from nextstep.config import Config, require
 from nextstep.dtypes import DTYPES
+from nextstep.io import what_is_at
 from nextstep.registry import register_component
 
 
@@ -164,7 +165,7 @@ def _check_model_directory(path: Path) -> None:
         found = (f"a folder without config.json (holding {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
                  if names else "an empty folder")
     else:
-        found = "a file" if path.exists() else "nothing"
+        found = what_is_at(path)
     raise FileNotFoundError(f"expected a Hugging Face model directory (with config.json) at {str(path)!r}, "
                             f"found {found}")
 

@@ -8,7 +8,7 @@ import torch
 
 from nextstep.config import Config
 from nextstep.registry import register_component
-from nextstep.samplers.base import Sampler, VelocityFn, euler_integrate
+from nextstep.samplers.base import Sampler, VelocityFn, check_time_grid, euler_integrate
 
 
 @dataclass
@@ -38,4 +38,5 @@ class EulerSampler(Sampler):
         step_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """noise (N, D), time_grid (S + 1,) -> samples (N, D) at ``time_grid[-1]``."""
+        check_time_grid(time_grid)
         return euler_integrate(velocity_fn, noise, time_grid)

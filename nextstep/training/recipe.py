@@ -431,11 +431,12 @@ def latent_cache_record(recipe: RecipeConfig) -> dict:
     Returns:
         ``{"latent_cache": data.latent_cache, "datasets": [...]}``, one entry per dataset spec, with its
         ``type`` and: for a ``latent_cache`` dataset its folder (``path``) with its index's ``fingerprint`` and
-        ``num_samples`` and its shard files (``shard_files``, `cache_shard_files`); for another, the cache
-        folder it is read from (``read_from``, None: its images) and whether that serves sample ``i`` of the
-        dataset as its sample ``i`` (``source_order``), so that the batches are those of the images.
+        ``num_samples`` and its shard files (``shard_files``,
+        `nextstep.training.data.latent_cache.shard_files`); for another, the cache folder it is read from
+        (``read_from``, None: its images) and whether that serves sample ``i`` of the dataset as its sample
+        ``i`` (``source_order``), so that the batches are those of the images.
     """
-    from nextstep.training.data.latent_cache import INDEX_FILE, in_source_order, read_index
+    from nextstep.training.data.latent_cache import INDEX_FILE, in_source_order, read_index, shard_files
 
     config, entries = recipe.data, []
     for number, spec in enumerate(config.datasets):
@@ -444,7 +445,7 @@ def latent_cache_record(recipe: RecipeConfig) -> dict:
             index_path = Path(spec["path"]) / INDEX_FILE
             index = read_index(index_path) if index_path.is_file() else {}
             entry.update(path=spec["path"], fingerprint=index.get("fingerprint"), num_samples=index.get("num_samples"),
-                         shard_files=cache_shard_files(Path(spec["path"]), index))
+                         shard_files=shard_files(index, Path(spec["path"])))
         elif config.latent_cache:
             folder = recipe_cache_folder(config, number)
             index = read_index(folder / INDEX_FILE) if (folder / INDEX_FILE).is_file() else {}
@@ -453,21 +454,6 @@ def latent_cache_record(recipe: RecipeConfig) -> dict:
             entry.update(read_from=None, source_order=True)
         entries.append(entry)
     return {"latent_cache": config.latent_cache, "datasets": entries}
-
-
-def cache_shard_files(folder: Path, index: dict) -> list[list]:
-    """Each shard file the cache ``index`` (read from ``folder``) lists, as [name, bytes, modification time in
-    ns] (bytes and time None for a missing file): what a cache whose index alone was rewritten (its format
-    upgraded, its data described again) keeps, and a rebuilt cache does not."""
-    files = []
-    for shard in index.get("shards", []):
-        path = folder / str(shard.get("file"))
-        try:
-            stat = path.stat()
-            files.append([path.name, stat.st_size, stat.st_mtime_ns])
-        except OSError:
-            files.append([path.name, None, None])
-    return files
 
 
 def reads_latent_caches(recipe: RecipeConfig) -> bool:
@@ -548,11 +534,11 @@ def check_latent_caches(recipe: RecipeConfig, output_dir: Path, has_checkpoint: 
         if now["type"] == "latent_cache":
             if there.get("path") != now["path"]:
                 continue
-            changed = [f"{name} {there.get(name)} there, {now[name]} here" for name in ("fingerprint", "num_samples")
-                       if there.get(name) != now[name]]
-            if there.get("shard_files") and there.get("shard_files") == now.get("shard_files") \
-                    and there.get("num_samples") == now["num_samples"]:
-                changed = []  # its index alone was rewritten: the same shard files hold the same samples
+            # An index rewritten alone keeps its shard files, which hold the same samples.
+            same_files = bool(there.get("shard_files")) and there["shard_files"] == now["shard_files"]
+            changed = [] if same_files and there.get("num_samples") == now["num_samples"] else [
+                f"{name} {there.get(name)} there, {now[name]} here" for name in ("fingerprint", "num_samples")
+                if there.get(name) != now[name]]
             if changed:
                 problems.append(f"dataset {number}: the latent cache at {now['path']} changed since the run began "
                                 f"({', '.join(changed)}), so it holds other samples")

@@ -110,9 +110,21 @@ def cache_description(buckets: AspectRatioBuckets, dataset: dict | None = None) 
     return json.loads(json.dumps(described))
 
 
+def shard_files(index: dict, directory: Path) -> list[list]:
+    """Each shard file ``index`` lists, as [name, bytes, modification time in ns] in ``directory`` (bytes and
+    time None for a file that is not there): what a cache whose index alone was rewritten (its format
+    upgraded, its data described again) keeps, and a rebuilt cache does not."""
+    files = []
+    for shard in index.get("shards", []):
+        path = directory / str(shard.get("file"))
+        stat = path.stat() if path.is_file() else None
+        files.append([path.name, stat.st_size, stat.st_mtime_ns] if stat else [path.name, None, None])
+    return files
+
+
 def missing_shards(index: dict, directory: Path) -> list[str]:
     """The names of the shard files ``index`` lists that are not in ``directory``."""
-    return [shard["file"] for shard in index.get("shards", []) if not (directory / shard["file"]).is_file()]
+    return [name for name, size, _ in shard_files(index, directory) if size is None]
 
 
 def _discard_incomplete_index(index_path: Path, missing: list[str]) -> None:
@@ -168,8 +180,8 @@ def _what_differs(index: dict, encoder: str, description: dict | None, num_sampl
     data described by ``source``) differs in: the encoder, the dataset, the buckets, the number of samples,
     as 'what: there, here' phrases; an index without ``built_from`` adds a phrase saying that its dataset
     and buckets could not be compared, and a difference found in ``source`` alone is named as such."""
-    found = [("the image tokenizer's encoder fingerprint", index.get("tokenizer_fingerprint"), encoder)]
-    found = [entry for entry in found if entry[1] is not None and entry[1] != entry[2]]
+    recorded = index.get("tokenizer_fingerprint")
+    found = [] if recorded in (None, encoder) else [("the image tokenizer's encoder fingerprint", recorded, encoder)]
     there, here = index.get("built_from"), description or {}
     if isinstance(there, dict):
         found += [difference for part in ("buckets", "dataset") if part in there and part in here
@@ -507,7 +519,7 @@ class LatentCacheDataset(ImageTextDataset):
         self.scanned = int(self.index.get("scanned_samples", self.index.get("num_source_samples", 0)))
         rows = self._shard_rows()
         recorded = all(row[0] is not None for row in rows)
-        self._unreadable: dict[int, str] = {}
+        self._unreadable: dict[int, str] = {}  # reason by sample index, which is the source index here
         if recorded and self.in_source_order:
             for entry in self.index.get("dropped_samples", []):
                 self._unreadable[entry["source_index"]] = entry["reason"]
@@ -555,8 +567,8 @@ class LatentCacheDataset(ImageTextDataset):
 
     @property
     def in_source_order(self) -> bool:
-        """Whether sample ``i`` is sample ``i`` of the source dataset (the cache records its samples'
-        source indices and holds every one): a run then reads the same batches as from the images."""
+        """Whether sample ``i`` is sample ``i`` of the source dataset (`in_source_order`): a run then reads
+        the same batches as from the images."""
         return in_source_order(self.index)
 
     def _token_dim(self) -> int | None:
@@ -616,7 +628,7 @@ class LatentCacheDataset(ImageTextDataset):
 
     def load(self, index: int) -> ImageTextSample:
         if self.locations[index] is None:
-            raise CorruptSampleError(self.keys[index], self._unreadable[self.source_indices[index]])
+            raise CorruptSampleError(self.keys[index], self._unreadable[index])
         number, row = self.locations[index]
         tokens = self._handle(number).get_slice("tokens")[row:row + 1][0].clone()
         return ImageTextSample(key=self.keys[index], caption=self.captions[index], tokens=tokens,
