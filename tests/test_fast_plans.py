@@ -90,3 +90,53 @@ def test_the_first_adams_bashforth_stage_reads_no_kept_velocity():
     sampler = AdamsBashforthSampler()
     plan = solver_plan(sampler, sampler.make_time_grid(4, 1.0))
     assert plan.stages[0].extra is None and all(stage.extra == "velocity" for stage in plan.stages[1:])
+
+
+def _plan(stages, noise_steps=0, times=3):
+    from nextstep.fast import SolverPlan
+    return SolverPlan(tuple(stages), torch.linspace(0, 1, times), torch.ones(len(stages), 3), noise_steps)
+
+
+def test_every_built_in_plan_passes_its_own_check():
+    from nextstep.fast.solver_plan import PLANNED_SAMPLERS, check_plan
+    for cls in PLANNED_SAMPLERS:
+        sampler = cls(cls.config_class())
+        for stochastic in (False, True):
+            check_plan(solver_plan(sampler, sampler.make_time_grid(4), stochastic=stochastic))
+
+
+@pytest.mark.parametrize("stages, noise_steps, message", [
+    ([("trial_source",)], 0, "trial point before any stage writes it"),
+    ([("velocity_extra",)], 0, "kept velocity before any stage keeps one"),
+    ([("noise_extra", 1)], 1, "noise_index outside the plan's 1 step-noise slices"),
+    ([("time", 3)], 0, "time_index outside the plan's 3 evaluation times"),
+])
+def test_a_plan_reading_a_scratch_buffer_before_it_is_written_is_refused(stages, noise_steps, message):
+    from nextstep.fast import SolverStage
+    built = []
+    for kind, *value in stages:
+        if kind == "trial_source":
+            built.append(SolverStage(0, source="trial"))
+        elif kind == "velocity_extra":
+            built.append(SolverStage(0, extra="velocity", keep_velocity=True))
+        elif kind == "noise_extra":
+            built.append(SolverStage(0, extra="noise", noise_index=value[0]))
+        else:
+            built.append(SolverStage(value[0]))
+    with pytest.raises(ValueError, match=message):
+        _plan(built, noise_steps)
+
+
+def test_a_plan_reading_what_an_earlier_stage_wrote_is_accepted():
+    from nextstep.fast import SolverStage
+    _plan([SolverStage(0, target="trial", keep_velocity=True),
+           SolverStage(1, source="trial", extra="velocity"),
+           SolverStage(2, extra="noise", noise_index=0)], noise_steps=1)
+
+
+def test_a_plan_with_coefficients_of_another_stage_count_is_refused():
+    from nextstep.fast import SolverPlan, SolverStage
+    with pytest.raises(ValueError, match=r"\(2, 3\) coefficients, found shape \(1, 3\)"):
+        SolverPlan((SolverStage(0), SolverStage(1)), torch.linspace(0, 1, 3), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="source and target must be"):
+        _plan([SolverStage(0, target="elsewhere")])

@@ -71,10 +71,47 @@ class SolverPlan:
     coefficients: torch.Tensor
     noise_steps: int = 0
 
+    def __post_init__(self) -> None:
+        check_plan(self)
+
     @property
     def signature(self) -> tuple:
         """What a captured graph depends on (the stage structure, not the numbers)."""
         return (self.stages, self.times.shape[0], self.noise_steps)
+
+
+def check_plan(plan: SolverPlan) -> None:
+    """Raise ``ValueError`` unless every stage reads only what an earlier stage wrote.
+
+    The fused step's ``trial`` point and kept velocity are scratch buffers that are
+    not cleared between tokens, so a stage that read them before any stage wrote
+    them would read the previous token's (or uninitialised) values.
+    """
+    stages, times, coefficients = plan.stages, plan.times, plan.coefficients
+    if times.ndim != 1:
+        raise ValueError(f"a plan's times must be (E,), found shape {tuple(times.shape)}")
+    if tuple(coefficients.shape) != (len(stages), 3):
+        raise ValueError(f"a plan of {len(stages)} stages needs ({len(stages)}, 3) coefficients, "
+                         f"found shape {tuple(coefficients.shape)}")
+    if not isinstance(plan.noise_steps, int) or plan.noise_steps < 0:
+        raise ValueError(f"noise_steps must be a count >= 0, found {plan.noise_steps!r}")
+    trial_written = velocity_kept = False
+    for number, stage in enumerate(stages):
+        where = f"stage {number} ({stage})"
+        if stage.source not in (STATE, TRIAL) or stage.target not in (STATE, TRIAL):
+            raise ValueError(f"{where}: source and target must be {STATE!r} or {TRIAL!r}")
+        if stage.extra not in (None, NOISE, VELOCITY):
+            raise ValueError(f"{where}: extra must be None, {NOISE!r} or {VELOCITY!r}")
+        if not 0 <= stage.time_index < times.shape[0]:
+            raise ValueError(f"{where}: time_index outside the plan's {times.shape[0]} evaluation times")
+        if stage.source == TRIAL and not trial_written:
+            raise ValueError(f"{where} evaluates the trial point before any stage writes it")
+        if stage.extra == VELOCITY and not velocity_kept:
+            raise ValueError(f"{where} adds a kept velocity before any stage keeps one")
+        if stage.extra == NOISE and not 0 <= stage.noise_index < plan.noise_steps:
+            raise ValueError(f"{where}: noise_index outside the plan's {plan.noise_steps} step-noise slices")
+        trial_written |= stage.target == TRIAL
+        velocity_kept |= stage.keep_velocity
 
 
 def plan_reason(sampler: Sampler) -> str | None:
