@@ -171,3 +171,110 @@ def test_the_collectives_average_add_and_gather_in_rank_order(tmp_path):
     for rank in range(2):
         mean, total, gathered = json.loads((tmp_path / f"{rank}.json").read_text())
         assert mean == [0.5, 2.0] and total == [1.0] and gathered == [0, 1]
+
+
+def test_the_main_process_is_global_rank_0_not_each_machine_s_first():
+    from nextstep.training import DistributedContext
+
+    assert DistributedContext(rank=0, world_size=4, local_rank=0).is_main
+    assert not DistributedContext(rank=2, world_size=4, local_rank=0).is_main
+    assert not DistributedContext(rank=1, world_size=4, local_rank=1).is_main
+
+
+def test_a_single_process_reads_its_ranks_from_the_environment(monkeypatch):
+    from nextstep.training import DistributedContext
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    context = DistributedContext.from_environment(device="cpu")
+    assert (context.rank, context.local_rank, context.world_size) == (3, 1, 1)
+    assert context.device == torch.device("cpu") and not context.is_distributed
+
+
+def test_skipping_the_gradient_sync_turns_it_back_on_afterwards():
+    from nextstep.training import DistributedContext
+
+    class Sharded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def set_requires_gradient_sync(self, value):
+            self.calls.append(value)
+
+    wrapped = Sharded()
+    with pytest.raises(RuntimeError, match="micro-step"):
+        with DistributedContext().no_gradient_sync(wrapped):
+            assert wrapped.calls == [False]
+            raise RuntimeError("micro-step")
+    assert wrapped.calls == [False, True]
+
+
+class _TwoRanks:
+    """What `torch.distributed` does for a process of a 2-process gloo job whose peer holds ``peer``."""
+
+    def __init__(self, peer):
+        self.peer, self.barriers = peer, 0
+
+    def all_reduce(self, tensor):
+        tensor += torch.tensor(self.peer, dtype=tensor.dtype)
+
+    def barrier(self):
+        self.barriers += 1
+
+    def get_backend(self):
+        return "gloo"
+
+
+def test_the_collectives_keep_double_precision_and_wait_at_the_barrier(monkeypatch):
+    import nextstep.training.distributed as distributed
+    from nextstep.training import DistributedContext
+
+    peer = _TwoRanks([1.1, 3.3])
+    for name in ("all_reduce", "barrier", "get_backend"):
+        monkeypatch.setattr(distributed.dist, name, getattr(peer, name))
+    context = DistributedContext(rank=0, world_size=2)
+    assert context.mean([0.1, 0.7]) == [(0.1 + 1.1) / 2, (0.7 + 3.3) / 2]
+    assert context.sum([0.1, 0.7]) == [0.1 + 1.1, 0.7 + 3.3]
+    context.barrier()
+    assert peer.barriers == 1
+    DistributedContext().barrier()  # a single process waits for nobody
+    assert peer.barriers == 1
+
+
+def test_collectives_run_on_the_process_s_device_under_nccl_and_on_the_cpu_otherwise(monkeypatch):
+    import nextstep.training.distributed as distributed
+    from nextstep.training import DistributedContext
+
+    context = DistributedContext(rank=1, world_size=2, local_rank=1, device=torch.device("cuda", 1))
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
+    assert context._collective_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "gloo")
+    assert context._collective_device() == torch.device("cpu")
+
+
+def test_a_process_waits_for_the_main_process_s_marker_to_appear(tmp_path):
+    import threading
+
+    from nextstep.training import DistributedContext
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    marker = ".shared-check-late"
+
+    class Second(DistributedContext):
+        def broadcast_object(self, value):
+            return marker, None
+
+        def gather_objects(self, value):
+            return [True, value]
+
+    late = threading.Timer(1.0, (folder / marker).write_text, args=("",))
+    late.start()
+    try:
+        Second(rank=1, world_size=2).check_shared_folder(folder, "data.latent_cache", wait_seconds=60.0)
+    finally:
+        late.cancel()
+        late.join()
+    assert (folder / marker).exists()  # the main process removes it, not this one

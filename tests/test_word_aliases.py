@@ -205,3 +205,28 @@ def test_a_vocabulary_word_whose_lower_case_is_not_letters_gets_no_alias_key():
     assert "city" in aliases and not any("i̇" in key for key in aliases)  # "İ".lower() is "i" + a combining dot
     aliased = tokenizer.with_aliases(aliases)
     assert aliased.decode(aliased.encode("a view of İstanbul")) == "a view of İstanbul"
+
+
+def test_a_lower_case_word_reads_as_itself_beside_an_earlier_capitalised_variant():
+    aliases = nearest_word_aliases(("a", "Red", " red"), ["RED", "reds"], letter_counts)
+    assert aliases["red"] == "red"
+
+
+def test_the_encoder_vocabulary_keeps_ascii_words_of_the_minimum_length(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("to\nx\ncafé\nnaïve\ncat\n", encoding="utf-8")
+    assert encoder_vocabulary_words(vocab) == ["to", "cat"]
+    assert encoder_vocabulary_words(vocab, min_length=3) == ["cat"]
+    assert encoder_vocabulary_words(vocab, min_length=1) == ["to", "x", "cat"]
+
+
+def test_new_aliases_replace_those_the_model_directory_had(tmp_path):
+    from nextstep.model import NextStep
+
+    source = word_model_directory(tmp_path)
+    write_model_with_aliases(source, source, lambda words: ALIASES)
+    assert write_model_with_aliases(source, tmp_path / "out", lambda words: {"ring": "circle"}) == {"ring": "circle"}
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["text_tokenizer"]["aliases"] == {"ring": "circle"}
+    tokenizer = NextStep.from_pretrained(tmp_path / "out").text_tokenizer
+    assert tokenizer.decode(tokenizer.encode("a crimson ring")) == "a crimson circle"

@@ -121,3 +121,26 @@ def test_decoding_a_batch_of_ids_names_what_it_found(make):
         tokenizer.decode([[97, 98]])
     with pytest.raises(TypeError, match="ids must be a list or 1-D sequence of ints, found float 97.0 among them"):
         tokenizer.decode([97.0])
+
+
+def test_each_digit_is_a_piece_of_its_own():
+    assert split_pieces("16*16 x2") == ["1", "6", "*", "1", "6", " x", "2"]
+    tokenizer = fitted(texts=["1024 by 768"])
+    assert "1024" not in tokenizer.words and {"1", "0", "2", "4"} <= set(tokenizer.words)
+
+
+def test_fitting_by_default_keeps_the_pieces_seen_at_least_twice():
+    assert WordTextTokenizer().fit(["a red circle", "a blue circle"]).words == (" circle", "a")
+
+
+@given(st.lists(st.text(alphabet=" \t\nab,", max_size=12), max_size=6))
+@example(["a  b", "a  b "])
+def test_fitting_never_makes_whitespace_a_word(texts):
+    tokenizer = fitted(texts=texts)
+    assert not any(word.isspace() for word in tokenizer.words)
+    assert all(tokenizer.decode(tokenizer.encode(text)) == text for text in texts)
+
+
+def test_a_vector_word_may_not_be_another_case_of_a_known_word():
+    with pytest.raises(ValueError, match="lacks in every form.*found 'red'"):
+        WordTextTokenizerConfig(words=("a", " Red"), vector_words=("red",))

@@ -238,3 +238,65 @@ def test_a_further_word_reads_its_own_vector_not_its_stand_in_s():
     table, added = module(torch.tensor([[3]]))
     assert table.tolist() == [[1]]
     torch.testing.assert_close(added[0, 0], torch.tensor([0.0, 1.0]), atol=0.01, rtol=0)
+
+
+def test_attaching_vectors_keeps_the_tokenizer_s_own_aliases_of_known_words():
+    model = build_model("tiny", seed=0)
+    own = {"ring": "circle", "heart": "face"}
+    replace_text_tokenizer(model, WordTextTokenizer(WordTextTokenizerConfig(words=WORDS, aliases=own)))
+    attached = attach_word_vectors(model, ["violin"], letter_counts, dim=4)
+    aliases = attached.text_tokenizer.config.aliases
+    assert aliases["heart"] == "face" and aliases["ring"] == "circle" and aliases["red"] == "red"
+    assert attached.text_tokenizer.encode("Heart") == model.text_tokenizer.encode("Heart")
+
+
+def test_an_aliased_word_named_as_a_further_word_reads_through_its_vector_instead():
+    attached = attach_word_vectors(word_model(), ["ring", "violin"], letter_counts, dim=4)
+    config = attached.text_tokenizer.config
+    assert config.vector_words == ("ring", "violin") and "ring" not in config.aliases
+    assert attached.text_tokenizer.encode(" ring") == [attached.text_tokenizer.vocab_size]
+
+
+def test_a_further_word_stands_in_as_its_nearest_word_with_a_leading_space_where_the_vocabulary_has_one():
+    attached = attach_word_vectors(word_model(), ["faces", "yellowish"], letter_counts, dim=4)
+    tokenizer = attached.text_tokenizer
+    stand_ins = {word: tokenizer.decode([int(attached.word_vectors.learned_ids[tokenizer.encode(" " + word)[0]])])
+                 for word in ("faces", "yellowish")}
+    assert stand_ins == {"faces": " face", "yellowish": "yellow"}  # the vocabulary has no " yellow"
+
+
+def test_attached_vectors_take_the_model_s_dtype():
+    attached = attach_word_vectors(word_model().to(torch.bfloat16), ["crimson"], letter_counts, dim=4)
+    assert attached.word_vectors.projection.weight.dtype == torch.bfloat16
+    ids = torch.tensor([attached.text_tokenizer.encode("a crimson heart")])
+    assert attached.embed_text(ids).dtype == torch.bfloat16
+
+
+def test_principal_components_are_centred_and_keep_every_distance_with_all_axes():
+    data = torch.randn(60, 4, generator=torch.Generator().manual_seed(1)) * torch.tensor([4.0, 2, 1, 0.5])
+    shifted = data + torch.tensor([30.0, -20.0, 5.0, 1.0])
+    components = principal_components(shifted, 4)
+    torch.testing.assert_close(components.mean(dim=0), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(components, principal_components(data, 4), atol=1e-4, rtol=0)
+    def distances(points):
+        return (points[:, None] - points[None]).norm(dim=-1)
+
+    torch.testing.assert_close(distances(components), distances(data), atol=1e-3, rtol=1e-4)
+
+
+def test_attached_vectors_have_unit_mean_square_over_the_words_that_have_one():
+    attached = attach_word_vectors(word_model(), ["crimson", "violin", "circles"], letter_counts, dim=4)
+    vectors = attached.word_vectors.vectors().float()
+    rows = vectors[vectors.abs().sum(dim=1) > 0]
+    assert rows.shape[0] > 3
+    assert abs(float(rows.square().mean()) - 1.0) < 0.02
+
+
+@given(seed=st.integers(0, 2**16), flip=st.booleans())
+def test_each_principal_axis_points_along_its_largest_coordinate(seed, flip):
+    data = torch.randn(40, 3, generator=torch.Generator().manual_seed(seed)).double() * torch.tensor([3.0, 2, 1])
+    data = -data if flip else data
+    centred = data - data.mean(dim=0)
+    axes = torch.linalg.lstsq(centred, principal_components(data, 3).double()).solution  # (D, dim)
+    largest = axes.gather(0, axes.abs().argmax(dim=0, keepdim=True))
+    assert (largest > 0).all()
