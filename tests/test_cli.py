@@ -283,3 +283,266 @@ def test_the_overwrite_refusal_counts_the_other_files(tmp_path):
     from nextstep.cli import _check_overwrite
     with pytest.raises(FileExistsError, match="holds a.png and 2 more from"):
         _check_overwrite([tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"], None, {}, "generation")
+
+
+def test_image_names_drop_the_prompt_s_outer_punctuation_and_name_a_prompt_without_letters_image(tmp_path):
+    assert main(["generate", "  A Red Circle! ", "!!!", "--model", "tiny", "--steps", "1", "--height", "32",
+                 "--width", "32", "--output", str(tmp_path), "--quiet"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000-a-red-circle-0.png", "001-image-0.png"]
+
+
+def test_a_count_of_zero_is_refused_by_the_argument_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "x", "--steps", "0"])
+    assert "argument --steps: expected an integer >= 1, found 0" in capsys.readouterr().err
+
+
+def test_a_cuda_device_the_machine_lacks_is_refused_by_the_argument_parser(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["generate", "x", "--device", "cuda"])
+    assert "expected a device this machine has, found 'cuda' (no CUDA here)" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit):
+        main(["generate", "x", "--device", "cuda:1"])
+    assert "found 'cuda:1' (1 CUDA device(s))" in capsys.readouterr().err
+
+
+def test_a_rerun_with_or_without_quiet_is_the_same_request(tmp_path):
+    arguments = ["generate", "a red circle", "--model", "tiny", "--steps", "1", "--height", "32", "--width", "32",
+                 "--output", str(tmp_path)]
+    assert main(arguments + ["--quiet"]) == 0
+    assert main(arguments) == 0
+
+
+def test_the_grid_of_several_prompts_has_one_row_per_prompt_and_is_recorded_with_its_request(tmp_path):
+    arguments = ["generate", "a", "b", "c", "--model", "tiny", "--steps", "1", "--height", "32", "--width", "32",
+                 "--num-images", "2", "--grid", "--output", str(tmp_path), "--quiet"]
+    assert main(arguments) == 0
+    assert Image.open(tmp_path / "grid.png").size == (64, 96)
+    assert json.loads((tmp_path / "generation.json").read_text())["grid.png"]["prompts"] == ["a", "b", "c"]
+    assert main(arguments) == 0  # the same request: its grid is replaced by the same one
+
+
+def test_tokens_that_are_not_finite_are_refused_rather_than_saved(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import nextstep.generation as generation
+
+    monkeypatch.setattr(generation, "generate_tokens",
+                        lambda *args, **kwargs: (torch.full((1, 4, 16), float("nan")), 2, 2))
+    assert main(["generate", "a red circle", "--model", "tiny", "--steps", "1", "--height", "32", "--width", "32",
+                 "--output", str(tmp_path), "--quiet"]) == 1
+    assert "the tokens of 'a red circle' are not finite: sampling diverged" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_an_image_write_cut_short_leaves_no_partial_file(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def cut_short(image, file, *args, **kwargs):
+        Path(file).write_bytes(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", cut_short)
+    assert main(["generate", "a red circle", "--model", "tiny", "--steps", "1", "--height", "32", "--width", "32",
+                 "--output", str(tmp_path), "--quiet"]) == 130
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_caption_refuses_bad_sampling_options_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    monkeypatch.setattr("nextstep.builders.load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    assert main(["caption", str(tmp_path / "a.png"), "--top-k", "3"]) == 2
+    assert "top_k and top_p narrow random draws, which need temperature > 0" in capsys.readouterr().err
+
+
+def test_caption_passes_its_sampling_options_on(tmp_path, monkeypatch):
+    import nextstep.text_generation as text_generation
+    from nextstep.text_generation import GeneratedText
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    asked = {}
+
+    def caption_images(model, images, **kwargs):
+        asked.update(kwargs)
+        return GeneratedText(texts=["a circle"], ids=[[]], log_probs=None, stopped=[True])
+
+    monkeypatch.setattr(text_generation, "caption_images", caption_images)
+    assert main(["caption", str(tmp_path / "a.png"), "--model", "tiny"]) == 0
+    assert asked == {"max_new_tokens": 32, "temperature": 0.0, "top_k": None, "top_p": None, "seed": 0}
+    assert main(["caption", str(tmp_path / "a.png"), "--model", "tiny", "--temperature", "0.7", "--top-k", "5",
+                 "--top-p", "0.9", "--seed", "4", "--max-new-tokens", "8"]) == 0
+    assert asked == {"max_new_tokens": 8, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "seed": 4}
+
+
+def test_info_names_an_untied_lm_head_and_no_ranking_of_a_single_candidate(tmp_path, tiny_model, capsys):
+    tiny_model.save_pretrained(tmp_path / "m")
+    assert main(["info", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^  lm_head +untied +[\d,]+ \(", out, re.MULTILINE)
+    assert "best of" not in out
+
+
+def test_info_shows_the_word_vectors_of_a_model_that_has_them(tmp_path, capsys):
+    from nextstep import build_model
+    from nextstep.layers.word_vectors import WordVectorConfig
+    from nextstep.presets import tiny
+
+    config = tiny()
+    count = config.backbone.config.vocab_size
+    build_model(config.replace(word_vectors=WordVectorConfig(count=count, dim=8))).save_pretrained(tmp_path / "m")
+    assert main(["info", str(tmp_path / "m")]) == 0
+    assert re.search(rf"^  word_vectors +{count:,} x 8 +[\d,]+ \(", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_parameter_and_id_counts_read_as_people_write_them():
+    from types import SimpleNamespace
+
+    from nextstep.cli import _human, _id_counts
+
+    assert [_human(n) for n in (999, 1_000, 1_234_567, 14_770_000_000)] == ["999", "1.00K", "1.23M", "14.77B"]
+    assert _id_counts(SimpleNamespace(vocab_size=266, input_vocab_size=266)) == "266 ids"
+    assert _id_counts(SimpleNamespace(vocab_size=1266, input_vocab_size=21266)) == \
+        "1,266 ids + 20,000 read through word vectors"
+
+
+def test_eval_tokenizer_passes_its_options_on(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    import nextstep.evaluation.tokenizer_report as tokenizer_report
+
+    asked = []
+    monkeypatch.setattr(tokenizer_report, "run_tokenizer_evaluation", lambda tokenizer, output, **kwargs: asked.append(
+        (output, kwargs)) or SimpleNamespace(to_markdown=lambda: "| psnr |"))
+    assert main(["eval-tokenizer", "tiny", "--output", str(tmp_path / "a")]) == 0
+    assert main(["eval-tokenizer", "tiny", "--output", str(tmp_path / "b"), "--count", "3", "--size", "32",
+                 "--seed", "5"]) == 0
+    assert asked == [(tmp_path / "a", {"count": 256, "size": 64, "seed": 1234}),
+                     (tmp_path / "b", {"count": 3, "size": 32, "seed": 5})]
+    assert "| psnr |" in capsys.readouterr().out
+
+
+def test_the_emoji_limit_is_checked_for_the_emoji_suite_only(tmp_path, capsys, monkeypatch):
+    def load_model(*args, **kwargs):
+        raise ValueError("the model loads")
+
+    monkeypatch.setattr("nextstep.builders.load_model", load_model)
+    for suite, limit, message in (("emoji", "9", "--limit must be >= 10, found 9"), ("emoji", "10", "the model loads"),
+                                  ("shapes", "3", "the model loads")):
+        assert main(["eval", "tiny", "--suite", suite, "--limit", limit, "--output", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_eval_keeps_the_summary_of_earlier_suites_and_refuses_those_of_a_changed_model(tmp_path, tiny_model, capsys,
+                                                                                       monkeypatch):
+    from types import SimpleNamespace
+
+    import nextstep.evaluation.shapes_geneval as shapes_geneval
+    import nextstep.evaluation.tokenizer_report as tokenizer_report
+
+    asked = {}
+
+    def suite(name):
+        def run(model, output, **kwargs):
+            asked[name] = kwargs
+            output.mkdir(parents=True, exist_ok=True)
+            (output / "report.md").write_text(f"{name} table\n")
+            return SimpleNamespace(to_dict=lambda: {"score": 1.0}, to_markdown=lambda: f"{name} table")
+        return run
+
+    monkeypatch.setattr(shapes_geneval, "run_shapes_geneval", suite("shapes"))
+    monkeypatch.setattr(tokenizer_report, "run_tokenizer_evaluation", suite("tokenizer"))
+    tiny_model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "eval"
+    common = ["eval", str(tmp_path / "model"), "--size", "32", "--output", str(out), "--quiet", "--suite"]
+    assert main(common + ["shapes"]) == 0
+    assert asked["shapes"]["images_per_tag"] == 100 and asked["shapes"]["settings"].batch_size == 32
+    assert main(common + ["tokenizer", "--crops", "4", "--batch-size", "8"]) == 0  # the batch size changes no result
+    assert asked["tokenizer"] == {"count": 4, "size": 32}
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"shapes", "tokenizer"} <= set(summary)
+    assert "shapes table" in (out / "summary.md").read_text() and "tokenizer table" in (out / "summary.md").read_text()
+    tiny_model.save_pretrained(tmp_path / "model")  # the model saved again (as after more training)
+    assert main(common + ["tokenizer", "--crops", "4"]) == 2
+    assert "with other settings: model_fingerprint" in capsys.readouterr().err
+
+
+def test_eval_without_a_size_refuses_a_model_that_draws_oblong_images(tmp_path, tiny_model, capsys):
+    tiny_model.config = tiny_model.config.replace(generation=tiny_model.config.generation.replace(height=32, width=64))
+    tiny_model.save_pretrained(tmp_path / "model")
+    assert main(["eval", str(tmp_path / "model"), "--suite", "tokenizer", "--output", str(tmp_path / "out")]) == 2
+    assert "the model generates 32x64 by default: give --size" in capsys.readouterr().err
+
+
+def test_preference_pairs_passes_its_judging_and_sampling_options_on(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    import nextstep.evaluation.self_judged_pairs as self_judged_pairs
+
+    asked = {}
+
+    def write(model, output, **kwargs):
+        asked.update(kwargs)
+        return SimpleNamespace(pairs=3, prompts_with_pairs=2, prompts=4, images=16, correct=0.5)
+
+    monkeypatch.setattr(self_judged_pairs, "write_self_judged_pairs", write)
+    assert main(["preference-pairs", "tiny", str(tmp_path / "pairs"), "--combinations", "held_out",
+                 "--samples-per-prompt", "4", "--size", "32", "--batch-size", "8", "--seed", "5",
+                 "--token-sampler", "fused", "--quiet"]) == 0
+    settings = asked["settings"]
+    assert (asked["combinations"], asked["samples_per_prompt"]) == ("held_out", 4)
+    assert (settings.height, settings.width, settings.batch_size, settings.seed, settings.token_sampler) == \
+        (32, 32, 8, 5, "fused")
+    assert f"wrote {tmp_path / 'pairs'}: 3 pairs from 2 of 4 prompts (16 images, 0.500 judged correct)" in \
+        capsys.readouterr().out
+
+
+def test_replace_decoder_stores_the_decoder_as_asked_and_takes_it_from_a_vae_folder(tmp_path, tiny_model):
+    import torch
+    from safetensors.torch import load_file
+
+    from nextstep.tokenizers.vae_checkpoints import save_flux_vae
+
+    tiny_model.save_pretrained(tmp_path / "model")
+    save_flux_vae(tiny_model.image_tokenizer, tmp_path / "vae")
+    for dtype in ("float32", "bfloat16"):
+        assert main(["replace-decoder", str(tmp_path / "model"), str(tmp_path / "vae"), str(tmp_path / dtype),
+                     "--decoder-dtype", dtype]) == 0
+        written = load_file(tmp_path / dtype / "model.safetensors")
+        decoder = {written[key].dtype for key in written if ".decoder." in key}
+        assert decoder == {getattr(torch, dtype)}
+
+
+def test_add_word_aliases_names_a_model_that_is_not_there(tmp_path, capsys):
+    assert main(["add-word-aliases", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
+    assert "expected a model directory or a shipped model at" in capsys.readouterr().err
+
+
+def test_add_word_vectors_passes_its_options_on(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    import nextstep.tokenizers.word_vector_table as word_vector_table
+
+    asked, saved = {}, []
+    written = SimpleNamespace(save_pretrained=saved.append, text_tokenizer=SimpleNamespace(
+        config=SimpleNamespace(vector_words=("violin", "cello"))))
+    monkeypatch.setattr(word_vector_table, "sentence_encoder_word_vectors",
+                        lambda model, **kwargs: asked.update(kwargs) or written)
+    assert main(["add-word-vectors", "tiny", str(tmp_path / "out"), "--dim", "5",
+                 "--substitution-probability", "0.4"]) == 0
+    assert asked == {"dim": 5, "substitution_probability": 0.4} and saved == [str(tmp_path / "out")]
+    assert "(2 further words, 5 components per vector)" in capsys.readouterr().out
+
+
+def test_modules_named_after_the_command_are_imported_from_the_current_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "cli_probe_module.py").write_text("IMPORTED = True\n")
+    assert main(["info", "tiny", "--import", "cli_probe_module"]) == 0
+    assert sys.modules.pop("cli_probe_module").IMPORTED
+    assert main(["--import", "no_such_package_here.sub", "info", "tiny"]) == 2
+    assert "--import no_such_package_here.sub: expected an importable module, found none" in capsys.readouterr().err

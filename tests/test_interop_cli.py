@@ -134,3 +134,47 @@ def test_a_native_source_is_converted_to_the_requested_dtype(tmp_path):
     assert main(["convert", str(tmp_path / "native"), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     dtypes = {t.dtype for p in (tmp_path / "bf16").glob("model*.safetensors") for t in load_file(str(p)).values()}
     assert dtypes == {torch.bfloat16}
+
+
+def test_convert_passes_its_options_on_and_reports_the_parameters_in_short(tmp_path, capsys, monkeypatch):
+    import nextstep.interop.convert as convert
+    from nextstep.interop.convert import ConversionResult
+
+    asked = {}
+    monkeypatch.setattr(convert, "convert_checkpoint", lambda source, output, **kwargs: asked.update(
+        kwargs, source=source) or ConversionResult("qwen2", "native", 1_234_567))
+    assert main(["convert", "qwen", str(tmp_path / "out"), "--to", "native", "--dtype", "float16",
+                 "--max-shard-size", "2GB", "--vae", "vae", "--head", "tiny", "--seed", "3"]) == 0
+    assert asked == {"source": "qwen", "to": "native", "dtype": torch.float16, "max_shard_size": 2 * 10**9,
+                     "vae": "vae", "head": "tiny", "seed": 3}
+    assert f"wrote {tmp_path / 'out'} (qwen2 -> native, 1.23M parameters)" in capsys.readouterr().out
+
+
+def test_a_qwen_source_is_built_with_the_seed_and_dtype_asked_for(tmp_path, tiny_model, monkeypatch):
+    import nextstep.interop.qwen_init as qwen_init
+    from nextstep.interop.convert import convert_checkpoint
+
+    write_qwen_checkpoint(tmp_path / "qwen", vocab_size=300, vocabulary="small", num_layers=1)
+    asked = {}
+    monkeypatch.setattr(qwen_init, "nextstep_from_qwen", lambda source, **kwargs: asked.update(kwargs) or tiny_model)
+    result = convert_checkpoint(tmp_path / "qwen", tmp_path / "out", dtype=torch.bfloat16, vae=tmp_path / "vae",
+                                head="tiny", seed=4)
+    assert asked == {"image_tokenizer": tmp_path / "vae", "head": "tiny", "dtype": torch.bfloat16, "seed": 4}
+    assert (result.source_layout, result.target_layout) == ("qwen2", "native")
+    assert result.parameters == tiny_model.parameter_counts()["total"]
+    assert detect_model_layout(tmp_path / "out") == "native"
+
+
+def test_an_unknown_target_layout_is_refused_before_anything_is_written(tmp_path, tiny_model):
+    from nextstep.interop.convert import convert_checkpoint
+
+    tiny_model.save_pretrained(tmp_path / "native")
+    with pytest.raises(ValueError, match=r"target layout must be one of \['native', 'release'\], found 'hf'"):
+        convert_checkpoint(tmp_path / "native", tmp_path / "out", to="hf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_parse_size_refuses_a_boolean():
+    for flag in (True, False):
+        with pytest.raises(ValueError, match="size must be a number"):
+            parse_size(flag)

@@ -419,3 +419,86 @@ def test_a_recipe_builds_its_preset_with_its_model_arguments():
         "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_width": 32, "head_depth": 1}))
     backbone = build_recipe_model(recipe).config.backbone.to_dict()
     assert (backbone["hidden_size"], backbone["num_layers"], backbone["num_heads"]) == (32, 1, 2)
+
+
+def _finished_trainer(is_main=True, latest=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(context=SimpleNamespace(is_main=is_main), checkpoints=SimpleNamespace(latest=lambda: latest))
+
+
+def test_train_passes_resume_and_quiet_on_and_defaults_to_a_folder_named_after_the_recipe(tmp_path, capsys,
+                                                                                          monkeypatch):
+    from pathlib import Path
+
+    calls = []
+    monkeypatch.setattr("nextstep.training.recipe.run_recipe",
+                        lambda recipe, output, **kwargs: calls.append((output, kwargs)) or _finished_trainer())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_recipe.json").write_text(json.dumps(RECIPE))
+    assert main(["train", "my_recipe.json", "--quiet"]) == 0
+    assert calls[-1] == (Path("outputs/train/my_recipe"), {"resume": True, "show_progress": False})
+    assert main(["train", "my_recipe.json", "--no-resume"]) == 0
+    assert calls[-1][1] == {"resume": False, "show_progress": True}
+    assert f"log: {Path('outputs/train/my_recipe/train_log.csv')}" in capsys.readouterr().out
+
+
+def test_train_prints_its_files_from_the_main_process_only(tmp_path, capsys, monkeypatch):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(RECIPE))
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    latest = tmp_path / "run" / "checkpoints" / "step-00000003"
+    monkeypatch.setattr("nextstep.training.recipe.run_recipe",
+                        lambda recipe, output, **kwargs: _finished_trainer(is_main=False, latest=latest))
+    assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr("nextstep.training.recipe.run_recipe",
+                        lambda recipe, output, **kwargs: _finished_trainer(latest=latest))
+    assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"log: {tmp_path / 'run' / 'train_log.csv'}",
+                                                    f"checkpoint: {latest}", f"model: {tmp_path / 'run' / 'model'}"]
+
+
+def test_train_tokenizer_names_the_tokenizer_folder_it_wrote(tmp_path, capsys, monkeypatch):
+    def run(recipe, output, **kwargs):
+        (output / "tokenizer").mkdir(parents=True)
+        return _finished_trainer()
+
+    monkeypatch.setattr("nextstep.training.tokenizer_recipe.load_tokenizer_recipe", lambda name, overrides: name)
+    monkeypatch.setattr("nextstep.training.tokenizer_recipe.run_tokenizer_recipe", run)
+    assert main(["train-tokenizer", "any", "-o", str(tmp_path / "run"), "--quiet"]) == 0
+    assert f"tokenizer: {tmp_path / 'run' / 'tokenizer'}" in capsys.readouterr().out
+
+
+def test_data_too_damaged_to_train_on_ends_the_run_with_its_reason(tmp_path, capsys, monkeypatch):
+    from nextstep.training.data.base import DataQualityError
+
+    def run(recipe, output, **kwargs):
+        raise DataQualityError("12 of 20 images could not be read")
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(RECIPE))
+    monkeypatch.setattr("nextstep.training.recipe.run_recipe", run)
+    assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "nextstep train: error: 12 of 20 images could not be read" in capsys.readouterr().err
+
+
+def test_preference_rounds_pass_their_options_on_and_default_to_a_folder_named_after_the_recipe(tmp_path, capsys,
+                                                                                                monkeypatch):
+    from pathlib import Path
+
+    import nextstep.training.preference_rounds as preference_rounds
+
+    asked = {}
+    monkeypatch.setattr(preference_rounds, "run_preference_rounds",
+                        lambda recipe, output, **kwargs: asked.update(kwargs, output=output) or [])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rounds_recipe.json").write_text(json.dumps({
+        "model": "tiny", "preference": {"beta": 100}, "train": {"max_steps": 1},
+        "data": {"datasets": [{"type": "preference_manifest", "path": "set-by-each-round"}], "resolution": 32}}))
+    assert main(["preference-rounds", "rounds_recipe.json", "--rounds", "3", "--size", "32", "--device", "meta",
+                 "--combinations", "all", "--quiet"]) == 0
+    assert asked["output"] == Path("outputs/preference-rounds/rounds_recipe")
+    assert (asked["rounds"], asked["device"], asked["combinations"], asked["show_progress"]) == (3, "meta", "all",
+                                                                                                 False)
+    assert f"wrote {Path('outputs/preference-rounds/rounds_recipe/rounds.json')}" in capsys.readouterr().out
