@@ -173,7 +173,10 @@ def best_candidates(tokens: torch.Tensor, scores: torch.Tensor, candidates: int)
     if scores.ndim != 1 or tokens.shape[0] != scores.shape[0] or tokens.shape[0] % candidates:
         raise ValueError(f"expected one score for every row and rows divisible by {candidates} candidates, "
                          f"found {tokens.shape[0]} rows and scores of shape {tuple(scores.shape)}")
-    ranked = scores.float().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    chosen = rearrange(ranked, "(r k) -> r k", k=candidates).argmax(dim=1)
+    ranked = rearrange(scores.float(), "(r k) -> r k", k=candidates)  # (R, K)
+    best = ranked.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf).amax(dim=1, keepdim=True)
+    winners = (ranked == best) & ~ranked.isnan()  # every candidate at the best score (NaN never is one)
+    # the first winner; a row of NaN scores only keeps its first candidate
+    chosen = torch.where(winners.any(dim=1), winners.int().argmax(dim=1), 0)
     grouped = rearrange(tokens, "(r k) n d -> r k n d", k=candidates)
     return grouped[torch.arange(grouped.shape[0], device=grouped.device), chosen]

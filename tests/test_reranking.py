@@ -221,3 +221,15 @@ def test_editing_draws_each_image_once(tiny_model):
 def test_scores_need_one_prompt_per_row(tiny_model):
     with pytest.raises(ValueError, match="one prompt per row of tokens \\(2\\), found 1"):
         prompt_log_likelihood(tiny_model, ["a"], torch.zeros(2, 4, tiny_model.token_dim), 2, 2)
+
+
+def test_a_nan_score_ranks_below_negative_scores():
+    tokens = torch.arange(6.0).view(6, 1, 1)
+    scores = torch.tensor([float("nan"), -3.0, -1.0, float("nan"), -2.0, -5.0])
+    assert best_candidates(tokens, scores, 3).flatten().tolist() == [2.0, 4.0]
+
+
+def test_a_nan_score_ranks_below_a_score_of_minus_infinity():
+    tokens = torch.arange(6.0).view(6, 1, 1)
+    scores = torch.tensor([float("nan"), -float("inf"), float("nan"), float("nan"), -float("inf"), -float("inf")])
+    assert best_candidates(tokens, scores, 2).flatten().tolist() == [1.0, 2.0, 4.0]
