@@ -262,3 +262,11 @@ def test_a_cropped_adapter_cache_marks_no_slot_past_its_length_as_real_as_the_na
             cache.crop(3)
             assert cache.length == 3
             assert cache.key_mask[0].tolist() == [False, True, True] + [False] * 5, type(backbone).__name__
+
+
+def test_a_new_embedding_table_sets_the_wrapped_models_vocabulary_size():
+    adapter, _ = adapter_and_native()
+    adapter.set_input_embeddings(torch.nn.Embedding(120, 32))
+    assert adapter.vocab_size == adapter.model.config.vocab_size == 120
+    assert adapter.config.model_config["vocab_size"] == 120
+    assert HFBackbone.from_model(adapter.model).config.model_config["vocab_size"] == 120

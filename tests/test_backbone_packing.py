@@ -116,3 +116,14 @@ def test_the_mask_helper_of_custom_backbones_keeps_documents_apart():
     assert not mask[0, 2, :2].any() and mask[0, 4, 2:5].all()
     padding = torch.tensor([[0, 1, 1]])
     assert torch.equal(attention_mask_for(padding, 0, 3), attention_mask_for(padding.bool(), 0, 3))
+
+
+@given(lengths_per_row=documents_per_row, start=st.integers(0, 30))
+def test_the_mask_helper_for_later_queries_is_those_rows_of_the_full_mask(lengths_per_row, start):
+    from nextstep.backbones.masks import attention_mask_for
+
+    documents = pack(lengths_per_row)
+    length = documents.shape[1]
+    start = min(start, length - 1)
+    later = attention_mask_for(documents, start, length - start)
+    assert torch.equal(later, attention_mask_for(documents, 0, length)[:, :, start:])

@@ -105,3 +105,33 @@ def test_a_grid_of_tensors_points_to_to_pil():
         image_grid(torch.zeros(1, 3, 8, 8))
     with pytest.raises(TypeError, match="image_grid takes PIL images, found str$"):
         image_grid([Image.new("RGB", (4, 4)), "image.png"])
+
+
+def test_dark_sixteen_bit_grey_levels_are_scaled_from_the_sixteen_bit_range():
+    levels = np.array([[0, 200, 255]], np.uint16)
+    image = Image.fromarray(levels)
+    assert image.mode == "I;16"
+    rgb = to_rgb(image)
+    assert [rgb.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (1, 1, 1), (1, 1, 1)]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_oriented_size_is_the_size_of_the_upright_image(tmp_path, orientation):
+    from nextstep.images import oriented_size
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", (32, 16), (200, 30, 30)).save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    with Image.open(tmp_path / "photo.jpg") as opened:
+        size = oriented_size(opened)
+        assert size == to_rgb(opened).size
+    assert size == ((16, 32) if orientation in (5, 6, 7, 8) else (32, 16))
+
+
+def test_a_grid_of_wide_images_tiles_them_edge_to_edge():
+    tiles = [Image.new("RGB", (6, 2), (40 * (i + 1), 0, 0)) for i in range(4)]
+    grid = np.asarray(image_grid(tiles, columns=2))
+    expected = np.block([[np.full((2, 6), 40), np.full((2, 6), 80)],
+                         [np.full((2, 6), 120), np.full((2, 6), 160)]])
+    assert grid.shape == (4, 12, 3)
+    assert np.array_equal(grid[..., 0], expected)

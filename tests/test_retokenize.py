@@ -139,3 +139,19 @@ def test_an_old_id_at_the_table_size_is_refused_by_name():
     model.text_tokenizer = Overflowing()
     with pytest.raises(ValueError, match="beyond the backbone"):
         replace_text_tokenizer(model, ByteTextTokenizer())
+
+
+def test_a_partial_character_starts_from_its_decoded_text_where_the_old_tokenizer_has_no_byte_ids(hf_tokenizer_dir):
+    from nextstep.tokenizers import HFTextTokenizer, HFTextTokenizerConfig
+
+    class WithoutByteIds(ByteTextTokenizer):
+        def byte_id(self, value):
+            return None
+
+    bpe = HFTextTokenizer(HFTextTokenizerConfig(path=str(hf_tokenizer_dir)))
+    old = WithoutByteIds()
+    accented = bpe.encode("é")  # two tokens, each one byte of the character
+    sources = vocabulary_transfer(old, bpe)
+    for token in accented:
+        assert bpe.decode([token]) == "\ufffd"
+        assert sources[token] == old.encode("\ufffd") != []
