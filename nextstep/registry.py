@@ -87,14 +87,31 @@ def component_names(kind: str) -> list[str]:
     return sorted(_COMPONENTS[kind])
 
 
-def register_model(name: str) -> Callable[[Callable], Callable]:
-    """Decorator for a model preset: a function returning a ``ModelConfig``."""
+def register_model(name: str, *, replace: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator for a model preset: a function returning a ``ModelConfig``.
+
+    A name belongs to one function: registering another under it raises
+    ``ValueError``, unless ``replace`` (for a preset defined again, as when a
+    notebook cell runs twice).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a model preset's name must be a non-empty string, found {name!r}")
 
     def decorator(fn: Callable) -> Callable:
+        if not callable(fn):
+            raise TypeError(f"register_model decorates a function returning a ModelConfig, found {type(fn).__name__}")
+        existing = _MODELS.get(name)
+        if existing is not None and existing is not fn and not replace:
+            raise ValueError(f"model preset {name!r} is already registered to {_qualified(existing)} (replace=True "
+                             "gives the name to the new function)")
         _MODELS[name] = fn
         return fn
 
     return decorator
+
+
+def _qualified(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def model_preset(name: str) -> Callable:

@@ -89,3 +89,33 @@ def test_a_class_without_a_config_class_is_refused_by_name():
         with pytest.raises(TypeError, match=rf"{cls.__name__} needs a 'config_class' attribute \(a Config dataclass\)"):
             register_component("sampler", "test_without_config")(cls)
     assert "test_without_config" not in component_names("sampler")
+
+
+def test_a_class_is_registered_only_under_the_kind_it_was_registered_as():
+    assert registered_name("image_head", FlowMatchingHead) == "flow_matching"
+    for kind in ("image_tokenizer", "text_tokenizer", "backbone", "sampler"):
+        assert registered_name(kind, FlowMatchingHead) is None, kind
+    assert registered_name("image_head", EulerSampler) is None
+
+
+def test_a_preset_name_belongs_to_one_function_unless_replaced():
+    from nextstep.presets import tiny
+    from nextstep.registry import _MODELS, model_preset, register_model
+
+    def other():
+        return tiny()
+
+    register_model("tiny")(tiny)  # the same function again: nothing changes
+    with pytest.raises(ValueError, match=r"model preset 'tiny' is already registered to nextstep\.presets\.tiny"):
+        register_model("tiny")(other)
+    assert model_preset("tiny") is tiny
+    try:
+        register_model("preset_replaced_for_test")(tiny)
+        register_model("preset_replaced_for_test", replace=True)(other)
+        assert model_preset("preset_replaced_for_test") is other
+    finally:
+        _MODELS.pop("preset_replaced_for_test", None)
+    with pytest.raises(ValueError, match="non-empty string, found ''"):
+        register_model("")
+    with pytest.raises(TypeError, match="found str"):
+        register_model("preset_of_a_string_for_test")("tiny")
