@@ -227,3 +227,62 @@ def test_a_tensor_held_by_two_shards_is_named_with_both(tmp_path):
     for read in (read_checkpoint_index, lambda path: load_safetensors(Tiny(), path)):
         with pytest.raises(ValueError, match=r"'proj.weight' appears in both part-a.safetensors and part-b"):
             read(tmp_path)
+
+
+def test_shards_are_listed_in_the_order_of_the_index(tmp_path):
+    state = source_state()
+    save_file({"proj.weight": state["proj.weight"]}, str(tmp_path / "z-first.safetensors"))
+    save_file({"embed.weight": state["embed.weight"], "proj.bias": state["proj.bias"], "counts": state["counts"]},
+              str(tmp_path / "a-second.safetensors"))
+    weight_map = {"proj.weight": "z-first.safetensors", "embed.weight": "a-second.safetensors",
+                  "proj.bias": "a-second.safetensors", "counts": "a-second.safetensors"}
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}))
+    assert [shard.name for shard in checkpoint_shards(tmp_path)] == ["z-first.safetensors", "a-second.safetensors"]
+    assert [name for name, _ in iter_checkpoint(tmp_path)][0] == "proj.weight"
+
+
+def test_an_unexpected_tensor_alone_fails_a_strict_load(tmp_path):
+    state = source_state()
+    state["extra"] = torch.zeros(1)
+    write_sharded(tmp_path, state)
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
+        load_safetensors(Tiny(), tmp_path)
+    report = load_safetensors(Tiny(), tmp_path, strict=False)
+    assert not report.complete and report.unexpected == ["extra"] and report.missing == []
+    assert report.describe() == "unexpected keys ['extra']"
+
+
+def test_frozen_parameters_of_a_meta_module_stay_frozen(tmp_path):
+    write_sharded(tmp_path, source_state())
+    with torch.device("meta"):
+        module = Tiny()
+    module.proj.requires_grad_(False)
+    load_safetensors(module, tmp_path, dtype=torch.bfloat16)
+    assert not module.proj.weight.requires_grad and not module.proj.bias.requires_grad
+    assert module.embed.weight.requires_grad and module.head.weight is module.embed.weight
+
+
+def test_a_buffer_its_own_module_rebuilds_in_place_loads_into_a_meta_module(tmp_path):
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(3))
+            self.register_buffer("scale", torch.empty(3), persistent=False)
+            self.reset_buffers()
+
+        def reset_buffers(self):
+            with torch.no_grad():
+                self.scale.copy_(torch.arange(3.0))
+
+    save_file({"weight": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        module = Scaled()
+    load_safetensors(module, tmp_path)
+    assert not module.scale.is_meta and torch.equal(module.scale, torch.arange(3.0))
+    assert torch.equal(module.weight, torch.ones(3))
+
+
+def test_iterating_a_checkpoint_skips_the_names_rename_drops(tmp_path):
+    write_sharded(tmp_path, source_state())
+    kept = dict(iter_checkpoint(tmp_path, rename=lambda k: None if k.startswith("proj.") else "model." + k))
+    assert sorted(kept) == ["model.counts", "model.embed.weight"]

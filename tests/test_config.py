@@ -252,3 +252,113 @@ def test_configs_nested_in_sequences_and_mappings_rebuild_from_plain_data():
         _Plan.from_dict({"named": {"warm": 5}})
     with pytest.raises(ValueError, match=r"_Plan\.stages must be a list whose items are each a mapping"):
         _Plan.from_dict({"stages": [5]})
+
+
+@dataclasses.dataclass
+class _Counts(Config):
+    values: list[int] = dataclasses.field(default_factory=list)
+
+
+def test_sequences_are_held_as_tuples_however_they_are_given():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(values=st.lists(st.integers(-5, 5), max_size=5))
+    def check(values):
+        config = _Counts(values=values)
+        assert isinstance(config.values, tuple) and config == _Counts(values=tuple(values))
+        assert isinstance(config.replace(values=list(values)).values, tuple)
+        assert _Counts.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+        assert config.to_dict() == {"values": list(values)}
+
+    check()
+
+
+def test_component_specs_are_equal_only_when_their_configs_are():
+    config = model_preset("tiny")()
+    deeper = config.backbone.config.replace(num_layers=3)
+    assert ComponentSpec("backbone", "qwen2", deeper) != config.backbone
+    assert config.replace(backbone=ComponentSpec("backbone", "qwen2", deeper)) != config
+    assert ComponentSpec("backbone", "qwen2", config.backbone.config.replace()) == config.backbone
+
+
+def test_a_count_is_an_integer_of_at_least_one():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from nextstep.config import is_count, require_count
+
+    @given(value=st.one_of(st.integers(-3, 3), st.booleans(), st.floats(-3, 3)))
+    def check(value):
+        counts = type(value) is int and value >= 1
+        assert is_count(value) is counts
+        if counts:
+            require_count("batch_size", value)
+        else:
+            with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, found"):
+                require_count("batch_size", value)
+
+    check()
+
+
+def test_model_config_refuses_a_negative_image_loss_weight():
+    config = model_preset("tiny")()
+    with pytest.raises(ValueError, match=r"image_loss_weight must be >= 0, found -0.5"):
+        config.replace(image_loss_weight=-0.5)
+    assert config.replace(image_loss_weight=0.0).image_loss_weight == 0.0
+
+
+def test_the_compact_preset_has_the_shape_of_the_shipped_model():
+    from nextstep.pretrained import bundled_model_path
+
+    shipped = ModelConfig.load(bundled_model_path("emoji-shapes-64") / "config.json")
+    compact = model_preset("compact")()
+    differing = {key for key, value in compact.backbone.config.to_dict().items()
+                 if shipped.backbone.config.to_dict()[key] != value}
+    assert differing <= {"vocab_size"}  # the shipped model's text tokenizer knows words besides bytes
+    assert compact.image_head == shipped.image_head
+
+
+def test_the_tiny_preset_has_its_documented_shape():
+    config = model_preset("tiny")()
+    backbone, head = config.backbone.config, config.image_head.config
+    assert (backbone.num_layers, backbone.hidden_size, backbone.intermediate_size) == (2, 64, 128)
+    assert (backbone.num_heads, backbone.num_kv_heads) == (4, 2)  # grouped-query attention, as in Qwen2.5
+    assert (head.depth, head.width, head.condition_dim) == (2, 64, 64)
+    assert (config.text_tokenizer.type, config.image_tokenizer.config.ch) == ("byte", 32)
+
+
+def test_every_difference_between_two_mappings_is_found_and_counted_in_words():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from nextstep.config import differences_phrase, plain_differences
+
+    values = st.dictionaries(st.sampled_from("abcdefgh"), st.integers(0, 2), max_size=8)
+
+    @given(there=values, here=values, most=st.integers(1, 4))
+    def check(there, here, most):
+        nested_there, nested_here = {"data": there}, {"data": here}
+        differences = plain_differences("run", nested_there, nested_here)
+        keys = sorted(key for key in set(there) | set(here) if there.get(key) != here.get(key))
+        assert differences == [(f"run.data.{key}", there.get(key), here.get(key)) for key in keys]
+        phrase = differences_phrase(differences, most=most)
+        assert phrase.count(" there, ") == min(len(keys), most)
+        more = len(keys) - most
+        assert phrase.endswith(f"; and {more} more") if more > 0 else "more" not in phrase
+
+    check()
+    for count in range(6):
+        differences = [(f"run.{index}", index, index + 1) for index in range(count)]
+        phrase = differences_phrase(differences, most=3)
+        assert phrase.count(" there, ") == min(count, 3)
+        assert phrase.endswith(f"; and {count - 3} more") if count > 3 else "more" not in phrase
+
+
+def test_only_a_saved_model_config_describes_a_model():
+    from nextstep.model_config import describes_a_model
+
+    assert describes_a_model(model_preset("tiny")().to_dict())
+    assert not describes_a_model({"backbone": {"kind": "backbone", "type": "qwen2"}})  # a model's parts, not a model
+    assert not describes_a_model({"model_type": "qwen2", "hidden_size": 64})  # a Hugging Face config.json
+    assert not describes_a_model(["backbone", "image_tokenizer"])

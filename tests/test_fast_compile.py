@@ -187,3 +187,39 @@ def test_the_switch_off_variable_set_to_0_or_empty_leaves_compilation_on(monkeyp
     for value, compiled in (("0", True), ("", True), (" 0 ", True), ("1", False), ("yes", False)):
         monkeypatch.setenv(DISABLE_VARIABLE, value)
         assert safe_compile(lambda x: x + 1, backend="eager").compiled is compiled, value
+
+
+def test_a_compile_config_passes_every_option_to_torch_compile():
+    assert CompileConfig(dynamic=True, fullgraph=True, backend="eager").options() == {
+        "fullgraph": True, "dynamic": True, "backend": "eager"}
+    assert CompileConfig(mode="reduce-overhead").options() == {
+        "fullgraph": False, "dynamic": None, "backend": "inductor", "mode": "reduce-overhead"}
+
+
+def test_a_compile_config_needs_a_backend_name():
+    with pytest.raises(ValueError, match=r"backend must be a non-empty backend name, found ''"):
+        CompileConfig(backend="")
+
+
+def test_compiling_a_module_twice_wraps_its_forward_once():
+    module = nn.Linear(2, 2)
+    eager = module.forward
+    compile_module(module, backend="eager")
+    wrapped = vars(module)["forward"]
+    assert compile_module(module, backend="eager") is module and vars(module)["forward"] is wrapped
+    assert wrapped.fn == eager
+    torch.testing.assert_close(module(torch.ones(1, 2)), eager(torch.ones(1, 2)))
+
+
+def test_copies_of_a_module_that_fell_back_stay_eager_without_warning_again():
+    import copy
+    import pickle
+
+    module = compile_module(nn.Linear(2, 2), backend=failing_backend)
+    x = torch.ones(1, 2)
+    with pytest.warns(CompileFallbackWarning):
+        module(x)
+    with _no_warnings():
+        for copied in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+            assert not copied.forward.compiled and "this backend always fails" in copied.forward.failure
+            torch.testing.assert_close(copied(x), module(x))

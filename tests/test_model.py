@@ -339,3 +339,11 @@ def test_a_further_word_is_scored_as_its_stand_in_until_its_vector_is_trained():
                       generator=torch.Generator().manual_seed(0))
     assert further.num_text_tokens == known.num_text_tokens
     torch.testing.assert_close(further.text, known.text)
+
+
+def test_a_preset_loads_in_the_dtype_asked_for():
+    from nextstep.builders import load_model
+
+    for dtype, expected in ((None, torch.float32), (torch.bfloat16, torch.bfloat16), ("float16", torch.float16)):
+        model = load_model("tiny", dtype=dtype)
+        assert {p.dtype for p in model.parameters()} == {expected}, dtype

@@ -374,3 +374,64 @@ def test_after_saving_the_model_config_describes_the_live_components(tiny_model,
     assert tiny_model.config.sampler.type == "flow_sde"
     assert tiny_model.config == tiny_model.current_config()
     assert NextStep.from_pretrained(tmp_path / "m").config.sampler == tiny_model.config.sampler
+
+
+def test_empty_tensors_are_each_saved_under_their_own_name(tiny_model, tmp_path):
+    """Tensors without elements share no memory (however alike their pointers): none is dropped as a tie."""
+    tiny_model.image_head.register_buffer("first_empty", torch.zeros(0))
+    tiny_model.image_head.register_buffer("second_empty", torch.zeros(0))
+    tiny_model.save_pretrained(tmp_path / "m")
+    names = load_file(str(tmp_path / "m" / "model.safetensors")).keys()
+    assert {"image_head.first_empty", "image_head.second_empty"} <= names
+
+
+def test_integer_tensors_keep_their_dtype_under_a_storage_dtype(tiny_model, tmp_path):
+    counts = torch.arange(5) * 1000
+    tiny_model.image_tokenizer.decoder.register_buffer("counts", counts)
+    tiny_model.save_pretrained(tmp_path / "m", storage_dtypes={"image_tokenizer.decoder": torch.float16})
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert stored["image_tokenizer.decoder.counts"].dtype == torch.int64
+    assert torch.equal(stored["image_tokenizer.decoder.counts"], counts)
+    assert stored["image_tokenizer.decoder.conv_in.weight"].dtype == torch.float16
+
+
+def test_the_weights_file_says_it_holds_pytorch_tensors(tiny_model, tmp_path):
+    """Loaders such as transformers read the file's ``format`` metadata."""
+    from safetensors import safe_open
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+
+
+def test_a_part_loads_in_its_saved_dtype_only_when_it_was_saved_in_one():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from nextstep.serialization import saved_part_dtypes
+    from nextstep.weights import TensorInfo
+
+    floating = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    saved = st.lists(st.sampled_from([*floating, "I64"]), max_size=4)
+
+    def expected(dtypes):
+        found = {floating[dtype] for dtype in dtypes if dtype in floating}
+        return found.pop() if len(found) == 1 else None
+
+    @given(tokenizer=saved, rest=saved)
+    def check(tokenizer, rest):
+        infos = {f"image_tokenizer.t{i}": TensorInfo(Path("m.safetensors"), (1,), dtype)
+                 for i, dtype in enumerate(tokenizer)}
+        infos.update({f"image_tokenizer_norm.t{i}": TensorInfo(Path("m.safetensors"), (1,), dtype)
+                      for i, dtype in enumerate(rest)})  # not inside the image tokenizer
+        assert saved_part_dtypes(infos) == {"image_tokenizer": expected(tokenizer), "model": expected(rest)}
+
+    check()
+
+
+def test_a_loaded_model_keeps_its_image_tokenizer_frozen(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    for dtype in (None, torch.bfloat16):
+        loaded = NextStep.from_pretrained(tmp_path / "m", dtype=dtype)
+        assert not any(p.requires_grad for p in loaded.image_tokenizer.parameters())
+        assert all(p.requires_grad for p in loaded.image_head.parameters())
