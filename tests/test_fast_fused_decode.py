@@ -219,3 +219,87 @@ def test_use_kernels_and_the_switch_off_variable_reach_every_fused_operation(mon
     assert velocity.layer_norm_modulate.__name__.endswith(form) and velocity.persistent is kernels
     from nextstep.kernels import guided_update
     assert kernel_function(guided_update, use_kernels).__name__ == f"guided_update_{form}"
+
+
+def test_the_fused_stack_uses_the_backbone_s_norm_epsilon():
+    """A large epsilon, which the random weights' activations do not hide."""
+    config = Qwen2BackboneConfig(vocab_size=50, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, head_dim=8, attention_bias=True, rms_norm_eps=5.0)
+    torch.manual_seed(0)
+    backbone = Qwen2Backbone(config).eval()
+    with torch.no_grad():
+        for parameter in backbone.parameters():
+            parameter.normal_(0.0, 0.3)
+    backbone = backbone.to(DEVICE)
+    expected, _ = decode(backbone, False, 1)
+    found, _ = decode(backbone, True, 1)
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_int8_step_is_the_backbone_with_its_weights_rounded():
+    """Each product multiplies by values * scale: a step of the backbone with those weights in place is the same."""
+    from nextstep.fast.weight_quantization import quantize_int8
+
+    backbone = random_backbone(seed=3)
+    generator = torch.Generator().manual_seed(1)
+    embeds = torch.randn(2, 5, backbone.hidden_size, generator=generator).to(DEVICE)
+    step_embeds = torch.randn(2, 1, backbone.hidden_size, generator=generator).to(DEVICE)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    positions = positions_from_mask(mask)
+    prefilled = backbone.new_cache(2, 7)
+    with torch.no_grad():
+        backbone(embeds, positions, mask, prefilled)
+    caches = [prefilled.clone(), prefilled.clone()]
+    outputs = []
+    for int8, cache in zip((True, False), caches):
+        if not int8:
+            with torch.no_grad():
+                for layer in backbone.layers:
+                    attention, mlp = layer.self_attn, layer.mlp
+                    for linear in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
+                                   mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                        linear.weight.copy_(quantize_int8(linear.weight).dequantize(linear.weight.dtype))
+        hidden = torch.zeros(2, backbone.hidden_size, device=DEVICE)
+        step = DecodeStep(backbone, cache, step_embeds, hidden,
+                          compile_stack=FusedDecodeStack(backbone, int8_weights=True) if int8 else None)
+        step.start(positions[:, -1:] + 1)
+        with torch.no_grad():
+            step.compute(step.visible())
+        outputs.append(hidden)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_products_of_more_rows_than_the_kernel_takes_use_the_library_product_with_kernels_on():
+    from nextstep.kernels.skinny_linear import MAX_ROWS
+
+    stack = FusedDecodeStack(random_backbone(layers=1), skinny=True, use_kernels=True)
+    weight, bias, _ = stack.products[0]["o"]
+    x = torch.randn(MAX_ROWS + 1, weight.shape[1], device=DEVICE)
+    torch.testing.assert_close(stack._product(x, stack.products[0]["o"]), torch.nn.functional.linear(x, weight, bias))
+
+
+def test_projections_with_and_without_a_bias_are_not_packed():
+    backbone = random_backbone()
+    backbone.layers[1].self_attn.k_proj.bias = None
+    with pytest.raises(ValueError, match=r"cannot pack bias: some projections have one and some not "
+                                         r"\(\[True, False, True\]\)"):
+        pack_projections(backbone)
+
+
+def test_a_replaced_projection_parameter_is_packed_again():
+    """A bias or a weight assigned anew (not copied into) is no view of the pack: the pack is rebuilt."""
+    backbone = random_backbone(layers=1)
+    packs = pack_projections(backbone)
+    attention, mlp = backbone.layers[0].self_attn, backbone.layers[0].mlp
+    attention.k_proj.bias = torch.nn.Parameter(torch.full_like(attention.k_proj.bias, 3.0))
+    repacked = pack_projections(backbone)
+    assert repacked is not packs
+    queries = attention.q_proj.bias.shape[0]
+    assert torch.equal(repacked[0].qkv_bias[queries:queries + attention.k_proj.bias.shape[0]],
+                       torch.full_like(attention.k_proj.bias, 3.0))
+    mlp.up_proj.weight = torch.nn.Parameter(torch.full_like(mlp.up_proj.weight, 2.0))
+    again = pack_projections(backbone)
+    assert again is not repacked
+    gates = mlp.gate_proj.weight.shape[0]
+    assert torch.equal(again[0].gate_up_weight[gates:], torch.full_like(mlp.up_proj.weight, 2.0))
+    assert pack_projections(backbone) is again

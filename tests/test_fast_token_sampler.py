@@ -373,3 +373,176 @@ def test_a_call_captured_on_the_cpu_says_why_and_runs_eagerly():
     call()
     call()
     assert calls == [1, 1]
+
+
+def test_pooled_caches_hold_the_fewest_whole_buckets_that_fit():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from nextstep import build_model
+    from nextstep.fast.token_sampler import CACHE_BUCKET
+
+    fast = FastTokenSampler(build_model("tiny", seed=0))
+
+    @settings(max_examples=25, deadline=None)
+    @given(max_length=st.one_of(st.integers(1, 3 * CACHE_BUCKET), st.sampled_from([CACHE_BUCKET, 2 * CACHE_BUCKET])))
+    def holds(max_length):
+        capacity = fast.new_cache(1, max_length).max_length
+        assert capacity % CACHE_BUCKET == 0 and max_length <= capacity < max_length + CACHE_BUCKET, max_length
+
+    holds()
+
+
+def test_a_cache_with_room_for_every_token_but_the_last_is_enough(trained_like_model):
+    """The last token is sampled but never decoded: the cache ends as full as generate_tokens leaves it."""
+    model = trained_like_model.eval()
+    count = GRID[0] * GRID[1]
+
+    def tight_cache(rows, length):
+        return model.backbone.new_cache(rows, length - 1)
+
+    expected, _, _ = generate_tokens(model, PROMPTS, height=32, width=48, cfg=2.0, num_steps=3,
+                                     sampler=EulerSampler(), seed=4)
+    hidden, cache, next_positions = prefill(model, PROMPTS, GRID, 2, tight_cache)
+    prompt_length = cache.length
+    noise, _ = draw_noise(len(PROMPTS), 4, count, model.token_dim, 3, False)
+    found = FastTokenSampler(model, use_kernels=False).sample_tokens(
+        hidden, cache, next_positions, noise, guidance=guidance_for_scale(2.0), sampler=EulerSampler(), num_steps=3)
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+    assert cache.length == cache.max_length == prompt_length + count - 1
+
+
+def test_step_noise_drawn_for_more_steps_is_read_from_its_first_slices(trained_like_model):
+    model = trained_like_model.eval()
+    fast = FastTokenSampler(model, use_kernels=False)
+    guidance, sampler = guidance_for_scale(3.0), EulerMaruyamaSampler()
+    noise, step_noise = draw_noise(len(PROMPTS), 1, GRID[0] * GRID[1], model.token_dim, 5, True)
+    samples = []
+    for given_noise in (step_noise, step_noise[:, :3].clone()):
+        hidden, cache, next_positions = prefill(model, PROMPTS, GRID, 2, fast.new_cache)
+        samples.append(fast.sample_tokens(hidden, cache, next_positions, noise, given_noise, guidance=guidance,
+                                          sampler=sampler, num_steps=3))
+    torch.testing.assert_close(samples[0], samples[1], rtol=0, atol=0)
+
+
+def test_a_deterministic_sampler_ignores_the_step_noise_it_is_given(trained_like_model):
+    model = trained_like_model.eval()
+    fast = FastTokenSampler(model, use_kernels=False)
+    guidance = guidance_for_scale(2.0)
+    without = fast_tokens(model, fast, guidance, HeunSampler(), 3, seed=2)
+    hidden, cache, next_positions = prefill(model, PROMPTS, GRID, 2, fast.new_cache)
+    noise, _ = draw_noise(len(PROMPTS), 2, GRID[0] * GRID[1], model.token_dim, 3, False)
+    stray = torch.randn(1, 1, len(PROMPTS), model.token_dim)
+    found = fast.sample_tokens(hidden, cache, next_positions, noise, stray, guidance=guidance,
+                               sampler=HeunSampler(), num_steps=3)
+    torch.testing.assert_close(found, without, rtol=0, atol=0)
+
+
+def test_an_in_projector_of_another_dtype_keeps_the_token_steps_generic(trained_like_model):
+    import copy
+
+    model = copy.deepcopy(trained_like_model).eval()
+    model.image_in_projector.double()
+    reason = FastTokenSampler(model, use_kernels=False).fused_reason(EulerSampler(), guidance_for_scale(2.0))
+    assert reason is not None and "torch.float64" in reason and "mix dtypes" in reason
+
+
+def test_a_decode_step_on_a_full_cache_refuses_to_step(tiny_model):
+    backbone = tiny_model.backbone
+    cache = backbone.new_cache(1, 4)
+    step = DecodeStep(backbone, cache, torch.zeros(1, 1, backbone.hidden_size), torch.zeros(1, backbone.hidden_size))
+    cache.reserve(None, 3)
+    cache.commit(3)
+    step.check_room()  # the last slot is free
+    cache.reserve(None, 1)
+    cache.commit(4)
+    with pytest.raises(ValueError, match=r"the cache is full \(4 slots\)"):
+        step.check_room()
+
+
+def test_a_decode_step_snapshot_restores_positions_slot_and_key_mask(tiny_model):
+    model = tiny_model.eval()
+    backbone = model.backbone
+    hidden, cache, next_positions = prefill(model, PROMPTS, GRID, 2)
+    step = DecodeStep(backbone, cache, torch.randn(4, 1, backbone.hidden_size), torch.zeros(4, backbone.hidden_size))
+    step.start(next_positions)
+    positions, slot, key_mask = step.positions.clone(), step.slot.clone(), cache.key_mask.clone()
+    restore = step.snapshot()
+    with torch.inference_mode():
+        step.compute(step.visible())
+    assert not torch.equal(cache.key_mask, key_mask) and not torch.equal(step.slot, slot)
+    restore()
+    assert torch.equal(step.positions, positions) and torch.equal(step.slot, slot)
+    assert torch.equal(cache.key_mask, key_mask)
+
+
+def test_one_sampler_switching_between_grids_with_the_same_evaluation_times_samples_each_correctly(
+        trained_like_model):
+    """Euler-Maruyama ending at t=1 or short of it evaluates at the same times; only its last step differs."""
+    from nextstep.samplers.euler_maruyama import EulerMaruyamaSamplerConfig
+
+    model = trained_like_model.eval()
+    fast = FastTokenSampler(model, use_kernels=False)
+    guidance = guidance_for_scale(2.0)
+    for to_one in (False, True, False):
+        sampler = EulerMaruyamaSampler(EulerMaruyamaSamplerConfig(to_one=to_one))
+        expected, _, _ = generate_tokens(model, PROMPTS, height=32, width=48, cfg=2.0, num_steps=3, sampler=sampler,
+                                         shift=2.0, seed=2)
+        found = fast_tokens(model, fast, guidance, sampler, 3, seed=2, shift=2.0)
+        torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+    assert len(fast._token_steps) == 1
+
+
+@pytest.mark.parametrize("sampler", [HeunSampler(), EulerMaruyamaSampler()], ids=lambda s: type(s).__name__)
+def test_modulations_computed_per_stage_sample_the_same_tokens(trained_like_model, sampler):
+    model = trained_like_model.eval()
+    fast = FastTokenSampler(model, use_kernels=False, max_table_elements=0)
+    expected, _, _ = generate_tokens(model, PROMPTS, height=32, width=48, cfg=3.0, num_steps=3, sampler=sampler,
+                                     seed=3)
+    found = fast_tokens(model, fast, guidance_for_scale(3.0), sampler, 3, seed=3)
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+    assert fast._token_steps and not any(step.tabulate for step, _ in fast._token_steps.values())
+
+
+def test_a_normalised_token_uses_the_epsilon_of_generate_tokens(tiny_model):
+    """A token of tiny spread, where LayerNorm's epsilon dominates its variance."""
+    import torch.nn.functional as F
+
+    from nextstep.fast.token_step import GenericTokenStep, TokenStepBuffers
+
+    class Shrinking:
+        def sample(self, velocity, noise, grid, step_noise):
+            return noise * 1e-3
+
+    model = tiny_model.eval()
+    buffers = TokenStepBuffers.allocate(2, 1, model.backbone.hidden_size, model.token_dim,
+                                        device=torch.device("cpu"), dtype=torch.float32)
+    step = GenericTokenStep(model, Shrinking(), guidance_for_scale(1.0), rows=2, buffers=buffers, use_norm=True)
+    noise = torch.randn(2, model.token_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        step.compute(noise, torch.linspace(0, 1, 3), None, None, 0.0)
+        expected = F.layer_norm(noise * 1e-3, (model.token_dim,), eps=1e-6)
+        torch.testing.assert_close(buffers.token, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(buffers.embeds[:, 0], model.image_in_projector(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused_blocks", [False, True], ids=["norm_kernels", "block_kernels"])
+def test_the_fused_head_reads_each_layer_norm_epsilon_of_the_head(fused_blocks):
+    from nextstep.fast.flow_head_velocity import FusedFlowMatchingVelocity
+    from nextstep.heads import FlowMatchingHead, FlowMatchingHeadConfig
+
+    torch.manual_seed(0)
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=4, condition_dim=8, width=8, depth=2)).eval()
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.normal_(0.0, 0.5)
+    head.net.res_blocks[0].in_ln.eps = 0.3
+    head.net.final_layer.norm_final.eps = 0.7
+    velocity = FusedFlowMatchingVelocity(head, use_kernels=False, fused_blocks=fused_blocks)
+    times, condition, x_t = torch.tensor([0.2, 0.7]), torch.randn(3, 8), torch.randn(3, 4)
+    with torch.no_grad():
+        table = velocity.modulations(velocity.time_embedding(times), velocity.condition_embedding(condition))
+        for index, t in enumerate(times):
+            torch.testing.assert_close(velocity(x_t, table[index]), head.velocity(x_t, t.expand(3), condition),
+                                       rtol=1e-5, atol=1e-5)
+    assert not FusedFlowMatchingVelocity(head, persistent=True).persistent  # one epsilon for all blocks only

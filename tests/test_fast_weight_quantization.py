@@ -73,3 +73,11 @@ def test_non_finite_weights_are_named():
     weight[3, 0] = float("inf")
     with pytest.raises(ValueError, match=r"finite weights, found NaN or infinite values in rows \[2, 3\]"):
         quantize_int8(weight)
+
+
+def test_a_row_of_zeros_gets_scale_one_and_zero_values():
+    weight = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    weight[1] = 0.0
+    quantized = quantize_int8(weight)
+    assert quantized.scale[1] == 1.0 and not quantized.values[1].any()
+    assert torch.equal(quantized.dequantize()[1], torch.zeros(5))

@@ -86,3 +86,16 @@ def test_the_reference_is_the_head_s_own_normalise_and_modulate():
     norm = AdaLNFinalLayer(48, 16).norm_final
     torch.testing.assert_close(layer_norm_modulate_reference(x, shift, 1 + scale),
                                modulate(norm(x), shift, scale), rtol=1e-6, atol=1e-6)
+
+
+@given(rows=st.integers(2, 4), width=st.integers(1, 100), dtype=DTYPES, seed=st.integers(0, 2**16),
+       strided=st.sampled_from(["x", "shift", "scale"]))
+def test_each_input_may_have_its_own_row_stride(kernel_device, rows, width, dtype, seed, strided):  # noqa: F811
+    tensors = {name: random_tensor((rows, width), dtype, seed + number, device=kernel_device)
+               for number, name in enumerate(("x", "shift", "scale"))}
+    wide = random_tensor((rows, 3 * width), dtype, seed + 3, device=kernel_device)
+    wide[:, width:2 * width] = tensors[strided]
+    given_tensors = dict(tensors, **{strided: wide[:, width:2 * width]})
+    expected = layer_norm_modulate_reference(tensors["x"], tensors["shift"], tensors["scale"])
+    found = layer_norm_modulate_triton(given_tensors["x"], given_tensors["shift"], given_tensors["scale"])
+    torch.testing.assert_close(found.float(), expected.float(), **TOLERANCES[dtype])

@@ -68,3 +68,51 @@ def test_an_interpreter_that_cannot_run_leaves_the_references(monkeypatch):
     with pytest.warns(KernelFallbackWarning, match="cannot run; the kernels' PyTorch references run instead"):
         assert not triton_support.interpreter_active()
     assert not triton_support.triton_enabled(torch.zeros(1))
+
+
+@pytest.mark.parametrize(("value", "enabled"), [("1", True), ("true", True), (" Yes ", True), ("on", True),
+                                                ("0", False), ("", False), ("no", False)])
+def test_the_interpreter_switch_takes_the_usual_words_for_true(monkeypatch, value, enabled):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_support.interpreter_enabled() is enabled
+
+
+@pytest.mark.parametrize(("value", "disabled"), [("1", True), ("yes", True), ("true", True), ("2", True),
+                                                 ("0", False), ("", False), (" ", False)])
+def test_any_value_but_zero_or_empty_turns_the_kernels_off(monkeypatch, value, disabled):
+    monkeypatch.setenv("NEXTSTEP_DISABLE_TRITON", value)
+    assert triton_support.triton_disabled() is disabled
+    assert triton_support.kernel_choice(True) is (not disabled)
+    assert not (disabled and triton_support.triton_enabled(torch.zeros(1)))
+
+
+def test_dependent_launches_need_a_hopper_or_later_and_end_with_their_context(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(triton_support, "dependent_launch_available", lambda: True)
+    x = torch.zeros(2)
+    for arch, expected in ((80, {}), (89, {}), (90, {"launch_pdl": True}), (100, {"launch_pdl": True})):
+        previous = triton_support.set_compiling_for(arch)
+        try:
+            assert triton_support.dependent_launch_options(x) == {}
+            with triton_support.dependent_launches():
+                assert triton_support.dependent_launch_options(x) == expected, arch
+                with triton_support.dependent_launches(False):
+                    assert triton_support.dependent_launch_options(x) == {}
+                assert triton_support.dependent_launch_options(x) == expected, arch
+            assert triton_support.dependent_launch_options(x) == {}
+        finally:
+            triton_support.set_compiling_for(previous)
+
+
+def test_cpu_tensors_take_their_kernel_while_compiling_for_a_gpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("NEXTSTEP_DISABLE_TRITON", raising=False)
+    x = torch.zeros(1)
+    assert not triton_support.triton_enabled(x)
+    previous = triton_support.set_compiling_for(90)
+    try:
+        assert triton_support.triton_enabled(x)
+        monkeypatch.setenv("NEXTSTEP_DISABLE_TRITON", "1")
+        assert not triton_support.triton_enabled(x)
+    finally:
+        triton_support.set_compiling_for(previous)

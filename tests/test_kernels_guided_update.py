@@ -98,3 +98,32 @@ def test_bad_shapes_name_what_was_expected():
         guided_update(torch.zeros(2, 4), state, torch.ones(1), torch.zeros(2))
     with pytest.raises(ValueError, match=r"extra must have the shape of state \(2, 4\)"):
         guided_update(torch.zeros(2, 4), state, torch.ones(1), torch.zeros(3), torch.zeros(1, 4))
+
+
+@given(branches=st.integers(1, 2), dim=st.integers(1025, 2100), seed=st.integers(0, 2**16))
+def test_rows_wider_than_one_block_are_updated_to_their_end(kernel_device, branches, dim, seed):  # noqa: F811
+    rows = 2
+    predictions = random_tensor((branches * rows, dim), torch.float32, seed, device=kernel_device)
+    state = random_tensor((rows, dim), torch.float32, seed + 1, device=kernel_device)
+    weights = random_tensor((branches,), torch.float32, seed + 2, device=kernel_device)
+    coefficients = random_tensor((3,), torch.float32, seed + 3, device=kernel_device)
+    extra = random_tensor((rows, dim), torch.float32, seed + 4, device=kernel_device)
+    expected_velocity, velocity = torch.zeros(rows, dim, device=kernel_device), torch.zeros(rows, dim,
+                                                                                           device=kernel_device)
+    expected = guided_update_reference(predictions, state, weights, coefficients, extra,
+                                       velocity_out=expected_velocity)
+    found = guided_update_triton(predictions, state, weights, coefficients, extra, velocity_out=velocity)
+    torch.testing.assert_close(found, expected, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(velocity, expected_velocity, **TOLERANCES[torch.float32])
+
+
+def test_strided_tensors_are_updated_by_the_reference(kernel_device):  # noqa: F811
+    """The kernel takes contiguous tensors only; the dispatching function hands strided ones to the reference."""
+    predictions = random_tensor((8, 4), torch.float32, 0, device=kernel_device).t()  # (G * R, D) = (4, 8), strided
+    state = random_tensor((2, 8), torch.float32, 1, device=kernel_device)
+    weights = torch.tensor([3.0, -2.0], device=kernel_device)
+    coefficients = torch.tensor([1.0, 0.1, 0.0], device=kernel_device)
+    expected = guided_update_reference(predictions.contiguous(), state, weights, coefficients)
+    torch.testing.assert_close(guided_update(predictions, state, weights, coefficients), expected)
+    with pytest.raises(ValueError, match="predictions must be contiguous for the Triton kernel"):
+        guided_update_triton(predictions, state, weights, coefficients)

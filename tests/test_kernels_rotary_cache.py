@@ -72,3 +72,23 @@ def test_bad_shapes_name_what_was_expected():
         rotate_into_cache(qkv, cos, sin, keys, values, slot.float(), heads, 2)
     with pytest.raises(ValueError, match=r"cos must have shape \(B, E\) = \(1, 8\), found \(1, 6\)"):
         rotate_into_cache(qkv, cos[:, :6], sin, keys, values, slot, heads, 2)
+
+
+@given(batch=st.integers(2, 4), kv_heads=st.integers(1, 2), group=st.integers(1, 3), half=st.integers(1, 16),
+       strided=st.sampled_from(["cos", "signed_sin", "qkv"]), seed=st.integers(0, 2**16))
+def test_tables_and_projection_rows_may_have_different_strides(kernel_device, batch, kv_heads, group,  # noqa: F811
+                                                               half, strided, seed):
+    """One of qkv, cos and signed_sin a strided view (rows of another tensor), the others contiguous."""
+    qkv, cos, sin, keys, values, slot, heads = inputs(batch, kv_heads, group, half, 5, 2, torch.float32, seed,
+                                                      kernel_device)
+    tensors = {"qkv": qkv, "cos": cos, "signed_sin": sin}
+    wide = torch.zeros(batch, 3 * tensors[strided].shape[1], device=kernel_device)
+    wide[:, 1:1 + tensors[strided].shape[1]] = tensors[strided]
+    tensors[strided] = wide[:, 1:1 + tensors[strided].shape[1]]
+    expected_keys, expected_values = keys.clone(), values.clone()
+    expected = rotate_into_cache_reference(qkv, cos, sin, expected_keys, expected_values, slot, heads, kv_heads)
+    found = rotate_into_cache_triton(tensors["qkv"], tensors["cos"], tensors["signed_sin"], keys, values, slot, heads,
+                                     kv_heads)
+    torch.testing.assert_close(found, expected, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(keys, expected_keys, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=0)

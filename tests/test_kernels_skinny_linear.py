@@ -80,3 +80,30 @@ def test_bad_input_names_what_was_expected():
         SkinnyTiles(block_k=8)
     with pytest.raises(ValueError, match="num_stages must be an integer >= 1, found 0"):
         SkinnyTiles(num_stages=0)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_product_over_no_input_features_is_the_bias(kernel_device, with_bias):  # noqa: F811
+    x = torch.zeros(3, 0, device=kernel_device)
+    weight = torch.zeros(5, 0, device=kernel_device)
+    bias = random_tensor((5,), torch.float32, 0, device=kernel_device) if with_bias else None
+    found = skinny_linear_triton(x, weight, bias)
+    torch.testing.assert_close(found, F.linear(x, weight, bias), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_an_int8_product_returns_the_dtype_of_x(dtype):
+    quantized = quantize_int8(random_tensor((6, 8), torch.float32, 0))
+    x = random_tensor((MAX_ROWS + 1, 8), dtype, 1)
+    for product in (skinny_linear_reference, skinny_linear):
+        assert product(x, quantized.values, None, quantized.scale).dtype == dtype
+
+
+def test_the_kernel_takes_up_to_a_program_s_rows_of_a_floating_weight_and_up_to_max_rows_of_int8():
+    from nextstep.kernels.skinny_linear import skinny_kernel_takes
+
+    floating, int8 = torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.int8)
+    assert skinny_kernel_takes(torch.zeros(ROWS_PER_PROGRAM, 8), floating)
+    assert not skinny_kernel_takes(torch.zeros(ROWS_PER_PROGRAM + 1, 8), floating)
+    assert skinny_kernel_takes(torch.zeros(MAX_ROWS, 8), int8)
+    assert not skinny_kernel_takes(torch.zeros(MAX_ROWS + 1, 8), int8)

@@ -47,3 +47,11 @@ def test_the_reference_is_the_backbone_mlp_s_own_activation():
                                        num_heads=4, num_kv_heads=2))
     x = torch.randn(3, 32)
     torch.testing.assert_close(mlp.down_proj(swiglu_reference(mlp.gate_proj(x), mlp.up_proj(x))), mlp(x))
+
+
+@given(rows=st.integers(2, 4), width=st.integers(1, 300), dtype=DTYPES, seed=st.integers(0, 2**16))
+def test_gate_and_up_rows_may_have_different_strides(kernel_device, rows, width, dtype, seed):  # noqa: F811
+    gate = random_tensor((rows, 3 * width), dtype, seed, scale=4.0, device=kernel_device)[:, width:2 * width]
+    up = random_tensor((rows, width), dtype, seed + 1, device=kernel_device)
+    found = swiglu_triton(gate, up)
+    torch.testing.assert_close(found.float(), swiglu_reference(gate, up).float(), **TOLERANCES[dtype])
