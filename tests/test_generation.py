@@ -414,3 +414,53 @@ def test_a_decoder_kept_in_another_dtype_than_the_encoder_decodes_generated_toke
     images = decode_tokens(tiny_model, tokens, 2, 2)
     assert images.dtype == torch.float32 and images.shape == expected.shape
     torch.testing.assert_close(images, expected, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(seed=True), "seed must be an integer, found bool True"),
+    (dict(num_images_per_prompt=True), "num_images_per_prompt must be an integer >= 1, found True"),
+    (dict(shift=0), "shift must be a finite positive number, found 0"),
+    (dict(shift=False), "shift must be a finite positive number, found False"),
+    (dict(cfg_img=1.0), "cfg_img is the image guidance of editing; it needs input images"),
+])
+def test_arguments_of_the_wrong_kind_or_outside_their_range_are_refused(tiny_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate_tokens(tiny_model, ["x"], **{**dict(height=32, width=32, num_steps=2), **kwargs})
+
+
+def test_an_image_guidance_scale_beside_a_guidance_object_is_refused(tiny_model):
+    from nextstep.samplers import ClassifierFreeGuidance
+
+    with pytest.raises(ValueError, match="pass cfg_img inside the guidance object when cfg is a Guidance"):
+        generate_tokens(tiny_model, ["x"], images=torch.zeros(1, 3, 32, 32), num_steps=2,
+                        cfg=ClassifierFreeGuidance(2.0), cfg_img=2.0)
+
+
+def test_decoded_images_are_clamped_to_the_pixel_range(tiny_model):
+    from nextstep.generation import decode_tokens
+
+    tokens = 50 * torch.randn(2, 4, tiny_model.image_tokenizer.token_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        raw = tiny_model.image_tokenizer.decode(tiny_model.image_tokenizer.unpatchify(tokens, 2, 2))
+    assert raw.abs().max() > 1
+    images = decode_tokens(tiny_model, tokens, 2, 2)
+    assert images.shape == raw.shape and images.min() >= -1 and images.max() <= 1
+    torch.testing.assert_close(images, raw.clamp(-1, 1))
+
+
+def test_the_candidate_score_left_unset_is_the_model_s(tiny_model):
+    from nextstep.generation import resolved_settings
+
+    tiny_model.config = tiny_model.config.replace(
+        generation=tiny_model.config.generation.replace(candidate_score="caption"))
+    assert resolved_settings(tiny_model)["candidate_score"] == "caption"
+    assert resolved_settings(tiny_model, candidate_score="flow")["candidate_score"] == "flow"
+
+
+def test_generation_defaults_take_a_cfg_of_zero_and_refuse_a_boolean():
+    from nextstep.generation_defaults import GenerationDefaults
+
+    assert GenerationDefaults(cfg=0.0).cfg == 0.0
+    assert GenerationDefaults(cfg=0).cfg == 0
+    with pytest.raises(ValueError, match="cfg"):
+        GenerationDefaults(cfg=True)

@@ -134,3 +134,18 @@ def test_a_new_decoder_of_another_dtype_takes_the_model_s_dtype():
     decoded = model.image_tokenizer.decode(latents)
     assert decoded.dtype == torch.float32
     torch.testing.assert_close(decoded, tokenizer.decode(latents.double()).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_with_a_widened_decoder_takes_a_wider_one():
+    from nextstep.tokenizers.decoder_widening import widen_decoder
+
+    model = build_model("tiny", seed=0).eval()
+    width = model.image_tokenizer.config.ch
+    replace_image_decoder(model, widen_decoder(model.image_tokenizer, 2 * width, seed=1))
+    assert model.image_tokenizer.config.decoder_ch == 2 * width
+    wider = widen_decoder(model.image_tokenizer, 4 * width, seed=2)
+    latents = torch.randn(1, model.image_tokenizer.latent_channels, 4, 4)
+    replace_image_decoder(model, wider)
+    assert model.image_tokenizer.config.decoder_ch == 4 * width
+    assert model.image_tokenizer.config.decoder_norm_groups == wider.config.decoder_norm_groups
+    torch.testing.assert_close(model.image_tokenizer.decode(latents), wider.decode(latents))

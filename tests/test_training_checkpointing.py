@@ -175,3 +175,62 @@ def test_of_several_earlier_backups_the_newest_is_put_back(tmp_path):
     assert manager.steps() == [2]
     assert manager.load(manager.latest(), model, optimizer)["note"] == "newer"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000002"]
+
+
+def test_keeping_no_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="keep_last must be >= 1, found 0"):
+        CheckpointManager(tmp_path, keep_last=0)
+
+
+def test_a_model_with_tied_weights_is_saved_and_restored(tmp_path):
+    model, optimizer = _setup()
+    model[2].weight = nn.Parameter(torch.randn(2, 8))
+    model.add_module("tied", nn.Linear(8, 2))
+    model.tied.weight = model[2].weight  # the same tensor under two names
+    optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-2))
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(1, model, optimizer, {})
+    fresh, _ = _setup(seed=1)
+    fresh[2].weight = nn.Parameter(torch.zeros(2, 8))
+    fresh.add_module("tied", nn.Linear(8, 2))
+    fresh.tied.weight = fresh[2].weight
+    manager.load(path, fresh, None)
+    assert torch.equal(fresh.tied.weight, model[2].weight) and fresh.tied.weight is fresh[2].weight
+
+
+def test_the_optimiser_file_holds_each_parameter_s_own_moments_under_its_name(tmp_path):
+    model, optimizer = _setup()
+    CheckpointManager(tmp_path).save(1, model, optimizer, {})
+    saved = torch.load(tmp_path / "step-00000001" / "optimizer.pt", weights_only=True)
+    assert sorted(saved["state"]) == sorted(name for name, _ in model.named_parameters())
+    for name, parameter in model.named_parameters():
+        assert torch.equal(saved["state"][name]["exp_avg"], optimizer.state[parameter]["exp_avg"]), name
+    assert [group["params"] for group in saved["param_groups"]] == [["0.weight", "2.weight"], ["0.bias", "2.bias"]]
+
+
+def test_saving_a_step_again_replaces_its_checkpoint(tmp_path):
+    model, optimizer = _setup()
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, model, optimizer, {"note": "first"})
+    manager.save(1, model, optimizer, {"note": "second"})
+    assert manager.steps() == [1]
+    assert manager.load(manager.latest(), model, optimizer)["note"] == "second"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000001"]
+
+
+def test_each_process_restores_its_own_generator_state(tmp_path):
+    from nextstep.training import DistributedContext
+    from nextstep.training.checkpointing import capture_rng_state
+
+    model, optimizer = _setup()
+    path = CheckpointManager(tmp_path).save(1, model, optimizer, {})
+    states = []
+    for seed in (10, 11):
+        torch.manual_seed(seed)
+        states.append(capture_rng_state())
+    torch.save(states, path / "rng.pt")
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    CheckpointManager(tmp_path, context=DistributedContext(rank=1, world_size=2)).load(path, model)
+    assert torch.equal(torch.rand(3), expected)

@@ -73,3 +73,11 @@ def test_context_noise_changes_only_what_the_transformer_reads():
     assert losses(0.5) == losses(0.5)  # drawn from the generator: reproducible
     with pytest.raises(ValueError, match="context_noise"):
         TrainConfig(context_noise=-0.1)
+
+
+def test_export_model_casts_the_weight_average_to_the_dtype_asked_for(finished_run, tmp_path):
+    exported = export_model(finished_run, tmp_path / "average-bf16", dtype=torch.bfloat16)
+    weights = read_safetensors(exported / "model.safetensors")
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.bfloat16}
+    average = read_safetensors(finished_run / "checkpoints" / "step-00000004" / "ema.safetensors")
+    assert all(torch.equal(weights[name], tensor.to(torch.bfloat16)) for name, tensor in average.items())

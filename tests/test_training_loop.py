@@ -325,3 +325,129 @@ def test_sample_grids_are_drawn_every_sample_every_steps(tmp_path):
     tiny_trainer(tmp_path, config).fit(resume=False)
     assert sorted(path.name for path in (tmp_path / "samples").iterdir()) == ["step-00000002.png",
                                                                              "step-00000004.png"]
+
+
+def _line_task(model):
+    """A linear fit of `_Points` whose metric is its micro-batch's place in the step (1, 2, ...), and which
+    notes, for each micro-batch, the dtype its forward pass computed in."""
+    from nextstep.training import StepResult, TrainingTask
+
+    class Line(TrainingTask):
+        def __init__(self, model):
+            super().__init__(model)
+            self.calls, self.dtypes = 0, []
+
+        def loss(self, module, batch, generator):
+            x, y = batch
+            prediction = module(x)
+            self.dtypes.append(prediction.dtype)
+            self.calls += 1
+            error = prediction.float() - y
+            return StepResult(loss=error.pow(2).mean(), metrics={"place": float(self.calls)}, num_tokens=len(x))
+
+    return Line(model)
+
+
+def test_each_step_runs_at_the_scheduled_rate_in_every_parameter_group(tmp_path):
+    from nextstep.training import WarmupCosineSchedule
+
+    config = tiny_config(max_steps=5, warmup_steps=2, learning_rate=1e-3, min_learning_rate=1e-4)
+    trainer = tiny_trainer(tmp_path, config)
+    seen, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append([group["lr"] for group in trainer.optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    records = trainer.fit(resume=False)
+    expected = [WarmupCosineSchedule(1e-3, 2, 5, minimum=1e-4).rate(s) for s in range(5)]
+    assert [record.learning_rate for record in records] == pytest.approx(expected)
+    assert len(trainer.optimizer.param_groups) == 2
+    assert seen == [[pytest.approx(rate)] * 2 for rate in expected]
+
+
+def test_a_step_adds_up_the_tokens_and_averages_the_metrics_of_its_micro_batches(tmp_path):
+    from torch import nn
+
+    from nextstep.training import TrainConfig
+
+    config = TrainConfig(max_steps=1, micro_batch_size=4, gradient_accumulation=3, warmup_steps=0, log_every=1)
+    record = Trainer(_line_task(nn.Linear(1, 1)), _Points(), config, tmp_path, show_progress=False).fit()[0]
+    assert record.tokens == 12
+    assert record.metrics["place"] == pytest.approx(2.0)  # (1 + 2 + 3) / 3
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_loss_is_computed_in_the_precision_of_the_run(tmp_path, precision, dtype):
+    from torch import nn
+
+    from nextstep.training import TrainConfig
+
+    config = TrainConfig(max_steps=1, micro_batch_size=4, gradient_accumulation=2, warmup_steps=0,
+                         precision=precision)
+    task = _line_task(nn.Linear(1, 1))
+    Trainer(task, _Points(), config, tmp_path, show_progress=False).fit()
+    assert task.dtypes == [dtype, dtype]
+    with autocast_context(precision, torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+
+
+def test_only_the_last_micro_batch_of_a_step_synchronises_the_gradients(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    from torch import nn
+
+    from nextstep.training import TrainConfig
+
+    config = TrainConfig(max_steps=2, micro_batch_size=2, gradient_accumulation=3, warmup_steps=0)
+    task = _line_task(nn.Linear(1, 1))
+    trainer = Trainer(task, _Points(), config, tmp_path, show_progress=False)
+    skipping, seen = [False], []
+
+    @contextmanager
+    def no_gradient_sync(module):
+        skipping[0] = True
+        try:
+            yield
+        finally:
+            skipping[0] = False
+
+    real_loss = task.loss
+    monkeypatch.setattr(trainer.context, "no_gradient_sync", no_gradient_sync)
+    monkeypatch.setattr(task, "loss", lambda *args: seen.append(skipping[0]) or real_loss(*args))
+    trainer.fit()
+    assert seen == [True, True, False] * 2
+
+
+def test_sample_grids_are_drawn_with_the_weight_average_and_training_goes_on_with_the_weights(tmp_path, monkeypatch):
+    config = tiny_config(max_steps=2, ema_decay=0.5, learning_rate=1e-2, warmup_steps=0)
+    trainer = tiny_trainer(tmp_path, config)
+    trainer.fit(resume=False)
+    weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    drawn_with = {}
+
+    def sample_images(**settings):
+        drawn_with.update({name: p.detach().clone() for name, p in trainer.model.named_parameters()})
+        drawn_with["training"] = trainer.model.training
+        return []
+
+    monkeypatch.setattr(trainer.task, "sample_images", sample_images)
+    trainer.write_samples()
+    assert drawn_with.pop("training") is False
+    assert any(not torch.equal(weights[name], drawn_with[name]) for name in trainer.ema.shadow)
+    for name, average in trainer.ema.shadow.items():
+        torch.testing.assert_close(drawn_with[name], average, rtol=0, atol=0)
+    for name, parameter in trainer.model.named_parameters():
+        assert torch.equal(parameter, weights[name])
+    assert trainer.model.training
+
+
+def test_a_model_handed_over_in_eval_mode_trains_in_train_mode(tmp_path):
+    from nextstep import build_model
+
+    model = build_model("tiny", seed=0).eval()
+    config = tiny_config(max_steps=1)
+    trainer = Trainer(TextToImageTask.from_train_config(model, config), shapes_data(), config, tmp_path,
+                      show_progress=False)
+    assert trainer.model.training and trainer.model.backbone.training

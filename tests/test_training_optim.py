@@ -93,3 +93,25 @@ def test_the_average_holds_only_the_trainable_parameters():
     ema.update(model)
     with ema.applied_to(model):
         assert torch.equal(model[0].weight, changed)
+
+
+def test_the_average_of_a_bf16_model_is_kept_in_float32():
+    """Small moves of the weights add up in the average instead of rounding away in 16 bits."""
+    model = nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+    ema = ExponentialMovingAverage(model, decay=0.99)
+    assert {tensor.dtype for tensor in ema.state_dict().values()} == {torch.float32}
+    with torch.no_grad():
+        model.weight.fill_(1.5)
+    for _ in range(3):
+        ema.update(model)
+    expected = 1.5 - 0.99 ** 3
+    torch.testing.assert_close(ema.shadow["weight"], torch.full((4, 4), expected), rtol=0, atol=1e-6)
+
+
+def test_a_state_dict_the_caller_changes_leaves_the_average_whole():
+    ema = ExponentialMovingAverage(nn.Linear(3, 2), 0.9)
+    state = ema.state_dict()
+    state.clear()
+    assert sorted(ema.state_dict()) == ["bias", "weight"]

@@ -343,3 +343,21 @@ def test_a_metric_that_first_appears_later_widens_the_log_and_keeps_the_earlier_
     assert read_log(path) == [{"step": 1.0, "loss": 1.0}, {"step": 2.0, "loss": 0.5},
                               {"step": 3.0, "loss": 0.25, "margin": 0.1}]
     assert path.read_text().splitlines()[0] == "step,loss,margin"
+
+
+def test_resuming_from_the_checkpoint_before_the_latest_sets_the_latest_aside(tmp_path):
+    tiny_trainer(tmp_path, tiny_config(max_steps=3, checkpoint_every=1, keep_last=3)).fit(resume=False)
+    checkpoints = tmp_path / "checkpoints"
+    again = tiny_trainer(tmp_path, tiny_config(max_steps=3, checkpoint_every=1, keep_last=3))
+    assert again.resume(checkpoints / "step-00000002") == 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000001", "step-00000002"]
+    assert CheckpointManager(tmp_path / "earlier-runs" / "1" / "checkpoints").steps() == [3]
+
+
+def test_a_checkpoint_records_the_global_batch_of_every_process(tmp_path):
+    from nextstep.training.data.loader import BatchLayout
+
+    trainer = tiny_trainer(tmp_path, tiny_config(max_steps=1, micro_batch_size=2, gradient_accumulation=3))
+    assert trainer.trainer_state()["global_batch_size"] == 6
+    trainer.layout = BatchLayout(2, 3, 4)  # as a process of a four-process job lays its steps out
+    assert trainer.trainer_state()["global_batch_size"] == 24
