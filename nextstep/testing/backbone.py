@@ -103,6 +103,9 @@ def _check_backbone(backbone: Backbone, seed: int, atol: float | None) -> None:
             together = backbone(packed, positions_from_mask(documents), documents)
         except ValueError:
             together = None  # packing refused by name, as a backbone that cannot attend within documents should
+        except Exception as error:
+            raise AssertionError(f"{name}: packed documents must each equal the document alone or be refused with "
+                                 f"ValueError, found {type(error).__name__}: {error}") from error
         if together is not None:
             assert_close(together[:, :4], backbone(first, positions(4)), atol,
                    f"{name}: the first of two packed documents differs from it alone")

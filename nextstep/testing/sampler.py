@@ -80,7 +80,8 @@ def _check_sampler(sampler: Sampler, steps, shift, rows, dim, seed, atol) -> Non
     name = type(sampler).__name__
     for attribute in ("order", "evaluations_per_step"):
         value = getattr(sampler, attribute, None)
-        assert isinstance(value, int) and value >= 1, f"{name}: {attribute} must be an integer >= 1, found {value!r}"
+        assert isinstance(value, int) and not isinstance(value, bool) and value >= 1, \
+            f"{name}: {attribute} must be an integer >= 1, found {value!r}"
     generator = torch.Generator().manual_seed(seed)
     noise, target = torch.randn(rows, dim, generator=generator), torch.randn(rows, dim, generator=generator)
     errors: list[tuple[int, float]] = []
