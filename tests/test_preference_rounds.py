@@ -207,3 +207,64 @@ def test_a_round_interrupted_after_a_checkpoint_resumes_its_training_from_it(tin
     assert not (folder / "earlier-runs").exists()  # nothing was set aside: the training went on, not over
     assert CheckpointManager(folder / "checkpoints").steps() == [1, 2]
     assert [row["step"] for row in read_log(folder / "train_log.csv")] == [1, 2]
+
+
+def _drawn_summary(summaries):
+    def draw(model, output, **options):
+        summaries.append(options)
+        output.mkdir(parents=True)
+        (output / "summary.json").write_text(json.dumps({"pairs": 3, "correct": 0.25, "images": 8}))
+    return draw
+
+
+def test_a_round_passes_its_drawing_options_on_and_records_the_judged_share(tmp_path, monkeypatch):
+    drawn, trained = [], []
+    monkeypatch.setattr(self_judged_pairs, "write_self_judged_pairs", _drawn_summary(drawn))
+    monkeypatch.setattr("nextstep.training.recipe.run_recipe", lambda *a, **k: trained.append(a[1]))
+    settings = SamplingSettings(height=32, width=32, num_steps=1)
+    (record,) = run_preference_rounds(RecipeConfig.from_dict(_recipe("tiny")), tmp_path / "rounds", rounds=1,
+                                      samples_per_prompt=4, combinations="unseen", settings=settings,
+                                      show_progress=False)
+    ((options,),) = [drawn]
+    assert (options["samples_per_prompt"], options["combinations"], options["settings"]) == (4, "unseen", settings)
+    assert (record.pairs, record.correct) == (3, 0.25) and trained == [tmp_path / "rounds" / "round1"]
+    (listed,) = json.loads((tmp_path / "rounds" / "rounds.json").read_text())
+    assert (listed["pairs"], listed["correct"]) == (3, 0.25)
+
+
+def test_kept_pairs_without_a_start_record_are_reused_from_any_start(tmp_path, monkeypatch):
+    pairs = tmp_path / "rounds" / "round1" / "pairs"
+    pairs.mkdir(parents=True)
+    (pairs / "summary.json").write_text(json.dumps({"pairs": 2, "correct": 0.5, "images": 4}))
+    trained = []
+    monkeypatch.setattr(self_judged_pairs, "write_self_judged_pairs", lambda *a, **k: pytest.fail("drew"))
+    monkeypatch.setattr("nextstep.training.recipe.run_recipe", lambda *a, model=None, **k: trained.append(model))
+    (record,) = run_preference_rounds(RecipeConfig.from_dict(_recipe("tiny")), tmp_path / "rounds", rounds=1,
+                                      show_progress=False)
+    assert (record.pairs, record.correct) == (2, 0.5) and trained == [None]  # nothing built: nothing drawn
+
+
+def test_a_round_holding_a_checkpoint_refuses_another_recipe_with_the_rounds_advice(tiny_model, tmp_path,
+                                                                                    monkeypatch):
+    from nextstep.training.checkpointing import CheckpointManager
+
+    tiny_model.save_pretrained(tmp_path / "start")
+    recipe = _recipe(str(tmp_path / "start"))
+    recipe["train"].update(max_steps=2, checkpoint_every=1)
+    settings = SamplingSettings(height=32, width=32, num_steps=1, batch_size=8)
+    options = dict(rounds=1, samples_per_prompt=2, settings=settings, prompts=["a red circle", "two squares"],
+                   show_progress=False)
+    saved = CheckpointManager.save
+
+    def save_then_stop(self, step, *args, **kwargs):
+        saved(self, step, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CheckpointManager, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_preference_rounds(RecipeConfig.from_dict(recipe), tmp_path / "rounds", judge=_alternate(), **options)
+    monkeypatch.undo()
+    recipe["preference"] = {"beta": 200}
+    with pytest.raises(ValueError, match="round1 was trained with another recipe .*beta.*give the rounds "
+                                         "another output folder"):
+        run_preference_rounds(RecipeConfig.from_dict(recipe), tmp_path / "rounds", judge=_alternate(), **options)

@@ -331,3 +331,129 @@ def test_a_near_miss_that_still_matches_the_caption_is_refused():
         if miss is not None:
             assert same.caption not in true_captions(miss)
             assert {o.shape for o in miss.objects} != {"circle", "square"}
+
+
+def _moved_away_from_its_reference(task, seed=1, scale=0.05):
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for parameter in task.model.parameters():
+            if parameter.requires_grad:  # the trained weights; the image tokenizer stays as it was
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return task.model
+
+
+def test_the_metrics_of_a_model_apart_from_its_reference_are_shares_of_the_step_and_read_both_models():
+    model = build_model("tiny", seed=0)
+    task = PreferenceTask(model, beta=500)
+    _moved_away_from_its_reference(task)
+    batch = preference_batch()
+    mean = task.loss(model, batch, torch.Generator().manual_seed(0))
+    share = task.loss(model, batch, torch.Generator().manual_seed(0), totals={"pairs": 4 * len(batch)})
+    assert mean.metrics["margin"] != 0.0 and 0.0 < mean.metrics["accuracy"] <= 1.0
+    assert {name: 4 * value for name, value in share.metrics.items()} == pytest.approx(mean.metrics, rel=1e-6)
+    # The reference's own errors, at the same draws, from a task whose model is the reference.
+    reference = PreferenceTask(task.reference, beta=500)
+    by_reference = reference.loss(task.reference, batch, torch.Generator().manual_seed(0)).metrics
+    expected = ((by_reference["chosen_error"] - mean.metrics["chosen_error"])
+                - (by_reference["rejected_error"] - mean.metrics["rejected_error"]))
+    assert mean.metrics["margin"] == pytest.approx(expected, rel=1e-4, abs=1e-8)
+    assert by_reference["rejected_error"] != pytest.approx(mean.metrics["rejected_error"], rel=1e-6)
+
+
+def test_the_sft_term_is_weighted_by_sft_weight():
+    batch = preference_batch()
+    losses = {}
+    for weight in (0.0, 0.25, 2.0):
+        model = build_model("tiny", seed=0)
+        result = PreferenceTask(model, beta=100, sft_weight=weight).loss(model, batch, torch.Generator().manual_seed(0))
+        losses[weight] = (result.loss.item(), result.metrics)
+    sft = losses[0.25][1]["sft_loss"]
+    assert sft > 0 and "sft_loss" not in losses[0.0][1]
+    assert losses[0.25][0] - losses[0.0][0] == pytest.approx(0.25 * sft, rel=1e-4)
+    assert losses[2.0][0] - losses[0.0][0] == pytest.approx(2.0 * sft, rel=1e-4)
+
+
+def test_a_task_from_a_train_config_takes_its_context_noise_and_preference_settings():
+    from nextstep.training.config import TrainConfig
+
+    model = build_model("tiny", seed=0)
+    task = PreferenceTask.from_train_config(model, TrainConfig(context_noise=0.3), beta=100, sft_weight=0.5)
+    assert (task.context_noise, task.beta, task.sft_weight) == (0.3, 100.0, 0.5)
+    with pytest.raises(ValueError, match="pack_length must be None"):
+        PreferenceTask.from_train_config(model, TrainConfig(pack_length=64))
+
+
+def test_the_pair_times_are_drawn_as_the_heads_training_draws_them(monkeypatch):
+    import dataclasses
+
+    from nextstep.training import preference
+
+    calls = []
+    real = preference.sample_times
+
+    def recorded(count, method, **options):
+        calls.append((count, method, options["mean"], options["std"], options["shift"]))
+        return real(count, method, **options)
+
+    monkeypatch.setattr(preference, "sample_times", recorded)
+    model = build_model("tiny", seed=0)
+    head = model.image_head.config
+    PreferenceTask(model, beta=100).loss(model, preference_batch(), torch.Generator().manual_seed(0))
+    model.image_head.config = dataclasses.replace(head, time_sampling="uniform", time_shift=3.0)
+    PreferenceTask(model, beta=100).loss(model, preference_batch(), torch.Generator().manual_seed(0))
+    model.image_head.config = dataclasses.replace(head, time_mean=0.5, time_std=0.7)
+    PreferenceTask(model, beta=100).loss(model, preference_batch(), torch.Generator().manual_seed(0))
+    assert [call[1:] for call in calls] == [("logit_normal", 0.0, 1.0, 1.0), ("uniform", 0.0, 1.0, 3.0),
+                                            ("logit_normal", 0.5, 0.7, 1.0)]
+    assert all(call[0] == calls[0][0] > 0 and call[0] % 4 == 0 for call in calls)
+
+
+def test_a_model_in_training_mode_with_word_substitutions_is_its_own_reference():
+    from nextstep import load_model
+
+    model = load_model("emoji-shapes-64").train()
+    task = PreferenceTask(model, beta=500)
+    dataset = ShapesPreferencesDataset(ShapesPreferencesConfig(num_samples=8, size=64))
+    batch = collate_samples([dataset.load(i) for i in range(2)], 64, 64)
+    assert task.loss(model, batch, torch.Generator().manual_seed(0)).metrics["margin"] == 0.0
+
+
+def test_each_pairs_rows_read_its_own_caption_and_every_token_counts():
+    model = build_model("tiny", seed=0)
+    task = PreferenceTask(model, beta=100)
+    batch = preference_batch()
+    sequences, count = task.pair_sequences(batch)
+    pairs = len(batch)
+    assert len(set(batch.captions)) == pairs and count == 4
+    for index, caption in enumerate(batch.captions):
+        words = model.text_tokenizer.encode(caption)
+        for row in (index, pairs + index):
+            assert sequences.input_ids[row, :len(words)].tolist() == words, (caption, row)
+    result = task.loss(model, batch, torch.Generator().manual_seed(0))
+    assert result.num_tokens == int(sequences.attention_mask.sum())
+    with pytest.raises(ValueError, match="beta must be a number >= 0"):
+        PreferenceTask(model, beta=True)
+
+
+def test_a_pair_of_one_image_twice_has_no_margin_for_a_model_apart_from_its_reference():
+    model = build_model("tiny", seed=0)
+    task = PreferenceTask(model, beta=500, context_noise=0.3)
+    _moved_away_from_its_reference(task)
+    batch = preference_batch()
+    same = type(batch)(keys=batch.keys, captions=batch.captions, images=batch.images, rejected_images=batch.images)
+    result = task.loss(model, same, torch.Generator().manual_seed(0))
+    assert result.metrics["accuracy"] == 0.0
+    assert result.metrics["margin"] == pytest.approx(0.0, abs=1e-7)
+    assert result.loss.item() == pytest.approx(math.log(2), abs=1e-5)
+    apart = task.loss(model, batch, torch.Generator().manual_seed(0))
+    assert apart.loss.item() != pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_a_model_in_eval_mode_with_word_vectors_is_its_own_reference():
+    from nextstep import load_model
+
+    model = load_model("emoji-shapes-64").eval()
+    task = PreferenceTask(model, beta=500)
+    dataset = ShapesPreferencesDataset(ShapesPreferencesConfig(num_samples=8, size=64))
+    batch = collate_samples([dataset.load(i) for i in range(2)], 64, 64)
+    assert task.loss(model, batch, torch.Generator().manual_seed(0)).metrics["margin"] == 0.0
