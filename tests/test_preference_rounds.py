@@ -177,14 +177,17 @@ def test_a_start_model_training_cannot_build_is_refused_before_anything_is_drawn
     assert not (tmp_path / "rounds").exists()
 
 
-def test_a_round_interrupted_after_a_checkpoint_resumes_its_training_from_it(tiny_model, tmp_path, monkeypatch):
-    from nextstep.training.checkpointing import CheckpointManager
-    from nextstep.training.logging import read_log
+def _round_stopped_after_its_first_checkpoint(model, tmp_path, monkeypatch) -> tuple[dict, dict]:
+    """Run one round of two training steps that is stopped right after its first checkpoint.
 
-    tiny_model.save_pretrained(tmp_path / "start")
+    Returns:
+        the recipe (a dict, to change) and the options of `run_preference_rounds`.
+    """
+    from nextstep.training.checkpointing import CheckpointManager
+
+    model.save_pretrained(tmp_path / "start")
     recipe = _recipe(str(tmp_path / "start"))
     recipe["train"].update(max_steps=2, checkpoint_every=1)
-    recipe = RecipeConfig.from_dict(recipe)
     settings = SamplingSettings(height=32, width=32, num_steps=1, batch_size=8)
     options = dict(rounds=1, samples_per_prompt=2, settings=settings, prompts=["a red circle", "two squares"],
                    show_progress=False)
@@ -192,12 +195,21 @@ def test_a_round_interrupted_after_a_checkpoint_resumes_its_training_from_it(tin
 
     def save_then_stop(self, step, *args, **kwargs):
         saved(self, step, *args, **kwargs)
-        raise KeyboardInterrupt  # the job is stopped right after its first checkpoint
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(CheckpointManager, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(), **options)
+        run_preference_rounds(RecipeConfig.from_dict(recipe), tmp_path / "rounds", judge=_alternate(), **options)
     monkeypatch.undo()
+    return recipe, options
+
+
+def test_a_round_interrupted_after_a_checkpoint_resumes_its_training_from_it(tiny_model, tmp_path, monkeypatch):
+    from nextstep.training.checkpointing import CheckpointManager
+    from nextstep.training.logging import read_log
+
+    recipe, options = _round_stopped_after_its_first_checkpoint(tiny_model, tmp_path, monkeypatch)
+    recipe = RecipeConfig.from_dict(recipe)
     folder = tmp_path / "rounds" / "round1"
     assert CheckpointManager(folder / "checkpoints").steps() == [1]
     assert not (folder / "model" / "config.json").is_file()
@@ -246,24 +258,7 @@ def test_kept_pairs_without_a_start_record_are_reused_from_any_start(tmp_path, m
 
 def test_a_round_holding_a_checkpoint_refuses_another_recipe_with_the_rounds_advice(tiny_model, tmp_path,
                                                                                     monkeypatch):
-    from nextstep.training.checkpointing import CheckpointManager
-
-    tiny_model.save_pretrained(tmp_path / "start")
-    recipe = _recipe(str(tmp_path / "start"))
-    recipe["train"].update(max_steps=2, checkpoint_every=1)
-    settings = SamplingSettings(height=32, width=32, num_steps=1, batch_size=8)
-    options = dict(rounds=1, samples_per_prompt=2, settings=settings, prompts=["a red circle", "two squares"],
-                   show_progress=False)
-    saved = CheckpointManager.save
-
-    def save_then_stop(self, step, *args, **kwargs):
-        saved(self, step, *args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(CheckpointManager, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run_preference_rounds(RecipeConfig.from_dict(recipe), tmp_path / "rounds", judge=_alternate(), **options)
-    monkeypatch.undo()
+    recipe, options = _round_stopped_after_its_first_checkpoint(tiny_model, tmp_path, monkeypatch)
     recipe["preference"] = {"beta": 200}
     with pytest.raises(ValueError, match="round1 was trained with another recipe .*beta.*give the rounds "
                                          "another output folder"):

@@ -408,10 +408,11 @@ def test_the_pair_times_are_drawn_as_the_heads_training_draws_them(monkeypatch):
     assert all(call[0] == calls[0][0] > 0 and call[0] % 4 == 0 for call in calls)
 
 
-def test_a_model_in_training_mode_with_word_substitutions_is_its_own_reference():
+@pytest.mark.parametrize("training", [True, False], ids=["train_mode_word_substitutions", "eval_mode"])
+def test_the_shipped_model_with_word_vectors_is_its_own_reference_in_either_mode(training):
     from nextstep import load_model
 
-    model = load_model("emoji-shapes-64").train()
+    model = load_model("emoji-shapes-64").train(training)
     task = PreferenceTask(model, beta=500)
     dataset = ShapesPreferencesDataset(ShapesPreferencesConfig(num_samples=8, size=64))
     batch = collate_samples([dataset.load(i) for i in range(2)], 64, 64)
@@ -447,13 +448,3 @@ def test_a_pair_of_one_image_twice_has_no_margin_for_a_model_apart_from_its_refe
     assert result.loss.item() == pytest.approx(math.log(2), abs=1e-5)
     apart = task.loss(model, batch, torch.Generator().manual_seed(0))
     assert apart.loss.item() != pytest.approx(math.log(2), abs=1e-5)
-
-
-def test_a_model_in_eval_mode_with_word_vectors_is_its_own_reference():
-    from nextstep import load_model
-
-    model = load_model("emoji-shapes-64").eval()
-    task = PreferenceTask(model, beta=500)
-    dataset = ShapesPreferencesDataset(ShapesPreferencesConfig(num_samples=8, size=64))
-    batch = collate_samples([dataset.load(i) for i in range(2)], 64, 64)
-    assert task.loss(model, batch, torch.Generator().manual_seed(0)).metrics["margin"] == 0.0
