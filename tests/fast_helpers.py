@@ -36,3 +36,18 @@ def draw_noise(num_images: int, seed: int, num_tokens: int, token_dim: int, max_
         step_noise = torch.stack(
             [torch.randn(num_tokens, max_steps, token_dim, generator=g) for g in generators], dim=2)
     return noise, step_noise
+
+
+def fast_sample(model, fast, sampler, prompts, grid: tuple[int, int], *, cfg: float = 3.0, steps: int = 2,
+                seed: int = 0):
+    """Tokens (R, h*w, D) of ``prompts`` from the fast sampler ``fast``, with ``guidance_for_scale(cfg)``,
+    ``steps`` head steps and ``use_norm``, from the prefill and noise `generate_tokens` would use."""
+    from nextstep.samplers import guidance_for_scale
+
+    guidance = guidance_for_scale(cfg)
+    hidden, cache, next_positions = prefill(model, list(prompts), grid, guidance.num_branches, fast.new_cache)
+    count = grid[0] * grid[1]
+    noise, step_noise = draw_noise(len(prompts), seed, count, model.token_dim, steps, sampler.stochastic)
+    return fast.sample_tokens(hidden, cache, next_positions, noise.to(fast.device),
+                              None if step_noise is None else step_noise.to(fast.device), guidance=guidance,
+                              sampler=sampler, num_steps=steps, use_norm=True)

@@ -18,16 +18,16 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from fast_helpers import draw_noise, prefill  # noqa: E402
+from fast_helpers import fast_sample  # noqa: E402
 from kernel_helpers import interpreter  # noqa: E402,F401
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 import nextstep  # noqa: E402
 from nextstep.fast import CapturedCall, FastTokenSampler  # noqa: E402
 from nextstep.fast.solver_plan import PLANNED_SAMPLERS  # noqa: E402
-from nextstep.samplers import guidance_for_scale  # noqa: E402
 
 LIBRARY = str(Path(nextstep.__file__).parent)
+PROMPTS = ("a red circle", "grinning face")
 
 #: Calls that wait for the device or turn device data into host data.
 HOST_SYNCHRONISING = frozenset({
@@ -80,15 +80,6 @@ def probed_steps(monkeypatch):
     return seen
 
 
-def sample(model, fast, sampler, cfg=3.0, steps=2, grid=(1, 3), prompts=("a red circle", "grinning face")):
-    guidance = guidance_for_scale(cfg)
-    hidden, cache, next_positions = prefill(model, list(prompts), grid, guidance.num_branches, fast.new_cache)
-    count = grid[0] * grid[1]
-    noise, step_noise = draw_noise(len(prompts), 0, count, model.token_dim, steps, sampler.stochastic)
-    return fast.sample_tokens(hidden, cache, next_positions, noise, step_noise, guidance=guidance, sampler=sampler,
-                              num_steps=steps, use_norm=True)
-
-
 @pytest.mark.parametrize("sampler_class", PLANNED_SAMPLERS, ids=lambda cls: cls.__name__)
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 @pytest.mark.parametrize("options", [
@@ -101,7 +92,7 @@ def sample(model, fast, sampler, cfg=3.0, steps=2, grid=(1, 3), prompts=("a red 
 def test_the_captured_steps_never_wait_on_the_host(trained_like_model, probed_steps, sampler_class, cfg, options):
     model = trained_like_model.eval()
     fast = FastTokenSampler(model, use_kernels=False, **options)
-    sample(model, fast, sampler_class(sampler_class.config_class()), cfg=cfg)
+    fast_sample(model, fast, sampler_class(sampler_class.config_class()), PROMPTS, (1, 3), cfg=cfg)
     assert probed_steps.get("token step", 0) > 0 and probed_steps.get("decode step", 0) > 0, probed_steps
 
 
@@ -115,7 +106,7 @@ def test_the_captured_steps_with_their_kernels_never_wait_on_the_host(interprete
                                                                       probed_steps, options):
     model = trained_like_model.eval()
     fast = FastTokenSampler(model, use_kernels=True, **options)
-    sample(model, fast, PLANNED_SAMPLERS[1](), steps=2, grid=(1, 2), prompts=("a red circle",))
+    fast_sample(model, fast, PLANNED_SAMPLERS[1](), ("a red circle",), (1, 2))
     assert probed_steps.get("token step", 0) > 0 and probed_steps.get("decode step", 0) > 0, probed_steps
 
 

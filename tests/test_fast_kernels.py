@@ -6,25 +6,19 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of Tri
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from fast_helpers import draw_noise, prefill  # noqa: E402
+from fast_helpers import fast_sample  # noqa: E402
 from kernel_helpers import interpreter  # noqa: E402,F401
 
 from nextstep import generate_tokens  # noqa: E402
 from nextstep.fast import CapturedCall, FastTokenSampler  # noqa: E402
-from nextstep.samplers import AdamsBashforthSampler, EulerMaruyamaSampler, HeunSampler, guidance_for_scale  # noqa: E402
+from nextstep.samplers import AdamsBashforthSampler, EulerMaruyamaSampler, HeunSampler  # noqa: E402
 
 PROMPTS = ["a red circle", "grinning face"]
 GRID = (1, 2)
 
 
 def sample(model, fast, sampler, cfg=3.0, steps=3, seed=0):
-    guidance = guidance_for_scale(cfg)
-    hidden, cache, next_positions = prefill(model, PROMPTS, GRID, guidance.num_branches, fast.new_cache)
-    count = GRID[0] * GRID[1]
-    noise, step_noise = draw_noise(len(PROMPTS), seed, count, model.token_dim, steps, sampler.stochastic)
-    return fast.sample_tokens(hidden, cache, next_positions, noise.to(fast.device),
-                              None if step_noise is None else step_noise.to(fast.device), guidance=guidance,
-                              sampler=sampler, num_steps=steps, use_norm=True)
+    return fast_sample(model, fast, sampler, PROMPTS, GRID, cfg=cfg, steps=steps, seed=seed)
 
 
 @pytest.mark.parametrize(("sampler", "dtype", "fused_blocks"), [

@@ -534,11 +534,11 @@ def check_latent_caches(recipe: RecipeConfig, output_dir: Path, has_checkpoint: 
         if now["type"] == "latent_cache":
             if there.get("path") != now["path"]:
                 continue
-            # An index rewritten alone keeps its shard files, which hold the same samples.
-            same_files = bool(there.get("shard_files")) and there["shard_files"] == now["shard_files"]
-            changed = [] if same_files and there.get("num_samples") == now["num_samples"] else [
-                f"{name} {there.get(name)} there, {now[name]} here" for name in ("fingerprint", "num_samples")
-                if there.get(name) != now[name]]
+            if there.get("shard_files") and there["shard_files"] == now["shard_files"] \
+                    and there.get("num_samples") == now["num_samples"]:
+                continue  # an index rewritten alone: its shard files hold the same samples
+            changed = [f"{name} {there.get(name)} there, {now[name]} here" for name in ("fingerprint", "num_samples")
+                       if there.get(name) != now[name]]
             if changed:
                 problems.append(f"dataset {number}: the latent cache at {now['path']} changed since the run began "
                                 f"({', '.join(changed)}), so it holds other samples")
