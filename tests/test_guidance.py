@@ -202,3 +202,34 @@ def test_guidance_refuses_predictions_of_another_number_of_branches(guidance, sh
                                          rf"\({guidance.num_branches}, N, D\), one per branch, found "
                                          rf"\({', '.join(map(str, shape))},?\)"):
         guidance.combine(torch.randn(shape))
+
+
+def test_scheduled_scale_refuses_an_unknown_schedule():
+    """``scheduled_scale`` takes only the known names and their aliases; anything else raises."""
+    assert scheduled_scale(3.0, "linear", 0.5) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="unknown guidance schedule 'cosine'"):
+        scheduled_scale(3.0, "cosine", 0.5)
+
+
+def test_guided_velocity_gives_each_branch_the_time_of_its_own_row():
+    """Rows at different times: every branch of row i is evaluated at t[i], then combined with CFG."""
+    head = small_head()
+    conditions = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1))  # (G, N, C)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))  # (N, D)
+    t = torch.tensor([0.1, 0.35, 0.6, 0.9])  # (N,)
+    with torch.no_grad():
+        guided = GuidedVelocity(head, conditions, ClassifierFreeGuidance(3.0))(x, t)
+        conditional, unconditional = head.velocity(x, t, conditions[0]), head.velocity(x, t, conditions[1])
+    torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional), atol=1e-5, rtol=1e-5)
+
+
+def test_guided_velocity_returns_the_dtype_of_x_t():
+    """The head runs in the conditions' dtype; the guided velocity comes back in the dtype of ``x_t``."""
+    head = small_head()
+    conditions = torch.randn(2, 3, 16)  # (G, N, C) float32
+    x, t = torch.randn(3, 8, dtype=torch.float64), torch.full((3,), 0.4, dtype=torch.float64)
+    with torch.no_grad():
+        out = GuidedVelocity(head, conditions, ClassifierFreeGuidance(2.0))(x, t)
+        reference = GuidedVelocity(head, conditions, ClassifierFreeGuidance(2.0))(x.float(), t.float())
+    assert out.dtype == torch.float64 and out.shape == (3, 8)
+    torch.testing.assert_close(out, reference.double())

@@ -451,3 +451,46 @@ def test_linear_steps_round_to_the_nearest_step_count():
     assert [LinearSteps(10, 5).steps_for(index, 4) for index in range(4)] == [10, 8, 7, 5]
     assert LinearSteps(10, 5).steps_for(2, 4) == 7
     assert [LinearSteps(2, 9).steps_for(index, 4) for index in range(4)] == [2, 4, 7, 9]  # 2, 4.33, 6.67, 9
+
+
+def test_flow_sde_at_noise_level_zero_is_the_euler_solver_even_with_step_noise():
+    """``noise_level = 0`` is accepted and is Euler on the same grid, whatever step noise is passed."""
+    from nextstep.samplers import EulerSampler
+
+    sampler = FlowSDESampler(FlowSDESamplerConfig(noise_level=0.0))
+    noise, eps = float64_draws(11, rows=3, dim=4, steps=6)  # (N, D), (S, N, D)
+    grid = sampler.make_time_grid(6, 2.0, dtype=torch.float64)
+    euler = EulerSampler().sample(gaussian_velocity(), noise, grid)
+    torch.testing.assert_close(sampler.sample(gaussian_velocity(), noise, grid, eps), euler, rtol=0, atol=0)
+
+
+def test_cps_default_step_matches_the_closed_form_with_the_release_noise_level():
+    """One default CPS step from t=0.25 to t'=0.5: ``t' data + sqrt(sigma'^2 - s^2) noise + s eps``, a = 0.8."""
+    sampler = CoefficientPreservingSampler()
+    noise, eps = float64_draws(12, rows=3, dim=4, steps=1)  # x (N, D), eps (1, N, D)
+    grid = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    out = sampler.sample(lambda x, t: 2 * x + 1, noise, grid, eps)
+    v = 2 * noise + 1
+    data, predicted_noise = noise + 0.75 * v, noise - 0.25 * v
+    fresh = 0.5 * math.sin(0.8 * math.pi / 2)
+    expected = 0.5 * data + math.sqrt(0.25 - fresh**2) * predicted_noise + fresh * eps[0]
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 30))
+def test_linear_steps_max_steps_is_the_largest_count_any_token_gets(first, last, count):
+    """``max_steps(count)`` equals the largest ``steps_for`` over the ``count`` tokens (noise is drawn for it)."""
+    schedule = LinearSteps(first, last)
+    assert schedule.max_steps(count) == max(schedule.steps_for(index, count) for index in range(count))
+
+
+def test_check_step_counts_builds_the_grids_at_the_requested_shift():
+    """A shift that crowds a token's grid is refused up front, before any token is sampled."""
+    from nextstep.samplers import EulerSampler
+    from nextstep.samplers.step_schedule import check_step_counts
+
+    check_step_counts(EulerSampler(), ConstantSteps(8), 4, shift=3.0)
+    with pytest.raises(ValueError, match="crowds the 8-step grid"):
+        check_step_counts(EulerSampler(), ConstantSteps(8), 4, shift=1e-7)
+    with pytest.raises(ValueError, match=r"shift 1e-07 crowds the \d+-step grid"):
+        check_step_counts(EulerSampler(), LinearSteps(2, 8), 3, shift=1e-7)
