@@ -121,3 +121,24 @@ def test_a_widened_decoder_keeps_the_encoding_identity_and_an_encoder_change_doe
     other = FluxVAE(narrow.config.replace(normalization_patch_size=2))
     other.load_state_dict(narrow.state_dict())
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(narrow)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_widened_tokenizer_keeps_the_train_or_eval_mode_it_was_given(training):
+    """widen_decoder returns a tokenizer in the same train/eval mode as the one it widened, every submodule too."""
+    narrow = _vae(8, 4, 2).train(training)
+    wide = widen_decoder(narrow, 16)
+    assert all(module.training is training for module in wide.modules())
+
+
+def test_widening_leaves_the_caller_s_random_state_as_it_was():
+    """The new channels' random weights come from ``seed`` alone; the global random state does not move."""
+    narrow = _vae(8, 4, 2)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = widen_decoder(narrow, 16, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(7)
+    again = widen_decoder(narrow, 16, seed=5)
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -175,3 +175,44 @@ def test_images_in_zero_one_pass_with_a_warning_naming_the_fix(caplog):
     assert caplog.records[0].getMessage() == (
         f"the images' values all lie in [{low:.2f}, {high:.2f}]; images are expected in [-1, 1] "
         "(x * 2 - 1 converts images in [0, 1])")
+
+
+def test_layer_norm_standardises_then_shifts_then_scales():
+    """``layer_norm`` gives ``(standardise(z) - shift) * scale``: the shift is subtracted before scaling."""
+    from nextstep.tokenizers.latent_normalization import normalize_latents
+
+    z = torch.tensor([1.0, 3.0])[None, :, None, None]  # one position, channel mean 2, variance 1
+    out = normalize_latents(z, "layer_norm", scale=2.0, shift=0.5)
+    # standardised (-1, 1) up to eps 1e-6; then (-1 - 0.5) * 2 and (1 - 0.5) * 2
+    torch.testing.assert_close(out.flatten(), torch.tensor([-3.0, 1.0]), atol=1e-5, rtol=0)
+
+
+def test_scale_shift_uses_flux_s_published_order_and_constants():
+    """``scale_shift`` with FLUX.1's 0.3611 / 0.1159 maps z to ``(z - 0.1159) * 0.3611`` and back exactly."""
+    from nextstep.tokenizers.latent_normalization import denormalize_latents, normalize_latents
+
+    z = torch.tensor([0.1159, 1.1159, -0.8841])[None, :, None, None]
+    out = normalize_latents(z, "scale_shift", scale=0.3611, shift=0.1159)
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.0, 0.3611, -0.3611]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(denormalize_latents(out, "scale_shift", scale=0.3611, shift=0.1159), z)
+
+
+def test_an_unknown_normalisation_is_refused_both_ways():
+    """normalize_latents and denormalize_latents refuse a method outside NORMALIZATIONS, naming it."""
+    from nextstep.tokenizers.latent_normalization import denormalize_latents, normalize_latents
+
+    z = torch.zeros(1, 2, 1, 1)
+    for function in (normalize_latents, denormalize_latents):
+        with pytest.raises(ValueError, match="unknown latent normalisation 'layernorm'"):
+            function(z, "layernorm")
+
+
+def test_two_by_two_standardisation_uses_contiguous_blocks():
+    """With ``patch_size=2`` each 2x2 block of neighbouring positions is standardised over its C*4 values."""
+    latents = torch.arange(1 * 2 * 4 * 4, dtype=torch.float32).view(1, 2, 4, 4) ** 1.5
+    out = standardize_channels(latents, 2)
+    for row in (0, 2):
+        for column in (0, 2):
+            block = latents[0, :, row:row + 2, column:column + 2]
+            expected = (block - block.mean()) / torch.sqrt(block.var(unbiased=False) + 1e-6)
+            torch.testing.assert_close(out[0, :, row:row + 2, column:column + 2], expected, atol=1e-5, rtol=1e-5)

@@ -185,3 +185,45 @@ def test_ssim_of_two_flat_images_is_the_published_luminance_term():
     mu_x, mu_y, c1 = 0.5, 0.25, (0.01 * 1) ** 2
     expected = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
     assert ssim(a, b).item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_jpeg_baseline_reports_the_bits_per_pixel_of_the_encoded_files():
+    """bpp = 8 * (bytes of each image's JPEG file at that quality), summed, over B * H * W pixels."""
+    import io
+
+    from nextstep.images import to_pil
+
+    images = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    decoded, bpp = jpeg_baseline(images, 50)
+    sizes = []
+    for image in to_pil(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=50)
+        sizes.append(len(buffer.getvalue()))
+    assert bpp == pytest.approx(8 * sum(sizes) / (2 * 16 * 24))
+    assert decoded.shape == images.shape
+
+
+def test_latent_noise_in_the_robustness_check_has_standard_deviation_sigma():
+    """reconstruct(..., latent_noise=sigma) adds N(0, sigma^2) noise: the latents move by sigma * eps."""
+    from nextstep.evaluation.tokenizer_eval import reconstruct
+
+    torch.manual_seed(0)
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4)).eval()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    _, clean = reconstruct(vae, images)
+    _, noisy = reconstruct(vae, images, latent_noise=0.5, seed=4)
+    moved = noisy - clean  # 2 x 16 x 16 x 16 values
+    assert float(moved.std()) == pytest.approx(0.5, rel=0.05)
+    assert abs(float(moved.mean())) < 0.05
+
+
+def test_the_mean_channel_std_averages_each_channel_s_own_spread():
+    """mean_channel_std is the mean over channels of each channel's (unbiased) std over all positions."""
+    from nextstep.evaluation.tokenizer_eval import latent_dispersion
+
+    latents = torch.tensor([[0.0, 3.0], [0.0, 4.0]])[None, :, None, :]  # (1, 2 channels, 1, 2 positions)
+    # channel 0 holds (0, 3), channel 1 holds (0, 4): stds 3 / sqrt(2) and 4 / sqrt(2)
+    assert latent_dispersion(latents)["mean_channel_std"] == pytest.approx(3.5 / math.sqrt(2))
+    # pairwise distance between the two positions (0, 0) and (3, 4)
+    assert latent_dispersion(latents)["mean_pairwise_distance"] == pytest.approx(5.0)

@@ -274,3 +274,147 @@ def test_the_held_out_evaluation_reconstructs_crops_of_the_recipes_evaluation_si
                          show_progress=False)
     with Image.open(tmp_path / "eval" / "reconstructions.png") as grid:
         assert grid.size == (8 * 16, 16)  # the 4 crops and their 4 reconstructions in one row
+
+
+class _IdentityFeatures(nn.Module):
+    """A feature 'network' returning the images themselves as its one feature map."""
+
+    def forward(self, x):
+        return [x]
+
+
+def _constant_map(vector, height=2, width=3):
+    """(1, C, height, width) holding the channel vector ``vector`` at every position."""
+    return torch.tensor(vector, dtype=torch.float32)[None, :, None, None].expand(1, len(vector), height, width)
+
+
+def test_the_loss_weighs_each_term_by_its_own_weight():
+    """total = l1_weight * L1 + mse_weight * MSE + perceptual_weight * P, each weight on its own term."""
+    from nextstep.tokenizers.training_loss import TokenizerLoss, TokenizerLossConfig
+
+    config = TokenizerLossConfig(l1_weight=2.0, mse_weight=3.0, perceptual_weight=0.5)
+    out = TokenizerLoss(config, _ConstantPerceptual())(_Shift(), torch.zeros(2, 3, 8, 8))
+    assert float(out.total) == pytest.approx(2.0 * 0.5 + 3.0 * 0.25 + 0.5 * 2.0)
+
+
+def test_the_perceptual_network_gets_the_reconstruction_first_and_the_images_second():
+    """The perceptual distance is called as ``P(x_hat, x)``: reconstruction first, the target images second."""
+    from nextstep.tokenizers.training_loss import TokenizerLoss, TokenizerLossConfig
+
+    class _FirstMean(nn.Module):
+        def forward(self, x_hat, x):
+            return x_hat.mean((1, 2, 3))
+
+    out = TokenizerLoss(TokenizerLossConfig(perceptual_weight=1.0), _FirstMean())(_Shift(), torch.zeros(2, 3, 8, 8))
+    assert float(out.perceptual) == pytest.approx(0.5)  # the reconstruction is images + 0.5
+
+
+def test_the_default_loss_is_nextstep_s_objective_as_the_recipes_write_it():
+    """TokenizerLossConfig() is L1 1, MSE 1, perceptual 0.1 and noise gamma 0.2 (NextStep-1's), as the recipes set."""
+    import json
+    from pathlib import Path
+
+    from nextstep.tokenizers.training_loss import TokenizerLossConfig
+
+    config = TokenizerLossConfig()
+    assert (config.l1_weight, config.mse_weight, config.perceptual_weight, config.noise_gamma) == (1.0, 1.0, 0.1, 0.2)
+    shipped = json.loads((Path(__file__).parents[1] / "recipes" / "tokenizer_tiny_photos.json").read_text())["loss"]
+    assert TokenizerLossConfig.from_dict(shipped) == config
+
+
+@pytest.mark.parametrize("name", ["l1_weight", "mse_weight", "perceptual_weight", "noise_gamma"])
+def test_a_negative_loss_weight_or_noise_level_is_refused_naming_it(name):
+    """Every loss weight and the noise gamma must be >= 0; a negative one is refused with its name."""
+    from nextstep.tokenizers.training_loss import TokenizerLossConfig
+
+    with pytest.raises(ValueError, match=rf"{name} must be >= 0, found -0.5"):
+        TokenizerLossConfig(**{name: -0.5})
+
+
+def test_the_perceptual_distance_compares_unit_channel_vectors_averaged_over_channels_and_positions():
+    """Unweighted: mean over positions of the channel mean of (u(a) - u(b))^2, u normalising each channel vector."""
+    from nextstep.tokenizers.perceptual import PerceptualLoss
+
+    loss = PerceptualLoss(_IdentityFeatures())
+    x = _constant_map([3.0, 4.0, 0.0])  # unit vector (0.6, 0.8, 0)
+    y = _constant_map([0.0, 0.0, 2.0])  # unit vector (0, 0, 1)
+    # (0.36 + 0.64 + 1) / 3 channels, the same at each of the 6 positions
+    torch.testing.assert_close(loss(x, y), torch.tensor([2.0 / 3.0]))
+    torch.testing.assert_close(loss(5.0 * x, 0.1 * y), torch.tensor([2.0 / 3.0]))  # lengths do not count
+
+
+def test_the_perceptual_distance_normalises_each_position_on_its_own():
+    """Positions of different lengths but one direction are as far as their directions are: no mixing of positions."""
+    from nextstep.tokenizers.perceptual import PerceptualLoss
+
+    loss = PerceptualLoss(_IdentityFeatures())
+    x = torch.tensor([[1.0, 10.0], [0.0, 0.0]])[None, :, None, :]  # (1, 2 channels, 1, 2 positions)
+    y = torch.tensor([[0.0, 0.0], [3.0, 0.5]])[None, :, None, :]
+    # position 0: (1, 0) vs (0, 1) -> 2 / 2; position 1: (1, 0) vs (0, 1) -> 1; mean 1
+    torch.testing.assert_close(loss(x, y), torch.tensor([1.0]))
+
+
+def test_channel_weights_sum_the_weighted_squared_differences_over_channels(tmp_path):
+    """With weights w: mean over positions of sum_c w_c * (u(a) - u(b))_c^2."""
+    from safetensors.torch import save_file
+
+    from nextstep.tokenizers.perceptual import PerceptualLoss
+
+    save_file({"weight.0": torch.tensor([1.0, 2.0, 3.0])}, str(tmp_path / "w.safetensors"))
+    loss = PerceptualLoss(_IdentityFeatures(), tmp_path / "w.safetensors")
+    x, y = _constant_map([3.0, 4.0, 0.0]), _constant_map([0.0, 0.0, 2.0])
+    torch.testing.assert_close(loss(x, y), torch.tensor([1 * 0.36 + 2 * 0.64 + 3 * 1.0]))
+
+
+def test_channel_weights_are_read_in_the_numeric_order_of_their_layers(tmp_path):
+    """Files of 11 or more layers: ``weight.10`` is the eleventh layer, after ``weight.9``, not after ``weight.1``."""
+    from nextstep.tokenizers.perceptual import PerceptualLoss
+
+    torch.save({f"weight.{layer}": torch.full((1,), float(layer)) for layer in range(12)}, tmp_path / "w.pt")
+    loss = PerceptualLoss(_IdentityFeatures(), tmp_path / "w.pt")
+    assert [float(w) for w in loss.layer_weights] == [float(layer) for layer in range(12)]
+
+
+def test_channel_weights_of_another_channel_count_are_refused_naming_both():
+    """A weight vector shorter or longer than its feature map's channels is a ValueError naming both counts."""
+    from nextstep.tokenizers.perceptual import PerceptualLoss
+
+    loss = PerceptualLoss(_IdentityFeatures())
+    x = torch.rand(1, 3, 2, 2)
+    for channels in (2, 4):
+        loss.layer_weights = [torch.ones(channels)]
+        with pytest.raises(ValueError, match=f"layer weight 0 has {channels} channels, feature map has 3"):
+            loss(x, x)
+
+
+def test_the_perceptual_distance_trains_the_reconstruction_and_not_the_target():
+    """Gradients flow into the first argument (the reconstruction); the target (second) is detached."""
+    from nextstep.tokenizers.perceptual import PerceptualLoss
+
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    y = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    PerceptualLoss(_IdentityFeatures())(x, y).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert y.grad is None
+
+
+def test_a_recipe_with_a_perceptual_weight_but_no_network_is_refused():
+    """loss.perceptual_weight > 0 with perceptual_network 'none' is refused when the recipe is read."""
+    with pytest.raises(ValueError, match="perceptual_network must be a network when loss.perceptual_weight > 0, "
+                                         "found 'none'"):
+        recipe(loss={"perceptual_weight": 0.1})
+
+
+@pytest.mark.parametrize("size", [0, 12, 36])
+def test_a_recipe_evaluation_size_must_be_a_positive_multiple_of_8(size):
+    """evaluation_size is refused unless it is a positive multiple of 8 (the tokenizer's pixels per token)."""
+    with pytest.raises(ValueError, match=f"evaluation_size must be a positive multiple of 8, found {size}"):
+        recipe(evaluation_size=size)
+
+
+def test_a_recipe_cannot_narrow_the_decoder_it_starts_from():
+    """decoder_ch below the starting decoder's width is refused, not ignored: widening only grows a decoder."""
+    from nextstep.training.tokenizer_recipe import build_recipe_tokenizer
+
+    with pytest.raises(ValueError, match="decoder_ch must be at least the current decoder width 8, found 4"):
+        build_recipe_tokenizer(recipe(decoder_ch=4))
