@@ -96,6 +96,11 @@ def retrieval_recall(queries: torch.Tensor, candidates: torch.Tensor,
 TIE_TOLERANCE_ULPS = 16
 
 
+def _unit_rows(features: torch.Tensor) -> torch.Tensor:
+    """(N, D) rows divided by their own length, however short; a zero row stays zero."""
+    return features / features.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(features.dtype).tiny)
+
+
 def retrieval_ranks(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """(N,) rank of candidate ``i`` for query ``i`` by cosine similarity: how many other candidates
     are at least as similar (0: it comes first). A tie counts against the match, so that a model
@@ -110,9 +115,7 @@ def retrieval_ranks(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Te
     if queries.shape != candidates.shape:
         raise ValueError(f"queries and candidates must have one shape, found {tuple(queries.shape)} "
                          f"and {tuple(candidates.shape)}")
-    q = torch.nn.functional.normalize(queries, dim=-1)
-    c = torch.nn.functional.normalize(candidates, dim=-1)
-    similarity = q @ c.T  # (N, N): query i against candidate j
+    similarity = _unit_rows(queries) @ _unit_rows(candidates).T  # (N, N): query i against candidate j
     match = similarity.diagonal()
     tolerance = TIE_TOLERANCE_ULPS * torch.finfo(similarity.dtype).eps * match.abs().clamp_min(1)
     return (similarity >= (match - tolerance).unsqueeze(1)).sum(1) - 1
