@@ -164,3 +164,38 @@ def test_key_renaming():
     assert backbone_key("model.layers.3.self_attn.q_proj.bias") == "layers.3.self_attn.q_proj.bias"
     assert backbone_key("layers.3.mlp.down_proj.weight") == "layers.3.mlp.down_proj.weight"
     assert backbone_key("lm_head.weight") is None
+
+
+def test_a_config_without_tie_word_embeddings_loads_its_own_lm_head(tmp_path):
+    """tie_word_embeddings absent reads as false (Hugging Face's default): the head is lm_head.weight (V, H)."""
+    reference = hf_checkpoint(tmp_path, tied=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    backbone = Qwen2Backbone.from_pretrained(tmp_path)
+    head = load_qwen2_lm_head(tmp_path, backbone)
+    assert not head.tied
+    assert torch.equal(head.weight, reference.lm_head.weight)
+
+
+def test_only_the_leading_model_prefix_is_removed_from_a_key():
+    """backbone_key strips a leading ``model.`` only, so unexpected keys are named as the checkpoint has them."""
+    assert backbone_key("model.vision_model.proj.weight") == "vision_model.proj.weight"
+    assert backbone_key("vision_model.proj.weight") == "vision_model.proj.weight"
+
+
+def test_an_explicit_head_dim_other_than_hidden_over_heads_is_kept():
+    """head_dim wider than hidden_size / num_heads is kept; one equal to it is the default (None)."""
+    hf = dict(HF_FIELDS, model_type="qwen2", head_dim=16)  # 4 heads x 16 = 64 != hidden 32
+    assert qwen2_config_from_hf(hf).resolved_head_dim == 16
+    assert qwen2_config_from_hf(dict(hf, head_dim=8)).head_dim is None  # 4 x 8 = 32: the default
+
+
+def test_the_lm_head_follows_the_backbone_s_dtype_by_default(tmp_path):
+    """With dtype None the untied head (V, H) loads in the backbone embeddings' dtype and on their device."""
+    reference = hf_checkpoint(tmp_path, tied=False)
+    backbone = Qwen2Backbone.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    head = load_qwen2_lm_head(tmp_path, backbone)
+    assert head.weight.dtype == torch.bfloat16
+    assert torch.equal(head.weight, reference.lm_head.weight.to(torch.bfloat16))
+    assert load_qwen2_lm_head(tmp_path, backbone, dtype=torch.float32).weight.dtype == torch.float32

@@ -293,3 +293,16 @@ def test_a_zero_one_integer_padding_mask_works_with_a_cache_like_the_bool_mask()
             assert torch.equal(cache.key_mask[:, :7], torch.cat([mask, torch.ones(2, 2, dtype=torch.bool)], 1))
     torch.testing.assert_close(runs[1][:, 2:], runs[0][:, 2:], rtol=0, atol=0)
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=0)
+
+
+def test_a_cached_call_refused_for_gradients_leaves_the_cache_as_it_was():
+    """The refusal of a cache while gradients are on claims no slots: length and key_mask (B, T) stay as they were."""
+    model = backbone()
+    cache = model.new_cache(2, 8)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32), torch.arange(3).expand(2, 3), None, cache)
+    before = cache.key_mask.clone()
+    with pytest.raises(ValueError, match="keeps no autograd history"):
+        model(torch.randn(2, 2, 32), torch.arange(3, 5).expand(2, 2), None, cache)
+    assert cache.length == 3 and torch.equal(cache.key_mask, before)
+    assert not cache.key_mask[:, 3:].any()
