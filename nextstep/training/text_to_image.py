@@ -47,7 +47,7 @@ class TextToImageTask(TrainingTask):
                                         or pack_length < 1):
             raise ValueError(f"pack_length must be None or an integer >= 1, found {pack_length!r}")
         self.pack_length = pack_length
-        if context_noise < 0:
+        if not context_noise >= 0:  # NaN too
             raise ValueError(f"context_noise must be >= 0, found {context_noise!r}")
         self.context_noise = context_noise
         if text_dropout is not None and not 0 <= text_dropout <= 1:
