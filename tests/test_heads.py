@@ -366,3 +366,89 @@ def test_the_head_normalises_with_the_release_layer_norm_eps():
     assert norms[-1].weight is None
     x = torch.tensor([[0.0, 2e-3] * 8])  # variance 1e-6: eps 1e-6 halves it, scaling by 1 / sqrt(2)
     torch.testing.assert_close(norms[0](x).abs(), torch.full((1, 16), 2 ** -0.5))
+
+
+def test_the_flow_error_averages_the_squared_error_over_the_features():
+    """flow_error (N,): a head answering zero velocity has error mean_d (x1 - x0)^2 for each token (N 3, D 16)."""
+    class Still(FlowMatchingHead):
+        def velocity(self, x_t, t, condition):
+            return torch.zeros_like(x_t)
+
+    head = Still(randomized_head().config)
+    target, noise = torch.randn(3, 16), torch.randn(3, 16)
+    error = head.flow_error(target, torch.randn(3, 32), torch.rand(3), noise)
+    torch.testing.assert_close(error, (target - noise).pow(2).mean(-1))
+
+
+def test_the_shape_check_wants_one_condition_row_per_target():
+    """check_shapes(target (N, D), condition (M, C)) refuses M != N, naming the expected (N, C)."""
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=4, condition_dim=8, width=16, depth=1))
+    with pytest.raises(ValueError, match=r"condition must have shape \(5, 8\), found \(4, 8\)"):
+        head.check_shapes(target=torch.randn(5, 4), condition=torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"condition must have shape \(5, 8\), found \(4, 8\)"):
+        head.loss(torch.randn(5, 4), torch.randn(4, 8))
+    head.check_shapes(target=torch.randn(5, 4), condition=torch.randn(5, 8))
+
+
+class _OffsetHead(FlowMatchingHead):
+    """Reads the target x1 from the condition's first D columns and answers the exact velocity plus the
+    condition's last column, so a token's flow error is that column squared whatever its (t, x0)."""
+
+    def velocity(self, x_t, t, condition):
+        d = self.token_dim
+        return (condition[:, :d] - x_t) / (1 - t[:, None]) + condition[:, d:]
+
+
+def test_each_token_s_loss_averages_its_own_repeats():
+    """loss (N,): token i's value is the mean of its own batch_mul flow errors (N 5, batch_mul 4), with each
+    token's error fixed at offset_i^2 by a head that knows the target."""
+    head = _OffsetHead(FlowMatchingHeadConfig(token_dim=4, condition_dim=5, width=8, depth=1, batch_mul=4))
+    target = torch.randn(5, 4)
+    offsets = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    condition = torch.cat([target, offsets[:, None]], dim=1)
+    loss = head.loss(target, condition, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, offsets.pow(2), atol=1e-3, rtol=1e-4)
+
+
+def test_the_head_trains_at_its_configured_logit_normal_times():
+    """A head configured with time_mean 0.5 and time_std 2 draws its training times as sigmoid(N(0.5, 2))."""
+    seen = {}
+    head = FlowMatchingHead(FlowMatchingHeadConfig(token_dim=4, condition_dim=8, width=8, depth=1, batch_mul=2,
+                                                   time_mean=0.5, time_std=2.0))
+    original = head.velocity
+
+    def recording(x_t, t, condition):
+        seen["t"] = t
+        return original(x_t, t, condition)
+
+    head.velocity = recording
+    head.loss(torch.randn(20_000, 4), torch.randn(20_000, 8), generator=torch.Generator().manual_seed(0))
+    logits = torch.logit(seen["t"].double())
+    assert abs(logits.mean().item() - 0.5) < 0.05 and abs(logits.std().item() - 2.0) < 0.05
+
+
+def test_the_published_head_trains_with_the_released_loss_settings():
+    """NextStep-1's head: each target repeated batch_mul 4 times, times logit-normal(0, 1), no training shift."""
+    from nextstep import model_preset
+
+    for config in (FlowMatchingHeadConfig(), model_preset("nextstep_1_large")().image_head.config):
+        assert (config.batch_mul, config.time_sampling, config.time_mean, config.time_std, config.time_shift) == \
+            (4, "logit_normal", 0.0, 1.0, 1.0)
+
+
+def test_prepared_velocity_equals_the_plain_velocity_on_features_of_tiny_spread():
+    """The prepared function normalises the output layer's input with the head's own eps (1e-6): with hidden
+    features of variance about 1e-6, where eps matters, it still equals velocity (N 3, D 16)."""
+    head = randomized_head(depth=1)
+    with torch.no_grad():
+        head.net.input_proj.weight.mul_(1e-3)
+        head.net.input_proj.bias.mul_(1e-3)
+        block = head.net.res_blocks[0]
+        block.adaLN_modulation[-1].weight.zero_()
+        block.adaLN_modulation[-1].bias.zero_()  # gate 0: the block adds nothing
+        condition, x, t = torch.randn(3, 32), torch.randn(3, 16), torch.full((3,), 0.5)
+        h = head.net.input_proj(x)
+        assert h.var(-1, unbiased=False).max() < 1e-4
+        expected = head.velocity(x, t, condition)
+        for times in (None, t[:1]):
+            torch.testing.assert_close(head.prepare(condition, times)(x, t), expected, atol=1e-5, rtol=1e-4)

@@ -347,3 +347,59 @@ def test_a_preset_loads_in_the_dtype_asked_for():
     for dtype, expected in ((None, torch.float32), (torch.bfloat16, torch.bfloat16), ("float16", torch.float16)):
         model = load_model("tiny", dtype=dtype)
         assert {p.dtype for p in model.parameters()} == {expected}, dtype
+
+
+def test_the_total_loss_uses_the_configured_weights(tiny_model):
+    """total = text_loss_weight * text + image_loss_weight * image, for weights other than the published ones."""
+    tiny_model.config = tiny_model.config.replace(text_loss_weight=0.5, image_loss_weight=2.0)
+    batch = tiny_model.prepare_batch(images(2), ["a cat", "a dog"], image_first=[False, True])
+    out = tiny_model(batch, generator=torch.Generator().manual_seed(0))
+    assert out.image > 0 and out.text > 0
+    torch.testing.assert_close(out.total, 0.5 * out.text + 2.0 * out.image)
+
+
+def test_a_batch_without_targets_still_backpropagates_zero_gradients(tiny_model):
+    """A batch of one-token sequences (B 2, L 1) has no text or image target: its losses are 0 and its total
+    still reaches the backbone and the input projector (with zero gradients), so a training step can take it."""
+    from nextstep.sequence import Example
+
+    token = tiny_model.text_tokenizer.encode("a")[0]
+    batch = tiny_model.sequences.collate([Example([token]), Example([token])])
+    out = tiny_model(batch, generator=torch.Generator().manual_seed(0))
+    assert (out.num_text_tokens, out.num_image_tokens) == (0, 0)
+    assert out.total.item() == out.text.item() == out.image.item() == 0.0
+    out.total.backward()
+    for name, parameter in tiny_model.named_parameters():
+        if parameter.requires_grad and not name.startswith(("lm_head", "image_head", "image_out_projector")):
+            assert parameter.grad is not None and not parameter.grad.any(), name
+
+
+def test_wide_images_are_encoded_with_their_own_grid(tiny_model):
+    """encode_images of (B 1, 3, 32, 64) images: 2 x 4 tokens in raster order, and the training sequence
+    says '2*4' (h then w)."""
+    pixels = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    tokens, grid_h, grid_w = tiny_model.encode_images(pixels)
+    assert (grid_h, grid_w) == (2, 4) and tokens.shape == (1, 8, tiny_model.token_dim)
+    batch = tiny_model.prepare_batch(pixels, ["a wide view"], image_first=[False])
+    assert tiny_model.sequences.parse(batch.input_ids[0].tolist()) == ("a wide view", 2, 4)
+    torch.testing.assert_close(batch.image_tokens[batch.image_mask], tokens[0])
+
+
+def test_draws_given_or_shared_in_a_way_the_batch_cannot_take_are_refused(tiny_model):
+    """flow_draws must be times (N,) and noise (N, D) for the N image targets; rows sharing draws (draw_rows)
+    must hold the same text ids, and packed sequences cannot share draws by row."""
+    batch = tiny_model.prepare_batch(images(2), ["a cat", "a dog"], image_first=[False, False])
+    count, width = batch.target_counts()[1], tiny_model.token_dim
+    times, noise = torch.rand(count), torch.randn(count, width)
+    for bad in ((times[:3], noise[:3]), (times, noise[:, : width // 2]), (times[:, None], noise)):
+        with pytest.raises(ValueError, match=rf"flow_draws must be times \({count},\) and noise \({count}, {width}\)"):
+            tiny_model(batch, flow_draws=bad)
+    with pytest.raises(ValueError, match="rows that share their random draws .* must hold the same text ids"):
+        tiny_model(batch, draw_rows=torch.tensor([0, 0]))
+    builder = tiny_model.sequences
+    tokens, grid_h, grid_w = tiny_model.encode_images(images(2))
+    packed = builder.pack([builder.example(caption, tokens[i], grid_h, grid_w)
+                           for i, caption in enumerate(["a cat", "a cat"])], 100)
+    with pytest.raises(ValueError, match="draw_rows shares draws between whole rows; packed sequences draw per "
+                                         "sequence"):
+        tiny_model(packed, draw_rows=torch.tensor([0]))

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nextstep import ByteTextTokenizer, SequenceBuilder
-from nextstep.sequence import Example
+from nextstep.sequence import Example, SequenceBatch
 
 TOKEN_DIM = 4
 builder = SequenceBuilder(ByteTextTokenizer(), TOKEN_DIM)
@@ -131,3 +131,60 @@ def test_an_editing_example_with_grids_of_other_sizes_collates_its_images_onto_t
     assert row[source_slots[0] - 1] == tok.begin_of_image_id and row[source_slots[-1] + 1] == tok.end_of_image_id
     torch.testing.assert_close(batch.image_tokens[0][images & ~targets], source)
     torch.testing.assert_close(batch.image_tokens[0][targets], target)
+
+
+def test_an_editing_example_closes_its_edited_image_and_ends_the_sequence():
+    """An editing example reads source block, instruction, edited-image block, then <|endoftext|>."""
+    source, target = torch.randn(2, TOKEN_DIM), torch.randn(4, TOKEN_DIM)
+    example = builder.editing_example("make it blue", source, (1, 2), target, (2, 2))
+    assert tok.decode(example.input_ids) == (
+        "<|image_area|>1*2<|begin_of_image|>" + "<|image_placeholder|>" * 2 + "<|end_of_image|>make it blue"
+        + "<|image_area|>2*2<|begin_of_image|>" + "<|image_placeholder|>" * 4 + "<|end_of_image|><|endoftext|>")
+    assert example.input_ids[example.image_start - 1] == tok.begin_of_image_id
+    assert example.input_ids[example.image_start + 4:] == [tok.end_of_image_id, tok.eos_id]
+
+
+def test_target_counts_never_count_the_first_position():
+    """target_counts: a target is predicted from the position before it, so position 0 of each row is never
+    counted, even in a hand-built batch (B 2, L 5) that marks every position."""
+    ones = torch.ones(2, 5, dtype=torch.bool)
+    batch = SequenceBatch(input_ids=torch.zeros(2, 5, dtype=torch.long), attention_mask=ones, image_mask=ones,
+                          image_target_mask=ones, text_target_mask=ones,
+                          image_tokens=torch.zeros(2, 5, TOKEN_DIM))
+    assert batch.target_counts() == (2 * 4, 2 * 4)
+
+
+def test_packing_places_the_longest_sequences_first():
+    """First-fit decreasing: three 7-token and three 3-token sequences, given short ones first, fill three rows
+    of 10 (each a long sequence and a short one) where first fit in input order would need four."""
+    tokens = torch.randn(1, TOKEN_DIM)
+    short = Example([1, 2, tok.image_placeholder_id], tokens, 2)
+    long = Example([1, 2, 3, 4, 5, 6, tok.image_placeholder_id], tokens, 6)
+    examples = [short, short, short, long, long, long]
+    batch = builder.pack(examples, 10)
+    assert batch.input_ids.shape == (3, 10)
+    assert batch.attention_mask.all()
+    # Each row keeps its sequences in input order: the short one (document 1) before the long one.
+    assert batch.document_ids.tolist() == [[1] * 3 + [2] * 7] * 3
+    assert int(batch.image_mask.sum()) == 6
+
+
+def test_a_batch_moved_with_a_dtype_casts_only_its_image_tokens():
+    """SequenceBatch.to(device, dtype): image_tokens (B, L, D) take the dtype (values rounded to it); the id
+    and mask tensors keep theirs; without a dtype the tokens keep their own."""
+    batch = builder.collate([builder.example("ab", torch.randn(4, TOKEN_DIM), 2, 2)])
+    moved = batch.to("cpu", torch.bfloat16)
+    assert moved.image_tokens.dtype == torch.bfloat16
+    assert torch.equal(moved.image_tokens, batch.image_tokens.to(torch.bfloat16))
+    assert moved.input_ids.dtype == torch.long and moved.attention_mask.dtype == torch.bool
+    assert batch.to("cpu").image_tokens.dtype == torch.float32
+
+
+def test_collate_keeps_the_dtype_of_the_image_tokens():
+    """Examples with bfloat16 tokens (a bfloat16 latent cache) collate into bfloat16 image_tokens (B, L, D),
+    bit for bit, rather than being widened."""
+    tokens = torch.randn(4, TOKEN_DIM).to(torch.bfloat16)
+    for lay_out in (builder.collate, lambda examples: builder.pack(examples, 100)):
+        batch = lay_out([builder.example("ab", tokens, 2, 2)])
+        assert batch.image_tokens.dtype == torch.bfloat16
+        assert torch.equal(batch.image_tokens[batch.image_mask], tokens)
