@@ -452,3 +452,24 @@ def test_prepared_velocity_equals_the_plain_velocity_on_features_of_tiny_spread(
         expected = head.velocity(x, t, condition)
         for times in (None, t[:1]):
             torch.testing.assert_close(head.prepare(condition, times)(x, t), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_prepared_velocity_takes_times_broadcast_from_one_step_without_a_warning():
+    """Samplers pass t (N,) expanded from one step's time (stride 0): the prepared table lookup takes it as is,
+    without PyTorch's non-contiguous warning, and equals the velocity at those times."""
+    import warnings
+
+    head = randomized_head(depth=1)
+    condition, x = torch.randn(3, 32), torch.randn(3, 16)
+    grid = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    prepared = head.prepare(condition, grid[:-1])
+    t = grid[1:2].expand(3)  # (N,), stride 0
+    previous = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = prepared(x, t)
+    finally:
+        torch.set_warn_always(previous)
+    torch.testing.assert_close(out, head.velocity(x, t.contiguous(), condition), atol=1e-5, rtol=1e-4)
