@@ -66,7 +66,7 @@ class EditingManifestDataset(ImageTextDataset):
             except IMAGE_ERRORS as error:
                 self.known_bad.append(f"{target} (unreadable header: {error})")
                 continue
-            self.records.append((source, entry["instruction"], target))
+            self.records.append((source, entry["instruction"].strip(), target))
             self.sizes.append(size)
 
     def __len__(self) -> int:
