@@ -85,3 +85,51 @@ def test_a_tall_picture_is_cropped_about_its_middle():
     crop = np.asarray(resize_and_crop(picture, 64, 64)).astype(int)
     assert (crop[0] == (255, 0, 0)).all() and (crop[-1] == (0, 0, 255)).all()
     np.testing.assert_allclose(crop[:32, :, 0], crop[32:, :, 2][::-1], atol=1)
+
+
+@pytest.mark.parametrize("resolution", [0, -16, 8])
+def test_a_resolution_below_one_token_is_refused(resolution):
+    """The square side must be a positive multiple of the pixels per token: 0, -16 and 8 px are refused."""
+    with pytest.raises(ValueError, match="resolution must be a positive multiple of 16 pixels"):
+        AspectRatioBuckets(resolution)
+
+
+@pytest.mark.parametrize("grid_multiple", [0, 3, 5])
+def test_a_grid_multiple_that_does_not_divide_the_side_is_refused(grid_multiple):
+    """256 px buckets are 16 tokens a side: grid multiples 1, 2, 4, 8 and 16 build them, 0, 3 and 5 are refused."""
+    with pytest.raises(ValueError, match=r"grid_multiple must be a positive divisor of the side in tokens \(16\)"):
+        AspectRatioBuckets(256, grid_multiple=grid_multiple)
+    for divisor in (1, 2, 4, 8, 16):
+        sizes = AspectRatioBuckets(256, grid_multiple=divisor).sizes
+        assert (256, 256) in sizes and all(h % (16 * divisor) == 0 == w % (16 * divisor) for h, w in sizes)
+
+
+@pytest.mark.parametrize("size", [(0, 10), (10, 0), (-4, 10), (10, -4)])
+def test_an_image_size_that_is_not_positive_is_refused_by_name(size):
+    """Assigning a bucket to a (width, height) with a side of 0 or less raises a ValueError naming the size."""
+    with pytest.raises(ValueError, match=f"image size must be positive, found {size[0]}x{size[1]}"):
+        AspectRatioBuckets(64).assign(*size)
+
+
+@pytest.mark.parametrize("image_size", [(64, 32), (32, 64), (64, 200), (200, 64)])
+def test_an_image_sharing_one_side_with_its_bucket_is_still_resized_to_it(image_size):
+    """Only an image of the bucket's exact size is returned as it is: one that shares a single side with the
+    64x64 bucket is still scaled and cropped to 64x64."""
+    image = Image.new("RGB", image_size, "red")
+    out = resize_and_crop(image, 64, 64)
+    assert out.size == (64, 64)
+    same = Image.new("RGB", (64, 64), "blue")
+    assert resize_and_crop(same, 64, 64) is same
+
+
+def test_a_data_config_builds_the_buckets_it_describes():
+    """``resolution=512, multi_aspect=True, grid_multiple=2`` gives NextStep-1's 512 px buckets (the 256 px
+    grids doubled); ``multi_aspect=False`` gives the one square bucket."""
+    from nextstep.training.data import DataConfig
+
+    config = DataConfig(datasets=({"type": "shapes"},), resolution=512, multi_aspect=True, grid_multiple=2)
+    buckets = config.buckets()
+    assert (buckets.resolution, buckets.multi_aspect, buckets.grid_multiple) == (512, True, 2)
+    assert set(buckets.sizes) == {(32 * h, 32 * w) for h, w in token_grids(16)}
+    square = DataConfig(datasets=({"type": "shapes"},), resolution=64).buckets(pixels_per_token=8)
+    assert square.sizes == [(64, 64)] and square.pixels_per_token == 8

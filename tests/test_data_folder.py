@@ -228,3 +228,61 @@ def test_the_training_data_size_counts_the_files_whose_header_could_not_be_read(
     assert len(dataset) == 9
     data = TrainingData(dataset, AspectRatioBuckets(32, multi_aspect=False))
     assert data.size == 10 and len(data.known_bad) == 1
+
+
+def test_sidecar_images_are_found_in_subfolders_and_listed_in_path_order(tmp_path):
+    """The sidecar layout is searched recursively; samples are ordered by path (``a/`` before ``b/``, files of
+    the root folder by name)."""
+    for folder, count in (("b", 2), ("a/deeper", 1), (".", 1)):
+        _write_images(tmp_path / folder, count)
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path)))
+    names = [str(path.relative_to(tmp_path)) for path in dataset.paths]
+    assert names == ["a/deeper/img000.png", "b/img000.png", "b/img001.png", "img000.png"]
+    assert [dataset.caption(index) for index in range(4)] == ["picture number 0", "picture number 0",
+                                                              "picture number 1", "picture number 0"]
+
+
+def test_image_suffixes_match_whatever_their_case(tmp_path):
+    """``photo.PNG`` is picked up by the default ``.png`` extension, and an ``.JPG`` extension given in capitals
+    picks up ``photo.jpg``; other files are not samples."""
+    Image.new("RGB", (40, 24), "red").save(tmp_path / "shout.PNG", format="PNG")
+    (tmp_path / "shout.txt").write_text("an upper-case suffix")
+    Image.new("RGB", (24, 40), "blue").save(tmp_path / "quiet.jpg")
+    (tmp_path / "quiet.txt").write_text("a lower-case suffix")
+    (tmp_path / "notes.md").write_text("not an image")
+    dataset = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path)))
+    assert sorted(dataset.caption(index) for index in range(len(dataset))) == ["a lower-case suffix",
+                                                                              "an upper-case suffix"]
+    only_jpeg = ImageFolderDataset(ImageFolderConfig(path=str(tmp_path), extensions=(".JPG",)))
+    assert [only_jpeg.caption(0), only_jpeg.image_size(0)] == ["a lower-case suffix", (24, 40)]
+
+
+@pytest.mark.parametrize("width, height", [(True, 32), (32, True), (40.0, 24), (40, -1)])
+def test_manifest_sizes_must_be_whole_positive_numbers_not_booleans(tmp_path, width, height):
+    """JSON ``true``, ``40.0`` and negative numbers are not a (width, height) in pixels: the line is refused."""
+    _write_images(tmp_path, 1, captions=False)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image": "img000.png", "caption": "x", "width": width, "height": height}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: 'width' and 'height' must be given together as positive integers"):
+        ImageFolderDataset(ImageFolderConfig(path=str(manifest)))
+
+
+def test_a_manifest_line_with_an_unknown_key_is_refused_naming_it(tmp_path):
+    """A misspelt field (``captoin``) is not silently ignored: the line is refused naming it and the known keys."""
+    _write_images(tmp_path, 1, captions=False)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image": "img000.png", "caption": "x", "captoin": "y"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: unknown keys \['captoin'\]; known: "
+                                         r"\['caption', 'height', 'image', 'width'\]"):
+        ImageFolderDataset(ImageFolderConfig(path=str(manifest)))
+
+
+@pytest.mark.parametrize("caption", [5, ["a", "list"], None])
+def test_a_manifest_caption_that_is_not_a_string_is_refused(tmp_path, caption):
+    """Numbers, lists and null are not captions: the line is refused with the value it found."""
+    _write_images(tmp_path, 1, captions=False)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image": "img000.png", "caption": caption}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: image .*img000\.png has no caption \(expected a string 'caption' "
+                                         r"field, found " + repr(caption).replace("[", r"\[").replace("]", r"\]")):
+        ImageFolderDataset(ImageFolderConfig(path=str(manifest)))

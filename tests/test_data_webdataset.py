@@ -229,3 +229,130 @@ def test_a_sample_key_is_the_name_up_to_its_first_dot(tmp_path):
     samples = list(read_shard(path))
     assert [sample.key for sample in samples] == ["k1", "k2"]
     assert samples[0].members == {"jpg": b"k1.jpg", "seg.png": b"k1.seg.png", "txt": b"k1.txt"}
+
+
+def test_member_extensions_are_lower_cased_so_upper_case_images_are_found(tmp_path):
+    """``K1.PNG`` and ``K1.TXT`` are members ``png`` and ``txt`` of sample ``K1`` (keys keep their case)."""
+    path = tmp_path / "upper.tar"
+    with tarfile.open(path, "w") as archive:
+        _add(archive, "K1.PNG", _png((255, 0, 0), (32, 32)))
+        _add(archive, "K1.TXT", b"a red square")
+    (sample,) = read_shard(path)
+    assert sample.key == "K1" and sorted(sample.members) == ["png", "txt"]
+    dataset = WebDataset(WebDatasetConfig(shards=(str(path),)))
+    assert dataset.image_bytes(sample)[0] == "png" and dataset.decode_caption(sample) == "a red square"
+
+
+def test_a_sample_key_keeps_its_folder_so_equal_names_in_two_folders_are_two_samples(tmp_path):
+    """Members ``a/x.*`` and ``b/x.*`` are samples ``a/x`` and ``b/x``, not one sample ``x``."""
+    path = tmp_path / "folders.tar"
+    with tarfile.open(path, "w") as archive:
+        for name in ("a/x.jpg", "a/x.txt", "b/x.jpg", "b/x.txt"):
+            _add(archive, name, name.encode())
+    samples = list(read_shard(path))
+    assert [sample.key for sample in samples] == ["a/x", "b/x"]
+    assert [sample.members for sample in samples] == [{"jpg": b"a/x.jpg", "txt": b"a/x.txt"},
+                                                       {"jpg": b"b/x.jpg", "txt": b"b/x.txt"}]
+
+
+def test_folders_and_links_in_a_shard_are_passed_over(tmp_path):
+    """Only regular files are members: a directory entry and a symbolic link are skipped, the shard still reads."""
+    path = tmp_path / "links.tar"
+    with tarfile.open(path, "w") as archive:
+        folder = tarfile.TarInfo("k0")
+        folder.type = tarfile.DIRTYPE
+        archive.addfile(folder)
+        _add(archive, "k0/a.txt", b"in a folder")
+        link = tarfile.TarInfo("k1.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "k0/a.txt"
+        archive.addfile(link)
+        _add(archive, "k1.txt", b"beside a link")
+    assert [(sample.key, sample.members) for sample in read_shard(path)] == [
+        ("k0/a", {"txt": b"in a folder"}), ("k1", {"txt": b"beside a link"})]
+
+
+def test_glob_patterns_list_their_shards_in_name_order(tmp_path):
+    """Shards matched by a glob pattern are listed sorted by path, whatever order the folder lists them in."""
+    names = [f"part-{number:02d}.tar" for number in range(24)]
+    for name in reversed(names):
+        with tarfile.open(tmp_path / name, "w") as archive:
+            _add(archive, "k.txt", b"x")
+    dataset = WebDataset(WebDatasetConfig(shards=(str(tmp_path / "part-*.tar"),)))
+    assert dataset.shards == [str(tmp_path / name) for name in names]
+
+
+def test_the_image_member_is_the_first_of_image_keys_in_their_given_order(tmp_path):
+    """A sample with both a ``png`` and a ``jpg`` member gives the one listed first in ``image_keys``."""
+    from nextstep.training.data.webdataset import RawSample
+
+    raw = RawSample("k", "shard.tar", {"jpg": b"jpeg bytes", "png": b"png bytes", "txt": b"caption"})
+    shard = write_shards(tmp_path, num_shards=1, per_shard=1)
+    for keys, expected in ((("png", "jpg"), ("png", b"png bytes")), (("jpg", "png"), ("jpg", b"jpeg bytes")),
+                           (("webp", "png"), ("png", b"png bytes"))):
+        dataset = WebDataset(WebDatasetConfig(shards=(shard,), image_keys=keys))
+        assert dataset.image_bytes(raw) == expected
+
+
+def test_each_pass_deals_the_shards_anew(tmp_path):
+    """The shards a reader reads change from pass to pass (a seeded shuffle per epoch), while every pass deals
+    each shard to exactly one of the readers."""
+    dataset = WebDataset(WebDatasetConfig(shards=(write_shards(tmp_path, num_shards=8, per_shard=1),)))
+    for epoch in range(4):
+        dealt = [dataset.dealt(slot, 2, seed=0, epoch=epoch) for slot in range(2)]
+        assert sorted(dealt[0] + dealt[1]) == sorted(dataset.shards) and len(dealt[0]) == 4
+    orders = {tuple(dataset.dealt(0, 2, seed=0, epoch=epoch)) for epoch in range(4)}
+    assert len(orders) > 1
+    assert dataset.dealt(0, 2, seed=0, epoch=1) == dataset.dealt(0, 2, seed=0, epoch=1)
+
+
+def test_readers_shuffle_their_samples_independently(tmp_path):
+    """The shuffle buffer is seeded per reader slot: two readers fed shards of one layout (12 samples each) do
+    not draw the same permutation of them."""
+    dataset = WebDataset(WebDatasetConfig(shards=(write_shards(tmp_path, num_shards=2, per_shard=12),),
+                                          shuffle_buffer=4))
+    positions = [[raw.key.split("_")[1] for raw, _ in itertools.islice(dataset.stream(slot, 2, seed=0), 12)]
+                 for slot in (0, 1)]
+    assert sorted(positions[0]) == sorted(positions[1]) == [f"{item:03d}" for item in range(12)]
+    assert positions[0] != positions[1]
+
+
+def test_streamed_images_are_bucketed_by_their_width_over_height(tmp_path):
+    """A 48x32 (wide) picture goes to the wide 48x80 bucket of 64 px buckets, a 32x32 one to the square 64x64:
+    batches hold (B, 3, H, W) images of the bucket of each of their samples."""
+    dataset = WebDataset(WebDatasetConfig(shards=(write_shards(tmp_path, num_shards=1, per_shard=12),),
+                                          shuffle_buffer=0))
+    buckets = AspectRatioBuckets(64, multi_aspect=True)
+    assert buckets.assign(48, 32) == (48, 80)
+    batches = list(itertools.islice(iter(StreamingTrainingBatches(dataset, buckets, BatchLayout(2))), 6))
+    shapes = {}
+    for batch in batches:
+        for key in batch.keys:
+            wide = int(key.split("_")[-1]) % 3 == 0  # write_shards makes every third picture 48 wide, 32 tall
+            shapes[key] = (tuple(batch.images.shape[1:]), wide)
+    assert len(shapes) == 12
+    assert all(shape == ((3, 48, 80) if wide else (3, 64, 64)) for shape, wide in shapes.values())
+
+
+def test_a_sample_whose_pixels_fail_is_replaced_so_the_batch_keeps_its_size(tmp_path):
+    """With 4 samples a batch, a picture whose header reads but whose pixels do not is reported and stands in
+    for by a good sample of its batch: the batch still holds (4, 3, 32, 32) images and 4 keys."""
+    pattern = write_shards(tmp_path, num_shards=1, per_shard=8, truncated={"s0_001"})
+    dataset = WebDataset(WebDatasetConfig(shards=(pattern,), shuffle_buffer=0))
+    loader = StreamingTrainingBatches(dataset, AspectRatioBuckets(32, multi_aspect=False), BatchLayout(4))
+    first, second = itertools.islice(iter(loader), 2)
+    assert first.images.shape == (4, 3, 32, 32) and len(first.keys) == len(first.captions) == 4
+    assert all("s0_001" not in key for key in first.keys)
+    assert len(first.bad_keys) == 1 and "s0_001" in first.bad_keys[0]
+    assert {key.split(":")[-1] for key in first.keys} <= {"s0_000", "s0_002", "s0_003"}
+    assert second.bad_keys == [] and [key.split(":")[-1] for key in second.keys] == [f"s0_{i:03d}" for i in range(4, 8)]
+
+
+def test_a_resumed_stream_finds_a_stand_in_behind_several_broken_groups(tmp_path):
+    """Three pictures in a row whose pixels fail (one a batch): a stream resumed at the third still makes its
+    batch from the last good picture before them, as the uninterrupted stream does."""
+    pattern = write_shards(tmp_path, num_shards=1, per_shard=12, truncated={"s0_003", "s0_004", "s0_005"})
+    dataset = WebDataset(WebDatasetConfig(shards=(pattern,), shuffle_buffer=0))
+    buckets, layout = AspectRatioBuckets(32, multi_aspect=False), BatchLayout(1)
+    full = _keys(StreamingTrainingBatches(dataset, buckets, layout), 8)
+    assert [keys[0].split(":")[-1] for keys in full[3:7]] == ["s0_002", "s0_002", "s0_002", "s0_006"]
+    assert _keys(StreamingTrainingBatches(dataset, buckets, layout, start_step=5), 3) == full[5:8]
