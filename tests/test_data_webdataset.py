@@ -23,6 +23,14 @@ def _add(archive, name, data):
     archive.addfile(info, io.BytesIO(data))
 
 
+def _samples_of_named_members(path, names):
+    """Write a shard whose members each hold their own name as bytes, and read its samples back."""
+    with tarfile.open(path, "w") as archive:
+        for name in names:
+            _add(archive, name, name.encode())
+    return list(read_shard(path))
+
+
 def write_shards(folder, num_shards=4, per_shard=12, broken=(), uncaptioned=(), truncated=(), captions=None):
     folder.mkdir(parents=True, exist_ok=True)
     for shard in range(num_shards):
@@ -222,11 +230,7 @@ def test_a_batch_spanning_two_passes_is_named_by_the_later(tmp_path):
 
 def test_a_sample_key_is_the_name_up_to_its_first_dot(tmp_path):
     """WebDataset convention: ``k1.seg.png`` is member ``seg.png`` of sample ``k1``."""
-    path = tmp_path / "dotted.tar"
-    with tarfile.open(path, "w") as archive:
-        for name in ("k1.jpg", "k1.seg.png", "k1.txt", "k2.txt"):
-            _add(archive, name, name.encode())
-    samples = list(read_shard(path))
+    samples = _samples_of_named_members(tmp_path / "dotted.tar", ("k1.jpg", "k1.seg.png", "k1.txt", "k2.txt"))
     assert [sample.key for sample in samples] == ["k1", "k2"]
     assert samples[0].members == {"jpg": b"k1.jpg", "seg.png": b"k1.seg.png", "txt": b"k1.txt"}
 
@@ -245,11 +249,7 @@ def test_member_extensions_are_lower_cased_so_upper_case_images_are_found(tmp_pa
 
 def test_a_sample_key_keeps_its_folder_so_equal_names_in_two_folders_are_two_samples(tmp_path):
     """Members ``a/x.*`` and ``b/x.*`` are samples ``a/x`` and ``b/x``, not one sample ``x``."""
-    path = tmp_path / "folders.tar"
-    with tarfile.open(path, "w") as archive:
-        for name in ("a/x.jpg", "a/x.txt", "b/x.jpg", "b/x.txt"):
-            _add(archive, name, name.encode())
-    samples = list(read_shard(path))
+    samples = _samples_of_named_members(tmp_path / "folders.tar", ("a/x.jpg", "a/x.txt", "b/x.jpg", "b/x.txt"))
     assert [sample.key for sample in samples] == ["a/x", "b/x"]
     assert [sample.members for sample in samples] == [{"jpg": b"a/x.jpg", "txt": b"a/x.txt"},
                                                        {"jpg": b"b/x.jpg", "txt": b"b/x.txt"}]
