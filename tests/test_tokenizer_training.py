@@ -193,21 +193,25 @@ def test_training_noise_is_sized_to_the_standardised_latents_whatever_the_scale_
     torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
 
 
+class _IdentityFeatures(nn.Module):
+    """A feature 'network' returning the images themselves as its one feature map."""
+
+    def forward(self, x):
+        return [x]
+
+
 def test_a_perceptual_term_gets_its_network_and_the_recipe_s_channel_weights(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     import nextstep.tokenizers.perceptual as perceptual
     from nextstep.training.tokenizer_recipe import build_objective
 
-    class Features(nn.Module):  # stands in for EfficientNet-Lite0, whose weights need not be read here
-        def forward(self, x):
-            return [x]
-
-    monkeypatch.setattr(perceptual, "EfficientNetLiteFeatures", Features)
+    # _IdentityFeatures stands in for EfficientNet-Lite0, whose weights need not be read here
+    monkeypatch.setattr(perceptual, "EfficientNetLiteFeatures", _IdentityFeatures)
     save_file({"weight.0": torch.tensor([1.0, 2.0, 3.0])}, str(tmp_path / "lpips.safetensors"))
     objective = build_objective(recipe(loss={"perceptual_weight": 0.1}, perceptual_network="efficientnet_lite0",
                                        perceptual_weights=str(tmp_path / "lpips.safetensors")))
-    assert isinstance(objective.perceptual.features, Features)
+    assert isinstance(objective.perceptual.features, _IdentityFeatures)
     assert [weights.tolist() for weights in objective.perceptual.layer_weights] == [[1.0, 2.0, 3.0]]
     assert build_objective(recipe()).perceptual is None  # perceptual_weight 0: no network
 
@@ -274,13 +278,6 @@ def test_the_held_out_evaluation_reconstructs_crops_of_the_recipes_evaluation_si
                          show_progress=False)
     with Image.open(tmp_path / "eval" / "reconstructions.png") as grid:
         assert grid.size == (8 * 16, 16)  # the 4 crops and their 4 reconstructions in one row
-
-
-class _IdentityFeatures(nn.Module):
-    """A feature 'network' returning the images themselves as its one feature map."""
-
-    def forward(self, x):
-        return [x]
 
 
 def _constant_map(vector, height=2, width=3):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from nextstep.config import require
 from nextstep.model import NextStep
 from nextstep.sequence import SequenceBatch
 from nextstep.training.config import TrainConfig
@@ -47,11 +48,9 @@ class TextToImageTask(TrainingTask):
                                         or pack_length < 1):
             raise ValueError(f"pack_length must be None or an integer >= 1, found {pack_length!r}")
         self.pack_length = pack_length
-        if not context_noise >= 0:  # NaN too
-            raise ValueError(f"context_noise must be >= 0, found {context_noise!r}")
+        require(context_noise >= 0, "context_noise", context_noise, ">= 0")
         self.context_noise = context_noise
-        if text_dropout is not None and not 0 <= text_dropout <= 1:
-            raise ValueError(f"text_dropout must be in [0, 1], found {text_dropout!r}")
+        require(text_dropout is None or 0 <= text_dropout <= 1, "text_dropout", text_dropout, "in [0, 1]")
         self.text_dropout = model.config.image_first_probability if text_dropout is None else text_dropout
 
     @classmethod
