@@ -47,13 +47,15 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     """Round ``weight`` (N, K) to int8 with one scale per row (rows of zeros get scale 1).
 
     Args:
-        weight: a floating (N, K) matrix.
+        weight: a floating (N, K) matrix, K >= 1.
 
     Returns:
         the `Int8Weight`, on the weight's device.
     """
-    if weight.ndim != 2 or not weight.is_floating_point():
-        raise ValueError(f"quantize_int8 takes a floating (N, K) matrix, found {tuple(weight.shape)} {weight.dtype}")
+    if weight.ndim != 2 or not weight.is_floating_point() or weight.shape[1] == 0:
+        raise ValueError(
+            f"quantize_int8 takes a floating (N, K) matrix with K >= 1, found {tuple(weight.shape)} {weight.dtype}"
+        )
     with torch.no_grad():
         values = weight.detach().float()
         largest = values.abs().amax(dim=1)  # NaN or inf in exactly the rows that hold such a value
