@@ -90,6 +90,11 @@ def rotate_into_cache_reference(qkv: torch.Tensor, cos: torch.Tensor, signed_sin
     return rotated[:, :num_heads].contiguous()
 
 
+def _one_cache_layout(keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the kernel can address both caches: shared strides, contiguous last axis."""
+    return keys.stride() == values.stride() and keys.stride(-1) == 1
+
+
 @functools.cache
 def _kernel(interpret: bool):
     """Build the Triton kernel (once per interpreter setting)."""
@@ -149,7 +154,7 @@ def rotate_into_cache_triton(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: t
         the rotated queries, shape (B, N, E), in the dtype of ``qkv``.
     """
     _check(qkv, cos, signed_sin, keys, values, slot, num_heads, num_kv_heads)
-    if keys.stride() != values.stride() or keys.stride(-1) != 1:
+    if not _one_cache_layout(keys, values):
         raise ValueError(f"keys and values must share strides with a contiguous last axis, found {keys.stride()} "
                          f"and {values.stride()}")
     qkv, cos, signed_sin = contiguous_rows(qkv), contiguous_rows(cos), contiguous_rows(signed_sin)
@@ -171,10 +176,13 @@ def rotate_into_cache(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Te
                       values: torch.Tensor, slot: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """Rotate one token's queries and keys; write its keys and values into cache slot ``slot``.
 
-    The Triton kernel where allowed, the reference otherwise; see `rotate_into_cache_reference`.
+    The Triton kernel where allowed and the two caches share one layout, the
+    reference otherwise; see `rotate_into_cache_reference`.
 
     Returns:
         the rotated queries, shape (B, N, E).
     """
+    if not _one_cache_layout(keys, values):
+        return rotate_into_cache_reference(qkv, cos, signed_sin, keys, values, slot, num_heads, num_kv_heads)
     return dispatch("rotate_into_cache", qkv, rotate_into_cache_triton, rotate_into_cache_reference, qkv, cos,
                     signed_sin, keys, values, slot, num_heads, num_kv_heads)
