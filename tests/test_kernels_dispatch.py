@@ -78,8 +78,9 @@ def test_the_interpreter_switch_takes_the_usual_words_for_true(monkeypatch, valu
 
 
 @pytest.mark.parametrize(("value", "disabled"), [("1", True), ("yes", True), ("true", True), ("2", True),
-                                                 ("0", False), ("", False), (" ", False)])
-def test_any_value_but_zero_or_empty_turns_the_kernels_off(monkeypatch, value, disabled):
+                                                 ("anything", True), ("0", False), ("", False), (" ", False),
+                                                 (" False ", False), ("no", False), ("OFF", False)])
+def test_any_value_but_a_word_for_false_turns_the_kernels_off(monkeypatch, value, disabled):
     monkeypatch.setenv("NEXTSTEP_DISABLE_TRITON", value)
     assert triton_support.triton_disabled() is disabled
     assert triton_support.kernel_choice(True) is (not disabled)

@@ -13,7 +13,7 @@ eager PyTorch reference otherwise:
   or inside `nextstep.kernels.target_compile.compile_for_target`, which
   compiles the kernels for a GPU instead of running them;
 - never when the environment variable ``NEXTSTEP_DISABLE_TRITON`` is set to
-  anything but ``0`` or the empty string;
+  anything but the empty string, ``0``, ``false``, ``no`` or ``off`` (in any case);
 - never again for an operation whose kernel failed to build or launch
   (`dispatch` warns once with a `KernelFallbackWarning` and uses the reference).
 """
@@ -219,7 +219,7 @@ def grid_dependency_functions() -> tuple[Any, Any]:
 
 def triton_disabled() -> bool:
     """Whether ``NEXTSTEP_DISABLE_TRITON`` turns the kernels off."""
-    return os.environ.get(DISABLE_VARIABLE, "").strip() not in ("", "0")
+    return os.environ.get(DISABLE_VARIABLE, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def kernel_choice(use_kernels: bool | None) -> bool | None:
