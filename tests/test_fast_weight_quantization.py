@@ -56,7 +56,7 @@ def test_the_int8_copies_follow_a_repack_and_the_sampler_checks_its_options():
 
 
 def test_quantize_int8_names_what_it_takes():
-    with pytest.raises(ValueError, match=r"a floating \(N, K\) matrix, found \(3,\) torch.float32"):
+    with pytest.raises(ValueError, match=r"a floating \(N, K\) matrix with K >= 1, found \(3,\) torch.float32"):
         quantize_int8(torch.zeros(3))
 
 
