@@ -69,40 +69,12 @@ def test_max_steps_wins_over_a_set_of_the_same_field(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr("nextstep.training.recipe.run_recipe", _recording_run(calls))
     (tmp_path / "recipe.json").write_text(json.dumps(RECIPE))
-    assert (
-        main(
-            [
-                "train",
-                str(tmp_path / "recipe.json"),
-                "-o",
-                str(tmp_path / "run"),
-                "--quiet",
-                "--max-steps",
-                "7",
-                "--set",
-                "train.max_steps=2",
-                "--set",
-                "train.learning_rate=0.002",
-            ]
-        )
-        == 0
-    )
+    train = ["train", str(tmp_path / "recipe.json"), "-o", str(tmp_path / "run"), "--quiet"]
+    sets = ["--set", "train.max_steps=2", "--set", "train.learning_rate=0.002"]
+    assert main([*train, "--max-steps", "7", *sets]) == 0
     recipe = calls[-1][0]
     assert (recipe.train.max_steps, recipe.train.learning_rate) == (7, 0.002)
-    assert (
-        main(
-            [
-                "train",
-                str(tmp_path / "recipe.json"),
-                "-o",
-                str(tmp_path / "run"),
-                "--quiet",
-                "--set",
-                "train.max_steps=2",
-            ]
-        )
-        == 0
-    )
+    assert main([*train, *sets[:2]]) == 0
     assert calls[-1][0].train.max_steps == 2
 
 

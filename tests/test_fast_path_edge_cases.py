@@ -294,6 +294,23 @@ def _inputs(model, fast, branches=2, stochastic=False, steps=2, seed=0):
     return hidden, cache, next_positions, noise, step_noise
 
 
+def _sample(model, fast, **options):
+    """Two Euler steps at guidance 2 over fresh inputs, with ``options`` passed on to ``sample_tokens``."""
+    from nextstep.samplers import guidance_for_scale
+
+    hidden, cache, next_positions, noise, _ = _inputs(model, fast)
+    return fast.sample_tokens(
+        hidden,
+        cache,
+        next_positions,
+        noise,
+        guidance=guidance_for_scale(2.0),
+        sampler=EulerSampler(),
+        num_steps=2,
+        **options,
+    )
+
+
 @pytest.mark.parametrize("max_length", [0, -3, 10.0, "10"])
 def test_a_pooled_cache_needs_a_positive_integer_length(tiny_model, max_length):
     """``new_cache`` refuses lengths that are not integers >= 1 by name."""
@@ -335,22 +352,10 @@ def test_mismatched_sampling_inputs_are_named(tiny_model):
 def test_sampled_tokens_are_ordinary_tensors_and_progress_counts_every_token(tiny_model):
     """The tokens come back as a tensor that accepts in-place updates; ``progress`` sees 1..T of T."""
     from nextstep.fast import FastTokenSampler
-    from nextstep.samplers import guidance_for_scale
 
     model = tiny_model.eval()
-    fast = FastTokenSampler(model, use_kernels=False)
-    hidden, cache, next_positions, noise, _ = _inputs(model, fast)
     seen = []
-    tokens = fast.sample_tokens(
-        hidden,
-        cache,
-        next_positions,
-        noise,
-        guidance=guidance_for_scale(2.0),
-        sampler=EulerSampler(),
-        num_steps=2,
-        progress=lambda done, total: seen.append((done, total)),
-    )
+    tokens = _sample(model, FastTokenSampler(model, use_kernels=False), progress=lambda *done: seen.append(done))
     assert seen == [(index, 6) for index in range(1, 7)]
     assert not tokens.is_inference()
     tokens.add_(1.0)
@@ -359,24 +364,11 @@ def test_sampled_tokens_are_ordinary_tensors_and_progress_counts_every_token(tin
 def test_use_norm_defaults_to_the_model_config(tiny_model):
     """Without ``use_norm`` the sampler normalises tokens exactly when the model's config says so."""
     from nextstep.fast import FastTokenSampler
-    from nextstep.samplers import guidance_for_scale
 
     model = tiny_model.eval()
     model.config.use_norm = True
     fast = FastTokenSampler(model, use_kernels=False)
-    found = {}
-    for use_norm in (None, True, False):
-        hidden, cache, next_positions, noise, _ = _inputs(model, fast)
-        found[use_norm] = fast.sample_tokens(
-            hidden,
-            cache,
-            next_positions,
-            noise,
-            guidance=guidance_for_scale(2.0),
-            sampler=EulerSampler(),
-            num_steps=2,
-            use_norm=use_norm,
-        )
+    found = {use_norm: _sample(model, fast, use_norm=use_norm) for use_norm in (None, True, False)}
     torch.testing.assert_close(found[None], found[True], rtol=0, atol=0)
     assert not torch.allclose(found[None], found[False])
 
