@@ -39,6 +39,13 @@ def test_malformed_plans_are_refused_with_what_is_wrong(build, message):
         build()
 
 
+@pytest.mark.parametrize("grid", [torch.zeros(1), torch.zeros(0), torch.zeros(3, 1)], ids=["one_point", "empty", "2d"])
+def test_a_time_grid_without_a_step_is_named(grid):
+    """A plan needs a 1-D grid of at least two times; anything else is named with its shape."""
+    with pytest.raises(ValueError, match=r"time_grid must be \(S \+ 1,\) with S >= 1 steps, found shape"):
+        solver_plan(EulerSampler(), grid)
+
+
 def test_a_scratch_buffer_written_once_stays_readable_by_later_stages():
     """A trial point or kept velocity written by an early stage may be read after stages that leave it alone."""
     plan = _plan(

@@ -137,6 +137,8 @@ def solver_plan(sampler: Sampler, time_grid: torch.Tensor, stochastic: bool = Tr
     reason = plan_reason(sampler)
     if reason is not None:
         raise ValueError(reason)
+    if time_grid.ndim != 1 or time_grid.shape[0] < 2:
+        raise ValueError(f"time_grid must be (S + 1,) with S >= 1 steps, found shape {tuple(time_grid.shape)}")
     grid = time_grid.detach().float().cpu()
     num_steps = grid.shape[0] - 1
     # The eager samplers take steps in float32 from the float32 grid; so do the plans.
