@@ -39,9 +39,10 @@ def draw_noise(num_images: int, seed: int, num_tokens: int, token_dim: int, max_
 
 
 def fast_sample(model, fast, sampler, prompts, grid: tuple[int, int], *, cfg: float = 3.0, steps: int = 2,
-                seed: int = 0):
+                seed: int = 0, use_norm: bool | None = True, **options):
     """Tokens (R, h*w, D) of ``prompts`` from the fast sampler ``fast``, with ``guidance_for_scale(cfg)``,
-    ``steps`` head steps and ``use_norm``, from the prefill and noise `generate_tokens` would use."""
+    ``steps`` head steps and ``use_norm``, from the prefill and noise `generate_tokens` would use; ``options``
+    go on to ``sample_tokens``."""
     from nextstep.samplers import guidance_for_scale
 
     guidance = guidance_for_scale(cfg)
@@ -50,4 +51,4 @@ def fast_sample(model, fast, sampler, prompts, grid: tuple[int, int], *, cfg: fl
     noise, step_noise = draw_noise(len(prompts), seed, count, model.token_dim, steps, sampler.stochastic)
     return fast.sample_tokens(hidden, cache, next_positions, noise.to(fast.device),
                               None if step_noise is None else step_noise.to(fast.device), guidance=guidance,
-                              sampler=sampler, num_steps=steps, use_norm=True)
+                              sampler=sampler, num_steps=steps, use_norm=use_norm, **options)

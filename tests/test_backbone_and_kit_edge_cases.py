@@ -6,8 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_backbone_hf_adapter import hf_adapter
 
-from nextstep.backbones import HFBackbone, HFBackboneConfig, Qwen2Backbone, Qwen2BackboneConfig
+from nextstep.backbones import Qwen2Backbone, Qwen2BackboneConfig
 from nextstep.backbones.attention import attention_backend
 from nextstep.backbones.qwen2_checkpoint import hf_config_from_qwen2, qwen2_config_from_hf
 from nextstep.heads import FlowMatchingHead, FlowMatchingHeadConfig
@@ -28,16 +29,6 @@ from nextstep.tokenizers import ByteTextTokenizer
 CONFIG = Qwen2BackboneConfig(
     vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2
 )
-HF_FIELDS = {
-    "model_type": "qwen2",
-    "vocab_size": 90,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-6,
-}
 
 
 class LateTokensOfTheSecondDocumentDrift(Qwen2Backbone):
@@ -180,14 +171,9 @@ def test_a_decoder_with_an_output_bias_has_no_hf_qwen2_config():
         hf_config_from_qwen2(CONFIG.replace(output_attention_bias=True))
 
 
-def _hf_backbone(seed=0):
-    torch.manual_seed(seed)
-    return HFBackbone(HFBackboneConfig(model_config=HF_FIELDS)).eval()
-
-
 def test_hf_cache_cropped_by_one_token_decodes_another_step_as_a_fresh_cache():
     """Cropping an HFCache back by a single slot forgets that slot in the transformers cache too."""
-    backbone = _hf_backbone()
+    backbone = hf_adapter()
     prompt, step, other = torch.randn(1, 3, 32), torch.randn(1, 1, 32), torch.randn(1, 1, 32)
     real = torch.ones(1, 1, dtype=torch.bool)
     with torch.no_grad():
@@ -204,7 +190,7 @@ def test_hf_cache_cropped_by_one_token_decodes_another_step_as_a_fresh_cache():
 
 def test_hf_backbone_keeps_two_packed_documents_apart():
     """Two packed documents (ids 1 and 2) each give what they give alone."""
-    backbone = _hf_backbone(1)
+    backbone = hf_adapter(1)
     first, second = torch.randn(1, 4, 32), torch.randn(1, 3, 32)
     packed = torch.cat([first, second, torch.zeros(1, 2, 32)], 1)
     documents = torch.tensor([[1] * 4 + [2] * 3 + [0] * 2])
@@ -218,7 +204,7 @@ def test_hf_backbone_keeps_two_packed_documents_apart():
 
 def test_hf_backbone_refuses_a_cache_of_another_batch_size():
     """A cached call whose batch differs from the cache's rows raises ValueError naming both."""
-    backbone = _hf_backbone()
+    backbone = hf_adapter()
     cache = backbone.new_cache(2, 5)
     with torch.no_grad(), pytest.raises(ValueError, match="batch of 1 rows does not match the cache's 2 rows"):
         backbone(torch.randn(1, 2, 32), torch.arange(2)[None], None, cache)
@@ -226,7 +212,7 @@ def test_hf_backbone_refuses_a_cache_of_another_batch_size():
 
 def test_hf_backbone_refuses_embeddings_of_another_width():
     """New input embeddings must be hidden_size wide."""
-    backbone = _hf_backbone()
+    backbone = hf_adapter()
     with pytest.raises(ValueError, match="embeddings must be 32 wide"):
         backbone.set_input_embeddings(torch.nn.Embedding(10, 16))
 

@@ -14,9 +14,14 @@ FIELDS = {"model_type": "qwen2", "vocab_size": 90, "hidden_size": 32, "intermedi
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6}
 
 
-def adapter_and_native(seed=0):
+def hf_adapter(seed=0):
+    """The adapter over a random Qwen2 of ``FIELDS``, drawn from ``seed``, in eval mode."""
     torch.manual_seed(seed)
-    adapter = HFBackbone(HFBackboneConfig(model_config=FIELDS)).eval()
+    return HFBackbone(HFBackboneConfig(model_config=FIELDS)).eval()
+
+
+def adapter_and_native(seed=0):
+    adapter = hf_adapter(seed)
     native = Qwen2Backbone(qwen2_config_from_hf(FIELDS)).eval()
     native.load_state_dict(adapter.model.state_dict())
     return adapter, native

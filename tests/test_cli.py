@@ -439,23 +439,10 @@ def test_the_emoji_limit_is_checked_for_the_emoji_suite_only(tmp_path, capsys, m
 
 def test_eval_keeps_the_summary_of_earlier_suites_and_refuses_those_of_a_changed_model(tmp_path, tiny_model, capsys,
                                                                                        monkeypatch):
-    from types import SimpleNamespace
-
-    import nextstep.evaluation.shapes_geneval as shapes_geneval
-    import nextstep.evaluation.tokenizer_report as tokenizer_report
+    from cli_helpers import fake_suites
 
     asked = {}
-
-    def suite(name):
-        def run(model, output, **kwargs):
-            asked[name] = kwargs
-            output.mkdir(parents=True, exist_ok=True)
-            (output / "report.md").write_text(f"{name} table\n")
-            return SimpleNamespace(to_dict=lambda: {"score": 1.0}, to_markdown=lambda: f"{name} table")
-        return run
-
-    monkeypatch.setattr(shapes_geneval, "run_shapes_geneval", suite("shapes"))
-    monkeypatch.setattr(tokenizer_report, "run_tokenizer_evaluation", suite("tokenizer"))
+    fake_suites(monkeypatch, asked=asked)
     tiny_model.save_pretrained(tmp_path / "model")
     out = tmp_path / "eval"
     common = ["eval", str(tmp_path / "model"), "--size", "32", "--output", str(out), "--quiet", "--suite"]

@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cli_helpers import fake_suites, finished_trainer
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -18,14 +19,10 @@ RECIPE = {
 }
 
 
-def _finished_trainer(is_main=True, latest=None):
-    return SimpleNamespace(context=SimpleNamespace(is_main=is_main), checkpoints=SimpleNamespace(latest=lambda: latest))
-
-
 def _recording_run(calls, latest=None):
     def run(recipe, output, **kwargs):
         calls.append((recipe, output, kwargs))
-        return _finished_trainer(latest=latest)
+        return finished_trainer(latest=latest)
 
     return run
 
@@ -133,30 +130,10 @@ def test_eval_tokenizer_draws_a_preset_s_random_weights_from_its_seed(tmp_path, 
     assert not torch.equal(weights[0], weights[2])
 
 
-def _fake_suites(monkeypatch, runs, failing=()):
-    """Replace the shapes and tokenizer suites with quick ones that record their calls in ``runs``."""
-    import nextstep.evaluation.shapes_geneval as shapes_geneval
-    import nextstep.evaluation.tokenizer_report as tokenizer_report
-
-    def suite(name):
-        def run(model, output, **kwargs):
-            runs.append(name)
-            output.mkdir(parents=True, exist_ok=True)
-            (output / "report.md").write_text(f"{name} table\n")
-            if name in failing:
-                raise ValueError(f"{name} stopped")
-            return SimpleNamespace(to_dict=lambda: {"score": 1.0}, to_markdown=lambda: f"{name} table")
-
-        return run
-
-    monkeypatch.setattr(shapes_geneval, "run_shapes_geneval", suite("shapes"))
-    monkeypatch.setattr(tokenizer_report, "run_tokenizer_evaluation", suite("tokenizer"))
-
-
 def test_eval_runs_a_suite_named_twice_once(tmp_path, monkeypatch):
     """--suite tokenizer tokenizer is one tokenizer evaluation."""
     runs = []
-    _fake_suites(monkeypatch, runs)
+    fake_suites(monkeypatch, runs)
     assert (
         main(
             [
@@ -182,7 +159,7 @@ def test_eval_runs_a_suite_named_twice_once(tmp_path, monkeypatch):
 def test_eval_goes_on_in_a_folder_recorded_before_model_fingerprints(tmp_path, tiny_model, monkeypatch):
     """A record without a fingerprint compares on the model's name and settings: a later suite joins its summary."""
     runs = []
-    _fake_suites(monkeypatch, runs)
+    fake_suites(monkeypatch, runs)
     tiny_model.save_pretrained(tmp_path / "model")
     out = tmp_path / "eval"
     common = ["eval", str(tmp_path / "model"), "--size", "32", "--output", str(out), "--quiet", "--suite"]
@@ -198,11 +175,11 @@ def test_eval_reruns_a_suite_that_was_interrupted_with_the_same_options(tmp_path
     """A suite that stopped part-way is run again into its folder without --overwrite; other options are refused."""
     out = tmp_path / "eval"
     common = ["eval", "tiny", "--size", "32", "--output", str(out), "--quiet", "--suite", "tokenizer"]
-    _fake_suites(monkeypatch, [], failing=("tokenizer",))
+    fake_suites(monkeypatch, [], failing=("tokenizer",))
     assert main(common + ["--crops", "4"]) == 2
     assert "tokenizer stopped" in capsys.readouterr().err
     runs = []
-    _fake_suites(monkeypatch, runs)
+    fake_suites(monkeypatch, runs)
     assert main(common + ["--crops", "5"]) == 2
     assert "with other settings" in capsys.readouterr().err
     assert main(common + ["--crops", "4"]) == 0
@@ -212,7 +189,7 @@ def test_eval_reruns_a_suite_that_was_interrupted_with_the_same_options(tmp_path
 def test_eval_refuses_a_folder_whose_summary_is_another_model_s(tmp_path, monkeypatch, capsys):
     """The summary of another model's evaluation is not replaced, even when no suite folder is in the way."""
     runs = []
-    _fake_suites(monkeypatch, runs)
+    fake_suites(monkeypatch, runs)
     out = tmp_path / "eval"
     assert main(["eval", "tiny", "--size", "32", "--output", str(out), "--quiet", "--suite", "tokenizer"]) == 0
     assert (

@@ -11,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_data_emoji import pytestmark as needs_emoji
+from test_data_fashion_mnist import pytestmark as needs_fashion_mnist
 
-from nextstep.training.data import emoji as emoji_module
 from nextstep.training.data import fashion_mnist
 from nextstep.training.data.base import DataQualityError, ImageTextDataset, ImageTextSample
 from nextstep.training.data.shapes import COLOURS, Relation, Scene, ShapeObject, ShapesConfig, ShapesDataset
@@ -29,15 +30,6 @@ from nextstep.training.data.shapes.world import (
     sample_scene,
     shape_phrase,
 )
-
-needs_emoji = pytest.mark.skipif(
-    not emoji_module.FONT_PATH.is_file() or not emoji_module.EMOJI_TEST_PATH.is_file(),
-    reason="emoji data not installed; run `make data`",
-)
-needs_fashion_mnist = pytest.mark.skipif(
-    not fashion_mnist.DATA_DIR.is_dir(), reason="Fashion-MNIST not installed; run `make data`"
-)
-
 
 # The shapes world.
 

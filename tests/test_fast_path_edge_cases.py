@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from fast_helpers import draw_noise, fast_sample, prefill
 
 from nextstep.fast import SolverPlan, SolverStage, solver_plan
 from nextstep.fast.solver_plan import check_plan, plan_reason
@@ -294,28 +295,9 @@ GRID = (2, 3)
 
 
 def _inputs(model, fast, branches=2, stochastic=False, steps=2, seed=0):
-    from fast_helpers import draw_noise, prefill
-
     hidden, cache, next_positions = prefill(model, PROMPTS, GRID, branches, fast.new_cache)
     noise, step_noise = draw_noise(len(PROMPTS), seed, GRID[0] * GRID[1], model.token_dim, steps, stochastic)
     return hidden, cache, next_positions, noise, step_noise
-
-
-def _sample(model, fast, **options):
-    """Two Euler steps at guidance 2 over fresh inputs, with ``options`` passed on to ``sample_tokens``."""
-    from nextstep.samplers import guidance_for_scale
-
-    hidden, cache, next_positions, noise, _ = _inputs(model, fast)
-    return fast.sample_tokens(
-        hidden,
-        cache,
-        next_positions,
-        noise,
-        guidance=guidance_for_scale(2.0),
-        sampler=EulerSampler(),
-        num_steps=2,
-        **options,
-    )
 
 
 @pytest.mark.parametrize("max_length", [0, -3, 10.0, "10"])
@@ -362,7 +344,16 @@ def test_sampled_tokens_are_ordinary_tensors_and_progress_counts_every_token(tin
 
     model = tiny_model.eval()
     seen = []
-    tokens = _sample(model, FastTokenSampler(model, use_kernels=False), progress=lambda *done: seen.append(done))
+    tokens = fast_sample(
+        model,
+        FastTokenSampler(model, use_kernels=False),
+        EulerSampler(),
+        PROMPTS,
+        GRID,
+        cfg=2.0,
+        use_norm=None,
+        progress=lambda *done: seen.append(done),
+    )
     assert seen == [(index, 6) for index in range(1, 7)]
     assert not tokens.is_inference()
     tokens.add_(1.0)
@@ -375,7 +366,10 @@ def test_use_norm_defaults_to_the_model_config(tiny_model):
     model = tiny_model.eval()
     model.config.use_norm = True
     fast = FastTokenSampler(model, use_kernels=False)
-    found = {use_norm: _sample(model, fast, use_norm=use_norm) for use_norm in (None, True, False)}
+    found = {
+        use_norm: fast_sample(model, fast, EulerSampler(), PROMPTS, GRID, cfg=2.0, use_norm=use_norm)
+        for use_norm in (None, True, False)
+    }
     torch.testing.assert_close(found[None], found[True], rtol=0, atol=0)
     assert not torch.allclose(found[None], found[False])
 

@@ -5,6 +5,7 @@ import re
 import shutil
 
 import pytest
+from cli_helpers import finished_trainer
 from PIL import Image
 
 from nextstep.cli import main
@@ -421,19 +422,13 @@ def test_a_recipe_builds_its_preset_with_its_model_arguments():
     assert (backbone["hidden_size"], backbone["num_layers"], backbone["num_heads"]) == (32, 1, 2)
 
 
-def _finished_trainer(is_main=True, latest=None):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(context=SimpleNamespace(is_main=is_main), checkpoints=SimpleNamespace(latest=lambda: latest))
-
-
 def test_train_passes_resume_and_quiet_on_and_defaults_to_a_folder_named_after_the_recipe(tmp_path, capsys,
                                                                                           monkeypatch):
     from pathlib import Path
 
     calls = []
     monkeypatch.setattr("nextstep.training.recipe.run_recipe",
-                        lambda recipe, output, **kwargs: calls.append((output, kwargs)) or _finished_trainer())
+                        lambda recipe, output, **kwargs: calls.append((output, kwargs)) or finished_trainer())
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_recipe.json").write_text(json.dumps(RECIPE))
     assert main(["train", "my_recipe.json", "--quiet"]) == 0
@@ -449,11 +444,11 @@ def test_train_prints_its_files_from_the_main_process_only(tmp_path, capsys, mon
     (tmp_path / "run" / "model").mkdir(parents=True)
     latest = tmp_path / "run" / "checkpoints" / "step-00000003"
     monkeypatch.setattr("nextstep.training.recipe.run_recipe",
-                        lambda recipe, output, **kwargs: _finished_trainer(is_main=False, latest=latest))
+                        lambda recipe, output, **kwargs: finished_trainer(is_main=False, latest=latest))
     assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--quiet"]) == 0
     assert capsys.readouterr().out == ""
     monkeypatch.setattr("nextstep.training.recipe.run_recipe",
-                        lambda recipe, output, **kwargs: _finished_trainer(latest=latest))
+                        lambda recipe, output, **kwargs: finished_trainer(latest=latest))
     assert main(["train", str(recipe), "-o", str(tmp_path / "run"), "--quiet"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"log: {tmp_path / 'run' / 'train_log.csv'}",
                                                     f"checkpoint: {latest}", f"model: {tmp_path / 'run' / 'model'}"]
@@ -462,7 +457,7 @@ def test_train_prints_its_files_from_the_main_process_only(tmp_path, capsys, mon
 def test_train_tokenizer_names_the_tokenizer_folder_it_wrote(tmp_path, capsys, monkeypatch):
     def run(recipe, output, **kwargs):
         (output / "tokenizer").mkdir(parents=True)
-        return _finished_trainer()
+        return finished_trainer()
 
     monkeypatch.setattr("nextstep.training.tokenizer_recipe.load_tokenizer_recipe", lambda name, overrides: name)
     monkeypatch.setattr("nextstep.training.tokenizer_recipe.run_tokenizer_recipe", run)
