@@ -31,6 +31,18 @@ def _write_index(folder: Path, index: dict) -> None:
     (folder / "index.json").write_text(json.dumps(index))
 
 
+def _deny(monkeypatch, method: str, name: str) -> None:
+    """``Path.<method>`` raises PermissionError for files called ``name`` and works for the others."""
+    original = getattr(Path, method)
+
+    def denied(path, *args, **kwargs):
+        if path.name == name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, denied)
+
+
 def _small_shapes() -> ShapesDataset:
     """The dataset `build` caches."""
     return ShapesDataset(ShapesConfig(num_samples=6, size=16))
@@ -122,14 +134,7 @@ def test_a_saved_recipe_that_cannot_be_read_is_not_compared(tmp_path, monkeypatc
     from nextstep.training.recipe import check_same_recipe
 
     RecipeConfig(model="other").save(tmp_path / "recipe.json")
-    original = Path.read_text
-
-    def read_text(path, *args, **kwargs):
-        if path.name == "recipe.json":
-            raise PermissionError(13, "Permission denied", str(path))
-        return original(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "read_text", read_text)
+    _deny(monkeypatch, "read_text", "recipe.json")
     with caplog.at_level("WARNING", logger="nextstep.training"):
         check_same_recipe(RecipeConfig(), tmp_path)
     assert "recipe.json cannot be read as a RecipeConfig; it is not compared" in caplog.text
@@ -197,14 +202,7 @@ def test_an_incomplete_cache_whose_index_cannot_be_removed_names_the_folder_to_d
     vae = small_vae()
     folder = build(vae, tmp_path / "cache", shard_size=3)
     (folder / _index(folder)["shards"][1]["file"]).unlink()
-    original = Path.unlink
-
-    def unlink(path, *args, **kwargs):
-        if path.name == "index.json":
-            raise PermissionError(13, "Permission denied", str(path))
-        return original(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "unlink", unlink)
+    _deny(monkeypatch, "unlink", "index.json")
     with pytest.raises(ValueError, match=r"the latent cache at .*cache lacks shards its index\.json lists "
                                          r"\(shard-\d+\.safetensors\) and that index cannot be removed to rebuild it "
                                          r"\(\[Errno 13\] Permission denied: .*\); delete the folder .*cache, or "

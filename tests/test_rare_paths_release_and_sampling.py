@@ -12,6 +12,7 @@ from fast_helpers import draw_noise, prefill
 from interop_synthetic import write_qwen_checkpoint
 from test_interop_qwen_init import tiny_vae
 from test_interop_release import small_release
+from test_testing_checks import FlippedScore
 from test_word_aliases import ALIASES, word_model_directory
 from test_word_vectors import letter_counts, word_model
 from torch import nn
@@ -23,7 +24,7 @@ from nextstep.interop import nextstep_from_qwen
 from nextstep.interop.release_tokenizer import save_release_tokenizer, special_tokens_map, with_nextstep_tokens
 from nextstep.model import NextStep
 from nextstep.presets import flow_head_config
-from nextstep.samplers import EulerMaruyamaSampler, EulerSampler, guidance_for_scale
+from nextstep.samplers import EulerSampler, guidance_for_scale
 from nextstep.testing import check_image_tokenizer, check_sampler
 from nextstep.tokenizers.base import ImageTokenizer
 from nextstep.tokenizers.word_aliases import write_model_with_aliases
@@ -65,21 +66,6 @@ def _one_shift_only(sampler_class):
     return OneShift
 
 
-class _FlippedScore(EulerMaruyamaSampler):
-    """Euler-Maruyama of the flow SDE with the score term's sign flipped (a wrong drift with step noise)."""
-
-    def sample(self, velocity_fn, noise, time_grid, step_noise=None):
-        x = noise
-        for index, (t, dt) in enumerate(zip(time_grid[:-1], time_grid.diff())):
-            v = velocity_fn(x, t.expand(x.shape[0]))
-            if step_noise is None:
-                x = x + dt * v
-                continue
-            score = (t * v - x) / (1 - t)
-            x = x + dt * (v - 0.5 * score) + (dt ** 0.5) * step_noise[index]
-        return x
-
-
 def test_a_deterministic_sampler_that_refuses_a_grid_its_own_make_time_grid_built_raises_that_refusal():
     with pytest.raises(ValueError, match="_NoSingleStep needs at least 2 steps, found 1"):
         check_sampler(_NoSingleStep())
@@ -95,7 +81,7 @@ def test_a_sampler_whose_grids_exist_for_one_shift_only_passes():
 
 def test_a_stochastic_sampler_with_a_flipped_score_is_named_even_when_it_refuses_the_shift_one():
     with pytest.raises(AssertionError, match=r"OneShift: sampling the exact flow to N\(0.5, 0.3\^2\)"):
-        check_sampler(_one_shift_only(_FlippedScore)())
+        check_sampler(_one_shift_only(FlippedScore)())
 
 
 # ----------------------------------------------------------------------------- the image tokenizer kit
