@@ -207,27 +207,26 @@ def test_initialising_no_rows_leaves_the_table_as_it_was():
     assert weight.tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
 
 
-def _rewrite_lm_head(directory, lm_head):
+def rewrite_weights(directory, edit) -> None:
+    """Rewrite ``directory/model.safetensors`` after ``edit(tensors)`` changed its name -> tensor dict in place."""
     from safetensors.torch import load_file, save_file
 
     path = directory / "model.safetensors"
     tensors = load_file(str(path))
-    tensors.pop("lm_head.weight")
-    if lm_head is not None:
-        tensors["lm_head.weight"] = lm_head
+    edit(tensors)
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def test_a_qwen_checkpoint_without_its_lm_head_is_named(tmp_path):
     write_qwen_checkpoint(tmp_path, vocab_size=300, num_layers=1, vocabulary="small")
-    _rewrite_lm_head(tmp_path, None)
+    rewrite_weights(tmp_path, lambda tensors: tensors.pop("lm_head.weight"))
     with pytest.raises(ValueError, match=r"has no LM head weights: expected one of \['lm_head.weight'\]"):
         nextstep_from_qwen(tmp_path, image_tokenizer=tiny_vae(), head="tiny")
 
 
 def test_a_qwen_lm_head_of_another_width_names_its_shape_and_the_one_expected(tmp_path):
     write_qwen_checkpoint(tmp_path, vocab_size=300, num_layers=1, vocabulary="small")
-    _rewrite_lm_head(tmp_path, torch.zeros(300, 16))
+    rewrite_weights(tmp_path, lambda tensors: tensors.update({"lm_head.weight": torch.zeros(300, 16)}))
     message = r"lm_head.weight in .* has shape \(300, 16\); expected \(V, 32\) with V <= 300"
     with pytest.raises(ValueError, match=message):
         nextstep_from_qwen(tmp_path, image_tokenizer=tiny_vae(), head="tiny")

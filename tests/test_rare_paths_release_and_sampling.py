@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from fast_helpers import draw_noise, prefill
+from fast_helpers import fast_sample
 from interop_synthetic import write_qwen_checkpoint
 from test_interop_qwen_init import tiny_vae
 from test_interop_release import small_release
+from test_rare_paths_kernels_and_generation import rewrite_weights
 from test_testing_checks import FlippedScore
 from test_word_aliases import ALIASES, word_model_directory
 from test_word_vectors import letter_counts, word_model
@@ -24,7 +25,7 @@ from nextstep.interop import nextstep_from_qwen
 from nextstep.interop.release_tokenizer import save_release_tokenizer, special_tokens_map, with_nextstep_tokens
 from nextstep.model import NextStep
 from nextstep.presets import flow_head_config
-from nextstep.samplers import EulerSampler, guidance_for_scale
+from nextstep.samplers import EulerSampler
 from nextstep.testing import check_image_tokenizer, check_sampler
 from nextstep.tokenizers.base import ImageTokenizer
 from nextstep.tokenizers.word_aliases import write_model_with_aliases
@@ -187,14 +188,13 @@ def test_an_added_tokens_file_the_tokenizer_wrote_is_kept(tmp_path):
 
 
 def test_a_qwen_checkpoint_storing_its_embedding_without_the_model_prefix_is_read(tmp_path):
-    from safetensors.torch import load_file, save_file
-
     write_qwen_checkpoint(tmp_path, vocab_size=300, num_layers=1, vocabulary="small")
     prefixed = nextstep_from_qwen(tmp_path, image_tokenizer=tiny_vae(), head="tiny")
-    path = tmp_path / "model.safetensors"
-    tensors = load_file(str(path))
-    tensors["embed_tokens.weight"] = tensors.pop("model.embed_tokens.weight")
-    save_file(tensors, str(path), metadata={"format": "pt"})
+
+    def unprefixed(tensors):
+        tensors["embed_tokens.weight"] = tensors.pop("model.embed_tokens.weight")
+
+    rewrite_weights(tmp_path, unprefixed)
     model = nextstep_from_qwen(tmp_path, image_tokenizer=tiny_vae(), head="tiny")
     assert torch.equal(model.backbone.embed_tokens.weight, prefixed.backbone.embed_tokens.weight)
 
@@ -223,13 +223,9 @@ def test_a_pooled_cache_without_reset_is_cropped_to_empty_when_handed_out_again(
 def test_a_progress_bar_counts_every_token_and_changes_no_token(trained_like_model, capsys):
     model = trained_like_model.eval()
     fast = FastTokenSampler(model, use_kernels=False)
-    grid, guidance = (2, 3), guidance_for_scale(2.0)
-    noise, _ = draw_noise(1, 0, 6, model.token_dim, 2, False)
-    found = {}
-    for progress in (None, True):
-        hidden, cache, next_positions = prefill(model, ["a red circle"], grid, 2, fast.new_cache)
-        found[progress] = fast.sample_tokens(hidden, cache, next_positions, noise, guidance=guidance,
-                                             sampler=EulerSampler(), num_steps=2, progress=progress)
+    found = {progress: fast_sample(model, fast, EulerSampler(), ["a red circle"], (2, 3), cfg=2.0, use_norm=None,
+                                   progress=progress)
+             for progress in (None, True)}
     assert torch.equal(found[True], found[None])
     assert "6/6" in capsys.readouterr().err
 

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from PIL import Image
+from test_training_loop import _Points
 from torch import nn
 
 from nextstep.training import CheckpointManager, DistributedContext, TrainConfig, build_optimizer
@@ -329,8 +330,6 @@ def test_the_tokenizer_task_needs_images_and_previews():
 
 # ------------------------------------------------------------------ trainer
 def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
-    from test_training_loop import _Points
-
     from nextstep.training import StepResult, Trainer, TrainingTask
 
     class Diverging(TrainingTask):
@@ -366,8 +365,6 @@ def _counting_task(counts_of):
 
 
 def test_micro_batches_that_count_different_terms_are_refused(tmp_path):
-    from test_training_loop import _Points
-
     from nextstep.training import Trainer
 
     config = TrainConfig(max_steps=1, micro_batch_size=2, warmup_steps=1, gradient_accumulation=2,
@@ -379,8 +376,6 @@ def test_micro_batches_that_count_different_terms_are_refused(tmp_path):
 
 
 def test_a_task_that_counts_no_terms_gets_no_totals(tmp_path):
-    from test_training_loop import _Points
-
     from nextstep.training import Trainer
 
     config = TrainConfig(max_steps=2, micro_batch_size=2, warmup_steps=1, gradient_accumulation=2,
@@ -391,8 +386,6 @@ def test_a_task_that_counts_no_terms_gets_no_totals(tmp_path):
 
 
 def test_a_step_without_gradients_reports_a_zero_gradient_norm(tmp_path):
-    from test_training_loop import _Points
-
     from nextstep.training import StepResult, Trainer, TrainingTask
 
     class Detached(TrainingTask):
