@@ -495,6 +495,44 @@ def command_preference_rounds(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_distill_head(args: argparse.Namespace) -> int:
+    from nextstep.builders import load_model
+    from nextstep.io import atomic_write_text
+    from nextstep.training.head_distillation import HeadDistillationConfig, distill_head, install_distilled_head
+    from nextstep.training.prompt_sets import prompt_set
+
+    given = {name: getattr(args, name) for name in ("steps", "teacher_steps", "cfg", "images_per_prompt",
+                                                    "iterations", "batch_size", "learning_rate", "seed")}
+    config = HeadDistillationConfig(**{name: value for name, value in given.items() if value is not None})
+    prompts = [prompt for source in (args.prompts or ["shapes-seen", "emoji-train"]) for prompt in prompt_set(source)]
+    model = load_model(args.model, device=args.device)
+    bars: dict = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if args.quiet:
+            return
+        if stage not in bars:
+            from tqdm import tqdm
+
+            bars[stage] = tqdm(total=total, desc="teacher images" if stage == "teacher" else "student steps")
+        bars[stage].update(done - bars[stage].n)
+
+    distilled = distill_head(model, prompts, config, progress=progress)
+    for bar in bars.values():
+        bar.close()
+    install_distilled_head(model, distilled)
+    model.save_pretrained(args.output)
+    atomic_write_text(Path(args.output) / "distillation.json", json.dumps(distilled.report, indent=2) + "\n")
+    report = distilled.report
+    held_out = (f"; held-out token RMSE to the teacher {report['student_rmse']:.4f} (the teacher at {config.steps} "
+                f"steps {report['teacher_rmse_at_steps']:.4f}, token RMS {report['token_rms']:.3f})"
+                if "student_rmse" in report else "")
+    print(f"wrote {args.output}: {config.steps} Euler steps, no guidance branch "
+          f"({report['head_evaluations_per_token']['student']} head evaluations per token, the teacher "
+          f"{report['head_evaluations_per_token']['teacher']}){held_out}")
+    return 0
+
+
 def command_convert(args: argparse.Namespace) -> int:
     from nextstep.dtypes import DTYPES
     from nextstep.interop.convert import convert_checkpoint, parse_size
@@ -749,6 +787,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu", type=_device)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=command_eval)
+
+    distill = commands.add_parser(
+        "distill-head",
+        help="distil the image head into a few-step head that holds the guidance (K Euler steps, one branch)")
+    distill.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                         help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
+    distill.add_argument("output", type=_output_folder, help="the model directory to write (replaced atomically), "
+                                                             "with distillation.json")
+    distill.add_argument("--prompts", action="append", metavar="SOURCE",
+                         help="training prompts the teacher draws for: a prompt file (one per line, or .jsonl with "
+                              "a 'prompt') or a set of nextstep.training.prompt_sets.PROMPT_SETS (repeatable; "
+                              "default shapes-seen and emoji-train)")
+    distill.add_argument("--steps", type=_positive_int, help="Euler steps of the student (default 4)")
+    distill.add_argument("--teacher-steps", type=_positive_int,
+                         help="steps of the teacher's own sampler, a multiple of --steps (default 20)")
+    distill.add_argument("--cfg", type=float, default=None, help="the teacher's guidance (default: the model's)")
+    distill.add_argument("--images-per-prompt", type=_positive_int, help="teacher images per prompt (default 1)")
+    distill.add_argument("--iterations", type=_positive_int, help="student optimiser steps (default 4000)")
+    distill.add_argument("--batch-size", type=_positive_int, help="token segments per step (default 256)")
+    distill.add_argument("--learning-rate", type=float, help="peak learning rate (default 0.0003)")
+    distill.add_argument("--seed", type=int, help="seed of the teacher's images and the student's draws (default 0)")
+    distill.add_argument("--device", default="cpu", type=_device)
+    distill.add_argument("--quiet", action="store_true", help="no progress bars")
+    distill.set_defaults(handler=command_distill_head)
 
     pairs = commands.add_parser(
         "preference-pairs",

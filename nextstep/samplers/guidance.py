@@ -217,6 +217,9 @@ class GuidedVelocity:
             `nextstep.heads.base.ImageHead.prepare_times` of them, passed to
             `nextstep.heads.base.ImageHead.prepare`; None if unknown.
         progress: position of this token in its image, for guidance schedules.
+
+    Attributes:
+        conditions: the (G, N, C) conditions it was built with (what a recording sampler keeps).
     """
 
     def __init__(
@@ -235,6 +238,7 @@ class GuidedVelocity:
                 f"found {tuple(conditions.shape)}"
             )
         self.guidance = guidance
+        self.conditions = conditions
         self.progress = float(progress)
         self.branches = conditions.shape[0]
         self.dtype = conditions.dtype

@@ -1,0 +1,167 @@
+"""Few-step heads distilled from a model's own sampling, against the model at its own settings.
+
+For each student step count K it distils the model's head
+(`nextstep.training.head_distillation`) on training prompts (the shapes world's
+seen combinations and the training emoji), then scores on what training never
+saw, every row at one draw per image:
+
+* the teacher at its own settings (its guidance, its steps);
+* the teacher at K steps with its guidance (fewer steps without distillation);
+* the student: K Euler steps, no unconditional branch.
+
+Scores: shapes GenEval on the held-out combinations, the held-out emoji
+(retrieval R@10 and Frechet ratios, `nextstep eval`'s emoji suite), and
+seconds per image of the tokens on this machine at batch 1 and 8 (best of 3,
+every model timed at the end of the run, one after the other), with the head
+evaluations each token costs.
+
+Usage:
+    python benchmarks/distilled_head.py [--model emoji-shapes-64] [--steps 4,2] [--shapes-repeats 16]
+        [--emoji-repeats 1] [--images-per-tag 100] [--emoji-limit 0] [--size PX] [--save DIR] [--output NAME]
+
+Writes benchmarks/results/distilled_head_<model>.json and .md (or --output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_time, results_path, write_results  # noqa: E402
+
+LATENCY_PROMPT = "a red circle to the left of a blue square"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(value) for value in text.split(",") if value]
+
+
+def score(model, settings, images_per_tag: int, emoji_limit: int | None) -> dict:
+    from nextstep.evaluation.emoji_eval import run_emoji_eval
+    from nextstep.evaluation.shapes_geneval import run_shapes_geneval
+
+    shapes = run_shapes_geneval(model, images_per_tag=images_per_tag, settings=settings, with_ceiling=False)
+    row = {"shapes": shapes.overall, "shapes_per_tag": shapes.per_tag}
+    if emoji_limit != 0:
+        emoji = run_emoji_eval(model, settings=settings, limit=emoji_limit)
+        row.update(emoji_r10_ratio=emoji.retrieval_ratio, emoji_frechet_ratio=emoji.frechet_ratio,
+                   emoji_count=emoji.count)
+    return row
+
+
+def latency(model, settings) -> dict:
+    """Seconds per image of the tokens (prefill, decoding, the head) at batch 1 and 8, best of 3."""
+    from nextstep.generation import generate_tokens
+
+    row = {}
+    for batch in (1, 8):
+        def draw(batch=batch):
+            with torch.no_grad():
+                generate_tokens(model, [LATENCY_PROMPT] * batch, height=settings.height, width=settings.width,
+                                cfg=settings.cfg, num_steps=settings.num_steps, candidates=1)
+        row[f"seconds_per_image_batch{batch}"] = best_time(draw) / batch
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="emoji-shapes-64")
+    parser.add_argument("--steps", type=_ints, default=[4, 2], help="student step counts, each its own student")
+    parser.add_argument("--teacher-steps", type=int, default=20)
+    parser.add_argument("--shapes-repeats", type=int, default=16, help="teacher images per seen shapes prompt")
+    parser.add_argument("--emoji-repeats", type=int, default=1, help="teacher images per training emoji (0: none)")
+    parser.add_argument("--iterations", type=int, default=None, help="student iterations (default: the config's)")
+    parser.add_argument("--images-per-tag", type=int, default=100)
+    parser.add_argument("--emoji-limit", type=int, default=None,
+                        help="held-out emoji scored (default all; 0 skips the emoji suite)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images generated together when scoring")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--save", type=Path, default=None, help="folder to save each distilled model in")
+    parser.add_argument("--output", default=None, help="results name or path (default distilled_head_<model>)")
+    args = parser.parse_args(argv)
+
+    from nextstep import load_model
+    from nextstep.evaluation.sampling import SamplingSettings
+    from nextstep.io import atomic_write_text
+    from nextstep.training.head_distillation import HeadDistillationConfig, distill_head, install_distilled_head
+    from nextstep.training.prompt_sets import prompt_set
+
+    prompts = prompt_set("shapes-seen") * args.shapes_repeats
+    if args.emoji_repeats:
+        prompts += prompt_set("emoji-train") * args.emoji_repeats
+    teacher = load_model(args.model).eval()
+    if args.size is not None:
+        teacher.config = teacher.config.replace(
+            generation=teacher.config.generation.replace(height=args.size, width=args.size))
+    defaults = teacher.config.generation
+    base = SamplingSettings.from_defaults(defaults, batch_size=args.batch_size, candidates=1)
+    evaluations = teacher.sampler.evaluations_per_step * (1 if defaults.cfg == 1 else 2)
+
+    timed = []  # (row, model, settings): timed together at the end, with nothing else running
+
+    def row(name: str, model, settings, steps_evaluations: int, extra: dict | None = None) -> dict:
+        start = time.perf_counter()
+        result = {"model": name, "cfg": settings.cfg, "num_steps": settings.num_steps,
+                  "head_evaluations_per_token": steps_evaluations,
+                  **score(model, settings, args.images_per_tag, args.emoji_limit), **(extra or {})}
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("shapes_per_tag", "distillation")}),
+              flush=True)
+        timed.append((result, model, settings))
+        return result
+
+    rows = [row("teacher", teacher, base, defaults.num_steps * evaluations)]
+    for steps in args.steps:
+        rows.append(row("teacher", teacher, replace(base, num_steps=steps),
+                        steps * evaluations))
+        changes = {} if args.iterations is None else {"iterations": args.iterations}
+        config = HeadDistillationConfig(steps=steps, teacher_steps=args.teacher_steps, cfg=defaults.cfg, **changes)
+        distilled = distill_head(teacher, prompts, config)
+        student = load_model(args.model).eval()
+        student.config = student.config.replace(generation=defaults)
+        install_distilled_head(student, distilled)
+        if args.save is not None:
+            student.save_pretrained(args.save / f"{Path(args.model).name}-{steps}-steps")
+        report = {key: distilled.report[key] for key in ("student_rmse", "initial_rmse", "teacher_rmse_at_steps",
+                                                         "token_rms", "tokens", "seconds", "losses")}
+        rows.append(row("student", student, SamplingSettings.from_defaults(
+            student.config.generation, batch_size=args.batch_size), steps, {"distillation": report}))
+
+    for result, model, settings in timed:
+        result.update(latency(model, settings))
+    payload = {"model": args.model, "teacher_steps": args.teacher_steps, "prompts": len(prompts),
+               "shapes_repeats": args.shapes_repeats, "emoji_repeats": args.emoji_repeats,
+               "images_per_tag": args.images_per_tag, "rows": rows}
+    path = write_results(args.output or f"distilled_head_{Path(args.model).name.replace('-', '_')}", payload)
+    emoji = args.emoji_limit != 0
+    lines = [f"Few-step heads distilled from {args.model} ({len(prompts)} teacher images on training prompts, "
+             f"teacher {args.teacher_steps} steps). Held-out shapes GenEval, {args.images_per_tag} images per "
+             "category" + (", held-out emoji" if emoji else "") + "; seconds per 64x64 image on this CPU.", "",
+             "| model | cfg | steps | head evaluations per token | shapes overall |"
+             + (" emoji R@10 ratio | emoji Frechet ratio |" if emoji else "")
+             + " s/image batch 1 | s/image batch 8 | sampled-token RMSE to the teacher |",
+             "|---|---|---|---|---|" + ("---|---|" if emoji else "") + "---|---|---|"]
+    for result in rows:
+        distillation = result.get("distillation")
+        rmse = "" if distillation is None else f"{distillation['student_rmse']:.3f}"
+        lines.append(f"| {result['model']} | {result['cfg']:g} | {result['num_steps']} | "
+                     f"{result['head_evaluations_per_token']} | {result['shapes']:.3f} |"
+                     + (f" {result['emoji_r10_ratio']:.2f} | {result['emoji_frechet_ratio']:.2f} |" if emoji else "")
+                     + f" {result['seconds_per_image_batch1']:.3f} | {result['seconds_per_image_batch8']:.3f} |"
+                     + f" {rmse} |")
+    markdown = results_path(args.output or f"distilled_head_{Path(args.model).name.replace('-', '_')}")
+    atomic_write_text(markdown.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

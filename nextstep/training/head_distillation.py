@@ -1,0 +1,274 @@
+"""Few-step, guidance-free image heads distilled from a model's own sampling.
+
+The teacher is the model as it samples: its head on every guidance branch,
+combined by classifier-free guidance, integrated over S steps by its sampler.
+The student is a copy of the head, fine-tuned so that one Euler step per
+segment of a K-step grid lands where the teacher's S steps land: at the
+teacher's state ``x_k`` at time ``t_k`` it regresses the segment's mean velocity
+
+    v_student(x_k, t_k, c) ~ (x_{k+1} - x_k) / (t_{k+1} - t_k),
+
+with ``c`` the prompt branch's condition alone. The distilled model then samples
+with K Euler steps and no unconditional branch: K head evaluations per token
+instead of S x (evaluations per step) x 2, and half the backbone rows. It is
+tied to that grid and that guidance scale: other step counts, guidance scales,
+time shifts (editing) or candidate scores that read the head's flow are what the
+teacher does, not what the student learned.
+
+Legend: M recorded tokens, K student steps, C condition dim, D token dim.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from nextstep.config import ComponentSpec, Config, require, require_count
+from nextstep.heads.base import ImageHead
+from nextstep.samplers.euler import EulerSampler
+from nextstep.samplers.guidance import Guidance, GuidedVelocity, NoGuidance, guidance_for_scale
+from nextstep.training.optim import WarmupCosineSchedule
+from nextstep.training.teacher_trajectories import TeacherTrajectories, record_teacher_trajectories
+
+if TYPE_CHECKING:
+    from nextstep.model import NextStep
+
+
+@dataclass
+class HeadDistillationConfig(Config):
+    """What the student learns and how.
+
+    Args:
+        steps: K, Euler steps per token of the student.
+        teacher_steps: S, the teacher's steps per token (a multiple of K, so that the student's grid
+            is part of the teacher's).
+        cfg: the teacher's guidance scale, folded into the student (None: the model's own).
+        images_per_prompt: teacher images drawn per prompt.
+        generation_batch_size: teacher images generated together.
+        iterations: optimiser steps of the student.
+        batch_size: (token, segment) pairs per optimiser step.
+        learning_rate: peak AdamW rate (cosine decay to zero after 5% warm-up).
+        validation_fraction: share of the teacher's images kept out of training and scored.
+        seed: seed of the teacher's image 0, of the pairs drawn and of the split.
+    """
+
+    steps: int = 4
+    teacher_steps: int = 20
+    cfg: float | None = None
+    images_per_prompt: int = 1
+    generation_batch_size: int = 16
+    iterations: int = 4000
+    batch_size: int = 256
+    learning_rate: float = 3e-4
+    validation_fraction: float = 0.1
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "teacher_steps", "images_per_prompt", "generation_batch_size", "iterations",
+                     "batch_size"):
+            require_count(name, getattr(self, name))
+        require(self.teacher_steps % self.steps == 0, "teacher_steps", self.teacher_steps,
+                f"a multiple of steps ({self.steps}), so that every student time is a teacher time")
+        require(self.cfg is None or 0 <= self.cfg < math.inf, "cfg", self.cfg, "None or a finite number >= 0")
+        require(0 < self.learning_rate < math.inf, "learning_rate", self.learning_rate, "a positive number")
+        require(0 <= self.validation_fraction < 1, "validation_fraction", self.validation_fraction, "in [0, 1)")
+        require(self.seed >= 0, "seed", self.seed, ">= 0")
+
+
+@dataclass
+class HeadDistillation:
+    """A distilled head and how well it follows its teacher.
+
+    Attributes:
+        head: the student, a copy of the model's head in its dtype and on its device (eval mode).
+        steps: K, the Euler steps the student samples with.
+        report: plain numbers: the settings, ``losses`` (mean loss of every tenth of the run),
+            and on the held-out images the root-mean-square distance of sampled tokens to the
+            teacher's: ``student_rmse`` (the student, K Euler steps, no guidance),
+            ``initial_rmse`` (the undistilled head the same way), ``teacher_rmse_at_steps``
+            (the teacher with its guidance and sampler at K steps), with ``token_rms`` (the
+            teacher's tokens' own scale) to compare them with.
+    """
+
+    head: ImageHead
+    steps: int
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_teacher_guidance(model: "NextStep", cfg: float | None) -> Guidance:
+    """The teacher's guidance: CFG at ``cfg`` (the model's scale when None) with a constant schedule.
+
+    Raises:
+        ValueError: the model's default guidance changes over an image's tokens (the student has no
+            input for a token's place in its image).
+    """
+    defaults = model.config.generation
+    if defaults.cfg_schedule != "constant":
+        raise ValueError(f"distillation folds a constant guidance scale into the head; the model's "
+                         f"cfg_schedule is {defaults.cfg_schedule!r} (the student has no input for a token's "
+                         "place in its image)")
+    return guidance_for_scale(defaults.cfg if cfg is None else cfg)
+
+
+def _student_velocity_targets(trajectories: TeacherTrajectories, tokens: torch.Tensor, segments: torch.Tensor):
+    """Inputs and targets of (token, segment) pairs: x_k (P, D), t_k (P,), condition (P, C), mean velocity (P, D)."""
+    states, times = trajectories.states, trajectories.times
+    start, end = states[tokens, segments], states[tokens, segments + 1]
+    width = (times[segments + 1] - times[segments])[:, None]
+    return start, times[segments], trajectories.conditions[0, tokens], (end - start) / width
+
+
+@torch.no_grad()
+def sampled_rmse(head: ImageHead, trajectories: TeacherTrajectories, guidance: Guidance, sampler,
+                 grid: torch.Tensor, batch: int = 4096) -> float:
+    """Root-mean-square distance between the teacher's tokens and ``sampler`` on ``grid`` from the same
+    noise, with ``head`` and ``guidance`` on the recorded conditions (branch 0 alone for `NoGuidance`)."""
+    parameter = next(head.parameters())
+    total, count = 0.0, 0
+    for start in range(0, trajectories.num_tokens, batch):
+        rows = slice(start, start + batch)
+        conditions = trajectories.conditions[:guidance.num_branches, rows].to(parameter.device, parameter.dtype)
+        velocity = GuidedVelocity(head, conditions, guidance)
+        noise = trajectories.states[rows, 0].to(parameter.device)
+        tokens = sampler.sample(velocity, noise, grid.to(parameter.device)).float().cpu()
+        total += (tokens - trajectories.states[rows, -1]).pow(2).sum().item()
+        count += tokens.numel()
+    return math.sqrt(total / max(count, 1))
+
+
+def train_student(
+    head: ImageHead,
+    trajectories: TeacherTrajectories,
+    config: HeadDistillationConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[ImageHead, list[float]]:
+    """A float32 copy of ``head`` fitted to the segments of ``trajectories``.
+
+    Args:
+        head: the teacher's head (left unchanged).
+        trajectories: the training tokens.
+        config: iterations, batch size, learning rate and seed.
+        progress: called with (iteration done, iterations, loss) every 50 iterations and at the end.
+
+    Returns:
+        the student (float32, eval mode) and the mean loss of every tenth of the run.
+    """
+    if trajectories.num_tokens == 0:
+        raise ValueError("distillation needs at least one recorded token, found none")
+    device = next(head.parameters()).device
+    student = copy.deepcopy(head).float().train()
+    student.requires_grad_(True)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=0.0,
+                                  betas=(0.9, 0.99))
+    schedule = WarmupCosineSchedule(config.learning_rate, max(config.iterations // 20, 1), config.iterations)
+    generator = torch.Generator().manual_seed(config.seed)
+    pairs = trajectories.num_tokens * trajectories.student_steps
+    window = max(config.iterations // 10, 1)
+    losses, running = [], []
+    for iteration in range(config.iterations):
+        schedule.apply(optimizer, iteration)
+        drawn = torch.randint(pairs, (config.batch_size,), generator=generator)
+        tokens, segments = drawn // trajectories.student_steps, drawn % trajectories.student_steps
+        x, t, condition, target = (value.to(device) for value in
+                                   _student_velocity_targets(trajectories, tokens, segments))
+        loss = (student.velocity(x, t, condition).float() - target).pow(2).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the student's loss is {loss.item()} at iteration {iteration}; "
+                                     f"lower learning_rate (found {config.learning_rate})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running.append(loss.item())
+        if len(running) == window or iteration == config.iterations - 1:
+            losses.append(sum(running) / len(running))
+            running = []
+        if progress is not None and ((iteration + 1) % 50 == 0 or iteration == config.iterations - 1):
+            progress(iteration + 1, config.iterations, loss.item())
+    student.requires_grad_(False)
+    return student.eval(), losses
+
+
+def _split_by_image(trajectories: TeacherTrajectories, fraction: float, seed: int):
+    """(training, held-out) trajectories, whole images on each side; held-out empty when ``fraction`` is 0."""
+    images = trajectories.images.unique()
+    held = max(1, round(fraction * images.numel())) if fraction > 0 and images.numel() > 1 else 0
+    order = images[torch.randperm(images.numel(), generator=torch.Generator().manual_seed(seed))]
+    held_out = torch.isin(trajectories.images, order[:held])
+    return trajectories.select(~held_out), trajectories.select(held_out)
+
+
+def distill_head(
+    model: "NextStep",
+    prompts: Sequence[str],
+    config: HeadDistillationConfig | None = None,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> HeadDistillation:
+    """Record the model's sampling on ``prompts`` and fit a K-step student head to it.
+
+    The model is left unchanged; `install_distilled_head` puts the student in.
+
+    Args:
+        model: the teacher, sampling with its own sampler (deterministic) and head.
+        prompts: the prompts its images are drawn for (training prompts, not evaluation ones).
+        config: see `HeadDistillationConfig`.
+        height: image height in pixels (default: the model's).
+        width: image width in pixels (default: the model's).
+        progress: called with (stage, done, total): ``"teacher"`` per batch of images,
+            ``"student"`` every 50 iterations.
+    """
+    config = config or HeadDistillationConfig()
+    guidance = resolve_teacher_guidance(model, config.cfg)
+    prompts = [prompt for prompt in prompts for _ in range(config.images_per_prompt)]
+    started = time.perf_counter()
+    trajectories = record_teacher_trajectories(
+        model, prompts, student_steps=config.steps, teacher_steps=config.teacher_steps, guidance=guidance,
+        height=height, width=width, seed=config.seed, batch_size=config.generation_batch_size,
+        progress=None if progress is None else (lambda done, total: progress("teacher", done, total)))
+    recorded = time.perf_counter()
+    training, held_out = _split_by_image(trajectories, config.validation_fraction, config.seed)
+    head = model.image_head
+    student, losses = train_student(
+        head, training, config,
+        None if progress is None else (lambda done, total, loss: progress("student", done, total)))
+    trained = time.perf_counter()
+    euler, grid = EulerSampler(), trajectories.times
+    report: dict[str, Any] = {
+        "steps": config.steps, "teacher_steps": config.teacher_steps, "teacher_sampler": type(model.sampler).__name__,
+        "cfg": float(model.config.generation.cfg if config.cfg is None else config.cfg), "images": len(prompts),
+        "tokens": trajectories.num_tokens,
+        "held_out_tokens": held_out.num_tokens, "iterations": config.iterations, "losses": losses,
+        "head_evaluations_per_token": {
+            "teacher": config.teacher_steps * model.sampler.evaluations_per_step * guidance.num_branches,
+            "student": config.steps},
+        "seconds": {"teacher": round(recorded - started, 2), "student": round(trained - recorded, 2)},
+    }
+    if held_out.num_tokens:
+        report["token_rms"] = held_out.states[:, -1].pow(2).mean().sqrt().item()
+        report["student_rmse"] = sampled_rmse(student, held_out, NoGuidance(), euler, grid)
+        report["initial_rmse"] = sampled_rmse(head, held_out, NoGuidance(), euler, grid)
+        report["teacher_rmse_at_steps"] = sampled_rmse(
+            head, held_out, guidance, model.sampler, model.sampler.make_time_grid(config.steps))
+    parameter = next(head.parameters())
+    return HeadDistillation(student.to(parameter.device, parameter.dtype), config.steps, report)
+
+
+def install_distilled_head(model: "NextStep", distilled: HeadDistillation) -> "NextStep":
+    """Put a distilled head into ``model`` in place, with what it samples with: the Euler sampler,
+    ``steps`` steps, guidance 1 (the student holds the teacher's), one candidate. Returns ``model``."""
+    if type(distilled.head) is not type(model.image_head):
+        raise ValueError(f"the distilled head is a {type(distilled.head).__name__}, the model's a "
+                         f"{type(model.image_head).__name__}")
+    model.image_head.load_state_dict(distilled.head.state_dict())
+    model.sampler = EulerSampler()
+    generation = model.config.generation.replace(cfg=1.0, cfg_schedule="constant", num_steps=distilled.steps,
+                                                 candidates=1)
+    model.config = model.config.replace(generation=generation, sampler=ComponentSpec.named("sampler", "euler"))
+    return model

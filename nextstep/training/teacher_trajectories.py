@@ -1,0 +1,203 @@
+"""What a model's own sampling does to each image token, recorded for distilling its head.
+
+A teacher (the model with its guidance and its sampler at many steps) generates
+images from prompts; for every image token this keeps the backbone's conditions
+of every guidance branch, the starting noise and the teacher's state at the
+boundaries of a coarser grid, the grid a few-step student will run on
+(`nextstep.training.head_distillation`).
+
+Legend: M recorded tokens, G guidance branches, C condition dim, D token dim,
+K student steps (the teacher's grid split into K segments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from nextstep.samplers.base import Sampler, VelocityFn, check_time_grid
+from nextstep.samplers.euler import EulerSampler
+from nextstep.samplers.guidance import Guidance, GuidedVelocity
+
+if TYPE_CHECKING:
+    from nextstep.model import NextStep
+
+
+@dataclass
+class TeacherTrajectories:
+    """Recorded tokens of a teacher's generations.
+
+    Attributes:
+        conditions: (G, M, C) float32 condition of every branch (branch 0 the prompt's).
+        states: (M, K + 1, D) float32 teacher state at each time of ``times``: the starting
+            noise first, the sampled token (before any ``use_norm``) last.
+        times: (K + 1,) float32 times of the student's grid, every one a time of the teacher's.
+        images: (M,) index of the image each token belongs to (for splitting by image).
+        guidance: how the teacher combined its branches.
+        teacher_steps: intervals of the teacher's grid.
+        teacher_sampler: the teacher sampler (deterministic).
+    """
+
+    conditions: torch.Tensor
+    states: torch.Tensor
+    times: torch.Tensor
+    images: torch.Tensor
+    guidance: Guidance
+    teacher_steps: int
+    teacher_sampler: Sampler
+
+    @property
+    def num_tokens(self) -> int:
+        """M."""
+        return self.states.shape[0]
+
+    @property
+    def student_steps(self) -> int:
+        """K."""
+        return self.times.shape[0] - 1
+
+    def select(self, rows: torch.Tensor) -> "TeacherTrajectories":
+        """These trajectories restricted to the tokens ``rows`` (a (M,) bool mask or indices)."""
+        return TeacherTrajectories(self.conditions[:, rows], self.states[rows], self.times, self.images[rows],
+                                   self.guidance, self.teacher_steps, self.teacher_sampler)
+
+
+def segment_boundaries(teacher_grid: torch.Tensor, student_grid: torch.Tensor) -> list[int]:
+    """Index in ``teacher_grid`` (S + 1,) of every time of ``student_grid`` (K + 1,).
+
+    Raises:
+        ValueError: naming both grids, when a student time is not a time of the teacher's grid
+            (as when K does not divide S).
+    """
+    check_time_grid(teacher_grid)
+    check_time_grid(student_grid)
+    teacher, student = teacher_grid.double().cpu(), student_grid.double().cpu()
+    indices = []
+    for time in student.tolist():
+        matches = torch.nonzero(torch.isclose(teacher, torch.tensor(time, dtype=torch.float64), rtol=0,
+                                              atol=1e-6)).flatten()
+        if matches.numel() == 0:
+            raise ValueError(f"every time of the student's grid must be a time of the teacher's grid; "
+                             f"{time:.6g} is not (teacher grid {[round(v, 4) for v in teacher.tolist()]}, "
+                             f"student grid {[round(v, 4) for v in student.tolist()]})")
+        indices.append(int(matches[0]))
+    if indices[0] != 0 or indices[-1] != teacher.shape[0] - 1:
+        raise ValueError(f"the student's grid must start and end where the teacher's does, found times "
+                         f"{student[0].item():.6g}..{student[-1].item():.6g} against "
+                         f"{teacher[0].item():.6g}..{teacher[-1].item():.6g}")
+    return indices
+
+
+class SegmentRecorder(Sampler):
+    """Runs a deterministic teacher sampler segment by segment and keeps what each token went through.
+
+    Each segment of the teacher's grid (between two boundaries) is integrated by
+    ``teacher.sample`` on that part of the grid; for one-step solvers (Euler,
+    Heun, midpoint) that is exactly the teacher's own run, and a multistep
+    solver restarts at every boundary.
+
+    Args:
+        teacher: the sampler to record (``stochastic`` False).
+        boundaries: indices of the teacher grid that end the segments (see `segment_boundaries`),
+            0 first and S last.
+    """
+
+    def __init__(self, teacher: Sampler, boundaries: Sequence[int]):
+        super().__init__(None)
+        if teacher.stochastic:
+            raise ValueError(f"a head is distilled from a deterministic teacher sampler, found the stochastic "
+                             f"{type(teacher).__name__}")
+        self.teacher = teacher
+        self.boundaries = list(boundaries)
+        self.order = teacher.order
+        self.evaluations_per_step = teacher.evaluations_per_step
+        self.conditions: list[torch.Tensor] = []
+        self.states: list[torch.Tensor] = []
+
+    def make_time_grid(self, num_steps: int, shift: float = 1.0, *, device=None,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.teacher.make_time_grid(num_steps, shift, device=device, dtype=dtype)
+
+    def sample(self, velocity_fn: VelocityFn, noise: torch.Tensor, time_grid: torch.Tensor,
+               step_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """noise (N, D), time_grid (S + 1,) -> the teacher's samples (N, D); records the conditions of
+        ``velocity_fn`` (a `nextstep.samplers.guidance.GuidedVelocity`) and the states at the boundaries."""
+        if not isinstance(velocity_fn, GuidedVelocity):
+            raise ValueError(f"recording needs the GuidedVelocity that generation passes, found "
+                             f"{type(velocity_fn).__name__}")
+        if self.boundaries[-1] != time_grid.shape[0] - 1:
+            raise ValueError(f"the recorder's boundaries end at index {self.boundaries[-1]}, found a grid of "
+                             f"{time_grid.shape[0]} times")
+        states, x = [noise.float()], noise
+        for start, end in zip(self.boundaries[:-1], self.boundaries[1:]):
+            x = self.teacher.sample(velocity_fn, x, time_grid[start:end + 1])
+            states.append(x.float())
+        self.conditions.append(velocity_fn.conditions.float())
+        self.states.append(torch.stack(states, dim=1))
+        return x
+
+
+def record_teacher_trajectories(
+    model: "NextStep",
+    prompts: Sequence[str],
+    *,
+    student_steps: int,
+    teacher_steps: int,
+    guidance: Guidance,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> TeacherTrajectories:
+    """Generate one image per prompt with the model's own sampler and record every token.
+
+    Image ``i`` is seeded ``seed + i`` whatever the batch size, as in
+    `nextstep.evaluation.sampling.generate_images`; the grid is the text-to-image
+    one (shift 1).
+
+    Args:
+        model: the teacher.
+        prompts: one prompt per image (repeat a prompt for several images).
+        student_steps: K, the segments of the teacher's grid recorded.
+        teacher_steps: S, the teacher's steps per token (K must divide it on the sampler's grid).
+        guidance: the teacher's guidance (1 or 2 branches).
+        height: image height in pixels (default: the model's).
+        width: image width in pixels (default: the model's).
+        seed: seed of image 0.
+        batch_size: images generated together.
+        progress: called with (images done, images in all) after each batch.
+    """
+    from nextstep.generation import check_prompts, generate_tokens
+
+    prompts = check_prompts(list(prompts) if not isinstance(prompts, str) else prompts)
+    teacher = model.sampler
+    boundaries = segment_boundaries(teacher.make_time_grid(teacher_steps), EulerSampler().make_time_grid(student_steps))
+    recorder = SegmentRecorder(teacher, boundaries)
+    images: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            _, grid_h, grid_w = generate_tokens(model, batch, height=height, width=width, cfg=guidance,
+                                                num_steps=teacher_steps, shift=1.0, seed=seed + start,
+                                                sampler=recorder, candidates=1)
+            rows = torch.arange(start, start + len(batch))
+            images.extend([rows] * (grid_h * grid_w))  # token by token, each holding the batch's images
+            if progress is not None:
+                progress(start + len(batch), len(prompts))
+    finally:
+        model.train(was_training)
+    times = EulerSampler().make_time_grid(student_steps)
+    return TeacherTrajectories(
+        conditions=torch.cat(recorder.conditions, dim=1).cpu(),
+        states=torch.cat(recorder.states).cpu(),
+        times=times,
+        images=torch.cat(images),
+        guidance=guidance,
+        teacher_steps=teacher_steps,
+        teacher_sampler=teacher,
+    )

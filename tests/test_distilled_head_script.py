@@ -1,0 +1,31 @@
+"""benchmarks/distilled_head.py distils a student per step count and scores it beside its teacher."""
+
+import json
+
+from benchmark_helpers import load_benchmark
+
+
+def test_the_script_scores_the_teacher_and_each_student_and_saves_them(tmp_path, monkeypatch):
+    import nextstep.training.prompt_sets as prompt_sets
+    from nextstep import build_model, load_model
+
+    asked = []
+    monkeypatch.setattr(prompt_sets, "prompt_set", lambda name: asked.append(name) or ["a red circle", "a square"])
+    build_model("tiny", seed=0).save_pretrained(tmp_path / "tiny")
+    script = load_benchmark("distilled_head")
+    assert script.main(["--model", str(tmp_path / "tiny"), "--steps", "2,1", "--teacher-steps", "4",
+                        "--shapes-repeats", "2", "--emoji-repeats", "1", "--iterations", "3", "--images-per-tag", "1",
+                        "--emoji-limit", "0", "--size", "32", "--batch-size", "6", "--save", str(tmp_path / "saved"),
+                        "--output", str(tmp_path / "result.json")]) == 0
+    assert asked == ["shapes-seen", "emoji-train"]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["prompts"] == 6
+    rows = [(row["model"], row["cfg"], row["num_steps"], row["head_evaluations_per_token"]) for row in result["rows"]]
+    assert rows == [("teacher", 7.5, 50, 100), ("teacher", 7.5, 2, 4), ("student", 1.0, 2, 2),
+                    ("teacher", 7.5, 1, 2), ("student", 1.0, 1, 1)]
+    for row in result["rows"]:
+        assert 0 <= row["shapes"] <= 1 and row["seconds_per_image_batch1"] > 0 and row["seconds_per_image_batch8"] > 0
+    assert result["rows"][2]["distillation"]["tokens"] == 24  # 6 images of 2x2 tokens
+    student = load_model(str(tmp_path / "saved" / "tiny-2-steps"))
+    assert (student.config.generation.num_steps, student.config.generation.height) == (2, 32)
+    assert "| student | 1 | 2 | 2 |" in (tmp_path / "result.md").read_text()

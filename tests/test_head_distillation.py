@@ -1,0 +1,305 @@
+"""Few-step heads distilled from a model's own sampling: the recorded teacher, the student's
+targets and training, the installed model, the prompt sets and the command."""
+
+import json
+
+import pytest
+import torch
+
+from nextstep.generation import generate_tokens
+from nextstep.samplers.euler import EulerSampler
+from nextstep.samplers.guidance import ClassifierFreeGuidance, GuidedVelocity, NoGuidance
+from nextstep.samplers.time_grid import time_grid
+from nextstep.training.head_distillation import (
+    HeadDistillation,
+    HeadDistillationConfig,
+    _split_by_image,
+    _student_velocity_targets,
+    distill_head,
+    install_distilled_head,
+    resolve_teacher_guidance,
+    sampled_rmse,
+    train_student,
+)
+from nextstep.training.teacher_trajectories import (
+    SegmentRecorder,
+    TeacherTrajectories,
+    record_teacher_trajectories,
+    segment_boundaries,
+)
+
+SIZE = dict(height=32, width=32)  # 2x2 tokens for the tiny preset
+PROMPTS = ["a red circle", "a blue square", "two green triangles"]
+
+
+def _record(model, prompts=PROMPTS, student_steps=2, teacher_steps=6, cfg=3.0, seed=0, batch_size=2):
+    return record_teacher_trajectories(model, prompts, student_steps=student_steps, teacher_steps=teacher_steps,
+                                       guidance=ClassifierFreeGuidance(cfg), seed=seed, batch_size=batch_size,
+                                       **SIZE)
+
+
+def test_segment_boundaries_find_the_students_times_on_the_teachers_grid():
+    assert segment_boundaries(time_grid(20), time_grid(4)) == [0, 5, 10, 15, 20]
+    assert segment_boundaries(time_grid(12, 3.0), time_grid(3, 3.0)) == [0, 4, 8, 12]
+    assert segment_boundaries(time_grid(5), time_grid(5)) == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match=r"student's grid must be a time of the teacher's grid; 0\.333333 is not"):
+        segment_boundaries(time_grid(20), time_grid(3))
+    with pytest.raises(ValueError, match="must start and end where the teacher's does"):
+        segment_boundaries(time_grid(4), torch.tensor([0.0, 0.5]))
+
+
+def test_the_recorder_samples_exactly_what_the_teacher_samples_and_keeps_its_states(trained_like_model):
+    """Recording changes no token; the recorded states are the noise, the teacher's state after each
+    segment and its token; the conditions are every branch's; tokens are listed token by token."""
+    model = trained_like_model.eval()
+    plain, _, _ = generate_tokens(model, PROMPTS, cfg=3.0, num_steps=6, seed=5, **SIZE)  # (3, 4, D)
+    recorded = _record(model, seed=5, batch_size=3)
+    assert recorded.num_tokens == 12 and recorded.student_steps == 2
+    assert recorded.conditions.shape == (2, 12, model.image_head.condition_dim)
+    assert recorded.images.tolist() == [0, 1, 2] * 4
+    tokens = recorded.states[:, -1].reshape(4, 3, -1).transpose(0, 1)  # token-major -> (images, tokens, D)
+    torch.testing.assert_close(tokens, plain, rtol=0, atol=0)
+    # the middle state: three of the teacher's six Euler steps from the same noise on the same conditions
+    velocity = GuidedVelocity(model.image_head, recorded.conditions, ClassifierFreeGuidance(3.0))
+    middle = EulerSampler().sample(velocity, recorded.states[:, 0], time_grid(6)[:4])
+    torch.testing.assert_close(recorded.states[:, 1], middle, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(recorded.times, time_grid(2))
+    # batches of another size record the same tokens
+    other = _record(model, seed=5, batch_size=2)
+    assert other.images.tolist() == [0, 1] * 4 + [2] * 4
+    order = [0, 1, 3, 4, 6, 7, 9, 10]  # first batch: images 0 and 1, token by token
+    torch.testing.assert_close(other.states[:8], recorded.states[order], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other.states[8:], recorded.states[[2, 5, 8, 11]], rtol=1e-5, atol=1e-5)  # image 2
+    model.train()
+    _record(model, prompts=PROMPTS[:1])
+    assert model.training  # left in the mode it came in
+
+
+def test_the_recorder_refuses_a_stochastic_teacher_and_an_unguided_velocity():
+    from nextstep.samplers.euler_maruyama import EulerMaruyamaSampler
+
+    with pytest.raises(ValueError, match="deterministic teacher sampler, found the stochastic EulerMaruyamaSampler"):
+        SegmentRecorder(EulerMaruyamaSampler(), [0, 2])
+    recorder = SegmentRecorder(EulerSampler(), [0, 1, 2])
+    with pytest.raises(ValueError, match="needs the GuidedVelocity that generation passes, found function"):
+        recorder.sample(lambda x, t: x, torch.zeros(1, 4), time_grid(2))
+    with pytest.raises(ValueError, match="boundaries end at index 2, found a grid of 4 times"):
+        recorder.sample(GuidedVelocity.__new__(GuidedVelocity), torch.zeros(1, 4), time_grid(3))
+
+
+def test_the_students_target_is_the_mean_velocity_of_each_segment():
+    """On straight paths x_t = x0 + t (x1 - x0) every segment's mean velocity is x1 - x0, whatever the
+    segment's width; the condition is the prompt branch's."""
+    x0, x1 = torch.randn(5, 3), torch.randn(5, 3)
+    times = torch.tensor([0.0, 0.1, 0.5, 1.0])
+    states = x0[:, None] + times[None, :, None] * (x1 - x0)[:, None]
+    conditions = torch.randn(2, 5, 7)
+    trajectories = TeacherTrajectories(conditions, states, times, torch.arange(5), NoGuidance(), 6, EulerSampler())
+    tokens, segments = torch.tensor([0, 4, 2, 2]), torch.tensor([0, 1, 2, 1])
+    x, t, condition, target = _student_velocity_targets(trajectories, tokens, segments)
+    torch.testing.assert_close(x, states[tokens, segments])
+    torch.testing.assert_close(t, times[segments])
+    torch.testing.assert_close(condition, conditions[0, tokens])
+    torch.testing.assert_close(target, (x1 - x0)[tokens])
+
+
+def test_a_student_learns_to_follow_its_teacher_in_fewer_steps_without_guidance(trained_like_model):
+    model = trained_like_model.eval()
+    before = {name: value.clone() for name, value in model.image_head.state_dict().items()}
+    prompts = [f"{colour} {shape}" for colour in ("red", "green", "blue") for shape in ("circle", "square")]
+    config = HeadDistillationConfig(steps=2, teacher_steps=8, cfg=3.0, images_per_prompt=4, iterations=300,
+                                    batch_size=64, learning_rate=1e-3, validation_fraction=0.25)
+    seen = []
+    distilled = distill_head(model, prompts, config, progress=lambda *args: seen.append(args), **SIZE)
+    report = distilled.report
+    assert report["images"] == 24 and report["tokens"] == 96 and report["held_out_tokens"] == 24
+    assert report["head_evaluations_per_token"] == {"teacher": 16, "student": 2}
+    # the undistilled head at 2 steps without guidance is further from the teacher (0.054 here; the student 0.037)
+    assert report["student_rmse"] < 0.8 * report["initial_rmse"]
+    assert 0 < report["teacher_rmse_at_steps"] < report["token_rms"]
+    assert report["losses"][-1] < report["losses"][0] and len(report["losses"]) == 10
+    assert ("teacher", 24, 24) in seen and ("student", 300, 300) in seen
+    for name, value in model.image_head.state_dict().items():  # the teacher is left as it was
+        assert torch.equal(value, before[name]), name
+    assert not distilled.head.training and not any(p.requires_grad for p in distilled.head.parameters())
+
+
+def test_an_installed_student_samples_with_its_own_grid_and_no_guidance(tmp_path, trained_like_model):
+    from nextstep import load_model
+    from nextstep.config import ComponentSpec
+    from nextstep.samplers.heun import HeunSampler
+
+    model = trained_like_model.eval()
+    model.sampler = HeunSampler()  # the teacher's sampler is not the student's
+    model.config = model.config.replace(sampler=ComponentSpec.named("sampler", "heun"),
+                                        generation=model.config.generation.replace(candidates=4))
+    student = type(model.image_head)(model.image_head.config)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.normal_(std=0.05)
+    install_distilled_head(model, HeadDistillation(student.eval(), 3))
+    generation = model.config.generation
+    assert (generation.cfg, generation.cfg_schedule, generation.num_steps, generation.candidates) == \
+           (1.0, "constant", 3, 1)
+    assert model.config.sampler.type == "euler" and isinstance(model.sampler, EulerSampler)
+    model.save_pretrained(tmp_path / "student")
+    loaded = load_model(str(tmp_path / "student")).eval()
+    assert loaded.config.generation == model.config.generation and loaded.config.sampler.type == "euler"
+    tokens, _, _ = generate_tokens(loaded, ["a red circle"], seed=3, **SIZE)
+    # by hand: one branch, the student's three Euler steps
+    by_hand, _, _ = generate_tokens(loaded, ["a red circle"], seed=3, cfg=1.0, num_steps=3, sampler="euler", **SIZE)
+    torch.testing.assert_close(tokens, by_hand, rtol=0, atol=0)
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(loaded.image_head.state_dict()[name], value)
+
+
+def test_an_installed_head_must_be_of_the_models_kind(tiny_model):
+    with pytest.raises(ValueError, match="the distilled head is a Linear, the model's a FlowMatchingHead"):
+        install_distilled_head(tiny_model, HeadDistillation(torch.nn.Linear(2, 2), 2))
+
+
+def test_the_teacher_guidance_is_the_models_constant_scale_or_the_one_asked(tiny_model):
+    assert repr(resolve_teacher_guidance(tiny_model, None)) == repr(ClassifierFreeGuidance(7.5))
+    assert isinstance(resolve_teacher_guidance(tiny_model, 1.0), NoGuidance)
+    tiny_model.config = tiny_model.config.replace(
+        generation=tiny_model.config.generation.replace(cfg_schedule="linear_increasing"))
+    with pytest.raises(ValueError, match="the model's cfg_schedule is 'linear_increasing'"):
+        resolve_teacher_guidance(tiny_model, 2.0)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"steps": 3}, r"teacher_steps must be a multiple of steps \(3\), so that every student time is a teacher "
+                   r"time, found 20"),
+    ({"cfg": -1.0}, "cfg must be None or a finite number >= 0, found -1.0"),
+    ({"cfg": float("inf")}, "HeadDistillationConfig.cfg must be a finite number or null, found float inf"),
+    ({"learning_rate": 0.0}, "learning_rate must be a positive number, found 0.0"),
+    ({"validation_fraction": 1.0}, r"validation_fraction must be in \[0, 1\), found 1.0"),
+    ({"iterations": 0}, "iterations must be an integer >= 1, found 0"),
+    ({"seed": -1}, "seed must be >= 0, found -1"),
+])
+def test_the_config_refuses_what_cannot_be_distilled(changes, message):
+    with pytest.raises(ValueError, match=message):
+        HeadDistillationConfig(**changes)
+
+
+def test_the_split_keeps_whole_images_on_one_side(trained_like_model):
+    trajectories = _record(trained_like_model.eval(), prompts=PROMPTS * 2)
+    training, held_out = _split_by_image(trajectories, 0.3, seed=1)
+    assert held_out.images.unique().numel() == 2 and training.images.unique().numel() == 4
+    assert not set(training.images.tolist()) & set(held_out.images.tolist())
+    assert training.num_tokens + held_out.num_tokens == trajectories.num_tokens == 24
+    training, held_out = _split_by_image(trajectories, 0.0, seed=1)
+    assert held_out.num_tokens == 0 and training.num_tokens == 24
+
+
+def test_without_held_out_images_the_report_has_no_errors(trained_like_model):
+    config = HeadDistillationConfig(steps=1, teacher_steps=2, iterations=3, batch_size=4, validation_fraction=0.0)
+    report = distill_head(trained_like_model.eval(), ["a circle"], config, **SIZE).report
+    assert report["held_out_tokens"] == 0 and "student_rmse" not in report and "token_rms" not in report
+
+
+def test_the_report_counts_every_evaluation_of_the_teachers_sampler_and_branches(trained_like_model):
+    from nextstep.samplers.heun import HeunSampler
+
+    model = trained_like_model.eval()
+    model.sampler = HeunSampler()
+    config = HeadDistillationConfig(steps=2, teacher_steps=6, cfg=1.0, iterations=1, batch_size=4)
+    report = distill_head(model, ["a circle", "a square"], config, **SIZE).report
+    assert report["head_evaluations_per_token"] == {"teacher": 12, "student": 2}
+    assert report["teacher_sampler"] == "HeunSampler" and report["cfg"] == 1.0
+    config = config.replace(cfg=2.0)
+    assert distill_head(model, ["a circle"], config, **SIZE).report["head_evaluations_per_token"]["teacher"] == 24
+
+
+def test_a_diverging_student_stops_with_what_to_change(trained_like_model):
+    trajectories = _record(trained_like_model.eval())
+    trajectories.states[0, 1] = float("nan")
+    config = HeadDistillationConfig(steps=2, teacher_steps=6, iterations=50, batch_size=12, learning_rate=1e-3)
+    with pytest.raises(FloatingPointError, match=r"the student's loss is nan at iteration \d+; lower learning_rate"):
+        train_student(trained_like_model.image_head, trajectories, config)
+    empty = trajectories.select(torch.zeros(trajectories.num_tokens, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least one recorded token, found none"):
+        train_student(trained_like_model.image_head, empty, config)
+
+
+def test_the_sampled_error_is_zero_for_the_teacher_itself_and_counts_every_token(trained_like_model):
+    model = trained_like_model.eval()
+    trajectories = _record(model, student_steps=3, teacher_steps=3)
+    guidance = ClassifierFreeGuidance(3.0)
+    assert sampled_rmse(model.image_head, trajectories, guidance, EulerSampler(), time_grid(3), batch=5) < 1e-6
+    shifted = trajectories.select(torch.arange(trajectories.num_tokens))
+    shifted.states = shifted.states.clone()
+    shifted.states[:, -1] += 0.5  # every teacher token moved by 0.5 in every feature
+    error = sampled_rmse(model.image_head, shifted, guidance, EulerSampler(), time_grid(3), batch=5)
+    assert error == pytest.approx(0.5, abs=1e-5)
+
+
+def test_prompt_sets_hold_training_prompts_and_files(tmp_path):
+    from nextstep.evaluation.shapes_geneval import geneval_prompts
+    from nextstep.training.prompt_sets import prompt_set
+
+    seen = prompt_set("shapes-seen")
+    held_out = {entry["prompt"] for entry in geneval_prompts("held_out") if entry["tag"] != "single_object"}
+    assert len(seen) == len(set(seen)) > 100 and not set(seen) & held_out
+    (tmp_path / "p.txt").write_text("a red circle\n\n  a blue square \n")
+    assert prompt_set(str(tmp_path / "p.txt")) == ["a red circle", "a blue square"]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a cat", "tag": "x"}) + "\n")
+    assert prompt_set(str(tmp_path / "p.jsonl")) == ["a cat"]
+    with pytest.raises(FileNotFoundError, match=r"a prompt file or one of the prompt sets \['emoji-train', "
+                                                r"'shapes-seen'\], found 'shapes'"):
+        prompt_set("shapes")
+
+
+def test_the_command_writes_a_student_model_and_its_report(tmp_path, trained_like_model, capsys):
+    from nextstep import load_model
+    from nextstep.cli import main
+
+    trained_like_model.config = trained_like_model.config.replace(
+        generation=trained_like_model.config.generation.replace(height=32, width=32))
+    trained_like_model.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    assert main(["distill-head", str(tmp_path / "teacher"), str(tmp_path / "student"), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--steps", "2", "--teacher-steps", "4", "--iterations", "5",
+                 "--batch-size", "8", "--images-per-prompt", "5", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "2 Euler steps, no guidance branch (2 head evaluations per token, the teacher 8)" in out
+    report = json.loads((tmp_path / "student" / "distillation.json").read_text())
+    assert report["images"] == 10 and report["iterations"] == 5 and report["teacher_steps"] == 4
+    student = load_model(str(tmp_path / "student"))
+    assert (student.config.generation.cfg, student.config.generation.num_steps) == (1.0, 2)
+
+
+def test_the_command_takes_the_configs_defaults_and_names_a_bad_prompt_source(tmp_path, monkeypatch, capsys):
+    import nextstep.training.head_distillation as head_distillation
+    from nextstep.cli import main
+
+    asked = {}
+
+    def stop(model, prompts, config, progress=None):
+        asked.update(config=config, prompts=prompts)
+        raise ValueError("stopped")
+
+    monkeypatch.setattr(head_distillation, "distill_head", stop)
+    (tmp_path / "p.txt").write_text("a circle\n")
+    assert main(["distill-head", "tiny", str(tmp_path / "out"), "--prompts", str(tmp_path / "p.txt"),
+                 "--quiet"]) == 2
+    assert asked["config"] == HeadDistillationConfig() and asked["prompts"] == ["a circle"]
+    assert main(["distill-head", "tiny", str(tmp_path / "out"), "--prompts", str(tmp_path / "p.txt"),
+                 "--cfg", "2.5", "--seed", "3", "--learning-rate", "0.001", "--quiet"]) == 2
+    assert asked["config"] == HeadDistillationConfig(cfg=2.5, seed=3, learning_rate=0.001)
+    assert main(["distill-head", "tiny", str(tmp_path / "out"), "--prompts", "nothing-here", "--quiet"]) == 2
+    assert "expected a prompt file or one of the prompt sets ['emoji-train', 'shapes-seen'], found 'nothing-here'" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_commands_help_states_the_configs_defaults():
+    import argparse
+
+    from nextstep.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {action.dest: action.help for action in commands.choices["distill-head"]._actions}
+    config = HeadDistillationConfig()
+    for name in ("steps", "teacher_steps", "images_per_prompt", "iterations", "batch_size", "learning_rate", "seed"):
+        assert f"(default {getattr(config, name)})" in helps[name], name
