@@ -9,6 +9,7 @@ captions of the training split of the emoji data (its Debian packages, ``make da
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 
 def _shapes_seen() -> list[str]:
@@ -24,8 +25,8 @@ def _emoji_train() -> list[str]:
     return [dataset.caption(index) for index in range(len(dataset))]
 
 
-#: Name -> function returning the set's prompts.
-PROMPT_SETS = {"shapes-seen": _shapes_seen, "emoji-train": _emoji_train}
+PROMPT_SETS: dict[str, Callable[[], list[str]]] = {"shapes-seen": _shapes_seen, "emoji-train": _emoji_train}
+"""Prompt sets by name, each a function returning its prompts (``nextstep distill-head --prompts NAME``)."""
 
 
 def prompt_set(source: str) -> list[str]:
