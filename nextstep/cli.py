@@ -357,11 +357,11 @@ def _square_sampling_settings(generation, args: argparse.Namespace):
                                           temperature=args.temperature, token_sampler=args.token_sampler)
 
 
-def _image_progress(desc: str, quiet: bool):
-    """A tqdm bar of images and the ``progress(done, total)`` callback that moves it."""
+def _image_progress(desc: str, quiet: bool, unit: str = "img"):
+    """A tqdm bar of images (or other ``unit``) and the ``progress(done, total)`` callback that moves it."""
     from tqdm import tqdm
 
-    bar = tqdm(unit="img", disable=quiet, desc=desc)
+    bar = tqdm(unit=unit, disable=quiet, desc=desc)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -506,19 +506,11 @@ def command_distill_head(args: argparse.Namespace) -> int:
     config = HeadDistillationConfig(**{name: value for name, value in given.items() if value is not None})
     prompts = [prompt for source in (args.prompts or ["shapes-seen", "emoji-train"]) for prompt in prompt_set(source)]
     model = load_model(args.model, device=args.device)
-    bars: dict = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if args.quiet:
-            return
-        if stage not in bars:
-            from tqdm import tqdm
-
-            bars[stage] = tqdm(total=total, desc="teacher images" if stage == "teacher" else "student steps")
-        bars[stage].update(done - bars[stage].n)
-
-    distilled = distill_head(model, prompts, config, progress=progress)
-    for bar in bars.values():
+    bars = {"teacher": _image_progress("teacher images", args.quiet),
+            "student": _image_progress("student steps", args.quiet, unit="step")}
+    distilled = distill_head(model, prompts, config,
+                             progress=lambda stage, done, total: bars[stage][1](done, total))
+    for bar, _ in bars.values():
         bar.close()
     install_distilled_head(model, distilled)
     model.save_pretrained(args.output)

@@ -172,9 +172,10 @@ def record_teacher_trajectories(
     """
     from nextstep.generation import check_prompts, generate_tokens
 
-    prompts = check_prompts(list(prompts) if not isinstance(prompts, str) else prompts)
+    prompts = check_prompts(prompts)
     teacher = model.sampler
-    boundaries = segment_boundaries(teacher.make_time_grid(teacher_steps), EulerSampler().make_time_grid(student_steps))
+    times = EulerSampler().make_time_grid(student_steps)
+    boundaries = segment_boundaries(teacher.make_time_grid(teacher_steps), times)
     recorder = SegmentRecorder(teacher, boundaries)
     images: list[torch.Tensor] = []
     was_training = model.training
@@ -191,7 +192,6 @@ def record_teacher_trajectories(
                 progress(start + len(batch), len(prompts))
     finally:
         model.train(was_training)
-    times = EulerSampler().make_time_grid(student_steps)
     return TeacherTrajectories(
         conditions=torch.cat(recorder.conditions, dim=1).cpu(),
         states=torch.cat(recorder.states).cpu(),
