@@ -1,13 +1,14 @@
 """Few-step heads distilled from a model's own sampling, against the model at its own settings.
 
-For each student step count K it distils the model's head
-(`nextstep.training.head_distillation`) on training prompts (the shapes world's
-seen combinations and the training emoji), then scores on what training never
+For each student step count K it records the model's sampling once on
+training prompts (the shapes world's seen combinations and the training emoji),
+fits one student head per objective to that recording
+(`nextstep.training.head_distillation`), then scores on what training never
 saw, every row at one draw per image:
 
 * the teacher at its own settings (its guidance, its steps);
 * the teacher at K steps with its guidance (fewer steps without distillation);
-* the student: K Euler steps, no unconditional branch.
+* each student: K Euler steps, no unconditional branch.
 
 Scores: shapes GenEval on the held-out combinations, the held-out emoji
 (retrieval R@10 and Frechet ratios, `nextstep eval`'s emoji suite), and
@@ -16,8 +17,9 @@ every model timed at the end of the run, one after the other), with the head
 evaluations each token costs.
 
 Usage:
-    python benchmarks/distilled_head.py [--model emoji-shapes-64] [--steps 4,2] [--shapes-repeats 16]
-        [--emoji-repeats 1] [--images-per-tag 100] [--emoji-limit 0] [--size PX] [--save DIR] [--output NAME]
+    python benchmarks/distilled_head.py [--model emoji-shapes-64] [--steps 4,2] [--objectives segments,rollout]
+        [--shapes-repeats 16] [--emoji-repeats 1] [--iterations N] [--student-batch-size N] [--images-per-tag 100]
+        [--emoji-limit 0] [--size PX] [--save DIR] [--output NAME]
 
 Writes benchmarks/results/distilled_head_<model>.json and .md (or --output).
 """
@@ -77,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-steps", type=int, default=20)
     parser.add_argument("--shapes-repeats", type=int, default=16, help="teacher images per seen shapes prompt")
     parser.add_argument("--emoji-repeats", type=int, default=1, help="teacher images per training emoji (0: none)")
+    parser.add_argument("--objectives", type=lambda text: [value for value in text.split(",") if value],
+                        default=["segments", "rollout"], help="student objectives, each its own student")
     parser.add_argument("--iterations", type=int, default=None, help="student iterations (default: the config's)")
+    parser.add_argument("--student-batch-size", type=int, default=None,
+                        help="token segments per student step (default: the config's)")
     parser.add_argument("--images-per-tag", type=int, default=100)
     parser.add_argument("--emoji-limit", type=int, default=None,
                         help="held-out emoji scored (default all; 0 skips the emoji suite)")
@@ -90,8 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     from nextstep import load_model
     from nextstep.evaluation.sampling import SamplingSettings
     from nextstep.io import atomic_write_text
-    from nextstep.training.head_distillation import HeadDistillationConfig, distill_head, install_distilled_head
+    from nextstep.training.head_distillation import (
+        HeadDistillationConfig,
+        fit_distilled_head,
+        install_distilled_head,
+        resolve_teacher_guidance,
+    )
     from nextstep.training.prompt_sets import prompt_set
+    from nextstep.training.teacher_trajectories import record_teacher_trajectories
 
     prompts = prompt_set("shapes-seen") * args.shapes_repeats
     if args.emoji_repeats:
@@ -121,18 +133,28 @@ def main(argv: list[str] | None = None) -> int:
     for steps in args.steps:
         rows.append(row("teacher", teacher, replace(base, num_steps=steps),
                         steps * evaluations))
-        changes = {} if args.iterations is None else {"iterations": args.iterations}
+        changes = {name: value for name, value in (("iterations", args.iterations),
+                                                   ("batch_size", args.student_batch_size)) if value is not None}
         config = HeadDistillationConfig(steps=steps, teacher_steps=args.teacher_steps, cfg=defaults.cfg, **changes)
-        distilled = distill_head(teacher, prompts, config)
-        student = load_model(args.model).eval()
-        student.config = student.config.replace(generation=defaults)
-        install_distilled_head(student, distilled)
-        if args.save is not None:
-            student.save_pretrained(args.save / f"{Path(args.model).name}-{steps}-steps")
-        report = {key: distilled.report[key] for key in ("student_rmse", "initial_rmse", "teacher_rmse_at_steps",
-                                                         "token_rms", "tokens", "seconds", "losses")}
-        rows.append(row("student", student, SamplingSettings.from_defaults(
-            student.config.generation, batch_size=args.batch_size), steps, {"distillation": report}))
+        started = time.perf_counter()
+        trajectories = record_teacher_trajectories(
+            teacher, prompts, student_steps=steps, teacher_steps=args.teacher_steps,
+            guidance=resolve_teacher_guidance(teacher, config.cfg), seed=config.seed,
+            batch_size=config.generation_batch_size)
+        recorded = round(time.perf_counter() - started, 2)
+        for objective in args.objectives:
+            distilled = fit_distilled_head(teacher, trajectories, config.replace(objective=objective))
+            student = load_model(args.model).eval()
+            student.config = student.config.replace(generation=defaults)
+            install_distilled_head(student, distilled)
+            if args.save is not None:
+                student.save_pretrained(args.save / f"{Path(args.model).name}-{steps}-steps-{objective}")
+            report = {key: distilled.report[key] for key in ("student_rmse", "initial_rmse", "teacher_rmse_at_steps",
+                                                             "token_rms", "tokens", "losses", "batch_size")}
+            report["seconds"] = {"teacher": recorded, **distilled.report["seconds"]}
+            rows.append(row("student", student, SamplingSettings.from_defaults(
+                student.config.generation, batch_size=args.batch_size), steps,
+                {"objective": objective, "distillation": report}))
 
     for result, model, settings in timed:
         result.update(latency(model, settings))
@@ -144,15 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Few-step heads distilled from {args.model} ({len(prompts)} teacher images on training prompts, "
              f"teacher {args.teacher_steps} steps). Held-out shapes GenEval, {args.images_per_tag} images per "
              "category" + (", held-out emoji" if emoji else "") + "; seconds per 64x64 image on this CPU.", "",
-             "| model | cfg | steps | head evaluations per token | shapes overall |"
+             "| model | objective | cfg | steps | head evaluations per token | shapes overall |"
              + (" emoji R@10 ratio | emoji Frechet ratio |" if emoji else "")
              + " s/image batch 1 | s/image batch 8 | sampled-token RMSE to the teacher |",
-             "|---|---|---|---|---|" + ("---|---|" if emoji else "") + "---|---|---|"]
+             "|---|---|---|---|---|---|" + ("---|---|" if emoji else "") + "---|---|---|"]
     for result in rows:
         distillation = result.get("distillation")
         rmse = "" if distillation is None else f"{distillation['student_rmse']:.3f}"
-        lines.append(f"| {result['model']} | {result['cfg']:g} | {result['num_steps']} | "
-                     f"{result['head_evaluations_per_token']} | {result['shapes']:.3f} |"
+        lines.append(f"| {result['model']} | {result.get('objective', '')} | {result['cfg']:g} | "
+                     f"{result['num_steps']} | {result['head_evaluations_per_token']} | {result['shapes']:.3f} |"
                      + (f" {result['emoji_r10_ratio']:.2f} | {result['emoji_frechet_ratio']:.2f} |" if emoji else "")
                      + f" {result['seconds_per_image_batch1']:.3f} | {result['seconds_per_image_batch8']:.3f} |"
                      + f" {rmse} |")

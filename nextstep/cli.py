@@ -501,7 +501,7 @@ def command_distill_head(args: argparse.Namespace) -> int:
     from nextstep.training.head_distillation import HeadDistillationConfig, distill_head, install_distilled_head
     from nextstep.training.prompt_sets import prompt_set
 
-    given = {name: getattr(args, name) for name in ("steps", "teacher_steps", "cfg", "images_per_prompt",
+    given = {name: getattr(args, name) for name in ("steps", "teacher_steps", "cfg", "images_per_prompt", "objective",
                                                     "iterations", "batch_size", "learning_rate", "seed")}
     config = HeadDistillationConfig(**{name: value for name, value in given.items() if value is not None})
     prompts = [prompt for source in (args.prompts or ["shapes-seen", "emoji-train"]) for prompt in prompt_set(source)]
@@ -796,8 +796,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="steps of the teacher's own sampler, a multiple of --steps (default 20)")
     distill.add_argument("--cfg", type=float, default=None, help="the teacher's guidance (default: the model's)")
     distill.add_argument("--images-per-prompt", type=_positive_int, help="teacher images per prompt (default 1)")
+    distill.add_argument("--objective", choices=("segments", "rollout"),
+                         help="fit each segment at the teacher's state, or the student's own steps from the noise "
+                              "to the teacher's states (default segments)")
     distill.add_argument("--iterations", type=_positive_int, help="student optimiser steps (default 4000)")
-    distill.add_argument("--batch-size", type=_positive_int, help="token segments per step (default 256)")
+    distill.add_argument("--batch-size", type=_positive_int, help="token segments per step (default 1024)")
     distill.add_argument("--learning-rate", type=float, help="peak learning rate (default 0.0003)")
     distill.add_argument("--seed", type=int, help="seed of the teacher's images and the student's draws (default 0)")
     distill.add_argument("--device", default="cpu", type=_device)

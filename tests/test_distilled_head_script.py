@@ -1,4 +1,5 @@
-"""benchmarks/distilled_head.py distils a student per step count and scores it beside its teacher."""
+"""benchmarks/distilled_head.py distils a student per step count and objective and scores it beside its
+teacher."""
 
 import json
 
@@ -21,11 +22,16 @@ def test_the_script_scores_the_teacher_and_each_student_and_saves_them(tmp_path,
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["prompts"] == 6
     rows = [(row["model"], row["cfg"], row["num_steps"], row["head_evaluations_per_token"]) for row in result["rows"]]
-    assert rows == [("teacher", 7.5, 50, 100), ("teacher", 7.5, 2, 4), ("student", 1.0, 2, 2),
-                    ("teacher", 7.5, 1, 2), ("student", 1.0, 1, 1)]
+    assert rows == [("teacher", 7.5, 50, 100), ("teacher", 7.5, 2, 4), ("student", 1.0, 2, 2), ("student", 1.0, 2, 2),
+                    ("teacher", 7.5, 1, 2), ("student", 1.0, 1, 1), ("student", 1.0, 1, 1)]
+    assert [row.get("objective") for row in result["rows"]] == [None, None, "segments", "rollout",
+                                                                None, "segments", "rollout"]
     for row in result["rows"]:
         assert 0 <= row["shapes"] <= 1 and row["seconds_per_image_batch1"] > 0 and row["seconds_per_image_batch8"] > 0
-    assert result["rows"][2]["distillation"]["tokens"] == 24  # 6 images of 2x2 tokens
-    student = load_model(str(tmp_path / "saved" / "tiny-2-steps"))
-    assert (student.config.generation.num_steps, student.config.generation.height) == (2, 32)
-    assert "| student | 1 | 2 | 2 |" in (tmp_path / "result.md").read_text()
+    segments, rollout = result["rows"][2]["distillation"], result["rows"][3]["distillation"]
+    assert segments["tokens"] == rollout["tokens"] == 24  # 6 images of 2x2 tokens, recorded once for both
+    assert segments["seconds"]["teacher"] == rollout["seconds"]["teacher"] > 0
+    for steps, objective in ((2, "segments"), (1, "rollout")):
+        student = load_model(str(tmp_path / "saved" / f"tiny-{steps}-steps-{objective}"))
+        assert (student.config.generation.num_steps, student.config.generation.height) == (steps, 32)
+    assert "| student | rollout | 1 | 2 | 2 |" in (tmp_path / "result.md").read_text()

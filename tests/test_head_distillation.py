@@ -11,14 +11,18 @@ from nextstep.samplers.euler import EulerSampler
 from nextstep.samplers.guidance import ClassifierFreeGuidance, GuidedVelocity, NoGuidance
 from nextstep.samplers.time_grid import time_grid
 from nextstep.training.head_distillation import (
+    DISTILLATION_OBJECTIVES,
     HeadDistillation,
     HeadDistillationConfig,
     _split_by_image,
     _student_velocity_targets,
     distill_head,
+    fit_distilled_head,
     install_distilled_head,
     resolve_teacher_guidance,
+    rollout_loss,
     sampled_rmse,
+    segment_loss,
     train_student,
 )
 from nextstep.training.teacher_trajectories import (
@@ -87,33 +91,106 @@ def test_the_recorder_refuses_a_stochastic_teacher_and_an_unguided_velocity():
         recorder.sample(GuidedVelocity.__new__(GuidedVelocity), torch.zeros(1, 4), time_grid(3))
 
 
-def test_the_students_target_is_the_mean_velocity_of_each_segment():
-    """On straight paths x_t = x0 + t (x1 - x0) every segment's mean velocity is x1 - x0, whatever the
-    segment's width; the condition is the prompt branch's."""
-    x0, x1 = torch.randn(5, 3), torch.randn(5, 3)
-    times = torch.tensor([0.0, 0.1, 0.5, 1.0])
+def _straight_trajectories(tokens=5, dim=3, times=(0.0, 0.1, 0.5, 1.0)):
+    """Teacher states on straight paths x_t = x0 + t (x1 - x0): every segment's mean velocity is x1 - x0."""
+    x0, x1 = torch.randn(tokens, dim), torch.randn(tokens, dim)
+    times = torch.tensor(times)
     states = x0[:, None] + times[None, :, None] * (x1 - x0)[:, None]
-    conditions = torch.randn(2, 5, 7)
-    trajectories = TeacherTrajectories(conditions, states, times, torch.arange(5), NoGuidance(), 6, EulerSampler())
+    return TeacherTrajectories(torch.randn(2, tokens, dim), states, times, torch.arange(tokens), NoGuidance(), 6,
+                               EulerSampler())
+
+
+def test_the_students_target_is_the_mean_velocity_of_each_segment():
+    """Whatever the segment's width; the condition is the prompt branch's."""
+    trajectories = _straight_trajectories()
+    states, times = trajectories.states, trajectories.times
     tokens, segments = torch.tensor([0, 4, 2, 2]), torch.tensor([0, 1, 2, 1])
     x, t, condition, target = _student_velocity_targets(trajectories, tokens, segments)
     torch.testing.assert_close(x, states[tokens, segments])
     torch.testing.assert_close(t, times[segments])
-    torch.testing.assert_close(condition, conditions[0, tokens])
-    torch.testing.assert_close(target, (x1 - x0)[tokens])
+    torch.testing.assert_close(condition, trajectories.conditions[0, tokens])
+    torch.testing.assert_close(target, (states[:, -1] - states[:, 0])[tokens])
 
 
-def test_a_student_learns_to_follow_its_teacher_in_fewer_steps_without_guidance(trained_like_model):
+class _LinearVelocity(torch.nn.Module):
+    """v(x, t, c) = a x + b c: a head whose Euler runs have a closed form."""
+
+    def __init__(self, a: float, b: float):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.tensor(a)), torch.nn.Parameter(torch.tensor(b))
+
+    def velocity(self, x, t, condition):
+        assert t.shape == x.shape[:1]
+        return self.a * x + self.b * condition
+
+
+def test_the_rollout_loss_follows_the_students_own_steps_and_backpropagates_through_them():
+    """With v = a x + b c, Euler's state after step k is known in closed form; the loss and its
+    gradient (through every earlier step) must be that closed form's."""
+    torch.manual_seed(0)
+    trajectories = _straight_trajectories()
+    tokens = torch.tensor([0, 3, 3, 4])
+    head = _LinearVelocity(0.7, -0.4)
+    loss = rollout_loss(head, trajectories, tokens)
+    loss.backward()
+
+    a, b = torch.tensor(0.7, requires_grad=True), torch.tensor(-0.4, requires_grad=True)
+    states, condition, times = trajectories.states[tokens], trajectories.conditions[0, tokens], trajectories.times
+    y, expected = states[:, 0], 0.0
+    for k in range(3):
+        width = times[k + 1] - times[k]
+        y = y * (1 + a * width) + width * b * condition
+        expected = expected + ((y - states[:, k + 1]) / width).pow(2).mean() / 3
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(head.a.grad, a.grad)
+    torch.testing.assert_close(head.b.grad, b.grad)
+    # the segment loss evaluates the head at the teacher's states instead: another number
+    segments = segment_loss(head, trajectories, tokens.repeat_interleave(3), torch.arange(3).repeat(4))
+    assert abs(segments.item() - loss.item()) > 1e-3
+
+
+def test_with_one_step_the_two_objectives_are_one_and_fit_the_same_student(trained_like_model):
+    trajectories = _record(trained_like_model.eval(), student_steps=1, teacher_steps=3)
+    tokens = torch.tensor([0, 5, 7])
+    head = trained_like_model.image_head
+    torch.testing.assert_close(rollout_loss(head, trajectories, tokens),
+                               segment_loss(head, trajectories, tokens, torch.zeros(3, dtype=torch.long)))
+    config = HeadDistillationConfig(steps=1, teacher_steps=3, iterations=4, batch_size=6, learning_rate=1e-3)
+    students = [train_student(head, trajectories, config.replace(objective=objective))[0]
+                for objective in DISTILLATION_OBJECTIVES]
+    for name, value in students[0].state_dict().items():
+        torch.testing.assert_close(students[1].state_dict()[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_a_rollout_step_draws_whole_tokens_for_the_same_head_evaluations(trained_like_model, monkeypatch):
+    import nextstep.training.head_distillation as head_distillation
+
+    trajectories = _record(trained_like_model.eval(), student_steps=2, teacher_steps=6)
+    drawn = []
+    real = head_distillation.rollout_loss
+    monkeypatch.setattr(head_distillation, "rollout_loss",
+                        lambda head, recorded, tokens: drawn.append(tokens) or real(head, recorded, tokens))
+    config = HeadDistillationConfig(steps=2, teacher_steps=6, iterations=3, batch_size=7, objective="rollout")
+    train_student(trained_like_model.image_head, trajectories, config)
+    assert [tokens.shape for tokens in drawn] == [(3,)] * 3
+    train_student(trained_like_model.image_head, trajectories, config.replace(batch_size=1))
+    assert drawn[-1].shape == (1,)
+
+
+@pytest.mark.parametrize("objective", DISTILLATION_OBJECTIVES)
+def test_a_student_learns_to_follow_its_teacher_in_fewer_steps_without_guidance(trained_like_model, objective):
     model = trained_like_model.eval()
     before = {name: value.clone() for name, value in model.image_head.state_dict().items()}
     prompts = [f"{colour} {shape}" for colour in ("red", "green", "blue") for shape in ("circle", "square")]
     config = HeadDistillationConfig(steps=2, teacher_steps=8, cfg=3.0, images_per_prompt=4, iterations=300,
-                                    batch_size=64, learning_rate=1e-3, validation_fraction=0.25)
+                                    batch_size=64, learning_rate=1e-3, validation_fraction=0.25, objective=objective)
     seen = []
     distilled = distill_head(model, prompts, config, progress=lambda *args: seen.append(args), **SIZE)
     report = distilled.report
     assert report["images"] == 24 and report["tokens"] == 96 and report["held_out_tokens"] == 24
     assert report["head_evaluations_per_token"] == {"teacher": 16, "student": 2}
+    assert report["objective"] == objective and report["cfg"] == 3.0
     # the undistilled head at 2 steps without guidance is further from the teacher (0.054 here; the student 0.037)
     assert report["student_rmse"] < 0.8 * report["initial_rmse"]
     assert 0 < report["teacher_rmse_at_steps"] < report["token_rms"]
@@ -176,10 +253,28 @@ def test_the_teacher_guidance_is_the_models_constant_scale_or_the_one_asked(tiny
     ({"validation_fraction": 1.0}, r"validation_fraction must be in \[0, 1\), found 1.0"),
     ({"iterations": 0}, "iterations must be an integer >= 1, found 0"),
     ({"seed": -1}, "seed must be >= 0, found -1"),
+    ({"objective": "trajectories"}, r"objective must be one of \['segments', 'rollout'\], found 'trajectories'"),
 ])
 def test_the_config_refuses_what_cannot_be_distilled(changes, message):
     with pytest.raises(ValueError, match=message):
         HeadDistillationConfig(**changes)
+
+
+def test_fitting_a_recording_is_what_distill_head_does_and_the_recording_must_match(trained_like_model):
+    model = trained_like_model.eval()
+    config = HeadDistillationConfig(steps=2, teacher_steps=6, cfg=3.0, iterations=5, batch_size=8, seed=2,
+                                    objective="rollout")
+    distilled = distill_head(model, PROMPTS, config, **SIZE)
+    trajectories = _record(model, seed=2, batch_size=config.generation_batch_size)
+    fitted = fit_distilled_head(model, trajectories, config)
+    for name, value in distilled.head.state_dict().items():
+        assert torch.equal(fitted.head.state_dict()[name], value), name
+    seconds = distilled.report.pop("seconds"), fitted.report.pop("seconds")
+    assert fitted.report == distilled.report and fitted.steps == 2
+    assert set(seconds[0]) == {"teacher", "student"} and set(seconds[1]) == {"student"}
+    with pytest.raises(ValueError, match="the config asks for 1 student steps from 2 teacher steps, the trajectories "
+                                         "were recorded for 2 from 6"):
+        fit_distilled_head(model, trajectories, config.replace(steps=1, teacher_steps=2))
 
 
 def test_the_split_keeps_whole_images_on_one_side(trained_like_model):
@@ -285,8 +380,8 @@ def test_the_command_takes_the_configs_defaults_and_names_a_bad_prompt_source(tm
                  "--quiet"]) == 2
     assert asked["config"] == HeadDistillationConfig() and asked["prompts"] == ["a circle"]
     assert main(["distill-head", "tiny", str(tmp_path / "out"), "--prompts", str(tmp_path / "p.txt"),
-                 "--cfg", "2.5", "--seed", "3", "--learning-rate", "0.001", "--quiet"]) == 2
-    assert asked["config"] == HeadDistillationConfig(cfg=2.5, seed=3, learning_rate=0.001)
+                 "--cfg", "2.5", "--seed", "3", "--learning-rate", "0.001", "--objective", "rollout", "--quiet"]) == 2
+    assert asked["config"] == HeadDistillationConfig(cfg=2.5, seed=3, learning_rate=0.001, objective="rollout")
     assert main(["distill-head", "tiny", str(tmp_path / "out"), "--prompts", "nothing-here", "--quiet"]) == 2
     assert "expected a prompt file or one of the prompt sets ['emoji-train', 'shapes-seen'], found 'nothing-here'" \
         in capsys.readouterr().err
@@ -301,5 +396,8 @@ def test_the_commands_help_states_the_configs_defaults():
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     helps = {action.dest: action.help for action in commands.choices["distill-head"]._actions}
     config = HeadDistillationConfig()
-    for name in ("steps", "teacher_steps", "images_per_prompt", "iterations", "batch_size", "learning_rate", "seed"):
+    for name in ("steps", "teacher_steps", "images_per_prompt", "objective", "iterations", "batch_size",
+                 "learning_rate", "seed"):
         assert f"(default {getattr(config, name)})" in helps[name], name
+    objective = next(action for action in commands.choices["distill-head"]._actions if action.dest == "objective")
+    assert tuple(objective.choices) == DISTILLATION_OBJECTIVES

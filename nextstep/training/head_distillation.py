@@ -3,19 +3,30 @@
 The teacher is the model as it samples: its head on every guidance branch,
 combined by classifier-free guidance, integrated over S steps by its sampler.
 The student is a copy of the head, fine-tuned so that one Euler step per
-segment of a K-step grid lands where the teacher's S steps land: at the
-teacher's state ``x_k`` at time ``t_k`` it regresses the segment's mean velocity
+segment of a K-step grid lands where the teacher's S steps land, from the
+prompt branch's condition ``c`` alone. Two objectives (``objective``):
 
-    v_student(x_k, t_k, c) ~ (x_{k+1} - x_k) / (t_{k+1} - t_k),
+* ``"segments"``: each segment on its own, at the teacher's state ``x_k`` at
+  time ``t_k``, regresses the segment's mean velocity
 
-with ``c`` the prompt branch's condition alone. The distilled model then samples
-with K Euler steps and no unconditional branch: K head evaluations per token
-instead of S x (evaluations per step) x 2, and half the backbone rows. It is
-tied to that grid and that guidance scale: other step counts, guidance scales,
-time shifts (editing) or candidate scores that read the head's flow are what the
-teacher does, not what the student learned.
+      v_student(x_k, t_k, c) ~ (x_{k+1} - x_k) / (t_{k+1} - t_k);
 
-Legend: M recorded tokens, K student steps, C condition dim, D token dim.
+* ``"rollout"``: the student runs its own K Euler steps from the token's noise,
+  ``y_0 = x_0``, ``y_{k+1} = y_k + (t_{k+1} - t_k) v_student(y_k, t_k, c)``, and
+  each state it reaches is compared with the teacher's in velocity units,
+  ``|y_{k+1} - x_{k+1}|^2 / (t_{k+1} - t_k)^2``, with gradients through the
+  earlier steps: it learns from the states it will itself be in when sampling,
+  and to make up for its own earlier errors. Its first step's term is the
+  segment loss; a token costs K head evaluations instead of one.
+
+The distilled model then samples with K Euler steps and no unconditional
+branch: K head evaluations per token instead of S x (evaluations per step) x 2,
+and half the backbone rows. It is tied to that grid and that guidance scale:
+other step counts, guidance scales, time shifts (editing) or candidate scores
+that read the head's flow are what the teacher does, not what the student
+learned.
+
+Legend: M recorded tokens, B tokens of a batch, K student steps, C condition dim, D token dim.
 """
 
 from __future__ import annotations
@@ -38,6 +49,9 @@ from nextstep.training.teacher_trajectories import TeacherTrajectories, record_t
 if TYPE_CHECKING:
     from nextstep.model import NextStep
 
+DISTILLATION_OBJECTIVES = ("segments", "rollout")
+"""What the student is fitted to (see the module's description)."""
+
 
 @dataclass
 class HeadDistillationConfig(Config):
@@ -50,8 +64,12 @@ class HeadDistillationConfig(Config):
         cfg: the teacher's guidance scale, folded into the student (None: the model's own).
         images_per_prompt: teacher images drawn per prompt.
         generation_batch_size: teacher images generated together.
+        objective: ``"segments"`` (each segment at the teacher's state) or ``"rollout"`` (the
+            student's own K steps from the noise, compared with the teacher's states).
         iterations: optimiser steps of the student.
-        batch_size: (token, segment) pairs per optimiser step.
+        batch_size: token segments per optimiser step: that many (token, segment) pairs for
+            ``"segments"``, ``batch_size // steps`` whole tokens (at least one) for ``"rollout"``,
+            so that a step costs the same head evaluations either way.
         learning_rate: peak AdamW rate (cosine decay to zero after 5% warm-up).
         validation_fraction: share of the teacher's images kept out of training and scored.
         seed: seed of the teacher's image 0, of the pairs drawn and of the split.
@@ -62,8 +80,9 @@ class HeadDistillationConfig(Config):
     cfg: float | None = None
     images_per_prompt: int = 1
     generation_batch_size: int = 16
+    objective: str = "segments"
     iterations: int = 4000
-    batch_size: int = 256
+    batch_size: int = 1024
     learning_rate: float = 3e-4
     validation_fraction: float = 0.1
     seed: int = 0
@@ -74,6 +93,8 @@ class HeadDistillationConfig(Config):
             require_count(name, getattr(self, name))
         require(self.teacher_steps % self.steps == 0, "teacher_steps", self.teacher_steps,
                 f"a multiple of steps ({self.steps}), so that every student time is a teacher time")
+        require(self.objective in DISTILLATION_OBJECTIVES, "objective", self.objective,
+                f"one of {list(DISTILLATION_OBJECTIVES)}")
         require(self.cfg is None or 0 <= self.cfg < math.inf, "cfg", self.cfg, "None or a finite number >= 0")
         require(0 < self.learning_rate < math.inf, "learning_rate", self.learning_rate, "a positive number")
         require(0 <= self.validation_fraction < 1, "validation_fraction", self.validation_fraction, "in [0, 1)")
@@ -123,6 +144,48 @@ def _student_velocity_targets(trajectories: TeacherTrajectories, tokens: torch.T
     return start, times[segments], trajectories.conditions[0, tokens], (end - start) / width
 
 
+def segment_loss(head: ImageHead, trajectories: TeacherTrajectories, tokens: torch.Tensor,
+                 segments: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of ``head``'s velocity at the teacher's states against each segment's mean velocity.
+
+    Args:
+        head: the student.
+        trajectories: the teacher's tokens.
+        tokens: (P,) recorded token of each pair.
+        segments: (P,) segment of each pair, in [0, K).
+
+    Returns:
+        the loss, a float32 scalar.
+    """
+    device = next(head.parameters()).device
+    x, t, condition, target = (value.to(device) for value in _student_velocity_targets(trajectories, tokens, segments))
+    return (head.velocity(x, t, condition).float() - target).pow(2).mean()
+
+
+def rollout_loss(head: ImageHead, trajectories: TeacherTrajectories, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean over the K steps of ``head``'s own Euler run from the noise of the squared distance to the
+    teacher's state after each step, divided by that step's width squared (velocity units).
+
+    Args:
+        head: the student.
+        trajectories: the teacher's tokens.
+        tokens: (B,) recorded tokens.
+
+    Returns:
+        the loss, a float32 scalar; with K = 1 it is `segment_loss` of segment 0.
+    """
+    device = next(head.parameters()).device
+    states = trajectories.states[tokens].to(device)  # (B, K + 1, D)
+    condition = trajectories.conditions[0, tokens].to(device)
+    times = trajectories.times.to(device)
+    x, total = states[:, 0], 0.0
+    for step in range(trajectories.student_steps):
+        width = times[step + 1] - times[step]
+        x = x + width * head.velocity(x, times[step].expand(x.shape[0]), condition).float()
+        total = total + ((x - states[:, step + 1]) / width).pow(2).mean()
+    return total / trajectories.student_steps
+
+
 @torch.no_grad()
 def sampled_rmse(head: ImageHead, trajectories: TeacherTrajectories, guidance: Guidance, sampler,
                  grid: torch.Tensor, batch: int = 4096) -> float:
@@ -152,7 +215,7 @@ def train_student(
     Args:
         head: the teacher's head (left unchanged).
         trajectories: the training tokens.
-        config: iterations, batch size, learning rate and seed.
+        config: objective, iterations, batch size, learning rate and seed.
         progress: called with (iteration done, iterations, loss) every 50 iterations and at the end.
 
     Returns:
@@ -160,23 +223,24 @@ def train_student(
     """
     if trajectories.num_tokens == 0:
         raise ValueError("distillation needs at least one recorded token, found none")
-    device = next(head.parameters()).device
     student = copy.deepcopy(head).float().train()
     student.requires_grad_(True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=0.0,
                                   betas=(0.9, 0.99))
     schedule = WarmupCosineSchedule(config.learning_rate, max(config.iterations // 20, 1), config.iterations)
     generator = torch.Generator().manual_seed(config.seed)
-    pairs = trajectories.num_tokens * trajectories.student_steps
+    steps, rollout = trajectories.student_steps, config.objective == "rollout"
+    drawn_per_iteration = max(config.batch_size // steps, 1) if rollout else config.batch_size
     window = max(config.iterations // 10, 1)
     losses, running = [], []
     for iteration in range(config.iterations):
         schedule.apply(optimizer, iteration)
-        drawn = torch.randint(pairs, (config.batch_size,), generator=generator)
-        tokens, segments = drawn // trajectories.student_steps, drawn % trajectories.student_steps
-        x, t, condition, target = (value.to(device) for value in
-                                   _student_velocity_targets(trajectories, tokens, segments))
-        loss = (student.velocity(x, t, condition).float() - target).pow(2).mean()
+        if rollout:
+            loss = rollout_loss(student, trajectories,
+                                torch.randint(trajectories.num_tokens, (drawn_per_iteration,), generator=generator))
+        else:
+            drawn = torch.randint(trajectories.num_tokens * steps, (drawn_per_iteration,), generator=generator)
+            loss = segment_loss(student, trajectories, drawn // steps, drawn % steps)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the student's loss is {loss.item()} at iteration {iteration}; "
                                      f"lower learning_rate (found {config.learning_rate})")
@@ -214,6 +278,9 @@ def distill_head(
     """Record the model's sampling on ``prompts`` and fit a K-step student head to it.
 
     The model is left unchanged; `install_distilled_head` puts the student in.
+    To fit several students (objectives, iterations, learning rates) to one
+    recording, call `record_teacher_trajectories` once and `fit_distilled_head`
+    for each.
 
     Args:
         model: the teacher, sampling with its own sampler (deterministic) and head.
@@ -232,30 +299,63 @@ def distill_head(
         model, prompts, student_steps=config.steps, teacher_steps=config.teacher_steps, guidance=guidance,
         height=height, width=width, seed=config.seed, batch_size=config.generation_batch_size,
         progress=None if progress is None else (lambda done, total: progress("teacher", done, total)))
-    recorded = time.perf_counter()
+    recorded = time.perf_counter() - started
+    distilled = fit_distilled_head(
+        model, trajectories, config,
+        progress=None if progress is None else (lambda done, total: progress("student", done, total)))
+    distilled.report["seconds"] = {"teacher": round(recorded, 2), **distilled.report["seconds"]}
+    return distilled
+
+
+def fit_distilled_head(
+    model: "NextStep",
+    trajectories: TeacherTrajectories,
+    config: HeadDistillationConfig | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> HeadDistillation:
+    """Fit a K-step student of ``model``'s head to recorded ``trajectories`` and score it on held-out images.
+
+    Args:
+        model: the teacher the trajectories were recorded from (left unchanged).
+        trajectories: from `record_teacher_trajectories` with ``config``'s steps and teacher steps.
+        config: see `HeadDistillationConfig`; its recording settings (``cfg``, ``images_per_prompt``,
+            ``generation_batch_size``) are the trajectories' business and not read here.
+        progress: called with (iterations done, iterations) every 50 iterations.
+
+    Raises:
+        ValueError: naming both, when the trajectories were recorded for other student or teacher steps.
+    """
+    config = config or HeadDistillationConfig()
+    if (trajectories.student_steps, trajectories.teacher_steps) != (config.steps, config.teacher_steps):
+        raise ValueError(f"the config asks for {config.steps} student steps from {config.teacher_steps} teacher "
+                         f"steps, the trajectories were recorded for {trajectories.student_steps} from "
+                         f"{trajectories.teacher_steps}")
+    started = time.perf_counter()
     training, held_out = _split_by_image(trajectories, config.validation_fraction, config.seed)
     head = model.image_head
     student, losses = train_student(
-        head, training, config,
-        None if progress is None else (lambda done, total, loss: progress("student", done, total)))
-    trained = time.perf_counter()
+        head, training, config, None if progress is None else (lambda done, total, loss: progress(done, total)))
+    trained = time.perf_counter() - started
+    guidance, teacher = trajectories.guidance, trajectories.teacher_sampler
     euler, grid = EulerSampler(), trajectories.times
     report: dict[str, Any] = {
-        "steps": config.steps, "teacher_steps": config.teacher_steps, "teacher_sampler": type(model.sampler).__name__,
-        "cfg": float(model.config.generation.cfg if config.cfg is None else config.cfg), "images": len(prompts),
-        "tokens": trajectories.num_tokens,
-        "held_out_tokens": held_out.num_tokens, "iterations": config.iterations, "losses": losses,
+        "steps": config.steps, "teacher_steps": config.teacher_steps, "teacher_sampler": type(teacher).__name__,
+        "cfg": float(getattr(guidance, "scale", 1.0)), "objective": config.objective,
+        "images": int(trajectories.images.unique().numel()), "tokens": trajectories.num_tokens,
+        "held_out_tokens": held_out.num_tokens, "iterations": config.iterations, "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate, "losses": losses,
         "head_evaluations_per_token": {
-            "teacher": config.teacher_steps * model.sampler.evaluations_per_step * guidance.num_branches,
+            "teacher": config.teacher_steps * teacher.evaluations_per_step * guidance.num_branches,
             "student": config.steps},
-        "seconds": {"teacher": round(recorded - started, 2), "student": round(trained - recorded, 2)},
+        "seconds": {"student": round(trained, 2)},
     }
     if held_out.num_tokens:
         report["token_rms"] = held_out.states[:, -1].pow(2).mean().sqrt().item()
         report["student_rmse"] = sampled_rmse(student, held_out, NoGuidance(), euler, grid)
         report["initial_rmse"] = sampled_rmse(head, held_out, NoGuidance(), euler, grid)
         report["teacher_rmse_at_steps"] = sampled_rmse(
-            head, held_out, guidance, model.sampler, model.sampler.make_time_grid(config.steps))
+            head, held_out, guidance, teacher, teacher.make_time_grid(config.steps))
     parameter = next(head.parameters())
     return HeadDistillation(student.to(parameter.device, parameter.dtype), config.steps, report)
 
