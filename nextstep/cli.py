@@ -501,8 +501,9 @@ def command_distill_head(args: argparse.Namespace) -> int:
     from nextstep.training.head_distillation import HeadDistillationConfig, distill_head, install_distilled_head
     from nextstep.training.prompt_sets import prompt_set
 
-    given = {name: getattr(args, name) for name in ("steps", "teacher_steps", "cfg", "images_per_prompt", "objective",
-                                                    "iterations", "batch_size", "learning_rate", "seed")}
+    given = {name: getattr(args, name) for name in ("steps", "teacher_steps", "cfg", "images_per_prompt",
+                                                    "condition_dtype", "objective", "iterations", "batch_size",
+                                                    "learning_rate", "seed")}
     config = HeadDistillationConfig(**{name: value for name, value in given.items() if value is not None})
     prompts = [prompt for source in (args.prompts or ["shapes-seen", "emoji-train"]) for prompt in prompt_set(source)]
     model = load_model(args.model, device=args.device)
@@ -796,6 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="steps of the teacher's own sampler, a multiple of --steps (default 20)")
     distill.add_argument("--cfg", type=float, default=None, help="the teacher's guidance (default: the model's)")
     distill.add_argument("--images-per-prompt", type=_positive_int, help="teacher images per prompt (default 1)")
+    distill.add_argument("--condition-dtype", choices=("float32", "bfloat16", "float16"),
+                         help="dtype the teacher's recorded conditions are kept in (default float32)")
     distill.add_argument("--objective", choices=("segments", "rollout"),
                          help="fit each segment at the teacher's state, or the student's own steps from the noise "
                               "to the teacher's states (default segments)")

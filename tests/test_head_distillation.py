@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
+from nextstep.dtypes import DTYPES
 from nextstep.generation import generate_tokens
 from nextstep.samplers.euler import EulerSampler
-from nextstep.samplers.guidance import ClassifierFreeGuidance, GuidedVelocity, NoGuidance
+from nextstep.samplers.guidance import ClassifierFreeGuidance, GuidedVelocity, NoGuidance, guidance_for_scale
 from nextstep.samplers.time_grid import time_grid
 from nextstep.training.head_distillation import (
     DISTILLATION_OBJECTIVES,
@@ -36,10 +37,10 @@ SIZE = dict(height=32, width=32)  # 2x2 tokens for the tiny preset
 PROMPTS = ["a red circle", "a blue square", "two green triangles"]
 
 
-def _record(model, prompts=PROMPTS, student_steps=2, teacher_steps=6, cfg=3.0, seed=0, batch_size=2):
+def _record(model, prompts=PROMPTS, student_steps=2, teacher_steps=6, cfg=3.0, seed=0, batch_size=2, **options):
     return record_teacher_trajectories(model, prompts, student_steps=student_steps, teacher_steps=teacher_steps,
-                                       guidance=ClassifierFreeGuidance(cfg), seed=seed, batch_size=batch_size,
-                                       **SIZE)
+                                       guidance=guidance_for_scale(cfg), seed=seed, batch_size=batch_size,
+                                       **SIZE, **options)
 
 
 def test_segment_boundaries_find_the_students_times_on_the_teachers_grid():
@@ -54,19 +55,24 @@ def test_segment_boundaries_find_the_students_times_on_the_teachers_grid():
 
 def test_the_recorder_samples_exactly_what_the_teacher_samples_and_keeps_its_states(trained_like_model):
     """Recording changes no token; the recorded states are the noise, the teacher's state after each
-    segment and its token; the conditions are every branch's; tokens are listed token by token."""
+    segment and its token; the conditions are the prompt branch's; tokens are listed token by token."""
     model = trained_like_model.eval()
     plain, _, _ = generate_tokens(model, PROMPTS, cfg=3.0, num_steps=6, seed=5, **SIZE)  # (3, 4, D)
     recorded = _record(model, seed=5, batch_size=3)
     assert recorded.num_tokens == 12 and recorded.student_steps == 2
-    assert recorded.conditions.shape == (2, 12, model.image_head.condition_dim)
+    assert recorded.conditions.shape == (12, model.image_head.condition_dim)
+    assert recorded.conditions.dtype == torch.float32 and recorded.conditions.device.type == "cpu"
     assert recorded.images.tolist() == [0, 1, 2] * 4
     tokens = recorded.states[:, -1].reshape(4, 3, -1).transpose(0, 1)  # token-major -> (images, tokens, D)
     torch.testing.assert_close(tokens, plain, rtol=0, atol=0)
-    # the middle state: three of the teacher's six Euler steps from the same noise on the same conditions
-    velocity = GuidedVelocity(model.image_head, recorded.conditions, ClassifierFreeGuidance(3.0))
-    middle = EulerSampler().sample(velocity, recorded.states[:, 0], time_grid(6)[:4])
-    torch.testing.assert_close(recorded.states[:, 1], middle, rtol=1e-6, atol=1e-6)
+    # the teacher in 2 steps: each image's first token is what 2-step generation draws first
+    # (later tokens differ: generation's later conditions follow its own earlier tokens)
+    coarse, _, _ = generate_tokens(model, PROMPTS, cfg=3.0, num_steps=2, seed=5, **SIZE)
+    torch.testing.assert_close(recorded.teacher_at_steps[:3], coarse[:, 0], rtol=1e-6, atol=1e-6)
+    assert (recorded.teacher_at_steps - recorded.states[:, -1]).abs().max() > 1e-3
+    # each image's first condition reads the prompt alone: the prompt branch's is the unguided one
+    unguided = _record(model, seed=5, batch_size=3, cfg=1.0)
+    torch.testing.assert_close(recorded.conditions[:3], unguided.conditions[:3], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(recorded.times, time_grid(2))
     # batches of another size record the same tokens
     other = _record(model, seed=5, batch_size=2)
@@ -77,6 +83,22 @@ def test_the_recorder_samples_exactly_what_the_teacher_samples_and_keeps_its_sta
     model.train()
     _record(model, prompts=PROMPTS[:1])
     assert model.training  # left in the mode it came in
+
+
+def test_the_recorded_states_and_coarse_teacher_follow_the_prompt_branchs_conditions(trained_like_model):
+    """Without guidance the prompt branch is the teacher's only one: the middle state is three of its
+    six Euler steps, the coarse teacher two, from the same noise on the recorded conditions."""
+    model = trained_like_model.eval()
+    recorded = _record(model, cfg=1.0, seed=2)
+    velocity = GuidedVelocity(model.image_head, recorded.conditions[None], NoGuidance())
+    middle = EulerSampler().sample(velocity, recorded.states[:, 0], time_grid(6)[:4])
+    torch.testing.assert_close(recorded.states[:, 1], middle, rtol=1e-6, atol=1e-6)
+    coarse = EulerSampler().sample(velocity, recorded.states[:, 0], time_grid(2))
+    torch.testing.assert_close(recorded.teacher_at_steps, coarse, rtol=1e-6, atol=1e-6)
+    narrow = _record(model, cfg=1.0, seed=2, condition_dtype=torch.bfloat16)
+    assert narrow.conditions.dtype == torch.bfloat16
+    torch.testing.assert_close(narrow.conditions, recorded.conditions.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(narrow.states, recorded.states, rtol=0, atol=0)
 
 
 def test_the_recorder_refuses_a_stochastic_teacher_and_an_unguided_velocity():
@@ -96,8 +118,8 @@ def _straight_trajectories(tokens=5, dim=3, times=(0.0, 0.1, 0.5, 1.0)):
     x0, x1 = torch.randn(tokens, dim), torch.randn(tokens, dim)
     times = torch.tensor(times)
     states = x0[:, None] + times[None, :, None] * (x1 - x0)[:, None]
-    return TeacherTrajectories(torch.randn(2, tokens, dim), states, times, torch.arange(tokens), NoGuidance(), 6,
-                               EulerSampler())
+    return TeacherTrajectories(torch.randn(tokens, dim), states, times, torch.arange(tokens), states[:, -1],
+                               NoGuidance(), 6, EulerSampler())
 
 
 def test_the_students_target_is_the_mean_velocity_of_each_segment():
@@ -108,7 +130,7 @@ def test_the_students_target_is_the_mean_velocity_of_each_segment():
     x, t, condition, target = _student_velocity_targets(trajectories, tokens, segments)
     torch.testing.assert_close(x, states[tokens, segments])
     torch.testing.assert_close(t, times[segments])
-    torch.testing.assert_close(condition, trajectories.conditions[0, tokens])
+    torch.testing.assert_close(condition, trajectories.conditions[tokens])
     torch.testing.assert_close(target, (states[:, -1] - states[:, 0])[tokens])
 
 
@@ -135,7 +157,7 @@ def test_the_rollout_loss_follows_the_students_own_steps_and_backpropagates_thro
     loss.backward()
 
     a, b = torch.tensor(0.7, requires_grad=True), torch.tensor(-0.4, requires_grad=True)
-    states, condition, times = trajectories.states[tokens], trajectories.conditions[0, tokens], trajectories.times
+    states, condition, times = trajectories.states[tokens], trajectories.conditions[tokens], trajectories.times
     y, expected = states[:, 0], 0.0
     for k in range(3):
         width = times[k + 1] - times[k]
@@ -253,6 +275,8 @@ def test_the_teacher_guidance_is_the_models_constant_scale_or_the_one_asked(tiny
     ({"validation_fraction": 1.0}, r"validation_fraction must be in \[0, 1\), found 1.0"),
     ({"iterations": 0}, "iterations must be an integer >= 1, found 0"),
     ({"seed": -1}, "seed must be >= 0, found -1"),
+    ({"condition_dtype": "float64"}, r"condition_dtype must be one of \['float32', 'bfloat16', 'float16'\], "
+                                     "found 'float64'"),
     ({"objective": "trajectories"}, r"objective must be one of \['segments', 'rollout'\], found 'trajectories'"),
 ])
 def test_the_config_refuses_what_cannot_be_distilled(changes, message):
@@ -272,6 +296,9 @@ def test_fitting_a_recording_is_what_distill_head_does_and_the_recording_must_ma
     seconds = distilled.report.pop("seconds"), fitted.report.pop("seconds")
     assert fitted.report == distilled.report and fitted.steps == 2
     assert set(seconds[0]) == {"teacher", "student"} and set(seconds[1]) == {"student"}
+    _, held_out = _split_by_image(trajectories, config.validation_fraction, config.seed)
+    coarse_error = (held_out.teacher_at_steps - held_out.states[:, -1]).pow(2).mean().sqrt().item()
+    assert fitted.report["teacher_rmse_at_steps"] == pytest.approx(coarse_error) and coarse_error > 0
     with pytest.raises(ValueError, match="the config asks for 1 student steps from 2 teacher steps, the trajectories "
                                          "were recorded for 2 from 6"):
         fit_distilled_head(model, trajectories, config.replace(steps=1, teacher_steps=2))
@@ -319,13 +346,13 @@ def test_a_diverging_student_stops_with_what_to_change(trained_like_model):
 
 def test_the_sampled_error_is_zero_for_the_teacher_itself_and_counts_every_token(trained_like_model):
     model = trained_like_model.eval()
-    trajectories = _record(model, student_steps=3, teacher_steps=3)
-    guidance = ClassifierFreeGuidance(3.0)
-    assert sampled_rmse(model.image_head, trajectories, guidance, EulerSampler(), time_grid(3), batch=5) < 1e-6
+    trajectories = _record(model, student_steps=3, teacher_steps=3, cfg=1.0)
+    assert sampled_rmse(model.image_head, trajectories, EulerSampler(), time_grid(3), batch=5) < 1e-6
+    torch.testing.assert_close(trajectories.teacher_at_steps, trajectories.states[:, -1])  # K = S: itself
     shifted = trajectories.select(torch.arange(trajectories.num_tokens))
     shifted.states = shifted.states.clone()
     shifted.states[:, -1] += 0.5  # every teacher token moved by 0.5 in every feature
-    error = sampled_rmse(model.image_head, shifted, guidance, EulerSampler(), time_grid(3), batch=5)
+    error = sampled_rmse(model.image_head, shifted, EulerSampler(), time_grid(3), batch=5)
     assert error == pytest.approx(0.5, abs=1e-5)
 
 
@@ -380,8 +407,10 @@ def test_the_command_takes_the_configs_defaults_and_names_a_bad_prompt_source(tm
                  "--quiet"]) == 2
     assert asked["config"] == HeadDistillationConfig() and asked["prompts"] == ["a circle"]
     assert main(["distill-head", "tiny", str(tmp_path / "out"), "--prompts", str(tmp_path / "p.txt"),
-                 "--cfg", "2.5", "--seed", "3", "--learning-rate", "0.001", "--objective", "rollout", "--quiet"]) == 2
-    assert asked["config"] == HeadDistillationConfig(cfg=2.5, seed=3, learning_rate=0.001, objective="rollout")
+                 "--cfg", "2.5", "--seed", "3", "--learning-rate", "0.001", "--objective", "rollout",
+                 "--condition-dtype", "bfloat16", "--quiet"]) == 2
+    assert asked["config"] == HeadDistillationConfig(cfg=2.5, seed=3, learning_rate=0.001, objective="rollout",
+                                                     condition_dtype="bfloat16")
     assert main(["distill-head", "tiny", str(tmp_path / "out"), "--prompts", "nothing-here", "--quiet"]) == 2
     assert "expected a prompt file or one of the prompt sets ['emoji-train', 'shapes-seen'], found 'nothing-here'" \
         in capsys.readouterr().err
@@ -396,8 +425,11 @@ def test_the_commands_help_states_the_configs_defaults():
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     helps = {action.dest: action.help for action in commands.choices["distill-head"]._actions}
     config = HeadDistillationConfig()
-    for name in ("steps", "teacher_steps", "images_per_prompt", "objective", "iterations", "batch_size",
-                 "learning_rate", "seed"):
+    for name in ("steps", "teacher_steps", "images_per_prompt", "condition_dtype", "objective", "iterations",
+                 "batch_size", "learning_rate", "seed"):
         assert f"(default {getattr(config, name)})" in helps[name], name
     objective = next(action for action in commands.choices["distill-head"]._actions if action.dest == "objective")
     assert tuple(objective.choices) == DISTILLATION_OBJECTIVES
+    condition_dtype = next(action for action in commands.choices["distill-head"]._actions
+                           if action.dest == "condition_dtype")
+    assert tuple(condition_dtype.choices) == tuple(DTYPES)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from nextstep.config import ComponentSpec, Config, require, require_count
+from nextstep.dtypes import DTYPES
 from nextstep.heads.base import ImageHead
 from nextstep.samplers.euler import EulerSampler
 from nextstep.samplers.guidance import Guidance, GuidedVelocity, NoGuidance, guidance_for_scale
@@ -64,6 +65,8 @@ class HeadDistillationConfig(Config):
         cfg: the teacher's guidance scale, folded into the student (None: the model's own).
         images_per_prompt: teacher images drawn per prompt.
         generation_batch_size: teacher images generated together.
+        condition_dtype: the dtype the recorded conditions are kept in (``"float32"``,
+            ``"bfloat16"`` or ``"float16"``): C of the C + (K + 2) x D numbers kept per token.
         objective: ``"segments"`` (each segment at the teacher's state) or ``"rollout"`` (the
             student's own K steps from the noise, compared with the teacher's states).
         iterations: optimiser steps of the student.
@@ -80,6 +83,7 @@ class HeadDistillationConfig(Config):
     cfg: float | None = None
     images_per_prompt: int = 1
     generation_batch_size: int = 16
+    condition_dtype: str = "float32"
     objective: str = "segments"
     iterations: int = 4000
     batch_size: int = 1024
@@ -93,6 +97,7 @@ class HeadDistillationConfig(Config):
             require_count(name, getattr(self, name))
         require(self.teacher_steps % self.steps == 0, "teacher_steps", self.teacher_steps,
                 f"a multiple of steps ({self.steps}), so that every student time is a teacher time")
+        require(self.condition_dtype in DTYPES, "condition_dtype", self.condition_dtype, f"one of {list(DTYPES)}")
         require(self.objective in DISTILLATION_OBJECTIVES, "objective", self.objective,
                 f"one of {list(DISTILLATION_OBJECTIVES)}")
         require(self.cfg is None or 0 <= self.cfg < math.inf, "cfg", self.cfg, "None or a finite number >= 0")
@@ -141,7 +146,7 @@ def _student_velocity_targets(trajectories: TeacherTrajectories, tokens: torch.T
     states, times = trajectories.states, trajectories.times
     start, end = states[tokens, segments], states[tokens, segments + 1]
     width = (times[segments + 1] - times[segments])[:, None]
-    return start, times[segments], trajectories.conditions[0, tokens], (end - start) / width
+    return start, times[segments], trajectories.conditions[tokens], (end - start) / width
 
 
 def segment_loss(head: ImageHead, trajectories: TeacherTrajectories, tokens: torch.Tensor,
@@ -158,7 +163,8 @@ def segment_loss(head: ImageHead, trajectories: TeacherTrajectories, tokens: tor
         the loss, a float32 scalar.
     """
     device = next(head.parameters()).device
-    x, t, condition, target = (value.to(device) for value in _student_velocity_targets(trajectories, tokens, segments))
+    x, t, condition, target = (value.to(device, torch.float32)
+                               for value in _student_velocity_targets(trajectories, tokens, segments))
     return (head.velocity(x, t, condition).float() - target).pow(2).mean()
 
 
@@ -176,7 +182,7 @@ def rollout_loss(head: ImageHead, trajectories: TeacherTrajectories, tokens: tor
     """
     device = next(head.parameters()).device
     states = trajectories.states[tokens].to(device)  # (B, K + 1, D)
-    condition = trajectories.conditions[0, tokens].to(device)
+    condition = trajectories.conditions[tokens].to(device, torch.float32)
     times = trajectories.times.to(device)
     x, total = states[:, 0], 0.0
     for step in range(trajectories.student_steps):
@@ -187,16 +193,16 @@ def rollout_loss(head: ImageHead, trajectories: TeacherTrajectories, tokens: tor
 
 
 @torch.no_grad()
-def sampled_rmse(head: ImageHead, trajectories: TeacherTrajectories, guidance: Guidance, sampler,
-                 grid: torch.Tensor, batch: int = 4096) -> float:
+def sampled_rmse(head: ImageHead, trajectories: TeacherTrajectories, sampler, grid: torch.Tensor,
+                 batch: int = 4096) -> float:
     """Root-mean-square distance between the teacher's tokens and ``sampler`` on ``grid`` from the same
-    noise, with ``head`` and ``guidance`` on the recorded conditions (branch 0 alone for `NoGuidance`)."""
+    noise, with ``head`` on the recorded conditions and no guidance."""
     parameter = next(head.parameters())
     total, count = 0.0, 0
     for start in range(0, trajectories.num_tokens, batch):
         rows = slice(start, start + batch)
-        conditions = trajectories.conditions[:guidance.num_branches, rows].to(parameter.device, parameter.dtype)
-        velocity = GuidedVelocity(head, conditions, guidance)
+        conditions = trajectories.conditions[None, rows].to(parameter.device, parameter.dtype)
+        velocity = GuidedVelocity(head, conditions, NoGuidance())
         noise = trajectories.states[rows, 0].to(parameter.device)
         tokens = sampler.sample(velocity, noise, grid.to(parameter.device)).float().cpu()
         total += (tokens - trajectories.states[rows, -1]).pow(2).sum().item()
@@ -298,6 +304,7 @@ def distill_head(
     trajectories = record_teacher_trajectories(
         model, prompts, student_steps=config.steps, teacher_steps=config.teacher_steps, guidance=guidance,
         height=height, width=width, seed=config.seed, batch_size=config.generation_batch_size,
+        condition_dtype=DTYPES[config.condition_dtype],
         progress=None if progress is None else (lambda done, total: progress("teacher", done, total)))
     recorded = time.perf_counter() - started
     distilled = fit_distilled_head(
@@ -320,7 +327,7 @@ def fit_distilled_head(
         model: the teacher the trajectories were recorded from (left unchanged).
         trajectories: from `record_teacher_trajectories` with ``config``'s steps and teacher steps.
         config: see `HeadDistillationConfig`; its recording settings (``cfg``, ``images_per_prompt``,
-            ``generation_batch_size``) are the trajectories' business and not read here.
+            ``generation_batch_size``, ``condition_dtype``) are the trajectories' business and not read here.
         progress: called with (iterations done, iterations) every 50 iterations.
 
     Raises:
@@ -351,11 +358,11 @@ def fit_distilled_head(
         "seconds": {"student": round(trained, 2)},
     }
     if held_out.num_tokens:
-        report["token_rms"] = held_out.states[:, -1].pow(2).mean().sqrt().item()
-        report["student_rmse"] = sampled_rmse(student, held_out, NoGuidance(), euler, grid)
-        report["initial_rmse"] = sampled_rmse(head, held_out, NoGuidance(), euler, grid)
-        report["teacher_rmse_at_steps"] = sampled_rmse(
-            head, held_out, guidance, teacher, teacher.make_time_grid(config.steps))
+        tokens = held_out.states[:, -1]
+        report["token_rms"] = tokens.pow(2).mean().sqrt().item()
+        report["student_rmse"] = sampled_rmse(student, held_out, euler, grid)
+        report["initial_rmse"] = sampled_rmse(head, held_out, euler, grid)
+        report["teacher_rmse_at_steps"] = (held_out.teacher_at_steps - tokens).pow(2).mean().sqrt().item()
     parameter = next(head.parameters())
     return HeadDistillation(student.to(parameter.device, parameter.dtype), config.steps, report)
 

@@ -1,13 +1,16 @@
 """What a model's own sampling does to each image token, recorded for distilling its head.
 
 A teacher (the model with its guidance and its sampler at many steps) generates
-images from prompts; for every image token this keeps the backbone's conditions
-of every guidance branch, the starting noise and the teacher's state at the
-boundaries of a coarser grid, the grid a few-step student will run on
-(`nextstep.training.head_distillation`).
+images from prompts; for every image token this keeps the backbone's condition
+of the prompt branch (the one a guidance-free student reads), the starting
+noise, the teacher's state at the boundaries of a coarser grid (the grid a
+few-step student will run on, `nextstep.training.head_distillation`) and, to
+compare the student with, the token the teacher itself draws on that coarser
+grid. Per token that is C + (K + 2) x D numbers, the conditions in a dtype of
+the caller's choice; they are moved off the model's device batch by batch.
 
-Legend: M recorded tokens, G guidance branches, C condition dim, D token dim,
-K student steps (the teacher's grid split into K segments).
+Legend: M recorded tokens, C condition dim, D token dim, K student steps (the
+teacher's grid split into K segments).
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ class TeacherTrajectories:
     """Recorded tokens of a teacher's generations.
 
     Attributes:
-        conditions: (G, M, C) float32 condition of every branch (branch 0 the prompt's).
+        conditions: (M, C) condition of the prompt branch (the dtype the recording asked for).
         states: (M, K + 1, D) float32 teacher state at each time of ``times``: the starting
             noise first, the sampled token (before any ``use_norm``) last.
         times: (K + 1,) float32 times of the student's grid, every one a time of the teacher's.
         images: (M,) index of the image each token belongs to (for splitting by image).
+        teacher_at_steps: (M, D) float32 token the teacher draws with its guidance and sampler in K
+            steps (on its own K-step grid) from the same noise and conditions.
         guidance: how the teacher combined its branches.
         teacher_steps: intervals of the teacher's grid.
         teacher_sampler: the teacher sampler (deterministic).
@@ -44,6 +49,7 @@ class TeacherTrajectories:
     states: torch.Tensor
     times: torch.Tensor
     images: torch.Tensor
+    teacher_at_steps: torch.Tensor
     guidance: Guidance
     teacher_steps: int
     teacher_sampler: Sampler
@@ -60,8 +66,9 @@ class TeacherTrajectories:
 
     def select(self, rows: torch.Tensor) -> "TeacherTrajectories":
         """These trajectories restricted to the tokens ``rows`` (a (M,) bool mask or indices)."""
-        return TeacherTrajectories(self.conditions[:, rows], self.states[rows], self.times, self.images[rows],
-                                   self.guidance, self.teacher_steps, self.teacher_sampler)
+        return TeacherTrajectories(self.conditions[rows], self.states[rows], self.times, self.images[rows],
+                                   self.teacher_at_steps[rows], self.guidance, self.teacher_steps,
+                                   self.teacher_sampler)
 
 
 def segment_boundaries(teacher_grid: torch.Tensor, student_grid: torch.Tensor) -> list[int]:
@@ -96,15 +103,18 @@ class SegmentRecorder(Sampler):
     Each segment of the teacher's grid (between two boundaries) is integrated by
     ``teacher.sample`` on that part of the grid; for one-step solvers (Euler,
     Heun, midpoint) that is exactly the teacher's own run, and a multistep
-    solver restarts at every boundary.
+    solver restarts at every boundary. From the same noise it also runs the
+    teacher on its own K-step grid (K the number of segments), for comparison.
+    What it keeps goes to the CPU as it comes.
 
     Args:
         teacher: the sampler to record (``stochastic`` False).
         boundaries: indices of the teacher grid that end the segments (see `segment_boundaries`),
             0 first and S last.
+        condition_dtype: the dtype the prompt branch's conditions are kept in.
     """
 
-    def __init__(self, teacher: Sampler, boundaries: Sequence[int]):
+    def __init__(self, teacher: Sampler, boundaries: Sequence[int], condition_dtype: torch.dtype = torch.float32):
         super().__init__(None)
         if teacher.stochastic:
             raise ValueError(f"a head is distilled from a deterministic teacher sampler, found the stochastic "
@@ -113,8 +123,10 @@ class SegmentRecorder(Sampler):
         self.boundaries = list(boundaries)
         self.order = teacher.order
         self.evaluations_per_step = teacher.evaluations_per_step
+        self.condition_dtype = condition_dtype
         self.conditions: list[torch.Tensor] = []
         self.states: list[torch.Tensor] = []
+        self.teacher_at_steps: list[torch.Tensor] = []
 
     def make_time_grid(self, num_steps: int, shift: float = 1.0, *, device=None,
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -122,8 +134,9 @@ class SegmentRecorder(Sampler):
 
     def sample(self, velocity_fn: VelocityFn, noise: torch.Tensor, time_grid: torch.Tensor,
                step_noise: torch.Tensor | None = None) -> torch.Tensor:
-        """noise (N, D), time_grid (S + 1,) -> the teacher's samples (N, D); records the conditions of
-        ``velocity_fn`` (a `nextstep.samplers.guidance.GuidedVelocity`) and the states at the boundaries."""
+        """noise (N, D), time_grid (S + 1,) -> the teacher's samples (N, D); records the prompt branch's
+        conditions of ``velocity_fn`` (a `nextstep.samplers.guidance.GuidedVelocity`), the states at the
+        boundaries and the teacher's K-step samples."""
         if not isinstance(velocity_fn, GuidedVelocity):
             raise ValueError(f"recording needs the GuidedVelocity that generation passes, found "
                              f"{type(velocity_fn).__name__}")
@@ -134,8 +147,11 @@ class SegmentRecorder(Sampler):
         for start, end in zip(self.boundaries[:-1], self.boundaries[1:]):
             x = self.teacher.sample(velocity_fn, x, time_grid[start:end + 1])
             states.append(x.float())
-        self.conditions.append(velocity_fn.conditions.float())
-        self.states.append(torch.stack(states, dim=1))
+        coarse_grid = self.teacher.make_time_grid(len(self.boundaries) - 1, device=noise.device, dtype=time_grid.dtype)
+        coarse = self.teacher.sample(velocity_fn, noise, coarse_grid)
+        self.conditions.append(velocity_fn.conditions[0].to("cpu", self.condition_dtype))
+        self.states.append(torch.stack(states, dim=1).cpu())
+        self.teacher_at_steps.append(coarse.float().cpu())
         return x
 
 
@@ -150,6 +166,7 @@ def record_teacher_trajectories(
     width: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
+    condition_dtype: torch.dtype = torch.float32,
     progress: Callable[[int, int], None] | None = None,
 ) -> TeacherTrajectories:
     """Generate one image per prompt with the model's own sampler and record every token.
@@ -168,6 +185,8 @@ def record_teacher_trajectories(
         width: image width in pixels (default: the model's).
         seed: seed of image 0.
         batch_size: images generated together.
+        condition_dtype: the dtype the conditions are kept in (bfloat16 halves the memory of the
+            largest part for wide backbones).
         progress: called with (images done, images in all) after each batch.
     """
     from nextstep.generation import check_prompts, generate_tokens
@@ -176,7 +195,7 @@ def record_teacher_trajectories(
     teacher = model.sampler
     times = EulerSampler().make_time_grid(student_steps)
     boundaries = segment_boundaries(teacher.make_time_grid(teacher_steps), times)
-    recorder = SegmentRecorder(teacher, boundaries)
+    recorder = SegmentRecorder(teacher, boundaries, condition_dtype)
     images: list[torch.Tensor] = []
     was_training = model.training
     model.eval()
@@ -193,10 +212,11 @@ def record_teacher_trajectories(
     finally:
         model.train(was_training)
     return TeacherTrajectories(
-        conditions=torch.cat(recorder.conditions, dim=1).cpu(),
-        states=torch.cat(recorder.states).cpu(),
+        conditions=torch.cat(recorder.conditions),
+        states=torch.cat(recorder.states),
         times=times,
         images=torch.cat(images),
+        teacher_at_steps=torch.cat(recorder.teacher_at_steps),
         guidance=guidance,
         teacher_steps=teacher_steps,
         teacher_sampler=teacher,
