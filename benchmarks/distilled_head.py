@@ -100,10 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         HeadDistillationConfig,
         fit_distilled_head,
         install_distilled_head,
-        resolve_teacher_guidance,
+        record_for_distillation,
     )
     from nextstep.training.prompt_sets import prompt_set
-    from nextstep.training.teacher_trajectories import record_teacher_trajectories
 
     prompts = prompt_set("shapes-seen") * args.shapes_repeats
     if args.emoji_repeats:
@@ -137,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    ("batch_size", args.student_batch_size)) if value is not None}
         config = HeadDistillationConfig(steps=steps, teacher_steps=args.teacher_steps, cfg=defaults.cfg, **changes)
         started = time.perf_counter()
-        trajectories = record_teacher_trajectories(
-            teacher, prompts, student_steps=steps, teacher_steps=args.teacher_steps,
-            guidance=resolve_teacher_guidance(teacher, config.cfg), seed=config.seed,
-            batch_size=config.generation_batch_size)
+        trajectories = record_for_distillation(teacher, prompts, config)
         recorded = round(time.perf_counter() - started, 2)
         for objective in args.objectives:
             distilled = fit_distilled_head(teacher, trajectories, config.replace(objective=objective))

@@ -498,21 +498,44 @@ def command_preference_rounds(args: argparse.Namespace) -> int:
 def command_distill_head(args: argparse.Namespace) -> int:
     from nextstep.builders import load_model
     from nextstep.io import atomic_write_text
-    from nextstep.training.head_distillation import HeadDistillationConfig, distill_head, install_distilled_head
+    from nextstep.training.head_distillation import (
+        HeadDistillationConfig,
+        fit_distilled_head,
+        install_distilled_head,
+        record_for_distillation,
+    )
     from nextstep.training.prompt_sets import prompt_set
+    from nextstep.training.teacher_trajectories import TeacherTrajectories
 
     given = {name: getattr(args, name) for name in ("steps", "teacher_steps", "cfg", "images_per_prompt",
                                                     "condition_dtype", "objective", "iterations", "batch_size",
                                                     "learning_rate", "seed")}
+    recording = None
+    if args.recording is not None:
+        drawing = [option for option, name in (("--prompts", "prompts"), ("--images-per-prompt", "images_per_prompt"),
+                                               ("--cfg", "cfg"), ("--condition-dtype", "condition_dtype"),
+                                               ("--save-recording", "save_recording"))
+                   if getattr(args, name) is not None]
+        if drawing:
+            raise ValueError(f"--recording takes the teacher's images from {args.recording}; "
+                             f"{', '.join(drawing)} would draw new ones (expected none of them, found them given)")
+        recording = TeacherTrajectories.load(args.recording)
+        given["steps"] = given["steps"] or recording.student_steps
+        given["teacher_steps"] = given["teacher_steps"] or recording.teacher_steps
     config = HeadDistillationConfig(**{name: value for name, value in given.items() if value is not None})
-    prompts = [prompt for source in (args.prompts or ["shapes-seen", "emoji-train"]) for prompt in prompt_set(source)]
+    prompts = None if recording is not None else [
+        prompt for source in (args.prompts or ["shapes-seen", "emoji-train"]) for prompt in prompt_set(source)]
     model = load_model(args.model, device=args.device)
-    bars = {"teacher": _image_progress("teacher images", args.quiet),
-            "student": _image_progress("student steps", args.quiet, unit="step")}
-    distilled = distill_head(model, prompts, config,
-                             progress=lambda stage, done, total: bars[stage][1](done, total))
-    for bar, _ in bars.values():
+    if recording is None:
+        bar, progress = _image_progress("teacher images", args.quiet)
+        recording = record_for_distillation(model, prompts, config, progress=progress)
         bar.close()
+        if args.save_recording is not None:
+            recording.save(args.save_recording)
+            print(f"wrote {args.save_recording}: {recording.num_tokens:,} recorded tokens")
+    bar, progress = _image_progress("student steps", args.quiet, unit="step")
+    distilled = fit_distilled_head(model, recording, config, progress=progress)
+    bar.close()
     install_distilled_head(model, distilled)
     model.save_pretrained(args.output)
     atomic_write_text(Path(args.output) / "distillation.json", json.dumps(distilled.report, indent=2) + "\n")
@@ -806,6 +829,11 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--batch-size", type=_positive_int, help="token segments per step (default 1024)")
     distill.add_argument("--learning-rate", type=float, help="peak learning rate (default 0.0003)")
     distill.add_argument("--seed", type=int, help="seed of the teacher's images and the student's draws (default 0)")
+    distill.add_argument("--save-recording", metavar="FILE",
+                         help="also write the teacher's recording (.safetensors), to fit other students to later")
+    distill.add_argument("--recording", metavar="FILE",
+                         help="fit to a recording written by --save-recording instead of drawing teacher images "
+                              "(its steps and teacher steps unless given)")
     distill.add_argument("--device", default="cpu", type=_device)
     distill.add_argument("--quiet", action="store_true", help="no progress bars")
     distill.set_defaults(handler=command_distill_head)

@@ -391,6 +391,85 @@ def test_the_command_writes_a_student_model_and_its_report(tmp_path, trained_lik
     assert (student.config.generation.cfg, student.config.generation.num_steps) == (1.0, 2)
 
 
+def test_the_command_keeps_a_recording_and_fits_other_students_to_it(tmp_path, trained_like_model, capsys):
+    from nextstep import load_model
+    from nextstep.cli import main
+
+    trained_like_model.config = trained_like_model.config.replace(
+        generation=trained_like_model.config.generation.replace(height=32, width=32))
+    trained_like_model.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    teacher, recording = str(tmp_path / "teacher"), str(tmp_path / "recording.safetensors")
+    fit = ["--iterations", "5", "--batch-size", "8", "--quiet"]
+    assert main(["distill-head", teacher, str(tmp_path / "drawn"), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--steps", "2", "--teacher-steps", "4", "--images-per-prompt", "3", "--save-recording", recording,
+                 *fit]) == 0
+    assert f"wrote {recording}: 24 recorded tokens" in capsys.readouterr().out
+    # the same student again from the file, with its steps; then another objective
+    assert main(["distill-head", teacher, str(tmp_path / "again"), "--recording", recording, *fit]) == 0
+    drawn, again = (load_model(str(tmp_path / name)).image_head.state_dict() for name in ("drawn", "again"))
+    for name, value in drawn.items():
+        assert torch.equal(again[name], value), name
+    assert main(["distill-head", teacher, str(tmp_path / "rollout"), "--recording", recording, "--objective",
+                 "rollout", *fit]) == 0
+    report = json.loads((tmp_path / "rollout" / "distillation.json").read_text())
+    assert (report["objective"], report["steps"], report["teacher_steps"], report["images"]) == ("rollout", 2, 4, 6)
+    capsys.readouterr()
+    assert main(["distill-head", teacher, str(tmp_path / "no"), "--recording", recording, "--cfg", "2", *fit]) == 2
+    assert ("--recording takes the teacher's images from" in capsys.readouterr().err
+            and not (tmp_path / "no").exists())
+    assert main(["distill-head", teacher, str(tmp_path / "no"), "--recording", recording, "--steps", "1", *fit]) == 2
+    assert "the config asks for 1 student steps from 4 teacher steps, the trajectories were recorded for 2 from 4" \
+        in capsys.readouterr().err
+
+
+def test_a_saved_recording_loads_as_it_was_and_a_bad_file_is_named(tmp_path, trained_like_model, monkeypatch):
+    import safetensors.torch
+
+    from nextstep.samplers.heun import HeunSampler, HeunSamplerConfig
+
+    model = trained_like_model.eval()
+    model.sampler = HeunSampler(HeunSamplerConfig())
+    recorded = _record(model, cfg=3.0, condition_dtype=torch.bfloat16)
+    path = tmp_path / "recording.safetensors"
+    recorded.save(path)
+    loaded = TeacherTrajectories.load(path)
+    for name in ("conditions", "states", "times", "images", "teacher_at_steps"):
+        assert getattr(loaded, name).dtype == getattr(recorded, name).dtype
+        assert torch.equal(getattr(loaded, name), getattr(recorded, name)), name
+    assert repr(loaded.guidance) == repr(recorded.guidance) and loaded.teacher_steps == 6
+    assert type(loaded.teacher_sampler) is HeunSampler and loaded.teacher_sampler.config == HeunSamplerConfig()
+
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="no guidance or constant classifier-free guidance, found "
+                                         r"ClassifierFreeGuidance\(3.0, schedule='constant', interval=\(0.0, 1.0\), "
+                                         r"renorm=2.0\)"):
+        TeacherTrajectories(**{**vars(recorded), "guidance": ClassifierFreeGuidance(3.0, renorm=2.0)}).save(path)
+
+    class Unregistered(HeunSampler):
+        pass
+
+    with pytest.raises(ValueError, match="Unregistered is not registered"):
+        TeacherTrajectories(**{**vars(recorded), "teacher_sampler": Unregistered()}).save(path)
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        recorded.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]  # left as it was
+
+    with pytest.raises(FileNotFoundError, match="expected a teacher recording"):
+        TeacherTrajectories.load(tmp_path / "missing.safetensors")
+    safetensors.torch.save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="is not a teacher recording: expected format "
+                                         "'nextstep-teacher-trajectories-1' in its metadata, found None"):
+        TeacherTrajectories.load(tmp_path / "other.safetensors")
+    broken = TeacherTrajectories(**{**vars(recorded), "teacher_at_steps": recorded.teacher_at_steps[:5]})
+    broken.save(tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match=r"broken.safetensors: teacher_at_steps should have shape \(12, 64\), "
+                                         r"found \(5, 64\)"):
+        TeacherTrajectories.load(tmp_path / "broken.safetensors")
+
+
 def test_the_command_takes_the_configs_defaults_and_names_a_bad_prompt_source(tmp_path, monkeypatch, capsys):
     import nextstep.training.head_distillation as head_distillation
     from nextstep.cli import main
@@ -401,7 +480,7 @@ def test_the_command_takes_the_configs_defaults_and_names_a_bad_prompt_source(tm
         asked.update(config=config, prompts=prompts)
         raise ValueError("stopped")
 
-    monkeypatch.setattr(head_distillation, "distill_head", stop)
+    monkeypatch.setattr(head_distillation, "record_for_distillation", stop)
     (tmp_path / "p.txt").write_text("a circle\n")
     assert main(["distill-head", "tiny", str(tmp_path / "out"), "--prompts", str(tmp_path / "p.txt"),
                  "--quiet"]) == 2

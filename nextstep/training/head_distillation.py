@@ -272,6 +272,35 @@ def _split_by_image(trajectories: TeacherTrajectories, fraction: float, seed: in
     return trajectories.select(~held_out), trajectories.select(held_out)
 
 
+def record_for_distillation(
+    model: "NextStep",
+    prompts: Sequence[str],
+    config: HeadDistillationConfig | None = None,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TeacherTrajectories:
+    """The teacher's recording that ``config`` asks for: ``images_per_prompt`` images of every prompt
+    (image ``i`` seeded ``seed + i``) with the model's sampler at ``teacher_steps``, its guidance at
+    ``cfg``, the states at the ``steps``-step grid, conditions in ``condition_dtype``.
+
+    Args:
+        model: the teacher, sampling with its own sampler (deterministic) and head.
+        prompts: the prompts its images are drawn for (training prompts, not evaluation ones).
+        config: see `HeadDistillationConfig`.
+        height: image height in pixels (default: the model's).
+        width: image width in pixels (default: the model's).
+        progress: called with (images done, images in all) after each batch.
+    """
+    config = config or HeadDistillationConfig()
+    return record_teacher_trajectories(
+        model, [prompt for prompt in prompts for _ in range(config.images_per_prompt)], student_steps=config.steps,
+        teacher_steps=config.teacher_steps, guidance=resolve_teacher_guidance(model, config.cfg), height=height,
+        width=width, seed=config.seed, batch_size=config.generation_batch_size,
+        condition_dtype=DTYPES[config.condition_dtype], progress=progress)
+
+
 def distill_head(
     model: "NextStep",
     prompts: Sequence[str],
@@ -284,9 +313,9 @@ def distill_head(
     """Record the model's sampling on ``prompts`` and fit a K-step student head to it.
 
     The model is left unchanged; `install_distilled_head` puts the student in.
-    To fit several students (objectives, iterations, learning rates) to one
-    recording, call `record_teacher_trajectories` once and `fit_distilled_head`
-    for each.
+    This is `record_for_distillation` then `fit_distilled_head`: to fit several
+    students (objectives, iterations, learning rates) to one recording, or to
+    keep it (`TeacherTrajectories.save`), call the two yourself.
 
     Args:
         model: the teacher, sampling with its own sampler (deterministic) and head.
@@ -298,13 +327,9 @@ def distill_head(
             ``"student"`` every 50 iterations.
     """
     config = config or HeadDistillationConfig()
-    guidance = resolve_teacher_guidance(model, config.cfg)
-    prompts = [prompt for prompt in prompts for _ in range(config.images_per_prompt)]
     started = time.perf_counter()
-    trajectories = record_teacher_trajectories(
-        model, prompts, student_steps=config.steps, teacher_steps=config.teacher_steps, guidance=guidance,
-        height=height, width=width, seed=config.seed, batch_size=config.generation_batch_size,
-        condition_dtype=DTYPES[config.condition_dtype],
+    trajectories = record_for_distillation(
+        model, prompts, config, height=height, width=width,
         progress=None if progress is None else (lambda done, total: progress("teacher", done, total)))
     recorded = time.perf_counter() - started
     distilled = fit_distilled_head(
@@ -325,7 +350,8 @@ def fit_distilled_head(
 
     Args:
         model: the teacher the trajectories were recorded from (left unchanged).
-        trajectories: from `record_teacher_trajectories` with ``config``'s steps and teacher steps.
+        trajectories: from `record_for_distillation` (or `TeacherTrajectories.load`) with ``config``'s
+            steps and teacher steps.
         config: see `HeadDistillationConfig`; its recording settings (``cfg``, ``images_per_prompt``,
             ``generation_batch_size``, ``condition_dtype``) are the trajectories' business and not read here.
         progress: called with (iterations done, iterations) every 50 iterations.

@@ -15,14 +15,23 @@ teacher's grid split into K segments).
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from nextstep.samplers.base import Sampler, VelocityFn, check_time_grid
 from nextstep.samplers.euler import EulerSampler
-from nextstep.samplers.guidance import Guidance, GuidedVelocity
+from nextstep.samplers.guidance import (
+    ClassifierFreeGuidance,
+    Guidance,
+    GuidedVelocity,
+    NoGuidance,
+    guidance_for_scale,
+)
 
 if TYPE_CHECKING:
     from nextstep.model import NextStep
@@ -64,11 +73,104 @@ class TeacherTrajectories:
         """K."""
         return self.times.shape[0] - 1
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write these trajectories to one safetensors file at ``path``, atomically: the tensors, and in
+        its metadata the guidance, the teacher's steps and its sampler's spec (see `load`).
+
+        Raises:
+            ValueError: a guidance other than none or constant classifier-free guidance, or a sampler
+                that is not registered, naming it (they could not be rebuilt).
+        """
+        from safetensors.torch import save_file
+
+        from nextstep.io import atomic_path
+
+        tensors = {name: getattr(self, name).contiguous() for name in _SAVED_TENSORS}
+        metadata = {"format": TRAJECTORIES_FORMAT, "teacher_steps": str(self.teacher_steps),
+                    "guidance": json.dumps(_guidance_to_dict(self.guidance)),
+                    "teacher_sampler": json.dumps(_sampler_spec(self.teacher_sampler).to_dict())}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TeacherTrajectories":
+        """Trajectories written by `save`.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: a file that is not a recording, or whose tensors disagree, naming what was
+                expected and what was found.
+        """
+        from safetensors import safe_open
+
+        from nextstep.builders import build_component
+        from nextstep.config import ComponentSpec
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"expected a teacher recording (a .safetensors file), found nothing at {path}")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != TRAJECTORIES_FORMAT:
+                raise ValueError(f"{path} is not a teacher recording: expected format {TRAJECTORIES_FORMAT!r} in its "
+                                 f"metadata, found {metadata.get('format')!r}")
+            missing = sorted(set(_SAVED_TENSORS) - set(handle.keys()))
+            if missing:
+                raise ValueError(f"{path} lacks the tensors {missing} (expected {list(_SAVED_TENSORS)})")
+            tensors = {name: handle.get_tensor(name) for name in _SAVED_TENSORS}
+        trajectories = cls(**tensors, guidance=_guidance_from_dict(json.loads(metadata["guidance"])),
+                           teacher_steps=int(metadata["teacher_steps"]),
+                           teacher_sampler=build_component(ComponentSpec.from_dict(
+                               json.loads(metadata["teacher_sampler"]))))
+        trajectories.check(str(path))
+        return trajectories
+
+    def check(self, source: str = "the trajectories") -> None:
+        """Raise ``ValueError`` naming ``source`` unless every tensor has the shape the others imply."""
+        tokens, steps = self.states.shape[0], self.times.shape[0] - 1
+        expected = {"conditions": (tokens, None), "states": (tokens, steps + 1, None), "times": (steps + 1,),
+                    "images": (tokens,), "teacher_at_steps": (tokens, self.states.shape[-1])}
+        for name, shape in expected.items():
+            found = tuple(getattr(self, name).shape)
+            if len(found) != len(shape) or any(want is not None and want != got for want, got in zip(shape, found)):
+                raise ValueError(f"{source}: {name} should have shape "
+                                 f"{tuple('*' if want is None else want for want in shape)}, found {found}")
+
     def select(self, rows: torch.Tensor) -> "TeacherTrajectories":
         """These trajectories restricted to the tokens ``rows`` (a (M,) bool mask or indices)."""
         return TeacherTrajectories(self.conditions[rows], self.states[rows], self.times, self.images[rows],
                                    self.teacher_at_steps[rows], self.guidance, self.teacher_steps,
                                    self.teacher_sampler)
+
+
+TRAJECTORIES_FORMAT = "nextstep-teacher-trajectories-1"
+"""The ``format`` entry of a saved recording's metadata."""
+
+_SAVED_TENSORS = ("conditions", "states", "times", "images", "teacher_at_steps")
+
+
+def _guidance_to_dict(guidance: Guidance) -> dict:
+    if isinstance(guidance, NoGuidance):
+        return {"scale": 1.0}
+    if (type(guidance) is ClassifierFreeGuidance and guidance.schedule == "constant"
+            and guidance.interval == (0.0, 1.0) and guidance.renorm is None):
+        return {"scale": guidance.scale}
+    raise ValueError(f"a saved recording holds no guidance or constant classifier-free guidance, found {guidance!r}")
+
+
+def _guidance_from_dict(data: dict) -> Guidance:
+    return guidance_for_scale(float(data["scale"]))
+
+
+def _sampler_spec(sampler: Sampler):
+    from nextstep.config import ComponentSpec
+    from nextstep.registry import registered_name
+
+    name = registered_name("sampler", type(sampler))
+    if name is None:
+        raise ValueError(f"a saved recording names its teacher sampler by its registered name; "
+                         f"{type(sampler).__name__} is not registered")
+    return ComponentSpec("sampler", name, sampler.config)
 
 
 def segment_boundaries(teacher_grid: torch.Tensor, student_grid: torch.Tensor) -> list[int]:
