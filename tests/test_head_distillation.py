@@ -1,6 +1,7 @@
 """Few-step heads distilled from a model's own sampling: the recorded teacher, the student's
 targets and training, the installed model, the prompt sets and the command."""
 
+import dataclasses
 import json
 
 import pytest
@@ -302,6 +303,11 @@ def test_fitting_a_recording_is_what_distill_head_does_and_the_recording_must_ma
     with pytest.raises(ValueError, match="the config asks for 1 student steps from 2 teacher steps, the trajectories "
                                          "were recorded for 2 from 6"):
         fit_distilled_head(model, trajectories, config.replace(steps=1, teacher_steps=2))
+    narrow = dataclasses.replace(trajectories, conditions=trajectories.conditions[:, :5])
+    with pytest.raises(ValueError, match=rf"another model: expected conditions of width "
+                                         rf"{model.image_head.condition_dim} and tokens of width 64 \(this model's "
+                                         rf"head\), found 5 and 64"):
+        fit_distilled_head(model, narrow, config)
 
 
 def test_the_split_keeps_whole_images_on_one_side(trained_like_model):

@@ -357,16 +357,22 @@ def fit_distilled_head(
         progress: called with (iterations done, iterations) every 50 iterations.
 
     Raises:
-        ValueError: naming both, when the trajectories were recorded for other student or teacher steps.
+        ValueError: naming both, when the trajectories were recorded for other student or teacher steps,
+            or from a model whose head reads other condition or token widths.
     """
     config = config or HeadDistillationConfig()
     if (trajectories.student_steps, trajectories.teacher_steps) != (config.steps, config.teacher_steps):
         raise ValueError(f"the config asks for {config.steps} student steps from {config.teacher_steps} teacher "
                          f"steps, the trajectories were recorded for {trajectories.student_steps} from "
                          f"{trajectories.teacher_steps}")
+    head = model.image_head
+    recorded_widths = (trajectories.conditions.shape[-1], trajectories.states.shape[-1])
+    if recorded_widths != (head.condition_dim, head.token_dim):
+        raise ValueError(f"the trajectories come from another model: expected conditions of width "
+                         f"{head.condition_dim} and tokens of width {head.token_dim} (this model's head), found "
+                         f"{recorded_widths[0]} and {recorded_widths[1]}")
     started = time.perf_counter()
     training, held_out = _split_by_image(trajectories, config.validation_fraction, config.seed)
-    head = model.image_head
     student, losses = train_student(
         head, training, config, None if progress is None else (lambda done, total, loss: progress(done, total)))
     trained = time.perf_counter() - started
