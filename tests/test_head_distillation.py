@@ -28,6 +28,7 @@ from nextstep.training.head_distillation import (
     train_student,
 )
 from nextstep.training.teacher_trajectories import (
+    TRAJECTORIES_FORMAT,
     SegmentRecorder,
     TeacherTrajectories,
     record_teacher_trajectories,
@@ -474,6 +475,11 @@ def test_a_saved_recording_loads_as_it_was_and_a_bad_file_is_named(tmp_path, tra
     with pytest.raises(ValueError, match=r"broken.safetensors: teacher_at_steps should have shape \(12, 64\), "
                                          r"found \(5, 64\)"):
         TeacherTrajectories.load(tmp_path / "broken.safetensors")
+    safetensors.torch.save_file({"states": recorded.states, "times": recorded.times},
+                                str(tmp_path / "partial.safetensors"), metadata={"format": TRAJECTORIES_FORMAT})
+    with pytest.raises(ValueError, match=r"partial.safetensors lacks the tensors \['conditions', 'images', "
+                                         r"'teacher_at_steps'\]"):
+        TeacherTrajectories.load(tmp_path / "partial.safetensors")
 
 
 def test_the_command_takes_the_configs_defaults_and_names_a_bad_prompt_source(tmp_path, monkeypatch, capsys):
