@@ -336,6 +336,25 @@ class ComponentSpec:
 
         return cls(kind, name, component_class(kind, name).config_class())
 
+    @classmethod
+    def of(cls, kind: str, component: Any) -> "ComponentSpec":
+        """The spec of a live ``component`` of ``kind``: the name its class is registered under, its config.
+
+        Raises:
+            ValueError: a class not registered itself (a subclass is not registered with its parent)
+                or a component without a config, saying how to register it.
+        """
+        from nextstep.registry import registered_name
+
+        name = registered_name(kind, type(component))
+        if name is None or not hasattr(component, "config"):
+            raise ValueError(
+                f"{kind} {type(component).__name__} is not registered (a subclass is not registered with its "
+                f"parent); decorate it with @register_component({kind!r}, NAME) and give it a config_class "
+                "to save it"
+            )
+        return cls(kind, name, component.config)
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "type": self.type, **self.config.to_dict()}
 

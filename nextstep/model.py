@@ -23,7 +23,6 @@ from nextstep.heads.lm_head import LMHead
 from nextstep.heads.time_sampling import check_generator
 from nextstep.layers.word_vectors import WordVectorInput
 from nextstep.model_config import ModelConfig
-from nextstep.registry import registered_name
 from nextstep.samplers.base import Sampler
 from nextstep.sequence import SequenceBatch, SequenceBuilder
 from nextstep.tokenizers.base import ImageTokenizer, TextTokenizer
@@ -416,14 +415,7 @@ class NextStep(nn.Module):
             if component is None:
                 specs[kind] = getattr(self.config, kind)
                 continue
-            name = registered_name(kind, type(component))
-            if name is None or not hasattr(component, "config"):
-                raise ValueError(
-                    f"{kind} {type(component).__name__} is not registered (a subclass is not registered with its "
-                    f"parent); decorate it with @register_component({kind!r}, NAME) and give it a config_class "
-                    "to save it"
-                )
-            specs[kind] = ComponentSpec(kind, name, component.config)
+            specs[kind] = ComponentSpec.of(kind, component)
         return self.config.replace(**specs)
 
     def save_pretrained(self, directory: str | os.PathLike, *,

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from nextstep.config import ComponentSpec
 from nextstep.samplers.base import Sampler, VelocityFn, check_time_grid
 from nextstep.samplers.euler import EulerSampler
 from nextstep.samplers.guidance import (
@@ -88,7 +89,7 @@ class TeacherTrajectories:
         tensors = {name: getattr(self, name).contiguous() for name in _SAVED_TENSORS}
         metadata = {"format": TRAJECTORIES_FORMAT, "teacher_steps": str(self.teacher_steps),
                     "guidance": json.dumps(_guidance_to_dict(self.guidance)),
-                    "teacher_sampler": json.dumps(_sampler_spec(self.teacher_sampler).to_dict())}
+                    "teacher_sampler": json.dumps(ComponentSpec.of("sampler", self.teacher_sampler).to_dict())}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 
@@ -104,7 +105,6 @@ class TeacherTrajectories:
         from safetensors import safe_open
 
         from nextstep.builders import build_component
-        from nextstep.config import ComponentSpec
 
         path = Path(path)
         if not path.is_file():
@@ -118,7 +118,7 @@ class TeacherTrajectories:
             if missing:
                 raise ValueError(f"{path} lacks the tensors {missing} (expected {list(_SAVED_TENSORS)})")
             tensors = {name: handle.get_tensor(name) for name in _SAVED_TENSORS}
-        trajectories = cls(**tensors, guidance=_guidance_from_dict(json.loads(metadata["guidance"])),
+        trajectories = cls(**tensors, guidance=guidance_for_scale(float(json.loads(metadata["guidance"])["scale"])),
                            teacher_steps=int(metadata["teacher_steps"]),
                            teacher_sampler=build_component(ComponentSpec.from_dict(
                                json.loads(metadata["teacher_sampler"]))))
@@ -156,21 +156,6 @@ def _guidance_to_dict(guidance: Guidance) -> dict:
             and guidance.interval == (0.0, 1.0) and guidance.renorm is None):
         return {"scale": guidance.scale}
     raise ValueError(f"a saved recording holds no guidance or constant classifier-free guidance, found {guidance!r}")
-
-
-def _guidance_from_dict(data: dict) -> Guidance:
-    return guidance_for_scale(float(data["scale"]))
-
-
-def _sampler_spec(sampler: Sampler):
-    from nextstep.config import ComponentSpec
-    from nextstep.registry import registered_name
-
-    name = registered_name("sampler", type(sampler))
-    if name is None:
-        raise ValueError(f"a saved recording names its teacher sampler by its registered name; "
-                         f"{type(sampler).__name__} is not registered")
-    return ComponentSpec("sampler", name, sampler.config)
 
 
 def segment_boundaries(teacher_grid: torch.Tensor, student_grid: torch.Tensor) -> list[int]:
