@@ -466,6 +466,10 @@ def test_a_saved_recording_loads_as_it_was_and_a_bad_file_is_named(tmp_path, tra
 
     with pytest.raises(FileNotFoundError, match="expected a teacher recording"):
         TeacherTrajectories.load(tmp_path / "missing.safetensors")
+    (tmp_path / "truncated.safetensors").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated.safetensors is not a teacher recording: expected a safetensors "
+                                         "file, found one that cannot be read"):
+        TeacherTrajectories.load(tmp_path / "truncated.safetensors")
     safetensors.torch.save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="is not a teacher recording: expected format "
                                          "'nextstep-teacher-trajectories-1' in its metadata, found None"):

@@ -102,14 +102,19 @@ class TeacherTrajectories:
             ValueError: a file that is not a recording, or whose tensors disagree, naming what was
                 expected and what was found.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         from nextstep.builders import build_component
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"expected a teacher recording (a .safetensors file), found nothing at {path}")
-        with safe_open(str(path), framework="pt") as handle:
+        try:
+            opened = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path} is not a teacher recording: expected a safetensors file, found one that "
+                             f"cannot be read ({error})") from None
+        with opened as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != TRAJECTORIES_FORMAT:
                 raise ValueError(f"{path} is not a teacher recording: expected format {TRAJECTORIES_FORMAT!r} in its "
