@@ -12,9 +12,11 @@ saw, every row at one draw per image:
 
 Scores: shapes GenEval on the held-out combinations, the held-out emoji
 (retrieval R@10 and Frechet ratios, `nextstep eval`'s emoji suite), and
-seconds per image of the tokens on this machine at batch 1 and 8 (best of 3,
-every model timed at the end of the run, one after the other), with the head
-evaluations each token costs.
+seconds per image of the tokens on this machine at batch 1 and 8 (every model
+timed at the end of the run, in rounds that draw with each model in turn; the
+fastest of 5 rounds), with the head evaluations each token costs. The held-out
+emoji's data side (features of every real emoji, the ridge map) is prepared
+once for all rows.
 
 Usage:
     python benchmarks/distilled_head.py [--model emoji-shapes-64] [--steps 4,2] [--objectives segments,rollout]
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time, results_path, write_results  # noqa: E402
+from common import interleaved_best_times, results_path, write_results  # noqa: E402
 
 LATENCY_PROMPT = "a red circle to the left of a blue square"
 
@@ -45,31 +47,36 @@ def _ints(text: str) -> list[int]:
     return [int(value) for value in text.split(",") if value]
 
 
-def score(model, settings, images_per_tag: int, emoji_limit: int | None) -> dict:
-    from nextstep.evaluation.emoji_eval import run_emoji_eval
+def score(model, settings, images_per_tag: int, emoji) -> dict:
+    """Held-out shapes GenEval and, given a prepared `HeldOutEmoji` suite, the held-out emoji."""
     from nextstep.evaluation.shapes_geneval import run_shapes_geneval
 
     shapes = run_shapes_geneval(model, images_per_tag=images_per_tag, settings=settings, with_ceiling=False)
     row = {"shapes": shapes.overall, "shapes_per_tag": shapes.per_tag}
-    if emoji_limit != 0:
-        emoji = run_emoji_eval(model, settings=settings, limit=emoji_limit)
-        row.update(emoji_r10_ratio=emoji.retrieval_ratio, emoji_frechet_ratio=emoji.frechet_ratio,
-                   emoji_count=emoji.count)
+    if emoji is not None:
+        report = emoji(model, settings)
+        row.update(emoji_r10_ratio=report.retrieval_ratio, emoji_frechet_ratio=report.frechet_ratio,
+                   emoji_count=report.count)
     return row
 
 
-def latency(model, settings) -> dict:
-    """Seconds per image of the tokens (prefill, decoding, the head) at batch 1 and 8, best of 3."""
+def latencies(timed: list, rounds: int = 5) -> None:
+    """Add the seconds per image of the tokens (prefill, decoding, the head) at batch 1 and 8 to each
+    ``(row, model, settings)`` of ``timed``: the fastest of ``rounds`` rounds that draw with every model
+    and batch size in turn."""
     from nextstep.generation import generate_tokens
 
-    row = {}
-    for batch in (1, 8):
-        def draw(batch=batch):
-            with torch.no_grad():
-                generate_tokens(model, [LATENCY_PROMPT] * batch, height=settings.height, width=settings.width,
-                                cfg=settings.cfg, num_steps=settings.num_steps, candidates=1)
-        row[f"seconds_per_image_batch{batch}"] = best_time(draw) / batch
-    return row
+    draws = {}
+    for index, (_, model, settings) in enumerate(timed):
+        for batch in (1, 8):
+            def draw(model=model, settings=settings, batch=batch):
+                with torch.no_grad():
+                    generate_tokens(model, [LATENCY_PROMPT] * batch, height=settings.height, width=settings.width,
+                                    cfg=settings.cfg, num_steps=settings.num_steps, candidates=1)
+            draws[index, batch] = draw
+    best = interleaved_best_times(draws, rounds=rounds)
+    for (index, batch), seconds in best.items():
+        timed[index][0][f"seconds_per_image_batch{batch}"] = seconds / batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out emoji scored (default all; 0 skips the emoji suite)")
     parser.add_argument("--batch-size", type=int, default=32, help="images generated together when scoring")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--latency-rounds", type=int, default=5, help="rounds of latency draws (the fastest counts)")
     parser.add_argument("--save", type=Path, default=None, help="folder to save each distilled model in")
     parser.add_argument("--output", default=None, help="results name or path (default distilled_head_<model>)")
     args = parser.parse_args(argv)
 
     from nextstep import load_model
+    from nextstep.evaluation.emoji_eval import HeldOutEmoji
     from nextstep.evaluation.sampling import SamplingSettings
     from nextstep.io import atomic_write_text
     from nextstep.training.head_distillation import (
@@ -114,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = teacher.config.generation
     base = SamplingSettings.from_defaults(defaults, batch_size=args.batch_size, candidates=1)
     evaluations = teacher.sampler.evaluations_per_step * (1 if defaults.cfg == 1 else 2)
+    emoji = None if args.emoji_limit == 0 else HeldOutEmoji(size=defaults.height, limit=args.emoji_limit)
 
     timed = []  # (row, model, settings): timed together at the end, with nothing else running
 
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         result = {"model": name, "cfg": settings.cfg, "num_steps": settings.num_steps,
                   "head_evaluations_per_token": steps_evaluations,
-                  **score(model, settings, args.images_per_tag, args.emoji_limit), **(extra or {})}
+                  **score(model, settings, args.images_per_tag, emoji), **(extra or {})}
         result["seconds"] = round(time.perf_counter() - start, 1)
         print(json.dumps({k: v for k, v in result.items() if k not in ("shapes_per_tag", "distillation")}),
               flush=True)
@@ -152,11 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                 student.config.generation, batch_size=args.batch_size), steps,
                 {"objective": objective, "distillation": report}))
 
-    for result, model, settings in timed:
-        result.update(latency(model, settings))
+    latencies(timed, rounds=args.latency_rounds)
     payload = {"model": args.model, "teacher_steps": args.teacher_steps, "prompts": len(prompts),
                "shapes_repeats": args.shapes_repeats, "emoji_repeats": args.emoji_repeats,
-               "images_per_tag": args.images_per_tag, "rows": rows}
+               "images_per_tag": args.images_per_tag, "latency_rounds": args.latency_rounds, "rows": rows}
     path = write_results(args.output or f"distilled_head_{Path(args.model).name.replace('-', '_')}", payload)
     emoji = args.emoji_limit != 0
     lines = [f"Few-step heads distilled from {args.model} ({len(prompts)} teacher images on training prompts, "

@@ -12,6 +12,27 @@ def test_a_bare_name_goes_under_results_and_a_path_is_kept():
     assert str(common.results_path("runs/decode")) == "runs/decode"
 
 
+
+def test_interleaved_timing_calls_every_function_in_turn_and_keeps_each_one_s_fastest(monkeypatch):
+    import pytest
+
+    common = load_benchmark("common")
+    calls, clock = [], [0.0]
+    durations = {"a": iter([9, 3.0, 2.0, 4.0]), "b": iter([9, 1.0, 5.0, 0.5])}  # the first call is the warm-up
+
+    def timed(name):
+        def function():
+            calls.append(name)
+            clock[0] += next(durations[name])
+        return function
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    best = common.interleaved_best_times({"a": timed("a"), "b": timed("b")}, rounds=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert best == {"a": 2.0, "b": 0.5}
+    with pytest.raises(ValueError, match=r"^rounds must be at least 1, found 0$"):
+        common.interleaved_best_times({"a": timed("a")}, rounds=0)
+
 def test_write_results_adds_the_machine_and_makes_the_folder(tmp_path):
     common = load_benchmark("common")
     path = common.write_results(str(tmp_path / "new" / "numbers.json"), {"ratio": 5.9})

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_data_emoji import pytestmark as needs_emoji_data
 
 from nextstep.evaluation.distribution_metrics import RidgeMap, frechet_distance, retrieval_recall
 
@@ -271,3 +272,67 @@ def test_generated_images_follow_the_temperature_of_the_settings(tiny_model, mon
     generate_images(tiny_model, ["a red circle"] * 3, SamplingSettings(height=32, width=32, num_steps=1,
                                                                         batch_size=2, temperature=0.7))
     assert seen == [0.7, 0.7]
+
+
+class _PixelFeatures:
+    """A cheap stand-in for EfficientNet-Lite0: the mean colour of each image quarter (12-d)."""
+
+    images_seen = 0
+
+    def __call__(self, images):
+        import numpy as np
+
+        _PixelFeatures.images_seen += len(images)
+        rows = []
+        for image in images:
+            pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255)
+            quarters = torch.nn.functional.adaptive_avg_pool2d(pixels.permute(2, 0, 1)[None], 2)
+            rows.append(quarters.flatten())
+        return torch.stack(rows).double()
+
+
+class _LetterEmbeddings:
+    """A cheap stand-in for MiniLM: each caption's letter counts, unit length (26-d)."""
+
+    def __call__(self, captions):
+        rows = torch.zeros(len(captions), 26, dtype=torch.float64)
+        for row, caption in enumerate(captions):
+            for letter in caption.lower():
+                if "a" <= letter <= "z":
+                    rows[row, ord(letter) - ord("a")] += 1
+        return torch.nn.functional.normalize(rows + 1e-3, dim=1)
+
+
+@needs_emoji_data
+def test_a_prepared_held_out_emoji_suite_scores_as_the_one_shot_evaluation(monkeypatch, tmp_path):
+    import json
+
+    from nextstep.builders import build_model
+    from nextstep.evaluation import feature_spaces
+    from nextstep.evaluation.emoji_eval import HeldOutEmoji, run_emoji_eval
+    from nextstep.evaluation.sampling import SamplingSettings
+
+    monkeypatch.setattr(feature_spaces, "ImageFeatures", _PixelFeatures)
+    monkeypatch.setattr(feature_spaces, "CaptionEmbeddings", _LetterEmbeddings)
+    model = build_model("tiny", seed=0).eval()
+    first = SamplingSettings(height=32, width=32, num_steps=1, batch_size=12)
+    second = SamplingSettings(height=32, width=32, num_steps=2, cfg=1.5, batch_size=12)
+
+    _PixelFeatures.images_seen = 0
+    suite = HeldOutEmoji(size=32, limit=12, seed=3)
+    prepared = _PixelFeatures.images_seen
+    assert suite.count == 12 and prepared > 12  # every training emoji and the 12 held-out ones
+    reports = [suite(model, first), suite(model, second, tmp_path / "second")]
+    assert _PixelFeatures.images_seen == prepared + 2 * 2 * 12  # per call: generated and reconstructed only
+    assert reports[0].to_dict() != reports[1].to_dict()
+    for sampling, report in zip((first, second), reports):
+        assert report.to_dict() == run_emoji_eval(model, settings=sampling, limit=12, seed=3).to_dict()
+    saved = json.loads((tmp_path / "second" / "report.json").read_text())
+    assert saved == json.loads(json.dumps(reports[1].to_dict()))
+    assert (tmp_path / "second" / "samples.png").is_file()
+    assert json.loads((tmp_path / "second" / "captions.json").read_text()) == suite.captions
+
+    with pytest.raises(ValueError, match=r"^expected 32x32 settings for emoji prepared at that size, found 64x64$"):
+        suite(model, SamplingSettings(height=64, width=64))
+    with pytest.raises(ValueError, match=r"^emoji are square: expected width == height, found 64x32$"):
+        suite(model, SamplingSettings(height=32, width=64))
