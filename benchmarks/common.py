@@ -44,22 +44,22 @@ def best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
     return min(times)
 
 
-def interleaved_best_times(functions: dict, rounds: int = 5, warmup: int = 1) -> dict:
-    """Fastest wall time of each of ``functions`` (name -> callable), in seconds, over ``rounds`` rounds
-    that call every function once in turn, after ``warmup`` such rounds: a slow spell of a shared machine
-    then costs every function a round, rather than all the repeats of whichever was running."""
+def interleaved_times(functions: dict, rounds: int = 20, warmup: int = 1) -> dict:
+    """Wall times of each of ``functions`` (name -> callable), in seconds, one per round, over ``rounds``
+    rounds that call every function once in turn, after ``warmup`` such rounds: a slow spell of a shared
+    machine then falls on every function alike, rather than on all the repeats of whichever was running."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, found {rounds}")
     for _ in range(warmup):
         for function in functions.values():
             function()
-    best = {name: float("inf") for name in functions}
+    times = {name: [] for name in functions}
     for _ in range(rounds):
         for name, function in functions.items():
             start = time.perf_counter()
             function()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def results_path(name: str) -> Path:

@@ -13,8 +13,8 @@ saw, every row at one draw per image:
 Scores: shapes GenEval on the held-out combinations, the held-out emoji
 (retrieval R@10 and Frechet ratios, `nextstep eval`'s emoji suite), and
 seconds per image of the tokens on this machine at batch 1 and 8 (every model
-timed at the end of the run, in rounds that draw with each model in turn; the
-fastest of 5 rounds), with the head evaluations each token costs. The held-out
+timed at the end of the run, in 20 rounds that draw with each model in turn;
+the median round), with the head evaluations each token costs. The held-out
 emoji's data side (features of every real emoji, the ridge map) is prepared
 once for all rows.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_best_times, results_path, write_results  # noqa: E402
+from common import interleaved_times, results_path, write_results  # noqa: E402
 
 LATENCY_PROMPT = "a red circle to the left of a blue square"
 
@@ -60,10 +61,11 @@ def score(model, settings, images_per_tag: int, emoji) -> dict:
     return row
 
 
-def latencies(timed: list, rounds: int = 5) -> None:
+def latencies(timed: list, rounds: int = 20) -> None:
     """Add the seconds per image of the tokens (prefill, decoding, the head) at batch 1 and 8 to each
-    ``(row, model, settings)`` of ``timed``: the fastest of ``rounds`` rounds that draw with every model
-    and batch size in turn."""
+    ``(row, model, settings)`` of ``timed``: the median of ``rounds`` rounds that draw with every model
+    and batch size in turn (the median, not the fastest: on a shared machine the fastest of a few
+    draws of a tenth of a second scatters more than the median does), and the rounds' quartiles."""
     from nextstep.generation import generate_tokens
 
     draws = {}
@@ -74,9 +76,11 @@ def latencies(timed: list, rounds: int = 5) -> None:
                     generate_tokens(model, [LATENCY_PROMPT] * batch, height=settings.height, width=settings.width,
                                     cfg=settings.cfg, num_steps=settings.num_steps, candidates=1)
             draws[index, batch] = draw
-    best = interleaved_best_times(draws, rounds=rounds)
-    for (index, batch), seconds in best.items():
-        timed[index][0][f"seconds_per_image_batch{batch}"] = seconds / batch
+    for (index, batch), seconds in interleaved_times(draws, rounds=rounds).items():
+        row = timed[index][0]
+        row[f"seconds_per_image_batch{batch}"] = statistics.median(seconds) / batch
+        row[f"seconds_per_image_batch{batch}_quartiles"] = [
+            value / batch for value in statistics.quantiles(seconds, n=4)] if len(seconds) > 1 else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out emoji scored (default all; 0 skips the emoji suite)")
     parser.add_argument("--batch-size", type=int, default=32, help="images generated together when scoring")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    parser.add_argument("--latency-rounds", type=int, default=5, help="rounds of latency draws (the fastest counts)")
+    parser.add_argument("--latency-rounds", type=int, default=20, help="rounds of latency draws (the median counts)")
     parser.add_argument("--save", type=Path, default=None, help="folder to save each distilled model in")
     parser.add_argument("--output", default=None, help="results name or path (default distilled_head_<model>)")
     args = parser.parse_args(argv)

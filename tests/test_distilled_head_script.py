@@ -28,6 +28,8 @@ def test_the_script_scores_the_teacher_and_each_student_and_saves_them(tmp_path,
                                                                 None, "segments", "rollout"]
     for row in result["rows"]:
         assert 0 <= row["shapes"] <= 1 and row["seconds_per_image_batch1"] > 0 and row["seconds_per_image_batch8"] > 0
+        low, median, high = row["seconds_per_image_batch8_quartiles"]
+        assert low <= median <= high and abs(median - row["seconds_per_image_batch8"]) < 1e-12
     segments, rollout = result["rows"][2]["distillation"], result["rows"][3]["distillation"]
     assert segments["tokens"] == rollout["tokens"] == 24  # 6 images of 2x2 tokens, recorded once for both
     assert segments["seconds"]["teacher"] == rollout["seconds"]["teacher"] > 0
