@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = teacher.config.generation
     base = SamplingSettings.from_defaults(defaults, batch_size=args.batch_size, candidates=1)
     evaluations = teacher.sampler.evaluations_per_step * (1 if defaults.cfg == 1 else 2)
-    emoji = None if args.emoji_limit == 0 else HeldOutEmoji(size=defaults.height, limit=args.emoji_limit)
+    emoji_suite = None if args.emoji_limit == 0 else HeldOutEmoji(size=defaults.height, limit=args.emoji_limit)
 
     timed = []  # (row, model, settings): timed together at the end, with nothing else running
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         result = {"model": name, "cfg": settings.cfg, "num_steps": settings.num_steps,
                   "head_evaluations_per_token": steps_evaluations,
-                  **score(model, settings, args.images_per_tag, emoji), **(extra or {})}
+                  **score(model, settings, args.images_per_tag, emoji_suite), **(extra or {})}
         result["seconds"] = round(time.perf_counter() - start, 1)
         print(json.dumps({k: v for k, v in result.items() if k not in ("shapes_per_tag", "distillation")}),
               flush=True)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                "shapes_repeats": args.shapes_repeats, "emoji_repeats": args.emoji_repeats,
                "images_per_tag": args.images_per_tag, "latency_rounds": args.latency_rounds, "rows": rows}
     path = write_results(args.output or f"distilled_head_{Path(args.model).name.replace('-', '_')}", payload)
-    emoji = args.emoji_limit != 0
+    emoji = emoji_suite is not None
     lines = [f"Few-step heads distilled from {args.model} ({len(prompts)} teacher images on training prompts, "
              f"teacher {args.teacher_steps} steps). Held-out shapes GenEval, {args.images_per_tag} images per "
              "category" + (", held-out emoji" if emoji else "") + "; seconds per 64x64 image on this CPU.", "",

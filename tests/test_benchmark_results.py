@@ -12,7 +12,6 @@ def test_a_bare_name_goes_under_results_and_a_path_is_kept():
     assert str(common.results_path("runs/decode")) == "runs/decode"
 
 
-
 def test_interleaved_timing_calls_every_function_in_turn_and_keeps_each_one_s_times(monkeypatch):
     import pytest
 
@@ -32,6 +31,7 @@ def test_interleaved_timing_calls_every_function_in_turn_and_keeps_each_one_s_ti
     assert times == {"a": [3.0, 2.0, 4.0], "b": [1.0, 5.0, 0.5]}
     with pytest.raises(ValueError, match=r"^rounds must be at least 1, found 0$"):
         common.interleaved_times({"a": timed("a")}, rounds=0)
+
 
 def test_write_results_adds_the_machine_and_makes_the_folder(tmp_path):
     common = load_benchmark("common")
