@@ -57,6 +57,8 @@ GENERATION_RECORD = "generation.json"
 #: What `nextstep eval` records in its output folder before it runs a suite: the model, the settings and
 #: the suites' options.
 EVALUATION_RECORD = "evaluation.json"
+#: What `nextstep eval` of several models writes beside their folders: the models and each one's headline numbers.
+COMPARISON_RECORD = "comparison.json"
 #: Options of `generate` that are not part of the request an image answers: where it goes, how the run
 #: reports, and the device (the same images up to rounding).
 UNRECORDED_OPTIONS = ("handler", "command", "imports", "command_imports", "output", "quiet", "device", "overwrite")
@@ -372,7 +374,7 @@ def _image_progress(desc: str, quiet: bool, unit: str = "img"):
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from nextstep.builders import load_model
+    from nextstep.evaluation.model_comparison import comparison_markdown, comparison_row
     from nextstep.evaluation.report_files import dumps_strict
     from nextstep.io import atomic_write_text
 
@@ -380,14 +382,62 @@ def command_eval(args: argparse.Namespace) -> int:
     if "emoji" in suites and args.limit is not None and args.limit < 10:  # before any suite runs
         raise ValueError(f"the emoji evaluation needs at least 10 held-out emoji: --limit must be >= 10, found "
                          f"{args.limit}")
-    model = load_model(args.model, device=args.device, seed=args.seed)
+    models = list(dict.fromkeys(args.model))
+    output = Path(args.output)
+    prepared: dict = {}  # the held-out emoji suite by (image side, limit): prepared once for every model
+    if len(models) == 1:
+        _evaluate_model(models[0], output, args, suites, prepared)
+        return 0
+    folders = _model_folders(models, output)  # every name checked before any model loads
+    saved = _read_record(output / COMPARISON_RECORD)
+    if not args.overwrite and (saved is None or saved.get("models") != models):
+        _check_overwrite([output / name for name in (COMPARISON_RECORD, "comparison.md") if (output / name).exists()],
+                         saved and {"models": saved.get("models")}, {"models": models}, "comparison")
+    rows = [comparison_row(model, folders[model].name,
+                           _evaluate_model(model, folders[model], args, suites, prepared, label=f"{model}: "))
+            for model in models]
+    table = comparison_markdown(rows)
+    atomic_write_text(output / COMPARISON_RECORD, dumps_strict({"models": models, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(output / "comparison.md", f"# Evaluation of {len(models)} models\n\n{table}")
+    print(f"\n{table}\nwrote {output}/{COMPARISON_RECORD}, comparison.md and one folder per model")
+    return 0
+
+
+def _model_folders(models: list[str], output: Path) -> dict[str, Path]:
+    """Where `nextstep eval` puts each of several models' evaluations: the folder under ``output`` named after the
+    model's folder, or after the shipped model or preset it names. Refuses a name that is no model, and two models
+    whose folders would have one name."""
+    from nextstep.builders import check_preset_name
+    from nextstep.pretrained import model_directory
+
+    folders: dict[str, Path] = {}
+    for model in models:
+        if model_directory(model) is None:
+            check_preset_name(model)
+        folder = output / (Path(model).name or Path(model).resolve().name)
+        clash = next((other for other, taken in folders.items() if taken == folder), None)
+        if clash is not None:
+            raise ValueError(f"models {clash!r} and {model!r} would both be evaluated into {folder}: evaluate them "
+                             "in separate runs, or name folders of different names")
+        folders[model] = folder
+    return folders
+
+
+def _evaluate_model(name: str, output: Path, args: argparse.Namespace, suites: tuple[str, ...], prepared: dict,
+                    label: str = "") -> dict:
+    """Run ``suites`` on the model ``name`` into ``output`` (its record first, then each suite, then its summary),
+    refusing to replace another evaluation's results there; return the summary. ``prepared`` keeps the held-out
+    emoji suite of each (image side, limit) for the next model; ``label`` starts each progress bar's name."""
+    from nextstep.builders import load_model
+    from nextstep.io import atomic_write_text
+
+    model = load_model(name, device=args.device, seed=args.seed)
     settings = _square_sampling_settings(model.config.generation, args)
     size = settings.height
-    output = Path(args.output)
-    summary: dict = {"model": args.model, "settings": settings.to_dict()}
+    summary: dict = {"model": name, "settings": settings.to_dict()}
     # What the results depend on: the model, the sampling settings (not the batch size) and each suite's options.
-    record = _evaluation_record(args.model, settings.to_dict(), {
-        suite: {name: getattr(args, name) for name in EVALUATION_OPTIONS[suite]} for suite in suites})
+    record = _evaluation_record(name, settings.to_dict(), {
+        suite: {option: getattr(args, option) for option in EVALUATION_OPTIONS[suite]} for suite in suites})
     saved = _read_record(output / EVALUATION_RECORD)
     same_run = saved is not None and all(saved.get(key) == record[key] for key in ("model", "settings")) and \
         saved.get("model_fingerprint", record["model_fingerprint"]) == record["model_fingerprint"]  # older: none
@@ -395,32 +445,40 @@ def command_eval(args: argparse.Namespace) -> int:
     finished, interrupted = (saved["suites"], saved.get("running", {})) if same_run else ({}, {})
     if not args.overwrite:  # the results of another model, settings or options are not replaced
         if not same_run:
-            existing = [output / name for name in ("summary.json", *suites) if (output / name).exists()]
+            existing = [output / file for file in ("summary.json", *suites) if (output / file).exists()]
         else:  # a suite's folder from a finished or an interrupted run with the same options goes ahead
             existing = [output / suite for suite in suites if (output / suite).exists()
                         and record["suites"][suite] not in (finished.get(suite), interrupted.get(suite))]
         _check_overwrite(existing, saved and {k: v for k, v in saved.items() if k != "running"}, record,
                          "evaluation")
-    options = record["suites"]
+    earlier = (_read_record(output / "summary.json") or {}) if same_run else {}
+    if args.skip_finished:  # suites finished here with these options, whose summary is here, are not run again
+        kept = [suite for suite in suites
+                if finished.get(suite) == record["suites"][suite] and isinstance(earlier.get(suite), dict)]
+        suites = tuple(suite for suite in suites if suite not in kept)
+        if kept:
+            print(f"{label}{', '.join(kept)}: finished earlier in {output} with the same model, settings and "
+                  "options, not run again")
+    options = {suite: record["suites"][suite] for suite in suites}
     # Suites finished earlier into this folder with these settings stay in its record and summary; this run's
     # suites are "running" until each finishes (one that fails leaves no claim on its folder's results).
     record["suites"] = {suite: kept for suite, kept in finished.items() if suite not in options}
     record["running"] = {**{suite: kept for suite, kept in interrupted.items() if suite not in options}, **options}
-    if same_run:
-        earlier = _read_record(output / "summary.json") or {}
-        summary.update({suite: earlier[suite] for suite in record["suites"] if suite in earlier})
+    summary.update({suite: earlier[suite] for suite in record["suites"] if suite in earlier})
     atomic_write_text(output / EVALUATION_RECORD, json.dumps(record, indent=2) + "\n")  # before any suite
     for suite in suites:
-        bar, progress = _image_progress(suite, args.quiet)
+        bar, progress = _image_progress(f"{label}{suite}", args.quiet)
         if suite == "shapes":
             from nextstep.evaluation.shapes_geneval import run_shapes_geneval
 
             report = run_shapes_geneval(model, output / suite, images_per_tag=args.images_per_tag,
                                         settings=settings, progress=progress)
         elif suite == "emoji":
-            from nextstep.evaluation.emoji_eval import run_emoji_eval
+            from nextstep.evaluation.emoji_eval import HeldOutEmoji
 
-            report = run_emoji_eval(model, output / suite, settings=settings, limit=args.limit, progress=progress)
+            if (size, args.limit) not in prepared:
+                prepared[size, args.limit] = HeldOutEmoji(size=size, limit=args.limit)
+            report = prepared[size, args.limit](model, settings, output / suite, progress=progress)
         elif suite == "captioning":
             from nextstep.evaluation.shapes_captioning import run_shapes_captioning
 
@@ -432,16 +490,28 @@ def command_eval(args: argparse.Namespace) -> int:
             report = run_tokenizer_evaluation(model.image_tokenizer, output / suite, count=args.crops, size=size)
         bar.close()
         summary[suite] = report.to_dict()
+        _write_summary(output, summary)  # before the record names the suite finished
         record["suites"][suite] = record["running"].pop(suite)
         atomic_write_text(output / EVALUATION_RECORD, json.dumps(record, indent=2) + "\n")
         print(f"\n{SUITE_TITLES[suite]}\n{report.to_markdown()}")
+    summary = _write_summary(output, summary)
+    print(f"wrote {output}/summary.json, summary.md and one folder per suite")
+    return summary
+
+
+def _write_summary(output: Path, summary: dict) -> dict:
+    """Write ``summary`` (the model, its settings and each finished suite's report) as ``summary.json`` and the
+    suites' ``report.md`` files under one title as ``summary.md``, suites in `EVAL_SUITES` order; return it in
+    that order."""
+    from nextstep.evaluation.report_files import dumps_strict
+    from nextstep.io import atomic_write_text
+
     summary = {key: summary[key] for key in ("model", "settings", *EVAL_SUITES) if key in summary}
     sections = [f"## {SUITE_TITLES[suite]}\n\n{(output / suite / 'report.md').read_text()}" for suite in EVAL_SUITES
                 if suite in summary and (output / suite / "report.md").is_file()]
     atomic_write_text(output / "summary.json", dumps_strict(summary, indent=2) + "\n")  # undefined numbers: null
-    atomic_write_text(output / "summary.md", f"# Evaluation of {args.model}\n\n" + "\n".join(sections))
-    print(f"wrote {output}/summary.json, summary.md and one folder per suite")
-    return 0
+    atomic_write_text(output / "summary.md", f"# Evaluation of {summary['model']}\n\n" + "\n".join(sections))
+    return summary
 
 
 def _evaluation_record(model: str, settings: dict, suites: dict) -> dict:
@@ -787,8 +857,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval", help="evaluate a model: shapes GenEval, held-out emoji, shapes captioning, tokenizer reconstruction")
-    evaluate.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                          help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
+    evaluate.add_argument("model", nargs="*", default=[DEFAULT_MODEL],
+                          help="saved model directories, shipped models or presets (default "
+                               f"{DEFAULT_MODEL}); several are evaluated one after another, each into a "
+                               "folder of --output named after it, with a comparison table beside them")
     evaluate.add_argument("--suite", nargs="+", choices=EVAL_SUITES + ("all",), default=["all"])
     evaluate.add_argument("--output", "-o", default="outputs/eval", type=_output_folder)
     _add_sampling_options(evaluate)
@@ -800,6 +872,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--crops", type=_positive_int, default=256, help="tokenizer: held-out photo crops")
     evaluate.add_argument("--overwrite", action="store_true",
                           help="replace the results of another model or settings there (refused otherwise)")
+    evaluate.add_argument("--skip-finished", action="store_true",
+                          help="do not run again a suite that the folder holds finished with the same model, "
+                               "settings and options (rerun otherwise)")
     evaluate.add_argument("--device", default="cpu", type=_device)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=command_eval)

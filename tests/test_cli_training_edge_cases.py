@@ -206,6 +206,7 @@ def test_eval_refuses_a_folder_whose_summary_is_another_model_s(tmp_path, monkey
         (
             ["eval"],
             {
+                "model": ["emoji-shapes-64"],
                 "suite": ["all"],
                 "output": "outputs/eval",
                 "images_per_tag": 100,
@@ -214,6 +215,7 @@ def test_eval_refuses_a_folder_whose_summary_is_another_model_s(tmp_path, monkey
                 "crops": 256,
                 "device": "cpu",
                 "overwrite": False,
+                "skip_finished": False,
                 "size": None,
                 "temperature": 1.0,
                 "seed": 0,

@@ -494,14 +494,19 @@ def test_eval_passes_its_emoji_limit_and_settings_to_the_emoji_suite(tmp_path, m
 
     asked = {}
 
-    def run(model, output, **kwargs):
-        asked.update(kwargs)
-        return SimpleNamespace(to_dict=lambda: {"score": 1.0}, to_markdown=lambda: "emoji table")
+    class Suite:
+        def __init__(self, **kwargs):
+            asked.update(kwargs)
 
-    monkeypatch.setattr(emoji_eval, "run_emoji_eval", run)
+        def __call__(self, model, settings, output, progress=None):
+            asked["settings"] = settings
+            return SimpleNamespace(to_dict=lambda: {"score": 1.0}, to_markdown=lambda: "emoji table")
+
+    monkeypatch.setattr(emoji_eval, "HeldOutEmoji", Suite)
     assert main(["eval", "tiny", "--size", "32", "--output", str(tmp_path), "--quiet", "--suite", "emoji",
                  "--limit", "12"]) == 0
-    assert asked["limit"] == 12 and (asked["settings"].height, asked["settings"].width) == (32, 32)
+    assert asked["limit"] == 12 and asked["size"] == 32
+    assert (asked["settings"].height, asked["settings"].width) == (32, 32)
     assert json.loads((tmp_path / "summary.json").read_text())["emoji"] == {"score": 1.0}
 
 
