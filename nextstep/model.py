@@ -6,6 +6,7 @@ N image tokens that are targets in the batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -52,6 +53,13 @@ class LossOutput:
     num_text_tokens: int
     num_image_tokens: int
     image_per_row: torch.Tensor | None = None
+
+
+def _without_autocast(device_type: str):
+    """A context that turns autocast off on ``device_type`` where it is on (nothing to do elsewhere)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _first_rows(draw_rows: torch.Tensor) -> torch.Tensor:
@@ -327,11 +335,17 @@ class NextStep(nn.Module):
         """
         tokenizer = self.image_tokenizer
         tokenizer.grid_size(int(images.shape[-2]), int(images.shape[-1]))
-        if generator is not None and tokenizer.samples_latents:
-            latents = tokenizer.encode_seeded(images, int(torch.randint(0, 2**62, (), generator=generator,
-                                                                        device=generator.device)))
-        else:
-            latents = tokenizer.encode(images)
+        reference = next(tokenizer.parameters(), None)
+        if reference is not None and images.is_floating_point():
+            images = images.to(reference.dtype)
+        # In the tokenizer's own precision whatever autocast the caller runs under (training's bf16): the tokens
+        # are training's targets, the same whether encoded here or read from a latent cache.
+        with _without_autocast(images.device.type):
+            if generator is not None and tokenizer.samples_latents:
+                latents = tokenizer.encode_seeded(images, int(torch.randint(0, 2**62, (), generator=generator,
+                                                                            device=generator.device)))
+            else:
+                latents = tokenizer.encode(images)
         tokens = self.image_tokenizer.patchify(latents)
         return tokens, latents.shape[-2] // self.image_tokenizer.patch_size, \
             latents.shape[-1] // self.image_tokenizer.patch_size

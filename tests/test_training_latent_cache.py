@@ -37,7 +37,9 @@ def test_cached_tokens_equal_the_encoded_images(cache):
         torch.testing.assert_close(sample.tokens, tokens[0], atol=1e-4, rtol=1e-4)
 
 
-def test_training_on_the_cache_matches_training_on_images(cache, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_on_the_cache_matches_training_on_images(cache, tmp_path, precision):
+    """Under bf16 autocast too: images are encoded in the tokenizer's own precision, as the cache was."""
     _, dataset, folder = cache
     buckets = AspectRatioBuckets(32, multi_aspect=False)
     cached = LatentCacheDataset(LatentCacheConfig(str(folder)))
@@ -49,7 +51,7 @@ def test_training_on_the_cache_matches_training_on_images(cache, tmp_path):
             return super().load(order[index])
 
     images = Reordered(dataset.config)
-    config = tiny_config(max_steps=3, micro_batch_size=4)
+    config = tiny_config(max_steps=3, micro_batch_size=4, precision=precision)
     runs = []
     for name, data in (("images", images), ("cache", cached)):
         trainer = Trainer(TextToImageTask(build_model("tiny", seed=0)), TrainingData(data, buckets), config,
