@@ -178,7 +178,7 @@ def test_shipped_recipes_parse():
     assert large.train.betas == (0.9, 0.95) and large.train.weight_decay == 0.1
     assert large.train.learning_rate == 1e-4 and large.train.warmup_steps == 5000
     assert large.train.precision == "bf16" and large.train.gradient_checkpointing
-    assert large.data.multi_aspect and large.data.resolution == 256
+    assert large.data.multi_aspect and large.data.resolution == 256 and large.train.pack_length == 8192
 
 
 def test_a_recipe_can_give_the_model_a_word_vocabulary_fitted_to_its_captions(tmp_path):
