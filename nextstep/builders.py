@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from nextstep.config import ComponentSpec
+from nextstep.devices import available_device
 from nextstep.dtypes import weight_dtype
 from nextstep.io import names_a_path, what_is_at
 from nextstep.model import NextStep
@@ -48,6 +49,10 @@ def build_model(
         with_text_tokenizer: set False to skip loading tokenizer files (inspection).
         seed: seed the initialisation, for reproducible random models.
     """
+    if seed is not None:
+        from nextstep.generation import check_seed
+
+        check_seed(seed)
     if isinstance(config, str):
         config = model_preset(config)()
     if not isinstance(config, ModelConfig):
@@ -97,7 +102,11 @@ def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu", 
     if not name_or_path.strip():
         raise ValueError("load_model expects a model directory, a shipped model's name or a preset name, found "
                          f"{name_or_path!r}")
+    device = available_device(device)
     dtype = weight_dtype(dtype)
+    from nextstep.generation import check_seed
+
+    check_seed(seed)
     directory = model_directory(name_or_path)
     if directory is not None:
         return NextStep.from_pretrained(directory, device=device, dtype=dtype)

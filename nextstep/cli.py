@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -27,6 +28,17 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _scale(value: str) -> float:
+    """A finite number >= 0: a guidance scale or a temperature."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, found {value!r}") from None
+    if not 0 <= number < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, found {value}")
+    return number
+
+
 def _output_folder(value: str) -> str:
     """A folder to write into: refused when a file is in its place or in the place of a folder above it."""
     for folder in (Path(value), *Path(value).parents):
@@ -39,16 +51,13 @@ def _output_folder(value: str) -> str:
 
 
 def _device(value: str) -> str:
-    """A device name torch knows, on a machine that has it."""
+    """A device name torch knows, on a machine that has it (`nextstep.devices.available_device`)."""
+    from nextstep.devices import available_device
+
     try:
-        device = torch.device(value)
-    except RuntimeError as error:
-        raise argparse.ArgumentTypeError(f"expected a device such as cpu or cuda:0, found {value!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"expected a device this machine has, found {value!r} (no CUDA here)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(
-            f"expected a device this machine has, found {value!r} ({torch.cuda.device_count()} CUDA device(s))")
+        available_device(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return value
 
 
@@ -127,7 +136,7 @@ def command_generate(args: argparse.Namespace) -> int:
 
     from nextstep.builders import load_model
     from nextstep.fast.token_sampler import token_sampler_named
-    from nextstep.generation import decode_tokens, generate_tokens, resolved_settings
+    from nextstep.generation import checked_request, decode_tokens, generate_tokens, resolved_settings
     from nextstep.images import image_grid, read_image_file, to_pil
     from nextstep.io import atomic_path, atomic_write_text
 
@@ -149,13 +158,6 @@ def command_generate(args: argparse.Namespace) -> int:
     for name in expected:  # before the model loads
         if (out_dir / name).exists() and not (out_dir / name).is_file():
             raise FileExistsError(f"expected a PNG file or nothing at {out_dir / name}, found a directory")
-    if not args.overwrite:  # images of another request are not replaced
-        others = [name for name, wanted in expected.items()
-                  if (out_dir / name).exists() and _requested(records.get(name), wanted) != wanted]
-        if others:
-            _check_overwrite([out_dir / name for name in others],
-                             _requested(records.get(others[0]), expected[others[0]]), expected[others[0]],
-                             "generation")
     model = load_model(args.model, device=args.device, seed=args.seed)
     token_sampler = token_sampler_named(model, args.token_sampler)
     source = None
@@ -166,6 +168,21 @@ def command_generate(args: argparse.Namespace) -> int:
                                  num_steps=args.steps, shift=args.shift, sampler=args.sampler,
                                  temperature=args.temperature, cfg_img=args.cfg_img, candidates=args.candidates,
                                  candidate_score=args.candidate_score, negative_prompt=args.negative_prompt)
+    checked_request(model, args.prompts, editing=source is not None, cfg=args.cfg, cfg_img=args.cfg_img,
+                    cfg_schedule=args.cfg_schedule, num_steps=args.steps, shift=args.shift, seed=args.seed,
+                    negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images, sampler=args.sampler,
+                    temperature=args.temperature, candidates=args.candidates, candidate_score=args.candidate_score)
+    if not args.overwrite:  # images of another request are not replaced (a request checked first)
+        others = [name for name, wanted in expected.items()
+                  if (out_dir / name).exists() and _requested(records.get(name), wanted) != wanted]
+        if others:
+            _check_overwrite([out_dir / name for name in others],
+                             _requested(records.get(others[0]), expected[others[0]]), expected[others[0]],
+                             "generation")
+    try:  # before anything is sampled
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the output folder {out_dir}: {error.strerror or error}") from None
     written = []
     all_images = []
     for index, prompt in enumerate(args.prompts):
@@ -736,13 +753,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pixels (default: the model's, or the --image's)")
     gen.add_argument("--width", type=_positive_int, default=None,
                      help="pixels (default: the model's, or the --image's)")
-    gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    gen.add_argument("--cfg", type=_scale, default=None, help="classifier-free guidance scale (default: the model's)")
     gen.add_argument("--cfg-schedule", default=None,
                      help="constant, linear_increasing or linear_decreasing (the release's 'linear'); "
                           "default: the model's")
     gen.add_argument("--steps", type=_positive_int, default=None, help="head steps per token (default: the model's)")
     gen.add_argument("--sampler", default=None, help="a registered sampler name (default: the model's)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
+    gen.add_argument("--temperature", type=_scale, default=1.0, help="scale of the sampling noise")
     gen.add_argument("--candidates", type=_positive_int, default=None,
                      help="samples per image, keeping the one the model scores highest against the prompt "
                           "(default: the model's)")
@@ -753,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--shift", type=float, default=None,
                      help="time shift of the sampling grid (default 1.0, or 3.2 with --image)")
     gen.add_argument("--image", default=None, help="edit this image: the prompts are instructions")
-    gen.add_argument("--cfg-img", type=float, default=None, help="image guidance scale for --image (2.0)")
+    gen.add_argument("--cfg-img", type=_scale, default=None, help="image guidance scale for --image (2.0)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--negative-prompt", default=None,
                      help="unconditional text (default '', or 'Copy original image.' with --image)")
@@ -771,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--model", default=DEFAULT_MODEL,
                          help=f"a saved model directory, a shipped model or a preset (default {DEFAULT_MODEL})")
     caption.add_argument("--max-new-tokens", type=_positive_int, default=32, help="longest caption in tokens")
-    caption.add_argument("--temperature", type=float, default=0.0,
+    caption.add_argument("--temperature", type=_scale, default=0.0,
                          help="0 (the default) writes the most probable caption; above 0 draws")
     caption.add_argument("--top-k", type=_positive_int, default=None, help="draw among the k most probable tokens")
     caption.add_argument("--top-p", type=float, default=None,
@@ -893,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--steps", type=_positive_int, help="Euler steps of the student (default 4)")
     distill.add_argument("--teacher-steps", type=_positive_int,
                          help="steps of the teacher's own sampler, a multiple of --steps (default 20)")
-    distill.add_argument("--cfg", type=float, default=None, help="the teacher's guidance (default: the model's)")
+    distill.add_argument("--cfg", type=_scale, default=None, help="the teacher's guidance (default: the model's)")
     distill.add_argument("--images-per-prompt", type=_positive_int, help="teacher images per prompt (default 1)")
     distill.add_argument("--condition-dtype", choices=("float32", "bfloat16", "float16"),
                          help="dtype the teacher's recorded conditions are kept in (default float32)")
@@ -968,14 +985,14 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """The options `_square_sampling_settings` reads: size, guidance, steps, sampler, candidates, seed, batch."""
     parser.add_argument("--size", type=_positive_int, default=None,
                         help="image side in pixels (default: the model's, when square)")
-    parser.add_argument("--cfg", type=float, default=None,
+    parser.add_argument("--cfg", type=_scale, default=None,
                         help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--cfg-schedule", default=None,
                         help="constant, linear_increasing or linear_decreasing (default: the model's)")
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="head steps per token (default: the model's)")
     parser.add_argument("--sampler", default=None, help="a registered sampler name (default: the model's)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
+    parser.add_argument("--temperature", type=_scale, default=1.0, help="scale of the sampling noise")
     parser.add_argument("--candidates", type=_positive_int, default=None,
                         help="samples per image, the model keeping the best (default: the model's)")
     parser.add_argument("--candidate-score", default=None,

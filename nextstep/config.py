@@ -89,6 +89,10 @@ class Config:
             expected = _plain_mismatch(hints.get(name), value)
             if expected is not None:
                 raise ValueError(f"{cls.__name__}.{name} must be {expected}, found {type(value).__name__} {value!r}")
+            if hints.get(name) is ComponentSpec and name in ComponentSpec.kinds and isinstance(value, dict) \
+                    and value.get("kind", name) != name:  # the field names the kind of component it holds
+                raise ValueError(f"{cls.__name__}.{name} must be a component of kind {name!r}, found kind "
+                                 f"{value['kind']!r}")
             kwargs[name] = _from_plain(hints.get(name), value)
         missing = [name for name, f in known.items() if name not in data and f.init and
                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -110,7 +114,12 @@ class Config:
 
     @classmethod
     def from_json(cls: type[C], text: str) -> C:
-        return cls.from_dict(json.loads(text))
+        """`from_dict` of JSON ``text``; text that is not JSON raises ``ValueError`` naming the class."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{cls.__name__} expects JSON text, found {text!r:.60} ({error})") from None
+        return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON atomically."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, Set
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ def check_prompts(prompts) -> list[str]:
     """One prompt or a non-empty sequence of them -> a list of str (``ValueError`` otherwise)."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    if isinstance(prompts, bytes) or not isinstance(prompts, Iterable):
+    if isinstance(prompts, (bytes, Set, Mapping)) or not isinstance(prompts, Iterable):
         raise ValueError(f"prompts must be a str or a list of them, found {type(prompts).__name__}")
     prompts = list(prompts)
     if not prompts:
@@ -327,54 +328,16 @@ def generate_tokens(
         RuntimeWarning: an image's tokens are not finite (the sampling diverged), naming the images and
             settings; ``nextstep generate`` refuses to save such images.
     """
-    prompts = check_prompts(prompts)
-    if token_sampler is not None and token_sampler.model is not model:
-        raise ValueError("token_sampler samples another model; build it with FastTokenSampler(model)")
-    editing = images is not None
-    if cfg_img is not None and not editing:
-        raise ValueError("cfg_img is the image guidance of editing; it needs input images, found images=None")
-    if isinstance(cfg, Guidance) and cfg_img is not None:
-        raise ValueError("pass cfg_img inside the guidance object when cfg is a Guidance")
-    chosen = resolved_settings(model, editing=editing, cfg=cfg, cfg_schedule=cfg_schedule, num_steps=num_steps,
-                               shift=shift, temperature=temperature, cfg_img=cfg_img, candidates=candidates,
-                               candidate_score=candidate_score, negative_prompt=negative_prompt)
-    cfg, cfg_schedule, num_steps, shift = chosen["cfg"], chosen["cfg_schedule"], chosen["num_steps"], chosen["shift"]
-    cfg_img, negative_prompt = chosen["cfg_img"], chosen["negative_prompt"]
-    score = candidate_score_function(chosen["candidate_score"])
-    candidates = check_candidates(chosen["candidates"])
-    if editing and candidates > 1:
-        raise ValueError(f"candidates ranks text-to-image samples; editing (images given) draws each image "
-                         f"once, found candidates={candidates}")
-    check_seed(seed)
-    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
-            or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be an integer >= 1, found {num_images_per_prompt!r}")
-    schedule = as_step_schedule(num_steps)
-    temperature = check_scale("temperature", temperature)
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
-        raise ValueError(f"shift must be a finite positive number, found {shift!r}")
-    if isinstance(cfg, Guidance):
-        guidance = cfg
-    else:
-        check_scale("cfg", cfg)
-        guidance = guidance_for_scale(cfg, image_scale=cfg_img, schedule=cfg_schedule)
-    branches = guidance.num_branches
-    if editing and not 1 <= branches <= 3:
-        raise ValueError(f"editing supports guidance with 1 to 3 branches, found {branches}")
-    if not editing and branches == 3:
-        raise ValueError("three-branch (editing) guidance needs input images; text-to-image "
-                         "supports guidance with 1 or 2 branches")
-    if not editing and not 1 <= branches <= 2:
-        raise ValueError(f"text-to-image supports guidance with 1 or 2 branches, found {branches}")
-    sampler = _resolve_sampler(model, sampler)
-    use_norm = model.config.use_norm if use_norm is None else use_norm
-    if not isinstance(use_norm, bool):
-        raise ValueError(f"use_norm must be True, False or None (the model's setting), found {use_norm!r}")
-    if not isinstance(positive_prompt, str):
-        raise ValueError(f"positive_prompt must be a str, found {type(positive_prompt).__name__} {positive_prompt!r}")
-    if not isinstance(negative_prompt, str):
-        raise ValueError(f"negative_prompt must be a str (or None for the default), found "
-                         f"{type(negative_prompt).__name__} {negative_prompt!r}")
+    request = checked_request(
+        model, prompts, editing=images is not None, cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule,
+        num_steps=num_steps, shift=shift, seed=seed, negative_prompt=negative_prompt, positive_prompt=positive_prompt,
+        num_images_per_prompt=num_images_per_prompt, sampler=sampler, temperature=temperature, use_norm=use_norm,
+        progress=progress, candidates=candidates, candidate_score=candidate_score, token_sampler=token_sampler)
+    prompts, editing, guidance, branches = request.prompts, request.editing, request.guidance, request.branches
+    cfg, num_steps, schedule, shift = request.cfg, request.num_steps, request.schedule, request.shift
+    sampler, temperature, use_norm, negative_prompt = request.sampler, request.temperature, request.use_norm, \
+        request.negative_prompt
+    candidates, score = request.candidates, request.score
 
     # A source image is encoded as when its prompt is generated alone, whose first image gets the seed.
     source_seeds = [seed + index * num_images_per_prompt for index in range(len(prompts))]
@@ -439,6 +402,86 @@ def generate_tokens(
         bar.close()
     return _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w,
                       settings)
+
+
+def checked_request(model: "NextStep", prompts, *, editing: bool = False, cfg=None, cfg_img=None,
+                    cfg_schedule=None, num_steps=None, shift=None, seed=0, negative_prompt=None, positive_prompt="",
+                    num_images_per_prompt=1, sampler=None, temperature=1.0, use_norm=None, progress=None,
+                    candidates=None, candidate_score=None, token_sampler=None) -> SimpleNamespace:
+    """The options of `generate_tokens` checked and resolved (each left None the model's own or the
+    editing default), before anything is encoded or sampled: ``prompts`` (a list), ``editing``,
+    ``guidance`` and its ``branches``, ``cfg``, ``num_steps`` and its ``schedule``, ``shift``, ``sampler``,
+    ``temperature``, ``use_norm``, ``negative_prompt``, ``candidates`` and their ``score``.
+
+    Raises:
+        ValueError: an option out of its range or of the wrong type, naming what was expected and found.
+    """
+    prompts = check_prompts(prompts)
+    from nextstep.model import NextStep
+
+    if not isinstance(model, NextStep):
+        raise ValueError(f"model must be a NextStep model (nextstep.load_model or build_model), found "
+                         f"{type(model).__name__}")
+    if token_sampler is not None:
+        from nextstep.fast.token_sampler import FastTokenSampler
+
+        if not isinstance(token_sampler, FastTokenSampler):
+            raise ValueError(f"token_sampler must be a FastTokenSampler (FastTokenSampler(model), or "
+                             f"nextstep.fast.token_sampler.token_sampler_named(model, name)), found "
+                             f"{type(token_sampler).__name__} {token_sampler!r:.40}")
+        if token_sampler.model is not model:
+            raise ValueError("token_sampler samples another model; build it with FastTokenSampler(model)")
+    if progress is not None and not isinstance(progress, bool) and not callable(progress):
+        raise ValueError(f"progress must be True (a progress bar), False or None (none) or a callable "
+                         f"progress(done, total), found {type(progress).__name__} {progress!r:.40}")
+    if cfg_img is not None and not editing:
+        raise ValueError("cfg_img is the image guidance of editing; it needs input images, found images=None")
+    if isinstance(cfg, Guidance) and cfg_img is not None:
+        raise ValueError("pass cfg_img inside the guidance object when cfg is a Guidance")
+    chosen = resolved_settings(model, editing=editing, cfg=cfg, cfg_schedule=cfg_schedule, num_steps=num_steps,
+                               shift=shift, temperature=temperature, cfg_img=cfg_img, candidates=candidates,
+                               candidate_score=candidate_score, negative_prompt=negative_prompt)
+    cfg, cfg_schedule, num_steps, shift = chosen["cfg"], chosen["cfg_schedule"], chosen["num_steps"], chosen["shift"]
+    cfg_img, negative_prompt = chosen["cfg_img"], chosen["negative_prompt"]
+    score = candidate_score_function(chosen["candidate_score"])
+    candidates = check_candidates(chosen["candidates"])
+    if editing and candidates > 1:
+        raise ValueError(f"candidates ranks text-to-image samples; editing (images given) draws each image "
+                         f"once, found candidates={candidates}")
+    check_seed(seed)
+    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
+            or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be an integer >= 1, found {num_images_per_prompt!r}")
+    schedule = as_step_schedule(num_steps)
+    temperature = check_scale("temperature", temperature)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
+        raise ValueError(f"shift must be a finite positive number, found {shift!r}")
+    if isinstance(cfg, Guidance):
+        guidance = cfg
+    else:
+        check_scale("cfg", cfg)
+        guidance = guidance_for_scale(cfg, image_scale=cfg_img, schedule=cfg_schedule)
+    branches = guidance.num_branches
+    if editing and not 1 <= branches <= 3:
+        raise ValueError(f"editing supports guidance with 1 to 3 branches, found {branches}")
+    if not editing and branches == 3:
+        raise ValueError("three-branch (editing) guidance needs input images; text-to-image "
+                         "supports guidance with 1 or 2 branches")
+    if not editing and not 1 <= branches <= 2:
+        raise ValueError(f"text-to-image supports guidance with 1 or 2 branches, found {branches}")
+    sampler = _resolve_sampler(model, sampler)
+    use_norm = model.config.use_norm if use_norm is None else use_norm
+    if not isinstance(use_norm, bool):
+        raise ValueError(f"use_norm must be True, False or None (the model's setting), found {use_norm!r}")
+    if not isinstance(positive_prompt, str):
+        raise ValueError(f"positive_prompt must be a str, found {type(positive_prompt).__name__} {positive_prompt!r}")
+    if not isinstance(negative_prompt, str):
+        raise ValueError(f"negative_prompt must be a str (or None for the default), found "
+                         f"{type(negative_prompt).__name__} {negative_prompt!r}")
+    return SimpleNamespace(prompts=prompts, editing=editing, guidance=guidance, branches=branches, cfg=cfg,
+                           num_steps=num_steps, schedule=schedule, shift=shift, sampler=sampler,
+                           temperature=temperature, use_norm=use_norm, negative_prompt=negative_prompt,
+                           candidates=candidates, score=score)
 
 
 def resolved_settings(model: "NextStep", *, editing: bool = False, cfg=None, cfg_schedule: str | None = None,

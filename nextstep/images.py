@@ -146,6 +146,8 @@ def as_image_list(images) -> list[torch.Tensor]:
             batch = image[None] if image.ndim == 3 else image
             if batch.ndim != 4 or batch.shape[1] != 3:
                 raise ValueError(f"image tensors must have shape (B, 3, H, W), found {tuple(image.shape)}")
+            if batch.shape[0] == 0:
+                raise ValueError(f"image tensors must hold at least one image, found shape {tuple(image.shape)}")
             tensors.extend(batch.split(1))
         else:
             raise ValueError(f"{expected}, found a {type(image).__name__} among them")

@@ -259,6 +259,9 @@ class NextStep(nn.Module):
             raise TypeError(f"forward takes a SequenceBatch (from prepare_batch, or SequenceBuilder.collate), found "
                             f"{type(batch).__name__}")
         check_generator(generator)
+        if isinstance(context_noise, bool) or not isinstance(context_noise, (int, float)) \
+                or not 0 <= context_noise < math.inf:
+            raise ValueError(f"context_noise must be a finite number >= 0 (0: clean context), found {context_noise!r}")
         num_text, num_image = batch.target_counts()
         if denominators is not None:
             denominators = torch.as_tensor(denominators, dtype=torch.float32, device=batch.input_ids.device)

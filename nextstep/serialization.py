@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from nextstep.config import ComponentSpec
 from nextstep.io import atomic_directory
 from nextstep.model_config import ModelConfig
-from nextstep.weights import tensor_to_save
+from nextstep.weights import key_problems, tensor_to_save
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -109,15 +109,8 @@ def check_state_dict(expected: dict, found: dict, source: str, what: str = "the 
         for name in sorted(set(expected) & set(found))
         if expected[name] != found[name]
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if mis_shaped:
-        problems.append(f"mis-shaped keys [{'; '.join(mis_shaped)}]")
-    if problems:
-        raise ValueError(f"weights in {source} do not match {what}: " + ", ".join(problems))
+    if missing or unexpected or mis_shaped:
+        raise ValueError(f"weights in {source} do not match {what}: {key_problems(missing, unexpected, mis_shaped)}")
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

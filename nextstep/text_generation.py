@@ -20,7 +20,7 @@ Legend: R rows, P prompt length, H hidden size, V classes of the LM head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
@@ -76,6 +76,8 @@ def _check_row(number: int, row, tokenizer, token_dim: int) -> None:
 
 
 def _check_ids(name: str, ids, vocabulary: int) -> list[int]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise ValueError(f"{name} must be a list of ids in [0, {vocabulary}), found {type(ids).__name__} {ids!r:.40}")
     ids = list(ids)
     for value in ids:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocabulary:

@@ -72,15 +72,29 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def describe(self) -> str:
-        """The problems in one sentence (empty when `complete`)."""
-        problems = []
-        if self.missing:
-            problems.append(f"missing keys {self.missing}")
-        if self.unexpected:
-            problems.append(f"unexpected keys {self.unexpected}")
-        if self.mismatched:
-            problems.append(f"mis-shaped keys [{'; '.join(self.mismatched)}]")
-        return ", ".join(problems)
+        """The problems in one sentence (empty when `complete`), `key_problems`."""
+        return key_problems(self.missing, self.unexpected, self.mismatched)
+
+
+#: How many keys of each kind `key_problems` names before it counts the rest.
+KEYS_SHOWN = 5
+
+
+def key_problems(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    """Missing, unexpected and mis-shaped (``"name: expected (...), found (...)"``) keys in one sentence,
+    naming the first `KEYS_SHOWN` of each kind and counting the rest (empty when there are none)."""
+    def listed(keys: list[str], separator: str) -> str:
+        more = f" and {len(keys) - KEYS_SHOWN} more" if len(keys) > KEYS_SHOWN else ""
+        return f"[{separator.join(keys[:KEYS_SHOWN])}]{more}"
+
+    problems = []
+    if missing:
+        problems.append(f"missing keys {listed([repr(key) for key in missing], ', ')}")
+    if unexpected:
+        problems.append(f"unexpected keys {listed([repr(key) for key in unexpected], ', ')}")
+    if mismatched:
+        problems.append(f"mis-shaped keys {listed(mismatched, '; ')}")
+    return ", ".join(problems)
 
 
 def tensor_to_save(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

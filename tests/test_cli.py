@@ -303,12 +303,33 @@ def test_a_cuda_device_the_machine_lacks_is_refused_by_the_argument_parser(monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):
         main(["generate", "x", "--device", "cuda"])
-    assert "expected a device this machine has, found 'cuda' (no CUDA here)" in capsys.readouterr().err
+    assert "expected a device this machine has, found 'cuda' (no cuda device here)" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit):
         main(["generate", "x", "--device", "cuda:1"])
-    assert "found 'cuda:1' (1 CUDA device(s))" in capsys.readouterr().err
+    assert "found 'cuda:1' (1 cuda device(s))" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "expected a device such as cpu or cuda:0, found 'gpu'"),
+    ("mps", "expected a device this machine has, found 'mps' (no mps device here)"),
+    (1.5, "device must be a device name such as cpu or cuda:0, found float 1.5"),
+    (True, "device must be a device name such as cpu or cuda:0, found bool True"),
+])
+def test_loading_refuses_a_device_the_machine_lacks_before_reading_anything(device, message, monkeypatch):
+    import torch
+
+    from nextstep import load_model
+    from nextstep.devices import available_device
+    from nextstep.model import NextStep
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for load in (lambda: load_model("tiny", device=device), lambda: NextStep.from_pretrained("missing", device=device),
+                 lambda: available_device(device)):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load()
+    assert available_device("cpu") == torch.device("cpu") and available_device("meta").type == "meta"
 
 
 def test_a_rerun_with_or_without_quiet_is_the_same_request(tmp_path):

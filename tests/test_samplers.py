@@ -400,8 +400,10 @@ def test_a_shift_that_crowds_the_grid_is_refused(shift):
 
 
 @pytest.mark.parametrize("grid, found", [
-    (torch.tensor([1.0, 0.5, 0.0]), r"found \[1\.0, 0\.5, 0\.0\]"),  # the sigma convention, from noise level 1 to 0
-    (torch.tensor([0.0, 0.5, 0.5, 1.0]), r"found \[0\.0, 0\.5, 0\.5, 1\.0\]"),
+    (torch.tensor([1.0, 0.5, 0.0]), r"found \[1, 0\.5, 0\]"),  # the sigma convention, from 1 to 0
+    (torch.tensor([0.0, 0.5, 0.5, 1.0]), r"found \[0, 0\.5, 0\.5, 1\]"),
+    (torch.tensor([0.0, 0.5, 2.0]), r"found \[0, 0\.5, 2\]"),  # past the data
+    (torch.arange(-6.0, 5.0) / 4, r"found \[-1\.5, -1\.25, -1, -0\.75, -0\.5, -0\.25, \.\.\., 1\]"),
     (torch.tensor([0.0]), r"found shape \(1,\)"),
     (torch.zeros(2, 3), r"found shape \(2, 3\)"),
     ([0.0, 0.5, 1.0], "found a list"),
@@ -412,8 +414,8 @@ def test_every_sampler_refuses_a_time_grid_that_does_not_run_from_noise_to_data(
     sampler = cls(cls.config_class())
     noise = torch.randn(3, 4)
     step_noise = torch.randn(4, 3, 4)
-    with pytest.raises(ValueError, match=r"time_grid must be a 1-D tensor of at least 2 increasing times \(t=0 noise, "
-                                         rf"t=1 data\), {found}"):
+    with pytest.raises(ValueError, match=r"time_grid must be a 1-D tensor of at least 2 increasing times in \[0, 1\] "
+                                         rf"\(t=0 noise, t=1 data\), {found}"):
         sampler.sample(lambda x, t: -x, noise, grid, step_noise)
 
 

@@ -86,6 +86,13 @@ class ImageHead(nn.Module, ABC):
         Computed in float32, the head called on x_t in the condition's dtype and on the times in
         float32, as sampling calls it (a bfloat16 time would be rounded to 1/256 near 1).
         """
+        self.check_shapes(target=target, condition=condition)
+        if not isinstance(t, torch.Tensor) or not isinstance(noise, torch.Tensor) or t.shape != target.shape[:1] \
+                or noise.shape != target.shape:
+            raise ValueError(f"flow_error needs t of shape ({target.shape[0]},) and noise of shape "
+                             f"{tuple(target.shape)} for a target of that shape, found "
+                             f"{tuple(getattr(t, 'shape', ())) or type(t).__name__} and "
+                             f"{tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
         x1, x0, t = target.float(), noise.float(), t.float()
         x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
         prediction = self.velocity(x_t.to(condition.dtype), t, condition).float()

@@ -127,8 +127,12 @@ class FlowMatchingHead(ImageHead):
 
         Raises:
             ValueError: naming the expected and the found shapes, unless x_t is (N, D), t a tensor
-                of shape (N,) and condition (N, C).
+                of shape (N,) and condition (N, C); naming the dtypes when x_t or condition is not in
+                the head's (outside autocast).
         """
+        for name, value in (("x_t", x_t), ("condition", condition)):
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, found {type(value).__name__}")
         if (not isinstance(t, torch.Tensor) or x_t.ndim != 2 or x_t.shape[-1] != self.token_dim
                 or t.shape != x_t.shape[:1]):
             found = tuple(t.shape) if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
@@ -137,7 +141,14 @@ class FlowMatchingHead(ImageHead):
         if condition.shape != (x_t.shape[0], self.condition_dim):
             raise ValueError(f"condition must have shape ({x_t.shape[0]}, {self.condition_dim}), one row per token of "
                              f"x_t, found {tuple(condition.shape)}")
-        return self.net(x_t, t, condition)
+        try:
+            return self.net(x_t, t, condition)
+        except RuntimeError:
+            weights = next(self.parameters()).dtype
+            if {x_t.dtype, condition.dtype} != {weights}:
+                raise ValueError(f"x_t and condition must be in the head's dtype {weights} (or under autocast), "
+                                 f"found {x_t.dtype} and {condition.dtype}") from None
+            raise
 
     def _net_is_the_mlp(self) -> bool:
         """Whether ``net`` is a `FlowMatchingMLP` with its own forward (which `prepare_net` folds)."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nextstep.devices import available_device
 from nextstep.dtypes import weight_dtype
 from nextstep.io import read_json_object, what_is_at
 from nextstep.model_config import describes_a_model
@@ -89,6 +90,7 @@ def load_model_directory(
             `nextstep.interop.qwen_init.nextstep_from_qwen`).
     """
     directory = Path(directory)
+    device = available_device(device)
     dtype = weight_dtype(dtype)
     layout = detect_model_layout(directory)
     if layout == RELEASE:

@@ -118,6 +118,9 @@ def check_step_noise(sampler: Sampler, step_noise: torch.Tensor | None, noise: t
                      num_steps: int) -> torch.Tensor:
     """Return ``step_noise`` after checking that it is (at least S, N, D); raise otherwise."""
     name = type(sampler).__name__
+    if not isinstance(noise, torch.Tensor) or noise.ndim != 2:
+        raise ValueError(f"{name} needs noise of shape (N, D), found "
+                         f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
     if step_noise is None:
         raise ValueError(
             f"{name} is stochastic and needs step_noise of shape ({num_steps}, "
@@ -136,14 +139,16 @@ def check_time_grid(time_grid: torch.Tensor) -> None:
     where it is on the CPU, so that a grid on an accelerator is not waited for): noise at the first time,
     data at the last, as `nextstep.samplers.time_grid.time_grid` makes one. A grid from 1 down to 0 (noise
     levels, as samplers of other libraries run) is refused: ``1 - grid.flip(0)`` is its time grid."""
-    expected = "time_grid must be a 1-D tensor of at least 2 increasing times (t=0 noise, t=1 data)"
+    expected = "time_grid must be a 1-D tensor of at least 2 increasing times in [0, 1] (t=0 noise, t=1 data)"
     if not isinstance(time_grid, torch.Tensor):
         raise ValueError(f"{expected}, found a {type(time_grid).__name__}")
     if time_grid.ndim != 1 or time_grid.shape[0] < 2:
         raise ValueError(f"{expected}, found shape {tuple(time_grid.shape)}")
-    if time_grid.device.type == "cpu" and not bool((time_grid.diff() > 0).all()):
-        shown = [round(value, 4) for value in time_grid.tolist()[:8]]
-        raise ValueError(f"{expected}, found {shown}{' ...' if time_grid.shape[0] > 8 else ''}")
+    if time_grid.device.type == "cpu" and not (bool((time_grid.diff() > 0).all()) and 0 <= time_grid[0]
+                                               and time_grid[-1] <= 1):
+        values = [f"{value:.4g}" for value in time_grid.tolist()]
+        shown = values if len(values) <= 8 else values[:6] + ["...", values[-1]]
+        raise ValueError(f"{expected}, found [{', '.join(shown)}]")
 
 
 def interval_start_times(time_grid: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
