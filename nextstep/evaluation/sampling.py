@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from nextstep.config import require
 from nextstep.samplers.guidance_schedule import resolve_guidance_schedule
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
     from nextstep.generation_defaults import GenerationDefaults
@@ -87,25 +88,43 @@ def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSet
     """
     import torch
 
-    from nextstep.fast.token_sampler import token_sampler_named
-    from nextstep.generation import decode_tokens, generate_tokens
+    from nextstep.generation import decode_tokens
     from nextstep.images import to_pil
 
-    token_sampler = token_sampler_named(model, settings.token_sampler)
-
     images: list = []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(prompts), settings.batch_size):
-            batch = prompts[start:start + settings.batch_size]
-            tokens, grid_h, grid_w = generate_tokens(
-                model, batch, height=settings.height, width=settings.width, cfg=settings.cfg,
-                cfg_schedule=settings.cfg_schedule,
-                num_steps=settings.num_steps, seed=settings.seed + start, sampler=settings.sampler,
-                temperature=settings.temperature, candidates=settings.candidates,
-                candidate_score=settings.candidate_score, token_sampler=token_sampler,
-            )
+    for tokens, grid_h, grid_w in sample_token_batches(model, prompts, settings, progress):
+        with torch.no_grad():
             images.extend(to_pil(decode_tokens(model, tokens, grid_h, grid_w)))
-            if progress is not None:
-                progress(len(images), len(prompts))
     return images
+
+
+def sample_token_batches(model: "NextStep", prompts: list[str], settings: SamplingSettings,
+                         progress: Callable[[int, int], None] | None = None, *,
+                         use_norm: bool | None = None) -> Iterator[tuple["torch.Tensor", int, int]]:
+    """The image tokens of one image per prompt, a batch of ``settings.batch_size`` at a time: (B, h*w, D)
+    tokens and the grid (h, w) per batch; image ``i`` is seeded ``settings.seed + i``, whatever the batch size.
+
+    Args:
+        model: the model to sample (put in eval mode).
+        prompts: one prompt per image.
+        settings: sampling settings.
+        progress: called with (images done, images in all) after each batch.
+        use_norm: LayerNorm each sampled token (None: the model's setting).
+    """
+    from nextstep.fast.token_sampler import token_sampler_named
+    from nextstep.generation import generate_tokens
+
+    token_sampler = token_sampler_named(model, settings.token_sampler)
+    model.eval()
+    for start in range(0, len(prompts), settings.batch_size):
+        batch = prompts[start:start + settings.batch_size]
+        tokens, grid_h, grid_w = generate_tokens(  # under inference mode, tokens that need no gradient
+            model, batch, height=settings.height, width=settings.width, cfg=settings.cfg,
+            cfg_schedule=settings.cfg_schedule,
+            num_steps=settings.num_steps, seed=settings.seed + start, sampler=settings.sampler,
+            temperature=settings.temperature, candidates=settings.candidates,
+            candidate_score=settings.candidate_score, token_sampler=token_sampler, use_norm=use_norm,
+        )
+        yield tokens, grid_h, grid_w
+        if progress is not None:
+            progress(start + len(batch), len(prompts))
