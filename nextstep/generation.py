@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, Set
 
 import torch
@@ -404,14 +404,34 @@ def generate_tokens(
                       settings)
 
 
+@dataclass(frozen=True)
+class CheckedRequest:
+    """The options of a generation, checked, with the defaults filled in (`checked_request`)."""
+
+    prompts: list[str]
+    editing: bool
+    guidance: Guidance
+    branches: int
+    cfg: float | Guidance
+    num_steps: int | StepSchedule
+    schedule: StepSchedule
+    shift: float
+    sampler: Sampler
+    temperature: float
+    use_norm: bool
+    negative_prompt: str
+    candidates: int
+    score: Callable
+
+
 def checked_request(model: "NextStep", prompts, *, editing: bool = False, cfg=None, cfg_img=None,
                     cfg_schedule=None, num_steps=None, shift=None, seed=0, negative_prompt=None, positive_prompt="",
                     num_images_per_prompt=1, sampler=None, temperature=1.0, use_norm=None, progress=None,
-                    candidates=None, candidate_score=None, token_sampler=None) -> SimpleNamespace:
+                    candidates=None, candidate_score=None, token_sampler=None) -> CheckedRequest:
     """The options of `generate_tokens` checked and resolved (each left None the model's own or the
-    editing default), before anything is encoded or sampled: ``prompts`` (a list), ``editing``,
-    ``guidance`` and its ``branches``, ``cfg``, ``num_steps`` and its ``schedule``, ``shift``, ``sampler``,
-    ``temperature``, ``use_norm``, ``negative_prompt``, ``candidates`` and their ``score``.
+    editing default), before anything is encoded or sampled: the prompts as a list, the guidance and its
+    number of branches, the step schedule, the sampler, ``use_norm``, the negative prompt, the candidates
+    and the function that scores them.
 
     Raises:
         ValueError: an option out of its range or of the wrong type, naming what was expected and found.
@@ -478,10 +498,10 @@ def checked_request(model: "NextStep", prompts, *, editing: bool = False, cfg=No
     if not isinstance(negative_prompt, str):
         raise ValueError(f"negative_prompt must be a str (or None for the default), found "
                          f"{type(negative_prompt).__name__} {negative_prompt!r}")
-    return SimpleNamespace(prompts=prompts, editing=editing, guidance=guidance, branches=branches, cfg=cfg,
-                           num_steps=num_steps, schedule=schedule, shift=shift, sampler=sampler,
-                           temperature=temperature, use_norm=use_norm, negative_prompt=negative_prompt,
-                           candidates=candidates, score=score)
+    return CheckedRequest(prompts=prompts, editing=editing, guidance=guidance, branches=branches, cfg=cfg,
+                          num_steps=num_steps, schedule=schedule, shift=shift, sampler=sampler,
+                          temperature=temperature, use_norm=use_norm, negative_prompt=negative_prompt,
+                          candidates=candidates, score=score)
 
 
 def resolved_settings(model: "NextStep", *, editing: bool = False, cfg=None, cfg_schedule: str | None = None,
