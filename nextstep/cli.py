@@ -729,8 +729,12 @@ def import_modules(names: list[str]) -> None:
         except ModuleNotFoundError as error:
             if error.name != name.split(".")[0] and error.name != name:
                 raise
+            hint = ""
+            if name.endswith(".py") or "/" in name or os.sep in name:
+                module = Path(name).with_suffix("").as_posix().replace("/", ".").lstrip(".")
+                hint = f"; a module is named without its .py and with dots for folders: --import {module}"
             raise ModuleNotFoundError(f"--import {name}: expected an importable module, found none "
-                                      f"(current directory {os.getcwd()})") from None
+                                      f"(current directory {os.getcwd()}){hint}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

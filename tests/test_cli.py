@@ -554,3 +554,7 @@ def test_modules_named_after_the_command_are_imported_from_the_current_directory
     assert sys.modules.pop("cli_probe_module").IMPORTED
     assert main(["--import", "no_such_package_here.sub", "info", "tiny"]) == 2
     assert "--import no_such_package_here.sub: expected an importable module, found none" in capsys.readouterr().err
+    for written in ("cli_probe_module.py", "plugins/cli_probe_module.py"):
+        assert main(["--import", written, "info", "tiny"]) == 2
+        assert ("a module is named without its .py and with dots for folders: --import "
+                f"{written[:-3].replace('/', '.')}") in capsys.readouterr().err

@@ -17,8 +17,10 @@ from nextstep.heads import (
     prepared_flow_matching,
     sample_times,
 )
+from nextstep.layers import AdaLNResBlock
 from nextstep.presets import HEAD_SIZES, flow_head_config
 from nextstep.samplers import EulerSampler, HeunSampler, MidpointSampler, time_grid
+from nextstep.testing import check_image_head, randomize
 
 
 @pytest.mark.parametrize("size, millions", [("small", 40.3), ("base", 157.2), ("large", 527.5)])
@@ -146,6 +148,34 @@ def test_a_subclass_that_overrides_the_velocity_is_sampled_through_it():
     zero = FlowMatchingHead(plain.config)
     zero.net = OtherNet(plain.config)
     assert zero.prepare(condition)(x, t).abs().max() == 0
+
+
+@pytest.mark.parametrize("change, part", [
+    (lambda net: net.res_blocks[0].mlp.__setitem__(1, nn.GELU()), "net.res_blocks.0.mlp"),
+    (lambda net: net.res_blocks[1].adaLN_modulation.__setitem__(0, nn.Identity()), "net.res_blocks.1.adaLN_modulation"),
+    (lambda net: net.res_blocks.__setitem__(1, ScaledBlock(net.res_blocks[1].in_ln.normalized_shape[0])),
+     "net.res_blocks.1"),
+    (lambda net: net.final_layer.adaLN_modulation.append(nn.Tanh()), "net.final_layer.adaLN_modulation"),
+    (lambda net: setattr(net, "input_proj", nn.Sequential(net.input_proj)), "net.input_proj"),
+])
+def test_a_net_whose_parts_are_changed_is_sampled_through_its_velocity(change, part):
+    """Prepared evaluation computes the stock blocks itself: a net with another activation, block or layout is
+    evaluated as it is, not as the stock MLP it was."""
+    head = randomized_head()
+    change(head.net)
+    randomize(head)
+    assert head.own_velocity_reason() == (f"FlowMatchingHead's {part} is not the stock module of a FlowMatchingMLP "
+                                          "(a subclass, another activation or layout), which prepared evaluation "
+                                          "would compute in its place")
+    times = time_grid(4)
+    condition, x, t = torch.randn(3, 32), torch.randn(3, 16), times[1].expand(3)
+    torch.testing.assert_close(head.prepare(condition, head.prepare_times(times))(x, t), head.velocity(x, t, condition))
+    check_image_head(head)
+
+
+class ScaledBlock(AdaLNResBlock):
+    def forward(self, x, y):
+        return 1.5 * super().forward(x, y)
 
 
 def test_the_flow_error_is_that_of_the_straight_path_from_noise_to_the_target():

@@ -1020,3 +1020,27 @@ def test_a_sampler_whose_order_or_evaluation_count_is_a_bool_is_named(attribute)
     sampler = type("BoolCount", (EulerSampler,), {attribute: True})()
     with pytest.raises(AssertionError, match=f"BoolCount: {attribute} must be an integer >= 1, found True"):
         check_sampler(sampler)
+
+
+class WrongWeightHeun(HeunSampler):
+    """Heun's two evaluations with the second one's weight dropped: first order, claiming the second."""
+
+    def sample(self, velocity_fn, noise, time_grid, step_noise=None):
+        x = noise
+        for index in range(time_grid.shape[0] - 1):
+            t, following = time_grid[index], time_grid[index + 1]
+            dt = (following - t).to(x.dtype)
+            v = velocity_fn(x, t.expand(x.shape[0]))
+            predicted = x + dt * v
+            velocity_fn(predicted, following.expand(x.shape[0]))
+            x = x + dt * v
+        return x
+
+
+@pytest.mark.parametrize("sampler, claimed", [(type("Overclaimed", (EulerSampler,), {"order": 2})(), 2),
+                                              (WrongWeightHeun(), 2)])
+def test_a_sampler_that_does_not_reach_its_stated_order_is_named(sampler, claimed):
+    name = type(sampler).__name__
+    with pytest.raises(AssertionError, match=rf"{name}: order is {claimed}, but on dx/dt = -x \+ 2t in float64 the "
+                                             r"error falls from .* \(16 steps\) to .* \(32 steps\), order 1\.0"):
+        check_sampler(sampler)

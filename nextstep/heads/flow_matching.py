@@ -151,9 +151,36 @@ class FlowMatchingHead(ImageHead):
             raise
 
     def _net_is_the_mlp(self) -> bool:
-        """Whether ``net`` is a `FlowMatchingMLP` with its own forward (which `prepare_net` folds)."""
+        """Whether ``net`` is a `FlowMatchingMLP` with its own forward and modules (which `prepare_net`
+        folds)."""
+        return self._unfolded_part() is None
+
+    def _unfolded_part(self) -> str | None:
+        """None when ``net`` is a `FlowMatchingMLP` with its own forward, whose blocks, projections and
+        output layer are the stock modules that prepared evaluation computes itself; else the first part
+        that is not (a subclass, another activation, another layout of a block)."""
         net = getattr(self, "net", None)
-        return isinstance(net, FlowMatchingMLP) and type(net).forward is FlowMatchingMLP.forward
+        if not isinstance(net, FlowMatchingMLP) or type(net).forward is not FlowMatchingMLP.forward:
+            return "net"
+
+        def stock(module: nn.Module, *layout: type) -> bool:  # exactly these classes, in this order
+            children = list(module.children())
+            return len(children) == len(layout) and all(type(c) is kind for c, kind in zip(children, layout))
+
+        parts = [("input_proj", type(net.input_proj) is nn.Linear), ("cond_embed", type(net.cond_embed) is nn.Linear)]
+        for index, block in enumerate(net.res_blocks):
+            name = f"res_blocks.{index}"
+            parts += [(name, type(block) is AdaLNResBlock),
+                      (f"{name}.in_ln", type(block.in_ln) is nn.LayerNorm and block.in_ln.elementwise_affine),
+                      (f"{name}.mlp", stock(block.mlp, nn.Linear, nn.SiLU, nn.Linear)),
+                      (f"{name}.adaLN_modulation", stock(block.adaLN_modulation, nn.SiLU, nn.Linear))]
+        final = net.final_layer
+        parts += [("final_layer", type(final) is AdaLNFinalLayer),
+                  ("final_layer.norm_final", type(final.norm_final) is nn.LayerNorm
+                   and not final.norm_final.elementwise_affine),
+                  ("final_layer.linear", type(final.linear) is nn.Linear),
+                  ("final_layer.adaLN_modulation", stock(final.adaLN_modulation, nn.SiLU, nn.Linear))]
+        return next((f"net.{name}" for name, same in parts if not same), None)
 
     def own_velocity_reason(self) -> str | None:
         """None when the velocity is this class's MLP (which `prepare` folds and the fast
@@ -161,8 +188,12 @@ class FlowMatchingHead(ImageHead):
         is not a `FlowMatchingMLP` with its own forward, is evaluated through `velocity`; one that
         overrides how a velocity is prepared (`prepare`, `prepare_net`, `prepare_times`) through
         those."""
-        if not self._net_is_the_mlp():
+        part = self._unfolded_part()
+        if part == "net":
             return f"{type(self).__name__}'s net is not a FlowMatchingMLP with that class's own forward"
+        if part is not None:
+            return (f"{type(self).__name__}'s {part} is not the stock module of a FlowMatchingMLP (a subclass, "
+                    "another activation or layout), which prepared evaluation would compute in its place")
         for name in ("velocity", "prepare", "prepare_net", "prepare_times"):
             if getattr(type(self), name) is not getattr(FlowMatchingHead, name):
                 return f"{type(self).__name__} overrides the {name} of FlowMatchingHead"
