@@ -291,7 +291,7 @@ def generate_tokens(
         cfg_schedule: how the scales change over the tokens of an image:
             ``constant``, ``linear_increasing``, ``linear_decreasing``
             (``linear`` is the release's name for ``linear_decreasing``); default:
-            the model's. Ignored when ``cfg`` is a Guidance object.
+            the model's. An error beside a Guidance object, which carries its own.
         num_steps: head integration steps per token, or a
             `nextstep.samplers.step_schedule.StepSchedule` (fewer steps for later
             tokens); default: the model's.
@@ -458,6 +458,10 @@ def checked_request(model: "NextStep", prompts, *, editing: bool = False, cfg=No
         raise ValueError("cfg_img is the image guidance of editing; it needs input images, found images=None")
     if isinstance(cfg, Guidance) and cfg_img is not None:
         raise ValueError("pass cfg_img inside the guidance object when cfg is a Guidance")
+    if isinstance(cfg, Guidance) and cfg_schedule is not None:
+        raise ValueError(f"cfg_schedule schedules a guidance scale; a Guidance object carries its own schedule (give "
+                         f"it when building the object), found cfg={type(cfg).__name__} and cfg_schedule="
+                         f"{cfg_schedule!r}")
     chosen = resolved_settings(model, editing=editing, cfg=cfg, cfg_schedule=cfg_schedule, num_steps=num_steps,
                                shift=shift, temperature=temperature, cfg_img=cfg_img, candidates=candidates,
                                candidate_score=candidate_score, negative_prompt=negative_prompt)

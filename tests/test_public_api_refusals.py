@@ -41,6 +41,17 @@ def test_generation_and_captioning_refuse_wrong_arguments(model, call, message):
         call(model)
 
 
+def test_a_guidance_object_takes_no_separate_schedule(model):
+    from nextstep.samplers import ClassifierFreeGuidance
+
+    with pytest.raises(ValueError, match=r"cfg_schedule schedules a guidance scale; a Guidance object carries its own "
+                                         r"schedule \(give it when building the object\), found "
+                                         r"cfg=ClassifierFreeGuidance and cfg_schedule='linear_increasing'"):
+        model.generate("a", height=32, width=32, num_steps=1, cfg=ClassifierFreeGuidance(3.0),
+                       cfg_schedule="linear_increasing")
+    assert model.generate("a", height=32, width=32, num_steps=1, cfg=ClassifierFreeGuidance(3.0))[0].size == (32, 32)
+
+
 def test_sampling_refuses_what_is_not_a_model():
     from nextstep.generation import generate_tokens
 
