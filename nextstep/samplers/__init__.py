@@ -20,6 +20,7 @@ from nextstep.samplers.guidance import (
 from nextstep.samplers.guidance_schedule import GUIDANCE_SCHEDULES, scheduled_scale
 from nextstep.samplers.heun import HeunSampler, HeunSamplerConfig
 from nextstep.samplers.midpoint import MidpointSampler, MidpointSamplerConfig
+from nextstep.samplers.recording import RecordingSampler, TokenRecord, VelocityCall
 from nextstep.samplers.step_schedule import ConstantSteps, LinearSteps, StepSchedule
 from nextstep.samplers.time_grid import shift_time, time_grid, truncated_time_grid
 
@@ -46,8 +47,11 @@ __all__ = [
     "MidpointSampler",
     "MidpointSamplerConfig",
     "NoGuidance",
+    "RecordingSampler",
     "Sampler",
     "StepSchedule",
+    "TokenRecord",
+    "VelocityCall",
     "VelocityFn",
     "guidance_for_scale",
     "scheduled_scale",
