@@ -100,10 +100,12 @@ RECORDED_IDENTITIES = ("model_fingerprint", "image_sha256")
 def _requested(entry: dict | None, wanted: dict) -> dict | None:
     """A file's record as it compares with the request ``wanted``: without the settings it was resolved to
     (``resolved``, which follow from the request), and with the identities it does not record taken as
-    ``wanted``'s."""
+    ``wanted``'s, and the options it does not record (written before they existed) as ``wanted``'s where
+    ``wanted`` leaves them unset."""
     if entry is None:
         return None
-    unrecorded = {key: wanted[key] for key in RECORDED_IDENTITIES if key not in entry and key in wanted}
+    unrecorded = {key: value for key, value in wanted.items()
+                  if key not in entry and (key in RECORDED_IDENTITIES or value is None)}
     return {**{key: value for key, value in entry.items() if key != "resolved"}, **unrecorded}
 
 
@@ -129,6 +131,33 @@ def _read_record(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def _configured_sampler(model, name: str | None, options: list[str]):
+    """``name`` (None: the model's sampler) as generation takes it: the name itself without ``options``, else
+    the sampler built with those ``KEY=VALUE`` fields of its config changed (values read as JSON, else as
+    text), from the model's own config when it is the model's sampler."""
+    if not options:
+        return name
+    from nextstep.registry import component_class
+
+    kind = name or model.config.sampler.type
+    cls = component_class("sampler", kind)
+    base = model.config.sampler.config if kind == model.config.sampler.type else cls.config_class()
+    changes = {}
+    for option in options:
+        key, separator, text = option.partition("=")
+        if not separator or not key:
+            raise ValueError(f"--sampler-option expects KEY=VALUE, found {option!r}")
+        try:
+            changes[key.strip()] = json.loads(text)
+        except ValueError:
+            changes[key.strip()] = text
+    try:
+        config = cls.config_class.from_dict({**base.to_dict(), **changes})
+    except ValueError as error:
+        raise ValueError(f"--sampler-option for {kind}: {error}") from None
+    return cls(config)
 
 
 def command_generate(args: argparse.Namespace) -> int:
@@ -160,6 +189,7 @@ def command_generate(args: argparse.Namespace) -> int:
             raise FileExistsError(f"expected a PNG file or nothing at {out_dir / name}, found a directory")
     model = load_model(args.model, device=args.device, seed=args.seed)
     token_sampler = token_sampler_named(model, args.token_sampler)
+    sampler = _configured_sampler(model, args.sampler, args.sampler_option or [])
     source = None
     if args.image is not None:
         source = read_image_file(args.image)
@@ -170,7 +200,7 @@ def command_generate(args: argparse.Namespace) -> int:
                                  candidate_score=args.candidate_score, negative_prompt=args.negative_prompt)
     checked_request(model, args.prompts, editing=source is not None, cfg=args.cfg, cfg_img=args.cfg_img,
                     cfg_schedule=args.cfg_schedule, num_steps=args.steps, shift=args.shift, seed=args.seed,
-                    negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images, sampler=args.sampler,
+                    negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images, sampler=sampler,
                     temperature=args.temperature, candidates=args.candidates, candidate_score=args.candidate_score)
     if not args.overwrite:  # images of another request are not replaced (a request checked first)
         others = [name for name, wanted in expected.items()
@@ -198,7 +228,7 @@ def command_generate(args: argparse.Namespace) -> int:
             model, [prompt], height=args.height, width=args.width, cfg=args.cfg,
             num_steps=args.steps, shift=args.shift, seed=args.seed + index * args.num_images,
             negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-            progress=progress, sampler=args.sampler, cfg_schedule=args.cfg_schedule,
+            progress=progress, sampler=sampler, cfg_schedule=args.cfg_schedule,
             temperature=args.temperature, images=None if source is None else [source], cfg_img=args.cfg_img,
             candidates=args.candidates, candidate_score=args.candidate_score, token_sampler=token_sampler,
         )
@@ -763,6 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "default: the model's")
     gen.add_argument("--steps", type=_positive_int, default=None, help="head steps per token (default: the model's)")
     gen.add_argument("--sampler", default=None, help="a registered sampler name (default: the model's)")
+    gen.add_argument("--sampler-option", action="append", default=None, metavar="KEY=VALUE",
+                     help="a field of the sampler's config (repeatable; the value read as JSON), e.g. "
+                          "last_step_size=0 for euler_maruyama; the model's own sampler keeps its other settings")
     gen.add_argument("--temperature", type=_scale, default=1.0, help="scale of the sampling noise")
     gen.add_argument("--candidates", type=_positive_int, default=None,
                      help="samples per image, keeping the one the model scores highest against the prompt "

@@ -339,6 +339,47 @@ def test_a_rerun_with_or_without_quiet_is_the_same_request(tmp_path):
     assert main(arguments) == 0
 
 
+def test_sampler_options_change_the_sampler_s_config_and_are_part_of_the_request(tmp_path, capsys, monkeypatch):
+    import nextstep.generation as generation
+
+    used = []
+    sample = generation.generate_tokens
+
+    def recording(*args, **kwargs):
+        used.append(kwargs["sampler"])
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_tokens", recording)
+    base = ["generate", "a red circle", "--model", "tiny", "--steps", "2", "--height", "32", "--width", "32", "--quiet"]
+    assert main(base + ["--sampler", "euler_maruyama", "--sampler-option", "last_step_size=0",
+                        "--sampler-option", "to_one=false", "-o", str(tmp_path / "a")]) == 0
+    assert used[-1].config.last_step_size == 0 and used[-1].config.to_one is False
+    record = json.loads((tmp_path / "a" / "generation.json").read_text())["000-a-red-circle-0.png"]
+    assert record["sampler_option"] == ["last_step_size=0", "to_one=false"] and record["resolved"]["sampler"] == \
+        "euler_maruyama"
+    assert main(base + ["--sampler", "euler_maruyama", "-o", str(tmp_path / "a")]) == 2  # another request
+    assert "with other settings: sampler_option ['last_step_size=0', 'to_one=false'] there, None here" in \
+        capsys.readouterr().err
+    assert main(base + ["-o", str(tmp_path / "b")]) == 0
+    assert used[-1] is None  # no option: the name (here the model's own sampler)
+    for option, message in (("last_step_size", "--sampler-option expects KEY=VALUE, found 'last_step_size'"),
+                            ("nope=1", "--sampler-option for euler_maruyama: EulerMaruyamaSamplerConfig got unknown "
+                                       "key(s) ['nope']")):
+        assert main(base + ["--sampler", "euler_maruyama", "--sampler-option", option, "-o", str(tmp_path / "c")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_record_written_before_an_option_existed_is_the_same_request_as_that_option_unset(tmp_path):
+    arguments = ["generate", "a red circle", "--model", "tiny", "--steps", "1", "--height", "32", "--width", "32",
+                 "--output", str(tmp_path), "--quiet"]
+    assert main(arguments) == 0
+    records = json.loads((tmp_path / "generation.json").read_text())
+    for record in records.values():
+        del record["sampler_option"]
+    (tmp_path / "generation.json").write_text(json.dumps(records))
+    assert main(arguments) == 0
+
+
 def test_the_grid_of_several_prompts_has_one_row_per_prompt_and_is_recorded_with_its_request(tmp_path):
     arguments = ["generate", "a", "b", "c", "--model", "tiny", "--steps", "1", "--height", "32", "--width", "32",
                  "--num-images", "2", "--grid", "--output", str(tmp_path), "--quiet"]
