@@ -103,7 +103,7 @@ class ImageHead(nn.Module, ABC):
 
         Whatever this returns is what `prepare` receives as ``times``. The
         default returns ``times`` unchanged. The result is valid while the
-        head's parameters stay unchanged.
+        head's parameters and modules stay unchanged.
 
         Args:
             times: (E,) increasing times (see

@@ -194,6 +194,11 @@ class FlowMatchingHead(ImageHead):
         if part is not None:
             return (f"{type(self).__name__}'s {part} is not the stock module of a FlowMatchingMLP (a subclass, "
                     "another activation or layout), which prepared evaluation would compute in its place")
+        return self._overridden_method()
+
+    def _overridden_method(self) -> str | None:
+        """Why the velocity is not this class's MLP as far as the class's own methods go (a subclass that
+        overrides how a velocity is computed or prepared), or None."""
         for name in ("velocity", "prepare", "prepare_net", "prepare_times"):
             if getattr(type(self), name) is not getattr(FlowMatchingHead, name):
                 return f"{type(self).__name__} overrides the {name} of FlowMatchingHead"
@@ -220,8 +225,13 @@ class FlowMatchingHead(ImageHead):
                 `prepare_times`), or None.
         """
         self.check_shapes(condition=condition)
-        if not self._net_is_the_mlp():
+        # Prepared times were built for the stock MLP (`prepare_times`, once per generation): no check per token.
+        if not isinstance(times, FlowMatchingTimes) and not self._net_is_the_mlp():
             return lambda x_t, t: self.net(x_t, t, condition)
+        return self._folded(condition, times)
+
+    def _folded(self, condition: torch.Tensor, times: torch.Tensor | FlowMatchingTimes | None):
+        """`PreparedFlowMatchingVelocity` of ``condition``, for a ``net`` known to be the stock MLP."""
         if isinstance(times, torch.Tensor):
             times = FlowMatchingTimes.build(self.net, times)
         return PreparedFlowMatchingVelocity(self.net, condition, times)
@@ -237,10 +247,12 @@ class FlowMatchingHead(ImageHead):
             times: (E,) the only times the function will be called at (or their
                 `prepare_times`), or None.
         """
-        if self.own_velocity_reason() is not None:
-            self.check_shapes(condition=condition)
+        # The modules' check is prepare_times's where times come prepared (once per generation, not per token).
+        prepared = isinstance(times, FlowMatchingTimes)
+        self.check_shapes(condition=condition)
+        if (self._overridden_method() if prepared else self.own_velocity_reason()) is not None:
             return super().prepare(condition, times)
-        return self.prepare_net(condition, times)
+        return self._folded(condition, times)
 
     def loss(
         self, target: torch.Tensor, condition: torch.Tensor, generator: torch.Generator | None = None
