@@ -9,6 +9,7 @@ import torch
 from nextstep.config import ComponentSpec
 from nextstep.devices import available_device
 from nextstep.dtypes import weight_dtype
+from nextstep.generation import check_seed
 from nextstep.io import names_a_path, what_is_at
 from nextstep.model import NextStep
 from nextstep.model_config import ModelConfig
@@ -50,8 +51,6 @@ def build_model(
         seed: seed the initialisation, for reproducible random models.
     """
     if seed is not None:
-        from nextstep.generation import check_seed
-
         check_seed(seed)
     if isinstance(config, str):
         config = model_preset(config)()
@@ -104,8 +103,6 @@ def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu", 
                          f"{name_or_path!r}")
     device = available_device(device)
     dtype = weight_dtype(dtype)
-    from nextstep.generation import check_seed
-
     check_seed(seed)
     directory = model_directory(name_or_path)
     if directory is not None:

@@ -537,11 +537,12 @@ def _evaluate_model(name: str, output: Path, args: argparse.Namespace, suites: t
             report = run_tokenizer_evaluation(model.image_tokenizer, output / suite, count=args.crops, size=size)
         bar.close()
         summary[suite] = report.to_dict()
-        _write_summary(output, summary)  # before the record names the suite finished
+        summary = _write_summary(output, summary)  # before the record names the suite finished
         record["suites"][suite] = record["running"].pop(suite)
         atomic_write_text(output / EVALUATION_RECORD, json.dumps(record, indent=2) + "\n")
         print(f"\n{SUITE_TITLES[suite]}\n{report.to_markdown()}")
-    summary = _write_summary(output, summary)
+    if not suites:  # every suite kept from an earlier run: the summary is written once here
+        summary = _write_summary(output, summary)
     print(f"wrote {output}/summary.json, summary.md and one folder per suite")
     return summary
 

@@ -12,10 +12,12 @@ def _count(device_type: str) -> int | None:
     if device_type == "mps":
         return 1 if torch.backends.mps.is_available() else 0
     backend = getattr(torch, device_type, None)
-    if backend is not None and callable(getattr(backend, "is_available", None)):
-        return (backend.device_count() if callable(getattr(backend, "device_count", None)) else 1) \
-            if backend.is_available() else 0
-    return None
+    if backend is None or not callable(getattr(backend, "is_available", None)):
+        return None
+    if not backend.is_available():
+        return 0
+    count = getattr(backend, "device_count", None)
+    return count() if callable(count) else 1
 
 
 def available_device(device: torch.device | str | int) -> torch.device:

@@ -183,7 +183,7 @@ def real_token_statistics(model: "NextStep", images: Sequence["Image.Image"], *,
     """The statistics of the tokens the model's image tokenizer makes of ``images`` (PIL images of one size),
     and their grid; a tokenizer that samples its latents draws image ``i``'s from seed ``seed + i``."""
     from nextstep.generation import encode_each
-    from nextstep.images import from_pil
+    from nextstep.images import as_image_list
 
     if not images:
         raise ValueError("expected at least one real image, found none")
@@ -192,7 +192,7 @@ def real_token_statistics(model: "NextStep", images: Sequence["Image.Image"], *,
     model.eval()
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            batch = [from_pil([image]) for image in images[start:start + batch_size]]
+            batch = as_image_list(list(images[start:start + batch_size]))  # one (1, 3, H, W) per image
             encoded = encode_each(model, batch, seeds=range(seed + start, seed + start + len(batch)))
             parts.append(PositionStatistics.of(torch.stack([tokens for tokens, _, _ in encoded])))
             grid = encoded[0][1:]

@@ -7,11 +7,11 @@ gradient clipping at 1.0); recipes override what they need.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from nextstep.compile import CompileConfig
 from nextstep.config import Config, require
+from nextstep.samplers.guidance import check_scale
 
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLELISMS = ("ddp", "fsdp")
@@ -145,8 +145,7 @@ class TrainConfig(Config):
         require(self.text_dropout is None or 0 <= self.text_dropout <= 1, "text_dropout",
                 self.text_dropout, "None or in [0, 1]")
         require(self.context_noise >= 0, "context_noise", self.context_noise, ">= 0")
-        require(not isinstance(self.sample_cfg, bool) and isinstance(self.sample_cfg, (int, float))
-                and 0 <= self.sample_cfg < math.inf, "sample_cfg", self.sample_cfg, "a finite number >= 0")
+        check_scale("sample_cfg", self.sample_cfg)
         require(self.pack_length is None or (isinstance(self.pack_length, int) and self.pack_length >= 1),
                 "pack_length", self.pack_length, "None or an integer >= 1")
         require(self.loss_averaging in LOSS_AVERAGINGS, "loss_averaging", self.loss_averaging,
