@@ -133,31 +133,18 @@ def _read_record(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _configured_sampler(model, name: str | None, options: list[str]):
-    """``name`` (None: the model's sampler) as generation takes it: the name itself without ``options``, else
-    the sampler built with those ``KEY=VALUE`` fields of its config changed (values read as JSON, else as
-    text), from the model's own config when it is the model's sampler."""
-    if not options:
-        return name
-    from nextstep.registry import component_class
-
-    kind = name or model.config.sampler.type
-    cls = component_class("sampler", kind)
-    base = model.config.sampler.config if kind == model.config.sampler.type else cls.config_class()
+def _sampler_options(options: list[str] | None) -> dict:
+    """``--sampler-option KEY=VALUE`` texts as the fields they set (values read as JSON, else as text)."""
     changes = {}
-    for option in options:
+    for option in options or []:
         key, separator, text = option.partition("=")
-        if not separator or not key:
+        if not separator or not key.strip():
             raise ValueError(f"--sampler-option expects KEY=VALUE, found {option!r}")
         try:
             changes[key.strip()] = json.loads(text)
         except ValueError:
             changes[key.strip()] = text
-    try:
-        config = cls.config_class.from_dict({**base.to_dict(), **changes})
-    except ValueError as error:
-        raise ValueError(f"--sampler-option for {kind}: {error}") from None
-    return cls(config)
+    return changes
 
 
 def command_generate(args: argparse.Namespace) -> int:
@@ -165,7 +152,13 @@ def command_generate(args: argparse.Namespace) -> int:
 
     from nextstep.builders import load_model
     from nextstep.fast.token_sampler import token_sampler_named
-    from nextstep.generation import checked_request, decode_tokens, generate_tokens, resolved_settings
+    from nextstep.generation import (
+        checked_request,
+        decode_tokens,
+        generate_tokens,
+        resolved_settings,
+        sampler_with_options,
+    )
     from nextstep.images import image_grid, read_image_file, to_pil
     from nextstep.io import atomic_path, atomic_write_text
 
@@ -189,7 +182,7 @@ def command_generate(args: argparse.Namespace) -> int:
             raise FileExistsError(f"expected a PNG file or nothing at {out_dir / name}, found a directory")
     model = load_model(args.model, device=args.device, seed=args.seed)
     token_sampler = token_sampler_named(model, args.token_sampler)
-    sampler = _configured_sampler(model, args.sampler, args.sampler_option or [])
+    sampler = sampler_with_options(model.config.sampler, args.sampler, _sampler_options(args.sampler_option))
     source = None
     if args.image is not None:
         source = read_image_file(args.image)
@@ -388,10 +381,15 @@ def command_eval_tokenizer(args: argparse.Namespace) -> int:
 EVAL_SUITES = ("shapes", "emoji", "captioning", "tokenizer")
 
 
-def _square_sampling_settings(generation, args: argparse.Namespace):
-    """`SamplingSettings` from a model's ``generation`` block (`GenerationDefaults`) and the sampling options of
-    ``args`` (see `_add_sampling_options`); square images, ``--size`` or the model's own side."""
+def _square_sampling_settings(generation, own_sampler, args: argparse.Namespace):
+    """`SamplingSettings` from a model's ``generation`` block (`GenerationDefaults`), its default sampler (a
+    `ComponentSpec`, which checks ``--sampler-option``) and the sampling options of ``args`` (see
+    `_add_sampling_options`); square images, ``--size`` or the model's own side."""
     from nextstep.evaluation.sampling import SamplingSettings
+    from nextstep.generation import sampler_with_options
+
+    sampler_options = _sampler_options(args.sampler_option) or None
+    sampler_with_options(own_sampler, args.sampler, sampler_options or {})  # refused before anything is drawn
 
     chosen = generation.overridden(cfg=args.cfg, cfg_schedule=args.cfg_schedule, num_steps=args.steps,
                                    candidates=args.candidates, candidate_score=args.candidate_score)
@@ -403,7 +401,8 @@ def _square_sampling_settings(generation, args: argparse.Namespace):
         size = chosen.height
     return SamplingSettings.from_defaults(chosen, height=size, width=size, seed=args.seed,
                                           batch_size=args.batch_size, sampler=args.sampler,
-                                          temperature=args.temperature, token_sampler=args.token_sampler)
+                                          sampler_options=sampler_options, temperature=args.temperature,
+                                          token_sampler=args.token_sampler)
 
 
 def _image_progress(desc: str, quiet: bool, unit: str = "img"):
@@ -479,13 +478,15 @@ def _evaluate_model(name: str, output: Path, args: argparse.Namespace, suites: t
     from nextstep.io import atomic_write_text
 
     model = load_model(name, device=args.device, seed=args.seed)
-    settings = _square_sampling_settings(model.config.generation, args)
+    settings = _square_sampling_settings(model.config.generation, model.config.sampler, args)
     size = settings.height
     summary: dict = {"model": name, "settings": settings.to_dict()}
     # What the results depend on: the model, the sampling settings (not the batch size) and each suite's options.
     record = _evaluation_record(name, settings.to_dict(), {
         suite: {option: getattr(args, option) for option in EVALUATION_OPTIONS[suite]} for suite in suites})
     saved = _read_record(output / EVALUATION_RECORD)
+    if saved is not None and isinstance(saved.get("settings"), dict):  # a setting added since it was written:
+        saved["settings"] = {**_SETTINGS_ADDED_LATER, **saved["settings"]}  # that run had it at its default
     same_run = saved is not None and all(saved.get(key) == record[key] for key in ("model", "settings")) and \
         saved.get("model_fingerprint", record["model_fingerprint"]) == record["model_fingerprint"]  # older: none
     # This folder's suites finished and interrupted with these settings (none when it holds another run).
@@ -562,6 +563,10 @@ def _write_summary(output: Path, summary: dict) -> dict:
     return summary
 
 
+#: Sampling settings an older evaluation record may lack, at the value that run drew with.
+_SETTINGS_ADDED_LATER = {"sampler_options": None}
+
+
 def _evaluation_record(model: str, settings: dict, suites: dict) -> dict:
     """What `nextstep eval` records: the model (its name and `model_fingerprint`), the sampling settings but
     their batch size (results do not depend on it), and each suite's options."""
@@ -578,7 +583,7 @@ def command_preference_pairs(args: argparse.Namespace) -> int:
     judge = judge_function(args.judge)
     prompts = None if args.prompts is None else read_prompt_file(args.prompts)
     model = load_model(args.model, device=args.device, seed=args.seed)
-    settings = _square_sampling_settings(model.config.generation, args)
+    settings = _square_sampling_settings(model.config.generation, model.config.sampler, args)
     bar, progress = _image_progress("drawing", args.quiet)
     summary = write_self_judged_pairs(model, args.output, samples_per_prompt=args.samples_per_prompt,
                                       combinations=args.combinations, settings=settings, progress=progress,
@@ -594,14 +599,15 @@ def command_preference_rounds(args: argparse.Namespace) -> int:
 
     from nextstep.evaluation.self_judged_pairs import judge_function, read_prompt_file
     from nextstep.training.preference_rounds import check_round_recipe, run_preference_rounds
-    from nextstep.training.recipe import find_recipe, load_recipe, recipe_generation_defaults
+    from nextstep.training.recipe import find_recipe, load_recipe, recipe_generation_defaults, recipe_sampler
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     recipe = load_recipe(args.recipe, list(args.set or []))
     check_round_recipe(recipe)  # before loading anything
     judge = judge_function(args.judge)
     prompts = None if args.prompts is None else read_prompt_file(args.prompts)
-    settings = _square_sampling_settings(recipe_generation_defaults(recipe), args)  # weights load in the rounds
+    # From the start model's config: its weights load in the rounds.
+    settings = _square_sampling_settings(recipe_generation_defaults(recipe), recipe_sampler(recipe), args)
     output = Path(args.output) if args.output else Path("outputs") / "preference-rounds" / find_recipe(args.recipe).stem
     records = run_preference_rounds(recipe, output, rounds=args.rounds, samples_per_prompt=args.samples_per_prompt,
                                     combinations=args.combinations, settings=settings, prompts=prompts, judge=judge,
@@ -1030,6 +1036,9 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="head steps per token (default: the model's)")
     parser.add_argument("--sampler", default=None, help="a registered sampler name (default: the model's)")
+    parser.add_argument("--sampler-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="set a field of the sampler's config, the value read as JSON, else as text "
+                             "(repeatable; the model's own sampler keeps its other settings)")
     parser.add_argument("--temperature", type=_scale, default=1.0, help="scale of the sampling noise")
     parser.add_argument("--candidates", type=_positive_int, default=None,
                         help="samples per image, the model keeping the best (default: the model's)")

@@ -30,6 +30,7 @@ from nextstep.samplers.step_schedule import StepSchedule, as_step_schedule, chec
 if TYPE_CHECKING:
     from PIL import Image
 
+    from nextstep.config import ComponentSpec
     from nextstep.fast import FastTokenSampler
     from nextstep.generation_defaults import GenerationDefaults
     from nextstep.model import NextStep
@@ -69,6 +70,38 @@ def _resolve_sampler(model: "NextStep", sampler: Sampler | str | None) -> Sample
     if not isinstance(sampler, Sampler):
         raise ValueError(f"sampler must be a Sampler or a registered name, found {type(sampler).__name__}")
     return sampler
+
+
+def sampler_with_options(own: "ComponentSpec", sampler: str | None,
+                         options: Mapping[str, Any]) -> Sampler | str | None:
+    """The sampler ``sampler`` (a registered name; None: the model's own) with the fields ``options`` of its config
+    changed, as `generate_tokens` takes it.
+
+    Without options this is ``sampler`` itself. The model's own sampler (``own``, by type) keeps its other
+    settings; another starts from its config's defaults. An unknown field or a value the config refuses raises
+    ``ValueError`` naming the sampler.
+
+    Args:
+        own: the model's default sampler, ``model.config.sampler``.
+        sampler: a registered sampler name, or None.
+        options: field name -> value of the sampler's config.
+
+    Example: ``sampler_with_options(model.config.sampler, "euler_maruyama", {"last_step_size": 0})``.
+    """
+    if not isinstance(options, Mapping):
+        raise ValueError(f"sampler options must be a mapping of config field -> value, found "
+                         f"{type(options).__name__}")
+    if not options:
+        return sampler
+    from nextstep.registry import component_class
+
+    kind = sampler or own.type
+    cls = component_class("sampler", kind)
+    base = own.config if kind == own.type else cls.config_class()
+    try:
+        return cls(cls.config_class.from_dict({**base.to_dict(), **options}))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"sampler options for {kind}: {error}") from None
 
 
 def check_seed(seed) -> None:

@@ -363,7 +363,7 @@ def test_sampler_options_change_the_sampler_s_config_and_are_part_of_the_request
     assert main(base + ["-o", str(tmp_path / "b")]) == 0
     assert used[-1] is None  # no option: the name (here the model's own sampler)
     for option, message in (("last_step_size", "--sampler-option expects KEY=VALUE, found 'last_step_size'"),
-                            ("nope=1", "--sampler-option for euler_maruyama: EulerMaruyamaSamplerConfig got unknown "
+                            ("nope=1", "sampler options for euler_maruyama: EulerMaruyamaSamplerConfig got unknown "
                                        "key(s) ['nope']")):
         assert main(base + ["--sampler", "euler_maruyama", "--sampler-option", option, "-o", str(tmp_path / "c")]) == 2
         assert message in capsys.readouterr().err
@@ -599,3 +599,33 @@ def test_modules_named_after_the_command_are_imported_from_the_current_directory
         assert main(["--import", written, "info", "tiny"]) == 2
         assert ("a module is named without its .py and with dots for folders: --import "
                 f"{written[:-3].replace('/', '.')}") in capsys.readouterr().err
+
+
+def test_eval_passes_sampler_options_on_records_them_and_reads_older_records_as_none(tmp_path, tiny_model, capsys,
+                                                                                      monkeypatch):
+    from cli_helpers import fake_suites
+
+    asked = {}
+    fake_suites(monkeypatch, asked=asked)
+    tiny_model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "eval"
+    common = ["eval", str(tmp_path / "model"), "--size", "32", "--output", str(out), "--quiet", "--suite", "shapes"]
+    options = ["--sampler", "euler_maruyama", "--sampler-option", "last_step_size=0"]
+    assert main(common + options) == 0
+    assert asked["shapes"]["settings"].sampler_options == {"last_step_size": 0}
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["settings"]["sampler_options"] == {"last_step_size": 0}
+    assert main(common + ["--sampler", "euler_maruyama"]) == 2  # other settings: not replaced
+    assert "sampler_options" in capsys.readouterr().err
+    assert main(common + ["--overwrite"]) == 0
+    record = json.loads((out / "evaluation.json").read_text())
+    del record["settings"]["sampler_options"]  # as written before the setting existed
+    (out / "evaluation.json").write_text(json.dumps(record))
+    assert main(common + ["--skip-finished"]) == 0
+    assert "shapes: finished earlier in" in capsys.readouterr().out
+    for option, message in (("nope=1", "sampler options for euler_maruyama: EulerMaruyamaSamplerConfig got unknown "
+                                       "key(s) ['nope']"),
+                            ("last_step_size", "--sampler-option expects KEY=VALUE, found 'last_step_size'")):
+        assert main(common + ["--sampler", "euler_maruyama", "--sampler-option", option, "--overwrite"]) == 2
+        assert message in capsys.readouterr().err
+

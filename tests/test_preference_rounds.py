@@ -125,11 +125,12 @@ def test_the_command_runs_rounds_with_the_judging_and_sampling_options(tiny_mode
     summary = json.loads((tmp_path / "out" / "round1" / "pairs" / "summary.json").read_text())
     assert (summary["settings"]["height"], summary["settings"]["num_steps"]) == (32, 1)
     assert summary["settings"]["cfg"] == tiny_model.config.generation.cfg
-    from nextstep.training.recipe import build_recipe_model, recipe_generation_defaults
+    from nextstep.training.recipe import build_recipe_model, recipe_generation_defaults, recipe_sampler
 
     for model in ("tiny", str(tmp_path / "start")):
         recipe = RecipeConfig.from_dict(_recipe(model))
-        assert recipe_generation_defaults(recipe) == build_recipe_model(recipe).config.generation, model
+        built = build_recipe_model(recipe).config
+        assert (recipe_generation_defaults(recipe), recipe_sampler(recipe)) == (built.generation, built.sampler), model
     assert json.loads((tmp_path / "out" / "round1" / "recipe.json").read_text())["train"]["learning_rate"] == 2e-4
     (tmp_path / "shapes.json").write_text(json.dumps({**_recipe("tiny"), "preference": {}}))
     assert main(["preference-rounds", str(tmp_path / "shapes.json"), "--rounds", "1", "-o", str(tmp_path / "x")]) == 2
@@ -263,3 +264,15 @@ def test_a_round_holding_a_checkpoint_refuses_another_recipe_with_the_rounds_adv
     with pytest.raises(ValueError, match="round1 was trained with another recipe .*beta.*give the rounds "
                                          "another output folder"):
         run_preference_rounds(RecipeConfig.from_dict(recipe), tmp_path / "rounds", judge=_alternate(), **options)
+
+
+def test_the_command_refuses_sampler_options_the_start_model_s_sampler_lacks_before_drawing(tmp_path, monkeypatch,
+                                                                                              capsys):
+    from nextstep.cli import main
+
+    (tmp_path / "recipe.json").write_text(json.dumps(_recipe("tiny")))
+    monkeypatch.setattr(preference_rounds, "run_preference_rounds", lambda *a, **k: pytest.fail("the rounds ran"))
+    assert main(["preference-rounds", str(tmp_path / "recipe.json"), "--rounds", "1", "-o", str(tmp_path / "out"),
+                 "--sampler-option", "nope=1", "--quiet"]) == 2
+    assert "sampler options for euler: EulerSamplerConfig got unknown key(s) ['nope']" in \
+        capsys.readouterr().err

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from nextstep.config import require
 from nextstep.samplers.guidance_schedule import resolve_guidance_schedule
@@ -30,6 +30,8 @@ class SamplingSettings:
         seed: seed of image 0; image ``i`` of a run uses ``seed + i`` whatever the batch size.
         batch_size: images generated together.
         sampler: a registered sampler name (None: the model's own).
+        sampler_options: fields of the sampler's config to change, name -> value
+            (`nextstep.generation.sampler_with_options`); None or empty: none.
         temperature: scale of the starting noise of every token (1: the model's distribution).
         candidates: samples per image, the model keeping the one it scores highest against
             the prompt (`nextstep.reranking`); None: the model's default.
@@ -50,6 +52,7 @@ class SamplingSettings:
     seed: int = 0
     batch_size: int = 16
     sampler: str | None = None
+    sampler_options: dict[str, Any] | None = None
     temperature: float = 1.0
     candidates: int | None = None
     candidate_score: str | None = None
@@ -58,6 +61,9 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         require(self.num_steps >= 1, "num_steps", self.num_steps, ">= 1")
+        require(self.sampler_options is None or (isinstance(self.sampler_options, dict)
+                                                  and all(isinstance(key, str) for key in self.sampler_options)),
+                "sampler_options", self.sampler_options, "None or a dict of config field name -> value")
         require(self.candidates is None or self.candidates >= 1, "candidates", self.candidates, "None or >= 1")
         resolve_guidance_schedule(self.cfg_schedule)
         from nextstep.fast.token_sampler import TOKEN_SAMPLERS
@@ -112,16 +118,17 @@ def sample_token_batches(model: "NextStep", prompts: list[str], settings: Sampli
         use_norm: LayerNorm each sampled token (None: the model's setting).
     """
     from nextstep.fast.token_sampler import token_sampler_named
-    from nextstep.generation import generate_tokens
+    from nextstep.generation import generate_tokens, sampler_with_options
 
     token_sampler = token_sampler_named(model, settings.token_sampler)
+    sampler = sampler_with_options(model.config.sampler, settings.sampler, settings.sampler_options or {})
     model.eval()
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start:start + settings.batch_size]
         tokens, grid_h, grid_w = generate_tokens(  # under inference mode, tokens that need no gradient
             model, batch, height=settings.height, width=settings.width, cfg=settings.cfg,
             cfg_schedule=settings.cfg_schedule,
-            num_steps=settings.num_steps, seed=settings.seed + start, sampler=settings.sampler,
+            num_steps=settings.num_steps, seed=settings.seed + start, sampler=sampler,
             temperature=settings.temperature, candidates=settings.candidates,
             candidate_score=settings.candidate_score, token_sampler=token_sampler, use_norm=use_norm,
         )

@@ -249,17 +249,32 @@ def recipe_generation_defaults(recipe: RecipeConfig):
     """The sampling defaults (`GenerationDefaults`) of the model a recipe starts from, read from its config
     without loading its weights: a preset's with the recipe's ``model_arguments``, a saved model's
     ``config.json``, or the release's own for a release directory."""
-    from nextstep.interop.layout import NATIVE, detect_model_layout
     from nextstep.interop.release_config import RELEASE_GENERATION
+
+    return _recipe_model_part(recipe, "generation", RELEASE_GENERATION)
+
+
+def recipe_sampler(recipe: RecipeConfig):
+    """The default sampler (a `ComponentSpec`) of the model a recipe starts from, read as
+    `recipe_generation_defaults` reads its sampling defaults (a release directory's: the first release's)."""
+    from nextstep.interop.release_config import release_sampler
+
+    return _recipe_model_part(recipe, "sampler", release_sampler(None))
+
+
+def _recipe_model_part(recipe: RecipeConfig, part: str, release_part):
+    """The field ``part`` of the start model's `ModelConfig`, without its weights; ``release_part`` for a
+    release directory."""
+    from nextstep.interop.layout import NATIVE, detect_model_layout
     from nextstep.model_config import ModelConfig
     from nextstep.serialization import CONFIG_NAME
 
     source = recipe_model_source(recipe)
     if not isinstance(source, Path):
-        return source(**recipe.model_arguments).generation
+        return getattr(source(**recipe.model_arguments), part)
     if detect_model_layout(source) == NATIVE:
-        return ModelConfig.load(source / CONFIG_NAME).generation
-    return RELEASE_GENERATION  # a release directory generates as the release's examples do
+        return getattr(ModelConfig.load(source / CONFIG_NAME), part)
+    return release_part
 
 
 def build_recipe_model(recipe: RecipeConfig):
