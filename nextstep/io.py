@@ -141,12 +141,20 @@ def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPL
         # The old directory, and any older one an earlier crash left aside: no longer candidates to restore,
         # however far their deletion gets.
         for old in _moved_aside(path):  # (the backup above among them)
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.trash-", dir=path.parent))
-            os.replace(old, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            remove_directory(old, trash_name=path.name)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_directory(path: str | os.PathLike, *, trash_name: str | None = None) -> None:
+    """Delete the directory ``path`` so that a deletion stopped halfway leaves nothing under its name: it is
+    renamed to the hidden ``.<trash_name>.trash-*`` (``trash_name`` defaults to its own name) beside it first,
+    which `atomic_directory` clears."""
+    path = Path(path)
+    trash = Path(tempfile.mkdtemp(prefix=f".{trash_name or path.name}.trash-", dir=path.parent))
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def check_replaceable(path: Path, markers: tuple[str, ...] = REPLACEABLE_MARKERS) -> None:

@@ -47,6 +47,21 @@ def test_only_the_last_k_checkpoints_are_kept(tmp_path):
 
 
 
+def test_a_checkpoint_whose_pruning_stopped_halfway_is_no_checkpoint_and_its_remains_are_cleared(tmp_path,
+                                                                                                 monkeypatch):
+    import nextstep.io
+
+    model, optimizer = _setup()
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    manager.save(1, model, optimizer, {})
+    monkeypatch.setattr(nextstep.io.shutil, "rmtree", lambda path, **kwargs: None)  # the deletion stops at once
+    manager.save(2, model, optimizer, {})
+    assert manager.steps() == [2] and not (tmp_path / "step-00000001").exists()
+    monkeypatch.undo()
+    assert [path.name.startswith(".step-00000001.trash-") for path in manager.remove_stale()] == [True]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000002"]
+
+
 def test_a_checkpoint_moved_aside_by_an_interrupted_save_is_put_back(tmp_path):
     """Saving a step that exists moves the old one to step-N.old-*; a crash before the new one is in place
     leaves only that: the next run puts it back instead of deleting it with the other leftovers."""

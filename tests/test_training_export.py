@@ -54,8 +54,17 @@ def test_export_model_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         export_model(tmp_path, tmp_path / "out")
     build_model("tiny", seed=0).save_pretrained(tmp_path / "plain")
-    with pytest.raises(FileNotFoundError, match="ema.safetensors"):
-        export_model(tmp_path / "plain", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="use_ema=True but .* has no ema.safetensors"):
+        export_model(tmp_path / "plain", tmp_path / "out", use_ema=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_model_writes_the_raw_weights_of_a_run_that_kept_no_average_as_the_run_does(tmp_path):
+    model = build_model("tiny", seed=0)
+    model.save_pretrained(tmp_path / "plain")  # a checkpoint folder without ema.safetensors
+    exported = read_safetensors(export_model(tmp_path / "plain", tmp_path / "out") / "model.safetensors")
+    saved = read_safetensors(tmp_path / "plain" / "model.safetensors")
+    assert set(exported) == set(saved) and all(torch.equal(exported[k], saved[k]) for k in saved)
 
 
 def test_context_noise_changes_only_what_the_transformer_reads():

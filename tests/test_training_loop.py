@@ -327,6 +327,49 @@ def test_sample_grids_are_drawn_every_sample_every_steps(tmp_path):
                                                                              "step-00000004.png"]
 
 
+def test_a_sample_grid_that_fails_comes_after_the_step_s_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config(max_steps=4, checkpoint_every=2, sample_every=2, sample_prompts=("a red circle",),
+                         sample_height=32, sample_width=32, sample_steps=2)
+    trainer = tiny_trainer(tmp_path, config)
+
+    def failing():
+        raise RuntimeError("out of memory while drawing")
+
+    monkeypatch.setattr(trainer, "write_samples", failing)
+    with pytest.raises(RuntimeError, match="out of memory while drawing"):
+        trainer.fit(resume=False)
+    assert trainer.checkpoints.steps() == [2]  # the step's work is kept: a rerun resumes from it
+
+
+def test_a_run_that_ends_in_its_warm_up_is_warned_of(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="nextstep.training"):
+        tiny_trainer(tmp_path, tiny_config(max_steps=4, warmup_steps=10))
+    assert "train.warmup_steps 10 is not below train.max_steps 4: the run ends in its warm-up, at 0.4 of the " \
+           "peak learning rate" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nextstep.training"):
+        tiny_trainer(tmp_path, tiny_config(max_steps=4, warmup_steps=3))
+    assert "warm-up" not in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # autocast for a CUDA device on a machine without one
+def test_auto_precision_takes_bf16_only_where_the_gpu_computes_in_it_natively(monkeypatch):
+    import contextlib
+
+    import nextstep.training.trainer as trainer_module
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    for native in (False, True):  # a pre-Ampere GPU emulates bf16; an Ampere or later one computes in it
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: asked.append(including_emulation)
+                            or native or including_emulation)
+        assert trainer_module.native_bf16(torch.device("cuda", 0)) is native
+        context = autocast_context("auto", torch.device("cuda", 0))
+        assert isinstance(context, torch.autocast) is native
+    assert set(asked) == {False}
+
+
 def _line_task(model):
     """A linear fit of `_Points` whose metric is its micro-batch's place in the step (1, 2, ...), and which
     notes, for each micro-batch, the dtype its forward pass computed in."""

@@ -60,6 +60,9 @@ def test_ema_follows_the_weights_and_restores_them_after_use():
     ({"loss_averaging": "tokens"}, "loss_averaging"),
     ({"min_learning_rate": 1.0}, "min_learning_rate"),
     ({"ema_decay": 1.0}, "ema_decay"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*63\), found -1"),
+    ({"seed": 2 ** 63}, "seed"),
+    ({"seed": True}, "seed"),
 ])
 def test_bad_settings_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field):

@@ -82,6 +82,38 @@ def test_resuming_with_another_seed_or_global_batch_is_refused(tmp_path):
         tiny_trainer(tmp_path, config.replace(micro_batch_size=config.micro_batch_size + 1)).fit()
 
 
+def test_a_refused_resume_loads_nothing_and_a_second_fit_is_refused_again_rather_than_overwriting(tmp_path):
+    config = tiny_config(max_steps=3, checkpoint_every=1, ema_decay=0.9)
+    tiny_trainer(tmp_path, config.replace(max_steps=2)).fit(resume=False)
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    log = (tmp_path / "train_log.csv").read_text()
+    other = tiny_trainer(tmp_path, config.replace(seed=5))
+    before = {name: tensor.clone() for name, tensor in other.model.state_dict().items()}
+    for _ in range(2):
+        with pytest.raises(ValueError, match="trained with seed 0 but this run has seed 5"):
+            other.fit()
+        assert all(torch.equal(tensor, before[name]) for name, tensor in other.model.state_dict().items())
+        assert not other.optimizer.state and other.step == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == checkpoints
+    assert (tmp_path / "train_log.csv").read_text() == log
+
+
+def test_a_checkpoint_whose_files_do_not_fit_is_refused_before_the_model_changes(tmp_path):
+    config = tiny_config(max_steps=2, checkpoint_every=1, ema_decay=0.9)
+    tiny_trainer(tmp_path, config.replace(max_steps=1)).fit(resume=False)
+    ema_file = tmp_path / "checkpoints" / "step-00000001" / "ema.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    average = load_file(ema_file)
+    save_file(dict(list(average.items())[1:]), ema_file)  # one average missing
+    other = tiny_trainer(tmp_path, config)
+    before = {name: tensor.clone() for name, tensor in other.model.state_dict().items()}
+    with pytest.raises(ValueError):
+        other.fit()
+    assert all(torch.equal(tensor, before[name]) for name, tensor in other.model.state_dict().items())
+    assert not other.optimizer.state
+
+
 def test_resuming_with_another_loss_averaging_is_refused_when_a_step_has_several_micro_batches(tmp_path):
     config = tiny_config(max_steps=2, checkpoint_every=1, gradient_accumulation=2, loss_averaging="micro_batch")
     tiny_trainer(tmp_path, config.replace(max_steps=1)).fit(resume=False)

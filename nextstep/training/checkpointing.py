@@ -7,7 +7,7 @@ A checkpoint is a directory ``step-XXXXXXXX`` holding:
   ``torch.load(weights_only=True)``), so DDP, FSDP and single-process runs can
   resume each other's checkpoints;
 - ``ema.safetensors``: the weight average, when the run keeps one;
-- ``trainer_state.json``: step, data position, bad-sample counts, the run's config;
+- ``trainer_state.json``: the step (which fixes the data position), bad-sample counts, the run's config;
 - ``rng.pt``: every process's Python, NumPy and PyTorch generator states;
 - whatever the task adds (for text-to-image, ``config.json`` and tokenizer
   files, which make the directory loadable with ``NextStep.from_pretrained``).
@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from nextstep.io import atomic_directory, moved_aside, read_json_object, restore_moved_aside
+from nextstep.io import atomic_directory, moved_aside, read_json_object, remove_directory, restore_moved_aside
 from nextstep.serialization import check_state_dict, read_safetensors
 from nextstep.training.distributed import DistributedContext, full_tensor
 from nextstep.training.ema import ExponentialMovingAverage
@@ -182,10 +182,21 @@ class CheckpointManager:
                     self.write_hook(path, min(start + _CHUNK, len(data)), len(data))
 
     def _prune(self) -> None:
+        """Delete all but the last ``keep_last`` checkpoints, each renamed to a hidden name first (which
+        `remove_stale` clears), so that one whose deletion stops halfway is not listed as a checkpoint."""
         for step in self.steps()[:-self.keep_last]:
-            shutil.rmtree(self.directory / checkpoint_name(step), ignore_errors=True)
+            remove_directory(self.directory / checkpoint_name(step))
 
     # ------------------------------------------------------------ loading
+    def read_state(self, path: str | Path) -> dict[str, Any]:
+        """The trainer state saved with the checkpoint at ``path`` (its step, config, ...), read alone."""
+        state_file = Path(path) / STATE_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(
+                f"expected a complete checkpoint at {path} (with {STATE_FILE}), found none"
+            )
+        return read_json_object(state_file, "checkpoint trainer state")
+
     def load(
         self,
         path: str | Path,
@@ -208,27 +219,35 @@ class CheckpointManager:
             the trainer state saved with the checkpoint.
         """
         path = Path(path)
-        state_file = path / STATE_FILE
-        if not state_file.is_file():
+        trainer_state = self.read_state(path)
+        if ema is not None and not (path / EMA_FILE).is_file():
             raise FileNotFoundError(
-                f"expected a complete checkpoint at {path} (with {STATE_FILE}), found none"
+                f"this run keeps an EMA but {path} has no {EMA_FILE}; set ema_decay to 0 "
+                "or resume from a checkpoint written with an EMA"
             )
-        trainer_state = read_json_object(state_file, "checkpoint trainer state")
         # A sharded model receives the full state from rank 0; the other ranks read nothing.
-        reads = self.context.is_main or not is_sharded(model)
+        sharded = is_sharded(model)
+        reads = self.context.is_main or not sharded
         model_state = read_safetensors(path / MODEL_FILE) if reads else {}
+        optimizer_state = _read_torch(path / OPTIMIZER_FILE) if optimizer is not None and reads else {}
+        ema_state = None
+        if not sharded:  # every file read and checked before anything is changed: a refusal changes nothing
+            check_state_dict(model.state_dict(), model_state, str(path / MODEL_FILE))
+            if optimizer is not None:
+                optimizer_state = indexed_optimizer_state(model, optimizer, optimizer_state)
+            if ema is not None and not _is_sharded_average(ema):
+                ema_state = read_safetensors(path / EMA_FILE)
+                ema.check_state(ema_state)
         load_model_state(model, model_state, self.context, source=str(path / MODEL_FILE))
         if optimizer is not None:
-            optimizer_state = _read_torch(path / OPTIMIZER_FILE) if reads else {}
-            load_optimizer_state(model, optimizer, optimizer_state, self.context)
-        if ema is not None:
-            ema_file = path / EMA_FILE
-            if not ema_file.is_file():
-                raise FileNotFoundError(
-                    f"this run keeps an EMA but {path} has no {EMA_FILE}; set ema_decay to 0 "
-                    "or resume from a checkpoint written with an EMA"
-                )
-            _load_ema(ema, ema_file, self.context)
+            if sharded:
+                load_optimizer_state(model, optimizer, optimizer_state, self.context)
+            else:
+                optimizer.load_state_dict(optimizer_state)
+        if ema_state is not None:
+            ema.load_state_dict(ema_state)
+        elif ema is not None:
+            _load_ema(ema, path / EMA_FILE, self.context)
         elif (path / EMA_FILE).is_file() and self.context.is_main:
             warnings.warn(f"{path} holds a weight average that this run does not keep (ema_decay 0): it goes on "
                           "without it, and the model it writes is its last weights", UserWarning, stacklevel=2)
@@ -315,6 +334,13 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         set_optimizer_state_dict(model, optimizer, state if context.is_main else {},
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return
+    optimizer.load_state_dict(indexed_optimizer_state(model, optimizer, state))
+
+
+def indexed_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                            state: dict[str, Any]) -> dict[str, Any]:
+    """A state of `gather_optimizer_state` (keyed by parameter name) as ``optimizer.load_state_dict`` takes it
+    (keyed by index) for a plain model; ``ValueError`` when its parameters or groups are not the optimiser's."""
     names = {id(p): name for name, p in model.named_parameters()}
     name_to_index = {}
     index = 0
@@ -337,12 +363,11 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     if saved_sizes != sizes:
         raise ValueError(f"optimiser parameter groups differ from the checkpoint's: it holds groups of {saved_sizes} "
                          f"parameters, this run {sizes}")
-    raw = {
+    return {
         "state": {name_to_index[name]: entry for name, entry in state["state"].items()},
         "param_groups": [dict(group, params=[name_to_index[n] for n in group["params"]])
                          for group in saved_groups],
     }
-    optimizer.load_state_dict(raw)
 
 
 def gather_average(ema: ExponentialMovingAverage, context: DistributedContext) -> dict[str, torch.Tensor] | None:

@@ -129,6 +129,8 @@ class TrainConfig(Config):
                      "sample_steps"):
             require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
                     getattr(self, name), "an integer >= 1")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2 ** 63,
+                "seed", self.seed, "an integer in [0, 2**63)")
         for name in ("warmup_steps", "sample_every", "num_workers"):
             require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name,
                     getattr(self, name), "an integer >= 0")

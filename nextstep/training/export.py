@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from nextstep.training.checkpointing import MODEL_FILE
+from nextstep.training.checkpointing import EMA_FILE, MODEL_FILE
 
 
-def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool = True,
+def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool | None = None,
                  dtype: torch.dtype | None = None) -> Path:
     """Write ``output`` (``config.json`` + ``model.safetensors`` + tokenizer files) from a checkpoint.
 
@@ -18,7 +18,9 @@ def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool = 
             or a run folder (its latest checkpoint is used).
         output: the model directory to write (replaced atomically).
         use_ema: load the checkpoint's weight average into the trainable
-            parameters (an error if it has none); False keeps the raw weights.
+            parameters (True: an error if it has none); False keeps the raw weights;
+            None (the default) the average when the run kept one, else the raw weights, as a
+            finished run writes its ``model/``.
         dtype: cast floating-point weights (default: keep them).
 
     Returns:
@@ -37,6 +39,8 @@ def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool = 
                                     f"found no {MODEL_FILE} and no checkpoints/")
         checkpoint = latest
     _check_holds_a_model(checkpoint)
+    if use_ema is None:
+        use_ema = (checkpoint / EMA_FILE).is_file()
     averages = read_checkpoint_average(checkpoint) if use_ema else None  # before the model: fail fast
     model = NextStep.from_pretrained(checkpoint)
     if dtype is not None:

@@ -108,13 +108,18 @@ class StepRecord:
 
 
 def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast for ``bf16`` (and for ``auto`` on CUDA with bf16 support); otherwise none."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
+    """bf16 autocast for ``bf16`` (and for ``auto`` on a CUDA ``device`` that computes in bf16 natively, not
+    through emulation as pre-Ampere GPUs would); otherwise none."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and native_bf16(device))
     if use_bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` computes in bf16 natively (compute capability 8.0 and later)."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 class Trainer:
@@ -170,6 +175,11 @@ class Trainer:
         # prepares each micro-batch as its turn comes (one at a time in memory).
         self._counts_step_targets = config.loss_averaging == "step" and task.names_target_counts
         self.schedule = WarmupCosineSchedule.from_config(config)
+        if config.warmup_steps >= config.max_steps and self.context.is_main:
+            logger.warning("train.warmup_steps %d is not below train.max_steps %d: the run ends in its warm-up, at "
+                           "%.3g of the peak learning rate, and never follows the cosine (lower warmup_steps)",
+                           config.warmup_steps, config.max_steps, self.schedule.rate(config.max_steps - 1) /
+                           config.learning_rate)
         self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay > 0 else None
         self.checkpoints = CheckpointManager(self.output_dir / CHECKPOINTS_DIR, config.keep_last, self.context,
                                              write_hook=checkpoint_write_hook)
@@ -183,17 +193,34 @@ class Trainer:
 
     # ---------------------------------------------------------------- resume
     def resume(self, checkpoint: str | Path | None = None) -> int:
-        """Restore the latest checkpoint (or ``checkpoint``); returns the step to continue from."""
+        """Restore the latest checkpoint (or ``checkpoint``); returns the step to continue from.
+
+        A checkpoint this run cannot continue (another seed, global batch, ..., or files that do not fit
+        the model) is refused before anything of it is loaded: the model, optimiser and average are as
+        they were, and a later `fit` tries to resume again."""
         self.checkpoints.remove_stale()
-        self._resumed = True
         path = Path(checkpoint) if checkpoint is not None else self.checkpoints.latest()
         if path is None:
+            self._resumed = True
             return self.step
+        state = self.checkpoints.read_state(path)
+        self._check_resumable(path, state)
         # The run's own betas, eps and weight decay, not the saved ones (the rate follows the schedule).
         settings = [{key: group[key] for key in OPTIMIZER_SETTINGS} for group in self.optimizer.param_groups]
         state = self.checkpoints.load(path, self.model, self.optimizer, ema=self.ema)
         for group, own in zip(self.optimizer.param_groups, settings):
             group.update(own)
+        self.tracker.load_state_dict(self._own_bad_samples(state.get("bad_samples", {})))
+        self.step = int(state["step"])
+        self._elapsed_before = float(state.get("elapsed_seconds", 0.0))
+        self._set_aside_later_checkpoints()
+        self._resumed = True
+        logger.info("resumed from %s at step %d", path, self.step)
+        return self.step
+
+    def _check_resumable(self, path: Path, state: dict) -> None:
+        """Raise ``ValueError`` when the checkpoint at ``path`` (its trainer ``state``) cannot be continued by
+        this run, naming what differs; warn where it continues otherwise than it would have."""
         saved_batch = state.get("global_batch_size")
         if saved_batch is not None and saved_batch != self.layout.global_batch_size:
             raise ValueError(
@@ -243,12 +270,6 @@ class Trainer:
                 f"{self.config.max_steps}; raise train.max_steps to go on, use an earlier checkpoint (each "
                 "checkpoint folder loads as a model), or start over (--no-resume)"
             )
-        self.tracker.load_state_dict(self._own_bad_samples(state.get("bad_samples", {})))
-        self.step = int(state["step"])
-        self._elapsed_before = float(state.get("elapsed_seconds", 0.0))
-        self._set_aside_later_checkpoints()
-        logger.info("resumed from %s at step %d", path, self.step)
-        return self.step
 
     def _set_aside_later_checkpoints(self) -> None:
         """Move the checkpoints after the step resumed from (a run resumed from an earlier checkpoint
@@ -344,8 +365,6 @@ class Trainer:
                         if log is not None:
                             log.write(row)
                     window_tokens, window_start = 0, time.perf_counter()
-                if config.sample_every and step % config.sample_every == 0:
-                    self.write_samples()
                 if step % config.checkpoint_every == 0 or step == config.max_steps:
                     writing = time.perf_counter()
                     self.save_checkpoint()
@@ -354,6 +373,8 @@ class Trainer:
                     written = time.perf_counter() - writing
                     self._fit_started += written
                     window_start += written
+                if config.sample_every and step % config.sample_every == 0:  # after the checkpoint, kept
+                    self.write_samples()  # whatever drawing them does
         finally:
             self._elapsed_before, self._fit_started = self.elapsed_seconds(), None
             progress.close()
