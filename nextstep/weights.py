@@ -147,7 +147,8 @@ def _shards_from_index(index: Path) -> list[Path]:
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{index} is not a safetensors index with a 'weight_map' ({error!r})") from error
     if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index} has an empty or malformed 'weight_map'")
+        found = "an empty one" if weight_map in ({}, [], "", None) else f"a {type(weight_map).__name__}"
+        raise ValueError(f"{index}: 'weight_map' must map each key to its shard file, found {found}")
     malformed = {key: name for key, name in weight_map.items() if not isinstance(name, str) or not name}
     if malformed:
         first = next(iter(malformed))

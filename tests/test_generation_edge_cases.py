@@ -301,5 +301,5 @@ def test_an_unknown_vae_size_is_refused_with_the_known_ones():
 def test_an_index_with_an_empty_weight_map_is_refused(tmp_path):
     """An index that lists no tensors is named as empty, not read as a checkpoint without shards."""
     (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
-    with pytest.raises(ValueError, match="has an empty or malformed 'weight_map'"):
+    with pytest.raises(ValueError, match="'weight_map' must map each key to its shard file, found an empty one"):
         checkpoint_shards(tmp_path)

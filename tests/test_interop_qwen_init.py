@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given
@@ -160,6 +162,28 @@ def test_bad_directories_are_refused(tmp_path):
     config.write_text(config.read_text().replace('"intermediate_size": 48', '"intermediate_size": 40'))
     with pytest.raises(ValueError, match=r"mlp.up_proj.weight: expected \(40, 32\), found \(48, 32\)"):
         nextstep_from_qwen(tmp_path / "wide", image_tokenizer=tiny_vae())
+
+
+@pytest.mark.parametrize("stated", [320, 280])
+def test_a_table_of_another_length_than_the_config_s_vocab_size_is_refused(tmp_path, stated):
+    """Rows past a shorter table would be left as uninitialised memory; a longer one would be cut."""
+    write_qwen_checkpoint(tmp_path / "qwen", vocab_size=300, vocabulary="small")
+    config = tmp_path / "qwen" / "config.json"
+    config.write_text(config.read_text().replace('"vocab_size": 300', f'"vocab_size": {stated}'))
+    with pytest.raises(ValueError, match=rf"embed_tokens.weight in .* has shape \(300, 32\); expected "
+                                         rf"\({stated}, 32\), the vocab_size and hidden_size of its config.json"):
+        nextstep_from_qwen(tmp_path / "qwen", image_tokenizer=tiny_vae())
+
+
+def test_a_config_without_a_required_field_is_named_with_its_file(tmp_path):
+    write_qwen_checkpoint(tmp_path / "qwen", vocab_size=300, vocabulary="small")
+    config = tmp_path / "qwen" / "config.json"
+    fields = json.loads(config.read_text())
+    del fields["vocab_size"]
+    config.write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=r"qwen/config.json: Hugging Face config.json lacks the required key "
+                                         r"'vocab_size'"):
+        nextstep_from_qwen(tmp_path / "qwen", image_tokenizer=tiny_vae())
 
 
 @given(rows=st.integers(2, 40), width=st.integers(1, 8), new=st.integers(1, 5), seed=st.integers(0, 2**16))

@@ -344,10 +344,11 @@ def test_a_torch_checkpoint_wrapping_its_state_dict_gives_the_state_dict(tmp_pat
     assert list(state) == ["w"] and state["w"].tolist() == [0.0, 1.0, 2.0]
 
 
-@pytest.mark.parametrize("data", [[torch.ones(1)], {"w": torch.ones(1), "step": 3}])
-def test_a_torch_checkpoint_of_other_things_than_tensors_is_refused(tmp_path, data):
+@pytest.mark.parametrize(("data", "found"), [([torch.ones(1)], "found a list"),
+                                             ({"w": torch.ones(1), "step": 3}, "'step' is a int")])
+def test_a_torch_checkpoint_of_other_things_than_tensors_is_refused(tmp_path, data, found):
     torch.save(data, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match=r"other\.pt does not hold a state dict of tensors"):
+    with pytest.raises(ValueError, match=rf"other\.pt does not hold a state dict of tensors: {found}"):
         read_torch_checkpoint(tmp_path / "other.pt")
 
 

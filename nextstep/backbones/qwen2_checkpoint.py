@@ -41,7 +41,8 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 
 def _required(hf_config: dict[str, Any], key: str) -> Any:
     if key not in hf_config:
-        raise ValueError(f"Hugging Face config lacks the required key {key!r}")
+        raise ValueError(f"Hugging Face config.json lacks the required key {key!r} (found keys "
+                         f"{sorted(hf_config)[:12]}{'...' if len(hf_config) > 12 else ''})")
     return hf_config[key]
 
 

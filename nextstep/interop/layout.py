@@ -31,7 +31,8 @@ EXPECTED_FILES = (
     "this library's layout: config.json (a ModelConfig with image_tokenizer, text_tokenizer, backbone, "
     "image_head and sampler sections) + model.safetensors (+ tokenizer/); "
     "or the NextStep-1 release layout: config.json with model_type 'nextstep' + "
-    "model.safetensors.index.json and model-*.safetensors shards + tokenizer.json / tokenizer_config.json + "
+    "model.safetensors.index.json and model-*.safetensors shards (or one model.safetensors) + "
+    "tokenizer.json / tokenizer_config.json + "
     "vae/config.json and vae/checkpoint.pt"
 )
 

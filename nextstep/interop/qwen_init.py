@@ -27,7 +27,7 @@ from nextstep.config import ComponentSpec
 from nextstep.heads.flow_matching import FlowMatchingHead, FlowMatchingHeadConfig
 from nextstep.heads.lm_head import LMHead
 from nextstep.interop.release_checkpoint import checkpoint_dtype
-from nextstep.interop.release_config import release_sampler
+from nextstep.interop.release_config import RELEASE_GENERATION, release_sampler
 from nextstep.model_config import ModelConfig
 from nextstep.tokenizers.flux_vae import FluxVAE
 from nextstep.tokenizers.hf_text import HFTextTokenizer, HFTextTokenizerConfig
@@ -109,14 +109,16 @@ def _read_tensor(infos: dict, names: tuple[str, ...]) -> tuple[str, torch.Tensor
     return None
 
 
-def _copy_rows(target: torch.Tensor, source: torch.Tensor, name: str, path: Path) -> None:
-    if source.ndim != 2 or source.shape[1] != target.shape[1] or source.shape[0] > target.shape[0]:
+def _copy_rows(target: torch.Tensor, source: torch.Tensor, name: str, path: Path, rows: int) -> None:
+    """Copy the checkpoint's table ``source`` of ``name`` into the first ``rows`` rows of ``target``;
+    ``ValueError`` unless it is (rows, hidden size), as its ``config.json`` says."""
+    if source.ndim != 2 or tuple(source.shape) != (rows, target.shape[1]):
         raise ValueError(
-            f"{name} in {path} has shape {tuple(source.shape)}; expected (V, {target.shape[1]}) with "
-            f"V <= {target.shape[0]}"
+            f"{name} in {path} has shape {tuple(source.shape)}; expected ({rows}, {target.shape[1]}), the "
+            "vocab_size and hidden_size of its config.json"
         )
     with torch.no_grad():
-        target[: source.shape[0]].copy_(source)
+        target[:rows].copy_(source)
 
 
 class _LanguageModel(nn.Module):
@@ -188,7 +190,10 @@ def nextstep_from_qwen(
     text_tokenizer = HFTextTokenizer(HFTextTokenizerConfig(path=str(path)))
     added_ids = sorted(i for i in {text_tokenizer.special_token_id(token)
                                    for token in (END_OF_TEXT, *NEXTSTEP_SPECIAL_TOKENS)} if i >= base_length)
-    old_vocab = int(hf_config["vocab_size"])
+    try:
+        old_vocab = qwen2_config_from_hf(hf_config).vocab_size  # every field checked, before the weights
+    except ValueError as error:
+        raise ValueError(f"{path / 'config.json'}: {error}") from None
     new_vocab = old_vocab
     if text_tokenizer.vocab_size > old_vocab:
         new_vocab = padded_vocab_size(text_tokenizer.vocab_size, pad_vocab_to_multiple_of)
@@ -224,7 +229,7 @@ def nextstep_from_qwen(
         if found is None:
             raise ValueError(f"{path} has no {label} weights: expected one of {list(names)}")
         name, tensor = found
-        _copy_rows(weight, tensor, name, path)
+        _copy_rows(weight, tensor, name, path, old_vocab)
         trained = min(base_length, tensor.shape[0])
         del tensor
         fresh = sorted(set(added_ids) | set(range(old_vocab, new_vocab)))
@@ -243,6 +248,8 @@ def nextstep_from_qwen(
         image_head=ComponentSpec("image_head", "flow_matching", head),
         sampler=sampler,
         tie_word_embeddings=tied,
+        use_norm=True,  # generating as the release's examples do
+        generation=RELEASE_GENERATION,
         # What the release's config.json carries over from its base model's (written when saved in that layout).
         release_fields={name: hf_config[name] for name in QWEN_RELEASE_FIELDS if hf_config.get(name) is not None},
     )

@@ -140,6 +140,9 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor], num_levels: int) -> dict[st
 # ------------------------------------------------------------------- configs
 def config_from_diffusers(data: dict) -> FluxVAEConfig:
     """`FluxVAEConfig` from a diffusers ``AutoencoderKL`` ``config.json``."""
+    if not isinstance(data.get("block_out_channels"), list) or not data["block_out_channels"]:
+        raise ValueError(f"a diffusers VAE config.json must have block_out_channels, a list of widths, found "
+                         f"{data.get('block_out_channels')!r}")
     channels = list(data["block_out_channels"])
     base = channels[0]
     if any(c % base for c in channels):
@@ -283,8 +286,11 @@ def read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(data, dict) and wrapper in data and isinstance(data[wrapper], dict):
             data = data[wrapper]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a state dict of tensors: found a {type(data).__name__}")
+    for key, value in data.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path} does not hold a state dict of tensors: {key!r} is a {type(value).__name__}")
     return dict(data)
 
 
