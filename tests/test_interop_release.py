@@ -179,6 +179,18 @@ def test_shards_that_mix_dtypes_load_as_the_most_common_one_with_a_warning(tmp_p
     assert model.backbone.embed_tokens.weight.dtype == torch.bfloat16
 
 
+def test_tensors_that_do_not_load_do_not_count_towards_the_dtype(tmp_path, recwarn):
+    """The release's derived ``gen_pos_embed`` is a float32 buffer beside bfloat16 weights."""
+    small_release(tmp_path / "release", dtype=torch.bfloat16)
+    index = json.loads((tmp_path / "release" / "model.safetensors.index.json").read_text())
+    shard = tmp_path / "release" / index["weight_map"]["gen_pos_embed"]
+    tensors = load_file(str(shard))
+    save_file({**tensors, "gen_pos_embed": tensors["gen_pos_embed"].float()}, str(shard), metadata={"format": "pt"})
+    model = NextStep.from_pretrained(tmp_path / "release")
+    assert model.backbone.embed_tokens.weight.dtype == torch.bfloat16
+    assert not [warning for warning in recwarn if "mix dtypes" in str(warning.message)]
+
+
 def test_round_trips_keep_a_float32_vae_beside_bfloat16_shards(tmp_path):
     small_release(tmp_path / "release", dtype=torch.bfloat16)
     original = torch.load(tmp_path / "release" / "vae" / "checkpoint.pt", weights_only=True)
@@ -254,10 +266,12 @@ def test_release_to_native_and_back_keeps_every_tensor(release, loaded, tmp_path
 
 
 def test_config_values_without_effect_here_are_written_back(tmp_path):
-    """``latent_size``, ``max_position_embeddings``, ``initializer_range``, ``bos_token_id`` and
-    ``pad_token_id`` change nothing in this library; release -> this library -> release keeps them."""
+    """``latent_size``, ``max_position_embeddings``, ``initializer_range``, ``bos_token_id``,
+    ``pad_token_id`` and ``auto_map`` change nothing in this library; release -> this library -> release
+    keeps them."""
     kept = {"latent_size": 64, "max_position_embeddings": 4096, "initializer_range": 0.01,
-            "bos_token_id": 256, "pad_token_id": 278}
+            "bos_token_id": 256, "pad_token_id": 278,
+            "auto_map": {"AutoConfig": "configuration_nextstep.NextStepConfig"}}
     small_release(tmp_path / "release", **kept)
     model = NextStep.from_pretrained(tmp_path / "release")
     assert model.config.release_fields == kept
@@ -268,13 +282,13 @@ def test_config_values_without_effect_here_are_written_back(tmp_path):
         config = json.loads((tmp_path / written / "config.json").read_text())
         assert {name: config.get(name) for name in kept} == kept, written
     small_release(tmp_path / "without", latent_size=None, max_position_embeddings=None, initializer_range=None,
-                  bos_token_id=None)
+                  bos_token_id=None, auto_map=None)
     model = NextStep.from_pretrained(tmp_path / "without")
     assert model.config.release_fields == {}
     save_release_checkpoint(model, tmp_path / "without-again")
     config = json.loads((tmp_path / "without-again" / "config.json").read_text())
     assert config["latent_size"] == 32 and not {"max_position_embeddings", "initializer_range", "bos_token_id",
-                                                "pad_token_id"} & set(config)
+                                                "pad_token_id", "auto_map"} & set(config)
 
 
 def test_saving_in_bfloat16_casts_the_shards(tmp_path):

@@ -261,7 +261,9 @@ def load_release_checkpoint(
 
     infos = read_checkpoint_index(directory)
     vae_dtype = dtype
-    dtype = dtype if dtype is not None else checkpoint_dtype(infos)
+    read = {name: info for name, info in infos.items()  # the tensors that load: not derived ones, nor a tied head
+            if release_key_to_model_key(name) is not None and not (config.tie_word_embeddings and _is_lm_head(name))}
+    dtype = dtype if dtype is not None else checkpoint_dtype(read)
     with torch.device("meta"):
         model = NextStep(
             image_tokenizer=vae,

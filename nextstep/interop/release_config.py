@@ -66,18 +66,21 @@ RELEASE_FIELDS: dict[str, str] = {
     "initializer_range": "informational; kept in release_fields and written back",
     "bos_token_id": "informational; kept in release_fields and written back",
     "pad_token_id": "informational (pad_token_id_added is the pad id); kept in release_fields and written back",
+    "auto_map": "informational (the classes a trust_remote_code loader imports); kept in release_fields and "
+                "written back",
     "model_type": "checked: must be nextstep",
 }
 
 #: Hugging Face bookkeeping fields that do not change the computation.
 IGNORED_FIELDS: tuple[str, ...] = (
-    "_name_or_path", "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version",
+    "_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version",
     "use_cache", "pretraining_tp", "attention_dropout", "eos_token_id", "max_window_layers", "use_sliding_window",
     "sliding_window", "layer_types", "rope_parameters",
 )
 
 #: Release fields without effect here that a model keeps (`ModelConfig.release_fields`) to write them back.
-KEPT_RELEASE_FIELDS = ("latent_size", "max_position_embeddings", "initializer_range", "bos_token_id", "pad_token_id")
+KEPT_RELEASE_FIELDS = ("latent_size", "max_position_embeddings", "initializer_range", "bos_token_id", "pad_token_id",
+                       "auto_map")
 
 #: Default values of the NextStep fields (those of the release's config class).
 RELEASE_DEFAULTS: dict[str, Any] = {
