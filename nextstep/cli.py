@@ -104,6 +104,10 @@ def _requested(entry: dict | None, wanted: dict) -> dict | None:
     ``wanted`` leaves them unset."""
     if entry is None:
         return None
+    if "replacing" in entry:  # a write cut short between its record and its file: it answers either request
+        landed = {key: value for key, value in entry.items() if key != "replacing"}
+        earlier = _requested(entry["replacing"], wanted)
+        return earlier if earlier == wanted else _requested(landed, wanted)
     unrecorded = {key: value for key, value in wanted.items()
                   if key not in entry and (key in RECORDED_IDENTITIES or value is None)}
     return {**{key: value for key, value in entry.items() if key != "resolved"}, **unrecorded}
@@ -173,9 +177,18 @@ def command_generate(args: argparse.Namespace) -> int:
         expected["grid.png"] = request
     records = _read_record(out_dir / GENERATION_RECORD) or {}  # file -> the request it answers
 
-    def recorded(path: Path, resolved: dict) -> None:  # as each file lands: a rerun after an interruption goes on
-        current = _read_record(out_dir / GENERATION_RECORD) or {}  # with what another run recorded meanwhile
-        current[path.name] = {**expected[path.name], "resolved": resolved}
+    def recorded(path: Path, resolved: dict, replacing: bool = False) -> None:
+        """Record ``path`` as this request's, as it lands (a rerun after an interruption goes on), with what
+        another run recorded meanwhile kept; ``replacing``: before another request's file there is replaced,
+        recorded as answering either until it lands (a crash between the two writes refuses neither)."""
+        current = _read_record(out_dir / GENERATION_RECORD) or {}
+        entry = {**expected[path.name], "resolved": resolved}
+        if replacing:
+            earlier = current.get(path.name)
+            if not path.exists() or earlier == entry:
+                return
+            entry["replacing"] = earlier
+        current[path.name] = entry
         atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(current, indent=2) + "\n")
     for name in expected:  # before the model loads
         if (out_dir / name).exists() and not (out_dir / name).is_file():
@@ -233,13 +246,16 @@ def command_generate(args: argparse.Namespace) -> int:
         images = to_pil(decode_tokens(model, tokens, grid_h, grid_w))
         for number, image in enumerate(images):
             path = out_dir / f"{index:03d}-{_slug(prompt)}-{number}.png"
+            settings = {**resolved, "height": image.height, "width": image.width}
+            recorded(path, settings, replacing=True)
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             written.append(path)
-            recorded(path, {**resolved, "height": image.height, "width": image.width})
+            recorded(path, settings)
         all_images.extend(images)
     if args.grid and all_images:
         path = out_dir / "grid.png"
+        recorded(path, resolved, replacing=True)
         with atomic_path(path) as tmp:
             image_grid(all_images, columns=args.num_images if len(args.prompts) > 1 else None).save(tmp, format="PNG")
         written.append(path)

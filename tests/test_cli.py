@@ -629,3 +629,36 @@ def test_eval_passes_sampler_options_on_records_them_and_reads_older_records_as_
         assert main(common + ["--sampler", "euler_maruyama", "--sampler-option", option, "--overwrite"]) == 2
         assert message in capsys.readouterr().err
 
+
+
+def test_a_generation_cut_short_between_an_image_and_its_record_refuses_neither_request(tmp_path, capsys,
+                                                                                         monkeypatch):
+    import nextstep.io
+
+    base = ["generate", "a red circle", "--model", "tiny", "--height", "32", "--width", "32", "--quiet",
+            "--output", str(tmp_path)]
+    assert main(base + ["--steps", "1"]) == 0
+    writes = []
+    write = nextstep.io.atomic_write_text
+
+    def failing_second(path, text):  # the image's own record, after the image landed
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError("no space left on device")
+        write(path, text)
+
+    monkeypatch.setattr(nextstep.io, "atomic_write_text", failing_second)
+    assert main(base + ["--steps", "2", "--overwrite"]) == 2
+    monkeypatch.undo()
+    record = json.loads((tmp_path / "generation.json").read_text())["000-a-red-circle-0.png"]
+    assert record["steps"] == 2 and record["replacing"]["steps"] == 1
+    import shutil
+
+    for steps in ("2", "1"):  # the file is one of the two; either request goes on without --overwrite
+        folder = tmp_path.parent / f"{tmp_path.name}-{steps}"
+        shutil.copytree(tmp_path, folder)
+        assert main(base[:-1] + [str(folder), "--steps", steps]) == 0, capsys.readouterr().err
+        record = json.loads((folder / "generation.json").read_text())["000-a-red-circle-0.png"]
+        assert record["steps"] == int(steps) and "replacing" not in record
+    assert main(base + ["--steps", "3"]) == 2  # a third request is refused as before
+    assert "with other settings: steps 2 there, 3 here" in capsys.readouterr().err
