@@ -25,6 +25,7 @@ from nextstep.reranking import best_candidates, candidate_score_function, check_
 from nextstep.samplers.base import Sampler
 from nextstep.samplers.guidance import Guidance, GuidedVelocity, check_scale, guidance_for_scale
 from nextstep.samplers.guidance_schedule import token_progress
+from nextstep.samplers.promised_times import sample_checking_promise
 from nextstep.samplers.step_schedule import StepSchedule, as_step_schedule, check_step_counts
 
 if TYPE_CHECKING:
@@ -400,7 +401,8 @@ def generate_tokens(
         return _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w,
                           settings)
 
-    grids: dict[int, tuple[torch.Tensor, Any]] = {}  # steps -> (grid, the head's prepared times)
+    grids: dict[int, tuple[torch.Tensor, Any, torch.Tensor | None]] = {}  # steps -> (grid, prepared, promised)
+    confirmed: set[int] = set()  # step counts whose sampler kept its evaluation-times promise on a first token
     bar = None
     if progress is True:
         from tqdm import tqdm
@@ -411,14 +413,16 @@ def generate_tokens(
         steps = schedule.steps_for(index, num_tokens)
         if steps not in grids:
             grid = sampler.make_time_grid(steps, shift, device=device)
-            times = sampler.evaluation_times(grid)
-            grids[steps] = (grid, None if times is None else head.prepare_times(times))
-        grid, times = grids[steps]
+            promised = sampler.evaluation_times(grid)
+            grids[steps] = (grid, None if promised is None else head.prepare_times(promised), promised)
+        grid, times, promised = grids[steps]
         conditions = model.image_out_projector(hidden).view(branches, num_rows, -1)
         velocity = GuidedVelocity(head, conditions, guidance, times=times,
                                   progress=token_progress(index, num_tokens))
         token_noise = None if step_noise is None else step_noise[index, :steps]  # (S, R, D)
-        token = sampler.sample(velocity, noise[:, index], grid, token_noise)  # (R, D)
+        token = sample_checking_promise(sampler, velocity, noise[:, index], grid, token_noise,  # (R, D)
+                                        None if steps in confirmed else promised)
+        confirmed.add(steps)
         if use_norm:
             token = F.layer_norm(token, token.shape[-1:], eps=1e-6)
         tokens[:, index] = token

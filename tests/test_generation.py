@@ -5,7 +5,15 @@ import torch
 
 from nextstep import generate_tokens
 from nextstep.backbones import positions_from_mask
-from nextstep.samplers import GuidedVelocity, guidance_for_scale, time_grid
+from nextstep.samplers import (
+    EulerSampler,
+    EulerSamplerConfig,
+    GuidedVelocity,
+    MidpointSampler,
+    MidpointSamplerConfig,
+    guidance_for_scale,
+    time_grid,
+)
 
 ARGS = dict(height=32, width=48, num_steps=3, cfg=3.0)
 
@@ -257,6 +265,38 @@ def test_third_party_samplers_without_evaluation_times_still_work(trained_like_m
 
     tokens, _, _ = generate_tokens(trained_like_model, ["a cat"], seed=1, sampler=Ralston(), **ARGS)
     assert torch.isfinite(tokens).all()
+
+
+class _MidpointWithAnEulersPromise(MidpointSampler):
+    """Evaluates at the midpoints too, but promises the grid's start times only."""
+
+    def evaluation_times(self, time_grid):
+        return time_grid[:-1]
+
+
+class _EulerPromisingItsFirstTime(EulerSampler):
+    """Evaluates past the one time it promises (beyond the head's table)."""
+
+    def evaluation_times(self, time_grid):
+        return time_grid[:1]
+
+
+@pytest.mark.parametrize("token_sampler", ["loop", "fast"])
+@pytest.mark.parametrize("sampler", [_MidpointWithAnEulersPromise(MidpointSamplerConfig()),
+                                     _EulerPromisingItsFirstTime(EulerSamplerConfig())])
+def test_a_sampler_that_breaks_its_evaluation_times_promise_is_named_before_a_token_is_kept(trained_like_model,
+                                                                                          token_sampler, sampler):
+    from nextstep.fast.token_sampler import token_sampler_named
+
+    sampled = []
+    runner = token_sampler_named(trained_like_model, token_sampler)
+    name = type(sampler).__name__
+    with pytest.raises(ValueError, match=rf"{name}.evaluation_times promised the velocity at \[0.0.*\] on a grid of "
+                                         r"2 step\(s\), but sample evaluates it at \[.*\] too; return every time"):
+        generate_tokens(trained_like_model, ["a cat"], seed=1, sampler=sampler,
+                        progress=lambda done, total: sampled.append(done), token_sampler=runner,
+                        **{**ARGS, "num_steps": 2})
+    assert not sampled
 
 
 def test_progress_bar_and_returned_tokens(tiny_model, capsys):

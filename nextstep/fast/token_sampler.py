@@ -358,6 +358,7 @@ class FastTokenSampler:
             step_noise = step_noise.to(self.device, torch.float32)
 
         per_steps: dict[int, tuple] = {}
+        confirmed: set[int] = set()  # step counts whose sampler kept its evaluation-times promise on a first token
         generic = None if fused else GenericTokenStep(model, sampler, guidance, rows=rows, buffers=buffers,
                                                       use_norm=use_norm)
         bar = None
@@ -376,8 +377,9 @@ class FastTokenSampler:
                     weights = image_branch_weights(guidance, plan.times, count).to(self.device)
                     per_steps[steps] = (step, call, weights)
                 else:
-                    times = sampler.evaluation_times(grid)
-                    per_steps[steps] = (grid, None if times is None else model.image_head.prepare_times(times))
+                    promised = sampler.evaluation_times(grid)
+                    per_steps[steps] = (grid, None if promised is None else model.image_head.prepare_times(promised),
+                                        promised)
             token_noise = None if step_noise is None else step_noise[index, :steps]  # (S, R, D)
             if fused:
                 step, call, weights = per_steps[steps]
@@ -386,8 +388,10 @@ class FastTokenSampler:
                     call.capture(self.device)
                 call()
             else:
-                grid, times = per_steps[steps]
-                generic.compute(noise[:, index], grid, times, token_noise, token_progress(index, count))
+                grid, times, promised = per_steps[steps]
+                generic.compute(noise[:, index], grid, times, token_noise, token_progress(index, count),
+                                promised=None if steps in confirmed else promised)  # held to it on a first token
+                confirmed.add(steps)
             tokens[:, index] = buffers.token
             if bar is not None:
                 bar.update(1)

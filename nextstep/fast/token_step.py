@@ -31,6 +31,7 @@ from nextstep.fast.solver_plan import NOISE, STATE, TRIAL, VELOCITY, SolverPlan
 from nextstep.kernels import guided_update
 from nextstep.kernels.triton_support import kernel_function
 from nextstep.samplers.guidance import GuidedVelocity
+from nextstep.samplers.promised_times import sample_checking_promise
 
 if TYPE_CHECKING:
     from nextstep.model import NextStep
@@ -205,7 +206,7 @@ class GenericTokenStep:
         self.use_norm = use_norm
 
     def compute(self, noise: torch.Tensor, grid: torch.Tensor, times: Any, step_noise: torch.Tensor | None,
-                progress: float) -> None:
+                progress: float, promised: torch.Tensor | None = None) -> None:
         """Sample one token.
 
         Args:
@@ -214,8 +215,10 @@ class GenericTokenStep:
             times: the head's prepared evaluation times, or None.
             step_noise: (S, R, D) or None.
             progress: the token's position in its image.
+            promised: the sampler's evaluation times to hold it to on this token
+                (`nextstep.samplers.promised_times`), or None.
         """
         conditions = self.model.image_out_projector(self.buffers.hidden).view(self.branches, self.rows, -1)
         velocity = GuidedVelocity(self.model.image_head, conditions, self.guidance, times=times, progress=progress)
-        token = self.sampler.sample(velocity, noise, grid, step_noise)
+        token = sample_checking_promise(self.sampler, velocity, noise, grid, step_noise, promised)
         _write_outputs(self.model, self.buffers, token, self.use_norm, self.branches)
