@@ -267,6 +267,23 @@ def test_the_empty_share_counts_blank_images_not_wrong_ones(monkeypatch):
     for image, empty in ((one_circle, 0.0), (Image.new("RGB", (64, 64), "white"), 1.0)):
         monkeypatch.setattr(shapes_geneval, "generate_images",
                             lambda model, prompts, settings, progress=None, image=image: [image for _ in prompts])
-        report = run_shapes_geneval(None, images_per_tag=2, with_ceiling=False)
+        report = run_shapes_geneval(None, images_per_tag=2, with_ceiling=False, settings=SamplingSettings())
         assert set(report.empty.values()) == {empty}
         assert min(report.per_tag.values()) == 0.0  # a lone red circle is wrong for most prompts
+
+
+def test_without_settings_the_suites_draw_at_the_model_s_own_generation_settings(tiny_model, monkeypatch):
+    from nextstep.evaluation import shapes_geneval
+
+    tiny_model.config = tiny_model.config.replace(generation=tiny_model.config.generation.replace(
+        cfg=2.0, num_steps=3, height=32, width=32))
+    used = []
+
+    def drawn(model, prompts, settings, progress=None):
+        used.append(settings)
+        return [Image.new("RGB", (32, 32), "white") for _ in prompts]
+
+    monkeypatch.setattr(shapes_geneval, "generate_images", drawn)
+    run_shapes_geneval(tiny_model, images_per_tag=1, with_ceiling=False)
+    expected = SamplingSettings.from_defaults(tiny_model.config.generation)
+    assert used[-1] == expected and (used[-1].cfg, used[-1].num_steps) == (2.0, 3)

@@ -5,7 +5,7 @@ import torch
 
 from nextstep.evaluation.image_metrics import psnr, ssim
 from nextstep.evaluation.photo_bank import Photo, random_crops, split_photos
-from nextstep.evaluation.tokenizer_eval import bicubic_baseline, evaluate_tokenizer, jpeg_baseline
+from nextstep.evaluation.tokenizer_eval import bicubic_baseline, evaluate_tokenizer, jpeg_baseline, jpeg_coded_bytes
 from nextstep.tokenizers import FluxVAE, FluxVAEConfig
 from nextstep.tokenizers.training_loss import TokenizerLoss, TokenizerLossConfig
 
@@ -187,8 +187,9 @@ def test_ssim_of_two_flat_images_is_the_published_luminance_term():
     assert ssim(a, b).item() == pytest.approx(expected, abs=1e-4)
 
 
-def test_the_jpeg_baseline_reports_the_bits_per_pixel_of_the_encoded_files():
-    """bpp = 8 * (bytes of each image's JPEG file at that quality), summed, over B * H * W pixels."""
+def test_the_jpeg_baseline_reports_the_coded_bits_per_pixel_without_the_file_s_headers():
+    """bpp = 8 * (bytes of each image's JPEG scans at that quality), summed, over B * H * W pixels; the scans
+    are what follows the start-of-scan header up to the end-of-image marker of a baseline file."""
     import io
 
     from nextstep.images import to_pil
@@ -199,9 +200,44 @@ def test_the_jpeg_baseline_reports_the_bits_per_pixel_of_the_encoded_files():
     for image in to_pil(images):
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=50)
-        sizes.append(len(buffer.getvalue()))
+        data = buffer.getvalue()
+        start_of_scan = data.index(b"\xff\xda")
+        header = int.from_bytes(data[start_of_scan + 2:start_of_scan + 4], "big")
+        assert data.endswith(b"\xff\xd9")
+        sizes.append(len(data) - (start_of_scan + 2 + header) - 2)
+        assert jpeg_coded_bytes(data) == sizes[-1]
     assert bpp == pytest.approx(8 * sum(sizes) / (2 * 16 * 24))
     assert decoded.shape == images.shape
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_coded_bytes_leave_out_the_headers_a_blank_image_is_almost_made_of(progressive):
+    import io
+
+    from PIL import Image
+
+    def coded(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=25, progressive=progressive)
+        return len(buffer.getvalue()), jpeg_coded_bytes(buffer.getvalue())
+
+    blank_file, blank_coded = coded(Image.new("RGB", (64, 64), "white"))
+    noise_file, noise_coded = coded(Image.effect_noise((64, 64), 60).convert("RGB"))
+    assert blank_coded < 0.2 * blank_file and noise_coded > 5 * blank_coded
+    assert noise_file - noise_coded >= blank_file - blank_coded - 200  # the same kind of tables in both
+    with pytest.raises(ValueError, match="expected a JPEG file"):
+        jpeg_coded_bytes(b"\x89PNG")
+
+
+def test_an_image_reproduced_exactly_does_not_make_the_mean_psnr_infinite():
+    from nextstep.evaluation.image_metrics import PSNR_CEILING, mean_psnr, psnr
+
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noisy = images.clone()
+    noisy[1:] += 0.1
+    each = psnr(noisy, images)
+    assert each[0] == float("inf")
+    assert mean_psnr(noisy, images) == pytest.approx((PSNR_CEILING + float(each[1:].sum())) / 3)
 
 
 def test_latent_noise_in_the_robustness_check_has_standard_deviation_sigma():

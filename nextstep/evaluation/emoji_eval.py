@@ -173,13 +173,14 @@ def _through_tokenizer(model: "NextStep", images: list, batch_size: int) -> list
 def run_emoji_eval(model: "NextStep", output: Path | None = None, *, settings: SamplingSettings | None = None,
                    limit: int | None = None, seed: int = 0,
                    progress: Callable[[int, int], None] | None = None) -> EmojiReport:
-    """Generate every held-out emoji (or the first ``limit``) and score them.
+    """Generate every held-out emoji (or the first ``limit``) and score them, with ``settings`` (default: the
+    model's own, `SamplingSettings.from_defaults` of its generation block, as `nextstep eval` draws).
 
     With ``output`` it writes ``report.json``, ``report.md`` and ``samples.png``
     (real held-out emoji over the generated ones, eight prompts). To score
     several models or settings, prepare `HeldOutEmoji` once and call it for each.
     """
-    settings = settings or SamplingSettings()
+    settings = settings or SamplingSettings.from_defaults(model.config.generation)
     _require_square(settings)
     return HeldOutEmoji(size=settings.height, limit=limit, seed=seed)(model, settings, output, progress=progress)
 
@@ -237,12 +238,13 @@ class HeldOutEmoji:
 
     def __call__(self, model: "NextStep", settings: SamplingSettings | None = None, output: Path | None = None, *,
                  progress: Callable[[int, int], None] | None = None) -> EmojiReport:
-        """Generate the held-out emoji with ``model`` and ``settings`` (default: `SamplingSettings`) and
+        """Generate the held-out emoji with ``model`` and ``settings`` (default: the model's own, as
+        `SamplingSettings.from_defaults` reads its generation block) and
         score them; with ``output``, write the report files as `run_emoji_eval` does."""
         from nextstep.images import image_grid
         from nextstep.io import atomic_path, atomic_write_text
 
-        settings = settings or SamplingSettings()
+        settings = settings or SamplingSettings.from_defaults(model.config.generation)
         _require_square(settings)
         if settings.height != self.size:
             raise ValueError(f"expected {self.size}x{self.size} settings for emoji prepared at that size, "
@@ -256,7 +258,7 @@ class HeldOutEmoji:
         generated_recall = retrieval_recall(self.caption_embeddings, generated_mapped)
         report = EmojiReport(
             count=self.count, frechet_generated=fd_generated, frechet_real=self.frechet_real,
-            frechet_ratio=fd_generated / self.frechet_real if self.frechet_real > 0 else float("inf"),
+            frechet_ratio=_ratio(fd_generated, self.frechet_real),
             retrieval_real=dict(self.retrieval_real), retrieval_generated=generated_recall,
             retrieval_ratio=_ratio(generated_recall["R@10"], self.retrieval_real["R@10"]),
             frechet_reconstructed=frechet_distance(reconstructed_features, self.real_features),

@@ -119,8 +119,8 @@ def run_shapes_captioning(model: "NextStep", output: Path | None = None, *, scen
         results.append({"kind": kind, "combinations": combinations, "scene_caption": scene.caption,
                         "caption": caption, "correct": correct, "grammatical": caption in grammar})
 
-    def share(values) -> float:
-        return sum(values) / len(values) if values else 0.0
+    def share(values) -> float:  # of no caption: undefined (null in the JSON), not 0
+        return sum(values) / len(values) if values else float("nan")
 
     report = CaptioningReport(
         seen=share(by_combinations["seen"]), held_out=share(by_combinations["held_out"]),

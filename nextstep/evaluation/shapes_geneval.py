@@ -226,7 +226,8 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
 
     ``combinations`` picks the prompts (`geneval_prompts`): the held-out ones by
     default; ``seen`` scores training's own combinations, the place to choose
-    sampling settings.
+    sampling settings. ``settings`` default to the model's own (`SamplingSettings.from_defaults` of its
+    generation block), as `nextstep eval` draws.
 
     With ``with_ceiling`` the report also holds `tokenizer_ceiling` for as many
     ground-truth scenes per category, of the same ``combinations`` and at the
@@ -242,7 +243,7 @@ def run_shapes_geneval(model: "NextStep", output: Path | None = None, *, images_
     from nextstep.io import atomic_path
 
     require_count("images_per_tag", images_per_tag)
-    settings = settings or SamplingSettings()
+    settings = settings or SamplingSettings.from_defaults(model.config.generation)
     by_tag: dict[str, list[dict]] = defaultdict(list)
     for entry in geneval_prompts(combinations):
         by_tag[entry["tag"]].append(entry)

@@ -215,7 +215,8 @@ def guidance_token_statistics(model: "NextStep", prompts: Sequence[str], real_im
         prompts: one prompt per generated image.
         real_images: the reference images.
         scales: the guidance scales (each >= 0; 1 samples the conditional branch alone).
-        settings: the sampling settings but the guidance scale (default: `SamplingSettings`'s).
+        settings: the sampling settings but the guidance scale (default: the model's own,
+            `SamplingSettings.from_defaults`).
         use_norm: LayerNorm each sampled token (None: the model's setting).
         parts: how many groups of consecutive positions the Markdown tables show.
         output: a folder for the report files.
@@ -228,7 +229,7 @@ def guidance_token_statistics(model: "NextStep", prompts: Sequence[str], real_im
     from nextstep.evaluation.report_files import write_report_files
     from nextstep.io import atomic_write_text
 
-    settings = settings or SamplingSettings()
+    settings = settings or SamplingSettings.from_defaults(model.config.generation)
     prompts = list(prompts)
     if not prompts:
         raise ValueError("expected at least one prompt, found none")
