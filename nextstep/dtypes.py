@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 #: Name -> dtype of the floating dtypes models are built, loaded and converted in.
@@ -37,3 +39,10 @@ def weight_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     raise ValueError(f"dtype must be one of {list(DTYPES)} (a torch dtype or its name), found {dtype!r}")
+
+
+def without_autocast(device_type: str):
+    """A context that turns autocast off on ``device_type`` where it is on (nothing to do elsewhere)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -6,7 +6,6 @@ N image tokens that are targets in the batch.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from torch import nn
 
 from nextstep.backbones.base import Backbone, positions_from_mask
 from nextstep.config import ComponentSpec
+from nextstep.dtypes import without_autocast
 from nextstep.heads.base import ImageHead
 from nextstep.heads.lm_head import LMHead
 from nextstep.heads.time_sampling import check_generator
@@ -53,13 +53,6 @@ class LossOutput:
     num_text_tokens: int
     num_image_tokens: int
     image_per_row: torch.Tensor | None = None
-
-
-def _without_autocast(device_type: str):
-    """A context that turns autocast off on ``device_type`` where it is on (nothing to do elsewhere)."""
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _first_rows(draw_rows: torch.Tensor) -> torch.Tensor:
@@ -343,7 +336,7 @@ class NextStep(nn.Module):
             images = images.to(reference.dtype)
         # In the tokenizer's own precision whatever autocast the caller runs under (training's bf16): the tokens
         # are training's targets, the same whether encoded here or read from a latent cache.
-        with _without_autocast(images.device.type):
+        with without_autocast(images.device.type):
             if generator is not None and tokenizer.samples_latents:
                 latents = tokenizer.encode_seeded(images, int(torch.randint(0, 2**62, (), generator=generator,
                                                                             device=generator.device)))

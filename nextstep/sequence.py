@@ -167,6 +167,7 @@ class SequenceBuilder:
         grid_width: int,
         *,
         image_first: bool = False,
+        max_length: int | None = None,
     ) -> Example:
         """A training example for one image-caption pair.
 
@@ -174,6 +175,11 @@ class SequenceBuilder:
             caption: the text.
             image_tokens: (h*w, D) tokens of the image.
             image_first: put the image before the caption (unconditional image modelling).
+            max_length: at most this many ids in all: a longer caption loses its last tokens (packed
+                training's rows hold examples of up to the packing length); None keeps the whole caption.
+
+        Raises:
+            ValueError: image tokens of another shape, or a ``max_length`` the image alone exceeds.
         """
         count = grid_height * grid_width
         if image_tokens.ndim != 2 or image_tokens.shape != (count, self.token_dim):
@@ -185,6 +191,12 @@ class SequenceBuilder:
         image = [*self.image_prefix(grid_height, grid_width), *[tok.image_placeholder_id] * count,
                  tok.end_of_image_id]
         text = tok.encode(caption)
+        if max_length is not None:
+            room = max_length - len(image) - 1
+            if room < 0:
+                raise ValueError(f"a {grid_height}x{grid_width} image takes {len(image) + 1} ids with the end of "
+                                 f"text, more than max_length {max_length}")
+            text = text[:room]
         if image_first:
             ids = image + text + [tok.eos_id]
             start = len(self.image_prefix(grid_height, grid_width))

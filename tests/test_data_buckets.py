@@ -133,3 +133,14 @@ def test_a_data_config_builds_the_buckets_it_describes():
     assert set(buckets.sizes) == {(32 * h, 32 * w) for h, w in token_grids(16)}
     square = DataConfig(datasets=({"type": "shapes"},), resolution=64).buckets(pixels_per_token=8)
     assert square.sizes == [(64, 64)] and square.pixels_per_token == 8
+
+
+def test_a_data_resolution_is_checked_against_the_tokenizer_s_pixels_per_token_not_16():
+    from nextstep.training.data.source import DataConfig
+
+    config = DataConfig(datasets=({"type": "shapes"},), resolution=40)  # 5 tokens of 8 px
+    assert config.buckets(8).resolution == 40
+    with pytest.raises(ValueError, match="resolution must be a positive multiple of 16 pixels"):
+        config.buckets(16)
+    with pytest.raises(ValueError, match="resolution must be a positive integer"):
+        DataConfig(datasets=({"type": "shapes"},), resolution=0)

@@ -49,6 +49,12 @@ def write_shards(folder, num_shards=4, per_shard=12, broken=(), uncaptioned=(), 
 
 def test_brace_patterns_expand_with_padding():
     assert expand_braces("a-{08..10}.tar") == ["a-08.tar", "a-09.tar", "a-10.tar"]
+    assert expand_braces("a-{1..03}.tar") == ["a-01.tar", "a-02.tar", "a-03.tar"]  # as a shell pads it
+    assert expand_braces("a-{9..10}.tar") == ["a-9.tar", "a-10.tar"]
+    assert expand_braces("{0..1}-{00..01}") == ["0-00", "0-01", "1-00", "1-01"]
+    with pytest.raises(ValueError, match=r"shard pattern 'a-\{a..c\}.tar': expected a range of numbers such as "
+                                         r"\{000..099\}, found \{a..c\}"):
+        expand_braces("a-{a..c}.tar")
 
 
 def test_shards_stream_every_sample_once_per_epoch(tmp_path):

@@ -125,3 +125,32 @@ def test_training_packs_when_the_config_says_so(tmp_path):
                                                  context_noise=0.3))
     trainer.fit()
     assert trainer.task.pack_length == 256
+
+
+@given(text=st.text(max_size=40), room=st.integers(0, 30), first=st.booleans())
+def test_an_example_capped_in_length_keeps_its_image_whole_and_the_caption_s_beginning(text, room, first):
+    tokens = torch.zeros(4, TOKEN_DIM)
+    whole = builder.example(text, tokens, 2, 2, image_first=first)
+    image_and_end = len(builder.image_block(2, 2)) + 1
+    capped = builder.example(text, tokens, 2, 2, image_first=first, max_length=image_and_end + room)
+    caption = builder.text_tokenizer.encode(text)
+    assert len(capped.input_ids) == image_and_end + min(room, len(caption))
+    kept = caption[:room]
+    expected = builder.example("", tokens, 2, 2, image_first=first)
+    assert capped.image_start == (expected.image_start if first else expected.image_start + len(kept))
+    if room >= len(caption):
+        assert capped.input_ids == whole.input_ids
+
+
+def test_a_capped_example_that_cannot_hold_its_image_is_refused():
+    with pytest.raises(ValueError, match=r"a 2x2 image takes \d+ ids with the end of text, more than max_length 3"):
+        builder.example("a", torch.zeros(4, TOKEN_DIM), 2, 2, max_length=3)
+
+
+def test_packed_training_cuts_a_caption_too_long_for_the_packing_length():
+    model = build_model("tiny", seed=0)
+    task = TextToImageTask.from_train_config(model, tiny_config(pack_length=64))
+    data = ImageTextBatch(keys=["a", "b"], captions=["x" * 500, "b"], images=torch.rand(2, 3, 32, 32) * 2 - 1)
+    packed = task.sequences(data, torch.Generator().manual_seed(0))
+    assert packed.input_ids.shape[1] <= 64
+    assert task.loss(model, data, torch.Generator().manual_seed(0)).loss.isfinite()

@@ -378,3 +378,83 @@ def test_an_index_that_records_no_format_version_is_read_as_format_1_and_kept_fo
     upgraded = json.loads(index_path.read_text())
     assert upgraded["format_version"] == 2
     assert upgraded["fingerprint"] == _with_source(tokenizer_fingerprint(vae), "shapes")
+
+
+def test_cached_and_image_datasets_together_are_refused_unless_the_images_are_cached_too(cache, tmp_path):
+    from nextstep.training.recipe import RecipeConfig, recipe_training_data
+
+    _, _, folder = cache
+    mixed = {"model": "tiny", "data": {"resolution": 32, "datasets": [
+        {"type": "latent_cache", "path": str(folder)}, {"type": "shapes", "num_samples": 8, "size": 32}]}}
+    with pytest.raises(ValueError, match=r"data.datasets mixes latent_cache datasets \(tokens\) with datasets of "
+                                         r"images \('shapes'\) and a batch cannot hold both; set data.latent_cache"):
+        recipe_training_data(RecipeConfig.from_dict(mixed), build_model("tiny", seed=0))
+    mixed["data"]["latent_cache"] = str(tmp_path / "more")
+    data = recipe_training_data(RecipeConfig.from_dict(mixed), build_model("tiny", seed=0))
+    assert len(data.dataset) == 24 + 8
+
+
+def test_a_batch_of_cached_and_uncached_samples_names_them(cache):
+    from nextstep.training.data.loader import collate_samples
+
+    _, dataset, folder = cache
+    cached = LatentCacheDataset(LatentCacheConfig(str(folder))).load(0)
+    with pytest.raises(ValueError, match=r"a batch holds samples with cached tokens and samples without \(\['shapes"):
+        collate_samples([cached, dataset.load(1)], 32, 32)
+
+
+def test_a_tokenizer_in_bfloat16_builds_its_cache_in_its_own_dtype(tmp_path):
+    model = build_model("tiny", seed=0)
+    dataset = ShapesDataset(ShapesConfig(num_samples=4, size=32))
+    tokenizer = model.image_tokenizer.to(torch.bfloat16)
+    build_latent_cache(tokenizer, dataset, AspectRatioBuckets(32, multi_aspect=False), tmp_path, batch_size=4)
+    from nextstep.images import from_pil
+
+    sample = LatentCacheDataset(LatentCacheConfig(str(tmp_path))).load(0)
+    expected, _, _ = model.encode_images(from_pil([dataset.load(int(sample.key.rsplit("/", 1)[1])).image]))
+    assert sample.tokens.dtype == torch.float32
+    torch.testing.assert_close(sample.tokens, expected[0].float(), atol=0.05, rtol=0.05)
+
+
+def test_a_cache_of_a_generated_dataset_whose_samples_changed_is_refused_and_an_older_one_kept(tmp_path, monkeypatch,
+                                                                                              caplog):
+    from nextstep.training.recipe import RecipeConfig, recipe_training_data
+
+    model = build_model("tiny", seed=0)
+    recipe = RecipeConfig.from_dict({"model": "tiny", "data": {"datasets": [
+        {"type": "shapes", "num_samples": 8, "size": 32}], "resolution": 32, "latent_cache": str(tmp_path / "c")}})
+    recipe_training_data(recipe, model)
+    assert json.loads((tmp_path / "c" / "00-shapes" / "index.json").read_text())["built_from"]["dataset"]["files"]
+    load = ShapesDataset.load
+
+    def reworded(self, index):  # as after a change to the captions' wording (or the renderer, a font, ...)
+        sample = load(self, index)
+        sample.caption = sample.caption.upper()
+        return sample
+
+    monkeypatch.setattr(ShapesDataset, "load", reworded)
+    with pytest.raises(ValueError, match="another tokenizer encoder or dataset"):
+        recipe_training_data(recipe, model)
+    monkeypatch.undo()
+    # A cache built before datasets were digested by their samples: kept, with a warning.
+    buckets = AspectRatioBuckets(32, multi_aspect=False)
+    spec = json.dumps({"num_samples": 8, "size": 32, "type": "shapes"}, sort_keys=True) + f" {buckets}"
+    build_latent_cache(model.image_tokenizer, ShapesDataset(ShapesConfig(num_samples=8, size=32)), buckets,
+                       tmp_path / "old" / "00-shapes", source=spec)
+    with caplog.at_level("WARNING"):
+        data = recipe_training_data(recipe.replace(data=recipe.data.replace(latent_cache=str(tmp_path / "old"))),
+                                    model)
+    assert len(data.dataset) == 8 and "was built before its dataset's samples were fingerprinted" in caplog.text
+
+
+def test_a_shard_that_is_not_the_one_its_index_lists_is_refused(tmp_path):
+    model = build_model("tiny", seed=0)
+    buckets = AspectRatioBuckets(32, multi_aspect=False)
+    build_latent_cache(model.image_tokenizer, ShapesDataset(ShapesConfig(num_samples=12, size=32)), buckets,
+                       tmp_path / "a", shard_size=6)
+    build_latent_cache(model.image_tokenizer, ShapesDataset(ShapesConfig(num_samples=4, size=32, seed=1)), buckets,
+                       tmp_path / "b", shard_size=6)
+    (tmp_path / "b" / "shard-00000.safetensors").replace(tmp_path / "a" / "shard-00000.safetensors")  # a race
+    with pytest.raises(ValueError, match=r"shard-00000.safetensors holds tokens of shape \(4, 4, 64\) for 4 keys, "
+                                         r"but .*index.json lists 6 samples of a \[2, 2\] grid there"):
+        LatentCacheDataset(LatentCacheConfig(str(tmp_path / "a")))

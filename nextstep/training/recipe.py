@@ -363,7 +363,7 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
             (`LatentCacheDataset.check_tokenizer`) or whose images are not among the run's buckets;
             a cache there of another encoder, dataset or buckets.
     """
-    from nextstep.training.data.base import sample_kind_of
+    from nextstep.training.data.base import ImageTextDataset, sample_kind_of
     from nextstep.training.data.latent_cache import (
         INDEX_FILE,
         LatentCacheConfig,
@@ -391,6 +391,11 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
             dataset.check_tokenizer(model.image_tokenizer, fingerprint)
             dataset.check_buckets(buckets)  # before the run folder is written
     to_encode = [number for number, dataset in enumerate(datasets) if not isinstance(dataset, LatentCacheDataset)]
+    if cached_already and to_encode and not config.latent_cache:  # a batch draws from every dataset
+        raise ValueError(
+            f"data.datasets mixes latent_cache datasets (tokens) with datasets of images "
+            f"({', '.join(repr(config.datasets[number].get('type')) for number in to_encode)}) and a batch cannot "
+            "hold both; set data.latent_cache to encode those too, or train on one kind")
     if not config.latent_cache or not to_encode:
         return TrainingData(combine(datasets, repeats), buckets)
     if any(getattr(d, "streaming", False) for d in datasets):
@@ -398,24 +403,28 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
     # The main process fills the cache and the others wait for its files: they must see the same folder.
     context.check_shared_folder(config.latent_cache, "data.latent_cache")
     folders = [recipe_cache_folder(config, number) for number in to_encode]
-    sources, as_spelt, descriptions = [], [], []
+    sources, as_spelt, descriptions, unfingerprinted = [], [], [], []
     for number in to_encode:
-        spec, contents = config.datasets[number], datasets[number].content_fingerprint()  # files a user may change
+        spec, contents = config.datasets[number], datasets[number].content_fingerprint()  # what it serves
         read_as = {k: v for k, v in _comparable_dataset(spec).items() if k != "repeat"}
         spelt = {k: v for k, v in spec.items() if k != "repeat"}
         rest = f" {buckets}" + (f" {contents}" if contents else "")
         sources.append(json.dumps(read_as, sort_keys=True) + rest)
         as_spelt.append(json.dumps(spelt, sort_keys=True) + rest)
         descriptions.append({"spec": read_as, **({"files": contents} if contents else {})})
+        # Datasets digested by their samples were once described by their spec alone.
+        sampled = type(datasets[number]).content_fingerprint is ImageTextDataset.content_fingerprint
+        unfingerprinted.append(tuple(json.dumps(form, sort_keys=True) + f" {buckets}" for form in (read_as, spelt))
+                               if sampled else ())
     # Rank 0 checks the caches first and every process learns of a refused one: the others would
     # otherwise wait at the barrier below for a rank that stopped.
     refused, ready = None, []
     if context.is_main:
         try:
             ready = [latent_cache_ready(model.image_tokenizer, datasets[number], folder, source, (spelt,),
-                                        cache_description(buckets, described))
-                     for number, folder, source, spelt, described
-                     in zip(to_encode, folders, sources, as_spelt, descriptions)]
+                                        cache_description(buckets, described), unfingerprinted_sources=before)
+                     for number, folder, source, spelt, described, before
+                     in zip(to_encode, folders, sources, as_spelt, descriptions, unfingerprinted)]
         except ValueError as error:
             refused = str(error)
     refused = context.broadcast_object(refused)

@@ -97,7 +97,7 @@ class TextToImageTask(TrainingTask):
         draws = torch.rand(len(batch), generator=generator, device=generator.device)
         image_first = (draws < self.text_dropout).tolist()
         examples = [
-            builder.example(caption, tokens[i], grid_h, grid_w, image_first=first)
+            builder.example(caption, tokens[i], grid_h, grid_w, image_first=first, max_length=self.pack_length)
             for i, (caption, first) in enumerate(zip(batch.captions, image_first))
         ]
         return self._batch(builder, examples)

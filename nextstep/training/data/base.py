@@ -5,6 +5,7 @@ Legend: B batch, H/W pixels, N image tokens per image, D token dim.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +122,10 @@ def sample_kind_of(dataset) -> str:
     return getattr(dataset, "sample_kind", "text_to_image")
 
 
+#: How many samples, spread over a dataset, `ImageTextDataset.content_fingerprint` digests by default.
+FINGERPRINT_SAMPLES = 8
+
+
 class ImageTextDataset(ABC):
     """A map-style dataset of image-caption pairs.
 
@@ -157,9 +162,25 @@ class ImageTextDataset(ABC):
         return f"{type(self).__name__} ({len(self)} samples)"
 
     def content_fingerprint(self) -> str:
-        """A digest of the samples' files, for datasets read from files a user may change (a latent
-        cache built from other contents is then refused); "" for datasets their config determines."""
-        return ""
+        """A digest of what the dataset serves, so that a latent cache built from other contents is refused:
+        by default of `FINGERPRINT_SAMPLES` samples spread over it (image pixels and caption), which a
+        changed generator, font or data file changes; datasets read from files a user may change
+        digest every file instead (`FolderDataset`); "" for an empty dataset."""
+        digest = hashlib.sha256()
+        count = len(self)
+        for index in sorted({index * count // FINGERPRINT_SAMPLES for index in range(FINGERPRINT_SAMPLES)}
+                            if count else set()):
+            try:
+                sample = self.load(index)
+            except CorruptSampleError as error:
+                digest.update(f"{index}\0unreadable\0{error.reason}\n".encode())
+                continue
+            image = sample.image
+            digest.update(f"{index}\0{sample.caption}\0".encode())
+            if image is not None:
+                digest.update(f"{image.mode}\0{image.size}\0".encode())
+                digest.update(image.tobytes())
+        return digest.hexdigest()[:16] if count else ""
 
     def check_buckets(self, buckets) -> None:
         """Raise ``ValueError`` when samples of a fixed size (cached tokens) could not be trained with

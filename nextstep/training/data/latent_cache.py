@@ -45,6 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nextstep.config import Config, differences_phrase, plain_differences, require, require_count
+from nextstep.dtypes import without_autocast
 from nextstep.io import atomic_path, atomic_write_text, read_json_object
 from nextstep.tokenizers.base import ImageTokenizer, module_identity
 from nextstep.training.data.base import CorruptSampleError, ImageTextDataset, ImageTextSample, sample_kind_of
@@ -231,7 +232,7 @@ def _existing_cache_matches(index: dict, index_path: Path, tokenizer: torch.nn.M
 
 def latent_cache_ready(tokenizer: ImageTokenizer, dataset: ImageTextDataset, directory: str | Path,
                        source: str = "", former_sources: tuple[str, ...] = (),
-                       description: dict | None = None) -> bool:
+                       description: dict | None = None, unfingerprinted_sources: tuple[str, ...] = ()) -> bool:
     """Whether ``directory`` holds the complete cache of ``dataset`` through this tokenizer's encoder
     (False: there is none yet, build it); a cache of another encoder, dataset or buckets raises.
 
@@ -247,6 +248,9 @@ def latent_cache_ready(tokenizer: ImageTokenizer, dataset: ImageTextDataset, dir
             a cache found under one has its index rewritten under ``source``.
         description: what the cache is built from (`cache_description`), recorded in a matching
             index that lacks it and compared with a refused one's to name what differs.
+        unfingerprinted_sources: the descriptions the cache had before datasets of its kind were
+            fingerprinted (`ImageTextDataset.content_fingerprint`): a cache built under one is kept
+            (its contents cannot be compared), with a warning, and its index rewritten under ``source``.
 
     Raises:
         ValueError: a complete cache built from another tokenizer encoder, dataset or buckets (naming
@@ -267,6 +271,12 @@ def latent_cache_ready(tokenizer: ImageTokenizer, dataset: ImageTextDataset, dir
         if _existing_cache_matches(index, index_path, tokenizer, encoder, candidate_source, source, len(dataset),
                                    description):
             return True
+    if any(_existing_cache_matches(index, index_path, tokenizer, encoder, candidate_source, source, len(dataset),
+                                   description) for candidate_source in dict.fromkeys(unfingerprinted_sources)):
+        logger.warning("latent cache %s was built before its dataset's samples were fingerprinted: kept as built "
+                       "from the samples served now (remove it to rebuild, if the dataset's generator or files "
+                       "changed since it was built)", directory)
+        return True
     differing = _what_differs(index, encoder, description, len(dataset), source)
     raise ValueError(
         f"the latent cache at {directory} was built from another tokenizer encoder or dataset, or for other "
@@ -347,6 +357,7 @@ def build_latent_cache(
     for index in range(len(dataset)):
         groups.setdefault(buckets.assign(*dataset.image_size(index)), []).append(index)
     tokenizer = tokenizer.to(device).eval()
+    dtype = next((parameter.dtype for parameter in tokenizer.parameters()), torch.float32)
     shards = []
     from tqdm import tqdm
 
@@ -374,7 +385,10 @@ def build_latent_cache(
                 )
             batch = collate_samples(samples, height, width)
             # A sampled posterior: the same sample of each image on every build.
-            latents = tokenizer.encode_seeded(batch.images.to(device), indices[start])
+            # In the tokenizer's own dtype and precision, as training encodes (`NextStep.encode_images`).
+            images = batch.images.to(device, dtype if dtype.is_floating_point else batch.images.dtype)
+            with without_autocast(images.device.type):
+                latents = tokenizer.encode_seeded(images, indices[start])
             tokens = tokenizer.patchify(latents).float().cpu()  # (B, N, D)
             pending_tokens.append(tokens)
             pending_keys.extend(batch.keys)
@@ -540,7 +554,8 @@ class LatentCacheDataset(ImageTextDataset):
 
         Raises:
             FileNotFoundError: a shard the index lists is missing, saying how to rebuild the cache.
-            ValueError: a shard cannot be read (`open_shard`).
+            ValueError: a shard cannot be read (`open_shard`), or holds another count or grid of tokens than
+                the index lists for it.
         """
         rows = []
         for number, shard in enumerate(self.index["shards"]):
@@ -549,7 +564,16 @@ class LatentCacheDataset(ImageTextDataset):
                 raise FileNotFoundError(self._missing_shard_message(path))
             with open_shard(path) as handle:
                 metadata = handle.metadata()
+                shape = tuple(handle.get_slice("tokens").get_shape())
             keys, captions = json.loads(metadata["keys"]), json.loads(metadata["captions"])
+            grid = shard.get("grid")
+            expected = (shard.get("count"), *([grid[0] * grid[1]] if grid else []))
+            if shape[:len(expected)] != expected or len(keys) != shape[0]:
+                raise ValueError(
+                    f"latent cache shard {path} holds tokens of shape {shape} for {len(keys)} keys, but "
+                    f"{self.directory / INDEX_FILE} lists {shard.get('count')} samples of a {grid} grid there: "
+                    "the shard is not the one the index was written with (another build wrote into this folder); "
+                    "delete the folder and build the cache again")
             sources = json.loads(metadata["source_indices"]) if "source_indices" in metadata else [None] * len(keys)
             rows.extend((source, (number, row), key, caption, tuple(shard["grid"]))
                         for row, (source, key, caption) in enumerate(zip(sources, keys, captions)))

@@ -226,6 +226,10 @@ def collate_samples(samples: list[ImageTextSample], height: int, width: int, *,
         bad_keys=list(bad_keys or []),
         attempted=attempted or len(samples),
     )
+    if any((s.tokens is None) == cached for s in samples[1:]):
+        raise ValueError(f"a batch holds samples with cached tokens and samples without "
+                         f"({[s.key for s in samples if s.tokens is None][:5]}); datasets of one run must be all "
+                         "cached or all images")
     if cached:
         grids = {s.grid for s in samples}
         if len(grids) != 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from nextstep.config import Config, plain_data, require, require_count
+from nextstep.config import Config, is_count, plain_data, require, require_count
 from nextstep.training.data.base import ImageTextBatch
 from nextstep.training.data.buckets import AspectRatioBuckets
 from nextstep.training.data.loader import BatchLayout, TrainingBatches
@@ -53,8 +53,8 @@ class DataConfig(Config):
                 require(repeat == 1, f"datasets[{number}].repeat", repeat,
                         f"1 (or left out) for a {fields['type']} dataset: repeat lists a map-style dataset n times "
                         "per epoch, while a stream passes over its shards once per epoch")
-        require(self.resolution >= 16 and self.resolution % 16 == 0, "resolution", self.resolution,
-                "a positive multiple of 16")
+        require(is_count(self.resolution), "resolution", self.resolution,
+                "a positive integer (a multiple of the image tokenizer's pixels per token, which the buckets check)")
         require(self.grid_multiple >= 1, "grid_multiple", self.grid_multiple, ">= 1")
 
     def buckets(self, pixels_per_token: int = 16) -> AspectRatioBuckets:

@@ -64,13 +64,22 @@ class WebDatasetConfig(Config):
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``a-{00..02}.tar`` -> ``["a-00.tar", "a-01.tar", "a-02.tar"]`` (zero padding kept)."""
+    """``a-{00..02}.tar`` -> ``["a-00.tar", "a-01.tar", "a-02.tar"]``: numbers padded with zeros to the wider
+    bound when either bound is written with leading zeros, as a shell expands them (``{1..03}``: 01 to 03).
+
+    Raises:
+        ValueError: a range whose bounds are not non-negative integers, naming the pattern.
+    """
     start = pattern.find("{")
     end = pattern.find("}", start)
     if start < 0 or end < 0 or ".." not in pattern[start:end]:
         return [pattern]
     low, high = pattern[start + 1:end].split("..", 1)
-    width = len(low) if low.startswith("0") else 0
+    if not (low.isdigit() and high.isdigit()):
+        raise ValueError(f"shard pattern {pattern!r}: expected a range of numbers such as {{000..099}}, found "
+                         f"{{{low}..{high}}}")
+    padded = (len(low) > 1 and low.startswith("0")) or (len(high) > 1 and high.startswith("0"))
+    width = max(len(low), len(high)) if padded else 0
     out = []
     for number in range(int(low), int(high) + 1):
         out.extend(expand_braces(pattern[:start] + str(number).zfill(width) + pattern[end + 1:]))
