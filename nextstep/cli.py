@@ -637,7 +637,7 @@ def command_preference_rounds(args: argparse.Namespace) -> int:
 
 def command_distill_head(args: argparse.Namespace) -> int:
     from nextstep.builders import load_model
-    from nextstep.io import atomic_write_text
+    from nextstep.io import check_replaceable
     from nextstep.training.head_distillation import (
         HeadDistillationConfig,
         fit_distilled_head,
@@ -663,6 +663,7 @@ def command_distill_head(args: argparse.Namespace) -> int:
         given["steps"] = given["steps"] or recording.student_steps
         given["teacher_steps"] = given["teacher_steps"] or recording.teacher_steps
     config = HeadDistillationConfig(**{name: value for name, value in given.items() if value is not None})
+    check_replaceable(Path(args.output))  # refused now, not after the teacher and the student ran
     prompts = None if recording is not None else [
         prompt for source in (args.prompts or ["shapes-seen", "emoji-train"]) for prompt in prompt_set(source)]
     model = load_model(args.model, device=args.device)
@@ -677,8 +678,7 @@ def command_distill_head(args: argparse.Namespace) -> int:
     distilled = fit_distilled_head(model, recording, config, progress=progress)
     bar.close()
     install_distilled_head(model, distilled)
-    model.save_pretrained(args.output)
-    atomic_write_text(Path(args.output) / "distillation.json", json.dumps(distilled.report, indent=2) + "\n")
+    model.save_pretrained(args.output, extra_files={"distillation.json": json.dumps(distilled.report, indent=2) + "\n"})
     report = distilled.report
     held_out = (f"; held-out token RMSE to the teacher {report['student_rmse']:.4f} (the teacher at {config.steps} "
                 f"steps {report['teacher_rmse_at_steps']:.4f}, token RMS {report['token_rms']:.3f})"

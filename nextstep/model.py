@@ -429,16 +429,17 @@ class NextStep(nn.Module):
         return self.config.replace(**specs)
 
     def save_pretrained(self, directory: str | os.PathLike, *,
-                        storage_dtypes: dict[str, torch.dtype] | None = None) -> None:
+                        storage_dtypes: dict[str, torch.dtype] | None = None,
+                        extra_files: dict[str, str] | None = None) -> None:
         """Write ``config.json``, ``model.safetensors`` and tokenizer files atomically.
 
         ``storage_dtypes`` stores some parts in another floating dtype, e.g.
-        ``{"image_tokenizer.decoder": torch.float16}`` (see
-        `nextstep.serialization.save_pretrained`).
+        ``{"image_tokenizer.decoder": torch.float16}``; ``extra_files`` (name -> text) are written
+        in the same replacement (see `nextstep.serialization.save_pretrained`).
         """
         from nextstep.serialization import save_pretrained
 
-        save_pretrained(self, Path(directory), storage_dtypes=storage_dtypes)
+        save_pretrained(self, Path(directory), storage_dtypes=storage_dtypes, extra_files=extra_files)
 
     @classmethod
     def from_pretrained(

@@ -41,10 +41,14 @@ def write_config_and_tokenizer(model, directory: Path) -> ModelConfig:
     return config
 
 
-def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.dtype] | None = None) -> None:
+def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.dtype] | None = None,
+                    extra_files: dict[str, str] | None = None) -> None:
     """Write the model to ``directory``; an existing directory is replaced atomically.
 
     Args:
+        extra_files: file name -> text of further files written with the model (in the same
+            atomic replacement, so that the folder never holds the model without them), such as
+            a report of how it was made.
         storage_dtypes: parameter-name prefixes (whole dotted parts, e.g.
             ``"image_tokenizer.decoder"``) mapped to the floating dtype their
             tensors are stored in, to make the file smaller; the rest keep the
@@ -53,6 +57,10 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
             built in (float32 by default).
     """
     storage_dtypes = dict(storage_dtypes or {})
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if not isinstance(name, str) or Path(name).name != name or name in (CONFIG_NAME, WEIGHTS_NAME):
+            raise ValueError(f"extra_files must name plain files beside the model's own, found {name!r}")
     weights = model.state_dict()
     for prefix, dtype in storage_dtypes.items():
         if not any(_under(name, prefix) for name in weights):
@@ -72,6 +80,8 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
             dtype = _storage_dtype(name, storage_dtypes) if tensor.is_floating_point() else None
             state[name] = tensor_to_save(tensor, dtype)
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, text in extra_files.items():
+            (staging / name).write_text(text)
     model.config = config  # the live components' (the saved file may name the tokenizer's copy)
 
 

@@ -159,11 +159,12 @@ def test_ahead_of_time_decode_reads_weights_in_place_and_leaves_other_calls_to_e
                 parameter.mul_(2.0)
     # Calls that want gradients, or bring other dtypes, run eagerly.
     embeds, positions = torch.ones(1, 1, 32), torch.tensor([[2]])
-    assert not compiled.accepts(embeds, positions)
+    assert not compiled.accepts(embeds, positions, 8)
     with torch.no_grad():
-        assert compiled.accepts(embeds, positions)
-        assert not compiled.accepts(embeds.double(), positions)
-        assert not compiled.accepts(embeds, positions.int())
+        assert compiled.accepts(embeds, positions, 8)
+        assert not compiled.accepts(embeds.double(), positions, 8)
+        assert not compiled.accepts(embeds, positions.int(), 8)
+        assert not compiled.accepts(embeds, positions, 1)  # below the shapes it was exported for
 
 
 def test_moving_or_casting_drops_a_compiled_step():

@@ -319,6 +319,8 @@ def test_the_split_keeps_whole_images_on_one_side(trained_like_model):
     assert training.num_tokens + held_out.num_tokens == trajectories.num_tokens == 24
     training, held_out = _split_by_image(trajectories, 0.0, seed=1)
     assert held_out.num_tokens == 0 and training.num_tokens == 24
+    with pytest.raises(ValueError, match="validation_fraction 0.95 holds out 6 of the 6 recorded images, leaving none"):
+        _split_by_image(trajectories, 0.95, seed=1)
 
 
 def test_without_held_out_images_the_report_has_no_errors(trained_like_model):
@@ -510,6 +512,13 @@ def test_the_command_takes_the_configs_defaults_and_names_a_bad_prompt_source(tm
     assert "expected a prompt file or one of the prompt sets ['emoji-train', 'shapes-seen'], found 'nothing-here'" \
         in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    asked.clear()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    assert main(["distill-head", "tiny", str(tmp_path / "notes"), "--prompts", str(tmp_path / "p.txt"),
+                 "--quiet"]) == 2
+    assert "found a folder of 1 other entries (notes.txt)" in capsys.readouterr().err
+    assert not asked  # refused before the teacher drew anything
 
 
 def test_the_commands_help_states_the_configs_defaults():

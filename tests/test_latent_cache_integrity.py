@@ -54,9 +54,11 @@ def test_a_refused_cache_names_what_differs_with_the_values_there_and_here(tmp_p
         (_recipe(cache, multi_aspect=True), r"\(buckets\.multi_aspect: false there, true here\)"),
         (_recipe(cache, resolution=64, grid_multiple=2),
          r"\(buckets\.grid_multiple: 1 there, 2 here; buckets\.resolution: 32 there, 64 here\)"),
-        (_recipe(cache, spec={"seed": 3}), r"\(dataset\.spec\.seed: 0 there, 3 here\)"),
+        (_recipe(cache, spec={"seed": 3}),  # other samples, so another digest of them too
+         r"\(dataset\.contents: \"[0-9a-f]{16}\" there, \"[0-9a-f]{16}\" here; dataset\.spec\.seed: 0 there, 3 here\)"),
         (_recipe(cache, spec={"num_samples": 12}),
-         r"\(dataset\.spec\.num_samples: 8 there, 12 here; samples: 8 there, 12 here\)"),
+         r"\(dataset\.contents: \"[0-9a-f]{16}\" there, \"[0-9a-f]{16}\" here; dataset\.spec\.num_samples: 8 "
+         r"there, 12 here; samples: 8 there, 12 here\)"),
     ]
     for recipe, differing in cases:
         with pytest.raises(ValueError, match=r"another tokenizer encoder or dataset, or for other buckets, than this "

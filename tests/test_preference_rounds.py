@@ -1,6 +1,7 @@
 """Rounds of preference training: each round draws with, judges and trains from the previous round's model."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -47,6 +48,14 @@ def test_each_round_starts_from_the_last_and_a_rerun_keeps_what_is_done(tiny_mod
     again = run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(), **options)
     assert [(r.start, r.model, r.pairs, r.correct) for r in again] == [
         (r.start, r.model, r.pairs, r.correct) for r in records]
+    # Kept pairs drawn with other options are not trained on under these: refused, naming what differs.
+    for changed, named in ((dict(samples_per_prompt=3), "samples_per_prompt 2 there, 3 here"),
+                           (dict(settings=replace(settings, cfg=5.0)), "settings"),
+                           (dict(prompts=["a red circle"]), "prompts 'sha256 ")):
+        with pytest.raises(ValueError, match=rf"round1 drew its pairs with other drawing options \(.*{named}"):
+            run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(), **dict(options, **changed))
+    run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(),  # another batch size draws the same
+                          **dict(options, settings=replace(settings, batch_size=3)))
     # A call of fewer rounds keeps the later ones listed; one from another start refuses the kept rounds.
     run_preference_rounds(recipe, tmp_path / "rounds", judge=_alternate(), **dict(options, rounds=1))
     assert [r["round"] for r in json.loads((tmp_path / "rounds" / "rounds.json").read_text())] == [1, 2]

@@ -267,6 +267,15 @@ def test_a_hugging_face_config_without_a_required_key_names_it():
         qwen2_config_from_hf({"model_type": "qwen2", "vocab_size": 8})
 
 
+def test_a_null_rms_norm_eps_is_qwen2_s_default_and_a_bad_one_is_named():
+    fields = {"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8, "num_attention_heads": 2,
+              "intermediate_size": 16, "num_hidden_layers": 1}
+    assert qwen2_config_from_hf({**fields, "rms_norm_eps": None}).rms_norm_eps == 1e-6
+    for bad in ("1e-6", 0, True):
+        with pytest.raises(ValueError, match="config field 'rms_norm_eps' must be a positive number, found"):
+            qwen2_config_from_hf({**fields, "rms_norm_eps": bad})
+
+
 def test_an_unknown_geneval_tag_names_the_known_ones():
     with pytest.raises(ValueError, match=r"tag must be one of \['single_object', .*\], found 'three_object'"):
         geneval_entry("three_object", ("circle",))

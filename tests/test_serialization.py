@@ -435,3 +435,15 @@ def test_a_loaded_model_keeps_its_image_tokenizer_frozen(tiny_model, tmp_path):
         loaded = NextStep.from_pretrained(tmp_path / "m", dtype=dtype)
         assert not any(p.requires_grad for p in loaded.image_tokenizer.parameters())
         assert all(p.requires_grad for p in loaded.image_head.parameters())
+
+
+def test_extra_files_are_written_with_the_model_and_must_be_plain_names(tmp_path):
+    from nextstep import build_model
+
+    model = build_model("tiny", seed=0)
+    model.save_pretrained(tmp_path / "m", extra_files={"report.json": "{}\n"})
+    assert (tmp_path / "m" / "report.json").read_text() == "{}\n" and (tmp_path / "m" / "config.json").is_file()
+    for name in ("sub/report.json", "config.json", "model.safetensors"):
+        with pytest.raises(ValueError, match="extra_files must name plain files beside the model's own"):
+            model.save_pretrained(tmp_path / "n", extra_files={name: "x"})
+    assert not (tmp_path / "n").exists()

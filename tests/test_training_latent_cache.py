@@ -424,7 +424,7 @@ def test_a_cache_of_a_generated_dataset_whose_samples_changed_is_refused_and_an_
     recipe = RecipeConfig.from_dict({"model": "tiny", "data": {"datasets": [
         {"type": "shapes", "num_samples": 8, "size": 32}], "resolution": 32, "latent_cache": str(tmp_path / "c")}})
     recipe_training_data(recipe, model)
-    assert json.loads((tmp_path / "c" / "00-shapes" / "index.json").read_text())["built_from"]["dataset"]["files"]
+    assert json.loads((tmp_path / "c" / "00-shapes" / "index.json").read_text())["built_from"]["dataset"]["contents"]
     load = ShapesDataset.load
 
     def reworded(self, index):  # as after a change to the captions' wording (or the renderer, a font, ...)

@@ -203,6 +203,9 @@ def test_bad_settings_and_batches_are_refused(tiny_model):
         RecipeConfig(preference={"temperature": 1.0})
     with pytest.raises(ValueError, match="train.pack_length"):
         RecipeConfig.from_dict({"preference": {"beta": 100}, "train": {"pack_length": 64}})
+    with pytest.raises(ValueError, match=r"train.text_dropout must be None or 0 for preference training .*found 0.1"):
+        RecipeConfig.from_dict({"preference": {"beta": 100}, "train": {"text_dropout": 0.1}})
+    RecipeConfig.from_dict({"preference": {"beta": 100}, "train": {"text_dropout": 0.0}})
     for settings, field in (({"beta": 0}, "preference.beta"), ({"sft_weight": -1.0}, "preference.sft_weight"),
                             ({"beta": "100"}, "preference.beta")):
         with pytest.raises(ValueError, match=field):  # refused with the recipe, before any data is read

@@ -29,6 +29,8 @@ LayerCache = tuple[torch.Tensor, torch.Tensor]
 #: Largest batch and cache length the exported step accepts.
 MAX_BATCH = 1 << 16
 MAX_SLOTS = 1 << 24
+#: The fewest cache slots the exported step takes (a shape bound of the export).
+MIN_SLOTS = 2
 
 
 def ahead_of_time_available() -> bool:
@@ -74,7 +76,7 @@ class AheadOfTimeDecodeStep:
         flat = [tensor for pair in layer_caches for tensor in pair]
         step = _StepModule(owner, run)
         batch = Dim("batch", min=1, max=MAX_BATCH)
-        length = Dim("slots", min=2, max=MAX_SLOTS)
+        length = Dim("slots", min=MIN_SLOTS, max=MAX_SLOTS)
         shapes = ({0: batch}, {0: batch}, {0: batch, 1: length}, None, [{0: batch, 2: length}] * len(flat))
         with torch.no_grad():
             program = torch.export.export(
@@ -98,10 +100,11 @@ class AheadOfTimeDecodeStep:
         self._runner.load_constants(self._constants, check_full_update=True, user_managed=True)
         self.dtype, self.device = embeds.dtype, embeds.device
 
-    def accepts(self, embeds: torch.Tensor, positions: torch.Tensor) -> bool:
-        """Whether a call can run compiled: no gradients wanted, and the dtypes and device traced."""
+    def accepts(self, embeds: torch.Tensor, positions: torch.Tensor, slots: int) -> bool:
+        """Whether a call over a cache of ``slots`` slots can run compiled: no gradients wanted, the dtypes and
+        device traced, and a cache of at least `MIN_SLOTS` slots (the shapes the step was exported for)."""
         return (embeds.dtype == self.dtype and positions.dtype == torch.int64 and embeds.device == self.device
-                and not torch.is_grad_enabled())
+                and slots >= MIN_SLOTS and not torch.is_grad_enabled())
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
                  slots: torch.Tensor, layer_caches: tuple[LayerCache, ...]) -> torch.Tensor:

@@ -372,7 +372,7 @@ class HFBackbone(Backbone):
         attention_mask = documents_or_mask(attention_mask, cache is not None)
         if cache is None:
             mask = None if attention_mask is None else attention_mask.long()
-            if mask is not None and mask.dtype != torch.bool and mask.numel() and int(mask.max()) > 1:
+            if mask is not None and mask.numel() and int(mask.max()) > 1:
                 # Packed documents: transformers takes a full (B, 1, L, L) mask as given, and its eager
                 # attention adds it to the scores, so it is additive (0 where visible), which SDPA reads alike.
                 visible = visible_keys(mask, torch.arange(length, device=mask.device))[:, None]

@@ -347,8 +347,12 @@ class Qwen2Backbone(Backbone):
             slots = torch.arange(start, end, device=embeds.device)
             key_mask, layer_caches, visible = cache.key_mask, cache.layers, end
             compiled = self._compiled_decode if length == 1 else None
-            if isinstance(compiled, AheadOfTimeDecodeStep) and compiled.accepts(embeds, positions):
-                hidden = compiled(embeds, positions, key_mask, slots, layer_caches)
+            if isinstance(compiled, AheadOfTimeDecodeStep) and compiled.accepts(embeds, positions, cache.max_length):
+                try:
+                    hidden = compiled(embeds, positions, key_mask, slots, layer_caches)
+                except BaseException:
+                    cache.crop(cache.length)  # the reserved slots hold nothing: the cache stays as it was
+                    raise
                 cache.commit(end)
                 return hidden
             if compiled is not None and not isinstance(compiled, AheadOfTimeDecodeStep):

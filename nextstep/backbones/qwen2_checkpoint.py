@@ -57,6 +57,17 @@ def config_flag(hf_config: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
+def _rms_norm_eps(hf_config: dict[str, Any]) -> float:
+    """``rms_norm_eps``: 1e-6 (Qwen2's default) when absent or null; a value that is not a positive number
+    raises ``ValueError`` naming the field."""
+    value = hf_config.get("rms_norm_eps")
+    if value is None:
+        return 1e-6
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"config field 'rms_norm_eps' must be a positive number, found {described(value)}")
+    return float(value)
+
+
 def _rope_theta(hf_config: dict[str, Any]) -> float:
     parameters = hf_config.get("rope_parameters") or {}
     scaling = hf_config.get("rope_scaling") or {}
@@ -131,7 +142,7 @@ def qwen2_config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> Qwen2Ba
         num_kv_heads=hf_config.get("num_key_value_heads") or num_heads,
         head_dim=head_dim,
         rope_theta=_rope_theta(hf_config),
-        rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_rms_norm_eps(hf_config),
         attention_bias=attention_bias,
         output_attention_bias=output_bias,
     )

@@ -267,6 +267,9 @@ def _split_by_image(trajectories: TeacherTrajectories, fraction: float, seed: in
     """(training, held-out) trajectories, whole images on each side; held-out empty when ``fraction`` is 0."""
     images = trajectories.images.unique()
     held = max(1, round(fraction * images.numel())) if fraction > 0 and images.numel() > 1 else 0
+    if held >= images.numel() > 0:
+        raise ValueError(f"validation_fraction {fraction} holds out {held} of the {images.numel()} recorded images, "
+                         "leaving none to train on: lower it, or record more images")
     order = images[torch.randperm(images.numel(), generator=torch.Generator().manual_seed(seed))]
     held_out = torch.isin(trajectories.images, order[:held])
     return trajectories.select(~held_out), trajectories.select(held_out)
@@ -389,14 +392,15 @@ def fit_distilled_head(
             "student": config.steps},
         "seconds": {"student": round(trained, 2)},
     }
+    parameter = next(head.parameters())
+    student = student.to(parameter.device, parameter.dtype)  # as it is installed: measured in the model's dtype
     if held_out.num_tokens:
         tokens = held_out.states[:, -1]
         report["token_rms"] = tokens.pow(2).mean().sqrt().item()
         report["student_rmse"] = sampled_rmse(student, held_out, euler, grid)
         report["initial_rmse"] = sampled_rmse(head, held_out, euler, grid)
         report["teacher_rmse_at_steps"] = (held_out.teacher_at_steps - tokens).pow(2).mean().sqrt().item()
-    parameter = next(head.parameters())
-    return HeadDistillation(student.to(parameter.device, parameter.dtype), config.steps, report)
+    return HeadDistillation(student, config.steps, report)
 
 
 def install_distilled_head(model: "NextStep", distilled: HeadDistillation) -> "NextStep":

@@ -117,6 +117,24 @@ def round_recipe(recipe: RecipeConfig, start: str | Path, pairs: str | Path, num
                           train=recipe.train.replace(seed=recipe.train.seed + number - 1))
 
 
+def drawing_options(samples_per_prompt: int, combinations: str, settings: "SamplingSettings | None",
+                    prompts: Sequence[str | dict] | None, judge: "Judge | None") -> dict:
+    """What a round's pairs depend on besides its start model, as `run_preference_rounds` records it in the
+    round's ``start.json``: the images per prompt, the prompts (the combinations, or a digest of the prompts
+    given), the sampling settings but the batch size (None: the model's own), and the judge's name."""
+    import hashlib
+
+    from nextstep.evaluation.report_files import dumps_strict
+
+    return {
+        "samples_per_prompt": samples_per_prompt,
+        "prompts": (f"combinations {combinations}" if prompts is None else
+                    "sha256 " + hashlib.sha256(dumps_strict(list(prompts), sort_keys=True).encode()).hexdigest()[:16]),
+        "settings": None if settings is None else {k: v for k, v in settings.to_dict().items() if k != "batch_size"},
+        "judge": None if judge is None else f"{getattr(judge, '__module__', '')}.{getattr(judge, '__qualname__', '')}",
+    }
+
+
 def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, rounds: int,
                           samples_per_prompt: int = 16, combinations: str = "seen",
                           settings: "SamplingSettings | None" = None, prompts: Sequence[str | dict] | None = None,
@@ -148,6 +166,8 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
     """
     import shutil
 
+    from tqdm import tqdm
+
     from nextstep.evaluation.self_judged_pairs import write_self_judged_pairs
     from nextstep.training.checkpointing import CheckpointManager
     from nextstep.training.recipe import build_recipe_model, check_same_recipe, run_recipe
@@ -157,6 +177,7 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         raise ValueError(f"rounds must be an integer >= 1, found {rounds!r}")
     output_dir = Path(output_dir).resolve()  # rounds record paths under it: one spelling for every call
     check_round_recipe(recipe)  # before anything runs
+    drawing = drawing_options(samples_per_prompt, combinations, settings, prompts, judge)
     summary = output_dir / SUMMARY_FILE
     # Rounds of an earlier call that this one does not run stay listed.
     earlier = {record["round"]: record for record in json.loads(summary.read_text())} if summary.is_file() else {}
@@ -170,16 +191,31 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         if resume or (model_dir / "config.json").is_file():  # a kept round was made by this recipe
             check_same_recipe(this_round, folder, advice=advice)
         drawn_by = folder / START_FILE
-        drawn_from = json.loads(drawn_by.read_text()).get("start") if drawn_by.is_file() else None
+        record = json.loads(drawn_by.read_text()) if drawn_by.is_file() else {}
+        drawn_from = record.get("start")
         if (pairs / "summary.json").is_file() and drawn_from not in (None, str(start)):
             raise ValueError(f"{folder} drew its pairs with {drawn_from!r}, not {str(start)!r}; {advice}")
+        if (pairs / "summary.json").is_file() and record.get("drawing", drawing) != drawing:  # older: unrecorded
+            differing = ", ".join(f"{key} {record['drawing'].get(key)!r} there, {drawing.get(key)!r} here"
+                                  for key in sorted(set(record["drawing"]) | set(drawing))
+                                  if record["drawing"].get(key) != drawing.get(key))
+            raise ValueError(f"{folder} drew its pairs with other drawing options ({differing}); run the rounds "
+                             f"with those options to go on, or {advice}")
         began = time.perf_counter()
         model = None  # built when the round draws, and trained next
         if not (pairs / "summary.json").is_file():
             model = build_recipe_model(this_round).to(device).eval()  # a model it cannot build stops it here
-            atomic_write_text(drawn_by, json.dumps({"start": str(start)}) + "\n")  # before the pairs exist
+            # Before the pairs exist: what drew them.
+            atomic_write_text(drawn_by, json.dumps({"start": str(start), "drawing": drawing}) + "\n")
+            bar = tqdm(unit="img", desc=f"round {number}: drawing", disable=not show_progress)
+
+            def drawn(done: int, total: int, bar=bar) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
             write_self_judged_pairs(model, pairs, samples_per_prompt=samples_per_prompt, combinations=combinations,
-                                    settings=settings, prompts=prompts, judge=judge)
+                                    settings=settings, prompts=prompts, judge=judge, progress=drawn)
+            bar.close()
         drawn = json.loads((pairs / "summary.json").read_text())
         if not drawn["pairs"]:
             shutil.rmtree(pairs)  # nothing to keep: the next call draws again, with its own settings

@@ -138,6 +138,9 @@ class RecipeConfig(Config):
                     "a number > 0" if name == "beta" else "a number >= 0")
         require(not (self.preference and self.train.pack_length), "train.pack_length", self.train.pack_length,
                 "None for preference training (pairs are read one per row)")
+        require(not (self.preference and self.train.text_dropout), "train.text_dropout", self.train.text_dropout,
+                "None or 0 for preference training (pairs train the caption-first sequence, each image under "
+                "its caption)")
 
     def text_tokenizer_spec(self) -> ComponentSpec:
         """``text_tokenizer`` as a component spec (its type and fields checked)."""
@@ -411,7 +414,7 @@ def recipe_training_data(recipe: RecipeConfig, model, context=None, show_progres
         rest = f" {buckets}" + (f" {contents}" if contents else "")
         sources.append(json.dumps(read_as, sort_keys=True) + rest)
         as_spelt.append(json.dumps(spelt, sort_keys=True) + rest)
-        descriptions.append({"spec": read_as, **({"files": contents} if contents else {})})
+        descriptions.append({"spec": read_as, **({"contents": contents} if contents else {})})
         # Datasets digested by their samples were once described by their spec alone.
         sampled = type(datasets[number]).content_fingerprint is ImageTextDataset.content_fingerprint
         unfingerprinted.append(tuple(json.dumps(form, sort_keys=True) + f" {buckets}" for form in (read_as, spelt))
