@@ -539,10 +539,39 @@ def checked_request(model: "NextStep", prompts, *, editing: bool = False, cfg=No
     if not isinstance(negative_prompt, str):
         raise ValueError(f"negative_prompt must be a str (or None for the default), found "
                          f"{type(negative_prompt).__name__} {negative_prompt!r}")
+    if model.config.distilled_head:
+        _warn_off_distillation(model.config.distilled_head, guidance, schedule, shift, sampler, candidates)
     return CheckedRequest(prompts=prompts, editing=editing, guidance=guidance, branches=branches, cfg=cfg,
                           num_steps=num_steps, schedule=schedule, shift=shift, sampler=sampler,
                           temperature=temperature, use_norm=use_norm, negative_prompt=negative_prompt,
                           candidates=candidates, score=score)
+
+
+def _warn_off_distillation(fitted: dict, guidance: Guidance, schedule: StepSchedule, shift: float, sampler: Sampler,
+                           candidates: int) -> None:
+    """Warn when a distilled head (``fitted``: `ModelConfig.distilled_head`) is asked to sample otherwise than it
+    was fitted to: K Euler steps on the unshifted grid, one branch, one candidate."""
+    from nextstep.samplers.euler import EulerSampler
+    from nextstep.samplers.step_schedule import ConstantSteps
+
+    steps = fitted["steps"]
+    other = []
+    if guidance.num_branches != 1 or getattr(guidance, "scale", 1.0) != 1.0:
+        other.append(f"guidance {getattr(guidance, 'scale', type(guidance).__name__)} (it holds the teacher's "
+                     f"{fitted.get('teacher_cfg', 'guidance')}: sample it at 1)")
+    if not (isinstance(schedule, ConstantSteps) and schedule.num_steps == steps):
+        shown = schedule.num_steps if isinstance(schedule, ConstantSteps) else schedule
+        other.append(f"{shown} steps (fitted for {steps})")
+    if type(sampler) is not EulerSampler:
+        other.append(f"sampler {type(sampler).__name__} (fitted for EulerSampler)")
+    if shift != 1.0:
+        other.append(f"shift {shift} (fitted on the unshifted grid)")
+    if candidates != 1:
+        other.append(f"{candidates} candidates (its flow error ranks nothing it was fitted for)")
+    if other:
+        warnings.warn(f"this model's image head was distilled to sample {steps} Euler steps without guidance; "
+                      f"sampling it with {', '.join(other)} draws other images than it was fitted to",
+                      UserWarning, stacklevel=4)
 
 
 def resolved_settings(model: "NextStep", *, editing: bool = False, cfg=None, cfg_schedule: str | None = None,

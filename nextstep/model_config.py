@@ -33,6 +33,11 @@ class ModelConfig(Config):
             read from that change nothing here (``latent_size``, ``max_position_embeddings``
             ...: `nextstep.interop.release_config.KEPT_RELEASE_FIELDS`), written back when
             the model is saved in the release layout; empty (the default) for other models.
+        distilled_head: for a model whose image head was distilled into a few-step student
+            (`nextstep.training.head_distillation.install_distilled_head`): what it was fitted
+            to sample, ``{"steps": K, "teacher_cfg": S}`` (K Euler steps on the unshifted grid,
+            one branch holding the teacher's guidance S); generation warns when asked to sample it
+            otherwise. Empty (the default) for other heads.
     """
 
     image_tokenizer: ComponentSpec
@@ -48,6 +53,7 @@ class ModelConfig(Config):
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     word_vectors: WordVectorConfig = field(default_factory=WordVectorConfig, metadata=OMITTED_WHEN_DEFAULT)
     release_fields: dict[str, Any] = field(default_factory=dict, metadata=OMITTED_WHEN_DEFAULT)
+    distilled_head: dict[str, Any] = field(default_factory=dict, metadata=OMITTED_WHEN_DEFAULT)
 
     def validate(self) -> None:
         from nextstep.registry import component_class
@@ -69,6 +75,10 @@ class ModelConfig(Config):
                 "a WordVectorConfig")
         require(isinstance(self.release_fields, dict) and all(isinstance(k, str) for k in self.release_fields),
                 "release_fields", self.release_fields, "a mapping from field names to values")
+        steps = self.distilled_head.get("steps") if isinstance(self.distilled_head, dict) else None
+        require(self.distilled_head == {} or (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1),
+                "distilled_head", self.distilled_head,
+                "{} or a mapping with the integer 'steps' >= 1 it was fitted for")
 
 
 def describes_a_model(data: object) -> bool:

@@ -3,6 +3,7 @@ targets and training, the installed model, the prompt sets and the command."""
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -252,6 +253,14 @@ def test_an_installed_student_samples_with_its_own_grid_and_no_guidance(tmp_path
     torch.testing.assert_close(tokens, by_hand, rtol=0, atol=0)
     for name, value in student.state_dict().items():
         torch.testing.assert_close(loaded.image_head.state_dict()[name], value)
+    # The saved model knows what its head was fitted for, and says so when sampled otherwise.
+    assert loaded.config.distilled_head == {"steps": 3}
+    for asked, named in ((dict(cfg=3.0), "guidance 3.0"), (dict(num_steps=20), "20 steps (fitted for 3)"),
+                         (dict(sampler="heun"), "sampler HeunSampler"), (dict(shift=2.0), "shift 2.0"),
+                         (dict(candidates=2), "2 candidates")):
+        with pytest.warns(UserWarning, match=rf"distilled to sample 3 Euler steps without guidance; sampling it "
+                                             rf"with {re.escape(named)}"):
+            generate_tokens(loaded, ["a red circle"], seed=3, **SIZE, **asked)
 
 
 def test_an_installed_head_must_be_of_the_models_kind(tiny_model):

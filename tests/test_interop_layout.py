@@ -88,6 +88,9 @@ def test_release_sampler_settings_other_than_the_published_ones_are_named_as_dro
                                                    EulerMaruyamaSamplerConfig(last_step_size=0.1, to_one=True)))
     assert settings_the_release_drops(changed) == [
         "sampler.last_step_size=0.1 (it loads as 0.04)", "sampler.to_one=True (it loads as False)"]
+    assert settings_the_release_drops(config.replace(distilled_head={"steps": 4})) == [
+        "distilled_head={'steps': 4} (it loads as none: generation no longer warns when the distilled head is "
+        "sampled otherwise)"]
 
 
 def test_release_tokenizer_config_drops_the_loading_calls_arguments_and_keeps_the_rest():

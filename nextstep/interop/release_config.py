@@ -291,8 +291,8 @@ def _component_config(spec: ComponentSpec, expected_type: str, cls: type[Config]
 
 def settings_the_release_drops(config: ModelConfig) -> list[str]:
     """Settings of ``config`` that a model loaded from the release layout would not have, each as
-    ``name=value (it loads as value)``: the default sampler, ``use_norm``, the generation defaults and
-    ``image_first_probability``, which the release ``config.json`` has no field for."""
+    ``name=value (it loads as value)``: the default sampler, ``use_norm``, the generation defaults,
+    ``image_first_probability`` and ``distilled_head``, which the release ``config.json`` has no field for."""
     default_sampler = ComponentSpec("sampler", "euler_maruyama", EulerMaruyamaSamplerConfig())
     dropped = []
     if config.sampler.type != default_sampler.type:
@@ -305,6 +305,9 @@ def settings_the_release_drops(config: ModelConfig) -> list[str]:
     if config.image_first_probability != RELEASE_IMAGE_FIRST_PROBABILITY:
         dropped.append(f"image_first_probability={config.image_first_probability!r} "
                        f"(it loads as {RELEASE_IMAGE_FIRST_PROBABILITY!r})")
+    if config.distilled_head:
+        dropped.append(f"distilled_head={config.distilled_head!r} (it loads as none: generation no longer "
+                       "warns when the distilled head is sampled otherwise)")
     return dropped
 
 

@@ -413,5 +413,8 @@ def install_distilled_head(model: "NextStep", distilled: HeadDistillation) -> "N
     model.sampler = EulerSampler()
     generation = model.config.generation.replace(cfg=1.0, cfg_schedule="constant", num_steps=distilled.steps,
                                                  candidates=1)
-    model.config = model.config.replace(generation=generation, sampler=ComponentSpec.named("sampler", "euler"))
+    fitted = {"steps": distilled.steps, **({"teacher_cfg": distilled.report["cfg"]} if "cfg" in distilled.report
+                                             else {})}
+    model.config = model.config.replace(generation=generation, sampler=ComponentSpec.named("sampler", "euler"),
+                                        distilled_head=fitted)
     return model
