@@ -439,6 +439,16 @@ def test_each_pairs_rows_read_its_own_caption_and_every_token_counts():
         PreferenceTask(model, beta=True)
 
 
+def test_a_model_with_dropout_replays_its_draws_in_the_reference_and_starts_at_log_2(trained_like_model):
+    model = trained_like_model  # a head whose output depends on its condition
+    model.image_out_projector = torch.nn.Sequential(torch.nn.Dropout(0.5), model.image_out_projector)
+    task = PreferenceTask(model, beta=500)
+    model.train()
+    result = task.loss(model, preference_batch(), torch.Generator().manual_seed(0))
+    assert result.metrics["margin"] == 0.0
+    assert result.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_a_pair_of_one_image_twice_has_no_margin_for_a_model_apart_from_its_reference():
     model = build_model("tiny", seed=0)
     task = PreferenceTask(model, beta=500, context_noise=0.3)

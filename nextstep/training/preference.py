@@ -119,6 +119,10 @@ class PreferenceTask(TextToImageTask):
         # ... and the same context noise and word substitutions for the two images of a pair.
         pair_rows = torch.arange(pairs, device=device).repeat(2)
         state = generator.get_state()
+        # The global generators too, for what draws from them (dropout of a backbone that has it): the reference
+        # replays the policy's draws.
+        cuda = [device] if device.type == "cuda" else []
+        global_state = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
         policy = module(sequences, generator=generator, context_noise=self.context_noise, flow_draws=draws,
                         draw_rows=pair_rows)
         if next(self.reference.parameters()).device != device:
@@ -126,7 +130,10 @@ class PreferenceTask(TextToImageTask):
         self.reference.train(self.model.training)
         same = torch.Generator(device=generator.device)
         same.set_state(state)
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(global_state[0])
+            for cuda_device, cuda_state in zip(cuda, global_state[1]):
+                torch.cuda.set_rng_state(cuda_state, cuda_device)
             reference = self.reference(sequences, generator=same, context_noise=self.context_noise,
                                        flow_draws=draws, draw_rows=pair_rows)
         errors, reference_errors = policy.image_per_row, reference.image_per_row  # (2B,)
