@@ -53,8 +53,12 @@ def test_an_unknown_special_token_is_refused_by_a_vocabulary_with_an_unknown_tok
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     hf = save_tokenizer(tokenizer, tmp_path / "words", unk_token="[UNK]")
     assert hf.special_token_id("<|begin_of_image|>") >= len(vocabulary)  # added when missing
-    with pytest.raises(ValueError, match="special token '<\\|nope\\|>' is not in the tokenizer's vocabulary"):
+    with pytest.raises(ValueError, match="special token '<\\|nope\\|>' is not among the tokenizer's added or special"):
         hf.special_token_id("<|nope|>")
+    with pytest.raises(ValueError, match="special token 'red' is not among"):  # an ordinary token
+        hf.special_token_id("red")
+    with pytest.raises(TypeError, match="ids must be a list or 1-D sequence of ints, found float 1.5 among them"):
+        hf.decode([1, 1.5])
 
 
 def test_a_tokenizer_keeps_its_own_pad_token_and_gets_nextsteps_where_it_has_none(hf_tokenizer_dir, tmp_path):

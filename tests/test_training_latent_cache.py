@@ -458,3 +458,20 @@ def test_a_shard_that_is_not_the_one_its_index_lists_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"shard-00000.safetensors holds tokens of shape \(4, 4, 64\) for 4 keys, "
                                          r"but .*index.json lists 6 samples of a \[2, 2\] grid there"):
         LatentCacheDataset(LatentCacheConfig(str(tmp_path / "a")))
+
+
+def test_a_sampling_tokenizer_caches_the_same_sample_of_each_image_whatever_the_batch_size(tmp_path):
+    model = build_model("tiny", seed=0)
+    tokenizer = model.image_tokenizer
+    tokenizer.config = tokenizer.config.replace(deterministic=False)
+    assert tokenizer.samples_latents
+    dataset = ShapesDataset(ShapesConfig(num_samples=6, size=32))
+    buckets = AspectRatioBuckets(32, multi_aspect=False)
+    caches = []
+    for batch_size in (2, 3):
+        build_latent_cache(tokenizer, dataset, buckets, tmp_path / str(batch_size), batch_size=batch_size)
+        cached = LatentCacheDataset(LatentCacheConfig(str(tmp_path / str(batch_size))))
+        caches.append({cached.load(i).key: cached.load(i).tokens for i in range(len(cached))})
+    assert caches[0].keys() == caches[1].keys()
+    for key, tokens in caches[0].items():
+        torch.testing.assert_close(caches[1][key], tokens, atol=1e-5, rtol=1e-5)

@@ -144,3 +144,11 @@ def test_fitting_never_makes_whitespace_a_word(texts):
 def test_a_vector_word_may_not_be_another_case_of_a_known_word():
     with pytest.raises(ValueError, match="lacks in every form.*found 'red'"):
         WordTextTokenizerConfig(words=("a", " Red"), vector_words=("red",))
+
+
+def test_an_id_past_the_vector_words_names_the_vocabulary_the_vector_words_extend():
+    tokenizer = WordTextTokenizer(WordTextTokenizerConfig(words=("a", " circle"), vector_words=("violin", "cello")))
+    assert tokenizer.input_vocab_size == tokenizer.vocab_size + 2
+    tokenizer.decode([tokenizer.vocab_size + 1])  # a vector word decodes
+    with pytest.raises(ValueError, match=f"outside the word tokenizer's vocabulary of {tokenizer.input_vocab_size}"):
+        tokenizer.decode([tokenizer.input_vocab_size])

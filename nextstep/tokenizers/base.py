@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +73,22 @@ class ImageTokenizer(nn.Module, ABC):
         repeats exactly; False by default."""
         return False
 
-    def encode_seeded(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+    def encode_seeded(self, images: torch.Tensor, seed: int | Sequence[int]) -> torch.Tensor:
         """`encode`, its random draws (when it `samples_latents`) seeded by ``seed`` and kept apart from
-        the global random state, which stays as it was."""
+        the global random state, which stays as it was.
+
+        ``seed`` is one seed for the whole batch (each image's draw then depends on its place in the
+        batch), or one seed per image (B seeds: each image's draw depends on its own seed alone, whatever
+        batch it is encoded in). The default encodes such images one at a time; a tokenizer that can
+        draw per row in one batch overrides this.
+        """
         if not self.samples_latents:
             return self.encode(images)
+        if not isinstance(seed, int):
+            seeds = list(seed)
+            if len(seeds) != images.shape[0]:
+                raise ValueError(f"seed must be one int or one per image ({images.shape[0]}), found {len(seeds)}")
+            return torch.cat([self.encode_seeded(images[row:row + 1], int(each)) for row, each in enumerate(seeds)])
         devices = [images.device.index or 0] if images.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type="cuda"):
             torch.manual_seed(seed)
@@ -203,6 +214,29 @@ class ImageTokenizer(nn.Module, ABC):
                 self._warned_unit_range = True
                 logger.warning("the images' values all lie in [%.2f, %.2f]; images are expected in [-1, 1] "
                                "(x * 2 - 1 converts images in [0, 1])", low, high)
+
+
+def token_id_list(ids) -> list[int]:
+    """``ids`` as a list of ints, or a ``TypeError`` naming what they are instead."""
+    expected = "ids must be a list or 1-D sequence of ints"
+    shape = getattr(ids, "shape", None)
+    if shape is not None:
+        if len(shape) != 1:
+            kind = {"Tensor": "tensor", "ndarray": "array"}.get(type(ids).__name__, type(ids).__name__)
+            raise TypeError(f"{expected}, found a {kind} of shape {tuple(shape)}")
+        ids = ids.tolist()
+    elif isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"{expected}, found {type(ids).__name__} {ids!r}")
+    values = []
+    for token in ids:
+        value = as_integer(token)
+        if value is None:
+            if isinstance(token, (list, tuple)) or getattr(token, "ndim", 0):
+                raise TypeError(f"{expected}, found a {type(ids).__name__} holding a {type(token).__name__} "
+                                f"({token!r})")
+            raise TypeError(f"{expected}, found {described(token)} among them")
+        values.append(value)
+    return values
 
 
 class TextTokenizer(ABC):

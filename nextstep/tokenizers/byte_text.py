@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nextstep.config import Config, as_integer, described
+from nextstep.config import Config
 from nextstep.registry import register_component
-from nextstep.tokenizers.base import TextTokenizer
+from nextstep.tokenizers.base import TextTokenizer, token_id_list
 from nextstep.tokenizers.special_tokens import END_OF_TEXT, NEXTSTEP_SPECIAL_TOKENS
 
 
@@ -44,7 +44,7 @@ class ByteTextTokenizer(TextTokenizer):
         """
         pieces: list[str] = []
         buffer = bytearray()
-        for token in _id_list(ids):
+        for token in token_id_list(ids):
             if 0 <= token < 256:
                 buffer.append(token)
                 continue
@@ -60,7 +60,8 @@ class ByteTextTokenizer(TextTokenizer):
             return self._special_strings[token]
         except KeyError:
             raise ValueError(
-                f"id {token} is outside the {self.registry_name} tokenizer's vocabulary of {self.vocab_size}"
+                f"id {token} is outside the {self.registry_name} tokenizer's vocabulary of "
+                f"{self.input_vocab_size}"
             ) from None
 
     def byte_id(self, value: int) -> int:
@@ -79,27 +80,6 @@ class ByteTextTokenizer(TextTokenizer):
         return 256 + len(self.specials)
 
 
-def _id_list(ids) -> list[int]:
-    """``ids`` as a list of ints, or a ``TypeError`` naming what they are instead."""
-    expected = "ids must be a list or 1-D sequence of ints"
-    shape = getattr(ids, "shape", None)
-    if shape is not None:
-        if len(shape) != 1:
-            kind = {"Tensor": "tensor", "ndarray": "array"}.get(type(ids).__name__, type(ids).__name__)
-            raise TypeError(f"{expected}, found a {kind} of shape {tuple(shape)}")
-        ids = ids.tolist()
-    elif isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-        raise TypeError(f"{expected}, found {type(ids).__name__} {ids!r}")
-    values = []
-    for token in ids:
-        value = as_integer(token)
-        if value is None:
-            if isinstance(token, (list, tuple)) or getattr(token, "ndim", 0):
-                raise TypeError(f"{expected}, found a {type(ids).__name__} holding a {type(token).__name__} "
-                                f"({token!r})")
-            raise TypeError(f"{expected}, found {described(token)} among them")
-        values.append(value)
-    return values
 
 
 def _decode_bytes(data: bytearray) -> str:

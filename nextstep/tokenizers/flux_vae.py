@@ -9,6 +9,8 @@ Legend: B batch, C latent channels, H/W pixel sides, h/w latent sides.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +76,8 @@ class FluxVAEConfig(Config):
     patch_size: int = 2
 
     def validate(self) -> None:
+        for name in ("in_channels", "out_channels"):
+            require(getattr(self, name) == 3, name, getattr(self, name), "3 (images are RGB throughout the library)")
         require(self.ch > 0, "ch", self.ch, "positive")
         require(len(self.ch_mult) >= 1 and all(m > 0 for m in self.ch_mult), "ch_mult",
                 self.ch_mult, "a non-empty sequence of positive integers")
@@ -304,12 +308,14 @@ class FluxVAE(ImageTokenizer):
     def samples_latents(self) -> bool:
         return not self.config.deterministic
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor,
+               generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f).
 
         With ``deterministic`` off, the posterior is sampled as NextStep-1's VAE samples
         it: with ``layer_norm`` the mean is standardised first and the sample keeps the
         posterior's own spread around it; the scale and shift apply to the sample.
+        ``generator`` draws the sample: one for the batch, or one per image (B).
         """
         config = self.config
         mean, logvar = self.encode_moments(images)
@@ -319,9 +325,44 @@ class FluxVAE(ImageTokenizer):
             method = "scale_shift"  # what is left to apply after the standardisation
         latents = mean
         if not config.deterministic:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            if generator is None or isinstance(generator, torch.Generator):
+                noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            else:
+                generators = list(generator)
+                if len(generators) != mean.shape[0]:
+                    raise ValueError(f"generator must be one generator or one per image ({mean.shape[0]}), "
+                                     f"found {len(generators)}")
+                noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=each, device=mean.device,
+                                               dtype=mean.dtype) for each in generators])
             latents = mean + torch.exp(0.5 * logvar) * noise
         return normalize_latents(latents, method, scale=config.scaling_factor, shift=config.shift_factor)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """`ImageTokenizer.grid_size`; with ``layer_norm`` standardisation over blocks of
+        ``normalization_patch_size`` latents that the token patch does not tile, the sides must also give
+        whole blocks (multiples of ``downsample`` x their least common multiple)."""
+        grid = super().grid_size(height, width)
+        config = self.config
+        block = math.lcm(config.patch_size, config.normalization_patch_size)
+        if config.normalization == "layer_norm" and block != config.patch_size:
+            step = self.downsample * block
+            for name, value in (("height", height), ("width", width)):
+                if int(value) % step:
+                    raise ValueError(f"image {name} must be a positive multiple of {step} (VAE factor "
+                                     f"{self.downsample} x {block}, the least common multiple of the token patch "
+                                     f"{config.patch_size} and the standardisation block "
+                                     f"{config.normalization_patch_size}), found {value}")
+        return grid
+
+    def encode_seeded(self, images: torch.Tensor, seed: int | Sequence[int]) -> torch.Tensor:
+        """`ImageTokenizer.encode_seeded`, with one seed per image drawn in one batch (a generator seeded
+        by each image's seed, on the images' device)."""
+        if not self.samples_latents or isinstance(seed, int):
+            return super().encode_seeded(images, seed)
+        seeds = list(seed)
+        if len(seeds) != images.shape[0]:
+            raise ValueError(f"seed must be one int or one per image ({images.shape[0]}), found {len(seeds)}")
+        return self.encode(images, [torch.Generator(images.device).manual_seed(int(each)) for each in seeds])
 
     def forward(self, images: torch.Tensor, noise_gamma: float = 0.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -330,12 +371,14 @@ class FluxVAE(ImageTokenizer):
         With ``noise_gamma > 0`` the latents get NextStep-1's training noise
         (`perturb_latents`) at the scale of the standardised latents, before
         ``scaling_factor`` and ``shift_factor`` (as the release's VAE adds it to its
-        posterior sample): the normalised latents get it times ``scaling_factor``.
+        posterior sample): the normalised latents get it times ``|scaling_factor|`` (unscaled with
+        ``normalization="none"``, which applies no scale).
         0 gives the plain reconstruction. ``generator`` is the source of every draw
         (a sampled posterior's too).
         """
-        latents = perturb_latents(self.encode(images, generator), noise_gamma * self.config.scaling_factor,
-                                  generator)
+        scaled = self.config.normalization in ("layer_norm", "scale_shift")  # "none" leaves the latents unscaled
+        scale = abs(self.config.scaling_factor) if scaled else 1.0
+        latents = perturb_latents(self.encode(images, generator), noise_gamma * scale, generator)
         return self.decode(latents)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nextstep.config import Config, require
 from nextstep.registry import register_component
-from nextstep.tokenizers.base import TextTokenizer
+from nextstep.tokenizers.base import TextTokenizer, token_id_list
 from nextstep.tokenizers.special_tokens import END_OF_TEXT, NEXTSTEP_SPECIAL_TOKENS, PAD
 
 
@@ -92,7 +92,7 @@ class HFTextTokenizer(TextTokenizer):
         return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
-        ids = [int(i) for i in ids]
+        ids = token_id_list(ids)
         size = self.vocab_size
         outside = [i for i in ids if not 0 <= i < size]
         if outside:
@@ -130,9 +130,11 @@ class HFTextTokenizer(TextTokenizer):
         return bytes(characters[character] for character in token)
 
     def special_token_id(self, token: str) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        specials = set(self.tokenizer.get_added_vocab()) | set(self.tokenizer.all_special_tokens)
+        token_id = self.tokenizer.convert_tokens_to_ids(token) if token in specials else None
         if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"special token {token!r} is not in the tokenizer's vocabulary")
+            raise ValueError(f"special token {token!r} is not among the tokenizer's added or special tokens "
+                             f"({len(specials)} of them)")
         return int(token_id)
 
     @property

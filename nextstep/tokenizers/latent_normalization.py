@@ -75,8 +75,8 @@ def perturb_latents(
         latents: (B, C, H, W).
         gamma: the largest noise scale (0.2 in NextStep-1); 0 returns ``latents``.
     """
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, found {gamma}")
+    if not gamma >= 0:  # NaN too
+        raise ValueError(f"gamma must be a number >= 0, found {gamma}")
     if gamma == 0:
         return latents
     batch = latents.shape[0]

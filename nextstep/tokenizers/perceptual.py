@@ -44,7 +44,12 @@ class EfficientNetLiteFeatures(FeatureNetwork):
                            weights_only=True)
         network.load_state_dict(state)
         self.network = network.eval().requires_grad_(False)
-        self.taps = tuple(sorted(taps))
+        blocks = len(network._blocks)
+        if not taps or any(isinstance(tap, bool) or not isinstance(tap, int) or not 0 <= tap < blocks
+                           for tap in taps):
+            raise ValueError(f"taps must be one or more block indices in [0, {blocks}) of EfficientNet-Lite0, "
+                             f"found {tuple(taps)!r}")
+        self.taps = tuple(sorted(set(taps)))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -91,6 +96,9 @@ class PerceptualLoss(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x, y: (B, 3, H, W) in [-1, 1] -> (B,) distances."""
         fx, fy = self.features(x), self.features(y.detach())
+        if self.layer_weights is not None and len(self.layer_weights) != len(fx):
+            raise ValueError(f"the perceptual layer weights hold {len(self.layer_weights)} layers, the feature "
+                             f"network gives {len(fx)} feature maps")
         total = x.new_zeros(x.shape[0])
         for index, (a, b) in enumerate(zip(fx, fy)):
             difference = (_unit_channels(a) - _unit_channels(b)).pow(2)

@@ -384,11 +384,12 @@ def build_latent_cache(
                     "image-caption pairs only, so train them from images (leave data.latent_cache empty)"
                 )
             batch = collate_samples(samples, height, width)
-            # A sampled posterior: the same sample of each image on every build.
-            # In the tokenizer's own dtype and precision, as training encodes (`NextStep.encode_images`).
+            # A sampled posterior: each image's sample seeded by its index, the same on every build (whatever
+            # the batch size, or the samples dropped beside it). In the tokenizer's own dtype and precision, as
+            # training encodes (`NextStep.encode_images`).
             images = batch.images.to(device, dtype if dtype.is_floating_point else batch.images.dtype)
             with without_autocast(images.device.type):
-                latents = tokenizer.encode_seeded(images, indices[start])
+                latents = tokenizer.encode_seeded(images, loaded)
             tokens = tokenizer.patchify(latents).float().cpu()  # (B, N, D)
             pending_tokens.append(tokens)
             pending_keys.extend(batch.keys)
