@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -28,15 +27,20 @@ def _positive_int(value: str) -> int:
     return number
 
 
+#: The largest float32: scales above it overflow where they are applied.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _scale(value: str) -> float:
     """A finite number >= 0: a guidance scale or a temperature."""
     try:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, found {value!r}") from None
-    if not 0 <= number < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, found {value}")
+    if not 0 <= number <= FLOAT32_MAX:  # the guidance and noise are scaled in float32
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (at most {FLOAT32_MAX:.4g}), found {value}")
     return number
+
 
 
 def _output_folder(value: str) -> str:

@@ -44,21 +44,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``.
 
     The writer writes to the yielded path. If the block raises (or the process
-    dies), ``path`` keeps its previous content.
+    dies), ``path`` keeps its previous content. The new file keeps the mode of the
+    file it replaces (a new one gets 0666 less the umask), and a symbolic link at
+    ``path`` has its target replaced.
     """
     path = Path(path)
+    if path.is_symlink():  # the link's target is replaced, and the link kept
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates owner-only files; give the result the permissions of an ordinary new file.
-    os.chmod(tmp_path, 0o666 & ~_umask())
+    # mkstemp creates owner-only files; give the result the permissions of the file it replaces, or of an
+    # ordinary new file.
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
+    os.chmod(tmp_path, 0o600)  # writable by its writer whatever the umask, until it is complete
     try:
         yield tmp_path
-        # Again: a writer that replaces the file (as safetensors does) leaves its own, owner-only, mode.
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
+        descriptor = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        # Last: a writer that replaces the file (as safetensors does) leaves its own, owner-only, mode.
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     finally:
@@ -253,6 +262,8 @@ def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text, as a {what} is: {error}") from error
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data

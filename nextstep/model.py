@@ -134,6 +134,9 @@ class NextStep(nn.Module):
         self.backbone = backbone
         self.image_head = image_head
         self.sampler = sampler
+        #: Parts of the file the model was loaded from stored in another dtype than they load in, which
+        #: `save_pretrained` stores so again (see `nextstep.serialization.stored_dtypes`); {} for a new model.
+        self.stored_dtypes: dict[str, torch.dtype] = {}
         hidden = backbone.hidden_size
         self.image_in_projector = nn.Linear(image_tokenizer.token_dim, hidden)
         self.image_out_projector = nn.Linear(hidden, hidden)
@@ -434,8 +437,9 @@ class NextStep(nn.Module):
         """Write ``config.json``, ``model.safetensors`` and tokenizer files atomically.
 
         ``storage_dtypes`` stores some parts in another floating dtype, e.g.
-        ``{"image_tokenizer.decoder": torch.float16}``; ``extra_files`` (name -> text) are written
-        in the same replacement (see `nextstep.serialization.save_pretrained`).
+        ``{"image_tokenizer.decoder": torch.float16}`` (None: as the file the model was loaded from
+        stored them, `stored_dtypes`); ``extra_files`` (name -> text) are written in the same
+        replacement (see `nextstep.serialization.save_pretrained`).
         """
         from nextstep.serialization import save_pretrained
 

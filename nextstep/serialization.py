@@ -54,9 +54,15 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
             tensors are stored in, to make the file smaller; the rest keep the
             model's dtype. A part of the file (the image tokenizer, or the rest
             of the model) with mixed dtypes loads in the dtype the model is
-            built in (float32 by default).
+            built in (float32 by default). None (the default): those of the file
+            the model was loaded from (``model.stored_dtypes``, set by
+            `load_pretrained`), so that loading and saving keeps a float16
+            decoder float16; ``{}`` stores everything in the model's dtypes.
     """
-    storage_dtypes = dict(storage_dtypes or {})
+    if storage_dtypes is None:  # as the file it was loaded from stored it, where those parts still are
+        storage_dtypes = {prefix: stored for prefix, stored in getattr(model, "stored_dtypes", {}).items()
+                          if any(_under(name, prefix) for name in model.state_dict())}
+    storage_dtypes = dict(storage_dtypes)
     extra_files = dict(extra_files or {})
     for name in extra_files:
         if not isinstance(name, str) or Path(name).name != name or name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -144,7 +150,8 @@ def load_pretrained(directory: Path, *, device: torch.device | str = "cpu", dtyp
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"expected weights at {weights}, found nothing")
-    part_dtypes = None if dtype is not None else saved_part_dtypes(read_checkpoint_index(weights))
+    infos = read_checkpoint_index(weights)
+    part_dtypes = None if dtype is not None else saved_part_dtypes(infos)
     with torch.device("meta"):
         model = build_model(config, base_dir=directory)
     if part_dtypes is not None:  # still on the meta device: this only sets the dtypes loading allocates
@@ -152,7 +159,36 @@ def load_pretrained(directory: Path, *, device: torch.device | str = "cpu", dtyp
         model.to(part_dtypes["model"] or built)
         model.image_tokenizer.to(part_dtypes["image_tokenizer"] or built)
     load_safetensors(model, weights, dtype=dtype, device=device)
+    # Parts stored in another dtype than they load in (a float16 decoder of a float32 tokenizer) are saved so
+    # again, unless a save says otherwise; none when a dtype was asked for.
+    model.stored_dtypes = {} if dtype is not None else stored_dtypes(model.state_dict(), infos)
     return model
+
+
+def stored_dtypes(state: dict[str, torch.Tensor], infos: dict) -> dict[str, torch.dtype]:
+    """The `save_pretrained` ``storage_dtypes`` that store ``state`` as the file of ``infos`` stores it: each
+    floating tensor saved in another dtype than it has in ``state``, under the shortest module prefix whose
+    tensors are all stored so.
+
+    Args:
+        state: the loaded model's state dict.
+        infos: the `nextstep.weights.TensorInfo` of each saved tensor, by name.
+    """
+    differing = {name: _SAFETENSORS_DTYPES[infos[name].dtype] for name, tensor in state.items()
+                 if name in infos and tensor.is_floating_point() and infos[name].dtype in _SAFETENSORS_DTYPES
+                 and _SAFETENSORS_DTYPES[infos[name].dtype] != tensor.dtype}
+    chosen: dict[str, torch.dtype] = {}
+    for name, stored in sorted(differing.items()):
+        if any(_under(name, prefix) for prefix in chosen):
+            continue
+        parts = name.split(".")
+        for length in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:length])
+            under = [other for other in state if _under(other, prefix) and state[other].is_floating_point()]
+            if all(differing.get(other) == stored for other in under):
+                chosen[prefix] = stored
+                break
+    return chosen
 
 
 def saved_part_dtypes(infos: dict) -> dict[str, torch.dtype | None]:

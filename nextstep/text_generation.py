@@ -27,6 +27,7 @@ import torch
 from nextstep.generation import PromptRow, check_prompts, check_seed, encode_each, prefill
 from nextstep.images import as_image_list
 from nextstep.text_sampling import check_text_sampling, choose_tokens
+from nextstep.tokenizers.special_tokens import NEXTSTEP_SPECIAL_TOKENS
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -179,15 +180,24 @@ def generate_text(
 
 
 def _stopping_before_images(tokenizer, kwargs: dict) -> dict:
-    """``kwargs`` with ``stop_ids`` at end-of-text and ``<|image_area|>`` unless given (None counts as not)."""
+    """``kwargs`` with ``stop_ids`` at end-of-text and ``<|image_area|>``, and ``banned_ids`` the other NextStep
+    control tokens (an image's markers, the thinking and prompt-refinement ones), which are no text, unless
+    given (None counts as not)."""
     if kwargs.get("stop_ids") is None:
         kwargs = {**kwargs, "stop_ids": [tokenizer.eos_id, tokenizer.image_area_id]}
+    if kwargs.get("banned_ids") is None:
+        given = kwargs["stop_ids"]  # checked by generate_text, which names what is wrong with them
+        stops = set(given) if isinstance(given, (list, tuple, set, range)) else set()
+        kwargs = {**kwargs, "banned_ids": [token for token in (tokenizer.special_token_id(name)
+                                                               for name in NEXTSTEP_SPECIAL_TOKENS)
+                                           if token not in stops]}
     return kwargs
 
 
 def complete_text(model: "NextStep", prompts: str | Sequence[str], **kwargs: Any) -> GeneratedText:
     """Continue text prompts; a row stops at ``<|endoftext|>`` or where an image would begin
-    (``<|image_area|>``). Keyword arguments are those of `generate_text`."""
+    (``<|image_area|>``), and writes none of NextStep's other control tokens unless ``banned_ids`` is
+    given. Keyword arguments are those of `generate_text`."""
     tokenizer = model.require_text_tokenizer()
     rows = []
     for prompt in check_prompts(prompts):
@@ -204,7 +214,8 @@ def caption_images(model: "NextStep",
     """Caption images: each is encoded by the image tokenizer and read as
     ``<|image_area|>{h}*{w}<|begin_of_image|>{tokens}<|end_of_image|>``, then the model writes
     until ``<|endoftext|>``, or until it starts another image (``<|image_area|>``), which text
-    generation cannot fill.
+    generation cannot fill; NextStep's other control tokens are never written unless ``banned_ids``
+    is given.
 
     Args:
         model: the model.

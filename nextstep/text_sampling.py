@@ -47,6 +47,7 @@ def kept_log_weights(logits: torch.Tensor, *, temperature: float = 1.0, top_k: i
         raise ValueError(f"logits must have shape (R, V), found {tuple(logits.shape)}")
     if not temperature > 0:
         raise ValueError(f"kept_log_weights needs temperature > 0, found {temperature!r}")
+    check_text_sampling(temperature, top_k, top_p)
     weights = logits.float()
     if banned is not None:
         if banned.shape != weights.shape[-1:]:
@@ -87,6 +88,10 @@ def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: 
         raise ValueError(f"expected one uniform per row, shape ({logits.shape[0]},), found {tuple(uniforms.shape)}")
     if banned is not None and bool(banned.all()):
         raise ValueError("every class is banned; nothing can be chosen")
+    if logits.ndim == 2 and logits.numel() and bool(torch.isnan(logits).any()):
+        rows = torch.isnan(logits).any(dim=-1).nonzero().flatten().tolist()
+        raise FloatingPointError(f"the LM head's logits hold NaN (rows {rows[:5]}): no token can be chosen from "
+                                 "them; the model's weights or inputs are not finite")
     if temperature == 0:
         weights = logits.float()
         if banned is not None:

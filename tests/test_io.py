@@ -134,3 +134,36 @@ def test_a_name_with_a_folder_separator_or_a_suffix_is_a_path(name, is_path):
     if is_path:
         with pytest.raises(FileNotFoundError, match="expected a model directory at"):
             check_preset_name(name)
+
+
+def test_a_replaced_file_keeps_its_mode_and_a_link_its_target(tmp_path):
+    from nextstep.io import atomic_write_text
+
+    private = tmp_path / "private.json"
+    private.write_text("old")
+    private.chmod(0o600)
+    atomic_write_text(private, "new")
+    assert private.read_text() == "new" and private.stat().st_mode & 0o777 == 0o600
+    target = tmp_path / "target.json"
+    target.write_text("old")
+    (tmp_path / "link.json").symlink_to(target)
+    atomic_write_text(tmp_path / "link.json", "new")
+    assert (tmp_path / "link.json").is_symlink() and target.read_text() == "new"
+
+
+def test_a_file_is_written_whatever_the_umask_and_gets_the_mode_it_allows(tmp_path, monkeypatch):
+    """Under a umask that leaves the owner read-only, the file is still written (and fsynced) before it takes
+    that mode."""
+    import nextstep.io as io_module
+
+    monkeypatch.setattr(io_module, "_UMASK", 0o277)
+    io_module.atomic_write_text(tmp_path / "a.txt", "text")
+    assert (tmp_path / "a.txt").read_text() == "text" and (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o400
+
+
+def test_a_json_file_that_is_not_utf8_is_named(tmp_path):
+    from nextstep.io import read_json_object
+
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=r"config.json is not UTF-8 text, as a config.json is"):
+        read_json_object(tmp_path / "config.json", "config.json")

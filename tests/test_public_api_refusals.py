@@ -156,7 +156,10 @@ def test_generate_checks_the_request_before_the_folder_of_another_one(tmp_path, 
     assert main(common + ["-o", str(out)]) == 0
     with pytest.raises(SystemExit):
         main(common + ["-o", str(out), "--cfg", "nan"])
-    assert "argument --cfg: expected a finite number >= 0, found nan" in capsys.readouterr().err
+    assert "argument --cfg: expected a finite number >= 0 (at most 3.403e+38), found nan" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # finite in float64, but not as the float32 it is applied in
+        main(common + ["-o", str(out), "--cfg", "1e39"])
+    assert "argument --cfg: expected a finite number >= 0 (at most 3.403e+38), found 1e39" in capsys.readouterr().err
     assert main(common + ["-o", str(out), "--sampler", "ralston"]) == 2  # not "already holds ... --overwrite"
     assert "unknown sampler 'ralston'" in capsys.readouterr().err
     assert main(common + ["-o", str(out), "--image", str(tmp_path / "missing.png")]) == 2

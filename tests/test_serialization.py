@@ -447,3 +447,22 @@ def test_extra_files_are_written_with_the_model_and_must_be_plain_names(tmp_path
         with pytest.raises(ValueError, match="extra_files must name plain files beside the model's own"):
             model.save_pretrained(tmp_path / "n", extra_files={name: "x"})
     assert not (tmp_path / "n").exists()
+
+
+def test_loading_and_saving_keeps_the_parts_stored_in_another_dtype_unless_told(tmp_path):
+    from nextstep import build_model
+    from nextstep.weights import read_checkpoint_index
+
+    def decoder_dtypes(folder):
+        return {info.dtype for name, info in read_checkpoint_index(folder / "model.safetensors").items()
+                if name.startswith("image_tokenizer.decoder.")}
+
+    build_model("tiny", seed=0).save_pretrained(tmp_path / "half", storage_dtypes={
+        "image_tokenizer.decoder": torch.float16})
+    loaded = NextStep.from_pretrained(tmp_path / "half")
+    assert loaded.stored_dtypes == {"image_tokenizer.decoder": torch.float16}
+    loaded.save_pretrained(tmp_path / "again")
+    assert decoder_dtypes(tmp_path / "again") == {"F16"}
+    loaded.save_pretrained(tmp_path / "full", storage_dtypes={})
+    assert decoder_dtypes(tmp_path / "full") == {"F32"}
+    assert NextStep.from_pretrained(tmp_path / "half", dtype=torch.float32).stored_dtypes == {}

@@ -7,6 +7,7 @@ from PIL import Image
 from nextstep import build_model
 from nextstep.backbones import positions_from_mask
 from nextstep.text_generation import caption_images, complete_text, generate_text
+from nextstep.tokenizers.special_tokens import NEXTSTEP_SPECIAL_TOKENS
 
 
 def image_row(model, tokens, grid_h, grid_w):
@@ -116,7 +117,11 @@ def test_captioning_reads_the_image_first_and_takes_pil_images_or_tensors(traine
     from_pil = caption_images(model, pil, max_new_tokens=5)
     tokens, grid_h, grid_w = model.encode_images(torch.cat([from_pil_tensor(p) for p in pil]))
     rows = [image_row(model, t, grid_h, grid_w) for t in tokens]
-    direct = generate_text(model, rows, max_new_tokens=5)
+    tokenizer = model.text_tokenizer
+    stops = [tokenizer.eos_id, tokenizer.image_area_id]  # and no other control token is written
+    controls = [tokenizer.special_token_id(name) for name in NEXTSTEP_SPECIAL_TOKENS]
+    direct = generate_text(model, rows, max_new_tokens=5, stop_ids=stops,
+                           banned_ids=[token for token in controls if token not in stops])
     assert from_pil.ids == direct.ids
     assert len(from_tensor.ids) == 2
     mixed = caption_images(model, [pil[0], Image.new("RGB", (48, 32), "white")], max_new_tokens=3)
@@ -237,3 +242,22 @@ def test_lm_head_classes_past_the_tokenizer_vocabulary_are_never_written():
     assert written.ids == [[tokenizer.eos_id]] * 16
     free = generate_text(model, rows, max_new_tokens=3, temperature=50.0, stop_ids=[])
     assert all(i < tokenizer.vocab_size for ids in free.ids for i in ids)
+
+
+def test_captions_and_completions_write_no_control_tokens_but_the_stops_unless_told(monkeypatch):
+    import nextstep.text_generation as text_generation
+    from nextstep.tokenizers.special_tokens import BEGIN_OF_IMAGE, END_OF_IMAGE
+
+    model = build_model("tiny", seed=0)
+    tokenizer = model.text_tokenizer
+    with torch.no_grad():  # an LM head that always prefers <|begin_of_image|>
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tokenizer.special_token_id(BEGIN_OF_IMAGE)] = 1.0
+    captions = caption_images(model, [Image.new("RGB", (32, 32), "red")], max_new_tokens=4)
+    completions = complete_text(model, ["a red"], max_new_tokens=4)
+    for result in (captions, completions):
+        assert BEGIN_OF_IMAGE not in result.texts[0] and END_OF_IMAGE not in result.texts[0]
+    asked = {}
+    monkeypatch.setattr(text_generation, "generate_text", lambda model, rows, **kwargs: asked.update(kwargs))
+    caption_images(model, [Image.new("RGB", (32, 32), "red")], banned_ids=())
+    assert asked["banned_ids"] == ()  # as given

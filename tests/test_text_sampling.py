@@ -128,3 +128,17 @@ def test_a_draw_at_the_total_takes_the_last_kept_class():
     logits = torch.tensor([[1.0, 2.0, 0.5, 3.0]])
     banned = torch.tensor([False, False, False, True])
     assert choose_tokens(logits, torch.tensor([1.0]), banned=banned).tolist() == [2]
+
+
+@pytest.mark.parametrize(("options", "message"), [(dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
+                                                  (dict(top_p=-1.0), "top_p")])
+def test_the_kept_weights_refuse_filters_that_would_keep_nothing(options, message):
+    with pytest.raises(ValueError, match=message):
+        kept_log_weights(torch.tensor([[1.0, 2.0, 3.0]]), **options)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logits_holding_nan_are_refused_rather_than_read_as_a_token(temperature):
+    logits = torch.tensor([[1.0, 2.0], [float("nan"), 0.0]])
+    with pytest.raises(FloatingPointError, match=r"the LM head's logits hold NaN \(rows \[1\]\)"):
+        choose_tokens(logits, temperature=temperature, uniforms=torch.rand(2))
