@@ -383,6 +383,10 @@ def command_eval_tokenizer(args: argparse.Namespace) -> int:
     from nextstep.tokenizers import FluxVAE
     from nextstep.tokenizers.vae_checkpoints import load_flux_vae
 
+    try:  # before anything is evaluated
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the output folder {args.output}: {error.strerror or error}") from None
     path = Path(args.tokenizer)
     if path.exists():
         tokenizer = load_flux_vae(path)
@@ -709,7 +713,9 @@ def command_convert(args: argparse.Namespace) -> int:
 def command_replace_decoder(args: argparse.Namespace) -> int:
     from nextstep.builders import load_model
     from nextstep.image_decoder import replace_image_decoder
+    from nextstep.io import check_replaceable
 
+    check_replaceable(Path(args.output))  # before anything loads
     model = load_model(args.model)
     replace_image_decoder(model, _image_tokenizer_of(args.tokenizer))
     storage = {} if args.decoder_dtype == "float32" else {"image_tokenizer.decoder": getattr(torch, args.decoder_dtype)}
@@ -751,8 +757,10 @@ def command_add_word_aliases(args: argparse.Namespace) -> int:
 
 def command_add_word_vectors(args: argparse.Namespace) -> int:
     from nextstep.builders import load_model
+    from nextstep.io import check_replaceable
     from nextstep.tokenizers.word_vector_table import sentence_encoder_word_vectors
 
+    check_replaceable(Path(args.output))  # before the sentence encoder loads
     model = sentence_encoder_word_vectors(load_model(args.model), dim=args.dim,
                                           substitution_probability=args.substitution_probability)
     model.save_pretrained(args.output)
@@ -885,10 +893,12 @@ def build_parser() -> argparse.ArgumentParser:
         "eval-tokenizer", help="PSNR/SSIM on held-out photo crops, baselines, robustness, dispersion")
     evaluate.add_argument("tokenizer", help="a VAE checkpoint (file or directory, any layout) "
                                             "or a preset ('tiny', 'flux') with random weights")
-    evaluate.add_argument("--output", "-o", default="outputs/eval-tokenizer", type=_output_folder)
+    evaluate.add_argument("--output", "-o", default="outputs/eval-tokenizer", type=_output_folder,
+                          help="the folder of the report files (default outputs/eval-tokenizer)")
     evaluate.add_argument("--count", type=_positive_int, default=256, help="number of crops")
     evaluate.add_argument("--size", type=_positive_int, default=64, help="crop side in pixels")
-    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument("--seed", type=int, default=1234,
+                          help="seed of the crops (and of a preset's random weights); default 1234")
     evaluate.set_defaults(handler=command_eval_tokenizer)
 
     convert = commands.add_parser(

@@ -119,8 +119,11 @@ def atomic_directory(path: str | os.PathLike, *, markers: tuple[str, ...] = REPL
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.trash-*") if path.name else ():
         shutil.rmtree(leftover, ignore_errors=True)  # an earlier write's old directory, half deleted
     check_replaceable(path, markers)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:  # named by the folder asked for, not by the hidden staging name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as error:
+        raise OSError(f"cannot write the folder {path}: {error.strerror or error}") from None
     os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging

@@ -662,3 +662,13 @@ def test_a_generation_cut_short_between_an_image_and_its_record_refuses_neither_
         assert record["steps"] == int(steps) and "replacing" not in record
     assert main(base + ["--steps", "3"]) == 2  # a third request is refused as before
     assert "with other settings: steps 2 there, 3 here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["replace-decoder", "tiny", "tiny"], ["add-word-vectors", "tiny"]])
+def test_commands_that_write_a_model_refuse_a_folder_of_other_files_before_loading(tmp_path, capsys, monkeypatch,
+                                                                                    command):
+    monkeypatch.setattr("nextstep.builders.load_model", lambda *a, **k: pytest.fail("loaded first"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert main([*command, str(tmp_path / "out")]) == 2
+    assert "found a folder of 1 other entries (notes.txt)" in capsys.readouterr().err

@@ -167,3 +167,12 @@ def test_a_json_file_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
     with pytest.raises(ValueError, match=r"config.json is not UTF-8 text, as a config.json is"):
         read_json_object(tmp_path / "config.json", "config.json")
+
+
+def test_a_folder_that_cannot_be_written_is_named_by_its_own_path(tmp_path):
+    from nextstep.io import atomic_directory
+
+    (tmp_path / "file").write_text("a file where a folder would go")
+    with pytest.raises(OSError, match=r"cannot write the folder .*file/out: "):
+        with atomic_directory(tmp_path / "file" / "out"):
+            pass

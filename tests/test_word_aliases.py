@@ -230,3 +230,15 @@ def test_new_aliases_replace_those_the_model_directory_had(tmp_path):
     assert config["text_tokenizer"]["aliases"] == {"ring": "circle"}
     tokenizer = NextStep.from_pretrained(tmp_path / "out").text_tokenizer
     assert tokenizer.decode(tokenizer.encode("a crimson ring")) == "a crimson circle"
+
+
+def test_words_that_have_vectors_get_no_alias_which_they_would_never_use(tmp_path):
+    from nextstep.model_config import ModelConfig
+    from nextstep.pretrained import model_directory
+    from nextstep.tokenizers.word_aliases import write_model_with_aliases
+
+    shipped = model_directory("emoji-shapes-64")
+    vector_word = ModelConfig.load(shipped / "config.json").text_tokenizer.config.vector_words[0]
+    written = write_model_with_aliases(shipped, tmp_path / "out",
+                                       lambda words: {vector_word: words[0], "zzzunheard": words[0]})
+    assert list(written) == ["zzzunheard"]  # the vector word's alias is left out

@@ -135,7 +135,7 @@ def write_model_with_aliases(source: str | Path, output: str | Path,
     """
     import shutil
 
-    from nextstep.io import atomic_directory, read_json_object
+    from nextstep.io import atomic_directory, check_replaceable, read_json_object
     from nextstep.model_config import ModelConfig
     from nextstep.serialization import CONFIG_NAME
     from nextstep.tokenizers.word_text import WordTextTokenizerConfig
@@ -147,7 +147,12 @@ def write_model_with_aliases(source: str | Path, output: str | Path,
         found = text.get("type") if isinstance(text, dict) else text
         raise ValueError(f"aliases need a word text tokenizer (type 'word'), found {found!r} in {source}")
     fields = {k: v for k, v in text.items() if k not in ("kind", "type")}
-    aliases = dict(aliases_for(WordTextTokenizerConfig.from_dict(fields).words))
+    tokenizer_config = WordTextTokenizerConfig.from_dict(fields)
+    # A word with a vector of its own reads as that vector before any alias: no alias for it.
+    with_vectors = set(tokenizer_config.vector_words)
+    check_replaceable(output)  # before the words are encoded
+    aliases = {word: known for word, known in aliases_for(tokenizer_config.words).items()
+               if word not in with_vectors}
     config["text_tokenizer"] = {**text, "aliases": aliases}
     model_config = ModelConfig.from_dict(config)  # names the first alias that does not fit the vocabulary
     with atomic_directory(output) as staging:
