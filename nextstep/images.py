@@ -77,7 +77,13 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
         levels = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode != "I" or levels.max(initial=0) > 255 else 255.0
         grey = np.clip(np.round(levels * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        rgb = Image.fromarray(grey, mode="L").convert("RGB")
+        key = image.info.get("transparency")
+        if isinstance(key, (int, float)) and not isinstance(key, bool):  # a grey level that is transparent
+            canvas = Image.new("RGB", rgb.size, background)
+            canvas.paste(rgb, mask=Image.fromarray(np.where(levels == key, 0, 255).astype(np.uint8), mode="L"))
+            return canvas
+        return rgb
     if image.mode in ("RGBa", "La"):  # premultiplied alpha
         image = image.convert("RGBA" if image.mode == "RGBa" else "LA")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # an alpha channel or a key colour

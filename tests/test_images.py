@@ -115,6 +115,16 @@ def test_dark_sixteen_bit_grey_levels_are_scaled_from_the_sixteen_bit_range():
     assert [rgb.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (1, 1, 1), (1, 1, 1)]
 
 
+def test_a_transparent_grey_level_of_a_sixteen_bit_png_is_laid_over_the_background(tmp_path):
+    levels = np.array([[1000, 65535, 0]], np.uint16)
+    Image.fromarray(levels).save(tmp_path / "grey.png", transparency=1000)
+    with Image.open(tmp_path / "grey.png") as opened:
+        assert opened.mode.startswith("I") and opened.info.get("transparency") == 1000
+        rgb = to_rgb(opened)
+    assert [rgb.getpixel((x, 0)) for x in range(3)] == [(255, 255, 255), (255, 255, 255), (0, 0, 0)]
+    assert to_rgb(Image.open(tmp_path / "grey.png"), background=(0, 0, 0)).getpixel((0, 0)) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_the_oriented_size_is_the_size_of_the_upright_image(tmp_path, orientation):
     from nextstep.images import oriented_size
