@@ -3,6 +3,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -499,15 +500,21 @@ def test_the_emoji_limit_is_checked_for_the_emoji_suite_only(tmp_path, capsys, m
         assert message in capsys.readouterr().err
 
 
-def test_eval_keeps_the_summary_of_earlier_suites_and_refuses_those_of_a_changed_model(tmp_path, tiny_model, capsys,
-                                                                                       monkeypatch):
+def _evaluation_of_a_saved_tiny_model(tmp_path, tiny_model, monkeypatch) -> tuple[dict, Path, list[str]]:
+    """Suites faked (what each is asked, by suite), the tiny model saved, and the start of an `eval` command line
+    into ``tmp_path / "eval"`` up to ``--suite``."""
     from cli_helpers import fake_suites
 
     asked = {}
     fake_suites(monkeypatch, asked=asked)
     tiny_model.save_pretrained(tmp_path / "model")
     out = tmp_path / "eval"
-    common = ["eval", str(tmp_path / "model"), "--size", "32", "--output", str(out), "--quiet", "--suite"]
+    return asked, out, ["eval", str(tmp_path / "model"), "--size", "32", "--output", str(out), "--quiet", "--suite"]
+
+
+def test_eval_keeps_the_summary_of_earlier_suites_and_refuses_those_of_a_changed_model(tmp_path, tiny_model, capsys,
+                                                                                       monkeypatch):
+    asked, out, common = _evaluation_of_a_saved_tiny_model(tmp_path, tiny_model, monkeypatch)
     assert main(common + ["shapes"]) == 0
     assert asked["shapes"]["images_per_tag"] == 100 and asked["shapes"]["settings"].batch_size == 32
     assert main(common + ["tokenizer", "--crops", "4", "--batch-size", "8"]) == 0  # the batch size changes no result
@@ -603,13 +610,8 @@ def test_modules_named_after_the_command_are_imported_from_the_current_directory
 
 def test_eval_passes_sampler_options_on_records_them_and_reads_older_records_as_none(tmp_path, tiny_model, capsys,
                                                                                       monkeypatch):
-    from cli_helpers import fake_suites
-
-    asked = {}
-    fake_suites(monkeypatch, asked=asked)
-    tiny_model.save_pretrained(tmp_path / "model")
-    out = tmp_path / "eval"
-    common = ["eval", str(tmp_path / "model"), "--size", "32", "--output", str(out), "--quiet", "--suite", "shapes"]
+    asked, out, common = _evaluation_of_a_saved_tiny_model(tmp_path, tiny_model, monkeypatch)
+    common = [*common, "shapes"]
     options = ["--sampler", "euler_maruyama", "--sampler-option", "last_step_size=0"]
     assert main(common + options) == 0
     assert asked["shapes"]["settings"].sampler_options == {"last_step_size": 0}
