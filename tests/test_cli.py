@@ -141,7 +141,6 @@ def test_info_of_a_saved_model(tmp_path, tiny_model, capsys):
 def test_the_command_line_page_lists_every_subcommand_with_its_help():
     import argparse
     import re
-    from pathlib import Path
 
     from nextstep.cli import build_parser
 
@@ -404,8 +403,6 @@ def test_tokens_that_are_not_finite_are_refused_rather_than_saved(tmp_path, caps
 
 
 def test_an_image_write_cut_short_leaves_no_partial_file(tmp_path, monkeypatch):
-    from pathlib import Path
-
     def cut_short(image, file, *args, **kwargs):
         Path(file).write_bytes(b"\x89PNG partial")
         raise KeyboardInterrupt
