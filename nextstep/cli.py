@@ -189,9 +189,10 @@ def command_generate(args: argparse.Namespace) -> int:
         entry = {**expected[path.name], "resolved": resolved}
         if replacing:
             earlier = current.get(path.name)
-            if not path.exists() or earlier == entry:
+            if earlier == entry:
                 return
-            entry["replacing"] = earlier
+            if path.exists():  # a new file is recorded before it is written too: no file, no claim on one
+                entry["replacing"] = earlier
         current[path.name] = entry
         atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(current, indent=2) + "\n")
     for name in expected:  # before the model loads

@@ -57,7 +57,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     # mkstemp creates owner-only files; give the result the permissions of the file it replaces, or of an
     # ordinary new file.
-    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
+    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o666 & ~_umask()
     os.chmod(tmp_path, 0o600)  # writable by its writer whatever the umask, until it is complete
     try:
         yield tmp_path

@@ -27,6 +27,7 @@ import torch
 from nextstep.generation import PromptRow, check_prompts, check_seed, encode_each, prefill
 from nextstep.images import as_image_list
 from nextstep.text_sampling import check_text_sampling, choose_tokens
+from nextstep.tokenizers.base import token_id_list
 from nextstep.tokenizers.special_tokens import NEXTSTEP_SPECIAL_TOKENS
 
 if TYPE_CHECKING:
@@ -186,8 +187,10 @@ def _stopping_before_images(tokenizer, kwargs: dict) -> dict:
     if kwargs.get("stop_ids") is None:
         kwargs = {**kwargs, "stop_ids": [tokenizer.eos_id, tokenizer.image_area_id]}
     if kwargs.get("banned_ids") is None:
-        given = kwargs["stop_ids"]  # checked by generate_text, which names what is wrong with them
-        stops = set(given) if isinstance(given, (list, tuple, set, range)) else set()
+        try:  # checked by generate_text, which names what is wrong with them
+            stops = set(token_id_list(kwargs["stop_ids"]))
+        except TypeError:
+            stops = set()
         kwargs = {**kwargs, "banned_ids": [token for token in (tokenizer.special_token_id(name)
                                                                for name in NEXTSTEP_SPECIAL_TOKENS)
                                            if token not in stops]}

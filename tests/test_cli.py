@@ -671,3 +671,25 @@ def test_commands_that_write_a_model_refuse_a_folder_of_other_files_before_loadi
     (tmp_path / "out" / "notes.txt").write_text("mine")
     assert main([*command, str(tmp_path / "out")]) == 2
     assert "found a folder of 1 other entries (notes.txt)" in capsys.readouterr().err
+
+
+def test_a_new_image_is_recorded_before_it_is_written_so_a_rerun_after_a_crash_goes_on(tmp_path, capsys,
+                                                                                       monkeypatch):
+    import nextstep.io
+
+    base = ["generate", "a red circle", "--model", "tiny", "--height", "32", "--width", "32", "--quiet",
+            "--steps", "1", "--output", str(tmp_path)]
+    writes = []
+    write = nextstep.io.atomic_write_text
+
+    def failing_second(path, text):  # the record written once the new image landed
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError("no space left on device")
+        write(path, text)
+
+    monkeypatch.setattr(nextstep.io, "atomic_write_text", failing_second)
+    assert main(base) == 2
+    monkeypatch.undo()
+    assert (tmp_path / "000-a-red-circle-0.png").is_file()
+    assert main(base) == 0, capsys.readouterr().err  # not refused as an image of unrecorded settings

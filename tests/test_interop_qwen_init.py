@@ -264,3 +264,12 @@ def test_a_qwen_config_without_tie_word_embeddings_has_its_own_lm_head(small_qwe
     assert not head.tied and torch.equal(head.output_weight(), stored)
     model = nextstep_from_qwen(small_qwen, image_tokenizer=tiny_vae(), head="tiny")
     assert not model.lm_head.tied and torch.equal(model.lm_head.weight[:278], stored[:278])
+
+
+def test_a_model_from_qwen_normalises_its_tokens_only_for_a_standardising_vae(small_qwen):
+    flux_shaped = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=4,
+                                        normalization="scale_shift"))
+    assert not nextstep_from_qwen(small_qwen, image_tokenizer=flux_shaped, head="tiny").config.use_norm
+    standardising = FluxVAE(FluxVAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=4,
+                                          normalization="layer_norm"))
+    assert nextstep_from_qwen(small_qwen, image_tokenizer=standardising, head="tiny").config.use_norm

@@ -527,15 +527,15 @@ def test_the_efficientnet_features_stay_frozen_in_training_mode_and_stop_after_t
     pytest.importorskip("efficientnet_lite_pytorch")
     from nextstep.tokenizers.perceptual import EfficientNetLiteFeatures
 
-    features = EfficientNetLiteFeatures(taps=(0, 2, 99))
+    features = EfficientNetLiteFeatures(taps=(0, 2, 5))
     assert features.train() is features and features.training and not features.network.training
     blocks = features.network._blocks
     ran = []
     for block in blocks:
         block.register_forward_hook(lambda module, inputs, output: ran.append(module))
     maps = features(torch.zeros(1, 3, 32, 32))
-    assert [m.shape[1] for m in maps[1:]] == [blocks[i]._project_conv.out_channels for i in (0, 2)]
-    assert len(maps) == 3 and len(ran) == len(blocks)  # a tap past the last block is no map, and no early stop
+    assert [m.shape[1] for m in maps[1:]] == [blocks[i]._project_conv.out_channels for i in (0, 2, 5)]
+    assert len(maps) == 4 and len(ran) == 6  # no block after the last tap runs
 
 
 # ------------------------------------------------------------------ datasets and scenes

@@ -261,3 +261,14 @@ def test_captions_and_completions_write_no_control_tokens_but_the_stops_unless_t
     monkeypatch.setattr(text_generation, "generate_text", lambda model, rows, **kwargs: asked.update(kwargs))
     caption_images(model, [Image.new("RGB", (32, 32), "red")], banned_ids=())
     assert asked["banned_ids"] == ()  # as given
+
+
+def test_stop_ids_given_as_a_tensor_are_stops_not_banned(monkeypatch):
+    import nextstep.text_generation as text_generation
+
+    model = build_model("tiny", seed=0)
+    area = model.text_tokenizer.image_area_id
+    asked = {}
+    monkeypatch.setattr(text_generation, "generate_text", lambda model, rows, **kwargs: asked.update(kwargs))
+    complete_text(model, ["a red"], stop_ids=torch.tensor([area]))
+    assert area not in asked["banned_ids"]

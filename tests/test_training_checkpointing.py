@@ -249,3 +249,20 @@ def test_each_process_restores_its_own_generator_state(tmp_path):
     torch.manual_seed(0)
     CheckpointManager(tmp_path, context=DistributedContext(rank=1, world_size=2)).load(path, model)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_pruning_that_fails_warns_and_keeps_the_new_checkpoint(tmp_path, monkeypatch):
+    import nextstep.training.checkpointing as checkpointing
+
+    model, optimizer = _setup()
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    manager.save(1, model, optimizer, {})
+
+    def refuse(path, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpointing, "remove_directory", refuse)
+    with pytest.warns(RuntimeWarning, match="could not remove the old checkpoint .*step-00000001 "
+                                            r"\(Permission denied\); it stays"):
+        manager.save(2, model, optimizer, {})
+    assert manager.steps() == [1, 2]

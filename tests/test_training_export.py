@@ -90,3 +90,13 @@ def test_export_model_casts_the_weight_average_to_the_dtype_asked_for(finished_r
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.bfloat16}
     average = read_safetensors(finished_run / "checkpoints" / "step-00000004" / "ema.safetensors")
     assert all(torch.equal(weights[name], tensor.to(torch.bfloat16)) for name, tensor in average.items())
+
+
+def test_export_in_a_dtype_stores_every_part_in_it(tmp_path):
+    from nextstep.weights import read_checkpoint_index
+
+    build_model("tiny", seed=0).save_pretrained(tmp_path / "half", storage_dtypes={
+        "image_tokenizer.decoder": torch.float16})
+    exported = export_model(tmp_path / "half", tmp_path / "bf16", use_ema=False, dtype=torch.bfloat16)
+    stored = {info.dtype for info in read_checkpoint_index(exported / "model.safetensors").values()}
+    assert stored == {"BF16"}

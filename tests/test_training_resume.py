@@ -393,3 +393,14 @@ def test_a_checkpoint_records_the_global_batch_of_every_process(tmp_path):
     assert trainer.trainer_state()["global_batch_size"] == 6
     trainer.layout = BatchLayout(2, 3, 4)  # as a process of a four-process job lays its steps out
     assert trainer.trainer_state()["global_batch_size"] == 24
+
+
+def test_a_checkpoint_without_its_generator_states_is_refused_before_the_model_changes(tmp_path):
+    config = tiny_config(max_steps=2, checkpoint_every=1)
+    tiny_trainer(tmp_path, config.replace(max_steps=1)).fit(resume=False)
+    (tmp_path / "checkpoints" / "step-00000001" / "rng.pt").unlink()
+    other = tiny_trainer(tmp_path, config)
+    before = {name: tensor.clone() for name, tensor in other.model.state_dict().items()}
+    with pytest.raises((OSError, ValueError)):
+        other.fit()
+    assert all(torch.equal(tensor, before[name]) for name, tensor in other.model.state_dict().items())

@@ -244,7 +244,8 @@ class HeldOutEmoji:
         from nextstep.images import image_grid
         from nextstep.io import atomic_path, atomic_write_text
 
-        settings = settings or SamplingSettings.from_defaults(model.config.generation)
+        settings = settings or SamplingSettings.from_defaults(model.config.generation, height=self.size,
+                                                                  width=self.size)
         _require_square(settings)
         if settings.height != self.size:
             raise ValueError(f"expected {self.size}x{self.size} settings for emoji prepared at that size, "

@@ -162,7 +162,9 @@ class PreparedFlowMatchingVelocity:
         if x_t.shape[0] != self.rows:
             raise ValueError(f"x_t must have {self.rows} rows like the condition, found {tuple(x_t.shape)}")
         if self.times is not None:
-            index = torch.searchsorted(self.times, t.contiguous())  # exact: t is one of self.times
+            # Exact when t is one of self.times (generation holds samplers to that, `promised_times`); a
+            # stray t past the last one reads the last row instead of beyond the table.
+            index = torch.searchsorted(self.times, t.contiguous()).clamp_(max=self.times.numel() - 1)
             modulation = self.table.index_select(0, torch.add(self.row_index, index, alpha=self.rows))
         else:
             modulation = self.modulations(self.net.time_embed(t) + self.condition_embedding)

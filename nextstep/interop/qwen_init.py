@@ -248,7 +248,7 @@ def nextstep_from_qwen(
         image_head=ComponentSpec("image_head", "flow_matching", head),
         sampler=sampler,
         tie_word_embeddings=tied,
-        use_norm=True,  # generating as the release's examples do
+        use_norm=vae.config.normalization == "layer_norm",  # as the release's examples, for its standardised tokens
         generation=RELEASE_GENERATION,
         # What the release's config.json carries over from its base model's (written when saved in that layout).
         release_fields={name: hf_config[name] for name in QWEN_RELEASE_FIELDS if hf_config.get(name) is not None},

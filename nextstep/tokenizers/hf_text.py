@@ -130,12 +130,17 @@ class HFTextTokenizer(TextTokenizer):
         return bytes(characters[character] for character in token)
 
     def special_token_id(self, token: str) -> int:
-        specials = set(self.tokenizer.get_added_vocab()) | set(self.tokenizer.all_special_tokens)
-        token_id = self.tokenizer.convert_tokens_to_ids(token) if token in specials else None
+        token_id = self._special_ids.get(token)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"special token {token!r} is not among the tokenizer's added or special tokens "
-                             f"({len(specials)} of them)")
-        return int(token_id)
+                             f"({len(self._special_ids)} of them)")
+        return token_id
+
+    @cached_property
+    def _special_ids(self) -> dict[str, int]:
+        """Id of each added or special token (read once: the special-token ids are asked for per example)."""
+        specials = set(self.tokenizer.get_added_vocab()) | set(self.tokenizer.all_special_tokens)
+        return {token: int(self.tokenizer.convert_tokens_to_ids(token)) for token in specials}
 
     @property
     def vocab_size(self) -> int:

@@ -151,7 +151,7 @@ def write_model_with_aliases(source: str | Path, output: str | Path,
     # A word with a vector of its own reads as that vector before any alias: no alias for it.
     with_vectors = set(tokenizer_config.vector_words)
     check_replaceable(output)  # before the words are encoded
-    aliases = {word: known for word, known in aliases_for(tokenizer_config.words).items()
+    aliases = {word: known for word, known in dict(aliases_for(tokenizer_config.words)).items()
                if word not in with_vectors}
     config["text_tokenizer"] = {**text, "aliases": aliases}
     model_config = ModelConfig.from_dict(config)  # names the first alias that does not fit the vocabulary

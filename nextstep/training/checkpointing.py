@@ -185,7 +185,11 @@ class CheckpointManager:
         """Delete all but the last ``keep_last`` checkpoints, each renamed to a hidden name first (which
         `remove_stale` clears), so that one whose deletion stops halfway is not listed as a checkpoint."""
         for step in self.steps()[:-self.keep_last]:
-            remove_directory(self.directory / checkpoint_name(step))
+            try:
+                remove_directory(self.directory / checkpoint_name(step))
+            except OSError as error:  # the new checkpoint is written: a pruning that fails costs only room
+                warnings.warn(f"could not remove the old checkpoint {self.directory / checkpoint_name(step)} "
+                              f"({error.strerror or error}); it stays", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------ loading
     def read_state(self, path: str | Path) -> dict[str, Any]:
@@ -230,6 +234,7 @@ class CheckpointManager:
         reads = self.context.is_main or not sharded
         model_state = read_safetensors(path / MODEL_FILE) if reads else {}
         optimizer_state = _read_torch(path / OPTIMIZER_FILE) if optimizer is not None and reads else {}
+        rng_states = _read_torch(path / RNG_FILE) if restore_rng else None
         ema_state = None
         if not sharded:  # every file read and checked before anything is changed: a refusal changes nothing
             check_state_dict(model.state_dict(), model_state, str(path / MODEL_FILE))
@@ -251,10 +256,8 @@ class CheckpointManager:
         elif (path / EMA_FILE).is_file() and self.context.is_main:
             warnings.warn(f"{path} holds a weight average that this run does not keep (ema_decay 0): it goes on "
                           "without it, and the model it writes is its last weights", UserWarning, stacklevel=2)
-        if restore_rng:
-            rng_states = _read_torch(path / RNG_FILE)
-            if len(rng_states) == self.context.world_size:
-                restore_rng_state(rng_states[self.context.rank])
+        if rng_states is not None and len(rng_states) == self.context.world_size:
+            restore_rng_state(rng_states[self.context.rank])
         return trainer_state
 
 

@@ -45,6 +45,7 @@ def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool | 
     model = NextStep.from_pretrained(checkpoint)
     if dtype is not None:
         model = model.to(dtype)
+        model.stored_dtypes = {}  # every part in the dtype asked for
     if not use_ema:
         model.save_pretrained(output)
         return Path(output)

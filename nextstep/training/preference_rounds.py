@@ -126,13 +126,13 @@ def drawing_options(samples_per_prompt: int, combinations: str, settings: "Sampl
 
     from nextstep.evaluation.report_files import dumps_strict
 
-    return {
+    return json.loads(dumps_strict({  # as start.json holds it, to compare with what it holds
         "samples_per_prompt": samples_per_prompt,
         "prompts": (f"combinations {combinations}" if prompts is None else
                     "sha256 " + hashlib.sha256(dumps_strict(list(prompts), sort_keys=True).encode()).hexdigest()[:16]),
         "settings": None if settings is None else {k: v for k, v in settings.to_dict().items() if k != "batch_size"},
         "judge": None if judge is None else f"{getattr(judge, '__module__', '')}.{getattr(judge, '__qualname__', '')}",
-    }
+    }, sort_keys=True))
 
 
 def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, rounds: int,
@@ -195,10 +195,12 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         drawn_from = record.get("start")
         if (pairs / "summary.json").is_file() and drawn_from not in (None, str(start)):
             raise ValueError(f"{folder} drew its pairs with {drawn_from!r}, not {str(start)!r}; {advice}")
-        if (pairs / "summary.json").is_file() and record.get("drawing", drawing) != drawing:  # older: unrecorded
-            differing = ", ".join(f"{key} {record['drawing'].get(key)!r} there, {drawing.get(key)!r} here"
-                                  for key in sorted(set(record["drawing"]) | set(drawing))
-                                  if record["drawing"].get(key) != drawing.get(key))
+        recorded = record.get("drawing", drawing)  # older rounds recorded none
+        if (pairs / "summary.json").is_file() and recorded != drawing:
+            recorded = recorded if isinstance(recorded, dict) else {"drawing": recorded}
+            differing = ", ".join(f"{key} {recorded.get(key)!r} there, {drawing.get(key)!r} here"
+                                  for key in sorted(set(recorded) | set(drawing))
+                                  if recorded.get(key) != drawing.get(key))
             raise ValueError(f"{folder} drew its pairs with other drawing options ({differing}); run the rounds "
                              f"with those options to go on, or {advice}")
         began = time.perf_counter()

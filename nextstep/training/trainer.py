@@ -196,8 +196,9 @@ class Trainer:
         """Restore the latest checkpoint (or ``checkpoint``); returns the step to continue from.
 
         A checkpoint this run cannot continue (another seed, global batch, ..., or files that do not fit
-        the model) is refused before anything of it is loaded: the model, optimiser and average are as
-        they were, and a later `fit` tries to resume again."""
+        the model) is refused before anything of it is loaded (for a sharded model, whose files are checked
+        as each part loads, as the parts load): the model, optimiser and average are as they were, and a
+        later `fit` tries to resume again (from the latest checkpoint)."""
         self.checkpoints.remove_stale()
         path = Path(checkpoint) if checkpoint is not None else self.checkpoints.latest()
         if path is None:
