@@ -55,14 +55,18 @@ _WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """An RGB copy, the EXIF orientation applied; transparent pixels are composited over ``background``,
+    """An RGB copy, the EXIF orientation applied (a PNG's from an eXIf chunk before its pixels, as
+    `oriented_size` reads it); transparent pixels are composited over ``background``,
     16-bit grey levels are scaled to 8 bits, and 32-bit float grey levels are read as [0, 1] when none
     exceeds 1 (as [0, 255] otherwise).
 
     Raises:
         ValueError: a float image holding NaN or infinite levels.
     """
-    image = ImageOps.exif_transpose(image)
+    if image.format != "PNG" or "exif" in image.info:
+        # A PNG's orientation counts only from an eXIf chunk before its pixels, as `oriented_size` reads it
+        # (one after them is known only once the pixels are decoded).
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode == "F":

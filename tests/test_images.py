@@ -145,3 +145,27 @@ def test_a_grid_of_wide_images_tiles_them_edge_to_edge():
                          [np.full((2, 6), 120), np.full((2, 6), 160)]])
     assert grid.shape == (4, 12, 3)
     assert np.array_equal(grid[..., 0], expected)
+
+
+def test_a_png_whose_orientation_follows_its_pixels_is_read_at_the_size_its_header_gives(tmp_path):
+    import struct
+
+    from nextstep.images import oriented_size, read_image_file
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (32, 48), (200, 30, 30)).save(tmp_path / "early.png", exif=exif.tobytes())
+    data = (tmp_path / "early.png").read_bytes()
+    chunks, position = [], 8
+    while position < len(data):
+        length = struct.unpack(">I", data[position:position + 4])[0]
+        chunks.append((data[position + 4:position + 8], data[position:position + 12 + length]))
+        position += 12 + length
+    exif_chunks = [chunk for kind, chunk in chunks if kind == b"eXIf"]
+    rest = [chunk for kind, chunk in chunks if kind != b"eXIf"]
+    (tmp_path / "late.png").write_bytes(data[:8] + b"".join(rest[:-1]) + b"".join(exif_chunks) + rest[-1])
+    for name in ("early.png", "late.png"):
+        with Image.open(tmp_path / name) as opened:
+            size = oriented_size(opened)
+        assert read_image_file(tmp_path / name).size == size, name
+    assert read_image_file(tmp_path / "early.png").size == (48, 32)  # turned a quarter
