@@ -64,9 +64,9 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
         ValueError: a float image holding NaN or infinite levels.
     """
     if image.format != "PNG" or "exif" in image.info:
-        # A PNG's orientation counts only from an eXIf chunk before its pixels, as `oriented_size` reads it
-        # (one after them is known only once the pixels are decoded).
-        image = ImageOps.exif_transpose(image)
+        image = ImageOps.exif_transpose(image)  # a copy, loaded
+    else:  # a PNG's orientation counts only from an eXIf chunk before its pixels, as `oriented_size` reads it
+        image = image.copy()  # (one after them is known only once the pixels are decoded)
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode == "F":
