@@ -110,3 +110,22 @@ def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu", 
     check_preset_name(name_or_path)
     model = build_model(name_or_path, seed=seed)
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def model_sampler_spec(name_or_path: str) -> ComponentSpec:
+    """The default sampler (a `ComponentSpec`) of what `load_model` would load for ``name_or_path``, read from
+    its config without loading any weights: a saved model's ``config.json``, a release directory's first-release
+    sampler, or a preset's."""
+    from nextstep.interop.layout import NATIVE, detect_model_layout
+    from nextstep.interop.release_config import release_sampler
+    from nextstep.model_config import ModelConfig
+    from nextstep.pretrained import model_directory
+    from nextstep.registry import model_preset
+
+    directory = model_directory(str(name_or_path))
+    if directory is not None:
+        if detect_model_layout(directory) == NATIVE:
+            return ModelConfig.load(directory / "config.json").sampler
+        return release_sampler(None)
+    check_preset_name(str(name_or_path))
+    return model_preset(str(name_or_path))().sampler

@@ -460,6 +460,15 @@ def command_eval(args: argparse.Namespace) -> int:
         _evaluate_model(models[0], output, args, suites, prepared)
         return 0
     folders = _model_folders(models, output)  # every name checked before any model loads
+    if args.sampler_option:  # and the sampler options against every model's sampler
+        from nextstep.builders import model_sampler_spec
+        from nextstep.generation import sampler_with_options
+
+        for model in models:
+            try:
+                sampler_with_options(model_sampler_spec(model), args.sampler, _sampler_options(args.sampler_option))
+            except ValueError as error:
+                raise ValueError(f"{model}: {error}") from None
     saved = _read_record(output / COMPARISON_RECORD)
     if not args.overwrite and (saved is None or saved.get("models") != models):
         _check_overwrite([output / name for name in (COMPARISON_RECORD, "comparison.md") if (output / name).exists()],

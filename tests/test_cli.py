@@ -693,3 +693,22 @@ def test_a_new_image_is_recorded_before_it_is_written_so_a_rerun_after_a_crash_g
     monkeypatch.undo()
     assert (tmp_path / "000-a-red-circle-0.png").is_file()
     assert main(base) == 0, capsys.readouterr().err  # not refused as an image of unrecorded settings
+
+
+def test_eval_of_several_models_checks_sampler_options_against_each_before_any_loads(tmp_path, tiny_model, capsys,
+                                                                                      monkeypatch):
+    from nextstep.builders import model_sampler_spec
+    from nextstep.config import ComponentSpec
+    from nextstep.samplers.euler_maruyama import EulerMaruyamaSampler, EulerMaruyamaSamplerConfig
+
+    tiny_model.sampler = EulerMaruyamaSampler(EulerMaruyamaSamplerConfig())
+    tiny_model.config = tiny_model.config.replace(sampler=ComponentSpec.named("sampler", "euler_maruyama"))
+    tiny_model.save_pretrained(tmp_path / "stochastic")
+    monkeypatch.setattr("nextstep.builders.load_model", lambda *a, **k: pytest.fail("a model loaded first"))
+    assert (model_sampler_spec(str(tmp_path / "stochastic")).type, model_sampler_spec("tiny").type) == \
+        ("euler_maruyama", "euler")
+    # last_step_size is a field of the saved model's sampler (euler_maruyama), not of the preset's (euler)
+    assert main(["eval", str(tmp_path / "stochastic"), "tiny", "--sampler-option", "last_step_size=0", "--suite",
+                 "tokenizer", "-o", str(tmp_path / "eval"), "--quiet"]) == 2
+    assert "tiny: sampler options for euler: EulerSamplerConfig got unknown key(s) ['last_step_size']" in \
+        capsys.readouterr().err
