@@ -158,6 +158,26 @@ def test_arguments_of_a_model_no_preset_has_are_compared_as_written(tmp_path):
         check_same_recipe(RecipeConfig(model="nonesuch"), tmp_path)
 
 
+def test_a_rerun_spelling_the_same_recipe_otherwise_is_the_same_recipe(tmp_path, monkeypatch):
+    from nextstep.training.recipe import check_same_recipe
+
+    (tmp_path / "start").mkdir()  # a saved model's folder (only its path matters here)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    RecipeConfig(model="start", text_tokenizer={"type": "word"}).save(run / "recipe.json")
+    for same in (RecipeConfig(model="./start", text_tokenizer={"type": "word"}),  # another spelling of the folder
+                 RecipeConfig(model=str(tmp_path / "start"), text_tokenizer={"type": "word"}),
+                 RecipeConfig(model="start", model_seed=1, text_tokenizer={"type": "word"}),  # no preset to seed
+                 RecipeConfig(model="start", text_tokenizer={"type": "word", "min_count": 2})):  # a default
+        check_same_recipe(same, run)
+    with pytest.raises(ValueError, match=r"text_tokenizer\.min_count: 2 there, 3 here"):
+        check_same_recipe(RecipeConfig(model="start", text_tokenizer={"type": "word", "min_count": 3}), run)
+    RecipeConfig(model="tiny").save(run / "recipe.json")
+    with pytest.raises(ValueError, match=r"model_seed: 0 there, 1 here"):  # a preset's weights are its seed's
+        check_same_recipe(RecipeConfig(model="tiny", model_seed=1), run)
+
+
 def test_only_the_main_process_saves_the_recipe_into_the_run_folder(tmp_path):
     from types import SimpleNamespace
 
@@ -641,3 +661,17 @@ def test_an_id_the_new_vocabulary_does_not_mark_special_reads_through_its_spelli
     sources = vocabulary_transfer(ByteTextTokenizer(), lacking)
     assert sources[begin] == list(BEGIN_OF_IMAGE.encode())
     assert all(sources[i] == [i] for i in range(lacking.vocab_size) if i != begin)
+
+
+def test_recipe_files_and_fields_that_cannot_be_read_are_named(tmp_path):
+    from nextstep.training.recipe import load_recipe
+    from nextstep.training.tokenizer_recipe import TokenizerRecipeConfig, load_tokenizer_recipe
+
+    (tmp_path / "latin.json").write_bytes('{"model": "tiny", "note": "caf\xe9"}'.encode("latin-1"))
+    for load in (load_recipe, load_tokenizer_recipe):
+        with pytest.raises(ValueError, match=r"latin.json is not UTF-8 text, as a recipe is"):
+            load(str(tmp_path / "latin.json"))
+    with pytest.raises(ValueError, match=r"datasets\[1\] \{.*\"type\": \"shapes\"\}: ShapesConfig got unknown key"):
+        load_recipe("tiny_emoji_shapes", ['data.datasets=[{"type": "shapes"}, {"type": "shapes", "nope": 1}]'])
+    with pytest.raises(ValueError, match="tokenizer must be a tokenizer preset's name or a VAE checkpoint's path"):
+        TokenizerRecipeConfig(tokenizer=" ")

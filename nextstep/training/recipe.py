@@ -217,9 +217,11 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     """Read a recipe and apply overrides; unknown keys raise ``ValueError`` naming them."""
     path = find_recipe(name_or_path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"recipe {path} is not valid JSON: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"recipe {path} is not UTF-8 text, as a recipe is: {error}") from error
     return RecipeConfig.from_dict(apply_overrides(data, overrides or []))
 
 
@@ -731,6 +733,16 @@ def _comparable(recipe: Config) -> dict:
         data["training_settings"] = flat_settings(data["training_settings"])
     if isinstance(data.get("model_arguments"), dict):
         data["model_arguments"] = _comparable_model_arguments(data.get("model"), data["model_arguments"])
+    for name in ("model", "image_tokenizer"):  # a folder however it is spelt (./run/model, an absolute path)
+        if isinstance(data.get(name), str) and Path(data[name]).exists():
+            data[name] = str(Path(data[name]).resolve())
+    if isinstance(data.get("model"), str) and Path(data["model"]).is_dir():
+        data.pop("model_seed", None)  # the seed of a preset's random weights: a saved model has its own
+    if isinstance(data.get("text_tokenizer"), dict) and data["text_tokenizer"]:
+        try:  # its fields left at their defaults spelt out
+            data["text_tokenizer"] = recipe.text_tokenizer_spec().to_dict()
+        except (ValueError, TypeError, AttributeError):
+            pass
     return data
 
 

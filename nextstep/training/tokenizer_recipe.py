@@ -71,6 +71,8 @@ class TokenizerRecipeConfig(Config):
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
+        require(isinstance(self.tokenizer, str) and bool(self.tokenizer.strip()), "tokenizer", self.tokenizer,
+                "a tokenizer preset's name or a VAE checkpoint's path")
         require(self.perceptual_network in PERCEPTUAL_NETWORKS, "perceptual_network", self.perceptual_network,
                 f"one of {list(PERCEPTUAL_NETWORKS)}")
         require(self.decoder_ch >= 0, "decoder_ch", self.decoder_ch, ">= 0 (0: keep the decoder's width)")
@@ -89,9 +91,11 @@ def load_tokenizer_recipe(name_or_path: str, overrides: list[str] | None = None)
 
     path = find_recipe(name_or_path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"recipe {path} is not valid JSON: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"recipe {path} is not UTF-8 text, as a recipe is: {error}") from error
     return TokenizerRecipeConfig.from_dict(apply_overrides(data, overrides or []))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -47,7 +48,11 @@ class DataConfig(Config):
         for number, spec in enumerate(self.datasets):
             require(isinstance(spec, dict), "datasets", spec, "a list of mappings")
             fields, repeat = split_repeat(spec)
-            dataset_class, _ = dataset_config(fields)  # unknown types and keys fail here, naming them
+            try:
+                dataset_class, _ = dataset_config(fields)  # unknown types and keys fail here, naming them
+            except ValueError as error:
+                raise ValueError(f"datasets[{number}] {json.dumps(spec, sort_keys=True, default=str)}: {error}") \
+                    from None
             require_count(f"datasets[{number}].repeat", repeat)
             if getattr(dataset_class, "streaming", False):
                 require(repeat == 1, f"datasets[{number}].repeat", repeat,
