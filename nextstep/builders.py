@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -112,20 +113,28 @@ def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu", 
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
+def model_config_part(source: Path | Callable[..., ModelConfig], part: str, release_part: Any,
+                      **preset_arguments: Any) -> Any:
+    """The field ``part`` of a model's `ModelConfig`, read without loading any weights: from a saved model
+    directory's ``config.json``, ``release_part`` for a release directory, or from a preset (a function
+    returning a `ModelConfig`) called with ``preset_arguments``."""
+    from nextstep.interop.layout import NATIVE, detect_model_layout
+    from nextstep.serialization import CONFIG_NAME
+
+    if not isinstance(source, Path):
+        return getattr(source(**preset_arguments), part)
+    if detect_model_layout(source) == NATIVE:
+        return getattr(ModelConfig.load(source / CONFIG_NAME), part)
+    return release_part
+
+
 def model_sampler_spec(name_or_path: str) -> ComponentSpec:
     """The default sampler (a `ComponentSpec`) of what `load_model` would load for ``name_or_path``, read from
-    its config without loading any weights: a saved model's ``config.json``, a release directory's first-release
-    sampler, or a preset's."""
-    from nextstep.interop.layout import NATIVE, detect_model_layout
+    its config without loading any weights (`model_config_part`; a release directory's: the first release's)."""
     from nextstep.interop.release_config import release_sampler
-    from nextstep.model_config import ModelConfig
     from nextstep.pretrained import model_directory
-    from nextstep.registry import model_preset
 
     directory = model_directory(str(name_or_path))
-    if directory is not None:
-        if detect_model_layout(directory) == NATIVE:
-            return ModelConfig.load(directory / "config.json").sampler
-        return release_sampler(None)
-    check_preset_name(str(name_or_path))
-    return model_preset(str(name_or_path))().sampler
+    if directory is None:
+        check_preset_name(str(name_or_path))
+    return model_config_part(directory or model_preset(str(name_or_path)), "sampler", release_sampler(None))

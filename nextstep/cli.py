@@ -141,6 +141,14 @@ def _read_record(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def _create_output_folder(folder: Path) -> None:
+    """Create ``folder`` (and its parents), or raise ``OSError`` naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the output folder {folder}: {error.strerror or error}") from None
+
+
 def _sampler_options(options: list[str] | None) -> dict:
     """``--sampler-option KEY=VALUE`` texts as the fields they set (values read as JSON, else as text)."""
     changes = {}
@@ -181,20 +189,21 @@ def command_generate(args: argparse.Namespace) -> int:
         expected["grid.png"] = request
     records = _read_record(out_dir / GENERATION_RECORD) or {}  # file -> the request it answers
 
-    def recorded(path: Path, resolved: dict, replacing: bool = False) -> None:
-        """Record ``path`` as this request's, as it lands (a rerun after an interruption goes on), with what
-        another run recorded meanwhile kept; ``replacing``: before another request's file there is replaced,
-        recorded as answering either until it lands (a crash between the two writes refuses neither)."""
+    def recorded(path: Path, resolved: dict, replacing: bool = False) -> bool:
+        """Record ``path`` as this request's (a rerun after an interruption goes on), with what another run
+        recorded meanwhile kept. ``replacing``: before the file is written, when another request's file there is
+        replaced it is recorded as answering either (a crash between the two writes refuses neither), and
+        True is returned: record it again once it lands. A new file is recorded as this request's at once
+        (no file, no claim on one)."""
         current = _read_record(out_dir / GENERATION_RECORD) or {}
         entry = {**expected[path.name], "resolved": resolved}
-        if replacing:
-            earlier = current.get(path.name)
-            if earlier == entry:
-                return
-            if path.exists():  # a new file is recorded before it is written too: no file, no claim on one
-                entry["replacing"] = earlier
-        current[path.name] = entry
+        earlier = current.get(path.name)
+        if earlier == entry:
+            return False
+        marked = replacing and path.exists()
+        current[path.name] = {**entry, "replacing": earlier} if marked else entry
         atomic_write_text(out_dir / GENERATION_RECORD, json.dumps(current, indent=2) + "\n")
+        return marked
     for name in expected:  # before the model loads
         if (out_dir / name).exists() and not (out_dir / name).is_file():
             raise FileExistsError(f"expected a PNG file or nothing at {out_dir / name}, found a directory")
@@ -220,10 +229,7 @@ def command_generate(args: argparse.Namespace) -> int:
             _check_overwrite([out_dir / name for name in others],
                              _requested(records.get(others[0]), expected[others[0]]), expected[others[0]],
                              "generation")
-    try:  # before anything is sampled
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OSError(f"cannot create the output folder {out_dir}: {error.strerror or error}") from None
+    _create_output_folder(out_dir)  # before anything is sampled
     written = []
     all_images = []
     for index, prompt in enumerate(args.prompts):
@@ -252,19 +258,21 @@ def command_generate(args: argparse.Namespace) -> int:
         for number, image in enumerate(images):
             path = out_dir / f"{index:03d}-{_slug(prompt)}-{number}.png"
             settings = {**resolved, "height": image.height, "width": image.width}
-            recorded(path, settings, replacing=True)
+            replacing = recorded(path, settings, replacing=True)
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             written.append(path)
-            recorded(path, settings)
+            if replacing:
+                recorded(path, settings)
         all_images.extend(images)
     if args.grid and all_images:
         path = out_dir / "grid.png"
-        recorded(path, resolved, replacing=True)
+        replacing = recorded(path, resolved, replacing=True)
         with atomic_path(path) as tmp:
             image_grid(all_images, columns=args.num_images if len(args.prompts) > 1 else None).save(tmp, format="PNG")
         written.append(path)
-        recorded(path, resolved)
+        if replacing:
+            recorded(path, resolved)
     for path in written:
         print(path)
     return 0
@@ -384,10 +392,7 @@ def command_eval_tokenizer(args: argparse.Namespace) -> int:
     from nextstep.tokenizers import FluxVAE
     from nextstep.tokenizers.vae_checkpoints import load_flux_vae
 
-    try:  # before anything is evaluated
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OSError(f"cannot create the output folder {args.output}: {error.strerror or error}") from None
+    _create_output_folder(Path(args.output))  # before anything is evaluated
     path = Path(args.tokenizer)
     if path.exists():
         tokenizer = load_flux_vae(path)
@@ -520,7 +525,8 @@ def _evaluate_model(name: str, output: Path, args: argparse.Namespace, suites: t
         suite: {option: getattr(args, option) for option in EVALUATION_OPTIONS[suite]} for suite in suites})
     saved = _read_record(output / EVALUATION_RECORD)
     if saved is not None and isinstance(saved.get("settings"), dict):  # a setting added since it was written:
-        saved["settings"] = {**_SETTINGS_ADDED_LATER, **saved["settings"]}  # that run had it at its default
+        saved["settings"] = {**{key: None for key, value in record["settings"].items() if value is None},
+                             **saved["settings"]}  # that run had it unset, as this one leaves it
     same_run = saved is not None and all(saved.get(key) == record[key] for key in ("model", "settings")) and \
         saved.get("model_fingerprint", record["model_fingerprint"]) == record["model_fingerprint"]  # older: none
     # This folder's suites finished and interrupted with these settings (none when it holds another run).
@@ -595,10 +601,6 @@ def _write_summary(output: Path, summary: dict) -> dict:
     atomic_write_text(output / "summary.json", dumps_strict(summary, indent=2) + "\n")  # undefined numbers: null
     atomic_write_text(output / "summary.md", f"# Evaluation of {summary['model']}\n\n" + "\n".join(sections))
     return summary
-
-
-#: Sampling settings an older evaluation record may lack, at the value that run drew with.
-_SETTINGS_ADDED_LATER = {"sampler_options": None}
 
 
 def _evaluation_record(model: str, settings: dict, suites: dict) -> dict:

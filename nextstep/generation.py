@@ -401,8 +401,8 @@ def generate_tokens(
         return _keep_best(model, tokens, conditional, num_images_per_prompt, candidates, score, grid_h, grid_w,
                           settings)
 
-    grids: dict[int, tuple[torch.Tensor, Any, torch.Tensor | None]] = {}  # steps -> (grid, prepared, promised)
-    confirmed: set[int] = set()  # step counts whose sampler kept its evaluation-times promise on a first token
+    # steps -> (grid, prepared times, promised times until a first token confirmed them, then None)
+    grids: dict[int, tuple[torch.Tensor, Any, torch.Tensor | None]] = {}
     bar = None
     if progress is True:
         from tqdm import tqdm
@@ -420,9 +420,8 @@ def generate_tokens(
         velocity = GuidedVelocity(head, conditions, guidance, times=times,
                                   progress=token_progress(index, num_tokens))
         token_noise = None if step_noise is None else step_noise[index, :steps]  # (S, R, D)
-        token = sample_checking_promise(sampler, velocity, noise[:, index], grid, token_noise,  # (R, D)
-                                        None if steps in confirmed else promised)
-        confirmed.add(steps)
+        token = sample_checking_promise(sampler, velocity, noise[:, index], grid, token_noise, promised)  # (R, D)
+        grids[steps] = (grid, times, None)
         if use_norm:
             token = F.layer_norm(token, token.shape[-1:], eps=1e-6)
         tokens[:, index] = token

@@ -18,7 +18,6 @@ from torch import nn
 
 from nextstep.backbones.base import Backbone, positions_from_mask
 from nextstep.config import ComponentSpec
-from nextstep.dtypes import without_autocast
 from nextstep.heads.base import ImageHead
 from nextstep.heads.lm_head import LMHead
 from nextstep.heads.time_sampling import check_generator
@@ -334,17 +333,11 @@ class NextStep(nn.Module):
         """
         tokenizer = self.image_tokenizer
         tokenizer.grid_size(int(images.shape[-2]), int(images.shape[-1]))
-        reference = next(tokenizer.parameters(), None)
-        if reference is not None and images.is_floating_point():
-            images = images.to(reference.dtype)
-        # In the tokenizer's own precision whatever autocast the caller runs under (training's bf16): the tokens
-        # are training's targets, the same whether encoded here or read from a latent cache.
-        with without_autocast(images.device.type):
-            if generator is not None and tokenizer.samples_latents:
-                latents = tokenizer.encode_seeded(images, int(torch.randint(0, 2**62, (), generator=generator,
-                                                                            device=generator.device)))
-            else:
-                latents = tokenizer.encode(images)
+        seed = None  # drawn only for a sampled posterior
+        if generator is not None and tokenizer.samples_latents:
+            seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+        # In the tokenizer's own precision whatever autocast the caller runs under (training's bf16).
+        latents = tokenizer.encode_in_own_precision(images, seed)
         tokens = self.image_tokenizer.patchify(latents)
         return tokens, latents.shape[-2] // self.image_tokenizer.patch_size, \
             latents.shape[-1] // self.image_tokenizer.patch_size

@@ -59,15 +59,15 @@ def save_pretrained(model, directory: Path, *, storage_dtypes: dict[str, torch.d
             `load_pretrained`), so that loading and saving keeps a float16
             decoder float16; ``{}`` stores everything in the model's dtypes.
     """
+    weights = model.state_dict()
     if storage_dtypes is None:  # as the file it was loaded from stored it, where those parts still are
         storage_dtypes = {prefix: stored for prefix, stored in getattr(model, "stored_dtypes", {}).items()
-                          if any(_under(name, prefix) for name in model.state_dict())}
+                          if any(_under(name, prefix) for name in weights)}
     storage_dtypes = dict(storage_dtypes)
     extra_files = dict(extra_files or {})
     for name in extra_files:
         if not isinstance(name, str) or Path(name).name != name or name in (CONFIG_NAME, WEIGHTS_NAME):
             raise ValueError(f"extra_files must name plain files beside the model's own, found {name!r}")
-    weights = model.state_dict()
     for prefix, dtype in storage_dtypes.items():
         if not any(_under(name, prefix) for name in weights):
             raise ValueError(f"storage_dtypes names {prefix!r}, which is no parameter or module of the model")
@@ -150,8 +150,8 @@ def load_pretrained(directory: Path, *, device: torch.device | str = "cpu", dtyp
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"expected weights at {weights}, found nothing")
-    infos = read_checkpoint_index(weights)
-    part_dtypes = None if dtype is not None else saved_part_dtypes(infos)
+    infos = read_checkpoint_index(weights) if dtype is None else None  # the stored dtypes, when they are kept
+    part_dtypes = None if infos is None else saved_part_dtypes(infos)
     with torch.device("meta"):
         model = build_model(config, base_dir=directory)
     if part_dtypes is not None:  # still on the meta device: this only sets the dtypes loading allocates
@@ -161,7 +161,7 @@ def load_pretrained(directory: Path, *, device: torch.device | str = "cpu", dtyp
     load_safetensors(model, weights, dtype=dtype, device=device)
     # Parts stored in another dtype than they load in (a float16 decoder of a float32 tokenizer) are saved so
     # again, unless a save says otherwise; none when a dtype was asked for.
-    model.stored_dtypes = {} if dtype is not None else stored_dtypes(model.state_dict(), infos)
+    model.stored_dtypes = {} if infos is None else stored_dtypes(model.state_dict(), infos)
     return model
 
 

@@ -675,20 +675,22 @@ def test_commands_that_write_a_model_refuse_a_folder_of_other_files_before_loadi
 
 def test_a_new_image_is_recorded_before_it_is_written_so_a_rerun_after_a_crash_goes_on(tmp_path, capsys,
                                                                                        monkeypatch):
+    from contextlib import contextmanager
+
     import nextstep.io
 
     base = ["generate", "a red circle", "--model", "tiny", "--height", "32", "--width", "32", "--quiet",
             "--steps", "1", "--output", str(tmp_path)]
-    writes = []
-    write = nextstep.io.atomic_write_text
+    write = nextstep.io.atomic_path
 
-    def failing_second(path, text):  # the record written once the new image landed
-        writes.append(path)
-        if len(writes) == 2:
+    @contextmanager
+    def crashing_once_landed(path):  # the run stops as soon as the new image is in place
+        with write(path) as tmp:
+            yield tmp
+        if str(path).endswith(".png"):
             raise OSError("no space left on device")
-        write(path, text)
 
-    monkeypatch.setattr(nextstep.io, "atomic_write_text", failing_second)
+    monkeypatch.setattr(nextstep.io, "atomic_path", crashing_once_landed)
     assert main(base) == 2
     monkeypatch.undo()
     assert (tmp_path / "000-a-red-circle-0.png").is_file()

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from nextstep.fast import FastTokenSampler
     from nextstep.generation_defaults import GenerationDefaults
     from nextstep.model import NextStep
 
@@ -106,7 +107,8 @@ def generate_images(model: "NextStep", prompts: list[str], settings: SamplingSet
 
 def sample_token_batches(model: "NextStep", prompts: list[str], settings: SamplingSettings,
                          progress: Callable[[int, int], None] | None = None, *,
-                         use_norm: bool | None = None) -> Iterator[tuple["torch.Tensor", int, int]]:
+                         use_norm: bool | None = None,
+                         token_sampler: "FastTokenSampler | None" = None) -> Iterator[tuple["torch.Tensor", int, int]]:
     """The image tokens of one image per prompt, a batch of ``settings.batch_size`` at a time: (B, h*w, D)
     tokens and the grid (h, w) per batch; image ``i`` is seeded ``settings.seed + i``, whatever the batch size.
 
@@ -116,11 +118,14 @@ def sample_token_batches(model: "NextStep", prompts: list[str], settings: Sampli
         settings: sampling settings.
         progress: called with (images done, images in all) after each batch.
         use_norm: LayerNorm each sampled token (None: the model's setting).
+        token_sampler: the `FastTokenSampler` ``settings.token_sampler`` names, built by a caller that samples
+            several times (it keeps captured graphs and prepared weights); None: built here.
     """
     from nextstep.fast.token_sampler import token_sampler_named
     from nextstep.generation import generate_tokens, sampler_with_options
 
-    token_sampler = token_sampler_named(model, settings.token_sampler)
+    if token_sampler is None:
+        token_sampler = token_sampler_named(model, settings.token_sampler)
     sampler = sampler_with_options(model.config.sampler, settings.sampler, settings.sampler_options or {})
     model.eval()
     for start in range(0, len(prompts), settings.batch_size):

@@ -242,6 +242,9 @@ def guidance_token_statistics(model: "NextStep", prompts: Sequence[str], real_im
         raise ValueError(f"real images must be {settings.width}x{settings.height} like the generated ones, found "
                          + ", ".join(f"{w}x{h}" for w, h in sizes))
     real, grid = real_token_statistics(model, real_images, batch_size=settings.batch_size, seed=settings.seed)
+    from nextstep.fast.token_sampler import token_sampler_named
+
+    token_sampler = token_sampler_named(model, settings.token_sampler)  # one for every scale
     generated = []
     for index, scale in enumerate(scales):
         def moved(done: int, total: int, index: int = index) -> None:
@@ -249,7 +252,8 @@ def guidance_token_statistics(model: "NextStep", prompts: Sequence[str], real_im
                 progress(index * total + done, len(scales) * total)
 
         batches = [PositionStatistics.of(tokens) for tokens, _, _ in
-                   sample_token_batches(model, prompts, replace(settings, cfg=scale), moved, use_norm=use_norm)]
+                   sample_token_batches(model, prompts, replace(settings, cfg=scale), moved, use_norm=use_norm,
+                                        token_sampler=token_sampler)]
         generated.append((scale, PositionStatistics.combined(batches)))
     report = GuidanceTokenReport(
         real=real, generated=generated, grid=grid,

@@ -358,7 +358,6 @@ class FastTokenSampler:
             step_noise = step_noise.to(self.device, torch.float32)
 
         per_steps: dict[int, tuple] = {}
-        confirmed: set[int] = set()  # step counts whose sampler kept its evaluation-times promise on a first token
         generic = None if fused else GenericTokenStep(model, sampler, guidance, rows=rows, buffers=buffers,
                                                       use_norm=use_norm)
         bar = None
@@ -388,10 +387,10 @@ class FastTokenSampler:
                     call.capture(self.device)
                 call()
             else:
-                grid, times, promised = per_steps[steps]
+                grid, times, promised = per_steps[steps]  # promised: until a first token confirmed it
                 generic.compute(noise[:, index], grid, times, token_noise, token_progress(index, count),
-                                promised=None if steps in confirmed else promised)  # held to it on a first token
-                confirmed.add(steps)
+                                promised=promised)
+                per_steps[steps] = (grid, times, None)
             tokens[:, index] = buffers.token
             if bar is not None:
                 bar.update(1)

@@ -112,7 +112,7 @@ def _read_tensor(infos: dict, names: tuple[str, ...]) -> tuple[str, torch.Tensor
 def _copy_rows(target: torch.Tensor, source: torch.Tensor, name: str, path: Path, rows: int) -> None:
     """Copy the checkpoint's table ``source`` of ``name`` into the first ``rows`` rows of ``target``;
     ``ValueError`` unless it is (rows, hidden size), as its ``config.json`` says."""
-    if source.ndim != 2 or tuple(source.shape) != (rows, target.shape[1]):
+    if tuple(source.shape) != (rows, target.shape[1]):
         raise ValueError(
             f"{name} in {path} has shape {tuple(source.shape)}; expected ({rows}, {target.shape[1]}), the "
             "vocab_size and hidden_size of its config.json"
@@ -191,9 +191,10 @@ def nextstep_from_qwen(
     added_ids = sorted(i for i in {text_tokenizer.special_token_id(token)
                                    for token in (END_OF_TEXT, *NEXTSTEP_SPECIAL_TOKENS)} if i >= base_length)
     try:
-        old_vocab = qwen2_config_from_hf(hf_config).vocab_size  # every field checked, before the weights
+        base_config = qwen2_config_from_hf(hf_config)  # every field checked, before the weights
     except ValueError as error:
         raise ValueError(f"{path / 'config.json'}: {error}") from None
+    old_vocab = base_config.vocab_size
     new_vocab = old_vocab
     if text_tokenizer.vocab_size > old_vocab:
         new_vocab = padded_vocab_size(text_tokenizer.vocab_size, pad_vocab_to_multiple_of)
@@ -201,7 +202,7 @@ def nextstep_from_qwen(
 
     infos = read_checkpoint_index(path)
     language_dtype = dtype if dtype is not None else checkpoint_dtype(infos)
-    backbone_config = qwen2_config_from_hf(hf_config, vocab_size=new_vocab)
+    backbone_config = base_config.replace(vocab_size=new_vocab)
     with torch.device("meta"):
         backbone = Qwen2Backbone(backbone_config)
         lm_head = LMHead(backbone_config.hidden_size, new_vocab,
@@ -230,7 +231,7 @@ def nextstep_from_qwen(
             raise ValueError(f"{path} has no {label} weights: expected one of {list(names)}")
         name, tensor = found
         _copy_rows(weight, tensor, name, path, old_vocab)
-        trained = min(base_length, tensor.shape[0])
+        trained = min(base_length, old_vocab)
         del tensor
         fresh = sorted(set(added_ids) | set(range(old_vocab, new_vocab)))
         initialize_rows_from_mean(weight, fresh, trained, noise_variance_scale=noise_variance_scale,

@@ -188,15 +188,14 @@ def _is_lm_head(name: str) -> bool:
     return name.removeprefix("model.") == "lm_head.weight"
 
 
-def _check_release_keys(model: nn.Module, infos: dict[str, TensorInfo], tied: bool, source: Path) -> None:
-    """Compare the shard headers with the model, in release key names; raise naming every problem (a float
-    tensor stored as integers, or the reverse, among them)."""
+def _check_release_keys(model: nn.Module, loaded: dict[str, TensorInfo], source: Path) -> None:
+    """Compare the headers of the tensors that load (``loaded``) with the model, in release
+    key names; raise naming every problem (a float tensor stored as integers, or the reverse, among them)."""
     expected, floating = {}, {}
     for key, tensor in _ShardedParts(model).state_dict(keep_vars=True).items():
         expected[model_key_to_release_key(key)] = tuple(tensor.shape)
         floating[model_key_to_release_key(key)] = tensor.is_floating_point()
-    read = {name.removeprefix("model."): info for name, info in infos.items()
-            if release_key_to_model_key(name) is not None and not (tied and _is_lm_head(name))}
+    read = {name.removeprefix("model."): info for name, info in loaded.items()}
     check_state_dict(expected, {name: info.shape for name, info in read.items()}, source,
                      "the model its config.json describes")
     kinds = [f"{name}: expected {'floating-point' if floating[name] else 'integer'} values, found {info.dtype}"
@@ -259,11 +258,16 @@ def load_release_checkpoint(
     text_tokenizer = build_component(config.text_tokenizer, base_dir=directory)
     check_special_token_ids(release, text_tokenizer)
 
-    infos = read_checkpoint_index(directory)
+    tied = config.tie_word_embeddings
+
+    def rename(name: str) -> str | None:  # the model key a release tensor loads into; None: it does not load
+        if tied and _is_lm_head(name):
+            return None
+        return release_key_to_model_key(name)
+
+    loaded = {name: info for name, info in read_checkpoint_index(directory).items() if rename(name) is not None}
     vae_dtype = dtype
-    read = {name: info for name, info in infos.items()  # the tensors that load: not derived ones, nor a tied head
-            if release_key_to_model_key(name) is not None and not (config.tie_word_embeddings and _is_lm_head(name))}
-    dtype = dtype if dtype is not None else checkpoint_dtype(read)
+    dtype = dtype if dtype is not None else checkpoint_dtype(loaded)
     with torch.device("meta"):
         model = NextStep(
             image_tokenizer=vae,
@@ -273,14 +277,7 @@ def load_release_checkpoint(
             sampler=build_component(config.sampler),
             config=config,
         )
-    tied = config.tie_word_embeddings
-    _check_release_keys(model, infos, tied, directory)
-
-    def rename(name: str) -> str | None:
-        if tied and _is_lm_head(name):
-            return None
-        return release_key_to_model_key(name)
-
+    _check_release_keys(model, loaded, directory)
     load_safetensors(_ShardedParts(model), directory, rename=rename, dtype=dtype, device=device)
     vae.to(device=device, dtype=vae_dtype)
     leftovers = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]

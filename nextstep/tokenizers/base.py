@@ -21,6 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from nextstep.config import as_integer, described
+from nextstep.dtypes import without_autocast
 from nextstep.tokenizers.special_tokens import (
     BEGIN_OF_IMAGE,
     END_OF_IMAGE,
@@ -93,6 +94,17 @@ class ImageTokenizer(nn.Module, ABC):
         with torch.random.fork_rng(devices=devices, device_type="cuda"):
             torch.manual_seed(seed)
             return self.encode(images)
+
+    def encode_in_own_precision(self, images: torch.Tensor,
+                                seed: int | Sequence[int] | None = None) -> torch.Tensor:
+        """`encode` (`encode_seeded` with ``seed``) in the tokenizer's own dtype and precision, whatever
+        autocast the caller runs under: the images cast to its parameters' dtype, autocast off. These are the
+        tokens training learns, the same whether encoded on the fly or stored in a latent cache."""
+        reference = next(self.parameters(), None)
+        if reference is not None and images.is_floating_point():
+            images = images.to(reference.dtype)
+        with without_autocast(images.device.type):
+            return self.encode(images) if seed is None else self.encode_seeded(images, seed)
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

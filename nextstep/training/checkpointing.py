@@ -209,6 +209,7 @@ class CheckpointManager:
         *,
         ema: ExponentialMovingAverage | None = None,
         restore_rng: bool = True,
+        trainer_state: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Restore a checkpoint into live objects; every process must call this.
 
@@ -218,12 +219,13 @@ class CheckpointManager:
             optimizer: its optimiser, or None to load weights only.
             ema: the weight average to restore (the checkpoint must hold one).
             restore_rng: also restore this process's generator states.
+            trainer_state: its `read_state`, when the caller read it already.
 
         Returns:
             the trainer state saved with the checkpoint.
         """
         path = Path(path)
-        trainer_state = self.read_state(path)
+        trainer_state = self.read_state(path) if trainer_state is None else trainer_state
         if ema is not None and not (path / EMA_FILE).is_file():
             raise FileNotFoundError(
                 f"this run keeps an EMA but {path} has no {EMA_FILE}; set ema_decay to 0 "
@@ -235,25 +237,25 @@ class CheckpointManager:
         model_state = read_safetensors(path / MODEL_FILE) if reads else {}
         optimizer_state = _read_torch(path / OPTIMIZER_FILE) if optimizer is not None and reads else {}
         rng_states = _read_torch(path / RNG_FILE) if restore_rng else None
-        ema_state = None
-        if not sharded:  # every file read and checked before anything is changed: a refusal changes nothing
+        if sharded:  # each part checked as it loads (rank 0 reads, every rank receives)
+            load_model_state(model, model_state, self.context, source=str(path / MODEL_FILE))
+            if optimizer is not None:
+                load_optimizer_state(model, optimizer, optimizer_state, self.context)
+            if ema is not None:
+                _load_ema(ema, path / EMA_FILE, self.context)
+        else:  # every file read and checked before anything is changed: a refusal changes nothing
             check_state_dict(model.state_dict(), model_state, str(path / MODEL_FILE))
             if optimizer is not None:
                 optimizer_state = indexed_optimizer_state(model, optimizer, optimizer_state)
-            if ema is not None and not _is_sharded_average(ema):
-                ema_state = read_safetensors(path / EMA_FILE)
+            ema_state = read_safetensors(path / EMA_FILE) if ema is not None else None
+            if ema_state is not None:
                 ema.check_state(ema_state)
-        load_model_state(model, model_state, self.context, source=str(path / MODEL_FILE))
-        if optimizer is not None:
-            if sharded:
-                load_optimizer_state(model, optimizer, optimizer_state, self.context)
-            else:
+            model.load_state_dict(model_state, strict=True)
+            if optimizer is not None:
                 optimizer.load_state_dict(optimizer_state)
-        if ema_state is not None:
-            ema.load_state_dict(ema_state)
-        elif ema is not None:
-            _load_ema(ema, path / EMA_FILE, self.context)
-        elif (path / EMA_FILE).is_file() and self.context.is_main:
+            if ema_state is not None:
+                ema.load_state_dict(ema_state)
+        if ema is None and (path / EMA_FILE).is_file() and self.context.is_main:
             warnings.warn(f"{path} holds a weight average that this run does not keep (ema_decay 0): it goes on "
                           "without it, and the model it writes is its last weights", UserWarning, stacklevel=2)
         if rng_states is not None and len(rng_states) == self.context.world_size:

@@ -42,10 +42,7 @@ def export_model(checkpoint: str | Path, output: str | Path, *, use_ema: bool | 
     if use_ema is None:
         use_ema = (checkpoint / EMA_FILE).is_file()
     averages = read_checkpoint_average(checkpoint) if use_ema else None  # before the model: fail fast
-    model = NextStep.from_pretrained(checkpoint)
-    if dtype is not None:
-        model = model.to(dtype)
-        model.stored_dtypes = {}  # every part in the dtype asked for
+    model = NextStep.from_pretrained(checkpoint, dtype=dtype)  # with a dtype, every part stored in it
     if not use_ema:
         model.save_pretrained(output)
         return Path(output)

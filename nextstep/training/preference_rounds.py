@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from nextstep.io import atomic_write_text
+from nextstep.config import plain_differences
+from nextstep.io import atomic_write_text, read_json_object
 from nextstep.training.recipe import MODEL_DIR, RecipeConfig
 
 if TYPE_CHECKING:
@@ -191,16 +192,14 @@ def run_preference_rounds(recipe: RecipeConfig, output_dir: str | Path, *, round
         if resume or (model_dir / "config.json").is_file():  # a kept round was made by this recipe
             check_same_recipe(this_round, folder, advice=advice)
         drawn_by = folder / START_FILE
-        record = json.loads(drawn_by.read_text()) if drawn_by.is_file() else {}
+        record = read_json_object(drawn_by, START_FILE) if drawn_by.is_file() else {}
         drawn_from = record.get("start")
         if (pairs / "summary.json").is_file() and drawn_from not in (None, str(start)):
             raise ValueError(f"{folder} drew its pairs with {drawn_from!r}, not {str(start)!r}; {advice}")
         recorded = record.get("drawing", drawing)  # older rounds recorded none
         if (pairs / "summary.json").is_file() and recorded != drawing:
-            recorded = recorded if isinstance(recorded, dict) else {"drawing": recorded}
-            differing = ", ".join(f"{key} {recorded.get(key)!r} there, {drawing.get(key)!r} here"
-                                  for key in sorted(set(recorded) | set(drawing))
-                                  if recorded.get(key) != drawing.get(key))
+            differing = ", ".join(f"{name} {there!r} there, {here!r} here"
+                                  for name, there, here in plain_differences("drawing", recorded, drawing))
             raise ValueError(f"{folder} drew its pairs with other drawing options ({differing}); run the rounds "
                              f"with those options to go on, or {advice}")
         began = time.perf_counter()

@@ -270,16 +270,9 @@ def recipe_sampler(recipe: RecipeConfig):
 def _recipe_model_part(recipe: RecipeConfig, part: str, release_part):
     """The field ``part`` of the start model's `ModelConfig`, without its weights; ``release_part`` for a
     release directory."""
-    from nextstep.interop.layout import NATIVE, detect_model_layout
-    from nextstep.model_config import ModelConfig
-    from nextstep.serialization import CONFIG_NAME
+    from nextstep.builders import model_config_part
 
-    source = recipe_model_source(recipe)
-    if not isinstance(source, Path):
-        return getattr(source(**recipe.model_arguments), part)
-    if detect_model_layout(source) == NATIVE:
-        return getattr(ModelConfig.load(source / CONFIG_NAME), part)
-    return release_part
+    return model_config_part(recipe_model_source(recipe), part, release_part, **recipe.model_arguments)
 
 
 def build_recipe_model(recipe: RecipeConfig):

@@ -208,7 +208,7 @@ class Trainer:
         self._check_resumable(path, state)
         # The run's own betas, eps and weight decay, not the saved ones (the rate follows the schedule).
         settings = [{key: group[key] for key in OPTIMIZER_SETTINGS} for group in self.optimizer.param_groups]
-        state = self.checkpoints.load(path, self.model, self.optimizer, ema=self.ema)
+        self.checkpoints.load(path, self.model, self.optimizer, ema=self.ema, trainer_state=state)
         for group, own in zip(self.optimizer.param_groups, settings):
             group.update(own)
         self.tracker.load_state_dict(self._own_bad_samples(state.get("bad_samples", {})))

@@ -45,7 +45,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nextstep.config import Config, differences_phrase, plain_differences, require, require_count
-from nextstep.dtypes import without_autocast
 from nextstep.io import atomic_path, atomic_write_text, read_json_object
 from nextstep.tokenizers.base import ImageTokenizer, module_identity
 from nextstep.training.data.base import CorruptSampleError, ImageTextDataset, ImageTextSample, sample_kind_of
@@ -267,15 +266,17 @@ def latent_cache_ready(tokenizer: ImageTokenizer, dataset: ImageTextDataset, dir
         _discard_incomplete_index(index_path, missing)
         return False
     encoder = tokenizer_fingerprint(tokenizer)  # hashes the encoder: only when needed
-    for candidate_source in dict.fromkeys((source, *former_sources)):
-        if _existing_cache_matches(index, index_path, tokenizer, encoder, candidate_source, source, len(dataset),
-                                   description):
-            return True
-    if any(_existing_cache_matches(index, index_path, tokenizer, encoder, candidate_source, source, len(dataset),
-                                   description) for candidate_source in dict.fromkeys(unfingerprinted_sources)):
-        logger.warning("latent cache %s was built before its dataset's samples were fingerprinted: kept as built "
-                       "from the samples served now (remove it to rebuild, if the dataset's generator or files "
-                       "changed since it was built)", directory)
+    known = dict.fromkeys((source, *former_sources))
+    candidates = [(each, False) for each in known] + [(each, True) for each in dict.fromkeys(unfingerprinted_sources)
+                                                       if each not in known]
+    for candidate_source, unfingerprinted in candidates:
+        if not _existing_cache_matches(index, index_path, tokenizer, encoder, candidate_source, source, len(dataset),
+                                       description):
+            continue
+        if unfingerprinted:
+            logger.warning("latent cache %s was built before its dataset's samples were fingerprinted: kept as "
+                           "built from the samples served now (remove it to rebuild, if the dataset's generator or "
+                           "files changed since it was built)", directory)
         return True
     differing = _what_differs(index, encoder, description, len(dataset), source)
     raise ValueError(
@@ -357,7 +358,6 @@ def build_latent_cache(
     for index in range(len(dataset)):
         groups.setdefault(buckets.assign(*dataset.image_size(index)), []).append(index)
     tokenizer = tokenizer.to(device).eval()
-    dtype = next((parameter.dtype for parameter in tokenizer.parameters()), torch.float32)
     shards = []
     from tqdm import tqdm
 
@@ -385,11 +385,8 @@ def build_latent_cache(
                 )
             batch = collate_samples(samples, height, width)
             # A sampled posterior: each image's sample seeded by its index, the same on every build (whatever
-            # the batch size, or the samples dropped beside it). In the tokenizer's own dtype and precision, as
-            # training encodes (`NextStep.encode_images`).
-            images = batch.images.to(device, dtype if dtype.is_floating_point else batch.images.dtype)
-            with without_autocast(images.device.type):
-                latents = tokenizer.encode_seeded(images, loaded)
+            # the batch size, or the samples dropped beside it).
+            latents = tokenizer.encode_in_own_precision(batch.images.to(device), loaded)
             tokens = tokenizer.patchify(latents).float().cpu()  # (B, N, D)
             pending_tokens.append(tokens)
             pending_keys.extend(batch.keys)
